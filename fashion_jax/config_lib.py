@@ -1,0 +1,86 @@
+"""Config helpers: loading config files by path, validation, derived values.
+
+Epochs are converted to steps here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+from fashion_jax import models, ops
+from fashion_jax.errors import UserError
+
+DATASETS = ("fashion_mnist", "mnist")  # Same IDX format, shape and number of classes.
+PARALLELISM = ("auto", "mesh", "pmap", "none")
+OPTIMIZERS = ("adam",)
+
+
+def load_sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
+  """Returns `get_config()` of `<name>.py` in the folder of `config_file`.
+
+  Lets configs build on each other without `configs/` being an importable package.
+  """
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"fashion_jax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every value before anything is loaded or compiled.
+
+  Raises UserError with one line per problem, each naming the key and the fix.
+  """
+  problems = []
+
+  def check(ok: bool, key: str, want: str):
+    if not ok:
+      problems.append(f"config.{key}={config.get(key)!r} is invalid: {want}")
+
+  def choice(key: str, choices):
+    check(config.get(key) in choices, key, f"use one of {', '.join(map(str, choices))}")
+
+  choice("dataset", DATASETS)
+  choice("model", models.model_names())
+  choice("conv_impl", ops.CONV_IMPLS)
+  choice("pool_impl", ops.POOL_IMPLS)
+  choice("optimizer", OPTIMIZERS)
+  choice("parallelism", PARALLELISM)
+  check(isinstance(config.idx_dir, str), "idx_dir", "a folder path, or '' for tensorflow-datasets")
+  check(config.batch_size > 0, "batch_size", "a positive global batch size")
+  check(config.eval_batch_size > 0, "eval_batch_size", "a positive global batch size")
+  check(config.learning_rate > 0, "learning_rate", "a positive number")
+  check(config.num_train_steps > 0 or (config.num_train_steps == -1 and config.num_epochs > 0),
+        "num_train_steps", "a positive step count, or -1 with num_epochs > 0")
+  check(config.log_every_steps > 0, "log_every_steps", "a positive number of steps")
+  check(config.checkpoint_every_steps > 0, "checkpoint_every_steps", "a positive number of steps")
+  check(config.keep_checkpoints >= 1, "keep_checkpoints", "at least 1")
+  check(config.eval_every_steps > 0 or config.eval_every_steps == -1, "eval_every_steps",
+        "a positive number of steps, or -1 for every epoch")
+  check(config.steps_per_dispatch >= 1, "steps_per_dispatch", "at least 1")
+  if problems:
+    raise UserError("; ".join(problems))
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+  steps = num_train_examples // config.batch_size
+  if steps == 0:
+    raise UserError(f"config.batch_size={config.batch_size} is larger than the "
+                    f"{num_train_examples} training examples; lower it")
+  return steps
+
+
+def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return config.num_epochs * steps_per_epoch(config, num_train_examples)
+
+
+def eval_every_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+  if config.eval_every_steps > 0:
+    return config.eval_every_steps
+  return steps_per_epoch(config, num_train_examples)

@@ -1,0 +1,106 @@
+"""Reading (and, for tests and tools, writing) the IDX files MNIST-style data sets ship as.
+
+Format: a big-endian header -- two zero bytes, a type code (0x08 = uint8), the
+number of dimensions, then one uint32 per dimension -- followed by the raw
+values. Files may be gzip-compressed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+
+import numpy as np
+
+from fashion_jax.errors import UserError
+
+_UINT8 = 0x08
+
+# split -> (images file, labels file), without the optional ".gz".
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _open(path: str):
+  with open(path, "rb") as f:
+    head = f.read(2)
+  if head == b"\x1f\x8b":
+    return gzip.open(path, "rb")
+  return open(path, "rb")
+
+
+def read_idx(path: str, expected_ndim: int | None = None) -> np.ndarray:
+  """Reads one IDX file (raw or gzip) into a uint8 array, validating the header."""
+  try:
+    with _open(path) as f:
+      data = f.read()
+  except (OSError, EOFError) as e:
+    raise UserError(f"cannot read IDX file {path}: {e}; re-download or replace the file") from e
+  if len(data) < 4:
+    raise UserError(f"IDX file {path} is truncated ({len(data)} bytes, no header); "
+                    "re-download or replace the file")
+  zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+  if zero != 0 or dtype_code != _UINT8 or ndim == 0:
+    raise UserError(f"{path} is not a uint8 IDX file (magic {data[:4].hex()}); "
+                    "expected 00000801 (labels) or 00000803 (images)")
+  if expected_ndim is not None and ndim != expected_ndim:
+    raise UserError(f"{path} has {ndim} dimension(s), expected {expected_ndim}; "
+                    "are the images and labels files swapped?")
+  header_len = 4 + 4 * ndim
+  if len(data) < header_len:
+    raise UserError(f"IDX file {path} is truncated inside its header; re-download or replace it")
+  shape = struct.unpack(f">{ndim}I", data[4:header_len])
+  expected = int(np.prod(shape, dtype=np.int64))
+  payload = len(data) - header_len
+  if payload != expected:
+    raise UserError(f"IDX file {path} holds {payload} bytes of data but its header {shape} "
+                    f"needs {expected}; the file is truncated or corrupt, re-download it")
+  return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(shape)
+
+
+def write_idx(path: str, array: np.ndarray, compress: bool | None = None) -> None:
+  """Writes a uint8 array as an IDX file (gzip when the name ends in .gz)."""
+  array = np.ascontiguousarray(array, dtype=np.uint8)
+  header = struct.pack(">HBB", 0, _UINT8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+  compress = path.endswith(".gz") if compress is None else compress
+  opener = gzip.open if compress else open
+  with opener(path, "wb") as f:
+    f.write(header + array.tobytes())
+
+
+def _find(folder: str, name: str) -> str | None:
+  for candidate in (name, name + ".gz"):
+    path = os.path.join(folder, candidate)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def load_split(folder: str, split: str, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (images [N, H, W, 1] uint8, labels [N] int32) of one split of an IDX folder."""
+  if split not in FILES:
+    raise UserError(f"unknown split {split!r}; IDX folders hold {sorted(FILES)}")
+  if not os.path.isdir(folder):
+    raise UserError(f"IDX folder {folder!r} does not exist; set --config.idx_dir to the folder "
+                    "holding the four Fashion-MNIST IDX files, or to '' to use tensorflow-datasets")
+  images_name, labels_name = FILES[split]
+  paths = {}
+  for name in (images_name, labels_name):
+    path = _find(folder, name)
+    if path is None:
+      raise UserError(f"{name}[.gz] is missing from IDX folder {folder!r}; it needs "
+                      f"{', '.join(n for pair in FILES.values() for n in pair)} (raw or .gz)")
+    paths[name] = path
+  images = read_idx(paths[images_name], expected_ndim=3)
+  labels = read_idx(paths[labels_name], expected_ndim=1)
+  if images.shape[0] != labels.shape[0]:
+    raise UserError(f"{paths[images_name]} has {images.shape[0]} images but "
+                    f"{paths[labels_name]} has {labels.shape[0]} labels; the files do not belong "
+                    "together")
+  if labels.size and labels.max() >= num_classes:
+    raise UserError(f"{paths[labels_name]} holds label {int(labels.max())}, outside 0..{num_classes - 1}; "
+                    "the file is corrupt or from another data set")
+  return images[..., None], labels.astype(np.int32)

@@ -1,0 +1,122 @@
+"""Input pipeline: tensorflow-datasets or IDX files -> shuffled, batched, prefetched.
+
+Both sources produce the same in-memory arrays (images uint8 [N, 28, 28, 1],
+labels int32 [N]); everything downstream is shared. Fashion-MNIST is 47 MB, so
+it is held in memory and batched with numpy: no per-example Python work, and
+the train order is a pure function of (seed, epoch) -- a run resumed at step
+s sees exactly the batches an uninterrupted run would.
+
+Multi-host: every process computes the same global order and takes its own
+contiguous slice of each global batch, so the global batch (and the result)
+does not depend on how many processes share the work.
+
+Pixels stay uint8 until they reach the device (a quarter of the bytes to
+move); the train and eval steps scale them to [0, 1]. There is no explicit
+prefetch thread: JAX dispatch is asynchronous, so the host gathers batch s+1
+while the device runs step s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+import dataclasses
+import os
+
+import numpy as np
+
+from fashion_jax import idx
+from fashion_jax.errors import UserError
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  images: np.ndarray  # uint8 [N, H, W, 1]
+  labels: np.ndarray  # int32 [N]
+
+  def __len__(self) -> int:
+    return int(self.labels.shape[0])
+
+
+def load(config, split: str) -> Split:
+  """Loads a whole split from `config.idx_dir` if set, else from tensorflow-datasets."""
+  if config.idx_dir:
+    images, labels = idx.load_split(os.path.expanduser(config.idx_dir), split)
+  else:
+    images, labels = _load_tfds(config.dataset, split, config.data_dir or None)
+  return Split(np.ascontiguousarray(images), np.ascontiguousarray(labels, dtype=np.int32))
+
+
+def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top (heavy, optional)
+  try:
+    dataset = tfds.load(name, split=split, data_dir=data_dir)
+    parts = list(tfds.as_numpy(dataset.batch(10_000)))
+  except Exception as e:  # tfds raises many types: network, checksum, missing files.
+    first_line = str(e).splitlines()[0] if str(e) else ""
+    raise UserError(
+        f"could not load {name!r} ({split}) from tensorflow-datasets: {type(e).__name__}: "
+        f"{first_line}; without network access pass --config.idx_dir=FOLDER holding the four "
+        "IDX files") from e
+  images = np.concatenate([p["image"] for p in parts]).astype(np.uint8)
+  if images.ndim == 3:
+    images = images[..., None]
+  return images, np.concatenate([p["label"] for p in parts]).astype(np.int32)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The train order of one epoch: a pure function of (seed, epoch)."""
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def train_batches(split: Split, global_batch: int, seed: int, start_step: int = 0,
+                  process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+  """Endless iterator of this process's part of each global train batch.
+
+  Incomplete final batches of an epoch are dropped (the usual choice for
+  training); step s always holds the same examples whatever `start_step` was.
+  """
+  if global_batch % process_count:
+    raise UserError(f"config.batch_size={global_batch} does not divide by the "
+                    f"{process_count} processes; use a multiple of {process_count}")
+  local = global_batch // process_count
+  per_epoch = len(split) // global_batch
+  epoch, offset = divmod(start_step, per_epoch)
+  while True:
+    order = epoch_order(seed, epoch, len(split))
+    for i in range(offset, per_epoch):
+      start = i * global_batch + process_index * local
+      index = np.sort(order[start:start + local])  # Sorted: cache-friendlier gather, same set.
+      yield {"image": split.images[index], "label": split.labels[index]}
+    epoch, offset = epoch + 1, 0
+
+
+def eval_batches(split: Split, global_batch: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[Batch]:
+  """Covers every example exactly once, in order; the last batch is padded.
+
+  Each batch carries `mask` (1 = real example, 0 = padding) so metrics count
+  the real examples only.
+  """
+  if global_batch % process_count:
+    raise UserError(f"config.eval_batch_size={global_batch} does not divide by the "
+                    f"{process_count} processes; use a multiple of {process_count}")
+  local = global_batch // process_count
+  n = len(split)
+  for start in range(0, n, global_batch):
+    lo = min(start + process_index * local, n)
+    hi = min(lo + local, n)
+    images, labels = split.images[lo:hi], split.labels[lo:hi]
+    mask = np.ones(hi - lo, dtype=np.float32)
+    pad = local - (hi - lo)
+    if pad:
+      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+      mask = np.concatenate([mask, np.zeros(pad, np.float32)])
+    yield {"image": images, "label": labels, "mask": mask}
+
+
+def stack(batches: list[Batch]) -> Batch:
+  """Stacks consecutive batches along a new leading axis (for multi-step dispatch)."""
+  return {key: np.stack([b[key] for b in batches]) for key in batches[0]}

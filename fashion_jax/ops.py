@@ -1,0 +1,118 @@
+"""Convolution and pooling formulations, and the choice between them.
+
+XLA lowers `lax.conv_general_dilated` and `lax.reduce_window` (and especially
+their gradients) to slow loops on CPU, while it runs large matrix multiplies
+near peak. The same math written as one im2col matmul and a reshape+max runs
+several times faster there (numbers in BENCHMARKS.md). On TPU and GPU the
+native convolution is the right choice. Everything here computes exactly the
+reference math; tests compare outputs and gradients with `lax`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CONV_IMPLS = ("auto", "xla", "im2col")
+POOL_IMPLS = ("auto", "xla", "reshape")
+
+
+def resolve_impl(impl: str, choices: Sequence[str], fast: str) -> str:
+  """Maps "auto" to the fast formulation on CPU and to "xla" elsewhere."""
+  if impl not in choices:
+    raise ValueError(f"unknown implementation {impl!r}; choose one of {choices}")
+  if impl != "auto":
+    return impl
+  return fast if jax.default_backend() == "cpu" else "xla"
+
+
+def _im2col_patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
+  """[B,H,W,C] -> [B,H-kh+1,W-kw+1,kh*kw*C], patch index (i, j, c) row-major.
+
+  The order matches an HWIO kernel reshaped to [kh*kw*C, O].
+  """
+  _, h, w, _ = x.shape
+  ho, wo = h - kh + 1, w - kw + 1
+  shifted = [x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)]
+  return jnp.concatenate(shifted, axis=-1)
+
+
+def conv2d_im2col(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+  """VALID, stride-1 NHWC x HWIO convolution as a single matmul."""
+  kh, kw, cin, cout = kernel.shape
+  patches = _im2col_patches(x, kh, kw)
+  b, ho, wo, k = patches.shape
+  y = jnp.dot(patches.reshape(b * ho * wo, k), kernel.reshape(kh * kw * cin, cout),
+              precision=precision)
+  return y.reshape(b, ho, wo, cout)
+
+
+def _normalize_padding(padding, kernel_hw):
+  if isinstance(padding, str):
+    if padding == "VALID":
+      return ((0, 0), (0, 0))
+    if padding == "SAME":
+      pads = []
+      for k in kernel_hw:
+        total = k - 1
+        pads.append((total // 2, total - total // 2))
+      return tuple(pads)
+    return None
+  return tuple(tuple(p) for p in padding)
+
+
+def conv_general_dilated_im2col(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                                rhs_dilation=None, dimension_numbers=None,
+                                feature_group_count=1, batch_group_count=1,
+                                precision=None, preferred_element_type=None):
+  """Drop-in for `lax.conv_general_dilated` (as `nn.Conv` calls it).
+
+  Takes the im2col path for the cases it covers (2-D, NHWC/HWIO, stride 1, no
+  dilation, no groups) and defers to `lax` for everything else.
+  """
+  simple = (
+      lhs.ndim == 4
+      and tuple(window_strides) == (1, 1)
+      and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+      and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
+      and feature_group_count == 1 and batch_group_count == 1
+      and preferred_element_type is None
+      and _is_nhwc(dimension_numbers, lhs.ndim))
+  pads = _normalize_padding(padding, rhs.shape[:2]) if simple else None
+  if not simple or pads is None:
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type)
+  if any(p != (0, 0) for p in pads):
+    lhs = jnp.pad(lhs, ((0, 0), pads[0], pads[1], (0, 0)))
+  return conv2d_im2col(lhs, rhs, precision=precision)
+
+
+def _is_nhwc(dimension_numbers, ndim) -> bool:
+  if dimension_numbers is None or ndim != 4:
+    return False
+  dn = lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, dimension_numbers)
+  return dn == lax.conv_dimension_numbers((1,) * 4, (1,) * 4, ("NHWC", "HWIO", "NHWC"))
+
+
+def max_pool_2x2_reshape(x: jax.Array) -> jax.Array:
+  """2x2/stride-2 VALID max pooling on NHWC as a reshape and a max.
+
+  Odd trailing rows/columns are dropped, as VALID pooling does.
+  """
+  b, h, w, c = x.shape
+  h2, w2 = h // 2, w // 2
+  x = x[:, :2 * h2, :2 * w2, :]
+  return jnp.max(x.reshape(b, h2, 2, w2, 2, c), axis=(2, 4))
+
+
+def max_pool_2x2(x: jax.Array, impl: str = "auto") -> jax.Array:
+  impl = resolve_impl(impl, POOL_IMPLS, fast="reshape")
+  if impl == "reshape":
+    return max_pool_2x2_reshape(x)
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")

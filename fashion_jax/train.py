@@ -1,0 +1,379 @@
+"""Train state, the pure train/eval steps, and the train-and-evaluate loop."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import fashion_jax
+from fashion_jax import checkpointing
+from fashion_jax import config_lib
+from fashion_jax import input_pipeline
+from fashion_jax import metric_writers
+from fashion_jax import models
+from fashion_jax import parallel as parallel_lib
+from fashion_jax.errors import UserError
+
+IMAGE_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything needed to continue training exactly. A plain pytree: no callables."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # Raw key data (uint32); wrapped with jax.random.wrap_key_data when used.
+  batch_stats: Any = flax.struct.field(default_factory=dict)
+
+
+def create_model(config: ml_collections.ConfigDict) -> nn.Module:
+  return models.create_model(config.model, conv_impl=config.conv_impl, pool_impl=config.pool_impl)
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  if config.optimizer == "adam":
+    return optax.adam(config.learning_rate)
+  raise UserError(f"config.optimizer={config.optimizer!r} is invalid: use one of "
+                  f"{', '.join(config_lib.OPTIMIZERS)}")
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """Initial state, computed on the host's default device (then placed by `Parallel`)."""
+  root = jax.random.key(seed)
+  init_key, train_key = jax.random.split(root)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      init_key, jnp.zeros((1,) + IMAGE_SHAPE, jnp.float32))
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(train_key),
+                    batch_stats=variables.get("batch_stats", {}))
+
+
+def _scale(images: jax.Array) -> jax.Array:
+  return images.astype(jnp.float32) * (1.0 / 255.0)
+
+
+def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.GradientTransformation,
+               axis_name: str | None = None):
+  """One optimizer step: (state, batch) -> (state, metrics). Pure; jit/pmap-able.
+
+  Metrics are sums over the (global) batch, so they add up exactly across
+  steps and devices. With `axis_name` (pmap) the gradients are averaged and
+  the metrics summed over that axis explicitly.
+  """
+  images, labels = _scale(batch["image"]), batch["label"]
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+  def loss_fn(params):
+    variables = {"params": params}
+    mutable = []
+    if state.batch_stats:
+      variables["batch_stats"] = state.batch_stats
+      mutable = ["batch_stats"]
+    logits, updates = model.apply(variables, images, train=True, rngs={"dropout": step_key},
+                                  mutable=mutable)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, (logits, updates)
+
+  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads = lax.pmean(grads, axis_name)
+  param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, param_updates)
+  batch_stats = updates.get("batch_stats", state.batch_stats)
+  if axis_name is not None and batch_stats:
+    batch_stats = lax.pmean(batch_stats, axis_name)
+  n = labels.shape[0]
+  metrics = {"loss_sum": loss * n,
+             "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
+             "count": jnp.asarray(n, jnp.float32)}
+  if axis_name is not None:
+    metrics = lax.psum(metrics, axis_name)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            batch_stats=batch_stats)
+  return new_state, metrics
+
+
+def multi_train_step(state: TrainState, batches, *, axis_name: str | None = None, **kwargs):
+  """Several train steps in one compiled call (lax.scan over a leading axis); summed metrics."""
+  def body(state, batch):
+    return train_step(state, batch, axis_name=axis_name, **kwargs)
+  state, metrics = lax.scan(body, state, batches)
+  return state, jax.tree.map(jnp.sum, metrics)
+
+
+def eval_step(state: TrainState, batch, *, model: nn.Module, axis_name: str | None = None):
+  """Masked sums of loss and correct predictions over one (padded) eval batch."""
+  variables = {"params": state.params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  logits = model.apply(variables, _scale(batch["image"]), train=False)
+  mask = batch["mask"]
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+  metrics = {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
+             "count": jnp.sum(mask)}
+  if axis_name is not None:
+    metrics = lax.psum(metrics, axis_name)
+  return metrics
+
+
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then exit)."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # Not the main thread (e.g. called from a test runner thread).
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None:  # Second signal: stop waiting.
+      raise KeyboardInterrupt
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"workdir {workdir!r} is not writable ({e.strerror}); pass a --workdir you "
+                    "can write to") from e
+
+
+def _write_config(workdir: str, config: ml_collections.ConfigDict, derived: dict) -> None:
+  resolved = json.loads(config.to_json_best_effort())
+  resolved["_derived"] = derived
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(resolved, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def _summarize(sums: dict, prefix: str) -> dict:
+  count = max(float(sums["count"]), 1.0)
+  return {f"{prefix}_loss": float(sums["loss_sum"]) / count,
+          f"{prefix}_accuracy": float(sums["correct"]) / count}
+
+
+class Evaluator:
+  """Exact evaluation of a split: every example once, padding masked out."""
+
+  def __init__(self, split, config, model, parallel: parallel_lib.Parallel):
+    parallel.check_batch(config.eval_batch_size, "eval_batch_size")
+    self.split, self.batch_size, self.parallel = split, config.eval_batch_size, parallel
+    self._step = parallel.compile(functools.partial(eval_step, model=model), donate_state=False)
+
+  def __call__(self, state) -> dict:
+    total = None
+    for batch in input_pipeline.eval_batches(self.split, self.batch_size,
+                                             self.parallel.process_index,
+                                             self.parallel.process_count):
+      metrics = self._step(state, self.parallel.put_batch(batch))
+      total = metrics if total is None else jax.tree.map(jnp.add, total, metrics)
+    return self.parallel.fetch(total)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from the latest checkpoint in workdir) and evaluates.
+
+  Returns the last eval metrics. Raises UserError for fixable input problems.
+  """
+  config_lib.validate(config)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  _check_workdir(workdir)
+  parallel = parallel_lib.Parallel(config.parallelism)
+  batch_split = parallel.check_batch(config.batch_size, "batch_size")
+  is_lead = parallel.process_index == 0
+  logging.info("%s; batch global=%d per-host=%d per-device=%d", parallel_lib.describe(parallel),
+               batch_split["global"], batch_split["per_host"], batch_split["per_device"])
+
+  train_split = input_pipeline.load(config, "train")
+  test_split = input_pipeline.load(config, "test")
+  steps_per_epoch = config_lib.steps_per_epoch(config, len(train_split))
+  total_steps = config_lib.total_steps(config, len(train_split))
+  eval_every = config_lib.eval_every_steps(config, len(train_split))
+  logging.info("data: %d train, %d test examples (%s); %d steps (%d per epoch)", len(train_split),
+               len(test_split), f"IDX {config.idx_dir}" if config.idx_dir else "tfds",
+               total_steps, steps_per_epoch)
+
+  model = create_model(config)
+  tx = create_optimizer(config)
+  init_state = create_train_state(model, tx, config.seed)
+  description = checkpointing.describe_state(config.model, init_state)
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            keep=config.keep_checkpoints,
+                                            async_save=config.async_checkpointing)
+  writer = metric_writers.MetricWriter(workdir, enabled=is_lead)
+  if is_lead:
+    _write_config(workdir, config, {
+        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "eval_every_steps": eval_every,
+        "parallelism": parallel.mode, "num_devices": parallel.num_devices,
+        "num_processes": parallel.process_count, "backend": jax.default_backend(),
+        "jax_version": jax.__version__, "fashion_jax_version": fashion_jax.__version__})
+
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    abstract = parallel.abstract_state(jax.eval_shape(lambda: init_state))
+    state = parallel.put_state(checkpointer.restore(latest, abstract, description))
+    dropped = writer.truncate_after(latest)
+    logging.info("resumed from checkpoint at step %d%s", latest,
+                 f" (dropped {dropped} metrics lines written after it)" if dropped else "")
+  else:
+    state = parallel.put_state(init_state)
+  del init_state
+  start_step = latest or 0
+
+  evaluator = Evaluator(test_split, config, model, parallel)
+
+  def evaluate(step: int) -> dict:
+    t0 = time.perf_counter()
+    result = _summarize(evaluator(state), "eval")
+    seconds = time.perf_counter() - t0
+    result = {"epoch": step / steps_per_epoch, **result}
+    writer.write(step, result)
+    writer.flush()
+    logging.info("eval  step %d/%d epoch %.2f | loss %.4f accuracy %.2f%% | %.2fs for %d images",
+                 step, total_steps, step / steps_per_epoch, result["eval_loss"],
+                 100 * result["eval_accuracy"], seconds, len(test_split))
+    return result
+
+  if start_step >= total_steps:
+    logging.info("training already finished (step %d); evaluating the final checkpoint", start_step)
+    result = evaluate(start_step)
+    writer.close()
+    checkpointer.close()
+    return result
+
+  step_kwargs = {"model": model, "tx": tx}
+  k = config.steps_per_dispatch
+  compiled = {}
+
+  def step_fn(n: int):
+    """The compiled step for a chunk of n steps (n == 1: a plain step)."""
+    if n not in compiled:
+      if n == 1 and k == 1:
+        fn = parallel.compile(functools.partial(train_step, **step_kwargs))
+      else:
+        fn = parallel.compile(functools.partial(multi_train_step, **step_kwargs), stacked=True)
+      compiled[n] = fn
+    return compiled[n]
+
+  batches = input_pipeline.train_batches(train_split, config.batch_size, config.seed, start_step,
+                                         parallel.process_index, parallel.process_count)
+  boundaries = [config.log_every_steps, config.checkpoint_every_steps, eval_every]
+
+  def chunk_size(step: int) -> int:
+    nxt = min([total_steps] + [(step // b + 1) * b for b in boundaries])
+    return min(k, nxt - step)
+
+  def save(step: int) -> None:
+    checkpointer.save(step, parallel.logical_state(state), description)
+
+  step = start_step
+  pending = []  # Device metrics since the last log line.
+  last_result = {}
+  window_start, window_step = time.perf_counter(), step
+  compile_seconds = 0.0
+  with _StopRequest() as stop:
+    while step < total_steps:
+      n = chunk_size(step)
+      group = [next(batches) for _ in range(n)]
+      stacked = not (n == 1 and k == 1)
+      batch = parallel.put_batch(input_pipeline.stack(group) if stacked else group[0], stacked)
+      if n not in compiled:
+        t0 = time.perf_counter()
+        fn = step_fn(n)
+        state, metrics = fn(state, batch)
+        jax.block_until_ready(metrics)
+        compile_seconds += time.perf_counter() - t0
+        logging.info("compiled and ran the %d-step train function in %.2fs", n, time.perf_counter() - t0)
+        window_start = time.perf_counter()
+        window_step = step + n
+      else:
+        state, metrics = compiled[n](state, batch)
+      pending.append(metrics)
+      step += n
+
+      if step % config.log_every_steps == 0 or step == total_steps:
+        sums = jax.tree.map(lambda *xs: np.sum(xs), *[parallel.fetch(m) for m in pending])
+        pending = []
+        now = time.perf_counter()
+        images_per_sec = ((step - window_step) * config.batch_size / (now - window_start)
+                          if step > window_step else float("nan"))
+        train = _summarize(sums, "train")
+        if not math.isfinite(train["train_loss"]):
+          checkpointer.wait()
+          raise UserError(f"training diverged: the loss is {train['train_loss']} at step {step}; the "
+                          f"last good checkpoint is at step {checkpointer.latest_step()} in "
+                          f"{checkpointer.directory}; lower --config.learning_rate")
+        line = {"epoch": step / steps_per_epoch, **train}
+        if math.isfinite(images_per_sec):
+          line["train_images_per_sec"] = images_per_sec
+        writer.write(step, line)
+        remaining = (total_steps - step) * config.batch_size / images_per_sec if math.isfinite(
+            images_per_sec) and images_per_sec > 0 else float("nan")
+        logging.info("train step %d/%d epoch %.2f | loss %.4f accuracy %.2f%% | %s img/s | eta %s",
+                     step, total_steps, step / steps_per_epoch, train["train_loss"],
+                     100 * train["train_accuracy"],
+                     f"{images_per_sec:,.0f}" if math.isfinite(images_per_sec) else "-",
+                     _fmt_seconds(remaining))
+        window_start, window_step = time.perf_counter(), step
+
+      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+        save(step)
+      if step % eval_every == 0 or step == total_steps:
+        last_result = evaluate(step)
+        window_start, window_step = time.perf_counter(), step
+      if stop.signal is not None and step < total_steps:
+        save(step)
+        checkpointer.close()
+        writer.close()
+        raise UserError(f"stopped by {stop.signal} at step {step}; checkpoint saved in "
+                        f"{checkpointer.directory}; re-run the same command to resume")
+
+  checkpointer.close()
+  writer.close()
+  logging.info("done: step %d, eval accuracy %.2f%%, compile %.1fs, wall %.1fs", step,
+               100 * last_result.get("eval_accuracy", float("nan")), compile_seconds,
+               fashion_jax.seconds_since_start())
+  return last_result
+
+
+def _fmt_seconds(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "-"
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else (
+      f"{seconds // 60}m{seconds % 60:02d}s")

@@ -1,0 +1,102 @@
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+from fashion_jax import idx
+from fashion_jax.errors import UserError
+from conftest import write_idx_folder
+
+
+@pytest.mark.parametrize("name", ["a-idx3-ubyte", "a-idx3-ubyte.gz"])
+def test_round_trip(tmp_path, name):
+  array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+  path = str(tmp_path / name)
+  idx.write_idx(path, array)
+  np.testing.assert_array_equal(idx.read_idx(path, expected_ndim=3), array)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_load_split(tmp_path, gz):
+  folder = write_idx_folder(str(tmp_path), n_train=30, n_test=7, gz=gz)
+  images, labels = idx.load_split(folder, "test")
+  assert images.shape == (7, 28, 28, 1) and images.dtype == np.uint8
+  assert labels.shape == (7,) and labels.dtype == np.int32
+  assert labels.min() >= 0 and labels.max() < 10
+
+
+def test_missing_folder(tmp_path):
+  with pytest.raises(UserError, match="does not exist.*idx_dir"):
+    idx.load_split(str(tmp_path / "nope"), "train")
+
+
+def test_missing_file(tmp_path):
+  folder = write_idx_folder(str(tmp_path))
+  os.remove(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"))
+  with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.*missing"):
+    idx.load_split(folder, "test")
+
+
+def test_truncated_file(tmp_path):
+  folder = write_idx_folder(str(tmp_path), gz=False)
+  path = os.path.join(folder, "train-images-idx3-ubyte")
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:-100])
+  with pytest.raises(UserError, match="truncated or corrupt"):
+    idx.load_split(folder, "train")
+
+
+def test_corrupt_gzip(tmp_path):
+  folder = write_idx_folder(str(tmp_path), gz=True)
+  path = os.path.join(folder, "train-images-idx3-ubyte.gz")
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[: len(data) // 2])
+  with pytest.raises(UserError, match="cannot read IDX file"):
+    idx.load_split(folder, "train")
+
+
+def test_bad_magic(tmp_path):
+  path = str(tmp_path / "x-idx3-ubyte")
+  with open(path, "wb") as f:
+    f.write(b"\x12\x34\x08\x03" + b"\x00" * 20)
+  with pytest.raises(UserError, match="not a uint8 IDX file"):
+    idx.read_idx(path)
+
+
+def test_swapped_files(tmp_path):
+  folder = write_idx_folder(str(tmp_path), gz=False)
+  a = os.path.join(folder, "train-images-idx3-ubyte")
+  b = os.path.join(folder, "train-labels-idx1-ubyte")
+  os.rename(a, a + ".tmp")
+  os.rename(b, a)
+  os.rename(a + ".tmp", b)
+  with pytest.raises(UserError, match="swapped"):
+    idx.load_split(folder, "train")
+
+
+def test_count_mismatch(tmp_path):
+  folder = write_idx_folder(str(tmp_path), n_train=20, gz=False)
+  idx.write_idx(os.path.join(folder, "train-labels-idx1-ubyte"), np.zeros(19, np.uint8))
+  with pytest.raises(UserError, match="20 images but .* 19 labels"):
+    idx.load_split(folder, "train")
+
+
+def test_label_out_of_range(tmp_path):
+  folder = write_idx_folder(str(tmp_path), n_train=20, gz=False)
+  idx.write_idx(os.path.join(folder, "train-labels-idx1-ubyte"), np.full(20, 12, np.uint8))
+  with pytest.raises(UserError, match="label 12, outside 0..9"):
+    idx.load_split(folder, "train")
+
+
+def test_gzip_detected_by_content_not_name(tmp_path):
+  array = np.ones((3, 2), np.uint8)
+  path = str(tmp_path / "raw-name-idx2-ubyte")
+  idx.write_idx(path, array, compress=True)
+  with gzip.open(path) as f:
+    assert f.read(4) == b"\x00\x00\x08\x02"
+  np.testing.assert_array_equal(idx.read_idx(path), array)

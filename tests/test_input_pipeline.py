@@ -1,0 +1,86 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from fashion_jax import input_pipeline
+from fashion_jax.input_pipeline import Split
+
+
+def _split(n=100):
+  images = np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 28, 28, 1), np.uint8)
+  return Split(images, np.arange(n, dtype=np.int32) % 10)
+
+
+def _take(it, n):
+  return list(itertools.islice(it, n))
+
+
+def test_train_order_is_a_function_of_seed_and_epoch():
+  split = _split()
+  a = _take(input_pipeline.train_batches(split, 8, seed=3), 30)
+  b = _take(input_pipeline.train_batches(split, 8, seed=3), 30)
+  c = _take(input_pipeline.train_batches(split, 8, seed=4), 30)
+  assert all(np.array_equal(x["label"], y["label"]) for x, y in zip(a, b))
+  assert not all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, c))
+
+
+def test_each_epoch_is_a_permutation_without_repeats():
+  split = _split(96)
+  batches = _take(input_pipeline.train_batches(split, 8, seed=0), 24)  # Two epochs.
+  for epoch in range(2):
+    seen = np.concatenate([b["image"][:, 0, 0, 0] for b in batches[12 * epoch:12 * (epoch + 1)]])
+    assert sorted(seen.tolist()) == list(range(96))
+  first = np.concatenate([b["image"][:, 0, 0, 0] for b in batches[:12]])
+  second = np.concatenate([b["image"][:, 0, 0, 0] for b in batches[12:]])
+  assert not np.array_equal(first, second)  # Reshuffled each epoch.
+
+
+def test_resume_sees_the_same_batches():
+  split = _split(100)  # 12 steps per epoch at batch 8 (4 examples dropped per epoch).
+  full = _take(input_pipeline.train_batches(split, 8, seed=1), 40)
+  for start in (0, 5, 12, 13, 31):
+    resumed = _take(input_pipeline.train_batches(split, 8, seed=1, start_step=start), 40 - start)
+    for x, y in zip(full[start:], resumed):
+      np.testing.assert_array_equal(x["image"], y["image"])
+      np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_processes_split_each_global_batch():
+  split = _split(64)
+  whole = _take(input_pipeline.train_batches(split, 16, seed=2), 6)
+  parts = [_take(input_pipeline.train_batches(split, 16, seed=2, process_index=p,
+                                               process_count=4), 6) for p in range(4)]
+  for step in range(6):
+    joined = np.concatenate([parts[p][step]["image"][:, 0, 0, 0] for p in range(4)])
+    assert sorted(joined.tolist()) == sorted(whole[step]["image"][:, 0, 0, 0].tolist())
+
+
+@pytest.mark.parametrize("n,batch,processes", [(100, 32, 1), (100, 25, 1), (10, 64, 1),
+                                               (101, 32, 2), (7, 4, 4)])
+def test_eval_covers_every_example_exactly_once(n, batch, processes):
+  split = _split(n)
+  seen = []
+  for p in range(processes):
+    for b in input_pipeline.eval_batches(split, batch, p, processes):
+      assert b["image"].shape[0] == batch // processes  # Fixed shape: one compile.
+      assert b["mask"].shape == b["label"].shape
+      seen.extend(b["image"][b["mask"] > 0, 0, 0, 0].tolist())
+  assert sorted(seen) == list(range(n))
+
+
+def test_element_specs_match_between_sources(tiny_config):
+  """The tfds source (mocked) and the IDX source produce identical dtypes and shapes."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from_idx = input_pipeline.load(tiny_config, "test")
+  config = tiny_config.copy_and_resolve_references()
+  config.idx_dir = ""
+  with tfds.testing.mock_data(num_examples=40):
+    from_tfds = input_pipeline.load(config, "test")
+  assert len(from_tfds) == 40
+  for a, b in ((from_idx.images, from_tfds.images), (from_idx.labels, from_tfds.labels)):
+    assert a.dtype == b.dtype and a.shape[1:] == b.shape[1:]
+  batch_idx = next(input_pipeline.train_batches(from_idx, 8, 0))
+  batch_tfds = next(input_pipeline.train_batches(from_tfds, 8, 0))
+  assert {k: (v.dtype, v.shape) for k, v in batch_idx.items()} == {
+      k: (v.dtype, v.shape) for k, v in batch_tfds.items()}

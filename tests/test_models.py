@@ -1,0 +1,36 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fashion_jax import models
+
+
+def test_cnn_shapes_and_parameter_count():
+  model = models.create_model("cnn")
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  shapes = jax.tree.map(jnp.shape, variables["params"])
+  assert shapes == {
+      "Conv_0": {"kernel": (3, 3, 1, 32), "bias": (32,)},
+      "Conv_1": {"kernel": (3, 3, 32, 64), "bias": (64,)},
+      "Dense_0": {"kernel": (1600, 128), "bias": (128,)},
+      "Dense_1": {"kernel": (128, 10), "bias": (10,)},
+  }
+  assert sum(x.size for x in jax.tree.leaves(variables["params"])) == 225_034
+  logits = model.apply(variables, jnp.zeros((5, 28, 28, 1)))
+  assert logits.shape == (5, 10) and logits.dtype == jnp.float32
+
+
+def test_implementations_share_parameters_and_agree():
+  x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+  reference = models.create_model("cnn", conv_impl="xla", pool_impl="xla")
+  fast = models.create_model("cnn", conv_impl="im2col", pool_impl="reshape")
+  variables = reference.init(jax.random.key(0), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(fast.init(jax.random.key(0), x))
+  np.testing.assert_allclose(fast.apply(variables, x), reference.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_model_names_the_choices():
+  with pytest.raises(ValueError, match="unknown model 'resnet9000'.*cnn"):
+    models.create_model("resnet9000")

@@ -1,0 +1,162 @@
+"""End-to-end: train, checkpoint, resume, re-evaluate, and the errors users see."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from fashion_jax import train
+from fashion_jax.errors import UserError
+from conftest import run_module
+
+
+def _lines(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _params(workdir, config):
+  """Params of the latest checkpoint in workdir."""
+  from fashion_jax import checkpointing, parallel
+  model, tx = train.create_model(config), train.create_optimizer(config)
+  init = train.create_train_state(model, tx, config.seed)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=5)
+  state = ckpt.restore(ckpt.latest_step(), parallel.Parallel("none").abstract_state(
+      jax.eval_shape(lambda: init)), checkpointing.describe_state(config.model, init))
+  ckpt.close()
+  return state
+
+
+def test_train_writes_outputs_and_learns(tiny_config, tmp_path):
+  tiny_config.num_train_steps = 60
+  tiny_config.eval_every_steps = 30
+  tiny_config.checkpoint_every_steps = 30
+  workdir = str(tmp_path / "run")
+  result = train.train_and_evaluate(tiny_config, workdir)
+  assert result["eval_accuracy"] > 0.5  # Synthetic bars are easy; chance is 0.1.
+  lines = _lines(workdir)
+  train_lines = [l for l in lines if "train_loss" in l]
+  eval_lines = [l for l in lines if "eval_loss" in l]
+  assert [l["step"] for l in train_lines] == list(range(5, 61, 5))
+  assert [l["step"] for l in eval_lines] == [30, 60]
+  for line in train_lines[1:]:
+    assert {"step", "epoch", "train_loss", "train_accuracy", "train_images_per_sec",
+            "wall_time_s"} <= set(line)
+  for line in eval_lines:
+    assert {"step", "epoch", "eval_loss", "eval_accuracy", "wall_time_s"} <= set(line)
+  assert train_lines[-1]["train_loss"] < train_lines[0]["train_loss"]
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  assert config["batch_size"] == 16 and config["_derived"]["total_steps"] == 60
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["30", "60"]
+  assert any(name.startswith("events") for name in os.listdir(os.path.join(workdir, "tensorboard")))
+
+
+def test_resume_continues_exactly(tiny_config, tmp_path):
+  """Stopping after 10 steps and re-running gives the same state as one 20-step run."""
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train_and_evaluate(tiny_config, straight)
+  first = tiny_config.copy_and_resolve_references()
+  first.num_train_steps = 10
+  train.train_and_evaluate(first, resumed)
+  assert _lines(resumed)[-1]["step"] == 10
+  train.train_and_evaluate(tiny_config, resumed)
+  steps = [l["step"] for l in _lines(resumed) if "train_loss" in l]
+  assert steps == [5, 10, 15, 20]  # Continued, not restarted.
+  a, b = _params(straight, tiny_config), _params(resumed, tiny_config)
+  assert int(a.step) == int(b.step) == 20
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  jax.tree.map(np.testing.assert_array_equal, a.opt_state, b.opt_state)
+  evals = lambda w: [l["eval_accuracy"] for l in _lines(w) if "eval_loss" in l]
+  assert evals(straight)[-1] == evals(resumed)[-1]
+
+
+def test_finished_run_only_reevaluates(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  first = train.train_and_evaluate(tiny_config, workdir)
+  mtime = os.path.getmtime(os.path.join(workdir, "checkpoints", "20"))
+  again = train.train_and_evaluate(tiny_config, workdir)
+  assert again["eval_accuracy"] == first["eval_accuracy"]
+  assert os.path.getmtime(os.path.join(workdir, "checkpoints", "20")) == mtime
+  lines = _lines(workdir)
+  assert [l["step"] for l in lines if "train_loss" in l] == [5, 10, 15, 20]
+  assert lines[-1]["step"] == 20 and "eval_accuracy" in lines[-1]
+
+
+def test_checkpoint_of_another_model_shape_is_refused(tiny_config, tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  tiny_config.num_train_steps = 10
+  train.train_and_evaluate(tiny_config, workdir)
+  from fashion_jax import checkpointing
+  real = checkpointing.describe_state
+  def wider(name, state):
+    description = real(name, state)
+    description["param_shapes"]["['Dense_0']['kernel']"] = [1600, 256]
+    return description
+  monkeypatch.setattr(checkpointing, "describe_state", wider)
+  with pytest.raises(UserError, match="parameter shapes that do not match.*Dense_0"):
+    train.train_and_evaluate(tiny_config, workdir)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "10"))  # Nothing deleted.
+
+
+def test_checkpoint_of_another_model_name_is_refused(tiny_config, tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  tiny_config.num_train_steps = 10
+  train.train_and_evaluate(tiny_config, workdir)
+  from fashion_jax import checkpointing
+  real = checkpointing.describe_state
+  monkeypatch.setattr(checkpointing, "describe_state",
+                      lambda name, state: {**real(name, state), "model": "other"})
+  with pytest.raises(UserError, match="is of model 'cnn' but the config asks for 'other'"):
+    train.train_and_evaluate(tiny_config, workdir)
+
+
+def test_invalid_config_values(tiny_config, tmp_path):
+  tiny_config.learning_rate = -1.0
+  tiny_config.parallelism = "magic"
+  with pytest.raises(UserError) as e:
+    train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+  assert "config.learning_rate=-1.0" in str(e.value) and "config.parallelism='magic'" in str(e.value)
+  assert not os.path.exists(tmp_path / "run")  # Checked before anything is created.
+
+
+def test_cli_errors_are_one_line_and_nonzero(idx_dir, tmp_path):
+  common = ["--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}"]
+  cases = {
+      "--config.modle=cnn": "unknown config key 'modle'; did you mean 'model'",
+      "--config.batch_size=abc": "batch_size",
+      "--config.idx_dir=/no/such/folder": "IDX folder '/no/such/folder' does not exist",
+  }
+  for flag, message in cases.items():
+    proc = run_module("fashion_jax.main", *common, flag)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("fashion_jax: error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_trains_and_resumes(idx_dir, tmp_path):
+  workdir = str(tmp_path / "cli")
+  args = ["--config=configs/tiny.py", f"--workdir={workdir}", f"--config.idx_dir={idx_dir}"]
+  proc = run_module("fashion_jax.main", *args, "--config.num_train_steps=10")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_module("fashion_jax.main", *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "resumed from checkpoint at step 10" in proc.stderr
+  assert [l["step"] for l in _lines(workdir) if "train_loss" in l] == [5, 10, 15, 20]
+
+
+@pytest.mark.real_data
+def test_real_fashion_mnist_learns(real_idx_dir, tmp_path):
+  """A short run on the real data set (FASHION_JAX_IDX_DIR) gets well past chance."""
+  from fashion_jax import config_lib
+  from conftest import ROOT
+  config = config_lib.load_sibling(os.path.join(ROOT, "configs", "default.py"), "default")
+  config.idx_dir = real_idx_dir
+  config.num_train_steps = 400
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 400
+  result = train.train_and_evaluate(config, str(tmp_path / "real"))
+  assert result["eval_accuracy"] > 0.80, result
