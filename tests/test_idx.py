@@ -6,7 +6,7 @@ import pytest
 
 from fashion_jax import idx
 from fashion_jax.errors import UserError
-from conftest import write_idx_folder
+from tests.conftest import write_idx_folder
 
 
 @pytest.mark.parametrize("name", ["a-idx3-ubyte", "a-idx3-ubyte.gz"])

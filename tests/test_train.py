@@ -9,7 +9,7 @@ import pytest
 
 from fashion_jax import train
 from fashion_jax.errors import UserError
-from conftest import run_module
+from tests.conftest import run_module
 
 
 def _lines(workdir):
@@ -152,7 +152,7 @@ def test_cli_trains_and_resumes(idx_dir, tmp_path):
 def test_real_fashion_mnist_learns(real_idx_dir, tmp_path):
   """A short run on the real data set (FASHION_JAX_IDX_DIR) gets well past chance."""
   from fashion_jax import config_lib
-  from conftest import ROOT
+  from tests.conftest import ROOT
   config = config_lib.load_sibling(os.path.join(ROOT, "configs", "default.py"), "default")
   config.idx_dir = real_idx_dir
   config.num_train_steps = 400

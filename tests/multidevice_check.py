@@ -1,0 +1,50 @@
+"""Run in a subprocess with several CPU devices (see test_parallel.py).
+
+Trains the tiny config under each parallelism mode from the same start and
+prints, as JSON, each mode's logged losses and the max parameter difference
+from the single-device run.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+from fashion_jax import checkpointing, config_lib, parallel, train
+
+
+def final_state(config, workdir):
+  model, tx = train.create_model(config), train.create_optimizer(config)
+  init = train.create_train_state(model, tx, config.seed)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=5)
+  state = ckpt.restore(ckpt.latest_step(), parallel.Parallel("none").abstract_state(
+      jax.eval_shape(lambda: init)), checkpointing.describe_state(config.model, init))
+  ckpt.close()
+  return jax.tree.map(np.asarray, state)
+
+
+def main(root, idx_dir, out_dir, *modes):
+  config = config_lib.load_sibling(os.path.join(root, "configs", "tiny.py"), "tiny")
+  config.idx_dir = idx_dir
+  results = {"device_count": jax.device_count()}
+  states = {}
+  for mode in modes:
+    config.parallelism = mode
+    workdir = os.path.join(out_dir, mode)
+    metrics = train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      losses = [json.loads(l).get("train_loss") for l in f]
+    states[mode] = final_state(config, workdir)
+    results[mode] = {"losses": [l for l in losses if l is not None],
+                     "eval_accuracy": metrics["eval_accuracy"]}
+  for mode in modes[1:]:
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), states[modes[0]].params,
+                         states[mode].params)
+    results[mode]["max_param_diff"] = max(jax.tree.leaves(diffs))
+  print("RESULT " + json.dumps(results))
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])

@@ -1,0 +1,57 @@
+"""Data parallelism on fake CPU devices: every mode computes what one device computes."""
+
+import json
+import os
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, run_module
+from fashion_jax import parallel
+from fashion_jax.errors import UserError
+
+
+def _run_check(tmp_path, idx_dir, devices, *modes):
+  proc = run_module("tests.multidevice_check", ROOT, idx_dir, str(tmp_path), *modes,
+                    env={"JAX_NUM_CPU_DEVICES": str(devices)})
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])
+
+
+def test_mesh_and_pmap_match_one_device(tmp_path, idx_dir):
+  result = _run_check(tmp_path, idx_dir, 8, "none", "mesh", "pmap")
+  assert result["device_count"] == 8
+  reference = result["none"]
+  for mode in ("mesh", "pmap"):
+    assert result[mode]["max_param_diff"] < 1e-5, (mode, result[mode])
+    assert result[mode]["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    assert result[mode]["eval_accuracy"] == reference["eval_accuracy"]
+
+
+def test_batch_must_divide_by_devices():
+  par = parallel.Parallel("none")
+  par.devices = [None] * 8  # Only the count matters to the check.
+  with pytest.raises(UserError, match=r"batch_size=12 does not divide by the 8 devices.*8 or 16"):
+    par.check_batch(12, "batch_size")
+  assert par.check_batch(32, "batch_size")["per_device"] == 4
+
+
+def test_non_divisible_batch_is_a_clear_cli_error(tmp_path, idx_dir):
+  proc = run_module("fashion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
+                    f"--config.idx_dir={idx_dir}", "--config.batch_size=12",
+                    "--config.parallelism=mesh", env={"JAX_NUM_CPU_DEVICES": "8"}, timeout=300)
+  assert proc.returncode == 2
+  assert "config.batch_size=12 does not divide by the 8 devices" in proc.stderr
+
+
+def test_resume_under_another_mode(tmp_path, idx_dir):
+  """A checkpoint written under pmap on 4 devices resumes under mesh on 2 (one logical copy)."""
+  common = ["--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}", f"--config.idx_dir={idx_dir}"]
+  first = run_module("fashion_jax.main", *common, "--config.parallelism=pmap",
+                     "--config.num_train_steps=10", env={"JAX_NUM_CPU_DEVICES": "4"})
+  assert first.returncode == 0, first.stderr[-3000:]
+  second = run_module("fashion_jax.main", *common, "--config.parallelism=mesh",
+                      env={"JAX_NUM_CPU_DEVICES": "2"})
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "resumed from checkpoint at step 10" in second.stderr
