@@ -6,8 +6,6 @@ r"""Trains and evaluates a Fashion-MNIST classifier.
 Re-running the same command resumes from the latest checkpoint in --workdir.
 """
 
-import logging as logging_std
-import re
 import sys
 
 from absl import app
@@ -16,6 +14,8 @@ from absl import logging
 from ml_collections import config_flags
 
 import fashion_jax  # Records the process start time first.
+from fashion_jax import cli
+from fashion_jax import runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summaries.")
@@ -23,34 +23,8 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_c
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def parse_flags(argv):
-  """absl flag parsing, with config mistakes reported as one line (exit 2)."""
-  try:
-    return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    text = str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
-    unknown = re.search(r"'(\w+)'", text) if isinstance(e, (AttributeError, KeyError)) else None
-    if unknown:
-      guess = re.search(r'Did you mean "(\w+)"', text)
-      message = (f"unknown config key {unknown.group(1)!r}"
-                 + (f"; did you mean {guess.group(1)!r}?" if guess else "")
-                 + "; the keys are listed in configs/default.py")
-    else:
-      message = text.strip()
-    print(f"fashion_jax: error: {message}\nUsage: python -m fashion_jax.main "
-          "--config=configs/default.py --workdir=DIR [--config.KEY=VALUE ...]", file=sys.stderr)
-    sys.exit(2)
-
-
-class _QuietLibraries(logging_std.Filter):
-  """Keeps Orbax's per-save INFO chatter out of the console; warnings still show."""
-
-  def filter(self, record):
-    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(cli.QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   import jax  # pylint: disable=g-import-not-at-top
@@ -69,4 +43,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  runtime.reexec_with_tuned_malloc("fashion_jax.main")
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,488 @@
+r"""Throughput benchmark: train/eval images/s, compile time, input pipeline, FLOPs and MFU.
+
+  python -m fashion_jax.benchmark --config=configs/default.py \
+      [--config.KEY=VALUE ...] [--batch_sizes=32,128,512] [--compare=keras] \
+      [--output=benchmark.json]
+
+Train throughput is measured after warm-up and compilation, over several timed
+windows (`block_until_ready` once at the end of each); the table shows the
+median and the spread. `--compare=keras` trains the identical Keras model on
+the same batches in the same process, so the ratio is honest on a noisy
+machine. Progress goes to stderr as it runs; the table to stdout; everything
+to the JSON file.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+import fashion_jax
+from fashion_jax import cli
+from fashion_jax import runtime
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.", lock_config=True)
+flags.DEFINE_string("batch_sizes", "", "Comma-separated global batch sizes to sweep "
+                    "(default: the config's batch_size).")
+flags.DEFINE_enum("compare", "", ["", "keras"], "Also train the identical Keras model.")
+flags.DEFINE_integer("windows", 5, "Timed windows per measurement.")
+flags.DEFINE_float("window_seconds", 2.0, "Approximate length of one timed window.")
+flags.DEFINE_float("peak_gflops", 0.0, "Peak FLOP/s of one device in GFLOP/s for MFU "
+                   "(0 = look up the device, or estimate a CPU from its cores and clock).")
+flags.DEFINE_string("output", "benchmark.json", "Where to write the JSON results.")
+flags.DEFINE_bool("compile_cache", True, "Measure the second compile with the persistent cache.")
+
+# Dense peak FLOP/s per device (one chip or GPU) for the compute dtype the
+# default models use on that platform (bf16 matmul units on TPU; fp32 on GPU/CPU).
+PEAK_TFLOPS = {
+    "TPU v2": 22.5, "TPU v3": 61.5, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
+    "TPU v5p": 459.0, "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0,
+    "Tesla T4": 8.1, "Tesla V100": 15.7, "A100": 19.5, "L4": 30.3, "A10G": 31.2,
+    "H100": 67.0, "L40S": 91.6,
+}
+
+
+def log(message: str) -> None:
+  print(f"[benchmark {fashion_jax.seconds_since_start():6.1f}s] {message}", file=sys.stderr,
+        flush=True)
+
+
+def cpu_peak_gflops() -> tuple[float, str]:
+  """Cores x clock x 32 fp32 FLOP/cycle (AVX2: 2 FMA units x 8 lanes x 2), or x64 with AVX-512."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  mhz, flags_line = 0.0, ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+    mhz = max(float(m) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)", info))
+    flags_line = re.search(r"flags\s*:(.*)", info).group(1)
+  except (OSError, ValueError, AttributeError):
+    pass
+  if not mhz:
+    mhz = 2500.0
+  per_cycle = 64 if " avx512f" in flags_line else 32 if " fma" in flags_line else 16
+  return cores * mhz / 1000 * per_cycle, f"{cores} cores x {mhz:.0f} MHz x {per_cycle} FLOP/cycle"
+
+
+def device_peak_gflops(device) -> tuple[float, str]:
+  if FLAGS.peak_gflops > 0:
+    return FLAGS.peak_gflops, "--peak_gflops"
+  if device.platform == "cpu":
+    return cpu_peak_gflops()
+  kind = device.device_kind
+  for name, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+    if name.lower() in kind.lower():
+      return tflops * 1000, f"table entry {name!r}"
+  return float("nan"), f"unknown device kind {kind!r}: pass --peak_gflops"
+
+
+def analytic_flops_per_image(model_name: str) -> float:
+  """Training FLOPs per image of the classic CNN counted by hand (fallback for cost analysis).
+
+  Forward: multiply-adds x 2 of each layer; backward ~2x forward.
+  """
+  if model_name != "cnn":
+    return float("nan")
+  forward = 2 * (26 * 26 * 32 * 9 * 1 + 11 * 11 * 64 * 9 * 32 + 1600 * 128 + 128 * 10)
+  return 3.0 * forward
+
+
+def timed_windows(run_window, windows: int) -> list[float]:
+  return [run_window() for _ in range(windows)]
+
+
+def summarize(values: list[float]) -> dict:
+  return {"median": statistics.median(values), "min": min(values), "max": max(values),
+          "windows": len(values)}
+
+
+def measure_jax_train(config, parallel, data, batch_size: int) -> dict:
+  """Images/s of the compiled train step (or k-step scan) at one global batch size."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from fashion_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
+
+  config = config.copy_and_resolve_references()
+  config.batch_size = batch_size
+  parallel.check_batch(batch_size, "batch_size")
+  model, tx = train.create_model(config), train.create_optimizer(config)
+  state = parallel.put_state(train.create_train_state(model, tx, config.seed))
+  k = config.steps_per_dispatch
+  stacked = k > 1
+  step = functools.partial(train.multi_train_step if stacked else train.train_step,
+                           model=model, tx=tx)
+  fn = parallel.compile(step, stacked=stacked)
+  iterator = input_pipeline.train_batches(data, batch_size, config.seed, 0,
+                                          parallel.process_index, parallel.process_count)
+
+  def next_batch():
+    group = [next(iterator) for _ in range(k)]
+    return parallel.put_batch(input_pipeline.stack(group) if stacked else group[0], stacked)
+
+  batches = [next_batch() for _ in range(8)]
+  t0 = time.perf_counter()
+  lowered = fn.lower(state, batches[0])
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  flops = None
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) or None
+  except Exception:  # Not every backend implements cost analysis.
+    flops = None
+  images_per_call = batch_size * k
+  flops_per_image = (flops / images_per_call * (parallel.num_devices if parallel.mode != "none"
+                                                else 1)) if flops else None
+
+  for batch in batches[:3]:  # Warm-up.
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  t0 = time.perf_counter()
+  calls = 0
+  while time.perf_counter() - t0 < 0.3 or calls < 2:
+    state, metrics = compiled(state, batches[calls % len(batches)])
+    jax.block_until_ready(metrics)
+    calls += 1
+  per_call = (time.perf_counter() - t0) / calls
+  calls_per_window = max(2, int(FLAGS.window_seconds / per_call))
+
+  def window():
+    nonlocal state
+    start = time.perf_counter()
+    out = None
+    for i in range(calls_per_window):
+      state, out = compiled(state, batches[i % len(batches)])
+    jax.block_until_ready(out)
+    return calls_per_window * images_per_call / (time.perf_counter() - start)
+
+  rates = timed_windows(window, FLAGS.windows)
+  result = {"batch_size": batch_size, "steps_per_dispatch": k,
+            "train_images_per_sec": summarize(rates), "compile_s": compile_s,
+            "flops_per_image_xla": flops_per_image}
+  log(f"jax  batch {batch_size:4d}: {statistics.median(rates):8,.0f} img/s "
+      f"(min {min(rates):,.0f}, max {max(rates):,.0f}); compile {compile_s:.2f}s")
+  return result
+
+
+def measure_compile_cache(config, parallel, data) -> dict:
+  """First and second compile of the train step with JAX's persistent compilation cache."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from fashion_jax import train  # pylint: disable=g-import-not-at-top
+
+  cache_dir = tempfile.mkdtemp(prefix="fashion_jax_cache_")
+  previous = {name: getattr(jax.config, name) for name in (
+      "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+      "jax_persistent_cache_min_entry_size_bytes")}
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  try:
+    model, tx = train.create_model(config), train.create_optimizer(config)
+    state = parallel.put_state(train.create_train_state(model, tx, config.seed))
+    batch = parallel.put_batch({"image": data.images[:config.batch_size],
+                                "label": data.labels[:config.batch_size]})
+    times = []
+    for _ in range(2):
+      jax.clear_caches()
+      fn = parallel.compile(functools.partial(train.train_step, model=model, tx=tx))
+      t0 = time.perf_counter()
+      fn.lower(state, batch).compile()
+      times.append(time.perf_counter() - t0)
+  finally:
+    for name, value in previous.items():
+      jax.config.update(name, value)
+  log(f"compile with persistent cache: first {times[0]:.2f}s, second {times[1]:.2f}s")
+  return {"compile_first_s": times[0], "compile_cached_s": times[1], "cache_dir": cache_dir}
+
+
+def measure_eval(config, parallel, test_split) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  from fashion_jax import train  # pylint: disable=g-import-not-at-top
+
+  model, tx = train.create_model(config), train.create_optimizer(config)
+  state = parallel.put_state(train.create_train_state(model, tx, config.seed))
+  evaluator = train.Evaluator(test_split, config, model, parallel)
+  jax.block_until_ready(evaluator(state))  # Compile + warm-up.
+  times = []
+  for _ in range(max(2, FLAGS.windows // 2)):
+    t0 = time.perf_counter()
+    jax.block_until_ready(evaluator(state))
+    times.append(time.perf_counter() - t0)
+  seconds = statistics.median(times)
+  log(f"eval: {len(test_split):,} images in {seconds:.3f}s "
+      f"({len(test_split) / seconds:,.0f} img/s, batch {config.eval_batch_size})")
+  return {"eval_images_per_sec": len(test_split) / seconds, "eval_seconds": seconds,
+          "eval_examples": len(test_split), "eval_batch_size": config.eval_batch_size}
+
+
+def measure_input(config, parallel, source: str) -> dict:
+  """Load time and batching+transfer throughput of one data source on its own."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from fashion_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from fashion_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+
+  config = config.copy_and_resolve_references()
+  if source == "tfds":
+    config.idx_dir = ""
+    reason = tfds_unprepared_reason(config)
+    if reason:
+      log(f"input (tfds): unavailable: {reason}")
+      return {"available": False, "reason": reason}
+  elif not config.idx_dir:
+    return {"available": False, "reason": "no --config.idx_dir given"}
+  t0 = time.perf_counter()
+  try:
+    split = input_pipeline.load(config, "train")
+  except UserError as e:
+    log(f"input ({source}): unavailable: {e}")
+    return {"available": False, "reason": str(e)}
+  load_s = time.perf_counter() - t0
+  iterator = input_pipeline.train_batches(split, config.batch_size, config.seed, 0,
+                                          parallel.process_index, parallel.process_count)
+  steps = max(1, 20_000 // config.batch_size)
+  t0 = time.perf_counter()
+  last = None
+  for _ in range(steps):
+    last = parallel.put_batch(next(iterator))
+  jax.block_until_ready(last)
+  rate = steps * config.batch_size / (time.perf_counter() - t0)
+  log(f"input ({source}): load {load_s:.2f}s, batches {rate:,.0f} img/s")
+  return {"available": True, "load_s": load_s, "images_per_sec": rate, "examples": len(split)}
+
+
+def tfds_unprepared_reason(config) -> str | None:
+  """Why the tfds source cannot be timed without downloading (None: it can)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    builder = tfds.builder(config.dataset, data_dir=config.data_dir or None)
+    if builder.is_prepared():
+      return None
+    return (f"{config.dataset!r} is not prepared in {builder.data_dir}; the benchmark does not "
+            "download (run training once with network access to prepare it)")
+  except Exception as e:  # pylint: disable=broad-except
+    return f"tfds cannot open {config.dataset!r}: {type(e).__name__}: {e}"
+
+
+def keras_model(keras):
+  layers = keras.layers
+  return keras.Sequential([
+      keras.Input((28, 28, 1)),
+      layers.Rescaling(1.0 / 255),
+      layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(2),
+      layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(2),
+      layers.Flatten(), layers.Dense(128, activation="relu"), layers.Dense(10),
+  ])
+
+
+def measure_keras(data, batch_size: int) -> dict:
+  """The identical model in Keras (TensorFlow backend, its default `fit`), same batches."""
+  os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import keras  # pylint: disable=g-import-not-at-top
+
+  keras.utils.set_random_seed(0)
+  model = keras_model(keras)
+  model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"])
+  n_warm = min(len(data), batch_size * 20)
+  model.fit(data.images[:n_warm], data.labels[:n_warm], batch_size=batch_size, epochs=1,
+            verbose=0, shuffle=False)  # Trace/compile.
+  # One window = as many batches as take ~window_seconds at the warm-up rate.
+  t0 = time.perf_counter()
+  model.fit(data.images[:n_warm], data.labels[:n_warm], batch_size=batch_size, epochs=1,
+            verbose=0, shuffle=False)
+  per_image = (time.perf_counter() - t0) / n_warm
+  n = min(len(data), max(batch_size * 4, int(FLAGS.window_seconds / per_image)) // batch_size
+          * batch_size)
+
+  def window():
+    start = time.perf_counter()
+    model.fit(data.images[:n], data.labels[:n], batch_size=batch_size, epochs=1, verbose=0,
+              shuffle=False)
+    return n / (time.perf_counter() - start)
+
+  rates = timed_windows(window, FLAGS.windows)
+  log(f"keras batch {batch_size:4d}: {statistics.median(rates):8,.0f} img/s "
+      f"(min {min(rates):,.0f}, max {max(rates):,.0f}; keras {keras.__version__}, "
+      f"backend {keras.backend.backend()})")
+  return {"batch_size": batch_size, "train_images_per_sec": summarize(rates),
+          "keras_version": keras.__version__, "backend": keras.backend.backend()}
+
+
+def environment(parallel) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  device = parallel.devices[0]
+  return {
+      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(),
+      "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+      "flax": flax.__version__, "optax": optax.__version__, "fashion_jax": fashion_jax.__version__,
+      "backend": jax.default_backend(), "device_kind": device.device_kind,
+      "num_devices": parallel.num_devices, "parallelism": parallel.mode,
+      "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+      "threads": {k: os.environ.get(k) for k in ("XLA_FLAGS", "OMP_NUM_THREADS",
+                                                  "TF_NUM_INTRAOP_THREADS") if os.environ.get(k)},
+  }
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      match = re.search(r"model name\s*:\s*(.*)", f.read())
+    return match.group(1).strip() if match else platform.processor()
+  except OSError:
+    return platform.processor()
+
+
+def run(config) -> dict:
+  """Runs every measurement; returns the results dict (also written to --output)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fashion_jax import config_lib, input_pipeline  # pylint: disable=g-import-not-at-top
+  from fashion_jax import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
+  from fashion_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+
+  config_lib.validate(config)
+  parallel = parallel_lib.Parallel(config.parallelism)
+  batch_sizes = ([int(b) for b in FLAGS.batch_sizes.split(",") if b.strip()]
+                 if FLAGS.batch_sizes else [config.batch_size])
+  env = environment(parallel)
+  log(f"{env['device_kind']} x{env['num_devices']} ({env['backend']}), jax {env['jax']}, "
+      f"{parallel.mode}; conv_impl={config.conv_impl} pool_impl={config.pool_impl}; "
+      f"batch sizes {batch_sizes}")
+  try:
+    if not config.idx_dir and (reason := tfds_unprepared_reason(config)):
+      raise UserError(reason)
+    train_data = input_pipeline.load(config, "train")
+    test_data = input_pipeline.load(config, "test")
+    data_note = "IDX " + config.idx_dir if config.idx_dir else "tfds"
+  except UserError as e:
+    log(f"no real data ({e}); timing on random images (throughput does not depend on content)")
+    rng = np.random.default_rng(0)
+    train_data = input_pipeline.Split(rng.integers(0, 256, (60_000, 28, 28, 1), np.uint8),
+                                      rng.integers(0, 10, 60_000).astype(np.int32))
+    test_data = input_pipeline.Split(train_data.images[:10_000], train_data.labels[:10_000])
+    data_note = "random"
+
+  sweep = [measure_jax_train(config, parallel, train_data, b) for b in batch_sizes]
+  keras_sweep = []
+  if FLAGS.compare == "keras":
+    keras_sweep = [measure_keras(train_data, b) for b in batch_sizes]
+    log("re-measuring jax after keras (same run, to bound drift)")
+    again = [measure_jax_train(config, parallel, train_data, b) for b in batch_sizes]
+    for first, second in zip(sweep, again):
+      rates = [first["train_images_per_sec"]["median"], second["train_images_per_sec"]["median"]]
+      first["train_images_per_sec_after_keras"] = second["train_images_per_sec"]
+      first["train_images_per_sec"]["median_of_both"] = statistics.mean(rates)
+  cache = measure_compile_cache(config, parallel, train_data) if FLAGS.compile_cache else {}
+  evaluation = measure_eval(config, parallel, test_data)
+  inputs = {"idx": measure_input(config, parallel, "idx"),
+            "tfds": measure_input(config, parallel, "tfds")}
+
+  best = max(sweep, key=lambda r: r["train_images_per_sec"]["median"])
+  best_rate = best["train_images_per_sec"]["median"]
+  flops_per_image = best["flops_per_image_xla"] or analytic_flops_per_image(config.model)
+  peak, peak_source = device_peak_gflops(parallel.devices[0])
+  achieved = best_rate * flops_per_image
+  mfu = achieved / (peak * 1e9 * parallel.num_devices)
+  results = {
+      "config": {"model": config.model, "conv_impl": config.conv_impl,
+                 "pool_impl": config.pool_impl, "steps_per_dispatch": config.steps_per_dispatch,
+                 "data": data_note},
+      "environment": env,
+      "sweep": sweep,
+      "best_batch_size": best["batch_size"],
+      "train_images_per_sec": best_rate,
+      "compile_s": best["compile_s"],
+      **cache,
+      **evaluation,
+      "input": inputs,
+      "input_images_per_sec": (inputs["idx"] if inputs["idx"]["available"] else inputs["tfds"]).get(
+          "images_per_sec"),
+      "flops_per_image": flops_per_image,
+      "flops_per_image_analytic": analytic_flops_per_image(config.model),
+      "achieved_gflops": achieved / 1e9,
+      "peak_gflops_per_device": peak, "peak_source": peak_source,
+      "mfu": mfu,
+  }
+  if keras_sweep:
+    keras_best = max(keras_sweep, key=lambda r: r["train_images_per_sec"]["median"])
+    results["keras_sweep"] = keras_sweep
+    results["keras_best_batch_size"] = keras_best["batch_size"]
+    results["keras_train_images_per_sec"] = keras_best["train_images_per_sec"]["median"]
+    results["speedup_vs_keras"] = best_rate / results["keras_train_images_per_sec"]
+  return results
+
+
+def format_table(results: dict) -> str:
+  rows = [f"{'batch':>6} {'jax img/s (median)':>19} {'min':>8} {'max':>8} {'compile s':>10}"
+          + (f" {'keras img/s':>12} {'ratio':>6}" if "keras_sweep" in results else "")]
+  keras = {r["batch_size"]: r for r in results.get("keras_sweep", [])}
+  for r in results["sweep"]:
+    t = r["train_images_per_sec"]
+    row = (f"{r['batch_size']:>6} {t['median']:>19,.0f} {t['min']:>8,.0f} {t['max']:>8,.0f} "
+           f"{r['compile_s']:>10.2f}")
+    if keras:
+      k = keras[r["batch_size"]]["train_images_per_sec"]["median"]
+      row += f" {k:>12,.0f} {t['median'] / k:>6.2f}"
+    rows.append(row)
+  env = results["environment"]
+  lines = [
+      f"fashion_jax benchmark — {env['device_kind']} x{env['num_devices']}, {env['cpu']}, "
+      f"jax {env['jax']}, {env['date']}",
+      *rows,
+      f"best: {results['train_images_per_sec']:,.0f} img/s at batch {results['best_batch_size']}; "
+      f"{results['flops_per_image'] / 1e6:.2f} MFLOP/image -> {results['achieved_gflops']:.1f} "
+      f"GFLOP/s = {100 * results['mfu']:.1f}% of {results['peak_gflops_per_device']:.0f} GFLOP/s "
+      f"peak ({results['peak_source']})",
+      f"eval: {results['eval_examples']:,} images in {results['eval_seconds']:.3f}s "
+      f"({results['eval_images_per_sec']:,.0f} img/s)",
+  ]
+  if "compile_cached_s" in results:
+    lines.append(f"compile: {results['compile_first_s']:.2f}s, with persistent cache "
+                 f"{results['compile_cached_s']:.2f}s")
+  for source, r in results["input"].items():
+    lines.append(f"input {source}: " + (f"load {r['load_s']:.2f}s, {r['images_per_sec']:,.0f} img/s"
+                                        if r["available"] else f"unavailable ({r['reason'][:80]})"))
+  if "speedup_vs_keras" in results:
+    lines.append(f"speedup vs keras (best batch each): {results['speedup_vs_keras']:.2f}x "
+                 f"({results['train_images_per_sec']:,.0f} vs "
+                 f"{results['keras_train_images_per_sec']:,.0f} img/s at batch "
+                 f"{results['keras_best_batch_size']})")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from fashion_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  try:
+    results = run(FLAGS.config)
+  except UserError as e:
+    print(f"fashion_jax: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(format_table(results))
+  with open(FLAGS.output, "w") as f:
+    json.dump(results, f, indent=2)
+    f.write("\n")
+  log(f"wrote {FLAGS.output}")
+
+
+if __name__ == "__main__":
+  runtime.reexec_with_tuned_malloc("fashion_jax.benchmark")
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,38 @@
+"""The benchmark command runs end to end and writes the promised JSON keys."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_module
+
+
+def test_benchmark_json(tmp_path, idx_dir):
+  output = tmp_path / "benchmark.json"
+  args = ["--config=configs/tiny.py", f"--config.idx_dir={idx_dir}", "--batch_sizes=8,16",
+          "--windows=2", "--window_seconds=0.05", f"--output={output}", "--compare=keras"]
+  proc = run_module("fashion_jax.benchmark", *args)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  results = json.loads(output.read_text())
+  for key in ("train_images_per_sec", "compile_s", "eval_images_per_sec", "input_images_per_sec",
+              "flops_per_image", "mfu"):
+    assert isinstance(results[key], float) and results[key] > 0, key
+  assert [r["batch_size"] for r in results["sweep"]] == [8, 16]
+  # XLA's count and the hand count agree (the step is ~3x the forward pass).
+  assert results["flops_per_image"] == pytest.approx(results["flops_per_image_analytic"], rel=0.25)
+  assert 0 < results["mfu"] < 1
+  assert results["compile_cached_s"] > 0 and results["input"]["idx"]["available"]
+  assert "best:" in proc.stdout and "eval:" in proc.stdout  # The printed table.
+  assert "jax  batch    8" in proc.stderr  # Progress while it runs.
+  assert results["keras_train_images_per_sec"] > 0
+  assert results["speedup_vs_keras"] == pytest.approx(
+      results["train_images_per_sec"] / results["keras_train_images_per_sec"])
+  tfds_input = results["input"]["tfds"]  # Offline it is reported unavailable, never downloaded.
+  assert tfds_input["available"] or "not prepared" in tfds_input["reason"]
+
+
+def test_benchmark_bad_config_is_one_line(tmp_path):
+  proc = run_module("fashion_jax.benchmark", "--config=configs/tiny.py", "--config.batch_size=-4",
+                    f"--output={tmp_path / 'b.json'}")
+  assert proc.returncode == 2
+  assert "config.batch_size=-4 is invalid" in proc.stderr
