@@ -1,0 +1,125 @@
+"""The fast CPU formulations in fashion_jax.ops compute the lax reference math.
+
+Outputs and gradients (w.r.t. parameters and input) of the im2col convolution
+and the max-pool variants against `lax.conv_general_dilated` and
+`lax.reduce_window`, and the whole CNN's loss gradients fast vs reference.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import optax
+import pytest
+
+from fashion_jax import models, ops
+
+DN = ("NHWC", "HWIO", "NHWC")
+TOL = dict(rtol=2e-4, atol=2e-5)
+
+
+def _close(a, b, **kw):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), **{**TOL, **kw})
+
+
+def _rand(key, shape):
+  return jax.random.normal(key, shape, jnp.float32)
+
+
+@pytest.mark.parametrize("padding,hw,cin,cout", [
+    ("VALID", (9, 9), 1, 8), ("VALID", (8, 7), 16, 4), ("SAME", (8, 7), 3, 5),
+    ("SAME", (6, 6), 1, 4), (((1, 0), (2, 1)), (6, 6), 16, 4)])
+def test_conv_outputs_and_grads(padding, hw, cin, cout):
+  kx, kk, kr = jax.random.split(jax.random.key(0), 3)
+  x = _rand(kx, (2, *hw, cin))
+  k = _rand(kk, (3, 3, cin, cout))
+
+  def ref(x, k):
+    return lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=DN)
+
+  def fast(x, k):
+    return ops.conv_general_dilated_im2col(x, k, (1, 1), padding, dimension_numbers=DN)
+
+  y_ref, y = ref(x, k), fast(x, k)
+  assert y.shape == y_ref.shape
+  _close(y, y_ref)
+  r = _rand(kr, y.shape)
+  g_ref = jax.jit(jax.grad(lambda x, k: jnp.sum(ref(x, k) * r), argnums=(0, 1)))(x, k)
+  g = jax.jit(jax.grad(lambda x, k: jnp.sum(fast(x, k) * r), argnums=(0, 1)))(x, k)
+  for a, b in zip(g, g_ref):
+    _close(a, b)
+
+
+def test_conv_falls_back_to_lax_for_strides():
+  x = _rand(jax.random.key(1), (2, 8, 8, 3))
+  k = _rand(jax.random.key(2), (3, 3, 3, 4))
+  y = ops.conv_general_dilated_im2col(x, k, (2, 2), "SAME", dimension_numbers=DN)
+  _close(y, lax.conv_general_dilated(x, k, (2, 2), "SAME", dimension_numbers=DN))
+
+
+def _pool_ref(x):
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+@pytest.mark.parametrize("impl", ["reshape", "select"])
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 4), (1, 5, 5, 1)])
+def test_pool_outputs_and_grads(impl, shape):
+  x = _rand(jax.random.key(3), shape)
+  pool = functools.partial(ops.max_pool_2x2, impl=impl)
+  y = pool(x)
+  _close(y, _pool_ref(x), rtol=0, atol=0)
+  r = _rand(jax.random.key(4), y.shape)
+  g = jax.jit(jax.grad(lambda x: jnp.sum(pool(x) * r)))(x)
+  _close(g, jax.grad(lambda x: jnp.sum(_pool_ref(x) * r))(x), rtol=0, atol=0)
+
+
+def test_select_pool_ties_match_reduce_window():
+  # Blank image regions give windows of equal values; reduce_window's gradient
+  # goes to the first maximal tap, and so must the "select" pool's.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(0, 2, (2, 6, 6, 3)).astype(np.float32))
+  r = _rand(jax.random.key(5), (2, 3, 3, 3))
+  want = jax.grad(lambda x: jnp.sum(_pool_ref(x) * r))(x)
+  got = jax.jit(jax.grad(lambda x: jnp.sum(ops.max_pool_2x2(x, impl="select") * r)))(x)
+  _close(got, want, rtol=0, atol=0)
+
+
+def test_auto_resolves_to_lax_off_cpu(monkeypatch):
+  assert ops.resolve_impl("auto", ops.CONV_IMPLS, fast="im2col") == (
+      "im2col" if jax.default_backend() == "cpu" else "xla")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert ops.resolve_impl("auto", ops.CONV_IMPLS, fast="im2col") == "xla"
+  assert ops.resolve_impl("auto", ops.POOL_IMPLS, fast=ops.FAST_POOL) == "xla"
+  assert ops.resolve_impl("reshape", ops.POOL_IMPLS, fast=ops.FAST_POOL) == "reshape"
+  with pytest.raises(ValueError):
+    ops.resolve_impl("bogus", ops.POOL_IMPLS, fast="reshape")
+
+
+def _loss_and_grads(model, params, x, y):
+  def lf(p, x):
+    logits = model.apply({"params": p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return jax.jit(jax.value_and_grad(lf, argnums=(0, 1)))(params, x)
+
+
+@pytest.mark.parametrize("conv_impl,pool_impl", [("auto", "auto"), ("im2col", "reshape")])
+def test_cnn_loss_and_grads_match_reference(conv_impl, pool_impl):
+  ref = models.create_model("cnn", conv_impl="xla", pool_impl="xla")
+  fast = models.create_model("cnn", conv_impl=conv_impl, pool_impl=pool_impl)
+  x = jax.random.uniform(jax.random.key(6), (4, 28, 28, 1))
+  # Zero some images' borders, like Fashion-MNIST's blank background, so pool
+  # windows tie.
+  x = x.at[:2, :6].set(0.0).at[:2, :, -6:].set(0.0)
+  y = jnp.array([0, 3, 7, 9])
+  params = ref.init(jax.random.key(7), x[:1])["params"]
+  params_fast = fast.init(jax.random.key(7), x[:1])["params"]
+  # One parameter tree: checkpoints interchange.
+  assert jax.tree.structure(params) == jax.tree.structure(params_fast)
+  jax.tree.map(lambda a, b: _close(a, b, rtol=0, atol=0), params, params_fast)
+  (l_ref, (g_ref, gx_ref)) = _loss_and_grads(ref, params, x, y)
+  (l, (g, gx)) = _loss_and_grads(fast, params, x, y)
+  _close(l, l_ref)
+  jax.tree.map(lambda a, b: _close(a, b, atol=1e-5), g, g_ref)
+  _close(gx, gx_ref, atol=1e-6)
