@@ -1,0 +1,53 @@
+"""Process-level settings that must be in place before the interpreter starts.
+
+XLA:CPU allocates its large temporary and output buffers afresh on every
+step. With glibc's default malloc those come from fresh mmaps or trimmed
+arenas, so every step page-faults tens of MB again; on the small VMs this
+project is benchmarked on that costs more than the arithmetic, and it is why
+bigger batches ran *slower* per image. Keeping freed memory in the heap (no
+trim, one arena) and backing it with transparent huge pages removes most of
+it (numbers in BENCHMARKS.md).
+
+glibc reads these tunables only at process start, so the entry points re-exec
+themselves once with `GLIBC_TUNABLES` set. Opt out with
+`FASHION_JAX_MALLOC=default`; nothing happens off glibc/Linux or when the user
+already set malloc tunables.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:"
+                   "glibc.malloc.mmap_threshold=2000000000:glibc.malloc.trim_threshold=4000000000")
+_START_ENV = "FASHION_JAX_PROCESS_START"
+
+
+def malloc_tuning_wanted(environ=None) -> bool:
+  environ = os.environ if environ is None else environ
+  if environ.get("FASHION_JAX_MALLOC", "tuned") == "default":
+    return False
+  if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    return False
+  return "glibc.malloc." not in environ.get("GLIBC_TUNABLES", "")
+
+
+def reexec_with_tuned_malloc(module: str) -> None:
+  """Re-runs `python -m module <same args>` with the malloc tunables, if wanted.
+
+  Call first thing in an entry point's `__main__`, before JAX is imported.
+  The original start time is passed on, so `wall_time_s` still counts from
+  the first start.
+  """
+  if not malloc_tuning_wanted():
+    return
+  env = dict(os.environ)
+  existing = env.get("GLIBC_TUNABLES", "")
+  env["GLIBC_TUNABLES"] = f"{existing}:{MALLOC_TUNABLES}" if existing else MALLOC_TUNABLES
+  import fashion_jax  # pylint: disable=g-import-not-at-top
+  env.setdefault(_START_ENV, repr(fashion_jax.process_start_time()))
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
