@@ -51,6 +51,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Devices.
   config.parallelism = "auto"  # auto | mesh | pmap | none.
-  config.steps_per_dispatch = 1  # >1 runs that many steps in one compiled call (lax.scan).
+  config.steps_per_dispatch = 1
+  # Multi-host (see README "Devices"): auto | on | off. "auto" joins when a coordinator is
+  # given or a SLURM / Open MPI / TPU-pod launch is detected.
+  config.distributed = "auto"
+  config.coordinator_address = ""  # host:port of process 0; also JAX_COORDINATOR_ADDRESS.
+  config.num_processes = -1
+  config.process_id = -1
+  config.distributed_timeout_s = 120  # >1 runs that many steps in one compiled call (lax.scan).
 
   return config

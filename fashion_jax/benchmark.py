@@ -112,6 +112,7 @@ def measure_jax_train(config, parallel, data, batch_size: int) -> dict:
   """Images/s of the compiled train step (or k-step scan) at one global batch size."""
   import jax  # pylint: disable=g-import-not-at-top
   from fashion_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
+  from fashion_jax import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
 
   config = config.copy_and_resolve_references()
   config.batch_size = batch_size
@@ -161,10 +162,13 @@ def measure_jax_train(config, parallel, data, batch_size: int) -> dict:
   def window():
     nonlocal state
     start = time.perf_counter()
-    out = None
+    outs = []
     for i in range(calls_per_window):
       state, out = compiled(state, batches[i % len(batches)])
-    jax.block_until_ready(out)
+      outs.append(out)
+      if len(outs) > parallel_lib.MAX_STEPS_IN_FLIGHT:  # As the train loop does.
+        jax.block_until_ready(outs.pop(0))
+    jax.block_until_ready(outs)
     return calls_per_window * images_per_call / (time.perf_counter() - start)
 
   rates = timed_windows(window, FLAGS.windows)

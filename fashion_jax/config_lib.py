@@ -15,6 +15,7 @@ from fashion_jax.errors import UserError
 
 DATASETS = ("fashion_mnist", "mnist")  # Same IDX format, shape and number of classes.
 PARALLELISM = ("auto", "mesh", "pmap", "none")
+DISTRIBUTED = ("auto", "on", "off")
 OPTIMIZERS = ("adam",)
 
 
@@ -50,6 +51,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   choice("pool_impl", ops.POOL_IMPLS)
   choice("optimizer", OPTIMIZERS)
   choice("parallelism", PARALLELISM)
+  choice("distributed", DISTRIBUTED)
+  check(config.distributed_timeout_s > 0, "distributed_timeout_s", "a positive number of seconds")
   check(isinstance(config.idx_dir, str), "idx_dir", "a folder path, or '' for tensorflow-datasets")
   check(config.batch_size > 0, "batch_size", "a positive global batch size")
   check(config.eval_batch_size > 0, "eval_batch_size", "a positive global batch size")

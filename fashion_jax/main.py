@@ -28,9 +28,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   import jax  # pylint: disable=g-import-not-at-top
-  from fashion_jax import train  # pylint: disable=g-import-not-at-top
+  from fashion_jax import config_lib, parallel, train  # pylint: disable=g-import-not-at-top
   from fashion_jax.errors import UserError  # pylint: disable=g-import-not-at-top
 
+  try:
+    config_lib.validate(FLAGS.config)
+    parallel.initialize_distributed(FLAGS.config)
+  except UserError as e:
+    logging.error("%s", e)
+    print(f"fashion_jax: error: {e}", file=sys.stderr)
+    sys.exit(2)
   logging.info("fashion_jax %s, JAX %s, backend %s, process %d of %d", fashion_jax.__version__,
                jax.__version__, jax.default_backend(), jax.process_index(), jax.process_count())
   logging.info("devices: %s (local %d)", jax.devices(), jax.local_device_count())

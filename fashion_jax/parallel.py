@@ -19,7 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import functools
+import os
+import socket
+import time
 
+from absl import logging
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
@@ -27,6 +31,84 @@ import numpy as np
 from fashion_jax.errors import UserError
 
 AXIS = "data"
+# Steps the host may dispatch ahead of the devices. Enough to hide host work; bounded
+# because XLA:CPU with several devices in one process can deadlock its collective
+# rendezvous when many executions are queued (seen with 2 CPU devices and an
+# unbounded queue: "Termination timeout for all reduce RendezvousKey").
+MAX_STEPS_IN_FLIGHT = 2
+
+
+def _cluster_detected() -> str | None:
+  """A multi-process launcher JAX can read its topology from, if any."""
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+    return "SLURM"
+  if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    return "Open MPI"
+  if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    return "TPU pod"
+  return None
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise UserError(f"config.coordinator_address={address!r} is not host:port")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise UserError(
+            f"could not join the distributed job at {address}: nothing answered there for "
+            f"{timeout_s:g}s ({e.strerror or e}); start process 0 first, and check that every "
+            "process uses the same coordinator address and that it is reachable") from e
+      time.sleep(0.5)
+
+
+def initialize_distributed(config) -> bool:
+  """Joins a multi-process JAX job when the config or the environment asks for one.
+
+  config.distributed: "off" never; "on" always (explicit coordinator from the
+  config or JAX_COORDINATOR_ADDRESS, else JAX's cluster auto-detection);
+  "auto" when a coordinator is given or a SLURM / Open MPI / TPU-pod launch
+  with more than one process is detected. Must run before any JAX
+  computation. Returns whether it initialized. Failures are UserErrors, and
+  never hang longer than config.distributed_timeout_s.
+  """
+  mode = config.distributed
+  coordinator = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  cluster = _cluster_detected()
+  if mode == "off" or (mode == "auto" and not coordinator and not cluster):
+    return False
+  kwargs = {"initialization_timeout": int(config.distributed_timeout_s)}
+  if config.coordinator_address:
+    if config.num_processes < 1 or not 0 <= config.process_id < config.num_processes:
+      raise UserError(
+          f"config.coordinator_address={coordinator!r} needs config.num_processes >= 1 and "
+          f"config.process_id in 0..num_processes-1 (got {config.num_processes} and "
+          f"{config.process_id})")
+    kwargs.update(coordinator_address=coordinator, num_processes=config.num_processes,
+                  process_id=config.process_id)
+  if config.coordinator_address and config.process_id > 0:
+    # JAX's client aborts the whole process (C++ fatal error) when it cannot register;
+    # check reachability first so a wrong address is a clear, bounded error.
+    _wait_for_coordinator(coordinator, config.distributed_timeout_s)
+  # CPU processes exchange gradients through gloo; GPU/TPU use their own fabric.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  where = coordinator or f"the {cluster or 'auto-detected'} cluster"
+  logging.info("joining distributed JAX job at %s (timeout %ss)", where,
+               kwargs["initialization_timeout"])
+  try:
+    jax.distributed.initialize(**kwargs)
+  except Exception as e:  # pylint: disable=broad-except  (XLA raises plain RuntimeErrors)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f"could not join the distributed job at {where}: {first[:300]}; check that "
+                    "every process uses the same coordinator address and num_processes, distinct "
+                    "process ids, and that process 0 is running and reachable") from e
+  logging.info("joined: process %d of %d", jax.process_index(), jax.process_count())
+  return True
 
 
 class Parallel:
@@ -131,8 +213,9 @@ class Parallel:
     """
     donate = (0,) if donate_state else ()
     if self.mode == "pmap":
+      # All devices (every host feeds its local ones), so the pmean spans hosts.
       return jax.pmap(functools.partial(step, axis_name=AXIS), axis_name=AXIS,
-                      devices=self.local_devices, donate_argnums=donate)
+                      donate_argnums=donate)
     batch_sharding = NamedSharding(self.mesh, P(None, AXIS) if stacked else P(AXIS))
     return jax.jit(step, in_shardings=(self.replicated, batch_sharding),
                    out_shardings=self.replicated, donate_argnums=donate)

@@ -324,6 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       else:
         state, metrics = compiled[n](state, batch)
       pending.append(metrics)
+      if len(pending) > parallel_lib.MAX_STEPS_IN_FLIGHT:
+        jax.block_until_ready(pending[-parallel_lib.MAX_STEPS_IN_FLIGHT - 1])
       step += n
 
       if step % config.log_every_steps == 0 or step == total_steps:
