@@ -217,7 +217,8 @@ def measure_eval(config, parallel, test_split) -> dict:
 
   model, tx = train.create_model(config), train.create_optimizer(config)
   state = parallel.put_state(train.create_train_state(model, tx, config.seed))
-  evaluator = train.Evaluator(test_split, config, model, parallel)
+  evaluator = train.Evaluator(test_split, config, train.create_model(config, training=False),
+                              parallel)
   jax.block_until_ready(evaluator(state))  # Compile + warm-up.
   times = []
   for _ in range(max(2, FLAGS.windows // 2)):

@@ -43,8 +43,19 @@ class TrainState:
   batch_stats: Any = flax.struct.field(default_factory=dict)
 
 
-def create_model(config: ml_collections.ConfigDict) -> nn.Module:
-  return models.create_model(config.model, conv_impl=config.conv_impl, pool_impl=config.pool_impl)
+def create_model(config: ml_collections.ConfigDict, training: bool = True) -> nn.Module:
+  """The configured model. "auto" op formulations differ between training and inference.
+
+  Training on CPU wants the im2col/select formulations (fast gradients); for
+  inference XLA's own forward convolution and reduce_window are fastest on
+  every backend (measured: 10k test images 0.4s vs 1.0s on 2 CPU cores).
+  Both share one parameter tree.
+  """
+  conv, pool = config.conv_impl, config.pool_impl
+  if not training:
+    conv = "xla" if conv == "auto" else conv
+    pool = "xla" if pool == "auto" else pool
+  return models.create_model(config.model, conv_impl=conv, pool_impl=pool)
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -255,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   del init_state
   start_step = latest or 0
 
-  evaluator = Evaluator(test_split, config, model, parallel)
+  evaluator = Evaluator(test_split, config, create_model(config, training=False), parallel)
 
   def evaluate(step: int) -> dict:
     t0 = time.perf_counter()

@@ -34,3 +34,16 @@ def test_implementations_share_parameters_and_agree():
 def test_unknown_model_names_the_choices():
   with pytest.raises(ValueError, match="unknown model 'resnet9000'.*cnn"):
     models.create_model("resnet9000")
+
+
+def test_inference_model_uses_xla_ops_and_agrees_with_training_model(tiny_config):
+  from fashion_jax import train
+  training, inference = train.create_model(tiny_config), train.create_model(tiny_config, False)
+  assert (inference.conv_impl, inference.pool_impl) == ("xla", "xla")
+  assert (training.conv_impl, training.pool_impl) == ("auto", "auto")
+  x = jax.random.uniform(jax.random.key(2), (3, 28, 28, 1))
+  variables = training.init(jax.random.key(0), x)
+  np.testing.assert_allclose(inference.apply(variables, x), training.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  tiny_config.conv_impl = "im2col"  # An explicit choice is kept for inference too.
+  assert train.create_model(tiny_config, False).conv_impl == "im2col"
