@@ -9,7 +9,11 @@ instead of a shape error deep inside Orbax.
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import time
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
@@ -23,6 +27,12 @@ def describe_state(model_name: str, state) -> dict:
   return {"model": model_name, "param_shapes": shapes}
 
 
+def _tree_paths(tree) -> set[str]:
+  """Leaf paths as "a/b/0/c", the same for dataclass/NamedTuple trees and Orbax's dict metadata."""
+  return {"/".join(re.findall(r"\w+", jax.tree_util.keystr(path)))
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 class Checkpointer:
   """Periodic and final saves, keep-N, async writes, restore of the latest step."""
 
@@ -30,7 +40,10 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -47,13 +60,8 @@ class Checkpointer:
 
     Raises UserError if the checkpoint belongs to a different model or shape.
     """
+    stored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     where = os.path.join(self.directory, str(step))
-    try:
-      stored = self._manager.restore(step, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore())).meta
-    except Exception as e:  # Missing or unreadable description.
-      raise UserError(f"checkpoint {where} has no readable model description ({e}); it was not "
-                      "written by fashion_jax: use a new --workdir") from e
     if stored.get("model") != description["model"]:
       raise UserError(
           f"checkpoint {where} is of model {stored.get('model')!r} but the config asks for "
@@ -68,13 +76,47 @@ class Checkpointer:
           f"{stored.get('param_shapes', {}).get(first)} vs config "
           f"{description['param_shapes'].get(first)}); use a new --workdir or the config it "
           "was trained with")
-    try:
-      return self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state))).state
-    except (ValueError, KeyError, TypeError) as e:
-      raise UserError(f"checkpoint {where} does not fit the configured train state "
-                      f"({str(e).splitlines()[0]}); was it written with another optimizer? "
-                      "Use a new --workdir or the config it was trained with") from e
+    stored_tree = self._manager.item_metadata(step)
+    stored_keys = _tree_paths(stored_tree["state"]) if stored_tree.get("state") is not None else None
+    wanted_keys = _tree_paths(abstract_state)
+    if stored_keys is not None and stored_keys != wanted_keys:
+      missing, extra = sorted(wanted_keys - stored_keys), sorted(stored_keys - wanted_keys)
+      raise UserError(
+          f"checkpoint {where} does not fit the configured train state (missing "
+          f"{missing[:2]}, unexpected {extra[:2]}); was it written with another optimizer? "
+          "Use a new --workdir or the config it was trained with")
+    return self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state))).state
+
+  def restore_latest(self, abstract_state, description: dict):
+    """Restores the newest readable checkpoint: (step, state), or (None, None) if none.
+
+    A checkpoint that cannot be read (truncated or partly written files) is
+    moved aside to `<workdir>/checkpoints_unreadable/<step>` -- never deleted
+    -- with a warning, and the previous one is tried. A checkpoint of another
+    model or shape is an error (UserError), not a fallback.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        return step, self.restore(step, abstract_state, description)
+      except UserError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (tensorstore/OS/parse errors)
+        moved = self._quarantine(step)
+        logging.warning("checkpoint at step %d is unreadable (%s: %s); moved it to %s and "
+                        "falling back to the previous checkpoint", step, type(e).__name__,
+                        str(e).splitlines()[0][:200] if str(e) else "", moved)
+    return None, None
+
+  def _quarantine(self, step: int) -> str:
+    source = os.path.join(self.directory, str(step))
+    target_dir = self.directory.rstrip("/") + "_unreadable"
+    os.makedirs(target_dir, exist_ok=True)
+    target = os.path.join(target_dir, f"{step}.{int(time.time())}")
+    if jax.process_index() == 0:
+      shutil.move(source, target)
+    self._manager.reload()
+    return target
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

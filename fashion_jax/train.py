@@ -254,10 +254,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "num_processes": parallel.process_count, "backend": jax.default_backend(),
         "jax_version": jax.__version__, "fashion_jax_version": fashion_jax.__version__})
 
-  latest = checkpointer.latest_step()
+  abstract = parallel.abstract_state(jax.eval_shape(lambda: init_state))
+  latest, restored = checkpointer.restore_latest(abstract, description)
   if latest is not None:
-    abstract = parallel.abstract_state(jax.eval_shape(lambda: init_state))
-    state = parallel.put_state(checkpointer.restore(latest, abstract, description))
+    state = parallel.put_state(restored)
+    del restored
     dropped = writer.truncate_after(latest)
     logging.info("resumed from checkpoint at step %d%s", latest,
                  f" (dropped {dropped} metrics lines written after it)" if dropped else "")

@@ -160,3 +160,34 @@ def test_real_fashion_mnist_learns(real_idx_dir, tmp_path):
   config.checkpoint_every_steps = 400
   result = train.train_and_evaluate(config, str(tmp_path / "real"))
   assert result["eval_accuracy"] > 0.80, result
+
+
+def test_unreadable_latest_checkpoint_falls_back_and_is_kept(tiny_config, tmp_path):
+  """A truncated latest checkpoint: warning, resume from the previous one, nothing deleted."""
+  straight, damaged = str(tmp_path / "straight"), str(tmp_path / "damaged")
+  train.train_and_evaluate(tiny_config, straight)
+  train.train_and_evaluate(tiny_config, damaged)
+  data_files = []
+  for root, _, files in os.walk(os.path.join(damaged, "checkpoints", "20", "state")):
+    data_files += [os.path.join(root, f) for f in files if "/d/" in os.path.join(root, f)]
+  biggest = max(data_files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 3)
+  result = train.train_and_evaluate(tiny_config, damaged)  # Resumes from 10, retrains 10 steps.
+  moved = os.listdir(os.path.join(damaged, "checkpoints_unreadable"))
+  assert len(moved) == 1 and moved[0].startswith("20.")
+  assert sorted(os.listdir(os.path.join(damaged, "checkpoints"))) == ["10", "20"]
+  a, b = _params(straight, tiny_config), _params(damaged, tiny_config)
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  assert result["eval_accuracy"] == _lines(straight)[-1]["eval_accuracy"]
+
+
+def test_checkpoint_with_another_optimizer_state_is_refused(tiny_config, tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  tiny_config.num_train_steps = 10
+  train.train_and_evaluate(tiny_config, workdir)
+  import optax
+  monkeypatch.setattr(train, "create_optimizer", lambda config: optax.sgd(0.1, momentum=0.9))
+  with pytest.raises(UserError, match="does not fit the configured train state.*optimizer"):
+    train.train_and_evaluate(tiny_config, workdir)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "10"))
