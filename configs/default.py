@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 5
   config.num_train_steps = -1  # -1: num_epochs * (train examples // batch_size).
   config.seed = 0
+  # A step with a non-finite loss or gradient is never applied; then "stop" (error naming the
+  # step and the last good checkpoint) or "skip" (warn and go on).
+  config.on_nonfinite = "stop"
 
   # Evaluation.
   config.eval_batch_size = 1000  # Global; the last batch is padded and masked.

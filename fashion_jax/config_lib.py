@@ -52,6 +52,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   choice("optimizer", OPTIMIZERS)
   choice("parallelism", PARALLELISM)
   choice("distributed", DISTRIBUTED)
+  choice("on_nonfinite", ("stop", "skip"))
   check(config.distributed_timeout_s > 0, "distributed_timeout_s", "a positive number of seconds")
   check(isinstance(config.idx_dir, str), "idx_dir", "a folder path, or '' for tensorflow-datasets")
   check(config.batch_size > 0, "batch_size", "a positive global batch size")

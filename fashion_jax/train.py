@@ -111,15 +111,37 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
   batch_stats = updates.get("batch_stats", state.batch_stats)
   if axis_name is not None and batch_stats:
     batch_stats = lax.pmean(batch_stats, axis_name)
-  n = labels.shape[0]
-  metrics = {"loss_sum": loss * n,
-             "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
-             "count": jnp.asarray(n, jnp.float32)}
+
+  # A non-finite loss or gradient leaves the state as it was (the step still
+  # counts, so the data order is unchanged); the host decides to stop or skip.
+  bad = ~(jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)))
+  if axis_name is not None:
+    bad = lax.psum(bad.astype(jnp.int32), axis_name) > 0
+  keep_old = lambda new, old: jnp.where(bad, old, new)
+  params, opt_state, batch_stats = jax.tree.map(
+      keep_old, (params, opt_state, batch_stats),
+      (state.params, state.opt_state, state.batch_stats))
+
+  n = jnp.where(bad, 0.0, float(labels.shape[0]))
+  metrics = {"loss_sum": jnp.where(bad, 0.0, loss) * n,
+             "correct": jnp.where(bad, 0.0, jnp.sum(jnp.argmax(logits, -1) == labels)),
+             "count": n}
   if axis_name is not None:
     metrics = lax.psum(metrics, axis_name)
+  metrics["nonfinite_steps"] = bad.astype(jnp.float32)
+  metrics["first_nonfinite_step"] = jnp.where(bad, state.step, NO_STEP).astype(jnp.float32)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=batch_stats)
   return new_state, metrics
+
+
+NO_STEP = 2**24  # "No such step" in float32 metrics (exact up to 2**24 steps).
+
+
+def combine_metrics(metrics: dict, axis: int = 0, xp=jnp) -> dict:
+  """Reduces stacked step metrics: sums, except the first bad step (a min)."""
+  return {k: (xp.min(v, axis=axis) if k == "first_nonfinite_step" else xp.sum(v, axis=axis))
+          for k, v in metrics.items()}
 
 
 def multi_train_step(state: TrainState, batches, *, axis_name: str | None = None, **kwargs):
@@ -127,7 +149,7 @@ def multi_train_step(state: TrainState, batches, *, axis_name: str | None = None
   def body(state, batch):
     return train_step(state, batch, axis_name=axis_name, **kwargs)
   state, metrics = lax.scan(body, state, batches)
-  return state, jax.tree.map(jnp.sum, metrics)
+  return state, combine_metrics(metrics)
 
 
 def eval_step(state: TrainState, batch, *, model: nn.Module, axis_name: str | None = None):
@@ -341,18 +363,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       step += n
 
       if step % config.log_every_steps == 0 or step == total_steps:
-        sums = jax.tree.map(lambda *xs: np.sum(xs), *[parallel.fetch(m) for m in pending])
+        fetched = [parallel.fetch(m) for m in pending]
+        sums = combine_metrics({k: np.stack([m[k] for m in fetched]) for k in fetched[0]}, xp=np)
         pending = []
         now = time.perf_counter()
         images_per_sec = ((step - window_step) * config.batch_size / (now - window_start)
                           if step > window_step else float("nan"))
         train = _summarize(sums, "train")
-        if not math.isfinite(train["train_loss"]):
-          checkpointer.wait()
-          raise UserError(f"training diverged: the loss is {train['train_loss']} at step {step}; the "
-                          f"last good checkpoint is at step {checkpointer.latest_step()} in "
-                          f"{checkpointer.directory}; lower --config.learning_rate")
+        skipped = int(sums["nonfinite_steps"])
+        if skipped and config.on_nonfinite == "stop":
+          checkpointer.close()
+          writer.close()
+          raise UserError(
+              f"training diverged: non-finite loss or gradients at step "
+              f"{int(sums['first_nonfinite_step'])} (that update was not applied); the last good "
+              f"checkpoint is at step {checkpointer.latest_step()} in {checkpointer.directory}; "
+              "lower --config.learning_rate, or pass --config.on_nonfinite=skip to skip such batches")
+        if skipped:
+          logging.warning("skipped %d step(s) with non-finite loss or gradients, the first at "
+                          "step %d", skipped, int(sums["first_nonfinite_step"]))
         line = {"epoch": step / steps_per_epoch, **train}
+        if skipped:
+          line["train_skipped_steps"] = skipped
         if math.isfinite(images_per_sec):
           line["train_images_per_sec"] = images_per_sec
         writer.write(step, line)

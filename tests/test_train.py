@@ -10,23 +10,12 @@ import pytest
 from fashion_jax import train
 from fashion_jax.errors import UserError
 from tests.conftest import run_module
+from tests.multidevice_check import final_state
 
 
 def _lines(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
-
-
-def _params(workdir, config):
-  """Params of the latest checkpoint in workdir."""
-  from fashion_jax import checkpointing, parallel
-  model, tx = train.create_model(config), train.create_optimizer(config)
-  init = train.create_train_state(model, tx, config.seed)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=5)
-  state = ckpt.restore(ckpt.latest_step(), parallel.Parallel("none").abstract_state(
-      jax.eval_shape(lambda: init)), checkpointing.describe_state(config.model, init))
-  ckpt.close()
-  return state
 
 
 def test_train_writes_outputs_and_learns(tiny_config, tmp_path):
@@ -65,7 +54,7 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
   train.train_and_evaluate(tiny_config, resumed)
   steps = [l["step"] for l in _lines(resumed) if "train_loss" in l]
   assert steps == [5, 10, 15, 20]  # Continued, not restarted.
-  a, b = _params(straight, tiny_config), _params(resumed, tiny_config)
+  a, b = final_state(tiny_config, straight), final_state(tiny_config, resumed)
   assert int(a.step) == int(b.step) == 20
   jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
   jax.tree.map(np.testing.assert_array_equal, a.opt_state, b.opt_state)
@@ -177,7 +166,7 @@ def test_unreadable_latest_checkpoint_falls_back_and_is_kept(tiny_config, tmp_pa
   moved = os.listdir(os.path.join(damaged, "checkpoints_unreadable"))
   assert len(moved) == 1 and moved[0].startswith("20.")
   assert sorted(os.listdir(os.path.join(damaged, "checkpoints"))) == ["10", "20"]
-  a, b = _params(straight, tiny_config), _params(damaged, tiny_config)
+  a, b = final_state(tiny_config, straight), final_state(tiny_config, damaged)
   jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
   assert result["eval_accuracy"] == _lines(straight)[-1]["eval_accuracy"]
 
@@ -191,3 +180,36 @@ def test_checkpoint_with_another_optimizer_state_is_refused(tiny_config, tmp_pat
   with pytest.raises(UserError, match="does not fit the configured train state.*optimizer"):
     train.train_and_evaluate(tiny_config, workdir)
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "10"))
+
+
+def test_nonfinite_loss_stops_with_the_step_named(tiny_config, tmp_path):
+  tiny_config.learning_rate = 1e30  # Overflows within a few steps.
+  with pytest.raises(UserError, match=r"non-finite loss or gradients at step \d+ .*last good "
+                                      r"checkpoint.*on_nonfinite=skip"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "stop"))
+
+
+def test_nonfinite_steps_can_be_skipped(tiny_config, tmp_path):
+  tiny_config.learning_rate = 1e30
+  tiny_config.on_nonfinite = "skip"
+  workdir = str(tmp_path / "skip")
+  train.train_and_evaluate(tiny_config, workdir)
+  assert sum(l.get("train_skipped_steps", 0) for l in _lines(workdir)) > 0
+  state = final_state(tiny_config, workdir)
+  assert int(state.step) == 20  # Skipped steps still count: the data order is unchanged.
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+def test_several_steps_per_dispatch_compute_the_same(tiny_config, tmp_path):
+  one, four = str(tmp_path / "one"), str(tmp_path / "four")
+  train.train_and_evaluate(tiny_config, one)
+  tiny_config.steps_per_dispatch = 4
+  train.train_and_evaluate(tiny_config, four)
+  a, b = final_state(tiny_config, one), final_state(tiny_config, four)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a.params,
+               b.params)
+  strip = lambda w: [{k: v for k, v in l.items() if "time" not in k and "per_sec" not in k}
+                     for l in _lines(w)]
+  assert [l["step"] for l in strip(one)] == [l["step"] for l in strip(four)]
+  for x, y in zip(strip(one), strip(four)):
+    assert x == pytest.approx(y, rel=1e-5)
