@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   # A step with a non-finite loss or gradient is never applied; then "stop" (error naming the
   # step and the last good checkpoint) or "skip" (warn and go on).
   config.on_nonfinite = "stop"
+  # Bitwise-reproducible runs (and resumes). CPU and TPU already are; on GPU this turns on
+  # XLA's deterministic ops (slower scatter/reductions).
+  config.deterministic = False
 
   # Evaluation.
   config.eval_batch_size = 1000  # Global; the last batch is padded and masked.

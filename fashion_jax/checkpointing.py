@@ -17,6 +17,7 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from fashion_jax import faults
 from fashion_jax.errors import UserError
 
 
@@ -52,8 +53,19 @@ class Checkpointer:
     """Starts a save (asynchronous: the device arrays are copied before it returns)."""
     if step in self._manager.all_steps():
       return
+    self._check_free_disk(state)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(description)), force=True)
+    faults.maybe_kill("save", step)  # Tests: SIGKILL while the async write is in progress.
+
+  def _check_free_disk(self, state) -> None:
+    needed = 2 * sum(x.nbytes for x in jax.tree.leaves(state)) + (64 << 20)
+    free = shutil.disk_usage(self.directory).free
+    if free < needed:
+      raise UserError(
+          f"not enough free disk to save a checkpoint in {self.directory}: {free >> 20} MB free, "
+          f"{needed >> 20} MB needed; free some space (or use another --workdir) and re-run to "
+          f"resume from the last checkpoint (step {self.latest_step()}), which is intact")
 
   def restore(self, step: int, abstract_state, description: dict):
     """Restores `step` into the structure/shardings of `abstract_state`.

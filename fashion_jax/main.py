@@ -6,6 +6,7 @@ r"""Trains and evaluates a Fashion-MNIST classifier.
 Re-running the same command resumes from the latest checkpoint in --workdir.
 """
 
+import os
 import sys
 
 from absl import app
@@ -31,6 +32,9 @@ def main(argv):
   from fashion_jax import config_lib, parallel, train  # pylint: disable=g-import-not-at-top
   from fashion_jax.errors import UserError  # pylint: disable=g-import-not-at-top
 
+  if FLAGS.config.deterministic:  # Read when the backend starts, i.e. below.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_gpu_deterministic_ops=true").strip()
   try:
     config_lib.validate(FLAGS.config)
     parallel.initialize_distributed(FLAGS.config)

@@ -23,6 +23,7 @@ import optax
 import fashion_jax
 from fashion_jax import checkpointing
 from fashion_jax import config_lib
+from fashion_jax import faults
 from fashion_jax import input_pipeline
 from fashion_jax import metric_writers
 from fashion_jax import models
@@ -286,6 +287,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  f" (dropped {dropped} metrics lines written after it)" if dropped else "")
   else:
     state = parallel.put_state(init_state)
+    dropped = writer.truncate_after(0)  # A previous attempt died before its first checkpoint.
+    if dropped:
+      logging.info("no checkpoint yet: starting from step 0 (dropped %d metrics lines of an "
+                   "earlier attempt)", dropped)
   del init_state
   start_step = latest or 0
 
@@ -358,6 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       else:
         state, metrics = compiled[n](state, batch)
       pending.append(metrics)
+      faults.maybe_kill("step", step + n)  # Tests: SIGKILL while step(s) are in flight.
       if len(pending) > parallel_lib.MAX_STEPS_IN_FLIGHT:
         jax.block_until_ready(pending[-parallel_lib.MAX_STEPS_IN_FLIGHT - 1])
       step += n

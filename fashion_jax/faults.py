@@ -1,0 +1,17 @@
+"""Fault injection for the reliability tests: SIGKILL this process at a named point.
+
+Inactive unless FASHION_JAX_KILL_AT is set, e.g. "step:15" (right after step 15
+is dispatched, while it runs) or "save:20" (right after the save of step 20 has
+started writing in the background). Used by tests/test_faults.py to prove that
+a run killed anywhere resumes to a bitwise-identical result.
+"""
+
+import os
+import signal
+
+_TARGET = os.environ.get("FASHION_JAX_KILL_AT", "")
+
+
+def maybe_kill(point: str, step: int) -> None:
+  if _TARGET and _TARGET == f"{point}:{step}":
+    os.kill(os.getpid(), signal.SIGKILL)
