@@ -213,3 +213,18 @@ def test_several_steps_per_dispatch_compute_the_same(tiny_config, tmp_path):
   assert [l["step"] for l in strip(one)] == [l["step"] for l in strip(four)]
   for x, y in zip(strip(one), strip(four)):
     assert x == pytest.approx(y, rel=1e-5)
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tiny_config, tmp_path,
+                                                                   monkeypatch):
+  workdir = str(tmp_path / "run")
+  tiny_config.num_train_steps = 10
+  train.train_and_evaluate(tiny_config, workdir)
+  from fashion_jax import checkpointing
+  import collections
+  usage = collections.namedtuple("usage", "total used free")
+  monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+  tiny_config.num_train_steps = 20
+  with pytest.raises(UserError, match=r"not enough free disk.*last checkpoint \(step 10\)"):
+    train.train_and_evaluate(tiny_config, workdir)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "10"))
