@@ -28,12 +28,25 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Model.
   config.model = "cnn"
+  config.model_kwargs = ml_collections.ConfigDict()  # e.g. depth/width for "wrn".
+  config.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32).
   config.conv_impl = "auto"  # auto | xla | im2col ("auto": im2col on CPU, xla elsewhere).
   config.pool_impl = "auto"  # auto | xla | reshape.
 
   # Optimisation.
-  config.optimizer = "adam"
+  config.optimizer = "adam"  # adam | adamw | sgd (Nesterov momentum).
   config.learning_rate = 1e-3
+  config.lr_schedule = "constant"  # constant | cosine (with warmup) | onecycle.
+  config.warmup_steps = 0
+  config.weight_decay = 0.0  # adamw's decoupled decay, or L2 for sgd.
+  config.momentum = 0.9  # sgd only.
+  config.label_smoothing = 0.0
+  config.ema_decay = 0.0  # > 0: evaluate an exponential moving average of the parameters.
+
+  # Augmentation, inside the jitted step.
+  config.augment_translate = 0  # Pixels of random translation (pad + crop); 0 = off.
+  config.augment_flip = False  # Random horizontal flips.
+  config.random_erasing = 0.0  # Probability of erasing a random rectangle per image.
   config.batch_size = 32  # Global, across all devices and hosts.
   config.num_epochs = 5
   config.num_train_steps = -1  # -1: num_epochs * (train examples // batch_size).
@@ -48,6 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Evaluation.
   config.eval_batch_size = 1000  # Global; the last batch is padded and masked.
   config.eval_every_steps = -1  # -1: at the end of every epoch.
+  config.eval_flip_tta = False  # Average the logits of each test image and its mirror image.
+  config.validation_size = 0  # Train examples held out for tuning (reported as val_*).
 
   # Logging and checkpoints.
   config.log_every_steps = 200

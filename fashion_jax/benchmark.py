@@ -356,7 +356,6 @@ def _cpu_name() -> str:
 
 def run(config) -> dict:
   """Runs every measurement; returns the results dict (also written to --output)."""
-  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fashion_jax import config_lib, input_pipeline  # pylint: disable=g-import-not-at-top
   from fashion_jax import parallel as parallel_lib  # pylint: disable=g-import-not-at-top

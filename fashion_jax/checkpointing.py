@@ -95,7 +95,7 @@ class Checkpointer:
       missing, extra = sorted(wanted_keys - stored_keys), sorted(stored_keys - wanted_keys)
       raise UserError(
           f"checkpoint {where} does not fit the configured train state (missing "
-          f"{missing[:2]}, unexpected {extra[:2]}); was it written with another optimizer? "
+          f"{missing[:2]}, unexpected {extra[:2]}); was it written with another optimizer or ema_decay? "
           "Use a new --workdir or the config it was trained with")
     return self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state))).state

@@ -16,7 +16,8 @@ from fashion_jax.errors import UserError
 DATASETS = ("fashion_mnist", "mnist")  # Same IDX format, shape and number of classes.
 PARALLELISM = ("auto", "mesh", "pmap", "none")
 DISTRIBUTED = ("auto", "on", "off")
-OPTIMIZERS = ("adam",)
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "onecycle")
 
 
 def load_sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
@@ -53,6 +54,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   choice("parallelism", PARALLELISM)
   choice("distributed", DISTRIBUTED)
   choice("on_nonfinite", ("stop", "skip"))
+  choice("lr_schedule", SCHEDULES)
+  choice("compute_dtype", ("float32", "bfloat16"))
+  check(config.warmup_steps >= 0, "warmup_steps", "zero or more steps")
+  check(config.weight_decay >= 0, "weight_decay", "zero or more")
+  check(0 <= config.label_smoothing < 1, "label_smoothing", "in [0, 1)")
+  check(0 <= config.ema_decay < 1, "ema_decay", "in [0, 1) (0 = off)")
+  check(config.augment_translate >= 0, "augment_translate", "zero or more pixels")
+  check(0 <= config.random_erasing <= 1, "random_erasing", "a probability in [0, 1]")
+  check(config.validation_size >= 0, "validation_size", "zero or more examples")
+  if config.model in models.model_names():
+    try:
+      models.create_model(config.model, **config.model_kwargs.to_dict())
+    except TypeError as e:
+      problems.append(f"config.model_kwargs={config.model_kwargs.to_dict()} do not fit model "
+                      f"{config.model!r}: {e}")
   check(config.distributed_timeout_s > 0, "distributed_timeout_s", "a positive number of seconds")
   check(isinstance(config.idx_dir, str), "idx_dir", "a folder path, or '' for tensorflow-datasets")
   check(config.batch_size > 0, "batch_size", "a positive global batch size")

@@ -65,6 +65,22 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
   return images, np.concatenate([p["label"] for p in parts]).astype(np.int32)
 
 
+VALIDATION_SEED = 20_17_08_25  # Fixed: the same validation set whatever config.seed is.
+
+
+def hold_out(split: Split, n: int) -> tuple[Split, Split | None]:
+  """Splits `n` examples (a fixed random subset) off a split for validation."""
+  if n <= 0:
+    return split, None
+  if n >= len(split):
+    raise UserError(f"config.validation_size={n} leaves no training examples (of {len(split)}); "
+                    "lower it")
+  order = np.random.default_rng(VALIDATION_SEED).permutation(len(split))
+  keep, held = np.sort(order[n:]), np.sort(order[:n])
+  return (Split(split.images[keep], split.labels[keep]),
+          Split(split.images[held], split.labels[held]))
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
   """The train order of one epoch: a pure function of (seed, epoch)."""
   return np.random.default_rng([seed, epoch]).permutation(n)

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 import fashion_jax
+from fashion_jax import augment
 from fashion_jax import checkpointing
 from fashion_jax import config_lib
 from fashion_jax import faults
@@ -42,6 +43,7 @@ class TrainState:
   opt_state: Any
   rng: jax.Array  # Raw key data (uint32); wrapped with jax.random.wrap_key_data when used.
   batch_stats: Any = flax.struct.field(default_factory=dict)
+  ema_params: Any = None  # Exponential moving average of params (config.ema_decay > 0).
 
 
 def create_model(config: ml_collections.ConfigDict, training: bool = True) -> nn.Module:
@@ -56,17 +58,41 @@ def create_model(config: ml_collections.ConfigDict, training: bool = True) -> nn
   if not training:
     conv = "xla" if conv == "auto" else conv
     pool = "xla" if pool == "auto" else pool
-  return models.create_model(config.model, conv_impl=conv, pool_impl=pool)
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.compute_dtype]
+  return models.create_model(config.model, conv_impl=conv, pool_impl=pool, dtype=dtype,
+                             **config.model_kwargs.to_dict())
 
 
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def create_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  lr, warmup = config.learning_rate, min(config.warmup_steps, max(total_steps - 1, 0))
+  if config.lr_schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1),
+                                              end_value=lr * 1e-3)
+  if config.lr_schedule == "onecycle":
+    return optax.cosine_onecycle_schedule(max(total_steps, 1), lr)
+  if warmup:
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                                 optax.constant_schedule(lr)], [warmup])
+  return optax.constant_schedule(lr)
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     total_steps: int = 1) -> optax.GradientTransformation:
+  """The configured optimizer; schedules need the run's total steps (not the state's shape)."""
+  schedule = create_schedule(config, total_steps)
   if config.optimizer == "adam":
-    return optax.adam(config.learning_rate)
+    return optax.adam(schedule)
+  if config.optimizer == "adamw":
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
+  if config.optimizer == "sgd":
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.sgd(schedule, momentum=config.momentum, nesterov=True))
   raise UserError(f"config.optimizer={config.optimizer!r} is invalid: use one of "
                   f"{', '.join(config_lib.OPTIMIZERS)}")
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
+                       ema: bool = False) -> TrainState:
   """Initial state, computed on the host's default device (then placed by `Parallel`)."""
   root = jax.random.key(seed)
   init_key, train_key = jax.random.split(root)
@@ -75,7 +101,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed:
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=jax.random.key_data(train_key),
-                    batch_stats=variables.get("batch_stats", {}))
+                    batch_stats=variables.get("batch_stats", {}),
+                    ema_params=jax.tree.map(jnp.copy, params) if ema else None)
 
 
 def _scale(images: jax.Array) -> jax.Array:
@@ -83,6 +110,7 @@ def _scale(images: jax.Array) -> jax.Array:
 
 
 def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.GradientTransformation,
+               augment=None, label_smoothing: float = 0.0, ema_decay: float = 0.0,
                axis_name: str | None = None):
   """One optimizer step: (state, batch) -> (state, metrics). Pure; jit/pmap-able.
 
@@ -92,6 +120,11 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
   """
   images, labels = _scale(batch["image"]), batch["label"]
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  if axis_name is not None:  # Each device augments its own shard differently.
+    step_key = jax.random.fold_in(step_key, lax.axis_index(axis_name))
+  dropout_key, augment_key = jax.random.split(step_key)
+  if augment is not None:
+    images = augment(augment_key, images)
 
   def loss_fn(params):
     variables = {"params": params}
@@ -99,9 +132,13 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
     if state.batch_stats:
       variables["batch_stats"] = state.batch_stats
       mutable = ["batch_stats"]
-    logits, updates = model.apply(variables, images, train=True, rngs={"dropout": step_key},
+    logits, updates = model.apply(variables, images, train=True, rngs={"dropout": dropout_key},
                                   mutable=mutable)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    if label_smoothing:
+      targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+      loss = optax.softmax_cross_entropy(logits, targets).mean()
+    else:
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -122,6 +159,10 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
   params, opt_state, batch_stats = jax.tree.map(
       keep_old, (params, opt_state, batch_stats),
       (state.params, state.opt_state, state.batch_stats))
+  ema_params = state.ema_params
+  if ema_params is not None:
+    ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params,
+                              params)
 
   n = jnp.where(bad, 0.0, float(labels.shape[0]))
   metrics = {"loss_sum": jnp.where(bad, 0.0, loss) * n,
@@ -132,7 +173,7 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
   metrics["nonfinite_steps"] = bad.astype(jnp.float32)
   metrics["first_nonfinite_step"] = jnp.where(bad, state.step, NO_STEP).astype(jnp.float32)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            batch_stats=batch_stats)
+                            batch_stats=batch_stats, ema_params=ema_params)
   return new_state, metrics
 
 
@@ -153,12 +194,21 @@ def multi_train_step(state: TrainState, batches, *, axis_name: str | None = None
   return state, combine_metrics(metrics)
 
 
-def eval_step(state: TrainState, batch, *, model: nn.Module, axis_name: str | None = None):
-  """Masked sums of loss and correct predictions over one (padded) eval batch."""
-  variables = {"params": state.params}
+def eval_step(state: TrainState, batch, *, model: nn.Module, flip_tta: bool = False,
+              axis_name: str | None = None):
+  """Masked sums of loss and correct predictions over one (padded) eval batch.
+
+  Uses the EMA parameters when the state has them; with `flip_tta` the logits
+  of each image and its mirror image are averaged.
+  """
+  params = state.ema_params if state.ema_params is not None else state.params
+  variables = {"params": params}
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
-  logits = model.apply(variables, _scale(batch["image"]), train=False)
+  images = _scale(batch["image"])
+  logits = model.apply(variables, images, train=False)
+  if flip_tta:
+    logits = 0.5 * (logits + model.apply(variables, images[:, :, ::-1, :], train=False))
   mask = batch["mask"]
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
@@ -227,7 +277,9 @@ class Evaluator:
   def __init__(self, split, config, model, parallel: parallel_lib.Parallel):
     parallel.check_batch(config.eval_batch_size, "eval_batch_size")
     self.split, self.batch_size, self.parallel = split, config.eval_batch_size, parallel
-    self._step = parallel.compile(functools.partial(eval_step, model=model), donate_state=False)
+    self._step = parallel.compile(
+        functools.partial(eval_step, model=model, flip_tta=config.eval_flip_tta),
+        donate_state=False)
 
   def __call__(self, state) -> dict:
     total = None
@@ -255,6 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   train_split = input_pipeline.load(config, "train")
   test_split = input_pipeline.load(config, "test")
+  train_split, val_split = input_pipeline.hold_out(train_split, config.validation_size)
   steps_per_epoch = config_lib.steps_per_epoch(config, len(train_split))
   total_steps = config_lib.total_steps(config, len(train_split))
   eval_every = config_lib.eval_every_steps(config, len(train_split))
@@ -263,8 +316,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                total_steps, steps_per_epoch)
 
   model = create_model(config)
-  tx = create_optimizer(config)
-  init_state = create_train_state(model, tx, config.seed)
+  tx = create_optimizer(config, total_steps)
+  init_state = create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
   description = checkpointing.describe_state(config.model, init_state)
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             keep=config.keep_checkpoints,
@@ -277,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "num_processes": parallel.process_count, "backend": jax.default_backend(),
         "jax_version": jax.__version__, "fashion_jax_version": fashion_jax.__version__})
 
-  abstract = parallel.abstract_state(jax.eval_shape(lambda: init_state))
+  abstract = parallel.abstract_state(init_state)
   latest, restored = checkpointer.restore_latest(abstract, description)
   if latest is not None:
     state = parallel.put_state(restored)
@@ -294,12 +347,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   del init_state
   start_step = latest or 0
 
-  evaluator = Evaluator(test_split, config, create_model(config, training=False), parallel)
+  inference_model = create_model(config, training=False)
+  evaluator = Evaluator(test_split, config, inference_model, parallel)
+  val_evaluator = Evaluator(val_split, config, inference_model, parallel) if val_split else None
 
   def evaluate(step: int) -> dict:
     t0 = time.perf_counter()
     result = _summarize(evaluator(state), "eval")
     seconds = time.perf_counter() - t0
+    if val_evaluator is not None:
+      result.update(_summarize(val_evaluator(state), "val"))
     result = {"epoch": step / steps_per_epoch, **result}
     writer.write(step, result)
     writer.flush()
@@ -315,7 +372,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer.close()
     return result
 
-  step_kwargs = {"model": model, "tx": tx}
+  step_kwargs = {"model": model, "tx": tx, "label_smoothing": config.label_smoothing,
+                 "ema_decay": config.ema_decay,
+                 "augment": augment.make_augment(config.augment_translate, config.augment_flip,
+                                                 config.random_erasing)}
   k = config.steps_per_dispatch
   compiled = {}
 

@@ -17,7 +17,7 @@ from fashion_jax import checkpointing, config_lib, parallel, train
 
 def final_state(config, workdir):
   model, tx = train.create_model(config), train.create_optimizer(config)
-  init = train.create_train_state(model, tx, config.seed)
+  init = train.create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=5)
   state = ckpt.restore(ckpt.latest_step(), parallel.Parallel("none").abstract_state(
       jax.eval_shape(lambda: init)), checkpointing.describe_state(config.model, init))

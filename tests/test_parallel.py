@@ -1,8 +1,6 @@
 """Data parallelism on fake CPU devices: every mode computes what one device computes."""
 
 import json
-import os
-import sys
 
 import pytest
 

@@ -1,0 +1,96 @@
+"""Stronger models and training features (issue 5): each runs, learns and checkpoints."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fashion_jax import augment, models, train
+from fashion_jax.errors import UserError
+from tests.multidevice_check import final_state
+
+
+@pytest.mark.parametrize("name,kwargs", [("cnn_bn", {}), ("resnet", {}),
+                                         ("wrn", {"depth": 10, "width": 1})])
+def test_models_train_with_batchnorm_state(tiny_config, tmp_path, name, kwargs):
+  tiny_config.model = name
+  tiny_config.model_kwargs = kwargs
+  tiny_config.num_train_steps = 10
+  tiny_config.eval_every_steps = 10
+  workdir = str(tmp_path / name)
+  result = train.train_and_evaluate(tiny_config, workdir)
+  assert np.isfinite(result["eval_loss"])
+  state = final_state(tiny_config, workdir)
+  assert int(state.step) == 10
+  stats = jax.tree.leaves(state.batch_stats)
+  assert stats and any(np.abs(s).max() > 0 for s in stats)  # Running stats were updated.
+
+
+def test_wrn_rejects_bad_depth():
+  model = models.create_model("wrn", depth=12, width=1)
+  with pytest.raises(ValueError, match="6n\\+4"):
+    model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+
+
+def test_unknown_model_kwargs_are_a_config_error(tiny_config, tmp_path):
+  tiny_config.model_kwargs = {"depht": 3}
+  with pytest.raises(UserError, match="model_kwargs.*do not fit model 'cnn'"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "w"))
+
+
+def test_augmentations():
+  key = jax.random.key(0)
+  images = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1))
+  np.testing.assert_array_equal(augment.random_translate(key, images, 0), images)
+  shifted = augment.random_translate(key, images, 3)
+  assert shifted.shape == images.shape
+  assert not np.array_equal(shifted, images)
+  np.testing.assert_array_equal(shifted, augment.random_translate(key, images, 3))  # Pure.
+  flipped = augment.random_flip(key, images)
+  for a, b in zip(np.asarray(flipped), np.asarray(images)):
+    assert np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])
+  np.testing.assert_array_equal(augment.random_erasing(key, images, 0.0), images)
+  erased = np.asarray(augment.random_erasing(key, images, 1.0))
+  changed = (erased != np.asarray(images)).reshape(8, -1).mean(1)
+  assert np.all(changed > 0.005) and np.all(changed < 0.5)
+  assert augment.make_augment() is None
+
+
+def test_full_recipe_runs_and_reports_validation(tiny_config, tmp_path):
+  tiny_config.update({
+      "optimizer": "adamw", "weight_decay": 5e-4, "lr_schedule": "cosine", "warmup_steps": 5,
+      "label_smoothing": 0.1, "ema_decay": 0.9, "augment_translate": 2, "augment_flip": True,
+      "random_erasing": 0.5, "eval_flip_tta": True, "validation_size": 50})
+  workdir = str(tmp_path / "recipe")
+  train.train_and_evaluate(tiny_config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    evals = [json.loads(l) for l in f if "eval_loss" in l]
+  assert evals and all({"val_loss", "val_accuracy"} <= set(e) for e in evals)
+  state = final_state(tiny_config, workdir)
+  assert state.ema_params is not None
+  assert not np.array_equal(state.ema_params["Dense_1"]["kernel"], state.params["Dense_1"]["kernel"])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+def test_schedules_peak_at_the_learning_rate(tiny_config, schedule):
+  tiny_config.lr_schedule = schedule
+  tiny_config.warmup_steps = 10
+  fn = train.create_schedule(tiny_config, 100)
+  values = [float(fn(s)) for s in range(100)]
+  assert max(values) == pytest.approx(tiny_config.learning_rate, rel=1e-3)
+  if schedule != "constant":
+    assert values[-1] < 0.1 * tiny_config.learning_rate
+
+
+def test_validation_split_is_fixed_and_disjoint(tiny_config):
+  from fashion_jax import input_pipeline
+  split = input_pipeline.load(tiny_config, "train")
+  a_train, a_val = input_pipeline.hold_out(split, 40)
+  b_train, b_val = input_pipeline.hold_out(split, 40)
+  np.testing.assert_array_equal(a_val.images, b_val.images)
+  assert len(a_train) + len(a_val) == len(split)
+  with pytest.raises(UserError, match="validation_size"):
+    input_pipeline.hold_out(split, len(split))
