@@ -176,7 +176,8 @@ def test_checkpoint_with_another_optimizer_state_is_refused(tiny_config, tmp_pat
   tiny_config.num_train_steps = 10
   train.train_and_evaluate(tiny_config, workdir)
   import optax
-  monkeypatch.setattr(train, "create_optimizer", lambda config: optax.sgd(0.1, momentum=0.9))
+  monkeypatch.setattr(train, "create_optimizer",
+                      lambda config, total_steps=1: optax.sgd(0.1, momentum=0.9))
   with pytest.raises(UserError, match="does not fit the configured train state.*optimizer"):
     train.train_and_evaluate(tiny_config, workdir)
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "10"))
