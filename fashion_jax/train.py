@@ -377,17 +377,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  "augment": augment.make_augment(config.augment_translate, config.augment_flip,
                                                  config.random_erasing)}
   k = config.steps_per_dispatch
-  compiled = {}
-
-  def step_fn(n: int):
-    """The compiled step for a chunk of n steps (n == 1: a plain step)."""
-    if n not in compiled:
-      if n == 1 and k == 1:
-        fn = parallel.compile(functools.partial(train_step, **step_kwargs))
-      else:
-        fn = parallel.compile(functools.partial(multi_train_step, **step_kwargs), stacked=True)
-      compiled[n] = fn
-    return compiled[n]
+  single = parallel.compile(functools.partial(train_step, **step_kwargs))
+  multi = parallel.compile(functools.partial(multi_train_step, **step_kwargs), stacked=True)
+  compiled_sizes = set()  # Chunk sizes compiled so far (k, and shorter ones before boundaries).
 
   batches = input_pipeline.train_batches(train_split, config.batch_size, config.seed, start_step,
                                          parallel.process_index, parallel.process_count)
@@ -409,19 +401,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     while step < total_steps:
       n = chunk_size(step)
       group = [next(batches) for _ in range(n)]
-      stacked = not (n == 1 and k == 1)
+      stacked = k > 1
       batch = parallel.put_batch(input_pipeline.stack(group) if stacked else group[0], stacked)
-      if n not in compiled:
-        t0 = time.perf_counter()
-        fn = step_fn(n)
-        state, metrics = fn(state, batch)
+      t0 = time.perf_counter()
+      state, metrics = (multi if stacked else single)(state, batch)
+      if n not in compiled_sizes:  # First call at this size: compiled; keep it out of img/s.
+        compiled_sizes.add(n)
         jax.block_until_ready(metrics)
         compile_seconds += time.perf_counter() - t0
-        logging.info("compiled and ran the %d-step train function in %.2fs", n, time.perf_counter() - t0)
-        window_start = time.perf_counter()
-        window_step = step + n
-      else:
-        state, metrics = compiled[n](state, batch)
+        logging.info("compiled and ran the %d-step train function in %.2fs", n,
+                     time.perf_counter() - t0)
+        window_start, window_step = time.perf_counter(), step + n
       pending.append(metrics)
       faults.maybe_kill("step", step + n)  # Tests: SIGKILL while step(s) are in flight.
       if len(pending) > parallel_lib.MAX_STEPS_IN_FLIGHT:
@@ -430,7 +420,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
       if step % config.log_every_steps == 0 or step == total_steps:
         fetched = [parallel.fetch(m) for m in pending]
-        sums = combine_metrics({k: np.stack([m[k] for m in fetched]) for k in fetched[0]}, xp=np)
+        sums = combine_metrics({name: np.stack([m[name] for m in fetched]) for name in fetched[0]},
+                               xp=np)
         pending = []
         now = time.perf_counter()
         images_per_sec = ((step - window_step) * config.batch_size / (now - window_start)
