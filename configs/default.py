@@ -70,6 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1875  # Once per epoch at batch 32.
   config.keep_checkpoints = 3
   config.async_checkpointing = True
+  config.progress_bar = "auto"  # auto (on a terminal) | on | off: plain log lines instead.
+  config.tensorboard_samples = 16  # Test images shown with their predictions at each eval (0 = off).
 
   # Devices.
   config.parallelism = "auto"  # auto | mesh | pmap | none.

@@ -56,6 +56,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   choice("on_nonfinite", ("stop", "skip"))
   choice("lr_schedule", SCHEDULES)
   choice("compute_dtype", ("float32", "bfloat16"))
+  choice("progress_bar", ("auto", "on", "off"))
+  check(config.tensorboard_samples >= 0, "tensorboard_samples", "zero or more images")
   check(config.warmup_steps >= 0, "warmup_steps", "zero or more steps")
   check(config.weight_decay >= 0, "weight_decay", "zero or more")
   check(0 <= config.label_smoothing < 1, "label_smoothing", "in [0, 1)")

@@ -57,6 +57,11 @@ class MetricWriter:
       if isinstance(value, (int, float)) and key not in ("epoch",):
         self._tb.add_scalar(key, value, step)
 
+  def write_figure(self, step: int, tag: str, figure) -> None:
+    """A matplotlib figure as a TensorBoard image (closes the figure)."""
+    if self.enabled:
+      self._tb.add_figure(tag, figure, step, close=True)
+
   def flush(self) -> None:
     if self._tb is not None:
       self._tb.flush()
@@ -64,3 +69,25 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def prediction_figure(images, labels, probabilities, class_names):
+  """A grid of images titled "predicted p% / true", mistakes in red: for TensorBoard."""
+  import matplotlib  # pylint: disable=g-import-not-at-top  (only when samples are written)
+  matplotlib.use("Agg")
+  from matplotlib import figure as mpl_figure  # pylint: disable=g-import-not-at-top
+  n = len(images)
+  cols = min(n, 8)
+  rows = -(-n // cols)
+  fig = mpl_figure.Figure(figsize=(1.6 * cols, 1.9 * rows), dpi=80)
+  for i in range(n):
+    ax = fig.add_subplot(rows, cols, i + 1)
+    ax.imshow(images[i].squeeze(), cmap="gray", vmin=0, vmax=255)
+    predicted = int(probabilities[i].argmax())
+    ok = predicted == int(labels[i])
+    ax.set_title(f"{class_names[predicted]} {100 * probabilities[i][predicted]:.0f}%\n"
+                 f"(true: {class_names[int(labels[i])]})", fontsize=7,
+                 color="black" if ok else "red")
+    ax.axis("off")
+  fig.tight_layout()
+  return fig

@@ -29,6 +29,7 @@ from fashion_jax import input_pipeline
 from fashion_jax import metric_writers
 from fashion_jax import models
 from fashion_jax import parallel as parallel_lib
+from fashion_jax import progress
 from fashion_jax.errors import UserError
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -281,14 +282,40 @@ class Evaluator:
         functools.partial(eval_step, model=model, flip_tta=config.eval_flip_tta),
         donate_state=False)
 
-  def __call__(self, state) -> dict:
+  def __call__(self, state, show_progress: bool = False, desc: str = "eval") -> dict:
     total = None
-    for batch in input_pipeline.eval_batches(self.split, self.batch_size,
-                                             self.parallel.process_index,
-                                             self.parallel.process_count):
-      metrics = self._step(state, self.parallel.put_batch(batch))
-      total = metrics if total is None else jax.tree.map(jnp.add, total, metrics)
+    with progress.Bar(show_progress, len(self.split), desc=desc, leave=False) as bar:
+      for batch in input_pipeline.eval_batches(self.split, self.batch_size,
+                                               self.parallel.process_index,
+                                               self.parallel.process_count):
+        metrics = self._step(state, self.parallel.put_batch(batch))
+        total = metrics if total is None else jax.tree.map(jnp.add, total, metrics)
+        bar.update(self.batch_size)
     return self.parallel.fetch(total)
+
+
+class SamplePredictions:
+  """A fixed handful of test images with the model's predictions, for TensorBoard.
+
+  Runs on process 0's first device from a host copy of the parameters, so it
+  needs no collectives and works the same in every parallel mode.
+  """
+
+  def __init__(self, split, count: int, model: nn.Module, parallel: parallel_lib.Parallel,
+               class_names):
+    self.images, self.labels = split.images[:count], split.labels[:count]
+    self.parallel, self.class_names = parallel, class_names
+    self._apply = jax.jit(lambda variables, images: jax.nn.softmax(
+        model.apply(variables, _scale(images), train=False)))
+
+  def __call__(self, state):
+    params = state.ema_params if state.ema_params is not None else state.params
+    variables = {"params": self.parallel.fetch(params)}
+    if state.batch_stats:
+      variables["batch_stats"] = self.parallel.fetch(state.batch_stats)
+    probabilities = np.asarray(self._apply(variables, self.images))
+    return metric_writers.prediction_figure(self.images, self.labels, probabilities,
+                                            self.class_names)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -316,6 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                total_steps, steps_per_epoch)
 
   model = create_model(config)
+  schedule = create_schedule(config, total_steps)
   tx = create_optimizer(config, total_steps)
   init_state = create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
   description = checkpointing.describe_state(config.model, init_state)
@@ -350,19 +378,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   inference_model = create_model(config, training=False)
   evaluator = Evaluator(test_split, config, inference_model, parallel)
   val_evaluator = Evaluator(val_split, config, inference_model, parallel) if val_split else None
+  samples = None
+  if is_lead and config.tensorboard_samples:
+    from fashion_jax import inference  # pylint: disable=g-import-not-at-top  (import cycle)
+    samples = SamplePredictions(test_split, config.tensorboard_samples, inference_model, parallel,
+                                inference.class_names(config))
+  show_progress = progress.wanted(config.progress_bar, is_lead)
+  bar = progress.Bar(False, 0)  # The train loop's bar, once it starts.
 
   def evaluate(step: int) -> dict:
     t0 = time.perf_counter()
-    result = _summarize(evaluator(state), "eval")
+    result = _summarize(evaluator(state, show_progress, "eval test"), "eval")
     seconds = time.perf_counter() - t0
     if val_evaluator is not None:
-      result.update(_summarize(val_evaluator(state), "val"))
+      result.update(_summarize(val_evaluator(state, show_progress, "eval val"), "val"))
     result = {"epoch": step / steps_per_epoch, **result}
     writer.write(step, result)
+    if samples is not None:
+      writer.write_figure(step, "eval/sample_predictions", samples(state))
     writer.flush()
-    logging.info("eval  step %d/%d epoch %.2f | loss %.4f accuracy %.2f%% | %.2fs for %d images",
-                 step, total_steps, step / steps_per_epoch, result["eval_loss"],
-                 100 * result["eval_accuracy"], seconds, len(test_split))
+    with bar.external_write():
+      logging.info("eval  step %d/%d epoch %.2f | loss %.4f accuracy %.2f%% | %.2fs for %d images",
+                   step, total_steps, step / steps_per_epoch, result["eval_loss"],
+                   100 * result["eval_accuracy"], seconds, len(test_split))
+    bar.set_postfix(eval_acc=f"{100 * result['eval_accuracy']:.2f}%")
     return result
 
   if start_step >= total_steps:
@@ -397,7 +436,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   last_result = {}
   window_start, window_step = time.perf_counter(), step
   compile_seconds = 0.0
-  with _StopRequest() as stop:
+  bar = progress.Bar(show_progress, total_steps * config.batch_size, step * config.batch_size,
+                     desc="train")
+  with _StopRequest() as stop, bar:
     while step < total_steps:
       n = chunk_size(step)
       group = [next(batches) for _ in range(n)]
@@ -409,14 +450,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         compiled_sizes.add(n)
         jax.block_until_ready(metrics)
         compile_seconds += time.perf_counter() - t0
-        logging.info("compiled and ran the %d-step train function in %.2fs", n,
-                     time.perf_counter() - t0)
+        with bar.external_write():
+          logging.info("compiled and ran the %d-step train function in %.2fs", n,
+                       time.perf_counter() - t0)
         window_start, window_step = time.perf_counter(), step + n
+        bar.restart_clock()
       pending.append(metrics)
       faults.maybe_kill("step", step + n)  # Tests: SIGKILL while step(s) are in flight.
       if len(pending) > parallel_lib.MAX_STEPS_IN_FLIGHT:
         jax.block_until_ready(pending[-parallel_lib.MAX_STEPS_IN_FLIGHT - 1])
       step += n
+      bar.update(n * config.batch_size)
 
       if step % config.log_every_steps == 0 or step == total_steps:
         fetched = [parallel.fetch(m) for m in pending]
@@ -437,9 +481,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"checkpoint is at step {checkpointer.latest_step()} in {checkpointer.directory}; "
               "lower --config.learning_rate, or pass --config.on_nonfinite=skip to skip such batches")
         if skipped:
-          logging.warning("skipped %d step(s) with non-finite loss or gradients, the first at "
-                          "step %d", skipped, int(sums["first_nonfinite_step"]))
-        line = {"epoch": step / steps_per_epoch, **train}
+          with bar.external_write():
+            logging.warning("skipped %d step(s) with non-finite loss or gradients, the first "
+                            "at step %d", skipped, int(sums["first_nonfinite_step"]))
+        line = {"epoch": step / steps_per_epoch, **train,
+                "learning_rate": float(schedule(step - 1))}  # Of the window's last step.
         if skipped:
           line["train_skipped_steps"] = skipped
         if math.isfinite(images_per_sec):
@@ -447,11 +493,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write(step, line)
         remaining = (total_steps - step) * config.batch_size / images_per_sec if math.isfinite(
             images_per_sec) and images_per_sec > 0 else float("nan")
-        logging.info("train step %d/%d epoch %.2f | loss %.4f accuracy %.2f%% | %s img/s | eta %s",
-                     step, total_steps, step / steps_per_epoch, train["train_loss"],
-                     100 * train["train_accuracy"],
-                     f"{images_per_sec:,.0f}" if math.isfinite(images_per_sec) else "-",
-                     _fmt_seconds(remaining))
+        bar.set_postfix(loss=f"{train['train_loss']:.4f}",
+                        acc=f"{100 * train['train_accuracy']:.2f}%")
+        if not bar.enabled:  # The bar shows the same (and metrics.jsonl has it all).
+          logging.info("train step %d/%d epoch %.2f | loss %.4f accuracy %.2f%% | %s img/s | "
+                       "eta %s", step, total_steps, step / steps_per_epoch, train["train_loss"],
+                       100 * train["train_accuracy"],
+                       f"{images_per_sec:,.0f}" if math.isfinite(images_per_sec) else "-",
+                       _fmt_seconds(remaining))
         window_start, window_step = time.perf_counter(), step
 
       if step % config.checkpoint_every_steps == 0 or step == total_steps:

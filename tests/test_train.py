@@ -18,6 +18,24 @@ def _lines(workdir):
     return [json.loads(line) for line in f]
 
 
+def _tensorboard_values(workdir) -> dict[str, list]:
+  """tag -> [value kinds] from the TFRecord event files (no TensorFlow needed)."""
+  from tensorboardX.proto import event_pb2
+  found = {}
+  folder = os.path.join(workdir, "tensorboard")
+  for name in os.listdir(folder):
+    with open(os.path.join(folder, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      length = int.from_bytes(data[pos:pos + 8], "little")
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for value in event.summary.value:
+        found.setdefault(value.tag, []).append(value.WhichOneof("value"))
+  return found
+
+
 def test_train_writes_outputs_and_learns(tiny_config, tmp_path):
   tiny_config.num_train_steps = 60
   tiny_config.eval_every_steps = 30
@@ -32,7 +50,8 @@ def test_train_writes_outputs_and_learns(tiny_config, tmp_path):
   assert [l["step"] for l in eval_lines] == [30, 60]
   for line in train_lines[1:]:
     assert {"step", "epoch", "train_loss", "train_accuracy", "train_images_per_sec",
-            "wall_time_s"} <= set(line)
+            "learning_rate", "wall_time_s"} <= set(line)
+  assert train_lines[-1]["learning_rate"] == pytest.approx(tiny_config.learning_rate)
   for line in eval_lines:
     assert {"step", "epoch", "eval_loss", "eval_accuracy", "wall_time_s"} <= set(line)
   assert train_lines[-1]["train_loss"] < train_lines[0]["train_loss"]
@@ -40,7 +59,12 @@ def test_train_writes_outputs_and_learns(tiny_config, tmp_path):
     config = json.load(f)
   assert config["batch_size"] == 16 and config["_derived"]["total_steps"] == 60
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["30", "60"]
-  assert any(name.startswith("events") for name in os.listdir(os.path.join(workdir, "tensorboard")))
+  tensorboard = _tensorboard_values(workdir)
+  for tag in ("train_loss", "train_accuracy", "train_images_per_sec", "learning_rate", "eval_loss",
+              "eval_accuracy"):
+    assert "simple_value" in tensorboard[tag], tag
+  # One grid of sample test images with their predictions per evaluation.
+  assert tensorboard["eval/sample_predictions"] == ["image", "image"]
 
 
 def test_resume_continues_exactly(tiny_config, tmp_path):
@@ -131,9 +155,13 @@ def test_cli_trains_and_resumes(idx_dir, tmp_path):
   args = ["--config=configs/tiny.py", f"--workdir={workdir}", f"--config.idx_dir={idx_dir}"]
   proc = run_module("fashion_jax.main", *args, "--config.num_train_steps=10")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  proc = run_module("fashion_jax.main", *args)
+  assert "train step 5/10" in proc.stderr and "train:" not in proc.stderr  # Not a TTY: log lines.
+  proc = run_module("fashion_jax.main", *args, "--config.progress_bar=on")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "resumed from checkpoint at step 10" in proc.stderr
+  # The bar replaces the per-step log lines: resumed at 160 of 320 images, with a rate.
+  assert "train step" not in proc.stderr
+  assert "320/320" in proc.stderr and "img/s" in proc.stderr and "eval test" in proc.stderr
   assert [l["step"] for l in _lines(workdir) if "train_loss" in l] == [5, 10, 15, 20]
 
 
