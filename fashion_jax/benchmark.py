@@ -117,7 +117,8 @@ def measure_jax_train(config, parallel, data, batch_size: int) -> dict:
   config = config.copy_and_resolve_references()
   config.batch_size = batch_size
   parallel.check_batch(batch_size, "batch_size")
-  model, tx = train.create_model(config), train.create_optimizer(config)
+  model = train.create_model(config, axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
+  tx = train.create_optimizer(config)
   state = parallel.put_state(train.create_train_state(model, tx, config.seed))
   k = config.steps_per_dispatch
   stacked = k > 1

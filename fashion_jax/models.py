@@ -5,6 +5,10 @@ takes `train` (for dropout and BatchNorm in the models that have them). The
 convolution and pooling formulation is a constructor argument, so the fast CPU
 path and the native `lax` path share one parameter tree: a checkpoint trained
 with one loads into the other.
+
+`axis_name` (set by the train loop under pmap) makes BatchNorm compute its
+batch statistics over all devices (synchronised BatchNorm), so a pmap run
+normalises exactly like one device, and like jit over a mesh, does.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class CNN(nn.Module):
   conv_impl: str = "auto"
   pool_impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
+  axis_name: str | None = None  # Unused (no BatchNorm); accepted like every model's.
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -64,13 +69,14 @@ class CNNBN(nn.Module):
   dtype: jnp.dtype = jnp.float32
   width: int = 32
   dropout_rate: float = 0.25
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding="SAME", use_bias=False,
                              dtype=self.dtype, conv_general_dilated=_conv_fn(self.conv_impl))
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             dtype=self.dtype)
+                             dtype=self.dtype, axis_name=self.axis_name if train else None)
     x = x.astype(self.dtype)
     for features in (self.width, 2 * self.width):
       x = nn.relu(norm()(conv(features)(x)))
@@ -117,6 +123,7 @@ class WideResNet(nn.Module):
   depth: int = 28
   width: int = 10
   dropout_rate: float = 0.0
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -126,7 +133,7 @@ class WideResNet(nn.Module):
     conv = functools.partial(nn.Conv, padding="SAME", use_bias=False, dtype=self.dtype,
                              conv_general_dilated=_conv_fn(self.conv_impl))
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             dtype=self.dtype)
+                             dtype=self.dtype, axis_name=self.axis_name if train else None)
     x = conv(16, kernel_size=(3, 3))(x.astype(self.dtype))
     for stage, features in enumerate((16 * self.width, 32 * self.width, 64 * self.width)):
       for block in range(blocks):

@@ -28,6 +28,10 @@ def final_state(config, workdir):
 def main(root, idx_dir, out_dir, *modes):
   config = config_lib.load_sibling(os.path.join(root, "configs", "tiny.py"), "tiny")
   config.idx_dir = idx_dir
+  if modes and modes[0].startswith("model="):  # e.g. model=cnn_bn: BatchNorm across devices.
+    config.model = modes[0][len("model="):]
+    config.model_kwargs = {"dropout_rate": 0.0} if config.model == "cnn_bn" else {}
+    modes = modes[1:]
   results = {"device_count": jax.device_count()}
   states = {}
   for mode in modes:
@@ -43,6 +47,10 @@ def main(root, idx_dir, out_dir, *modes):
     diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), states[modes[0]].params,
                          states[mode].params)
     results[mode]["max_param_diff"] = max(jax.tree.leaves(diffs))
+    if jax.tree.leaves(states[mode].batch_stats):
+      diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-6)),
+                           states[modes[0]].batch_stats, states[mode].batch_stats)
+      results[mode]["max_batch_stats_rel_diff"] = max(jax.tree.leaves(diffs))
   print("RESULT " + json.dumps(results))
 
 

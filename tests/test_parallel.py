@@ -27,6 +27,15 @@ def test_mesh_and_pmap_match_one_device(tmp_path, idx_dir):
     assert result[mode]["eval_accuracy"] == reference["eval_accuracy"]
 
 
+def test_batchnorm_is_synchronised_across_devices(tmp_path, idx_dir):
+  """cnn_bn on 2 devices: batch statistics over the global batch in every mode (as on one)."""
+  result = _run_check(tmp_path, idx_dir, 2, "model=cnn_bn", "none", "mesh", "pmap")
+  for mode in ("mesh", "pmap"):
+    assert result[mode]["max_param_diff"] < 2e-3, (mode, result[mode])  # Unsynced pmap: ~3e-2.
+    assert result[mode]["max_batch_stats_rel_diff"] < 1e-2, (mode, result[mode])  # Unsynced: ~1.
+    assert result[mode]["losses"] == pytest.approx(result["none"]["losses"], rel=1e-4)
+
+
 def test_batch_must_divide_by_devices():
   par = parallel.Parallel("none")
   par.devices = [None] * 8  # Only the count matters to the check.
