@@ -49,6 +49,9 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state, description: dict) -> None:
     """Starts a save (asynchronous: the device arrays are copied before it returns)."""
     if step in self._manager.all_steps():

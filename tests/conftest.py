@@ -66,3 +66,41 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: float 
   full_env.setdefault("JAX_PLATFORMS", "cpu")
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+def _train_in_process(config, workdir: str) -> str:
+  from fashion_jax import train
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_workdir(tmp_path_factory):
+  """A finished tiny run on synthetic IDX data (with a validation split). Read-only for tests.
+
+  Its test split is `<workdir>/../idx` (100 images); the model is near-perfect on it.
+  """
+  from fashion_jax import config_lib
+  base = tmp_path_factory.mktemp("trained_tiny")
+  config = config_lib.load_sibling(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
+  config.idx_dir = write_idx_folder(str(base / "idx"))
+  config.validation_size = 32
+  return _train_in_process(config, str(base / "workdir"))
+
+
+@pytest.fixture(scope="session")
+def trained_real_workdir(tmp_path_factory):
+  """The default CNN trained for one epoch on real Fashion-MNIST (~20 s; ~89% test accuracy).
+
+  Skips (with the reason) when FASHION_JAX_IDX_DIR is not set. Read-only for tests.
+  """
+  folder = os.environ.get(REAL_DATA_ENV, "")
+  if not folder:
+    pytest.skip(f"{REAL_DATA_ENV} is not set: no real Fashion-MNIST IDX folder to train on")
+  from fashion_jax import config_lib
+  config = config_lib.load_sibling(os.path.join(ROOT, "configs", "speedrun_cpu.py"), "speedrun_cpu")
+  config.idx_dir = os.path.abspath(folder)
+  config.num_epochs = 1
+  config.eval_every_steps = -1
+  config.checkpoint_every_steps = 468
+  return _train_in_process(config, str(tmp_path_factory.mktemp("trained_real") / "workdir"))

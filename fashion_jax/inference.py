@@ -1,0 +1,185 @@
+"""A trained model, loaded from a workdir, as a jitted uint8-images -> probabilities function.
+
+Shared by `fashion_jax.predict`, `fashion_jax.evaluate` and `fashion_jax.export`.
+The run's own `config.json` rebuilds the model, and the checkpoint is restored
+through the same compatibility checks as a resumed training run. Evaluation
+uses exactly what training's evaluation used: the EMA parameters when the run
+kept them, BatchNorm statistics, and flip test-time augmentation when the run
+evaluated with it.
+
+Which checkpoint: the best one by validation accuracy when the run held out a
+validation split (`validation_size` > 0) and evaluated at a retained
+checkpoint's step; otherwise the latest. The test split is never used to pick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fashion_jax import checkpointing
+from fashion_jax import config_lib
+from fashion_jax.errors import UserError
+
+# Fashion-MNIST's label names, in label order (as in the dataset's README and tfds).
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+               "Sneaker", "Bag", "Ankle boot")
+MNIST_CLASS_NAMES = tuple(str(i) for i in range(10))
+
+
+def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return MNIST_CLASS_NAMES if config.get("dataset") == "mnist" else CLASS_NAMES
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with (its config.json)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir!r} does not exist; pass the --workdir of a training run "
+                    "(python -m fashion_jax.main --config=... --workdir=DIR)")
+  if not os.path.exists(path):
+    raise UserError(f"{path} not found: {workdir!r} is not a fashion_jax training run; pass the "
+                    "--workdir that python -m fashion_jax.main wrote")
+  try:
+    with open(path) as f:
+      values = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise UserError(f"cannot read {path} ({e}); it should be the JSON written by training") from e
+  values.pop("_derived", None)
+  config = ml_collections.ConfigDict(values)
+  try:
+    config_lib.validate(config)
+  except AttributeError as e:
+    raise UserError(f"{path} lacks a setting this version of fashion_jax needs ({e}); use the "
+                    "fashion_jax version that trained it") from e
+  return config
+
+
+def _eval_accuracies(workdir: str, key: str) -> dict[int, float]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  found = {}
+  if not os.path.exists(path):
+    return found
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if key in record:
+        found[int(record["step"])] = float(record[key])
+  return found
+
+
+def choose_step(workdir: str, steps: list[int]) -> tuple[int, str]:
+  """(step, why): the best retained checkpoint by validation accuracy, else the latest."""
+  if not steps:
+    raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train first "
+                    "(python -m fashion_jax.main ... --workdir=" + workdir + ")")
+  val = _eval_accuracies(workdir, "val_accuracy")
+  scored = [(val[s], s) for s in steps if s in val]
+  if scored:
+    accuracy, step = max(scored)  # Ties: the later step.
+    return step, f"best validation accuracy {100 * accuracy:.2f}% of {len(scored)} evaluated checkpoints"
+  return max(steps), "latest (no validation split to pick the best by)"
+
+
+@dataclasses.dataclass
+class Classifier:
+  """A trained model: `probabilities(uint8 images) -> [N, 10]`, jitted, fixed-size batches."""
+  config: ml_collections.ConfigDict
+  model: Any
+  variables: dict
+  step: int
+  why: str
+  checkpoint_dir: str
+  batch_size: int = 256
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return class_names(self.config)
+
+  def apply_uint8(self, variables, images: jax.Array) -> jax.Array:
+    """Logits of uint8 images [N, 28, 28] or [N, 28, 28, 1]; pure, so it can be jitted/exported."""
+    if images.ndim == 3:
+      images = images[..., None]
+    x = images.astype(jnp.float32) * (1.0 / 255.0)
+    logits = self.model.apply(variables, x, train=False)
+    if self.config.eval_flip_tta:
+      logits = 0.5 * (logits + self.model.apply(variables, x[:, :, ::-1, :], train=False))
+    return logits
+
+  @functools.cached_property
+  def _jitted_logits(self):
+    return jax.jit(self.apply_uint8)
+
+  def logits(self, images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.shape[1:3] != (28, 28):
+      raise ValueError(f"expected uint8 images [N, 28, 28(, 1)], got {images.dtype} {images.shape}")
+    out = []
+    for start in range(0, len(images), self.batch_size):
+      chunk = images[start:start + self.batch_size]
+      n = len(chunk)
+      if n < self.batch_size:  # Pad: one compiled shape for every call.
+        chunk = np.concatenate([chunk, np.zeros((self.batch_size - n,) + chunk.shape[1:],
+                                                chunk.dtype)])
+      out.append(np.asarray(self._jitted_logits(self.variables, chunk))[:n])
+    return np.concatenate(out) if out else np.zeros((0, 10), np.float32)
+
+  def probabilities(self, images: np.ndarray) -> np.ndarray:
+    return np.asarray(jax.nn.softmax(self.logits(images), axis=-1))
+
+
+def load(workdir: str, step: int | None = None, batch_size: int = 256) -> Classifier:
+  """Loads a training run's model and checkpoint (`step`, else the best/latest one)."""
+  from fashion_jax import train  # pylint: disable=g-import-not-at-top  (import cycle)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  config = load_run_config(workdir)
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise UserError(f"no checkpoints folder in {workdir}; train first, or pass the right --workdir")
+  checkpointer = checkpointing.Checkpointer(directory, keep=max(config.keep_checkpoints, 1),
+                                            async_save=False)
+  try:
+    steps = checkpointer.all_steps()
+    if step is None:
+      step, why = choose_step(workdir, steps)
+    elif step not in steps:
+      raise UserError(f"no checkpoint at step {step} in {directory}; available: "
+                      f"{', '.join(map(str, steps)) or 'none'}")
+    else:
+      why = "requested with --step"
+    model = train.create_model(config)
+    tx = train.create_optimizer(config)
+    init = jax.eval_shape(functools.partial(train.create_train_state, model, tx, config.seed,
+                                            ema=config.ema_decay > 0))
+    description = checkpointing.describe_state(config.model, init)
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            init)
+    try:
+      state = checkpointer.restore(step, abstract, description)
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore/OS/parse errors)
+      first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      raise UserError(f"checkpoint {os.path.join(directory, str(step))} is unreadable ({first}); "
+                      "pass --step with another checkpoint, or re-train") from e
+  finally:
+    checkpointer.close()
+  params = state.ema_params if state.ema_params is not None else state.params
+  variables = {"params": params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  return Classifier(config=config, model=train.create_model(config, training=False),
+                    variables=variables, step=int(step), why=why,
+                    checkpoint_dir=os.path.join(directory, str(step)), batch_size=batch_size)

@@ -1,0 +1,226 @@
+"""fashion_jax.evaluate: hand-checked metrics, the report files, training's accuracy, the errors."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fashion_jax import evaluate
+from fashion_jax import idx
+from fashion_jax.errors import UserError
+from tests.conftest import make_images
+from tests.conftest import run_module
+
+JSON_KEYS = {"model", "workdir", "checkpoint", "data", "counts", "accuracy", "loss", "class_names",
+             "per_class", "macro_avg", "confusion_matrix", "confusion_matrix_axes",
+             "top_confusions", "most_confident_mistakes", "training_eval",
+             "matches_training_eval", "files", "seconds", "eval_batch_size",
+             "fashion_jax_version"}
+
+
+def _metrics_lines(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _logged_eval_accuracy(workdir, step):
+  found = [r["eval_accuracy"] for r in _metrics_lines(workdir)
+           if r["step"] == step and "eval_accuracy" in r]
+  assert found, f"training logged no eval at step {step}"
+  return found[-1]
+
+
+def _check_png(path, min_side=300):
+  with Image.open(path) as image:
+    image.verify()  # A complete, uncorrupted PNG.
+  with Image.open(path) as image:
+    assert image.format == "PNG"
+    assert min(image.size) >= min_side, image.size
+    assert max(image.size) <= 4000, image.size
+    return image.size
+
+
+def _check_consistent(result):
+  """Everything in the JSON agrees with its own confusion matrix."""
+  confusion = np.array(result["confusion_matrix"])
+  k = len(result["class_names"])
+  assert confusion.shape == (k, k)
+  assert confusion.sum() == result["counts"]["examples"] == result["data"]["count"]
+  assert np.trace(confusion) == result["counts"]["correct"]
+  assert result["counts"]["errors"] == confusion.sum() - np.trace(confusion)
+  assert result["accuracy"] == np.trace(confusion) / confusion.sum()
+  for c in result["per_class"]:
+    i = c["index"]
+    assert c["name"] == result["class_names"][i]
+    assert c["support"] == confusion[i].sum()
+    assert c["predicted"] == confusion[:, i].sum()
+    if c["predicted"]:
+      assert c["precision"] == pytest.approx(confusion[i, i] / confusion[:, i].sum())
+    if c["support"]:
+      assert c["recall"] == pytest.approx(confusion[i, i] / confusion[i].sum())
+    p, r = c["precision"], c["recall"]
+    assert c["f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
+  assert result["macro_avg"]["support"] == confusion.sum()
+
+
+def test_metrics_on_a_hand_checked_case():
+  # Class 3 never occurs and is never predicted: all zeros, and left out of the macro average.
+  labels = np.array([0, 0, 0, 1, 1, 2])
+  predictions = np.array([0, 0, 1, 1, 2, 2])
+  confusion = evaluate.confusion_matrix(labels, predictions, 4)
+  np.testing.assert_array_equal(confusion, [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+  m = evaluate.metrics_from_confusion(confusion)
+  assert m["accuracy"] == 4 / 6 and m["correct"] == 4 and m["count"] == 6
+  np.testing.assert_allclose(m["precision"], [1.0, 0.5, 0.5, 0.0])
+  np.testing.assert_allclose(m["recall"], [2 / 3, 0.5, 1.0, 0.0])
+  np.testing.assert_allclose(m["f1"], [0.8, 0.5, 2 / 3, 0.0])
+  np.testing.assert_array_equal(m["support"], [3, 2, 1, 0])
+  np.testing.assert_array_equal(m["predicted"], [2, 2, 2, 0])
+  assert m["macro_avg"]["classes"] == 3
+  assert m["macro_avg"]["precision"] == pytest.approx(2 / 3)
+  assert m["macro_avg"]["recall"] == pytest.approx((2 / 3 + 0.5 + 1.0) / 3)
+  assert m["macro_avg"]["f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+  assert evaluate.top_confusions(confusion, ["a", "b", "c", "d"]) == [
+      {"true": "a", "predicted": "b", "count": 1, "fraction_of_true": 1 / 3},
+      {"true": "b", "predicted": "c", "count": 1, "fraction_of_true": 0.5}]
+  # log(1 + 3) - 0 and log(1 + 3) - log(3).
+  losses = evaluate.cross_entropy(np.array([[0.0, np.log(3.0)]] * 2), np.array([0, 1]))
+  np.testing.assert_allclose(losses, [np.log(4.0), np.log(4.0 / 3.0)])
+  with pytest.raises(ValueError, match="labels must lie in"):
+    evaluate.confusion_matrix(np.array([0, 4]), np.array([0, 1]), 4)
+
+
+def test_evaluate_writes_report_in_workdir(trained_tiny_workdir, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_tiny_workdir, workdir)  # The default output_dir is inside the workdir.
+  result = evaluate.evaluate(workdir)
+
+  output_dir = os.path.join(workdir, "evaluation")
+  with open(os.path.join(output_dir, "evaluation.json")) as f:
+    written = json.load(f)
+  assert written == json.loads(json.dumps(result))
+  assert JSON_KEYS <= set(written)
+  _check_consistent(written)
+  assert written["data"] == {"type": "idx", "idx_dir": os.path.join(os.path.dirname(
+      trained_tiny_workdir), "idx"), "from": "config.json", "split": "test", "count": 100}
+  assert written["checkpoint"]["why"].startswith("best validation accuracy")
+  step = written["checkpoint"]["step"]
+  assert written["accuracy"] == _logged_eval_accuracy(workdir, step)
+  assert written["matches_training_eval"] is True
+  assert written["loss"] == pytest.approx(written["training_eval"]["eval_loss"], rel=1e-4)
+  assert written["class_names"][0] == "T-shirt/top" and len(written["per_class"]) == 10
+  for name in ("confusion_matrix", "mistakes"):
+    assert written["files"][name].startswith(output_dir)
+    _check_png(written["files"][name], min_side=150)
+
+  text = evaluate.format_report(written)
+  assert "precision" in text and "Ankle boot" in text and "macro avg" in text
+  assert f"accuracy {100 * written['accuracy']:.2f}%" in text
+
+
+def _shuffled_label_folder(folder, n=60, seed=3):
+  """IDX test files whose labels disagree with the images: a model trained on them errs."""
+  os.makedirs(folder)
+  rng = np.random.default_rng(seed)
+  shown = rng.integers(0, 10, size=n).astype(np.uint8)
+  labels = ((shown + 1 + rng.integers(0, 9, size=n)) % 10).astype(np.uint8)  # Never `shown`.
+  images_name, labels_name = idx.FILES["test"]
+  idx.write_idx(os.path.join(folder, images_name), make_images(shown, seed))
+  idx.write_idx(os.path.join(folder, labels_name), labels)
+  return folder
+
+
+def test_cli_with_overrides_draws_mistakes(trained_tiny_workdir, tmp_path):
+  data = _shuffled_label_folder(str(tmp_path / "shuffled"))
+  output_dir = tmp_path / "report"
+  proc = run_module("fashion_jax.evaluate", f"--workdir={trained_tiny_workdir}",
+                    f"--output_dir={output_dir}", "--step=10", f"--idx_dir={data}",
+                    "--num_mistakes=8")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  for name in ("T-shirt/top", "Ankle boot", "macro avg", "accuracy", "checkpoint step 10"):
+    assert name in proc.stdout, proc.stdout
+  result = json.loads((output_dir / "evaluation.json").read_text())
+  _check_consistent(result)
+  assert result["checkpoint"] == {**result["checkpoint"], "step": 10,
+                                  "why": "requested with --step"}
+  assert result["data"]["from"] == "--idx_dir" and result["data"]["count"] == 60
+  assert result["counts"]["errors"] > 8  # The model reads the bars; the labels say otherwise.
+  mistakes = result["most_confident_mistakes"]
+  assert len(mistakes) == 8
+  assert all(m["true"] != m["predicted"] for m in mistakes)
+  confidences = [m["confidence"] for m in mistakes]
+  assert confidences == sorted(confidences, reverse=True)
+  # A different test set than training evaluated on: reported, not hidden.
+  assert result["matches_training_eval"] is False
+  width, height = _check_png(output_dir / "mistakes.png")
+  assert width > 800 and height > 300  # Two rows of five tiles, not the empty placeholder.
+  _check_png(output_dir / "confusion_matrix.png", min_side=500)
+  assert not os.path.exists(os.path.join(trained_tiny_workdir, "evaluation"))
+
+
+@pytest.mark.real_data
+def test_cli_on_real_run_matches_training_eval(trained_real_workdir, tmp_path):
+  output_dir = tmp_path / "real_report"
+  proc = run_module("fashion_jax.evaluate", f"--workdir={trained_real_workdir}",
+                    f"--output_dir={output_dir}")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  result = json.loads((output_dir / "evaluation.json").read_text())
+  _check_consistent(result)
+  step = result["checkpoint"]["step"]
+  assert result["accuracy"] == _logged_eval_accuracy(trained_real_workdir, step)
+  assert result["accuracy"] > 0.85
+  assert result["counts"]["examples"] == 10_000
+  assert [c["support"] for c in result["per_class"]] == [1000] * 10
+  assert result["counts"]["errors"] >= 25 and len(result["most_confident_mistakes"]) == 25
+  assert "(same)" in proc.stdout and "Shirt" in proc.stdout
+  _check_png(output_dir / "confusion_matrix.png", min_side=600)
+  _check_png(output_dir / "mistakes.png", min_side=800)
+
+
+def _one_line_error(proc, *fragments):
+  assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("fashion_jax: error: ")]
+  assert len(errors) == 1, proc.stderr[-2000:]
+  for fragment in fragments:
+    assert fragment in errors[0], errors[0]
+  assert "Traceback" not in proc.stderr
+
+
+def test_cli_missing_workdir(tmp_path):
+  proc = run_module("fashion_jax.evaluate", f"--workdir={tmp_path / 'nope'}")
+  _one_line_error(proc, "does not exist", "--workdir")
+
+
+def test_cli_no_checkpoint(trained_tiny_workdir, tmp_path):
+  workdir = tmp_path / "untrained"
+  workdir.mkdir()
+  shutil.copy(os.path.join(trained_tiny_workdir, "config.json"), workdir)
+  (workdir / "checkpoints").mkdir()
+  proc = run_module("fashion_jax.evaluate", f"--workdir={workdir}")
+  _one_line_error(proc, "no checkpoint", "train first")
+
+
+def test_user_errors(trained_tiny_workdir, tmp_path):
+  workdir = tmp_path / "no_checkpoints"
+  workdir.mkdir()
+  shutil.copy(os.path.join(trained_tiny_workdir, "config.json"), workdir)
+  with pytest.raises(UserError, match="no checkpoints folder"):
+    evaluate.evaluate(str(workdir))
+  with pytest.raises(UserError, match="no checkpoint at step 7.*available: 10, 20"):
+    evaluate.evaluate(trained_tiny_workdir, str(tmp_path / "out"), step=7)
+  with pytest.raises(UserError, match="not both"):
+    evaluate.evaluate(trained_tiny_workdir, str(tmp_path / "out"), idx_dir="a", data_dir="b")
+  with pytest.raises(UserError, match="'/no/such/folder' .from --idx_dir. does not exist"):
+    evaluate.evaluate(trained_tiny_workdir, str(tmp_path / "out"), idx_dir="/no/such/folder")
+
+  # A run trained with a relative idx_dir, evaluated from elsewhere: say to pass --idx_dir.
+  relative = tmp_path / "relative"
+  shutil.copytree(trained_tiny_workdir, relative)
+  config = json.loads((relative / "config.json").read_text())
+  config["idx_dir"] = "some/relative/idx"
+  (relative / "config.json").write_text(json.dumps(config))
+  with pytest.raises(UserError, match="relative to the current directory.*pass --idx_dir"):
+    evaluate.evaluate(str(relative))

@@ -1,0 +1,163 @@
+"""fashion_jax.export: the SavedModel computes what JAX computes, for any batch size; the errors."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fashion_jax import config_lib
+from fashion_jax import export
+from fashion_jax import inference
+from fashion_jax import input_pipeline
+from fashion_jax import train
+from fashion_jax.errors import UserError
+from tests.conftest import ROOT
+from tests.conftest import run_module
+
+ATOL = 1e-5
+
+
+def _tiny_test_images(workdir):
+  """The tiny run's own test images (uint8 [100, 28, 28, 1])."""
+  return input_pipeline.load(inference.load_run_config(workdir), "test").images
+
+
+def _serve(loaded, images):
+  return loaded.signatures["serving_default"](images=tf.constant(images))["probabilities"].numpy()
+
+
+def test_cli_export_matches_jax(trained_tiny_workdir, tmp_path):
+  output = tmp_path / "saved"
+  proc = run_module("fashion_jax.export", f"--workdir={trained_tiny_workdir}", f"--output={output}")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "self-check vs JAX: max |diff|" in proc.stdout
+
+  classifier = inference.load(trained_tiny_workdir)
+  loaded = tf.saved_model.load(str(output))
+  images = _tiny_test_images(trained_tiny_workdir)[:, :, :, 0]  # [100, 28, 28]
+  expected = classifier.probabilities(images)
+  # Batch sizes the export never saw (its self-check used 3): the batch axis is symbolic.
+  for batch in (7, 1, 100):
+    got = _serve(loaded, images[:batch])
+    assert got.shape == (batch, 10) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected[:batch], atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(got.argmax(1), expected[:batch].argmax(1))
+  # The Python entry points and the [batch, 28, 28, 1] signature give the same numbers.
+  np.testing.assert_allclose(loaded.probabilities(images[:7]).numpy(), expected[:7], atol=ATOL,
+                             rtol=0)
+  nhwc = loaded.signatures["serving_nhwc"](images=tf.constant(images[:9, :, :, None]))
+  np.testing.assert_allclose(nhwc["probabilities"].numpy(), expected[:9], atol=ATOL, rtol=0)
+  np.testing.assert_allclose(loaded.probabilities_nhwc(images[:5, :, :, None]).numpy(),
+                             expected[:5], atol=ATOL, rtol=0)
+  assert loaded.probabilities(np.zeros((0, 28, 28), np.uint8)).shape == (0, 10)
+
+  # The serving signature: named uint8 input of any batch, named output.
+  signature = loaded.signatures["serving_default"]
+  (spec,) = signature.structured_input_signature[1].values()
+  assert signature.structured_input_signature[1].keys() == {"images"}
+  assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 28, 28]
+  assert list(signature.structured_outputs) == ["probabilities"]
+  with pytest.raises(Exception, match="uint8"):  # Floats are rejected, not silently misread.
+    signature(images=tf.zeros((2, 28, 28), tf.float32))
+
+  # Class names three ways, and the metadata and README beside the model.
+  names = list(classifier.class_names)
+  assert [n.decode() for n in loaded.class_names.numpy()] == names
+  assert int(loaded.step.numpy()) == classifier.step
+  assert (output / "assets" / "class_names.txt").read_text().splitlines() == names
+  metadata = json.loads((output / export.METADATA_NAME).read_text())
+  assert metadata["step"] == classifier.step and metadata["why"] == classifier.why
+  assert metadata["model"] == "cnn" and metadata["class_names"] == names
+  assert metadata["platforms"] == ["cpu", "cuda", "tpu"]
+  assert metadata["self_check"]["max_abs_diff_vs_jax"] <= ATOL
+  readme = (output / export.README_NAME).read_text()
+  assert f"step {classifier.step}" in readme and "serving_default" in readme
+  # Parameters are variables (in variables/), not constants folded into the graph.
+  assert {v.name.split(":")[0] for v in loaded.model_variables} >= {
+      "params/Conv_0/kernel", "params/Dense_1/bias"}
+  assert (output / "saved_model.pb").stat().st_size < 200_000
+
+
+def test_batchnorm_and_flip_tta_export(tmp_path):
+  """BatchNorm statistics and flip test-time augmentation survive the export (no training)."""
+  config = config_lib.load_sibling(os.path.join(ROOT, "configs", "default.py"), "default")
+  config.model = "cnn_bn"
+  config.model_kwargs.width = 8
+  config.eval_flip_tta = True
+  model = train.create_model(config, training=False)
+  # Random values of the right shapes (eval_shape: nothing to compile), running statistics
+  # included, so a model that dropped the BatchNorm statistics would differ.
+  shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
+  rng = np.random.default_rng(0)
+  variables = {
+      "params": jax.tree.map(lambda x: rng.normal(0, 0.3, x.shape).astype(np.float32),
+                             shapes["params"]),
+      "batch_stats": jax.tree.map(lambda x: rng.uniform(0.5, 2.0, x.shape).astype(np.float32),
+                                  shapes["batch_stats"])}
+  classifier = inference.Classifier(config=config, model=model, variables=variables, step=123,
+                                    why="test", checkpoint_dir="", batch_size=8)
+  metadata = export.export(classifier, str(tmp_path / "bn"), platforms=["cpu"])
+  assert metadata["flip_tta"] is True and metadata["platforms"] == ["cpu"]
+
+  loaded = tf.saved_model.load(str(tmp_path / "bn"))
+  images = rng.integers(0, 256, size=(6, 28, 28), dtype=np.uint8)
+  expected = classifier.probabilities(images)
+  no_tta = np.asarray(jax.nn.softmax(model.apply(variables, images[..., None] / 255.0), -1))
+  # The TTA changes the numbers by far more than the tolerance: an export without it would fail.
+  assert np.abs(no_tta - expected).max() > 10 * ATOL
+  np.testing.assert_allclose(_serve(loaded, images), expected, atol=ATOL, rtol=0)
+
+
+def test_output_is_never_clobbered(trained_tiny_workdir, tmp_path):
+  classifier = inference.load(trained_tiny_workdir)
+  output = tmp_path / "out"
+  output.mkdir()
+  (output / "notes.txt").write_text("mine")
+  with pytest.raises(UserError, match="not empty; pass --overwrite"):
+    export.export(classifier, str(output))
+  with pytest.raises(UserError, match="holds no fashion_jax export.*refusing"):
+    export.export(classifier, str(output), overwrite=True)
+  assert (output / "notes.txt").read_text() == "mine"
+  with pytest.raises(UserError, match="--platforms=gpu is invalid"):
+    export.export(classifier, str(tmp_path / "other"), platforms=["gpu"])
+
+  # A previous export is replaced with --overwrite, and only then.
+  previous = tmp_path / "previous"
+  export.export(classifier, str(previous), platforms=["cpu"])
+  (previous / "stale.txt").write_text("from the old export")
+  with pytest.raises(UserError, match="not empty"):
+    export.export(classifier, str(previous), platforms=["cpu"])
+  export.export(classifier, str(previous), platforms=["cpu"], overwrite=True)
+  assert not (previous / "stale.txt").exists()
+  assert sorted(os.listdir(tmp_path)) == ["out", "previous"]  # No staging folders left behind.
+  images = _tiny_test_images(trained_tiny_workdir)[:4, :, :, 0]
+  np.testing.assert_allclose(_serve(tf.saved_model.load(str(previous)), images),
+                             classifier.probabilities(images), atol=ATOL, rtol=0)
+
+
+def _one_line_error(proc, *fragments):
+  assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("fashion_jax: error: ")]
+  assert len(errors) == 1, proc.stderr[-2000:]
+  for fragment in fragments:
+    assert fragment in errors[0], errors[0]
+  assert "Traceback" not in proc.stderr
+
+
+def test_cli_missing_workdir(tmp_path):
+  proc = run_module("fashion_jax.export", f"--workdir={tmp_path / 'nope'}",
+                    f"--output={tmp_path / 'out'}")
+  _one_line_error(proc, "does not exist", "--workdir")
+  assert not (tmp_path / "out").exists()
+
+
+def test_cli_existing_output(trained_tiny_workdir, tmp_path):
+  output = tmp_path / "out"
+  output.mkdir()
+  (output / "saved_model.pb").write_bytes(b"someone else's")
+  proc = run_module("fashion_jax.export", f"--workdir={trained_tiny_workdir}", f"--output={output}")
+  _one_line_error(proc, "is not empty", "--overwrite")
+  assert (output / "saved_model.pb").read_bytes() == b"someone else's"
