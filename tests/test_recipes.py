@@ -74,6 +74,25 @@ def test_full_recipe_runs_and_reports_validation(tiny_config, tmp_path):
   assert not np.array_equal(state.ema_params["Dense_1"]["kernel"], state.params["Dense_1"]["kernel"])
 
 
+def test_accelerator_recipe_runs_shrunk_on_cpu(idx_dir, tmp_path):
+  """configs/accelerator_best.py as it is (WRN, bf16, SGD, RE, EMA, TTA), only made small."""
+  from fashion_jax import config_lib
+  from tests.conftest import ROOT
+  config = config_lib.load_sibling(os.path.join(ROOT, "configs", "accelerator_best.py"),
+                                   "accelerator_best")
+  assert config.model == "wrn" and config.random_erasing > 0 and config.compute_dtype == "bfloat16"
+  config.update({"idx_dir": idx_dir, "model_kwargs": {"depth": 10, "width": 1},
+                 "batch_size": 16, "num_train_steps": 8, "warmup_steps": 2, "validation_size": 32,
+                 "eval_batch_size": 50, "eval_every_steps": 4, "log_every_steps": 4,
+                 "checkpoint_every_steps": 4, "tensorboard_samples": 0})
+  workdir = str(tmp_path / "wrn")
+  result = train.train_and_evaluate(config, workdir)
+  assert np.isfinite(result["eval_loss"]) and "val_accuracy" in result
+  state = final_state(config, workdir)
+  assert int(state.step) == 8 and state.ema_params is not None
+  assert jax.tree.leaves(state.batch_stats)
+
+
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
 def test_schedules_peak_at_the_learning_rate(tiny_config, schedule):
   tiny_config.lr_schedule = schedule
