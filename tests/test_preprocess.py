@@ -1,0 +1,341 @@
+"""Tests for fashion_jax.preprocess: file formats and modes, geometry, polarity, round trips.
+
+Most tests draw one 'garment' (tests/photos.py), store it in some format or
+mode, and check that it converts to the same 28x28 image as the plain 8-bit
+grayscale version: the conversion must depend on what the picture shows, not
+on how the file stores it.
+"""
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from PIL import ImageOps
+
+from fashion_jax import idx
+from fashion_jax import preprocess
+from tests import photos
+from tests.conftest import REAL_DATA_ENV
+from tests.conftest import make_images
+
+
+def convert_file(path) -> np.ndarray:
+  return preprocess.to_fashion_mnist(preprocess.load_image(str(path)))
+
+
+def bounding_box(image: np.ndarray) -> tuple[int, int, int, int]:
+  """(top, bottom, left, right) margins of the pixels > 0."""
+  rows = np.flatnonzero(image.max(axis=1))
+  cols = np.flatnonzero(image.max(axis=0))
+  return int(rows[0]), 27 - int(rows[-1]), int(cols[0]), 27 - int(cols[-1])
+
+
+@pytest.fixture(scope="module")
+def drawing():
+  """(gray uint8 [240, 200] garment on white, its expected 28x28 conversion)."""
+  gray = photos.garment()
+  return gray, preprocess.to_fashion_mnist(Image.fromarray(gray))
+
+
+def test_expected_conversion_looks_like_fashion_mnist(drawing):
+  gray, expected = drawing
+  assert expected.dtype == np.uint8 and expected.shape == (28, 28)
+  assert expected.max() == 255  # Stretched like the data set.
+  top, bottom, left, right = bounding_box(expected)
+  assert (top, bottom) == (0, 0)  # The long (vertical) edge fills the frame...
+  assert left >= 2 and right >= 2 and abs(left - right) <= 1  # ...the short one is centred.
+  assert (expected[:, :2] == 0).all() and expected[14, 14] > 100  # Background 0, garment bright.
+  # The lighter stripe stays darker than the body after negation.
+  body, stripe = expected[22, 14], expected[16:18, 14].min()
+  assert stripe < body - 50
+
+
+def _rgba_transparent(gray: np.ndarray) -> Image.Image:
+  """The garment opaque, the background fully transparent with junk colours under it."""
+  rgb = np.repeat(gray[..., None], 3, axis=2)
+  background = gray == 255
+  rgb[background] = np.array([0, 128, 255], np.uint8)  # Only alpha says this is background.
+  alpha = np.where(background, 0, 255).astype(np.uint8)
+  return Image.fromarray(np.dstack([rgb, alpha]))
+
+
+def _palette_transparent(gray: np.ndarray) -> Image.Image:
+  """Palette image: index 0 transparent (and black), 1 and 2 the garment's two grays."""
+  index = np.select([gray == 40, gray == 120], [1, 2], 0).astype(np.uint8)
+  image = Image.fromarray(index, "P")
+  image.putpalette([0, 0, 0, 40, 40, 40, 120, 120, 120])
+  image.info["transparency"] = 0
+  return image
+
+
+def _la_transparent(gray: np.ndarray) -> Image.Image:
+  """Gray + alpha: the background transparent (and black underneath)."""
+  background = gray == 255
+  return Image.fromarray(np.dstack([np.where(background, 0, gray),
+                                    np.where(background, 0, 255)]).astype(np.uint8))
+
+
+def _save(image: Image.Image, path, **kwargs) -> None:
+  image.save(path, **kwargs)
+
+
+# (name, file suffix, writer(gray, path), exact): every way of storing the same garment.
+FORMATS = [
+    ("L_png", ".png", lambda g, p: _save(Image.fromarray(g), p), True),
+    ("RGB_png", ".png", lambda g, p: _save(Image.fromarray(g).convert("RGB"), p), True),
+    ("RGBA_transparent_png", ".png", lambda g, p: _save(_rgba_transparent(g), p), True),
+    ("P_transparent_png", ".png", lambda g, p: _save(_palette_transparent(g), p), True),
+    ("P_transparent_gif", ".gif", lambda g, p: _save(_palette_transparent(g), p), True),
+    ("I16_png", ".png",
+     lambda g, p: _save(Image.fromarray(g.astype(np.uint16) * 257), p), True),
+    ("LA_transparent_png", ".png", lambda g, p: _save(_la_transparent(g), p), True),
+    ("CMYK_tiff", ".tiff", lambda g, p: _save(Image.fromarray(g).convert("CMYK"), p), True),
+    ("RGB_bmp", ".bmp", lambda g, p: _save(Image.fromarray(g).convert("RGB"), p), True),
+    ("RGBA_webp_lossless", ".webp",
+     lambda g, p: _save(_rgba_transparent(g), p, lossless=True, exact=False), True),
+    ("RGB_jpeg", ".jpg",
+     lambda g, p: _save(Image.fromarray(g).convert("RGB"), p, quality=92), False),
+    ("CMYK_jpeg", ".jpg",
+     lambda g, p: _save(Image.fromarray(g).convert("CMYK"), p, quality=92), False),
+]
+
+
+@pytest.mark.parametrize("name,suffix,write,exact", FORMATS, ids=[f[0] for f in FORMATS])
+def test_every_format_and_mode_converts_the_same(tmp_path, drawing, name, suffix, write, exact):
+  gray, expected = drawing
+  path = tmp_path / f"{name}{suffix}"
+  write(gray, path)
+  with Image.open(path) as stored:  # The file really holds the mode under test.
+    mode = name.split("_")[0]
+    # 16-bit gray PNGs open as "I;16" (older Pillow: "I"); both are handled.
+    assert stored.mode in (("I;16", "I") if mode == "I16" else (mode,)), stored.mode
+  got = convert_file(path)
+  assert got.dtype == np.uint8 and got.shape == (28, 28)
+  if exact:
+    np.testing.assert_array_equal(got, expected)
+  else:  # Lossy: close, and the same shape.
+    assert np.abs(got.astype(int) - expected).mean() < 4
+    assert bounding_box(got) == bounding_box(expected)
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+  # Pillow's own I;16 -> L conversion clips (as of Pillow 13): every value here is > 255, so the
+  # garment would vanish in one flat white.
+  gray = photos.garment()
+  sixteen = Image.fromarray(gray.astype(np.uint16) * 257)
+  assert sixteen.mode == "I;16"
+  expected = preprocess.to_fashion_mnist(Image.fromarray(gray))
+  np.testing.assert_array_equal(preprocess.to_fashion_mnist(sixteen), expected)
+  # 32-bit integer ("I") and float ("F", 0..1) gray images, as some TIFF readers produce.
+  as_int32 = Image.fromarray(gray.astype(np.int32) * 257)
+  assert as_int32.mode == "I"
+  np.testing.assert_array_equal(preprocess.to_fashion_mnist(as_int32), expected)
+  as_float = Image.fromarray(gray.astype(np.float32) / 255.0)
+  assert as_float.mode == "F"
+  np.testing.assert_array_equal(preprocess.to_fashion_mnist(as_float), expected)
+
+
+def test_gif_takes_the_first_frame(tmp_path, drawing):
+  gray, expected = drawing
+  first = Image.fromarray(gray)
+  second = Image.fromarray(np.ascontiguousarray(gray[::-1]))  # Upside down.
+  path = tmp_path / "animated.gif"
+  first.save(path, save_all=True, append_images=[second], duration=100, loop=0)
+  with Image.open(path) as stored:
+    assert stored.n_frames == 2
+  np.testing.assert_array_equal(convert_file(path), expected)
+  assert not np.array_equal(preprocess.to_fashion_mnist(second), expected)
+
+
+def test_exif_orientation_is_honoured(tmp_path, drawing):
+  gray, expected = drawing
+  upright = Image.fromarray(gray)
+  # A camera stores the pixels sideways and says "rotate 90 degrees clockwise" (orientation 6).
+  stored = upright.transpose(Image.Transpose.ROTATE_90)
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  path = tmp_path / "phone.jpg"
+  stored.save(path, quality=95, exif=exif)
+  assert ImageOps.exif_transpose(Image.open(path)).size == upright.size
+  got = convert_file(path)
+  assert np.abs(got.astype(int) - expected).mean() < 4
+  top, bottom, _, _ = bounding_box(got)
+  assert top == bottom == 0  # Upright: the tall garment fills the frame vertically.
+  # Without the tag the same pixels would lie on their side.
+  stored.save(tmp_path / "no_exif.jpg", quality=95)
+  _, _, left, right = bounding_box(convert_file(tmp_path / "no_exif.jpg"))
+  assert left == right == 0
+
+
+def test_large_non_square_photos_match_small_ones(drawing):
+  _, expected = drawing
+  for width, height in ((1800, 2160), (3000, 3600)):  # Beyond WORKING_SIZE: reduced first.
+    big = Image.fromarray(photos.garment(width, height))
+    got = preprocess.to_fashion_mnist(big)
+    assert got.dtype == np.uint8 and got.shape == (28, 28)
+    assert np.abs(got.astype(int) - expected).mean() < 6, (width, height)
+    assert bounding_box(got) == bounding_box(expected)
+
+
+def test_dark_on_light_is_negated_light_on_dark_is_not(drawing):
+  gray, expected = drawing
+  # The same garment bright on black (as Fashion-MNIST shows it) converts the same way.
+  np.testing.assert_array_equal(
+      preprocess.to_fashion_mnist(Image.fromarray(255 - gray)), expected)
+  # Object bright, background black in both cases.
+  assert expected[0, 0] == 0 and expected[20, 14] > 150
+  # An off-white or gray studio background also becomes 0, not a gray frame.
+  offwhite = np.where(gray == 255, 228, gray).astype(np.uint8)
+  got = preprocess.to_fashion_mnist(Image.fromarray(offwhite))
+  assert (got[:, :3] == 0).all()
+  assert np.abs(got.astype(int) - expected).mean() < 6
+
+
+def test_white_garment_on_transparent_background_stays_visible(tmp_path):
+  gray = photos.garment()
+  alpha = np.where(gray == 255, 0, 255).astype(np.uint8)
+  white = np.dstack([np.full_like(gray, 250)] * 3 + [alpha])  # Off-white, opaque where drawn.
+  path = tmp_path / "white.png"
+  Image.fromarray(white).save(path)
+  got = convert_file(path)
+  # Flattened onto black (on white it would vanish): the silhouette of the garment.
+  silhouette = np.where(gray == 255, 255, 40).astype(np.uint8)
+  reference = preprocess.to_fashion_mnist(Image.fromarray(silhouette))
+  assert np.abs(got.astype(int) - reference).mean() < 3
+
+
+def test_aspect_ratio_is_preserved():
+  # A tall thin dark bar (400 x 40 on a wider canvas) stays tall and thin.
+  tall = photos.dark_rectangle(500, 300, (50, 130, 450, 170))
+  got = preprocess.to_fashion_mnist(Image.fromarray(tall))
+  top, bottom, left, right = bounding_box(got)
+  assert top == bottom == 0
+  assert 28 - left - right == 3  # round(40 * 28 / 400) = 3 columns wide...
+  assert left == 13 and right == 12  # ...centred, the odd pixel left, as in the data set.
+  # And a wide one stays wide.
+  wide = photos.dark_rectangle(300, 700, (100, 50, 200, 650))
+  top, bottom, left, right = bounding_box(preprocess.to_fashion_mnist(Image.fromarray(wide)))
+  assert left == right == 0
+  assert 28 - top - bottom == 5 and top == 12 and bottom == 11  # round(100 * 28 / 600) = 5.
+
+
+def test_output_is_always_uint8_28x28():
+  rng = np.random.default_rng(0)
+  for height, width in ((1, 1), (1, 500), (3, 2), (28, 28), (29, 27), (60, 1000), (700, 90)):
+    image = np.full((height, width), 255, np.uint8)
+    image[height // 4:max(height // 4 + 1, 3 * height // 4),
+          width // 4:max(width // 4 + 1, 3 * width // 4)] = rng.integers(0, 100)
+    got = preprocess.to_fashion_mnist(Image.fromarray(image))
+    assert got.dtype == np.uint8 and got.shape == (28, 28), (height, width)
+  blank = preprocess.to_fashion_mnist(Image.new("RGB", (300, 200), (250, 250, 250)))
+  assert blank.shape == (28, 28) and not blank.any()
+
+
+def test_noise_specks_do_not_stretch_the_trim(drawing):
+  gray, expected = drawing
+  specked = gray.copy()
+  specked[3, 3:5] = specked[230, 190] = 0  # Black specks (2 px, 1 px) in far corners.
+  got = preprocess.to_fashion_mnist(Image.fromarray(specked))
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_is_pure():
+  image = Image.fromarray(photos.garment())
+  before = np.asarray(image).copy()
+  first = preprocess.to_fashion_mnist(image)
+  np.testing.assert_array_equal(np.asarray(image), before)
+  np.testing.assert_array_equal(preprocess.to_fashion_mnist(image), first)
+
+
+def test_synthetic_28x28_images_round_trip(tmp_path):
+  # The tests' synthetic data set: a bright bar on uniform 0..60 noise, which is wider than the
+  # trim distance, so "differs from the background" includes noise on both sides of it.
+  images = make_images(np.arange(200) % 10, seed=100)
+  for image in images:
+    np.testing.assert_array_equal(preprocess.to_fashion_mnist(Image.fromarray(image)), image)
+    inverted = Image.fromarray(255 - image).convert("RGB")
+    np.testing.assert_array_equal(preprocess.to_fashion_mnist(inverted), image)
+  for i, image in enumerate(images[:5]):  # And through files.
+    Image.fromarray(image).save(tmp_path / f"{i}.png")
+    Image.fromarray(255 - image).convert("RGB").save(tmp_path / f"{i}_inverted.png")
+    np.testing.assert_array_equal(convert_file(tmp_path / f"{i}.png"), image)
+    np.testing.assert_array_equal(convert_file(tmp_path / f"{i}_inverted.png"), image)
+
+
+def test_mid_gray_background_polarity_follows_the_object(drawing):
+  gray, _ = drawing
+  darker = np.where(gray == 255, 128, gray // 3).astype(np.uint8)  # Garment 13/40 on 128.
+  lighter = np.where(gray == 255, 128, 255 - gray // 3).astype(np.uint8)  # The opposite.
+  for image in (darker, lighter):
+    got = preprocess.to_fashion_mnist(Image.fromarray(image))
+    assert got[:, :3].max() == 0 and got[20, 14] > 150  # Garment bright, background black.
+
+
+def test_load_image_errors(tmp_path):
+  text = tmp_path / "notes.txt"
+  text.write_text("not an image\n")
+  with pytest.raises(preprocess.ImageError, match="not an image file"):
+    preprocess.load_image(str(text))
+  buffer = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
+      buffer, "PNG")
+  truncated = tmp_path / "truncated.png"
+  truncated.write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+  with pytest.raises(preprocess.ImageError, match="truncated"):
+    preprocess.load_image(str(truncated))
+  with pytest.raises(preprocess.ImageError, match="cannot open"):
+    preprocess.load_image(str(tmp_path / "missing.png"))
+
+
+def test_is_image_filename():
+  assert preprocess.is_image_filename("a/b/Photo.JPG")
+  assert preprocess.is_image_filename("x.webp") and preprocess.is_image_filename("x.tiff")
+  assert not preprocess.is_image_filename("notes.txt")
+  assert not preprocess.is_image_filename("png")
+
+
+@pytest.fixture(scope="module")
+def real_test_images():
+  """The real test split (module-scoped: conftest's real_idx_dir is per test)."""
+  folder = os.environ.get(REAL_DATA_ENV, "")
+  if not folder:
+    pytest.skip(f"{REAL_DATA_ENV} is not set: no real Fashion-MNIST IDX folder to check against")
+  images, labels = idx.load_split(folder, "test")
+  return images[..., 0], labels
+
+
+@pytest.mark.real_data
+def test_real_geometry_is_what_the_docstring_says(real_test_images):
+  """The measurements preprocess.py is built on, re-checked on the real test split."""
+  images, _ = real_test_images
+  n = len(images)
+  rows = images.max(axis=2) > 0
+  cols = images.max(axis=1) > 0
+  first_row, last_row = rows.argmax(1), 27 - rows[:, ::-1].argmax(1)
+  first_col, last_col = cols.argmax(1), 27 - cols[:, ::-1].argmax(1)
+  height, width = last_row - first_row + 1, last_col - first_col + 1
+  long_edge = np.maximum(height, width)
+  assert (long_edge == 28).mean() > 0.97  # Measured 98.4%: trimmed tight, longest edge 28.
+  # Short edge centred, an odd leftover pixel on the left/top (never the other way round).
+  tall = height >= width
+  difference = np.where(tall, first_col - (27 - last_col), first_row - (27 - last_row))
+  assert np.isin(difference, [0, 1]).mean() > 0.99
+  peaks = images.reshape(n, -1).max(axis=1)
+  assert (peaks == 255).mean() > 0.9 and (peaks >= 254).mean() > 0.98  # Stretched to 255.
+  assert np.median((images.reshape(n, -1) == 255).sum(axis=1)) <= 2  # ...not clipped.
+  assert (images == 0).mean() > 0.45  # A black background.
+
+
+@pytest.mark.real_data
+def test_real_images_round_trip(real_test_images, tmp_path):
+  images, _ = real_test_images
+  subset = images[::10]  # 1,000 images, every class.
+  for image in subset:
+    np.testing.assert_array_equal(preprocess.to_fashion_mnist(Image.fromarray(image)), image)
+    inverted = Image.fromarray(255 - image).convert("RGB")  # Dark on light, as RGB.
+    np.testing.assert_array_equal(preprocess.to_fashion_mnist(inverted), image)
+  for i, image in enumerate(subset[:20]):  # And through files.
+    Image.fromarray(image).save(tmp_path / f"{i}.png")
+    np.testing.assert_array_equal(convert_file(tmp_path / f"{i}.png"), image)
