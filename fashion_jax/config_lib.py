@@ -20,6 +20,12 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 
 
+# Keys added to configs/default.py after runs were already being saved, with the
+# default value, so a run's config.json from an older version still loads (for
+# predict/evaluate/export). Append here whenever a key is added to default.py.
+ADDED_KEYS = {"progress_bar": "auto", "tensorboard_samples": 16}
+
+
 def load_sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
   """Returns `get_config()` of `<name>.py` in the folder of `config_file`.
 

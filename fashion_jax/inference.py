@@ -54,6 +54,8 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   except (OSError, json.JSONDecodeError) as e:
     raise UserError(f"cannot read {path} ({e}); it should be the JSON written by training") from e
   values.pop("_derived", None)
+  for key, value in config_lib.ADDED_KEYS.items():
+    values.setdefault(key, value)
   config = ml_collections.ConfigDict(values)
   try:
     config_lib.validate(config)

@@ -1,0 +1,73 @@
+"""Loading a trained run for inference: which checkpoint, older config files, bad workdirs."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from fashion_jax import config_lib, idx, inference
+from fashion_jax.errors import UserError
+from tests.conftest import ROOT
+
+
+def _test_images(workdir):
+  folder = os.path.join(os.path.dirname(workdir), "idx")
+  images = idx.read_idx(os.path.join(folder, idx.FILES["test"][0] + ".gz"))
+  labels = idx.read_idx(os.path.join(folder, idx.FILES["test"][1] + ".gz"))
+  return images, labels
+
+
+def test_loads_best_checkpoint_by_validation_accuracy(trained_tiny_workdir):
+  classifier = inference.load(trained_tiny_workdir)
+  with open(os.path.join(trained_tiny_workdir, "metrics.jsonl")) as f:
+    val = {r["step"]: r["val_accuracy"] for r in map(json.loads, f) if "val_accuracy" in r}
+  best = max(val.values())
+  assert classifier.step == max(s for s, a in val.items() if a == best)
+  assert "validation" in classifier.why
+  images, labels = _test_images(trained_tiny_workdir)
+  probabilities = classifier.probabilities(images)
+  assert probabilities.shape == (len(images), 10)
+  np.testing.assert_allclose(probabilities.sum(1), 1.0, rtol=1e-5)
+  assert (probabilities.argmax(1) == labels).mean() > 0.5  # Synthetic bars; chance is 0.1.
+  # Batching (with padding) does not change results.
+  np.testing.assert_allclose(classifier.probabilities(images[:7]), probabilities[:7], atol=1e-6)
+
+
+def test_choose_step_without_validation_takes_the_latest(tmp_path):
+  assert inference.choose_step(str(tmp_path), [10, 30, 20])[0] == 30
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    for step, accuracy in ((10, 0.8), (20, 0.9), (30, 0.85)):
+      f.write(json.dumps({"step": step, "eval_accuracy": 0.99, "val_accuracy": accuracy}) + "\n")
+  assert inference.choose_step(str(tmp_path), [10, 20, 30])[0] == 20
+  assert inference.choose_step(str(tmp_path), [10, 30])[0] == 30  # 20 no longer kept.
+  with pytest.raises(UserError, match="no checkpoint"):
+    inference.choose_step(str(tmp_path), [])
+
+
+def test_config_of_an_older_version_still_loads(trained_tiny_workdir, tmp_path):
+  workdir = str(tmp_path / "old")
+  shutil.copytree(trained_tiny_workdir, workdir)
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    values = json.load(f)
+  for key in config_lib.ADDED_KEYS:
+    del values[key]
+  with open(path, "w") as f:
+    json.dump(values, f)
+  assert inference.load(workdir).step > 0
+
+
+def test_added_keys_match_the_default_config():
+  defaults = config_lib.load_sibling(os.path.join(ROOT, "configs", "default.py"), "default")
+  for key, value in config_lib.ADDED_KEYS.items():
+    assert defaults[key] == value, key
+
+
+def test_bad_workdirs_are_user_errors(tmp_path):
+  with pytest.raises(UserError, match="does not exist"):
+    inference.load(str(tmp_path / "missing"))
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(UserError, match="not a fashion_jax training run"):
+    inference.load(str(tmp_path / "empty"))
