@@ -70,11 +70,7 @@ class Checkpointer:
           f"{needed >> 20} MB needed; free some space (or use another --workdir) and re-run to "
           f"resume from the last checkpoint (step {self.latest_step()}), which is intact")
 
-  def restore(self, step: int, abstract_state, description: dict):
-    """Restores `step` into the structure/shardings of `abstract_state`.
-
-    Raises UserError if the checkpoint belongs to a different model or shape.
-    """
+  def _check_description(self, step: int, description: dict) -> None:
     stored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     where = os.path.join(self.directory, str(step))
     if stored.get("model") != description["model"]:
@@ -91,6 +87,31 @@ class Checkpointer:
           f"{stored.get('param_shapes', {}).get(first)} vs config "
           f"{description['param_shapes'].get(first)}); use a new --workdir or the config it "
           "was trained with")
+
+  def restore_weights(self, step: int, description: dict) -> dict:
+    """What inference needs -- params, batch_stats, ema_params -- onto the first local device.
+
+    Reads the checkpoint in the structure it was saved with, so the
+    optimizer state of older versions or other optimizers does not matter;
+    the model and parameter shapes are checked as in `restore`.
+    """
+    self._check_description(step, description)
+    metadata = self._manager.item_metadata(step)["state"]
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = {key: jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata[key])
+                for key in metadata.keys()}
+    state = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract))).state
+    return {key: state.get(key) for key in ("params", "batch_stats", "ema_params")}
+
+  def restore(self, step: int, abstract_state, description: dict):
+    """Restores `step` into the structure/shardings of `abstract_state`.
+
+    Raises UserError if the checkpoint belongs to a different model or shape.
+    """
+    self._check_description(step, description)
+    where = os.path.join(self.directory, str(step))
     stored_tree = self._manager.item_metadata(step)
     stored_keys = _tree_paths(stored_tree["state"]) if stored_tree.get("state") is not None else None
     wanted_keys = _tree_paths(abstract_state)

@@ -95,6 +95,11 @@ def choose_step(workdir: str, steps: list[int]) -> tuple[int, str]:
 
 
 @dataclasses.dataclass
+class _Params:
+  params: Any  # What checkpointing.describe_state reads.
+
+
+@dataclasses.dataclass
 class Classifier:
   """A trained model: `probabilities(uint8 images) -> [N, 10]`, jitted, fixed-size batches."""
   config: ml_collections.ConfigDict
@@ -161,15 +166,11 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256) -> Classi
     else:
       why = "requested with --step"
     model = train.create_model(config)
-    tx = train.create_optimizer(config)
-    init = jax.eval_shape(functools.partial(train.create_train_state, model, tx, config.seed,
-                                            ema=config.ema_decay > 0))
-    description = checkpointing.describe_state(config.model, init)
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                            init)
+    params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                            jax.ShapeDtypeStruct((1,) + train.IMAGE_SHAPE, jnp.float32))["params"]
+    description = checkpointing.describe_state(config.model, _Params(params))
     try:
-      state = checkpointer.restore(step, abstract, description)
+      weights = checkpointer.restore_weights(step, description)
     except UserError:
       raise
     except Exception as e:  # pylint: disable=broad-except  (tensorstore/OS/parse errors)
@@ -178,10 +179,10 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256) -> Classi
                       "pass --step with another checkpoint, or re-train") from e
   finally:
     checkpointer.close()
-  params = state.ema_params if state.ema_params is not None else state.params
+  params = weights["ema_params"] if weights["ema_params"] is not None else weights["params"]
   variables = {"params": params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
+  if weights["batch_stats"]:
+    variables["batch_stats"] = weights["batch_stats"]
   return Classifier(config=config, model=train.create_model(config, training=False),
                     variables=variables, step=int(step), why=why,
                     checkpoint_dir=os.path.join(directory, str(step)), batch_size=batch_size)
