@@ -18,7 +18,10 @@ from tests.conftest import ROOT, run_module
 from tests.multidevice_check import final_state
 from fashion_jax import config_lib
 
-KILL_POINTS = ["step:7", "step:15", "save:20", "step:33", "save:40"]
+# Between checkpoints (step:15, step:33) is the same situation as before the first one
+# (step:7) with a checkpoint to resume from; those two run with -m slow (the suite's time budget).
+KILL_POINTS = ["step:7", pytest.param("step:15", marks=pytest.mark.slow), "save:20",
+               pytest.param("step:33", marks=pytest.mark.slow), "save:40"]
 
 
 def _flags(idx_dir, workdir):

@@ -12,7 +12,8 @@ import pytest
 from tests.conftest import ROOT
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+# SIGINT takes the same path as SIGTERM; it runs with -m slow (the suite's time budget).
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_signal_saves_and_resumes(tmp_path, idx_dir, sig):
   workdir = tmp_path / "run"
   args = [sys.executable, "-m", "fashion_jax.main", "--config=configs/tiny.py",

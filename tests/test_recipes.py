@@ -13,8 +13,8 @@ from fashion_jax.errors import UserError
 from tests.multidevice_check import final_state
 
 
-@pytest.mark.parametrize("name,kwargs", [("cnn_bn", {}), ("resnet", {}),
-                                         ("wrn", {"depth": 10, "width": 1})])
+# "wrn" itself is covered by test_accelerator_recipe_runs_shrunk_on_cpu.
+@pytest.mark.parametrize("name,kwargs", [("cnn_bn", {}), ("resnet", {})])
 def test_models_train_with_batchnorm_state(tiny_config, tmp_path, name, kwargs):
   tiny_config.model = name
   tiny_config.model_kwargs = kwargs
@@ -90,7 +90,8 @@ def test_accelerator_recipe_runs_shrunk_on_cpu(idx_dir, tmp_path):
   assert np.isfinite(result["eval_loss"]) and "val_accuracy" in result
   state = final_state(config, workdir)
   assert int(state.step) == 8 and state.ema_params is not None
-  assert jax.tree.leaves(state.batch_stats)
+  stats = jax.tree.leaves(state.batch_stats)
+  assert stats and any(np.abs(s).max() > 0 for s in stats)  # Running stats were updated.
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
