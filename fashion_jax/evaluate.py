@@ -40,6 +40,8 @@ import numpy as np
 
 import fashion_jax  # Records the process start time first.
 from fashion_jax import cli
+from fashion_jax import errors
+from fashion_jax import metric_writers
 from fashion_jax import runtime
 from fashion_jax.errors import UserError
 
@@ -186,33 +188,14 @@ def _test_data(config, idx_dir: str | None, data_dir: str | None):
 
 def _training_eval(workdir: str, step: int) -> dict[str, Any] | None:
   """What training's own evaluation logged at `step` (the last such line), if anything."""
-  path = os.path.join(workdir, "metrics.jsonl")
   found = None
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        if record.get("step") == step and "eval_accuracy" in record:
-          found = {"step": step, "eval_accuracy": record["eval_accuracy"],
-                   "eval_loss": record.get("eval_loss")}
+  for record in metric_writers.read_lines(workdir):
+    if record.get("step") == step and "eval_accuracy" in record:
+      found = {"step": step, "eval_accuracy": record["eval_accuracy"],
+               "eval_loss": record.get("eval_loss")}
   return found
 
 
-def _writable_dir(path: str) -> str:
-  path = os.path.abspath(os.path.expanduser(path))
-  try:
-    os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f".write_test_{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f"--output_dir {path!r} is not writable ({e.strerror}); pass another "
-                    "--output_dir") from e
-  return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +220,8 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
   # The run's eval batch: the same compiled shape as training's evaluation, hence the same
   # logits, bit for bit, and the same accuracy.
   classifier = dataclasses.replace(classifier, batch_size=int(classifier.config.eval_batch_size))
-  output_dir = _writable_dir(output_dir or os.path.join(workdir, "evaluation"))
+  output_dir = errors.ensure_writable_dir(output_dir or os.path.join(workdir, "evaluation"),
+                                         "--output_dir")
   split, source = _test_data(classifier.config, idx_dir, data_dir)
   load_seconds = time.perf_counter() - t0
 

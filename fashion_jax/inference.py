@@ -27,6 +27,7 @@ import numpy as np
 
 from fashion_jax import checkpointing
 from fashion_jax import config_lib
+from fashion_jax import metric_writers
 from fashion_jax.errors import UserError
 
 # Fashion-MNIST's label names, in label order (as in the dataset's README and tfds).
@@ -66,19 +67,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def _eval_accuracies(workdir: str, key: str) -> dict[int, float]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  found = {}
-  if not os.path.exists(path):
-    return found
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if key in record:
-        found[int(record["step"])] = float(record[key])
-  return found
+  return {int(r["step"]): float(r[key]) for r in metric_writers.read_lines(workdir) if key in r}
 
 
 def choose_step(workdir: str, steps: list[int]) -> tuple[int, str]:

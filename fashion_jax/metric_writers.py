@@ -8,6 +8,20 @@ import os
 import fashion_jax
 
 
+def read_lines(workdir: str) -> list[dict]:
+  """The records of `<workdir>/metrics.jsonl` ([] if none); a line cut short by a kill is skipped."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  records = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:
+          continue
+  return records
+
+
 class MetricWriter:
   """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard.
 

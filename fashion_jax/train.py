@@ -24,6 +24,7 @@ import fashion_jax
 from fashion_jax import augment
 from fashion_jax import checkpointing
 from fashion_jax import config_lib
+from fashion_jax import errors
 from fashion_jax import faults
 from fashion_jax import input_pipeline
 from fashion_jax import metric_writers
@@ -248,18 +249,6 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-def _check_workdir(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f"workdir {workdir!r} is not writable ({e.strerror}); pass a --workdir you "
-                    "can write to") from e
-
-
 def _write_config(workdir: str, config: ml_collections.ConfigDict, derived: dict) -> None:
   resolved = json.loads(config.to_json_best_effort())
   resolved["_derived"] = derived
@@ -327,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   config_lib.validate(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  _check_workdir(workdir)
+  errors.ensure_writable_dir(workdir, "--workdir")
   parallel = parallel_lib.Parallel(config.parallelism)
   batch_split = parallel.check_batch(config.batch_size, "batch_size")
   is_lead = parallel.process_index == 0

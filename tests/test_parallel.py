@@ -18,22 +18,20 @@ def _run_check(tmp_path, idx_dir, devices, *modes):
 
 
 def test_mesh_and_pmap_match_one_device(tmp_path, idx_dir):
-  result = _run_check(tmp_path, idx_dir, 8, "none", "mesh", "pmap")
-  assert result["device_count"] == 8
+  """4 devices, a BatchNorm model: every mode computes what one device computes.
+
+  BatchNorm makes this strict: under pmap the batch statistics must come from
+  the global batch (synchronised BatchNorm), or the losses differ at once
+  (1.19 vs 1.07 at the first log line without it).
+  """
+  result = _run_check(tmp_path, idx_dir, 4, "model=cnn_bn", "none", "mesh", "pmap")
+  assert result["device_count"] == 4
   reference = result["none"]
   for mode in ("mesh", "pmap"):
-    assert result[mode]["max_param_diff"] < 1e-5, (mode, result[mode])
-    assert result[mode]["losses"] == pytest.approx(reference["losses"], rel=1e-5)
-    assert result[mode]["eval_accuracy"] == reference["eval_accuracy"]
-
-
-def test_batchnorm_is_synchronised_across_devices(tmp_path, idx_dir):
-  """cnn_bn on 2 devices: batch statistics over the global batch in every mode (as on one)."""
-  result = _run_check(tmp_path, idx_dir, 2, "model=cnn_bn", "none", "mesh", "pmap")
-  for mode in ("mesh", "pmap"):
+    assert result[mode]["losses"] == pytest.approx(reference["losses"], rel=2e-3), mode
     assert result[mode]["max_param_diff"] < 2e-3, (mode, result[mode])  # Unsynced pmap: ~3e-2.
     assert result[mode]["max_batch_stats_rel_diff"] < 1e-2, (mode, result[mode])  # Unsynced: ~1.
-    assert result[mode]["losses"] == pytest.approx(result["none"]["losses"], rel=1e-4)
+    assert result[mode]["eval_accuracy"] == reference["eval_accuracy"]
 
 
 def test_batch_must_divide_by_devices():
