@@ -13,8 +13,10 @@ from fashion_jax.errors import UserError
 from tests.multidevice_check import final_state
 
 
-# "wrn" itself is covered by test_accelerator_recipe_runs_shrunk_on_cpu.
-@pytest.mark.parametrize("name,kwargs", [("cnn_bn", {}), ("resnet", {})])
+# "wrn" is covered by test_accelerator_recipe_runs_shrunk_on_cpu, and "resnet" is the same
+# WideResNet class at another depth/width, so it runs with -m slow (the suite's time budget).
+@pytest.mark.parametrize("name,kwargs", [("cnn_bn", {}),
+                                         pytest.param("resnet", {}, marks=pytest.mark.slow)])
 def test_models_train_with_batchnorm_state(tiny_config, tmp_path, name, kwargs):
   tiny_config.model = name
   tiny_config.model_kwargs = kwargs
