@@ -104,3 +104,13 @@ def trained_real_workdir(tmp_path_factory):
   config.eval_every_steps = -1
   config.checkpoint_every_steps = 468
   return _train_in_process(config, str(tmp_path_factory.mktemp("trained_real") / "workdir"))
+
+
+def assert_one_line_error(proc, *fragments):
+  """A usage error: exit 2, exactly one `fashion_jax: error:` line holding each fragment."""
+  assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("fashion_jax: error: ")]
+  assert len(errors) == 1, proc.stderr[-2000:]
+  for fragment in fragments:
+    assert fragment in errors[0], errors[0]
+  assert "Traceback" not in proc.stderr

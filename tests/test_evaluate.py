@@ -12,6 +12,7 @@ from fashion_jax import evaluate
 from fashion_jax import idx
 from fashion_jax.errors import UserError
 from tests.conftest import make_images
+from tests.conftest import assert_one_line_error
 from tests.conftest import run_module
 
 JSON_KEYS = {"model", "workdir", "checkpoint", "data", "counts", "accuracy", "loss", "class_names",
@@ -180,18 +181,9 @@ def test_cli_on_real_run_matches_training_eval(trained_real_workdir, tmp_path):
   _check_png(output_dir / "mistakes.png", min_side=800)
 
 
-def _one_line_error(proc, *fragments):
-  assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("fashion_jax: error: ")]
-  assert len(errors) == 1, proc.stderr[-2000:]
-  for fragment in fragments:
-    assert fragment in errors[0], errors[0]
-  assert "Traceback" not in proc.stderr
-
-
 def test_cli_missing_workdir(tmp_path):
   proc = run_module("fashion_jax.evaluate", f"--workdir={tmp_path / 'nope'}")
-  _one_line_error(proc, "does not exist", "--workdir")
+  assert_one_line_error(proc, "does not exist", "--workdir")
 
 
 def test_cli_no_checkpoint(trained_tiny_workdir, tmp_path):
@@ -200,7 +192,7 @@ def test_cli_no_checkpoint(trained_tiny_workdir, tmp_path):
   shutil.copy(os.path.join(trained_tiny_workdir, "config.json"), workdir)
   (workdir / "checkpoints").mkdir()
   proc = run_module("fashion_jax.evaluate", f"--workdir={workdir}")
-  _one_line_error(proc, "no checkpoint", "train first")
+  assert_one_line_error(proc, "no checkpoint", "train first")
 
 
 def test_user_errors(trained_tiny_workdir, tmp_path):

@@ -15,6 +15,7 @@ from fashion_jax import input_pipeline
 from fashion_jax import train
 from fashion_jax.errors import UserError
 from tests.conftest import ROOT
+from tests.conftest import assert_one_line_error
 from tests.conftest import run_module
 
 ATOL = 1e-5
@@ -138,19 +139,10 @@ def test_output_is_never_clobbered(trained_tiny_workdir, tmp_path):
                              classifier.probabilities(images), atol=ATOL, rtol=0)
 
 
-def _one_line_error(proc, *fragments):
-  assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("fashion_jax: error: ")]
-  assert len(errors) == 1, proc.stderr[-2000:]
-  for fragment in fragments:
-    assert fragment in errors[0], errors[0]
-  assert "Traceback" not in proc.stderr
-
-
 def test_cli_missing_workdir(tmp_path):
   proc = run_module("fashion_jax.export", f"--workdir={tmp_path / 'nope'}",
                     f"--output={tmp_path / 'out'}")
-  _one_line_error(proc, "does not exist", "--workdir")
+  assert_one_line_error(proc, "does not exist", "--workdir")
   assert not (tmp_path / "out").exists()
 
 
@@ -159,5 +151,5 @@ def test_cli_existing_output(trained_tiny_workdir, tmp_path):
   output.mkdir()
   (output / "saved_model.pb").write_bytes(b"someone else's")
   proc = run_module("fashion_jax.export", f"--workdir={trained_tiny_workdir}", f"--output={output}")
-  _one_line_error(proc, "is not empty", "--overwrite")
+  assert_one_line_error(proc, "is not empty", "--overwrite")
   assert (output / "saved_model.pb").read_bytes() == b"someone else's"
