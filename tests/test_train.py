@@ -177,8 +177,6 @@ def test_real_fashion_mnist_learns(trained_real_workdir):
   assert losses[-1] < losses[0] and losses[-1] < 0.5, losses  # Chance level is ln 10 = 2.3.
 
 
-# Orbax leaves a coroutine of the failed read un-awaited; that is the corruption being tested.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_unreadable_latest_checkpoint_falls_back_and_is_kept(tiny_config, tmp_path):
   """A truncated latest checkpoint: warning, resume from the previous one, nothing deleted."""
   straight, damaged = str(tmp_path / "straight"), str(tmp_path / "damaged")
