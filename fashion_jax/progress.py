@@ -46,6 +46,10 @@ class Bar:
                        file=sys.stderr, smoothing=0.1)
 
   @property
+  def count(self) -> int:
+    return self._bar.n if self._bar is not None else 0
+
+  @property
   def enabled(self) -> bool:
     return self._bar is not None
 

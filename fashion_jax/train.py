@@ -281,7 +281,7 @@ class Evaluator:
                                                self.parallel.process_count):
         metrics = self._step(state, self.parallel.put_batch(batch))
         total = metrics if total is None else jax.tree.map(jnp.add, total, metrics)
-        bar.update(self.batch_size)
+        bar.update(min(self.batch_size, len(self.split) - bar.count))  # The last batch is padded.
     return self.parallel.fetch(total)
 
 
