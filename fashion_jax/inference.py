@@ -28,6 +28,7 @@ import numpy as np
 from fashion_jax import checkpointing
 from fashion_jax import config_lib
 from fashion_jax import metric_writers
+from fashion_jax import train
 from fashion_jax.errors import UserError
 
 # Fashion-MNIST's label names, in label order (as in the dataset's README and tfds).
@@ -107,11 +108,7 @@ class Classifier:
     """Logits of uint8 images [N, 28, 28] or [N, 28, 28, 1]; pure, so it can be jitted/exported."""
     if images.ndim == 3:
       images = images[..., None]
-    x = images.astype(jnp.float32) * (1.0 / 255.0)
-    logits = self.model.apply(variables, x, train=False)
-    if self.config.eval_flip_tta:
-      logits = 0.5 * (logits + self.model.apply(variables, x[:, :, ::-1, :], train=False))
-    return logits
+    return train.eval_logits(self.model, variables, images, self.config.eval_flip_tta)
 
   @functools.cached_property
   def _jitted_logits(self):
@@ -137,7 +134,6 @@ class Classifier:
 
 def load(workdir: str, step: int | None = None, batch_size: int = 256) -> Classifier:
   """Loads a training run's model and checkpoint (`step`, else the best/latest one)."""
-  from fashion_jax import train  # pylint: disable=g-import-not-at-top  (import cycle)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   config = load_run_config(workdir)
   directory = os.path.join(workdir, "checkpoints")
@@ -168,10 +164,6 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256) -> Classi
                       "pass --step with another checkpoint, or re-train") from e
   finally:
     checkpointer.close()
-  params = weights["ema_params"] if weights["ema_params"] is not None else weights["params"]
-  variables = {"params": params}
-  if weights["batch_stats"]:
-    variables["batch_stats"] = weights["batch_stats"]
   return Classifier(config=config, model=train.create_model(config, training=False),
-                    variables=variables, step=int(step), why=why,
+                    variables=train.eval_variables(**weights), step=int(step), why=why,
                     checkpoint_dir=os.path.join(directory, str(step)), batch_size=batch_size)

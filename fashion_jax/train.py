@@ -198,6 +198,27 @@ def multi_train_step(state: TrainState, batches, *, axis_name: str | None = None
   return state, combine_metrics(metrics)
 
 
+def eval_variables(params, batch_stats=None, ema_params=None) -> dict:
+  """The variables evaluation uses: the EMA parameters when kept, and BatchNorm statistics."""
+  variables = {"params": ema_params if ema_params is not None else params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  return variables
+
+
+def eval_logits(model: nn.Module, variables: dict, images: jax.Array,
+                flip_tta: bool = False) -> jax.Array:
+  """Logits of uint8 images [N, 28, 28, 1], as evaluation (and inference) computes them.
+
+  With `flip_tta` the logits of each image and its mirror image are averaged.
+  """
+  x = _scale(images)
+  logits = model.apply(variables, x, train=False)
+  if flip_tta:
+    logits = 0.5 * (logits + model.apply(variables, x[:, :, ::-1, :], train=False))
+  return logits
+
+
 def eval_step(state: TrainState, batch, *, model: nn.Module, flip_tta: bool = False,
               axis_name: str | None = None):
   """Masked sums of loss and correct predictions over one (padded) eval batch.
@@ -205,14 +226,8 @@ def eval_step(state: TrainState, batch, *, model: nn.Module, flip_tta: bool = Fa
   Uses the EMA parameters when the state has them; with `flip_tta` the logits
   of each image and its mirror image are averaged.
   """
-  params = state.ema_params if state.ema_params is not None else state.params
-  variables = {"params": params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
-  images = _scale(batch["image"])
-  logits = model.apply(variables, images, train=False)
-  if flip_tta:
-    logits = 0.5 * (logits + model.apply(variables, images[:, :, ::-1, :], train=False))
+  variables = eval_variables(state.params, state.batch_stats, state.ema_params)
+  logits = eval_logits(model, variables, batch["image"], flip_tta)
   mask = batch["mask"]
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
@@ -297,13 +312,11 @@ class SamplePredictions:
     self.images, self.labels = split.images[:count], split.labels[:count]
     self.parallel, self.class_names = parallel, class_names
     self._apply = jax.jit(lambda variables, images: jax.nn.softmax(
-        model.apply(variables, _scale(images), train=False)))
+        eval_logits(model, variables, images)))
 
   def __call__(self, state):
-    params = state.ema_params if state.ema_params is not None else state.params
-    variables = {"params": self.parallel.fetch(params)}
-    if state.batch_stats:
-      variables["batch_stats"] = self.parallel.fetch(state.batch_stats)
+    variables = self.parallel.fetch(eval_variables(state.params, state.batch_stats,
+                                                   state.ema_params))
     probabilities = np.asarray(self._apply(variables, self.images))
     return metric_writers.prediction_figure(self.images, self.labels, probabilities,
                                             self.class_names)
