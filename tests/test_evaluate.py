@@ -186,19 +186,22 @@ def test_cli_missing_workdir(tmp_path):
   assert_one_line_error(proc, "does not exist", "--workdir")
 
 
+def _config_only(trained_workdir, folder):
+  """A workdir holding only a run's config.json: training never got to a checkpoint."""
+  folder.mkdir()
+  shutil.copy(os.path.join(trained_workdir, "config.json"), folder)
+  return folder
+
+
 def test_cli_no_checkpoint(trained_tiny_workdir, tmp_path):
-  workdir = tmp_path / "untrained"
-  workdir.mkdir()
-  shutil.copy(os.path.join(trained_tiny_workdir, "config.json"), workdir)
+  workdir = _config_only(trained_tiny_workdir, tmp_path / "untrained")
   (workdir / "checkpoints").mkdir()
   proc = run_module("fashion_jax.evaluate", f"--workdir={workdir}")
   assert_one_line_error(proc, "no checkpoint", "train first")
 
 
 def test_user_errors(trained_tiny_workdir, tmp_path):
-  workdir = tmp_path / "no_checkpoints"
-  workdir.mkdir()
-  shutil.copy(os.path.join(trained_tiny_workdir, "config.json"), workdir)
+  workdir = _config_only(trained_tiny_workdir, tmp_path / "no_checkpoints")
   with pytest.raises(UserError, match="no checkpoints folder"):
     evaluate.evaluate(str(workdir))
   with pytest.raises(UserError, match="no checkpoint at step 7.*available: 10, 20"):
