@@ -31,8 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = "cnn"
   config.model_kwargs = ml_collections.ConfigDict()  # e.g. depth/width for "wrn".
   config.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32).
-  config.conv_impl = "auto"  # auto | xla | im2col ("auto": im2col on CPU, xla elsewhere).
-  config.pool_impl = "auto"  # auto | xla | reshape.
+  # How convolutions are computed: auto | xla | im2col | winograd. "auto": XLA's own on TPU/GPU;
+  # on CPU Winograd for a conv+pool pair with >= 8 input channels, else im2col (BENCHMARKS.md).
+  config.conv_impl = "auto"
+  config.pool_impl = "auto"  # auto | xla | reshape | select (max-pooling not fused with a conv).
 
   # Optimisation.
   config.optimizer = "adam"  # adam | adamw | sgd (Nesterov momentum).

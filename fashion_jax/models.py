@@ -24,8 +24,31 @@ from fashion_jax import ops
 
 
 def _conv_fn(conv_impl: str):
+  """The convolution for convs not followed by a pool ("winograd" is only fused with a pool)."""
   impl = ops.resolve_impl(conv_impl, ops.CONV_IMPLS, fast="im2col")
-  return ops.conv_general_dilated_im2col if impl == "im2col" else lax.conv_general_dilated
+  if impl in ("im2col", "winograd"):
+    return ops.conv_general_dilated_im2col
+  return lax.conv_general_dilated
+
+
+class _ConvPool(nn.Module):
+  """Conv(features, 3x3, VALID) with bias, then 2x2 max-pooling, as one op.
+
+  Its parameters are exactly `nn.Conv`'s (kernel HWIO, bias; same initializers),
+  so given nn.Conv's name it is checkpoint-compatible with Conv + pool.
+  """
+  features: int
+  conv_impl: str
+  pool_impl: str
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (3, 3, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return ops.conv_pool(x, kernel, bias, self.conv_impl, self.pool_impl)
 
 
 class CNN(nn.Module):
@@ -35,7 +58,8 @@ class CNN(nn.Module):
   MaxPool 2 -> Flatten -> Dense 128+ReLU -> Dense 10.
 
   ReLU and max-pooling commute (ReLU is monotone), so the pool runs first and
-  the ReLU touches a quarter of the values; the result is identical.
+  the ReLU touches a quarter of the values; the result is identical. Each
+  conv+pool pair is one op (`ops.conv_pool`), so it can be fused (Winograd).
   """
   num_classes: int = 10
   conv_impl: str = "auto"
@@ -45,12 +69,11 @@ class CNN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding="VALID", dtype=self.dtype,
-                             conv_general_dilated=_conv_fn(self.conv_impl))
-    pool = functools.partial(ops.max_pool_2x2, impl=self.pool_impl)
+    conv_pool = functools.partial(_ConvPool, conv_impl=self.conv_impl, pool_impl=self.pool_impl,
+                                  dtype=self.dtype)
     x = x.astype(self.dtype)
-    x = nn.relu(pool(conv(32)(x)))
-    x = nn.relu(pool(conv(64)(x)))
+    x = nn.relu(conv_pool(32, name="Conv_0")(x))
+    x = nn.relu(conv_pool(64, name="Conv_1")(x))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(128, dtype=self.dtype)(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype)(x)

@@ -3,9 +3,11 @@
 XLA lowers `lax.conv_general_dilated` and `lax.reduce_window` (and especially
 their gradients) to slow loops on CPU, while it runs large matrix multiplies
 near peak. The same math written as one im2col matmul and a reshape+max runs
-several times faster there (numbers in BENCHMARKS.md). On TPU and GPU the
-native convolution is the right choice. Everything here computes exactly the
-reference math; tests compare outputs and gradients with `lax`.
+several times faster there (numbers in BENCHMARKS.md), and a 3x3 convolution
+followed by 2x2 max-pooling runs faster still as Winograd's F(2x2, 3x3)
+(`fashion_jax.winograd`). On TPU and GPU the native convolution is the right
+choice. Everything here computes the reference math; tests compare outputs and
+gradients with `lax`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-CONV_IMPLS = ("auto", "xla", "im2col")
+from fashion_jax import winograd
+
+CONV_IMPLS = ("auto", "xla", "im2col", "winograd")
 POOL_IMPLS = ("auto", "xla", "reshape", "select")
 FAST_POOL = "select"  # what "auto" picks on CPU
+# "auto" on CPU: Winograd for a conv+pool with at least this many input
+# channels (the transforms cost more than they save on few channels), else im2col.
+WINOGRAD_MIN_CHANNELS = 8
 
 
 def resolve_impl(impl: str, choices: Sequence[str], fast: str) -> str:
@@ -165,3 +172,22 @@ def max_pool_2x2(x: jax.Array, impl: str = "auto") -> jax.Array:
   if impl == "select":
     return max_pool_2x2_select(x)
   return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+def conv_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, conv_impl: str = "auto",
+              pool_impl: str = "auto") -> jax.Array:
+  """max_pool_2x2(conv_3x3_valid(x, kernel) + bias): NHWC x, HWIO kernel.
+
+  "winograd" computes the pair as one fused op (`fashion_jax.winograd`); the
+  other formulations run the convolution, the bias and the pooling in turn.
+  On CPU "auto" takes Winograd where it wins (enough input channels).
+  """
+  impl = conv_impl
+  if impl == "auto" and jax.default_backend() == "cpu":
+    impl = "winograd" if x.shape[-1] >= WINOGRAD_MIN_CHANNELS else "im2col"
+  impl = resolve_impl(impl, CONV_IMPLS, fast="im2col")
+  if impl == "winograd":
+    return winograd.conv3x3_pool2(x, kernel, bias)
+  conv = conv_general_dilated_im2col if impl == "im2col" else lax.conv_general_dilated
+  y = conv(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return max_pool_2x2(y + bias, impl=pool_impl)

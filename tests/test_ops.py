@@ -1,8 +1,9 @@
 """The fast CPU formulations in fashion_jax.ops compute the lax reference math.
 
-Outputs and gradients (w.r.t. parameters and input) of the im2col convolution
-and the max-pool variants against `lax.conv_general_dilated` and
-`lax.reduce_window`, and the whole CNN's loss gradients fast vs reference.
+Outputs and gradients (w.r.t. parameters and input) of the im2col convolution,
+the Winograd conv+pool and the max-pool variants against
+`lax.conv_general_dilated` and `lax.reduce_window`, and the whole CNN's loss
+gradients fast vs reference.
 """
 
 import functools
@@ -14,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from fashion_jax import models, ops
+from fashion_jax import models, ops, winograd
 
 DN = ("NHWC", "HWIO", "NHWC")
 TOL = dict(rtol=2e-4, atol=2e-5)
@@ -104,7 +105,39 @@ def _loss_and_grads(model, params, x, y):
   return jax.jit(jax.value_and_grad(lf, argnums=(0, 1)))(params, x)
 
 
-@pytest.mark.parametrize("conv_impl,pool_impl", [("auto", "auto"), ("im2col", "reshape")])
+@pytest.mark.parametrize("batch,hw,cin,cout", [
+    (4, (13, 13), 32, 16),  # The CNN's second layer (fewer filters): odd size, row/col dropped.
+    (3, (28, 28), 1, 8),    # First layer; odd batch (no weight-gradient chunking).
+    (2, (8, 11), 3, 5),     # Even/odd, non-square.
+    (1, (4, 4), 2, 3)])     # Smallest input: one tile.
+def test_winograd_conv_pool_outputs_and_grads(batch, hw, cin, cout):
+  kx, kk, kb, kr = jax.random.split(jax.random.key(3), 4)
+  x = jax.random.uniform(kx, (batch, *hw, cin))
+  x = x.at[0, :3].set(0.0)  # A blank band: all four outputs of those windows tie.
+  k = _rand(kk, (3, 3, cin, cout)) * 0.3
+  b = _rand(kb, (cout,))
+
+  def ref(x, k, b):
+    y = lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=DN) + b
+    return lax.reduce_window(y, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+  y_ref, y = ref(x, k, b), jax.jit(winograd.conv3x3_pool2)(x, k, b)
+  assert y.shape == y_ref.shape
+  _close(y, y_ref, atol=1e-5)
+  r = _rand(kr, y.shape)
+  grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * r), argnums=(0, 1, 2)))(x, k, b)
+           for f in (ref, winograd.conv3x3_pool2)]
+  for a, b_ in zip(*grads):
+    _close(a, b_, atol=1e-4)
+
+
+def test_winograd_rejects_too_small_inputs():
+  with pytest.raises(ValueError, match="at least 4x4"):
+    winograd.conv3x3_pool2(jnp.zeros((1, 3, 8, 1)), jnp.zeros((3, 3, 1, 2)), jnp.zeros(2))
+
+
+@pytest.mark.parametrize("conv_impl,pool_impl", [("auto", "auto"), ("im2col", "reshape"),
+                                                 ("winograd", "auto")])
 def test_cnn_loss_and_grads_match_reference(conv_impl, pool_impl):
   ref = models.create_model("cnn", conv_impl="xla", pool_impl="xla")
   fast = models.create_model("cnn", conv_impl=conv_impl, pool_impl=pool_impl)
