@@ -28,8 +28,17 @@ def _tiny(idx_dir):
 
 
 def test_two_processes_match_one_process(tmp_path, idx_dir):
-  """2 processes x 2 devices train to the same parameters as 1 process x 4 devices."""
-  flags = ["--config=configs/tiny.py", f"--config.idx_dir={idx_dir}", "--config.parallelism=mesh"]
+  """2 processes x 2 devices train to the same parameters as 1 process x 4 devices.
+
+  The two all-reduce in different orders, so parameters differ in the last
+  bits. im2col keeps that difference at rounding level over 20 steps; under
+  Winograd the same bits occasionally break a pooling tie the other way (a
+  handful of windows per 1,000 images; see fashion_jax/winograd.py), which
+  Adam amplifies past this test's 1e-5. The formulations' equivalence is
+  tested in test_ops.py; here the parallel machinery is.
+  """
+  flags = ["--config=configs/tiny.py", f"--config.idx_dir={idx_dir}", "--config.parallelism=mesh",
+           "--config.conv_impl=im2col"]
   single = str(tmp_path / "single")
   proc = run_module("fashion_jax.main", f"--workdir={single}", *flags,
                     env={"JAX_NUM_CPU_DEVICES": "4"})
