@@ -101,6 +101,7 @@ def trained_real_workdir(tmp_path_factory):
   config = config_lib.load_sibling(os.path.join(ROOT, "configs", "speedrun_cpu.py"), "speedrun_cpu")
   config.idx_dir = os.path.abspath(folder)
   config.num_epochs = 1
+  config.num_train_steps = -1  # The speedrun sets a step count; one epoch here.
   config.eval_every_steps = -1
   config.checkpoint_every_steps = 468
   return _train_in_process(config, str(tmp_path_factory.mktemp("trained_real") / "workdir"))
