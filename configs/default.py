@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32).
   # How convolutions are computed: auto | xla | im2col | winograd. "auto": XLA's own on TPU/GPU;
   # on CPU Winograd for a conv+pool pair with >= 8 input channels, else im2col (BENCHMARKS.md).
+  # "winograd" forces it for every 3x3 stride-1 conv (others fall back to im2col).
   config.conv_impl = "auto"
   config.pool_impl = "auto"  # auto | xla | reshape | select (max-pooling not fused with a conv).
 

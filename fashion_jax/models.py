@@ -24,9 +24,11 @@ from fashion_jax import ops
 
 
 def _conv_fn(conv_impl: str):
-  """The convolution for convs not followed by a pool ("winograd" is only fused with a pool)."""
+  """The convolution for convs not followed by a pool."""
   impl = ops.resolve_impl(conv_impl, ops.CONV_IMPLS, fast="im2col")
-  if impl in ("im2col", "winograd"):
+  if impl == "winograd":
+    return ops.conv_general_dilated_winograd
+  if impl == "im2col":
     return ops.conv_general_dilated_im2col
   return lax.conv_general_dilated
 

@@ -101,6 +101,35 @@ def conv_general_dilated_im2col(lhs, rhs, window_strides, padding, lhs_dilation=
   return conv2d_im2col(lhs, rhs, precision=precision)
 
 
+def conv_general_dilated_winograd(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                                  rhs_dilation=None, dimension_numbers=None,
+                                  feature_group_count=1, batch_group_count=1,
+                                  precision=None, preferred_element_type=None):
+  """Drop-in for `lax.conv_general_dilated`: Winograd F(2x2, 3x3) for 3x3 kernels.
+
+  Other kernel sizes, strides and layouts take the im2col path (or `lax`).
+  """
+  args = (lhs, rhs, window_strides, padding)
+  kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                batch_group_count=batch_group_count, precision=precision,
+                preferred_element_type=preferred_element_type)
+  simple = (
+      lhs.ndim == 4 and tuple(rhs.shape[:2]) == (3, 3)
+      and tuple(window_strides) == (1, 1)
+      and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+      and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
+      and feature_group_count == 1 and batch_group_count == 1
+      and preferred_element_type is None
+      and _is_nhwc(dimension_numbers, lhs.ndim))
+  pads = _normalize_padding(padding, rhs.shape[:2]) if simple else None
+  if pads is None:
+    return conv_general_dilated_im2col(*args, **kwargs)
+  if any(p != (0, 0) for p in pads):
+    lhs = jnp.pad(lhs, ((0, 0), pads[0], pads[1], (0, 0)))
+  return winograd.conv3x3(lhs, rhs)
+
+
 def _is_nhwc(dimension_numbers, ndim) -> bool:
   if dimension_numbers is None or ndim != 4:
     return False

@@ -16,6 +16,10 @@ fewer FLOPs. The forward, the input gradient and the weight gradient are all
 such batched matmuls (the backward is written by hand so that each is one large
 matmul in the layout XLA:CPU runs fastest).
 
+`conv3x3(x, kernel)` is the same algorithm for a 3x3 convolution on its own
+(`conv_impl="winograd"` for the models whose convolutions are not followed by a
+pool); its four outputs per tile are interleaved back into the image.
+
 Why it fits the classic CNN: a 2x2 output tile is exactly a 2x2 pooling window,
 so the pooling (and its argmax for the backward) happens right on the four
 outputs of each tile, and the conv's odd last row/column, which VALID pooling
@@ -90,16 +94,40 @@ def _untiles(windows: jax.Array, x_shape, th: int, tw: int) -> jax.Array:
   return jnp.pad(dx, ((0, 0), (0, h - 2 * th - 2), (0, w - 2 * tw - 2), (0, 0)))
 
 
-def _forward(x, kernel, bias):
+def _transformed_product(x, kernel, th, tw):
+  """The Winograd-domain input V [16, n, C], filter U [16, C, K] and the four
+  outputs of every tile [4, n*K] (y00, y01, y10, y11), n = B*th*tw tiles."""
   b, _, _, c = x.shape
   k = kernel.shape[-1]
-  th, tw = _num_tiles(x.shape)
   n = b * th * tw
   bb, gg, aa = (jnp.asarray(m, x.dtype) for m in (_BB, _GG, _AA))
   v = (bb @ _tiles(x, th, tw).reshape(16, n * c)).reshape(16, n, c)
   u = (gg @ kernel.reshape(9, c * k)).reshape(16, c, k)
   m = jnp.einsum("xnc,xck->xnk", v, u)
-  outputs = (aa @ m.reshape(16, n * k)).reshape(4, b, th, tw, k)
+  return v, u, aa @ m.reshape(16, n * k)
+
+
+def _backward(v, u, d_outputs, x_shape, th, tw):
+  """Kernel and input gradients from the gradients of the tiles' four outputs [4, n*K]."""
+  c, k = u.shape[1], u.shape[2]
+  n = v.shape[1]
+  bb, gg, aa = (jnp.asarray(m, d_outputs.dtype) for m in (_BB, _GG, _AA))
+  dm = (aa.T @ d_outputs).reshape(16, n, k)
+  chunks = _WEIGHT_GRAD_CHUNKS if n % _WEIGHT_GRAD_CHUNKS == 0 else 1
+  du = jnp.einsum("xpnc,xpnk->xpck", v.reshape(16, chunks, n // chunks, c),
+                  dm.reshape(16, chunks, n // chunks, k)).sum(axis=1)
+  d_kernel = (gg.T @ du.reshape(16, c * k)).reshape(3, 3, c, k)
+  dv = jnp.einsum("xnk,xck->xnc", dm, u)
+  d_windows = (bb.T @ dv.reshape(16, n * c)).reshape(16, n, c)
+  return _untiles(d_windows, x_shape, th, tw), d_kernel
+
+
+def _forward(x, kernel, bias):
+  b = x.shape[0]
+  k = kernel.shape[-1]
+  th, tw = _num_tiles(x.shape)
+  v, u, outputs = _transformed_product(x, kernel, th, tw)
+  outputs = outputs.reshape(4, b, th, tw, k)
   y = jnp.max(outputs, axis=0)
   winner = jnp.argmax(outputs, axis=0).astype(jnp.int8)  # First maximum, like reduce_window.
   return y + bias, (v, u, winner)
@@ -118,22 +146,64 @@ def _fwd(x, kernel, bias):
 
 def _bwd(residuals, dy):
   v, u, winner, x_shape = residuals
-  b, _, _, c = x_shape
-  k = u.shape[-1]
   th, tw = _num_tiles(x_shape)
-  n = b * th * tw
-  bb, gg, aa = (jnp.asarray(m, dy.dtype) for m in (_BB, _GG, _AA))
   taps = jnp.arange(4, dtype=jnp.int8).reshape(4, 1, 1, 1, 1)
   d_outputs = jnp.where(winner[None] == taps, dy[None], jnp.zeros((), dy.dtype))
-  dm = (aa.T @ d_outputs.reshape(4, n * k)).reshape(16, n, k)
-  chunks = _WEIGHT_GRAD_CHUNKS if n % _WEIGHT_GRAD_CHUNKS == 0 else 1
-  du = jnp.einsum("xpnc,xpnk->xpck", v.reshape(16, chunks, n // chunks, c),
-                  dm.reshape(16, chunks, n // chunks, k)).sum(axis=1)
-  d_kernel = (gg.T @ du.reshape(16, c * k)).reshape(3, 3, c, k)
-  dv = jnp.einsum("xnk,xck->xnc", dm, u)
-  d_windows = (bb.T @ dv.reshape(16, n * c)).reshape(16, n, c)
-  dx = _untiles(d_windows, x_shape, th, tw)
+  dx, d_kernel = _backward(v, u, d_outputs.reshape(4, -1), x_shape, th, tw)
   return dx, d_kernel, jnp.sum(dy, axis=(0, 1, 2))
 
 
 conv3x3_pool2.defvjp(_fwd, _bwd)
+
+
+def _conv_tiles(x_shape) -> tuple[int, int]:
+  """2x2 output tiles covering a VALID 3x3 conv's output (the last row/column may overhang)."""
+  _, h, w, _ = x_shape
+  if h < 3 or w < 3:
+    raise ValueError(f"conv3x3 needs inputs of at least 3x3 pixels, got {h}x{w}")
+  return (h - 1) // 2, (w - 1) // 2
+
+
+def _pad_to_tiles(x: jax.Array, th: int, tw: int) -> jax.Array:
+  _, h, w, _ = x.shape
+  return jnp.pad(x, ((0, 0), (0, 2 * th + 2 - h), (0, 2 * tw + 2 - w), (0, 0)))
+
+
+def _conv_forward(x, kernel):
+  b, h, w, _ = x.shape
+  k = kernel.shape[-1]
+  th, tw = _conv_tiles(x.shape)
+  v, u, outputs = _transformed_product(_pad_to_tiles(x, th, tw), kernel, th, tw)
+  outputs = outputs.reshape(2, 2, b, th, tw, k)  # (row, col) in the tile.
+  y = outputs.transpose(2, 3, 0, 4, 1, 5).reshape(b, 2 * th, 2 * tw, k)
+  return y[:, :h - 2, :w - 2], (v, u)
+
+
+@jax.custom_vjp
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """VALID, stride-1 3x3 convolution (NHWC x, HWIO kernel) by Winograd F(2x2, 3x3).
+
+  For convolutions not followed by a pool (SAME padding is the caller's
+  `jnp.pad`, as for im2col). Odd output sizes are computed on whole tiles and
+  cropped.
+  """
+  return _conv_forward(x, kernel)[0]
+
+
+def _conv_fwd(x, kernel):
+  y, (v, u) = _conv_forward(x, kernel)
+  return y, (v, u, x.shape)
+
+
+def _conv_bwd(residuals, dy):
+  v, u, x_shape = residuals
+  b, h, w, c = x_shape
+  k = u.shape[-1]
+  th, tw = _conv_tiles(x_shape)
+  dy = jnp.pad(dy, ((0, 0), (0, 2 * th - (h - 2)), (0, 2 * tw - (w - 2)), (0, 0)))
+  d_outputs = dy.reshape(b, th, 2, tw, 2, k).transpose(2, 4, 0, 1, 3, 5).reshape(4, -1)
+  dx, d_kernel = _backward(v, u, d_outputs, (b, 2 * th + 2, 2 * tw + 2, c), th, tw)
+  return dx[:, :h, :w], d_kernel
+
+
+conv3x3.defvjp(_conv_fwd, _conv_bwd)

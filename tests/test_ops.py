@@ -29,10 +29,11 @@ def _rand(key, shape):
   return jax.random.normal(key, shape, jnp.float32)
 
 
+@pytest.mark.parametrize("impl", ["im2col", "winograd"])
 @pytest.mark.parametrize("padding,hw,cin,cout", [
     ("VALID", (9, 9), 1, 8), ("VALID", (8, 7), 16, 4), ("SAME", (8, 7), 3, 5),
     ("SAME", (6, 6), 1, 4), (((1, 0), (2, 1)), (6, 6), 16, 4)])
-def test_conv_outputs_and_grads(padding, hw, cin, cout):
+def test_conv_outputs_and_grads(impl, padding, hw, cin, cout):
   kx, kk, kr = jax.random.split(jax.random.key(0), 3)
   x = _rand(kx, (2, *hw, cin))
   k = _rand(kk, (3, 3, cin, cout))
@@ -40,8 +41,11 @@ def test_conv_outputs_and_grads(padding, hw, cin, cout):
   def ref(x, k):
     return lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=DN)
 
+  conv = {"im2col": ops.conv_general_dilated_im2col,
+          "winograd": ops.conv_general_dilated_winograd}[impl]
+
   def fast(x, k):
-    return ops.conv_general_dilated_im2col(x, k, (1, 1), padding, dimension_numbers=DN)
+    return conv(x, k, (1, 1), padding, dimension_numbers=DN)
 
   y_ref, y = ref(x, k), fast(x, k)
   assert y.shape == y_ref.shape
@@ -53,11 +57,16 @@ def test_conv_outputs_and_grads(padding, hw, cin, cout):
     _close(a, b)
 
 
-def test_conv_falls_back_to_lax_for_strides():
+@pytest.mark.parametrize("conv", [ops.conv_general_dilated_im2col,
+                                  ops.conv_general_dilated_winograd])
+def test_conv_falls_back_to_lax_for_strides(conv):
   x = _rand(jax.random.key(1), (2, 8, 8, 3))
   k = _rand(jax.random.key(2), (3, 3, 3, 4))
-  y = ops.conv_general_dilated_im2col(x, k, (2, 2), "SAME", dimension_numbers=DN)
+  y = conv(x, k, (2, 2), "SAME", dimension_numbers=DN)
   _close(y, lax.conv_general_dilated(x, k, (2, 2), "SAME", dimension_numbers=DN))
+  k1 = _rand(jax.random.key(3), (1, 1, 3, 4))  # Not 3x3: Winograd hands it to im2col.
+  y = conv(x, k1, (1, 1), "SAME", dimension_numbers=DN)
+  _close(y, lax.conv_general_dilated(x, k1, (1, 1), "SAME", dimension_numbers=DN))
 
 
 def _pool_ref(x):
