@@ -209,11 +209,13 @@ def conv_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, conv_impl: str =
 
   "winograd" computes the pair as one fused op (`fashion_jax.winograd`); the
   other formulations run the convolution, the bias and the pooling in turn.
-  On CPU "auto" takes Winograd where it wins (enough input channels).
+  On CPU "auto" takes Winograd where it wins (float32, enough input channels).
   """
   impl = conv_impl
   if impl == "auto" and jax.default_backend() == "cpu":
-    impl = "winograd" if x.shape[-1] >= WINOGRAD_MIN_CHANNELS else "im2col"
+    # Winograd's transforms add and subtract inputs: fine in float32, too lossy in bfloat16.
+    winograd_ok = x.shape[-1] >= WINOGRAD_MIN_CHANNELS and x.dtype == jnp.float32
+    impl = "winograd" if winograd_ok else "im2col"
   impl = resolve_impl(impl, CONV_IMPLS, fast="im2col")
   if impl == "winograd":
     return winograd.conv3x3_pool2(x, kernel, bias)

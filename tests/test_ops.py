@@ -140,6 +140,21 @@ def test_winograd_conv_pool_outputs_and_grads(batch, hw, cin, cout):
     _close(a, b_, atol=1e-4)
 
 
+def test_auto_conv_pool_uses_winograd_only_for_float32_and_enough_channels():
+  k = _rand(jax.random.key(4), (3, 3, 16, 8))
+  b = _rand(jax.random.key(5), (8,))
+  for dtype, expected in ((jnp.float32, "winograd"), (jnp.bfloat16, "im2col")):
+    x = _rand(jax.random.key(6), (2, 13, 13, 16)).astype(dtype)
+    kx, bx = k.astype(dtype), b.astype(dtype)
+    got = ops.conv_pool(x, kx, bx, "auto")
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.asarray(ops.conv_pool(x, kx, bx, expected), np.float32))
+  x1 = _rand(jax.random.key(7), (2, 13, 13, 1))  # One input channel: im2col.
+  k1 = _rand(jax.random.key(8), (3, 3, 1, 8))
+  np.testing.assert_array_equal(ops.conv_pool(x1, k1, b, "auto"),
+                                ops.conv_pool(x1, k1, b, "im2col"))
+
+
 def test_winograd_rejects_too_small_inputs():
   with pytest.raises(ValueError, match="at least 4x4"):
     winograd.conv3x3_pool2(jnp.zeros((1, 3, 8, 1)), jnp.zeros((3, 3, 1, 2)), jnp.zeros(2))
