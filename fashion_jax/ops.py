@@ -23,9 +23,7 @@ from fashion_jax import winograd
 CONV_IMPLS = ("auto", "xla", "im2col", "winograd")
 POOL_IMPLS = ("auto", "xla", "reshape", "select")
 FAST_POOL = "select"  # what "auto" picks on CPU
-# "auto" on CPU: Winograd for a conv+pool with at least this many input
-# channels (the transforms cost more than they save on few channels), else im2col.
-WINOGRAD_MIN_CHANNELS = 8
+WINOGRAD_MIN_CHANNELS = 8  # See cpu_auto_conv_impl.
 
 
 def resolve_impl(impl: str, choices: Sequence[str], fast: str) -> str:
@@ -203,6 +201,29 @@ def max_pool_2x2(x: jax.Array, impl: str = "auto") -> jax.Array:
   return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
 
 
+def _on_cpu() -> bool:
+  return jax.default_backend() == "cpu"
+
+
+def cpu_auto_conv_impl(x: jax.Array) -> str:
+  """What "auto" runs on CPU for a 3x3 conv on NHWC `x` (BENCHMARKS.md).
+
+  Winograd from WINOGRAD_MIN_CHANNELS input channels up (for fewer its
+  transforms cost more than they save), and only in float32: its transforms add
+  and subtract inputs, too lossy in bfloat16. im2col otherwise.
+  """
+  if x.shape[-1] >= WINOGRAD_MIN_CHANNELS and x.dtype == jnp.float32:
+    return "winograd"
+  return "im2col"
+
+
+def conv_general_dilated_cpu_auto(lhs, rhs, *args, **kwargs):
+  """Drop-in for `lax.conv_general_dilated`: "auto" on CPU (`cpu_auto_conv_impl`)."""
+  if cpu_auto_conv_impl(lhs) == "winograd":
+    return conv_general_dilated_winograd(lhs, rhs, *args, **kwargs)
+  return conv_general_dilated_im2col(lhs, rhs, *args, **kwargs)
+
+
 def conv_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, conv_impl: str = "auto",
               pool_impl: str = "auto") -> jax.Array:
   """max_pool_2x2(conv_3x3_valid(x, kernel) + bias): NHWC x, HWIO kernel.
@@ -211,11 +232,7 @@ def conv_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, conv_impl: str =
   other formulations run the convolution, the bias and the pooling in turn.
   On CPU "auto" takes Winograd where it wins (float32, enough input channels).
   """
-  impl = conv_impl
-  if impl == "auto" and jax.default_backend() == "cpu":
-    # Winograd's transforms add and subtract inputs: fine in float32, too lossy in bfloat16.
-    winograd_ok = x.shape[-1] >= WINOGRAD_MIN_CHANNELS and x.dtype == jnp.float32
-    impl = "winograd" if winograd_ok else "im2col"
+  impl = cpu_auto_conv_impl(x) if conv_impl == "auto" and _on_cpu() else conv_impl
   impl = resolve_impl(impl, CONV_IMPLS, fast="im2col")
   if impl == "winograd":
     return winograd.conv3x3_pool2(x, kernel, bias)

@@ -155,6 +155,20 @@ def test_auto_conv_pool_uses_winograd_only_for_float32_and_enough_channels():
                                 ops.conv_pool(x1, k1, b, "im2col"))
 
 
+def test_auto_conv_on_cpu_follows_the_same_rule():
+  """Convs without a pool (cnn_bn, ResNets): Winograd for float32 with enough channels."""
+  k = _rand(jax.random.key(4), (3, 3, 16, 8))
+  x = _rand(jax.random.key(6), (2, 12, 12, 16))
+  x1, k1 = x[..., :1], k[:, :, :1]
+  for lhs, rhs, expected in ((x, k, ops.conv_general_dilated_winograd),
+                             (x1, k1, ops.conv_general_dilated_im2col),
+                             (x.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                              ops.conv_general_dilated_im2col)):
+    got = ops.conv_general_dilated_cpu_auto(lhs, rhs, (1, 1), "SAME", dimension_numbers=DN)
+    want = expected(lhs, rhs, (1, 1), "SAME", dimension_numbers=DN)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 def test_winograd_rejects_too_small_inputs():
   with pytest.raises(ValueError, match="at least 4x4"):
     winograd.conv3x3_pool2(jnp.zeros((1, 3, 8, 1)), jnp.zeros((3, 3, 1, 2)), jnp.zeros(2))
