@@ -10,8 +10,9 @@ for validation (the recipe was tuned on them, never on the test split).
       --config.idx_dir=../shared/data/fashion_mnist
 
 Measured on 2 CPU cores (BENCHMARKS.md "Recipes"), seeds 0 / 1 / 2: test
-accuracy 94.23 / 94.39 / 94.19 % (mean 94.27 %), validation 94.04 / 93.96 /
-93.98 %, 553 / 559 / 562 s wall from process start, ~650 images/s.
+accuracy 94.18 / 94.29 / 94.23 % (mean 94.23 %), validation 93.82 / 94.06 /
+93.94 %, 475 / 457 / 464 s wall from process start, ~800 images/s (Winograd
+convs). With im2col (before): 94.27 % mean in 553-562 s at ~650 images/s.
 """
 
 from fashion_jax import config_lib

@@ -9,7 +9,7 @@ learning-rate schedule peaking at 7e-3, 2.5 epochs (1,170 steps).
 Measured on 2 CPU cores (BENCHMARKS.md, "Recipes"; wall time from process
 start to the final eval, compile included): 91.69 / 91.70 / 91.19 % test
 accuracy for seeds 0 / 1 / 2 (mean 91.53 %) at 29.8 / 30.3 / 29.3 s, ~6,200
-images/s. The peak learning rate was chosen on a 5,000-image validation split
+images/s (a repeat: 30.4 / 30.6 / 28.4 s). The peak learning rate was chosen on a 5,000-image validation split
 (two seeds), never on the test set.
 """
 

@@ -70,6 +70,22 @@ def _normalize_padding(padding, kernel_hw):
   return tuple(tuple(p) for p in padding)
 
 
+def _simple_conv_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                      dimension_numbers, feature_group_count, batch_group_count,
+                      preferred_element_type):
+  """The ((top, bottom), (left, right)) padding of a convolution the fast paths cover
+  (2-D, NHWC/HWIO, stride 1, no dilation, no groups), or None."""
+  simple = (
+      lhs.ndim == 4
+      and tuple(window_strides) == (1, 1)
+      and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
+      and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
+      and feature_group_count == 1 and batch_group_count == 1
+      and preferred_element_type is None
+      and _is_nhwc(dimension_numbers, lhs.ndim))
+  return _normalize_padding(padding, rhs.shape[:2]) if simple else None
+
+
 def conv_general_dilated_im2col(lhs, rhs, window_strides, padding, lhs_dilation=None,
                                 rhs_dilation=None, dimension_numbers=None,
                                 feature_group_count=1, batch_group_count=1,
@@ -79,16 +95,10 @@ def conv_general_dilated_im2col(lhs, rhs, window_strides, padding, lhs_dilation=
   Takes the im2col path for the cases it covers (2-D, NHWC/HWIO, stride 1, no
   dilation, no groups) and defers to `lax` for everything else.
   """
-  simple = (
-      lhs.ndim == 4
-      and tuple(window_strides) == (1, 1)
-      and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
-      and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
-      and feature_group_count == 1 and batch_group_count == 1
-      and preferred_element_type is None
-      and _is_nhwc(dimension_numbers, lhs.ndim))
-  pads = _normalize_padding(padding, rhs.shape[:2]) if simple else None
-  if not simple or pads is None:
+  pads = _simple_conv_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                           dimension_numbers, feature_group_count, batch_group_count,
+                           preferred_element_type)
+  if pads is None:
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -112,16 +122,10 @@ def conv_general_dilated_winograd(lhs, rhs, window_strides, padding, lhs_dilatio
                 dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
                 batch_group_count=batch_group_count, precision=precision,
                 preferred_element_type=preferred_element_type)
-  simple = (
-      lhs.ndim == 4 and tuple(rhs.shape[:2]) == (3, 3)
-      and tuple(window_strides) == (1, 1)
-      and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
-      and (rhs_dilation is None or tuple(rhs_dilation) == (1, 1))
-      and feature_group_count == 1 and batch_group_count == 1
-      and preferred_element_type is None
-      and _is_nhwc(dimension_numbers, lhs.ndim))
-  pads = _normalize_padding(padding, rhs.shape[:2]) if simple else None
-  if pads is None:
+  pads = _simple_conv_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                           dimension_numbers, feature_group_count, batch_group_count,
+                           preferred_element_type)
+  if pads is None or tuple(rhs.shape[:2]) != (3, 3):
     return conv_general_dilated_im2col(*args, **kwargs)
   if any(p != (0, 0) for p in pads):
     lhs = jnp.pad(lhs, ((0, 0), pads[0], pads[1], (0, 0)))
