@@ -1,3 +1,4 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,3 +48,24 @@ def test_inference_model_uses_xla_ops_and_agrees_with_training_model(tiny_config
                              rtol=1e-5, atol=1e-5)
   tiny_config.conv_impl = "im2col"  # An explicit choice is kept for inference too.
   assert train.create_model(tiny_config, False).conv_impl == "im2col"
+
+
+def test_cnn_parameters_and_outputs_match_an_nn_conv_cnn():
+  """The fused conv+pool layers keep nn.Conv's parameters: old checkpoints load unchanged."""
+  class ConvCNN(nn.Module):  # The classic CNN as written with nn.Conv before the fusion.
+    @nn.compact
+    def __call__(self, x, train=False):
+      for features in (32, 64):
+        x = nn.relu(nn.max_pool(nn.Conv(features, (3, 3), padding="VALID")(x), (2, 2), (2, 2)))
+      x = nn.relu(nn.Dense(128)(x.reshape((x.shape[0], -1))))
+      return nn.Dense(10)(x)
+
+  x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+  old = ConvCNN().init(jax.random.key(3), x[:1])["params"]
+  new = models.create_model("cnn", conv_impl="xla", pool_impl="xla").init(
+      jax.random.key(3), x[:1])["params"]
+  assert jax.tree.structure(old) == jax.tree.structure(new)
+  jax.tree.map(np.testing.assert_array_equal, old, new)
+  np.testing.assert_allclose(
+      models.create_model("cnn", conv_impl="xla", pool_impl="xla").apply({"params": old}, x),
+      ConvCNN().apply({"params": old}, x), rtol=1e-6, atol=1e-6)
