@@ -58,12 +58,18 @@ _AA = np.kron(_AT, _AT)  # [4, 16]  product m -> A^T m A (the four outputs y00 y
 _WEIGHT_GRAD_CHUNKS = 2
 
 
-def _num_tiles(x_shape) -> tuple[int, int]:
-  """2x2 output tiles per image: those the pooled output needs."""
+def _tile_counts(x_shape, pooled: bool) -> tuple[int, int]:
+  """2x2 output tiles per image of a VALID 3x3 conv on `x_shape`.
+
+  Pooled: the tiles the 2x2 VALID pool needs (an odd last row/column is
+  dropped). Not pooled: tiles covering the whole conv output (the last one may
+  overhang and is cropped).
+  """
   _, h, w, _ = x_shape
-  if h < 4 or w < 4:
-    raise ValueError(f"conv3x3_pool2 needs inputs of at least 4x4 pixels, got {h}x{w}")
-  return (h - 2) // 2, (w - 2) // 2
+  smallest, name = (4, "conv3x3_pool2") if pooled else (3, "conv3x3")
+  if h < smallest or w < smallest:
+    raise ValueError(f"{name} needs inputs of at least {smallest}x{smallest} pixels, got {h}x{w}")
+  return ((h - 2) // 2, (w - 2) // 2) if pooled else ((h - 1) // 2, (w - 1) // 2)
 
 
 def _tiles(x: jax.Array, th: int, tw: int) -> jax.Array:
@@ -125,7 +131,7 @@ def _backward(v, u, d_outputs, x_shape, th, tw):
 def _forward(x, kernel, bias):
   b = x.shape[0]
   k = kernel.shape[-1]
-  th, tw = _num_tiles(x.shape)
+  th, tw = _tile_counts(x.shape, pooled=True)
   v, u, outputs = _transformed_product(x, kernel, th, tw)
   outputs = outputs.reshape(4, b, th, tw, k)
   y = jnp.max(outputs, axis=0)
@@ -146,7 +152,7 @@ def _fwd(x, kernel, bias):
 
 def _bwd(residuals, dy):
   v, u, winner, x_shape = residuals
-  th, tw = _num_tiles(x_shape)
+  th, tw = _tile_counts(x_shape, pooled=True)
   taps = jnp.arange(4, dtype=jnp.int8).reshape(4, 1, 1, 1, 1)
   d_outputs = jnp.where(winner[None] == taps, dy[None], jnp.zeros((), dy.dtype))
   dx, d_kernel = _backward(v, u, d_outputs.reshape(4, -1), x_shape, th, tw)
@@ -154,14 +160,6 @@ def _bwd(residuals, dy):
 
 
 conv3x3_pool2.defvjp(_fwd, _bwd)
-
-
-def _conv_tiles(x_shape) -> tuple[int, int]:
-  """2x2 output tiles covering a VALID 3x3 conv's output (the last row/column may overhang)."""
-  _, h, w, _ = x_shape
-  if h < 3 or w < 3:
-    raise ValueError(f"conv3x3 needs inputs of at least 3x3 pixels, got {h}x{w}")
-  return (h - 1) // 2, (w - 1) // 2
 
 
 def _pad_to_tiles(x: jax.Array, th: int, tw: int) -> jax.Array:
@@ -172,7 +170,7 @@ def _pad_to_tiles(x: jax.Array, th: int, tw: int) -> jax.Array:
 def _conv_forward(x, kernel):
   b, h, w, _ = x.shape
   k = kernel.shape[-1]
-  th, tw = _conv_tiles(x.shape)
+  th, tw = _tile_counts(x.shape, pooled=False)
   v, u, outputs = _transformed_product(_pad_to_tiles(x, th, tw), kernel, th, tw)
   outputs = outputs.reshape(2, 2, b, th, tw, k)  # (row, col) in the tile.
   y = outputs.transpose(2, 3, 0, 4, 1, 5).reshape(b, 2 * th, 2 * tw, k)
@@ -199,7 +197,7 @@ def _conv_bwd(residuals, dy):
   v, u, x_shape = residuals
   b, h, w, c = x_shape
   k = u.shape[-1]
-  th, tw = _conv_tiles(x_shape)
+  th, tw = _tile_counts(x_shape, pooled=False)
   dy = jnp.pad(dy, ((0, 0), (0, 2 * th - (h - 2)), (0, 2 * tw - (w - 2)), (0, 0)))
   d_outputs = dy.reshape(b, th, 2, tw, 2, k).transpose(2, 4, 0, 1, 3, 5).reshape(4, -1)
   dx, d_kernel = _backward(v, u, d_outputs, (b, 2 * th + 2, 2 * tw + 2, c), th, tw)
