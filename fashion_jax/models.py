@@ -17,7 +17,6 @@ from collections.abc import Callable
 import functools
 
 import flax.linen as nn
-import jax
 from jax import lax
 import jax.numpy as jnp
 
@@ -26,7 +25,7 @@ from fashion_jax import ops
 
 def _conv_fn(conv_impl: str):
   """The convolution for convs not followed by a pool."""
-  if conv_impl == "auto" and jax.default_backend() == "cpu":
+  if conv_impl == "auto" and ops.on_cpu():
     return ops.conv_general_dilated_cpu_auto
   impl = ops.resolve_impl(conv_impl, ops.CONV_IMPLS, fast="im2col")
   if impl == "winograd":

@@ -26,13 +26,17 @@ FAST_POOL = "select"  # what "auto" picks on CPU
 WINOGRAD_MIN_CHANNELS = 8  # See cpu_auto_conv_impl.
 
 
+def on_cpu() -> bool:
+  return jax.default_backend() == "cpu"
+
+
 def resolve_impl(impl: str, choices: Sequence[str], fast: str) -> str:
   """Maps "auto" to the fast formulation on CPU and to "xla" elsewhere."""
   if impl not in choices:
     raise ValueError(f"unknown implementation {impl!r}; choose one of {choices}")
   if impl != "auto":
     return impl
-  return fast if jax.default_backend() == "cpu" else "xla"
+  return fast if on_cpu() else "xla"
 
 
 def _im2col_patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
@@ -205,10 +209,6 @@ def max_pool_2x2(x: jax.Array, impl: str = "auto") -> jax.Array:
   return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
 
 
-def _on_cpu() -> bool:
-  return jax.default_backend() == "cpu"
-
-
 def cpu_auto_conv_impl(x: jax.Array) -> str:
   """What "auto" runs on CPU for a 3x3 conv on NHWC `x` (BENCHMARKS.md).
 
@@ -236,7 +236,7 @@ def conv_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, conv_impl: str =
   other formulations run the convolution, the bias and the pooling in turn.
   On CPU "auto" takes Winograd where it wins (float32, enough input channels).
   """
-  impl = cpu_auto_conv_impl(x) if conv_impl == "auto" and _on_cpu() else conv_impl
+  impl = cpu_auto_conv_impl(x) if conv_impl == "auto" and on_cpu() else conv_impl
   impl = resolve_impl(impl, CONV_IMPLS, fast="im2col")
   if impl == "winograd":
     return winograd.conv3x3_pool2(x, kernel, bias)
