@@ -5,7 +5,8 @@ their gradients) to slow loops on CPU, while it runs large matrix multiplies
 near peak. The same math written as one im2col matmul and a reshape+max runs
 several times faster there (numbers in BENCHMARKS.md), and a 3x3 convolution
 followed by 2x2 max-pooling runs faster still as Winograd's F(2x2, 3x3)
-(`fashion_jax.winograd`). On TPU and GPU the native convolution is the right
+(`fashion_jax.winograd`), and for few input channels as a fused C++ kernel
+(`fashion_jax.native`). On TPU and GPU XLA's own convolution is the right
 choice. Everything here computes the reference math; tests compare outputs and
 gradients with `lax`.
 """
@@ -18,9 +19,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fashion_jax import native
 from fashion_jax import winograd
 
-CONV_IMPLS = ("auto", "xla", "im2col", "winograd")
+CONV_IMPLS = ("auto", "xla", "im2col", "winograd", "native")
 POOL_IMPLS = ("auto", "xla", "reshape", "select")
 FAST_POOL = "select"  # what "auto" picks on CPU
 WINOGRAD_MIN_CHANNELS = 8  # See cpu_auto_conv_impl.
@@ -228,16 +230,41 @@ def conv_general_dilated_cpu_auto(lhs, rhs, *args, **kwargs):
   return conv_general_dilated_im2col(lhs, rhs, *args, **kwargs)
 
 
+def cpu_auto_conv_pool_impl(x: jax.Array, kernel: jax.Array) -> str:
+  """What "auto" runs on CPU for a 3x3 conv + 2x2 max-pool (BENCHMARKS.md).
+
+  The fused native kernels (`fashion_jax.native`: direct for few input
+  channels, Winograd for many) when they are built and the step runs on one
+  device (under a multi-device mesh XLA would gather the batch onto every
+  device for them); otherwise `cpu_auto_conv_impl`.
+  """
+  if native.supports(x, kernel) and jax.device_count() == 1 and native.available():
+    return "native"
+  return cpu_auto_conv_impl(x)
+
+
 def conv_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, conv_impl: str = "auto",
               pool_impl: str = "auto") -> jax.Array:
   """max_pool_2x2(conv_3x3_valid(x, kernel) + bias): NHWC x, HWIO kernel.
 
-  "winograd" computes the pair as one fused op (`fashion_jax.winograd`); the
-  other formulations run the convolution, the bias and the pooling in turn.
-  On CPU "auto" takes Winograd where it wins (float32, enough input channels).
+  "winograd" and "native" compute the pair as one fused op
+  (`fashion_jax.winograd`, `fashion_jax.native`; "native" only where
+  `native.supports` the shapes, else as "auto" on CPU); the other formulations
+  run the convolution, the bias and the pooling in turn. On CPU "auto" takes
+  the fused ops where they win (`cpu_auto_conv_pool_impl`).
   """
-  impl = cpu_auto_conv_impl(x) if conv_impl == "auto" and on_cpu() else conv_impl
+  if conv_impl == "native":
+    if not on_cpu():
+      raise ValueError("conv_impl='native' runs on CPU only; use 'auto' or 'xla' on "
+                       f"{jax.default_backend()}")
+    if not native.available():
+      raise ValueError("conv_impl='native' needs the native CPU kernels, which are unavailable "
+                       "here (see the warning above); use conv_impl='auto'")
+    conv_impl = "native" if native.supports(x, kernel) else "auto"
+  impl = cpu_auto_conv_pool_impl(x, kernel) if conv_impl == "auto" and on_cpu() else conv_impl
   impl = resolve_impl(impl, CONV_IMPLS, fast="im2col")
+  if impl == "native":
+    return native.conv3x3_pool2(x, kernel, bias)
   if impl == "winograd":
     return winograd.conv3x3_pool2(x, kernel, bias)
   conv = conv_general_dilated_im2col if impl == "im2col" else lax.conv_general_dilated

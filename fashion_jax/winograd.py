@@ -100,30 +100,47 @@ def _untiles(windows: jax.Array, x_shape, th: int, tw: int) -> jax.Array:
   return jnp.pad(dx, ((0, 0), (0, h - 2 * th - 2), (0, w - 2 * tw - 2), (0, 0)))
 
 
+def filter_transform(kernel: jax.Array) -> jax.Array:
+  """U = G g G^T for each (input, output) channel pair: HWIO [3,3,C,K] -> [16, C, K]."""
+  _, _, c, k = kernel.shape
+  return (jnp.asarray(_GG, kernel.dtype) @ kernel.reshape(9, c * k)).reshape(16, c, k)
+
+
+def product(v: jax.Array, u: jax.Array) -> jax.Array:
+  """M = V U: the channel contraction, 16 matmuls [n, C] x [C, K] -> [16, n, K]."""
+  return jnp.einsum("xnc,xck->xnk", v, u)
+
+
+def product_grads(v: jax.Array, u: jax.Array, dm: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Gradients of `product` (and `filter_transform`): dV [16, n, C] and the kernel's [3,3,C,K]."""
+  c, k = u.shape[1], u.shape[2]
+  n = v.shape[1]
+  chunks = _WEIGHT_GRAD_CHUNKS if n % _WEIGHT_GRAD_CHUNKS == 0 else 1
+  du = jnp.einsum("xpnc,xpnk->xpck", v.reshape(16, chunks, n // chunks, c),
+                  dm.reshape(16, chunks, n // chunks, k)).sum(axis=1)
+  d_kernel = (jnp.asarray(_GG, du.dtype).T @ du.reshape(16, c * k)).reshape(3, 3, c, k)
+  return jnp.einsum("xnk,xck->xnc", dm, u), d_kernel
+
+
 def _transformed_product(x, kernel, th, tw):
   """The Winograd-domain input V [16, n, C], filter U [16, C, K] and the four
   outputs of every tile [4, n*K] (y00, y01, y10, y11), n = B*th*tw tiles."""
   b, _, _, c = x.shape
   k = kernel.shape[-1]
   n = b * th * tw
-  bb, gg, aa = (jnp.asarray(m, x.dtype) for m in (_BB, _GG, _AA))
+  bb, aa = (jnp.asarray(m, x.dtype) for m in (_BB, _AA))
   v = (bb @ _tiles(x, th, tw).reshape(16, n * c)).reshape(16, n, c)
-  u = (gg @ kernel.reshape(9, c * k)).reshape(16, c, k)
-  m = jnp.einsum("xnc,xck->xnk", v, u)
-  return v, u, aa @ m.reshape(16, n * k)
+  u = filter_transform(kernel)
+  return v, u, aa @ product(v, u).reshape(16, n * k)
 
 
 def _backward(v, u, d_outputs, x_shape, th, tw):
   """Kernel and input gradients from the gradients of the tiles' four outputs [4, n*K]."""
   c, k = u.shape[1], u.shape[2]
   n = v.shape[1]
-  bb, gg, aa = (jnp.asarray(m, d_outputs.dtype) for m in (_BB, _GG, _AA))
+  bb, aa = (jnp.asarray(m, d_outputs.dtype) for m in (_BB, _AA))
   dm = (aa.T @ d_outputs).reshape(16, n, k)
-  chunks = _WEIGHT_GRAD_CHUNKS if n % _WEIGHT_GRAD_CHUNKS == 0 else 1
-  du = jnp.einsum("xpnc,xpnk->xpck", v.reshape(16, chunks, n // chunks, c),
-                  dm.reshape(16, chunks, n // chunks, k)).sum(axis=1)
-  d_kernel = (gg.T @ du.reshape(16, c * k)).reshape(3, 3, c, k)
-  dv = jnp.einsum("xnk,xck->xnc", dm, u)
+  dv, d_kernel = product_grads(v, u, dm)
   d_windows = (bb.T @ dv.reshape(16, n * c)).reshape(16, n, c)
   return _untiles(d_windows, x_shape, th, tw), d_kernel
 

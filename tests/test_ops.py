@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from fashion_jax import models, ops, winograd
+from fashion_jax import models, native, ops, winograd
 
 DN = ("NHWC", "HWIO", "NHWC")
 TOL = dict(rtol=2e-4, atol=2e-5)
@@ -140,19 +140,23 @@ def test_winograd_conv_pool_outputs_and_grads(batch, hw, cin, cout):
     _close(a, b_, atol=1e-4)
 
 
-def test_auto_conv_pool_uses_winograd_only_for_float32_and_enough_channels():
+def test_auto_conv_pool_picks_by_dtype_and_channels():
   k = _rand(jax.random.key(4), (3, 3, 16, 8))
   b = _rand(jax.random.key(5), (8,))
-  for dtype, expected in ((jnp.float32, "winograd"), (jnp.bfloat16, "im2col")):
+  assert native.available()  # tests/test_native.py checks the kernels and their fallback.
+  for dtype, expected in ((jnp.float32, "native"), (jnp.bfloat16, "im2col")):
     x = _rand(jax.random.key(6), (2, 13, 13, 16)).astype(dtype)
     kx, bx = k.astype(dtype), b.astype(dtype)
     got = ops.conv_pool(x, kx, bx, "auto")
     np.testing.assert_array_equal(np.asarray(got, np.float32),
                                   np.asarray(ops.conv_pool(x, kx, bx, expected), np.float32))
-  x1 = _rand(jax.random.key(7), (2, 13, 13, 1))  # One input channel: im2col.
+  x1 = _rand(jax.random.key(7), (2, 13, 13, 1))  # One input channel: the native kernel.
   k1 = _rand(jax.random.key(8), (3, 3, 1, 8))
   np.testing.assert_array_equal(ops.conv_pool(x1, k1, b, "auto"),
-                                ops.conv_pool(x1, k1, b, "im2col"))
+                                ops.conv_pool(x1, k1, b, "native"))
+  x1b, k1b = x1.astype(jnp.bfloat16), k1.astype(jnp.bfloat16)  # bfloat16: im2col.
+  np.testing.assert_array_equal(np.asarray(ops.conv_pool(x1b, k1b, b, "auto"), np.float32),
+                                np.asarray(ops.conv_pool(x1b, k1b, b, "im2col"), np.float32))
 
 
 def test_auto_conv_on_cpu_follows_the_same_rule():
@@ -175,7 +179,7 @@ def test_winograd_rejects_too_small_inputs():
 
 
 @pytest.mark.parametrize("conv_impl,pool_impl", [("auto", "auto"), ("im2col", "reshape"),
-                                                 ("winograd", "auto")])
+                                                 ("winograd", "auto"), ("native", "auto")])
 def test_cnn_loss_and_grads_match_reference(conv_impl, pool_impl):
   ref = models.create_model("cnn", conv_impl="xla", pool_impl="xla")
   fast = models.create_model("cnn", conv_impl=conv_impl, pool_impl=pool_impl)

@@ -1,0 +1,173 @@
+"""The native (C++ / XLA FFI) fused conv+pool kernel against lax, and its fallbacks."""
+
+import os
+from pathlib import Path
+import shutil
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+from fashion_jax import native, ops
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+  if os.environ.get("FASHION_JAX_NATIVE") == "0":
+    pytest.skip("FASHION_JAX_NATIVE=0: the native kernels are disabled in this run")
+  # Not a skip: with a C++ compiler on the machine the kernels must build.
+  assert native.available(), native._load()  # pylint: disable=protected-access
+
+
+def _ref(x, k, b):
+  y = lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=DN) + b
+  return lax.reduce_window(y, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+def _inputs(seed, batch, hw, cin, cout):
+  rng = np.random.default_rng(seed)  # numpy: eager jax.random compiles for seconds per shape.
+  x = rng.uniform(size=(batch, *hw, cin)).astype(np.float32)
+  x[0, :4] = 0.0  # A blank band: all four outputs of those windows tie.
+  k = (rng.standard_normal((3, 3, cin, cout)) * 0.3).astype(np.float32)
+  return jnp.asarray(x), jnp.asarray(k), jnp.asarray(rng.standard_normal(cout), jnp.float32)
+
+
+@pytest.mark.parametrize("batch,hw,cin,cout", [
+    (5, (28, 28), 1, 32),   # The CNN's first layer.
+    (11, (13, 11), 1, 8),   # Odd sizes (last conv row/column dropped); more images than chunks.
+    (3, (10, 9), 3, 16),    # RGB-like, compile-time channel count.
+    (2, (6, 7), 5, 24),     # Generic (run-time) channel count.
+    (4, (13, 13), 32, 64),  # The CNN's second layer: Winograd kernels.
+    (3, (8, 11), 8, 16),    # Winograd, even/odd sizes.
+    (1, (4, 4), 4, 8),      # Smallest input: one pooling window.
+    (1, (4, 4), 8, 8)])     # The same for Winograd.
+def test_outputs_and_grads_match_lax(batch, hw, cin, cout):
+  x, k, b = _inputs(batch, batch, hw, cin, cout)
+  y = jax.jit(native.conv3x3_pool2)(x, k, b)
+  want = _ref(x, k, b)
+  assert y.shape == want.shape and y.dtype == jnp.float32
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  r = jnp.asarray(np.random.default_rng(9).standard_normal(want.shape), jnp.float32)
+  grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * r), argnums=(0, 1, 2)))(x, k, b)
+           for f in (_ref, native.conv3x3_pool2)]
+  for got, expected in zip(grads[1], grads[0]):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cin", [1, 8])  # Direct and Winograd.
+def test_ties_go_to_the_first_maximum_like_reduce_window(cin):
+  x = jnp.zeros((2, 8, 8, cin)).at[1, 3:, 2:].set(1.0)  # Flat regions and edges: many exact ties.
+  k = jnp.ones((3, 3, cin, 8)).at[..., 4:].set(-1.0)
+  b = jnp.arange(8.0)
+  r = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 3, 8)), jnp.float32)
+  f = lambda fn: jax.grad(lambda k, b: jnp.sum(fn(x, k, b) * r), (0, 1))
+  for got, want in zip(jax.jit(f(native.conv3x3_pool2))(k, b), f(_ref)(k, b)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_gradients_are_deterministic():
+  x, k, b = _inputs(0, 37, (28, 28), 1, 32)
+  g = jax.jit(jax.grad(lambda k: jnp.sum(native.conv3x3_pool2(x, k, b) ** 2)))
+  np.testing.assert_array_equal(g(k), g(k))
+
+
+def test_supports_only_what_the_kernel_handles():
+  x, k = jnp.zeros((2, 28, 28, 1)), jnp.zeros((3, 3, 1, 32))
+  assert native.supports(x, k)
+  assert not native.supports(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+  assert native.supports(jnp.zeros((2, 13, 13, 32)), jnp.zeros((3, 3, 32, 64)))  # Winograd.
+  assert not native.supports(jnp.zeros((2, 13, 13, 12)), jnp.zeros((3, 3, 12, 64)))
+  assert not native.supports(x, jnp.zeros((3, 3, 1, 12)))  # Cout not a multiple of 8.
+  assert not native.supports(jnp.zeros((2, 3, 9, 1)), k)  # Smaller than one pooling window.
+  with pytest.raises(ValueError, match="does not support"):
+    native.conv3x3_pool2(x, jnp.zeros((3, 3, 1, 12)), jnp.zeros(12))
+
+
+def test_auto_and_native_choices():
+  x, k, b = _inputs(1, 2, (13, 13), 1, 8)
+  np.testing.assert_array_equal(ops.conv_pool(x, k, b, "auto"), native.conv3x3_pool2(x, k, b))
+  x16, k16, b16 = _inputs(2, 2, (13, 13), 16, 8)
+  np.testing.assert_array_equal(ops.conv_pool(x16, k16, b16, "auto"),
+                                native.conv3x3_pool2(x16, k16, b16))
+  # "native" falls back to auto's choice where the kernels do not apply (XLA Winograd here).
+  x12, k12, b12 = _inputs(3, 2, (13, 13), 12, 8)
+  np.testing.assert_array_equal(ops.conv_pool(x12, k12, b12, "native"),
+                                ops.conv_pool(x12, k12, b12, "winograd"))
+
+
+def test_native_is_cpu_only(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  x, k, b = _inputs(1, 2, (13, 13), 1, 8)
+  with pytest.raises(ValueError, match="CPU only"):
+    ops.conv_pool(x, k, b, "native")
+
+
+@pytest.fixture
+def fresh_load(monkeypatch, tmp_path):
+  """Runs `native._load` afresh against an empty cache; restores the real state after."""
+  monkeypatch.setenv("FASHION_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  native._load.cache_clear()  # pylint: disable=protected-access
+  yield
+  monkeypatch.undo()
+  native._load.cache_clear()  # pylint: disable=protected-access
+  assert native.available()
+
+
+def test_disabled_by_environment(fresh_load, monkeypatch):
+  del fresh_load
+  monkeypatch.setenv("FASHION_JAX_NATIVE", "0")
+  assert not native.available()
+  assert "FASHION_JAX_NATIVE=0" in native._load()  # pylint: disable=protected-access
+  x, k, b = _inputs(1, 2, (13, 13), 1, 8)
+  np.testing.assert_array_equal(ops.conv_pool(x, k, b, "auto"), ops.conv_pool(x, k, b, "im2col"))
+  x16, k16, b16 = _inputs(2, 2, (13, 13), 16, 8)
+  np.testing.assert_array_equal(ops.conv_pool(x16, k16, b16, "auto"),
+                                ops.conv_pool(x16, k16, b16, "winograd"))
+  with pytest.raises(ValueError, match="unavailable"):
+    ops.conv_pool(x, k, b, "native")
+
+
+def test_without_a_compiler(fresh_load, monkeypatch):
+  del fresh_load
+  monkeypatch.delenv("CXX", raising=False)
+  monkeypatch.setattr(shutil, "which", lambda name: None)
+  assert not native.available()
+  assert "no C++ compiler" in native._load()  # pylint: disable=protected-access
+
+
+def test_compile_error_is_reported_and_nothing_half_built_is_left(fresh_load, monkeypatch,
+                                                                   tmp_path):
+  del fresh_load
+  broken = tmp_path / "broken.cc"
+  broken.write_text("this is not C++\n")
+  monkeypatch.setattr(native, "SOURCE", broken)
+  assert not native.available()
+  assert "failed" in native._load()  # pylint: disable=protected-access
+  assert not list(Path(native.cache_dir()).rglob("*.so"))
+
+
+def test_builds_into_the_cache_once(fresh_load):
+  del fresh_load
+  assert native.available()
+  built_libraries = list(Path(native.cache_dir()).rglob("*.so"))
+  assert len(built_libraries) == 1
+  mtime = built_libraries[0].stat().st_mtime_ns
+  native._load.cache_clear()  # pylint: disable=protected-access
+  assert native.available()
+  assert built_libraries[0].stat().st_mtime_ns == mtime  # Loaded, not rebuilt.
+
+
+def test_executed_flops_counts_the_kernels_xla_cannot_see():
+  x, k, b = jnp.zeros((4, 28, 28, 1)), jnp.zeros((3, 3, 1, 32)), jnp.zeros(32)
+  step = jax.jit(jax.grad(lambda k: jnp.sum(native.conv3x3_pool2(x, k, b))))
+  direct = 2 * 4 * 13 * 13 * 4 * 9 * 32  # Multiply-adds x 2 of 4 conv outputs per pooled one.
+  assert native.executed_flops(step.lower(k).compile().as_text()) == 2 * direct  # Fwd + bwd.
+  x8, k8 = jnp.zeros((4, 13, 13, 32)), jnp.zeros((3, 3, 32, 64))
+  step = jax.jit(jax.grad(lambda x: jnp.sum(native.conv3x3_pool2(x, k8, jnp.zeros(64)))))
+  tiles = 4 * 5 * 5
+  assert native.executed_flops(step.lower(x8).compile().as_text()) == 32 * tiles * (2 * 32 + 2 * 64)
+  assert native.executed_flops("%c = f32[2] custom-call(), custom_call_target=\"other\"") == 0
