@@ -41,6 +41,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 
 from absl import logging
@@ -89,8 +90,7 @@ def _cpu_identity() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
-def _build(compiler: str) -> Path:
-  include = jax.ffi.include_dir()
+def _build_key(compiler: str, include: str) -> str:
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                            timeout=60).stdout
   key = hashlib.sha256()
@@ -98,11 +98,32 @@ def _build(compiler: str) -> Path:
                jax.__version__.encode(), include.encode(), _cpu_identity().encode()):
     key.update(part)
     key.update(b"\0")
-  out_dir = cache_dir() / key.hexdigest()[:16]
-  library = out_dir / "conv_pool.so"
-  if library.exists():
-    return library
+  return key.hexdigest()[:16]
+
+
+def _writable_dir(key: str) -> Path:
+  """The cache directory for this build, or a per-user temporary one if it cannot be created."""
+  try:
+    out_dir = cache_dir() / key
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if os.access(out_dir, os.W_OK):
+      return out_dir
+  except OSError:
+    pass
+  out_dir = Path(tempfile.gettempdir()) / f"fashion_jax-{os.getuid()}" / "native" / key
   out_dir.mkdir(parents=True, exist_ok=True)
+  logging.warning("%s is not writable; building the native kernels in %s", cache_dir(), out_dir)
+  return out_dir
+
+
+def _build(compiler: str, include: str, key: str) -> Path:
+  """Compiles the kernels into the cache (unless already there); returns the library's path."""
+  for candidate in (cache_dir() / key, Path(tempfile.gettempdir()) / f"fashion_jax-{os.getuid()}"
+                    / "native" / key):
+    if (candidate / "conv_pool.so").exists():
+      return candidate / "conv_pool.so"
+  out_dir = _writable_dir(key)
+  library = out_dir / "conv_pool.so"
   logging.info("Compiling fashion_jax's native CPU kernels (once per machine) into %s", out_dir)
   start = time.perf_counter()
   # Build beside the target and rename: concurrent processes never load half a file.
@@ -122,6 +143,7 @@ def _build(compiler: str) -> Path:
 
 
 _registered = False  # XLA accepts one handler per target name and process.
+_lock = threading.Lock()
 
 
 @functools.cache
@@ -133,16 +155,24 @@ def _load() -> str | None:
   compiler = _compiler()
   if compiler is None:
     return "no C++ compiler found (set CXX or install g++/clang++)"
-  try:
-    library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-    if not _registered:
-      for target, symbol in _TARGETS.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
-                                    platform="cpu")
-      _registered = True
-  except (OSError, subprocess.SubprocessError, NativeUnavailable, AttributeError,
-          jax.errors.JaxRuntimeError) as e:
-    return f"{type(e).__name__}: {e}"
+  with _lock:
+    try:
+      include = jax.ffi.include_dir()
+      key = _build_key(compiler, include)
+      path = _build(compiler, include, key)
+      try:
+        library = ctypes.cdll.LoadLibrary(str(path))
+      except OSError:  # A damaged cache entry: build it again, once.
+        path.unlink()
+        library = ctypes.cdll.LoadLibrary(str(_build(compiler, include, key)))
+      if not _registered:
+        for target, symbol in _TARGETS.items():
+          jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                      platform="cpu")
+        _registered = True
+    except (OSError, subprocess.SubprocessError, NativeUnavailable, AttributeError,
+            jax.errors.JaxRuntimeError) as e:
+      return f"{type(e).__name__}: {e}"
   return None
 
 

@@ -171,3 +171,23 @@ def test_executed_flops_counts_the_kernels_xla_cannot_see():
   tiles = 4 * 5 * 5
   assert native.executed_flops(step.lower(x8).compile().as_text()) == 32 * tiles * (2 * 32 + 2 * 64)
   assert native.executed_flops("%c = f32[2] custom-call(), custom_call_target=\"other\"") == 0
+
+
+def test_a_damaged_cache_entry_is_rebuilt(fresh_load):
+  del fresh_load
+  key = native._build_key(native._compiler(), jax.ffi.include_dir())  # pylint: disable=protected-access
+  damaged = native.cache_dir() / key / "conv_pool.so"
+  damaged.parent.mkdir(parents=True)
+  damaged.write_bytes(b"\x7fELF truncated")
+  assert native.available(), native._load()  # pylint: disable=protected-access
+  assert damaged.stat().st_size > 10_000
+
+
+def test_an_unwritable_cache_falls_back_to_a_temporary_folder(fresh_load, monkeypatch, tmp_path):
+  del fresh_load
+  blocker = tmp_path / "not_a_folder"
+  blocker.write_text("")
+  monkeypatch.setenv("FASHION_JAX_CACHE_DIR", str(blocker / "cache"))
+  monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+  assert native.available(), native._load()  # pylint: disable=protected-access
+  assert list((tmp_path / "tmp").rglob("conv_pool.so"))
