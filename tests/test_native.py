@@ -43,6 +43,7 @@ def _inputs(seed, batch, hw, cin, cout):
     (2, (6, 7), 5, 24),     # Generic (run-time) channel count.
     (4, (13, 13), 32, 64),  # The CNN's second layer: Winograd kernels.
     (3, (8, 11), 8, 16),    # Winograd, even/odd sizes.
+    (2, (9, 9), 16, 24),    # Winograd weight gradient's 4-row and 8-column remainders.
     (1, (4, 4), 4, 8),      # Smallest input: one pooling window.
     (1, (4, 4), 8, 8)])     # The same for Winograd.
 def test_outputs_and_grads_match_lax(batch, hw, cin, cout):
@@ -169,7 +170,12 @@ def test_executed_flops_counts_the_kernels_xla_cannot_see():
   x8, k8 = jnp.zeros((4, 13, 13, 32)), jnp.zeros((3, 3, 32, 64))
   step = jax.jit(jax.grad(lambda x: jnp.sum(native.conv3x3_pool2(x, k8, jnp.zeros(64)))))
   tiles = 4 * 5 * 5
+  # The four transforms (input, output+pool, and their gradients); no kernel gradient needed.
   assert native.executed_flops(step.lower(x8).compile().as_text()) == 32 * tiles * (2 * 32 + 2 * 64)
+  step = jax.jit(jax.grad(lambda k: jnp.sum(native.conv3x3_pool2(x8, k, jnp.zeros(64)))))
+  weight_grad = 2 * 16 * tiles * 32 * 64
+  assert (native.executed_flops(step.lower(k8).compile().as_text())
+          == 32 * tiles * (32 + 64 + 64) + weight_grad)  # dx is not needed here.
   assert native.executed_flops("%c = f32[2] custom-call(), custom_call_target=\"other\"") == 0
 
 

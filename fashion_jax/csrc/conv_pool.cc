@@ -461,6 +461,77 @@ ffi::Error WinogradOutputPoolGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy
   return ffi::Error::Success();
 }
 
+// dU[x] = V[x]^T dM[x] for each of the 16 Winograd planes: the weight gradient's
+// contraction over all tiles ([C, tiles] x [tiles, K], small output, very long
+// contraction), which XLA:CPU runs at a fraction of its matmul speed. Tiles are
+// taken in chunks that stay in cache; for each chunk the blocks of dU are
+// accumulated in registers. One plane per work unit, tiles in order:
+// deterministic.
+constexpr int64_t kTileChunk = 64;
+
+// A CB x (8 * KV) block of dU over tiles [t0, t1), accumulated in registers.
+template <int CB, int KV>
+void WeightGradBlock(const float* v, const float* dm, float* du, int64_t t0, int64_t t1,
+                     int64_t c, int64_t k, int64_t c0, int64_t k0) {
+  f8 acc[CB][KV];
+  for (int i = 0; i < CB; ++i) {
+    for (int j = 0; j < KV; ++j) acc[i][j] = Load(du + (c0 + i) * k + k0 + 8 * j);
+  }
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* vr = v + t * c + c0;
+    f8 m[KV];
+    for (int j = 0; j < KV; ++j) m[j] = Load(dm + t * k + k0 + 8 * j);
+    for (int i = 0; i < CB; ++i) {
+      const f8 b = Splat(vr[i]);
+      for (int j = 0; j < KV; ++j) acc[i][j] += b * m[j];
+    }
+  }
+  for (int i = 0; i < CB; ++i) {
+    for (int j = 0; j < KV; ++j) Store(du + (c0 + i) * k + k0 + 8 * j, acc[i][j]);
+  }
+}
+
+template <int CB>
+void WeightGradRows(const float* v, const float* dm, float* du, int64_t t0, int64_t t1,
+                    int64_t c, int64_t k, int64_t c0) {
+  int64_t k0 = 0;
+  for (; k0 + 16 <= k; k0 += 16) WeightGradBlock<CB, 2>(v, dm, du, t0, t1, c, k, c0, k0);
+  if (k0 < k) WeightGradBlock<CB, 1>(v, dm, du, t0, t1, c, k, c0, k0);  // K % 16 == 8.
+}
+
+// 6 x 16 blocks: 12 accumulators, enough independent FMAs to hide their latency.
+void WinogradWeightGradPlane(int64_t tiles, int64_t c, int64_t k, const float* v,
+                             const float* dm, float* du) {
+  std::fill(du, du + c * k, 0.0f);
+  for (int64_t t0 = 0; t0 < tiles; t0 += kTileChunk) {
+    const int64_t t1 = std::min(tiles, t0 + kTileChunk);
+    int64_t c0 = 0;
+    for (; c0 + 6 <= c; c0 += 6) WeightGradRows<6>(v, dm, du, t0, t1, c, k, c0);
+    switch (c - c0) {  // C % 4 == 0, so 0, 2 or 4 rows are left.
+      case 4: WeightGradRows<4>(v, dm, du, t0, t1, c, k, c0); break;
+      case 2: WeightGradRows<2>(v, dm, du, t0, t1, c, k, c0); break;
+      default: break;
+    }
+  }
+}
+
+ffi::Error WinogradWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> v,
+                              ffi::Buffer<ffi::F32> dm, ffi::ResultBuffer<ffi::F32> du) {
+  auto vd = v.dimensions(), md = dm.dimensions(), ud = du->dimensions();
+  if (vd.size() != 3 || md.size() != 3 || ud.size() != 3 || vd[0] != md[0] || vd[1] != md[1] ||
+      ud[0] != vd[0] || ud[1] != vd[2] || ud[2] != md[2] || vd[2] % 4 != 0 || md[2] % 8 != 0) {
+    return ffi::Error::InvalidArgument(
+        "fashion_jax winograd weight grad: expected V [P, n, C], dM [P, n, K] -> [P, C, K], "
+        "C % 4 == 0, K % 8 == 0");
+  }
+  const int64_t planes = vd[0], tiles = vd[1], c = vd[2], k = md[2];
+  ParallelFor(pool, planes, [&](int64_t x) {
+    WinogradWeightGradPlane(tiles, c, k, v.typed_data() + x * tiles * c,
+                            dm.typed_data() + x * tiles * k, du->typed_data() + x * c * k);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjConvPoolForward, ConvPoolForward,
@@ -507,4 +578,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradOutputPoolGrad, WinogradOutputPoolGrad,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradWeightGrad, WinogradWeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
