@@ -343,3 +343,21 @@ def executed_flops(hlo_text: str) -> float:
               for dims in _SHAPE_RE.findall(constraints)]
     total += _kernel_flops(target.group(1), shapes)
   return total
+
+
+def main() -> int:
+  """`python -m fashion_jax.native`: builds the kernels now (e.g. in a Docker image or a
+  Colab setup cell) and says where they are, or why they are unavailable."""
+  logging.set_verbosity(logging.INFO)
+  reason = _load()
+  if reason is not None:
+    print(f"fashion_jax native CPU kernels: unavailable: {reason}")
+    return 1
+  compiler = _compiler()
+  path = _build(compiler, jax.ffi.include_dir(), _build_key(compiler, jax.ffi.include_dir()))
+  print(f"fashion_jax native CPU kernels: ready ({path})")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

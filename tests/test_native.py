@@ -197,3 +197,13 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_folder(fresh_load, monkey
   monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
   assert native.available(), native._load()  # pylint: disable=protected-access
   assert list((tmp_path / "tmp").rglob("conv_pool.so"))
+
+
+def test_prebuild_command_reports_where_or_why(capsys, fresh_load, monkeypatch):
+  del fresh_load
+  assert native.main() == 0
+  assert "ready (" in capsys.readouterr().out
+  native._load.cache_clear()  # pylint: disable=protected-access
+  monkeypatch.setenv("FASHION_JAX_NATIVE", "0")
+  assert native.main() == 1
+  assert "unavailable: disabled by FASHION_JAX_NATIVE=0" in capsys.readouterr().out
