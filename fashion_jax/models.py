@@ -24,9 +24,12 @@ from fashion_jax import ops
 
 
 def _conv_fn(conv_impl: str):
-  """The convolution for convs not followed by a pool ("native" has none: as "auto")."""
-  if conv_impl in ("auto", "native") and ops.on_cpu():
+  """The convolution for convs not followed by a pool."""
+  if conv_impl == "auto" and ops.on_cpu():
     return ops.conv_general_dilated_cpu_auto
+  if conv_impl == "native":
+    ops.check_native()
+    return ops.conv_general_dilated_native
   impl = ops.resolve_impl(conv_impl, ops.CONV_IMPLS, fast="im2col")
   if impl == "winograd":
     return ops.conv_general_dilated_winograd

@@ -302,6 +302,61 @@ def _winograd_bwd(residuals, dy):
 _winograd.defvjp(_winograd_forward, _winograd_bwd)
 
 
+
+# Winograd 3x3 convolution without a pool (cnn_bn, ResNets): the input transform
+# and its gradient and the weight gradient native, the output transform XLA's.
+
+def supports_conv(x: jax.Array, kernel: jax.Array) -> bool:
+  """Whether `conv3x3` handles these shapes and dtypes (not whether it is built)."""
+  return (x.ndim == 4 and kernel.ndim == 4 and kernel.shape[:2] == (3, 3)
+          and kernel.shape[2] == x.shape[-1] and x.shape[-1] % 8 == 0
+          and kernel.shape[-1] % 8 == 0 and x.shape[1] >= 3 and x.shape[2] >= 3
+          and x.dtype == kernel.dtype == jnp.float32)
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """VALID, stride-1 3x3 convolution by Winograd F(2x2, 3x3) with native transforms.
+
+  x NHWC float32 with C % 8 == 0, kernel HWIO with Cout % 8 == 0
+  (`supports_conv`); SAME padding is the caller's `jnp.pad`. Raises ValueError
+  like `conv3x3_pool2`.
+  """
+  if not supports_conv(x, kernel):
+    raise ValueError(f"native conv3x3 does not support x {x.shape} {x.dtype}, "
+                     f"kernel {kernel.shape} {kernel.dtype}; see native.supports_conv")
+  if not available():
+    raise ValueError(f"the native CPU kernels are unavailable: {_load()}")
+  return _conv(x, kernel)
+
+
+def _conv_forward(x, kernel):
+  xp, th, tw = winograd.pad_to_tiles(x)
+  v = _call("fashion_jax_winograd_input",
+            jax.ShapeDtypeStruct((16, x.shape[0] * th * tw, x.shape[-1]), jnp.float32), xp)
+  u = winograd.filter_transform(kernel)
+  return winograd.outputs_to_image(winograd.product(v, u), x.shape, th, tw), (v, u, x.shape)
+
+
+@jax.custom_vjp
+def _conv(x, kernel):
+  return _conv_forward(x, kernel)[0]
+
+
+def _conv_bwd(residuals, dy):
+  v, u, x_shape = residuals
+  b, h, w, c = x_shape
+  th, tw = winograd.tile_counts(x_shape, pooled=False)
+  dm = winograd.outputs_to_image_grad(dy, x_shape, th, tw)
+  du = _call("fashion_jax_winograd_weight_grad", jax.ShapeDtypeStruct(u.shape, jnp.float32), v, dm)
+  dv, dkernel = winograd.product_grads(v, u, dm, du=du)
+  dxp = _call("fashion_jax_winograd_input_grad",
+              jax.ShapeDtypeStruct((b, 2 * th + 2, 2 * tw + 2, c), jnp.float32), dv)
+  return dxp[:, :h, :w], dkernel
+
+
+_conv.defvjp(_conv_forward, _conv_bwd)
+
+
 _TARGET_RE = re.compile(r'custom_call_target="(fashion_jax_[a-z_]+)"')
 _SHAPE_RE = re.compile(r"[a-z]+[0-9]*\[([0-9,]*)\]\{[0-9,]*\}")  # e.g. f32[4,28,28,1]{3,2,1,0}
 

@@ -115,14 +115,9 @@ def conv_general_dilated_im2col(lhs, rhs, window_strides, padding, lhs_dilation=
   return conv2d_im2col(lhs, rhs, precision=precision)
 
 
-def conv_general_dilated_winograd(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                                  rhs_dilation=None, dimension_numbers=None,
-                                  feature_group_count=1, batch_group_count=1,
-                                  precision=None, preferred_element_type=None):
-  """Drop-in for `lax.conv_general_dilated`: Winograd F(2x2, 3x3) for 3x3 kernels.
-
-  Other kernel sizes, strides and layouts take the im2col path (or `lax`).
-  """
+def _winograd_conv(conv3x3, lhs, rhs, window_strides, padding, lhs_dilation=None,
+                   rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                   batch_group_count=1, precision=None, preferred_element_type=None):
   args = (lhs, rhs, window_strides, padding)
   kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                 dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
@@ -135,7 +130,29 @@ def conv_general_dilated_winograd(lhs, rhs, window_strides, padding, lhs_dilatio
     return conv_general_dilated_im2col(*args, **kwargs)
   if any(p != (0, 0) for p in pads):
     lhs = jnp.pad(lhs, ((0, 0), pads[0], pads[1], (0, 0)))
-  return winograd.conv3x3(lhs, rhs)
+  return conv3x3(lhs, rhs)
+
+
+def conv_general_dilated_winograd(*args, **kwargs):
+  """Drop-in for `lax.conv_general_dilated`: Winograd F(2x2, 3x3) for 3x3 kernels.
+
+  Other kernel sizes, strides and layouts take the im2col path (or `lax`).
+  """
+  return _winograd_conv(winograd.conv3x3, *args, **kwargs)
+
+
+def _native_conv3x3(x, kernel):
+  if native.supports_conv(x, kernel):
+    return native.conv3x3(x, kernel)
+  return winograd.conv3x3(x, kernel)
+
+
+def conv_general_dilated_native(lhs, rhs, *args, **kwargs):
+  """As `conv_general_dilated_winograd`, with the native kernels' transforms where they apply
+  (float32, channels in multiples of 8); other inputs take "auto"'s CPU choice."""
+  if lhs.dtype != jnp.float32 or lhs.shape[-1] % 8 or rhs.shape[-1] % 8:
+    return conv_general_dilated_cpu_auto(lhs, rhs, *args, **kwargs)
+  return _winograd_conv(_native_conv3x3, lhs, rhs, *args, **kwargs)
 
 
 def _is_nhwc(dimension_numbers, ndim) -> bool:
@@ -223,9 +240,27 @@ def cpu_auto_conv_impl(x: jax.Array) -> str:
   return "im2col"
 
 
+def _native_wanted() -> bool:
+  """"auto" takes the native kernels when they are built and the step runs on one device
+  (under a multi-device mesh XLA would gather the batch onto every device for them)."""
+  return jax.device_count() == 1 and native.available()
+
+
+def check_native() -> None:
+  """Raises a ValueError saying why conv_impl="native" cannot run here, if it cannot."""
+  if not on_cpu():
+    raise ValueError("conv_impl='native' runs on CPU only; use 'auto' or 'xla' on "
+                     f"{jax.default_backend()}")
+  if not native.available():
+    raise ValueError("conv_impl='native' needs the native CPU kernels, which are unavailable "
+                     "here (see the warning above); use conv_impl='auto'")
+
+
 def conv_general_dilated_cpu_auto(lhs, rhs, *args, **kwargs):
   """Drop-in for `lax.conv_general_dilated`: "auto" on CPU (`cpu_auto_conv_impl`)."""
   if cpu_auto_conv_impl(lhs) == "winograd":
+    if _native_wanted():
+      return conv_general_dilated_native(lhs, rhs, *args, **kwargs)
     return conv_general_dilated_winograd(lhs, rhs, *args, **kwargs)
   return conv_general_dilated_im2col(lhs, rhs, *args, **kwargs)
 
@@ -234,11 +269,10 @@ def cpu_auto_conv_pool_impl(x: jax.Array, kernel: jax.Array) -> str:
   """What "auto" runs on CPU for a 3x3 conv + 2x2 max-pool (BENCHMARKS.md).
 
   The fused native kernels (`fashion_jax.native`: direct for few input
-  channels, Winograd for many) when they are built and the step runs on one
-  device (under a multi-device mesh XLA would gather the batch onto every
-  device for them); otherwise `cpu_auto_conv_impl`.
+  channels, Winograd for many) where they apply and are wanted
+  (`_native_wanted`); otherwise `cpu_auto_conv_impl`.
   """
-  if native.supports(x, kernel) and jax.device_count() == 1 and native.available():
+  if native.supports(x, kernel) and _native_wanted():
     return "native"
   return cpu_auto_conv_impl(x)
 
@@ -254,12 +288,7 @@ def conv_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, conv_impl: str =
   the fused ops where they win (`cpu_auto_conv_pool_impl`).
   """
   if conv_impl == "native":
-    if not on_cpu():
-      raise ValueError("conv_impl='native' runs on CPU only; use 'auto' or 'xla' on "
-                       f"{jax.default_backend()}")
-    if not native.available():
-      raise ValueError("conv_impl='native' needs the native CPU kernels, which are unavailable "
-                       "here (see the warning above); use conv_impl='auto'")
+    check_native()
     conv_impl = "native" if native.supports(x, kernel) else "auto"
   impl = cpu_auto_conv_pool_impl(x, kernel) if conv_impl == "auto" and on_cpu() else conv_impl
   impl = resolve_impl(impl, CONV_IMPLS, fast="im2col")

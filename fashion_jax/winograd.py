@@ -58,7 +58,7 @@ _AA = np.kron(_AT, _AT)  # [4, 16]  product m -> A^T m A (the four outputs y00 y
 _WEIGHT_GRAD_CHUNKS = 2
 
 
-def _tile_counts(x_shape, pooled: bool) -> tuple[int, int]:
+def tile_counts(x_shape, pooled: bool) -> tuple[int, int]:
   """2x2 output tiles per image of a VALID 3x3 conv on `x_shape`.
 
   Pooled: the tiles the 2x2 VALID pool needs (an odd last row/column is
@@ -153,7 +153,7 @@ def _backward(v, u, d_outputs, x_shape, th, tw):
 def _forward(x, kernel, bias):
   b = x.shape[0]
   k = kernel.shape[-1]
-  th, tw = _tile_counts(x.shape, pooled=True)
+  th, tw = tile_counts(x.shape, pooled=True)
   v, u, outputs = _transformed_product(x, kernel, th, tw)
   outputs = outputs.reshape(4, b, th, tw, k)
   y = jnp.max(outputs, axis=0)
@@ -174,7 +174,7 @@ def _fwd(x, kernel, bias):
 
 def _bwd(residuals, dy):
   v, u, winner, x_shape = residuals
-  th, tw = _tile_counts(x_shape, pooled=True)
+  th, tw = tile_counts(x_shape, pooled=True)
   taps = jnp.arange(4, dtype=jnp.int8).reshape(4, 1, 1, 1, 1)
   d_outputs = jnp.where(winner[None] == taps, dy[None], jnp.zeros((), dy.dtype))
   dx, d_kernel = _backward(v, u, d_outputs.reshape(4, -1), x_shape, th, tw)
@@ -184,19 +184,37 @@ def _bwd(residuals, dy):
 conv3x3_pool2.defvjp(_fwd, _bwd)
 
 
-def _pad_to_tiles(x: jax.Array, th: int, tw: int) -> jax.Array:
+def pad_to_tiles(x: jax.Array) -> tuple[jax.Array, int, int]:
+  """Pads x so whole 2x2 output tiles cover the VALID conv output; returns it and the tile counts."""
   _, h, w, _ = x.shape
-  return jnp.pad(x, ((0, 0), (0, 2 * th + 2 - h), (0, 2 * tw + 2 - w), (0, 0)))
+  th, tw = tile_counts(x.shape, pooled=False)
+  return jnp.pad(x, ((0, 0), (0, 2 * th + 2 - h), (0, 2 * tw + 2 - w), (0, 0))), th, tw
+
+
+def outputs_to_image(m: jax.Array, x_shape, th: int, tw: int) -> jax.Array:
+  """A^T M A for every tile, interleaved back into the (cropped) VALID conv output."""
+  b, h, w, _ = x_shape
+  k = m.shape[-1]
+  outputs = (jnp.asarray(_AA, m.dtype) @ m.reshape(16, -1)).reshape(2, 2, b, th, tw, k)
+  y = outputs.transpose(2, 3, 0, 4, 1, 5).reshape(b, 2 * th, 2 * tw, k)  # (row, col) in the tile.
+  return y[:, :h - 2, :w - 2]
+
+
+def outputs_to_image_grad(dy: jax.Array, x_shape, th: int, tw: int) -> jax.Array:
+  """The transpose of `outputs_to_image`: dM [16, tiles, K] from the conv output's gradient."""
+  b, h, w, _ = x_shape
+  k = dy.shape[-1]
+  dy = jnp.pad(dy, ((0, 0), (0, 2 * th - (h - 2)), (0, 2 * tw - (w - 2)), (0, 0)))
+  d_outputs = dy.reshape(b, th, 2, tw, 2, k).transpose(2, 4, 0, 1, 3, 5).reshape(4, -1)
+  return (jnp.asarray(_AA, dy.dtype).T @ d_outputs).reshape(16, b * th * tw, k)
 
 
 def _conv_forward(x, kernel):
-  b, h, w, _ = x.shape
-  k = kernel.shape[-1]
-  th, tw = _tile_counts(x.shape, pooled=False)
-  v, u, outputs = _transformed_product(_pad_to_tiles(x, th, tw), kernel, th, tw)
-  outputs = outputs.reshape(2, 2, b, th, tw, k)  # (row, col) in the tile.
-  y = outputs.transpose(2, 3, 0, 4, 1, 5).reshape(b, 2 * th, 2 * tw, k)
-  return y[:, :h - 2, :w - 2], (v, u)
+  xp, th, tw = pad_to_tiles(x)
+  b, _, _, c = x.shape
+  v = (jnp.asarray(_BB, x.dtype) @ _tiles(xp, th, tw).reshape(16, -1)).reshape(16, b * th * tw, c)
+  u = filter_transform(kernel)
+  return outputs_to_image(product(v, u), x.shape, th, tw), (v, u)
 
 
 @jax.custom_vjp
@@ -218,11 +236,11 @@ def _conv_fwd(x, kernel):
 def _conv_bwd(residuals, dy):
   v, u, x_shape = residuals
   b, h, w, c = x_shape
-  k = u.shape[-1]
-  th, tw = _tile_counts(x_shape, pooled=False)
-  dy = jnp.pad(dy, ((0, 0), (0, 2 * th - (h - 2)), (0, 2 * tw - (w - 2)), (0, 0)))
-  d_outputs = dy.reshape(b, th, 2, tw, 2, k).transpose(2, 4, 0, 1, 3, 5).reshape(4, -1)
-  dx, d_kernel = _backward(v, u, d_outputs, (b, 2 * th + 2, 2 * tw + 2, c), th, tw)
+  th, tw = tile_counts(x_shape, pooled=False)
+  dm = outputs_to_image_grad(dy, x_shape, th, tw)
+  dv, d_kernel = product_grads(v, u, dm)
+  d_windows = (jnp.asarray(_BB, dv.dtype).T @ dv.reshape(16, -1)).reshape(16, -1, c)
+  dx = _untiles(d_windows, (b, 2 * th + 2, 2 * tw + 2, c), th, tw)
   return dx[:, :h, :w], d_kernel
 
 

@@ -207,3 +207,52 @@ def test_prebuild_command_reports_where_or_why(capsys, fresh_load, monkeypatch):
   monkeypatch.setenv("FASHION_JAX_NATIVE", "0")
   assert native.main() == 1
   assert "unavailable: disabled by FASHION_JAX_NATIVE=0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("batch,hw,cin,cout", [
+    (3, (14, 14), 32, 64),  # cnn_bn's second block (after SAME padding: 16x16).
+    (2, (7, 9), 8, 16),     # Odd sizes: whole tiles computed, then cropped.
+    (1, (3, 3), 8, 8)])     # One output pixel.
+def test_plain_conv_outputs_and_grads_match_lax(batch, hw, cin, cout):
+  x, k, _ = _inputs(batch, batch, hw, cin, cout)
+  ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=DN)
+  want = ref(x, k)
+  got = jax.jit(native.conv3x3)(x, k)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  r = jnp.asarray(np.random.default_rng(9).standard_normal(want.shape), jnp.float32)
+  grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * r), argnums=(0, 1)))(x, k)
+           for f in (ref, native.conv3x3)]
+  for got_g, want_g in zip(grads[1], grads[0]):
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=2e-4)
+
+
+def test_plain_conv_drop_in_and_fallbacks():
+  x, k, _ = _inputs(4, 2, (8, 8), 16, 8)
+  got = ops.conv_general_dilated_native(x, k, (1, 1), "SAME", dimension_numbers=DN)
+  want = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  x1, k1 = x[..., :1], k[:, :, :1]  # One input channel: "auto"'s choice (im2col).
+  np.testing.assert_array_equal(
+      ops.conv_general_dilated_native(x1, k1, (1, 1), "SAME", dimension_numbers=DN),
+      ops.conv_general_dilated_im2col(x1, k1, (1, 1), "SAME", dimension_numbers=DN))
+  assert not native.supports_conv(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match="does not support"):
+    native.conv3x3(x1, k1)
+
+
+def test_cnn_bn_gradients_match_the_xla_model():
+  from fashion_jax import models  # pylint: disable=g-import-not-at-top
+  ref = models.create_model("cnn_bn", conv_impl="xla", pool_impl="xla")
+  fast = models.create_model("cnn_bn", conv_impl="native")
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 28, 28, 1)), jnp.float32)
+  variables = ref.init(jax.random.key(0), x, train=False)
+
+  def loss(model, params):
+    logits = model.apply({**variables, "params": params}, x, train=False)
+    return jnp.sum(jax.nn.log_softmax(logits)[:, 3])
+
+  l_ref, g_ref = jax.jit(jax.value_and_grad(lambda p: loss(ref, p)))(variables["params"])
+  l, g = jax.jit(jax.value_and_grad(lambda p: loss(fast, p)))(variables["params"])
+  np.testing.assert_allclose(l, l_ref, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), g, g_ref)

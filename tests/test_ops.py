@@ -160,11 +160,12 @@ def test_auto_conv_pool_picks_by_dtype_and_channels():
 
 
 def test_auto_conv_on_cpu_follows_the_same_rule():
-  """Convs without a pool (cnn_bn, ResNets): Winograd for float32 with enough channels."""
+  """Convs without a pool (cnn_bn, ResNets): (native) Winograd for float32 with enough channels."""
   k = _rand(jax.random.key(4), (3, 3, 16, 8))
   x = _rand(jax.random.key(6), (2, 12, 12, 16))
   x1, k1 = x[..., :1], k[:, :, :1]
-  for lhs, rhs, expected in ((x, k, ops.conv_general_dilated_winograd),
+  assert native.available()
+  for lhs, rhs, expected in ((x, k, ops.conv_general_dilated_native),
                              (x1, k1, ops.conv_general_dilated_im2col),
                              (x.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
                               ops.conv_general_dilated_im2col)):
