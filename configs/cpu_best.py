@@ -10,9 +10,10 @@ for validation (the recipe was tuned on them, never on the test split).
       --config.idx_dir=../shared/data/fashion_mnist
 
 Measured on 2 CPU cores (BENCHMARKS.md "Recipes"), seeds 0 / 1 / 2: test
-accuracy 94.18 / 94.29 / 94.23 % (mean 94.23 %), validation 93.82 / 94.06 /
-93.94 %, 475 / 457 / 464 s wall from process start, ~800 images/s (Winograd
-convs). With im2col (before): 94.27 % mean in 553-562 s at ~650 images/s.
+accuracy 94.25 / 94.33 / 94.19 % (mean 94.26 %), validation 93.76 / 93.86 /
+93.92 %, 346 / 331 / 346 s wall from process start, ~1,150 images/s (native
+Winograd kernels). Before: 94.23 % mean in 457-475 s at ~800 images/s (XLA
+Winograd), 94.27 % in 553-562 s at ~650 images/s (im2col).
 """
 
 from fashion_jax import config_lib

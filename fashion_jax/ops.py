@@ -5,7 +5,7 @@ their gradients) to slow loops on CPU, while it runs large matrix multiplies
 near peak. The same math written as one im2col matmul and a reshape+max runs
 several times faster there (numbers in BENCHMARKS.md), and a 3x3 convolution
 followed by 2x2 max-pooling runs faster still as Winograd's F(2x2, 3x3)
-(`fashion_jax.winograd`), and for few input channels as a fused C++ kernel
+(`fashion_jax.winograd`), and fastest with its memory-bound parts in C++
 (`fashion_jax.native`). On TPU and GPU XLA's own convolution is the right
 choice. Everything here computes the reference math; tests compare outputs and
 gradients with `lax`.

@@ -100,6 +100,19 @@ def _untiles(windows: jax.Array, x_shape, th: int, tw: int) -> jax.Array:
   return jnp.pad(dx, ((0, 0), (0, h - 2 * th - 2), (0, w - 2 * tw - 2), (0, 0)))
 
 
+def input_transform(x: jax.Array, th: int, tw: int) -> jax.Array:
+  """V = B^T d B for the 4x4 input window d of every tile: [B,H,W,C] -> [16, B*th*tw, C]."""
+  c = x.shape[-1]
+  return (jnp.asarray(_BB, x.dtype) @ _tiles(x, th, tw).reshape(16, -1)).reshape(16, -1, c)
+
+
+def input_transform_grad(dv: jax.Array, x_shape, th: int, tw: int) -> jax.Array:
+  """The transpose of `input_transform`: dx [B,H,W,C] from dV [16, tiles, C]."""
+  c = dv.shape[-1]
+  d_windows = (jnp.asarray(_BB, dv.dtype).T @ dv.reshape(16, -1)).reshape(16, -1, c)
+  return _untiles(d_windows, x_shape, th, tw)
+
+
 def filter_transform(kernel: jax.Array) -> jax.Array:
   """U = G g G^T for each (input, output) channel pair: HWIO [3,3,C,K] -> [16, C, K]."""
   _, _, c, k = kernel.shape
@@ -130,24 +143,16 @@ def product_grads(v: jax.Array, u: jax.Array, dm: jax.Array,
 def _transformed_product(x, kernel, th, tw):
   """The Winograd-domain input V [16, n, C], filter U [16, C, K] and the four
   outputs of every tile [4, n*K] (y00, y01, y10, y11), n = B*th*tw tiles."""
-  b, _, _, c = x.shape
-  k = kernel.shape[-1]
-  n = b * th * tw
-  bb, aa = (jnp.asarray(m, x.dtype) for m in (_BB, _AA))
-  v = (bb @ _tiles(x, th, tw).reshape(16, n * c)).reshape(16, n, c)
+  v = input_transform(x, th, tw)
   u = filter_transform(kernel)
-  return v, u, aa @ product(v, u).reshape(16, n * k)
+  return v, u, jnp.asarray(_AA, x.dtype) @ product(v, u).reshape(16, -1)
 
 
 def _backward(v, u, d_outputs, x_shape, th, tw):
   """Kernel and input gradients from the gradients of the tiles' four outputs [4, n*K]."""
-  c, k = u.shape[1], u.shape[2]
-  n = v.shape[1]
-  bb, aa = (jnp.asarray(m, d_outputs.dtype) for m in (_BB, _AA))
-  dm = (aa.T @ d_outputs).reshape(16, n, k)
+  dm = (jnp.asarray(_AA, d_outputs.dtype).T @ d_outputs).reshape(16, v.shape[1], u.shape[2])
   dv, d_kernel = product_grads(v, u, dm)
-  d_windows = (bb.T @ dv.reshape(16, n * c)).reshape(16, n, c)
-  return _untiles(d_windows, x_shape, th, tw), d_kernel
+  return input_transform_grad(dv, x_shape, th, tw), d_kernel
 
 
 def _forward(x, kernel, bias):
@@ -211,8 +216,7 @@ def outputs_to_image_grad(dy: jax.Array, x_shape, th: int, tw: int) -> jax.Array
 
 def _conv_forward(x, kernel):
   xp, th, tw = pad_to_tiles(x)
-  b, _, _, c = x.shape
-  v = (jnp.asarray(_BB, x.dtype) @ _tiles(xp, th, tw).reshape(16, -1)).reshape(16, b * th * tw, c)
+  v = input_transform(xp, th, tw)
   u = filter_transform(kernel)
   return outputs_to_image(product(v, u), x.shape, th, tw), (v, u)
 
@@ -239,9 +243,7 @@ def _conv_bwd(residuals, dy):
   th, tw = tile_counts(x_shape, pooled=False)
   dm = outputs_to_image_grad(dy, x_shape, th, tw)
   dv, d_kernel = product_grads(v, u, dm)
-  d_windows = (jnp.asarray(_BB, dv.dtype).T @ dv.reshape(16, -1)).reshape(16, -1, c)
-  dx = _untiles(d_windows, (b, 2 * th + 2, 2 * tw + 2, c), th, tw)
-  return dx[:, :h, :w], d_kernel
+  return input_transform_grad(dv, (b, 2 * th + 2, 2 * tw + 2, c), th, tw)[:, :h, :w], d_kernel
 
 
 conv3x3.defvjp(_conv_fwd, _conv_bwd)

@@ -1,20 +1,24 @@
-// Fused 3x3 VALID convolution + bias + 2x2 VALID max-pooling for few input
-// channels (the first conv of a small CNN), as XLA FFI handlers for XLA:CPU.
+// fashion_jax's native CPU kernels for 3x3 convolutions (fashion_jax/native.py
+// builds this file and wraps each handler; BENCHMARKS.md has the measurements).
 //
-// Why: XLA:CPU runs the first conv of the classic CNN (1 -> 32 channels) as an
-// im2col matmul with K = 9, which is memory-bound, and then writes, re-reads
-// and scatters the 26x26x32 activation for the pool and its gradient. Here each
-// 2x2 pooling window's four conv outputs are computed in registers, pooled, and
-// only the pooled value and its argmax (int8, 0..3, first maximum wins, like
-// reduce_window's transpose) are written. The backward pass recomputes nothing:
-// it routes the pooled gradient to the argmax tap and accumulates the kernel and
-// bias gradients in registers.
+// 1. Fused 3x3 VALID convolution + bias + 2x2 VALID max-pooling for few input
+//    channels (the first conv of a small CNN). XLA:CPU runs the classic CNN's
+//    first conv (1 -> 32 channels) as an im2col matmul with K = 9, which is
+//    memory-bound, and then writes, re-reads and scatters the 26x26x32
+//    activation for the pool and its gradient. Here each 2x2 pooling window's
+//    four conv outputs are computed in registers, pooled, and only the pooled
+//    value and its argmax (int8, 0..3, first maximum wins, like
+//    reduce_window's transpose) are written. The backward pass recomputes
+//    nothing: it routes the pooled gradient to the argmax tap and accumulates
+//    the kernel and bias gradients in registers.
+// 2. Winograd F(2x2, 3x3) transforms and weight-gradient contraction for wide
+//    inputs (further down), around XLA's matmuls.
 //
 // Layouts: x NHWC float32, kernel HWIO [3, 3, Cin, Cout] float32 with
 // Cout % 8 == 0, bias [Cout]; pooled output [N, (H-2)/2, (W-2)/2, Cout].
-// Work is split over images (forward) or fixed image chunks (backward, summed
-// in chunk order so results do not depend on the thread count) and run on
-// XLA's intra-op thread pool.
+// Work is split over images, fixed image chunks or Winograd planes (partial
+// sums added in a fixed order, so results do not depend on the thread count)
+// and run on XLA's intra-op thread pool.
 //
 // The vector code uses GCC/Clang vector extensions, so it compiles for any
 // target; fashion_jax builds it with -march=native on the machine it runs on.
