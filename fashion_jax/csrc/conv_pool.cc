@@ -412,6 +412,20 @@ ffi::Error CheckPlanes(ffi::Span<const int64_t> planes, const Tiles& s) {
   return ffi::Error::Success();
 }
 
+// The tiles behind a pooled output [N, th, tw, K] (the images [N, 2th+2, 2tw+2, K]
+// it pools), checked against the planes [16, tiles, K].
+ffi::Error PooledTilesOf(ffi::Span<const int64_t> pooled, ffi::Span<const int64_t> planes,
+                         Tiles* s) {
+  if (pooled.size() != 4) {
+    return ffi::Error::InvalidArgument("fashion_jax winograd: expected pooled [N, th, tw, K]");
+  }
+  const int64_t image[4] = {pooled[0], 2 * pooled[1] + 2, 2 * pooled[2] + 2, pooled[3]};
+  if (ffi::Error e = TilesOf(ffi::Span<const int64_t>(image, 4), pooled[3], s); e.failure()) {
+    return e;
+  }
+  return CheckPlanes(planes, *s);
+}
+
 ffi::Error WinogradInput(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::ResultBuffer<ffi::F32> v) {
   Tiles s;
@@ -437,13 +451,8 @@ ffi::Error WinogradInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dv,
 ffi::Error WinogradOutputPool(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> m,
                               ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
                               ffi::ResultBuffer<ffi::S8> arg) {
-  // y is [N, th, tw, K]; describe it as the images [N, 2th+2, 2tw+2, K] it pools.
-  auto yd = y->dimensions();
-  if (yd.size() != 4) return ffi::Error::InvalidArgument("fashion_jax winograd: y rank");
-  const int64_t image[4] = {yd[0], 2 * yd[1] + 2, 2 * yd[2] + 2, yd[3]};
   Tiles s;
-  if (ffi::Error e = TilesOf(ffi::Span<const int64_t>(image, 4), yd[3], &s); e.failure()) return e;
-  if (ffi::Error e = CheckPlanes(m.dimensions(), s); e.failure()) return e;
+  if (ffi::Error e = PooledTilesOf(y->dimensions(), m.dimensions(), &s); e.failure()) return e;
   ParallelFor(pool, s.n, [&](int64_t b) {
     WinogradOutputPoolImage(s, m.typed_data(), bias.typed_data(), y->typed_data(),
                             arg->typed_data(), b);
@@ -453,12 +462,8 @@ ffi::Error WinogradOutputPool(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> m,
 
 ffi::Error WinogradOutputPoolGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                                   ffi::Buffer<ffi::S8> arg, ffi::ResultBuffer<ffi::F32> dm) {
-  auto yd = dy.dimensions();
-  if (yd.size() != 4) return ffi::Error::InvalidArgument("fashion_jax winograd: dy rank");
-  const int64_t image[4] = {yd[0], 2 * yd[1] + 2, 2 * yd[2] + 2, yd[3]};
   Tiles s;
-  if (ffi::Error e = TilesOf(ffi::Span<const int64_t>(image, 4), yd[3], &s); e.failure()) return e;
-  if (ffi::Error e = CheckPlanes(dm->dimensions(), s); e.failure()) return e;
+  if (ffi::Error e = PooledTilesOf(dy.dimensions(), dm->dimensions(), &s); e.failure()) return e;
   ParallelFor(pool, s.n, [&](int64_t b) {
     WinogradOutputPoolGradImage(s, dy.typed_data(), arg.typed_data(), dm->typed_data(), b);
   });
