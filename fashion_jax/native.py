@@ -237,16 +237,6 @@ def _pooled_shapes(x, kernel):
   return pooled, jax.ShapeDtypeStruct(pooled.shape, jnp.int8)
 
 
-def _route_to_argmax(dy, which, x_shape):
-  """The pooled gradient at each window's argmax, zeros elsewhere: [N, H-2, W-2, K]."""
-  n, h, w, _ = x_shape
-  hp, wp = dy.shape[1], dy.shape[2]
-  taps = jnp.arange(4, dtype=jnp.int8).reshape(1, 1, 2, 1, 2, 1)
-  routed = jnp.where(which[:, :, None, :, None, :] == taps, dy[:, :, None, :, None, :], 0.0)
-  routed = routed.reshape(n, 2 * hp, 2 * wp, -1)
-  return jnp.pad(routed, ((0, 0), (0, h - 2 - 2 * hp), (0, w - 2 - 2 * wp), (0, 0)))
-
-
 # Direct kernel (few input channels).
 
 @jax.custom_vjp
@@ -269,7 +259,10 @@ def _direct_bwd(residuals, dy):
   # transposed convolution of the gradient routed to each window's argmax.
   conv = lambda v: lax.conv_general_dilated(v, kernel, (1, 1), "VALID",
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  dx = jax.vjp(conv, x)[1](_route_to_argmax(dy, which, x.shape))[0]
+  from fashion_jax import ops  # pylint: disable=g-import-not-at-top  (ops imports this module)
+  n, h, w, _ = x.shape
+  routed = ops.unpool_to_argmax(dy, which, (n, h - 2, w - 2, dy.shape[-1]))
+  dx = jax.vjp(conv, x)[1](routed)[0]
   return dx, dkernel, dbias
 
 
@@ -279,9 +272,9 @@ _direct.defvjp(_direct_fwd, _direct_bwd)
 # Winograd kernels (wide inputs): native transforms around XLA's matmuls.
 
 def _winograd_forward(x, kernel, bias):
-  n, h, w, c = x.shape
-  tiles = n * ((h - 2) // 2) * ((w - 2) // 2)
-  v = _call("fashion_jax_winograd_input", jax.ShapeDtypeStruct((16, tiles, c), jnp.float32), x)
+  th, tw = winograd.tile_counts(x.shape, pooled=True)
+  v = _call("fashion_jax_winograd_input",
+            jax.ShapeDtypeStruct((16, x.shape[0] * th * tw, x.shape[-1]), jnp.float32), x)
   u = winograd.filter_transform(kernel)
   y, which = _call("fashion_jax_winograd_output_pool", _pooled_shapes(x, kernel),
                    winograd.product(v, u), bias)
