@@ -179,8 +179,9 @@ def _test_data(config, idx_dir: str | None, data_dir: str | None):
     data_config.idx_dir = folder
     source = {"type": "idx", "idx_dir": folder, "from": origin}
   else:
-    source = {"type": "tfds", "dataset": data_config.dataset,
-              "data_dir": data_config.data_dir or None, "from": origin}
+    where = input_pipeline.source(data_config)  # $FASHION_JAX_IDX_DIR, tfds or the download.
+    source = {"type": where.kind, "dataset": data_config.dataset, "location": where.location,
+              "description": where.describe(), "from": origin}
   split = input_pipeline.load(data_config, "test")
   source.update(split="test", count=len(split))
   return split, source
@@ -303,8 +304,7 @@ def format_report(result: dict[str, Any]) -> str:
   """The human-readable summary printed by the CLI: a per-class table and the headline numbers."""
   width = max(len("macro avg"), *(len(c["name"]) for c in result["per_class"]))
   checkpoint, data = result["checkpoint"], result["data"]
-  where = (f"IDX {data['idx_dir']}" if data["type"] == "idx"
-           else f"tfds {data['dataset']}" + (f" ({data['data_dir']})" if data["data_dir"] else ""))
+  where = f"IDX {data['idx_dir']}" if "idx_dir" in data else data["description"]
   lines = [f"{result['model']}, checkpoint step {checkpoint['step']}: {checkpoint['why']}",
            f"test set: {data['count']:,} images from {where} (via {data['from']})", "",
            f"{'class':<{width}}  precision  recall      f1  support  predicted"]

@@ -1,6 +1,12 @@
-"""Input pipeline: tensorflow-datasets or IDX files -> shuffled, batched, prefetched.
+"""Input pipeline: IDX files, tensorflow-datasets or a verified download -> shuffled, batched.
 
-Both sources produce the same in-memory arrays (images uint8 [N, 28, 28, 1],
+Where the data comes from (`source`): `config.idx_dir` if set; else the folder
+named by `$FASHION_JAX_IDX_DIR` (set it once, and the README's main command
+runs offline); else tensorflow-datasets where TensorFlow is installed; else
+(Colab's TPU runtime) the four files tfds uses, downloaded once and verified
+against tfds's checksums (`fashion_jax.download`). The logs say which.
+
+All sources produce the same in-memory arrays (images uint8 [N, 28, 28, 1],
 labels int32 [N]); everything downstream is shared. Fashion-MNIST is 47 MB, so
 it is held in memory and batched with numpy: no per-example Python work, and
 the train order is a pure function of (seed, epoch) -- a run resumed at step
@@ -20,10 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import dataclasses
+import importlib.util
 import os
 
 import numpy as np
 
+from fashion_jax import download
 from fashion_jax import idx
 from fashion_jax.errors import UserError
 
@@ -39,20 +47,72 @@ class Split:
     return int(self.labels.shape[0])
 
 
-def load(config, split: str) -> Split:
-  """Loads a whole split from `config.idx_dir` if set, else from tensorflow-datasets."""
+IDX_ENV = "FASHION_JAX_IDX_DIR"  # A Fashion-MNIST IDX folder to use when config.idx_dir is "".
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where a run's data comes from; `describe()` is what the logs and config.json say."""
+  kind: str  # "idx" | "tfds" | "download"
+  location: str  # IDX folder, tfds data_dir ("" = tfds's default) or download folder.
+  origin: str  # Why this source: "config.idx_dir", "$FASHION_JAX_IDX_DIR", ...
+
+  def describe(self) -> str:
+    if self.kind == "idx":
+      return f"IDX folder {self.location} ({self.origin})"
+    if self.kind == "tfds":
+      return f"tensorflow-datasets, data_dir {self.location or 'default'} ({self.origin})"
+    return (f"the four files tfds uses, verified against its recorded SHA-256, cached in "
+            f"{self.location} ({self.origin})")
+
+
+def tensorflow_available() -> bool:
+  """Whether tfds's own path can run: it needs TensorFlow (see fashion_jax/download.py)."""
+  return all(importlib.util.find_spec(m) is not None
+             for m in ("tensorflow", "tensorflow_datasets"))
+
+
+def source(config) -> Source:
+  """Picks the data source: config.idx_dir; else $FASHION_JAX_IDX_DIR (Fashion-MNIST, and no
+  config.data_dir given); else tensorflow-datasets where TensorFlow is installed; else the
+  verified download."""
   if config.idx_dir:
-    images, labels = idx.load_split(os.path.expanduser(config.idx_dir), split)
+    return Source("idx", os.path.expanduser(config.idx_dir), "config.idx_dir")
+  env = os.environ.get(IDX_ENV, "")
+  if env and config.dataset == "fashion_mnist" and not config.data_dir:
+    return Source("idx", os.path.expanduser(env), f"${IDX_ENV}")
+  if tensorflow_available():
+    return Source("tfds", config.data_dir, "TensorFlow is installed")
+  return Source("download", download.default_folder(config.dataset, config.data_dir),
+                "no TensorFlow here")
+
+
+def load(config, split: str, data_source: Source | None = None) -> Split:
+  """Loads a whole split from `source(config)` (or the given source)."""
+  data_source = data_source or source(config)
+  if data_source.kind == "idx":
+    if data_source.origin.startswith("$") and not os.path.isdir(data_source.location):
+      raise UserError(f"{IDX_ENV}={data_source.location!r} is not a folder; point it at the folder "
+                      "holding the four Fashion-MNIST IDX files, or unset it")
+    images, labels = idx.load_split(data_source.location, split)
+  elif data_source.kind == "tfds":
+    images, labels = _load_tfds(config.dataset, split, data_source.location or None)
   else:
-    images, labels = _load_tfds(config.dataset, split, config.data_dir or None)
+    folder = download.fetch(config.dataset, data_source.location)
+    images, labels = idx.load_split(folder, split)
   return Split(np.ascontiguousarray(images), np.ascontiguousarray(labels, dtype=np.int32))
 
 
 def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top (heavy, optional)
   try:
+    if not tfds.builder(name, data_dir=data_dir).is_prepared():
+      # tfds retries an unreachable download for minutes; fail in seconds instead.
+      download.check_reachable(name)
     dataset = tfds.load(name, split=split, data_dir=data_dir)
     parts = list(tfds.as_numpy(dataset.batch(10_000)))
+  except UserError:
+    raise
   except Exception as e:  # tfds raises many types: network, checksum, missing files.
     first_line = str(e).splitlines()[0] if str(e) else ""
     raise UserError(

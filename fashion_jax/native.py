@@ -56,6 +56,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from fashion_jax import paths
 from fashion_jax import winograd
 
 SOURCE = Path(__file__).parent / "csrc" / "conv_pool.cc"
@@ -82,10 +83,7 @@ def _compiler() -> str | None:
 
 
 def cache_dir() -> Path:
-  root = os.environ.get("FASHION_JAX_CACHE_DIR")
-  if not root:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion_jax"
-  return Path(root) / "native"
+  return paths.cache_root() / "native"
 
 
 def _cpu_identity() -> str:

@@ -345,15 +345,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("%s; batch global=%d per-host=%d per-device=%d", parallel_lib.describe(parallel),
                batch_split["global"], batch_split["per_host"], batch_split["per_device"])
 
-  train_split = input_pipeline.load(config, "train")
-  test_split = input_pipeline.load(config, "test")
+  data_source = input_pipeline.source(config)
+  logging.info("data: %s from %s", config.dataset, data_source.describe())
+  train_split = input_pipeline.load(config, "train", data_source)
+  test_split = input_pipeline.load(config, "test", data_source)
   train_split, val_split = input_pipeline.hold_out(train_split, config.validation_size)
   steps_per_epoch = config_lib.steps_per_epoch(config, len(train_split))
   total_steps = config_lib.total_steps(config, len(train_split))
   eval_every = config_lib.eval_every_steps(config, len(train_split))
-  logging.info("data: %d train, %d test examples (%s); %d steps (%d per epoch)", len(train_split),
-               len(test_split), f"IDX {config.idx_dir}" if config.idx_dir else "tfds",
-               total_steps, steps_per_epoch)
+  logging.info("data: %d train, %d test examples; %d steps (%d per epoch)", len(train_split),
+               len(test_split), total_steps, steps_per_epoch)
 
   model = create_model(config, axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
   # Jitted: it only feeds log lines, and op by op its first call compiles for 0.75 s.
@@ -370,6 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "eval_every_steps": eval_every,
         "parallelism": parallel.mode, "num_devices": parallel.num_devices,
         "num_processes": parallel.process_count, "backend": jax.default_backend(),
+        "data_source": data_source.describe(),
         "jax_version": jax.__version__, "fashion_jax_version": fashion_jax.__version__})
 
   abstract = parallel.abstract_state(init_state)

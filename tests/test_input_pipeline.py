@@ -3,6 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
+from fashion_jax import download
 from fashion_jax import input_pipeline
 from fashion_jax.input_pipeline import Split
 
@@ -69,9 +70,12 @@ def test_eval_covers_every_example_exactly_once(n, batch, processes):
   assert sorted(seen) == list(range(n))
 
 
-def test_element_specs_match_between_sources(tiny_config):
+def test_element_specs_match_between_sources(tiny_config, monkeypatch):
   """The tfds source (mocked) and the IDX source produce identical dtypes and shapes."""
+  pytest.importorskip("tensorflow", reason="tfds reads its data sets through TensorFlow")
   tfds = pytest.importorskip("tensorflow_datasets")
+  monkeypatch.delenv(input_pipeline.IDX_ENV, raising=False)
+  monkeypatch.setattr(download, "check_reachable", lambda name: None)  # mock_data downloads nothing.
   from_idx = input_pipeline.load(tiny_config, "test")
   config = tiny_config.copy_and_resolve_references()
   config.idx_dir = ""

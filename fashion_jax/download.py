@@ -1,0 +1,241 @@
+"""Fashion-MNIST (and MNIST) without TensorFlow: the four files tfds uses, checksum-verified.
+
+tensorflow-datasets cannot prepare these data sets without TensorFlow: with
+tfds 4.9.10 on Python 3.13 and no TensorFlow (Colab's TPU runtime), `fashion_mnist`'s
+`download_and_prepare` first fails importing `importlib_resources` (which the
+runtime lacks), and with it installed, extracting the first download fails with
+"No module named 'tensorflow'" (tfds's extractor and the MNIST builders read
+through `tf.io.gfile`). So where TensorFlow is missing, this module downloads
+the same four IDX files from the same address tfds uses (then one mirror),
+checks each against the size and SHA-256 that tfds itself records for it
+(read from the installed tfds; the copy below when tfds is not installed),
+and keeps them in a cache, so the next run is offline. The project's IDX
+reader parses them, as it parses any IDX folder.
+
+Files are verified every time they are used (60 ms for Fashion-MNIST), so a
+damaged or substituted file in the cache is never read; it is downloaded
+again. A file is written under a temporary name and renamed when verified,
+so processes sharing a cache never see half a file.
+
+Offline, the first file fails within seconds (a bounded name lookup and
+connect, one try per address, no retry loop), with one line naming
+`--config.idx_dir` and `FASHION_JAX_IDX_DIR`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import importlib.util
+import os
+import socket
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from absl import logging
+
+from fashion_jax import paths
+from fashion_jax.errors import UserError
+
+# The addresses tfds downloads from (its builders' URL), then a mirror of the same files.
+URLS = {
+    "fashion_mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+                      "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/"),
+    "mnist": ("https://storage.googleapis.com/cvdf-datasets/mnist/",
+              "https://ossci-datasets.s3.amazonaws.com/mnist/"),
+}
+# Size and SHA-256 of each file, as tfds 4.9.10 records them (url_checksums/<name>.txt). Used
+# only when tfds is not installed; tests/test_download.py checks that they equal tfds's.
+RECORDED = {
+    "fashion_mnist": {
+        "train-images-idx3-ubyte.gz":
+            (26421880, "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"),
+        "train-labels-idx1-ubyte.gz":
+            (29515, "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"),
+        "t10k-images-idx3-ubyte.gz":
+            (4422102, "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
+        "t10k-labels-idx1-ubyte.gz":
+            (5148, "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"),
+    },
+    "mnist": {
+        "train-images-idx3-ubyte.gz":
+            (9912422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+        "train-labels-idx1-ubyte.gz":
+            (28881, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+        "t10k-images-idx3-ubyte.gz":
+            (1648877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+        "t10k-labels-idx1-ubyte.gz":
+            (4542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+    },
+}
+URL_ENV = "FASHION_JAX_DATA_URL"  # A mirror (base URL) to use instead of the addresses above.
+CONNECT_BUDGET_S = 10.0  # All name lookups and connects of one file together, when offline.
+TIMEOUT_S = 5.0  # One name lookup, connect or read.
+_CHUNK = 1 << 20
+OFFLINE_HINT = ("without network access pass --config.idx_dir=FOLDER holding the four IDX files "
+                "(or set FASHION_JAX_IDX_DIR=FOLDER once)")
+
+
+def tfds_checksums(name: str) -> dict[str, tuple[int, str]] | None:
+  """{file name: (size, sha256)} from the installed tfds's records, or None (tfds not installed).
+
+  Read from the package's files without importing tfds (which can take seconds).
+  """
+  spec = importlib.util.find_spec("tensorflow_datasets")
+  if spec is None:
+    return None
+  for root in spec.submodule_search_locations or ():
+    path = os.path.join(root, "url_checksums", f"{name}.txt")
+    if os.path.isfile(path):
+      table = {}
+      with open(path, encoding="utf-8") as f:
+        for line in f:
+          fields = line.split()
+          if len(fields) >= 3 and not line.startswith("#"):
+            url, size, sha = fields[:3]
+            table[os.path.basename(urllib.parse.urlparse(url).path)] = (int(size), sha)
+      return table
+  return None
+
+
+def recorded(name: str) -> dict[str, tuple[int, str]]:
+  """What each file must be: tfds's own records when tfds is installed, else the copy here."""
+  return tfds_checksums(name) or RECORDED[name]
+
+
+def default_folder(name: str, data_dir: str = "") -> str:
+  """`<data_dir>/<name>/idx` when a data dir is configured, else the user's cache."""
+  if data_dir:
+    return os.path.join(os.path.expanduser(data_dir), name, "idx")
+  return str(paths.cache_root() / "datasets" / name)
+
+
+def sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(_CHUNK):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _verified(path: str, size: int, sha: str) -> bool:
+  try:
+    return os.path.getsize(path) == size and sha256(path) == sha
+  except OSError:
+    return False
+
+
+def fetch(name: str, folder: str, urls: tuple[str, ...] | None = None) -> str:
+  """Makes `folder` hold the four verified files of data set `name`; returns the folder.
+
+  Downloads only what is missing or does not match its checksum. Raises
+  UserError (one line) when a file cannot be had.
+  """
+  if name not in URLS:
+    raise UserError(f"no download source for data set {name!r}; use one of {', '.join(URLS)}, "
+                    "or pass --config.idx_dir=FOLDER")
+  if urls is None:
+    mirror = os.environ.get(URL_ENV, "")
+    urls = (mirror.rstrip("/") + "/",) if mirror else URLS[name]
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create the data folder {folder!r} ({e.strerror}); set "
+                    f"{paths.CACHE_ENV} or --config.data_dir to a folder you can write") from e
+  for filename, (size, sha) in recorded(name).items():
+    path = os.path.join(folder, filename)
+    if os.path.exists(path):
+      if _verified(path, size, sha):
+        continue
+      logging.warning("%s does not match its recorded size and SHA-256; downloading it again", path)
+    _download(name, filename, size, sha, urls, path)
+  return folder
+
+
+def check_reachable(name: str) -> None:
+  """Raises the offline UserError within seconds unless tfds's download host answers.
+
+  For tfds's own download, which otherwise retries an unreachable host for minutes.
+  """
+  if name not in URLS:
+    return  # Another tfds data set: tfds knows where it lives.
+  parsed = urllib.parse.urlparse(URLS[name][0])
+  port = parsed.port or (443 if parsed.scheme == "https" else 80)
+  try:
+    _resolve(URLS[name][0], TIMEOUT_S)
+    with socket.create_connection((parsed.hostname, port), timeout=TIMEOUT_S):
+      return
+  except OSError as e:
+    raise UserError(f"cannot download {name} through tensorflow-datasets: {parsed.hostname}: "
+                    f"{_reason(e)}; " + OFFLINE_HINT) from e
+
+
+def _download(name: str, filename: str, size: int, sha: str, urls, path: str) -> None:
+  failures = []
+  deadline = time.monotonic() + CONNECT_BUDGET_S
+  for base in urls:
+    url = base + filename
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+      failures.append(f"{url}: not tried (no address answered within {CONNECT_BUDGET_S:g}s)")
+      continue
+    try:
+      _resolve(url, min(TIMEOUT_S, remaining))
+      logging.info("downloading %s (%.1f MB) from %s", filename, size / 1e6, url)
+      _download_one(url, size, sha, path, min(TIMEOUT_S, max(remaining, 1.0)))
+      return
+    except (OSError, urllib.error.URLError, ValueError) as e:
+      failures.append(f"{url}: {_reason(e)}")
+  raise UserError(f"could not download {name} ({filename}): {'; '.join(failures)}; " + OFFLINE_HINT)
+
+
+def _resolve(url: str, timeout: float) -> None:
+  """The name lookup, bounded: getaddrinfo ignores socket timeouts and can hang for long."""
+  host = urllib.parse.urlparse(url).hostname
+  pool = concurrent.futures.ThreadPoolExecutor(1)
+  try:
+    pool.submit(socket.getaddrinfo, host, None).result(timeout=timeout)
+  except concurrent.futures.TimeoutError as e:
+    raise OSError(f"no answer for {host} within {timeout:.0f}s (no network?)") from e
+  finally:
+    pool.shutdown(wait=False)
+
+
+def _download_one(url: str, size: int, sha: str, path: str, timeout: float) -> None:
+  request = urllib.request.Request(url, headers={"User-Agent": "fashion_jax"})
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
+  try:
+    digest, received = hashlib.sha256(), 0
+    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
+      while block := response.read(_CHUNK):
+        received += len(block)
+        if received > size:
+          raise ValueError(f"more than the recorded {size} bytes")
+        digest.update(block)
+        out.write(block)
+    if received != size:
+      raise ValueError(f"{received} bytes, but tfds records {size}")
+    if digest.hexdigest() != sha:
+      raise ValueError(f"SHA-256 {digest.hexdigest()[:16]}... differs from the recorded "
+                       f"{sha[:16]}... (a damaged or altered file; not used)")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _reason(e: Exception) -> str:
+  if isinstance(e, urllib.error.HTTPError):
+    return f"HTTP {e.code} {e.reason}"
+  if isinstance(e, urllib.error.URLError):
+    e = e.reason if isinstance(e.reason, Exception) else e
+  if isinstance(e, socket.gaierror):
+    return f"name lookup failed ({e.strerror or e}; no network?)"
+  if isinstance(e, (socket.timeout, TimeoutError)):
+    return "timed out (no network?)"
+  if isinstance(e, OSError) and e.strerror:
+    return e.strerror
+  return str(e) or type(e).__name__

@@ -1,0 +1,218 @@
+"""fashion_jax.download and the data-source choice: verified files, a cache, fast offline errors."""
+
+import contextlib
+import functools
+import gzip
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from fashion_jax import download
+from fashion_jax import idx
+from fashion_jax import input_pipeline
+from fashion_jax.errors import UserError
+from tests.conftest import ROOT, assert_one_line_error, run_module, write_idx_folder
+
+
+@contextlib.contextmanager
+def serve(folder):
+  """A local HTTP server over `folder`; yields its base URL and the list of paths requested."""
+  requested = []
+
+  class Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+      requested.append(self.path)
+
+  server = http.server.ThreadingHTTPServer(
+      ("127.0.0.1", 0), functools.partial(Handler, directory=folder))
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    yield f"http://127.0.0.1:{server.server_address[1]}/", requested
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def mirror(tmp_path, monkeypatch):
+  """Synthetic IDX .gz files served locally, recorded as 'fashion_mnist' with their own checksums."""
+  folder = write_idx_folder(str(tmp_path / "served"))
+  table = {name: (os.path.getsize(os.path.join(folder, name)),
+                  download.sha256(os.path.join(folder, name))) for name in sorted(os.listdir(folder))}
+  monkeypatch.setattr(download, "tfds_checksums", lambda name: None)
+  monkeypatch.setitem(download.RECORDED, "fashion_mnist", table)
+  with serve(folder) as (url, requested):
+    yield folder, url, requested
+
+
+def _closed_port_url():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return f"http://127.0.0.1:{s.getsockname()[1]}/"
+
+
+def test_recorded_checksums_are_tfds_own():
+  """The copy used without tfds equals what the installed tfds records (a test that can fail
+  when tfds changes its files)."""
+  pytest.importorskip("tensorflow_datasets", reason="tfds is not installed: nothing to compare")
+  for name in ("fashion_mnist", "mnist"):
+    assert download.tfds_checksums(name) == download.RECORDED[name], name
+
+
+def test_fetch_downloads_verifies_and_reuses_the_cache(mirror, tmp_path):
+  served, url, requested = mirror
+  cache = str(tmp_path / "cache")
+  assert download.fetch("fashion_mnist", cache, urls=(url,)) == cache
+  assert sorted(requested) == sorted("/" + n for n in os.listdir(served))
+  for split in ("train", "test"):  # The IDX reader parses what came down.
+    np.testing.assert_array_equal(idx.load_split(cache, split)[1], idx.load_split(served, split)[1])
+  assert not [n for n in os.listdir(cache) if n.startswith(".")]  # No temporary files left.
+  requested.clear()
+  download.fetch("fashion_mnist", cache, urls=(url,))  # Offline-safe: nothing fetched again.
+  assert requested == []
+
+
+def test_a_damaged_cached_file_is_downloaded_again(mirror, tmp_path):
+  served, url, requested = mirror
+  cache = str(tmp_path / "cache")
+  download.fetch("fashion_mnist", cache, urls=(url,))
+  victim = os.path.join(cache, "train-labels-idx1-ubyte.gz")
+  with open(victim, "r+b") as f:  # Same size, one byte changed: only the SHA-256 can tell.
+    f.seek(20)
+    byte = f.read(1)
+    f.seek(20)
+    f.write(bytes([byte[0] ^ 1]))
+  requested.clear()
+  download.fetch("fashion_mnist", cache, urls=(url,))
+  assert requested == ["/train-labels-idx1-ubyte.gz"]
+  assert download.sha256(victim) == download.sha256(os.path.join(served, "train-labels-idx1-ubyte.gz"))
+
+
+def test_a_file_that_differs_from_the_record_is_never_kept(mirror, tmp_path):
+  served, url, _ = mirror
+  name = "t10k-labels-idx1-ubyte.gz"
+  with gzip.open(os.path.join(served, name), "rb") as f:
+    data = bytearray(f.read())
+  data[-1] = (data[-1] + 1) % 10  # A different label: a valid IDX file, but not the recorded one.
+  with gzip.open(os.path.join(served, name), "wb") as f:
+    f.write(bytes(data))
+  cache = str(tmp_path / "cache")
+  with pytest.raises(UserError, match=r"t10k-labels.*(SHA-256|bytes).*--config.idx_dir"):
+    download.fetch("fashion_mnist", cache, urls=(url,))
+  assert not os.path.exists(os.path.join(cache, name))
+  assert not [n for n in os.listdir(cache) if n.startswith(".")]
+
+
+def test_the_mirror_is_tried_when_the_first_address_fails(mirror, tmp_path):
+  _, url, requested = mirror
+  download.fetch("fashion_mnist", str(tmp_path / "cache"), urls=(_closed_port_url(), url))
+  assert len(requested) == 4
+
+
+def test_unreachable_addresses_fail_fast_with_one_line(mirror, tmp_path):
+  start = time.monotonic()
+  with pytest.raises(UserError) as e:
+    download.fetch("fashion_mnist", str(tmp_path / "cache"),
+                   urls=(_closed_port_url(), _closed_port_url()))
+  assert time.monotonic() - start < 5
+  assert "\n" not in str(e.value) and "--config.idx_dir" in str(e.value)
+  assert "FASHION_JAX_IDX_DIR" in str(e.value)
+
+
+def test_a_hanging_name_lookup_is_bounded(mirror, tmp_path, monkeypatch):
+  """getaddrinfo ignores socket timeouts; a resolver that never answers must not hang the run."""
+  monkeypatch.setattr(download, "TIMEOUT_S", 0.5)
+  monkeypatch.setattr(download, "CONNECT_BUDGET_S", 1.0)
+  real = socket.getaddrinfo
+  monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: (
+      time.sleep(30) if host == "hangs.invalid" else real(host, *a, **k)))
+  start = time.monotonic()
+  with pytest.raises(UserError, match="no answer for hangs.invalid"):
+    download.fetch("fashion_mnist", str(tmp_path / "cache"), urls=("http://hangs.invalid/",))
+  assert time.monotonic() - start < 3
+
+
+def test_source_order(tmp_path, monkeypatch, tiny_config):
+  config = tiny_config.copy_and_resolve_references()
+  assert input_pipeline.source(config).origin == "config.idx_dir"
+  config.idx_dir = ""
+  monkeypatch.setenv(input_pipeline.IDX_ENV, str(tmp_path))
+  assert input_pipeline.source(config) == input_pipeline.Source(
+      "idx", str(tmp_path), "$FASHION_JAX_IDX_DIR")
+  config.dataset = "mnist"  # The variable names a Fashion-MNIST folder only.
+  monkeypatch.setattr(input_pipeline, "tensorflow_available", lambda: False)
+  monkeypatch.setenv("FASHION_JAX_CACHE_DIR", str(tmp_path / "c"))
+  assert input_pipeline.source(config) == input_pipeline.Source(
+      "download", str(tmp_path / "c" / "datasets" / "mnist"), "no TensorFlow here")
+  monkeypatch.setattr(input_pipeline, "tensorflow_available", lambda: True)
+  assert input_pipeline.source(config).kind == "tfds"
+
+
+def test_without_tensorflow_the_data_is_downloaded_once(mirror, tmp_path, monkeypatch, tiny_config):
+  """No TensorFlow: the data comes from the verified download, said so, and the next is offline."""
+  served, url, requested = mirror
+  monkeypatch.delenv(input_pipeline.IDX_ENV, raising=False)
+  monkeypatch.setattr(input_pipeline, "tensorflow_available", lambda: False)
+  monkeypatch.setenv(download.URL_ENV, url)
+  monkeypatch.setenv("FASHION_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  tiny_config.idx_dir = ""
+  where = input_pipeline.source(tiny_config)
+  assert "verified against its recorded SHA-256" in where.describe()
+  assert str(tmp_path / "cache") in where.describe()
+  expected = input_pipeline.load(tiny_config.copy_and_resolve_references(), "test",
+                                 input_pipeline.Source("idx", served, "test"))
+  got = input_pipeline.load(tiny_config, "test", where)
+  np.testing.assert_array_equal(got.images, expected.images)
+  assert len(requested) == 4
+  requested.clear()
+  monkeypatch.setenv(download.URL_ENV, _closed_port_url())  # "Offline" now.
+  assert len(input_pipeline.load(tiny_config, "train")) == 256
+  assert requested == []
+
+
+def _unshare_works() -> bool:
+  return (shutil.which("unshare") is not None and subprocess.run(
+      ["unshare", "-rn", "true"], capture_output=True).returncode == 0)
+
+
+@pytest.mark.skipif(not _unshare_works(),
+                    reason="cannot make a network-less namespace here (unshare -rn)")
+def test_default_command_offline_fails_within_15_seconds(tmp_path):
+  """The README's main command with no network and no data: one line naming --config.idx_dir,
+  in seconds (tfds alone retried for 3.5 minutes). With TensorFlow this is tfds's path, without
+  it the download's: the suite runs in both environments."""
+  env = dict(os.environ, FASHION_JAX_CACHE_DIR=str(tmp_path / "cache"), JAX_PLATFORMS="cpu",
+             TFDS_DATA_DIR=str(tmp_path / "tfds"))
+  env.pop(input_pipeline.IDX_ENV, None)
+  env.pop(download.URL_ENV, None)
+  start = time.monotonic()
+  proc = subprocess.run(["unshare", "-rn", sys.executable, "-m",
+                         "fashion_jax.main", "--config=configs/default.py",
+                         f"--workdir={tmp_path / 'w'}"], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  elapsed = time.monotonic() - start
+  assert_one_line_error(proc, "--config.idx_dir", "FASHION_JAX_IDX_DIR")
+  assert elapsed <= 15, elapsed
+
+
+def test_idx_dir_from_the_environment(tmp_path, idx_dir):
+  proc = run_module("fashion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
+                    "--config.num_train_steps=2", "--config.eval_every_steps=2",
+                    env={input_pipeline.IDX_ENV: idx_dir})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"from IDX folder {idx_dir} ($FASHION_JAX_IDX_DIR)" in proc.stderr
+  with open(tmp_path / "w" / "config.json") as f:  # The run's record says where its data came from.
+    assert json.load(f)["_derived"]["data_source"] == f"IDX folder {idx_dir} ($FASHION_JAX_IDX_DIR)"
+  proc = run_module("fashion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'x'}",
+                    env={input_pipeline.IDX_ENV: str(tmp_path / "missing")})
+  assert_one_line_error(proc, "FASHION_JAX_IDX_DIR=", "is not a folder")
