@@ -79,6 +79,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.tensorboard_samples = 16  # Test images shown with their predictions at each eval (0 = off).
 
   # Devices.
+  # auto | cpu | gpu | tpu. "auto": whatever JAX starts on, with a loud warning when the machine
+  # has a GPU/TPU that JAX did not start (the likely cause named); gpu/tpu: that is an error;
+  # cpu: stay on the CPU on purpose.
+  config.backend = "auto"
   config.parallelism = "auto"  # auto | mesh | pmap | none.
   config.steps_per_dispatch = 1
   # Multi-host (see README "Devices"): auto | on | off. "auto" joins when a coordinator is

@@ -10,7 +10,7 @@ import os
 
 import ml_collections
 
-from fashion_jax import models, ops
+from fashion_jax import backends, models, ops
 from fashion_jax.errors import UserError
 
 DATASETS = ("fashion_mnist", "mnist")  # Same IDX format, shape and number of classes.
@@ -29,7 +29,7 @@ ADDED_KEYS = {
     "weight_decay": 0.0, "momentum": 0.9, "label_smoothing": 0.0, "ema_decay": 0.0,
     "augment_translate": 0, "augment_flip": False, "random_erasing": 0.0, "eval_flip_tta": False,
     "validation_size": 0, "on_nonfinite": "stop", "deterministic": False,
-    "progress_bar": "auto", "tensorboard_samples": 16,
+    "progress_bar": "auto", "tensorboard_samples": 16, "backend": "auto",
 }
 
 
@@ -65,6 +65,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   choice("pool_impl", ops.POOL_IMPLS)
   choice("optimizer", OPTIMIZERS)
   choice("parallelism", PARALLELISM)
+  choice("backend", backends.BACKENDS)
   choice("distributed", DISTRIBUTED)
   choice("on_nonfinite", ("stop", "skip"))
   choice("lr_schedule", SCHEDULES)

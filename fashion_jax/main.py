@@ -29,7 +29,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   import jax  # pylint: disable=g-import-not-at-top
-  from fashion_jax import config_lib, parallel, train  # pylint: disable=g-import-not-at-top
+  from fashion_jax import backends, config_lib, parallel, train  # pylint: disable=g-import-not-at-top
   from fashion_jax.errors import UserError  # pylint: disable=g-import-not-at-top
 
   if FLAGS.config.deterministic:  # Read when the backend starts, i.e. below.
@@ -37,7 +37,9 @@ def main(argv):
                                " --xla_gpu_deterministic_ops=true").strip()
   try:
     config_lib.validate(FLAGS.config)
+    backends.request(FLAGS.config.backend)
     parallel.initialize_distributed(FLAGS.config)
+    backends.check(FLAGS.config.backend)
   except UserError as e:
     logging.error("%s", e)
     print(f"fashion_jax: error: {e}", file=sys.stderr)

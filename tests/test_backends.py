@@ -1,0 +1,108 @@
+"""fashion_jax.backends: no silent CPU fallback on a machine with a GPU or TPU."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fashion_jax import backends
+from fashion_jax.errors import UserError
+from tests.conftest import assert_one_line_error, run_module
+
+
+def _machine(tmp_path, *device_files):
+  """A fake filesystem root holding the given device files."""
+  root = tmp_path / "root"
+  for name in device_files:
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_text("")
+  (root / "proc").mkdir(parents=True, exist_ok=True)
+  return str(root)
+
+
+def test_accelerators_seen_from_device_files(tmp_path):
+  assert backends.accelerators(_machine(tmp_path)) == {}
+  gpu = backends.accelerators(_machine(tmp_path / "g", "dev/nvidia0", "dev/nvidiactl"))
+  assert list(gpu) == ["gpu"] and "1 NVIDIA GPU(s) (/dev/nvidia0)" in gpu["gpu"]
+  v5e = backends.accelerators(_machine(tmp_path / "t", "dev/vfio/0", "dev/vfio/vfio"))
+  assert list(v5e) == ["tpu"] and "(/dev/vfio/0)" in v5e["tpu"]
+  assert list(backends.accelerators(_machine(tmp_path / "v4", "dev/accel0"))) == ["tpu"]
+
+
+VERSIONS = {"jax": "0.10.2", "jaxlib": "0.10.2"}
+
+
+@pytest.mark.parametrize("versions, environ, expected", [
+    (VERSIONS, {}, "no JAX CUDA plugin is installed"),
+    # The Colab GPU runtime after an install upgraded jax: JAX skips the 0.7.2 plugin.
+    ({**VERSIONS, "jax-cuda12-plugin": "0.7.2", "jax-cuda12-pjrt": "0.7.2"}, {},
+     "jax-cuda12-pjrt 0.7.2 does not match jaxlib 0.10.2"),
+    ({**VERSIONS, "jax-cuda12-plugin": "0.10.2"}, {}, "matches jaxlib 0.10.2 but did not start"),
+    ({**VERSIONS, "jax-cuda12-plugin": "0.10.2"}, {"CUDA_VISIBLE_DEVICES": ""},
+     "CUDA_VISIBLE_DEVICES='' hides the GPUs"),
+    ({**VERSIONS, "jax-cuda12-plugin": "0.10.2"}, {"JAX_PLATFORMS": "cpu"},
+     "JAX_PLATFORMS=cpu is set"),
+])
+def test_gpu_causes(tmp_path, versions, environ, expected):
+  assert expected in backends.diagnose("gpu", versions, _machine(tmp_path), environ)
+
+
+def test_tpu_causes(tmp_path):
+  root = _machine(tmp_path, "dev/vfio/0")
+  assert "libtpu is not installed" in backends.diagnose("tpu", VERSIONS, root, {})
+  with_libtpu = {**VERSIONS, "libtpu": "0.0.21.1"}
+  assert "wants libtpu 0.0.30 but 0.0.21.1 is installed" in backends.diagnose(
+      "tpu", with_libtpu, root, {}, libtpu_wanted="0.0.30")
+  assert "did not start the TPU" in backends.diagnose("tpu", with_libtpu, root, {},
+                                                       libtpu_wanted="0.0.21.1")
+
+
+def test_a_process_holding_the_tpu_is_named(tmp_path):
+  """On Colab: the notebook kernel imported JAX, so the training command gets no TPU."""
+  root = tmp_path / "root"
+  fd_dir = root / "proc" / "4242" / "fd"
+  fd_dir.mkdir(parents=True)
+  os.symlink("/dev/vfio/0", fd_dir / "7")
+  os.symlink("/dev/null", fd_dir / "0")
+  (root / "proc" / "4242" / "cmdline").write_bytes(b"python3\0-m\0ipykernel_launcher\0")
+  assert backends.tpu_holders(str(root)) == ["4242 python3 -m ipykernel_launcher"]
+  message = backends.diagnose("tpu", {**VERSIONS, "libtpu": "0.0.21.1"}, str(root), {})
+  assert "held by another process (4242 python3 -m ipykernel_launcher)" in message
+
+
+def test_check_warns_loudly_on_a_silent_cpu_fallback(tmp_path):
+  root = _machine(tmp_path, "dev/nvidia0")
+  message = backends.check("auto", actual="cpu", root=root, environ={})
+  assert "has 1 NVIDIA GPU(s)" in message and "running on the CPU" in message
+  assert "--config.backend=gpu" in message
+  # Nothing to say: on the GPU, no accelerator, or the CPU asked for.
+  assert backends.check("auto", actual="gpu", root=root, environ={}) is None
+  assert backends.check("auto", actual="cpu", root=_machine(tmp_path / "n"), environ={}) is None
+  assert backends.check("auto", actual="cpu", root=root, environ={"JAX_PLATFORMS": "cpu"}) is None
+  assert backends.check("cpu", actual="cpu", root=root, environ={}) is None
+
+
+def test_check_makes_an_unmet_expectation_an_error(tmp_path):
+  with pytest.raises(UserError, match=r"config.backend=tpu but JAX started on cpu: .*"
+                                      r"--config.backend=auto"):
+    backends.check("tpu", actual="cpu", root=_machine(tmp_path, "dev/accel0"), environ={})
+  backends.check("gpu", actual="gpu", root=_machine(tmp_path / "g"), environ={})  # As asked.
+
+
+def test_cli_backend_gpu_on_a_cpu_machine_is_one_line(tmp_path):
+  proc = run_module("fashion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
+                    "--config.backend=gpu", timeout=120)
+  assert_one_line_error(proc, "config.backend=gpu but JAX started on cpu")
+  assert not os.path.exists(tmp_path / "w" / "config.json")  # Stopped before the run began.
+
+
+def test_cli_backend_cpu_keeps_jax_off_accelerators(tmp_path):
+  """config.backend=cpu works without JAX_PLATFORMS (it sets JAX's platform before start-up)."""
+  code = ("from fashion_jax import backends; backends.request('cpu'); import jax; "
+          "print(jax.config.jax_platforms, jax.default_backend())")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                        timeout=120)
+  assert proc.stdout.split() == ["cpu", "cpu"], proc.stderr[-2000:]
