@@ -15,6 +15,7 @@ to the JSON file.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -278,21 +279,27 @@ def measure_eval(config, parallel, test_split) -> dict:
 def measure_input(config, parallel, source: str) -> dict:
   """Load time and batching+transfer throughput of one data source on its own."""
   import jax  # pylint: disable=g-import-not-at-top
-  from fashion_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from fashion_jax import download, input_pipeline  # pylint: disable=g-import-not-at-top
   from fashion_jax.errors import UserError  # pylint: disable=g-import-not-at-top
 
   config = config.copy_and_resolve_references()
-  if source == "tfds":
-    config.idx_dir = ""
+  if source == "idx":
+    where = input_pipeline.source(config)
+    if where.kind != "idx":
+      return {"available": False,
+              "reason": f"no --config.idx_dir (or ${input_pipeline.IDX_ENV}) given"}
+  elif source == "tfds":
     reason = tfds_unprepared_reason(config)
     if reason:
       log(f"input (tfds): unavailable: {reason}")
       return {"available": False, "reason": reason}
-  elif not config.idx_dir:
-    return {"available": False, "reason": "no --config.idx_dir given"}
+    where = input_pipeline.Source("tfds", config.data_dir, "benchmark")
+  else:  # The verified download (fetched if missing: offline this fails within seconds).
+    where = input_pipeline.Source(
+        "download", download.default_folder(config.dataset, config.data_dir), "benchmark")
   t0 = time.perf_counter()
   try:
-    split = input_pipeline.load(config, "train")
+    split = input_pipeline.load(config, "train", where)
   except UserError as e:
     log(f"input ({source}): unavailable: {e}")
     return {"available": False, "reason": str(e)}
@@ -312,6 +319,9 @@ def measure_input(config, parallel, source: str) -> dict:
 
 def tfds_unprepared_reason(config) -> str | None:
   """Why the tfds source cannot be timed without downloading (None: it can)."""
+  from fashion_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  if not input_pipeline.tensorflow_available():
+    return "TensorFlow is not installed (tfds needs it to read this data set)"
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds.builder(config.dataset, data_dir=config.data_dir or None)
@@ -400,11 +410,18 @@ def _cpu_name() -> str:
 def run(config) -> dict:
   """Runs every measurement; returns the results dict (also written to --output)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from fashion_jax import config_lib, input_pipeline  # pylint: disable=g-import-not-at-top
+  from fashion_jax import backends, config_lib, input_pipeline  # pylint: disable=g-import-not-at-top
   from fashion_jax import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
   from fashion_jax.errors import UserError  # pylint: disable=g-import-not-at-top
 
   config_lib.validate(config)
+  if FLAGS.compare == "keras":
+    missing = [m for m in ("tensorflow", "keras") if importlib.util.find_spec(m) is None]
+    if missing:
+      raise UserError(f"--compare=keras trains the Keras model on TensorFlow, and {' and '.join(missing)} "
+                      "is not installed here; pip install 'fashion_jax[tf]' (or leave out --compare)")
+  backends.request(config.backend)
+  backends.check(config.backend)
   parallel = parallel_lib.Parallel(config.parallelism)
   batch_sizes = ([int(b) for b in FLAGS.batch_sizes.split(",") if b.strip()]
                  if FLAGS.batch_sizes else [config.batch_size])
@@ -412,12 +429,13 @@ def run(config) -> dict:
   log(f"{env['device_kind']} x{env['num_devices']} ({env['backend']}), jax {env['jax']}, "
       f"{parallel.mode}; conv_impl={config.conv_impl} pool_impl={config.pool_impl}; "
       f"batch sizes {batch_sizes}")
+  data_source = input_pipeline.source(config)
   try:
-    if not config.idx_dir and (reason := tfds_unprepared_reason(config)):
+    if data_source.kind == "tfds" and (reason := tfds_unprepared_reason(config)):
       raise UserError(reason)
-    train_data = input_pipeline.load(config, "train")
-    test_data = input_pipeline.load(config, "test")
-    data_note = "IDX " + config.idx_dir if config.idx_dir else "tfds"
+    train_data = input_pipeline.load(config, "train", data_source)
+    test_data = input_pipeline.load(config, "test", data_source)
+    data_note = data_source.describe()
   except UserError as e:
     log(f"no real data ({e}); timing on random images (throughput does not depend on content)")
     rng = np.random.default_rng(0)
@@ -438,8 +456,7 @@ def run(config) -> dict:
       first["train_images_per_sec"]["median_of_both"] = statistics.mean(rates)
   cache = measure_compile_cache(config, parallel, train_data) if FLAGS.compile_cache else {}
   evaluation = measure_eval(config, parallel, test_data)
-  inputs = {"idx": measure_input(config, parallel, "idx"),
-            "tfds": measure_input(config, parallel, "tfds")}
+  inputs = {kind: measure_input(config, parallel, kind) for kind in ("idx", "tfds", "download")}
 
   best = max(sweep, key=lambda r: r["train_images_per_sec"]["median"])
   best_rate = best["train_images_per_sec"]["median"]
@@ -463,8 +480,8 @@ def run(config) -> dict:
       **cache,
       **evaluation,
       "input": inputs,
-      "input_images_per_sec": (inputs["idx"] if inputs["idx"]["available"] else inputs["tfds"]).get(
-          "images_per_sec"),
+      "input_images_per_sec": next((i["images_per_sec"] for i in inputs.values() if i["available"]),
+                                   None),
       "flops_per_image": flops_per_image,
       "flops_per_image_analytic": analytic_flops_per_image(config.model),
       "flops_per_image_executed": executed_flops,

@@ -151,8 +151,8 @@ def _import_tf():
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise UserError(f"export needs TensorFlow ({e}); pip install tensorflow-cpu (or tensorflow)"
-                    ) from e
+    raise UserError(f"export needs TensorFlow ({e}); pip install 'fashion_jax[tf]' (or "
+                    "tensorflow)") from e
   return tf, jax2tf
 
 

@@ -8,10 +8,10 @@
 #
 # Usage: launch/local_multiprocess.sh NUM_PROCESSES DEVICES_PER_PROCESS WORKDIR [main flags...]
 # Each process logs to WORKDIR/process_<i>.log; if any process fails the others are stopped
-# and the script exits non-zero.
+# and the script exits non-zero. Runs $PYTHON (default: python3 from PATH).
 set -uo pipefail
 if [ $# -lt 3 ]; then
-  sed -n '2,11p' "$0" >&2
+  sed -n '2,12p' "$0" >&2
   exit 2
 fi
 num_processes=$1 devices=$2 workdir=$3
@@ -25,7 +25,7 @@ trap 'cleanup; exit 130' INT TERM
 
 for ((i = 0; i < num_processes; i++)); do
   JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES=$devices \
-    python -m fashion_jax.main --workdir="$workdir" "$@" \
+    "${PYTHON:-python3}" -m fashion_jax.main --workdir="$workdir" "$@" \
       --config.distributed=on --config.coordinator_address="localhost:$port" \
       --config.num_processes="$num_processes" --config.process_id="$i" \
       >"$workdir/process_$i.log" 2>&1 &

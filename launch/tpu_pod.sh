@@ -19,7 +19,9 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command
   set -e
   if [ ! -d fashion_jax ]; then git clone --branch $branch $repo fashion_jax; fi
   cd fashion_jax && git pull --ff-only
-  pip install -q -U 'jax[tpu]' && pip install -q -e .
+  # TPU VM images come with a working jax[tpu]: install it only where none is, never upgrade it.
+  python3 -c 'import jax' 2>/dev/null || pip install -q 'jax[tpu]'
+  pip install -q -e .
 "
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
   cd fashion_jax && python -m fashion_jax.main --config=$config --workdir=$workdir \

@@ -1,17 +1,23 @@
 """The benchmark command runs end to end and writes the promised JSON keys."""
 
+import importlib.util
 import json
 
 import pytest
 
-from tests.conftest import run_module
+from tests.conftest import assert_one_line_error, run_module
+
+
+def _keras_present() -> bool:
+  return all(importlib.util.find_spec(m) for m in ("tensorflow", "keras"))
 
 
 def test_benchmark_json(tmp_path, idx_dir):
+  compare = _keras_present()  # Without them, the --compare=keras error is tested below.
   output = tmp_path / "benchmark.json"
   args = ["--config=configs/tiny.py", f"--config.idx_dir={idx_dir}", "--batch_sizes=8,16",
-          "--windows=2", "--window_seconds=0.05", f"--output={output}", "--compare=keras"]
-  proc = run_module("fashion_jax.benchmark", *args)
+          "--windows=2", "--window_seconds=0.05", f"--output={output}"]
+  proc = run_module("fashion_jax.benchmark", *args, *(["--compare=keras"] if compare else []))
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = json.loads(output.read_text())
   for key in ("train_images_per_sec", "compile_s", "eval_images_per_sec", "input_images_per_sec",
@@ -27,11 +33,25 @@ def test_benchmark_json(tmp_path, idx_dir):
   assert results["compile_cached_s"] > 0 and results["input"]["idx"]["available"]
   assert "best:" in proc.stdout and "eval:" in proc.stdout  # The printed table.
   assert "jax  batch    8" in proc.stderr  # Progress while it runs.
-  assert results["keras_train_images_per_sec"] > 0
-  assert results["speedup_vs_keras"] == pytest.approx(
-      results["train_images_per_sec"] / results["keras_train_images_per_sec"])
+  if compare:
+    assert results["keras_train_images_per_sec"] > 0
+    assert results["speedup_vs_keras"] == pytest.approx(
+        results["train_images_per_sec"] / results["keras_train_images_per_sec"])
+  else:
+    assert "speedup_vs_keras" not in results
   tfds_input = results["input"]["tfds"]  # Offline it is reported unavailable, never downloaded.
-  assert tfds_input["available"] or "not prepared" in tfds_input["reason"]
+  assert tfds_input["available"] or ("not prepared" in tfds_input["reason"]
+                                     or "TensorFlow is not installed" in tfds_input["reason"])
+  downloaded = results["input"]["download"]
+  assert downloaded["available"] or "could not download" in downloaded["reason"]
+
+
+@pytest.mark.skipif(_keras_present(), reason="TensorFlow and Keras are installed here")
+def test_compare_keras_without_tensorflow_is_one_line(tmp_path, idx_dir):
+  proc = run_module("fashion_jax.benchmark", "--config=configs/tiny.py",
+                    f"--config.idx_dir={idx_dir}", "--compare=keras",
+                    f"--output={tmp_path / 'b.json'}")
+  assert_one_line_error(proc, "--compare=keras", "pip install 'fashion_jax[tf]'")
 
 
 def test_benchmark_bad_config_is_one_line(tmp_path):

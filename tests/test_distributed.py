@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import jax
@@ -45,7 +46,7 @@ def test_two_processes_match_one_process(tmp_path, idx_dir):
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   multi = str(tmp_path / "multi")
-  env = dict(os.environ, FASHION_JAX_PORT=str(_free_port()))
+  env = dict(os.environ, FASHION_JAX_PORT=str(_free_port()), PYTHON=sys.executable)
   proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "2", multi, *flags],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   logs = "".join(open(os.path.join(multi, f"process_{i}.log")).read()[-2000:] for i in range(2)

@@ -6,7 +6,11 @@ import os
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
+
+try:
+  import tensorflow as tf
+except ImportError:  # Colab's TPU runtime has no TensorFlow; export then says what to install.
+  tf = None
 
 from fashion_jax import config_lib
 from fashion_jax import export
@@ -19,6 +23,8 @@ from tests.conftest import assert_one_line_error
 from tests.conftest import run_module
 
 ATOL = 1e-5
+needs_tf = pytest.mark.skipif(tf is None, reason="export needs TensorFlow, not installed here "
+                                                 "(pip install 'fashion_jax[tf]')")
 
 
 def _tiny_test_images(workdir):
@@ -30,6 +36,7 @@ def _serve(loaded, images):
   return loaded.signatures["serving_default"](images=tf.constant(images))["probabilities"].numpy()
 
 
+@needs_tf
 def test_cli_export_matches_jax(trained_tiny_workdir, tmp_path):
   output = tmp_path / "saved"
   proc = run_module("fashion_jax.export", f"--workdir={trained_tiny_workdir}", f"--output={output}")
@@ -82,6 +89,7 @@ def test_cli_export_matches_jax(trained_tiny_workdir, tmp_path):
   assert (output / "saved_model.pb").stat().st_size < 200_000
 
 
+@needs_tf
 def test_batchnorm_and_flip_tta_export(tmp_path):
   """BatchNorm statistics and flip test-time augmentation survive the export (no training)."""
   config = config_lib.load_sibling(os.path.join(ROOT, "configs", "default.py"), "default")
@@ -112,6 +120,7 @@ def test_batchnorm_and_flip_tta_export(tmp_path):
   np.testing.assert_allclose(_serve(loaded, images), expected, atol=ATOL, rtol=0)
 
 
+@needs_tf
 def test_output_is_never_clobbered(trained_tiny_workdir, tmp_path):
   classifier = inference.load(trained_tiny_workdir)
   output = tmp_path / "out"
@@ -153,3 +162,11 @@ def test_cli_existing_output(trained_tiny_workdir, tmp_path):
   proc = run_module("fashion_jax.export", f"--workdir={trained_tiny_workdir}", f"--output={output}")
   assert_one_line_error(proc, "is not empty", "--overwrite")
   assert (output / "saved_model.pb").read_bytes() == b"someone else's"
+
+
+@pytest.mark.skipif(tf is not None, reason="TensorFlow is installed here")
+def test_cli_without_tensorflow_is_one_line(trained_tiny_workdir, tmp_path):
+  proc = run_module("fashion_jax.export", f"--workdir={trained_tiny_workdir}",
+                    f"--output={tmp_path / 'out'}")
+  assert_one_line_error(proc, "export needs TensorFlow", "pip install 'fashion_jax[tf]'")
+  assert not (tmp_path / "out").exists()
