@@ -9,9 +9,9 @@ evaluation; bfloat16 compute with float32 parameters. Expected >= 96.5% test
 accuracy (published: WRN-28-10 + RE 96.35%, WRN-40-4 96.7%); not yet
 measured on an accelerator.
 
-  python -m fashion_jax.main --config=configs/accelerator_best.py --workdir=gs://BUCKET/fj_wrn
+  python -m fashion_jax.main --config=configs/accelerator_best.py --workdir=/tmp/fj_wrn
 
-Colab TPU: see launch/colab_tpu.ipynb. 5,000 training images are held out
+Colab TPU or GPU: see launch/colab.ipynb. 5,000 training images are held out
 for validation. Expected time, from XLA's FLOP count of this train step
 (21.7 GFLOP per training image, forward + backward, 36.5 M parameters; see
 BENCHMARKS.md "Recipes"): 55,000 images x 200 epochs x 21.7 GFLOP = 2.4e17
