@@ -58,6 +58,24 @@ class _ConvPool(nn.Module):
     return ops.conv_pool(x, kernel, bias, self.conv_impl, self.pool_impl)
 
 
+class Linear(nn.Module):
+  """Logistic regression: Flatten -> Dense 10. The baseline (~84 % on Fashion-MNIST).
+
+  Its step is almost no device work, which makes the train loop's own host
+  overhead measurable (`python -m fashion_jax.benchmark --loop`).
+  """
+  num_classes: int = 10
+  conv_impl: str = "auto"  # Unused (no convolutions); accepted like every model's.
+  pool_impl: str = "auto"
+  dtype: jnp.dtype = jnp.float32
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.astype(self.dtype).reshape((x.shape[0], -1))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
 class CNN(nn.Module):
   """The classic Fashion-MNIST CNN.
 
@@ -177,6 +195,7 @@ class WideResNet(nn.Module):
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "cnn": CNN,
     "cnn_bn": CNNBN,
+    "linear": Linear,
     # A small pre-activation ResNet: one block per stage, widths 64/128/256.
     "resnet": functools.partial(WideResNet, depth=10, width=4),
     "wrn": WideResNet,  # Depth and width from config.model_kwargs (default WRN-28-10).
