@@ -30,6 +30,7 @@ ADDED_KEYS = {
     "augment_translate": 0, "augment_flip": False, "random_erasing": 0.0, "eval_flip_tta": False,
     "validation_size": 0, "on_nonfinite": "stop", "deterministic": False,
     "progress_bar": "auto", "tensorboard_samples": 16, "backend": "auto",
+    "data_placement": "auto",
 }
 
 
@@ -93,11 +94,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.num_train_steps > 0 or (config.num_train_steps == -1 and config.num_epochs > 0),
         "num_train_steps", "a positive step count, or -1 with num_epochs > 0")
   check(config.log_every_steps > 0, "log_every_steps", "a positive number of steps")
-  check(config.checkpoint_every_steps > 0, "checkpoint_every_steps", "a positive number of steps")
+  check(config.checkpoint_every_steps > 0 or config.checkpoint_every_steps == -1,
+        "checkpoint_every_steps", "a positive number of steps, or -1 for every epoch")
   check(config.keep_checkpoints >= 1, "keep_checkpoints", "at least 1")
   check(config.eval_every_steps > 0 or config.eval_every_steps == -1, "eval_every_steps",
         "a positive number of steps, or -1 for every epoch")
-  check(config.steps_per_dispatch >= 1, "steps_per_dispatch", "at least 1")
+  check(config.steps_per_dispatch >= 1 or config.steps_per_dispatch == -1, "steps_per_dispatch",
+        "at least 1, or -1 for auto")
+  choice("data_placement", ("auto", "host", "device"))
   if problems:
     raise UserError("; ".join(problems))
 
@@ -119,4 +123,10 @@ def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> i
 def eval_every_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
   if config.eval_every_steps > 0:
     return config.eval_every_steps
+  return steps_per_epoch(config, num_train_examples)
+
+
+def checkpoint_every_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+  if config.checkpoint_every_steps > 0:
+    return config.checkpoint_every_steps
   return steps_per_epoch(config, num_train_examples)

@@ -12,6 +12,10 @@ import signal
 _TARGET = os.environ.get("FASHION_JAX_KILL_AT", "")
 
 
-def maybe_kill(point: str, step: int) -> None:
-  if _TARGET and _TARGET == f"{point}:{step}":
+def maybe_kill(point: str, step: int, last: int | None = None) -> None:
+  """Kills at `point:step`, or at any `point:s` with step <= s <= last (a window of steps)."""
+  if not _TARGET:
+    return
+  name, _, at = _TARGET.partition(":")
+  if name == point and step <= int(at) <= (step if last is None else last):
     os.kill(os.getpid(), signal.SIGKILL)

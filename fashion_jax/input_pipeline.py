@@ -146,6 +146,21 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def epoch_index(seed: int, epoch: int, n: int, global_batch: int,
+                process_count: int = 1) -> np.ndarray:
+  """The examples of every step of one epoch: int32 [steps_per_epoch, global_batch].
+
+  Row i is step i's global batch: process p's contiguous slice of the epoch's
+  order, sorted (a cache-friendlier gather of the same set), for each p in
+  turn. The one definition of the train order, for both data placements.
+  """
+  local = global_batch // process_count
+  per_epoch = n // global_batch
+  order = epoch_order(seed, epoch, n)[:per_epoch * global_batch]
+  return np.sort(order.reshape(per_epoch * process_count, local), axis=1).reshape(
+      per_epoch, global_batch).astype(np.int32)
+
+
 def train_batches(split: Split, global_batch: int, seed: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
   """Endless iterator of this process's part of each global train batch.
@@ -160,10 +175,9 @@ def train_batches(split: Split, global_batch: int, seed: int, start_step: int = 
   per_epoch = len(split) // global_batch
   epoch, offset = divmod(start_step, per_epoch)
   while True:
-    order = epoch_order(seed, epoch, len(split))
+    rows = epoch_index(seed, epoch, len(split), global_batch, process_count)
     for i in range(offset, per_epoch):
-      start = i * global_batch + process_index * local
-      index = np.sort(order[start:start + local])  # Sorted: cache-friendlier gather, same set.
+      index = rows[i, process_index * local:(process_index + 1) * local]
       yield {"image": split.images[index], "label": split.labels[index]}
     epoch, offset = epoch + 1, 0
 

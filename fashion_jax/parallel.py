@@ -31,11 +31,6 @@ import numpy as np
 from fashion_jax.errors import UserError
 
 AXIS = "data"
-# Steps the host may dispatch ahead of the devices. Enough to hide host work; bounded
-# because XLA:CPU with several devices in one process can deadlock its collective
-# rendezvous when many executions are queued (seen with 2 CPU devices and an
-# unbounded queue: "Termination timeout for all reduce RendezvousKey").
-MAX_STEPS_IN_FLIGHT = 2
 
 
 def _cluster_detected() -> str | None:
@@ -193,7 +188,8 @@ class Parallel:
           x = x.reshape((x.shape[0], n, x.shape[1] // n) + x.shape[2:])
           return np.swapaxes(x, 0, 1)
         return x.reshape((n, x.shape[0] // n) + x.shape[1:])
-      return jax.tree.map(split, batch)
+      sharding = NamedSharding(_mesh(self.local_devices), P(AXIS))
+      return jax.tree.map(lambda x: jax.device_put(np.ascontiguousarray(split(x)), sharding), batch)
     spec = P(None, AXIS) if stacked else P(AXIS)
     sharding = NamedSharding(self.mesh, spec)
 
@@ -203,22 +199,52 @@ class Parallel:
       return jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
     return jax.tree.map(put, batch)
 
+  def put_index_table(self, table: np.ndarray):
+    """A [rows, global_batch] table of example indices, placed so each device reads its part.
+
+    mesh/none: replicated (the window shards each row along the batch inside
+    the compiled call). pmap: device j of process p gets the columns of its
+    slice of the global batch, [local devices, rows, global_batch / devices].
+    """
+    if self.mode != "pmap":
+      return self.put_state(table)
+    n = len(self.local_devices)
+    local = table.shape[1] // self.process_count
+    mine = table[:, self.process_index * local:(self.process_index + 1) * local]
+    per_device = np.ascontiguousarray(
+        np.swapaxes(mine.reshape(table.shape[0], n, local // n), 0, 1))
+    sharding = NamedSharding(_mesh(self.local_devices), P(AXIS))
+    return jax.device_put(per_device, sharding)
+
+  def shard_batch(self, x):
+    """Inside a compiled function: lay `x`'s leading (batch) axis out over the devices."""
+    if self.mode == "pmap":
+      return x  # Each device already holds its own part.
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(AXIS)))
+
   # --- compilation ---------------------------------------------------------
 
-  def compile(self, step: Callable, donate_state: bool = True, stacked: bool = False):
-    """Compiles `step(state, batch, axis_name=None) -> (state_or_metrics, ...)`.
+  def compile(self, step: Callable, donate_state: bool = True, stacked: bool = False,
+              resident_args: int = 0):
+    """Compiles `step(state, inputs..., axis_name=None) -> (state_or_metrics, ...)`.
 
     The same step function serves every mode; under pmap it gets the axis name
-    for its explicit collectives.
+    for its explicit collectives. Its inputs are one batch (`stacked`: with a
+    leading [steps] axis), or `resident_args` arrays placed with `put_state` /
+    `put_index_table` (data on the device).
     """
     donate = (0,) if donate_state else ()
     if self.mode == "pmap":
       # All devices (every host feeds its local ones), so the pmean spans hosts.
       return jax.pmap(functools.partial(step, axis_name=AXIS), axis_name=AXIS,
                       donate_argnums=donate)
-    batch_sharding = NamedSharding(self.mesh, P(None, AXIS) if stacked else P(AXIS))
-    return jax.jit(step, in_shardings=(self.replicated, batch_sharding),
-                   out_shardings=self.replicated, donate_argnums=donate)
+    if resident_args:
+      in_shardings = (self.replicated,) * (1 + resident_args)
+    else:
+      in_shardings = (self.replicated,
+                      NamedSharding(self.mesh, P(None, AXIS) if stacked else P(AXIS)))
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=self.replicated,
+                   donate_argnums=donate)
 
 
 def _mesh(devices) -> jax.sharding.Mesh:

@@ -27,6 +27,7 @@ from fashion_jax import config_lib
 from fashion_jax import errors
 from fashion_jax import faults
 from fashion_jax import input_pipeline
+from fashion_jax import loop
 from fashion_jax import metric_writers
 from fashion_jax import models
 from fashion_jax import parallel as parallel_lib
@@ -199,14 +200,6 @@ def combine_metrics(metrics: dict, axis: int = 0, xp=jnp) -> dict:
           for k, v in metrics.items()}
 
 
-def multi_train_step(state: TrainState, batches, *, axis_name: str | None = None, **kwargs):
-  """Several train steps in one compiled call (lax.scan over a leading axis); summed metrics."""
-  def body(state, batch):
-    return train_step(state, batch, axis_name=axis_name, **kwargs)
-  state, metrics = lax.scan(body, state, batches)
-  return state, combine_metrics(metrics)
-
-
 def eval_variables(params, batch_stats=None, ema_params=None) -> dict:
   """The variables evaluation uses: the EMA parameters when kept, and BatchNorm statistics."""
   variables = {"params": ema_params if ema_params is not None else params}
@@ -287,26 +280,38 @@ def _summarize(sums: dict, prefix: str) -> dict:
           f"{prefix}_accuracy": float(sums["correct"]) / count}
 
 
+def eval_sums(state: TrainState, batches, *, model: nn.Module, flip_tta: bool = False,
+              axis_name: str | None = None):
+  """`eval_step` over stacked batches [num_batches, batch, ...] in one call: summed metrics."""
+  def body(total, batch):
+    metrics = eval_step(state, batch, model=model, flip_tta=flip_tta, axis_name=axis_name)
+    return jax.tree.map(jnp.add, total, metrics), None
+  zeros = {"loss_sum": jnp.float32(0), "correct": jnp.float32(0), "count": jnp.float32(0)}
+  return lax.scan(body, zeros, batches)[0]
+
+
 class Evaluator:
-  """Exact evaluation of a split: every example once, padding masked out."""
+  """Exact evaluation of a split: every example once, padding masked out.
+
+  The padded split stays on the device(s) from the start (each process holds
+  its part of every batch), and an evaluation is one dispatch.
+  """
 
   def __init__(self, split, config, model, parallel: parallel_lib.Parallel):
     parallel.check_batch(config.eval_batch_size, "eval_batch_size")
-    self.split, self.batch_size, self.parallel = split, config.eval_batch_size, parallel
-    self._step = parallel.compile(
-        functools.partial(eval_step, model=model, flip_tta=config.eval_flip_tta),
-        donate_state=False)
+    self.split, self.parallel = split, parallel
+    batches = list(input_pipeline.eval_batches(split, config.eval_batch_size,
+                                               parallel.process_index, parallel.process_count))
+    self._batches = parallel.put_batch(input_pipeline.stack(batches), stacked=True)
+    self._sums = parallel.compile(
+        functools.partial(eval_sums, model=model, flip_tta=config.eval_flip_tta),
+        donate_state=False, stacked=True)
 
   def __call__(self, state, show_progress: bool = False, desc: str = "eval") -> dict:
-    total = None
     with progress.Bar(show_progress, len(self.split), desc=desc, leave=False) as bar:
-      for batch in input_pipeline.eval_batches(self.split, self.batch_size,
-                                               self.parallel.process_index,
-                                               self.parallel.process_count):
-        metrics = self._step(state, self.parallel.put_batch(batch))
-        total = metrics if total is None else jax.tree.map(jnp.add, total, metrics)
-        bar.update(min(self.batch_size, len(self.split) - bar.count))  # The last batch is padded.
-    return self.parallel.fetch(total)
+      total = self.parallel.fetch(self._sums(state, self._batches))
+      bar.update(len(self.split))
+    return total
 
 
 class SamplePredictions:
@@ -331,10 +336,12 @@ class SamplePredictions:
                                             self.class_names)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=None) -> dict:
   """Trains (resuming from the latest checkpoint in workdir) and evaluates.
 
   Returns the last eval metrics. Raises UserError for fixable input problems.
+  `splits`: (train, test) already in memory (the benchmark's loop timing),
+  instead of loading the configured data.
   """
   config_lib.validate(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -345,14 +352,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("%s; batch global=%d per-host=%d per-device=%d", parallel_lib.describe(parallel),
                batch_split["global"], batch_split["per_host"], batch_split["per_device"])
 
-  data_source = input_pipeline.source(config)
-  logging.info("data: %s from %s", config.dataset, data_source.describe())
-  train_split = input_pipeline.load(config, "train", data_source)
-  test_split = input_pipeline.load(config, "test", data_source)
+  if splits is None:
+    data_source = input_pipeline.source(config)
+    logging.info("data: %s from %s", config.dataset, data_source.describe())
+    train_split = input_pipeline.load(config, "train", data_source)
+    test_split = input_pipeline.load(config, "test", data_source)
+    data_description = data_source.describe()
+  else:
+    (train_split, test_split), data_description = splits, "given in memory"
   train_split, val_split = input_pipeline.hold_out(train_split, config.validation_size)
   steps_per_epoch = config_lib.steps_per_epoch(config, len(train_split))
   total_steps = config_lib.total_steps(config, len(train_split))
   eval_every = config_lib.eval_every_steps(config, len(train_split))
+  checkpoint_every = config_lib.checkpoint_every_steps(config, len(train_split))
   logging.info("data: %d train, %d test examples; %d steps (%d per epoch)", len(train_split),
                len(test_split), total_steps, steps_per_epoch)
 
@@ -369,9 +381,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if is_lead:
     _write_config(workdir, config, {
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "eval_every_steps": eval_every,
+        "checkpoint_every_steps": checkpoint_every,
         "parallelism": parallel.mode, "num_devices": parallel.num_devices,
         "num_processes": parallel.process_count, "backend": jax.default_backend(),
-        "data_source": data_source.describe(),
+        "data_source": data_description,
         "jax_version": jax.__version__, "fashion_jax_version": fashion_jax.__version__})
 
   abstract = parallel.abstract_state(init_state)
@@ -431,108 +444,100 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  "ema_decay": config.ema_decay,
                  "augment": augment.make_augment(config.augment_translate, config.augment_flip,
                                                  config.random_erasing)}
-  k = config.steps_per_dispatch
-  single = parallel.compile(functools.partial(train_step, **step_kwargs))
-  multi = parallel.compile(functools.partial(multi_train_step, **step_kwargs), stacked=True)
-  compiled_sizes = set()  # Chunk sizes compiled so far (k, and shorter ones before boundaries).
-
-  batches = input_pipeline.train_batches(train_split, config.batch_size, config.seed, start_step,
-                                         parallel.process_index, parallel.process_count)
-  boundaries = [config.log_every_steps, config.checkpoint_every_steps, eval_every]
-
-  def chunk_size(step: int) -> int:
-    nxt = min([total_steps] + [(step // b + 1) * b for b in boundaries])
-    return min(k, nxt - step)
+  data_placement = loop.placement(config)
+  windows = loop.Windows(functools.partial(train_step, **step_kwargs), train_split, config,
+                         parallel, data_placement, start_step)
+  window = loop.window_length(config, steps_per_epoch, checkpoint_every, eval_every,
+                              jax.default_backend())
+  logging.info("train loop: data on the %s, %d steps per dispatch", data_placement, window)
+  intervals = loop.LogIntervals(config.log_every_steps, total_steps, combine_metrics)
 
   def save(step: int) -> None:
     checkpointer.save(step, parallel.logical_state(state), description)
 
   step = start_step
-  pending = []  # Device metrics since the last log line.
   last_result = {}
-  window_start, window_step = time.perf_counter(), step
+  clock = [time.perf_counter(), step]  # Since when images/s counts: (time, step).
   compile_seconds = 0.0
   bar = progress.Bar(show_progress, total_steps * config.batch_size, step * config.batch_size,
                      desc="train")
-  with _StopRequest() as stop, bar:
-    while step < total_steps:
-      n = chunk_size(step)
-      group = [next(batches) for _ in range(n)]
-      stacked = k > 1
-      batch = parallel.put_batch(input_pipeline.stack(group) if stacked else group[0], stacked)
-      t0 = time.perf_counter()
-      state, metrics = (multi if stacked else single)(state, batch)
-      if n not in compiled_sizes:  # First call at this size: compiled; keep it out of img/s.
-        compiled_sizes.add(n)
-        jax.block_until_ready(metrics)
-        compile_seconds += time.perf_counter() - t0
+
+  def log_lines(first_step: int, metrics) -> None:
+    """Fetches a window's per-step metrics (waits for it) and writes the log lines it ends."""
+    fetched = parallel.fetch(metrics)
+    now, last = time.perf_counter(), first_step + len(fetched["count"])
+    images_per_sec = float("nan")
+    if last > clock[1]:
+      images_per_sec = (last - clock[1]) * config.batch_size / (now - clock[0])
+      clock[:] = [now, last]
+    for line_step, sums in intervals.add(first_step, fetched):
+      train = _summarize(sums, "train")
+      skipped = int(sums["nonfinite_steps"])
+      if skipped and config.on_nonfinite == "stop":
+        raise UserError(
+            f"training diverged: non-finite loss or gradients at step "
+            f"{int(sums['first_nonfinite_step'])} (that update was not applied); the last good "
+            f"checkpoint is at step {checkpointer.latest_step()} in {checkpointer.directory}; "
+            "lower --config.learning_rate, or pass --config.on_nonfinite=skip to skip such batches")
+      if skipped:
         with bar.external_write():
-          logging.info("compiled and ran the %d-step train function in %.2fs", n,
-                       time.perf_counter() - t0)
-        window_start, window_step = time.perf_counter(), step + n
-        bar.restart_clock()
-      pending.append(metrics)
-      faults.maybe_kill("step", step + n)  # Tests: SIGKILL while step(s) are in flight.
-      if len(pending) > parallel_lib.MAX_STEPS_IN_FLIGHT:
-        jax.block_until_ready(pending[-parallel_lib.MAX_STEPS_IN_FLIGHT - 1])
-      step += n
-      bar.update(n * config.batch_size)
+          logging.warning("skipped %d step(s) with non-finite loss or gradients, the first "
+                          "at step %d", skipped, int(sums["first_nonfinite_step"]))
+      line = {"epoch": line_step / steps_per_epoch, **train,
+              "learning_rate": float(schedule(line_step - 1))}  # Of the interval's last step.
+      if skipped:
+        line["train_skipped_steps"] = skipped
+      if math.isfinite(images_per_sec):
+        line["train_images_per_sec"] = images_per_sec
+      writer.write(line_step, line)
+      bar.set_postfix(loss=f"{train['train_loss']:.4f}", acc=f"{100 * train['train_accuracy']:.2f}%")
+      if not bar.enabled:  # The bar shows the same (and metrics.jsonl has it all).
+        remaining = ((total_steps - line_step) * config.batch_size / images_per_sec
+                     if math.isfinite(images_per_sec) else float("nan"))
+        logging.info("train step %d/%d epoch %.2f | loss %.4f accuracy %.2f%% | %s img/s | "
+                     "eta %s", line_step, total_steps, line_step / steps_per_epoch,
+                     train["train_loss"], 100 * train["train_accuracy"],
+                     f"{images_per_sec:,.0f}" if math.isfinite(images_per_sec) else "-",
+                     _fmt_seconds(remaining))
 
-      if step % config.log_every_steps == 0 or step == total_steps:
-        fetched = [parallel.fetch(m) for m in pending]
-        sums = combine_metrics({name: np.stack([m[name] for m in fetched]) for name in fetched[0]},
-                               xp=np)
-        pending = []
-        now = time.perf_counter()
-        images_per_sec = ((step - window_step) * config.batch_size / (now - window_start)
-                          if step > window_step else float("nan"))
-        train = _summarize(sums, "train")
-        skipped = int(sums["nonfinite_steps"])
-        if skipped and config.on_nonfinite == "stop":
-          checkpointer.close()
-          writer.close()
-          raise UserError(
-              f"training diverged: non-finite loss or gradients at step "
-              f"{int(sums['first_nonfinite_step'])} (that update was not applied); the last good "
-              f"checkpoint is at step {checkpointer.latest_step()} in {checkpointer.directory}; "
-              "lower --config.learning_rate, or pass --config.on_nonfinite=skip to skip such batches")
-        if skipped:
+  try:
+    with _StopRequest() as stop, bar:
+      in_flight = None  # The dispatched window whose metrics are not read yet: (first step, metrics).
+      while step < total_steps:
+        n = min(window - step % window, total_steps - step)
+        t0 = time.perf_counter()
+        state, metrics, compiled = windows(state, step, n)
+        if compiled:  # This length was compiled by this call; keep it out of images/s.
+          jax.block_until_ready(metrics)
+          compile_seconds += time.perf_counter() - t0
           with bar.external_write():
-            logging.warning("skipped %d step(s) with non-finite loss or gradients, the first "
-                            "at step %d", skipped, int(sums["first_nonfinite_step"]))
-        line = {"epoch": step / steps_per_epoch, **train,
-                "learning_rate": float(schedule(step - 1))}  # Of the window's last step.
-        if skipped:
-          line["train_skipped_steps"] = skipped
-        if math.isfinite(images_per_sec):
-          line["train_images_per_sec"] = images_per_sec
-        writer.write(step, line)
-        remaining = (total_steps - step) * config.batch_size / images_per_sec if math.isfinite(
-            images_per_sec) and images_per_sec > 0 else float("nan")
-        bar.set_postfix(loss=f"{train['train_loss']:.4f}",
-                        acc=f"{100 * train['train_accuracy']:.2f}%")
-        if not bar.enabled:  # The bar shows the same (and metrics.jsonl has it all).
-          logging.info("train step %d/%d epoch %.2f | loss %.4f accuracy %.2f%% | %s img/s | "
-                       "eta %s", step, total_steps, step / steps_per_epoch, train["train_loss"],
-                       100 * train["train_accuracy"],
-                       f"{images_per_sec:,.0f}" if math.isfinite(images_per_sec) else "-",
-                       _fmt_seconds(remaining))
-        window_start, window_step = time.perf_counter(), step
-
-      if step % config.checkpoint_every_steps == 0 or step == total_steps:
-        save(step)
-      if step % eval_every == 0 or step == total_steps:
-        last_result = evaluate(step)
-        window_start, window_step = time.perf_counter(), step
-      if stop.signal is not None and step < total_steps:
-        save(step)
-        checkpointer.close()
-        writer.close()
-        raise UserError(f"stopped by {stop.signal} at step {step}; checkpoint saved in "
-                        f"{checkpointer.directory}; re-run the same command to resume")
-
-  checkpointer.close()
-  writer.close()
+            logging.info("compiled and ran the %d-step train window in %.2fs", n,
+                         time.perf_counter() - t0)
+          clock[:] = [time.perf_counter(), step + n]
+          bar.restart_clock()
+        faults.maybe_kill("step", step + 1, step + n)  # Tests: SIGKILL while steps run.
+        if in_flight is not None:  # Read the previous window while this one runs.
+          log_lines(*in_flight)
+        in_flight = (step, metrics)
+        step += n
+        bar.update(n * config.batch_size)
+        if (step % checkpoint_every and step % eval_every and step < total_steps
+            and stop.signal is None):
+          continue
+        log_lines(*in_flight)  # The host needs the state here: drain the pipeline first.
+        in_flight = None
+        if step % checkpoint_every == 0 or step == total_steps:
+          save(step)
+        if step % eval_every == 0 or step == total_steps:
+          last_result = evaluate(step)
+        if stop.signal is not None and step < total_steps:
+          save(step)
+          raise UserError(f"stopped by {stop.signal} at step {step}; checkpoint saved in "
+                          f"{checkpointer.directory}; re-run the same command to resume")
+        clock[:] = [time.perf_counter(), step]
+  finally:
+    checkpointer.close()
+    writer.close()
   logging.info("done: step %d, eval accuracy %.2f%%, compile %.1fs, wall %.1fs", step,
                100 * last_result.get("eval_accuracy", float("nan")), compile_seconds,
                fashion_jax.seconds_since_start())

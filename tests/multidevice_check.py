@@ -30,13 +30,14 @@ def main(root, idx_dir, out_dir, *modes):
   config.idx_dir = idx_dir
   if modes and modes[0].startswith("model="):  # e.g. model=cnn_bn: BatchNorm across devices.
     config.model = modes[0][len("model="):]
-    config.model_kwargs = {"dropout_rate": 0.0} if config.model == "cnn_bn" else {}
+    config.model_kwargs = {"dropout_rate": 0.0, "width": 8} if config.model == "cnn_bn" else {}
     modes = modes[1:]
   results = {"device_count": jax.device_count()}
   states = {}
-  for mode in modes:
-    config.parallelism = mode
-    workdir = os.path.join(out_dir, mode)
+  for mode in modes:  # "mesh", or "mesh:host" for data_placement=host.
+    config.parallelism, _, placement = mode.partition(":")
+    config.data_placement = placement or "auto"
+    workdir = os.path.join(out_dir, mode.replace(":", "_"))
     metrics = train.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       losses = [json.loads(l).get("train_loss") for l in f]

@@ -24,10 +24,11 @@ def test_mesh_and_pmap_match_one_device(tmp_path, idx_dir):
   the global batch (synchronised BatchNorm), or the losses differ at once
   (1.19 vs 1.07 at the first log line without it).
   """
-  result = _run_check(tmp_path, idx_dir, 4, "model=cnn_bn", "none", "mesh", "pmap")
+  modes = ("mesh", "pmap", "mesh:host", "pmap:host")  # Data on the device (auto) or the host.
+  result = _run_check(tmp_path, idx_dir, 4, "model=cnn_bn", "none", *modes)
   assert result["device_count"] == 4
   reference = result["none"]
-  for mode in ("mesh", "pmap"):
+  for mode in modes:
     assert result[mode]["losses"] == pytest.approx(reference["losses"], rel=2e-3), mode
     assert result[mode]["max_param_diff"] < 2e-3, (mode, result[mode])  # Unsynced pmap: ~3e-2.
     assert result[mode]["max_batch_stats_rel_diff"] < 1e-2, (mode, result[mode])  # Unsynced: ~1.

@@ -1,7 +1,9 @@
 """End-to-end: train, checkpoint, resume, re-evaluate, and the errors users see."""
 
 import json
+import logging
 import os
+import re
 
 import jax
 import numpy as np
@@ -40,6 +42,7 @@ def test_train_writes_outputs_and_learns(tiny_config, tmp_path):
   tiny_config.num_train_steps = 60
   tiny_config.eval_every_steps = 30
   tiny_config.checkpoint_every_steps = 30
+  tiny_config.tensorboard_samples = 16
   workdir = str(tmp_path / "run")
   result = train.train_and_evaluate(tiny_config, workdir)
   assert result["eval_accuracy"] > 0.5  # Synthetic bars are easy; chance is 0.1.
@@ -48,9 +51,12 @@ def test_train_writes_outputs_and_learns(tiny_config, tmp_path):
   eval_lines = [l for l in lines if "eval_loss" in l]
   assert [l["step"] for l in train_lines] == list(range(5, 61, 5))
   assert [l["step"] for l in eval_lines] == [30, 60]
-  for line in train_lines[1:]:
-    assert {"step", "epoch", "train_loss", "train_accuracy", "train_images_per_sec",
-            "learning_rate", "wall_time_s"} <= set(line)
+  for line in train_lines:
+    assert {"step", "epoch", "train_loss", "train_accuracy", "learning_rate",
+            "wall_time_s"} <= set(line)
+  # Windows of 15 steps (divides the 30-step intervals, fits the 16-step epoch); the first one
+  # also compiled, so its lines carry no rate, and every later one's do.
+  assert [l["step"] for l in train_lines if "train_images_per_sec" in l] == list(range(20, 61, 5))
   assert train_lines[-1]["learning_rate"] == pytest.approx(tiny_config.learning_rate)
   for line in eval_lines:
     assert {"step", "epoch", "eval_loss", "eval_accuracy", "wall_time_s"} <= set(line)
@@ -227,19 +233,50 @@ def test_nonfinite_steps_can_be_skipped(tiny_config, tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
 
-def test_several_steps_per_dispatch_compute_the_same(tiny_config, tmp_path):
-  one, four = str(tmp_path / "one"), str(tmp_path / "four")
-  train.train_and_evaluate(tiny_config, one)
-  tiny_config.steps_per_dispatch = 4
-  train.train_and_evaluate(tiny_config, four)
-  a, b = final_state(tiny_config, one), final_state(tiny_config, four)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a.params,
+@pytest.mark.parametrize("placement, steps_per_dispatch", [
+    ("host", 1),  # The classic loop: one host batch per dispatch.
+    ("host", -1),  # Host batches, stacked per window.
+    pytest.param("device", 1, marks=pytest.mark.slow),  # Device data, one step per window.
+])
+def test_placements_and_windows_compute_the_same(tiny_config, tmp_path, placement,
+                                                 steps_per_dispatch):
+  """Same examples at every step and the same math, whatever the placement and window length:
+  bitwise on CPU (one compiled step body; the gather yields the very batch the host sends)."""
+  reference, other = str(tmp_path / "device_auto"), str(tmp_path / "other")
+  tiny_config.data_placement, tiny_config.steps_per_dispatch = "device", -1
+  train.train_and_evaluate(tiny_config, reference)
+  tiny_config.data_placement, tiny_config.steps_per_dispatch = placement, steps_per_dispatch
+  train.train_and_evaluate(tiny_config, other)
+  a, b = final_state(tiny_config, reference), final_state(tiny_config, other)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a.params,
                b.params)
   strip = lambda w: [{k: v for k, v in l.items() if "time" not in k and "per_sec" not in k}
                      for l in _lines(w)]
-  assert [l["step"] for l in strip(one)] == [l["step"] for l in strip(four)]
-  for x, y in zip(strip(one), strip(four)):
-    assert x == pytest.approx(y, rel=1e-5)
+  assert strip(reference) == strip(other)
+
+
+def test_one_compiled_window_length_plus_the_remainder(tiny_config, tmp_path):
+  """45 steps in windows of 10 (checkpoints and evals every 20): four windows of 10 and one of 5,
+  two compilations in all, none per window (a table upload or a Python value in the step that
+  changed the traced signature would compile again)."""
+  tiny_config.update(num_train_steps=45, checkpoint_every_steps=20, eval_every_steps=20)
+  messages = []
+
+  class Collect(logging.Handler):
+    def emit(self, record):
+      messages.append(record.getMessage())
+
+  handler = Collect()
+  logging.getLogger("jax").addHandler(handler)
+  jax.config.update("jax_log_compiles", True)
+  try:
+    train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+  finally:
+    jax.config.update("jax_log_compiles", False)
+    logging.getLogger("jax").removeHandler(handler)
+  compiled = [m[:60] for m in messages if re.match(r"Compiling (jit\()?_device_window\b", m)]
+  assert len(compiled) == 2, compiled
+  assert [l["step"] for l in _lines(str(tmp_path / "run")) if "train_loss" in l][-1] == 45
 
 
 def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tiny_config, tmp_path,

@@ -1,0 +1,176 @@
+"""The train loop's engine: windows of steps in one compiled call, data on the host or the device.
+
+A *window* is a `lax.scan` over consecutive train steps: one dispatch, the state
+donated, the per-step metrics returned as small arrays. The host dispatches the
+next window before it reads the last one's metrics, so the device never waits
+for the host, and at most two windows are in flight (XLA:CPU with several
+devices in one process deadlocks its collectives when many executions queue).
+
+Windows end only where the host needs the state itself -- checkpoint and eval
+steps, and the last step -- so every window has one length: the largest
+divisor of the checkpoint and eval intervals up to a cap (`steps_per_dispatch`,
+or by default 100 on CPU and 1000 on an accelerator). That is one compiled
+window, plus at most one shorter one for the end. Log lines need only the
+metrics, which are per step, so they fall anywhere inside a window.
+
+Where the batches come from (`config.data_placement`):
+- host: numpy gathers each step's batch from the in-memory split, a window's
+  batches are stacked and sent (uint8).
+- device: the train split (uint8, 47 MB) and its labels go to the device(s)
+  once; each epoch's order -- exactly the host's `(seed, epoch)` permutation,
+  `input_pipeline.epoch_index` -- goes up once as a table of example indices,
+  and each step gathers its batch inside the compiled window, laid out over
+  the devices as the mesh needs (under pmap each device gathers its own part).
+  Step s trains on the same examples in both placements, so resuming and
+  results do not depend on the placement.
+- auto: device. Measured faster on this project's CPUs too, native kernels
+  included (BENCHMARKS.md, "Train loop"); on a GPU/TPU the host loop leaves
+  the chip idle.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+from jax import lax
+import numpy as np
+
+from fashion_jax import input_pipeline
+
+PLACEMENTS = ("auto", "host", "device")
+AUTO_WINDOW_CAP = {"cpu": 100}  # Steps; other backends: DEFAULT_WINDOW_CAP.
+DEFAULT_WINDOW_CAP = 1000
+
+
+def placement(config) -> str:
+  return "device" if config.data_placement == "auto" else config.data_placement
+
+
+def window_length(config, steps_per_epoch: int, checkpoint_every: int, eval_every: int,
+                  backend: str) -> int:
+  """The steps per window: divides the checkpoint and eval intervals, at most the cap."""
+  interval = math.gcd(checkpoint_every, eval_every)
+  cap = (config.steps_per_dispatch if config.steps_per_dispatch > 0
+         else AUTO_WINDOW_CAP.get(backend, DEFAULT_WINDOW_CAP))
+  cap = max(1, min(cap, steps_per_epoch, interval))  # Device tables hold two epochs.
+  return next(d for d in range(cap, 0, -1) if interval % d == 0)
+
+
+def _host_window(state, batches, *, step_fn, axis_name=None):
+  return lax.scan(functools.partial(step_fn, axis_name=axis_name), state, batches)
+
+
+def _device_window(state, data, table, *, step_fn, length, shard, image_shape, axis_name=None):
+  rows = table.shape[0]
+
+  def body(state, _):
+    index = shard(lax.dynamic_index_in_dim(table, state.step % rows, keepdims=False))
+    # Rows of flat images, in bounds by construction (no clamping or fill): XLA:CPU gathers
+    # [N, 784] rows ~9x faster than [N, 28, 28, 1] slices.
+    images = data["image"].at[index].get(mode="promise_in_bounds")
+    batch = {"image": shard(images.reshape(images.shape[:1] + image_shape)),
+             "label": shard(data["label"].at[index].get(mode="promise_in_bounds"))}
+    return step_fn(state, batch, axis_name=axis_name)
+
+  return lax.scan(body, state, None, length=length)
+
+
+class Windows:
+  """Dispatches windows of train steps for one placement; compiles each length once.
+
+  `step_fn(state, batch, axis_name=None) -> (state, metrics)` is the pure train
+  step. Calling `windows(state, step, n)` runs steps step..step+n-1 and returns
+  (state, per-step metrics [n], compiled) without waiting for the device;
+  `compiled` says this length was compiled by this call.
+  """
+
+  def __init__(self, step_fn, split, config, parallel, data_placement: str, start_step: int):
+    self.step_fn, self.parallel, self.placement = step_fn, parallel, data_placement
+    self.batch_size, self.seed = config.batch_size, config.seed
+    self.num_examples = len(split)
+    self.steps_per_epoch = len(split) // config.batch_size
+    self._fns = {}
+    if data_placement == "host":
+      self._batches = input_pipeline.train_batches(
+          split, config.batch_size, config.seed, start_step, parallel.process_index,
+          parallel.process_count)
+    else:
+      self._image_shape = split.images.shape[1:]
+      self._data = parallel.put_state({"image": split.images.reshape(len(split), -1),
+                                       "label": split.labels})
+      self._table, self._table_epoch = None, None
+
+  @property
+  def compiled_lengths(self) -> list[int]:
+    return sorted(self._fns)
+
+  def function(self, n: int):
+    """(The compiled window of n steps, whether this call compiled it): `fn(state, *inputs)`."""
+    if n not in self._fns:
+      if self.placement == "host":
+        fn = functools.partial(_host_window, step_fn=self.step_fn)
+        self._fns[n] = self.parallel.compile(fn, stacked=True)
+      else:
+        fn = functools.partial(_device_window, step_fn=self.step_fn, length=n,
+                               shard=self.parallel.shard_batch, image_shape=self._image_shape)
+        self._fns[n] = self.parallel.compile(fn, resident_args=2)
+      return self._fns[n], True
+    return self._fns[n], False
+
+  def inputs(self, step: int, n: int) -> tuple:
+    """What the window of steps step..step+n-1 reads besides the state."""
+    if self.placement == "host":
+      group = [next(self._batches) for _ in range(n)]
+      return (self.parallel.put_batch(input_pipeline.stack(group), stacked=True),)
+    epoch = step // self.steps_per_epoch
+    if self._table_epoch != epoch:
+      # Rows by step modulo two epochs: this epoch and the next, so a window may cross into it.
+      per_epoch = self.steps_per_epoch
+      table = np.empty((2 * per_epoch, self.batch_size), np.int32)
+      for e in (epoch, epoch + 1):
+        slot = (e % 2) * per_epoch
+        table[slot:slot + per_epoch] = input_pipeline.epoch_index(
+            self.seed, e, self.num_examples, self.batch_size, self.parallel.process_count)
+      self._table, self._table_epoch = self.parallel.put_index_table(table), epoch
+    return (self._data, self._table)
+
+  def __call__(self, state, step: int, n: int):
+    if n > self.steps_per_epoch:
+      raise ValueError(f"a window of {n} steps is longer than an epoch ({self.steps_per_epoch})")
+    fn, compiled = self.function(n)
+    state, metrics = fn(state, *self.inputs(step, n))
+    return state, metrics, compiled
+
+
+class LogIntervals:
+  """Sums per-step metrics over log intervals: a log line every `every` steps and at `last`.
+
+  `add(first_step, metrics)` takes a window's fetched per-step metrics (numpy
+  arrays [n]) for steps first_step+1..first_step+n (counting steps done) and
+  returns the finished intervals as (step, sums); a partial interval carries
+  over to the next window.
+  """
+
+  def __init__(self, every: int, last: int, combine):
+    self.every, self.last, self.combine = every, last, combine
+    self._parts = []
+
+  def add(self, first_step: int, metrics: dict) -> list[tuple[int, dict]]:
+    n = len(next(iter(metrics.values())))
+    done, offset = [], 0
+    while offset < n:
+      step = first_step + offset
+      boundary = min((step // self.every + 1) * self.every, self.last)
+      take = min(boundary - step, n - offset)
+      self._parts.append({k: v[offset:offset + take] for k, v in metrics.items()})
+      offset += take
+      if step + take == boundary:
+        merged = {k: np.concatenate([p[k] for p in self._parts]) for k in self._parts[0]}
+        done.append((boundary, self.combine(merged, xp=np)))
+        self._parts = []
+    return done
+
+  def discard(self) -> None:
+    self._parts = []
