@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -44,6 +45,11 @@ flags.DEFINE_float("peak_gflops", 0.0, "Peak FLOP/s of one device in GFLOP/s for
                    "(0 = look up the device, or estimate a CPU from its cores and clock).")
 flags.DEFINE_string("output", "benchmark.json", "Where to write the JSON results.")
 flags.DEFINE_bool("compile_cache", True, "Measure the second compile with the persistent cache.")
+flags.DEFINE_bool("loop", False, "Also time the real train loop end to end at each batch size, "
+                  "for each of --loop_variants.")
+flags.DEFINE_list("loop_variants", ["classic", "host", "device"],
+                  "Loops to time: classic (a host batch per dispatch, the loop before windows), "
+                  "host (host batches, windows of steps), device (data on the device, windows).")
 
 # Dense peak FLOP/s per device (one chip or GPU) for the compute dtype the
 # default models use on that platform (bf16 matmul units on TPU; fp32 on GPU/CPU).
@@ -155,7 +161,7 @@ def summarize(values: list[float]) -> dict:
 
 
 def measure_jax_train(config, parallel, data, batch_size: int) -> dict:
-  """Images/s of the compiled train step (or k-step scan) at one global batch size."""
+  """Images/s of the compiled train step at one global batch size, batches already on device."""
   import jax  # pylint: disable=g-import-not-at-top
   from fashion_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
   from fashion_jax import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
@@ -166,61 +172,124 @@ def measure_jax_train(config, parallel, data, batch_size: int) -> dict:
   model = train.create_model(config, axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
   tx = train.create_optimizer(config)
   state = parallel.put_state(train.create_train_state(model, tx, config.seed))
-  k = config.steps_per_dispatch
-  stacked = k > 1
-  step = functools.partial(train.multi_train_step if stacked else train.train_step,
-                           model=model, tx=tx)
-  fn = parallel.compile(step, stacked=stacked)
+  fn = parallel.compile(functools.partial(train.train_step, model=model, tx=tx))
   iterator = input_pipeline.train_batches(data, batch_size, config.seed, 0,
                                           parallel.process_index, parallel.process_count)
-
-  def next_batch():
-    group = [next(iterator) for _ in range(k)]
-    return parallel.put_batch(input_pipeline.stack(group) if stacked else group[0], stacked)
-
-  batches = [next_batch() for _ in range(8)]
+  batches = [parallel.put_batch(next(iterator)) for _ in range(8)]
   t0 = time.perf_counter()
-  lowered = fn.lower(state, batches[0])
-  compiled = lowered.compile()
+  compiled = fn.lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - t0
   flops = _cost_flops(compiled)
   if flops:  # XLA's cost analysis counts the native kernels' custom calls as no work.
     from fashion_jax import native  # pylint: disable=g-import-not-at-top
     flops += native.executed_flops(compiled.as_text())
-  images_per_call = batch_size * k
-  flops_per_image = (flops / images_per_call * (parallel.num_devices if parallel.mode != "none"
-                                                else 1)) if flops else None
+  flops_per_image = (flops / batch_size * (parallel.num_devices if parallel.mode != "none"
+                                           else 1)) if flops else None
+  state, rates = _time_calls(lambda s, i: compiled(s, batches[i % len(batches)]), state,
+                             batch_size)
+  result = {"batch_size": batch_size, "train_images_per_sec": summarize(rates),
+            "compile_s": compile_s, "flops_per_image_xla": flops_per_image}
+  log(f"jax  batch {batch_size:4d}: {statistics.median(rates):8,.0f} img/s "
+      f"(min {min(rates):,.0f}, max {max(rates):,.0f}); compile {compile_s:.2f}s")
+  return result
 
-  for batch in batches[:3]:  # Warm-up.
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  t0 = time.perf_counter()
-  calls = 0
+
+def _time_calls(call, state, images_per_call: int):
+  """Back-to-back `state, out = call(state, i)`, at most two in flight; img/s per timed window."""
+  import jax  # pylint: disable=g-import-not-at-top
+  for i in range(3):  # Warm-up.
+    state, out = call(state, i)
+  jax.block_until_ready(out)
+  t0, calls = time.perf_counter(), 0
   while time.perf_counter() - t0 < 0.3 or calls < 2:
-    state, metrics = compiled(state, batches[calls % len(batches)])
-    jax.block_until_ready(metrics)
+    state, out = call(state, calls)
+    jax.block_until_ready(out)
     calls += 1
-  per_call = (time.perf_counter() - t0) / calls
-  calls_per_window = max(2, int(FLAGS.window_seconds / per_call))
+  calls_per_window = max(2, int(FLAGS.window_seconds / ((time.perf_counter() - t0) / calls)))
 
   def window():
     nonlocal state
-    start = time.perf_counter()
-    outs = []
+    start, outs = time.perf_counter(), []
     for i in range(calls_per_window):
-      state, out = compiled(state, batches[i % len(batches)])
+      state, out = call(state, i)
       outs.append(out)
-      if len(outs) > parallel_lib.MAX_STEPS_IN_FLIGHT:  # As the train loop does.
+      if len(outs) > 2:  # As the train loop: the next call queued while one runs.
         jax.block_until_ready(outs.pop(0))
     jax.block_until_ready(outs)
     return calls_per_window * images_per_call / (time.perf_counter() - start)
 
-  rates = timed_windows(window, FLAGS.windows)
-  result = {"batch_size": batch_size, "steps_per_dispatch": k,
-            "train_images_per_sec": summarize(rates), "compile_s": compile_s,
-            "flops_per_image_xla": flops_per_image}
-  log(f"jax  batch {batch_size:4d}: {statistics.median(rates):8,.0f} img/s "
-      f"(min {min(rates):,.0f}, max {max(rates):,.0f}); compile {compile_s:.2f}s")
+  rates = timed_windows(window, FLAGS.windows)  # Advances `state`: read it after.
+  return state, rates
+
+
+def measure_loop(config, parallel, data, placement: str, pure_step_rate: float,
+                 steps_per_dispatch: int = -1) -> dict:
+  """The real train loop end to end (train.train_and_evaluate), host work included.
+
+  Beside it, the same compiled window run back to back on inputs already on the
+  device ("pure window"): the loop's host work per step is the difference.
+  Compilation, checkpoints and evaluation are outside the timed lines.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from fashion_jax import config_lib, input_pipeline, loop  # pylint: disable=g-import-not-at-top
+  from fashion_jax import metric_writers, train  # pylint: disable=g-import-not-at-top
+  from fashion_jax import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.data_placement, config.steps_per_dispatch = placement, steps_per_dispatch
+  # The window the config trains with; the timed run below keeps it.
+  window = loop.window_length(config, config_lib.steps_per_epoch(config, len(data)),
+                              config_lib.checkpoint_every_steps(config, len(data)),
+                              config_lib.eval_every_steps(config, len(data)), jax.default_backend())
+  model = train.create_model(config, axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
+  tx = train.create_optimizer(config)
+  state = parallel.put_state(train.create_train_state(model, tx, config.seed))
+  windows = loop.Windows(functools.partial(train.train_step, model=model, tx=tx), data, config,
+                         parallel, placement, 0)
+  state, _, _ = windows(state, 0, window)  # Compile.
+  inputs = windows.inputs(0, window)
+  fn = windows.function(window)[0]
+
+  def pure_window():  # The machine is noisy: measured before and after the loop, averaged.
+    nonlocal state
+    state, rates = _time_calls(lambda s, i: fn(s, *inputs), state, window * config.batch_size)
+    return statistics.median(rates)
+
+  before = pure_window()
+  # The loop itself, with the config's own log interval: long enough for the timed windows.
+  chunk = max(window, config.log_every_steps)
+  steps = max(4 * chunk, int(FLAGS.windows * FLAGS.window_seconds * before / config.batch_size))
+  steps = -(-steps // window) * window
+  run_config = config.copy_and_resolve_references()
+  run_config.update(num_train_steps=steps, checkpoint_every_steps=steps, eval_every_steps=steps,
+                    steps_per_dispatch=window, tensorboard_samples=0, progress_bar="off")
+  workdir = tempfile.mkdtemp(prefix="fashion_jax_loop_")
+  held = input_pipeline.Split(data.images[:run_config.eval_batch_size],
+                              data.labels[:run_config.eval_batch_size])  # Eval is not timed here.
+  try:
+    train.train_and_evaluate(run_config, workdir, splits=(data, held))
+    lines = [l for l in metric_writers.read_lines(workdir) if "train_loss" in l]
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  # Each line's rate covers the steps since the line before (compile windows have none).
+  timed = [(now["step"] - before_line["step"], now["train_images_per_sec"])
+           for before_line, now in zip(lines, lines[1:]) if "train_images_per_sec" in now]
+  seconds = sum(n * config.batch_size / rate for n, rate in timed)
+  timed_steps = sum(n for n, _ in timed)
+  loop_rate = timed_steps * config.batch_size / seconds
+  after = pure_window()
+  del state
+  pure = (before + after) / 2
+  name = "classic" if steps_per_dispatch == 1 else placement
+  result = {"name": name, "batch_size": config.batch_size, "placement": placement,
+            "steps_per_dispatch": window,
+            "steps_timed": timed_steps,
+            "loop_images_per_sec": loop_rate, "pure_window_images_per_sec": pure,
+            "pure_window_images_per_sec_before_after": [before, after],
+            "loop_host_us_per_step": 1e6 * config.batch_size * (1 / loop_rate - 1 / pure),
+            "vs_pure_step": loop_rate / pure_step_rate}
+  log(f"loop {name:7s} batch {config.batch_size:4d} ({window:4d} steps/dispatch): {loop_rate:8,.0f} img/s; pure window "
+      f"{pure:,.0f} ({before:,.0f} before, {after:,.0f} after); host {result['loop_host_us_per_step']:.1f} us/step; "
+      f"{100 * result['vs_pure_step']:.1f}% of the pure step")
   return result
 
 
@@ -454,6 +523,17 @@ def run(config) -> dict:
       rates = [first["train_images_per_sec"]["median"], second["train_images_per_sec"]["median"]]
       first["train_images_per_sec_after_keras"] = second["train_images_per_sec"]
       first["train_images_per_sec"]["median_of_both"] = statistics.mean(rates)
+  loops = []
+  variants = {"classic": ("host", 1), "host": ("host", -1), "device": ("device", -1)}
+  for r in sweep if FLAGS.loop else []:
+    sized = config.copy_and_resolve_references()
+    sized.batch_size = r["batch_size"]
+    for variant in FLAGS.loop_variants:
+      if variant not in variants:
+        raise UserError(f"--loop_variants={variant!r} is unknown; use {', '.join(variants)}")
+      placement, per_dispatch = variants[variant]
+      loops.append(measure_loop(sized, parallel, train_data, placement,
+                                r["train_images_per_sec"]["median"], per_dispatch))
   cache = measure_compile_cache(config, parallel, train_data) if FLAGS.compile_cache else {}
   evaluation = measure_eval(config, parallel, test_data)
   inputs = {kind: measure_input(config, parallel, kind) for kind in ("idx", "tfds", "download")}
@@ -470,7 +550,7 @@ def run(config) -> dict:
          if executed_flops else None)
   results = {
       "config": {"model": config.model, "conv_impl": config.conv_impl,
-                 "pool_impl": config.pool_impl, "steps_per_dispatch": config.steps_per_dispatch,
+                 "pool_impl": config.pool_impl, "batch_size": config.batch_size,
                  "data": data_note},
       "environment": env,
       "sweep": sweep,
@@ -490,6 +570,12 @@ def run(config) -> dict:
       "mfu": mfu,
       "hfu": hfu,
   }
+  if loops:
+    results["loop"] = loops
+    for r in loops:
+      if r["batch_size"] == best["batch_size"] or len(sweep) == 1:  # Headline: the best batch.
+        results[f"loop_images_per_sec_{r['name']}"] = r["loop_images_per_sec"]
+        results[f"loop_host_us_per_step_{r['name']}"] = r["loop_host_us_per_step"]
   if keras_sweep:
     keras_best = max(keras_sweep, key=lambda r: r["train_images_per_sec"]["median"])
     results["keras_sweep"] = keras_sweep
@@ -530,6 +616,12 @@ def format_table(results: dict) -> str:
       f"eval: {results['eval_examples']:,} images in {results['eval_seconds']:.3f}s "
       f"({results['eval_images_per_sec']:,.0f} img/s)",
   ]
+  for r in results.get("loop", []):
+    lines.append(f"loop {r['name']} (batch {r['batch_size']}, "
+                 f"{r['steps_per_dispatch']} steps/dispatch): {r['loop_images_per_sec']:,.0f} img/s "
+                 f"= {100 * r['vs_pure_step']:.1f}% of the pure step; pure window "
+                 f"{r['pure_window_images_per_sec']:,.0f} img/s; host work "
+                 f"{r['loop_host_us_per_step']:.1f} us/step")
   if "compile_cached_s" in results:
     lines.append(f"compile: {results['compile_first_s']:.2f}s, with persistent cache "
                  f"{results['compile_cached_s']:.2f}s")
@@ -547,6 +639,8 @@ def format_table(results: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().addFilter(cli.QuietLibraries())  # --loop runs the real loop.
   from fashion_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   try:
     results = run(FLAGS.config)

@@ -16,7 +16,8 @@ def test_benchmark_json(tmp_path, idx_dir):
   compare = _keras_present()  # Without them, the --compare=keras error is tested below.
   output = tmp_path / "benchmark.json"
   args = ["--config=configs/tiny.py", f"--config.idx_dir={idx_dir}", "--batch_sizes=8,16",
-          "--windows=2", "--window_seconds=0.05", f"--output={output}"]
+          "--windows=2", "--window_seconds=0.05", f"--output={output}", "--loop",
+          "--loop_variants=device"]
   proc = run_module("fashion_jax.benchmark", *args, *(["--compare=keras"] if compare else []))
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = json.loads(output.read_text())
@@ -33,6 +34,17 @@ def test_benchmark_json(tmp_path, idx_dir):
   assert results["compile_cached_s"] > 0 and results["input"]["idx"]["available"]
   assert "best:" in proc.stdout and "eval:" in proc.stdout  # The printed table.
   assert "jax  batch    8" in proc.stderr  # Progress while it runs.
+  # The real loop, timed at each batch size beside its pure window.
+  assert [(r["name"], r["batch_size"]) for r in results["loop"]] == [("device", 8), ("device", 16)]
+  for r in results["loop"]:
+    assert r["loop_images_per_sec"] > 0 and r["pure_window_images_per_sec"] > 0
+    assert r["loop_host_us_per_step"] == pytest.approx(
+        1e6 * r["batch_size"] * (1 / r["loop_images_per_sec"] - 1 / r["pure_window_images_per_sec"]))
+    assert r["steps_timed"] >= 2 * r["steps_per_dispatch"]
+  best = results["best_batch_size"]
+  assert results["loop_images_per_sec_device"] == next(
+      r["loop_images_per_sec"] for r in results["loop"] if r["batch_size"] == best)
+  assert "loop device (batch 16" in proc.stdout
   if compare:
     assert results["keras_train_images_per_sec"] > 0
     assert results["speedup_vs_keras"] == pytest.approx(
