@@ -1,0 +1,190 @@
+r"""What fashion_jax does on one GPU or TPU chip, measured in one run and written to one JSON file.
+
+  launch/accelerator_check.sh IDX_DIR [OUTPUT.json]      # or: python launch/accelerator_check.py
+
+Needs only a preinstalled JAX stack (jax, flax, optax, orbax-checkpoint), the pure-Python
+ml-collections and tensorboardX, and a Fashion-MNIST IDX folder: no network. Each stage runs
+the project's own commands in fresh processes and is written to the JSON as soon as it ends, so
+a run cut short by its time budget (--budget_s, default 480) still reports what it measured:
+
+  devices     backend, device kind and count, versions
+  default     configs/default.py per data placement (device, host): wall time from process start
+              to the final eval, test accuracy, compile time, loop images/s
+  tests       pytest -m "gpu or tpu": every placement x parallelism against host placement
+  benchmark   pure-step and real-loop images/s at batch 128..8192, float32 and bfloat16, MFU
+              against the chip's peak, compile times (python -m fashion_jax.benchmark --loop)
+  speedrun    configs/speedrun_cpu.py with the data on the device: time to 91 % test accuracy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, log_path, timeout, env=None):
+  """Runs `python args...` from the repository root; (exit status or 'timeout', seconds)."""
+  start = time.monotonic()
+  with open(log_path, "w") as log:
+    try:
+      proc = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, timeout=max(timeout, 1))
+      status = proc.returncode
+    except subprocess.TimeoutExpired:
+      status = "timeout"
+  return status, time.monotonic() - start
+
+
+def _metrics(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _tail(path, lines=5):
+  with open(path, errors="replace") as f:
+    return f.read().splitlines()[-lines:]
+
+
+class Check:
+  def __init__(self, output, budget_s, work):
+    self.output, self.work = output, work
+    self.deadline = time.monotonic() + budget_s
+    self.results = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                    "budget_s": budget_s, "stages": {}}
+
+  def remaining(self):
+    return self.deadline - time.monotonic()
+
+  def record(self, stage, value):
+    self.results["stages"][stage] = value
+    self.results["elapsed_s"] = round(self.results["budget_s"] - self.remaining(), 1)
+    with open(self.output + ".tmp", "w") as f:
+      json.dump(self.results, f, indent=2)
+      f.write("\n")
+    os.replace(self.output + ".tmp", self.output)
+    print(f"[accelerator_check {self.results['elapsed_s']:6.1f}s] {stage}: "
+          f"{json.dumps(value)[:300]}", flush=True)
+
+  def stage(self, name, cap_s, fn):
+    timeout = min(cap_s, self.remaining() - 5)
+    if timeout < 20:
+      self.record(name, {"skipped": f"out of time budget ({self.remaining():.0f}s left)"})
+      return
+    try:
+      self.record(name, fn(timeout))
+    except Exception as e:  # pylint: disable=broad-except  (report, go on with the next stage)
+      self.record(name, {"error": f"{type(e).__name__}: {e}"})
+
+
+def devices(timeout):
+  code = ("import jax, json, importlib.metadata as m\n"
+          "def v(n):\n"
+          "  try: return m.version(n)\n"
+          "  except m.PackageNotFoundError: return None\n"
+          "d = jax.devices()\n"
+          "print(json.dumps({'backend': jax.default_backend(), 'device_kind': d[0].device_kind,"
+          " 'device_count': len(d), 'versions': {n: v(n) for n in ('jax', 'jaxlib', 'flax',"
+          " 'optax', 'orbax-checkpoint', 'numpy', 'jax-cuda12-plugin', 'jax-cuda13-plugin',"
+          " 'libtpu')}}))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=timeout, check=True)
+  return json.loads(out.stdout.splitlines()[-1])
+
+
+def train_run(config, idx_dir, work, name, timeout, *flags):
+  workdir = os.path.join(work, name)
+  log = os.path.join(work, f"{name}.log")
+  status, seconds = _run(["-m", "fashion_jax.main", f"--config={config}", f"--workdir={workdir}",
+                          f"--config.idx_dir={idx_dir}", "--config.progress_bar=off", *flags],
+                         log, timeout)
+  lines = _metrics(workdir)
+  evals = [l for l in lines if "eval_accuracy" in l]
+  rates = [l["train_images_per_sec"] for l in lines if "train_images_per_sec" in l]
+  with open(log, errors="replace") as f:
+    text = f.read()
+  compiles = [float(s) for s in re.findall(r"compiled and ran the \d+-step train window in "
+                                           r"([\d.]+)s", text)]
+  result = {"status": status, "process_seconds": round(seconds, 1),
+            "wall_time_s": evals[-1]["wall_time_s"] if evals else None,
+            "eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
+            "evals": [(l["step"], round(l["eval_accuracy"], 4), l["wall_time_s"]) for l in evals],
+            "train_images_per_sec_median": sorted(rates)[len(rates) // 2] if rates else None,
+            "compile_s": compiles, "placement_line": re.findall(r"train loop: .*", text)[:1]}
+  if status != 0:
+    result["log_tail"] = _tail(log)
+  return result
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--idx_dir", default=os.environ.get("FASHION_JAX_IDX_DIR", ""))
+  parser.add_argument("--output", default="accelerator_check.json")
+  parser.add_argument("--budget_s", type=float, default=480)
+  parser.add_argument("--batch_sizes", default="128,512,2048,8192")
+  args = parser.parse_args()
+  if not args.idx_dir or not os.path.isdir(args.idx_dir):
+    sys.exit(f"accelerator_check: error: --idx_dir={args.idx_dir!r} is not a folder; pass the "
+             "folder holding the four Fashion-MNIST IDX files (or set FASHION_JAX_IDX_DIR)")
+  idx_dir = os.path.abspath(args.idx_dir)
+  output = os.path.abspath(args.output)
+  work = tempfile.mkdtemp(prefix="fashion_jax_accelerator_check_")
+  check = Check(output, args.budget_s, work)
+  check.results["work_dir"] = work
+
+  check.stage("devices", 120, devices)
+  for placement in ("device", "host"):
+    check.stage(f"default_{placement}", 150, lambda t, p=placement: train_run(
+        "configs/default.py", idx_dir, work, f"default_{p}", t, f"--config.data_placement={p}"))
+
+  def tests(timeout):
+    log = os.path.join(work, "tests.log")
+    status, seconds = _run(["-m", "pytest", "-q", "-m", "gpu or tpu", "tests/test_accelerator.py"],
+                           log, timeout)
+    return {"status": status, "seconds": round(seconds, 1), "summary": _tail(log, 3)}
+  check.stage("tests", 150, tests)
+
+  for dtype in ("float32", "bfloat16"):
+    def benchmark(timeout, dtype=dtype):
+      out = os.path.join(work, f"benchmark_{dtype}.json")
+      status, seconds = _run(
+          ["-m", "fashion_jax.benchmark", "--config=configs/default.py",
+           f"--config.idx_dir={idx_dir}", f"--config.compute_dtype={dtype}",
+           f"--batch_sizes={args.batch_sizes}", "--loop", "--loop_variants=host,device",
+           "--windows=3", "--window_seconds=0.5", "--compile_cache=false", f"--output={out}"],
+          os.path.join(work, f"benchmark_{dtype}.log"), timeout)
+      if status != 0 or not os.path.exists(out):
+        return {"status": status, "log_tail": _tail(os.path.join(work, f"benchmark_{dtype}.log"))}
+      with open(out) as f:
+        bench = json.load(f)
+      keep = ("train_images_per_sec", "best_batch_size", "mfu", "hfu", "peak_gflops_per_device",
+              "peak_source", "flops_per_image", "eval_images_per_sec", "compile_s")
+      return {"status": status, "seconds": round(seconds, 1), **{k: bench.get(k) for k in keep},
+              "sweep": [{"batch_size": r["batch_size"],
+                         "step_images_per_sec": r["train_images_per_sec"]["median"],
+                         "compile_s": r["compile_s"]} for r in bench["sweep"]],
+              "loop": bench.get("loop", [])}
+    check.stage(f"benchmark_{dtype}", 200, benchmark)
+
+  def speedrun(timeout):
+    result = train_run("configs/speedrun_cpu.py", idx_dir, work, "speedrun", timeout,
+                       "--config.data_placement=device")
+    reached = [e for e in result["evals"] if e[1] >= 0.91]
+    result["time_to_91_s"] = reached[0][2] if reached else None
+    return result
+  check.stage("speedrun", 120, speedrun)
+  print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+  main()
