@@ -32,8 +32,8 @@ def test_colab_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   install, devices, default, recipe, benchmark, tensorboard, predict = map(output, range(1, 8))
   assert "kept: jax " in install and "numpy" in install  # And asserted unchanged, in the cell.
   assert "JAX " in devices and "on cpu" in devices
-  assert "done: step 20" in default and "test accuracy" in default
-  assert "done: step 20" in recipe
+  assert "done: step 10" in default and "test accuracy" in default
+  assert "done: step 10" in recipe
   (runs,) = glob.glob(str(tmp_path / "fashion_jax_notebook_*"))
   with open(os.path.join(runs, "fj_recipe", "config.json")) as f:
     assert json.load(f)["model"] == "cnn_bn"  # The CPU runtime's recipe: configs/cpu_best.py.
