@@ -51,13 +51,16 @@ flags.DEFINE_list("loop_variants", ["classic", "host", "device"],
                   "Loops to time: classic (a host batch per dispatch, the loop before windows), "
                   "host (host batches, windows of steps), device (data on the device, windows).")
 
-# Dense peak FLOP/s per device (one chip or GPU) for the compute dtype the
-# default models use on that platform (bf16 matmul units on TPU; fp32 on GPU/CPU).
+# Dense peak TFLOP/s per device (one chip or GPU): (float32, bfloat16). TPUs run float32 matmuls
+# through their bf16 units (JAX's default precision), so both columns are the bf16 peak there;
+# GPUs: float32 = the CUDA-core FP32 peak, bfloat16 = the dense tensor-core peak.
 PEAK_TFLOPS = {
-    "TPU v2": 22.5, "TPU v3": 61.5, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
-    "TPU v5p": 459.0, "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0,
-    "Tesla T4": 8.1, "Tesla V100": 15.7, "A100": 19.5, "L4": 30.3, "A10G": 31.2,
-    "H100": 67.0, "L40S": 91.6,
+    "TPU v2": (22.5, 22.5), "TPU v3": (61.5, 61.5), "TPU v4": (275.0, 275.0),
+    "TPU v5 lite": (197.0, 197.0), "TPU v5e": (197.0, 197.0), "TPU v5p": (459.0, 459.0),
+    "TPU v5": (459.0, 459.0), "TPU v6 lite": (918.0, 918.0), "TPU v6e": (918.0, 918.0),
+    "Tesla T4": (8.1, 65.0), "Tesla V100": (15.7, 125.0), "A100": (19.5, 312.0),
+    "L4": (30.3, 121.0), "A10G": (31.2, 125.0), "H100": (67.0, 989.0), "H200": (67.0, 989.0),
+    "L40S": (91.6, 362.0),
 }
 
 
@@ -83,7 +86,7 @@ def cpu_peak_gflops() -> tuple[float, str]:
   return cores * mhz / 1000 * per_cycle, f"{cores} cores x {mhz:.0f} MHz x {per_cycle} FLOP/cycle"
 
 
-def device_peak_gflops(device) -> tuple[float, str]:
+def device_peak_gflops(device, dtype: str = "float32") -> tuple[float, str]:
   if FLAGS.peak_gflops > 0:
     return FLAGS.peak_gflops, "--peak_gflops"
   if device.platform == "cpu":
@@ -91,7 +94,8 @@ def device_peak_gflops(device) -> tuple[float, str]:
   kind = device.device_kind
   for name, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
     if name.lower() in kind.lower():
-      return tflops * 1000, f"table entry {name!r}"
+      column = 1 if dtype == "bfloat16" else 0
+      return tflops[column] * 1000, f"table entry {name!r}, {dtype}"
   return float("nan"), f"unknown device kind {kind!r}: pass --peak_gflops"
 
 
@@ -543,7 +547,7 @@ def run(config) -> dict:
   executed_flops = best["flops_per_image_xla"]
   flops_per_image = (model_flops_per_image(config, best["batch_size"])
                      or analytic_flops_per_image(config.model))
-  peak, peak_source = device_peak_gflops(parallel.devices[0])
+  peak, peak_source = device_peak_gflops(parallel.devices[0], config.compute_dtype)
   achieved = best_rate * flops_per_image
   mfu = achieved / (peak * 1e9 * _peak_units(parallel))
   hfu = (best_rate * executed_flops / (peak * 1e9 * _peak_units(parallel))

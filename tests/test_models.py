@@ -69,3 +69,14 @@ def test_cnn_parameters_and_outputs_match_an_nn_conv_cnn():
   np.testing.assert_allclose(
       models.create_model("cnn", conv_impl="xla", pool_impl="xla").apply({"params": old}, x),
       ConvCNN().apply({"params": old}, x), rtol=1e-6, atol=1e-6)
+
+
+def test_linear_is_logistic_regression():
+  """Flatten -> Dense 10: logits are images x W + b, nothing else (the loop-overhead baseline)."""
+  model = models.create_model("linear")
+  x = jax.random.uniform(jax.random.key(2), (3, 28, 28, 1))
+  variables = model.init(jax.random.key(0), x)
+  kernel, bias = variables["params"]["Dense_0"]["kernel"], variables["params"]["Dense_0"]["bias"]
+  assert kernel.shape == (784, 10) and bias.shape == (10,)
+  np.testing.assert_allclose(model.apply(variables, x), x.reshape(3, 784) @ kernel + bias,
+                             rtol=1e-5, atol=1e-5)
