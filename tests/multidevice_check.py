@@ -30,7 +30,7 @@ def main(root, idx_dir, out_dir, *modes):
   config.idx_dir = idx_dir
   if modes and modes[0].startswith("model="):  # e.g. model=cnn_bn: BatchNorm across devices.
     config.model = modes[0][len("model="):]
-    config.model_kwargs = {"dropout_rate": 0.0, "width": 8} if config.model == "cnn_bn" else {}
+    config.model_kwargs = {"dropout_rate": 0.0} if config.model == "cnn_bn" else {}
     modes = modes[1:]
   results = {"device_count": jax.device_count()}
   states = {}
