@@ -39,13 +39,16 @@ formulations (`fashion_jax.ops`), which compute the same math.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import hashlib
+import importlib.metadata
 import os
 from pathlib import Path
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -97,65 +100,116 @@ def _cpu_identity() -> str:
 
 
 def _build_key(compiler: str, include: str) -> str:
+  """What the library depends on: source, compiler, flags, jax/jaxlib, the FFI headers, CPU."""
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                            timeout=60).stdout
+  try:
+    jaxlib_version = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    jaxlib_version = "?"
+  headers = b"".join(path.read_bytes() for path in sorted(Path(include).rglob("*.h")))
   key = hashlib.sha256()
   for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(),
-               jax.__version__.encode(), include.encode(), _cpu_identity().encode()):
+               jax.__version__.encode(), jaxlib_version.encode(), headers,
+               _cpu_identity().encode()):
     key.update(part)
     key.update(b"\0")
   return key.hexdigest()[:16]
 
 
-def _writable_dir(key: str) -> Path:
-  """The cache directory for this build, or a per-user temporary one if it cannot be created."""
+def _private(path: Path, root: Path) -> bool:
+  """Whether `path` and every folder from `root` down to it are this user's alone.
+
+  Owned by the user, no symlink, not writable by group or others: nobody else
+  can have put (or can swap in) a library to load. Anything else is not used.
+  """
+  uid = os.getuid()
+  current = path
+  while True:
+    try:
+      info = os.lstat(current)
+    except OSError:
+      return False
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != uid or info.st_mode & 0o022:
+      return False
+    if current == root or current.parent == current:
+      return True
+    current = current.parent
+
+
+def _cached_library(key: str) -> Path | None:
+  """The user's own cached build for `key`, if there is one to trust."""
+  library = cache_dir() / key / "conv_pool.so"
+  if not library.exists():
+    return None
+  if not _private(library, cache_dir()):
+    logging.warning("not loading %s: it or a folder above it is not yours alone (another owner, "
+                    "a symlink, or writable by others); building a private copy instead", library)
+    return None
+  return library
+
+
+def _build_dir(key: str) -> tuple[Path, bool]:
+  """(Where to build, whether it is the persistent cache): the cache if it can be made private,
+  else a fresh `mkdtemp` folder (never a predictable shared path)."""
+  out_dir = cache_dir() / key
   try:
-    out_dir = cache_dir() / key
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if os.access(out_dir, os.W_OK):
-      return out_dir
+    missing = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
+    for folder in reversed(missing):  # Each folder made here: this user's alone, whatever umask.
+      folder.mkdir(exist_ok=True)
+      os.chmod(folder, 0o700)
+    if os.access(out_dir, os.W_OK) and _private(out_dir, cache_dir()):
+      return out_dir, True
   except OSError:
     pass
-  out_dir = Path(tempfile.gettempdir()) / f"fashion_jax-{os.getuid()}" / "native" / key
-  out_dir.mkdir(parents=True, exist_ok=True)
-  logging.warning("%s is not writable; building the native kernels in %s", cache_dir(), out_dir)
-  return out_dir
+  out_dir = Path(tempfile.mkdtemp(prefix="fashion_jax_native_"))
+  logging.warning("%s is not writable (or not yours alone); building the native kernels in %s "
+                  "for this process", cache_dir(), out_dir)
+  return out_dir, False
 
 
 def _build(compiler: str, include: str, key: str) -> Path:
-  """Compiles the kernels into the cache (unless already there); returns the library's path."""
-  for candidate in (cache_dir() / key, Path(tempfile.gettempdir()) / f"fashion_jax-{os.getuid()}"
-                    / "native" / key):
-    if (candidate / "conv_pool.so").exists():
-      return candidate / "conv_pool.so"
-  out_dir = _writable_dir(key)
+  """Compiles the kernels into the cache (unless already there); returns the library's path.
+
+  One build at a time per cache entry (a file lock), so concurrent processes build once.
+  """
+  cached = _cached_library(key)
+  if cached is not None:
+    return cached
+  out_dir, persistent = _build_dir(key)
   library = out_dir / "conv_pool.so"
-  logging.info("Compiling fashion_jax's native CPU kernels (once per machine) into %s", out_dir)
-  start = time.perf_counter()
-  # Build beside the target and rename: concurrent processes never load half a file.
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-  os.close(fd)
-  try:
-    result = subprocess.run([compiler, *FLAGS, "-isystem", include, str(SOURCE), "-o", tmp],
-                            capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-      raise NativeUnavailable(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
-    os.replace(tmp, library)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-  logging.info("Compiled the native kernels in %.1fs", time.perf_counter() - start)
+  with open(out_dir / ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+    if persistent and (cached := _cached_library(key)) is not None:
+      return cached  # Another process built it while this one waited.
+    logging.info("Compiling fashion_jax's native CPU kernels (once per machine) into %s", out_dir)
+    start = time.perf_counter()
+    # Build beside the target and rename: concurrent processes never load half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+      result = subprocess.run([compiler, *FLAGS, "-isystem", include, str(SOURCE), "-o", tmp],
+                              capture_output=True, text=True, timeout=600)
+      if result.returncode != 0:
+        raise NativeUnavailable(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+      os.chmod(tmp, 0o700)
+      os.replace(tmp, library)
+    finally:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+    logging.info("Compiled the native kernels in %.1fs", time.perf_counter() - start)
   return library
 
 
 _registered = False  # XLA accepts one handler per target name and process.
+_library_path: Path | None = None  # What _load loaded.
 _lock = threading.Lock()
 
 
 @functools.cache
 def _load() -> str | None:
   """Builds (or finds) and registers the kernels. Returns None, or why they are unavailable."""
-  global _registered
+  global _registered, _library_path
   if os.environ.get("FASHION_JAX_NATIVE", "1") == "0":
     return "disabled by FASHION_JAX_NATIVE=0"
   compiler = _compiler()
@@ -170,7 +224,9 @@ def _load() -> str | None:
         library = ctypes.cdll.LoadLibrary(str(path))
       except OSError:  # A damaged cache entry: build it again, once.
         path.unlink()
-        library = ctypes.cdll.LoadLibrary(str(_build(compiler, include, key)))
+        path = _build(compiler, include, key)
+        library = ctypes.cdll.LoadLibrary(str(path))
+      _library_path = path
       if not _registered:
         for target, symbol in _TARGETS.items():
           jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
@@ -403,9 +459,7 @@ def main() -> int:
   if reason is not None:
     print(f"fashion_jax native CPU kernels: unavailable: {reason}")
     return 1
-  compiler = _compiler()
-  path = _build(compiler, jax.ffi.include_dir(), _build_key(compiler, jax.ffi.include_dir()))
-  print(f"fashion_jax native CPU kernels: ready ({path})")
+  print(f"fashion_jax native CPU kernels: ready ({_library_path})")
   return 0
 
 

@@ -1,8 +1,10 @@
 """The native (C++ / XLA FFI) fused conv+pool kernel against lax, and its fallbacks."""
 
+import importlib.metadata
 import os
 from pathlib import Path
 import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -204,9 +206,50 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_folder(fresh_load, monkey
   blocker = tmp_path / "not_a_folder"
   blocker.write_text("")
   monkeypatch.setenv("FASHION_JAX_CACHE_DIR", str(blocker / "cache"))
+  (tmp_path / "tmp").mkdir()
   monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
   assert native.available(), native._load()  # pylint: disable=protected-access
-  assert list((tmp_path / "tmp").rglob("conv_pool.so"))
+  (built,) = (tmp_path / "tmp").rglob("conv_pool.so")
+  assert built.parent.name.startswith("fashion_jax_native_")  # mkdtemp: unpredictable, 0700.
+  assert built.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_planted_library_is_never_loaded(fresh_load, monkeypatch, tmp_path):
+  """Issue 15's reproduction: a library placed where an older version looked (the predictable
+  <tmp>/fashion_jax-<uid>/native/<key>/) or in a cache folder others can write is not loaded."""
+  del fresh_load
+  marker = tmp_path / "planted_ran"
+  planted = tmp_path / "planted.cc"
+  planted.write_text(f'#include <stdio.h>\n__attribute__((constructor)) static void run() {{ '
+                     f'FILE* f = fopen("{marker}", "w"); if (f) fclose(f); }}\n' + "".join(
+                         f'extern "C" void {s}() {{}}\n' for s in native._TARGETS.values()))  # pylint: disable=protected-access
+  key = native._build_key(native._compiler(), jax.ffi.include_dir())  # pylint: disable=protected-access
+  (tmp_path / "tmp").mkdir()
+  monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+  for where in (tmp_path / "tmp" / f"fashion_jax-{os.getuid()}" / "native" / key,
+                native.cache_dir() / key):
+    where.mkdir(parents=True)
+    subprocess.run([native._compiler(), "-shared", "-fPIC", str(planted), "-o",  # pylint: disable=protected-access
+                    str(where / "conv_pool.so")], check=True)
+  os.chmod(native.cache_dir(), 0o777)  # The cache's folder is writable by anyone.
+  assert native.available(), native._load()  # pylint: disable=protected-access
+  assert not marker.exists()  # Neither planted library's constructor ran.
+  assert native._library_path.parent.name.startswith("fashion_jax_native_")  # pylint: disable=protected-access
+
+
+def test_the_build_key_covers_jaxlib_and_the_ffi_headers(monkeypatch, tmp_path):
+  include = tmp_path / "include" / "xla" / "ffi" / "api"
+  include.mkdir(parents=True)
+  (include / "ffi.h").write_text("// v1\n")
+  compiler = native._compiler()  # pylint: disable=protected-access
+  first = native._build_key(compiler, str(tmp_path / "include"))  # pylint: disable=protected-access
+  (include / "ffi.h").write_text("// v2\n")
+  assert native._build_key(compiler, str(tmp_path / "include")) != first  # pylint: disable=protected-access
+  real = importlib.metadata.version
+  monkeypatch.setattr(native.importlib.metadata, "version",
+                      lambda name: "0.0.0" if name == "jaxlib" else real(name))
+  (include / "ffi.h").write_text("// v1\n")
+  assert native._build_key(compiler, str(tmp_path / "include")) != first  # pylint: disable=protected-access
 
 
 def test_prebuild_command_reports_where_or_why(capsys, fresh_load, monkeypatch):
