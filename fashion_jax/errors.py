@@ -10,9 +10,24 @@ class UserError(Exception):
   """
 
 
+def local_path(path: str, flag: str) -> str:
+  """`path` made absolute; a URL (gs://, s3://...) is a UserError naming `flag`.
+
+  Cloud workdirs are not supported yet: config.json, metrics.jsonl and the
+  event files are written with local file APIs, which would create a local
+  folder named "gs:" and train into it. Refused before anything runs.
+  """
+  if "://" in path:
+    scheme = path.split("://", 1)[0]
+    raise UserError(f"{flag}={path!r}: {scheme}:// folders are not supported yet (fashion_jax "
+                    f"would write into a local folder named '{scheme}:'); pass a local folder, or "
+                    "mount the bucket (e.g. gcsfuse) and pass its mount point")
+  return os.path.abspath(os.path.expanduser(path))
+
+
 def ensure_writable_dir(path: str, flag: str) -> str:
   """Creates `path` if needed and proves it is writable; else a UserError naming `flag`."""
-  path = os.path.abspath(os.path.expanduser(path))
+  path = local_path(path, flag)
   try:
     os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write_test_{os.getpid()}")

@@ -216,7 +216,7 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
   if num_mistakes < 0:
     raise UserError(f"--num_mistakes={num_mistakes} is invalid; pass 0 or more")
   t0 = time.perf_counter()
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = errors.local_path(workdir, "--workdir")
   classifier = inference.load(workdir, step)
   # The run's eval batch: the same compiled shape as training's evaluation, hence the same
   # logits, bit for bit, and the same accuracy.

@@ -59,6 +59,7 @@ import numpy as np
 
 import fashion_jax
 from fashion_jax import cli
+from fashion_jax import errors
 from fashion_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -375,7 +376,7 @@ def export_run(workdir: str, output: str, step: int | None = None,
   from fashion_jax import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
   classifier = inference.load(workdir, step)
   return export(classifier, output, platforms, overwrite,
-                workdir=os.path.abspath(os.path.expanduser(workdir)))
+                workdir=errors.local_path(workdir, "--workdir"))
 
 
 def main(argv):

@@ -29,6 +29,7 @@ from fashion_jax import checkpointing
 from fashion_jax import config_lib
 from fashion_jax import metric_writers
 from fashion_jax import train
+from fashion_jax import errors
 from fashion_jax.errors import UserError
 
 # Fashion-MNIST's label names, in label order (as in the dataset's README and tfds).
@@ -134,7 +135,7 @@ class Classifier:
 
 def load(workdir: str, step: int | None = None, batch_size: int = 256) -> Classifier:
   """Loads a training run's model and checkpoint (`step`, else the best/latest one)."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = errors.local_path(workdir, "--workdir")
   config = load_run_config(workdir)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):

@@ -344,8 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
   instead of loading the configured data.
   """
   config_lib.validate(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  errors.ensure_writable_dir(workdir, "--workdir")
+  workdir = errors.ensure_writable_dir(workdir, "--workdir")
   parallel = parallel_lib.Parallel(config.parallelism)
   batch_split = parallel.check_batch(config.batch_size, "batch_size")
   is_lead = parallel.process_index == 0
@@ -378,15 +377,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
                                             keep=config.keep_checkpoints,
                                             async_save=config.async_checkpointing)
   writer = metric_writers.MetricWriter(workdir, enabled=is_lead)
-  if is_lead:
-    _write_config(workdir, config, {
-        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "eval_every_steps": eval_every,
-        "checkpoint_every_steps": checkpoint_every,
-        "parallelism": parallel.mode, "num_devices": parallel.num_devices,
-        "num_processes": parallel.process_count, "backend": jax.default_backend(),
-        "data_source": data_description,
-        "jax_version": jax.__version__, "fashion_jax_version": fashion_jax.__version__})
-
   abstract = parallel.abstract_state(init_state)
   latest, restored = checkpointer.restore_latest(abstract, description)
   if latest is not None:
@@ -403,6 +393,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
                    "earlier attempt)", dropped)
   del init_state
   start_step = latest or 0
+  # Only now is the run known to go on (a refused resume raised above): config.json is
+  # rewritten only for a run that uses this workdir's checkpoints as they are.
+  if is_lead:
+    _write_config(workdir, config, {
+        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "eval_every_steps": eval_every,
+        "checkpoint_every_steps": checkpoint_every,
+        "parallelism": parallel.mode, "num_devices": parallel.num_devices,
+        "num_processes": parallel.process_count, "backend": jax.default_backend(),
+        "data_source": data_description,
+        "jax_version": jax.__version__, "fashion_jax_version": fashion_jax.__version__})
 
   inference_model = create_model(config, training=False)
   evaluator = Evaluator(test_split, config, inference_model, parallel)

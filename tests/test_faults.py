@@ -21,7 +21,10 @@ from fashion_jax import config_lib
 # Between checkpoints (step:15, step:33) is the same situation as before the first one
 # (step:7) with a checkpoint to resume from; those two run with -m slow (the suite's time budget).
 KILL_POINTS = ["step:7", pytest.param("step:15", marks=pytest.mark.slow), "save:20",
-               pytest.param("step:33", marks=pytest.mark.slow), "save:40"]
+               pytest.param("step:33", marks=pytest.mark.slow), "save:40",
+               # Host placement (the reference runs with the data on the device: the placements
+               # are bitwise equal on CPU, so a host run must resume to the very same state).
+               "host/step:7", pytest.param("host/save:40", marks=pytest.mark.slow)]
 
 
 def _flags(idx_dir, workdir):
@@ -52,10 +55,11 @@ def reference(tmp_path_factory):
 def test_killed_run_resumes_bitwise_identical(reference, tmp_path, kill_at):
   idx_dir, reference_dir = reference
   workdir = str(tmp_path / "killed")
-  killed = run_module("fashion_jax.main", *_flags(idx_dir, workdir),
-                      env={"FASHION_JAX_KILL_AT": kill_at})
+  placement, _, kill_at = kill_at.rpartition("/")
+  flags = _flags(idx_dir, workdir) + ([f"--config.data_placement={placement}"] if placement else [])
+  killed = run_module("fashion_jax.main", *flags, env={"FASHION_JAX_KILL_AT": kill_at})
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  resumed = run_module("fashion_jax.main", *_flags(idx_dir, workdir))
+  resumed = run_module("fashion_jax.main", *flags)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
 
   config = config_lib.load_sibling(os.path.join(ROOT, "configs", "tiny.py"), "tiny")

@@ -292,3 +292,33 @@ def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tiny_config, t
   with pytest.raises(UserError, match=r"not enough free disk.*last checkpoint \(step 10\)"):
     train.train_and_evaluate(tiny_config, workdir)
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "10"))
+
+
+def test_a_refused_resume_leaves_the_run_intact(tiny_config, tmp_path):
+  """Issue 15's reproduction: re-running with another model is refused, and config.json still
+  describes the checkpoints (evaluate/predict keep working on the run)."""
+  workdir = str(tmp_path / "run")
+  tiny_config.num_train_steps = 10
+  train.train_and_evaluate(tiny_config, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    before = f.read()
+  tiny_config.model = "cnn_bn"
+  with pytest.raises(UserError, match="use a new --workdir"):
+    train.train_and_evaluate(tiny_config, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert f.read() == before
+
+
+@pytest.mark.parametrize("module, args", [
+    ("fashion_jax.main", ["--config=configs/tiny.py"]),
+    ("fashion_jax.predict", ["PHOTO"]),
+])
+def test_cloud_workdirs_are_refused_before_anything_runs(tmp_path, module, args):
+  (tmp_path / "photo.png").write_bytes(b"not read: the workdir is refused first")
+  args = [str(tmp_path / "photo.png") if a == "PHOTO" else a for a in args]
+  proc = run_module(module, "--workdir=gs://bucket/run", *args)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("fashion_jax: error:")]
+  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+  assert "gs:// folders are not supported yet" in errors[0] and "gcsfuse" in errors[0]
+  from tests.conftest import ROOT  # pylint: disable=g-import-not-at-top
+  assert not os.path.exists(os.path.join(ROOT, "gs:"))  # Never a local folder named "gs:".
