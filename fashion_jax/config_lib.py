@@ -10,7 +10,7 @@ import os
 
 import ml_collections
 
-from fashion_jax import backends, models, ops
+from fashion_jax import backends, loop, models, ops
 from fashion_jax.errors import UserError
 
 DATASETS = ("fashion_mnist", "mnist")  # Same IDX format, shape and number of classes.
@@ -101,7 +101,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "a positive number of steps, or -1 for every epoch")
   check(config.steps_per_dispatch >= 1 or config.steps_per_dispatch == -1, "steps_per_dispatch",
         "at least 1, or -1 for auto")
-  choice("data_placement", ("auto", "host", "device"))
+  choice("data_placement", loop.PLACEMENTS)
   if problems:
     raise UserError("; ".join(problems))
 

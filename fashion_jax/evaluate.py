@@ -178,11 +178,12 @@ def _test_data(config, idx_dir: str | None, data_dir: str | None):
                       f"not exist; {hint}")
     data_config.idx_dir = folder
     source = {"type": "idx", "idx_dir": folder, "from": origin}
+    where = None
   else:
     where = input_pipeline.source(data_config)  # $FASHION_JAX_IDX_DIR, tfds or the download.
     source = {"type": where.kind, "dataset": data_config.dataset, "location": where.location,
               "description": where.describe(), "from": origin}
-  split = input_pipeline.load(data_config, "test")
+  split = input_pipeline.load(data_config, "test", where)
   source.update(split="test", count=len(split))
   return split, source
 
