@@ -128,6 +128,9 @@ def _verified(path: str, size: int, sha: str) -> bool:
     return False
 
 
+LOCK_FILE = ".fashion_jax-download.lock"  # Stays in the folder (removing it would race).
+
+
 def fetch(name: str, folder: str, urls: tuple[str, ...] | None = None) -> str:
   """Makes `folder` hold the four verified files of data set `name`; returns the folder.
 
@@ -145,13 +148,17 @@ def fetch(name: str, folder: str, urls: tuple[str, ...] | None = None) -> str:
   except OSError as e:
     raise UserError(f"cannot create the data folder {folder!r} ({e.strerror}); set "
                     f"{paths.CACHE_ENV} or --config.data_dir to a folder you can write") from e
-  for filename, (size, sha) in recorded(name).items():
-    path = os.path.join(folder, filename)
-    if os.path.exists(path):
-      if _verified(path, size, sha):
-        continue
-      logging.warning("%s does not match its recorded size and SHA-256; downloading it again", path)
-    _download(name, filename, size, sha, urls, path)
+  # Several processes sharing the folder (a multi-process job) download once: the others wait,
+  # then find the files verified.
+  with paths.exclusive(os.path.join(folder, LOCK_FILE)):
+    for filename, (size, sha) in recorded(name).items():
+      path = os.path.join(folder, filename)
+      if os.path.exists(path):
+        if _verified(path, size, sha):
+          continue
+        logging.warning("%s does not match its recorded size and SHA-256; downloading it again",
+                        path)
+      _download(name, filename, size, sha, urls, path)
   return folder
 
 

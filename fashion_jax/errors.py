@@ -1,6 +1,7 @@
 """The one exception type for mistakes a user can fix (bad config, data, workdir...)."""
 
 import os
+import tempfile
 
 
 class UserError(Exception):
@@ -30,9 +31,9 @@ def ensure_writable_dir(path: str, flag: str) -> str:
   path = local_path(path, flag)
   try:
     os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f".write_test_{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
+    # A unique name (pids collide across containers sharing a workdir).
+    descriptor, probe = tempfile.mkstemp(prefix=".write_test_", dir=path)
+    os.close(descriptor)
     os.remove(probe)
   except OSError as e:
     raise UserError(f"{flag} {path!r} is not writable ({e.strerror}); pass a {flag} you can "

@@ -33,6 +33,7 @@ import numpy as np
 
 from fashion_jax import download
 from fashion_jax import idx
+from fashion_jax import paths
 from fashion_jax.errors import UserError
 
 Batch = dict[str, np.ndarray]
@@ -105,11 +106,15 @@ def load(config, split: str, data_source: Source | None = None) -> Split:
 
 def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top (heavy, optional)
+  # One preparation at a time: processes sharing a data_dir (a multi-process job) would
+  # otherwise download and write the same files at once.
+  lock = os.path.join(data_dir or paths.cache_root(), f".fashion_jax-tfds-{name}.lock")
   try:
-    if not tfds.builder(name, data_dir=data_dir).is_prepared():
-      # tfds retries an unreachable download for minutes; fail in seconds instead.
-      download.check_reachable(name)
-    dataset = tfds.load(name, split=split, data_dir=data_dir)
+    with paths.exclusive(lock):
+      if not tfds.builder(name, data_dir=data_dir).is_prepared():
+        # tfds retries an unreachable download for minutes; fail in seconds instead.
+        download.check_reachable(name)
+      dataset = tfds.load(name, split=split, data_dir=data_dir)
     parts = list(tfds.as_numpy(dataset.batch(10_000)))
   except UserError:
     raise

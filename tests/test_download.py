@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import gzip
+import hashlib
 import http.server
 import json
 import os
@@ -76,7 +77,8 @@ def test_fetch_downloads_verifies_and_reuses_the_cache(mirror, tmp_path):
   assert sorted(requested) == sorted("/" + n for n in os.listdir(served))
   for split in ("train", "test"):  # The IDX reader parses what came down.
     np.testing.assert_array_equal(idx.load_split(cache, split)[1], idx.load_split(served, split)[1])
-  assert not [n for n in os.listdir(cache) if n.startswith(".")]  # No temporary files left.
+  # No temporary files left (the lock file stays: one download at a time per folder).
+  assert not [n for n in os.listdir(cache) if n.startswith(".") and n != download.LOCK_FILE]
   requested.clear()
   download.fetch("fashion_mnist", cache, urls=(url,))  # Offline-safe: nothing fetched again.
   assert requested == []
@@ -110,7 +112,7 @@ def test_a_file_that_differs_from_the_record_is_never_kept(mirror, tmp_path):
   with pytest.raises(UserError, match=r"t10k-labels.*(SHA-256|bytes).*--config.idx_dir"):
     download.fetch("fashion_mnist", cache, urls=(url,))
   assert not os.path.exists(os.path.join(cache, name))
-  assert not [n for n in os.listdir(cache) if n.startswith(".")]
+  assert not [n for n in os.listdir(cache) if n.startswith(".") and n != download.LOCK_FILE]
 
 
 def test_the_mirror_is_tried_when_the_first_address_fails(mirror, tmp_path):
@@ -216,3 +218,33 @@ def test_idx_dir_from_the_environment(tmp_path, idx_dir):
   proc = run_module("fashion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'x'}",
                     env={input_pipeline.IDX_ENV: str(tmp_path / "missing")})
   assert_one_line_error(proc, "FASHION_JAX_IDX_DIR=", "is not a folder")
+
+
+def test_processes_sharing_a_folder_download_once(tmp_path, monkeypatch):
+  """Two fetches at once into one folder (a multi-process job): one downloads, the other waits
+  for it and then finds the files verified."""
+  active, peak, downloads = [0], [0], []
+  lock = threading.Lock()
+  payload = {name: bytes([i]) * 10 for i, name in enumerate(download.recorded("fashion_mnist"))}
+  monkeypatch.setattr(download, "recorded", lambda name: {
+      f: (len(b), hashlib.sha256(b).hexdigest()) for f, b in payload.items()})
+
+  def slow_download(name, filename, size, sha, urls, path):
+    with lock:
+      active[0] += 1
+      peak[0] = max(peak[0], active[0])
+    time.sleep(0.05)
+    with open(path, "wb") as f:
+      f.write(payload[filename])
+    downloads.append(filename)
+    with lock:
+      active[0] -= 1
+
+  monkeypatch.setattr(download, "_download", slow_download)
+  threads = [threading.Thread(target=download.fetch, args=("fashion_mnist", str(tmp_path)))
+             for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert peak[0] == 1 and sorted(downloads) == sorted(payload)
