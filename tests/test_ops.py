@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from fashion_jax import models, native, ops, winograd
+from tests.conftest import require_native
 
 DN = ("NHWC", "HWIO", "NHWC")
 TOL = dict(rtol=2e-4, atol=2e-5)
@@ -143,7 +144,7 @@ def test_winograd_conv_pool_outputs_and_grads(batch, hw, cin, cout):
 def test_auto_conv_pool_picks_by_dtype_and_channels():
   k = _rand(jax.random.key(4), (3, 3, 16, 8))
   b = _rand(jax.random.key(5), (8,))
-  assert native.available()  # tests/test_native.py checks the kernels and their fallback.
+  require_native()  # tests/test_native.py checks the kernels and their fallback.
   for dtype, expected in ((jnp.float32, "native"), (jnp.bfloat16, "im2col")):
     x = _rand(jax.random.key(6), (2, 13, 13, 16)).astype(dtype)
     kx, bx = k.astype(dtype), b.astype(dtype)
@@ -164,7 +165,7 @@ def test_auto_conv_on_cpu_follows_the_same_rule():
   k = _rand(jax.random.key(4), (3, 3, 16, 8))
   x = _rand(jax.random.key(6), (2, 12, 12, 16))
   x1, k1 = x[..., :1], k[:, :, :1]
-  assert native.available()
+  require_native()
   for lhs, rhs, expected in ((x, k, ops.conv_general_dilated_native),
                              (x1, k1, ops.conv_general_dilated_im2col),
                              (x.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
