@@ -8,6 +8,7 @@ instead of a shape error deep inside Orbax.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,16 +17,41 @@ import time
 from absl import logging
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 from fashion_jax import faults
+from fashion_jax import multihost
 from fashion_jax.errors import UserError
 
 
-def describe_state(model_name: str, state) -> dict:
-  """The JSON stored beside each checkpoint: model name and parameter shapes."""
+def describe_state(model_name: str, state, fingerprint: dict | None = None) -> dict:
+  """The JSON stored beside each checkpoint: model name, parameter shapes, and the
+  fingerprint of the run (what fixes its data order, schedule and model; see
+  train.fingerprint), which a resume must match."""
   shapes = {jax.tree_util.keystr(path): list(leaf.shape)
             for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]}
-  return {"model": model_name, "param_shapes": shapes}
+  description = {"model": model_name, "param_shapes": shapes}
+  if fingerprint is not None:
+    description["fingerprint"] = fingerprint
+  return description
+
+
+def _check_fingerprint(where: str, stored: dict | None, wanted: dict | None) -> None:
+  """A resume that would change the run's data order, schedule or model: UserError."""
+  if stored is None or wanted is None:  # Written before fingerprints existed, or serving.
+    return
+  differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+  if not differ:
+    return
+  show = lambda d, k: json.dumps(d.get(k)) if k in d else "(none)"
+  was = ", ".join(f"{k}={show(stored, k)}" for k in differ)
+  now = ", ".join(f"{k}={show(wanted, k)}" for k in differ)
+  flags = " ".join(f"--config.{k}={show(stored, k)}" for k in differ
+                   if k not in ("train_examples", "total_steps"))
+  raise UserError(
+      f"checkpoint {where} was trained with {was}, but the config gives {now}: resuming would "
+      "change the run's data order, schedule or model; use a new --workdir"
+      + (f", or pass {flags}" if flags else " (or the data and length it was trained with)"))
 
 
 def _tree_paths(tree) -> set[str]:
@@ -34,13 +60,55 @@ def _tree_paths(tree) -> set[str]:
           for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+BEST_METRIC = "val_accuracy"  # Of the held-out validation split (config.validation_size).
+
+# How tensorstore/Orbax report a checkpoint that is damaged for good (files truncated,
+# missing, or unparsable) -- and the status codes of a failure that may pass (storage
+# unavailable, quota, permissions), which never count as damage.
+_DAMAGE = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "INVALID_ARGUMENT", "FAILED_PRECONDITION",
+           "pytree structure", "Error reading", "Error opening", "corrupt", "truncat", "checksum")
+_TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED",
+              "ABORTED", "CANCELLED", "UNAUTHENTICATED")
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+  """The error and what caused it (Orbax wraps tensorstore's errors in a plain Exception)."""
+  chain = []
+  while error is not None and error not in chain and len(chain) < 8:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  return chain
+
+
+def is_damage(error: BaseException) -> bool:
+  """Whether a failed read means the checkpoint's files are damaged (not a passing I/O error)."""
+  damage = False
+  for link in _chain(error):
+    text = str(link)
+    if any(code in text for code in _TRANSIENT):
+      return False
+    if isinstance(link, (FileNotFoundError, json.JSONDecodeError, KeyError, EOFError)):
+      damage = True
+    elif isinstance(link, OSError):  # EIO, EACCES, ENOSPC, timeouts: the storage, not the files.
+      return False
+    elif isinstance(link, ValueError) and any(sign in text for sign in _DAMAGE):
+      damage = True
+  return damage
+
+
 class Checkpointer:
   """Periodic and final saves, keep-N, async writes, restore of the latest step."""
 
   def __init__(self, directory: str, keep: int, async_save: bool = True):
+    """Keeps the `keep` newest checkpoints, and the one with the best validation accuracy
+    (saved with `metrics`) however old it is: what serving picks by default."""
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    policy = checkpoint_managers.AnyPreservationPolicy([
+        checkpoint_managers.LatestN(n=keep),
+        checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
+                                  keep_checkpoints_without_metrics=False)])
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save,
+                                           preservation_policy=policy)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -52,13 +120,19 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state, description: dict) -> None:
-    """Starts a save (asynchronous: the device arrays are copied before it returns)."""
+  def save(self, step: int, state, description: dict, metrics: dict | None = None) -> None:
+    """Starts a save (asynchronous: the device arrays are copied before it returns).
+
+    `metrics`: the evaluation at this step; with BEST_METRIC in it the checkpoint
+    competes for "best" (kept beyond the newest `keep`).
+    """
     if step in self._manager.all_steps():
       return
     self._check_free_disk(state)
+    best = {BEST_METRIC: float(metrics[BEST_METRIC])} if metrics and BEST_METRIC in metrics else None
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(description)), force=True)
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(description)), metrics=best,
+                       force=True)
     faults.maybe_kill("save", step)  # Tests: SIGKILL while the async write is in progress.
 
   def _check_free_disk(self, state) -> None:
@@ -87,9 +161,10 @@ class Checkpointer:
           f"{stored.get('param_shapes', {}).get(first)} vs config "
           f"{description['param_shapes'].get(first)}); use a new --workdir or the config it "
           "was trained with")
+    _check_fingerprint(where, stored.get("fingerprint"), description.get("fingerprint"))
 
   def restore_weights(self, step: int, description: dict) -> dict:
-    """What inference needs -- params, batch_stats, ema_params -- onto the first local device.
+    """What inference needs -- params, batch_stats and their EMAs -- onto the first local device.
 
     Reads the checkpoint in the structure it was saved with, so the
     optimizer state of older versions or other optimizers does not matter;
@@ -103,7 +178,8 @@ class Checkpointer:
                 for key in metadata.keys()}
     state = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract))).state
-    return {key: state.get(key) for key in ("params", "batch_stats", "ema_params")}
+    return {key: state.get(key)
+            for key in ("params", "batch_stats", "ema_params", "ema_batch_stats")}
 
   def restore(self, step: int, abstract_state, description: dict):
     """Restores `step` into the structure/shardings of `abstract_state`.
@@ -127,35 +203,70 @@ class Checkpointer:
   def restore_latest(self, abstract_state, description: dict):
     """Restores the newest readable checkpoint: (step, state), or (None, None) if none.
 
-    A checkpoint that cannot be read (truncated or partly written files) is
-    moved aside to `<workdir>/checkpoints_unreadable/<step>` -- never deleted
-    -- with a warning, and the previous one is tried. A checkpoint of another
-    model or shape is an error (UserError), not a fallback.
+    A checkpoint that is recognisably damaged (truncated, partly written or
+    missing files: `is_damage`) on any process, and still is when read again,
+    is moved aside to `<workdir>/checkpoints_unreadable/<step>.<time>` --
+    never deleted -- with a warning, and the previous one is tried; all
+    processes take that decision together. Any other failure to read (a
+    transient I/O error, permissions) moves nothing and is an error. A
+    checkpoint of another model, shape or run is a UserError, not a fallback.
     """
     for step in sorted(self._manager.all_steps(), reverse=True):
+      state, damage = self._restore_agreed(step, abstract_state, description)
+      if damage is None:
+        return step, state
+      moved = self._quarantine(step)
+      logging.warning("checkpoint at step %d is unreadable (%s); moved it to %s and falling back "
+                      "to the previous checkpoint", step, damage, moved)
+    return None, None
+
+  def _restore_agreed(self, step: int, abstract_state, description: dict):
+    """(state, None), or (None, why) if `step` is damaged on some process, read twice."""
+    for attempt in (1, 2):
+      state, outcome = None, None
       try:
-        return step, self.restore(step, abstract_state, description)
+        state = self.restore(step, abstract_state, description)
       except UserError:
         raise
-      except Exception as e:  # pylint: disable=broad-except  (tensorstore/OS/parse errors)
-        moved = self._quarantine(step)
-        logging.warning("checkpoint at step %d is unreadable (%s: %s); moved it to %s and "
-                        "falling back to the previous checkpoint", step, type(e).__name__,
-                        str(e).splitlines()[0][:200] if str(e) else "", moved)
-    return None, None
+      except Exception as e:  # pylint: disable=broad-except  (classified just below)
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        outcome = ("damage: " if is_damage(e) else "error: ") + f"{type(e).__name__}: {first}"
+      outcomes = multihost.gather(f"restore/{step}/{attempt}", outcome)
+      errors = {i: o for i, o in outcomes.items() if o.startswith("error: ")}
+      if errors:
+        process = min(errors)
+        raise UserError(
+            f"checkpoint {os.path.join(self.directory, str(step))} could not be read on process "
+            f"{process} ({errors[process][len('error: '):]}); that is not recognised damage, so "
+            "it is left as it is: check the storage, then re-run to resume")
+      if not outcomes:
+        return state, None
+      if attempt == 1:  # Files still being written by a slow file system: read once more.
+        time.sleep(1.0)
+        self._manager.reload()
+    process = min(outcomes)
+    return None, outcomes[process][len("damage: "):] + (
+        f" on process {process}" if jax.process_count() > 1 else "")
 
   def _quarantine(self, step: int) -> str:
     source = os.path.join(self.directory, str(step))
     target_dir = self.directory.rstrip("/") + "_unreadable"
-    os.makedirs(target_dir, exist_ok=True)
     target = os.path.join(target_dir, f"{step}.{int(time.time())}")
     if jax.process_index() == 0:
+      os.makedirs(target_dir, exist_ok=True)
       shutil.move(source, target)
+    multihost.barrier(f"quarantine/{step}")  # Every process sees it gone before going on.
     self._manager.reload()
     return target
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
   def close(self) -> None:
     self._manager.wait_until_finished()

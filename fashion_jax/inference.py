@@ -151,7 +151,7 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256) -> Classi
                       f"{', '.join(map(str, steps)) or 'none'}")
     else:
       why = "requested with --step"
-    model = train.create_model(config)
+    model = train.create_model(config, training=False)  # XLA's ops: nothing native is built.
     params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                             jax.ShapeDtypeStruct((1,) + train.IMAGE_SHAPE, jnp.float32))["params"]
     description = checkpointing.describe_state(config.model, _Params(params))
@@ -165,6 +165,6 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256) -> Classi
                       "pass --step with another checkpoint, or re-train") from e
   finally:
     checkpointer.close()
-  return Classifier(config=config, model=train.create_model(config, training=False),
+  return Classifier(config=config, model=model,
                     variables=train.eval_variables(**weights), step=int(step), why=why,
                     checkpoint_dir=os.path.join(directory, str(step)), batch_size=batch_size)

@@ -80,6 +80,12 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.flush()
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()

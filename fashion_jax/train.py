@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
-import signal
 import time
 from typing import Any
 
@@ -32,6 +32,7 @@ from fashion_jax import metric_writers
 from fashion_jax import models
 from fashion_jax import parallel as parallel_lib
 from fashion_jax import progress
+from fashion_jax import stops
 from fashion_jax.errors import UserError
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -47,22 +48,21 @@ class TrainState:
   rng: jax.Array  # Raw key data (uint32); wrapped with jax.random.wrap_key_data when used.
   batch_stats: Any = flax.struct.field(default_factory=dict)
   ema_params: Any = None  # Exponential moving average of params (config.ema_decay > 0).
+  ema_batch_stats: Any = None  # The same average of the BatchNorm statistics (BN models).
 
 
 def create_model(config: ml_collections.ConfigDict, training: bool = True,
                  axis_name: str | None = None) -> nn.Module:
-  """The configured model. "auto" op formulations differ between training and inference.
+  """The configured model: training uses the configured op formulations, inference XLA's.
 
-  Training on CPU wants the im2col/select formulations (fast gradients); for
-  inference XLA's own forward convolution and reduce_window are fastest on
-  every backend (measured: 10k test images 0.4s vs 1.0s on 2 CPU cores).
+  Training on CPU wants the im2col/Winograd/native formulations (fast
+  gradients); for inference XLA's own forward convolution and reduce_window
+  are fastest on every backend (measured: 10k test images 0.4s vs 1.0s on 2
+  CPU cores), need no native build, and lower for every platform (export).
   Both share one parameter tree. `axis_name`: the pmap axis, for synchronised
   BatchNorm.
   """
-  conv, pool = config.conv_impl, config.pool_impl
-  if not training:
-    conv = "xla" if conv == "auto" else conv
-    pool = "xla" if pool == "auto" else pool
+  conv, pool = (config.conv_impl, config.pool_impl) if training else ("xla", "xla")
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.compute_dtype]
   return models.create_model(config.model, conv_impl=conv, pool_impl=pool, dtype=dtype,
                              axis_name=axis_name, **config.model_kwargs.to_dict())
@@ -113,7 +113,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(train_key),
                       batch_stats=variables.get("batch_stats", {}),
-                      ema_params=jax.tree.map(jnp.copy, params) if ema else None)
+                      ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+                      ema_batch_stats=(jax.tree.map(jnp.copy, variables["batch_stats"])
+                                       if ema and variables.get("batch_stats") else None))
 
   options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
   return init.lower().compile(compiler_options=options)()
@@ -170,13 +172,19 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
   if axis_name is not None:
     bad = lax.psum(bad.astype(jnp.int32), axis_name) > 0
   keep_old = lambda new, old: jnp.where(bad, old, new)
-  params, opt_state, batch_stats = jax.tree.map(
-      keep_old, (params, opt_state, batch_stats),
-      (state.params, state.opt_state, state.batch_stats))
-  ema_params = state.ema_params
+  params, batch_stats = jax.tree.map(keep_old, (params, batch_stats),
+                                     (state.params, state.batch_stats))
+  opt_state = _skipped_opt_state(opt_state, state.opt_state, bad)
+  ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
   if ema_params is not None:
-    ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params,
-                              params)
+    # Warm-up: the average starts short (decay (1+t)/(10+t)) so the random initial weights
+    # wash out in tens of steps, not the 1/(1-decay) steps of the full decay.
+    t = state.step.astype(jnp.float32)
+    decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+    average = lambda e, p: decay * e + (1.0 - decay) * p
+    ema_params = jax.tree.map(average, ema_params, params)
+    if ema_batch_stats is not None:  # Averaged like the weights they belong to.
+      ema_batch_stats = jax.tree.map(average, ema_batch_stats, batch_stats)
 
   n = jnp.where(bad, 0.0, float(labels.shape[0]))
   metrics = {"loss_sum": jnp.where(bad, 0.0, loss) * n,
@@ -187,8 +195,22 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
   metrics["nonfinite_steps"] = bad.astype(jnp.float32)
   metrics["first_nonfinite_step"] = jnp.where(bad, state.step, NO_STEP).astype(jnp.float32)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            batch_stats=batch_stats, ema_params=ema_params)
+                            batch_stats=batch_stats, ema_params=ema_params,
+                            ema_batch_stats=ema_batch_stats)
   return new_state, metrics
+
+
+def _skipped_opt_state(new, old, bad):
+  """The old optimizer state on a skipped step, except its step counters (optax's `count`).
+
+  They advance with `state.step`, so a schedule's learning rate stays the
+  one of the step (what is logged), not one that lags by the skipped steps.
+  """
+  def pick(path, new_leaf, old_leaf):
+    if path and getattr(path[-1], "name", None) == "count":
+      return new_leaf
+    return jnp.where(bad, old_leaf, new_leaf)
+  return jax.tree_util.tree_map_with_path(pick, new, old)
 
 
 NO_STEP = 2**24  # "No such step" in float32 metrics (exact up to 2**24 steps).
@@ -200,9 +222,13 @@ def combine_metrics(metrics: dict, axis: int = 0, xp=jnp) -> dict:
           for k, v in metrics.items()}
 
 
-def eval_variables(params, batch_stats=None, ema_params=None) -> dict:
-  """The variables evaluation uses: the EMA parameters when kept, and BatchNorm statistics."""
-  variables = {"params": ema_params if ema_params is not None else params}
+def eval_variables(params, batch_stats=None, ema_params=None, ema_batch_stats=None) -> dict:
+  """The variables evaluation uses: the EMA parameters when kept, with the EMA of the
+  BatchNorm statistics (the statistics of the live weights do not fit averaged weights)."""
+  if ema_params is not None:
+    params = ema_params
+    batch_stats = ema_batch_stats if ema_batch_stats is not None else batch_stats
+  variables = {"params": params}
   if batch_stats:
     variables["batch_stats"] = batch_stats
   return variables
@@ -228,7 +254,8 @@ def eval_step(state: TrainState, batch, *, model: nn.Module, flip_tta: bool = Fa
   Uses the EMA parameters when the state has them; with `flip_tta` the logits
   of each image and its mirror image are averaged.
   """
-  variables = eval_variables(state.params, state.batch_stats, state.ema_params)
+  variables = eval_variables(state.params, state.batch_stats, state.ema_params,
+                             state.ema_batch_stats)
   logits = eval_logits(model, variables, batch["image"], flip_tta)
   mask = batch["mask"]
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
@@ -238,32 +265,6 @@ def eval_step(state: TrainState, batch, *, model: nn.Module, flip_tta: bool = Fa
   if axis_name is not None:
     metrics = lax.psum(metrics, axis_name)
   return metrics
-
-
-class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (save, then exit)."""
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # Not the main thread (e.g. called from a test runner thread).
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signal is not None:  # Second signal: stop waiting.
-      raise KeyboardInterrupt
-    self.signal = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict, derived: dict) -> None:
@@ -330,19 +331,45 @@ class SamplePredictions:
 
   def __call__(self, state):
     variables = self.parallel.fetch(eval_variables(state.params, state.batch_stats,
-                                                   state.ema_params))
+                                                   state.ema_params, state.ema_batch_stats))
     probabilities = np.asarray(self._apply(variables, self.images))
     return metric_writers.prediction_figure(self.images, self.labels, probabilities,
                                             self.class_names)
 
 
+# What fixes a run's data order, learning-rate schedule, update rule and model: a resume
+# that would change any of them is refused (keys that change nothing -- logging, eval and
+# checkpoint intervals, op formulations, placement, parallelism -- may change).
+FINGERPRINT_KEYS = (
+    "dataset", "seed", "batch_size", "validation_size", "augment_translate", "augment_flip",
+    "random_erasing", "model", "model_kwargs", "compute_dtype", "optimizer", "learning_rate",
+    "lr_schedule", "warmup_steps", "weight_decay", "momentum", "label_smoothing", "ema_decay")
+
+
+def fingerprint(config: ml_collections.ConfigDict, train_examples: int, total_steps: int) -> dict:
+  """The values of FINGERPRINT_KEYS, the train split's size, and the total steps where the
+  schedule depends on them (cosine/onecycle, or a warmup longer than the run)."""
+  values = {key: config[key].to_dict() if isinstance(config[key], ml_collections.ConfigDict)
+            else config[key] for key in FINGERPRINT_KEYS}
+  values["train_examples"] = train_examples
+  if config.lr_schedule != "constant" or config.warmup_steps >= total_steps:
+    values["total_steps"] = total_steps
+  return json.loads(json.dumps(values))  # As the checkpoint's JSON gives it back.
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=None) -> dict:
   """Trains (resuming from the latest checkpoint in workdir) and evaluates.
 
-  Returns the last eval metrics. Raises UserError for fixable input problems.
-  `splits`: (train, test) already in memory (the benchmark's loop timing),
-  instead of loading the configured data.
+  Returns the last eval metrics. Raises UserError for fixable input problems,
+  stops.Preempted after a signal (with a checkpoint saved at the step all
+  processes agreed on). `splits`: (train, test) already in memory (the
+  benchmark's loop timing), instead of loading the configured data.
   """
+  with contextlib.ExitStack() as cleanup:
+    return _train_and_evaluate(config, workdir, splits, cleanup)
+
+
+def _train_and_evaluate(config, workdir, splits, cleanup: contextlib.ExitStack) -> dict:
   config_lib.validate(config)
   workdir = errors.ensure_writable_dir(workdir, "--workdir")
   parallel = parallel_lib.Parallel(config.parallelism)
@@ -359,6 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     data_description = data_source.describe()
   else:
     (train_split, test_split), data_description = splits, "given in memory"
+  train_examples = len(train_split)  # Before the hold-out (validation_size is its own key).
   train_split, val_split = input_pipeline.hold_out(train_split, config.validation_size)
   steps_per_epoch = config_lib.steps_per_epoch(config, len(train_split))
   total_steps = config_lib.total_steps(config, len(train_split))
@@ -372,11 +400,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
   schedule = jax.jit(create_schedule(config, total_steps))
   tx = create_optimizer(config, total_steps)
   init_state = create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
-  description = checkpointing.describe_state(config.model, init_state)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                            keep=config.keep_checkpoints,
-                                            async_save=config.async_checkpointing)
-  writer = metric_writers.MetricWriter(workdir, enabled=is_lead)
+  description = checkpointing.describe_state(
+      config.model, init_state, fingerprint(config, train_examples, total_steps))
+  # Closed (pending saves finished, event files flushed) however the run ends.
+  checkpointer = cleanup.enter_context(checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+      async_save=config.async_checkpointing))
+  writer = cleanup.enter_context(metric_writers.MetricWriter(workdir, enabled=is_lead))
   abstract = parallel.abstract_state(init_state)
   latest, restored = checkpointer.restore_latest(abstract, description)
   if latest is not None:
@@ -435,10 +465,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
 
   if start_step >= total_steps:
     logging.info("training already finished (step %d); evaluating the final checkpoint", start_step)
-    result = evaluate(start_step)
-    writer.close()
-    checkpointer.close()
-    return result
+    return evaluate(start_step)
 
   step_kwargs = {"model": model, "tx": tx, "label_smoothing": config.label_smoothing,
                  "ema_decay": config.ema_decay,
@@ -452,8 +479,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
   logging.info("train loop: data on the %s, %d steps per dispatch", data_placement, window)
   intervals = loop.LogIntervals(config.log_every_steps, total_steps, combine_metrics)
 
-  def save(step: int) -> None:
-    checkpointer.save(step, parallel.logical_state(state), description)
+  def save(step: int, metrics: dict | None = None) -> None:
+    checkpointer.save(step, parallel.logical_state(state), description, metrics)
 
   step = start_step
   last_result = {}
@@ -500,44 +527,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
                      f"{images_per_sec:,.0f}" if math.isfinite(images_per_sec) else "-",
                      _fmt_seconds(remaining))
 
-  try:
-    with _StopRequest() as stop, bar:
-      in_flight = None  # The dispatched window whose metrics are not read yet: (first step, metrics).
-      while step < total_steps:
-        n = min(window - step % window, total_steps - step)
-        t0 = time.perf_counter()
-        state, metrics, compiled = windows(state, step, n)
-        if compiled:  # This length was compiled by this call; keep it out of images/s.
-          jax.block_until_ready(metrics)
-          compile_seconds += time.perf_counter() - t0
-          with bar.external_write():
-            logging.info("compiled and ran the %d-step train window in %.2fs", n,
-                         time.perf_counter() - t0)
-          clock[:] = [time.perf_counter(), step + n]
-          bar.restart_clock()
-        faults.maybe_kill("step", step + 1, step + n)  # Tests: SIGKILL while steps run.
-        if in_flight is not None:  # Read the previous window while this one runs.
-          log_lines(*in_flight)
-        in_flight = (step, metrics)
-        step += n
-        bar.update(n * config.batch_size)
-        if (step % checkpoint_every and step % eval_every and step < total_steps
-            and stop.signal is None):
-          continue
-        log_lines(*in_flight)  # The host needs the state here: drain the pipeline first.
-        in_flight = None
-        if step % checkpoint_every == 0 or step == total_steps:
-          save(step)
-        if step % eval_every == 0 or step == total_steps:
-          last_result = evaluate(step)
-        if stop.signal is not None and step < total_steps:
-          save(step)
-          raise UserError(f"stopped by {stop.signal} at step {step}; checkpoint saved in "
-                          f"{checkpointer.directory}; re-run the same command to resume")
-        clock[:] = [time.perf_counter(), step]
-  finally:
-    checkpointer.close()
-    writer.close()
+  with stops.StopRequest() as stop, bar:
+    in_flight = None  # The dispatched window whose metrics are not read yet: (first step, metrics).
+    while step < total_steps:
+      n = min(window - step % window, total_steps - step)
+      t0 = time.perf_counter()
+      state, metrics, compiled = windows(state, step, n)
+      if compiled:  # This length was compiled by this call; keep it out of images/s.
+        jax.block_until_ready(metrics)
+        compile_seconds += time.perf_counter() - t0
+        with bar.external_write():
+          logging.info("compiled and ran the %d-step train window in %.2fs", n,
+                       time.perf_counter() - t0)
+        clock[:] = [time.perf_counter(), step + n]
+        bar.restart_clock()
+      faults.maybe_kill("step", step + 1, step + n)  # Tests: SIGKILL while steps run.
+      if in_flight is not None:  # Read the previous window while this one runs.
+        log_lines(*in_flight)
+      in_flight = (step, metrics)
+      step += n
+      bar.update(n * config.batch_size)
+      stopping = stop.agreed(step) if step < total_steps else None  # The same on every process.
+      if step % checkpoint_every and step % eval_every and step < total_steps and not stopping:
+        continue
+      log_lines(*in_flight)  # The host needs the state here: drain the pipeline first.
+      in_flight = None
+      evaluated = None
+      if step % eval_every == 0 or step == total_steps:
+        last_result = evaluated = evaluate(step)
+      if step % checkpoint_every == 0 or step == total_steps:
+        save(step, evaluated)  # With its validation accuracy: the best one is kept.
+      if stopping:
+        save(step)
+        checkpointer.wait()  # Durable before the process exits.
+        raise stops.Preempted(f"stopped by {stopping} at step {step}; checkpoint saved in "
+                              f"{checkpointer.directory}; re-run the same command to resume")
+      clock[:] = [time.perf_counter(), step]
   logging.info("done: step %d, eval accuracy %.2f%%, compile %.1fs, wall %.1fs", step,
                100 * last_result.get("eval_accuracy", float("nan")), compile_seconds,
                fashion_jax.seconds_since_start())

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -87,3 +89,72 @@ def test_coordinator_without_process_count_is_a_config_error(tmp_path):
                     "--config.coordinator_address=localhost:1234", timeout=120)
   assert proc.returncode == 2
   assert "needs config.num_processes >= 1" in proc.stderr
+
+
+def _launch(workdir, *flags, wait=True):
+  env = dict(os.environ, FASHION_JAX_PORT=str(_free_port()), PYTHON=sys.executable)
+  args = ["bash", "launch/local_multiprocess.sh", "2", "1", str(workdir), *flags]
+  if not wait:
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+  return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _process_logs(workdir) -> list[str]:
+  return [open(os.path.join(workdir, f"process_{i}.log")).read() for i in range(2)]
+
+
+def _pid_of(workdir, process_id: int) -> int:
+  """The pid of `fashion_jax.main` process `process_id` of the job training into `workdir`."""
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        args = f.read().decode().split("\0")
+    except (OSError, ValueError):
+      continue
+    if ("fashion_jax.main" in args and f"--workdir={workdir}" in args
+        and f"--config.process_id={process_id}" in args):
+      return int(entry)
+  raise AssertionError(f"no process {process_id} training into {workdir}")
+
+
+def test_signal_to_one_process_stops_every_process_at_one_step(tmp_path, idx_dir):
+  """SIGTERM to process 1 only: both save one checkpoint at one step and exit 75, within 60 s;
+  the re-run resumes there and ends bitwise equal to an uninterrupted run."""
+  flags = ["--config=configs/tiny.py", f"--config.idx_dir={idx_dir}", "--config.log_every_steps=1",
+           "--config.steps_per_dispatch=4", "--config.eval_every_steps=100000",
+           "--config.checkpoint_every_steps=100000"]
+  interrupted = tmp_path / "interrupted"
+  launcher = _launch(interrupted, *flags, "--config.num_train_steps=100000", wait=False)
+  metrics, deadline = interrupted / "metrics.jsonl", time.monotonic() + 300
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 8):
+    assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+    time.sleep(0.2)
+  os.kill(_pid_of(interrupted, 1), signal.SIGTERM)
+  signalled = time.monotonic()
+  try:
+    _, err = launcher.communicate(timeout=90)
+  except subprocess.TimeoutExpired:
+    os.killpg(launcher.pid, signal.SIGKILL)  # The launcher and both processes.
+    launcher.communicate()
+    raise AssertionError("the job did not stop within 90 s of SIGTERM to process 1")
+  assert time.monotonic() - signalled < 60, "the job took over 60 s to stop"
+  logs = _process_logs(interrupted)
+  assert launcher.returncode == 75, err + "".join(log[-2000:] for log in logs)
+  stopped = [re.findall(r"^fashion_jax: stopped by SIGTERM to process 1 at step (\d+);", log, re.M)
+             for log in logs]
+  assert len(stopped[0]) == len(stopped[1]) == 1 and stopped[0] == stopped[1], stopped
+  step = int(stopped[0][0])
+  assert step % 4 == 0 and os.listdir(interrupted / "checkpoints") == [str(step)]
+
+  resumed = _launch(interrupted, *flags, f"--config.num_train_steps={step + 8}")
+  assert resumed.returncode == 0, resumed.stderr + "".join(_process_logs(interrupted))
+  assert all(f"resumed from checkpoint at step {step}" in log for log in _process_logs(interrupted))
+  straight = tmp_path / "straight"
+  proc = _launch(straight, *flags, f"--config.num_train_steps={step + 8}")
+  assert proc.returncode == 0, proc.stderr + "".join(_process_logs(straight))
+  config = _tiny(idx_dir)
+  a, b = final_state(config, str(straight)), final_state(config, str(interrupted))
+  assert int(a.step) == int(b.step) == step + 8
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  jax.tree.map(np.testing.assert_array_equal, a.opt_state, b.opt_state)

@@ -72,3 +72,32 @@ def test_bad_workdirs_are_user_errors(tmp_path):
   os.makedirs(tmp_path / "empty")
   with pytest.raises(UserError, match="not a fashion_jax training run"):
     inference.load(str(tmp_path / "empty"))
+
+
+def test_serving_builds_nothing_native_for_a_native_trained_run(trained_tiny_workdir, tmp_path):
+  """A run trained with conv_impl=native: predict, evaluate and export use XLA's ops only
+  (no native build: nothing appears in the kernel cache; lowering works for any platform)."""
+  from PIL import Image
+  from tests.conftest import run_module
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_tiny_workdir, workdir)
+  config = json.loads((workdir / "config.json").read_text())
+  config["conv_impl"] = "native"
+  (workdir / "config.json").write_text(json.dumps(config))
+  cache = tmp_path / "cache"
+  cache.mkdir(mode=0o700)
+  env = {"FASHION_JAX_CACHE_DIR": str(cache)}
+  images, _ = _test_images(trained_tiny_workdir)
+  Image.fromarray(images[0]).save(tmp_path / "item.png")
+  commands = [("fashion_jax.predict", str(tmp_path / "item.png")),
+              ("fashion_jax.evaluate", f"--output_dir={tmp_path / 'evaluation'}")]
+  try:
+    import tensorflow  # pylint: disable=unused-import
+    commands.append(("fashion_jax.export", f"--output={tmp_path / 'saved'}",
+                     "--platforms=cpu,cuda,tpu"))
+  except ImportError:
+    pass  # Export needs TensorFlow (the `tf` extra); predict and evaluate are checked anyway.
+  for module, *args in commands:
+    proc = run_module(module, f"--workdir={workdir}", *args, env=env)
+    assert proc.returncode == 0, (module, proc.stderr[-3000:])
+  assert list(cache.rglob("*")) == [], "serving built native kernels"

@@ -46,8 +46,10 @@ def test_inference_model_uses_xla_ops_and_agrees_with_training_model(tiny_config
   variables = training.init(jax.random.key(0), x)
   np.testing.assert_allclose(inference.apply(variables, x), training.apply(variables, x),
                              rtol=1e-5, atol=1e-5)
-  tiny_config.conv_impl = "im2col"  # An explicit choice is kept for inference too.
-  assert train.create_model(tiny_config, False).conv_impl == "im2col"
+  for conv in ("im2col", "winograd", "native"):  # Training's choice; serving always uses XLA's.
+    tiny_config.conv_impl = conv
+    assert train.create_model(tiny_config).conv_impl == conv
+    assert train.create_model(tiny_config, False).conv_impl == "xla"
 
 
 def test_cnn_parameters_and_outputs_match_an_nn_conv_cnn():

@@ -1,4 +1,4 @@
-"""SIGTERM/SIGINT during training: save at the current step, exit non-zero, resume there."""
+"""SIGTERM/SIGINT during training: save at the current step, exit 75 ("preempted"), resume there."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from fashion_jax import stops
 from tests.conftest import ROOT
 
 
@@ -30,8 +31,8 @@ def test_signal_saves_and_resumes(tmp_path, idx_dir, sig):
     time.sleep(0.2)
   proc.send_signal(sig)
   _, stderr = proc.communicate(timeout=120)
-  assert proc.returncode == 2, stderr[-3000:]
-  message = [l for l in stderr.splitlines() if l.startswith("fashion_jax: error: stopped by")]
+  assert proc.returncode == stops.EXIT_PREEMPTED == 75, stderr[-3000:]
+  message = [l for l in stderr.splitlines() if l.startswith(f"fashion_jax: stopped by {sig.name} at step")]
   assert message, stderr[-3000:]
   stopped_at = int(message[0].split(" at step ")[1].split(";")[0])
   assert (workdir / "checkpoints" / str(stopped_at)).is_dir()  # Durable before exit.

@@ -27,8 +27,18 @@ def test_models_train_with_batchnorm_state(tiny_config, tmp_path, name, kwargs):
   assert np.isfinite(result["eval_loss"])
   state = final_state(tiny_config, workdir)
   assert int(state.step) == 10
-  stats = jax.tree.leaves(state.batch_stats)
-  assert stats and any(np.abs(s).max() > 0 for s in stats)  # Running stats were updated.
+  _assert_running_stats_moved(tiny_config, state)
+
+
+def _assert_running_stats_moved(config, state):
+  """Every BatchNorm mean and variance moved from its initial value (mean 0, variance 1)."""
+  init = train.create_train_state(train.create_model(config), train.create_optimizer(config),
+                                  config.seed)
+  paths = jax.tree_util.tree_flatten_with_path(init.batch_stats)[0]
+  assert {p[-1].key for p, _ in paths} == {"mean", "var"}, paths
+  for (path, before), after in zip(paths, jax.tree.leaves(state.batch_stats)):
+    assert np.all(np.asarray(before) == (1.0 if path[-1].key == "var" else 0.0))
+    assert np.all(np.asarray(after) != np.asarray(before)), jax.tree_util.keystr(path)
 
 
 def test_wrn_rejects_bad_depth():
@@ -51,9 +61,11 @@ def test_augmentations():
   assert shifted.shape == images.shape
   assert not np.array_equal(shifted, images)
   np.testing.assert_array_equal(shifted, augment.random_translate(key, images, 3))  # Pure.
-  flipped = augment.random_flip(key, images)
-  for a, b in zip(np.asarray(flipped), np.asarray(images)):
-    assert np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])
+  flipped = np.asarray(augment.random_flip(key, images))
+  same = [np.array_equal(a, b) for a, b in zip(flipped, np.asarray(images))]
+  mirrored = [np.array_equal(a, b[:, ::-1]) for a, b in zip(flipped, np.asarray(images))]
+  assert all(s != m for s, m in zip(same, mirrored))  # Each image: as it was, or its mirror.
+  assert 0 < sum(mirrored) < len(images), mirrored  # Some flipped, some not (this key: both).
   np.testing.assert_array_equal(augment.random_erasing(key, images, 0.0), images)
   erased = np.asarray(augment.random_erasing(key, images, 1.0))
   changed = (erased != np.asarray(images)).reshape(8, -1).mean(1)
@@ -92,8 +104,7 @@ def test_accelerator_recipe_runs_shrunk_on_cpu(idx_dir, tmp_path):
   assert np.isfinite(result["eval_loss"]) and "val_accuracy" in result
   state = final_state(config, workdir)
   assert int(state.step) == 8 and state.ema_params is not None
-  stats = jax.tree.leaves(state.batch_stats)
-  assert stats and any(np.abs(s).max() > 0 for s in stats)  # Running stats were updated.
+  _assert_running_stats_moved(config, state)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
@@ -113,6 +124,35 @@ def test_validation_split_is_fixed_and_disjoint(tiny_config):
   a_train, a_val = input_pipeline.hold_out(split, 40)
   b_train, b_val = input_pipeline.hold_out(split, 40)
   np.testing.assert_array_equal(a_val.images, b_val.images)
-  assert len(a_train) + len(a_val) == len(split)
+  np.testing.assert_array_equal(a_train.images, b_train.images)
+  assert len(a_train) + len(a_val) == len(split) and len(a_val) == 40
+  rows = lambda s: {bytes(image) + bytes([label]) for image, label in zip(s.images, s.labels)}
+  assert len(rows(split)) == len(split)  # The synthetic images are distinct...
+  assert not rows(a_train) & rows(a_val)  # ...so no example is in both parts,
+  assert rows(a_train) | rows(a_val) == rows(split)  # and none is lost.
   with pytest.raises(UserError, match="validation_size"):
     input_pipeline.hold_out(split, len(split))
+
+
+def test_ema_warms_up_and_averages_batchnorm_statistics(tiny_config):
+  """Step t averages with decay min(ema_decay, (1+t)/(10+t)); the BatchNorm statistics are
+  averaged like the weights, and evaluation uses both averages together."""
+  tiny_config.model, tiny_config.ema_decay = "cnn_bn", 0.999
+  model, tx = train.create_model(tiny_config), train.create_optimizer(tiny_config)
+  state = train.create_train_state(model, tx, 0, ema=True)
+  assert state.ema_batch_stats is not None
+  batch = {"image": np.asarray(jax.random.randint(jax.random.key(0), (8, 28, 28, 1), 0, 256),
+                               np.uint8), "label": np.arange(8, dtype=np.int32) % 10}
+  step = jax.jit(lambda s: train.train_step(s, batch, model=model, tx=tx, ema_decay=0.999))
+  for t in range(3):
+    new, _ = step(state)
+    decay = min(0.999, (1 + t) / (10 + t))
+    for ema, old, live in ((new.ema_params, state.ema_params, new.params),
+                           (new.ema_batch_stats, state.ema_batch_stats, new.batch_stats)):
+      jax.tree.map(lambda e, o, p: np.testing.assert_allclose(
+          e, decay * o + (1 - decay) * p, rtol=1e-6, atol=1e-7), ema, old, live)
+    state = new
+  variables = train.eval_variables(state.params, state.batch_stats, state.ema_params,
+                                   state.ema_batch_stats)
+  assert variables["params"] is state.ema_params
+  assert variables["batch_stats"] is state.ema_batch_stats

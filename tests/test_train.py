@@ -110,8 +110,8 @@ def test_checkpoint_of_another_model_shape_is_refused(tiny_config, tmp_path, mon
   train.train_and_evaluate(tiny_config, workdir)
   from fashion_jax import checkpointing
   real = checkpointing.describe_state
-  def wider(name, state):
-    description = real(name, state)
+  def wider(name, state, fingerprint=None):
+    description = real(name, state, fingerprint)
     description["param_shapes"]["['Dense_0']['kernel']"] = [1600, 256]
     return description
   monkeypatch.setattr(checkpointing, "describe_state", wider)
@@ -127,7 +127,7 @@ def test_checkpoint_of_another_model_name_is_refused(tiny_config, tmp_path, monk
   from fashion_jax import checkpointing
   real = checkpointing.describe_state
   monkeypatch.setattr(checkpointing, "describe_state",
-                      lambda name, state: {**real(name, state), "model": "other"})
+                      lambda name, state, fp=None: {**real(name, state, fp), "model": "other"})
   with pytest.raises(UserError, match="is of model 'cnn' but the config asks for 'other'"):
     train.train_and_evaluate(tiny_config, workdir)
 
@@ -322,3 +322,135 @@ def test_cloud_workdirs_are_refused_before_anything_runs(tmp_path, module, args)
   assert "gs:// folders are not supported yet" in errors[0] and "gcsfuse" in errors[0]
   from tests.conftest import ROOT  # pylint: disable=g-import-not-at-top
   assert not os.path.exists(os.path.join(ROOT, "gs:"))  # Never a local folder named "gs:".
+
+
+def test_resume_that_changes_data_order_schedule_or_model_is_refused(tiny_config, tmp_path):
+  """batch_size, seed, validation_size, and (for a schedule that depends on it) the run length
+  are in the checkpoint's fingerprint; keys that change nothing may change."""
+  workdir = str(tmp_path / "run")
+  tiny_config.num_train_steps = 10
+  train.train_and_evaluate(tiny_config, workdir)
+  saved_config = open(os.path.join(workdir, "config.json")).read()
+  for key, value in (("batch_size", 32), ("seed", 1), ("validation_size", 16),
+                     ("learning_rate", 0.01)):
+    changed = tiny_config.copy_and_resolve_references()
+    changed[key] = value
+    changed.num_train_steps = 20
+    with pytest.raises(UserError, match=rf"was trained with {key}=.*but the config gives "
+                       rf"{key}=.*use a new --workdir, or pass --config\.{key}="):
+      train.train_and_evaluate(changed, workdir)
+    assert open(os.path.join(workdir, "config.json")).read() == saved_config  # Untouched.
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["10"]
+  # A longer run with a constant schedule, other intervals and formulations: resumes.
+  changed = tiny_config.copy_and_resolve_references()
+  changed.num_train_steps, changed.log_every_steps, changed.conv_impl = 20, 2, "xla"
+  train.train_and_evaluate(changed, workdir)
+  assert json.load(open(os.path.join(workdir, "config.json")))["num_train_steps"] == 20
+
+
+def test_longer_run_with_a_cosine_schedule_is_refused(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  tiny_config.num_train_steps, tiny_config.lr_schedule = 10, "cosine"
+  train.train_and_evaluate(tiny_config, workdir)
+  tiny_config.num_train_steps = 20
+  with pytest.raises(UserError, match=r"trained with total_steps=10, but the config gives "
+                     r"total_steps=20.*new --workdir"):
+    train.train_and_evaluate(tiny_config, workdir)
+
+
+def test_skipped_step_advances_optax_counts_with_the_step(tiny_config):
+  """A non-finite step leaves weights and moments as they were, but every optax `count` moves
+  with state.step, so the schedule's learning rate is the logged one (that of the step)."""
+  tiny_config.lr_schedule, tiny_config.warmup_steps = "cosine", 5
+  model, tx = train.create_model(tiny_config), train.create_optimizer(tiny_config, 20)
+  state = train.create_train_state(model, tx, 0)
+  images = np.zeros((4, 28, 28, 1), np.uint8)
+  good = {"image": images, "label": np.arange(4, dtype=np.int32)}
+  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx))
+  state, _ = step(state, good)
+  poisoned = state.replace(params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(np.nan),
+                                               state.params))
+  after, metrics = step(poisoned, good)
+  assert int(after.step) == 2 and float(metrics["nonfinite_steps"]) == 1.0
+  counts = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(after.opt_state)[0]
+            if getattr(path[-1], "name", None) == "count"]
+  assert counts and all(int(c) == 2 for c in counts), counts
+  others = lambda s: [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(s.opt_state)[0]
+                      if getattr(path[-1], "name", None) != "count"]
+  jax.tree.map(np.testing.assert_array_equal, others(after), others(poisoned))
+
+
+def test_damage_is_told_from_passing_io_errors():
+  from fashion_jax import checkpointing
+  wrapped = Exception("Encountered error while reading array index")
+  wrapped.__cause__ = ValueError('OUT_OF_RANGE: Error reading "params.x/0" in OCDBT database')
+  assert checkpointing.is_damage(wrapped)
+  assert checkpointing.is_damage(json.JSONDecodeError("Unterminated string", "{", 1))
+  assert checkpointing.is_damage(FileNotFoundError("gone"))
+  assert not checkpointing.is_damage(OSError(5, "Input/output error"))
+  assert not checkpointing.is_damage(PermissionError(13, "Permission denied"))
+  assert not checkpointing.is_damage(ValueError("UNAVAILABLE: Error reading: connection reset"))
+  assert not checkpointing.is_damage(RuntimeError("something else"))
+
+
+def test_passing_read_error_moves_nothing_and_a_retry_that_works_resumes(tiny_config, tmp_path,
+                                                                         monkeypatch):
+  from fashion_jax import checkpointing
+  workdir = str(tmp_path / "run")
+  tiny_config.num_train_steps = 10
+  train.train_and_evaluate(tiny_config, workdir)
+  tiny_config.num_train_steps = 20
+  real = checkpointing.Checkpointer.restore
+  calls = []
+
+  def flaky(self, step, abstract, description):
+    calls.append(step)
+    if failures:
+      raise failures.pop(0)
+    return real(self, step, abstract, description)
+
+  monkeypatch.setattr(checkpointing.Checkpointer, "restore", flaky)
+  failures = [OSError(5, "Input/output error")]
+  with pytest.raises(UserError, match=r"could not be read on process 0 \(OSError.*not recognised "
+                     "damage, so it is left as it is"):
+    train.train_and_evaluate(tiny_config, workdir)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["10"]
+  assert not os.path.exists(os.path.join(workdir, "checkpoints_unreadable"))
+  # Damage that is gone on the second read (a slow file system): resumes, nothing moved.
+  failures, calls[:] = [ValueError("DATA_LOSS: Error reading x")], []
+  train.train_and_evaluate(tiny_config, workdir)
+  assert calls == [10, 10]
+  assert not os.path.exists(os.path.join(workdir, "checkpoints_unreadable"))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+
+
+def test_best_validation_checkpoint_is_kept_beyond_the_newest(tmp_path):
+  """keep=1: the newest checkpoint, plus the one with the best validation accuracy."""
+  from fashion_jax import checkpointing
+  state = {"w": np.zeros(3, np.float32)}
+  checkpointer = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=1, async_save=False)
+  for step, accuracy in ((1, 0.5), (2, 0.9), (3, 0.6), (4, None), (5, 0.7)):
+    metrics = None if accuracy is None else {"val_accuracy": accuracy, "eval_accuracy": 0.1}
+    checkpointer.save(step, state, {"model": "m", "param_shapes": {}}, metrics)
+  assert checkpointer.all_steps() == [2, 5]
+  checkpointer.close()
+  reopened = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=1, async_save=False)
+  reopened.save(6, state, {"model": "m", "param_shapes": {}}, {"val_accuracy": 0.95})
+  assert reopened.all_steps() == [6]  # The metrics survive a restart; 6 is newest and best.
+  reopened.close()
+
+
+def test_writer_and_checkpointer_are_closed_when_the_loop_raises(tiny_config, tmp_path,
+                                                                 monkeypatch):
+  from fashion_jax import checkpointing, metric_writers
+  closed = []
+  for cls in (checkpointing.Checkpointer, metric_writers.MetricWriter):
+    real_close = cls.close
+    monkeypatch.setattr(cls, "close", lambda self, real_close=real_close, name=cls.__name__: (
+        closed.append(name), real_close(self))[1])
+  def broken(*args, **kwargs):
+    raise RuntimeError("evaluation broke")
+  monkeypatch.setattr(train, "_summarize", broken)
+  with pytest.raises(RuntimeError, match="evaluation broke"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+  assert sorted(closed) == ["Checkpointer", "MetricWriter"]

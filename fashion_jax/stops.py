@@ -1,0 +1,73 @@
+"""Stopping on SIGTERM/SIGINT at one step that every process agrees on.
+
+A signal only sets a flag; the loop asks `StopRequest.agreed(step)` at each
+window boundary. With one process that is the flag itself. With several, a
+preemption notice reaches hosts at different moments (TPU pods, SLURM), and a
+host that stops alone leaves the others waiting in the next all-reduce while
+it waits in the collective save: the job hangs. So at every boundary all
+processes meet at a barrier of JAX's coordination service (`multihost.gather`:
+host-side, it does not wait for the devices), after each has published its
+signal, if any; after the barrier every process reads the same set of signals
+and takes the same decision at the same step. The cost is one
+round trip to the coordinator per window (each window is tens to thousands of
+steps).
+
+A second signal to a process raises KeyboardInterrupt there (stop waiting).
+"""
+
+from __future__ import annotations
+
+import signal
+
+import jax
+
+from fashion_jax import multihost
+
+# Exit status of a run that was stopped by a signal after saving a checkpoint at the
+# agreed step: "preempted, re-run the same command to resume" (sysexits' EX_TEMPFAIL).
+# Distinct from 2 (a problem with the input: fix it) and 1 (a crash).
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+  """The run stopped at an agreed step with a checkpoint saved there; re-running resumes."""
+
+
+class StopRequest:
+  """Turns SIGTERM/SIGINT into a flag, and agrees across processes on when to stop."""
+
+  def __init__(self):
+    self.signal = None  # This process's own signal, by name.
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # Not the main thread (e.g. called from a test runner thread).
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None:  # Second signal: stop waiting.
+      raise KeyboardInterrupt
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def agreed(self, step: int) -> str | None:
+    """Why every process stops at `step` ("SIGTERM to process 1"), or None to go on.
+
+    Every process must call this at the same steps (the window boundaries,
+    which depend only on the config).
+    """
+    if jax.process_count() == 1:
+      return self.signal
+    signals = multihost.gather(f"stop/{step}", self.signal)
+    if not signals:
+      return None
+    first = min(signals)
+    return f"{signals[first]} to process {first}"
