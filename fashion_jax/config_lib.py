@@ -10,10 +10,10 @@ import os
 
 import ml_collections
 
-from fashion_jax import backends, loop, models, ops
+from fashion_jax import datasets
 from fashion_jax.errors import UserError
 
-DATASETS = ("fashion_mnist", "mnist")  # Same IDX format, shape and number of classes.
+DATASETS = tuple(datasets.CLASS_NAMES)  # Same IDX format, shape and number of classes.
 PARALLELISM = ("auto", "mesh", "pmap", "none")
 DISTRIBUTED = ("auto", "on", "off")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -51,6 +51,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   Raises UserError with one line per problem, each naming the key and the fix.
   """
+  # Here, not at the top: loading a config file (which imports this module) needs no JAX.
+  from fashion_jax import backends, loop, models, ops  # pylint: disable=g-import-not-at-top
   problems = []
 
   def check(ok: bool, key: str, want: str):

@@ -27,19 +27,13 @@ import numpy as np
 
 from fashion_jax import checkpointing
 from fashion_jax import config_lib
+from fashion_jax import datasets
 from fashion_jax import metric_writers
-from fashion_jax import train
+from fashion_jax import steps
 from fashion_jax import errors
 from fashion_jax.errors import UserError
 
-# Fashion-MNIST's label names, in label order (as in the dataset's README and tfds).
-CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-               "Sneaker", "Bag", "Ankle boot")
-MNIST_CLASS_NAMES = tuple(str(i) for i in range(10))
-
-
-def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  return MNIST_CLASS_NAMES if config.get("dataset") == "mnist" else CLASS_NAMES
+CLASS_NAMES = datasets.CLASS_NAMES["fashion_mnist"]
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -103,13 +97,13 @@ class Classifier:
 
   @property
   def class_names(self) -> tuple[str, ...]:
-    return class_names(self.config)
+    return datasets.class_names(self.config.get("dataset", "fashion_mnist"))
 
   def apply_uint8(self, variables, images: jax.Array) -> jax.Array:
     """Logits of uint8 images [N, 28, 28] or [N, 28, 28, 1]; pure, so it can be jitted/exported."""
     if images.ndim == 3:
       images = images[..., None]
-    return train.eval_logits(self.model, variables, images, self.config.eval_flip_tta)
+    return steps.eval_logits(self.model, variables, images, self.config.eval_flip_tta)
 
   @functools.cached_property
   def _jitted_logits(self):
@@ -143,17 +137,17 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256) -> Classi
   checkpointer = checkpointing.Checkpointer(directory, keep=max(config.keep_checkpoints, 1),
                                             async_save=False)
   try:
-    steps = checkpointer.all_steps()
+    saved = checkpointer.all_steps()
     if step is None:
-      step, why = choose_step(workdir, steps)
-    elif step not in steps:
+      step, why = choose_step(workdir, saved)
+    elif step not in saved:
       raise UserError(f"no checkpoint at step {step} in {directory}; available: "
-                      f"{', '.join(map(str, steps)) or 'none'}")
+                      f"{', '.join(map(str, saved)) or 'none'}")
     else:
       why = "requested with --step"
-    model = train.create_model(config, training=False)  # XLA's ops: nothing native is built.
+    model = steps.create_model(config, training=False)  # XLA's ops: nothing native is built.
     params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                            jax.ShapeDtypeStruct((1,) + train.IMAGE_SHAPE, jnp.float32))["params"]
+                            jax.ShapeDtypeStruct((1,) + steps.IMAGE_SHAPE, jnp.float32))["params"]
     description = checkpointing.describe_state(config.model, _Params(params))
     try:
       weights = checkpointer.restore_weights(step, description)
@@ -166,5 +160,5 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256) -> Classi
   finally:
     checkpointer.close()
   return Classifier(config=config, model=model,
-                    variables=train.eval_variables(**weights), step=int(step), why=why,
+                    variables=steps.eval_variables(**weights), step=int(step), why=why,
                     checkpoint_dir=os.path.join(directory, str(step)), batch_size=batch_size)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import math
 
-import jax
 from jax import lax
 import numpy as np
 

@@ -46,7 +46,6 @@ import importlib.metadata
 import os
 from pathlib import Path
 import platform
-import re
 import shutil
 import stat
 import subprocess
@@ -313,9 +312,8 @@ def _direct_bwd(residuals, dy):
   # transposed convolution of the gradient routed to each window's argmax.
   conv = lambda v: lax.conv_general_dilated(v, kernel, (1, 1), "VALID",
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  from fashion_jax import ops  # pylint: disable=g-import-not-at-top  (ops imports this module)
   n, h, w, _ = x.shape
-  routed = ops.unpool_to_argmax(dy, which, (n, h - 2, w - 2, dy.shape[-1]))
+  routed = winograd.unpool_to_argmax(dy, which, (n, h - 2, w - 2, dy.shape[-1]))
   dx = jax.vjp(conv, x)[1](routed)[0]
   return dx, dkernel, dbias
 
@@ -406,49 +404,6 @@ def _conv_bwd(residuals, dy):
 
 
 _conv.defvjp(_conv_forward, _conv_bwd)
-
-
-_TARGET_RE = re.compile(r'custom_call_target="(fashion_jax_[a-z_]+)"')
-_SHAPE_RE = re.compile(r"[a-z]+[0-9]*\[([0-9,]*)\]\{[0-9,]*\}")  # e.g. f32[4,28,28,1]{3,2,1,0}
-
-
-def _kernel_flops(target: str, operands: list[tuple[int, ...]]) -> float:
-  """Floating-point operations of one kernel call, from its operand shapes."""
-  if target in ("fashion_jax_conv_pool_fwd", "fashion_jax_conv_pool_bwd"):
-    (n, h, w, c), k = operands[0], operands[1][-1]
-    return 2.0 * n * ((h - 2) // 2) * ((w - 2) // 2) * 4 * 9 * c * k  # Multiply-adds x 2.
-  # Winograd transforms: additions only, ~32 per tile and channel each way.
-  if target == "fashion_jax_winograd_input":
-    n, h, w, c = operands[0]
-    return 32.0 * n * ((h - 2) // 2) * ((w - 2) // 2) * c
-  if target in ("fashion_jax_winograd_input_grad", "fashion_jax_winograd_output_pool"):
-    _, tiles, c = operands[0]
-    return 32.0 * tiles * c
-  if target == "fashion_jax_winograd_output_pool_grad":
-    n, th, tw, k = operands[0]
-    return 32.0 * n * th * tw * k
-  if target == "fashion_jax_winograd_weight_grad":  # V^T dM, 16 planes.
-    (planes, tiles, c), k = operands[0], operands[1][-1]
-    return 2.0 * planes * tiles * c * k
-  return 0.0
-
-
-def executed_flops(hlo_text: str) -> float:
-  """FLOPs the native kernels execute in a compiled program's HLO text.
-
-  XLA's cost analysis knows nothing about custom calls (it counts them as
-  none), so the benchmark adds this for its hardware-FLOP figures.
-  """
-  total = 0.0
-  for line in hlo_text.splitlines():
-    target = _TARGET_RE.search(line)
-    if not target or "operand_layout_constraints={" not in line:
-      continue
-    constraints = line.split("operand_layout_constraints={", 1)[1]
-    shapes = [tuple(int(d) for d in dims.split(",") if d)
-              for dims in _SHAPE_RE.findall(constraints)]
-    total += _kernel_flops(target.group(1), shapes)
-  return total
 
 
 def main() -> int:

@@ -203,23 +203,9 @@ def _pool_select_fwd(x):
   return y, (idx, x.shape)
 
 
-def unpool_to_argmax(dy: jax.Array, idx: jax.Array, shape) -> jax.Array:
-  """The gradient of a 2x2 VALID max-pool: dy at each window's winning tap `idx`
-  (0..3, row-major), zeros elsewhere, in the pooled input's `shape`."""
-  bsz, h2, w2, ch = dy.shape
-  taps = jnp.arange(4, dtype=jnp.int8).reshape(1, 1, 2, 1, 2, 1)
-  g = jnp.where(idx[:, :, None, :, None, :] == taps, dy[:, :, None, :, None, :],
-                jnp.zeros((), dy.dtype))
-  g = g.reshape(bsz, 2 * h2, 2 * w2, ch)
-  h, w = shape[1], shape[2]
-  if (h, w) != (2 * h2, 2 * w2):
-    g = jnp.pad(g, ((0, 0), (0, h - 2 * h2), (0, w - 2 * w2), (0, 0)))
-  return g
-
-
 def _pool_select_bwd(res, dy):
   idx, shape = res
-  return (unpool_to_argmax(dy, idx, shape),)
+  return (winograd.unpool_to_argmax(dy, idx, shape),)
 
 
 max_pool_2x2_select.defvjp(_pool_select_fwd, _pool_select_bwd)

@@ -1,4 +1,7 @@
-"""Train state, the pure train/eval steps, and the train-and-evaluate loop."""
+"""The train-and-evaluate loop: data, state restore, windows of steps, checkpoints, evals, stops.
+
+The step functions it runs are in steps.py.
+"""
 
 from __future__ import annotations
 
@@ -8,263 +11,28 @@ import json
 import math
 import os
 import time
-from typing import Any
 
 from absl import logging
-import flax
 import flax.linen as nn
 import jax
-from jax import lax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 import fashion_jax
 from fashion_jax import augment
 from fashion_jax import checkpointing
 from fashion_jax import config_lib
+from fashion_jax import datasets
 from fashion_jax import errors
 from fashion_jax import faults
 from fashion_jax import input_pipeline
 from fashion_jax import loop
 from fashion_jax import metric_writers
-from fashion_jax import models
 from fashion_jax import parallel as parallel_lib
 from fashion_jax import progress
+from fashion_jax import steps
 from fashion_jax import stops
 from fashion_jax.errors import UserError
-
-IMAGE_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything needed to continue training exactly. A plain pytree: no callables."""
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  rng: jax.Array  # Raw key data (uint32); wrapped with jax.random.wrap_key_data when used.
-  batch_stats: Any = flax.struct.field(default_factory=dict)
-  ema_params: Any = None  # Exponential moving average of params (config.ema_decay > 0).
-  ema_batch_stats: Any = None  # The same average of the BatchNorm statistics (BN models).
-
-
-def create_model(config: ml_collections.ConfigDict, training: bool = True,
-                 axis_name: str | None = None) -> nn.Module:
-  """The configured model: training uses the configured op formulations, inference XLA's.
-
-  Training on CPU wants the im2col/Winograd/native formulations (fast
-  gradients); for inference XLA's own forward convolution and reduce_window
-  are fastest on every backend (measured: 10k test images 0.4s vs 1.0s on 2
-  CPU cores), need no native build, and lower for every platform (export).
-  Both share one parameter tree. `axis_name`: the pmap axis, for synchronised
-  BatchNorm.
-  """
-  conv, pool = (config.conv_impl, config.pool_impl) if training else ("xla", "xla")
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.compute_dtype]
-  return models.create_model(config.model, conv_impl=conv, pool_impl=pool, dtype=dtype,
-                             axis_name=axis_name, **config.model_kwargs.to_dict())
-
-
-def create_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  lr, warmup = config.learning_rate, min(config.warmup_steps, max(total_steps - 1, 0))
-  if config.lr_schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1),
-                                              end_value=lr * 1e-3)
-  if config.lr_schedule == "onecycle":
-    return optax.cosine_onecycle_schedule(max(total_steps, 1), lr)
-  if warmup:
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
-                                 optax.constant_schedule(lr)], [warmup])
-  return optax.constant_schedule(lr)
-
-
-def create_optimizer(config: ml_collections.ConfigDict,
-                     total_steps: int = 1) -> optax.GradientTransformation:
-  """The configured optimizer; schedules need the run's total steps (not the state's shape)."""
-  schedule = create_schedule(config, total_steps)
-  if config.optimizer == "adam":
-    return optax.adam(schedule)
-  if config.optimizer == "adamw":
-    return optax.adamw(schedule, weight_decay=config.weight_decay)
-  if config.optimizer == "sgd":
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(schedule, momentum=config.momentum, nesterov=True))
-  raise UserError(f"config.optimizer={config.optimizer!r} is invalid: use one of "
-                  f"{', '.join(config_lib.OPTIMIZERS)}")
-
-
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
-                       ema: bool = False) -> TrainState:
-  """Initial state, computed on the host's default device (then placed by `Parallel`).
-
-  One compiled function, compiled without XLA:CPU's backend optimizations: the
-  truncated-normal initializers take 1.8 s to compile optimized on CPU and run
-  once (start-up of a 30 s speedrun: 2.3 s op by op -> 0.3 s).
-  """
-
-  @jax.jit
-  def init():
-    init_key, train_key = jax.random.split(jax.random.key(seed))
-    variables = model.init(init_key, jnp.zeros((1,) + IMAGE_SHAPE, jnp.float32), train=False)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(train_key),
-                      batch_stats=variables.get("batch_stats", {}),
-                      ema_params=jax.tree.map(jnp.copy, params) if ema else None,
-                      ema_batch_stats=(jax.tree.map(jnp.copy, variables["batch_stats"])
-                                       if ema and variables.get("batch_stats") else None))
-
-  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-  return init.lower().compile(compiler_options=options)()
-
-
-def _scale(images: jax.Array) -> jax.Array:
-  return images.astype(jnp.float32) * (1.0 / 255.0)
-
-
-def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.GradientTransformation,
-               augment=None, label_smoothing: float = 0.0, ema_decay: float = 0.0,
-               axis_name: str | None = None):
-  """One optimizer step: (state, batch) -> (state, metrics). Pure; jit/pmap-able.
-
-  Metrics are sums over the (global) batch, so they add up exactly across
-  steps and devices. With `axis_name` (pmap) the gradients are averaged and
-  the metrics summed over that axis explicitly.
-  """
-  images, labels = _scale(batch["image"]), batch["label"]
-  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  if axis_name is not None:  # Each device augments its own shard differently.
-    step_key = jax.random.fold_in(step_key, lax.axis_index(axis_name))
-  dropout_key, augment_key = jax.random.split(step_key)
-  if augment is not None:
-    images = augment(augment_key, images)
-
-  def loss_fn(params):
-    variables = {"params": params}
-    mutable = []
-    if state.batch_stats:
-      variables["batch_stats"] = state.batch_stats
-      mutable = ["batch_stats"]
-    logits, updates = model.apply(variables, images, train=True, rngs={"dropout": dropout_key},
-                                  mutable=mutable)
-    if label_smoothing:
-      targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-      loss = optax.softmax_cross_entropy(logits, targets).mean()
-    else:
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, (logits, updates)
-
-  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  if axis_name is not None:
-    grads = lax.pmean(grads, axis_name)
-  param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, param_updates)
-  batch_stats = updates.get("batch_stats", state.batch_stats)
-  if axis_name is not None and batch_stats:
-    batch_stats = lax.pmean(batch_stats, axis_name)
-
-  # A non-finite loss or gradient leaves the state as it was (the step still
-  # counts, so the data order is unchanged); the host decides to stop or skip.
-  bad = ~(jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)))
-  if axis_name is not None:
-    bad = lax.psum(bad.astype(jnp.int32), axis_name) > 0
-  keep_old = lambda new, old: jnp.where(bad, old, new)
-  params, batch_stats = jax.tree.map(keep_old, (params, batch_stats),
-                                     (state.params, state.batch_stats))
-  opt_state = _skipped_opt_state(opt_state, state.opt_state, bad)
-  ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
-  if ema_params is not None:
-    # Warm-up: the average starts short (decay (1+t)/(10+t)) so the random initial weights
-    # wash out in tens of steps, not the 1/(1-decay) steps of the full decay.
-    t = state.step.astype(jnp.float32)
-    decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
-    average = lambda e, p: decay * e + (1.0 - decay) * p
-    ema_params = jax.tree.map(average, ema_params, params)
-    if ema_batch_stats is not None:  # Averaged like the weights they belong to.
-      ema_batch_stats = jax.tree.map(average, ema_batch_stats, batch_stats)
-
-  n = jnp.where(bad, 0.0, float(labels.shape[0]))
-  metrics = {"loss_sum": jnp.where(bad, 0.0, loss) * n,
-             "correct": jnp.where(bad, 0.0, jnp.sum(jnp.argmax(logits, -1) == labels)),
-             "count": n}
-  if axis_name is not None:
-    metrics = lax.psum(metrics, axis_name)
-  metrics["nonfinite_steps"] = bad.astype(jnp.float32)
-  metrics["first_nonfinite_step"] = jnp.where(bad, state.step, NO_STEP).astype(jnp.float32)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            batch_stats=batch_stats, ema_params=ema_params,
-                            ema_batch_stats=ema_batch_stats)
-  return new_state, metrics
-
-
-def _skipped_opt_state(new, old, bad):
-  """The old optimizer state on a skipped step, except its step counters (optax's `count`).
-
-  They advance with `state.step`, so a schedule's learning rate stays the
-  one of the step (what is logged), not one that lags by the skipped steps.
-  """
-  def pick(path, new_leaf, old_leaf):
-    if path and getattr(path[-1], "name", None) == "count":
-      return new_leaf
-    return jnp.where(bad, old_leaf, new_leaf)
-  return jax.tree_util.tree_map_with_path(pick, new, old)
-
-
-NO_STEP = 2**24  # "No such step" in float32 metrics (exact up to 2**24 steps).
-
-
-def combine_metrics(metrics: dict, axis: int = 0, xp=jnp) -> dict:
-  """Reduces stacked step metrics: sums, except the first bad step (a min)."""
-  return {k: (xp.min(v, axis=axis) if k == "first_nonfinite_step" else xp.sum(v, axis=axis))
-          for k, v in metrics.items()}
-
-
-def eval_variables(params, batch_stats=None, ema_params=None, ema_batch_stats=None) -> dict:
-  """The variables evaluation uses: the EMA parameters when kept, with the EMA of the
-  BatchNorm statistics (the statistics of the live weights do not fit averaged weights)."""
-  if ema_params is not None:
-    params = ema_params
-    batch_stats = ema_batch_stats if ema_batch_stats is not None else batch_stats
-  variables = {"params": params}
-  if batch_stats:
-    variables["batch_stats"] = batch_stats
-  return variables
-
-
-def eval_logits(model: nn.Module, variables: dict, images: jax.Array,
-                flip_tta: bool = False) -> jax.Array:
-  """Logits of uint8 images [N, 28, 28, 1], as evaluation (and inference) computes them.
-
-  With `flip_tta` the logits of each image and its mirror image are averaged.
-  """
-  x = _scale(images)
-  logits = model.apply(variables, x, train=False)
-  if flip_tta:
-    logits = 0.5 * (logits + model.apply(variables, x[:, :, ::-1, :], train=False))
-  return logits
-
-
-def eval_step(state: TrainState, batch, *, model: nn.Module, flip_tta: bool = False,
-              axis_name: str | None = None):
-  """Masked sums of loss and correct predictions over one (padded) eval batch.
-
-  Uses the EMA parameters when the state has them; with `flip_tta` the logits
-  of each image and its mirror image are averaged.
-  """
-  variables = eval_variables(state.params, state.batch_stats, state.ema_params,
-                             state.ema_batch_stats)
-  logits = eval_logits(model, variables, batch["image"], flip_tta)
-  mask = batch["mask"]
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-  correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-  metrics = {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
-             "count": jnp.sum(mask)}
-  if axis_name is not None:
-    metrics = lax.psum(metrics, axis_name)
-  return metrics
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict, derived: dict) -> None:
@@ -281,16 +49,6 @@ def _summarize(sums: dict, prefix: str) -> dict:
           f"{prefix}_accuracy": float(sums["correct"]) / count}
 
 
-def eval_sums(state: TrainState, batches, *, model: nn.Module, flip_tta: bool = False,
-              axis_name: str | None = None):
-  """`eval_step` over stacked batches [num_batches, batch, ...] in one call: summed metrics."""
-  def body(total, batch):
-    metrics = eval_step(state, batch, model=model, flip_tta=flip_tta, axis_name=axis_name)
-    return jax.tree.map(jnp.add, total, metrics), None
-  zeros = {"loss_sum": jnp.float32(0), "correct": jnp.float32(0), "count": jnp.float32(0)}
-  return lax.scan(body, zeros, batches)[0]
-
-
 class Evaluator:
   """Exact evaluation of a split: every example once, padding masked out.
 
@@ -305,7 +63,7 @@ class Evaluator:
                                                parallel.process_index, parallel.process_count))
     self._batches = parallel.put_batch(input_pipeline.stack(batches), stacked=True)
     self._sums = parallel.compile(
-        functools.partial(eval_sums, model=model, flip_tta=config.eval_flip_tta),
+        functools.partial(steps.eval_sums, model=model, flip_tta=config.eval_flip_tta),
         donate_state=False, stacked=True)
 
   def __call__(self, state, show_progress: bool = False, desc: str = "eval") -> dict:
@@ -327,10 +85,10 @@ class SamplePredictions:
     self.images, self.labels = split.images[:count], split.labels[:count]
     self.parallel, self.class_names = parallel, class_names
     self._apply = jax.jit(lambda variables, images: jax.nn.softmax(
-        eval_logits(model, variables, images)))
+        steps.eval_logits(model, variables, images)))
 
   def __call__(self, state):
-    variables = self.parallel.fetch(eval_variables(state.params, state.batch_stats,
+    variables = self.parallel.fetch(steps.eval_variables(state.params, state.batch_stats,
                                                    state.ema_params, state.ema_batch_stats))
     probabilities = np.asarray(self._apply(variables, self.images))
     return metric_writers.prediction_figure(self.images, self.labels, probabilities,
@@ -395,11 +153,11 @@ def _train_and_evaluate(config, workdir, splits, cleanup: contextlib.ExitStack) 
   logging.info("data: %d train, %d test examples; %d steps (%d per epoch)", len(train_split),
                len(test_split), total_steps, steps_per_epoch)
 
-  model = create_model(config, axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
+  model = steps.create_model(config, axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
   # Jitted: it only feeds log lines, and op by op its first call compiles for 0.75 s.
-  schedule = jax.jit(create_schedule(config, total_steps))
-  tx = create_optimizer(config, total_steps)
-  init_state = create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
+  schedule = jax.jit(steps.create_schedule(config, total_steps))
+  tx = steps.create_optimizer(config, total_steps)
+  init_state = steps.create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
   description = checkpointing.describe_state(
       config.model, init_state, fingerprint(config, train_examples, total_steps))
   # Closed (pending saves finished, event files flushed) however the run ends.
@@ -434,14 +192,13 @@ def _train_and_evaluate(config, workdir, splits, cleanup: contextlib.ExitStack) 
         "data_source": data_description,
         "jax_version": jax.__version__, "fashion_jax_version": fashion_jax.__version__})
 
-  inference_model = create_model(config, training=False)
+  inference_model = steps.create_model(config, training=False)
   evaluator = Evaluator(test_split, config, inference_model, parallel)
   val_evaluator = Evaluator(val_split, config, inference_model, parallel) if val_split else None
   samples = None
   if is_lead and config.tensorboard_samples:
-    from fashion_jax import inference  # pylint: disable=g-import-not-at-top  (import cycle)
     samples = SamplePredictions(test_split, config.tensorboard_samples, inference_model, parallel,
-                                inference.class_names(config))
+                                datasets.class_names(config.dataset))
   show_progress = progress.wanted(config.progress_bar, is_lead)
   bar = progress.Bar(False, 0)  # The train loop's bar, once it starts.
 
@@ -472,12 +229,12 @@ def _train_and_evaluate(config, workdir, splits, cleanup: contextlib.ExitStack) 
                  "augment": augment.make_augment(config.augment_translate, config.augment_flip,
                                                  config.random_erasing)}
   data_placement = loop.placement(config)
-  windows = loop.Windows(functools.partial(train_step, **step_kwargs), train_split, config,
+  windows = loop.Windows(functools.partial(steps.train_step, **step_kwargs), train_split, config,
                          parallel, data_placement, start_step)
   window = loop.window_length(config, steps_per_epoch, checkpoint_every, eval_every,
                               jax.default_backend())
   logging.info("train loop: data on the %s, %d steps per dispatch", data_placement, window)
-  intervals = loop.LogIntervals(config.log_every_steps, total_steps, combine_metrics)
+  intervals = loop.LogIntervals(config.log_every_steps, total_steps, steps.combine_metrics)
 
   def save(step: int, metrics: dict | None = None) -> None:
     checkpointer.save(step, parallel.logical_state(state), description, metrics)

@@ -12,12 +12,12 @@ import sys
 import jax
 import numpy as np
 
-from fashion_jax import checkpointing, config_lib, parallel, train
+from fashion_jax import checkpointing, config_lib, parallel, steps, train
 
 
 def final_state(config, workdir):
-  model, tx = train.create_model(config), train.create_optimizer(config)
-  init = train.create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
+  model, tx = steps.create_model(config), steps.create_optimizer(config)
+  init = steps.create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=5)
   state = ckpt.restore(ckpt.latest_step(), parallel.Parallel("none").abstract_state(
       jax.eval_shape(lambda: init)), checkpointing.describe_state(config.model, init))

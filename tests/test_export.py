@@ -16,7 +16,7 @@ from fashion_jax import config_lib
 from fashion_jax import export
 from fashion_jax import inference
 from fashion_jax import input_pipeline
-from fashion_jax import train
+from fashion_jax import steps
 from fashion_jax.errors import UserError
 from tests.conftest import ROOT
 from tests.conftest import assert_one_line_error
@@ -96,7 +96,7 @@ def test_batchnorm_and_flip_tta_export(tmp_path):
   config.model = "cnn_bn"
   config.model_kwargs.width = 8
   config.eval_flip_tta = True
-  model = train.create_model(config, training=False)
+  model = steps.create_model(config, training=False)
   # Random values of the right shapes (eval_shape: nothing to compile), running statistics
   # included, so a model that dropped the BatchNorm statistics would differ.
   shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))

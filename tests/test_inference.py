@@ -1,5 +1,6 @@
 """Loading a trained run for inference: which checkpoint, older config files, bad workdirs."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -91,12 +92,9 @@ def test_serving_builds_nothing_native_for_a_native_trained_run(trained_tiny_wor
   Image.fromarray(images[0]).save(tmp_path / "item.png")
   commands = [("fashion_jax.predict", str(tmp_path / "item.png")),
               ("fashion_jax.evaluate", f"--output_dir={tmp_path / 'evaluation'}")]
-  try:
-    import tensorflow  # pylint: disable=unused-import
+  if importlib.util.find_spec("tensorflow") is not None:  # Export needs the `tf` extra.
     commands.append(("fashion_jax.export", f"--output={tmp_path / 'saved'}",
                      "--platforms=cpu,cuda,tpu"))
-  except ImportError:
-    pass  # Export needs TensorFlow (the `tf` extra); predict and evaluate are checked anyway.
   for module, *args in commands:
     proc = run_module(module, f"--workdir={workdir}", *args, env=env)
     assert proc.returncode == 0, (module, proc.stderr[-3000:])

@@ -38,8 +38,8 @@ def test_unknown_model_names_the_choices():
 
 
 def test_inference_model_uses_xla_ops_and_agrees_with_training_model(tiny_config):
-  from fashion_jax import train
-  training, inference = train.create_model(tiny_config), train.create_model(tiny_config, False)
+  from fashion_jax import steps
+  training, inference = steps.create_model(tiny_config), steps.create_model(tiny_config, False)
   assert (inference.conv_impl, inference.pool_impl) == ("xla", "xla")
   assert (training.conv_impl, training.pool_impl) == ("auto", "auto")
   x = jax.random.uniform(jax.random.key(2), (3, 28, 28, 1))
@@ -48,8 +48,8 @@ def test_inference_model_uses_xla_ops_and_agrees_with_training_model(tiny_config
                              rtol=1e-5, atol=1e-5)
   for conv in ("im2col", "winograd", "native"):  # Training's choice; serving always uses XLA's.
     tiny_config.conv_impl = conv
-    assert train.create_model(tiny_config).conv_impl == conv
-    assert train.create_model(tiny_config, False).conv_impl == "xla"
+    assert steps.create_model(tiny_config).conv_impl == conv
+    assert steps.create_model(tiny_config, False).conv_impl == "xla"
 
 
 def test_cnn_parameters_and_outputs_match_an_nn_conv_cnn():

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from fashion_jax import models, native, ops, winograd
+from fashion_jax import models, ops, winograd
 from tests.conftest import require_native
 
 DN = ("NHWC", "HWIO", "NHWC")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fashion_jax import augment, models, train
+from fashion_jax import augment, models, steps, train
 from fashion_jax.errors import UserError
 from tests.multidevice_check import final_state
 
@@ -32,7 +32,7 @@ def test_models_train_with_batchnorm_state(tiny_config, tmp_path, name, kwargs):
 
 def _assert_running_stats_moved(config, state):
   """Every BatchNorm mean and variance moved from its initial value (mean 0, variance 1)."""
-  init = train.create_train_state(train.create_model(config), train.create_optimizer(config),
+  init = steps.create_train_state(steps.create_model(config), steps.create_optimizer(config),
                                   config.seed)
   paths = jax.tree_util.tree_flatten_with_path(init.batch_stats)[0]
   assert {p[-1].key for p, _ in paths} == {"mean", "var"}, paths
@@ -111,7 +111,7 @@ def test_accelerator_recipe_runs_shrunk_on_cpu(idx_dir, tmp_path):
 def test_schedules_peak_at_the_learning_rate(tiny_config, schedule):
   tiny_config.lr_schedule = schedule
   tiny_config.warmup_steps = 10
-  fn = train.create_schedule(tiny_config, 100)
+  fn = steps.create_schedule(tiny_config, 100)
   values = [float(fn(s)) for s in range(100)]
   assert max(values) == pytest.approx(tiny_config.learning_rate, rel=1e-3)
   if schedule != "constant":
@@ -138,12 +138,12 @@ def test_ema_warms_up_and_averages_batchnorm_statistics(tiny_config):
   """Step t averages with decay min(ema_decay, (1+t)/(10+t)); the BatchNorm statistics are
   averaged like the weights, and evaluation uses both averages together."""
   tiny_config.model, tiny_config.ema_decay = "cnn_bn", 0.999
-  model, tx = train.create_model(tiny_config), train.create_optimizer(tiny_config)
-  state = train.create_train_state(model, tx, 0, ema=True)
+  model, tx = steps.create_model(tiny_config), steps.create_optimizer(tiny_config)
+  state = steps.create_train_state(model, tx, 0, ema=True)
   assert state.ema_batch_stats is not None
   batch = {"image": np.asarray(jax.random.randint(jax.random.key(0), (8, 28, 28, 1), 0, 256),
                                np.uint8), "label": np.arange(8, dtype=np.int32) % 10}
-  step = jax.jit(lambda s: train.train_step(s, batch, model=model, tx=tx, ema_decay=0.999))
+  step = jax.jit(lambda s: steps.train_step(s, batch, model=model, tx=tx, ema_decay=0.999))
   for t in range(3):
     new, _ = step(state)
     decay = min(0.999, (1 + t) / (10 + t))
@@ -152,7 +152,7 @@ def test_ema_warms_up_and_averages_batchnorm_statistics(tiny_config):
       jax.tree.map(lambda e, o, p: np.testing.assert_allclose(
           e, decay * o + (1 - decay) * p, rtol=1e-6, atol=1e-7), ema, old, live)
     state = new
-  variables = train.eval_variables(state.params, state.batch_stats, state.ema_params,
+  variables = steps.eval_variables(state.params, state.batch_stats, state.ema_params,
                                    state.ema_batch_stats)
   assert variables["params"] is state.ema_params
   assert variables["batch_stats"] is state.ema_batch_stats

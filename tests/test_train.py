@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from fashion_jax import steps
 from fashion_jax import train
 from fashion_jax.errors import UserError
 from tests.conftest import run_module
@@ -208,7 +209,7 @@ def test_checkpoint_with_another_optimizer_state_is_refused(tiny_config, tmp_pat
   tiny_config.num_train_steps = 10
   train.train_and_evaluate(tiny_config, workdir)
   import optax
-  monkeypatch.setattr(train, "create_optimizer",
+  monkeypatch.setattr(steps, "create_optimizer",
                       lambda config, total_steps=1: optax.sgd(0.1, momentum=0.9))
   with pytest.raises(UserError, match="does not fit the configured train state.*optimizer"):
     train.train_and_evaluate(tiny_config, workdir)
@@ -362,11 +363,11 @@ def test_skipped_step_advances_optax_counts_with_the_step(tiny_config):
   """A non-finite step leaves weights and moments as they were, but every optax `count` moves
   with state.step, so the schedule's learning rate is the logged one (that of the step)."""
   tiny_config.lr_schedule, tiny_config.warmup_steps = "cosine", 5
-  model, tx = train.create_model(tiny_config), train.create_optimizer(tiny_config, 20)
-  state = train.create_train_state(model, tx, 0)
+  model, tx = steps.create_model(tiny_config), steps.create_optimizer(tiny_config, 20)
+  state = steps.create_train_state(model, tx, 0)
   images = np.zeros((4, 28, 28, 1), np.uint8)
   good = {"image": images, "label": np.arange(4, dtype=np.int32)}
-  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx))
+  step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, tx=tx))
   state, _ = step(state, good)
   poisoned = state.replace(params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(np.nan),
                                                state.params))

@@ -1,0 +1,152 @@
+"""The benchmark's helpers: progress lines, statistics, the Keras baseline, the machine
+description and the result table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import fashion_jax
+
+
+def log(message: str) -> None:
+  print(f"[benchmark {fashion_jax.seconds_since_start():6.1f}s] {message}", file=sys.stderr,
+        flush=True)
+
+
+def timed_windows(run_window, windows: int) -> list[float]:
+  return [run_window() for _ in range(windows)]
+
+
+def summarize(values: list[float]) -> dict:
+  return {"median": statistics.median(values), "min": min(values), "max": max(values),
+          "windows": len(values)}
+
+
+def keras_model(keras):
+  layers = keras.layers
+  return keras.Sequential([
+      keras.Input((28, 28, 1)),
+      layers.Rescaling(1.0 / 255),
+      layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(2),
+      layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(2),
+      layers.Flatten(), layers.Dense(128, activation="relu"), layers.Dense(10),
+  ])
+
+
+def measure_keras(data, batch_size: int, windows: int, window_seconds: float) -> dict:
+  """The identical model in Keras (TensorFlow backend, its default `fit`), same batches."""
+  os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import keras  # pylint: disable=g-import-not-at-top
+
+  keras.utils.set_random_seed(0)
+  model = keras_model(keras)
+  model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"])
+  n_warm = min(len(data), batch_size * 20)
+  model.fit(data.images[:n_warm], data.labels[:n_warm], batch_size=batch_size, epochs=1,
+            verbose=0, shuffle=False)  # Trace/compile.
+  # One window = as many batches as take ~window_seconds at the warm-up rate.
+  t0 = time.perf_counter()
+  model.fit(data.images[:n_warm], data.labels[:n_warm], batch_size=batch_size, epochs=1,
+            verbose=0, shuffle=False)
+  per_image = (time.perf_counter() - t0) / n_warm
+  n = min(len(data), max(batch_size * 4, int(window_seconds / per_image)) // batch_size
+          * batch_size)
+
+  def window():
+    start = time.perf_counter()
+    model.fit(data.images[:n], data.labels[:n], batch_size=batch_size, epochs=1, verbose=0,
+              shuffle=False)
+    return n / (time.perf_counter() - start)
+
+  rates = timed_windows(window, windows)
+  log(f"keras batch {batch_size:4d}: {statistics.median(rates):8,.0f} img/s "
+      f"(min {min(rates):,.0f}, max {max(rates):,.0f}; keras {keras.__version__}, "
+      f"backend {keras.backend.backend()})")
+  return {"batch_size": batch_size, "train_images_per_sec": summarize(rates),
+          "keras_version": keras.__version__, "backend": keras.backend.backend()}
+
+
+def environment(parallel) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  import flax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  device = parallel.devices[0]
+  return {
+      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(),
+      "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+      "flax": flax.__version__, "optax": optax.__version__, "fashion_jax": fashion_jax.__version__,
+      "backend": jax.default_backend(), "device_kind": device.device_kind,
+      "num_devices": parallel.num_devices, "parallelism": parallel.mode,
+      "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+      "threads": {k: os.environ.get(k) for k in ("XLA_FLAGS", "OMP_NUM_THREADS",
+                                                  "TF_NUM_INTRAOP_THREADS") if os.environ.get(k)},
+  }
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      match = re.search(r"model name\s*:\s*(.*)", f.read())
+    return match.group(1).strip() if match else platform.processor()
+  except OSError:
+    return platform.processor()
+
+
+def format_table(results: dict) -> str:
+  rows = [f"{'batch':>6} {'jax img/s (median)':>19} {'min':>8} {'max':>8} {'compile s':>10}"
+          + (f" {'keras img/s':>12} {'ratio':>6}" if "keras_sweep" in results else "")]
+  keras = {r["batch_size"]: r for r in results.get("keras_sweep", [])}
+  for r in results["sweep"]:
+    t = r["train_images_per_sec"]
+    row = (f"{r['batch_size']:>6} {t['median']:>19,.0f} {t['min']:>8,.0f} {t['max']:>8,.0f} "
+           f"{r['compile_s']:>10.2f}")
+    if keras:
+      k = keras[r["batch_size"]]["train_images_per_sec"]["median"]
+      row += f" {k:>12,.0f} {t['median'] / k:>6.2f}"
+    rows.append(row)
+  env = results["environment"]
+  lines = [
+      f"fashion_jax benchmark — {env['device_kind']} x{env['num_devices']}, {env['cpu']}, "
+      f"jax {env['jax']}, {env['date']}",
+      *rows,
+      f"best: {results['train_images_per_sec']:,.0f} img/s at batch {results['best_batch_size']}; "
+      f"model {results['flops_per_image'] / 1e6:.2f} MFLOP/image -> "
+      f"{results['achieved_gflops']:.1f} GFLOP/s = MFU {100 * results['mfu']:.1f}% of {results['peak_gflops_per_device']:.0f} GFLOP/s "
+      f"peak ({results['peak_source']})",
+      *([f"executed: {results['flops_per_image_executed'] / 1e6:.2f} MFLOP/image "
+         f"(XLA cost analysis of the program that ran, plus fashion_jax's native kernels) -> "
+         f"{100 * results['hfu']:.1f}% of peak (hardware FLOP utilization)"]
+        if results.get("hfu") else []),
+      *(["(MFU counts the model's FLOPs; above 100% means the formulation that ran needs fewer "
+         "FLOPs for the same math, e.g. Winograd, and the executed line is the hardware's view)"]
+        if results["mfu"] > 1 else []),
+      f"eval: {results['eval_examples']:,} images in {results['eval_seconds']:.3f}s "
+      f"({results['eval_images_per_sec']:,.0f} img/s)",
+  ]
+  for r in results.get("loop", []):
+    lines.append(f"loop {r['name']} (batch {r['batch_size']}, "
+                 f"{r['steps_per_dispatch']} steps/dispatch): {r['loop_images_per_sec']:,.0f} img/s "
+                 f"= {100 * r['vs_pure_step']:.1f}% of the pure step; pure window "
+                 f"{r['pure_window_images_per_sec']:,.0f} img/s; host work "
+                 f"{r['loop_host_us_per_step']:.1f} us/step")
+  if "compile_cached_s" in results:
+    lines.append(f"compile: {results['compile_first_s']:.2f}s, with persistent cache "
+                 f"{results['compile_cached_s']:.2f}s")
+  for source, r in results["input"].items():
+    lines.append(f"input {source}: " + (f"load {r['load_s']:.2f}s, {r['images_per_sec']:,.0f} img/s"
+                                        if r["available"] else f"unavailable ({r['reason'][:80]})"))
+  if "speedup_vs_keras" in results:
+    lines.append(f"speedup vs keras (best batch each): {results['speedup_vs_keras']:.2f}x "
+                 f"({results['train_images_per_sec']:,.0f} vs "
+                 f"{results['keras_train_images_per_sec']:,.0f} img/s at batch "
+                 f"{results['keras_best_batch_size']})")
+  return "\n".join(lines)

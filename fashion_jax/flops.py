@@ -1,0 +1,155 @@
+"""FLOP accounting for the benchmark: device peaks, model FLOPs, executed kernel FLOPs.
+
+MFU counts the model's FLOPs (XLA's cost analysis of the reference
+formulation); HFU the FLOPs the hardware executed, which adds what the native
+kernels' custom calls do (XLA counts them as none).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+
+# Dense peak TFLOP/s per device (one chip or GPU): (float32, bfloat16). TPUs run float32 matmuls
+# through their bf16 units (JAX's default precision), so both columns are the bf16 peak there;
+# GPUs: float32 = the CUDA-core FP32 peak, bfloat16 = the dense tensor-core peak.
+PEAK_TFLOPS = {
+    "TPU v2": (22.5, 22.5), "TPU v3": (61.5, 61.5), "TPU v4": (275.0, 275.0),
+    "TPU v5 lite": (197.0, 197.0), "TPU v5e": (197.0, 197.0), "TPU v5p": (459.0, 459.0),
+    "TPU v5": (459.0, 459.0), "TPU v6 lite": (918.0, 918.0), "TPU v6e": (918.0, 918.0),
+    "Tesla T4": (8.1, 65.0), "Tesla V100": (15.7, 125.0), "A100": (19.5, 312.0),
+    "L4": (30.3, 121.0), "A10G": (31.2, 125.0), "H100": (67.0, 989.0), "H200": (67.0, 989.0),
+    "L40S": (91.6, 362.0),
+}
+
+
+def cpu_peak_gflops() -> tuple[float, str]:
+  """Cores x clock x 32 fp32 FLOP/cycle (AVX2: 2 FMA units x 8 lanes x 2), or x64 with AVX-512."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  mhz, flags_line = 0.0, ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+    mhz = max(float(m) for m in re.findall(r"cpu MHz\s*:\s*([\d.]+)", info))
+    flags_line = re.search(r"flags\s*:(.*)", info).group(1)
+  except (OSError, ValueError, AttributeError):
+    pass
+  if not mhz:
+    mhz = 2500.0
+  per_cycle = 64 if " avx512f" in flags_line else 32 if " fma" in flags_line else 16
+  return cores * mhz / 1000 * per_cycle, f"{cores} cores x {mhz:.0f} MHz x {per_cycle} FLOP/cycle"
+
+
+def device_peak_gflops(device, dtype: str = "float32", given: float = 0.0) -> tuple[float, str]:
+  """Peak GFLOP/s of one device for `dtype`, and where the figure comes from (`given` > 0
+  is the user's --peak_gflops)."""
+  if given > 0:
+    return given, "--peak_gflops"
+  if device.platform == "cpu":
+    return cpu_peak_gflops()
+  kind = device.device_kind
+  for name, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+    if name.lower() in kind.lower():
+      column = 1 if dtype == "bfloat16" else 0
+      return tflops[column] * 1000, f"table entry {name!r}, {dtype}"
+  return float("nan"), f"unknown device kind {kind!r}: pass --peak_gflops"
+
+
+def peak_units(parallel) -> int:
+  """How many times the per-device peak the run can use.
+
+  CPU devices in one process share the host's cores (the CPU peak already
+  counts all of them), so on CPU that is one host's peak per process.
+  """
+  if parallel.devices[0].platform == "cpu":
+    return len({d.process_index for d in parallel.devices})
+  return parallel.num_devices
+
+
+def analytic_flops_per_image(model_name: str) -> float:
+  """Training FLOPs per image of the classic CNN counted by hand (fallback for cost analysis).
+
+  Forward: multiply-adds x 2 of each layer; backward ~2x forward.
+  """
+  if model_name != "cnn":
+    return float("nan")
+  forward = 2 * (26 * 26 * 32 * 9 * 1 + 11 * 11 * 64 * 9 * 32 + 1600 * 128 + 128 * 10)
+  return 3.0 * forward
+
+
+def cost_flops(compiled) -> float | None:
+  """FLOPs of one call from XLA's cost analysis, or None where the backend has none."""
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) or None
+  except Exception:  # Not every backend implements cost analysis.
+    return None
+
+
+def model_flops_per_image(config, batch_size: int) -> float | None:
+  """Training FLOPs per image of the model's math, whatever formulation runs.
+
+  MFU counts the model's FLOPs (as in the PaLM paper's definition), so it is
+  XLA's cost analysis of the train step written with the reference ops (XLA's
+  own convolution and pooling), compiled on one device but never run. A faster
+  formulation that needs fewer FLOPs for the same math (Winograd) then shows up
+  as a higher MFU, while `hfu` reports the FLOPs the hardware actually executed.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fashion_jax import steps  # pylint: disable=g-import-not-at-top
+
+  config = config.copy_and_resolve_references()
+  config.conv_impl, config.pool_impl = "xla", "xla"
+  model, tx = steps.create_model(config), steps.create_optimizer(config)
+  state = steps.create_train_state(model, tx, config.seed)
+  batch = {"image": jnp.zeros((batch_size,) + steps.IMAGE_SHAPE, jnp.uint8),
+           "label": jnp.zeros((batch_size,), jnp.int32)}
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx))
+  flops = cost_flops(step.lower(state, batch).compile())
+  return flops / batch_size if flops else None
+
+
+_TARGET_RE = re.compile(r'custom_call_target="(fashion_jax_[a-z_]+)"')
+_SHAPE_RE = re.compile(r"[a-z]+[0-9]*\[([0-9,]*)\]\{[0-9,]*\}")  # e.g. f32[4,28,28,1]{3,2,1,0}
+
+
+def _kernel_flops(target: str, operands: list[tuple[int, ...]]) -> float:
+  """Floating-point operations of one kernel call, from its operand shapes."""
+  if target in ("fashion_jax_conv_pool_fwd", "fashion_jax_conv_pool_bwd"):
+    (n, h, w, c), k = operands[0], operands[1][-1]
+    return 2.0 * n * ((h - 2) // 2) * ((w - 2) // 2) * 4 * 9 * c * k  # Multiply-adds x 2.
+  # Winograd transforms: additions only, ~32 per tile and channel each way.
+  if target == "fashion_jax_winograd_input":
+    n, h, w, c = operands[0]
+    return 32.0 * n * ((h - 2) // 2) * ((w - 2) // 2) * c
+  if target in ("fashion_jax_winograd_input_grad", "fashion_jax_winograd_output_pool"):
+    _, tiles, c = operands[0]
+    return 32.0 * tiles * c
+  if target == "fashion_jax_winograd_output_pool_grad":
+    n, th, tw, k = operands[0]
+    return 32.0 * n * th * tw * k
+  if target == "fashion_jax_winograd_weight_grad":  # V^T dM, 16 planes.
+    (planes, tiles, c), k = operands[0], operands[1][-1]
+    return 2.0 * planes * tiles * c * k
+  return 0.0
+
+
+def executed_flops(hlo_text: str) -> float:
+  """FLOPs the native kernels execute in a compiled program's HLO text.
+
+  XLA's cost analysis knows nothing about custom calls (it counts them as
+  none), so the benchmark adds this for its hardware-FLOP figures.
+  """
+  total = 0.0
+  for line in hlo_text.splitlines():
+    target = _TARGET_RE.search(line)
+    if not target or "operand_layout_constraints={" not in line:
+      continue
+    constraints = line.split("operand_layout_constraints={", 1)[1]
+    shapes = [tuple(int(d) for d in dims.split(",") if d)
+              for dims in _SHAPE_RE.findall(constraints)]
+    total += _kernel_flops(target.group(1), shapes)
+  return total

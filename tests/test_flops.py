@@ -1,0 +1,38 @@
+"""FLOP accounting (fashion_jax/flops.py): the native kernels' executed FLOPs, device peaks."""
+
+import jax
+import jax.numpy as jnp
+
+from fashion_jax import flops, native
+from tests.conftest import require_native
+
+
+def test_executed_flops_counts_the_kernels_xla_cannot_see():
+  require_native()
+  x, k, b = jnp.zeros((4, 28, 28, 1)), jnp.zeros((3, 3, 1, 32)), jnp.zeros(32)
+  step = jax.jit(jax.grad(lambda k: jnp.sum(native.conv3x3_pool2(x, k, b))))
+  direct = 2 * 4 * 13 * 13 * 4 * 9 * 32  # Multiply-adds x 2 of 4 conv outputs per pooled one.
+  assert flops.executed_flops(step.lower(k).compile().as_text()) == 2 * direct  # Fwd + bwd.
+  x8, k8 = jnp.zeros((4, 13, 13, 32)), jnp.zeros((3, 3, 32, 64))
+  step = jax.jit(jax.grad(lambda x: jnp.sum(native.conv3x3_pool2(x, k8, jnp.zeros(64)))))
+  tiles = 4 * 5 * 5
+  # The four transforms (input, output+pool, and their gradients); no kernel gradient needed.
+  assert flops.executed_flops(step.lower(x8).compile().as_text()) == 32 * tiles * (2 * 32 + 2 * 64)
+  step = jax.jit(jax.grad(lambda k: jnp.sum(native.conv3x3_pool2(x8, k, jnp.zeros(64)))))
+  weight_grad = 2 * 16 * tiles * 32 * 64
+  assert (flops.executed_flops(step.lower(k8).compile().as_text())
+          == 32 * tiles * (32 + 64 + 64) + weight_grad)  # dx is not needed here.
+  assert flops.executed_flops("%c = f32[2] custom-call(), custom_call_target=\"other\"") == 0
+
+
+class _Device:
+  platform, device_kind = "gpu", "NVIDIA H200"
+
+
+def test_device_peaks_by_kind_and_dtype():
+  assert flops.device_peak_gflops(_Device(), "float32") == (67_000.0, "table entry 'H200', float32")
+  assert flops.device_peak_gflops(_Device(), "bfloat16")[0] == 989_000.0
+  assert flops.device_peak_gflops(_Device(), "float32", given=5.0) == (5.0, "--peak_gflops")
+  unknown = type("D", (), {"platform": "gpu", "device_kind": "Mystery 9000"})()
+  peak, why = flops.device_peak_gflops(unknown)
+  assert peak != peak and "--peak_gflops" in why  # NaN, and what to do.
