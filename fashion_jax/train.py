@@ -6,6 +6,7 @@ The step functions it runs are in steps.py.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -115,27 +116,44 @@ def fingerprint(config: ml_collections.ConfigDict, train_examples: int, total_st
   return json.loads(json.dumps(values))  # As the checkpoint's JSON gives it back.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=None) -> dict:
-  """Trains (resuming from the latest checkpoint in workdir) and evaluates.
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What a run fixes before its first step: data, step counts, intervals, devices."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  parallel: parallel_lib.Parallel
+  train: input_pipeline.Split
+  val: input_pipeline.Split | None
+  test: input_pipeline.Split
+  data_description: str
+  train_examples: int  # Before the validation hold-out.
+  steps_per_epoch: int
+  total_steps: int
+  eval_every: int
+  checkpoint_every: int
 
-  Returns the last eval metrics. Raises UserError for fixable input problems,
-  stops.Preempted after a signal (with a checkpoint saved at the step all
-  processes agreed on). `splits`: (train, test) already in memory (the
-  benchmark's loop timing), instead of loading the configured data.
-  """
-  with contextlib.ExitStack() as cleanup:
-    return _train_and_evaluate(config, workdir, splits, cleanup)
+  @property
+  def is_lead(self) -> bool:
+    return self.parallel.process_index == 0
+
+  def derived(self) -> dict:
+    """What config.json records beside the config: the values derived from it here."""
+    return {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "eval_every_steps": self.eval_every, "checkpoint_every_steps": self.checkpoint_every,
+            "parallelism": self.parallel.mode, "num_devices": self.parallel.num_devices,
+            "num_processes": self.parallel.process_count, "backend": jax.default_backend(),
+            "data_source": self.data_description, "jax_version": jax.__version__,
+            "fashion_jax_version": fashion_jax.__version__}
 
 
-def _train_and_evaluate(config, workdir, splits, cleanup: contextlib.ExitStack) -> dict:
+def prepare(config: ml_collections.ConfigDict, workdir: str, splits=None) -> Run:
+  """Validates the config, sets up the devices and loads the data (or takes `splits`)."""
   config_lib.validate(config)
   workdir = errors.ensure_writable_dir(workdir, "--workdir")
   parallel = parallel_lib.Parallel(config.parallelism)
   batch_split = parallel.check_batch(config.batch_size, "batch_size")
-  is_lead = parallel.process_index == 0
   logging.info("%s; batch global=%d per-host=%d per-device=%d", parallel_lib.describe(parallel),
                batch_split["global"], batch_split["per_host"], batch_split["per_device"])
-
   if splits is None:
     data_source = input_pipeline.source(config)
     logging.info("data: %s from %s", config.dataset, data_source.describe())
@@ -144,186 +162,215 @@ def _train_and_evaluate(config, workdir, splits, cleanup: contextlib.ExitStack) 
     data_description = data_source.describe()
   else:
     (train_split, test_split), data_description = splits, "given in memory"
-  train_examples = len(train_split)  # Before the hold-out (validation_size is its own key).
+  train_examples = len(train_split)
   train_split, val_split = input_pipeline.hold_out(train_split, config.validation_size)
-  steps_per_epoch = config_lib.steps_per_epoch(config, len(train_split))
-  total_steps = config_lib.total_steps(config, len(train_split))
-  eval_every = config_lib.eval_every_steps(config, len(train_split))
-  checkpoint_every = config_lib.checkpoint_every_steps(config, len(train_split))
-  logging.info("data: %d train, %d test examples; %d steps (%d per epoch)", len(train_split),
-               len(test_split), total_steps, steps_per_epoch)
+  n = len(train_split)
+  run = Run(config, workdir, parallel, train_split, val_split, test_split, data_description,
+            train_examples, config_lib.steps_per_epoch(config, n), config_lib.total_steps(config, n),
+            config_lib.eval_every_steps(config, n), config_lib.checkpoint_every_steps(config, n))
+  logging.info("data: %d train, %d test examples; %d steps (%d per epoch)", n, len(test_split),
+               run.total_steps, run.steps_per_epoch)
+  return run
 
-  model = steps.create_model(config, axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
-  # Jitted: it only feeds log lines, and op by op its first call compiles for 0.75 s.
-  schedule = jax.jit(steps.create_schedule(config, total_steps))
-  tx = steps.create_optimizer(config, total_steps)
-  init_state = steps.create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
-  description = checkpointing.describe_state(
-      config.model, init_state, fingerprint(config, train_examples, total_steps))
-  # Closed (pending saves finished, event files flushed) however the run ends.
-  checkpointer = cleanup.enter_context(checkpointing.Checkpointer(
-      os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
-      async_save=config.async_checkpointing))
-  writer = cleanup.enter_context(metric_writers.MetricWriter(workdir, enabled=is_lead))
-  abstract = parallel.abstract_state(init_state)
-  latest, restored = checkpointer.restore_latest(abstract, description)
+
+def restore(run: Run, checkpointer, writer, init_state, description):
+  """(state placed on the devices, its step): the latest readable checkpoint, else `init_state`.
+
+  Drops the metrics lines an interrupted attempt wrote after that step.
+  """
+  latest, restored = checkpointer.restore_latest(run.parallel.abstract_state(init_state),
+                                                 description)
+  dropped = writer.truncate_after(latest or 0)
   if latest is not None:
-    state = parallel.put_state(restored)
-    del restored
-    dropped = writer.truncate_after(latest)
     logging.info("resumed from checkpoint at step %d%s", latest,
                  f" (dropped {dropped} metrics lines written after it)" if dropped else "")
-  else:
-    state = parallel.put_state(init_state)
-    dropped = writer.truncate_after(0)  # A previous attempt died before its first checkpoint.
-    if dropped:
-      logging.info("no checkpoint yet: starting from step 0 (dropped %d metrics lines of an "
-                   "earlier attempt)", dropped)
-  del init_state
-  start_step = latest or 0
-  # Only now is the run known to go on (a refused resume raised above): config.json is
-  # rewritten only for a run that uses this workdir's checkpoints as they are.
-  if is_lead:
-    _write_config(workdir, config, {
-        "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "eval_every_steps": eval_every,
-        "checkpoint_every_steps": checkpoint_every,
-        "parallelism": parallel.mode, "num_devices": parallel.num_devices,
-        "num_processes": parallel.process_count, "backend": jax.default_backend(),
-        "data_source": data_description,
-        "jax_version": jax.__version__, "fashion_jax_version": fashion_jax.__version__})
+    return run.parallel.put_state(restored), latest
+  if dropped:  # A previous attempt died before its first checkpoint.
+    logging.info("no checkpoint yet: starting from step 0 (dropped %d metrics lines of an "
+                 "earlier attempt)", dropped)
+  return run.parallel.put_state(init_state), 0
 
-  inference_model = steps.create_model(config, training=False)
-  evaluator = Evaluator(test_split, config, inference_model, parallel)
-  val_evaluator = Evaluator(val_split, config, inference_model, parallel) if val_split else None
-  samples = None
-  if is_lead and config.tensorboard_samples:
-    samples = SamplePredictions(test_split, config.tensorboard_samples, inference_model, parallel,
-                                datasets.class_names(config.dataset))
-  show_progress = progress.wanted(config.progress_bar, is_lead)
-  bar = progress.Bar(False, 0)  # The train loop's bar, once it starts.
 
-  def evaluate(step: int) -> dict:
-    t0 = time.perf_counter()
-    result = _summarize(evaluator(state, show_progress, "eval test"), "eval")
+class Evaluation:
+  """The periodic evaluation: test (and validation) metrics, written and logged."""
+
+  def __init__(self, run: Run, writer, show_progress: bool):
+    config, parallel = run.config, run.parallel
+    model = steps.create_model(config, training=False)
+    self.run, self.writer, self.show_progress = run, writer, show_progress
+    self.test = Evaluator(run.test, config, model, parallel)
+    self.val = Evaluator(run.val, config, model, parallel) if run.val else None
+    self.samples = None
+    if run.is_lead and config.tensorboard_samples:
+      self.samples = SamplePredictions(run.test, config.tensorboard_samples, model, parallel,
+                                       datasets.class_names(config.dataset))
+    self.bar = progress.Bar(False, 0)  # The train loop's bar, once it starts.
+
+  def __call__(self, state, step: int) -> dict:
+    run, t0 = self.run, time.perf_counter()
+    result = _summarize(self.test(state, self.show_progress, "eval test"), "eval")
     seconds = time.perf_counter() - t0
-    if val_evaluator is not None:
-      result.update(_summarize(val_evaluator(state, show_progress, "eval val"), "val"))
-    result = {"epoch": step / steps_per_epoch, **result}
-    writer.write(step, result)
-    if samples is not None:
-      writer.write_figure(step, "eval/sample_predictions", samples(state))
-    writer.flush()
-    with bar.external_write():
+    if self.val is not None:
+      result.update(_summarize(self.val(state, self.show_progress, "eval val"), "val"))
+    result = {"epoch": step / run.steps_per_epoch, **result}
+    self.writer.write(step, result)
+    if self.samples is not None:
+      self.writer.write_figure(step, "eval/sample_predictions", self.samples(state))
+    self.writer.flush()
+    with self.bar.external_write():
       logging.info("eval  step %d/%d epoch %.2f | loss %.4f accuracy %.2f%% | %.2fs for %d images",
-                   step, total_steps, step / steps_per_epoch, result["eval_loss"],
-                   100 * result["eval_accuracy"], seconds, len(test_split))
-    bar.set_postfix(eval_acc=f"{100 * result['eval_accuracy']:.2f}%")
+                   step, run.total_steps, step / run.steps_per_epoch, result["eval_loss"],
+                   100 * result["eval_accuracy"], seconds, len(run.test))
+    self.bar.set_postfix(eval_acc=f"{100 * result['eval_accuracy']:.2f}%")
     return result
 
-  if start_step >= total_steps:
-    logging.info("training already finished (step %d); evaluating the final checkpoint", start_step)
-    return evaluate(start_step)
 
-  step_kwargs = {"model": model, "tx": tx, "label_smoothing": config.label_smoothing,
-                 "ema_decay": config.ema_decay,
-                 "augment": augment.make_augment(config.augment_translate, config.augment_flip,
-                                                 config.random_erasing)}
-  data_placement = loop.placement(config)
-  windows = loop.Windows(functools.partial(steps.train_step, **step_kwargs), train_split, config,
-                         parallel, data_placement, start_step)
-  window = loop.window_length(config, steps_per_epoch, checkpoint_every, eval_every,
-                              jax.default_backend())
-  logging.info("train loop: data on the %s, %d steps per dispatch", data_placement, window)
-  intervals = loop.LogIntervals(config.log_every_steps, total_steps, steps.combine_metrics)
+class TrainLog:
+  """The train metrics' log lines: fetched a window at a time, written per log interval."""
 
-  def save(step: int, metrics: dict | None = None) -> None:
-    checkpointer.save(step, parallel.logical_state(state), description, metrics)
+  def __init__(self, run: Run, writer, schedule, checkpointer, bar):
+    self.run, self.writer, self.schedule, self.checkpointer, self.bar = (
+        run, writer, schedule, checkpointer, bar)
+    self.intervals = loop.LogIntervals(run.config.log_every_steps, run.total_steps,
+                                       steps.combine_metrics)
+    self.clock = (time.perf_counter(), 0)  # Since when images/s counts: (time, step).
 
-  step = start_step
-  last_result = {}
-  clock = [time.perf_counter(), step]  # Since when images/s counts: (time, step).
-  compile_seconds = 0.0
-  bar = progress.Bar(show_progress, total_steps * config.batch_size, step * config.batch_size,
-                     desc="train")
+  def restart_clock(self, step: int) -> None:
+    self.clock = (time.perf_counter(), step)
 
-  def log_lines(first_step: int, metrics) -> None:
+  def __call__(self, first_step: int, metrics) -> None:
     """Fetches a window's per-step metrics (waits for it) and writes the log lines it ends."""
-    fetched = parallel.fetch(metrics)
+    run, config = self.run, self.run.config
+    fetched = run.parallel.fetch(metrics)
     now, last = time.perf_counter(), first_step + len(fetched["count"])
-    images_per_sec = float("nan")
-    if last > clock[1]:
-      images_per_sec = (last - clock[1]) * config.batch_size / (now - clock[0])
-      clock[:] = [now, last]
-    for line_step, sums in intervals.add(first_step, fetched):
-      train = _summarize(sums, "train")
-      skipped = int(sums["nonfinite_steps"])
+    rate = float("nan")
+    if last > self.clock[1]:
+      rate = (last - self.clock[1]) * config.batch_size / (now - self.clock[0])
+      self.clock = (now, last)
+    for line_step, sums in self.intervals.add(first_step, fetched):
+      train, skipped = _summarize(sums, "train"), int(sums["nonfinite_steps"])
       if skipped and config.on_nonfinite == "stop":
         raise UserError(
             f"training diverged: non-finite loss or gradients at step "
             f"{int(sums['first_nonfinite_step'])} (that update was not applied); the last good "
-            f"checkpoint is at step {checkpointer.latest_step()} in {checkpointer.directory}; "
-            "lower --config.learning_rate, or pass --config.on_nonfinite=skip to skip such batches")
+            f"checkpoint is at step {self.checkpointer.latest_step()} in "
+            f"{self.checkpointer.directory}; lower --config.learning_rate, or pass "
+            "--config.on_nonfinite=skip to skip such batches")
       if skipped:
-        with bar.external_write():
+        with self.bar.external_write():
           logging.warning("skipped %d step(s) with non-finite loss or gradients, the first "
                           "at step %d", skipped, int(sums["first_nonfinite_step"]))
-      line = {"epoch": line_step / steps_per_epoch, **train,
-              "learning_rate": float(schedule(line_step - 1))}  # Of the interval's last step.
+      line = {"epoch": line_step / run.steps_per_epoch, **train,
+              "learning_rate": float(self.schedule(line_step - 1))}  # Of the interval's last step.
       if skipped:
         line["train_skipped_steps"] = skipped
-      if math.isfinite(images_per_sec):
-        line["train_images_per_sec"] = images_per_sec
-      writer.write(line_step, line)
-      bar.set_postfix(loss=f"{train['train_loss']:.4f}", acc=f"{100 * train['train_accuracy']:.2f}%")
-      if not bar.enabled:  # The bar shows the same (and metrics.jsonl has it all).
-        remaining = ((total_steps - line_step) * config.batch_size / images_per_sec
-                     if math.isfinite(images_per_sec) else float("nan"))
+      if math.isfinite(rate):
+        line["train_images_per_sec"] = rate
+      self.writer.write(line_step, line)
+      self.bar.set_postfix(loss=f"{train['train_loss']:.4f}",
+                           acc=f"{100 * train['train_accuracy']:.2f}%")
+      if not self.bar.enabled:  # The bar shows the same (and metrics.jsonl has it all).
+        remaining = ((run.total_steps - line_step) * config.batch_size / rate
+                     if math.isfinite(rate) else float("nan"))
         logging.info("train step %d/%d epoch %.2f | loss %.4f accuracy %.2f%% | %s img/s | "
-                     "eta %s", line_step, total_steps, line_step / steps_per_epoch,
+                     "eta %s", line_step, run.total_steps, line_step / run.steps_per_epoch,
                      train["train_loss"], 100 * train["train_accuracy"],
-                     f"{images_per_sec:,.0f}" if math.isfinite(images_per_sec) else "-",
-                     _fmt_seconds(remaining))
+                     f"{rate:,.0f}" if math.isfinite(rate) else "-", _fmt_seconds(remaining))
 
-  with stops.StopRequest() as stop, bar:
-    in_flight = None  # The dispatched window whose metrics are not read yet: (first step, metrics).
-    while step < total_steps:
-      n = min(window - step % window, total_steps - step)
-      t0 = time.perf_counter()
-      state, metrics, compiled = windows(state, step, n)
-      if compiled:  # This length was compiled by this call; keep it out of images/s.
-        jax.block_until_ready(metrics)
-        compile_seconds += time.perf_counter() - t0
-        with bar.external_write():
-          logging.info("compiled and ran the %d-step train window in %.2fs", n,
-                       time.perf_counter() - t0)
-        clock[:] = [time.perf_counter(), step + n]
-        bar.restart_clock()
-      faults.maybe_kill("step", step + 1, step + n)  # Tests: SIGKILL while steps run.
-      if in_flight is not None:  # Read the previous window while this one runs.
-        log_lines(*in_flight)
-      in_flight = (step, metrics)
-      step += n
-      bar.update(n * config.batch_size)
-      stopping = stop.agreed(step) if step < total_steps else None  # The same on every process.
-      if step % checkpoint_every and step % eval_every and step < total_steps and not stopping:
-        continue
-      log_lines(*in_flight)  # The host needs the state here: drain the pipeline first.
-      in_flight = None
-      evaluated = None
-      if step % eval_every == 0 or step == total_steps:
-        last_result = evaluated = evaluate(step)
-      if step % checkpoint_every == 0 or step == total_steps:
-        save(step, evaluated)  # With its validation accuracy: the best one is kept.
-      if stopping:
-        save(step)
-        checkpointer.wait()  # Durable before the process exits.
-        raise stops.Preempted(f"stopped by {stopping} at step {step}; checkpoint saved in "
-                              f"{checkpointer.directory}; re-run the same command to resume")
-      clock[:] = [time.perf_counter(), step]
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=None) -> dict:
+  """Trains (resuming from the latest checkpoint in workdir) and evaluates.
+
+  Returns the last eval metrics. Raises UserError for fixable input problems,
+  stops.Preempted after a signal (with a checkpoint saved at the step all
+  processes agreed on). `splits`: (train, test) already in memory (the
+  benchmark's loop timing), instead of loading the configured data.
+  """
+  run = prepare(config, workdir, splits)
+  parallel, total_steps = run.parallel, run.total_steps
+  model = steps.create_model(config, axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
+  tx = steps.create_optimizer(config, total_steps)
+  init_state = steps.create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
+  description = checkpointing.describe_state(
+      config.model, init_state, fingerprint(config, run.train_examples, total_steps))
+  with contextlib.ExitStack() as cleanup:  # Pending saves finished, files flushed, however it ends.
+    checkpointer = cleanup.enter_context(checkpointing.Checkpointer(
+        os.path.join(run.workdir, "checkpoints"), keep=config.keep_checkpoints,
+        async_save=config.async_checkpointing))
+    writer = cleanup.enter_context(metric_writers.MetricWriter(run.workdir, enabled=run.is_lead))
+    state, step = restore(run, checkpointer, writer, init_state, description)
+    del init_state
+    if run.is_lead:  # Only now is the run known to go on (a refused resume raised above).
+      _write_config(run.workdir, config, run.derived())
+    show_progress = progress.wanted(config.progress_bar, run.is_lead)
+    evaluate = Evaluation(run, writer, show_progress)
+    if step >= total_steps:
+      logging.info("training already finished (step %d); evaluating the final checkpoint", step)
+      return evaluate(state, step)
+
+    augmentation = augment.make_augment(config.augment_translate, config.augment_flip,
+                                        config.random_erasing)
+    train_step = functools.partial(steps.train_step, model=model, tx=tx, augment=augmentation,
+                                   label_smoothing=config.label_smoothing,
+                                   ema_decay=config.ema_decay)
+    placement = loop.placement(config)
+    windows = loop.Windows(train_step, run.train, config, parallel, placement, step)
+    window = loop.window_length(config, run.steps_per_epoch, run.checkpoint_every,
+                                run.eval_every, jax.default_backend())
+    logging.info("train loop: data on the %s, %d steps per dispatch", placement, window)
+    bar = evaluate.bar = progress.Bar(show_progress, total_steps * config.batch_size,
+                                      step * config.batch_size, desc="train")
+    # Jitted: it only feeds log lines, and op by op its first call compiles for 0.75 s.
+    log = TrainLog(run, writer, jax.jit(steps.create_schedule(config, total_steps)), checkpointer,
+                   bar)
+    log.restart_clock(step)
+
+    def save(step: int, results: dict) -> None:  # With its validation accuracy: best is kept.
+      checkpointer.save(step, parallel.logical_state(state), description, results.get("eval"))
+
+    # The periodic actions, in order, at the window boundaries where `step % every == 0` (and
+    # at the last step); each gets the results of the ones before it at that step.
+    actions = [("eval", run.eval_every, lambda step, results: evaluate(state, step)),
+               ("checkpoint", run.checkpoint_every, save)]
+    last_eval, compile_seconds = {}, 0.0
+    with stops.StopRequest() as stop, bar:
+      in_flight = None  # The dispatched window whose metrics are not read yet.
+      while step < total_steps:
+        n, t0 = min(window - step % window, total_steps - step), time.perf_counter()
+        state, metrics, compiled = windows(state, step, n)
+        if compiled:  # This length was compiled by this call; keep it out of images/s.
+          jax.block_until_ready(metrics)
+          compile_seconds += time.perf_counter() - t0
+          with bar.external_write():
+            logging.info("compiled and ran the %d-step train window in %.2fs", n,
+                         time.perf_counter() - t0)
+          log.restart_clock(step + n)
+          bar.restart_clock()
+        faults.maybe_kill("step", step + 1, step + n)  # Tests: SIGKILL while steps run.
+        if in_flight is not None:  # Read the previous window while this one runs.
+          log(*in_flight)
+        in_flight, step = (step, metrics), step + n
+        bar.update(n * config.batch_size)
+        stopping = stop.agreed(step) if step < total_steps else None  # Same on every process.
+        due = [(name, action) for name, every, action in actions
+               if step % every == 0 or step == total_steps]
+        if not due and not stopping:
+          continue
+        log(*in_flight)  # The host needs the state here: drain the pipeline first.
+        in_flight, results = None, {}
+        for name, action in due:
+          results[name] = action(step, results)
+        last_eval = results.get("eval", last_eval)
+        if stopping:
+          save(step, {})
+          checkpointer.wait()  # Durable before the process exits.
+          raise stops.Preempted(f"stopped by {stopping} at step {step}; checkpoint saved in "
+                                f"{checkpointer.directory}; re-run the same command to resume")
+        log.restart_clock(step)
   logging.info("done: step %d, eval accuracy %.2f%%, compile %.1fs, wall %.1fs", step,
-               100 * last_result.get("eval_accuracy", float("nan")), compile_seconds,
+               100 * last_eval.get("eval_accuracy", float("nan")), compile_seconds,
                fashion_jax.seconds_since_start())
-  return last_result
+  return last_eval
 
 
 def _fmt_seconds(seconds: float) -> str:

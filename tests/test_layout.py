@@ -97,3 +97,10 @@ print("LOADED", sorted(m for m in sys.modules if m in (
 """)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "LOADED []" in proc.stdout, proc.stdout
+
+
+def test_train_and_evaluate_reads_in_one_screenful():
+  tree = ast.parse(open(os.path.join(PACKAGE, "train.py")).read())
+  function = next(n for n in tree.body
+                  if isinstance(n, ast.FunctionDef) and n.name == "train_and_evaluate")
+  assert function.end_lineno - function.lineno + 1 <= 100
