@@ -54,7 +54,7 @@ def parse_flags(argv):
       guess = re.search(r'Did you mean "(\w+)"', text)
       message = (f"unknown config key {unknown.group(1)!r}"
                  + (f"; did you mean {guess.group(1)!r}?" if guess else "")
-                 + "; the keys are listed in configs/default.py")
+                 + "; the keys are listed in fashion_jax/default_config.py")
     else:
       message = text.strip()
     program = os.path.basename(sys.argv[0]) if sys.argv else "fashion_jax"

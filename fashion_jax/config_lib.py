@@ -20,18 +20,6 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 
 
-# Keys added to configs/default.py after runs were already being saved, with the
-# default value, so a run's config.json from an older version still loads (for
-# predict/evaluate/export). Append here whenever a key is added to default.py.
-# Every value here is the "off" behaviour the older runs had.
-ADDED_KEYS = {
-    "model_kwargs": {}, "compute_dtype": "float32", "lr_schedule": "constant", "warmup_steps": 0,
-    "weight_decay": 0.0, "momentum": 0.9, "label_smoothing": 0.0, "ema_decay": 0.0,
-    "augment_translate": 0, "augment_flip": False, "random_erasing": 0.0, "eval_flip_tta": False,
-    "validation_size": 0, "on_nonfinite": "stop", "deterministic": False,
-    "progress_bar": "auto", "tensorboard_samples": 16, "backend": "auto",
-    "data_placement": "auto",
-}
 
 
 def load_sibling(config_file: str, name: str) -> ml_collections.ConfigDict:

@@ -20,6 +20,7 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -28,6 +29,7 @@ import numpy as np
 from fashion_jax import checkpointing
 from fashion_jax import config_lib
 from fashion_jax import datasets
+from fashion_jax import default_config
 from fashion_jax import metric_writers
 from fashion_jax import steps
 from fashion_jax import errors
@@ -51,9 +53,13 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   except (OSError, json.JSONDecodeError) as e:
     raise UserError(f"cannot read {path} ({e}); it should be the JSON written by training") from e
   values.pop("_derived", None)
-  for key, value in config_lib.ADDED_KEYS.items():
-    values.setdefault(key, value)
-  config = ml_collections.ConfigDict(values)
+  # The saved values over the current defaults: keys added since that run keep their
+  # defaults (what that run did before they existed); keys since removed are dropped.
+  config = default_config.get_config()
+  unknown = sorted(set(values) - set(config.keys()))
+  if unknown:
+    logging.info("%s: ignoring settings this version no longer has: %s", path, ", ".join(unknown))
+  config.update({key: value for key, value in values.items() if key not in unknown})
   try:
     config_lib.validate(config)
   except AttributeError as e:
