@@ -148,8 +148,11 @@ def test_cli_errors_are_one_line_and_nonzero(idx_dir, tmp_path):
       "--config.modle=cnn": "unknown config key 'modle'; did you mean 'model'",
       "--config.batch_size=abc": "batch_size",
       "--config.idx_dir=/no/such/folder": "IDX folder '/no/such/folder' does not exist",
-      # model_kwargs takes keys the config file does not list; the model checks them.
-      "--config.model_kwargs.depht=3": "config.model_kwargs={'depht': 3} do not fit model 'cnn'",
+      # model_kwargs is set whole (a dict literal, parsed by ml_collections); the model checks
+      # its keys. One key alone works only where the config file lists it.
+      '--config.model_kwargs={"depht": 3}': "config.model_kwargs={'depht': 3} do not fit model 'cnn'",
+      "--config.model_kwargs.depth=3": "config.model_kwargs has no key 'depth' in this config "
+                                       "file; set the whole dict instead",
   }
   for flag, message in cases.items():
     proc = run_module("fashion_jax.main", *common, flag)
