@@ -1,5 +1,6 @@
 """The one exception type for mistakes a user can fix (bad config, data, workdir...)."""
 
+import importlib.util
 import os
 import tempfile
 
@@ -39,3 +40,18 @@ def ensure_writable_dir(path: str, flag: str) -> str:
     raise UserError(f"{flag} {path!r} is not writable ({e.strerror}); pass a {flag} you can "
                     "write to") from e
   return path
+
+
+def available(module: str) -> bool:
+  """Whether `module` can be imported (without importing it)."""
+  try:
+    return importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):  # A module blocked in sys.modules (None), or broken.
+    return False
+
+
+def require(module: str, package: str, extra: str, what: str) -> None:
+  """A UserError naming the extra to install if `module` (of `package`) is not importable."""
+  if not available(module):
+    raise UserError(f"{what} needs {package}, which is not installed here; install it with "
+                    f"pip install 'fashion_jax[{extra}]' (or pip install {package})")

@@ -212,6 +212,7 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
   Raises UserError for anything the user can fix (no run, no checkpoint,
   missing data, unwritable output).
   """
+  errors.require("matplotlib", "matplotlib", "serve", "python -m fashion_jax.evaluate (its figures)")
   from fashion_jax import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
   from fashion_jax import report  # pylint: disable=g-import-not-at-top  (imports matplotlib)
   if num_mistakes < 0:

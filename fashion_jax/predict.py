@@ -44,6 +44,7 @@ from absl import flags
 from absl import logging
 
 from fashion_jax import cli
+from fashion_jax import errors
 from fashion_jax import preprocess
 from fashion_jax.errors import UserError
 
@@ -147,6 +148,7 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   err = sys.stderr if err is None else err
+  errors.require("PIL", "Pillow", "serve", "python -m fashion_jax.predict (reading images)")
   if not paths:
     raise UserError("no inputs: pass image files or folders after the flags, e.g. "
                     "python -m fashion_jax.predict --workdir=DIR photo.jpg photos/")

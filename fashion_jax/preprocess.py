@@ -71,8 +71,11 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image
-from PIL import ImageOps
+try:
+  from PIL import Image
+  from PIL import ImageOps
+except ImportError:  # Pillow is the `serve` extra; predict says so in one line (errors.require).
+  Image = ImageOps = None
 
 SIZE = 28
 TRIM_FUZZ = 0.05  # Fraction of the full 0..255 colour distance.

@@ -12,13 +12,18 @@ and takes the same decision at the same step. The cost is one
 round trip to the coordinator per window (each window is tens to thousands of
 steps).
 
-A second signal to a process raises KeyboardInterrupt there (stop waiting).
+A second signal raises KeyboardInterrupt (stop waiting) in a single-process run;
+with several processes it is ignored with a warning: a process leaving a
+collective Orbax save half-way would leave the others waiting in it forever
+(reproduced: a job whose processes each got two SIGTERMs hung). SIGKILL still
+stops at once, and the previous checkpoint stays the latest.
 """
 
 from __future__ import annotations
 
 import signal
 
+from absl import logging
 import jax
 
 from fashion_jax import multihost
@@ -50,9 +55,13 @@ class StopRequest:
 
   def _handle(self, signum, frame):
     del frame
-    if self.signal is not None:  # Second signal: stop waiting.
+    if self.signal is None:
+      self.signal = signal.Signals(signum).name
+    elif jax.process_count() == 1:  # A second signal: stop waiting (nothing collective to break).
       raise KeyboardInterrupt
-    self.signal = signal.Signals(signum).name
+    else:  # Several processes: leaving a collective save half-way would hang the others.
+      logging.warning("already stopping at the next agreed step (%s ignored); SIGKILL stops now",
+                      signal.Signals(signum).name)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():

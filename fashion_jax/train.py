@@ -201,7 +201,10 @@ class Evaluation:
     self.test = Evaluator(run.test, config, model, parallel)
     self.val = Evaluator(run.val, config, model, parallel) if run.val else None
     self.samples = None
-    if run.is_lead and config.tensorboard_samples:
+    if run.is_lead and config.tensorboard_samples and not errors.available("matplotlib"):
+      logging.warning("no TensorBoard sample predictions: they need matplotlib (pip install "
+                      "'fashion_jax[serve]'); pass --config.tensorboard_samples=0 to silence this")
+    elif run.is_lead and config.tensorboard_samples:
       self.samples = SamplePredictions(run.test, config.tensorboard_samples, model, parallel,
                                        datasets.class_names(config.dataset))
     self.bar = progress.Bar(False, 0)  # The train loop's bar, once it starts.

@@ -11,6 +11,8 @@
 # and the script exits 1; if the job was stopped by a signal (to this script or to any one
 # process) it exits 75 once every process has saved. Runs $PYTHON (default: python3 from PATH).
 set -uo pipefail
+set -m  # Each process in its own process group: a Ctrl-C reaches this script only, which forwards
+        # it once (a process signalled twice mid-save would leave the others waiting in it).
 if [ $# -lt 3 ]; then
   sed -n '2,12p' "$0" >&2
   exit 2
@@ -42,7 +44,7 @@ while [ ${#running[@]} -gt 0 ]; do
   finished=""
   wait -n -p finished "${running[@]}"
   rc=$?
-  [ -z "$finished" ] && continue  # Interrupted by a forwarded signal: keep waiting.
+  [ -z "${finished:-}" ] && continue  # Interrupted by a forwarded signal: keep waiting.
   left=()
   for pid in "${running[@]}"; do [ "$pid" != "$finished" ] && left+=("$pid"); done
   running=("${left[@]}")

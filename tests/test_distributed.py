@@ -96,7 +96,7 @@ def _launch(workdir, *flags, wait=True):
   args = ["bash", "launch/local_multiprocess.sh", "2", "1", str(workdir), *flags]
   if not wait:
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True)
   return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -118,6 +118,60 @@ def _pid_of(workdir, process_id: int) -> int:
   raise AssertionError(f"no process {process_id} training into {workdir}")
 
 
+def _wait_for_stop(launcher, workdir, timeout: float = 90) -> str:
+  """The launcher's stderr once it exits; kills the job and fails if that takes `timeout`."""
+  try:
+    return launcher.communicate(timeout=timeout)[1]
+  except subprocess.TimeoutExpired:
+    for process_id in (0, 1):
+      try:
+        os.kill(_pid_of(workdir, process_id), signal.SIGKILL)
+      except AssertionError:
+        pass
+    launcher.kill()
+    launcher.communicate()
+    raise AssertionError(f"the job did not stop within {timeout} s of the signal")
+
+
+def _start_and_wait_for_steps(workdir, flags, lines: int = 8):
+  launcher = _launch(workdir, *flags, "--config.num_train_steps=100000", wait=False)
+  metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + 300
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= lines):
+    assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
+    time.sleep(0.2)
+  return launcher
+
+
+def test_signals_to_every_process_and_the_launcher_stop_at_one_step(tmp_path, idx_dir):
+  """What `pkill -f WORKDIR` does (the launcher forwards its SIGTERM too), and more signals
+  while the collective save runs: every process stops at one step and exits 75, no hang."""
+  workdir = tmp_path / "run"
+  flags = ["--config=configs/tiny.py", f"--config.idx_dir={idx_dir}", "--config.log_every_steps=1",
+           "--config.steps_per_dispatch=4", "--config.eval_every_steps=100000",
+           "--config.checkpoint_every_steps=100000"]
+  launcher = _start_and_wait_for_steps(workdir, flags)
+  pids = (_pid_of(workdir, 0), _pid_of(workdir, 1))
+  for pid in (*pids, launcher.pid):
+    os.kill(pid, signal.SIGTERM)
+  signalled = time.monotonic()
+  checkpoints = workdir / "checkpoints"  # Once the save has begun, signal each process again.
+  while launcher.poll() is None and not (checkpoints.exists() and os.listdir(checkpoints)):
+    time.sleep(0.005)
+  for pid in pids:
+    try:
+      os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+      pass
+  err = _wait_for_stop(launcher, workdir)
+  assert time.monotonic() - signalled < 60, "the job took over 60 s to stop"
+  logs = _process_logs(workdir)
+  assert launcher.returncode == 75, err + "".join(log[-2000:] for log in logs)
+  stopped = [re.findall(r"^fashion_jax: stopped by SIGTERM to process 0 at step (\d+);", log, re.M)
+             for log in logs]
+  assert len(stopped[0]) == 1 and stopped[0] == stopped[1], stopped
+  assert os.listdir(workdir / "checkpoints") == stopped[0]
+
+
 def test_signal_to_one_process_stops_every_process_at_one_step(tmp_path, idx_dir):
   """SIGTERM to process 1 only: both save one checkpoint at one step and exit 75, within 60 s;
   the re-run resumes there and ends bitwise equal to an uninterrupted run."""
@@ -125,19 +179,10 @@ def test_signal_to_one_process_stops_every_process_at_one_step(tmp_path, idx_dir
            "--config.steps_per_dispatch=4", "--config.eval_every_steps=100000",
            "--config.checkpoint_every_steps=100000"]
   interrupted = tmp_path / "interrupted"
-  launcher = _launch(interrupted, *flags, "--config.num_train_steps=100000", wait=False)
-  metrics, deadline = interrupted / "metrics.jsonl", time.monotonic() + 300
-  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 8):
-    assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
-    time.sleep(0.2)
+  launcher = _start_and_wait_for_steps(interrupted, flags)
   os.kill(_pid_of(interrupted, 1), signal.SIGTERM)
   signalled = time.monotonic()
-  try:
-    _, err = launcher.communicate(timeout=90)
-  except subprocess.TimeoutExpired:
-    os.killpg(launcher.pid, signal.SIGKILL)  # The launcher and both processes.
-    launcher.communicate()
-    raise AssertionError("the job did not stop within 90 s of SIGTERM to process 1")
+  err = _wait_for_stop(launcher, interrupted)
   assert time.monotonic() - signalled < 60, "the job took over 60 s to stop"
   logs = _process_logs(interrupted)
   assert launcher.returncode == 75, err + "".join(log[-2000:] for log in logs)

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -219,3 +220,10 @@ def test_user_errors(trained_tiny_workdir, tmp_path):
   (relative / "config.json").write_text(json.dumps(config))
   with pytest.raises(UserError, match="relative to the current directory.*pass --idx_dir"):
     evaluate.evaluate(str(relative))
+
+
+def test_without_matplotlib_evaluate_names_the_extra(trained_tiny_workdir, tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # As without the `serve` extra.
+  with pytest.raises(UserError, match=r"needs matplotlib.*fashion_jax\[serve\]"):
+    evaluate.evaluate(trained_tiny_workdir, output_dir=str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")  # Checked before anything is written.

@@ -12,6 +12,7 @@ the default recipe gets most of them right.
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from PIL import Image
 from fashion_jax import idx
 from fashion_jax import inference
 from fashion_jax import predict
+from fashion_jax.errors import UserError
 from tests import photos
 from tests.conftest import REAL_DATA_ENV
 from tests.conftest import run_module
@@ -303,3 +305,9 @@ def test_real_28x28_images_round_trip_through_the_cli(real_run):
     np.testing.assert_array_equal(np.asarray(Image.open(records[path]["preprocessed"])), original)
     assert records[path]["top_k"][0]["label"] == int(probs.argmax())
     np.testing.assert_allclose(records[path]["top_k"][0]["probability"], probs.max(), atol=1e-5)
+
+
+def test_without_pillow_predict_names_the_extra(trained_tiny_workdir, tiny_inputs, monkeypatch):
+  monkeypatch.setitem(sys.modules, "PIL", None)  # As if the `serve` extra were not installed.
+  with pytest.raises(UserError, match=r"needs Pillow, which is not installed.*fashion_jax\[serve\]"):
+    predict.predict(trained_tiny_workdir, [str(tiny_inputs)])

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import re
+import sys
 
 import jax
 import numpy as np
@@ -458,3 +459,17 @@ def test_writer_and_checkpointer_are_closed_when_the_loop_raises(tiny_config, tm
   with pytest.raises(RuntimeError, match="evaluation broke"):
     train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
   assert sorted(closed) == ["Checkpointer", "MetricWriter"]
+
+
+def test_training_without_matplotlib_skips_the_sample_figure(tiny_config, tmp_path, monkeypatch,
+                                                              caplog):
+  """The trainer needs no serving extra: without matplotlib the TensorBoard figure is skipped
+  with a warning, and everything else is written."""
+  monkeypatch.setitem(sys.modules, "matplotlib", None)
+  tiny_config.num_train_steps, tiny_config.tensorboard_samples = 10, 4
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+  assert any("no TensorBoard sample predictions: they need matplotlib" in r.getMessage()
+             for r in caplog.records)
+  assert "eval/sample_predictions" not in _tensorboard_values(str(tmp_path / "run"))
+  assert [l["step"] for l in _lines(str(tmp_path / "run")) if "eval_loss" in l] == [10]
