@@ -142,14 +142,31 @@ def _start_and_wait_for_steps(workdir, flags, lines: int = 8):
   return launcher
 
 
+def _stop_flags(idx_dir) -> list[str]:
+  """A long tiny run that logs every step, with a window boundary every 4 steps."""
+  return ["--config=configs/tiny.py", f"--config.idx_dir={idx_dir}", "--config.log_every_steps=1",
+          "--config.steps_per_dispatch=4", "--config.eval_every_steps=100000",
+          "--config.checkpoint_every_steps=100000"]
+
+
+def _assert_stopped_together(launcher, workdir, signalled: float, by_process: int) -> int:
+  """Both processes stopped within 60 s at one step, with one checkpoint there; that step."""
+  err = _wait_for_stop(launcher, workdir)
+  assert time.monotonic() - signalled < 60, "the job took over 60 s to stop"
+  logs = _process_logs(workdir)
+  assert launcher.returncode == 75, err + "".join(log[-2000:] for log in logs)
+  pattern = rf"^fashion_jax: stopped by SIGTERM to process {by_process} at step (\d+);"
+  stopped = [re.findall(pattern, log, re.M) for log in logs]
+  assert len(stopped[0]) == len(stopped[1]) == 1 and stopped[0] == stopped[1], stopped
+  assert os.listdir(workdir / "checkpoints") == stopped[0]
+  return int(stopped[0][0])
+
+
 def test_signals_to_every_process_and_the_launcher_stop_at_one_step(tmp_path, idx_dir):
   """What `pkill -f WORKDIR` does (the launcher forwards its SIGTERM too), and more signals
   while the collective save runs: every process stops at one step and exits 75, no hang."""
   workdir = tmp_path / "run"
-  flags = ["--config=configs/tiny.py", f"--config.idx_dir={idx_dir}", "--config.log_every_steps=1",
-           "--config.steps_per_dispatch=4", "--config.eval_every_steps=100000",
-           "--config.checkpoint_every_steps=100000"]
-  launcher = _start_and_wait_for_steps(workdir, flags)
+  launcher = _start_and_wait_for_steps(workdir, _stop_flags(idx_dir))
   pids = (_pid_of(workdir, 0), _pid_of(workdir, 1))
   for pid in (*pids, launcher.pid):
     os.kill(pid, signal.SIGTERM)
@@ -162,35 +179,18 @@ def test_signals_to_every_process_and_the_launcher_stop_at_one_step(tmp_path, id
       os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
       pass
-  err = _wait_for_stop(launcher, workdir)
-  assert time.monotonic() - signalled < 60, "the job took over 60 s to stop"
-  logs = _process_logs(workdir)
-  assert launcher.returncode == 75, err + "".join(log[-2000:] for log in logs)
-  stopped = [re.findall(r"^fashion_jax: stopped by SIGTERM to process 0 at step (\d+);", log, re.M)
-             for log in logs]
-  assert len(stopped[0]) == 1 and stopped[0] == stopped[1], stopped
-  assert os.listdir(workdir / "checkpoints") == stopped[0]
+  _assert_stopped_together(launcher, workdir, signalled, by_process=0)
 
 
 def test_signal_to_one_process_stops_every_process_at_one_step(tmp_path, idx_dir):
   """SIGTERM to process 1 only: both save one checkpoint at one step and exit 75, within 60 s;
   the re-run resumes there and ends bitwise equal to an uninterrupted run."""
-  flags = ["--config=configs/tiny.py", f"--config.idx_dir={idx_dir}", "--config.log_every_steps=1",
-           "--config.steps_per_dispatch=4", "--config.eval_every_steps=100000",
-           "--config.checkpoint_every_steps=100000"]
+  flags = _stop_flags(idx_dir)
   interrupted = tmp_path / "interrupted"
   launcher = _start_and_wait_for_steps(interrupted, flags)
   os.kill(_pid_of(interrupted, 1), signal.SIGTERM)
-  signalled = time.monotonic()
-  err = _wait_for_stop(launcher, interrupted)
-  assert time.monotonic() - signalled < 60, "the job took over 60 s to stop"
-  logs = _process_logs(interrupted)
-  assert launcher.returncode == 75, err + "".join(log[-2000:] for log in logs)
-  stopped = [re.findall(r"^fashion_jax: stopped by SIGTERM to process 1 at step (\d+);", log, re.M)
-             for log in logs]
-  assert len(stopped[0]) == len(stopped[1]) == 1 and stopped[0] == stopped[1], stopped
-  step = int(stopped[0][0])
-  assert step % 4 == 0 and os.listdir(interrupted / "checkpoints") == [str(step)]
+  step = _assert_stopped_together(launcher, interrupted, time.monotonic(), by_process=1)
+  assert step % 4 == 0
 
   resumed = _launch(interrupted, *flags, f"--config.num_train_steps={step + 8}")
   assert resumed.returncode == 0, resumed.stderr + "".join(_process_logs(interrupted))

@@ -1,4 +1,6 @@
+import contextlib
 import itertools
+import sys
 
 import numpy as np
 import pytest
@@ -88,3 +90,41 @@ def test_element_specs_match_between_sources(tiny_config, monkeypatch):
   batch_tfds = next(input_pipeline.train_batches(from_tfds, 8, 0))
   assert {k: (v.dtype, v.shape) for k, v in batch_idx.items()} == {
       k: (v.dtype, v.shape) for k, v in batch_tfds.items()}
+
+
+def test_tfds_preparation_is_one_process_at_a_time(tmp_path, monkeypatch):
+  """Processes sharing a tfds data_dir prepare it under one lock in that folder."""
+  import types
+  from fashion_jax import paths
+  held, events = [], []
+
+  class Builder:
+    def is_prepared(self):
+      events.append(("is_prepared", list(held)))
+      return True
+
+  fake = types.SimpleNamespace(
+      builder=lambda name, data_dir: Builder(),
+      load=lambda name, split, data_dir: events.append(("load", list(held))) or _FakeDataset(),
+      as_numpy=lambda dataset: [{"image": np.zeros((2, 28, 28, 1), np.uint8),
+                                 "label": np.array([3, 4])}])
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  real = paths.exclusive
+
+  @contextlib.contextmanager
+  def recording(lock_file):
+    with real(lock_file):
+      held.append(str(lock_file))
+      yield
+      held.pop()
+
+  monkeypatch.setattr(paths, "exclusive", recording)
+  images, labels = input_pipeline._load_tfds("fashion_mnist", "train", str(tmp_path))
+  lock = str(tmp_path / ".fashion_jax-tfds-fashion_mnist.lock")
+  assert events == [("is_prepared", [lock]), ("load", [lock])]
+  assert images.shape == (2, 28, 28, 1) and labels.tolist() == [3, 4]
+
+
+class _FakeDataset:
+  def batch(self, n):
+    return self

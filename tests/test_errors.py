@@ -1,0 +1,33 @@
+"""errors.py: the workdir checks, and the one-line errors for a missing extra."""
+
+import os
+import sys
+
+import pytest
+
+from fashion_jax import errors
+from fashion_jax.errors import UserError
+
+
+def test_write_probe_cannot_collide_with_another_container(tmp_path, monkeypatch):
+  """Containers sharing a workdir can share pids: a probe named by pid may already exist (here
+  as a folder, which cannot be opened for writing). The probe's name is unique instead."""
+  monkeypatch.setattr(os, "getpid", lambda: 1)
+  os.makedirs(tmp_path / ".write_test_1")
+  assert errors.ensure_writable_dir(str(tmp_path), "--workdir") == str(tmp_path)
+  assert os.listdir(tmp_path) == [".write_test_1"]  # The probe cleaned up after itself.
+
+
+def test_cloud_workdirs_are_refused_before_anything_is_created(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(UserError, match=r"gs:// folders are not supported yet.*gcsfuse"):
+    errors.ensure_writable_dir("gs://bucket/run", "--workdir")
+  assert os.listdir(tmp_path) == []  # No local folder named "gs:".
+
+
+def test_require_names_the_extra(monkeypatch):
+  errors.require("json", "json", "serve", "this")  # Importable: nothing happens.
+  monkeypatch.setitem(sys.modules, "PIL", None)
+  with pytest.raises(UserError, match=r"^predict needs Pillow, which is not installed here; "
+                     r"install it with pip install 'fashion_jax\[serve\]'"):
+    errors.require("PIL", "Pillow", "serve", "predict")
