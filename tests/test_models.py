@@ -37,21 +37,6 @@ def test_unknown_model_names_the_choices():
     models.create_model("resnet9000")
 
 
-def test_inference_model_uses_xla_ops_and_agrees_with_training_model(tiny_config):
-  from fashion_jax import steps
-  training, inference = steps.create_model(tiny_config), steps.create_model(tiny_config, False)
-  assert (inference.conv_impl, inference.pool_impl) == ("xla", "xla")
-  assert (training.conv_impl, training.pool_impl) == ("auto", "auto")
-  x = jax.random.uniform(jax.random.key(2), (3, 28, 28, 1))
-  variables = training.init(jax.random.key(0), x)
-  np.testing.assert_allclose(inference.apply(variables, x), training.apply(variables, x),
-                             rtol=1e-5, atol=1e-5)
-  for conv in ("im2col", "winograd", "native"):  # Training's choice; serving always uses XLA's.
-    tiny_config.conv_impl = conv
-    assert steps.create_model(tiny_config).conv_impl == conv
-    assert steps.create_model(tiny_config, False).conv_impl == "xla"
-
-
 def test_cnn_parameters_and_outputs_match_an_nn_conv_cnn():
   """The fused conv+pool layers keep nn.Conv's parameters: old checkpoints load unchanged."""
   class ConvCNN(nn.Module):  # The classic CNN as written with nn.Conv before the fusion.

@@ -107,17 +107,6 @@ def test_accelerator_recipe_runs_shrunk_on_cpu(idx_dir, tmp_path):
   _assert_running_stats_moved(config, state)
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
-def test_schedules_peak_at_the_learning_rate(tiny_config, schedule):
-  tiny_config.lr_schedule = schedule
-  tiny_config.warmup_steps = 10
-  fn = steps.create_schedule(tiny_config, 100)
-  values = [float(fn(s)) for s in range(100)]
-  assert max(values) == pytest.approx(tiny_config.learning_rate, rel=1e-3)
-  if schedule != "constant":
-    assert values[-1] < 0.1 * tiny_config.learning_rate
-
-
 def test_validation_split_is_fixed_and_disjoint(tiny_config):
   from fashion_jax import input_pipeline
   split = input_pipeline.load(tiny_config, "train")
@@ -132,27 +121,3 @@ def test_validation_split_is_fixed_and_disjoint(tiny_config):
   assert rows(a_train) | rows(a_val) == rows(split)  # and none is lost.
   with pytest.raises(UserError, match="validation_size"):
     input_pipeline.hold_out(split, len(split))
-
-
-def test_ema_warms_up_and_averages_batchnorm_statistics(tiny_config):
-  """Step t averages with decay min(ema_decay, (1+t)/(10+t)); the BatchNorm statistics are
-  averaged like the weights, and evaluation uses both averages together."""
-  tiny_config.model, tiny_config.ema_decay = "cnn_bn", 0.999
-  model, tx = steps.create_model(tiny_config), steps.create_optimizer(tiny_config)
-  state = steps.create_train_state(model, tx, 0, ema=True)
-  assert state.ema_batch_stats is not None
-  batch = {"image": np.asarray(jax.random.randint(jax.random.key(0), (8, 28, 28, 1), 0, 256),
-                               np.uint8), "label": np.arange(8, dtype=np.int32) % 10}
-  step = jax.jit(lambda s: steps.train_step(s, batch, model=model, tx=tx, ema_decay=0.999))
-  for t in range(3):
-    new, _ = step(state)
-    decay = min(0.999, (1 + t) / (10 + t))
-    for ema, old, live in ((new.ema_params, state.ema_params, new.params),
-                           (new.ema_batch_stats, state.ema_batch_stats, new.batch_stats)):
-      jax.tree.map(lambda e, o, p: np.testing.assert_allclose(
-          e, decay * o + (1 - decay) * p, rtol=1e-6, atol=1e-7), ema, old, live)
-    state = new
-  variables = steps.eval_variables(state.params, state.batch_stats, state.ema_params,
-                                   state.ema_batch_stats)
-  assert variables["params"] is state.ema_params
-  assert variables["batch_stats"] is state.ema_batch_stats

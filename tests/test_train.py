@@ -363,28 +363,6 @@ def test_longer_run_with_a_cosine_schedule_is_refused(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, workdir)
 
 
-def test_skipped_step_advances_optax_counts_with_the_step(tiny_config):
-  """A non-finite step leaves weights and moments as they were, but every optax `count` moves
-  with state.step, so the schedule's learning rate is the logged one (that of the step)."""
-  tiny_config.lr_schedule, tiny_config.warmup_steps = "cosine", 5
-  model, tx = steps.create_model(tiny_config), steps.create_optimizer(tiny_config, 20)
-  state = steps.create_train_state(model, tx, 0)
-  images = np.zeros((4, 28, 28, 1), np.uint8)
-  good = {"image": images, "label": np.arange(4, dtype=np.int32)}
-  step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, tx=tx))
-  state, _ = step(state, good)
-  poisoned = state.replace(params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(np.nan),
-                                               state.params))
-  after, metrics = step(poisoned, good)
-  assert int(after.step) == 2 and float(metrics["nonfinite_steps"]) == 1.0
-  counts = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(after.opt_state)[0]
-            if getattr(path[-1], "name", None) == "count"]
-  assert counts and all(int(c) == 2 for c in counts), counts
-  others = lambda s: [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(s.opt_state)[0]
-                      if getattr(path[-1], "name", None) != "count"]
-  jax.tree.map(np.testing.assert_array_equal, others(after), others(poisoned))
-
-
 def test_damage_is_told_from_passing_io_errors():
   from fashion_jax import checkpointing
   wrapped = Exception("Encountered error while reading array index")

@@ -1,0 +1,79 @@
+"""The train state and the pure steps (fashion_jax/steps.py): models for training and serving,
+schedules, a skipped step, the EMA."""
+
+import jax
+import numpy as np
+import pytest
+
+from fashion_jax import steps
+
+
+def test_inference_model_uses_xla_ops_and_agrees_with_training_model(tiny_config):
+  training, inference = steps.create_model(tiny_config), steps.create_model(tiny_config, False)
+  assert (inference.conv_impl, inference.pool_impl) == ("xla", "xla")
+  assert (training.conv_impl, training.pool_impl) == ("auto", "auto")
+  x = jax.random.uniform(jax.random.key(2), (3, 28, 28, 1))
+  variables = training.init(jax.random.key(0), x)
+  np.testing.assert_allclose(inference.apply(variables, x), training.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  for conv in ("im2col", "winograd", "native"):  # Training's choice; serving always uses XLA's.
+    tiny_config.conv_impl = conv
+    assert steps.create_model(tiny_config).conv_impl == conv
+    assert steps.create_model(tiny_config, False).conv_impl == "xla"
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+def test_schedules_peak_at_the_learning_rate(tiny_config, schedule):
+  tiny_config.lr_schedule = schedule
+  tiny_config.warmup_steps = 10
+  fn = steps.create_schedule(tiny_config, 100)
+  values = [float(fn(s)) for s in range(100)]
+  assert max(values) == pytest.approx(tiny_config.learning_rate, rel=1e-3)
+  if schedule != "constant":
+    assert values[-1] < 0.1 * tiny_config.learning_rate
+
+
+def test_ema_warms_up_and_averages_batchnorm_statistics(tiny_config):
+  """Step t averages with decay min(ema_decay, (1+t)/(10+t)); the BatchNorm statistics are
+  averaged like the weights, and evaluation uses both averages together."""
+  tiny_config.model, tiny_config.ema_decay = "cnn_bn", 0.999
+  model, tx = steps.create_model(tiny_config), steps.create_optimizer(tiny_config)
+  state = steps.create_train_state(model, tx, 0, ema=True)
+  assert state.ema_batch_stats is not None
+  batch = {"image": np.asarray(jax.random.randint(jax.random.key(0), (8, 28, 28, 1), 0, 256),
+                               np.uint8), "label": np.arange(8, dtype=np.int32) % 10}
+  step = jax.jit(lambda s: steps.train_step(s, batch, model=model, tx=tx, ema_decay=0.999))
+  for t in range(3):
+    new, _ = step(state)
+    decay = min(0.999, (1 + t) / (10 + t))
+    for ema, old, live in ((new.ema_params, state.ema_params, new.params),
+                           (new.ema_batch_stats, state.ema_batch_stats, new.batch_stats)):
+      jax.tree.map(lambda e, o, p: np.testing.assert_allclose(
+          e, decay * o + (1 - decay) * p, rtol=1e-6, atol=1e-7), ema, old, live)
+    state = new
+  variables = steps.eval_variables(state.params, state.batch_stats, state.ema_params,
+                                   state.ema_batch_stats)
+  assert variables["params"] is state.ema_params
+  assert variables["batch_stats"] is state.ema_batch_stats
+
+
+def test_skipped_step_advances_optax_counts_with_the_step(tiny_config):
+  """A non-finite step leaves weights and moments as they were, but every optax `count` moves
+  with state.step, so the schedule's learning rate is the logged one (that of the step)."""
+  tiny_config.lr_schedule, tiny_config.warmup_steps = "cosine", 5
+  model, tx = steps.create_model(tiny_config), steps.create_optimizer(tiny_config, 20)
+  state = steps.create_train_state(model, tx, 0)
+  images = np.zeros((4, 28, 28, 1), np.uint8)
+  good = {"image": images, "label": np.arange(4, dtype=np.int32)}
+  step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, tx=tx))
+  state, _ = step(state, good)
+  poisoned = state.replace(params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(np.nan),
+                                               state.params))
+  after, metrics = step(poisoned, good)
+  assert int(after.step) == 2 and float(metrics["nonfinite_steps"]) == 1.0
+  counts = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(after.opt_state)[0]
+            if getattr(path[-1], "name", None) == "count"]
+  assert counts and all(int(c) == 2 for c in counts), counts
+  others = lambda s: [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(s.opt_state)[0]
+                      if getattr(path[-1], "name", None) != "count"]
+  jax.tree.map(np.testing.assert_array_equal, others(after), others(poisoned))
