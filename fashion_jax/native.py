@@ -39,7 +39,6 @@ formulations (`fashion_jax.ops`), which compute the same math.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import functools
 import hashlib
 import importlib.metadata
@@ -177,8 +176,7 @@ def _build(compiler: str, include: str, key: str) -> Path:
     return cached
   out_dir, persistent = _build_dir(key)
   library = out_dir / "conv_pool.so"
-  with open(out_dir / ".lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+  with paths.exclusive(out_dir / ".lock"):
     if persistent and (cached := _cached_library(key)) is not None:
       return cached  # Another process built it while this one waited.
     logging.info("Compiling fashion_jax's native CPU kernels (once per machine) into %s", out_dir)
