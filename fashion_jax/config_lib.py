@@ -10,8 +10,8 @@ import os
 
 import ml_collections
 
-from fashion_jax import datasets
-from fashion_jax.errors import UserError
+from fashion_jax.data import datasets
+from fashion_jax.support.errors import UserError
 
 DATASETS = tuple(datasets.CLASS_NAMES)  # Same IDX format, shape and number of classes.
 PARALLELISM = ("auto", "mesh", "pmap", "none")
@@ -40,7 +40,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   Raises UserError with one line per problem, each naming the key and the fix.
   """
   # Here, not at the top: loading a config file (which imports this module) needs no JAX.
-  from fashion_jax import backends, loop, models, ops  # pylint: disable=g-import-not-at-top
+  from fashion_jax.kernels import ops
+  from fashion_jax.model import models
+  from fashion_jax.support import backends  # pylint: disable=g-import-not-at-top
+  from fashion_jax.training import loop
   problems = []
 
   def check(ok: bool, key: str, want: str):

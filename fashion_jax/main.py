@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 import fashion_jax  # Records the process start time first.
 from fashion_jax import cli
-from fashion_jax import runtime
+from fashion_jax.support import runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summaries.")
@@ -34,8 +34,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   import jax  # pylint: disable=g-import-not-at-top
-  from fashion_jax import backends, config_lib, parallel, train  # pylint: disable=g-import-not-at-top
-  from fashion_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from fashion_jax import config_lib
+  from fashion_jax.support import backends, parallel  # pylint: disable=g-import-not-at-top
+  from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
+  from fashion_jax.training import train
 
   if FLAGS.config.deterministic:  # Read when the backend starts, i.e. below.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -52,7 +54,7 @@ def main(argv):
   logging.info("fashion_jax %s, JAX %s, backend %s, process %d of %d", fashion_jax.__version__,
                jax.__version__, jax.default_backend(), jax.process_index(), jax.process_count())
   logging.info("devices: %s (local %d)", jax.devices(), jax.local_device_count())
-  from fashion_jax import stops  # pylint: disable=g-import-not-at-top
+  from fashion_jax.training import stops  # pylint: disable=g-import-not-at-top
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except UserError as e:

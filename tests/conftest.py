@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from fashion_jax import idx
+from fashion_jax.data import idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_DATA_ENV = "FASHION_JAX_IDX_DIR"
@@ -69,7 +69,7 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: float 
 
 
 def _train_in_process(config, workdir: str) -> str:
-  from fashion_jax import train
+  from fashion_jax.training import train
   train.train_and_evaluate(config, workdir)
   return workdir
 
@@ -120,7 +120,7 @@ def assert_one_line_error(proc, *fragments):
 def require_native():
   """Skips (with the reason) where the native kernels cannot be: disabled, or no C++ compiler.
   With a compiler they must build: that is a failure, not a skip."""
-  from fashion_jax import native  # pylint: disable=import-outside-toplevel
+  from fashion_jax.kernels import native  # pylint: disable=import-outside-toplevel
   if os.environ.get("FASHION_JAX_NATIVE") == "0":
     pytest.skip("FASHION_JAX_NATIVE=0: the native kernels are disabled in this run")
   if native._compiler() is None:  # pylint: disable=protected-access

@@ -12,7 +12,10 @@ import sys
 import jax
 import numpy as np
 
-from fashion_jax import checkpointing, config_lib, parallel, steps, train
+from fashion_jax import config_lib
+from fashion_jax.model import steps
+from fashion_jax.support import checkpointing, parallel
+from fashion_jax.training import train
 
 
 def final_state(config, workdir):

@@ -2,7 +2,7 @@
 
 There is no internet here and no real product photos, so the tests make them
 from Fashion-MNIST images: undo the data set's recipe (see
-fashion_jax/preprocess.py) as a photo studio would present the garment --
+fashion_jax/serving/preprocess.py) as a photo studio would present the garment --
 smoothly upscaled to hundreds of pixels, dark on a white non-square canvas with
 generous margins, a colour instead of gray, a little sensor noise, saved as
 JPEG (RGB) or PNG with a transparent background (RGBA).

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fashion_jax import config_lib
-from fashion_jax import train
+from fashion_jax.training import train
 from tests.conftest import ROOT, write_idx_folder
 from tests.multidevice_check import final_state
 

@@ -1,4 +1,4 @@
-"""fashion_jax.backends: no silent CPU fallback on a machine with a GPU or TPU."""
+"""fashion_jax.support.backends: no silent CPU fallback on a machine with a GPU or TPU."""
 
 import os
 import subprocess
@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from fashion_jax import backends
-from fashion_jax.errors import UserError
+from fashion_jax.support import backends
+from fashion_jax.support.errors import UserError
 from tests.conftest import assert_one_line_error, run_module
 
 
@@ -99,7 +99,7 @@ def test_cli_backend_gpu_on_a_cpu_machine_is_one_line(tmp_path):
 
 def test_cli_backend_cpu_keeps_jax_off_accelerators(tmp_path):
   """config.backend=cpu works without JAX_PLATFORMS (it sets JAX's platform before start-up)."""
-  code = ("from fashion_jax import backends; backends.request('cpu'); import jax; "
+  code = ("from fashion_jax.support import backends; backends.request('cpu'); import jax; "
           "print(jax.config.jax_platforms, jax.default_backend())")
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

@@ -36,7 +36,7 @@ def test_two_processes_match_one_process(tmp_path, idx_dir):
   The two all-reduce in different orders, so parameters differ in the last
   bits. im2col keeps that difference at rounding level over 20 steps; under
   Winograd the same bits occasionally break a pooling tie the other way (a
-  handful of windows per 1,000 images; see fashion_jax/winograd.py), which
+  handful of windows per 1,000 images; see fashion_jax/kernels/winograd.py), which
   Adam amplifies past this test's 1e-5. The formulations' equivalence is
   tested in test_ops.py; here the parallel machinery is.
   """

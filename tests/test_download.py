@@ -1,4 +1,4 @@
-"""fashion_jax.download and the data-source choice: verified files, a cache, fast offline errors."""
+"""fashion_jax.data.download and the data-source choice: verified files, a cache, fast offline errors."""
 
 import contextlib
 import functools
@@ -17,10 +17,10 @@ import time
 import numpy as np
 import pytest
 
-from fashion_jax import download
-from fashion_jax import idx
-from fashion_jax import input_pipeline
-from fashion_jax.errors import UserError
+from fashion_jax.data import download
+from fashion_jax.data import idx
+from fashion_jax.data import input_pipeline
+from fashion_jax.support.errors import UserError
 from tests.conftest import ROOT, assert_one_line_error, run_module, write_idx_folder
 
 

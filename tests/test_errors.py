@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from fashion_jax import errors
-from fashion_jax.errors import UserError
+from fashion_jax.support import errors
+from fashion_jax.support.errors import UserError
 
 
 def test_write_probe_cannot_collide_with_another_container(tmp_path, monkeypatch):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fashion_jax import evaluate
-from fashion_jax import idx
-from fashion_jax.errors import UserError
+from fashion_jax.data import idx
+from fashion_jax.serving import evaluate
+from fashion_jax.support.errors import UserError
 from tests.conftest import make_images
 from tests.conftest import assert_one_line_error
 from tests.conftest import run_module

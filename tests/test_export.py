@@ -13,11 +13,11 @@ except ImportError:  # Colab's TPU runtime has no TensorFlow; export then says w
   tf = None
 
 from fashion_jax import config_lib
-from fashion_jax import export
-from fashion_jax import inference
-from fashion_jax import input_pipeline
-from fashion_jax import steps
-from fashion_jax.errors import UserError
+from fashion_jax.data import input_pipeline
+from fashion_jax.model import steps
+from fashion_jax.serving import export
+from fashion_jax.serving import inference
+from fashion_jax.support.errors import UserError
 from tests.conftest import ROOT
 from tests.conftest import assert_one_line_error
 from tests.conftest import run_module

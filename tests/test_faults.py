@@ -1,6 +1,6 @@
 """Fault injection: a training process SIGKILLed at several points resumes to the same result.
 
-Kill points (fashion_jax/faults.py): right after a step is dispatched (mid-step) and right after
+Kill points (fashion_jax/support/faults.py): right after a step is dispatched (mid-step) and right after
 a checkpoint save has started writing in the background (mid-save), before and after checkpoints
 and at the very end. Each killed run is re-run with the same command and must finish with
 parameters, optimizer state and metrics bitwise identical to an uninterrupted run.

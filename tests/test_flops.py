@@ -1,9 +1,10 @@
-"""FLOP accounting (fashion_jax/flops.py): the native kernels' executed FLOPs, device peaks."""
+"""FLOP accounting (fashion_jax/benchmarking/flops.py): the native kernels' executed FLOPs, device peaks."""
 
 import jax
 import jax.numpy as jnp
 
-from fashion_jax import flops, native
+from fashion_jax.benchmarking import flops
+from fashion_jax.kernels import native
 from tests.conftest import require_native
 
 

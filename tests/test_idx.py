@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from fashion_jax import idx
-from fashion_jax.errors import UserError
+from fashion_jax.data import idx
+from fashion_jax.support.errors import UserError
 from tests.conftest import write_idx_folder
 
 

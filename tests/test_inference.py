@@ -8,8 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
-from fashion_jax import config_lib, idx, inference
-from fashion_jax.errors import UserError
+from fashion_jax import config_lib
+from fashion_jax.data import idx
+from fashion_jax.serving import inference
+from fashion_jax.support.errors import UserError
 from tests.conftest import ROOT
 
 

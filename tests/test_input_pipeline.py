@@ -5,9 +5,9 @@ import sys
 import numpy as np
 import pytest
 
-from fashion_jax import download
-from fashion_jax import input_pipeline
-from fashion_jax.input_pipeline import Split
+from fashion_jax.data import download
+from fashion_jax.data import input_pipeline
+from fashion_jax.data.input_pipeline import Split
 
 
 def _split(n=100):
@@ -95,7 +95,7 @@ def test_element_specs_match_between_sources(tiny_config, monkeypatch):
 def test_tfds_preparation_is_one_process_at_a_time(tmp_path, monkeypatch):
   """Processes sharing a tfds data_dir prepare it under one lock in that folder."""
   import types
-  from fashion_jax import paths
+  from fashion_jax.support import paths
   held, events = [], []
 
   class Builder:

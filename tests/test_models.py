@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fashion_jax import models
+from fashion_jax.model import models
 
 
 def test_cnn_shapes_and_parameter_count():

@@ -13,7 +13,7 @@ from jax import lax
 import numpy as np
 import pytest
 
-from fashion_jax import native, ops
+from fashion_jax.kernels import native, ops
 from tests.conftest import ROOT, require_native
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -79,7 +79,7 @@ def test_ties_go_to_the_first_maximum_like_reduce_window(cin):
 _GRADIENTS = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
-from fashion_jax import native
+from fashion_jax.kernels import native
 rng = np.random.default_rng(0)
 outputs = {}
 for name, (shape, kernel), argnums in (("direct", ((37, 28, 28, 1), (3, 3, 1, 32)), (1, 2)),
@@ -316,7 +316,7 @@ def test_plain_conv_drop_in_and_fallbacks():
 
 
 def test_cnn_bn_gradients_match_the_xla_model():
-  from fashion_jax import models  # pylint: disable=g-import-not-at-top
+  from fashion_jax.model import models  # pylint: disable=g-import-not-at-top
   ref = models.create_model("cnn_bn", conv_impl="xla", pool_impl="xla")
   fast = models.create_model("cnn_bn", conv_impl="native")
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 28, 28, 1)), jnp.float32)

@@ -1,4 +1,4 @@
-"""The fast CPU formulations in fashion_jax.ops compute the lax reference math.
+"""The fast CPU formulations in fashion_jax.kernels.ops compute the lax reference math.
 
 Outputs and gradients (w.r.t. parameters and input) of the im2col convolution,
 the Winograd conv+pool and the max-pool variants against
@@ -15,7 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from fashion_jax import models, ops, winograd
+from fashion_jax.kernels import ops, winograd
+from fashion_jax.model import models
 from tests.conftest import require_native
 
 DN = ("NHWC", "HWIO", "NHWC")

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from tests.conftest import ROOT, run_module
-from fashion_jax import parallel
-from fashion_jax.errors import UserError
+from fashion_jax.support.errors import UserError
+from fashion_jax.support import parallel
 
 
 def _run_check(tmp_path, idx_dir, devices, *modes):

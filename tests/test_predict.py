@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fashion_jax import idx
-from fashion_jax import inference
-from fashion_jax import predict
-from fashion_jax.errors import UserError
+from fashion_jax.data import idx
+from fashion_jax.serving import inference
+from fashion_jax.serving import predict
+from fashion_jax.support.errors import UserError
 from tests import photos
 from tests.conftest import REAL_DATA_ENV
 from tests.conftest import run_module

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from fashion_jax import stops
+from fashion_jax.training import stops
 from tests.conftest import ROOT
 
 

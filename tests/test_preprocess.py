@@ -1,4 +1,4 @@
-"""Tests for fashion_jax.preprocess: file formats and modes, geometry, polarity, round trips.
+"""Tests for fashion_jax.serving.preprocess: file formats and modes, geometry, polarity, round trips.
 
 Most tests draw one 'garment' (tests/photos.py), store it in some format or
 mode, and check that it converts to the same 28x28 image as the plain 8-bit
@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from PIL import ImageOps
 
-from fashion_jax import idx
-from fashion_jax import preprocess
+from fashion_jax.data import idx
+from fashion_jax.serving import preprocess
 from tests import photos
 from tests.conftest import REAL_DATA_ENV
 from tests.conftest import make_images

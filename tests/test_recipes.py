@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fashion_jax import augment, models, steps, train
-from fashion_jax.errors import UserError
+from fashion_jax.data import augment
+from fashion_jax.model import models, steps
+from fashion_jax.support.errors import UserError
+from fashion_jax.training import train
 from tests.multidevice_check import final_state
 
 
@@ -108,7 +110,7 @@ def test_accelerator_recipe_runs_shrunk_on_cpu(idx_dir, tmp_path):
 
 
 def test_validation_split_is_fixed_and_disjoint(tiny_config):
-  from fashion_jax import input_pipeline
+  from fashion_jax.data import input_pipeline
   split = input_pipeline.load(tiny_config, "train")
   a_train, a_val = input_pipeline.hold_out(split, 40)
   b_train, b_val = input_pipeline.hold_out(split, 40)

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from fashion_jax import runtime
+from fashion_jax.support import runtime
 from tests.conftest import ROOT
 
 
@@ -14,7 +14,7 @@ def test_malloc_tuning_respects_opt_out_and_user_settings():
 
 
 def test_reexec_sets_tunables_and_keeps_start_time():
-  code = ("import os, sys; from fashion_jax import runtime, seconds_since_start;"
+  code = ("import os, sys; from fashion_jax import seconds_since_start; from fashion_jax.support import runtime;"
           "runtime.reexec_with_tuned_malloc('tests.print_env')")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                         timeout=60, env={"PATH": "/usr/bin:/bin"})

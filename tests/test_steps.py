@@ -1,11 +1,11 @@
-"""The train state and the pure steps (fashion_jax/steps.py): models for training and serving,
+"""The train state and the pure steps (fashion_jax/model/steps.py): models for training and serving,
 schedules, a skipped step, the EMA."""
 
 import jax
 import numpy as np
 import pytest
 
-from fashion_jax import steps
+from fashion_jax.model import steps
 
 
 def test_inference_model_uses_xla_ops_and_agrees_with_training_model(tiny_config):

@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from fashion_jax import steps
-from fashion_jax import train
-from fashion_jax.errors import UserError
+from fashion_jax.model import steps
+from fashion_jax.support.errors import UserError
+from fashion_jax.training import train
 from tests.conftest import run_module
 from tests.multidevice_check import final_state
 
@@ -110,7 +110,7 @@ def test_checkpoint_of_another_model_shape_is_refused(tiny_config, tmp_path, mon
   workdir = str(tmp_path / "run")
   tiny_config.num_train_steps = 10
   train.train_and_evaluate(tiny_config, workdir)
-  from fashion_jax import checkpointing
+  from fashion_jax.support import checkpointing
   real = checkpointing.describe_state
   def wider(name, state, fingerprint=None):
     description = real(name, state, fingerprint)
@@ -126,7 +126,7 @@ def test_checkpoint_of_another_model_name_is_refused(tiny_config, tmp_path, monk
   workdir = str(tmp_path / "run")
   tiny_config.num_train_steps = 10
   train.train_and_evaluate(tiny_config, workdir)
-  from fashion_jax import checkpointing
+  from fashion_jax.support import checkpointing
   real = checkpointing.describe_state
   monkeypatch.setattr(checkpointing, "describe_state",
                       lambda name, state, fp=None: {**real(name, state, fp), "model": "other"})
@@ -289,7 +289,7 @@ def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tiny_config, t
   workdir = str(tmp_path / "run")
   tiny_config.num_train_steps = 10
   train.train_and_evaluate(tiny_config, workdir)
-  from fashion_jax import checkpointing
+  from fashion_jax.support import checkpointing
   import collections
   usage = collections.namedtuple("usage", "total used free")
   monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
@@ -364,7 +364,7 @@ def test_longer_run_with_a_cosine_schedule_is_refused(tiny_config, tmp_path):
 
 
 def test_damage_is_told_from_passing_io_errors():
-  from fashion_jax import checkpointing
+  from fashion_jax.support import checkpointing
   wrapped = Exception("Encountered error while reading array index")
   wrapped.__cause__ = ValueError('OUT_OF_RANGE: Error reading "params.x/0" in OCDBT database')
   assert checkpointing.is_damage(wrapped)
@@ -378,7 +378,7 @@ def test_damage_is_told_from_passing_io_errors():
 
 def test_passing_read_error_moves_nothing_and_a_retry_that_works_resumes(tiny_config, tmp_path,
                                                                          monkeypatch):
-  from fashion_jax import checkpointing
+  from fashion_jax.support import checkpointing
   workdir = str(tmp_path / "run")
   tiny_config.num_train_steps = 10
   train.train_and_evaluate(tiny_config, workdir)
@@ -409,7 +409,7 @@ def test_passing_read_error_moves_nothing_and_a_retry_that_works_resumes(tiny_co
 
 def test_best_validation_checkpoint_is_kept_beyond_the_newest(tmp_path):
   """keep=1: the newest checkpoint, plus the one with the best validation accuracy."""
-  from fashion_jax import checkpointing
+  from fashion_jax.support import checkpointing
   state = {"w": np.zeros(3, np.float32)}
   checkpointer = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=1, async_save=False)
   for step, accuracy in ((1, 0.5), (2, 0.9), (3, 0.6), (4, None), (5, 0.7)):
@@ -425,7 +425,7 @@ def test_best_validation_checkpoint_is_kept_beyond_the_newest(tmp_path):
 
 def test_writer_and_checkpointer_are_closed_when_the_loop_raises(tiny_config, tmp_path,
                                                                  monkeypatch):
-  from fashion_jax import checkpointing, metric_writers
+  from fashion_jax.support import checkpointing, metric_writers
   closed = []
   for cls in (checkpointing.Checkpointer, metric_writers.MetricWriter):
     real_close = cls.close

@@ -128,7 +128,7 @@ def product_grads(v: jax.Array, u: jax.Array, dm: jax.Array,
                   du: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Gradients of `product` (and `filter_transform`): dV [16, n, C] and the kernel's [3,3,C,K].
 
-  `du` (= V^T dM [16, C, K]) may come precomputed (`fashion_jax.native`).
+  `du` (= V^T dM [16, C, K]) may come precomputed (`fashion_jax.kernels.native`).
   """
   c, k = u.shape[1], u.shape[2]
   n = v.shape[1]

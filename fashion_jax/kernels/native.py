@@ -12,7 +12,7 @@ them; `conv3x3_pool2` here picks the kernel for the layer:
   backward routes the gradient to the argmax and accumulates the kernel
   gradient in registers.
 - Wide inputs (the second layer, 32 -> 64): Winograd F(2x2, 3x3) as in
-  `fashion_jax.winograd`. The four transforms around the channel contractions
+  `fashion_jax.kernels.winograd`. The four transforms around the channel contractions
   (input tiles, output + pool + argmax, and their transposes) are done in one
   pass each instead of a gather, a matmul and a reduction apiece; the forward
   and input-gradient contractions stay XLA matmuls, and the weight gradient's
@@ -33,7 +33,7 @@ system C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`) with
 `~/.cache/fashion_jax`), keyed by the source, compiler, flags, jaxlib version
 and CPU, so later runs load it in milliseconds. Without a compiler, or with
 `FASHION_JAX_NATIVE=0`, `available()` is False and "auto" keeps the pure-XLA
-formulations (`fashion_jax.ops`), which compute the same math.
+formulations (`fashion_jax.kernels.ops`), which compute the same math.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from fashion_jax import paths
-from fashion_jax import winograd
+from fashion_jax.kernels import winograd
+from fashion_jax.support import paths
 
 SOURCE = Path(__file__).parent / "csrc" / "conv_pool.cc"
 FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC")
@@ -405,7 +405,7 @@ _conv.defvjp(_conv_forward, _conv_bwd)
 
 
 def main() -> int:
-  """`python -m fashion_jax.native`: builds the kernels now (e.g. in a Docker image or a
+  """`python -m fashion_jax.kernels.native`: builds the kernels now (e.g. in a Docker image or a
   Colab setup cell) and says where they are, or why they are unavailable."""
   logging.set_verbosity(logging.INFO)
   reason = _load()

@@ -5,8 +5,8 @@ their gradients) to slow loops on CPU, while it runs large matrix multiplies
 near peak. The same math written as one im2col matmul and a reshape+max runs
 several times faster there (numbers in BENCHMARKS.md), and a 3x3 convolution
 followed by 2x2 max-pooling runs faster still as Winograd's F(2x2, 3x3)
-(`fashion_jax.winograd`), and fastest with its memory-bound parts in C++
-(`fashion_jax.native`). On TPU and GPU XLA's own convolution is the right
+(`fashion_jax.kernels.winograd`), and fastest with its memory-bound parts in C++
+(`fashion_jax.kernels.native`). On TPU and GPU XLA's own convolution is the right
 choice. Everything here computes the reference math; tests compare outputs and
 gradients with `lax`.
 """
@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fashion_jax import native
-from fashion_jax import winograd
+from fashion_jax.kernels import native
+from fashion_jax.kernels import winograd
 
 CONV_IMPLS = ("auto", "xla", "im2col", "winograd", "native")
 POOL_IMPLS = ("auto", "xla", "reshape", "select")
@@ -260,7 +260,7 @@ def conv_general_dilated_cpu_auto(lhs, rhs, *args, **kwargs):
 def cpu_auto_conv_pool_impl(x: jax.Array, kernel: jax.Array) -> str:
   """What "auto" runs on CPU for a 3x3 conv + 2x2 max-pool (BENCHMARKS.md).
 
-  The fused native kernels (`fashion_jax.native`: direct for few input
+  The fused native kernels (`fashion_jax.kernels.native`: direct for few input
   channels, Winograd for many) where they apply and are wanted
   (`_native_wanted`); otherwise `cpu_auto_conv_impl`.
   """
@@ -274,7 +274,7 @@ def conv_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, conv_impl: str =
   """max_pool_2x2(conv_3x3_valid(x, kernel) + bias): NHWC x, HWIO kernel.
 
   "winograd" and "native" compute the pair as one fused op
-  (`fashion_jax.winograd`, `fashion_jax.native`; "native" only where
+  (`fashion_jax.kernels.winograd`, `fashion_jax.kernels.native`; "native" only where
   `native.supports` the shapes, else as "auto" on CPU); the other formulations
   run the convolution, the bias and the pooling in turn. On CPU "auto" takes
   the fused ops where they win (`cpu_auto_conv_pool_impl`).

@@ -26,7 +26,7 @@ import signal
 from absl import logging
 import jax
 
-from fashion_jax import multihost
+from fashion_jax.support import multihost
 
 # Exit status of a run that was stopped by a signal after saving a checkpoint at the
 # agreed step: "preempted, re-run the same command to resume" (sysexits' EX_TEMPFAIL).

@@ -19,9 +19,9 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from fashion_jax import faults
-from fashion_jax import multihost
-from fashion_jax.errors import UserError
+from fashion_jax.support.errors import UserError
+from fashion_jax.support import faults
+from fashion_jax.support import multihost
 
 
 def describe_state(model_name: str, state, fingerprint: dict | None = None) -> dict:

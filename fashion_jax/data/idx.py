@@ -13,7 +13,7 @@ import struct
 
 import numpy as np
 
-from fashion_jax.errors import UserError
+from fashion_jax.support.errors import UserError
 
 _UINT8 = 0x08
 

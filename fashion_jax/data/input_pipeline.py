@@ -4,7 +4,7 @@ Where the data comes from (`source`): `config.idx_dir` if set; else the folder
 named by `$FASHION_JAX_IDX_DIR` (set it once, and the README's main command
 runs offline); else tensorflow-datasets where TensorFlow is installed; else
 (Colab's TPU runtime) the four files tfds uses, downloaded once and verified
-against tfds's checksums (`fashion_jax.download`). The logs say which.
+against tfds's checksums (`fashion_jax.data.download`). The logs say which.
 
 All sources produce the same in-memory arrays (images uint8 [N, 28, 28, 1],
 labels int32 [N]); everything downstream is shared. Fashion-MNIST is 47 MB, so
@@ -31,10 +31,10 @@ import os
 
 import numpy as np
 
-from fashion_jax import download
-from fashion_jax import idx
-from fashion_jax import paths
-from fashion_jax.errors import UserError
+from fashion_jax.data import download
+from fashion_jax.data import idx
+from fashion_jax.support.errors import UserError
+from fashion_jax.support import paths
 
 Batch = dict[str, np.ndarray]
 
@@ -68,7 +68,7 @@ class Source:
 
 
 def tensorflow_available() -> bool:
-  """Whether tfds's own path can run: it needs TensorFlow (see fashion_jax/download.py)."""
+  """Whether tfds's own path can run: it needs TensorFlow (see fashion_jax/data/download.py)."""
   return all(importlib.util.find_spec(m) is not None
              for m in ("tensorflow", "tensorflow_datasets"))
 

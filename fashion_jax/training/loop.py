@@ -36,7 +36,7 @@ import math
 from jax import lax
 import numpy as np
 
-from fashion_jax import input_pipeline
+from fashion_jax.data import input_pipeline
 
 PLACEMENTS = ("auto", "host", "device")
 AUTO_WINDOW_CAP = {"cpu": 100}  # Steps; other backends: DEFAULT_WINDOW_CAP.

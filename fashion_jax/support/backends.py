@@ -19,7 +19,7 @@ import re
 
 from absl import logging
 
-from fashion_jax.errors import UserError
+from fashion_jax.support.errors import UserError
 
 BACKENDS = ("auto", "cpu", "gpu", "tpu")
 CUDA_PLUGINS = ("jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt")

@@ -37,8 +37,8 @@ import urllib.request
 
 from absl import logging
 
-from fashion_jax import paths
-from fashion_jax.errors import UserError
+from fashion_jax.support.errors import UserError
+from fashion_jax.support import paths
 
 # The addresses tfds downloads from (its builders' URL), then a mirror of the same files.
 URLS = {

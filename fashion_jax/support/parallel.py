@@ -28,7 +28,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from fashion_jax.errors import UserError
+from fashion_jax.support.errors import UserError
 
 AXIS = "data"
 

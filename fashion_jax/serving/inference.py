@@ -26,14 +26,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fashion_jax import checkpointing
 from fashion_jax import config_lib
-from fashion_jax import datasets
+from fashion_jax.data import datasets
 from fashion_jax import default_config
-from fashion_jax import metric_writers
-from fashion_jax import steps
-from fashion_jax import errors
-from fashion_jax.errors import UserError
+from fashion_jax.model import steps
+from fashion_jax.support import checkpointing
+from fashion_jax.support import errors
+from fashion_jax.support.errors import UserError
+from fashion_jax.support import metric_writers
 
 CLASS_NAMES = datasets.CLASS_NAMES["fashion_mnist"]
 

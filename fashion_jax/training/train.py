@@ -20,20 +20,20 @@ import ml_collections
 import numpy as np
 
 import fashion_jax
-from fashion_jax import augment
-from fashion_jax import checkpointing
 from fashion_jax import config_lib
-from fashion_jax import datasets
-from fashion_jax import errors
-from fashion_jax import faults
-from fashion_jax import input_pipeline
-from fashion_jax import loop
-from fashion_jax import metric_writers
-from fashion_jax import parallel as parallel_lib
-from fashion_jax import progress
-from fashion_jax import steps
-from fashion_jax import stops
-from fashion_jax.errors import UserError
+from fashion_jax.data import augment
+from fashion_jax.data import datasets
+from fashion_jax.data import input_pipeline
+from fashion_jax.model import steps
+from fashion_jax.support import checkpointing
+from fashion_jax.support import errors
+from fashion_jax.support.errors import UserError
+from fashion_jax.support import faults
+from fashion_jax.support import metric_writers
+from fashion_jax.support import parallel as parallel_lib
+from fashion_jax.training import loop
+from fashion_jax.training import progress
+from fashion_jax.training import stops
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict, derived: dict) -> None:

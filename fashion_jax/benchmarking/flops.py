@@ -99,7 +99,7 @@ def model_flops_per_image(config, batch_size: int) -> float | None:
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from fashion_jax import steps  # pylint: disable=g-import-not-at-top
+  from fashion_jax.model import steps  # pylint: disable=g-import-not-at-top
 
   config = config.copy_and_resolve_references()
   config.conv_impl, config.pool_impl = "xla", "xla"

@@ -18,9 +18,9 @@ import ml_collections
 import optax
 
 from fashion_jax import config_lib
-from fashion_jax import datasets
-from fashion_jax import models
-from fashion_jax.errors import UserError
+from fashion_jax.data import datasets
+from fashion_jax.model import models
+from fashion_jax.support.errors import UserError
 
 IMAGE_SHAPE = datasets.IMAGE_SHAPE
 NUM_CLASSES = datasets.NUM_CLASSES

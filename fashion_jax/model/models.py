@@ -20,7 +20,7 @@ import flax.linen as nn
 from jax import lax
 import jax.numpy as jnp
 
-from fashion_jax import ops
+from fashion_jax.kernels import ops
 
 
 def _conv_fn(conv_impl: str):

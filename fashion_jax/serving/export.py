@@ -1,0 +1,401 @@
+r"""Exports a trained run as a TensorFlow SavedModel: uint8 images in, class probabilities out.
+
+  python -m fashion_jax.export --workdir=/tmp/fj --output=/tmp/fj_savedmodel [--step=N] \
+      [--platforms=cpu,cuda,tpu] [--overwrite]
+
+The SavedModel (directly in --output, so `tf.saved_model.load(OUTPUT)` works)
+has these entry points, for any batch size (0 included):
+
+  signatures["serving_default"](images=uint8 [batch, 28, 28])
+      -> {"probabilities": float32 [batch, 10]}
+  signatures["serving_nhwc"](images=uint8 [batch, 28, 28, 1])
+      -> {"probabilities": float32 [batch, 10]}
+  probabilities(uint8 [batch, 28, 28]), probabilities_nhwc(uint8 [batch, 28, 28, 1])
+      -> float32 [batch, 10] (for Python callers)
+  class_names (string [10], label order), step (int64): tf.Variables
+  assets/class_names.txt: the class names, one per line
+
+The default signature takes [batch, 28, 28] (the layout of the IDX files);
+[batch, 28, 28, 1] (channels-last, as in tfds and Keras) gets its own signature rather
+than a polymorphic last axis, so each signature's shape is exact and a
+wrongly shaped input is rejected by TensorFlow before the model runs.
+Pixels are raw 0..255, light garment on a dark background as in
+Fashion-MNIST; scaling, EMA parameters, BatchNorm statistics and flip TTA
+are inside the model exactly as `fashion_jax.serving.inference` applies them.
+
+How: `jax.experimental.jax2tf.convert` with native serialization (the only
+mode jax2tf has now): the JAX function is lowered once to StableHLO for
+each of --platforms and wrapped in a single `XlaCallModule` TF op, so the
+SavedModel runs the computation JAX runs (to float rounding: max |diff|
+~1e-6 on the 10k test images), on CPU, GPU or TPU, without the Python model
+code. The batch axis is symbolic (`polymorphic_shapes`), so
+one serialization serves every batch size. The parameters are passed in as
+arguments and saved as tf.Variables (in variables/, not folded into the
+graph as constants): the graph stays small and the weights can be read or
+swapped with TensorFlow tools.
+
+Beside the SavedModel: fashion_jax_export.json (model, step, why that
+checkpoint, inputs/outputs, platforms, versions, the self-check) and a
+README.md saying how to call it. Before the export is moved into place it
+is loaded back and checked against the JAX model on a few images.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+import fashion_jax
+from fashion_jax import cli
+from fashion_jax.support import errors
+from fashion_jax.support.errors import UserError
+
+FLAGS = flags.FLAGS
+
+METADATA_NAME = "fashion_jax_export.json"
+README_NAME = "README.md"
+CLASS_NAMES_FILE = "class_names.txt"
+DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+INPUT_NAME = "images"
+OUTPUT_NAME = "probabilities"
+# The exported model must agree with JAX's to float32 rounding; the self-check refuses more.
+VERIFY_ATOL = 1e-5
+
+
+def define_flags() -> None:
+  """Registers the CLI flags; called only when run as a program (see evaluate.define_flags)."""
+  flags.DEFINE_string("workdir", None, "The training run's --workdir.", required=True)
+  flags.DEFINE_string("output", None, "Folder to write the SavedModel to (new or empty).",
+                      required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: best by validation, else latest).")
+  flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS),
+                    "Platforms to serialize the model for; a subset of "
+                    f"{', '.join(KNOWN_PLATFORMS)}.")
+  flags.DEFINE_bool("overwrite", False, "Replace a previous export in --output.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The output folder.
+
+
+def check_output(output: str, overwrite: bool) -> str:
+  """The absolute --output, after refusing anything that would lose data.
+
+  A non-empty folder is refused unless --overwrite; even then only a
+  previous export (it has our metadata file) is replaced, never an arbitrary
+  folder someone pointed --output at by mistake.
+  """
+  if not output:
+    raise UserError("--output is empty; pass the folder to write the SavedModel to")
+  path = os.path.abspath(os.path.expanduser(output))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"--output {path!r} is a file; pass a folder (new or empty)")
+  if os.path.isdir(path) and os.listdir(path):
+    if not overwrite:
+      raise UserError(f"--output {path!r} is not empty; pass --overwrite to replace the export "
+                      "in it, or a new folder")
+    if not os.path.exists(os.path.join(path, METADATA_NAME)):
+      raise UserError(f"--output {path!r} is not empty and holds no fashion_jax export "
+                      f"({METADATA_NAME} missing); refusing to replace it even with --overwrite; "
+                      "pass a new or empty folder")
+  return path
+
+
+def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
+  """--platforms as jax2tf wants them: known names, no duplicates, at least one."""
+  platforms = tuple(dict.fromkeys(p.strip().lower() for p in platforms if p.strip()))
+  unknown = [p for p in platforms if p not in KNOWN_PLATFORMS]
+  if not platforms or unknown:
+    raise UserError(f"--platforms={','.join(platforms)} is invalid; pass a comma-separated subset "
+                    f"of {', '.join(KNOWN_PLATFORMS)} (NVIDIA GPUs are cuda)")
+  return platforms
+
+
+def _move_into_place(staging: str, path: str) -> None:
+  """Replaces `path` by `staging` (same parent), keeping the old export until the new one is in."""
+  old = None
+  if os.path.isdir(path):
+    if os.listdir(path):
+      old = f"{path}.old-{os.getpid()}"
+      os.rename(path, old)
+    else:
+      os.rmdir(path)
+  try:
+    os.rename(staging, path)
+  except OSError:
+    if old:
+      os.rename(old, path)  # Put the previous export back.
+    raise
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The conversion.
+
+
+def _import_tf():
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError(f"export needs TensorFlow ({e}); pip install 'fashion_jax[tf]' (or "
+                    "tensorflow)") from e
+  return tf, jax2tf
+
+
+def _variable_name(path) -> str:
+  """A Flax parameter path as a variable name, e.g. "params/Conv_0/kernel"."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def build_module(classifier, platforms: Sequence[str], class_names_path: str):
+  """A tf.Module wrapping the classifier: parameters as tf.Variables, JAX code as one XLA op."""
+  import jax  # pylint: disable=g-import-not-at-top
+  tf, jax2tf = _import_tf()
+
+  leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(classifier.variables)
+  module = tf.Module(name="fashion_jax")
+  # A list of variables is tracked by tf.Module and saved to variables/; names show the Flax path.
+  module.model_variables = [
+      tf.Variable(np.asarray(leaf), trainable=False, name=_variable_name(path))
+      for path, leaf in leaves_with_paths]
+
+  def probabilities_jax(variables, images):
+    return jax.nn.softmax(classifier.apply_uint8(variables, images), axis=-1)
+
+  converted = jax2tf.convert(
+      probabilities_jax,
+      polymorphic_shapes=[None, "(batch, 28, 28)"],  # Parameters fixed; batch symbolic.
+      with_gradient=False,  # Inference only: no VJP to serialize.
+      native_serialization_platforms=tuple(platforms))
+
+  num_classes = len(classifier.class_names)
+
+  def run(images):
+    def apply():
+      variables = jax.tree_util.tree_unflatten(treedef, module.model_variables)
+      return converted(variables, images)
+    # A symbolic dimension is >= 1 (the serialized module asserts it); answer an empty batch
+    # with an empty result rather than an error.
+    result = tf.cond(tf.shape(images)[0] > 0, apply,
+                     lambda: tf.zeros([0, num_classes], tf.float32))
+    return tf.ensure_shape(result, [None, num_classes])
+
+  @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name=INPUT_NAME)],
+               autograph=False)
+  def probabilities(images):
+    return run(images)
+
+  @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.uint8, name=INPUT_NAME)],
+               autograph=False)
+  def probabilities_nhwc(images):
+    return run(images[..., 0])
+
+  @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name=INPUT_NAME)],
+               autograph=False)
+  def serving_default(images):
+    return {OUTPUT_NAME: probabilities(images)}
+
+  @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.uint8, name=INPUT_NAME)],
+               autograph=False)
+  def serving_nhwc(images):
+    return {OUTPUT_NAME: probabilities_nhwc(images)}
+
+  module.probabilities = probabilities
+  module.probabilities_nhwc = probabilities_nhwc
+  # Variables, not tf.constant attributes: SavedModel keeps only tracked objects, and a
+  # constant that no function uses is not one.
+  module.class_names = tf.Variable(list(classifier.class_names), trainable=False,
+                                   name="class_names")
+  module.step = tf.Variable(classifier.step, trainable=False, dtype=tf.int64, name="step")
+  module.class_names_file = tf.saved_model.Asset(class_names_path)
+  signatures = {"serving_default": serving_default.get_concrete_function(),
+                "serving_nhwc": serving_nhwc.get_concrete_function()}
+  return module, signatures
+
+
+def _verify(saved_dir: str, classifier, batch: int = 3, seed: int = 0) -> float:
+  """Loads the SavedModel back and compares it with JAX on `batch` images; returns max |diff|.
+
+  Random pixels plus an all-black and an all-white image: inputs of every
+  brightness, and nothing that needs the data set to be present.
+  """
+  tf, _ = _import_tf()
+  images = np.random.default_rng(seed).integers(0, 256, size=(batch, 28, 28), dtype=np.uint8)
+  images[0] = 0
+  images[-1] = 255
+  loaded = tf.saved_model.load(saved_dir)
+  exported = loaded.signatures["serving_default"](**{INPUT_NAME: tf.constant(images)})
+  exported = exported[OUTPUT_NAME].numpy()
+  expected = classifier.probabilities(images)
+  diff = float(np.abs(exported - expected).max())
+  top2 = np.sort(expected, axis=1)[:, -2:]
+  clear = top2[:, 1] - top2[:, 0] > 2 * VERIFY_ATOL  # Near-ties may flip within tolerance.
+  same_class = np.array_equal(exported.argmax(1)[clear], expected.argmax(1)[clear])
+  if not diff <= VERIFY_ATOL or not same_class:
+    raise RuntimeError(f"the exported model disagrees with JAX (max |diff| {diff:.3g} > "
+                       f"{VERIFY_ATOL}, or different argmax); not moving it into place")
+  return diff
+
+
+def _readme(metadata: dict[str, Any]) -> str:
+  names = ", ".join(f"{i} {n}" for i, n in enumerate(metadata["class_names"]))
+  return f"""# Fashion-MNIST classifier (fashion_jax export)
+
+Model `{metadata['model']}`, checkpoint step {metadata['step']} ({metadata['why']}), from
+`{metadata['workdir']}`. Exported {metadata['created']} with fashion_jax
+{metadata['versions']['fashion_jax']}, JAX {metadata['versions']['jax']}, TensorFlow
+{metadata['versions']['tensorflow']}, for platforms {', '.join(metadata['platforms'])}.
+
+Input: uint8 pixels 0..255, 28x28, a light garment on a dark background as in Fashion-MNIST
+(scaling happens inside the model). Output: class probabilities [batch, 10]; any batch size.
+The signatures reject other dtypes; `model.probabilities` converts NumPy input to uint8, so
+float images in [0, 1] must be scaled back to 0..255 first.
+
+Classes (label order): {names}. Also in `assets/{CLASS_NAMES_FILE}` and `model.class_names`.
+
+```python
+import numpy as np
+import tensorflow as tf
+
+model = tf.saved_model.load("{metadata['output']}")
+images = np.zeros((4, 28, 28), np.uint8)  # your images, [batch, 28, 28] uint8
+probabilities = model.signatures["serving_default"](images=tf.constant(images))["probabilities"]
+# or: model.probabilities(images); [batch, 28, 28, 1] inputs: signature "serving_nhwc" or
+# model.probabilities_nhwc(images)
+names = [n.decode() for n in model.class_names.numpy()]
+print([names[i] for i in np.argmax(probabilities, axis=1)])
+```
+
+Inspect: `saved_model_cli show --dir {metadata['output']} --all`. The model is one `XlaCallModule`
+op (JAX's StableHLO, via jax2tf native serialization), so it runs where TensorFlow has XLA for the
+platform it runs on; it is not convertible to TFLite or TF.js. `{METADATA_NAME}` holds the details.
+"""
+
+
+def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS,
+           overwrite: bool = False, workdir: str | None = None) -> dict[str, Any]:
+  """Writes `classifier` as a SavedModel to `output`; returns the metadata written beside it.
+
+  The export is built in a temporary sibling folder, loaded back and checked
+  against JAX, and only then moved to `output`: a failed or interrupted export
+  never leaves a half-written model where a working one was.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  platforms = check_platforms(platforms)
+  path = check_output(output, overwrite)
+  tf, _ = _import_tf()
+  t0 = time.perf_counter()
+  parent = os.path.dirname(path)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.export-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the export private.
+  except OSError as e:
+    raise UserError(f"cannot write to {parent!r} ({e.strerror}); pass an --output you can write "
+                    "to") from e
+  try:
+    with tempfile.TemporaryDirectory() as scratch:
+      names_path = os.path.join(scratch, CLASS_NAMES_FILE)
+      with open(names_path, "w") as f:
+        f.write("\n".join(classifier.class_names) + "\n")
+      module, signatures = build_module(classifier, platforms, names_path)
+      tf.saved_model.save(module, staging, signatures=signatures)
+    export_seconds = time.perf_counter() - t0
+    backend = jax.default_backend()
+    runnable_here = {"gpu": "cuda"}.get(backend, backend) in platforms
+    diff = _verify(staging, classifier) if runnable_here else None
+    config = classifier.config
+    metadata = {
+        "format": "tensorflow SavedModel (jax2tf native serialization)",
+        "output": path,
+        "model": config.model,
+        "model_kwargs": config.model_kwargs.to_dict(),
+        "step": classifier.step,
+        "why": classifier.why,
+        "workdir": workdir,
+        "checkpoint": classifier.checkpoint_dir,
+        "ema": bool(config.ema_decay > 0),
+        "flip_tta": bool(config.eval_flip_tta),
+        "dataset": config.dataset,
+        "class_names": list(classifier.class_names),
+        "signatures": {
+            "serving_default": {"inputs": {INPUT_NAME: "uint8 [batch, 28, 28]"},
+                                "outputs": {OUTPUT_NAME: "float32 [batch, 10]"}},
+            "serving_nhwc": {"inputs": {INPUT_NAME: "uint8 [batch, 28, 28, 1]"},
+                             "outputs": {OUTPUT_NAME: "float32 [batch, 10]"}},
+        },
+        "functions": ["probabilities", "probabilities_nhwc"],
+        "attributes": {"class_names": "tf.Variable string [10]", "step": "tf.Variable int64"},
+        "assets": [CLASS_NAMES_FILE],
+        "platforms": list(platforms),
+        "self_check": ({"batch": 3, "max_abs_diff_vs_jax": diff, "atol": VERIFY_ATOL}
+                       if diff is not None else
+                       f"skipped: this machine's backend {backend!r} is not in --platforms"),
+        "versions": {"fashion_jax": fashion_jax.__version__, "jax": jax.__version__,
+                     "tensorflow": tf.__version__},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(export_seconds, 3),
+    }
+    with open(os.path.join(staging, METADATA_NAME), "w") as f:
+      json.dump(metadata, f, indent=2)
+      f.write("\n")
+    with open(os.path.join(staging, README_NAME), "w") as f:
+      f.write(_readme(metadata))
+    check_output(path, overwrite)  # Again: something may have appeared meanwhile.
+    _move_into_place(staging, path)
+  finally:
+    if os.path.isdir(staging):
+      shutil.rmtree(staging, ignore_errors=True)
+  return metadata
+
+
+def export_run(workdir: str, output: str, step: int | None = None,
+               platforms: Sequence[str] = DEFAULT_PLATFORMS, overwrite: bool = False
+               ) -> dict[str, Any]:
+  """Loads a run's checkpoint (as `fashion_jax.serving.inference.load` chooses it) and exports it."""
+  check_platforms(platforms)  # Before the slow part: fail fast on wrong flags.
+  check_output(output, overwrite)
+  from fashion_jax.serving import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
+  classifier = inference.load(workdir, step)
+  return export(classifier, output, platforms, overwrite,
+                workdir=errors.local_path(workdir, "--workdir"))
+
+
+def main(argv):
+  logging.get_absl_handler().addFilter(cli.QuietLibraries())
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    metadata = export_run(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.platforms,
+                          FLAGS.overwrite)
+  except UserError as e:
+    logging.error("%s", e)
+    print(f"fashion_jax: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  check = metadata["self_check"]
+  print(f"exported {metadata['model']} step {metadata['step']} to {metadata['output']} in "
+        f"{metadata['seconds']:.1f}s for {', '.join(metadata['platforms'])}")
+  print(f"checkpoint: {metadata['why']}")
+  print("self-check vs JAX: " + (f"max |diff| {check['max_abs_diff_vs_jax']:.2g}"
+                                 if isinstance(check, dict) else check))
+  print(f"call: tf.saved_model.load({metadata['output']!r}).signatures['serving_default']"
+        f"(images=uint8 [batch, 28, 28]) -> {{'probabilities': [batch, 10]}}; see README.md")
+

@@ -1,0 +1,244 @@
+r"""Classifies image files with a trained run: the top-k classes of each image.
+
+  python -m fashion_jax.predict --workdir=DIR PATH... [--top_k=3] [--json] \
+      [--save_preprocessed=DIR] [--step=N]
+
+PATHs are image files or folders (searched recursively for image extensions --
+see `preprocess.IMAGE_EXTENSIONS` -- in sorted order, hidden files skipped).
+Files named explicitly are tried whatever their extension. Any size and most
+modes: PNG, JPEG, WebP, BMP, GIF (first frame), TIFF...; each is converted the
+way Fashion-MNIST was made (`fashion_jax/serving/preprocess.py`): a garment photo on a
+light background, or a bright garment on black like the data set itself.
+
+Output (stdout): a table, one row per file with its top-k "class (prob%)", or
+with --json one JSON object per line:
+  {"path": ..., "top_k": [{"class": "Sneaker", "label": 7, "probability": 0.93}, ...]}
+  {"path": ..., "error": "not an image file (...)"}
+(plus "preprocessed": PNG path with --save_preprocessed). Which checkpoint was
+used goes to stderr.
+
+The model is the run's best checkpoint by validation accuracy, else its latest
+(`fashion_jax.serving.inference`); --step picks another. --save_preprocessed=DIR
+writes the 28x28 image the model saw for each input, as DIR/<file name>.png.
+
+Errors: a file that cannot be read or holds no image gets one stderr line
+`fashion_jax: error: PATH: reason` and the others are still classified.
+Exit status: 0 all classified; 1 some file failed; 2 usage errors -- a bad
+--workdir or --step, no inputs, a PATH that does not exist (reported per path
+like the unreadable ones, the rest still classified, as `ls` does).
+
+Startup: JAX is imported only once the inputs are known to exist, so usage
+mistakes are reported at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Iterable, TextIO
+
+from absl import flags
+from absl import logging
+
+from fashion_jax import cli
+from fashion_jax.serving import preprocess
+from fashion_jax.support import errors
+from fashion_jax.support.errors import UserError
+
+FLAGS = flags.FLAGS
+
+EXIT_OK, EXIT_FILE_FAILED, EXIT_USAGE = 0, 1, 2
+MAX_BATCH = 256
+
+
+def define_flags() -> None:
+  """Registers the CLI flags; called only when run as a program (as in fashion_jax.evaluate)."""
+  flags.DEFINE_string("workdir", None, "The training run's --workdir.", required=True)
+  flags.DEFINE_integer("top_k", 3, "How many classes to show per image, most probable first.",
+                       lower_bound=1)
+  flags.DEFINE_bool("json", False, "One JSON object per line instead of a table.")
+  flags.DEFINE_string("save_preprocessed", None,
+                      "Folder to write each input's 28x28 preprocessed image to, as PNG.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: best by validation, else latest).")
+
+
+@dataclasses.dataclass
+class Prediction:
+  """One input's outcome: `top_k` [(class name, label, probability)...] or an `error`."""
+  path: str
+  top_k: list[tuple[str, int, float]] | None = None
+  error: str | None = None
+  preprocessed: str | None = None
+
+  def to_json(self) -> str:
+    record: dict = {"path": self.path}
+    if self.error is not None:
+      record["error"] = self.error
+    else:
+      record["top_k"] = [{"class": name, "label": label, "probability": round(prob, 6)}
+                         for name, label, prob in self.top_k]
+    if self.preprocessed is not None:
+      record["preprocessed"] = self.preprocessed
+    return json.dumps(record)
+
+
+@dataclasses.dataclass
+class Inputs:
+  """What the PATHs expand to: files in order (folders walked), and the PATHs that gave none."""
+  entries: list[str]  # Files to classify and PATHs that do not exist, in command-line order.
+  missing: set[str]  # PATHs that do not exist: a usage error, but the rest still run.
+  empty_folders: list[str]
+
+
+def find_images(paths: Iterable[str]) -> Inputs:
+  """Files as given; folders walked recursively (sorted, image extensions, no hidden entries)."""
+  entries, missing, empty = [], set(), []
+  for path in paths:
+    if os.path.isdir(path):
+      found = []
+      for root, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(root, name) for name in sorted(names)
+                     if not name.startswith(".") and preprocess.is_image_filename(name))
+      entries.extend(found)
+      if not found:
+        empty.append(path)
+    else:
+      entries.append(path)
+      if not os.path.exists(path):
+        missing.add(path)
+  return Inputs(entries, missing, empty)
+
+
+def preprocessed_names(files: list[str]) -> list[str]:
+  """A unique PNG file name per input: its base name + ".png", numbered on collisions."""
+  taken, names = set(), []
+  for path in files:
+    base = os.path.basename(os.path.normpath(path)) or "image"
+    name, n = f"{base}.png", 1
+    while name in taken:
+      n += 1
+      name = f"{base}-{n}.png"
+    taken.add(name)
+    names.append(name)
+  return names
+
+
+def _load(path: str):
+  """The 28x28 uint8 Fashion-MNIST version of one file; raises preprocess.ImageError."""
+  if not os.path.isfile(path):
+    raise preprocess.ImageError("not a regular file")
+  image = preprocess.to_fashion_mnist(preprocess.load_image(path))
+  if not image.any():
+    raise preprocess.ImageError("blank: no pixel differs from the background colour by more "
+                                f"than {100 * preprocess.TRIM_FUZZ:.0f}%, nothing to classify")
+  return image
+
+
+def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = None,
+            save_dir: str | None = None, err: TextIO | None = None) -> tuple[list[Prediction], int]:
+  """Classifies the images in `paths`; returns (one Prediction per input, exit status).
+
+  Per-file problems are reported on `err` (default stderr) as they occur and
+  recorded in that input's Prediction; problems with the run or the
+  arguments raise UserError.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  err = sys.stderr if err is None else err
+  errors.require("PIL", "Pillow", "serve", "python -m fashion_jax.predict (reading images)")
+  if not paths:
+    raise UserError("no inputs: pass image files or folders after the flags, e.g. "
+                    "python -m fashion_jax.predict --workdir=DIR photo.jpg photos/")
+  if top_k > 10:
+    raise UserError(f"--top_k={top_k} is more than the 10 classes there are; pass 1 to 10")
+  inputs = find_images(paths)
+  predictions = [Prediction(path) for path in inputs.entries]
+  for prediction in predictions:
+    if prediction.path in inputs.missing:
+      prediction.error = "no such file or directory"
+      print(f"fashion_jax: error: {prediction.path}: {prediction.error}", file=err)
+  for path in inputs.empty_folders:
+    print(f"fashion_jax: warning: {path}: no image files in this folder (extensions: "
+          f"{' '.join(sorted(preprocess.IMAGE_EXTENSIONS))})", file=err)
+  todo = [p for p in predictions if p.error is None]
+  if not todo:
+    raise UserError("no image files to classify" + (
+        f"; not found: {', '.join(sorted(inputs.missing))}" if inputs.missing else ""))
+  if save_dir:
+    try:
+      os.makedirs(save_dir, exist_ok=True)
+    except OSError as e:
+      raise UserError(f"cannot create --save_preprocessed folder {save_dir!r} ({e.strerror}); "
+                      "pass a writable folder") from e
+
+  from fashion_jax.serving import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
+  batch_size = min(MAX_BATCH, 1 << (len(todo) - 1).bit_length())  # Small inputs, small batches.
+  classifier = inference.load(workdir, step=step, batch_size=batch_size)
+  print(f"fashion_jax: checkpoint {classifier.checkpoint_dir} (step {classifier.step}, "
+        f"{classifier.why})", file=err)
+
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  names = preprocessed_names([p.path for p in todo])
+  images, classified = [], []
+  for prediction, name in zip(todo, names, strict=True):
+    try:
+      image = _load(prediction.path)
+    except Exception as e:  # pylint: disable=broad-except  (one odd file must not stop a batch)
+      prediction.error = (str(e) if isinstance(e, preprocess.ImageError)
+                          else f"cannot convert ({type(e).__name__}: {e})")
+      print(f"fashion_jax: error: {prediction.path}: {prediction.error}", file=err)
+      continue
+    if save_dir:
+      target = os.path.join(save_dir, name)
+      try:
+        Image.fromarray(image).save(target)
+      except OSError as e:
+        raise UserError(f"cannot write {target} ({e}); pass another --save_preprocessed") from e
+      prediction.preprocessed = target
+    images.append(image)
+    classified.append(prediction)
+
+  if images:
+    probabilities = classifier.probabilities(np.stack(images))
+    for prediction, probs in zip(classified, probabilities, strict=True):
+      order = np.argsort(-probs, kind="stable")[:top_k]
+      prediction.top_k = [(classifier.class_names[j], int(j), float(probs[j])) for j in order]
+
+  failed = sum(p.error is not None for p in predictions)
+  if failed:
+    print(f"fashion_jax: {failed} of {len(predictions)} inputs could not be classified", file=err)
+  status = EXIT_USAGE if inputs.missing else EXIT_FILE_FAILED if failed else EXIT_OK
+  return predictions, status
+
+
+def format_table(predictions: list[Prediction]) -> str:
+  """One row per input: the path, then its top-k "class (prob%)" or the error."""
+  width = max([len("file")] + [len(p.path) for p in predictions])
+  k = max([len(p.top_k) for p in predictions if p.top_k] or [1])
+  lines = [f"{'file':<{width}}  top-{k}"]
+  for p in predictions:
+    if p.error is not None:
+      cells = f"error: {p.error}"
+    else:
+      cells = "  ".join(f"{name} ({100 * prob:.1f}%)" for name, _, prob in p.top_k)
+    lines.append(f"{p.path:<{width}}  {cells}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  logging.get_absl_handler().addFilter(cli.QuietLibraries())
+  try:
+    predictions, status = predict(FLAGS.workdir, argv[1:], top_k=FLAGS.top_k, step=FLAGS.step,
+                                  save_dir=FLAGS.save_preprocessed)
+  except UserError as e:
+    print(f"fashion_jax: error: {e}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+  if FLAGS.json:
+    for prediction in predictions:
+      print(prediction.to_json())
+  else:
+    print(format_table(predictions))
+  sys.exit(status)
+
