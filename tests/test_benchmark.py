@@ -33,6 +33,12 @@ def test_benchmark_json(tmp_path, idx_dir):
   assert 0 < results["hfu"] < results["mfu"]
   assert results["compile_cached_s"] > 0 and results["input"]["idx"]["available"]
   assert "best:" in proc.stdout and "eval:" in proc.stdout  # The printed table.
+  # The CPU, its ISA and the native kernels' vector width, beside the numbers they explain.
+  from fashion_jax.kernels import native  # pylint: disable=import-outside-toplevel
+  env = results["environment"]
+  assert env["cpu_isa"] and f"native kernels: {env['native_kernels']}" in proc.stdout
+  if native.available():
+    assert env["native_kernels"].startswith(f"lanes={native.lanes()} ")
   assert "jax  batch    8" in proc.stderr  # Progress while it runs.
   # The real loop, timed at each batch size beside its pure window.
   assert [(r["name"], r["batch_size"]) for r in results["loop"]] == [("device", 8), ("device", 16)]

@@ -25,7 +25,7 @@ ALLOWED = {
     "model": {"model", "kernels", "data", "support", *CONFIG},
     "training": {"training", "model", "data", "support", *CONFIG},
     "serving": {"serving", "model", "data", "support", *CONFIG},
-    "benchmarking": {"benchmarking", "training", "model", "data", "support", *CONFIG},
+    "benchmarking": {"benchmarking", "training", "model", "kernels", "data", "support", *CONFIG},
 }
 
 

@@ -3,6 +3,7 @@
 import importlib.metadata
 import os
 from pathlib import Path
+import platform
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,10 @@ def _ref(x, k, b):
   return lax.reduce_window(y, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
 
 
+def _fits(cin, cout):
+  return native.fits_lanes(cout) and (cin < native.DIRECT_MAX_CHANNELS or native.fits_lanes(cin))
+
+
 def _inputs(seed, batch, hw, cin, cout):
   rng = np.random.default_rng(seed)  # numpy: eager jax.random compiles for seconds per shape.
   x = rng.uniform(size=(batch, *hw, cin)).astype(np.float32)
@@ -46,9 +51,16 @@ def _inputs(seed, batch, hw, cin, cout):
     (3, (8, 11), 8, 16),    # Winograd, even/odd sizes.
     (2, (9, 9), 16, 24),    # Winograd weight gradient's 4-row and 8-column remainders.
     (1, (4, 4), 4, 8),      # Smallest input: one pooling window.
-    (1, (4, 4), 8, 8)])     # The same for Winograd.
+    (1, (4, 4), 8, 8),      # The same for Winograd.
+    (2, (6, 7), 5, 48),     # 16 lanes (AVX-512): generic channel count, three blocks.
+    (2, (9, 9), 16, 48)])   # 16 lanes: the weight gradient's row and column remainders.
 def test_outputs_and_grads_match_lax(batch, hw, cin, cout):
   x, k, b = _inputs(batch, batch, hw, cin, cout)
+  if not _fits(cin, cout):  # Channels not a multiple of this build's vector width.
+    assert not native.supports(x, k)
+    with pytest.raises(ValueError, match="does not support"):
+      native.conv3x3_pool2(x, k, b)
+    return
   y = jax.jit(native.conv3x3_pool2)(x, k, b)
   want = _ref(x, k, b)
   assert y.shape == want.shape and y.dtype == jnp.float32
@@ -116,13 +128,40 @@ def test_gradients_do_not_depend_on_the_thread_count(tmp_path):
       np.testing.assert_array_equal(results[label][key], results["one"][key], err_msg=key)
 
 
+@pytest.mark.parametrize("lanes", [pytest.param(4, marks=pytest.mark.slow), 8, 16])
+def test_every_vector_width_matches_lax(lanes):
+  """The kernels built for each vector width (4, 8, 16 floats; 16 is AVX-512's) compute the lax
+  results and gradients: the comparisons above, rerun with FASHION_JAX_NATIVE_LANES. Widths
+  wider than this CPU's registers run as several instructions per operation, so every width
+  is tested on every machine; the machine's own width is what the tests above ran."""
+  if lanes == native.lanes():
+    assert native.info()["lanes"] == lanes  # What the build reports is what was asked for.
+    return
+  proc = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "-k",
+       "match_lax and not every_vector_width", os.path.join(ROOT, "tests", "test_native.py")],
+      cwd=ROOT, capture_output=True, text=True, timeout=900,
+      env=dict(os.environ, FASHION_JAX_NATIVE_LANES=str(lanes)))
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+  summary = proc.stdout.strip().splitlines()[-1]
+  assert "passed" in summary and "skipped" not in summary, summary
+
+
+def test_the_build_reports_its_width_and_isa():
+  built = native.info()
+  assert built["lanes"] == native.lanes() in native.LANES
+  assert built["isa"] and os.path.isfile(built["library"])
+  if platform.machine() in ("x86_64", "AMD64") and " avx2" in native._cpu_identity():  # pylint: disable=protected-access
+    assert "avx2" in built["isa"].split(",")
+
+
 def test_supports_only_what_the_kernel_handles():
   x, k = jnp.zeros((2, 28, 28, 1)), jnp.zeros((3, 3, 1, 32))
   assert native.supports(x, k)
   assert not native.supports(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
   assert native.supports(jnp.zeros((2, 13, 13, 32)), jnp.zeros((3, 3, 32, 64)))  # Winograd.
   assert not native.supports(jnp.zeros((2, 13, 13, 12)), jnp.zeros((3, 3, 12, 64)))
-  assert not native.supports(x, jnp.zeros((3, 3, 1, 12)))  # Cout not a multiple of 8.
+  assert not native.supports(x, jnp.zeros((3, 3, 1, 12)))  # Cout not a multiple of the width.
   assert not native.supports(jnp.zeros((2, 3, 9, 1)), k)  # Smaller than one pooling window.
   with pytest.raises(ValueError, match="does not support"):
     native.conv3x3_pool2(x, jnp.zeros((3, 3, 1, 12)), jnp.zeros(12))
@@ -158,7 +197,9 @@ def fresh_load(monkeypatch, tmp_path):
   assert native.available(), native._load()  # pylint: disable=protected-access
   stub = tmp_path / "stub.cc"
   stub.write_text("".join(f'extern "C" void {symbol}() {{}}\n'
-                          for symbol in native._TARGETS.values()))  # pylint: disable=protected-access
+                          for symbol in native._TARGETS.values())  # pylint: disable=protected-access
+                  + 'extern "C" const char* FjKernelInfo() { return "lanes=%d isa=stub"; }\n'
+                  % native.lanes())
   monkeypatch.setattr(native, "SOURCE", stub)
   monkeypatch.setenv("FASHION_JAX_CACHE_DIR", str(tmp_path / "cache"))
   native._load.cache_clear()  # pylint: disable=protected-access
@@ -289,6 +330,9 @@ def test_prebuild_command_reports_where_or_why(capsys, fresh_load, monkeypatch):
     (1, (3, 3), 8, 8)])     # One output pixel.
 def test_plain_conv_outputs_and_grads_match_lax(batch, hw, cin, cout):
   x, k, _ = _inputs(batch, batch, hw, cin, cout)
+  if not (native.fits_lanes(cin) and native.fits_lanes(cout)):
+    assert not native.supports_conv(x, k)
+    return
   ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=DN)
   want = ref(x, k)
   got = jax.jit(native.conv3x3)(x, k)

@@ -323,6 +323,9 @@ def run(config) -> dict:
   benchmark_report.log(f"{env['device_kind']} x{env['num_devices']} ({env['backend']}), jax {env['jax']}, "
       f"{parallel.mode}; conv_impl={config.conv_impl} pool_impl={config.pool_impl}; "
       f"batch sizes {batch_sizes}")
+  if env["backend"] == "cpu":
+    benchmark_report.log(f"CPU: {env['cpu']} ({env['cpu_count']} cores; {env['cpu_isa']}); "
+                         f"native kernels: {env['native_kernels']}")
   data_source = input_pipeline.source(config)
   try:
     if data_source.kind == "tfds" and (reason := tfds_unprepared_reason(config)):
@@ -422,6 +425,10 @@ def main(argv):
   except UserError as e:
     print(f"fashion_jax: error: {e}", file=sys.stderr)
     sys.exit(2)
+  env = results["environment"]
+  if env["backend"] == "cpu":  # The table is only comparable with the CPU and kernels named.
+    print(f"{env['cpu']} ({env['cpu_count']} cores; {env['cpu_isa']}); "
+          f"native kernels: {env['native_kernels']}")
   print(benchmark_report.format_table(results))
   with open(FLAGS.output, "w") as f:
     json.dump(results, f, indent=2)

@@ -86,10 +86,33 @@ def environment(parallel) -> dict:
       "flax": flax.__version__, "optax": optax.__version__, "fashion_jax": fashion_jax.__version__,
       "backend": jax.default_backend(), "device_kind": device.device_kind,
       "num_devices": parallel.num_devices, "parallelism": parallel.mode,
-      "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+      "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "cpu_isa": cpu_isa(),
+      "native_kernels": _native_kernels() if jax.default_backend() == "cpu" else None,
       "threads": {k: os.environ.get(k) for k in ("XLA_FLAGS", "OMP_NUM_THREADS",
                                                   "TF_NUM_INTRAOP_THREADS") if os.environ.get(k)},
   }
+
+
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "asimd", "sve")
+
+
+def cpu_isa() -> str:
+  """The vector ISA flags the CPU reports (lscpu's flags, the ones that matter here)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      match = re.search(r"(?:flags|Features)\s*:(.*)", f.read())
+  except OSError:
+    return platform.machine()
+  flags = set(match.group(1).split()) if match else set()
+  return ",".join(name for name in ISA_FLAGS if name in flags) or platform.machine()
+
+
+def _native_kernels() -> str:
+  """What the native kernels were built for: "lanes=16 isa=avx512f,avx2,fma", or why none."""
+  from fashion_jax.kernels import native  # pylint: disable=g-import-not-at-top
+  built = native.info()
+  return (f"lanes={built['lanes']} ({32 * built['lanes']}-bit vectors) isa={built['isa']}"
+          if built else f"unavailable: {native._load()}")  # pylint: disable=protected-access
 
 
 def _cpu_name() -> str:

@@ -1,39 +1,29 @@
 """Native CPU kernels: C++ through XLA's FFI, compiled on first use for this machine.
 
-Both conv+pool layers of the classic CNN spend much of their time in memory
-passes XLA:CPU cannot fuse away (BENCHMARKS.md). `csrc/conv_pool.cc` removes
-them; `conv3x3_pool2` here picks the kernel for the layer:
+Both conv+pool layers of the classic CNN spend much of their time in memory passes XLA:CPU cannot
+fuse away (BENCHMARKS.md). `csrc/conv_pool.cc` removes them; `conv3x3_pool2` picks the kernel:
 
-- Few input channels (the first layer, 1 -> 32): a direct convolution fused
-  with the pool. XLA runs this as a K=9 matmul limited by memory traffic and
-  then writes, re-reads and scatters the full-resolution activation for the
-  pool and its gradient; the kernel computes each pooling window's four
-  outputs in registers and writes only the pooled value and its argmax. The
-  backward routes the gradient to the argmax and accumulates the kernel
-  gradient in registers.
+- Few input channels (the first layer, 1 -> 32): a direct convolution fused with the pool. XLA
+  runs it as a K=9 matmul limited by memory traffic, then writes, re-reads and scatters the
+  full-resolution activation for the pool and its gradient; the kernel computes each pooling
+  window's four outputs in registers and writes only the pooled value and its argmax. The
+  backward routes the gradient to the argmax and accumulates the kernel gradient in registers.
 - Wide inputs (the second layer, 32 -> 64): Winograd F(2x2, 3x3) as in
-  `fashion_jax.kernels.winograd`. The four transforms around the channel contractions
-  (input tiles, output + pool + argmax, and their transposes) are done in one
-  pass each instead of a gather, a matmul and a reduction apiece; the forward
-  and input-gradient contractions stay XLA matmuls, and the weight gradient's
-  (a [C, tiles] x [tiles, K] product with a very long contraction, which
-  XLA:CPU runs at ~40 GFLOP/s) is a register-blocked kernel (~80 GFLOP/s).
+  `fashion_jax.kernels.winograd`. The four transforms around the channel contractions are one
+  pass each instead of a gather, a matmul and a reduction apiece; the forward and input-gradient
+  contractions stay XLA matmuls, and the weight gradient's (a [C, tiles] x [tiles, K] product,
+  ~40 GFLOP/s in XLA:CPU) is a register-blocked kernel (~80 GFLOP/s).
 
-`conv3x3` does the same for a 3x3 convolution without a pool (cnn_bn, ResNets):
-native input transform, its gradient and the weight gradient; XLA's matmuls
-and output transform.
+`conv3x3` does the same for a 3x3 convolution without a pool (cnn_bn, ResNets): native input
+transform, its gradient and the weight gradient; XLA's matmuls and output transform.
 
-Measured on 2 CPU cores (same-process A/B of the classic CNN's train step):
-~40 % faster from the first-layer kernel, then +13-17 % from the transforms and
-+10-14 % from the weight gradient; cnn_bn's step +27-50 %.
-
-The kernel source ships with the package. The first call compiles it with the
-system C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`) with
-`-march=native` into a cache directory (`$FASHION_JAX_CACHE_DIR`, default
-`~/.cache/fashion_jax`), keyed by the source, compiler, flags, jaxlib version
-and CPU, so later runs load it in milliseconds. Without a compiler, or with
-`FASHION_JAX_NATIVE=0`, `available()` is False and "auto" keeps the pure-XLA
-formulations (`fashion_jax.kernels.ops`), which compute the same math.
+Measured (A/B of the CNN's train step, 2 cores): +40 % first layer, +13-17 % transforms, +10-14 %
+weight gradient. The source ships with the package; the first call compiles it with the system
+C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`), `-march=native` and a vector width (`lanes()`)
+into a cache (`$FASHION_JAX_CACHE_DIR`, default `~/.cache/fashion_jax`) keyed by the source,
+compiler, flags, jaxlib and CPU, so later runs load it in milliseconds. Without a compiler, or
+with `FASHION_JAX_NATIVE=0`, `available()` is False and "auto" keeps the XLA formulations
+(`fashion_jax.kernels.ops`), which compute the same math.
 """
 
 from __future__ import annotations
@@ -61,7 +51,8 @@ from fashion_jax.kernels import winograd
 from fashion_jax.support import paths
 
 SOURCE = Path(__file__).parent / "csrc" / "conv_pool.cc"
-FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-Wno-psabi")
+LANES = (4, 8, 16)  # Vector widths (floats) the kernels build with; see lanes().
 _TARGETS = {"fashion_jax_conv_pool_fwd": "FjConvPoolForward",
             "fashion_jax_conv_pool_bwd": "FjConvPoolBackward",
             "fashion_jax_winograd_input": "FjWinogradInput",
@@ -87,6 +78,26 @@ def cache_dir() -> Path:
   return paths.cache_root() / "native"
 
 
+@functools.cache
+def lanes() -> int:
+  """The kernels' vector width in floats: 8 (AVX2's registers), or `FASHION_JAX_NATIVE_LANES`.
+
+  16 (AVX-512's width) is not the default until measured faster there: wider than the registers
+  it spills them, and made the CNN's step 2.4x slower on AVX2 (BENCHMARKS.md). Channel counts
+  must be multiples of the width for the kernels to apply (`supports`).
+  """
+  wanted = os.environ.get("FASHION_JAX_NATIVE_LANES", "")
+  if wanted:
+    if not wanted.isdigit() or int(wanted) not in LANES:
+      raise ValueError(f"FASHION_JAX_NATIVE_LANES={wanted!r}: use one of {LANES}")
+    return int(wanted)
+  return 8
+
+
+def build_flags() -> tuple[str, ...]:
+  return (*FLAGS, f"-DFJ_LANES={lanes()}")
+
+
 def _cpu_identity() -> str:
   """What -march=native depends on: the CPU model and feature flags."""
   try:
@@ -107,7 +118,7 @@ def _build_key(compiler: str, include: str) -> str:
     jaxlib_version = "?"
   headers = b"".join(path.read_bytes() for path in sorted(Path(include).rglob("*.h")))
   key = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(),
+  for part in (SOURCE.read_bytes(), version.encode(), " ".join(build_flags()).encode(),
                jax.__version__.encode(), jaxlib_version.encode(), headers,
                _cpu_identity().encode()):
     key.update(part)
@@ -185,7 +196,7 @@ def _build(compiler: str, include: str, key: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-      result = subprocess.run([compiler, *FLAGS, "-isystem", include, str(SOURCE), "-o", tmp],
+      result = subprocess.run([compiler, *build_flags(), "-isystem", include, str(SOURCE), "-o", tmp],
                               capture_output=True, text=True, timeout=600)
       if result.returncode != 0:
         raise NativeUnavailable(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
@@ -200,13 +211,14 @@ def _build(compiler: str, include: str, key: str) -> Path:
 
 _registered = False  # XLA accepts one handler per target name and process.
 _library_path: Path | None = None  # What _load loaded.
+_library_info = ""  # What it was built for (FjKernelInfo): "lanes=16 isa=avx512f,avx2,fma".
 _lock = threading.Lock()
 
 
 @functools.cache
 def _load() -> str | None:
   """Builds (or finds) and registers the kernels. Returns None, or why they are unavailable."""
-  global _registered, _library_path
+  global _registered, _library_path, _library_info
   if os.environ.get("FASHION_JAX_NATIVE", "1") == "0":
     return "disabled by FASHION_JAX_NATIVE=0"
   compiler = _compiler()
@@ -224,12 +236,14 @@ def _load() -> str | None:
         path = _build(compiler, include, key)
         library = ctypes.cdll.LoadLibrary(str(path))
       _library_path = path
+      library.FjKernelInfo.restype = ctypes.c_char_p
+      _library_info = library.FjKernelInfo().decode()
       if not _registered:
         for target, symbol in _TARGETS.items():
           jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                       platform="cpu")
         _registered = True
-    except (OSError, subprocess.SubprocessError, NativeUnavailable, AttributeError,
+    except (OSError, subprocess.SubprocessError, NativeUnavailable, AttributeError, ValueError,
             jax.errors.JaxRuntimeError) as e:
       return f"{type(e).__name__}: {e}"
   return None
@@ -249,11 +263,27 @@ def available() -> bool:
   return reason is None
 
 
+def info() -> dict | None:
+  """{"lanes": 8, "isa": "avx2,fma", "library": path} of the loaded build, or None (unavailable)."""
+  if not available():
+    return None
+  fields = dict(part.split("=", 1) for part in _library_info.split())
+  return {"lanes": int(fields["lanes"]), "isa": fields["isa"], "library": str(_library_path)}
+
+
+def fits_lanes(channels: int) -> bool:
+  """Whether a channel count is a multiple of the kernels' vector width."""
+  try:
+    return channels % lanes() == 0
+  except ValueError:  # A bad FASHION_JAX_NATIVE_LANES: available() says why.
+    return False
+
+
 def supports(x: jax.Array, kernel: jax.Array) -> bool:
   """Whether `conv3x3_pool2` handles these shapes and dtypes (not whether it is built)."""
   return (x.ndim == 4 and kernel.ndim == 4 and kernel.shape[:2] == (3, 3)
-          and kernel.shape[2] == x.shape[-1] and kernel.shape[-1] % 8 == 0
-          and (x.shape[-1] < DIRECT_MAX_CHANNELS or x.shape[-1] % 8 == 0)
+          and kernel.shape[2] == x.shape[-1] and fits_lanes(kernel.shape[-1])
+          and (x.shape[-1] < DIRECT_MAX_CHANNELS or fits_lanes(x.shape[-1]))
           and x.shape[1] >= 4 and x.shape[2] >= 4
           and x.dtype == kernel.dtype == jnp.float32)
 
@@ -261,8 +291,8 @@ def supports(x: jax.Array, kernel: jax.Array) -> bool:
 def conv3x3_pool2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   """max_pool_2x2(conv_3x3_valid(x, kernel) + bias), fused, on CPU.
 
-  x NHWC float32, kernel HWIO [3, 3, Cin, Cout] float32, with Cout % 8 == 0 and
-  either Cin < 8 (direct kernel) or Cin % 8 == 0 (Winograd) (`supports`).
+  x NHWC float32, kernel HWIO [3, 3, Cin, Cout] float32, with Cout a multiple of `lanes()` and
+  either Cin < 8 (direct kernel) or Cin a multiple of `lanes()` (Winograd) (`supports`).
   Ties in a pooling window go to the first maximum, like `reduce_window`'s
   gradient. Builds the kernels on first use; raises ValueError if they are
   unavailable (`available()`) or the shapes are not supported.
@@ -356,15 +386,15 @@ _winograd.defvjp(_winograd_forward, _winograd_bwd)
 def supports_conv(x: jax.Array, kernel: jax.Array) -> bool:
   """Whether `conv3x3` handles these shapes and dtypes (not whether it is built)."""
   return (x.ndim == 4 and kernel.ndim == 4 and kernel.shape[:2] == (3, 3)
-          and kernel.shape[2] == x.shape[-1] and x.shape[-1] % 8 == 0
-          and kernel.shape[-1] % 8 == 0 and x.shape[1] >= 3 and x.shape[2] >= 3
+          and kernel.shape[2] == x.shape[-1] and fits_lanes(x.shape[-1])
+          and fits_lanes(kernel.shape[-1]) and x.shape[1] >= 3 and x.shape[2] >= 3
           and x.dtype == kernel.dtype == jnp.float32)
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """VALID, stride-1 3x3 convolution by Winograd F(2x2, 3x3) with native transforms.
 
-  x NHWC float32 with C % 8 == 0, kernel HWIO with Cout % 8 == 0
+  x NHWC float32 with C and Cout multiples of `lanes()`
   (`supports_conv`); SAME padding is the caller's `jnp.pad`. Raises ValueError
   like `conv3x3_pool2`.
   """
@@ -412,7 +442,7 @@ def main() -> int:
   if reason is not None:
     print(f"fashion_jax native CPU kernels: unavailable: {reason}")
     return 1
-  print(f"fashion_jax native CPU kernels: ready ({_library_path})")
+  print(f"fashion_jax native CPU kernels: ready ({_library_info}; {_library_path})")
   return 0
 
 

@@ -149,8 +149,10 @@ def _native_conv3x3(x, kernel):
 
 def conv_general_dilated_native(lhs, rhs, *args, **kwargs):
   """As `conv_general_dilated_winograd`, with the native kernels' transforms where they apply
-  (float32, channels in multiples of 8); other inputs take "auto"'s CPU choice."""
-  if lhs.dtype != jnp.float32 or lhs.shape[-1] % 8 or rhs.shape[-1] % 8:
+  (float32, channels in multiples of the kernels' vector width, `native.lanes()`); other inputs
+  take "auto"'s CPU choice."""
+  if (lhs.dtype != jnp.float32 or not native.fits_lanes(lhs.shape[-1])
+      or not native.fits_lanes(rhs.shape[-1])):
     return conv_general_dilated_cpu_auto(lhs, rhs, *args, **kwargs)
   return _winograd_conv(_native_conv3x3, lhs, rhs, *args, **kwargs)
 

@@ -15,7 +15,8 @@
 //    inputs (further down), around XLA's matmuls.
 //
 // Layouts: x NHWC float32, kernel HWIO [3, 3, Cin, Cout] float32 with
-// Cout % 8 == 0, bias [Cout]; pooled output [N, (H-2)/2, (W-2)/2, Cout].
+// Cout a multiple of the vector width (FJ_LANES), bias [Cout]; pooled output
+// [N, (H-2)/2, (W-2)/2, Cout].
 // Work is split over images, fixed image chunks or Winograd planes (partial
 // sums added in a fixed order, so results do not depend on the thread count)
 // and run on XLA's intra-op thread pool.
@@ -38,18 +39,40 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float f8 __attribute__((vector_size(32)));
-typedef int32_t i8x32 __attribute__((vector_size(32)));
-typedef int8_t i8x8 __attribute__((vector_size(8)));
+// The vector width: 8 floats (AVX2's registers, two NEON registers) or 4 or 16 (AVX-512's),
+// chosen at build time by native.py (-DFJ_LANES=...; native.lanes() says why 8 is the default).
+// Every channel block below is one vector; channel counts must be multiples of it. The code is width-generic: a width wider than the target's registers compiles
+// to several instructions per operation (that is how the 16-lane path is tested on AVX2).
+#ifndef FJ_LANES
+#if defined(__AVX512F__)
+#define FJ_LANES 16
+#else
+#define FJ_LANES 8
+#endif
+#endif
+constexpr int L = FJ_LANES;
+static_assert(L == 4 || L == 8 || L == 16, "FJ_LANES must be 4, 8 or 16");
 
-inline f8 Load(const float* p) {
-  f8 v;
+typedef float fv __attribute__((vector_size(4 * L)));     // L floats
+typedef int32_t iv __attribute__((vector_size(4 * L)));  // L int32 (masks)
+typedef int8_t bv __attribute__((vector_size(L)));       // L int8 (argmax)
+
+inline fv Load(const float* p) {
+  fv v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline void Store(float* p, f8 v) { std::memcpy(p, &v, sizeof(v)); }
-inline f8 Splat(float s) { return f8{s, s, s, s, s, s, s, s}; }
-inline i8x32 SplatI(int32_t s) { return i8x32{s, s, s, s, s, s, s, s}; }
+inline void Store(float* p, fv v) { std::memcpy(p, &v, sizeof(v)); }
+inline fv Splat(float s) {
+  fv v;
+  for (int i = 0; i < L; ++i) v[i] = s;
+  return v;
+}
+inline iv SplatI(int32_t s) {
+  iv v;
+  for (int i = 0; i < L; ++i) v[i] = s;
+  return v;
+}
 
 struct Shape {
   int64_t n, h, w, cin, cout, hp, wp;
@@ -79,25 +102,25 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
   while (counter->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
-// One image, one block of 8 output channels. CIN > 0: compile-time channel count.
+// One image, one block of L output channels. CIN > 0: compile-time channel count.
 template <int CIN>
 void ForwardBlock(const Shape& s, const float* x, const float* k, const float* b, float* y,
                   int8_t* arg, int64_t cb) {
   const int64_t cin = CIN > 0 ? CIN : s.cin;
-  std::vector<f8> wheap(CIN > 0 ? 0 : 9 * cin);
-  f8 wstack[CIN > 0 ? 9 * CIN : 1];
-  f8* w = CIN > 0 ? wstack : wheap.data();
+  std::vector<fv> wheap(CIN > 0 ? 0 : 9 * cin);
+  fv wstack[CIN > 0 ? 9 * CIN : 1];
+  fv* w = CIN > 0 ? wstack : wheap.data();
   for (int64_t t = 0; t < 9 * cin; ++t) w[t] = Load(k + t * s.cout + cb);
-  const f8 bias = Load(b + cb);
+  const fv bias = Load(b + cb);
   for (int64_t i = 0; i < s.hp; ++i) {
     for (int64_t j = 0; j < s.wp; ++j) {
-      f8 acc[4] = {bias, bias, bias, bias};
+      fv acc[4] = {bias, bias, bias, bias};
       // The 4x4 input patch covers the four 3x3 windows of the pooling window.
       for (int r = 0; r < 4; ++r) {
         for (int c = 0; c < 4; ++c) {
           const float* px = x + ((2 * i + r) * s.w + 2 * j + c) * cin;
           for (int64_t ci = 0; ci < cin; ++ci) {
-            const f8 xv = Splat(px[ci]);
+            const fv xv = Splat(px[ci]);
             for (int dy = 0; dy < 2; ++dy) {
               for (int dx = 0; dx < 2; ++dx) {
                 const int ky = r - dy, kx = c - dx;
@@ -108,17 +131,17 @@ void ForwardBlock(const Shape& s, const float* x, const float* k, const float* b
           }
         }
       }
-      f8 best = acc[0];
-      i8x32 which = SplatI(0);
+      fv best = acc[0];
+      iv which = SplatI(0);
       for (int q = 1; q < 4; ++q) {
-        const i8x32 better = acc[q] > best;  // Strict: the first maximum wins ties.
+        const iv better = acc[q] > best;  // Strict: the first maximum wins ties.
         best = better ? acc[q] : best;
         which = better ? SplatI(q) : which;
       }
       const int64_t o = (i * s.wp + j) * s.cout + cb;
       Store(y + o, best);
-      const i8x8 which8 = __builtin_convertvector(which, i8x8);
-      std::memcpy(arg + o, &which8, sizeof(which8));
+      const bv which_b = __builtin_convertvector(which, bv);
+      std::memcpy(arg + o, &which_b, sizeof(which_b));
     }
   }
 }
@@ -126,24 +149,24 @@ void ForwardBlock(const Shape& s, const float* x, const float* k, const float* b
 // Kernel and bias gradients of one image, one block, added into gw/gb.
 template <int CIN>
 void BackwardBlock(const Shape& s, const float* x, const int8_t* arg, const float* dy,
-                   f8* gw, f8& gb, int64_t cb) {
+                   fv* gw, fv& gb, int64_t cb) {
   const int64_t cin = CIN > 0 ? CIN : s.cin;
   for (int64_t i = 0; i < s.hp; ++i) {
     for (int64_t j = 0; j < s.wp; ++j) {
       const int64_t o = (i * s.wp + j) * s.cout + cb;
-      const f8 g = Load(dy + o);
-      i8x8 which8;
-      std::memcpy(&which8, arg + o, sizeof(which8));
-      const i8x32 which = __builtin_convertvector(which8, i8x32);
+      const fv g = Load(dy + o);
+      bv which_b;
+      std::memcpy(&which_b, arg + o, sizeof(which_b));
+      const iv which = __builtin_convertvector(which_b, iv);
       gb += g;
-      const f8 zero = Splat(0.0f);
-      f8 gq[4];
+      const fv zero = Splat(0.0f);
+      fv gq[4];
       for (int q = 0; q < 4; ++q) gq[q] = which == SplatI(q) ? g : zero;
       for (int r = 0; r < 4; ++r) {
         for (int c = 0; c < 4; ++c) {
           const float* px = x + ((2 * i + r) * s.w + 2 * j + c) * cin;
           for (int64_t ci = 0; ci < cin; ++ci) {
-            const f8 xv = Splat(px[ci]);
+            const fv xv = Splat(px[ci]);
             for (int ddy = 0; ddy < 2; ++ddy) {
               for (int ddx = 0; ddx < 2; ++ddx) {
                 const int ky = r - ddy, kx = c - ddx;
@@ -163,7 +186,7 @@ void Forward(ffi::ThreadPool& pool, const Shape& s, const float* x, const float*
              const float* b, float* y, int8_t* arg) {
   const int64_t in_img = s.h * s.w * s.cin, out_img = s.hp * s.wp * s.cout;
   ParallelFor(pool, s.n, [&](int64_t n) {
-    for (int64_t cb = 0; cb < s.cout; cb += 8) {
+    for (int64_t cb = 0; cb < s.cout; cb += L) {
       ForwardBlock<CIN>(s, x + n * in_img, k, b, y + n * out_img, arg + n * out_img, cb);
     }
   });
@@ -182,10 +205,10 @@ void Backward(ffi::ThreadPool& pool, const Shape& s, const float* x, const int8_
     const int64_t lo = s.n * chunk / chunks, hi = s.n * (chunk + 1) / chunks;
     float* pk = partial.data() + chunk * (nk + s.cout);
     float* pb = pk + nk;
-    std::vector<f8> gw(9 * s.cin);
-    for (int64_t cb = 0; cb < s.cout; cb += 8) {
+    std::vector<fv> gw(9 * s.cin);
+    for (int64_t cb = 0; cb < s.cout; cb += L) {
       std::fill(gw.begin(), gw.end(), Splat(0.0f));
-      f8 gb = Splat(0.0f);
+      fv gb = Splat(0.0f);
       for (int64_t n = lo; n < hi; ++n) {
         BackwardBlock<CIN>(s, x + n * in_img, arg + n * out_img, dy + n * out_img, gw.data(),
                            gb, cb);
@@ -208,9 +231,9 @@ ffi::Error CheckShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> kd,
     return ffi::Error::InvalidArgument(
         "fashion_jax conv_pool: expected x [N, H, W, Cin] and kernel [3, 3, Cin, Cout]");
   }
-  if (kd[3] % 8 != 0 || xd[1] < 4 || xd[2] < 4) {
+  if (kd[3] % L != 0 || xd[1] < 4 || xd[2] < 4) {
     return ffi::Error::InvalidArgument(
-        "fashion_jax conv_pool: needs Cout % 8 == 0 and H, W >= 4");
+        "fashion_jax conv_pool: needs Cout % " + std::to_string(L) + " == 0 and H, W >= 4");
   }
   *s = Shape{xd[0], xd[1], xd[2], xd[3], kd[3], (xd[1] - 2) / 2, (xd[2] - 2) / 2};
   return ffi::Error::Success();
@@ -263,14 +286,14 @@ ffi::Error ConvPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // (0,-1,1,0), (0,1,0,-1); A^T rows: (1,1,1,0), (0,1,-1,-1). Tile (i, j) of
 // image b is tile number (b*th + i)*tw + j; its window starts at (2i, 2j).
 
-inline void InputTransform4(const f8 d[4], f8 t[4]) {  // t = B^T d
+inline void InputTransform4(const fv d[4], fv t[4]) {  // t = B^T d
   t[0] = d[0] - d[2];
   t[1] = d[1] + d[2];
   t[2] = d[2] - d[1];
   t[3] = d[1] - d[3];
 }
 
-inline void InputTransform4T(const f8 t[4], f8 d[4]) {  // d = B t (the transpose)
+inline void InputTransform4T(const fv t[4], fv d[4]) {  // d = B t (the transpose)
   d[0] = t[0];
   d[1] = t[1] - t[2] + t[3];
   d[2] = t[1] + t[2] - t[0];
@@ -287,19 +310,19 @@ void WinogradInputImage(const Tiles& s, const float* x, float* v, int64_t b) {
   for (int64_t i = 0; i < s.th; ++i) {
     for (int64_t j = 0; j < s.tw; ++j) {
       const int64_t tile = (b * s.th + i) * s.tw + j;
-      for (int64_t cb = 0; cb < s.c; cb += 8) {
-        f8 rows[4][4];  // rows[r][col] = (B^T d)[r][col]
+      for (int64_t cb = 0; cb < s.c; cb += L) {
+        fv rows[4][4];  // rows[r][col] = (B^T d)[r][col]
         for (int col = 0; col < 4; ++col) {
-          f8 d[4];
+          fv d[4];
           for (int r = 0; r < 4; ++r) {
             d[r] = Load(x + (((b * s.h) + 2 * i + r) * s.w + 2 * j + col) * s.c + cb);
           }
-          f8 t[4];
+          fv t[4];
           InputTransform4(d, t);
           for (int r = 0; r < 4; ++r) rows[r][col] = t[r];
         }
         for (int r = 0; r < 4; ++r) {
-          f8 t[4];
+          fv t[4];
           InputTransform4(rows[r], t);
           for (int q = 0; q < 4; ++q) Store(v + (r * 4 + q) * plane + tile * s.c + cb, t[q]);
         }
@@ -316,16 +339,16 @@ void WinogradInputGradImage(const Tiles& s, const float* dv, float* dx, int64_t 
   for (int64_t i = 0; i < s.th; ++i) {
     for (int64_t j = 0; j < s.tw; ++j) {
       const int64_t tile = (b * s.th + i) * s.tw + j;
-      for (int64_t cb = 0; cb < s.c; cb += 8) {
-        f8 rows[4][4];
+      for (int64_t cb = 0; cb < s.c; cb += L) {
+        fv rows[4][4];
         for (int r = 0; r < 4; ++r) {
-          f8 t[4];
+          fv t[4];
           for (int q = 0; q < 4; ++q) t[q] = Load(dv + (r * 4 + q) * plane + tile * s.c + cb);
           InputTransform4T(t, rows[r]);  // rows[r][col]
         }
         for (int col = 0; col < 4; ++col) {
-          f8 t[4] = {rows[0][col], rows[1][col], rows[2][col], rows[3][col]};
-          f8 d[4];
+          fv t[4] = {rows[0][col], rows[1][col], rows[2][col], rows[3][col]};
+          fv d[4];
           InputTransform4T(t, d);
           for (int r = 0; r < 4; ++r) {
             float* p = img + ((2 * i + r) * s.w + 2 * j + col) * s.c + cb;
@@ -341,29 +364,29 @@ void WinogradOutputPoolImage(const Tiles& s, const float* m, const float* bias, 
                              int8_t* arg, int64_t b) {
   const int64_t plane = s.count() * s.c;  // s.c is K here.
   for (int64_t t0 = b * s.th * s.tw, tile = t0; tile < t0 + s.th * s.tw; ++tile) {
-    for (int64_t kb = 0; kb < s.c; kb += 8) {
-      f8 h[2][4];  // h[a][col] = (A^T m)[a][col]
+    for (int64_t kb = 0; kb < s.c; kb += L) {
+      fv h[2][4];  // h[a][col] = (A^T m)[a][col]
       for (int col = 0; col < 4; ++col) {
-        f8 mc[4];
+        fv mc[4];
         for (int r = 0; r < 4; ++r) mc[r] = Load(m + (r * 4 + col) * plane + tile * s.c + kb);
         h[0][col] = mc[0] + mc[1] + mc[2];
         h[1][col] = mc[1] - mc[2] - mc[3];
       }
-      f8 out[4];
+      fv out[4];
       for (int a = 0; a < 2; ++a) {
         out[2 * a] = h[a][0] + h[a][1] + h[a][2];
         out[2 * a + 1] = h[a][1] - h[a][2] - h[a][3];
       }
-      f8 best = out[0];
-      i8x32 which = SplatI(0);
+      fv best = out[0];
+      iv which = SplatI(0);
       for (int q = 1; q < 4; ++q) {
-        const i8x32 better = out[q] > best;  // Strict: the first maximum wins ties.
+        const iv better = out[q] > best;  // Strict: the first maximum wins ties.
         best = better ? out[q] : best;
         which = better ? SplatI(q) : which;
       }
       Store(y + tile * s.c + kb, best + Load(bias + kb));
-      const i8x8 which8 = __builtin_convertvector(which, i8x8);
-      std::memcpy(arg + tile * s.c + kb, &which8, sizeof(which8));
+      const bv which_b = __builtin_convertvector(which, bv);
+      std::memcpy(arg + tile * s.c + kb, &which_b, sizeof(which_b));
     }
   }
 }
@@ -372,16 +395,16 @@ void WinogradOutputPoolImage(const Tiles& s, const float* m, const float* bias, 
 void WinogradOutputPoolGradImage(const Tiles& s, const float* dy, const int8_t* arg, float* dm,
                                  int64_t b) {
   const int64_t plane = s.count() * s.c;
-  const f8 zero = Splat(0.0f);
+  const fv zero = Splat(0.0f);
   for (int64_t t0 = b * s.th * s.tw, tile = t0; tile < t0 + s.th * s.tw; ++tile) {
-    for (int64_t kb = 0; kb < s.c; kb += 8) {
-      const f8 g = Load(dy + tile * s.c + kb);
-      i8x8 which8;
-      std::memcpy(&which8, arg + tile * s.c + kb, sizeof(which8));
-      const i8x32 which = __builtin_convertvector(which8, i8x32);
-      f8 go[4];
+    for (int64_t kb = 0; kb < s.c; kb += L) {
+      const fv g = Load(dy + tile * s.c + kb);
+      bv which_b;
+      std::memcpy(&which_b, arg + tile * s.c + kb, sizeof(which_b));
+      const iv which = __builtin_convertvector(which_b, iv);
+      fv go[4];
       for (int q = 0; q < 4; ++q) go[q] = which == SplatI(q) ? g : zero;
-      f8 h[2][4];  // h[a][col] = sum_b A^T[b][col] go[a][b]
+      fv h[2][4];  // h[a][col] = sum_b A^T[b][col] go[a][b]
       for (int a = 0; a < 2; ++a) {
         h[a][0] = go[2 * a];
         h[a][1] = go[2 * a] + go[2 * a + 1];
@@ -389,7 +412,7 @@ void WinogradOutputPoolGradImage(const Tiles& s, const float* dy, const int8_t* 
         h[a][3] = -go[2 * a + 1];
       }
       for (int col = 0; col < 4; ++col) {
-        const f8 rows[4] = {h[0][col], h[0][col] + h[1][col], h[0][col] - h[1][col], -h[1][col]};
+        const fv rows[4] = {h[0][col], h[0][col] + h[1][col], h[0][col] - h[1][col], -h[1][col]};
         for (int r = 0; r < 4; ++r) Store(dm + (r * 4 + col) * plane + tile * s.c + kb, rows[r]);
       }
     }
@@ -397,9 +420,9 @@ void WinogradOutputPoolGradImage(const Tiles& s, const float* dy, const int8_t* 
 }
 
 ffi::Error TilesOf(ffi::Span<const int64_t> image, int64_t c, Tiles* s) {
-  if (image.size() != 4 || image[1] < 4 || image[2] < 4 || c % 8 != 0) {
-    return ffi::Error::InvalidArgument(
-        "fashion_jax winograd: expected images [N, H, W, C], H, W >= 4, C % 8 == 0");
+  if (image.size() != 4 || image[1] < 4 || image[2] < 4 || c % L != 0) {
+    return ffi::Error::InvalidArgument("fashion_jax winograd: expected images [N, H, W, C], "
+                                       "H, W >= 4, C % " + std::to_string(L) + " == 0");
   }
   *s = Tiles{image[0], image[1], image[2], c, (image[1] - 2) / 2, (image[2] - 2) / 2};
   return ffi::Error::Success();
@@ -478,25 +501,25 @@ ffi::Error WinogradOutputPoolGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy
 // deterministic.
 constexpr int64_t kTileChunk = 64;
 
-// A CB x (8 * KV) block of dU over tiles [t0, t1), accumulated in registers.
+// A CB x (L * KV) block of dU over tiles [t0, t1), accumulated in registers.
 template <int CB, int KV>
 void WeightGradBlock(const float* v, const float* dm, float* du, int64_t t0, int64_t t1,
                      int64_t c, int64_t k, int64_t c0, int64_t k0) {
-  f8 acc[CB][KV];
+  fv acc[CB][KV];
   for (int i = 0; i < CB; ++i) {
-    for (int j = 0; j < KV; ++j) acc[i][j] = Load(du + (c0 + i) * k + k0 + 8 * j);
+    for (int j = 0; j < KV; ++j) acc[i][j] = Load(du + (c0 + i) * k + k0 + L * j);
   }
   for (int64_t t = t0; t < t1; ++t) {
     const float* vr = v + t * c + c0;
-    f8 m[KV];
-    for (int j = 0; j < KV; ++j) m[j] = Load(dm + t * k + k0 + 8 * j);
+    fv m[KV];
+    for (int j = 0; j < KV; ++j) m[j] = Load(dm + t * k + k0 + L * j);
     for (int i = 0; i < CB; ++i) {
-      const f8 b = Splat(vr[i]);
+      const fv b = Splat(vr[i]);
       for (int j = 0; j < KV; ++j) acc[i][j] += b * m[j];
     }
   }
   for (int i = 0; i < CB; ++i) {
-    for (int j = 0; j < KV; ++j) Store(du + (c0 + i) * k + k0 + 8 * j, acc[i][j]);
+    for (int j = 0; j < KV; ++j) Store(du + (c0 + i) * k + k0 + L * j, acc[i][j]);
   }
 }
 
@@ -504,11 +527,11 @@ template <int CB>
 void WeightGradRows(const float* v, const float* dm, float* du, int64_t t0, int64_t t1,
                     int64_t c, int64_t k, int64_t c0) {
   int64_t k0 = 0;
-  for (; k0 + 16 <= k; k0 += 16) WeightGradBlock<CB, 2>(v, dm, du, t0, t1, c, k, c0, k0);
-  if (k0 < k) WeightGradBlock<CB, 1>(v, dm, du, t0, t1, c, k, c0, k0);  // K % 16 == 8.
+  for (; k0 + 2 * L <= k; k0 += 2 * L) WeightGradBlock<CB, 2>(v, dm, du, t0, t1, c, k, c0, k0);
+  if (k0 < k) WeightGradBlock<CB, 1>(v, dm, du, t0, t1, c, k, c0, k0);  // K % (2L) == L.
 }
 
-// 6 x 16 blocks: 12 accumulators, enough independent FMAs to hide their latency.
+// 6 x 2L blocks: 12 accumulators, enough independent FMAs to hide their latency.
 void WinogradWeightGradPlane(int64_t tiles, int64_t c, int64_t k, const float* v,
                              const float* dm, float* du) {
   std::fill(du, du + c * k, 0.0f);
@@ -528,10 +551,10 @@ ffi::Error WinogradWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> v,
                               ffi::Buffer<ffi::F32> dm, ffi::ResultBuffer<ffi::F32> du) {
   auto vd = v.dimensions(), md = dm.dimensions(), ud = du->dimensions();
   if (vd.size() != 3 || md.size() != 3 || ud.size() != 3 || vd[0] != md[0] || vd[1] != md[1] ||
-      ud[0] != vd[0] || ud[1] != vd[2] || ud[2] != md[2] || vd[2] % 4 != 0 || md[2] % 8 != 0) {
+      ud[0] != vd[0] || ud[1] != vd[2] || ud[2] != md[2] || vd[2] % 4 != 0 || md[2] % L != 0) {
     return ffi::Error::InvalidArgument(
         "fashion_jax winograd weight grad: expected V [P, n, C], dM [P, n, K] -> [P, C, K], "
-        "C % 4 == 0, K % 8 == 0");
+        "C % 4 == 0, K % " + std::to_string(L) + " == 0");
   }
   const int64_t planes = vd[0], tiles = vd[1], c = vd[2], k = md[2];
   ParallelFor(pool, planes, [&](int64_t x) {
@@ -542,6 +565,38 @@ ffi::Error WinogradWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> v,
 }
 
 }  // namespace
+
+// What this build uses, for logs and benchmarks: "lanes=16 isa=avx512f,avx2,fma".
+extern "C" const char* FjKernelInfo() {
+  static const std::string info = [] {
+    std::string isa;
+    auto add = [&isa](const char* name) { isa += (isa.empty() ? "" : ",") + std::string(name); };
+#if defined(__AVX512F__)
+    add("avx512f");
+#endif
+#if defined(__AVX512BF16__)
+    add("avx512bf16");
+#endif
+#if defined(__AVX2__)
+    add("avx2");
+#endif
+#if defined(__FMA__)
+    add("fma");
+#endif
+#if defined(__SSE2__) && !defined(__AVX2__)
+    add("sse2");
+#endif
+#if defined(__ARM_FEATURE_SVE)
+    add("sve");
+#endif
+#if defined(__ARM_NEON)
+    add("neon");
+#endif
+    if (isa.empty()) add("generic");
+    return "lanes=" + std::to_string(L) + " isa=" + isa;
+  }();
+  return info.c_str();
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjConvPoolForward, ConvPoolForward,
                               ffi::Ffi::Bind()
