@@ -96,14 +96,19 @@ def environment(parallel) -> dict:
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "asimd", "sve")
 
 
-def cpu_isa() -> str:
-  """The vector ISA flags the CPU reports (lscpu's flags, the ones that matter here)."""
+def _cpuinfo_field(pattern: str) -> str | None:
+  """The first /proc/cpuinfo line's value whose name matches `pattern`, or None."""
   try:
     with open("/proc/cpuinfo") as f:
-      match = re.search(r"(?:flags|Features)\s*:(.*)", f.read())
+      match = re.search(rf"(?:{pattern})\s*:\s*(.*)", f.read())
   except OSError:
-    return platform.machine()
-  flags = set(match.group(1).split()) if match else set()
+    return None
+  return match.group(1).strip() if match else None
+
+
+def cpu_isa() -> str:
+  """The vector ISA flags the CPU reports (lscpu's flags, the ones that matter here)."""
+  flags = set((_cpuinfo_field("flags|Features") or "").split())
   return ",".join(name for name in ISA_FLAGS if name in flags) or platform.machine()
 
 
@@ -116,12 +121,7 @@ def _native_kernels() -> str:
 
 
 def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      match = re.search(r"model name\s*:\s*(.*)", f.read())
-    return match.group(1).strip() if match else platform.processor()
-  except OSError:
-    return platform.processor()
+  return _cpuinfo_field("model name") or platform.processor()
 
 
 def format_table(results: dict) -> str:
