@@ -63,16 +63,11 @@ inline fv Load(const float* p) {
   return v;
 }
 inline void Store(float* p, fv v) { std::memcpy(p, &v, sizeof(v)); }
-inline fv Splat(float s) {
-  fv v;
-  for (int i = 0; i < L; ++i) v[i] = s;
-  return v;
-}
-inline iv SplatI(int32_t s) {
-  iv v;
-  for (int i = 0; i < L; ++i) v[i] = s;
-  return v;
-}
+// Broadcasts as vector-scalar arithmetic, which compiles to one broadcast instruction. (A loop
+// over the lanes compiled, with GCC 12 at 16 lanes, to 16 masked broadcasts or stack round trips:
+// it made the 16-lane build 1.7x slower than the 8-lane one on AVX-512.)
+inline fv Splat(float s) { return -fv{} + s; }  // -0.0 + s is s exactly, even for s = -0.0.
+inline iv SplatI(int32_t s) { return iv{} + s; }
 
 struct Shape {
   int64_t n, h, w, cin, cout, hp, wp;
