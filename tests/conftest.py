@@ -120,9 +120,9 @@ def assert_one_line_error(proc, *fragments):
 def require_native():
   """Skips (with the reason) where the native kernels cannot be: disabled, or no C++ compiler.
   With a compiler they must build: that is a failure, not a skip."""
-  from fashion_jax.kernels import native  # pylint: disable=import-outside-toplevel
+  from fashion_jax.kernels import native, native_build  # pylint: disable=import-outside-toplevel
   if os.environ.get("FASHION_JAX_NATIVE") == "0":
     pytest.skip("FASHION_JAX_NATIVE=0: the native kernels are disabled in this run")
-  if native._compiler() is None:  # pylint: disable=protected-access
+  if native_build.compiler() is None and not native.available():
     pytest.skip("no C++ compiler (c++, g++, clang++ or $CXX) on this machine: no native kernels")
   assert native.available(), native._load()  # pylint: disable=protected-access

@@ -38,7 +38,8 @@ def test_benchmark_json(tmp_path, idx_dir):
   env = results["environment"]
   assert env["cpu_isa"] and f"native kernels: {env['native_kernels']}" in proc.stdout
   if native.available():
-    assert env["native_kernels"].startswith(f"lanes={native.lanes()} ")
+    built = native.info()
+    assert env["native_kernels"].startswith(f"target={built['target']} lanes={built['lanes']} ")
   assert "jax  batch    8" in proc.stderr  # Progress while it runs.
   # The real loop, timed at each batch size beside its pure window.
   assert [(r["name"], r["batch_size"]) for r in results["loop"]] == [("device", 8), ("device", 16)]

@@ -1,6 +1,5 @@
 """The native (C++ / XLA FFI) fused conv+pool kernel against lax, and its fallbacks."""
 
-import importlib.metadata
 import os
 from pathlib import Path
 import platform
@@ -14,7 +13,7 @@ from jax import lax
 import numpy as np
 import pytest
 
-from fashion_jax.kernels import native, ops
+from fashion_jax.kernels import native, native_build, ops
 from tests.conftest import ROOT, require_native
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -72,12 +71,12 @@ def test_outputs_and_grads_match_lax(batch, hw, cin, cout):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("cin", [1, 8])  # Direct and Winograd.
+@pytest.mark.parametrize("cin", [1, 16])  # Direct and Winograd.
 def test_ties_go_to_the_first_maximum_like_reduce_window(cin):
   x = jnp.zeros((2, 8, 8, cin)).at[1, 3:, 2:].set(1.0)  # Flat regions and edges: many exact ties.
-  k = jnp.ones((3, 3, cin, 8)).at[..., 4:].set(-1.0)
-  b = jnp.arange(8.0)
-  r = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 3, 8)), jnp.float32)
+  k = jnp.ones((3, 3, cin, 16)).at[..., 4:].set(-1.0)
+  b = jnp.arange(16.0)
+  r = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 3, 16)), jnp.float32)
   f = lambda fn: jax.grad(lambda k, b: jnp.sum(fn(x, k, b) * r), (0, 1))
   for got, want in zip(jax.jit(f(native.conv3x3_pool2))(k, b), f(_ref)(k, b)):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
@@ -128,31 +127,78 @@ def test_gradients_do_not_depend_on_the_thread_count(tmp_path):
       np.testing.assert_array_equal(results[label][key], results["one"][key], err_msg=key)
 
 
-@pytest.mark.parametrize("lanes", [pytest.param(4, marks=pytest.mark.slow), 8, 16])
-def test_every_vector_width_matches_lax(lanes):
-  """The kernels built for each vector width (4, 8, 16 floats; 16 is AVX-512's) compute the lax
-  results and gradients: the comparisons above, rerun with FASHION_JAX_NATIVE_LANES. Widths
-  wider than this CPU's registers run as several instructions per operation, so every width
-  is tested on every machine; the machine's own width is what the tests above ran."""
-  if lanes == native.lanes():
-    assert native.info()["lanes"] == lanes  # What the build reports is what was asked for.
-    return
+def _rerun_comparisons(**env):
+  """Reruns this file's lax comparisons in a subprocess with a build chosen by `env`."""
   proc = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "-k",
-       "match_lax and not every_vector_width", os.path.join(ROOT, "tests", "test_native.py")],
-      cwd=ROOT, capture_output=True, text=True, timeout=900,
-      env=dict(os.environ, FASHION_JAX_NATIVE_LANES=str(lanes)))
+       "match_lax and not every_", os.path.join(ROOT, "tests", "test_native.py")],
+      cwd=ROOT, capture_output=True, text=True, timeout=900, env=dict(os.environ, **env))
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
   summary = proc.stdout.strip().splitlines()[-1]
   assert "passed" in summary and "skipped" not in summary, summary
 
 
-def test_the_build_reports_its_width_and_isa():
+@pytest.mark.parametrize("target", [t.name for t in native_build.targets()])
+def test_every_target_this_cpu_runs_matches_lax(target):
+  """Each ISA level's build (AVX-512 with 16 lanes, AVX2 with 8, the architecture's portable
+  baseline with 4) computes the lax results and gradients: the comparisons above, rerun with
+  FASHION_JAX_NATIVE_ISA. The best level is what the tests above ran."""
+  known = {t.name: t for t in native_build.targets()}
+  if target not in {t.name for t in native_build.runnable()}:
+    missing = sorted(known[target].requires - native_build.cpu_flags())
+    pytest.skip(f"this CPU cannot run {target} (lacks {', '.join(missing)})")
+  if target == native.info()["target"]:
+    assert native.info()["lanes"] == known[target].lanes  # The build has the target's width.
+    return
+  _rerun_comparisons(FASHION_JAX_NATIVE_ISA=target)
+
+
+def test_every_vector_width_matches_lax_on_every_cpu():
+  """The 16-lane code also where the CPU has no AVX-512 (as two or four instructions per
+  operation), so every width is tested on every machine; on AVX-512 the 8-lane code."""
+  best = native_build.runnable()[0]
+  _rerun_comparisons(FASHION_JAX_NATIVE_ISA=best.name,
+                     FASHION_JAX_NATIVE_LANES="8" if best.lanes == 16 else "16")
+
+
+def test_the_build_reports_its_target_width_and_isa():
   built = native.info()
-  assert built["lanes"] == native.lanes() in native.LANES
+  assert built["target"] == native_build.runnable()[0].name  # The best level this CPU runs.
+  assert built["lanes"] == native.lanes() == native_build.runnable()[0].lanes
   assert built["isa"] and os.path.isfile(built["library"])
-  if platform.machine() in ("x86_64", "AMD64") and " avx2" in native._cpu_identity():  # pylint: disable=protected-access
-    assert "avx2" in built["isa"].split(",")
+  isa = built["isa"].split(",")
+  if built["target"] == "x86-64-v4":
+    assert {"avx512f", "avx2", "fma"} <= set(isa)
+  elif built["target"] == "x86-64-v3":
+    assert {"avx2", "fma"} <= set(isa) and "avx512f" not in isa
+
+
+@pytest.mark.parametrize("flags,machine,want", [
+    ("fpu sse sse2 pni ssse3 sse4_1 sse4_2 cx16 popcnt lahf_lm avx avx2 fma bmi1 bmi2 f16c abm "
+     "movbe xsave avx512f avx512bw avx512cd avx512dq avx512vl", "x86_64", "x86-64-v4"),
+    ("fpu sse sse2 pni ssse3 sse4_1 sse4_2 cx16 popcnt lahf_lm avx avx2 fma bmi1 bmi2 f16c abm "
+     "movbe xsave avx512f", "x86_64", "x86-64-v3"),  # AVX-512F alone is not v4.
+    ("fpu sse sse2 pni ssse3 sse4_1 sse4_2 cx16 popcnt lahf_lm avx", "x86_64", "x86-64"),
+    ("", "x86_64", "x86-64"),  # No /proc/cpuinfo: the portable baseline.
+    ("fp asimd evtstrm aes pmull sha1 sha2 crc32", "aarch64", "armv8-a")])
+def test_the_best_target_the_cpu_runs_is_chosen(monkeypatch, flags, machine, want):
+  monkeypatch.setattr(native_build, "cpu_flags", lambda: frozenset(flags.split()))
+  monkeypatch.setattr(native_build.platform, "machine", lambda: machine)
+  monkeypatch.delenv("FASHION_JAX_NATIVE_ISA", raising=False)
+  monkeypatch.delenv("FASHION_JAX_NATIVE_LANES", raising=False)
+  target, width = native_build.choose(jax.ffi.include_dir())
+  assert target.name == want and width == target.lanes
+
+
+def test_a_forced_target_this_cpu_cannot_run_is_a_clear_error(monkeypatch):
+  monkeypatch.setattr(native_build, "cpu_flags", lambda: native_build.TARGETS["x86_64"][1].requires)
+  monkeypatch.setattr(native_build.platform, "machine", lambda: "x86_64")
+  monkeypatch.setenv("FASHION_JAX_NATIVE_ISA", "x86-64-v4")
+  with pytest.raises(ValueError, match="this CPU lacks avx512bw, avx512cd, avx512dq, avx512f, avx512vl$"):
+    native_build.choose(jax.ffi.include_dir())
+  monkeypatch.setenv("FASHION_JAX_NATIVE_ISA", "avx9000")
+  with pytest.raises(ValueError, match="use one of"):
+    native_build.choose(jax.ffi.include_dir())
 
 
 def test_supports_only_what_the_kernel_handles():
@@ -168,15 +214,15 @@ def test_supports_only_what_the_kernel_handles():
 
 
 def test_auto_and_native_choices():
-  x, k, b = _inputs(1, 2, (13, 13), 1, 8)
+  x, k, b = _inputs(1, 2, (13, 13), 1, 16)
   np.testing.assert_array_equal(ops.conv_pool(x, k, b, "auto"), native.conv3x3_pool2(x, k, b))
-  x16, k16, b16 = _inputs(2, 2, (13, 13), 16, 8)
+  x16, k16, b16 = _inputs(2, 2, (13, 13), 16, 16)
   np.testing.assert_array_equal(ops.conv_pool(x16, k16, b16, "auto"),
                                 native.conv3x3_pool2(x16, k16, b16))
   # "native" falls back to auto's choice where the kernels do not apply (XLA Winograd here).
-  x12, k12, b12 = _inputs(3, 2, (13, 13), 12, 8)
-  np.testing.assert_array_equal(ops.conv_pool(x12, k12, b12, "native"),
-                                ops.conv_pool(x12, k12, b12, "winograd"))
+  x10, k10, b10 = _inputs(3, 2, (13, 13), 10, 16)  # 10: no multiple of any width.
+  np.testing.assert_array_equal(ops.conv_pool(x10, k10, b10, "native"),
+                                ops.conv_pool(x10, k10, b10, "winograd"))
 
 
 def test_native_is_cpu_only(monkeypatch):
@@ -184,6 +230,10 @@ def test_native_is_cpu_only(monkeypatch):
   x, k, b = _inputs(1, 2, (13, 13), 1, 8)
   with pytest.raises(ValueError, match="CPU only"):
     ops.conv_pool(x, k, b, "native")
+
+
+_STUB_INFO = ('#define FJ_STR2(x) #x\n#define FJ_STR(x) FJ_STR2(x)\n'
+              'extern "C" const char* FjKernelInfo() { return "lanes=" FJ_STR(FJ_LANES) " isa=stub"; }\n')
 
 
 @pytest.fixture
@@ -197,10 +247,8 @@ def fresh_load(monkeypatch, tmp_path):
   assert native.available(), native._load()  # pylint: disable=protected-access
   stub = tmp_path / "stub.cc"
   stub.write_text("".join(f'extern "C" void {symbol}() {{}}\n'
-                          for symbol in native._TARGETS.values())  # pylint: disable=protected-access
-                  + 'extern "C" const char* FjKernelInfo() { return "lanes=%d isa=stub"; }\n'
-                  % native.lanes())
-  monkeypatch.setattr(native, "SOURCE", stub)
+                          for symbol in native._TARGETS.values()) + _STUB_INFO)  # pylint: disable=protected-access
+  monkeypatch.setattr(native_build, "SOURCE", stub)
   monkeypatch.setenv("FASHION_JAX_CACHE_DIR", str(tmp_path / "cache"))
   native._load.cache_clear()  # pylint: disable=protected-access
   yield
@@ -223,12 +271,32 @@ def test_disabled_by_environment(fresh_load, monkeypatch):
     ops.conv_pool(x, k, b, "native")
 
 
-def test_without_a_compiler(fresh_load, monkeypatch):
-  del fresh_load
+def _no_compiler(monkeypatch):
   monkeypatch.delenv("CXX", raising=False)
   monkeypatch.setattr(shutil, "which", lambda name: None)
+
+
+def test_without_a_compiler_or_a_prebuilt_library(fresh_load, monkeypatch):
+  del fresh_load
+  _no_compiler(monkeypatch)
   assert not native.available()
-  assert "no C++ compiler" in native._load()  # pylint: disable=protected-access
+  assert "no C++ compiler" in native._load() and "no prebuilt kernels" in native._load()  # pylint: disable=protected-access
+
+
+def test_without_a_compiler_the_best_prebuilt_target_this_cpu_runs_is_loaded(fresh_load,
+                                                                             monkeypatch):
+  """A cache filled ahead of time (`--all`, on another machine) serves a CPU with no compiler.
+  Here only the lower levels are in it: the best of those this CPU runs is loaded."""
+  del fresh_load
+  include = jax.ffi.include_dir()
+  best, *lower = native_build.runnable()
+  if not lower:
+    pytest.skip(f"this CPU runs only {best.name}: no lower level to fall back to")
+  for target in lower:
+    native_build.build(target, target.lanes, include)
+  _no_compiler(monkeypatch)
+  assert native.available(), native._load()  # pylint: disable=protected-access
+  assert native.info()["target"] == lower[0].name and native.lanes() == lower[0].lanes
 
 
 def test_compile_error_is_reported_and_nothing_half_built_is_left(fresh_load, monkeypatch,
@@ -236,27 +304,32 @@ def test_compile_error_is_reported_and_nothing_half_built_is_left(fresh_load, mo
   del fresh_load
   broken = tmp_path / "broken.cc"
   broken.write_text("this is not C++\n")
-  monkeypatch.setattr(native, "SOURCE", broken)
+  monkeypatch.setattr(native_build, "SOURCE", broken)
   assert not native.available()
   assert "failed" in native._load()  # pylint: disable=protected-access
-  assert not list(Path(native.cache_dir()).rglob("*.so"))
+  assert not list(Path(native_build.cache_dir()).rglob("*.so"))
 
 
 def test_builds_into_the_cache_once(fresh_load):
   del fresh_load
   assert native.available()
-  built_libraries = list(Path(native.cache_dir()).rglob("*.so"))
+  built_libraries = list(Path(native_build.cache_dir()).rglob("*.so"))
   assert len(built_libraries) == 1
+  assert built_libraries[0].parent.name.startswith(f"{native.info()['target']}-{native.lanes()}-")
   mtime = built_libraries[0].stat().st_mtime_ns
   native._load.cache_clear()  # pylint: disable=protected-access
   assert native.available()
   assert built_libraries[0].stat().st_mtime_ns == mtime  # Loaded, not rebuilt.
 
 
+def _best_key():
+  best = native_build.runnable()[0]
+  return native_build.build_key(best, best.lanes, jax.ffi.include_dir())
+
+
 def test_a_damaged_cache_entry_is_rebuilt(fresh_load):
   del fresh_load
-  key = native._build_key(native._compiler(), jax.ffi.include_dir())  # pylint: disable=protected-access
-  damaged = native.cache_dir() / key / "conv_pool.so"
+  damaged = native_build.cache_dir() / _best_key() / "conv_pool.so"
   damaged.parent.mkdir(parents=True)
   damaged.write_bytes(b"\x7fELF truncated")
   assert native.available(), native._load()  # pylint: disable=protected-access
@@ -269,7 +342,7 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_folder(fresh_load, monkey
   blocker.write_text("")
   monkeypatch.setenv("FASHION_JAX_CACHE_DIR", str(blocker / "cache"))
   (tmp_path / "tmp").mkdir()
-  monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+  monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
   assert native.available(), native._load()  # pylint: disable=protected-access
   (built,) = (tmp_path / "tmp").rglob("conv_pool.so")
   assert built.parent.name.startswith("fashion_jax_native_")  # mkdtemp: unpredictable, 0700.
@@ -278,50 +351,68 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_folder(fresh_load, monkey
 
 def test_a_planted_library_is_never_loaded(fresh_load, monkeypatch, tmp_path):
   """Issue 15's reproduction: a library placed where an older version looked (the predictable
-  <tmp>/fashion_jax-<uid>/native/<key>/) or in a cache folder others can write is not loaded."""
+  <tmp>/fashion_jax-<uid>/native/<key>/) or in a cache folder others can write is not loaded,
+  with a compiler or without one (where a trusted prebuilt library would be)."""
   del fresh_load
   marker = tmp_path / "planted_ran"
   planted = tmp_path / "planted.cc"
   planted.write_text(f'#include <stdio.h>\n__attribute__((constructor)) static void run() {{ '
                      f'FILE* f = fopen("{marker}", "w"); if (f) fclose(f); }}\n' + "".join(
-                         f'extern "C" void {s}() {{}}\n' for s in native._TARGETS.values()))  # pylint: disable=protected-access
-  key = native._build_key(native._compiler(), jax.ffi.include_dir())  # pylint: disable=protected-access
+                         f'extern "C" void {s}() {{}}\n' for s in native._TARGETS.values())  # pylint: disable=protected-access
+                     + _STUB_INFO.replace("FJ_STR(FJ_LANES)", f'"{native.lanes()}"'))
+  key = _best_key()
   (tmp_path / "tmp").mkdir()
-  monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+  monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
   for where in (tmp_path / "tmp" / f"fashion_jax-{os.getuid()}" / "native" / key,
-                native.cache_dir() / key):
+                native_build.cache_dir() / key):
     where.mkdir(parents=True)
-    subprocess.run([native._compiler(), "-shared", "-fPIC", str(planted), "-o",  # pylint: disable=protected-access
+    subprocess.run([native_build.compiler(), "-shared", "-fPIC", str(planted), "-o",
                     str(where / "conv_pool.so")], check=True)
-  os.chmod(native.cache_dir(), 0o777)  # The cache's folder is writable by anyone.
+  os.chmod(native_build.cache_dir(), 0o777)  # The cache's folder is writable by anyone.
   assert native.available(), native._load()  # pylint: disable=protected-access
   assert not marker.exists()  # Neither planted library's constructor ran.
-  assert native._library_path.parent.name.startswith("fashion_jax_native_")  # pylint: disable=protected-access
+  assert Path(native.info()["library"]).parent.name.startswith("fashion_jax_native_")
+  native._load.cache_clear()  # pylint: disable=protected-access
+  _no_compiler(monkeypatch)
+  assert not native.available() and "no prebuilt kernels" in native._load()  # pylint: disable=protected-access
+  assert not marker.exists()
 
 
-def test_the_build_key_covers_jaxlib_and_the_ffi_headers(monkeypatch, tmp_path):
+def test_the_build_key_covers_jaxlib_the_ffi_headers_and_the_width(monkeypatch, tmp_path):
   include = tmp_path / "include" / "xla" / "ffi" / "api"
   include.mkdir(parents=True)
   (include / "ffi.h").write_text("// v1\n")
-  compiler = native._compiler()  # pylint: disable=protected-access
-  first = native._build_key(compiler, str(tmp_path / "include"))  # pylint: disable=protected-access
+  target = native_build.targets()[0]
+  key = lambda lanes=target.lanes: native_build.build_key(target, lanes, str(tmp_path / "include"))
+  first = key()
+  assert first.startswith(f"{target.name}-{target.lanes}-")
+  assert key(4) != first
   (include / "ffi.h").write_text("// v2\n")
-  assert native._build_key(compiler, str(tmp_path / "include")) != first  # pylint: disable=protected-access
-  real = importlib.metadata.version
-  monkeypatch.setattr(native.importlib.metadata, "version",
+  native_build._headers.cache_clear()  # pylint: disable=protected-access
+  assert key() != first
+  real = native_build.importlib.metadata.version
+  monkeypatch.setattr(native_build.importlib.metadata, "version",
                       lambda name: "0.0.0" if name == "jaxlib" else real(name))
   (include / "ffi.h").write_text("// v1\n")
-  assert native._build_key(compiler, str(tmp_path / "include")) != first  # pylint: disable=protected-access
+  native_build._headers.cache_clear()  # pylint: disable=protected-access
+  assert key() != first
 
 
 def test_prebuild_command_reports_where_or_why(capsys, fresh_load, monkeypatch):
   del fresh_load
-  assert native.main() == 0
-  assert "ready (" in capsys.readouterr().out
+  assert native.main([]) == 0
+  assert f"ready for this CPU (target={native_build.runnable()[0].name}" in capsys.readouterr().out
+  native._load.cache_clear()  # pylint: disable=protected-access
+  assert native.main(["--all"]) == 0  # Every target of the architecture, runnable here or not.
+  out = capsys.readouterr().out
+  for target in native_build.targets():
+    assert f"{target.name} ({target.lanes} lanes): {native_build.cache_dir()}" in out
+  assert len(list(native_build.cache_dir().rglob("conv_pool.so"))) == len(native_build.targets())
   native._load.cache_clear()  # pylint: disable=protected-access
   monkeypatch.setenv("FASHION_JAX_NATIVE", "0")
-  assert native.main() == 1
+  assert native.main([]) == 1
   assert "unavailable: disabled by FASHION_JAX_NATIVE=0" in capsys.readouterr().out
+  assert native.main(["--bogus"]) == 2
 
 
 @pytest.mark.parametrize("batch,hw,cin,cout", [
@@ -346,7 +437,7 @@ def test_plain_conv_outputs_and_grads_match_lax(batch, hw, cin, cout):
 
 
 def test_plain_conv_drop_in_and_fallbacks():
-  x, k, _ = _inputs(4, 2, (8, 8), 16, 8)
+  x, k, _ = _inputs(4, 2, (8, 8), 16, 16)
   got = ops.conv_general_dilated_native(x, k, (1, 1), "SAME", dimension_numbers=DN)
   want = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -354,6 +445,13 @@ def test_plain_conv_drop_in_and_fallbacks():
   np.testing.assert_array_equal(
       ops.conv_general_dilated_native(x1, k1, (1, 1), "SAME", dimension_numbers=DN),
       ops.conv_general_dilated_im2col(x1, k1, (1, 1), "SAME", dimension_numbers=DN))
+  # Channels no width divides: XLA's Winograd, from "native" and "auto" alike (this recursed
+  # between the two without end once).
+  x10, k10 = x[..., :10], k[:, :, :10, :10]
+  for conv in (ops.conv_general_dilated_native, ops.conv_general_dilated_cpu_auto):
+    np.testing.assert_array_equal(
+        conv(x10, k10, (1, 1), "SAME", dimension_numbers=DN),
+        ops.conv_general_dilated_winograd(x10, k10, (1, 1), "SAME", dimension_numbers=DN))
   assert not native.supports_conv(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
   with pytest.raises(ValueError, match="does not support"):
     native.conv3x3(x1, k1)

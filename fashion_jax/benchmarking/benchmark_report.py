@@ -113,11 +113,12 @@ def cpu_isa() -> str:
 
 
 def _native_kernels() -> str:
-  """What the native kernels were built for: "lanes=16 isa=avx512f,avx2,fma", or why none."""
+  """What the native kernels were built for: "target=x86-64-v4 lanes=16 (512-bit vectors)
+  isa=avx512f,avx2,fma", or why none."""
   from fashion_jax.kernels import native  # pylint: disable=g-import-not-at-top
   built = native.info()
-  return (f"lanes={built['lanes']} ({32 * built['lanes']}-bit vectors) isa={built['isa']}"
-          if built else f"unavailable: {native._load()}")  # pylint: disable=protected-access
+  return (f"target={built['target']} lanes={built['lanes']} ({32 * built['lanes']}-bit vectors) "
+          f"isa={built['isa']}" if built else f"unavailable: {native._load()}")  # pylint: disable=protected-access
 
 
 def _cpu_name() -> str:

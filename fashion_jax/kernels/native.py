@@ -19,40 +19,32 @@ transform, its gradient and the weight gradient; XLA's matmuls and output transf
 
 Measured (A/B of the CNN's train step, 2 cores): +40 % first layer, +13-17 % transforms, +10-14 %
 weight gradient. The source ships with the package; the first call compiles it with the system
-C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`), `-march=native` and a vector width (`lanes()`)
-into a cache (`$FASHION_JAX_CACHE_DIR`, default `~/.cache/fashion_jax`) keyed by the source,
-compiler, flags, jaxlib and CPU, so later runs load it in milliseconds. Without a compiler, or
-with `FASHION_JAX_NATIVE=0`, `available()` is False and "auto" keeps the XLA formulations
-(`fashion_jax.kernels.ops`), which compute the same math.
+C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`) for the best ISA level this CPU runs (AVX-512,
+AVX2 or the architecture's baseline, each with its vector width; `native_build`) into a cache
+(`$FASHION_JAX_CACHE_DIR`, default `~/.cache/fashion_jax`), so later runs load it in
+milliseconds. Without a compiler a prebuilt library is used (`python -m fashion_jax.kernels.native
+--all`); without either, or with `FASHION_JAX_NATIVE=0`, `available()` is False and "auto" keeps the
+XLA formulations (`fashion_jax.kernels.ops`), which compute the same math.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import importlib.metadata
 import os
-from pathlib import Path
-import platform
-import shutil
-import stat
 import subprocess
-import tempfile
+import sys
 import threading
-import time
 
 from absl import logging
 import jax
 from jax import lax
 import jax.numpy as jnp
 
+from fashion_jax.kernels import native_build
 from fashion_jax.kernels import winograd
-from fashion_jax.support import paths
+from fashion_jax.kernels.native_build import NativeUnavailable
 
-SOURCE = Path(__file__).parent / "csrc" / "conv_pool.cc"
-FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-Wno-psabi")
-LANES = (4, 8, 16)  # Vector widths (floats) the kernels build with; see lanes().
 _TARGETS = {"fashion_jax_conv_pool_fwd": "FjConvPoolForward",
             "fashion_jax_conv_pool_bwd": "FjConvPoolBackward",
             "fashion_jax_winograd_input": "FjWinogradInput",
@@ -62,189 +54,53 @@ _TARGETS = {"fashion_jax_conv_pool_fwd": "FjConvPoolForward",
             "fashion_jax_winograd_weight_grad": "FjWinogradWeightGrad"}
 DIRECT_MAX_CHANNELS = 8  # Direct convolution below this many input channels, Winograd from it.
 
-
-class NativeUnavailable(RuntimeError):
-  pass
-
-
-def _compiler() -> str | None:
-  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
-  return None
-
-
-def cache_dir() -> Path:
-  return paths.cache_root() / "native"
-
-
-@functools.cache
-def lanes() -> int:
-  """The kernels' vector width in floats: 8 (AVX2's registers), or `FASHION_JAX_NATIVE_LANES`.
-
-  16 (AVX-512's width) is not the default until measured faster there: wider than the registers
-  it spills them, and made the CNN's step 2.4x slower on AVX2 (BENCHMARKS.md). Channel counts
-  must be multiples of the width for the kernels to apply (`supports`).
-  """
-  wanted = os.environ.get("FASHION_JAX_NATIVE_LANES", "")
-  if wanted:
-    if not wanted.isdigit() or int(wanted) not in LANES:
-      raise ValueError(f"FASHION_JAX_NATIVE_LANES={wanted!r}: use one of {LANES}")
-    return int(wanted)
-  return 8
-
-
-def build_flags() -> tuple[str, ...]:
-  return (*FLAGS, f"-DFJ_LANES={lanes()}")
-
-
-def _cpu_identity() -> str:
-  """What -march=native depends on: the CPU model and feature flags."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      lines = [l for l in f if l.startswith(("model name", "flags", "Features", "CPU part"))]
-    return "".join(sorted(set(lines)))
-  except OSError:
-    return f"{platform.machine()} {platform.processor()}"
-
-
-def _build_key(compiler: str, include: str) -> str:
-  """What the library depends on: source, compiler, flags, jax/jaxlib, the FFI headers, CPU."""
-  version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
-                           timeout=60).stdout
-  try:
-    jaxlib_version = importlib.metadata.version("jaxlib")
-  except importlib.metadata.PackageNotFoundError:
-    jaxlib_version = "?"
-  headers = b"".join(path.read_bytes() for path in sorted(Path(include).rglob("*.h")))
-  key = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), version.encode(), " ".join(build_flags()).encode(),
-               jax.__version__.encode(), jaxlib_version.encode(), headers,
-               _cpu_identity().encode()):
-    key.update(part)
-    key.update(b"\0")
-  return key.hexdigest()[:16]
-
-
-def _private(path: Path, root: Path) -> bool:
-  """Whether `path` and every folder from `root` down to it are this user's alone.
-
-  Owned by the user, no symlink, not writable by group or others: nobody else
-  can have put (or can swap in) a library to load. Anything else is not used.
-  """
-  uid = os.getuid()
-  current = path
-  while True:
-    try:
-      info = os.lstat(current)
-    except OSError:
-      return False
-    if stat.S_ISLNK(info.st_mode) or info.st_uid != uid or info.st_mode & 0o022:
-      return False
-    if current == root or current.parent == current:
-      return True
-    current = current.parent
-
-
-def _cached_library(key: str) -> Path | None:
-  """The user's own cached build for `key`, if there is one to trust."""
-  library = cache_dir() / key / "conv_pool.so"
-  if not library.exists():
-    return None
-  if not _private(library, cache_dir()):
-    logging.warning("not loading %s: it or a folder above it is not yours alone (another owner, "
-                    "a symlink, or writable by others); building a private copy instead", library)
-    return None
-  return library
-
-
-def _build_dir(key: str) -> tuple[Path, bool]:
-  """(Where to build, whether it is the persistent cache): the cache if it can be made private,
-  else a fresh `mkdtemp` folder (never a predictable shared path)."""
-  out_dir = cache_dir() / key
-  try:
-    missing = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
-    for folder in reversed(missing):  # Each folder made here: this user's alone, whatever umask.
-      folder.mkdir(exist_ok=True)
-      os.chmod(folder, 0o700)
-    if os.access(out_dir, os.W_OK) and _private(out_dir, cache_dir()):
-      return out_dir, True
-  except OSError:
-    pass
-  out_dir = Path(tempfile.mkdtemp(prefix="fashion_jax_native_"))
-  logging.warning("%s is not writable (or not yours alone); building the native kernels in %s "
-                  "for this process", cache_dir(), out_dir)
-  return out_dir, False
-
-
-def _build(compiler: str, include: str, key: str) -> Path:
-  """Compiles the kernels into the cache (unless already there); returns the library's path.
-
-  One build at a time per cache entry (a file lock), so concurrent processes build once.
-  """
-  cached = _cached_library(key)
-  if cached is not None:
-    return cached
-  out_dir, persistent = _build_dir(key)
-  library = out_dir / "conv_pool.so"
-  with paths.exclusive(out_dir / ".lock"):
-    if persistent and (cached := _cached_library(key)) is not None:
-      return cached  # Another process built it while this one waited.
-    logging.info("Compiling fashion_jax's native CPU kernels (once per machine) into %s", out_dir)
-    start = time.perf_counter()
-    # Build beside the target and rename: concurrent processes never load half a file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-      result = subprocess.run([compiler, *build_flags(), "-isystem", include, str(SOURCE), "-o", tmp],
-                              capture_output=True, text=True, timeout=600)
-      if result.returncode != 0:
-        raise NativeUnavailable(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
-      os.chmod(tmp, 0o700)
-      os.replace(tmp, library)
-    finally:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-    logging.info("Compiled the native kernels in %.1fs", time.perf_counter() - start)
-  return library
-
-
 _registered = False  # XLA accepts one handler per target name and process.
-_library_path: Path | None = None  # What _load loaded.
-_library_info = ""  # What it was built for (FjKernelInfo): "lanes=16 isa=avx512f,avx2,fma".
+_loaded: dict = {}  # What _load loaded: target, lanes, isa (FjKernelInfo), library.
 _lock = threading.Lock()
+
+
+def lanes() -> int:
+  """The kernels' vector width in floats: the loaded build's, else the one `native_build.choose`
+  picks for this CPU (16 with AVX-512, 8 with AVX2, 4 otherwise). Channel counts must be
+  multiples of it for the kernels to apply (`supports`). ValueError: a bad override."""
+  if _loaded:
+    return _loaded["lanes"]
+  try:
+    return native_build.choose(jax.ffi.include_dir())[1]
+  except NativeUnavailable as e:
+    raise ValueError(str(e)) from e
 
 
 @functools.cache
 def _load() -> str | None:
   """Builds (or finds) and registers the kernels. Returns None, or why they are unavailable."""
-  global _registered, _library_path, _library_info
+  global _registered
   if os.environ.get("FASHION_JAX_NATIVE", "1") == "0":
     return "disabled by FASHION_JAX_NATIVE=0"
-  compiler = _compiler()
-  if compiler is None:
-    return "no C++ compiler found (set CXX or install g++/clang++)"
   with _lock:
+    _loaded.clear()
     try:
       include = jax.ffi.include_dir()
-      key = _build_key(compiler, include)
-      path = _build(compiler, include, key)
+      target, width = native_build.choose(include)
+      path = native_build.build(target, width, include)
       try:
         library = ctypes.cdll.LoadLibrary(str(path))
       except OSError:  # A damaged cache entry: build it again, once.
         path.unlink()
-        path = _build(compiler, include, key)
+        path = native_build.build(target, width, include)
         library = ctypes.cdll.LoadLibrary(str(path))
-      _library_path = path
       library.FjKernelInfo.restype = ctypes.c_char_p
-      _library_info = library.FjKernelInfo().decode()
+      fields = dict(part.split("=", 1) for part in library.FjKernelInfo().decode().split())
       if not _registered:
-        for target, symbol in _TARGETS.items():
-          jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+        for name, symbol in _TARGETS.items():
+          jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
                                       platform="cpu")
         _registered = True
-    except (OSError, subprocess.SubprocessError, NativeUnavailable, AttributeError, ValueError,
-            jax.errors.JaxRuntimeError) as e:
+      _loaded.update(target=target.name, lanes=int(fields["lanes"]), isa=fields["isa"],
+                     library=str(path))
+    except (OSError, subprocess.SubprocessError, NativeUnavailable, AttributeError,
+            ValueError, KeyError, jax.errors.JaxRuntimeError) as e:
+      _loaded.clear()
       return f"{type(e).__name__}: {e}"
   return None
 
@@ -264,18 +120,16 @@ def available() -> bool:
 
 
 def info() -> dict | None:
-  """{"lanes": 8, "isa": "avx2,fma", "library": path} of the loaded build, or None (unavailable)."""
-  if not available():
-    return None
-  fields = dict(part.split("=", 1) for part in _library_info.split())
-  return {"lanes": int(fields["lanes"]), "isa": fields["isa"], "library": str(_library_path)}
+  """{"target": "x86-64-v4", "lanes": 16, "isa": "avx512f,avx2,fma", "library": path} of the
+  loaded build (isa: what its compiler enabled), or None (unavailable)."""
+  return dict(_loaded) if available() else None
 
 
 def fits_lanes(channels: int) -> bool:
   """Whether a channel count is a multiple of the kernels' vector width."""
   try:
     return channels % lanes() == 0
-  except ValueError:  # A bad FASHION_JAX_NATIVE_LANES: available() says why.
+  except ValueError:  # A bad override, or no kernels for this CPU: available() says why.
     return False
 
 
@@ -434,16 +288,33 @@ def _conv_bwd(residuals, dy):
 _conv.defvjp(_conv_forward, _conv_bwd)
 
 
-def main() -> int:
-  """`python -m fashion_jax.kernels.native`: builds the kernels now (e.g. in a Docker image or a
-  Colab setup cell) and says where they are, or why they are unavailable."""
+def main(argv: list[str] | None = None) -> int:
+  """`python -m fashion_jax.kernels.native [--all]`: builds the kernels now (e.g. in a Docker image
+  or a Colab setup cell) and says where they are, or why they are unavailable. `--all` builds
+  every target of this architecture too, so the cache serves any CPU of it (only the ones this
+  CPU runs can be loaded and checked here)."""
+  argv = sys.argv[1:] if argv is None else argv
+  if argv not in ([], ["--all"]):
+    print("usage: python -m fashion_jax.kernels.native [--all]", file=sys.stderr)
+    return 2
   logging.set_verbosity(logging.INFO)
+  failed = False
+  if argv == ["--all"]:
+    include = jax.ffi.include_dir()
+    for target in native_build.targets():
+      try:
+        width = native_build.lanes_for(target)
+        print(f"{target.name} ({width} lanes): {native_build.build(target, width, include)}")
+      except (OSError, subprocess.SubprocessError, NativeUnavailable, ValueError) as e:
+        print(f"{target.name}: not built: {type(e).__name__}: {e}")
+        failed = True
   reason = _load()
   if reason is not None:
     print(f"fashion_jax native CPU kernels: unavailable: {reason}")
     return 1
-  print(f"fashion_jax native CPU kernels: ready ({_library_info}; {_library_path})")
-  return 0
+  print(f"fashion_jax native CPU kernels: ready for this CPU (target={_loaded['target']} "
+        f"lanes={_loaded['lanes']} isa={_loaded['isa']}; {_loaded['library']})")
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":

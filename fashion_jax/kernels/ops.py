@@ -151,10 +151,14 @@ def conv_general_dilated_native(lhs, rhs, *args, **kwargs):
   """As `conv_general_dilated_winograd`, with the native kernels' transforms where they apply
   (float32, channels in multiples of the kernels' vector width, `native.lanes()`); other inputs
   take "auto"'s CPU choice."""
-  if (lhs.dtype != jnp.float32 or not native.fits_lanes(lhs.shape[-1])
-      or not native.fits_lanes(rhs.shape[-1])):
+  if not _native_fits(lhs, rhs):
     return conv_general_dilated_cpu_auto(lhs, rhs, *args, **kwargs)
   return _winograd_conv(_native_conv3x3, lhs, rhs, *args, **kwargs)
+
+
+def _native_fits(lhs, rhs) -> bool:
+  return (lhs.dtype == jnp.float32 and native.fits_lanes(lhs.shape[-1])
+          and native.fits_lanes(rhs.shape[-1]))
 
 
 def _is_nhwc(dimension_numbers, ndim) -> bool:
@@ -253,7 +257,7 @@ def check_native() -> None:
 def conv_general_dilated_cpu_auto(lhs, rhs, *args, **kwargs):
   """Drop-in for `lax.conv_general_dilated`: "auto" on CPU (`cpu_auto_conv_impl`)."""
   if cpu_auto_conv_impl(lhs) == "winograd":
-    if _native_wanted():
+    if _native_fits(lhs, rhs) and _native_wanted():
       return conv_general_dilated_native(lhs, rhs, *args, **kwargs)
     return conv_general_dilated_winograd(lhs, rhs, *args, **kwargs)
   return conv_general_dilated_im2col(lhs, rhs, *args, **kwargs)

@@ -1,0 +1,260 @@
+"""Building, caching and choosing the native kernels' shared library: one build per CPU target.
+
+A build is for an ISA level, not for one CPU (`-march=x86-64-v4`, not `-march=native`; on the
+Zen 5 VM the two ran within noise, BENCHMARKS.md), so a cache filled ahead of time
+(`python -m fashion_jax.kernels.native --all`, e.g. in a Docker image) serves every CPU of the
+architecture. Each process loads the best target its CPU runs: it builds that one if it is
+missing and a C++ compiler is there, else takes the best one already built.
+
+| target | vector width | a CPU needs (its /proc/cpuinfo flags) |
+|---|---|---|
+| x86-64-v4 | 16 floats (AVX-512) | avx512f, avx512bw, avx512cd, avx512dq, avx512vl + v3's |
+| x86-64-v3 | 8 floats (AVX2) | avx, avx2, fma, bmi1, bmi2, f16c, movbe, abm (lzcnt) + v2's |
+| x86-64 | 4 floats (SSE2) | nothing: every x86-64 CPU |
+| armv8-a | 4 floats (NEON) | nothing: every 64-bit Arm CPU |
+
+`FASHION_JAX_NATIVE_ISA=<target>` forces a target (one this CPU runs) and
+`FASHION_JAX_NATIVE_LANES=4|8|16` another width (both for tests and measurements).
+
+Trust: a cached library is loaded only if it and every folder down from the cache are this
+user's own, no symlink, not group/world-writable; otherwise it is built afresh in a private
+`mkdtemp` folder. The cache key covers the source, the target's flags and width, jax, jaxlib
+and XLA's FFI headers, not the compiler: a library from any compiler of the same source, flags
+and headers does the same, and without a compiler a prebuilt one can still be found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import os
+from pathlib import Path
+import platform
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+
+from absl import logging
+import jax
+
+from fashion_jax.support import paths
+
+SOURCE = Path(__file__).parent / "csrc" / "conv_pool.cc"
+FLAGS = ("-O3", "-std=gnu++17", "-shared", "-fPIC", "-Wno-psabi")
+LANES = (4, 8, 16)  # Vector widths (floats) the source builds with.
+LIBRARY = "conv_pool.so"
+
+_V2 = frozenset({"cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3"})
+_V3 = _V2 | {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+_V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  name: str
+  march: str
+  lanes: int
+  requires: frozenset[str] = frozenset()
+
+
+# Per architecture (platform.machine()), best first; the last one runs on every CPU of it.
+TARGETS = {
+    "x86_64": (Target("x86-64-v4", "-march=x86-64-v4", 16, _V4),
+               Target("x86-64-v3", "-march=x86-64-v3", 8, _V3),
+               Target("x86-64", "-march=x86-64", 4)),
+    "aarch64": (Target("armv8-a", "-march=armv8-a", 4),),
+}
+TARGETS["AMD64"] = TARGETS["x86_64"]
+TARGETS["arm64"] = TARGETS["aarch64"]
+
+
+class NativeUnavailable(RuntimeError):
+  pass
+
+
+def compiler() -> str | None:
+  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def cache_dir() -> Path:
+  return paths.cache_root() / "native"
+
+
+def cpu_flags() -> frozenset[str]:
+  """The running CPU's feature flags (/proc/cpuinfo's `flags` or `Features`; empty elsewhere)."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith(("flags", "Features")):
+          return frozenset(line.partition(":")[2].split())
+  except OSError:
+    pass
+  return frozenset()
+
+
+def targets() -> tuple[Target, ...]:
+  """This architecture's targets, best first (none on an architecture without kernels)."""
+  return TARGETS.get(platform.machine(), ())
+
+
+def runnable() -> list[Target]:
+  """The targets this CPU runs, best first."""
+  flags = cpu_flags()
+  return [t for t in targets() if t.requires <= flags]
+
+
+def forced() -> Target | None:
+  """The target `FASHION_JAX_NATIVE_ISA` names, or None; ValueError if this CPU cannot run it."""
+  name = os.environ.get("FASHION_JAX_NATIVE_ISA", "")
+  if not name:
+    return None
+  known = {t.name: t for t in targets()}
+  if name not in known:
+    raise ValueError(f"FASHION_JAX_NATIVE_ISA={name!r}: use one of {sorted(known)} on "
+                     f"{platform.machine()}")
+  missing = known[name].requires - cpu_flags()
+  if missing:
+    raise ValueError(f"FASHION_JAX_NATIVE_ISA={name}: this CPU lacks {', '.join(sorted(missing))}")
+  return known[name]
+
+
+def lanes_for(target: Target) -> int:
+  """The target's vector width, or `FASHION_JAX_NATIVE_LANES`."""
+  wanted = os.environ.get("FASHION_JAX_NATIVE_LANES", "")
+  if not wanted:
+    return target.lanes
+  if not wanted.isdigit() or int(wanted) not in LANES:
+    raise ValueError(f"FASHION_JAX_NATIVE_LANES={wanted!r}: use one of {LANES}")
+  return int(wanted)
+
+
+def build_flags(target: Target, lanes: int) -> tuple[str, ...]:
+  return (*FLAGS, target.march, f"-DFJ_LANES={lanes}")
+
+
+@functools.cache
+def _headers(include: str) -> bytes:
+  return b"".join(path.read_bytes() for path in sorted(Path(include).rglob("*.h")))
+
+
+def build_key(target: Target, lanes: int, include: str) -> str:
+  """The cache folder's name: target, width and a hash of what the library depends on."""
+  try:
+    jaxlib_version = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    jaxlib_version = "?"
+  key = hashlib.sha256()
+  for part in (SOURCE.read_bytes(), " ".join(build_flags(target, lanes)).encode(),
+               jax.__version__.encode(), jaxlib_version.encode(), _headers(include)):
+    key.update(part)
+    key.update(b"\0")
+  return f"{target.name}-{lanes}-{key.hexdigest()[:16]}"
+
+
+def _private(path: Path, root: Path) -> bool:
+  """Whether `path` and every folder from `root` down to it are this user's alone.
+
+  Owned by the user, no symlink, not writable by group or others: nobody else
+  can have put (or can swap in) a library to load. Anything else is not used.
+  """
+  uid = os.getuid()
+  current = path
+  while True:
+    try:
+      info = os.lstat(current)
+    except OSError:
+      return False
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != uid or info.st_mode & 0o022:
+      return False
+    if current == root or current.parent == current:
+      return True
+    current = current.parent
+
+
+def cached(key: str) -> Path | None:
+  """The user's own cached build for `key`, if there is one to trust."""
+  library = cache_dir() / key / LIBRARY
+  if not library.exists():
+    return None
+  if not _private(library, cache_dir()):
+    logging.warning("not loading %s: it or a folder above it is not yours alone (another owner, "
+                    "a symlink, or writable by others)", library)
+    return None
+  return library
+
+
+def _build_dir(key: str) -> tuple[Path, bool]:
+  """(Where to build, whether it is the persistent cache): the cache if it can be made private,
+  else a fresh `mkdtemp` folder (never a predictable shared path)."""
+  out_dir = cache_dir() / key
+  try:
+    missing = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
+    for folder in reversed(missing):  # Each folder made here: this user's alone, whatever umask.
+      folder.mkdir(exist_ok=True)
+      os.chmod(folder, 0o700)
+    if os.access(out_dir, os.W_OK) and _private(out_dir, cache_dir()):
+      return out_dir, True
+  except OSError:
+    pass
+  out_dir = Path(tempfile.mkdtemp(prefix="fashion_jax_native_"))
+  logging.warning("%s is not writable (or not yours alone); building the native kernels in %s "
+                  "for this process", cache_dir(), out_dir)
+  return out_dir, False
+
+
+def build(target: Target, lanes: int, include: str) -> Path:
+  """Compiles the kernels for `target` into the cache (unless already there); returns the path.
+
+  One build at a time per cache entry (a file lock), so concurrent processes build once.
+  """
+  key = build_key(target, lanes, include)
+  if (library := cached(key)) is not None:
+    return library
+  cxx = compiler()
+  if cxx is None:
+    raise NativeUnavailable(f"no C++ compiler found (set CXX or install g++/clang++) and no "
+                            f"prebuilt kernels for this CPU in {cache_dir()}")
+  out_dir, persistent = _build_dir(key)
+  library = out_dir / LIBRARY
+  with paths.exclusive(out_dir / ".lock"):
+    if persistent and (done := cached(key)) is not None:
+      return done  # Another process built it while this one waited.
+    logging.info("Compiling fashion_jax's native CPU kernels for %s into %s", target.name, out_dir)
+    start = time.perf_counter()
+    # Build beside the target and rename: concurrent processes never load half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+      result = subprocess.run([cxx, *build_flags(target, lanes), "-isystem", include, str(SOURCE),
+                               "-o", tmp], capture_output=True, text=True, timeout=600)
+      if result.returncode != 0:
+        raise NativeUnavailable(f"{cxx} failed: {result.stderr.strip()[-2000:]}")
+      os.chmod(tmp, 0o700)
+      os.replace(tmp, library)
+    finally:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
+    logging.info("Compiled the native kernels in %.1fs", time.perf_counter() - start)
+  return library
+
+
+def choose(include: str) -> tuple[Target, int]:
+  """(Target, width) this process loads: the forced one, else the best this CPU runs; without
+  a compiler, the best this CPU runs that is already built. Builds nothing."""
+  if (target := forced()) is not None:
+    return target, lanes_for(target)
+  options = runnable()
+  if not options:
+    raise NativeUnavailable(f"no native kernels for {platform.machine()} CPUs")
+  if compiler() is None:
+    for target in options:
+      if cached(build_key(target, lanes_for(target), include)) is not None:
+        return target, lanes_for(target)
+  return options[0], lanes_for(options[0])
