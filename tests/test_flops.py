@@ -17,12 +17,12 @@ def test_executed_flops_counts_the_kernels_xla_cannot_see():
   x8, k8 = jnp.zeros((4, 13, 13, 32)), jnp.zeros((3, 3, 32, 64))
   step = jax.jit(jax.grad(lambda x: jnp.sum(native.conv3x3_pool2(x, k8, jnp.zeros(64)))))
   tiles = 4 * 5 * 5
-  # The four transforms (input, output+pool, and their gradients); no kernel gradient needed.
-  assert flops.executed_flops(step.lower(x8).compile().as_text()) == 32 * tiles * (2 * 32 + 2 * 64)
-  step = jax.jit(jax.grad(lambda k: jnp.sum(native.conv3x3_pool2(x8, k, jnp.zeros(64)))))
-  weight_grad = 2 * 16 * tiles * 32 * 64
-  assert (flops.executed_flops(step.lower(k8).compile().as_text())
-          == 32 * tiles * (32 + 64 + 64) + weight_grad)  # dx is not needed here.
+  # The fused Winograd layer: forward (input and output transforms, 16 products per tile) and
+  # backward (V again, the output transform's gradient, dV and dU, the input's gradient).
+  product = 2 * 16 * tiles * 32 * 64
+  forward = 32 * tiles * (32 + 64) + product
+  backward = 32 * tiles * (2 * 32 + 64) + 2 * product
+  assert flops.executed_flops(step.lower(x8).compile().as_text()) == forward + backward
   assert flops.executed_flops("%c = f32[2] custom-call(), custom_call_target=\"other\"") == 0
 
 

@@ -1,5 +1,6 @@
 """The native (C++ / XLA FFI) fused conv+pool kernel against lax, and its fallbacks."""
 
+import functools
 import os
 from pathlib import Path
 import platform
@@ -24,8 +25,10 @@ def built():
   require_native()  # Not a skip where a C++ compiler exists: there the kernels must build.
 
 
-def _ref(x, k, b):
+def _ref(x, k, b, relu=False):
   y = lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=DN) + b
+  if relu:  # Before the pool, as the model is written; the kernels fuse it after.
+    y = jax.nn.relu(y)
   return lax.reduce_window(y, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
 
 
@@ -53,31 +56,38 @@ def _inputs(seed, batch, hw, cin, cout):
     (1, (4, 4), 8, 8),      # The same for Winograd.
     (2, (6, 7), 5, 48),     # 16 lanes (AVX-512): generic channel count, three blocks.
     (2, (9, 9), 16, 48)])   # 16 lanes: the weight gradient's row and column remainders.
-def test_outputs_and_grads_match_lax(batch, hw, cin, cout):
+@pytest.mark.parametrize("relu", [False, True], ids=["conv_pool", "conv_pool_relu"])
+def test_outputs_and_grads_match_lax(batch, hw, cin, cout, relu):
   x, k, b = _inputs(batch, batch, hw, cin, cout)
   if not _fits(cin, cout):  # Channels not a multiple of this build's vector width.
     assert not native.supports(x, k)
     with pytest.raises(ValueError, match="does not support"):
       native.conv3x3_pool2(x, k, b)
     return
-  y = jax.jit(native.conv3x3_pool2)(x, k, b)
-  want = _ref(x, k, b)
+  fused = functools.partial(native.conv3x3_pool2, relu=relu)
+  ref = functools.partial(_ref, relu=relu)
+  y = jax.jit(fused)(x, k, b)
+  want = ref(x, k, b)
   assert y.shape == want.shape and y.dtype == jnp.float32
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  if relu:  # Both sides of the ReLU are exercised.
+    assert 0.05 < np.mean(np.asarray(want) == 0) < 0.95
   r = jnp.asarray(np.random.default_rng(9).standard_normal(want.shape), jnp.float32)
   grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * r), argnums=(0, 1, 2)))(x, k, b)
-           for f in (_ref, native.conv3x3_pool2)]
+           for f in (ref, fused)]
   for got, expected in zip(grads[1], grads[0]):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("cin", [1, 16])  # Direct and Winograd.
-def test_ties_go_to_the_first_maximum_like_reduce_window(cin):
+@pytest.mark.parametrize("relu", [False, True], ids=["conv_pool", "conv_pool_relu"])
+def test_ties_go_to_the_first_maximum_like_reduce_window(cin, relu):
+  """Ties in the pool, and (with the ReLU) outputs exactly 0, where the gradient is 0."""
   x = jnp.zeros((2, 8, 8, cin)).at[1, 3:, 2:].set(1.0)  # Flat regions and edges: many exact ties.
   k = jnp.ones((3, 3, cin, 16)).at[..., 4:].set(-1.0)
-  b = jnp.arange(16.0)
+  b = jnp.arange(16.0) - 4.0  # Channel 4: outputs of exactly 0 on the blank regions.
   r = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 3, 16)), jnp.float32)
-  f = lambda fn: jax.grad(lambda k, b: jnp.sum(fn(x, k, b) * r), (0, 1))
+  f = lambda fn: jax.grad(lambda k, b: jnp.sum(fn(x, k, b, relu=relu) * r), (0, 1))
   for got, want in zip(jax.jit(f(native.conv3x3_pool2))(k, b), f(_ref)(k, b)):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 

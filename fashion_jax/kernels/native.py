@@ -40,6 +40,7 @@ from absl import logging
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 from fashion_jax.kernels import native_build
 from fashion_jax.kernels import winograd
@@ -49,8 +50,8 @@ _TARGETS = {"fashion_jax_conv_pool_fwd": "FjConvPoolForward",
             "fashion_jax_conv_pool_bwd": "FjConvPoolBackward",
             "fashion_jax_winograd_input": "FjWinogradInput",
             "fashion_jax_winograd_input_grad": "FjWinogradInputGrad",
-            "fashion_jax_winograd_output_pool": "FjWinogradOutputPool",
-            "fashion_jax_winograd_output_pool_grad": "FjWinogradOutputPoolGrad",
+            "fashion_jax_winograd_conv_pool_fwd": "FjWinogradConvPoolForward",
+            "fashion_jax_winograd_conv_pool_bwd": "FjWinogradConvPoolBackward",
             "fashion_jax_winograd_weight_grad": "FjWinogradWeightGrad"}
 DIRECT_MAX_CHANNELS = 8  # Direct convolution below this many input channels, Winograd from it.
 
@@ -142,14 +143,17 @@ def supports(x: jax.Array, kernel: jax.Array) -> bool:
           and x.dtype == kernel.dtype == jnp.float32)
 
 
-def conv3x3_pool2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """max_pool_2x2(conv_3x3_valid(x, kernel) + bias), fused, on CPU.
+def conv3x3_pool2(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                  relu: bool = False) -> jax.Array:
+  """max_pool_2x2(conv_3x3_valid(x, kernel) + bias), fused, on CPU; then max(., 0) with `relu`
+  (ReLU and max-pooling commute, so this is also the pool of the ReLU'd convolution).
 
   x NHWC float32, kernel HWIO [3, 3, Cin, Cout] float32, with Cout a multiple of `lanes()` and
   either Cin < 8 (direct kernel) or Cin a multiple of `lanes()` (Winograd) (`supports`).
   Ties in a pooling window go to the first maximum, like `reduce_window`'s
-  gradient. Builds the kernels on first use; raises ValueError if they are
-  unavailable (`available()`) or the shapes are not supported.
+  gradient; the ReLU's gradient at 0 is 0, like `jax.nn.relu`'s. Builds the kernels on first
+  use; raises ValueError if they are unavailable (`available()`) or the shapes are not
+  supported.
   """
   if not supports(x, kernel):
     raise ValueError(f"native conv3x3_pool2 does not support x {x.shape} {x.dtype}, "
@@ -158,12 +162,12 @@ def conv3x3_pool2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array
     raise ValueError(f"the native CPU kernels are unavailable: {_load()}")
   bias = bias.astype(jnp.float32)
   if x.shape[-1] < DIRECT_MAX_CHANNELS:
-    return _direct(x, kernel, bias)
-  return _winograd(x, kernel, bias)
+    return _direct(x, kernel, bias, bool(relu))
+  return _winograd(x, kernel, bias, bool(relu))
 
 
-def _call(target, results, *args):
-  return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args)
+def _call(target, results, *args, **attributes):
+  return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args, **attributes)
 
 
 def _pooled_shapes(x, kernel):
@@ -172,19 +176,24 @@ def _pooled_shapes(x, kernel):
   return pooled, jax.ShapeDtypeStruct(pooled.shape, jnp.int8)
 
 
+# The forward kernels return the pooled (and ReLU'd) output and, per output, the tap its
+# gradient flows to: 0-3 (the window's first maximum), or 4 where the ReLU is off (no tap).
+
 # Direct kernel (few input channels).
 
-@jax.custom_vjp
-def _direct(x, kernel, bias):
-  return _call("fashion_jax_conv_pool_fwd", _pooled_shapes(x, kernel), x, kernel, bias)[0]
-
-
-def _direct_fwd(x, kernel, bias):
-  y, which = _call("fashion_jax_conv_pool_fwd", _pooled_shapes(x, kernel), x, kernel, bias)
+def _direct_fwd(x, kernel, bias, relu):
+  y, which = _call("fashion_jax_conv_pool_fwd", _pooled_shapes(x, kernel), x, kernel, bias,
+                   relu=np.int32(relu))
   return y, (x, kernel, which)
 
 
-def _direct_bwd(residuals, dy):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _direct(x, kernel, bias, relu):
+  return _direct_fwd(x, kernel, bias, relu)[0]
+
+
+def _direct_bwd(relu, residuals, dy):
+  del relu  # In `which`.
   x, kernel, which = residuals
   dkernel, dbias = _call("fashion_jax_conv_pool_bwd",
                          (jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
@@ -203,31 +212,29 @@ def _direct_bwd(residuals, dy):
 _direct.defvjp(_direct_fwd, _direct_bwd)
 
 
-# Winograd kernels (wide inputs): native transforms around XLA's matmuls.
+# Winograd kernels (wide inputs): the whole layer fused, one image at a time in cache.
 
-def _winograd_forward(x, kernel, bias):
-  th, tw = winograd.tile_counts(x.shape, pooled=True)
-  v = _call("fashion_jax_winograd_input",
-            jax.ShapeDtypeStruct((16, x.shape[0] * th * tw, x.shape[-1]), jnp.float32), x)
+def _winograd_forward(x, kernel, bias, relu):
   u = winograd.filter_transform(kernel)
-  y, which = _call("fashion_jax_winograd_output_pool", _pooled_shapes(x, kernel),
-                   winograd.product(v, u), bias)
-  return y, (v, u, which, x.shape)
+  y, which = _call("fashion_jax_winograd_conv_pool_fwd", _pooled_shapes(x, kernel), x, u, bias,
+                   relu=np.int32(relu))
+  return y, (x, u, which)
 
 
-@jax.custom_vjp
-def _winograd(x, kernel, bias):
-  return _winograd_forward(x, kernel, bias)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _winograd(x, kernel, bias, relu):
+  return _winograd_forward(x, kernel, bias, relu)[0]
 
 
-def _winograd_bwd(residuals, dy):
-  v, u, which, x_shape = residuals
-  dm = _call("fashion_jax_winograd_output_pool_grad",
-             jax.ShapeDtypeStruct((16, v.shape[1], u.shape[2]), jnp.float32), dy, which)
-  du = _call("fashion_jax_winograd_weight_grad", jax.ShapeDtypeStruct(u.shape, jnp.float32), v, dm)
-  dv, dkernel = winograd.product_grads(v, u, dm, du=du)
-  dx = _call("fashion_jax_winograd_input_grad", jax.ShapeDtypeStruct(x_shape, jnp.float32), dv)
-  return dx, dkernel, jnp.sum(dy, axis=(0, 1, 2))
+def _winograd_bwd(relu, residuals, dy):
+  del relu  # In `which`.
+  x, u, which = residuals
+  dx, du, dbias = _call("fashion_jax_winograd_conv_pool_bwd",
+                        (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                         jax.ShapeDtypeStruct(u.shape, jnp.float32),
+                         jax.ShapeDtypeStruct(u.shape[-1:], jnp.float32)),
+                        x, jnp.swapaxes(u, 1, 2), which, dy)
+  return dx, winograd.filter_transform_grad(du), dbias
 
 
 _winograd.defvjp(_winograd_forward, _winograd_bwd)

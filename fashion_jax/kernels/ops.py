@@ -276,8 +276,9 @@ def cpu_auto_conv_pool_impl(x: jax.Array, kernel: jax.Array) -> str:
 
 
 def conv_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, conv_impl: str = "auto",
-              pool_impl: str = "auto") -> jax.Array:
-  """max_pool_2x2(conv_3x3_valid(x, kernel) + bias): NHWC x, HWIO kernel.
+              pool_impl: str = "auto", relu: bool = False) -> jax.Array:
+  """max_pool_2x2(conv_3x3_valid(x, kernel) + bias): NHWC x, HWIO kernel; then the ReLU with
+  `relu` (fused into the native kernels, `jax.nn.relu` after the others).
 
   "winograd" and "native" compute the pair as one fused op
   (`fashion_jax.kernels.winograd`, `fashion_jax.kernels.native`; "native" only where
@@ -291,9 +292,11 @@ def conv_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, conv_impl: str =
   impl = cpu_auto_conv_pool_impl(x, kernel) if conv_impl == "auto" and on_cpu() else conv_impl
   impl = resolve_impl(impl, CONV_IMPLS, fast="im2col")
   if impl == "native":
-    return native.conv3x3_pool2(x, kernel, bias)
+    return native.conv3x3_pool2(x, kernel, bias, relu=relu)
   if impl == "winograd":
-    return winograd.conv3x3_pool2(x, kernel, bias)
-  conv = conv_general_dilated_im2col if impl == "im2col" else lax.conv_general_dilated
-  y = conv(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  return max_pool_2x2(y + bias, impl=pool_impl)
+    y = winograd.conv3x3_pool2(x, kernel, bias)
+  else:
+    conv = conv_general_dilated_im2col if impl == "im2col" else lax.conv_general_dilated
+    y = conv(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = max_pool_2x2(y + bias, impl=pool_impl)
+  return jax.nn.relu(y) if relu else y

@@ -136,8 +136,13 @@ def product_grads(v: jax.Array, u: jax.Array, dm: jax.Array,
     chunks = _WEIGHT_GRAD_CHUNKS if n % _WEIGHT_GRAD_CHUNKS == 0 else 1
     du = jnp.einsum("xpnc,xpnk->xpck", v.reshape(16, chunks, n // chunks, c),
                     dm.reshape(16, chunks, n // chunks, k)).sum(axis=1)
-  d_kernel = (jnp.asarray(_GG, du.dtype).T @ du.reshape(16, c * k)).reshape(3, 3, c, k)
-  return jnp.einsum("xnk,xck->xnc", dm, u), d_kernel
+  return jnp.einsum("xnk,xck->xnc", dm, u), filter_transform_grad(du)
+
+
+def filter_transform_grad(du: jax.Array) -> jax.Array:
+  """The transpose of `filter_transform`: the kernel's gradient [3,3,C,K] from dU [16, C, K]."""
+  _, c, k = du.shape
+  return (jnp.asarray(_GG, du.dtype).T @ du.reshape(16, c * k)).reshape(3, 3, c, k)
 
 
 def _transformed_product(x, kernel, th, tw):
@@ -252,7 +257,8 @@ conv3x3.defvjp(_conv_fwd, _conv_bwd)
 # Shared by the 2x2 max-pool formulations' gradients (ops.py's select pool, the native kernels).
 def unpool_to_argmax(dy: jax.Array, idx: jax.Array, shape) -> jax.Array:
   """The gradient of a 2x2 VALID max-pool: dy at each window's winning tap `idx`
-  (0..3, row-major), zeros elsewhere, in the pooled input's `shape`."""
+  (0..3, row-major; another value sends it nowhere), zeros elsewhere, in the pooled input's
+  `shape`."""
   bsz, h2, w2, ch = dy.shape
   taps = jnp.arange(4, dtype=jnp.int8).reshape(1, 1, 2, 1, 2, 1)
   g = jnp.where(idx[:, :, None, :, None, :] == taps, dy[:, :, None, :, None, :],

@@ -31,6 +31,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -57,12 +58,11 @@ typedef float fv __attribute__((vector_size(4 * L)));     // L floats
 typedef int32_t iv __attribute__((vector_size(4 * L)));  // L int32 (masks)
 typedef int8_t bv __attribute__((vector_size(L)));       // L int8 (argmax)
 
-inline fv Load(const float* p) {
-  fv v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void Store(float* p, fv v) { std::memcpy(p, &v, sizeof(v)); }
+// Unaligned, may-alias access through a vector type of float alignment: plain loads and stores
+// (a memcpy into a local made GCC keep arrays of accumulators on the stack).
+typedef float fv_unaligned __attribute__((vector_size(4 * L), aligned(4), may_alias));
+inline fv Load(const float* p) { return *reinterpret_cast<const fv_unaligned*>(p); }
+inline void Store(float* p, fv v) { *reinterpret_cast<fv_unaligned*>(p) = v; }
 // Broadcasts as vector-scalar arithmetic, which compiles to one broadcast instruction. (A loop
 // over the lanes compiled, with GCC 12 at 16 lanes, to 16 masked broadcasts or stack round trips:
 // it made the 16-lane build 1.7x slower than the 8-lane one on AVX-512.)
@@ -97,19 +97,52 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
   while (counter->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
-// One image, one block of L output channels. CIN > 0: compile-time channel count.
-template <int CIN>
-void ForwardBlock(const Shape& s, const float* x, const float* k, const float* b, float* y,
-                  int8_t* arg, int64_t cb) {
+// The argmax tap of each lane that the gradient flows to; kNoTap where a fused ReLU is off.
+constexpr int32_t kNoTap = 4;
+
+// Pools a window's four outputs: y = max + add (then max(y, 0) with `relu`), and the argmax
+// (int8, first maximum wins ties, like reduce_window's transpose; kNoTap where the ReLU is
+// off: y <= 0 there, and its gradient, like jax.nn.relu's at 0, is zero). NaN passes through.
+inline void PoolStore(const fv out[4], fv add, bool relu, float* y, int8_t* arg) {
+  fv best = out[0];
+  iv which = SplatI(0);
+  for (int q = 1; q < 4; ++q) {
+    const iv better = out[q] > best;  // Strict: the first maximum wins ties.
+    best = better ? out[q] : best;
+    which = better ? SplatI(q) : which;
+  }
+  best += add;
+  if (relu) {
+    const iv off = best <= Splat(0.0f);
+    best = off ? Splat(0.0f) : best;
+    which = off ? SplatI(kNoTap) : which;
+  }
+  Store(y, best);
+  const bv which_b = __builtin_convertvector(which, bv);
+  std::memcpy(arg, &which_b, sizeof(which_b));
+}
+
+// One image, NB blocks of L output channels from cb. CIN > 0: compile-time channel count.
+// Two blocks give each window 8 independent accumulator chains, enough to hide the multiply-add
+// latency (one block's 4 chains of 9 left half the FMA throughput unused).
+template <int CIN, int NB>
+void ForwardBlock(const Shape& s, const float* x, const float* k, const float* b, bool relu,
+                  float* y, int8_t* arg, int64_t cb) {
   const int64_t cin = CIN > 0 ? CIN : s.cin;
-  std::vector<fv> wheap(CIN > 0 ? 0 : 9 * cin);
-  fv wstack[CIN > 0 ? 9 * CIN : 1];
-  fv* w = CIN > 0 ? wstack : wheap.data();
-  for (int64_t t = 0; t < 9 * cin; ++t) w[t] = Load(k + t * s.cout + cb);
-  const fv bias = Load(b + cb);
+  std::vector<fv> wheap(CIN > 0 ? 0 : 9 * cin * NB);
+  fv wstack[CIN > 0 ? 9 * CIN * NB : 1];
+  fv* w = CIN > 0 ? wstack : wheap.data();  // w[tap * NB + block]
+  for (int64_t t = 0; t < 9 * cin; ++t) {
+    for (int nb = 0; nb < NB; ++nb) w[t * NB + nb] = Load(k + t * s.cout + cb + nb * L);
+  }
+  fv bias[NB];
+  for (int nb = 0; nb < NB; ++nb) bias[nb] = Load(b + cb + nb * L);
   for (int64_t i = 0; i < s.hp; ++i) {
     for (int64_t j = 0; j < s.wp; ++j) {
-      fv acc[4] = {bias, bias, bias, bias};
+      fv acc[NB][4];
+      for (int nb = 0; nb < NB; ++nb) {
+        for (int q = 0; q < 4; ++q) acc[nb][q] = bias[nb];
+      }
       // The 4x4 input patch covers the four 3x3 windows of the pooling window.
       for (int r = 0; r < 4; ++r) {
         for (int c = 0; c < 4; ++c) {
@@ -120,43 +153,46 @@ void ForwardBlock(const Shape& s, const float* x, const float* k, const float* b
               for (int dx = 0; dx < 2; ++dx) {
                 const int ky = r - dy, kx = c - dx;
                 if (ky < 0 || ky > 2 || kx < 0 || kx > 2) continue;
-                acc[2 * dy + dx] += xv * w[(ky * 3 + kx) * cin + ci];
+                for (int nb = 0; nb < NB; ++nb) {
+                  acc[nb][2 * dy + dx] += xv * w[((ky * 3 + kx) * cin + ci) * NB + nb];
+                }
               }
             }
           }
         }
       }
-      fv best = acc[0];
-      iv which = SplatI(0);
-      for (int q = 1; q < 4; ++q) {
-        const iv better = acc[q] > best;  // Strict: the first maximum wins ties.
-        best = better ? acc[q] : best;
-        which = better ? SplatI(q) : which;
-      }
       const int64_t o = (i * s.wp + j) * s.cout + cb;
-      Store(y + o, best);
-      const bv which_b = __builtin_convertvector(which, bv);
-      std::memcpy(arg + o, &which_b, sizeof(which_b));
+      for (int nb = 0; nb < NB; ++nb) {
+        PoolStore(acc[nb], Splat(0.0f), relu, y + o + nb * L, arg + o + nb * L);
+      }
     }
   }
 }
 
-// Kernel and bias gradients of one image, one block, added into gw/gb.
-template <int CIN>
+// Kernel and bias gradients of one image, NB blocks from cb, added into gw_out/gb
+// (gw_out[tap * NB + block], gb[block]). With a compile-time channel count the accumulators are
+// locals, so they stay in registers (through the pointer the compiler stored and reloaded them
+// around every multiply-add).
+template <int CIN, int NB>
 void BackwardBlock(const Shape& s, const float* x, const int8_t* arg, const float* dy,
-                   fv* gw, fv& gb, int64_t cb) {
+                   fv* gw_out, fv* gb, int64_t cb) {
   const int64_t cin = CIN > 0 ? CIN : s.cin;
+  fv gw_local[CIN > 0 ? 9 * CIN * NB : 1];
+  fv* gw = CIN > 0 ? gw_local : gw_out;
+  if (CIN > 0) std::copy(gw_out, gw_out + 9 * cin * NB, gw_local);
+  const fv zero = Splat(0.0f);
   for (int64_t i = 0; i < s.hp; ++i) {
     for (int64_t j = 0; j < s.wp; ++j) {
       const int64_t o = (i * s.wp + j) * s.cout + cb;
-      const fv g = Load(dy + o);
-      bv which_b;
-      std::memcpy(&which_b, arg + o, sizeof(which_b));
-      const iv which = __builtin_convertvector(which_b, iv);
-      gb += g;
-      const fv zero = Splat(0.0f);
-      fv gq[4];
-      for (int q = 0; q < 4; ++q) gq[q] = which == SplatI(q) ? g : zero;
+      fv gq[NB][4];
+      for (int nb = 0; nb < NB; ++nb) {
+        const fv g = Load(dy + o + nb * L);
+        bv which_b;
+        std::memcpy(&which_b, arg + o + nb * L, sizeof(which_b));
+        const iv which = __builtin_convertvector(which_b, iv);
+        gb[nb] += which < SplatI(kNoTap) ? g : zero;
+        for (int q = 0; q < 4; ++q) gq[nb][q] = which == SplatI(q) ? g : zero;
+      }
       for (int r = 0; r < 4; ++r) {
         for (int c = 0; c < 4; ++c) {
           const float* px = x + ((2 * i + r) * s.w + 2 * j + c) * cin;
@@ -166,7 +202,9 @@ void BackwardBlock(const Shape& s, const float* x, const int8_t* arg, const floa
               for (int ddx = 0; ddx < 2; ++ddx) {
                 const int ky = r - ddy, kx = c - ddx;
                 if (ky < 0 || ky > 2 || kx < 0 || kx > 2) continue;
-                gw[(ky * 3 + kx) * cin + ci] += xv * gq[2 * ddy + ddx];
+                for (int nb = 0; nb < NB; ++nb) {
+                  gw[((ky * 3 + kx) * cin + ci) * NB + nb] += xv * gq[nb][2 * ddy + ddx];
+                }
               }
             }
           }
@@ -174,16 +212,26 @@ void BackwardBlock(const Shape& s, const float* x, const int8_t* arg, const floa
       }
     }
   }
+  if (CIN > 0) std::copy(gw_local, gw_local + 9 * cin * NB, gw_out);
+}
+
+// Blocks of NB * L channels, then one of L where Cout is an odd multiple of L (NB = 1 or 2).
+template <int NB, typename F>
+void ForEachChannelBlock(int64_t cout, const F& f) {
+  int64_t cb = 0;
+  for (; cb + NB * L <= cout; cb += NB * L) f(cb, std::integral_constant<int, NB>());
+  if (cb < cout) f(cb, std::integral_constant<int, 1>());
 }
 
 template <int CIN>
 void Forward(ffi::ThreadPool& pool, const Shape& s, const float* x, const float* k,
-             const float* b, float* y, int8_t* arg) {
+             const float* b, bool relu, float* y, int8_t* arg) {
   const int64_t in_img = s.h * s.w * s.cin, out_img = s.hp * s.wp * s.cout;
   ParallelFor(pool, s.n, [&](int64_t n) {
-    for (int64_t cb = 0; cb < s.cout; cb += L) {
-      ForwardBlock<CIN>(s, x + n * in_img, k, b, y + n * out_img, arg + n * out_img, cb);
-    }
+    ForEachChannelBlock<2>(s.cout, [&](int64_t cb, auto nb) {
+      ForwardBlock<CIN, decltype(nb)::value>(s, x + n * in_img, k, b, relu, y + n * out_img,
+                                             arg + n * out_img, cb);
+    });
   });
 }
 
@@ -201,16 +249,22 @@ void Backward(ffi::ThreadPool& pool, const Shape& s, const float* x, const int8_
     float* pk = partial.data() + chunk * (nk + s.cout);
     float* pb = pk + nk;
     std::vector<fv> gw(9 * s.cin);
-    for (int64_t cb = 0; cb < s.cout; cb += L) {
+    // One block at a time: with two, the 18 accumulators and 8 routed gradients did not fit
+    // the registers (measured 35 % slower at 16 lanes).
+    ForEachChannelBlock<1>(s.cout, [&](int64_t cb, auto nb_constant) {
+      constexpr int NB = decltype(nb_constant)::value;
       std::fill(gw.begin(), gw.end(), Splat(0.0f));
-      fv gb = Splat(0.0f);
+      fv gb[NB];
+      for (int nb = 0; nb < NB; ++nb) gb[nb] = Splat(0.0f);
       for (int64_t n = lo; n < hi; ++n) {
-        BackwardBlock<CIN>(s, x + n * in_img, arg + n * out_img, dy + n * out_img, gw.data(),
-                           gb, cb);
+        BackwardBlock<CIN, NB>(s, x + n * in_img, arg + n * out_img, dy + n * out_img, gw.data(),
+                               gb, cb);
       }
-      for (int64_t t = 0; t < 9 * s.cin; ++t) Store(pk + t * s.cout + cb, gw[t]);
-      Store(pb + cb, gb);
-    }
+      for (int nb = 0; nb < NB; ++nb) {
+        for (int64_t t = 0; t < 9 * s.cin; ++t) Store(pk + t * s.cout + cb + nb * L, gw[t * NB + nb]);
+        Store(pb + cb + nb * L, gb[nb]);
+      }
+    });
   });
   std::fill(dk, dk + nk, 0.0f);
   std::fill(db, db + s.cout, 0.0f);
@@ -245,11 +299,12 @@ ffi::Error CheckShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> kd,
 
 ffi::Error ConvPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> bias,
-                           ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S8> arg) {
+                           ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S8> arg,
+                           int32_t relu) {
   Shape s;
   if (ffi::Error e = CheckShapes(x.dimensions(), kernel.dimensions(), &s); e.failure()) return e;
 #define FJ_CALL(C) \
-  Forward<C>(pool, s, x.typed_data(), kernel.typed_data(), bias.typed_data(), \
+  Forward<C>(pool, s, x.typed_data(), kernel.typed_data(), bias.typed_data(), relu != 0, \
              y->typed_data(), arg->typed_data())
   FJ_DISPATCH_CIN(s.cin, FJ_CALL)
 #undef FJ_CALL
@@ -271,15 +326,87 @@ ffi::Error ConvPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 // ---------------------------------------------------------------------------
-// Winograd F(2x2, 3x3) conv + 2x2 max-pool (fashion_jax/winograd.py) for wide
-// inputs: the channel contractions stay XLA matmuls; these kernels do the
-// transforms around them, each in one pass over memory.
+// Winograd F(2x2, 3x3) (fashion_jax/kernels/winograd.py) for wide inputs.
 //
-//   V = B^T d B  for each 4x4 input window d   [B,H,W,C] -> [16, tiles, C]
-//   y = max over the tile of A^T M A + bias     [16, tiles, K] -> [B,th,tw,K]
+//   V = B^T d B  for each 4x4 input window d        [B,H,W,C] -> [16, tiles, C]
+//   M = V U      per plane, U = G g G^T              [16, tiles, C] x [16, C, K]
+//   y = max over the tile of A^T M A + bias          [16, tiles, K] -> [B,th,tw,K]
 // and their transposes for the backward pass. B^T rows: (1,0,-1,0), (0,1,1,0),
 // (0,-1,1,0), (0,1,0,-1); A^T rows: (1,1,1,0), (0,1,-1,-1). Tile (i, j) of
 // image b is tile number (b*th + i)*tw + j; its window starts at (2i, 2j).
+//
+// With a pool (the classic CNN's second layer) the whole layer is fused: each
+// image's V and M live only in cache (the transforms and the 16 products per
+// image), and the backward recomputes V from x instead of keeping it, so the
+// layer reads and writes only the images, the pooled outputs and their
+// gradients (XLA's matmuls between the transforms had written and re-read
+// [16, tiles, K] planes, 26 MB at batch 256, and were bound by that traffic).
+// Without a pool (cnn_bn, ResNets) the transforms and the weight gradient are
+// separate kernels around XLA's matmuls.
+
+// C[R x KV*L] (+)= A[R x n] B[n x KV*L] in registers: A(i, p) = a[i * ars + p * acs] (so A or
+// its transpose can be read in place), row p of B at b + p * ldb, row i of C at c + i * ldc.
+template <int R, int KV>
+void GemmBlock(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, float* c,
+               int64_t ldc, int64_t n, bool accumulate) {
+  fv acc[R][KV];
+  for (int i = 0; i < R; ++i) {
+    for (int j = 0; j < KV; ++j) acc[i][j] = Splat(0.0f);
+  }
+  for (int64_t p = 0; p < n; ++p) {
+    fv bv[KV];
+    for (int j = 0; j < KV; ++j) bv[j] = Load(b + p * ldb + j * L);
+    for (int i = 0; i < R; ++i) {
+      const fv av = Splat(a[i * ars + p * acs]);
+      for (int j = 0; j < KV; ++j) acc[i][j] += av * bv[j];
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int j = 0; j < KV; ++j) {
+      float* ci = c + i * ldc + j * L;
+      Store(ci, accumulate ? Load(ci) + acc[i][j] : acc[i][j]);
+    }
+  }
+}
+
+// Rows of 6 (the last block 1-5): 6 x 4 accumulators fill AVX-512's 32 registers with room for
+// the B row and the broadcast; 6 x 2 fit AVX2's and SSE's 16.
+constexpr int kGemmRows = 6;
+constexpr int kGemmVectors = L == 16 ? 4 : 2;
+
+template <int KV>
+void GemmRows(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, float* c,
+              int64_t ldc, int64_t rows, int64_t n, bool accumulate) {
+  int64_t i = 0;
+  for (; i + kGemmRows <= rows; i += kGemmRows) {
+    GemmBlock<kGemmRows, KV>(a + i * ars, ars, acs, b, ldb, c + i * ldc, ldc, n, accumulate);
+  }
+  const float* ai = a + i * ars;
+  float* ci = c + i * ldc;
+  switch (rows - i) {
+    case 5: GemmBlock<5, KV>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate); break;
+    case 4: GemmBlock<4, KV>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate); break;
+    case 3: GemmBlock<3, KV>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate); break;
+    case 2: GemmBlock<2, KV>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate); break;
+    case 1: GemmBlock<1, KV>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate); break;
+    default: break;
+  }
+}
+
+// C[rows x cols] (+)= A[rows x n] B[n x cols], cols a multiple of L.
+void Gemm(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, float* c,
+          int64_t ldc, int64_t rows, int64_t n, int64_t cols, bool accumulate) {
+  int64_t j = 0;
+  for (; j + kGemmVectors * L <= cols; j += kGemmVectors * L) {
+    GemmRows<kGemmVectors>(a, ars, acs, b + j, ldb, c + j, ldc, rows, n, accumulate);
+  }
+  switch ((cols - j) / L) {
+    case 3: GemmRows<3>(a, ars, acs, b + j, ldb, c + j, ldc, rows, n, accumulate); break;
+    case 2: GemmRows<2>(a, ars, acs, b + j, ldb, c + j, ldc, rows, n, accumulate); break;
+    case 1: GemmRows<1>(a, ars, acs, b + j, ldb, c + j, ldc, rows, n, accumulate); break;
+    default: break;
+  }
+}
 
 inline void InputTransform4(const fv d[4], fv t[4]) {  // t = B^T d
   t[0] = d[0] - d[2];
@@ -297,14 +424,24 @@ inline void InputTransform4T(const fv t[4], fv d[4]) {  // d = B t (the transpos
 
 struct Tiles {
   int64_t n, h, w, c, th, tw;
+  int64_t per_image() const { return th * tw; }
   int64_t count() const { return n * th * tw; }
 };
 
-void WinogradInputImage(const Tiles& s, const float* x, float* v, int64_t b) {
-  const int64_t plane = s.count() * s.c;
+// Where a kernel keeps the 16 planes of an image's tiles: plane x, tile t of the image at
+// base + x * plane + (tile0 + t) * channels. The separate kernels use the whole batch's planes
+// (tile0 = the image's first tile); the fused ones one image's, in cache (tile0 = 0).
+struct Planes {
+  int64_t plane, tile0;
+  int64_t at(int x, int64_t t, int64_t channels) const {
+    return x * plane + (tile0 + t) * channels;
+  }
+};
+
+void InputTransformImage(const Tiles& s, const float* x, int64_t b, float* v, Planes to) {
   for (int64_t i = 0; i < s.th; ++i) {
     for (int64_t j = 0; j < s.tw; ++j) {
-      const int64_t tile = (b * s.th + i) * s.tw + j;
+      const int64_t t = i * s.tw + j;
       for (int64_t cb = 0; cb < s.c; cb += L) {
         fv rows[4][4];  // rows[r][col] = (B^T d)[r][col]
         for (int col = 0; col < 4; ++col) {
@@ -312,14 +449,14 @@ void WinogradInputImage(const Tiles& s, const float* x, float* v, int64_t b) {
           for (int r = 0; r < 4; ++r) {
             d[r] = Load(x + (((b * s.h) + 2 * i + r) * s.w + 2 * j + col) * s.c + cb);
           }
-          fv t[4];
-          InputTransform4(d, t);
-          for (int r = 0; r < 4; ++r) rows[r][col] = t[r];
+          fv tr[4];
+          InputTransform4(d, tr);
+          for (int r = 0; r < 4; ++r) rows[r][col] = tr[r];
         }
         for (int r = 0; r < 4; ++r) {
-          fv t[4];
-          InputTransform4(rows[r], t);
-          for (int q = 0; q < 4; ++q) Store(v + (r * 4 + q) * plane + tile * s.c + cb, t[q]);
+          fv tr[4];
+          InputTransform4(rows[r], tr);
+          for (int q = 0; q < 4; ++q) Store(v + to.at(r * 4 + q, t, s.c) + cb, tr[q]);
         }
       }
     }
@@ -327,24 +464,23 @@ void WinogradInputImage(const Tiles& s, const float* x, float* v, int64_t b) {
 }
 
 // dx of one image: each window's B dV B^T added where the window came from.
-void WinogradInputGradImage(const Tiles& s, const float* dv, float* dx, int64_t b) {
-  const int64_t plane = s.count() * s.c;
+void InputGradImage(const Tiles& s, const float* dv, Planes from, float* dx, int64_t b) {
   float* img = dx + b * s.h * s.w * s.c;
   std::fill(img, img + s.h * s.w * s.c, 0.0f);
   for (int64_t i = 0; i < s.th; ++i) {
     for (int64_t j = 0; j < s.tw; ++j) {
-      const int64_t tile = (b * s.th + i) * s.tw + j;
+      const int64_t t = i * s.tw + j;
       for (int64_t cb = 0; cb < s.c; cb += L) {
         fv rows[4][4];
         for (int r = 0; r < 4; ++r) {
-          fv t[4];
-          for (int q = 0; q < 4; ++q) t[q] = Load(dv + (r * 4 + q) * plane + tile * s.c + cb);
-          InputTransform4T(t, rows[r]);  // rows[r][col]
+          fv tr[4];
+          for (int q = 0; q < 4; ++q) tr[q] = Load(dv + from.at(r * 4 + q, t, s.c) + cb);
+          InputTransform4T(tr, rows[r]);  // rows[r][col]
         }
         for (int col = 0; col < 4; ++col) {
-          fv t[4] = {rows[0][col], rows[1][col], rows[2][col], rows[3][col]};
+          fv tr[4] = {rows[0][col], rows[1][col], rows[2][col], rows[3][col]};
           fv d[4];
-          InputTransform4T(t, d);
+          InputTransform4T(tr, d);
           for (int r = 0; r < 4; ++r) {
             float* p = img + ((2 * i + r) * s.w + 2 * j + col) * s.c + cb;
             Store(p, Load(p) + d[r]);
@@ -355,15 +491,16 @@ void WinogradInputGradImage(const Tiles& s, const float* dv, float* dx, int64_t 
   }
 }
 
-void WinogradOutputPoolImage(const Tiles& s, const float* m, const float* bias, float* y,
-                             int8_t* arg, int64_t b) {
-  const int64_t plane = s.count() * s.c;  // s.c is K here.
-  for (int64_t t0 = b * s.th * s.tw, tile = t0; tile < t0 + s.th * s.tw; ++tile) {
+// y and the argmax of one image's tiles from M (s.c is K here).
+void OutputPoolImage(const Tiles& s, const float* m, Planes from, const float* bias, bool relu,
+                     float* y, int8_t* arg, int64_t b) {
+  for (int64_t t = 0; t < s.per_image(); ++t) {
+    const int64_t o = (b * s.per_image() + t) * s.c;
     for (int64_t kb = 0; kb < s.c; kb += L) {
       fv h[2][4];  // h[a][col] = (A^T m)[a][col]
       for (int col = 0; col < 4; ++col) {
         fv mc[4];
-        for (int r = 0; r < 4; ++r) mc[r] = Load(m + (r * 4 + col) * plane + tile * s.c + kb);
+        for (int r = 0; r < 4; ++r) mc[r] = Load(m + from.at(r * 4 + col, t, s.c) + kb);
         h[0][col] = mc[0] + mc[1] + mc[2];
         h[1][col] = mc[1] - mc[2] - mc[3];
       }
@@ -372,31 +509,24 @@ void WinogradOutputPoolImage(const Tiles& s, const float* m, const float* bias, 
         out[2 * a] = h[a][0] + h[a][1] + h[a][2];
         out[2 * a + 1] = h[a][1] - h[a][2] - h[a][3];
       }
-      fv best = out[0];
-      iv which = SplatI(0);
-      for (int q = 1; q < 4; ++q) {
-        const iv better = out[q] > best;  // Strict: the first maximum wins ties.
-        best = better ? out[q] : best;
-        which = better ? SplatI(q) : which;
-      }
-      Store(y + tile * s.c + kb, best + Load(bias + kb));
-      const bv which_b = __builtin_convertvector(which, bv);
-      std::memcpy(arg + tile * s.c + kb, &which_b, sizeof(which_b));
+      PoolStore(out, Load(bias + kb), relu, y + o + kb, arg + o + kb);
     }
   }
 }
 
-// dM of one image's tiles: the pooled gradient at the winning output, times A (x) A.
-void WinogradOutputPoolGradImage(const Tiles& s, const float* dy, const int8_t* arg, float* dm,
-                                 int64_t b) {
-  const int64_t plane = s.count() * s.c;
+// dM of one image's tiles: the pooled gradient at the winning output, times A (x) A; the
+// gradient that reaches an output added to db (K / L vectors).
+void OutputPoolGradImage(const Tiles& s, const float* dy, const int8_t* arg, int64_t b, float* dm,
+                         Planes to, fv* db) {
   const fv zero = Splat(0.0f);
-  for (int64_t t0 = b * s.th * s.tw, tile = t0; tile < t0 + s.th * s.tw; ++tile) {
+  for (int64_t t = 0; t < s.per_image(); ++t) {
+    const int64_t o = (b * s.per_image() + t) * s.c;
     for (int64_t kb = 0; kb < s.c; kb += L) {
-      const fv g = Load(dy + tile * s.c + kb);
+      const fv g = Load(dy + o + kb);
       bv which_b;
-      std::memcpy(&which_b, arg + tile * s.c + kb, sizeof(which_b));
+      std::memcpy(&which_b, arg + o + kb, sizeof(which_b));
       const iv which = __builtin_convertvector(which_b, iv);
+      db[kb / L] += which < SplatI(kNoTap) ? g : zero;
       fv go[4];
       for (int q = 0; q < 4; ++q) go[q] = which == SplatI(q) ? g : zero;
       fv h[2][4];  // h[a][col] = sum_b A^T[b][col] go[a][b]
@@ -408,7 +538,7 @@ void WinogradOutputPoolGradImage(const Tiles& s, const float* dy, const int8_t* 
       }
       for (int col = 0; col < 4; ++col) {
         const fv rows[4] = {h[0][col], h[0][col] + h[1][col], h[0][col] - h[1][col], -h[1][col]};
-        for (int r = 0; r < 4; ++r) Store(dm + (r * 4 + col) * plane + tile * s.c + kb, rows[r]);
+        for (int r = 0; r < 4; ++r) Store(dm + to.at(r * 4 + col, t, s.c) + kb, rows[r]);
       }
     }
   }
@@ -430,27 +560,14 @@ ffi::Error CheckPlanes(ffi::Span<const int64_t> planes, const Tiles& s) {
   return ffi::Error::Success();
 }
 
-// The tiles behind a pooled output [N, th, tw, K] (the images [N, 2th+2, 2tw+2, K]
-// it pools), checked against the planes [16, tiles, K].
-ffi::Error PooledTilesOf(ffi::Span<const int64_t> pooled, ffi::Span<const int64_t> planes,
-                         Tiles* s) {
-  if (pooled.size() != 4) {
-    return ffi::Error::InvalidArgument("fashion_jax winograd: expected pooled [N, th, tw, K]");
-  }
-  const int64_t image[4] = {pooled[0], 2 * pooled[1] + 2, 2 * pooled[2] + 2, pooled[3]};
-  if (ffi::Error e = TilesOf(ffi::Span<const int64_t>(image, 4), pooled[3], s); e.failure()) {
-    return e;
-  }
-  return CheckPlanes(planes, *s);
-}
-
 ffi::Error WinogradInput(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::ResultBuffer<ffi::F32> v) {
   Tiles s;
   if (ffi::Error e = TilesOf(x.dimensions(), x.dimensions().back(), &s); e.failure()) return e;
   if (ffi::Error e = CheckPlanes(v->dimensions(), s); e.failure()) return e;
   ParallelFor(pool, s.n, [&](int64_t b) {
-    WinogradInputImage(s, x.typed_data(), v->typed_data(), b);
+    InputTransformImage(s, x.typed_data(), b, v->typed_data(),
+                        Planes{s.count() * s.c, b * s.per_image()});
   });
   return ffi::Error::Success();
 }
@@ -461,100 +578,136 @@ ffi::Error WinogradInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dv,
   if (ffi::Error e = TilesOf(dx->dimensions(), dx->dimensions().back(), &s); e.failure()) return e;
   if (ffi::Error e = CheckPlanes(dv.dimensions(), s); e.failure()) return e;
   ParallelFor(pool, s.n, [&](int64_t b) {
-    WinogradInputGradImage(s, dv.typed_data(), dx->typed_data(), b);
+    InputGradImage(s, dv.typed_data(), Planes{s.count() * s.c, b * s.per_image()},
+                   dx->typed_data(), b);
   });
   return ffi::Error::Success();
 }
 
-ffi::Error WinogradOutputPool(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> m,
-                              ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
-                              ffi::ResultBuffer<ffi::S8> arg) {
-  Tiles s;
-  if (ffi::Error e = PooledTilesOf(y->dimensions(), m.dimensions(), &s); e.failure()) return e;
-  ParallelFor(pool, s.n, [&](int64_t b) {
-    WinogradOutputPoolImage(s, m.typed_data(), bias.typed_data(), y->typed_data(),
-                            arg->typed_data(), b);
+// The fused layer's shapes: x [N, H, W, C], U [16, C, K] (or U^T [16, K, C]), pooled
+// [N, th, tw, K]; C and K multiples of L. Returns the tiles of x (c = C) and of y (c = K).
+ffi::Error FusedShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> ud,
+                       ffi::Span<const int64_t> yd, bool transposed, Tiles* sx, Tiles* sy) {
+  if (ffi::Error e = TilesOf(xd, xd.size() == 4 ? xd[3] : 0, sx); e.failure()) return e;
+  const int64_t k = yd.size() == 4 ? yd[3] : 0;
+  const int64_t uc = transposed ? 2 : 1, uk = transposed ? 1 : 2;
+  if (ud.size() != 3 || ud[0] != 16 || ud[uc] != sx->c || ud[uk] != k || yd.size() != 4 ||
+      yd[0] != sx->n || yd[1] != sx->th || yd[2] != sx->tw || k % L != 0) {
+    return ffi::Error::InvalidArgument(
+        "fashion_jax winograd conv+pool: expected x [N, H, W, C], U [16, C, K] (U^T [16, K, C] "
+        "for the gradient) and y [N, (H-2)/2, (W-2)/2, K], K % " + std::to_string(L) + " == 0");
+  }
+  *sy = Tiles{sx->n, sx->h, sx->w, k, sx->th, sx->tw};
+  return ffi::Error::Success();
+}
+
+// y, argmax = pool(A^T [(B^T d B) U] A) + bias, one image at a time in cache.
+ffi::Error WinogradConvPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                   ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> bias,
+                                   ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S8> arg,
+                                   int32_t relu) {
+  Tiles sx, sy;
+  if (ffi::Error e = FusedShapes(x.dimensions(), u.dimensions(), y->dimensions(), false, &sx, &sy);
+      e.failure()) {
+    return e;
+  }
+  const int64_t tiles = sx.per_image(), c = sx.c, k = sy.c;
+  const Planes vp{tiles * c, 0}, mp{tiles * k, 0};
+  ParallelFor(pool, sx.n, [&](int64_t b) {
+    thread_local std::vector<float> scratch;
+    scratch.resize(16 * tiles * (c + k));
+    float* v = scratch.data();
+    float* m = v + 16 * tiles * c;
+    InputTransformImage(sx, x.typed_data(), b, v, vp);
+    for (int p = 0; p < 16; ++p) {
+      Gemm(v + p * vp.plane, c, 1, u.typed_data() + p * c * k, k, m + p * mp.plane, k, tiles, c, k,
+           false);
+    }
+    OutputPoolImage(sy, m, mp, bias.typed_data(), relu != 0, y->typed_data(), arg->typed_data(),
+                    b);
   });
   return ffi::Error::Success();
 }
 
-ffi::Error WinogradOutputPoolGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
-                                  ffi::Buffer<ffi::S8> arg, ffi::ResultBuffer<ffi::F32> dm) {
-  Tiles s;
-  if (ffi::Error e = PooledTilesOf(dy.dimensions(), dm->dimensions(), &s); e.failure()) return e;
-  ParallelFor(pool, s.n, [&](int64_t b) {
-    WinogradOutputPoolGradImage(s, dy.typed_data(), arg.typed_data(), dm->typed_data(), b);
+// dx, dU and db of the fused layer: per image, V again from x, dM from the pooled gradient,
+// then dV = dM U^T (-> dx) and dU += V^T dM. dU and db are summed per fixed chunk of images,
+// then over the chunks in order, so they do not depend on the thread count.
+constexpr int64_t kWinogradGradChunks = 16;
+
+ffi::Error WinogradConvPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                    ffi::Buffer<ffi::F32> ut, ffi::Buffer<ffi::S8> arg,
+                                    ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
+                                    ffi::ResultBuffer<ffi::F32> du,
+                                    ffi::ResultBuffer<ffi::F32> db) {
+  Tiles sx, sy;
+  if (ffi::Error e = FusedShapes(x.dimensions(), ut.dimensions(), dy.dimensions(), true, &sx, &sy);
+      e.failure()) {
+    return e;
+  }
+  if (arg.dimensions().size() != 4 || arg.element_count() != dy.element_count() ||
+      dx->element_count() != x.element_count() || du->element_count() != ut.element_count() ||
+      db->element_count() != static_cast<size_t>(sy.c)) {
+    return ffi::Error::InvalidArgument("fashion_jax winograd conv+pool gradient: shapes differ");
+  }
+  const int64_t tiles = sx.per_image(), c = sx.c, k = sy.c, nu = 16 * c * k + k;
+  const int64_t chunks = std::max<int64_t>(1, std::min(kWinogradGradChunks, sx.n));
+  const Planes vp{tiles * c, 0}, mp{tiles * k, 0};
+  std::vector<float> partial(chunks * nu);  // Per chunk: dU [16, C, K], then db [K].
+  ParallelFor(pool, chunks, [&](int64_t chunk) {
+    thread_local std::vector<float> scratch;
+    scratch.resize(16 * tiles * (2 * c + k));
+    float* v = scratch.data();
+    float* dm = v + 16 * tiles * c;
+    float* dv = dm + 16 * tiles * k;
+    float* acc = partial.data() + chunk * nu;
+    std::fill(acc, acc + nu, 0.0f);
+    std::vector<fv> db_acc(k / L, Splat(0.0f));
+    for (int64_t b = sx.n * chunk / chunks; b < sx.n * (chunk + 1) / chunks; ++b) {
+      InputTransformImage(sx, x.typed_data(), b, v, vp);
+      OutputPoolGradImage(sy, dy.typed_data(), arg.typed_data(), b, dm, mp, db_acc.data());
+      for (int p = 0; p < 16; ++p) {
+        Gemm(dm + p * mp.plane, k, 1, ut.typed_data() + p * k * c, c, dv + p * vp.plane, c, tiles,
+             k, c, false);
+        Gemm(v + p * vp.plane, 1, c, dm + p * mp.plane, k, acc + p * c * k, k, c, tiles, k, true);
+      }
+      InputGradImage(sx, dv, vp, dx->typed_data(), b);
+    }
+    for (int64_t kb = 0; kb < k; kb += L) Store(acc + 16 * c * k + kb, db_acc[kb / L]);
   });
+  std::vector<float> total(partial.begin(), partial.begin() + nu);
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+    const float* acc = partial.data() + chunk * nu;
+    for (int64_t i = 0; i < nu; ++i) total[i] += acc[i];
+  }
+  std::copy(total.begin(), total.begin() + 16 * c * k, du->typed_data());
+  std::copy(total.begin() + 16 * c * k, total.end(), db->typed_data());
   return ffi::Error::Success();
 }
 
-// dU[x] = V[x]^T dM[x] for each of the 16 Winograd planes: the weight gradient's
-// contraction over all tiles ([C, tiles] x [tiles, K], small output, very long
-// contraction), which XLA:CPU runs at a fraction of its matmul speed. Tiles are
-// taken in chunks that stay in cache; for each chunk the blocks of dU are
-// accumulated in registers. One plane per work unit, tiles in order:
-// deterministic.
+// dU[x] = V[x]^T dM[x] for each of the 16 planes over all tiles (the plain conv's weight
+// gradient: [C, tiles] x [tiles, K], a small output and a very long contraction, which XLA:CPU
+// runs at a fraction of its matmul speed). Tiles in chunks that stay in cache, accumulated in
+// registers; one plane per work unit, tiles in order: deterministic.
 constexpr int64_t kTileChunk = 64;
-
-// A CB x (L * KV) block of dU over tiles [t0, t1), accumulated in registers.
-template <int CB, int KV>
-void WeightGradBlock(const float* v, const float* dm, float* du, int64_t t0, int64_t t1,
-                     int64_t c, int64_t k, int64_t c0, int64_t k0) {
-  fv acc[CB][KV];
-  for (int i = 0; i < CB; ++i) {
-    for (int j = 0; j < KV; ++j) acc[i][j] = Load(du + (c0 + i) * k + k0 + L * j);
-  }
-  for (int64_t t = t0; t < t1; ++t) {
-    const float* vr = v + t * c + c0;
-    fv m[KV];
-    for (int j = 0; j < KV; ++j) m[j] = Load(dm + t * k + k0 + L * j);
-    for (int i = 0; i < CB; ++i) {
-      const fv b = Splat(vr[i]);
-      for (int j = 0; j < KV; ++j) acc[i][j] += b * m[j];
-    }
-  }
-  for (int i = 0; i < CB; ++i) {
-    for (int j = 0; j < KV; ++j) Store(du + (c0 + i) * k + k0 + L * j, acc[i][j]);
-  }
-}
-
-template <int CB>
-void WeightGradRows(const float* v, const float* dm, float* du, int64_t t0, int64_t t1,
-                    int64_t c, int64_t k, int64_t c0) {
-  int64_t k0 = 0;
-  for (; k0 + 2 * L <= k; k0 += 2 * L) WeightGradBlock<CB, 2>(v, dm, du, t0, t1, c, k, c0, k0);
-  if (k0 < k) WeightGradBlock<CB, 1>(v, dm, du, t0, t1, c, k, c0, k0);  // K % (2L) == L.
-}
-
-// 6 x 2L blocks: 12 accumulators, enough independent FMAs to hide their latency.
-void WinogradWeightGradPlane(int64_t tiles, int64_t c, int64_t k, const float* v,
-                             const float* dm, float* du) {
-  std::fill(du, du + c * k, 0.0f);
-  for (int64_t t0 = 0; t0 < tiles; t0 += kTileChunk) {
-    const int64_t t1 = std::min(tiles, t0 + kTileChunk);
-    int64_t c0 = 0;
-    for (; c0 + 6 <= c; c0 += 6) WeightGradRows<6>(v, dm, du, t0, t1, c, k, c0);
-    switch (c - c0) {  // C % 4 == 0, so 0, 2 or 4 rows are left.
-      case 4: WeightGradRows<4>(v, dm, du, t0, t1, c, k, c0); break;
-      case 2: WeightGradRows<2>(v, dm, du, t0, t1, c, k, c0); break;
-      default: break;
-    }
-  }
-}
 
 ffi::Error WinogradWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> v,
                               ffi::Buffer<ffi::F32> dm, ffi::ResultBuffer<ffi::F32> du) {
   auto vd = v.dimensions(), md = dm.dimensions(), ud = du->dimensions();
   if (vd.size() != 3 || md.size() != 3 || ud.size() != 3 || vd[0] != md[0] || vd[1] != md[1] ||
-      ud[0] != vd[0] || ud[1] != vd[2] || ud[2] != md[2] || vd[2] % 4 != 0 || md[2] % L != 0) {
+      ud[0] != vd[0] || ud[1] != vd[2] || ud[2] != md[2] || md[2] % L != 0) {
     return ffi::Error::InvalidArgument(
         "fashion_jax winograd weight grad: expected V [P, n, C], dM [P, n, K] -> [P, C, K], "
-        "C % 4 == 0, K % " + std::to_string(L) + " == 0");
+        "K % " + std::to_string(L) + " == 0");
   }
   const int64_t planes = vd[0], tiles = vd[1], c = vd[2], k = md[2];
   ParallelFor(pool, planes, [&](int64_t x) {
-    WinogradWeightGradPlane(tiles, c, k, v.typed_data() + x * tiles * c,
-                            dm.typed_data() + x * tiles * k, du->typed_data() + x * c * k);
+    const float* vx = v.typed_data() + x * tiles * c;
+    const float* mx = dm.typed_data() + x * tiles * k;
+    float* ux = du->typed_data() + x * c * k;
+    std::fill(ux, ux + c * k, 0.0f);
+    for (int64_t t0 = 0; t0 < tiles; t0 += kTileChunk) {
+      Gemm(vx + t0 * c, 1, c, mx + t0 * k, k, ux, k, c, std::min(kTileChunk, tiles - t0), k, true);
+    }
   });
   return ffi::Error::Success();
 }
@@ -600,7 +753,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjConvPoolForward, ConvPoolForward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S8>>());
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Attr<int32_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjConvPoolBackward, ConvPoolBackward,
                               ffi::Ffi::Bind()
@@ -624,19 +778,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradInputGrad, WinogradInputGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradOutputPool, WinogradOutputPool,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvPoolForward, WinogradConvPoolForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S8>>());
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Attr<int32_t>("relu"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradOutputPoolGrad, WinogradOutputPoolGrad,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvPoolBackward, WinogradConvPoolBackward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradWeightGrad, WinogradWeightGrad,
