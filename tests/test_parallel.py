@@ -17,14 +17,17 @@ def _run_check(tmp_path, idx_dir, devices, *modes):
   return json.loads(line[len("RESULT "):])
 
 
-def test_mesh_and_pmap_match_one_device(tmp_path, idx_dir):
+# Each parallelism with each data placement (on the device, "auto", or numpy batches from the
+# host); one of each in the default run, the other two with -m slow (the suite's time budget).
+@pytest.mark.parametrize("modes", [("mesh", "pmap:host"),
+                                   pytest.param(("pmap", "mesh:host"), marks=pytest.mark.slow)])
+def test_mesh_and_pmap_match_one_device(tmp_path, idx_dir, modes):
   """4 devices, a BatchNorm model: every mode computes what one device computes.
 
   BatchNorm makes this strict: under pmap the batch statistics must come from
   the global batch (synchronised BatchNorm), or the losses differ at once
   (1.19 vs 1.07 at the first log line without it).
   """
-  modes = ("mesh", "pmap", "mesh:host", "pmap:host")  # Data on the device (auto) or the host.
   result = _run_check(tmp_path, idx_dir, 4, "model=cnn_bn", "none", *modes)
   assert result["device_count"] == 4
   reference = result["none"]
