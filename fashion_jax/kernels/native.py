@@ -1,7 +1,8 @@
-"""Native CPU kernels: C++ through XLA's FFI, compiled on first use for this machine.
+"""Native CPU kernels: C++ through XLA's FFI, compiled on first use for this CPU's ISA level.
 
 Both conv+pool layers of the classic CNN spend much of their time in memory passes XLA:CPU cannot
-fuse away (BENCHMARKS.md). `csrc/conv_pool.cc` removes them; `conv3x3_pool2` picks the kernel:
+fuse away (BENCHMARKS.md). `csrc/conv_pool.cc` removes them; `conv3x3_pool2` picks the kernel,
+with the ReLU that follows fused in (`relu=True`):
 
 - Few input channels (the first layer, 1 -> 32): a direct convolution fused with the pool. XLA
   runs it as a K=9 matmul limited by memory traffic, then writes, re-reads and scatters the
@@ -9,22 +10,27 @@ fuse away (BENCHMARKS.md). `csrc/conv_pool.cc` removes them; `conv3x3_pool2` pic
   window's four outputs in registers and writes only the pooled value and its argmax. The
   backward routes the gradient to the argmax and accumulates the kernel gradient in registers.
 - Wide inputs (the second layer, 32 -> 64): Winograd F(2x2, 3x3) as in
-  `fashion_jax.kernels.winograd`. The four transforms around the channel contractions are one
-  pass each instead of a gather, a matmul and a reduction apiece; the forward and input-gradient
-  contractions stay XLA matmuls, and the weight gradient's (a [C, tiles] x [tiles, K] product,
-  ~40 GFLOP/s in XLA:CPU) is a register-blocked kernel (~80 GFLOP/s).
+  `fashion_jax.kernels.winograd`, the whole layer in one kernel per direction, one image at a
+  time in cache: input transform, the 16 per-tile channel products (a register-blocked
+  micro-kernel), output transform, pool, bias and ReLU; the backward recomputes the transformed
+  input instead of keeping it and produces dx, the kernel's and the bias's gradients. XLA's
+  matmuls between separate transforms had written and re-read [16, tiles, K] planes (26 MB at
+  batch 256) and were bound by that traffic.
 
-`conv3x3` does the same for a 3x3 convolution without a pool (cnn_bn, ResNets): native input
-transform, its gradient and the weight gradient; XLA's matmuls and output transform.
+`conv3x3` is a 3x3 convolution without a pool (cnn_bn, ResNets): native input transform, its
+gradient and the weight gradient; XLA's matmuls and output transform.
 
-Measured (A/B of the CNN's train step, 2 cores): +40 % first layer, +13-17 % transforms, +10-14 %
-weight gradient. The source ships with the package; the first call compiles it with the system
-C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`) for the best ISA level this CPU runs (AVX-512,
-AVX2 or the architecture's baseline, each with its vector width; `native_build`) into a cache
+Measured (the CNN's train step, 2 cores of a Zen 5 VM, BENCHMARKS.md): 34,000 images/s, 73 % of
+the CPU's peak FLOP/s executed, 3.5x Keras in the same run.
+
+The source ships with the package; the first call compiles it with the system C++ compiler
+(`$CXX`, else `c++`/`g++`/`clang++`) for the best ISA level this CPU runs (AVX-512, AVX2 or the
+architecture's baseline, each with its vector width; `native_build`) into a cache
 (`$FASHION_JAX_CACHE_DIR`, default `~/.cache/fashion_jax`), so later runs load it in
-milliseconds. Without a compiler a prebuilt library is used (`python -m fashion_jax.kernels.native
---all`); without either, or with `FASHION_JAX_NATIVE=0`, `available()` is False and "auto" keeps the
-XLA formulations (`fashion_jax.kernels.ops`), which compute the same math.
+milliseconds. Without a compiler a prebuilt library is used (`python -m
+fashion_jax.kernels.native --all`); without either, or with `FASHION_JAX_NATIVE=0`,
+`available()` is False and "auto" keeps the XLA formulations (`fashion_jax.kernels.ops`), which
+compute the same math.
 """
 
 from __future__ import annotations

@@ -1,18 +1,19 @@
-// fashion_jax's native CPU kernels for 3x3 convolutions (fashion_jax/native.py
-// builds this file and wraps each handler; BENCHMARKS.md has the measurements).
+// fashion_jax's native CPU kernels for 3x3 convolutions (fashion_jax/kernels/native.py
+// wraps each handler, native_build.py builds this file; BENCHMARKS.md has the measurements).
 //
-// 1. Fused 3x3 VALID convolution + bias + 2x2 VALID max-pooling for few input
+// 1. Fused 3x3 VALID convolution + bias + 2x2 VALID max-pooling (+ ReLU) for few input
 //    channels (the first conv of a small CNN). XLA:CPU runs the classic CNN's
 //    first conv (1 -> 32 channels) as an im2col matmul with K = 9, which is
 //    memory-bound, and then writes, re-reads and scatters the 26x26x32
 //    activation for the pool and its gradient. Here each 2x2 pooling window's
 //    four conv outputs are computed in registers, pooled, and only the pooled
 //    value and its argmax (int8, 0..3, first maximum wins, like
-//    reduce_window's transpose) are written. The backward pass recomputes
-//    nothing: it routes the pooled gradient to the argmax tap and accumulates
-//    the kernel and bias gradients in registers.
-// 2. Winograd F(2x2, 3x3) transforms and weight-gradient contraction for wide
-//    inputs (further down), around XLA's matmuls.
+//    reduce_window's transpose; 4 where the ReLU is off) are written. The
+//    backward pass recomputes nothing: it routes the pooled gradient to the
+//    argmax tap and accumulates the kernel and bias gradients in registers.
+// 2. Winograd F(2x2, 3x3) for wide inputs (further down): the whole conv + pool
+//    (+ ReLU) layer fused, and for a conv without a pool its transforms and
+//    weight-gradient contraction around XLA's matmuls.
 //
 // Layouts: x NHWC float32, kernel HWIO [3, 3, Cin, Cout] float32 with
 // Cout a multiple of the vector width (FJ_LANES), bias [Cout]; pooled output
@@ -22,7 +23,8 @@
 // and run on XLA's intra-op thread pool.
 //
 // The vector code uses GCC/Clang vector extensions, so it compiles for any
-// target; fashion_jax builds it with -march=native on the machine it runs on.
+// target; native_build.py builds it per ISA level (-march=x86-64-v4 with 16
+// lanes, x86-64-v3 with 8, the architecture's baseline with 4).
 
 #include <algorithm>
 #include <atomic>
@@ -40,10 +42,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// The vector width: 8 floats (AVX2's registers, two NEON registers) or 4 or 16 (AVX-512's),
-// chosen at build time by native.py (-DFJ_LANES=...; native.lanes() says why 8 is the default).
-// Every channel block below is one vector; channel counts must be multiples of it. The code is width-generic: a width wider than the target's registers compiles
-// to several instructions per operation (that is how the 16-lane path is tested on AVX2).
+// The vector width: 16 floats (AVX-512's registers), 8 (AVX2's) or 4 (SSE's, NEON's), chosen at
+// build time by native_build.py (-DFJ_LANES=...) with the target's ISA level. Every channel
+// block below is one vector; channel counts must be multiples of it. The code is
+// width-generic: a width wider than the target's registers compiles to several instructions
+// per operation (that is how the 16-lane path is tested on AVX2).
 #ifndef FJ_LANES
 #if defined(__AVX512F__)
 #define FJ_LANES 16
