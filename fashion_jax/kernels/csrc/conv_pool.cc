@@ -76,10 +76,11 @@ struct Shape {
   int64_t n, h, w, cin, cout, hp, wp;
 };
 
-// Runs f(i) for i in [0, n) on the calling thread and the pool's threads. The
+// Runs f(i) for i in [0, n) on the calling thread and the pool's threads (XLA's intra-op pool,
+// or any type with num_threads() and Schedule(task): csrc/selftest.cc runs serially). The
 // caller claims work too, so it never waits for a task that has not started.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
+template <typename Pool, typename F>
+void ParallelFor(Pool& pool, int64_t n, const F& f) {
   struct Counter {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
@@ -226,8 +227,8 @@ void ForEachChannelBlock(int64_t cout, const F& f) {
   if (cb < cout) f(cb, std::integral_constant<int, 1>());
 }
 
-template <int CIN>
-void Forward(ffi::ThreadPool& pool, const Shape& s, const float* x, const float* k,
+template <int CIN, typename Pool>
+void Forward(Pool& pool, const Shape& s, const float* x, const float* k,
              const float* b, bool relu, float* y, int8_t* arg) {
   const int64_t in_img = s.h * s.w * s.cin, out_img = s.hp * s.wp * s.cout;
   ParallelFor(pool, s.n, [&](int64_t n) {
@@ -240,8 +241,8 @@ void Forward(ffi::ThreadPool& pool, const Shape& s, const float* x, const float*
 
 constexpr int64_t kGradChunks = 8;  // Fixed, so the summation order is too.
 
-template <int CIN>
-void Backward(ffi::ThreadPool& pool, const Shape& s, const float* x, const int8_t* arg,
+template <int CIN, typename Pool>
+void Backward(Pool& pool, const Shape& s, const float* x, const int8_t* arg,
               const float* dy, float* dk, float* db) {
   const int64_t in_img = s.h * s.w * s.cin, out_img = s.hp * s.wp * s.cout;
   const int64_t chunks = std::max<int64_t>(1, std::min(kGradChunks, s.n));
@@ -300,17 +301,30 @@ ffi::Error CheckShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> kd,
     default: CALL(0); break;             \
   }
 
+template <typename Pool>
+void ConvPoolForwardCore(Pool& pool, const Shape& s, const float* x, const float* k,
+                         const float* b, bool relu, float* y, int8_t* arg) {
+#define FJ_CALL(C) Forward<C>(pool, s, x, k, b, relu, y, arg)
+  FJ_DISPATCH_CIN(s.cin, FJ_CALL)
+#undef FJ_CALL
+}
+
+template <typename Pool>
+void ConvPoolBackwardCore(Pool& pool, const Shape& s, const float* x, const int8_t* arg,
+                          const float* dy, float* dk, float* db) {
+#define FJ_CALL(C) Backward<C>(pool, s, x, arg, dy, dk, db)
+  FJ_DISPATCH_CIN(s.cin, FJ_CALL)
+#undef FJ_CALL
+}
+
 ffi::Error ConvPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> bias,
                            ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S8> arg,
                            int32_t relu) {
   Shape s;
   if (ffi::Error e = CheckShapes(x.dimensions(), kernel.dimensions(), &s); e.failure()) return e;
-#define FJ_CALL(C) \
-  Forward<C>(pool, s, x.typed_data(), kernel.typed_data(), bias.typed_data(), relu != 0, \
-             y->typed_data(), arg->typed_data())
-  FJ_DISPATCH_CIN(s.cin, FJ_CALL)
-#undef FJ_CALL
+  ConvPoolForwardCore(pool, s, x.typed_data(), kernel.typed_data(), bias.typed_data(), relu != 0,
+                      y->typed_data(), arg->typed_data());
   return ffi::Error::Success();
 }
 
@@ -320,11 +334,8 @@ ffi::Error ConvPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::ResultBuffer<ffi::F32> dbias) {
   Shape s;
   if (ffi::Error e = CheckShapes(x.dimensions(), kernel.dimensions(), &s); e.failure()) return e;
-#define FJ_CALL(C) \
-  Backward<C>(pool, s, x.typed_data(), arg.typed_data(), dy.typed_data(), \
-              dkernel->typed_data(), dbias->typed_data())
-  FJ_DISPATCH_CIN(s.cin, FJ_CALL)
-#undef FJ_CALL
+  ConvPoolBackwardCore(pool, s, x.typed_data(), arg.typed_data(), dy.typed_data(),
+                       dkernel->typed_data(), dbias->typed_data());
   return ffi::Error::Success();
 }
 
@@ -563,15 +574,26 @@ ffi::Error CheckPlanes(ffi::Span<const int64_t> planes, const Tiles& s) {
   return ffi::Error::Success();
 }
 
+template <typename Pool>
+void WinogradInputCore(Pool& pool, const Tiles& s, const float* x, float* v) {
+  ParallelFor(pool, s.n, [&](int64_t b) {
+    InputTransformImage(s, x, b, v, Planes{s.count() * s.c, b * s.per_image()});
+  });
+}
+
+template <typename Pool>
+void WinogradInputGradCore(Pool& pool, const Tiles& s, const float* dv, float* dx) {
+  ParallelFor(pool, s.n, [&](int64_t b) {
+    InputGradImage(s, dv, Planes{s.count() * s.c, b * s.per_image()}, dx, b);
+  });
+}
+
 ffi::Error WinogradInput(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::ResultBuffer<ffi::F32> v) {
   Tiles s;
   if (ffi::Error e = TilesOf(x.dimensions(), x.dimensions().back(), &s); e.failure()) return e;
   if (ffi::Error e = CheckPlanes(v->dimensions(), s); e.failure()) return e;
-  ParallelFor(pool, s.n, [&](int64_t b) {
-    InputTransformImage(s, x.typed_data(), b, v->typed_data(),
-                        Planes{s.count() * s.c, b * s.per_image()});
-  });
+  WinogradInputCore(pool, s, x.typed_data(), v->typed_data());
   return ffi::Error::Success();
 }
 
@@ -580,10 +602,7 @@ ffi::Error WinogradInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dv,
   Tiles s;
   if (ffi::Error e = TilesOf(dx->dimensions(), dx->dimensions().back(), &s); e.failure()) return e;
   if (ffi::Error e = CheckPlanes(dv.dimensions(), s); e.failure()) return e;
-  ParallelFor(pool, s.n, [&](int64_t b) {
-    InputGradImage(s, dv.typed_data(), Planes{s.count() * s.c, b * s.per_image()},
-                   dx->typed_data(), b);
-  });
+  WinogradInputGradCore(pool, s, dv.typed_data(), dx->typed_data());
   return ffi::Error::Success();
 }
 
@@ -605,6 +624,25 @@ ffi::Error FusedShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> ud,
 }
 
 // y, argmax = pool(A^T [(B^T d B) U] A) + bias, one image at a time in cache.
+template <typename Pool>
+void WinogradConvPoolForwardCore(Pool& pool, const Tiles& sx, const Tiles& sy, const float* x,
+                                 const float* u, const float* bias, bool relu, float* y,
+                                 int8_t* arg) {
+  const int64_t tiles = sx.per_image(), c = sx.c, k = sy.c;
+  const Planes vp{tiles * c, 0}, mp{tiles * k, 0};
+  ParallelFor(pool, sx.n, [&](int64_t b) {
+    thread_local std::vector<float> scratch;
+    scratch.resize(16 * tiles * (c + k));
+    float* v = scratch.data();
+    float* m = v + 16 * tiles * c;
+    InputTransformImage(sx, x, b, v, vp);
+    for (int p = 0; p < 16; ++p) {
+      Gemm(v + p * vp.plane, c, 1, u + p * c * k, k, m + p * mp.plane, k, tiles, c, k, false);
+    }
+    OutputPoolImage(sy, m, mp, bias, relu, y, arg, b);
+  });
+}
+
 ffi::Error WinogradConvPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                    ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> bias,
                                    ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S8> arg,
@@ -614,21 +652,8 @@ ffi::Error WinogradConvPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
       e.failure()) {
     return e;
   }
-  const int64_t tiles = sx.per_image(), c = sx.c, k = sy.c;
-  const Planes vp{tiles * c, 0}, mp{tiles * k, 0};
-  ParallelFor(pool, sx.n, [&](int64_t b) {
-    thread_local std::vector<float> scratch;
-    scratch.resize(16 * tiles * (c + k));
-    float* v = scratch.data();
-    float* m = v + 16 * tiles * c;
-    InputTransformImage(sx, x.typed_data(), b, v, vp);
-    for (int p = 0; p < 16; ++p) {
-      Gemm(v + p * vp.plane, c, 1, u.typed_data() + p * c * k, k, m + p * mp.plane, k, tiles, c, k,
-           false);
-    }
-    OutputPoolImage(sy, m, mp, bias.typed_data(), relu != 0, y->typed_data(), arg->typed_data(),
-                    b);
-  });
+  WinogradConvPoolForwardCore(pool, sx, sy, x.typed_data(), u.typed_data(), bias.typed_data(),
+                              relu != 0, y->typed_data(), arg->typed_data());
   return ffi::Error::Success();
 }
 
@@ -636,6 +661,43 @@ ffi::Error WinogradConvPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
 // then dV = dM U^T (-> dx) and dU += V^T dM. dU and db are summed per fixed chunk of images,
 // then over the chunks in order, so they do not depend on the thread count.
 constexpr int64_t kWinogradGradChunks = 16;
+
+template <typename Pool>
+void WinogradConvPoolBackwardCore(Pool& pool, const Tiles& sx, const Tiles& sy, const float* x,
+                                  const float* ut, const int8_t* arg, const float* dy, float* dx,
+                                  float* du, float* db) {
+  const int64_t tiles = sx.per_image(), c = sx.c, k = sy.c, nu = 16 * c * k + k;
+  const int64_t chunks = std::max<int64_t>(1, std::min(kWinogradGradChunks, sx.n));
+  const Planes vp{tiles * c, 0}, mp{tiles * k, 0};
+  std::vector<float> partial(chunks * nu);  // Per chunk: dU [16, C, K], then db [K].
+  ParallelFor(pool, chunks, [&](int64_t chunk) {
+    thread_local std::vector<float> scratch;
+    scratch.resize(16 * tiles * (2 * c + k));
+    float* v = scratch.data();
+    float* dm = v + 16 * tiles * c;
+    float* dv = dm + 16 * tiles * k;
+    float* acc = partial.data() + chunk * nu;
+    std::fill(acc, acc + nu, 0.0f);
+    std::vector<fv> db_acc(k / L, Splat(0.0f));
+    for (int64_t b = sx.n * chunk / chunks; b < sx.n * (chunk + 1) / chunks; ++b) {
+      InputTransformImage(sx, x, b, v, vp);
+      OutputPoolGradImage(sy, dy, arg, b, dm, mp, db_acc.data());
+      for (int p = 0; p < 16; ++p) {
+        Gemm(dm + p * mp.plane, k, 1, ut + p * k * c, c, dv + p * vp.plane, c, tiles, k, c, false);
+        Gemm(v + p * vp.plane, 1, c, dm + p * mp.plane, k, acc + p * c * k, k, c, tiles, k, true);
+      }
+      InputGradImage(sx, dv, vp, dx, b);
+    }
+    for (int64_t kb = 0; kb < k; kb += L) Store(acc + 16 * c * k + kb, db_acc[kb / L]);
+  });
+  std::vector<float> total(partial.begin(), partial.begin() + nu);
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+    const float* acc = partial.data() + chunk * nu;
+    for (int64_t i = 0; i < nu; ++i) total[i] += acc[i];
+  }
+  std::copy(total.begin(), total.begin() + 16 * c * k, du);
+  std::copy(total.begin() + 16 * c * k, total.end(), db);
+}
 
 ffi::Error WinogradConvPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                     ffi::Buffer<ffi::F32> ut, ffi::Buffer<ffi::S8> arg,
@@ -652,38 +714,9 @@ ffi::Error WinogradConvPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
       db->element_count() != static_cast<size_t>(sy.c)) {
     return ffi::Error::InvalidArgument("fashion_jax winograd conv+pool gradient: shapes differ");
   }
-  const int64_t tiles = sx.per_image(), c = sx.c, k = sy.c, nu = 16 * c * k + k;
-  const int64_t chunks = std::max<int64_t>(1, std::min(kWinogradGradChunks, sx.n));
-  const Planes vp{tiles * c, 0}, mp{tiles * k, 0};
-  std::vector<float> partial(chunks * nu);  // Per chunk: dU [16, C, K], then db [K].
-  ParallelFor(pool, chunks, [&](int64_t chunk) {
-    thread_local std::vector<float> scratch;
-    scratch.resize(16 * tiles * (2 * c + k));
-    float* v = scratch.data();
-    float* dm = v + 16 * tiles * c;
-    float* dv = dm + 16 * tiles * k;
-    float* acc = partial.data() + chunk * nu;
-    std::fill(acc, acc + nu, 0.0f);
-    std::vector<fv> db_acc(k / L, Splat(0.0f));
-    for (int64_t b = sx.n * chunk / chunks; b < sx.n * (chunk + 1) / chunks; ++b) {
-      InputTransformImage(sx, x.typed_data(), b, v, vp);
-      OutputPoolGradImage(sy, dy.typed_data(), arg.typed_data(), b, dm, mp, db_acc.data());
-      for (int p = 0; p < 16; ++p) {
-        Gemm(dm + p * mp.plane, k, 1, ut.typed_data() + p * k * c, c, dv + p * vp.plane, c, tiles,
-             k, c, false);
-        Gemm(v + p * vp.plane, 1, c, dm + p * mp.plane, k, acc + p * c * k, k, c, tiles, k, true);
-      }
-      InputGradImage(sx, dv, vp, dx->typed_data(), b);
-    }
-    for (int64_t kb = 0; kb < k; kb += L) Store(acc + 16 * c * k + kb, db_acc[kb / L]);
-  });
-  std::vector<float> total(partial.begin(), partial.begin() + nu);
-  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
-    const float* acc = partial.data() + chunk * nu;
-    for (int64_t i = 0; i < nu; ++i) total[i] += acc[i];
-  }
-  std::copy(total.begin(), total.begin() + 16 * c * k, du->typed_data());
-  std::copy(total.begin() + 16 * c * k, total.end(), db->typed_data());
+  WinogradConvPoolBackwardCore(pool, sx, sy, x.typed_data(), ut.typed_data(), arg.typed_data(),
+                               dy.typed_data(), dx->typed_data(), du->typed_data(),
+                               db->typed_data());
   return ffi::Error::Success();
 }
 
@@ -692,6 +725,20 @@ ffi::Error WinogradConvPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
 // runs at a fraction of its matmul speed). Tiles in chunks that stay in cache, accumulated in
 // registers; one plane per work unit, tiles in order: deterministic.
 constexpr int64_t kTileChunk = 64;
+
+template <typename Pool>
+void WinogradWeightGradCore(Pool& pool, int64_t planes, int64_t tiles, int64_t c, int64_t k,
+                            const float* v, const float* dm, float* du) {
+  ParallelFor(pool, planes, [&](int64_t x) {
+    const float* vx = v + x * tiles * c;
+    const float* mx = dm + x * tiles * k;
+    float* ux = du + x * c * k;
+    std::fill(ux, ux + c * k, 0.0f);
+    for (int64_t t0 = 0; t0 < tiles; t0 += kTileChunk) {
+      Gemm(vx + t0 * c, 1, c, mx + t0 * k, k, ux, k, c, std::min(kTileChunk, tiles - t0), k, true);
+    }
+  });
+}
 
 ffi::Error WinogradWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> v,
                               ffi::Buffer<ffi::F32> dm, ffi::ResultBuffer<ffi::F32> du) {
@@ -702,16 +749,8 @@ ffi::Error WinogradWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> v,
         "fashion_jax winograd weight grad: expected V [P, n, C], dM [P, n, K] -> [P, C, K], "
         "K % " + std::to_string(L) + " == 0");
   }
-  const int64_t planes = vd[0], tiles = vd[1], c = vd[2], k = md[2];
-  ParallelFor(pool, planes, [&](int64_t x) {
-    const float* vx = v.typed_data() + x * tiles * c;
-    const float* mx = dm.typed_data() + x * tiles * k;
-    float* ux = du->typed_data() + x * c * k;
-    std::fill(ux, ux + c * k, 0.0f);
-    for (int64_t t0 = 0; t0 < tiles; t0 += kTileChunk) {
-      Gemm(vx + t0 * c, 1, c, mx + t0 * k, k, ux, k, c, std::min(kTileChunk, tiles - t0), k, true);
-    }
-  });
+  WinogradWeightGradCore(pool, vd[0], vd[1], vd[2], md[2], v.typed_data(), dm.typed_data(),
+                         du->typed_data());
   return ffi::Error::Success();
 }
 

@@ -1,0 +1,266 @@
+// Self-test of the native kernels without XLA: it includes conv_pool.cc, runs each kernel's
+// core on random inputs (serially) and compares with plain loops in double precision.
+// tests/test_native_selftest.py builds it with AddressSanitizer and UndefinedBehaviorSanitizer
+// for this CPU's levels, and for 64-bit Arm (NEON) to run under qemu-user:
+//
+//   g++ -std=gnu++17 -O1 -fsanitize=address,undefined -march=x86-64-v3 -DFJ_LANES=8
+//       -isystem "$(python -c 'import jax; print(jax.ffi.include_dir())')" selftest.cc -o t; ./t
+//
+// Exit status 0 and "selftest: N checks passed" when every output matches.
+
+#include "conv_pool.cc"
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+
+namespace {
+
+struct SerialPool {  // For ParallelFor: no helper threads, the caller does all the work.
+  int64_t num_threads() const { return 1; }
+  template <typename T>
+  void Schedule(T&&) {}
+};
+
+int checks = 0, failures = 0;
+
+template <typename T>
+void Expect(const char* what, const std::vector<T>& got, const std::vector<double>& want,
+            double tol) {
+  ++checks;
+  double worst = 0;
+  size_t at = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double err = std::fabs(double(got[i]) - want[i]) / (1.0 + std::fabs(want[i]));
+    if (!(err <= worst)) worst = err, at = i;  // NaN counts as the worst.
+  }
+  if (got.size() != want.size() || !(worst <= tol)) {
+    ++failures;
+    std::printf("FAIL %s (L=%d): max error %g at %zu: got %g, want %g\n", what, L, worst, at,
+                double(got[at]), want[at]);
+  }
+}
+
+std::vector<float> Random(std::mt19937& rng, size_t size, float scale) {
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> v(size);
+  for (float& f : v) f = normal(rng);
+  return v;
+}
+
+// A layer's problem: x [n, h, w, c], kernel [3, 3, c, k], bias [k], pooled [n, hp, wp, k].
+struct Problem {
+  int n, h, w, c, k;
+  int hp() const { return (h - 2) / 2; }
+  int wp() const { return (w - 2) / 2; }
+  size_t xi(int b, int i, int j, int ci) const { return ((size_t(b) * h + i) * w + j) * c + ci; }
+  size_t ki(int ky, int kx, int ci, int co) const { return ((ky * 3 + kx) * size_t(c) + ci) * k + co; }
+  size_t yi(int b, int i, int j, int co) const { return ((size_t(b) * hp() + i) * wp() + j) * k + co; }
+};
+
+// The reference: conv (VALID) + bias at output (oi, oj), in double.
+double ConvAt(const Problem& p, const std::vector<float>& x, const std::vector<float>& kern,
+              const std::vector<float>& bias, int b, int oi, int oj, int co) {
+  double sum = bias[co];
+  for (int ky = 0; ky < 3; ++ky)
+    for (int kx = 0; kx < 3; ++kx)
+      for (int ci = 0; ci < p.c; ++ci)
+        sum += double(x[p.xi(b, oi + ky, oj + kx, ci)]) * kern[p.ki(ky, kx, ci, co)];
+  return sum;
+}
+
+// The layer's outputs, given the kernel's taps for the backward, and every gradient from the
+// gradient dy of the pooled output routed through those taps (4: none).
+struct Reference {
+  std::vector<double> y, dx, dk, db;
+};
+
+Reference Compute(const Problem& p, const std::vector<float>& x, const std::vector<float>& kern,
+                  const std::vector<float>& bias, bool relu, const std::vector<int8_t>& tap,
+                  const std::vector<float>& dy) {
+  Reference r{std::vector<double>(size_t(p.n) * p.hp() * p.wp() * p.k), std::vector<double>(x.size()),
+              std::vector<double>(kern.size()), std::vector<double>(p.k)};
+  for (int b = 0; b < p.n; ++b)
+    for (int i = 0; i < p.hp(); ++i)
+      for (int j = 0; j < p.wp(); ++j)
+        for (int co = 0; co < p.k; ++co) {
+          double best = -INFINITY;
+          for (int q = 0; q < 4; ++q) best = std::max(best, ConvAt(p, x, kern, bias, b, 2 * i + q / 2, 2 * j + q % 2, co));
+          const size_t o = p.yi(b, i, j, co);
+          r.y[o] = relu ? std::max(best, 0.0) : best;
+          if (tap[o] > 3) continue;
+          const int oi = 2 * i + tap[o] / 2, oj = 2 * j + tap[o] % 2;
+          r.db[co] += dy[o];
+          for (int ky = 0; ky < 3; ++ky)
+            for (int kx = 0; kx < 3; ++kx)
+              for (int ci = 0; ci < p.c; ++ci) {
+                r.dk[p.ki(ky, kx, ci, co)] += double(dy[o]) * x[p.xi(b, oi + ky, oj + kx, ci)];
+                r.dx[p.xi(b, oi + ky, oj + kx, ci)] += double(dy[o]) * kern[p.ki(ky, kx, ci, co)];
+              }
+        }
+  return r;
+}
+
+// The taps agree with the reference wherever the window's maximum is clear (not a near-tie
+// that float rounding may decide either way) and the ReLU is not near its threshold.
+void ExpectTaps(const char* what, const Problem& p, const std::vector<float>& x,
+                const std::vector<float>& kern, const std::vector<float>& bias, bool relu,
+                const std::vector<int8_t>& tap) {
+  ++checks;
+  int wrong = 0;
+  for (int b = 0; b < p.n; ++b)
+    for (int i = 0; i < p.hp(); ++i)
+      for (int j = 0; j < p.wp(); ++j)
+        for (int co = 0; co < p.k; ++co) {
+          double v[4];
+          for (int q = 0; q < 4; ++q) v[q] = ConvAt(p, x, kern, bias, b, 2 * i + q / 2, 2 * j + q % 2, co);
+          int best = 0;
+          for (int q = 1; q < 4; ++q) best = v[q] > v[best] ? q : best;
+          bool clear = true;
+          for (int q = 0; q < 4; ++q) clear &= q == best || v[best] - v[q] > 1e-3;
+          if (!clear || (relu && std::fabs(v[best]) < 1e-3)) continue;
+          const int want = relu && v[best] <= 0 ? kNoTap : best;
+          wrong += tap[p.yi(b, i, j, co)] != want;
+        }
+  if (wrong) {
+    ++failures;
+    std::printf("FAIL %s (L=%d): %d taps differ\n", what, L, wrong);
+  }
+}
+
+// U = G g G^T per (input, output) channel pair, as fashion_jax.kernels.winograd does.
+const double kG[4][3] = {{1, 0, 0}, {.5, .5, .5}, {.5, -.5, .5}, {0, 0, 1}};
+
+std::vector<float> FilterTransform(const Problem& p, const std::vector<float>& kern, bool transposed) {
+  std::vector<float> u(16 * size_t(p.c) * p.k);
+  for (int a = 0; a < 4; ++a)
+    for (int e = 0; e < 4; ++e)
+      for (int ci = 0; ci < p.c; ++ci)
+        for (int co = 0; co < p.k; ++co) {
+          double sum = 0;
+          for (int ky = 0; ky < 3; ++ky)
+            for (int kx = 0; kx < 3; ++kx) sum += kG[a][ky] * kG[e][kx] * kern[p.ki(ky, kx, ci, co)];
+          const size_t plane = (a * 4 + e) * size_t(p.c) * p.k;
+          u[plane + (transposed ? size_t(co) * p.c + ci : size_t(ci) * p.k + co)] = float(sum);
+        }
+  return u;
+}
+
+std::vector<float> FilterTransformGrad(const Problem& p, const std::vector<float>& du) {
+  std::vector<float> dk(9 * size_t(p.c) * p.k);
+  for (int ky = 0; ky < 3; ++ky)
+    for (int kx = 0; kx < 3; ++kx)
+      for (int ci = 0; ci < p.c; ++ci)
+        for (int co = 0; co < p.k; ++co) {
+          double sum = 0;
+          for (int a = 0; a < 4; ++a)
+            for (int e = 0; e < 4; ++e)
+              sum += kG[a][ky] * kG[e][kx] * du[(a * 4 + e) * size_t(p.c) * p.k + size_t(ci) * p.k + co];
+          dk[p.ki(ky, kx, ci, co)] = float(sum);
+        }
+  return dk;
+}
+
+void TestConvPool(std::mt19937& rng, const Problem& p, bool winograd, bool relu) {
+  SerialPool pool;
+  char what[160];
+  std::snprintf(what, sizeof(what), "%s n=%d %dx%d c=%d k=%d relu=%d", winograd ? "winograd" : "direct",
+                p.n, p.h, p.w, p.c, p.k, relu);
+  const std::vector<float> x = Random(rng, size_t(p.n) * p.h * p.w * p.c, 1.0f);
+  const std::vector<float> kern = Random(rng, 9 * size_t(p.c) * p.k, 0.3f);
+  const std::vector<float> bias = Random(rng, p.k, 0.5f);
+  const size_t ny = size_t(p.n) * p.hp() * p.wp() * p.k;
+  std::vector<float> y(ny), dx(x.size()), dk(kern.size()), db(p.k);
+  std::vector<int8_t> tap(ny);
+  const std::vector<float> dy = Random(rng, ny, 1.0f);
+  if (winograd) {
+    const Tiles sx{p.n, p.h, p.w, p.c, p.hp(), p.wp()}, sy{p.n, p.h, p.w, p.k, p.hp(), p.wp()};
+    WinogradConvPoolForwardCore(pool, sx, sy, x.data(), FilterTransform(p, kern, false).data(),
+                                bias.data(), relu, y.data(), tap.data());
+    std::vector<float> du(16 * size_t(p.c) * p.k);
+    WinogradConvPoolBackwardCore(pool, sx, sy, x.data(), FilterTransform(p, kern, true).data(),
+                                 tap.data(), dy.data(), dx.data(), du.data(), db.data());
+    dk = FilterTransformGrad(p, du);
+  } else {
+    const Shape s{p.n, p.h, p.w, p.c, p.k, p.hp(), p.wp()};
+    ConvPoolForwardCore(pool, s, x.data(), kern.data(), bias.data(), relu, y.data(), tap.data());
+    ConvPoolBackwardCore(pool, s, x.data(), tap.data(), dy.data(), dk.data(), db.data());
+  }
+  const Reference r = Compute(p, x, kern, bias, relu, tap, dy);
+  std::string name(what);
+  Expect((name + ": y").c_str(), y, r.y, 1e-5);
+  ExpectTaps((name + ": taps").c_str(), p, x, kern, bias, relu, tap);
+  Expect((name + ": dkernel").c_str(), dk, r.dk, 2e-5 * p.n * p.hp() * p.wp());
+  Expect((name + ": dbias").c_str(), db, r.db, 1e-5 * p.n * p.hp() * p.wp());
+  if (winograd) Expect((name + ": dx").c_str(), dx, r.dx, 1e-4);
+}
+
+// The plain conv's kernels: V = B^T d B per tile, its transpose, and dU = V^T dM per plane.
+const double kBT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+
+void TestPlainConvKernels(std::mt19937& rng, const Problem& p) {
+  SerialPool pool;
+  const Tiles s{p.n, p.h, p.w, p.c, p.hp(), p.wp()};
+  const size_t tiles = s.count(), planes = 16 * tiles * p.c;
+  const std::vector<float> x = Random(rng, size_t(p.n) * p.h * p.w * p.c, 1.0f);
+  std::vector<float> v(planes), dx(x.size());
+  WinogradInputCore(pool, s, x.data(), v.data());
+  std::vector<double> want(planes), dx_want(x.size());
+  const std::vector<float> dv = Random(rng, planes, 1.0f);
+  for (int b = 0; b < p.n; ++b)
+    for (int i = 0; i < s.th; ++i)
+      for (int j = 0; j < s.tw; ++j)
+        for (int ci = 0; ci < p.c; ++ci)
+          for (int a = 0; a < 4; ++a)
+            for (int e = 0; e < 4; ++e) {
+              const size_t at = ((a * 4 + e) * tiles + (size_t(b) * s.th + i) * s.tw + j) * p.c + ci;
+              for (int r = 0; r < 4; ++r)
+                for (int q = 0; q < 4; ++q) {
+                  const size_t xi = p.xi(b, 2 * i + r, 2 * j + q, ci);
+                  want[at] += kBT[a][r] * kBT[e][q] * x[xi];
+                  dx_want[xi] += kBT[a][r] * kBT[e][q] * dv[at];
+                }
+            }
+  Expect("winograd input transform", v, want, 1e-5);
+  WinogradInputGradCore(pool, s, dv.data(), dx.data());
+  Expect("winograd input transform gradient", dx, dx_want, 1e-5);
+  const std::vector<float> dm = Random(rng, 16 * tiles * p.k, 1.0f);
+  std::vector<float> du(16 * size_t(p.c) * p.k);
+  WinogradWeightGradCore(pool, 16, tiles, p.c, p.k, v.data(), dm.data(), du.data());
+  std::vector<double> du_want(du.size());
+  for (size_t plane = 0; plane < 16; ++plane)
+    for (size_t t = 0; t < tiles; ++t)
+      for (int ci = 0; ci < p.c; ++ci)
+        for (int co = 0; co < p.k; ++co)
+          du_want[(plane * p.c + ci) * p.k + co] +=
+              double(v[(plane * tiles + t) * p.c + ci]) * dm[(plane * tiles + t) * p.k + co];
+  Expect("winograd weight gradient", du, du_want, 1e-5 * tiles);
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(0);
+  for (bool relu : {false, true}) {
+    // The direct kernel: compile-time and run-time channel counts, one or two channel blocks
+    // (and a second image chunk), odd sizes, the smallest input.
+    TestConvPool(rng, {3, 28, 28, 1, 2 * L}, false, relu);
+    TestConvPool(rng, {11, 13, 11, 3, 3 * L}, false, relu);
+    TestConvPool(rng, {2, 6, 7, 5, L}, false, relu);
+    TestConvPool(rng, {1, 4, 4, 2, L}, false, relu);
+    // The fused Winograd layer: the CNN's second layer, the micro-kernel's row and column
+    // remainders, more images than the gradient's chunks, the smallest input.
+    TestConvPool(rng, {3, 13, 13, 2 * L, 4 * L}, true, relu);
+    TestConvPool(rng, {2, 9, 11, L, 3 * L}, true, relu);
+    TestConvPool(rng, {17, 6, 6, L, L}, true, relu);
+    TestConvPool(rng, {1, 4, 4, 3 * L, 2 * L}, true, relu);
+  }
+  TestPlainConvKernels(rng, {2, 10, 8, 2 * L, 3 * L});
+  TestPlainConvKernels(rng, {1, 6, 6, L, L});
+  if (failures) {
+    std::printf("selftest: %d of %d checks failed (%s)\n", failures, checks, FjKernelInfo());
+    return 1;
+  }
+  std::printf("selftest: %d checks passed (%s)\n", checks, FjKernelInfo());
+  return 0;
+}
