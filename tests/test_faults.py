@@ -6,6 +6,7 @@ and at the very end. Each killed run is re-run with the same command and must fi
 parameters, optimizer state and metrics bitwise identical to an uninterrupted run.
 """
 
+import functools
 import json
 import os
 import signal
@@ -19,12 +20,14 @@ from tests.multidevice_check import final_state
 from fashion_jax import config_lib
 
 # Between checkpoints (step:15, step:33) is the same situation as before the first one
-# (step:7) with a checkpoint to resume from; those two run with -m slow (the suite's time budget).
-KILL_POINTS = ["step:7", pytest.param("step:15", marks=pytest.mark.slow), "save:20",
-               pytest.param("step:33", marks=pytest.mark.slow), "save:40",
-               # Host placement (the reference runs with the data on the device: the placements
-               # are bitwise equal on CPU, so a host run must resume to the very same state).
-               "host/step:7", pytest.param("host/save:40", marks=pytest.mark.slow)]
+# (step:7) with a checkpoint to resume from, and a kill in the first save (save:20) the same as
+# one in a later save (save:40) with nothing to fall back to; those run with -m slow (the suite's
+# time budget), as do the host-placement kills (the reference runs with the data on the device:
+# the placements are bitwise equal on CPU, so a host run must resume to the very same state;
+# tests/test_train.py checks that equality by default).
+_slow = functools.partial(pytest.param, marks=pytest.mark.slow)
+KILL_POINTS = ["step:7", _slow("step:15"), _slow("save:20"), _slow("step:33"), "save:40",
+               _slow("host/step:7"), _slow("host/save:40")]
 
 
 def _flags(idx_dir, workdir):
