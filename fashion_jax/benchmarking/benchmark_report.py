@@ -96,19 +96,10 @@ def environment(parallel) -> dict:
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "asimd", "sve")
 
 
-def _cpuinfo_field(pattern: str) -> str | None:
-  """The first /proc/cpuinfo line's value whose name matches `pattern`, or None."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      match = re.search(rf"(?:{pattern})\s*:\s*(.*)", f.read())
-  except OSError:
-    return None
-  return match.group(1).strip() if match else None
-
-
 def cpu_isa() -> str:
   """The vector ISA flags the CPU reports (lscpu's flags, the ones that matter here)."""
-  flags = set((_cpuinfo_field("flags|Features") or "").split())
+  from fashion_jax.kernels import native_build  # pylint: disable=g-import-not-at-top
+  flags = native_build.cpu_flags()  # The same reading the native kernels' build choice makes.
   return ",".join(name for name in ISA_FLAGS if name in flags) or platform.machine()
 
 
@@ -122,7 +113,12 @@ def _native_kernels() -> str:
 
 
 def _cpu_name() -> str:
-  return _cpuinfo_field("model name") or platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      match = re.search(r"model name\s*:\s*(.*)", f.read())
+  except OSError:
+    match = None
+  return match.group(1).strip() if match else platform.processor()
 
 
 def format_table(results: dict) -> str:

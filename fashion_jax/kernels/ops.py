@@ -258,7 +258,7 @@ def conv_general_dilated_cpu_auto(lhs, rhs, *args, **kwargs):
   """Drop-in for `lax.conv_general_dilated`: "auto" on CPU (`cpu_auto_conv_impl`)."""
   if cpu_auto_conv_impl(lhs) == "winograd":
     if _native_fits(lhs, rhs) and _native_wanted():
-      return conv_general_dilated_native(lhs, rhs, *args, **kwargs)
+      return _winograd_conv(_native_conv3x3, lhs, rhs, *args, **kwargs)
     return conv_general_dilated_winograd(lhs, rhs, *args, **kwargs)
   return conv_general_dilated_im2col(lhs, rhs, *args, **kwargs)
 

@@ -669,14 +669,15 @@ void WinogradConvPoolBackwardCore(Pool& pool, const Tiles& sx, const Tiles& sy, 
   const int64_t tiles = sx.per_image(), c = sx.c, k = sy.c, nu = 16 * c * k + k;
   const int64_t chunks = std::max<int64_t>(1, std::min(kWinogradGradChunks, sx.n));
   const Planes vp{tiles * c, 0}, mp{tiles * k, 0};
-  std::vector<float> partial(chunks * nu);  // Per chunk: dU [16, C, K], then db [K].
+  // Per chunk: dU [16, C, K], then db [K]; each chunk zeroes its own (no second fill here).
+  std::unique_ptr<float[]> partial(new float[chunks * nu]);
   ParallelFor(pool, chunks, [&](int64_t chunk) {
     thread_local std::vector<float> scratch;
     scratch.resize(16 * tiles * (2 * c + k));
     float* v = scratch.data();
     float* dm = v + 16 * tiles * c;
     float* dv = dm + 16 * tiles * k;
-    float* acc = partial.data() + chunk * nu;
+    float* acc = partial.get() + chunk * nu;
     std::fill(acc, acc + nu, 0.0f);
     std::vector<fv> db_acc(k / L, Splat(0.0f));
     for (int64_t b = sx.n * chunk / chunks; b < sx.n * (chunk + 1) / chunks; ++b) {
@@ -690,13 +691,13 @@ void WinogradConvPoolBackwardCore(Pool& pool, const Tiles& sx, const Tiles& sy, 
     }
     for (int64_t kb = 0; kb < k; kb += L) Store(acc + 16 * c * k + kb, db_acc[kb / L]);
   });
-  std::vector<float> total(partial.begin(), partial.begin() + nu);
+  float* total = partial.get();  // Chunk 0's sums, then the others added in order.
   for (int64_t chunk = 1; chunk < chunks; ++chunk) {
-    const float* acc = partial.data() + chunk * nu;
+    const float* acc = partial.get() + chunk * nu;
     for (int64_t i = 0; i < nu; ++i) total[i] += acc[i];
   }
-  std::copy(total.begin(), total.begin() + 16 * c * k, du);
-  std::copy(total.begin() + 16 * c * k, total.end(), db);
+  std::copy(total, total + 16 * c * k, du);
+  std::copy(total + 16 * c * k, total + nu, db);
 }
 
 ffi::Error WinogradConvPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
