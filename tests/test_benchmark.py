@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import os
+import tempfile
 
 import pytest
 
@@ -78,3 +80,41 @@ def test_benchmark_bad_config_is_one_line(tmp_path):
                     f"--output={tmp_path / 'b.json'}")
   assert proc.returncode == 2
   assert "config.batch_size=-4 is invalid" in proc.stderr
+
+
+def test_compile_cache_measure_uses_its_own_cache(tmp_path, tiny_config, monkeypatch):
+  """A cache the user set up (JAX_COMPILATION_CACHE_DIR) neither serves nor receives the measure.
+
+  JAX opens its persistent cache once per process; before the fix, the benchmark's own folder was
+  ignored once any compile had happened, so its "first compile" could be a hit in the user's cache.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=import-outside-toplevel
+  from fashion_jax.benchmarking import benchmark  # pylint: disable=import-outside-toplevel
+  from fashion_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support import parallel as parallel_lib  # pylint: disable=import-outside-toplevel
+
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  previous = {name: getattr(jax.config, name) for name in names}
+  user_cache = tmp_path / "user_cache"
+  scratch = tmp_path / "scratch"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  try:
+    jax.config.update("jax_compilation_cache_dir", str(user_cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()
+    jax.jit(lambda x: x * 3 + 1)(1.0)  # Opens the user's cache.
+    before = set(os.listdir(user_cache))
+    assert before
+    data = input_pipeline.load(tiny_config, "train", input_pipeline.source(tiny_config))
+    result = benchmark.measure_compile_cache(tiny_config, parallel_lib.Parallel("none"), data)
+    assert set(os.listdir(user_cache)) == before  # Nothing of the measure in the user's cache...
+    assert result["compile_cache_entries"] >= 1  # ...it went to the benchmark's own folder.
+    assert not os.listdir(scratch)  # Its folder is removed.
+    jax.jit(lambda x: x * 5 - 2)(1.0)
+    assert len(os.listdir(user_cache)) > len(before)  # The user's cache is back afterwards.
+  finally:
+    for name, value in previous.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
