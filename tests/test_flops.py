@@ -23,6 +23,14 @@ def test_executed_flops_counts_the_kernels_xla_cannot_see():
   forward = 32 * tiles * (32 + 64) + product
   backward = 32 * tiles * (2 * 32 + 64) + 2 * product
   assert flops.executed_flops(step.lower(x8).compile().as_text()) == forward + backward
+  # The plain fused convolution (cnn_bn's layers): the same count, 2x2 outputs per tile.
+  x16 = jnp.zeros((4, 16, 16, 32))
+  step = jax.jit(jax.grad(lambda x: jnp.sum(native.conv3x3(x, k8) ** 2)))  # y is needed.
+  tiles = 4 * 7 * 7
+  product = 2 * 16 * tiles * 32 * 64
+  forward = 32 * tiles * (32 + 64) + product
+  backward = 32 * tiles * (2 * 32 + 64) + 2 * product
+  assert flops.executed_flops(step.lower(x16).compile().as_text()) == forward + backward
   assert flops.executed_flops("%c = f32[2] custom-call(), custom_call_target=\"other\"") == 0
 
 

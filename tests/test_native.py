@@ -430,6 +430,7 @@ def test_prebuild_command_reports_where_or_why(capsys, fresh_load, monkeypatch):
 
 @pytest.mark.parametrize("batch,hw,cin,cout", [
     (3, (14, 14), 32, 64),  # cnn_bn's second block (after SAME padding: 16x16).
+    (2, (28, 30), 16, 32),  # Several blocks of tile rows per image, the last one short.
     (2, (7, 9), 8, 16),     # Odd sizes: whole tiles computed, then cropped.
     (1, (3, 3), 8, 8)])     # One output pixel.
 def test_plain_conv_outputs_and_grads_match_lax(batch, hw, cin, cout):

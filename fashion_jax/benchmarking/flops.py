@@ -121,25 +121,15 @@ def _kernel_flops(target: str, operands: list[tuple[int, ...]]) -> float:
   if target in ("fashion_jax_conv_pool_fwd", "fashion_jax_conv_pool_bwd"):
     (n, h, w, c), k = operands[0], operands[1][-1]
     return 2.0 * n * ((h - 2) // 2) * ((w - 2) // 2) * 4 * 9 * c * k  # Multiply-adds x 2.
-  # Winograd transforms: additions only, ~32 per tile and channel each way; the fused
-  # conv+pool kernels add the 16 per-tile products (forward; dV and dU backward, where V is
-  # recomputed from x).
-  if target == "fashion_jax_winograd_input":
-    n, h, w, c = operands[0]
-    return 32.0 * n * ((h - 2) // 2) * ((w - 2) // 2) * c
-  if target == "fashion_jax_winograd_input_grad":
-    _, tiles, c = operands[0]
-    return 32.0 * tiles * c
-  if target in ("fashion_jax_winograd_conv_pool_fwd", "fashion_jax_winograd_conv_pool_bwd"):
+  # The fused Winograd layers: transforms (additions only, ~32 per tile and channel each way)
+  # and the 16 per-tile products (forward; dV and dU backward, where V is recomputed from x).
+  if target.startswith("fashion_jax_winograd_conv"):
     (n, h, w, c), (_, u1, u2) = operands[0], operands[1]
     k = u1 * u2 // c  # U is [16, C, K] forward, U^T [16, K, C] backward.
     tiles = n * ((h - 2) // 2) * ((w - 2) // 2)
     if target.endswith("fwd"):
       return 32.0 * tiles * (c + k) + 2.0 * 16 * tiles * c * k
     return 32.0 * tiles * (2 * c + k) + 4.0 * 16 * tiles * c * k
-  if target == "fashion_jax_winograd_weight_grad":  # V^T dM, 16 planes.
-    (planes, tiles, c), k = operands[0], operands[1][-1]
-    return 2.0 * planes * tiles * c * k
   return 0.0
 
 

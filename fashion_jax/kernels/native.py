@@ -17,8 +17,9 @@ with the ReLU that follows fused in (`relu=True`):
   matmuls between separate transforms had written and re-read [16, tiles, K] planes (26 MB at
   batch 256) and were bound by that traffic.
 
-`conv3x3` is a 3x3 convolution without a pool (cnn_bn, ResNets): native input transform, its
-gradient and the weight gradient; XLA's matmuls and output transform.
+`conv3x3` is a 3x3 convolution without a pool (cnn_bn, ResNets), fused the same way: a block of
+tile rows at a time, the outputs written as they are (its wide layers take half the time of the
+separate transforms around XLA's matmuls they replaced).
 
 Measured (the CNN's train step, 2 cores of a Zen 5 VM, BENCHMARKS.md): 34,000 images/s, 73 % of
 the CPU's peak FLOP/s executed, 3.5x Keras in the same run.
@@ -54,11 +55,10 @@ from fashion_jax.kernels.native_build import NativeUnavailable
 
 _TARGETS = {"fashion_jax_conv_pool_fwd": "FjConvPoolForward",
             "fashion_jax_conv_pool_bwd": "FjConvPoolBackward",
-            "fashion_jax_winograd_input": "FjWinogradInput",
-            "fashion_jax_winograd_input_grad": "FjWinogradInputGrad",
             "fashion_jax_winograd_conv_pool_fwd": "FjWinogradConvPoolForward",
             "fashion_jax_winograd_conv_pool_bwd": "FjWinogradConvPoolBackward",
-            "fashion_jax_winograd_weight_grad": "FjWinogradWeightGrad"}
+            "fashion_jax_winograd_conv_fwd": "FjWinogradConvForward",
+            "fashion_jax_winograd_conv_bwd": "FjWinogradConvBackward"}
 DIRECT_MAX_CHANNELS = 8  # Direct convolution below this many input channels, Winograd from it.
 
 _registered = False  # XLA accepts one handler per target name and process.
@@ -247,8 +247,8 @@ _winograd.defvjp(_winograd_forward, _winograd_bwd)
 
 
 
-# Winograd 3x3 convolution without a pool (cnn_bn, ResNets): the input transform
-# and its gradient and the weight gradient native, the output transform XLA's.
+# Winograd 3x3 convolution without a pool (cnn_bn, ResNets): the whole layer fused as well, the
+# same per-block transforms and micro-kernel with the outputs written as they are.
 
 def supports_conv(x: jax.Array, kernel: jax.Array) -> bool:
   """Whether `conv3x3` handles these shapes and dtypes (not whether it is built)."""
@@ -259,26 +259,29 @@ def supports_conv(x: jax.Array, kernel: jax.Array) -> bool:
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """VALID, stride-1 3x3 convolution by Winograd F(2x2, 3x3) with native transforms.
+  """VALID, stride-1 3x3 convolution by Winograd F(2x2, 3x3), fused, on CPU.
 
-  x NHWC float32 with C and Cout multiples of `lanes()`
-  (`supports_conv`); SAME padding is the caller's `jnp.pad`. Raises ValueError
-  like `conv3x3_pool2`.
+  x NHWC float32 with C and Cout multiples of `lanes()` (`supports_conv`); SAME padding is the
+  caller's `jnp.pad`. An odd output size computes one more row or column (zeros padded in) and
+  drops it. Raises ValueError like `conv3x3_pool2`.
   """
   if not supports_conv(x, kernel):
     raise ValueError(f"native conv3x3 does not support x {x.shape} {x.dtype}, "
                      f"kernel {kernel.shape} {kernel.dtype}; see native.supports_conv")
   if not available():
     raise ValueError(f"the native CPU kernels are unavailable: {_load()}")
+  _, h, w, _ = x.shape
+  if h % 2 or w % 2:  # The kernels make 2x2 outputs per tile.
+    return _conv(jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))), kernel)[:, :h - 2, :w - 2]
   return _conv(x, kernel)
 
 
 def _conv_forward(x, kernel):
-  xp, th, tw = winograd.pad_to_tiles(x)
-  v = _call("fashion_jax_winograd_input",
-            jax.ShapeDtypeStruct((16, x.shape[0] * th * tw, x.shape[-1]), jnp.float32), xp)
+  n, h, w, _ = x.shape
   u = winograd.filter_transform(kernel)
-  return winograd.outputs_to_image(winograd.product(v, u), x.shape, th, tw), (v, u, x.shape)
+  y = _call("fashion_jax_winograd_conv_fwd",
+            jax.ShapeDtypeStruct((n, h - 2, w - 2, kernel.shape[-1]), jnp.float32), x, u)
+  return y, (x, u)
 
 
 @jax.custom_vjp
@@ -287,15 +290,12 @@ def _conv(x, kernel):
 
 
 def _conv_bwd(residuals, dy):
-  v, u, x_shape = residuals
-  b, h, w, c = x_shape
-  th, tw = winograd.tile_counts(x_shape, pooled=False)
-  dm = winograd.outputs_to_image_grad(dy, x_shape, th, tw)
-  du = _call("fashion_jax_winograd_weight_grad", jax.ShapeDtypeStruct(u.shape, jnp.float32), v, dm)
-  dv, dkernel = winograd.product_grads(v, u, dm, du=du)
-  dxp = _call("fashion_jax_winograd_input_grad",
-              jax.ShapeDtypeStruct((b, 2 * th + 2, 2 * tw + 2, c), jnp.float32), dv)
-  return dxp[:, :h, :w], dkernel
+  x, u = residuals
+  dx, du = _call("fashion_jax_winograd_conv_bwd",
+                 (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                  jax.ShapeDtypeStruct(u.shape, jnp.float32)),
+                 x, jnp.swapaxes(u, 1, 2), dy)
+  return dx, winograd.filter_transform_grad(du)
 
 
 _conv.defvjp(_conv_forward, _conv_bwd)

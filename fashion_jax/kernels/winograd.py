@@ -124,18 +124,14 @@ def product(v: jax.Array, u: jax.Array) -> jax.Array:
   return jnp.einsum("xnc,xck->xnk", v, u)
 
 
-def product_grads(v: jax.Array, u: jax.Array, dm: jax.Array,
-                  du: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Gradients of `product` (and `filter_transform`): dV [16, n, C] and the kernel's [3,3,C,K].
-
-  `du` (= V^T dM [16, C, K]) may come precomputed (`fashion_jax.kernels.native`).
-  """
+def product_grads(v: jax.Array, u: jax.Array,
+                  dm: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Gradients of `product` (and `filter_transform`): dV [16, n, C] and the kernel's [3,3,C,K]."""
   c, k = u.shape[1], u.shape[2]
   n = v.shape[1]
-  if du is None:
-    chunks = _WEIGHT_GRAD_CHUNKS if n % _WEIGHT_GRAD_CHUNKS == 0 else 1
-    du = jnp.einsum("xpnc,xpnk->xpck", v.reshape(16, chunks, n // chunks, c),
-                    dm.reshape(16, chunks, n // chunks, k)).sum(axis=1)
+  chunks = _WEIGHT_GRAD_CHUNKS if n % _WEIGHT_GRAD_CHUNKS == 0 else 1
+  du = jnp.einsum("xpnc,xpnk->xpck", v.reshape(16, chunks, n // chunks, c),
+                  dm.reshape(16, chunks, n // chunks, k)).sum(axis=1)
   return jnp.einsum("xnk,xck->xnc", dm, u), filter_transform_grad(du)
 
 

@@ -11,9 +11,8 @@
 //    reduce_window's transpose; 4 where the ReLU is off) are written. The
 //    backward pass recomputes nothing: it routes the pooled gradient to the
 //    argmax tap and accumulates the kernel and bias gradients in registers.
-// 2. Winograd F(2x2, 3x3) for wide inputs (further down): the whole conv + pool
-//    (+ ReLU) layer fused, and for a conv without a pool its transforms and
-//    weight-gradient contraction around XLA's matmuls.
+// 2. Winograd F(2x2, 3x3) for wide inputs (further down): the whole layer fused,
+//    conv + pool (+ ReLU), or the convolution alone.
 //
 // Layouts: x NHWC float32, kernel HWIO [3, 3, Cin, Cout] float32 with
 // Cout a multiple of the vector width (FJ_LANES), bias [Cout]; pooled output
@@ -344,19 +343,19 @@ ffi::Error ConvPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 //
 //   V = B^T d B  for each 4x4 input window d        [B,H,W,C] -> [16, tiles, C]
 //   M = V U      per plane, U = G g G^T              [16, tiles, C] x [16, C, K]
-//   y = max over the tile of A^T M A + bias          [16, tiles, K] -> [B,th,tw,K]
+//   y = A^T M A (the 2x2 outputs of each tile)       [16, tiles, K] -> [B,2th,2tw,K]
+//       or its max + bias (+ ReLU) with the pool     [16, tiles, K] -> [B,th,tw,K]
 // and their transposes for the backward pass. B^T rows: (1,0,-1,0), (0,1,1,0),
-// (0,-1,1,0), (0,1,0,-1); A^T rows: (1,1,1,0), (0,1,-1,-1). Tile (i, j) of
-// image b is tile number (b*th + i)*tw + j; its window starts at (2i, 2j).
+// (0,-1,1,0), (0,1,0,-1); A^T rows: (1,1,1,0), (0,1,-1,-1). Tile (i, j) of an
+// image has its window at (2i, 2j).
 //
-// With a pool (the classic CNN's second layer) the whole layer is fused: each
-// image's V and M live only in cache (the transforms and the 16 products per
-// image), and the backward recomputes V from x instead of keeping it, so the
-// layer reads and writes only the images, the pooled outputs and their
-// gradients (XLA's matmuls between the transforms had written and re-read
-// [16, tiles, K] planes, 26 MB at batch 256, and were bound by that traffic).
-// Without a pool (cnn_bn, ResNets) the transforms and the weight gradient are
-// separate kernels around XLA's matmuls.
+// The whole layer is fused, with a pool (the classic CNN's second layer) or
+// without (cnn_bn, ResNets): a block of an image's tiles at a time, its V and M
+// only in cache, and the backward recomputes V from x instead of keeping it, so
+// the layer reads and writes only the images, the outputs and their gradients.
+// (XLA's matmuls between separate transforms had written and re-read
+// [16, tiles, K] planes, 26 MB at batch 256 for the CNN, and were bound by that
+// traffic; for cnn_bn the fused kernels halve the time of its wide layers.)
 
 // C[R x KV*L] (+)= A[R x n] B[n x KV*L] in registers: A(i, p) = a[i * ars + p * acs] (so A or
 // its transpose can be read in place), row p of B at b + p * ldb, row i of C at c + i * ldc.
@@ -438,66 +437,68 @@ inline void InputTransform4T(const fv t[4], fv d[4]) {  // d = B t (the transpos
 
 struct Tiles {
   int64_t n, h, w, c, th, tw;
-  int64_t per_image() const { return th * tw; }
-  int64_t count() const { return n * th * tw; }
 };
 
-// Where a kernel keeps the 16 planes of an image's tiles: plane x, tile t of the image at
-// base + x * plane + (tile0 + t) * channels. The separate kernels use the whole batch's planes
-// (tile0 = the image's first tile); the fused ones one image's, in cache (tile0 = 0).
-struct Planes {
-  int64_t plane, tile0;
-  int64_t at(int x, int64_t t, int64_t channels) const {
-    return x * plane + (tile0 + t) * channels;
-  }
+// A block of whole tile rows [i0, i1) of image b: what the fused kernels transform, multiply and
+// transform back at a time, sized so its planes stay in a core's L2 cache (a 28x28 image's 196
+// tiles at once were 1.2 MB in the backward with 32 input and output channels).
+struct TileRows {
+  int64_t b, i0, i1;
 };
 
-void InputTransformImage(const Tiles& s, const float* x, int64_t b, float* v, Planes to) {
-  for (int64_t i = 0; i < s.th; ++i) {
+constexpr int64_t kBlockTiles = 48;  // About this many tiles per block: 3 rows of 14, 6 of 7...
+inline int64_t RowsPerBlock(const Tiles& s) { return std::max<int64_t>(1, kBlockTiles / s.tw); }
+
+// A block's 16 transformed planes: plane x, tile t (within the block), channel ch of `channels`
+// at base[x * plane + t * channels + ch].
+
+// V = B^T d B for the 4x4 input window d of each tile of the block.
+void InputTransformRows(const Tiles& s, const float* x, const TileRows& r, float* v,
+                        int64_t plane) {
+  const float* img = x + r.b * s.h * s.w * s.c;
+  for (int64_t i = r.i0; i < r.i1; ++i) {
     for (int64_t j = 0; j < s.tw; ++j) {
-      const int64_t t = i * s.tw + j;
+      const int64_t t = (i - r.i0) * s.tw + j;
       for (int64_t cb = 0; cb < s.c; cb += L) {
-        fv rows[4][4];  // rows[r][col] = (B^T d)[r][col]
+        fv rows[4][4];  // rows[q][col] = (B^T d)[q][col]
         for (int col = 0; col < 4; ++col) {
           fv d[4];
-          for (int r = 0; r < 4; ++r) {
-            d[r] = Load(x + (((b * s.h) + 2 * i + r) * s.w + 2 * j + col) * s.c + cb);
-          }
+          for (int q = 0; q < 4; ++q) d[q] = Load(img + ((2 * i + q) * s.w + 2 * j + col) * s.c + cb);
           fv tr[4];
           InputTransform4(d, tr);
-          for (int r = 0; r < 4; ++r) rows[r][col] = tr[r];
+          for (int q = 0; q < 4; ++q) rows[q][col] = tr[q];
         }
-        for (int r = 0; r < 4; ++r) {
+        for (int q = 0; q < 4; ++q) {
           fv tr[4];
-          InputTransform4(rows[r], tr);
-          for (int q = 0; q < 4; ++q) Store(v + to.at(r * 4 + q, t, s.c) + cb, tr[q]);
+          InputTransform4(rows[q], tr);
+          for (int e = 0; e < 4; ++e) Store(v + (q * 4 + e) * plane + t * s.c + cb, tr[e]);
         }
       }
     }
   }
 }
 
-// dx of one image: each window's B dV B^T added where the window came from.
-void InputGradImage(const Tiles& s, const float* dv, Planes from, float* dx, int64_t b) {
-  float* img = dx + b * s.h * s.w * s.c;
-  std::fill(img, img + s.h * s.w * s.c, 0.0f);
-  for (int64_t i = 0; i < s.th; ++i) {
+// Its transpose: each tile's B dV B^T added into dx where the window came from (the caller
+// zeroes the image first; windows of neighbouring tiles overlap).
+void InputGradRows(const Tiles& s, const float* dv, int64_t plane, const TileRows& r, float* dx) {
+  float* img = dx + r.b * s.h * s.w * s.c;
+  for (int64_t i = r.i0; i < r.i1; ++i) {
     for (int64_t j = 0; j < s.tw; ++j) {
-      const int64_t t = i * s.tw + j;
+      const int64_t t = (i - r.i0) * s.tw + j;
       for (int64_t cb = 0; cb < s.c; cb += L) {
         fv rows[4][4];
-        for (int r = 0; r < 4; ++r) {
+        for (int q = 0; q < 4; ++q) {
           fv tr[4];
-          for (int q = 0; q < 4; ++q) tr[q] = Load(dv + from.at(r * 4 + q, t, s.c) + cb);
-          InputTransform4T(tr, rows[r]);  // rows[r][col]
+          for (int e = 0; e < 4; ++e) tr[e] = Load(dv + (q * 4 + e) * plane + t * s.c + cb);
+          InputTransform4T(tr, rows[q]);  // rows[q][col]
         }
         for (int col = 0; col < 4; ++col) {
           fv tr[4] = {rows[0][col], rows[1][col], rows[2][col], rows[3][col]};
           fv d[4];
           InputTransform4T(tr, d);
-          for (int r = 0; r < 4; ++r) {
-            float* p = img + ((2 * i + r) * s.w + 2 * j + col) * s.c + cb;
-            Store(p, Load(p) + d[r]);
+          for (int q = 0; q < 4; ++q) {
+            float* p = img + ((2 * i + q) * s.w + 2 * j + col) * s.c + cb;
+            Store(p, Load(p) + d[q]);
           }
         }
       }
@@ -505,54 +506,106 @@ void InputGradImage(const Tiles& s, const float* dv, Planes from, float* dx, int
   }
 }
 
-// y and the argmax of one image's tiles from M (s.c is K here).
-void OutputPoolImage(const Tiles& s, const float* m, Planes from, const float* bias, bool relu,
-                     float* y, int8_t* arg, int64_t b) {
-  for (int64_t t = 0; t < s.per_image(); ++t) {
-    const int64_t o = (b * s.per_image() + t) * s.c;
-    for (int64_t kb = 0; kb < s.c; kb += L) {
-      fv h[2][4];  // h[a][col] = (A^T m)[a][col]
-      for (int col = 0; col < 4; ++col) {
-        fv mc[4];
-        for (int r = 0; r < 4; ++r) mc[r] = Load(m + from.at(r * 4 + col, t, s.c) + kb);
-        h[0][col] = mc[0] + mc[1] + mc[2];
-        h[1][col] = mc[1] - mc[2] - mc[3];
+// out = A^T m A of tile t, channels [kb, kb + L) of k: out[2 a + e] is the output at (a, e).
+inline void OutputTransform(const float* m, int64_t plane, int64_t t, int64_t k, int64_t kb,
+                            fv out[4]) {
+  fv h[2][4];  // h[a][col] = (A^T m)[a][col]
+  for (int col = 0; col < 4; ++col) {
+    fv mc[4];
+    for (int q = 0; q < 4; ++q) mc[q] = Load(m + (q * 4 + col) * plane + t * k + kb);
+    h[0][col] = mc[0] + mc[1] + mc[2];
+    h[1][col] = mc[1] - mc[2] - mc[3];
+  }
+  for (int a = 0; a < 2; ++a) {
+    out[2 * a] = h[a][0] + h[a][1] + h[a][2];
+    out[2 * a + 1] = h[a][1] - h[a][2] - h[a][3];
+  }
+}
+
+// Its transpose: dM = A g A^T from the gradients g[2 a + e] of tile t's four outputs.
+inline void OutputTransformT(const fv g[4], float* dm, int64_t plane, int64_t t, int64_t k,
+                             int64_t kb) {
+  fv h[2][4];  // h[a][col] = sum_e A^T[e][col] g[a][e]
+  for (int a = 0; a < 2; ++a) {
+    h[a][0] = g[2 * a];
+    h[a][1] = g[2 * a] + g[2 * a + 1];
+    h[a][2] = g[2 * a] - g[2 * a + 1];
+    h[a][3] = -g[2 * a + 1];
+  }
+  for (int col = 0; col < 4; ++col) {
+    const fv rows[4] = {h[0][col], h[0][col] + h[1][col], h[0][col] - h[1][col], -h[1][col]};
+    for (int q = 0; q < 4; ++q) Store(dm + (q * 4 + col) * plane + t * k + kb, rows[q]);
+  }
+}
+
+// Pooled outputs (s.c is K): y and the argmax [N, th, tw, K] of the block's tiles, with bias
+// and ReLU.
+void OutputPoolRows(const Tiles& s, const float* m, int64_t plane, const TileRows& r,
+                    const float* bias, bool relu, float* y, int8_t* arg) {
+  for (int64_t i = r.i0; i < r.i1; ++i) {
+    for (int64_t j = 0; j < s.tw; ++j) {
+      const int64_t t = (i - r.i0) * s.tw + j, o = ((r.b * s.th + i) * s.tw + j) * s.c;
+      for (int64_t kb = 0; kb < s.c; kb += L) {
+        fv out[4];
+        OutputTransform(m, plane, t, s.c, kb, out);
+        PoolStore(out, Load(bias + kb), relu, y + o + kb, arg + o + kb);
       }
-      fv out[4];
-      for (int a = 0; a < 2; ++a) {
-        out[2 * a] = h[a][0] + h[a][1] + h[a][2];
-        out[2 * a + 1] = h[a][1] - h[a][2] - h[a][3];
-      }
-      PoolStore(out, Load(bias + kb), relu, y + o + kb, arg + o + kb);
     }
   }
 }
 
-// dM of one image's tiles: the pooled gradient at the winning output, times A (x) A; the
-// gradient that reaches an output added to db (K / L vectors).
-void OutputPoolGradImage(const Tiles& s, const float* dy, const int8_t* arg, int64_t b, float* dm,
-                         Planes to, fv* db) {
+// dM of the block's tiles from the pooled gradient at each window's winning output; the
+// gradient that reaches an output is added to db (K / L vectors).
+void OutputPoolGradRows(const Tiles& s, const float* dy, const int8_t* arg, const TileRows& r,
+                        float* dm, int64_t plane, fv* db) {
   const fv zero = Splat(0.0f);
-  for (int64_t t = 0; t < s.per_image(); ++t) {
-    const int64_t o = (b * s.per_image() + t) * s.c;
-    for (int64_t kb = 0; kb < s.c; kb += L) {
-      const fv g = Load(dy + o + kb);
-      bv which_b;
-      std::memcpy(&which_b, arg + o + kb, sizeof(which_b));
-      const iv which = __builtin_convertvector(which_b, iv);
-      db[kb / L] += which < SplatI(kNoTap) ? g : zero;
-      fv go[4];
-      for (int q = 0; q < 4; ++q) go[q] = which == SplatI(q) ? g : zero;
-      fv h[2][4];  // h[a][col] = sum_b A^T[b][col] go[a][b]
-      for (int a = 0; a < 2; ++a) {
-        h[a][0] = go[2 * a];
-        h[a][1] = go[2 * a] + go[2 * a + 1];
-        h[a][2] = go[2 * a] - go[2 * a + 1];
-        h[a][3] = -go[2 * a + 1];
+  for (int64_t i = r.i0; i < r.i1; ++i) {
+    for (int64_t j = 0; j < s.tw; ++j) {
+      const int64_t t = (i - r.i0) * s.tw + j, o = ((r.b * s.th + i) * s.tw + j) * s.c;
+      for (int64_t kb = 0; kb < s.c; kb += L) {
+        const fv g = Load(dy + o + kb);
+        bv which_b;
+        std::memcpy(&which_b, arg + o + kb, sizeof(which_b));
+        const iv which = __builtin_convertvector(which_b, iv);
+        db[kb / L] += which < SplatI(kNoTap) ? g : zero;
+        fv go[4];
+        for (int q = 0; q < 4; ++q) go[q] = which == SplatI(q) ? g : zero;
+        OutputTransformT(go, dm, plane, t, s.c, kb);
       }
-      for (int col = 0; col < 4; ++col) {
-        const fv rows[4] = {h[0][col], h[0][col] + h[1][col], h[0][col] - h[1][col], -h[1][col]};
-        for (int r = 0; r < 4; ++r) Store(dm + to.at(r * 4 + col, t, s.c) + kb, rows[r]);
+    }
+  }
+}
+
+// The plain convolution's outputs (s.c is K): y [N, 2 th, 2 tw, K], 2x2 per tile.
+void OutputRows(const Tiles& s, const float* m, int64_t plane, const TileRows& r, float* y) {
+  const int64_t oh = 2 * s.th, ow = 2 * s.tw;
+  for (int64_t i = r.i0; i < r.i1; ++i) {
+    for (int64_t j = 0; j < s.tw; ++j) {
+      const int64_t t = (i - r.i0) * s.tw + j;
+      for (int64_t kb = 0; kb < s.c; kb += L) {
+        fv out[4];
+        OutputTransform(m, plane, t, s.c, kb, out);
+        for (int q = 0; q < 4; ++q) {
+          Store(y + ((r.b * oh + 2 * i + q / 2) * ow + 2 * j + q % 2) * s.c + kb, out[q]);
+        }
+      }
+    }
+  }
+}
+
+// dM of the block's tiles from the plain convolution's output gradient dy [N, 2 th, 2 tw, K].
+void OutputGradRows(const Tiles& s, const float* dy, const TileRows& r, float* dm,
+                    int64_t plane) {
+  const int64_t oh = 2 * s.th, ow = 2 * s.tw;
+  for (int64_t i = r.i0; i < r.i1; ++i) {
+    for (int64_t j = 0; j < s.tw; ++j) {
+      const int64_t t = (i - r.i0) * s.tw + j;
+      for (int64_t kb = 0; kb < s.c; kb += L) {
+        fv g[4];
+        for (int q = 0; q < 4; ++q) {
+          g[q] = Load(dy + ((r.b * oh + 2 * i + q / 2) * ow + 2 * j + q % 2) * s.c + kb);
+        }
+        OutputTransformT(g, dm, plane, t, s.c, kb);
       }
     }
   }
@@ -567,80 +620,143 @@ ffi::Error TilesOf(ffi::Span<const int64_t> image, int64_t c, Tiles* s) {
   return ffi::Error::Success();
 }
 
-ffi::Error CheckPlanes(ffi::Span<const int64_t> planes, const Tiles& s) {
-  if (planes.size() != 3 || planes[0] != 16 || planes[1] != s.count() || planes[2] != s.c) {
-    return ffi::Error::InvalidArgument("fashion_jax winograd: expected [16, tiles, channels]");
-  }
-  return ffi::Error::Success();
-}
-
-template <typename Pool>
-void WinogradInputCore(Pool& pool, const Tiles& s, const float* x, float* v) {
-  ParallelFor(pool, s.n, [&](int64_t b) {
-    InputTransformImage(s, x, b, v, Planes{s.count() * s.c, b * s.per_image()});
-  });
-}
-
-template <typename Pool>
-void WinogradInputGradCore(Pool& pool, const Tiles& s, const float* dv, float* dx) {
-  ParallelFor(pool, s.n, [&](int64_t b) {
-    InputGradImage(s, dv, Planes{s.count() * s.c, b * s.per_image()}, dx, b);
-  });
-}
-
-ffi::Error WinogradInput(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                         ffi::ResultBuffer<ffi::F32> v) {
-  Tiles s;
-  if (ffi::Error e = TilesOf(x.dimensions(), x.dimensions().back(), &s); e.failure()) return e;
-  if (ffi::Error e = CheckPlanes(v->dimensions(), s); e.failure()) return e;
-  WinogradInputCore(pool, s, x.typed_data(), v->typed_data());
-  return ffi::Error::Success();
-}
-
-ffi::Error WinogradInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dv,
-                             ffi::ResultBuffer<ffi::F32> dx) {
-  Tiles s;
-  if (ffi::Error e = TilesOf(dx->dimensions(), dx->dimensions().back(), &s); e.failure()) return e;
-  if (ffi::Error e = CheckPlanes(dv.dimensions(), s); e.failure()) return e;
-  WinogradInputGradCore(pool, s, dv.typed_data(), dx->typed_data());
-  return ffi::Error::Success();
-}
-
-// The fused layer's shapes: x [N, H, W, C], U [16, C, K] (or U^T [16, K, C]), pooled
-// [N, th, tw, K]; C and K multiples of L. Returns the tiles of x (c = C) and of y (c = K).
+// The fused layers' shapes: x [N, H, W, C], U [16, C, K] (or U^T [16, K, C]) and y: pooled
+// [N, (H-2)/2, (W-2)/2, K], or the plain convolution's [N, H-2, W-2, K] with H and W even; C and
+// K multiples of L. Returns the tiles of x (c = C) and of y (c = K).
 ffi::Error FusedShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> ud,
-                       ffi::Span<const int64_t> yd, bool transposed, Tiles* sx, Tiles* sy) {
+                       ffi::Span<const int64_t> yd, bool transposed, bool pooled, Tiles* sx,
+                       Tiles* sy) {
   if (ffi::Error e = TilesOf(xd, xd.size() == 4 ? xd[3] : 0, sx); e.failure()) return e;
-  const int64_t k = yd.size() == 4 ? yd[3] : 0;
+  const int64_t k = yd.size() == 4 ? yd[3] : 0, scale = pooled ? 1 : 2;
   const int64_t uc = transposed ? 2 : 1, uk = transposed ? 1 : 2;
+  const bool even = pooled || (sx->h % 2 == 0 && sx->w % 2 == 0);
   if (ud.size() != 3 || ud[0] != 16 || ud[uc] != sx->c || ud[uk] != k || yd.size() != 4 ||
-      yd[0] != sx->n || yd[1] != sx->th || yd[2] != sx->tw || k % L != 0) {
+      yd[0] != sx->n || yd[1] != scale * sx->th || yd[2] != scale * sx->tw || k % L != 0 ||
+      !even) {
     return ffi::Error::InvalidArgument(
-        "fashion_jax winograd conv+pool: expected x [N, H, W, C], U [16, C, K] (U^T [16, K, C] "
-        "for the gradient) and y [N, (H-2)/2, (W-2)/2, K], K % " + std::to_string(L) + " == 0");
+        "fashion_jax winograd conv: expected x [N, H, W, C], U [16, C, K] (U^T [16, K, C] for "
+        "the gradient) and y [N, (H-2)/2, (W-2)/2, K] pooled or [N, H-2, W-2, K] with H, W even, "
+        "K % " + std::to_string(L) + " == 0");
   }
   *sy = Tiles{sx->n, sx->h, sx->w, k, sx->th, sx->tw};
   return ffi::Error::Success();
 }
 
-// y, argmax = pool(A^T [(B^T d B) U] A) + bias, one image at a time in cache.
+// The fused Winograd layer, forward: per image, a block of tile rows at a time in cache,
+// V = B^T d B, the 16 per-tile channel products M = V U (the register-blocked micro-kernel),
+// then out(rows, M, plane) writes the block's outputs (pooled or not). XLA's matmuls between
+// separate transforms had written and re-read [16, tiles, K] planes (26 MB at batch 256).
+template <typename Pool, typename Out>
+void WinogradFusedForward(Pool& pool, const Tiles& sx, int64_t k, const float* x, const float* u,
+                          const Out& out) {
+  const int64_t c = sx.c, rows = RowsPerBlock(sx), block = rows * sx.tw;
+  ParallelFor(pool, sx.n, [&](int64_t b) {
+    thread_local std::vector<float> scratch;
+    scratch.resize(16 * block * (c + k));
+    float* v = scratch.data();
+    float* m = v + 16 * block * c;
+    for (int64_t i0 = 0; i0 < sx.th; i0 += rows) {
+      const TileRows r{b, i0, std::min(i0 + rows, sx.th)};
+      const int64_t tiles = (r.i1 - r.i0) * sx.tw;
+      InputTransformRows(sx, x, r, v, block * c);
+      for (int p = 0; p < 16; ++p) {
+        Gemm(v + p * block * c, c, 1, u + p * c * k, k, m + p * block * k, k, tiles, c, k, false);
+      }
+      out(r, m, block * k);
+    }
+  });
+}
+
+// The backward: per block, V again from x, dM = out_grad(rows, dM, plane, db) (which adds the
+// bias gradient, if the layer has one, to db: K / L vectors), dV = dM U^T (-> dx) and
+// dU += V^T dM. dU and db are summed per fixed chunk of images, then over the chunks in order,
+// so they do not depend on the thread count.
+constexpr int64_t kWinogradGradChunks = 16;
+
+template <typename Pool, typename OutGrad>
+void WinogradFusedBackward(Pool& pool, const Tiles& sx, int64_t k, const float* x,
+                           const float* ut, const OutGrad& out_grad, float* dx, float* du,
+                           float* db) {
+  const int64_t c = sx.c, rows = RowsPerBlock(sx), block = rows * sx.tw;
+  const int64_t nu = 16 * c * k + (db != nullptr ? k : 0), image = sx.h * sx.w * c;
+  const int64_t chunks = std::max<int64_t>(1, std::min(kWinogradGradChunks, sx.n));
+  // Per chunk: dU [16, C, K], then db [K]; each chunk zeroes its own (no second fill here).
+  std::unique_ptr<float[]> partial(new float[chunks * nu]);
+  ParallelFor(pool, chunks, [&](int64_t chunk) {
+    thread_local std::vector<float> scratch;
+    scratch.resize(16 * block * (2 * c + k));
+    float* v = scratch.data();
+    float* dm = v + 16 * block * c;
+    float* dv = dm + 16 * block * k;
+    float* acc = partial.get() + chunk * nu;
+    std::fill(acc, acc + nu, 0.0f);
+    std::vector<fv> db_acc(k / L, Splat(0.0f));
+    for (int64_t b = sx.n * chunk / chunks; b < sx.n * (chunk + 1) / chunks; ++b) {
+      std::fill(dx + b * image, dx + (b + 1) * image, 0.0f);
+      for (int64_t i0 = 0; i0 < sx.th; i0 += rows) {
+        const TileRows r{b, i0, std::min(i0 + rows, sx.th)};
+        const int64_t tiles = (r.i1 - r.i0) * sx.tw;
+        InputTransformRows(sx, x, r, v, block * c);
+        out_grad(r, dm, block * k, db_acc.data());
+        for (int p = 0; p < 16; ++p) {
+          const float* dmp = dm + p * block * k;
+          Gemm(dmp, k, 1, ut + p * k * c, c, dv + p * block * c, c, tiles, k, c, false);
+          Gemm(v + p * block * c, 1, c, dmp, k, acc + p * c * k, k, c, tiles, k, true);
+        }
+        InputGradRows(sx, dv, block * c, r, dx);
+      }
+    }
+    if (db != nullptr) {
+      for (int64_t kb = 0; kb < k; kb += L) Store(acc + 16 * c * k + kb, db_acc[kb / L]);
+    }
+  });
+  float* total = partial.get();  // Chunk 0's sums, then the others added in order.
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+    const float* acc = partial.get() + chunk * nu;
+    for (int64_t i = 0; i < nu; ++i) total[i] += acc[i];
+  }
+  std::copy(total, total + 16 * c * k, du);
+  if (db != nullptr) std::copy(total + 16 * c * k, total + nu, db);
+}
+
+// Conv + pool (+ ReLU): y, argmax = pool(A^T [(B^T d B) U] A) + bias.
 template <typename Pool>
 void WinogradConvPoolForwardCore(Pool& pool, const Tiles& sx, const Tiles& sy, const float* x,
                                  const float* u, const float* bias, bool relu, float* y,
                                  int8_t* arg) {
-  const int64_t tiles = sx.per_image(), c = sx.c, k = sy.c;
-  const Planes vp{tiles * c, 0}, mp{tiles * k, 0};
-  ParallelFor(pool, sx.n, [&](int64_t b) {
-    thread_local std::vector<float> scratch;
-    scratch.resize(16 * tiles * (c + k));
-    float* v = scratch.data();
-    float* m = v + 16 * tiles * c;
-    InputTransformImage(sx, x, b, v, vp);
-    for (int p = 0; p < 16; ++p) {
-      Gemm(v + p * vp.plane, c, 1, u + p * c * k, k, m + p * mp.plane, k, tiles, c, k, false);
-    }
-    OutputPoolImage(sy, m, mp, bias, relu, y, arg, b);
+  WinogradFusedForward(pool, sx, sy.c, x, u, [&](const TileRows& r, const float* m, int64_t plane) {
+    OutputPoolRows(sy, m, plane, r, bias, relu, y, arg);
   });
+}
+
+template <typename Pool>
+void WinogradConvPoolBackwardCore(Pool& pool, const Tiles& sx, const Tiles& sy, const float* x,
+                                  const float* ut, const int8_t* arg, const float* dy, float* dx,
+                                  float* du, float* db) {
+  WinogradFusedBackward(
+      pool, sx, sy.c, x, ut,
+      [&](const TileRows& r, float* dm, int64_t plane, fv* db_acc) {
+        OutputPoolGradRows(sy, dy, arg, r, dm, plane, db_acc);
+      },
+      dx, du, db);
+}
+
+// The plain VALID 3x3 convolution (no bias: the caller adds it), y [N, H-2, W-2, K].
+template <typename Pool>
+void WinogradConvForwardCore(Pool& pool, const Tiles& sx, const Tiles& sy, const float* x,
+                             const float* u, float* y) {
+  WinogradFusedForward(pool, sx, sy.c, x, u, [&](const TileRows& r, const float* m, int64_t plane) {
+    OutputRows(sy, m, plane, r, y);
+  });
+}
+
+template <typename Pool>
+void WinogradConvBackwardCore(Pool& pool, const Tiles& sx, const Tiles& sy, const float* x,
+                              const float* ut, const float* dy, float* dx, float* du) {
+  WinogradFusedBackward(
+      pool, sx, sy.c, x, ut,
+      [&](const TileRows& r, float* dm, int64_t plane, fv*) { OutputGradRows(sy, dy, r, dm, plane); },
+      dx, du, static_cast<float*>(nullptr));
 }
 
 ffi::Error WinogradConvPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -648,7 +764,8 @@ ffi::Error WinogradConvPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
                                    ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S8> arg,
                                    int32_t relu) {
   Tiles sx, sy;
-  if (ffi::Error e = FusedShapes(x.dimensions(), u.dimensions(), y->dimensions(), false, &sx, &sy);
+  if (ffi::Error e = FusedShapes(x.dimensions(), u.dimensions(), y->dimensions(), false, true,
+                                 &sx, &sy);
       e.failure()) {
     return e;
   }
@@ -657,56 +774,14 @@ ffi::Error WinogradConvPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
   return ffi::Error::Success();
 }
 
-// dx, dU and db of the fused layer: per image, V again from x, dM from the pooled gradient,
-// then dV = dM U^T (-> dx) and dU += V^T dM. dU and db are summed per fixed chunk of images,
-// then over the chunks in order, so they do not depend on the thread count.
-constexpr int64_t kWinogradGradChunks = 16;
-
-template <typename Pool>
-void WinogradConvPoolBackwardCore(Pool& pool, const Tiles& sx, const Tiles& sy, const float* x,
-                                  const float* ut, const int8_t* arg, const float* dy, float* dx,
-                                  float* du, float* db) {
-  const int64_t tiles = sx.per_image(), c = sx.c, k = sy.c, nu = 16 * c * k + k;
-  const int64_t chunks = std::max<int64_t>(1, std::min(kWinogradGradChunks, sx.n));
-  const Planes vp{tiles * c, 0}, mp{tiles * k, 0};
-  // Per chunk: dU [16, C, K], then db [K]; each chunk zeroes its own (no second fill here).
-  std::unique_ptr<float[]> partial(new float[chunks * nu]);
-  ParallelFor(pool, chunks, [&](int64_t chunk) {
-    thread_local std::vector<float> scratch;
-    scratch.resize(16 * tiles * (2 * c + k));
-    float* v = scratch.data();
-    float* dm = v + 16 * tiles * c;
-    float* dv = dm + 16 * tiles * k;
-    float* acc = partial.get() + chunk * nu;
-    std::fill(acc, acc + nu, 0.0f);
-    std::vector<fv> db_acc(k / L, Splat(0.0f));
-    for (int64_t b = sx.n * chunk / chunks; b < sx.n * (chunk + 1) / chunks; ++b) {
-      InputTransformImage(sx, x, b, v, vp);
-      OutputPoolGradImage(sy, dy, arg, b, dm, mp, db_acc.data());
-      for (int p = 0; p < 16; ++p) {
-        Gemm(dm + p * mp.plane, k, 1, ut + p * k * c, c, dv + p * vp.plane, c, tiles, k, c, false);
-        Gemm(v + p * vp.plane, 1, c, dm + p * mp.plane, k, acc + p * c * k, k, c, tiles, k, true);
-      }
-      InputGradImage(sx, dv, vp, dx, b);
-    }
-    for (int64_t kb = 0; kb < k; kb += L) Store(acc + 16 * c * k + kb, db_acc[kb / L]);
-  });
-  float* total = partial.get();  // Chunk 0's sums, then the others added in order.
-  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
-    const float* acc = partial.get() + chunk * nu;
-    for (int64_t i = 0; i < nu; ++i) total[i] += acc[i];
-  }
-  std::copy(total, total + 16 * c * k, du);
-  std::copy(total + 16 * c * k, total + nu, db);
-}
-
 ffi::Error WinogradConvPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                     ffi::Buffer<ffi::F32> ut, ffi::Buffer<ffi::S8> arg,
                                     ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
                                     ffi::ResultBuffer<ffi::F32> du,
                                     ffi::ResultBuffer<ffi::F32> db) {
   Tiles sx, sy;
-  if (ffi::Error e = FusedShapes(x.dimensions(), ut.dimensions(), dy.dimensions(), true, &sx, &sy);
+  if (ffi::Error e = FusedShapes(x.dimensions(), ut.dimensions(), dy.dimensions(), true, true,
+                                 &sx, &sy);
       e.failure()) {
     return e;
   }
@@ -721,37 +796,32 @@ ffi::Error WinogradConvPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
   return ffi::Error::Success();
 }
 
-// dU[x] = V[x]^T dM[x] for each of the 16 planes over all tiles (the plain conv's weight
-// gradient: [C, tiles] x [tiles, K], a small output and a very long contraction, which XLA:CPU
-// runs at a fraction of its matmul speed). Tiles in chunks that stay in cache, accumulated in
-// registers; one plane per work unit, tiles in order: deterministic.
-constexpr int64_t kTileChunk = 64;
-
-template <typename Pool>
-void WinogradWeightGradCore(Pool& pool, int64_t planes, int64_t tiles, int64_t c, int64_t k,
-                            const float* v, const float* dm, float* du) {
-  ParallelFor(pool, planes, [&](int64_t x) {
-    const float* vx = v + x * tiles * c;
-    const float* mx = dm + x * tiles * k;
-    float* ux = du + x * c * k;
-    std::fill(ux, ux + c * k, 0.0f);
-    for (int64_t t0 = 0; t0 < tiles; t0 += kTileChunk) {
-      Gemm(vx + t0 * c, 1, c, mx + t0 * k, k, ux, k, c, std::min(kTileChunk, tiles - t0), k, true);
-    }
-  });
+ffi::Error WinogradConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::F32> u, ffi::ResultBuffer<ffi::F32> y) {
+  Tiles sx, sy;
+  if (ffi::Error e = FusedShapes(x.dimensions(), u.dimensions(), y->dimensions(), false, false,
+                                 &sx, &sy);
+      e.failure()) {
+    return e;
+  }
+  WinogradConvForwardCore(pool, sx, sy, x.typed_data(), u.typed_data(), y->typed_data());
+  return ffi::Error::Success();
 }
 
-ffi::Error WinogradWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> v,
-                              ffi::Buffer<ffi::F32> dm, ffi::ResultBuffer<ffi::F32> du) {
-  auto vd = v.dimensions(), md = dm.dimensions(), ud = du->dimensions();
-  if (vd.size() != 3 || md.size() != 3 || ud.size() != 3 || vd[0] != md[0] || vd[1] != md[1] ||
-      ud[0] != vd[0] || ud[1] != vd[2] || ud[2] != md[2] || md[2] % L != 0) {
-    return ffi::Error::InvalidArgument(
-        "fashion_jax winograd weight grad: expected V [P, n, C], dM [P, n, K] -> [P, C, K], "
-        "K % " + std::to_string(L) + " == 0");
+ffi::Error WinogradConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> ut, ffi::Buffer<ffi::F32> dy,
+                                ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> du) {
+  Tiles sx, sy;
+  if (ffi::Error e = FusedShapes(x.dimensions(), ut.dimensions(), dy.dimensions(), true, false,
+                                 &sx, &sy);
+      e.failure()) {
+    return e;
   }
-  WinogradWeightGradCore(pool, vd[0], vd[1], vd[2], md[2], v.typed_data(), dm.typed_data(),
-                         du->typed_data());
+  if (dx->element_count() != x.element_count() || du->element_count() != ut.element_count()) {
+    return ffi::Error::InvalidArgument("fashion_jax winograd conv gradient: shapes differ");
+  }
+  WinogradConvBackwardCore(pool, sx, sy, x.typed_data(), ut.typed_data(), dy.typed_data(),
+                           dx->typed_data(), du->typed_data());
   return ffi::Error::Success();
 }
 
@@ -809,18 +879,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjConvPoolBackward, ConvPoolBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradInput, WinogradInput,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradInputGrad, WinogradInputGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvPoolForward, WinogradConvPoolForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -842,9 +900,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvPoolBackward, WinogradConvPoolBackwa
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradWeightGrad, WinogradWeightGrad,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvForward, WinogradConvForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvBackward, WinogradConvBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -195,46 +195,42 @@ void TestConvPool(std::mt19937& rng, const Problem& p, bool winograd, bool relu)
   if (winograd) Expect((name + ": dx").c_str(), dx, r.dx, 1e-4);
 }
 
-// The plain conv's kernels: V = B^T d B per tile, its transpose, and dU = V^T dM per plane.
-const double kBT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
-
-void TestPlainConvKernels(std::mt19937& rng, const Problem& p) {
+// The fused plain convolution (no pool, no bias): y [n, h-2, w-2, k] and every gradient from
+// dy, against the direct sums (h and w even, as the kernels require; native.py pads odd sizes).
+void TestConv(std::mt19937& rng, const Problem& p) {
   SerialPool pool;
-  const Tiles s{p.n, p.h, p.w, p.c, p.hp(), p.wp()};
-  const size_t tiles = s.count(), planes = 16 * tiles * p.c;
+  char what[160];
+  std::snprintf(what, sizeof(what), "winograd conv n=%d %dx%d c=%d k=%d", p.n, p.h, p.w, p.c, p.k);
+  const int oh = p.h - 2, ow = p.w - 2;
   const std::vector<float> x = Random(rng, size_t(p.n) * p.h * p.w * p.c, 1.0f);
-  std::vector<float> v(planes), dx(x.size());
-  WinogradInputCore(pool, s, x.data(), v.data());
-  std::vector<double> want(planes), dx_want(x.size());
-  const std::vector<float> dv = Random(rng, planes, 1.0f);
+  const std::vector<float> kern = Random(rng, 9 * size_t(p.c) * p.k, 0.3f);
+  const std::vector<float> zero(p.k, 0.0f);
+  const size_t ny = size_t(p.n) * oh * ow * p.k;
+  const std::vector<float> dy = Random(rng, ny, 1.0f);
+  std::vector<float> y(ny), dx(x.size(), NAN), du(16 * size_t(p.c) * p.k);
+  const Tiles sx{p.n, p.h, p.w, p.c, p.hp(), p.wp()}, sy{p.n, p.h, p.w, p.k, p.hp(), p.wp()};
+  WinogradConvForwardCore(pool, sx, sy, x.data(), FilterTransform(p, kern, false).data(), y.data());
+  WinogradConvBackwardCore(pool, sx, sy, x.data(), FilterTransform(p, kern, true).data(), dy.data(),
+                           dx.data(), du.data());
+  const std::vector<float> dk = FilterTransformGrad(p, du);
+  std::vector<double> y_want(ny), dx_want(x.size()), dk_want(kern.size());
   for (int b = 0; b < p.n; ++b)
-    for (int i = 0; i < s.th; ++i)
-      for (int j = 0; j < s.tw; ++j)
-        for (int ci = 0; ci < p.c; ++ci)
-          for (int a = 0; a < 4; ++a)
-            for (int e = 0; e < 4; ++e) {
-              const size_t at = ((a * 4 + e) * tiles + (size_t(b) * s.th + i) * s.tw + j) * p.c + ci;
-              for (int r = 0; r < 4; ++r)
-                for (int q = 0; q < 4; ++q) {
-                  const size_t xi = p.xi(b, 2 * i + r, 2 * j + q, ci);
-                  want[at] += kBT[a][r] * kBT[e][q] * x[xi];
-                  dx_want[xi] += kBT[a][r] * kBT[e][q] * dv[at];
-                }
-            }
-  Expect("winograd input transform", v, want, 1e-5);
-  WinogradInputGradCore(pool, s, dv.data(), dx.data());
-  Expect("winograd input transform gradient", dx, dx_want, 1e-5);
-  const std::vector<float> dm = Random(rng, 16 * tiles * p.k, 1.0f);
-  std::vector<float> du(16 * size_t(p.c) * p.k);
-  WinogradWeightGradCore(pool, 16, tiles, p.c, p.k, v.data(), dm.data(), du.data());
-  std::vector<double> du_want(du.size());
-  for (size_t plane = 0; plane < 16; ++plane)
-    for (size_t t = 0; t < tiles; ++t)
-      for (int ci = 0; ci < p.c; ++ci)
-        for (int co = 0; co < p.k; ++co)
-          du_want[(plane * p.c + ci) * p.k + co] +=
-              double(v[(plane * tiles + t) * p.c + ci]) * dm[(plane * tiles + t) * p.k + co];
-  Expect("winograd weight gradient", du, du_want, 1e-5 * tiles);
+    for (int i = 0; i < oh; ++i)
+      for (int j = 0; j < ow; ++j)
+        for (int co = 0; co < p.k; ++co) {
+          const size_t o = ((size_t(b) * oh + i) * ow + j) * p.k + co;
+          y_want[o] = ConvAt(p, x, kern, zero, b, i, j, co);
+          for (int ky = 0; ky < 3; ++ky)
+            for (int kx = 0; kx < 3; ++kx)
+              for (int ci = 0; ci < p.c; ++ci) {
+                dk_want[p.ki(ky, kx, ci, co)] += double(dy[o]) * x[p.xi(b, i + ky, j + kx, ci)];
+                dx_want[p.xi(b, i + ky, j + kx, ci)] += double(dy[o]) * kern[p.ki(ky, kx, ci, co)];
+              }
+        }
+  std::string name(what);
+  Expect((name + ": y").c_str(), y, y_want, 1e-5);
+  Expect((name + ": dx").c_str(), dx, dx_want, 1e-4);
+  Expect((name + ": dkernel").c_str(), dk, dk_want, 2e-5 * p.n * oh * ow);
 }
 
 }  // namespace
@@ -255,8 +251,13 @@ int main() {
     TestConvPool(rng, {17, 6, 6, L, L}, true, relu);
     TestConvPool(rng, {1, 4, 4, 3 * L, 2 * L}, true, relu);
   }
-  TestPlainConvKernels(rng, {2, 10, 8, 2 * L, 3 * L});
-  TestPlainConvKernels(rng, {1, 6, 6, L, L});
+  // The fused plain convolution: several blocks of tile rows per image (30 -> 14 tiles a row,
+  // 3 rows a block, the last one short), tall and narrow, more images than the gradient's
+  // chunks, the smallest input.
+  TestConv(rng, {2, 30, 30, L, 2 * L});
+  TestConv(rng, {3, 18, 6, 2 * L, 3 * L});
+  TestConv(rng, {17, 6, 8, L, L});
+  TestConv(rng, {1, 4, 4, L, L});
   if (failures) {
     std::printf("selftest: %d of %d checks failed (%s)\n", failures, checks, FjKernelInfo());
     return 1;
