@@ -9,11 +9,11 @@ for validation (the recipe was tuned on them, never on the test split).
   python -m fashion_jax.main --config=configs/cpu_best.py --workdir=/tmp/fj_best \
       --config.idx_dir=../shared/data/fashion_mnist
 
-Measured on 2 CPU cores (BENCHMARKS.md "Recipes"), seeds 0 / 1 / 2: test
-accuracy 94.25 / 94.33 / 94.19 % (mean 94.26 %), validation 93.76 / 93.86 /
-93.92 %, 346 / 331 / 346 s wall from process start, ~1,150 images/s (native
-Winograd kernels). Before: 94.23 % mean in 457-475 s at ~800 images/s (XLA
-Winograd), 94.27 % in 553-562 s at ~650 images/s (im2col).
+Measured on 2 CPU cores of a Zen 5 VM (BENCHMARKS.md, session 9), seeds 0 / 1 / 2:
+test accuracy 94.53 / 94.32 / 94.16 % (mean 94.34 %), validation 93.80 / 93.76 /
+93.90 %, 156 / 152 / 153 s wall from process start, ~2,600 images/s (native fused
+Winograd convolutions). Before: 94.26 % mean in 331-346 s at ~1,150 images/s
+(session 4, AVX2 VM, native transforms around XLA's matmuls).
 """
 
 from fashion_jax import config_lib

@@ -112,12 +112,17 @@ for name, (shape, kernel), argnums in (("direct", ((37, 28, 28, 1), (3, 3, 1, 32
   loss = lambda x, k, b: jnp.sum(native.conv3x3_pool2(x, k, b) ** 2)
   for i, g in zip(argnums, jax.jit(jax.grad(loss, argnums=argnums))(x, k, b)):
     outputs[f"{name}_d{'xkb'[i]}"] = np.asarray(g)
+x = jnp.asarray(rng.uniform(size=(37, 16, 16, 32)).astype(np.float32))  # The plain conv.
+k = jnp.asarray((rng.standard_normal((3, 3, 32, 64)) * 0.3).astype(np.float32))
+outputs["plain_y"] = np.asarray(jax.jit(native.conv3x3)(x, k))
+grads = jax.jit(jax.grad(lambda x, k: jnp.sum(native.conv3x3(x, k) ** 2), argnums=(0, 1)))(x, k)
+outputs["plain_dx"], outputs["plain_dk"] = map(np.asarray, grads)
 np.savez(sys.argv[1], **outputs)
 """
 
 
 def test_gradients_do_not_depend_on_the_thread_count(tmp_path):
-  """Outputs and gradients of both native kernels: bitwise equal with one CPU (XLA's
+  """Outputs and gradients of the native kernels: bitwise equal with one CPU (XLA's
   intra-op pool, which the kernels split their work over, sized 1) and with all of them."""
   cpus = sorted(os.sched_getaffinity(0))
   if len(cpus) < 2:
@@ -132,7 +137,7 @@ def test_gradients_do_not_depend_on_the_thread_count(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results[label] = dict(np.load(out))
   for label in ("all", "all again"):
-    assert len(results[label]) == 6 and results[label].keys() == results["one"].keys()
+    assert len(results[label]) == 9 and results[label].keys() == results["one"].keys()
     for key in results["one"]:
       np.testing.assert_array_equal(results[label][key], results["one"][key], err_msg=key)
 
