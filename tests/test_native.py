@@ -471,6 +471,15 @@ def test_plain_conv_drop_in_and_fallbacks():
     np.testing.assert_array_equal(
         conv(x10, k10, (1, 1), "SAME", dimension_numbers=DN),
         ops.conv_general_dilated_winograd(x10, k10, (1, 1), "SAME", dimension_numbers=DN))
+  # Channels whose product is past what the fused kernels do well (WRN-28-10's widest layers):
+  # XLA's Winograd, for the plain conv and the conv+pool alike.
+  kw = jnp.asarray(np.random.default_rng(3).standard_normal((3, 3, 512, 256)) * 0.05, jnp.float32)
+  xw = jnp.asarray(np.random.default_rng(4).standard_normal((1, 4, 4, 512)), jnp.float32)
+  assert not native.supports_conv(xw, kw) and not native.supports(xw, kw)
+  assert native.supports_conv(xw[..., :256], kw[:, :, :256])
+  np.testing.assert_array_equal(
+      ops.conv_general_dilated_native(xw, kw, (1, 1), "SAME", dimension_numbers=DN),
+      ops.conv_general_dilated_winograd(xw, kw, (1, 1), "SAME", dimension_numbers=DN))
   assert not native.supports_conv(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
   with pytest.raises(ValueError, match="does not support"):
     native.conv3x3(x1, k1)

@@ -140,11 +140,23 @@ def fits_lanes(channels: int) -> bool:
     return False
 
 
+# The fused Winograd kernels re-read U (and accumulate dU) per block of one image's tiles: fine
+# while a plane of them fits a core's cache with room to spare, memory-bound beyond. Measured
+# (BENCHMARKS.md, session 9): 256 -> 256 channels still 1.2x faster forward + backward than XLA's
+# Winograd, 640 -> 640 1.8x slower; above this product "auto" keeps XLA's formulation.
+WINOGRAD_MAX_CHANNEL_PRODUCT = 256 * 256
+
+
+def _winograd_channels_fit(cin: int, cout: int) -> bool:
+  return fits_lanes(cin) and fits_lanes(cout) and cin * cout <= WINOGRAD_MAX_CHANNEL_PRODUCT
+
+
 def supports(x: jax.Array, kernel: jax.Array) -> bool:
   """Whether `conv3x3_pool2` handles these shapes and dtypes (not whether it is built)."""
   return (x.ndim == 4 and kernel.ndim == 4 and kernel.shape[:2] == (3, 3)
           and kernel.shape[2] == x.shape[-1] and fits_lanes(kernel.shape[-1])
-          and (x.shape[-1] < DIRECT_MAX_CHANNELS or fits_lanes(x.shape[-1]))
+          and (x.shape[-1] < DIRECT_MAX_CHANNELS
+               or _winograd_channels_fit(x.shape[-1], kernel.shape[-1]))
           and x.shape[1] >= 4 and x.shape[2] >= 4
           and x.dtype == kernel.dtype == jnp.float32)
 
@@ -155,7 +167,8 @@ def conv3x3_pool2(x: jax.Array, kernel: jax.Array, bias: jax.Array,
   (ReLU and max-pooling commute, so this is also the pool of the ReLU'd convolution).
 
   x NHWC float32, kernel HWIO [3, 3, Cin, Cout] float32, with Cout a multiple of `lanes()` and
-  either Cin < 8 (direct kernel) or Cin a multiple of `lanes()` (Winograd) (`supports`).
+  either Cin < 8 (direct kernel) or Cin a multiple of `lanes()` with Cin * Cout at most
+  `WINOGRAD_MAX_CHANNEL_PRODUCT` (Winograd) (`supports`).
   Ties in a pooling window go to the first maximum, like `reduce_window`'s
   gradient; the ReLU's gradient at 0 is 0, like `jax.nn.relu`'s. Builds the kernels on first
   use; raises ValueError if they are unavailable (`available()`) or the shapes are not
@@ -253,15 +266,16 @@ _winograd.defvjp(_winograd_forward, _winograd_bwd)
 def supports_conv(x: jax.Array, kernel: jax.Array) -> bool:
   """Whether `conv3x3` handles these shapes and dtypes (not whether it is built)."""
   return (x.ndim == 4 and kernel.ndim == 4 and kernel.shape[:2] == (3, 3)
-          and kernel.shape[2] == x.shape[-1] and fits_lanes(x.shape[-1])
-          and fits_lanes(kernel.shape[-1]) and x.shape[1] >= 3 and x.shape[2] >= 3
-          and x.dtype == kernel.dtype == jnp.float32)
+          and kernel.shape[2] == x.shape[-1]
+          and _winograd_channels_fit(x.shape[-1], kernel.shape[-1])
+          and x.shape[1] >= 3 and x.shape[2] >= 3 and x.dtype == kernel.dtype == jnp.float32)
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """VALID, stride-1 3x3 convolution by Winograd F(2x2, 3x3), fused, on CPU.
 
-  x NHWC float32 with C and Cout multiples of `lanes()` (`supports_conv`); SAME padding is the
+  x NHWC float32 with C and Cout multiples of `lanes()`, C * Cout at most
+  `WINOGRAD_MAX_CHANNEL_PRODUCT` (`supports_conv`); SAME padding is the
   caller's `jnp.pad`. An odd output size computes one more row or column (zeros padded in) and
   drops it. Raises ValueError like `conv3x3_pool2`.
   """
