@@ -7,6 +7,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -334,10 +335,48 @@ def test_builds_into_the_cache_once(fresh_load):
   built_libraries = list(Path(native_build.cache_dir()).rglob("*.so"))
   assert len(built_libraries) == 1
   assert built_libraries[0].parent.name.startswith(f"{native.info()['target']}-{native.lanes()}-")
-  mtime = built_libraries[0].stat().st_mtime_ns
+  inode = built_libraries[0].stat().st_ino
   native._load.cache_clear()  # pylint: disable=protected-access
   assert native.available()
-  assert built_libraries[0].stat().st_mtime_ns == mtime  # Loaded, not rebuilt.
+  assert built_libraries[0].stat().st_ino == inode  # Loaded, not rebuilt (a build replaces it).
+
+
+def test_builds_unused_for_a_month_are_pruned_when_a_new_one_is_made(fresh_load, monkeypatch):
+  """Each new source or jax version makes new builds; old ones go once unused for 30 days. A
+  load marks its build used; entries that are not this user's alone, and symlinks, stay."""
+  del fresh_load
+  root = native_build.cache_dir()
+  root.mkdir(parents=True)
+  os.chmod(root, 0o700)
+  month_ago = time.time() - 31 * 86400
+
+  def entry(name, age=month_ago, mode=0o700):
+    folder = root / name
+    folder.mkdir(mode=mode)
+    os.chmod(folder, mode)
+    (folder / native_build.LIBRARY).write_bytes(b"old build")
+    for path in (folder / native_build.LIBRARY, folder):
+      os.utime(path, (age, age))
+    return folder
+
+  stale, old_format = entry("x86-64-v3-8-0123456789abcdef"), entry("8615973ded16f320")
+  recent = entry("x86-64-4-fedcba9876543210", age=time.time() - 5 * 86400)
+  shared = entry("x86-64-v4-16-00000000aaaaaaaa", mode=0o777)  # Not this user's alone.
+  (root / "link").symlink_to(stale)
+  assert native.available()  # Builds the current key, then prunes.
+  current = root / _best_key()
+  assert (current / native_build.LIBRARY).exists()
+  assert not stale.exists() and not old_format.exists()
+  assert recent.exists() and shared.exists() and (root / "link").is_symlink()
+  # Loading marks the build used, so one used daily by another environment is never pruned.
+  library = current / native_build.LIBRARY
+  os.utime(library, (month_ago, month_ago))
+  native._load.cache_clear()  # pylint: disable=protected-access
+  assert native.available()
+  assert library.stat().st_mtime > time.time() - 60
+  assert native_build.prune(keep="none") == []  # Nothing is 30 days unused now.
+  assert native_build.prune(keep="none", now=time.time() + 31 * 86400) == sorted(
+      [current.name, recent.name])
 
 
 def _best_key():

@@ -92,10 +92,11 @@ def _load() -> str | None:
       path = native_build.build(target, width, include)
       try:
         library = ctypes.cdll.LoadLibrary(str(path))
-      except OSError:  # A damaged cache entry: build it again, once.
-        path.unlink()
+      except OSError:  # A damaged (or just pruned) cache entry: build it again, once.
+        path.unlink(missing_ok=True)
         path = native_build.build(target, width, include)
         library = ctypes.cdll.LoadLibrary(str(path))
+      native_build.mark_used(path)
       library.FjKernelInfo.restype = ctypes.c_char_p
       fields = dict(part.split("=", 1) for part in library.FjKernelInfo().decode().split())
       if not _registered:

@@ -20,7 +20,8 @@ Trust: a cached library is loaded only if it and every folder down from the cach
 user's own, no symlink, not group/world-writable; otherwise it is built afresh in a private
 `mkdtemp` folder. The cache key covers the source, the target's flags and width, jax, jaxlib
 and XLA's FFI headers, not the compiler: a library from any compiler of the same source, flags
-and headers does the same, and without a compiler a prebuilt one can still be found.
+and headers does the same, and without a compiler a prebuilt one can still be found. Every load
+marks its build used; making a new build removes the user's builds unused for 30 days.
 """
 
 from __future__ import annotations
@@ -190,6 +191,52 @@ def cached(key: str) -> Path | None:
   return library
 
 
+# Builds no process has loaded for this long are removed when a new one is made (each source or
+# jax version makes new ones; ~250 KB each). A load marks its build used (its mtime).
+UNUSED_DAYS = 30
+
+
+def mark_used(library: Path) -> None:
+  """Records that `library` was loaded now (its mtime), so `prune` keeps it. A read-only cache
+  (a prebuilt one in an image) is left as it is."""
+  try:
+    os.utime(library)
+  except OSError:
+    pass
+
+
+def prune(keep: str, now: float | None = None) -> list[str]:
+  """Removes the cache's builds unused for `UNUSED_DAYS` (never `keep`); returns their names.
+
+  Only entries that are this user's alone (`_private`) and not symlinks are touched; anything
+  else in the folder is left for its owner. A process that still has a removed library loaded
+  keeps running (the mapping outlives the file).
+  """
+  root = cache_dir()
+  cutoff = (time.time() if now is None else now) - UNUSED_DAYS * 86400
+  removed = []
+  try:
+    entries = sorted(root.iterdir())
+  except OSError:
+    return removed
+  for entry in entries:
+    if entry.name == keep or entry.is_symlink() or not entry.is_dir():
+      continue
+    if not _private(entry, root):
+      continue
+    try:
+      newest = max([p.lstat().st_mtime for p in entry.iterdir()] + [entry.lstat().st_mtime])
+      if newest < cutoff:
+        shutil.rmtree(entry)
+        removed.append(entry.name)
+    except OSError:
+      continue  # Another process pruning or building there: leave it.
+  if removed:
+    logging.info("Removed %d native kernel build(s) unused for %d days from %s", len(removed),
+                 UNUSED_DAYS, root)
+  return removed
+
+
 def _build_dir(key: str) -> tuple[Path, bool]:
   """(Where to build, whether it is the persistent cache): the cache if it can be made private,
   else a fresh `mkdtemp` folder (never a predictable shared path)."""
@@ -242,6 +289,8 @@ def build(target: Target, lanes: int, include: str) -> Path:
       if os.path.exists(tmp):
         os.unlink(tmp)
     logging.info("Compiled the native kernels in %.1fs", time.perf_counter() - start)
+  if persistent:
+    prune(keep=key)
   return library
 
 
