@@ -21,6 +21,10 @@ _OWNS_XLA_CACHE = (os.environ.get("FASHION_JAX_TEST_XLA_CACHE", "1") != "0"
 if _OWNS_XLA_CACHE:
   os.environ[_XLA_CACHE] = tempfile.mkdtemp(prefix="fashion_jax_test_xla_cache_")
 if _XLA_CACHE in os.environ:
+  _info = os.stat(os.environ[_XLA_CACHE])  # The one the controller made (workers, subprocesses).
+  if _info.st_uid != os.getuid() or _info.st_mode & 0o022:
+    raise RuntimeError(f"{_XLA_CACHE}={os.environ[_XLA_CACHE]} is not this user's alone: compiled "
+                       "code is never loaded from there; unset it")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_XLA_CACHE]
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 
