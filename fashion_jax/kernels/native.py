@@ -10,12 +10,12 @@ with the ReLU that follows fused in (`relu=True`):
   window's four outputs in registers and writes only the pooled value and its argmax. The
   backward routes the gradient to the argmax and accumulates the kernel gradient in registers.
 - Wide inputs (the second layer, 32 -> 64): Winograd F(2x2, 3x3) as in
-  `fashion_jax.kernels.winograd`, the whole layer in one kernel per direction, one image at a
-  time in cache: input transform, the 16 per-tile channel products (a register-blocked
-  micro-kernel), output transform, pool, bias and ReLU; the backward recomputes the transformed
-  input instead of keeping it and produces dx, the kernel's and the bias's gradients. XLA's
-  matmuls between separate transforms had written and re-read [16, tiles, K] planes (26 MB at
-  batch 256) and were bound by that traffic.
+  `fashion_jax.kernels.winograd`, the whole layer in one kernel per direction, a block of an
+  image's tiles at a time in cache: input transform, the 16 per-tile channel products (a
+  register-blocked micro-kernel), output transform, pool, bias and ReLU; the backward recomputes
+  the transformed input instead of keeping it and produces dx, the kernel's and the bias's
+  gradients. XLA's matmuls between separate transforms had written and re-read [16, tiles, K]
+  planes (26 MB at batch 256) and were bound by that traffic.
 
 `conv3x3` is a 3x3 convolution without a pool (cnn_bn, ResNets), fused the same way: a block of
 tile rows at a time, the outputs written as they are (its wide layers take half the time of the
@@ -232,7 +232,7 @@ def _direct_bwd(relu, residuals, dy):
 _direct.defvjp(_direct_fwd, _direct_bwd)
 
 
-# Winograd kernels (wide inputs): the whole layer fused, one image at a time in cache.
+# Winograd kernels (wide inputs): the whole layer fused, a block of tiles at a time in cache.
 
 def _winograd_forward(x, kernel, bias, relu):
   u = winograd.filter_transform(kernel)
