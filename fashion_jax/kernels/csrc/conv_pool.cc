@@ -446,6 +446,17 @@ struct TileRows {
   int64_t b, i0, i1;
 };
 
+// f(i, j, t, cb) for each tile (i, j) of the block (t: its number within the block) and each
+// channel block cb of s.c, in that order.
+template <typename F>
+inline void ForEachTile(const Tiles& s, const TileRows& r, const F& f) {
+  for (int64_t i = r.i0; i < r.i1; ++i) {
+    for (int64_t j = 0; j < s.tw; ++j) {
+      for (int64_t cb = 0; cb < s.c; cb += L) f(i, j, (i - r.i0) * s.tw + j, cb);
+    }
+  }
+}
+
 constexpr int64_t kBlockTiles = 48;  // About this many tiles per block: 3 rows of 14, 6 of 7...
 inline int64_t RowsPerBlock(const Tiles& s) { return std::max<int64_t>(1, kBlockTiles / s.tw); }
 
@@ -456,54 +467,44 @@ inline int64_t RowsPerBlock(const Tiles& s) { return std::max<int64_t>(1, kBlock
 void InputTransformRows(const Tiles& s, const float* x, const TileRows& r, float* v,
                         int64_t plane) {
   const float* img = x + r.b * s.h * s.w * s.c;
-  for (int64_t i = r.i0; i < r.i1; ++i) {
-    for (int64_t j = 0; j < s.tw; ++j) {
-      const int64_t t = (i - r.i0) * s.tw + j;
-      for (int64_t cb = 0; cb < s.c; cb += L) {
-        fv rows[4][4];  // rows[q][col] = (B^T d)[q][col]
-        for (int col = 0; col < 4; ++col) {
-          fv d[4];
-          for (int q = 0; q < 4; ++q) d[q] = Load(img + ((2 * i + q) * s.w + 2 * j + col) * s.c + cb);
-          fv tr[4];
-          InputTransform4(d, tr);
-          for (int q = 0; q < 4; ++q) rows[q][col] = tr[q];
-        }
-        for (int q = 0; q < 4; ++q) {
-          fv tr[4];
-          InputTransform4(rows[q], tr);
-          for (int e = 0; e < 4; ++e) Store(v + (q * 4 + e) * plane + t * s.c + cb, tr[e]);
-        }
-      }
+  ForEachTile(s, r, [&](int64_t i, int64_t j, int64_t t, int64_t cb) {
+    fv rows[4][4];  // rows[q][col] = (B^T d)[q][col]
+    for (int col = 0; col < 4; ++col) {
+      fv d[4];
+      for (int q = 0; q < 4; ++q) d[q] = Load(img + ((2 * i + q) * s.w + 2 * j + col) * s.c + cb);
+      fv tr[4];
+      InputTransform4(d, tr);
+      for (int q = 0; q < 4; ++q) rows[q][col] = tr[q];
     }
-  }
+    for (int q = 0; q < 4; ++q) {
+      fv tr[4];
+      InputTransform4(rows[q], tr);
+      for (int e = 0; e < 4; ++e) Store(v + (q * 4 + e) * plane + t * s.c + cb, tr[e]);
+    }
+  });
 }
 
 // Its transpose: each tile's B dV B^T added into dx where the window came from (the caller
 // zeroes the image first; windows of neighbouring tiles overlap).
 void InputGradRows(const Tiles& s, const float* dv, int64_t plane, const TileRows& r, float* dx) {
   float* img = dx + r.b * s.h * s.w * s.c;
-  for (int64_t i = r.i0; i < r.i1; ++i) {
-    for (int64_t j = 0; j < s.tw; ++j) {
-      const int64_t t = (i - r.i0) * s.tw + j;
-      for (int64_t cb = 0; cb < s.c; cb += L) {
-        fv rows[4][4];
-        for (int q = 0; q < 4; ++q) {
-          fv tr[4];
-          for (int e = 0; e < 4; ++e) tr[e] = Load(dv + (q * 4 + e) * plane + t * s.c + cb);
-          InputTransform4T(tr, rows[q]);  // rows[q][col]
-        }
-        for (int col = 0; col < 4; ++col) {
-          fv tr[4] = {rows[0][col], rows[1][col], rows[2][col], rows[3][col]};
-          fv d[4];
-          InputTransform4T(tr, d);
-          for (int q = 0; q < 4; ++q) {
-            float* p = img + ((2 * i + q) * s.w + 2 * j + col) * s.c + cb;
-            Store(p, Load(p) + d[q]);
-          }
-        }
+  ForEachTile(s, r, [&](int64_t i, int64_t j, int64_t t, int64_t cb) {
+    fv rows[4][4];
+    for (int q = 0; q < 4; ++q) {
+      fv tr[4];
+      for (int e = 0; e < 4; ++e) tr[e] = Load(dv + (q * 4 + e) * plane + t * s.c + cb);
+      InputTransform4T(tr, rows[q]);  // rows[q][col]
+    }
+    for (int col = 0; col < 4; ++col) {
+      fv tr[4] = {rows[0][col], rows[1][col], rows[2][col], rows[3][col]};
+      fv d[4];
+      InputTransform4T(tr, d);
+      for (int q = 0; q < 4; ++q) {
+        float* p = img + ((2 * i + q) * s.w + 2 * j + col) * s.c + cb;
+        Store(p, Load(p) + d[q]);
       }
     }
-  }
+  });
 }
 
 // out = A^T m A of tile t, channels [kb, kb + L) of k: out[2 a + e] is the output at (a, e).
@@ -542,16 +543,12 @@ inline void OutputTransformT(const fv g[4], float* dm, int64_t plane, int64_t t,
 // and ReLU.
 void OutputPoolRows(const Tiles& s, const float* m, int64_t plane, const TileRows& r,
                     const float* bias, bool relu, float* y, int8_t* arg) {
-  for (int64_t i = r.i0; i < r.i1; ++i) {
-    for (int64_t j = 0; j < s.tw; ++j) {
-      const int64_t t = (i - r.i0) * s.tw + j, o = ((r.b * s.th + i) * s.tw + j) * s.c;
-      for (int64_t kb = 0; kb < s.c; kb += L) {
-        fv out[4];
-        OutputTransform(m, plane, t, s.c, kb, out);
-        PoolStore(out, Load(bias + kb), relu, y + o + kb, arg + o + kb);
-      }
-    }
-  }
+  ForEachTile(s, r, [&](int64_t i, int64_t j, int64_t t, int64_t kb) {
+    const int64_t o = ((r.b * s.th + i) * s.tw + j) * s.c;
+    fv out[4];
+    OutputTransform(m, plane, t, s.c, kb, out);
+    PoolStore(out, Load(bias + kb), relu, y + o + kb, arg + o + kb);
+  });
 }
 
 // dM of the block's tiles from the pooled gradient at each window's winning output; the
@@ -559,56 +556,42 @@ void OutputPoolRows(const Tiles& s, const float* m, int64_t plane, const TileRow
 void OutputPoolGradRows(const Tiles& s, const float* dy, const int8_t* arg, const TileRows& r,
                         float* dm, int64_t plane, fv* db) {
   const fv zero = Splat(0.0f);
-  for (int64_t i = r.i0; i < r.i1; ++i) {
-    for (int64_t j = 0; j < s.tw; ++j) {
-      const int64_t t = (i - r.i0) * s.tw + j, o = ((r.b * s.th + i) * s.tw + j) * s.c;
-      for (int64_t kb = 0; kb < s.c; kb += L) {
-        const fv g = Load(dy + o + kb);
-        bv which_b;
-        std::memcpy(&which_b, arg + o + kb, sizeof(which_b));
-        const iv which = __builtin_convertvector(which_b, iv);
-        db[kb / L] += which < SplatI(kNoTap) ? g : zero;
-        fv go[4];
-        for (int q = 0; q < 4; ++q) go[q] = which == SplatI(q) ? g : zero;
-        OutputTransformT(go, dm, plane, t, s.c, kb);
-      }
-    }
-  }
+  ForEachTile(s, r, [&](int64_t i, int64_t j, int64_t t, int64_t kb) {
+    const int64_t o = ((r.b * s.th + i) * s.tw + j) * s.c;
+    const fv g = Load(dy + o + kb);
+    bv which_b;
+    std::memcpy(&which_b, arg + o + kb, sizeof(which_b));
+    const iv which = __builtin_convertvector(which_b, iv);
+    db[kb / L] += which < SplatI(kNoTap) ? g : zero;
+    fv go[4];
+    for (int q = 0; q < 4; ++q) go[q] = which == SplatI(q) ? g : zero;
+    OutputTransformT(go, dm, plane, t, s.c, kb);
+  });
 }
 
 // The plain convolution's outputs (s.c is K): y [N, 2 th, 2 tw, K], 2x2 per tile.
 void OutputRows(const Tiles& s, const float* m, int64_t plane, const TileRows& r, float* y) {
   const int64_t oh = 2 * s.th, ow = 2 * s.tw;
-  for (int64_t i = r.i0; i < r.i1; ++i) {
-    for (int64_t j = 0; j < s.tw; ++j) {
-      const int64_t t = (i - r.i0) * s.tw + j;
-      for (int64_t kb = 0; kb < s.c; kb += L) {
-        fv out[4];
-        OutputTransform(m, plane, t, s.c, kb, out);
-        for (int q = 0; q < 4; ++q) {
-          Store(y + ((r.b * oh + 2 * i + q / 2) * ow + 2 * j + q % 2) * s.c + kb, out[q]);
-        }
-      }
+  ForEachTile(s, r, [&](int64_t i, int64_t j, int64_t t, int64_t kb) {
+    fv out[4];
+    OutputTransform(m, plane, t, s.c, kb, out);
+    for (int q = 0; q < 4; ++q) {
+      Store(y + ((r.b * oh + 2 * i + q / 2) * ow + 2 * j + q % 2) * s.c + kb, out[q]);
     }
-  }
+  });
 }
 
 // dM of the block's tiles from the plain convolution's output gradient dy [N, 2 th, 2 tw, K].
 void OutputGradRows(const Tiles& s, const float* dy, const TileRows& r, float* dm,
                     int64_t plane) {
   const int64_t oh = 2 * s.th, ow = 2 * s.tw;
-  for (int64_t i = r.i0; i < r.i1; ++i) {
-    for (int64_t j = 0; j < s.tw; ++j) {
-      const int64_t t = (i - r.i0) * s.tw + j;
-      for (int64_t kb = 0; kb < s.c; kb += L) {
-        fv g[4];
-        for (int q = 0; q < 4; ++q) {
-          g[q] = Load(dy + ((r.b * oh + 2 * i + q / 2) * ow + 2 * j + q % 2) * s.c + kb);
-        }
-        OutputTransformT(g, dm, plane, t, s.c, kb);
-      }
+  ForEachTile(s, r, [&](int64_t i, int64_t j, int64_t t, int64_t kb) {
+    fv g[4];
+    for (int q = 0; q < 4; ++q) {
+      g[q] = Load(dy + ((r.b * oh + 2 * i + q / 2) * ow + 2 * j + q % 2) * s.c + kb);
     }
-  }
+    OutputTransformT(g, dm, plane, t, s.c, kb);
+  });
 }
 
 ffi::Error TilesOf(ffi::Span<const int64_t> image, int64_t c, Tiles* s) {
