@@ -1,5 +1,7 @@
 """FLOP accounting (fashion_jax/benchmarking/flops.py): the native kernels' executed FLOPs, device peaks."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 
@@ -45,3 +47,28 @@ def test_device_peaks_by_kind_and_dtype():
   unknown = type("D", (), {"platform": "gpu", "device_kind": "Mystery 9000"})()
   peak, why = flops.device_peak_gflops(unknown)
   assert peak != peak and "--peak_gflops" in why  # NaN, and what to do.
+
+
+def test_the_cpu_peak_is_measured_and_no_xla_matmul_beats_it():
+  """The CPU peak MFU and HFU divide by is measured, not cpuinfo's clock (a Zen 5 VM said
+  2,596 MHz, 332 GFLOP/s, while XLA's own matmul ran at 420): a large matmul never exceeds it."""
+  require_native()
+  peak, source = flops.cpu_peak_gflops()
+  assert source.startswith("measured: ") and "nominal" in source, source
+  x = jnp.ones((1536, 1536), jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(x).block_until_ready()
+  best = float("inf")
+  for _ in range(5):
+    start = time.perf_counter()
+    matmul(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  rate = 2 * 1536**3 / best / 1e9
+  assert rate <= 1.15 * peak, (rate, peak, source)
+
+
+def test_without_native_kernels_the_cpu_peak_is_the_nominal_one_and_says_so(monkeypatch):
+  monkeypatch.setattr(native, "measure_peak", lambda *args, **kwargs: None)
+  peak, source = flops.cpu_peak_gflops.__wrapped__()
+  assert peak == flops.nominal_cpu_peak_gflops()[0] > 0
+  assert source.startswith("nominal: ") and "--peak_gflops" in source, source

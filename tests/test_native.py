@@ -1,6 +1,7 @@
 """The native (C++ / XLA FFI) fused conv+pool kernel against lax, and its fallbacks."""
 
 import functools
+import math
 import os
 from pathlib import Path
 import platform
@@ -190,6 +191,51 @@ def test_the_build_reports_its_target_width_and_isa():
     assert {"avx512f", "avx2", "fma"} <= set(isa)
   elif built["target"] == "x86-64-v3":
     assert {"avx2", "fma"} <= set(isa) and "avx512f" not in isa
+
+
+def _widest_lanes() -> int:
+  """The widest float32 multiply-add vector this CPU has (by its cpuinfo flags)."""
+  flags = native_build.cpu_flags()
+  if platform.machine() in ("x86_64", "AMD64"):
+    return 16 if "avx512f" in flags else 8 if {"avx2", "fma"} <= flags else 4
+  return 4
+
+
+def test_the_measured_peak_is_whole_vector_pipes_at_each_width():
+  """The benchmark's peak (native.measure_peak): at each width the CPU has, FLOP per cycle per
+  core comes out a power of two, at least one multiply-add vector per cycle (a miscounted
+  loop, a spilled or unfused one would not). Of five short runs, the one nearest a power of
+  two: a busy neighbour skews one phase (FMA or clock) of a run."""
+  widest = _widest_lanes()
+  assert native.measure_peak(1, 0.02)["lanes"] == widest  # Default: the widest, not the build's.
+  for lanes in (4, 8, 16):
+    if lanes > widest:
+      with pytest.raises(ValueError, match=f"no {lanes}-float"):
+        native.measure_peak(1, 0.02, lanes)
+      continue
+    ratios = []
+    for _ in range(5):
+      run = native.measure_peak(1, 0.1, lanes)
+      assert run["lanes"] == lanes and run["threads"] == 1
+      ratios.append(run["gflops"] * 1000 / run["mhz"])
+    nearest = min(ratios, key=lambda q: abs(math.log2(q) - round(math.log2(q))))
+    pipes = 2 ** round(math.log2(nearest))
+    assert abs(nearest / pipes - 1) < 0.15 and pipes >= 2 * lanes, (lanes, ratios)
+
+
+def test_the_peak_uses_the_widest_vectors_whatever_the_build():
+  """A build for a lower ISA level (forced, or the only one cached) still times the CPU's
+  widest multiply-adds (chosen at run time): the peak is the machine's, not the build's."""
+  if _widest_lanes() == 4:
+    pytest.skip("this CPU's widest vectors are the portable build's 4 floats: nothing to tell apart")
+  portable = native_build.targets()[-1].name
+  proc = subprocess.run(
+      [sys.executable, "-c", "from fashion_jax.kernels import native; "
+       "print(native.info()['lanes'], native.measure_peak(1, 0.02)['lanes'])"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", FASHION_JAX_NATIVE_ISA=portable))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ["4", str(_widest_lanes())]
 
 
 @pytest.mark.parametrize("flags,machine,want", [

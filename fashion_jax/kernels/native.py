@@ -63,6 +63,7 @@ DIRECT_MAX_CHANNELS = 8  # Direct convolution below this many input channels, Wi
 
 _registered = False  # XLA accepts one handler per target name and process.
 _loaded: dict = {}  # What _load loaded: target, lanes, isa (FjKernelInfo), library.
+_library: list = []  # The loaded ctypes library (for its plain C functions), once loaded.
 _lock = threading.Lock()
 
 
@@ -86,6 +87,7 @@ def _load() -> str | None:
     return "disabled by FASHION_JAX_NATIVE=0"
   with _lock:
     _loaded.clear()
+    _library.clear()
     try:
       include = jax.ffi.include_dir()
       target, width = native_build.choose(include)
@@ -98,6 +100,10 @@ def _load() -> str | None:
         library = ctypes.cdll.LoadLibrary(str(path))
       native_build.mark_used(path)
       library.FjKernelInfo.restype = ctypes.c_char_p
+      library.FjMeasurePeak.argtypes = (ctypes.c_int, ctypes.c_double,
+                                        ctypes.POINTER(ctypes.c_double),
+                                        ctypes.POINTER(ctypes.c_double),
+                                        ctypes.POINTER(ctypes.c_int))
       fields = dict(part.split("=", 1) for part in library.FjKernelInfo().decode().split())
       if not _registered:
         for name, symbol in _TARGETS.items():
@@ -106,9 +112,11 @@ def _load() -> str | None:
         _registered = True
       _loaded.update(target=target.name, lanes=int(fields["lanes"]), isa=fields["isa"],
                      library=str(path))
+      _library[:] = [library]
     except (OSError, subprocess.SubprocessError, NativeUnavailable, AttributeError,
             ValueError, KeyError, jax.errors.JaxRuntimeError) as e:
       _loaded.clear()
+      _library.clear()
       return f"{type(e).__name__}: {e}"
   return None
 
@@ -131,6 +139,28 @@ def info() -> dict | None:
   """{"target": "x86-64-v4", "lanes": 16, "isa": "avx512f,avx2,fma", "library": path} of the
   loaded build (isa: what its compiler enabled), or None (unavailable)."""
   return dict(_loaded) if available() else None
+
+
+def measure_peak(threads: int, seconds: float = 0.4, lanes: int = 0) -> dict | None:
+  """Times the CPU's float32 multiply-add peak: `threads` threads (one per core) each run
+  independent FMA chains at `lanes` floats per vector (0: the widest the CPU has, found at run
+  time, whatever width the kernels were built for) for about seconds / 2, then a dependent
+  integer add chain (one per cycle) for the clock.
+
+  Returns {"gflops": all threads, "mhz": the clock, "lanes", "threads"}, or None where the
+  kernels are unavailable or this architecture has no measurement. ValueError: the CPU lacks
+  `lanes`.
+  """
+  if not available():
+    return None
+  gflops, mhz, width = ctypes.c_double(), ctypes.c_double(), ctypes.c_int(lanes)
+  status = _library[0].FjMeasurePeak(threads, seconds, ctypes.byref(gflops), ctypes.byref(mhz),
+                                     ctypes.byref(width))
+  if status == -2:
+    raise ValueError(f"this CPU has no {lanes}-float vector multiply-add")
+  if status != 0:
+    return None
+  return {"gflops": gflops.value, "mhz": mhz.value, "lanes": width.value, "threads": threads}
 
 
 def fits_lanes(channels: int) -> bool:

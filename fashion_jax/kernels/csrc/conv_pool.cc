@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -840,6 +841,153 @@ extern "C" const char* FjKernelInfo() {
     return "lanes=" + std::to_string(L) + " isa=" + isa;
   }();
   return info.c_str();
+}
+
+// The machine's peak, measured (the benchmark's MFU and HFU divide by it). cpuinfo's "cpu MHz" is
+// the nominal clock in many VMs (2,596 MHz on a Zen 5 VM whose cores ran at ~3,770), and the
+// FLOP per cycle of a vector width differ between cores (Zen 4 runs 512-bit FMAs at half the
+// rate of Zen 5): so each of `threads` threads times a loop of independent multiply-adds at
+// the widest vector width the CPU has (found at run time, whatever this build's target), and a
+// chain of dependent integer additions (one per cycle) for the clock.
+namespace {
+namespace peak {
+
+#if defined(__aarch64__)
+#define FJ_VREG "+w"  // A vector register operand (inline asm constraint).
+#else
+#define FJ_VREG "+x"
+#endif
+
+// kAcc (12 or 16) independent accumulator chains of `kLanes`-float vectors: enough to cover the
+// FMA latency (4 cycles) on 2-4 pipes without spilling (AVX2 has 16 registers: 12 there). Named
+// variables, not an array (GCC kept the array on the stack). Always inlined, so that it compiles
+// for the ISA of the function that calls it.
+typedef float v4 __attribute__((vector_size(16)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v16 __attribute__((vector_size(64)));
+
+template <typename v, int kAcc>
+__attribute__((always_inline)) inline void FmaLoop(int64_t iters, float* sink) {
+  static_assert(kAcc == 12 || kAcc == 16);
+  const v m = v{} + 0.999999f, c = v{} + 0.000001f;  // Converges to 1: no overflow, no denormals.
+  v a0 = v{}, a1 = a0 + 1, a2 = a0 + 2, a3 = a0 + 3, a4 = a0 + 4, a5 = a0 + 5, a6 = a0 + 6,
+    a7 = a0 + 7, a8 = a0 + 8, a9 = a0 + 9, a10 = a0 + 10, a11 = a0 + 11, a12 = a0 + 12,
+    a13 = a0 + 13, a14 = a0 + 14, a15 = a0 + 15;
+// One multiply-add on a chain, kept in a register: the empty asm stops the compiler from
+// collapsing or reordering the loop.
+#define FJ_FMA(a)    \
+  a = a * m + c;     \
+  __asm__ volatile("" : FJ_VREG(a));
+  for (int64_t i = 0; i < iters; ++i) {
+    FJ_FMA(a0) FJ_FMA(a1) FJ_FMA(a2) FJ_FMA(a3) FJ_FMA(a4) FJ_FMA(a5)
+    FJ_FMA(a6) FJ_FMA(a7) FJ_FMA(a8) FJ_FMA(a9) FJ_FMA(a10) FJ_FMA(a11)
+    if (kAcc == 16) {
+      FJ_FMA(a12) FJ_FMA(a13) FJ_FMA(a14) FJ_FMA(a15)
+    }
+  }
+#undef FJ_FMA
+  v total = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11;
+  if (kAcc == 16) total += a12 + a13 + a14 + a15;
+  *sink = total[0];
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f"))) void Fma16(int64_t iters, float* sink) {
+  FmaLoop<v16, 16>(iters, sink);
+}
+__attribute__((target("avx2,fma"))) void Fma8(int64_t iters, float* sink) {
+  FmaLoop<v8, 12>(iters, sink);
+}
+void Fma4(int64_t iters, float* sink) { FmaLoop<v4, 12>(iters, sink); }  // SSE2: mul + add.
+int WidestLanes() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return 16;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 8;
+  return 4;
+}
+int Accumulators(int lanes) { return lanes == 16 ? 16 : 12; }
+void Fma(int lanes, int64_t iters, float* sink) {
+  lanes == 16 ? Fma16(iters, sink) : lanes == 8 ? Fma8(iters, sink) : Fma4(iters, sink);
+}
+#elif defined(__aarch64__)
+int WidestLanes() { return 4; }  // NEON (SVE's width varies; its peak is not measured yet).
+int Accumulators(int) { return 16; }
+void Fma(int, int64_t iters, float* sink) { FmaLoop<v4, 16>(iters, sink); }
+#endif
+
+// Eight dependent integer additions per iteration, one cycle each on any core (the loop's own
+// counter runs beside them).
+void AddChain(int64_t iters, int64_t* sink) {
+  int64_t x = 0;
+  for (int64_t i = 0; i < iters; ++i) {
+    for (int r = 0; r < 8; ++r) {
+      x += 1;
+      __asm__ volatile("" : "+r"(x));
+    }
+  }
+  *sink = x;
+}
+
+// Runs body(t) on `threads` threads released together; returns the seconds until all finished.
+template <typename F>
+double Timed(int threads, const F& body) {
+  std::atomic<int> ready{0};
+  std::atomic<bool> go{false};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      ready.fetch_add(1);
+      while (!go.load(std::memory_order_acquire)) std::this_thread::yield();
+      body(t);
+    });
+  }
+  while (ready.load() < threads) std::this_thread::yield();
+  const auto start = std::chrono::steady_clock::now();
+  go.store(true, std::memory_order_release);
+  for (auto& thread : pool) thread.join();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Times `run(iters)` on every thread for about `seconds`: the count is calibrated on one thread.
+// Returns the seconds and sets `iters`.
+template <typename F>
+double Calibrated(int threads, double seconds, const F& run, int64_t* iters) {
+  int64_t n = 1 << 14;
+  double dt;
+  while ((dt = Timed(1, [&](int t) { run(t, n); })) < 0.01) n *= 4;
+  *iters = std::max<int64_t>(1, static_cast<int64_t>(n * seconds / dt));
+  return Timed(threads, [&](int t) { run(t, *iters); });
+}
+
+}  // namespace peak
+}  // namespace
+
+// Measures the CPU's multiply-add peak on `threads` threads for about `seconds`: writes GFLOP/s
+// (all threads together) and the clock in MHz (one thread's: all run alike). `lanes`: in, the
+// vector width to time (0: the widest this CPU has); out, the width timed. Returns 0; -1 where
+// this architecture has no measurement, -2 where the CPU lacks the width asked for.
+extern "C" int FjMeasurePeak(int threads, double seconds, double* gflops, double* mhz,
+                             int* lanes) {
+#if defined(__x86_64__) || defined(__aarch64__)
+  threads = std::max(threads, 1);
+  const int widest = peak::WidestLanes();
+  if (*lanes != 0 && (*lanes > widest || (*lanes != 4 && *lanes != 8 && *lanes != 16))) return -2;
+  const int width = *lanes != 0 ? *lanes : widest;
+  std::vector<float> fsink(threads);
+  std::vector<int64_t> isink(threads);
+  int64_t n;
+  double dt = peak::Calibrated(
+      threads, seconds / 2, [&](int t, int64_t i) { peak::Fma(width, i, &fsink[t]); }, &n);
+  *gflops = 2.0 * width * peak::Accumulators(width) * n * threads / dt / 1e9;
+  dt = peak::Calibrated(
+      threads, seconds / 2, [&](int t, int64_t i) { peak::AddChain(i, &isink[t]); }, &n);
+  *mhz = 8.0 * n / dt / 1e6;
+  *lanes = width;
+  return 0;
+#else
+  (void)threads, (void)seconds, (void)gflops, (void)mhz, (void)lanes;
+  return -1;
+#endif
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjConvPoolForward, ConvPoolForward,

@@ -41,6 +41,14 @@ void Expect(const char* what, const std::vector<T>& got, const std::vector<doubl
   }
 }
 
+void Check(bool ok, const char* what) {
+  ++checks;
+  if (!ok) {
+    ++failures;
+    std::printf("FAIL %s (L=%d)\n", what, L);
+  }
+}
+
 std::vector<float> Random(std::mt19937& rng, size_t size, float scale) {
   std::normal_distribution<float> normal(0.0f, scale);
   std::vector<float> v(size);
@@ -258,6 +266,15 @@ int main() {
   TestConv(rng, {3, 18, 6, 2 * L, 3 * L});
   TestConv(rng, {17, 6, 8, L, L});
   TestConv(rng, {1, 4, 4, L, L});
+  // The peak measurement (its threads and calibration under the sanitizers; its figures are
+  // checked in tests/test_native.py, on the machine itself): the widest width, then an unknown one.
+  double gflops = 0, mhz = 0;
+  int lanes = 0;
+  const int status = FjMeasurePeak(2, 0.002, &gflops, &mhz, &lanes);
+  Check(status == 0 && gflops > 0 && mhz > 0 && (lanes == 4 || lanes == 8 || lanes == 16),
+        "FjMeasurePeak: the widest width");
+  lanes = 3;
+  Check(FjMeasurePeak(1, 0.002, &gflops, &mhz, &lanes) == -2, "FjMeasurePeak: 3 lanes refused");
   if (failures) {
     std::printf("selftest: %d of %d checks failed (%s)\n", failures, checks, FjKernelInfo());
     return 1;
