@@ -298,7 +298,8 @@ def test_native_is_cpu_only(monkeypatch):
 
 
 _STUB_INFO = ('#define FJ_STR2(x) #x\n#define FJ_STR(x) FJ_STR2(x)\n'
-              'extern "C" const char* FjKernelInfo() { return "lanes=" FJ_STR(FJ_LANES) " isa=stub"; }\n')
+              'extern "C" const char* FjKernelInfo() { return "lanes=" FJ_STR(FJ_LANES) " isa=stub"; }\n'
+              'extern "C" int FjMeasurePeak() { return -1; }\n')
 
 
 @pytest.fixture
