@@ -148,7 +148,9 @@ void ForwardBlock(const Shape& s, const float* x, const float* k, const float* b
         for (int q = 0; q < 4; ++q) acc[nb][q] = bias[nb];
       }
       // The 4x4 input patch covers the four 3x3 windows of the pooling window.
+#pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
+#pragma GCC unroll 4
         for (int c = 0; c < 4; ++c) {
           const float* px = x + ((2 * i + r) * s.w + 2 * j + c) * cin;
           for (int64_t ci = 0; ci < cin; ++ci) {
@@ -197,7 +199,9 @@ void BackwardBlock(const Shape& s, const float* x, const int8_t* arg, const floa
         gb[nb] += which < SplatI(kNoTap) ? g : zero;
         for (int q = 0; q < 4; ++q) gq[nb][q] = which == SplatI(q) ? g : zero;
       }
+#pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
+#pragma GCC unroll 4
         for (int c = 0; c < 4; ++c) {
           const float* px = x + ((2 * i + r) * s.w + 2 * j + c) * cin;
           for (int64_t ci = 0; ci < cin; ++ci) {
