@@ -4,6 +4,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from fashion_jax.benchmarking import flops
 from fashion_jax.kernels import native
@@ -51,20 +52,26 @@ def test_device_peaks_by_kind_and_dtype():
 
 def test_the_cpu_peak_is_measured_and_no_xla_matmul_beats_it():
   """The CPU peak MFU and HFU divide by is measured, not cpuinfo's clock (a Zen 5 VM said
-  2,596 MHz, 332 GFLOP/s, while XLA's own matmul ran at 420): a large matmul never exceeds it."""
+  2,596 MHz, 332 GFLOP/s, while XLA's own matmul ran at 420): a large matmul never exceeds it.
+  Up to five tries, each measuring both: a test running beside this one (xdist) can only lower
+  a try's peak, and a too-low peak fails every try."""
   require_native()
-  peak, source = flops.cpu_peak_gflops()
-  assert source.startswith("measured: ") and "nominal" in source, source
   x = jnp.ones((1536, 1536), jnp.float32)
   matmul = jax.jit(lambda a: a @ a)
   matmul(x).block_until_ready()
-  best = float("inf")
+  tries = []
   for _ in range(5):
-    start = time.perf_counter()
-    matmul(x).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  rate = 2 * 1536**3 / best / 1e9
-  assert rate <= 1.15 * peak, (rate, peak, source)
+    peak, source = flops.cpu_peak_gflops.__wrapped__()
+    assert source.startswith("measured: ") and "nominal" in source, source
+    best = float("inf")
+    for _ in range(5):
+      start = time.perf_counter()
+      matmul(x).block_until_ready()
+      best = min(best, time.perf_counter() - start)
+    tries.append((2 * 1536**3 / best / 1e9, peak))
+    if tries[-1][0] <= 1.15 * peak:
+      return
+  pytest.fail(f"XLA's matmul ran faster than the measured peak in every try (GFLOP/s, peak): {tries}")
 
 
 def test_without_native_kernels_the_cpu_peak_is_the_nominal_one_and_says_so(monkeypatch):

@@ -859,11 +859,11 @@ extern "C" const char* FjKernelInfo() {
 }
 
 // The machine's peak, measured (the benchmark's MFU and HFU divide by it). cpuinfo's "cpu MHz" is
-// the nominal clock in many VMs (2,596 MHz on a Zen 5 VM whose cores ran at ~3,770), and the
-// FLOP per cycle of a vector width differ between cores (Zen 4 runs 512-bit FMAs at half the
-// rate of Zen 5): so each of `threads` threads times a loop of independent multiply-adds at
-// the widest vector width the CPU has (found at run time, whatever this build's target), and a
-// chain of dependent integer additions (one per cycle) for the clock.
+// the nominal clock in many VMs (2,596 MHz on a Zen 5 VM whose cores ran at 3,700-4,250 under
+// load), and the FLOP per cycle of a vector width differ between cores (Zen 4 executes a 512-bit
+// FMA as two 256-bit halves, Zen 5 in one): so each of `threads` threads times a loop of
+// independent multiply-adds at the widest vector width the CPU has (found at run time, whatever
+// this build's target), and a chain of dependent integer additions (one per cycle) for the clock.
 namespace {
 namespace peak {
 
