@@ -10,7 +10,7 @@ Run (offline, from the repository root):
       --config.idx_dir=../shared/data/fashion_mnist
 
 Measured on 2 CPU cores (BENCHMARKS.md): 92.03% test accuracy after its 5
-epochs (9,375 steps, seed 0), 18.2 s wall from process start, ~30,000 images/s
+epochs (9,375 steps, seed 0), 17.0 s wall from process start, ~34,500 images/s
 (AMD EPYC Zen 5 VM, AVX-512 kernels with the second layer fused whole). On the
 AVX2 VM with the earlier kernels: 91.84% in 49 s at ~7,500 images/s (91.92% in
 66 s with the XLA Winograd path, 91.70% in 88 s before it).
