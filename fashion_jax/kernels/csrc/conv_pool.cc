@@ -824,6 +824,210 @@ ffi::Error WinogradConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------
+// Two conv + pool layers as one op (the classic CNN's: the direct kernel's layer, then a fused
+// Winograd one on its output). Per image, the first layer writes its pooled output h and argmax
+// into the thread's buffers and the second reads h from there: h (13x13x32 floats for the CNN,
+// 11 MB at batch 512) never goes to memory, where the separate layers wrote it once and read it
+// twice. The backward recomputes the first layer per image (5 % of the FLOPs) instead of keeping
+// h, then runs the second layer's backward into dh, also in cache, and the first layer's kernel
+// and bias gradients from dh. Gradients are summed per fixed chunk of images, then over the chunks
+// in order, so they do not depend on the thread count.
+
+// The shapes: s1 the first layer's (x [N, H, W, Cin], its pooled output [N, hp, wp, C]), sx the
+// second layer's input tiles (h) and sy its pooled output's (K channels).
+struct TwoLayers {
+  Shape s1;
+  Tiles sx, sy;
+};
+
+// Per thread: h and dh (C-channel images, aligned), the first layer's argmax, the blocks' planes.
+struct TwoLayerScratch {
+  float* h;
+  float* dh;
+  int8_t* arg;
+  float* planes;
+};
+
+inline TwoLayerScratch TwoLayerBuffers(const TwoLayers& t, int64_t plane_floats) {
+  thread_local std::vector<float> floats;
+  thread_local std::vector<int8_t> bytes;
+  const int64_t image = t.s1.hp * t.s1.wp * t.s1.cout;
+  const int64_t padded = (image + kAlignPad - 1) / kAlignPad * kAlignPad;
+  floats.resize(2 * padded + plane_floats + kAlignPad);
+  bytes.resize(image);
+  float* h = AlignUp(floats.data());
+  return TwoLayerScratch{h, h + padded, bytes.data(), h + 2 * padded};
+}
+
+// The first layer's forward for image b into h and arg (all its channel blocks).
+template <int CIN>
+void FirstLayer(const TwoLayers& t, const float* x, int64_t b, const float* k1, const float* b1,
+                bool relu1, float* h, int8_t* arg) {
+  const float* image = x + b * t.s1.h * t.s1.w * t.s1.cin;
+  ForEachChannelBlock<2>(t.s1.cout, [&](int64_t cb, auto nb) {
+    ForwardBlock<CIN, decltype(nb)::value>(t.s1, image, k1, b1, relu1, h, arg, cb);
+  });
+}
+
+template <int CIN, typename Pool>
+void TwoLayerForward(Pool& pool, const TwoLayers& t, const float* x, const float* k1,
+                     const float* b1, bool relu1, const float* u, const float* b2, bool relu2,
+                     float* y, int8_t* arg) {
+  const Tiles& sx = t.sx;
+  const int64_t c = sx.c, k = t.sy.c, rows = RowsPerBlock(sx), block = rows * sx.tw;
+  ParallelFor(pool, t.s1.n, [&](int64_t b) {
+    const TwoLayerScratch buf = TwoLayerBuffers(t, 16 * block * (c + k));
+    FirstLayer<CIN>(t, x, b, k1, b1, relu1, buf.h, buf.arg);
+    float* v = buf.planes;
+    float* m = v + 16 * block * c;
+    for (int64_t i0 = 0; i0 < sx.th; i0 += rows) {
+      const int64_t i1 = std::min(i0 + rows, sx.th), tiles = (i1 - i0) * sx.tw;
+      InputTransformRows(sx, buf.h, TileRows{0, i0, i1}, v, block * c);  // h: image 0 of its own.
+      for (int p = 0; p < 16; ++p) {
+        Gemm(v + p * block * c, c, 1, u + p * c * k, k, m + p * block * k, k, tiles, c, k, false);
+      }
+      OutputPoolRows(t.sy, m, block * k, TileRows{b, i0, i1}, b2, relu2, y, arg);
+    }
+  });
+}
+
+template <int CIN, typename Pool>
+void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const float* k1,
+                      const float* b1, bool relu1, const float* ut, const int8_t* arg2,
+                      const float* dy, float* dk1, float* db1, float* du, float* db2) {
+  const Tiles& sx = t.sx;
+  const int64_t c = sx.c, k = t.sy.c, rows = RowsPerBlock(sx), block = rows * sx.tw;
+  const int64_t cin = t.s1.cin, image = t.s1.hp * t.s1.wp * c, nk1 = 9 * cin * c;
+  // Per chunk: dU [16, C, K], db2 [K], dk1 [3, 3, Cin, C], db1 [C], padded to whole vectors.
+  const int64_t used = 16 * c * k + k + nk1 + c;
+  const int64_t nu = (used + kAlignPad - 1) / kAlignPad * kAlignPad;
+  const int64_t chunks = std::max<int64_t>(1, std::min(kWinogradGradChunks, t.s1.n));
+  std::unique_ptr<float[]> partial_buffer(new float[chunks * nu + kAlignPad]);
+  float* const partial = AlignUp(partial_buffer.get());
+  ParallelFor(pool, chunks, [&](int64_t chunk) {
+    const TwoLayerScratch buf = TwoLayerBuffers(t, 16 * block * (2 * c + k));
+    float* v = buf.planes;
+    float* dm = v + 16 * block * c;
+    float* dv = dm + 16 * block * k;
+    float* acc = partial + chunk * nu;
+    std::fill(acc, acc + nu, 0.0f);
+    std::vector<fv> db2_acc(k / L, Splat(0.0f));
+    std::vector<fv> gw(9 * cin * (c / L), Splat(0.0f));  // [block][tap, ci]
+    std::vector<fv> gb(c / L, Splat(0.0f));
+    for (int64_t b = t.s1.n * chunk / chunks; b < t.s1.n * (chunk + 1) / chunks; ++b) {
+      FirstLayer<CIN>(t, x, b, k1, b1, relu1, buf.h, buf.arg);
+      std::fill(buf.dh, buf.dh + image, 0.0f);
+      for (int64_t i0 = 0; i0 < sx.th; i0 += rows) {
+        const int64_t i1 = std::min(i0 + rows, sx.th), tiles = (i1 - i0) * sx.tw;
+        const TileRows own{0, i0, i1};
+        InputTransformRows(sx, buf.h, own, v, block * c);
+        OutputPoolGradRows(t.sy, dy, arg2, TileRows{b, i0, i1}, dm, block * k, db2_acc.data());
+        for (int p = 0; p < 16; ++p) {
+          const float* dmp = dm + p * block * k;
+          Gemm(dmp, k, 1, ut + p * k * c, c, dv + p * block * c, c, tiles, k, c, false);
+          Gemm(v + p * block * c, 1, c, dmp, k, acc + p * c * k, k, c, tiles, k, true);
+        }
+        InputGradRows(sx, dv, block * c, own, buf.dh);
+      }
+      const float* xb = x + b * t.s1.h * t.s1.w * cin;
+      for (int64_t cb = 0; cb < c; cb += L) {
+        BackwardBlock<CIN, 1>(t.s1, xb, buf.arg, buf.dh, gw.data() + cb / L * 9 * cin,
+                              gb.data() + cb / L, cb);
+      }
+    }
+    float* adb2 = acc + 16 * c * k;
+    float* adk1 = adb2 + k;
+    float* adb1 = adk1 + nk1;
+    for (int64_t kb = 0; kb < k; kb += L) Store(adb2 + kb, db2_acc[kb / L]);
+    for (int64_t cb = 0; cb < c; cb += L) {
+      for (int64_t tap = 0; tap < 9 * cin; ++tap) Store(adk1 + tap * c + cb, gw[cb / L * 9 * cin + tap]);
+      Store(adb1 + cb, gb[cb / L]);
+    }
+  });
+  float* total = partial;  // Chunk 0's sums, then the others added in order.
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+    const float* acc = partial + chunk * nu;
+    for (int64_t i = 0; i < used; ++i) total[i] += acc[i];
+  }
+  std::copy(total, total + 16 * c * k, du);
+  std::copy(total + 16 * c * k, total + 16 * c * k + k, db2);
+  std::copy(total + 16 * c * k + k, total + 16 * c * k + k + nk1, dk1);
+  std::copy(total + 16 * c * k + k + nk1, total + used, db1);
+}
+
+// x [N, H, W, Cin] with Cin < 8 (the direct kernel's), k1 [3, 3, Cin, C], u [16, C, K] (U^T
+// [16, K, C] for the gradient), y [N, hp2, wp2, K]; C and K multiples of L.
+ffi::Error TwoLayerShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> k1d,
+                          ffi::Span<const int64_t> ud, ffi::Span<const int64_t> yd,
+                          bool transposed, TwoLayers* t) {
+  if (ffi::Error e = CheckShapes(xd, k1d, &t->s1); e.failure()) return e;
+  if (t->s1.cin >= 8) {
+    return ffi::Error::InvalidArgument("fashion_jax two conv layers: the first needs Cin < 8");
+  }
+  const std::vector<int64_t> hd = {t->s1.n, t->s1.hp, t->s1.wp, t->s1.cout};
+  return FusedShapes(ffi::Span<const int64_t>(hd), ud, yd, transposed, true, &t->sx, &t->sy);
+}
+
+template <typename Pool>
+void TwoLayerForwardCore(Pool& pool, const TwoLayers& t, const float* x, const float* k1,
+                         const float* b1, bool relu1, const float* u, const float* b2, bool relu2,
+                         float* y, int8_t* arg) {
+#define FJ_CALL(C) TwoLayerForward<C>(pool, t, x, k1, b1, relu1, u, b2, relu2, y, arg)
+  FJ_DISPATCH_CIN(t.s1.cin, FJ_CALL)
+#undef FJ_CALL
+}
+
+template <typename Pool>
+void TwoLayerBackwardCore(Pool& pool, const TwoLayers& t, const float* x, const float* k1,
+                          const float* b1, bool relu1, const float* ut, const int8_t* arg2,
+                          const float* dy, float* dk1, float* db1, float* du, float* db2) {
+#define FJ_CALL(C) \
+  TwoLayerBackward<C>(pool, t, x, k1, b1, relu1, ut, arg2, dy, dk1, db1, du, db2)
+  FJ_DISPATCH_CIN(t.s1.cin, FJ_CALL)
+#undef FJ_CALL
+}
+
+ffi::Error TwoLayerForwardHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                  ffi::Buffer<ffi::F32> k1, ffi::Buffer<ffi::F32> b1,
+                                  ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> b2,
+                                  ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S8> arg,
+                                  int32_t relu1, int32_t relu2) {
+  TwoLayers t;
+  if (ffi::Error e = TwoLayerShapes(x.dimensions(), k1.dimensions(), u.dimensions(),
+                                    y->dimensions(), false, &t);
+      e.failure()) {
+    return e;
+  }
+  TwoLayerForwardCore(pool, t, x.typed_data(), k1.typed_data(), b1.typed_data(), relu1 != 0,
+                      u.typed_data(), b2.typed_data(), relu2 != 0, y->typed_data(),
+                      arg->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error TwoLayerBackwardHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                   ffi::Buffer<ffi::F32> k1, ffi::Buffer<ffi::F32> b1,
+                                   ffi::Buffer<ffi::F32> ut, ffi::Buffer<ffi::S8> arg2,
+                                   ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk1,
+                                   ffi::ResultBuffer<ffi::F32> db1,
+                                   ffi::ResultBuffer<ffi::F32> du,
+                                   ffi::ResultBuffer<ffi::F32> db2, int32_t relu1) {
+  TwoLayers t;
+  if (ffi::Error e = TwoLayerShapes(x.dimensions(), k1.dimensions(), ut.dimensions(),
+                                    dy.dimensions(), true, &t);
+      e.failure()) {
+    return e;
+  }
+  if (arg2.element_count() != dy.element_count() || dk1->element_count() != k1.element_count() ||
+      du->element_count() != ut.element_count()) {
+    return ffi::Error::InvalidArgument("fashion_jax two conv layers gradient: shapes differ");
+  }
+  TwoLayerBackwardCore(pool, t, x.typed_data(), k1.typed_data(), b1.typed_data(), relu1 != 0,
+                       ut.typed_data(), arg2.typed_data(), dy.typed_data(), dk1->typed_data(),
+                       db1->typed_data(), du->typed_data(), db2->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // What this build uses, for logs and benchmarks: "lanes=16 isa=avx512f,avx2,fma".
@@ -1061,3 +1265,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvBackward, WinogradConvBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjTwoLayerForward, TwoLayerForwardHandler,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Attr<int32_t>("relu1")
+                                  .Attr<int32_t>("relu2"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjTwoLayerBackward, TwoLayerBackwardHandler,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("relu1"));

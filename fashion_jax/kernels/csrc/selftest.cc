@@ -241,6 +241,57 @@ void TestConv(std::mt19937& rng, const Problem& p) {
   Expect((name + ": dkernel").c_str(), dk, dk_want, 2e-5 * p.n * oh * ow);
 }
 
+// The two-layer op (the CNN's pair as one) against the two layers' own kernels, which the tests
+// above check against the direct sums: outputs and taps bitwise, gradients to rounding (they are
+// summed in other chunks). p: the first layer (c < 8); k2: the second layer's outputs.
+void TestTwoLayers(std::mt19937& rng, const Problem& p, int k2, bool relu) {
+  SerialPool pool;
+  char what[160];
+  std::snprintf(what, sizeof(what), "two layers n=%d %dx%d c=%d k=%d k2=%d relu=%d", p.n, p.h, p.w,
+                p.c, p.k, k2, relu);
+  const Problem p2{p.n, p.hp(), p.wp(), p.k, k2};
+  const std::vector<float> x = Random(rng, size_t(p.n) * p.h * p.w * p.c, 1.0f);
+  const std::vector<float> k1 = Random(rng, 9 * size_t(p.c) * p.k, 0.3f);
+  const std::vector<float> b1 = Random(rng, p.k, 0.5f);
+  const std::vector<float> kern2 = Random(rng, 9 * size_t(p2.c) * p2.k, 0.1f);
+  const std::vector<float> b2 = Random(rng, p2.k, 0.5f);
+  const std::vector<float> u = FilterTransform(p2, kern2, false), ut = FilterTransform(p2, kern2, true);
+  const size_t nh = size_t(p.n) * p.hp() * p.wp() * p.k, ny = size_t(p.n) * p2.hp() * p2.wp() * k2;
+  const std::vector<float> dy = Random(rng, ny, 1.0f);
+  // Separately.
+  const Shape s1{p.n, p.h, p.w, p.c, p.k, p.hp(), p.wp()};
+  const Tiles sx{p2.n, p2.h, p2.w, p2.c, p2.hp(), p2.wp()}, sy{p2.n, p2.h, p2.w, k2, p2.hp(), p2.wp()};
+  std::vector<float> h(nh), y(ny), dh(nh), du(u.size()), db2(k2), dk1(k1.size()), db1(p.k);
+  std::vector<int8_t> arg1(nh), arg2(ny);
+  ConvPoolForwardCore(pool, s1, x.data(), k1.data(), b1.data(), relu, h.data(), arg1.data());
+  WinogradConvPoolForwardCore(pool, sx, sy, h.data(), u.data(), b2.data(), relu, y.data(), arg2.data());
+  WinogradConvPoolBackwardCore(pool, sx, sy, h.data(), ut.data(), arg2.data(), dy.data(), dh.data(),
+                               du.data(), db2.data());
+  ConvPoolBackwardCore(pool, s1, x.data(), arg1.data(), dh.data(), dk1.data(), db1.data());
+  // As one op.
+  const TwoLayers t{s1, sx, sy};
+  std::vector<float> y_t(ny, NAN), du_t(u.size(), NAN), db2_t(k2, NAN), dk1_t(k1.size(), NAN),
+      db1_t(p.k, NAN);
+  std::vector<int8_t> arg2_t(ny, -1);
+  TwoLayerForwardCore(pool, t, x.data(), k1.data(), b1.data(), relu, u.data(), b2.data(), relu,
+                      y_t.data(), arg2_t.data());
+  TwoLayerBackwardCore(pool, t, x.data(), k1.data(), b1.data(), relu, ut.data(), arg2_t.data(),
+                       dy.data(), dk1_t.data(), db1_t.data(), du_t.data(), db2_t.data());
+  auto as_double = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+  std::string name(what);
+  Expect((name + ": y").c_str(), y_t, as_double(y), 0.0);
+  ++checks;
+  if (arg2_t != arg2) {
+    ++failures;
+    std::printf("FAIL %s: taps differ (L=%d)\n", what, L);
+  }
+  const double scale = double(p.n) * p.hp() * p.wp();
+  Expect((name + ": du").c_str(), du_t, as_double(du), 1e-5 * scale);
+  Expect((name + ": db2").c_str(), db2_t, as_double(db2), 1e-5 * scale);
+  Expect((name + ": dk1").c_str(), dk1_t, as_double(dk1), 1e-5 * scale);
+  Expect((name + ": db1").c_str(), db1_t, as_double(db1), 1e-5 * scale);
+}
+
 }  // namespace
 
 int main() {
@@ -266,6 +317,13 @@ int main() {
   TestConv(rng, {3, 18, 6, 2 * L, 3 * L});
   TestConv(rng, {17, 6, 8, L, L});
   TestConv(rng, {1, 4, 4, L, L});
+  // The two-layer op: the CNN's pair (at 16 lanes: 1 -> 32 -> 64 channels on 28x28), odd sizes
+  // and several input channels, more images than the gradient's chunks, the smallest second layer.
+  for (bool relu : {false, true}) {
+    TestTwoLayers(rng, {3, 28, 28, 1, 2 * L}, 4 * L, relu);
+    TestTwoLayers(rng, {2, 13, 11, 3, L}, 3 * L, relu);
+    TestTwoLayers(rng, {17, 10, 10, 2, L}, L, relu);
+  }
   // The peak measurement (its threads and calibration under the sanitizers; its figures are
   // checked in tests/test_native.py, on the machine itself): the widest width, then an unknown one.
   double gflops = 0, mhz = 0;
