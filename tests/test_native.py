@@ -81,6 +81,66 @@ def test_outputs_and_grads_match_lax(batch, hw, cin, cout, relu):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("batch,hw,cin,c,k", [
+    (3, (28, 28), 1, 32, 64),  # The CNN's two layers.
+    (2, (13, 11), 3, 16, 48),  # Odd sizes, several input channels, three output blocks (16 lanes).
+    (17, (10, 10), 2, 16, 16)])  # More images than the gradient's chunks; the smallest second layer.
+@pytest.mark.parametrize("relu", [False, True], ids=["two_layers", "two_layers_relu"])
+def test_two_layers_match_lax_and_the_separate_kernels(batch, hw, cin, c, k, relu):
+  """The two conv + pool layers as one op: outputs bitwise the two layers' own kernels', every
+  gradient (the input's too, through the separate ops) equal to theirs and to lax's to rounding."""
+  x, k1, b1 = _inputs(batch, batch, hw, cin, c)
+  _, k2, b2 = _inputs(batch + 1, 1, (4, 4), c, k)
+  k2 = k2 * 0.3
+  args = (x, k1, b1, k2, b2)
+  if not (native.fits_lanes(c) and native.fits_lanes(k)):
+    assert not native.supports_two_layers(x, k1, k2)
+    return
+  assert native.supports_two_layers(x, k1, k2)
+  two = jax.jit(functools.partial(native.conv3x3_pool2_twice, relu=relu))
+  separate = lambda x, k1, b1, k2, b2: native.conv3x3_pool2(
+      native.conv3x3_pool2(x, k1, b1, relu=relu), k2, b2, relu=relu)
+  ref = lambda x, k1, b1, k2, b2: _ref(_ref(x, k1, b1, relu), k2, b2, relu)
+  y = two(*args)
+  np.testing.assert_array_equal(y, jax.jit(separate)(*args))
+  np.testing.assert_allclose(y, ref(*args), rtol=1e-4, atol=1e-4)
+  r = jnp.asarray(np.random.default_rng(9).standard_normal(y.shape), jnp.float32)
+  grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * r), argnums=(0, 1, 2, 3, 4)))(*args)
+           for f in (ref, separate, two)]
+  for name, want, same_kernels, got in zip("x k1 b1 k2 b2".split(), *grads):
+    np.testing.assert_allclose(got, same_kernels, rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3, err_msg=name)
+
+
+def test_two_layers_support_only_what_the_kernels_handle():
+  x, k1, _ = _inputs(0, 1, (28, 28), 1, 32)
+  _, k2, _ = _inputs(1, 1, (4, 4), 32, 64)
+  assert native.supports_two_layers(x, k1, k2)
+  assert not native.supports_two_layers(x.astype(jnp.bfloat16), k1, k2)  # float32 only.
+  wide = jnp.zeros((1, 28, 28, 8))  # The first layer must be the direct kernel's (Cin < 8).
+  assert not native.supports_two_layers(wide, jnp.zeros((3, 3, 8, 32)), k2)
+  assert not native.supports_two_layers(jnp.zeros((1, 9, 9, 1)), k1, k2)  # h 3x3: too small.
+  assert not native.supports_two_layers(x, k1, jnp.zeros((3, 3, 16, 64)))  # Channels differ.
+  with pytest.raises(ValueError, match="does not support"):
+    native.conv3x3_pool2_twice(wide, jnp.zeros((3, 3, 8, 32)), jnp.zeros(32), k2, jnp.zeros(64))
+
+
+def test_the_cnn_runs_its_two_layers_as_one_op_and_falls_back_to_two():
+  """ops.conv_pool_twice: the one native op where both layers would be native, else the two
+  layers in turn (bitwise what conv_pool gives each)."""
+  x, k1, b1 = _inputs(0, 2, (28, 28), 1, 32)
+  _, k2, b2 = _inputs(1, 1, (4, 4), 32, 64)
+  hlo = jax.jit(functools.partial(ops.conv_pool_twice, relu=True)).lower(
+      x, k1, b1, k2, b2).as_text()
+  assert "fashion_jax_two_layer_fwd" in hlo
+  for impl in ("xla", "winograd"):
+    got = ops.conv_pool_twice(x, k1, b1, k2, b2, impl, relu=True)
+    want = ops.conv_pool(ops.conv_pool(x, k1, b1, impl, relu=True), k2, b2, impl, relu=True)
+    np.testing.assert_array_equal(got, want)
+    assert "two_layer" not in jax.jit(functools.partial(ops.conv_pool_twice, conv_impl=impl)).lower(
+        x, k1, b1, k2, b2).as_text()
+
+
 @pytest.mark.parametrize("cin", [1, 16])  # Direct and Winograd.
 @pytest.mark.parametrize("relu", [False, True], ids=["conv_pool", "conv_pool_relu"])
 def test_ties_go_to_the_first_maximum_like_reduce_window(cin, relu):
@@ -119,6 +179,14 @@ k = jnp.asarray((rng.standard_normal((3, 3, 32, 64)) * 0.3).astype(np.float32))
 outputs["plain_y"] = np.asarray(jax.jit(native.conv3x3)(x, k))
 grads = jax.jit(jax.grad(lambda x, k: jnp.sum(native.conv3x3(x, k) ** 2), argnums=(0, 1)))(x, k)
 outputs["plain_dx"], outputs["plain_dk"] = map(np.asarray, grads)
+x = jnp.asarray(rng.uniform(size=(37, 28, 28, 1)).astype(np.float32))  # The two-layer op.
+ks = [jnp.asarray((rng.standard_normal(s) * 0.3).astype(np.float32))
+      for s in ((3, 3, 1, 32), (32,), (3, 3, 32, 64), (64,))]
+two = lambda x, *ks: native.conv3x3_pool2_twice(x, *ks, relu=True)
+outputs["two_y"] = np.asarray(jax.jit(two)(x, *ks))
+grads = jax.jit(jax.grad(lambda *a: jnp.sum(two(*a) ** 2), argnums=(1, 2, 3, 4)))(x, *ks)
+for name, g in zip(("dk1", "db1", "dk2", "db2"), grads):
+  outputs[f"two_{name}"] = np.asarray(g)
 np.savez(sys.argv[1], **outputs)
 """
 
@@ -139,7 +207,7 @@ def test_gradients_do_not_depend_on_the_thread_count(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results[label] = dict(np.load(out))
   for label in ("all", "all again"):
-    assert len(results[label]) == 9 and results[label].keys() == results["one"].keys()
+    assert len(results[label]) == 14 and results[label].keys() == results["one"].keys()
     for key in results["one"]:
       np.testing.assert_array_equal(results[label][key], results["one"][key], err_msg=key)
 

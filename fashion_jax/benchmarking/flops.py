@@ -146,16 +146,29 @@ def _kernel_flops(target: str, operands: list[tuple[int, ...]]) -> float:
   if target in ("fashion_jax_conv_pool_fwd", "fashion_jax_conv_pool_bwd"):
     (n, h, w, c), k = operands[0], operands[1][-1]
     return 2.0 * n * ((h - 2) // 2) * ((w - 2) // 2) * 4 * 9 * c * k  # Multiply-adds x 2.
-  # The fused Winograd layers: transforms (additions only, ~32 per tile and channel each way)
-  # and the 16 per-tile products (forward; dV and dU backward, where V is recomputed from x).
+  # The fused Winograd layers (`_winograd_flops`).
   if target.startswith("fashion_jax_winograd_conv"):
     (n, h, w, c), (_, u1, u2) = operands[0], operands[1]
-    k = u1 * u2 // c  # U is [16, C, K] forward, U^T [16, K, C] backward.
-    tiles = n * ((h - 2) // 2) * ((w - 2) // 2)
-    if target.endswith("fwd"):
-      return 32.0 * tiles * (c + k) + 2.0 * 16 * tiles * c * k
-    return 32.0 * tiles * (2 * c + k) + 4.0 * 16 * tiles * c * k
+    return _winograd_flops(target.endswith("fwd"), n, h, w, c, u1 * u2 // c)
+  # The two layers as one op: the direct layer (recomputed in the backward), then the Winograd one
+  # on its pooled output h [n, (h-2)/2, (w-2)/2, C].
+  if target in ("fashion_jax_two_layer_fwd", "fashion_jax_two_layer_bwd"):
+    (n, h, w, cin), c, (_, u1, u2) = operands[0], operands[1][-1], operands[3]
+    hp, wp = (h - 2) // 2, (w - 2) // 2
+    first = 2.0 * n * hp * wp * 4 * 9 * cin * c
+    forward = target.endswith("fwd")
+    return first * (1 if forward else 2) + _winograd_flops(forward, n, hp, wp, c, u1 * u2 // c)
   return 0.0
+
+
+def _winograd_flops(forward: bool, n: int, h: int, w: int, c: int, k: int) -> float:
+  """A fused Winograd layer on [n, h, w, c] with k outputs: its transforms (additions only, ~32
+  per tile and channel each way) and the 16 per-tile products (forward; dV and dU backward,
+  where V is recomputed from x). U is [16, C, K] forward, U^T [16, K, C] backward."""
+  tiles = n * ((h - 2) // 2) * ((w - 2) // 2)
+  if forward:
+    return 32.0 * tiles * (c + k) + 2.0 * 16 * tiles * c * k
+  return 32.0 * tiles * (2 * c + k) + 4.0 * 16 * tiles * c * k
 
 
 def executed_flops(hlo_text: str) -> float:

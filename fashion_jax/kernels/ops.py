@@ -300,3 +300,22 @@ def conv_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, conv_impl: str =
     y = conv(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     y = max_pool_2x2(y + bias, impl=pool_impl)
   return jax.nn.relu(y) if relu else y
+
+
+def conv_pool_twice(x: jax.Array, k1: jax.Array, b1: jax.Array, k2: jax.Array, b2: jax.Array,
+                    conv_impl: str = "auto", pool_impl: str = "auto",
+                    relu: bool = False) -> jax.Array:
+  """conv_pool(conv_pool(x, k1, b1, ...), k2, b2, ...) (the classic CNN's two layers).
+
+  Where both layers would run the native kernels ("native", or "auto" on CPU when they are
+  wanted) and `native.supports_two_layers` the shapes, one native op computes the pair with the
+  first layer's output kept in cache (`native.conv3x3_pool2_twice`); otherwise the two layers
+  run in turn, as `conv_pool` runs each.
+  """
+  if conv_impl == "native":
+    check_native()
+  wanted = conv_impl == "native" or (conv_impl == "auto" and on_cpu() and _native_wanted())
+  if wanted and native.supports_two_layers(x, k1, k2):
+    return native.conv3x3_pool2_twice(x, k1, b1, k2, b2, relu=relu)
+  h = conv_pool(x, k1, b1, conv_impl, pool_impl, relu=relu)
+  return conv_pool(h, k2, b2, conv_impl, pool_impl, relu=relu)

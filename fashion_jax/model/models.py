@@ -38,25 +38,17 @@ def _conv_fn(conv_impl: str):
   return lax.conv_general_dilated
 
 
-class _ConvPool(nn.Module):
-  """Conv(features, 3x3, VALID) with bias, then 2x2 max-pooling, as one op.
-
-  Its parameters are exactly `nn.Conv`'s (kernel HWIO, bias; same initializers),
-  so given nn.Conv's name it is checkpoint-compatible with Conv + pool.
-  """
+class _ConvParams(nn.Module):
+  """A 3x3 conv's parameters, exactly `nn.Conv`'s (kernel HWIO, bias; same initializers): given
+  nn.Conv's name, the conv + pool layers that use them are checkpoint-compatible with Conv + pool."""
   features: int
-  conv_impl: str
-  pool_impl: str
-  dtype: jnp.dtype
-  relu: bool = False  # Then the ReLU (fused into the native kernels).
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, in_features: int):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (3, 3, x.shape[-1], self.features), jnp.float32)
+                        (3, 3, in_features, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return ops.conv_pool(x, kernel, bias, self.conv_impl, self.pool_impl, relu=self.relu)
+    return kernel, bias
 
 
 class Linear(nn.Module):
@@ -86,7 +78,7 @@ class CNN(nn.Module):
   ReLU and max-pooling commute (ReLU is monotone), so the pool runs first and
   the ReLU touches a quarter of the values; the result is identical. Each
   conv+pool+ReLU is one op (`ops.conv_pool`), so it can be fused (Winograd, the native
-  kernels).
+  kernels), and with the native kernels the two layers are one (`ops.conv_pool_twice`).
   """
   num_classes: int = 10
   conv_impl: str = "auto"
@@ -96,11 +88,11 @@ class CNN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv_pool = functools.partial(_ConvPool, conv_impl=self.conv_impl, pool_impl=self.pool_impl,
-                                  dtype=self.dtype)
-    x = x.astype(self.dtype)
-    x = conv_pool(32, relu=True, name="Conv_0")(x)
-    x = conv_pool(64, relu=True, name="Conv_1")(x)
+    k1, b1 = _ConvParams(32, name="Conv_0")(x.shape[-1])
+    k2, b2 = _ConvParams(64, name="Conv_1")(32)
+    x, k1, b1, k2, b2 = nn.dtypes.promote_dtype(x, k1, b1, k2, b2, dtype=self.dtype)
+    # Both conv + pool + ReLU layers as one op where the native kernels run them.
+    x = ops.conv_pool_twice(x, k1, b1, k2, b2, self.conv_impl, self.pool_impl, relu=True)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(128, dtype=self.dtype)(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
