@@ -9,9 +9,11 @@ Run (offline, from the repository root):
   python -m fashion_jax.main --config=configs/default.py --workdir=/tmp/fj \
       --config.idx_dir=../shared/data/fashion_mnist
 
-Measured on 2 CPU cores (BENCHMARKS.md): 92.03% test accuracy after its 5
-epochs (9,375 steps, seed 0), 17.0 s wall from process start, ~34,500 images/s
-(AMD EPYC Zen 5 VM, AVX-512 kernels with the second layer fused whole). On the
+Measured on 2 CPU cores (BENCHMARKS.md): 91.69% test accuracy after its 5
+epochs (9,375 steps, seed 0; seeds 0-3: 91.69 / 92.05 / 90.97 / 91.55%, mean
+91.57%, against 91.54% with the kernels before the two layers became one op,
+whose gradients summed in another order), 15.5-16 s wall from process start,
+~34,000 images/s in the loop at batch 32 (AMD EPYC Zen 5 VM, AVX-512 kernels). On the
 AVX2 VM with the earlier kernels: 91.84% in 49 s at ~7,500 images/s (91.92% in
 66 s with the XLA Winograd path, 91.70% in 88 s before it).
 With 8 devices (JAX_NUM_CPU_DEVICES=8): 91.76% under pmap, 91.55% under mesh.

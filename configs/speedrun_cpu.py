@@ -7,9 +7,10 @@ one-cycle learning-rate schedule peaking at 7e-3, 2.5 epochs (1,170 steps).
       --config.idx_dir=../shared/data/fashion_mnist
 
 Measured on 2 CPU cores (BENCHMARKS.md, "Recipes"; wall time from process
-start to the final eval, compile included): 91.85 / 91.51 / 91.42 % test
-accuracy for seeds 0 / 1 / 2 (mean 91.59 %) at 10.0 / 9.3 / 8.9 s, ~30,000
-images/s in the loop (AMD EPYC Zen 5 VM, AVX-512 kernels). On the AVX2 VM with
+start to the final eval, compile included): 91.55 / 91.67 / 91.24 % test
+accuracy for seeds 0 / 1 / 2 (mean 91.49 %) at 7.4 / 8.2 / 8.5 s (AMD EPYC Zen 5
+VM, AVX-512 kernels, the two conv layers as one op; with the kernels before it
+91.59 % mean at 8.9-10.0 s, ~30,000 images/s in the loop). On the AVX2 VM with
 the earlier kernels: 91.56 % mean at 18.5-19.3 s, ~10,500 images/s; validation
 accuracy (validation_size=5000, seed 0) 91.26 %. (With the XLA Winograd path:
 91.53 % mean at 28.4-30.6 s.) The peak
