@@ -225,9 +225,14 @@ def _call(target, results, *args, **attributes):
   return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args, **attributes)
 
 
-def _pooled_shapes(x, kernel):
+def _pooled(x, channels: int) -> jax.ShapeDtypeStruct:
+  """The shape of a 3x3 VALID conv with `channels` outputs + 2x2 pool of x, float32."""
   n, h, w, _ = x.shape
-  pooled = jax.ShapeDtypeStruct((n, (h - 2) // 2, (w - 2) // 2, kernel.shape[-1]), jnp.float32)
+  return jax.ShapeDtypeStruct((n, (h - 2) // 2, (w - 2) // 2, channels), jnp.float32)
+
+
+def _pooled_shapes(x, kernel):
+  pooled = _pooled(x, kernel.shape[-1])
   return pooled, jax.ShapeDtypeStruct(pooled.shape, jnp.int8)
 
 
@@ -299,17 +304,12 @@ _winograd.defvjp(_winograd_forward, _winograd_bwd)
 # Two conv + pool layers as one op (the classic CNN's pair): the first layer's output stays in
 # cache, per image, instead of going to memory between them.
 
-def _pooled(shape, channels: int) -> tuple[int, int, int, int]:
-  n, h, w, _ = shape
-  return (n, (h - 2) // 2, (w - 2) // 2, channels)
-
-
 def supports_two_layers(x: jax.Array, k1: jax.Array, k2: jax.Array) -> bool:
   """Whether `conv3x3_pool2_twice` handles these shapes and dtypes (not whether it is built):
   the first layer the direct kernel's (Cin < 8), the second a Winograd one `supports` takes."""
   if not (k2.ndim == 4 and supports(x, k1) and x.shape[-1] < DIRECT_MAX_CHANNELS):
     return False
-  h = jax.ShapeDtypeStruct(_pooled(x.shape, k1.shape[-1]), x.dtype)
+  h = _pooled(x, k1.shape[-1])
   return h.shape[-1] >= DIRECT_MAX_CHANNELS and supports(h, k2)
 
 
@@ -335,9 +335,7 @@ def conv3x3_pool2_twice(x: jax.Array, k1: jax.Array, b1: jax.Array, k2: jax.Arra
 
 def _two_layers_forward(x, k1, b1, k2, b2, relu):
   u = winograd.filter_transform(k2)
-  shape = _pooled(_pooled(x.shape, k1.shape[-1]), k2.shape[-1])
-  y, which = _call("fashion_jax_two_layer_fwd",
-                   (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int8)),
+  y, which = _call("fashion_jax_two_layer_fwd", _pooled_shapes(_pooled(x, k1.shape[-1]), k2),
                    x, k1, b1, u, b2, relu1=np.int32(relu), relu2=np.int32(relu))
   return y, (x, k1, b1, k2, b2, u, which)
 
@@ -349,12 +347,9 @@ def _two_layers(x, k1, b1, k2, b2, relu):
 
 def _two_layers_bwd(relu, residuals, dy):
   x, k1, b1, k2, b2, u, which = residuals
-  dk1, db1, du, db2 = _call("fashion_jax_two_layer_bwd",
-                            (jax.ShapeDtypeStruct(k1.shape, jnp.float32),
-                             jax.ShapeDtypeStruct(b1.shape, jnp.float32),
-                             jax.ShapeDtypeStruct(u.shape, jnp.float32),
-                             jax.ShapeDtypeStruct(b2.shape, jnp.float32)),
-                            x, k1, b1, jnp.swapaxes(u, 1, 2), which, dy, relu1=np.int32(relu))
+  shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (k1, b1, u, b2))
+  dk1, db1, du, db2 = _call("fashion_jax_two_layer_bwd", shapes, x, k1, b1,
+                            jnp.swapaxes(u, 1, 2), which, dy, relu1=np.int32(relu))
   # The input gradient (unused, and so removed by XLA, when x is the image): through the two
   # layers' own ops.
   separate = lambda v: conv3x3_pool2(conv3x3_pool2(v, k1, b1, relu), k2, b2, relu)

@@ -640,80 +640,117 @@ ffi::Error FusedShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> ud,
   return ffi::Error::Success();
 }
 
-// The fused Winograd layer, forward: per image, a block of tile rows at a time in cache,
-// V = B^T d B, the 16 per-tile channel products M = V U (the register-blocked micro-kernel),
-// then out(rows, M, plane) writes the block's outputs (pooled or not). XLA's matmuls between
-// separate transforms had written and re-read [16, tiles, K] planes (26 MB at batch 256).
+// Floats of a block's planes: V and M forward, V, dM and dV backward.
+inline int64_t BlockTiles(const Tiles& sx) { return RowsPerBlock(sx) * sx.tw; }
+inline int64_t ForwardPlaneFloats(const Tiles& sx, int64_t k) {
+  return 16 * BlockTiles(sx) * (sx.c + k);
+}
+inline int64_t BackwardPlaneFloats(const Tiles& sx, int64_t k) {
+  return 16 * BlockTiles(sx) * (2 * sx.c + k);
+}
+
+// One image of the fused Winograd layer, forward: x_img is the image (sx's shape), b its index
+// among the outputs. A block of tile rows at a time in cache: V = B^T d B, the 16 per-tile
+// channel products M = V U (the register-blocked micro-kernel), then out(rows, M, plane) writes
+// the block's outputs (pooled or not). XLA's matmuls between separate transforms had written
+// and re-read [16, tiles, K] planes (26 MB at batch 256). planes: ForwardPlaneFloats, aligned.
+template <typename Out>
+void WinogradImageForward(const Tiles& sx, int64_t k, const float* x_img, int64_t b,
+                          const float* u, float* planes, const Out& out) {
+  const int64_t c = sx.c, rows = RowsPerBlock(sx), block = BlockTiles(sx);
+  float* v = planes;
+  float* m = v + 16 * block * c;
+  for (int64_t i0 = 0; i0 < sx.th; i0 += rows) {
+    const int64_t i1 = std::min(i0 + rows, sx.th), tiles = (i1 - i0) * sx.tw;
+    InputTransformRows(sx, x_img, TileRows{0, i0, i1}, v, block * c);  // The image's own rows.
+    for (int p = 0; p < 16; ++p) {
+      Gemm(v + p * block * c, c, 1, u + p * c * k, k, m + p * block * k, k, tiles, c, k, false);
+    }
+    out(TileRows{b, i0, i1}, m, block * k);
+  }
+}
+
 template <typename Pool, typename Out>
 void WinogradFusedForward(Pool& pool, const Tiles& sx, int64_t k, const float* x, const float* u,
                           const Out& out) {
-  const int64_t c = sx.c, rows = RowsPerBlock(sx), block = rows * sx.tw;
   ParallelFor(pool, sx.n, [&](int64_t b) {
     thread_local std::vector<float> scratch;
-    scratch.resize(16 * block * (c + k) + kAlignPad);
-    float* v = AlignUp(scratch.data());
-    float* m = v + 16 * block * c;
-    for (int64_t i0 = 0; i0 < sx.th; i0 += rows) {
-      const TileRows r{b, i0, std::min(i0 + rows, sx.th)};
-      const int64_t tiles = (r.i1 - r.i0) * sx.tw;
-      InputTransformRows(sx, x, r, v, block * c);
-      for (int p = 0; p < 16; ++p) {
-        Gemm(v + p * block * c, c, 1, u + p * c * k, k, m + p * block * k, k, tiles, c, k, false);
-      }
-      out(r, m, block * k);
-    }
+    scratch.resize(ForwardPlaneFloats(sx, k) + kAlignPad);
+    WinogradImageForward(sx, k, x + b * sx.h * sx.w * sx.c, b, u, AlignUp(scratch.data()), out);
   });
 }
 
-// The backward: per block, V again from x, dM = out_grad(rows, dM, plane, db) (which adds the
-// bias gradient, if the layer has one, to db: K / L vectors), dV = dM U^T (-> dx) and
-// dU += V^T dM. dU and db are summed per fixed chunk of images, then over the chunks in order,
-// so they do not depend on the thread count.
+// The backward of one image: per block, V again from x_img, dM = out_grad(rows, dM, plane, db)
+// (which adds the bias gradient, if the layer has one, to db: K / L vectors), dV = dM U^T (added
+// into dx_img, which the caller zeroes) and dU += V^T dM (into du_acc [16, C, K]).
+// planes: BackwardPlaneFloats, aligned.
+template <typename OutGrad>
+void WinogradImageBackward(const Tiles& sx, int64_t k, const float* x_img, int64_t b,
+                           const float* ut, const OutGrad& out_grad, float* planes, float* dx_img,
+                           float* du_acc, fv* db_acc) {
+  const int64_t c = sx.c, rows = RowsPerBlock(sx), block = BlockTiles(sx);
+  float* v = planes;
+  float* dm = v + 16 * block * c;
+  float* dv = dm + 16 * block * k;
+  for (int64_t i0 = 0; i0 < sx.th; i0 += rows) {
+    const int64_t i1 = std::min(i0 + rows, sx.th), tiles = (i1 - i0) * sx.tw;
+    const TileRows own{0, i0, i1};
+    InputTransformRows(sx, x_img, own, v, block * c);
+    out_grad(TileRows{b, i0, i1}, dm, block * k, db_acc);
+    for (int p = 0; p < 16; ++p) {
+      const float* dmp = dm + p * block * k;
+      Gemm(dmp, k, 1, ut + p * k * c, c, dv + p * block * c, c, tiles, k, c, false);
+      Gemm(v + p * block * c, 1, c, dmp, k, du_acc + p * c * k, k, c, tiles, k, true);
+    }
+    InputGradRows(sx, dv, block * c, own, dx_img);
+  }
+}
+
+// Gradients are summed per fixed chunk of images, then over the chunks in order, so they do not
+// depend on the thread count.
 constexpr int64_t kWinogradGradChunks = 16;
 
+inline int64_t GradChunks(int64_t n) {
+  return std::max<int64_t>(1, std::min(kWinogradGradChunks, n));
+}
+
+// Adds chunks 1.. of `partial` (each `stride` floats, `used` of them summed) into chunk 0, in
+// order; returns chunk 0.
+inline float* SumChunks(float* partial, int64_t chunks, int64_t stride, int64_t used) {
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+    const float* acc = partial + chunk * stride;
+    for (int64_t i = 0; i < used; ++i) partial[i] += acc[i];
+  }
+  return partial;
+}
+
+// The fused Winograd layer, backward: dx, dU [16, C, K] and (db != nullptr) db [K].
 template <typename Pool, typename OutGrad>
 void WinogradFusedBackward(Pool& pool, const Tiles& sx, int64_t k, const float* x,
                            const float* ut, const OutGrad& out_grad, float* dx, float* du,
                            float* db) {
-  const int64_t c = sx.c, rows = RowsPerBlock(sx), block = rows * sx.tw;
+  const int64_t c = sx.c;
   const int64_t nu = 16 * c * k + (db != nullptr ? k : 0), image = sx.h * sx.w * c;
-  const int64_t chunks = std::max<int64_t>(1, std::min(kWinogradGradChunks, sx.n));
+  const int64_t chunks = GradChunks(sx.n);
   // Per chunk: dU [16, C, K], then db [K]; each chunk zeroes its own (no second fill here).
   std::unique_ptr<float[]> partial_buffer(new float[chunks * nu + kAlignPad]);
   float* const partial = AlignUp(partial_buffer.get());
   ParallelFor(pool, chunks, [&](int64_t chunk) {
     thread_local std::vector<float> scratch;
-    scratch.resize(16 * block * (2 * c + k) + kAlignPad);
-    float* v = AlignUp(scratch.data());
-    float* dm = v + 16 * block * c;
-    float* dv = dm + 16 * block * k;
+    scratch.resize(BackwardPlaneFloats(sx, k) + kAlignPad);
     float* acc = partial + chunk * nu;
     std::fill(acc, acc + nu, 0.0f);
     std::vector<fv> db_acc(k / L, Splat(0.0f));
     for (int64_t b = sx.n * chunk / chunks; b < sx.n * (chunk + 1) / chunks; ++b) {
       std::fill(dx + b * image, dx + (b + 1) * image, 0.0f);
-      for (int64_t i0 = 0; i0 < sx.th; i0 += rows) {
-        const TileRows r{b, i0, std::min(i0 + rows, sx.th)};
-        const int64_t tiles = (r.i1 - r.i0) * sx.tw;
-        InputTransformRows(sx, x, r, v, block * c);
-        out_grad(r, dm, block * k, db_acc.data());
-        for (int p = 0; p < 16; ++p) {
-          const float* dmp = dm + p * block * k;
-          Gemm(dmp, k, 1, ut + p * k * c, c, dv + p * block * c, c, tiles, k, c, false);
-          Gemm(v + p * block * c, 1, c, dmp, k, acc + p * c * k, k, c, tiles, k, true);
-        }
-        InputGradRows(sx, dv, block * c, r, dx);
-      }
+      WinogradImageBackward(sx, k, x + b * image, b, ut, out_grad, AlignUp(scratch.data()),
+                            dx + b * image, acc, db_acc.data());
     }
     if (db != nullptr) {
       for (int64_t kb = 0; kb < k; kb += L) Store(acc + 16 * c * k + kb, db_acc[kb / L]);
     }
   });
-  float* total = partial;  // Chunk 0's sums, then the others added in order.
-  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
-    const float* acc = partial + chunk * nu;
-    for (int64_t i = 0; i < nu; ++i) total[i] += acc[i];
-  }
+  const float* total = SumChunks(partial, chunks, nu, nu);
   std::copy(total, total + 16 * c * k, du);
   if (db != nullptr) std::copy(total + 16 * c * k, total + nu, db);
 }
@@ -874,21 +911,14 @@ template <int CIN, typename Pool>
 void TwoLayerForward(Pool& pool, const TwoLayers& t, const float* x, const float* k1,
                      const float* b1, bool relu1, const float* u, const float* b2, bool relu2,
                      float* y, int8_t* arg) {
-  const Tiles& sx = t.sx;
-  const int64_t c = sx.c, k = t.sy.c, rows = RowsPerBlock(sx), block = rows * sx.tw;
+  const int64_t k = t.sy.c;
   ParallelFor(pool, t.s1.n, [&](int64_t b) {
-    const TwoLayerScratch buf = TwoLayerBuffers(t, 16 * block * (c + k));
+    const TwoLayerScratch buf = TwoLayerBuffers(t, ForwardPlaneFloats(t.sx, k));
     FirstLayer<CIN>(t, x, b, k1, b1, relu1, buf.h, buf.arg);
-    float* v = buf.planes;
-    float* m = v + 16 * block * c;
-    for (int64_t i0 = 0; i0 < sx.th; i0 += rows) {
-      const int64_t i1 = std::min(i0 + rows, sx.th), tiles = (i1 - i0) * sx.tw;
-      InputTransformRows(sx, buf.h, TileRows{0, i0, i1}, v, block * c);  // h: image 0 of its own.
-      for (int p = 0; p < 16; ++p) {
-        Gemm(v + p * block * c, c, 1, u + p * c * k, k, m + p * block * k, k, tiles, c, k, false);
-      }
-      OutputPoolRows(t.sy, m, block * k, TileRows{b, i0, i1}, b2, relu2, y, arg);
-    }
+    WinogradImageForward(t.sx, k, buf.h, b, u, buf.planes,
+                         [&](const TileRows& r, const float* m, int64_t plane) {
+                           OutputPoolRows(t.sy, m, plane, r, b2, relu2, y, arg);
+                         });
   });
 }
 
@@ -896,20 +926,19 @@ template <int CIN, typename Pool>
 void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const float* k1,
                       const float* b1, bool relu1, const float* ut, const int8_t* arg2,
                       const float* dy, float* dk1, float* db1, float* du, float* db2) {
-  const Tiles& sx = t.sx;
-  const int64_t c = sx.c, k = t.sy.c, rows = RowsPerBlock(sx), block = rows * sx.tw;
-  const int64_t cin = t.s1.cin, image = t.s1.hp * t.s1.wp * c, nk1 = 9 * cin * c;
+  const int64_t c = t.sx.c, k = t.sy.c, cin = t.s1.cin;
+  const int64_t image = t.s1.hp * t.s1.wp * c, nk1 = 9 * cin * c;
   // Per chunk: dU [16, C, K], db2 [K], dk1 [3, 3, Cin, C], db1 [C], padded to whole vectors.
   const int64_t used = 16 * c * k + k + nk1 + c;
   const int64_t nu = (used + kAlignPad - 1) / kAlignPad * kAlignPad;
-  const int64_t chunks = std::max<int64_t>(1, std::min(kWinogradGradChunks, t.s1.n));
+  const int64_t chunks = GradChunks(t.s1.n);
   std::unique_ptr<float[]> partial_buffer(new float[chunks * nu + kAlignPad]);
   float* const partial = AlignUp(partial_buffer.get());
+  const auto out_grad = [&](const TileRows& r, float* dm, int64_t plane, fv* db_acc) {
+    OutputPoolGradRows(t.sy, dy, arg2, r, dm, plane, db_acc);
+  };
   ParallelFor(pool, chunks, [&](int64_t chunk) {
-    const TwoLayerScratch buf = TwoLayerBuffers(t, 16 * block * (2 * c + k));
-    float* v = buf.planes;
-    float* dm = v + 16 * block * c;
-    float* dv = dm + 16 * block * k;
+    const TwoLayerScratch buf = TwoLayerBuffers(t, BackwardPlaneFloats(t.sx, k));
     float* acc = partial + chunk * nu;
     std::fill(acc, acc + nu, 0.0f);
     std::vector<fv> db2_acc(k / L, Splat(0.0f));
@@ -918,18 +947,8 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
     for (int64_t b = t.s1.n * chunk / chunks; b < t.s1.n * (chunk + 1) / chunks; ++b) {
       FirstLayer<CIN>(t, x, b, k1, b1, relu1, buf.h, buf.arg);
       std::fill(buf.dh, buf.dh + image, 0.0f);
-      for (int64_t i0 = 0; i0 < sx.th; i0 += rows) {
-        const int64_t i1 = std::min(i0 + rows, sx.th), tiles = (i1 - i0) * sx.tw;
-        const TileRows own{0, i0, i1};
-        InputTransformRows(sx, buf.h, own, v, block * c);
-        OutputPoolGradRows(t.sy, dy, arg2, TileRows{b, i0, i1}, dm, block * k, db2_acc.data());
-        for (int p = 0; p < 16; ++p) {
-          const float* dmp = dm + p * block * k;
-          Gemm(dmp, k, 1, ut + p * k * c, c, dv + p * block * c, c, tiles, k, c, false);
-          Gemm(v + p * block * c, 1, c, dmp, k, acc + p * c * k, k, c, tiles, k, true);
-        }
-        InputGradRows(sx, dv, block * c, own, buf.dh);
-      }
+      WinogradImageBackward(t.sx, k, buf.h, b, ut, out_grad, buf.planes, buf.dh, acc,
+                            db2_acc.data());
       const float* xb = x + b * t.s1.h * t.s1.w * cin;
       for (int64_t cb = 0; cb < c; cb += L) {
         BackwardBlock<CIN, 1>(t.s1, xb, buf.arg, buf.dh, gw.data() + cb / L * 9 * cin,
@@ -945,11 +964,7 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
       Store(adb1 + cb, gb[cb / L]);
     }
   });
-  float* total = partial;  // Chunk 0's sums, then the others added in order.
-  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
-    const float* acc = partial + chunk * nu;
-    for (int64_t i = 0; i < used; ++i) total[i] += acc[i];
-  }
+  const float* total = SumChunks(partial, chunks, nu, used);
   std::copy(total, total + 16 * c * k, du);
   std::copy(total + 16 * c * k, total + 16 * c * k + k, db2);
   std::copy(total + 16 * c * k + k, total + 16 * c * k + k + nk1, dk1);
