@@ -89,7 +89,7 @@ class CNN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     k1, b1 = _ConvParams(32, name="Conv_0")(x.shape[-1])
-    k2, b2 = _ConvParams(64, name="Conv_1")(32)
+    k2, b2 = _ConvParams(64, name="Conv_1")(k1.shape[-1])
     x, k1, b1, k2, b2 = nn.dtypes.promote_dtype(x, k1, b1, k2, b2, dtype=self.dtype)
     # Both conv + pool + ReLU layers as one op where the native kernels run them.
     x = ops.conv_pool_twice(x, k1, b1, k2, b2, self.conv_impl, self.pool_impl, relu=True)
