@@ -231,15 +231,21 @@ void ForEachChannelBlock(int64_t cout, const F& f) {
   if (cb < cout) f(cb, std::integral_constant<int, 1>());
 }
 
+// One image (x_img, its outputs y_img and arg_img), every channel block.
+template <int CIN>
+void ImageForward(const Shape& s, const float* x_img, const float* k, const float* b, bool relu,
+                  float* y_img, int8_t* arg_img) {
+  ForEachChannelBlock<2>(s.cout, [&](int64_t cb, auto nb) {
+    ForwardBlock<CIN, decltype(nb)::value>(s, x_img, k, b, relu, y_img, arg_img, cb);
+  });
+}
+
 template <int CIN, typename Pool>
 void Forward(Pool& pool, const Shape& s, const float* x, const float* k,
              const float* b, bool relu, float* y, int8_t* arg) {
   const int64_t in_img = s.h * s.w * s.cin, out_img = s.hp * s.wp * s.cout;
   ParallelFor(pool, s.n, [&](int64_t n) {
-    ForEachChannelBlock<2>(s.cout, [&](int64_t cb, auto nb) {
-      ForwardBlock<CIN, decltype(nb)::value>(s, x + n * in_img, k, b, relu, y + n * out_img,
-                                             arg + n * out_img, cb);
-    });
+    ImageForward<CIN>(s, x + n * in_img, k, b, relu, y + n * out_img, arg + n * out_img);
   });
 }
 
@@ -897,16 +903,6 @@ inline TwoLayerScratch TwoLayerBuffers(const TwoLayers& t, int64_t plane_floats)
   return TwoLayerScratch{h, h + padded, bytes.data(), h + 2 * padded};
 }
 
-// The first layer's forward for image b into h and arg (all its channel blocks).
-template <int CIN>
-void FirstLayer(const TwoLayers& t, const float* x, int64_t b, const float* k1, const float* b1,
-                bool relu1, float* h, int8_t* arg) {
-  const float* image = x + b * t.s1.h * t.s1.w * t.s1.cin;
-  ForEachChannelBlock<2>(t.s1.cout, [&](int64_t cb, auto nb) {
-    ForwardBlock<CIN, decltype(nb)::value>(t.s1, image, k1, b1, relu1, h, arg, cb);
-  });
-}
-
 template <int CIN, typename Pool>
 void TwoLayerForward(Pool& pool, const TwoLayers& t, const float* x, const float* k1,
                      const float* b1, bool relu1, const float* u, const float* b2, bool relu2,
@@ -914,7 +910,8 @@ void TwoLayerForward(Pool& pool, const TwoLayers& t, const float* x, const float
   const int64_t k = t.sy.c;
   ParallelFor(pool, t.s1.n, [&](int64_t b) {
     const TwoLayerScratch buf = TwoLayerBuffers(t, ForwardPlaneFloats(t.sx, k));
-    FirstLayer<CIN>(t, x, b, k1, b1, relu1, buf.h, buf.arg);
+    ImageForward<CIN>(t.s1, x + b * t.s1.h * t.s1.w * t.s1.cin, k1, b1, relu1, buf.h,
+                      buf.arg);
     WinogradImageForward(t.sx, k, buf.h, b, u, buf.planes,
                          [&](const TileRows& r, const float* m, int64_t plane) {
                            OutputPoolRows(t.sy, m, plane, r, b2, relu2, y, arg);
@@ -945,11 +942,11 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
     std::vector<fv> gw(9 * cin * (c / L), Splat(0.0f));  // [block][tap, ci]
     std::vector<fv> gb(c / L, Splat(0.0f));
     for (int64_t b = t.s1.n * chunk / chunks; b < t.s1.n * (chunk + 1) / chunks; ++b) {
-      FirstLayer<CIN>(t, x, b, k1, b1, relu1, buf.h, buf.arg);
+      const float* xb = x + b * t.s1.h * t.s1.w * cin;
+      ImageForward<CIN>(t.s1, xb, k1, b1, relu1, buf.h, buf.arg);
       std::fill(buf.dh, buf.dh + image, 0.0f);
       WinogradImageBackward(t.sx, k, buf.h, b, ut, out_grad, buf.planes, buf.dh, acc,
                             db2_acc.data());
-      const float* xb = x + b * t.s1.h * t.s1.w * cin;
       for (int64_t cb = 0; cb < c; cb += L) {
         BackwardBlock<CIN, 1>(t.s1, xb, buf.arg, buf.dh, gw.data() + cb / L * 9 * cin,
                               gb.data() + cb / L, cb);
