@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from fashion_jax.benchmarking import flops
-from fashion_jax.kernels import native
+from fashion_jax.kernels import batchnorm, native
 from tests.conftest import require_native
 
 
@@ -45,6 +45,13 @@ def test_executed_flops_counts_the_kernels_xla_cannot_see():
   second = (32 * tiles * (32 + 64) + product) + (32 * tiles * (2 * 32 + 64) + 2 * product)
   assert flops.executed_flops(step.lower(k1, k8).compile().as_text()) == 3 * direct + second
 
+  # BatchNorm + ReLU (fashion_jax.kernels.batchnorm), per element of y: statistics 3, forward
+  # 4, the gradient's sums 7 and the gradient 8.
+  y = jnp.zeros((4, 6, 6, native.lanes()))
+  bn = lambda y: batchnorm.batch_norm_relu(y, jnp.ones(y.shape[-1]), jnp.zeros(y.shape[-1]),
+                                           epsilon=1e-5, pad=1)[0]
+  step = jax.jit(jax.grad(lambda y: jnp.sum(bn(y) ** 2)))
+  assert flops.executed_flops(step.lower(y).compile().as_text()) == (3 + 4 + 7 + 8) * y.size
 
 class _Device:
   platform, device_kind = "gpu", "NVIDIA H200"

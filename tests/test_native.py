@@ -16,7 +16,7 @@ from jax import lax
 import numpy as np
 import pytest
 
-from fashion_jax.kernels import native, native_build, ops
+from fashion_jax.kernels import batchnorm, native, native_build, ops
 from tests.conftest import ROOT, require_native
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -187,6 +187,13 @@ outputs["two_y"] = np.asarray(jax.jit(two)(x, *ks))
 grads = jax.jit(jax.grad(lambda *a: jnp.sum(two(*a) ** 2), argnums=(1, 2, 3, 4)))(x, *ks)
 for name, g in zip(("dk1", "db1", "dk2", "db2"), grads):
   outputs[f"two_{name}"] = np.asarray(g)
+from fashion_jax.kernels import batchnorm  # BatchNorm + ReLU (padded), several chunks of rows.
+y = jnp.asarray(rng.standard_normal((37, 14, 14, 64)).astype(np.float32))
+s, b = jnp.asarray(rng.standard_normal((2, 64)).astype(np.float32))
+bn = lambda y, s, b: batchnorm.batch_norm_relu(y, s, b, epsilon=1e-5, pad=1)
+outputs["bn_z"], outputs["bn_mean"], outputs["bn_var"] = map(np.asarray, jax.jit(bn)(y, s, b))
+grads = jax.jit(jax.grad(lambda *a: jnp.sum(bn(*a)[0] ** 2), argnums=(0, 1, 2)))(y, s, b)
+outputs["bn_dy"], outputs["bn_ds"], outputs["bn_db"] = map(np.asarray, grads)
 np.savez(sys.argv[1], **outputs)
 """
 
@@ -207,18 +214,20 @@ def test_gradients_do_not_depend_on_the_thread_count(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results[label] = dict(np.load(out))
   for label in ("all", "all again"):
-    assert len(results[label]) == 14 and results[label].keys() == results["one"].keys()
+    assert len(results[label]) == 20 and results[label].keys() == results["one"].keys()
     for key in results["one"]:
       np.testing.assert_array_equal(results[label][key], results["one"][key], err_msg=key)
 
 
 def _rerun_comparisons(**env):
-  """Reruns this file's lax comparisons in a subprocess with a build chosen by `env`: every
-  shape of the plain conv and of the conv+pool with its ReLU (which exercises every code path
+  """Reruns this file's lax (and flax) comparisons in a subprocess with a build chosen by `env`:
+  BatchNorm + ReLU, every shape of the plain conv and of the conv+pool with its ReLU (which
+  exercises every code path
   the conv+pool without it has, and the masking; that one runs above, on the best build)."""
   proc = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "-k",
-       "match_lax and not every_ and not [conv_pool-", os.path.join(ROOT, "tests", "test_native.py")],
+       "(match_lax or match_flax) and not every_ and not [conv_pool-",
+       os.path.join(ROOT, "tests", "test_native.py")],
       cwd=ROOT, capture_output=True, text=True, timeout=900, env=dict(os.environ, **env))
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
   summary = proc.stdout.strip().splitlines()[-1]
@@ -356,6 +365,9 @@ def test_auto_and_native_choices():
   x10, k10, b10 = _inputs(3, 2, (13, 13), 10, 16)  # 10: no multiple of any width.
   np.testing.assert_array_equal(ops.conv_pool(x10, k10, b10, "native"),
                                 ops.conv_pool(x10, k10, b10, "winograd"))
+  # BatchNorm + ReLU: native with "native" and with "auto" here (one CPU device, kernels built).
+  assert ops.native_norm_wanted("native") and ops.native_norm_wanted("auto")
+  assert not any(ops.native_norm_wanted(impl) for impl in ("xla", "im2col", "winograd"))
 
 
 def test_native_is_cpu_only(monkeypatch):
@@ -363,6 +375,32 @@ def test_native_is_cpu_only(monkeypatch):
   x, k, b = _inputs(1, 2, (13, 13), 1, 8)
   with pytest.raises(ValueError, match="CPU only"):
     ops.conv_pool(x, k, b, "native")
+  with pytest.raises(ValueError, match="CPU only"):
+    ops.native_norm_wanted("native")
+  assert not ops.native_norm_wanted("auto")  # Flax's BatchNorm on accelerators.
+
+
+def test_batch_norm_relu_falls_back_to_flax_where_the_kernels_do_not_apply():
+  """Evaluation (running averages), bfloat16, channels no width divides, a module not
+  configured as the kernels compute: flax's nn.BatchNorm + relu (+ pad), bitwise; no kernel."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from fashion_jax.model import models  # pylint: disable=g-import-not-at-top
+  lanes = native.lanes()
+  cases = [(jnp.float32, lanes, {}, True), (jnp.bfloat16, lanes, {}, False),
+           (jnp.float32, lanes + 1, {}, False), (jnp.float32, lanes, {"use_bias": False}, False),
+           (jnp.float32, lanes, {"axis": 1}, False)]
+  for dtype, c, kwargs, train_native in cases:
+    y = jnp.asarray(np.random.default_rng(c).standard_normal((2, 5, 5, c)), dtype)
+    for train in (False, True):
+      module = models.BatchNormReLU(use_running_average=not train, pad=1, native=True, **kwargs)
+      plain = nn.BatchNorm(use_running_average=not train, **kwargs)
+      variables = plain.init(jax.random.key(0), y)
+      run = lambda m, f=lambda z: z: jax.jit(lambda v: f(m.apply(v, y, mutable=["batch_stats"])[0]))
+      pad = lambda z: jnp.pad(jax.nn.relu(z), ((0, 0), (1, 1), (1, 1), (0, 0)))
+      uses_kernel = "fashion_jax_bn" in run(module).lower(variables).as_text()
+      assert uses_kernel == (train and train_native), (dtype, c, kwargs, train)
+      if not uses_kernel:
+        np.testing.assert_array_equal(run(module)(variables), run(plain, pad)(variables))
 
 
 _STUB_INFO = ('#define FJ_STR2(x) #x\n#define FJ_STR(x) FJ_STR2(x)\n'
@@ -639,18 +677,164 @@ def test_plain_conv_drop_in_and_fallbacks():
     native.conv3x3(x1, k1)
 
 
-def test_cnn_bn_gradients_match_the_xla_model():
+@pytest.mark.parametrize("train", [False, True])
+def test_cnn_bn_gradients_match_the_xla_model(train):
+  """cnn_bn on the native kernels (training: its BatchNorm + ReLU layers too) computes what
+  the XLA formulation does: loss, gradients and the running averages."""
   from fashion_jax.model import models  # pylint: disable=g-import-not-at-top
-  ref = models.create_model("cnn_bn", conv_impl="xla", pool_impl="xla")
-  fast = models.create_model("cnn_bn", conv_impl="native")
+  ref = models.create_model("cnn_bn", conv_impl="xla", pool_impl="xla", dropout_rate=0.0)
+  fast = models.create_model("cnn_bn", conv_impl="native", dropout_rate=0.0)
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 28, 28, 1)), jnp.float32)
   variables = ref.init(jax.random.key(0), x, train=False)
 
   def loss(model, params):
-    logits = model.apply({**variables, "params": params}, x, train=False)
-    return jnp.sum(jax.nn.log_softmax(logits)[:, 3])
+    logits, updated = model.apply({**variables, "params": params}, x, train=train,
+                                  mutable=["batch_stats"])
+    return jnp.sum(jax.nn.log_softmax(logits)[:, 3]), updated
 
-  l_ref, g_ref = jax.jit(jax.value_and_grad(lambda p: loss(ref, p)))(variables["params"])
-  l, g = jax.jit(jax.value_and_grad(lambda p: loss(fast, p)))(variables["params"])
+  step = lambda model: jax.jit(jax.value_and_grad(lambda p: loss(model, p), has_aux=True))
+  (l_ref, stats_ref), g_ref = step(ref)(variables["params"])
+  (l, stats), g = step(fast)(variables["params"])
+  if train:
+    assert "fashion_jax_bn_relu_grad" in step(fast).lower(variables["params"]).as_text()
   np.testing.assert_allclose(l, l_ref, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), g, g_ref)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), stats,
+               stats_ref)
+
+
+def test_cnn_bn_variables_are_nn_batchnorms_and_convs():
+  """The padding written by BatchNorm + ReLU and the VALID convs after it leave cnn_bn's
+  variables (checkpoints) and outputs those of its plain definition with nn.BatchNorm and
+  SAME convs."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from fashion_jax.model import models  # pylint: disable=g-import-not-at-top
+
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding="SAME", use_bias=False)
+      norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+      for features in (32, 64):
+        x = nn.relu(norm()(conv(features)(x)))
+        x = nn.relu(norm()(conv(features)(x)))
+        x = lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+      x = nn.relu(norm()(nn.Dense(256, use_bias=False)(x.reshape((x.shape[0], -1)))))
+      return nn.Dense(10)(x)
+
+  x = jnp.asarray(np.random.default_rng(1).uniform(size=(3, 28, 28, 1)), jnp.float32)
+  plain = Plain().init(jax.random.key(0), x)
+  for conv_impl in ("xla", "native"):
+    model = models.create_model("cnn_bn", conv_impl=conv_impl, pool_impl="xla", dropout_rate=0.0)
+    variables = model.init(jax.random.key(0), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(plain)
+    jax.tree.map(np.testing.assert_array_equal, variables, plain)  # The same initial values.
+    for train in (False, True):
+      got, _ = model.apply(variables, x, train=train, mutable=["batch_stats"])
+      want, _ = Plain().apply(plain, x, train=train, mutable=["batch_stats"])
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+# BatchNorm (batch statistics) + ReLU: the native kernels against flax's nn.BatchNorm + relu.
+
+def _bn_flax(y, scale, bias, pad):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  variables = {"params": {"scale": scale, "bias": bias},
+               "batch_stats": {"mean": jnp.zeros_like(scale), "var": jnp.ones_like(scale)}}
+  z, updated = nn.BatchNorm(use_running_average=False, momentum=0.0, epsilon=1e-5).apply(
+      variables, y, mutable=["batch_stats"])  # momentum 0: the running stats are the batch's.
+  z = jax.nn.relu(z)
+  if pad:
+    z = jnp.pad(z, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  return z, updated["batch_stats"]["mean"], updated["batch_stats"]["var"]
+
+
+def _bn_inputs(seed, shape):
+  rng = np.random.default_rng(seed)
+  c = shape[-1]
+  y = (2.0 + 1.5 * rng.standard_normal(shape)).astype(np.float32)
+  y[..., 0] = 3.0  # A constant channel: variance 0 (then clipped, the normalized input 0).
+  scale = rng.standard_normal(c).astype(np.float32)  # Some negative: the ReLU flips sides.
+  return jnp.asarray(y), jnp.asarray(scale), jnp.asarray(0.5 * rng.standard_normal(c), jnp.float32)
+
+
+@pytest.mark.parametrize("shape,pad", [
+    ((5, 28, 28, 32), 1),   # cnn_bn's first block, writing the next conv's padding.
+    ((6, 14, 14, 64), 0),   # Its second block, before the pool.
+    ((3, 7, 9, 48), 2),     # Odd sizes, three 16-lane vectors, a wider border.
+    ((1100, 16), 0),        # [P, C] rows (the dense layer's): three chunks, the last short.
+    ((128, 256), 0)])       # cnn_bn's dense BatchNorm.
+def test_batch_norm_relu_outputs_and_grads_match_flax(shape, pad):
+  y, scale, bias = _bn_inputs(sum(shape), shape)
+  if not batchnorm.supports(y):
+    assert not native.fits_lanes(shape[-1])
+    return
+  native_bn = lambda y, s, b: batchnorm.batch_norm_relu(y, s, b, epsilon=1e-5, pad=pad)
+  got = jax.jit(native_bn)(y, scale, bias)
+  want = jax.jit(_bn_flax, static_argnums=3)(y, scale, bias, pad)
+  assert got[0].shape == want[0].shape
+  for g, w in zip(got, want):  # z (its border zeros), the batch mean and variance.
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-5)
+  r = jnp.asarray(np.random.default_rng(1).standard_normal(want[0].shape), jnp.float32)
+  loss = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a)[0] * r), argnums=(0, 1, 2)))
+  grads = [loss(f)(y, scale, bias) for f in (native_bn, lambda *a: _bn_flax(*a, pad))]
+  for g, w in zip(*grads):  # dy, dscale, dbias (r on the border reaches nothing).
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
+
+
+_PMAP_BN = """
+import functools, sys
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+from fashion_jax.kernels import batchnorm
+assert jax.device_count() == 2
+rng = np.random.default_rng(0)
+y = jnp.asarray(1.0 + rng.standard_normal((2, 3, 6, 6, 32)), jnp.float32)  # Two devices' shares.
+params = {"scale": jnp.asarray(rng.standard_normal(32), jnp.float32),
+          "bias": jnp.asarray(rng.standard_normal(32), jnp.float32)}
+stats = {"mean": jnp.zeros(32), "var": jnp.ones(32)}
+
+def loss(params, y, bn_native):
+  if bn_native:
+    z = batchnorm.batch_norm_relu(y, params["scale"], params["bias"], epsilon=1e-5,
+                                  axis_name="batch")[0]
+  else:
+    bn = nn.BatchNorm(use_running_average=False, epsilon=1e-5, axis_name="batch")
+    z = jax.nn.relu(bn.apply({"params": params, "batch_stats": stats}, y,
+                             mutable=["batch_stats"])[0])
+  return jnp.sum(jnp.sin(z))
+
+replicated = jax.tree.map(lambda a: jnp.stack([a, a]), params)
+got, want = [jax.pmap(jax.value_and_grad(functools.partial(loss, bn_native=bn_native),
+                                         argnums=(0, 1)), axis_name="batch")(replicated, y)
+             for bn_native in (True, False)]
+jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+print("ok")
+"""
+
+
+def test_batch_norm_relu_under_pmap_matches_flax():
+  """With axis_name over two devices (pmap): the statistics average over both (pmean), the
+  gradient's sums add over both (psum); loss and every gradient as flax's synchronised
+  BatchNorm. (The models take the native kernels on one device only; the op itself works on
+  any number.)"""
+  if native.lanes() > 32:
+    pytest.skip("32 channels are not a multiple of this build's width")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, "-c", _PMAP_BN], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, env=env)
+  assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_batch_norm_relu_supports_and_errors():
+  lanes = native.lanes()
+  assert batchnorm.supports(jnp.zeros((2, 4, 4, lanes)))
+  assert batchnorm.supports(jnp.zeros((3, lanes)))
+  assert not batchnorm.supports(jnp.zeros((2, 4, 4, lanes + 1)))  # No whole vectors.
+  assert not batchnorm.supports(jnp.zeros((2, 4, 4, lanes), jnp.bfloat16))
+  assert not batchnorm.supports(jnp.zeros((2, 3, 4, 4, lanes)))
+  s = jnp.ones(lanes)
+  with pytest.raises(ValueError, match="does not support"):
+    batchnorm.batch_norm_relu(jnp.zeros((3, lanes)), s, s, epsilon=1e-5, pad=1)  # No images.
+  with pytest.raises(ValueError, match="does not support"):
+    batchnorm.batch_norm_relu(jnp.zeros((2, 4, 4, lanes + 1)), s, s, epsilon=1e-5)

@@ -56,14 +56,14 @@ from fashion_jax.kernels import native_build
 from fashion_jax.kernels import winograd
 from fashion_jax.kernels.native_build import NativeUnavailable
 
-_TARGETS = {"fashion_jax_conv_pool_fwd": "FjConvPoolForward",
-            "fashion_jax_conv_pool_bwd": "FjConvPoolBackward",
-            "fashion_jax_winograd_conv_pool_fwd": "FjWinogradConvPoolForward",
-            "fashion_jax_winograd_conv_pool_bwd": "FjWinogradConvPoolBackward",
-            "fashion_jax_winograd_conv_fwd": "FjWinogradConvForward",
-            "fashion_jax_winograd_conv_bwd": "FjWinogradConvBackward",
-            "fashion_jax_two_layer_fwd": "FjTwoLayerForward",
-            "fashion_jax_two_layer_bwd": "FjTwoLayerBackward"}
+_TARGETS = {f"fashion_jax_{name}": symbol for name, symbol in (  # XLA's name: the C symbol.
+    ("conv_pool_fwd", "FjConvPoolForward"), ("conv_pool_bwd", "FjConvPoolBackward"),
+    ("winograd_conv_pool_fwd", "FjWinogradConvPoolForward"),
+    ("winograd_conv_pool_bwd", "FjWinogradConvPoolBackward"),
+    ("winograd_conv_fwd", "FjWinogradConvForward"), ("winograd_conv_bwd", "FjWinogradConvBackward"),
+    ("two_layer_fwd", "FjTwoLayerForward"), ("two_layer_bwd", "FjTwoLayerBackward"),
+    ("bn_stats", "FjBnStats"), ("bn_relu_fwd", "FjBnReluForward"),
+    ("bn_relu_grad_sums", "FjBnReluGradSums"), ("bn_relu_grad", "FjBnReluGrad"))}
 DIRECT_MAX_CHANNELS = 8  # Direct convolution below this many input channels, Winograd from it.
 
 _registered = False  # XLA accepts one handler per target name and process.
@@ -221,7 +221,8 @@ def conv3x3_pool2(x: jax.Array, kernel: jax.Array, bias: jax.Array,
   return _winograd(x, kernel, bias, bool(relu))
 
 
-def _call(target, results, *args, **attributes):
+def call(target, results, *args, **attributes):
+  """jax.ffi.ffi_call of one of the kernels (`_TARGETS`; call `available()` first)."""
   return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args, **attributes)
 
 
@@ -242,8 +243,8 @@ def _pooled_shapes(x, kernel):
 # Direct kernel (few input channels).
 
 def _direct_fwd(x, kernel, bias, relu):
-  y, which = _call("fashion_jax_conv_pool_fwd", _pooled_shapes(x, kernel), x, kernel, bias,
-                   relu=np.int32(relu))
+  y, which = call("fashion_jax_conv_pool_fwd", _pooled_shapes(x, kernel), x, kernel, bias,
+                  relu=np.int32(relu))
   return y, (x, kernel, which)
 
 
@@ -255,10 +256,10 @@ def _direct(x, kernel, bias, relu):
 def _direct_bwd(relu, residuals, dy):
   del relu  # In `which`.
   x, kernel, which = residuals
-  dkernel, dbias = _call("fashion_jax_conv_pool_bwd",
-                         (jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
-                          jax.ShapeDtypeStruct(kernel.shape[-1:], jnp.float32)),
-                         x, kernel, which, dy)
+  dkernel, dbias = call("fashion_jax_conv_pool_bwd",
+                        (jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
+                         jax.ShapeDtypeStruct(kernel.shape[-1:], jnp.float32)),
+                        x, kernel, which, dy)
   # The input gradient (unused, and so removed by XLA, when x is the image): the
   # transposed convolution of the gradient routed to each window's argmax.
   conv = lambda v: lax.conv_general_dilated(v, kernel, (1, 1), "VALID",
@@ -276,8 +277,8 @@ _direct.defvjp(_direct_fwd, _direct_bwd)
 
 def _winograd_forward(x, kernel, bias, relu):
   u = winograd.filter_transform(kernel)
-  y, which = _call("fashion_jax_winograd_conv_pool_fwd", _pooled_shapes(x, kernel), x, u, bias,
-                   relu=np.int32(relu))
+  y, which = call("fashion_jax_winograd_conv_pool_fwd", _pooled_shapes(x, kernel), x, u, bias,
+                  relu=np.int32(relu))
   return y, (x, u, which)
 
 
@@ -289,11 +290,11 @@ def _winograd(x, kernel, bias, relu):
 def _winograd_bwd(relu, residuals, dy):
   del relu  # In `which`.
   x, u, which = residuals
-  dx, du, dbias = _call("fashion_jax_winograd_conv_pool_bwd",
-                        (jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                         jax.ShapeDtypeStruct(u.shape, jnp.float32),
-                         jax.ShapeDtypeStruct(u.shape[-1:], jnp.float32)),
-                        x, jnp.swapaxes(u, 1, 2), which, dy)
+  dx, du, dbias = call("fashion_jax_winograd_conv_pool_bwd",
+                       (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                        jax.ShapeDtypeStruct(u.shape, jnp.float32),
+                        jax.ShapeDtypeStruct(u.shape[-1:], jnp.float32)),
+                       x, jnp.swapaxes(u, 1, 2), which, dy)
   return dx, winograd.filter_transform_grad(du), dbias
 
 
@@ -335,8 +336,8 @@ def conv3x3_pool2_twice(x: jax.Array, k1: jax.Array, b1: jax.Array, k2: jax.Arra
 
 def _two_layers_forward(x, k1, b1, k2, b2, relu):
   u = winograd.filter_transform(k2)
-  y, which = _call("fashion_jax_two_layer_fwd", _pooled_shapes(_pooled(x, k1.shape[-1]), k2),
-                   x, k1, b1, u, b2, relu1=np.int32(relu), relu2=np.int32(relu))
+  y, which = call("fashion_jax_two_layer_fwd", _pooled_shapes(_pooled(x, k1.shape[-1]), k2),
+                  x, k1, b1, u, b2, relu1=np.int32(relu), relu2=np.int32(relu))
   return y, (x, k1, b1, k2, b2, u, which)
 
 
@@ -348,8 +349,8 @@ def _two_layers(x, k1, b1, k2, b2, relu):
 def _two_layers_bwd(relu, residuals, dy):
   x, k1, b1, k2, b2, u, which = residuals
   shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (k1, b1, u, b2))
-  dk1, db1, du, db2 = _call("fashion_jax_two_layer_bwd", shapes, x, k1, b1,
-                            jnp.swapaxes(u, 1, 2), which, dy, relu1=np.int32(relu))
+  dk1, db1, du, db2 = call("fashion_jax_two_layer_bwd", shapes, x, k1, b1,
+                           jnp.swapaxes(u, 1, 2), which, dy, relu1=np.int32(relu))
   # The input gradient (unused, and so removed by XLA, when x is the image): through the two
   # layers' own ops.
   separate = lambda v: conv3x3_pool2(conv3x3_pool2(v, k1, b1, relu), k2, b2, relu)
@@ -393,8 +394,8 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 def _conv_forward(x, kernel):
   n, h, w, _ = x.shape
   u = winograd.filter_transform(kernel)
-  y = _call("fashion_jax_winograd_conv_fwd",
-            jax.ShapeDtypeStruct((n, h - 2, w - 2, kernel.shape[-1]), jnp.float32), x, u)
+  y = call("fashion_jax_winograd_conv_fwd",
+           jax.ShapeDtypeStruct((n, h - 2, w - 2, kernel.shape[-1]), jnp.float32), x, u)
   return y, (x, u)
 
 
@@ -405,10 +406,10 @@ def _conv(x, kernel):
 
 def _conv_bwd(residuals, dy):
   x, u = residuals
-  dx, du = _call("fashion_jax_winograd_conv_bwd",
-                 (jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                  jax.ShapeDtypeStruct(u.shape, jnp.float32)),
-                 x, jnp.swapaxes(u, 1, 2), dy)
+  dx, du = call("fashion_jax_winograd_conv_bwd",
+                (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                 jax.ShapeDtypeStruct(u.shape, jnp.float32)),
+                x, jnp.swapaxes(u, 1, 2), dy)
   return dx, winograd.filter_transform_grad(du)
 
 

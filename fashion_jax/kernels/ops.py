@@ -254,6 +254,15 @@ def check_native() -> None:
                      "here (see the warning above); use conv_impl='auto'")
 
 
+def native_norm_wanted(conv_impl: str) -> bool:
+  """Whether a model with this conv_impl runs BatchNorm + ReLU with the native kernels
+  (`fashion_jax.kernels.batchnorm`): "native", or "auto" on CPU where they are wanted."""
+  if conv_impl == "native":
+    check_native()
+    return True
+  return conv_impl == "auto" and on_cpu() and _native_wanted()
+
+
 def conv_general_dilated_cpu_auto(lhs, rhs, *args, **kwargs):
   """Drop-in for `lax.conv_general_dilated`: "auto" on CPU (`cpu_auto_conv_impl`)."""
   if cpu_auto_conv_impl(lhs) == "winograd":

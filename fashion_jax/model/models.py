@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import functools
+import itertools
 
 import flax.linen as nn
 from jax import lax
 import jax.numpy as jnp
 
+from fashion_jax.kernels import batchnorm
 from fashion_jax.kernels import ops
 
 
@@ -49,6 +51,45 @@ class _ConvParams(nn.Module):
                         (3, 3, in_features, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     return kernel, bias
+
+
+class BatchNormReLU(nn.BatchNorm):
+  """relu(nn.BatchNorm(...)(x)), then `pad` zero rows and columns around each image (the SAME
+  padding of a convolution that follows, which then runs VALID). Its variables are
+  nn.BatchNorm's, so give it BatchNorm's name for checkpoints to match.
+
+  With `native` (the model's choice, `ops.native_norm_wanted`), training on float32 inputs the
+  native kernels take (`batchnorm.supports`) runs as `batchnorm.batch_norm_relu`: the same
+  math in four passes instead of XLA's eight or so. Everything else is flax's BatchNorm.
+  """
+  pad: int = 0
+  native: bool = False
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None):
+    at_call = use_running_average
+    use_running_average = nn.merge_param("use_running_average", self.use_running_average,
+                                         use_running_average)
+    if use_running_average or self.is_initializing() or not self._native_applies(x):
+      z = nn.relu(super().__call__(x, use_running_average=at_call))
+      pads = ((0, 0), (self.pad, self.pad), (self.pad, self.pad), (0, 0))
+      return jnp.pad(z, pads) if self.pad else z
+    features = (x.shape[-1],)  # Declared as nn.BatchNorm declares them (they exist by now).
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
+    scale = self.param("scale", self.scale_init, features, self.param_dtype)
+    bias = self.param("bias", self.bias_init, features, self.param_dtype)
+    z, mean, var = batchnorm.batch_norm_relu(x, scale, bias, epsilon=self.epsilon,
+                                             axis_name=self.axis_name, pad=self.pad)
+    ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+    ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return z
+
+  def _native_applies(self, x) -> bool:
+    return (self.native and batchnorm.supports(x) and self.axis == -1 and self.use_bias
+            and self.use_scale and self.axis_index_groups is None and self.use_fast_variance
+            and self.force_float32_reductions and self.param_dtype == jnp.float32
+            and self.dtype in (None, jnp.float32) and (x.ndim == 4 or not self.pad))
 
 
 class Linear(nn.Module):
@@ -115,18 +156,24 @@ class CNNBN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding="SAME", use_bias=False,
-                             dtype=self.dtype, conv_general_dilated=_conv_fn(self.conv_impl))
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             dtype=self.dtype, axis_name=self.axis_name if train else None)
+    conv = functools.partial(nn.Conv, kernel_size=(3, 3), use_bias=False, dtype=self.dtype,
+                             conv_general_dilated=_conv_fn(self.conv_impl))
+    native = ops.native_norm_wanted(self.conv_impl)
+    names = (f"BatchNorm_{i}" for i in itertools.count())  # nn.BatchNorm's, for checkpoints.
+    norm_relu = lambda pad=0: BatchNormReLU(  # pylint: disable=g-long-lambda
+        use_running_average=not train, momentum=0.9, dtype=self.dtype, pad=pad, native=native,
+        axis_name=self.axis_name if train else None, name=next(names))
     x = x.astype(self.dtype)
+    # The native BatchNorm + ReLU before the second conv of a block writes that conv's SAME
+    # padding with its output, and the conv runs VALID; elsewhere the program is nn.BatchNorm's.
+    pad = 1 if native else 0
     for features in (self.width, 2 * self.width):
-      x = nn.relu(norm()(conv(features)(x)))
-      x = nn.relu(norm()(conv(features)(x)))
+      x = norm_relu(pad=pad)(conv(features, padding="SAME")(x))
+      x = norm_relu()(conv(features, padding="VALID" if native else "SAME")(x))
       x = ops.max_pool_2x2(x, impl=self.pool_impl)
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(norm()(nn.Dense(256, use_bias=False, dtype=self.dtype)(x)))
+    x = norm_relu()(nn.Dense(256, use_bias=False, dtype=self.dtype)(x))
     x = nn.Dropout(2 * self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 

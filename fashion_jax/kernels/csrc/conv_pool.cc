@@ -1040,6 +1040,217 @@ ffi::Error TwoLayerBackwardHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------
+// BatchNorm with batch statistics, then ReLU (cnn_bn's Conv-BN-ReLU layers). XLA:CPU ran it as
+// separate full-size passes (y - mean; the ReLU mask, g and g * x-hat materialized for the
+// gradient's sums; then dy); here two passes each way, over y (and dz) only:
+//   statistics: per channel, the sums of y and y^2;
+//   forward:    z = max((y - mean) a + t, 0), a = scale / sqrt(var + eps) and t the BatchNorm's
+//               bias, from the statistics by the caller (which also averages them over
+//               devices), optionally with `pad` zero rows and columns around each image (the
+//               SAME padding of the convolution that follows); y - mean first, as flax does: a
+//               y + (t - mean a) lost digits where |mean| >> the standard deviation;
+//   gradient:   g = dz where that is > 0, else 0 (like jax.nn.relu's at 0); per channel the sums
+//               of g and g (y - mean); then dy = c1 g + c2 + c3 (y - mean), c1-c3 per channel
+//               from those sums (by the caller).
+// coef [3 or 6, C] holds a, t, mean (and c1, c2, c3).
+// y is [N, H, W, C] or [P, C] (taken as P rows of one pixel), C a multiple of L; a padded z or
+// dz is [N, H + 2 pad, W + 2 pad, C]. Sums are taken per fixed chunk of image rows, then over the
+// chunks in order, so they do not depend on the thread count.
+
+struct BnShape {
+  int64_t rows, h, w, c, pad;  // rows: N * H image rows of W pixels.
+};
+
+constexpr int64_t kBnChunkPixels = 512;
+inline int64_t BnRowsPerChunk(const BnShape& s) {
+  return std::max<int64_t>(1, kBnChunkPixels / s.w);
+}
+inline int64_t BnChunks(const BnShape& s) {
+  return (s.rows + BnRowsPerChunk(s) - 1) / BnRowsPerChunk(s);
+}
+
+// Where image row r's first pixel is in the padded layout, in floats.
+inline int64_t BnPaddedRow(const BnShape& s, int64_t r) {
+  const int64_t wp = s.w + 2 * s.pad;
+  return ((r / s.h * (s.h + 2 * s.pad) + r % s.h + s.pad) * wp + s.pad) * s.c;
+}
+
+// row(r, acc) for each image row, a chunk of rows per task; acc: the chunk's `sums` * C / L
+// vectors, zeroed first. With sums > 0 returns the per-channel totals [sums, C] in `out`.
+template <typename Pool, typename F>
+void BnRows(Pool& pool, const BnShape& s, int sums, float* out, const F& row) {
+  const int64_t chunks = BnChunks(s), per = BnRowsPerChunk(s), width = sums * s.c;
+  std::vector<fv> partial(chunks * width / L);
+  ParallelFor(pool, chunks, [&](int64_t chunk) {
+    fv* acc = partial.data() + chunk * width / L;
+    for (int64_t v = 0; v < width / L; ++v) acc[v] = Splat(0.0f);
+    for (int64_t r = chunk * per; r < std::min(s.rows, (chunk + 1) * per); ++r) row(r, acc);
+  });
+  float* total = sums > 0 ? SumChunks(reinterpret_cast<float*>(partial.data()), chunks, width,
+                                      width)
+                          : nullptr;
+  if (total != nullptr) std::copy(total, total + width, out);
+}
+
+// The normalized input before the ReLU, the same expression in every kernel (so the gradient's
+// mask is the forward's exactly).
+inline fv BnPre(const fv x, const float* coef, int64_t c, int64_t ch) {
+  return (x - Load(coef + 2 * c + ch)) * Load(coef + ch) + Load(coef + c + ch);
+}
+
+template <typename Pool>
+void BnStatsCore(Pool& pool, const BnShape& s, const float* y, float* sums) {
+  const int64_t cv = s.c / L;
+  BnRows(pool, s, 2, sums, [&](int64_t r, fv* acc) {
+    for (const float* p = y + r * s.w * s.c; p < y + (r + 1) * s.w * s.c; p += s.c) {
+      for (int64_t v = 0; v < cv; ++v) {
+        const fv x = Load(p + v * L);
+        acc[v] += x;
+        acc[cv + v] += x * x;
+      }
+    }
+  });
+}
+
+template <typename Pool>
+void BnReluForwardCore(Pool& pool, const BnShape& s, const float* y, const float* coef,
+                       float* z) {
+  const int64_t c = s.c, wp = s.w + 2 * s.pad;
+  const fv zero = Splat(0.0f);
+  BnRows(pool, s, 0, nullptr, [&](int64_t r, fv*) {
+    float* zr = z + BnPaddedRow(s, r);
+    if (s.pad > 0) {  // This row's border pixels, and the image's border rows at its edges.
+      std::fill(zr - s.pad * c, zr, 0.0f);
+      std::fill(zr + s.w * c, zr + (s.w + s.pad) * c, 0.0f);
+      if (r % s.h == 0) std::fill(zr - (s.pad * wp + s.pad) * c, zr - s.pad * c, 0.0f);
+      if (r % s.h == s.h - 1) {
+        std::fill(zr + (s.w + s.pad) * c, zr + (s.w + s.pad + s.pad * wp) * c, 0.0f);
+      }
+    }
+    const float* yr = y + r * s.w * c;
+    for (int64_t i = 0; i < s.w * c; i += L) {
+      const int64_t ch = i % c;
+      const fv pre = BnPre(Load(yr + i), coef, c, ch);
+      Store(zr + i, pre < zero ? zero : pre);  // NaN passes through, like jnp.maximum.
+    }
+  });
+}
+
+// sums [2, C]: of g and of g (y - mean).
+template <typename Pool>
+void BnReluGradSumsCore(Pool& pool, const BnShape& s, const float* y, const float* dz,
+                        const float* coef, float* sums) {
+  const int64_t c = s.c, cv = c / L;
+  const fv zero = Splat(0.0f);
+  BnRows(pool, s, 2, sums, [&](int64_t r, fv* acc) {
+    const float* yr = y + r * s.w * c;
+    const float* dzr = dz + BnPaddedRow(s, r);
+    for (int64_t i = 0; i < s.w * c; i += L) {
+      const int64_t ch = i % c;
+      const fv x = Load(yr + i);
+      const fv g = BnPre(x, coef, c, ch) > zero ? Load(dzr + i) : zero;
+      acc[ch / L] += g;
+      acc[cv + ch / L] += g * (x - Load(coef + 2 * c + ch));
+    }
+  });
+}
+
+template <typename Pool>
+void BnReluGradCore(Pool& pool, const BnShape& s, const float* y, const float* dz,
+                    const float* coef, float* dy) {
+  const int64_t c = s.c;
+  const fv zero = Splat(0.0f);
+  BnRows(pool, s, 0, nullptr, [&](int64_t r, fv*) {
+    const float* yr = y + r * s.w * c;
+    const float* dzr = dz + BnPaddedRow(s, r);
+    float* dyr = dy + r * s.w * c;
+    for (int64_t i = 0; i < s.w * c; i += L) {
+      const int64_t ch = i % c;
+      const fv x = Load(yr + i);
+      const fv g = BnPre(x, coef, c, ch) > zero ? Load(dzr + i) : zero;
+      Store(dyr + i, Load(coef + 3 * c + ch) * g + Load(coef + 4 * c + ch) +
+                         Load(coef + 5 * c + ch) * (x - Load(coef + 2 * c + ch)));
+    }
+  });
+}
+
+// y [N, H, W, C] or [P, C]; padded (z or dz: [N, H + 2 pad, W + 2 pad, C], or y's shape with pad
+// 0), coef [rows, C] with at least coef_rows rows.
+ffi::Error BnShapes(ffi::Span<const int64_t> yd, ffi::Span<const int64_t> padded,
+                    ffi::Span<const int64_t> coef, int64_t coef_rows, int32_t pad, BnShape* s) {
+  const bool image = yd.size() == 4, ok_rank = image || yd.size() == 2;
+  const int64_t c = ok_rank ? yd[yd.size() - 1] : 0;
+  *s = image ? BnShape{yd[0] * yd[1], yd[1], yd[2], c, pad} : BnShape{ok_rank ? yd[0] : 0, 1, 1,
+                                                                      c, 0};
+  bool ok = ok_rank && c > 0 && c % L == 0 && s->rows > 0 && s->w > 0 && pad >= 0 &&
+            (image || pad == 0) && padded.size() == yd.size() && coef.size() == 2 &&
+            coef[0] == coef_rows && coef[1] == c;
+  for (size_t d = 0; ok && d < yd.size(); ++d) {
+    ok = padded[d] == yd[d] + (d == 1 || d == 2 ? 2 * pad : 0);
+  }
+  if (!ok) {
+    return ffi::Error::InvalidArgument(
+        "fashion_jax batchnorm+relu: expected y [N, H, W, C] or [P, C] with C % " +
+        std::to_string(L) + " == 0, z/dz [N, H + 2 pad, W + 2 pad, C] and coefficients [" +
+        std::to_string(coef_rows) + ", C]");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BnStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y,
+                   ffi::ResultBuffer<ffi::F32> sums) {
+  BnShape s;
+  if (ffi::Error e = BnShapes(y.dimensions(), y.dimensions(), sums->dimensions(), 2, 0, &s);
+      e.failure()) {
+    return e;
+  }
+  BnStatsCore(pool, s, y.typed_data(), sums->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error BnReluForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y,
+                         ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> z,
+                         int32_t pad) {
+  BnShape s;
+  if (ffi::Error e = BnShapes(y.dimensions(), z->dimensions(), coef.dimensions(), 3, pad, &s);
+      e.failure()) {
+    return e;
+  }
+  BnReluForwardCore(pool, s, y.typed_data(), coef.typed_data(), z->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error BnReluGradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y,
+                          ffi::Buffer<ffi::F32> dz, ffi::Buffer<ffi::F32> coef,
+                          ffi::ResultBuffer<ffi::F32> sums, int32_t pad) {
+  BnShape s;
+  if (ffi::Error e = BnShapes(y.dimensions(), dz.dimensions(), coef.dimensions(), 3, pad, &s);
+      e.failure()) {
+    return e;
+  }
+  if (sums->element_count() != static_cast<size_t>(2 * s.c)) {
+    return ffi::Error::InvalidArgument("fashion_jax batchnorm+relu gradient sums: expected [2, C]");
+  }
+  BnReluGradSumsCore(pool, s, y.typed_data(), dz.typed_data(), coef.typed_data(),
+                     sums->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error BnReluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> dz,
+                      ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> dy, int32_t pad) {
+  BnShape s;
+  if (ffi::Error e = BnShapes(y.dimensions(), dz.dimensions(), coef.dimensions(), 6, pad, &s);
+      e.failure()) {
+    return e;
+  }
+  if (dy->element_count() != y.element_count()) {
+    return ffi::Error::InvalidArgument("fashion_jax batchnorm+relu gradient: dy differs from y");
+  }
+  BnReluGradCore(pool, s, y.typed_data(), dz.typed_data(), coef.typed_data(), dy->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // What this build uses, for logs and benchmarks: "lanes=16 isa=avx512f,avx2,fma".
@@ -1305,3 +1516,35 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjTwoLayerBackward, TwoLayerBackwardHandler,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("relu1"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnStats, BnStats,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluForward, BnReluForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("pad"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluGradSums, BnReluGradSums,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("pad"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluGrad, BnReluGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("pad"));

@@ -292,6 +292,61 @@ void TestTwoLayers(std::mt19937& rng, const Problem& p, int k2, bool relu) {
   Expect((name + ": db1").c_str(), db1_t, as_double(db1), 1e-5 * scale);
 }
 
+// BatchNorm + ReLU: y [rows of w pixels, c] (h rows an image), every kernel against double
+// loops; the padded output's border must be zeros, the padded gradient's border ignored (it is
+// filled with NaN here).
+void TestBatchNormRelu(std::mt19937& rng, int n, int h, int w, int c, int pad) {
+  const BnShape s{int64_t(n) * h, h, w, c, pad};
+  const int hp = h + 2 * pad, wp = w + 2 * pad;
+  const size_t count = size_t(n) * h * w, padded = size_t(n) * hp * wp;
+  std::vector<float> y = Random(rng, count * c, 1.5f);
+  for (size_t i = 0; i < y.size(); ++i) y[i] += i % c == 1 ? 0.0f : 2.0f;
+  for (size_t p = 0; p < count; ++p) y[p * c] = 3.0f;  // A constant channel: variance 0.
+  auto padded_at = [&](size_t p) {  // Pixel p of y in the padded layout.
+    const size_t b = p / (size_t(h) * w), i = p / w % h, j = p % w;
+    return (b * hp + i + pad) * wp + j + pad;
+  };
+  SerialPool pool;
+  std::vector<float> sums(2 * c);
+  BnStatsCore(pool, s, y.data(), sums.data());
+  std::vector<double> want(2 * c, 0.0);
+  for (size_t p = 0; p < count; ++p)
+    for (int ch = 0; ch < c; ++ch) want[ch] += y[p * c + ch], want[c + ch] += double(y[p * c + ch]) * y[p * c + ch];
+  Expect("bn stats", sums, want, 1e-6 * count);
+  // Coefficients: a (some negative), t, mean, c1, c2, c3.
+  std::vector<float> coef = Random(rng, 6 * c, 1.0f);
+  for (int ch = 0; ch < c; ++ch) coef[2 * c + ch] = float(want[ch] / count);
+  std::vector<float> z(padded * c, NAN);
+  BnReluForwardCore(pool, s, y.data(), coef.data(), z.data());
+  std::vector<double> z_want(padded * c, 0.0);
+  for (size_t p = 0; p < count; ++p)
+    for (int ch = 0; ch < c; ++ch) {
+      const double pre = (double(y[p * c + ch]) - coef[2 * c + ch]) * coef[ch] + coef[c + ch];
+      z_want[padded_at(p) * c + ch] = std::max(0.0, pre);
+    }
+  Expect("bn+relu forward (border zeros)", z, z_want, 1e-6);
+  std::vector<float> dz = Random(rng, padded * c, 1.0f);
+  std::vector<bool> interior(padded, false);
+  for (size_t p = 0; p < count; ++p) interior[padded_at(p)] = true;
+  for (size_t q = 0; q < padded; ++q)
+    if (!interior[q]) std::fill(dz.begin() + q * c, dz.begin() + (q + 1) * c, NAN);
+  BnReluGradSumsCore(pool, s, y.data(), dz.data(), coef.data(), sums.data());
+  std::vector<double> g(count * c), gsum_want(2 * c, 0.0), dy_want(count * c);
+  for (size_t p = 0; p < count; ++p)
+    for (int ch = 0; ch < c; ++ch) {
+      const size_t i = p * c + ch;
+      const bool on = (double(y[i]) - coef[2 * c + ch]) * coef[ch] + coef[c + ch] > 0;
+      g[i] = on ? dz[padded_at(p) * c + ch] : 0.0;
+      gsum_want[ch] += g[i];
+      gsum_want[c + ch] += g[i] * (double(y[i]) - coef[2 * c + ch]);
+      dy_want[i] = coef[3 * c + ch] * g[i] + coef[4 * c + ch] + coef[5 * c + ch] * (double(y[i]) - coef[2 * c + ch]);
+    }
+  Expect("bn+relu gradient sums", sums, gsum_want, 1e-5 * count);
+  std::vector<float> dy(count * c, NAN);
+  BnReluGradCore(pool, s, y.data(), dz.data(), coef.data(), dy.data());
+  Expect("bn+relu gradient", dy, dy_want, 1e-5);
+}
+
 }  // namespace
 
 int main() {
@@ -324,6 +379,12 @@ int main() {
     TestTwoLayers(rng, {2, 13, 11, 3, L}, 3 * L, relu);
     TestTwoLayers(rng, {17, 10, 10, 2, L}, L, relu);
   }
+  // BatchNorm + ReLU: images (several chunks of rows, the last one short; odd sizes; padding 1
+  // and 2) and [P, C] rows (one pixel each).
+  TestBatchNormRelu(rng, 5, 28, 28, 2 * L, 1);
+  TestBatchNormRelu(rng, 3, 7, 9, 3 * L, 2);
+  TestBatchNormRelu(rng, 2, 14, 14, 4 * L, 0);
+  TestBatchNormRelu(rng, 1100, 1, 1, L, 0);
   // The peak measurement (its threads and calibration under the sanitizers; its figures are
   // checked in tests/test_native.py, on the machine itself): the widest width, then an unknown one.
   double gflops = 0, mhz = 0;
