@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from fashion_jax.benchmarking import flops
-from fashion_jax.kernels import batchnorm, native
+from fashion_jax.kernels import batchnorm, native, plain_conv
 from tests.conftest import require_native
 
 
@@ -28,7 +28,7 @@ def test_executed_flops_counts_the_kernels_xla_cannot_see():
   assert flops.executed_flops(step.lower(x8).compile().as_text()) == forward + backward
   # The plain fused convolution (cnn_bn's layers): the same count, 2x2 outputs per tile.
   x16 = jnp.zeros((4, 16, 16, 32))
-  step = jax.jit(jax.grad(lambda x: jnp.sum(native.conv3x3(x, k8) ** 2)))  # y is needed.
+  step = jax.jit(jax.grad(lambda x: jnp.sum(plain_conv.conv3x3(x, k8) ** 2)))  # y is needed.
   tiles = 4 * 7 * 7
   product = 2 * 16 * tiles * 32 * 64
   forward = 32 * tiles * (32 + 64) + product
@@ -45,6 +45,10 @@ def test_executed_flops_counts_the_kernels_xla_cannot_see():
   second = (32 * tiles * (32 + 64) + product) + (32 * tiles * (2 * 32 + 64) + 2 * product)
   assert flops.executed_flops(step.lower(k1, k8).compile().as_text()) == 3 * direct + second
 
+  # The direct kernel's plain convolution (cnn_bn's first layer), forward and kernel gradient.
+  x1, k1 = jnp.zeros((4, 30, 30, 1)), jnp.zeros((3, 3, 1, 32))
+  step = jax.jit(jax.grad(lambda k: jnp.sum(plain_conv.conv3x3(x1, k) ** 2)))
+  assert flops.executed_flops(step.lower(k1).compile().as_text()) == 2 * (2 * 4 * 28 * 28 * 9 * 32)
   # BatchNorm + ReLU (fashion_jax.kernels.batchnorm), per element of y: statistics 3, forward
   # 4, the gradient's sums 7 and the gradient 8.
   y = jnp.zeros((4, 6, 6, native.lanes()))

@@ -16,7 +16,7 @@ from jax import lax
 import numpy as np
 import pytest
 
-from fashion_jax.kernels import batchnorm, native, native_build, ops
+from fashion_jax.kernels import batchnorm, native, native_build, ops, plain_conv
 from tests.conftest import ROOT, require_native
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -162,7 +162,7 @@ def test_ties_go_to_the_first_maximum_like_reduce_window(cin, relu):
 _GRADIENTS = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
-from fashion_jax.kernels import native
+from fashion_jax.kernels import native, plain_conv
 rng = np.random.default_rng(0)
 outputs = {}
 for name, (shape, kernel), argnums in (("direct", ((37, 28, 28, 1), (3, 3, 1, 32)), (1, 2)),
@@ -176,9 +176,14 @@ for name, (shape, kernel), argnums in (("direct", ((37, 28, 28, 1), (3, 3, 1, 32
     outputs[f"{name}_d{'xkb'[i]}"] = np.asarray(g)
 x = jnp.asarray(rng.uniform(size=(37, 16, 16, 32)).astype(np.float32))  # The plain conv.
 k = jnp.asarray((rng.standard_normal((3, 3, 32, 64)) * 0.3).astype(np.float32))
-outputs["plain_y"] = np.asarray(jax.jit(native.conv3x3)(x, k))
-grads = jax.jit(jax.grad(lambda x, k: jnp.sum(native.conv3x3(x, k) ** 2), argnums=(0, 1)))(x, k)
+outputs["plain_y"] = np.asarray(jax.jit(plain_conv.conv3x3)(x, k))
+grads = jax.jit(jax.grad(lambda x, k: jnp.sum(plain_conv.conv3x3(x, k) ** 2), argnums=(0, 1)))(x, k)
 outputs["plain_dx"], outputs["plain_dk"] = map(np.asarray, grads)
+x = jnp.asarray(rng.uniform(size=(37, 30, 30, 1)).astype(np.float32))  # The direct plain conv.
+k = jnp.asarray((rng.standard_normal((3, 3, 1, 32)) * 0.3).astype(np.float32))
+outputs["direct_plain_y"] = np.asarray(jax.jit(plain_conv.conv3x3)(x, k))
+outputs["direct_plain_dk"] = np.asarray(
+    jax.jit(jax.grad(lambda k: jnp.sum(plain_conv.conv3x3(x, k) ** 2)))(k))
 x = jnp.asarray(rng.uniform(size=(37, 28, 28, 1)).astype(np.float32))  # The two-layer op.
 ks = [jnp.asarray((rng.standard_normal(s) * 0.3).astype(np.float32))
       for s in ((3, 3, 1, 32), (32,), (3, 3, 32, 64), (64,))]
@@ -214,7 +219,7 @@ def test_gradients_do_not_depend_on_the_thread_count(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results[label] = dict(np.load(out))
   for label in ("all", "all again"):
-    assert len(results[label]) == 20 and results[label].keys() == results["one"].keys()
+    assert len(results[label]) == 22 and results[label].keys() == results["one"].keys()
     for key in results["one"]:
       np.testing.assert_array_equal(results[label][key], results["one"][key], err_msg=key)
 
@@ -626,23 +631,25 @@ def test_prebuild_command_reports_where_or_why(capsys, fresh_load, monkeypatch):
 
 
 @pytest.mark.parametrize("batch,hw,cin,cout", [
+    (5, (30, 30), 1, 32),   # cnn_bn's first layer (after SAME padding): the direct kernel.
+    (11, (9, 8), 3, 24),    # Direct: odd output rows, more images than chunks, channel blocks.
     (3, (14, 14), 32, 64),  # cnn_bn's second block (after SAME padding: 16x16).
     (2, (28, 30), 16, 32),  # Several blocks of tile rows per image, the last one short.
     (2, (7, 9), 8, 16),     # Odd sizes: whole tiles computed, then cropped.
     (1, (3, 3), 8, 8)])     # One output pixel.
 def test_plain_conv_outputs_and_grads_match_lax(batch, hw, cin, cout):
   x, k, _ = _inputs(batch, batch, hw, cin, cout)
-  if not (native.fits_lanes(cin) and native.fits_lanes(cout)):
-    assert not native.supports_conv(x, k)
+  if not (_fits(cin, cout) and (cin < native.DIRECT_MAX_CHANNELS or cin * cout <= 256 * 256)):
+    assert not plain_conv.supports(x, k)
     return
   ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=DN)
   want = ref(x, k)
-  got = jax.jit(native.conv3x3)(x, k)
+  got = jax.jit(plain_conv.conv3x3)(x, k)
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   r = jnp.asarray(np.random.default_rng(9).standard_normal(want.shape), jnp.float32)
   grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * r), argnums=(0, 1)))(x, k)
-           for f in (ref, native.conv3x3)]
+           for f in (ref, plain_conv.conv3x3)]
   for got_g, want_g in zip(grads[1], grads[0]):
     np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=2e-4)
 
@@ -652,10 +659,18 @@ def test_plain_conv_drop_in_and_fallbacks():
   got = ops.conv_general_dilated_native(x, k, (1, 1), "SAME", dimension_numbers=DN)
   want = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=DN)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  x1, k1 = x[..., :1], k[:, :, :1]  # One input channel: "auto"'s choice (im2col).
+  x1, k1 = x[..., :1], k[:, :, :1]  # One input channel: the direct kernel, "auto" too.
+  for conv in (ops.conv_general_dilated_native, ops.conv_general_dilated_cpu_auto):
+    hlo = jax.jit(lambda x, k, conv=conv: conv(x, k, (1, 1), "SAME", dimension_numbers=DN))
+    assert "fashion_jax_direct_conv_fwd" in hlo.lower(x1, k1).as_text()
+    np.testing.assert_array_equal(
+        conv(x1, k1, (1, 1), "SAME", dimension_numbers=DN),
+        plain_conv.conv3x3(jnp.pad(x1, ((0, 0), (1, 1), (1, 1), (0, 0))), k1))
+  # Few input channels, outputs no width divides: "auto"'s choice (im2col).
+  k1o = jnp.concatenate([k1, k1[..., :1]], axis=-1)  # 17 outputs.
   np.testing.assert_array_equal(
-      ops.conv_general_dilated_native(x1, k1, (1, 1), "SAME", dimension_numbers=DN),
-      ops.conv_general_dilated_im2col(x1, k1, (1, 1), "SAME", dimension_numbers=DN))
+      ops.conv_general_dilated_native(x1, k1o, (1, 1), "SAME", dimension_numbers=DN),
+      ops.conv_general_dilated_im2col(x1, k1o, (1, 1), "SAME", dimension_numbers=DN))
   # Channels no width divides: XLA's Winograd, from "native" and "auto" alike (this recursed
   # between the two without end once).
   x10, k10 = x[..., :10], k[:, :, :10, :10]
@@ -667,14 +682,14 @@ def test_plain_conv_drop_in_and_fallbacks():
   # XLA's Winograd, for the plain conv and the conv+pool alike.
   kw = jnp.asarray(np.random.default_rng(3).standard_normal((3, 3, 512, 256)) * 0.05, jnp.float32)
   xw = jnp.asarray(np.random.default_rng(4).standard_normal((1, 4, 4, 512)), jnp.float32)
-  assert not native.supports_conv(xw, kw) and not native.supports(xw, kw)
-  assert native.supports_conv(xw[..., :256], kw[:, :, :256])
+  assert not plain_conv.supports(xw, kw) and not native.supports(xw, kw)
+  assert plain_conv.supports(xw[..., :256], kw[:, :, :256])
   np.testing.assert_array_equal(
       ops.conv_general_dilated_native(xw, kw, (1, 1), "SAME", dimension_numbers=DN),
       ops.conv_general_dilated_winograd(xw, kw, (1, 1), "SAME", dimension_numbers=DN))
-  assert not native.supports_conv(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+  assert not plain_conv.supports(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
   with pytest.raises(ValueError, match="does not support"):
-    native.conv3x3(x1, k1)
+    plain_conv.conv3x3(x1, k1o)
 
 
 @pytest.mark.parametrize("train", [False, True])

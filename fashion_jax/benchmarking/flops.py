@@ -147,6 +147,10 @@ def _kernel_flops(target: str, operands: list[tuple[int, ...]]) -> float:
   if target in ("fashion_jax_conv_pool_fwd", "fashion_jax_conv_pool_bwd"):
     (n, h, w, c), k = operands[0], operands[1][-1]
     return 2.0 * n * ((h - 2) // 2) * ((w - 2) // 2) * 4 * 9 * c * k  # Multiply-adds x 2.
+  # The direct kernel's plain convolution (its backward: the kernel's gradient only).
+  if target in ("fashion_jax_direct_conv_fwd", "fashion_jax_direct_conv_bwd"):
+    (n, h, w, c), k = operands[0], operands[1][-1]
+    return 2.0 * n * (h - 2) * (w - 2) * 9 * c * k
   # The fused Winograd layers (`_winograd_flops`).
   if target.startswith("fashion_jax_winograd_conv"):
     (n, h, w, c), (_, u1, u2) = operands[0], operands[1]

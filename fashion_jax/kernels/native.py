@@ -17,9 +17,8 @@ with the ReLU that follows fused in (`relu=True`):
   gradients. XLA's matmuls between separate transforms had written and re-read [16, tiles, K]
   planes (26 MB at batch 256) and were bound by that traffic.
 
-`conv3x3` is a 3x3 convolution without a pool (cnn_bn, ResNets), fused the same way: a block of
-tile rows at a time, the outputs written as they are (its wide layers take half the time of the
-separate transforms around XLA's matmuls they replaced).
+The 3x3 convolution without a pool (cnn_bn, ResNets) is `fashion_jax.kernels.plain_conv`, and
+BatchNorm + ReLU `fashion_jax.kernels.batchnorm`, on the same kernels and build.
 
 `conv3x3_pool2_twice` runs two conv + pool layers (the classic CNN's) as one op: per image the
 first layer's output stays in cache for the second, instead of going to memory between them.
@@ -63,7 +62,8 @@ _TARGETS = {f"fashion_jax_{name}": symbol for name, symbol in (  # XLA's name: t
     ("winograd_conv_fwd", "FjWinogradConvForward"), ("winograd_conv_bwd", "FjWinogradConvBackward"),
     ("two_layer_fwd", "FjTwoLayerForward"), ("two_layer_bwd", "FjTwoLayerBackward"),
     ("bn_stats", "FjBnStats"), ("bn_relu_fwd", "FjBnReluForward"),
-    ("bn_relu_grad_sums", "FjBnReluGradSums"), ("bn_relu_grad", "FjBnReluGrad"))}
+    ("bn_relu_grad_sums", "FjBnReluGradSums"), ("bn_relu_grad", "FjBnReluGrad"),
+    ("direct_conv_fwd", "FjDirectConvForward"), ("direct_conv_bwd", "FjDirectConvBackward"))}
 DIRECT_MAX_CHANNELS = 8  # Direct convolution below this many input channels, Winograd from it.
 
 _registered = False  # XLA accepts one handler per target name and process.
@@ -183,7 +183,7 @@ def fits_lanes(channels: int) -> bool:
 WINOGRAD_MAX_CHANNEL_PRODUCT = 256 * 256
 
 
-def _winograd_channels_fit(cin: int, cout: int) -> bool:
+def winograd_channels_fit(cin: int, cout: int) -> bool:
   return fits_lanes(cin) and fits_lanes(cout) and cin * cout <= WINOGRAD_MAX_CHANNEL_PRODUCT
 
 
@@ -192,7 +192,7 @@ def supports(x: jax.Array, kernel: jax.Array) -> bool:
   return (x.ndim == 4 and kernel.ndim == 4 and kernel.shape[:2] == (3, 3)
           and kernel.shape[2] == x.shape[-1] and fits_lanes(kernel.shape[-1])
           and (x.shape[-1] < DIRECT_MAX_CHANNELS
-               or _winograd_channels_fit(x.shape[-1], kernel.shape[-1]))
+               or winograd_channels_fit(x.shape[-1], kernel.shape[-1]))
           and x.shape[1] >= 4 and x.shape[2] >= 4
           and x.dtype == kernel.dtype == jnp.float32)
 
@@ -359,61 +359,6 @@ def _two_layers_bwd(relu, residuals, dy):
 
 
 _two_layers.defvjp(_two_layers_forward, _two_layers_bwd)
-
-
-# Winograd 3x3 convolution without a pool (cnn_bn, ResNets): the whole layer fused as well, the
-# same per-block transforms and micro-kernel with the outputs written as they are.
-
-def supports_conv(x: jax.Array, kernel: jax.Array) -> bool:
-  """Whether `conv3x3` handles these shapes and dtypes (not whether it is built)."""
-  return (x.ndim == 4 and kernel.ndim == 4 and kernel.shape[:2] == (3, 3)
-          and kernel.shape[2] == x.shape[-1]
-          and _winograd_channels_fit(x.shape[-1], kernel.shape[-1])
-          and x.shape[1] >= 3 and x.shape[2] >= 3 and x.dtype == kernel.dtype == jnp.float32)
-
-
-def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """VALID, stride-1 3x3 convolution by Winograd F(2x2, 3x3), fused, on CPU.
-
-  x NHWC float32 with C and Cout multiples of `lanes()`, C * Cout at most
-  `WINOGRAD_MAX_CHANNEL_PRODUCT` (`supports_conv`); SAME padding is the
-  caller's `jnp.pad`. An odd output size computes one more row or column (zeros padded in) and
-  drops it. Raises ValueError like `conv3x3_pool2`.
-  """
-  if not supports_conv(x, kernel):
-    raise ValueError(f"native conv3x3 does not support x {x.shape} {x.dtype}, "
-                     f"kernel {kernel.shape} {kernel.dtype}; see native.supports_conv")
-  if not available():
-    raise ValueError(f"the native CPU kernels are unavailable: {_load()}")
-  _, h, w, _ = x.shape
-  if h % 2 or w % 2:  # The kernels make 2x2 outputs per tile.
-    return _conv(jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))), kernel)[:, :h - 2, :w - 2]
-  return _conv(x, kernel)
-
-
-def _conv_forward(x, kernel):
-  n, h, w, _ = x.shape
-  u = winograd.filter_transform(kernel)
-  y = call("fashion_jax_winograd_conv_fwd",
-           jax.ShapeDtypeStruct((n, h - 2, w - 2, kernel.shape[-1]), jnp.float32), x, u)
-  return y, (x, u)
-
-
-@jax.custom_vjp
-def _conv(x, kernel):
-  return _conv_forward(x, kernel)[0]
-
-
-def _conv_bwd(residuals, dy):
-  x, u = residuals
-  dx, du = call("fashion_jax_winograd_conv_bwd",
-                (jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                 jax.ShapeDtypeStruct(u.shape, jnp.float32)),
-                x, jnp.swapaxes(u, 1, 2), dy)
-  return dx, winograd.filter_transform_grad(du)
-
-
-_conv.defvjp(_conv_forward, _conv_bwd)
 
 
 def main(argv: list[str] | None = None) -> int:

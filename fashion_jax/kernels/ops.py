@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fashion_jax.kernels import native
+from fashion_jax.kernels import plain_conv
 from fashion_jax.kernels import winograd
 
 CONV_IMPLS = ("auto", "xla", "im2col", "winograd", "native")
@@ -142,23 +143,27 @@ def conv_general_dilated_winograd(*args, **kwargs):
 
 
 def _native_conv3x3(x, kernel):
-  if native.supports_conv(x, kernel):
-    return native.conv3x3(x, kernel)
-  return winograd.conv3x3(x, kernel)
+  if plain_conv.supports(x, kernel):
+    return plain_conv.conv3x3(x, kernel)
+  if cpu_auto_conv_impl(x) == "winograd":
+    return winograd.conv3x3(x, kernel)
+  return conv2d_im2col(x, kernel)
 
 
 def conv_general_dilated_native(lhs, rhs, *args, **kwargs):
-  """As `conv_general_dilated_winograd`, with the native kernels' transforms where they apply
-  (float32, channels in multiples of the kernels' vector width, `native.lanes()`); other inputs
-  take "auto"'s CPU choice."""
+  """Drop-in for `lax.conv_general_dilated` on the native kernels where they apply
+  (`plain_conv`: float32, output channels in multiples of the kernels' vector width,
+  `native.lanes()`, and few input channels or a multiple of it); other inputs take "auto"'s CPU
+  choice."""
   if not _native_fits(lhs, rhs):
     return conv_general_dilated_cpu_auto(lhs, rhs, *args, **kwargs)
   return _winograd_conv(_native_conv3x3, lhs, rhs, *args, **kwargs)
 
 
 def _native_fits(lhs, rhs) -> bool:
-  return (lhs.dtype == jnp.float32 and native.fits_lanes(lhs.shape[-1])
-          and native.fits_lanes(rhs.shape[-1]))
+  cin = lhs.shape[-1]
+  return (lhs.dtype == jnp.float32 and native.fits_lanes(rhs.shape[-1])
+          and (cin < native.DIRECT_MAX_CHANNELS or native.fits_lanes(cin)))
 
 
 def _is_nhwc(dimension_numbers, ndim) -> bool:
@@ -264,10 +269,11 @@ def native_norm_wanted(conv_impl: str) -> bool:
 
 
 def conv_general_dilated_cpu_auto(lhs, rhs, *args, **kwargs):
-  """Drop-in for `lax.conv_general_dilated`: "auto" on CPU (`cpu_auto_conv_impl`)."""
+  """Drop-in for `lax.conv_general_dilated`: "auto" on CPU: the native kernels where they
+  apply and are wanted (`conv_general_dilated_native`), else `cpu_auto_conv_impl`'s choice."""
+  if _native_fits(lhs, rhs) and _native_wanted():
+    return _winograd_conv(_native_conv3x3, lhs, rhs, *args, **kwargs)
   if cpu_auto_conv_impl(lhs) == "winograd":
-    if _native_fits(lhs, rhs) and _native_wanted():
-      return _winograd_conv(_native_conv3x3, lhs, rhs, *args, **kwargs)
     return conv_general_dilated_winograd(lhs, rhs, *args, **kwargs)
   return conv_general_dilated_im2col(lhs, rhs, *args, **kwargs)
 

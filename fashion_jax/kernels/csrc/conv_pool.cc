@@ -128,8 +128,10 @@ inline void PoolStore(const fv out[4], fv add, bool relu, float* y, int8_t* arg)
 
 // One image, NB blocks of L output channels from cb. CIN > 0: compile-time channel count.
 // Two blocks give each window 8 independent accumulator chains, enough to hide the multiply-add
-// latency (one block's 4 chains of 9 left half the FMA throughput unused).
-template <int CIN, int NB>
+// latency (one block's 4 chains of 9 left half the FMA throughput unused). POOL: pooled output
+// and argmax [hp, wp, Cout]; else the plain convolution's 2x2 outputs per window, y [2 hp, 2 wp,
+// Cout] (arg unused).
+template <int CIN, int NB, bool POOL>
 void ForwardBlock(const Shape& s, const float* x, const float* k, const float* b, bool relu,
                   float* y, int8_t* arg, int64_t cb) {
   const int64_t cin = CIN > 0 ? CIN : s.cin;
@@ -167,9 +169,16 @@ void ForwardBlock(const Shape& s, const float* x, const float* k, const float* b
           }
         }
       }
-      const int64_t o = (i * s.wp + j) * s.cout + cb;
       for (int nb = 0; nb < NB; ++nb) {
-        PoolStore(acc[nb], Splat(0.0f), relu, y + o + nb * L, arg + o + nb * L);
+        if constexpr (POOL) {
+          const int64_t o = (i * s.wp + j) * s.cout + cb + nb * L;
+          PoolStore(acc[nb], Splat(0.0f), relu, y + o, arg + o);
+        } else {
+          for (int q = 0; q < 4; ++q) {
+            Store(y + ((2 * i + q / 2) * 2 * s.wp + 2 * j + q % 2) * s.cout + cb + nb * L,
+                  acc[nb][q]);
+          }
+        }
       }
     }
   }
@@ -178,8 +187,9 @@ void ForwardBlock(const Shape& s, const float* x, const float* k, const float* b
 // Kernel and bias gradients of one image, NB blocks from cb, added into gw_out/gb
 // (gw_out[tap * NB + block], gb[block]). With a compile-time channel count the accumulators are
 // locals, so they stay in registers (through the pointer the compiler stored and reloaded them
-// around every multiply-add).
-template <int CIN, int NB>
+// around every multiply-add). POOL: dy is the pooled gradient, routed by arg; else the plain
+// convolution's [2 hp, 2 wp, Cout] (no bias: gb unchanged).
+template <int CIN, int NB, bool POOL>
 void BackwardBlock(const Shape& s, const float* x, const int8_t* arg, const float* dy,
                    fv* gw_out, fv* gb, int64_t cb) {
   const int64_t cin = CIN > 0 ? CIN : s.cin;
@@ -191,7 +201,12 @@ void BackwardBlock(const Shape& s, const float* x, const int8_t* arg, const floa
     for (int64_t j = 0; j < s.wp; ++j) {
       const int64_t o = (i * s.wp + j) * s.cout + cb;
       fv gq[NB][4];
-      for (int nb = 0; nb < NB; ++nb) {
+      for (int nb = 0; nb < NB && !POOL; ++nb) {
+        for (int q = 0; q < 4; ++q) {
+          gq[nb][q] = Load(dy + ((2 * i + q / 2) * 2 * s.wp + 2 * j + q % 2) * s.cout + cb + nb * L);
+        }
+      }
+      for (int nb = 0; nb < NB && POOL; ++nb) {
         const fv g = Load(dy + o + nb * L);
         bv which_b;
         std::memcpy(&which_b, arg + o + nb * L, sizeof(which_b));
@@ -232,29 +247,34 @@ void ForEachChannelBlock(int64_t cout, const F& f) {
 }
 
 // One image (x_img, its outputs y_img and arg_img), every channel block.
-template <int CIN>
+template <int CIN, bool POOL = true>
 void ImageForward(const Shape& s, const float* x_img, const float* k, const float* b, bool relu,
                   float* y_img, int8_t* arg_img) {
   ForEachChannelBlock<2>(s.cout, [&](int64_t cb, auto nb) {
-    ForwardBlock<CIN, decltype(nb)::value>(s, x_img, k, b, relu, y_img, arg_img, cb);
+    ForwardBlock<CIN, decltype(nb)::value, POOL>(s, x_img, k, b, relu, y_img, arg_img, cb);
   });
 }
 
-template <int CIN, typename Pool>
+// Floats of one image's output: pooled, or the plain convolution's (arg: as many int8, pooled).
+template <bool POOL>
+inline int64_t OutputFloats(const Shape& s) { return (POOL ? 1 : 4) * s.hp * s.wp * s.cout; }
+
+template <int CIN, bool POOL, typename Pool>
 void Forward(Pool& pool, const Shape& s, const float* x, const float* k,
              const float* b, bool relu, float* y, int8_t* arg) {
-  const int64_t in_img = s.h * s.w * s.cin, out_img = s.hp * s.wp * s.cout;
+  const int64_t in_img = s.h * s.w * s.cin, out_img = OutputFloats<POOL>(s);
   ParallelFor(pool, s.n, [&](int64_t n) {
-    ImageForward<CIN>(s, x + n * in_img, k, b, relu, y + n * out_img, arg + n * out_img);
+    ImageForward<CIN, POOL>(s, x + n * in_img, k, b, relu, y + n * out_img,
+                            POOL ? arg + n * out_img : nullptr);
   });
 }
 
 constexpr int64_t kGradChunks = 8;  // Fixed, so the summation order is too.
 
-template <int CIN, typename Pool>
+template <int CIN, bool POOL, typename Pool>
 void Backward(Pool& pool, const Shape& s, const float* x, const int8_t* arg,
               const float* dy, float* dk, float* db) {
-  const int64_t in_img = s.h * s.w * s.cin, out_img = s.hp * s.wp * s.cout;
+  const int64_t in_img = s.h * s.w * s.cin, out_img = OutputFloats<POOL>(s);
   const int64_t chunks = std::max<int64_t>(1, std::min(kGradChunks, s.n));
   const int64_t nk = 9 * s.cin * s.cout;
   std::vector<float> partial(chunks * (nk + s.cout), 0.0f);
@@ -271,8 +291,8 @@ void Backward(Pool& pool, const Shape& s, const float* x, const int8_t* arg,
       fv gb[NB];
       for (int nb = 0; nb < NB; ++nb) gb[nb] = Splat(0.0f);
       for (int64_t n = lo; n < hi; ++n) {
-        BackwardBlock<CIN, NB>(s, x + n * in_img, arg + n * out_img, dy + n * out_img, gw.data(),
-                               gb, cb);
+        BackwardBlock<CIN, NB, POOL>(s, x + n * in_img, POOL ? arg + n * out_img : nullptr,
+                                     dy + n * out_img, gw.data(), gb, cb);
       }
       for (int nb = 0; nb < NB; ++nb) {
         for (int64_t t = 0; t < 9 * s.cin; ++t) Store(pk + t * s.cout + cb + nb * L, gw[t * NB + nb]);
@@ -314,7 +334,7 @@ ffi::Error CheckShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> kd,
 template <typename Pool>
 void ConvPoolForwardCore(Pool& pool, const Shape& s, const float* x, const float* k,
                          const float* b, bool relu, float* y, int8_t* arg) {
-#define FJ_CALL(C) Forward<C>(pool, s, x, k, b, relu, y, arg)
+#define FJ_CALL(C) Forward<C, true>(pool, s, x, k, b, relu, y, arg)
   FJ_DISPATCH_CIN(s.cin, FJ_CALL)
 #undef FJ_CALL
 }
@@ -322,7 +342,27 @@ void ConvPoolForwardCore(Pool& pool, const Shape& s, const float* x, const float
 template <typename Pool>
 void ConvPoolBackwardCore(Pool& pool, const Shape& s, const float* x, const int8_t* arg,
                           const float* dy, float* dk, float* db) {
-#define FJ_CALL(C) Backward<C>(pool, s, x, arg, dy, dk, db)
+#define FJ_CALL(C) Backward<C, true>(pool, s, x, arg, dy, dk, db)
+  FJ_DISPATCH_CIN(s.cin, FJ_CALL)
+#undef FJ_CALL
+}
+
+// The plain 3x3 VALID convolution (no bias, no pool) by the direct kernel, for few input
+// channels (cnn_bn's first layer): y [N, H-2, W-2, Cout] with H and W even, 2x2 outputs per
+// window as the pooled kernel computes them; the backward's kernel gradient.
+template <typename Pool>
+void DirectConvForwardCore(Pool& pool, const Shape& s, const float* x, const float* k, float* y) {
+  const std::vector<float> no_bias(s.cout, 0.0f);
+#define FJ_CALL(C) Forward<C, false>(pool, s, x, k, no_bias.data(), false, y, nullptr)
+  FJ_DISPATCH_CIN(s.cin, FJ_CALL)
+#undef FJ_CALL
+}
+
+template <typename Pool>
+void DirectConvBackwardCore(Pool& pool, const Shape& s, const float* x, const float* dy,
+                            float* dk) {
+  std::vector<float> db(s.cout);  // Unused: all zeros.
+#define FJ_CALL(C) Backward<C, false>(pool, s, x, nullptr, dy, dk, db.data())
   FJ_DISPATCH_CIN(s.cin, FJ_CALL)
 #undef FJ_CALL
 }
@@ -346,6 +386,40 @@ ffi::Error ConvPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (ffi::Error e = CheckShapes(x.dimensions(), kernel.dimensions(), &s); e.failure()) return e;
   ConvPoolBackwardCore(pool, s, x.typed_data(), arg.typed_data(), dy.typed_data(),
                        dkernel->typed_data(), dbias->typed_data());
+  return ffi::Error::Success();
+}
+
+// y [N, H-2, W-2, Cout] (or dy for the backward) with H, W even.
+ffi::Error DirectConvShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> kd,
+                            ffi::Span<const int64_t> yd, Shape* s) {
+  if (ffi::Error e = CheckShapes(xd, kd, s); e.failure()) return e;
+  if (s->h % 2 != 0 || s->w % 2 != 0 || yd.size() != 4 || yd[0] != s->n || yd[1] != s->h - 2 ||
+      yd[2] != s->w - 2 || yd[3] != s->cout) {
+    return ffi::Error::InvalidArgument(
+        "fashion_jax direct conv: expected y [N, H-2, W-2, Cout] with H and W even");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error DirectConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y) {
+  Shape s;
+  if (ffi::Error e = DirectConvShapes(x.dimensions(), kernel.dimensions(), y->dimensions(), &s);
+      e.failure()) {
+    return e;
+  }
+  DirectConvForwardCore(pool, s, x.typed_data(), kernel.typed_data(), y->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error DirectConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dkernel) {
+  Shape s;
+  if (ffi::Error e = DirectConvShapes(x.dimensions(), dkernel->dimensions(), dy.dimensions(), &s);
+      e.failure()) {
+    return e;
+  }
+  DirectConvBackwardCore(pool, s, x.typed_data(), dy.typed_data(), dkernel->typed_data());
   return ffi::Error::Success();
 }
 
@@ -948,8 +1022,8 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
       WinogradImageBackward(t.sx, k, buf.h, b, ut, out_grad, buf.planes, buf.dh, acc,
                             db2_acc.data());
       for (int64_t cb = 0; cb < c; cb += L) {
-        BackwardBlock<CIN, 1>(t.s1, xb, buf.arg, buf.dh, gw.data() + cb / L * 9 * cin,
-                              gb.data() + cb / L, cb);
+        BackwardBlock<CIN, 1, true>(t.s1, xb, buf.arg, buf.dh, gw.data() + cb / L * 9 * cin,
+                                    gb.data() + cb / L, cb);
       }
     }
     float* adb2 = acc + 16 * c * k;
@@ -1548,3 +1622,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluGrad, BnReluGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("pad"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjDirectConvForward, DirectConvForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjDirectConvBackward, DirectConvBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -205,10 +205,13 @@ void TestConvPool(std::mt19937& rng, const Problem& p, bool winograd, bool relu)
 
 // The fused plain convolution (no pool, no bias): y [n, h-2, w-2, k] and every gradient from
 // dy, against the direct sums (h and w even, as the kernels require; native.py pads odd sizes).
-void TestConv(std::mt19937& rng, const Problem& p) {
+// The plain convolution: Winograd (direct = false; dx too) or the direct kernel (few input
+// channels; the kernel gradient only, its input gradient is XLA's).
+void TestConv(std::mt19937& rng, const Problem& p, bool direct = false) {
   SerialPool pool;
   char what[160];
-  std::snprintf(what, sizeof(what), "winograd conv n=%d %dx%d c=%d k=%d", p.n, p.h, p.w, p.c, p.k);
+  std::snprintf(what, sizeof(what), "%s conv n=%d %dx%d c=%d k=%d", direct ? "direct" : "winograd",
+                p.n, p.h, p.w, p.c, p.k);
   const int oh = p.h - 2, ow = p.w - 2;
   const std::vector<float> x = Random(rng, size_t(p.n) * p.h * p.w * p.c, 1.0f);
   const std::vector<float> kern = Random(rng, 9 * size_t(p.c) * p.k, 0.3f);
@@ -217,10 +220,18 @@ void TestConv(std::mt19937& rng, const Problem& p) {
   const std::vector<float> dy = Random(rng, ny, 1.0f);
   std::vector<float> y(ny), dx(x.size(), NAN), du(16 * size_t(p.c) * p.k);
   const Tiles sx{p.n, p.h, p.w, p.c, p.hp(), p.wp()}, sy{p.n, p.h, p.w, p.k, p.hp(), p.wp()};
-  WinogradConvForwardCore(pool, sx, sy, x.data(), FilterTransform(p, kern, false).data(), y.data());
-  WinogradConvBackwardCore(pool, sx, sy, x.data(), FilterTransform(p, kern, true).data(), dy.data(),
-                           dx.data(), du.data());
-  const std::vector<float> dk = FilterTransformGrad(p, du);
+  std::vector<float> dk(kern.size(), NAN);
+  if (direct) {
+    const Shape s{p.n, p.h, p.w, p.c, p.k, p.hp(), p.wp()};
+    DirectConvForwardCore(pool, s, x.data(), kern.data(), y.data());
+    DirectConvBackwardCore(pool, s, x.data(), dy.data(), dk.data());
+  } else {
+    WinogradConvForwardCore(pool, sx, sy, x.data(), FilterTransform(p, kern, false).data(),
+                            y.data());
+    WinogradConvBackwardCore(pool, sx, sy, x.data(), FilterTransform(p, kern, true).data(),
+                             dy.data(), dx.data(), du.data());
+    dk = FilterTransformGrad(p, du);
+  }
   std::vector<double> y_want(ny), dx_want(x.size()), dk_want(kern.size());
   for (int b = 0; b < p.n; ++b)
     for (int i = 0; i < oh; ++i)
@@ -237,7 +248,7 @@ void TestConv(std::mt19937& rng, const Problem& p) {
         }
   std::string name(what);
   Expect((name + ": y").c_str(), y, y_want, 1e-5);
-  Expect((name + ": dx").c_str(), dx, dx_want, 1e-4);
+  if (!direct) Expect((name + ": dx").c_str(), dx, dx_want, 1e-4);
   Expect((name + ": dkernel").c_str(), dk, dk_want, 2e-5 * p.n * oh * ow);
 }
 
@@ -372,6 +383,11 @@ int main() {
   TestConv(rng, {3, 18, 6, 2 * L, 3 * L});
   TestConv(rng, {17, 6, 8, L, L});
   TestConv(rng, {1, 4, 4, L, L});
+  // The direct kernel's plain convolution: cnn_bn's first layer (SAME-padded 28x28, 1 -> 32
+  // channels at 16 lanes), run-time channel counts and odd channel blocks, the smallest input.
+  TestConv(rng, {3, 30, 30, 1, 2 * L}, true);
+  TestConv(rng, {11, 8, 6, 5, 3 * L}, true);
+  TestConv(rng, {1, 4, 4, 3, L}, true);
   // The two-layer op: the CNN's pair (at 16 lanes: 1 -> 32 -> 64 channels on 28x28), odd sizes
   // and several input channels, more images than the gradient's chunks, the smallest second layer.
   for (bool relu : {false, true}) {

@@ -1,0 +1,106 @@
+"""The 3x3 convolution without a pool (cnn_bn, ResNets) on the native CPU kernels.
+
+- Wide inputs: Winograd F(2x2, 3x3), the whole layer fused as for the conv + pool (the same
+  per-block transforms and micro-kernel, the outputs written as they are). Its wide layers take
+  half the time of the separate transforms around XLA's matmuls they replaced (BENCHMARKS.md).
+- Few input channels (cnn_bn's first layer, 1 -> 32): the conv + pool's direct kernel, writing
+  each window's four outputs instead of their maximum. XLA ran it as an im2col matmul with K = 9
+  (a 9x copy of the image first) and the kernel's gradient as a [9, N * H * W] x [N * H * W,
+  32] matmul, both limited by memory traffic; the direct kernels read the image and the output
+  gradient once.
+
+SAME padding is the caller's `jnp.pad` (`ops.conv_general_dilated_native` and "auto" do it).
+Outputs and gradients equal lax's to float32 rounding (tests/test_native.py).
+"""
+
+from __future__ import annotations
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from fashion_jax.kernels import native
+from fashion_jax.kernels import winograd
+
+
+def supports(x: jax.Array, kernel: jax.Array) -> bool:
+  """Whether `conv3x3` handles these shapes and dtypes (not whether it is built)."""
+  if not (x.ndim == 4 and kernel.ndim == 4 and kernel.shape[:2] == (3, 3)
+          and kernel.shape[2] == x.shape[-1] and x.dtype == kernel.dtype == jnp.float32):
+    return False
+  if x.shape[-1] < native.DIRECT_MAX_CHANNELS:
+    return native.fits_lanes(kernel.shape[-1]) and x.shape[1] >= 3 and x.shape[2] >= 3
+  return (native.winograd_channels_fit(x.shape[-1], kernel.shape[-1])
+          and x.shape[1] >= 3 and x.shape[2] >= 3)
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """VALID, stride-1 3x3 convolution, fused, on CPU.
+
+  x NHWC float32, kernel HWIO float32 with Cout a multiple of `native.lanes()`, and either
+  Cin < `native.DIRECT_MAX_CHANNELS` (direct kernel) or Cin a multiple of the lanes with
+  Cin * Cout at most `native.WINOGRAD_MAX_CHANNEL_PRODUCT` (Winograd) (`supports`). Both make
+  2x2 outputs at a time: an odd output size computes one more row or column (zeros padded in)
+  and drops it. Raises ValueError where `supports` is False or the kernels are unavailable.
+  """
+  if not supports(x, kernel):
+    raise ValueError(f"native conv3x3 does not support x {x.shape} {x.dtype}, "
+                     f"kernel {kernel.shape} {kernel.dtype}; see plain_conv.supports")
+  if not native.available():
+    raise ValueError("the native CPU kernels are unavailable (see the warning above)")
+  conv = _direct if x.shape[-1] < native.DIRECT_MAX_CHANNELS else _winograd
+  _, h, w, _ = x.shape
+  if h % 2 or w % 2:
+    return conv(jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))), kernel)[:, :h - 2, :w - 2]
+  return conv(x, kernel)
+
+
+def _output(x, kernel) -> jax.ShapeDtypeStruct:
+  n, h, w, _ = x.shape
+  return jax.ShapeDtypeStruct((n, h - 2, w - 2, kernel.shape[-1]), jnp.float32)
+
+
+def _winograd_forward(x, kernel):
+  u = winograd.filter_transform(kernel)
+  return native.call("fashion_jax_winograd_conv_fwd", _output(x, kernel), x, u), (x, u)
+
+
+@jax.custom_vjp
+def _winograd(x, kernel):
+  return _winograd_forward(x, kernel)[0]
+
+
+def _winograd_bwd(residuals, dy):
+  x, u = residuals
+  dx, du = native.call("fashion_jax_winograd_conv_bwd",
+                       (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                        jax.ShapeDtypeStruct(u.shape, jnp.float32)),
+                       x, jnp.swapaxes(u, 1, 2), dy)
+  return dx, winograd.filter_transform_grad(du)
+
+
+_winograd.defvjp(_winograd_forward, _winograd_bwd)
+
+
+def _direct_forward(x, kernel):
+  return native.call("fashion_jax_direct_conv_fwd", _output(x, kernel), x, kernel), (x, kernel)
+
+
+@jax.custom_vjp
+def _direct(x, kernel):
+  return _direct_forward(x, kernel)[0]
+
+
+def _direct_bwd(residuals, dy):
+  x, kernel = residuals
+  dkernel = native.call("fashion_jax_direct_conv_bwd",
+                        jax.ShapeDtypeStruct(kernel.shape, jnp.float32), x, dy)
+  # The input gradient (unused, and so removed by XLA, when x is the image): the transposed
+  # convolution, XLA's.
+  dx = jax.vjp(lambda v: lax.conv_general_dilated(v, kernel, (1, 1), "VALID",
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC")),
+               x)[1](dy)[0]
+  return dx, dkernel
+
+
+_direct.defvjp(_direct_forward, _direct_bwd)
