@@ -9,11 +9,13 @@ for validation (the recipe was tuned on them, never on the test split).
   python -m fashion_jax.main --config=configs/cpu_best.py --workdir=/tmp/fj_best \
       --config.idx_dir=../shared/data/fashion_mnist
 
-Measured on 2 CPU cores of a Zen 5 VM (BENCHMARKS.md, session 9), seeds 0 / 1 / 2:
-test accuracy 94.53 / 94.32 / 94.16 % (mean 94.34 %), validation 93.80 / 93.76 /
-93.90 %, 156 / 152 / 153 s wall from process start, ~2,600 images/s (native fused
-Winograd convolutions). Before: 94.26 % mean in 331-346 s at ~1,150 images/s
-(session 4, AVX2 VM, native transforms around XLA's matmuls).
+Measured on 2 CPU cores of a Zen 5 VM (BENCHMARKS.md, session 11), seeds 0 / 1 / 2:
+test accuracy 94.33 / 94.33 / 94.21 % (mean 94.29 %), validation 93.94 / 94.14 /
+93.82 %, 134 / 133 / 150 s wall from process start, ~2,700-3,000 images/s (native fused
+Winograd convolutions, direct first conv, native BatchNorm + ReLU; the same code
+before the last two: 94.53 % in 151 s at ~2,550 images/s for seed 0, same day).
+Session 4 (AVX2 VM, native transforms around XLA's matmuls): 94.26 % mean in
+331-346 s at ~1,150 images/s.
 """
 
 from fashion_jax import config_lib

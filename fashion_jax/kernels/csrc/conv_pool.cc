@@ -11,8 +11,12 @@
 //    reduce_window's transpose; 4 where the ReLU is off) are written. The
 //    backward pass recomputes nothing: it routes the pooled gradient to the
 //    argmax tap and accumulates the kernel and bias gradients in registers.
+//    The same kernel also computes the plain convolution (no pool: each window's four outputs
+//    written; cnn_bn's first layer, fashion_jax/kernels/plain_conv.py).
 // 2. Winograd F(2x2, 3x3) for wide inputs (further down): the whole layer fused,
 //    conv + pool (+ ReLU), or the convolution alone.
+// 3. BatchNorm with batch statistics + ReLU (at the end; fashion_jax/kernels/batchnorm.py): two
+//    passes over the activation each way.
 //
 // Layouts: x NHWC float32, kernel HWIO [3, 3, Cin, Cout] float32 with
 // Cout a multiple of the vector width (FJ_LANES), bias [Cout]; pooled output
