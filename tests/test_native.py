@@ -371,8 +371,8 @@ def test_auto_and_native_choices():
   np.testing.assert_array_equal(ops.conv_pool(x10, k10, b10, "native"),
                                 ops.conv_pool(x10, k10, b10, "winograd"))
   # BatchNorm + ReLU: native with "native" and with "auto" here (one CPU device, kernels built).
-  assert ops.native_norm_wanted("native") and ops.native_norm_wanted("auto")
-  assert not any(ops.native_norm_wanted(impl) for impl in ("xla", "im2col", "winograd"))
+  assert ops.native_chosen("native") and ops.native_chosen("auto")
+  assert not any(ops.native_chosen(impl) for impl in ("xla", "im2col", "winograd"))
 
 
 def test_native_is_cpu_only(monkeypatch):
@@ -381,8 +381,8 @@ def test_native_is_cpu_only(monkeypatch):
   with pytest.raises(ValueError, match="CPU only"):
     ops.conv_pool(x, k, b, "native")
   with pytest.raises(ValueError, match="CPU only"):
-    ops.native_norm_wanted("native")
-  assert not ops.native_norm_wanted("auto")  # Flax's BatchNorm on accelerators.
+    ops.native_chosen("native")
+  assert not ops.native_chosen("auto")  # Flax's BatchNorm on accelerators.
 
 
 def test_batch_norm_relu_falls_back_to_flax_where_the_kernels_do_not_apply():

@@ -57,13 +57,12 @@ def _sums(target, y, *args, pad=None):
                      **attributes)
 
 
-def _count(y, axis_name):
-  n = y.size // y.shape[-1]
-  return n if axis_name is None else n * lax.psum(1, axis_name)
+def _pixels(y) -> int:
+  return y.size // y.shape[-1]
 
 
 def _forward(y, scale, bias, epsilon, axis_name, pad):
-  moments = _sums("fashion_jax_bn_stats", y) / (y.size // y.shape[-1])  # E[y], E[y^2]
+  moments = _sums("fashion_jax_bn_stats", y) / _pixels(y)  # E[y], E[y^2]
   if axis_name is not None:
     moments = lax.pmean(moments, axis_name)
   mean, var_raw = moments[0], moments[1] - jnp.square(moments[0])
@@ -97,7 +96,7 @@ def _backward(epsilon, axis_name, pad, residuals, cotangents):
   dbias, dscale = sums[0], sums[1] * inv
   if axis_name is not None:
     sums = lax.psum(sums, axis_name)
-  n = _count(y, axis_name)
+  n = _pixels(y) if axis_name is None else _pixels(y) * lax.psum(1, axis_name)
   c1 = scale * inv
   c3 = jnp.where(var_positive, -c1 * inv * inv * sums[1] / n, 0.0)
   coef = jnp.concatenate([coef, jnp.stack([c1, -c1 * sums[0] / n, c3])])

@@ -259,9 +259,10 @@ def check_native() -> None:
                      "here (see the warning above); use conv_impl='auto'")
 
 
-def native_norm_wanted(conv_impl: str) -> bool:
-  """Whether a model with this conv_impl runs BatchNorm + ReLU with the native kernels
-  (`fashion_jax.kernels.batchnorm`): "native", or "auto" on CPU where they are wanted."""
+def native_chosen(conv_impl: str) -> bool:
+  """Whether a model with this conv_impl runs its fused native ops (the two-layer op, BatchNorm +
+  ReLU: `fashion_jax.kernels.batchnorm`): "native" (ValueError off CPU or without the kernels),
+  or "auto" on CPU where they are wanted (`_native_wanted`)."""
   if conv_impl == "native":
     check_native()
     return True
@@ -327,10 +328,7 @@ def conv_pool_twice(x: jax.Array, k1: jax.Array, b1: jax.Array, k2: jax.Array, b
   first layer's output kept in cache (`native.conv3x3_pool2_twice`); otherwise the two layers
   run in turn, as `conv_pool` runs each.
   """
-  if conv_impl == "native":
-    check_native()
-  wanted = conv_impl == "native" or (conv_impl == "auto" and on_cpu() and _native_wanted())
-  if wanted and native.supports_two_layers(x, k1, k2):
+  if native_chosen(conv_impl) and native.supports_two_layers(x, k1, k2):
     return native.conv3x3_pool2_twice(x, k1, b1, k2, b2, relu=relu)
   h = conv_pool(x, k1, b1, conv_impl, pool_impl, relu=relu)
   return conv_pool(h, k2, b2, conv_impl, pool_impl, relu=relu)

@@ -58,7 +58,7 @@ class BatchNormReLU(nn.BatchNorm):
   padding of a convolution that follows, which then runs VALID). Its variables are
   nn.BatchNorm's, so give it BatchNorm's name for checkpoints to match.
 
-  With `native` (the model's choice, `ops.native_norm_wanted`), training on float32 inputs the
+  With `native` (the model's choice, `ops.native_chosen`), training on float32 inputs the
   native kernels take (`batchnorm.supports`) runs as `batchnorm.batch_norm_relu`: the same
   math in four passes instead of XLA's eight or so. Everything else is flax's BatchNorm.
   """
@@ -158,7 +158,7 @@ class CNNBN(nn.Module):
   def __call__(self, x, train: bool = False):
     conv = functools.partial(nn.Conv, kernel_size=(3, 3), use_bias=False, dtype=self.dtype,
                              conv_general_dilated=_conv_fn(self.conv_impl))
-    native = ops.native_norm_wanted(self.conv_impl)
+    native = ops.native_chosen(self.conv_impl)
     names = (f"BatchNorm_{i}" for i in itertools.count())  # nn.BatchNorm's, for checkpoints.
     norm_relu = lambda pad=0: BatchNormReLU(  # pylint: disable=g-long-lambda
         use_running_average=not train, momentum=0.9, dtype=self.dtype, pad=pad, native=native,

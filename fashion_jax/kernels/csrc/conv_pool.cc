@@ -205,18 +205,20 @@ void BackwardBlock(const Shape& s, const float* x, const int8_t* arg, const floa
     for (int64_t j = 0; j < s.wp; ++j) {
       const int64_t o = (i * s.wp + j) * s.cout + cb;
       fv gq[NB][4];
-      for (int nb = 0; nb < NB && !POOL; ++nb) {
-        for (int q = 0; q < 4; ++q) {
-          gq[nb][q] = Load(dy + ((2 * i + q / 2) * 2 * s.wp + 2 * j + q % 2) * s.cout + cb + nb * L);
+      for (int nb = 0; nb < NB; ++nb) {
+        if constexpr (POOL) {
+          const fv g = Load(dy + o + nb * L);
+          bv which_b;
+          std::memcpy(&which_b, arg + o + nb * L, sizeof(which_b));
+          const iv which = __builtin_convertvector(which_b, iv);
+          gb[nb] += which < SplatI(kNoTap) ? g : zero;
+          for (int q = 0; q < 4; ++q) gq[nb][q] = which == SplatI(q) ? g : zero;
+        } else {
+          for (int q = 0; q < 4; ++q) {
+            gq[nb][q] = Load(dy + ((2 * i + q / 2) * 2 * s.wp + 2 * j + q % 2) * s.cout + cb +
+                             nb * L);
+          }
         }
-      }
-      for (int nb = 0; nb < NB && POOL; ++nb) {
-        const fv g = Load(dy + o + nb * L);
-        bv which_b;
-        std::memcpy(&which_b, arg + o + nb * L, sizeof(which_b));
-        const iv which = __builtin_convertvector(which_b, iv);
-        gb[nb] += which < SplatI(kNoTap) ? g : zero;
-        for (int q = 0; q < 4; ++q) gq[nb][q] = which == SplatI(q) ? g : zero;
       }
 #pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
@@ -1165,10 +1167,10 @@ void BnRows(Pool& pool, const BnShape& s, int sums, float* out, const F& row) {
     for (int64_t v = 0; v < width / L; ++v) acc[v] = Splat(0.0f);
     for (int64_t r = chunk * per; r < std::min(s.rows, (chunk + 1) * per); ++r) row(r, acc);
   });
-  float* total = sums > 0 ? SumChunks(reinterpret_cast<float*>(partial.data()), chunks, width,
-                                      width)
-                          : nullptr;
-  if (total != nullptr) std::copy(total, total + width, out);
+  if (sums > 0) {
+    const float* total = SumChunks(reinterpret_cast<float*>(partial.data()), chunks, width, width);
+    std::copy(total, total + width, out);
+  }
 }
 
 // The normalized input before the ReLU, the same expression in every kernel (so the gradient's
