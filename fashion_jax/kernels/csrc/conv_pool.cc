@@ -564,48 +564,98 @@ inline int64_t RowsPerBlock(const Tiles& s) { return std::max<int64_t>(1, kBlock
 // A block's 16 transformed planes: plane x, tile t (within the block), channel ch of `channels`
 // at base[x * plane + t * channels + ch].
 
-// V = B^T d B for the 4x4 input window d of each tile of the block.
+// V = B^T d B for the 4x4 input window d of each tile of the block. Neighbouring windows share
+// two columns: each column's vertical transform is computed once and carried to the next tile.
 void InputTransformRows(const Tiles& s, const float* x, const TileRows& r, float* v,
                         int64_t plane) {
   const float* img = x + r.b * s.h * s.w * s.c;
-  ForEachTile(s, r, [&](int64_t i, int64_t j, int64_t t, int64_t cb) {
-    fv rows[4][4];  // rows[q][col] = (B^T d)[q][col]
-    for (int col = 0; col < 4; ++col) {
-      fv d[4];
-      for (int q = 0; q < 4; ++q) d[q] = Load(img + ((2 * i + q) * s.w + 2 * j + col) * s.c + cb);
-      fv tr[4];
-      InputTransform4(d, tr);
-      for (int q = 0; q < 4; ++q) rows[q][col] = tr[q];
-    }
-    for (int q = 0; q < 4; ++q) {
-      fv tr[4];
-      InputTransform4(rows[q], tr);
-      for (int e = 0; e < 4; ++e) Store(v + (q * 4 + e) * plane + t * s.c + cb, tr[e]);
-    }
-  });
-}
-
-// Its transpose: each tile's B dV B^T added into dx where the window came from (the caller
-// zeroes the image first; windows of neighbouring tiles overlap).
-void InputGradRows(const Tiles& s, const float* dv, int64_t plane, const TileRows& r, float* dx) {
-  float* img = dx + r.b * s.h * s.w * s.c;
-  ForEachTile(s, r, [&](int64_t i, int64_t j, int64_t t, int64_t cb) {
-    fv rows[4][4];
-    for (int q = 0; q < 4; ++q) {
-      fv tr[4];
-      for (int e = 0; e < 4; ++e) tr[e] = Load(dv + (q * 4 + e) * plane + t * s.c + cb);
-      InputTransform4T(tr, rows[q]);  // rows[q][col]
-    }
-    for (int col = 0; col < 4; ++col) {
-      fv tr[4] = {rows[0][col], rows[1][col], rows[2][col], rows[3][col]};
-      fv d[4];
-      InputTransform4T(tr, d);
-      for (int q = 0; q < 4; ++q) {
-        float* p = img + ((2 * i + q) * s.w + 2 * j + col) * s.c + cb;
-        Store(p, Load(p) + d[q]);
+  for (int64_t i = r.i0; i < r.i1; ++i) {
+    for (int64_t cb = 0; cb < s.c; cb += L) {
+      const float* window = img + 2 * i * s.w * s.c + cb;
+      const auto column = [&](int64_t col, fv out[4]) {  // out[q] = (B^T d)[q] of x column col
+        fv d[4];
+        for (int q = 0; q < 4; ++q) d[q] = Load(window + (q * s.w + col) * s.c);
+        InputTransform4(d, out);
+      };
+      fv cols[4][4];  // cols[col][q] of the current window
+      column(0, cols[0]);
+      column(1, cols[1]);
+      for (int64_t j = 0; j < s.tw; ++j) {
+        column(2 * j + 2, cols[2]);
+        column(2 * j + 3, cols[3]);
+        float* vt = v + ((i - r.i0) * s.tw + j) * s.c + cb;
+        for (int q = 0; q < 4; ++q) {
+          const fv row[4] = {cols[0][q], cols[1][q], cols[2][q], cols[3][q]};
+          fv tr[4];
+          InputTransform4(row, tr);
+          for (int e = 0; e < 4; ++e) Store(vt + (q * 4 + e) * plane, tr[e]);
+        }
+        for (int q = 0; q < 4; ++q) {
+          cols[0][q] = cols[2][q];
+          cols[1][q] = cols[3][q];
+        }
       }
     }
-  });
+  }
+}
+
+// Its transpose: each tile's B dV B^T into dx where the window came from. Neighbouring windows
+// share two columns and two rows: a tile's last two columns are carried in registers and added
+// to the next tile's first two, and a tile row's last two image rows are written (not added: no
+// window above touched them) and the next tile row's first two added to them, so each element of
+// dx is written once per tile row that covers it, with no zeroing first. Tile rows must come in
+// order within an image (the first is row 0); what no window covers (an odd last row or column
+// of a pooled layer's input) is left for ZeroUncovered.
+void InputGradRows(const Tiles& s, const float* dv, int64_t plane, const TileRows& r, float* dx) {
+  float* img = dx + r.b * s.h * s.w * s.c;
+  for (int64_t i = r.i0; i < r.i1; ++i) {
+    for (int64_t cb = 0; cb < s.c; cb += L) {
+      float* window = img + 2 * i * s.w * s.c + cb;
+      const auto put_column = [&](int64_t col, const fv d[4]) {
+        for (int q = 0; q < 4; ++q) {
+          float* p = window + (q * s.w + col) * s.c;
+          Store(p, q < 2 && i > 0 ? Load(p) + d[q] : d[q]);
+        }
+      };
+      fv carry[2][4];  // The previous tile's columns 2 and 3: [col][q].
+      for (int col = 0; col < 2; ++col) {
+        for (int q = 0; q < 4; ++q) carry[col][q] = Splat(0.0f);
+      }
+      for (int64_t j = 0; j < s.tw; ++j) {
+        const float* dvt = dv + ((i - r.i0) * s.tw + j) * s.c + cb;
+        fv rows[4][4];  // rows[q][col]
+        for (int q = 0; q < 4; ++q) {
+          fv tr[4];
+          for (int e = 0; e < 4; ++e) tr[e] = Load(dvt + (q * 4 + e) * plane);
+          InputTransform4T(tr, rows[q]);
+        }
+        fv cols[4][4];  // cols[col][q]
+        for (int col = 0; col < 4; ++col) {
+          const fv tr[4] = {rows[0][col], rows[1][col], rows[2][col], rows[3][col]};
+          InputTransform4T(tr, cols[col]);
+        }
+        for (int col = 0; col < 2; ++col) {
+          for (int q = 0; q < 4; ++q) cols[col][q] += carry[col][q];
+          put_column(2 * j + col, cols[col]);
+          for (int q = 0; q < 4; ++q) carry[col][q] = cols[col + 2][q];
+        }
+      }
+      put_column(2 * s.tw, carry[0]);
+      put_column(2 * s.tw + 1, carry[1]);
+    }
+  }
+}
+
+// Zeroes what no tile's window covers in an image's gradient: the rows from 2 th + 2 and the
+// columns from 2 tw + 2 (an odd last row or column of a pooled layer's input).
+void ZeroUncovered(const Tiles& s, float* img) {
+  const int64_t rows = 2 * s.th + 2, cols = 2 * s.tw + 2;
+  if (cols < s.w) {
+    for (int64_t y = 0; y < rows; ++y) {
+      std::fill(img + (y * s.w + cols) * s.c, img + (y + 1) * s.w * s.c, 0.0f);
+    }
+  }
+  std::fill(img + rows * s.w * s.c, img + s.h * s.w * s.c, 0.0f);
 }
 
 // out = A^T m A of tile t, channels [kb, kb + L) of k: out[2 a + e] is the output at (a, e).
@@ -767,8 +817,8 @@ void WinogradFusedForward(Pool& pool, const Tiles& sx, int64_t k, const float* x
 }
 
 // The backward of one image: per block, V again from x_img, dM = out_grad(rows, dM, plane, db)
-// (which adds the bias gradient, if the layer has one, to db: K / L vectors), dV = dM U^T (added
-// into dx_img, which the caller zeroes) and dU += V^T dM (into du_acc [16, C, K]).
+// (which adds the bias gradient, if the layer has one, to db: K / L vectors), dV = dM U^T (its
+// transform written into dx_img) and dU += V^T dM (into du_acc [16, C, K]).
 // planes: BackwardPlaneFloats, aligned.
 template <typename OutGrad>
 void WinogradImageBackward(const Tiles& sx, int64_t k, const float* x_img, int64_t b,
@@ -778,6 +828,7 @@ void WinogradImageBackward(const Tiles& sx, int64_t k, const float* x_img, int64
   float* v = planes;
   float* dm = v + 16 * block * c;
   float* dv = dm + 16 * block * k;
+  ZeroUncovered(sx, dx_img);
   for (int64_t i0 = 0; i0 < sx.th; i0 += rows) {
     const int64_t i1 = std::min(i0 + rows, sx.th), tiles = (i1 - i0) * sx.tw;
     const TileRows own{0, i0, i1};
@@ -828,7 +879,6 @@ void WinogradFusedBackward(Pool& pool, const Tiles& sx, int64_t k, const float* 
     std::fill(acc, acc + nu, 0.0f);
     std::vector<fv> db_acc(k / L, Splat(0.0f));
     for (int64_t b = sx.n * chunk / chunks; b < sx.n * (chunk + 1) / chunks; ++b) {
-      std::fill(dx + b * image, dx + (b + 1) * image, 0.0f);
       WinogradImageBackward(sx, k, x + b * image, b, ut, out_grad, AlignUp(scratch.data()),
                             dx + b * image, acc, db_acc.data());
     }
@@ -1024,7 +1074,6 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
     for (int64_t b = t.s1.n * chunk / chunks; b < t.s1.n * (chunk + 1) / chunks; ++b) {
       const float* xb = x + b * t.s1.h * t.s1.w * cin;
       ImageForward<CIN>(t.s1, xb, k1, b1, relu1, buf.h, buf.arg);
-      std::fill(buf.dh, buf.dh + image, 0.0f);
       WinogradImageBackward(t.sx, k, buf.h, b, ut, out_grad, buf.planes, buf.dh, acc,
                             db2_acc.data());
       for (int64_t cb = 0; cb < c; cb += L) {

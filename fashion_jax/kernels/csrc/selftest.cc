@@ -178,7 +178,9 @@ void TestConvPool(std::mt19937& rng, const Problem& p, bool winograd, bool relu)
   const std::vector<float> kern = Random(rng, 9 * size_t(p.c) * p.k, 0.3f);
   const std::vector<float> bias = Random(rng, p.k, 0.5f);
   const size_t ny = size_t(p.n) * p.hp() * p.wp() * p.k;
-  std::vector<float> y(ny), dx(x.size()), dk(kern.size()), db(p.k);
+  // dx starts as NaN: the kernels must write all of it (an odd last row or column no window
+  // covers gets zeros).
+  std::vector<float> y(ny), dx(x.size(), NAN), dk(kern.size()), db(p.k);
   std::vector<int8_t> tap(ny);
   const std::vector<float> dy = Random(rng, ny, 1.0f);
   if (winograd) {
