@@ -379,9 +379,10 @@ int main() {
     TestConvPool(rng, {1, 4, 4, 3 * L, 2 * L}, true, relu);
   }
   // The fused plain convolution: several blocks of tile rows per image (30 -> 14 tiles a row,
-  // 3 rows a block, the last one short), tall and narrow, more images than the gradient's
-  // chunks, the smallest input.
+  // 3 rows a block, the last one short), cnn_bn's 14 x 14 layers, tall and narrow, more images
+  // than the gradient's chunks, the smallest input.
   TestConv(rng, {2, 30, 30, L, 2 * L});
+  TestConv(rng, {2, 16, 16, 2 * L, L});  // 7 x 7 tiles: one block, a tile row over kBlockTiles.
   TestConv(rng, {3, 18, 6, 2 * L, 3 * L});
   TestConv(rng, {17, 6, 8, L, L});
   TestConv(rng, {1, 4, 4, L, L});
