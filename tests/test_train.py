@@ -75,6 +75,24 @@ def test_train_writes_outputs_and_learns(tiny_config, tmp_path):
   assert tensorboard["eval/sample_predictions"] == ["image", "image"]
 
 
+def test_prediction_grid_shows_each_image_and_marks_mistakes_in_red():
+  from fashion_jax.support import metric_writers
+  shades = (40, 120, 200)
+  images = np.stack([np.full((28, 28, 1), v, np.uint8) for v in shades])
+  probabilities = np.eye(10)[[0, 1, 5]] * 0.8 + 0.02  # The third is a mistake.
+  grid = metric_writers.prediction_grid(images, np.array([0, 1, 2]), probabilities,
+                                        [f"class {i}" for i in range(10)])
+  assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
+  cells = np.split(grid, 3, axis=1)  # One row of three cells.
+  for cell, shade, wrong in zip(cells, shades, (False, False, True)):
+    # The image, 4x upscaled, in its own cell only.
+    assert np.all(cell == shade, axis=2).sum() >= 112 * 112
+    caption = cell[:cell.shape[0] - 112]
+    red = (caption[..., 0] > 150) & (caption[..., 1] < 80) & (caption[..., 2] < 80)
+    dark = caption.max(axis=2) < 100
+    assert red.any() == wrong and (dark.any() or red.any())  # A caption, red where wrong.
+
+
 def test_resume_continues_exactly(tiny_config, tmp_path):
   """Stopping after 10 steps and re-running gives the same state as one 20-step run."""
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
@@ -439,15 +457,15 @@ def test_writer_and_checkpointer_are_closed_when_the_loop_raises(tiny_config, tm
   assert sorted(closed) == ["Checkpointer", "MetricWriter"]
 
 
-def test_training_without_matplotlib_skips_the_sample_figure(tiny_config, tmp_path, monkeypatch,
-                                                              caplog):
-  """The trainer needs no serving extra: without matplotlib the TensorBoard figure is skipped
+def test_training_without_pillow_skips_the_sample_grid(tiny_config, tmp_path, monkeypatch,
+                                                       caplog):
+  """The trainer needs no serving extra: without Pillow the TensorBoard sample grid is skipped
   with a warning, and everything else is written."""
-  monkeypatch.setitem(sys.modules, "matplotlib", None)
+  monkeypatch.setitem(sys.modules, "PIL", None)
   tiny_config.num_train_steps, tiny_config.tensorboard_samples = 10, 4
   with caplog.at_level(logging.WARNING):
     train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
-  assert any("no TensorBoard sample predictions: they need matplotlib" in r.getMessage()
+  assert any("no TensorBoard sample predictions: they need Pillow" in r.getMessage()
              for r in caplog.records)
   assert "eval/sample_predictions" not in _tensorboard_values(str(tmp_path / "run"))
   assert [l["step"] for l in _lines(str(tmp_path / "run")) if "eval_loss" in l] == [10]

@@ -92,8 +92,8 @@ class SamplePredictions:
     variables = self.parallel.fetch(steps.eval_variables(state.params, state.batch_stats,
                                                    state.ema_params, state.ema_batch_stats))
     probabilities = np.asarray(self._apply(variables, self.images))
-    return metric_writers.prediction_figure(self.images, self.labels, probabilities,
-                                            self.class_names)
+    return metric_writers.prediction_grid(self.images, self.labels, probabilities,
+                                          self.class_names)
 
 
 # What fixes a run's data order, learning-rate schedule, update rule and model: a resume
@@ -201,8 +201,8 @@ class Evaluation:
     self.test = Evaluator(run.test, config, model, parallel)
     self.val = Evaluator(run.val, config, model, parallel) if run.val else None
     self.samples = None
-    if run.is_lead and config.tensorboard_samples and not errors.available("matplotlib"):
-      logging.warning("no TensorBoard sample predictions: they need matplotlib (pip install "
+    if run.is_lead and config.tensorboard_samples and not errors.available("PIL"):
+      logging.warning("no TensorBoard sample predictions: they need Pillow (pip install "
                       "'fashion_jax[serve]'); pass --config.tensorboard_samples=0 to silence this")
     elif run.is_lead and config.tensorboard_samples:
       self.samples = SamplePredictions(run.test, config.tensorboard_samples, model, parallel,
@@ -218,7 +218,7 @@ class Evaluation:
     result = {"epoch": step / run.steps_per_epoch, **result}
     self.writer.write(step, result)
     if self.samples is not None:
-      self.writer.write_figure(step, "eval/sample_predictions", self.samples(state))
+      self.writer.write_image(step, "eval/sample_predictions", self.samples(state))
     self.writer.flush()
     with self.bar.external_write():
       logging.info("eval  step %d/%d epoch %.2f | loss %.4f accuracy %.2f%% | %.2fs for %d images",
