@@ -9,11 +9,12 @@ for validation (the recipe was tuned on them, never on the test split).
   python -m fashion_jax.main --config=configs/cpu_best.py --workdir=/tmp/fj_best \
       --config.idx_dir=../shared/data/fashion_mnist
 
-Measured on 2 CPU cores of a Zen 5 VM (BENCHMARKS.md, session 11), seeds 0 / 1 / 2:
-test accuracy 94.33 / 94.33 / 94.21 % (mean 94.29 %), validation 93.94 / 94.14 /
-93.82 %, 134 / 133 / 150 s wall from process start, ~2,700-3,000 images/s (native fused
-Winograd convolutions, direct first conv, native BatchNorm + ReLU; the same code
-before the last two: 94.53 % in 151 s at ~2,550 images/s for seed 0, same day).
+Measured on 2 CPU cores of a Zen 5 VM (BENCHMARKS.md, session 12), seeds 0 / 1 / 2:
+test accuracy 94.17 / 94.39 / 94.13 % (mean 94.23 %), validation 93.78 / 94.12 / 93.82 %,
+in 198 / 180 / 173 s wall during a slow stretch of that VM that eased as they ran (the previous
+code, run right after them: 169 s; in a fast stretch, session 11: 133-150 s). Its train step
+is ~10 % faster than session 11's, alternating the two. Native fused Winograd convolutions, a
+direct first conv, native BatchNorm + ReLU.
 Session 4 (AVX2 VM, native transforms around XLA's matmuls): 94.26 % mean in
 331-346 s at ~1,150 images/s.
 """
