@@ -117,7 +117,8 @@ def prediction_grid(images, labels, probabilities, class_names, scale: int = 4):
     canvas.paste(picture, (x0 + (cell_w - w * scale) // 2, y0 + 2 * line + 6))
     predicted, label = int(np.argmax(probabilities[i])), int(labels[i])
     color = (0, 0, 0) if predicted == label else (210, 0, 0)
-    draw.text((x0 + 4, y0 + 3), f"{class_names[predicted]} {100 * probabilities[i][predicted]:.0f}%",
-              fill=color, font=font)
+    confidence = 100 * probabilities[i][predicted]
+    draw.text((x0 + 4, y0 + 3), f"{class_names[predicted]} {confidence:.0f}%", fill=color,
+              font=font)
     draw.text((x0 + 4, y0 + 3 + line), f"(true: {class_names[label]})", fill=color, font=font)
   return np.asarray(canvas)

@@ -1061,7 +1061,7 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
                       const float* b1, bool relu1, const float* ut, const int8_t* arg2,
                       const float* dy, float* dk1, float* db1, float* du, float* db2) {
   const int64_t c = t.sx.c, k = t.sy.c, cin = t.s1.cin;
-  const int64_t image = t.s1.hp * t.s1.wp * c, nk1 = 9 * cin * c;
+  const int64_t nk1 = 9 * cin * c;
   // Per chunk: dU [16, C, K], db2 [K], dk1 [3, 3, Cin, C], db1 [C], padded to whole vectors.
   const int64_t used = 16 * c * k + k + nk1 + c;
   const int64_t nu = (used + kAlignPad - 1) / kAlignPad * kAlignPad;
