@@ -56,6 +56,11 @@ def test_executed_flops_counts_the_kernels_xla_cannot_see():
                                            epsilon=1e-5, pad=1)[0]
   step = jax.jit(jax.grad(lambda y: jnp.sum(bn(y) ** 2)))
   assert flops.executed_flops(step.lower(y).compile().as_text()) == (3 + 4 + 7 + 8) * y.size
+  # With the 2x2 pool: statistics 3, forward 4, the gradient's sums 5 and the gradient 6.
+  bn = lambda y: batchnorm.batch_norm_relu_pool(y, jnp.ones(y.shape[-1]), jnp.zeros(y.shape[-1]),
+                                                epsilon=1e-5)[0]
+  step = jax.jit(jax.grad(lambda y: jnp.sum(bn(y) ** 2)))
+  assert flops.executed_flops(step.lower(y).compile().as_text()) == (3 + 4 + 5 + 6) * y.size
 
 class _Device:
   platform, device_kind = "gpu", "NVIDIA H200"

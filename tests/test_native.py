@@ -199,6 +199,10 @@ bn = lambda y, s, b: batchnorm.batch_norm_relu(y, s, b, epsilon=1e-5, pad=1)
 outputs["bn_z"], outputs["bn_mean"], outputs["bn_var"] = map(np.asarray, jax.jit(bn)(y, s, b))
 grads = jax.jit(jax.grad(lambda *a: jnp.sum(bn(*a)[0] ** 2), argnums=(0, 1, 2)))(y, s, b)
 outputs["bn_dy"], outputs["bn_ds"], outputs["bn_db"] = map(np.asarray, grads)
+bnp = lambda y, s, b: batchnorm.batch_norm_relu_pool(y, s, b, epsilon=1e-5)  # With the pool.
+outputs["bnp_z"] = np.asarray(jax.jit(bnp)(y, s, b)[0])
+grads = jax.jit(jax.grad(lambda *a: jnp.sum(bnp(*a)[0] ** 2), argnums=(0, 1, 2)))(y, s, b)
+outputs["bnp_dy"], outputs["bnp_ds"], outputs["bnp_db"] = map(np.asarray, grads)
 np.savez(sys.argv[1], **outputs)
 """
 
@@ -219,7 +223,7 @@ def test_gradients_do_not_depend_on_the_thread_count(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results[label] = dict(np.load(out))
   for label in ("all", "all again"):
-    assert len(results[label]) == 22 and results[label].keys() == results["one"].keys()
+    assert len(results[label]) == 26 and results[label].keys() == results["one"].keys()
     for key in results["one"]:
       np.testing.assert_array_equal(results[label][key], results["one"][key], err_msg=key)
 
@@ -406,6 +410,20 @@ def test_batch_norm_relu_falls_back_to_flax_where_the_kernels_do_not_apply():
       assert uses_kernel == (train and train_native), (dtype, c, kwargs, train)
       if not uses_kernel:
         np.testing.assert_array_equal(run(module)(variables), run(plain, pad)(variables))
+  # With the pool: odd sizes, or the pool and a border together, are flax's + ops.max_pool_2x2.
+  for shape, pad, native_ok in (((2, 6, 6), 0, True), ((2, 5, 6), 0, False),
+                                ((2, 6, 6), 1, False)):
+    y = jnp.asarray(np.random.default_rng(1).standard_normal((*shape, lanes)), jnp.float32)
+    plain = nn.BatchNorm(use_running_average=False)
+    variables = plain.init(jax.random.key(0), y)
+    module = models.BatchNormReLU(use_running_average=False, pool=True, pad=pad, native=True)
+    run = lambda m, f=lambda z: z: jax.jit(lambda v: f(m.apply(v, y, mutable=["batch_stats"])[0]))
+    uses_kernel = "fashion_jax_bn_relu_pool" in run(module).lower(variables).as_text()
+    assert uses_kernel == native_ok, (shape, pad)
+    pool = lambda z, pad=pad: jnp.pad(ops.max_pool_2x2(jax.nn.relu(z)),
+                                      ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    if not uses_kernel:
+      np.testing.assert_array_equal(run(module)(variables), run(plain, pool)(variables))
 
 
 _STUB_INFO = ('#define FJ_STR2(x) #x\n#define FJ_STR(x) FJ_STR2(x)\n'
@@ -711,7 +729,8 @@ def test_cnn_bn_gradients_match_the_xla_model(train):
   (l_ref, stats_ref), g_ref = step(ref)(variables["params"])
   (l, stats), g = step(fast)(variables["params"])
   if train:
-    assert "fashion_jax_bn_relu_grad" in step(fast).lower(variables["params"]).as_text()
+    hlo = step(fast).lower(variables["params"]).as_text()
+    assert "fashion_jax_bn_relu_grad" in hlo and "fashion_jax_bn_relu_pool_grad" in hlo
   np.testing.assert_allclose(l, l_ref, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), g, g_ref)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), stats,
@@ -752,13 +771,15 @@ def test_cnn_bn_variables_are_nn_batchnorms_and_convs():
 
 # BatchNorm (batch statistics) + ReLU: the native kernels against flax's nn.BatchNorm + relu.
 
-def _bn_flax(y, scale, bias, pad):
+def _bn_flax(y, scale, bias, pad, pool=False):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   variables = {"params": {"scale": scale, "bias": bias},
                "batch_stats": {"mean": jnp.zeros_like(scale), "var": jnp.ones_like(scale)}}
   z, updated = nn.BatchNorm(use_running_average=False, momentum=0.0, epsilon=1e-5).apply(
       variables, y, mutable=["batch_stats"])  # momentum 0: the running stats are the batch's.
   z = jax.nn.relu(z)
+  if pool:  # lax's pool: its gradient goes to the first maximum of a window.
+    z = lax.reduce_window(z, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
   if pad:
     z = jnp.pad(z, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   return z, updated["batch_stats"]["mean"], updated["batch_stats"]["var"]
@@ -797,6 +818,28 @@ def test_batch_norm_relu_outputs_and_grads_match_flax(shape, pad):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
 
 
+@pytest.mark.parametrize("shape", [
+    (5, 28, 28, 32),   # cnn_bn's first block's second BatchNorm, then its pool.
+    (6, 14, 14, 64),   # Its second block's.
+    (3, 6, 10, 48)])   # Three 16-lane vectors; a constant channel: every window a tie.
+def test_batch_norm_relu_pool_outputs_and_grads_match_flax(shape):
+  y, scale, bias = _bn_inputs(sum(shape), shape)
+  if not batchnorm.supports_pool(y):
+    assert not native.fits_lanes(shape[-1])
+    return
+  native_bn = lambda y, s, b: batchnorm.batch_norm_relu_pool(y, s, b, epsilon=1e-5)
+  flax_bn = lambda y, s, b: _bn_flax(y, s, b, 0, pool=True)
+  got, want = jax.jit(native_bn)(y, scale, bias), jax.jit(flax_bn)(y, scale, bias)
+  assert got[0].shape == want[0].shape == (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
+  for g, w in zip(got, want):  # The pooled z, the batch mean and variance.
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-5)
+  r = jnp.asarray(np.random.default_rng(1).standard_normal(want[0].shape), jnp.float32)
+  loss = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a)[0] * r), argnums=(0, 1, 2)))
+  grads = [loss(f)(y, scale, bias) for f in (native_bn, flax_bn)]
+  for g, w in zip(*grads):  # dy (through each window's first maximum), dscale, dbias.
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(w))))
+
+
 _PMAP_BN = """
 import functools, sys
 import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
@@ -808,21 +851,27 @@ params = {"scale": jnp.asarray(rng.standard_normal(32), jnp.float32),
           "bias": jnp.asarray(rng.standard_normal(32), jnp.float32)}
 stats = {"mean": jnp.zeros(32), "var": jnp.ones(32)}
 
-def loss(params, y, bn_native):
-  if bn_native:
+def loss(params, y, bn_native, pool):
+  if bn_native and pool:
+    z = batchnorm.batch_norm_relu_pool(y, params["scale"], params["bias"], epsilon=1e-5,
+                                       axis_name="batch")[0]
+  elif bn_native:
     z = batchnorm.batch_norm_relu(y, params["scale"], params["bias"], epsilon=1e-5,
                                   axis_name="batch")[0]
   else:
     bn = nn.BatchNorm(use_running_average=False, epsilon=1e-5, axis_name="batch")
     z = jax.nn.relu(bn.apply({"params": params, "batch_stats": stats}, y,
                              mutable=["batch_stats"])[0])
+    if pool:
+      z = jax.lax.reduce_window(z, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
   return jnp.sum(jnp.sin(z))
 
 replicated = jax.tree.map(lambda a: jnp.stack([a, a]), params)
-got, want = [jax.pmap(jax.value_and_grad(functools.partial(loss, bn_native=bn_native),
-                                         argnums=(0, 1)), axis_name="batch")(replicated, y)
-             for bn_native in (True, False)]
-jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+for pool in (False, True):
+  got, want = [jax.pmap(jax.value_and_grad(functools.partial(loss, bn_native=bn_native, pool=pool),
+                                           argnums=(0, 1)), axis_name="batch")(replicated, y)
+               for bn_native in (True, False)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
 print("ok")
 """
 
@@ -853,3 +902,8 @@ def test_batch_norm_relu_supports_and_errors():
     batchnorm.batch_norm_relu(jnp.zeros((3, lanes)), s, s, epsilon=1e-5, pad=1)  # No images.
   with pytest.raises(ValueError, match="does not support"):
     batchnorm.batch_norm_relu(jnp.zeros((2, 4, 4, lanes + 1)), s, s, epsilon=1e-5)
+  assert batchnorm.supports_pool(jnp.zeros((2, 4, 6, lanes)))
+  assert not batchnorm.supports_pool(jnp.zeros((2, 5, 6, lanes)))  # Odd: VALID would drop a row.
+  assert not batchnorm.supports_pool(jnp.zeros((3, lanes)))
+  with pytest.raises(ValueError, match="does not support"):
+    batchnorm.batch_norm_relu_pool(jnp.zeros((2, 4, 5, lanes)), s, s, epsilon=1e-5)

@@ -165,9 +165,13 @@ def _kernel_flops(target: str, operands: list[tuple[int, ...]]) -> float:
     return first * (1 if forward else 2) + _winograd_flops(forward, n, hp, wp, c, u1 * u2 // c)
   # BatchNorm + ReLU, per element of y (operand 0): the statistics' add and multiply-add; the
   # normalization (y - mean) a + t (3) then the forward's max, or the gradient sums' compare, add
-  # and multiply-add, or the gradient's compare and two multiply-adds.
+  # and multiply-add, or the gradient's compare and two multiply-adds. With the pool: the
+  # forward's max is the window's; the gradient's mask is a compare with the argmax, not the
+  # normalization.
   per_element = {"fashion_jax_bn_stats": 3, "fashion_jax_bn_relu_fwd": 4,
-                 "fashion_jax_bn_relu_grad_sums": 7, "fashion_jax_bn_relu_grad": 8}
+                 "fashion_jax_bn_relu_grad_sums": 7, "fashion_jax_bn_relu_grad": 8,
+                 "fashion_jax_bn_relu_pool_fwd": 4, "fashion_jax_bn_relu_pool_grad_sums": 5,
+                 "fashion_jax_bn_relu_pool_grad": 6}
   if target in per_element:
     return float(per_element[target] * math.prod(operands[0]))
   return 0.0

@@ -6,7 +6,10 @@ the normalized input for the gradient's sums (its reductions do not fuse with wh
 then dy. `batch_norm_relu` makes it two passes each way (`csrc/conv_pool.cc`): the
 statistics, then z = max((y - mean) a + bias, 0); the gradient's two sums, then dy. It can also
 write z with the zero border of the SAME-padded convolution that follows, which saves that
-pass too.
+pass too. `batch_norm_relu_pool` also takes the 2x2 max-pool that follows (cnn_bn's last
+BatchNorm of each block): it writes only the pooled z and each window's argmax, and its
+gradient passes read the pooled dz, so the full-size z and the pool's passes over it and over
+its gradient are gone.
 
 The math is flax's `nn.BatchNorm` (the default fast variance E[y^2] - E[y]^2, clipped at 0;
 the biased variance for the running average) followed by `jax.nn.relu`; tests compare outputs
@@ -51,8 +54,28 @@ def batch_norm_relu(y: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon:
   return z, lax.stop_gradient(mean), lax.stop_gradient(var)
 
 
-def _sums(target, y, *args, pad=None):
-  attributes = {} if pad is None else {"pad": np.int32(pad)}
+def supports_pool(y: jax.Array) -> bool:
+  """Whether `batch_norm_relu_pool` handles y: `supports` for images of even height and width."""
+  return supports(y) and y.ndim == 4 and y.shape[1] % 2 == 0 and y.shape[2] % 2 == 0
+
+
+def batch_norm_relu_pool(y: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: float,
+                         axis_name: str | None = None):
+  """2x2 VALID max-pool of `batch_norm_relu`'s z, in the same kernels' passes: returns (pooled
+  z [N, H/2, W/2, C], mean, var). The pool's gradient goes to each window's first maximal tap,
+  as `ops.max_pool_2x2`'s does. Raises ValueError where `supports_pool` is False or the kernels
+  are unavailable."""
+  if not supports_pool(y):
+    raise ValueError(f"native batch_norm_relu_pool does not support y {y.shape} {y.dtype}; see "
+                     "batchnorm.supports_pool")
+  if not native.available():
+    raise ValueError("the native CPU kernels are unavailable (see the warning above)")
+  scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
+  z, mean, var = _bn_relu_pool(y, scale, bias, float(epsilon), axis_name)
+  return z, lax.stop_gradient(mean), lax.stop_gradient(var)
+
+
+def _sums(target, y, *args, **attributes):
   return native.call(target, jax.ShapeDtypeStruct((2, y.shape[-1]), jnp.float32), y, *args,
                      **attributes)
 
@@ -61,7 +84,8 @@ def _pixels(y) -> int:
   return y.size // y.shape[-1]
 
 
-def _forward(y, scale, bias, epsilon, axis_name, pad):
+def _statistics(y, scale, bias, epsilon, axis_name):
+  """The batch mean and (clipped) variance, and coef [a, t, mean] for the kernels."""
   moments = _sums("fashion_jax_bn_stats", y) / _pixels(y)  # E[y], E[y^2]
   if axis_name is not None:
     moments = lax.pmean(moments, axis_name)
@@ -69,13 +93,18 @@ def _forward(y, scale, bias, epsilon, axis_name, pad):
   var = jnp.maximum(var_raw, 0.0)  # Round-off can make it negative.
   inv = lax.rsqrt(var + epsilon)
   coef = jnp.stack([scale * inv, bias, mean])
+  return mean, var, (scale, mean, inv, coef, var_raw > 0)
+
+
+def _forward(y, scale, bias, epsilon, axis_name, pad):
+  mean, var, stats = _statistics(y, scale, bias, epsilon, axis_name)
   shape = list(y.shape)
   if pad:
     shape[1] += 2 * pad
     shape[2] += 2 * pad
   z = native.call("fashion_jax_bn_relu_fwd", jax.ShapeDtypeStruct(tuple(shape), jnp.float32),
-                  y, coef, pad=np.int32(pad))
-  return (z, mean, var), (y, scale, mean, inv, coef, var_raw > 0)
+                  y, stats[3], pad=np.int32(pad))
+  return (z, mean, var), (y, stats)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -83,26 +112,63 @@ def _bn_relu(y, scale, bias, epsilon, axis_name, pad):
   return _forward(y, scale, bias, epsilon, axis_name, pad)[0]
 
 
-def _backward(epsilon, axis_name, pad, residuals, cotangents):
+def _gradient(y, stats, axis_name, sums_of, dy_of):
   """z = max(s x + t, 0) with x = (y - mean) inv: g = dz where z > 0; dt = sum g, ds = sum g x
   (this device's: s and t are its own inputs), dy = s inv (g - Dt / n - x Ds / n) with Dt, Ds
   those sums over every device whose statistics were averaged (the transpose of the pmean), n
   all their pixels. The last term only where the variance was not clipped (its gradient is zero
-  there)."""
-  del epsilon
-  dz = cotangents[0]  # mean and var leave `batch_norm_relu` without gradient.
-  y, scale, mean, inv, coef, var_positive = residuals
-  sums = _sums("fashion_jax_bn_relu_grad_sums", y, dz, coef, pad=pad)  # sum g, sum g (y - mean)
+  there). sums_of(coef) runs the sums' kernel, dy_of(coef6) the gradient's."""
+  scale, mean, inv, coef, var_positive = stats
+  del mean
+  sums = sums_of(coef)  # sum g, sum g (y - mean)
   dbias, dscale = sums[0], sums[1] * inv
   if axis_name is not None:
     sums = lax.psum(sums, axis_name)
   n = _pixels(y) if axis_name is None else _pixels(y) * lax.psum(1, axis_name)
   c1 = scale * inv
   c3 = jnp.where(var_positive, -c1 * inv * inv * sums[1] / n, 0.0)
-  coef = jnp.concatenate([coef, jnp.stack([c1, -c1 * sums[0] / n, c3])])
-  dy = native.call("fashion_jax_bn_relu_grad", jax.ShapeDtypeStruct(y.shape, jnp.float32),
-                   y, dz, coef, pad=np.int32(pad))
+  dy = dy_of(jnp.concatenate([coef, jnp.stack([c1, -c1 * sums[0] / n, c3])]))
   return dy, dscale, dbias
 
 
+def _backward(epsilon, axis_name, pad, residuals, cotangents):
+  del epsilon
+  dz = cotangents[0]  # mean and var leave `batch_norm_relu` without gradient.
+  y, stats = residuals
+  return _gradient(
+      y, stats, axis_name,
+      lambda coef: _sums("fashion_jax_bn_relu_grad_sums", y, dz, coef, pad=np.int32(pad)),
+      lambda coef: native.call("fashion_jax_bn_relu_grad",
+                               jax.ShapeDtypeStruct(y.shape, jnp.float32), y, dz, coef,
+                               pad=np.int32(pad)))
+
+
 _bn_relu.defvjp(_forward, _backward)
+
+
+def _pool_forward(y, scale, bias, epsilon, axis_name):
+  mean, var, stats = _statistics(y, scale, bias, epsilon, axis_name)
+  n, h, w, c = y.shape
+  z, arg = native.call("fashion_jax_bn_relu_pool_fwd",
+                       (jax.ShapeDtypeStruct((n, h // 2, w // 2, c), jnp.float32),
+                        jax.ShapeDtypeStruct((n, h // 2, w // 2, c), jnp.int8)), y, stats[3])
+  return (z, mean, var), (y, arg, stats)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bn_relu_pool(y, scale, bias, epsilon, axis_name):
+  return _pool_forward(y, scale, bias, epsilon, axis_name)[0]
+
+
+def _pool_backward(epsilon, axis_name, residuals, cotangents):
+  del epsilon
+  dz = cotangents[0]
+  y, arg, stats = residuals
+  return _gradient(
+      y, stats, axis_name,
+      lambda coef: _sums("fashion_jax_bn_relu_pool_grad_sums", y, dz, arg, coef),
+      lambda coef: native.call("fashion_jax_bn_relu_pool_grad",
+                               jax.ShapeDtypeStruct(y.shape, jnp.float32), y, dz, arg, coef))
+
+
+_bn_relu_pool.defvjp(_pool_forward, _pool_backward)

@@ -63,6 +63,9 @@ _TARGETS = {f"fashion_jax_{name}": symbol for name, symbol in (  # XLA's name: t
     ("two_layer_fwd", "FjTwoLayerForward"), ("two_layer_bwd", "FjTwoLayerBackward"),
     ("bn_stats", "FjBnStats"), ("bn_relu_fwd", "FjBnReluForward"),
     ("bn_relu_grad_sums", "FjBnReluGradSums"), ("bn_relu_grad", "FjBnReluGrad"),
+    ("bn_relu_pool_fwd", "FjBnReluPoolForward"),
+    ("bn_relu_pool_grad_sums", "FjBnReluPoolGradSums"),
+    ("bn_relu_pool_grad", "FjBnReluPoolGrad"),
     ("direct_conv_fwd", "FjDirectConvForward"), ("direct_conv_bwd", "FjDirectConvBackward"))}
 DIRECT_MAX_CHANNELS = 8  # Direct convolution below this many input channels, Winograd from it.
 

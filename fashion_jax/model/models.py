@@ -54,15 +54,19 @@ class _ConvParams(nn.Module):
 
 
 class BatchNormReLU(nn.BatchNorm):
-  """relu(nn.BatchNorm(...)(x)), then `pad` zero rows and columns around each image (the SAME
-  padding of a convolution that follows, which then runs VALID). Its variables are
-  nn.BatchNorm's, so give it BatchNorm's name for checkpoints to match.
+  """relu(nn.BatchNorm(...)(x)), then with `pool` a 2x2 max-pool (`ops.max_pool_2x2` with
+  `pool_impl`), or `pad` zero rows and columns around each image (the SAME padding of a
+  convolution that follows, which then runs VALID). Its variables are nn.BatchNorm's, so give
+  it BatchNorm's name for checkpoints to match.
 
   With `native` (the model's choice, `ops.native_chosen`), training on float32 inputs the
-  native kernels take (`batchnorm.supports`) runs as `batchnorm.batch_norm_relu`: the same
-  math in four passes instead of XLA's eight or so. Everything else is flax's BatchNorm.
+  native kernels take (`batchnorm.supports`, `supports_pool`) runs as
+  `batchnorm.batch_norm_relu` or `batch_norm_relu_pool`: the same math in four passes instead
+  of XLA's eight or so (ten with the pool). Everything else is flax's BatchNorm.
   """
   pad: int = 0
+  pool: bool = False
+  pool_impl: str = "auto"
   native: bool = False
 
   @nn.compact
@@ -72,6 +76,8 @@ class BatchNormReLU(nn.BatchNorm):
                                          use_running_average)
     if use_running_average or self.is_initializing() or not self._native_applies(x):
       z = nn.relu(super().__call__(x, use_running_average=at_call))
+      if self.pool:
+        z = ops.max_pool_2x2(z, impl=self.pool_impl)
       pads = ((0, 0), (self.pad, self.pad), (self.pad, self.pad), (0, 0))
       return jnp.pad(z, pads) if self.pad else z
     features = (x.shape[-1],)  # Declared as nn.BatchNorm declares them (they exist by now).
@@ -79,8 +85,12 @@ class BatchNormReLU(nn.BatchNorm):
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
     scale = self.param("scale", self.scale_init, features, self.param_dtype)
     bias = self.param("bias", self.bias_init, features, self.param_dtype)
-    z, mean, var = batchnorm.batch_norm_relu(x, scale, bias, epsilon=self.epsilon,
-                                             axis_name=self.axis_name, pad=self.pad)
+    if self.pool:
+      z, mean, var = batchnorm.batch_norm_relu_pool(x, scale, bias, epsilon=self.epsilon,
+                                                    axis_name=self.axis_name)
+    else:
+      z, mean, var = batchnorm.batch_norm_relu(x, scale, bias, epsilon=self.epsilon,
+                                               axis_name=self.axis_name, pad=self.pad)
     ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
     ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
     return z
@@ -89,7 +99,8 @@ class BatchNormReLU(nn.BatchNorm):
     return (self.native and batchnorm.supports(x) and self.axis == -1 and self.use_bias
             and self.use_scale and self.axis_index_groups is None and self.use_fast_variance
             and self.force_float32_reductions and self.param_dtype == jnp.float32
-            and self.dtype in (None, jnp.float32) and (x.ndim == 4 or not self.pad))
+            and self.dtype in (None, jnp.float32) and (x.ndim == 4 or not self.pad)
+            and (not self.pool or (batchnorm.supports_pool(x) and not self.pad)))
 
 
 class Linear(nn.Module):
@@ -160,17 +171,18 @@ class CNNBN(nn.Module):
                              conv_general_dilated=_conv_fn(self.conv_impl))
     native = ops.native_chosen(self.conv_impl)
     names = (f"BatchNorm_{i}" for i in itertools.count())  # nn.BatchNorm's, for checkpoints.
-    norm_relu = lambda pad=0: BatchNormReLU(  # pylint: disable=g-long-lambda
-        use_running_average=not train, momentum=0.9, dtype=self.dtype, pad=pad, native=native,
-        axis_name=self.axis_name if train else None, name=next(names))
+    norm_relu = lambda pad=0, pool=False: BatchNormReLU(  # pylint: disable=g-long-lambda
+        use_running_average=not train, momentum=0.9, dtype=self.dtype, pad=pad, pool=pool,
+        pool_impl=self.pool_impl, native=native, axis_name=self.axis_name if train else None,
+        name=next(names))
     x = x.astype(self.dtype)
     # The native BatchNorm + ReLU before the second conv of a block writes that conv's SAME
-    # padding with its output, and the conv runs VALID; elsewhere the program is nn.BatchNorm's.
+    # padding with its output, and the conv runs VALID; the one after it pools in the same
+    # passes. Elsewhere the program is nn.BatchNorm's, relu and ops.max_pool_2x2.
     pad = 1 if native else 0
     for features in (self.width, 2 * self.width):
       x = norm_relu(pad=pad)(conv(features, padding="SAME")(x))
-      x = norm_relu()(conv(features, padding="VALID" if native else "SAME")(x))
-      x = ops.max_pool_2x2(x, impl=self.pool_impl)
+      x = norm_relu(pool=True)(conv(features, padding="VALID" if native else "SAME")(x))
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
     x = norm_relu()(nn.Dense(256, use_bias=False, dtype=self.dtype)(x))

@@ -16,7 +16,8 @@
 // 2. Winograd F(2x2, 3x3) for wide inputs (further down): the whole layer fused,
 //    conv + pool (+ ReLU), or the convolution alone.
 // 3. BatchNorm with batch statistics + ReLU (at the end; fashion_jax/kernels/batchnorm.py): two
-//    passes over the activation each way.
+//    passes over the activation each way, optionally writing the next conv's zero border or
+//    the 2x2 max-pool that follows (its gradient read pooled).
 //
 // Layouts: x NHWC float32, kernel HWIO [3, 3, Cin, Cout] float32 with
 // Cout a multiple of the vector width (FJ_LANES), bias [Cout]; pooled output
@@ -1265,50 +1266,138 @@ void BnReluForwardCore(Pool& pool, const BnShape& s, const float* y, const float
       }
     }
     const float* yr = y + r * s.w * c;
-    for (int64_t i = 0; i < s.w * c; i += L) {
-      const int64_t ch = i % c;
-      const fv pre = BnPre(Load(yr + i), coef, c, ch);
-      Store(zr + i, pre < zero ? zero : pre);  // NaN passes through, like jnp.maximum.
+    for (int64_t x = 0; x < s.w; ++x) {
+      for (int64_t ch = 0; ch < c; ch += L) {
+        const fv pre = BnPre(Load(yr + x * c + ch), coef, c, ch);
+        Store(zr + x * c + ch, pre < zero ? zero : pre);  // NaN passes through, like jnp.maximum.
+      }
     }
   });
 }
 
-// sums [2, C]: of g and of g (y - mean).
+// The gradient's two passes for any g: grad.Row(r) gives row r's g(x, i, ch, y), the gradient
+// reaching the ReLU's output at pixel x of image row r, channels [ch, ch + L) (i = x C + ch; y
+// there). sums [2, C]: of g and of g (y - mean); then dy = c1 g + c2 + c3 (y - mean). (Pixels
+// and channel blocks as two loops: a division per vector for them made these passes 2x slower.)
+template <typename Pool, typename G>
+void BnGradSums(Pool& pool, const BnShape& s, const float* y, const float* coef, const G& grad,
+                float* sums) {
+  const int64_t c = s.c, cv = c / L;
+  BnRows(pool, s, 2, sums, [&](int64_t r, fv* acc) {
+    const float* yr = y + r * s.w * c;
+    const auto g_of = grad.Row(r);
+    for (int64_t x = 0; x < s.w; ++x) {
+      for (int64_t ch = 0; ch < c; ch += L) {
+        const int64_t i = x * c + ch;
+        const fv yv = Load(yr + i);
+        const fv g = g_of(x, i, ch, yv);
+        acc[ch / L] += g;
+        acc[cv + ch / L] += g * (yv - Load(coef + 2 * c + ch));
+      }
+    }
+  });
+}
+
+template <typename Pool, typename G>
+void BnGrad(Pool& pool, const BnShape& s, const float* y, const float* coef, const G& grad,
+            float* dy) {
+  const int64_t c = s.c;
+  BnRows(pool, s, 0, nullptr, [&](int64_t r, fv*) {
+    const float* yr = y + r * s.w * c;
+    float* dyr = dy + r * s.w * c;
+    const auto g_of = grad.Row(r);
+    for (int64_t x = 0; x < s.w; ++x) {
+      for (int64_t ch = 0; ch < c; ch += L) {
+        const int64_t i = x * c + ch;
+        const fv yv = Load(yr + i);
+        const fv g = g_of(x, i, ch, yv);
+        Store(dyr + i, Load(coef + 3 * c + ch) * g + Load(coef + 4 * c + ch) +
+                           Load(coef + 5 * c + ch) * (yv - Load(coef + 2 * c + ch)));
+      }
+    }
+  });
+}
+
+// g = dz (laid out like z, padded or not) where the ReLU is on, else 0.
+struct ReluGrad {
+  const BnShape& s;
+  const float* dz;
+  const float* coef;
+  auto Row(int64_t r) const {
+    const float* dzr = dz + BnPaddedRow(s, r);
+    return [this, dzr](int64_t, int64_t i, int64_t ch, fv yv) {
+      return BnPre(yv, coef, s.c, ch) > Splat(0.0f) ? Load(dzr + i) : Splat(0.0f);
+    };
+  }
+};
+
 template <typename Pool>
 void BnReluGradSumsCore(Pool& pool, const BnShape& s, const float* y, const float* dz,
                         const float* coef, float* sums) {
-  const int64_t c = s.c, cv = c / L;
-  const fv zero = Splat(0.0f);
-  BnRows(pool, s, 2, sums, [&](int64_t r, fv* acc) {
-    const float* yr = y + r * s.w * c;
-    const float* dzr = dz + BnPaddedRow(s, r);
-    for (int64_t i = 0; i < s.w * c; i += L) {
-      const int64_t ch = i % c;
-      const fv x = Load(yr + i);
-      const fv g = BnPre(x, coef, c, ch) > zero ? Load(dzr + i) : zero;
-      acc[ch / L] += g;
-      acc[cv + ch / L] += g * (x - Load(coef + 2 * c + ch));
-    }
-  });
+  BnGradSums(pool, s, y, coef, ReluGrad{s, dz, coef}, sums);
 }
 
 template <typename Pool>
 void BnReluGradCore(Pool& pool, const BnShape& s, const float* y, const float* dz,
                     const float* coef, float* dy) {
-  const int64_t c = s.c;
-  const fv zero = Splat(0.0f);
-  BnRows(pool, s, 0, nullptr, [&](int64_t r, fv*) {
-    const float* yr = y + r * s.w * c;
-    const float* dzr = dz + BnPaddedRow(s, r);
-    float* dyr = dy + r * s.w * c;
-    for (int64_t i = 0; i < s.w * c; i += L) {
-      const int64_t ch = i % c;
-      const fv x = Load(yr + i);
-      const fv g = BnPre(x, coef, c, ch) > zero ? Load(dzr + i) : zero;
-      Store(dyr + i, Load(coef + 3 * c + ch) * g + Load(coef + 4 * c + ch) +
-                         Load(coef + 5 * c + ch) * (x - Load(coef + 2 * c + ch)));
+  BnGrad(pool, s, y, coef, ReluGrad{s, dz, coef}, dy);
+}
+
+// With a 2x2 max-pool after the ReLU (the last BatchNorm of each cnn_bn block; H and W even):
+// the forward writes the pooled z [N, H/2, W/2, C] and its argmax (PoolStore's: the first
+// maximal tap in row-major order, kNoTap where the pooled value is 0, i.e. the ReLU is off for
+// the whole window), and the gradient arrives as dz of the pooled z, reaching the winning tap
+// only. The full-size z, the pool's pass over it and its gradient's full-size pass are gone.
+template <typename Pool>
+void BnReluPoolForwardCore(Pool& pool, const BnShape& s, const float* y, const float* coef,
+                           float* z, int8_t* arg) {
+  const int64_t c = s.c, w2 = s.w / 2, pooled_rows = s.rows / 2;
+  const int64_t per = BnRowsPerChunk(s);
+  ParallelFor(pool, (pooled_rows + per - 1) / per, [&](int64_t chunk) {
+    for (int64_t pr = chunk * per; pr < std::min(pooled_rows, (chunk + 1) * per); ++pr) {
+      const float* y0 = y + 2 * pr * s.w * c;  // The window's two rows (H even: one image).
+      const float* y1 = y0 + s.w * c;
+      for (int64_t j = 0; j < w2; ++j) {
+        for (int64_t ch = 0; ch < c; ch += L) {
+          const int64_t at = 2 * j * c + ch, o = (pr * w2 + j) * c + ch;
+          const fv taps[4] = {
+              BnPre(Load(y0 + at), coef, c, ch), BnPre(Load(y0 + at + c), coef, c, ch),
+              BnPre(Load(y1 + at), coef, c, ch), BnPre(Load(y1 + at + c), coef, c, ch)};
+          PoolStore(taps, Splat(0.0f), true, z + o, arg + o);
+        }
+      }
     }
   });
+}
+
+// g = dz of the pooled output at the window's winning tap, else 0 (kNoTap: the ReLU was off).
+struct PoolGrad {
+  const BnShape& s;
+  const float* dz;
+  const int8_t* arg;
+  auto Row(int64_t r) const {
+    const int64_t pooled_row = r / 2 * (s.w / 2) * s.c;
+    const int32_t row_tap = static_cast<int32_t>(2 * (r % 2));
+    return [this, pooled_row, row_tap](int64_t x, int64_t, int64_t ch, fv) {
+      const int64_t o = pooled_row + x / 2 * s.c + ch;
+      bv which_b;
+      std::memcpy(&which_b, arg + o, sizeof(which_b));
+      const iv tap = SplatI(row_tap + static_cast<int32_t>(x % 2));
+      return __builtin_convertvector(which_b, iv) == tap ? Load(dz + o) : Splat(0.0f);
+    };
+  }
+};
+
+template <typename Pool>
+void BnReluPoolGradSumsCore(Pool& pool, const BnShape& s, const float* y, const float* dz,
+                            const int8_t* arg, const float* coef, float* sums) {
+  BnGradSums(pool, s, y, coef, PoolGrad{s, dz, arg}, sums);
+}
+
+template <typename Pool>
+void BnReluPoolGradCore(Pool& pool, const BnShape& s, const float* y, const float* dz,
+                        const int8_t* arg, const float* coef, float* dy) {
+  BnGrad(pool, s, y, coef, PoolGrad{s, dz, arg}, dy);
 }
 
 // y [N, H, W, C] or [P, C]; padded (z or dz: [N, H + 2 pad, W + 2 pad, C], or y's shape with pad
@@ -1384,6 +1473,76 @@ ffi::Error BnReluGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y, ffi::Buffer
     return ffi::Error::InvalidArgument("fashion_jax batchnorm+relu gradient: dy differs from y");
   }
   BnReluGradCore(pool, s, y.typed_data(), dz.typed_data(), coef.typed_data(), dy->typed_data());
+  return ffi::Error::Success();
+}
+
+// y [N, H, W, C] with H and W even and C a multiple of L; the pooled z/dz and argmax
+// [N, H/2, W/2, C]; coef [coef_rows, C].
+ffi::Error BnPoolShapes(ffi::Span<const int64_t> yd, ffi::Span<const int64_t> zd,
+                        ffi::Span<const int64_t> argd, ffi::Span<const int64_t> coef,
+                        int64_t coef_rows, BnShape* s) {
+  const bool ok = yd.size() == 4 && yd[0] > 0 && yd[1] > 0 && yd[2] > 0 && yd[1] % 2 == 0 &&
+                  yd[2] % 2 == 0 && yd[3] > 0 && yd[3] % L == 0 && zd.size() == 4 &&
+                  zd[0] == yd[0] && zd[1] == yd[1] / 2 && zd[2] == yd[2] / 2 && zd[3] == yd[3] &&
+                  argd.size() == 4 && std::equal(argd.begin(), argd.end(), zd.begin()) &&
+                  coef.size() == 2 && coef[0] == coef_rows && coef[1] == yd[3];
+  if (!ok) {
+    return ffi::Error::InvalidArgument(
+        "fashion_jax batchnorm+relu+pool: expected y [N, H, W, C] with H, W even and C % " +
+        std::to_string(L) + " == 0, z/dz and argmax [N, H/2, W/2, C], coefficients [" +
+        std::to_string(coef_rows) + ", C]");
+  }
+  *s = BnShape{yd[0] * yd[1], yd[1], yd[2], yd[3], 0};
+  return ffi::Error::Success();
+}
+
+ffi::Error BnReluPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y,
+                             ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> z,
+                             ffi::ResultBuffer<ffi::S8> arg) {
+  BnShape s;
+  if (ffi::Error e = BnPoolShapes(y.dimensions(), z->dimensions(), arg->dimensions(),
+                                  coef.dimensions(), 3, &s);
+      e.failure()) {
+    return e;
+  }
+  BnReluPoolForwardCore(pool, s, y.typed_data(), coef.typed_data(), z->typed_data(),
+                        arg->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error BnReluPoolGradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y,
+                              ffi::Buffer<ffi::F32> dz, ffi::Buffer<ffi::S8> arg,
+                              ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> sums) {
+  BnShape s;
+  if (ffi::Error e = BnPoolShapes(y.dimensions(), dz.dimensions(), arg.dimensions(),
+                                  coef.dimensions(), 3, &s);
+      e.failure()) {
+    return e;
+  }
+  if (sums->element_count() != static_cast<size_t>(2 * s.c)) {
+    return ffi::Error::InvalidArgument("fashion_jax batchnorm+relu+pool gradient sums: "
+                                       "expected [2, C]");
+  }
+  BnReluPoolGradSumsCore(pool, s, y.typed_data(), dz.typed_data(), arg.typed_data(),
+                         coef.typed_data(), sums->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error BnReluPoolGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> y,
+                          ffi::Buffer<ffi::F32> dz, ffi::Buffer<ffi::S8> arg,
+                          ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> dy) {
+  BnShape s;
+  if (ffi::Error e = BnPoolShapes(y.dimensions(), dz.dimensions(), arg.dimensions(),
+                                  coef.dimensions(), 6, &s);
+      e.failure()) {
+    return e;
+  }
+  if (dy->element_count() != y.element_count()) {
+    return ffi::Error::InvalidArgument("fashion_jax batchnorm+relu+pool gradient: dy differs "
+                                       "from y");
+  }
+  BnReluPoolGradCore(pool, s, y.typed_data(), dz.typed_data(), arg.typed_data(),
+                     coef.typed_data(), dy->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1684,6 +1843,32 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluGrad, BnReluGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("pad"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluPoolForward, BnReluPoolForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluPoolGradSums, BnReluPoolGradSums,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluPoolGrad, BnReluPoolGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjDirectConvForward, DirectConvForward,
                               ffi::Ffi::Bind()

@@ -360,6 +360,80 @@ void TestBatchNormRelu(std::mt19937& rng, int n, int h, int w, int c, int pad) {
   Expect("bn+relu gradient", dy, dy_want, 1e-5);
 }
 
+// BatchNorm + ReLU + 2x2 max-pool: the pooled output against double loops; the argmax a maximal
+// tap, the first of planted exact ties, kNoTap for a planted window whose ReLU is off; then both
+// gradient passes from the pooled dz through the kernel's own argmax.
+void TestBatchNormReluPool(std::mt19937& rng, int n, int h, int w, int c) {
+  const BnShape s{int64_t(n) * h, h, w, c, 0};
+  const int h2 = h / 2, w2 = w / 2;
+  const size_t count = size_t(n) * h * w, pooled = size_t(n) * h2 * w2;
+  std::vector<float> y = Random(rng, count * c, 1.5f);
+  std::vector<float> coef = Random(rng, 6 * c, 1.0f);  // a, t, mean, c1, c2, c3
+  for (int ch = 0; ch < c; ++ch) {
+    coef[ch] = (ch % 3 == 0 ? -1.0f : 1.0f) * (0.5f + 0.25f * std::fabs(coef[ch]));
+    coef[c + ch] = std::max(-2.0f, std::min(2.0f, coef[c + ch]));
+  }
+  auto at = [&](int b, int i, int j, int ch) { return ((size_t(b) * h + i) * w + j) * c + ch; };
+  for (int b = 0; b < n; ++b)
+    for (int ch = 0; ch < c; ++ch) {
+      const float up = coef[2 * c + ch] + (coef[ch] > 0 ? 12.0f : -12.0f);  // pre >= 4
+      const float down = coef[2 * c + ch] - (coef[ch] > 0 ? 12.0f : -12.0f);  // pre <= -4
+      // Window (0, 0): taps 1 and 3 tie above the others, so tap 1 wins.
+      y[at(b, 0, 1, ch)] = y[at(b, 1, 1, ch)] = up;
+      y[at(b, 0, 0, ch)] = y[at(b, 1, 0, ch)] = down;
+      // Window (0, 1): the ReLU off at every tap.
+      for (int q = 0; q < 4; ++q) y[at(b, q / 2, 2 + q % 2, ch)] = down;
+    }
+  auto pre = [&](size_t i) {
+    const int ch = int(i % c);
+    return (double(y[i]) - coef[2 * c + ch]) * coef[ch] + coef[c + ch];
+  };
+  SerialPool pool;
+  std::vector<float> z(pooled * c, NAN);
+  std::vector<int8_t> arg(pooled * c, 99);
+  BnReluPoolForwardCore(pool, s, y.data(), coef.data(), z.data(), arg.data());
+  std::vector<double> z_want(pooled * c);
+  bool taps_ok = true;
+  for (int b = 0; b < n; ++b)
+    for (int i = 0; i < h2; ++i)
+      for (int j = 0; j < w2; ++j)
+        for (int ch = 0; ch < c; ++ch) {
+          const size_t o = ((size_t(b) * h2 + i) * w2 + j) * c + ch;
+          double best = -1e300;
+          for (int q = 0; q < 4; ++q) best = std::max(best, pre(at(b, 2 * i + q / 2, 2 * j + q % 2, ch)));
+          z_want[o] = std::max(0.0, best);
+          const int tap = arg[o];
+          if (best > 1e-4) {
+            taps_ok &= tap >= 0 && tap < 4 &&
+                       pre(at(b, 2 * i + tap / 2, 2 * j + tap % 2, ch)) >= best - 1e-5 * (1 + best);
+          } else if (best < -1e-4) {
+            taps_ok &= tap == kNoTap;
+          }
+          if (i == 0 && j == 0) taps_ok &= tap == 1;
+          if (i == 0 && j == 1) taps_ok &= tap == kNoTap && z[o] == 0.0f;
+        }
+  Expect("bn+relu+pool forward", z, z_want, 1e-6);
+  Check(taps_ok, "bn+relu+pool argmax: a maximal tap, the first of ties, kNoTap when off");
+  const std::vector<float> dz = Random(rng, pooled * c, 1.0f);
+  std::vector<double> gsum_want(2 * c, 0.0), dy_want(count * c);
+  for (int b = 0; b < n; ++b)
+    for (int i = 0; i < h; ++i)
+      for (int j = 0; j < w; ++j)
+        for (int ch = 0; ch < c; ++ch) {
+          const size_t e = at(b, i, j, ch), o = ((size_t(b) * h2 + i / 2) * w2 + j / 2) * c + ch;
+          const double g = arg[o] == 2 * (i % 2) + j % 2 ? dz[o] : 0.0;
+          const double centered = double(y[e]) - coef[2 * c + ch];
+          gsum_want[ch] += g;
+          gsum_want[c + ch] += g * centered;
+          dy_want[e] = coef[3 * c + ch] * g + coef[4 * c + ch] + coef[5 * c + ch] * centered;
+        }
+  std::vector<float> sums(2 * c, NAN), dy(count * c, NAN);
+  BnReluPoolGradSumsCore(pool, s, y.data(), dz.data(), arg.data(), coef.data(), sums.data());
+  Expect("bn+relu+pool gradient sums", sums, gsum_want, 1e-5 * count);
+  BnReluPoolGradCore(pool, s, y.data(), dz.data(), arg.data(), coef.data(), dy.data());
+  Expect("bn+relu+pool gradient", dy, dy_want, 1e-5);
+}
+
 }  // namespace
 
 int main() {
@@ -404,6 +478,10 @@ int main() {
   TestBatchNormRelu(rng, 3, 7, 9, 3 * L, 2);
   TestBatchNormRelu(rng, 2, 14, 14, 4 * L, 0);
   TestBatchNormRelu(rng, 1100, 1, 1, L, 0);
+  // With the pool: cnn_bn's two shapes (several chunks of rows), a small odd-numbered batch.
+  TestBatchNormReluPool(rng, 3, 28, 28, 2 * L);
+  TestBatchNormReluPool(rng, 2, 14, 14, 4 * L);
+  TestBatchNormReluPool(rng, 3, 4, 6, L);
   // The peak measurement (its threads and calibration under the sanitizers; its figures are
   // checked in tests/test_native.py, on the machine itself): the widest width, then an unknown one.
   double gflops = 0, mhz = 0;
