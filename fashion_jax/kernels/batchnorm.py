@@ -85,7 +85,8 @@ def _pixels(y) -> int:
 
 
 def _statistics(y, scale, bias, epsilon, axis_name):
-  """The batch mean and (clipped) variance, and coef [a, t, mean] for the kernels."""
+  """The batch mean and (clipped) variance, and what the kernels and the gradient need: scale,
+  1 / sqrt(var + epsilon), coef [a, t, mean], whether the variance was positive."""
   moments = _sums("fashion_jax_bn_stats", y) / _pixels(y)  # E[y], E[y^2]
   if axis_name is not None:
     moments = lax.pmean(moments, axis_name)
@@ -93,7 +94,7 @@ def _statistics(y, scale, bias, epsilon, axis_name):
   var = jnp.maximum(var_raw, 0.0)  # Round-off can make it negative.
   inv = lax.rsqrt(var + epsilon)
   coef = jnp.stack([scale * inv, bias, mean])
-  return mean, var, (scale, mean, inv, coef, var_raw > 0)
+  return mean, var, (scale, inv, coef, var_raw > 0)
 
 
 def _forward(y, scale, bias, epsilon, axis_name, pad):
@@ -103,7 +104,7 @@ def _forward(y, scale, bias, epsilon, axis_name, pad):
     shape[1] += 2 * pad
     shape[2] += 2 * pad
   z = native.call("fashion_jax_bn_relu_fwd", jax.ShapeDtypeStruct(tuple(shape), jnp.float32),
-                  y, stats[3], pad=np.int32(pad))
+                  y, stats[2], pad=np.int32(pad))
   return (z, mean, var), (y, stats)
 
 
@@ -118,8 +119,7 @@ def _gradient(y, stats, axis_name, sums_of, dy_of):
   those sums over every device whose statistics were averaged (the transpose of the pmean), n
   all their pixels. The last term only where the variance was not clipped (its gradient is zero
   there). sums_of(coef) runs the sums' kernel, dy_of(coef6) the gradient's."""
-  scale, mean, inv, coef, var_positive = stats
-  del mean
+  scale, inv, coef, var_positive = stats
   sums = sums_of(coef)  # sum g, sum g (y - mean)
   dbias, dscale = sums[0], sums[1] * inv
   if axis_name is not None:
@@ -151,7 +151,7 @@ def _pool_forward(y, scale, bias, epsilon, axis_name):
   n, h, w, c = y.shape
   z, arg = native.call("fashion_jax_bn_relu_pool_fwd",
                        (jax.ShapeDtypeStruct((n, h // 2, w // 2, c), jnp.float32),
-                        jax.ShapeDtypeStruct((n, h // 2, w // 2, c), jnp.int8)), y, stats[3])
+                        jax.ShapeDtypeStruct((n, h // 2, w // 2, c), jnp.int8)), y, stats[2])
   return (z, mean, var), (y, arg, stats)
 
 
