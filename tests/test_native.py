@@ -16,7 +16,7 @@ from jax import lax
 import numpy as np
 import pytest
 
-from fashion_jax.kernels import batchnorm, native, native_build, ops, plain_conv
+from fashion_jax.kernels import batchnorm, dropout, native, native_build, ops, plain_conv
 from tests.conftest import ROOT, require_native
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -203,6 +203,9 @@ bnp = lambda y, s, b: batchnorm.batch_norm_relu_pool(y, s, b, epsilon=1e-5)  # W
 outputs["bnp_z"] = np.asarray(jax.jit(bnp)(y, s, b)[0])
 grads = jax.jit(jax.grad(lambda *a: jnp.sum(bnp(*a)[0] ** 2), argnums=(0, 1, 2)))(y, s, b)
 outputs["bnp_dy"], outputs["bnp_ds"], outputs["bnp_db"] = map(np.asarray, grads)
+from fashion_jax.kernels import dropout  # Dropout's keep mask, several chunks.
+outputs["keep_mask"] = np.asarray(jax.jit(lambda k: dropout.bernoulli(k, 0.9, (37, 14, 14, 32)))(
+    jax.random.key(5)))
 np.savez(sys.argv[1], **outputs)
 """
 
@@ -223,7 +226,7 @@ def test_gradients_do_not_depend_on_the_thread_count(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results[label] = dict(np.load(out))
   for label in ("all", "all again"):
-    assert len(results[label]) == 26 and results[label].keys() == results["one"].keys()
+    assert len(results[label]) == 27 and results[label].keys() == results["one"].keys()
     for key in results["one"]:
       np.testing.assert_array_equal(results[label][key], results["one"][key], err_msg=key)
 
@@ -235,7 +238,7 @@ def _rerun_comparisons(**env):
   the conv+pool without it has, and the masking; that one runs above, on the best build)."""
   proc = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "-k",
-       "(match_lax or match_flax) and not every_ and not [conv_pool-",
+       "(match_lax or match_flax or match_jax) and not every_ and not [conv_pool-",
        os.path.join(ROOT, "tests", "test_native.py")],
       cwd=ROOT, capture_output=True, text=True, timeout=900, env=dict(os.environ, **env))
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -907,3 +910,90 @@ def test_batch_norm_relu_supports_and_errors():
   assert not batchnorm.supports_pool(jnp.zeros((3, lanes)))
   with pytest.raises(ValueError, match="does not support"):
     batchnorm.batch_norm_relu_pool(jnp.zeros((2, 4, 5, lanes)), s, s, epsilon=1e-5)
+
+
+def _runs_native(fn, *args) -> bool:
+  return "fashion_jax_keep_mask" in jax.jit(fn).lower(*args).as_text()
+
+
+@pytest.mark.parametrize("shape", [(128, 14, 14, 32), (5, 7, 3), (1,), (2, 3 * 2**14 + 5)])
+@pytest.mark.parametrize("p", [0.9, 0.5, 0.0, 1.0])
+def test_keep_mask_matches_jax_random_bernoulli(shape, p):
+  """dropout.bernoulli is jax.random.bernoulli bit for bit (cnn_bn's shape, tails short of a
+  vector, one element, several chunks; p = 0 and 1), for typed, raw and derived keys, and runs
+  natively for each."""
+  for key in (jax.random.key(0), jax.random.PRNGKey(3), jax.random.fold_in(jax.random.key(7), 5),
+              jax.random.split(jax.random.key(11))[1]):
+    fn = lambda k: dropout.bernoulli(k, p, shape)  # pylint: disable=cell-var-from-loop
+    got = jax.jit(fn)(key)
+    assert got.dtype == jnp.bool_ and got.shape == shape and _runs_native(fn, key)
+    np.testing.assert_array_equal(got, jax.random.bernoulli(key, p, shape))
+  if shape == (128, 14, 14, 32) and p == 0.9:
+    assert abs(float(got.mean()) - 0.9) < 0.002  # Sanity: ~800k draws.
+
+
+def test_keep_mask_falls_back_to_jax_where_the_kernel_does_not_apply():
+  """Other key implementations, jax's non-partitionable threefry bits and empty shapes are
+  jax.random.bernoulli's own (the native kernel would give other bits there)."""
+  key = jax.random.key(1, impl="rbg")
+  fn = lambda k: dropout.bernoulli(k, 0.8, (4, 33))
+  assert not dropout.supports(key, 0.8) and not _runs_native(fn, key)
+  np.testing.assert_array_equal(jax.jit(fn)(key), jax.random.bernoulli(key, 0.8, (4, 33)))
+  key = jax.random.key(2)
+  assert dropout.supports(key, 0.8) and not dropout.supports(key[None], 0.8)
+  assert dropout.bernoulli(key, 0.5, (3, 0)).shape == (3, 0)
+  previous = jax.config.jax_threefry_partitionable
+  jax.config.update("jax_threefry_partitionable", False)
+  try:
+    assert not dropout.supports(key, 0.8) and not _runs_native(fn, key)
+    np.testing.assert_array_equal(jax.jit(fn)(key), jax.random.bernoulli(key, 0.8, (4, 33)))
+  finally:
+    jax.config.update("jax_threefry_partitionable", previous)
+
+
+def test_dropout_module_matches_flax_dropout():
+  """models.Dropout(native=True) is nn.Dropout: outputs and input gradients bitwise, the same
+  rng stream (its name), broadcast_dims, rates 0 and 1, deterministic."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from fashion_jax.model import models  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 6, 6, 16)), jnp.float32)
+
+  def apply(cls, rate, deterministic=False, **kw):
+    class Net(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        x = cls(rate, deterministic=deterministic, **kw)(x)
+        return cls(0.5, broadcast_dims=(1, 2), **kw)(x * 2, deterministic=deterministic)
+    f = lambda x: Net().apply({}, x, rngs={"dropout": jax.random.key(1)})
+    y, vjp = jax.vjp(jax.jit(f), x)
+    return (y, vjp(jnp.cos(x))), jax.jit(f).lower(x).as_text()
+
+  for rate, deterministic in ((0.3, False), (0.0, False), (1.0, False), (0.3, True)):
+    (got, hlo), (want, _) = (apply(models.Dropout, rate, deterministic, native=True),
+                             apply(nn.Dropout, rate, deterministic))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    assert hlo.count("fashion_jax_keep_mask") == (0 if deterministic else 1 + (0 < rate < 1))
+    assert rate == 1.0 or deterministic or 0 < np.mean(got[0] == 0) < 1  # Some dropped.
+
+
+def test_cnn_bn_draws_its_dropout_masks_natively_and_as_jax_would(monkeypatch):
+  """cnn_bn's training step on CPU takes its three keep masks from the kernel, and its loss and
+  gradients are bitwise those with jax.random.bernoulli's masks."""
+  from fashion_jax.model import models  # pylint: disable=g-import-not-at-top
+  if native.lanes() > 32:
+    pytest.skip("32 channels are not a multiple of this build's width")
+  model = models.create_model("cnn_bn", conv_impl="native", dropout_rate=0.2)
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 28, 28, 1)), jnp.float32)
+  variables = model.init(jax.random.key(0), x, train=False)
+
+  def loss(params):
+    logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                            rngs={"dropout": jax.random.key(3)}, mutable=["batch_stats"])
+    return jnp.sum(jax.nn.log_softmax(logits)[:, 3])
+
+  step = lambda: jax.jit(jax.value_and_grad(loss))
+  assert step().lower(variables["params"]).as_text().count("fashion_jax_keep_mask") == 3
+  got = step()(variables["params"])
+  monkeypatch.setattr(dropout, "supports", lambda key, p: False)
+  assert "fashion_jax_keep_mask" not in step().lower(variables["params"]).as_text()
+  jax.tree.map(np.testing.assert_array_equal, got, step()(variables["params"]))

@@ -434,6 +434,80 @@ void TestBatchNormReluPool(std::mt19937& rng, int n, int h, int w, int c) {
   Expect("bn+relu+pool gradient", dy, dy_want, 1e-5);
 }
 
+// threefry2x32 (20 rounds) one pair at a time, written from the Threefry paper's description:
+// the reference for the vector code.
+void ScalarThreefry(const uint32_t key[2], uint32_t x[2]) {
+  static const int kRot[8] = {13, 15, 26, 6, 17, 29, 16, 24};
+  const uint32_t ks[3] = {key[0], key[1], key[0] ^ key[1] ^ 0x1BD11BDAu};
+  x[0] += ks[0], x[1] += ks[1];
+  for (int group = 0; group < 5; ++group) {
+    for (int r = 0; r < 4; ++r) {
+      const int rot = kRot[4 * (group % 2) + r];
+      x[0] += x[1];
+      x[1] = (x[1] << rot) | (x[1] >> (32 - rot));
+      x[1] ^= x[0];
+    }
+    x[0] += ks[(group + 1) % 3], x[1] += ks[(group + 2) % 3] + uint32_t(group + 1);
+  }
+}
+
+// The scalar reference against Random123's known answers, the vector hash against both (every
+// lane its own counter pair), then the keep mask against the reference: jax's uniform float
+// from the xor-ed words, kept where below p; n short of a vector, of kStreams vectors and of a
+// chunk, and p = 0 and 1.
+void TestKeepMask() {
+  const uint32_t kat[3][6] = {  // key, counter, result
+      {0, 0, 0, 0, 0x6b200159u, 0x99ba4efeu},
+      {~0u, ~0u, ~0u, ~0u, 0x1cb996fcu, 0xbb002be7u},
+      {0x13198a2eu, 0x03707344u, 0x243f6a88u, 0x85a308d3u, 0xc4923a9cu, 0x483df7a0u}};
+  bool scalar_ok = true, vector_ok = true;
+  for (const auto& t : kat) {
+    uint32_t x[2] = {t[2], t[3]};
+    ScalarThreefry(t, x);
+    scalar_ok &= x[0] == t[4] && x[1] == t[5];
+    uv x0[kStreams], x1[kStreams];
+    for (int v = 0; v < kStreams; ++v) {
+      for (int j = 0; j < L; ++j) {
+        x0[v][j] = t[2] + uint32_t(v * L + j), x1[v][j] = t[3] - uint32_t(j);
+      }
+    }
+    Threefry2x32Bits(t[0], t[1], x0, x1);
+    for (int v = 0; v < kStreams; ++v) {
+      for (int j = 0; j < L; ++j) {
+        uint32_t want[2] = {t[2] + uint32_t(v * L + j), t[3] - uint32_t(j)};
+        ScalarThreefry(t, want);
+        vector_ok &= x0[v][j] == (want[0] ^ want[1]);
+        if (v == 0 && j == 0) vector_ok &= x0[v][j] == (t[4] ^ t[5]);
+      }
+    }
+  }
+  Check(scalar_ok, "threefry2x32 reference: Random123's known answers");
+  Check(vector_ok, "threefry2x32 vectors: the reference's bits in every lane");
+  SerialPool pool;
+  const uint32_t key[2] = {0x9e3779b9u, 42u};
+  for (int64_t n : {int64_t(1), int64_t(L - 1), int64_t(kStreams * L + 3), kMaskChunk,
+                    2 * kMaskChunk + 5}) {
+    for (float p : {0.9f, 0.0f, 1.0f}) {
+      std::vector<uint8_t> mask(n + 1, 7);  // One byte past the end must stay untouched.
+      KeepMaskCore(pool, key[0], key[1], p, n, mask.data());
+      bool ok = mask[n] == 7;
+      int64_t kept = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        uint32_t x[2] = {uint32_t(uint64_t(i) >> 32), uint32_t(i)};
+        ScalarThreefry(key, x);
+        const uint32_t one = ((x[0] ^ x[1]) >> 9) | 0x3F800000u;
+        float u;
+        std::memcpy(&u, &one, 4);
+        ok &= mask[i] == ((u - 1.0f) < p ? 1 : 0);
+        kept += mask[i];
+      }
+      ok &= p != 0.0f || kept == 0;
+      ok &= p != 1.0f || kept == n;
+      Check(ok, "keep mask: the reference's bits, u < p, nothing written past n");
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -482,6 +556,7 @@ int main() {
   TestBatchNormReluPool(rng, 3, 28, 28, 2 * L);
   TestBatchNormReluPool(rng, 2, 14, 14, 4 * L);
   TestBatchNormReluPool(rng, 3, 4, 6, L);
+  TestKeepMask();
   // The peak measurement (its threads and calibration under the sanitizers; its figures are
   // checked in tests/test_native.py, on the machine itself): the widest width, then an unknown one.
   double gflops = 0, mhz = 0;
