@@ -174,7 +174,7 @@ def _kernel_flops(target: str, operands: list[tuple[int, ...]]) -> float:
                  "fashion_jax_bn_relu_pool_grad": 6}
   if target in per_element:
     return float(per_element[target] * math.prod(operands[0]))
-  return 0.0
+  return 0.0  # Dropout's keep mask (fashion_jax_keep_mask): integer hashing, no float work.
 
 
 def _winograd_flops(forward: bool, n: int, h: int, w: int, c: int, k: int) -> float:
