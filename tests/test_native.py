@@ -508,6 +508,17 @@ def test_compile_error_is_reported_and_nothing_half_built_is_left(fresh_load, mo
   assert not list(Path(native_build.cache_dir()).rglob("*.so"))
 
 
+def test_inference_loads_the_kernels_only_if_nothing_is_compiled(fresh_load):
+  """native.available_without_building (evaluation's and inference's test): False with an empty
+  cache, and it builds nothing; True once this CPU's build is cached, loading it."""
+  del fresh_load
+  assert not native.available_without_building()
+  assert not list(Path(native_build.cache_dir()).rglob("*.so"))
+  assert native.available()  # Builds (the stub).
+  native._load.cache_clear()  # pylint: disable=protected-access
+  assert native.available_without_building() and native.info()["target"]
+
+
 def test_builds_into_the_cache_once(fresh_load):
   del fresh_load
   assert native.available()

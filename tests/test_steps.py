@@ -8,7 +8,9 @@ import pytest
 from fashion_jax.model import steps
 
 
-def test_inference_model_uses_xla_ops_and_agrees_with_training_model(tiny_config):
+def test_inference_model_uses_xla_ops_without_the_native_kernels(tiny_config, monkeypatch):
+  from fashion_jax.kernels import native  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(native, "available_without_building", lambda: False)
   training, inference = steps.create_model(tiny_config), steps.create_model(tiny_config, False)
   assert (inference.conv_impl, inference.pool_impl) == ("xla", "xla")
   assert (training.conv_impl, training.pool_impl) == ("auto", "auto")
@@ -16,10 +18,38 @@ def test_inference_model_uses_xla_ops_and_agrees_with_training_model(tiny_config
   variables = training.init(jax.random.key(0), x)
   np.testing.assert_allclose(inference.apply(variables, x), training.apply(variables, x),
                              rtol=1e-5, atol=1e-5)
-  for conv in ("im2col", "winograd", "native"):  # Training's choice; serving always uses XLA's.
+  for conv in ("im2col", "winograd", "native"):  # Training's choice; serving uses XLA's here.
     tiny_config.conv_impl = conv
     assert steps.create_model(tiny_config).conv_impl == conv
     assert steps.create_model(tiny_config, False).conv_impl == "xla"
+
+
+@pytest.mark.parametrize("model", ["cnn", "cnn_bn"])
+def test_inference_model_takes_the_native_kernels_where_built(tiny_config, model, monkeypatch):
+  """On CPU with the kernels built, evaluation and inference run them (their forward is
+  1.4-2x XLA's), with the training model's outputs; export's portable model, a config that
+  keeps training off them, and a process that would have to compile them use XLA's ops."""
+  from fashion_jax.kernels import native  # pylint: disable=g-import-not-at-top
+  from tests.conftest import require_native  # pylint: disable=g-import-not-at-top
+  require_native()
+  tiny_config.model = model
+  inference = steps.create_model(tiny_config, training=False)
+  portable = steps.create_model(tiny_config, training=False, portable=True)
+  assert (inference.conv_impl, inference.pool_impl) == ("native", "xla")
+  assert (portable.conv_impl, portable.pool_impl) == ("xla", "xla")
+  x = jax.random.uniform(jax.random.key(2), (3, 28, 28, 1))
+  variables = steps.create_model(tiny_config).init(jax.random.key(0), x)
+  hlo = lambda m: jax.jit(m.apply).lower(variables, x).as_text()
+  assert "fashion_jax_" in hlo(inference) and "fashion_jax_" not in hlo(portable)
+  np.testing.assert_allclose(inference.apply(variables, x), portable.apply(variables, x),
+                             rtol=1e-4, atol=1e-4)
+  for conv in ("im2col", "winograd", "xla"):
+    tiny_config.conv_impl = conv
+    assert steps.create_model(tiny_config, False).conv_impl == "xla"
+  tiny_config.conv_impl = "native"
+  assert steps.create_model(tiny_config, False).conv_impl == "native"
+  monkeypatch.setattr(native, "available_without_building", lambda: False)
+  assert steps.create_model(tiny_config, False).conv_impl == "xla"
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])

@@ -144,6 +144,22 @@ def available() -> bool:
   return reason is None
 
 
+def available_without_building() -> bool:
+  """Whether the kernels are loaded, or can be without compiling them (this CPU's build is in the
+  cache): `available()` then, else False. Inference takes them only so: a first build takes
+  ~15 s, longer than most predictions."""
+  if os.environ.get("FASHION_JAX_NATIVE", "1") == "0":
+    return False
+  if not _load.cache_info().currsize:  # Not tried yet in this process.
+    try:
+      include = jax.ffi.include_dir()
+      if native_build.cached(native_build.build_key(*native_build.choose(include), include)) is None:
+        return False
+    except (OSError, NativeUnavailable, ValueError):
+      return False
+  return available()
+
+
 def info() -> dict | None:
   """{"target": "x86-64-v4", "lanes": 16, "isa": "avx512f,avx2,fma", "library": path} of the
   loaded build (isa: what its compiler enabled), or None (unavailable)."""

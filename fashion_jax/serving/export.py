@@ -42,6 +42,7 @@ is loaded back and checked against the JAX model on a few images.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -297,8 +298,12 @@ def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS
   never leaves a half-written model where a working one was.
   """
   import jax  # pylint: disable=g-import-not-at-top
+  from fashion_jax.model import steps  # pylint: disable=g-import-not-at-top
   platforms = check_platforms(platforms)
   path = check_output(output, overwrite)
+  # XLA's ops, whatever model the classifier ran (the native CPU kernels do not serialize).
+  classifier = dataclasses.replace(classifier, model=steps.create_model(
+      classifier.config, training=False, portable=True))
   tf, _ = _import_tf()
   t0 = time.perf_counter()
   parent = os.path.dirname(path)
@@ -374,7 +379,7 @@ def export_run(workdir: str, output: str, step: int | None = None,
   check_platforms(platforms)  # Before the slow part: fail fast on wrong flags.
   check_output(output, overwrite)
   from fashion_jax.serving import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
-  classifier = inference.load(workdir, step)
+  classifier = inference.load(workdir, step, portable=True)
   return export(classifier, output, platforms, overwrite,
                 workdir=errors.local_path(workdir, "--workdir"))
 

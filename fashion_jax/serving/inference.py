@@ -133,8 +133,11 @@ class Classifier:
     return np.asarray(jax.nn.softmax(self.logits(images), axis=-1))
 
 
-def load(workdir: str, step: int | None = None, batch_size: int = 256) -> Classifier:
-  """Loads a training run's model and checkpoint (`step`, else the best/latest one)."""
+def load(workdir: str, step: int | None = None, batch_size: int = 256,
+         portable: bool = False) -> Classifier:
+  """Loads a training run's model and checkpoint (`step`, else the best/latest one). The model
+  is evaluation's (`steps.create_model`): the native CPU kernels where they are built, unless
+  `portable` (XLA's ops only, for export)."""
   workdir = errors.local_path(workdir, "--workdir")
   config = load_run_config(workdir)
   directory = os.path.join(workdir, "checkpoints")
@@ -151,7 +154,7 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256) -> Classi
                       f"{', '.join(map(str, saved)) or 'none'}")
     else:
       why = "requested with --step"
-    model = steps.create_model(config, training=False)  # XLA's ops: nothing native is built.
+    model = steps.create_model(config, training=False, portable=portable)  # Builds nothing.
     params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                             jax.ShapeDtypeStruct((1,) + steps.IMAGE_SHAPE, jnp.float32))["params"]
     description = checkpointing.describe_state(config.model, _Params(params))
