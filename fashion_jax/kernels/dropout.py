@@ -6,6 +6,11 @@ read and written per round): 2.2 ms of cnn_bn's ~40 ms step at batch 128 for its
 `bernoulli` computes the same bits in registers (`csrc/conv_pool.cc`, section 4) where
 `supports` holds, and calls `jax.random.bernoulli` everywhere else, so a run's masks, and
 with them its training trajectory, do not depend on which path drew them.
+
+Measured on the Zen 5 (three masks of cnn_bn at batch 128, BENCHMARKS.md): XLA 1.9-2.9 ms;
+the 16-lane build 0.37-0.47 ms, the 8-lane (AVX2) one 1.2 ms, the 4-lane portable one 2.2 ms
+(SSE2 has no vector rotate), slower than XLA's AVX-512 loop: so 4-lane builds leave the masks
+to jax.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from fashion_jax.kernels import native
 def supports(key: jax.Array, p) -> bool:
   """Whether `bernoulli(key, p, shape)` runs natively: one threefry2x32 key (typed or raw
   uint32[2]), a float32 probability (a Python float without jax_enable_x64), jax's default
-  partitionable threefry bits, and the kernels built. (Not whether the caller is on CPU.)"""
+  partitionable threefry bits, and the kernels built 8 or 16 lanes wide. (Not whether the
+  caller is on CPU.)"""
   if jnp.asarray(p).dtype != jnp.float32 or not jax.config.jax_threefry_partitionable:
     return False
   if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -30,7 +36,7 @@ def supports(key: jax.Array, p) -> bool:
                and jax.config.jax_default_prng_impl == "threefry2x32")
   if not impl_ok:
     return False
-  return native.available()
+  return native.available() and native.lanes() >= 8
 
 
 def bernoulli(key: jax.Array, p: float, shape) -> jax.Array:
