@@ -1371,34 +1371,74 @@ void BnReluPoolForwardCore(Pool& pool, const BnShape& s, const float* y, const f
   });
 }
 
-// g = dz of the pooled output at the window's winning tap, else 0 (kNoTap: the ReLU was off).
-struct PoolGrad {
+// The gradient's two passes with the pool, a 2x2 window at a time (its first row's task takes
+// both rows): g = dz of the pooled output at the window's winning tap, else 0 (kNoTap: the ReLU
+// was off), so each window's argmax and dz are loaded once for its four pixels, and the sums
+// take the winning tap's y only. (Per pixel, with the argmax re-read and compared for each,
+// these passes ran at a third of the statistics pass's bytes per second.)
+template <typename Pool, typename F>
+void BnPoolWindows(Pool& pool, const BnShape& s, int sums, float* out, const F& window) {
+  const int64_t c = s.c, w2 = s.w / 2;
+  BnRows(pool, s, sums, out, [&](int64_t r, fv* acc) {
+    if (r % 2) return;
+    const int64_t yr = r * s.w * c, pr = r / 2 * w2 * c;
+    for (int64_t j = 0; j < w2; ++j) {
+      for (int64_t ch = 0; ch < c; ch += L) {
+        const int64_t o = pr + j * c + ch;
+        bv which;
+        std::memcpy(&which, window.arg + o, sizeof(which));
+        // Offsets of the window's taps (row-major) from y's row r, channel block ch.
+        const int64_t at[4] = {yr + 2 * j * c + ch, yr + (2 * j + 1) * c + ch,
+                               yr + (s.w + 2 * j) * c + ch, yr + (s.w + 2 * j + 1) * c + ch};
+        window(acc, at, __builtin_convertvector(which, iv), Load(window.dz + o), ch);
+      }
+    }
+  });
+}
+
+struct PoolSums {
   const BnShape& s;
+  const float* y;
   const float* dz;
   const int8_t* arg;
-  auto Row(int64_t r) const {
-    const int64_t pooled_row = r / 2 * (s.w / 2) * s.c;
-    const int32_t row_tap = static_cast<int32_t>(2 * (r % 2));
-    return [this, pooled_row, row_tap](int64_t x, int64_t, int64_t ch, fv) {
-      const int64_t o = pooled_row + x / 2 * s.c + ch;
-      bv which_b;
-      std::memcpy(&which_b, arg + o, sizeof(which_b));
-      const iv tap = SplatI(row_tap + static_cast<int32_t>(x % 2));
-      return __builtin_convertvector(which_b, iv) == tap ? Load(dz + o) : Splat(0.0f);
-    };
+  const float* coef;
+  void operator()(fv* acc, const int64_t (&at)[4], iv which, fv d, int64_t ch) const {
+    fv yw = Load(y + at[0]);  // The winning tap's y (any where there is none: g is 0 there).
+    for (int t = 1; t < 4; ++t) yw = which == SplatI(t) ? Load(y + at[t]) : yw;
+    const fv g = which != SplatI(kNoTap) ? d : Splat(0.0f);
+    acc[ch / L] += g;
+    acc[s.c / L + ch / L] += g * (yw - Load(coef + 2 * s.c + ch));
+  }
+};
+
+struct PoolDy {
+  const BnShape& s;
+  const float* y;
+  const float* dz;
+  const int8_t* arg;
+  const float* coef;
+  float* dy;
+  void operator()(fv*, const int64_t (&at)[4], iv which, fv d, int64_t ch) const {
+    const int64_t c = s.c;
+    const fv c1 = Load(coef + 3 * c + ch), c2 = Load(coef + 4 * c + ch),
+             c3 = Load(coef + 5 * c + ch), mean = Load(coef + 2 * c + ch);
+    for (int t = 0; t < 4; ++t) {
+      const fv g = which == SplatI(t) ? d : Splat(0.0f);
+      Store(dy + at[t], c1 * g + c2 + c3 * (Load(y + at[t]) - mean));
+    }
   }
 };
 
 template <typename Pool>
 void BnReluPoolGradSumsCore(Pool& pool, const BnShape& s, const float* y, const float* dz,
                             const int8_t* arg, const float* coef, float* sums) {
-  BnGradSums(pool, s, y, coef, PoolGrad{s, dz, arg}, sums);
+  BnPoolWindows(pool, s, 2, sums, PoolSums{s, y, dz, arg, coef});
 }
 
 template <typename Pool>
 void BnReluPoolGradCore(Pool& pool, const BnShape& s, const float* y, const float* dz,
                         const int8_t* arg, const float* coef, float* dy) {
-  BnGrad(pool, s, y, coef, PoolGrad{s, dz, arg}, dy);
+  BnPoolWindows(pool, s, 0, nullptr, PoolDy{s, y, dz, arg, coef, dy});
 }
 
 // y [N, H, W, C] or [P, C]; padded (z or dz: [N, H + 2 pad, W + 2 pad, C], or y's shape with pad
