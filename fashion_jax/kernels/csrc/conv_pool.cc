@@ -1396,12 +1396,15 @@ void BnPoolWindows(Pool& pool, const BnShape& s, int sums, float* out, const F& 
   });
 }
 
-struct PoolSums {
+struct PoolGradInputs {  // What both passes read: y, the pooled dz and argmax, the coefficients.
   const BnShape& s;
   const float* y;
   const float* dz;
   const int8_t* arg;
   const float* coef;
+};
+
+struct PoolSums : PoolGradInputs {
   void operator()(fv* acc, const int64_t (&at)[4], iv which, fv d, int64_t ch) const {
     fv yw = Load(y + at[0]);  // The winning tap's y (any where there is none: g is 0 there).
     for (int t = 1; t < 4; ++t) yw = which == SplatI(t) ? Load(y + at[t]) : yw;
@@ -1411,12 +1414,7 @@ struct PoolSums {
   }
 };
 
-struct PoolDy {
-  const BnShape& s;
-  const float* y;
-  const float* dz;
-  const int8_t* arg;
-  const float* coef;
+struct PoolDy : PoolGradInputs {
   float* dy;
   void operator()(fv*, const int64_t (&at)[4], iv which, fv d, int64_t ch) const {
     const int64_t c = s.c;
@@ -1432,13 +1430,13 @@ struct PoolDy {
 template <typename Pool>
 void BnReluPoolGradSumsCore(Pool& pool, const BnShape& s, const float* y, const float* dz,
                             const int8_t* arg, const float* coef, float* sums) {
-  BnPoolWindows(pool, s, 2, sums, PoolSums{s, y, dz, arg, coef});
+  BnPoolWindows(pool, s, 2, sums, PoolSums{{s, y, dz, arg, coef}});
 }
 
 template <typename Pool>
 void BnReluPoolGradCore(Pool& pool, const BnShape& s, const float* y, const float* dz,
                         const int8_t* arg, const float* coef, float* dy) {
-  BnPoolWindows(pool, s, 0, nullptr, PoolDy{s, y, dz, arg, coef, dy});
+  BnPoolWindows(pool, s, 0, nullptr, PoolDy{{s, y, dz, arg, coef}, dy});
 }
 
 // y [N, H, W, C] or [P, C]; padded (z or dz: [N, H + 2 pad, W + 2 pad, C], or y's shape with pad
