@@ -1657,7 +1657,7 @@ void KeepMaskCore(Pool& pool, uint32_t k0, uint32_t k1, float p, int64_t n, uint
       uint8_t keep[kStreams * L];
       for (int v = 0; v < kStreams; ++v) {
         const uv one = (hi[v] >> 9) | 0x3F800000u;  // A float in [1, 2): jax's uniform + 1.
-        const fv u = reinterpret_cast<const fv&>(one) - 1.0f;
+        const fv u = (fv)one - 1.0f;  // A vector cast: the same bits.
         const bv kept = __builtin_convertvector(-(u < Splat(p)), bv);  // 1 where kept.
         std::memcpy(keep + v * L, &kept, L);
       }
@@ -1859,15 +1859,55 @@ extern "C" int FjMeasurePeak(int threads, double seconds, double* gflops, double
 #endif
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FjConvPoolForward, ConvPoolForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S8>>()
-                                  .Attr<int32_t>("relu"));
+namespace {
+
+// Bindings shared by handlers of one signature.
+// x, kernel, bias -> pooled y, argmax; relu (the pooled forwards)
+inline auto ConvPoolBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::S8>>()
+      .Attr<int32_t>("relu");
+}
+
+// two float32 arrays -> one (the plain convolutions, and the direct one's kernel gradient)
+inline auto PlainConvBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
+// y, dz, coef -> sums or dy; pad (the BatchNorm + ReLU gradient passes)
+inline auto BnReluGradBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int32_t>("pad");
+}
+
+// y, pooled dz, argmax, coef -> sums or dy (with the pool)
+inline auto BnReluPoolGradBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S8>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjConvPoolForward, ConvPoolForward, ConvPoolBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjConvPoolBackward, ConvPoolBackward,
                               ffi::Ffi::Bind()
@@ -1880,14 +1920,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjConvPoolBackward, ConvPoolBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvPoolForward, WinogradConvPoolForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S8>>()
-                                  .Attr<int32_t>("relu"));
+                              ConvPoolBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvPoolBackward, WinogradConvPoolBackward,
                               ffi::Ffi::Bind()
@@ -1900,12 +1933,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvPoolBackward, WinogradConvPoolBackwa
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvForward, WinogradConvForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvForward, WinogradConvForward, PlainConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvBackward, WinogradConvBackward,
                               ffi::Ffi::Bind()
@@ -1958,23 +1986,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluForward, BnReluForward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("pad"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluGradSums, BnReluGradSums,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("pad"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluGradSums, BnReluGradSums, BnReluGradBinding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluGrad, BnReluGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("pad"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluGrad, BnReluGrad, BnReluGradBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluPoolForward, BnReluPoolForward,
                               ffi::Ffi::Bind()
@@ -1984,37 +1998,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluPoolForward, BnReluPoolForward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S8>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluPoolGradSums, BnReluPoolGradSums,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluPoolGradSums, BnReluPoolGradSums, BnReluPoolGradBinding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluPoolGrad, BnReluPoolGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluPoolGrad, BnReluPoolGrad, BnReluPoolGradBinding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FjDirectConvForward, DirectConvForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjDirectConvForward, DirectConvForward, PlainConvBinding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FjDirectConvBackward, DirectConvBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjDirectConvBackward, DirectConvBackward, PlainConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjKeepMask, KeepMask,
                               ffi::Ffi::Bind()
