@@ -22,14 +22,18 @@ import numpy as np
 from fashion_jax.kernels import native
 
 
+def _typed(key) -> bool:
+  return jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+
+
 def supports(key: jax.Array, p) -> bool:
   """Whether `bernoulli(key, p, shape)` runs natively: one threefry2x32 key (typed or raw
   uint32[2]), a float32 probability (a Python float without jax_enable_x64), jax's default
   partitionable threefry bits, and the kernels built 8 or 16 lanes wide. (Not whether the
   caller is on CPU.)"""
-  if jnp.asarray(p).dtype != jnp.float32 or not jax.config.jax_threefry_partitionable:
+  if jnp.result_type(p) != jnp.float32 or not jax.config.jax_threefry_partitionable:
     return False
-  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+  if _typed(key):
     impl_ok = key.shape == () and str(jax.random.key_impl(key)) == "threefry2x32"
   else:  # A raw key: jax takes it for one of the default implementation.
     impl_ok = (key.shape == (2,) and key.dtype == jnp.uint32
@@ -45,6 +49,6 @@ def bernoulli(key: jax.Array, p: float, shape) -> jax.Array:
   shape = tuple(int(d) for d in shape)
   if not supports(key, p) or not shape or 0 in shape:
     return jax.random.bernoulli(key, p, shape)
-  data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  data = jax.random.key_data(key) if _typed(key) else key
   return native.call("fashion_jax_keep_mask", jax.ShapeDtypeStruct(shape, jnp.bool_), data,
                      p=np.float32(p))
