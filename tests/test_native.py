@@ -179,6 +179,11 @@ k = jnp.asarray((rng.standard_normal((3, 3, 32, 64)) * 0.3).astype(np.float32))
 outputs["plain_y"] = np.asarray(jax.jit(plain_conv.conv3x3)(x, k))
 grads = jax.jit(jax.grad(lambda x, k: jnp.sum(plain_conv.conv3x3(x, k) ** 2), argnums=(0, 1)))(x, k)
 outputs["plain_dx"], outputs["plain_dk"] = map(np.asarray, grads)
+x = jnp.asarray(rng.uniform(size=(37, 30, 30, 32)).astype(np.float32))  # F(4x4, 3x3).
+k = jnp.asarray((rng.standard_normal((3, 3, 32, 32)) * 0.3).astype(np.float32))
+outputs["plain4_y"] = np.asarray(jax.jit(plain_conv.conv3x3)(x, k))
+grads = jax.jit(jax.grad(lambda x, k: jnp.sum(plain_conv.conv3x3(x, k) ** 2), argnums=(0, 1)))(x, k)
+outputs["plain4_dx"], outputs["plain4_dk"] = map(np.asarray, grads)
 x = jnp.asarray(rng.uniform(size=(37, 30, 30, 1)).astype(np.float32))  # The direct plain conv.
 k = jnp.asarray((rng.standard_normal((3, 3, 1, 32)) * 0.3).astype(np.float32))
 outputs["direct_plain_y"] = np.asarray(jax.jit(plain_conv.conv3x3)(x, k))
@@ -226,7 +231,7 @@ def test_gradients_do_not_depend_on_the_thread_count(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results[label] = dict(np.load(out))
   for label in ("all", "all again"):
-    assert len(results[label]) == 27 and results[label].keys() == results["one"].keys()
+    assert len(results[label]) == 30 and results[label].keys() == results["one"].keys()
     for key in results["one"]:
       np.testing.assert_array_equal(results[label][key], results["one"][key], err_msg=key)
 
@@ -662,28 +667,43 @@ def test_prebuild_command_reports_where_or_why(capsys, fresh_load, monkeypatch):
   assert native.main(["--bogus"]) == 2
 
 
-@pytest.mark.parametrize("batch,hw,cin,cout", [
-    (5, (30, 30), 1, 32),   # cnn_bn's first layer (after SAME padding): the direct kernel.
-    (11, (9, 8), 3, 24),    # Direct: odd output rows, more images than chunks, channel blocks.
-    (3, (14, 14), 32, 64),  # cnn_bn's second block (after SAME padding: 16x16).
-    (2, (28, 30), 16, 32),  # Several blocks of tile rows per image, the last one short.
-    (2, (7, 9), 8, 16),     # Odd sizes: whole tiles computed, then cropped.
-    (1, (3, 3), 8, 8)])     # One output pixel.
-def test_plain_conv_outputs_and_grads_match_lax(batch, hw, cin, cout):
+@pytest.mark.parametrize("batch,hw,cin,cout,tile", [
+    (5, (30, 30), 1, 32, None),   # cnn_bn's first layer (after SAME padding): the direct kernel.
+    (11, (9, 8), 3, 24, None),    # Direct: odd output rows, more images than chunks, channel blocks.
+    (3, (16, 16), 32, 64, None),  # cnn_bn's second block (after SAME padding): F(2x2, 3x3).
+    (2, (28, 30), 16, 32, None),  # Several blocks of tile rows per image, the last one short.
+    (2, (7, 9), 8, 16, None),     # Odd sizes: whole tiles computed, then cropped.
+    (1, (3, 3), 8, 8, None),      # One output pixel.
+    (3, (30, 30), 32, 32, None),  # cnn_bn's 28x28 layer: F(4x4, 3x3), the whole image one block.
+    (2, (58, 18), 16, 48, None),  # F(4x4, 3x3): blocks of tile rows, the last one short.
+    (2, (16, 16), 16, 32, 4),     # F(4x4, 3x3) asked for where the output is not whole tiles
+    (2, (9, 11), 16, 16, 4)])     # (14x14), nor even (7x9): padded, then cropped.
+def test_plain_conv_outputs_and_grads_match_lax(batch, hw, cin, cout, tile):
   x, k, _ = _inputs(batch, batch, hw, cin, cout)
   if not (_fits(cin, cout) and (cin < native.DIRECT_MAX_CHANNELS or cin * cout <= 256 * 256)):
     assert not plain_conv.supports(x, k)
     return
-  ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=DN)
+  ref = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=DN,
+                                              precision=lax.Precision.HIGHEST)
+  conv = lambda x, k: plain_conv.conv3x3(x, k, tile)
   want = ref(x, k)
-  got = jax.jit(plain_conv.conv3x3)(x, k)
+  got = jax.jit(conv)(x, k)
   assert got.shape == want.shape
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # F(4x4, 3x3) where the output's sides are multiples of 4 (or asked for), F(2x2, 3x3) elsewhere.
+  four = cin >= native.DIRECT_MAX_CHANNELS and (tile == 4 or (hw[0] - 2) % 4 == (hw[1] - 2) % 4 == 0)
+  planes = f"tensor<{36 if four else 16}x{cin}x{cout}xf32>"
+  assert (planes in jax.jit(conv).lower(x, k).as_text()) == (cin >= native.DIRECT_MAX_CHANNELS)
+  # F(4x4, 3x3)'s transforms round more (factors up to 8, sixths): measured up to 2.6e-5 of the
+  # outputs' RMS against 2e-6 for F(2x2, 3x3) (fashion_jax/kernels/winograd.py).
+  scale = float(jnp.sqrt(jnp.mean(want ** 2)))
+  tol = 1e-4 * scale if four else 1e-5
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
   r = jnp.asarray(np.random.default_rng(9).standard_normal(want.shape), jnp.float32)
   grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * r), argnums=(0, 1)))(x, k)
-           for f in (ref, plain_conv.conv3x3)]
+           for f in (ref, conv)]
   for got_g, want_g in zip(grads[1], grads[0]):
-    np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=2e-4)
+    g_scale = float(jnp.sqrt(jnp.mean(want_g ** 2)))
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-4, atol=1e-4 * g_scale if four else 2e-4)
 
 
 def test_plain_conv_drop_in_and_fallbacks():

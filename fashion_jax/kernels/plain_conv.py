@@ -1,8 +1,10 @@
 """The 3x3 convolution without a pool (cnn_bn, ResNets) on the native CPU kernels.
 
-- Wide inputs: Winograd F(2x2, 3x3), the whole layer fused as for the conv + pool (the same
-  per-block transforms and micro-kernel, the outputs written as they are). Its wide layers take
-  half the time of the separate transforms around XLA's matmuls they replaced (BENCHMARKS.md).
+- Wide inputs: Winograd, the whole layer fused as for the conv + pool (the same per-block
+  transforms and micro-kernel, the outputs written as they are). Its wide layers take half the
+  time of the separate transforms around XLA's matmuls they replaced (BENCHMARKS.md).
+  F(4x4, 3x3) (36 products per 16 outputs) where the output's sides are multiples of 4
+  (cnn_bn's 28x28 layer), F(2x2, 3x3) (16 per 4) elsewhere: `winograd_tile`.
 - Few input channels (cnn_bn's first layer, 1 -> 32): the conv + pool's direct kernel, writing
   each window's four outputs instead of their maximum. XLA ran it as an im2col matmul with K = 9
   (a 9x copy of the image first) and the kernel's gradient as a [9, N * H * W] x [N * H * W,
@@ -14,6 +16,8 @@ Outputs and gradients equal lax's to float32 rounding (tests/test_native.py).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 from jax import lax
@@ -34,24 +38,40 @@ def supports(x: jax.Array, kernel: jax.Array) -> bool:
           and x.shape[1] >= 3 and x.shape[2] >= 3)
 
 
-def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def winograd_tile(x: jax.Array) -> int:
+  """The Winograd tile `conv3x3` takes for a wide input x: 4 (F(4x4, 3x3)) where the VALID
+  output's sides are multiples of 4, else 2 (F(2x2, 3x3), which pads at most one row and
+  column)."""
+  _, h, w, _ = x.shape
+  return 4 if (h - 2) % 4 == 0 and (w - 2) % 4 == 0 else 2
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, tile: int | None = None) -> jax.Array:
   """VALID, stride-1 3x3 convolution, fused, on CPU.
 
   x NHWC float32, kernel HWIO float32 with Cout a multiple of `native.lanes()`, and either
-  Cin < `native.DIRECT_MAX_CHANNELS` (direct kernel) or Cin a multiple of the lanes with
-  Cin * Cout at most `native.WINOGRAD_MAX_CHANNEL_PRODUCT` (Winograd) (`supports`). Both make
-  2x2 outputs at a time: an odd output size computes one more row or column (zeros padded in)
-  and drops it. Raises ValueError where `supports` is False or the kernels are unavailable.
+  Cin < `native.DIRECT_MAX_CHANNELS` (direct kernel, 2x2 outputs at a time) or Cin a multiple of
+  the lanes with Cin * Cout at most `native.WINOGRAD_MAX_CHANNEL_PRODUCT` (Winograd with
+  `tile` x `tile` outputs at a time, 2 or 4; `winograd_tile` by default) (`supports`). Output
+  sides that are not multiples of the tile are computed on zeros padded in and cropped. Raises
+  ValueError where `supports` is False or the kernels are unavailable.
   """
   if not supports(x, kernel):
     raise ValueError(f"native conv3x3 does not support x {x.shape} {x.dtype}, "
                      f"kernel {kernel.shape} {kernel.dtype}; see plain_conv.supports")
   if not native.available():
     raise ValueError("the native CPU kernels are unavailable (see the warning above)")
-  conv = _direct if x.shape[-1] < native.DIRECT_MAX_CHANNELS else _winograd
+  if x.shape[-1] < native.DIRECT_MAX_CHANNELS:
+    tile, conv = 2, _direct
+  else:
+    tile = winograd_tile(x) if tile is None else tile
+    if tile not in (2, 4):
+      raise ValueError(f"Winograd tiles are 2 or 4 outputs a side, got {tile}")
+    conv = lambda x, kernel: _winograd(x, kernel, tile)
   _, h, w, _ = x.shape
-  if h % 2 or w % 2:
-    return conv(jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))), kernel)[:, :h - 2, :w - 2]
+  ph, pw = -(h - 2) % tile, -(w - 2) % tile
+  if ph or pw:
+    return conv(jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0))), kernel)[:, :h - 2, :w - 2]
   return conv(x, kernel)
 
 
@@ -60,17 +80,18 @@ def _output(x, kernel) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((n, h - 2, w - 2, kernel.shape[-1]), jnp.float32)
 
 
-def _winograd_forward(x, kernel):
-  u = winograd.filter_transform(kernel)
+def _winograd_forward(x, kernel, tile):
+  u = winograd.filter_transform(kernel, tile)  # [16 or 36, C, K]: the kernels read the tile off it.
   return native.call("fashion_jax_winograd_conv_fwd", _output(x, kernel), x, u), (x, u)
 
 
-@jax.custom_vjp
-def _winograd(x, kernel):
-  return _winograd_forward(x, kernel)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _winograd(x, kernel, tile):
+  return _winograd_forward(x, kernel, tile)[0]
 
 
-def _winograd_bwd(residuals, dy):
+def _winograd_bwd(tile, residuals, dy):
+  del tile  # U's shape says it.
   x, u = residuals
   dx, du = native.call("fashion_jax_winograd_conv_bwd",
                        (jax.ShapeDtypeStruct(x.shape, jnp.float32),

@@ -27,9 +27,16 @@ drops, is never computed. Measured on 2 CPU cores (BENCHMARKS.md) this is the
 fastest formulation for the 32->64 channel layer; for 1 input channel the
 transforms cost more than they save and im2col stays faster.
 
+The native plain convolution (`fashion_jax.kernels.plain_conv`) also runs
+F(4x4, 3x3) where its output's sides are multiples of 4: 6x6 windows, 36
+multiplies per 16 outputs (2.25 per output against 4); `filter_transform(kernel,
+tile=4)` is its U, the rest is in C++.
+
 Numerics: the transforms are exact in binary (0, +-1, +-1/2), outputs agree with
 `lax.conv_general_dilated` to float32 rounding (tests compare outputs and
-gradients). Ties in a pooling window (common on Fashion-MNIST's blank
+gradients). F(4x4, 3x3)'s are not (factors 4, 5, 8, sixths): on ReLU'd inputs
+with 32 channels its outputs' RMS error is 1.1e-6 of their RMS (max 2.3e-5),
+against 1.8e-7 for F(2x2, 3x3) and 2.2e-7 for the direct sums in float32. Ties in a pooling window (common on Fashion-MNIST's blank
 background, where all four outputs are exactly the bias) send the gradient to
 the first maximum in row-major order, as the transpose of `reduce_window` does.
 Rounding can still break an exact tie of the direct convolution: on 1,000 real
@@ -52,6 +59,11 @@ _AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 _BB = np.kron(_BT, _BT)  # [16, 16] input tile d -> B^T d B
 _GG = np.kron(_G, _G)    # [16, 9]  filter g -> G g G^T
 _AA = np.kron(_AT, _AT)  # [4, 16]  product m -> A^T m A (the four outputs y00 y01 y10 y11)
+# F(4x4, 3x3)'s filter transform (points 0, +-1, +-2, infinity; its input and output transforms
+# run in the native kernels only, fashion_jax/kernels/plain_conv.py): [36, 9].
+_G4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+_GG4 = np.kron(_G4, _G4).astype(np.float32)
 
 # The weight gradient contracts over all tiles; splitting them into this many
 # chunks (summed afterwards) lets XLA:CPU run the chunks' matmuls on both cores.
@@ -113,10 +125,18 @@ def input_transform_grad(dv: jax.Array, x_shape, th: int, tw: int) -> jax.Array:
   return _untiles(d_windows, x_shape, th, tw)
 
 
-def filter_transform(kernel: jax.Array) -> jax.Array:
-  """U = G g G^T for each (input, output) channel pair: HWIO [3,3,C,K] -> [16, C, K]."""
+def _filter_matrix(tile: int) -> np.ndarray:
+  if tile not in (2, 4):
+    raise ValueError(f"Winograd tiles are 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got {tile}")
+  return _GG if tile == 2 else _GG4
+
+
+def filter_transform(kernel: jax.Array, tile: int = 2) -> jax.Array:
+  """U = G g G^T for each (input, output) channel pair: HWIO [3,3,C,K] -> [16, C, K] (F(2x2,
+  3x3)), or [36, C, K] with tile=4 (F(4x4, 3x3))."""
   _, _, c, k = kernel.shape
-  return (jnp.asarray(_GG, kernel.dtype) @ kernel.reshape(9, c * k)).reshape(16, c, k)
+  gg = jnp.asarray(_filter_matrix(tile), kernel.dtype)
+  return (gg @ kernel.reshape(9, c * k)).reshape(gg.shape[0], c, k)
 
 
 def product(v: jax.Array, u: jax.Array) -> jax.Array:
@@ -136,9 +156,11 @@ def product_grads(v: jax.Array, u: jax.Array,
 
 
 def filter_transform_grad(du: jax.Array) -> jax.Array:
-  """The transpose of `filter_transform`: the kernel's gradient [3,3,C,K] from dU [16, C, K]."""
-  _, c, k = du.shape
-  return (jnp.asarray(_GG, du.dtype).T @ du.reshape(16, c * k)).reshape(3, 3, c, k)
+  """The transpose of `filter_transform`: the kernel's gradient [3,3,C,K] from dU [16, C, K]
+  (F(2x2, 3x3)) or [36, C, K] (F(4x4, 3x3))."""
+  p, c, k = du.shape
+  gg = _filter_matrix(2 if p == 16 else 4)
+  return (jnp.asarray(gg, du.dtype).T @ du.reshape(p, c * k)).reshape(3, 3, c, k)
 
 
 def _transformed_product(x, kernel, th, tw):

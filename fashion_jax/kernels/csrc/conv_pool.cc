@@ -432,15 +432,17 @@ ffi::Error DirectConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 // ---------------------------------------------------------------------------
-// Winograd F(2x2, 3x3) (fashion_jax/kernels/winograd.py) for wide inputs.
+// Winograd F(2x2, 3x3) (fashion_jax/kernels/winograd.py) for wide inputs, and F(4x4, 3x3) for
+// the plain convolution whose output sides are multiples of 4.
 //
-//   V = B^T d B  for each 4x4 input window d        [B,H,W,C] -> [16, tiles, C]
-//   M = V U      per plane, U = G g G^T              [16, tiles, C] x [16, C, K]
-//   y = A^T M A (the 2x2 outputs of each tile)       [16, tiles, K] -> [B,2th,2tw,K]
-//       or its max + bias (+ ReLU) with the pool     [16, tiles, K] -> [B,th,tw,K]
-// and their transposes for the backward pass. B^T rows: (1,0,-1,0), (0,1,1,0),
-// (0,-1,1,0), (0,1,0,-1); A^T rows: (1,1,1,0), (0,1,-1,-1). Tile (i, j) of an
-// image has its window at (2i, 2j).
+//   V = B^T d B  for each (M+2)^2 input window d       [B,H,W,C] -> [P, tiles, C]
+//   M = V U      per plane, U = G g G^T                [P, tiles, C] x [P, C, K]
+//   y = A^T M A (the M x M outputs of each tile)       [P, tiles, K] -> [B,M th,M tw,K]
+//       or (F(2x2, 3x3)) its max + bias (+ ReLU) with the pool -> [B,th,tw,K]
+// with P = (M+2)^2 planes (16 or 36), and their transposes for the backward pass. Tile (i, j) of
+// an image has its window at (M i, M j). F(4x4, 3x3) multiplies 36 times per 16 outputs instead
+// of 16 per 4 (2.25 against 4 per output, direct: 9); its transforms are not exact in binary
+// (factors 4, 5, 8 and sixths), which costs a few bits (winograd.py has the measured error).
 //
 // The whole layer is fused, with a pool (the classic CNN's second layer) or
 // without (cnn_bn, ResNets): a block of an image's tiles at a time, its V and M
@@ -514,22 +516,90 @@ void Gemm(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb,
   }
 }
 
-inline void InputTransform4(const fv d[4], fv t[4]) {  // t = B^T d
-  t[0] = d[0] - d[2];
-  t[1] = d[1] + d[2];
-  t[2] = d[2] - d[1];
-  t[3] = d[1] - d[3];
-}
+// The 1-D transforms of F(M, 3) over an A = M + 2 point window: In t = B^T d, InT d = B t,
+// Out y = A^T m (A points to M outputs), OutT m = A g.
+template <int M>
+struct Wino;
 
-inline void InputTransform4T(const fv t[4], fv d[4]) {  // d = B t (the transpose)
-  d[0] = t[0];
-  d[1] = t[1] - t[2] + t[3];
-  d[2] = t[1] + t[2] - t[0];
-  d[3] = -t[3];
-}
+// B^T rows (1,0,-1,0), (0,1,1,0), (0,-1,1,0), (0,1,0,-1); A^T rows (1,1,1,0), (0,1,-1,-1).
+template <>
+struct Wino<2> {
+  static constexpr int A = 4;
+  static void In(const fv d[4], fv t[4]) {
+    t[0] = d[0] - d[2];
+    t[1] = d[1] + d[2];
+    t[2] = d[2] - d[1];
+    t[3] = d[1] - d[3];
+  }
+  static void InT(const fv t[4], fv d[4]) {
+    d[0] = t[0];
+    d[1] = t[1] - t[2] + t[3];
+    d[2] = t[1] + t[2] - t[0];
+    d[3] = -t[3];
+  }
+  static void Out(const fv m[4], fv y[2]) {
+    y[0] = m[0] + m[1] + m[2];
+    y[1] = m[1] - m[2] - m[3];
+  }
+  static void OutT(const fv g[2], fv m[4]) {
+    m[0] = g[0];
+    m[1] = g[0] + g[1];
+    m[2] = g[0] - g[1];
+    m[3] = -g[1];
+  }
+};
 
+// Points 0, 1, -1, 2, -2 and infinity (Lavin & Gray's): B^T rows (4,0,-5,0,1,0),
+// (0,-4,-4,1,1,0), (0,4,-4,-1,1,0), (0,-2,-1,2,1,0), (0,2,-1,-2,1,0), (0,4,0,-5,0,1); A^T rows
+// (1,1,1,1,1,0), (0,1,-1,2,-2,0), (0,1,1,4,4,0), (0,1,-1,8,-8,1). Shared sums and differences
+// first: 12 operations per In instead of 20.
+template <>
+struct Wino<4> {
+  static constexpr int A = 6;
+  static void In(const fv d[6], fv t[6]) {
+    const fv four = Splat(4.0f), five = Splat(5.0f), two = Splat(2.0f);
+    const fv p = d[4] - four * d[2], q = d[3] - four * d[1];
+    const fv r = d[4] - d[2], s = two * (d[3] - d[1]);
+    t[0] = four * d[0] - five * d[2] + d[4];
+    t[1] = p + q;
+    t[2] = p - q;
+    t[3] = r + s;
+    t[4] = r - s;
+    t[5] = four * d[1] - five * d[3] + d[5];
+  }
+  static void InT(const fv t[6], fv d[6]) {
+    const fv four = Splat(4.0f), five = Splat(5.0f), two = Splat(2.0f);
+    const fv p = t[1] + t[2], q = t[1] - t[2], r = t[3] + t[4], s = t[3] - t[4];
+    d[0] = four * t[0];
+    d[1] = four * (t[5] - q) - two * s;
+    d[2] = -five * t[0] - four * p - r;
+    d[3] = q + two * s - five * t[5];
+    d[4] = t[0] + p + r;
+    d[5] = t[5];
+  }
+  static void Out(const fv m[6], fv y[4]) {
+    const fv p = m[1] + m[2], q = m[1] - m[2], r = m[3] + m[4], s = m[3] - m[4];
+    y[0] = m[0] + p + r;
+    y[1] = q + Splat(2.0f) * s;
+    y[2] = p + Splat(4.0f) * r;
+    y[3] = q + Splat(8.0f) * s + m[5];
+  }
+  static void OutT(const fv g[4], fv m[6]) {
+    const fv e = g[0] + g[2], o = g[1] + g[3];
+    const fv e4 = g[0] + Splat(4.0f) * g[2], o8 = Splat(2.0f) * g[1] + Splat(8.0f) * g[3];
+    m[0] = g[0];
+    m[1] = e + o;
+    m[2] = e - o;
+    m[3] = e4 + o8;
+    m[4] = e4 - o8;
+    m[5] = g[3];
+  }
+};
+
+// An image's tiles for F(m x m, 3 x 3): th x tw of them, c channels.
 struct Tiles {
   int64_t n, h, w, c, th, tw;
+  int64_t m = 2;
 };
 
 // A block of whole tile rows [i0, i1) of image b: what the fused kernels transform, multiply and
@@ -564,44 +634,50 @@ inline float* AlignUp(float* p) {
 // row more: cnn_bn's 7x7-tile layers ran as blocks of 6 rows and 1, and the second block's
 // products (7 tiles) were mostly loading and storing accumulators; one block of 7 rows made those
 // layers 4-6 % faster.
+// The same count for F(4x4, 3x3) (36 planes a tile, 2.25 times F(2x2, 3x3)'s floats): measured
+// single-threaded on Zen 5, its 28x28 layers (7 x 7 tiles) ran as fast or faster in one block
+// than in blocks of 3 rows, at 16, 32 and 64 channels, and 56x56 ones with blocks of 42 tiles as
+// with 21.
 constexpr int64_t kBlockTiles = 48;
 inline int64_t RowsPerBlock(const Tiles& s) {
   const int64_t rows = std::max<int64_t>(1, kBlockTiles / s.tw);
   return s.th <= rows + 1 ? s.th : rows;
 }
 
-// A block's 16 transformed planes: plane x, tile t (within the block), channel ch of `channels`
+// A block's P transformed planes: plane x, tile t (within the block), channel ch of `channels`
 // at base[x * plane + t * channels + ch].
 
-// V = B^T d B for the 4x4 input window d of each tile of the block. Neighbouring windows share
-// two columns: each column's vertical transform is computed once and carried to the next tile.
+// V = B^T d B for the (M+2)^2 input window d of each tile of the block. Neighbouring windows
+// share two columns: each column's vertical transform is computed once and carried to the next
+// tile.
+template <int M>
 void InputTransformRows(const Tiles& s, const float* x, const TileRows& r, float* v,
                         int64_t plane) {
+  constexpr int A = Wino<M>::A;
   const float* img = x + r.b * s.h * s.w * s.c;
   for (int64_t i = r.i0; i < r.i1; ++i) {
     for (int64_t cb = 0; cb < s.c; cb += L) {
-      const float* window = img + 2 * i * s.w * s.c + cb;
-      const auto column = [&](int64_t col, fv out[4]) {  // out[q] = (B^T d)[q] of x column col
-        fv d[4];
-        for (int q = 0; q < 4; ++q) d[q] = Load(window + (q * s.w + col) * s.c);
-        InputTransform4(d, out);
+      const float* window = img + M * i * s.w * s.c + cb;
+      const auto column = [&](int64_t col, fv out[A]) {  // out[q] = (B^T d)[q] of x column col
+        fv d[A];
+        for (int q = 0; q < A; ++q) d[q] = Load(window + (q * s.w + col) * s.c);
+        Wino<M>::In(d, out);
       };
-      fv cols[4][4];  // cols[col][q] of the current window
+      fv cols[A][A];  // cols[col][q] of the current window
       column(0, cols[0]);
       column(1, cols[1]);
       for (int64_t j = 0; j < s.tw; ++j) {
-        column(2 * j + 2, cols[2]);
-        column(2 * j + 3, cols[3]);
+        for (int col = 2; col < A; ++col) column(M * j + col, cols[col]);
         float* vt = v + ((i - r.i0) * s.tw + j) * s.c + cb;
-        for (int q = 0; q < 4; ++q) {
-          const fv row[4] = {cols[0][q], cols[1][q], cols[2][q], cols[3][q]};
-          fv tr[4];
-          InputTransform4(row, tr);
-          for (int e = 0; e < 4; ++e) Store(vt + (q * 4 + e) * plane, tr[e]);
+        for (int q = 0; q < A; ++q) {
+          fv row[A], tr[A];
+          for (int col = 0; col < A; ++col) row[col] = cols[col][q];
+          Wino<M>::In(row, tr);
+          for (int e = 0; e < A; ++e) Store(vt + (q * A + e) * plane, tr[e]);
         }
-        for (int q = 0; q < 4; ++q) {
-          cols[0][q] = cols[2][q];
-          cols[1][q] = cols[3][q];
+        for (int q = 0; q < A; ++q) {
+          cols[0][q] = cols[M][q];
+          cols[1][q] = cols[M + 1][q];
         }
       }
     }
@@ -615,50 +691,56 @@ void InputTransformRows(const Tiles& s, const float* x, const TileRows& r, float
 // dx is written once per tile row that covers it, with no zeroing first. Tile rows must come in
 // order within an image (the first is row 0); what no window covers (an odd last row or column
 // of a pooled layer's input) is left for ZeroUncovered.
+template <int M>
 void InputGradRows(const Tiles& s, const float* dv, int64_t plane, const TileRows& r, float* dx) {
+  constexpr int A = Wino<M>::A;
   float* img = dx + r.b * s.h * s.w * s.c;
   for (int64_t i = r.i0; i < r.i1; ++i) {
     for (int64_t cb = 0; cb < s.c; cb += L) {
-      float* window = img + 2 * i * s.w * s.c + cb;
-      const auto put_column = [&](int64_t col, const fv d[4]) {
-        for (int q = 0; q < 4; ++q) {
+      float* window = img + M * i * s.w * s.c + cb;
+      const auto put_column = [&](int64_t col, const fv d[A]) {
+        for (int q = 0; q < A; ++q) {
           float* p = window + (q * s.w + col) * s.c;
           Store(p, q < 2 && i > 0 ? Load(p) + d[q] : d[q]);
         }
       };
-      fv carry[2][4];  // The previous tile's columns 2 and 3: [col][q].
+      fv carry[2][A];  // The previous tile's last two columns: [col][q].
       for (int col = 0; col < 2; ++col) {
-        for (int q = 0; q < 4; ++q) carry[col][q] = Splat(0.0f);
+        for (int q = 0; q < A; ++q) carry[col][q] = Splat(0.0f);
       }
       for (int64_t j = 0; j < s.tw; ++j) {
         const float* dvt = dv + ((i - r.i0) * s.tw + j) * s.c + cb;
-        fv rows[4][4];  // rows[q][col]
-        for (int q = 0; q < 4; ++q) {
-          fv tr[4];
-          for (int e = 0; e < 4; ++e) tr[e] = Load(dvt + (q * 4 + e) * plane);
-          InputTransform4T(tr, rows[q]);
+        fv rows[A][A];  // rows[q][col]
+        for (int q = 0; q < A; ++q) {
+          fv tr[A];
+          for (int e = 0; e < A; ++e) tr[e] = Load(dvt + (q * A + e) * plane);
+          Wino<M>::InT(tr, rows[q]);
         }
-        fv cols[4][4];  // cols[col][q]
-        for (int col = 0; col < 4; ++col) {
-          const fv tr[4] = {rows[0][col], rows[1][col], rows[2][col], rows[3][col]};
-          InputTransform4T(tr, cols[col]);
+        fv cols[A][A];  // cols[col][q]
+        for (int col = 0; col < A; ++col) {
+          fv tr[A];
+          for (int q = 0; q < A; ++q) tr[q] = rows[q][col];
+          Wino<M>::InT(tr, cols[col]);
         }
         for (int col = 0; col < 2; ++col) {
-          for (int q = 0; q < 4; ++q) cols[col][q] += carry[col][q];
-          put_column(2 * j + col, cols[col]);
-          for (int q = 0; q < 4; ++q) carry[col][q] = cols[col + 2][q];
+          for (int q = 0; q < A; ++q) cols[col][q] += carry[col][q];
+        }
+        for (int col = 0; col < M; ++col) put_column(M * j + col, cols[col]);
+        for (int q = 0; q < A; ++q) {
+          carry[0][q] = cols[M][q];
+          carry[1][q] = cols[M + 1][q];
         }
       }
-      put_column(2 * s.tw, carry[0]);
-      put_column(2 * s.tw + 1, carry[1]);
+      put_column(M * s.tw, carry[0]);
+      put_column(M * s.tw + 1, carry[1]);
     }
   }
 }
 
-// Zeroes what no tile's window covers in an image's gradient: the rows from 2 th + 2 and the
-// columns from 2 tw + 2 (an odd last row or column of a pooled layer's input).
+// Zeroes what no tile's window covers in an image's gradient: the rows from m th + 2 and the
+// columns from m tw + 2 (an odd last row or column of a pooled layer's input).
 void ZeroUncovered(const Tiles& s, float* img) {
-  const int64_t rows = 2 * s.th + 2, cols = 2 * s.tw + 2;
+  const int64_t rows = s.m * s.th + 2, cols = s.m * s.tw + 2;
   if (cols < s.w) {
     for (int64_t y = 0; y < rows; ++y) {
       std::fill(img + (y * s.w + cols) * s.c, img + (y + 1) * s.w * s.c, 0.0f);
@@ -667,46 +749,47 @@ void ZeroUncovered(const Tiles& s, float* img) {
   std::fill(img + rows * s.w * s.c, img + s.h * s.w * s.c, 0.0f);
 }
 
-// out = A^T m A of tile t, channels [kb, kb + L) of k: out[2 a + e] is the output at (a, e).
+// out = A^T m A of tile t, channels [kb, kb + L) of k: out[M a + e] is the output at (a, e).
+template <int M>
 inline void OutputTransform(const float* m, int64_t plane, int64_t t, int64_t k, int64_t kb,
-                            fv out[4]) {
-  fv h[2][4];  // h[a][col] = (A^T m)[a][col]
-  for (int col = 0; col < 4; ++col) {
-    fv mc[4];
-    for (int q = 0; q < 4; ++q) mc[q] = Load(m + (q * 4 + col) * plane + t * k + kb);
-    h[0][col] = mc[0] + mc[1] + mc[2];
-    h[1][col] = mc[1] - mc[2] - mc[3];
+                            fv out[M * M]) {
+  constexpr int A = Wino<M>::A;
+  fv h[A][M];  // h[col][a] = (A^T m)[a][col]
+  for (int col = 0; col < A; ++col) {
+    fv mc[A];
+    for (int q = 0; q < A; ++q) mc[q] = Load(m + (q * A + col) * plane + t * k + kb);
+    Wino<M>::Out(mc, h[col]);
   }
-  for (int a = 0; a < 2; ++a) {
-    out[2 * a] = h[a][0] + h[a][1] + h[a][2];
-    out[2 * a + 1] = h[a][1] - h[a][2] - h[a][3];
+  for (int a = 0; a < M; ++a) {
+    fv row[A];
+    for (int col = 0; col < A; ++col) row[col] = h[col][a];
+    Wino<M>::Out(row, out + M * a);
   }
 }
 
-// Its transpose: dM = A g A^T from the gradients g[2 a + e] of tile t's four outputs.
-inline void OutputTransformT(const fv g[4], float* dm, int64_t plane, int64_t t, int64_t k,
+// Its transpose: dM = A g A^T from the gradients g[M a + e] of tile t's outputs.
+template <int M>
+inline void OutputTransformT(const fv g[M * M], float* dm, int64_t plane, int64_t t, int64_t k,
                              int64_t kb) {
-  fv h[2][4];  // h[a][col] = sum_e A^T[e][col] g[a][e]
-  for (int a = 0; a < 2; ++a) {
-    h[a][0] = g[2 * a];
-    h[a][1] = g[2 * a] + g[2 * a + 1];
-    h[a][2] = g[2 * a] - g[2 * a + 1];
-    h[a][3] = -g[2 * a + 1];
-  }
-  for (int col = 0; col < 4; ++col) {
-    const fv rows[4] = {h[0][col], h[0][col] + h[1][col], h[0][col] - h[1][col], -h[1][col]};
-    for (int q = 0; q < 4; ++q) Store(dm + (q * 4 + col) * plane + t * k + kb, rows[q]);
+  constexpr int A = Wino<M>::A;
+  fv h[M][A];  // h[a][col] = sum_e A^T[e][col] g[a][e]
+  for (int a = 0; a < M; ++a) Wino<M>::OutT(g + M * a, h[a]);
+  for (int col = 0; col < A; ++col) {
+    fv column[M], rows[A];
+    for (int a = 0; a < M; ++a) column[a] = h[a][col];
+    Wino<M>::OutT(column, rows);
+    for (int q = 0; q < A; ++q) Store(dm + (q * A + col) * plane + t * k + kb, rows[q]);
   }
 }
 
-// Pooled outputs (s.c is K): y and the argmax [N, th, tw, K] of the block's tiles, with bias
-// and ReLU.
+// Pooled outputs (F(2x2, 3x3); s.c is K): y and the argmax [N, th, tw, K] of the block's tiles,
+// with bias and ReLU.
 void OutputPoolRows(const Tiles& s, const float* m, int64_t plane, const TileRows& r,
                     const float* bias, bool relu, float* y, int8_t* arg) {
   ForEachTile(s, r, [&](int64_t i, int64_t j, int64_t t, int64_t kb) {
     const int64_t o = ((r.b * s.th + i) * s.tw + j) * s.c;
     fv out[4];
-    OutputTransform(m, plane, t, s.c, kb, out);
+    OutputTransform<2>(m, plane, t, s.c, kb, out);
     PoolStore(out, Load(bias + kb), relu, y + o + kb, arg + o + kb);
   });
 }
@@ -725,73 +808,80 @@ void OutputPoolGradRows(const Tiles& s, const float* dy, const int8_t* arg, cons
     db[kb / L] += which < SplatI(kNoTap) ? g : zero;
     fv go[4];
     for (int q = 0; q < 4; ++q) go[q] = which == SplatI(q) ? g : zero;
-    OutputTransformT(go, dm, plane, t, s.c, kb);
+    OutputTransformT<2>(go, dm, plane, t, s.c, kb);
   });
 }
 
-// The plain convolution's outputs (s.c is K): y [N, 2 th, 2 tw, K], 2x2 per tile.
+// The plain convolution's outputs (s.c is K): y [N, M th, M tw, K], M x M per tile.
+template <int M>
 void OutputRows(const Tiles& s, const float* m, int64_t plane, const TileRows& r, float* y) {
-  const int64_t oh = 2 * s.th, ow = 2 * s.tw;
+  const int64_t oh = M * s.th, ow = M * s.tw;
   ForEachTile(s, r, [&](int64_t i, int64_t j, int64_t t, int64_t kb) {
-    fv out[4];
-    OutputTransform(m, plane, t, s.c, kb, out);
-    for (int q = 0; q < 4; ++q) {
-      Store(y + ((r.b * oh + 2 * i + q / 2) * ow + 2 * j + q % 2) * s.c + kb, out[q]);
+    fv out[M * M];
+    OutputTransform<M>(m, plane, t, s.c, kb, out);
+    for (int q = 0; q < M * M; ++q) {
+      Store(y + ((r.b * oh + M * i + q / M) * ow + M * j + q % M) * s.c + kb, out[q]);
     }
   });
 }
 
-// dM of the block's tiles from the plain convolution's output gradient dy [N, 2 th, 2 tw, K].
+// dM of the block's tiles from the plain convolution's output gradient dy [N, M th, M tw, K].
+template <int M>
 void OutputGradRows(const Tiles& s, const float* dy, const TileRows& r, float* dm,
                     int64_t plane) {
-  const int64_t oh = 2 * s.th, ow = 2 * s.tw;
+  const int64_t oh = M * s.th, ow = M * s.tw;
   ForEachTile(s, r, [&](int64_t i, int64_t j, int64_t t, int64_t kb) {
-    fv g[4];
-    for (int q = 0; q < 4; ++q) {
-      g[q] = Load(dy + ((r.b * oh + 2 * i + q / 2) * ow + 2 * j + q % 2) * s.c + kb);
+    fv g[M * M];
+    for (int q = 0; q < M * M; ++q) {
+      g[q] = Load(dy + ((r.b * oh + M * i + q / M) * ow + M * j + q % M) * s.c + kb);
     }
-    OutputTransformT(g, dm, plane, t, s.c, kb);
+    OutputTransformT<M>(g, dm, plane, t, s.c, kb);
   });
 }
 
-ffi::Error TilesOf(ffi::Span<const int64_t> image, int64_t c, Tiles* s) {
+ffi::Error TilesOf(ffi::Span<const int64_t> image, int64_t c, int64_t m, Tiles* s) {
   if (image.size() != 4 || image[1] < 4 || image[2] < 4 || c % L != 0) {
     return ffi::Error::InvalidArgument("fashion_jax winograd: expected images [N, H, W, C], "
                                        "H, W >= 4, C % " + std::to_string(L) + " == 0");
   }
-  *s = Tiles{image[0], image[1], image[2], c, (image[1] - 2) / 2, (image[2] - 2) / 2};
+  *s = Tiles{image[0], image[1], image[2], c, (image[1] - 2) / m, (image[2] - 2) / m, m};
   return ffi::Error::Success();
 }
 
-// The fused layers' shapes: x [N, H, W, C], U [16, C, K] (or U^T [16, K, C]) and y: pooled
-// [N, (H-2)/2, (W-2)/2, K], or the plain convolution's [N, H-2, W-2, K] with H and W even; C and
-// K multiples of L. Returns the tiles of x (c = C) and of y (c = K).
+// The planes of F(m x m, 3 x 3): 16 for m = 2, 36 for m = 4.
+inline int64_t Planes(int64_t m) { return (m + 2) * (m + 2); }
+
+// The fused layers' shapes: x [N, H, W, C], U [P, C, K] (or U^T [P, K, C]) and y: pooled
+// [N, (H-2)/2, (W-2)/2, K] (P = 16), or the plain convolution's [N, H-2, W-2, K] with H-2 and
+// W-2 multiples of m (P = 16: m = 2, P = 36: m = 4); C and K multiples of L. Returns the tiles of
+// x (c = C) and of y (c = K).
 ffi::Error FusedShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> ud,
                        ffi::Span<const int64_t> yd, bool transposed, bool pooled, Tiles* sx,
                        Tiles* sy) {
-  if (ffi::Error e = TilesOf(xd, xd.size() == 4 ? xd[3] : 0, sx); e.failure()) return e;
-  const int64_t k = yd.size() == 4 ? yd[3] : 0, scale = pooled ? 1 : 2;
+  const int64_t m = ud.size() == 3 && ud[0] == Planes(4) && !pooled ? 4 : 2;
+  if (ffi::Error e = TilesOf(xd, xd.size() == 4 ? xd[3] : 0, m, sx); e.failure()) return e;
+  const int64_t k = yd.size() == 4 ? yd[3] : 0, scale = pooled ? 1 : m;
   const int64_t uc = transposed ? 2 : 1, uk = transposed ? 1 : 2;
-  const bool even = pooled || (sx->h % 2 == 0 && sx->w % 2 == 0);
-  if (ud.size() != 3 || ud[0] != 16 || ud[uc] != sx->c || ud[uk] != k || yd.size() != 4 ||
+  const bool whole = pooled || ((sx->h - 2) % m == 0 && (sx->w - 2) % m == 0);
+  if (ud.size() != 3 || ud[0] != Planes(m) || ud[uc] != sx->c || ud[uk] != k || yd.size() != 4 ||
       yd[0] != sx->n || yd[1] != scale * sx->th || yd[2] != scale * sx->tw || k % L != 0 ||
-      !even) {
+      !whole) {
     return ffi::Error::InvalidArgument(
         "fashion_jax winograd conv: expected x [N, H, W, C], U [16, C, K] (U^T [16, K, C] for "
-        "the gradient) and y [N, (H-2)/2, (W-2)/2, K] pooled or [N, H-2, W-2, K] with H, W even, "
-        "K % " + std::to_string(L) + " == 0");
+        "the gradient) and y [N, (H-2)/2, (W-2)/2, K] pooled or [N, H-2, W-2, K] with H, W even "
+        "(U [36, ...]: H-2, W-2 multiples of 4, not pooled), K % " + std::to_string(L) + " == 0");
   }
-  *sy = Tiles{sx->n, sx->h, sx->w, k, sx->th, sx->tw};
+  *sy = Tiles{sx->n, sx->h, sx->w, k, sx->th, sx->tw, m};
   return ffi::Error::Success();
 }
 
 // Floats of a block's planes: V and M forward, V, dM and dV backward.
 inline int64_t BlockTiles(const Tiles& sx) { return RowsPerBlock(sx) * sx.tw; }
 inline int64_t ForwardPlaneFloats(const Tiles& sx, int64_t k) {
-  return 16 * BlockTiles(sx) * (sx.c + k);
+  return Planes(sx.m) * BlockTiles(sx) * (sx.c + k);
 }
 inline int64_t BackwardPlaneFloats(const Tiles& sx, int64_t k) {
-  return 16 * BlockTiles(sx) * (2 * sx.c + k);
+  return Planes(sx.m) * BlockTiles(sx) * (2 * sx.c + k);
 }
 
 // One image of the fused Winograd layer, forward: x_img is the image (sx's shape), b its index
@@ -799,56 +889,58 @@ inline int64_t BackwardPlaneFloats(const Tiles& sx, int64_t k) {
 // channel products M = V U (the register-blocked micro-kernel), then out(rows, M, plane) writes
 // the block's outputs (pooled or not). XLA's matmuls between separate transforms had written
 // and re-read [16, tiles, K] planes (26 MB at batch 256). planes: ForwardPlaneFloats, aligned.
-template <typename Out>
+template <int M, typename Out>
 void WinogradImageForward(const Tiles& sx, int64_t k, const float* x_img, int64_t b,
                           const float* u, float* planes, const Out& out) {
+  constexpr int P = Wino<M>::A * Wino<M>::A;
   const int64_t c = sx.c, rows = RowsPerBlock(sx), block = BlockTiles(sx);
   float* v = planes;
-  float* m = v + 16 * block * c;
+  float* m = v + P * block * c;
   for (int64_t i0 = 0; i0 < sx.th; i0 += rows) {
     const int64_t i1 = std::min(i0 + rows, sx.th), tiles = (i1 - i0) * sx.tw;
-    InputTransformRows(sx, x_img, TileRows{0, i0, i1}, v, block * c);  // The image's own rows.
-    for (int p = 0; p < 16; ++p) {
+    InputTransformRows<M>(sx, x_img, TileRows{0, i0, i1}, v, block * c);  // The image's rows.
+    for (int p = 0; p < P; ++p) {
       Gemm(v + p * block * c, c, 1, u + p * c * k, k, m + p * block * k, k, tiles, c, k, false);
     }
     out(TileRows{b, i0, i1}, m, block * k);
   }
 }
 
-template <typename Pool, typename Out>
+template <int M, typename Pool, typename Out>
 void WinogradFusedForward(Pool& pool, const Tiles& sx, int64_t k, const float* x, const float* u,
                           const Out& out) {
   ParallelFor(pool, sx.n, [&](int64_t b) {
     thread_local std::vector<float> scratch;
     scratch.resize(ForwardPlaneFloats(sx, k) + kAlignPad);
-    WinogradImageForward(sx, k, x + b * sx.h * sx.w * sx.c, b, u, AlignUp(scratch.data()), out);
+    WinogradImageForward<M>(sx, k, x + b * sx.h * sx.w * sx.c, b, u, AlignUp(scratch.data()), out);
   });
 }
 
 // The backward of one image: per block, V again from x_img, dM = out_grad(rows, dM, plane, db)
 // (which adds the bias gradient, if the layer has one, to db: K / L vectors), dV = dM U^T (its
-// transform written into dx_img) and dU += V^T dM (into du_acc [16, C, K]).
+// transform written into dx_img) and dU += V^T dM (into du_acc [P, C, K]).
 // planes: BackwardPlaneFloats, aligned.
-template <typename OutGrad>
+template <int M, typename OutGrad>
 void WinogradImageBackward(const Tiles& sx, int64_t k, const float* x_img, int64_t b,
                            const float* ut, const OutGrad& out_grad, float* planes, float* dx_img,
                            float* du_acc, fv* db_acc) {
+  constexpr int P = Wino<M>::A * Wino<M>::A;
   const int64_t c = sx.c, rows = RowsPerBlock(sx), block = BlockTiles(sx);
   float* v = planes;
-  float* dm = v + 16 * block * c;
-  float* dv = dm + 16 * block * k;
+  float* dm = v + P * block * c;
+  float* dv = dm + P * block * k;
   ZeroUncovered(sx, dx_img);
   for (int64_t i0 = 0; i0 < sx.th; i0 += rows) {
     const int64_t i1 = std::min(i0 + rows, sx.th), tiles = (i1 - i0) * sx.tw;
     const TileRows own{0, i0, i1};
-    InputTransformRows(sx, x_img, own, v, block * c);
+    InputTransformRows<M>(sx, x_img, own, v, block * c);
     out_grad(TileRows{b, i0, i1}, dm, block * k, db_acc);
-    for (int p = 0; p < 16; ++p) {
+    for (int p = 0; p < P; ++p) {
       const float* dmp = dm + p * block * k;
       Gemm(dmp, k, 1, ut + p * k * c, c, dv + p * block * c, c, tiles, k, c, false);
       Gemm(v + p * block * c, 1, c, dmp, k, du_acc + p * c * k, k, c, tiles, k, true);
     }
-    InputGradRows(sx, dv, block * c, own, dx_img);
+    InputGradRows<M>(sx, dv, block * c, own, dx_img);
   }
 }
 
@@ -870,15 +962,15 @@ inline float* SumChunks(float* partial, int64_t chunks, int64_t stride, int64_t 
   return partial;
 }
 
-// The fused Winograd layer, backward: dx, dU [16, C, K] and (db != nullptr) db [K].
-template <typename Pool, typename OutGrad>
+// The fused Winograd layer, backward: dx, dU [P, C, K] and (db != nullptr) db [K].
+template <int M, typename Pool, typename OutGrad>
 void WinogradFusedBackward(Pool& pool, const Tiles& sx, int64_t k, const float* x,
                            const float* ut, const OutGrad& out_grad, float* dx, float* du,
                            float* db) {
-  const int64_t c = sx.c;
-  const int64_t nu = 16 * c * k + (db != nullptr ? k : 0), image = sx.h * sx.w * c;
+  const int64_t c = sx.c, nuk = Planes(M) * c * k;
+  const int64_t nu = nuk + (db != nullptr ? k : 0), image = sx.h * sx.w * c;
   const int64_t chunks = GradChunks(sx.n);
-  // Per chunk: dU [16, C, K], then db [K]; each chunk zeroes its own (no second fill here).
+  // Per chunk: dU [P, C, K], then db [K]; each chunk zeroes its own (no second fill here).
   std::unique_ptr<float[]> partial_buffer(new float[chunks * nu + kAlignPad]);
   float* const partial = AlignUp(partial_buffer.get());
   ParallelFor(pool, chunks, [&](int64_t chunk) {
@@ -888,16 +980,16 @@ void WinogradFusedBackward(Pool& pool, const Tiles& sx, int64_t k, const float* 
     std::fill(acc, acc + nu, 0.0f);
     std::vector<fv> db_acc(k / L, Splat(0.0f));
     for (int64_t b = sx.n * chunk / chunks; b < sx.n * (chunk + 1) / chunks; ++b) {
-      WinogradImageBackward(sx, k, x + b * image, b, ut, out_grad, AlignUp(scratch.data()),
+      WinogradImageBackward<M>(sx, k, x + b * image, b, ut, out_grad, AlignUp(scratch.data()),
                             dx + b * image, acc, db_acc.data());
     }
     if (db != nullptr) {
-      for (int64_t kb = 0; kb < k; kb += L) Store(acc + 16 * c * k + kb, db_acc[kb / L]);
+      for (int64_t kb = 0; kb < k; kb += L) Store(acc + nuk + kb, db_acc[kb / L]);
     }
   });
   const float* total = SumChunks(partial, chunks, nu, nu);
-  std::copy(total, total + 16 * c * k, du);
-  if (db != nullptr) std::copy(total + 16 * c * k, total + nu, db);
+  std::copy(total, total + nuk, du);
+  if (db != nullptr) std::copy(total + nuk, total + nu, db);
 }
 
 // Conv + pool (+ ReLU): y, argmax = pool(A^T [(B^T d B) U] A) + bias.
@@ -905,16 +997,17 @@ template <typename Pool>
 void WinogradConvPoolForwardCore(Pool& pool, const Tiles& sx, const Tiles& sy, const float* x,
                                  const float* u, const float* bias, bool relu, float* y,
                                  int8_t* arg) {
-  WinogradFusedForward(pool, sx, sy.c, x, u, [&](const TileRows& r, const float* m, int64_t plane) {
-    OutputPoolRows(sy, m, plane, r, bias, relu, y, arg);
-  });
+  WinogradFusedForward<2>(pool, sx, sy.c, x, u,
+                          [&](const TileRows& r, const float* m, int64_t plane) {
+                            OutputPoolRows(sy, m, plane, r, bias, relu, y, arg);
+                          });
 }
 
 template <typename Pool>
 void WinogradConvPoolBackwardCore(Pool& pool, const Tiles& sx, const Tiles& sy, const float* x,
                                   const float* ut, const int8_t* arg, const float* dy, float* dx,
                                   float* du, float* db) {
-  WinogradFusedBackward(
+  WinogradFusedBackward<2>(
       pool, sx, sy.c, x, ut,
       [&](const TileRows& r, float* dm, int64_t plane, fv* db_acc) {
         OutputPoolGradRows(sy, dy, arg, r, dm, plane, db_acc);
@@ -922,22 +1015,46 @@ void WinogradConvPoolBackwardCore(Pool& pool, const Tiles& sx, const Tiles& sy, 
       dx, du, db);
 }
 
-// The plain VALID 3x3 convolution (no bias: the caller adds it), y [N, H-2, W-2, K].
+// The plain VALID 3x3 convolution (no bias: the caller adds it), y [N, H-2, W-2, K], by
+// F(M x M, 3 x 3); the Core functions take M from sx.m.
+template <int M, typename Pool>
+void WinogradPlainForward(Pool& pool, const Tiles& sx, const Tiles& sy, const float* x,
+                          const float* u, float* y) {
+  WinogradFusedForward<M>(pool, sx, sy.c, x, u,
+                          [&](const TileRows& r, const float* m, int64_t plane) {
+                            OutputRows<M>(sy, m, plane, r, y);
+                          });
+}
+
+template <int M, typename Pool>
+void WinogradPlainBackward(Pool& pool, const Tiles& sx, const Tiles& sy, const float* x,
+                          const float* ut, const float* dy, float* dx, float* du) {
+  WinogradFusedBackward<M>(
+      pool, sx, sy.c, x, ut,
+      [&](const TileRows& r, float* dm, int64_t plane, fv*) {
+        OutputGradRows<M>(sy, dy, r, dm, plane);
+      },
+      dx, du, static_cast<float*>(nullptr));
+}
+
 template <typename Pool>
 void WinogradConvForwardCore(Pool& pool, const Tiles& sx, const Tiles& sy, const float* x,
                              const float* u, float* y) {
-  WinogradFusedForward(pool, sx, sy.c, x, u, [&](const TileRows& r, const float* m, int64_t plane) {
-    OutputRows(sy, m, plane, r, y);
-  });
+  if (sx.m == 4) {
+    WinogradPlainForward<4>(pool, sx, sy, x, u, y);
+  } else {
+    WinogradPlainForward<2>(pool, sx, sy, x, u, y);
+  }
 }
 
 template <typename Pool>
 void WinogradConvBackwardCore(Pool& pool, const Tiles& sx, const Tiles& sy, const float* x,
                               const float* ut, const float* dy, float* dx, float* du) {
-  WinogradFusedBackward(
-      pool, sx, sy.c, x, ut,
-      [&](const TileRows& r, float* dm, int64_t plane, fv*) { OutputGradRows(sy, dy, r, dm, plane); },
-      dx, du, static_cast<float*>(nullptr));
+  if (sx.m == 4) {
+    WinogradPlainBackward<4>(pool, sx, sy, x, ut, dy, dx, du);
+  } else {
+    WinogradPlainBackward<2>(pool, sx, sy, x, ut, dy, dx, du);
+  }
 }
 
 ffi::Error WinogradConvPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -1051,7 +1168,7 @@ void TwoLayerForward(Pool& pool, const TwoLayers& t, const float* x, const float
     const TwoLayerScratch buf = TwoLayerBuffers(t, ForwardPlaneFloats(t.sx, k));
     ImageForward<CIN>(t.s1, x + b * t.s1.h * t.s1.w * t.s1.cin, k1, b1, relu1, buf.h,
                       buf.arg);
-    WinogradImageForward(t.sx, k, buf.h, b, u, buf.planes,
+    WinogradImageForward<2>(t.sx, k, buf.h, b, u, buf.planes,
                          [&](const TileRows& r, const float* m, int64_t plane) {
                            OutputPoolRows(t.sy, m, plane, r, b2, relu2, y, arg);
                          });
@@ -1083,7 +1200,7 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
     for (int64_t b = t.s1.n * chunk / chunks; b < t.s1.n * (chunk + 1) / chunks; ++b) {
       const float* xb = x + b * t.s1.h * t.s1.w * cin;
       ImageForward<CIN>(t.s1, xb, k1, b1, relu1, buf.h, buf.arg);
-      WinogradImageBackward(t.sx, k, buf.h, b, ut, out_grad, buf.planes, buf.dh, acc,
+      WinogradImageBackward<2>(t.sx, k, buf.h, b, ut, out_grad, buf.planes, buf.dh, acc,
                             db2_acc.data());
       for (int64_t cb = 0; cb < c; cb += L) {
         BackwardBlock<CIN, 1, true>(t.s1, xb, buf.arg, buf.dh, gw.data() + cb / L * 9 * cin,
