@@ -34,6 +34,14 @@ def test_executed_flops_counts_the_kernels_xla_cannot_see():
   forward = 32 * tiles * (32 + 64) + product
   backward = 32 * tiles * (2 * 32 + 64) + 2 * product
   assert flops.executed_flops(step.lower(x16).compile().as_text()) == forward + backward
+  # F(4x4, 3x3) (outputs whose sides are multiples of 4): 36 products per 4x4 tile, and its own
+  # transforms' counts (flops._TRANSFORM_FLOPS).
+  x30 = jnp.zeros((4, 30, 30, 32))
+  tiles = 4 * 7 * 7
+  product = 2 * 36 * tiles * 32 * 64
+  forward = tiles * (190 * 32 + 130 * 64) + product
+  backward = tiles * ((190 + 240) * 32 + 110 * 64) + 2 * product
+  assert flops.executed_flops(step.lower(x30).compile().as_text()) == forward + backward
   assert flops.executed_flops("%c = f32[2] custom-call(), custom_call_target=\"other\"") == 0
   # The two layers as one op: the direct layer (twice in the backward: recomputed, then its
   # gradients) and the Winograd layer on its 13x13 output.

@@ -153,8 +153,8 @@ def _kernel_flops(target: str, operands: list[tuple[int, ...]]) -> float:
     return 2.0 * n * (h - 2) * (w - 2) * 9 * c * k
   # The fused Winograd layers (`_winograd_flops`).
   if target.startswith("fashion_jax_winograd_conv"):
-    (n, h, w, c), (_, u1, u2) = operands[0], operands[1]
-    return _winograd_flops(target.endswith("fwd"), n, h, w, c, u1 * u2 // c)
+    (n, h, w, c), (planes, u1, u2) = operands[0], operands[1]
+    return _winograd_flops(target.endswith("fwd"), n, h, w, c, u1 * u2 // c, planes)
   # The two layers as one op: the direct layer (recomputed in the backward), then the Winograd one
   # on its pooled output h [n, (h-2)/2, (w-2)/2, C].
   if target in ("fashion_jax_two_layer_fwd", "fashion_jax_two_layer_bwd"):
@@ -177,14 +177,27 @@ def _kernel_flops(target: str, operands: list[tuple[int, ...]]) -> float:
   return 0.0  # Dropout's keep mask (fashion_jax_keep_mask): integer hashing, no float work.
 
 
-def _winograd_flops(forward: bool, n: int, h: int, w: int, c: int, k: int) -> float:
-  """A fused Winograd layer on [n, h, w, c] with k outputs: its transforms (additions only, ~32
-  per tile and channel each way) and the 16 per-tile products (forward; dV and dU backward,
-  where V is recomputed from x). U is [16, C, K] forward, U^T [16, K, C] backward."""
-  tiles = n * ((h - 2) // 2) * ((w - 2) // 2)
+# Per tile and channel, the transforms' FLOPs in F(2x2, 3x3) (additions only, ~32 each way) and
+# in F(4x4, 3x3) (csrc/conv_pool.cc's Wino<4>: 19 per 6-point B^T, 13 per A^T, 11 per A, 19 per
+# B, each applied to the window's columns, then rows): V = B^T d B (4 new columns and 6 rows per
+# tile), Y = A^T M A (6 columns, 4 rows), dM = A G A^T (4 rows, 6 columns), dX = B dV B^T (12,
+# and the carried columns' 12 additions).
+_TRANSFORM_FLOPS = {16: {"v": 32, "y": 32, "dm": 32, "dx": 32},
+                    36: {"v": 190, "y": 130, "dm": 110, "dx": 240}}
+
+
+def _winograd_flops(forward: bool, n: int, h: int, w: int, c: int, k: int,
+                    planes: int = 16) -> float:
+  """A fused Winograd layer on [n, h, w, c] with k outputs: its transforms (`_TRANSFORM_FLOPS`)
+  and the per-tile products (forward; dV and dU backward, where V is recomputed from x). U is
+  [planes, C, K] forward, U^T [planes, K, C] backward: 16 planes and 2x2 outputs a tile
+  (F(2x2, 3x3)), or 36 and 4x4 (F(4x4, 3x3))."""
+  m = 2 if planes == 16 else 4
+  tiles = n * ((h - 2) // m) * ((w - 2) // m)
+  t = _TRANSFORM_FLOPS[planes]
   if forward:
-    return 32.0 * tiles * (c + k) + 2.0 * 16 * tiles * c * k
-  return 32.0 * tiles * (2 * c + k) + 4.0 * 16 * tiles * c * k
+    return tiles * (t["v"] * c + t["y"] * k) + 2.0 * planes * tiles * c * k
+  return tiles * ((t["v"] + t["dx"]) * c + t["dm"] * k) + 4.0 * planes * tiles * c * k
 
 
 def executed_flops(hlo_text: str) -> float:
