@@ -36,7 +36,8 @@ Numerics: the transforms are exact in binary (0, +-1, +-1/2), outputs agree with
 `lax.conv_general_dilated` to float32 rounding (tests compare outputs and
 gradients). F(4x4, 3x3)'s are not (factors 4, 5, 8, sixths): on ReLU'd inputs
 with 32 channels its outputs' RMS error is 1.1e-6 of their RMS (max 2.3e-5),
-against 1.8e-7 for F(2x2, 3x3) and 2.2e-7 for the direct sums in float32. Ties in a pooling window (common on Fashion-MNIST's blank
+against 1.8e-7 for F(2x2, 3x3) and 2.2e-7 for the direct sums in float32.
+Ties in a pooling window (common on Fashion-MNIST's blank
 background, where all four outputs are exactly the bias) send the gradient to
 the first maximum in row-major order, as the transpose of `reduce_window` does.
 Rounding can still break an exact tie of the direct convolution: on 1,000 real

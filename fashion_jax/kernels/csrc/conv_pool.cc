@@ -14,7 +14,7 @@
 //    The same kernel also computes the plain convolution (no pool: each window's four outputs
 //    written; cnn_bn's first layer, fashion_jax/kernels/plain_conv.py).
 // 2. Winograd F(2x2, 3x3) for wide inputs (further down): the whole layer fused,
-//    conv + pool (+ ReLU), or the convolution alone.
+//    conv + pool (+ ReLU), or the convolution alone (also as F(4x4, 3x3)).
 // 3. BatchNorm with batch statistics + ReLU (at the end; fashion_jax/kernels/batchnorm.py): two
 //    passes over the activation each way, optionally writing the next conv's zero border or
 //    the 2x2 max-pool that follows (its gradient read pooled).
