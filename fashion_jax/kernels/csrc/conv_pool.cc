@@ -552,7 +552,7 @@ struct Wino<2> {
 // Points 0, 1, -1, 2, -2 and infinity (Lavin & Gray's): B^T rows (4,0,-5,0,1,0),
 // (0,-4,-4,1,1,0), (0,4,-4,-1,1,0), (0,-2,-1,2,1,0), (0,2,-1,-2,1,0), (0,4,0,-5,0,1); A^T rows
 // (1,1,1,1,1,0), (0,1,-1,2,-2,0), (0,1,1,4,4,0), (0,1,-1,8,-8,1). Shared sums and differences
-// first: 12 operations per In instead of 20.
+// first: 19 operations per In (13 instructions with fused multiply-adds), 13 per Out.
 template <>
 struct Wino<4> {
   static constexpr int A = 6;
