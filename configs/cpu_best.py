@@ -18,10 +18,10 @@ the train step got ~10 % faster twice over (shared Winograd transforms, then Bat
 from a native threefry, the same bits; evaluation on the native kernels): seed 0 again 94.17 %
 in 129 s; then with the pooled BatchNorm gradient a window at a time (rounding differs), seeds
 0 / 1 / 2: 94.24 / 94.31 / 94.15 % (mean 94.23 %), validation 93.94 / 93.78 / 93.86 %, in
-122 / 124 / 161 s. Session 14 (the 28x28 conv on Winograd F(4x4, 3x3), ~4.5 % faster steps):
-seeds 0 / 1 / 2: 94.26 / 94.25 / 94.28 % (mean 94.26 %), validation 93.82 / 94.08 / 93.64 %, in
-154 / 136 / 156 s during another slow stretch. Native fused Winograd convolutions, a direct first
-conv, native BatchNorm + ReLU (+ pool), native dropout masks.
+122 / 124 / 161 s. Session 14 (the 28x28 conv on Winograd F(4x4, 3x3): steps 4.5-5 % faster,
+~10 % with the AVX2 build): seeds 0 / 1 / 2: 94.26 / 94.25 / 94.28 % (mean 94.26 %), validation
+93.82 / 94.08 / 93.64 %, in 154 / 136 / 156 s during another slow stretch. Native fused Winograd
+convolutions, a direct first conv, native BatchNorm + ReLU (+ pool), native dropout masks.
 Session 4 (AVX2 VM, native transforms around XLA's matmuls): 94.26 % mean in
 331-346 s at ~1,150 images/s.
 """
