@@ -65,9 +65,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array, tile: int | None = None) -> jax.Arr
   if x.shape[-1] < native.DIRECT_MAX_CHANNELS:
     tile, conv = 2, _direct
   else:
-    tile = winograd_tile(x) if tile is None else tile
-    if tile not in (2, 4):
-      raise ValueError(f"Winograd tiles are 2 or 4 outputs a side, got {tile}")
+    tile = winograd_tile(x) if tile is None else tile  # 2 or 4: winograd.filter_transform checks.
     conv = lambda x, kernel: _winograd(x, kernel, tile)
   _, h, w, _ = x.shape
   ph, pw = -(h - 2) % tile, -(w - 2) % tile

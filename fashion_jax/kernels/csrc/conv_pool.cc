@@ -849,7 +849,7 @@ ffi::Error TilesOf(ffi::Span<const int64_t> image, int64_t c, int64_t m, Tiles* 
 }
 
 // The planes of F(m x m, 3 x 3): 16 for m = 2, 36 for m = 4.
-inline int64_t Planes(int64_t m) { return (m + 2) * (m + 2); }
+constexpr int64_t Planes(int64_t m) { return (m + 2) * (m + 2); }
 
 // The fused layers' shapes: x [N, H, W, C], U [P, C, K] (or U^T [P, K, C]) and y: pooled
 // [N, (H-2)/2, (W-2)/2, K] (P = 16), or the plain convolution's [N, H-2, W-2, K] with H-2 and
@@ -892,7 +892,7 @@ inline int64_t BackwardPlaneFloats(const Tiles& sx, int64_t k) {
 template <int M, typename Out>
 void WinogradImageForward(const Tiles& sx, int64_t k, const float* x_img, int64_t b,
                           const float* u, float* planes, const Out& out) {
-  constexpr int P = Wino<M>::A * Wino<M>::A;
+  constexpr int64_t P = Planes(M);
   const int64_t c = sx.c, rows = RowsPerBlock(sx), block = BlockTiles(sx);
   float* v = planes;
   float* m = v + P * block * c;
@@ -924,7 +924,7 @@ template <int M, typename OutGrad>
 void WinogradImageBackward(const Tiles& sx, int64_t k, const float* x_img, int64_t b,
                            const float* ut, const OutGrad& out_grad, float* planes, float* dx_img,
                            float* du_acc, fv* db_acc) {
-  constexpr int P = Wino<M>::A * Wino<M>::A;
+  constexpr int64_t P = Planes(M);
   const int64_t c = sx.c, rows = RowsPerBlock(sx), block = BlockTiles(sx);
   float* v = planes;
   float* dm = v + P * block * c;
