@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from fashion_jax.benchmarking import flops
-from fashion_jax.kernels import batchnorm, native, plain_conv
+from fashion_jax.kernels import batchnorm, dense, native, plain_conv
 from tests.conftest import require_native
 
 
@@ -69,6 +69,11 @@ def test_executed_flops_counts_the_kernels_xla_cannot_see():
                                                 epsilon=1e-5)[0]
   step = jax.jit(jax.grad(lambda y: jnp.sum(bn(y) ** 2)))
   assert flops.executed_flops(step.lower(y).compile().as_text()) == (3 + 4 + 5 + 6) * y.size
+  # A dense layer's matmuls: y forward (y is needed for the square's gradient), dx and dw.
+  x, w = jnp.zeros((5, 40)), jnp.zeros((40, 2 * native.lanes()))
+  step = jax.jit(jax.grad(lambda x, w: jnp.sum(dense.matmul(x, w) ** 2), argnums=(0, 1)))
+  assert flops.executed_flops(step.lower(x, w).compile().as_text()) == 3 * (2 * 5 * 40 * w.shape[1])
+
 
 class _Device:
   platform, device_kind = "gpu", "NVIDIA H200"

@@ -16,7 +16,7 @@ from jax import lax
 import numpy as np
 import pytest
 
-from fashion_jax.kernels import batchnorm, dropout, native, native_build, ops, plain_conv
+from fashion_jax.kernels import batchnorm, dense, dropout, native, native_build, ops, plain_conv
 from tests.conftest import ROOT, require_native
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -211,6 +211,13 @@ outputs["bnp_dy"], outputs["bnp_ds"], outputs["bnp_db"] = map(np.asarray, grads)
 from fashion_jax.kernels import dropout  # Dropout's keep mask, several chunks.
 outputs["keep_mask"] = np.asarray(jax.jit(lambda k: dropout.bernoulli(k, 0.9, (37, 14, 14, 32)))(
     jax.random.key(5)))
+from fashion_jax.kernels import dense  # Both input-gradient formulations, several slabs each.
+for b in (37, 300):
+  x = jnp.asarray(rng.standard_normal((b, 1600)).astype(np.float32))
+  w = jnp.asarray((rng.standard_normal((1600, 128)) * 0.05).astype(np.float32))
+  outputs[f"dense{b}_y"] = np.asarray(jax.jit(dense.matmul)(x, w))
+  grads = jax.jit(jax.grad(lambda x, w: jnp.sum(dense.matmul(x, w) ** 2), argnums=(0, 1)))(x, w)
+  outputs[f"dense{b}_dx"], outputs[f"dense{b}_dw"] = map(np.asarray, grads)
 np.savez(sys.argv[1], **outputs)
 """
 
@@ -231,7 +238,7 @@ def test_gradients_do_not_depend_on_the_thread_count(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results[label] = dict(np.load(out))
   for label in ("all", "all again"):
-    assert len(results[label]) == 30 and results[label].keys() == results["one"].keys()
+    assert len(results[label]) == 36 and results[label].keys() == results["one"].keys()
     for key in results["one"]:
       np.testing.assert_array_equal(results[label][key], results["one"][key], err_msg=key)
 
@@ -1031,3 +1038,80 @@ def test_cnn_bn_draws_its_dropout_masks_natively_and_as_jax_would(monkeypatch):
   monkeypatch.setattr(dropout, "supports", lambda key, p: False)
   assert "fashion_jax_keep_mask" not in step().lower(variables["params"]).as_text()
   jax.tree.map(np.testing.assert_array_equal, got, step()(variables["params"]))
+
+
+@pytest.mark.parametrize("b,d,h", [
+    (512, 1600, 128),  # The CNN's Dense(1600 -> 128) at the benchmark's batch: w's slabs transposed.
+    (32, 1600, 128),   # ... at its training batch: the input gradient as a transposed store.
+    (35, 100, 48),     # An input width that is not whole vectors, a batch not whole row blocks.
+    (3, 3136, 256),    # cnn_bn's Dense(3136 -> 256) on a few images.
+    (70, 112, 32),     # Slabs of w, the last one short.
+    (1, 7, 16),        # One row.
+    (8, 64, 10)])      # 10 outputs (the classifiers' last layer): no width divides them.
+def test_dense_outputs_and_grads_match_lax(b, d, h):
+  rng = np.random.default_rng(b + d + h)
+  x = jnp.asarray(rng.standard_normal((b, d)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((d, h)) * d ** -0.5, jnp.float32)
+  if not native.fits_lanes(h):
+    assert not dense.supports(x, w)
+    with pytest.raises(ValueError, match="does not support"):
+      dense.matmul(x, w)
+    return
+  ref = lambda x, w: jnp.dot(x, w, precision=lax.Precision.HIGHEST)
+  assert "fashion_jax_dense_fwd" in jax.jit(dense.matmul).lower(x, w).as_text()
+  want = ref(x, w)
+  np.testing.assert_allclose(jax.jit(dense.matmul)(x, w), want, rtol=1e-5, atol=1e-5)
+  r = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+  grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * r), argnums=(0, 1)))(x, w)
+           for f in (ref, dense.matmul)]
+  for got_g, want_g in zip(grads[1], grads[0]):
+    g_scale = float(jnp.sqrt(jnp.mean(want_g ** 2)))
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-5 * g_scale)
+
+
+def test_dense_drop_in_for_flax_and_fallbacks():
+  """nn.Dense(dot_general=dense.dot_general) has nn.Dense's parameters and outputs (leading
+  axes flattened for the kernel); where the kernel does not apply it is lax.dot_general."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 3, 40)), jnp.float32)
+  for features in (32, 10):
+    fast, plain = nn.Dense(features, dot_general=dense.dot_general), nn.Dense(features)
+    variables = plain.init(jax.random.key(0), x)
+    assert jax.tree.structure(fast.init(jax.random.key(0), x)) == jax.tree.structure(variables)
+    hlo = jax.jit(fast.apply).lower(variables, x).as_text()
+    assert ("fashion_jax_dense_fwd" in hlo) == native.fits_lanes(features)
+    got, want = fast.apply(variables, x), plain.apply(variables, x)
+    if native.fits_lanes(features):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    else:
+      np.testing.assert_array_equal(got, want)
+  # Batch axes, another contraction, bfloat16: lax.dot_general's own result.
+  w = jnp.asarray(rng.standard_normal((40, 32)), jnp.float32)
+  standard = (((1,), (0,)), ((), ()))
+  for lhs, rhs, dims in ((x[:, 0], w, standard),
+                         (x, jnp.stack([w, w]), (((2,), (1,)), ((0,), (0,)))),
+                         (x[0].T, w, (((0,), (0,)), ((), ()))),
+                         (x[:, 0].astype(jnp.bfloat16), w.astype(jnp.bfloat16), standard)):
+    hlo = jax.jit(lambda l, r, dims=dims: dense.dot_general(l, r, dims)).lower(lhs, rhs).as_text()
+    native_expected = dims == standard and lhs.dtype == jnp.float32
+    assert ("fashion_jax_dense_fwd" in hlo) == native_expected
+    if not native_expected:
+      np.testing.assert_array_equal(dense.dot_general(lhs, rhs, dims),
+                                    lax.dot_general(lhs, rhs, dims))
+
+
+@pytest.mark.parametrize("name", ["cnn", "cnn_bn"])
+def test_models_run_their_hidden_dense_layer_natively(name):
+  """The CNN's Dense(1600 -> 128) and cnn_bn's Dense(3136 -> 256) run on the kernels forward
+  and backward where the model's native ops run; the 10-way classifier stays XLA's; "xla"
+  models use none."""
+  from fashion_jax.model import models  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 28, 28, 1)), jnp.float32)
+  for impl, count in (("native", 1), ("xla", 0)):
+    model = models.create_model(name, conv_impl=impl, dropout_rate=0.0) if name == "cnn_bn" else (
+        models.create_model(name, conv_impl=impl))
+    variables = model.init(jax.random.key(0), x, train=False)
+    loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, x, train=False))
+    hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).as_text()
+    assert hlo.count("fashion_jax_dense_fwd") == count and hlo.count("fashion_jax_dense_bwd") == count

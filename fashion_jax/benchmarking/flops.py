@@ -174,6 +174,10 @@ def _kernel_flops(target: str, operands: list[tuple[int, ...]]) -> float:
                  "fashion_jax_bn_relu_pool_grad": 6}
   if target in per_element:
     return float(per_element[target] * math.prod(operands[0]))
+  # Dense layers' matmuls, x [b, d] and w [d, h]: y forward; dx and dw backward.
+  if target in ("fashion_jax_dense_fwd", "fashion_jax_dense_bwd"):
+    (b, d), h = operands[0], operands[1][1]
+    return 2.0 * b * d * h * (1 if target.endswith("fwd") else 2)
   return 0.0  # Dropout's keep mask (fashion_jax_keep_mask): integer hashing, no float work.
 
 

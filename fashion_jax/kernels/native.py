@@ -67,7 +67,8 @@ _TARGETS = {f"fashion_jax_{name}": symbol for name, symbol in (  # XLA's name: t
     ("bn_relu_pool_grad_sums", "FjBnReluPoolGradSums"),
     ("bn_relu_pool_grad", "FjBnReluPoolGrad"),
     ("direct_conv_fwd", "FjDirectConvForward"), ("direct_conv_bwd", "FjDirectConvBackward"),
-    ("keep_mask", "FjKeepMask"))}
+    ("keep_mask", "FjKeepMask"), ("dense_fwd", "FjDenseForward"),
+    ("dense_bwd", "FjDenseBackward"))}
 DIRECT_MAX_CHANNELS = 8  # Direct convolution below this many input channels, Winograd from it.
 
 _registered = False  # XLA accepts one handler per target name and process.

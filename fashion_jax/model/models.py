@@ -22,6 +22,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from fashion_jax.kernels import batchnorm
+from fashion_jax.kernels import dense
 from fashion_jax.kernels import dropout
 from fashion_jax.kernels import ops
 
@@ -147,8 +148,11 @@ class CNN(nn.Module):
     # Both conv + pool + ReLU layers as one op where the native kernels run them.
     x = ops.conv_pool_twice(x, k1, b1, k2, b2, self.conv_impl, self.pool_impl, relu=True)
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(128, dtype=self.dtype)(x))
-    x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
+    # nn.Dense's matmul on the native kernels where the model's native ops run (the shapes they
+    # take: 1600 -> 128 here), else flax's default.
+    dot = dense.dot_general if ops.native_chosen(self.conv_impl) else None
+    x = nn.relu(nn.Dense(128, dtype=self.dtype, dot_general=dot)(x))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, dot_general=dot)(x)
     return x.astype(jnp.float32)
 
 
@@ -205,9 +209,10 @@ class CNNBN(nn.Module):
       x = norm_relu(pool=True)(conv(features, padding="VALID" if native else "SAME")(x))
       x = Dropout(self.dropout_rate, deterministic=not train, native=native)(x)
     x = x.reshape((x.shape[0], -1))
-    x = norm_relu()(nn.Dense(256, use_bias=False, dtype=self.dtype)(x))
+    dot = dense.dot_general if native else None
+    x = norm_relu()(nn.Dense(256, use_bias=False, dtype=self.dtype, dot_general=dot)(x))
     x = Dropout(2 * self.dropout_rate, deterministic=not train, native=native)(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+    return nn.Dense(self.num_classes, dtype=self.dtype, dot_general=dot)(x).astype(jnp.float32)
 
 
 class _PreActBlock(nn.Module):

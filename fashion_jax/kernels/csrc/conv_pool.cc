@@ -19,6 +19,8 @@
 //    passes over the activation each way, optionally writing the next conv's zero border or
 //    the 2x2 max-pool that follows (its gradient read pooled).
 // 4. Dropout's keep mask, bitwise jax.random.bernoulli's (fashion_jax/kernels/dropout.py).
+// 5. Dense layers' matmuls and their gradients (fashion_jax/kernels/dense.py), on the
+//    Winograd layers' micro-kernel.
 //
 // Layouts: x NHWC float32, kernel HWIO [3, 3, Cin, Cout] float32 with
 // Cout a multiple of the vector width (FJ_LANES), bias [Cout]; pooled output
@@ -454,9 +456,11 @@ ffi::Error DirectConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 // C[R x KV*L] (+)= A[R x n] B[n x KV*L] in registers: A(i, p) = a[i * ars + p * acs] (so A or
 // its transpose can be read in place), row p of B at b + p * ldb, row i of C at c + i * ldc.
-template <int R, int KV>
+// With T (a transposed store; `accumulate` unused) C's row i goes to column i of c instead,
+// C(i, j) to c[j * ldc + i], for the block's first `valid` columns j (B's others are padding).
+template <int R, int KV, bool T = false>
 void GemmBlock(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, float* c,
-               int64_t ldc, int64_t n, bool accumulate) {
+               int64_t ldc, int64_t n, bool accumulate, int64_t valid = 0) {
   fv acc[R][KV];
   for (int i = 0; i < R; ++i) {
     for (int j = 0; j < KV; ++j) acc[i][j] = Splat(0.0f);
@@ -468,6 +472,16 @@ void GemmBlock(const float* a, int64_t ars, int64_t acs, const float* b, int64_t
       const fv av = Splat(a[i * ars + p * acs]);
       for (int j = 0; j < KV; ++j) acc[i][j] += av * bv[j];
     }
+  }
+  if constexpr (T) {
+    float t[R][KV * L];
+    for (int i = 0; i < R; ++i) {
+      for (int j = 0; j < KV; ++j) Store(t[i] + j * L, acc[i][j]);
+    }
+    for (int64_t j = 0; j < std::min<int64_t>(valid, KV * L); ++j) {
+      for (int i = 0; i < R; ++i) c[j * ldc + i] = t[i][j];
+    }
+    return;
   }
   for (int i = 0; i < R; ++i) {
     for (int j = 0; j < KV; ++j) {
@@ -482,36 +496,44 @@ void GemmBlock(const float* a, int64_t ars, int64_t acs, const float* b, int64_t
 constexpr int kGemmRows = 6;
 constexpr int kGemmVectors = L == 16 ? 4 : 2;
 
-template <int KV>
+template <int KV, bool T>
 void GemmRows(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, float* c,
-              int64_t ldc, int64_t rows, int64_t n, bool accumulate) {
+              int64_t ldc, int64_t rows, int64_t n, bool accumulate, int64_t valid) {
+  const int64_t crs = T ? 1 : ldc;  // Where C's next row starts.
   int64_t i = 0;
   for (; i + kGemmRows <= rows; i += kGemmRows) {
-    GemmBlock<kGemmRows, KV>(a + i * ars, ars, acs, b, ldb, c + i * ldc, ldc, n, accumulate);
+    GemmBlock<kGemmRows, KV, T>(a + i * ars, ars, acs, b, ldb, c + i * crs, ldc, n, accumulate,
+                                valid);
   }
   const float* ai = a + i * ars;
-  float* ci = c + i * ldc;
+  float* ci = c + i * crs;
   switch (rows - i) {
-    case 5: GemmBlock<5, KV>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate); break;
-    case 4: GemmBlock<4, KV>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate); break;
-    case 3: GemmBlock<3, KV>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate); break;
-    case 2: GemmBlock<2, KV>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate); break;
-    case 1: GemmBlock<1, KV>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate); break;
+    case 5: GemmBlock<5, KV, T>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate, valid); break;
+    case 4: GemmBlock<4, KV, T>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate, valid); break;
+    case 3: GemmBlock<3, KV, T>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate, valid); break;
+    case 2: GemmBlock<2, KV, T>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate, valid); break;
+    case 1: GemmBlock<1, KV, T>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate, valid); break;
     default: break;
   }
 }
 
-// C[rows x cols] (+)= A[rows x n] B[n x cols], cols a multiple of L.
+// C[rows x cols] (+)= A[rows x n] B[n x cols], cols a multiple of L. With T, C^T is stored
+// (C(i, j) at c[j * ldc + i]) for the first `valid` columns (GemmBlock).
+template <bool T = false>
 void Gemm(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, float* c,
-          int64_t ldc, int64_t rows, int64_t n, int64_t cols, bool accumulate) {
+          int64_t ldc, int64_t rows, int64_t n, int64_t cols, bool accumulate,
+          int64_t valid = 0) {
+  const int64_t ccs = T ? ldc : 1;  // Where C's next column starts.
   int64_t j = 0;
   for (; j + kGemmVectors * L <= cols; j += kGemmVectors * L) {
-    GemmRows<kGemmVectors>(a, ars, acs, b + j, ldb, c + j, ldc, rows, n, accumulate);
+    GemmRows<kGemmVectors, T>(a, ars, acs, b + j, ldb, c + j * ccs, ldc, rows, n, accumulate,
+                              valid - j);
   }
+  float* cj = c + j * ccs;
   switch ((cols - j) / L) {
-    case 3: GemmRows<3>(a, ars, acs, b + j, ldb, c + j, ldc, rows, n, accumulate); break;
-    case 2: GemmRows<2>(a, ars, acs, b + j, ldb, c + j, ldc, rows, n, accumulate); break;
-    case 1: GemmRows<1>(a, ars, acs, b + j, ldb, c + j, ldc, rows, n, accumulate); break;
+    case 3: GemmRows<3, T>(a, ars, acs, b + j, ldb, cj, ldc, rows, n, accumulate, valid - j); break;
+    case 2: GemmRows<2, T>(a, ars, acs, b + j, ldb, cj, ldc, rows, n, accumulate, valid - j); break;
+    case 1: GemmRows<1, T>(a, ars, acs, b + j, ldb, cj, ldc, rows, n, accumulate, valid - j); break;
     default: break;
   }
 }
@@ -1795,6 +1817,106 @@ ffi::Error KeepMask(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key,
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------
+// Dense layers' matmuls (fashion_jax/kernels/dense.py): y = x w, and the gradients dx = dy w^T and
+// dw = x^T dy, on the register-blocked micro-kernel above (Gemm). XLA:CPU ran the classic CNN's
+// Dense(1600 -> 128) at 200-350 GFLOP/s on two Zen 5 cores (peak ~460), the weight gradient
+// slowest (BENCHMARKS.md). Every output element is one accumulator summed over the whole
+// contraction in order, so results do not depend on the thread count or how the work is split.
+
+struct DenseShape {
+  int64_t b, d, h;  // x [b, d], w [d, h]
+};
+
+constexpr int64_t kDenseRows = kGemmRows;          // Forward: rows of y per task.
+constexpr int64_t kDenseGradRows = 8 * kGemmRows;  // Backward: rows of w (dx's columns) per task.
+
+// y [b, h] = x [b, d] w [d, h], h a multiple of L.
+template <typename Pool>
+void DenseForwardCore(Pool& pool, const DenseShape& s, const float* x, const float* w, float* y) {
+  ParallelFor(pool, (s.b + kDenseRows - 1) / kDenseRows, [&](int64_t task) {
+    const int64_t r0 = task * kDenseRows, rows = std::min(kDenseRows, s.b - r0);
+    Gemm(x + r0 * s.d, s.d, 1, w, s.h, y + r0 * s.h, s.h, rows, s.d, s.h, false);
+  });
+}
+
+// dx [b, d] = dy [b, h] w^T and dw [d, h] = x^T dy, per task a slab of w's rows (dx's columns,
+// dw's rows). dw: x read in place (6 of its columns are a block's rows). dx, two ways: for
+// small batches the transposed store (GemmBlock's T) of w dy^T, w's rows read in place and dy^T
+// packed once per call (its columns padded to a multiple of L); else dy times the slab of w
+// transposed into the thread's buffer. The store costs ~2 cycles per element of dx, the
+// transpose ~1.4 per element of w: the slab wins from about b = 2/3 h (measured on Zen 5, one
+// thread: at h = 128, b = 32 0.13 against 0.19 ms, b = 512 1.8 against 2.2 ms).
+template <typename Pool>
+void DenseBackwardCore(Pool& pool, const DenseShape& s, const float* x, const float* w,
+                       const float* dy, float* dx, float* dw) {
+  const bool transposed_store = 3 * s.b < 2 * s.h || s.d % L != 0;  // Slabs: whole vectors.
+  const int64_t bp = (s.b + L - 1) / L * L;
+  thread_local std::vector<float> packed;  // dy^T [h, bp], read by every task of this call.
+  if (transposed_store) {
+    packed.assign(s.h * bp, 0.0f);
+    for (int64_t i = 0; i < s.b; ++i) {
+      for (int64_t k = 0; k < s.h; ++k) packed[k * bp + i] = dy[i * s.h + k];
+    }
+  }
+  const float* dyt = packed.data();
+  const int64_t slabs = (s.d + kDenseGradRows - 1) / kDenseGradRows;
+  ParallelFor(pool, 2 * slabs, [&](int64_t task) {
+    const int64_t r0 = task / 2 * kDenseGradRows, rows = std::min(kDenseGradRows, s.d - r0);
+    if (task % 2 == 1) {
+      Gemm(x + r0, 1, s.d, dy, s.h, dw + r0 * s.h, s.h, rows, s.b, s.h, false);
+    } else if (transposed_store) {
+      Gemm<true>(w + r0 * s.h, s.h, 1, dyt, bp, dx + r0, s.d, rows, s.h, bp, false, s.b);
+    } else {
+      thread_local std::vector<float> slab;  // w[r0 : r0 + rows]^T [h, rows]
+      slab.resize(s.h * kDenseGradRows);
+      for (int64_t j = 0; j < rows; ++j) {
+        for (int64_t k = 0; k < s.h; ++k) slab[k * rows + j] = w[(r0 + j) * s.h + k];
+      }
+      Gemm(dy, s.h, 1, slab.data(), rows, dx + r0, s.d, s.b, s.h, rows, false);
+    }
+  });
+}
+
+ffi::Error DenseShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
+                       ffi::Span<const int64_t> yd, DenseShape* s) {
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[0] || yd[0] != xd[0] ||
+      yd[1] != wd[1] || wd[1] % L != 0) {
+    return ffi::Error::InvalidArgument(
+        "fashion_jax dense: expected x [B, D], w [D, H], y [B, H] with H a multiple of " +
+        std::to_string(L));
+  }
+  *s = {xd[0], xd[1], wd[1]};
+  return ffi::Error::Success();
+}
+
+ffi::Error DenseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::ResultBuffer<ffi::F32> y) {
+  DenseShape s;
+  if (ffi::Error e = DenseShapes(x.dimensions(), w.dimensions(), y->dimensions(), &s);
+      e.failure()) {
+    return e;
+  }
+  DenseForwardCore(pool, s, x.typed_data(), w.typed_data(), y->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error DenseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                         ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
+                         ffi::ResultBuffer<ffi::F32> dw) {
+  DenseShape s;
+  if (ffi::Error e = DenseShapes(x.dimensions(), w.dimensions(), dy.dimensions(), &s);
+      e.failure()) {
+    return e;
+  }
+  if (dx->element_count() != x.element_count() || dw->element_count() != w.element_count()) {
+    return ffi::Error::InvalidArgument("fashion_jax dense gradient: shapes differ");
+  }
+  DenseBackwardCore(pool, s, x.typed_data(), w.typed_data(), dy.typed_data(), dx->typed_data(),
+                    dw->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // What this build uses, for logs and benchmarks: "lanes=16 isa=avx512f,avx2,fma".
@@ -2122,6 +2244,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnReluPoolGrad, BnReluPoolGrad, BnReluPoolGradBi
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjDirectConvForward, DirectConvForward, PlainConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjDirectConvBackward, DirectConvBackward, PlainConvBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjDenseForward, DenseForward, PlainConvBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjDenseBackward, DenseBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjKeepMask, KeepMask,
                               ffi::Ffi::Bind()

@@ -523,6 +523,30 @@ void TestKeepMask() {
 
 }  // namespace
 
+// The dense layer's matmuls against sums in double: y = x w, dx = dy w^T, dw = x^T dy.
+void TestDense(std::mt19937& rng, int b, int d, int h) {
+  const DenseShape s{b, d, h};
+  const std::vector<float> x = Random(rng, size_t(b) * d, 1.0f), w = Random(rng, size_t(d) * h, 0.1f),
+                           dy = Random(rng, size_t(b) * h, 1.0f);
+  std::vector<float> y(size_t(b) * h, NAN), dx(x.size(), NAN), dw(w.size(), NAN);
+  SerialPool pool;
+  DenseForwardCore(pool, s, x.data(), w.data(), y.data());
+  DenseBackwardCore(pool, s, x.data(), w.data(), dy.data(), dx.data(), dw.data());
+  std::vector<double> want_y(y.size()), want_dx(dx.size()), want_dw(dw.size());
+  for (int i = 0; i < b; ++i) {
+    for (int k = 0; k < h; ++k) {
+      for (int j = 0; j < d; ++j) {
+        want_y[size_t(i) * h + k] += double(x[size_t(i) * d + j]) * w[size_t(j) * h + k];
+        want_dx[size_t(i) * d + j] += double(dy[size_t(i) * h + k]) * w[size_t(j) * h + k];
+        want_dw[size_t(j) * h + k] += double(x[size_t(i) * d + j]) * dy[size_t(i) * h + k];
+      }
+    }
+  }
+  Expect("dense y", y, want_y, 1e-5);
+  Expect("dense dx", dx, want_dx, 1e-5);
+  Expect("dense dw", dw, want_dw, 1e-5);
+}
+
 int main() {
   std::mt19937 rng(0);
   for (bool relu : {false, true}) {
@@ -578,6 +602,19 @@ int main() {
   TestBatchNormReluPool(rng, 2, 14, 14, 4 * L);
   TestBatchNormReluPool(rng, 3, 4, 6, L);
   TestKeepMask();
+  // Dense: the CNN's Dense(1600 -> 128) at 16 lanes on a batch of 35 (row blocks of 6, the last
+  // short; the input gradient's transposed store, its batch padded to whole vectors; 34 slabs
+  // of w, the last short), one row (the weight gradient's contraction of 1), widths of 1, 3 and
+  // 5 vectors (the micro-kernel's column remainders); the input gradient through transposed
+  // slabs of w (batches from 2/3 of the width: several slabs, the last short; one slab); an
+  // input width that is not whole vectors at such a batch (the transposed store then).
+  TestDense(rng, 35, 100 * L, 8 * L);
+  TestDense(rng, 1, 5 * L, 3 * L);
+  TestDense(rng, 7, 57 * L, 5 * L);
+  TestDense(rng, 4, L, 2 * L);
+  TestDense(rng, 70, 7 * L, 2 * L);
+  TestDense(rng, 13, L, L);
+  TestDense(rng, 30, 37, 2 * L);
   // The peak measurement (its threads and calibration under the sanitizers; its figures are
   // checked in tests/test_native.py, on the machine itself): the widest width, then an unknown one.
   double gflops = 0, mhz = 0;
