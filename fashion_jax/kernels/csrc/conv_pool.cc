@@ -2113,12 +2113,24 @@ inline auto ConvPoolBinding() {
       .Attr<int32_t>("relu");
 }
 
-// two float32 arrays -> one (the plain convolutions, and the direct one's kernel gradient)
+// two float32 arrays -> one (the plain convolutions, the direct one's kernel gradient, the
+// dense forward)
 inline auto PlainConvBinding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
+// three float32 arrays -> two (the gradients of the plain Winograd convolution and the dense)
+inline auto PlainGradBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
       .Ret<ffi::Buffer<ffi::F32>>();
 }
 
@@ -2174,14 +2186,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvPoolBackward, WinogradConvPoolBackwa
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvForward, WinogradConvForward, PlainConvBinding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvBackward, WinogradConvBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvBackward, WinogradConvBackward, PlainGradBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjTwoLayerForward, TwoLayerForwardHandler,
                               ffi::Ffi::Bind()
@@ -2247,14 +2252,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjDirectConvBackward, DirectConvBackward, PlainCon
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjDenseForward, DenseForward, PlainConvBinding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FjDenseBackward, DenseBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjDenseBackward, DenseBackward, PlainGradBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjKeepMask, KeepMask,
                               ffi::Ffi::Bind()
