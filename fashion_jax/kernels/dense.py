@@ -4,9 +4,10 @@ flax's `nn.Dense` computes `dot_general(x, kernel, ...)` and takes the function 
 `dot_general` attribute, so the models pass `dot_general` from here where their native ops run:
 the same parameters and checkpoints, another matmul. It multiplies on the register-blocked
 micro-kernel of the fused Winograd layers (`csrc/conv_pool.cc`, section 5), the input gradient
-and the weight gradient in one call. XLA:CPU ran the classic CNN's Dense(1600 -> 128) at batch
-512 at 200-350 GFLOP/s on two Zen 5 cores (peak ~460), its weight gradient slowest, and on jax
-0.7.2 its input gradient too (BENCHMARKS.md has the figures for both).
+and the weight gradient in one call. XLA:CPU ran the classic CNN's Dense(1600 -> 128) on two Zen 5
+cores (peak ~460 GFLOP/s) at 200-350 GFLOP/s at batch 512, its gradients slowest, and at 66-110
+GFLOP/s at the default training batch of 32; the kernels at 260-400 at both, and the CNN's step
+is ~5 % faster at either batch (BENCHMARKS.md, session 15).
 
 Each output is one float32 accumulator summed over the contraction in order (XLA blocks the sum
 differently), so results equal `lax.dot_general`'s to float32 rounding and do not depend on the

@@ -17,8 +17,9 @@ with the ReLU that follows fused in (`relu=True`):
   gradients. XLA's matmuls between separate transforms had written and re-read [16, tiles, K]
   planes (26 MB at batch 256) and were bound by that traffic.
 
-The 3x3 convolution without a pool (cnn_bn, ResNets) is `fashion_jax.kernels.plain_conv`, and
-BatchNorm + ReLU `fashion_jax.kernels.batchnorm`, on the same kernels and build.
+The 3x3 convolution without a pool (cnn_bn, ResNets) is `fashion_jax.kernels.plain_conv`,
+BatchNorm + ReLU `fashion_jax.kernels.batchnorm`, dropout's mask `fashion_jax.kernels.dropout`
+and the dense layers' matmuls `fashion_jax.kernels.dense`, on the same kernels and build.
 
 `conv3x3_pool2_twice` runs two conv + pool layers (the classic CNN's) as one op: per image the
 first layer's output stays in cache for the second, instead of going to memory between them.

@@ -1820,9 +1820,10 @@ ffi::Error KeepMask(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> key,
 // ---------------------------------------------------------------------------
 // Dense layers' matmuls (fashion_jax/kernels/dense.py): y = x w, and the gradients dx = dy w^T and
 // dw = x^T dy, on the register-blocked micro-kernel above (Gemm). XLA:CPU ran the classic CNN's
-// Dense(1600 -> 128) at 200-350 GFLOP/s on two Zen 5 cores (peak ~460), the weight gradient
-// slowest (BENCHMARKS.md). Every output element is one accumulator summed over the whole
-// contraction in order, so results do not depend on the thread count or how the work is split.
+// Dense(1600 -> 128) on two Zen 5 cores (peak ~460 GFLOP/s) at 200-350 GFLOP/s at batch 512 and
+// at 66-110 at batch 32; these at 260-400 (BENCHMARKS.md). Every output element is one
+// accumulator summed over the whole contraction in order, so results do not depend on the
+// thread count or how the work is split.
 
 struct DenseShape {
   int64_t b, d, h;  // x [b, d], w [d, h]
