@@ -2102,13 +2102,18 @@ extern "C" int FjMeasurePeak(int threads, double seconds, double* gflops, double
 namespace {
 
 // Bindings shared by handlers of one signature.
-// x, kernel, bias -> pooled y, argmax; relu (the pooled forwards)
-inline auto ConvPoolBinding() {
+// The thread pool and three float32 arrays: the start of the three-argument bindings below.
+inline auto ThreeFloatArgs() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>();
+}
+
+// x, kernel, bias -> pooled y, argmax; relu (the pooled forwards)
+inline auto ConvPoolBinding() {
+  return ThreeFloatArgs()
       .Ret<ffi::Buffer<ffi::F32>>()
       .Ret<ffi::Buffer<ffi::S8>>()
       .Attr<int32_t>("relu");
@@ -2126,22 +2131,14 @@ inline auto PlainConvBinding() {
 
 // three float32 arrays -> two (the gradients of the plain Winograd convolution and the dense)
 inline auto PlainGradBinding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
+  return ThreeFloatArgs()
       .Ret<ffi::Buffer<ffi::F32>>()
       .Ret<ffi::Buffer<ffi::F32>>();
 }
 
 // y, dz, coef -> sums or dy; pad (the BatchNorm + ReLU gradient passes)
 inline auto BnReluGradBinding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
+  return ThreeFloatArgs()
       .Ret<ffi::Buffer<ffi::F32>>()
       .Attr<int32_t>("pad");
 }
