@@ -491,30 +491,47 @@ void GemmBlock(const float* a, int64_t ars, int64_t acs, const float* b, int64_t
   }
 }
 
-// Rows of 6 (the last block 1-5): 6 x 4 accumulators fill AVX-512's 32 registers with room for
-// the B row and the broadcast; 6 x 2 fit AVX2's and SSE's 16.
+// Blocks of at most 6 rows: 6 x 4 accumulators fill AVX-512's 32 registers with room for the B
+// row and the broadcast; 6 x 2 fit AVX2's and SSE's 16. The rows are split evenly (25 as 5 x 5,
+// 32 as 6 6 5 5 5 5), not as 6s and a short last block: one row's 2 (AVX2) or 4 (AVX-512)
+// accumulator chains wait on the multiply-add latency (on Zen 3, AVX2, the 25th of the CNN's 25
+// tiles a plane added 14 % to 24 rows' time; split evenly its 16 products took 5 % less, the
+// two-layer op 2-3 % less: BENCHMARKS.md, session 16). Each output's sum is the same whatever
+// block holds its row.
 constexpr int kGemmRows = 6;
 constexpr int kGemmVectors = L == 16 ? 4 : 2;
+
+// `count` blocks of R rows from row i; returns the row after them.
+template <int R, int KV, bool T>
+int64_t GemmBlocks(int64_t count, int64_t i, const float* a, int64_t ars, int64_t acs,
+                   const float* b, int64_t ldb, float* c, int64_t crs, int64_t ldc, int64_t n,
+                   bool accumulate, int64_t valid) {
+  for (; count > 0; --count, i += R) {
+    GemmBlock<R, KV, T>(a + i * ars, ars, acs, b, ldb, c + i * crs, ldc, n, accumulate, valid);
+  }
+  return i;
+}
 
 template <int KV, bool T>
 void GemmRows(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, float* c,
               int64_t ldc, int64_t rows, int64_t n, bool accumulate, int64_t valid) {
   const int64_t crs = T ? 1 : ldc;  // Where C's next row starts.
+  const int64_t blocks = (rows + kGemmRows - 1) / kGemmRows;
+  if (blocks == 0) return;
+  const int64_t small = rows / blocks, big = rows - small * blocks;  // big blocks of small + 1
+  // One size per loop, chosen once (not a switch per block).
   int64_t i = 0;
-  for (; i + kGemmRows <= rows; i += kGemmRows) {
-    GemmBlock<kGemmRows, KV, T>(a + i * ars, ars, acs, b, ldb, c + i * crs, ldc, n, accumulate,
-                                valid);
+#define FJ_BLOCKS(R, COUNT) \
+  i = GemmBlocks<R, KV, T>(COUNT, i, a, ars, acs, b, ldb, c, crs, ldc, n, accumulate, valid)
+  switch (small) {
+    case 6: FJ_BLOCKS(6, blocks); break;
+    case 5: FJ_BLOCKS(6, big); FJ_BLOCKS(5, blocks - big); break;
+    case 4: FJ_BLOCKS(5, big); FJ_BLOCKS(4, blocks - big); break;
+    case 3: FJ_BLOCKS(4, big); FJ_BLOCKS(3, blocks - big); break;
+    case 2: FJ_BLOCKS(3, big); FJ_BLOCKS(2, blocks - big); break;
+    default: FJ_BLOCKS(2, big); FJ_BLOCKS(1, blocks - big); break;
   }
-  const float* ai = a + i * ars;
-  float* ci = c + i * crs;
-  switch (rows - i) {
-    case 5: GemmBlock<5, KV, T>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate, valid); break;
-    case 4: GemmBlock<4, KV, T>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate, valid); break;
-    case 3: GemmBlock<3, KV, T>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate, valid); break;
-    case 2: GemmBlock<2, KV, T>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate, valid); break;
-    case 1: GemmBlock<1, KV, T>(ai, ars, acs, b, ldb, ci, ldc, n, accumulate, valid); break;
-    default: break;
-  }
+#undef FJ_BLOCKS
 }
 
 // C[rows x cols] (+)= A[rows x n] B[n x cols], cols a multiple of L. With T, C^T is stored

@@ -523,6 +523,39 @@ void TestKeepMask() {
 
 }  // namespace
 
+// The micro-kernel's row split against sums in double: C (+)= A B, A read transposed in place
+// (as dU's V^T), and the transposed store of the first `valid` columns (as dx's).
+void TestGemm(std::mt19937& rng, int rows, int n, int cols) {
+  const std::vector<float> a = Random(rng, size_t(rows) * n, 1.0f), b = Random(rng, size_t(n) * cols, 1.0f);
+  const std::vector<float> c0 = Random(rng, size_t(rows) * cols, 1.0f);
+  std::vector<double> want(c0.size()), want_acc(c0.size());
+  for (int i = 0; i < rows; ++i) {
+    for (int j = 0; j < cols; ++j) {
+      double sum = 0;
+      for (int p = 0; p < n; ++p) sum += double(a[size_t(i) * n + p]) * b[size_t(p) * cols + j];
+      want[size_t(i) * cols + j] = sum;
+      want_acc[size_t(i) * cols + j] = sum + c0[size_t(i) * cols + j];
+    }
+  }
+  std::vector<float> c(c0.size(), NAN), at(a.size());
+  Gemm(a.data(), n, 1, b.data(), cols, c.data(), cols, rows, n, cols, false);
+  Expect("gemm", c, want, 1e-5);
+  for (int i = 0; i < rows; ++i) {
+    for (int p = 0; p < n; ++p) at[size_t(p) * rows + i] = a[size_t(i) * n + p];
+  }
+  c = c0;
+  Gemm(at.data(), 1, rows, b.data(), cols, c.data(), cols, rows, n, cols, true);
+  Expect("gemm, A transposed, accumulated", c, want_acc, 1e-5);
+  const int valid = cols - L / 2;  // C^T [cols, rows]: the last half vector of columns not stored.
+  std::vector<float> ct(size_t(cols) * rows, 7.0f);
+  std::vector<double> want_t(ct.size(), 7.0);
+  for (int i = 0; i < rows; ++i) {
+    for (int j = 0; j < valid; ++j) want_t[size_t(j) * rows + i] = want[size_t(i) * cols + j];
+  }
+  Gemm<true>(a.data(), n, 1, b.data(), cols, ct.data(), rows, rows, n, cols, false, valid);
+  Expect("gemm, transposed store", ct, want_t, 1e-5);
+}
+
 // The dense layer's matmuls against sums in double: y = x w, dx = dy w^T, dw = x^T dy.
 void TestDense(std::mt19937& rng, int b, int d, int h) {
   const DenseShape s{b, d, h};
@@ -602,6 +635,9 @@ int main() {
   TestBatchNormReluPool(rng, 2, 14, 14, 4 * L);
   TestBatchNormReluPool(rng, 3, 4, 6, L);
   TestKeepMask();
+  // The micro-kernel's rows split into blocks of at most 6 (every split from 1 to 7 blocks: even,
+  // with one to five blocks a row longer), column remainders of 1 to 3 vectors.
+  for (int rows = 1; rows <= 40; ++rows) TestGemm(rng, rows, 5 + rows % 3, (1 + rows % 5) * L);
   // Dense: the CNN's Dense(1600 -> 128) at 16 lanes on a batch of 35 (row blocks of 6, the last
   // short; the input gradient's transposed store, its batch padded to whole vectors; 34 slabs
   // of w, the last short), one row (the weight gradient's contraction of 1), widths of 1, 3 and
