@@ -992,12 +992,20 @@ inline int64_t GradChunks(int64_t n) {
 }
 
 // Adds chunks 1.. of `partial` (each `stride` floats, `used` of them summed) into chunk 0, in
-// order; returns chunk 0.
-inline float* SumChunks(float* partial, int64_t chunks, int64_t stride, int64_t used) {
-  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
-    const float* acc = partial + chunk * stride;
-    for (int64_t i = 0; i < used; ++i) partial[i] += acc[i];
-  }
+// order; returns chunk 0. Slices of the floats in parallel, each summed over the chunks in the
+// same order, so the result does not depend on the split. (On one thread the CNN's 16 chunks of
+// 33 K floats took ~70 us on Zen 3, 5 % of its backward at batch 32; each core now sums half.)
+constexpr int64_t kSumSlice = 4096;
+
+template <typename Pool>
+float* SumChunks(Pool& pool, float* partial, int64_t chunks, int64_t stride, int64_t used) {
+  ParallelFor(pool, (used + kSumSlice - 1) / kSumSlice, [&](int64_t slice) {
+    const int64_t lo = slice * kSumSlice, hi = std::min(used, lo + kSumSlice);
+    for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+      const float* acc = partial + chunk * stride;
+      for (int64_t i = lo; i < hi; ++i) partial[i] += acc[i];
+    }
+  });
   return partial;
 }
 
@@ -1026,7 +1034,7 @@ void WinogradFusedBackward(Pool& pool, const Tiles& sx, int64_t k, const float* 
       for (int64_t kb = 0; kb < k; kb += L) Store(acc + nuk + kb, db_acc[kb / L]);
     }
   });
-  const float* total = SumChunks(partial, chunks, nu, nu);
+  const float* total = SumChunks(pool, partial, chunks, nu, nu);
   std::copy(total, total + nuk, du);
   if (db != nullptr) std::copy(total + nuk, total + nu, db);
 }
@@ -1255,7 +1263,7 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
       Store(adb1 + cb, gb[cb / L]);
     }
   });
-  const float* total = SumChunks(partial, chunks, nu, used);
+  const float* total = SumChunks(pool, partial, chunks, nu, used);
   std::copy(total, total + 16 * c * k, du);
   std::copy(total + 16 * c * k, total + 16 * c * k + k, db2);
   std::copy(total + 16 * c * k + k, total + 16 * c * k + k + nk1, dk1);
@@ -1382,7 +1390,8 @@ void BnRows(Pool& pool, const BnShape& s, int sums, float* out, const F& row) {
     for (int64_t r = chunk * per; r < std::min(s.rows, (chunk + 1) * per); ++r) row(r, acc);
   });
   if (sums > 0) {
-    const float* total = SumChunks(reinterpret_cast<float*>(partial.data()), chunks, width, width);
+    const float* total =
+        SumChunks(pool, reinterpret_cast<float*>(partial.data()), chunks, width, width);
     std::copy(total, total + width, out);
   }
 }
