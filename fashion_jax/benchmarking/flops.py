@@ -51,8 +51,9 @@ def nominal_cpu_peak_gflops() -> tuple[float, str]:
 @functools.cache
 def cpu_peak_gflops() -> tuple[float, str]:
   """The CPU's float32 peak GFLOP/s, measured: every core runs independent multiply-add chains
-  at the widest vector width it has (the native library's FjMeasurePeak; best of three runs of
-  ~0.3 s, since a busy neighbour only ever lowers it). Without the native kernels, the nominal
+  at the widest vector width it has (the native library's FjMeasurePeak: every core at the
+  fastest thread's rate, best of three runs of ~0.3 s, since a busy neighbour or a descheduled
+  virtual core only ever lowers it). Without the native kernels, the nominal
   estimate, said so."""
   nominal, how = nominal_cpu_peak_gflops()
   from fashion_jax.kernels import native  # pylint: disable=g-import-not-at-top

@@ -495,7 +495,7 @@ void GemmBlock(const float* a, int64_t ars, int64_t acs, const float* b, int64_t
 // row and the broadcast; 6 x 2 fit AVX2's and SSE's 16. The rows are split evenly (25 as 5 x 5,
 // 32 as 6 6 5 5 5 5), not as 6s and a short last block: one row's 2 (AVX2) or 4 (AVX-512)
 // accumulator chains wait on the multiply-add latency (on Zen 3, AVX2, the 25th of the CNN's 25
-// tiles a plane added 14 % to 24 rows' time; split evenly its 16 products took 5 % less, the
+// tiles a plane added 9-14 % to 24 rows' time; split evenly its 16 products took 5 % less, the
 // two-layer op 2-3 % less: BENCHMARKS.md, session 16). Each output's sum is the same whatever
 // block holds its row.
 constexpr int kGemmRows = 6;
