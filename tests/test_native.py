@@ -305,8 +305,9 @@ def _widest_lanes() -> int:
 def test_the_measured_peak_is_whole_vector_pipes_at_each_width():
   """The benchmark's peak (native.measure_peak): at each width the CPU has, on one core and on
   two, FLOP per cycle per core comes out a power of two, at least one multiply-add vector per
-  cycle (a miscounted loop or thread count, a spilled or unfused loop would not). Of five short runs, the one nearest a power of
-  two: a busy neighbour skews one phase (FMA or clock) of a run."""
+  cycle (a miscounted loop or thread count, a spilled or unfused loop would not). Of five
+  short runs, the one nearest a power of two: a busy neighbour skews one phase (FMA or clock)
+  of a run."""
   widest = _widest_lanes()
   assert native.measure_peak(1, 0.02)["lanes"] == widest  # Default: the widest, not the build's.
   for lanes in (4, 8, 16):

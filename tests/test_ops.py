@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from fashion_jax.kernels import ops, winograd
+from fashion_jax.kernels import native, ops, winograd
 from fashion_jax.model import models
 from tests.conftest import require_native
 
@@ -143,37 +143,54 @@ def test_winograd_conv_pool_outputs_and_grads(batch, hw, cin, cout):
 
 
 def test_auto_conv_pool_picks_by_dtype_and_channels():
-  k = _rand(jax.random.key(4), (3, 3, 16, 8))
-  b = _rand(jax.random.key(5), (8,))
+  """"auto" on CPU: the fused native kernels where the output channels are whole vectors of the
+  build (`native.lanes()`; the shapes follow it), else XLA's Winograd for float32 with enough
+  input channels, else im2col (one input channel, bfloat16)."""
   require_native()  # tests/test_native.py checks the kernels and their fallback.
-  for dtype, expected in ((jnp.float32, "native"), (jnp.bfloat16, "im2col")):
-    x = _rand(jax.random.key(6), (2, 13, 13, 16)).astype(dtype)
-    kx, bx = k.astype(dtype), b.astype(dtype)
-    got = ops.conv_pool(x, kx, bx, "auto")
-    np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                  np.asarray(ops.conv_pool(x, kx, bx, expected), np.float32))
-  x1 = _rand(jax.random.key(7), (2, 13, 13, 1))  # One input channel: the native kernel.
-  k1 = _rand(jax.random.key(8), (3, 3, 1, 8))
-  np.testing.assert_array_equal(ops.conv_pool(x1, k1, b, "auto"),
-                                ops.conv_pool(x1, k1, b, "native"))
-  x1b, k1b = x1.astype(jnp.bfloat16), k1.astype(jnp.bfloat16)  # bfloat16: im2col.
-  np.testing.assert_array_equal(np.asarray(ops.conv_pool(x1b, k1b, b, "auto"), np.float32),
-                                np.asarray(ops.conv_pool(x1b, k1b, b, "im2col"), np.float32))
+  lanes = native.lanes()
+  k = _rand(jax.random.key(4), (3, 3, 16, lanes))
+  b = _rand(jax.random.key(5), (lanes + 1,))
+  k_odd = _rand(jax.random.key(9), (3, 3, 16, lanes + 1))
+  x = _rand(jax.random.key(6), (2, 13, 13, 16))
+  x1 = x[..., :1]
+  for lhs, kernel, expected in ((x, k, "native"), (x1, k[:, :, :1], "native"),  # Direct.
+                                (x, k_odd, "winograd"), (x1, k_odd[:, :, :1], "im2col"),
+                                (x.astype(jnp.bfloat16), k.astype(jnp.bfloat16), "im2col")):
+    bias = b[:kernel.shape[-1]].astype(lhs.dtype)
+    got = ops.conv_pool(lhs, kernel, bias, "auto")
+    want = ops.conv_pool(lhs, kernel, bias, expected)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                  err_msg=f"{lhs.shape} {lhs.dtype} * {kernel.shape}: {expected}")
+  assert not np.array_equal(ops.conv_pool(x, k, b[:lanes], "native"),  # Tells them apart.
+                            ops.conv_pool(x, k, b[:lanes], "winograd"))
 
 
 def test_auto_conv_on_cpu_follows_the_same_rule():
-  """Convs without a pool (cnn_bn, ResNets): (native) Winograd for float32 with enough channels."""
-  k = _rand(jax.random.key(4), (3, 3, 16, 8))
-  x = _rand(jax.random.key(6), (2, 12, 12, 16))
-  x1, k1 = x[..., :1], k[:, :, :1]
+  """Convs without a pool (cnn_bn, ResNets), "auto" on CPU: the native kernels where the output
+  channels are whole vectors of the build (`native.lanes()`: 16, 8 or 4, so the shapes follow it;
+  fixed at 8 outputs this passed at 16 lanes comparing a fallback with itself and failed at 8),
+  else XLA's Winograd for float32 with enough input channels, else im2col."""
   require_native()
+  lanes = native.lanes()
+  x = _rand(jax.random.key(6), (2, 12, 12, 16))
+  k = _rand(jax.random.key(4), (3, 3, 16, lanes))
+  k_odd = _rand(jax.random.key(5), (3, 3, 16, lanes + 1))
+  x1 = x[..., :1]
   for lhs, rhs, expected in ((x, k, ops.conv_general_dilated_native),
-                             (x1, k1, ops.conv_general_dilated_im2col),
+                             (x1, k[:, :, :1], ops.conv_general_dilated_native),  # Direct.
+                             (x, k_odd, ops.conv_general_dilated_winograd),
+                             (x1, k_odd[:, :, :1], ops.conv_general_dilated_im2col),
                              (x.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
                               ops.conv_general_dilated_im2col)):
     got = ops.conv_general_dilated_cpu_auto(lhs, rhs, (1, 1), "SAME", dimension_numbers=DN)
     want = expected(lhs, rhs, (1, 1), "SAME", dimension_numbers=DN)
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                  err_msg=f"{lhs.shape} {lhs.dtype} * {rhs.shape}")
+  # The native and XLA formulations round differently here, so the comparisons above tell them
+  # apart.
+  assert not np.array_equal(
+      ops.conv_general_dilated_native(x, k, (1, 1), "SAME", dimension_numbers=DN),
+      ops.conv_general_dilated_winograd(x, k, (1, 1), "SAME", dimension_numbers=DN))
 
 
 def test_winograd_rejects_too_small_inputs():

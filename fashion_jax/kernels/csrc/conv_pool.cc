@@ -2105,9 +2105,9 @@ double Calibrated(int threads, double seconds, const F& run, int64_t* iters) {
 
 // Measures the CPU's multiply-add peak on `threads` threads for about `seconds`: writes GFLOP/s
 // (all threads together, each at the fastest one's rate: Timed) and the clock in MHz (the same
-// thread's: all run alike). `lanes`: in, the
-// vector width to time (0: the widest this CPU has); out, the width timed. Returns 0; -1 where
-// this architecture has no measurement, -2 where the CPU lacks the width asked for.
+// thread's: all run alike). `lanes`: in, the vector width to time (0: the widest this CPU has);
+// out, the width timed. Returns 0; -1 where this architecture has no measurement, -2 where the
+// CPU lacks the width asked for.
 extern "C" int FjMeasurePeak(int threads, double seconds, double* gflops, double* mhz,
                              int* lanes) {
 #if defined(__x86_64__) || defined(__aarch64__)

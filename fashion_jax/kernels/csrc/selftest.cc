@@ -526,8 +526,9 @@ void TestKeepMask() {
 // The micro-kernel's row split against sums in double: C (+)= A B, A read transposed in place
 // (as dU's V^T), and the transposed store of the first `valid` columns (as dx's).
 void TestGemm(std::mt19937& rng, int rows, int n, int cols) {
-  const std::vector<float> a = Random(rng, size_t(rows) * n, 1.0f), b = Random(rng, size_t(n) * cols, 1.0f);
-  const std::vector<float> c0 = Random(rng, size_t(rows) * cols, 1.0f);
+  const std::vector<float> a = Random(rng, size_t(rows) * n, 1.0f),
+                           b = Random(rng, size_t(n) * cols, 1.0f),
+                           c0 = Random(rng, size_t(rows) * cols, 1.0f);
   std::vector<double> want(c0.size()), want_acc(c0.size());
   for (int i = 0; i < rows; ++i) {
     for (int j = 0; j < cols; ++j) {
@@ -546,7 +547,7 @@ void TestGemm(std::mt19937& rng, int rows, int n, int cols) {
   c = c0;
   Gemm(at.data(), 1, rows, b.data(), cols, c.data(), cols, rows, n, cols, true);
   Expect("gemm, A transposed, accumulated", c, want_acc, 1e-5);
-  const int valid = cols - L / 2;  // C^T [cols, rows]: the last half vector of columns not stored.
+  const int valid = cols - L / 2;  // C^T [cols, rows]; the last half vector of columns unstored.
   std::vector<float> ct(size_t(cols) * rows, 7.0f);
   std::vector<double> want_t(ct.size(), 7.0);
   for (int i = 0; i < rows; ++i) {
