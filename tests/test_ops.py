@@ -142,55 +142,57 @@ def test_winograd_conv_pool_outputs_and_grads(batch, hw, cin, cout):
     _close(a, b_, atol=1e-4)
 
 
-def test_auto_conv_pool_picks_by_dtype_and_channels():
-  """"auto" on CPU: the fused native kernels where the output channels are whole vectors of the
-  build (`native.lanes()`; the shapes follow it), else XLA's Winograd for float32 with enough
-  input channels, else im2col (one input channel, bfloat16)."""
-  require_native()  # tests/test_native.py checks the kernels and their fallback.
+def _auto_rule_cases(size: int):
+  """Inputs for the "auto" rule on CPU, shapes following the build's vector width
+  (`native.lanes()`: fixed at 8 outputs, the rule's tests passed at 16 lanes comparing a fallback
+  with itself and failed at 8), and the choice each should get: the native kernels where the
+  output channels are whole vectors (Winograd, or direct for one input channel), else XLA's
+  Winograd for float32 with enough input channels, else im2col (one input channel, bfloat16).
+  Returns (cases, x, k): x and k are the first case's."""
   lanes = native.lanes()
+  x = _rand(jax.random.key(6), (2, size, size, 16))
   k = _rand(jax.random.key(4), (3, 3, 16, lanes))
-  b = _rand(jax.random.key(5), (lanes + 1,))
-  k_odd = _rand(jax.random.key(9), (3, 3, 16, lanes + 1))
-  x = _rand(jax.random.key(6), (2, 13, 13, 16))
+  k_odd = _rand(jax.random.key(5), (3, 3, 16, lanes + 1))
   x1 = x[..., :1]
-  for lhs, kernel, expected in ((x, k, "native"), (x1, k[:, :, :1], "native"),  # Direct.
-                                (x, k_odd, "winograd"), (x1, k_odd[:, :, :1], "im2col"),
-                                (x.astype(jnp.bfloat16), k.astype(jnp.bfloat16), "im2col")):
+  cases = ((x, k, "native"), (x1, k[:, :, :1], "native"), (x, k_odd, "winograd"),
+           (x1, k_odd[:, :, :1], "im2col"),
+           (x.astype(jnp.bfloat16), k.astype(jnp.bfloat16), "im2col"))
+  return cases, x, k
+
+
+def test_auto_conv_pool_picks_by_dtype_and_channels():
+  """Conv + pool: "auto" on CPU follows `_auto_rule_cases`."""
+  require_native()  # tests/test_native.py checks the kernels and their fallback.
+  cases, x, k = _auto_rule_cases(13)
+  b = _rand(jax.random.key(7), (k.shape[-1] + 1,))
+  for lhs, kernel, expected in cases:
     bias = b[:kernel.shape[-1]].astype(lhs.dtype)
     got = ops.conv_pool(lhs, kernel, bias, "auto")
     want = ops.conv_pool(lhs, kernel, bias, expected)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                   err_msg=f"{lhs.shape} {lhs.dtype} * {kernel.shape}: {expected}")
-  assert not np.array_equal(ops.conv_pool(x, k, b[:lanes], "native"),  # Tells them apart.
-                            ops.conv_pool(x, k, b[:lanes], "winograd"))
+  bias = b[:k.shape[-1]]
+  assert not np.array_equal(ops.conv_pool(x, k, bias, "native"),  # Tells them apart.
+                            ops.conv_pool(x, k, bias, "winograd"))
 
 
 def test_auto_conv_on_cpu_follows_the_same_rule():
-  """Convs without a pool (cnn_bn, ResNets), "auto" on CPU: the native kernels where the output
-  channels are whole vectors of the build (`native.lanes()`: 16, 8 or 4, so the shapes follow it;
-  fixed at 8 outputs this passed at 16 lanes comparing a fallback with itself and failed at 8),
-  else XLA's Winograd for float32 with enough input channels, else im2col."""
+  """Convs without a pool (cnn_bn, ResNets): "auto" on CPU follows `_auto_rule_cases`."""
   require_native()
-  lanes = native.lanes()
-  x = _rand(jax.random.key(6), (2, 12, 12, 16))
-  k = _rand(jax.random.key(4), (3, 3, 16, lanes))
-  k_odd = _rand(jax.random.key(5), (3, 3, 16, lanes + 1))
-  x1 = x[..., :1]
-  for lhs, rhs, expected in ((x, k, ops.conv_general_dilated_native),
-                             (x1, k[:, :, :1], ops.conv_general_dilated_native),  # Direct.
-                             (x, k_odd, ops.conv_general_dilated_winograd),
-                             (x1, k_odd[:, :, :1], ops.conv_general_dilated_im2col),
-                             (x.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
-                              ops.conv_general_dilated_im2col)):
+  cases, x, k = _auto_rule_cases(12)
+  convs = {"native": ops.conv_general_dilated_native,
+           "winograd": ops.conv_general_dilated_winograd,
+           "im2col": ops.conv_general_dilated_im2col}
+  for lhs, rhs, expected in cases:
     got = ops.conv_general_dilated_cpu_auto(lhs, rhs, (1, 1), "SAME", dimension_numbers=DN)
-    want = expected(lhs, rhs, (1, 1), "SAME", dimension_numbers=DN)
+    want = convs[expected](lhs, rhs, (1, 1), "SAME", dimension_numbers=DN)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                                  err_msg=f"{lhs.shape} {lhs.dtype} * {rhs.shape}")
+                                  err_msg=f"{lhs.shape} {lhs.dtype} * {rhs.shape}: {expected}")
   # The native and XLA formulations round differently here, so the comparisons above tell them
   # apart.
   assert not np.array_equal(
-      ops.conv_general_dilated_native(x, k, (1, 1), "SAME", dimension_numbers=DN),
-      ops.conv_general_dilated_winograd(x, k, (1, 1), "SAME", dimension_numbers=DN))
+      convs["native"](x, k, (1, 1), "SAME", dimension_numbers=DN),
+      convs["winograd"](x, k, (1, 1), "SAME", dimension_numbers=DN))
 
 
 def test_winograd_rejects_too_small_inputs():
