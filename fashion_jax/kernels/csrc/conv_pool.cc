@@ -80,6 +80,25 @@ inline void Store(float* p, fv v) { *reinterpret_cast<fv_unaligned*>(p) = v; }
 inline fv Splat(float s) { return -fv{} + s; }  // -0.0 + s is s exactly, even for s = -0.0.
 inline iv SplatI(int32_t s) { return iv{} + s; }
 
+// The low bytes of L int32 lanes (argmax taps, 0/1 masks) as L int8. __builtin_convertvector
+// is one instruction with AVX-512 (vpmovdb), but GCC scalarizes it for AVX2 and NEON (~30
+// extracts, shifts and ors per vector: about as many instructions as the first layer's
+// multiply-adds per pooled output); a byte shuffle is vpshufb + vpermq + vpor there, or one tbl.
+typedef int8_t bq __attribute__((vector_size(4 * L)));  // The bytes of an iv.
+inline bv Narrow(iv v) {
+#if FJ_LANES == 16 || !(defined(__SSSE3__) || defined(__ARM_NEON))
+  return __builtin_convertvector(v, bv);
+#else
+  constexpr int low = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? 0 : 3;
+  bq pick;
+  for (int i = 0; i < 4 * L; ++i) pick[i] = int8_t((4 * i + low) % (4 * L));
+  const bq bytes = __builtin_shuffle(reinterpret_cast<bq>(v), pick);
+  bv out;
+  std::memcpy(&out, &bytes, sizeof(out));
+  return out;
+#endif
+}
+
 struct Shape {
   int64_t n, h, w, cin, cout, hp, wp;
 };
@@ -130,7 +149,7 @@ inline void PoolStore(const fv out[4], fv add, bool relu, float* y, int8_t* arg)
     which = off ? SplatI(kNoTap) : which;
   }
   Store(y, best);
-  const bv which_b = __builtin_convertvector(which, bv);
+  const bv which_b = Narrow(which);
   std::memcpy(arg, &which_b, sizeof(which_b));
 }
 
@@ -1823,7 +1842,7 @@ void KeepMaskCore(Pool& pool, uint32_t k0, uint32_t k1, float p, int64_t n, uint
       for (int v = 0; v < kStreams; ++v) {
         const uv one = (hi[v] >> 9) | 0x3F800000u;  // A float in [1, 2): jax's uniform + 1.
         const fv u = (fv)one - 1.0f;  // A vector cast: the same bits.
-        const bv kept = __builtin_convertvector(-(u < Splat(p)), bv);  // 1 where kept.
+        const bv kept = Narrow(-(u < Splat(p)));  // 1 where kept.
         std::memcpy(keep + v * L, &kept, L);
       }
       std::memcpy(mask + i, keep, std::min<int64_t>(end - i, kStreams * L));
