@@ -475,6 +475,9 @@ ffi::Error DirectConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 // C[R x KV*L] (+)= A[R x n] B[n x KV*L] in registers: A(i, p) = a[i * ars + p * acs] (so A or
 // its transpose can be read in place), row p of B at b + p * ldb, row i of C at c + i * ldc.
+// With `accumulate` the sums start from C and add the products in order of p, so a contraction
+// split into consecutive parts sums exactly as in one call. (Adding a block's sums to C after
+// the loop made the dU products, 25 terms a block, 5 % slower on Zen 3.)
 // With T (a transposed store; `accumulate` unused) C's row i goes to column i of c instead,
 // C(i, j) to c[j * ldc + i], for the block's first `valid` columns j (B's others are padding).
 template <int R, int KV, bool T = false>
@@ -482,7 +485,9 @@ void GemmBlock(const float* a, int64_t ars, int64_t acs, const float* b, int64_t
                int64_t ldc, int64_t n, bool accumulate, int64_t valid = 0) {
   fv acc[R][KV];
   for (int i = 0; i < R; ++i) {
-    for (int j = 0; j < KV; ++j) acc[i][j] = Splat(0.0f);
+    for (int j = 0; j < KV; ++j) {
+      acc[i][j] = !T && accumulate ? Load(c + i * ldc + j * L) : Splat(0.0f);
+    }
   }
   for (int64_t p = 0; p < n; ++p) {
     fv bv[KV];
@@ -503,10 +508,7 @@ void GemmBlock(const float* a, int64_t ars, int64_t acs, const float* b, int64_t
     return;
   }
   for (int i = 0; i < R; ++i) {
-    for (int j = 0; j < KV; ++j) {
-      float* ci = c + i * ldc + j * L;
-      Store(ci, accumulate ? Load(ci) + acc[i][j] : acc[i][j]);
-    }
+    for (int j = 0; j < KV; ++j) Store(c + i * ldc + j * L, acc[i][j]);
   }
 }
 
