@@ -935,13 +935,13 @@ ffi::Error FusedShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> ud,
   return ffi::Error::Success();
 }
 
-// Floats of a block's planes: V and M forward, V, dM and dV backward.
+// Floats of a block's planes: V and M forward, V (then dV) and dM backward.
 inline int64_t BlockTiles(const Tiles& sx) { return RowsPerBlock(sx) * sx.tw; }
 inline int64_t ForwardPlaneFloats(const Tiles& sx, int64_t k) {
   return Planes(sx.m) * BlockTiles(sx) * (sx.c + k);
 }
 inline int64_t BackwardPlaneFloats(const Tiles& sx, int64_t k) {
-  return Planes(sx.m) * BlockTiles(sx) * (2 * sx.c + k);
+  return Planes(sx.m) * BlockTiles(sx) * (sx.c + k);
 }
 
 // One image of the fused Winograd layer, forward: x_img is the image (sx's shape), b its index
@@ -977,9 +977,11 @@ void WinogradFusedForward(Pool& pool, const Tiles& sx, int64_t k, const float* x
 }
 
 // The backward of one image: per block, V again from x_img, dM = out_grad(rows, dM, plane, db)
-// (which adds the bias gradient, if the layer has one, to db: K / L vectors), dV = dM U^T (its
-// transform written into dx_img) and dU += V^T dM (into du_acc [P, C, K]).
-// planes: BackwardPlaneFloats, aligned.
+// (which adds the bias gradient, if the layer has one, to db: K / L vectors), dU += V^T dM (into
+// du_acc [P, C, K]), then dV = dM U^T over V's plane, which dU has used (its transform written
+// into dx_img). A set of planes less in cache (the CNN's backward kept V, dM, dV, U^T and dU,
+// ~510 KB, in Zen 3's 512 KB L2; as fast there without dV's). planes: BackwardPlaneFloats,
+// aligned.
 template <int M, typename OutGrad>
 void WinogradImageBackward(const Tiles& sx, int64_t k, const float* x_img, int64_t b,
                            const float* ut, const OutGrad& out_grad, float* planes, float* dx_img,
@@ -988,7 +990,7 @@ void WinogradImageBackward(const Tiles& sx, int64_t k, const float* x_img, int64
   const int64_t c = sx.c, rows = RowsPerBlock(sx), block = BlockTiles(sx);
   float* v = planes;
   float* dm = v + P * block * c;
-  float* dv = dm + P * block * k;
+  float* dv = v;
   ZeroUncovered(sx, dx_img);
   for (int64_t i0 = 0; i0 < sx.th; i0 += rows) {
     const int64_t i1 = std::min(i0 + rows, sx.th), tiles = (i1 - i0) * sx.tw;
@@ -997,8 +999,8 @@ void WinogradImageBackward(const Tiles& sx, int64_t k, const float* x_img, int64
     out_grad(TileRows{b, i0, i1}, dm, block * k, db_acc);
     for (int p = 0; p < P; ++p) {
       const float* dmp = dm + p * block * k;
-      Gemm(dmp, k, 1, ut + p * k * c, c, dv + p * block * c, c, tiles, k, c, false);
       Gemm(v + p * block * c, 1, c, dmp, k, du_acc + p * c * k, k, c, tiles, k, true);
+      Gemm(dmp, k, 1, ut + p * k * c, c, dv + p * block * c, c, tiles, k, c, false);
     }
     InputGradRows<M>(sx, dv, block * c, own, dx_img);
   }
