@@ -978,14 +978,14 @@ void WinogradFusedForward(Pool& pool, const Tiles& sx, int64_t k, const float* x
 
 // The backward of one image: per block, V again from x_img, dM = out_grad(rows, dM, plane, db)
 // (which adds the bias gradient, if the layer has one, to db: K / L vectors), dU += V^T dM (into
-// du_acc [P, C, K]), then dV = dM U^T over V's plane, which dU has used (its transform written
+// du_acc [P, C, K]; with du_fresh, its first block's sums are written, not added), then dV = dM U^T over V's plane, which dU has used (its transform written
 // into dx_img). A set of planes less in cache (the CNN's backward kept V, dM, dV, U^T and dU,
 // ~510 KB, in Zen 3's 512 KB L2; as fast there without dV's). planes: BackwardPlaneFloats,
 // aligned.
 template <int M, typename OutGrad>
 void WinogradImageBackward(const Tiles& sx, int64_t k, const float* x_img, int64_t b,
                            const float* ut, const OutGrad& out_grad, float* planes, float* dx_img,
-                           float* du_acc, fv* db_acc) {
+                           float* du_acc, bool du_fresh, fv* db_acc) {
   constexpr int64_t P = Planes(M);
   const int64_t c = sx.c, rows = RowsPerBlock(sx), block = BlockTiles(sx);
   float* v = planes;
@@ -999,7 +999,8 @@ void WinogradImageBackward(const Tiles& sx, int64_t k, const float* x_img, int64
     out_grad(TileRows{b, i0, i1}, dm, block * k, db_acc);
     for (int p = 0; p < P; ++p) {
       const float* dmp = dm + p * block * k;
-      Gemm(v + p * block * c, 1, c, dmp, k, du_acc + p * c * k, k, c, tiles, k, true);
+      Gemm(v + p * block * c, 1, c, dmp, k, du_acc + p * c * k, k, c, tiles, k,
+           !du_fresh || i0 > 0);
       Gemm(dmp, k, 1, ut + p * k * c, c, dv + p * block * c, c, tiles, k, c, false);
     }
     InputGradRows<M>(sx, dv, block * c, own, dx_img);
@@ -1040,18 +1041,19 @@ void WinogradFusedBackward(Pool& pool, const Tiles& sx, int64_t k, const float* 
   const int64_t c = sx.c, nuk = Planes(M) * c * k;
   const int64_t nu = nuk + (db != nullptr ? k : 0), image = sx.h * sx.w * c;
   const int64_t chunks = GradChunks(sx.n);
-  // Per chunk: dU [P, C, K], then db [K]; each chunk zeroes its own (no second fill here).
+  // Per chunk: dU [P, C, K], then db [K]. The chunk's first image writes its dU and db is
+  // stored at the end, so nothing is zeroed first (a pass over 2 MB at batch 32 for the CNN).
   std::unique_ptr<float[]> partial_buffer(new float[chunks * nu + kAlignPad]);
   float* const partial = AlignUp(partial_buffer.get());
   ParallelFor(pool, chunks, [&](int64_t chunk) {
     thread_local std::vector<float> scratch;
     scratch.resize(BackwardPlaneFloats(sx, k) + kAlignPad);
     float* acc = partial + chunk * nu;
-    std::fill(acc, acc + nu, 0.0f);
     std::vector<fv> db_acc(k / L, Splat(0.0f));
-    for (int64_t b = sx.n * chunk / chunks; b < sx.n * (chunk + 1) / chunks; ++b) {
+    const int64_t first = sx.n * chunk / chunks;
+    for (int64_t b = first; b < sx.n * (chunk + 1) / chunks; ++b) {
       WinogradImageBackward<M>(sx, k, x + b * image, b, ut, out_grad, AlignUp(scratch.data()),
-                            dx + b * image, acc, db_acc.data());
+                               dx + b * image, acc, b == first, db_acc.data());
     }
     if (db != nullptr) {
       for (int64_t kb = 0; kb < k; kb += L) Store(acc + nuk + kb, db_acc[kb / L]);
@@ -1262,16 +1264,16 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
   };
   ParallelFor(pool, chunks, [&](int64_t chunk) {
     const TwoLayerScratch buf = TwoLayerBuffers(t, BackwardPlaneFloats(t.sx, k));
-    float* acc = partial + chunk * nu;
-    std::fill(acc, acc + nu, 0.0f);
+    float* acc = partial + chunk * nu;  // Written, not zeroed: see WinogradFusedBackward.
     std::vector<fv> db2_acc(k / L, Splat(0.0f));
     std::vector<fv> gw(9 * cin * (c / L), Splat(0.0f));  // [block][tap, ci]
     std::vector<fv> gb(c / L, Splat(0.0f));
-    for (int64_t b = t.s1.n * chunk / chunks; b < t.s1.n * (chunk + 1) / chunks; ++b) {
+    const int64_t first = t.s1.n * chunk / chunks;
+    for (int64_t b = first; b < t.s1.n * (chunk + 1) / chunks; ++b) {
       const float* xb = x + b * t.s1.h * t.s1.w * cin;
       ImageForward<CIN>(t.s1, xb, k1, b1, relu1, buf.h, buf.arg);
       WinogradImageBackward<2>(t.sx, k, buf.h, b, ut, out_grad, buf.planes, buf.dh, acc,
-                            db2_acc.data());
+                               b == first, db2_acc.data());
       for (int64_t cb = 0; cb < c; cb += L) {
         BackwardBlock<CIN, 1, true>(t.s1, xb, buf.arg, buf.dh, gw.data() + cb / L * 9 * cin,
                                     gb.data() + cb / L, cb);
