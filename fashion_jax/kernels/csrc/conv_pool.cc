@@ -978,10 +978,10 @@ void WinogradFusedForward(Pool& pool, const Tiles& sx, int64_t k, const float* x
 
 // The backward of one image: per block, V again from x_img, dM = out_grad(rows, dM, plane, db)
 // (which adds the bias gradient, if the layer has one, to db: K / L vectors), dU += V^T dM (into
-// du_acc [P, C, K]; with du_fresh, its first block's sums are written, not added), then dV = dM U^T over V's plane, which dU has used (its transform written
-// into dx_img). A set of planes less in cache (the CNN's backward kept V, dM, dV, U^T and dU,
-// ~510 KB, in Zen 3's 512 KB L2; as fast there without dV's). planes: BackwardPlaneFloats,
-// aligned.
+// du_acc [P, C, K]; with du_fresh, its first block's sums are written, not added), then
+// dV = dM U^T over V's plane, which dU has used (its transform written into dx_img). A set of
+// planes less in cache (the CNN's backward kept V, dM, dV, U^T and dU, ~510 KB, in Zen 3's
+// 512 KB L2; as fast there without dV's). planes: BackwardPlaneFloats, aligned.
 template <int M, typename OutGrad>
 void WinogradImageBackward(const Tiles& sx, int64_t k, const float* x_img, int64_t b,
                            const float* ut, const OutGrad& out_grad, float* planes, float* dx_img,
