@@ -172,7 +172,8 @@ def _kernel_flops(target: str, operands: list[tuple[int, ...]]) -> float:
   per_element = {"fashion_jax_bn_stats": 3, "fashion_jax_bn_relu_fwd": 4,
                  "fashion_jax_bn_relu_grad_sums": 7, "fashion_jax_bn_relu_grad": 8,
                  "fashion_jax_bn_relu_pool_fwd": 4, "fashion_jax_bn_relu_pool_grad_sums": 5,
-                 "fashion_jax_bn_relu_pool_grad": 6}
+                 "fashion_jax_bn_relu_pool_grad": 6,
+                 "fashion_jax_adam": 15}  # Adam: m 3, v 4, the update 8 (a sqrt, 3 divisions).
   if target in per_element:
     return float(per_element[target] * math.prod(operands[0]))
   # Dense layers' matmuls, x [b, d] and w [d, h]: y forward; dx and dw backward.

@@ -19,7 +19,8 @@ with the ReLU that follows fused in (`relu=True`):
 
 The 3x3 convolution without a pool (cnn_bn, ResNets) is `fashion_jax.kernels.plain_conv`,
 BatchNorm + ReLU `fashion_jax.kernels.batchnorm`, dropout's mask `fashion_jax.kernels.dropout`
-and the dense layers' matmuls `fashion_jax.kernels.dense`, on the same kernels and build.
+the dense layers' matmuls `fashion_jax.kernels.dense` and Adam's update `fashion_jax.kernels.adam`,
+on the same kernels and build.
 
 `conv3x3_pool2_twice` runs two conv + pool layers (the classic CNN's) as one op: per image the
 first layer's output stays in cache for the second, instead of going to memory between them.
@@ -69,7 +70,7 @@ _TARGETS = {f"fashion_jax_{name}": symbol for name, symbol in (  # XLA's name: t
     ("bn_relu_pool_grad", "FjBnReluPoolGrad"),
     ("direct_conv_fwd", "FjDirectConvForward"), ("direct_conv_bwd", "FjDirectConvBackward"),
     ("keep_mask", "FjKeepMask"), ("dense_fwd", "FjDenseForward"),
-    ("dense_bwd", "FjDenseBackward"))}
+    ("dense_bwd", "FjDenseBackward"), ("adam", "FjAdam"))}
 DIRECT_MAX_CHANNELS = 8  # Direct convolution below this many input channels, Winograd from it.
 
 _registered = False  # XLA accepts one handler per target name and process.
@@ -243,9 +244,10 @@ def conv3x3_pool2(x: jax.Array, kernel: jax.Array, bias: jax.Array,
   return _winograd(x, kernel, bias, bool(relu))
 
 
-def call(target, results, *args, **attributes):
+def call(target, results, *args, input_output_aliases=None, **attributes):
   """jax.ffi.ffi_call of one of the kernels (`_TARGETS`; call `available()` first)."""
-  return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args, **attributes)
+  return jax.ffi.ffi_call(target, results, vmap_method="sequential",
+                          input_output_aliases=input_output_aliases)(*args, **attributes)
 
 
 def _pooled(x, channels: int) -> jax.ShapeDtypeStruct:

@@ -19,6 +19,7 @@ import optax
 
 from fashion_jax import config_lib
 from fashion_jax.data import datasets
+from fashion_jax.kernels import adam
 from fashion_jax.kernels import ops
 from fashion_jax.model import models
 from fashion_jax.support.errors import UserError
@@ -78,6 +79,9 @@ def create_optimizer(config: ml_collections.ConfigDict,
   """The configured optimizer; schedules need the run's total steps (not the state's shape)."""
   schedule = create_schedule(config, total_steps)
   if config.optimizer == "adam":
+    # Where the model runs the native CPU kernels, so does Adam's update (kernels/adam.py).
+    if ops.native_chosen(config.conv_impl):
+      return adam.fused_adam(schedule)
     return optax.adam(schedule)
   if config.optimizer == "adamw":
     return optax.adamw(schedule, weight_decay=config.weight_decay)
@@ -167,6 +171,9 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
   params, batch_stats = jax.tree.map(keep_old, (params, batch_stats),
                                      (state.params, state.batch_stats))
   opt_state = _skipped_opt_state(opt_state, state.opt_state, bad)
+  if isinstance(tx, adam.FusedAdam):  # The large parameters' update, guard included, natively.
+    params, opt_state = adam.apply(tx, grads, state.params, state.opt_state, params, opt_state,
+                                   bad)
   ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
   if ema_params is not None:
     # Warm-up: the average starts short (decay (1+t)/(10+t)) so the random initial weights

@@ -1,0 +1,112 @@
+"""The native Adam update (fashion_jax/kernels/adam.py) against optax.adam with the step's guard."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from fashion_jax.kernels import adam, native
+from fashion_jax.model import steps
+from tests.conftest import require_native
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+  require_native()  # Not a skip where a C++ compiler exists: there the kernels must build.
+
+
+# Warm-up: the learning rate changes every step, as the schedule's count must be read right.
+SCHEDULE = optax.join_schedules([optax.linear_schedule(0.0, 1e-2, 3),
+                                 optax.constant_schedule(1e-2)], [3])
+
+
+def _params(seed):
+  rng = np.random.default_rng(seed)
+  # 129 x 129: native, over two tasks, its last 16641 % 16 elements past the last whole vector.
+  return {"big": jnp.asarray(rng.standard_normal((129, 129)), jnp.float32),
+          "conv": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 32, 64)), jnp.float32),
+                   "bias": jnp.asarray(rng.standard_normal(64), jnp.float32)}}
+
+
+def _step(tx, params, opt_state, grads, bad):
+  """What steps.train_step does with the gradients (optax, the guard, then the native part)."""
+  updates, new_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  new_params = jax.tree.map(lambda new, old: jnp.where(bad, old, new), new_params, params)
+  new_state = steps._skipped_opt_state(new_state, opt_state, bad)  # pylint: disable=protected-access
+  if isinstance(tx, adam.FusedAdam):
+    new_params, new_state = adam.apply(tx, grads, params, opt_state, new_params, new_state, bad)
+  return new_params, new_state
+
+
+def _run(tx, skipped_steps=(), donate=True):
+  params = _params(0)
+  opt_state = tx.init(params)
+  step = jax.jit(functools.partial(_step, tx), donate_argnums=(0, 1) if donate else ())
+  history = []
+  for i in range(6):
+    grads = jax.tree.map(lambda p, i=i: jnp.asarray(
+        np.random.default_rng(100 + i).standard_normal(p.shape), jnp.float32), params)
+    params, opt_state = step(params, opt_state, grads, jnp.asarray(i in skipped_steps))
+    history.append(jax.tree.map(np.asarray, (params, opt_state)))
+  return history
+
+
+def test_init_is_optax_adams():
+  tx = adam.fused_adam(SCHEDULE)
+  params = _params(0)
+  assert (jax.tree.structure(tx.init(params))
+          == jax.tree.structure(optax.adam(SCHEDULE).init(params)))  # Checkpoints are the same.
+
+
+def test_large_parameters_take_the_kernel():
+  tx = adam.fused_adam(SCHEDULE)
+  params = _params(0)
+  hlo = jax.jit(functools.partial(_step, tx)).lower(
+      params, tx.init(params), params, jnp.asarray(False)).as_text()
+  assert hlo.count("fashion_jax_adam") == 2  # "big" and the conv kernel, not the bias.
+
+
+@pytest.mark.parametrize("skipped", [(), (1, 4)])
+def test_matches_optax(skipped):
+  want = _run(optax.adam(SCHEDULE), skipped)
+  got = _run(adam.fused_adam(SCHEDULE), skipped)
+  for i, (w, g) in enumerate(zip(want, got)):
+    assert jax.tree.structure(w) == jax.tree.structure(g)
+    for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(g)):
+      # Each step's update is ~lr = 1e-2 per element: float32 rounding of it, not of p.
+      np.testing.assert_allclose(b, a, rtol=2e-6, atol=1e-8, err_msg=f"after step {i}")
+  for i in skipped:  # Parameters and moments as before the step; the counters advance.
+    before, after = got[i - 1], got[i]
+    for a, b in zip(jax.tree.leaves((before[0], before[1][0].mu, before[1][0].nu)),
+                    jax.tree.leaves((after[0], after[1][0].mu, after[1][0].nu))):
+      np.testing.assert_array_equal(a, b)
+    assert after[1][0].count == before[1][0].count + 1
+
+
+def test_inputs_kept_without_donation():
+  """The kernel writes its outputs in place of its inputs: XLA must copy what is not donated."""
+  tx = adam.fused_adam(optax.constant_schedule(1e-2))
+  params = _params(0)
+  opt_state = tx.init(params)
+  keep = jax.tree.map(np.array, (params, opt_state))
+  step = jax.jit(functools.partial(_step, tx))
+  new_params, _ = step(params, opt_state, params, jnp.asarray(False))
+  for a, b in zip(jax.tree.leaves(keep), jax.tree.leaves((params, opt_state))):
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(new_params["big"], keep[0]["big"])
+
+
+def test_create_optimizer_fuses_where_the_kernels_run():
+  config = ml_collections.ConfigDict({"optimizer": "adam", "learning_rate": 1e-3,
+                                      "warmup_steps": 0, "lr_schedule": "constant",
+                                      "conv_impl": "auto"})
+  assert isinstance(steps.create_optimizer(config), adam.FusedAdam) == native.available()
+  config.conv_impl = "xla"
+  assert not isinstance(steps.create_optimizer(config), adam.FusedAdam)
+  config.conv_impl, config.optimizer, config.weight_decay = "auto", "adamw", 1e-4
+  assert not isinstance(steps.create_optimizer(config), adam.FusedAdam)
