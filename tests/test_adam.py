@@ -71,10 +71,11 @@ def test_large_parameters_take_the_kernel():
   assert hlo.count("fashion_jax_adam") == 2  # "big" and the conv kernel, not the bias.
 
 
-@pytest.mark.parametrize("skipped", [(), (1, 4)])
-def test_matches_optax(skipped):
-  want = _run(optax.adam(SCHEDULE), skipped)
-  got = _run(adam.fused_adam(SCHEDULE), skipped)
+@pytest.mark.parametrize("skipped,weight_decay", [((), 0.0), ((1, 4), 0.0), ((2,), 0.3)])
+def test_matches_optax(skipped, weight_decay):
+  want = _run(optax.adamw(SCHEDULE, weight_decay=weight_decay) if weight_decay
+              else optax.adam(SCHEDULE), skipped)
+  got = _run(adam.fused_adam(SCHEDULE, weight_decay=weight_decay), skipped)
   for i, (w, g) in enumerate(zip(want, got)):
     assert jax.tree.structure(w) == jax.tree.structure(g)
     for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(g)):
@@ -109,4 +110,7 @@ def test_create_optimizer_fuses_where_the_kernels_run():
   config.conv_impl = "xla"
   assert not isinstance(steps.create_optimizer(config), adam.FusedAdam)
   config.conv_impl, config.optimizer, config.weight_decay = "auto", "adamw", 1e-4
+  tx = steps.create_optimizer(config)
+  assert isinstance(tx, adam.FusedAdam) == native.available() and tx.weight_decay == 1e-4
+  config.momentum, config.optimizer = 0.9, "sgd"
   assert not isinstance(steps.create_optimizer(config), adam.FusedAdam)

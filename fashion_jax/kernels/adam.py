@@ -1,4 +1,4 @@
-"""optax.adam's update with the train step's non-finite guard, one native pass per large parameter.
+"""optax.adam's (adamw's) update with the step's non-finite guard, one native pass per parameter.
 
 The train step updates with optax and keeps the old state where the loss or a gradient is not
 finite (`steps.train_step`). XLA:CPU compiles that, for each parameter, into four loops over its
@@ -8,8 +8,8 @@ kernel that was ~0.4 ms of a 2.6 ms step at the default batch of 32 (Zen 3, two 
 native kernel (`csrc/conv_pool.cc`, section 6) reads g, p, m and v once and writes p, m and v in
 place (its outputs alias its inputs), or writes nothing on a skipped step.
 
-`FusedAdam` is `optax.adam` (the same init, update and state, so checkpoints are the same either
-way) plus what `apply` needs: the train step computes optax's update as before, then `apply`
+`FusedAdam` is `optax.adam`, or `optax.adamw` with a weight decay (the same init, update and
+state, so checkpoints are the same either way), plus what `apply` needs: the train step computes optax's update as before, then `apply`
 replaces the parameters and moments of the parameters with at least `MIN_SIZE` elements by the
 native kernel's; XLA drops optax's unused computation for them. The step counters and the small
 parameters stay optax's. Results equal optax's to float32 rounding (tests/test_adam.py).
@@ -30,22 +30,26 @@ MIN_SIZE = 1 << 14  # Elements: smaller parameters keep XLA's loops (one call co
 
 
 class FusedAdam(NamedTuple):
-  """`optax.adam(schedule, b1, b2, eps)`, which `steps.train_step` applies natively (`apply`)."""
+  """`optax.adam(schedule, b1, b2, eps)` (`optax.adamw(..., weight_decay)` where that is not 0),
+  which `steps.train_step` applies natively (`apply`)."""
   init: Callable
   update: Callable
   schedule: Callable[[jax.Array], jax.Array]
   b1: float
   b2: float
   eps: float
+  weight_decay: float
 
 
 def fused_adam(schedule: Callable[[jax.Array], jax.Array], b1: float = 0.9, b2: float = 0.999,
-               eps: float = 1e-8) -> FusedAdam:
-  """optax.adam with these hyperparameters (its defaults). ValueError without the kernels."""
+               eps: float = 1e-8, weight_decay: float = 0.0) -> FusedAdam:
+  """optax.adam with these hyperparameters (its defaults), or optax.adamw (every parameter
+  decayed) with a weight decay. ValueError without the kernels."""
   if not native.available():
     raise ValueError("the native CPU kernels are unavailable (see the warning above)")
-  tx = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
-  return FusedAdam(tx.init, tx.update, schedule, b1, b2, eps)
+  tx = (optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay) if weight_decay
+        else optax.adam(schedule, b1=b1, b2=b2, eps=eps))
+  return FusedAdam(tx.init, tx.update, schedule, b1, b2, eps, weight_decay)
 
 
 def _find(opt_state, kind) -> int:
@@ -58,7 +62,7 @@ def _find(opt_state, kind) -> int:
 
 def apply(tx: FusedAdam, grads, old_params, old_opt_state, params, opt_state,
           skip: jax.Array) -> tuple[Any, Any]:
-  """(params, opt_state) with the large parameters' p, m and v from the native update.
+  """(params, opt_state) with the large parameters' p, m and v from the native update (on CPU).
 
   `old_*`: the state before the step; `params`, `opt_state`: after optax's update and the
   guard (`skip`: the step keeps the old state), whose counters and small parameters are kept.
@@ -75,7 +79,8 @@ def apply(tx: FusedAdam, grads, old_params, old_opt_state, params, opt_state,
                        jnp.asarray(1 - tx.b2 ** count, jnp.float32), skip.astype(jnp.float32)])
   attributes = {"b1": np.float32(tx.b1), "b2": np.float32(tx.b2),
                 "one_minus_b1": np.float32(1 - tx.b1), "one_minus_b2": np.float32(1 - tx.b2),
-                "eps": np.float32(tx.eps), "eps_root": np.float32(0.0)}
+                "eps": np.float32(tx.eps), "eps_root": np.float32(0.0),
+                "weight_decay": np.float32(tx.weight_decay)}
 
   def update(g, p_old, m_old, v_old, p_new, m_new, v_new):
     if p_old.size < MIN_SIZE or not p_old.dtype == g.dtype == m_old.dtype == jnp.float32:

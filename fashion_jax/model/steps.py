@@ -84,6 +84,8 @@ def create_optimizer(config: ml_collections.ConfigDict,
       return adam.fused_adam(schedule)
     return optax.adam(schedule)
   if config.optimizer == "adamw":
+    if ops.native_chosen(config.conv_impl) and config.weight_decay:
+      return adam.fused_adam(schedule, weight_decay=config.weight_decay)
     return optax.adamw(schedule, weight_decay=config.weight_decay)
   if config.optimizer == "sgd":
     return optax.chain(optax.add_decayed_weights(config.weight_decay),

@@ -1998,8 +1998,9 @@ ffi::Error DenseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
 // ---------------------------------------------------------------------------
 // 6. Adam's update of one parameter (fashion_jax/kernels/adam.py) in one pass over its arrays:
 //   m = (1 - b1) g + b1 m,   v = (1 - b2) g^2 + b2 v,
-//   p = p + step (m / c1) / (sqrt(v / c2 + eps_root) + eps)
-// in optax.adam's order of operations (step = -learning rate, c1 = 1 - b1^t, c2 = 1 - b2^t), in
+//   p = p + step ((m / c1) / (sqrt(v / c2 + eps_root) + eps) + weight_decay p)
+// in optax.adam's (adamw's) order of operations (step = -learning rate, c1 = 1 - b1^t,
+// c2 = 1 - b2^t; the weight decay term only where it is not 0), in
 // place: p, m and v are aliased to the outputs; on a skipped step (a non-finite loss or gradient)
 // nothing is written. XLA:CPU ran optax's update with the train step's guard as four passes over
 // the arrays (the gradient's squares, then m, v and p, each select a loop of its own): for the
@@ -2043,6 +2044,7 @@ inline float Sqrt(float x) { return std::sqrt(x); }
 
 struct AdamConstants {
   float b1, b2, one_minus_b1, one_minus_b2, eps, eps_root;  // 1 - b as optax rounds it
+  float weight_decay;                                        // AdamW's; 0: Adam
   float step, c1, c2;                                        // this step's
 };
 
@@ -2050,7 +2052,8 @@ template <typename T>
 inline void AdamUpdate(const AdamConstants& k, T g, T& p, T& m, T& v) {
   m = k.one_minus_b1 * g + k.b1 * m;
   v = k.one_minus_b2 * (g * g) + k.b2 * v;
-  p = p + k.step * ((m / k.c1) / (Sqrt(v / k.c2 + k.eps_root) + k.eps));
+  const T u = (m / k.c1) / (Sqrt(v / k.c2 + k.eps_root) + k.eps);
+  p = p + k.step * (k.weight_decay != 0.0f ? u + k.weight_decay * p : u);
 }
 
 constexpr int64_t kAdamChunk = 1 << 14;  // Elements per task (a multiple of L).
@@ -2082,7 +2085,7 @@ ffi::Error Adam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::
                 ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> scalars,
                 ffi::ResultBuffer<ffi::F32> p_out, ffi::ResultBuffer<ffi::F32> m_out,
                 ffi::ResultBuffer<ffi::F32> v_out, float b1, float b2, float one_minus_b1,
-                float one_minus_b2, float eps, float eps_root) {
+                float one_minus_b2, float eps, float eps_root, float weight_decay) {
   const size_t n = g.element_count();
   if (p.element_count() != n || m.element_count() != n || v.element_count() != n ||
       p_out->element_count() != n || m_out->element_count() != n ||
@@ -2091,7 +2094,8 @@ ffi::Error Adam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::
                                        "one size, the scalars 4");
   }
   const float* s = scalars.typed_data();
-  const AdamConstants k{b1, b2, one_minus_b1, one_minus_b2, eps, eps_root, s[0], s[1], s[2]};
+  const AdamConstants k{b1,  b2,       one_minus_b1, one_minus_b2, eps, eps_root, weight_decay,
+                        s[0], s[1], s[2]};
   AdamCore(pool, k, s[3] != 0.0f, static_cast<int64_t>(n), g.typed_data(), p.typed_data(),
            m.typed_data(), v.typed_data(), p_out->typed_data(), m_out->typed_data(),
            v_out->typed_data());
@@ -2455,7 +2459,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjAdam, Adam,
                                   .Attr<float>("one_minus_b1")
                                   .Attr<float>("one_minus_b2")
                                   .Attr<float>("eps")
-                                  .Attr<float>("eps_root"));
+                                  .Attr<float>("eps_root")
+                                  .Attr<float>("weight_decay"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjKeepMask, KeepMask,
                               ffi::Ffi::Bind()

@@ -584,19 +584,23 @@ void TestDense(std::mt19937& rng, int b, int d, int h) {
 
 // Adam's update against optax's formula in double: in place over several tasks and a tail shorter
 // than a vector, into other arrays (copied first), and a skipped step (only the copies).
-void TestAdam(std::mt19937& rng, int64_t n, bool in_place, bool skip) {
+void TestAdam(std::mt19937& rng, int64_t n, bool in_place, bool skip, float weight_decay = 0) {
   const std::vector<float> g = Random(rng, n, 1.0f), p0 = Random(rng, n, 1.0f),
                            m0 = Random(rng, n, 0.1f);
   std::vector<float> v0 = Random(rng, n, 0.01f);
   for (float& e : v0) e = std::fabs(e);
   // A large step, so p's rounding does not hide the update's.
-  const AdamConstants k{0.9f, 0.999f, 0.1f, 0.001f, 1e-8f, 0.0f, -0.5f, 0.271f, 0.002997f};
+  const AdamConstants k{0.9f, 0.999f, 0.1f, 0.001f, 1e-8f, 0.0f, weight_decay, -0.5f, 0.271f,
+                        0.002997f};
   std::vector<double> want_p(n), want_m(n), want_v(n);
   for (int64_t i = 0; i < n; ++i) {
     want_m[i] = skip ? m0[i] : double(k.one_minus_b1) * g[i] + double(k.b1) * m0[i];
     want_v[i] = skip ? v0[i] : double(k.one_minus_b2) * g[i] * g[i] + double(k.b2) * v0[i];
-    want_p[i] = skip ? p0[i] : p0[i] + double(k.step) * (want_m[i] / k.c1) /
-                                           (std::sqrt(want_v[i] / k.c2 + k.eps_root) + k.eps);
+    want_p[i] = skip ? p0[i]
+                     : p0[i] + double(k.step) * ((want_m[i] / k.c1) /
+                                                     (std::sqrt(want_v[i] / k.c2 + k.eps_root) +
+                                                      k.eps) +
+                                                 double(weight_decay) * p0[i]);
   }
   std::vector<float> p = p0, m = m0, v = v0;
   SerialPool pool;
@@ -609,8 +613,8 @@ void TestAdam(std::mt19937& rng, int64_t n, bool in_place, bool skip) {
     AdamCore(pool, k, skip, n, g.data(), p0.data(), m0.data(), v0.data(), p.data(), m.data(),
              v.data());
   }
-  const std::string what = std::string("adam") + (in_place ? "" : ", other arrays") +
-                           (skip ? ", skipped" : "");
+  const std::string what = std::string(weight_decay ? "adamw" : "adam") +
+                           (in_place ? "" : ", other arrays") + (skip ? ", skipped" : "");
   Expect((what + ": p").c_str(), p, want_p, skip ? 0.0 : 1e-5);
   Expect((what + ": m").c_str(), m, want_m, skip ? 0.0 : 1e-6);
   Expect((what + ": v").c_str(), v, want_v, skip ? 0.0 : 1e-6);
@@ -690,11 +694,13 @@ int main() {
   TestDense(rng, 70, 7 * L, 2 * L);
   TestDense(rng, 13, L, L);
   TestDense(rng, 30, 37, 2 * L);
-  // Adam: several tasks and a tail (in place), a tail alone (into other arrays), skipped steps.
+  // Adam: several tasks and a tail (in place), a tail alone (into other arrays), skipped steps,
+  // AdamW.
   TestAdam(rng, 3 * kAdamChunk + L + 3, true, false);
   TestAdam(rng, 5, false, false);
   TestAdam(rng, kAdamChunk + 1, true, true);
   TestAdam(rng, 2 * L + 1, false, true);
+  TestAdam(rng, kAdamChunk + L + 1, true, false, 0.3f);  // AdamW's weight decay (a large one).
   // The peak measurement (its threads and calibration under the sanitizers; its figures are
   // checked in tests/test_native.py, on the machine itself): the widest width, then an unknown one.
   double gflops = 0, mhz = 0;
