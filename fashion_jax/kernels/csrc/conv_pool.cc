@@ -2444,14 +2444,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjDenseForward, DenseForward, PlainConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjDenseBackward, DenseBackward, PlainGradBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjAdam, Adam,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
+                              ThreeFloatArgs()  // g, p, m, then v and the scalars
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // p, m, v
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("b1")
