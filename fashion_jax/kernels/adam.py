@@ -9,10 +9,11 @@ native kernel (`csrc/conv_pool.cc`, section 6) reads g, p, m and v once and writ
 place (its outputs alias its inputs), or writes nothing on a skipped step.
 
 `FusedAdam` is `optax.adam`, or `optax.adamw` with a weight decay (the same init, update and
-state, so checkpoints are the same either way), plus what `apply` needs: the train step computes optax's update as before, then `apply`
-replaces the parameters and moments of the parameters with at least `MIN_SIZE` elements by the
-native kernel's; XLA drops optax's unused computation for them. The step counters and the small
-parameters stay optax's. Results equal optax's to float32 rounding (tests/test_adam.py).
+state, so checkpoints are the same either way), plus what `apply` needs: the train step computes
+optax's update as before, then `apply` replaces the parameters and moments of the parameters with
+at least `MIN_SIZE` elements by the native kernel's; XLA drops optax's unused computation for
+them. The step counters and the small parameters stay optax's. Results equal optax's to float32
+rounding (tests/test_adam.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import optax
 
 from fashion_jax.kernels import native
 
-MIN_SIZE = 1 << 14  # Elements: smaller parameters keep XLA's loops (one call costs ~5 us).
+MIN_SIZE = 1 << 14  # Elements; smaller parameters (biases, Dense(128 -> 10)) keep XLA's loops.
 
 
 class FusedAdam(NamedTuple):
