@@ -37,7 +37,8 @@ def _step(tx, params, opt_state, grads, bad):
   updates, new_state = tx.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
   new_params = jax.tree.map(lambda new, old: jnp.where(bad, old, new), new_params, params)
-  new_state = steps._skipped_opt_state(new_state, opt_state, bad)  # pylint: disable=protected-access
+  skipped = steps._skipped_opt_state  # pylint: disable=protected-access
+  new_state = skipped(new_state, opt_state, bad)
   if isinstance(tx, adam.FusedAdam):
     new_params, new_state = adam.apply(tx, grads, params, opt_state, new_params, new_state, bad)
   return new_params, new_state
