@@ -18,7 +18,7 @@ with the ReLU that follows fused in (`relu=True`):
   planes (26 MB at batch 256) and were bound by that traffic.
 
 The 3x3 convolution without a pool (cnn_bn, ResNets) is `fashion_jax.kernels.plain_conv`,
-BatchNorm + ReLU `fashion_jax.kernels.batchnorm`, dropout's mask `fashion_jax.kernels.dropout`
+BatchNorm + ReLU `fashion_jax.kernels.batchnorm`, dropout's mask `fashion_jax.kernels.dropout`,
 the dense layers' matmuls `fashion_jax.kernels.dense` and Adam's update `fashion_jax.kernels.adam`,
 on the same kernels and build.
 

@@ -35,9 +35,9 @@
 // lanes, x86-64-v3 with 8, the architecture's baseline with 4).
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
