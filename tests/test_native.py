@@ -132,7 +132,14 @@ def test_the_cnn_runs_its_two_layers_as_one_op_and_falls_back_to_two():
   _, k2, b2 = _inputs(1, 1, (4, 4), 32, 64)
   hlo = jax.jit(functools.partial(ops.conv_pool_twice, relu=True)).lower(
       x, k1, b1, k2, b2).as_text()
-  assert "fashion_jax_two_layer_fwd" in hlo
+  assert "fashion_jax_two_layer_fwd" in hlo and "two_layer_train_fwd" not in hlo
+  # Under differentiation the training forward, which also returns the first layer's output and
+  # taps for the backward, runs once, and the inference forward not at all.
+  loss = lambda k1: jnp.sum(ops.conv_pool_twice(x, k1, b1, k2, b2, relu=True))
+  grad_hlo = jax.jit(jax.grad(loss)).lower(k1).compile().as_text()
+  assert grad_hlo.count('custom_call_target="fashion_jax_two_layer_train_fwd"') == 1
+  assert grad_hlo.count('custom_call_target="fashion_jax_two_layer_bwd"') == 1
+  assert 'custom_call_target="fashion_jax_two_layer_fwd"' not in grad_hlo
   for impl in ("xla", "winograd"):
     got = ops.conv_pool_twice(x, k1, b1, k2, b2, impl, relu=True)
     want = ops.conv_pool(ops.conv_pool(x, k1, b1, impl, relu=True), k2, b2, impl, relu=True)

@@ -156,14 +156,13 @@ def _kernel_flops(target: str, operands: list[tuple[int, ...]]) -> float:
   if target.startswith("fashion_jax_winograd_conv"):
     (n, h, w, c), (planes, u1, u2) = operands[0], operands[1]
     return _winograd_flops(target.endswith("fwd"), n, h, w, c, u1 * u2 // c, planes)
-  # The two layers as one op: the direct layer (recomputed in the backward), then the Winograd one
-  # on its pooled output h [n, (h-2)/2, (w-2)/2, C].
-  if target in ("fashion_jax_two_layer_fwd", "fashion_jax_two_layer_bwd"):
+  # The two layers as one op: the direct layer, then the Winograd one on its pooled output h
+  # [n, (h-2)/2, (w-2)/2, C] (the backward's operand 1; the forward's is the first kernel).
+  if target.startswith("fashion_jax_two_layer_"):
     (n, h, w, cin), c, (_, u1, u2) = operands[0], operands[1][-1], operands[3]
     hp, wp = (h - 2) // 2, (w - 2) // 2
-    first = 2.0 * n * hp * wp * 4 * 9 * cin * c
-    forward = target.endswith("fwd")
-    return first * (1 if forward else 2) + _winograd_flops(forward, n, hp, wp, c, u1 * u2 // c)
+    first = 2.0 * n * hp * wp * 4 * 9 * cin * c  # Forward, or the kernel gradient.
+    return first + _winograd_flops(target.endswith("fwd"), n, hp, wp, c, u1 * u2 // c)
   # BatchNorm + ReLU, per element of y (operand 0): the statistics' add and multiply-add; the
   # normalization (y - mean) a + t (3) then the forward's max, or the gradient sums' compare, add
   # and multiply-add, or the gradient's compare and two multiply-adds. With the pool: the

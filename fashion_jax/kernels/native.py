@@ -62,7 +62,8 @@ _TARGETS = {f"fashion_jax_{name}": symbol for name, symbol in (  # XLA's name: t
     ("winograd_conv_pool_fwd", "FjWinogradConvPoolForward"),
     ("winograd_conv_pool_bwd", "FjWinogradConvPoolBackward"),
     ("winograd_conv_fwd", "FjWinogradConvForward"), ("winograd_conv_bwd", "FjWinogradConvBackward"),
-    ("two_layer_fwd", "FjTwoLayerForward"), ("two_layer_bwd", "FjTwoLayerBackward"),
+    ("two_layer_fwd", "FjTwoLayerForward"), ("two_layer_train_fwd", "FjTwoLayerTrainForward"),
+    ("two_layer_bwd", "FjTwoLayerBackward"),
     ("bn_stats", "FjBnStats"), ("bn_relu_fwd", "FjBnReluForward"),
     ("bn_relu_grad_sums", "FjBnReluGradSums"), ("bn_relu_grad", "FjBnReluGrad"),
     ("bn_relu_pool_fwd", "FjBnReluPoolForward"),
@@ -344,10 +345,11 @@ def conv3x3_pool2_twice(x: jax.Array, k1: jax.Array, b1: jax.Array, k2: jax.Arra
 
   Per image the first layer's pooled output and argmax stay in the thread's cache, where the
   second layer reads them (separately they went to memory: 11 MB at batch 512 for the CNN,
-  written once and read twice); the backward recomputes the first layer per image (about 5 %
-  of the layers' FLOPs). Outputs are bitwise those of the two layers' own kernels, gradients
-  equal to float rounding (summed in other chunks). Raises ValueError where the shapes are not
-  supported (`supports_two_layers`) or the kernels are unavailable.
+  written once and read twice); under differentiation the forward also writes them out once,
+  for the backward (recomputing them there was 5-10 % slower). Outputs are bitwise those of the
+  two layers' own kernels, gradients equal to float rounding (summed in other chunks). Raises
+  ValueError where the shapes are not supported (`supports_two_layers`) or the kernels are
+  unavailable.
   """
   if not supports_two_layers(x, k1, k2):
     raise ValueError(f"native conv3x3_pool2_twice does not support x {x.shape} {x.dtype}, "
@@ -358,23 +360,27 @@ def conv3x3_pool2_twice(x: jax.Array, k1: jax.Array, b1: jax.Array, k2: jax.Arra
   return _two_layers(x, k1, b1.astype(jnp.float32), k2, b2.astype(jnp.float32), bool(relu))
 
 
-def _two_layers_forward(x, k1, b1, k2, b2, relu):
-  u = winograd.filter_transform(k2)
-  y, which = call("fashion_jax_two_layer_fwd", _pooled_shapes(_pooled(x, k1.shape[-1]), k2),
-                  x, k1, b1, u, b2, relu1=np.int32(relu), relu2=np.int32(relu))
-  return y, (x, k1, b1, k2, b2, u, which)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _two_layers(x, k1, b1, k2, b2, relu):
-  return _two_layers_forward(x, k1, b1, k2, b2, relu)[0]
+  return call("fashion_jax_two_layer_fwd", _pooled_shapes(_pooled(x, k1.shape[-1]), k2), x, k1,
+              b1, winograd.filter_transform(k2), b2, relu1=np.int32(relu), relu2=np.int32(relu))[0]
+
+
+def _two_layers_forward(x, k1, b1, k2, b2, relu):
+  """Training's forward: also the first layer's output h and argmax, the backward's inputs."""
+  u = winograd.filter_transform(k2)
+  h_shapes = _pooled_shapes(x, k1)
+  y, which2, h, which1 = call("fashion_jax_two_layer_train_fwd",
+                              _pooled_shapes(h_shapes[0], k2) + h_shapes, x, k1, b1, u, b2,
+                              relu1=np.int32(relu), relu2=np.int32(relu))
+  return y, (x, k1, b1, k2, b2, u, h, which1, which2)
 
 
 def _two_layers_bwd(relu, residuals, dy):
-  x, k1, b1, k2, b2, u, which = residuals
+  x, k1, b1, k2, b2, u, h, which1, which2 = residuals
   shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (k1, b1, u, b2))
-  dk1, db1, du, db2 = call("fashion_jax_two_layer_bwd", shapes, x, k1, b1,
-                           jnp.swapaxes(u, 1, 2), which, dy, relu1=np.int32(relu))
+  dk1, db1, du, db2 = call("fashion_jax_two_layer_bwd", shapes, x, h, which1,
+                           jnp.swapaxes(u, 1, 2), which2, dy)
   # The input gradient (unused, and so removed by XLA, when x is the image): through the two
   # layers' own ops.
   separate = lambda v: conv3x3_pool2(conv3x3_pool2(v, k1, b1, relu), k2, b2, relu)

@@ -1206,12 +1206,14 @@ ffi::Error WinogradConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // ---------------------------------------------------------------------------
 // Two conv + pool layers as one op (the classic CNN's: the direct kernel's layer, then a fused
 // Winograd one on its output). Per image, the first layer writes its pooled output h and argmax
-// into the thread's buffers and the second reads h from there: h (13x13x32 floats for the CNN,
-// 11 MB at batch 512) never goes to memory, where the separate layers wrote it once and read it
-// twice. The backward recomputes the first layer per image (5 % of the FLOPs) instead of keeping
-// h, then runs the second layer's backward into dh, also in cache, and the first layer's kernel
-// and bias gradients from dh. Gradients are summed per fixed chunk of images, then over the chunks
-// in order, so they do not depend on the thread count.
+// into the thread's buffers and the second reads h from there: for inference h (13x13x32 floats
+// for the CNN, 11 MB at batch 512) never goes to memory, where the separate layers wrote it once
+// and read it twice. Training's forward also writes h and the argmax out, once, as the backward's
+// residuals (27 KB an image for the CNN); the backward reads them there. (Recomputing the first
+// layer in the backward instead took 5-10 % longer on Zen 3, AVX2: BENCHMARKS.md, session 19.)
+// The backward runs the second layer's backward into dh, in cache, and the first layer's kernel
+// and bias gradients from dh. Gradients are summed per fixed chunk of images, then over the
+// chunks in order, so they do not depend on the thread count.
 
 // The shapes: s1 the first layer's (x [N, H, W, Cin], its pooled output [N, hp, wp, C]), sx the
 // second layer's input tiles (h) and sy its pooled output's (K channels).
@@ -1239,27 +1241,31 @@ inline TwoLayerScratch TwoLayerBuffers(const TwoLayers& t, int64_t plane_floats)
   return TwoLayerScratch{h, h + padded, bytes.data(), h + 2 * padded};
 }
 
+// h_out, arg1_out: nullptr (inference), or where the first layer's output and argmax go
+// [N, hp, wp, C] (training).
 template <int CIN, typename Pool>
 void TwoLayerForward(Pool& pool, const TwoLayers& t, const float* x, const float* k1,
                      const float* b1, bool relu1, const float* u, const float* b2, bool relu2,
-                     float* y, int8_t* arg) {
-  const int64_t k = t.sy.c;
+                     float* y, int8_t* arg, float* h_out, int8_t* arg1_out) {
+  const int64_t k = t.sy.c, image = t.s1.hp * t.s1.wp * t.s1.cout;
   ParallelFor(pool, t.s1.n, [&](int64_t b) {
     const TwoLayerScratch buf = TwoLayerBuffers(t, ForwardPlaneFloats(t.sx, k));
-    ImageForward<CIN>(t.s1, x + b * t.s1.h * t.s1.w * t.s1.cin, k1, b1, relu1, buf.h,
-                      buf.arg);
-    WinogradImageForward<2>(t.sx, k, buf.h, b, u, buf.planes,
+    float* const h = h_out != nullptr ? h_out + b * image : buf.h;
+    int8_t* const arg1 = h_out != nullptr ? arg1_out + b * image : buf.arg;
+    ImageForward<CIN>(t.s1, x + b * t.s1.h * t.s1.w * t.s1.cin, k1, b1, relu1, h, arg1);
+    WinogradImageForward<2>(t.sx, k, h, b, u, buf.planes,
                          [&](const TileRows& r, const float* m, int64_t plane) {
                            OutputPoolRows(t.sy, m, plane, r, b2, relu2, y, arg);
                          });
   });
 }
 
+// h, arg1: the forward's h_out, arg1_out.
 template <int CIN, typename Pool>
-void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const float* k1,
-                      const float* b1, bool relu1, const float* ut, const int8_t* arg2,
-                      const float* dy, float* dk1, float* db1, float* du, float* db2) {
-  const int64_t c = t.sx.c, k = t.sy.c, cin = t.s1.cin;
+void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const float* h,
+                      const int8_t* arg1, const float* ut, const int8_t* arg2, const float* dy,
+                      float* dk1, float* db1, float* du, float* db2) {
+  const int64_t c = t.sx.c, k = t.sy.c, cin = t.s1.cin, image = t.s1.hp * t.s1.wp * c;
   const int64_t nk1 = 9 * cin * c;
   // Per chunk: dU [16, C, K], db2 [K], dk1 [3, 3, Cin, C], db1 [C], padded to whole vectors.
   const int64_t used = 16 * c * k + k + nk1 + c;
@@ -1279,12 +1285,11 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
     const int64_t first = t.s1.n * chunk / chunks;
     for (int64_t b = first; b < t.s1.n * (chunk + 1) / chunks; ++b) {
       const float* xb = x + b * t.s1.h * t.s1.w * cin;
-      ImageForward<CIN>(t.s1, xb, k1, b1, relu1, buf.h, buf.arg);
-      WinogradImageBackward<2>(t.sx, k, buf.h, b, ut, out_grad, buf.planes, buf.dh, acc,
+      WinogradImageBackward<2>(t.sx, k, h + b * image, b, ut, out_grad, buf.planes, buf.dh, acc,
                                b == first, db2_acc.data());
       for (int64_t cb = 0; cb < c; cb += L) {
-        BackwardBlock<CIN, 1, true>(t.s1, xb, buf.arg, buf.dh, gw.data() + cb / L * 9 * cin,
-                                    gb.data() + cb / L, cb);
+        BackwardBlock<CIN, 1, true>(t.s1, xb, arg1 + b * image, buf.dh,
+                                    gw.data() + cb / L * 9 * cin, gb.data() + cb / L, cb);
       }
     }
     float* adb2 = acc + 16 * c * k;
@@ -1319,20 +1324,44 @@ ffi::Error TwoLayerShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> 
 template <typename Pool>
 void TwoLayerForwardCore(Pool& pool, const TwoLayers& t, const float* x, const float* k1,
                          const float* b1, bool relu1, const float* u, const float* b2, bool relu2,
-                         float* y, int8_t* arg) {
-#define FJ_CALL(C) TwoLayerForward<C>(pool, t, x, k1, b1, relu1, u, b2, relu2, y, arg)
+                         float* y, int8_t* arg, float* h_out = nullptr,
+                         int8_t* arg1_out = nullptr) {
+#define FJ_CALL(C) \
+  TwoLayerForward<C>(pool, t, x, k1, b1, relu1, u, b2, relu2, y, arg, h_out, arg1_out)
   FJ_DISPATCH_CIN(t.s1.cin, FJ_CALL)
 #undef FJ_CALL
 }
 
 template <typename Pool>
-void TwoLayerBackwardCore(Pool& pool, const TwoLayers& t, const float* x, const float* k1,
-                          const float* b1, bool relu1, const float* ut, const int8_t* arg2,
+void TwoLayerBackwardCore(Pool& pool, const TwoLayers& t, const float* x, const float* h,
+                          const int8_t* arg1, const float* ut, const int8_t* arg2,
                           const float* dy, float* dk1, float* db1, float* du, float* db2) {
-#define FJ_CALL(C) \
-  TwoLayerBackward<C>(pool, t, x, k1, b1, relu1, ut, arg2, dy, dk1, db1, du, db2)
+#define FJ_CALL(C) TwoLayerBackward<C>(pool, t, x, h, arg1, ut, arg2, dy, dk1, db1, du, db2)
   FJ_DISPATCH_CIN(t.s1.cin, FJ_CALL)
 #undef FJ_CALL
+}
+
+// The forward (training's also returns h [N, hp, wp, C] and the first layer's argmax).
+ffi::Error TwoLayerForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::F32> k1, ffi::Buffer<ffi::F32> b1,
+                               ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> b2,
+                               ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S8> arg,
+                               float* h, int64_t h_count, int8_t* arg1, int64_t arg1_count,
+                               int32_t relu1, int32_t relu2) {
+  TwoLayers t;
+  if (ffi::Error e = TwoLayerShapes(x.dimensions(), k1.dimensions(), u.dimensions(),
+                                    y->dimensions(), false, &t);
+      e.failure()) {
+    return e;
+  }
+  const int64_t nh = t.s1.n * t.s1.hp * t.s1.wp * t.s1.cout;
+  if (h != nullptr && (h_count != nh || arg1_count != nh)) {
+    return ffi::Error::InvalidArgument("fashion_jax two conv layers: h's shape differs");
+  }
+  TwoLayerForwardCore(pool, t, x.typed_data(), k1.typed_data(), b1.typed_data(), relu1 != 0,
+                      u.typed_data(), b2.typed_data(), relu2 != 0, y->typed_data(),
+                      arg->typed_data(), h, arg1);
+  return ffi::Error::Success();
 }
 
 ffi::Error TwoLayerForwardHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -1340,36 +1369,45 @@ ffi::Error TwoLayerForwardHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                   ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> b2,
                                   ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S8> arg,
                                   int32_t relu1, int32_t relu2) {
-  TwoLayers t;
-  if (ffi::Error e = TwoLayerShapes(x.dimensions(), k1.dimensions(), u.dimensions(),
-                                    y->dimensions(), false, &t);
-      e.failure()) {
-    return e;
-  }
-  TwoLayerForwardCore(pool, t, x.typed_data(), k1.typed_data(), b1.typed_data(), relu1 != 0,
-                      u.typed_data(), b2.typed_data(), relu2 != 0, y->typed_data(),
-                      arg->typed_data());
-  return ffi::Error::Success();
+  return TwoLayerForwardImpl(pool, x, k1, b1, u, b2, y, arg, nullptr, 0, nullptr, 0, relu1,
+                             relu2);
 }
 
+ffi::Error TwoLayerTrainForwardHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                       ffi::Buffer<ffi::F32> k1, ffi::Buffer<ffi::F32> b1,
+                                       ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> b2,
+                                       ffi::ResultBuffer<ffi::F32> y,
+                                       ffi::ResultBuffer<ffi::S8> arg,
+                                       ffi::ResultBuffer<ffi::F32> h,
+                                       ffi::ResultBuffer<ffi::S8> arg1, int32_t relu1,
+                                       int32_t relu2) {
+  return TwoLayerForwardImpl(pool, x, k1, b1, u, b2, y, arg, h->typed_data(),
+                             int64_t(h->element_count()), arg1->typed_data(),
+                             int64_t(arg1->element_count()), relu1, relu2);
+}
+
+// The gradients from x, the forward's h and argmaxes; dk1 [3, 3, Cin, C] gives the first
+// layer's shape.
 ffi::Error TwoLayerBackwardHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                   ffi::Buffer<ffi::F32> k1, ffi::Buffer<ffi::F32> b1,
+                                   ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::S8> arg1,
                                    ffi::Buffer<ffi::F32> ut, ffi::Buffer<ffi::S8> arg2,
                                    ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk1,
                                    ffi::ResultBuffer<ffi::F32> db1,
                                    ffi::ResultBuffer<ffi::F32> du,
-                                   ffi::ResultBuffer<ffi::F32> db2, int32_t relu1) {
+                                   ffi::ResultBuffer<ffi::F32> db2) {
   TwoLayers t;
-  if (ffi::Error e = TwoLayerShapes(x.dimensions(), k1.dimensions(), ut.dimensions(),
+  if (ffi::Error e = TwoLayerShapes(x.dimensions(), dk1->dimensions(), ut.dimensions(),
                                     dy.dimensions(), true, &t);
       e.failure()) {
     return e;
   }
-  if (arg2.element_count() != dy.element_count() || dk1->element_count() != k1.element_count() ||
+  const size_t nh = t.s1.n * t.s1.hp * t.s1.wp * t.s1.cout;
+  if (h.element_count() != nh || arg1.element_count() != nh ||
+      arg2.element_count() != dy.element_count() || db1->element_count() != size_t(t.s1.cout) ||
       du->element_count() != ut.element_count()) {
     return ffi::Error::InvalidArgument("fashion_jax two conv layers gradient: shapes differ");
   }
-  TwoLayerBackwardCore(pool, t, x.typed_data(), k1.typed_data(), b1.typed_data(), relu1 != 0,
+  TwoLayerBackwardCore(pool, t, x.typed_data(), h.typed_data(), arg1.typed_data(),
                        ut.typed_data(), arg2.typed_data(), dy.typed_data(), dk1->typed_data(),
                        db1->typed_data(), du->typed_data(), db2->typed_data());
   return ffi::Error::Success();
@@ -2390,20 +2428,34 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjTwoLayerForward, TwoLayerForwardHandler,
                                   .Attr<int32_t>("relu1")
                                   .Attr<int32_t>("relu2"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FjTwoLayerBackward, TwoLayerBackwardHandler,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjTwoLayerTrainForward, TwoLayerTrainForwardHandler,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Attr<int32_t>("relu1")
+                                  .Attr<int32_t>("relu2"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjTwoLayerBackward, TwoLayerBackwardHandler,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("relu1"));
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjBnStats, BnStats,
                               ffi::Ffi::Bind()

@@ -294,20 +294,25 @@ void TestTwoLayers(std::mt19937& rng, const Problem& p, int k2, bool relu) {
   WinogradConvPoolBackwardCore(pool, sx, sy, h.data(), ut.data(), arg2.data(), dy.data(), dh.data(),
                                du.data(), db2.data());
   ConvPoolBackwardCore(pool, s1, x.data(), arg1.data(), dh.data(), dk1.data(), db1.data());
-  // As one op.
+  // As one op: inference's forward, then training's (which also returns h and the first
+  // layer's taps, the backward's inputs).
   const TwoLayers t{s1, sx, sy};
-  std::vector<float> y_t(ny, NAN), du_t(u.size(), NAN), db2_t(k2, NAN), dk1_t(k1.size(), NAN),
-      db1_t(p.k, NAN);
-  std::vector<int8_t> arg2_t(ny, -1);
+  std::vector<float> y_t(ny, NAN), y_train(ny, NAN), h_t(nh, NAN), du_t(u.size(), NAN),
+      db2_t(k2, NAN), dk1_t(k1.size(), NAN), db1_t(p.k, NAN);
+  std::vector<int8_t> arg2_t(ny, -1), arg2_train(ny, -1), arg1_t(nh, -1);
   TwoLayerForwardCore(pool, t, x.data(), k1.data(), b1.data(), relu, u.data(), b2.data(), relu,
                       y_t.data(), arg2_t.data());
-  TwoLayerBackwardCore(pool, t, x.data(), k1.data(), b1.data(), relu, ut.data(), arg2_t.data(),
+  TwoLayerForwardCore(pool, t, x.data(), k1.data(), b1.data(), relu, u.data(), b2.data(), relu,
+                      y_train.data(), arg2_train.data(), h_t.data(), arg1_t.data());
+  TwoLayerBackwardCore(pool, t, x.data(), h_t.data(), arg1_t.data(), ut.data(), arg2_t.data(),
                        dy.data(), dk1_t.data(), db1_t.data(), du_t.data(), db2_t.data());
   auto as_double = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
   std::string name(what);
   Expect((name + ": y").c_str(), y_t, as_double(y), 0.0);
+  Expect((name + ": training's y").c_str(), y_train, as_double(y), 0.0);
+  Expect((name + ": training's h").c_str(), h_t, as_double(h), 0.0);
   ++checks;
-  if (arg2_t != arg2) {
+  if (arg2_t != arg2 || arg2_train != arg2 || arg1_t != arg1) {
     ++failures;
     std::printf("FAIL %s: taps differ (L=%d)\n", what, L);
   }
