@@ -2438,29 +2438,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvForward, WinogradConvForward, PlainC
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvBackward, WinogradConvBackward, PlainGradBinding());
 
+// x, k1, b1, u, b2 -> y, argmax (training's forward adds h and the first layer's argmax).
+inline auto TwoLayerForwardBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::S8>>();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjTwoLayerForward, TwoLayerForwardHandler,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S8>>()
-                                  .Attr<int32_t>("relu1")
-                                  .Attr<int32_t>("relu2"));
+                              TwoLayerForwardBinding().Attr<int32_t>("relu1").Attr<int32_t>(
+                                  "relu2"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjTwoLayerTrainForward, TwoLayerTrainForwardHandler,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S8>>()
+                              TwoLayerForwardBinding()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S8>>()
                                   .Attr<int32_t>("relu1")
