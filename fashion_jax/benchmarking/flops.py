@@ -159,10 +159,10 @@ def _kernel_flops(target: str, operands: list[tuple[int, ...]]) -> float:
   # The two layers as one op: the direct layer, then the Winograd one on its pooled output h
   # [n, (h-2)/2, (w-2)/2, C] (the backward's operand 1; the forward's is the first kernel).
   if target.startswith("fashion_jax_two_layer_"):
-    (n, h, w, cin), c, (_, u1, u2) = operands[0], operands[1][-1], operands[3]
+    (n, h, w, cin), c, (planes, u1, u2) = operands[0], operands[1][-1], operands[3]
     hp, wp = (h - 2) // 2, (w - 2) // 2
     first = 2.0 * n * hp * wp * 4 * 9 * cin * c  # Forward, or the kernel gradient.
-    return first + _winograd_flops(target.endswith("fwd"), n, hp, wp, c, u1 * u2 // c)
+    return first + _winograd_flops(target.endswith("fwd"), n, hp, wp, c, u1 * u2 // c, planes)
   # BatchNorm + ReLU, per element of y (operand 0): the statistics' add and multiply-add; the
   # normalization (y - mean) a + t (3) then the forward's max, or the gradient sums' compare, add
   # and multiply-add, or the gradient's compare and two multiply-adds. With the pool: the
@@ -182,13 +182,17 @@ def _kernel_flops(target: str, operands: list[tuple[int, ...]]) -> float:
   return 0.0  # Dropout's keep mask (fashion_jax_keep_mask): integer hashing, no float work.
 
 
-# Per tile and channel, the transforms' FLOPs in F(2x2, 3x3) (additions only, ~32 each way) and
+# Per tile and channel, the transforms' FLOPs in F(2x2, 3x3) (additions only, ~32 each way),
 # in F(4x4, 3x3) (csrc/conv_pool.cc's Wino<4>: 19 per 6-point B^T, 13 per A^T, 11 per A, 19 per
 # B, each applied to the window's columns, then rows): V = B^T d B (4 new columns and 6 rows per
 # tile), Y = A^T M A (6 columns, 4 rows), dM = A G A^T (4 rows, 6 columns), dX = B dV B^T (12,
-# and the carried columns' 12 additions).
+# and the carried columns' 12 additions); and in F(5x5, 3x3) (Wino<5>: its constant matrices'
+# terms, a multiply-add 2 and an addition of a +-1 term 1: 53 per 7-point B^T, 34 per A^T, 32
+# per A, 52 per B; 5 new columns and 7 rows, 7 and 5, 5 and 7, 14 and 14 additions).
 _TRANSFORM_FLOPS = {16: {"v": 32, "y": 32, "dm": 32, "dx": 32},
-                    36: {"v": 190, "y": 130, "dm": 110, "dx": 240}}
+                    36: {"v": 190, "y": 130, "dm": 110, "dx": 240},
+                    49: {"v": 636, "y": 408, "dm": 384, "dx": 742}}
+_TILE_OF_PLANES = {16: 2, 36: 4, 49: 5}
 
 
 def _winograd_flops(forward: bool, n: int, h: int, w: int, c: int, k: int,
@@ -196,8 +200,9 @@ def _winograd_flops(forward: bool, n: int, h: int, w: int, c: int, k: int,
   """A fused Winograd layer on [n, h, w, c] with k outputs: its transforms (`_TRANSFORM_FLOPS`)
   and the per-tile products (forward; dV and dU backward, where V is recomputed from x). U is
   [planes, C, K] forward, U^T [planes, K, C] backward: 16 planes and 2x2 outputs a tile
-  (F(2x2, 3x3)), or 36 and 4x4 (F(4x4, 3x3))."""
-  m = 2 if planes == 16 else 4
+  (F(2x2, 3x3)), 36 and 4x4 (F(4x4, 3x3)) or 49 and 5x5 (F(5x5, 3x3), the two-layer op's
+  pooled second layer: (h - 2) // 5 tiles a side, as its 2 ((h - 2) // 2) / 5)."""
+  m = _TILE_OF_PLANES[planes]
   tiles = n * ((h - 2) // m) * ((w - 2) // m)
   t = _TRANSFORM_FLOPS[planes]
   if forward:

@@ -24,6 +24,10 @@ on the same kernels and build.
 
 `conv3x3_pool2_twice` runs two conv + pool layers (the classic CNN's) as one op: per image the
 first layer's output stays in cache for the second, instead of going to memory between them.
+Where the second layer's pooled output has sides that are multiples of 5 (the CNN's 5x5), it
+runs as Winograd F(5x5, 3x3): its 10x10 conv outputs are 2x2 tiles of 7x7 windows, 196
+channel products an image instead of F(2x2, 3x3)'s 400, computed for a group of images' tiles
+at once (`two_layer_tile`; its rounding is F(4x4, 3x3)'s order, `winograd`).
 
 Measured (the CNN's train step, 2 cores of a Zen 5 VM, BENCHMARKS.md): 47,500 images/s, 71 % of
 the CPU's measured peak FLOP/s executed, 4.2x Keras in the same run.
@@ -346,10 +350,12 @@ def conv3x3_pool2_twice(x: jax.Array, k1: jax.Array, b1: jax.Array, k2: jax.Arra
   Per image the first layer's pooled output and argmax stay in the thread's cache, where the
   second layer reads them (separately they went to memory: 11 MB at batch 512 for the CNN,
   written once and read twice); under differentiation the forward also writes them out once,
-  for the backward (recomputing them there was 5-10 % slower). Outputs are bitwise those of the
-  two layers' own kernels, gradients equal to float rounding (summed in other chunks). Raises
-  ValueError where the shapes are not supported (`supports_two_layers`) or the kernels are
-  unavailable.
+  for the backward (recomputing them there was 5-10 % slower). With F(2x2, 3x3)
+  (`two_layer_tile`) outputs are bitwise those of the two layers' own kernels, gradients equal
+  to float rounding (summed in other chunks); with F(5x5, 3x3) both are equal to theirs to its
+  rounding (RMS error ~2e-6 of the outputs' RMS, `winograd`), and a pooling window's near-ties
+  can go to another of its outputs. Raises ValueError where the shapes are not supported
+  (`supports_two_layers`) or the kernels are unavailable.
   """
   if not supports_two_layers(x, k1, k2):
     raise ValueError(f"native conv3x3_pool2_twice does not support x {x.shape} {x.dtype}, "
@@ -360,15 +366,32 @@ def conv3x3_pool2_twice(x: jax.Array, k1: jax.Array, b1: jax.Array, k2: jax.Arra
   return _two_layers(x, k1, b1.astype(jnp.float32), k2, b2.astype(jnp.float32), bool(relu))
 
 
+# The second layer's pooled outputs with at most this many F(5x5, 3x3) tiles an image run as
+# F(5x5, 3x3) where their sides are multiples of 5 (the CNN's 5x5: 2x2 tiles, 196 products an
+# image against F(2x2, 3x3)'s 400). Larger images keep F(2x2, 3x3), blocked per image.
+TWO_LAYER_F5_MAX_TILES = 16
+
+
+def two_layer_tile(x_shape, k1_shape) -> int:
+  """The Winograd tile of `conv3x3_pool2_twice`'s second layer for these shapes: 5 or 2."""
+  n, h, w, _ = x_shape
+  ph, pw = ((h - 2) // 2 - 2) // 2, ((w - 2) // 2 - 2) // 2
+  if ph > 0 and pw > 0 and ph % 5 == 0 and pw % 5 == 0:
+    if (2 * ph // 5) * (2 * pw // 5) <= TWO_LAYER_F5_MAX_TILES:
+      return 5
+  return 2
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _two_layers(x, k1, b1, k2, b2, relu):
+  u = winograd.filter_transform(k2, two_layer_tile(x.shape, k1.shape))
   return call("fashion_jax_two_layer_fwd", _pooled_shapes(_pooled(x, k1.shape[-1]), k2), x, k1,
-              b1, winograd.filter_transform(k2), b2, relu1=np.int32(relu), relu2=np.int32(relu))[0]
+              b1, u, b2, relu1=np.int32(relu), relu2=np.int32(relu))[0]
 
 
 def _two_layers_forward(x, k1, b1, k2, b2, relu):
   """Training's forward: also the first layer's output h and argmax, the backward's inputs."""
-  u = winograd.filter_transform(k2)
+  u = winograd.filter_transform(k2, two_layer_tile(x.shape, k1.shape))
   h_shapes = _pooled_shapes(x, k1)
   y, which2, h, which1 = call("fashion_jax_two_layer_train_fwd",
                               _pooled_shapes(h_shapes[0], k2) + h_shapes, x, k1, b1, u, b2,

@@ -32,11 +32,23 @@ F(4x4, 3x3) where its output's sides are multiples of 4: 6x6 windows, 36
 multiplies per 16 outputs (2.25 per output against 4); `filter_transform(kernel,
 tile=4)` is its U, the rest is in C++.
 
+The native two-layer op (`native.conv3x3_pool2_twice`, the classic CNN's pair)
+runs its second layer as F(5x5, 3x3) where the pooled output's sides are
+multiples of 5: points 0, +-1, +-2, 1/2 and infinity, 7x7 windows, 49 multiplies
+per 25 outputs (1.96 per output); the CNN's 10x10 conv outputs that the pool
+reads are 2x2 such tiles (400 products an image with F(2x2, 3x3), 196 here).
+`filter_transform(kernel, tile=5)` is its U.
+
 Numerics: the transforms are exact in binary (0, +-1, +-1/2), outputs agree with
 `lax.conv_general_dilated` to float32 rounding (tests compare outputs and
 gradients). F(4x4, 3x3)'s are not (factors 4, 5, 8, sixths): on ReLU'd inputs
 with 32 channels its outputs' RMS error is 1.1e-6 of their RMS (max 2.3e-5),
 against 1.8e-7 for F(2x2, 3x3) and 2.2e-7 for the direct sums in float32.
+F(5x5, 3x3)'s B^T and A^T are exact in binary (halves, powers of two) and G has
+thirds to forty-fifths: 1.9e-6 RMS (max 1.8e-5) in the same numpy model (64
+outputs, 20 windows; F(4x4, 3x3) 1.2e-6, F(2x2, 3x3) 1.9e-7 there); through
+the two-layer op against `lax` at HIGHEST precision, max errors 7-9e-6 of the
+outputs' RMS and 1-4e-6 for the gradients.
 Ties in a pooling window (common on Fashion-MNIST's blank
 background, where all four outputs are exactly the bias) send the gradient to
 the first maximum in row-major order, as the transpose of `reduce_window` does.
@@ -65,6 +77,13 @@ _AA = np.kron(_AT, _AT)  # [4, 16]  product m -> A^T m A (the four outputs y00 y
 _G4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
                 [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
 _GG4 = np.kron(_G4, _G4).astype(np.float32)
+# F(5x5, 3x3)'s (points 0, +-1, +-2, 1/2, infinity; the two-layer op's second layer,
+# fashion_jax/kernels/native.py): [49, 9].
+_G5 = np.array([[-1 / 2, 0, 0], [-1 / 3, -1 / 3, -1 / 3], [1 / 9, -1 / 9, 1 / 9],
+                [1 / 36, 1 / 18, 1 / 9], [-1 / 60, 1 / 30, -1 / 15], [32 / 45, 16 / 45, 8 / 45],
+                [0, 0, 1]])
+_GG5 = np.kron(_G5, _G5).astype(np.float32)
+_FILTER_MATRICES = {2: _GG, 4: _GG4, 5: _GG5}
 
 # The weight gradient contracts over all tiles; splitting them into this many
 # chunks (summed afterwards) lets XLA:CPU run the chunks' matmuls on both cores.
@@ -127,14 +146,15 @@ def input_transform_grad(dv: jax.Array, x_shape, th: int, tw: int) -> jax.Array:
 
 
 def _filter_matrix(tile: int) -> np.ndarray:
-  if tile not in (2, 4):
-    raise ValueError(f"Winograd tiles are 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got {tile}")
-  return _GG if tile == 2 else _GG4
+  if tile not in _FILTER_MATRICES:
+    raise ValueError(f"Winograd tiles are 2 (F(2x2, 3x3)), 4 (F(4x4, 3x3)) or 5 (F(5x5, 3x3)), "
+                     f"got {tile}")
+  return _FILTER_MATRICES[tile]
 
 
 def filter_transform(kernel: jax.Array, tile: int = 2) -> jax.Array:
   """U = G g G^T for each (input, output) channel pair: HWIO [3,3,C,K] -> [16, C, K] (F(2x2,
-  3x3)), or [36, C, K] with tile=4 (F(4x4, 3x3))."""
+  3x3)), [36, C, K] with tile=4 (F(4x4, 3x3)) or [49, C, K] with tile=5 (F(5x5, 3x3))."""
   _, _, c, k = kernel.shape
   gg = jnp.asarray(_filter_matrix(tile), kernel.dtype)
   return (gg @ kernel.reshape(9, c * k)).reshape(gg.shape[0], c, k)
@@ -158,9 +178,9 @@ def product_grads(v: jax.Array, u: jax.Array,
 
 def filter_transform_grad(du: jax.Array) -> jax.Array:
   """The transpose of `filter_transform`: the kernel's gradient [3,3,C,K] from dU [16, C, K]
-  (F(2x2, 3x3)) or [36, C, K] (F(4x4, 3x3))."""
+  (F(2x2, 3x3)), [36, C, K] (F(4x4, 3x3)) or [49, C, K] (F(5x5, 3x3))."""
   p, c, k = du.shape
-  gg = _filter_matrix(2 if p == 16 else 4)
+  gg = _filter_matrix({16: 2, 36: 4, 49: 5}.get(p, 0))
   return (jnp.asarray(gg, du.dtype).T @ du.reshape(p, c * k)).reshape(3, 3, c, k)
 
 

@@ -14,7 +14,9 @@
 //    The same kernel also computes the plain convolution (no pool: each window's four outputs
 //    written; cnn_bn's first layer, fashion_jax/kernels/plain_conv.py).
 // 2. Winograd F(2x2, 3x3) for wide inputs (further down): the whole layer fused,
-//    conv + pool (+ ReLU), or the convolution alone (also as F(4x4, 3x3)).
+//    conv + pool (+ ReLU), or the convolution alone (also as F(4x4, 3x3)); and the two layers
+//    as one op, whose second layer runs as F(5x5, 3x3) where its pooled output's sides are
+//    multiples of 5 (the CNN's).
 // 3. BatchNorm with batch statistics + ReLU (at the end; fashion_jax/kernels/batchnorm.py): two
 //    passes over the activation each way, optionally writing the next conv's zero border or
 //    the 2x2 max-pool that follows (its gradient read pooled).
@@ -44,6 +46,7 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -691,6 +694,82 @@ struct Wino<4> {
   }
 };
 
+// F(5x5, 3x3) (points 0, 1, -1, 2, -2, 1/2 and infinity; 7x7 windows, 49 products per 25
+// outputs: 1.96 a output against F(2x2, 3x3)'s 4) for the two-layer op's second layer, whose
+// 10x10 pooled conv outputs are 2x2 of its tiles (F(2x2, 3x3): 5x5 tiles, 400 products an image;
+// here 196). B^T and A^T are exact in binary (halves, powers of two); G (in winograd.py) holds
+// the thirds, ninths, fifteenths. Each 1-D transform is its constant matrix applied directly:
+// the terms with a zero skipped and +-1 as additions at compile time (33 instructions per
+// 7-point input transform, 22 per output transform, with multiply-adds).
+template <int R, int N>
+struct ConstMatrix {
+  static constexpr int rows = R, cols = N;
+  float c[R][N];
+};
+
+template <int R, int N>
+constexpr ConstMatrix<N, R> Transposed(const ConstMatrix<R, N>& m) {
+  ConstMatrix<N, R> t{};
+  for (int i = 0; i < R; ++i) {
+    for (int j = 0; j < N; ++j) t.c[j][i] = m.c[i][j];
+  }
+  return t;
+}
+
+template <const auto& C, int I, int J>
+inline void MatrixTerm(fv& acc, const fv* in) {
+  constexpr float w = C.c[I][J];
+  if constexpr (w == 1.0f) {
+    acc += in[J];
+  } else if constexpr (w == -1.0f) {
+    acc -= in[J];
+  } else if constexpr (w != 0.0f) {
+    acc += Splat(w) * in[J];
+  }
+}
+
+template <const auto& C, int I, int... J>
+inline fv MatrixRow(const fv* in, std::integer_sequence<int, J...>) {
+  fv acc = -fv{};  // -0.0: adding it to the first term gives that term exactly.
+  (MatrixTerm<C, I, J>(acc, in), ...);
+  return acc;
+}
+
+// out = C in for a constant matrix C.
+template <const auto& C, int... I>
+inline void MatrixApply(const fv* in, fv* out, std::integer_sequence<int, I...>) {
+  ((out[I] = MatrixRow<C, I>(in, std::make_integer_sequence<int, C.cols>{})), ...);
+}
+
+template <const auto& C>
+inline void MatrixApply(const fv* in, fv* out) {
+  MatrixApply<C>(in, out, std::make_integer_sequence<int, C.rows>{});
+}
+
+constexpr ConstMatrix<7, 7> kWino5BT = {{{-2, 4, 2.5f, -5, -0.5f, 1, 0},
+                                         {0, 2, -2, -4.5f, 0.5f, 1, 0},
+                                         {0, -2, 6, -3.5f, -1.5f, 1, 0},
+                                         {0, 1, -1.5f, -2, 1.5f, 1, 0},
+                                         {0, -1, 2.5f, 0, -2.5f, 1, 0},
+                                         {0, 4, 0, -5, 0, 1, 0},
+                                         {0, -2, 4, 2.5f, -5, -0.5f, 1}}};
+constexpr ConstMatrix<5, 7> kWino5AT = {{{1, 1, 1, 1, 1, 1, 0},
+                                         {0, 1, -1, 2, -2, 0.5f, 0},
+                                         {0, 1, 1, 4, 4, 0.25f, 0},
+                                         {0, 1, -1, 8, -8, 0.125f, 0},
+                                         {0, 1, 1, 16, 16, 0.0625f, 1}}};
+constexpr ConstMatrix<7, 7> kWino5B = Transposed(kWino5BT);
+constexpr ConstMatrix<7, 5> kWino5A = Transposed(kWino5AT);
+
+template <>
+struct Wino<5> {
+  static constexpr int A = 7;
+  static void In(const fv d[7], fv t[7]) { MatrixApply<kWino5BT>(d, t); }
+  static void InT(const fv t[7], fv d[7]) { MatrixApply<kWino5B>(t, d); }
+  static void Out(const fv m[7], fv y[5]) { MatrixApply<kWino5AT>(m, y); }
+  static void OutT(const fv g[5], fv m[7]) { MatrixApply<kWino5A>(g, m); }
+};
+
 // An image's tiles for F(m x m, 3 x 3): th x tw of them, c channels.
 struct Tiles {
   int64_t n, h, w, c, th, tw;
@@ -903,6 +982,63 @@ void OutputPoolGradRows(const Tiles& s, const float* dy, const int8_t* arg, cons
     for (int q = 0; q < 4; ++q) go[q] = which == SplatI(q) ? g : zero;
     OutputTransformT<2>(go, dm, plane, t, s.c, kb);
   });
+}
+
+// F(5x5, 3x3) with the pool (s.m == 5, s.c is K; 5 th and 5 tw even): a 2x2 window can span
+// two tiles, so per channel block an image's tiles put their conv outputs into `conv` (5 th x
+// 5 tw vectors) and the windows are pooled from there. The image's tiles are tiles
+// [0, th tw) of the planes m; y and arg [N, 5 th / 2, 5 tw / 2, K], image b.
+void OutputPoolImage5(const Tiles& s, const float* m, int64_t plane, int64_t b, const float* bias,
+                      bool relu, float* y, int8_t* arg, fv* conv) {
+  const int64_t ow = 5 * s.tw, ph = 5 * s.th / 2, pw = 5 * s.tw / 2;
+  for (int64_t kb = 0; kb < s.c; kb += L) {
+    for (int64_t i = 0; i < s.th; ++i) {
+      for (int64_t j = 0; j < s.tw; ++j) {
+        fv out[25];
+        OutputTransform<5>(m, plane, i * s.tw + j, s.c, kb, out);
+        for (int q = 0; q < 25; ++q) conv[(5 * i + q / 5) * ow + 5 * j + q % 5] = out[q];
+      }
+    }
+    const fv add = Load(bias + kb);
+    for (int64_t a = 0; a < ph; ++a) {
+      for (int64_t e = 0; e < pw; ++e) {
+        const fv* top = conv + 2 * a * ow + 2 * e;
+        const fv window[4] = {top[0], top[1], top[ow], top[ow + 1]};
+        const int64_t o = ((b * ph + a) * pw + e) * s.c + kb;
+        PoolStore(window, add, relu, y + o, arg + o);
+      }
+    }
+  }
+}
+
+// Its gradient: dM of image b's tiles (tiles [0, th tw) of the planes dm) from the pooled
+// gradient at each window's winning output; what reaches an output is added to db.
+void OutputPoolGradImage5(const Tiles& s, const float* dy, const int8_t* arg, int64_t b,
+                          float* dm, int64_t plane, fv* db, fv* conv) {
+  const int64_t ow = 5 * s.tw, ph = 5 * s.th / 2, pw = 5 * s.tw / 2;
+  const fv zero = Splat(0.0f);
+  for (int64_t kb = 0; kb < s.c; kb += L) {
+    for (int64_t a = 0; a < ph; ++a) {  // The windows cover every conv output.
+      for (int64_t e = 0; e < pw; ++e) {
+        const int64_t o = ((b * ph + a) * pw + e) * s.c + kb;
+        const fv g = Load(dy + o);
+        const iv which = Widen(arg + o);
+        db[kb / L] += which < SplatI(kNoTap) ? g : zero;
+        fv* top = conv + 2 * a * ow + 2 * e;
+        top[0] = which == SplatI(0) ? g : zero;
+        top[1] = which == SplatI(1) ? g : zero;
+        top[ow] = which == SplatI(2) ? g : zero;
+        top[ow + 1] = which == SplatI(3) ? g : zero;
+      }
+    }
+    for (int64_t i = 0; i < s.th; ++i) {
+      for (int64_t j = 0; j < s.tw; ++j) {
+        fv g[25];
+        for (int q = 0; q < 25; ++q) g[q] = conv[(5 * i + q / 5) * ow + 5 * j + q % 5];
+        OutputTransformT<5>(g, dm, plane, i * s.tw + j, s.c, kb);
+      }
+    }
+  }
 }
 
 // The plain convolution's outputs (s.c is K): y [N, M th, M tw, K], M x M per tile.
@@ -1333,8 +1469,148 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
   std::copy(total + 16 * c * k + k + nk1, total + used, db1);
 }
 
+// The second layer as F(5x5, 3x3) (t.sx.m == 5): an image has few tiles (the CNN's 2x2), so the
+// products run on a group of images' tiles at once (kGroupTiles or more): per plane one
+// [tiles, C] x [C, K] product for the group, U's plane read once for it, and dU's sums over the
+// group's tiles, not one image's 4. Per group, in cache: h, the planes V and M (or dM) and U.
+constexpr int64_t kGroupTiles = 32;
+
+inline int64_t GroupImages(const Tiles& sx) {
+  return std::max<int64_t>(1, kGroupTiles / (sx.th * sx.tw));
+}
+
+// A group's plane of `channels`-channel tiles, in floats: one cache line more than its tiles.
+// Without it the planes (32 tiles x 32 or 64 channels: 4 or 8 KB) lie a power of two apart, and
+// a tile's 49 values, one per plane, all fall in the same set of the 8-way L1 cache: the
+// transforms that read or write them ran 2-3 times slower (Zen 3, per image: input transform
+// 4.5 -> 1.3 us, pooled outputs 7.0 -> 3.0, their gradient 9.3 -> 3.1).
+inline int64_t GroupPlane(int64_t tiles, int64_t channels) { return tiles * channels + kAlignPad; }
+
+// Per thread: h, its argmax and dh for a group's images (dh: one image), the group's planes (V
+// and M or dM) and an image's conv outputs per channel block (OutputPoolImage5).
+struct GroupScratch {
+  float* h;
+  float* dh;
+  int8_t* arg;
+  float* planes;
+  fv* conv;
+};
+
+inline GroupScratch GroupBuffers(const TwoLayers& t, int64_t images) {
+  thread_local std::vector<float> floats;
+  thread_local std::vector<int8_t> bytes;
+  thread_local std::vector<fv> conv;
+  const int64_t image = t.s1.hp * t.s1.wp * t.s1.cout;
+  const int64_t padded = (image + kAlignPad - 1) / kAlignPad * kAlignPad;
+  const int64_t tiles = images * t.sx.th * t.sx.tw;
+  floats.resize((images + 1) * padded +
+                Planes(5) * (GroupPlane(tiles, t.sx.c) + GroupPlane(tiles, t.sy.c)) + kAlignPad);
+  bytes.resize(images * image);
+  conv.resize(25 * t.sx.th * t.sx.tw);
+  float* h = AlignUp(floats.data());
+  return GroupScratch{h, h + images * padded, bytes.data(), h + (images + 1) * padded,
+                      conv.data()};
+}
+
+template <int CIN, typename Pool>
+void TwoLayerForward5(Pool& pool, const TwoLayers& t, const float* x, const float* k1,
+                      const float* b1, bool relu1, const float* u, const float* b2, bool relu2,
+                      float* y, int8_t* arg, float* h_out, int8_t* arg1_out) {
+  constexpr int64_t P = Planes(5);
+  const int64_t c = t.sx.c, k = t.sy.c, image = t.s1.hp * t.s1.wp * c;
+  const int64_t padded = (image + kAlignPad - 1) / kAlignPad * kAlignPad;
+  const int64_t per = t.sx.th * t.sx.tw, group = GroupImages(t.sx), block = group * per;
+  const int64_t pv = GroupPlane(block, c), pm = GroupPlane(block, k);
+  ParallelFor(pool, (t.s1.n + group - 1) / group, [&](int64_t g) {
+    const GroupScratch buf = GroupBuffers(t, group);
+    float* v = buf.planes;
+    float* m = v + P * pv;
+    const int64_t b0 = g * group, count = std::min(group, t.s1.n - b0);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t b = b0 + i;
+      float* const h = h_out != nullptr ? h_out + b * image : buf.h + i * padded;
+      int8_t* const arg1 = h_out != nullptr ? arg1_out + b * image : buf.arg + i * image;
+      ImageForward<CIN>(t.s1, x + b * t.s1.h * t.s1.w * t.s1.cin, k1, b1, relu1, h, arg1);
+      InputTransformRows<5>(t.sx, h, TileRows{0, 0, t.sx.th}, v + i * per * c, pv);
+    }
+    for (int p = 0; p < P; ++p) {
+      Gemm(v + p * pv, c, 1, u + p * c * k, k, m + p * pm, k, count * per, c, k, false);
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      OutputPoolImage5(t.sy, m + i * per * k, pm, b0 + i, b2, relu2, y, arg, buf.conv);
+    }
+  });
+}
+
+// Chunks of about kGroupTiles tiles' images or more (at most kWinogradGradChunks), each summed
+// as groups.
+template <int CIN, typename Pool>
+void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const float* h,
+                       const int8_t* arg1, const float* ut, const int8_t* arg2, const float* dy,
+                       float* dk1, float* db1, float* du, float* db2) {
+  constexpr int64_t P = Planes(5);
+  const int64_t c = t.sx.c, k = t.sy.c, cin = t.s1.cin, image = t.s1.hp * t.s1.wp * c;
+  const int64_t per = t.sx.th * t.sx.tw, group = GroupImages(t.sx), block = group * per;
+  const int64_t pv = GroupPlane(block, c), pm = GroupPlane(block, k);
+  const int64_t nk1 = 9 * cin * c, nuk = P * c * k;
+  const int64_t used = nuk + k + nk1 + c;  // Per chunk: dU, db2, dk1, db1.
+  const int64_t nu = (used + kAlignPad - 1) / kAlignPad * kAlignPad;
+  const int64_t chunks = std::min(GradChunks(t.s1.n), (t.s1.n + group - 1) / group);
+  std::unique_ptr<float[]> partial_buffer(new float[chunks * nu + kAlignPad]);
+  float* const partial = AlignUp(partial_buffer.get());
+  ParallelFor(pool, chunks, [&](int64_t chunk) {
+    const GroupScratch buf = GroupBuffers(t, group);
+    float* v = buf.planes;  // Then dV, plane by plane.
+    float* dm = v + P * pv;
+    float* acc = partial + chunk * nu;  // Written, not zeroed: see WinogradFusedBackward.
+    std::vector<fv> db2_acc(k / L, Splat(0.0f));
+    std::vector<fv> gw(9 * cin * (c / L), Splat(0.0f));  // [block][tap, ci]
+    std::vector<fv> gb(c / L, Splat(0.0f));
+    const int64_t first = t.s1.n * chunk / chunks, last = t.s1.n * (chunk + 1) / chunks;
+    for (int64_t b0 = first; b0 < last; b0 += group) {
+      const int64_t count = std::min(group, last - b0);
+      for (int64_t i = 0; i < count; ++i) {
+        InputTransformRows<5>(t.sx, h + (b0 + i) * image, TileRows{0, 0, t.sx.th},
+                              v + i * per * c, pv);
+        OutputPoolGradImage5(t.sy, dy, arg2, b0 + i, dm + i * per * k, pm, db2_acc.data(),
+                             buf.conv);
+      }
+      for (int p = 0; p < P; ++p) {
+        float* vp = v + p * pv;
+        const float* dmp = dm + p * pm;
+        Gemm(vp, 1, c, dmp, k, acc + p * c * k, k, c, count * per, k, b0 > first);
+        Gemm(dmp, k, 1, ut + p * k * c, c, vp, c, count * per, k, c, false);
+      }
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t b = b0 + i;
+        ZeroUncovered(t.sx, buf.dh);
+        InputGradRows<5>(t.sx, v + i * per * c, pv, TileRows{0, 0, t.sx.th}, buf.dh);
+        for (int64_t cb = 0; cb < c; cb += L) {
+          BackwardBlock<CIN, 1, true>(t.s1, x + b * t.s1.h * t.s1.w * cin, arg1 + b * image,
+                                      buf.dh, gw.data() + cb / L * 9 * cin, gb.data() + cb / L,
+                                      cb);
+        }
+      }
+    }
+    float* adb2 = acc + nuk;
+    float* adk1 = adb2 + k;
+    float* adb1 = adk1 + nk1;
+    for (int64_t kb = 0; kb < k; kb += L) Store(adb2 + kb, db2_acc[kb / L]);
+    for (int64_t cb = 0; cb < c; cb += L) {
+      for (int64_t tap = 0; tap < 9 * cin; ++tap) Store(adk1 + tap * c + cb, gw[cb / L * 9 * cin + tap]);
+      Store(adb1 + cb, gb[cb / L]);
+    }
+  });
+  const float* total = SumChunks(pool, partial, chunks, nu, used);
+  std::copy(total, total + nuk, du);
+  std::copy(total + nuk, total + nuk + k, db2);
+  std::copy(total + nuk + k, total + nuk + k + nk1, dk1);
+  std::copy(total + nuk + k + nk1, total + used, db1);
+}
+
 // x [N, H, W, Cin] with Cin < 8 (the direct kernel's), k1 [3, 3, Cin, C], u [16, C, K] (U^T
-// [16, K, C] for the gradient), y [N, hp2, wp2, K]; C and K multiples of L.
+// [16, K, C] for the gradient), or [49, C, K] (F(5x5, 3x3): the pooled output's sides hp2 and
+// wp2 multiples of 5), y [N, hp2, wp2, K]; C and K multiples of L.
 ffi::Error TwoLayerShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> k1d,
                           ffi::Span<const int64_t> ud, ffi::Span<const int64_t> yd,
                           bool transposed, TwoLayers* t) {
@@ -1343,7 +1619,22 @@ ffi::Error TwoLayerShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> 
     return ffi::Error::InvalidArgument("fashion_jax two conv layers: the first needs Cin < 8");
   }
   const std::vector<int64_t> hd = {t->s1.n, t->s1.hp, t->s1.wp, t->s1.cout};
-  return FusedShapes(ffi::Span<const int64_t>(hd), ud, yd, transposed, true, &t->sx, &t->sy);
+  if (ud.size() != 3 || ud[0] != Planes(5)) {
+    return FusedShapes(ffi::Span<const int64_t>(hd), ud, yd, transposed, true, &t->sx, &t->sy);
+  }
+  const int64_t c = t->s1.cout, k = yd.size() == 4 ? yd[3] : 0;
+  const int64_t ph = (t->s1.hp - 2) / 2, pw = (t->s1.wp - 2) / 2;
+  const int64_t uc = transposed ? 2 : 1, uk = transposed ? 1 : 2;
+  if (t->s1.hp < 4 || t->s1.wp < 4 || ph % 5 != 0 || pw % 5 != 0 || c % L != 0 || k % L != 0 ||
+      ud[uc] != c || ud[uk] != k || yd[0] != t->s1.n || yd[1] != ph || yd[2] != pw) {
+    return ffi::Error::InvalidArgument(
+        "fashion_jax two conv layers (F(5x5, 3x3)): expected U [49, C, K] (U^T [49, K, C] for "
+        "the gradient) and y [N, (hp-2)/2, (wp-2)/2, K] with both sides multiples of 5, C and "
+        "K multiples of " + std::to_string(L));
+  }
+  t->sx = Tiles{t->s1.n, t->s1.hp, t->s1.wp, c, 2 * ph / 5, 2 * pw / 5, 5};
+  t->sy = Tiles{t->s1.n, t->s1.hp, t->s1.wp, k, t->sx.th, t->sx.tw, 5};
+  return ffi::Error::Success();
 }
 
 template <typename Pool>
@@ -1351,8 +1642,12 @@ void TwoLayerForwardCore(Pool& pool, const TwoLayers& t, const float* x, const f
                          const float* b1, bool relu1, const float* u, const float* b2, bool relu2,
                          float* y, int8_t* arg, float* h_out = nullptr,
                          int8_t* arg1_out = nullptr) {
-#define FJ_CALL(C) \
-  TwoLayerForward<C>(pool, t, x, k1, b1, relu1, u, b2, relu2, y, arg, h_out, arg1_out)
+#define FJ_CALL(C)                                                                          \
+  if (t.sx.m == 5) {                                                                        \
+    TwoLayerForward5<C>(pool, t, x, k1, b1, relu1, u, b2, relu2, y, arg, h_out, arg1_out);  \
+  } else {                                                                                  \
+    TwoLayerForward<C>(pool, t, x, k1, b1, relu1, u, b2, relu2, y, arg, h_out, arg1_out);   \
+  }
   FJ_DISPATCH_CIN(t.s1.cin, FJ_CALL)
 #undef FJ_CALL
 }
@@ -1361,7 +1656,12 @@ template <typename Pool>
 void TwoLayerBackwardCore(Pool& pool, const TwoLayers& t, const float* x, const float* h,
                           const int8_t* arg1, const float* ut, const int8_t* arg2,
                           const float* dy, float* dk1, float* db1, float* du, float* db2) {
-#define FJ_CALL(C) TwoLayerBackward<C>(pool, t, x, h, arg1, ut, arg2, dy, dk1, db1, du, db2)
+#define FJ_CALL(C)                                                                 \
+  if (t.sx.m == 5) {                                                               \
+    TwoLayerBackward5<C>(pool, t, x, h, arg1, ut, arg2, dy, dk1, db1, du, db2);    \
+  } else {                                                                         \
+    TwoLayerBackward<C>(pool, t, x, h, arg1, ut, arg2, dy, dk1, db1, du, db2);     \
+  }
   FJ_DISPATCH_CIN(t.s1.cin, FJ_CALL)
 #undef FJ_CALL
 }

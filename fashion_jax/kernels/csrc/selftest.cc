@@ -137,12 +137,16 @@ void ExpectTaps(const char* what, const Problem& p, const std::vector<float>& x,
 }
 
 // U = G g G^T per (input, output) channel pair, as fashion_jax.kernels.winograd does: G of
-// F(2x2, 3x3) (m = 2, 4 rows) or of F(4x4, 3x3) (m = 4, 6 rows).
+// F(2x2, 3x3) (m = 2, 4 rows), of F(4x4, 3x3) (m = 4, 6 rows) or of F(5x5, 3x3) (m = 5, 7).
 const double kG2[4][3] = {{1, 0, 0}, {.5, .5, .5}, {.5, -.5, .5}, {0, 0, 1}};
 const double kG4[6][3] = {{1. / 4, 0, 0},           {-1. / 6, -1. / 6, -1. / 6},
                           {-1. / 6, 1. / 6, -1. / 6}, {1. / 24, 1. / 12, 1. / 6},
                           {1. / 24, -1. / 12, 1. / 6}, {0, 0, 1}};
-inline double G(int m, int a, int k) { return m == 4 ? kG4[a][k] : kG2[a][k]; }
+const double kG5[7][3] = {{-1. / 2, 0, 0},           {-1. / 3, -1. / 3, -1. / 3},
+                          {1. / 9, -1. / 9, 1. / 9},  {1. / 36, 1. / 18, 1. / 9},
+                          {-1. / 60, 1. / 30, -1. / 15}, {32. / 45, 16. / 45, 8. / 45},
+                          {0, 0, 1}};
+inline double G(int m, int a, int k) { return m == 5 ? kG5[a][k] : m == 4 ? kG4[a][k] : kG2[a][k]; }
 
 std::vector<float> FilterTransform(const Problem& p, const std::vector<float>& kern, bool transposed,
                                    int m = 2) {
@@ -321,6 +325,61 @@ void TestTwoLayers(std::mt19937& rng, const Problem& p, int k2, bool relu) {
   Expect((name + ": db2").c_str(), db2_t, as_double(db2), 1e-5 * scale);
   Expect((name + ": dk1").c_str(), dk1_t, as_double(dk1), 1e-5 * scale);
   Expect((name + ": db1").c_str(), db1_t, as_double(db1), 1e-5 * scale);
+}
+
+// The two-layer op with its second layer as F(5x5, 3x3) (its pooled output's sides multiples of
+// 5; groups of images, GroupImages): h and the first layer's taps bitwise the first layer's own
+// kernel's, training's y and taps bitwise inference's, and y, the second layer's taps and every
+// gradient against the direct sums in double (the gradients routed through the op's taps).
+void TestTwoLayers5(std::mt19937& rng, const Problem& p, int k2, bool relu) {
+  SerialPool pool;
+  char what[160];
+  std::snprintf(what, sizeof(what), "two layers F(5x5) n=%d %dx%d c=%d k=%d k2=%d relu=%d", p.n,
+                p.h, p.w, p.c, p.k, k2, relu);
+  const Problem p2{p.n, p.hp(), p.wp(), p.k, k2};
+  const std::vector<float> x = Random(rng, size_t(p.n) * p.h * p.w * p.c, 1.0f);
+  const std::vector<float> k1 = Random(rng, 9 * size_t(p.c) * p.k, 0.3f);
+  const std::vector<float> b1 = Random(rng, p.k, 0.5f);
+  const std::vector<float> kern2 = Random(rng, 9 * size_t(p2.c) * p2.k, 0.1f);
+  const std::vector<float> b2 = Random(rng, p2.k, 0.5f);
+  const std::vector<float> u = FilterTransform(p2, kern2, false, 5);
+  const std::vector<float> ut = FilterTransform(p2, kern2, true, 5);
+  const size_t nh = size_t(p.n) * p.hp() * p.wp() * p.k, ny = size_t(p.n) * p2.hp() * p2.wp() * k2;
+  const std::vector<float> dy = Random(rng, ny, 1.0f);
+  const Shape s1{p.n, p.h, p.w, p.c, p.k, p.hp(), p.wp()};
+  std::vector<float> h(nh);
+  std::vector<int8_t> arg1(nh);
+  ConvPoolForwardCore(pool, s1, x.data(), k1.data(), b1.data(), relu, h.data(), arg1.data());
+  const int th = 2 * p2.hp() / 5, tw = 2 * p2.wp() / 5;
+  const TwoLayers t{s1, Tiles{p2.n, p2.h, p2.w, p2.c, th, tw, 5},
+                    Tiles{p2.n, p2.h, p2.w, k2, th, tw, 5}};
+  std::vector<float> y_t(ny, NAN), y_train(ny, NAN), h_t(nh, NAN), du_t(u.size(), NAN),
+      db2_t(k2, NAN), dk1_t(k1.size(), NAN), db1_t(p.k, NAN);
+  std::vector<int8_t> arg2_t(ny, -1), arg2_train(ny, -1), arg1_t(nh, -1);
+  TwoLayerForwardCore(pool, t, x.data(), k1.data(), b1.data(), relu, u.data(), b2.data(), relu,
+                      y_t.data(), arg2_t.data());
+  TwoLayerForwardCore(pool, t, x.data(), k1.data(), b1.data(), relu, u.data(), b2.data(), relu,
+                      y_train.data(), arg2_train.data(), h_t.data(), arg1_t.data());
+  TwoLayerBackwardCore(pool, t, x.data(), h_t.data(), arg1_t.data(), ut.data(), arg2_t.data(),
+                       dy.data(), dk1_t.data(), db1_t.data(), du_t.data(), db2_t.data());
+  auto as_double = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+  std::string name(what);
+  Expect((name + ": training's y").c_str(), y_train, as_double(y_t), 0.0);
+  Expect((name + ": training's h").c_str(), h_t, as_double(h), 0.0);
+  Check(arg2_train == arg2_t && arg1_t == arg1, (name + ": training's taps").c_str());
+  const Reference r2 = Compute(p2, h, kern2, b2, relu, arg2_t, dy);
+  // F(5x5, 3x3)'s transforms round more than F(2x2, 3x3)'s (winograd.py: RMS error 1.9e-6 of
+  // the outputs' RMS against 1.9e-7); the bound is F(4x4)'s.
+  Expect((name + ": y").c_str(), y_t, r2.y, 2e-4);
+  ExpectTaps((name + ": taps").c_str(), p2, h, kern2, b2, relu, arg2_t);
+  const double scale = double(p.n) * p2.hp() * p2.wp();
+  Expect((name + ": dkernel2").c_str(), FilterTransformGrad(p2, du_t, 5), r2.dk, 2e-5 * scale);
+  Expect((name + ": db2").c_str(), db2_t, r2.db, 1e-5 * scale);
+  const std::vector<float> dh(r2.dx.begin(), r2.dx.end());
+  const Reference r1 = Compute(p, x, k1, b1, relu, arg1, dh);
+  const double scale1 = double(p.n) * p.hp() * p.wp();
+  Expect((name + ": dk1").c_str(), dk1_t, r1.dk, 2e-5 * scale1);
+  Expect((name + ": db1").c_str(), db1_t, r1.db, 1e-5 * scale1);
 }
 
 // BatchNorm + ReLU: y [rows of w pixels, c] (h rows an image), every kernel against double
@@ -669,6 +728,15 @@ int main() {
     TestTwoLayers(rng, {2, 13, 11, 3, L}, 3 * L, relu);
     TestTwoLayers(rng, {17, 10, 10, 2, L}, L, relu);
   }
+  // ... with its second layer as F(5x5, 3x3): the CNN's pair (2x2 tiles an image, a group
+  // part-filled), more images than fit a group in chunks of 5-6 (groups of 8 cut short), 4x2
+  // tiles (groups of 4), 6x6 tiles (36: one image a group).
+  for (bool relu : {false, true}) {
+    TestTwoLayers5(rng, {3, 28, 28, 1, 2 * L}, 4 * L, relu);
+    TestTwoLayers5(rng, {17, 28, 28, 2, L}, L, relu);
+    TestTwoLayers5(rng, {2, 48, 28, 1, L}, 2 * L, relu);
+  }
+  TestTwoLayers5(rng, {1, 68, 68, 1, L}, L, true);
   // BatchNorm + ReLU: images (several chunks of rows, the last one short; odd sizes; padding 1
   // and 2) and [P, C] rows (one pixel each).
   TestBatchNormRelu(rng, 5, 28, 28, 2 * L, 1);
