@@ -1542,8 +1542,9 @@ void TwoLayerForward5(Pool& pool, const TwoLayers& t, const float* x, const floa
   });
 }
 
-// Chunks of about kGroupTiles tiles' images or more (at most kWinogradGradChunks), each summed
-// as groups.
+// Chunks of two groups (at most kWinogradGradChunks; at least two where there are two groups),
+// each summed as groups. Each chunk's partial dU is 49 planes (400 KB for the CNN), and summing
+// them costs: chunks of one group took 10 % longer at batch 128 (16 chunks, not 8; Zen 3).
 template <int CIN, typename Pool>
 void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const float* h,
                        const int8_t* arg1, const float* ut, const int8_t* arg2, const float* dy,
@@ -1555,7 +1556,9 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
   const int64_t nk1 = 9 * cin * c, nuk = P * c * k;
   const int64_t used = nuk + k + nk1 + c;  // Per chunk: dU, db2, dk1, db1.
   const int64_t nu = (used + kAlignPad - 1) / kAlignPad * kAlignPad;
-  const int64_t chunks = std::min(GradChunks(t.s1.n), (t.s1.n + group - 1) / group);
+  const int64_t groups = (t.s1.n + group - 1) / group;
+  const int64_t chunks = std::min(GradChunks(t.s1.n), std::max(std::min<int64_t>(groups, 2),
+                                                                (groups + 1) / 2));
   std::unique_ptr<float[]> partial_buffer(new float[chunks * nu + kAlignPad]);
   float* const partial = AlignUp(partial_buffer.get());
   ParallelFor(pool, chunks, [&](int64_t chunk) {
