@@ -1383,24 +1383,60 @@ struct TwoLayers {
   Tiles sx, sy;
 };
 
-// Per thread: h and dh (C-channel images, aligned), the first layer's argmax, the blocks' planes.
+// Per thread: h and the first layer's argmax for `images` images (C-channel images, aligned), dh
+// for one, the blocks' planes (plane_floats) and `conv` vectors (OutputPoolImage5's buffer).
 struct TwoLayerScratch {
   float* h;
   float* dh;
   int8_t* arg;
   float* planes;
+  fv* conv;
 };
 
-inline TwoLayerScratch TwoLayerBuffers(const TwoLayers& t, int64_t plane_floats) {
+inline TwoLayerScratch TwoLayerBuffers(const TwoLayers& t, int64_t images, int64_t plane_floats,
+                                       int64_t conv_vectors = 0) {
   thread_local std::vector<float> floats;
   thread_local std::vector<int8_t> bytes;
+  thread_local std::vector<fv> conv;
   const int64_t image = t.s1.hp * t.s1.wp * t.s1.cout;
   const int64_t padded = (image + kAlignPad - 1) / kAlignPad * kAlignPad;
-  floats.resize(2 * padded + plane_floats + kAlignPad);
-  bytes.resize(image);
+  floats.resize((images + 1) * padded + plane_floats + kAlignPad);
+  bytes.resize(images * image);
+  conv.resize(conv_vectors);
   float* h = AlignUp(floats.data());
-  return TwoLayerScratch{h, h + padded, bytes.data(), h + 2 * padded};
+  return TwoLayerScratch{h, h + images * padded, bytes.data(), h + (images + 1) * padded,
+                         conv.data()};
 }
+
+// A chunk's sums after its images (db2, the first layer's dk1 and db1, each L-vector
+// accumulators) into its partial buffer after its dU (nuk floats), and the totals over the chunks
+// out (du, db2, dk1, db1), for both forms of the second layer.
+struct TwoLayerGradSums {
+  int64_t nuk, k, c, cin;
+  int64_t used() const { return nuk + k + 9 * cin * c + c; }
+
+  void Write(float* acc, const std::vector<fv>& db2, const std::vector<fv>& gw,
+             const std::vector<fv>& gb) const {
+    float* adb2 = acc + nuk;
+    float* adk1 = adb2 + k;
+    float* adb1 = adk1 + 9 * cin * c;
+    for (int64_t kb = 0; kb < k; kb += L) Store(adb2 + kb, db2[kb / L]);
+    for (int64_t cb = 0; cb < c; cb += L) {
+      for (int64_t tap = 0; tap < 9 * cin; ++tap) {
+        Store(adk1 + tap * c + cb, gw[cb / L * 9 * cin + tap]);
+      }
+      Store(adb1 + cb, gb[cb / L]);
+    }
+  }
+
+  void CopyOut(const float* total, float* du, float* db2, float* dk1, float* db1) const {
+    const int64_t nk1 = 9 * cin * c;
+    std::copy(total, total + nuk, du);
+    std::copy(total + nuk, total + nuk + k, db2);
+    std::copy(total + nuk + k, total + nuk + k + nk1, dk1);
+    std::copy(total + nuk + k + nk1, total + used(), db1);
+  }
+};
 
 // h_out, arg1_out: nullptr (inference), or where the first layer's output and argmax go
 // [N, hp, wp, C] (training).
@@ -1410,7 +1446,7 @@ void TwoLayerForward(Pool& pool, const TwoLayers& t, const float* x, const float
                      float* y, int8_t* arg, float* h_out, int8_t* arg1_out) {
   const int64_t k = t.sy.c, image = t.s1.hp * t.s1.wp * t.s1.cout;
   ParallelFor(pool, t.s1.n, [&](int64_t b) {
-    const TwoLayerScratch buf = TwoLayerBuffers(t, ForwardPlaneFloats(t.sx, k));
+    const TwoLayerScratch buf = TwoLayerBuffers(t, 1, ForwardPlaneFloats(t.sx, k));
     float* const h = h_out != nullptr ? h_out + b * image : buf.h;
     int8_t* const arg1 = h_out != nullptr ? arg1_out + b * image : buf.arg;
     ImageForward<CIN>(t.s1, x + b * t.s1.h * t.s1.w * t.s1.cin, k1, b1, relu1, h, arg1);
@@ -1427,10 +1463,9 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
                       const int8_t* arg1, const float* ut, const int8_t* arg2, const float* dy,
                       float* dk1, float* db1, float* du, float* db2) {
   const int64_t c = t.sx.c, k = t.sy.c, cin = t.s1.cin, image = t.s1.hp * t.s1.wp * c;
-  const int64_t nk1 = 9 * cin * c;
   // Per chunk: dU [16, C, K], db2 [K], dk1 [3, 3, Cin, C], db1 [C], padded to whole vectors.
-  const int64_t used = 16 * c * k + k + nk1 + c;
-  const int64_t nu = (used + kAlignPad - 1) / kAlignPad * kAlignPad;
+  const TwoLayerGradSums sums{16 * c * k, k, c, cin};
+  const int64_t nu = (sums.used() + kAlignPad - 1) / kAlignPad * kAlignPad;
   const int64_t chunks = GradChunks(t.s1.n);
   std::unique_ptr<float[]> partial_buffer(new float[chunks * nu + kAlignPad]);
   float* const partial = AlignUp(partial_buffer.get());
@@ -1438,7 +1473,7 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
     OutputPoolGradRows(t.sy, dy, arg2, r, dm, plane, db_acc);
   };
   ParallelFor(pool, chunks, [&](int64_t chunk) {
-    const TwoLayerScratch buf = TwoLayerBuffers(t, BackwardPlaneFloats(t.sx, k));
+    const TwoLayerScratch buf = TwoLayerBuffers(t, 1, BackwardPlaneFloats(t.sx, k));
     float* acc = partial + chunk * nu;  // Written, not zeroed: see WinogradFusedBackward.
     std::vector<fv> db2_acc(k / L, Splat(0.0f));
     std::vector<fv> gw(9 * cin * (c / L), Splat(0.0f));  // [block][tap, ci]
@@ -1453,20 +1488,9 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
                                     gw.data() + cb / L * 9 * cin, gb.data() + cb / L, cb);
       }
     }
-    float* adb2 = acc + 16 * c * k;
-    float* adk1 = adb2 + k;
-    float* adb1 = adk1 + nk1;
-    for (int64_t kb = 0; kb < k; kb += L) Store(adb2 + kb, db2_acc[kb / L]);
-    for (int64_t cb = 0; cb < c; cb += L) {
-      for (int64_t tap = 0; tap < 9 * cin; ++tap) Store(adk1 + tap * c + cb, gw[cb / L * 9 * cin + tap]);
-      Store(adb1 + cb, gb[cb / L]);
-    }
+    sums.Write(acc, db2_acc, gw, gb);
   });
-  const float* total = SumChunks(pool, partial, chunks, nu, used);
-  std::copy(total, total + 16 * c * k, du);
-  std::copy(total + 16 * c * k, total + 16 * c * k + k, db2);
-  std::copy(total + 16 * c * k + k, total + 16 * c * k + k + nk1, dk1);
-  std::copy(total + 16 * c * k + k + nk1, total + used, db1);
+  sums.CopyOut(SumChunks(pool, partial, chunks, nu, sums.used()), du, db2, dk1, db1);
 }
 
 // The second layer as F(5x5, 3x3) (t.sx.m == 5): an image has few tiles (the CNN's 2x2), so the
@@ -1486,30 +1510,13 @@ inline int64_t GroupImages(const Tiles& sx) {
 // 4.5 -> 1.3 us, pooled outputs 7.0 -> 3.0, their gradient 9.3 -> 3.1).
 inline int64_t GroupPlane(int64_t tiles, int64_t channels) { return tiles * channels + kAlignPad; }
 
-// Per thread: h, its argmax and dh for a group's images (dh: one image), the group's planes (V
-// and M or dM) and an image's conv outputs per channel block (OutputPoolImage5).
-struct GroupScratch {
-  float* h;
-  float* dh;
-  int8_t* arg;
-  float* planes;
-  fv* conv;
-};
-
-inline GroupScratch GroupBuffers(const TwoLayers& t, int64_t images) {
-  thread_local std::vector<float> floats;
-  thread_local std::vector<int8_t> bytes;
-  thread_local std::vector<fv> conv;
-  const int64_t image = t.s1.hp * t.s1.wp * t.s1.cout;
-  const int64_t padded = (image + kAlignPad - 1) / kAlignPad * kAlignPad;
+// A group's scratch: h and argmax for its images, its planes (V and M or dM) and an image's conv
+// outputs per channel block (OutputPoolImage5).
+inline TwoLayerScratch GroupBuffers(const TwoLayers& t, int64_t images) {
   const int64_t tiles = images * t.sx.th * t.sx.tw;
-  floats.resize((images + 1) * padded +
-                Planes(5) * (GroupPlane(tiles, t.sx.c) + GroupPlane(tiles, t.sy.c)) + kAlignPad);
-  bytes.resize(images * image);
-  conv.resize(25 * t.sx.th * t.sx.tw);
-  float* h = AlignUp(floats.data());
-  return GroupScratch{h, h + images * padded, bytes.data(), h + (images + 1) * padded,
-                      conv.data()};
+  return TwoLayerBuffers(t, images,
+                         Planes(5) * (GroupPlane(tiles, t.sx.c) + GroupPlane(tiles, t.sy.c)),
+                         25 * t.sx.th * t.sx.tw);
 }
 
 template <int CIN, typename Pool>
@@ -1522,7 +1529,7 @@ void TwoLayerForward5(Pool& pool, const TwoLayers& t, const float* x, const floa
   const int64_t per = t.sx.th * t.sx.tw, group = GroupImages(t.sx), block = group * per;
   const int64_t pv = GroupPlane(block, c), pm = GroupPlane(block, k);
   ParallelFor(pool, (t.s1.n + group - 1) / group, [&](int64_t g) {
-    const GroupScratch buf = GroupBuffers(t, group);
+    const TwoLayerScratch buf = GroupBuffers(t, group);
     float* v = buf.planes;
     float* m = v + P * pv;
     const int64_t b0 = g * group, count = std::min(group, t.s1.n - b0);
@@ -1553,16 +1560,15 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
   const int64_t c = t.sx.c, k = t.sy.c, cin = t.s1.cin, image = t.s1.hp * t.s1.wp * c;
   const int64_t per = t.sx.th * t.sx.tw, group = GroupImages(t.sx), block = group * per;
   const int64_t pv = GroupPlane(block, c), pm = GroupPlane(block, k);
-  const int64_t nk1 = 9 * cin * c, nuk = P * c * k;
-  const int64_t used = nuk + k + nk1 + c;  // Per chunk: dU, db2, dk1, db1.
-  const int64_t nu = (used + kAlignPad - 1) / kAlignPad * kAlignPad;
+  const TwoLayerGradSums sums{P * c * k, k, c, cin};  // Per chunk: dU, db2, dk1, db1.
+  const int64_t nu = (sums.used() + kAlignPad - 1) / kAlignPad * kAlignPad;
   const int64_t groups = (t.s1.n + group - 1) / group;
   const int64_t chunks = std::min(GradChunks(t.s1.n), std::max(std::min<int64_t>(groups, 2),
                                                                 (groups + 1) / 2));
   std::unique_ptr<float[]> partial_buffer(new float[chunks * nu + kAlignPad]);
   float* const partial = AlignUp(partial_buffer.get());
   ParallelFor(pool, chunks, [&](int64_t chunk) {
-    const GroupScratch buf = GroupBuffers(t, group);
+    const TwoLayerScratch buf = GroupBuffers(t, group);
     float* v = buf.planes;  // Then dV, plane by plane.
     float* dm = v + P * pv;
     float* acc = partial + chunk * nu;  // Written, not zeroed: see WinogradFusedBackward.
@@ -1595,20 +1601,9 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
         }
       }
     }
-    float* adb2 = acc + nuk;
-    float* adk1 = adb2 + k;
-    float* adb1 = adk1 + nk1;
-    for (int64_t kb = 0; kb < k; kb += L) Store(adb2 + kb, db2_acc[kb / L]);
-    for (int64_t cb = 0; cb < c; cb += L) {
-      for (int64_t tap = 0; tap < 9 * cin; ++tap) Store(adk1 + tap * c + cb, gw[cb / L * 9 * cin + tap]);
-      Store(adb1 + cb, gb[cb / L]);
-    }
+    sums.Write(acc, db2_acc, gw, gb);
   });
-  const float* total = SumChunks(pool, partial, chunks, nu, used);
-  std::copy(total, total + nuk, du);
-  std::copy(total + nuk, total + nuk + k, db2);
-  std::copy(total + nuk + k, total + nuk + k + nk1, dk1);
-  std::copy(total + nuk + k + nk1, total + used, db1);
+  sums.CopyOut(SumChunks(pool, partial, chunks, nu, sums.used()), du, db2, dk1, db1);
 }
 
 // x [N, H, W, Cin] with Cin < 8 (the direct kernel's), k1 [3, 3, Cin, C], u [16, C, K] (U^T

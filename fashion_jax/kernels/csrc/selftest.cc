@@ -271,6 +271,52 @@ void TestConv(std::mt19937& rng, const Problem& p, bool direct = false, int m = 
   Expect((name + ": dkernel").c_str(), dk, dk_want, 2e-5 * p.n * oh * ow);
 }
 
+// The two-layer op's random inputs: p the first layer (c < 8), p2 the second (k2 outputs, its
+// U and U^T for F(m x m, 3 x 3)), dy its pooled output's gradient; s1 the first layer's shape.
+struct TwoLayerInputs {
+  Problem p, p2;
+  Shape s1;
+  std::vector<float> x, k1, b1, kern2, b2, u, ut, dy;
+
+  TwoLayerInputs(std::mt19937& rng, const Problem& first, int k2, int m)
+      : p(first), p2{first.n, first.hp(), first.wp(), first.k, k2},
+        s1{p.n, p.h, p.w, p.c, p.k, p.hp(), p.wp()} {
+    x = Random(rng, size_t(p.n) * p.h * p.w * p.c, 1.0f);
+    k1 = Random(rng, 9 * size_t(p.c) * p.k, 0.3f);
+    b1 = Random(rng, p.k, 0.5f);
+    kern2 = Random(rng, 9 * size_t(p2.c) * p2.k, 0.1f);
+    b2 = Random(rng, p2.k, 0.5f);
+    u = FilterTransform(p2, kern2, false, m);
+    ut = FilterTransform(p2, kern2, true, m);
+    dy = Random(rng, size_t(p.n) * p2.hp() * p2.wp() * k2, 1.0f);
+  }
+  size_t nh() const { return size_t(p.n) * p.hp() * p.wp() * p.k; }
+};
+
+// The op's three calls: inference's forward, then training's (which also returns h and the first
+// layer's taps, the backward's inputs), then the backward from training's residuals. Outputs start
+// as NaN or -1, so each must be written.
+struct TwoLayerRun {
+  std::vector<float> y, y_train, h, du, db2, dk1, db1;
+  std::vector<int8_t> arg2, arg2_train, arg1;
+
+  TwoLayerRun(const TwoLayers& t, const TwoLayerInputs& in, bool relu)
+      : y(in.dy.size(), NAN), y_train(in.dy.size(), NAN), h(in.nh(), NAN), du(in.u.size(), NAN),
+        db2(in.p2.k, NAN), dk1(in.k1.size(), NAN), db1(in.p.k, NAN), arg2(in.dy.size(), -1),
+        arg2_train(in.dy.size(), -1), arg1(in.nh(), -1) {
+    SerialPool pool;
+    TwoLayerForwardCore(pool, t, in.x.data(), in.k1.data(), in.b1.data(), relu, in.u.data(),
+                        in.b2.data(), relu, y.data(), arg2.data());
+    TwoLayerForwardCore(pool, t, in.x.data(), in.k1.data(), in.b1.data(), relu, in.u.data(),
+                        in.b2.data(), relu, y_train.data(), arg2_train.data(), h.data(),
+                        arg1.data());
+    TwoLayerBackwardCore(pool, t, in.x.data(), h.data(), arg1.data(), in.ut.data(), arg2.data(),
+                         in.dy.data(), dk1.data(), db1.data(), du.data(), db2.data());
+  }
+};
+
+std::vector<double> AsDouble(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+
 // The two-layer op (the CNN's pair as one) against the two layers' own kernels, which the tests
 // above check against the direct sums: outputs and taps bitwise, gradients to rounding (they are
 // summed in other chunks). p: the first layer (c < 8); k2: the second layer's outputs.
@@ -279,52 +325,32 @@ void TestTwoLayers(std::mt19937& rng, const Problem& p, int k2, bool relu) {
   char what[160];
   std::snprintf(what, sizeof(what), "two layers n=%d %dx%d c=%d k=%d k2=%d relu=%d", p.n, p.h, p.w,
                 p.c, p.k, k2, relu);
-  const Problem p2{p.n, p.hp(), p.wp(), p.k, k2};
-  const std::vector<float> x = Random(rng, size_t(p.n) * p.h * p.w * p.c, 1.0f);
-  const std::vector<float> k1 = Random(rng, 9 * size_t(p.c) * p.k, 0.3f);
-  const std::vector<float> b1 = Random(rng, p.k, 0.5f);
-  const std::vector<float> kern2 = Random(rng, 9 * size_t(p2.c) * p2.k, 0.1f);
-  const std::vector<float> b2 = Random(rng, p2.k, 0.5f);
-  const std::vector<float> u = FilterTransform(p2, kern2, false), ut = FilterTransform(p2, kern2, true);
-  const size_t nh = size_t(p.n) * p.hp() * p.wp() * p.k, ny = size_t(p.n) * p2.hp() * p2.wp() * k2;
-  const std::vector<float> dy = Random(rng, ny, 1.0f);
+  const TwoLayerInputs in(rng, p, k2, 2);
+  const Problem& p2 = in.p2;
   // Separately.
-  const Shape s1{p.n, p.h, p.w, p.c, p.k, p.hp(), p.wp()};
   const Tiles sx{p2.n, p2.h, p2.w, p2.c, p2.hp(), p2.wp()}, sy{p2.n, p2.h, p2.w, k2, p2.hp(), p2.wp()};
-  std::vector<float> h(nh), y(ny), dh(nh), du(u.size()), db2(k2), dk1(k1.size()), db1(p.k);
-  std::vector<int8_t> arg1(nh), arg2(ny);
-  ConvPoolForwardCore(pool, s1, x.data(), k1.data(), b1.data(), relu, h.data(), arg1.data());
-  WinogradConvPoolForwardCore(pool, sx, sy, h.data(), u.data(), b2.data(), relu, y.data(), arg2.data());
-  WinogradConvPoolBackwardCore(pool, sx, sy, h.data(), ut.data(), arg2.data(), dy.data(), dh.data(),
-                               du.data(), db2.data());
-  ConvPoolBackwardCore(pool, s1, x.data(), arg1.data(), dh.data(), dk1.data(), db1.data());
-  // As one op: inference's forward, then training's (which also returns h and the first
-  // layer's taps, the backward's inputs).
-  const TwoLayers t{s1, sx, sy};
-  std::vector<float> y_t(ny, NAN), y_train(ny, NAN), h_t(nh, NAN), du_t(u.size(), NAN),
-      db2_t(k2, NAN), dk1_t(k1.size(), NAN), db1_t(p.k, NAN);
-  std::vector<int8_t> arg2_t(ny, -1), arg2_train(ny, -1), arg1_t(nh, -1);
-  TwoLayerForwardCore(pool, t, x.data(), k1.data(), b1.data(), relu, u.data(), b2.data(), relu,
-                      y_t.data(), arg2_t.data());
-  TwoLayerForwardCore(pool, t, x.data(), k1.data(), b1.data(), relu, u.data(), b2.data(), relu,
-                      y_train.data(), arg2_train.data(), h_t.data(), arg1_t.data());
-  TwoLayerBackwardCore(pool, t, x.data(), h_t.data(), arg1_t.data(), ut.data(), arg2_t.data(),
-                       dy.data(), dk1_t.data(), db1_t.data(), du_t.data(), db2_t.data());
-  auto as_double = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+  std::vector<float> h(in.nh()), y(in.dy.size()), dh(in.nh()), du(in.u.size()), db2(k2),
+      dk1(in.k1.size()), db1(p.k);
+  std::vector<int8_t> arg1(in.nh()), arg2(in.dy.size());
+  ConvPoolForwardCore(pool, in.s1, in.x.data(), in.k1.data(), in.b1.data(), relu, h.data(),
+                      arg1.data());
+  WinogradConvPoolForwardCore(pool, sx, sy, h.data(), in.u.data(), in.b2.data(), relu, y.data(),
+                              arg2.data());
+  WinogradConvPoolBackwardCore(pool, sx, sy, h.data(), in.ut.data(), arg2.data(), in.dy.data(),
+                               dh.data(), du.data(), db2.data());
+  ConvPoolBackwardCore(pool, in.s1, in.x.data(), arg1.data(), dh.data(), dk1.data(), db1.data());
+  // As one op.
+  const TwoLayerRun r(TwoLayers{in.s1, sx, sy}, in, relu);
   std::string name(what);
-  Expect((name + ": y").c_str(), y_t, as_double(y), 0.0);
-  Expect((name + ": training's y").c_str(), y_train, as_double(y), 0.0);
-  Expect((name + ": training's h").c_str(), h_t, as_double(h), 0.0);
-  ++checks;
-  if (arg2_t != arg2 || arg2_train != arg2 || arg1_t != arg1) {
-    ++failures;
-    std::printf("FAIL %s: taps differ (L=%d)\n", what, L);
-  }
+  Expect((name + ": y").c_str(), r.y, AsDouble(y), 0.0);
+  Expect((name + ": training's y").c_str(), r.y_train, AsDouble(y), 0.0);
+  Expect((name + ": training's h").c_str(), r.h, AsDouble(h), 0.0);
+  Check(r.arg2 == arg2 && r.arg2_train == arg2 && r.arg1 == arg1, (name + ": taps").c_str());
   const double scale = double(p.n) * p.hp() * p.wp();
-  Expect((name + ": du").c_str(), du_t, as_double(du), 1e-5 * scale);
-  Expect((name + ": db2").c_str(), db2_t, as_double(db2), 1e-5 * scale);
-  Expect((name + ": dk1").c_str(), dk1_t, as_double(dk1), 1e-5 * scale);
-  Expect((name + ": db1").c_str(), db1_t, as_double(db1), 1e-5 * scale);
+  Expect((name + ": du").c_str(), r.du, AsDouble(du), 1e-5 * scale);
+  Expect((name + ": db2").c_str(), r.db2, AsDouble(db2), 1e-5 * scale);
+  Expect((name + ": dk1").c_str(), r.dk1, AsDouble(dk1), 1e-5 * scale);
+  Expect((name + ": db1").c_str(), r.db1, AsDouble(db1), 1e-5 * scale);
 }
 
 // The two-layer op with its second layer as F(5x5, 3x3) (its pooled output's sides multiples of
@@ -336,50 +362,33 @@ void TestTwoLayers5(std::mt19937& rng, const Problem& p, int k2, bool relu) {
   char what[160];
   std::snprintf(what, sizeof(what), "two layers F(5x5) n=%d %dx%d c=%d k=%d k2=%d relu=%d", p.n,
                 p.h, p.w, p.c, p.k, k2, relu);
-  const Problem p2{p.n, p.hp(), p.wp(), p.k, k2};
-  const std::vector<float> x = Random(rng, size_t(p.n) * p.h * p.w * p.c, 1.0f);
-  const std::vector<float> k1 = Random(rng, 9 * size_t(p.c) * p.k, 0.3f);
-  const std::vector<float> b1 = Random(rng, p.k, 0.5f);
-  const std::vector<float> kern2 = Random(rng, 9 * size_t(p2.c) * p2.k, 0.1f);
-  const std::vector<float> b2 = Random(rng, p2.k, 0.5f);
-  const std::vector<float> u = FilterTransform(p2, kern2, false, 5);
-  const std::vector<float> ut = FilterTransform(p2, kern2, true, 5);
-  const size_t nh = size_t(p.n) * p.hp() * p.wp() * p.k, ny = size_t(p.n) * p2.hp() * p2.wp() * k2;
-  const std::vector<float> dy = Random(rng, ny, 1.0f);
-  const Shape s1{p.n, p.h, p.w, p.c, p.k, p.hp(), p.wp()};
-  std::vector<float> h(nh);
-  std::vector<int8_t> arg1(nh);
-  ConvPoolForwardCore(pool, s1, x.data(), k1.data(), b1.data(), relu, h.data(), arg1.data());
+  const TwoLayerInputs in(rng, p, k2, 5);
+  const Problem& p2 = in.p2;
+  std::vector<float> h(in.nh());
+  std::vector<int8_t> arg1(in.nh());
+  ConvPoolForwardCore(pool, in.s1, in.x.data(), in.k1.data(), in.b1.data(), relu, h.data(),
+                      arg1.data());
   const int th = 2 * p2.hp() / 5, tw = 2 * p2.wp() / 5;
-  const TwoLayers t{s1, Tiles{p2.n, p2.h, p2.w, p2.c, th, tw, 5},
-                    Tiles{p2.n, p2.h, p2.w, k2, th, tw, 5}};
-  std::vector<float> y_t(ny, NAN), y_train(ny, NAN), h_t(nh, NAN), du_t(u.size(), NAN),
-      db2_t(k2, NAN), dk1_t(k1.size(), NAN), db1_t(p.k, NAN);
-  std::vector<int8_t> arg2_t(ny, -1), arg2_train(ny, -1), arg1_t(nh, -1);
-  TwoLayerForwardCore(pool, t, x.data(), k1.data(), b1.data(), relu, u.data(), b2.data(), relu,
-                      y_t.data(), arg2_t.data());
-  TwoLayerForwardCore(pool, t, x.data(), k1.data(), b1.data(), relu, u.data(), b2.data(), relu,
-                      y_train.data(), arg2_train.data(), h_t.data(), arg1_t.data());
-  TwoLayerBackwardCore(pool, t, x.data(), h_t.data(), arg1_t.data(), ut.data(), arg2_t.data(),
-                       dy.data(), dk1_t.data(), db1_t.data(), du_t.data(), db2_t.data());
-  auto as_double = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+  const TwoLayerRun r(TwoLayers{in.s1, Tiles{p2.n, p2.h, p2.w, p2.c, th, tw, 5},
+                                Tiles{p2.n, p2.h, p2.w, k2, th, tw, 5}},
+                      in, relu);
   std::string name(what);
-  Expect((name + ": training's y").c_str(), y_train, as_double(y_t), 0.0);
-  Expect((name + ": training's h").c_str(), h_t, as_double(h), 0.0);
-  Check(arg2_train == arg2_t && arg1_t == arg1, (name + ": training's taps").c_str());
-  const Reference r2 = Compute(p2, h, kern2, b2, relu, arg2_t, dy);
+  Expect((name + ": training's y").c_str(), r.y_train, AsDouble(r.y), 0.0);
+  Expect((name + ": training's h").c_str(), r.h, AsDouble(h), 0.0);
+  Check(r.arg2_train == r.arg2 && r.arg1 == arg1, (name + ": training's taps").c_str());
+  const Reference r2 = Compute(p2, h, in.kern2, in.b2, relu, r.arg2, in.dy);
   // F(5x5, 3x3)'s transforms round more than F(2x2, 3x3)'s (winograd.py: RMS error 1.9e-6 of
   // the outputs' RMS against 1.9e-7); the bound is F(4x4)'s.
-  Expect((name + ": y").c_str(), y_t, r2.y, 2e-4);
-  ExpectTaps((name + ": taps").c_str(), p2, h, kern2, b2, relu, arg2_t);
+  Expect((name + ": y").c_str(), r.y, r2.y, 2e-4);
+  ExpectTaps((name + ": taps").c_str(), p2, h, in.kern2, in.b2, relu, r.arg2);
   const double scale = double(p.n) * p2.hp() * p2.wp();
-  Expect((name + ": dkernel2").c_str(), FilterTransformGrad(p2, du_t, 5), r2.dk, 2e-5 * scale);
-  Expect((name + ": db2").c_str(), db2_t, r2.db, 1e-5 * scale);
+  Expect((name + ": dkernel2").c_str(), FilterTransformGrad(p2, r.du, 5), r2.dk, 2e-5 * scale);
+  Expect((name + ": db2").c_str(), r.db2, r2.db, 1e-5 * scale);
   const std::vector<float> dh(r2.dx.begin(), r2.dx.end());
-  const Reference r1 = Compute(p, x, k1, b1, relu, arg1, dh);
+  const Reference r1 = Compute(p, in.x, in.k1, in.b1, relu, arg1, dh);
   const double scale1 = double(p.n) * p.hp() * p.wp();
-  Expect((name + ": dk1").c_str(), dk1_t, r1.dk, 2e-5 * scale1);
-  Expect((name + ": db1").c_str(), db1_t, r1.db, 1e-5 * scale1);
+  Expect((name + ": dk1").c_str(), r.dk1, r1.dk, 2e-5 * scale1);
+  Expect((name + ": db1").c_str(), r.db1, r1.db, 1e-5 * scale1);
 }
 
 // BatchNorm + ReLU: y [rows of w pixels, c] (h rows an image), every kernel against double
