@@ -372,9 +372,9 @@ def conv3x3_pool2_twice(x: jax.Array, k1: jax.Array, b1: jax.Array, k2: jax.Arra
 TWO_LAYER_F5_MAX_TILES = 16
 
 
-def two_layer_tile(x_shape, k1_shape) -> int:
-  """The Winograd tile of `conv3x3_pool2_twice`'s second layer for these shapes: 5 or 2."""
-  n, h, w, _ = x_shape
+def two_layer_tile(x_shape) -> int:
+  """The Winograd tile of `conv3x3_pool2_twice`'s second layer for images x_shape: 5 or 2."""
+  _, h, w, _ = x_shape
   ph, pw = ((h - 2) // 2 - 2) // 2, ((w - 2) // 2 - 2) // 2
   if ph > 0 and pw > 0 and ph % 5 == 0 and pw % 5 == 0:
     if (2 * ph // 5) * (2 * pw // 5) <= TWO_LAYER_F5_MAX_TILES:
@@ -384,14 +384,14 @@ def two_layer_tile(x_shape, k1_shape) -> int:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _two_layers(x, k1, b1, k2, b2, relu):
-  u = winograd.filter_transform(k2, two_layer_tile(x.shape, k1.shape))
+  u = winograd.filter_transform(k2, two_layer_tile(x.shape))
   return call("fashion_jax_two_layer_fwd", _pooled_shapes(_pooled(x, k1.shape[-1]), k2), x, k1,
               b1, u, b2, relu1=np.int32(relu), relu2=np.int32(relu))[0]
 
 
 def _two_layers_forward(x, k1, b1, k2, b2, relu):
   """Training's forward: also the first layer's output h and argmax, the backward's inputs."""
-  u = winograd.filter_transform(k2, two_layer_tile(x.shape, k1.shape))
+  u = winograd.filter_transform(k2, two_layer_tile(x.shape))
   h_shapes = _pooled_shapes(x, k1)
   y, which2, h, which1 = call("fashion_jax_two_layer_train_fwd",
                               _pooled_shapes(h_shapes[0], k2) + h_shapes, x, k1, b1, u, b2,
