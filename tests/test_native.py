@@ -121,6 +121,19 @@ def test_two_layers_match_lax_and_the_separate_kernels(batch, hw, cin, c, k, til
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3, err_msg=name)
 
 
+def test_two_layers_give_each_image_the_same_outputs_in_any_batch():
+  """F(5x5, 3x3) multiplies a group of images' tiles together (groups of 8 for the CNN): an
+  image's outputs must not depend on which images share its group, so predictions and
+  evaluations do not depend on the batch they come in."""
+  x, k1, b1 = _inputs(0, 19, (28, 28), 1, 32)
+  _, k2, b2 = _inputs(1, 1, (4, 4), 32, 64)
+  assert native.two_layer_tile(x.shape) == 5
+  two = jax.jit(functools.partial(native.conv3x3_pool2_twice, relu=True))
+  whole = np.asarray(two(x, k1, b1, k2, b2))
+  for lo, hi in ((0, 1), (5, 8), (7, 19), (11, 12)):  # Alone, within a group, across groups.
+    np.testing.assert_array_equal(two(x[lo:hi], k1, b1, k2, b2), whole[lo:hi], err_msg=(lo, hi))
+
+
 def test_two_layers_support_only_what_the_kernels_handle():
   x, k1, _ = _inputs(0, 1, (28, 28), 1, 32)
   _, k2, _ = _inputs(1, 1, (4, 4), 32, 64)
