@@ -192,7 +192,6 @@ def _kernel_flops(target: str, operands: list[tuple[int, ...]]) -> float:
 _TRANSFORM_FLOPS = {16: {"v": 32, "y": 32, "dm": 32, "dx": 32},
                     36: {"v": 190, "y": 130, "dm": 110, "dx": 240},
                     49: {"v": 636, "y": 408, "dm": 384, "dx": 742}}
-_TILE_OF_PLANES = {16: 2, 36: 4, 49: 5}
 
 
 def _winograd_flops(forward: bool, n: int, h: int, w: int, c: int, k: int,
@@ -202,7 +201,7 @@ def _winograd_flops(forward: bool, n: int, h: int, w: int, c: int, k: int,
   [planes, C, K] forward, U^T [planes, K, C] backward: 16 planes and 2x2 outputs a tile
   (F(2x2, 3x3)), 36 and 4x4 (F(4x4, 3x3)) or 49 and 5x5 (F(5x5, 3x3), the two-layer op's
   pooled second layer: (h - 2) // 5 tiles a side, as its 2 ((h - 2) // 2) / 5)."""
-  m = _TILE_OF_PLANES[planes]
+  m = math.isqrt(planes) - 2  # (m + 2)^2 planes.
   tiles = n * ((h - 2) // m) * ((w - 2) // m)
   t = _TRANSFORM_FLOPS[planes]
   if forward:

@@ -61,6 +61,8 @@ in the last bit (e.g. all-reduced in another order) drift apart faster.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,7 +182,7 @@ def filter_transform_grad(du: jax.Array) -> jax.Array:
   """The transpose of `filter_transform`: the kernel's gradient [3,3,C,K] from dU [16, C, K]
   (F(2x2, 3x3)), [36, C, K] (F(4x4, 3x3)) or [49, C, K] (F(5x5, 3x3))."""
   p, c, k = du.shape
-  gg = _filter_matrix({16: 2, 36: 4, 49: 5}.get(p, 0))
+  gg = _filter_matrix(math.isqrt(p) - 2)  # (tile + 2)^2 planes.
   return (jnp.asarray(gg, du.dtype).T @ du.reshape(p, c * k)).reshape(3, 3, c, k)
 
 

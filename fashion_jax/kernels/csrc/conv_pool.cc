@@ -1383,8 +1383,8 @@ struct TwoLayers {
   Tiles sx, sy;
 };
 
-// Per thread: h and the first layer's argmax for `images` images (C-channel images, aligned), dh
-// for one, the blocks' planes (plane_floats) and `conv` vectors (OutputPoolImage5's buffer).
+// Per thread: h and dh (C-channel images, aligned), the first layer's argmax, the blocks' planes
+// (plane_floats) and `conv` vectors (OutputPoolImage5's buffer).
 struct TwoLayerScratch {
   float* h;
   float* dh;
@@ -1393,19 +1393,18 @@ struct TwoLayerScratch {
   fv* conv;
 };
 
-inline TwoLayerScratch TwoLayerBuffers(const TwoLayers& t, int64_t images, int64_t plane_floats,
+inline TwoLayerScratch TwoLayerBuffers(const TwoLayers& t, int64_t plane_floats,
                                        int64_t conv_vectors = 0) {
   thread_local std::vector<float> floats;
   thread_local std::vector<int8_t> bytes;
   thread_local std::vector<fv> conv;
   const int64_t image = t.s1.hp * t.s1.wp * t.s1.cout;
   const int64_t padded = (image + kAlignPad - 1) / kAlignPad * kAlignPad;
-  floats.resize((images + 1) * padded + plane_floats + kAlignPad);
-  bytes.resize(images * image);
+  floats.resize(2 * padded + plane_floats + kAlignPad);
+  bytes.resize(image);
   conv.resize(conv_vectors);
   float* h = AlignUp(floats.data());
-  return TwoLayerScratch{h, h + images * padded, bytes.data(), h + (images + 1) * padded,
-                         conv.data()};
+  return TwoLayerScratch{h, h + padded, bytes.data(), h + 2 * padded, conv.data()};
 }
 
 // A chunk's sums after its images (db2, the first layer's dk1 and db1, each L-vector
@@ -1446,7 +1445,7 @@ void TwoLayerForward(Pool& pool, const TwoLayers& t, const float* x, const float
                      float* y, int8_t* arg, float* h_out, int8_t* arg1_out) {
   const int64_t k = t.sy.c, image = t.s1.hp * t.s1.wp * t.s1.cout;
   ParallelFor(pool, t.s1.n, [&](int64_t b) {
-    const TwoLayerScratch buf = TwoLayerBuffers(t, 1, ForwardPlaneFloats(t.sx, k));
+    const TwoLayerScratch buf = TwoLayerBuffers(t, ForwardPlaneFloats(t.sx, k));
     float* const h = h_out != nullptr ? h_out + b * image : buf.h;
     int8_t* const arg1 = h_out != nullptr ? arg1_out + b * image : buf.arg;
     ImageForward<CIN>(t.s1, x + b * t.s1.h * t.s1.w * t.s1.cin, k1, b1, relu1, h, arg1);
@@ -1473,7 +1472,7 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
     OutputPoolGradRows(t.sy, dy, arg2, r, dm, plane, db_acc);
   };
   ParallelFor(pool, chunks, [&](int64_t chunk) {
-    const TwoLayerScratch buf = TwoLayerBuffers(t, 1, BackwardPlaneFloats(t.sx, k));
+    const TwoLayerScratch buf = TwoLayerBuffers(t, BackwardPlaneFloats(t.sx, k));
     float* acc = partial + chunk * nu;  // Written, not zeroed: see WinogradFusedBackward.
     std::vector<fv> db2_acc(k / L, Splat(0.0f));
     std::vector<fv> gw(9 * cin * (c / L), Splat(0.0f));  // [block][tap, ci]
@@ -1510,12 +1509,12 @@ inline int64_t GroupImages(const Tiles& sx) {
 // 4.5 -> 1.3 us, pooled outputs 7.0 -> 3.0, their gradient 9.3 -> 3.1).
 inline int64_t GroupPlane(int64_t tiles, int64_t channels) { return tiles * channels + kAlignPad; }
 
-// A group's scratch: h and argmax for its images, its planes (V and M or dM) and an image's conv
-// outputs per channel block (OutputPoolImage5).
+// A group's scratch: its planes (V and M or dM), an image's conv outputs per channel block
+// (OutputPoolImage5), and h, dh and the argmax of the image being transformed (inference's h is
+// transformed right after the first layer writes it, so one image's is enough).
 inline TwoLayerScratch GroupBuffers(const TwoLayers& t, int64_t images) {
   const int64_t tiles = images * t.sx.th * t.sx.tw;
-  return TwoLayerBuffers(t, images,
-                         Planes(5) * (GroupPlane(tiles, t.sx.c) + GroupPlane(tiles, t.sy.c)),
+  return TwoLayerBuffers(t, Planes(5) * (GroupPlane(tiles, t.sx.c) + GroupPlane(tiles, t.sy.c)),
                          25 * t.sx.th * t.sx.tw);
 }
 
@@ -1525,7 +1524,6 @@ void TwoLayerForward5(Pool& pool, const TwoLayers& t, const float* x, const floa
                       float* y, int8_t* arg, float* h_out, int8_t* arg1_out) {
   constexpr int64_t P = Planes(5);
   const int64_t c = t.sx.c, k = t.sy.c, image = t.s1.hp * t.s1.wp * c;
-  const int64_t padded = (image + kAlignPad - 1) / kAlignPad * kAlignPad;
   const int64_t per = t.sx.th * t.sx.tw, group = GroupImages(t.sx), block = group * per;
   const int64_t pv = GroupPlane(block, c), pm = GroupPlane(block, k);
   ParallelFor(pool, (t.s1.n + group - 1) / group, [&](int64_t g) {
@@ -1535,8 +1533,8 @@ void TwoLayerForward5(Pool& pool, const TwoLayers& t, const float* x, const floa
     const int64_t b0 = g * group, count = std::min(group, t.s1.n - b0);
     for (int64_t i = 0; i < count; ++i) {
       const int64_t b = b0 + i;
-      float* const h = h_out != nullptr ? h_out + b * image : buf.h + i * padded;
-      int8_t* const arg1 = h_out != nullptr ? arg1_out + b * image : buf.arg + i * image;
+      float* const h = h_out != nullptr ? h_out + b * image : buf.h;
+      int8_t* const arg1 = h_out != nullptr ? arg1_out + b * image : buf.arg;
       ImageForward<CIN>(t.s1, x + b * t.s1.h * t.s1.w * t.s1.cin, k1, b1, relu1, h, arg1);
       InputTransformRows<5>(t.sx, h, TileRows{0, 0, t.sx.th}, v + i * per * c, pv);
     }
