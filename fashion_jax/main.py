@@ -35,7 +35,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   import jax  # pylint: disable=g-import-not-at-top
   from fashion_jax import config_lib
-  from fashion_jax.support import backends, parallel  # pylint: disable=g-import-not-at-top
+  from fashion_jax.support import backends, compile_cache  # pylint: disable=g-import-not-at-top
+  from fashion_jax.support import parallel  # pylint: disable=g-import-not-at-top
   from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
   from fashion_jax.training import train
 
@@ -47,6 +48,7 @@ def main(argv):
     backends.request(FLAGS.config.backend)
     parallel.initialize_distributed(FLAGS.config)
     backends.check(FLAGS.config.backend)
+    compile_cache.enable()  # Before the first compile; GPU/TPU only.
   except UserError as e:
     logging.error("%s", e)
     print(f"fashion_jax: error: {e}", file=sys.stderr)

@@ -34,7 +34,6 @@ import os
 from pathlib import Path
 import platform
 import shutil
-import stat
 import subprocess
 import tempfile
 import time
@@ -159,32 +158,12 @@ def build_key(target: Target, lanes: int, include: str) -> str:
   return f"{target.name}-{lanes}-{key.hexdigest()[:16]}"
 
 
-def _private(path: Path, root: Path) -> bool:
-  """Whether `path` and every folder from `root` down to it are this user's alone.
-
-  Owned by the user, no symlink, not writable by group or others: nobody else
-  can have put (or can swap in) a library to load. Anything else is not used.
-  """
-  uid = os.getuid()
-  current = path
-  while True:
-    try:
-      info = os.lstat(current)
-    except OSError:
-      return False
-    if stat.S_ISLNK(info.st_mode) or info.st_uid != uid or info.st_mode & 0o022:
-      return False
-    if current == root or current.parent == current:
-      return True
-    current = current.parent
-
-
 def cached(key: str) -> Path | None:
   """The user's own cached build for `key`, if there is one to trust."""
   library = cache_dir() / key / LIBRARY
   if not library.exists():
     return None
-  if not _private(library, cache_dir()):
+  if not paths.private(library, cache_dir()):
     logging.warning("not loading %s: it or a folder above it is not yours alone (another owner, "
                     "a symlink, or writable by others)", library)
     return None
@@ -208,7 +187,7 @@ def mark_used(library: Path) -> None:
 def prune(keep: str, now: float | None = None) -> list[str]:
   """Removes the cache's builds unused for `UNUSED_DAYS` (never `keep`); returns their names.
 
-  Only entries that are this user's alone (`_private`) and not symlinks are touched; anything
+  Only entries that are this user's alone (`paths.private`) and not symlinks are touched; anything
   else in the folder is left for its owner. A process that still has a removed library loaded
   keeps running (the mapping outlives the file).
   """
@@ -222,7 +201,7 @@ def prune(keep: str, now: float | None = None) -> list[str]:
   for entry in entries:
     if entry.name == keep or entry.is_symlink() or not entry.is_dir():
       continue
-    if not _private(entry, root):
+    if not paths.private(entry, root):
       continue
     try:
       newest = max([p.lstat().st_mtime for p in entry.iterdir()] + [entry.lstat().st_mtime])
@@ -241,15 +220,8 @@ def _build_dir(key: str) -> tuple[Path, bool]:
   """(Where to build, whether it is the persistent cache): the cache if it can be made private,
   else a fresh `mkdtemp` folder (never a predictable shared path)."""
   out_dir = cache_dir() / key
-  try:
-    missing = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
-    for folder in reversed(missing):  # Each folder made here: this user's alone, whatever umask.
-      folder.mkdir(exist_ok=True)
-      os.chmod(folder, 0o700)
-    if os.access(out_dir, os.W_OK) and _private(out_dir, cache_dir()):
-      return out_dir, True
-  except OSError:
-    pass
+  if paths.make_private_dir(out_dir, cache_dir()):
+    return out_dir, True
   out_dir = Path(tempfile.mkdtemp(prefix="fashion_jax_native_"))
   logging.warning("%s is not writable (or not yours alone); building the native kernels in %s "
                   "for this process", cache_dir(), out_dir)

@@ -40,6 +40,7 @@ import numpy as np
 
 import fashion_jax  # Records the process start time first.
 from fashion_jax import cli
+from fashion_jax.support import compile_cache
 from fashion_jax.support import errors
 from fashion_jax.support.errors import UserError
 from fashion_jax.support import metric_writers
@@ -340,6 +341,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 def main(argv):
   logging.get_absl_handler().addFilter(cli.QuietLibraries())
+  compile_cache.enable()  # GPU/TPU only: the evaluation's compile, once.
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:

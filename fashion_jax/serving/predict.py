@@ -44,6 +44,7 @@ from absl import logging
 
 from fashion_jax import cli
 from fashion_jax.serving import preprocess
+from fashion_jax.support import compile_cache
 from fashion_jax.support import errors
 from fashion_jax.support.errors import UserError
 
@@ -229,6 +230,7 @@ def format_table(predictions: list[Prediction]) -> str:
 
 def main(argv):
   logging.get_absl_handler().addFilter(cli.QuietLibraries())
+  compile_cache.enable()  # GPU/TPU only: the evaluation's compile, once.
   try:
     predictions, status = predict(FLAGS.workdir, argv[1:], top_k=FLAGS.top_k, step=FLAGS.step,
                                   save_dir=FLAGS.save_preprocessed)

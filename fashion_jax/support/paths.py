@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 CACHE_ENV = "FASHION_JAX_CACHE_DIR"
@@ -35,3 +36,36 @@ def exclusive(lock_file: str | os.PathLike):
   with f:
     fcntl.flock(f, fcntl.LOCK_EX)  # Released when the file closes.
     yield
+
+
+def private(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+  """Whether `path` and every folder from `root` down to it are this user's alone.
+
+  Owned by the user, no symlink, not writable by group or others: nobody else can have put
+  (or can swap in) code or data to load there. Anything else is not used.
+  """
+  uid, root, current = os.getuid(), Path(root), Path(path)
+  while True:
+    try:
+      info = os.lstat(current)
+    except OSError:
+      return False
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != uid or info.st_mode & 0o022:
+      return False
+    if current == root or current.parent == current:
+      return True
+    current = current.parent
+
+
+def make_private_dir(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+  """Creates `path` (and the folders above it) as this user's alone (mode 0700, whatever the
+  umask); whether it is now writable and `private` down from `root`."""
+  path = Path(path)
+  try:
+    missing = [d for d in (path, *path.parents) if not d.exists()]
+    for folder in reversed(missing):
+      folder.mkdir(exist_ok=True)
+      os.chmod(folder, 0o700)
+    return os.access(path, os.W_OK) and private(path, root)
+  except OSError:
+    return False

@@ -1,0 +1,71 @@
+"""The commands' persistent compilation cache: on for GPU/TPU in the user's own folder, else off."""
+
+import importlib.util
+import json
+import os
+import stat
+import subprocess
+import sys
+
+from fashion_jax.support import compile_cache
+from tests.conftest import ROOT
+
+# Runs in a fresh process (jax's config is per process); prints enable()'s answer, then what jax
+# uses, after one compile with the threshold at 0 so that it is written to the cache.
+_PROBE = r"""
+import json, sys
+import jax, jax.numpy as jnp
+from fashion_jax.support import compile_cache
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+folder = compile_cache.enable(sys.argv[1])
+jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(5)).block_until_ready()
+print(json.dumps({"folder": folder, "jax": jax.config.jax_compilation_cache_dir,
+                  "max_size": jax.config.jax_compilation_cache_max_size}))
+"""
+
+
+def _probe(backend, cache_root, **env):
+  environ = {k: v for k, v in os.environ.items()
+             if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                          "FASHION_JAX_COMPILE_CACHE")}  # conftest's cache for the suite: not here.
+  environ.update(FASHION_JAX_CACHE_DIR=str(cache_root), JAX_PLATFORMS="cpu", **env)
+  out = subprocess.run([sys.executable, "-c", _PROBE, backend], cwd=ROOT, env=environ,
+                       capture_output=True, text=True, timeout=120, check=True)
+  return json.loads(out.stdout.splitlines()[-1]), out.stderr
+
+
+def test_accelerators_get_a_private_cache_that_compiles_land_in(tmp_path):
+  root = tmp_path / "cache"
+  got, _ = _probe("gpu", root)
+  folder = root / "xla"
+  assert got["folder"] == got["jax"] == str(folder)
+  assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+  assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+  entries = [p for p in os.listdir(folder) if not p.startswith(".")]
+  assert entries, "the compile was not written to the cache"
+  # Bounded where jax can evict (it needs filelock for that), else jax's unbounded default.
+  has_filelock = importlib.util.find_spec("filelock") is not None
+  assert got["max_size"] == (compile_cache.MAX_BYTES if has_filelock else -1)
+
+
+def test_off_on_cpu_when_opted_out_and_the_users_own_folder_kept(tmp_path):
+  root = tmp_path / "cache"
+  got, _ = _probe("cpu", root)
+  assert got["folder"] is None and got["jax"] is None
+  got, _ = _probe("tpu", root, FASHION_JAX_COMPILE_CACHE="0")
+  assert got["folder"] is None and got["jax"] is None
+  assert not root.exists()
+  own = tmp_path / "mine"
+  got, _ = _probe("gpu", root, JAX_COMPILATION_CACHE_DIR=str(own))
+  assert got["folder"] == got["jax"] == str(own)
+  assert not (root / "xla").exists()
+
+
+def test_a_folder_others_can_write_is_not_used(tmp_path):
+  root = tmp_path / "cache"
+  (root / "xla").mkdir(parents=True)
+  os.chmod(root, 0o777)  # Another user could swap in a compiled program: never loaded.
+  got, stderr = _probe("gpu", root)
+  assert got["folder"] is None and got["jax"] is None
+  assert "not yours alone" in stderr
+  assert os.listdir(root / "xla") == []
