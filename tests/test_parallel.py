@@ -2,6 +2,8 @@
 
 import json
 
+import jax
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, run_module
@@ -64,3 +66,58 @@ def test_resume_under_another_mode(tmp_path, idx_dir):
                       env={"JAX_NUM_CPU_DEVICES": "2"})
   assert second.returncode == 0, second.stderr[-3000:]
   assert "resumed from checkpoint at step 10" in second.stderr
+
+
+class _Counted:
+  """A compiled function that counts the calls that reach it (not its ahead-of-time program)."""
+
+  def __init__(self, fn, lower_error=None):
+    self.fn, self.calls, self.lower_error = fn, 0, lower_error
+
+  def lower(self, *args):
+    if self.lower_error:
+      raise self.lower_error
+    return self.fn.lower(*args)
+
+  def __call__(self, *args):
+    self.calls += 1
+    return self.fn(*args)
+
+
+def _sum_program(par):
+  def total(state, batch, axis_name=None):
+    s = (state["w"] * batch["x"]).sum()
+    return jax.lax.psum(s, axis_name) if axis_name else s
+
+  def train(state, batch, axis_name=None):  # Donates the state, as the train windows do.
+    return {"w": state["w"] + 1}, batch["x"].sum()
+  return par.compile(total, donate_state=False), par.compile(train)
+
+
+@pytest.mark.parametrize("mode", ["none", "mesh", "pmap"])
+def test_compiled_ahead_runs_its_own_program_after_the_state_was_donated(mode):
+  par = parallel.Parallel(mode)
+  total, train = _sum_program(par)
+  state = par.put_state({"w": np.ones(4, np.float32)})
+  batch = par.put_batch({"x": np.arange(32, dtype=np.float32).reshape(8, 4)})
+  counted = _Counted(total)
+  ahead = parallel.CompiledAhead(counted, state, batch)
+  state, _ = train(state, batch)  # The buffers the thread was given the shapes of are gone.
+  assert float(par.fetch(ahead(state, batch))) == 2 * np.arange(32).sum()
+  assert ahead.ready and counted.calls == 0  # The program compiled in the background ran.
+  # Other shapes: the function itself (compiled for them then).
+  other = par.put_batch({"x": np.ones((16, 4), np.float32)})
+  assert float(par.fetch(ahead(state, other))) == 2 * 64
+  assert counted.calls == 1
+
+
+def test_compiled_ahead_that_failed_compiles_at_the_first_call():
+  par = parallel.Parallel("none")
+  total, _ = _sum_program(par)
+  state = par.put_state({"w": np.ones(4, np.float32)})
+  batch = par.put_batch({"x": np.ones((8, 4), np.float32)})
+  counted = _Counted(total, lower_error=RuntimeError("out of memory"))
+  ahead = parallel.CompiledAhead(counted, state, batch)
+  assert not ahead.ready
+  assert float(par.fetch(ahead(state, batch))) == 32
+  assert counted.calls == 1

@@ -63,9 +63,14 @@ class Evaluator:
     batches = list(input_pipeline.eval_batches(split, config.eval_batch_size,
                                                parallel.process_index, parallel.process_count))
     self._batches = parallel.put_batch(input_pipeline.stack(batches), stacked=True)
-    self._sums = parallel.compile(
+    self._program = parallel.compile(
         functools.partial(steps.eval_sums, model=model, flip_tta=config.eval_flip_tta),
         donate_state=False, stacked=True)
+    self._sums = self._program
+
+  def compile_ahead(self, state) -> None:
+    """Compiles the evaluation of states like `state` in a background thread."""
+    self._sums = parallel_lib.CompiledAhead(self._program, state, self._batches)
 
   def __call__(self, state, show_progress: bool = False, desc: str = "eval") -> dict:
     with progress.Bar(show_progress, len(self.split), desc=desc, leave=False) as bar:
@@ -209,6 +214,12 @@ class Evaluation:
                                        datasets.class_names(config.dataset))
     self.bar = progress.Bar(False, 0)  # The train loop's bar, once it starts.
 
+  def compile_ahead(self, state) -> None:
+    """Starts compiling the evaluations while the first train windows compile and run."""
+    for evaluator in (self.test, self.val):
+      if evaluator is not None:
+        evaluator.compile_ahead(state)
+
   def __call__(self, state, step: int) -> dict:
     run, t0 = self.run, time.perf_counter()
     result = _summarize(self.test(state, self.show_progress, "eval test"), "eval")
@@ -318,6 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
                                    ema_decay=config.ema_decay)
     placement = loop.placement(config)
     windows = loop.Windows(train_step, run.train, config, parallel, placement, step)
+    evaluate.compile_ahead(state)  # Before the first window donates the state's buffers.
     window = loop.window_length(config, run.steps_per_epoch, run.checkpoint_every,
                                 run.eval_every, jax.default_backend())
     logging.info("train loop: data on the %s, %d steps per dispatch", placement, window)
