@@ -71,13 +71,11 @@ def measure_jax_train(config, parallel, data, batch_size: int) -> dict:
                                           parallel.process_index, parallel.process_count)
   batches = [parallel.put_batch(next(iterator)) for _ in range(8)]
   t0 = time.perf_counter()
-  compiled = fn.lower(state, batches[0]).compile()
+  lowered = fn.lower(state, batches[0])
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  step_flops = flops.cost_flops(compiled)
-  if step_flops:  # XLA's cost analysis counts the native kernels' custom calls as no work.
-    step_flops += flops.executed_flops(compiled.as_text())
-  flops_per_image = (step_flops / batch_size * (parallel.num_devices if parallel.mode != "none"
-                                                else 1)) if step_flops else None
+  step_flops = flops.executed_step_flops(lowered, compiled, parallel)
+  flops_per_image = step_flops / batch_size if step_flops else None
   state, rates = _time_calls(lambda s, i: compiled(s, batches[i % len(batches)]), state,
                              batch_size)
   result = {"batch_size": batch_size, "train_images_per_sec": benchmark_report.summarize(rates),
