@@ -1,6 +1,9 @@
 """Data parallelism on fake CPU devices: every mode computes what one device computes."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -121,3 +124,46 @@ def test_compiled_ahead_that_failed_compiles_at_the_first_call():
   assert not ahead.ready
   assert float(par.fetch(ahead(state, batch))) == 32
   assert counted.calls == 1
+
+
+_EXIT_WHILE_COMPILING = """
+import sys
+import threading
+import jax, jax.numpy as jnp, numpy as np
+from fashion_jax.support import parallel
+
+def long_to_compile(state, batch, axis_name=None):
+  x = batch["x"]
+  for i in range(300):
+    x = jnp.sin(x @ state["w"]) + i
+  return x.sum()
+
+class Signalling:  # Says when XLA's compile (~1 s) begins.
+  def __init__(self, fn):
+    self.fn, self.compiling = fn, threading.Event()
+
+  def lower(self, *args):
+    lowered, compiling = self.fn.lower(*args), self.compiling
+    class Lowered:
+      def compile(self):
+        compiling.set()
+        return lowered.compile()
+    return Lowered()
+
+par = parallel.Parallel("none")
+program = Signalling(par.compile(long_to_compile, donate_state=False))
+ahead = parallel.CompiledAhead(program, par.put_state({"w": np.ones((64, 64), np.float32)}),
+                               par.put_batch({"x": np.ones((8, 64), np.float32)}))
+program.compiling.wait()
+sys.exit(3)  # An error exit (a refused config, a stop) while the thread compiles.
+"""
+
+
+def test_exiting_while_compiling_ahead_keeps_the_exit_status():
+  """A daemon compile thread still inside XLA when the interpreter shut down aborted the
+  process ("terminate called ...", status 134) instead of its documented exit status."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_ENABLE_COMPILATION_CACHE": "false"}
+  proc = subprocess.run([sys.executable, "-c", _EXIT_WHILE_COMPILING], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 3, proc.stderr[-2000:]
+  assert "terminate called" not in proc.stderr

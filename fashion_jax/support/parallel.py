@@ -257,7 +257,9 @@ class CompiledAhead:
   buffers (the train windows donate them). Called with arguments of other shapes or types, or
   ones the compiled program refuses (jax 0.7's pmap outputs carry another sharding type; it
   checks before it runs anything), or if compiling ahead failed, it calls the function as
-  usual (which compiles, or raises, then).
+  usual (which compiles, or raises, then). The thread is no daemon: a process exiting while it
+  compiles waits for it (seconds), as a daemon thread still inside XLA at the interpreter's
+  shutdown aborts the process, whose exit status is then lost.
   """
 
   def __init__(self, fn: Callable, *args):
@@ -266,7 +268,7 @@ class CompiledAhead:
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding,
                                        weak_type=x.weak_type), args)
-    self._thread = threading.Thread(target=self._compile, args=abstract, daemon=True,
+    self._thread = threading.Thread(target=self._compile, args=abstract, daemon=False,
                                     name="fashion_jax-compile-ahead")
     self._thread.start()
 
