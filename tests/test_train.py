@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fashion_jax.model import steps
+from fashion_jax.support import parallel as parallel_lib
 from fashion_jax.support.errors import UserError
 from fashion_jax.training import train
 from tests.conftest import run_module
@@ -73,6 +74,33 @@ def test_train_writes_outputs_and_learns(tiny_config, tmp_path):
     assert "simple_value" in tensorboard[tag], tag
   # One grid of sample test images with their predictions per evaluation.
   assert tensorboard["eval/sample_predictions"] == ["image", "image"]
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_evaluations_compile_ahead_unless_told_not_to(tiny_config, tmp_path, monkeypatch, ahead):
+  """By default each evaluation (test and validation) is compiled in the background, and its
+  first call runs that program; the benchmark's loop timing turns this off."""
+  made = []
+
+  class Recorded(parallel_lib.CompiledAhead):
+    def __init__(self, *args):
+      super().__init__(*args)
+      made.append(self)
+      self.calls = 0
+
+    def __call__(self, *args):
+      self.calls += 1
+      return super().__call__(*args)
+  monkeypatch.setattr(parallel_lib, "CompiledAhead", Recorded)
+  tiny_config.num_train_steps, tiny_config.validation_size = 20, 32
+  result = train.train_and_evaluate(tiny_config, str(tmp_path / "run"), compile_eval_ahead=ahead)
+  assert result["eval_accuracy"] > 0 and "val_accuracy" in result
+  if not ahead:
+    assert not made
+    return
+  assert len(made) == 2  # Test and validation.
+  for program in made:
+    assert program.calls >= 1 and program.ready  # Still ready: its arguments fit it.
 
 
 def test_prediction_grid_shows_each_image_and_marks_mistakes_in_red():

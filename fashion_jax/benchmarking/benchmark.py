@@ -161,7 +161,8 @@ def measure_loop(config, parallel, data, placement: str, pure_step_rate: float,
   held = input_pipeline.Split(data.images[:run_config.eval_batch_size],
                               data.labels[:run_config.eval_batch_size])  # Eval is not timed here.
   try:
-    train.train_and_evaluate(run_config, workdir, splits=(data, held))
+    # No background compile of the (untimed) evaluation during the timed windows.
+    train.train_and_evaluate(run_config, workdir, splits=(data, held), compile_eval_ahead=False)
     lines = [l for l in metric_writers.read_lines(workdir) if "train_loss" in l]
   finally:
     shutil.rmtree(workdir, ignore_errors=True)

@@ -281,7 +281,7 @@ class CompiledAhead:
 
   @property
   def ready(self) -> bool:
-    """Whether the ahead-of-time program is compiled (waits for the thread)."""
+    """Whether the ahead-of-time program is compiled and in use (waits for the thread)."""
     self._thread.join()
     return self._compiled is not None
 

@@ -292,13 +292,17 @@ class TrainLog:
                      f"{rate:,.0f}" if math.isfinite(rate) else "-", _fmt_seconds(remaining))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=None) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=None,
+                       compile_eval_ahead: bool = True) -> dict:
   """Trains (resuming from the latest checkpoint in workdir) and evaluates.
 
   Returns the last eval metrics. Raises UserError for fixable input problems,
   stops.Preempted after a signal (with a checkpoint saved at the step all
   processes agreed on). `splits`: (train, test) already in memory (the
   benchmark's loop timing), instead of loading the configured data.
+  `compile_eval_ahead`: compile the evaluation in a background thread while
+  the first windows run (off for the benchmark's loop timing, which that
+  thread would share the cores with).
   """
   run = prepare(config, workdir, splits)
   parallel, total_steps = run.parallel, run.total_steps
@@ -329,7 +333,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
                                    ema_decay=config.ema_decay)
     placement = loop.placement(config)
     windows = loop.Windows(train_step, run.train, config, parallel, placement, step)
-    evaluate.compile_ahead(state)  # Before the first window donates the state's buffers.
+    if compile_eval_ahead:
+      evaluate.compile_ahead(state)  # Before the first window donates the state's buffers.
     window = loop.window_length(config, run.steps_per_epoch, run.checkpoint_every,
                                 run.eval_every, jax.default_backend())
     logging.info("train loop: data on the %s, %d steps per dispatch", placement, window)
