@@ -46,6 +46,8 @@ def test_two_processes_match_one_process(tmp_path, idx_dir):
   proc = run_module("fashion_jax.main", f"--workdir={single}", *flags,
                     env={"JAX_NUM_CPU_DEVICES": "4"})
   assert proc.returncode == 0, proc.stderr[-3000:]
+  ahead = "compiling the evaluation in the background"
+  assert ahead in proc.stderr  # One process: while the first windows run.
 
   multi = str(tmp_path / "multi")
   env = dict(os.environ, FASHION_JAX_PORT=str(_free_port()), PYTHON=sys.executable)
@@ -55,6 +57,8 @@ def test_two_processes_match_one_process(tmp_path, idx_dir):
                  if os.path.exists(os.path.join(multi, f"process_{i}.log")))
   assert proc.returncode == 0, proc.stderr + logs
   assert "process 1 of 2" in open(os.path.join(multi, "process_1.log")).read()
+  for i in range(2):  # Several: never (a compile may wait for the other processes').
+    assert ahead not in open(os.path.join(multi, f"process_{i}.log")).read()
 
   config = _tiny(idx_dir)
   a, b = final_state(config, single), final_state(config, multi)

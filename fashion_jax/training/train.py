@@ -216,6 +216,7 @@ class Evaluation:
 
   def compile_ahead(self, state) -> None:
     """Starts compiling the evaluations while the first train windows compile and run."""
+    logging.info("compiling the evaluation in the background")
     for evaluator in (self.test, self.val):
       if evaluator is not None:
         evaluator.compile_ahead(state)
@@ -301,8 +302,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
   processes agreed on). `splits`: (train, test) already in memory (the
   benchmark's loop timing), instead of loading the configured data.
   `compile_eval_ahead`: compile the evaluation in a background thread while
-  the first windows run (off for the benchmark's loop timing, which that
-  thread would share the cores with).
+  the first windows run, in single-process runs (off for the benchmark's loop
+  timing, which that thread would share the cores with).
   """
   run = prepare(config, workdir, splits)
   parallel, total_steps = run.parallel, run.total_steps
@@ -333,8 +334,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
                                    ema_decay=config.ema_decay)
     placement = loop.placement(config)
     windows = loop.Windows(train_step, run.train, config, parallel, placement, step)
-    if compile_eval_ahead:
-      evaluate.compile_ahead(state)  # Before the first window donates the state's buffers.
+    # Before the first window donates the state's buffers. One process only: with several, a
+    # compile may wait for the others' (XLA's GPU autotuning shared through the distributed
+    # key-value store), and two compiles started in different orders must not wait on each other.
+    if compile_eval_ahead and parallel.process_count == 1:
+      evaluate.compile_ahead(state)
     window = loop.window_length(config, run.steps_per_epoch, run.checkpoint_every,
                                 run.eval_every, jax.default_backend())
     logging.info("train loop: data on the %s, %d steps per dispatch", placement, window)
