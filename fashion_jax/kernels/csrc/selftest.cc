@@ -655,6 +655,21 @@ void TestDense(std::mt19937& rng, int b, int d, int h) {
   Expect("dense dw", dw, want_dw, 1e-5 * std::max(1.0, std::sqrt(b / 35.0)));
 }
 
+// The vector square root: each lane bitwise std::sqrt's (IEEE, correctly rounded, as XLA's),
+// zeros, subnormals and infinities included.
+void TestSqrt(std::mt19937& rng) {
+  std::vector<float> x = Random(rng, 64 * L, 100.0f);
+  for (float& e : x) e = std::fabs(e);
+  x[0] = 0.0f, x[1] = -0.0f, x[2] = 1e-40f, x[3] = INFINITY, x[4] = 2.0f;
+  for (size_t i = 0; i < x.size(); i += L) {
+    const fv r = Sqrt(Load(x.data() + i));
+    for (int j = 0; j < L; ++j) {
+      const float want = std::sqrt(x[i + j]);
+      Check(std::memcmp(&r[j], &want, sizeof(want)) == 0, "sqrt: a lane differs from std::sqrt");
+    }
+  }
+}
+
 // Adam's update against optax's formula in double: in place over several tasks and a tail shorter
 // than a vector, into other arrays (copied first), and a skipped step (only the copies).
 void TestAdam(std::mt19937& rng, int64_t n, bool in_place, bool skip, float weight_decay = 0) {
@@ -778,6 +793,7 @@ int main() {
   TestDense(rng, 30, 37, 2 * L);
   // Adam: several tasks and a tail (in place), a tail alone (into other arrays), skipped steps,
   // AdamW.
+  TestSqrt(rng);
   TestAdam(rng, 3 * kAdamChunk + L + 3, true, false);
   TestAdam(rng, 5, false, false);
   TestAdam(rng, kAdamChunk + 1, true, true);
