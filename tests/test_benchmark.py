@@ -29,10 +29,11 @@ def test_benchmark_json(tmp_path, idx_dir):
   assert [r["batch_size"] for r in results["sweep"]] == [8, 16]
   # XLA's count and the hand count agree (the step is ~3x the forward pass).
   assert results["flops_per_image"] == pytest.approx(results["flops_per_image_analytic"], rel=0.25)
-  assert 0 < results["mfu"] < 1
-  # MFU counts the model's FLOPs; on CPU the Winograd conv+pool executes fewer.
+  # MFU counts the model's FLOPs; on CPU the Winograd conv+pool executes fewer, so MFU may pass
+  # 100 % (it did here, at batch 16, once Adam's square root got 3x faster); the hardware's
+  # share of its measured peak may not.
   assert results["flops_per_image_executed"] < 0.8 * results["flops_per_image"]
-  assert 0 < results["hfu"] < results["mfu"]
+  assert 0 < results["hfu"] < min(results["mfu"], 1)
   assert results["compile_cached_s"] > 0 and results["input"]["idx"]["available"]
   assert "best:" in proc.stdout and "eval:" in proc.stdout  # The printed table.
   # The CPU, its ISA and the native kernels' vector width, beside the numbers they explain.

@@ -215,7 +215,13 @@ class Evaluation:
     self.bar = progress.Bar(False, 0)  # The train loop's bar, once it starts.
 
   def compile_ahead(self, state) -> None:
-    """Starts compiling the evaluations while the first train windows compile and run."""
+    """Starts compiling the evaluations while the first train windows compile and run.
+
+    Called before the first window donates the state's buffers, in single-process runs only:
+    with several, a compile may wait for the others' (XLA's GPU autotuning shared through the
+    distributed key-value store), and two compiles started in different orders must not wait
+    on each other.
+    """
     logging.info("compiling the evaluation in the background")
     for evaluator in (self.test, self.val):
       if evaluator is not None:
@@ -301,9 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
   stops.Preempted after a signal (with a checkpoint saved at the step all
   processes agreed on). `splits`: (train, test) already in memory (the
   benchmark's loop timing), instead of loading the configured data.
-  `compile_eval_ahead`: compile the evaluation in a background thread while
-  the first windows run, in single-process runs (off for the benchmark's loop
-  timing, which that thread would share the cores with).
+  `compile_eval_ahead`: compile the evaluation in the background during the first
+  windows (off for the benchmark's loop timing: it would share the cores with them).
   """
   run = prepare(config, workdir, splits)
   parallel, total_steps = run.parallel, run.total_steps
@@ -334,10 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
                                    ema_decay=config.ema_decay)
     placement = loop.placement(config)
     windows = loop.Windows(train_step, run.train, config, parallel, placement, step)
-    # Before the first window donates the state's buffers. One process only: with several, a
-    # compile may wait for the others' (XLA's GPU autotuning shared through the distributed
-    # key-value store), and two compiles started in different orders must not wait on each other.
-    if compile_eval_ahead and parallel.process_count == 1:
+    if compile_eval_ahead and parallel.process_count == 1:  # See Evaluation.compile_ahead.
       evaluate.compile_ahead(state)
     window = loop.window_length(config, run.steps_per_epoch, run.checkpoint_every,
                                 run.eval_every, jax.default_backend())
