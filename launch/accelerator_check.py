@@ -9,9 +9,10 @@ a run cut short by its time budget (--budget_s, default 540) still reports what 
 
   devices     backend, device kind and count, versions
   default     configs/default.py per data placement (device, host): wall time from process start
-              to the final eval, test accuracy, compile time, loop images/s; then the device run
-              once more in a new workdir, its programs from the persistent compilation cache (a
-              fresh one for this check, so the first runs compile everything)
+              to the final eval, test accuracy, compile time, first eval's seconds, loop images/s;
+              then the device run once more in a new workdir. One persistent compilation cache,
+              fresh for this check, serves every stage: the first run compiles everything, the
+              host run and the rerun load what it compiled
   tests       pytest -m "gpu or tpu": every placement x parallelism against host placement
   speedrun    configs/speedrun_cpu.py with the data on the device: time to 91 % test accuracy
   benchmark   pure-step and real-loop images/s, MFU against the chip's peak, compile times
@@ -146,8 +147,8 @@ def main():
   idx_dir = os.path.abspath(args.idx_dir)
   output = os.path.abspath(args.output)
   work = tempfile.mkdtemp(prefix="fashion_jax_accelerator_check_")
-  # A fresh cache root (mkdtemp: this user's alone) for every command it runs: the first runs
-  # compile everything, as on a new machine; the rerun stage shows what the cache saves.
+  # A fresh cache root (mkdtemp: this user's alone) for every command it runs: the first run
+  # compiles everything, as on a new machine; the rerun stage shows what the cache saves.
   os.environ["FASHION_JAX_CACHE_DIR"] = os.path.join(work, "cache")
   os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
   check = Check(output, args.budget_s, work)

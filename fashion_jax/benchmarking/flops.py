@@ -151,13 +151,12 @@ def executed_step_flops(lowered, compiled, parallel) -> float | None:
   the lowered program's count, since those libraries run its math as written (the whole
   step's under jit, one device's under pmap).
   """
-  per_device = parallel.mode == "pmap"
   if parallel.devices[0].platform == "cpu":
     flops = cost_flops(compiled)
-    flops = flops + executed_flops(compiled.as_text()) if flops else None
+    flops = flops and flops + executed_flops(compiled.as_text())
     per_device = parallel.mode != "none"
   else:
-    flops = cost_flops(lowered)
+    flops, per_device = cost_flops(lowered), parallel.mode == "pmap"
   return flops * parallel.num_devices if flops and per_device else flops
 
 
