@@ -22,26 +22,29 @@ def test_executed_flops_counts_the_kernels_xla_cannot_see():
   step = jax.jit(jax.grad(lambda x: jnp.sum(native.conv3x3_pool2(x, k8, jnp.zeros(64)))))
   tiles = 4 * 5 * 5
   # The fused Winograd layer: forward (input and output transforms, 16 products per tile) and
-  # backward (V again, the output transform's gradient, dV and dU, the input's gradient).
+  # backward (V again, the output transform's gradient, dV and dU, the input's gradient). The
+  # filter transform, U forward and U^T backward (its gradient too where the kernel's is
+  # taken): G (m+2 x 3) on the kernel's 3 columns, then on the m+2 rows, per channel pair.
+  filters = lambda m: 2 * (9 * (m + 2) + 3 * (m + 2) ** 2) * 32 * 64
   product = 2 * 16 * tiles * 32 * 64
-  forward = 32 * tiles * (32 + 64) + product
-  backward = 32 * tiles * (2 * 32 + 64) + 2 * product
+  forward = 32 * tiles * (32 + 64) + product + filters(2)
+  backward = 32 * tiles * (2 * 32 + 64) + 2 * product + filters(2)
   assert flops.executed_flops(step.lower(x8).compile().as_text()) == forward + backward
   # The plain fused convolution (cnn_bn's layers): the same count, 2x2 outputs per tile.
   x16 = jnp.zeros((4, 16, 16, 32))
   step = jax.jit(jax.grad(lambda x: jnp.sum(plain_conv.conv3x3(x, k8) ** 2)))  # y is needed.
   tiles = 4 * 7 * 7
   product = 2 * 16 * tiles * 32 * 64
-  forward = 32 * tiles * (32 + 64) + product
-  backward = 32 * tiles * (2 * 32 + 64) + 2 * product
+  forward = 32 * tiles * (32 + 64) + product + filters(2)
+  backward = 32 * tiles * (2 * 32 + 64) + 2 * product + filters(2)
   assert flops.executed_flops(step.lower(x16).compile().as_text()) == forward + backward
   # F(4x4, 3x3) (outputs whose sides are multiples of 4): 36 products per 4x4 tile, and its own
   # transforms' counts (flops._TRANSFORM_FLOPS).
   x30 = jnp.zeros((4, 30, 30, 32))
   tiles = 4 * 7 * 7
   product = 2 * 36 * tiles * 32 * 64
-  forward = tiles * (190 * 32 + 130 * 64) + product
-  backward = tiles * ((190 + 240) * 32 + 110 * 64) + 2 * product
+  forward = tiles * (190 * 32 + 130 * 64) + product + filters(4)
+  backward = tiles * ((190 + 240) * 32 + 110 * 64) + 2 * product + filters(4)
   assert flops.executed_flops(step.lower(x30).compile().as_text()) == forward + backward
   assert flops.executed_flops("%c = f32[2] custom-call(), custom_call_target=\"other\"") == 0
   # The two layers as one op: the direct layer (forward, then its kernel gradient from the
@@ -53,7 +56,7 @@ def test_executed_flops_counts_the_kernels_xla_cannot_see():
   tiles = 4 * 2 * 2
   product = 2 * 49 * tiles * 32 * 64
   second = ((636 * 32 + 408 * 64) * tiles + product) + (
-      ((636 + 742) * 32 + 384 * 64) * tiles + 2 * product)
+      ((636 + 742) * 32 + 384 * 64) * tiles + 2 * product) + 3 * filters(5)
   assert flops.executed_flops(step.lower(k1, k8).compile().as_text()) == 2 * direct + second
   # ... and as F(2x2, 3x3) where the pooled output's sides are not multiples of 5 (30x30: h
   # 14x14, 6x6 pooled).
@@ -62,6 +65,7 @@ def test_executed_flops_counts_the_kernels_xla_cannot_see():
   tiles = 4 * 6 * 6
   product = 2 * 16 * tiles * 32 * 64
   second = (32 * tiles * (32 + 64) + product) + (32 * tiles * (2 * 32 + 64) + 2 * product)
+  second += 3 * filters(2)
   first = 2 * 2 * 4 * 14 * 14 * 4 * 9 * 32
   assert flops.executed_flops(step.lower(k1, k8).compile().as_text()) == first + second
 

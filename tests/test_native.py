@@ -16,7 +16,8 @@ from jax import lax
 import numpy as np
 import pytest
 
-from fashion_jax.kernels import batchnorm, dense, dropout, native, native_build, ops, plain_conv
+from fashion_jax.kernels import (batchnorm, dense, dropout, native, native_build, ops, plain_conv,
+                                 winograd)
 from tests.conftest import ROOT, require_native
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -119,6 +120,23 @@ def test_two_layers_match_lax_and_the_separate_kernels(batch, hw, cin, c, k, til
   for name, want, same_kernels, got in zip("x k1 b1 k2 b2".split(), *grads):
     np.testing.assert_allclose(got, same_kernels, rtol=close, atol=close, err_msg=name)
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3, err_msg=name)
+
+
+@pytest.mark.parametrize("tile", [2, 4, 5])
+def test_filter_transforms_match_winograd_py(tile):
+  """The kernels' U = G g G^T, its transpose (the backward's operand) and the kernel's gradient
+  equal winograd.py's matrix products to float32 rounding (two 1-D passes, not one 2-D one)."""
+  c, k = native.lanes(), 3 * native.lanes()
+  kernel = jax.random.normal(jax.random.key(0), (3, 3, c, k))
+  du = jax.random.normal(jax.random.key(1), ((tile + 2) ** 2, c, k))
+  u = winograd.filter_transform(kernel, tile)
+  np.testing.assert_allclose(native.filter_transform(kernel, tile), u, rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(jax.jit(native.filter_transform, static_argnums=(1, 2))(
+      kernel, tile, True), jnp.swapaxes(u, 1, 2), rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(native.filter_transform_grad(du), winograd.filter_transform_grad(du),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="tiles are 2, 4 or 5"):
+    native.filter_transform(kernel, 3)
 
 
 def test_two_layers_give_each_image_the_same_outputs_in_any_batch():

@@ -164,8 +164,16 @@ _TARGET_RE = re.compile(r'custom_call_target="(fashion_jax_[a-z_]+)"')
 _SHAPE_RE = re.compile(r"[a-z]+[0-9]*\[([0-9,]*)\]\{[0-9,]*\}")  # e.g. f32[4,28,28,1]{3,2,1,0}
 
 
-def _kernel_flops(target: str, operands: list[tuple[int, ...]]) -> float:
-  """Floating-point operations of one kernel call, from its operand shapes."""
+def _kernel_flops(target: str, operands: list[tuple[int, ...]],
+                  result: tuple[int, ...] = ()) -> float:
+  """Floating-point operations of one kernel call, from its operand (and result) shapes."""
+  # The Winograd filter transform U = G g G^T ((m+2) x 3 G; result U [P, ., .]) and its
+  # gradient (operand dU [P, C, K]), per (input, output) channel pair: G applied to g's 3
+  # columns, then to the (m+2) rows, multiply-adds x 2 (zeros in G counted).
+  if target in ("fashion_jax_filter_transform", "fashion_jax_filter_transform_grad"):
+    u = result if target.endswith("transform") else operands[0]
+    a = math.isqrt(u[0])
+    return 2.0 * (9 * a + 3 * a * a) * u[1] * u[2]
   if target in ("fashion_jax_conv_pool_fwd", "fashion_jax_conv_pool_bwd"):
     (n, h, w, c), k = operands[0], operands[1][-1]
     return 2.0 * n * ((h - 2) // 2) * ((w - 2) // 2) * 4 * 9 * c * k  # Multiply-adds x 2.
@@ -241,8 +249,10 @@ def executed_flops(hlo_text: str) -> float:
     target = _TARGET_RE.search(line)
     if not target or "operand_layout_constraints={" not in line:
       continue
-    constraints = line.split("operand_layout_constraints={", 1)[1]
+    head, constraints = line.split("operand_layout_constraints={", 1)
     shapes = [tuple(int(d) for d in dims.split(",") if d)
               for dims in _SHAPE_RE.findall(constraints)]
-    total += _kernel_flops(target.group(1), shapes)
+    results = _SHAPE_RE.findall(head.split("custom-call(", 1)[0])
+    result = tuple(int(d) for d in results[0].split(",") if d) if results else ()
+    total += _kernel_flops(target.group(1), shapes, result)
   return total

@@ -17,6 +17,10 @@ with the ReLU that follows fused in (`relu=True`):
   gradients. XLA's matmuls between separate transforms had written and re-read [16, tiles, K]
   planes (26 MB at batch 256) and were bound by that traffic.
 
+The Winograd layers' filter transform U = G g G^T, its transpose (the backward's operand) and
+its gradient run here too (`filter_transform`, `filter_transform_grad`): XLA ran them as a
+small matmul and a transpose copy, 7 % of the CNN's train step at batch 32.
+
 The 3x3 convolution without a pool (cnn_bn, ResNets) is `fashion_jax.kernels.plain_conv`,
 BatchNorm + ReLU `fashion_jax.kernels.batchnorm`, dropout's mask `fashion_jax.kernels.dropout`,
 the dense layers' matmuls `fashion_jax.kernels.dense` and Adam's update `fashion_jax.kernels.adam`,
@@ -66,6 +70,7 @@ _TARGETS = {f"fashion_jax_{name}": symbol for name, symbol in (  # XLA's name: t
     ("winograd_conv_pool_fwd", "FjWinogradConvPoolForward"),
     ("winograd_conv_pool_bwd", "FjWinogradConvPoolBackward"),
     ("winograd_conv_fwd", "FjWinogradConvForward"), ("winograd_conv_bwd", "FjWinogradConvBackward"),
+    ("filter_transform", "FjFilterTransform"), ("filter_transform_grad", "FjFilterTransformGrad"),
     ("two_layer_fwd", "FjTwoLayerForward"), ("two_layer_train_fwd", "FjTwoLayerTrainForward"),
     ("two_layer_bwd", "FjTwoLayerBackward"),
     ("bn_stats", "FjBnStats"), ("bn_relu_fwd", "FjBnReluForward"),
@@ -255,6 +260,26 @@ def call(target, results, *args, input_output_aliases=None, **attributes):
                           input_output_aliases=input_output_aliases)(*args, **attributes)
 
 
+def filter_transform(kernel: jax.Array, tile: int, transposed: bool = False) -> jax.Array:
+  """`winograd.filter_transform(kernel, tile)` [P, C, K] (transposed: its [P, K, C], the fused
+  backward's operand, without a transpose copy), in the kernels: equal to it to float32
+  rounding. C and K multiples of `lanes()`, tile 2, 4 or 5; call `available()` first."""
+  if tile not in (2, 4, 5):
+    raise ValueError(f"Winograd tiles are 2, 4 or 5, got {tile}")
+  _, _, c, k = kernel.shape
+  planes = (tile + 2) ** 2
+  shape = (planes, k, c) if transposed else (planes, c, k)
+  return call("fashion_jax_filter_transform", jax.ShapeDtypeStruct(shape, jnp.float32), kernel,
+              transposed=np.int32(transposed))
+
+
+def filter_transform_grad(du: jax.Array) -> jax.Array:
+  """`winograd.filter_transform_grad(du)` in the kernels: the kernel's gradient [3, 3, C, K]."""
+  _, c, k = du.shape
+  return call("fashion_jax_filter_transform_grad", jax.ShapeDtypeStruct((3, 3, c, k), jnp.float32),
+              du)
+
+
 def _pooled(x, channels: int) -> jax.ShapeDtypeStruct:
   """The shape of a 3x3 VALID conv with `channels` outputs + 2x2 pool of x, float32."""
   n, h, w, _ = x.shape
@@ -305,10 +330,9 @@ _direct.defvjp(_direct_fwd, _direct_bwd)
 # Winograd kernels (wide inputs): the whole layer fused, a block of tiles at a time in cache.
 
 def _winograd_forward(x, kernel, bias, relu):
-  u = winograd.filter_transform(kernel)
-  y, which = call("fashion_jax_winograd_conv_pool_fwd", _pooled_shapes(x, kernel), x, u, bias,
-                  relu=np.int32(relu))
-  return y, (x, u, which)
+  y, which = call("fashion_jax_winograd_conv_pool_fwd", _pooled_shapes(x, kernel), x,
+                  filter_transform(kernel, 2), bias, relu=np.int32(relu))
+  return y, (x, kernel, which)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -318,13 +342,14 @@ def _winograd(x, kernel, bias, relu):
 
 def _winograd_bwd(relu, residuals, dy):
   del relu  # In `which`.
-  x, u, which = residuals
+  x, kernel, which = residuals
+  ut = filter_transform(kernel, 2, transposed=True)
   dx, du, dbias = call("fashion_jax_winograd_conv_pool_bwd",
                        (jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                        jax.ShapeDtypeStruct(u.shape, jnp.float32),
-                        jax.ShapeDtypeStruct(u.shape[-1:], jnp.float32)),
-                       x, jnp.swapaxes(u, 1, 2), which, dy)
-  return dx, winograd.filter_transform_grad(du), dbias
+                        jax.ShapeDtypeStruct((16,) + kernel.shape[2:], jnp.float32),
+                        jax.ShapeDtypeStruct(kernel.shape[-1:], jnp.float32)),
+                       x, ut, which, dy)
+  return dx, filter_transform_grad(du), dbias
 
 
 _winograd.defvjp(_winograd_forward, _winograd_bwd)
@@ -384,31 +409,33 @@ def two_layer_tile(x_shape) -> int:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _two_layers(x, k1, b1, k2, b2, relu):
-  u = winograd.filter_transform(k2, two_layer_tile(x.shape))
+  u = filter_transform(k2, two_layer_tile(x.shape))
   return call("fashion_jax_two_layer_fwd", _pooled_shapes(_pooled(x, k1.shape[-1]), k2), x, k1,
               b1, u, b2, relu1=np.int32(relu), relu2=np.int32(relu))[0]
 
 
 def _two_layers_forward(x, k1, b1, k2, b2, relu):
   """Training's forward: also the first layer's output h and argmax, the backward's inputs."""
-  u = winograd.filter_transform(k2, two_layer_tile(x.shape))
+  u = filter_transform(k2, two_layer_tile(x.shape))
   h_shapes = _pooled_shapes(x, k1)
   y, which2, h, which1 = call("fashion_jax_two_layer_train_fwd",
                               _pooled_shapes(h_shapes[0], k2) + h_shapes, x, k1, b1, u, b2,
                               relu1=np.int32(relu), relu2=np.int32(relu))
-  return y, (x, k1, b1, k2, b2, u, h, which1, which2)
+  return y, (x, k1, b1, k2, b2, h, which1, which2)
 
 
 def _two_layers_bwd(relu, residuals, dy):
-  x, k1, b1, k2, b2, u, h, which1, which2 = residuals
-  shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (k1, b1, u, b2))
-  dk1, db1, du, db2 = call("fashion_jax_two_layer_bwd", shapes, x, h, which1,
-                           jnp.swapaxes(u, 1, 2), which2, dy)
+  x, k1, b1, k2, b2, h, which1, which2 = residuals
+  ut = filter_transform(k2, two_layer_tile(x.shape), transposed=True)
+  shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (k1, b1))
+  shapes += (jax.ShapeDtypeStruct((ut.shape[0],) + k2.shape[2:], jnp.float32),
+             jax.ShapeDtypeStruct(b2.shape, jnp.float32))
+  dk1, db1, du, db2 = call("fashion_jax_two_layer_bwd", shapes, x, h, which1, ut, which2, dy)
   # The input gradient (unused, and so removed by XLA, when x is the image): through the two
   # layers' own ops.
   separate = lambda v: conv3x3_pool2(conv3x3_pool2(v, k1, b1, relu), k2, b2, relu)
   dx = jax.vjp(separate, x)[1](dy)[0]
-  return dx, dk1, db1, winograd.filter_transform_grad(du), db2
+  return dx, dk1, db1, filter_transform_grad(du), db2
 
 
 _two_layers.defvjp(_two_layers_forward, _two_layers_bwd)

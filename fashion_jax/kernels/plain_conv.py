@@ -25,7 +25,6 @@ from jax import lax
 import jax.numpy as jnp
 
 from fashion_jax.kernels import native
-from fashion_jax.kernels import winograd
 
 
 def supports(x: jax.Array, kernel: jax.Array) -> bool:
@@ -65,7 +64,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array, tile: int | None = None) -> jax.Arr
   if x.shape[-1] < native.DIRECT_MAX_CHANNELS:
     tile, conv = 2, _direct
   else:
-    tile = winograd_tile(x) if tile is None else tile  # 2 or 4: winograd.filter_transform checks.
+    tile = winograd_tile(x) if tile is None else tile  # 2 or 4: native.filter_transform checks.
     conv = lambda x, kernel: _winograd(x, kernel, tile)
   _, h, w, _ = x.shape
   ph, pw = -(h - 2) % tile, -(w - 2) % tile
@@ -80,8 +79,8 @@ def _output(x, kernel) -> jax.ShapeDtypeStruct:
 
 
 def _winograd_forward(x, kernel, tile):
-  u = winograd.filter_transform(kernel, tile)  # [16 or 36, C, K]: the kernels read the tile off it.
-  return native.call("fashion_jax_winograd_conv_fwd", _output(x, kernel), x, u), (x, u)
+  u = native.filter_transform(kernel, tile)  # [16 or 36, C, K]: the kernels read the tile off it.
+  return native.call("fashion_jax_winograd_conv_fwd", _output(x, kernel), x, u), (x, kernel)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -90,13 +89,13 @@ def _winograd(x, kernel, tile):
 
 
 def _winograd_bwd(tile, residuals, dy):
-  del tile  # U's shape says it.
-  x, u = residuals
+  x, kernel = residuals
+  ut = native.filter_transform(kernel, tile, transposed=True)
   dx, du = native.call("fashion_jax_winograd_conv_bwd",
                        (jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                        jax.ShapeDtypeStruct(u.shape, jnp.float32)),
-                       x, jnp.swapaxes(u, 1, 2), dy)
-  return dx, winograd.filter_transform_grad(du)
+                        jax.ShapeDtypeStruct((ut.shape[0],) + kernel.shape[2:], jnp.float32)),
+                       x, ut, dy)
+  return dx, native.filter_transform_grad(du)
 
 
 _winograd.defvjp(_winograd_forward, _winograd_bwd)

@@ -1369,6 +1369,158 @@ ffi::Error WinogradConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 // ---------------------------------------------------------------------------
+// The filter transform U = G g G^T of each (input, output) channel pair, and its transpose for
+// the kernel's gradient, dg = G^T dU G: kernel [3, 3, C, K] <-> U [P, C, K] (P = (M+2)^2), or
+// U^T [P, K, C] (the fused backward's operand), for F(2x2, 3x3), F(4x4, 3x3) and F(5x5, 3x3).
+// XLA ran them as a [P, 9] x [9, C K] matmul, then U^T as a transpose copy, and the gradient as
+// [9, P] x [P, C K]: for the CNN's 32 -> 64 layer 83 us of a 1.17 ms step at batch 32 on Zen 4
+// (7 %). Here each is two 1-D passes of the (M+2) x 3 matrix G (210 multiply-adds a pair for
+// F(5x5, 3x3), not 441), L pairs at a time: a few us. G's entries are winograd.py's _G, _G4 and
+// _G5 in float32; the two passes round differently from the Kronecker matrix's one (a few ulp).
+
+constexpr ConstMatrix<4, 3> kWino2G = {{{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f},
+                                        {0, 0, 1}}};
+constexpr ConstMatrix<6, 3> kWino4G = {{{1.0f / 4, 0, 0},
+                                        {-1.0f / 6, -1.0f / 6, -1.0f / 6},
+                                        {-1.0f / 6, 1.0f / 6, -1.0f / 6},
+                                        {1.0f / 24, 1.0f / 12, 1.0f / 6},
+                                        {1.0f / 24, -1.0f / 12, 1.0f / 6},
+                                        {0, 0, 1}}};
+constexpr ConstMatrix<7, 3> kWino5G = {{{-1.0f / 2, 0, 0},
+                                        {-1.0f / 3, -1.0f / 3, -1.0f / 3},
+                                        {1.0f / 9, -1.0f / 9, 1.0f / 9},
+                                        {1.0f / 36, 1.0f / 18, 1.0f / 9},
+                                        {-1.0f / 60, 1.0f / 30, -1.0f / 15},
+                                        {32.0f / 45, 16.0f / 45, 8.0f / 45},
+                                        {0, 0, 1}}};
+constexpr ConstMatrix<3, 4> kWino2GT = Transposed(kWino2G);
+constexpr ConstMatrix<3, 6> kWino4GT = Transposed(kWino4G);
+constexpr ConstMatrix<3, 7> kWino5GT = Transposed(kWino5G);
+
+// U of L pairs (g[ky * 3 + kx] one vector of them per tap) into u[a * A + b] (A = rows of G).
+template <const auto& G>
+inline void FilterTransformVectors(const fv g[9], fv* u) {
+  constexpr int A = G.rows;
+  fv t[3][A];  // t[kx][a] = (G g)[a][kx]
+  for (int kx = 0; kx < 3; ++kx) {
+    const fv column[3] = {g[kx], g[3 + kx], g[6 + kx]};
+    MatrixApply<G>(column, t[kx]);
+  }
+  for (int a = 0; a < A; ++a) {
+    const fv row[3] = {t[0][a], t[1][a], t[2][a]};
+    MatrixApply<G>(row, u + a * A);
+  }
+}
+
+// Its transpose: g[ky * 3 + kx] = (G^T du G)[ky][kx] from du[a * A + b].
+template <const auto& G, const auto& GT>
+inline void FilterGradVectors(const fv* du, fv g[9]) {
+  constexpr int A = G.rows;
+  fv t[A][3];  // t[a][kx] = (du G)[a][kx]
+  for (int a = 0; a < A; ++a) MatrixApply<GT>(du + a * A, t[a]);
+  for (int kx = 0; kx < 3; ++kx) {
+    fv column[A], out[3];
+    for (int a = 0; a < A; ++a) column[a] = t[a][kx];
+    MatrixApply<GT>(column, out);
+    for (int ky = 0; ky < 3; ++ky) g[ky * 3 + kx] = out[ky];
+  }
+}
+
+// kernel [9, C, K] -> u [P, C, K], or (transposed) u^T [P, K, C]: per task a block of L of the
+// output's last axis (K, or C), every row. The transposed form reads the kernel's lanes across
+// C (stride K) through a transposed copy of 8 rows at a time.
+template <const auto& G, typename Pool>
+void FilterTransformCore(Pool& pool, const float* g, int64_t c, int64_t k, bool transposed,
+                         float* u) {
+  constexpr int64_t P = G.rows * G.rows;
+  const int64_t lanes = transposed ? c : k, rows = transposed ? k : c;
+  ParallelFor(pool, lanes / L, [&](int64_t block) {
+    const int64_t j0 = block * L;
+    constexpr int64_t kRows = 8;
+    float copy[9 * kRows * L];  // [tap][row][lane]
+    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+      const int64_t count = std::min(kRows, rows - r0);
+      if (transposed) {
+        for (int t = 0; t < 9; ++t) {
+          for (int64_t l = 0; l < L; ++l) {
+            const float* src = g + (t * c + j0 + l) * k + r0;
+            for (int64_t r = 0; r < count; ++r) copy[(t * kRows + r) * L + l] = src[r];
+          }
+        }
+      }
+      for (int64_t r = 0; r < count; ++r) {
+        fv taps[9], out[P];
+        for (int t = 0; t < 9; ++t) {
+          taps[t] = transposed ? Load(copy + (t * kRows + r) * L)
+                               : Load(g + (t * c + r0 + r) * k + j0);
+        }
+        FilterTransformVectors<G>(taps, out);
+        for (int64_t p = 0; p < P; ++p) Store(u + (p * rows + r0 + r) * lanes + j0, out[p]);
+      }
+    }
+  });
+}
+
+// du [P, C, K] -> the kernel's gradient [9, C, K]: per task a block of L output channels.
+template <const auto& G, const auto& GT, typename Pool>
+void FilterGradCore(Pool& pool, const float* du, int64_t c, int64_t k, float* g) {
+  constexpr int64_t P = G.rows * G.rows;
+  ParallelFor(pool, k / L, [&](int64_t block) {
+    const int64_t j0 = block * L;
+    for (int64_t r = 0; r < c; ++r) {
+      fv in[P], taps[9];
+      for (int64_t p = 0; p < P; ++p) in[p] = Load(du + (p * c + r) * k + j0);
+      FilterGradVectors<G, GT>(in, taps);
+      for (int t = 0; t < 9; ++t) Store(g + (t * c + r) * k + j0, taps[t]);
+    }
+  });
+}
+
+// kernel [3, 3, C, K] and U [P, C, K] (U^T [P, K, C] if transposed): checks, and M from P.
+ffi::Error FilterShapes(ffi::Span<const int64_t> gd, ffi::Span<const int64_t> ud,
+                        bool transposed, int* m) {
+  const bool ok = gd.size() == 4 && gd[0] == 3 && gd[1] == 3 && gd[2] % L == 0 &&
+                  gd[3] % L == 0 && gd[2] > 0 && gd[3] > 0 && ud.size() == 3 &&
+                  ud[1] == gd[transposed ? 3 : 2] && ud[2] == gd[transposed ? 2 : 3];
+  *m = !ok ? 0 : ud[0] == Planes(2) ? 2 : ud[0] == Planes(4) ? 4 : ud[0] == Planes(5) ? 5 : 0;
+  if (*m == 0) {
+    return ffi::Error::InvalidArgument(
+        "fashion_jax filter transform: expected a kernel [3, 3, C, K] and U [P, C, K] (U^T "
+        "[P, K, C] if transposed) with P 16, 36 or 49 and C, K multiples of " +
+        std::to_string(L));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error FilterTransformHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
+                           ffi::ResultBuffer<ffi::F32> u, int32_t transposed) {
+  int m;
+  if (ffi::Error e = FilterShapes(g.dimensions(), u->dimensions(), transposed != 0, &m);
+      e.failure()) {
+    return e;
+  }
+  const int64_t c = g.dimensions()[2], k = g.dimensions()[3];
+  float* out = u->typed_data();
+  if (m == 2) FilterTransformCore<kWino2G>(pool, g.typed_data(), c, k, transposed, out);
+  if (m == 4) FilterTransformCore<kWino4G>(pool, g.typed_data(), c, k, transposed, out);
+  if (m == 5) FilterTransformCore<kWino5G>(pool, g.typed_data(), c, k, transposed, out);
+  return ffi::Error::Success();
+}
+
+ffi::Error FilterTransformGradHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> du,
+                               ffi::ResultBuffer<ffi::F32> g) {
+  int m;
+  if (ffi::Error e = FilterShapes(g->dimensions(), du.dimensions(), false, &m); e.failure()) {
+    return e;
+  }
+  const int64_t c = g->dimensions()[2], k = g->dimensions()[3];
+  if (m == 2) FilterGradCore<kWino2G, kWino2GT>(pool, du.typed_data(), c, k, g->typed_data());
+  if (m == 4) FilterGradCore<kWino4G, kWino4GT>(pool, du.typed_data(), c, k, g->typed_data());
+  if (m == 5) FilterGradCore<kWino5G, kWino5GT>(pool, du.typed_data(), c, k, g->typed_data());
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
 // Two conv + pool layers as one op (the classic CNN's: the direct kernel's layer, then a fused
 // Winograd one on its output). Per image, the first layer writes its pooled output h and argmax
 // into the thread's buffers and the second reads h from there: for inference h (13x13x32 floats
@@ -2752,6 +2904,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvPoolBackward, WinogradConvPoolBackwa
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvForward, WinogradConvForward, PlainConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjWinogradConvBackward, WinogradConvBackward, PlainGradBinding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjFilterTransform, FilterTransformHandler,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("transposed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FjFilterTransformGrad, FilterTransformGradHandler,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 // x, k1, b1, u, b2 -> y, argmax (training's forward adds h and the first layer's argmax).
 inline auto TwoLayerForwardBinding() {

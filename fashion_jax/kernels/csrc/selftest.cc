@@ -708,8 +708,42 @@ void TestAdam(std::mt19937& rng, int64_t n, bool in_place, bool skip, float weig
   Expect((what + ": v").c_str(), v, want_v, skip ? 0.0 : 1e-6);
 }
 
+// The filter transform and its gradient (the Winograd layers' U, U^T and the kernel's gradient)
+// against the double-precision sums above: each tile, C or K over one block of L, and more rows
+// than FilterTransformCore copies at a time (8) with a short last copy where L < 16.
+template <const auto& G, const auto& GT>
+void RunFilter(SerialPool& pool, const std::vector<float>& kern, const std::vector<float>& du,
+               int c, int k, std::vector<float>& u, std::vector<float>& ut, std::vector<float>& dk) {
+  FilterTransformCore<G>(pool, kern.data(), c, k, false, u.data());
+  FilterTransformCore<G>(pool, kern.data(), c, k, true, ut.data());
+  FilterGradCore<G, GT>(pool, du.data(), c, k, dk.data());
+}
+
+void TestFilterTransforms(std::mt19937& rng) {
+  SerialPool pool;
+  for (int m : {2, 4, 5}) {
+    for (const auto& [c, k] : {std::pair{L, 2 * L}, std::pair{3 * L, L}, std::pair{2 * L, 3 * L}}) {
+      const Problem p{1, 8, 8, c, k};
+      const std::vector<float> kern = Random(rng, 9 * size_t(c) * k, 0.3f);
+      const std::vector<float> du = Random(rng, size_t(m + 2) * (m + 2) * c * k, 1.0f);
+      char what[96];
+      std::vector<float> u(du.size(), NAN), ut(du.size(), NAN), dk(kern.size(), NAN);
+      if (m == 2) RunFilter<kWino2G, kWino2GT>(pool, kern, du, c, k, u, ut, dk);
+      if (m == 4) RunFilter<kWino4G, kWino4GT>(pool, kern, du, c, k, u, ut, dk);
+      if (m == 5) RunFilter<kWino5G, kWino5GT>(pool, kern, du, c, k, u, ut, dk);
+      std::snprintf(what, sizeof(what), "filter transform F(%dx%d) c=%d k=%d", m, m, c, k);
+      Expect(what, u, AsDouble(FilterTransform(p, kern, false, m)), 1e-6);
+      std::snprintf(what, sizeof(what), "filter transform F(%dx%d) c=%d k=%d, transposed", m, m, c, k);
+      Expect(what, ut, AsDouble(FilterTransform(p, kern, true, m)), 1e-6);
+      std::snprintf(what, sizeof(what), "filter transform gradient F(%dx%d) c=%d k=%d", m, m, c, k);
+      Expect(what, dk, AsDouble(FilterTransformGrad(p, du, m)), 1e-6);
+    }
+  }
+}
+
 int main() {
   std::mt19937 rng(0);
+  TestFilterTransforms(rng);
   for (bool relu : {false, true}) {
     // The direct kernel: compile-time and run-time channel counts, one or two channel blocks
     // (and a second image chunk), odd sizes, the smallest input.
