@@ -49,7 +49,8 @@ def test_executed_flops_counts_the_kernels_xla_cannot_see():
   assert flops.executed_flops("%c = f32[2] custom-call(), custom_call_target=\"other\"") == 0
   # The two layers as one op: the direct layer (forward, then its kernel gradient from the
   # forward's output: not recomputed) and the Winograd layer on its 13x13 output, as F(5x5, 3x3):
-  # 2x2 tiles an image, 49 products per tile and Wino<5>'s transforms.
+  # 2x2 tiles an image, 49 products per tile and Wino<5>'s transforms; the tiles read 12x12 of
+  # the 13x13, and the direct layer computes only those.
   x1, k1, b1 = jnp.zeros((4, 28, 28, 1)), jnp.zeros((3, 3, 1, 32)), jnp.zeros(32)
   two = lambda k1, k8: jnp.sum(native.conv3x3_pool2_twice(x1, k1, b1, k8, jnp.zeros(64)))
   step = jax.jit(jax.grad(two, argnums=(0, 1)))
@@ -57,7 +58,8 @@ def test_executed_flops_counts_the_kernels_xla_cannot_see():
   product = 2 * 49 * tiles * 32 * 64
   second = ((636 * 32 + 408 * 64) * tiles + product) + (
       ((636 + 742) * 32 + 384 * 64) * tiles + 2 * product) + 3 * filters(5)
-  assert flops.executed_flops(step.lower(k1, k8).compile().as_text()) == 2 * direct + second
+  read = 2 * 4 * 12 * 12 * 4 * 9 * 32
+  assert flops.executed_flops(step.lower(k1, k8).compile().as_text()) == 2 * read + second
   # ... and as F(2x2, 3x3) where the pooled output's sides are not multiples of 5 (30x30: h
   # 14x14, 6x6 pooled).
   x1 = jnp.zeros((4, 30, 30, 1))

@@ -190,7 +190,10 @@ def _kernel_flops(target: str, operands: list[tuple[int, ...]],
   if target.startswith("fashion_jax_two_layer_"):
     (n, h, w, cin), c, (planes, u1, u2) = operands[0], operands[1][-1], operands[3]
     hp, wp = (h - 2) // 2, (w - 2) // 2
-    first = 2.0 * n * hp * wp * 4 * 9 * cin * c  # Forward, or the kernel gradient.
+    # F(5x5, 3x3)'s tiles read 2 ((hp - 2) // 2) + 2 of h's rows (12 of the CNN's 13), and
+    # columns likewise: the first layer computes only those.
+    rows, cols = (2 * ((hp - 2) // 2) + 2, 2 * ((wp - 2) // 2) + 2) if planes == 49 else (hp, wp)
+    first = 2.0 * n * rows * cols * 4 * 9 * cin * c  # Forward, or the kernel gradient.
     return first + _winograd_flops(target.endswith("fwd"), n, hp, wp, c, u1 * u2 // c, planes)
   # BatchNorm + ReLU, per element of y (operand 0): the statistics' add and multiply-add; the
   # normalization (y - mean) a + t (3) then the forward's max, or the gradient sums' compare, add

@@ -145,6 +145,12 @@ inline iv Widen(const int8_t* p) {
 
 struct Shape {
   int64_t n, h, w, cin, cout, hp, wp;
+  // The pooled outputs the kernels compute (and, backward, read the gradient of): the first
+  // `rows` x `cols` of the hp x wp (0: all). The two-layer op's F(5x5, 3x3) second layer reads
+  // 5 th + 2 of h's rows (12 of the CNN's 13): the last row and column are never computed.
+  int64_t rows = 0, cols = 0;
+  int64_t Rows() const { return rows > 0 ? rows : hp; }
+  int64_t Cols() const { return cols > 0 ? cols : wp; }
 };
 
 // Runs f(i) for i in [0, n) on the calling thread and the pool's threads (XLA's intra-op pool,
@@ -214,8 +220,8 @@ void ForwardBlock(const Shape& s, const float* x, const float* k, const float* b
   }
   fv bias[NB];
   for (int nb = 0; nb < NB; ++nb) bias[nb] = Load(b + cb + nb * L);
-  for (int64_t i = 0; i < s.hp; ++i) {
-    for (int64_t j = 0; j < s.wp; ++j) {
+  for (int64_t i = 0; i < s.Rows(); ++i) {
+    for (int64_t j = 0; j < s.Cols(); ++j) {
       fv acc[NB][4];
       for (int nb = 0; nb < NB; ++nb) {
         for (int q = 0; q < 4; ++q) acc[nb][q] = bias[nb];
@@ -268,8 +274,8 @@ void BackwardBlock(const Shape& s, const float* x, const int8_t* arg, const floa
   fv* gw = CIN > 0 ? gw_local : gw_out;
   if (CIN > 0) std::copy(gw_out, gw_out + 9 * cin * NB, gw_local);
   const fv zero = Splat(0.0f);
-  for (int64_t i = 0; i < s.hp; ++i) {
-    for (int64_t j = 0; j < s.wp; ++j) {
+  for (int64_t i = 0; i < s.Rows(); ++i) {
+    for (int64_t j = 0; j < s.Cols(); ++j) {
       const int64_t o = (i * s.wp + j) * s.cout + cb;
       fv gq[NB][4];
       for (int nb = 0; nb < NB; ++nb) {
@@ -1658,6 +1664,26 @@ inline int64_t GroupImages(const Tiles& sx) {
   return std::max<int64_t>(1, kGroupTiles / (sx.th * sx.tw));
 }
 
+// The first layer's shape with the rows and columns of h that F(5x5, 3x3)'s tiles read: their
+// 7x7 windows cover 5 th + 2 rows and 5 tw + 2 columns (12 of the CNN's 13). The rest is not
+// computed (forward) nor its kernel gradient summed (backward: dh is zero there).
+inline Shape ReadByTiles5(const TwoLayers& t) {
+  Shape s1 = t.s1;
+  s1.rows = 5 * t.sx.th + 2;
+  s1.cols = 5 * t.sx.tw + 2;
+  return s1;
+}
+
+// Training's h and argmax outside the rows and columns the second layer reads (s.Rows(),
+// s.Cols()): zeros, and no tap (not computed, so no gradient flows there).
+inline void ZeroUnread(const Shape& s, float* h, int8_t* arg) {
+  for (int64_t i = 0; i < s.hp; ++i) {
+    const int64_t j0 = i < s.Rows() ? s.Cols() : 0;
+    std::fill(h + (i * s.wp + j0) * s.cout, h + (i + 1) * s.wp * s.cout, 0.0f);
+    std::fill(arg + (i * s.wp + j0) * s.cout, arg + (i + 1) * s.wp * s.cout, int8_t(kNoTap));
+  }
+}
+
 // A group's plane of `channels`-channel tiles, in floats: one cache line more than its tiles.
 // Without it the planes (32 tiles x 32 or 64 channels: 4 or 8 KB) lie a power of two apart, and
 // a tile's 49 values, one per plane, all fall in the same set of the 8-way L1 cache: the
@@ -1679,6 +1705,7 @@ void TwoLayerForward5(Pool& pool, const TwoLayers& t, const float* x, const floa
                       const float* b1, bool relu1, const float* u, const float* b2, bool relu2,
                       float* y, int8_t* arg, float* h_out, int8_t* arg1_out) {
   constexpr int64_t P = Planes(5);
+  const Shape s1 = ReadByTiles5(t);
   const int64_t c = t.sx.c, k = t.sy.c, image = t.s1.hp * t.s1.wp * c;
   const int64_t per = t.sx.th * t.sx.tw, group = GroupImages(t.sx), block = group * per;
   const int64_t pv = GroupPlane(block, c), pm = GroupPlane(block, k);
@@ -1691,7 +1718,8 @@ void TwoLayerForward5(Pool& pool, const TwoLayers& t, const float* x, const floa
       const int64_t b = b0 + i;
       float* const h = h_out != nullptr ? h_out + b * image : buf.h;
       int8_t* const arg1 = h_out != nullptr ? arg1_out + b * image : buf.arg;
-      ImageForward<CIN>(t.s1, x + b * t.s1.h * t.s1.w * t.s1.cin, k1, b1, relu1, h, arg1);
+      ImageForward<CIN>(s1, x + b * s1.h * s1.w * s1.cin, k1, b1, relu1, h, arg1);
+      if (h_out != nullptr) ZeroUnread(s1, h, arg1);
       InputTransformRows<5>(t.sx, h, TileRows{0, 0, t.sx.th}, v + i * per * c, pv);
     }
     for (int p = 0; p < P; ++p) {
@@ -1711,6 +1739,7 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
                        const int8_t* arg1, const float* ut, const int8_t* arg2, const float* dy,
                        float* dk1, float* db1, float* du, float* db2) {
   constexpr int64_t P = Planes(5);
+  const Shape s1 = ReadByTiles5(t);
   const int64_t c = t.sx.c, k = t.sy.c, cin = t.s1.cin, image = t.s1.hp * t.s1.wp * c;
   const int64_t per = t.sx.th * t.sx.tw, group = GroupImages(t.sx), block = group * per;
   const int64_t pv = GroupPlane(block, c), pm = GroupPlane(block, k);
@@ -1749,7 +1778,7 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
         ZeroUncovered(t.sx, buf.dh);
         InputGradRows<5>(t.sx, v + i * per * c, pv, TileRows{0, 0, t.sx.th}, buf.dh);
         for (int64_t cb = 0; cb < c; cb += L) {
-          BackwardBlock<CIN, 1, true>(t.s1, x + b * t.s1.h * t.s1.w * cin, arg1 + b * image,
+          BackwardBlock<CIN, 1, true>(s1, x + b * t.s1.h * t.s1.w * cin, arg1 + b * image,
                                       buf.dh, gw.data() + cb / L * 9 * cin, gb.data() + cb / L,
                                       cb);
         }
