@@ -18,8 +18,8 @@ with the ReLU that follows fused in (`relu=True`):
   planes (26 MB at batch 256) and were bound by that traffic.
 
 The Winograd layers' filter transform U = G g G^T, its transpose (the backward's operand) and
-its gradient run here too (`filter_transform`, `filter_transform_grad`): XLA ran them as a
-small matmul and a transpose copy, 7 % of the CNN's train step at batch 32.
+its gradient run here too (`filter_transform`, `filter_transform_grad`), U^T written directly
+where XLA copied U into it (the CNN's train step at batch 32: 1.15 -> 1.12 ms on Zen 4).
 
 The 3x3 convolution without a pool (cnn_bn, ResNets) is `fashion_jax.kernels.plain_conv`,
 BatchNorm + ReLU `fashion_jax.kernels.batchnorm`, dropout's mask `fashion_jax.kernels.dropout`,

@@ -1378,11 +1378,13 @@ ffi::Error WinogradConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // The filter transform U = G g G^T of each (input, output) channel pair, and its transpose for
 // the kernel's gradient, dg = G^T dU G: kernel [3, 3, C, K] <-> U [P, C, K] (P = (M+2)^2), or
 // U^T [P, K, C] (the fused backward's operand), for F(2x2, 3x3), F(4x4, 3x3) and F(5x5, 3x3).
-// XLA ran them as a [P, 9] x [9, C K] matmul, then U^T as a transpose copy, and the gradient as
-// [9, P] x [P, C K]: for the CNN's 32 -> 64 layer 83 us of a 1.17 ms step at batch 32 on Zen 4
-// (7 %). Here each is two 1-D passes of the (M+2) x 3 matrix G (210 multiply-adds a pair for
-// F(5x5, 3x3), not 441), L pairs at a time: a few us. G's entries are winograd.py's _G, _G4 and
-// _G5 in float32; the two passes round differently from the Kronecker matrix's one (a few ulp).
+// XLA ran them as a [P, 9] x [9, C K] matmul, then U^T as a transpose copy of U, and the
+// gradient as [9, P] x [P, C K]: for the CNN's 32 -> 64 layer 83 us of a 1.17 ms step at batch 32
+// on Zen 4. Here each is two 1-D passes of the (M+2) x 3 matrix G (210 multiply-adds a pair for
+// F(5x5, 3x3), not 441), L pairs at a time, and U^T is written directly: 26 + 33 + 18 us, each
+// bound by its 400 KB of U written or read (the step: 1.15 -> 1.12 ms). G's entries are
+// winograd.py's _G, _G4 and _G5 in float32; the two passes round differently from the Kronecker
+// matrix's one (a few ulp).
 
 constexpr ConstMatrix<4, 3> kWino2G = {{{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f},
                                         {0, 0, 1}}};
