@@ -8,7 +8,7 @@ import pytest
 
 from fashion_jax import default_config
 from fashion_jax.benchmarking import flops
-from fashion_jax.kernels import batchnorm, dense, native, plain_conv
+from fashion_jax.kernels import batchnorm, dense, native, plain_conv, two_layers
 from tests.conftest import require_native
 
 
@@ -52,7 +52,7 @@ def test_executed_flops_counts_the_kernels_xla_cannot_see():
   # 2x2 tiles an image, 49 products per tile and Wino<5>'s transforms; the tiles read 12x12 of
   # the 13x13, and the direct layer computes only those.
   x1, k1, b1 = jnp.zeros((4, 28, 28, 1)), jnp.zeros((3, 3, 1, 32)), jnp.zeros(32)
-  two = lambda k1, k8: jnp.sum(native.conv3x3_pool2_twice(x1, k1, b1, k8, jnp.zeros(64)))
+  two = lambda k1, k8: jnp.sum(two_layers.conv3x3_pool2_twice(x1, k1, b1, k8, jnp.zeros(64)))
   step = jax.jit(jax.grad(two, argnums=(0, 1)))
   tiles = 4 * 2 * 2
   product = 2 * 49 * tiles * 32 * 64

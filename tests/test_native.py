@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fashion_jax.kernels import (batchnorm, dense, dropout, native, native_build, ops, plain_conv,
-                                 winograd)
+                                 two_layers, winograd)
 from tests.conftest import ROOT, require_native
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -98,11 +98,11 @@ def test_two_layers_match_lax_and_the_separate_kernels(batch, hw, cin, c, k, til
   k2 = k2 * 0.3
   args = (x, k1, b1, k2, b2)
   if not (native.fits_lanes(c) and native.fits_lanes(k)):
-    assert not native.supports_two_layers(x, k1, k2)
+    assert not two_layers.supports_two_layers(x, k1, k2)
     return
-  assert native.supports_two_layers(x, k1, k2)
-  assert native.two_layer_tile(x.shape) == tile
-  two = jax.jit(functools.partial(native.conv3x3_pool2_twice, relu=relu))
+  assert two_layers.supports_two_layers(x, k1, k2)
+  assert two_layers.two_layer_tile(x.shape) == tile
+  two = jax.jit(functools.partial(two_layers.conv3x3_pool2_twice, relu=relu))
   separate = lambda x, k1, b1, k2, b2: native.conv3x3_pool2(
       native.conv3x3_pool2(x, k1, b1, relu=relu), k2, b2, relu=relu)
   ref = lambda x, k1, b1, k2, b2: _ref(_ref(x, k1, b1, relu), k2, b2, relu)
@@ -145,8 +145,8 @@ def test_two_layers_give_each_image_the_same_outputs_in_any_batch():
   evaluations do not depend on the batch they come in."""
   x, k1, b1 = _inputs(0, 19, (28, 28), 1, 32)
   _, k2, b2 = _inputs(1, 1, (4, 4), 32, 64)
-  assert native.two_layer_tile(x.shape) == 5
-  two = jax.jit(functools.partial(native.conv3x3_pool2_twice, relu=True))
+  assert two_layers.two_layer_tile(x.shape) == 5
+  two = jax.jit(functools.partial(two_layers.conv3x3_pool2_twice, relu=True))
   whole = np.asarray(two(x, k1, b1, k2, b2))
   for lo, hi in ((0, 1), (5, 8), (7, 19), (11, 12)):  # Alone, within a group, across groups.
     np.testing.assert_array_equal(two(x[lo:hi], k1, b1, k2, b2), whole[lo:hi], err_msg=(lo, hi))
@@ -155,14 +155,15 @@ def test_two_layers_give_each_image_the_same_outputs_in_any_batch():
 def test_two_layers_support_only_what_the_kernels_handle():
   x, k1, _ = _inputs(0, 1, (28, 28), 1, 32)
   _, k2, _ = _inputs(1, 1, (4, 4), 32, 64)
-  assert native.supports_two_layers(x, k1, k2)
-  assert not native.supports_two_layers(x.astype(jnp.bfloat16), k1, k2)  # float32 only.
+  assert two_layers.supports_two_layers(x, k1, k2)
+  assert not two_layers.supports_two_layers(x.astype(jnp.bfloat16), k1, k2)  # float32 only.
   wide = jnp.zeros((1, 28, 28, 8))  # The first layer must be the direct kernel's (Cin < 8).
-  assert not native.supports_two_layers(wide, jnp.zeros((3, 3, 8, 32)), k2)
-  assert not native.supports_two_layers(jnp.zeros((1, 9, 9, 1)), k1, k2)  # h 3x3: too small.
-  assert not native.supports_two_layers(x, k1, jnp.zeros((3, 3, 16, 64)))  # Channels differ.
+  assert not two_layers.supports_two_layers(wide, jnp.zeros((3, 3, 8, 32)), k2)
+  assert not two_layers.supports_two_layers(jnp.zeros((1, 9, 9, 1)), k1, k2)  # h 3x3: too small.
+  assert not two_layers.supports_two_layers(x, k1, jnp.zeros((3, 3, 16, 64)))  # Channels differ.
   with pytest.raises(ValueError, match="does not support"):
-    native.conv3x3_pool2_twice(wide, jnp.zeros((3, 3, 8, 32)), jnp.zeros(32), k2, jnp.zeros(64))
+    two_layers.conv3x3_pool2_twice(wide, jnp.zeros((3, 3, 8, 32)), jnp.zeros(32), k2,
+                                   jnp.zeros(64))
 
 
 def test_the_cnn_runs_its_two_layers_as_one_op_and_falls_back_to_two():
@@ -209,7 +210,7 @@ def test_ties_go_to_the_first_maximum_like_reduce_window(cin, relu):
 _GRADIENTS = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
-from fashion_jax.kernels import native, plain_conv
+from fashion_jax.kernels import native, plain_conv, two_layers
 rng = np.random.default_rng(0)
 outputs = {}
 for name, (shape, kernel), argnums in (("direct", ((37, 28, 28, 1), (3, 3, 1, 32)), (1, 2)),
@@ -239,7 +240,7 @@ outputs["direct_plain_dk"] = np.asarray(
 x = jnp.asarray(rng.uniform(size=(37, 28, 28, 1)).astype(np.float32))  # The two-layer op.
 ks = [jnp.asarray((rng.standard_normal(s) * 0.3).astype(np.float32))
       for s in ((3, 3, 1, 32), (32,), (3, 3, 32, 64), (64,))]
-two = lambda x, *ks: native.conv3x3_pool2_twice(x, *ks, relu=True)
+two = lambda x, *ks: two_layers.conv3x3_pool2_twice(x, *ks, relu=True)
 outputs["two_y"] = np.asarray(jax.jit(two)(x, *ks))
 grads = jax.jit(jax.grad(lambda *a: jnp.sum(two(*a) ** 2), argnums=(1, 2, 3, 4)))(x, *ks)
 for name, g in zip(("dk1", "db1", "dk2", "db2"), grads):

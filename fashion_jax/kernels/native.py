@@ -26,12 +26,7 @@ BatchNorm + ReLU `fashion_jax.kernels.batchnorm`, dropout's mask `fashion_jax.ke
 the dense layers' matmuls `fashion_jax.kernels.dense` and Adam's update `fashion_jax.kernels.adam`,
 on the same kernels and build.
 
-`conv3x3_pool2_twice` runs two conv + pool layers (the classic CNN's) as one op: per image the
-first layer's output stays in cache for the second, instead of going to memory between them.
-Where the second layer's pooled output has sides that are multiples of 5 (the CNN's 5x5), it
-runs as Winograd F(5x5, 3x3): its 10x10 conv outputs are 2x2 tiles of 7x7 windows, 196
-channel products an image instead of F(2x2, 3x3)'s 400, computed for a group of images' tiles
-at once (`two_layer_tile`; its rounding is F(4x4, 3x3)'s order, `winograd`).
+The classic CNN's two conv + pool layers as one op are `fashion_jax.kernels.two_layers`.
 
 Measured (the CNN's train step, 2 cores of a Zen 5 VM, BENCHMARKS.md): 47,500 images/s, 71 % of
 the CPU's measured peak FLOP/s executed, 4.2x Keras in the same run.
@@ -280,15 +275,16 @@ def filter_transform_grad(du: jax.Array) -> jax.Array:
               du)
 
 
-def _pooled(x, channels: int) -> jax.ShapeDtypeStruct:
+def pooled(x, channels: int) -> jax.ShapeDtypeStruct:
   """The shape of a 3x3 VALID conv with `channels` outputs + 2x2 pool of x, float32."""
   n, h, w, _ = x.shape
   return jax.ShapeDtypeStruct((n, (h - 2) // 2, (w - 2) // 2, channels), jnp.float32)
 
 
-def _pooled_shapes(x, kernel):
-  pooled = _pooled(x, kernel.shape[-1])
-  return pooled, jax.ShapeDtypeStruct(pooled.shape, jnp.int8)
+def pooled_shapes(x, kernel):
+  """`pooled` and the argmax taps' int8 of the same shape."""
+  y = pooled(x, kernel.shape[-1])
+  return y, jax.ShapeDtypeStruct(y.shape, jnp.int8)
 
 
 # The forward kernels return the pooled (and ReLU'd) output and, per output, the tap its
@@ -297,7 +293,7 @@ def _pooled_shapes(x, kernel):
 # Direct kernel (few input channels).
 
 def _direct_fwd(x, kernel, bias, relu):
-  y, which = call("fashion_jax_conv_pool_fwd", _pooled_shapes(x, kernel), x, kernel, bias,
+  y, which = call("fashion_jax_conv_pool_fwd", pooled_shapes(x, kernel), x, kernel, bias,
                   relu=np.int32(relu))
   return y, (x, kernel, which)
 
@@ -330,7 +326,7 @@ _direct.defvjp(_direct_fwd, _direct_bwd)
 # Winograd kernels (wide inputs): the whole layer fused, a block of tiles at a time in cache.
 
 def _winograd_forward(x, kernel, bias, relu):
-  y, which = call("fashion_jax_winograd_conv_pool_fwd", _pooled_shapes(x, kernel), x,
+  y, which = call("fashion_jax_winograd_conv_pool_fwd", pooled_shapes(x, kernel), x,
                   filter_transform(kernel, 2), bias, relu=np.int32(relu))
   return y, (x, kernel, which)
 
@@ -353,92 +349,6 @@ def _winograd_bwd(relu, residuals, dy):
 
 
 _winograd.defvjp(_winograd_forward, _winograd_bwd)
-
-
-
-# Two conv + pool layers as one op (the classic CNN's pair): the first layer's output stays in
-# cache, per image, instead of going to memory between them.
-
-def supports_two_layers(x: jax.Array, k1: jax.Array, k2: jax.Array) -> bool:
-  """Whether `conv3x3_pool2_twice` handles these shapes and dtypes (not whether it is built):
-  the first layer the direct kernel's (Cin < 8), the second a Winograd one `supports` takes."""
-  if not (k2.ndim == 4 and supports(x, k1) and x.shape[-1] < DIRECT_MAX_CHANNELS):
-    return False
-  h = _pooled(x, k1.shape[-1])
-  return h.shape[-1] >= DIRECT_MAX_CHANNELS and supports(h, k2)
-
-
-def conv3x3_pool2_twice(x: jax.Array, k1: jax.Array, b1: jax.Array, k2: jax.Array,
-                        b2: jax.Array, relu: bool = False) -> jax.Array:
-  """conv3x3_pool2(conv3x3_pool2(x, k1, b1, relu), k2, b2, relu) as one op on CPU.
-
-  Per image the first layer's pooled output and argmax stay in the thread's cache, where the
-  second layer reads them (separately they went to memory: 11 MB at batch 512 for the CNN,
-  written once and read twice); under differentiation the forward also writes them out once,
-  for the backward (recomputing them there was 5-10 % slower). With F(2x2, 3x3)
-  (`two_layer_tile`) outputs are bitwise those of the two layers' own kernels, gradients equal
-  to float rounding (summed in other chunks); with F(5x5, 3x3) both are equal to theirs to its
-  rounding (RMS error ~2e-6 of the outputs' RMS, `winograd`), and a pooling window's near-ties
-  can go to another of its outputs. Raises ValueError where the shapes are not supported
-  (`supports_two_layers`) or the kernels are unavailable.
-  """
-  if not supports_two_layers(x, k1, k2):
-    raise ValueError(f"native conv3x3_pool2_twice does not support x {x.shape} {x.dtype}, "
-                     f"kernels {k1.shape} {k1.dtype} and {k2.shape} {k2.dtype}; see "
-                     "native.supports_two_layers")
-  if not available():
-    raise ValueError(f"the native CPU kernels are unavailable: {_load()}")
-  return _two_layers(x, k1, b1.astype(jnp.float32), k2, b2.astype(jnp.float32), bool(relu))
-
-
-# The second layer's pooled outputs with at most this many F(5x5, 3x3) tiles an image run as
-# F(5x5, 3x3) where their sides are multiples of 5 (the CNN's 5x5: 2x2 tiles, 196 products an
-# image against F(2x2, 3x3)'s 400). Larger images keep F(2x2, 3x3), blocked per image.
-TWO_LAYER_F5_MAX_TILES = 16
-
-
-def two_layer_tile(x_shape) -> int:
-  """The Winograd tile of `conv3x3_pool2_twice`'s second layer for images x_shape: 5 or 2."""
-  _, h, w, _ = x_shape
-  ph, pw = ((h - 2) // 2 - 2) // 2, ((w - 2) // 2 - 2) // 2
-  if ph > 0 and pw > 0 and ph % 5 == 0 and pw % 5 == 0:
-    if (2 * ph // 5) * (2 * pw // 5) <= TWO_LAYER_F5_MAX_TILES:
-      return 5
-  return 2
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _two_layers(x, k1, b1, k2, b2, relu):
-  u = filter_transform(k2, two_layer_tile(x.shape))
-  return call("fashion_jax_two_layer_fwd", _pooled_shapes(_pooled(x, k1.shape[-1]), k2), x, k1,
-              b1, u, b2, relu1=np.int32(relu), relu2=np.int32(relu))[0]
-
-
-def _two_layers_forward(x, k1, b1, k2, b2, relu):
-  """Training's forward: also the first layer's output h and argmax, the backward's inputs."""
-  u = filter_transform(k2, two_layer_tile(x.shape))
-  h_shapes = _pooled_shapes(x, k1)
-  y, which2, h, which1 = call("fashion_jax_two_layer_train_fwd",
-                              _pooled_shapes(h_shapes[0], k2) + h_shapes, x, k1, b1, u, b2,
-                              relu1=np.int32(relu), relu2=np.int32(relu))
-  return y, (x, k1, b1, k2, b2, h, which1, which2)
-
-
-def _two_layers_bwd(relu, residuals, dy):
-  x, k1, b1, k2, b2, h, which1, which2 = residuals
-  ut = filter_transform(k2, two_layer_tile(x.shape), transposed=True)
-  shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (k1, b1))
-  shapes += (jax.ShapeDtypeStruct((ut.shape[0],) + k2.shape[2:], jnp.float32),
-             jax.ShapeDtypeStruct(b2.shape, jnp.float32))
-  dk1, db1, du, db2 = call("fashion_jax_two_layer_bwd", shapes, x, h, which1, ut, which2, dy)
-  # The input gradient (unused, and so removed by XLA, when x is the image): through the two
-  # layers' own ops.
-  separate = lambda v: conv3x3_pool2(conv3x3_pool2(v, k1, b1, relu), k2, b2, relu)
-  dx = jax.vjp(separate, x)[1](dy)[0]
-  return dx, dk1, db1, filter_transform_grad(du), db2
-
-
-_two_layers.defvjp(_two_layers_forward, _two_layers_bwd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from jax import lax
 
 from fashion_jax.kernels import native
 from fashion_jax.kernels import plain_conv
+from fashion_jax.kernels import two_layers
 from fashion_jax.kernels import winograd
 
 CONV_IMPLS = ("auto", "xla", "im2col", "winograd", "native")
@@ -332,11 +333,11 @@ def conv_pool_twice(x: jax.Array, k1: jax.Array, b1: jax.Array, k2: jax.Array, b
   """conv_pool(conv_pool(x, k1, b1, ...), k2, b2, ...) (the classic CNN's two layers).
 
   Where both layers would run the native kernels ("native", or "auto" on CPU when they are
-  wanted) and `native.supports_two_layers` the shapes, one native op computes the pair with the
-  first layer's output kept in cache (`native.conv3x3_pool2_twice`); otherwise the two layers
-  run in turn, as `conv_pool` runs each.
+  wanted) and `two_layers.supports_two_layers` the shapes, one native op computes the pair with
+  the first layer's output kept in cache (`two_layers.conv3x3_pool2_twice`); otherwise the two
+  layers run in turn, as `conv_pool` runs each.
   """
-  if native_chosen(conv_impl) and native.supports_two_layers(x, k1, k2):
-    return native.conv3x3_pool2_twice(x, k1, b1, k2, b2, relu=relu)
+  if native_chosen(conv_impl) and two_layers.supports_two_layers(x, k1, k2):
+    return two_layers.conv3x3_pool2_twice(x, k1, b1, k2, b2, relu=relu)
   h = conv_pool(x, k1, b1, conv_impl, pool_impl, relu=relu)
   return conv_pool(h, k2, b2, conv_impl, pool_impl, relu=relu)

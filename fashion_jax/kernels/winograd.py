@@ -32,7 +32,7 @@ F(4x4, 3x3) where its output's sides are multiples of 4: 6x6 windows, 36
 multiplies per 16 outputs (2.25 per output against 4); `filter_transform(kernel,
 tile=4)` is its U, the rest is in C++.
 
-The native two-layer op (`native.conv3x3_pool2_twice`, the classic CNN's pair)
+The native two-layer op (`two_layers.conv3x3_pool2_twice`, the classic CNN's pair)
 runs its second layer as F(5x5, 3x3) where the pooled output's sides are
 multiples of 5: points 0, +-1, +-2, 1/2 and infinity, 7x7 windows, 49 multiplies
 per 25 outputs (1.96 per output); the CNN's 10x10 conv outputs that the pool
