@@ -1381,7 +1381,7 @@ ffi::Error WinogradConvBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // XLA ran them as a [P, 9] x [9, C K] matmul, then U^T as a transpose copy of U, and the
 // gradient as [9, P] x [P, C K]: for the CNN's 32 -> 64 layer 83 us of a 1.17 ms step at batch 32
 // on Zen 4. Here each is two 1-D passes of the (M+2) x 3 matrix G (210 multiply-adds a pair for
-// F(5x5, 3x3), not 441), L pairs at a time, and U^T is written directly: 26 + 33 + 18 us, each
+// F(5x5, 3x3), not 441), L pairs at a time, and U^T is written directly: ~18 + 26 + 17 us, each
 // bound by its 400 KB of U written or read (the step: 1.15 -> 1.12 ms). G's entries are
 // winograd.py's _G, _G4 and _G5 in float32; the two passes round differently from the Kronecker
 // matrix's one (a few ulp).
