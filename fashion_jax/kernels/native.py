@@ -342,7 +342,7 @@ def _winograd_bwd(relu, residuals, dy):
   ut = filter_transform(kernel, 2, transposed=True)
   dx, du, dbias = call("fashion_jax_winograd_conv_pool_bwd",
                        (jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                        jax.ShapeDtypeStruct((16,) + kernel.shape[2:], jnp.float32),
+                        jax.ShapeDtypeStruct((ut.shape[0],) + kernel.shape[2:], jnp.float32),
                         jax.ShapeDtypeStruct(kernel.shape[-1:], jnp.float32)),
                        x, ut, which, dy)
   return dx, filter_transform_grad(du), dbias

@@ -253,8 +253,8 @@ class CompiledAhead:
 
   For a program the loop runs later (the evaluation): its compile (6.5-8.8 s on an H200, XLA's
   autotuning; ~0.4 s on a CPU) overlaps the first train windows' compile and run instead of
-  stalling the first eval (a cold default run on the H200: 36.6 -> 33.0 s). The thread sees only shapes, dtypes and shardings, never the
-  buffers (the train windows donate them). Called with arguments of other shapes or types, or
+  stalling the first eval (a cold default run on the H200: 36.6 -> 33.0 s). The thread sees
+  only shapes, dtypes and shardings, never the buffers (the train windows donate them). Called with arguments of other shapes or types, or
   ones the compiled program refuses (jax 0.7's pmap outputs carry another sharding type; it
   checks before it runs anything), or if compiling ahead failed, it calls the function as
   usual (which compiles, or raises, then). The thread is no daemon: a process exiting while it

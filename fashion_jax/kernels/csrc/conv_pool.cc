@@ -1508,7 +1508,7 @@ ffi::Error FilterShapes(ffi::Span<const int64_t> gd, ffi::Span<const int64_t> ud
 }
 
 ffi::Error FilterTransformHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
-                           ffi::ResultBuffer<ffi::F32> u, int32_t transposed) {
+                                  ffi::ResultBuffer<ffi::F32> u, int32_t transposed) {
   int m;
   if (ffi::Error e = FilterShapes(g.dimensions(), u->dimensions(), transposed != 0, &m);
       e.failure()) {
@@ -1523,7 +1523,7 @@ ffi::Error FilterTransformHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
 }
 
 ffi::Error FilterTransformGradHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> du,
-                               ffi::ResultBuffer<ffi::F32> g) {
+                                      ffi::ResultBuffer<ffi::F32> g) {
   int m;
   if (ffi::Error e = FilterShapes(g->dimensions(), du.dimensions(), false, &m); e.failure()) {
     return e;

@@ -729,7 +729,8 @@ void TestAdam(std::mt19937& rng, int64_t n, bool in_place, bool skip, float weig
 // its 8 a task, with a short last task where L < 16.
 template <const auto& G, const auto& GT>
 void RunFilter(SerialPool& pool, const std::vector<float>& kern, const std::vector<float>& du,
-               int c, int k, std::vector<float>& u, std::vector<float>& ut, std::vector<float>& dk) {
+               int c, int k, std::vector<float>& u, std::vector<float>& ut,
+               std::vector<float>& dk) {
   FilterTransformCore<G>(pool, kern.data(), c, k, false, u.data());
   FilterTransformCore<G>(pool, kern.data(), c, k, true, ut.data());
   FilterGradCore<G, GT>(pool, du.data(), c, k, dk.data());
@@ -750,7 +751,8 @@ void TestFilterTransforms(std::mt19937& rng) {
       if (m == 5) RunFilter<kWino5G, kWino5GT>(pool, kern, du, c, k, u, ut, dk);
       std::snprintf(what, sizeof(what), "filter transform F(%dx%d) c=%d k=%d", m, m, c, k);
       Expect(what, u, AsDouble(FilterTransform(p, kern, false, m)), 1e-6);
-      std::snprintf(what, sizeof(what), "filter transform F(%dx%d) c=%d k=%d, transposed", m, m, c, k);
+      std::snprintf(what, sizeof(what), "filter transform F(%dx%d) c=%d k=%d, transposed", m, m,
+                    c, k);
       Expect(what, ut, AsDouble(FilterTransform(p, kern, true, m)), 1e-6);
       std::snprintf(what, sizeof(what), "filter transform gradient F(%dx%d) c=%d k=%d", m, m, c, k);
       Expect(what, dk, AsDouble(FilterTransformGrad(p, du, m)), 1e-6);
