@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import statistics
 import tempfile
 
 import pytest
@@ -19,7 +20,7 @@ def test_benchmark_json(tmp_path, idx_dir):
   output = tmp_path / "benchmark.json"
   args = ["--config=configs/tiny.py", f"--config.idx_dir={idx_dir}", "--batch_sizes=8,16",
           "--windows=2", "--window_seconds=0.05", f"--output={output}", "--loop",
-          "--loop_variants=device"]
+          "--loop_variants=device", "--rounds=2"]
   proc = run_module("fashion_jax.benchmark", *args, *(["--compare=keras"] if compare else []))
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = json.loads(output.read_text())
@@ -55,6 +56,33 @@ def test_benchmark_json(tmp_path, idx_dir):
   assert results["loop_images_per_sec_device"] == next(
       r["loop_images_per_sec"] for r in results["loop"] if r["batch_size"] == best)
   assert "loop device (batch 16" in proc.stdout
+  # Two rounds: jax, Keras, jax, Keras, jax (each Keras pass between two jax passes), or two jax
+  # passes alone; each rate is the median of its passes, each round reported on its own.
+  assert results["rounds"] == 2 and len(results["per_round"]) == 2
+  for side in ("sweep", "keras_sweep") if compare else ("sweep",):
+    for r in results[side]:
+      rates = r["train_images_per_sec"]
+      assert len(rates["passes"]) == (3 if compare and side == "sweep" else 2)
+      assert rates["median"] == pytest.approx(statistics.median(rates["passes"]))
+      assert rates["windows"] == 2 * len(rates["passes"])
+      assert rates["min"] <= min(rates["passes"]) and rates["max"] >= max(rates["passes"])
+  for index, r in enumerate(results["per_round"]):
+    at_best = next(s for s in results["sweep"] if s["batch_size"] == r["best_batch_size"])
+    passes = at_best["train_images_per_sec"]["passes"]
+    assert r["train_images_per_sec"] == pytest.approx(
+        statistics.mean(passes[index:index + 2]) if compare else passes[index])
+    assert r["train_images_per_sec"] == max(  # The best batch size of that round.
+        (statistics.mean(s["train_images_per_sec"]["passes"][index:index + 2]) if compare
+         else s["train_images_per_sec"]["passes"][index]) for s in results["sweep"])
+    assert r["hfu"] == pytest.approx(
+        results["hfu"] * r["train_images_per_sec"] / results["train_images_per_sec"]
+        * at_best["flops_per_image_xla"] / results["flops_per_image_executed"])
+    if compare:
+      assert r["keras_train_images_per_sec"] == max(
+          k["train_images_per_sec"]["passes"][index] for k in results["keras_sweep"])
+      assert r["speedup_vs_keras"] == pytest.approx(
+          r["train_images_per_sec"] / r["keras_train_images_per_sec"])
+  assert "2 rounds" in proc.stdout
   if compare:
     assert results["keras_train_images_per_sec"] > 0
     assert results["speedup_vs_keras"] == pytest.approx(
@@ -76,11 +104,14 @@ def test_compare_keras_without_tensorflow_is_one_line(tmp_path, idx_dir):
   assert_one_line_error(proc, "--compare=keras", "pip install 'fashion_jax[tf]'")
 
 
-def test_benchmark_bad_config_is_one_line(tmp_path):
-  proc = run_module("fashion_jax.benchmark", "--config=configs/tiny.py", "--config.batch_size=-4",
-                    f"--output={tmp_path / 'b.json'}")
-  assert proc.returncode == 2
-  assert "config.batch_size=-4 is invalid" in proc.stderr
+@pytest.mark.parametrize("flag,message", [
+    ("--config.batch_size=-4", "config.batch_size=-4 is invalid"),
+    ("--rounds=0", "--rounds=0 is invalid")])
+def test_benchmark_bad_input_is_one_line(tmp_path, flag, message):
+  output = tmp_path / "b.json"
+  proc = run_module("fashion_jax.benchmark", "--config=configs/tiny.py", flag, f"--output={output}")
+  assert_one_line_error(proc, message)
+  assert not output.exists()
 
 
 def test_compile_cache_measure_uses_its_own_cache(tmp_path, tiny_config, monkeypatch):

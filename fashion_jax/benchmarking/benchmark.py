@@ -1,15 +1,17 @@
 r"""Throughput benchmark: train/eval images/s, compile time, input pipeline, FLOPs and MFU.
 
   python -m fashion_jax.benchmark --config=configs/default.py \
-      [--config.KEY=VALUE ...] [--batch_sizes=32,128,512] [--compare=keras] \
+      [--config.KEY=VALUE ...] [--batch_sizes=32,128,512] [--compare=keras] [--rounds=3] \
       [--output=benchmark.json]
 
 Train throughput is measured after warm-up and compilation, over several timed
 windows (`block_until_ready` once at the end of each); the table shows the
 median and the spread. `--compare=keras` trains the identical Keras model on
-the same batches in the same process, so the ratio is honest on a noisy
-machine. Progress goes to stderr as it runs; the table to stdout; everything
-to the JSON file.
+the same batches in the same process, each Keras pass between two jax passes,
+so the ratio is honest on a noisy machine; `--rounds=N` repeats the alternation
+(rates: the median of the passes; each round's figures reported too).
+Progress goes to stderr as it runs; the table to stdout; everything to the
+JSON file.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ml_collections import config_flags
 
 from fashion_jax.benchmarking import benchmark_report
 from fashion_jax.benchmarking import flops
+from fashion_jax.benchmarking import train_rates
 from fashion_jax import cli
 
 FLAGS = flags.FLAGS
@@ -42,6 +45,10 @@ def define_flags() -> None:
                       "(default: the config's batch_size).")
   flags.DEFINE_enum("compare", "", ["", "keras"], "Also train the identical Keras model.")
   flags.DEFINE_integer("windows", 5, "Timed windows per measurement.")
+  flags.DEFINE_integer("rounds", 1, "Passes over the batch sizes: jax, then Keras with "
+                       "--compare, this many times (then jax once more): each rate is the median "
+                       "of its passes and each round's ratio and FLOP share are reported. 3 or "
+                       "more on shared or virtual machines, whose speed drifts.")
   flags.DEFINE_float("window_seconds", 2.0, "Approximate length of one timed window.")
   flags.DEFINE_float("peak_gflops", 0.0, "Peak FLOP/s of one device in GFLOP/s for MFU "
                      "(0 = look up the device, or estimate a CPU from its cores and clock).")
@@ -54,139 +61,42 @@ def define_flags() -> None:
                     "host (host batches, windows of steps), device (data on the device, windows).")
 
 
-def measure_jax_train(config, parallel, data, batch_size: int) -> dict:
-  """Images/s of the compiled train step at one global batch size, batches already on device."""
-  from fashion_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  from fashion_jax.model import steps
-  from fashion_jax.support import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
-
-  config = config.copy_and_resolve_references()
-  config.batch_size = batch_size
-  parallel.check_batch(batch_size, "batch_size")
-  model = steps.create_model(config, axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
-  tx = steps.create_optimizer(config)
-  state = parallel.put_state(steps.create_train_state(model, tx, config.seed))
-  fn = parallel.compile(functools.partial(steps.train_step, model=model, tx=tx))
-  iterator = input_pipeline.train_batches(data, batch_size, config.seed, 0,
-                                          parallel.process_index, parallel.process_count)
-  batches = [parallel.put_batch(next(iterator)) for _ in range(8)]
-  t0 = time.perf_counter()
-  lowered = fn.lower(state, batches[0])
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
-  step_flops = flops.executed_step_flops(lowered, compiled, parallel)
-  flops_per_image = step_flops / batch_size if step_flops else None
-  state, rates = _time_calls(lambda s, i: compiled(s, batches[i % len(batches)]), state,
-                             batch_size)
-  result = {"batch_size": batch_size, "train_images_per_sec": benchmark_report.summarize(rates),
-            "compile_s": compile_s, "flops_per_image_xla": flops_per_image}
-  benchmark_report.log(f"jax  batch {batch_size:4d}: {statistics.median(rates):8,.0f} img/s "
-      f"(min {min(rates):,.0f}, max {max(rates):,.0f}); compile {compile_s:.2f}s")
-  return result
+def _alternate(train_steps, kerases, rounds: int):
+  """Passes of timed windows: jax at every batch size, then Keras's (if any), `rounds` times,
+  then jax once more when Keras ran, so that each Keras pass lies between two jax passes.
+  Returns the window rates [batch size][pass] of each side."""
+  jax_passes, keras_passes = [[] for _ in train_steps], [[] for _ in kerases]
+  for round_index in range(rounds):
+    if rounds > 1:
+      benchmark_report.log(f"round {round_index + 1} of {rounds}")
+    for passes, step in zip(jax_passes, train_steps):
+      passes.append(step.measure(FLAGS.windows, FLAGS.window_seconds))
+    for passes, keras_train in zip(keras_passes, kerases):
+      passes.append(keras_train.measure(FLAGS.windows))
+  if kerases:
+    benchmark_report.log("re-measuring jax after keras (same run, to bound drift)")
+    for passes, step in zip(jax_passes, train_steps):
+      passes.append(step.measure(FLAGS.windows, FLAGS.window_seconds))
+  return jax_passes, keras_passes
 
 
-def _time_calls(call, state, images_per_call: int):
-  """Back-to-back `state, out = call(state, i)`, at most two in flight; img/s per timed window."""
-  import jax  # pylint: disable=g-import-not-at-top
-  for i in range(3):  # Warm-up.
-    state, out = call(state, i)
-  jax.block_until_ready(out)
-  t0, calls = time.perf_counter(), 0
-  while time.perf_counter() - t0 < 0.3 or calls < 2:
-    state, out = call(state, calls)
-    jax.block_until_ready(out)
-    calls += 1
-  calls_per_window = max(2, int(FLAGS.window_seconds / ((time.perf_counter() - t0) / calls)))
-
-  def window():
-    nonlocal state
-    start, outs = time.perf_counter(), []
-    for i in range(calls_per_window):
-      state, out = call(state, i)
-      outs.append(out)
-      if len(outs) > 2:  # As the train loop: the next call queued while one runs.
-        jax.block_until_ready(outs.pop(0))
-    jax.block_until_ready(outs)
-    return calls_per_window * images_per_call / (time.perf_counter() - start)
-
-  rates = benchmark_report.timed_windows(window, FLAGS.windows)  # Advances `state`: read it after.
-  return state, rates
-
-
-def measure_loop(config, parallel, data, placement: str, pure_step_rate: float,
-                 steps_per_dispatch: int = -1) -> dict:
-  """The real train loop end to end (train.train_and_evaluate), host work included.
-
-  Beside it, the same compiled window run back to back on inputs already on the
-  device ("pure window"): the loop's host work per step is the difference.
-  Compilation, checkpoints and evaluation are outside the timed lines.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from fashion_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from fashion_jax.data import input_pipeline
-  from fashion_jax.model import steps
-  from fashion_jax.support import metric_writers  # pylint: disable=g-import-not-at-top
-  from fashion_jax.support import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
-  from fashion_jax.training import loop
-  from fashion_jax.training import train
-  config = config.copy_and_resolve_references()
-  config.data_placement, config.steps_per_dispatch = placement, steps_per_dispatch
-  # The window the config trains with; the timed run below keeps it.
-  window = loop.window_length(config, config_lib.steps_per_epoch(config, len(data)),
-                              config_lib.checkpoint_every_steps(config, len(data)),
-                              config_lib.eval_every_steps(config, len(data)), jax.default_backend())
-  model = steps.create_model(config, axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
-  tx = steps.create_optimizer(config)
-  state = parallel.put_state(steps.create_train_state(model, tx, config.seed))
-  windows = loop.Windows(functools.partial(steps.train_step, model=model, tx=tx), data, config,
-                         parallel, placement, 0)
-  state, _, _ = windows(state, 0, window)  # Compile.
-  inputs = windows.inputs(0, window)
-  fn = windows.function(window)[0]
-
-  def pure_window():  # The machine is noisy: measured before and after the loop, averaged.
-    nonlocal state
-    state, rates = _time_calls(lambda s, i: fn(s, *inputs), state, window * config.batch_size)
-    return statistics.median(rates)
-
-  before = pure_window()
-  # The loop itself, with the config's own log interval: long enough for the timed windows.
-  chunk = max(window, config.log_every_steps)
-  steps = max(4 * chunk, int(FLAGS.windows * FLAGS.window_seconds * before / config.batch_size))
-  steps = -(-steps // window) * window
-  run_config = config.copy_and_resolve_references()
-  run_config.update(num_train_steps=steps, checkpoint_every_steps=steps, eval_every_steps=steps,
-                    steps_per_dispatch=window, tensorboard_samples=0, progress_bar="off")
-  workdir = tempfile.mkdtemp(prefix="fashion_jax_loop_")
-  held = input_pipeline.Split(data.images[:run_config.eval_batch_size],
-                              data.labels[:run_config.eval_batch_size])  # Eval is not timed here.
-  try:
-    # No background compile of the (untimed) evaluation during the timed windows.
-    train.train_and_evaluate(run_config, workdir, splits=(data, held), compile_eval_ahead=False)
-    lines = [l for l in metric_writers.read_lines(workdir) if "train_loss" in l]
-  finally:
-    shutil.rmtree(workdir, ignore_errors=True)
-  # Each line's rate covers the steps since the line before (compile windows have none).
-  timed = [(now["step"] - before_line["step"], now["train_images_per_sec"])
-           for before_line, now in zip(lines, lines[1:]) if "train_images_per_sec" in now]
-  seconds = sum(n * config.batch_size / rate for n, rate in timed)
-  timed_steps = sum(n for n, _ in timed)
-  loop_rate = timed_steps * config.batch_size / seconds
-  after = pure_window()
-  del state
-  pure = (before + after) / 2
-  name = "classic" if steps_per_dispatch == 1 else placement
-  result = {"name": name, "batch_size": config.batch_size, "placement": placement,
-            "steps_per_dispatch": window,
-            "steps_timed": timed_steps,
-            "loop_images_per_sec": loop_rate, "pure_window_images_per_sec": pure,
-            "pure_window_images_per_sec_before_after": [before, after],
-            "loop_host_us_per_step": 1e6 * config.batch_size * (1 / loop_rate - 1 / pure),
-            "vs_pure_step": loop_rate / pure_step_rate}
-  benchmark_report.log(f"loop {name:7s} batch {config.batch_size:4d} ({window:4d} steps/dispatch): {loop_rate:8,.0f} img/s; pure window "
-      f"{pure:,.0f} ({before:,.0f} before, {after:,.0f} after); host {result['loop_host_us_per_step']:.1f} us/step; "
-      f"{100 * result['vs_pure_step']:.1f}% of the pure step")
-  return result
+def _rounds(sweep, keras_sweep, rounds: int, peak_flops: float) -> list[dict]:
+  """Each round's headline figures: best jax batch (the mean of the passes before and after that
+  round's Keras pass, when Keras ran), its executed FLOP share, and best against best."""
+  found = []
+  for r in range(rounds):
+    rates = [statistics.mean(s["train_images_per_sec"]["passes"][r:r + 2]) if keras_sweep
+             else s["train_images_per_sec"]["passes"][r] for s in sweep]
+    best = max(range(len(sweep)), key=rates.__getitem__)
+    executed = sweep[best]["flops_per_image_xla"]
+    entry = {"train_images_per_sec": rates[best], "best_batch_size": sweep[best]["batch_size"],
+             "hfu": rates[best] * executed / peak_flops if executed else None}
+    if keras_sweep:
+      keras_best = max(k["train_images_per_sec"]["passes"][r] for k in keras_sweep)
+      entry.update(keras_train_images_per_sec=keras_best,
+                   speedup_vs_keras=rates[best] / keras_best)
+    found.append(entry)
+  return found
 
 
 def measure_compile_cache(config, parallel, data) -> dict:
@@ -319,6 +229,8 @@ def run(config) -> dict:
   from fashion_jax.support import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
 
   config_lib.validate(config)
+  if FLAGS.rounds < 1:
+    raise UserError(f"--rounds={FLAGS.rounds} is invalid; give 1 or more passes")
   if FLAGS.compare == "keras":
     missing = [m for m in ("tensorflow", "keras") if importlib.util.find_spec(m) is None]
     if missing:
@@ -351,16 +263,19 @@ def run(config) -> dict:
     test_data = input_pipeline.Split(train_data.images[:10_000], train_data.labels[:10_000])
     data_note = "random"
 
-  sweep = [measure_jax_train(config, parallel, train_data, b) for b in batch_sizes]
-  keras_sweep = []
-  if FLAGS.compare == "keras":
-    keras_sweep = [benchmark_report.measure_keras(train_data, b, FLAGS.windows, FLAGS.window_seconds) for b in batch_sizes]
-    benchmark_report.log("re-measuring jax after keras (same run, to bound drift)")
-    again = [measure_jax_train(config, parallel, train_data, b) for b in batch_sizes]
-    for first, second in zip(sweep, again):
-      rates = [first["train_images_per_sec"]["median"], second["train_images_per_sec"]["median"]]
-      first["train_images_per_sec_after_keras"] = second["train_images_per_sec"]
-      first["train_images_per_sec"]["median_of_both"] = statistics.mean(rates)
+  train_steps = [train_rates.TrainStep(config, parallel, train_data, b) for b in batch_sizes]
+  kerases = ([benchmark_report.KerasTrain(train_data, b, FLAGS.window_seconds)
+              for b in batch_sizes] if FLAGS.compare == "keras" else [])
+  jax_passes, keras_passes = _alternate(train_steps, kerases, FLAGS.rounds)
+  sweep = [{"batch_size": s.batch_size,
+            "train_images_per_sec": benchmark_report.summarize_passes(passes),
+            "compile_s": s.compile_s, "flops_per_image_xla": s.flops_per_image}
+           for s, passes in zip(train_steps, jax_passes)]
+  keras_sweep = [{"batch_size": k.batch_size,
+                  "train_images_per_sec": benchmark_report.summarize_passes(passes),
+                  "keras_version": k.version, "backend": k.backend}
+                 for k, passes in zip(kerases, keras_passes)]
+  del train_steps, kerases  # Their states and batches; the loop and eval below make their own.
   loops = []
   variants = {"classic": ("host", 1), "host": ("host", -1), "device": ("device", -1)}
   for r in sweep if FLAGS.loop else []:
@@ -370,8 +285,9 @@ def run(config) -> dict:
       if variant not in variants:
         raise UserError(f"--loop_variants={variant!r} is unknown; use {', '.join(variants)}")
       placement, per_dispatch = variants[variant]
-      loops.append(measure_loop(sized, parallel, train_data, placement,
-                                r["train_images_per_sec"]["median"], per_dispatch))
+      loops.append(train_rates.measure_loop(
+          sized, parallel, train_data, placement, r["train_images_per_sec"]["median"],
+          FLAGS.windows, FLAGS.window_seconds, per_dispatch))
   cache = measure_compile_cache(config, parallel, train_data) if FLAGS.compile_cache else {}
   evaluation = measure_eval(config, parallel, test_data)
   inputs = {kind: measure_input(config, parallel, kind) for kind in ("idx", "tfds", "download")}
@@ -408,6 +324,9 @@ def run(config) -> dict:
       "peak_gflops_per_device": peak, "peak_source": peak_source,
       "mfu": mfu,
       "hfu": hfu,
+      "rounds": FLAGS.rounds,
+      "per_round": _rounds(sweep, keras_sweep, FLAGS.rounds,
+                           peak * 1e9 * flops.peak_units(parallel)),
   }
   if loops:
     results["loop"] = loops

@@ -27,6 +27,14 @@ def summarize(values: list[float]) -> dict:
           "windows": len(values)}
 
 
+def summarize_passes(passes: list[list[float]]) -> dict:
+  """Rates of several passes of timed windows: the median of the passes' medians (robust to one
+  slow or fast pass), the extremes of every window, and each pass's median."""
+  medians = [statistics.median(rates) for rates in passes]
+  every = [rate for rates in passes for rate in rates]
+  return {**summarize(every), "median": statistics.median(medians), "passes": medians}
+
+
 def keras_model(keras):
   layers = keras.layers
   return keras.Sequential([
@@ -38,40 +46,47 @@ def keras_model(keras):
   ])
 
 
-def measure_keras(data, batch_size: int, windows: int, window_seconds: float) -> dict:
-  """The identical model in Keras (TensorFlow backend, its default `fit`), same batches."""
-  os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  import keras  # pylint: disable=g-import-not-at-top
+class KerasTrain:
+  """The identical model in Keras (TensorFlow backend, its default `fit`) at one batch size, on
+  the same images; compiled once, and `measure` times a pass of windows, as often as asked."""
 
-  keras.utils.set_random_seed(0)
-  model = keras_model(keras)
-  model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=["accuracy"])
-  n_warm = min(len(data), batch_size * 20)
-  model.fit(data.images[:n_warm], data.labels[:n_warm], batch_size=batch_size, epochs=1,
-            verbose=0, shuffle=False)  # Trace/compile.
-  # One window = as many batches as take ~window_seconds at the warm-up rate.
-  t0 = time.perf_counter()
-  model.fit(data.images[:n_warm], data.labels[:n_warm], batch_size=batch_size, epochs=1,
-            verbose=0, shuffle=False)
-  per_image = (time.perf_counter() - t0) / n_warm
-  n = min(len(data), max(batch_size * 4, int(window_seconds / per_image)) // batch_size
-          * batch_size)
+  def __init__(self, data, batch_size: int, window_seconds: float):
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras  # pylint: disable=g-import-not-at-top
 
-  def window():
-    start = time.perf_counter()
-    model.fit(data.images[:n], data.labels[:n], batch_size=batch_size, epochs=1, verbose=0,
-              shuffle=False)
-    return n / (time.perf_counter() - start)
+    keras.utils.set_random_seed(0)
+    self.model = model = keras_model(keras)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    self.data, self.batch_size = data, batch_size
+    self.version, self.backend = keras.__version__, keras.backend.backend()
+    n_warm = min(len(data), batch_size * 20)
+    self._fit(n_warm)  # Trace/compile.
+    # One window = as many batches as take ~window_seconds at the warm-up rate.
+    t0 = time.perf_counter()
+    self._fit(n_warm)
+    per_image = (time.perf_counter() - t0) / n_warm
+    self.n = min(len(data), max(batch_size * 4, int(window_seconds / per_image)) // batch_size
+                 * batch_size)
 
-  rates = timed_windows(window, windows)
-  log(f"keras batch {batch_size:4d}: {statistics.median(rates):8,.0f} img/s "
-      f"(min {min(rates):,.0f}, max {max(rates):,.0f}; keras {keras.__version__}, "
-      f"backend {keras.backend.backend()})")
-  return {"batch_size": batch_size, "train_images_per_sec": summarize(rates),
-          "keras_version": keras.__version__, "backend": keras.backend.backend()}
+  def _fit(self, n: int) -> None:
+    self.model.fit(self.data.images[:n], self.data.labels[:n], batch_size=self.batch_size,
+                   epochs=1, verbose=0, shuffle=False)
+
+  def measure(self, windows: int) -> list[float]:
+    """One pass: img/s of each of `windows` timed windows."""
+    def window():
+      start = time.perf_counter()
+      self._fit(self.n)
+      return self.n / (time.perf_counter() - start)
+
+    rates = timed_windows(window, windows)
+    log(f"keras batch {self.batch_size:4d}: {statistics.median(rates):8,.0f} img/s "
+        f"(min {min(rates):,.0f}, max {max(rates):,.0f}; keras {self.version}, "
+        f"backend {self.backend})")
+    return rates
 
 
 def environment(parallel) -> dict:
@@ -158,6 +173,15 @@ def format_table(results: dict) -> str:
                  f"= {100 * r['vs_pure_step']:.1f}% of the pure step; pure window "
                  f"{r['pure_window_images_per_sec']:,.0f} img/s; host work "
                  f"{r['loop_host_us_per_step']:.1f} us/step")
+  if results.get("rounds", 1) > 1:
+    per_round = results["per_round"]
+    lines.append(f"{len(per_round)} rounds" + (", each Keras pass between two jax passes"
+                                               if "keras_sweep" in results else "") + ": best "
+                 + " / ".join(f"{r['train_images_per_sec']:,.0f}" for r in per_round) + " img/s"
+                 + ("; executed " + " / ".join(f"{100 * r['hfu']:.1f}" for r in per_round) + " %"
+                    if all(r["hfu"] for r in per_round) else "")
+                 + ("; vs keras " + " / ".join(f"{r['speedup_vs_keras']:.2f}" for r in per_round)
+                    + "x" if "keras_sweep" in results else ""))
   if "compile_cached_s" in results:
     lines.append(f"compile: {results['compile_first_s']:.2f}s, with persistent cache "
                  f"{results['compile_cached_s']:.2f}s")
