@@ -44,11 +44,12 @@ def define_flags() -> None:
   flags.DEFINE_string("batch_sizes", "", "Comma-separated global batch sizes to sweep "
                       "(default: the config's batch_size).")
   flags.DEFINE_enum("compare", "", ["", "keras"], "Also train the identical Keras model.")
-  flags.DEFINE_integer("windows", 5, "Timed windows per measurement.")
+  flags.DEFINE_integer("windows", 5, "Timed windows per pass (per measurement).")
   flags.DEFINE_integer("rounds", 1, "Passes over the batch sizes: jax, then Keras with "
-                       "--compare, this many times (then jax once more): each rate is the median "
-                       "of its passes and each round's ratio and FLOP share are reported. 3 or "
-                       "more on shared or virtual machines, whose speed drifts.")
+                       "--compare, this many times (then jax once more with --compare): each "
+                       "rate is the median of its passes and each round's ratio and FLOP share "
+                       "are reported. 3 or more on shared or virtual machines, whose speed "
+                       "drifts.")
   flags.DEFINE_float("window_seconds", 2.0, "Approximate length of one timed window.")
   flags.DEFINE_float("peak_gflops", 0.0, "Peak FLOP/s of one device in GFLOP/s for MFU "
                      "(0 = look up the device, or estimate a CPU from its cores and clock).")
@@ -61,7 +62,7 @@ def define_flags() -> None:
                     "host (host batches, windows of steps), device (data on the device, windows).")
 
 
-def _alternate(train_steps, kerases, rounds: int):
+def alternate(train_steps, kerases, rounds: int, windows: int, window_seconds: float):
   """Passes of timed windows: jax at every batch size, then Keras's (if any), `rounds` times,
   then jax once more when Keras ran, so that each Keras pass lies between two jax passes.
   Returns the window rates [batch size][pass] of each side."""
@@ -70,17 +71,17 @@ def _alternate(train_steps, kerases, rounds: int):
     if rounds > 1:
       benchmark_report.log(f"round {round_index + 1} of {rounds}")
     for passes, step in zip(jax_passes, train_steps):
-      passes.append(step.measure(FLAGS.windows, FLAGS.window_seconds))
+      passes.append(step.measure(windows, window_seconds))
     for passes, keras_train in zip(keras_passes, kerases):
-      passes.append(keras_train.measure(FLAGS.windows))
+      passes.append(keras_train.measure(windows))
   if kerases:
     benchmark_report.log("re-measuring jax after keras (same run, to bound drift)")
     for passes, step in zip(jax_passes, train_steps):
-      passes.append(step.measure(FLAGS.windows, FLAGS.window_seconds))
+      passes.append(step.measure(windows, window_seconds))
   return jax_passes, keras_passes
 
 
-def _rounds(sweep, keras_sweep, rounds: int, peak_flops: float) -> list[dict]:
+def round_figures(sweep, keras_sweep, rounds: int, peak_flops: float) -> list[dict]:
   """Each round's headline figures: best jax batch (the mean of the passes before and after that
   round's Keras pass, when Keras ran), its executed FLOP share, and best against best."""
   found = []
@@ -266,7 +267,8 @@ def run(config) -> dict:
   train_steps = [train_rates.TrainStep(config, parallel, train_data, b) for b in batch_sizes]
   kerases = ([benchmark_report.KerasTrain(train_data, b, FLAGS.window_seconds)
               for b in batch_sizes] if FLAGS.compare == "keras" else [])
-  jax_passes, keras_passes = _alternate(train_steps, kerases, FLAGS.rounds)
+  jax_passes, keras_passes = alternate(train_steps, kerases, FLAGS.rounds, FLAGS.windows,
+                                       FLAGS.window_seconds)
   sweep = [{"batch_size": s.batch_size,
             "train_images_per_sec": benchmark_report.summarize_passes(passes),
             "compile_s": s.compile_s, "flops_per_image_xla": s.flops_per_image}
@@ -325,8 +327,8 @@ def run(config) -> dict:
       "mfu": mfu,
       "hfu": hfu,
       "rounds": FLAGS.rounds,
-      "per_round": _rounds(sweep, keras_sweep, FLAGS.rounds,
-                           peak * 1e9 * flops.peak_units(parallel)),
+      "per_round": round_figures(sweep, keras_sweep, FLAGS.rounds,
+                                 peak * 1e9 * flops.peak_units(parallel)),
   }
   if loops:
     results["loop"] = loops

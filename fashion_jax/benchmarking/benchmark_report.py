@@ -29,7 +29,7 @@ def summarize(values: list[float]) -> dict:
 
 def summarize_passes(passes: list[list[float]]) -> dict:
   """Rates of several passes of timed windows: the median of the passes' medians (robust to one
-  slow or fast pass), the extremes of every window, and each pass's median."""
+  slow or fast pass), the extremes of every window, and each pass's median (`passes`)."""
   medians = [statistics.median(rates) for rates in passes]
   every = [rate for rates in passes for rate in rates]
   return {**summarize(every), "median": statistics.median(medians), "passes": medians}
@@ -70,6 +70,7 @@ class KerasTrain:
     per_image = (time.perf_counter() - t0) / n_warm
     self.n = min(len(data), max(batch_size * 4, int(window_seconds / per_image)) // batch_size
                  * batch_size)
+    self.passes = 0
 
   def _fit(self, n: int) -> None:
     self.model.fit(self.data.images[:n], self.data.labels[:n], batch_size=self.batch_size,
@@ -83,9 +84,10 @@ class KerasTrain:
       return self.n / (time.perf_counter() - start)
 
     rates = timed_windows(window, windows)
+    self.passes += 1
     log(f"keras batch {self.batch_size:4d}: {statistics.median(rates):8,.0f} img/s "
-        f"(min {min(rates):,.0f}, max {max(rates):,.0f}; keras {self.version}, "
-        f"backend {self.backend})")
+        f"(min {min(rates):,.0f}, max {max(rates):,.0f}; pass {self.passes}; keras "
+        f"{self.version}, backend {self.backend})")
     return rates
 
 

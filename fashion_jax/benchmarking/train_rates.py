@@ -71,15 +71,17 @@ class TrainStep:
     self.compile_s = time.perf_counter() - t0
     step_flops = flops.executed_step_flops(lowered, self.compiled, parallel)
     self.flops_per_image = step_flops / batch_size if step_flops else None
+    self.passes = 0
+    benchmark_report.log(f"jax  batch {batch_size:4d}: compiled in {self.compile_s:.2f}s")
 
   def measure(self, windows: int, window_seconds: float) -> list[float]:
     """One pass: img/s of each of `windows` timed windows."""
     batches = self.batches
     self.state, rates = time_calls(lambda s, i: self.compiled(s, batches[i % len(batches)]),
                                    self.state, self.batch_size, windows, window_seconds)
+    self.passes += 1
     benchmark_report.log(f"jax  batch {self.batch_size:4d}: {statistics.median(rates):8,.0f} img/s "
-                         f"(min {min(rates):,.0f}, max {max(rates):,.0f}); "
-                         f"compile {self.compile_s:.2f}s")
+                         f"(min {min(rates):,.0f}, max {max(rates):,.0f}; pass {self.passes})")
     return rates
 
 
