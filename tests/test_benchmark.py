@@ -142,6 +142,23 @@ def test_round_figures_pair_each_keras_pass_with_the_jax_passes_around_it():
   assert all("speedup_vs_keras" not in r for r in alone)
 
 
+def test_drift_warning_names_the_passes_that_disagree_most():
+  from fashion_jax.benchmarking import benchmark_report  # pylint: disable=import-outside-toplevel
+  entry = lambda batch, passes: {"batch_size": batch, "train_images_per_sec": {"passes": passes}}
+  steady = {"rounds": 2, "sweep": [entry(32, [100.0, 110.0, 120.0]), entry(512, [200.0, 240.0])],
+            "keras_sweep": [entry(32, [50.0, 55.0])]}
+  assert benchmark_report.drift_warning(steady) is None  # 1.20 at most: below DRIFT.
+  halved = {"rounds": 2, "sweep": [entry(32, [100.0, 110.0, 120.0]), entry(512, [200.0, 100.0])],
+            "keras_sweep": [entry(32, [50.0, 70.0])]}
+  warning = benchmark_report.drift_warning(halved)
+  assert warning.startswith("warning: the jax passes at batch 512 differ by 100% ")
+  assert "--rounds (now 2)" in warning
+  keras_moved = {"rounds": 1, "sweep": [entry(32, [100.0, 101.0])],
+                 "keras_sweep": [entry(64, [50.0, 80.0])]}
+  assert "the Keras passes at batch 64 differ by 60%" in benchmark_report.drift_warning(keras_moved)
+  assert benchmark_report.drift_warning({"sweep": [entry(32, [100.0])]}) is None  # One pass.
+
+
 @pytest.mark.skipif(_keras_present(), reason="TensorFlow and Keras are installed here")
 def test_compare_keras_without_tensorflow_is_one_line(tmp_path, idx_dir):
   proc = run_module("fashion_jax.benchmark", "--config=configs/tiny.py",

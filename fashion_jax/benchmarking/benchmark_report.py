@@ -138,6 +138,25 @@ def _cpu_name() -> str:
   return match.group(1).strip() if match else platform.processor()
 
 
+DRIFT = 1.25  # Passes of one side at one batch size this far apart: the machine's speed moved.
+
+
+def drift_warning(results: dict) -> str | None:
+  """A line naming the batch size whose passes disagree most, where fastest / slowest pass
+  reaches DRIFT (a shared or virtual machine whose speed changed during the run); else None."""
+  spreads = [(max(r["train_images_per_sec"]["passes"]) / min(r["train_images_per_sec"]["passes"]),
+              side, r["batch_size"])
+             for side in ("sweep", "keras_sweep") for r in results.get(side, [])
+             if len(r["train_images_per_sec"].get("passes", ())) > 1]
+  if not spreads or max(spreads)[0] < DRIFT:
+    return None
+  spread, side, batch = max(spreads)
+  return (f"warning: the {'Keras' if side == 'keras_sweep' else 'jax'} passes at batch {batch} "
+          f"differ by {100 * (spread - 1):.0f}% (fastest / slowest): this machine's speed changed "
+          f"during the run; read the medians, compare within rounds, or rerun with more "
+          f"--rounds (now {results.get('rounds', 1)})")
+
+
 def format_table(results: dict) -> str:
   rows = [f"{'batch':>6} {'jax img/s (median)':>19} {'min':>8} {'max':>8} {'compile s':>10}"
           + (f" {'keras img/s':>12} {'ratio':>6}" if "keras_sweep" in results else "")]
@@ -175,6 +194,8 @@ def format_table(results: dict) -> str:
                  f"= {100 * r['vs_pure_step']:.1f}% of the pure step; pure window "
                  f"{r['pure_window_images_per_sec']:,.0f} img/s; host work "
                  f"{r['loop_host_us_per_step']:.1f} us/step")
+  if (warning := drift_warning(results)) is not None:
+    lines.insert(1 + len(rows), warning)  # Under the table it qualifies.
   if results.get("rounds", 1) > 1:
     per_round = results["per_round"]
     lines.append(f"{len(per_round)} rounds" + (", each Keras pass between two jax passes"
