@@ -41,6 +41,16 @@ def time_calls(call, state, images_per_call: int, windows: int, window_seconds: 
   return state, rates
 
 
+def _training(config, parallel):
+  """(model, optimizer, initial state on the devices) of the config, as the train loop makes them."""
+  from fashion_jax.model import steps  # pylint: disable=g-import-not-at-top
+  from fashion_jax.support import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
+  model = steps.create_model(config,
+                             axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
+  tx = steps.create_optimizer(config)
+  return model, tx, parallel.put_state(steps.create_train_state(model, tx, config.seed))
+
+
 class TrainStep:
   """The compiled train step at one global batch size, its batches already on the device.
 
@@ -51,16 +61,12 @@ class TrainStep:
   def __init__(self, config, parallel, data, batch_size: int):
     from fashion_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     from fashion_jax.model import steps  # pylint: disable=g-import-not-at-top
-    from fashion_jax.support import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
 
     config = config.copy_and_resolve_references()
     config.batch_size = batch_size
     parallel.check_batch(batch_size, "batch_size")
-    axis = parallel_lib.AXIS if parallel.mode == "pmap" else None
-    model = steps.create_model(config, axis_name=axis)
-    tx = steps.create_optimizer(config)
+    model, tx, self.state = _training(config, parallel)
     self.batch_size = batch_size
-    self.state = parallel.put_state(steps.create_train_state(model, tx, config.seed))
     fn = parallel.compile(functools.partial(steps.train_step, model=model, tx=tx))
     iterator = input_pipeline.train_batches(data, batch_size, config.seed, 0,
                                             parallel.process_index, parallel.process_count)
@@ -98,7 +104,6 @@ def measure_loop(config, parallel, data, placement: str, pure_step_rate: float, 
   from fashion_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from fashion_jax.model import steps  # pylint: disable=g-import-not-at-top
   from fashion_jax.support import metric_writers  # pylint: disable=g-import-not-at-top
-  from fashion_jax.support import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
   from fashion_jax.training import loop  # pylint: disable=g-import-not-at-top
   from fashion_jax.training import train  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
@@ -107,10 +112,7 @@ def measure_loop(config, parallel, data, placement: str, pure_step_rate: float, 
   window = loop.window_length(config, config_lib.steps_per_epoch(config, len(data)),
                               config_lib.checkpoint_every_steps(config, len(data)),
                               config_lib.eval_every_steps(config, len(data)), jax.default_backend())
-  axis = parallel_lib.AXIS if parallel.mode == "pmap" else None
-  model = steps.create_model(config, axis_name=axis)
-  tx = steps.create_optimizer(config)
-  state = parallel.put_state(steps.create_train_state(model, tx, config.seed))
+  model, tx, state = _training(config, parallel)
   windowed = loop.Windows(functools.partial(steps.train_step, model=model, tx=tx), data, config,
                           parallel, placement, 0)
   state, _, _ = windowed(state, 0, window)  # Compile.
