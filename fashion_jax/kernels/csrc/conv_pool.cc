@@ -80,6 +80,17 @@ namespace {
 constexpr int L = FJ_LANES;
 static_assert(L == 4 || L == 8 || L == 16, "FJ_LANES must be 4, 8 or 16");
 
+// 64-bit Arm's NEON has 32 vector registers, as AVX-512 does (AVX2 and SSE have 16), and the
+// Arm cores users rent or carry issue 4 vector multiply-adds a cycle of latency 4 (Neoverse V1
+// and V2: Graviton 3 and 4; Apple M1 on), so a loop needs 16 independent accumulator chains to
+// keep them busy (Neoverse N1, Graviton 2: 2 a cycle, 8 chains). With NEON's own 4 lanes the
+// matmul micro-kernel's blocks use the 32 registers (kGemmRows, kGemmVectors).
+#if defined(__aarch64__)
+constexpr bool kWideNeon = L == 4;
+#else
+constexpr bool kWideNeon = false;
+#endif
+
 typedef float fv __attribute__((vector_size(4 * L)));     // L floats
 typedef int32_t iv __attribute__((vector_size(4 * L)));  // L int32 (masks)
 typedef int8_t bv __attribute__((vector_size(L)));       // L int8 (argmax)
@@ -561,14 +572,17 @@ void GemmBlock(const float* a, int64_t ars, int64_t acs, const float* b, int64_t
 }
 
 // Blocks of at most 6 rows: 6 x 4 accumulators fill AVX-512's 32 registers with room for the B
-// row and the broadcast; 6 x 2 fit AVX2's and SSE's 16. The rows are split evenly (25 as 5 x 5,
+// row and the broadcast; 6 x 2 fit AVX2's and SSE's 16. NEON: at most 5 x 4 (20 chains; 6 x 2's
+// 12 leave a quarter of a 4-pipe core's multiply-adds unused, and at 6 x 4 GCC 12 spilled two
+// accumulators: NEON multiplies by a lane of a register, so each of A's 6 values takes one, as
+// each of B's 4 vectors does). The rows are split evenly (25 as 5 x 5,
 // 32 as 6 6 5 5 5 5), not as 6s and a short last block: one row's 2 (AVX2) or 4 (AVX-512)
 // accumulator chains wait on the multiply-add latency (on Zen 3, AVX2, the 25th of the CNN's 25
 // tiles a plane added 9-14 % to 24 rows' time; split evenly its 16 products took 5 % less, the
 // two-layer op 2-3 % less: BENCHMARKS.md, session 16). Each output's sum is the same whatever
 // block holds its row.
-constexpr int kGemmRows = 6;
-constexpr int kGemmVectors = L == 16 ? 4 : 2;
+constexpr int kGemmRows = kWideNeon ? 5 : 6;
+constexpr int kGemmVectors = L == 16 || kWideNeon ? 4 : 2;
 
 // `count` blocks of R rows from row i; returns the row after them.
 template <int R, int KV, bool T>
@@ -592,9 +606,12 @@ void GemmRows(const float* a, int64_t ars, int64_t acs, const float* b, int64_t 
   int64_t i = 0;
 #define FJ_BLOCKS(R, COUNT) \
   i = GemmBlocks<R, KV, T>(COUNT, i, a, ars, acs, b, ldb, c, crs, ldc, n, accumulate, valid)
-  switch (small) {
-    case 6: FJ_BLOCKS(6, blocks); break;
-    case 5: FJ_BLOCKS(6, big); FJ_BLOCKS(5, blocks - big); break;
+  switch (small) {  // (No 6-row blocks where kGemmRows is 5: small + 1 <= kGemmRows.)
+    case 6: if constexpr (kGemmRows >= 6) FJ_BLOCKS(6, blocks); break;
+    case 5:
+      if constexpr (kGemmRows >= 6) FJ_BLOCKS(6, big);
+      FJ_BLOCKS(5, blocks - big);
+      break;
     case 4: FJ_BLOCKS(5, big); FJ_BLOCKS(4, blocks - big); break;
     case 3: FJ_BLOCKS(4, big); FJ_BLOCKS(3, blocks - big); break;
     case 2: FJ_BLOCKS(3, big); FJ_BLOCKS(2, blocks - big); break;
