@@ -50,9 +50,7 @@ def main(argv):
     backends.check(FLAGS.config.backend)
     compile_cache.enable()  # Before the first compile; GPU/TPU only.
   except UserError as e:
-    logging.error("%s", e)
-    print(f"fashion_jax: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e))
   logging.info("fashion_jax %s, JAX %s, backend %s, process %d of %d", fashion_jax.__version__,
                jax.__version__, jax.default_backend(), jax.process_index(), jax.process_count())
   logging.info("devices: %s (local %d)", jax.devices(), jax.local_device_count())
@@ -60,11 +58,8 @@ def main(argv):
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except UserError as e:
-    logging.error("%s", e)
-    print(f"fashion_jax: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e))
   except stops.Preempted as e:
-    logging.warning("%s", e)
     print(f"fashion_jax: {e}", file=sys.stderr)
     sys.exit(stops.EXIT_PREEMPTED)
 

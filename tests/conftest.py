@@ -142,6 +142,8 @@ def assert_one_line_error(proc, *fragments):
   for fragment in fragments:
     assert fragment in errors[0], errors[0]
   assert "Traceback" not in proc.stderr
+  message = errors[0][len("fashion_jax: error: "):]
+  assert proc.stderr.count(message) == 1, proc.stderr[-2000:]  # Not also as a log line.
 
 
 def require_native():

@@ -169,10 +169,16 @@ def test_compare_keras_without_tensorflow_is_one_line(tmp_path, idx_dir):
 
 @pytest.mark.parametrize("flag,message", [
     ("--config.batch_size=-4", "config.batch_size=-4 is invalid"),
-    ("--rounds=0", "--rounds=0 is invalid")])
+    ("--rounds=0", "--rounds=0 is invalid"),
+    ("--batch_sizes=0", "'0' is not a positive whole number"),
+    ("--batch_sizes=32,-8", "'-8' is not a positive whole number"),
+    ("--batch_sizes=12x", "--batch_sizes=12x: '12x' is not a positive whole number"),
+    ("--config=configs/no_such.py", "--config=configs/no_such.py: cannot read the config file "
+                                    "(No such file or directory)")])
 def test_benchmark_bad_input_is_one_line(tmp_path, flag, message):
   output = tmp_path / "b.json"
-  proc = run_module("fashion_jax.benchmark", "--config=configs/tiny.py", flag, f"--output={output}")
+  config = [] if flag.startswith("--config=") else ["--config=configs/tiny.py"]
+  proc = run_module("fashion_jax.benchmark", *config, flag, f"--output={output}")
   assert_one_line_error(proc, message)
   assert not output.exists()
 

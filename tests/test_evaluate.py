@@ -227,3 +227,19 @@ def test_without_matplotlib_evaluate_names_the_extra(trained_tiny_workdir, tmp_p
   with pytest.raises(UserError, match=r"needs matplotlib.*fashion_jax\[serve\]"):
     evaluate.evaluate(trained_tiny_workdir, output_dir=str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")  # Checked before anything is written.
+
+
+def test_offline_data_errors_name_this_commands_flag(trained_tiny_workdir, tmp_path, monkeypatch):
+  """The data layer's offline hint names training's --config.idx_dir; evaluate has --idx_dir
+  (a user followed the hint and got "Unknown command line flag")."""
+  from fashion_jax.data import download, input_pipeline  # pylint: disable=import-outside-toplevel
+
+  def offline(config, split, where=None):
+    raise UserError(f"cannot download fashion_mnist: no network; without network access pass "
+                    f"{download.IDX_FLAG_HINT} (or set FASHION_JAX_IDX_DIR=FOLDER once)")
+
+  monkeypatch.setattr(input_pipeline, "load", offline)
+  with pytest.raises(UserError) as e:
+    evaluate.evaluate(trained_tiny_workdir, str(tmp_path / "out"), data_dir=str(tmp_path))
+  assert "pass --idx_dir=FOLDER holding the IDX test files" in str(e.value)
+  assert "--config." not in str(e.value)

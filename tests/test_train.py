@@ -14,7 +14,7 @@ from fashion_jax.model import steps
 from fashion_jax.support import parallel as parallel_lib
 from fashion_jax.support.errors import UserError
 from fashion_jax.training import train
-from tests.conftest import run_module
+from tests.conftest import assert_one_line_error, run_module
 from tests.multidevice_check import final_state
 
 
@@ -200,13 +200,18 @@ def test_cli_errors_are_one_line_and_nonzero(idx_dir, tmp_path):
       '--config.model_kwargs={"depht": 3}': "config.model_kwargs={'depht': 3} do not fit model 'cnn'",
       "--config.model_kwargs.depth=3": "config.model_kwargs has no key 'depth' in this config "
                                        "file; set the whole dict instead",
+      "--config.batch_size=-32": "config.batch_size=-32 is invalid",
   }
   for flag, message in cases.items():
-    proc = run_module("fashion_jax.main", *common, flag)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("fashion_jax: error:")]
-    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    assert_one_line_error(run_module("fashion_jax.main", *common, flag), message)
+  workdir = f"--workdir={tmp_path / 'w2'}"
+  for args, message in [
+      (["--config=configs/nope.py"], "--config=configs/nope.py: cannot read the config file (No "
+                                     "such file or directory); pass a config file, e.g."),
+      (["--config=configs"], "cannot read the config file (Is a directory)"),
+      ([f"--config.idx_dir={idx_dir}"], "--config is missing (needed by --config.idx_dir=...)")]:
+    assert_one_line_error(run_module("fashion_jax.main", *args, workdir), message)
+  assert not os.path.exists(tmp_path / "w2")  # Refused while parsing the flags.
 
 
 def test_cli_trains_and_resumes(idx_dir, tmp_path):

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
@@ -220,6 +219,21 @@ def tfds_unprepared_reason(config) -> str | None:
     return f"tfds cannot open {config.dataset!r}: {type(e).__name__}: {e}"
 
 
+def parse_batch_sizes(text: str, default: int) -> list[int]:
+  """--batch_sizes as positive integers (`default`, config.batch_size, when empty); a UserError
+  naming the entry otherwise."""
+  from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
+  sizes = []
+  for part in (p.strip() for p in text.split(",")) if text.strip() else ():
+    if not part:
+      continue
+    if not part.isdigit() or int(part) == 0:
+      raise UserError(f"--batch_sizes={text}: {part!r} is not a positive whole number; pass "
+                      "comma-separated batch sizes, e.g. --batch_sizes=32,128,512")
+    sizes.append(int(part))
+  return sizes or [default]
+
+
 def run(config) -> dict:
   """Runs every measurement; returns the results dict (also written to --output)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -232,6 +246,7 @@ def run(config) -> dict:
   config_lib.validate(config)
   if FLAGS.rounds < 1:
     raise UserError(f"--rounds={FLAGS.rounds} is invalid; give 1 or more passes")
+  batch_sizes = parse_batch_sizes(FLAGS.batch_sizes, config.batch_size)
   if FLAGS.compare == "keras":
     missing = [m for m in ("tensorflow", "keras") if importlib.util.find_spec(m) is None]
     if missing:
@@ -240,8 +255,6 @@ def run(config) -> dict:
   backends.request(config.backend)
   backends.check(config.backend)
   parallel = parallel_lib.Parallel(config.parallelism)
-  batch_sizes = ([int(b) for b in FLAGS.batch_sizes.split(",") if b.strip()]
-                 if FLAGS.batch_sizes else [config.batch_size])
   env = benchmark_report.environment(parallel)
   benchmark_report.log(f"{env['device_kind']} x{env['num_devices']} ({env['backend']}), jax {env['jax']}, "
       f"{parallel.mode}; conv_impl={config.conv_impl} pool_impl={config.pool_impl}; "
@@ -354,8 +367,7 @@ def main(argv):
   try:
     results = run(FLAGS.config)
   except UserError as e:
-    print(f"fashion_jax: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e))
   env = results["environment"]
   if env["backend"] == "cpu":  # The table is only comparable with the CPU and kernels named.
     print(f"{env['cpu']} ({env['cpu_count']} cores; {env['cpu_isa']}); "

@@ -75,8 +75,9 @@ URL_ENV = "FASHION_JAX_DATA_URL"  # A mirror (base URL) to use instead of the ad
 CONNECT_BUDGET_S = 10.0  # All name lookups and connects of one file together, when offline.
 TIMEOUT_S = 5.0  # One name lookup, connect or read.
 _CHUNK = 1 << 20
-OFFLINE_HINT = ("without network access pass --config.idx_dir=FOLDER holding the four IDX files "
-                "(or set FASHION_JAX_IDX_DIR=FOLDER once)")
+# Training's flag for an IDX folder; `evaluate` names its own (--idx_dir) in these messages.
+IDX_FLAG_HINT = "--config.idx_dir=FOLDER holding the four IDX files"
+OFFLINE_HINT = f"without network access pass {IDX_FLAG_HINT} (or set FASHION_JAX_IDX_DIR=FOLDER once)"
 
 
 def tfds_checksums(name: str) -> dict[str, tuple[int, str]] | None:

@@ -122,8 +122,7 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
     first_line = str(e).splitlines()[0] if str(e) else ""
     raise UserError(
         f"could not load {name!r} ({split}) from tensorflow-datasets: {type(e).__name__}: "
-        f"{first_line}; without network access pass --config.idx_dir=FOLDER holding the four "
-        "IDX files") from e
+        f"{first_line}; without network access pass {download.IDX_FLAG_HINT}") from e
   images = np.concatenate([p["image"] for p in parts]).astype(np.uint8)
   if images.ndim == 3:
     images = images[..., None]

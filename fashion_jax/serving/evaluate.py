@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -157,7 +156,7 @@ def top_confusions(confusion: np.ndarray, class_names, n: int = 5) -> list[dict[
 
 def _test_data(config, idx_dir: str | None, data_dir: str | None):
   """(Split, description of the source). Overrides beat the run's config.json."""
-  from fashion_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from fashion_jax.data import download, input_pipeline  # pylint: disable=g-import-not-at-top
   if idx_dir and data_dir:
     raise UserError("pass --idx_dir (an IDX folder) or --data_dir (tensorflow-datasets), not both")
   data_config = copy.deepcopy(config)
@@ -181,9 +180,15 @@ def _test_data(config, idx_dir: str | None, data_dir: str | None):
     where = None
   else:
     where = input_pipeline.source(data_config)  # $FASHION_JAX_IDX_DIR, tfds or the download.
+    if where.origin.startswith("$"):
+      origin = where.origin
     source = {"type": where.kind, "dataset": data_config.dataset, "location": where.location,
               "description": where.describe(), "from": origin}
-  split = input_pipeline.load(data_config, "test", where)
+  try:
+    split = input_pipeline.load(data_config, "test", where)
+  except UserError as e:  # The data layer's hint names training's flag; this command has its own.
+    raise UserError(str(e).replace(download.IDX_FLAG_HINT,
+                                   "--idx_dir=FOLDER holding the IDX test files")) from e
   source.update(split="test", count=len(split))
   return split, source
 
@@ -348,8 +353,6 @@ def main(argv):
     result = evaluate(FLAGS.workdir, FLAGS.output_dir, FLAGS.step, FLAGS.idx_dir, FLAGS.data_dir,
                       FLAGS.num_mistakes)
   except UserError as e:
-    logging.error("%s", e)
-    print(f"fashion_jax: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e))
   print(format_report(result))
 

@@ -47,7 +47,6 @@ import datetime
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -392,9 +391,7 @@ def main(argv):
     metadata = export_run(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.platforms,
                           FLAGS.overwrite)
   except UserError as e:
-    logging.error("%s", e)
-    print(f"fashion_jax: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e))
   check = metadata["self_check"]
   print(f"exported {metadata['model']} step {metadata['step']} to {metadata['output']} in "
         f"{metadata['seconds']:.1f}s for {', '.join(metadata['platforms'])}")

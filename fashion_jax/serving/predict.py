@@ -235,8 +235,7 @@ def main(argv):
     predictions, status = predict(FLAGS.workdir, argv[1:], top_k=FLAGS.top_k, step=FLAGS.step,
                                   save_dir=FLAGS.save_preprocessed)
   except UserError as e:
-    print(f"fashion_jax: error: {e}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+    cli.fail(str(e), EXIT_USAGE)
   if FLAGS.json:
     for prediction in predictions:
       print(prediction.to_json())
