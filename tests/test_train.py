@@ -358,11 +358,37 @@ def test_a_refused_resume_leaves_the_run_intact(tiny_config, tmp_path):
   train.train_and_evaluate(tiny_config, workdir)
   with open(os.path.join(workdir, "config.json")) as f:
     before = f.read()
+  files = _files(workdir)
   tiny_config.model = "cnn_bn"
   with pytest.raises(UserError, match="use a new --workdir"):
     train.train_and_evaluate(tiny_config, workdir)
   with open(os.path.join(workdir, "config.json")) as f:
     assert f.read() == before
+  assert _files(workdir) == files  # Nothing written: no TensorBoard event file either.
+
+
+def _files(workdir: str) -> dict[str, bytes]:
+  """Every file under workdir (path relative to it) and its contents."""
+  found = {}
+  for folder, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(folder, name)
+      with open(path, "rb") as f:
+        found[os.path.relpath(path, workdir)] = f.read()
+  return found
+
+
+def test_rerunning_a_finished_run_evaluates_and_writes_nothing(tiny_config, tmp_path):
+  """The final checkpoint is evaluated again, but metrics.jsonl and TensorBoard keep one point
+  a step (the re-run's line had a wall time running backwards)."""
+  workdir = str(tmp_path / "run")
+  tiny_config.num_train_steps = 10
+  first = train.train_and_evaluate(tiny_config, workdir)
+  files = _files(workdir)
+  again = train.train_and_evaluate(tiny_config, workdir)
+  assert again["eval_accuracy"] == pytest.approx(first["eval_accuracy"])
+  assert again["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-5)
+  assert _files(workdir) == files
 
 
 @pytest.mark.parametrize("module, args", [

@@ -53,9 +53,15 @@ class MetricWriter:
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb_dir = os.path.join(workdir, "tensorboard")
     self._tb = None
-    if enabled:
-      self._tb = summary_writer_class()(os.path.join(workdir, "tensorboard"), flush_secs=30)
+
+  def _board(self):
+    """The TensorBoard writer, made at the first value: a run refused before it writes anything
+    (a resume with another config) leaves no event file behind."""
+    if self._tb is None:
+      self._tb = summary_writer_class()(self._tb_dir, flush_secs=30)
+    return self._tb
 
   def truncate_after(self, step: int) -> int:
     """Drops lines past `step` (written after the checkpoint a resumed run restarts from).
@@ -89,12 +95,12 @@ class MetricWriter:
       f.write(json.dumps(record) + "\n")
     for key, value in values.items():
       if isinstance(value, (int, float)) and key not in ("epoch",):
-        self._tb.add_scalar(key, value, step)
+        self._board().add_scalar(key, value, step)
 
   def write_image(self, step: int, tag: str, image) -> None:
     """An [H, W, 3] uint8 image (e.g. `prediction_grid`'s) as a TensorBoard image."""
     if self.enabled:
-      self._tb.add_image(tag, image, step, dataformats="HWC")
+      self._board().add_image(tag, image, step, dataformats="HWC")
 
   def flush(self) -> None:
     if self._tb is not None:

@@ -227,17 +227,19 @@ class Evaluation:
       if evaluator is not None:
         evaluator.compile_ahead(state)
 
-  def __call__(self, state, step: int) -> dict:
+  def __call__(self, state, step: int, record: bool = True) -> dict:
+    """The metrics at `step`; `record`: also written to metrics.jsonl and TensorBoard."""
     run, t0 = self.run, time.perf_counter()
     result = _summarize(self.test(state, self.show_progress, "eval test"), "eval")
     seconds = time.perf_counter() - t0
     if self.val is not None:
       result.update(_summarize(self.val(state, self.show_progress, "eval val"), "val"))
     result = {"epoch": step / run.steps_per_epoch, **result}
-    self.writer.write(step, result)
-    if self.samples is not None:
-      self.writer.write_image(step, "eval/sample_predictions", self.samples(state))
-    self.writer.flush()
+    if record:
+      self.writer.write(step, result)
+      if self.samples is not None:
+        self.writer.write_image(step, "eval/sample_predictions", self.samples(state))
+      self.writer.flush()
     with self.bar.external_write():
       logging.info("eval  step %d/%d epoch %.2f | loss %.4f accuracy %.2f%% | %.2fs for %d images",
                    step, run.total_steps, step / run.steps_per_epoch, result["eval_loss"],
@@ -299,6 +301,16 @@ class TrainLog:
                      f"{rate:,.0f}" if math.isfinite(rate) else "-", _fmt_seconds(remaining))
 
 
+def _evaluate_finished(evaluate: Evaluation, state, step: int) -> dict:
+  """A re-run of a finished run: its final evaluation, logged but not written again (the first
+  run wrote it to metrics.jsonl and TensorBoard; one series, one point a step)."""
+  logging.info("training already finished (step %d); evaluating the final checkpoint", step)
+  result = evaluate(state, step, record=False)
+  logging.info("done: step %d (trained before), eval accuracy %.2f%%, wall %.1fs", step,
+               100 * result["eval_accuracy"], fashion_jax.seconds_since_start())
+  return result
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=None,
                        compile_eval_ahead: bool = True) -> dict:
   """Trains (resuming from the latest checkpoint in workdir) and evaluates.
@@ -329,8 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     show_progress = progress.wanted(config.progress_bar, run.is_lead)
     evaluate = Evaluation(run, writer, show_progress)
     if step >= total_steps:
-      logging.info("training already finished (step %d); evaluating the final checkpoint", step)
-      return evaluate(state, step)
+      return _evaluate_finished(evaluate, state, step)
 
     augmentation = augment.make_augment(config.augment_translate, config.augment_flip,
                                         config.random_erasing)
