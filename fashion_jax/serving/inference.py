@@ -163,8 +163,8 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256,
     except UserError:
       raise
     except Exception as e:  # pylint: disable=broad-except  (tensorstore/OS/parse errors)
-      first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-      raise UserError(f"checkpoint {os.path.join(directory, str(step))} is unreadable ({first}); "
+      raise UserError(f"checkpoint {os.path.join(directory, str(step))} is unreadable "
+                      f"({checkpointing.first_line(e)}); "
                       "pass --step with another checkpoint, or re-train") from e
   finally:
     checkpointer.close()

@@ -8,11 +8,17 @@ instead of a shape error deep inside Orbax.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
 import json
+import logging as logging_std
 import os
 import re
 import shutil
+import sys
 import time
+import traceback
 
 from absl import logging
 import jax
@@ -22,6 +28,46 @@ from orbax.checkpoint import checkpoint_managers
 from fashion_jax.support.errors import UserError
 from fashion_jax.support import faults
 from fashion_jax.support import multihost
+
+
+ABANDONED_READS_SETTLE_S = 1.0
+
+
+def first_line(e: BaseException) -> str:
+  """An exception's first message line for a one-line error, without the repr of a bound method
+  that TensorStore's read errors append ("See full TensorStore details: <bound method ...")."""
+  text = str(e).strip()
+  first = text.splitlines()[0] if text else type(e).__name__
+  return first.split(" See full TensorStore details")[0][:200]
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+  """Keeps what a failed restore leaves behind off the console: when one array of a damaged
+  checkpoint cannot be read, Orbax abandons the other reads, and each prints a traceback as it
+  is collected (`Exception ignored in: <coroutine ...>`, "Future exception was never retrieved",
+  "Event loop is closed": ~1,700 lines for the CNN, which read as a crash although the run falls
+  back and trains on). The restore's own exception still propagates, and is what gets reported."""
+  real_stderr, real_hook = sys.stderr, sys.excepthook
+  asyncio_logger = logging_std.getLogger("asyncio")
+  level = asyncio_logger.level
+  sys.stderr, sys.excepthook = io.StringIO(), lambda *exc_info: None
+  asyncio_logger.setLevel(logging_std.CRITICAL)
+  try:
+    yield
+  except Exception as e:
+    # The abandoned reads finish in TensorStore's threads for a while after the failure, each
+    # then reporting its closed event loop: let them. The rest are coroutines that the
+    # traceback's finished frames hold: released here, collected below, while captured.
+    time.sleep(ABANDONED_READS_SETTLE_S)
+    traceback.clear_frames(e.__traceback__)
+    raise
+  finally:
+    try:
+      gc.collect()
+    finally:
+      sys.stderr, sys.excepthook = real_stderr, real_hook
+      asyncio_logger.setLevel(level)
 
 
 def describe_state(model_name: str, state, fingerprint: dict | None = None) -> dict:
@@ -176,8 +222,9 @@ class Checkpointer:
     abstract = {key: jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata[key])
                 for key in metadata.keys()}
-    state = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract))).state
+    with _quiet_abandoned_reads():
+      state = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract))).state
     return {key: state.get(key)
             for key in ("params", "batch_stats", "ema_params", "ema_batch_stats")}
 
@@ -225,12 +272,13 @@ class Checkpointer:
     for attempt in (1, 2):
       state, outcome = None, None
       try:
-        state = self.restore(step, abstract_state, description)
+        with _quiet_abandoned_reads():
+          state = self.restore(step, abstract_state, description)
       except UserError:
         raise
       except Exception as e:  # pylint: disable=broad-except  (classified just below)
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        outcome = ("damage: " if is_damage(e) else "error: ") + f"{type(e).__name__}: {first}"
+        outcome = (("damage: " if is_damage(e) else "error: ")
+                   + f"{type(e).__name__}: {first_line(e)}")
       outcomes = multihost.gather(f"restore/{step}/{attempt}", outcome)
       errors = {i: o for i, o in outcomes.items() if o.startswith("error: ")}
       if errors:
@@ -241,9 +289,8 @@ class Checkpointer:
             "it is left as it is: check the storage, then re-run to resume")
       if not outcomes:
         return state, None
-      if attempt == 1:  # Files still being written by a slow file system: read once more.
-        time.sleep(1.0)
-        self._manager.reload()
+      if attempt == 1:  # Files still being written by a slow file system: read once more
+        self._manager.reload()  # (after the ABANDONED_READS_SETTLE_S the failure waited).
     process = min(outcomes)
     return None, outcomes[process][len("damage: "):] + (
         f" on process {process}" if jax.process_count() > 1 else "")
