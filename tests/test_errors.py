@@ -31,3 +31,9 @@ def test_require_names_the_extra(monkeypatch):
   with pytest.raises(UserError, match=r"^predict needs Pillow, which is not installed here; "
                      r"install it with pip install 'fashion_jax\[serve\]'"):
     errors.require("PIL", "Pillow", "serve", "predict")
+
+
+def test_a_file_given_as_a_folder_is_named_so(tmp_path):
+  (tmp_path / "a_file").write_text("not a folder")
+  with pytest.raises(UserError, match="--workdir .*a_file' is a file, not a folder"):
+    errors.ensure_writable_dir(str(tmp_path / "a_file"), "--workdir")

@@ -29,6 +29,9 @@ def test_load_split(tmp_path, gz):
 def test_missing_folder(tmp_path):
   with pytest.raises(UserError, match="does not exist.*idx_dir"):
     idx.load_split(str(tmp_path / "nope"), "train")
+  (tmp_path / "a_file").write_text("not a folder")
+  with pytest.raises(UserError, match="is a file, not a folder.*idx_dir"):
+    idx.load_split(str(tmp_path / "a_file"), "train")
 
 
 def test_missing_file(tmp_path):

@@ -84,7 +84,8 @@ def load_split(folder: str, split: str, num_classes: int = 10) -> tuple[np.ndarr
   if split not in FILES:
     raise UserError(f"unknown split {split!r}; IDX folders hold {sorted(FILES)}")
   if not os.path.isdir(folder):
-    raise UserError(f"IDX folder {folder!r} does not exist; set --config.idx_dir to the folder "
+    what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+    raise UserError(f"IDX folder {folder!r} {what}; set --config.idx_dir to the folder "
                     "holding the four Fashion-MNIST IDX files, or to '' to use tensorflow-datasets")
   images_name, labels_name = FILES[split]
   paths = {}

@@ -30,6 +30,8 @@ def local_path(path: str, flag: str) -> str:
 def ensure_writable_dir(path: str, flag: str) -> str:
   """Creates `path` if needed and proves it is writable; else a UserError naming `flag`."""
   path = local_path(path, flag)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"{flag} {path!r} is a file, not a folder; pass a folder (new or existing)")
   try:
     os.makedirs(path, exist_ok=True)
     # A unique name (pids collide across containers sharing a workdir).
