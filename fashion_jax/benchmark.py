@@ -4,6 +4,7 @@ Its code and usage: fashion_jax/benchmarking/benchmark.py.
 """
 
 from absl import app
+from absl import flags
 
 from fashion_jax.benchmarking import benchmark
 from fashion_jax import cli
@@ -13,5 +14,6 @@ __doc__ = benchmark.__doc__  # What --help prints.
 
 if __name__ == "__main__":
   benchmark.define_flags()
+  flags.adopt_module_key_flags(benchmark)  # --help lists them, not only --helpfull.
   runtime.reexec_with_tuned_malloc("fashion_jax.benchmark")
   app.run(benchmark.main, flags_parser=cli.parse_flags)

@@ -4,6 +4,7 @@ Its code and usage: fashion_jax/serving/evaluate.py.
 """
 
 from absl import app
+from absl import flags
 
 from fashion_jax import cli
 from fashion_jax.serving import evaluate
@@ -13,5 +14,6 @@ __doc__ = evaluate.__doc__  # What --help prints.
 
 if __name__ == "__main__":
   evaluate.define_flags()
+  flags.adopt_module_key_flags(evaluate)  # --help lists them, not only --helpfull.
   runtime.reexec_with_tuned_malloc("fashion_jax.evaluate")
   app.run(evaluate.main, flags_parser=cli.parse_flags)

@@ -4,6 +4,7 @@ Its code and usage: fashion_jax/serving/predict.py.
 """
 
 from absl import app
+from absl import flags
 
 from fashion_jax import cli
 from fashion_jax.serving import predict
@@ -12,4 +13,5 @@ __doc__ = predict.__doc__  # What --help prints.
 
 if __name__ == "__main__":
   predict.define_flags()
+  flags.adopt_module_key_flags(predict)  # --help lists them, not only --helpfull.
   app.run(predict.main, flags_parser=cli.parse_flags)

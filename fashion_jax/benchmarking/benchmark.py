@@ -2,7 +2,7 @@ r"""Throughput benchmark: train/eval images/s, compile time, input pipeline, FLO
 
   python -m fashion_jax.benchmark --config=configs/default.py \
       [--config.KEY=VALUE ...] [--batch_sizes=32,128,512] [--compare=keras] [--rounds=3] \
-      [--output=benchmark.json]
+      [--loop] [--peak_gflops=GFLOPS] [--output=benchmark.json]
 
 Train throughput is measured after warm-up and compilation, over several timed
 windows (`block_until_ready` once at the end of each); the table shows the
@@ -51,7 +51,9 @@ def define_flags() -> None:
                        "drifts.")
   flags.DEFINE_float("window_seconds", 2.0, "Approximate length of one timed window.")
   flags.DEFINE_float("peak_gflops", 0.0, "Peak FLOP/s of one device in GFLOP/s for MFU "
-                     "(0 = look up the device, or estimate a CPU from its cores and clock).")
+                     "(0 = a GPU's or TPU's from a table of models; a CPU's measured with "
+                     "multiply-add chains on every core, its nominal clock-based estimate "
+                     "without the native kernels).")
   flags.DEFINE_string("output", "benchmark.json", "Where to write the JSON results.")
   flags.DEFINE_bool("compile_cache", True, "Measure the second compile with the persistent cache.")
   flags.DEFINE_bool("loop", False, "Also time the real train loop end to end at each batch size, "

@@ -207,8 +207,10 @@ class Evaluation:
     self.val = Evaluator(run.val, config, model, parallel) if run.val else None
     self.samples = None
     if run.is_lead and config.tensorboard_samples and not errors.available("PIL"):
-      logging.warning("no TensorBoard sample predictions: they need Pillow (pip install "
-                      "'fashion_jax[serve]'); pass --config.tensorboard_samples=0 to silence this")
+      # Information, not a warning: the base install (README's first command) has no Pillow,
+      # and the run is complete without the picture.
+      logging.info("no TensorBoard sample predictions: they need Pillow (pip install "
+                   "'fashion_jax[serve]'); --config.tensorboard_samples=0 turns them off")
     elif run.is_lead and config.tensorboard_samples:
       self.samples = SamplePredictions(run.test, config.tensorboard_samples, model, parallel,
                                        datasets.class_names(config.dataset))
