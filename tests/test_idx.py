@@ -37,8 +37,11 @@ def test_missing_folder(tmp_path):
 def test_missing_file(tmp_path):
   folder = write_idx_folder(str(tmp_path))
   os.remove(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"))
-  with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.*missing"):
+  with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.*missing") as e:
     idx.load_split(folder, "test")
+  # Names the split's pair (what evaluate, which reads only the test split, needs).
+  assert "t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte" in str(e.value)
+  assert "train-images" not in str(e.value)
 
 
 def test_truncated_file(tmp_path):

@@ -92,8 +92,8 @@ def load_split(folder: str, split: str, num_classes: int = 10) -> tuple[np.ndarr
   for name in (images_name, labels_name):
     path = _find(folder, name)
     if path is None:
-      raise UserError(f"{name}[.gz] is missing from IDX folder {folder!r}; it needs "
-                      f"{', '.join(n for pair in FILES.values() for n in pair)} (raw or .gz)")
+      raise UserError(f"{name}[.gz] is missing from IDX folder {folder!r}; the {split} split is "
+                      f"{images_name} and {labels_name} (raw or .gz; training reads both splits)")
     paths[name] = path
   images = read_idx(paths[images_name], expected_ndim=3)
   labels = read_idx(paths[labels_name], expected_ndim=1)
