@@ -205,6 +205,7 @@ def test_cli_errors_are_one_line_and_nonzero(idx_dir, tmp_path):
   }
   for flag, message in cases.items():
     assert_one_line_error(run_module("fashion_jax.main", *common, flag), message)
+  assert not os.path.exists(tmp_path / "w")  # The missing IDX folder's run left no empty workdir.
   workdir = f"--workdir={tmp_path / 'w2'}"
   for args, message in [
       (["--config=configs/nope.py"], "--config=configs/nope.py: cannot read the config file (No "

@@ -44,6 +44,14 @@ def ensure_writable_dir(path: str, flag: str) -> str:
   return path
 
 
+def remove_if_empty(path: str) -> None:
+  """Removes the folder `path` if it is empty (another process may have written into it)."""
+  try:
+    os.rmdir(path)
+  except OSError:
+    pass
+
+
 def available(module: str) -> bool:
   """Whether `module` can be imported (without importing it)."""
   try:

@@ -154,7 +154,17 @@ class Run:
 def prepare(config: ml_collections.ConfigDict, workdir: str, splits=None) -> Run:
   """Validates the config, sets up the devices and loads the data (or takes `splits`)."""
   config_lib.validate(config)
-  workdir = errors.ensure_writable_dir(workdir, "--workdir")
+  new_workdir = not os.path.exists(errors.local_path(workdir, "--workdir"))
+  workdir = errors.ensure_writable_dir(workdir, "--workdir")  # Early: a typo fails at once.
+  try:
+    return _prepare(config, workdir, splits)
+  except UserError:
+    if new_workdir:  # A data or device problem: leave no empty folder behind.
+      errors.remove_if_empty(workdir)
+    raise
+
+
+def _prepare(config, workdir: str, splits) -> Run:
   parallel = parallel_lib.Parallel(config.parallelism)
   batch_split = parallel.check_batch(config.batch_size, "batch_size")
   logging.info("%s; batch global=%d per-host=%d per-device=%d", parallel_lib.describe(parallel),
