@@ -273,6 +273,23 @@ def test_unreadable_latest_checkpoint_falls_back_and_is_kept(tiny_config, tmp_pa
   assert result["eval_accuracy"] == _lines(straight)[-1]["eval_accuracy"]
 
 
+def test_a_working_restore_keeps_what_libraries_print(monkeypatch, capsys):
+  """Only a failed restore's output is dropped (its abandoned reads' tracebacks); a working one's
+  (a library's warning) is written out after it."""
+  from fashion_jax.support import checkpointing  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(checkpointing, "ABANDONED_READS_SETTLE_S", 0.0)
+  hook = sys.excepthook
+  with checkpointing._quiet_abandoned_reads():  # pylint: disable=protected-access
+    print("a library's warning", file=sys.stderr)
+  assert "a library's warning" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="unreadable"):
+    with checkpointing._quiet_abandoned_reads():  # pylint: disable=protected-access
+      print("Exception ignored in: <coroutine>", file=sys.stderr)
+      raise ValueError("unreadable")
+  assert "Exception ignored" not in capsys.readouterr().err
+  assert sys.excepthook is hook
+
+
 def test_checkpoint_with_another_optimizer_state_is_refused(tiny_config, tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   tiny_config.num_train_steps = 10

@@ -47,27 +47,31 @@ def _quiet_abandoned_reads():
   checkpoint cannot be read, Orbax abandons the other reads, and each prints a traceback as it
   is collected (`Exception ignored in: <coroutine ...>`, "Future exception was never retrieved",
   "Event loop is closed": ~1,700 lines for the CNN, which read as a crash although the run falls
-  back and trains on). The restore's own exception still propagates, and is what gets reported."""
+  back and trains on). The restore's own exception still propagates, and is what gets reported.
+  After a restore that works, whatever was captured (a library's warning) is written out."""
   real_stderr, real_hook = sys.stderr, sys.excepthook
   asyncio_logger = logging_std.getLogger("asyncio")
   level = asyncio_logger.level
-  sys.stderr, sys.excepthook = io.StringIO(), lambda *exc_info: None
+  captured = io.StringIO()
+  sys.stderr, sys.excepthook = captured, lambda *exc_info: None
   asyncio_logger.setLevel(logging_std.CRITICAL)
+  failed = True
   try:
     yield
+    failed = False
   except Exception as e:
     # The abandoned reads finish in TensorStore's threads for a while after the failure, each
     # then reporting its closed event loop: let them. The rest are coroutines that the
-    # traceback's finished frames hold: released here, collected below, while captured.
+    # traceback's finished frames hold: released here and collected, while captured.
     time.sleep(ABANDONED_READS_SETTLE_S)
     traceback.clear_frames(e.__traceback__)
+    gc.collect()
     raise
   finally:
-    try:
-      gc.collect()
-    finally:
-      sys.stderr, sys.excepthook = real_stderr, real_hook
-      asyncio_logger.setLevel(level)
+    sys.stderr, sys.excepthook = real_stderr, real_hook
+    asyncio_logger.setLevel(level)
+    if not failed and captured.getvalue():
+      real_stderr.write(captured.getvalue())
 
 
 def describe_state(model_name: str, state, fingerprint: dict | None = None) -> dict:
