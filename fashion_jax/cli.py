@@ -22,6 +22,8 @@ def parse_flags(argv):
   """
   try:
     rest = FLAGS(argv)
+  except OSError as e:  # An unreadable config file, read while parsing a --config.X override.
+    fail(_config_file_error(e))
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     text = str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
     unknown = (re.search(r"'([\w.]+)'", text)
@@ -45,16 +47,31 @@ def parse_flags(argv):
       message = text.strip()
     program = os.path.basename(sys.argv[0]) if sys.argv else "fashion_jax"
     fail(f"{message}\nRun with --helpfull for the flags of {program}.")
-  if "config" in FLAGS and FLAGS["config"].present:
+  if "config" in FLAGS and FLAGS["config"].value is not None:
     try:  # ml_collections defers a config file it could not read to the first attribute read.
       getattr(FLAGS.config, "keys")
     except OSError as e:
-      reason = re.search(r"\[Errno \d+\] ([^:\n]+)", str(e))
-      path = config_flags.get_config_filename(FLAGS["config"])
-      fail(f"--config={path}: cannot read the config file "
-           f"({reason.group(1) if reason else str(e).splitlines()[0]}); pass a config file, "
-           "e.g. --config=configs/default.py")
+      fail(_config_file_error(e))
   return rest
+
+
+def _config_file_error(e: OSError) -> str:
+  """One line for a --config file that could not be read: the file, or the one it reads."""
+  try:
+    path = config_flags.get_config_filename(FLAGS["config"])
+  except Exception:  # pylint: disable=broad-except  (failed while parsing: not recorded yet)
+    given = [a for a in sys.argv[1:] if a.startswith(("--config=", "-config="))]
+    path = given[-1].split("=", 1)[1] if given else FLAGS["config"].default_as_str or "?"
+  found = re.search(r"\[Errno \d+\] ([^:\n]+)(?:: '([^'\n]+)')?", str(e))
+  reason = found.group(1) if found else str(e).strip().splitlines()[0]
+  other = found.group(2) if found else None
+  if other and os.path.abspath(other) != os.path.abspath(path.split(":", 1)[0]):
+    return (f"--config={path}: loading it failed: {other}: {reason}; a config file next to its "
+            "siblings (configs/) is what it needs")
+  if not os.path.isabs(path):
+    reason += f"; a relative path is read from {os.getcwd()}"
+  return (f"--config={path}: cannot read the config file ({reason}); pass a config file, e.g. "
+          "--config=configs/default.py")
 
 
 def fail(message: str, code: int = 2):

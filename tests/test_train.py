@@ -207,10 +207,18 @@ def test_cli_errors_are_one_line_and_nonzero(idx_dir, tmp_path):
     assert_one_line_error(run_module("fashion_jax.main", *common, flag), message)
   assert not os.path.exists(tmp_path / "w")  # The missing IDX folder's run left no empty workdir.
   workdir = f"--workdir={tmp_path / 'w2'}"
+  (tmp_path / "alone").mkdir()  # A config that reads a sibling (default.py) copied without it.
+  sibling_less = shutil.copy(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"),
+                             tmp_path / "alone" / "tiny.py")
   for args, message in [
       (["--config=configs/nope.py"], "--config=configs/nope.py: cannot read the config file (No "
-                                     "such file or directory); pass a config file, e.g."),
-      (["--config=configs"], "cannot read the config file (Is a directory)"),
+                                     "such file or directory; a relative path is read from "),
+      # An override makes ml_collections read the file while parsing (a traceback before).
+      (["--config=configs/nope.py", "--config.batch_size=8"], "cannot read the config file (No "
+                                                              "such file or directory"),
+      (["--config=configs"], "cannot read the config file (Is a directory"),
+      ([f"--config={sibling_less}"], f"--config={sibling_less}: loading it failed: "
+                                     f"{tmp_path / 'alone' / 'default.py'}: No such file"),
       ([f"--config.idx_dir={idx_dir}"], "--config is missing (needed by --config.idx_dir=...)")]:
     assert_one_line_error(run_module("fashion_jax.main", *args, workdir), message)
   assert not os.path.exists(tmp_path / "w2")  # Refused while parsing the flags.
@@ -288,6 +296,12 @@ def test_a_working_restore_keeps_what_libraries_print(monkeypatch, capsys):
       raise ValueError("unreadable")
   assert "Exception ignored" not in capsys.readouterr().err
   assert sys.excepthook is hook
+  monkeypatch.setattr(checkpointing, "ABANDONED_READS_SETTLE_S", 5.0)
+  with pytest.raises(UserError, match="another model"):  # Refused before reading: no wait.
+    with checkpointing._quiet_abandoned_reads():  # pylint: disable=protected-access
+      print("said before refusing", file=sys.stderr)
+      raise UserError("checkpoint of another model")
+  assert "said before refusing" in capsys.readouterr().err
 
 
 def test_checkpoint_with_another_optimizer_state_is_refused(tiny_config, tmp_path, monkeypatch):

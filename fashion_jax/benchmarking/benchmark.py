@@ -229,7 +229,7 @@ def parse_batch_sizes(text: str, default: int) -> list[int]:
   for part in (p.strip() for p in text.split(",")) if text.strip() else ():
     if not part:
       continue
-    if not part.isdigit() or int(part) == 0:
+    if not (part.isascii() and part.isdecimal()) or int(part) == 0:
       raise UserError(f"--batch_sizes={text}: {part!r} is not a positive whole number; pass "
                       "comma-separated batch sizes, e.g. --batch_sizes=32,128,512")
     sizes.append(int(part))
