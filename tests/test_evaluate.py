@@ -211,6 +211,9 @@ def test_user_errors(trained_tiny_workdir, tmp_path):
     evaluate.evaluate(trained_tiny_workdir, str(tmp_path / "out"), idx_dir="a", data_dir="b")
   with pytest.raises(UserError, match="'/no/such/folder' .from --idx_dir. does not exist"):
     evaluate.evaluate(trained_tiny_workdir, str(tmp_path / "out"), idx_dir="/no/such/folder")
+  (tmp_path / "a_file").write_text("not a folder")
+  with pytest.raises(UserError, match="a_file' .from --idx_dir. is a file, not a folder"):
+    evaluate.evaluate(trained_tiny_workdir, str(tmp_path / "out"), idx_dir=str(tmp_path / "a_file"))
 
   # A run trained with a relative idx_dir, evaluated from elsewhere: say to pass --idx_dir.
   relative = tmp_path / "relative"

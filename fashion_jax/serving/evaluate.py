@@ -173,8 +173,9 @@ def _test_data(config, idx_dir: str | None, data_dir: str | None):
                   else f", relative to the current directory {os.getcwd()}")
       hint = ("pass --idx_dir=FOLDER with the IDX test files (or --data_dir=DIR for "
               "tensorflow-datasets)" if origin == "config.json" else "pass an existing folder")
-      raise UserError(f"test data folder {data_config.idx_dir!r} (from {origin}{relative}) does "
-                      f"not exist; {hint}")
+      what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+      raise UserError(f"test data folder {data_config.idx_dir!r} (from {origin}{relative}) "
+                      f"{what}; {hint}")
     data_config.idx_dir = folder
     source = {"type": "idx", "idx_dir": folder, "from": origin}
     where = None
@@ -187,8 +188,9 @@ def _test_data(config, idx_dir: str | None, data_dir: str | None):
   try:
     split = input_pipeline.load(data_config, "test", where)
   except UserError as e:  # The data layer's hint names training's flag; this command has its own.
-    raise UserError(str(e).replace(download.IDX_FLAG_HINT,
-                                   "--idx_dir=FOLDER holding the IDX test files")) from e
+    message = str(e).replace(download.IDX_FLAG_HINT, "--idx_dir=FOLDER holding the IDX test files")
+    raise UserError(message.replace("--config.idx_dir", "--idx_dir")
+                    .replace("--config.data_dir", "--data_dir")) from e
   source.update(split="test", count=len(split))
   return split, source
 

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import traceback
 
@@ -31,6 +32,7 @@ from fashion_jax.support import multihost
 
 
 ABANDONED_READS_SETTLE_S = 1.0
+_CAPTURE_LOCK = threading.Lock()
 
 
 def first_line(e: BaseException) -> str:
@@ -49,29 +51,33 @@ def _quiet_abandoned_reads():
   "Event loop is closed": ~1,700 lines for the CNN, which read as a crash although the run falls
   back and trains on). The restore's own exception still propagates, and is what gets reported.
   After a restore that works, whatever was captured (a library's warning) is written out."""
-  real_stderr, real_hook = sys.stderr, sys.excepthook
-  asyncio_logger = logging_std.getLogger("asyncio")
-  level = asyncio_logger.level
-  captured = io.StringIO()
-  sys.stderr, sys.excepthook = captured, lambda *exc_info: None
-  asyncio_logger.setLevel(logging_std.CRITICAL)
-  failed = True
-  try:
-    yield
-    failed = False
-  except Exception as e:
-    # The abandoned reads finish in TensorStore's threads for a while after the failure, each
-    # then reporting its closed event loop: let them. The rest are coroutines that the
-    # traceback's finished frames hold: released here and collected, while captured.
-    time.sleep(ABANDONED_READS_SETTLE_S)
-    traceback.clear_frames(e.__traceback__)
-    gc.collect()
-    raise
-  finally:
-    sys.stderr, sys.excepthook = real_stderr, real_hook
-    asyncio_logger.setLevel(level)
-    if not failed and captured.getvalue():
-      real_stderr.write(captured.getvalue())
+  with _CAPTURE_LOCK:  # The swap is process-wide: one restore at a time.
+    real_stderr, real_hook = sys.stderr, sys.excepthook
+    asyncio_logger = logging_std.getLogger("asyncio")
+    level = asyncio_logger.level
+    captured = io.StringIO()
+    sys.stderr, sys.excepthook = captured, lambda *exc_info: None
+    asyncio_logger.setLevel(logging_std.CRITICAL)
+    failed = True
+    try:
+      yield
+      failed = False
+    except UserError:  # Refused before reading (another model, run or optimizer): no reads.
+      failed = False
+      raise
+    except Exception as e:
+      # The abandoned reads finish in TensorStore's threads for a while after the failure, each
+      # then reporting its closed event loop: let them. The rest are coroutines that the
+      # traceback's finished frames hold: released here and collected, while captured.
+      time.sleep(ABANDONED_READS_SETTLE_S)
+      traceback.clear_frames(e.__traceback__)
+      gc.collect()
+      raise
+    finally:
+      sys.stderr, sys.excepthook = real_stderr, real_hook
+      asyncio_logger.setLevel(level)
+      if not failed and captured.getvalue():
+        real_stderr.write(captured.getvalue())
 
 
 def describe_state(model_name: str, state, fingerprint: dict | None = None) -> dict:

@@ -159,7 +159,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, splits=None) -> Run
   try:
     return _prepare(config, workdir, splits)
   except UserError:
-    if new_workdir:  # A data or device problem: leave no empty folder behind.
+    if new_workdir and jax.process_count() == 1:  # Data or devices: leave no empty folder.
       errors.remove_if_empty(workdir)
     raise
 

@@ -2459,7 +2459,9 @@ struct DenseShape {
 
 constexpr int64_t kDenseRows = 4 * kGemmRows;      // Forward: about this many rows of y per task.
 constexpr int64_t kDenseDepth = 256;               // Forward: rows of w per part.
-constexpr int64_t kDenseGradRows = 8 * kGemmRows;  // Backward: rows of w (dx's columns) per task.
+// Backward: rows of w (dx's columns) per task; on NEON 48, three whole blocks of 4 vectors (8 x 5 =
+// 40 left a 2-vector tail in every slab).
+constexpr int64_t kDenseGradRows = kWideNeon ? 48 : 8 * kGemmRows;
 constexpr int64_t kDenseGradDepth = 128;           // Backward: dw's images per part.
 
 // y [b, h] = x [b, d] w [d, h], h a multiple of L. Per task a slab of rows of x, and the
