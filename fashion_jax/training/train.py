@@ -266,9 +266,14 @@ class TrainLog:
   def __init__(self, run: Run, writer, schedule, checkpointer, bar):
     self.run, self.writer, self.schedule, self.checkpointer, self.bar = (
         run, writer, schedule, checkpointer, bar)
+    float(schedule(0))  # Its compile now, not inside the first interval's images/s.
     self.intervals = loop.LogIntervals(run.config.log_every_steps, run.total_steps,
                                        steps.combine_metrics)
-    self.clock = (time.perf_counter(), 0)  # Since when images/s counts: (time, step).
+    # Since when images/s counts, (time, step): the last compile, eval or checkpoint. Not the
+    # previous window's fetch: on jax 0.7.2's CPU client a window's metrics arrive only once the
+    # next window has run too, so the last two before an eval arrived together (2-30 million
+    # img/s logged at epoch ends); the average since the last pause does not depend on that.
+    self.clock = (time.perf_counter(), 0)
 
   def restart_clock(self, step: int) -> None:
     self.clock = (time.perf_counter(), step)
@@ -281,7 +286,6 @@ class TrainLog:
     rate = float("nan")
     if last > self.clock[1]:
       rate = (last - self.clock[1]) * config.batch_size / (now - self.clock[0])
-      self.clock = (now, last)
     for line_step, sums in self.intervals.add(first_step, fetched):
       train, skipped = _summarize(sums, "train"), int(sums["nonfinite_steps"])
       if skipped and config.on_nonfinite == "stop":
