@@ -1,9 +1,10 @@
-"""Fault injection for the reliability tests: SIGKILL this process at a named point.
+"""Fault injection for the reliability tests: SIGKILL (or SIGTERM) this process at a named point.
 
 Inactive unless FASHION_JAX_KILL_AT is set, e.g. "step:15" (right after step 15
 is dispatched, while it runs) or "save:20" (right after the save of step 20 has
 started writing in the background). Used by tests/test_faults.py to prove that
-a run killed anywhere resumes to a bitwise-identical result.
+a run killed anywhere resumes to a bitwise-identical result. FASHION_JAX_SIGNAL_AT=POINT sends
+SIGTERM at `maybe_signal(POINT)` instead (a preemption notice at that moment).
 """
 
 import os
@@ -19,3 +20,9 @@ def maybe_kill(point: str, step: int, last: int | None = None) -> None:
   name, _, at = _TARGET.partition(":")
   if name == point and step <= int(at) <= (step if last is None else last):
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_signal(point: str) -> None:
+  """Sends this process SIGTERM at `point` where FASHION_JAX_SIGNAL_AT names it."""
+  if os.environ.get("FASHION_JAX_SIGNAL_AT", "") == point:
+    os.kill(os.getpid(), signal.SIGTERM)

@@ -12,6 +12,11 @@ and takes the same decision at the same step. The cost is one
 round trip to the coordinator per window (each window is tens to thousands of
 steps).
 
+Training holds the handlers from its start, before the data loads: a signal while the data
+loads, the state restores or the first window compiles stops the run at the first boundary (with
+several processes, jax.distributed's own SIGTERM notifier had taken those signals, and the job
+trained on to the end with exit 0).
+
 A second signal raises KeyboardInterrupt (stop waiting) in a single-process run;
 with several processes it is ignored with a warning: a process leaving a
 collective Orbax save half-way would leave the others waiting in it forever

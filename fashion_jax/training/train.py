@@ -338,19 +338,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
   `compile_eval_ahead`: compile the evaluation in the background during the first
   windows (off for the benchmark's loop timing: it would share the cores with them).
   """
-  run = prepare(config, workdir, splits)
-  parallel, total_steps = run.parallel, run.total_steps
-  model = steps.create_model(config, axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
-  tx = steps.create_optimizer(config, total_steps)
-  init_state = steps.create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
-  description = checkpointing.describe_state(
-      config.model, init_state, fingerprint(config, run.train_examples, total_steps))
   with contextlib.ExitStack() as cleanup:  # Pending saves finished, files flushed, however it ends.
+    stop = cleanup.enter_context(stops.StopRequest())  # Before the data loads: see stops.py.
+    run = prepare(config, workdir, splits)
+    parallel, total_steps = run.parallel, run.total_steps
+    model = steps.create_model(config, axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
+    tx = steps.create_optimizer(config, total_steps)
+    init_state = steps.create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
+    description = checkpointing.describe_state(
+        config.model, init_state, fingerprint(config, run.train_examples, total_steps))
     checkpointer = cleanup.enter_context(checkpointing.Checkpointer(
         os.path.join(run.workdir, "checkpoints"), keep=config.keep_checkpoints,
         async_save=config.async_checkpointing))
     writer = cleanup.enter_context(metric_writers.MetricWriter(run.workdir, enabled=run.is_lead))
     state, step = restore(run, checkpointer, writer, init_state, description)
+    faults.maybe_signal("restored")  # Tests: SIGTERM before the train loop starts.
     del init_state
     if run.is_lead:  # Only now is the run known to go on (a refused resume raised above).
       _write_config(run.workdir, config, run.derived())
@@ -386,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     actions = [("eval", run.eval_every, lambda step, results: evaluate(state, step)),
                ("checkpoint", run.checkpoint_every, save)]
     last_eval, compile_seconds = {}, 0.0
-    with stops.StopRequest() as stop, bar:
+    with bar:
       in_flight = None  # The dispatched window whose metrics are not read yet.
       while step < total_steps:
         n, t0 = min(window - step % window, total_steps - step), time.perf_counter()
