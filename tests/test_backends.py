@@ -52,8 +52,12 @@ def test_tpu_causes(tmp_path):
   root = _machine(tmp_path, "dev/vfio/0")
   assert "libtpu is not installed" in backends.diagnose("tpu", VERSIONS, root, {})
   with_libtpu = {**VERSIONS, "libtpu": "0.0.21.1"}
-  assert "wants libtpu 0.0.30 but 0.0.21.1 is installed" in backends.diagnose(
-      "tpu", with_libtpu, root, {}, libtpu_wanted="0.0.30")
+  mismatch = backends.diagnose("tpu", with_libtpu, root, {}, libtpu_wanted="0.0.30")
+  assert "own pin is libtpu 0.0.30: if an install changed jax, restore" in mismatch
+  assert "pip install" not in mismatch  # Colab's own pairing differs from the pin and works.
+  # No TPU device at all (a CPU or GPU runtime): said so, whatever the versions.
+  assert "this machine has no TPU device" in backends.diagnose(
+      "tpu", with_libtpu, _machine(tmp_path / "cpu"), {}, libtpu_wanted="0.0.30")
   assert "did not start the TPU" in backends.diagnose("tpu", with_libtpu, root, {},
                                                        libtpu_wanted="0.0.21.1")
 

@@ -82,7 +82,7 @@ def choose_step(workdir: str, steps: list[int]) -> tuple[int, str]:
   if scored:
     accuracy, step = max(scored)  # Ties: the later step.
     return step, f"best validation accuracy {100 * accuracy:.2f}% of {len(scored)} evaluated checkpoints"
-  return max(steps), "latest (no validation split to pick the best by)"
+  return max(steps), "latest: no validation split to pick the best by"
 
 
 @dataclasses.dataclass

@@ -119,14 +119,19 @@ def diagnose(kind: str, versions: dict[str, str] | None = None, root: str = "/",
     return (f"the TPU is held by another process ({'; '.join(holders[:2])}), and only one "
             "process can use it: stop that process (in a notebook, restart the runtime and run "
             "JAX only in the training command, not in the kernel)")
+  if "tpu" not in accelerators(root):
+    return ("this machine has no TPU device (no /dev/accel* or /dev/vfio/N): it is not a TPU "
+            "runtime; pick one (Colab: Runtime > Change runtime type), or pass "
+            "--config.backend=auto to run on what there is")
   libtpu = versions.get("libtpu") or versions.get("libtpu-nightly")
   if not libtpu:
     return f"libtpu is not installed; pip install 'jax[tpu]=={versions.get('jax', jaxlib)}'"
   wanted = _libtpu_jax_wants() if libtpu_wanted is None else libtpu_wanted
-  if wanted and wanted != libtpu:
-    return (f"jax {versions.get('jax', '?')} wants libtpu {wanted} but {libtpu} is installed "
-            "(did an install upgrade jax?); restore the runtime's jax and jaxlib, or "
-            f"pip install 'jax[tpu]=={versions.get('jax', jaxlib)}'")
+  if wanted and wanted != libtpu:  # Not always the cause: Colab pairs jax 0.7.2 with 0.0.21.1.
+    return (f"libtpu {libtpu} with jaxlib {jaxlib} did not start the TPU; jax "
+            f"{versions.get('jax', '?')}'s own pin is libtpu {wanted}: if an install changed jax, "
+            "restore the runtime's jax and jaxlib; else the runtime may need a restart (see "
+            "JAX's warning above)")
   return (f"libtpu {libtpu} with jaxlib {jaxlib} did not start the TPU (another process may "
           "have just released it, or the runtime needs a restart; see JAX's warning above)")
 
