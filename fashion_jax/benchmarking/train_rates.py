@@ -142,12 +142,11 @@ def measure_loop(config, parallel, data, placement: str, pure_step_rate: float, 
     lines = [l for l in metric_writers.read_lines(workdir) if "train_loss" in l]
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
-  # Each line's rate covers the steps since the line before (compile windows have none).
-  timed = [(now["step"] - before_line["step"], now["train_images_per_sec"])
-           for before_line, now in zip(lines, lines[1:]) if "train_images_per_sec" in now]
-  seconds = sum(n * config.batch_size / rate for n, rate in timed)
-  timed_steps = sum(n for n, _ in timed)
-  loop_rate = timed_steps * config.batch_size / seconds
+  # A line's rate is the average since the last pause, here the first (compiled) window: no
+  # eval or checkpoint comes before the last step. So the last line's rate covers every step
+  # after that window (the lines within it have no rate).
+  loop_rate = lines[-1]["train_images_per_sec"]
+  timed_steps = lines[-1]["step"] - window
   after = pure_window()
   del state
   pure = (before + after) / 2
