@@ -232,9 +232,7 @@ class Checkpointer:
     abstract = {key: jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata[key])
                 for key in metadata.keys()}
-    with _quiet_abandoned_reads():
-      state = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract))).state
+    state = self._read(step, abstract)
     return {key: state.get(key)
             for key in ("params", "batch_stats", "ema_params", "ema_batch_stats")}
 
@@ -254,8 +252,13 @@ class Checkpointer:
           f"checkpoint {where} does not fit the configured train state (missing "
           f"{missing[:2]}, unexpected {extra[:2]}); was it written with another optimizer or ema_decay? "
           "Use a new --workdir or the config it was trained with")
-    return self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state))).state
+    return self._read(step, abstract_state)
+
+  def _read(self, step: int, abstract):
+    """Orbax's restore of `step` into `abstract`; a failed read's abandoned reads kept quiet."""
+    with _quiet_abandoned_reads():
+      return self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract))).state
 
   def restore_latest(self, abstract_state, description: dict):
     """Restores the newest readable checkpoint: (step, state), or (None, None) if none.
@@ -282,8 +285,7 @@ class Checkpointer:
     for attempt in (1, 2):
       state, outcome = None, None
       try:
-        with _quiet_abandoned_reads():
-          state = self.restore(step, abstract_state, description)
+        state = self.restore(step, abstract_state, description)
       except UserError:
         raise
       except Exception as e:  # pylint: disable=broad-except  (classified just below)
