@@ -11,6 +11,7 @@ workdir): the one-line message says what to fix; 75 stopped by SIGTERM/SIGINT
 agreed on: re-run the same command to resume; 1 an unexpected crash (traceback).
 """
 
+import contextlib
 import os
 import sys
 
@@ -37,31 +38,35 @@ def main(argv):
   from fashion_jax import config_lib
   from fashion_jax.support import backends, compile_cache  # pylint: disable=g-import-not-at-top
   from fashion_jax.support import parallel  # pylint: disable=g-import-not-at-top
+  from fashion_jax.support import faults  # pylint: disable=g-import-not-at-top
   from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
-  from fashion_jax.training import train
+  from fashion_jax.training import stops, train  # pylint: disable=g-import-not-at-top
 
   if FLAGS.config.deterministic:  # Read when the backend starts, i.e. below.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_gpu_deterministic_ops=true").strip()
-  try:
-    config_lib.validate(FLAGS.config)
-    backends.request(FLAGS.config.backend)
-    parallel.initialize_distributed(FLAGS.config)
-    backends.check(FLAGS.config.backend)
-    compile_cache.enable()  # Before the first compile; GPU/TPU only.
-  except UserError as e:
-    cli.fail(str(e))
-  logging.info("fashion_jax %s, JAX %s, backend %s, process %d of %d", fashion_jax.__version__,
-               jax.__version__, jax.default_backend(), jax.process_index(), jax.process_count())
-  logging.info("devices: %s (local %d)", jax.devices(), jax.local_device_count())
-  from fashion_jax.training import stops  # pylint: disable=g-import-not-at-top
-  try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except UserError as e:
-    cli.fail(str(e))
-  except stops.Preempted as e:
-    print(f"fashion_jax: {e}", file=sys.stderr)
-    sys.exit(stops.EXIT_PREEMPTED)
+  with contextlib.ExitStack() as held:
+    try:
+      config_lib.validate(FLAGS.config)
+      backends.request(FLAGS.config.backend)
+      parallel.initialize_distributed(FLAGS.config)
+      # Joined: a signal from here on stops training at its first boundary (see stops.py).
+      held.enter_context(stops.StopRequest())
+      faults.maybe_signal("joined")  # Tests: SIGTERM right after joining.
+      backends.check(FLAGS.config.backend)
+      compile_cache.enable()  # Before the first compile; GPU/TPU only.
+    except UserError as e:
+      cli.fail(str(e))
+    logging.info("fashion_jax %s, JAX %s, backend %s, process %d of %d", fashion_jax.__version__,
+                 jax.__version__, jax.default_backend(), jax.process_index(), jax.process_count())
+    logging.info("devices: %s (local %d)", jax.devices(), jax.local_device_count())
+    try:
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except UserError as e:
+      cli.fail(str(e))
+    except stops.Preempted as e:
+      print(f"fashion_jax: {e}", file=sys.stderr)
+      sys.exit(stops.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

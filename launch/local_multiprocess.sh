@@ -7,22 +7,44 @@
 #       --config.idx_dir=../shared/data/fashion_mnist
 #
 # Usage: launch/local_multiprocess.sh NUM_PROCESSES DEVICES_PER_PROCESS WORKDIR [main flags...]
-# Each process logs to WORKDIR/process_<i>.log; if any process fails the others are stopped
-# and the script exits 1; if the job was stopped by a signal (to this script or to any one
-# process) it exits 75 once every process has saved. Runs $PYTHON (default: python3 from PATH).
+# Each process logs to WORKDIR/process_<i>.log. If any process fails, the others are stopped
+# and the script exits with that process's status (2: fix the input its one-line error names;
+# 1: a crash); if the job was stopped by a signal (to this script or to any one process) it
+# exits 75 once every process has saved; bad arguments to this script exit 2.
+# Runs $PYTHON (default: python3 from PATH), e.g. PYTHON=.venv/bin/python.
 set -uo pipefail
 set -m  # Each process in its own process group: a Ctrl-C reaches this script only, which forwards
         # it once (a process signalled twice mid-save would leave the others waiting in it).
+usage_error() {
+  echo "local_multiprocess.sh: error: $1" >&2
+  echo "usage: launch/local_multiprocess.sh NUM_PROCESSES DEVICES_PER_PROCESS WORKDIR [main flags...]" >&2
+  exit 2
+}
 if [ $# -lt 3 ]; then
-  sed -n '2,12p' "$0" >&2
+  sed -n '2,14p' "$0" >&2
   exit 2
 fi
 num_processes=$1 devices=$2 workdir=$3
 shift 3
+[[ $num_processes =~ ^[1-9][0-9]{0,3}$ ]] ||
+  usage_error "NUM_PROCESSES=$num_processes is not a positive whole number (e.g. 2)"
+[[ $devices =~ ^[1-9][0-9]{0,3}$ ]] ||
+  usage_error "DEVICES_PER_PROCESS=$devices is not a positive whole number (e.g. 2)"
+[[ -n $workdir && $workdir != -* ]] ||
+  usage_error "WORKDIR=$workdir: give the run's folder as the third argument, before the flags"
+python=${PYTHON:-python3}
+command -v "$python" >/dev/null ||
+  usage_error "PYTHON=$python: no such command; set PYTHON to the interpreter fashion_jax is installed in"
 port=${FASHION_JAX_PORT:-$((20000 + RANDOM % 20000))}
-mkdir -p "$workdir"
+[[ $port =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] ||
+  usage_error "FASHION_JAX_PORT=$port is not a TCP port (1-65535)"
+[[ $workdir != *://* ]] ||
+  usage_error "WORKDIR=$workdir is a URL; the processes log into WORKDIR: pass a local folder"
+mkdir -p -- "$workdir" 2>/dev/null && [ -w "$workdir" ] ||
+  usage_error "WORKDIR=$workdir: cannot create or write that folder; pass a writable path"
 
 pids=()
+declare -A index_of  # pid -> process index, to name the failed process's log.
 cleanup() { kill "${pids[@]}" 2>/dev/null; }
 # A signal to this script goes to every process: they stop at one agreed step, save there,
 # and exit 75 ("preempted: re-run to resume"), which this script then returns too.
@@ -31,11 +53,12 @@ trap 'kill -INT "${pids[@]}" 2>/dev/null' INT
 
 for ((i = 0; i < num_processes; i++)); do
   JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES=$devices \
-    "${PYTHON:-python3}" -m fashion_jax.main --workdir="$workdir" "$@" \
+    "$python" -m fashion_jax.main --workdir="$workdir" "$@" \
       --config.distributed=on --config.coordinator_address="localhost:$port" \
       --config.num_processes="$num_processes" --config.process_id="$i" \
       >"$workdir/process_$i.log" 2>&1 &
   pids+=($!)
+  index_of[$!]=$i
 done
 echo "started $num_processes processes (coordinator localhost:$port); logs in $workdir/process_*.log"
 
@@ -51,15 +74,20 @@ while [ ${#running[@]} -gt 0 ]; do
   if [ $rc -eq 75 ]; then
     status=75  # Preempted: the others stop at the same step; let them finish saving.
   elif [ $rc -ne 0 ]; then
-    status=1
-    echo "a process failed (exit $rc); stopping the others" >&2
+    status=$rc  # The first failure's own status (2: bad input, 1: a crash); the rest are stopped.
+    failed_log="$workdir/process_${index_of[$finished]}.log"
+    echo "process ${index_of[$finished]} failed (exit $rc; its log: $failed_log); stopping the others" >&2
     cleanup
     break
   fi
 done
 wait 2>/dev/null
 for ((i = 0; i < num_processes; i++)); do
-  grep -h "^fashion_jax: " "$workdir/process_$i.log" >&2 || true
-done
-tail -n 3 "$workdir/process_0.log"
+  grep -h "^fashion_jax: " "$workdir/process_$i.log" 2>/dev/null
+done | awk '!seen[$0]++' >&2  # The same error from every process is said once.
+if [ $status -eq 0 ] || [ $status -eq 75 ]; then
+  tail -n 3 "$workdir/process_0.log"
+elif [ $status -ne 2 ]; then  # A crash: the end of its traceback (2 said it in one line above).
+  tail -n 5 "$failed_log" >&2
+fi
 exit $status

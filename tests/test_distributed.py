@@ -207,3 +207,43 @@ def test_signal_to_one_process_stops_every_process_at_one_step(tmp_path, idx_dir
   assert int(a.step) == int(b.step) == step + 8
   jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
   jax.tree.map(np.testing.assert_array_equal, a.opt_state, b.opt_state)
+
+
+def test_signal_right_after_joining_stops_every_process_at_the_first_boundary(tmp_path, idx_dir):
+  """A SIGTERM between joining the job and training's start (config checks, logging, compile
+  cache): jax.distributed's preemption notifier took it, and the job trained to the end, exit 0."""
+  workdir = tmp_path / "run"
+  env = dict(os.environ, FASHION_JAX_PORT=str(_free_port()), PYTHON=sys.executable,
+             FASHION_JAX_SIGNAL_AT="joined")
+  proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "1", str(workdir),
+                         *_stop_flags(idx_dir), "--config.num_train_steps=40"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  logs = _process_logs(workdir)
+  assert proc.returncode == 75, proc.stderr + "".join(log[-2000:] for log in logs)
+  for log in logs:
+    assert re.search(r"^fashion_jax: stopped by SIGTERM to process 0 at step 4;", log, re.M), log
+  assert os.listdir(workdir / "checkpoints") == ["4"]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["0", "1", "w"], "NUM_PROCESSES=0 is not a positive whole number"),
+    (["2", "two", "w"], "DEVICES_PER_PROCESS=two is not a positive whole number"),
+    (["2", "1", "--config=configs/tiny.py"], "WORKDIR=--config=configs/tiny.py: give the run's"),
+    (["2", "1", "gs://bucket/run"], "WORKDIR=gs://bucket/run is a URL"),
+])
+def test_launcher_refuses_bad_arguments_with_exit_2(tmp_path, args, says):
+  """Before, `0 1 w` started nothing and exited 0; the others failed later, or in each process."""
+  proc = subprocess.run(["bash", os.path.join(ROOT, "launch/local_multiprocess.sh"), *args],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.startswith(f"local_multiprocess.sh: error: {says}"), proc.stderr
+  assert "started" not in proc.stdout and not os.listdir(tmp_path)
+
+
+def test_launcher_returns_a_processes_exit_2_and_says_its_error_once(tmp_path, idx_dir):
+  """Each process refuses the config (exit 2): the launcher said exit 1, and the line twice."""
+  proc = _launch(tmp_path / "run", "--config=configs/tiny.py", f"--config.idx_dir={idx_dir}",
+                 "--config.batch_size=0")
+  assert proc.returncode == 2, proc.stderr
+  error = "fashion_jax: error: config.batch_size=0 is invalid"
+  assert proc.stderr.count(error) == 1, proc.stderr

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 import functools
 import os
+import signal
 import socket
 import threading
 import time
@@ -63,6 +64,21 @@ def _wait_for_coordinator(address: str, timeout_s: float) -> None:
       time.sleep(0.5)
 
 
+def _restore_python_sigterm() -> None:
+  """Puts Python's SIGTERM handler back where jax.distributed installed its notifier.
+
+  A jax without the jax_enable_preemption_service switch (0.7) always installs it, and a
+  SIGTERM then only records a preemption notice: the process neither stops nor runs Python's
+  handler. Setting Python's handler again (the default: end the process) undoes that.
+  """
+  handler = signal.getsignal(signal.SIGTERM)
+  if handler is not None:
+    try:
+      signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # Not the main thread: leave it.
+      pass
+
+
 def initialize_distributed(config) -> bool:
   """Joins a multi-process JAX job when the config or the environment asks for one.
 
@@ -96,6 +112,10 @@ def initialize_distributed(config) -> bool:
   where = coordinator or f"the {cluster or 'auto-detected'} cluster"
   logging.info("joining distributed JAX job at %s (timeout %ss)", where,
                kwargs["initialization_timeout"])
+  # jax's preemption notifier takes SIGTERM from Python's handlers for its own sync points,
+  # which this project does not use (training agrees on its stop steps: training/stops.py).
+  if hasattr(jax.config, "jax_enable_preemption_service"):
+    jax.config.update("jax_enable_preemption_service", False)
   try:
     jax.distributed.initialize(**kwargs)
   except Exception as e:  # pylint: disable=broad-except  (XLA raises plain RuntimeErrors)
@@ -103,6 +123,7 @@ def initialize_distributed(config) -> bool:
     raise UserError(f"could not join the distributed job at {where}: {first[:300]}; check that "
                     "every process uses the same coordinator address and num_processes, distinct "
                     "process ids, and that process 0 is running and reachable") from e
+  _restore_python_sigterm()
   logging.info("joined: process %d of %d", jax.process_index(), jax.process_count())
   return True
 

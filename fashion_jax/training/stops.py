@@ -15,7 +15,11 @@ steps).
 Training holds the handlers from its start, before the data loads: a signal while the data
 loads, the state restores or the first window compiles stops the run at the first boundary (with
 several processes, jax.distributed's own SIGTERM notifier had taken those signals, and the job
-trained on to the end with exit 0).
+trained on to the end with exit 0). `fashion_jax.main` holds them from the moment the process
+has joined the distributed job (`parallel.initialize_distributed` turns jax's notifier off, or
+puts Python's handler back where a jax has no switch); a StopRequest entered while another one
+holds the handlers takes over a signal that one has already received. Before joining, a signal
+ends the process as it would any program (nothing is saved yet, nothing is lost).
 
 A second signal raises KeyboardInterrupt (stop waiting) in a single-process run;
 with several processes it is ignored with a warning: a process leaving a
@@ -55,14 +59,18 @@ class StopRequest:
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
       except ValueError:  # Not the main thread (e.g. called from a test runner thread).
-        pass
+        continue
+      outer = getattr(self._previous[sig], "__self__", None)
+      if isinstance(outer, StopRequest) and self.signal is None:
+        self.signal = outer.signal  # Received before this one took over: still a stop.
     return self
 
   def _handle(self, signum, frame):
     del frame
     if self.signal is None:
       self.signal = signal.Signals(signum).name
-    elif jax.process_count() == 1:  # A second signal: stop waiting (nothing collective to break).
+    elif not jax.distributed.is_initialized():  # A second signal: stop waiting (nothing
+      raise KeyboardInterrupt                    # collective to break).
       raise KeyboardInterrupt
     else:  # Several processes: leaving a collective save half-way would hang the others.
       logging.warning("already stopping at the next agreed step (%s ignored); SIGKILL stops now",
