@@ -20,6 +20,8 @@ def parse_flags(argv):
   already lists can also be set alone (`--config.model_kwargs.depth=16`). The
   model checks the keys when the config is validated.
   """
+  if "config" in FLAGS:
+    _refuse_repeated_config(argv)
   try:
     rest = FLAGS(argv)
   except OSError as e:  # An unreadable config file, read while parsing a --config.X override.
@@ -53,6 +55,21 @@ def parse_flags(argv):
     except OSError as e:
       fail(_config_file_error(e))
   return rest
+
+
+def _refuse_repeated_config(argv) -> None:
+  """Two --config files on one line: absl kept the last one silently, or (with an override)
+  failed with its own "flag 'config.X' is defined twice" message."""
+  files, args = [], list(argv[1:])
+  for i, arg in enumerate(args):
+    if arg == "--":
+      break
+    name, eq, value = arg.partition("=")
+    if name in ("--config", "-config"):
+      files.append(value if eq else (args[i + 1] if i + 1 < len(args) else ""))
+  if len(files) > 1:
+    fail(f"--config is given {len(files)} times ({', '.join(files)}); pass one config file and "
+         "change its fields with --config.KEY=VALUE")
 
 
 def _config_file_error(e: OSError) -> str:

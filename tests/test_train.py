@@ -219,7 +219,12 @@ def test_cli_errors_are_one_line_and_nonzero(idx_dir, tmp_path):
       (["--config=configs"], "cannot read the config file (Is a directory"),
       ([f"--config={sibling_less}"], f"--config={sibling_less}: loading it failed: "
                                      f"{tmp_path / 'alone' / 'default.py'}: No such file"),
-      ([f"--config.idx_dir={idx_dir}"], "--config is missing (needed by --config.idx_dir=...)")]:
+      ([f"--config.idx_dir={idx_dir}"], "--config is missing (needed by --config.idx_dir=...)"),
+      # absl kept the last file silently, or with an override failed with its own words.
+      (["--config=configs/tiny.py", "--config", "configs/default.py"],
+       "--config is given 2 times (configs/tiny.py, configs/default.py); pass one config file"),
+      (["--config=configs/tiny.py", "--config.batch_size=8", "--config=configs/tiny.py"],
+       "--config is given 2 times")]:
     assert_one_line_error(run_module("fashion_jax.main", *args, workdir), message)
   assert not os.path.exists(tmp_path / "w2")  # Refused while parsing the flags.
 
