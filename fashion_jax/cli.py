@@ -98,7 +98,10 @@ def fail(message: str, code: int = 2):
 
 
 class QuietLibraries(logging_std.Filter):
-  """Keeps Orbax's per-save INFO chatter out of the console; warnings still show."""
+  """Keeps libraries' INFO chatter out of the console (Orbax's per save, jax's "Resetting cache
+  at ..." each time the benchmark's compile measure switches caches); warnings still show."""
 
   def filter(self, record):
-    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+    path = record.pathname.replace(os.sep, "/")
+    return record.levelno >= logging_std.WARNING or not (
+        "/orbax/" in path or path.endswith("/jax/_src/compilation_cache.py"))

@@ -220,3 +220,20 @@ def test_compile_cache_measure_uses_its_own_cache(tmp_path, tiny_config, monkeyp
     for name, value in previous.items():
       jax.config.update(name, value)
     compilation_cache.reset_cache()
+
+
+def test_library_info_chatter_is_filtered_and_warnings_are_not():
+  """jax printed "Resetting cache at ..." each time the compile measure switched caches (twice a
+  benchmark), Orbax a few lines a save; their warnings, and this project's lines, still show."""
+  import logging as logging_std  # pylint: disable=import-outside-toplevel
+  from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint  # pylint: disable=import-outside-toplevel
+  from fashion_jax import cli  # pylint: disable=import-outside-toplevel
+  quiet = cli.QuietLibraries()
+
+  def shown(path, level):
+    return quiet.filter(logging_std.LogRecord("absl", level, path, 1, "m", None, None))
+
+  for chatter in (compilation_cache.__file__, orbax.checkpoint.__file__):
+    assert not shown(chatter, logging_std.INFO) and shown(chatter, logging_std.WARNING)
+  assert shown(cli.__file__, logging_std.INFO)
