@@ -1,5 +1,6 @@
 """End-to-end: train, checkpoint, resume, re-evaluate, and the errors users see."""
 
+import gc
 import json
 import logging
 import os
@@ -321,6 +322,39 @@ def test_a_working_restore_keeps_what_libraries_print(monkeypatch, capsys):
       print("said before refusing", file=sys.stderr)
       raise UserError("checkpoint of another model")
   assert "said before refusing" in capsys.readouterr().err
+
+
+def test_abandoned_reads_reporting_after_the_settle_are_dropped(monkeypatch, capsys):
+  """An abandoned read that reports after the settle (seen on a slow machine: a traceback in the
+  middle of the training log) is dropped; every other unraisable exception still shows."""
+  from fashion_jax.support import checkpointing  # pylint: disable=import-outside-toplevel
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  monkeypatch.setattr(checkpointing, "_stragglers_dropped", False)
+  monkeypatch.setattr(checkpointing, "ABANDONED_READS_SETTLE_S", 0.0)
+
+  class Unraisable:  # Makes a real UnraisableHookArgs, the type the hook is called with.
+    def __del__(self):
+      raise ValueError("a template")
+
+  Unraisable()
+  gc.collect()
+  template = type(seen.pop())
+
+  def report(exc, obj=None):
+    sys.unraisablehook(template((type(exc), exc, None, None, obj)))
+
+  report(RuntimeError("Event loop is closed"))  # Before any failed restore: shown.
+  with pytest.raises(ValueError):
+    with checkpointing._quiet_abandoned_reads():  # pylint: disable=protected-access
+      raise ValueError("unreadable")
+  report(RuntimeError("Event loop is closed"))  # After it: an abandoned read's, dropped.
+  report(Exception("Encountered error while reading array index: ()"))
+  report(RuntimeError("Event loop is closed"), obj=report)  # Raised in other code: shown.
+  report(KeyError("something else"))
+  assert [str(u.exc_value) for u in seen] == [
+      "Event loop is closed", "Event loop is closed", "'something else'"], seen
+  assert "Event loop" not in capsys.readouterr().err
 
 
 def test_checkpoint_with_another_optimizer_state_is_refused(tiny_config, tmp_path, monkeypatch):

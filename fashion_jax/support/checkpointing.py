@@ -43,6 +43,46 @@ def first_line(e: BaseException) -> str:
   return first.split(" See full TensorStore details")[0][:200]
 
 
+# What the reads abandoned by a failed restore raise where nobody waits for them.
+_ABANDONED_READ_ERRORS = ("Event loop is closed", "Encountered error while reading array")
+
+
+def _is_abandoned_read(exc: BaseException | None, obj=None) -> bool:
+  """Whether an exception reported with nobody to catch it comes from an abandoned read."""
+  code = getattr(obj, "cr_code", None)  # An Orbax / TensorStore coroutine collected unfinished.
+  if code is not None:
+    return "/orbax/" in code.co_filename.replace(os.sep, "/") or "tensorstore" in code.co_filename
+  return obj is None and exc is not None and any(m in str(exc) for m in _ABANDONED_READ_ERRORS)
+
+
+class _DropAbandonedReads(logging_std.Filter):
+  """asyncio's "Future exception was never retrieved" for an abandoned read."""
+
+  def filter(self, record):
+    return not (record.exc_info and _is_abandoned_read(record.exc_info[1]))
+
+
+_stragglers_dropped = False
+
+
+def _drop_abandoned_read_stragglers() -> None:
+  """From a failed restore on, for the rest of the process, drops what an abandoned read reports
+  after the settle (a slow machine's straggler: a traceback in the middle of the training log);
+  every other unraisable exception or asyncio error is reported as before."""
+  global _stragglers_dropped
+  if _stragglers_dropped:
+    return
+  _stragglers_dropped = True
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_abandoned_read(unraisable.exc_value, unraisable.object):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  logging_std.getLogger("asyncio").addFilter(_DropAbandonedReads())
+
+
 @contextlib.contextmanager
 def _quiet_abandoned_reads():
   """Keeps what a failed restore leaves behind off the console: when one array of a damaged
@@ -68,7 +108,9 @@ def _quiet_abandoned_reads():
     except Exception as e:
       # The abandoned reads finish in TensorStore's threads for a while after the failure, each
       # then reporting its closed event loop: let them. The rest are coroutines that the
-      # traceback's finished frames hold: released here and collected, while captured.
+      # traceback's finished frames hold: released here and collected, while captured. A read
+      # that reports later still is dropped by the hook installed here.
+      _drop_abandoned_read_stragglers()
       time.sleep(ABANDONED_READS_SETTLE_S)
       traceback.clear_frames(e.__traceback__)
       gc.collect()
