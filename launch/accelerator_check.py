@@ -23,6 +23,7 @@ a run cut short by its time budget (--budget_s, default 540) still reports what 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -45,6 +46,11 @@ def _run(args, log_path, timeout, env=None):
     except subprocess.TimeoutExpired:
       status = "timeout"
   return status, time.monotonic() - start
+
+
+def _fail(message: str):
+  print(f"accelerator_check: error: {message}", file=sys.stderr)
+  sys.exit(2)
 
 
 def _metrics(workdir):
@@ -140,12 +146,17 @@ def main():
   parser.add_argument("--budget_s", type=float, default=540)
   parser.add_argument("--batch_sizes", default="128,512,2048,8192")
   parser.add_argument("--bf16_batch_sizes", default="512,2048,8192")
+  parser.add_argument("--allow_cpu", action="store_true",
+                      help="run on the CPU when JAX finds no accelerator (a dry run of the check)")
   args = parser.parse_args()
   if not args.idx_dir or not os.path.isdir(args.idx_dir):
-    sys.exit(f"accelerator_check: error: --idx_dir={args.idx_dir!r} is not a folder; pass the "
-             "folder holding the four Fashion-MNIST IDX files (or set FASHION_JAX_IDX_DIR)")
+    _fail(f"--idx_dir={args.idx_dir!r} is not a folder; pass the folder holding the four "
+          "Fashion-MNIST IDX files (or set FASHION_JAX_IDX_DIR)")
   idx_dir = os.path.abspath(args.idx_dir)
   output = os.path.abspath(args.output)
+  if not (os.path.isdir(os.path.dirname(output)) and os.access(os.path.dirname(output), os.W_OK)):
+    _fail(f"--output={args.output}: its folder {os.path.dirname(output)} does not exist or is not "
+          "writable; pass a path in a folder you can write")
   work = tempfile.mkdtemp(prefix="fashion_jax_accelerator_check_")
   # A fresh cache root (mkdtemp: this user's alone) for every command it runs: the first run
   # compiles everything, as on a new machine; the rerun stage shows what the cache saves.
@@ -155,6 +166,11 @@ def main():
   check.results["work_dir"] = work
 
   check.stage("devices", 120, devices)
+  backend = check.results["stages"]["devices"].get("backend")
+  if backend in ("cpu", None) and not args.allow_cpu:
+    _fail(f"JAX found no GPU or TPU (backend: {backend or 'unknown'}; see {output}): check that "
+          "the chip's plugin (jax-cuda12-plugin, libtpu) matches jax, or pass --allow_cpu for a "
+          "dry run on the CPU")
   for placement in ("device", "host"):
     check.stage(f"default_{placement}", 150, lambda t, p=placement: train_run(
         "configs/default.py", idx_dir, work, f"default_{p}", t, f"--config.data_placement={p}"))
@@ -163,6 +179,8 @@ def main():
 
   def tests(timeout):
     log = os.path.join(work, "tests.log")
+    if importlib.util.find_spec("pytest") is None:
+      return {"skipped": "pytest is not installed"}
     # One process (no -n): xdist workers would each take most of the chip's memory.
     status, seconds = _run(["-m", "pytest", "-q", "-o", "addopts=-ra", "-m", "gpu or tpu",
                             "tests/test_accelerator.py"], log, timeout)

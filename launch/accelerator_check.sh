@@ -1,25 +1,41 @@
 #!/usr/bin/env bash
 # The accelerator check: fashion_jax on one GPU or TPU chip in <= 9 minutes, one JSON file.
 #
-#   launch/accelerator_check.sh IDX_DIR [OUTPUT.json]
+#   launch/accelerator_check.sh IDX_DIR [OUTPUT.json] [--allow_cpu]
 #
 # Needs a preinstalled JAX stack for the chip (jax + its CUDA plugin or libtpu, flax, optax,
-# orbax-checkpoint) and an IDX folder; no network. WHEELS=FOLDER installs ml-collections and
-# tensorboardX (pure Python) from wheels in FOLDER first, without touching anything else.
-# What it measures: launch/accelerator_check.py. Runs $PYTHON (default python3).
+# orbax-checkpoint) and an IDX folder (pytest for its tests stage); no network. WHEELS=FOLDER installs ml-collections
+# and tensorboardX (pure Python) from wheels in FOLDER first, without touching anything else;
+# the folder and its files must be yours and writable by you alone (anyone who can write there
+# would choose the code that runs). BUDGET_S: the time budget in seconds (default 540).
+# PYTHON: the interpreter (default python3). Relative paths are read from where you run it.
+# JAX_PLATFORMS=cpu (a CPU default left in the environment) is dropped: the check is for the
+# chip, and exits 2 if JAX finds none. What it measures: launch/accelerator_check.py.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-idx_dir=${1:?usage: launch/accelerator_check.sh IDX_DIR [OUTPUT.json]}
-output=${2:-accelerator_check.json}
+usage_error() {
+  echo "accelerator_check: error: $1" >&2
+  exit 2
+}
+[ $# -ge 1 ] || usage_error "IDX_DIR is missing; usage: launch/accelerator_check.sh IDX_DIR [OUTPUT.json] [--allow_cpu]"
+idx_dir=$(realpath -m -- "$1")
+output=$(realpath -m -- "${2:-accelerator_check.json}")
 python=${PYTHON:-python3}
+[[ $python != */* ]] || python=$(realpath -m -- "$python")
+command -v "$python" >/dev/null || usage_error "PYTHON=$python: no such command"
 if [ -n "${WHEELS:-}" ]; then
-  "$python" -m pip install --quiet --no-index --no-deps --find-links "$WHEELS" \
+  wheels=$(realpath -m -- "$WHEELS")
+  [ -d "$wheels" ] || usage_error "WHEELS=$WHEELS is not a folder"
+  unsafe=$(find "$wheels" -maxdepth 1 \( ! -user "$(id -u)" -o -perm /022 \) -print -quit)
+  [ -z "$unsafe" ] || usage_error "WHEELS: $unsafe is not yours alone (another user owns it or \
+can write to it); copy the wheels into a folder of your own (chmod go-w)"
+  "$python" -m pip install --quiet --no-index --no-deps --find-links "$wheels" \
     ml-collections tensorboardX
 fi
 "$python" -c "import jax, flax, optax, orbax.checkpoint, ml_collections, tensorboardX" || {
   echo "accelerator_check: error: a package is missing (above); install it, or pass WHEELS=FOLDER" >&2
   exit 2
 }
-unset JAX_PLATFORMS
+[ "${JAX_PLATFORMS:-}" != cpu ] || unset JAX_PLATFORMS
+cd "$(dirname "$0")/.."
 exec "$python" launch/accelerator_check.py --idx_dir="$idx_dir" --output="$output" \
-  --budget_s="${BUDGET_S:-540}"
+  --budget_s="${BUDGET_S:-540}" "${@:3}"

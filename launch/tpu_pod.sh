@@ -5,25 +5,59 @@
 #
 # Installs the repository on all workers, then starts the same command on all of them at once;
 # JAX reads the pod topology itself (config.distributed=on -> jax.distributed.initialize()).
-# Each worker reads its own slice of every global batch. WORKDIR must be visible to every
-# worker with the same path (a shared filesystem mount); metrics are written by worker 0.
+# Each worker reads its own slice of every global batch. WORKDIR must be an absolute path that
+# every worker sees (a shared filesystem mount); metrics are written by worker 0.
+#   REPO_URL  the repository the workers clone (default: this checkout's remote.origin.url)
+#   BRANCH    the branch they check out (default: main; not your local branch or changes)
+#   CONFIG    the config file (default: configs/default.py), unless the flags give --config=
+#   PYTHON    the interpreter on the workers (default: python3)
+# Exit status: the workers' (0 done, 2 bad input, 75 stopped by a signal after saving: re-run to
+# resume, 1 a crash); 2 for bad arguments here. To stop a run at a common step with a checkpoint:
+#   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all \
+#       --command='pkill -TERM -u "$USER" -f fashion_jax.main'
+# The job lives as long as these ssh sessions: run this script under tmux or screen.
 set -euo pipefail
-: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
-workdir=${1:?usage: launch/tpu_pod.sh WORKDIR [flags...]}
+usage_error() {
+  echo "tpu_pod.sh: error: $1" >&2
+  echo "usage: TPU_NAME=... ZONE=... launch/tpu_pod.sh WORKDIR [main flags...]" >&2
+  exit 2
+}
+[ -n "${TPU_NAME:-}" ] || usage_error "TPU_NAME is not set: the name of the TPU VM pod slice"
+[ -n "${ZONE:-}" ] || usage_error "ZONE is not set: the zone of the pod slice (e.g. us-central2-b)"
+[ $# -ge 1 ] || usage_error "WORKDIR is missing"
+workdir=$1
 shift
-repo=${REPO_URL:-$(git config --get remote.origin.url)}
+[[ $workdir != *://* ]] || usage_error "WORKDIR=$workdir is a URL; mount the bucket on every \
+worker (e.g. gcsfuse) and pass the mount point"
+[[ $workdir == /* ]] || usage_error "WORKDIR=$workdir: give an absolute path on the filesystem \
+every worker mounts (a relative one would be each worker's own folder)"
+here=$(cd "$(dirname "$0")/.." && pwd)
+repo=${REPO_URL:-$(git -C "$here" config --get remote.origin.url || true)}
+[ -n "$repo" ] || usage_error "this checkout has no remote.origin.url; set REPO_URL to the \
+repository the workers should clone"
 branch=${BRANCH:-main}
-config=${CONFIG:-configs/default.py}
+python=${PYTHON:-python3}
+flags=(--workdir="$workdir" --config.distributed=on --config.backend=tpu "$@")
+given_config=0
+for arg in "$@"; do [[ $arg == --config || $arg == --config=* ]] && given_config=1; done
+[ $given_config = 1 ] || flags=(--config="${CONFIG:-configs/default.py}" "${flags[@]}")
+q() { printf '%q ' "$@"; }  # Quoted for the workers' shell: paths, JSON and $ arrive intact.
 
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
   set -e
-  if [ ! -d fashion_jax ]; then git clone --branch $branch $repo fashion_jax; fi
-  cd fashion_jax && git pull --ff-only
-  # TPU VM images come with a working jax[tpu]: install it only where none is, never upgrade it.
-  python3 -c 'import jax' 2>/dev/null || pip install -q 'jax[tpu]'
-  pip install -q -e .
+  if [ ! -d fashion_jax ]; then git clone --quiet $(q "$repo") fashion_jax; fi
+  cd fashion_jax
+  git remote set-url origin $(q "$repo")
+  git fetch --quiet origin $(q "$branch") && git checkout --quiet -B $(q "$branch") FETCH_HEAD
+  # TPU VM images come with a working jax[tpu]: install it only where none is, never change it
+  # (the installed jax, jaxlib and libtpu are pinned: an older jax fails here, not at run time).
+  $(q "$python") -c 'import jax' 2>/dev/null || $(q "$python") -m pip install -q 'jax[tpu]'
+  pins=\$(mktemp)
+  $(q "$python") -m pip list --format=freeze 2>/dev/null | grep -iE '^(jax|jaxlib|libtpu)==' \
+    >\"\$pins\" || true
+  $(q "$python") -m pip install -q -e . -c \"\$pins\"
+  rm -f \"\$pins\"
 "
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
-  cd fashion_jax && python -m fashion_jax.main --config=$config --workdir=$workdir \
-    --config.distributed=on $*
+exec gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
+  cd fashion_jax && exec $(q "$python") -m fashion_jax.main $(q "${flags[@]}")
 "

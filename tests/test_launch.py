@@ -1,0 +1,130 @@
+"""The cluster launchers (TPU pod, SLURM) and the accelerator check, run against stub commands:
+what each would execute, its argument checks, and the exit status it passes on."""
+
+import json
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _stub(folder, name, body):
+  path = folder / name
+  path.write_text("#!/usr/bin/env bash\n" + body)
+  path.chmod(0o755)
+
+
+@pytest.fixture
+def stubs(tmp_path):
+  """gcloud runs --command= in bash (the workers' login shell) where git, python3 and pip only
+  record their arguments (one JSON list a line); srun records its own; the exit status of a
+  worker's `python3 -m fashion_jax.main` is $MAIN_RC."""
+  bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+  bin_dir.mkdir()
+  record = ('python3 -c \'import json, sys; print(json.dumps(sys.argv[1:]))\' "$(basename "$0")" '
+            f'"$@" >>{shlex.quote(str(calls))}\n')
+  _stub(bin_dir, "gcloud", record + 'for a in "$@"; do case $a in --command=*) '
+        'cmd=${a#--command=};; esac; done\ncd "$WORKER_HOME" && exec bash -c "$cmd"\n')
+  for name in ("git", "srun"):
+    _stub(bin_dir, name, record + ("exit ${MAIN_RC:-0}\n" if name == "srun" else ""))
+  _stub(bin_dir, "fakepython", record + 'if [ "$1 $2" = "-m fashion_jax.main" ]; then '
+        'exit ${MAIN_RC:-0}; fi\n[ "$1" != -c ] || exit 0\n')
+  (tmp_path / "worker" / "fashion_jax").mkdir(parents=True)
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", WORKER_HOME=str(tmp_path / "worker"),
+             TPU_NAME="pod", ZONE="us-central2-b", REPO_URL="https://example.com/fj.git",
+             PYTHON="fakepython")
+
+  def run(script, *args, cwd=ROOT, **extra):
+    proc = subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args], cwd=cwd,
+                          env={**env, **extra}, capture_output=True, text=True, timeout=60)
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    calls.unlink(missing_ok=True)
+    return proc, [json.loads(l) for l in lines]
+  return run
+
+
+def _main_argv(calls):
+  return next(c[3:] for c in calls if c[1:3] == ["-m", "fashion_jax.main"])
+
+
+def test_tpu_pod_passes_flags_and_paths_to_the_workers_intact(stubs):
+  """Flags were pasted unquoted into the workers' shell: JSON lost its quotes and split, a path
+  with a space split, and `$`/`;` ran there."""
+  flags = ['--config.model_kwargs={"depth": 16, "width": 4}', "--config.note=$HOME;ls"]
+  proc, calls = stubs("tpu_pod.sh", "/mnt/shared/my run", *flags, MAIN_RC="75")
+  assert proc.returncode == 75, proc.stderr  # The workers' status: stopped, re-run to resume.
+  assert _main_argv(calls) == ["--config=configs/default.py", "--workdir=/mnt/shared/my run",
+                               "--config.distributed=on", "--config.backend=tpu", *flags]
+  assert ["git", "fetch", "--quiet", "origin", "main"] in calls
+  pip = next(c for c in calls if c[1:4] == ["-m", "pip", "install"] and "-e" in c)
+  assert "-c" in pip  # Installed with the workers' jax, jaxlib and libtpu pinned.
+  proc, calls = stubs("tpu_pod.sh", "/mnt/r", "--config=configs/tiny.py", BRANCH="dev")
+  assert proc.returncode == 0 and _main_argv(calls)[0] == "--workdir=/mnt/r"  # The user's config.
+  assert "--config=configs/tiny.py" in _main_argv(calls)
+  assert ["git", "checkout", "--quiet", "-B", "dev", "FETCH_HEAD"] in calls
+
+
+def test_slurm_script_lets_each_task_see_its_nodes_gpus(stubs):
+  """--gpus-per-task=1 showed each task only its own GPU, as number 0, while JAX's SLURM
+  detection asks task i for GPU i: 7 of 8 tasks a node could not start on their GPU."""
+  script = open(os.path.join(ROOT, "launch", "slurm_multigpu.sbatch")).read()
+  assert "#SBATCH --gpus-per-node=8" in script and "--gpus-per-task" not in script.replace(
+      "(--gpus-per-task=1", "")
+  proc, calls = stubs("slurm_multigpu.sbatch", "/shared/run", '--config.model_kwargs={"depth": 16}',
+                      MAIN_RC="75", SLURM_CPUS_PER_TASK="8")
+  assert proc.returncode == 75, proc.stderr
+  assert calls == [["srun", "--cpus-per-task=8", "fakepython", "-m", "fashion_jax.main",
+                    "--config=configs/default.py", "--workdir=/shared/run",
+                    "--config.distributed=auto", "--config.parallelism=mesh",
+                    "--config.backend=gpu", '--config.model_kwargs={"depth": 16}']]
+
+
+@pytest.mark.parametrize("script, args, says", [
+    ("tpu_pod.sh", ["run1"], "WORKDIR=run1: give an absolute path"),
+    ("tpu_pod.sh", ["--config.num_epochs=1"], "WORKDIR=--config.num_epochs=1: give an absolute"),
+    ("tpu_pod.sh", ["gs://bucket/run"], "WORKDIR=gs://bucket/run is a URL"),
+    ("tpu_pod.sh", [], "WORKDIR is missing"),
+    ("slurm_multigpu.sbatch", ["--config.num_epochs=1"], "WORKDIR=--config.num_epochs=1: give"),
+    ("slurm_multigpu.sbatch", [], "WORKDIR is missing"),
+])
+def test_cluster_launchers_refuse_bad_arguments_with_exit_2(stubs, script, args, says):
+  """Before: a flag in WORKDIR's place became a folder named after it (the override lost), a
+  relative path was each worker's own folder; missing ones exited 1 with bash's words."""
+  proc, calls = stubs(script, *args)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.startswith(f"{script}: error: {says}"), proc.stderr
+  assert calls == []  # Nothing was started.
+
+
+def test_launchers_name_a_missing_setting(stubs, tmp_path):
+  proc, _ = stubs("tpu_pod.sh", "/mnt/r", TPU_NAME="")
+  assert proc.returncode == 2 and "TPU_NAME is not set" in proc.stderr
+  proc, _ = stubs("slurm_multigpu.sbatch", "/shared/run", cwd=tmp_path)  # Not the repo root.
+  assert proc.returncode == 2 and "CONFIG=configs/default.py is not a file in" in proc.stderr
+
+
+def test_accelerator_check_refuses_bad_input_with_exit_2(tmp_path, idx_dir):
+  """A relative IDX_DIR was read from the repository root, a missing output folder crashed after
+  the first stage, a group-writable WHEELS folder was installed from, and a machine without a
+  chip was benchmarked on its CPU with exit 0."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  os.symlink(idx_dir, tmp_path / "fm")
+  script = os.path.join(ROOT, "launch", "accelerator_check.sh")
+
+  def check(*args, **extra):
+    return subprocess.run(["bash", script, *args], cwd=tmp_path, env={**env, **extra},
+                          capture_output=True, text=True, timeout=240)
+  (tmp_path / "wheels").mkdir(mode=0o777)
+  os.chmod(tmp_path / "wheels", 0o777)
+  for args, extra, says in [
+      (["fm", "no_such_folder/out.json"], {}, "its folder"),
+      (["no_such_idx"], {}, f"--idx_dir='{tmp_path}/no_such_idx' is not a folder"),
+      (["fm"], {"WHEELS": "wheels"}, "is not yours alone"),
+      (["fm", "out.json"], {}, "JAX found no GPU or TPU (backend: cpu")]:
+    proc = check(*args, **extra)
+    assert proc.returncode == 2, proc.stderr
+    assert "accelerator_check: error: " in proc.stderr and says in proc.stderr, proc.stderr
+  assert json.loads((tmp_path / "out.json").read_text())["stages"]["devices"]["backend"] == "cpu"
