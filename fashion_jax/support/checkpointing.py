@@ -268,13 +268,14 @@ class Checkpointer:
     optimizer state of older versions or other optimizers does not matter;
     the model and parameter shapes are checked as in `restore`.
     """
-    self._check_description(step, description)
-    metadata = self._manager.item_metadata(step)["state"]
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = {key: jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata[key])
-                for key in metadata.keys()}
-    state = self._read(step, abstract)
+    with _quiet_abandoned_reads():  # The metadata's reads too: a damaged data file fails there.
+      self._check_description(step, description)
+      metadata = self._manager.item_metadata(step)["state"]
+      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract = {key: jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata[key])
+                  for key in metadata.keys()}
+      state = self._read(step, abstract)
     return {key: state.get(key)
             for key in ("params", "batch_stats", "ema_params", "ema_batch_stats")}
 
@@ -283,24 +284,25 @@ class Checkpointer:
 
     Raises UserError if the checkpoint belongs to a different model or shape.
     """
-    self._check_description(step, description)
-    where = os.path.join(self.directory, str(step))
-    stored_tree = self._manager.item_metadata(step)
-    stored_keys = _tree_paths(stored_tree["state"]) if stored_tree.get("state") is not None else None
-    wanted_keys = _tree_paths(abstract_state)
-    if stored_keys is not None and stored_keys != wanted_keys:
-      missing, extra = sorted(wanted_keys - stored_keys), sorted(stored_keys - wanted_keys)
-      raise UserError(
-          f"checkpoint {where} does not fit the configured train state (missing "
-          f"{missing[:2]}, unexpected {extra[:2]}); was it written with another optimizer or ema_decay? "
-          "Use a new --workdir or the config it was trained with")
-    return self._read(step, abstract_state)
+    with _quiet_abandoned_reads():  # The metadata's reads too: a damaged data file fails there.
+      self._check_description(step, description)
+      where = os.path.join(self.directory, str(step))
+      stored_tree = self._manager.item_metadata(step)
+      stored_keys = (_tree_paths(stored_tree["state"]) if stored_tree.get("state") is not None
+                     else None)
+      wanted_keys = _tree_paths(abstract_state)
+      if stored_keys is not None and stored_keys != wanted_keys:
+        missing, extra = sorted(wanted_keys - stored_keys), sorted(stored_keys - wanted_keys)
+        raise UserError(
+            f"checkpoint {where} does not fit the configured train state (missing "
+            f"{missing[:2]}, unexpected {extra[:2]}); was it written with another optimizer or "
+            "ema_decay? Use a new --workdir or the config it was trained with")
+      return self._read(step, abstract_state)
 
   def _read(self, step: int, abstract):
-    """Orbax's restore of `step` into `abstract`; a failed read's abandoned reads kept quiet."""
-    with _quiet_abandoned_reads():
-      return self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract))).state
+    """Orbax's restore of `step` into `abstract` (inside `_quiet_abandoned_reads`)."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract))).state
 
   def restore_latest(self, abstract_state, description: dict):
     """Restores the newest readable checkpoint: (step, state), or (None, None) if none.
