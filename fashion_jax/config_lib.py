@@ -75,10 +75,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.validation_size >= 0, "validation_size", "zero or more examples")
   if config.model in models.model_names():
     try:
-      models.create_model(config.model, **config.model_kwargs.to_dict())
+      wrong = models.setting_problems(
+          models.create_model(config.model, **config.model_kwargs.to_dict()))
     except TypeError as e:
+      wrong = [str(e)]
+    if wrong:
       problems.append(f"config.model_kwargs={config.model_kwargs.to_dict()} do not fit model "
-                      f"{config.model!r}: {e}")
+                      f"{config.model!r}: {'; '.join(wrong)}")
   check(config.distributed_timeout_s > 0, "distributed_timeout_s", "a positive number of seconds")
   check(isinstance(config.idx_dir, str), "idx_dir", "a folder path, or '' for tensorflow-datasets")
   check(config.batch_size > 0, "batch_size", "a positive global batch size")

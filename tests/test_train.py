@@ -222,6 +222,12 @@ def test_cli_errors_are_one_line_and_nonzero(idx_dir, tmp_path):
       ([f"--config={sibling_less}"], f"--config={sibling_less}: loading it failed: "
                                      f"{tmp_path / 'alone' / 'default.py'}: No such file"),
       ([f"--config.idx_dir={idx_dir}"], "--config is missing (needed by --config.idx_dir=...)"),
+      # The models' settings' values, not only their names: a traceback after the data loaded,
+      # and a run at chance level.
+      (["--config=configs/tiny.py", "--config.model=wrn", '--config.model_kwargs={"depth": 15}'],
+       "do not fit model 'wrn': depth=15: 6n+4"),
+      (["--config=configs/tiny.py", "--config.model=cnn_bn",
+        '--config.model_kwargs={"dropout_rate": 1.5}'], "dropout_rate=1.5: in [0, 0.5)"),
       # absl kept the last file silently, or with an override failed with its own words.
       (["--config=configs/tiny.py", "--config", "configs/default.py"],
        "--config is given 2 times (configs/tiny.py, configs/default.py); pass one config file"),

@@ -284,6 +284,27 @@ def model_names() -> tuple[str, ...]:
   return tuple(sorted(_REGISTRY))
 
 
+def setting_problems(model: nn.Module) -> list[str]:
+  """What a model's settings (config.model_kwargs) ask that it cannot train with; its constructor
+  checks only their names (a WRN depth of 15 failed after the data loaded, a dropout rate of 1.5
+  trained at chance level)."""
+  problems = []
+  if getattr(model, "num_classes", 10) != 10:
+    problems.append(f"num_classes={model.num_classes}: Fashion-MNIST has 10 classes")
+  width = getattr(model, "width", None)
+  if width is not None and not (isinstance(width, int) and width >= 1):
+    problems.append(f"width={width!r}: a whole number >= 1")
+  depth = getattr(model, "depth", None)
+  if depth is not None and not (isinstance(depth, int) and depth >= 10 and (depth - 4) % 6 == 0):
+    problems.append(f"depth={depth!r}: 6n+4, e.g. 10, 16, 22, 28, 40")
+  rate = getattr(model, "dropout_rate", None)
+  top = 0.5 if isinstance(model, CNNBN) else 1.0  # CNNBN's dense dropout is twice the rate.
+  if rate is not None and not (isinstance(rate, (int, float)) and 0 <= rate < top):
+    problems.append(f"dropout_rate={rate!r}: in [0, {top:g})"
+                    + (" (the dense layer's dropout is twice it)" if top < 1 else ""))
+  return problems
+
+
 def create_model(name: str, **kwargs) -> nn.Module:
   try:
     factory = _REGISTRY[name]
