@@ -23,9 +23,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = "cnn"
   config.model_kwargs = ml_collections.ConfigDict()  # e.g. depth/width for "wrn".
   config.compute_dtype = "float32"  # float32 | bfloat16 (params stay float32).
-  # How convolutions are computed: auto | xla | im2col | winograd. "auto": XLA's own on TPU/GPU;
-  # on CPU Winograd for a conv+pool pair with >= 8 input channels, else im2col (BENCHMARKS.md).
-  # "winograd" forces it for every 3x3 stride-1 conv (others fall back to im2col).
+  # How convolutions are computed: auto | xla | im2col | winograd | native. "auto": XLA's own on
+  # TPU/GPU; on CPU the native C++ conv+pool kernels where they apply (fashion_jax/kernels/
+  # native.py; built on first use), else Winograd for a conv+pool pair with >= 8 input channels,
+  # else im2col (BENCHMARKS.md). "winograd" forces it for every 3x3 stride-1 conv (others fall
+  # back to im2col); "native" forces the native kernels.
   config.conv_impl = "auto"
   config.pool_impl = "auto"  # auto | xla | reshape | select (max-pooling not fused with a conv).
 
