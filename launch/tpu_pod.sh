@@ -5,8 +5,8 @@
 #
 # Installs the repository on all workers, then starts the same command on all of them at once;
 # JAX reads the pod topology itself (config.distributed=on -> jax.distributed.initialize()).
-# Each worker reads its own slice of every global batch. WORKDIR must be an absolute path that
-# every worker sees (a shared filesystem mount); metrics are written by worker 0.
+# Each worker reads its own slice of every global batch. WORKDIR: a Cloud Storage folder
+# (gs://bucket/run) or an absolute path every worker mounts; metrics are written by worker 0.
 #   REPO_URL  the repository the workers clone (default: this checkout's remote.origin.url)
 #   BRANCH    the branch they check out (default: main; not your local branch or changes)
 #   CONFIG    the config file (default: configs/default.py), unless the flags give --config=
@@ -27,10 +27,9 @@ usage_error() {
 [ $# -ge 1 ] || usage_error "WORKDIR is missing"
 workdir=$1
 shift
-[[ $workdir != *://* ]] || usage_error "WORKDIR=$workdir is a URL; mount the bucket on every \
-worker (e.g. gcsfuse) and pass the mount point"
-[[ $workdir == /* ]] || usage_error "WORKDIR=$workdir: give an absolute path on the filesystem \
-every worker mounts (a relative one would be each worker's own folder)"
+[[ $workdir == /* || $workdir == gs://?* ]] || usage_error "WORKDIR=$workdir: give a gs:// \
+folder or an absolute path on a filesystem every worker mounts (a relative one would be each \
+worker's own folder)"
 here=$(cd "$(dirname "$0")/.." && pwd)
 repo=${REPO_URL:-$(git -C "$here" config --get remote.origin.url || true)}
 [ -n "$repo" ] || usage_error "this checkout has no remote.origin.url; set REPO_URL to the \
@@ -55,7 +54,7 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command
   pins=\$(mktemp)
   $(q "$python") -m pip list --format=freeze 2>/dev/null | grep -iE '^(jax|jaxlib|libtpu)==' \
     >\"\$pins\" || true
-  $(q "$python") -m pip install -q -e . -c \"\$pins\"
+  $(q "$python") -m pip install -q -e .[gcs] -c \"\$pins\"
   rm -f \"\$pins\"
 "
 exec gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="

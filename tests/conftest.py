@@ -86,12 +86,13 @@ def real_idx_dir():
   return folder
 
 
-def run_module(module: str, *args: str, env: dict | None = None, timeout: float = 600):
-  """Runs `python -m module args` from the repository root; returns CompletedProcess."""
+def run_module(module: str, *args: str, env: dict | None = None, timeout: float = 600,
+               cwd: str = ROOT):
+  """Runs `python -m module args` (from the repository root); returns CompletedProcess."""
   full_env = dict(os.environ)
   full_env.update(env or {})
   full_env.setdefault("JAX_PLATFORMS", "cpu")
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
                         capture_output=True, text=True, timeout=timeout)
 
 

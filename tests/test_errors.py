@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from fashion_jax.support import errors
+from fashion_jax.support import storage
 from fashion_jax.support.errors import UserError
 
 
@@ -14,15 +15,18 @@ def test_write_probe_cannot_collide_with_another_container(tmp_path, monkeypatch
   as a folder, which cannot be opened for writing). The probe's name is unique instead."""
   monkeypatch.setattr(os, "getpid", lambda: 1)
   os.makedirs(tmp_path / ".write_test_1")
-  assert errors.ensure_writable_dir(str(tmp_path), "--workdir") == str(tmp_path)
+  assert storage.ensure_writable_dir(str(tmp_path), "--workdir") == str(tmp_path)
   assert os.listdir(tmp_path) == [".write_test_1"]  # The probe cleaned up after itself.
 
 
-def test_cloud_workdirs_are_refused_before_anything_is_created(tmp_path, monkeypatch):
+def test_unsupported_cloud_workdirs_are_refused_before_anything_is_created(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  with pytest.raises(UserError, match=r"gs:// folders are not supported yet.*gcsfuse"):
-    errors.ensure_writable_dir("gs://bucket/run", "--workdir")
-  assert os.listdir(tmp_path) == []  # No local folder named "gs:".
+  with pytest.raises(UserError, match=r"s3:// folders are not supported \(gs://bucket/path is\)"):
+    storage.ensure_writable_dir("s3://bucket/run", "--workdir")
+  monkeypatch.setattr(storage, "_cloud_backend_missing", lambda: True)
+  with pytest.raises(UserError, match=r"needs gcsfs \(or TensorFlow\).*fashion_jax\[gcs\]"):
+    storage.ensure_writable_dir("gs://bucket/run", "--workdir")
+  assert os.listdir(tmp_path) == []  # No local folder named "s3:" or "gs:".
 
 
 def test_require_names_the_extra(monkeypatch):
@@ -36,4 +40,4 @@ def test_require_names_the_extra(monkeypatch):
 def test_a_file_given_as_a_folder_is_named_so(tmp_path):
   (tmp_path / "a_file").write_text("not a folder")
   with pytest.raises(UserError, match="--workdir .*a_file' is a file, not a folder"):
-    errors.ensure_writable_dir(str(tmp_path / "a_file"), "--workdir")
+    storage.ensure_writable_dir(str(tmp_path / "a_file"), "--workdir")

@@ -61,8 +61,8 @@ def test_tpu_pod_passes_flags_and_paths_to_the_workers_intact(stubs):
   assert ["git", "fetch", "--quiet", "origin", "main"] in calls
   pip = next(c for c in calls if c[1:4] == ["-m", "pip", "install"] and "-e" in c)
   assert "-c" in pip  # Installed with the workers' jax, jaxlib and libtpu pinned.
-  proc, calls = stubs("tpu_pod.sh", "/mnt/r", "--config=configs/tiny.py", BRANCH="dev")
-  assert proc.returncode == 0 and _main_argv(calls)[0] == "--workdir=/mnt/r"  # The user's config.
+  proc, calls = stubs("tpu_pod.sh", "gs://bucket/r", "--config=configs/tiny.py", BRANCH="dev")
+  assert proc.returncode == 0 and _main_argv(calls)[0] == "--workdir=gs://bucket/r"  # Its config.
   assert "--config=configs/tiny.py" in _main_argv(calls)
   assert ["git", "checkout", "--quiet", "-B", "dev", "FETCH_HEAD"] in calls
 
@@ -83,9 +83,9 @@ def test_slurm_script_lets_each_task_see_its_nodes_gpus(stubs):
 
 
 @pytest.mark.parametrize("script, args, says", [
-    ("tpu_pod.sh", ["run1"], "WORKDIR=run1: give an absolute path"),
-    ("tpu_pod.sh", ["--config.num_epochs=1"], "WORKDIR=--config.num_epochs=1: give an absolute"),
-    ("tpu_pod.sh", ["gs://bucket/run"], "WORKDIR=gs://bucket/run is a URL"),
+    ("tpu_pod.sh", ["run1"], "WORKDIR=run1: give a gs:// folder or an absolute path"),
+    ("tpu_pod.sh", ["--config.num_epochs=1"], "WORKDIR=--config.num_epochs=1: give a gs://"),
+    ("tpu_pod.sh", ["s3://bucket/run"], "WORKDIR=s3://bucket/run: give a gs:// folder or an"),
     ("tpu_pod.sh", [], "WORKDIR is missing"),
     ("slurm_multigpu.sbatch", ["--config.num_epochs=1"], "WORKDIR=--config.num_epochs=1: give"),
     ("slurm_multigpu.sbatch", [], "WORKDIR is missing"),

@@ -29,6 +29,8 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -43,6 +45,7 @@ from fashion_jax.support import compile_cache
 from fashion_jax.support import errors
 from fashion_jax.support.errors import UserError
 from fashion_jax.support import metric_writers
+from fashion_jax.support import storage
 
 FLAGS = flags.FLAGS
 
@@ -225,13 +228,13 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
   if num_mistakes < 0:
     raise UserError(f"--num_mistakes={num_mistakes} is invalid; pass 0 or more")
   t0 = time.perf_counter()
-  workdir = errors.local_path(workdir, "--workdir")
+  workdir = storage.resolve(workdir, "--workdir")
   classifier = inference.load(workdir, step)
   # The run's eval batch: the same compiled shape as training's evaluation, hence the same
   # logits, bit for bit, and the same accuracy.
   classifier = dataclasses.replace(classifier, batch_size=int(classifier.config.eval_batch_size))
-  output_dir = errors.ensure_writable_dir(output_dir or os.path.join(workdir, "evaluation"),
-                                         "--output_dir")
+  output_dir = storage.ensure_writable_dir(output_dir or storage.join(workdir, "evaluation"),
+                                          "--output_dir")
   split, source = _test_data(classifier.config, idx_dir, data_dir)
   load_seconds = time.perf_counter() - t0
 
@@ -255,8 +258,10 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
   config = classifier.config
   model_name = config.model
   accuracy = metrics["accuracy"]
-  confusion_path = os.path.join(output_dir, CONFUSION_NAME)
-  mistakes_path = os.path.join(output_dir, MISTAKES_NAME)
+  # The figures are drawn into a local folder, then put where --output_dir says (Cloud Storage).
+  drawn = tempfile.mkdtemp(prefix="fashion_jax_evaluation_") if storage.is_url(output_dir) else None
+  confusion_path = os.path.join(drawn or output_dir, CONFUSION_NAME)
+  mistakes_path = os.path.join(drawn or output_dir, MISTAKES_NAME)
   report.plot_confusion_matrix(
       confusion, names, path=confusion_path,
       title=(f"{model_name} · step {classifier.step} · test accuracy {100 * accuracy:.2f}% "
@@ -266,6 +271,12 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
       path=mistakes_path,
       title=(f"Most confident mistakes: {len(worst)} of {len(wrong):,} errors "
              f"({model_name}, step {classifier.step})"))
+  if drawn:
+    for name in (CONFUSION_NAME, MISTAKES_NAME):
+      storage.put_file(os.path.join(drawn, name), storage.join(output_dir, name))
+    shutil.rmtree(drawn, ignore_errors=True)
+    confusion_path = storage.join(output_dir, CONFUSION_NAME)
+    mistakes_path = storage.join(output_dir, MISTAKES_NAME)
 
   training_eval = _training_eval(workdir, classifier.step)
   result = {
@@ -301,11 +312,7 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
       "eval_batch_size": classifier.batch_size,
       "fashion_jax_version": fashion_jax.__version__,
   }
-  tmp = os.path.join(output_dir, JSON_NAME + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, os.path.join(output_dir, JSON_NAME))
+  storage.write_text(storage.join(output_dir, JSON_NAME), json.dumps(result, indent=2) + "\n")
   return result
 
 
@@ -341,7 +348,7 @@ def format_report(result: dict[str, Any]) -> str:
   if result["top_confusions"]:
     lines.append("most frequent confusions: " + "; ".join(
         f"{c['true']} -> {c['predicted']} {c['count']}" for c in result["top_confusions"][:3]))
-  output_dir = os.path.dirname(result["files"]["confusion_matrix"])
+  output_dir = result["files"]["confusion_matrix"].rsplit("/", 1)[0]
   lines.append(f"wrote {JSON_NAME}, {CONFUSION_NAME}, {MISTAKES_NAME} to {output_dir}")
   return "\n".join(lines)
 

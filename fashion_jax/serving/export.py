@@ -59,7 +59,7 @@ import numpy as np
 
 import fashion_jax
 from fashion_jax import cli
-from fashion_jax.support import errors
+from fashion_jax.support import storage
 from fashion_jax.support.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -380,7 +380,7 @@ def export_run(workdir: str, output: str, step: int | None = None,
   from fashion_jax.serving import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
   classifier = inference.load(workdir, step, portable=True)
   return export(classifier, output, platforms, overwrite,
-                workdir=errors.local_path(workdir, "--workdir"))
+                workdir=storage.resolve(workdir, "--workdir"))
 
 
 def main(argv):

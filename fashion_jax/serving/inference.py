@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any
 
 from absl import logging
@@ -31,25 +30,24 @@ from fashion_jax.data import datasets
 from fashion_jax import default_config
 from fashion_jax.model import steps
 from fashion_jax.support import checkpointing
-from fashion_jax.support import errors
 from fashion_jax.support.errors import UserError
 from fashion_jax.support import metric_writers
+from fashion_jax.support import storage
 
 CLASS_NAMES = datasets.CLASS_NAMES["fashion_mnist"]
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with (its config.json)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isdir(workdir):
+  path = storage.join(workdir, "config.json")
+  if not storage.isdir(workdir):
     raise UserError(f"--workdir {workdir!r} does not exist; pass the --workdir of a training run "
                     "(python -m fashion_jax.main --config=... --workdir=DIR)")
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise UserError(f"{path} not found: {workdir!r} is not a fashion_jax training run; pass the "
                     "--workdir that python -m fashion_jax.main wrote")
   try:
-    with open(path) as f:
-      values = json.load(f)
+    values = json.loads(storage.read_text(path))
   except (OSError, json.JSONDecodeError) as e:
     raise UserError(f"cannot read {path} ({e}); it should be the JSON written by training") from e
   values.pop("_derived", None)
@@ -75,7 +73,7 @@ def _eval_accuracies(workdir: str, key: str) -> dict[int, float]:
 def choose_step(workdir: str, steps: list[int]) -> tuple[int, str]:
   """(step, why): the best retained checkpoint by validation accuracy, else the latest."""
   if not steps:
-    raise UserError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}; train first "
+    raise UserError(f"no checkpoint in {storage.join(workdir, 'checkpoints')}; train first "
                     "(python -m fashion_jax.main ... --workdir=" + workdir + ")")
   val = _eval_accuracies(workdir, "val_accuracy")
   scored = [(val[s], s) for s in steps if s in val]
@@ -138,10 +136,10 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256,
   """Loads a training run's model and checkpoint (`step`, else the best/latest one). The model
   is evaluation's (`steps.create_model`): the native CPU kernels where they are built, unless
   `portable` (XLA's ops only, for export)."""
-  workdir = errors.local_path(workdir, "--workdir")
+  workdir = storage.resolve(workdir, "--workdir")
   config = load_run_config(workdir)
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = storage.join(workdir, "checkpoints")
+  if not storage.isdir(directory):
     raise UserError(f"no checkpoints folder in {workdir}; train first, or pass the right --workdir")
   checkpointer = checkpointing.Checkpointer(directory, keep=max(config.keep_checkpoints, 1),
                                             async_save=False)
@@ -163,11 +161,11 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256,
     except UserError:
       raise
     except Exception as e:  # pylint: disable=broad-except  (tensorstore/OS/parse errors)
-      raise UserError(f"checkpoint {os.path.join(directory, str(step))} is unreadable "
+      raise UserError(f"checkpoint {storage.join(directory, str(step))} is unreadable "
                       f"({checkpointing.first_line(e)}); "
                       "pass --step with another checkpoint, or re-train") from e
   finally:
     checkpointer.close()
   return Classifier(config=config, model=model,
                     variables=steps.eval_variables(**weights), step=int(step), why=why,
-                    checkpoint_dir=os.path.join(directory, str(step)), batch_size=batch_size)
+                    checkpoint_dir=storage.join(directory, str(step)), batch_size=batch_size)

@@ -29,6 +29,7 @@ from orbax.checkpoint import checkpoint_managers
 from fashion_jax.support.errors import UserError
 from fashion_jax.support import faults
 from fashion_jax.support import multihost
+from fashion_jax.support import storage
 
 
 ABANDONED_READS_SETTLE_S = 1.0
@@ -200,7 +201,7 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int, async_save: bool = True):
     """Keeps the `keep` newest checkpoints, and the one with the best validation accuracy
     (saved with `metrics`) however old it is: what serving picks by default."""
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.resolve(directory, "checkpoints")
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
@@ -234,6 +235,8 @@ class Checkpointer:
     faults.maybe_kill("save", step)  # Tests: SIGKILL while the async write is in progress.
 
   def _check_free_disk(self, state) -> None:
+    if storage.is_url(self.directory):  # Cloud Storage has no "free space" to check.
+      return
     needed = 2 * sum(x.nbytes for x in jax.tree.leaves(state)) + (64 << 20)
     free = shutil.disk_usage(self.directory).free
     if free < needed:
@@ -244,7 +247,7 @@ class Checkpointer:
 
   def _check_description(self, step: int, description: dict) -> None:
     stored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    where = os.path.join(self.directory, str(step))
+    where = storage.join(self.directory, str(step))
     if stored.get("model") != description["model"]:
       raise UserError(
           f"checkpoint {where} is of model {stored.get('model')!r} but the config asks for "
@@ -286,7 +289,7 @@ class Checkpointer:
     """
     with _quiet_abandoned_reads():  # The metadata's reads too: a damaged data file fails there.
       self._check_description(step, description)
-      where = os.path.join(self.directory, str(step))
+      where = storage.join(self.directory, str(step))
       stored_tree = self._manager.item_metadata(step)
       stored_keys = (_tree_paths(stored_tree["state"]) if stored_tree.get("state") is not None
                      else None)
@@ -340,7 +343,7 @@ class Checkpointer:
       if errors:
         process = min(errors)
         raise UserError(
-            f"checkpoint {os.path.join(self.directory, str(step))} could not be read on process "
+            f"checkpoint {storage.join(self.directory, str(step))} could not be read on process "
             f"{process} ({errors[process][len('error: '):]}); that is not recognised damage, so "
             "it is left as it is: check the storage, then re-run to resume")
       if not outcomes:
@@ -352,12 +355,10 @@ class Checkpointer:
         f" on process {process}" if jax.process_count() > 1 else "")
 
   def _quarantine(self, step: int) -> str:
-    source = os.path.join(self.directory, str(step))
-    target_dir = self.directory.rstrip("/") + "_unreadable"
-    target = os.path.join(target_dir, f"{step}.{int(time.time())}")
+    source = storage.join(self.directory, str(step))
+    target = storage.join(self.directory.rstrip("/") + "_unreadable", f"{step}.{int(time.time())}")
     if jax.process_index() == 0:
-      os.makedirs(target_dir, exist_ok=True)
-      shutil.move(source, target)
+      storage.move(source, target)
     multihost.barrier(f"quarantine/{step}")  # Every process sees it gone before going on.
     self._manager.reload()
     return target

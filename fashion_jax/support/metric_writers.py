@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import fashion_jax
+from fashion_jax.support import storage
 
 
 def summary_writer_class():
@@ -31,15 +31,14 @@ def summary_writer_class():
 
 def read_lines(workdir: str) -> list[dict]:
   """The records of `<workdir>/metrics.jsonl` ([] if none); a line cut short by a kill is skipped."""
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = storage.join(workdir, "metrics.jsonl")
   records = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          records.append(json.loads(line))
-        except json.JSONDecodeError:
-          continue
+  if storage.exists(path):
+    for line in storage.read_text(path).splitlines():
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
   return records
 
 
@@ -52,8 +51,11 @@ class MetricWriter:
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb_dir = os.path.join(workdir, "tensorboard")
+    self.path = storage.join(workdir, "metrics.jsonl")
+    self._tb_dir = storage.join(workdir, "tensorboard")
+    # Cloud Storage has no append: lines wait here and the file is rewritten at each flush
+    # (evaluation, checkpoint, the end), not at every line.
+    self._pending = [] if storage.is_url(workdir) else None
     self._tb = None
     # Imported now (~0.15 s: not inside the first interval's images/s); the writer, which
     # creates the event file, at the first value: a run refused before it writes anything
@@ -71,10 +73,9 @@ class MetricWriter:
     The resumed run writes those steps again, so the file stays one clean
     series. Returns the number of lines dropped.
     """
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not storage.exists(self.path):
       return 0
-    with open(self.path) as f:
-      lines = f.readlines()
+    lines = storage.read_text(self.path).splitlines(keepends=True)
     keep = []
     for line in lines:
       try:
@@ -83,18 +84,18 @@ class MetricWriter:
       except json.JSONDecodeError:  # A line cut short by a kill.
         continue
     if len(keep) != len(lines):
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(keep)
-      os.replace(tmp, self.path)
+      storage.write_text(self.path, "".join(keep))
     return len(lines) - len(keep)
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **values, "wall_time_s": round(fashion_jax.seconds_since_start(), 3)}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    if self._pending is not None:
+      self._pending.append(json.dumps(record) + "\n")
+    else:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
     for key, value in values.items():
       if isinstance(value, (int, float)) and key not in ("epoch",):
         self._board().add_scalar(key, value, step)
@@ -105,6 +106,9 @@ class MetricWriter:
       self._board().add_image(tag, image, step, dataformats="HWC")
 
   def flush(self) -> None:
+    if self._pending:
+      storage.append_text(self.path, "".join(self._pending))
+      self._pending.clear()
     if self._tb is not None:
       self._tb.flush()
 
@@ -115,6 +119,7 @@ class MetricWriter:
     self.close()
 
   def close(self) -> None:
+    self.flush()
     if self._tb is not None:
       self._tb.close()
 

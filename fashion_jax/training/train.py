@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 
 from absl import logging
@@ -31,6 +30,7 @@ from fashion_jax.support.errors import UserError
 from fashion_jax.support import faults
 from fashion_jax.support import metric_writers
 from fashion_jax.support import parallel as parallel_lib
+from fashion_jax.support import storage
 from fashion_jax.training import loop
 from fashion_jax.training import progress
 from fashion_jax.training import stops
@@ -39,9 +39,8 @@ from fashion_jax.training import stops
 def _write_config(workdir: str, config: ml_collections.ConfigDict, derived: dict) -> None:
   resolved = json.loads(config.to_json_best_effort())
   resolved["_derived"] = derived
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(resolved, f, indent=2, sort_keys=True)
-    f.write("\n")
+  storage.write_text(storage.join(workdir, "config.json"),
+                     json.dumps(resolved, indent=2, sort_keys=True) + "\n")
 
 
 def _summarize(sums: dict, prefix: str) -> dict:
@@ -154,13 +153,13 @@ class Run:
 def prepare(config: ml_collections.ConfigDict, workdir: str, splits=None) -> Run:
   """Validates the config, sets up the devices and loads the data (or takes `splits`)."""
   config_lib.validate(config)
-  new_workdir = not os.path.exists(errors.local_path(workdir, "--workdir"))
-  workdir = errors.ensure_writable_dir(workdir, "--workdir")  # Early: a typo fails at once.
+  new_workdir = not storage.exists(storage.resolve(workdir, "--workdir"))
+  workdir = storage.ensure_writable_dir(workdir, "--workdir")  # Early: a typo fails at once.
   try:
     return _prepare(config, workdir, splits)
   except UserError:
     if new_workdir and jax.process_count() == 1:  # Data or devices: leave no empty folder.
-      errors.remove_if_empty(workdir)
+      storage.remove_if_empty(workdir)
     raise
 
 
@@ -348,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     description = checkpointing.describe_state(
         config.model, init_state, fingerprint(config, run.train_examples, total_steps))
     checkpointer = cleanup.enter_context(checkpointing.Checkpointer(
-        os.path.join(run.workdir, "checkpoints"), keep=config.keep_checkpoints,
+        storage.join(run.workdir, "checkpoints"), keep=config.keep_checkpoints,
         async_save=config.async_checkpointing))
     writer = cleanup.enter_context(metric_writers.MetricWriter(run.workdir, enabled=run.is_lead))
     state, step = restore(run, checkpointer, writer, init_state, description)
@@ -381,6 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     log.restart_clock(step)
 
     def save(step: int, results: dict) -> None:  # With its validation accuracy: best is kept.
+      writer.flush()  # The lines up to here, with the checkpoint (buffered for Cloud Storage).
       checkpointer.save(step, parallel.logical_state(state), description, results.get("eval"))
 
     # The periodic actions, in order, at the window boundaries where `step % every == 0` (and

@@ -1,0 +1,184 @@
+"""Where a run lives: a local folder, or a Cloud Storage folder (gs://bucket/path).
+
+The run's own files (config.json, metrics.jsonl, the evaluation report) go through these few
+functions; Orbax and TensorStore write checkpoints to gs:// themselves, tensorboardX its event
+files. Cloud paths go through etils.epath: TensorFlow's file system where TensorFlow is installed,
+else gcsfs (`pip install 'fashion_jax[gcs]'`). Cloud Storage has no folders, no append and no
+rename: a folder exists once an object is under it, an append rewrites the object (the metrics
+writer buffers, see metric_writers.py), a move copies then deletes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import uuid
+
+from fashion_jax.support.errors import UserError
+
+CLOUD_SCHEMES = ("gs",)
+
+
+def is_url(path: str) -> bool:
+  return "://" in str(path)
+
+
+def _epath(path: str):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(path)
+
+
+def _cloud_backend_missing() -> bool:
+  """Whether epath has no file system for gs:// here (neither TensorFlow nor gcsfs)."""
+  use_tf = os.environ.get("EPATH_USE_TF", "").lower() not in ("false", "no", "f", "0")
+  found = lambda name: importlib.util.find_spec(name) is not None
+  return not ((use_tf and found("tensorflow")) or found("gcsfs"))
+
+
+def resolve(path: str, flag: str) -> str:
+  """A local path made absolute, or a gs:// URL as given (without a trailing slash).
+
+  Other schemes (s3://, ...) and a gs:// URL without a file system for it are UserErrors
+  naming `flag`, raised before anything is created (never a local folder named "s3:").
+  """
+  if not is_url(path):
+    return os.path.abspath(os.path.expanduser(path))
+  scheme, _, rest = str(path).partition("://")
+  if scheme not in CLOUD_SCHEMES or not rest.strip("/"):
+    raise UserError(f"{flag}={path!r}: {scheme}:// folders are not supported (gs://bucket/path "
+                    "is); pass a local folder, or mount the storage and pass its mount point")
+  if _cloud_backend_missing():
+    raise UserError(f"{flag}={path!r} needs gcsfs (or TensorFlow) to write to Cloud Storage: "
+                    "pip install 'fashion_jax[gcs]'")
+  return f"{scheme}://{rest.rstrip('/')}"
+
+
+
+def join(path: str, *parts: str) -> str:
+  return "/".join([path.rstrip("/"), *parts]) if is_url(path) else os.path.join(path, *parts)
+
+
+def exists(path: str) -> bool:
+  return _epath(path).exists() if is_url(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+  return _epath(path).is_dir() if is_url(path) else os.path.isdir(path)
+
+
+def listdir(path: str) -> list[str]:
+  if is_url(path):
+    return sorted(p.name for p in _epath(path).iterdir())
+  return sorted(os.listdir(path))
+
+
+def makedirs(path: str) -> None:
+  if is_url(path):
+    _epath(path).mkdir(parents=True, exist_ok=True)
+  else:
+    os.makedirs(path, exist_ok=True)
+
+
+def read_text(path: str) -> str:
+  if is_url(path):
+    return _epath(path).read_text()
+  with open(path) as f:
+    return f.read()
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes the whole file at once: readers see the old or the new content, never a part."""
+  if is_url(path):
+    _epath(path).write_text(text)  # One object upload: atomic.
+    return
+  descriptor, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
+                                     dir=os.path.dirname(path) or ".")
+  try:
+    with os.fdopen(descriptor, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def append_text(path: str, text: str) -> None:
+  if is_url(path):  # No append in Cloud Storage (gcsfs's "a" silently overwrites).
+    write_text(path, (read_text(path) if exists(path) else "") + text)
+    return
+  with open(path, "a") as f:
+    f.write(text)
+
+
+def ensure_writable_dir(path: str, flag: str) -> str:
+  """`resolve`d `path`, created if needed and proved writable (a probe file written and removed:
+  on Cloud Storage that checks the bucket and the credentials); else a UserError naming `flag`."""
+  path = resolve(path, flag)
+  if not is_url(path) and os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"{flag} {path!r} is a file, not a folder; pass a folder (new or existing)")
+  try:
+    if is_url(path):
+      probe = _epath(join(path, f".write_test_{uuid.uuid4().hex}"))
+      probe.write_text("")
+      probe.unlink()
+    else:
+      os.makedirs(path, exist_ok=True)
+      # A unique name (pids collide across containers sharing a workdir).
+      descriptor, probe = tempfile.mkstemp(prefix=".write_test_", dir=path)
+      os.close(descriptor)
+      os.remove(probe)
+  except Exception as e:  # pylint: disable=broad-except  (OSError; the cloud clients' own)
+    text = str(e).strip()
+    reason = getattr(e, "strerror", None) or (text.splitlines()[0][:200] if text
+                                              else type(e).__name__)
+    raise UserError(f"{flag} {path!r} is not writable ({reason}); pass a {flag} you can "
+                    "write to" + (" (check the bucket's name and your credentials: gcloud auth "
+                                  "application-default login)" if is_url(path) else "")) from e
+  return path
+
+
+def put_file(local: str, path: str) -> None:
+  """Copies the local file `local` to `path` (local or cloud)."""
+  if is_url(path):
+    _epath(path).write_bytes(_epath(local).read_bytes())
+  else:
+    shutil.copyfile(local, path)
+
+
+def remove_if_empty(path: str) -> None:
+  """Removes the folder `path` if it is empty (a cloud "folder" with no object does not exist)."""
+  if is_url(path):
+    return
+  try:
+    os.rmdir(path)
+  except OSError:
+    pass
+
+
+def move(source: str, target: str) -> None:
+  """Moves the folder `source` to `target` (whose parent is created)."""
+  if not is_url(source):
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(source, target)
+    return
+  src = _epath(source)
+  for item in files_under(source):
+    destination = _epath(join(target, item[len(str(src)):].lstrip("/")))
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    _epath(item).copy(destination)
+  src.rmtree()
+
+
+def files_under(path: str) -> list[str]:
+  """Every file below the folder `path`, walked one level at a time (epath refuses "**" on gs://:
+  one listing per folder is what it costs anyway)."""
+  found = []
+  for item in _epath(path).iterdir():
+    if item.is_dir():
+      found += files_under(str(item))
+    else:
+      found.append(str(item))
+  return found
