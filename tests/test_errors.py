@@ -41,3 +41,19 @@ def test_a_file_given_as_a_folder_is_named_so(tmp_path):
   (tmp_path / "a_file").write_text("not a folder")
   with pytest.raises(UserError, match="--workdir .*a_file' is a file, not a folder"):
     storage.ensure_writable_dir(str(tmp_path / "a_file"), "--workdir")
+
+
+def test_local_writes_are_whole_and_keep_the_umask(tmp_path):
+  """storage.write_text replaces a file in one step, with the permissions open() gives (a
+  mkstemp file would be 0600: unreadable to the rest of a team sharing the workdir)."""
+  path = str(tmp_path / "config.json")
+  storage.write_text(path, "first")
+  storage.write_text(path, "second")
+  storage.append_text(path, " and more")
+  umask = os.umask(0)
+  os.umask(umask)
+  assert storage.read_text(path) == "second and more"
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+  assert os.listdir(tmp_path) == ["config.json"]  # No temporary file left.
+  storage.move(str(tmp_path), str(tmp_path.parent / "moved" / "run"))
+  assert os.listdir(tmp_path.parent / "moved" / "run") == ["config.json"]

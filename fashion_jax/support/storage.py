@@ -93,10 +93,9 @@ def write_text(path: str, text: str) -> None:
   if is_url(path):
     _epath(path).write_text(text)  # One object upload: atomic.
     return
-  descriptor, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
-                                     dir=os.path.dirname(path) or ".")
+  tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # open(), not mkstemp: the umask's permissions.
   try:
-    with os.fdopen(descriptor, "w") as f:
+    with open(tmp, "x") as f:
       f.write(text)
     os.replace(tmp, path)
   except BaseException:
