@@ -68,27 +68,40 @@ def emulator():
   shutil.rmtree(root, ignore_errors=True)
 
 
-def _bucket(path: str):
-  from etils import epath  # pylint: disable=import-outside-toplevel
-  return epath.Path(f"gs://{BUCKET}/{path}")
+class _Bucket:
+  """The test bucket, read and written through gcsfs directly: etils.epath in this process may
+  have picked TensorFlow's file system (it decides once, before the fixture's EPATH_USE_TF)."""
+
+  def __init__(self):
+    import gcsfs  # pylint: disable=import-outside-toplevel
+    # The emulator from $STORAGE_EMULATOR_HOST, with the default (no) credentials: an explicit
+    # endpoint or token="anon" makes gcsfs probe the bucket type over gRPC, ~1 minute a call.
+    self.fs = gcsfs.GCSFileSystem(skip_instance_cache=True)
+
+  def text(self, path: str) -> str:
+    return self.fs.cat_file(f"{BUCKET}/{path}").decode()
+
+  def names(self, path: str) -> list[str]:
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(f"{BUCKET}/{path}",
+                                                                      refresh=True))
 
 
 def test_a_run_in_cloud_storage_trains_resumes_and_serves(emulator, idx_dir, tmp_path):
-  run = f"gs://{BUCKET}/runs/tiny"
+  run, bucket = f"gs://{BUCKET}/runs/tiny", _Bucket()
   flags = ["--config=configs/tiny.py", f"--workdir={run}", f"--config.idx_dir={idx_dir}"]
   proc = run_module("fashion_jax.main", *flags, "--config.num_train_steps=10", env=emulator)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert not os.path.exists(os.path.join(ROOT, "gs:"))  # Never a local folder named "gs:".
-  lines = [json.loads(l) for l in _bucket("runs/tiny/metrics.jsonl").read_text().splitlines()]
+  lines = [json.loads(l) for l in bucket.text("runs/tiny/metrics.jsonl").splitlines()]
   assert [l["step"] for l in lines if "eval_accuracy" in l] == [10]
-  assert json.loads(_bucket("runs/tiny/config.json").read_text())["_derived"]["total_steps"] == 10
-  assert [p.name for p in _bucket("runs/tiny/checkpoints").iterdir()] == ["10"]
-  assert any(p.name.startswith("events.out") for p in _bucket("runs/tiny/tensorboard").iterdir())
+  assert json.loads(bucket.text("runs/tiny/config.json"))["_derived"]["total_steps"] == 10
+  assert bucket.names("runs/tiny/checkpoints") == ["10"]
+  assert any(name.startswith("events.out") for name in bucket.names("runs/tiny/tensorboard"))
 
   proc = run_module("fashion_jax.main", *flags, "--config.num_train_steps=20", env=emulator)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "resumed from checkpoint at step 10" in proc.stderr
-  lines = [json.loads(l) for l in _bucket("runs/tiny/metrics.jsonl").read_text().splitlines()]
+  lines = [json.loads(l) for l in bucket.text("runs/tiny/metrics.jsonl").splitlines()]
   assert [l["step"] for l in lines if "eval_accuracy" in l] == [10, 20]  # Appended, not replaced.
 
   from PIL import Image  # pylint: disable=import-outside-toplevel
@@ -103,9 +116,9 @@ def test_a_run_in_cloud_storage_trains_resumes_and_serves(emulator, idx_dir, tmp
   proc = run_module("fashion_jax.evaluate", f"--workdir={run}", f"--idx_dir={idx_dir}",
                     "--num_mistakes=4", env=emulator)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  report = json.loads(_bucket("runs/tiny/evaluation/evaluation.json").read_text())
+  report = json.loads(bucket.text("runs/tiny/evaluation/evaluation.json"))
   assert report["checkpoint"]["step"] == 20 and report["matches_training_eval"] is True
-  assert _bucket("runs/tiny/evaluation/confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+  assert bucket.fs.cat_file(f"{BUCKET}/runs/tiny/evaluation/confusion_matrix.png")[:4] == b"\x89PNG"
   proc = run_module("fashion_jax.export", f"--workdir={run}", f"--output={tmp_path / 'export'}",
                     env=emulator)
   if importlib.util.find_spec("tensorflow") is not None:
@@ -115,16 +128,14 @@ def test_a_run_in_cloud_storage_trains_resumes_and_serves(emulator, idx_dir, tmp
     assert proc.returncode == 2 and "export needs TensorFlow" in proc.stderr, proc.stderr[-3000:]
 
   # A damaged latest checkpoint in the bucket: moved aside, the previous one resumed.
-  from fashion_jax.support import storage  # pylint: disable=import-outside-toplevel
-  data = [f for f in storage.files_under(f"{run}/checkpoints/20/state") if "/d/" in f]
-  biggest = max(data, key=lambda f: len(_bucket(f[len(f"gs://{BUCKET}/"):]).read_bytes()))
-  target = _bucket(biggest[len(f"gs://{BUCKET}/"):])
-  target.write_bytes(target.read_bytes()[:10])
+  sizes = bucket.fs.find(f"{BUCKET}/runs/tiny/checkpoints/20/state", detail=True)
+  biggest = max((p for p in sizes if "/d/" in p), key=lambda p: sizes[p]["size"])
+  bucket.fs.pipe_file(biggest, bucket.fs.cat_file(biggest)[:10])
   proc = run_module("fashion_jax.main", *flags, "--config.num_train_steps=20", env=emulator)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "checkpoint at step 20 is unreadable" in proc.stderr
   assert "resumed from checkpoint at step 10" in proc.stderr
-  moved = [p.name for p in _bucket("runs/tiny/checkpoints_unreadable").iterdir()]
+  moved = bucket.names("runs/tiny/checkpoints_unreadable")
   assert len(moved) == 1 and moved[0].startswith("20."), moved
 
 
