@@ -23,9 +23,12 @@ def test_unsupported_cloud_workdirs_are_refused_before_anything_is_created(tmp_p
   monkeypatch.chdir(tmp_path)
   with pytest.raises(UserError, match=r"s3:// folders are not supported \(gs://bucket/path is\)"):
     storage.ensure_writable_dir("s3://bucket/run", "--workdir")
-  monkeypatch.setattr(storage, "_cloud_backend_missing", lambda: True)
-  with pytest.raises(UserError, match=r"needs gcsfs \(or TensorFlow\).*fashion_jax\[gcs\]"):
-    storage.ensure_writable_dir("gs://bucket/run", "--workdir")
+  for missing in ("gcsfs", "google.cloud.storage"):  # With EPATH_USE_TF=false: no TensorFlow.
+    monkeypatch.setenv("EPATH_USE_TF", "false")
+    monkeypatch.setattr(storage, "_found", lambda module, m=missing: module != m)
+    with pytest.raises(UserError, match=r"needs gcsfs \(or TensorFlow\) and google-cloud-storage "
+                       r".*fashion_jax\[gcs\]"):
+      storage.ensure_writable_dir("gs://bucket/run", "--workdir")
   assert os.listdir(tmp_path) == []  # No local folder named "s3:" or "gs:".
 
 

@@ -30,11 +30,19 @@ def _epath(path: str):
   return epath.Path(path)
 
 
+def _found(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):
+    return False
+
+
 def _cloud_backend_missing() -> bool:
-  """Whether epath has no file system for gs:// here (neither TensorFlow nor gcsfs)."""
+  """Whether a gs:// run cannot write here: etils.epath needs TensorFlow's file system or gcsfs,
+  tensorboardX google-cloud-storage (without it the run would fail at its first logged value)."""
   use_tf = os.environ.get("EPATH_USE_TF", "").lower() not in ("false", "no", "f", "0")
-  found = lambda name: importlib.util.find_spec(name) is not None
-  return not ((use_tf and found("tensorflow")) or found("gcsfs"))
+  return (not ((use_tf and _found("tensorflow")) or _found("gcsfs"))
+          or not _found("google.cloud.storage"))
 
 
 def resolve(path: str, flag: str) -> str:
@@ -50,10 +58,9 @@ def resolve(path: str, flag: str) -> str:
     raise UserError(f"{flag}={path!r}: {scheme}:// folders are not supported (gs://bucket/path "
                     "is); pass a local folder, or mount the storage and pass its mount point")
   if _cloud_backend_missing():
-    raise UserError(f"{flag}={path!r} needs gcsfs (or TensorFlow) to write to Cloud Storage: "
-                    "pip install 'fashion_jax[gcs]'")
+    raise UserError(f"{flag}={path!r} needs gcsfs (or TensorFlow) and google-cloud-storage to "
+                    "write to Cloud Storage: pip install 'fashion_jax[gcs]'")
   return f"{scheme}://{rest.rstrip('/')}"
-
 
 
 def join(path: str, *parts: str) -> str:
