@@ -10,13 +10,13 @@ writer buffers, see metric_writers.py), a move copies then deletes.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
 import uuid
 
 from fashion_jax.support.errors import UserError
+from fashion_jax.support.errors import available as _found  # Whether a module is importable.
 
 CLOUD_SCHEMES = ("gs",)
 
@@ -28,13 +28,6 @@ def is_url(path: str) -> bool:
 def _epath(path: str):
   from etils import epath  # pylint: disable=g-import-not-at-top
   return epath.Path(path)
-
-
-def _found(module: str) -> bool:
-  try:
-    return importlib.util.find_spec(module) is not None
-  except (ImportError, ValueError):
-    return False
 
 
 def _cloud_backend_missing() -> bool:
@@ -73,19 +66,6 @@ def exists(path: str) -> bool:
 
 def isdir(path: str) -> bool:
   return _epath(path).is_dir() if is_url(path) else os.path.isdir(path)
-
-
-def listdir(path: str) -> list[str]:
-  if is_url(path):
-    return sorted(p.name for p in _epath(path).iterdir())
-  return sorted(os.listdir(path))
-
-
-def makedirs(path: str) -> None:
-  if is_url(path):
-    _epath(path).mkdir(parents=True, exist_ok=True)
-  else:
-    os.makedirs(path, exist_ok=True)
 
 
 def read_text(path: str) -> str:

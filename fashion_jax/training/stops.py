@@ -69,9 +69,8 @@ class StopRequest:
     del frame
     if self.signal is None:
       self.signal = signal.Signals(signum).name
-    elif not jax.distributed.is_initialized():  # A second signal: stop waiting (nothing
-      raise KeyboardInterrupt                    # collective to break).
-      raise KeyboardInterrupt
+    elif not jax.distributed.is_initialized() or jax.process_count() == 1:
+      raise KeyboardInterrupt  # A second signal: stop waiting (nothing collective to break).
     else:  # Several processes: leaving a collective save half-way would hang the others.
       logging.warning("already stopping at the next agreed step (%s ignored); SIGKILL stops now",
                       signal.Signals(signum).name)
