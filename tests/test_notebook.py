@@ -1,4 +1,5 @@
-"""launch/colab.ipynb runs top to bottom (shortened runs, CPU), its install cell pointed here."""
+"""launch/colab.ipynb runs top to bottom (shortened runs, CPU), its install cell pointed here;
+and with its runs in a Cloud Storage bucket (the emulator of tests/test_cloud.py)."""
 
 import glob
 import json
@@ -7,29 +8,35 @@ import os
 import pytest
 
 from tests.conftest import ROOT, write_idx_folder
+from tests.test_cloud import BUCKET, _Bucket, emulator  # pylint: disable=unused-import
 
 NOTEBOOK = os.path.join(ROOT, "launch", "colab.ipynb")
 
 
-def test_colab_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+def _execute(tmp_path, monkeypatch, runs="", skip=()):
+  """Runs the notebook's cells (but those containing a string in `skip`) in a fresh kernel; the
+  text each code cell printed, in order."""
   nbformat = pytest.importorskip("nbformat", reason="pip install 'fashion_jax[test]'")
   nbclient = pytest.importorskip("nbclient", reason="pip install 'fashion_jax[test]'")
   monkeypatch.setenv("FASHION_JAX_REPO", ROOT)
+  monkeypatch.setenv("FASHION_JAX_RUNS", runs)
   monkeypatch.setenv("FASHION_JAX_NOTEBOOK_QUICK", "1")
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("TMPDIR", str(tmp_path))  # The notebook's runs go to a folder made here.
+  monkeypatch.setenv("TMPDIR", str(tmp_path))  # The notebook's local files go to a folder made here.
   # Offline here: a small synthetic data set stands in for the one a user would download.
   monkeypatch.setenv("FASHION_JAX_IDX_DIR", write_idx_folder(str(tmp_path / "idx"), n_train=5600,
                                                           n_test=200))  # cpu_best holds out 5,000.
   notebook = nbformat.read(NOTEBOOK, as_version=4)
+  notebook.cells = [c for c in notebook.cells if not any(s in c.source for s in skip)]
   nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                           resources={"metadata": {"path": str(tmp_path)}}).execute()
+  return ["".join(o.get("text", "") for o in c.outputs)
+          for c in notebook.cells if c.cell_type == "code"]
 
-  def output(index):
-    cell = [c for c in notebook.cells if c.cell_type == "code"][index]
-    return "".join(o.get("text", "") for o in cell.outputs)
 
-  install, devices, default, recipe, benchmark, tensorboard, predict = map(output, range(1, 8))
+def test_colab_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+  _, install, devices, default, recipe, benchmark, tensorboard, predict = _execute(
+      tmp_path, monkeypatch)
   assert "kept: jax " in install and "numpy" in install  # And asserted unchanged, in the cell.
   assert "JAX " in devices and "on cpu" in devices
   assert "done: step 10" in default and "test accuracy" in default
@@ -40,3 +47,21 @@ def test_colab_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   assert "best:" in benchmark
   assert "event file(s)" in tensorboard and "tensorboard --logdir" in tensorboard
   assert "sample_trousers.jpg" in predict
+
+
+def test_colab_notebook_keeps_its_runs_in_a_bucket(emulator, tmp_path, monkeypatch):
+  """RUNS=gs://...: the runs, their metrics and TensorBoard files in the bucket, read back by the
+  notebook; nothing of them on the local disk. (The recipe and the benchmark cells are skipped:
+  they use RUNS as the default cell does, and cost a minute.)"""
+  _, install, _, default, tensorboard, predict = _execute(
+      tmp_path, monkeypatch, runs=f"gs://{BUCKET}/notebook/",
+      skip=("RECIPE = ", "fashion_jax.benchmark"))
+  assert "kept: jax " in install and "fsspec" in install
+  assert "done: step 10" in default and "test accuracy" in default
+  assert f"event file(s) in gs://{BUCKET}/notebook/fj_default/tensorboard" in tensorboard
+  assert "sample_trousers.jpg" in predict
+  bucket = _Bucket()
+  assert "metrics.jsonl" in bucket.names("notebook/fj_default")
+  assert bucket.names("notebook/fj_default/checkpoints") == ["10"]
+  (local,) = glob.glob(str(tmp_path / "fashion_jax_notebook_*"))
+  assert not os.path.exists(os.path.join(local, "fj_default"))
