@@ -99,9 +99,11 @@ def fail(message: str, code: int = 2):
 
 class QuietLibraries(logging_std.Filter):
   """Keeps libraries' INFO chatter out of the console (Orbax's per save, jax's "Resetting cache
-  at ..." each time the benchmark's compile measure switches caches); warnings still show."""
+  at ..." each time the benchmark's compile measure switches caches, fsspec's
+  "AdaptiveReadaheadCache enabled" per file read from gs:// through gcsfs); warnings still show."""
 
   def filter(self, record):
     path = record.pathname.replace(os.sep, "/")
     return record.levelno >= logging_std.WARNING or not (
-        "/orbax/" in path or path.endswith("/jax/_src/compilation_cache.py"))
+        any(name in path for name in ("/orbax/", "/gcsfs/", "/fsspec/"))
+        or path.endswith("/jax/_src/compilation_cache.py"))

@@ -7,7 +7,9 @@
 #       --config.idx_dir=../shared/data/fashion_mnist
 #
 # Usage: launch/local_multiprocess.sh NUM_PROCESSES DEVICES_PER_PROCESS WORKDIR [main flags...]
-# Each process logs to WORKDIR/process_<i>.log. If any process fails, the others are stopped
+# WORKDIR: a local folder, or a Cloud Storage one (gs://bucket/run, as on a TPU pod) with
+# FASHION_JAX_LOG_DIR set. Each process logs to WORKDIR/process_<i>.log, or where set to
+# FASHION_JAX_LOG_DIR/process_<i>.log (a local folder). If any process fails, the others are stopped
 # and the script exits with that process's status (2: fix the input its one-line error names;
 # 1: a crash); if the job was stopped by a signal (to this script or to any one process) it
 # exits 75 once every process has saved; bad arguments to this script exit 2.
@@ -21,7 +23,7 @@ usage_error() {
   exit 2
 }
 if [ $# -lt 3 ]; then
-  sed -n '2,14p' "$0" >&2
+  sed -n '2,16p' "$0" >&2
   exit 2
 fi
 num_processes=$1 devices=$2 workdir=$3
@@ -38,10 +40,12 @@ command -v "$python" >/dev/null ||
 port=${FASHION_JAX_PORT:-$((20000 + RANDOM % 20000))}
 [[ $port =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] ||
   usage_error "FASHION_JAX_PORT=$port is not a TCP port (1-65535)"
-[[ $workdir != *://* ]] ||
-  usage_error "WORKDIR=$workdir is a URL; the processes log into WORKDIR: pass a local folder"
-mkdir -p -- "$workdir" 2>/dev/null && [ -w "$workdir" ] ||
-  usage_error "WORKDIR=$workdir: cannot create or write that folder; pass a writable path"
+logs=${FASHION_JAX_LOG_DIR:-$workdir} logs_name=WORKDIR
+[ -z "${FASHION_JAX_LOG_DIR:-}" ] || logs_name=FASHION_JAX_LOG_DIR
+[[ $logs != *://* ]] || usage_error "$logs_name=$logs is a URL; the processes log into it: \
+set FASHION_JAX_LOG_DIR to a local folder for their logs"
+mkdir -p -- "$logs" 2>/dev/null && [ -w "$logs" ] ||
+  usage_error "$logs_name=$logs: cannot create or write that folder; pass a writable path"
 
 pids=()
 declare -A index_of  # pid -> process index, to name the failed process's log.
@@ -56,11 +60,11 @@ for ((i = 0; i < num_processes; i++)); do
     "$python" -m fashion_jax.main --workdir="$workdir" "$@" \
       --config.distributed=on --config.coordinator_address="localhost:$port" \
       --config.num_processes="$num_processes" --config.process_id="$i" \
-      >"$workdir/process_$i.log" 2>&1 &
+      >"$logs/process_$i.log" 2>&1 &
   pids+=($!)
   index_of[$!]=$i
 done
-echo "started $num_processes processes (coordinator localhost:$port); logs in $workdir/process_*.log"
+echo "started $num_processes processes (coordinator localhost:$port); logs in $logs/process_*.log"
 
 status=0 running=("${pids[@]}")
 while [ ${#running[@]} -gt 0 ]; do
@@ -75,7 +79,7 @@ while [ ${#running[@]} -gt 0 ]; do
     status=75  # Preempted: the others stop at the same step; let them finish saving.
   elif [ $rc -ne 0 ]; then
     status=$rc  # The first failure's own status (2: bad input, 1: a crash); the rest are stopped.
-    failed_log="$workdir/process_${index_of[$finished]}.log"
+    failed_log="$logs/process_${index_of[$finished]}.log"
     echo "process ${index_of[$finished]} failed (exit $rc; its log: $failed_log); stopping the others" >&2
     cleanup
     break
@@ -83,10 +87,10 @@ while [ ${#running[@]} -gt 0 ]; do
 done
 wait 2>/dev/null
 for ((i = 0; i < num_processes; i++)); do
-  grep -h "^fashion_jax: " "$workdir/process_$i.log" 2>/dev/null
+  grep -h "^fashion_jax: " "$logs/process_$i.log" 2>/dev/null
 done | awk '!seen[$0]++' >&2  # The same error from every process is said once.
 if [ $status -eq 0 ] || [ $status -eq 75 ]; then
-  tail -n 3 "$workdir/process_0.log"
+  tail -n 3 "$logs/process_0.log"
 elif [ $status -ne 2 ]; then  # A crash: the end of its traceback (2 said it in one line above).
   tail -n 5 "$failed_log" >&2
 fi

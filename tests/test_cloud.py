@@ -1,14 +1,19 @@
 """A run in Cloud Storage (--workdir=gs://bucket/run) end to end, against a local emulator of the
 Cloud Storage JSON API (fake-gcs-server, bundled in a wheel of the `test` extra): train, resume, metrics,
-TensorBoard, predict, evaluate, export, and a damaged checkpoint's fallback. Orbax/TensorStore,
-gcsfs and tensorboardX are pointed at it by their own environment variables."""
+TensorBoard, predict, evaluate, export, and a damaged checkpoint's fallback; and the same with two
+processes writing to one gs:// workdir, as the workers of a TPU pod do. Orbax/TensorStore, gcsfs and
+tensorboardX are pointed at it by their own environment variables."""
 
 import importlib.util
 import json
 import os
+import re
 import shutil
+import signal
 import socket
+import struct
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -16,6 +21,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import ROOT, run_module
+from tests.test_distributed import _pid_of
 
 BUCKET = "fj-test"
 
@@ -152,3 +158,140 @@ def test_cloud_workdirs_that_cannot_work_are_one_line_errors(emulator, workdir, 
   assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
   assert says in errors[0], errors
   assert os.listdir(tmp_path) == []  # Never a local folder named "s3:" or "gs:".
+
+
+def _records(bucket: _Bucket, run: str) -> list[tuple[int, str]]:
+  """metrics.jsonl as (step, "eval" or "train"), one a line."""
+  return [(l["step"], "eval" if "eval_accuracy" in l else "train")
+          for l in map(json.loads, bucket.text(f"{run}/metrics.jsonl").splitlines())]
+
+
+def _checkpoints(bucket: _Bucket, run: str) -> list[int]:
+  return sorted(int(step) for step in bucket.names(f"{run}/checkpoints"))
+
+
+def _train_steps_in_tensorboard(bucket: _Bucket, run: str) -> list[int]:
+  """The steps of every train_loss point in the run's TensorBoard event files, file by file."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  steps = []
+  for name in bucket.names(f"{run}/tensorboard"):
+    data = bucket.fs.cat_file(f"{BUCKET}/{run}/tensorboard/{name}")
+    while data:  # TFRecords: length (8 bytes), its CRC (4), the event, its CRC (4).
+      length = struct.unpack("<Q", data[:8])[0]
+      event = event_pb2.Event.FromString(data[12:12 + length])
+      steps += [event.step for value in event.summary.value if value.tag == "train_loss"]
+      data = data[16 + length:]
+  return steps
+
+
+class _Job:
+  """launch/local_multiprocess.sh: 2 processes x 1 CPU device, both writing to one gs:// run."""
+
+  def __init__(self, emulator, run: str, logs, flags):
+    self.run, self.logs, self.flags = run, logs, flags
+    self.env = dict(os.environ, **emulator, FASHION_JAX_PORT=str(_free_port()),
+                    PYTHON=sys.executable, FASHION_JAX_LOG_DIR=str(logs))
+
+  def start(self, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen(["bash", "launch/local_multiprocess.sh", "2", "1", self.run,
+                             *self.flags, *flags], cwd=ROOT, env=self.env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+  def log(self, process: int) -> str:
+    path = self.logs / f"process_{process}.log"
+    return path.read_text() if path.exists() else ""
+
+  def _tails(self) -> str:
+    """The end of each process's log, without the emulator's "Could not determine bucket type"."""
+    return "\n".join("\n".join(line for line in self.log(process).splitlines()[-40:]
+                               if "extended_gcsfs" not in line) for process in (0, 1))
+
+  def abort(self, launcher: subprocess.Popen, why: str):
+    """Kills what still runs of the job; fails with `why` and the ends of both logs."""
+    for process in (0, 1):
+      try:
+        os.kill(_pid_of(self.run, process), signal.SIGKILL)
+      except (AssertionError, ProcessLookupError):
+        pass
+    launcher.kill()
+    raise AssertionError(f"{why}\n{launcher.communicate()[1]}\n{self._tails()}")
+
+  def finish(self, launcher: subprocess.Popen, returncode: int = 0, timeout: float = 120):
+    """Both processes' logs once the launcher has exited with `returncode`. A job still running
+    after `timeout` s (processes waiting for each other) is killed: a failure."""
+    try:
+      err = launcher.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+      self.abort(launcher, f"the job was still running after {timeout} s")
+    assert launcher.returncode == returncode, f"{err}\n{self._tails()}"
+    return [self.log(0), self.log(1)]
+
+  def __call__(self, *flags: str):
+    return self.finish(self.start(*flags))
+
+
+def test_two_processes_train_stop_and_resume_in_one_cloud_storage_run(emulator, idx_dir,
+                                                                       tmp_path):
+  """Two processes (a TPU pod's workers) on one gs:// run: train, resume, SIGTERM to both (one
+  checkpoint, exit 75), resume there, and a damaged checkpoint's fallback. Each file is written
+  once (metrics.jsonl, config.json and TensorBoard by process 0), and every process sees what the
+  others changed: before, process 1 still listed the checkpoint process 0 had moved aside, skipped
+  saving it again, and process 0 waited in that save for good."""
+  name, bucket = "runs/two_processes", _Bucket()
+  job = _Job(emulator, f"gs://{BUCKET}/{name}", tmp_path / "logs",
+             ["--config=configs/tiny.py", f"--config.idx_dir={idx_dir}",
+              "--config.log_every_steps=1", "--config.steps_per_dispatch=4",
+              "--config.eval_every_steps=100000", "--config.checkpoint_every_steps=100000"])
+  logs = job("--config.num_train_steps=8")
+  assert "process 1 of 2" in logs[1]
+  expected = [(step, "train") for step in range(1, 9)] + [(8, "eval")]
+  assert _records(bucket, name) == expected  # Once each: process 0 alone writes.
+  derived = json.loads(bucket.text(f"{name}/config.json"))["_derived"]
+  assert derived["num_processes"] == 2 and derived["total_steps"] == 8
+  assert _checkpoints(bucket, name) == [8]
+  assert _train_steps_in_tensorboard(bucket, name) == list(range(1, 9))  # One event file.
+
+  # SIGTERM to every process mid-run (what `pkill -f fashion_jax.main` on each worker does).
+  launcher = job.start("--config.num_train_steps=100000")
+  deadline = time.monotonic() + 120
+  while not re.search(r"^I.* train step (1[6-9]|[2-9]\d)/", job.log(0), re.M):
+    if launcher.poll() is not None or time.monotonic() > deadline:
+      job.abort(launcher, "no train step 16 within 120 s")
+    time.sleep(0.1)
+  for process in (0, 1):
+    os.kill(_pid_of(job.run, process), signal.SIGTERM)
+  logs = job.finish(launcher, returncode=75, timeout=90)
+  stopped = [re.findall(r"^fashion_jax: stopped by SIGTERM to process \d at step (\d+);", log,
+                        re.M) for log in logs]
+  assert len(stopped[0]) == 1 and stopped[0] == stopped[1], stopped
+  step = int(stopped[0][0])
+  assert all("resumed from checkpoint at step 8" in log for log in logs)
+  expected += [(s, "train") for s in range(9, step + 1)]
+  assert _records(bucket, name) == expected
+  assert _checkpoints(bucket, name) == [8, step]
+
+  logs = job(f"--config.num_train_steps={step + 4}")  # Resumes where it stopped.
+  assert all(f"resumed from checkpoint at step {step}" in log for log in logs)
+  expected += [(s, "train") for s in range(step + 1, step + 5)] + [(step + 4, "eval")]
+  assert _records(bucket, name) == expected
+  assert _checkpoints(bucket, name) == [step, step + 4]
+  assert _train_steps_in_tensorboard(bucket, name) == list(range(1, step + 5))  # 3 event files.
+  assert not any("Traceback" in log for log in logs)
+
+  # The newest checkpoint damaged: moved aside by process 0, the previous one resumed by both,
+  # the steps after it trained again and saved again, by both.
+  sizes = bucket.fs.find(f"{BUCKET}/{name}/checkpoints/{step + 4}/state", detail=True)
+  biggest = max((p for p in sizes if "/d/" in p), key=lambda p: sizes[p]["size"])
+  bucket.fs.pipe_file(biggest, bucket.fs.cat_file(biggest)[:10])
+  logs = job(f"--config.num_train_steps={step + 4}")
+  for log in logs:
+    assert f"checkpoint at step {step + 4} is unreadable" in log
+    assert f"resumed from checkpoint at step {step}" in log
+  moved = bucket.names(f"{name}/checkpoints_unreadable")
+  assert len(moved) == 1 and moved[0].startswith(f"{step + 4}."), moved
+  assert _checkpoints(bucket, name) == [step, step + 4]
+  assert _records(bucket, name) == expected  # The lines after `step` dropped, then written again.
+  assert not any("Traceback" in log for log in logs)
+  assert not any("AdaptiveReadaheadCache" in log for log in logs)  # fsspec INFO: one a read.
+  assert sorted(os.listdir(job.logs)) == ["process_0.log", "process_1.log"]
+  assert not os.path.exists(os.path.join(ROOT, "gs:"))  # Never a local folder named "gs:".

@@ -359,7 +359,8 @@ class Checkpointer:
     target = storage.join(self.directory.rstrip("/") + "_unreadable", f"{step}.{int(time.time())}")
     if jax.process_index() == 0:
       storage.move(source, target)
-    multihost.barrier(f"quarantine/{step}")  # Every process sees it gone before going on.
+    multihost.barrier(f"quarantine/{step}")  # Every process sees it gone before going on:
+    storage.forget_listings(self.directory)  # not in a listing made before the move.
     self._manager.reload()
     return target
 

@@ -126,6 +126,23 @@ def ensure_writable_dir(path: str, flag: str) -> str:
   return path
 
 
+def forget_listings(path: str) -> None:
+  """Makes this process list the folders of `path`'s file system afresh from now on.
+
+  gcsfs (etils.epath's Cloud Storage client without TensorFlow) keeps every folder listing it
+  has made, and forgets only what this process changes itself: what another process of the job
+  changed stays unseen (process 1 still listed the checkpoint that process 0 had moved aside,
+  skipped its part of saving that step again, and process 0 waited in that save for good). Call
+  it after the barrier that follows such a change. Local folders keep no listings, nor does
+  TensorFlow's file system by default (not tried here: the emulator is reached through gcsfs).
+  """
+  if not is_url(path):
+    return
+  backend = getattr(_epath(path), "_backend", None)  # epath's file system for this path.
+  if hasattr(backend, "fs"):  # fsspec: gcsfs.
+    backend.fs(path).invalidate_cache()  # All of them: "at or under" a path is not what it does.
+
+
 def put_file(local: str, path: str) -> None:
   """Copies the local file `local` to `path` (local or cloud)."""
   if is_url(path):
