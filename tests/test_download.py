@@ -157,7 +157,14 @@ def test_source_order(tmp_path, monkeypatch, tiny_config):
   assert input_pipeline.source(config) == input_pipeline.Source(
       "download", str(tmp_path / "c" / "datasets" / "mnist"), "no TensorFlow here")
   monkeypatch.setattr(input_pipeline, "tensorflow_available", lambda: True)
+  monkeypatch.setattr(input_pipeline, "tfds_import_error", lambda: None)
   assert input_pipeline.source(config).kind == "tfds"
+  # tfds installed but broken (Colab's GPU and CPU runtimes, Aug 2026: tensorflow-metadata's
+  # protobuf code newer than the runtime's protobuf): the verified download, saying why.
+  monkeypatch.setattr(input_pipeline, "tfds_import_error", lambda: "VersionError: protobuf")
+  assert input_pipeline.source(config) == input_pipeline.Source(
+      "download", str(tmp_path / "c" / "datasets" / "mnist"),
+      "tensorflow-datasets cannot be imported here: VersionError: protobuf")
 
 
 def test_without_tensorflow_the_data_is_downloaded_once(mirror, tmp_path, monkeypatch, tiny_config):

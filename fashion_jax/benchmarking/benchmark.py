@@ -210,6 +210,8 @@ def tfds_unprepared_reason(config) -> str | None:
   from fashion_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   if not input_pipeline.tensorflow_available():
     return "TensorFlow is not installed (tfds needs it to read this data set)"
+  if broken := input_pipeline.tfds_import_error():
+    return f"tensorflow-datasets cannot be imported here: {broken}"
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds.builder(config.dataset, data_dir=config.data_dir or None)

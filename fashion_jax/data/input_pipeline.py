@@ -26,7 +26,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import dataclasses
+import functools
 import importlib.util
+import logging as logging_std
 import os
 
 import numpy as np
@@ -73,19 +75,53 @@ def tensorflow_available() -> bool:
              for m in ("tensorflow", "tensorflow_datasets"))
 
 
+class _DropLoggedExceptions(logging_std.Filter):
+  def filter(self, record):
+    return not (record.levelno >= logging_std.ERROR and record.exc_info)
+
+
+@functools.cache
+def tfds_import_error() -> str | None:
+  """None when tensorflow_datasets imports whole; else why it does not, in one line.
+
+  tfds catches any error while importing its own modules, logs it with a traceback and leaves
+  a module without its API (`tfds.builder` missing). The versions Colab lists for its GPU and
+  CPU runtimes (Aug 2026) are such a case: tensorflow-metadata 1.21.0's generated code needs
+  protobuf >= 6.31.1 (it declares >= 4.25.2), and they hold 5.29.6.
+  Their traceback is left out here; the reason goes into the data source's one line.
+  """
+  absl_logger = logging_std.getLogger("absl")  # tfds logs through absl.
+  quiet = _DropLoggedExceptions()
+  absl_logger.addFilter(quiet)
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    if hasattr(tfds, "builder"):
+      return None
+    from tensorflow_datasets import public_api  # pylint: disable=g-import-not-at-top,unused-import
+  except Exception as e:  # pylint: disable=broad-except  (whatever tfds's own import raises)
+    first_sentence = str(e).splitlines()[0].split(". ")[0] if str(e) else ""
+    return f"{type(e).__name__}: {first_sentence}"
+  finally:
+    absl_logger.removeFilter(quiet)
+  return "its module has no `builder`"
+
+
 def source(config) -> Source:
   """Picks the data source: config.idx_dir; else $FASHION_JAX_IDX_DIR (Fashion-MNIST, and no
-  config.data_dir given); else tensorflow-datasets where TensorFlow is installed; else the
-  verified download."""
+  config.data_dir given); else tensorflow-datasets where TensorFlow is installed (and tfds
+  imports); else the verified download."""
   if config.idx_dir:
     return Source("idx", os.path.expanduser(config.idx_dir), "config.idx_dir")
   env = os.environ.get(IDX_ENV, "")
   if env and config.dataset == "fashion_mnist" and not config.data_dir:
     return Source("idx", os.path.expanduser(env), f"${IDX_ENV}")
+  why = "no TensorFlow here"
   if tensorflow_available():
-    return Source("tfds", config.data_dir, "TensorFlow is installed")
-  return Source("download", download.default_folder(config.dataset, config.data_dir),
-                "no TensorFlow here")
+    broken = tfds_import_error()
+    if broken is None:
+      return Source("tfds", config.data_dir, "TensorFlow is installed")
+    why = f"tensorflow-datasets cannot be imported here: {broken}"
+  return Source("download", download.default_folder(config.dataset, config.data_dir), why)
 
 
 def load(config, split: str, data_source: Source | None = None) -> Split:
