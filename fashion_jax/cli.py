@@ -97,6 +97,18 @@ def fail(message: str, code: int = 2):
   sys.exit(code)
 
 
+def quiet_console() -> None:
+  """What each command's main does first: libraries' INFO chatter kept out of absl's console
+  handler, and each of jax's log lines printed once. jax 0.7.2 (Colab's) gives its loggers a
+  stderr handler of their own at its default level (NOTSET), so under absl's every jax line came
+  twice (newer jax adds none at that default); a level the user set (JAX_LOGGING_LEVEL) stays."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().addFilter(QuietLibraries())
+  if jax.config.jax_logging_level == "NOTSET":
+    jax.config.update("jax_logging_level", None)  # No level set: jax's own handler removed.
+
+
 class QuietLibraries(logging_std.Filter):
   """Keeps libraries' INFO chatter out of the console (Orbax's per save, jax's "Resetting cache
   at ..." each time the benchmark's compile measure switches caches, fsspec's

@@ -31,7 +31,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  logging.get_absl_handler().addFilter(cli.QuietLibraries())
+  cli.quiet_console()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   import jax  # pylint: disable=g-import-not-at-top

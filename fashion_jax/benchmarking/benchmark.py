@@ -365,8 +365,7 @@ def run(config) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from absl import logging  # pylint: disable=g-import-not-at-top
-  logging.get_absl_handler().addFilter(cli.QuietLibraries())  # --loop runs the real loop.
+  cli.quiet_console()  # --loop runs the real loop.
   from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
   try:
     results = run(FLAGS.config)

@@ -36,7 +36,6 @@ from typing import Any
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 
 import fashion_jax  # Records the process start time first.
@@ -354,7 +353,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def main(argv):
-  logging.get_absl_handler().addFilter(cli.QuietLibraries())
+  cli.quiet_console()
   compile_cache.enable()  # GPU/TPU only: the evaluation's compile, once.
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

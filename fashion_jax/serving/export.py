@@ -54,7 +54,6 @@ from typing import Any
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 
 import fashion_jax
@@ -384,7 +383,7 @@ def export_run(workdir: str, output: str, step: int | None = None,
 
 
 def main(argv):
-  logging.get_absl_handler().addFilter(cli.QuietLibraries())
+  cli.quiet_console()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:

@@ -40,7 +40,6 @@ import sys
 from typing import Iterable, TextIO
 
 from absl import flags
-from absl import logging
 
 from fashion_jax import cli
 from fashion_jax.serving import preprocess
@@ -229,7 +228,7 @@ def format_table(predictions: list[Prediction]) -> str:
 
 
 def main(argv):
-  logging.get_absl_handler().addFilter(cli.QuietLibraries())
+  cli.quiet_console()
   compile_cache.enable()  # GPU/TPU only: the evaluation's compile, once.
   try:
     predictions, status = predict(FLAGS.workdir, argv[1:], top_k=FLAGS.top_k, step=FLAGS.step,
