@@ -30,6 +30,21 @@ def test_accelerators_seen_from_device_files(tmp_path):
   assert list(backends.accelerators(_machine(tmp_path / "v4", "dev/accel0"))) == ["tpu"]
 
 
+def test_cuda_plugin_check_skipped_only_without_a_gpu(tmp_path):
+  """No NVIDIA GPU: the CUDA plugin's start-up check (a traceback there) is skipped."""
+  environ = {}
+  backends.quiet_cuda_plugin_without_gpu(_machine(tmp_path / "cpu"), environ)
+  assert environ == {"JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
+  for i, files in enumerate([("dev/nvidia0",), ("proc/driver/nvidia/gpus/0000:00:04.0",),
+                             ("dev/dxg",)]):  # A GPU, or maybe one (WSL): the check stays.
+    environ = {}
+    backends.quiet_cuda_plugin_without_gpu(_machine(tmp_path / str(i), *files), environ)
+    assert environ == {}
+  environ = {"JAX_SKIP_CUDA_CONSTRAINTS_CHECK": ""}  # A user's own setting wins.
+  backends.quiet_cuda_plugin_without_gpu(_machine(tmp_path / "set"), environ)
+  assert environ == {"JAX_SKIP_CUDA_CONSTRAINTS_CHECK": ""}
+
+
 VERSIONS = {"jax": "0.10.2", "jaxlib": "0.10.2"}
 
 

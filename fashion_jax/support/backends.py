@@ -46,6 +46,20 @@ def accelerators(root: str = "/") -> dict[str, str]:
   return found
 
 
+def quiet_cuda_plugin_without_gpu(root: str = "/", environ=None) -> None:
+  """Before JAX starts: on a machine with no NVIDIA GPU, skip the CUDA plugin's library check.
+
+  jax-cuda12-plugin (0.7.2, Colab's) checks its CUDA libraries when JAX starts, whatever
+  JAX_PLATFORMS says; it calls cuInit, which fails without a GPU, and JAX logs that as a
+  20-line traceback (twice, with absl's handler) before running on the CPU as it would anyway.
+  Without the check the plugin fails to start as quietly as JAX's other unavailable backends.
+  Where a GPU may be present (NVIDIA device files, or WSL's /dev/dxg) nothing changes.
+  """
+  environ = os.environ if environ is None else environ
+  if "gpu" not in accelerators(root) and not os.path.exists(os.path.join(root, "dev/dxg")):
+    environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+
 def _installed() -> dict[str, str]:
   versions = {}
   for name in ("jax", "jaxlib", "libtpu", "libtpu-nightly", *CUDA_PLUGINS):
