@@ -124,3 +124,29 @@ def test_cli_backend_cpu_keeps_jax_off_accelerators(tmp_path):
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                         timeout=120)
   assert proc.stdout.split() == ["cpu", "cpu"], proc.stderr[-2000:]
+
+
+def test_tensorflow_beside_jax_takes_gpu_memory_as_needed():
+  """TensorFlow (tfds, export, the Keras comparison) in a JAX process: memory growth on each GPU,
+  so it does not take nearly all that JAX's preallocation left; too late (TensorFlow started)
+  changes nothing and is no error."""
+  grown = []
+
+  class FakeTf:  # tf.config's two calls, on a machine with two GPUs.
+    class config:  # pylint: disable=invalid-name
+      list_physical_devices = staticmethod(lambda kind: ["GPU:0", "GPU:1"] if kind == "GPU" else [])
+
+      class experimental:  # pylint: disable=invalid-name
+        @staticmethod
+        def set_memory_growth(device, enable):
+          if grown == ["late"]:
+            raise RuntimeError("Physical devices cannot be modified after being initialized")
+          grown.append((device, enable))
+
+  backends.tensorflow_shares_the_gpu(FakeTf)
+  assert grown == [("GPU:0", True), ("GPU:1", True)]
+  grown[:] = ["late"]
+  backends.tensorflow_shares_the_gpu(FakeTf)
+  assert grown == ["late"]
+  tf = pytest.importorskip("tensorflow")
+  backends.tensorflow_shares_the_gpu(tf)  # The real one: no GPU here, nothing to change.

@@ -11,6 +11,7 @@ import sys
 import time
 
 import fashion_jax
+from fashion_jax.support import backends
 
 
 def log(message: str) -> None:
@@ -54,6 +55,8 @@ class KerasTrain:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    backends.tensorflow_shares_the_gpu(tf)
 
     keras.utils.set_random_seed(0)
     self.model = model = keras_model(keras)

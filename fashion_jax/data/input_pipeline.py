@@ -36,7 +36,7 @@ import numpy as np
 from fashion_jax.data import download
 from fashion_jax.data import idx
 from fashion_jax.support.errors import UserError
-from fashion_jax.support import paths
+from fashion_jax.support import backends, paths
 
 Batch = dict[str, np.ndarray]
 
@@ -141,7 +141,9 @@ def load(config, split: str, data_source: Source | None = None) -> Split:
 
 
 def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top (heavy, optional)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top (heavy, optional)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  backends.tensorflow_shares_the_gpu(tf)
   # One preparation at a time: processes sharing a data_dir (a multi-process job) would
   # otherwise download and write the same files at once.
   lock = os.path.join(data_dir or paths.cache_root(), f".fashion_jax-tfds-{name}.lock")

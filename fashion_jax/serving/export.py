@@ -58,7 +58,7 @@ import numpy as np
 
 import fashion_jax
 from fashion_jax import cli
-from fashion_jax.support import storage
+from fashion_jax.support import backends, storage
 from fashion_jax.support.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -153,6 +153,7 @@ def _import_tf():
   except ImportError as e:
     raise UserError(f"export needs TensorFlow ({e}); pip install 'fashion_jax[tf]' (or "
                     "tensorflow)") from e
+  backends.tensorflow_shares_the_gpu(tf)
   return tf, jax2tf
 
 

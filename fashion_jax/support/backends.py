@@ -60,6 +60,18 @@ def quiet_cuda_plugin_without_gpu(root: str = "/", environ=None) -> None:
     environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 
+def tensorflow_shares_the_gpu(tf) -> None:
+  """Right after importing TensorFlow in a JAX process: TensorFlow takes GPU memory as it needs
+  it, instead of nearly all that JAX's preallocation left (where JAX's cuDNN and cuBLAS
+  workspaces come from). tfds's input pipeline, export's conversion and the Keras comparison use
+  TensorFlow beside JAX. Nothing without a GPU, or once TensorFlow has started its devices."""
+  try:
+    for gpu in tf.config.list_physical_devices("GPU"):
+      tf.config.experimental.set_memory_growth(gpu, True)
+  except RuntimeError:  # "Physical devices cannot be modified after being initialized".
+    pass
+
+
 def _installed() -> dict[str, str]:
   versions = {}
   for name in ("jax", "jaxlib", "libtpu", "libtpu-nightly", *CUDA_PLUGINS):
