@@ -4,9 +4,11 @@ and with its runs in a Cloud Storage bucket (the emulator of tests/test_cloud.py
 import glob
 import json
 import os
+import sys
 
 import pytest
 
+from fashion_jax.support import paths
 from tests.conftest import ROOT, write_idx_folder
 from tests.test_cloud import BUCKET, _Bucket, emulator  # pylint: disable=unused-import
 
@@ -28,8 +30,11 @@ def _execute(tmp_path, monkeypatch, runs="", skip=()):
                                                           n_test=200))  # cpu_best holds out 5,000.
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   notebook.cells = [c for c in notebook.cells if not any(s in c.source for s in skip)]
-  nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                          resources={"metadata": {"path": str(tmp_path)}}).execute()
+  # One notebook at a time in this environment: each one's install cell pip-installs into it, and
+  # two pips at once (the suite's -n auto workers) can break each other's install.
+  with paths.exclusive(os.path.join(sys.prefix, ".fashion_jax_notebook_test.lock")):
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
   return ["".join(o.get("text", "") for o in c.outputs)
           for c in notebook.cells if c.cell_type == "code"]
 

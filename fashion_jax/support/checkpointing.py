@@ -349,7 +349,9 @@ class Checkpointer:
       if not outcomes:
         return state, None
       if attempt == 1:  # Files still being written by a slow file system: read once more
-        self._manager.reload()  # (after the ABANDONED_READS_SETTLE_S the failure waited).
+        # (after the ABANDONED_READS_SETTLE_S the failure waited), not from cached listings.
+        storage.forget_listings(self.directory)
+        self._manager.reload()
     process = min(outcomes)
     return None, outcomes[process][len("damage: "):] + (
         f" on process {process}" if jax.process_count() > 1 else "")

@@ -133,8 +133,10 @@ def forget_listings(path: str) -> None:
   has made, and forgets only what this process changes itself: what another process of the job
   changed stays unseen (process 1 still listed the checkpoint that process 0 had moved aside,
   skipped its part of saving that step again, and process 0 waited in that save for good). Call
-  it after the barrier that follows such a change. Local folders keep no listings, nor does
-  TensorFlow's file system by default (not tried here: the emulator is reached through gcsfs).
+  it after the barrier that follows such a change, or before reading again what may have been
+  incomplete. Local folders keep no listings; TensorFlow's file system (epath's choice where
+  TensorFlow is installed) lists afresh each time, and keeps a file's status for 5 s at most
+  (GCS_STAT_CACHE_MAX_AGE); it is not tried here: the emulator is reached through gcsfs.
   """
   if not is_url(path):
     return
