@@ -8,6 +8,8 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from fashion_jax.support import backends
+
 FLAGS = flags.FLAGS
 
 
@@ -20,6 +22,7 @@ def parse_flags(argv):
   already lists can also be set alone (`--config.model_kwargs.depth=16`). The
   model checks the keys when the config is validated.
   """
+  backends.quiet_cuda_plugin_without_gpu()  # Every command parses its flags before JAX starts.
   if "config" in FLAGS:
     _refuse_repeated_config(argv)
   try:

@@ -8,12 +8,11 @@ from absl import flags
 
 from fashion_jax import cli
 from fashion_jax.serving import evaluate
-from fashion_jax.support import backends, runtime
+from fashion_jax.support import runtime
 
 __doc__ = evaluate.__doc__  # What --help prints.
 
 if __name__ == "__main__":
-  backends.quiet_cuda_plugin_without_gpu()  # Before JAX starts.
   evaluate.define_flags()
   flags.adopt_module_key_flags(evaluate)  # --help lists them, not only --helpfull.
   runtime.reexec_with_tuned_malloc("fashion_jax.evaluate")

@@ -7,13 +7,11 @@ from absl import app
 from absl import flags
 
 from fashion_jax import cli
-from fashion_jax.support import backends
 from fashion_jax.serving import export
 
 __doc__ = export.__doc__  # What --help prints.
 
 if __name__ == "__main__":
-  backends.quiet_cuda_plugin_without_gpu()  # Before JAX starts.
   export.define_flags()
   flags.adopt_module_key_flags(export)  # --help lists them, not only --helpfull.
   app.run(export.main, flags_parser=cli.parse_flags)

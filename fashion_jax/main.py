@@ -22,7 +22,7 @@ from ml_collections import config_flags
 
 import fashion_jax  # Records the process start time first.
 from fashion_jax import cli
-from fashion_jax.support import backends, runtime
+from fashion_jax.support import runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summaries.")
@@ -70,6 +70,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  backends.quiet_cuda_plugin_without_gpu()  # Before JAX starts.
   runtime.reexec_with_tuned_malloc("fashion_jax.main")
   app.run(main, flags_parser=cli.parse_flags)

@@ -7,13 +7,11 @@ from absl import app
 from absl import flags
 
 from fashion_jax import cli
-from fashion_jax.support import backends
 from fashion_jax.serving import predict
 
 __doc__ = predict.__doc__  # What --help prints.
 
 if __name__ == "__main__":
-  backends.quiet_cuda_plugin_without_gpu()  # Before JAX starts.
   predict.define_flags()
   flags.adopt_module_key_flags(predict)  # --help lists them, not only --helpfull.
   app.run(predict.main, flags_parser=cli.parse_flags)

@@ -55,8 +55,7 @@ class KerasTrain:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras  # pylint: disable=g-import-not-at-top
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    backends.tensorflow_shares_the_gpu(tf)
+    backends.tensorflow_shares_the_gpu()
 
     keras.utils.set_random_seed(0)
     self.model = model = keras_model(keras)

@@ -142,11 +142,7 @@ def load(config, split: str, data_source: Source | None = None) -> Split:
 
 def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top (heavy, optional)
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top (tfds reads through it)
-    backends.tensorflow_shares_the_gpu(tf)
-  except ImportError:  # A tfds stand-in without TensorFlow (tests).
-    pass
+  backends.tensorflow_shares_the_gpu()  # tfds reads through TensorFlow.
   # One preparation at a time: processes sharing a data_dir (a multi-process job) would
   # otherwise download and write the same files at once.
   lock = os.path.join(data_dir or paths.cache_root(), f".fashion_jax-tfds-{name}.lock")

@@ -60,11 +60,17 @@ def quiet_cuda_plugin_without_gpu(root: str = "/", environ=None) -> None:
     environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 
-def tensorflow_shares_the_gpu(tf) -> None:
-  """Right after importing TensorFlow in a JAX process: TensorFlow takes GPU memory as it needs
-  it, instead of nearly all that JAX's preallocation left (where JAX's cuDNN and cuBLAS
-  workspaces come from). tfds's input pipeline, export's conversion and the Keras comparison use
-  TensorFlow beside JAX. Nothing without a GPU, or once TensorFlow has started its devices."""
+def tensorflow_shares_the_gpu(tf=None) -> None:
+  """Before TensorFlow first runs in a JAX process: TensorFlow takes GPU memory as it needs it,
+  instead of nearly all that JAX's preallocation left (where JAX's cuDNN and cuBLAS workspaces
+  come from). tfds's input pipeline, export's conversion and the Keras comparison use TensorFlow
+  beside JAX. Nothing without TensorFlow or a GPU, or once TensorFlow has started its devices.
+  `tf`: the module (imported here when not given)."""
+  if tf is None:
+    try:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top (heavy, optional)
+    except ImportError:  # A tfds stand-in without TensorFlow (tests).
+      return
   try:
     for gpu in tf.config.list_physical_devices("GPU"):
       tf.config.experimental.set_memory_growth(gpu, True)
