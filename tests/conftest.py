@@ -135,6 +135,17 @@ def trained_real_workdir(tmp_path_factory):
   return _train_in_process(config, str(tmp_path_factory.mktemp("trained_real") / "workdir"))
 
 
+def tensorboard_events(data: bytes):
+  """The events of one TensorBoard event file's bytes (TFRecords: length (8 bytes), its CRC (4),
+  the event, its CRC (4)), read without TensorFlow."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  pos = 0
+  while pos < len(data):
+    length = int.from_bytes(data[pos:pos + 8], "little")
+    yield event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+    pos += 12 + length + 4
+
+
 def assert_one_line_error(proc, *fragments):
   """A usage error: exit 2, exactly one `fashion_jax: error:` line holding each fragment."""
   assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])

@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT, run_module
+from tests.conftest import ROOT, run_module, tensorboard_events
 from tests.test_distributed import _pid_of
 
 BUCKET = "fj-test"
@@ -172,15 +171,10 @@ def _checkpoints(bucket: _Bucket, run: str) -> list[int]:
 
 def _train_steps_in_tensorboard(bucket: _Bucket, run: str) -> list[int]:
   """The steps of every train_loss point in the run's TensorBoard event files, file by file."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
   steps = []
   for name in bucket.names(f"{run}/tensorboard"):
-    data = bucket.fs.cat_file(f"{BUCKET}/{run}/tensorboard/{name}")
-    while data:  # TFRecords: length (8 bytes), its CRC (4), the event, its CRC (4).
-      length = struct.unpack("<Q", data[:8])[0]
-      event = event_pb2.Event.FromString(data[12:12 + length])
+    for event in tensorboard_events(bucket.fs.cat_file(f"{BUCKET}/{run}/tensorboard/{name}")):
       steps += [event.step for value in event.summary.value if value.tag == "train_loss"]
-      data = data[16 + length:]
   return steps
 
 

@@ -17,7 +17,7 @@ from fashion_jax.model import steps
 from fashion_jax.support import parallel as parallel_lib
 from fashion_jax.support.errors import UserError
 from fashion_jax.training import train
-from tests.conftest import assert_one_line_error, run_module
+from tests.conftest import assert_one_line_error, run_module, tensorboard_events
 from tests.multidevice_check import final_state
 
 
@@ -28,17 +28,12 @@ def _lines(workdir):
 
 def _tensorboard_values(workdir) -> dict[str, list]:
   """tag -> [value kinds] from the TFRecord event files (no TensorFlow needed)."""
-  from tensorboardX.proto import event_pb2
   found = {}
   folder = os.path.join(workdir, "tensorboard")
   for name in os.listdir(folder):
     with open(os.path.join(folder, name), "rb") as f:
       data = f.read()
-    pos = 0
-    while pos < len(data):
-      length = int.from_bytes(data[pos:pos + 8], "little")
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-      pos += 12 + length + 4
+    for event in tensorboard_events(data):
       for value in event.summary.value:
         found.setdefault(value.tag, []).append(value.WhichOneof("value"))
   return found
