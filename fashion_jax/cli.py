@@ -9,6 +9,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from fashion_jax.support import backends
+from fashion_jax.support import storage
 
 FLAGS = flags.FLAGS
 
@@ -22,7 +23,8 @@ def parse_flags(argv):
   already lists can also be set alone (`--config.model_kwargs.depth=16`). The
   model checks the keys when the config is validated.
   """
-  backends.quiet_cuda_plugin_without_gpu()  # Every command parses its flags before JAX starts.
+  backends.quiet_cuda_plugin_without_gpu()  # Every command parses its flags before JAX starts,
+  storage.use_gcsfs()  # and before any path is opened.
   if "config" in FLAGS:
     _refuse_repeated_config(argv)
   try:

@@ -58,7 +58,7 @@ def emulator():
   env = {"STORAGE_EMULATOR_HOST": url,  # gcsfs, google-cloud-storage (tensorboardX)
          "TENSORSTORE_GCS_HTTP_URL": url,  # Orbax's arrays
          "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",  # TensorStore: no metadata-server lookup
-         "EPATH_USE_TF": "false",  # etils.epath through gcsfs even where TensorFlow is installed
+         # No EPATH_USE_TF: the commands pick gcsfs beside TensorFlow themselves (storage.use_gcsfs).
          "JAX_PLATFORMS": "cpu"}
   saved = {key: os.environ.get(key) for key in env}
   os.environ.update(env)  # This process reads the bucket too.
@@ -75,7 +75,7 @@ def emulator():
 
 class _Bucket:
   """The test bucket, read and written through gcsfs directly: etils.epath in this process may
-  have picked TensorFlow's file system (it decides once, before the fixture's EPATH_USE_TF)."""
+  have picked TensorFlow's file system (it decides once, at its first path)."""
 
   def __init__(self):
     import gcsfs  # pylint: disable=import-outside-toplevel

@@ -32,6 +32,22 @@ def test_unsupported_cloud_workdirs_are_refused_before_anything_is_created(tmp_p
   assert os.listdir(tmp_path) == []  # No local folder named "s3:" or "gs:".
 
 
+def test_cloud_storage_goes_through_gcsfs_where_installed_unless_the_user_chose(monkeypatch):
+  """etils.epath would take TensorFlow's file system wherever TensorFlow is installed (Colab's GPU
+  and CPU runtimes); gcsfs is what the emulator tests run, so it is chosen where it is installed
+  (test_cloud runs without EPATH_USE_TF beside TensorFlow). A user's own EPATH_USE_TF stays."""
+  monkeypatch.delenv("EPATH_USE_TF", raising=False)  # Restored (or removed again) afterwards.
+  monkeypatch.setattr(storage, "_found", lambda module: module != "gcsfs")
+  storage.use_gcsfs()
+  assert "EPATH_USE_TF" not in os.environ  # No gcsfs: TensorFlow's file system, if any, is left.
+  monkeypatch.setattr(storage, "_found", lambda module: True)
+  storage.resolve("gs://bucket/run", "--workdir")
+  assert os.environ["EPATH_USE_TF"] == "false"
+  monkeypatch.setenv("EPATH_USE_TF", "1")
+  storage.use_gcsfs()
+  assert os.environ["EPATH_USE_TF"] == "1"
+
+
 def test_require_names_the_extra(monkeypatch):
   errors.require("json", "json", "serve", "this")  # Importable: nothing happens.
   monkeypatch.setitem(sys.modules, "PIL", None)

@@ -2,8 +2,8 @@
 
 The run's own files (config.json, metrics.jsonl, the evaluation report) go through these few
 functions; Orbax and TensorStore write checkpoints to gs:// themselves, tensorboardX its event
-files. Cloud paths go through etils.epath: TensorFlow's file system where TensorFlow is installed,
-else gcsfs (`pip install 'fashion_jax[gcs]'`). Cloud Storage has no folders, no append and no
+files. Cloud paths go through etils.epath and gcsfs (`pip install 'fashion_jax[gcs]'`), also where
+TensorFlow is installed (`use_gcsfs`); TensorFlow's file system only where gcsfs is missing. Cloud Storage has no folders, no append and no
 rename: a folder exists once an object is under it, an append rewrites the object (the metrics
 writer buffers, see metric_writers.py), a move copies then deletes.
 """
@@ -30,6 +30,19 @@ def _epath(path: str):
   return epath.Path(path)
 
 
+def use_gcsfs() -> None:
+  """Makes etils.epath reach Cloud Storage through gcsfs wherever gcsfs is installed.
+
+  epath would pick TensorFlow's file system wherever TensorFlow is installed (Colab's GPU and CPU
+  runtimes, which have gcsfs too): a second client, one no test can point at an emulator, whose
+  5-second status cache `forget_listings` cannot drop. EPATH_USE_TF set by the user wins. epath
+  decides once per process, at its first path: every command calls this before touching one
+  (`cli.parse_flags`), and `resolve` for code that calls the library directly.
+  """
+  if "EPATH_USE_TF" not in os.environ and _found("gcsfs"):
+    os.environ["EPATH_USE_TF"] = "false"
+
+
 def _cloud_backend_missing() -> bool:
   """Whether a gs:// run cannot write here: etils.epath needs TensorFlow's file system or gcsfs,
   tensorboardX google-cloud-storage (without it the run would fail at its first logged value)."""
@@ -50,6 +63,7 @@ def resolve(path: str, flag: str) -> str:
   if scheme not in CLOUD_SCHEMES or not rest.strip("/"):
     raise UserError(f"{flag}={path!r}: {scheme}:// folders are not supported (gs://bucket/path "
                     "is); pass a local folder, or mount the storage and pass its mount point")
+  use_gcsfs()
   if _cloud_backend_missing():
     raise UserError(f"{flag}={path!r} needs gcsfs (or TensorFlow) and google-cloud-storage to "
                     "write to Cloud Storage: pip install 'fashion_jax[gcs]'")
@@ -134,8 +148,8 @@ def forget_listings(path: str) -> None:
   changed stays unseen (process 1 still listed the checkpoint that process 0 had moved aside,
   skipped its part of saving that step again, and process 0 waited in that save for good). Call
   it after the barrier that follows such a change, or before reading again what may have been
-  incomplete. Local folders keep no listings; TensorFlow's file system (epath's choice where
-  TensorFlow is installed) lists afresh each time, and keeps a file's status for 5 s at most
+  incomplete. Local folders keep no listings; TensorFlow's file system (used only where gcsfs is
+  not installed) lists afresh each time, and keeps a file's status for 5 s at most
   (GCS_STAT_CACHE_MAX_AGE); it is not tried here: the emulator is reached through gcsfs.
   """
   if not is_url(path):
