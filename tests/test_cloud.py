@@ -91,6 +91,33 @@ class _Bucket:
                                                                       refresh=True))
 
 
+def _check_export_in_bucket(bucket, emulator, run, export, tmp_path):
+  """The SavedModel in the bucket loads and runs (every file arrived); a second export replaces it
+  only with --overwrite, leaving no staging folder; a bucket folder that holds no export is never
+  replaced."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  names = bucket.names("models")
+  assert names == ["tiny"], names  # No ".partial-" or ".old-" folder beside it.
+  bucket.fs.get(f"{BUCKET}/models/tiny", str(tmp_path / "download"), recursive=True)
+  meta = json.loads((tmp_path / "download" / "fashion_jax_export.json").read_text())
+  assert meta["output"] == export and meta["step"] == 20, meta
+  serve = tf.saved_model.load(str(tmp_path / "download")).signatures["serving_default"]
+  probabilities = serve(images=tf.zeros([2, 28, 28], tf.uint8))["probabilities"].numpy()
+  np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+  proc = run_module("fashion_jax.export", f"--workdir={run}", f"--output={export}", env=emulator)
+  assert proc.returncode == 2 and "is not empty; pass --overwrite" in proc.stderr, proc.stderr
+  proc = run_module("fashion_jax.export", f"--workdir={run}", f"--output={export}", "--overwrite",
+                    "--step=10", env=emulator)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert bucket.names("models") == ["tiny"]
+  assert json.loads(bucket.text("models/tiny/fashion_jax_export.json"))["step"] == 10
+  proc = run_module("fashion_jax.export", f"--workdir={run}", f"--output={run}", "--overwrite",
+                    env=emulator)
+  assert proc.returncode == 2 and "holds no fashion_jax export" in proc.stderr, proc.stderr
+  assert "checkpoints" in bucket.names("runs/tiny")
+
+
 def test_a_run_in_cloud_storage_trains_resumes_and_serves(emulator, idx_dir, tmp_path):
   run, bucket = f"gs://{BUCKET}/runs/tiny", _Bucket()
   flags = ["--config=configs/tiny.py", f"--workdir={run}", f"--config.idx_dir={idx_dir}"]
@@ -124,11 +151,11 @@ def test_a_run_in_cloud_storage_trains_resumes_and_serves(emulator, idx_dir, tmp
   report = json.loads(bucket.text("runs/tiny/evaluation/evaluation.json"))
   assert report["checkpoint"]["step"] == 20 and report["matches_training_eval"] is True
   assert bucket.fs.cat_file(f"{BUCKET}/runs/tiny/evaluation/confusion_matrix.png")[:4] == b"\x89PNG"
-  proc = run_module("fashion_jax.export", f"--workdir={run}", f"--output={tmp_path / 'export'}",
-                    env=emulator)
+  export = f"gs://{BUCKET}/models/tiny"  # Where Vertex AI and TF Serving read SavedModels.
+  proc = run_module("fashion_jax.export", f"--workdir={run}", f"--output={export}", env=emulator)
   if importlib.util.find_spec("tensorflow") is not None:
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "export" / "saved_model.pb").exists()
+    _check_export_in_bucket(bucket, emulator, run, export, tmp_path)
   else:  # Colab's TPU runtime: no TensorFlow, so no SavedModel.
     assert proc.returncode == 2 and "export needs TensorFlow" in proc.stderr, proc.stderr[-3000:]
 
@@ -142,6 +169,51 @@ def test_a_run_in_cloud_storage_trains_resumes_and_serves(emulator, idx_dir, tmp
   assert "resumed from checkpoint at step 10" in proc.stderr
   moved = bucket.names("runs/tiny/checkpoints_unreadable")
   assert len(moved) == 1 and moved[0].startswith("20."), moved
+
+
+_REPLACE = """
+import os, sys
+from fashion_jax.support import storage
+target, v1, v2 = sys.argv[1:]
+storage.resolve(target, "--output")  # As a command does: epath through gcsfs from here on.
+storage.replace_folder(v1, target)
+put_file, calls = storage.put_file, []
+def failing(*args):
+  calls.append(args)
+  if len(calls) == 2:
+    raise OSError("connection reset")
+  put_file(*args)
+storage.put_file = failing
+try:
+  storage.replace_folder(v2, target)
+except OSError as e:
+  print("failed:", e)
+storage.put_file = put_file
+print("after failure:", sorted(f[len(target):] for f in storage.files_under(target)))
+storage.replace_folder(v2, target)
+"""
+
+
+def test_a_folder_replaced_in_the_bucket_survives_a_failed_upload(emulator, tmp_path):
+  """What an export to gs:// relies on: an upload that fails part-way leaves the previous
+  content whole and nothing beside it; the next one replaces all of it (stale files too)."""
+  bucket = _Bucket()
+  for version, names in (("v1", ["a.txt", "only_v1.txt", "sub/b.txt"]),
+                         ("v2", ["a.txt", "c.txt", "sub/b.txt"])):
+    for name in names:
+      (tmp_path / version / name).parent.mkdir(parents=True, exist_ok=True)
+      (tmp_path / version / name).write_text(f"{version} {name}")
+  target = f"gs://{BUCKET}/replace/model"
+  proc = subprocess.run([sys.executable, "-c", _REPLACE, target, str(tmp_path / "v1"),
+                         str(tmp_path / "v2")], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, **emulator})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "failed: connection reset" in proc.stdout, proc.stdout
+  assert "after failure: ['/a.txt', '/only_v1.txt', '/sub/b.txt']" in proc.stdout, proc.stdout
+  assert bucket.names("replace") == ["model"]  # The failed upload's part removed, nothing moved.
+  assert [bucket.text(f"replace/model/{n}") for n in ("a.txt", "c.txt", "sub/b.txt")] == [
+      "v2 a.txt", "v2 c.txt", "v2 sub/b.txt"]
+  assert bucket.names("replace/model") == ["a.txt", "c.txt", "sub"]  # only_v1.txt gone.
 
 
 @pytest.mark.parametrize("workdir, says", [

@@ -37,7 +37,8 @@ swapped with TensorFlow tools.
 Beside the SavedModel: fashion_jax_export.json (model, step, why that
 checkpoint, inputs/outputs, platforms, versions, the self-check) and a
 README.md saying how to call it. Before the export is moved into place it
-is loaded back and checked against the JAX model on a few images.
+is loaded back and checked against the JAX model on a few images. A gs://
+--output is built locally, then uploaded (storage.replace_folder).
 """
 
 from __future__ import annotations
@@ -99,14 +100,15 @@ def check_output(output: str, overwrite: bool) -> str:
   """
   if not output:
     raise UserError("--output is empty; pass the folder to write the SavedModel to")
-  path = os.path.abspath(os.path.expanduser(output))
-  if os.path.exists(path) and not os.path.isdir(path):
+  path = storage.resolve(output, "--output")  # gs://bucket/path too: where Vertex AI reads models.
+  if storage.exists(path) and not storage.isdir(path):
     raise UserError(f"--output {path!r} is a file; pass a folder (new or empty)")
-  if os.path.isdir(path) and os.listdir(path):
+  if storage.isdir(path) and (storage.files_under(path) if storage.is_url(path)
+                              else os.listdir(path)):
     if not overwrite:
       raise UserError(f"--output {path!r} is not empty; pass --overwrite to replace the export "
                       "in it, or a new folder")
-    if not os.path.exists(os.path.join(path, METADATA_NAME)):
+    if not storage.exists(storage.join(path, METADATA_NAME)):
       raise UserError(f"--output {path!r} is not empty and holds no fashion_jax export "
                       f"({METADATA_NAME} missing); refusing to replace it even with --overwrite; "
                       "pass a new or empty folder")
@@ -124,7 +126,12 @@ def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
 
 
 def _move_into_place(staging: str, path: str) -> None:
-  """Replaces `path` by `staging` (same parent), keeping the old export until the new one is in."""
+  """Replaces `path` by `staging` (same parent), keeping the old export until the new one is in.
+
+  A gs:// `path` is uploaded beside itself first, then swapped in (storage.replace_folder)."""
+  if storage.is_url(path):
+    storage.replace_folder(staging, path)
+    return
   old = None
   if os.path.isdir(path):
     if os.listdir(path):
@@ -305,9 +312,10 @@ def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS
       classifier.config, training=False, portable=True))
   tf, _ = _import_tf()
   t0 = time.perf_counter()
-  parent = os.path.dirname(path)
+  parent = None if storage.is_url(path) else os.path.dirname(path)  # gs://: staged locally.
   try:
-    os.makedirs(parent, exist_ok=True)
+    if parent:
+      os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.export-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)

@@ -191,6 +191,38 @@ def move(source: str, target: str) -> None:
   src.rmtree()
 
 
+def replace_folder(local: str, path: str) -> None:
+  """Puts the local folder `local` at the cloud folder `path`, replacing what is there.
+
+  Uploaded beside it first (`path`.partial-ID); only then is the old content moved aside
+  (`path`.old-ID), the new moved in, and the old deleted. An upload that fails leaves `path` as
+  it was (and removes its part); a failure after it loses nothing (the error names both folders).
+  """
+  tag = uuid.uuid4().hex[:8]
+  partial, old = f"{path}.partial-{tag}", None
+  try:
+    for folder, _, names in os.walk(local):
+      for name in names:
+        relative = os.path.relpath(os.path.join(folder, name), local).replace(os.sep, "/")
+        put_file(os.path.join(folder, name), join(partial, relative))
+  except BaseException:
+    try:
+      _epath(partial).rmtree()  # What was uploaded (if anything: no objects, no folder).
+    except Exception:  # pylint: disable=broad-except  (the upload's error is the one to see)
+      pass
+    raise
+  try:
+    if isdir(path):
+      old = f"{path}.old-{tag}"
+      move(path, old)
+    move(partial, path)
+  except Exception as e:
+    raise OSError(f"replacing {path} stopped half-way ({e}); the new content is in {partial}"
+                  + (f", the previous in {old}" if old else "")) from e
+  if old:
+    _epath(old).rmtree()
+
+
 def files_under(path: str) -> list[str]:
   """Every file below the folder `path`, walked one level at a time (epath refuses "**" on gs://:
   one listing per folder is what it costs anyway)."""
