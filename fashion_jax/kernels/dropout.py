@@ -31,7 +31,8 @@ def supports(key: jax.Array, p) -> bool:
   uint32[2]), a float32 probability (a Python float without jax_enable_x64), jax's default
   partitionable threefry bits, and the kernels built 8 or 16 lanes wide. (Not whether the
   caller is on CPU.)"""
-  if jnp.result_type(p) != jnp.float32 or not jax.config.jax_threefry_partitionable:
+  if jnp.result_type(p) != jnp.float32 or not getattr(  # The flag goes once its default is all.
+      jax.config, "jax_threefry_partitionable", True):
     return False
   if _typed(key):
     impl_ok = key.shape == () and str(jax.random.key_impl(key)) == "threefry2x32"

@@ -166,7 +166,7 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
 
   # A non-finite loss or gradient leaves the state as it was (the step still
   # counts, so the data order is unchanged); the host decides to stop or skip.
-  bad = ~(jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)))
+  bad = ~(jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)))
   if axis_name is not None:
     bad = lax.psum(bad.astype(jnp.int32), axis_name) > 0
   keep_old = lambda new, old: jnp.where(bad, old, new)

@@ -208,10 +208,12 @@ class Checkpointer:
                                   keep_checkpoints_without_metrics=False)])
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save,
                                            preservation_policy=policy)
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
+    handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()  # (item_handlers= is deprecated)
+    for item, args in (("state", ocp.args.StandardSave), ("state", ocp.args.StandardRestore),
+                       ("meta", ocp.args.JsonSave), ("meta", ocp.args.JsonRestore)):
+      handlers.add(item, args)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          handler_registry=handlers)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
