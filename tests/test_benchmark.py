@@ -187,6 +187,17 @@ def test_benchmark_bad_input_is_one_line(tmp_path, flag, message):
   assert not output.exists()
 
 
+@pytest.mark.parametrize("where,message", [
+    ("a_file/b.json", "--output's folder"), ("", "is a folder; pass a file name"),
+    ("s3://bucket/b.json", "s3:// folders are not supported")])
+def test_an_output_it_cannot_write_is_refused_before_measuring(tmp_path, where, message):
+  """Not after minutes of measurements (it was: a traceback at the end, the results lost)."""
+  (tmp_path / "a_file").write_text("")
+  output = where if "://" in where else str(tmp_path / where)
+  proc = run_module("fashion_jax.benchmark", "--config=configs/tiny.py", f"--output={output}")
+  assert_one_line_error(proc, message)
+
+
 def test_compile_cache_measure_uses_its_own_cache(tmp_path, tiny_config, monkeypatch):
   """A cache the user set up (JAX_COMPILATION_CACHE_DIR) neither serves nor receives the measure.
 

@@ -171,6 +171,17 @@ def test_a_run_in_cloud_storage_trains_resumes_and_serves(emulator, idx_dir, tmp
   assert len(moved) == 1 and moved[0].startswith("20."), moved
 
 
+def test_benchmark_results_go_to_a_bucket(emulator, idx_dir):
+  proc = run_module("fashion_jax.benchmark", "--config=configs/tiny.py",
+                    f"--config.idx_dir={idx_dir}", "--batch_sizes=8", "--windows=1",
+                    "--window_seconds=0.05", "--compile_cache=false",
+                    f"--output=gs://{BUCKET}/bench/tiny.json", env=emulator)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(_Bucket().text("bench/tiny.json"))
+  assert [r["batch_size"] for r in results["sweep"]] == [8]
+  assert not os.path.exists(os.path.join(ROOT, "gs:"))
+
+
 _REPLACE = """
 import os, sys
 from fashion_jax.support import storage

@@ -54,7 +54,8 @@ def define_flags() -> None:
                      "(0 = a GPU's or TPU's from a table of models; a CPU's measured with "
                      "multiply-add chains on every core, its nominal clock-based estimate "
                      "without the native kernels).")
-  flags.DEFINE_string("output", "benchmark.json", "Where to write the JSON results.")
+  flags.DEFINE_string("output", "benchmark.json", "Where to write the JSON results (a file; "
+                      "gs://bucket/path too).")
   flags.DEFINE_bool("compile_cache", True, "Measure the second compile with the persistent cache.")
   flags.DEFINE_bool("loop", False, "Also time the real train loop end to end at each batch size, "
                     "for each of --loop_variants.")
@@ -362,12 +363,30 @@ def run(config) -> dict:
   return results
 
 
+def check_output(output: str) -> str:
+  """--output resolved (a local file or gs://bucket/path), its folder created and proved
+  writable: before the measurements, so that minutes of them are never lost at the end."""
+  from fashion_jax.support import storage  # pylint: disable=g-import-not-at-top
+  from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
+  if not output.strip():
+    raise UserError("--output is empty; pass the JSON file to write, e.g. --output=benchmark.json")
+  path = storage.resolve(output, "--output")
+  if storage.isdir(path):
+    raise UserError(f"--output {path!r} is a folder; pass a file name, e.g. "
+                    f"--output={storage.join(path, 'benchmark.json')}")
+  folder = path.rsplit("/", 1)[0] if storage.is_url(path) else os.path.dirname(path)
+  storage.ensure_writable_dir(folder, "--output's folder")
+  return path
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.quiet_console()  # --loop runs the real loop.
+  from fashion_jax.support import storage  # pylint: disable=g-import-not-at-top
   from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
   try:
+    output = check_output(FLAGS.output)
     results = run(FLAGS.config)
   except UserError as e:
     cli.fail(str(e))
@@ -376,8 +395,6 @@ def main(argv):
     print(f"{env['cpu']} ({env['cpu_count']} cores; {env['cpu_isa']}); "
           f"native kernels: {env['native_kernels']}")
   print(benchmark_report.format_table(results))
-  with open(FLAGS.output, "w") as f:
-    json.dump(results, f, indent=2)
-    f.write("\n")
-  benchmark_report.log(f"wrote {FLAGS.output}")
+  storage.write_text(output, json.dumps(results, indent=2) + "\n")
+  benchmark_report.log(f"wrote {output}")
 
