@@ -141,10 +141,12 @@ def test_a_run_in_cloud_storage_trains_resumes_and_serves(emulator, idx_dir, tmp
   photo.paste(255, (8, 4, 20, 24))  # A light garment-sized block on black.
   photo.save(tmp_path / "photo.png")
   proc = run_module("fashion_jax.predict", f"--workdir={run}", str(tmp_path / "photo.png"),
-                    "--json", env=emulator)
+                    "--json", f"--save_preprocessed=gs://{BUCKET}/seen", env=emulator)
   assert proc.returncode == 0, proc.stderr[-3000:]
   [record] = [json.loads(line) for line in proc.stdout.splitlines()]  # JSON lines, one a photo.
   assert record["path"].endswith("photo.png") and len(record["top_k"]) == 3, record
+  assert record["preprocessed"] == f"gs://{BUCKET}/seen/photo.png.png", record
+  assert bucket.fs.cat_file(f"{BUCKET}/seen/photo.png.png")[:4] == b"\x89PNG"
   proc = run_module("fashion_jax.evaluate", f"--workdir={run}", f"--idx_dir={idx_dir}",
                     "--num_mistakes=4", env=emulator)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -34,6 +34,7 @@ mistakes are reported at once.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -45,6 +46,7 @@ from fashion_jax import cli
 from fashion_jax.serving import preprocess
 from fashion_jax.support import compile_cache
 from fashion_jax.support import errors
+from fashion_jax.support import storage
 from fashion_jax.support.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -166,12 +168,8 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
   if not todo:
     raise UserError("no image files to classify" + (
         f"; not found: {', '.join(sorted(inputs.missing))}" if inputs.missing else ""))
-  if save_dir:
-    try:
-      os.makedirs(save_dir, exist_ok=True)
-    except OSError as e:
-      raise UserError(f"cannot create --save_preprocessed folder {save_dir!r} ({e.strerror}); "
-                      "pass a writable folder") from e
+  if save_dir:  # A local folder or gs://bucket/path, created and proved writable.
+    save_dir = storage.ensure_writable_dir(save_dir, "--save_preprocessed")
 
   from fashion_jax.serving import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
   batch_size = min(MAX_BATCH, 1 << (len(todo) - 1).bit_length())  # Small inputs, small batches.
@@ -191,9 +189,11 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
       print(f"fashion_jax: error: {prediction.path}: {prediction.error}", file=err)
       continue
     if save_dir:
-      target = os.path.join(save_dir, name)
+      target = storage.join(save_dir, name)
       try:
-        Image.fromarray(image).save(target)
+        png = io.BytesIO()
+        Image.fromarray(image).save(png, format="PNG")
+        storage.write_bytes(target, png.getvalue())
       except OSError as e:
         raise UserError(f"cannot write {target} ({e}); pass another --save_preprocessed") from e
       prediction.preprocessed = target

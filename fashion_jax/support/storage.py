@@ -91,13 +91,18 @@ def read_text(path: str) -> str:
 
 def write_text(path: str, text: str) -> None:
   """Writes the whole file at once: readers see the old or the new content, never a part."""
+  write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes the whole file at once: readers see the old or the new content, never a part."""
   if is_url(path):
-    _epath(path).write_text(text)  # One object upload: atomic.
+    _epath(path).write_bytes(data)  # One object upload: atomic.
     return
   tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # open(), not mkstemp: the umask's permissions.
   try:
-    with open(tmp, "x") as f:
-      f.write(text)
+    with open(tmp, "xb") as f:
+      f.write(data)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
