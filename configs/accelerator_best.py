@@ -21,11 +21,11 @@ On 2 CPU cores (~80 GFLOP/s achieved) it would take about a month; a shrunk
 version runs in the tests (tests/test_recipes.py).
 """
 
-from fashion_jax import config_lib
+from fashion_jax import default_config
 
 
 def get_config():
-  config = config_lib.load_sibling(__file__, "default")
+  config = default_config.get_config()  # configs/default.py is this.
   config.model = "wrn"
   config.model_kwargs = {"depth": 28, "width": 10, "dropout_rate": 0.0}
   config.compute_dtype = "bfloat16"

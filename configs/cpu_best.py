@@ -26,11 +26,11 @@ Session 4 (AVX2 VM, native transforms around XLA's matmuls): 94.26 % mean in
 331-346 s at ~1,150 images/s.
 """
 
-from fashion_jax import config_lib
+from fashion_jax import default_config
 
 
 def get_config():
-  config = config_lib.load_sibling(__file__, "default")
+  config = default_config.get_config()  # configs/default.py is this.
   config.model = "cnn_bn"
   config.model_kwargs = {"dropout_rate": 0.1}
   config.batch_size = 128

@@ -19,11 +19,11 @@ on the test set. The first run on a machine also compiles the native kernels
 once (~6 s, cached in ~/.cache/fashion_jax).
 """
 
-from fashion_jax import config_lib
+from fashion_jax import default_config
 
 
 def get_config():
-  config = config_lib.load_sibling(__file__, "default")
+  config = default_config.get_config()  # configs/default.py is this.
   config.batch_size = 128
   config.learning_rate = 7e-3
   config.lr_schedule = "onecycle"

@@ -7,11 +7,11 @@ Trains the default CNN for 20 steps of batch 16 and evaluates; the accuracy
 means nothing, the point is that every part of the pipeline runs.
 """
 
-from fashion_jax import config_lib
+from fashion_jax import default_config
 
 
 def get_config():
-  config = config_lib.load_sibling(__file__, "default")
+  config = default_config.get_config()  # configs/default.py is this.
   config.batch_size = 16
   config.num_epochs = 1
   config.num_train_steps = 20

@@ -10,6 +10,7 @@ from ml_collections import config_flags
 
 from fashion_jax.support import backends
 from fashion_jax.support import storage
+from fashion_jax.support.errors import UserError
 
 FLAGS = flags.FLAGS
 
@@ -31,6 +32,8 @@ def parse_flags(argv):
     rest = FLAGS(argv)
   except OSError as e:  # An unreadable config file, read while parsing a --config.X override.
     fail(_config_file_error(e))
+  except UserError as e:  # The config file's own get_config refused (config_lib.load_sibling).
+    fail(str(e))
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     text = str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
     unknown = (re.search(r"'([\w.]+)'", text)
@@ -59,6 +62,8 @@ def parse_flags(argv):
       getattr(FLAGS.config, "keys")
     except OSError as e:
       fail(_config_file_error(e))
+    except UserError as e:
+      fail(str(e))
   return rest
 
 

@@ -22,12 +22,41 @@ SCHEDULES = ("constant", "cosine", "onecycle")
 
 
 
+def _others_could_write(path: str) -> str | None:
+  """Why another user could have written (or swapped in) the file `path`, or None.
+
+  The file, and the folders holding it (as named and as resolved), must belong to this user or
+  root and not be writable by group or others -- a folder may be, with the sticky bit (/tmp):
+  there nobody can replace another's file.
+  """
+  real = os.path.realpath(path)
+  for item, is_folder in ((real, False), (os.path.dirname(real), True),
+                          (os.path.dirname(os.path.abspath(path)), True)):
+    info = os.stat(item)
+    if info.st_uid not in (os.getuid(), 0):
+      return f"{item} belongs to another user (uid {info.st_uid})"
+    if info.st_mode & 0o022 and not (is_folder and info.st_mode & 0o1000):
+      return f"{item} is writable by other users (mode {info.st_mode & 0o7777:o})"
+  return None
+
+
 def load_sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
   """Returns `get_config()` of `<name>.py` in the folder of `config_file`.
 
-  Lets configs build on each other without `configs/` being an importable package.
+  Lets configs build on each other without `configs/` being an importable package (the shipped
+  ones build on `fashion_jax.default_config` instead). A file another user could have written is
+  not run: a config copied into a shared folder must not pick up someone's `default.py` there.
   """
   path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  try:
+    unsafe = _others_could_write(path)
+  except OSError as e:
+    raise UserError(f"{config_file} builds on {path}, which cannot be read ({e.strerror}); put "
+                    f"{name}.py beside it, or start from fashion_jax.default_config") from e
+  if unsafe:
+    raise UserError(f"{config_file} builds on {path}, which is not run: {unsafe}; start from "
+                    "the packaged defaults instead (from fashion_jax.default_config import "
+                    "get_config), or make the file and its folder yours alone")
   spec = importlib.util.spec_from_file_location(f"fashion_jax_config_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -8,6 +8,7 @@ import pytest
 from fashion_jax.support import errors
 from fashion_jax.support import storage
 from fashion_jax.support.errors import UserError
+from tests.conftest import assert_one_line_error, run_module
 
 
 def test_write_probe_cannot_collide_with_another_container(tmp_path, monkeypatch):
@@ -76,3 +77,41 @@ def test_local_writes_are_whole_and_keep_the_umask(tmp_path):
   assert os.listdir(tmp_path) == ["config.json"]  # No temporary file left.
   storage.move(str(tmp_path), str(tmp_path.parent / "moved" / "run"))
   assert os.listdir(tmp_path.parent / "moved" / "run") == ["config.json"]
+
+
+_COPIED_CONFIG = '''from fashion_jax import config_lib
+
+
+def get_config():
+  return config_lib.load_sibling(__file__, "default")  # As the shipped configs once did.
+'''
+_PLANTED = '''import pathlib
+pathlib.Path(__file__).with_name("planted_code_ran").touch()
+from fashion_jax.default_config import get_config
+'''
+
+
+@pytest.mark.parametrize("folder_mode, file_mode, refused", [
+    (0o1777, 0o666, "default.py is writable by other users (mode 666)"),
+    (0o777, 0o644, "is writable by other users (mode 777)"),  # No sticky bit: replaceable.
+    (0o1777, 0o644, None)])  # A shared /tmp-like folder, the file this user's alone: loaded.
+def test_a_config_does_not_run_a_sibling_others_could_have_written(tmp_path, folder_mode,
+                                                                   file_mode, refused):
+  """A config copied into a shared folder builds on the default.py beside it: one planted there
+  by someone else must not run (config_lib.load_sibling)."""
+  shared = tmp_path / "shared"
+  shared.mkdir()
+  (shared / "myexp.py").write_text(_COPIED_CONFIG)
+  (shared / "default.py").write_text(_PLANTED)
+  os.chmod(shared / "default.py", file_mode)
+  os.chmod(shared, folder_mode)
+  proc = run_module("fashion_jax.main", f"--config={shared / 'myexp.py'}",
+                    f"--workdir={tmp_path / 'run'}", "--config.batch_size=0")
+  if refused:
+    assert_one_line_error(proc, f"builds on {shared / 'default.py'}, which is not run", refused,
+                          "fashion_jax.default_config")
+    assert not (shared / "planted_code_ran").exists()
+  else:
+    assert_one_line_error(proc, "config.batch_size=0 is invalid")  # Loaded, then validated.
+    assert (shared / "planted_code_ran").exists()
+  assert not (tmp_path / "run").exists()
