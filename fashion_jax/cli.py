@@ -101,6 +101,14 @@ def _config_file_error(e: OSError) -> str:
           "--config=configs/default.py")
 
 
+def refuse_arguments(argv) -> None:
+  """For a command that takes no positional arguments: anything left after the flags is a
+  one-line error, exit 2 (absl's UsageError printed every flag's help and exited 1)."""
+  if len(argv) > 1:
+    fail(f"unexpected arguments: {' '.join(argv[1:])}; every setting is a --flag (or "
+         "--config.KEY=VALUE), and a value with spaces needs quotes")
+
+
 def fail(message: str, code: int = 2):
   """Prints `fashion_jax: error: MESSAGE` on stderr (once: not also as a log line) and exits."""
   print(f"fashion_jax: error: {message}", file=sys.stderr)

@@ -32,8 +32,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   cli.quiet_console()
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.refuse_arguments(argv)
   import jax  # pylint: disable=g-import-not-at-top
   from fashion_jax import config_lib
   from fashion_jax.support import backends, compile_cache  # pylint: disable=g-import-not-at-top

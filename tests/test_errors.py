@@ -115,3 +115,15 @@ def test_a_config_does_not_run_a_sibling_others_could_have_written(tmp_path, fol
     assert_one_line_error(proc, "config.batch_size=0 is invalid")  # Loaded, then validated.
     assert (shared / "planted_code_ran").exists()
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("module, flags", [
+    ("fashion_jax.main", ["--config=configs/tiny.py", "--workdir=/nonexistent/run"]),
+    ("fashion_jax.evaluate", ["--workdir=/nonexistent/run"]),
+    ("fashion_jax.export", ["--workdir=/nonexistent/run", "--output=/nonexistent/export"]),
+    ("fashion_jax.benchmark", ["--config=configs/tiny.py", "--output=/nonexistent/b.json"])])
+def test_a_stray_argument_is_one_line(module, flags):
+  """A flag without its dashes or an unquoted space: one line and exit 2 (was absl's page of
+  flag help and exit 1, the status of a crash), before anything is read or written."""
+  proc = run_module(module, *flags, "num_epochs=3")
+  assert_one_line_error(proc, "unexpected arguments: num_epochs=3; every setting is a --flag")

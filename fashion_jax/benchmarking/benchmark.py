@@ -25,7 +25,6 @@ import statistics
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -380,8 +379,7 @@ def check_output(output: str) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.refuse_arguments(argv)
   cli.quiet_console()  # --loop runs the real loop.
   from fashion_jax.support import storage  # pylint: disable=g-import-not-at-top
   from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top

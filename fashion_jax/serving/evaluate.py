@@ -34,7 +34,6 @@ import tempfile
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
 import numpy as np
 
@@ -355,8 +354,7 @@ def format_report(result: dict[str, Any]) -> str:
 def main(argv):
   cli.quiet_console()
   compile_cache.enable()  # GPU/TPU only: the evaluation's compile, once.
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.refuse_arguments(argv)
   try:
     result = evaluate(FLAGS.workdir, FLAGS.output_dir, FLAGS.step, FLAGS.idx_dir, FLAGS.data_dir,
                       FLAGS.num_mistakes)

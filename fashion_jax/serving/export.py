@@ -53,7 +53,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from absl import app
 from absl import flags
 import numpy as np
 
@@ -393,8 +392,7 @@ def export_run(workdir: str, output: str, step: int | None = None,
 
 def main(argv):
   cli.quiet_console()
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.refuse_arguments(argv)
   try:
     metadata = export_run(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.platforms,
                           FLAGS.overwrite)
