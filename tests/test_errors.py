@@ -8,7 +8,7 @@ import pytest
 from fashion_jax.support import errors
 from fashion_jax.support import storage
 from fashion_jax.support.errors import UserError
-from tests.conftest import assert_one_line_error, run_module
+from tests.conftest import ROOT, assert_one_line_error, run_module
 
 
 def test_write_probe_cannot_collide_with_another_container(tmp_path, monkeypatch):
@@ -127,3 +127,19 @@ def test_a_stray_argument_is_one_line(module, flags):
   flag help and exit 1, the status of a crash), before anything is read or written."""
   proc = run_module(module, *flags, "num_epochs=3")
   assert_one_line_error(proc, "unexpected arguments: num_epochs=3; every setting is a --flag")
+
+
+@pytest.mark.parametrize("module, flags", [
+    ("fashion_jax.main", [f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}"]),
+    ("fashion_jax.evaluate", []), ("fashion_jax.predict", ["PHOTO"])])
+def test_an_empty_workdir_is_refused_not_taken_for_the_current_folder(tmp_path, module, flags):
+  """`--workdir=` (an unset shell variable) trained into the current folder, exit 0."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  photo = Image.new("L", (28, 28), 0)
+  photo.paste(255, (8, 4, 20, 24))
+  photo.save(tmp_path / "photo.png")
+  os.makedirs(tmp_path / "cwd")
+  flags = [str(tmp_path / "photo.png") if f == "PHOTO" else f for f in flags]
+  proc = run_module(module, *flags, "--workdir=", cwd=str(tmp_path / "cwd"))
+  assert_one_line_error(proc, "--workdir is empty; pass a folder")
+  assert os.listdir(tmp_path / "cwd") == []

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -89,6 +90,56 @@ def test_bad_workdirs_are_user_errors(tmp_path):
   os.makedirs(tmp_path / "empty")
   with pytest.raises(UserError, match="not a fashion_jax training run"):
     inference.load(str(tmp_path / "empty"))
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(UserError, match="is a file, not a folder"):
+    inference.load(str(tmp_path / "a_file"))
+  with pytest.raises(UserError, match="--workdir is empty"):  # Not the current folder.
+    inference.load("")
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"[]", "holds [], not a settings object"),
+    (b"null", "holds null, not a settings object"),
+    (b"\xff\xfe{", "cannot read"),  # Not UTF-8.
+    (None, "is a folder where fashion_jax keeps a file"),
+    (b'{"eval_batch_size": "abc"}', "setting 'eval_batch_size' = 'abc' does not fit")])
+def test_a_damaged_config_json_is_a_user_error(trained_tiny_workdir, tmp_path, content, says):
+  """predict, evaluate and export read it first: each of these was a traceback (exit 1)."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_tiny_workdir, workdir)
+  path = os.path.join(workdir, "config.json")
+  os.remove(path)
+  if content is None:
+    os.makedirs(path)
+  else:
+    with open(path, "wb") as f:
+      f.write(content)
+  with pytest.raises(UserError, match=re.escape(says)):
+    inference.load_run_config(workdir)
+
+
+def test_metrics_lines_that_are_no_records_are_skipped(trained_tiny_workdir, tmp_path):
+  """A damaged or hand-edited metrics.jsonl (stray bytes, JSON that is no record, a value that is
+  no accuracy) neither stops choosing the checkpoint nor a resume, which drops those lines."""
+  from fashion_jax.support import metric_writers  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_tiny_workdir, workdir)
+  path = os.path.join(workdir, "metrics.jsonl")
+  with open(path, "rb") as f:
+    good = f.read()
+  junk = [b"\xff\xfe\x00garbage", b"[1, 2]", b"7", b'{"step": "x"}', b'{"step": true}',
+          b'{"step": 10, "val_accuracy": null}', b'{"step": 20, "val_accuracy": "high"}']
+  with open(path, "wb") as f:
+    f.write(good + b"\n".join(junk) + b"\n")
+  records = metric_writers.read_lines(workdir)
+  assert len(records) == good.count(b"\n") + 2  # The two with a whole-number step.
+  expected = inference._eval_accuracies(trained_tiny_workdir, "val_accuracy")  # pylint: disable=protected-access
+  assert inference._eval_accuracies(workdir, "val_accuracy") == expected and expected  # pylint: disable=protected-access
+  assert inference.load(workdir).step > 0
+  last = max(r["step"] for r in records)
+  assert metric_writers.MetricWriter(workdir).truncate_after(last) == 5  # Those not records.
+  with open(path, "rb") as f:
+    assert f.read() == good + b'{"step": 10, "val_accuracy": null}\n{"step": 20, "val_accuracy": "high"}\n'
 
 
 def test_serving_builds_nothing_native_for_a_native_trained_run(trained_tiny_workdir, tmp_path):

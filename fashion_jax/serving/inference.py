@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from typing import Any
 
 from absl import logging
@@ -41,15 +42,19 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with (its config.json)."""
   path = storage.join(workdir, "config.json")
   if not storage.isdir(workdir):
-    raise UserError(f"--workdir {workdir!r} does not exist; pass the --workdir of a training run "
+    what = "is a file, not a folder" if storage.exists(workdir) else "does not exist"
+    raise UserError(f"--workdir {workdir!r} {what}; pass the --workdir of a training run "
                     "(python -m fashion_jax.main --config=... --workdir=DIR)")
   if not storage.exists(path):
     raise UserError(f"{path} not found: {workdir!r} is not a fashion_jax training run; pass the "
                     "--workdir that python -m fashion_jax.main wrote")
+  damaged = f"; it should be the JSON settings object training wrote (restore {path}, or retrain)"
   try:
     values = json.loads(storage.read_text(path))
-  except (OSError, json.JSONDecodeError) as e:
-    raise UserError(f"cannot read {path} ({e}); it should be the JSON written by training") from e
+  except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8.
+    raise UserError(f"cannot read {path} ({e}){damaged}") from e
+  if not isinstance(values, dict):
+    raise UserError(f"{path} holds {json.dumps(values)[:40]}, not a settings object{damaged}")
   values.pop("_derived", None)
   # The saved values over the current defaults: keys added since that run keep their
   # defaults (what that run did before they existed); keys since removed are dropped.
@@ -57,7 +62,12 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   unknown = sorted(set(values) - set(config.keys()))
   if unknown:
     logging.info("%s: ignoring settings this version no longer has: %s", path, ", ".join(unknown))
-  config.update({key: value for key, value in values.items() if key not in unknown})
+  for key in sorted(set(values) - set(unknown)):
+    try:
+      config.update({key: values[key]})
+    except (TypeError, ValueError, AttributeError, KeyError) as e:  # ml_collections' type checks
+      raise UserError(f"{path}: setting {key!r} = {values[key]!r} does not fit this version's "
+                      f"config ({type(e).__name__}){damaged}") from e
   try:
     config_lib.validate(config)
   except AttributeError as e:
@@ -67,7 +77,9 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def _eval_accuracies(workdir: str, key: str) -> dict[int, float]:
-  return {int(r["step"]): float(r[key]) for r in metric_writers.read_lines(workdir) if key in r}
+  return {r["step"]: float(r[key]) for r in metric_writers.read_lines(workdir)
+          if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool)
+          and math.isfinite(r[key])}  # An edited or damaged value is no accuracy.
 
 
 def choose_step(workdir: str, steps: list[int]) -> tuple[int, str]:

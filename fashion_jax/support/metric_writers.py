@@ -29,17 +29,29 @@ def summary_writer_class():
   return SummaryWriter
 
 
+def _record(line: str) -> dict | None:
+  """A metrics line's record, or None for what is not one: a line cut short by a kill, or
+  anything else that is not a JSON object with a whole-number "step"."""
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return None
+  if (not isinstance(record, dict) or not isinstance(record.get("step"), int)
+      or isinstance(record["step"], bool)):
+    return None
+  return record
+
+
+def _read(path: str) -> str:
+  return storage.read_text(path, errors="replace")  # Stray bytes: that line is skipped.
+
+
 def read_lines(workdir: str) -> list[dict]:
-  """The records of `<workdir>/metrics.jsonl` ([] if none); a line cut short by a kill is skipped."""
+  """The records of `<workdir>/metrics.jsonl` ([] if none); lines that are not one are skipped."""
   path = storage.join(workdir, "metrics.jsonl")
-  records = []
-  if storage.exists(path):
-    for line in storage.read_text(path).splitlines():
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return records
+  if not storage.exists(path):
+    return []
+  return [r for r in map(_record, _read(path).splitlines()) if r is not None]
 
 
 class MetricWriter:
@@ -75,14 +87,9 @@ class MetricWriter:
     """
     if not self.enabled or not storage.exists(self.path):
       return 0
-    lines = storage.read_text(self.path).splitlines(keepends=True)
-    keep = []
-    for line in lines:
-      try:
-        if json.loads(line).get("step", 0) <= step:
-          keep.append(line)
-      except json.JSONDecodeError:  # A line cut short by a kill.
-        continue
+    lines = _read(self.path).splitlines(keepends=True)
+    keep = [line for line in lines  # Not a record (a line cut short by a kill...): dropped too.
+            if (record := _record(line)) is not None and record["step"] <= step]
     if len(keep) != len(lines):
       storage.write_text(self.path, "".join(keep))
     return len(lines) - len(keep)

@@ -57,6 +57,8 @@ def resolve(path: str, flag: str) -> str:
   Other schemes (s3://, ...) and a gs:// URL without a file system for it are UserErrors
   naming `flag`, raised before anything is created (never a local folder named "s3:").
   """
+  if not str(path).strip():  # abspath("") is the current folder: never where a run goes unasked.
+    raise UserError(f"{flag} is empty; pass a folder (or gs://bucket/path)")
   if not is_url(path):
     return os.path.abspath(os.path.expanduser(path))
   scheme, _, rest = str(path).partition("://")
@@ -82,11 +84,24 @@ def isdir(path: str) -> bool:
   return _epath(path).is_dir() if is_url(path) else os.path.isdir(path)
 
 
-def read_text(path: str) -> str:
+def read_text(path: str, errors: str = "strict") -> str:
+  """The file as text (UTF-8; `errors="replace"` to read one that may hold stray bytes)."""
+  return read_bytes(path).decode(errors=errors)
+
+
+def read_bytes(path: str) -> bytes:
   if is_url(path):
-    return _epath(path).read_text()
-  with open(path) as f:
-    return f.read()
+    return _epath(path).read_bytes()
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except IsADirectoryError as e:
+    raise _folder_in_the_way(path) from e
+
+
+def _folder_in_the_way(path: str) -> UserError:
+  return UserError(f"{path} is a folder where fashion_jax keeps a file; move it away (or use "
+                   "another --workdir)")
 
 
 def write_text(path: str, text: str) -> None:
@@ -99,6 +114,8 @@ def write_bytes(path: str, data: bytes) -> None:
   if is_url(path):
     _epath(path).write_bytes(data)  # One object upload: atomic.
     return
+  if os.path.isdir(path):
+    raise _folder_in_the_way(path)
   tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # open(), not mkstemp: the umask's permissions.
   try:
     with open(tmp, "xb") as f:
