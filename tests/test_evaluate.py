@@ -161,6 +161,25 @@ def test_cli_with_overrides_draws_mistakes(trained_tiny_workdir, tmp_path):
   assert width > 800 and height > 300  # Two rows of five tiles, not the empty placeholder.
   _check_png(output_dir / "confusion_matrix.png", min_side=500)
   assert not os.path.exists(os.path.join(trained_tiny_workdir, "evaluation"))
+  assert sorted(os.listdir(output_dir)) == ["confusion_matrix.png", "evaluation.json",
+                                            "mistakes.png"]  # Nothing left of the drawing.
+
+
+def test_an_interrupted_evaluation_leaves_the_previous_report_whole(trained_tiny_workdir,
+                                                                     tmp_path, monkeypatch):
+  """The figures were written one by one into --output_dir: Ctrl-C while drawing the second
+  left a new confusion matrix beside the previous evaluation.json and mistakes.png."""
+  from fashion_jax.serving import report  # pylint: disable=import-outside-toplevel
+  output_dir = tmp_path / "report"
+  evaluate.evaluate(trained_tiny_workdir, str(output_dir), step=20)
+  before = {name: (output_dir / name).read_bytes() for name in os.listdir(output_dir)}
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(report, "plot_mistakes", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    evaluate.evaluate(trained_tiny_workdir, str(output_dir), step=10)
+  assert {name: (output_dir / name).read_bytes() for name in os.listdir(output_dir)} == before
 
 
 @pytest.mark.real_data
@@ -209,6 +228,8 @@ def test_user_errors(trained_tiny_workdir, tmp_path):
     evaluate.evaluate(trained_tiny_workdir, str(tmp_path / "out"), step=7)
   with pytest.raises(UserError, match="not both"):
     evaluate.evaluate(trained_tiny_workdir, str(tmp_path / "out"), idx_dir="a", data_dir="b")
+  with pytest.raises(UserError, match=r"--num_mistakes=101 is invalid; pass 0 to 100"):
+    evaluate.evaluate(trained_tiny_workdir, str(tmp_path / "out"), num_mistakes=101)
   with pytest.raises(UserError, match="'/no/such/folder' .from --idx_dir. does not exist"):
     evaluate.evaluate(trained_tiny_workdir, str(tmp_path / "out"), idx_dir="/no/such/folder")
   (tmp_path / "a_file").write_text("not a folder")

@@ -61,10 +61,12 @@ def define_flags() -> None:
                       "IDX folder with the test files (default: the run's config).")
   flags.DEFINE_string("data_dir", None, "tensorflow-datasets data dir; reads the test split via "
                       "tfds instead of the run's IDX folder.")
-  flags.DEFINE_integer("num_mistakes", 25, "How many of the most confident mistakes to draw.")
+  flags.DEFINE_integer("num_mistakes", 25, "How many of the most confident mistakes to draw "
+                       "(0 to 100).")
 
 
 JSON_NAME = "evaluation.json"
+MAX_MISTAKES = 100  # Drawn 5 a row: 20 rows at most.
 CONFUSION_NAME = "confusion_matrix.png"
 MISTAKES_NAME = "mistakes.png"
 
@@ -223,8 +225,9 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
   errors.require("matplotlib", "matplotlib", "serve", "python -m fashion_jax.evaluate (its figures)")
   from fashion_jax.serving import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
   from fashion_jax.serving import report  # pylint: disable=g-import-not-at-top  (imports matplotlib)
-  if num_mistakes < 0:
-    raise UserError(f"--num_mistakes={num_mistakes} is invalid; pass 0 or more")
+  if not 0 <= num_mistakes <= MAX_MISTAKES:  # 100,000 took minutes and gigabytes, unfinished.
+    raise UserError(f"--num_mistakes={num_mistakes} is invalid; pass 0 to {MAX_MISTAKES} (the "
+                    "figure draws 5 a row; evaluation.json lists the same ones)")
   t0 = time.perf_counter()
   workdir = storage.resolve(workdir, "--workdir")
   classifier = inference.load(workdir, step)
@@ -253,31 +256,44 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
   wrong = np.flatnonzero(predictions != labels)
   worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:num_mistakes]
 
-  config = classifier.config
-  model_name = config.model
-  accuracy = metrics["accuracy"]
-  # The figures are drawn into a local folder, then put where --output_dir says (Cloud Storage).
-  drawn = tempfile.mkdtemp(prefix="fashion_jax_evaluation_") if storage.is_url(output_dir) else None
-  confusion_path = os.path.join(drawn or output_dir, CONFUSION_NAME)
-  mistakes_path = os.path.join(drawn or output_dir, MISTAKES_NAME)
-  report.plot_confusion_matrix(
-      confusion, names, path=confusion_path,
-      title=(f"{model_name} · step {classifier.step} · test accuracy {100 * accuracy:.2f}% "
-             f"({metrics['correct']:,} / {metrics['count']:,})"))
-  report.plot_mistakes(
-      split.images[worst], labels[worst], predictions[worst], confidence[worst], worst, names,
-      path=mistakes_path,
-      title=(f"Most confident mistakes: {len(worst)} of {len(wrong):,} errors "
-             f"({model_name}, step {classifier.step})"))
-  if drawn:
+  model_name, accuracy = classifier.config.model, metrics["accuracy"]
+  # The figures are drawn aside (beside a local --output_dir, then renamed into place) and put
+  # there with evaluation.json at the end: an interrupted re-evaluation leaves the previous
+  # report whole, not new figures beside an old evaluation.json.
+  drawn = tempfile.mkdtemp(prefix=".fashion_jax_evaluation_",
+                           dir=None if storage.is_url(output_dir) else output_dir)
+  try:
+    report.plot_confusion_matrix(
+        confusion, names, path=os.path.join(drawn, CONFUSION_NAME),
+        title=(f"{model_name} · step {classifier.step} · test accuracy {100 * accuracy:.2f}% "
+               f"({metrics['correct']:,} / {metrics['count']:,})"))
+    report.plot_mistakes(
+        split.images[worst], labels[worst], predictions[worst], confidence[worst], worst, names,
+        path=os.path.join(drawn, MISTAKES_NAME),
+        title=(f"Most confident mistakes: {len(worst)} of {len(wrong):,} errors "
+               f"({model_name}, step {classifier.step})"))
+    result = _report(classifier, workdir, source, metrics, losses, names, confusion, wrong,
+                     worst, labels, predictions, confidence, output_dir,
+                     {"load": round(load_seconds, 3), "inference": round(inference_seconds, 3),
+                      "total": round(time.perf_counter() - t0, 3)})
     for name in (CONFUSION_NAME, MISTAKES_NAME):
-      storage.put_file(os.path.join(drawn, name), storage.join(output_dir, name))
+      if storage.is_url(output_dir):
+        storage.put_file(os.path.join(drawn, name), storage.join(output_dir, name))
+      else:
+        os.replace(os.path.join(drawn, name), os.path.join(output_dir, name))
+    storage.write_text(storage.join(output_dir, JSON_NAME), json.dumps(result, indent=2) + "\n")
+  finally:
     shutil.rmtree(drawn, ignore_errors=True)
-    confusion_path = storage.join(output_dir, CONFUSION_NAME)
-    mistakes_path = storage.join(output_dir, MISTAKES_NAME)
+  return result
 
+
+def _report(classifier, workdir, source, metrics, losses, names, confusion, wrong, worst, labels,
+            predictions, confidence, output_dir, seconds) -> dict[str, Any]:
+  """evaluation.json's content."""
+  config, accuracy = classifier.config, metrics["accuracy"]
+  model_name = config.model
   training_eval = _training_eval(workdir, classifier.step)
-  result = {
+  return {
       "model": model_name,
       "workdir": workdir,
       "checkpoint": {"step": classifier.step, "why": classifier.why,
@@ -304,14 +320,12 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
       "training_eval": training_eval,
       "matches_training_eval": (None if training_eval is None
                                 else training_eval["eval_accuracy"] == accuracy),
-      "files": {"confusion_matrix": confusion_path, "mistakes": mistakes_path},
-      "seconds": {"load": round(load_seconds, 3), "inference": round(inference_seconds, 3),
-                  "total": round(time.perf_counter() - t0, 3)},
+      "files": {"confusion_matrix": storage.join(output_dir, CONFUSION_NAME),
+                "mistakes": storage.join(output_dir, MISTAKES_NAME)},
+      "seconds": seconds,
       "eval_batch_size": classifier.batch_size,
       "fashion_jax_version": fashion_jax.__version__,
   }
-  storage.write_text(storage.join(output_dir, JSON_NAME), json.dumps(result, indent=2) + "\n")
-  return result
 
 
 def format_report(result: dict[str, Any]) -> str:
