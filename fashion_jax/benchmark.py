@@ -3,7 +3,6 @@
 Its code and usage: fashion_jax/benchmarking/benchmark.py.
 """
 
-from absl import app
 from absl import flags
 
 from fashion_jax.benchmarking import benchmark
@@ -16,4 +15,4 @@ if __name__ == "__main__":
   benchmark.define_flags()
   flags.adopt_module_key_flags(benchmark)  # --help lists them, not only --helpfull.
   runtime.reexec_with_tuned_malloc("fashion_jax.benchmark")
-  app.run(benchmark.main, flags_parser=cli.parse_flags)
+  cli.run(benchmark.main)

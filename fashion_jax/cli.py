@@ -5,6 +5,7 @@ import os
 import re
 import sys
 
+from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -99,6 +100,19 @@ def _config_file_error(e: OSError) -> str:
     reason += f"; a relative path is read from {os.getcwd()}"
   return (f"--config={path}: cannot read the config file ({reason}); pass a config file, e.g. "
           "--config=configs/default.py")
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program Ctrl-C ended.
+
+
+def run(main) -> None:
+  """absl's app.run(main) with parse_flags; an interrupt (Ctrl-C where nothing catches it, or a
+  second one while a run is saving its stop checkpoint) ends it with one line, not a traceback."""
+  try:
+    app.run(main, flags_parser=parse_flags)
+  except KeyboardInterrupt:
+    fail("interrupted before it finished; what it had saved stays (a training run resumes from "
+         "its latest checkpoint when re-run)", EXIT_INTERRUPTED)
 
 
 def refuse_arguments(argv) -> None:

@@ -3,7 +3,6 @@
 Its code and usage: fashion_jax/serving/evaluate.py.
 """
 
-from absl import app
 from absl import flags
 
 from fashion_jax import cli
@@ -16,4 +15,4 @@ if __name__ == "__main__":
   evaluate.define_flags()
   flags.adopt_module_key_flags(evaluate)  # --help lists them, not only --helpfull.
   runtime.reexec_with_tuned_malloc("fashion_jax.evaluate")
-  app.run(evaluate.main, flags_parser=cli.parse_flags)
+  cli.run(evaluate.main)

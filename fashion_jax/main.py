@@ -15,7 +15,6 @@ import contextlib
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -70,4 +69,4 @@ def main(argv):
 
 if __name__ == "__main__":
   runtime.reexec_with_tuned_malloc("fashion_jax.main")
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

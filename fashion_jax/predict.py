@@ -3,7 +3,6 @@
 Its code and usage: fashion_jax/serving/predict.py.
 """
 
-from absl import app
 from absl import flags
 
 from fashion_jax import cli
@@ -14,4 +13,4 @@ __doc__ = predict.__doc__  # What --help prints.
 if __name__ == "__main__":
   predict.define_flags()
   flags.adopt_module_key_flags(predict)  # --help lists them, not only --helpfull.
-  app.run(predict.main, flags_parser=cli.parse_flags)
+  cli.run(predict.main)

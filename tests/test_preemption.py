@@ -58,3 +58,44 @@ def test_signal_before_the_train_loop_stops_at_the_first_boundary(tmp_path, idx_
   assert proc.returncode == stops.EXIT_PREEMPTED, proc.stderr[-3000:]
   assert "fashion_jax: stopped by SIGTERM at step 5;" in proc.stderr, proc.stderr[-3000:]
   assert (workdir / "checkpoints" / "5").is_dir()
+
+
+def test_a_second_ctrl_c_stops_waiting_with_one_line(tmp_path, idx_dir):
+  """The second SIGINT (stop waiting for the stop checkpoint) ended in two tracebacks, 100-150
+  lines, exit 130. Now one line; exit 130, or 75 where the first one's save won the race."""
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "fashion_jax.main", "--config=configs/tiny.py",
+       f"--workdir={workdir}", f"--config.idx_dir={idx_dir}", "--config.log_every_steps=1",
+       "--config.num_train_steps=100000"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and not (
+      metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode in (130, stops.EXIT_PREEMPTED), stderr[-3000:]
+  assert "Traceback" not in stderr, stderr[-3000:]
+  ours = [l for l in stderr.splitlines() if l.startswith("fashion_jax: ")]
+  assert len(ours) == 1, stderr[-3000:]
+  if proc.returncode == 130:
+    assert ours[0].startswith("fashion_jax: error: interrupted before it finished"), ours
+
+
+def test_an_interrupt_outside_training_is_one_line():
+  """evaluate, predict, export and benchmark hold no stop handler: Ctrl-C there was a
+  traceback. cli.run ends any command's interrupt with one line and 130."""
+  code = ("from fashion_jax import cli\n"
+          "def main(argv):\n"
+          "  raise KeyboardInterrupt\n"
+          "cli.run(main)\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 130, proc.stderr
+  assert proc.stderr.splitlines() == ["fashion_jax: error: interrupted before it finished; what "
+                                      "it had saved stays (a training run resumes from its "
+                                      "latest checkpoint when re-run)"], proc.stderr
