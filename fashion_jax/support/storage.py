@@ -3,9 +3,10 @@
 The run's own files (config.json, metrics.jsonl, the evaluation report) go through these few
 functions; Orbax and TensorStore write checkpoints to gs:// themselves, tensorboardX its event
 files. Cloud paths go through etils.epath and gcsfs (`pip install 'fashion_jax[gcs]'`), also where
-TensorFlow is installed (`use_gcsfs`); TensorFlow's file system only where gcsfs is missing. Cloud Storage has no folders, no append and no
-rename: a folder exists once an object is under it, an append rewrites the object (the metrics
-writer buffers, see metric_writers.py), a move copies then deletes.
+TensorFlow is installed (`use_gcsfs`); TensorFlow's file system only where gcsfs is missing.
+Cloud Storage has no folders, no append and no rename: a folder exists once an object is under
+it, an append rewrites the object (the metrics writer buffers, see metric_writers.py), a move
+copies then deletes.
 """
 
 from __future__ import annotations
@@ -105,8 +106,7 @@ def _folder_in_the_way(path: str) -> UserError:
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes the whole file at once: readers see the old or the new content, never a part."""
-  write_bytes(path, text.encode())
+  write_bytes(path, text.encode())  # UTF-8.
 
 
 def write_bytes(path: str, data: bytes) -> None:
