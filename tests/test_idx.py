@@ -1,5 +1,6 @@
 import gzip
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -64,6 +65,30 @@ def test_corrupt_gzip(tmp_path):
     f.write(data[: len(data) // 2])
   with pytest.raises(UserError, match="cannot read IDX file"):
     idx.load_split(folder, "train")
+
+
+@pytest.mark.parametrize("damage", ["deflate", "crc"])
+def test_gzip_damaged_in_the_middle(tmp_path, damage):
+  # Not truncated, but bad deflate data (zlib.error, not an OSError) or a wrong CRC
+  # (gzip.BadGzipFile): both are the file's one-line "cannot read" error, not a traceback.
+  path = str(tmp_path / "train-images-idx3-ubyte.gz")
+  images = np.random.default_rng(0).integers(0, 4, size=(40, 28, 28)).astype(np.uint8)
+  idx.write_idx(path, images)
+  with open(path, "rb") as f:
+    data = f.read()
+  if damage == "deflate":
+    middle = len(data) // 2
+    data = data[:middle] + b"\x00" * 16 + data[middle + 16:]
+  else:  # The trailer: CRC-32, then the uncompressed size.
+    data = data[:-8] + bytes(b ^ 0xFF for b in data[-8:-4]) + data[-4:]
+  with open(path, "wb") as f:
+    f.write(data)
+  expected = zlib.error if damage == "deflate" else gzip.BadGzipFile
+  with pytest.raises(expected):  # The damage does what this test is about.
+    gzip.decompress(data)
+  with pytest.raises(UserError, match="cannot read IDX file .*re-download or replace the file") as e:
+    idx.read_idx(path, expected_ndim=3)
+  assert path in str(e.value) and "\n" not in str(e.value)
 
 
 def test_bad_magic(tmp_path):

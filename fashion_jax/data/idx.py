@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 
 import numpy as np
 
@@ -37,7 +38,7 @@ def read_idx(path: str, expected_ndim: int | None = None) -> np.ndarray:
   try:
     with _open(path) as f:
       data = f.read()
-  except (OSError, EOFError) as e:
+  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError.
     raise UserError(f"cannot read IDX file {path}: {e}; re-download or replace the file") from e
   if len(data) < 4:
     raise UserError(f"IDX file {path} is truncated ({len(data)} bytes, no header); "
