@@ -18,6 +18,7 @@ PARALLELISM = ("auto", "mesh", "pmap", "none")
 DISTRIBUTED = ("auto", "on", "off")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
+MAX_EVAL_BATCH = 1 << 20  # 100,000 took 1.8 GB on the CPU; beyond ~2**63 NumPy cannot shape it.
 
 
 
@@ -68,6 +69,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   Raises UserError with one line per problem, each naming the key and the fix.
   """
+  import math  # pylint: disable=g-import-not-at-top
+  import numbers  # pylint: disable=g-import-not-at-top
   # Here, not at the top: loading a config file (which imports this module) needs no JAX.
   from fashion_jax.kernels import ops
   from fashion_jax.model import models
@@ -78,6 +81,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   def check(ok: bool, key: str, want: str):
     if not ok:
       problems.append(f"config.{key}={config.get(key)!r} is invalid: {want}")
+
+  def number(key: str) -> bool:  # A real, finite number (nan and inf pass some comparisons).
+    value = config.get(key)
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+  def whole(key: str) -> bool:
+    return isinstance(config.get(key), numbers.Integral) and not isinstance(config.get(key), bool)
 
   def choice(key: str, choices):
     check(config.get(key) in choices, key, f"use one of {', '.join(map(str, choices))}")
@@ -95,12 +106,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
   choice("compute_dtype", ("float32", "bfloat16"))
   choice("progress_bar", ("auto", "on", "off"))
   check(config.tensorboard_samples >= 0, "tensorboard_samples", "zero or more images")
-  check(config.warmup_steps >= 0, "warmup_steps", "zero or more steps")
-  check(config.weight_decay >= 0, "weight_decay", "zero or more")
-  check(0 <= config.label_smoothing < 1, "label_smoothing", "in [0, 1)")
-  check(0 <= config.ema_decay < 1, "ema_decay", "in [0, 1) (0 = off)")
-  check(config.augment_translate >= 0, "augment_translate", "zero or more pixels")
-  check(0 <= config.random_erasing <= 1, "random_erasing", "a probability in [0, 1]")
+  check(whole("warmup_steps") and config.warmup_steps >= 0, "warmup_steps", "zero or more steps")
+  check(number("weight_decay") and config.weight_decay >= 0, "weight_decay",
+        "a finite number, zero or more")
+  check(number("momentum") and 0 <= config.momentum < 1, "momentum", "in [0, 1) (sgd's momentum)")
+  check(number("label_smoothing") and 0 <= config.label_smoothing < 1, "label_smoothing",
+        "in [0, 1)")
+  check(number("ema_decay") and 0 <= config.ema_decay < 1, "ema_decay", "in [0, 1) (0 = off)")
+  # Wider than the 28-pixel image only pads in blank images (and huge pads overflow).
+  check(whole("augment_translate") and 0 <= config.augment_translate <= 28, "augment_translate",
+        "0 to 28 pixels (the image side)")
+  check(number("random_erasing") and 0 <= config.random_erasing <= 1, "random_erasing",
+        "a probability in [0, 1]")
+  # np.random.default_rng (the epoch order) takes no negative seed, and without jax_enable_x64
+  # jax.random.key keeps only the low 32 bits (2**32 trains like 0) and overflows past 2**63.
+  check(whole("seed") and 0 <= config.seed < 2**32, "seed", "a whole number in [0, 2**32), "
+        "i.e. 0 to 4294967295")
   check(config.validation_size >= 0, "validation_size", "zero or more examples")
   if config.model in models.model_names():
     try:
@@ -114,8 +135,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.distributed_timeout_s > 0, "distributed_timeout_s", "a positive number of seconds")
   check(isinstance(config.idx_dir, str), "idx_dir", "a folder path, or '' for tensorflow-datasets")
   check(config.batch_size > 0, "batch_size", "a positive global batch size")
-  check(config.eval_batch_size > 0, "eval_batch_size", "a positive global batch size")
-  check(config.learning_rate > 0, "learning_rate", "a positive number")
+  check(0 < config.eval_batch_size <= MAX_EVAL_BATCH, "eval_batch_size",
+        f"a positive global batch size, at most {MAX_EVAL_BATCH:,} (the test set is padded to it)")
+  check(number("learning_rate") and config.learning_rate > 0, "learning_rate",
+        "a positive finite number")
   check(config.num_train_steps > 0 or (config.num_train_steps == -1 and config.num_epochs > 0),
         "num_train_steps", "a positive step count, or -1 with num_epochs > 0")
   check(config.log_every_steps > 0, "log_every_steps", "a positive number of steps")

@@ -187,6 +187,42 @@ def test_invalid_config_values(tiny_config, tmp_path):
   assert not os.path.exists(tmp_path / "run")  # Checked before anything is created.
 
 
+@pytest.mark.parametrize("key, value, want", [
+    ("seed", -1, "[0, 2**32)"),
+    ("seed", 2**32, "[0, 2**32)"),  # Without x64 jax.random.key(2**32) is key(0).
+    ("seed", 10**20, "[0, 2**32)"),
+    ("learning_rate", float("inf"), "a positive finite number"),
+    ("learning_rate", float("nan"), "a positive finite number"),
+    ("weight_decay", float("inf"), "a finite number, zero or more"),
+    ("weight_decay", -0.1, "a finite number, zero or more"),
+    ("momentum", float("nan"), "in [0, 1)"),
+    ("momentum", float("inf"), "in [0, 1)"),
+    ("momentum", 1.0, "in [0, 1)"),
+    ("momentum", -0.5, "in [0, 1)"),
+    ("label_smoothing", float("inf"), "in [0, 1)"),
+    ("ema_decay", float("nan"), "in [0, 1)"),
+    ("random_erasing", float("nan"), "a probability in [0, 1]"),
+    ("augment_translate", 10**11, "0 to 28 pixels"),  # An OverflowError in jax.random.randint.
+    ("warmup_steps", -1, "zero or more steps"),
+])
+def test_out_of_range_hyperparameters_are_refused(tiny_config, key, value, want):
+  from fashion_jax import config_lib
+  tiny_config[key] = value
+  with pytest.raises(UserError) as e:
+    config_lib.validate(tiny_config)
+  assert str(e.value).startswith(f"config.{key}={value!r} is invalid: "), str(e.value)
+  assert want in str(e.value) and ";" not in str(e.value), str(e.value)  # Only this key.
+
+
+def test_edge_hyperparameters_are_accepted(tiny_config):
+  from fashion_jax import config_lib
+  for key, value in [("seed", 0), ("seed", 2**32 - 1), ("momentum", 0.0), ("momentum", 0.99),
+                     ("weight_decay", 0.0), ("learning_rate", 1e-12), ("augment_translate", 28),
+                     ("random_erasing", 1.0)]:
+    tiny_config[key] = value
+  config_lib.validate(tiny_config)
+
+
 def test_cli_errors_are_one_line_and_nonzero(idx_dir, tmp_path):
   common = ["--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}"]
   cases = {
@@ -199,14 +235,22 @@ def test_cli_errors_are_one_line_and_nonzero(idx_dir, tmp_path):
       "--config.model_kwargs.depth=3": "config.model_kwargs has no key 'depth' in this config "
                                        "file; set the whole dict instead",
       "--config.batch_size=-32": "config.batch_size=-32 is invalid",
+      # np.random.default_rng refused the first, jax.random.key overflowed on the second.
+      "--config.seed=-1": "config.seed=-1 is invalid: a whole number in [0, 2**32)",
+      "--config.seed=99999999999999999999": "config.seed=99999999999999999999 is invalid",
+      # Passed validation, then "diverged" at step 1.
+      "--config.learning_rate=inf": "config.learning_rate=inf is invalid: a positive finite",
+      # NumPy could not shape it (a traceback after the data loaded).
+      "--config.eval_batch_size=99999999999999999999": "at most 1,048,576",
   }
   for flag, message in cases.items():
     assert_one_line_error(run_module("fashion_jax.main", *common, flag), message)
   assert not os.path.exists(tmp_path / "w")  # The missing IDX folder's run left no empty workdir.
   workdir = f"--workdir={tmp_path / 'w2'}"
   (tmp_path / "alone").mkdir()  # A config that reads a sibling (default.py) copied without it.
-  sibling_less = shutil.copy(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"),
-                             tmp_path / "alone" / "tiny.py")
+  sibling_less = tmp_path / "alone" / "tiny.py"
+  sibling_less.write_text("from fashion_jax import config_lib\n\n\ndef get_config():\n"
+                          "  return config_lib.load_sibling(__file__, 'default')\n")
   for args, message in [
       (["--config=configs/nope.py"], "--config=configs/nope.py: cannot read the config file (No "
                                      "such file or directory; a relative path is read from "),
@@ -214,8 +258,9 @@ def test_cli_errors_are_one_line_and_nonzero(idx_dir, tmp_path):
       (["--config=configs/nope.py", "--config.batch_size=8"], "cannot read the config file (No "
                                                               "such file or directory"),
       (["--config=configs"], "cannot read the config file (Is a directory"),
-      ([f"--config={sibling_less}"], f"--config={sibling_less}: loading it failed: "
-                                     f"{tmp_path / 'alone' / 'default.py'}: No such file"),
+      ([f"--config={sibling_less}"], f"{sibling_less} builds on "
+                                     f"{tmp_path / 'alone' / 'default.py'}, which cannot be read "
+                                     "(No such file or directory); put default.py beside it"),
       ([f"--config.idx_dir={idx_dir}"], "--config is missing (needed by --config.idx_dir=...)"),
       # The models' settings' values, not only their names: a traceback after the data loaded,
       # and a run at chance level.
@@ -386,8 +431,10 @@ def test_checkpoint_with_another_optimizer_state_is_refused(tiny_config, tmp_pat
 def test_nonfinite_loss_stops_with_the_step_named(tiny_config, tmp_path):
   tiny_config.learning_rate = 1e30  # Overflows within a few steps.
   with pytest.raises(UserError, match=r"non-finite loss or gradients at step \d+ .*last good "
-                                      r"checkpoint.*on_nonfinite=skip"):
+                                      r"checkpoint.*on_nonfinite=skip") as e:
     train.train_and_evaluate(tiny_config, str(tmp_path / "stop"))
+  # Before the first checkpoint (step 10) there is none to name: not "at step None".
+  assert "no last good checkpoint yet" in str(e.value) and "None" not in str(e.value)
 
 
 def test_nonfinite_steps_can_be_skipped(tiny_config, tmp_path):

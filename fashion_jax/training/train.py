@@ -288,12 +288,14 @@ class TrainLog:
     for line_step, sums in self.intervals.add(first_step, fetched):
       train, skipped = _summarize(sums, "train"), int(sums["nonfinite_steps"])
       if skipped and config.on_nonfinite == "stop":
+        good = self.checkpointer.latest_step()
+        good = (f"the last good checkpoint is at step {good} in {self.checkpointer.directory}"
+                if good is not None else "there is no last good checkpoint yet in "
+                f"{self.checkpointer.directory} (re-running starts over)")
         raise UserError(
             f"training diverged: non-finite loss or gradients at step "
-            f"{int(sums['first_nonfinite_step'])} (that update was not applied); the last good "
-            f"checkpoint is at step {self.checkpointer.latest_step()} in "
-            f"{self.checkpointer.directory}; lower --config.learning_rate, or pass "
-            "--config.on_nonfinite=skip to skip such batches")
+            f"{int(sums['first_nonfinite_step'])} (that update was not applied); {good}; lower "
+            "--config.learning_rate, or pass --config.on_nonfinite=skip to skip such batches")
       if skipped:
         with self.bar.external_write():
           logging.warning("skipped %d step(s) with non-finite loss or gradients, the first "
