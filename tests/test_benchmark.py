@@ -173,6 +173,12 @@ def test_compare_keras_without_tensorflow_is_one_line(tmp_path, idx_dir):
 @pytest.mark.parametrize("flag,message", [
     ("--config.batch_size=-4", "config.batch_size=-4 is invalid"),
     ("--rounds=0", "--rounds=0 is invalid"),
+    # A traceback after compiling (no median of no windows), int(nan), a peak taken as "0".
+    ("--windows=0", "--windows=0 is invalid; give 1 or more timed windows"),
+    ("--window_seconds=nan", "--window_seconds=nan is invalid; give a positive number"),
+    ("--window_seconds=0", "--window_seconds=0.0 is invalid"),
+    ("--peak_gflops=-5", "--peak_gflops=-5.0 is invalid; give one device's peak in GFLOP/s"),
+    ("--peak_gflops=nan", "--peak_gflops=nan is invalid"),
     ("--batch_sizes=0", "'0' is not a positive whole number"),
     ("--batch_sizes=32,-8", "'-8' is not a positive whole number"),
     ("--batch_sizes=12x", "--batch_sizes=12x: '12x' is not a positive whole number"),

@@ -240,6 +240,7 @@ def parse_batch_sizes(text: str, default: int) -> list[int]:
 
 def run(config) -> dict:
   """Runs every measurement; returns the results dict (also written to --output)."""
+  import math  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fashion_jax import config_lib
   from fashion_jax.data import input_pipeline
@@ -250,6 +251,14 @@ def run(config) -> dict:
   config_lib.validate(config)
   if FLAGS.rounds < 1:
     raise UserError(f"--rounds={FLAGS.rounds} is invalid; give 1 or more passes")
+  if FLAGS.windows < 1:
+    raise UserError(f"--windows={FLAGS.windows} is invalid; give 1 or more timed windows per pass")
+  if not (math.isfinite(FLAGS.window_seconds) and FLAGS.window_seconds > 0):
+    raise UserError(f"--window_seconds={FLAGS.window_seconds} is invalid; give a positive "
+                    "number of seconds, e.g. 2")
+  if not (math.isfinite(FLAGS.peak_gflops) and FLAGS.peak_gflops >= 0):
+    raise UserError(f"--peak_gflops={FLAGS.peak_gflops} is invalid; give one device's peak in "
+                    "GFLOP/s (a positive number), or 0 to look it up or measure it")
   batch_sizes = parse_batch_sizes(FLAGS.batch_sizes, config.batch_size)
   if FLAGS.compare == "keras":
     missing = [m for m in ("tensorflow", "keras") if importlib.util.find_spec(m) is None]
