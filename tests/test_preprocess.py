@@ -8,6 +8,7 @@ on how the file stores it.
 
 import io
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -287,6 +288,27 @@ def test_load_image_errors(tmp_path):
     preprocess.load_image(str(truncated))
   with pytest.raises(preprocess.ImageError, match="cannot open"):
     preprocess.load_image(str(tmp_path / "missing.png"))
+
+
+def test_big_images_are_read_without_pillows_bomb_warning(tmp_path, drawing, monkeypatch):
+  """Above Pillow's MAX_IMAGE_PIXELS (a 12000x12000 photo) it warned on stderr, two lines, though
+  the image is only made 28x28; above twice that its DecompressionBombError is the file's error.
+  The limit is lowered here instead of writing a 144-megapixel file."""
+  gray, expected = drawing
+  path = tmp_path / "big.png"
+  Image.fromarray(gray).save(path)
+  pixels = gray.shape[0] * gray.shape[1]
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels * 2 // 3)  # Warned, not refused.
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    image = preprocess.load_image(str(path))
+  assert not caught, [str(w.message) for w in caught]
+  np.testing.assert_array_equal(preprocess.to_fashion_mnist(image), expected)
+  with pytest.warns(Image.DecompressionBombWarning):  # Pillow does warn at this limit.
+    Image.open(path).close()
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels // 3)  # Over twice the limit.
+  with pytest.raises(preprocess.ImageError, match="too large to decode safely .*decompression bomb"):
+    preprocess.load_image(str(path))
 
 
 def test_is_image_filename():

@@ -65,6 +65,7 @@ scaled, not clipped, to 8 bits (Pillow's own I;16 -> L conversion clips).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -110,6 +111,18 @@ def is_image_filename(path: str) -> bool:
   return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
+@contextlib.contextmanager
+def _pillow_warnings_silenced():
+  """Damaged files make Pillow warn as well as fail; the ImageError says it once. And an image
+  above Pillow's decompression-bomb warning threshold (MAX_IMAGE_PIXELS) is fine to read, as it
+  is only made 28x28 (warned in Image.open, so set before it); above twice that, Pillow's
+  DecompressionBombError is that file's error."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # A RuntimeWarning.
+    yield
+
+
 def load_image(path: str) -> Image.Image:
   """Opens an image file as an 8-bit "L" or "RGB" image (see the module docstring).
 
@@ -117,9 +130,7 @@ def load_image(path: str) -> Image.Image:
     ImageError: the file does not exist, is not an image Pillow can read, or is corrupt.
   """
   try:
-    with warnings.catch_warnings(), Image.open(path) as image:
-      # Damaged files make Pillow warn as well as fail; the ImageError says it once.
-      warnings.simplefilter("ignore", UserWarning)
+    with _pillow_warnings_silenced(), Image.open(path) as image:
       if getattr(image, "n_frames", 1) > 1:
         image.seek(0)
       if image.format == "JPEG":  # Let libjpeg decode big photos at 1/2, 1/4 or 1/8 scale.
