@@ -4,6 +4,7 @@ TensorBoard, predict, evaluate, export, and a damaged checkpoint's fallback; and
 processes writing to one gs:// workdir, as the workers of a TPU pod do. Orbax/TensorStore, gcsfs and
 tensorboardX are pointed at it by their own environment variables."""
 
+import gzip
 import importlib.util
 import json
 import os
@@ -19,7 +20,8 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT, run_module, tensorboard_events
+from tests.conftest import ROOT, assert_one_line_error, run_module, tensorboard_events
+from tests.conftest import write_idx_folder
 from tests.test_distributed import _pid_of
 
 BUCKET = "fj-test"
@@ -171,6 +173,32 @@ def test_a_run_in_cloud_storage_trains_resumes_and_serves(emulator, idx_dir, tmp
   assert "resumed from checkpoint at step 10" in proc.stderr
   moved = bucket.names("runs/tiny/checkpoints_unreadable")
   assert len(moved) == 1 and moved[0].startswith("20."), moved
+
+
+def test_training_and_evaluation_read_idx_files_from_a_bucket(emulator, tmp_path):
+  """Pod hosts share no disk: the data can sit in the bucket beside the runs (one raw, one
+  gzip'd file of each split here, as IDX folders come)."""
+  local = write_idx_folder(str(tmp_path / "idx"), n_train=64, n_test=32)
+  bucket = _Bucket()
+  for i, name in enumerate(sorted(os.listdir(local))):
+    data = (tmp_path / "idx" / name).read_bytes()
+    if i % 2:
+      name, data = name[:-len(".gz")], gzip.decompress(data)
+    bucket.fs.pipe_file(f"{BUCKET}/data/fm/{name}", data)
+  data, workdir = f"gs://{BUCKET}/data/fm", str(tmp_path / "run")
+  proc = run_module("fashion_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+                    f"--config.idx_dir={data}", "--config.num_train_steps=4",
+                    "--config.batch_size=8", "--config.eval_every_steps=4", env=emulator)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"IDX folder {data} (config.idx_dir)" in proc.stderr, proc.stderr[-3000:]
+  proc = run_module("fashion_jax.evaluate", f"--workdir={workdir}", "--num_mistakes=2",
+                    env=emulator)  # The test split from config.json's gs:// idx_dir.
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((tmp_path / "run" / "evaluation" / "evaluation.json").read_text())
+  assert report["data"]["count"] == 32 and report["matches_training_eval"] is True, report
+  proc = run_module("fashion_jax.main", "--config=configs/tiny.py", f"--workdir={workdir}2",
+                    f"--config.idx_dir={data}-missing", env=emulator)
+  assert_one_line_error(proc, f"IDX folder '{data}-missing' does not exist")
 
 
 def test_benchmark_results_go_to_a_bucket(emulator, idx_dir):

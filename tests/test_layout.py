@@ -21,7 +21,8 @@ CONFIG = {"cli", "config_lib", "default_config"}
 ALLOWED = {
     "support": {"support"},
     "kernels": {"kernels", "support.paths"},
-    "data": {"data", "support.errors", "support.paths", "support.backends"},  # TF beside JAX.
+    "data": {"data", "support.errors", "support.paths", "support.backends",  # TF beside JAX,
+             "support.storage"},  # gs:// IDX folders.
     "model": {"model", "kernels", "data", "support", *CONFIG},
     "training": {"training", "model", "data", "support", *CONFIG},
     "serving": {"serving", "model", "data", "support", *CONFIG},

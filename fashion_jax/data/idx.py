@@ -14,6 +14,7 @@ import zlib
 
 import numpy as np
 
+from fashion_jax.support import storage
 from fashion_jax.support.errors import UserError
 
 _UINT8 = 0x08
@@ -25,21 +26,20 @@ FILES = {
 }
 
 
-def _open(path: str):
-  with open(path, "rb") as f:
-    head = f.read(2)
-  if head == b"\x1f\x8b":
-    return gzip.open(path, "rb")
-  return open(path, "rb")
-
-
 def read_idx(path: str, expected_ndim: int | None = None) -> np.ndarray:
-  """Reads one IDX file (raw or gzip) into a uint8 array, validating the header."""
+  """Reads one IDX file (raw or gzip; local or gs://) into a uint8 array, validating the header."""
   try:
-    with _open(path) as f:
-      data = f.read()
+    data = storage.read_bytes(path)
+    if data[:2] == b"\x1f\x8b":
+      data = gzip.decompress(data)
   except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError.
     raise UserError(f"cannot read IDX file {path}: {e}; re-download or replace the file") from e
+  except Exception as e:  # pylint: disable=broad-except  (a Cloud Storage client's own errors)
+    if not storage.is_url(path):
+      raise
+    raise UserError(f"cannot read IDX file {path}: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}; check the bucket and your "
+                    "credentials (gcloud auth application-default login)") from e
   if len(data) < 4:
     raise UserError(f"IDX file {path} is truncated ({len(data)} bytes, no header); "
                     "re-download or replace the file")
@@ -74,8 +74,9 @@ def write_idx(path: str, array: np.ndarray, compress: bool | None = None) -> Non
 
 def _find(folder: str, name: str) -> str | None:
   for candidate in (name, name + ".gz"):
-    path = os.path.join(folder, candidate)
-    if os.path.isfile(path):
+    path = storage.join(folder, candidate)
+    if (storage.exists(path) and not storage.isdir(path) if storage.is_url(path)
+        else os.path.isfile(path)):
       return path
   return None
 
@@ -84,8 +85,10 @@ def load_split(folder: str, split: str, num_classes: int = 10) -> tuple[np.ndarr
   """Returns (images [N, H, W, 1] uint8, labels [N] int32) of one split of an IDX folder."""
   if split not in FILES:
     raise UserError(f"unknown split {split!r}; IDX folders hold {sorted(FILES)}")
-  if not os.path.isdir(folder):
-    what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+  if storage.is_url(folder):
+    folder = storage.resolve(folder, "the IDX folder")  # gs:// needs the gcs extra.
+  if not storage.isdir(folder):
+    what = "is a file, not a folder" if storage.exists(folder) else "does not exist"
     raise UserError(f"IDX folder {folder!r} {what}; set --config.idx_dir to the folder "
                     "holding the four Fashion-MNIST IDX files, or to '' to use tensorflow-datasets")
   images_name, labels_name = FILES[split]

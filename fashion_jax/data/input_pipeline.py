@@ -36,7 +36,7 @@ import numpy as np
 from fashion_jax.data import download
 from fashion_jax.data import idx
 from fashion_jax.support.errors import UserError
-from fashion_jax.support import backends, paths
+from fashion_jax.support import backends, paths, storage
 
 Batch = dict[str, np.ndarray]
 
@@ -128,7 +128,7 @@ def load(config, split: str, data_source: Source | None = None) -> Split:
   """Loads a whole split from `source(config)` (or the given source)."""
   data_source = data_source or source(config)
   if data_source.kind == "idx":
-    if data_source.origin.startswith("$") and not os.path.isdir(data_source.location):
+    if data_source.origin.startswith("$") and not storage.isdir(data_source.location):
       raise UserError(f"{IDX_ENV}={data_source.location!r} is not a folder; point it at the folder "
                       "holding the four Fashion-MNIST IDX files, or unset it")
     images, labels = idx.load_split(data_source.location, split)

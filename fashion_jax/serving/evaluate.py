@@ -170,13 +170,14 @@ def _test_data(config, idx_dir: str | None, data_dir: str | None):
   else:
     origin = "config.json"
   if data_config.idx_dir:
-    folder = os.path.abspath(os.path.expanduser(data_config.idx_dir))
-    if not os.path.isdir(folder):
-      relative = ("" if os.path.isabs(os.path.expanduser(data_config.idx_dir))
-                  else f", relative to the current directory {os.getcwd()}")
+    folder = (storage.resolve(data_config.idx_dir, origin) if storage.is_url(data_config.idx_dir)
+              else os.path.abspath(os.path.expanduser(data_config.idx_dir)))
+    if not storage.isdir(folder):
+      relative = ("" if storage.is_url(folder) or os.path.isabs(os.path.expanduser(
+          data_config.idx_dir)) else f", relative to the current directory {os.getcwd()}")
       hint = ("pass --idx_dir=FOLDER with the IDX test files (or --data_dir=DIR for "
               "tensorflow-datasets)" if origin == "config.json" else "pass an existing folder")
-      what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+      what = "is a file, not a folder" if storage.exists(folder) else "does not exist"
       raise UserError(f"test data folder {data_config.idx_dir!r} (from {origin}{relative}) "
                       f"{what}; {hint}")
     data_config.idx_dir = folder
