@@ -23,12 +23,25 @@ MAX_EVAL_BATCH = 1 << 20  # 100,000 took 1.8 GB on the CPU; beyond ~2**63 NumPy 
 
 
 
+def _private_group(gid: int) -> bool:
+  """Whether the group `gid` is this user's alone: a user-private group (Debian and Ubuntu give
+  each user one, and umask 002 then makes a checkout group-writable), no other member."""
+  import grp  # pylint: disable=g-import-not-at-top  (POSIX only, like the check itself)
+  import pwd  # pylint: disable=g-import-not-at-top
+  try:
+    if gid != os.getgid() or grp.getgrgid(gid).gr_mem:
+      return False
+    return all(user.pw_gid != gid for user in pwd.getpwall() if user.pw_uid != os.getuid())
+  except KeyError:  # A group or user with no name.
+    return False
+
+
 def _others_could_write(path: str) -> str | None:
   """Why another user could have written (or swapped in) the file `path`, or None.
 
   The file, and the folders holding it (as named and as resolved), must belong to this user or
-  root and not be writable by group or others -- a folder may be, with the sticky bit (/tmp):
-  there nobody can replace another's file.
+  root and be writable by nobody else: not by others, nor by a group that is not this user's
+  alone; a folder may be, with the sticky bit (/tmp): there nobody can replace another's file.
   """
   real = os.path.realpath(path)
   for item, is_folder in ((real, False), (os.path.dirname(real), True),
@@ -36,9 +49,21 @@ def _others_could_write(path: str) -> str | None:
     info = os.stat(item)
     if info.st_uid not in (os.getuid(), 0):
       return f"{item} belongs to another user (uid {info.st_uid})"
-    if info.st_mode & 0o022 and not (is_folder and info.st_mode & 0o1000):
-      return f"{item} is writable by other users (mode {info.st_mode & 0o7777:o})"
+    writable = info.st_mode & (0o002 if _private_group(info.st_gid) else 0o022)
+    if writable and not (is_folder and info.st_mode & 0o1000):
+      return (f"{item} is writable by its group or others (mode {info.st_mode & 0o7777:o}; "
+              f"chmod go-w {item} if that is not meant)")
   return None
+
+
+def load_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of the config file `path`, as `--config=path` loads it (the file the user
+  named is run as it is: it is their choice, like any script they run)."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"fashion_jax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def load_sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
@@ -55,13 +80,10 @@ def load_sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
     raise UserError(f"{config_file} builds on {path}, which cannot be read ({e.strerror}); put "
                     f"{name}.py beside it, or start from fashion_jax.default_config") from e
   if unsafe:
-    raise UserError(f"{config_file} builds on {path}, which is not run: {unsafe}; start from "
+    raise UserError(f"{config_file} builds on {path}, which is not run: {unsafe}; or start from "
                     "the packaged defaults instead (from fashion_jax.default_config import "
-                    "get_config), or make the file and its folder yours alone")
-  spec = importlib.util.spec_from_file_location(f"fashion_jax_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+                    "get_config)")
+  return load_file(path)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

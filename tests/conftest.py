@@ -71,7 +71,7 @@ def idx_dir(tmp_path):
 @pytest.fixture
 def tiny_config(idx_dir):
   from fashion_jax import config_lib
-  config = config_lib.load_sibling(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "tiny.py"))
   config.idx_dir = idx_dir
   return config
 
@@ -110,7 +110,7 @@ def trained_tiny_workdir(tmp_path_factory):
   """
   from fashion_jax import config_lib
   base = tmp_path_factory.mktemp("trained_tiny")
-  config = config_lib.load_sibling(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "tiny.py"))
   config.idx_dir = write_idx_folder(str(base / "idx"))
   config.validation_size = 32
   return _train_in_process(config, str(base / "workdir"))
@@ -126,7 +126,7 @@ def trained_real_workdir(tmp_path_factory):
   if not folder:
     pytest.skip(f"{REAL_DATA_ENV} is not set: no real Fashion-MNIST IDX folder to train on")
   from fashion_jax import config_lib
-  config = config_lib.load_sibling(os.path.join(ROOT, "configs", "speedrun_cpu.py"), "speedrun_cpu")
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "speedrun_cpu.py"))
   config.idx_dir = os.path.abspath(folder)
   config.num_epochs = 1
   config.num_train_steps = -1  # The speedrun sets a step count; one epoch here.

@@ -29,7 +29,7 @@ def final_state(config, workdir):
 
 
 def main(root, idx_dir, out_dir, *modes):
-  config = config_lib.load_sibling(os.path.join(root, "configs", "tiny.py"), "tiny")
+  config = config_lib.load_file(os.path.join(root, "configs", "tiny.py"))
   config.idx_dir = idx_dir
   if modes and modes[0].startswith("model="):  # e.g. model=cnn_bn: BatchNorm across devices.
     config.model = modes[0][len("model="):]

@@ -36,7 +36,7 @@ def data(tmp_path_factory):
 
 
 def _train(data, workdir, placement, parallelism):
-  config = config_lib.load_sibling(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "tiny.py"))
   config.update(idx_dir=data, data_placement=placement, parallelism=parallelism,
                 batch_size=64, eval_batch_size=128, num_train_steps=40, eval_every_steps=20,
                 checkpoint_every_steps=20, log_every_steps=10)

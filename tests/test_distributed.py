@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 
 def _tiny(idx_dir):
-  config = config_lib.load_sibling(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "tiny.py"))
   config.idx_dir = idx_dir
   return config
 

@@ -92,9 +92,11 @@ from fashion_jax.default_config import get_config
 
 
 @pytest.mark.parametrize("folder_mode, file_mode, refused", [
-    (0o1777, 0o666, "default.py is writable by other users (mode 666)"),
-    (0o777, 0o644, "is writable by other users (mode 777)"),  # No sticky bit: replaceable.
-    (0o1777, 0o644, None)])  # A shared /tmp-like folder, the file this user's alone: loaded.
+    (0o1777, 0o666, "default.py is writable by its group or others (mode 666; chmod go-w"),
+    (0o777, 0o644, "is writable by its group or others (mode 777"),  # No sticky bit: replaceable.
+    (0o1777, 0o644, None),  # A shared /tmp-like folder, the file this user's alone: loaded.
+    # umask 002 (Debian, Ubuntu): group-writable, fine where the group is this user's alone.
+    (0o775, 0o664, "PRIVATE_GROUP")])
 def test_a_config_does_not_run_a_sibling_others_could_have_written(tmp_path, folder_mode,
                                                                    file_mode, refused):
   """A config copied into a shared folder builds on the default.py beside it: one planted there
@@ -105,6 +107,10 @@ def test_a_config_does_not_run_a_sibling_others_could_have_written(tmp_path, fol
   (shared / "default.py").write_text(_PLANTED)
   os.chmod(shared / "default.py", file_mode)
   os.chmod(shared, folder_mode)
+  if refused == "PRIVATE_GROUP":
+    from fashion_jax import config_lib  # pylint: disable=import-outside-toplevel
+    refused = (None if config_lib._private_group(os.getgid())  # pylint: disable=protected-access
+               else "is writable by its group or others (mode 664")
   proc = run_module("fashion_jax.main", f"--config={shared / 'myexp.py'}",
                     f"--workdir={tmp_path / 'run'}", "--config.batch_size=0")
   if refused:
@@ -143,3 +149,22 @@ def test_an_empty_workdir_is_refused_not_taken_for_the_current_folder(tmp_path, 
   proc = run_module(module, *flags, "--workdir=", cwd=str(tmp_path / "cwd"))
   assert_one_line_error(proc, "--workdir is empty; pass a folder")
   assert os.listdir(tmp_path / "cwd") == []
+
+
+def test_a_group_is_private_only_without_other_members(monkeypatch):
+  """Group-writable config files are fine where the group is the user's own (user-private
+  groups): not where it lists members, or is another user's primary group."""
+  import grp  # pylint: disable=import-outside-toplevel
+  import pwd  # pylint: disable=import-outside-toplevel
+  from fashion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  gid, uid = os.getgid(), os.getuid()
+  members, users = [], [pwd.struct_passwd(("me", "x", uid, gid, "", "/", "/bin/sh"))]
+  monkeypatch.setattr(grp, "getgrgid", lambda g: grp.struct_group(("g", "x", g, members)))
+  monkeypatch.setattr(pwd, "getpwall", lambda: users)
+  private = config_lib._private_group  # pylint: disable=protected-access
+  assert private(gid) and not private(gid + 1)  # Another group than the user's own.
+  members.append("someone")
+  assert not private(gid)
+  members.clear()
+  users.append(pwd.struct_passwd(("other", "x", uid + 1, gid, "", "/", "/bin/sh")))
+  assert not private(gid)

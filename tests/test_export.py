@@ -92,7 +92,7 @@ def test_cli_export_matches_jax(trained_tiny_workdir, tmp_path):
 @needs_tf
 def test_batchnorm_and_flip_tta_export(tmp_path):
   """BatchNorm statistics and flip test-time augmentation survive the export (no training)."""
-  config = config_lib.load_sibling(os.path.join(ROOT, "configs", "default.py"), "default")
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "default.py"))
   config.model = "cnn_bn"
   config.model_kwargs.width = 8
   config.eval_flip_tta = True

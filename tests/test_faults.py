@@ -65,7 +65,7 @@ def test_killed_run_resumes_bitwise_identical(reference, tmp_path, kill_at):
   resumed = run_module("fashion_jax.main", *flags)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-  config = config_lib.load_sibling(os.path.join(ROOT, "configs", "tiny.py"), "tiny")
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "tiny.py"))
   a, b = final_state(config, reference_dir), final_state(config, workdir)
   assert int(a.step) == int(b.step) == 40
   jax.tree.map(np.testing.assert_array_equal, a, b)  # params, opt_state, rng: bitwise.

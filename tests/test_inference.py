@@ -80,7 +80,7 @@ def test_config_of_an_older_version_still_loads(trained_tiny_workdir, tmp_path):
 
 def test_the_default_config_file_is_the_package_default():
   from fashion_jax import default_config
-  loaded = config_lib.load_sibling(os.path.join(ROOT, "configs", "default.py"), "default")
+  loaded = config_lib.load_file(os.path.join(ROOT, "configs", "default.py"))
   assert loaded.to_dict() == default_config.get_config().to_dict()
 
 

@@ -141,7 +141,7 @@ def test_config_files_load_without_jax(name):
   proc = _run(f"""
 import sys
 from fashion_jax import config_lib
-config = config_lib.load_sibling("configs/{name}.py", "{name}")
+config = config_lib.load_file("configs/{name}.py")
 assert config.model, config
 heavy = sorted(m for m in ("jax", "flax", "optax", "orbax", "tensorflow") if m in sys.modules)
 print("HEAVY", heavy)

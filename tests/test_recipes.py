@@ -94,8 +94,7 @@ def test_accelerator_recipe_runs_shrunk_on_cpu(idx_dir, tmp_path):
   """configs/accelerator_best.py as it is (WRN, bf16, SGD, RE, EMA, TTA), only made small."""
   from fashion_jax import config_lib
   from tests.conftest import ROOT
-  config = config_lib.load_sibling(os.path.join(ROOT, "configs", "accelerator_best.py"),
-                                   "accelerator_best")
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "accelerator_best.py"))
   assert config.model == "wrn" and config.random_erasing > 0 and config.compute_dtype == "bfloat16"
   config.update({"idx_dir": idx_dir, "model_kwargs": {"depth": 10, "width": 1},
                  "batch_size": 16, "num_train_steps": 8, "warmup_steps": 2, "validation_size": 32,
