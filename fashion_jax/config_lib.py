@@ -86,10 +86,12 @@ def load_sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
   return load_file(path)
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict, serving: bool = False) -> None:
   """Checks every value before anything is loaded or compiled.
 
-  Raises UserError with one line per problem, each naming the key and the fix.
+  Raises UserError with one line per problem, each naming the key and the fix. `serving`: a
+  trained run's saved config, for inference -- the optimizer's and the data order's settings
+  are not checked (they no longer matter, and an older version may have allowed more).
   """
   import math  # pylint: disable=g-import-not-at-top
   import numbers  # pylint: disable=g-import-not-at-top
@@ -128,22 +130,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
   choice("compute_dtype", ("float32", "bfloat16"))
   choice("progress_bar", ("auto", "on", "off"))
   check(config.tensorboard_samples >= 0, "tensorboard_samples", "zero or more images")
-  check(whole("warmup_steps") and config.warmup_steps >= 0, "warmup_steps", "zero or more steps")
-  check(number("weight_decay") and config.weight_decay >= 0, "weight_decay",
-        "a finite number, zero or more")
-  check(number("momentum") and 0 <= config.momentum < 1, "momentum", "in [0, 1) (sgd's momentum)")
-  check(number("label_smoothing") and 0 <= config.label_smoothing < 1, "label_smoothing",
-        "in [0, 1)")
   check(number("ema_decay") and 0 <= config.ema_decay < 1, "ema_decay", "in [0, 1) (0 = off)")
-  # Wider than the 28-pixel image only pads in blank images (and huge pads overflow).
-  check(whole("augment_translate") and 0 <= config.augment_translate <= 28, "augment_translate",
-        "0 to 28 pixels (the image side)")
-  check(number("random_erasing") and 0 <= config.random_erasing <= 1, "random_erasing",
-        "a probability in [0, 1]")
-  # np.random.default_rng (the epoch order) takes no negative seed, and without jax_enable_x64
-  # jax.random.key keeps only the low 32 bits (2**32 trains like 0) and overflows past 2**63.
-  check(whole("seed") and 0 <= config.seed < 2**32, "seed", "a whole number in [0, 2**32), "
-        "i.e. 0 to 4294967295")
+  if not serving:
+    check(whole("warmup_steps") and config.warmup_steps >= 0, "warmup_steps",
+          "zero or more steps")
+    check(number("weight_decay") and config.weight_decay >= 0, "weight_decay",
+          "a finite number, zero or more")
+    check(number("momentum") and 0 <= config.momentum < 1, "momentum",
+          "in [0, 1) (sgd's momentum)")
+    check(number("label_smoothing") and 0 <= config.label_smoothing < 1, "label_smoothing",
+          "in [0, 1)")
+    # Wider than the 28-pixel image only pads in blank images (and huge pads overflow).
+    check(whole("augment_translate") and 0 <= config.augment_translate <= 28,
+          "augment_translate", "0 to 28 pixels (the image side)")
+    check(number("random_erasing") and 0 <= config.random_erasing <= 1, "random_erasing",
+          "a probability in [0, 1]")
+    # np.random.default_rng (the epoch order) takes no negative seed, and without
+    # jax_enable_x64 jax.random.key keeps only the low 32 bits (2**32 trains like 0) and
+    # overflows past 2**63.
+    check(whole("seed") and 0 <= config.seed < 2**32, "seed", "a whole number in [0, 2**32), "
+          "i.e. 0 to 4294967295")
+    check(number("learning_rate") and config.learning_rate > 0, "learning_rate",
+          "a positive finite number")
   check(config.validation_size >= 0, "validation_size", "zero or more examples")
   if config.model in models.model_names():
     try:
@@ -159,8 +167,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.batch_size > 0, "batch_size", "a positive global batch size")
   check(0 < config.eval_batch_size <= MAX_EVAL_BATCH, "eval_batch_size",
         f"a positive global batch size, at most {MAX_EVAL_BATCH:,} (the test set is padded to it)")
-  check(number("learning_rate") and config.learning_rate > 0, "learning_rate",
-        "a positive finite number")
   check(config.num_train_steps > 0 or (config.num_train_steps == -1 and config.num_epochs > 0),
         "num_train_steps", "a positive step count, or -1 with num_epochs > 0")
   check(config.log_every_steps > 0, "log_every_steps", "a positive number of steps")

@@ -102,7 +102,10 @@ def test_bad_workdirs_are_user_errors(tmp_path):
     (b"null", "holds null, not a settings object"),
     (b"\xff\xfe{", "cannot read"),  # Not UTF-8.
     (None, "is a folder where fashion_jax keeps a file"),
-    (b'{"eval_batch_size": "abc"}', "setting 'eval_batch_size' = 'abc' does not fit")])
+    (b'{"eval_batch_size": "abc"}', "setting 'eval_batch_size' = 'abc' does not fit"),
+    (b'{"model": "no_such_model"}', "config.model='no_such_model' is invalid"),
+    # What training refuses now but an older version allowed: serving does not check it.
+    (b'{"seed": 5000000000, "momentum": 1.0, "augment_translate": 30}', None)])
 def test_a_damaged_config_json_is_a_user_error(trained_tiny_workdir, tmp_path, content, says):
   """predict, evaluate and export read it first: each of these was a traceback (exit 1)."""
   workdir = str(tmp_path / "run")
@@ -114,8 +117,13 @@ def test_a_damaged_config_json_is_a_user_error(trained_tiny_workdir, tmp_path, c
   else:
     with open(path, "wb") as f:
       f.write(content)
-  with pytest.raises(UserError, match=re.escape(says)):
+  if says is None:
+    values = json.loads(content)
+    assert {k: inference.load_run_config(workdir)[k] for k in values} == values
+    return
+  with pytest.raises(UserError, match=re.escape(says)) as raised:
     inference.load_run_config(workdir)
+  assert path in str(raised.value)  # Which file: evaluate, predict, export have no --config.
 
 
 def test_metrics_lines_that_are_no_records_are_skipped(trained_tiny_workdir, tmp_path):

@@ -69,7 +69,10 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
       raise UserError(f"{path}: setting {key!r} = {values[key]!r} does not fit this version's "
                       f"config ({type(e).__name__}){damaged}") from e
   try:
-    config_lib.validate(config)
+    config_lib.validate(config, serving=True)
+  except UserError as e:
+    raise UserError(f"{path}: {e}; this version refuses that saved setting: use the fashion_jax "
+                    "version that trained the run, or correct the value in that file") from e
   except AttributeError as e:
     raise UserError(f"{path} lacks a setting this version of fashion_jax needs ({e}); use the "
                     "fashion_jax version that trained it") from e
