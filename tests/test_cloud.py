@@ -117,6 +117,9 @@ def _check_export_in_bucket(bucket, emulator, run, export, tmp_path):
   proc = run_module("fashion_jax.export", f"--workdir={run}", f"--output={run}", "--overwrite",
                     env=emulator)
   assert proc.returncode == 2 and "holds no fashion_jax export" in proc.stderr, proc.stderr
+  proc = run_module("fashion_jax.export", f"--workdir={run}", f"--output=gs://{BUCKET}",
+                    env=emulator)  # Its staging folder would have been another bucket.
+  assert proc.returncode == 2 and "is a whole bucket; pass a folder in it" in proc.stderr
   assert "checkpoints" in bucket.names("runs/tiny")
 
 

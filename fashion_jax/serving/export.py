@@ -100,10 +100,12 @@ def check_output(output: str, overwrite: bool) -> str:
   if not output:
     raise UserError("--output is empty; pass the folder to write the SavedModel to")
   path = storage.resolve(output, "--output")  # gs://bucket/path too: where Vertex AI reads models.
+  if storage.is_url(path) and "/" not in path.split("://", 1)[1]:
+    raise UserError(f"--output={path} is a whole bucket; pass a folder in it, e.g. "
+                    f"--output={path}/fashion_jax_model")
   if storage.exists(path) and not storage.isdir(path):
     raise UserError(f"--output {path!r} is a file; pass a folder (new or empty)")
-  if storage.isdir(path) and (storage.files_under(path) if storage.is_url(path)
-                              else os.listdir(path)):
+  if storage.isdir(path) and storage.has_content(path):
     if not overwrite:
       raise UserError(f"--output {path!r} is not empty; pass --overwrite to replace the export "
                       "in it, or a new folder")
@@ -129,7 +131,14 @@ def _move_into_place(staging: str, path: str) -> None:
 
   A gs:// `path` is uploaded beside itself first, then swapped in (storage.replace_folder)."""
   if storage.is_url(path):
-    storage.replace_folder(staging, path)
+    try:
+      storage.replace_folder(staging, path)
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (the upload: network, permissions)
+      text = str(e).splitlines()[0] if str(e) else ""
+      raise UserError(f"could not upload the export to {path} ({type(e).__name__}: {text}); it "
+                      "is unchanged: check the bucket and your credentials, then re-run") from e
     return
   old = None
   if os.path.isdir(path):

@@ -189,6 +189,13 @@ def put_file(local: str, path: str) -> None:
     shutil.copyfile(local, path)
 
 
+def has_content(path: str) -> bool:
+  """Whether the folder `path` holds anything (one listing, not a walk of all below it)."""
+  if is_url(path):
+    return next(iter(_epath(path).iterdir()), None) is not None
+  return bool(os.listdir(path))
+
+
 def remove_if_empty(path: str) -> None:
   """Removes the folder `path` if it is empty (a cloud "folder" with no object does not exist)."""
   if is_url(path):
@@ -238,9 +245,10 @@ def replace_folder(local: str, path: str) -> None:
       old = f"{path}.old-{tag}"
       move(path, old)
     move(partial, path)
-  except Exception as e:
-    raise OSError(f"replacing {path} stopped half-way ({e}); the new content is in {partial}"
-                  + (f", the previous in {old}" if old else "")) from e
+  except Exception as e:  # pylint: disable=broad-except  (a cloud client's own errors too)
+    raise UserError(f"replacing {path} stopped half-way ({type(e).__name__}: {e}); the new "
+                    f"content is in {partial}" + (f", the previous in {old}" if old else "")
+                    + ": move it into place by hand, or re-run") from e
   if old:
     _epath(old).rmtree()
 
