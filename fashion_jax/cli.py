@@ -110,7 +110,10 @@ def run(main) -> None:
   second one while a run is saving its stop checkpoint) ends it with one line, not a traceback."""
   try:
     app.run(main, flags_parser=parse_flags)
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:
+    if getattr(e, "signal", None) == "SIGTERM":  # stops.StopWaiting: a scheduler's second one.
+      fail("stopped by a second SIGTERM before the stop checkpoint was saved; the previous "
+           "checkpoint stays the latest: re-run the same command to resume", 75)  # Preempted.
     fail("interrupted before it finished; what it had saved stays (a training run resumes from "
          "its latest checkpoint when re-run)", EXIT_INTERRUPTED)
 

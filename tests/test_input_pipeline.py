@@ -130,3 +130,17 @@ def test_tfds_preparation_is_one_process_at_a_time(tmp_path, monkeypatch):
 class _FakeDataset:
   def batch(self, n):
     return self
+
+
+def test_a_cloud_idx_folder_without_gcsfs_is_one_line(tiny_config, monkeypatch):
+  """$FASHION_JAX_IDX_DIR=gs://... where gcsfs is not installed (Colab's TPU runtime without
+  the gcs extra): epath's ImportError was a traceback."""
+  from fashion_jax.support import storage  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support.errors import UserError  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv(input_pipeline.IDX_ENV, "gs://bucket/fashion_mnist")
+  monkeypatch.setenv("EPATH_USE_TF", "false")
+  monkeypatch.setattr(storage, "_found", lambda module: module != "gcsfs")
+  tiny_config.idx_dir = ""
+  with pytest.raises(UserError, match=r"\$FASHION_JAX_IDX_DIR='gs://bucket/fashion_mnist' "
+                     r"needs gcsfs .*fashion_jax\[gcs\]"):
+    input_pipeline.load(tiny_config, "train")

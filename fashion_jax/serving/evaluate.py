@@ -258,9 +258,9 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
   worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:num_mistakes]
 
   model_name, accuracy = classifier.config.model, metrics["accuracy"]
-  # The figures are drawn aside (beside a local --output_dir, then renamed into place) and put
-  # there with evaluation.json at the end: an interrupted re-evaluation leaves the previous
-  # report whole, not new figures beside an old evaluation.json.
+  # The figures are drawn aside (in a hidden folder in a local --output_dir, then renamed into
+  # place) and put there just before evaluation.json, at the end: an interruption while drawing
+  # (seconds, or minutes for big grids) leaves the previous report whole.
   drawn = tempfile.mkdtemp(prefix=".fashion_jax_evaluation_",
                            dir=None if storage.is_url(output_dir) else output_dir)
   try:

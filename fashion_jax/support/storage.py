@@ -37,8 +37,9 @@ def use_gcsfs() -> None:
   epath would pick TensorFlow's file system wherever TensorFlow is installed (Colab's GPU and CPU
   runtimes, which have gcsfs too): a second client, one no test can point at an emulator, whose
   5-second status cache `forget_listings` cannot drop. EPATH_USE_TF set by the user wins. epath
-  decides once per process, at its first path: every command calls this before touching one
-  (`cli.parse_flags`), and `resolve` for code that calls the library directly.
+  decides once per process, at its first path of any kind: every command calls this before
+  touching one (`cli.parse_flags`); `resolve` calls it too, which helps code that calls the
+  library directly only if nothing used epath before (else set EPATH_USE_TF=false first).
   """
   if "EPATH_USE_TF" not in os.environ and _found("gcsfs"):
     os.environ["EPATH_USE_TF"] = "false"

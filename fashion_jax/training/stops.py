@@ -47,6 +47,15 @@ class Preempted(Exception):
   """The run stopped at an agreed step with a checkpoint saved there; re-running resumes."""
 
 
+class StopWaiting(KeyboardInterrupt):
+  """A second signal in a single-process run: stop now, without the stop checkpoint. `signal`
+  names it (cli.run exits 75 after a SIGTERM, 130 after a SIGINT)."""
+
+  def __init__(self, name: str):
+    super().__init__(name)
+    self.signal = name
+
+
 class StopRequest:
   """Turns SIGTERM/SIGINT into a flag, and agrees across processes on when to stop."""
 
@@ -70,7 +79,7 @@ class StopRequest:
     if self.signal is None:
       self.signal = signal.Signals(signum).name
     elif not jax.distributed.is_initialized() or jax.process_count() == 1:
-      raise KeyboardInterrupt  # A second signal: stop waiting (nothing collective to break).
+      raise StopWaiting(signal.Signals(signum).name)  # Nothing collective to break.
     else:  # Several processes: leaving a collective save half-way would hang the others.
       logging.warning("already stopping at the next agreed step (%s ignored); SIGKILL stops now",
                       signal.Signals(signum).name)
