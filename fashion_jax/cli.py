@@ -106,14 +106,12 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program Ctrl-C ende
 
 
 def run(main) -> None:
-  """absl's app.run(main) with parse_flags; an interrupt (Ctrl-C where nothing catches it, or a
-  second one while a run is saving its stop checkpoint) ends it with one line, not a traceback."""
+  """absl's app.run(main) with parse_flags; an interrupt (Ctrl-C where nothing catches it: in
+  evaluate, predict, export, benchmark, or before training holds its signals) ends it with one
+  line, not a traceback."""
   try:
     app.run(main, flags_parser=parse_flags)
-  except KeyboardInterrupt as e:
-    if getattr(e, "signal", None) == "SIGTERM":  # stops.StopWaiting: a scheduler's second one.
-      fail("stopped by a second SIGTERM before the stop checkpoint was saved; the previous "
-           "checkpoint stays the latest: re-run the same command to resume", 75)  # Preempted.
+  except KeyboardInterrupt:  # (A second signal during training exits in stops.py.)
     fail("interrupted before it finished; what it had saved stays (a training run resumes from "
          "its latest checkpoint when re-run)", EXIT_INTERRUPTED)
 

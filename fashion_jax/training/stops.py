@@ -21,7 +21,7 @@ puts Python's handler back where a jax has no switch); a StopRequest entered whi
 holds the handlers takes over a signal that one has already received. Before joining, a signal
 ends the process as it would any program (nothing is saved yet, nothing is lost).
 
-A second signal raises KeyboardInterrupt (stop waiting) in a single-process run;
+A second signal ends a single-process run at once (stop waiting; exit 75 or 130);
 with several processes it is ignored with a warning: a process leaving a
 collective Orbax save half-way would leave the others waiting in it forever
 (reproduced: a job whose processes each got two SIGTERMs hung). SIGKILL still
@@ -30,7 +30,9 @@ stops at once, and the previous checkpoint stays the latest.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 
 from absl import logging
 import jax
@@ -47,13 +49,22 @@ class Preempted(Exception):
   """The run stopped at an agreed step with a checkpoint saved there; re-running resumes."""
 
 
-class StopWaiting(KeyboardInterrupt):
-  """A second signal in a single-process run: stop now, without the stop checkpoint. `signal`
-  names it (cli.run exits 75 after a SIGTERM, 130 after a SIGINT)."""
+EXIT_INTERRUPTED = 130  # 128 + SIGINT.
 
-  def __init__(self, name: str):
-    super().__init__(name)
-    self.signal = name
+
+def _stop_now(signum: int) -> None:
+  """A second signal in a single-process run: exit at once, as SIGKILL would -- Orbax renames a
+  checkpoint into place only when complete, so the previous one stays the latest, and a metrics
+  line cut short is dropped at the resume. (Raising KeyboardInterrupt here instead surfaced
+  inside Orbax's wait for the save, as its logged tracebacks and its threads' noise at exit.)
+  Exit 75 after SIGTERM (a scheduler's: requeue), 130 after SIGINT (Ctrl-C)."""
+  name = signal.Signals(signum).name
+  sys.stdout.flush()
+  sys.stderr.write(f"fashion_jax: error: stopped by a second {name} before the stop checkpoint "
+                   "was saved; the previous checkpoint stays the latest: re-run the same "
+                   "command to resume\n")
+  sys.stderr.flush()
+  os._exit(EXIT_PREEMPTED if signum == signal.SIGTERM else EXIT_INTERRUPTED)  # pylint: disable=protected-access
 
 
 class StopRequest:
@@ -79,7 +90,7 @@ class StopRequest:
     if self.signal is None:
       self.signal = signal.Signals(signum).name
     elif not jax.distributed.is_initialized() or jax.process_count() == 1:
-      raise StopWaiting(signal.Signals(signum).name)  # Nothing collective to break.
+      _stop_now(signum)  # Nothing collective to break.
     else:  # Several processes: leaving a collective save half-way would hang the others.
       logging.warning("already stopping at the next agreed step (%s ignored); SIGKILL stops now",
                       signal.Signals(signum).name)
