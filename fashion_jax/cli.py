@@ -11,7 +11,7 @@ from ml_collections import config_flags
 
 from fashion_jax.support import backends
 from fashion_jax.support import storage
-from fashion_jax.support.errors import UserError
+from fashion_jax.support.errors import EXIT_INTERRUPTED, UserError
 
 FLAGS = flags.FLAGS
 
@@ -100,9 +100,6 @@ def _config_file_error(e: OSError) -> str:
     reason += f"; a relative path is read from {os.getcwd()}"
   return (f"--config={path}: cannot read the config file ({reason}); pass a config file, e.g. "
           "--config=configs/default.py")
-
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program Ctrl-C ended.
 
 
 def run(main) -> None:

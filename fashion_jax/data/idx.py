@@ -8,7 +8,6 @@ values. Files may be gzip-compressed.
 from __future__ import annotations
 
 import gzip
-import os
 import struct
 import zlib
 
@@ -75,8 +74,7 @@ def write_idx(path: str, array: np.ndarray, compress: bool | None = None) -> Non
 def _find(folder: str, name: str) -> str | None:
   for candidate in (name, name + ".gz"):
     path = storage.join(folder, candidate)
-    if (storage.exists(path) and not storage.isdir(path) if storage.is_url(path)
-        else os.path.isfile(path)):
+    if storage.isfile(path):
       return path
   return None
 

@@ -3,6 +3,9 @@
 import importlib.util
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program Ctrl-C ended.
+
+
 class UserError(Exception):
   """A problem with the user's input. The message names it and says what to do.
 

@@ -86,6 +86,10 @@ def isdir(path: str) -> bool:
   return _epath(path).is_dir() if is_url(path) else os.path.isdir(path)
 
 
+def isfile(path: str) -> bool:
+  return _epath(path).is_file() if is_url(path) else os.path.isfile(path)
+
+
 def read_text(path: str, errors: str = "strict") -> str:
   """The file as text (UTF-8; `errors="replace"` to read one that may hold stray bytes)."""
   return read_bytes(path).decode(errors=errors)

@@ -38,6 +38,7 @@ from absl import logging
 import jax
 
 from fashion_jax.support import multihost
+from fashion_jax.support.errors import EXIT_INTERRUPTED
 
 # Exit status of a run that was stopped by a signal after saving a checkpoint at the
 # agreed step: "preempted, re-run the same command to resume" (sysexits' EX_TEMPFAIL).
@@ -47,9 +48,6 @@ EXIT_PREEMPTED = 75
 
 class Preempted(Exception):
   """The run stopped at an agreed step with a checkpoint saved there; re-running resumes."""
-
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT.
 
 
 def _stop_now(signum: int) -> None:
