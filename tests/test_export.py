@@ -1,6 +1,7 @@
 """fashion_jax.export: the SavedModel computes what JAX computes, for any batch size; the errors."""
 
 import json
+import logging
 import os
 
 import jax
@@ -91,7 +92,22 @@ def test_cli_export_matches_jax(trained_tiny_workdir, tmp_path):
 
 @needs_tf
 def test_batchnorm_and_flip_tta_export(tmp_path):
-  """BatchNorm statistics and flip test-time augmentation survive the export (no training)."""
+  """BatchNorm statistics and flip test-time augmentation survive the export (no training); and
+  exporting in-process leaves absl's logging as it found it (TensorFlow's SavedModel writer left
+  absl's logger at WARNING, silencing a notebook's or test's later INFO lines)."""
+  absl_logger, root = logging.getLogger("absl"), logging.getLogger()
+  levels = absl_logger.level, root.level
+  absl_logger.setLevel(logging.NOTSET)  # As in a program that never set a verbosity.
+  root.setLevel(logging.WARNING)
+  try:
+    _batchnorm_and_flip_tta_export(tmp_path)
+    assert (absl_logger.level, root.level) == (logging.NOTSET, logging.WARNING)
+  finally:
+    absl_logger.setLevel(levels[0])
+    root.setLevel(levels[1])
+
+
+def _batchnorm_and_flip_tta_export(tmp_path):
   config = config_lib.load_file(os.path.join(ROOT, "configs", "default.py"))
   config.model = "cnn_bn"
   config.model_kwargs.width = 8

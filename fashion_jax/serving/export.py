@@ -43,9 +43,11 @@ is loaded back and checked against the JAX model on a few images. A gs://
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
+import logging as logging_std
 import os
 import shutil
 import tempfile
@@ -303,6 +305,21 @@ platform it runs on; it is not convertible to TFLite or TF.js. `{METADATA_NAME}`
 """
 
 
+@contextlib.contextmanager
+def _logging_levels_kept():
+  """TensorFlow's SavedModel writer silences absl while it walks the module and then sets absl's
+  verbosity to the level that was in effect: where nothing had set one (a notebook, a test, any
+  program calling export() in-process), absl's logger is left at WARNING, and the caller's INFO
+  lines (training's progress, its notes) vanish from then on. The levels are put back as found."""
+  loggers = (logging_std.getLogger("absl"), logging_std.getLogger())
+  levels = [logger.level for logger in loggers]
+  try:
+    yield
+  finally:
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
+
+
 def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS,
            overwrite: bool = False, workdir: str | None = None) -> dict[str, Any]:
   """Writes `classifier` as a SavedModel to `output`; returns the metadata written beside it.
@@ -337,7 +354,8 @@ def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS
       with open(names_path, "w") as f:
         f.write("\n".join(classifier.class_names) + "\n")
       module, signatures = build_module(classifier, platforms, names_path)
-      tf.saved_model.save(module, staging, signatures=signatures)
+      with _logging_levels_kept():
+        tf.saved_model.save(module, staging, signatures=signatures)
     export_seconds = time.perf_counter() - t0
     backend = jax.default_backend()
     runnable_here = {"gpu": "cuda"}.get(backend, backend) in platforms
