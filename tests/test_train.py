@@ -683,7 +683,9 @@ def test_training_without_pillow_skips_the_sample_grid(tiny_config, tmp_path, mo
   else is written."""
   monkeypatch.setitem(sys.modules, "PIL", None)
   tiny_config.num_train_steps, tiny_config.tensorboard_samples = 10, 4
-  with caplog.at_level(logging.INFO):
+  # absl's own logger, not only the root: another test in the same process may have left absl's
+  # logger at WARNING (TensorFlow's SavedModel writer did, before export kept the levels).
+  with caplog.at_level(logging.INFO, logger="absl"):
     train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
   assert any("no TensorBoard sample predictions: they need Pillow" in r.getMessage()
              for r in caplog.records)
