@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 
 import jax
 import numpy as np
@@ -31,6 +32,10 @@ needs_tf = pytest.mark.skipif(tf is None, reason="export needs TensorFlow, not i
 def _tiny_test_images(workdir):
   """The tiny run's own test images (uint8 [100, 28, 28, 1])."""
   return input_pipeline.load(inference.load_run_config(workdir), "test").images
+
+
+def _version(text):
+  return tuple(int(part) for part in text.split("."))
 
 
 def _serve(loaded, images):
@@ -88,6 +93,14 @@ def test_cli_export_matches_jax(trained_tiny_workdir, tmp_path):
   assert {v.name.split(":")[0] for v in loaded.model_variables} >= {
       "params/Conv_0/kernel", "params/Dense_1/bias"}
   assert (output / "saved_model.pb").stat().st_size < 200_000
+  # Serialized for a StableHLO this TensorFlow reads: JAX's own pick is newer from jax 0.10 on
+  # (0.12's could not be loaded by TensorFlow 2.21 at all). The artifact names its producer.
+  produced = set(re.findall(rb"StableHLO_v(\d+\.\d+\.\d+)",
+                            (output / "saved_model.pb").read_bytes()))
+  assert produced == {metadata["versions"]["stablehlo"].encode()}, produced
+  readable = export._tensorflow_stablehlo_version()  # pylint: disable=protected-access
+  assert readable is not None  # A TensorFlow that stopped saying would fall back to JAX's pick.
+  assert _version(metadata["versions"]["stablehlo"]) <= _version(readable)
 
 
 @needs_tf

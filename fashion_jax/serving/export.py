@@ -28,7 +28,8 @@ mode jax2tf has now): the JAX function is lowered once to StableHLO for
 each of --platforms and wrapped in a single `XlaCallModule` TF op, so the
 SavedModel runs the computation JAX runs (to float rounding: max |diff|
 ~1e-6 on the 10k test images), on CPU, GPU or TPU, without the Python model
-code. The batch axis is symbolic (`polymorphic_shapes`), so
+code, serialized for the StableHLO version the installed TensorFlow reads
+(JAX's own pick can be newer). The batch axis is symbolic (`polymorphic_shapes`), so
 one serialization serves every batch size. The parameters are passed in as
 arguments and saved as tf.Variables (in variables/, not folded into the
 graph as constants): the graph stays small and the weights can be read or
@@ -172,6 +173,55 @@ def _import_tf():
                     "tensorflow)") from e
   backends.tensorflow_shares_the_gpu(tf)
   return tf, jax2tf
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+  return tuple(int(part) for part in version.split("."))
+
+
+def _tensorflow_stablehlo_version() -> str | None:
+  """The newest StableHLO version this TensorFlow's XlaCallModule can read, or None if it
+  does not say (then JAX's own choice stands, and the self-check catches a mismatch)."""
+  try:
+    from tensorflow.compiler.mlir.stablehlo import stablehlo  # pylint: disable=g-import-not-at-top
+    version = stablehlo.get_current_version()
+    _version_tuple(version)
+  except Exception:  # pylint: disable=broad-except  (an internal module: absent, moved, changed)
+    return None
+  return version
+
+
+@contextlib.contextmanager
+def _stablehlo_readable_by(version: str | None):
+  """Serializes the exported StableHLO for a reader of `version` where JAX's default is newer.
+
+  JAX writes the portable artifact for the StableHLO version of four weeks before its release,
+  while a TensorFlow reads only up to the version it was built with: jax 0.12 writes 1.18 (its
+  shape assertion as `vhlo.custom_call_v2`) and TensorFlow 2.21 reads up to 1.13.7, so the
+  SavedModel failed to load ("failed to deserialize portable artifact"). The version JAX picks
+  has no public setting; the function that picks it is capped here, for this export only.
+  Yields the version written (None: JAX's choice, unknown)."""
+  try:
+    from jax._src.export import _export  # pylint: disable=g-import-not-at-top
+    pick = _export.hlo.get_version_from_compatibility_requirement
+    default = pick(_export.hlo.StablehloCompatibilityRequirement.WEEK_4)
+    _version_tuple(default)
+  except Exception:  # pylint: disable=broad-except  (a JAX whose internals moved: its choice)
+    yield None
+    return
+  if version is None or _version_tuple(version) >= _version_tuple(default):
+    yield default
+    return
+
+  def capped(requirement):
+    chosen = pick(requirement)
+    return version if _version_tuple(chosen) > _version_tuple(version) else chosen
+
+  _export.hlo.get_version_from_compatibility_requirement = capped
+  try:
+    yield version
+  finally:
+    _export.hlo.get_version_from_compatibility_requirement = pick
 
 
 def _variable_name(path) -> str:
@@ -353,9 +403,10 @@ def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS
       names_path = os.path.join(scratch, CLASS_NAMES_FILE)
       with open(names_path, "w") as f:
         f.write("\n".join(classifier.class_names) + "\n")
-      module, signatures = build_module(classifier, platforms, names_path)
-      with _logging_levels_kept():
-        tf.saved_model.save(module, staging, signatures=signatures)
+      with _stablehlo_readable_by(_tensorflow_stablehlo_version()) as stablehlo_version:
+        module, signatures = build_module(classifier, platforms, names_path)
+        with _logging_levels_kept():
+          tf.saved_model.save(module, staging, signatures=signatures)
     export_seconds = time.perf_counter() - t0
     backend = jax.default_backend()
     runnable_here = {"gpu": "cuda"}.get(backend, backend) in platforms
@@ -388,7 +439,7 @@ def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS
                        if diff is not None else
                        f"skipped: this machine's backend {backend!r} is not in --platforms"),
         "versions": {"fashion_jax": fashion_jax.__version__, "jax": jax.__version__,
-                     "tensorflow": tf.__version__},
+                     "tensorflow": tf.__version__, "stablehlo": stablehlo_version},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(export_seconds, 3),
     }
