@@ -19,6 +19,7 @@ from fashion_jax.data import input_pipeline
 from fashion_jax.model import steps
 from fashion_jax.serving import export
 from fashion_jax.serving import inference
+from fashion_jax.serving import savedmodel
 from fashion_jax.support.errors import UserError
 from tests.conftest import ROOT
 from tests.conftest import assert_one_line_error
@@ -98,7 +99,7 @@ def test_cli_export_matches_jax(trained_tiny_workdir, tmp_path):
   produced = set(re.findall(rb"StableHLO_v(\d+\.\d+\.\d+)",
                             (output / "saved_model.pb").read_bytes()))
   assert produced == {metadata["versions"]["stablehlo"].encode()}, produced
-  readable = export._tensorflow_stablehlo_version()  # pylint: disable=protected-access
+  readable = savedmodel.tensorflow_stablehlo_version()
   assert readable is not None  # A TensorFlow that stopped saying would fall back to JAX's pick.
   assert _version(metadata["versions"]["stablehlo"]) <= _version(readable)
 

@@ -44,11 +44,9 @@ is loaded back and checked against the JAX model on a few images. A gs://
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
-import logging as logging_std
 import os
 import shutil
 import tempfile
@@ -57,11 +55,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from absl import flags
-import numpy as np
 
 import fashion_jax
 from fashion_jax import cli
-from fashion_jax.support import backends, storage
+from fashion_jax.serving import savedmodel
+from fashion_jax.support import storage
 from fashion_jax.support.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -71,10 +69,6 @@ README_NAME = "README.md"
 CLASS_NAMES_FILE = "class_names.txt"
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-INPUT_NAME = "images"
-OUTPUT_NAME = "probabilities"
-# The exported model must agree with JAX's to float32 rounding; the self-check refuses more.
-VERIFY_ATOL = 1e-5
 
 
 def define_flags() -> None:
@@ -160,166 +154,6 @@ def _move_into_place(staging: str, path: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# The conversion.
-
-
-def _import_tf():
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise UserError(f"export needs TensorFlow ({e}); pip install 'fashion_jax[tf]' (or "
-                    "tensorflow)") from e
-  backends.tensorflow_shares_the_gpu(tf)
-  return tf, jax2tf
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-  return tuple(int(part) for part in version.split("."))
-
-
-def _tensorflow_stablehlo_version() -> str | None:
-  """The newest StableHLO version this TensorFlow's XlaCallModule can read, or None if it
-  does not say (then JAX's own choice stands, and the self-check catches a mismatch)."""
-  try:
-    from tensorflow.compiler.mlir.stablehlo import stablehlo  # pylint: disable=g-import-not-at-top
-    version = stablehlo.get_current_version()
-    _version_tuple(version)
-  except Exception:  # pylint: disable=broad-except  (an internal module: absent, moved, changed)
-    return None
-  return version
-
-
-@contextlib.contextmanager
-def _stablehlo_readable_by(version: str | None):
-  """Serializes the exported StableHLO for a reader of `version` where JAX's default is newer.
-
-  JAX writes the portable artifact for the StableHLO version of four weeks before its release,
-  while a TensorFlow reads only up to the version it was built with: jax 0.12 writes 1.18 (its
-  shape assertion as `vhlo.custom_call_v2`) and TensorFlow 2.21 reads up to 1.13.7, so the
-  SavedModel failed to load ("failed to deserialize portable artifact"). The version JAX picks
-  has no public setting; the function that picks it is capped here, for this export only.
-  Yields the version written (None: JAX's choice, unknown)."""
-  try:
-    from jax._src.export import _export  # pylint: disable=g-import-not-at-top
-    pick = _export.hlo.get_version_from_compatibility_requirement
-    default = pick(_export.hlo.StablehloCompatibilityRequirement.WEEK_4)
-    _version_tuple(default)
-  except Exception:  # pylint: disable=broad-except  (a JAX whose internals moved: its choice)
-    yield None
-    return
-  if version is None or _version_tuple(version) >= _version_tuple(default):
-    yield default
-    return
-
-  def capped(requirement):
-    chosen = pick(requirement)
-    return version if _version_tuple(chosen) > _version_tuple(version) else chosen
-
-  _export.hlo.get_version_from_compatibility_requirement = capped
-  try:
-    yield version
-  finally:
-    _export.hlo.get_version_from_compatibility_requirement = pick
-
-
-def _variable_name(path) -> str:
-  """A Flax parameter path as a variable name, e.g. "params/Conv_0/kernel"."""
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
-def build_module(classifier, platforms: Sequence[str], class_names_path: str):
-  """A tf.Module wrapping the classifier: parameters as tf.Variables, JAX code as one XLA op."""
-  import jax  # pylint: disable=g-import-not-at-top
-  tf, jax2tf = _import_tf()
-
-  leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(classifier.variables)
-  module = tf.Module(name="fashion_jax")
-  # A list of variables is tracked by tf.Module and saved to variables/; names show the Flax path.
-  module.model_variables = [
-      tf.Variable(np.asarray(leaf), trainable=False, name=_variable_name(path))
-      for path, leaf in leaves_with_paths]
-
-  def probabilities_jax(variables, images):
-    return jax.nn.softmax(classifier.apply_uint8(variables, images), axis=-1)
-
-  converted = jax2tf.convert(
-      probabilities_jax,
-      polymorphic_shapes=[None, "(batch, 28, 28)"],  # Parameters fixed; batch symbolic.
-      with_gradient=False,  # Inference only: no VJP to serialize.
-      native_serialization_platforms=tuple(platforms))
-
-  num_classes = len(classifier.class_names)
-
-  def run(images):
-    def apply():
-      variables = jax.tree_util.tree_unflatten(treedef, module.model_variables)
-      return converted(variables, images)
-    # A symbolic dimension is >= 1 (the serialized module asserts it); answer an empty batch
-    # with an empty result rather than an error.
-    result = tf.cond(tf.shape(images)[0] > 0, apply,
-                     lambda: tf.zeros([0, num_classes], tf.float32))
-    return tf.ensure_shape(result, [None, num_classes])
-
-  @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name=INPUT_NAME)],
-               autograph=False)
-  def probabilities(images):
-    return run(images)
-
-  @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.uint8, name=INPUT_NAME)],
-               autograph=False)
-  def probabilities_nhwc(images):
-    return run(images[..., 0])
-
-  @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name=INPUT_NAME)],
-               autograph=False)
-  def serving_default(images):
-    return {OUTPUT_NAME: probabilities(images)}
-
-  @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.uint8, name=INPUT_NAME)],
-               autograph=False)
-  def serving_nhwc(images):
-    return {OUTPUT_NAME: probabilities_nhwc(images)}
-
-  module.probabilities = probabilities
-  module.probabilities_nhwc = probabilities_nhwc
-  # Variables, not tf.constant attributes: SavedModel keeps only tracked objects, and a
-  # constant that no function uses is not one.
-  module.class_names = tf.Variable(list(classifier.class_names), trainable=False,
-                                   name="class_names")
-  module.step = tf.Variable(classifier.step, trainable=False, dtype=tf.int64, name="step")
-  module.class_names_file = tf.saved_model.Asset(class_names_path)
-  signatures = {"serving_default": serving_default.get_concrete_function(),
-                "serving_nhwc": serving_nhwc.get_concrete_function()}
-  return module, signatures
-
-
-def _verify(saved_dir: str, classifier, batch: int = 3, seed: int = 0) -> float:
-  """Loads the SavedModel back and compares it with JAX on `batch` images; returns max |diff|.
-
-  Random pixels plus an all-black and an all-white image: inputs of every
-  brightness, and nothing that needs the data set to be present.
-  """
-  tf, _ = _import_tf()
-  images = np.random.default_rng(seed).integers(0, 256, size=(batch, 28, 28), dtype=np.uint8)
-  images[0] = 0
-  images[-1] = 255
-  loaded = tf.saved_model.load(saved_dir)
-  exported = loaded.signatures["serving_default"](**{INPUT_NAME: tf.constant(images)})
-  exported = exported[OUTPUT_NAME].numpy()
-  expected = classifier.probabilities(images)
-  diff = float(np.abs(exported - expected).max())
-  top2 = np.sort(expected, axis=1)[:, -2:]
-  clear = top2[:, 1] - top2[:, 0] > 2 * VERIFY_ATOL  # Near-ties may flip within tolerance.
-  same_class = np.array_equal(exported.argmax(1)[clear], expected.argmax(1)[clear])
-  if not diff <= VERIFY_ATOL or not same_class:
-    raise RuntimeError(f"the exported model disagrees with JAX (max |diff| {diff:.3g} > "
-                       f"{VERIFY_ATOL}, or different argmax); not moving it into place")
-  return diff
-
-
 def _readme(metadata: dict[str, Any]) -> str:
   names = ", ".join(f"{i} {n}" for i, n in enumerate(metadata["class_names"]))
   return f"""# Fashion-MNIST classifier (fashion_jax export)
@@ -355,21 +189,6 @@ platform it runs on; it is not convertible to TFLite or TF.js. `{METADATA_NAME}`
 """
 
 
-@contextlib.contextmanager
-def _logging_levels_kept():
-  """TensorFlow's SavedModel writer silences absl while it walks the module and then sets absl's
-  verbosity to the level that was in effect: where nothing had set one (a notebook, a test, any
-  program calling export() in-process), absl's logger is left at WARNING, and the caller's INFO
-  lines (training's progress, its notes) vanish from then on. The levels are put back as found."""
-  loggers = (logging_std.getLogger("absl"), logging_std.getLogger())
-  levels = [logger.level for logger in loggers]
-  try:
-    yield
-  finally:
-    for logger, level in zip(loggers, levels):
-      logger.setLevel(level)
-
-
 def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS,
            overwrite: bool = False, workdir: str | None = None) -> dict[str, Any]:
   """Writes `classifier` as a SavedModel to `output`; returns the metadata written beside it.
@@ -385,7 +204,7 @@ def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS
   # XLA's ops, whatever model the classifier ran (the native CPU kernels do not serialize).
   classifier = dataclasses.replace(classifier, model=steps.create_model(
       classifier.config, training=False, portable=True))
-  tf, _ = _import_tf()
+  tf, _ = savedmodel.import_tf()
   t0 = time.perf_counter()
   parent = None if storage.is_url(path) else os.path.dirname(path)  # gs://: staged locally.
   try:
@@ -403,14 +222,15 @@ def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS
       names_path = os.path.join(scratch, CLASS_NAMES_FILE)
       with open(names_path, "w") as f:
         f.write("\n".join(classifier.class_names) + "\n")
-      with _stablehlo_readable_by(_tensorflow_stablehlo_version()) as stablehlo_version:
-        module, signatures = build_module(classifier, platforms, names_path)
-        with _logging_levels_kept():
+      readable = savedmodel.tensorflow_stablehlo_version()
+      with savedmodel.stablehlo_readable_by(readable) as stablehlo_version:
+        module, signatures = savedmodel.build_module(classifier, platforms, names_path)
+        with savedmodel.logging_levels_kept():
           tf.saved_model.save(module, staging, signatures=signatures)
     export_seconds = time.perf_counter() - t0
     backend = jax.default_backend()
     runnable_here = {"gpu": "cuda"}.get(backend, backend) in platforms
-    diff = _verify(staging, classifier) if runnable_here else None
+    diff = savedmodel.verify(staging, classifier) if runnable_here else None
     config = classifier.config
     metadata = {
         "format": "tensorflow SavedModel (jax2tf native serialization)",
@@ -426,16 +246,16 @@ def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS
         "dataset": config.dataset,
         "class_names": list(classifier.class_names),
         "signatures": {
-            "serving_default": {"inputs": {INPUT_NAME: "uint8 [batch, 28, 28]"},
-                                "outputs": {OUTPUT_NAME: "float32 [batch, 10]"}},
-            "serving_nhwc": {"inputs": {INPUT_NAME: "uint8 [batch, 28, 28, 1]"},
-                             "outputs": {OUTPUT_NAME: "float32 [batch, 10]"}},
+            "serving_default": {"inputs": {savedmodel.INPUT_NAME: "uint8 [batch, 28, 28]"},
+                                "outputs": {savedmodel.OUTPUT_NAME: "float32 [batch, 10]"}},
+            "serving_nhwc": {"inputs": {savedmodel.INPUT_NAME: "uint8 [batch, 28, 28, 1]"},
+                             "outputs": {savedmodel.OUTPUT_NAME: "float32 [batch, 10]"}},
         },
         "functions": ["probabilities", "probabilities_nhwc"],
         "attributes": {"class_names": "tf.Variable string [10]", "step": "tf.Variable int64"},
         "assets": [CLASS_NAMES_FILE],
         "platforms": list(platforms),
-        "self_check": ({"batch": 3, "max_abs_diff_vs_jax": diff, "atol": VERIFY_ATOL}
+        "self_check": ({"batch": 3, "max_abs_diff_vs_jax": diff, "atol": savedmodel.VERIFY_ATOL}
                        if diff is not None else
                        f"skipped: this machine's backend {backend!r} is not in --platforms"),
         "versions": {"fashion_jax": fashion_jax.__version__, "jax": jax.__version__,

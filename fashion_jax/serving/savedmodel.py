@@ -1,0 +1,190 @@
+"""The SavedModel itself: the classifier as a tf.Module whose computation is one XlaCallModule op
+(jax2tf native serialization), written for a StableHLO version the installed TensorFlow reads,
+and loaded back to check it against JAX. `export` (the command's module) decides where it goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging as logging_std
+from collections.abc import Sequence
+
+import numpy as np
+
+from fashion_jax.support import backends
+from fashion_jax.support.errors import UserError
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "probabilities"
+# The exported model must agree with JAX's to float32 rounding; the self-check refuses more.
+VERIFY_ATOL = 1e-5
+
+def import_tf():
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError(f"export needs TensorFlow ({e}); pip install 'fashion_jax[tf]' (or "
+                    "tensorflow)") from e
+  backends.tensorflow_shares_the_gpu(tf)
+  return tf, jax2tf
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+  return tuple(int(part) for part in version.split("."))
+
+
+def tensorflow_stablehlo_version() -> str | None:
+  """The newest StableHLO version this TensorFlow's XlaCallModule can read, or None if it
+  does not say (then JAX's own choice stands, and the self-check catches a mismatch)."""
+  try:
+    from tensorflow.compiler.mlir.stablehlo import stablehlo  # pylint: disable=g-import-not-at-top
+    version = stablehlo.get_current_version()
+    _version_tuple(version)
+  except Exception:  # pylint: disable=broad-except  (an internal module: absent, moved, changed)
+    return None
+  return version
+
+
+@contextlib.contextmanager
+def stablehlo_readable_by(version: str | None):
+  """Serializes the exported StableHLO for a reader of `version` where JAX's default is newer.
+
+  JAX writes the portable artifact for the StableHLO version of four weeks before its release,
+  while a TensorFlow reads only up to the version it was built with: jax 0.12 writes 1.18 (its
+  shape assertion as `vhlo.custom_call_v2`) and TensorFlow 2.21 reads up to 1.13.7, so the
+  SavedModel failed to load ("failed to deserialize portable artifact"). The version JAX picks
+  has no public setting; the function that picks it is capped here, for this export only.
+  Yields the version written (None: JAX's choice, unknown)."""
+  try:
+    from jax._src.export import _export  # pylint: disable=g-import-not-at-top
+    pick = _export.hlo.get_version_from_compatibility_requirement
+    default = pick(_export.hlo.StablehloCompatibilityRequirement.WEEK_4)
+    _version_tuple(default)
+  except Exception:  # pylint: disable=broad-except  (a JAX whose internals moved: its choice)
+    yield None
+    return
+  if version is None or _version_tuple(version) >= _version_tuple(default):
+    yield default
+    return
+
+  def capped(requirement):
+    chosen = pick(requirement)
+    return version if _version_tuple(chosen) > _version_tuple(version) else chosen
+
+  _export.hlo.get_version_from_compatibility_requirement = capped
+  try:
+    yield version
+  finally:
+    _export.hlo.get_version_from_compatibility_requirement = pick
+
+
+def _variable_name(path) -> str:
+  """A Flax parameter path as a variable name, e.g. "params/Conv_0/kernel"."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def build_module(classifier, platforms: Sequence[str], class_names_path: str):
+  """A tf.Module wrapping the classifier: parameters as tf.Variables, JAX code as one XLA op."""
+  import jax  # pylint: disable=g-import-not-at-top
+  tf, jax2tf = import_tf()
+
+  leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(classifier.variables)
+  module = tf.Module(name="fashion_jax")
+  # A list of variables is tracked by tf.Module and saved to variables/; names show the Flax path.
+  module.model_variables = [
+      tf.Variable(np.asarray(leaf), trainable=False, name=_variable_name(path))
+      for path, leaf in leaves_with_paths]
+
+  def probabilities_jax(variables, images):
+    return jax.nn.softmax(classifier.apply_uint8(variables, images), axis=-1)
+
+  converted = jax2tf.convert(
+      probabilities_jax,
+      polymorphic_shapes=[None, "(batch, 28, 28)"],  # Parameters fixed; batch symbolic.
+      with_gradient=False,  # Inference only: no VJP to serialize.
+      native_serialization_platforms=tuple(platforms))
+
+  num_classes = len(classifier.class_names)
+
+  def run(images):
+    def apply():
+      variables = jax.tree_util.tree_unflatten(treedef, module.model_variables)
+      return converted(variables, images)
+    # A symbolic dimension is >= 1 (the serialized module asserts it); answer an empty batch
+    # with an empty result rather than an error.
+    result = tf.cond(tf.shape(images)[0] > 0, apply,
+                     lambda: tf.zeros([0, num_classes], tf.float32))
+    return tf.ensure_shape(result, [None, num_classes])
+
+  @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name=INPUT_NAME)],
+               autograph=False)
+  def probabilities(images):
+    return run(images)
+
+  @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.uint8, name=INPUT_NAME)],
+               autograph=False)
+  def probabilities_nhwc(images):
+    return run(images[..., 0])
+
+  @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name=INPUT_NAME)],
+               autograph=False)
+  def serving_default(images):
+    return {OUTPUT_NAME: probabilities(images)}
+
+  @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.uint8, name=INPUT_NAME)],
+               autograph=False)
+  def serving_nhwc(images):
+    return {OUTPUT_NAME: probabilities_nhwc(images)}
+
+  module.probabilities = probabilities
+  module.probabilities_nhwc = probabilities_nhwc
+  # Variables, not tf.constant attributes: SavedModel keeps only tracked objects, and a
+  # constant that no function uses is not one.
+  module.class_names = tf.Variable(list(classifier.class_names), trainable=False,
+                                   name="class_names")
+  module.step = tf.Variable(classifier.step, trainable=False, dtype=tf.int64, name="step")
+  module.class_names_file = tf.saved_model.Asset(class_names_path)
+  signatures = {"serving_default": serving_default.get_concrete_function(),
+                "serving_nhwc": serving_nhwc.get_concrete_function()}
+  return module, signatures
+
+
+def verify(saved_dir: str, classifier, batch: int = 3, seed: int = 0) -> float:
+  """Loads the SavedModel back and compares it with JAX on `batch` images; returns max |diff|.
+
+  Random pixels plus an all-black and an all-white image: inputs of every
+  brightness, and nothing that needs the data set to be present.
+  """
+  tf, _ = import_tf()
+  images = np.random.default_rng(seed).integers(0, 256, size=(batch, 28, 28), dtype=np.uint8)
+  images[0] = 0
+  images[-1] = 255
+  loaded = tf.saved_model.load(saved_dir)
+  exported = loaded.signatures["serving_default"](**{INPUT_NAME: tf.constant(images)})
+  exported = exported[OUTPUT_NAME].numpy()
+  expected = classifier.probabilities(images)
+  diff = float(np.abs(exported - expected).max())
+  top2 = np.sort(expected, axis=1)[:, -2:]
+  clear = top2[:, 1] - top2[:, 0] > 2 * VERIFY_ATOL  # Near-ties may flip within tolerance.
+  same_class = np.array_equal(exported.argmax(1)[clear], expected.argmax(1)[clear])
+  if not diff <= VERIFY_ATOL or not same_class:
+    raise RuntimeError(f"the exported model disagrees with JAX (max |diff| {diff:.3g} > "
+                       f"{VERIFY_ATOL}, or different argmax); not moving it into place")
+  return diff
+
+
+@contextlib.contextmanager
+def logging_levels_kept():
+  """TensorFlow's SavedModel writer silences absl while it walks the module and then sets absl's
+  verbosity to the level that was in effect: where nothing had set one (a notebook, a test, any
+  program calling export() in-process), absl's logger is left at WARNING, and the caller's INFO
+  lines (training's progress, its notes) vanish from then on. The levels are put back as found."""
+  loggers = (logging_std.getLogger("absl"), logging_std.getLogger())
+  levels = [logger.level for logger in loggers]
+  try:
+    yield
+  finally:
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
