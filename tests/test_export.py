@@ -104,6 +104,62 @@ def test_cli_export_matches_jax(trained_tiny_workdir, tmp_path):
   assert _version(metadata["versions"]["stablehlo"]) <= _version(readable)
 
 
+def _small_random_classifier():
+  """The default CNN with random parameters: exported in seconds, no training."""
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "default.py"))
+  model = steps.create_model(config, training=False)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda x: rng.normal(0, 0.3, x.shape).astype(np.float32), shapes)
+  return inference.Classifier(config=config, model=model, variables=variables, step=1,
+                              why="test", checkpoint_dir="", batch_size=8)
+
+
+@needs_tf
+def test_a_tensorflow_too_old_for_jaxs_own_stablehlo_is_one_line(tmp_path, monkeypatch):
+  """Without the StableHLO cap, where this TensorFlow cannot read what JAX writes (jax 0.12 with
+  TensorFlow 2.21 or 2.20), the export stops with one line naming both versions and what to
+  install, and writes nothing (it was a TensorFlow traceback, exit 1)."""
+  monkeypatch.setattr(savedmodel, "tensorflow_stablehlo_version", lambda: None)  # No cap.
+  output = tmp_path / "saved"
+  try:
+    metadata = export.export(_small_random_classifier(), str(output), platforms=["cpu"])
+  except UserError as e:
+    message = str(e)
+    assert f"TensorFlow {tf.__version__} cannot run the model JAX {jax.__version__} wrote" in (
+        message) and "pip install -U tensorflow" in message and "\n" not in message, message
+    assert not output.exists() and os.listdir(tmp_path) == []  # Nor its staging folder.
+  else:
+    pytest.skip(f"this TensorFlow ({tf.__version__}) reads JAX {jax.__version__}'s own pick "
+                f"(StableHLO {metadata['versions']['stablehlo']}): nothing to refuse here")
+
+
+@needs_tf
+def test_a_module_tensorflow_cannot_read_is_named_in_one_line(monkeypatch):
+  """verify's translation of XlaCallModule's refusal, on every stack (the real one above only
+  happens where JAX is newer than TensorFlow)."""
+  error = ("Graph execution error:\n\nCannot deserialize computation: UNKNOWN: <unknown>:0: "
+           "error: loc(\"shape_assertion\"): unregistered operation 'vhlo.custom_call_v2'\n"
+           "<unknown>:0: note: in bytecode version 6 produced by: StableHLO_v1.18.0\n"
+           "<unknown>:0: error: failed to deserialize portable artifact using StableHLO_v1.13.7")
+
+  def refuse(**_):
+    raise tf.errors.InvalidArgumentError(None, None, error)
+
+  class Loaded:
+    signatures = {"serving_default": refuse}
+
+  monkeypatch.setattr(tf.saved_model, "load", lambda path: Loaded())
+  with pytest.raises(UserError, match=r"\(it is StableHLO 1\.18\.0, this TensorFlow reads up to "
+                     r"1\.13\.7\); install a TensorFlow released after this JAX"):
+    savedmodel.verify("unused", classifier=None)
+  other = tf.errors.InvalidArgumentError(None, None, "some other refusal")
+  monkeypatch.setattr(Loaded, "signatures", {"serving_default": lambda **_: (_ for _ in ()).throw(
+      other)})
+  with pytest.raises(tf.errors.InvalidArgumentError, match="some other refusal"):
+    savedmodel.verify("unused", classifier=None)  # Not every refusal is a version mismatch.
+
+
 @needs_tf
 def test_batchnorm_and_flip_tta_export(tmp_path):
   """BatchNorm statistics and flip test-time augmentation survive the export (no training); and

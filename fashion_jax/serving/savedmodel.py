@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging as logging_std
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -151,6 +152,10 @@ def build_module(classifier, platforms: Sequence[str], class_names_path: str):
   return module, signatures
 
 
+# What TensorFlow's XlaCallModule says when the serialized module is newer than it reads.
+_TOO_NEW = ("deserialize portable artifact", "is not supported by this build")
+
+
 def verify(saved_dir: str, classifier, batch: int = 3, seed: int = 0) -> float:
   """Loads the SavedModel back and compares it with JAX on `batch` images; returns max |diff|.
 
@@ -162,7 +167,23 @@ def verify(saved_dir: str, classifier, batch: int = 3, seed: int = 0) -> float:
   images[0] = 0
   images[-1] = 255
   loaded = tf.saved_model.load(saved_dir)
-  exported = loaded.signatures["serving_default"](**{INPUT_NAME: tf.constant(images)})
+  try:
+    exported = loaded.signatures["serving_default"](**{INPUT_NAME: tf.constant(images)})
+  except tf.errors.InvalidArgumentError as e:
+    if not any(sign in str(e) for sign in _TOO_NEW):
+      raise
+    import jax  # pylint: disable=g-import-not-at-top
+    produced = re.search(r"produced by: StableHLO_v([\d.]+\d)", str(e))
+    reads = re.search(r"using StableHLO_v([\d.]+\d)", str(e))
+    reason = (f"it is StableHLO {produced.group(1)}, this TensorFlow reads up to "
+              f"{reads.group(1)}" if produced and reads else
+              next(line.strip() for line in str(e).splitlines()
+                   if any(sign in line for sign in _TOO_NEW)))
+    raise UserError(
+        f"TensorFlow {tf.__version__} cannot run the model JAX {jax.__version__} wrote "
+        f"({reason[:200]}); install a TensorFlow released after this JAX (pip install -U "
+        "tensorflow) or export with the JAX this TensorFlow came with; nothing was written to "
+        "--output") from e
   exported = exported[OUTPUT_NAME].numpy()
   expected = classifier.probabilities(images)
   diff = float(np.abs(exported - expected).max())
