@@ -20,7 +20,9 @@ OUTPUT_NAME = "probabilities"
 # The exported model must agree with JAX's to float32 rounding; the self-check refuses more.
 VERIFY_ATOL = 1e-5
 
+
 def import_tf():
+  """(tensorflow, jax2tf), or a UserError naming the extra to install."""
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
