@@ -102,6 +102,8 @@ def test_cli_export_matches_jax(trained_tiny_workdir, tmp_path):
   readable = savedmodel.tensorflow_stablehlo_version()
   assert readable is not None  # A TensorFlow that stopped saying would fall back to JAX's pick.
   assert _version(metadata["versions"]["stablehlo"]) <= _version(readable)
+  assert metadata["versions"]["calling_convention"] <= (
+      savedmodel.tensorflow_calling_convention_version())
 
 
 def _small_random_classifier():
@@ -132,6 +134,33 @@ def test_a_tensorflow_too_old_for_jaxs_own_stablehlo_is_one_line(tmp_path, monke
   else:
     pytest.skip(f"this TensorFlow ({tf.__version__}) reads JAX {jax.__version__}'s own pick "
                 f"(StableHLO {metadata['versions']['stablehlo']}): nothing to refuse here")
+
+
+@needs_tf
+@pytest.mark.parametrize("capped", [True, False], ids=["capped", "not capped"])
+def test_a_tensorflow_that_runs_an_older_calling_convention(tmp_path, monkeypatch, capped):
+  """TensorFlow 2.18 runs jax.export's calling convention up to 9; jax 0.10 and later write 10
+  by default (jax2tf refused with a NotImplementedError traceback). Here this TensorFlow is made
+  to say 9: export writes 9 and the SavedModel runs; without the cap, one line, exit 2."""
+  from tensorflow.compiler.tf2xla.python import xla as tfxla  # pylint: disable=g-import-not-at-top
+  if jax.config.jax_export_calling_convention_version <= 9:
+    pytest.skip(f"JAX {jax.__version__} writes calling convention 9 already: nothing to lower")
+  monkeypatch.setattr(tfxla, "call_module_maximum_supported_version", lambda: 9)
+  if not capped:
+    monkeypatch.setattr(savedmodel, "tensorflow_calling_convention_version", lambda: None)
+  output = tmp_path / "saved"
+  classifier = _small_random_classifier()
+  default = jax.config.jax_export_calling_convention_version
+  if capped:
+    metadata = export.export(classifier, str(output), platforms=["cpu"])
+    assert metadata["versions"]["calling_convention"] == 9
+    assert metadata["self_check"]["max_abs_diff_vs_jax"] <= ATOL  # Loaded and run: it works.
+  else:
+    with pytest.raises(UserError, match=r"\(it needs calling convention \d+, this TensorFlow "
+                       r"runs up to 9\); install a TensorFlow released after this JAX"):
+      export.export(classifier, str(output), platforms=["cpu"])
+    assert not output.exists()
+  assert jax.config.jax_export_calling_convention_version == default  # Put back either way.
 
 
 @needs_tf

@@ -82,6 +82,39 @@ def stablehlo_readable_by(version: str | None):
     _export.hlo.get_version_from_compatibility_requirement = pick
 
 
+def tensorflow_calling_convention_version() -> int | None:
+  """The newest jax.export calling convention this TensorFlow's XlaCallModule runs (what
+  jax2tf itself checks), or None if it does not say."""
+  try:
+    from tensorflow.compiler.tf2xla.python import xla as tfxla  # pylint: disable=g-import-not-at-top
+    return int(tfxla.call_module_maximum_supported_version())
+  except Exception:  # pylint: disable=broad-except  (an internal module: absent, moved, changed)
+    return None
+
+
+@contextlib.contextmanager
+def calling_convention_at_most(version: int | None):
+  """jax.export's calling convention (a public JAX setting) lowered to `version` for this export
+  where JAX's default is newer and JAX can still write it: jax 0.10 writes 10 by default, and
+  TensorFlow 2.18 runs up to 9 (jax2tf refused: "supports up to serialization version 9 but the
+  serialized module needs version 10"). Yields the version written."""
+  import jax  # pylint: disable=g-import-not-at-top
+  default = jax.config.jax_export_calling_convention_version
+  try:
+    from jax._src.export import _export  # pylint: disable=g-import-not-at-top
+    oldest = _export.minimum_supported_calling_convention_version
+  except Exception:  # pylint: disable=broad-except  (a JAX whose internals moved)
+    oldest = default
+  if version is None or version >= default or version < oldest:
+    yield default  # (Below what JAX can write: jax2tf's own refusal, made one line by export.)
+    return
+  jax.config.update("jax_export_calling_convention_version", version)
+  try:
+    yield version
+  finally:
+    jax.config.update("jax_export_calling_convention_version", default)
+
+
 def _variable_name(path) -> str:
   """A Flax parameter path as a variable name, e.g. "params/Conv_0/kernel"."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -154,8 +187,34 @@ def build_module(classifier, platforms: Sequence[str], class_names_path: str):
   return module, signatures
 
 
-# What TensorFlow's XlaCallModule says when the serialized module is newer than it reads.
-_TOO_NEW = ("deserialize portable artifact", "is not supported by this build")
+# What TensorFlow's XlaCallModule (and jax2tf) say when the module is newer than it runs.
+_TOO_NEW = ("deserialize portable artifact", "is not supported by this build",
+            "supports up to serialization version",
+            "Cannot deserialize computation")  # (TensorFlow 2.18 says only this.)
+
+
+def is_too_new(text: str) -> bool:
+  return any(sign in text for sign in _TOO_NEW)
+
+
+def too_new_message(tf, text: str) -> str:
+  """The one line for TensorFlow's refusal `text` of a module newer than it runs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  produced = re.search(r"produced by: StableHLO_v([\d.]+\d)", text)
+  reads = re.search(r"using StableHLO_v([\d.]+\d)", text)
+  convention = re.search(r"supports up to serialization version (\d+) but the serialized "
+                         r"module needs version (\d+)", text)
+  if produced and reads:
+    reason = f"it is StableHLO {produced.group(1)}, this TensorFlow reads up to {reads.group(1)}"
+  elif convention:
+    reason = (f"it needs calling convention {convention.group(2)}, this TensorFlow runs up to "
+              f"{convention.group(1)}")
+  else:
+    reason = next(line.strip() for line in text.splitlines() if is_too_new(line))[:200]
+  return (f"TensorFlow {tf.__version__} cannot run the model JAX {jax.__version__} wrote "
+          f"({reason}); install a TensorFlow released after this JAX (pip install -U "
+          "tensorflow) or export with the JAX this TensorFlow came with; nothing was written to "
+          "--output")
 
 
 def verify(saved_dir: str, classifier, batch: int = 3, seed: int = 0) -> float:
@@ -172,20 +231,9 @@ def verify(saved_dir: str, classifier, batch: int = 3, seed: int = 0) -> float:
   try:
     exported = loaded.signatures["serving_default"](**{INPUT_NAME: tf.constant(images)})
   except tf.errors.InvalidArgumentError as e:
-    if not any(sign in str(e) for sign in _TOO_NEW):
+    if not is_too_new(str(e)):
       raise
-    import jax  # pylint: disable=g-import-not-at-top
-    produced = re.search(r"produced by: StableHLO_v([\d.]+\d)", str(e))
-    reads = re.search(r"using StableHLO_v([\d.]+\d)", str(e))
-    reason = (f"it is StableHLO {produced.group(1)}, this TensorFlow reads up to "
-              f"{reads.group(1)}" if produced and reads else
-              next(line.strip() for line in str(e).splitlines()
-                   if any(sign in line for sign in _TOO_NEW)))
-    raise UserError(
-        f"TensorFlow {tf.__version__} cannot run the model JAX {jax.__version__} wrote "
-        f"({reason[:200]}); install a TensorFlow released after this JAX (pip install -U "
-        "tensorflow) or export with the JAX this TensorFlow came with; nothing was written to "
-        "--output") from e
+    raise UserError(too_new_message(tf, str(e))) from e
   exported = exported[OUTPUT_NAME].numpy()
   expected = classifier.probabilities(images)
   diff = float(np.abs(exported - expected).max())
