@@ -28,8 +28,8 @@ mode jax2tf has now): the JAX function is lowered once to StableHLO for
 each of --platforms and wrapped in a single `XlaCallModule` TF op, so the
 SavedModel runs the computation JAX runs (to float rounding: max |diff|
 ~1e-6 on the 10k test images), on CPU, GPU or TPU, without the Python model
-code, serialized for the StableHLO version the installed TensorFlow reads
-(JAX's own pick can be newer). The batch axis is symbolic (`polymorphic_shapes`), so
+code, serialized for the StableHLO version and calling convention the installed
+TensorFlow runs (JAX's own picks can be newer). The batch axis is symbolic (`polymorphic_shapes`), so
 one serialization serves every batch size. The parameters are passed in as
 arguments and saved as tf.Variables (in variables/, not folded into the
 graph as constants): the graph stays small and the weights can be read or
