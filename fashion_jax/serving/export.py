@@ -222,18 +222,7 @@ def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS
       names_path = os.path.join(scratch, CLASS_NAMES_FILE)
       with open(names_path, "w") as f:
         f.write("\n".join(classifier.class_names) + "\n")
-      readable = savedmodel.tensorflow_stablehlo_version()
-      runs = savedmodel.tensorflow_calling_convention_version()
-      with (savedmodel.stablehlo_readable_by(readable) as stablehlo_version,
-            savedmodel.calling_convention_at_most(runs) as calling_convention):
-        try:
-          module, signatures = savedmodel.build_module(classifier, platforms, names_path)
-        except NotImplementedError as e:  # jax2tf: this TensorFlow cannot run what JAX writes.
-          if not savedmodel.is_too_new(str(e)):
-            raise
-          raise UserError(savedmodel.too_new_message(tf, str(e))) from e
-        with savedmodel.logging_levels_kept():
-          tf.saved_model.save(module, staging, signatures=signatures)
+      written = savedmodel.save(classifier, platforms, names_path, staging)
     export_seconds = time.perf_counter() - t0
     backend = jax.default_backend()
     runnable_here = {"gpu": "cuda"}.get(backend, backend) in platforms
@@ -266,8 +255,7 @@ def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS
                        if diff is not None else
                        f"skipped: this machine's backend {backend!r} is not in --platforms"),
         "versions": {"fashion_jax": fashion_jax.__version__, "jax": jax.__version__,
-                     "tensorflow": tf.__version__, "stablehlo": stablehlo_version,
-                     "calling_convention": calling_convention},
+                     "tensorflow": tf.__version__, **written},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(export_seconds, 3),
     }

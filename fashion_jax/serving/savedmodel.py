@@ -1,6 +1,7 @@
 """The SavedModel itself: the classifier as a tf.Module whose computation is one XlaCallModule op
-(jax2tf native serialization), written for a StableHLO version the installed TensorFlow reads,
-and loaded back to check it against JAX. `export` (the command's module) decides where it goes.
+(jax2tf native serialization), written for the StableHLO version and calling convention the
+installed TensorFlow runs, and loaded back to check it against JAX. `export` (the command's
+module) decides where it goes.
 """
 
 from __future__ import annotations
@@ -193,11 +194,7 @@ _TOO_NEW = ("deserialize portable artifact", "is not supported by this build",
             "Cannot deserialize computation")  # (TensorFlow 2.18 says only this.)
 
 
-def is_too_new(text: str) -> bool:
-  return any(sign in text for sign in _TOO_NEW)
-
-
-def too_new_message(tf, text: str) -> str:
+def _too_new_message(tf, text: str) -> str:
   """The one line for TensorFlow's refusal `text` of a module newer than it runs."""
   import jax  # pylint: disable=g-import-not-at-top
   produced = re.search(r"produced by: StableHLO_v([\d.]+\d)", text)
@@ -210,11 +207,37 @@ def too_new_message(tf, text: str) -> str:
     reason = (f"it needs calling convention {convention.group(2)}, this TensorFlow runs up to "
               f"{convention.group(1)}")
   else:
-    reason = next(line.strip() for line in text.splitlines() if is_too_new(line))[:200]
+    reason = next(line.strip() for line in text.splitlines()
+                  if any(sign in line for sign in _TOO_NEW))[:200]
   return (f"TensorFlow {tf.__version__} cannot run the model JAX {jax.__version__} wrote "
           f"({reason}); install a TensorFlow released after this JAX (pip install -U "
           "tensorflow) or export with the JAX this TensorFlow came with; nothing was written to "
           "--output")
+
+
+@contextlib.contextmanager
+def _too_new_is_one_line(tf):
+  """jax2tf's (while building) or XlaCallModule's (while running) refusal of a module newer than
+  this TensorFlow runs, as a UserError; any other error as it is."""
+  try:
+    yield
+  except (NotImplementedError, tf.errors.InvalidArgumentError) as e:
+    if not any(sign in str(e) for sign in _TOO_NEW):
+      raise
+    raise UserError(_too_new_message(tf, str(e))) from e
+
+
+def save(classifier, platforms: Sequence[str], class_names_path: str, folder: str) -> dict:
+  """Writes the SavedModel into `folder`, serialized for what this TensorFlow runs; returns the
+  versions written ({"stablehlo": ..., "calling_convention": ...}; None where unknown)."""
+  tf, _ = import_tf()
+  with (stablehlo_readable_by(tensorflow_stablehlo_version()) as stablehlo,
+        calling_convention_at_most(tensorflow_calling_convention_version()) as convention):
+    with _too_new_is_one_line(tf):
+      module, signatures = build_module(classifier, platforms, class_names_path)
+    with logging_levels_kept():
+      tf.saved_model.save(module, folder, signatures=signatures)
+  return {"stablehlo": stablehlo, "calling_convention": convention}
 
 
 def verify(saved_dir: str, classifier, batch: int = 3, seed: int = 0) -> float:
@@ -228,12 +251,8 @@ def verify(saved_dir: str, classifier, batch: int = 3, seed: int = 0) -> float:
   images[0] = 0
   images[-1] = 255
   loaded = tf.saved_model.load(saved_dir)
-  try:
+  with _too_new_is_one_line(tf):
     exported = loaded.signatures["serving_default"](**{INPUT_NAME: tf.constant(images)})
-  except tf.errors.InvalidArgumentError as e:
-    if not is_too_new(str(e)):
-      raise
-    raise UserError(too_new_message(tf, str(e))) from e
   exported = exported[OUTPUT_NAME].numpy()
   expected = classifier.probabilities(images)
   diff = float(np.abs(exported - expected).max())
