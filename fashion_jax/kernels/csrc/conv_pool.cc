@@ -607,29 +607,45 @@ int64_t GemmBlocks(int64_t count, int64_t i, const float* a, int64_t ars, int64_
   return i;
 }
 
+// Row blocks of up to GemmMaxRows(KV) rows: kGemmRows, but 12 for AVX-512's blocks of one or two
+// vectors (12 or 24 accumulator chains; 32 registers hold them beside B's row and the
+// broadcast). A core with two 512-bit multiply-add pipes (Intel's server cores) keeps 8 in
+// flight and loads 2-3 vectors a cycle: 6 x 2's 12 chains and 8 loads per 12 multiply-adds left
+// it short (one core, data in L1, session 30's Xeon: 6 x 1 134-144 GFLOP/s, 12 x 1 150-164;
+// 6 x 2 169-186, 12 x 2 188-202; 6 x 4 185-204; 8 x 3 against 6 x 3 did not pay in the dense
+// backward). Each output's sum is the same whatever block holds its row.
+constexpr int GemmMaxRows(int kv) { return L == 16 && kv <= 2 ? 12 : kGemmRows; }
+
+// `count` blocks of `size` rows (1 <= size <= R) from row i; returns the row after them.
+template <int R, int KV, bool T>
+int64_t GemmBlocksOfSize(int64_t size, int64_t count, int64_t i, const float* a, int64_t ars,
+                         int64_t acs, const float* b, int64_t ldb, float* c, int64_t crs,
+                         int64_t ldc, int64_t n, bool accumulate, int64_t valid) {
+  if constexpr (R > 1) {
+    if (size < R) {
+      return GemmBlocksOfSize<R - 1, KV, T>(size, count, i, a, ars, acs, b, ldb, c, crs, ldc, n,
+                                            accumulate, valid);
+    }
+  }
+  return GemmBlocks<R, KV, T>(count, i, a, ars, acs, b, ldb, c, crs, ldc, n, accumulate, valid);
+}
+
 template <int KV, bool T>
 void GemmRows(const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb, float* c,
               int64_t ldc, int64_t rows, int64_t n, bool accumulate, int64_t valid) {
+  constexpr int kMax = GemmMaxRows(KV);
   const int64_t crs = T ? 1 : ldc;  // Where C's next row starts.
-  const int64_t blocks = (rows + kGemmRows - 1) / kGemmRows;
+  const int64_t blocks = (rows + kMax - 1) / kMax;
   if (blocks == 0) return;
   const int64_t small = rows / blocks, big = rows - small * blocks;  // big blocks of small + 1
-  // One size per loop, chosen once (not a switch per block).
+  // One size per loop, chosen once (not a choice per block).
   int64_t i = 0;
-#define FJ_BLOCKS(R, COUNT) \
-  i = GemmBlocks<R, KV, T>(COUNT, i, a, ars, acs, b, ldb, c, crs, ldc, n, accumulate, valid)
-  switch (small) {  // (No 6-row blocks where kGemmRows is 5: small + 1 <= kGemmRows.)
-    case 6: if constexpr (kGemmRows >= 6) FJ_BLOCKS(6, blocks); break;
-    case 5:
-      if constexpr (kGemmRows >= 6) FJ_BLOCKS(6, big);
-      FJ_BLOCKS(5, blocks - big);
-      break;
-    case 4: FJ_BLOCKS(5, big); FJ_BLOCKS(4, blocks - big); break;
-    case 3: FJ_BLOCKS(4, big); FJ_BLOCKS(3, blocks - big); break;
-    case 2: FJ_BLOCKS(3, big); FJ_BLOCKS(2, blocks - big); break;
-    default: FJ_BLOCKS(2, big); FJ_BLOCKS(1, blocks - big); break;
+  if (big > 0) {
+    i = GemmBlocksOfSize<kMax, KV, T>(small + 1, big, i, a, ars, acs, b, ldb, c, crs, ldc, n,
+                                      accumulate, valid);
   }
-#undef FJ_BLOCKS
+  GemmBlocksOfSize<kMax, KV, T>(small, blocks - big, i, a, ars, acs, b, ldb, c, crs, ldc, n,
+                                accumulate, valid);
 }
 
 // C[rows x cols] (+)= A[rows x n] B[n x cols], cols a multiple of L. With T, C^T is stored
