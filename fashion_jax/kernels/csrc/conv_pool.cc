@@ -1051,6 +1051,7 @@ void OutputPoolImage5(const Tiles& s, const float* m, int64_t plane, int64_t b, 
       for (int64_t j = 0; j < s.tw; ++j) {
         fv out[25];
         OutputTransform<5>(m, plane, i * s.tw + j, s.c, kb, out);
+#pragma GCC unroll 25
         for (int q = 0; q < 25; ++q) conv[(5 * i + q / 5) * ow + 5 * j + q % 5] = out[q];
       }
     }
@@ -1089,6 +1090,7 @@ void OutputPoolGradImage5(const Tiles& s, const float* dy, const int8_t* arg, in
     for (int64_t i = 0; i < s.th; ++i) {
       for (int64_t j = 0; j < s.tw; ++j) {
         fv g[25];
+#pragma GCC unroll 25
         for (int q = 0; q < 25; ++q) g[q] = conv[(5 * i + q / 5) * ow + 5 * j + q % 5];
         OutputTransformT<5>(g, dm, plane, i * s.tw + j, s.c, kb);
       }
