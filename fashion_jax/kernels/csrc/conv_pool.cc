@@ -583,8 +583,9 @@ void GemmBlock(const float* a, int64_t ars, int64_t acs, const float* b, int64_t
   }
 }
 
-// Blocks of at most 6 rows: 6 x 4 accumulators fill AVX-512's 32 registers with room for the B
-// row and the broadcast; 6 x 2 fit AVX2's and SSE's 16. NEON: at most 5 x 4 (20 chains; 6 x 2's
+// Blocks of at most 6 rows (AVX-512's of one or two vectors: GemmMaxRows below): 6 x 4
+// accumulators fill AVX-512's 32 registers with room for the B row and the broadcast; 6 x 2 fit
+// AVX2's and SSE's 16. NEON: at most 5 x 4 (20 chains; 6 x 2's
 // 12 leave a quarter of a 4-pipe core's multiply-adds unused, and at 6 x 4 GCC 12 spilled two
 // accumulators: NEON multiplies by a lane of a register, so each of A's 6 values takes one, as
 // each of B's 4 vectors does). The rows are split evenly (25 as 5 x 5,
