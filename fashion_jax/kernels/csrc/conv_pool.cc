@@ -189,10 +189,10 @@ void ParallelFor(Pool& pool, int64_t n, const F& f) {
   while (counter->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
-// Asks for `bytes` from p to be brought into the caches (L2 and nearer), a line at a time. The
-// training backward reads what the forward wrote long before (h: 21 KB an image for the CNN),
-// from L3 or memory; the hardware prefetchers follow it poorly (seven rows of a tile's window
-// at once, and on Intel's server cores an L3 far away).
+// Asks for `bytes` from p to be brought into L2, a line at a time (prefetcht1; PLDL2KEEP on
+// Arm). The training backward reads what the forward wrote long before (h: 21 KB an image for
+// the CNN), from L3 or memory; the hardware prefetchers follow it poorly (seven rows of a tile's
+// window at once, and on Intel's server cores an L3 far away).
 inline void Prefetch(const void* p, int64_t bytes) {
   const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};  // Whole lines.
   const uintptr_t end = reinterpret_cast<uintptr_t>(p) + bytes;
@@ -583,12 +583,12 @@ void GemmBlock(const float* a, int64_t ars, int64_t acs, const float* b, int64_t
   }
 }
 
-// Blocks of at most 6 rows (AVX-512's of one or two vectors: GemmMaxRows below): 6 x 4
-// accumulators fill AVX-512's 32 registers with room for the B row and the broadcast; 6 x 2 fit
-// AVX2's and SSE's 16. NEON: at most 5 x 4 (20 chains; 6 x 2's
+// Blocks of at most 6 rows, except AVX-512's of one or two vectors (up to 12: GemmMaxRows
+// below): 6 x 4 accumulators fill AVX-512's 32 registers with room for the B row and the
+// broadcast; 6 x 2 fit AVX2's and SSE's 16. NEON: at most 5 x 4 (20 chains; 6 x 2's
 // 12 leave a quarter of a 4-pipe core's multiply-adds unused, and at 6 x 4 GCC 12 spilled two
 // accumulators: NEON multiplies by a lane of a register, so each of A's 6 values takes one, as
-// each of B's 4 vectors does). The rows are split evenly (25 as 5 x 5,
+// each of B's 4 vectors does). The rows are split evenly (with blocks of up to 6: 25 as 5 x 5,
 // 32 as 6 6 5 5 5 5), not as 6s and a short last block: one row's 2 (AVX2) or 4 (AVX-512)
 // accumulator chains wait on the multiply-add latency (on Zen 3, AVX2, the 25th of the CNN's 25
 // tiles a plane added 9-14 % to 24 rows' time; split evenly its 16 products took 5 % less, the
@@ -1819,10 +1819,7 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
     for (int64_t b0 = first; b0 < last; b0 += group) {
       const int64_t count = std::min(group, last - b0);
       for (int64_t i = 0; i < count; ++i) {
-        if (b0 + i + 1 < last) {  // The next image's h and argmax, while this one's are used.
-          Prefetch(h + (b0 + i + 1) * image, image * sizeof(float));
-          Prefetch(arg1 + (b0 + i + 1) * image, image);
-        }
+        if (i + 1 < count) Prefetch(h + (b0 + i + 1) * image, image * sizeof(float));  // Its h.
         InputTransformRows<5>(t.sx, h + (b0 + i) * image, TileRows{0, 0, t.sx.th},
                               v + i * per * c, pv);
         OutputPoolGradImage5(t.sy, dy, arg2, b0 + i, dm + i * per * k, pm, db2_acc.data(),
@@ -1836,6 +1833,10 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
       }
       for (int64_t i = 0; i < count; ++i) {
         const int64_t b = b0 + i;
+        if (b + 1 < last) {  // The next image's argmax (used below), and the next group's first h.
+          Prefetch(arg1 + (b + 1) * image, image);
+          if (i + 1 == count) Prefetch(h + (b + 1) * image, image * sizeof(float));
+        }
         ZeroUncovered(t.sx, buf.dh);
         InputGradRows<5>(t.sx, v + i * per * c, pv, TileRows{0, 0, t.sx.th}, buf.dh);
         for (int64_t cb = 0; cb < c; cb += L) {
