@@ -106,14 +106,20 @@ def test_cli_export_matches_jax(trained_tiny_workdir, tmp_path):
       savedmodel.tensorflow_calling_convention_version())
 
 
-def _small_random_classifier():
-  """The default CNN with random parameters: exported in seconds, no training."""
-  config = config_lib.load_file(os.path.join(ROOT, "configs", "default.py"))
+def _small_random_classifier(config=None, step: int = 1):
+  """`config`'s model (the default CNN) with random values of the right shapes (eval_shape:
+  nothing to compile, no training): parameters, and BatchNorm's running statistics where the
+  model has them, so a model that dropped them would differ."""
+  config = config or config_lib.load_file(os.path.join(ROOT, "configs", "default.py"))
   model = steps.create_model(config, training=False)
   shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
   rng = np.random.default_rng(0)
-  variables = jax.tree.map(lambda x: rng.normal(0, 0.3, x.shape).astype(np.float32), shapes)
-  return inference.Classifier(config=config, model=model, variables=variables, step=1,
+  variables = {"params": jax.tree.map(lambda x: rng.normal(0, 0.3, x.shape).astype(np.float32),
+                                      shapes["params"])}
+  if "batch_stats" in shapes:
+    variables["batch_stats"] = jax.tree.map(
+        lambda x: rng.uniform(0.5, 2.0, x.shape).astype(np.float32), shapes["batch_stats"])
+  return inference.Classifier(config=config, model=model, variables=variables, step=step,
                               why="test", checkpoint_dir="", batch_size=8)
 
 
@@ -211,18 +217,10 @@ def _batchnorm_and_flip_tta_export(tmp_path):
   config.model = "cnn_bn"
   config.model_kwargs.width = 8
   config.eval_flip_tta = True
-  model = steps.create_model(config, training=False)
-  # Random values of the right shapes (eval_shape: nothing to compile), running statistics
-  # included, so a model that dropped the BatchNorm statistics would differ.
-  shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32))
-  rng = np.random.default_rng(0)
-  variables = {
-      "params": jax.tree.map(lambda x: rng.normal(0, 0.3, x.shape).astype(np.float32),
-                             shapes["params"]),
-      "batch_stats": jax.tree.map(lambda x: rng.uniform(0.5, 2.0, x.shape).astype(np.float32),
-                                  shapes["batch_stats"])}
-  classifier = inference.Classifier(config=config, model=model, variables=variables, step=123,
-                                    why="test", checkpoint_dir="", batch_size=8)
+  classifier = _small_random_classifier(config, step=123)
+  model, variables = classifier.model, classifier.variables
+  assert "batch_stats" in variables
+  rng = np.random.default_rng(1)
   metadata = export.export(classifier, str(tmp_path / "bn"), platforms=["cpu"])
   assert metadata["flip_tta"] is True and metadata["platforms"] == ["cpu"]
 
