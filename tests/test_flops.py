@@ -56,6 +56,7 @@ def test_executed_flops_counts_the_kernels_xla_cannot_see():
   step = jax.jit(jax.grad(two, argnums=(0, 1)))
   tiles = 4 * 2 * 2
   product = 2 * 49 * tiles * 32 * 64
+  # U, U^T and the kernel's gradient: in the op (no filter-transform ops), counted as theirs.
   second = ((636 * 32 + 408 * 64) * tiles + product) + (
       ((636 + 742) * 32 + 384 * 64) * tiles + 2 * product) + 3 * filters(5)
   read = 2 * 4 * 12 * 12 * 4 * 9 * 32

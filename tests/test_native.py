@@ -175,12 +175,15 @@ def test_the_cnn_runs_its_two_layers_as_one_op_and_falls_back_to_two():
       x, k1, b1, k2, b2).as_text()
   assert "fashion_jax_two_layer_fwd" in hlo and "two_layer_train_fwd" not in hlo
   # Under differentiation the training forward, which also returns the first layer's output and
-  # taps for the backward, runs once, and the inference forward not at all.
-  loss = lambda k1: jnp.sum(ops.conv_pool_twice(x, k1, b1, k2, b2, relu=True))
-  grad_hlo = jax.jit(jax.grad(loss)).lower(k1).compile().as_text()
+  # taps for the backward, runs once, and the inference forward not at all; the op makes the
+  # second layer's Winograd filter U (U^T) and returns its kernel's gradient itself, so no
+  # filter-transform op runs beside it.
+  loss = lambda k1, k2: jnp.sum(ops.conv_pool_twice(x, k1, b1, k2, b2, relu=True))
+  grad_hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(k1, k2).compile().as_text()
   assert grad_hlo.count('custom_call_target="fashion_jax_two_layer_train_fwd"') == 1
   assert grad_hlo.count('custom_call_target="fashion_jax_two_layer_bwd"') == 1
   assert 'custom_call_target="fashion_jax_two_layer_fwd"' not in grad_hlo
+  assert "fashion_jax_filter_transform" not in grad_hlo + hlo
   for impl in ("xla", "winograd"):
     got = ops.conv_pool_twice(x, k1, b1, k2, b2, impl, relu=True)
     want = ops.conv_pool(ops.conv_pool(x, k1, b1, impl, relu=True), k2, b2, impl, relu=True)

@@ -186,15 +186,22 @@ def _kernel_flops(target: str, operands: list[tuple[int, ...]],
     (n, h, w, c), (planes, u1, u2) = operands[0], operands[1]
     return _winograd_flops(target.endswith("fwd"), n, h, w, c, u1 * u2 // c, planes)
   # The two layers as one op: the direct layer, then the Winograd one on its pooled output h
-  # [n, (h-2)/2, (w-2)/2, C] (the backward's operand 1; the forward's is the first kernel).
+  # [n, (h-2)/2, (w-2)/2, C] (the backward's operand 1; the forward's is the first kernel), and
+  # its filter U of the second kernel [3, 3, C, K] (operand 3; the backward's U^T and the
+  # kernel's gradient from dU): the Winograd tile is two_layers.two_layer_tile's.
   if target.startswith("fashion_jax_two_layer_"):
-    (n, h, w, cin), c, (planes, u1, u2) = operands[0], operands[1][-1], operands[3]
+    from fashion_jax.kernels import two_layers  # pylint: disable=g-import-not-at-top
+    (n, h, w, cin), (_, _, c, k) = operands[0], operands[3]
+    planes = (two_layers.two_layer_tile(operands[0]) + 2) ** 2
     hp, wp = (h - 2) // 2, (w - 2) // 2
     # F(5x5, 3x3)'s tiles read 2 ((hp - 2) // 2) + 2 of h's rows (12 of the CNN's 13), and
     # columns likewise: the first layer computes only those.
     rows, cols = (2 * ((hp - 2) // 2) + 2, 2 * ((wp - 2) // 2) + 2) if planes == 49 else (hp, wp)
     first = 2.0 * n * rows * cols * 4 * 9 * cin * c  # Forward, or the kernel gradient.
-    return first + _winograd_flops(target.endswith("fwd"), n, hp, wp, c, u1 * u2 // c, planes)
+    forward = target.endswith("fwd")
+    a = math.isqrt(planes)
+    filters = (1 if forward else 2) * 2.0 * (9 * a + 3 * a * a) * c * k  # As the filter ops'.
+    return first + _winograd_flops(forward, n, hp, wp, c, k, planes) + filters
   # BatchNorm + ReLU, per element of y (operand 0): the statistics' add and multiply-add; the
   # normalization (y - mean) a + t (3) then the forward's max, or the gradient sums' compare, add
   # and multiply-add, or the gradient's compare and two multiply-adds. With the pool: the

@@ -68,38 +68,38 @@ def two_layer_tile(x_shape) -> int:
   return 2
 
 
+# The op makes the second layer's Winograd filter U = G k2 G^T itself (U^T for the gradient)
+# and returns its kernel's gradient, not dU: no filter-transform ops around it (csrc/conv_pool.cc,
+# TwoLayerKernelShapes).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _two_layers(x, k1, b1, k2, b2, relu):
-  u = native.filter_transform(k2, two_layer_tile(x.shape))
   return native.call("fashion_jax_two_layer_fwd",
-                     native.pooled_shapes(native.pooled(x, k1.shape[-1]), k2), x, k1, b1, u, b2,
-                     relu1=np.int32(relu), relu2=np.int32(relu))[0]
+                     native.pooled_shapes(native.pooled(x, k1.shape[-1]), k2), x, k1, b1, k2, b2,
+                     relu1=np.int32(relu), relu2=np.int32(relu),
+                     tile=np.int32(two_layer_tile(x.shape)))[0]
 
 
 def _two_layers_forward(x, k1, b1, k2, b2, relu):
   """Training's forward: also the first layer's output h and argmax, the backward's inputs."""
-  u = native.filter_transform(k2, two_layer_tile(x.shape))
   h_shapes = native.pooled_shapes(x, k1)
   y, which2, h, which1 = native.call("fashion_jax_two_layer_train_fwd",
                                      native.pooled_shapes(h_shapes[0], k2) + h_shapes, x, k1, b1,
-                                     u, b2, relu1=np.int32(relu), relu2=np.int32(relu))
+                                     k2, b2, relu1=np.int32(relu), relu2=np.int32(relu),
+                                     tile=np.int32(two_layer_tile(x.shape)))
   return y, (x, k1, b1, k2, b2, h, which1, which2)
 
 
 def _two_layers_bwd(relu, residuals, dy):
   x, k1, b1, k2, b2, h, which1, which2 = residuals
-  ut = native.filter_transform(k2, two_layer_tile(x.shape), transposed=True)
-  shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (k1, b1))
-  shapes += (jax.ShapeDtypeStruct((ut.shape[0],) + k2.shape[2:], jnp.float32),
-             jax.ShapeDtypeStruct(b2.shape, jnp.float32))
-  dk1, db1, du, db2 = native.call("fashion_jax_two_layer_bwd", shapes, x, h, which1, ut, which2,
-                                  dy)
+  shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (k1, b1, k2, b2))
+  dk1, db1, dk2, db2 = native.call("fashion_jax_two_layer_bwd", shapes, x, h, which1, k2, which2,
+                                   dy, tile=np.int32(two_layer_tile(x.shape)))
   # The input gradient (unused, and so removed by XLA, when x is the image): through the two
   # layers' own ops.
   conv = native.conv3x3_pool2
   separate = lambda v: conv(conv(v, k1, b1, relu), k2, b2, relu)
   dx = jax.vjp(separate, x)[1](dy)[0]
-  return dx, dk1, db1, native.filter_transform_grad(du), db2
+  return dx, dk1, db1, dk2, db2
 
 
 _two_layers.defvjp(_two_layers_forward, _two_layers_bwd)

@@ -1909,16 +1909,55 @@ void TwoLayerBackwardCore(Pool& pool, const TwoLayers& t, const float* x, const 
 #undef FJ_CALL
 }
 
+// The op takes the second layer's kernel k2 [3, 3, C, K] and its Winograd tile (2 or 5) and
+// makes U (U^T for the gradient) itself, into the calling thread's buffer, and the gradient
+// returns dk2, transformed back from dU in the op: no filter-transform ops around it, their
+// three 400 KB planes for the CNN through memory and their dispatches (at batch 32 on session
+// 31's Xeon they took ~0.13 of a 1.7 ms step). The shapes: as TwoLayerShapes with U's.
+ffi::Error TwoLayerKernelShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> k1d,
+                                ffi::Span<const int64_t> k2d, ffi::Span<const int64_t> yd,
+                                int32_t tile, bool transposed, TwoLayers* t) {
+  if (k2d.size() != 4 || k2d[0] != 3 || k2d[1] != 3 || (tile != 2 && tile != 5)) {
+    return ffi::Error::InvalidArgument(
+        "fashion_jax two conv layers: expected the second kernel [3, 3, C, K] and tile 2 or 5");
+  }
+  const std::vector<int64_t> ud = {Planes(tile), transposed ? k2d[3] : k2d[2],
+                                   transposed ? k2d[2] : k2d[3]};
+  if (ffi::Error e = TwoLayerShapes(xd, k1d, ffi::Span<const int64_t>(ud), yd, transposed, t);
+      e.failure()) {
+    return e;
+  }
+  if (t->sx.m != tile) {
+    return ffi::Error::InvalidArgument("fashion_jax two conv layers: the tile does not fit");
+  }
+  return ffi::Error::Success();
+}
+
+// U [P, C, K] (transposed: U^T [P, K, C]) of k2 into `buffer` (resized; 64-byte aligned).
+template <typename Pool>
+float* SecondLayerU(Pool& pool, const TwoLayers& t, const float* k2, bool transposed,
+                    std::vector<float>& buffer) {
+  const int64_t c = t.sx.c, k = t.sy.c;
+  buffer.resize(Planes(t.sx.m) * c * k + kAlignPad);
+  float* u = AlignUp(buffer.data());
+  if (t.sx.m == 5) {
+    FilterTransformCore<kWino5G>(pool, k2, c, k, transposed, u);
+  } else {
+    FilterTransformCore<kWino2G>(pool, k2, c, k, transposed, u);
+  }
+  return u;
+}
+
 // The forward (training's also returns h [N, hp, wp, C] and the first layer's argmax).
 ffi::Error TwoLayerForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                ffi::Buffer<ffi::F32> k1, ffi::Buffer<ffi::F32> b1,
-                               ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> b2,
+                               ffi::Buffer<ffi::F32> k2, ffi::Buffer<ffi::F32> b2,
                                ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S8> arg,
                                float* h, int64_t h_count, int8_t* arg1, int64_t arg1_count,
-                               int32_t relu1, int32_t relu2) {
+                               int32_t relu1, int32_t relu2, int32_t tile) {
   TwoLayers t;
-  if (ffi::Error e = TwoLayerShapes(x.dimensions(), k1.dimensions(), u.dimensions(),
-                                    y->dimensions(), false, &t);
+  if (ffi::Error e = TwoLayerKernelShapes(x.dimensions(), k1.dimensions(), k2.dimensions(),
+                                          y->dimensions(), tile, false, &t);
       e.failure()) {
     return e;
   }
@@ -1926,58 +1965,69 @@ ffi::Error TwoLayerForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (h != nullptr && (h_count != nh || arg1_count != nh)) {
     return ffi::Error::InvalidArgument("fashion_jax two conv layers: h's shape differs");
   }
-  TwoLayerForwardCore(pool, t, x.typed_data(), k1.typed_data(), b1.typed_data(), relu1 != 0,
-                      u.typed_data(), b2.typed_data(), relu2 != 0, y->typed_data(),
-                      arg->typed_data(), h, arg1);
+  thread_local std::vector<float> u_buffer;
+  const float* u = SecondLayerU(pool, t, k2.typed_data(), false, u_buffer);
+  TwoLayerForwardCore(pool, t, x.typed_data(), k1.typed_data(), b1.typed_data(), relu1 != 0, u,
+                      b2.typed_data(), relu2 != 0, y->typed_data(), arg->typed_data(), h, arg1);
   return ffi::Error::Success();
 }
 
 ffi::Error TwoLayerForwardHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                   ffi::Buffer<ffi::F32> k1, ffi::Buffer<ffi::F32> b1,
-                                  ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> b2,
+                                  ffi::Buffer<ffi::F32> k2, ffi::Buffer<ffi::F32> b2,
                                   ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S8> arg,
-                                  int32_t relu1, int32_t relu2) {
-  return TwoLayerForwardImpl(pool, x, k1, b1, u, b2, y, arg, nullptr, 0, nullptr, 0, relu1,
-                             relu2);
+                                  int32_t relu1, int32_t relu2, int32_t tile) {
+  return TwoLayerForwardImpl(pool, x, k1, b1, k2, b2, y, arg, nullptr, 0, nullptr, 0, relu1,
+                             relu2, tile);
 }
 
 ffi::Error TwoLayerTrainForwardHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                        ffi::Buffer<ffi::F32> k1, ffi::Buffer<ffi::F32> b1,
-                                       ffi::Buffer<ffi::F32> u, ffi::Buffer<ffi::F32> b2,
+                                       ffi::Buffer<ffi::F32> k2, ffi::Buffer<ffi::F32> b2,
                                        ffi::ResultBuffer<ffi::F32> y,
                                        ffi::ResultBuffer<ffi::S8> arg,
                                        ffi::ResultBuffer<ffi::F32> h,
                                        ffi::ResultBuffer<ffi::S8> arg1, int32_t relu1,
-                                       int32_t relu2) {
-  return TwoLayerForwardImpl(pool, x, k1, b1, u, b2, y, arg, h->typed_data(),
+                                       int32_t relu2, int32_t tile) {
+  return TwoLayerForwardImpl(pool, x, k1, b1, k2, b2, y, arg, h->typed_data(),
                              int64_t(h->element_count()), arg1->typed_data(),
-                             int64_t(arg1->element_count()), relu1, relu2);
+                             int64_t(arg1->element_count()), relu1, relu2, tile);
 }
 
-// The gradients from x, the forward's h and argmaxes; dk1 [3, 3, Cin, C] gives the first
-// layer's shape.
+// The gradients from x, the forward's h and argmaxes, and k2; dk1 [3, 3, Cin, C] gives the
+// first layer's shape.
 ffi::Error TwoLayerBackwardHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                    ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::S8> arg1,
-                                   ffi::Buffer<ffi::F32> ut, ffi::Buffer<ffi::S8> arg2,
+                                   ffi::Buffer<ffi::F32> k2, ffi::Buffer<ffi::S8> arg2,
                                    ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk1,
                                    ffi::ResultBuffer<ffi::F32> db1,
-                                   ffi::ResultBuffer<ffi::F32> du,
-                                   ffi::ResultBuffer<ffi::F32> db2) {
+                                   ffi::ResultBuffer<ffi::F32> dk2,
+                                   ffi::ResultBuffer<ffi::F32> db2, int32_t tile) {
   TwoLayers t;
-  if (ffi::Error e = TwoLayerShapes(x.dimensions(), dk1->dimensions(), ut.dimensions(),
-                                    dy.dimensions(), true, &t);
+  if (ffi::Error e = TwoLayerKernelShapes(x.dimensions(), dk1->dimensions(), k2.dimensions(),
+                                          dy.dimensions(), tile, true, &t);
       e.failure()) {
     return e;
   }
   const size_t nh = t.s1.n * t.s1.hp * t.s1.wp * t.s1.cout;
   if (h.element_count() != nh || arg1.element_count() != nh ||
       arg2.element_count() != dy.element_count() || db1->element_count() != size_t(t.s1.cout) ||
-      du->element_count() != ut.element_count()) {
+      dk2->element_count() != k2.element_count()) {
     return ffi::Error::InvalidArgument("fashion_jax two conv layers gradient: shapes differ");
   }
-  TwoLayerBackwardCore(pool, t, x.typed_data(), h.typed_data(), arg1.typed_data(),
-                       ut.typed_data(), arg2.typed_data(), dy.typed_data(), dk1->typed_data(),
-                       db1->typed_data(), du->typed_data(), db2->typed_data());
+  thread_local std::vector<float> ut_buffer, du_buffer;
+  const float* ut = SecondLayerU(pool, t, k2.typed_data(), true, ut_buffer);
+  const int64_t c = t.sx.c, k = t.sy.c;
+  du_buffer.resize(Planes(t.sx.m) * c * k + kAlignPad);
+  float* du = AlignUp(du_buffer.data());
+  TwoLayerBackwardCore(pool, t, x.typed_data(), h.typed_data(), arg1.typed_data(), ut,
+                       arg2.typed_data(), dy.typed_data(), dk1->typed_data(), db1->typed_data(),
+                       du, db2->typed_data());
+  if (t.sx.m == 5) {
+    FilterGradCore<kWino5G, kWino5GT>(pool, du, c, k, dk2->typed_data());
+  } else {
+    FilterGradCore<kWino2G, kWino2GT>(pool, du, c, k, dk2->typed_data());
+  }
   return ffi::Error::Success();
 }
 
@@ -3018,7 +3068,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjFilterTransformGrad, FilterTransformGradHandler,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// x, k1, b1, u, b2 -> y, argmax (training's forward adds h and the first layer's argmax).
+// x, k1, b1, k2, b2 -> y, argmax (training's forward adds h and the first layer's argmax).
 inline auto TwoLayerForwardBinding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -3032,15 +3082,18 @@ inline auto TwoLayerForwardBinding() {
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjTwoLayerForward, TwoLayerForwardHandler,
-                              TwoLayerForwardBinding().Attr<int32_t>("relu1").Attr<int32_t>(
-                                  "relu2"));
+                              TwoLayerForwardBinding()
+                                  .Attr<int32_t>("relu1")
+                                  .Attr<int32_t>("relu2")
+                                  .Attr<int32_t>("tile"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjTwoLayerTrainForward, TwoLayerTrainForwardHandler,
                               TwoLayerForwardBinding()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S8>>()
                                   .Attr<int32_t>("relu1")
-                                  .Attr<int32_t>("relu2"));
+                                  .Attr<int32_t>("relu2")
+                                  .Attr<int32_t>("tile"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FjTwoLayerBackward, TwoLayerBackwardHandler,
                               ffi::Ffi::Bind()
@@ -3054,7 +3107,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FjTwoLayerBackward, TwoLayerBackwardHandler,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("tile"));
 
 #endif  // FJ_PART 1
 
