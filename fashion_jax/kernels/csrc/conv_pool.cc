@@ -1539,6 +1539,14 @@ void FilterGradCore(Pool& pool, const float* du, int64_t c, int64_t k, float* g)
   });
 }
 
+// The gradient for F(m x m, 3 x 3), m 2, 4 or 5.
+template <typename Pool>
+void FilterGrad(Pool& pool, int m, const float* du, int64_t c, int64_t k, float* g) {
+  if (m == 2) FilterGradCore<kWino2G, kWino2GT>(pool, du, c, k, g);
+  if (m == 4) FilterGradCore<kWino4G, kWino4GT>(pool, du, c, k, g);
+  if (m == 5) FilterGradCore<kWino5G, kWino5GT>(pool, du, c, k, g);
+}
+
 // kernel [3, 3, C, K] and U [P, C, K] (U^T [P, K, C] if transposed): checks, and M from P.
 ffi::Error FilterShapes(ffi::Span<const int64_t> gd, ffi::Span<const int64_t> ud,
                         bool transposed, int* m) {
@@ -1576,10 +1584,7 @@ ffi::Error FilterTransformGradHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
   if (ffi::Error e = FilterShapes(g->dimensions(), du.dimensions(), false, &m); e.failure()) {
     return e;
   }
-  const int64_t c = g->dimensions()[2], k = g->dimensions()[3];
-  if (m == 2) FilterGradCore<kWino2G, kWino2GT>(pool, du.typed_data(), c, k, g->typed_data());
-  if (m == 4) FilterGradCore<kWino4G, kWino4GT>(pool, du.typed_data(), c, k, g->typed_data());
-  if (m == 5) FilterGradCore<kWino5G, kWino5GT>(pool, du.typed_data(), c, k, g->typed_data());
+  FilterGrad(pool, m, du.typed_data(), g->dimensions()[2], g->dimensions()[3], g->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1647,9 +1652,17 @@ struct TwoLayerGradSums {
     }
   }
 
-  void CopyOut(const float* total, float* du, float* db2, float* dk1, float* db1) const {
+  // dU into du, or (dk2 not nullptr) the second kernel's gradient from it where it lies (no
+  // copy of dU: 400 KB for the CNN).
+  template <typename Pool>
+  void CopyOut(Pool& pool, int m, const float* total, float* du, float* dk2, float* db2,
+               float* dk1, float* db1) const {
     const int64_t nk1 = 9 * cin * c;
-    std::copy(total, total + nuk, du);
+    if (dk2 != nullptr) {
+      FilterGrad(pool, m, total, c, k, dk2);
+    } else {
+      std::copy(total, total + nuk, du);
+    }
     std::copy(total + nuk, total + nuk + k, db2);
     std::copy(total + nuk + k, total + nuk + k + nk1, dk1);
     std::copy(total + nuk + k + nk1, total + used(), db1);
@@ -1679,7 +1692,7 @@ void TwoLayerForward(Pool& pool, const TwoLayers& t, const float* x, const float
 template <int CIN, typename Pool>
 void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const float* h,
                       const int8_t* arg1, const float* ut, const int8_t* arg2, const float* dy,
-                      float* dk1, float* db1, float* du, float* db2) {
+                      float* dk1, float* db1, float* du, float* db2, float* dk2) {
   const int64_t c = t.sx.c, k = t.sy.c, cin = t.s1.cin, image = t.s1.hp * t.s1.wp * c;
   // Per chunk: dU [16, C, K], db2 [K], dk1 [3, 3, Cin, C], db1 [C], padded to whole vectors.
   const TwoLayerGradSums sums{16 * c * k, k, c, cin};
@@ -1708,7 +1721,8 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
     }
     sums.Write(acc, db2_acc, gw, gb);
   });
-  sums.CopyOut(SumChunks(pool, partial, chunks, nu, sums.used()), du, db2, dk1, db1);
+  sums.CopyOut(pool, t.sx.m, SumChunks(pool, partial, chunks, nu, sums.used()), du, dk2, db2, dk1,
+               db1);
 }
 
 // The second layer as F(5x5, 3x3) (t.sx.m == 5): an image has few tiles (the CNN's 2x2), so the
@@ -1794,7 +1808,7 @@ void TwoLayerForward5(Pool& pool, const TwoLayers& t, const float* x, const floa
 template <int CIN, typename Pool>
 void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const float* h,
                        const int8_t* arg1, const float* ut, const int8_t* arg2, const float* dy,
-                       float* dk1, float* db1, float* du, float* db2) {
+                       float* dk1, float* db1, float* du, float* db2, float* dk2) {
   constexpr int64_t P = Planes(5);
   const Shape s1 = ReadByTiles5(t);
   const int64_t c = t.sx.c, k = t.sy.c, cin = t.s1.cin, image = t.s1.hp * t.s1.wp * c;
@@ -1848,7 +1862,8 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
     }
     sums.Write(acc, db2_acc, gw, gb);
   });
-  sums.CopyOut(SumChunks(pool, partial, chunks, nu, sums.used()), du, db2, dk1, db1);
+  sums.CopyOut(pool, t.sx.m, SumChunks(pool, partial, chunks, nu, sums.used()), du, dk2, db2, dk1,
+               db1);
 }
 
 // x [N, H, W, Cin] with Cin < 8 (the direct kernel's), k1 [3, 3, Cin, C], u [16, C, K] (U^T
@@ -1898,12 +1913,13 @@ void TwoLayerForwardCore(Pool& pool, const TwoLayers& t, const float* x, const f
 template <typename Pool>
 void TwoLayerBackwardCore(Pool& pool, const TwoLayers& t, const float* x, const float* h,
                           const int8_t* arg1, const float* ut, const int8_t* arg2,
-                          const float* dy, float* dk1, float* db1, float* du, float* db2) {
-#define FJ_CALL(C)                                                                 \
-  if (t.sx.m == 5) {                                                               \
-    TwoLayerBackward5<C>(pool, t, x, h, arg1, ut, arg2, dy, dk1, db1, du, db2);    \
-  } else {                                                                         \
-    TwoLayerBackward<C>(pool, t, x, h, arg1, ut, arg2, dy, dk1, db1, du, db2);     \
+                          const float* dy, float* dk1, float* db1, float* du, float* db2,
+                          float* dk2 = nullptr) {
+#define FJ_CALL(C)                                                                    \
+  if (t.sx.m == 5) {                                                                  \
+    TwoLayerBackward5<C>(pool, t, x, h, arg1, ut, arg2, dy, dk1, db1, du, db2, dk2);  \
+  } else {                                                                            \
+    TwoLayerBackward<C>(pool, t, x, h, arg1, ut, arg2, dy, dk1, db1, du, db2, dk2);   \
   }
   FJ_DISPATCH_CIN(t.s1.cin, FJ_CALL)
 #undef FJ_CALL
@@ -2015,19 +2031,11 @@ ffi::Error TwoLayerBackwardHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
       dk2->element_count() != k2.element_count()) {
     return ffi::Error::InvalidArgument("fashion_jax two conv layers gradient: shapes differ");
   }
-  thread_local std::vector<float> ut_buffer, du_buffer;
+  thread_local std::vector<float> ut_buffer;
   const float* ut = SecondLayerU(pool, t, k2.typed_data(), true, ut_buffer);
-  const int64_t c = t.sx.c, k = t.sy.c;
-  du_buffer.resize(Planes(t.sx.m) * c * k + kAlignPad);
-  float* du = AlignUp(du_buffer.data());
   TwoLayerBackwardCore(pool, t, x.typed_data(), h.typed_data(), arg1.typed_data(), ut,
                        arg2.typed_data(), dy.typed_data(), dk1->typed_data(), db1->typed_data(),
-                       du, db2->typed_data());
-  if (t.sx.m == 5) {
-    FilterGradCore<kWino5G, kWino5GT>(pool, du, c, k, dk2->typed_data());
-  } else {
-    FilterGradCore<kWino2G, kWino2GT>(pool, du, c, k, dk2->typed_data());
-  }
+                       nullptr, db2->typed_data(), dk2->typed_data());
   return ffi::Error::Success();
 }
 

@@ -271,6 +271,8 @@ void TestConv(std::mt19937& rng, const Problem& p, bool direct = false, int m = 
   Expect((name + ": dkernel").c_str(), dk, dk_want, 2e-5 * p.n * oh * ow);
 }
 
+std::vector<double> AsDouble(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+
 // The two-layer op's random inputs: p the first layer (c < 8), p2 the second (k2 outputs, its
 // U and U^T for F(m x m, 3 x 3)), dy its pooled output's gradient; s1 the first layer's shape.
 struct TwoLayerInputs {
@@ -294,16 +296,18 @@ struct TwoLayerInputs {
 };
 
 // The op's three calls: inference's forward, then training's (which also returns h and the first
-// layer's taps, the backward's inputs), then the backward from training's residuals. Outputs start
+// layer's taps, the backward's inputs), then the backward from training's residuals, returning
+// dU, and again returning the second kernel's gradient dk2 (the handlers' form). Outputs start
 // as NaN or -1, so each must be written.
 struct TwoLayerRun {
-  std::vector<float> y, y_train, h, du, db2, dk1, db1;
+  std::vector<float> y, y_train, h, du, db2, dk1, db1, dk2, db2_again, dk1_again, db1_again;
   std::vector<int8_t> arg2, arg2_train, arg1;
 
   TwoLayerRun(const TwoLayers& t, const TwoLayerInputs& in, bool relu)
       : y(in.dy.size(), NAN), y_train(in.dy.size(), NAN), h(in.nh(), NAN), du(in.u.size(), NAN),
-        db2(in.p2.k, NAN), dk1(in.k1.size(), NAN), db1(in.p.k, NAN), arg2(in.dy.size(), -1),
-        arg2_train(in.dy.size(), -1), arg1(in.nh(), -1) {
+        db2(in.p2.k, NAN), dk1(in.k1.size(), NAN), db1(in.p.k, NAN), dk2(in.kern2.size(), NAN),
+        db2_again(in.p2.k, NAN), dk1_again(in.k1.size(), NAN), db1_again(in.p.k, NAN),
+        arg2(in.dy.size(), -1), arg2_train(in.dy.size(), -1), arg1(in.nh(), -1) {
     SerialPool pool;
     TwoLayerForwardCore(pool, t, in.x.data(), in.k1.data(), in.b1.data(), relu, in.u.data(),
                         in.b2.data(), relu, y.data(), arg2.data());
@@ -312,10 +316,21 @@ struct TwoLayerRun {
                         arg1.data());
     TwoLayerBackwardCore(pool, t, in.x.data(), h.data(), arg1.data(), in.ut.data(), arg2.data(),
                          in.dy.data(), dk1.data(), db1.data(), du.data(), db2.data());
+    TwoLayerBackwardCore(pool, t, in.x.data(), h.data(), arg1.data(), in.ut.data(), arg2.data(),
+                         in.dy.data(), dk1_again.data(), db1_again.data(), nullptr,
+                         db2_again.data(), dk2.data());
+  }
+
+  // dk2 is the kernels' filter gradient of dU, and the other gradients are the same, bitwise.
+  void CheckKernelGradient(const TwoLayers& t, const std::string& name) const {
+    SerialPool pool;
+    std::vector<float> want(dk2.size(), NAN);
+    FilterGrad(pool, int(t.sx.m), du.data(), t.sx.c, t.sy.c, want.data());
+    Expect((name + ": dk2").c_str(), dk2, AsDouble(want), 0.0);
+    Check(db2_again == db2 && dk1_again == dk1 && db1_again == db1,
+          (name + ": the gradients beside dk2").c_str());
   }
 };
-
-std::vector<double> AsDouble(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
 // The two-layer op (the CNN's pair as one) against the two layers' own kernels, which the tests
 // above check against the direct sums: outputs and taps bitwise, gradients to rounding (they are
@@ -342,6 +357,7 @@ void TestTwoLayers(std::mt19937& rng, const Problem& p, int k2, bool relu) {
   // As one op.
   const TwoLayerRun r(TwoLayers{in.s1, sx, sy}, in, relu);
   std::string name(what);
+  r.CheckKernelGradient(TwoLayers{in.s1, sx, sy}, name);
   Expect((name + ": y").c_str(), r.y, AsDouble(y), 0.0);
   Expect((name + ": training's y").c_str(), r.y_train, AsDouble(y), 0.0);
   Expect((name + ": training's h").c_str(), r.h, AsDouble(h), 0.0);
@@ -369,10 +385,11 @@ void TestTwoLayers5(std::mt19937& rng, const Problem& p, int k2, bool relu) {
   ConvPoolForwardCore(pool, in.s1, in.x.data(), in.k1.data(), in.b1.data(), relu, h.data(),
                       arg1.data());
   const int th = 2 * p2.hp() / 5, tw = 2 * p2.wp() / 5;
-  const TwoLayerRun r(TwoLayers{in.s1, Tiles{p2.n, p2.h, p2.w, p2.c, th, tw, 5},
-                                Tiles{p2.n, p2.h, p2.w, k2, th, tw, 5}},
-                      in, relu);
+  const TwoLayers t{in.s1, Tiles{p2.n, p2.h, p2.w, p2.c, th, tw, 5},
+                    Tiles{p2.n, p2.h, p2.w, k2, th, tw, 5}};
+  const TwoLayerRun r(t, in, relu);
   std::string name(what);
+  r.CheckKernelGradient(t, name);
   Expect((name + ": training's y").c_str(), r.y_train, AsDouble(r.y), 0.0);
   // Training's h and taps: the first layer's where the second layer reads them (5 th + 2 rows
   // and 5 tw + 2 columns), zeros and no tap beyond (not computed).
