@@ -1121,22 +1121,28 @@ def test_dense_outputs_and_grads_match_lax(b, d, h):
 
 
 def test_dense_drop_in_for_flax_and_fallbacks():
-  """nn.Dense(dot_general=dense.dot_general) has nn.Dense's parameters and outputs (leading
-  axes flattened for the kernel); where the kernel does not apply it is lax.dot_general."""
+  """nn.Dense(dot_general=dense.dot_general) has nn.Dense's parameters, outputs and gradients
+  (leading axes flattened for the kernel; 10 features, which no vector width divides, as the
+  kernel's 16 with zero columns cut off again); where the kernel does not apply it is
+  lax.dot_general."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((2, 3, 40)), jnp.float32)
-  for features in (32, 10):
+  for features in (32, 10, 1):
     fast, plain = nn.Dense(features, dot_general=dense.dot_general), nn.Dense(features)
     variables = plain.init(jax.random.key(0), x)
     assert jax.tree.structure(fast.init(jax.random.key(0), x)) == jax.tree.structure(variables)
     hlo = jax.jit(fast.apply).lower(variables, x).as_text()
-    assert ("fashion_jax_dense_fwd" in hlo) == native.fits_lanes(features)
+    assert "fashion_jax_dense_fwd" in hlo
     got, want = fast.apply(variables, x), plain.apply(variables, x)
-    if native.fits_lanes(features):
-      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    else:
-      np.testing.assert_array_equal(got, want)
+    assert got.shape == want.shape == (2, 3, features)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    r = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+    grads = [jax.jit(jax.grad(lambda v, x, m=m: jnp.sum(m.apply(v, x) * r), argnums=(0, 1)))(
+        variables, x) for m in (fast, plain)]
+    for got_g, want_g in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+      assert got_g.shape == want_g.shape
+      np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-5)
   # Batch axes, another contraction, bfloat16: lax.dot_general's own result.
   w = jnp.asarray(rng.standard_normal((40, 32)), jnp.float32)
   standard = (((1,), (0,)), ((), ()))
@@ -1155,14 +1161,15 @@ def test_dense_drop_in_for_flax_and_fallbacks():
 @pytest.mark.parametrize("name", ["cnn", "cnn_bn"])
 def test_models_run_their_hidden_dense_layer_natively(name):
   """The CNN's Dense(1600 -> 128) and cnn_bn's Dense(3136 -> 256) run on the kernels forward
-  and backward where the model's native ops run; the 10-way classifier stays XLA's; "xla"
-  models use none."""
+  and backward where the model's native ops run, and so does the 10-way classifier (its
+  columns padded to a whole vector); "xla" models use none."""
   from fashion_jax.model import models  # pylint: disable=g-import-not-at-top
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 28, 28, 1)), jnp.float32)
-  for impl, count in (("native", 1), ("xla", 0)):
+  for impl, count in (("native", 2), ("xla", 0)):
     model = models.create_model(name, conv_impl=impl, dropout_rate=0.0) if name == "cnn_bn" else (
         models.create_model(name, conv_impl=impl))
     variables = model.init(jax.random.key(0), x, train=False)
-    loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, x, train=False))
+    # Squared, so the classifier's forward is needed too (a plain sum's gradient is not).
+    loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, x, train=False) ** 2)
     hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).as_text()
     assert hlo.count("fashion_jax_dense_fwd") == count and hlo.count("fashion_jax_dense_bwd") == count

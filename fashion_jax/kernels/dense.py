@@ -25,11 +25,15 @@ import jax.numpy as jnp
 from fashion_jax.kernels import native
 
 
+def _float32_matmul(x: jax.Array, w: jax.Array) -> bool:
+  return (x.ndim == 2 and w.ndim == 2 and x.shape[1] == w.shape[0]
+          and x.dtype == w.dtype == jnp.float32)
+
+
 def supports(x: jax.Array, w: jax.Array) -> bool:
   """Whether `matmul(x, w)` runs natively: x [B, D] and w [D, H], float32, with H a multiple of
   `native.lanes()` (not whether the kernels are built)."""
-  return (x.ndim == 2 and w.ndim == 2 and x.shape[1] == w.shape[0]
-          and x.dtype == w.dtype == jnp.float32 and native.fits_lanes(w.shape[1]))
+  return _float32_matmul(x, w) and native.fits_lanes(w.shape[1])
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -64,17 +68,30 @@ def _matmul_bwd(residuals, dy):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def _padded_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x @ w on the kernels with w's columns padded with zeros to whole vectors, and y's cut back
+  (the classifiers' Dense(128 -> 10): XLA ran its three small matmuls at 14-23 us each; the
+  CNN's training step at batch 32 takes ~5 % less this way on session 31's Xeon). The padded
+  columns' products are zeros that are never read; their gradients are dropped by the pad's
+  transpose."""
+  h = w.shape[1]
+  padded = jnp.pad(w, ((0, 0), (0, -h % native.lanes())))
+  return _matmul(x, padded)[:, :h]
+
+
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
   """`lax.dot_general` for `nn.Dense(dot_general=...)`: `matmul` where lhs's last axis
-  contracts with a 2-D rhs's first, no batch axes, float32 (lhs's leading axes flattened) and
-  `supports` the shapes; `lax.dot_general` otherwise. The native sum is float32 throughout,
-  so any `precision` is met."""
+  contracts with a 2-D rhs's first, no batch axes, float32 (lhs's leading axes flattened; rhs's
+  columns padded to whole vectors where the kernels' width does not divide them:
+  `_padded_matmul`); `lax.dot_general` otherwise. The native sum is float32 throughout, so any
+  `precision` is met."""
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
   if (rhs.ndim == 2 and lhs.ndim >= 1 and tuple(lhs_contract) == (lhs.ndim - 1,)
       and tuple(rhs_contract) == (0,) and not lhs_batch and not rhs_batch
       and preferred_element_type in (None, jnp.float32)):
     flat = lhs.reshape((math.prod(lhs.shape[:-1]), lhs.shape[-1]))
-    if supports(flat, rhs) and native.available():
-      return _matmul(flat, rhs).reshape((*lhs.shape[:-1], rhs.shape[1]))
+    if _float32_matmul(flat, rhs) and native.available():
+      multiply = _matmul if native.fits_lanes(rhs.shape[1]) else _padded_matmul
+      return multiply(flat, rhs).reshape((*lhs.shape[:-1], rhs.shape[1]))
   return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                          preferred_element_type=preferred_element_type)
