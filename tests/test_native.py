@@ -164,6 +164,23 @@ def test_two_layers_support_only_what_the_kernels_handle():
   with pytest.raises(ValueError, match="does not support"):
     two_layers.conv3x3_pool2_twice(wide, jnp.zeros((3, 3, 8, 32)), jnp.zeros(32), k2,
                                    jnp.zeros(64))
+  # The op itself (which makes U from k2 and the tile it is given): either tile where it fits
+  # (the CNN's shape: F(2x2, 3x3) or F(5x5, 3x3), equal to the latter's rounding), and a clear
+  # refusal of another tile, of F(5x5, 3x3) where the pooled sides are not multiples of 5 (h
+  # 14x14: 6x6), and of a second kernel of other channels.
+  def call(x, k2, tile):
+    return jax.block_until_ready(native.call(
+        "fashion_jax_two_layer_fwd", native.pooled_shapes(native.pooled(x, 32), k2), x, k1,
+        jnp.zeros(32), k2, jnp.zeros(k2.shape[-1]), relu1=np.int32(1), relu2=np.int32(1),
+        tile=np.int32(tile))[0])
+  k2 = k2 * 0.3
+  f2, f5 = call(x, k2, 2), call(x, k2, 5)
+  np.testing.assert_allclose(f5, f2, rtol=0, atol=1e-5 * float(np.sqrt(np.mean(f2 ** 2))))
+  x30 = jnp.zeros((1, 30, 30, 1))
+  for x_, k2_, tile, says in ((x, k2, 3, "tile 2 or 5"), (x30, k2, 5, r"F\(5x5, 3x3\)"),
+                              (x, jnp.zeros((3, 3, 16, 64)), 5, "second kernel")):
+    with pytest.raises(Exception, match=says):
+      call(x_, k2_, tile)
 
 
 def test_the_cnn_runs_its_two_layers_as_one_op_and_falls_back_to_two():
@@ -1122,8 +1139,8 @@ def test_dense_outputs_and_grads_match_lax(b, d, h):
 
 def test_dense_drop_in_for_flax_and_fallbacks():
   """nn.Dense(dot_general=dense.dot_general) has nn.Dense's parameters, outputs and gradients
-  (leading axes flattened for the kernel; 10 features, which no vector width divides, as the
-  kernel's 16 with zero columns cut off again); where the kernel does not apply it is
+  (leading axes flattened for the kernel; 10 features, which no vector width divides, padded
+  with zero columns to whole vectors and cut off again); where the kernel does not apply it is
   lax.dot_general."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)

@@ -186,9 +186,9 @@ def _kernel_flops(target: str, operands: list[tuple[int, ...]],
     (n, h, w, c), (planes, u1, u2) = operands[0], operands[1]
     return _winograd_flops(target.endswith("fwd"), n, h, w, c, u1 * u2 // c, planes)
   # The two layers as one op: the direct layer, then the Winograd one on its pooled output h
-  # [n, (h-2)/2, (w-2)/2, C] (the backward's operand 1; the forward's is the first kernel), and
-  # its filter U of the second kernel [3, 3, C, K] (operand 3; the backward's U^T and the
-  # kernel's gradient from dU): the Winograd tile is two_layers.two_layer_tile's.
+  # [n, (h-2)/2, (w-2)/2, C], and its filter U of the second kernel [3, 3, C, K] (operand 3 of
+  # both; the backward's U^T and the kernel's gradient from dU): the Winograd tile is
+  # two_layers.two_layer_tile's, as the op's `tile` attribute.
   if target.startswith("fashion_jax_two_layer_"):
     from fashion_jax.kernels import two_layers  # pylint: disable=g-import-not-at-top
     (n, h, w, cin), (_, _, c, k) = operands[0], operands[3]

@@ -149,7 +149,7 @@ class CNN(nn.Module):
     x = ops.conv_pool_twice(x, k1, b1, k2, b2, self.conv_impl, self.pool_impl, relu=True)
     x = x.reshape((x.shape[0], -1))
     # nn.Dense's matmul on the native kernels where the model's native ops run (1600 -> 128, and
-    # 128 -> 10 with its columns padded to a whole vector), else flax's default.
+    # 128 -> 10 with its columns padded to whole vectors), else flax's default.
     dot = dense.dot_general if ops.native_chosen(self.conv_impl) else None
     x = nn.relu(nn.Dense(128, dtype=self.dtype, dot_general=dot)(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, dot_general=dot)(x)
