@@ -1179,7 +1179,7 @@ def test_dense_drop_in_for_flax_and_fallbacks():
 def test_models_run_their_hidden_dense_layer_natively(name):
   """The CNN's Dense(1600 -> 128) and cnn_bn's Dense(3136 -> 256) run on the kernels forward
   and backward where the model's native ops run, and so does the 10-way classifier (its
-  columns padded to a whole vector); "xla" models use none."""
+  columns padded to whole vectors); "xla" models use none."""
   from fashion_jax.model import models  # pylint: disable=g-import-not-at-top
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 28, 28, 1)), jnp.float32)
   for impl, count in (("native", 2), ("xla", 0)):

@@ -1539,6 +1539,15 @@ void FilterGradCore(Pool& pool, const float* du, int64_t c, int64_t k, float* g)
   });
 }
 
+// U (transposed: U^T) for F(m x m, 3 x 3), m 2, 4 or 5.
+template <typename Pool>
+void FilterTransform(Pool& pool, int m, const float* g, int64_t c, int64_t k, bool transposed,
+                     float* u) {
+  if (m == 2) FilterTransformCore<kWino2G>(pool, g, c, k, transposed, u);
+  if (m == 4) FilterTransformCore<kWino4G>(pool, g, c, k, transposed, u);
+  if (m == 5) FilterTransformCore<kWino5G>(pool, g, c, k, transposed, u);
+}
+
 // The gradient for F(m x m, 3 x 3), m 2, 4 or 5.
 template <typename Pool>
 void FilterGrad(Pool& pool, int m, const float* du, int64_t c, int64_t k, float* g) {
@@ -1570,11 +1579,8 @@ ffi::Error FilterTransformHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
       e.failure()) {
     return e;
   }
-  const int64_t c = g.dimensions()[2], k = g.dimensions()[3];
-  float* out = u->typed_data();
-  if (m == 2) FilterTransformCore<kWino2G>(pool, g.typed_data(), c, k, transposed, out);
-  if (m == 4) FilterTransformCore<kWino4G>(pool, g.typed_data(), c, k, transposed, out);
-  if (m == 5) FilterTransformCore<kWino5G>(pool, g.typed_data(), c, k, transposed, out);
+  FilterTransform(pool, m, g.typed_data(), g.dimensions()[2], g.dimensions()[3], transposed != 0,
+                  u->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1951,11 +1957,7 @@ float* SecondLayerU(Pool& pool, const TwoLayers& t, const float* k2, bool transp
   const int64_t c = t.sx.c, k = t.sy.c;
   buffer.resize(Planes(t.sx.m) * c * k + kAlignPad);
   float* u = AlignUp(buffer.data());
-  if (t.sx.m == 5) {
-    FilterTransformCore<kWino5G>(pool, k2, c, k, transposed, u);
-  } else {
-    FilterTransformCore<kWino2G>(pool, k2, c, k, transposed, u);
-  }
+  FilterTransform(pool, int(t.sx.m), k2, c, k, transposed, u);
   return u;
 }
 
