@@ -22,7 +22,7 @@ def test_benchmark_json(tmp_path, idx_dir):
   output = tmp_path / "benchmark.json"
   args = ["--config=configs/tiny.py", f"--config.idx_dir={idx_dir}", "--batch_sizes=8,16",
           "--windows=2", "--window_seconds=0.05", f"--output={output}", "--loop",
-          "--loop_variants=device", "--rounds=2"]
+          "--loop_variants=device", "--rounds=2", "--profile", "--profile_steps=4"]
   proc = run_module("fashion_jax.benchmark", *args, *(["--compare=keras"] if compare else []))
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = json.loads(output.read_text())
@@ -96,6 +96,22 @@ def test_benchmark_json(tmp_path, idx_dir):
                                      or "TensorFlow is not installed" in tfds_input["reason"])
   downloaded = results["input"]["download"]
   assert downloaded["available"] or "could not download" in downloaded["reason"]
+  # The step op by op at the best batch size: the ops' times cover most of the step (one thread
+  # runs them one after another, or two split each native kernel), and each native kernel's
+  # GFLOP/s is its executed FLOPs over its own time, a share of the peak the table names.
+  profile = results["profile"]
+  assert profile["available"], profile
+  assert profile["batch_size"] == best and profile["steps"] == 4
+  assert 0.3 * profile["step_ms"] < profile["ops_ms_per_step"]
+  ops = profile["ops"]
+  assert [o["ms_per_step"] for o in ops] == sorted((o["ms_per_step"] for o in ops), reverse=True)
+  kernels = [o for o in ops if o["kind"].startswith("fashion_jax_")]
+  assert bool(kernels) == native.available()
+  for o in kernels:
+    assert 0 < o["gflops"] and o["share_of_peak"] == pytest.approx(
+        o["gflops"] / profile["peak_gflops"])
+  assert all(o["gflops"] is None for o in ops if o["kind"] == "xla")
+  assert f"profile (batch {best}, 4 steps" in proc.stdout
 
 
 class _Side:

@@ -176,3 +176,45 @@ def test_without_native_kernels_the_cpu_peak_is_the_nominal_one_and_says_so(monk
   peak, source = flops.cpu_peak_gflops.__wrapped__()
   assert peak == flops.nominal_cpu_peak_gflops()[0] > 0
   assert source.startswith("nominal: ") and "--peak_gflops" in source, source
+
+
+def test_step_profile_sums_each_programs_op_over_the_steps():
+  """A trace's op events (named after the program's instructions; runtime events are not ops)
+  summed per op and step; a native kernel's GFLOP/s from its executed FLOPs and its own time."""
+  from fashion_jax.benchmarking import step_profile  # pylint: disable=import-outside-toplevel
+  events = [{"ph": "X", "name": "ffi_call.3", "dur": 300.0},
+            {"ph": "X", "name": "ffi_call.3", "dur": 100.0},
+            {"ph": "X", "name": "fusion.1", "dur": 50.0},
+            {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 900.0},  # Not an op.
+            {"ph": "i", "name": "fusion.1"},  # Not a complete event.
+            {"ph": "X", "name": "fusion.1"}]  # No duration.
+  total, count = step_profile.op_times(events, {"ffi_call.3", "fusion.1", "copy.2"})
+  assert total == {"ffi_call.3": 400.0, "fusion.1": 50.0} and count == {"ffi_call.3": 2,
+                                                                           "fusion.1": 1}
+  rows = step_profile.summarize(total, count, {"ffi_call.3": ("fashion_jax_dense_fwd", 2e6)},
+                                steps=2, step_ms=0.5, peak_gflops=40.0)
+  assert [r["op"] for r in rows] == ["ffi_call.3", "fusion.1"]
+  kernel, fusion = rows
+  assert kernel["ms_per_step"] == pytest.approx(0.2) and kernel["calls_per_step"] == 1
+  assert kernel["share_of_step"] == pytest.approx(0.4)
+  assert kernel["gflops"] == pytest.approx(2 * 2e6 / 400e-6 / 1e9)  # 10 GFLOP/s.
+  assert kernel["share_of_peak"] == pytest.approx(0.25)
+  assert fusion["kind"] == "xla" and fusion["gflops"] is None and fusion["share_of_peak"] is None
+  text = step_profile.format_profile({
+      "available": True, "batch_size": 8, "steps": 2, "step_ms": 0.5, "ops_ms_per_step": 0.225,
+      "peak_gflops": 40.0, "ops": rows})
+  assert "ffi_call.3" in text and "fashion_jax_dense_fwd" in text and "25.0%" in text
+
+
+def test_kernel_calls_name_each_native_call_of_a_program():
+  require_native()
+  x, w = jnp.zeros((8, 64)), jnp.zeros((64, 32))
+  step = jax.jit(jax.grad(lambda w: jnp.sum(dense.matmul(x, w) ** 2)))
+  text = step.lower(w).compile().as_text()
+  calls = flops.kernel_calls(text)
+  assert sorted(t for t, _ in calls.values()) == ["fashion_jax_dense_bwd", "fashion_jax_dense_fwd"]
+  assert set(calls) <= flops.instruction_names(text)
+  by_target = {t: f for t, f in calls.values()}
+  assert by_target == {"fashion_jax_dense_fwd": 2 * 8 * 64 * 32,
+                       "fashion_jax_dense_bwd": 2 * 2 * 8 * 64 * 32}
+  assert flops.executed_flops(text) == sum(by_target.values())

@@ -2,7 +2,7 @@ r"""Throughput benchmark: train/eval images/s, compile time, input pipeline, FLO
 
   python -m fashion_jax.benchmark --config=configs/default.py \
       [--config.KEY=VALUE ...] [--batch_sizes=32,128,512] [--compare=keras] [--rounds=3] \
-      [--loop] [--peak_gflops=GFLOPS] [--output=benchmark.json]
+      [--loop] [--profile] [--peak_gflops=GFLOPS] [--output=benchmark.json]
 
 Train throughput is measured after warm-up and compilation, over several timed
 windows (`block_until_ready` once at the end of each); the table shows the
@@ -10,6 +10,8 @@ median and the spread. `--compare=keras` trains the identical Keras model on
 the same batches in the same process, each Keras pass between two jax passes,
 so the ratio is honest on a noisy machine; `--rounds=N` repeats the alternation
 (rates: the median of the passes; each round's figures reported too).
+`--profile` times the step op by op at the best batch size (jax.profiler): each op's
+share of the step and each native kernel's GFLOP/s and share of the peak.
 Progress goes to stderr as it runs; the table to stdout; everything to the
 JSON file.
 """
@@ -30,6 +32,7 @@ from ml_collections import config_flags
 
 from fashion_jax.benchmarking import benchmark_report
 from fashion_jax.benchmarking import flops
+from fashion_jax.benchmarking import step_profile
 from fashion_jax.benchmarking import train_rates
 from fashion_jax import cli
 
@@ -58,6 +61,10 @@ def define_flags() -> None:
   flags.DEFINE_bool("compile_cache", True, "Measure the second compile with the persistent cache.")
   flags.DEFINE_bool("loop", False, "Also time the real train loop end to end at each batch size, "
                     "for each of --loop_variants.")
+  flags.DEFINE_bool("profile", False, "Also profile the train step at the best batch size: each "
+                    "op's time a step (jax.profiler), its share of the step, and each native "
+                    "kernel's GFLOP/s and share of the peak.")
+  flags.DEFINE_integer("profile_steps", 50, "Steps run under the profiler with --profile.")
   flags.DEFINE_list("loop_variants", ["classic", "host", "device"],
                     "Loops to time: classic (a host batch per dispatch, the loop before windows), "
                     "host (host batches, windows of steps), device (data on the device, windows).")
@@ -256,6 +263,8 @@ def run(config) -> dict:
   if not (math.isfinite(FLAGS.window_seconds) and FLAGS.window_seconds > 0):
     raise UserError(f"--window_seconds={FLAGS.window_seconds} is invalid; give a positive "
                     "number of seconds, e.g. 2")
+  if FLAGS.profile_steps < 1:
+    raise UserError(f"--profile_steps={FLAGS.profile_steps} is invalid; give 1 or more steps")
   if not (math.isfinite(FLAGS.peak_gflops) and FLAGS.peak_gflops >= 0):
     raise UserError(f"--peak_gflops={FLAGS.peak_gflops} is invalid; give one device's peak in "
                     "GFLOP/s (a positive number), or 0 to look it up or measure it")
@@ -303,6 +312,11 @@ def run(config) -> dict:
                   "train_images_per_sec": benchmark_report.summarize_passes(passes),
                   "keras_version": k.version, "backend": k.backend}
                  for k, passes in zip(kerases, keras_passes)]
+  best_index = max(range(len(sweep)), key=lambda i: sweep[i]["train_images_per_sec"]["median"])
+  peak, peak_source = flops.device_peak_gflops(parallel.devices[0], config.compute_dtype,
+                                               FLAGS.peak_gflops)
+  profiled = (step_profile.profile(train_steps[best_index], FLAGS.profile_steps,
+                                   peak * flops.peak_units(parallel)) if FLAGS.profile else None)
   del train_steps, kerases  # Their states and batches; the loop and eval below make their own.
   loops = []
   variants = {"classic": ("host", 1), "host": ("host", -1), "device": ("device", -1)}
@@ -320,13 +334,11 @@ def run(config) -> dict:
   evaluation = measure_eval(config, parallel, test_data)
   inputs = {kind: measure_input(config, parallel, kind) for kind in ("idx", "tfds", "download")}
 
-  best = max(sweep, key=lambda r: r["train_images_per_sec"]["median"])
+  best = sweep[best_index]
   best_rate = best["train_images_per_sec"]["median"]
   executed_flops = best["flops_per_image_xla"]
   flops_per_image = (flops.model_flops_per_image(config, best["batch_size"])
                      or flops.analytic_flops_per_image(config.model))
-  peak, peak_source = flops.device_peak_gflops(parallel.devices[0], config.compute_dtype,
-                                                     FLAGS.peak_gflops)
   achieved = best_rate * flops_per_image
   mfu = achieved / (peak * 1e9 * flops.peak_units(parallel))
   hfu = (best_rate * executed_flops / (peak * 1e9 * flops.peak_units(parallel))
@@ -356,6 +368,8 @@ def run(config) -> dict:
       "per_round": round_figures(sweep, keras_sweep, FLAGS.rounds,
                                  peak * 1e9 * flops.peak_units(parallel)),
   }
+  if profiled is not None:
+    results["profile"] = profiled
   if loops:
     results["loop"] = loops
     for r in loops:
@@ -402,6 +416,8 @@ def main(argv):
     print(f"{env['cpu']} ({env['cpu_count']} cores; {env['cpu_isa']}); "
           f"native kernels: {env['native_kernels']}")
   print(benchmark_report.format_table(results))
+  if "profile" in results:
+    print(step_profile.format_profile(results["profile"]))
   storage.write_text(output, json.dumps(results, indent=2) + "\n")
   benchmark_report.log(f"wrote {output}")
 

@@ -248,21 +248,36 @@ def _winograd_flops(forward: bool, n: int, h: int, w: int, c: int, k: int,
   return tiles * ((t["v"] + t["dx"]) * c + t["dm"] * k) + 4.0 * planes * tiles * c * k
 
 
-def executed_flops(hlo_text: str) -> float:
-  """FLOPs the native kernels execute in a compiled program's HLO text.
+_NAME_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")  # An HLO instruction's name.
 
-  XLA's cost analysis knows nothing about custom calls (it counts them as
-  none), so the benchmark adds this for its hardware-FLOP figures.
-  """
-  total = 0.0
+
+def kernel_calls(hlo_text: str) -> dict[str, tuple[str, float]]:
+  """The native kernels' calls in a compiled program's HLO text: instruction name -> (custom-call
+  target, FLOPs of one call)."""
+  calls = {}
   for line in hlo_text.splitlines():
     target = _TARGET_RE.search(line)
-    if not target or "operand_layout_constraints={" not in line:
+    name = _NAME_RE.match(line)
+    if not target or not name or "operand_layout_constraints={" not in line:
       continue
     head, constraints = line.split("operand_layout_constraints={", 1)
     shapes = [tuple(int(d) for d in dims.split(",") if d)
               for dims in _SHAPE_RE.findall(constraints)]
     results = _SHAPE_RE.findall(head.split("custom-call(", 1)[0])
     result = tuple(int(d) for d in results[0].split(",") if d) if results else ()
-    total += _kernel_flops(target.group(1), shapes, result)
-  return total
+    calls[name.group(1)] = (target.group(1), _kernel_flops(target.group(1), shapes, result))
+  return calls
+
+
+def instruction_names(hlo_text: str) -> set[str]:
+  """Every instruction name in an HLO text (what a profile's op events are called)."""
+  return {m.group(1) for m in map(_NAME_RE.match, hlo_text.splitlines()) if m}
+
+
+def executed_flops(hlo_text: str) -> float:
+  """FLOPs the native kernels execute in a compiled program's HLO text.
+
+  XLA's cost analysis knows nothing about custom calls (it counts them as
+  none), so the benchmark adds this for its hardware-FLOP figures.
+  """
+  return sum(f for _, f in kernel_calls(hlo_text).values())

@@ -1,0 +1,127 @@
+"""The train step's time op by op (`python -m fashion_jax.benchmark --profile`).
+
+Runs the compiled step under `jax.profiler.trace`, reads the trace's op events (those named
+after an instruction of the compiled program: XLA's fusions, copies, the native kernels' custom
+calls) and reports, per op, its time a step, its share of the step and, for fashion_jax's native
+kernels, the FLOP/s it executes and their share of the device's peak: where the step's time goes
+on this machine, and how close each kernel runs to the hardware. Op times are summed over the
+threads and devices that ran them (ops that overlap on two cores add up to more than the step).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import shutil
+import tempfile
+import time
+
+from fashion_jax.benchmarking import benchmark_report
+from fashion_jax.benchmarking import flops
+
+TOP_OPS = 12  # Ops listed; the rest are summed as one line.
+
+
+def op_times(events, names: set[str]) -> tuple[dict[str, float], dict[str, int]]:
+  """Total microseconds and number of events of each op in a trace's events: complete events
+  ("ph": "X") whose name is one of the program's instruction names."""
+  total, count = collections.defaultdict(float), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("name") in names and "dur" in e:
+      total[e["name"]] += float(e["dur"])
+      count[e["name"]] += 1
+  return dict(total), dict(count)
+
+
+def read_trace(folder: str) -> list[dict]:
+  """The events of the Perfetto trace `jax.profiler.trace(..., create_perfetto_trace=True)` wrote
+  under `folder`."""
+  found = glob.glob(os.path.join(folder, "**", "*perfetto_trace.json.gz"), recursive=True)
+  if not found:
+    raise RuntimeError("the profiler wrote no Perfetto trace")
+  with gzip.open(found[0], "rt") as f:
+    trace = json.load(f)
+  return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def summarize(total_us: dict[str, float], count: dict[str, int], calls: dict, steps: int,
+              step_ms: float, peak_gflops: float) -> list[dict]:
+  """Per op, slowest first: ms a step, share of the step, and for the native kernels (`calls`:
+  flops.kernel_calls) GFLOP/s while it runs and that as a share of `peak_gflops`."""
+  rows = []
+  for name, us in sorted(total_us.items(), key=lambda kv: -kv[1]):
+    target, call_flops = calls.get(name, ("xla", None))
+    ms = us / 1000 / steps
+    row = {"op": name, "kind": target, "ms_per_step": ms, "calls_per_step": count[name] / steps,
+           "share_of_step": ms / step_ms if step_ms > 0 else None, "gflops": None,
+           "share_of_peak": None}
+    if call_flops and us > 0:
+      row["gflops"] = call_flops * count[name] / (us * 1e-6) / 1e9
+      row["share_of_peak"] = row["gflops"] / peak_gflops if peak_gflops > 0 else None
+    rows.append(row)
+  return rows
+
+
+def profile(train_step, steps: int, peak_gflops: float) -> dict:
+  """Profiles `steps` calls of a benchmark TrainStep (train_rates.TrainStep) after one warm
+  call. `peak_gflops`: the peak of all the devices together. Returns {"available": False,
+  "reason": ...} where the profiler cannot run here."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  folder = tempfile.mkdtemp(prefix="fashion_jax_profile_")
+  try:
+    batches, state = train_step.batches, train_step.state
+    state, out = train_step.compiled(state, batches[0])
+    jax.block_until_ready(out)
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+      t0 = time.perf_counter()
+      for i in range(steps):
+        state, out = train_step.compiled(state, batches[i % len(batches)])
+      jax.block_until_ready(out)
+      step_ms = (time.perf_counter() - t0) / steps * 1000
+    train_step.state = state
+    events = read_trace(folder)
+  except Exception as e:  # pylint: disable=broad-except
+    reason = f"{type(e).__name__}: {e}"
+    benchmark_report.log(f"profile: unavailable: {reason}")
+    return {"available": False, "reason": reason}
+  finally:
+    shutil.rmtree(folder, ignore_errors=True)
+  text = train_step.compiled.as_text()
+  total_us, count = op_times(events, flops.instruction_names(text))
+  if not total_us:
+    reason = "the trace has no events named after the program's ops on this backend"
+    benchmark_report.log(f"profile: unavailable: {reason}")
+    return {"available": False, "reason": reason}
+  ops = summarize(total_us, count, flops.kernel_calls(text), steps, step_ms, peak_gflops)
+  benchmark_report.log(f"profile: batch {train_step.batch_size}, {steps} steps, "
+                       f"{step_ms:.3f} ms a step under the profiler, {len(ops)} ops")
+  return {"available": True, "batch_size": train_step.batch_size, "steps": steps,
+          "step_ms": step_ms, "ops_ms_per_step": sum(o["ms_per_step"] for o in ops),
+          "peak_gflops": peak_gflops, "ops": ops}
+
+
+def format_profile(p: dict) -> str:
+  """The profile as a table (stdout)."""
+  if not p.get("available"):
+    return f"profile: unavailable ({p.get('reason')})"
+  lines = [f"profile (batch {p['batch_size']}, {p['steps']} steps under jax.profiler: "
+           f"{p['step_ms']:.3f} ms a step; ops sum to {p['ops_ms_per_step']:.3f} ms, "
+           "summed over threads and devices; % peak of "
+           f"{p['peak_gflops']:,.0f} GFLOP/s):",
+           f"  {'op':<28} {'kind':<34} {'ms/step':>8} {'% step':>7} {'GFLOP/s':>8} {'% peak':>7}"]
+  for o in p["ops"][:TOP_OPS]:
+    gflops = f"{o['gflops']:8,.0f}" if o["gflops"] is not None else f"{'':8}"
+    peak = f"{100 * o['share_of_peak']:6.1f}%" if o["share_of_peak"] is not None else f"{'':7}"
+    share = f"{100 * o['share_of_step']:6.1f}%" if o["share_of_step"] is not None else f"{'':7}"
+    lines.append(f"  {o['op'][:28]:<28} {o['kind'][:34]:<34} {o['ms_per_step']:8.3f} {share} "
+                 f"{gflops} {peak}")
+  rest = p["ops"][TOP_OPS:]
+  if rest:
+    ms = sum(o["ms_per_step"] for o in rest)
+    share = 100 * ms / p["step_ms"] if p["step_ms"] > 0 else float("nan")
+    lines.append(f"  {f'{len(rest)} other ops':<28} {'':<34} {ms:8.3f} {share:6.1f}%")
+  return "\n".join(lines)
