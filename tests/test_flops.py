@@ -178,30 +178,33 @@ def test_without_native_kernels_the_cpu_peak_is_the_nominal_one_and_says_so(monk
   assert source.startswith("nominal: ") and "--peak_gflops" in source, source
 
 
-def test_step_profile_sums_each_programs_op_over_the_steps():
+def test_step_profile_times_each_programs_op_a_step():
   """A trace's op events (named after the program's instructions; runtime events are not ops)
-  summed per op and step; a native kernel's GFLOP/s from its executed FLOPs and its own time."""
+  gathered per op; a step's time is the median call's times the calls a step (one stalled call
+  does not count), a native kernel's GFLOP/s its executed FLOPs over the median call."""
   from fashion_jax.benchmarking import step_profile  # pylint: disable=import-outside-toplevel
-  events = [{"ph": "X", "name": "ffi_call.3", "dur": 300.0},
-            {"ph": "X", "name": "ffi_call.3", "dur": 100.0},
+  events = [{"ph": "X", "name": "ffi_call.3", "dur": 200.0},
+            {"ph": "X", "name": "ffi_call.3", "dur": 200.0},
+            {"ph": "X", "name": "ffi_call.3", "dur": 5000.0},  # The machine stalled.
             {"ph": "X", "name": "fusion.1", "dur": 50.0},
             {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 900.0},  # Not an op.
             {"ph": "i", "name": "fusion.1"},  # Not a complete event.
             {"ph": "X", "name": "fusion.1"}]  # No duration.
-  total, count = step_profile.op_times(events, {"ffi_call.3", "fusion.1", "copy.2"})
-  assert total == {"ffi_call.3": 400.0, "fusion.1": 50.0} and count == {"ffi_call.3": 2,
-                                                                           "fusion.1": 1}
-  rows = step_profile.summarize(total, count, {"ffi_call.3": ("fashion_jax_dense_fwd", 2e6)},
-                                steps=2, step_ms=0.5, peak_gflops=40.0)
+  durations = step_profile.op_times(events, {"ffi_call.3", "fusion.1", "copy.2"})
+  assert durations == {"ffi_call.3": [200.0, 200.0, 5000.0], "fusion.1": [50.0]}
+  rows = step_profile.summarize(durations, {"ffi_call.3": ("fashion_jax_dense_fwd", 2e6)},
+                                steps=3, step_ms=0.5, peak_gflops=40.0)
   assert [r["op"] for r in rows] == ["ffi_call.3", "fusion.1"]
   kernel, fusion = rows
   assert kernel["ms_per_step"] == pytest.approx(0.2) and kernel["calls_per_step"] == 1
+  assert kernel["mean_ms_per_step"] == pytest.approx(1.8)
   assert kernel["share_of_step"] == pytest.approx(0.4)
-  assert kernel["gflops"] == pytest.approx(2 * 2e6 / 400e-6 / 1e9)  # 10 GFLOP/s.
+  assert kernel["gflops"] == pytest.approx(2e6 / 200e-6 / 1e9)  # 10 GFLOP/s.
   assert kernel["share_of_peak"] == pytest.approx(0.25)
+  assert fusion["ms_per_step"] == pytest.approx(0.05 / 3)
   assert fusion["kind"] == "xla" and fusion["gflops"] is None and fusion["share_of_peak"] is None
   text = step_profile.format_profile({
-      "available": True, "batch_size": 8, "steps": 2, "step_ms": 0.5, "ops_ms_per_step": 0.225,
+      "available": True, "batch_size": 8, "steps": 3, "step_ms": 0.5, "ops_ms_per_step": 0.217,
       "peak_gflops": 40.0, "ops": rows})
   assert "ffi_call.3" in text and "fashion_jax_dense_fwd" in text and "25.0%" in text
 
@@ -212,7 +215,8 @@ def test_kernel_calls_name_each_native_call_of_a_program():
   step = jax.jit(jax.grad(lambda w: jnp.sum(dense.matmul(x, w) ** 2)))
   text = step.lower(w).compile().as_text()
   calls = flops.kernel_calls(text)
-  assert sorted(t for t, _ in calls.values()) == ["fashion_jax_dense_bwd", "fashion_jax_dense_fwd"]
+  assert sorted(t for t, _ in calls.values()) == ["fashion_jax_dense_bwd",
+                                                  "fashion_jax_dense_fwd"]
   assert set(calls) <= flops.instruction_names(text)
   by_target = {t: f for t, f in calls.values()}
   assert by_target == {"fashion_jax_dense_fwd": 2 * 8 * 64 * 32,

@@ -4,8 +4,10 @@ Runs the compiled step under `jax.profiler.trace`, reads the trace's op events (
 after an instruction of the compiled program: XLA's fusions, copies, the native kernels' custom
 calls) and reports, per op, its time a step, its share of the step and, for fashion_jax's native
 kernels, the FLOP/s it executes and their share of the device's peak: where the step's time goes
-on this machine, and how close each kernel runs to the hardware. Op times are summed over the
-threads and devices that ran them (ops that overlap on two cores add up to more than the step).
+on this machine, and how close each kernel runs to the hardware. An op's time a step is the
+median of its calls times their number a step (a shared machine stalls a call now and then: the
+mean is in the JSON too); op times are summed over the threads and devices that ran them (ops
+that overlap on two cores add up to more than the step).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import gzip
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -25,15 +28,14 @@ from fashion_jax.benchmarking import flops
 TOP_OPS = 12  # Ops listed; the rest are summed as one line.
 
 
-def op_times(events, names: set[str]) -> tuple[dict[str, float], dict[str, int]]:
-  """Total microseconds and number of events of each op in a trace's events: complete events
+def op_times(events, names: set[str]) -> dict[str, list[float]]:
+  """The durations (microseconds) of each op's calls in a trace's events: complete events
   ("ph": "X") whose name is one of the program's instruction names."""
-  total, count = collections.defaultdict(float), collections.Counter()
+  durations = collections.defaultdict(list)
   for e in events:
     if e.get("ph") == "X" and e.get("name") in names and "dur" in e:
-      total[e["name"]] += float(e["dur"])
-      count[e["name"]] += 1
-  return dict(total), dict(count)
+      durations[e["name"]].append(float(e["dur"]))
+  return dict(durations)
 
 
 def read_trace(folder: str) -> list[dict]:
@@ -47,22 +49,25 @@ def read_trace(folder: str) -> list[dict]:
   return trace["traceEvents"] if isinstance(trace, dict) else trace
 
 
-def summarize(total_us: dict[str, float], count: dict[str, int], calls: dict, steps: int,
-              step_ms: float, peak_gflops: float) -> list[dict]:
-  """Per op, slowest first: ms a step, share of the step, and for the native kernels (`calls`:
-  flops.kernel_calls) GFLOP/s while it runs and that as a share of `peak_gflops`."""
+def summarize(durations: dict[str, list[float]], calls: dict, steps: int, step_ms: float,
+              peak_gflops: float) -> list[dict]:
+  """Per op, slowest first: ms a step (the median call's times the calls a step), share of the
+  step, and for the native kernels (`calls`: flops.kernel_calls) GFLOP/s while the median call
+  runs and that as a share of `peak_gflops`."""
   rows = []
-  for name, us in sorted(total_us.items(), key=lambda kv: -kv[1]):
+  for name, us in durations.items():
     target, call_flops = calls.get(name, ("xla", None))
-    ms = us / 1000 / steps
-    row = {"op": name, "kind": target, "ms_per_step": ms, "calls_per_step": count[name] / steps,
+    median_us, per_step = statistics.median(us), len(us) / steps
+    ms = median_us * per_step / 1000
+    row = {"op": name, "kind": target, "ms_per_step": ms, "calls_per_step": per_step,
+           "mean_ms_per_step": sum(us) / 1000 / steps,
            "share_of_step": ms / step_ms if step_ms > 0 else None, "gflops": None,
            "share_of_peak": None}
-    if call_flops and us > 0:
-      row["gflops"] = call_flops * count[name] / (us * 1e-6) / 1e9
+    if call_flops and median_us > 0:
+      row["gflops"] = call_flops / (median_us * 1e-6) / 1e9
       row["share_of_peak"] = row["gflops"] / peak_gflops if peak_gflops > 0 else None
     rows.append(row)
-  return rows
+  return sorted(rows, key=lambda r: -r["ms_per_step"])
 
 
 def profile(train_step, steps: int, peak_gflops: float) -> dict:
@@ -91,12 +96,12 @@ def profile(train_step, steps: int, peak_gflops: float) -> dict:
   finally:
     shutil.rmtree(folder, ignore_errors=True)
   text = train_step.compiled.as_text()
-  total_us, count = op_times(events, flops.instruction_names(text))
-  if not total_us:
+  durations = op_times(events, flops.instruction_names(text))
+  if not durations:
     reason = "the trace has no events named after the program's ops on this backend"
     benchmark_report.log(f"profile: unavailable: {reason}")
     return {"available": False, "reason": reason}
-  ops = summarize(total_us, count, flops.kernel_calls(text), steps, step_ms, peak_gflops)
+  ops = summarize(durations, flops.kernel_calls(text), steps, step_ms, peak_gflops)
   benchmark_report.log(f"profile: batch {train_step.batch_size}, {steps} steps, "
                        f"{step_ms:.3f} ms a step under the profiler, {len(ops)} ops")
   return {"available": True, "batch_size": train_step.batch_size, "steps": steps,
@@ -110,7 +115,7 @@ def format_profile(p: dict) -> str:
     return f"profile: unavailable ({p.get('reason')})"
   lines = [f"profile (batch {p['batch_size']}, {p['steps']} steps under jax.profiler: "
            f"{p['step_ms']:.3f} ms a step; ops sum to {p['ops_ms_per_step']:.3f} ms, "
-           "summed over threads and devices; % peak of "
+           "summed over threads and devices, each the median call x calls a step; % peak of "
            f"{p['peak_gflops']:,.0f} GFLOP/s):",
            f"  {'op':<28} {'kind':<34} {'ms/step':>8} {'% step':>7} {'GFLOP/s':>8} {'% peak':>7}"]
   for o in p["ops"][:TOP_OPS]:
