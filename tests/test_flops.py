@@ -203,6 +203,15 @@ def test_step_profile_times_each_programs_op_a_step():
   assert kernel["share_of_peak"] == pytest.approx(0.25)
   assert fusion["ms_per_step"] == pytest.approx(0.05 / 3)
   assert fusion["kind"] == "xla" and fusion["gflops"] is None and fusion["share_of_peak"] is None
+  # A kernel named after itself with its op in `hlo_op` (a GPU's, by the profiler's format) counts
+  # as that op; an event of another program does not.
+  events = [{"ph": "X", "name": "cutlass_gemm_64x64", "dur": 30.0,
+             "args": {"hlo_op": "fusion.1", "hlo_module": "jit_train_step"}},
+            {"ph": "X", "name": "fusion.1", "dur": 10.0,
+             "args": {"hlo_op": "fusion.1", "hlo_module": "jit_eval_step"}}]
+  assert step_profile.op_times(events, {"fusion.1"}, "jit_train_step") == {"fusion.1": [30.0]}
+  assert flops.module_name("HloModule jit_train_step, entry_computation_layout={...}\n") == (
+      "jit_train_step")
   text = step_profile.format_profile({
       "available": True, "batch_size": 8, "steps": 3, "step_ms": 0.5, "ops_ms_per_step": 0.217,
       "peak_gflops": 40.0, "ops": rows})

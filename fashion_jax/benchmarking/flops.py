@@ -269,6 +269,12 @@ def kernel_calls(hlo_text: str) -> dict[str, tuple[str, float]]:
   return calls
 
 
+def module_name(hlo_text: str) -> str | None:
+  """An HLO text's module name (its first line: `HloModule jit_train_step, ...`)."""
+  found = re.match(r"\s*HloModule\s+([^\s,]+)", hlo_text)
+  return found.group(1) if found else None
+
+
 def instruction_names(hlo_text: str) -> set[str]:
   """Every instruction name in an HLO text (what a profile's op events are called)."""
   return {m.group(1) for m in map(_NAME_RE.match, hlo_text.splitlines()) if m}

@@ -28,13 +28,20 @@ from fashion_jax.benchmarking import flops
 TOP_OPS = 12  # Ops listed; the rest are summed as one line.
 
 
-def op_times(events, names: set[str]) -> dict[str, list[float]]:
+def op_times(events, names: set[str], module: str | None = None) -> dict[str, list[float]]:
   """The durations (microseconds) of each op's calls in a trace's events: complete events
-  ("ph": "X") whose name is one of the program's instruction names."""
+  ("ph": "X") of one of the program's instructions (`names`): the event's `hlo_op` argument
+  where it has one (XLA's CPU thunks do; its profiler gives GPU kernels, named after the kernel,
+  the same stat: not tried on a GPU here), else its name. Where an event names its HLO module,
+  it must be `module` (the program's)."""
   durations = collections.defaultdict(list)
   for e in events:
-    if e.get("ph") == "X" and e.get("name") in names and "dur" in e:
-      durations[e["name"]].append(float(e["dur"]))
+    if e.get("ph") != "X" or "dur" not in e:
+      continue
+    args = e.get("args") if isinstance(e.get("args"), dict) else {}
+    op = args.get("hlo_op", e.get("name"))
+    if op in names and (module is None or args.get("hlo_module", module) == module):
+      durations[op].append(float(e["dur"]))
   return dict(durations)
 
 
@@ -96,7 +103,7 @@ def profile(train_step, steps: int, peak_gflops: float) -> dict:
   finally:
     shutil.rmtree(folder, ignore_errors=True)
   text = train_step.compiled.as_text()
-  durations = op_times(events, flops.instruction_names(text))
+  durations = op_times(events, flops.instruction_names(text), flops.module_name(text))
   if not durations:
     reason = "the trace has no events named after the program's ops on this backend"
     benchmark_report.log(f"profile: unavailable: {reason}")
