@@ -1638,8 +1638,11 @@ inline TwoLayerScratch TwoLayerBuffers(const TwoLayers& t, int64_t plane_floats,
 }
 
 // A chunk's sums after its images (db2, the first layer's dk1 and db1, each L-vector
-// accumulators) into its partial buffer after its dU (nuk floats), and the totals over the chunks
-// out (du or the second kernel's gradient dk2, db2, dk1, db1), for both forms of the second layer.
+// accumulators) into its partial buffer after its second-layer part (nuk floats), and the totals
+// over the chunks out (du or the second kernel's gradient dk2, db2, dk1, db1), for both forms of
+// the second layer. Where the op returns dk2, each chunk transforms its own dU to its part of dk2
+// (ChunkKernelGrad) while dU is in its core's L2, and the chunks sum those: a [9, C, K] part a
+// chunk, not dU's [P, C, K] (the CNN's 16 chunks wrote 400 KB each to memory, summed after).
 struct TwoLayerGradSums {
   int64_t nuk, k, c, cin;
   int64_t used() const { return nuk + k + 9 * cin * c + c; }
@@ -1658,22 +1661,39 @@ struct TwoLayerGradSums {
     }
   }
 
-  // dU into du, or (dk2 not nullptr) the second kernel's gradient from it where it lies (no
-  // copy of dU: 400 KB for the CNN).
-  template <typename Pool>
-  void CopyOut(Pool& pool, int m, const float* total, float* du, float* dk2, float* db2,
-               float* dk1, float* db1) const {
+  // The totals' first nuk floats (dU, or the chunks' parts of dk2 summed) into du or dk2.
+  void CopyOut(const float* total, float* du, float* dk2, float* db2, float* dk1,
+               float* db1) const {
     const int64_t nk1 = 9 * cin * c;
-    if (dk2 != nullptr) {
-      FilterGrad(pool, m, total, c, k, dk2);
-    } else {
-      std::copy(total, total + nuk, du);
-    }
+    std::copy(total, total + nuk, dk2 != nullptr ? dk2 : du);
     std::copy(total + nuk, total + nuk + k, db2);
     std::copy(total + nuk + k, total + nuk + k + nk1, dk1);
     std::copy(total + nuk + k + nk1, total + used(), db1);
   }
 };
+
+// ParallelFor's pool for work inside a task: the calling thread does it all.
+struct OneThread {
+  int64_t num_threads() const { return 1; }
+  template <typename T>
+  void Schedule(T&&) {}
+};
+
+// Where a chunk sums its dU [P, C, K]: in place in its partial (`acc`), or, with the kernel's
+// gradient as the output, the thread's buffer (aligned), transformed into `acc` by
+// ChunkKernelGrad after the chunk.
+inline float* ChunkDu(bool kernel_grad, int64_t floats, float* acc) {
+  if (!kernel_grad) return acc;
+  thread_local std::vector<float> du;
+  du.resize(floats + kAlignPad);
+  return AlignUp(du.data());
+}
+
+inline void ChunkKernelGrad(bool kernel_grad, int m, const float* du, int64_t c, int64_t k,
+                            float* acc) {
+  OneThread one;
+  if (kernel_grad) FilterGrad(one, m, du, c, k, acc);
+}
 
 // h_out, arg1_out: nullptr (inference), or where the first layer's output and argmax go
 // [N, hp, wp, C] (training).
@@ -1700,8 +1720,10 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
                       const int8_t* arg1, const float* ut, const int8_t* arg2, const float* dy,
                       float* dk1, float* db1, float* du, float* db2, float* dk2) {
   const int64_t c = t.sx.c, k = t.sy.c, cin = t.s1.cin, image = t.s1.hp * t.s1.wp * c;
-  // Per chunk: dU [16, C, K], db2 [K], dk1 [3, 3, Cin, C], db1 [C], padded to whole vectors.
-  const TwoLayerGradSums sums{16 * c * k, k, c, cin};
+  // Per chunk: dU [16, C, K] (or its part of dk2 [9, C, K]), db2 [K], dk1 [3, 3, Cin, C],
+  // db1 [C], padded to whole vectors.
+  const bool kernel_grad = dk2 != nullptr;
+  const TwoLayerGradSums sums{(kernel_grad ? 9 : 16) * c * k, k, c, cin};
   const int64_t nu = (sums.used() + kAlignPad - 1) / kAlignPad * kAlignPad;
   const int64_t chunks = GradChunks(t.s1.n);
   std::unique_ptr<float[]> partial_buffer(new float[chunks * nu + kAlignPad]);
@@ -1712,23 +1734,24 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
   ParallelFor(pool, chunks, [&](int64_t chunk) {
     const TwoLayerScratch buf = TwoLayerBuffers(t, BackwardPlaneFloats(t.sx, k));
     float* acc = partial + chunk * nu;  // Written, not zeroed: see WinogradFusedBackward.
+    float* du_acc = ChunkDu(kernel_grad, 16 * c * k, acc);
     std::vector<fv> db2_acc(k / L, Splat(0.0f));
     std::vector<fv> gw(9 * cin * (c / L), Splat(0.0f));  // [block][tap, ci]
     std::vector<fv> gb(c / L, Splat(0.0f));
     const int64_t first = t.s1.n * chunk / chunks;
     for (int64_t b = first; b < t.s1.n * (chunk + 1) / chunks; ++b) {
       const float* xb = x + b * t.s1.h * t.s1.w * cin;
-      WinogradImageBackward<2>(t.sx, k, h + b * image, b, ut, out_grad, buf.planes, buf.dh, acc,
-                               b == first, db2_acc.data());
+      WinogradImageBackward<2>(t.sx, k, h + b * image, b, ut, out_grad, buf.planes, buf.dh,
+                               du_acc, b == first, db2_acc.data());
       for (int64_t cb = 0; cb < c; cb += L) {
         BackwardBlock<CIN, 1, true>(t.s1, xb, arg1 + b * image, buf.dh,
                                     gw.data() + cb / L * 9 * cin, gb.data() + cb / L, cb);
       }
     }
+    ChunkKernelGrad(kernel_grad, 2, du_acc, c, k, acc);
     sums.Write(acc, db2_acc, gw, gb);
   });
-  sums.CopyOut(pool, t.sx.m, SumChunks(pool, partial, chunks, nu, sums.used()), du, dk2, db2, dk1,
-               db1);
+  sums.CopyOut(SumChunks(pool, partial, chunks, nu, sums.used()), du, dk2, db2, dk1, db1);
 }
 
 // The second layer as F(5x5, 3x3) (t.sx.m == 5): an image has few tiles (the CNN's 2x2), so the
@@ -1809,8 +1832,12 @@ void TwoLayerForward5(Pool& pool, const TwoLayers& t, const float* x, const floa
 }
 
 // Chunks of two groups (at most kWinogradGradChunks; at least two where there are two groups),
-// each summed as groups. Each chunk's partial dU is 49 planes (400 KB for the CNN), and summing
-// them costs: chunks of one group took 10 % longer at batch 128 (16 chunks, not 8; Zen 3).
+// each summed as groups. Each chunk sums a dU of 49 planes (400 KB for the CNN), and summing
+// the chunks' dU costs: chunks of one group took 10 % longer at batch 128 (16 chunks, not 8;
+// Zen 3). With dk2 out, each chunk's dU becomes its [9, C, K] part of dk2 while in L2, and the
+// chunks sum those (session 33's Xeon: the backward 3 % faster on one thread at batch 512, 5 MB
+// less memory; the compiled step within noise). One group a chunk (4 at batch 32, not 2) was
+// 5 % slower at batch 32 to 128 even so.
 template <int CIN, typename Pool>
 void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const float* h,
                        const int8_t* arg1, const float* ut, const int8_t* arg2, const float* dy,
@@ -1820,7 +1847,8 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
   const int64_t c = t.sx.c, k = t.sy.c, cin = t.s1.cin, image = t.s1.hp * t.s1.wp * c;
   const int64_t per = t.sx.th * t.sx.tw, group = GroupImages(t.sx), block = group * per;
   const int64_t pv = GroupPlane(block, c), pm = GroupPlane(block, k);
-  const TwoLayerGradSums sums{P * c * k, k, c, cin};  // Per chunk: dU, db2, dk1, db1.
+  const bool kernel_grad = dk2 != nullptr;  // Per chunk: dU (or its part of dk2), db2, dk1, db1.
+  const TwoLayerGradSums sums{(kernel_grad ? 9 : P) * c * k, k, c, cin};
   const int64_t nu = (sums.used() + kAlignPad - 1) / kAlignPad * kAlignPad;
   const int64_t groups = (t.s1.n + group - 1) / group;
   const int64_t chunks = std::min(GradChunks(t.s1.n), std::max(std::min<int64_t>(groups, 2),
@@ -1832,6 +1860,7 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
     float* v = buf.planes;  // Then dV, plane by plane.
     float* dm = v + P * pv;
     float* acc = partial + chunk * nu;  // Written, not zeroed: see WinogradFusedBackward.
+    float* du_acc = ChunkDu(kernel_grad, P * c * k, acc);
     std::vector<fv> db2_acc(k / L, Splat(0.0f));
     std::vector<fv> gw(9 * cin * (c / L), Splat(0.0f));  // [block][tap, ci]
     std::vector<fv> gb(c / L, Splat(0.0f));
@@ -1848,7 +1877,7 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
       for (int p = 0; p < P; ++p) {
         float* vp = v + p * pv;
         const float* dmp = dm + p * pm;
-        Gemm(vp, 1, c, dmp, k, acc + p * c * k, k, c, count * per, k, b0 > first);
+        Gemm(vp, 1, c, dmp, k, du_acc + p * c * k, k, c, count * per, k, b0 > first);
         Gemm(dmp, k, 1, ut + p * k * c, c, vp, c, count * per, k, c, false);
       }
       for (int64_t i = 0; i < count; ++i) {
@@ -1866,10 +1895,10 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
         }
       }
     }
+    ChunkKernelGrad(kernel_grad, 5, du_acc, c, k, acc);
     sums.Write(acc, db2_acc, gw, gb);
   });
-  sums.CopyOut(pool, t.sx.m, SumChunks(pool, partial, chunks, nu, sums.used()), du, dk2, db2, dk1,
-               db1);
+  sums.CopyOut(SumChunks(pool, partial, chunks, nu, sums.used()), du, dk2, db2, dk1, db1);
 }
 
 // x [N, H, W, Cin] with Cin < 8 (the direct kernel's), k1 [3, 3, Cin, C], u [16, C, K] (U^T
