@@ -16,11 +16,7 @@
 
 namespace {
 
-struct SerialPool {  // For ParallelFor: no helper threads, the caller does all the work.
-  int64_t num_threads() const { return 1; }
-  template <typename T>
-  void Schedule(T&&) {}
-};
+using SerialPool = OneThread;  // For ParallelFor: no helper threads, the caller does all the work.
 
 int checks = 0, failures = 0;
 
