@@ -1641,7 +1641,7 @@ inline TwoLayerScratch TwoLayerBuffers(const TwoLayers& t, int64_t plane_floats,
 // accumulators) into its partial buffer after its second-layer part (nuk floats), and the totals
 // over the chunks out (du or the second kernel's gradient dk2, db2, dk1, db1), for both forms of
 // the second layer. Where the op returns dk2, each chunk transforms its own dU to its part of dk2
-// (ChunkKernelGrad) while dU is in its core's L2, and the chunks sum those: a [9, C, K] part a
+// while dU is in its core's L2, and the chunks sum those: a [9, C, K] part a
 // chunk, not dU's [P, C, K] (the CNN's 16 chunks wrote 400 KB each to memory, summed after).
 struct TwoLayerGradSums {
   int64_t nuk, k, c, cin;
@@ -1680,19 +1680,13 @@ struct OneThread {
 };
 
 // Where a chunk sums its dU [P, C, K]: in place in its partial (`acc`), or, with the kernel's
-// gradient as the output, the thread's buffer (aligned), transformed into `acc` by
-// ChunkKernelGrad after the chunk.
+// gradient as the output, the thread's buffer (aligned), which the chunk then transforms into
+// `acc` (FilterGrad on OneThread).
 inline float* ChunkDu(bool kernel_grad, int64_t floats, float* acc) {
   if (!kernel_grad) return acc;
   thread_local std::vector<float> du;
   du.resize(floats + kAlignPad);
   return AlignUp(du.data());
-}
-
-inline void ChunkKernelGrad(bool kernel_grad, int m, const float* du, int64_t c, int64_t k,
-                            float* acc) {
-  OneThread one;
-  if (kernel_grad) FilterGrad(one, m, du, c, k, acc);
 }
 
 // h_out, arg1_out: nullptr (inference), or where the first layer's output and argmax go
@@ -1748,7 +1742,10 @@ void TwoLayerBackward(Pool& pool, const TwoLayers& t, const float* x, const floa
                                     gw.data() + cb / L * 9 * cin, gb.data() + cb / L, cb);
       }
     }
-    ChunkKernelGrad(kernel_grad, 2, du_acc, c, k, acc);
+    if (kernel_grad) {
+      OneThread one;
+      FilterGrad(one, 2, du_acc, c, k, acc);
+    }
     sums.Write(acc, db2_acc, gw, gb);
   });
   sums.CopyOut(SumChunks(pool, partial, chunks, nu, sums.used()), du, dk2, db2, dk1, db1);
@@ -1895,7 +1892,10 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
         }
       }
     }
-    ChunkKernelGrad(kernel_grad, 5, du_acc, c, k, acc);
+    if (kernel_grad) {
+      OneThread one;
+      FilterGrad(one, 5, du_acc, c, k, acc);
+    }
     sums.Write(acc, db2_acc, gw, gb);
   });
   sums.CopyOut(SumChunks(pool, partial, chunks, nu, sums.used()), du, dk2, db2, dk1, db1);
