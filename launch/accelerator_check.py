@@ -67,8 +67,8 @@ def _tail(path, lines=5):
 
 
 class Check:
-  def __init__(self, output, budget_s, work):
-    self.output, self.work = output, work
+  def __init__(self, output, budget_s):
+    self.output = output
     self.deadline = time.monotonic() + budget_s
     self.results = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                     "budget_s": budget_s, "stages": {}}
@@ -157,20 +157,20 @@ def main():
   if not (os.path.isdir(os.path.dirname(output)) and os.access(os.path.dirname(output), os.W_OK)):
     _fail(f"--output={args.output}: its folder {os.path.dirname(output)} does not exist or is not "
           "writable; pass a path in a folder you can write")
-  work = tempfile.mkdtemp(prefix="fashion_jax_accelerator_check_")
-  # A fresh cache root (mkdtemp: this user's alone) for every command it runs: the first run
-  # compiles everything, as on a new machine; the rerun stage shows what the cache saves.
-  os.environ["FASHION_JAX_CACHE_DIR"] = os.path.join(work, "cache")
-  os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
-  check = Check(output, args.budget_s, work)
-  check.results["work_dir"] = work
-
+  check = Check(output, args.budget_s)
   check.stage("devices", 120, devices)
   backend = check.results["stages"]["devices"].get("backend")
   if backend in ("cpu", None) and not args.allow_cpu:
     _fail(f"JAX found no GPU or TPU (backend: {backend or 'unknown'}; see {output}): check that "
           "the chip's plugin (jax-cuda12-plugin, libtpu) matches jax, or pass --allow_cpu for a "
           "dry run on the CPU")
+  # The stages' logs and workdirs, made only now (a refused run leaves no empty folder behind).
+  work = tempfile.mkdtemp(prefix="fashion_jax_accelerator_check_")
+  # A fresh cache root (mkdtemp: this user's alone) for every command it runs: the first run
+  # compiles everything, as on a new machine; the rerun stage shows what the cache saves.
+  os.environ["FASHION_JAX_CACHE_DIR"] = os.path.join(work, "cache")
+  os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+  check.results["work_dir"] = work
   for placement in ("device", "host"):
     check.stage(f"default_{placement}", 150, lambda t, p=placement: train_run(
         "configs/default.py", idx_dir, work, f"default_{p}", t, f"--config.data_placement={p}"))

@@ -109,8 +109,9 @@ def test_launchers_name_a_missing_setting(stubs, tmp_path):
 def test_accelerator_check_refuses_bad_input_with_exit_2(tmp_path, idx_dir):
   """A relative IDX_DIR was read from the repository root, a missing output folder crashed after
   the first stage, a group-writable WHEELS folder was installed from, and a machine without a
-  chip was benchmarked on its CPU with exit 0."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  chip was benchmarked on its CPU with exit 0, leaving its empty work folder behind."""
+  (tmp_path / "tmp").mkdir()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path / "tmp"))
   os.symlink(idx_dir, tmp_path / "fm")
   script = os.path.join(ROOT, "launch", "accelerator_check.sh")
 
@@ -128,3 +129,4 @@ def test_accelerator_check_refuses_bad_input_with_exit_2(tmp_path, idx_dir):
     assert proc.returncode == 2, proc.stderr
     assert "accelerator_check: error: " in proc.stderr and says in proc.stderr, proc.stderr
   assert json.loads((tmp_path / "out.json").read_text())["stages"]["devices"]["backend"] == "cpu"
+  assert not list((tmp_path / "tmp").iterdir())
