@@ -198,6 +198,10 @@ def test_the_cnn_runs_its_two_layers_as_one_op_and_falls_back_to_two():
   loss = lambda k1, k2: jnp.sum(ops.conv_pool_twice(x, k1, b1, k2, b2, relu=True))
   grad_hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(k1, k2).compile().as_text()
   assert grad_hlo.count('custom_call_target="fashion_jax_two_layer_train_fwd"') == 1
+  # Its h and taps for the backward: only the 12x12 of h's 13x13 that F(5x5, 3x3)'s tiles read.
+  train_fwd = next(line for line in grad_hlo.splitlines()
+                   if 'custom_call_target="fashion_jax_two_layer_train_fwd"' in line)
+  assert "f32[2,12,12,32]" in train_fwd and "s8[2,12,12,32]" in train_fwd, train_fwd
   assert grad_hlo.count('custom_call_target="fashion_jax_two_layer_bwd"') == 1
   assert 'custom_call_target="fashion_jax_two_layer_fwd"' not in grad_hlo
   assert "fashion_jax_filter_transform" not in grad_hlo + hlo

@@ -80,12 +80,18 @@ def _two_layers(x, k1, b1, k2, b2, relu):
 
 
 def _two_layers_forward(x, k1, b1, k2, b2, relu):
-  """Training's forward: also the first layer's output h and argmax, the backward's inputs."""
-  h_shapes = native.pooled_shapes(x, k1)
+  """Training's forward: also the first layer's output h and argmax, the backward's inputs: with
+  F(5x5, 3x3) only the rows and columns its tiles read (the CNN's first 12x12 of 13x13)."""
+  tile = two_layer_tile(x.shape)
+  h = native.pooled(x, k1.shape[-1])
+  y_shapes = native.pooled_shapes(h, k2)
+  if tile == 5:
+    n, hp, wp, c = h.shape
+    h = jax.ShapeDtypeStruct((n, 2 * ((hp - 2) // 2) + 2, 2 * ((wp - 2) // 2) + 2, c), h.dtype)
   y, which2, h, which1 = native.call("fashion_jax_two_layer_train_fwd",
-                                     native.pooled_shapes(h_shapes[0], k2) + h_shapes, x, k1, b1,
-                                     k2, b2, relu1=np.int32(relu), relu2=np.int32(relu),
-                                     tile=np.int32(two_layer_tile(x.shape)))
+                                     y_shapes + (h, jax.ShapeDtypeStruct(h.shape, jnp.int8)), x,
+                                     k1, b1, k2, b2, relu1=np.int32(relu), relu2=np.int32(relu),
+                                     tile=np.int32(tile))
   return y, (x, k1, b1, k2, b2, h, which1, which2)
 
 

@@ -154,14 +154,10 @@ inline iv Widen(const int8_t* p) {
 #endif
 }
 
+// The pooled output is [n, hp, wp, cout]: every pooled window of the image ((h - 2) / 2 a side),
+// or its first hp x wp (the two-layer op's F(5x5, 3x3) second layer reads only those).
 struct Shape {
   int64_t n, h, w, cin, cout, hp, wp;
-  // The pooled outputs the kernels compute (and, backward, read the gradient of): the first
-  // `rows` x `cols` of the hp x wp (0: all). The two-layer op's F(5x5, 3x3) second layer reads
-  // 5 th + 2 of h's rows (12 of the CNN's 13): the last row and column are never computed.
-  int64_t rows = 0, cols = 0;
-  int64_t Rows() const { return rows > 0 ? rows : hp; }
-  int64_t Cols() const { return cols > 0 ? cols : wp; }
 };
 
 // Runs f(i) for i in [0, n) on the calling thread and the pool's threads (XLA's intra-op pool,
@@ -243,8 +239,8 @@ void ForwardBlock(const Shape& s, const float* x, const float* k, const float* b
   }
   fv bias[NB];
   for (int nb = 0; nb < NB; ++nb) bias[nb] = Load(b + cb + nb * L);
-  for (int64_t i = 0; i < s.Rows(); ++i) {
-    for (int64_t j = 0; j < s.Cols(); ++j) {
+  for (int64_t i = 0; i < s.hp; ++i) {
+    for (int64_t j = 0; j < s.wp; ++j) {
       fv acc[NB][4];
       for (int nb = 0; nb < NB; ++nb) {
         for (int q = 0; q < 4; ++q) acc[nb][q] = bias[nb];
@@ -297,8 +293,8 @@ void BackwardBlock(const Shape& s, const float* x, const int8_t* arg, const floa
   fv* gw = CIN > 0 ? gw_local : gw_out;
   if (CIN > 0) std::copy(gw_out, gw_out + 9 * cin * NB, gw_local);
   const fv zero = Splat(0.0f);
-  for (int64_t i = 0; i < s.Rows(); ++i) {
-    for (int64_t j = 0; j < s.Cols(); ++j) {
+  for (int64_t i = 0; i < s.hp; ++i) {
+    for (int64_t j = 0; j < s.wp; ++j) {
       const int64_t o = (i * s.wp + j) * s.cout + cb;
       fv gq[NB][4];
       for (int nb = 0; nb < NB; ++nb) {
@@ -1761,26 +1757,6 @@ inline int64_t GroupImages(const Tiles& sx) {
   return std::max<int64_t>(1, kGroupTiles / (sx.th * sx.tw));
 }
 
-// The first layer's shape with the rows and columns of h that F(5x5, 3x3)'s tiles read: their
-// 7x7 windows cover 5 th + 2 rows and 5 tw + 2 columns (12 of the CNN's 13). The rest is not
-// computed (forward) nor its kernel gradient summed (backward: dh is zero there).
-inline Shape ReadByTiles5(const TwoLayers& t) {
-  Shape s1 = t.s1;
-  s1.rows = 5 * t.sx.th + 2;
-  s1.cols = 5 * t.sx.tw + 2;
-  return s1;
-}
-
-// Training's h and argmax outside the rows and columns the second layer reads (s.Rows(),
-// s.Cols()): zeros, and no tap (not computed, so no gradient flows there).
-inline void ZeroUnread(const Shape& s, float* h, int8_t* arg) {
-  for (int64_t i = 0; i < s.hp; ++i) {
-    const int64_t j0 = i < s.Rows() ? s.Cols() : 0;
-    std::fill(h + (i * s.wp + j0) * s.cout, h + (i + 1) * s.wp * s.cout, 0.0f);
-    std::fill(arg + (i * s.wp + j0) * s.cout, arg + (i + 1) * s.wp * s.cout, int8_t(kNoTap));
-  }
-}
-
 // A group's plane of `channels`-channel tiles, in floats: one cache line more than its tiles.
 // Without it the planes (32 tiles x 32 or 64 channels: 4 or 8 KB) lie a power of two apart, and
 // a tile's 49 values, one per plane, all fall in the same set of the 8-way L1 cache: the
@@ -1802,8 +1778,8 @@ void TwoLayerForward5(Pool& pool, const TwoLayers& t, const float* x, const floa
                       const float* b1, bool relu1, const float* u, const float* b2, bool relu2,
                       float* y, int8_t* arg, float* h_out, int8_t* arg1_out) {
   constexpr int64_t P = Planes(5);
-  const Shape s1 = ReadByTiles5(t);
-  const int64_t c = t.sx.c, k = t.sy.c, image = t.s1.hp * t.s1.wp * c;
+  const Shape& s1 = t.s1;
+  const int64_t c = t.sx.c, k = t.sy.c, image = s1.hp * s1.wp * c;
   const int64_t per = t.sx.th * t.sx.tw, group = GroupImages(t.sx), block = group * per;
   const int64_t pv = GroupPlane(block, c), pm = GroupPlane(block, k);
   ParallelFor(pool, (t.s1.n + group - 1) / group, [&](int64_t g) {
@@ -1816,7 +1792,6 @@ void TwoLayerForward5(Pool& pool, const TwoLayers& t, const float* x, const floa
       float* const h = h_out != nullptr ? h_out + b * image : buf.h;
       int8_t* const arg1 = h_out != nullptr ? arg1_out + b * image : buf.arg;
       ImageForward<CIN>(s1, x + b * s1.h * s1.w * s1.cin, k1, b1, relu1, h, arg1);
-      if (h_out != nullptr) ZeroUnread(s1, h, arg1);
       InputTransformRows<5>(t.sx, h, TileRows{0, 0, t.sx.th}, v + i * per * c, pv);
     }
     for (int p = 0; p < P; ++p) {
@@ -1840,8 +1815,8 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
                        const int8_t* arg1, const float* ut, const int8_t* arg2, const float* dy,
                        float* dk1, float* db1, float* du, float* db2, float* dk2) {
   constexpr int64_t P = Planes(5);
-  const Shape s1 = ReadByTiles5(t);
-  const int64_t c = t.sx.c, k = t.sy.c, cin = t.s1.cin, image = t.s1.hp * t.s1.wp * c;
+  const Shape& s1 = t.s1;
+  const int64_t c = t.sx.c, k = t.sy.c, cin = s1.cin, image = s1.hp * s1.wp * c;
   const int64_t per = t.sx.th * t.sx.tw, group = GroupImages(t.sx), block = group * per;
   const int64_t pv = GroupPlane(block, c), pm = GroupPlane(block, k);
   const bool kernel_grad = dk2 != nullptr;  // Per chunk: dU (or its part of dk2), db2, dk1, db1.
@@ -1886,7 +1861,7 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
         ZeroUncovered(t.sx, buf.dh);
         InputGradRows<5>(t.sx, v + i * per * c, pv, TileRows{0, 0, t.sx.th}, buf.dh);
         for (int64_t cb = 0; cb < c; cb += L) {
-          BackwardBlock<CIN, 1, true>(s1, x + b * t.s1.h * t.s1.w * cin, arg1 + b * image,
+          BackwardBlock<CIN, 1, true>(s1, x + b * s1.h * s1.w * cin, arg1 + b * image,
                                       buf.dh, gw.data() + cb / L * 9 * cin, gb.data() + cb / L,
                                       cb);
         }
@@ -1903,7 +1878,11 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
 
 // x [N, H, W, Cin] with Cin < 8 (the direct kernel's), k1 [3, 3, Cin, C], u [16, C, K] (U^T
 // [16, K, C] for the gradient), or [49, C, K] (F(5x5, 3x3): the pooled output's sides hp2 and
-// wp2 multiples of 5), y [N, hp2, wp2, K]; C and K multiples of L.
+// wp2 multiples of 5), y [N, hp2, wp2, K]; C and K multiples of L. With F(5x5, 3x3) t.s1 and
+// t.sx are h's first 5 th + 2 rows and 5 tw + 2 columns, which its tiles' 7x7 windows cover (12
+// of the CNN's 13): the first layer computes only those, and training's h and argmax hold only
+// those (a sixth less to write and read back than all 13x13, and no zeros for the rest: on
+// session 34's Xeon 2-3 % off the op).
 ffi::Error TwoLayerShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> k1d,
                           ffi::Span<const int64_t> ud, ffi::Span<const int64_t> yd,
                           bool transposed, TwoLayers* t) {
@@ -1925,8 +1904,11 @@ ffi::Error TwoLayerShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> 
         "the gradient) and y [N, (hp-2)/2, (wp-2)/2, K] with both sides multiples of 5, C and "
         "K multiples of " + std::to_string(L));
   }
-  t->sx = Tiles{t->s1.n, t->s1.hp, t->s1.wp, c, 2 * ph / 5, 2 * pw / 5, 5};
-  t->sy = Tiles{t->s1.n, t->s1.hp, t->s1.wp, k, t->sx.th, t->sx.tw, 5};
+  const int64_t th = 2 * ph / 5, tw = 2 * pw / 5;
+  t->s1.hp = 5 * th + 2;
+  t->s1.wp = 5 * tw + 2;
+  t->sx = Tiles{t->s1.n, t->s1.hp, t->s1.wp, c, th, tw, 5};
+  t->sy = Tiles{t->s1.n, t->s1.hp, t->s1.wp, k, th, tw, 5};
   return ffi::Error::Success();
 }
 

@@ -294,16 +294,20 @@ struct TwoLayerInputs {
 // The op's three calls: inference's forward, then training's (which also returns h and the first
 // layer's taps, the backward's inputs), then the backward from training's residuals, returning
 // dU, and again returning the second kernel's gradient dk2 (the handlers' form). Outputs start
-// as NaN or -1, so each must be written.
+// as NaN or -1, so each must be written. h and arg1 have t.s1's shape (F(5x5, 3x3): only the
+// rows and columns its tiles read).
 struct TwoLayerRun {
+  static size_t Floats(const Shape& s) { return size_t(s.n) * s.hp * s.wp * s.cout; }
+
   std::vector<float> y, y_train, h, du, db2, dk1, db1, dk2, db2_again, dk1_again, db1_again;
   std::vector<int8_t> arg2, arg2_train, arg1;
 
   TwoLayerRun(const TwoLayers& t, const TwoLayerInputs& in, bool relu)
-      : y(in.dy.size(), NAN), y_train(in.dy.size(), NAN), h(in.nh(), NAN), du(in.u.size(), NAN),
+      : y(in.dy.size(), NAN), y_train(in.dy.size(), NAN), h(Floats(t.s1), NAN),
+        du(in.u.size(), NAN),
         db2(in.p2.k, NAN), dk1(in.k1.size(), NAN), db1(in.p.k, NAN), dk2(in.kern2.size(), NAN),
         db2_again(in.p2.k, NAN), dk1_again(in.k1.size(), NAN), db1_again(in.p.k, NAN),
-        arg2(in.dy.size(), -1), arg2_train(in.dy.size(), -1), arg1(in.nh(), -1) {
+        arg2(in.dy.size(), -1), arg2_train(in.dy.size(), -1), arg1(Floats(t.s1), -1) {
     SerialPool pool;
     TwoLayerForwardCore(pool, t, in.x.data(), in.k1.data(), in.b1.data(), relu, in.u.data(),
                         in.b2.data(), relu, y.data(), arg2.data());
@@ -368,7 +372,7 @@ void TestTwoLayers(std::mt19937& rng, const Problem& p, int k2, bool relu) {
 
 // The two-layer op with its second layer as F(5x5, 3x3) (its pooled output's sides multiples of
 // 5; groups of images, GroupImages): h and the first layer's taps bitwise the first layer's own
-// kernel's, training's y and taps bitwise inference's, and y, the second layer's taps and every
+// kernel's where the tiles read them, training's y and taps bitwise inference's, and y, the second layer's taps and every
 // gradient against the direct sums in double (the gradients routed through the op's taps).
 void TestTwoLayers5(std::mt19937& rng, const Problem& p, int k2, bool relu) {
   SerialPool pool;
@@ -381,27 +385,32 @@ void TestTwoLayers5(std::mt19937& rng, const Problem& p, int k2, bool relu) {
   std::vector<int8_t> arg1(in.nh());
   ConvPoolForwardCore(pool, in.s1, in.x.data(), in.k1.data(), in.b1.data(), relu, h.data(),
                       arg1.data());
+  // The shapes as TwoLayerShapes makes them: h only as far as the tiles read.
   const int th = 2 * p2.hp() / 5, tw = 2 * p2.wp() / 5;
-  const TwoLayers t{in.s1, Tiles{p2.n, p2.h, p2.w, p2.c, th, tw, 5},
-                    Tiles{p2.n, p2.h, p2.w, k2, th, tw, 5}};
+  Shape s1 = in.s1;
+  s1.hp = 5 * th + 2;
+  s1.wp = 5 * tw + 2;
+  const TwoLayers t{s1, Tiles{p2.n, s1.hp, s1.wp, p2.c, th, tw, 5},
+                    Tiles{p2.n, s1.hp, s1.wp, k2, th, tw, 5}};
   const TwoLayerRun r(t, in, relu);
   std::string name(what);
   const double scale = double(p.n) * p2.hp() * p2.wp();
   r.CheckKernelGradient(t, name, 1e-6 * scale);
   Expect((name + ": training's y").c_str(), r.y_train, AsDouble(r.y), 0.0);
-  // Training's h and taps: the first layer's where the second layer reads them (5 th + 2 rows
-  // and 5 tw + 2 columns), zeros and no tap beyond (not computed).
-  std::vector<double> h_read(h.size());
-  std::vector<int8_t> arg1_read(arg1.size());
-  int unread = 0;
+  // Training's h and taps: the first layer's in the rows and columns the second layer reads
+  // (5 th + 2 and 5 tw + 2; the shape leaves some unread), and nothing else.
+  const int rows = 5 * th + 2, cols = 5 * tw + 2;
+  Check(t.s1.hp == rows && t.s1.wp == cols && (rows < p.hp() || cols < p.wp()),
+        (name + ": h holds the rows and columns read, and some are not").c_str());
+  std::vector<double> h_read;
+  std::vector<int8_t> arg1_read;
   for (size_t i = 0; i < h.size(); ++i) {
     const int row = int(i / (size_t(p.wp()) * p.k) % p.hp()), col = int(i / p.k % p.wp());
-    const bool read = row < 5 * th + 2 && col < 5 * tw + 2;
-    unread += !read;
-    h_read[i] = read ? h[i] : 0.0;
-    arg1_read[i] = read ? arg1[i] : 4;
+    if (row < rows && col < cols) {
+      h_read.push_back(h[i]);
+      arg1_read.push_back(arg1[i]);
+    }
   }
-  Check(unread > 0, (name + ": a row or column of h unread").c_str());
   Expect((name + ": training's h").c_str(), r.h, h_read, 0.0);
   Check(r.arg2_train == r.arg2 && r.arg1 == arg1_read, (name + ": training's taps").c_str());
   const Reference r2 = Compute(p2, h, in.kern2, in.b2, relu, r.arg2, in.dy);
