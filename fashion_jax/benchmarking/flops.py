@@ -194,9 +194,9 @@ def _kernel_flops(target: str, operands: list[tuple[int, ...]],
     (n, h, w, cin), (_, _, c, k) = operands[0], operands[3]
     planes = (two_layers.two_layer_tile(operands[0]) + 2) ** 2
     hp, wp = (h - 2) // 2, (w - 2) // 2
-    # F(5x5, 3x3)'s tiles read 2 ((hp - 2) // 2) + 2 of h's rows (12 of the CNN's 13), and
-    # columns likewise: the first layer computes only those.
-    rows, cols = (2 * ((hp - 2) // 2) + 2, 2 * ((wp - 2) // 2) + 2) if planes == 49 else (hp, wp)
+    # The first layer computes only the rows and columns of h the second reads (F(5x5, 3x3)'s
+    # tiles: 12 of the CNN's 13).
+    _, rows, cols, _ = two_layers.first_layer_shape(operands[0], c)
     first = 2.0 * n * rows * cols * 4 * 9 * cin * c  # Forward, or the kernel gradient.
     forward = target.endswith("fwd")
     a = math.isqrt(planes)

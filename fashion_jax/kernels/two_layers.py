@@ -68,6 +68,17 @@ def two_layer_tile(x_shape) -> int:
   return 2
 
 
+def first_layer_shape(x_shape, channels: int) -> tuple[int, int, int, int]:
+  """h, the first layer's pooled output, as the op computes it (and training keeps it): every
+  pooled window, or with F(5x5, 3x3) the first 2 ((hp - 2) // 2) + 2 rows and columns, which its
+  tiles' 7x7 windows read (the CNN's 12x12 of 13x13)."""
+  n, h, w, _ = x_shape
+  hp, wp = (h - 2) // 2, (w - 2) // 2
+  if two_layer_tile(x_shape) == 5:
+    hp, wp = 2 * ((hp - 2) // 2) + 2, 2 * ((wp - 2) // 2) + 2
+  return n, hp, wp, channels
+
+
 # The op makes the second layer's Winograd filter U = G k2 G^T itself (U^T for the gradient)
 # and returns its kernel's gradient, not dU: no filter-transform ops around it (csrc/conv_pool.cc,
 # TwoLayerKernelShapes).
@@ -82,16 +93,12 @@ def _two_layers(x, k1, b1, k2, b2, relu):
 def _two_layers_forward(x, k1, b1, k2, b2, relu):
   """Training's forward: also the first layer's output h and argmax, the backward's inputs: with
   F(5x5, 3x3) only the rows and columns its tiles read (the CNN's first 12x12 of 13x13)."""
-  tile = two_layer_tile(x.shape)
-  h = native.pooled(x, k1.shape[-1])
-  y_shapes = native.pooled_shapes(h, k2)
-  if tile == 5:
-    n, hp, wp, c = h.shape
-    h = jax.ShapeDtypeStruct((n, 2 * ((hp - 2) // 2) + 2, 2 * ((wp - 2) // 2) + 2, c), h.dtype)
-  y, which2, h, which1 = native.call("fashion_jax_two_layer_train_fwd",
-                                     y_shapes + (h, jax.ShapeDtypeStruct(h.shape, jnp.int8)), x,
+  kept = first_layer_shape(x.shape, k1.shape[-1])
+  y_shapes = native.pooled_shapes(native.pooled(x, k1.shape[-1]), k2)
+  h_shapes = (jax.ShapeDtypeStruct(kept, jnp.float32), jax.ShapeDtypeStruct(kept, jnp.int8))
+  y, which2, h, which1 = native.call("fashion_jax_two_layer_train_fwd", y_shapes + h_shapes, x,
                                      k1, b1, k2, b2, relu1=np.int32(relu), relu2=np.int32(relu),
-                                     tile=np.int32(tile))
+                                     tile=np.int32(two_layer_tile(x.shape)))
   return y, (x, k1, b1, k2, b2, h, which1, which2)
 
 

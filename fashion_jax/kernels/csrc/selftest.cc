@@ -371,9 +371,10 @@ void TestTwoLayers(std::mt19937& rng, const Problem& p, int k2, bool relu) {
 }
 
 // The two-layer op with its second layer as F(5x5, 3x3) (its pooled output's sides multiples of
-// 5; groups of images, GroupImages): h and the first layer's taps bitwise the first layer's own
-// kernel's where the tiles read them, training's y and taps bitwise inference's, and y, the second layer's taps and every
-// gradient against the direct sums in double (the gradients routed through the op's taps).
+// 5; groups of images, GroupImages), in the shapes TwoLayerShapes gives it: h and the first
+// layer's taps bitwise the first layer's own kernel's where the tiles read them, training's y
+// and taps bitwise inference's, and y, the second layer's taps and every gradient against the
+// direct sums in double (the gradients routed through the op's taps).
 void TestTwoLayers5(std::mt19937& rng, const Problem& p, int k2, bool relu) {
   SerialPool pool;
   char what[160];
@@ -385,13 +386,17 @@ void TestTwoLayers5(std::mt19937& rng, const Problem& p, int k2, bool relu) {
   std::vector<int8_t> arg1(in.nh());
   ConvPoolForwardCore(pool, in.s1, in.x.data(), in.k1.data(), in.b1.data(), relu, h.data(),
                       arg1.data());
-  // The shapes as TwoLayerShapes makes them: h only as far as the tiles read.
+  // The shapes as the op's handlers make them (h only as far as the tiles read).
   const int th = 2 * p2.hp() / 5, tw = 2 * p2.wp() / 5;
-  Shape s1 = in.s1;
-  s1.hp = 5 * th + 2;
-  s1.wp = 5 * tw + 2;
-  const TwoLayers t{s1, Tiles{p2.n, s1.hp, s1.wp, p2.c, th, tw, 5},
-                    Tiles{p2.n, s1.hp, s1.wp, k2, th, tw, 5}};
+  const std::vector<int64_t> xd{p.n, p.h, p.w, p.c}, k1d{3, 3, p.c, p.k},
+      ud{Planes(5), p2.c, k2}, yd{p.n, p2.hp(), p2.wp(), k2};
+  TwoLayers t;
+  const ffi::Error shaped =
+      TwoLayerShapes(ffi::Span<const int64_t>(xd), ffi::Span<const int64_t>(k1d),
+                     ffi::Span<const int64_t>(ud), ffi::Span<const int64_t>(yd), false, &t);
+  Check(!shaped.failure() && t.sx.m == 5 && t.sx.th == th && t.sx.tw == tw,
+        (std::string(what) + ": the op's shapes").c_str());
+  if (shaped.failure()) return;
   const TwoLayerRun r(t, in, relu);
   std::string name(what);
   const double scale = double(p.n) * p2.hp() * p2.wp();
