@@ -1071,12 +1071,14 @@ void OutputPoolGradImage5(const Tiles& s, const float* dy, const int8_t* arg, in
   const int64_t ow = 5 * s.tw, ph = 5 * s.th / 2, pw = 5 * s.tw / 2;
   const fv zero = Splat(0.0f);
   for (int64_t kb = 0; kb < s.c; kb += L) {
+    fv db_kb = db[kb / L];  // In a register (through db, a store and reload per window: db and
+                            // conv are both fv*, so the compiler could not keep it).
     for (int64_t a = 0; a < ph; ++a) {  // The windows cover every conv output.
       for (int64_t e = 0; e < pw; ++e) {
         const int64_t o = ((b * ph + a) * pw + e) * s.c + kb;
         const fv g = Load(dy + o);
         const iv which = Widen(arg + o);
-        db[kb / L] += which < SplatI(kNoTap) ? g : zero;
+        db_kb += which < SplatI(kNoTap) ? g : zero;
         fv* top = conv + 2 * a * ow + 2 * e;
         top[0] = which == SplatI(0) ? g : zero;
         top[1] = which == SplatI(1) ? g : zero;
@@ -1084,6 +1086,7 @@ void OutputPoolGradImage5(const Tiles& s, const float* dy, const int8_t* arg, in
         top[ow + 1] = which == SplatI(3) ? g : zero;
       }
     }
+    db[kb / L] = db_kb;
     for (int64_t i = 0; i < s.th; ++i) {
       for (int64_t j = 0; j < s.tw; ++j) {
         fv g[25];
@@ -1819,6 +1822,7 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
   const int64_t c = t.sx.c, k = t.sy.c, cin = s1.cin, image = s1.hp * s1.wp * c;
   const int64_t per = t.sx.th * t.sx.tw, group = GroupImages(t.sx), block = group * per;
   const int64_t pv = GroupPlane(block, c), pm = GroupPlane(block, k);
+  const int64_t pooled = (5 * t.sy.th / 2) * (5 * t.sy.tw / 2) * k;  // An image's dy and arg2.
   const bool kernel_grad = dk2 != nullptr;  // Per chunk: dU (or its part of dk2), db2, dk1, db1.
   const TwoLayerGradSums sums{(kernel_grad ? 9 : P) * c * k, k, c, cin};
   const int64_t nu = (sums.used() + kAlignPad - 1) / kAlignPad * kAlignPad;
@@ -1841,6 +1845,13 @@ void TwoLayerBackward5(Pool& pool, const TwoLayers& t, const float* x, const flo
       const int64_t count = std::min(group, last - b0);
       for (int64_t i = 0; i < count; ++i) {
         if (i + 1 < count) Prefetch(h + (b0 + i + 1) * image, image * sizeof(float));  // Its h.
+        // And its pooled gradient and argmax: dy comes from the Dense layer's backward, from
+        // memory at large batches (a sampling profile at batch 512 put 38 % of
+        // OutputPoolGradImage5's time on its first load of dy; BENCHMARKS.md, session 35).
+        if (b0 + i + 1 < last) {
+          Prefetch(dy + (b0 + i + 1) * pooled, pooled * sizeof(float));
+          Prefetch(arg2 + (b0 + i + 1) * pooled, pooled);
+        }
         InputTransformRows<5>(t.sx, h + (b0 + i) * image, TileRows{0, 0, t.sx.th},
                               v + i * per * c, pv);
         OutputPoolGradImage5(t.sy, dy, arg2, b0 + i, dm + i * per * k, pm, db2_acc.data(),
