@@ -44,9 +44,13 @@ def _step(tx, params, opt_state, grads, bad):
   return new_params, new_state
 
 
-def _run(tx, skipped_steps=(), donate=True):
+def _run(tx, skipped_steps=(), donate=True, count=0):
   params = _params(0)
   opt_state = tx.init(params)
+  if count:  # Every step counter (Adam's and the schedule's) as after `count` steps.
+    opt_state = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.full_like(x, count) if "count" in jax.tree_util.keystr(path) else x,
+        opt_state)
   step = jax.jit(functools.partial(_step, tx), donate_argnums=(0, 1) if donate else ())
   history = []
   for i in range(6):
@@ -88,6 +92,20 @@ def test_matches_optax(skipped, weight_decay):
                     jax.tree.leaves((after[0], after[1][0].mu, after[1][0].nu))):
       np.testing.assert_array_equal(a, b)
     assert after[1][0].count == before[1][0].count + 1
+
+
+@pytest.mark.parametrize("count", [400, 30_000])
+def test_matches_optax_once_bias_corrections_are_one(count):
+  """1 - 0.9^t is exactly 1 in float32 from t ~ 160, 1 - 0.999^t from ~17,300: the kernel skips
+  those divisions there (the steps from 0 above make both)."""
+  assert (np.float32(1) - np.float32(0.9) ** np.float32(count + 1)) == 1
+  assert (np.float32(1) - np.float32(0.999) ** np.float32(count + 1) == 1) == (count > 20_000)
+  want = _run(optax.adam(SCHEDULE), count=count)
+  got = _run(adam.fused_adam(SCHEDULE), count=count)
+  for i, (w, g) in enumerate(zip(want, got)):
+    assert int(jax.tree.leaves(g[1])[0]) == count + i + 1  # The counters did start there.
+    for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(g)):
+      np.testing.assert_allclose(b, a, rtol=2e-6, atol=1e-8, err_msg=f"after step {i}")
 
 
 def test_inputs_kept_without_donation():

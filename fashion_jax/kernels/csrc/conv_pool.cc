@@ -2746,11 +2746,16 @@ struct AdamConstants {
   float step, c1, c2;                                        // this step's
 };
 
-template <typename T>
+// C1, C2: whether to divide by c1, c2. Where one is exactly 1 (1 - b^t rounds to 1 in float32
+// once b^t < 2^-25: after ~160 steps for b1 = 0.9, ~17,300 for b2 = 0.999), its division is
+// skipped, which gives the same bits (x / 1 is x). The divisions and the square root are what
+// bound this loop, not memory (one core, CNN's 204,800-element Dense kernel: see BENCHMARKS.md,
+// session 35).
+template <bool C1, bool C2, typename T>
 inline void AdamUpdate(const AdamConstants& k, T g, T& p, T& m, T& v) {
   m = k.one_minus_b1 * g + k.b1 * m;
   v = k.one_minus_b2 * (g * g) + k.b2 * v;
-  const T u = (m / k.c1) / (Sqrt(v / k.c2 + k.eps_root) + k.eps);
+  const T u = (C1 ? m / k.c1 : m) / (Sqrt((C2 ? v / k.c2 : v) + k.eps_root) + k.eps);
   p = p + k.step * (k.weight_decay != 0.0f ? u + k.weight_decay * p : u);
 }
 
@@ -2766,16 +2771,25 @@ void AdamCore(Pool& pool, const AdamConstants& k, bool skip, int64_t n, const fl
     if (in != out) std::memcpy(out, in, n * sizeof(float));
   }
   if (skip) return;
-  ParallelFor(pool, (n + kAdamChunk - 1) / kAdamChunk, [&](int64_t chunk) {
-    const int64_t end = std::min(n, (chunk + 1) * kAdamChunk);
-    int64_t i = chunk * kAdamChunk;
-    for (; i + L <= end; i += L) {
-      fv pi = Load(p + i), mi = Load(m + i), vi = Load(v + i);
-      AdamUpdate(k, Load(g + i), pi, mi, vi);
-      Store(p + i, pi), Store(m + i, mi), Store(v + i, vi);
-    }
-    for (; i < end; ++i) AdamUpdate(k, g[i], p[i], m[i], v[i]);
-  });
+  const auto update = [&](auto c1, auto c2) {  // std::bool_constant: the divisions to make.
+    ParallelFor(pool, (n + kAdamChunk - 1) / kAdamChunk, [&](int64_t chunk) {
+      const int64_t end = std::min(n, (chunk + 1) * kAdamChunk);
+      int64_t i = chunk * kAdamChunk;
+      for (; i + L <= end; i += L) {
+        fv pi = Load(p + i), mi = Load(m + i), vi = Load(v + i);
+        AdamUpdate<c1(), c2()>(k, Load(g + i), pi, mi, vi);
+        Store(p + i, pi), Store(m + i, mi), Store(v + i, vi);
+      }
+      for (; i < end; ++i) AdamUpdate<c1(), c2()>(k, g[i], p[i], m[i], v[i]);
+    });
+  };
+  using Divide = std::true_type;
+  using Skip = std::false_type;
+  if (k.c1 != 1.0f) {
+    k.c2 != 1.0f ? update(Divide{}, Divide{}) : update(Divide{}, Skip{});
+  } else {
+    k.c2 != 1.0f ? update(Skip{}, Divide{}) : update(Skip{}, Skip{});
+  }
 }
 
 // g, p, m, v, scalars [step, c1, c2, skip] -> p, m, v (adam.py aliases them to p, m, v)
