@@ -16,6 +16,11 @@ Not on the CPU: compiling takes about 2 s there, and XLA:CPU refuses cached exec
 judges built for other CPU features (jax-ml/jax#38445: on some CPUs every entry, with an error
 line each), so the cache would cost more than it saves. Tests and the benchmark, which measure
 or count compiles, do not call `enable`.
+
+A job of several processes on the CPU runs with no persistent cache at all, even one the user
+set: with jax 0.12.1 its processes deadlock in their first train window's all-reduce (Gloo)
+whenever they load their programs from a warm cache (reproduced every time here; two runs
+in a row of one 2-process job, the second hangs), which 0.12.0.1 did not.
 """
 
 from __future__ import annotations
@@ -37,10 +42,17 @@ ACCELERATORS = ("gpu", "tpu")
 def enable(backend: str | None = None) -> str | None:
   """Turns the persistent cache on for this process (before its first compile) where it pays;
   returns the folder in use, or None."""
+  backend = backend or jax.default_backend()
   configured = jax.config.jax_compilation_cache_dir
+  if backend == "cpu" and jax.process_count() > 1:  # See above: no cache, not even the user's.
+    if configured:
+      logging.warning("not using the compilation cache %s: a job of several processes on the "
+                      "CPU can deadlock loading its programs from it (jax 0.12.1); each process "
+                      "compiles afresh (about 2 s)", configured)
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
   if configured:  # The user's own choice (JAX_COMPILATION_CACHE_DIR): left as it is.
     return configured
-  backend = backend or jax.default_backend()
   if os.environ.get(ENV, "1") == "0" or backend not in ACCELERATORS:
     return None
   root = paths.cache_root()
