@@ -76,19 +76,17 @@ def test_two_processes_match_one_process(tmp_path, idx_dir):
     assert x == pytest.approx(y, rel=1e-5)
 
 
-def test_two_processes_on_the_cpu_run_again_with_a_warm_compilation_cache(tmp_path, idx_dir):
+def test_two_processes_on_the_cpu_run_again_with_a_warm_compilation_cache(tmp_path, idx_dir,
+                                                                          monkeypatch):
   """jax 0.12.1: a 2-process CPU job loading its programs from a warm persistent cache hung in
   its first window's all-reduce, every time. Such a job runs without the cache (the user's
   too, said in a warning), so running it twice with one cache folder finishes both times."""
   cache = tmp_path / "xla_cache"
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHON=sys.executable)
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   for run in ("first", "second"):
     workdir = tmp_path / run
-    env["FASHION_JAX_PORT"] = str(_free_port())
-    proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "1", str(workdir),
-                           *_stop_flags(idx_dir), "--config.num_train_steps=8"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = _launch(workdir, *_stop_flags(idx_dir), "--config.num_train_steps=8")
     logs = _process_logs(workdir)
     assert proc.returncode == 0, proc.stderr + "".join(log[-2000:] for log in logs)
     for log in logs:
