@@ -20,7 +20,9 @@ or count compiles, do not call `enable`.
 A job of several processes on the CPU runs with no persistent cache at all, even one the user
 set: with jax 0.12.1 its processes deadlock in their first train window's all-reduce (Gloo)
 whenever they load their programs from a warm cache (reproduced every time here; two runs
-in a row of one 2-process job, the second hangs), which 0.12.0.1 did not.
+in a row of one 2-process job, the second hangs), which 0.12.0.1 did not. One process loading
+is enough: with only process 0 reading the cache (jax writes from process 0 alone, so process 1
+compiled afresh) the second run hung too, so no cache at all is the narrowest safe choice.
 """
 
 from __future__ import annotations
