@@ -23,6 +23,9 @@ whenever they load their programs from a warm cache (reproduced every time here;
 in a row of one 2-process job, the second hangs), which 0.12.0.1 did not. One process loading
 is enough: with only process 0 reading the cache (jax writes from process 0 alone, so process 1
 compiled afresh) the second run hung too, so no cache at all is the narrowest safe choice.
+It is jax's, not this project's: two processes that jit three reductions of one array sharded
+over their two CPU devices (gloo collectives, the cache on) finish the first run and hang in the
+second on jax 0.12.1, and finish every run on 0.10.2 (BENCHMARKS.md, session 36).
 """
 
 from __future__ import annotations
