@@ -52,7 +52,7 @@ def main(argv):
       held.enter_context(stops.StopRequest())
       faults.maybe_signal("joined")  # Tests: SIGTERM right after joining.
       backends.check(FLAGS.config.backend)
-      compile_cache.enable()  # Before the first compile; GPU/TPU only.
+      compile_cache.enable()  # Before the first compile (GPU/TPU; off for multi-process CPU).
     except UserError as e:
       cli.fail(str(e))
     logging.info("fashion_jax %s, JAX %s, backend %s, process %d of %d", fashion_jax.__version__,

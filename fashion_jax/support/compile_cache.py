@@ -45,8 +45,9 @@ ACCELERATORS = ("gpu", "tpu")
 
 
 def enable(backend: str | None = None) -> str | None:
-  """Turns the persistent cache on for this process (before its first compile) where it pays;
-  returns the folder in use, or None."""
+  """Turns the persistent cache on for this process (before its first compile) where it pays, and
+  off, even the user's, for a job of several processes on the CPU; returns the folder in use, or
+  None."""
   backend = backend or jax.default_backend()
   configured = jax.config.jax_compilation_cache_dir
   if backend == "cpu" and jax.process_count() > 1:  # See above: no cache, not even the user's.
