@@ -111,9 +111,20 @@ inline iv SplatI(int32_t s) { return iv{} + s; }
 // extracts, shifts and ors per vector: about as many instructions as the first layer's
 // multiply-adds per pooled output); a byte shuffle is vpshufb + vpermq + vpor there, or one tbl.
 typedef int8_t bq __attribute__((vector_size(4 * L)));  // The bytes of an iv.
+#if defined(__clang__)
+// Clang (Apple's too) has no __builtin_shuffle; __builtin_shufflevector takes constant indices.
+template <int... i>
+inline bv LowBytes(bq bytes, std::integer_sequence<int, i...>) {
+  constexpr int low = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? 0 : 3;
+  return __builtin_shufflevector(bytes, bytes, (4 * i + low)...);
+}
+#endif
 inline bv Narrow(iv v) {
 #if FJ_LANES == 16 || !(defined(__SSSE3__) || defined(__ARM_NEON))
   return __builtin_convertvector(v, bv);
+#else
+#if defined(__clang__)
+  return LowBytes(reinterpret_cast<bq>(v), std::make_integer_sequence<int, L>{});
 #else
   constexpr int low = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? 0 : 3;
   bq pick;
@@ -122,6 +133,7 @@ inline bv Narrow(iv v) {
   bv out;
   std::memcpy(&out, &bytes, sizeof(out));
   return out;
+#endif
 #endif
 }
 
@@ -2866,45 +2878,41 @@ namespace peak {
 
 // kAcc (12 or 16) independent accumulator chains of `kLanes`-float vectors: enough to cover the
 // FMA latency (4 cycles) on 2-4 pipes without spilling (AVX2 has 16 registers: 12 there). Named
-// variables, not an array (GCC kept the array on the stack). Always inlined, so that it compiles
-// for the ISA of the function that calls it.
+// variables, not an array (GCC kept the array on the stack). A macro that defines each function
+// whole, with its ISA: Clang checks an asm operand's width against the ISA of the function the
+// asm is written in (not the one it is inlined into), so a template could not hold it.
 typedef float v4 __attribute__((vector_size(16)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v16 __attribute__((vector_size(64)));
 
-template <typename v, int kAcc>
-__attribute__((always_inline)) inline void FmaLoop(int64_t iters, float* sink) {
-  static_assert(kAcc == 12 || kAcc == 16);
-  const v m = v{} + 0.999999f, c = v{} + 0.000001f;  // Converges to 1: no overflow, no denormals.
-  v a0 = v{}, a1 = a0 + 1, a2 = a0 + 2, a3 = a0 + 3, a4 = a0 + 4, a5 = a0 + 5, a6 = a0 + 6,
-    a7 = a0 + 7, a8 = a0 + 8, a9 = a0 + 9, a10 = a0 + 10, a11 = a0 + 11, a12 = a0 + 12,
-    a13 = a0 + 13, a14 = a0 + 14, a15 = a0 + 15;
 // One multiply-add on a chain, kept in a register: the empty asm stops the compiler from
 // collapsing or reordering the loop.
 #define FJ_FMA(a)    \
   a = a * m + c;     \
   __asm__ volatile("" : FJ_VREG(a));
-  for (int64_t i = 0; i < iters; ++i) {
-    FJ_FMA(a0) FJ_FMA(a1) FJ_FMA(a2) FJ_FMA(a3) FJ_FMA(a4) FJ_FMA(a5)
-    FJ_FMA(a6) FJ_FMA(a7) FJ_FMA(a8) FJ_FMA(a9) FJ_FMA(a10) FJ_FMA(a11)
-    if (kAcc == 16) {
-      FJ_FMA(a12) FJ_FMA(a13) FJ_FMA(a14) FJ_FMA(a15)
-    }
+#define FJ_FMA_FUNCTION(name, isa, v, kAcc)                                                      \
+  isa void name(int64_t iters, float* sink) {                                                    \
+    static_assert(kAcc == 12 || kAcc == 16);                                                     \
+    const v m = v{} + 0.999999f, c = v{} + 0.000001f; /* Converges to 1: no overflow, no */      \
+    v a0 = v{}, a1 = a0 + 1, a2 = a0 + 2, a3 = a0 + 3, a4 = a0 + 4, /* denormals. */             \
+      a5 = a0 + 5, a6 = a0 + 6, a7 = a0 + 7, a8 = a0 + 8, a9 = a0 + 9, a10 = a0 + 10,            \
+      a11 = a0 + 11, a12 = a0 + 12, a13 = a0 + 13, a14 = a0 + 14, a15 = a0 + 15;                 \
+    for (int64_t i = 0; i < iters; ++i) {                                                        \
+      FJ_FMA(a0) FJ_FMA(a1) FJ_FMA(a2) FJ_FMA(a3) FJ_FMA(a4) FJ_FMA(a5)                          \
+      FJ_FMA(a6) FJ_FMA(a7) FJ_FMA(a8) FJ_FMA(a9) FJ_FMA(a10) FJ_FMA(a11)                        \
+      if (kAcc == 16) {                                                                          \
+        FJ_FMA(a12) FJ_FMA(a13) FJ_FMA(a14) FJ_FMA(a15)                                          \
+      }                                                                                          \
+    }                                                                                            \
+    v total = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11;                      \
+    if (kAcc == 16) total += a12 + a13 + a14 + a15;                                              \
+    *sink = total[0];                                                                            \
   }
-#undef FJ_FMA
-  v total = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11;
-  if (kAcc == 16) total += a12 + a13 + a14 + a15;
-  *sink = total[0];
-}
 
 #if defined(__x86_64__)
-__attribute__((target("avx512f"))) void Fma16(int64_t iters, float* sink) {
-  FmaLoop<v16, 16>(iters, sink);
-}
-__attribute__((target("avx2,fma"))) void Fma8(int64_t iters, float* sink) {
-  FmaLoop<v8, 12>(iters, sink);
-}
-void Fma4(int64_t iters, float* sink) { FmaLoop<v4, 12>(iters, sink); }  // SSE2: mul + add.
+FJ_FMA_FUNCTION(Fma16, __attribute__((target("avx512f"))), v16, 16)
+FJ_FMA_FUNCTION(Fma8, __attribute__((target("avx2,fma"))), v8, 12)
+FJ_FMA_FUNCTION(Fma4, , v4, 12)  // SSE2: mul + add.
 int WidestLanes() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return 16;
@@ -2918,8 +2926,11 @@ void Fma(int lanes, int64_t iters, float* sink) {
 #elif defined(__aarch64__)
 int WidestLanes() { return 4; }  // NEON (SVE's width varies; its peak is not measured yet).
 int Accumulators(int) { return 16; }
-void Fma(int, int64_t iters, float* sink) { FmaLoop<v4, 16>(iters, sink); }
+FJ_FMA_FUNCTION(Fma4x16, , v4, 16)
+void Fma(int, int64_t iters, float* sink) { Fma4x16(iters, sink); }
 #endif
+#undef FJ_FMA_FUNCTION
+#undef FJ_FMA
 
 // Eight dependent integer additions per iteration, one cycle each on any core (the loop's own
 // counter runs beside them). Of a register, not a constant: Intel's cores from Golden Cove on

@@ -473,15 +473,20 @@ void TestBatchNormRelu(std::mt19937& rng, int n, int h, int w, int c, int pad) {
     if (!interior[q]) std::fill(dz.begin() + q * c, dz.begin() + (q + 1) * c, NAN);
   BnReluGradSumsCore(pool, s, y.data(), dz.data(), coef.data(), sums.data());
   std::vector<double> g(count * c), gsum_want(2 * c, 0.0), dy_want(count * c);
-  for (size_t p = 0; p < count; ++p)
+  for (size_t p = 0; p < count; ++p) {
+    // The pixel's row of dz, found once: with the index inside the channel loop, Clang 14 at -O2
+    // vectorized that loop with a wrong address (a crash; nothing overflows, UBSan is silent;
+    // -fwrapv or -fno-vectorize avoided it too).
+    const float* dz_p = dz.data() + padded_at(p) * c;
     for (int ch = 0; ch < c; ++ch) {
       const size_t i = p * c + ch;
       const bool on = (double(y[i]) - coef[2 * c + ch]) * coef[ch] + coef[c + ch] > 0;
-      g[i] = on ? dz[padded_at(p) * c + ch] : 0.0;
+      g[i] = on ? dz_p[ch] : 0.0;
       gsum_want[ch] += g[i];
       gsum_want[c + ch] += g[i] * (double(y[i]) - coef[2 * c + ch]);
       dy_want[i] = coef[3 * c + ch] * g[i] + coef[4 * c + ch] + coef[5 * c + ch] * (double(y[i]) - coef[2 * c + ch]);
     }
+  }
   Expect("bn+relu gradient sums", sums, gsum_want, 1e-5 * count);
   std::vector<float> dy(count * c, NAN);
   BnReluGradCore(pool, s, y.data(), dz.data(), coef.data(), dy.data());
@@ -708,8 +713,8 @@ void TestSqrt(std::mt19937& rng) {
   for (size_t i = 0; i < x.size(); i += L) {
     const fv r = Sqrt(Load(x.data() + i));
     for (int j = 0; j < L; ++j) {
-      const float want = std::sqrt(x[i + j]);
-      Check(std::memcmp(&r[j], &want, sizeof(want)) == 0, "sqrt: a lane differs from std::sqrt");
+      const float got = r[j], want = std::sqrt(x[i + j]);
+      Check(std::memcmp(&got, &want, sizeof(want)) == 0, "sqrt: a lane differs from std::sqrt");
     }
   }
 }
