@@ -354,6 +354,20 @@ def test_every_vector_width_matches_lax_on_every_cpu():
                      FASHION_JAX_NATIVE_LANES="16")
 
 
+def test_a_clang_build_matches_lax(tmp_path):
+  """The kernels built by Clang (macOS's only C++ compiler, and some Linux systems' `c++`) at
+  this CPU's best level compute the lax results and gradients: the comparisons above, rerun in
+  a fresh cache with CXX=clang++. (The source once used GCC's __builtin_shuffle, so on a Mac
+  the build failed and training fell back to XLA's slower formulations.) .ci/run installs
+  Debian's clang."""
+  clang = shutil.which("clang++")
+  if clang is None:
+    pytest.skip("needs clang++ (Debian: clang)")
+  _rerun_comparisons(CXX=clang, FASHION_JAX_CACHE_DIR=str(tmp_path))
+  (library,) = (tmp_path / "native").glob(f"*/{native_build.LIBRARY}")
+  assert b"clang version" in library.read_bytes()  # Clang built it (its .comment section).
+
+
 def test_the_build_reports_its_target_width_and_isa():
   built = native.info()
   assert built["target"] == native_build.runnable()[0].name  # The best level this CPU runs.

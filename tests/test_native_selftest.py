@@ -57,3 +57,21 @@ def test_arm_build_matches_plain_loops_under_qemu(tmp_path):
                         "-isystem", jax.ffi.include_dir(), str(SELFTEST), "-o",
                         str(tmp_path / "selftest_arm")], run_prefix=(qemu,))
   assert f"lanes={arm.lanes} isa=neon" in out
+
+
+def test_arm_build_by_clang_matches_plain_loops_under_qemu(tmp_path):
+  """The same Arm build by Clang, the compiler of Apple silicon Macs (macOS has no GCC), against
+  the cross compiler's headers and libraries. .ci/run installs Debian's clang."""
+  if platform.machine() in ("aarch64", "arm64"):
+    pytest.skip("this machine is 64-bit Arm: the sanitizer test above ran the NEON build natively")
+  clang, cross, qemu = (shutil.which(name) for name in ("clang++", "aarch64-linux-gnu-g++",
+                                                         "qemu-aarch64"))
+  if not (clang and cross and qemu):
+    pytest.skip("needs clang++, aarch64-linux-gnu-g++ (its headers and libraries) and "
+                "qemu-aarch64 (Debian: clang, g++-aarch64-linux-gnu, qemu-user)")
+  (arm,) = native_build.TARGETS["aarch64"]
+  out = _build_and_run([clang, "--target=aarch64-linux-gnu", *FLAGS, "-O2", "-static", arm.march,
+                        f"-DFJ_LANES={arm.lanes}", "-isystem", jax.ffi.include_dir(),
+                        str(SELFTEST), "-o", str(tmp_path / "selftest_arm_clang")],
+                       run_prefix=(qemu,))
+  assert f"lanes={arm.lanes} isa=neon" in out

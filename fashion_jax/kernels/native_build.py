@@ -19,6 +19,10 @@ missing and a C++ compiler is there, else takes the best one already built.
 The source compiles as two halves at once (its FJ_PART), linked into one library: the compiler
 uses one core, and on 2 Zen 4 cores this took 14 s instead of 27.
 
+The compiler is `$CXX`, else `c++`, `g++` or `clang++`: GCC and Clang (macOS's) both build it
+(tests/test_native.py, tests/test_native_selftest.py). Where /proc/cpuinfo is missing (macOS),
+`cpu_flags()` is empty and an x86-64 CPU gets the portable target.
+
 Trust: a cached library is loaded only if it and every folder down from the cache are this
 user's own, no symlink, not group/world-writable; otherwise it is built afresh in a private
 `mkdtemp` folder. The cache key covers the source, the target's flags and width, jax, jaxlib
