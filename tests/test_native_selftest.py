@@ -63,7 +63,8 @@ def test_arm_build_by_clang_matches_plain_loops_under_qemu(tmp_path):
   """The same Arm build by Clang, the compiler of Apple silicon Macs (macOS has no GCC), against
   the cross compiler's headers and libraries. .ci/run installs Debian's clang."""
   if platform.machine() in ("aarch64", "arm64"):
-    pytest.skip("this machine is 64-bit Arm: the sanitizer test above ran the NEON build natively")
+    pytest.skip("this machine is 64-bit Arm: tests/test_native.py's Clang test built the NEON "
+                "code natively")
   clang, cross, qemu = (shutil.which(name) for name in ("clang++", "aarch64-linux-gnu-g++",
                                                          "qemu-aarch64"))
   if not (clang and cross and qemu):

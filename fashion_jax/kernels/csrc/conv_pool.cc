@@ -2893,8 +2893,8 @@ typedef float v16 __attribute__((vector_size(64)));
 #define FJ_FMA_FUNCTION(name, isa, v, kAcc)                                                      \
   isa void name(int64_t iters, float* sink) {                                                    \
     static_assert(kAcc == 12 || kAcc == 16);                                                     \
-    const v m = v{} + 0.999999f, c = v{} + 0.000001f; /* Converges to 1: no overflow, no */      \
-    v a0 = v{}, a1 = a0 + 1, a2 = a0 + 2, a3 = a0 + 3, a4 = a0 + 4, /* denormals. */             \
+    const v m = v{} + 0.999999f, c = v{} + 0.000001f; /* Converges to 1 (no denormals). */      \
+    v a0 = v{}, a1 = a0 + 1, a2 = a0 + 2, a3 = a0 + 3, a4 = a0 + 4,                              \
       a5 = a0 + 5, a6 = a0 + 6, a7 = a0 + 7, a8 = a0 + 8, a9 = a0 + 9, a10 = a0 + 10,            \
       a11 = a0 + 11, a12 = a0 + 12, a13 = a0 + 13, a14 = a0 + 14, a15 = a0 + 15;                 \
     for (int64_t i = 0; i < iters; ++i) {                                                        \
