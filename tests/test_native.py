@@ -453,6 +453,23 @@ def test_a_forced_target_this_cpu_cannot_run_is_a_clear_error(monkeypatch):
     native_build.choose(jax.ffi.include_dir())
 
 
+def test_a_forced_target_is_trusted_where_the_cpu_features_are_unknown(monkeypatch):
+  """macOS has no /proc/cpuinfo: an Intel Mac with AVX2 can still ask for x86-64-v3 (warned);
+  a name that is no target is still an error."""
+  monkeypatch.setattr(native_build, "cpu_flags", frozenset)
+  monkeypatch.setattr(native_build.platform, "machine", lambda: "x86_64")
+  monkeypatch.delenv("FASHION_JAX_NATIVE_LANES", raising=False)
+  monkeypatch.setenv("FASHION_JAX_NATIVE_ISA", "x86-64-v3")
+  warnings = []
+  monkeypatch.setattr(native_build.logging, "warning", lambda *args: warnings.append(args))
+  target, width = native_build.choose(jax.ffi.include_dir())
+  assert (target.name, width) == ("x86-64-v3", 8)
+  assert len(warnings) == 1 and "not checked" in warnings[0][0]
+  monkeypatch.setenv("FASHION_JAX_NATIVE_ISA", "avx9000")
+  with pytest.raises(ValueError, match="use one of"):
+    native_build.choose(jax.ffi.include_dir())
+
+
 def test_supports_only_what_the_kernel_handles():
   x, k = jnp.zeros((2, 28, 28, 1)), jnp.zeros((3, 3, 1, 32))
   assert native.supports(x, k)

@@ -21,7 +21,9 @@ uses one core, and on 2 Zen 4 cores this took 14 s instead of 27.
 
 The compiler is `$CXX`, else `c++`, `g++` or `clang++`: GCC and Clang (macOS's) both build it
 (tests/test_native.py, tests/test_native_selftest.py). Where /proc/cpuinfo is missing (macOS),
-`cpu_flags()` is empty and an x86-64 CPU gets the portable target.
+`cpu_flags()` is empty and an x86-64 CPU gets the portable target unless
+`FASHION_JAX_NATIVE_ISA` names another (an Intel Mac with AVX2: `x86-64-v3`), which is then
+taken on the user's word, with a warning.
 
 Trust: a cached library is loaded only if it and every folder down from the cache are this
 user's own, no symlink, not group/world-writable; otherwise it is built afresh in a private
@@ -126,7 +128,13 @@ def forced() -> Target | None:
   if name not in known:
     raise ValueError(f"FASHION_JAX_NATIVE_ISA={name!r}: use one of {sorted(known)} on "
                      f"{platform.machine()}")
-  missing = known[name].requires - cpu_flags()
+  flags = cpu_flags()
+  if not flags and known[name].requires:  # No /proc/cpuinfo (macOS): the user's word is all.
+    logging.warning("FASHION_JAX_NATIVE_ISA=%s: this system does not list its CPU's features, so "
+                    "the target is not checked (a CPU without them stops on an illegal "
+                    "instruction)", name)
+    return known[name]
+  missing = known[name].requires - flags
   if missing:
     raise ValueError(f"FASHION_JAX_NATIVE_ISA={name}: this CPU lacks {', '.join(sorted(missing))}")
   return known[name]
