@@ -27,6 +27,16 @@ def _build_and_run(compile_command, run_prefix=()):
   return run.stdout
 
 
+def _run_arm_selftest(compiler, binary, qemu):
+  """Builds the armv8-a (NEON, 4 lanes) self-test, static, with `compiler` (a command and its
+  target options) and runs it under qemu-user."""
+  (arm,) = native_build.TARGETS["aarch64"]
+  out = _build_and_run([*compiler, *FLAGS, "-O2", "-static", arm.march, f"-DFJ_LANES={arm.lanes}",
+                        "-isystem", jax.ffi.include_dir(), str(SELFTEST), "-o", str(binary)],
+                       run_prefix=(qemu,))
+  assert f"lanes={arm.lanes} isa=neon" in out
+
+
 def test_kernels_match_plain_loops_under_sanitizers(tmp_path):
   """The best level this CPU runs, at its width; -O0, so the build stays short (the optimised
   code's numbers are tests/test_native.py's)."""
@@ -52,11 +62,7 @@ def test_arm_build_matches_plain_loops_under_qemu(tmp_path):
   if not (cross and qemu):
     pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64 (Debian: g++-aarch64-linux-gnu, "
                 "qemu-user)")
-  (arm,) = native_build.TARGETS["aarch64"]
-  out = _build_and_run([cross, *FLAGS, "-O2", "-static", arm.march, f"-DFJ_LANES={arm.lanes}",
-                        "-isystem", jax.ffi.include_dir(), str(SELFTEST), "-o",
-                        str(tmp_path / "selftest_arm")], run_prefix=(qemu,))
-  assert f"lanes={arm.lanes} isa=neon" in out
+  _run_arm_selftest([cross], tmp_path / "selftest_arm", qemu)
 
 
 def test_arm_build_by_clang_matches_plain_loops_under_qemu(tmp_path):
@@ -70,9 +76,4 @@ def test_arm_build_by_clang_matches_plain_loops_under_qemu(tmp_path):
   if not (clang and cross and qemu):
     pytest.skip("needs clang++, aarch64-linux-gnu-g++ (its headers and libraries) and "
                 "qemu-aarch64 (Debian: clang, g++-aarch64-linux-gnu, qemu-user)")
-  (arm,) = native_build.TARGETS["aarch64"]
-  out = _build_and_run([clang, "--target=aarch64-linux-gnu", *FLAGS, "-O2", "-static", arm.march,
-                        f"-DFJ_LANES={arm.lanes}", "-isystem", jax.ffi.include_dir(),
-                        str(SELFTEST), "-o", str(tmp_path / "selftest_arm_clang")],
-                       run_prefix=(qemu,))
-  assert f"lanes={arm.lanes} isa=neon" in out
+  _run_arm_selftest([clang, "--target=aarch64-linux-gnu"], tmp_path / "selftest_arm_clang", qemu)

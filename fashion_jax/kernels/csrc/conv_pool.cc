@@ -111,29 +111,26 @@ inline iv SplatI(int32_t s) { return iv{} + s; }
 // extracts, shifts and ors per vector: about as many instructions as the first layer's
 // multiply-adds per pooled output); a byte shuffle is vpshufb + vpermq + vpor there, or one tbl.
 typedef int8_t bq __attribute__((vector_size(4 * L)));  // The bytes of an iv.
+constexpr int kLowByte = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? 0 : 3;  // In an int32.
 #if defined(__clang__)
 // Clang (Apple's too) has no __builtin_shuffle; __builtin_shufflevector takes constant indices.
 template <int... i>
 inline bv LowBytes(bq bytes, std::integer_sequence<int, i...>) {
-  constexpr int low = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? 0 : 3;
-  return __builtin_shufflevector(bytes, bytes, (4 * i + low)...);
+  return __builtin_shufflevector(bytes, bytes, (4 * i + kLowByte)...);
 }
 #endif
 inline bv Narrow(iv v) {
 #if FJ_LANES == 16 || !(defined(__SSSE3__) || defined(__ARM_NEON))
   return __builtin_convertvector(v, bv);
-#else
-#if defined(__clang__)
+#elif defined(__clang__)
   return LowBytes(reinterpret_cast<bq>(v), std::make_integer_sequence<int, L>{});
 #else
-  constexpr int low = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__ ? 0 : 3;
   bq pick;
-  for (int i = 0; i < 4 * L; ++i) pick[i] = int8_t((4 * i + low) % (4 * L));
+  for (int i = 0; i < 4 * L; ++i) pick[i] = int8_t((4 * i + kLowByte) % (4 * L));
   const bq bytes = __builtin_shuffle(reinterpret_cast<bq>(v), pick);
   bv out;
   std::memcpy(&out, &bytes, sizeof(out));
   return out;
-#endif
 #endif
 }
 
