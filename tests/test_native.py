@@ -232,7 +232,8 @@ def test_ties_go_to_the_first_maximum_like_reduce_window(cin, relu):
 # gradient is XLA's reduction). XLA's own convolutions and reductions on CPU do depend on the
 # thread count, at rounding level (measured: 4e-6 on the direct input gradient).
 _GRADIENTS = """
-import sys
+import os, sys
+os.sched_setaffinity(0, {int(cpu) for cpu in sys.argv[2].split(",")})  # Before XLA sizes its pool.
 import jax, jax.numpy as jnp, numpy as np
 from fashion_jax.kernels import native, plain_conv, two_layers
 rng = np.random.default_rng(0)
@@ -291,6 +292,7 @@ for b in (37, 300):
   grads = jax.jit(jax.grad(lambda x, w: jnp.sum(dense.matmul(x, w) ** 2), argnums=(0, 1)))(x, w)
   outputs[f"dense{b}_dx"], outputs[f"dense{b}_dw"] = map(np.asarray, grads)
 np.savez(sys.argv[1], **outputs)
+print("cpus", len(os.sched_getaffinity(0)))
 """
 
 
@@ -303,11 +305,14 @@ def test_gradients_do_not_depend_on_the_thread_count(tmp_path):
   results = {}
   for label, allowed in (("one", {cpus[0]}), ("all", set(cpus)), ("all again", set(cpus))):
     out = tmp_path / f"{label.replace(' ', '_')}.npz"
-    proc = subprocess.run([sys.executable, "-c", _GRADIENTS, str(out)], cwd=ROOT,
+    # The child sets its own affinity: a preexec_fn runs between fork and exec in this
+    # multithreaded (JAX) process, which can deadlock (Python 3.12+ warns of it).
+    proc = subprocess.run([sys.executable, "-c", _GRADIENTS, str(out),
+                           ",".join(map(str, sorted(allowed)))], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
-                          preexec_fn=lambda allowed=allowed: os.sched_setaffinity(0, allowed),
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["cpus", str(len(allowed))], proc.stdout[-300:]
     results[label] = dict(np.load(out))
   for label in ("all", "all again"):
     assert len(results[label]) == 36 and results[label].keys() == results["one"].keys()
