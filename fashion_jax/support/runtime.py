@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 
 MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:"
@@ -35,7 +36,7 @@ def malloc_tuning_wanted(environ=None) -> bool:
 
 
 def reexec_with_tuned_malloc(module: str) -> None:
-  """Re-runs `python -m module <same args>` with the malloc tunables, if wanted.
+  """Re-runs `python <same options> -m module <same args>` with the malloc tunables, if wanted.
 
   Call first thing in an entry point's `__main__`, before JAX is imported.
   The original start time is passed on, so `wall_time_s` still counts from
@@ -50,4 +51,9 @@ def reexec_with_tuned_malloc(module: str) -> None:
   env.setdefault(_START_ENV, repr(fashion_jax.process_start_time()))
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+  # The interpreter's own options go along: without them `python -P` / `-I` (no current folder on
+  # the import path: run from a shared folder, its .py files are not imported), `-E`, `-s`, `-X`
+  # and `-W` would hold only until the re-exec. The stdlib's helper is what multiprocessing's
+  # spawn uses to start its children with the same options.
+  options = subprocess._args_from_interpreter_flags()  # pylint: disable=protected-access
+  os.execve(sys.executable, [sys.executable, *options, "-m", module, *sys.argv[1:]], env)
