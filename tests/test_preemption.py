@@ -48,16 +48,20 @@ def test_signal_saves_and_resumes(tmp_path, idx_dir, sig):
 def test_signal_before_the_train_loop_stops_at_the_first_boundary(tmp_path, idx_dir):
   """A preemption notice while the run starts (data, restore, compile) is not lost: before,
   the handlers came with the loop, so in a multi-process job jax.distributed's own notifier took
-  it and the job trained to the end (exit 0), and a single process died with exit 143."""
+  it and the job trained to the end (exit 0), and a single process died with exit 143.
+  The stop step is an evaluation step (not a checkpoint one): its checkpoint keeps the
+  validation accuracy, so it competes for "best" (it had been saved without it)."""
   workdir = tmp_path / "run"
   args = [sys.executable, "-m", "fashion_jax.main", "--config=configs/tiny.py",
           f"--workdir={workdir}", f"--config.idx_dir={idx_dir}", "--config.steps_per_dispatch=5",
-          "--config.num_train_steps=1000"]
+          "--config.num_train_steps=1000", "--config.eval_every_steps=5",
+          "--config.checkpoint_every_steps=1000", "--config.validation_size=64"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", FASHION_JAX_SIGNAL_AT="restored")
   proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == stops.EXIT_PREEMPTED, proc.stderr[-3000:]
   assert "fashion_jax: stopped by SIGTERM at step 5;" in proc.stderr, proc.stderr[-3000:]
-  assert (workdir / "checkpoints" / "5").is_dir()
+  saved = json.loads((workdir / "checkpoints" / "5" / "metrics" / "metrics").read_text())
+  assert 0 < saved["val_accuracy"] < 1, saved
 
 
 @pytest.mark.parametrize("sig, code, says", [

@@ -654,9 +654,13 @@ def test_best_validation_checkpoint_is_kept_beyond_the_newest(tmp_path):
     checkpointer.save(step, state, {"model": "m", "param_shapes": {}}, metrics)
   assert checkpointer.all_steps() == [2, 5]
   checkpointer.close()
+  # A resumed run reopens the folder: the metrics come back from disk, so 2 stays the best (it
+  # had been deleted at the first save after a restart, as a checkpoint without metrics).
   reopened = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), keep=1, async_save=False)
-  reopened.save(6, state, {"model": "m", "param_shapes": {}}, {"val_accuracy": 0.95})
-  assert reopened.all_steps() == [6]  # The metrics survive a restart; 6 is newest and best.
+  reopened.save(6, state, {"model": "m", "param_shapes": {}}, {"val_accuracy": 0.3})
+  assert reopened.all_steps() == [2, 6]
+  reopened.save(7, state, {"model": "m", "param_shapes": {}}, {"val_accuracy": 0.95})
+  assert reopened.all_steps() == [7]  # Newest and best.
   reopened.close()
 
 

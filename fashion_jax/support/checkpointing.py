@@ -195,6 +195,18 @@ def is_damage(error: BaseException) -> bool:
   return damage
 
 
+class _NoMissingMetricWarning(logging_std.Filter):
+  """Orbax's warning at each save without metrics once `best_fn` is set: here that is every
+  checkpoint of a run without a validation split, or between evaluations; nothing is wrong."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith("Requested `tracked_metric`; did not provide metrics")
+
+
+def _best_metric(metrics) -> float:
+  return metrics[BEST_METRIC]
+
+
 class Checkpointer:
   """Periodic and final saves, keep-N, async writes, restore of the latest step."""
 
@@ -204,10 +216,17 @@ class Checkpointer:
     self.directory = storage.resolve(directory, "checkpoints")
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
-        checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
+        checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1,
                                   keep_checkpoints_without_metrics=False)])
+    # best_fn too: Orbax writes a step's metrics to disk (and reads them back when a resumed run
+    # reopens the folder) only with it. With the policy alone they lived in memory, and the first
+    # save after a resume deleted the best checkpoint as one without metrics.
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save,
-                                           preservation_policy=policy)
+                                           preservation_policy=policy, best_fn=_best_metric,
+                                           best_mode="max")
+    absl_logger = logging_std.getLogger("absl")
+    if not any(isinstance(f, _NoMissingMetricWarning) for f in absl_logger.filters):
+      absl_logger.addFilter(_NoMissingMetricWarning())
     handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()  # (item_handlers= is deprecated)
     for item, args in (("state", ocp.args.StandardSave), ("state", ocp.args.StandardRestore),
                        ("meta", ocp.args.JsonSave), ("meta", ocp.args.JsonRestore)):

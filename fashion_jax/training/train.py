@@ -419,7 +419,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
           results[name] = action(step, results)
         last_eval = results.get("eval", last_eval)
         if stopping:
-          save(step, {})
+          save(step, results)  # With this step's evaluation, if one ran: it competes for best.
           checkpointer.wait()  # Durable before the process exits.
           raise stops.Preempted(f"stopped by {stopping} at step {step}; checkpoint saved in "
                                 f"{checkpointer.directory}; re-run the same command to resume")
