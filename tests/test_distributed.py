@@ -257,10 +257,15 @@ def test_launcher_refuses_bad_arguments_with_exit_2(tmp_path, args, says):
   assert "started" not in proc.stdout and not os.listdir(tmp_path)
 
 
-def test_launcher_returns_a_processes_exit_2_and_says_its_error_once(tmp_path, idx_dir):
+@pytest.mark.parametrize("override, error", [
+    ("--config.batch_size=0", "fashion_jax: error: config.batch_size=0 is invalid"),
+    # After joining: one device for the job had left process 1 none (a traceback, exit 1).
+    ("--config.parallelism=none", "fashion_jax: error: config.parallelism='none' runs on one "
+                                  "device, but this job has 2 processes")])
+def test_launcher_returns_a_processes_exit_2_and_says_its_error_once(tmp_path, idx_dir, override,
+                                                                     error):
   """Each process refuses the config (exit 2): the launcher said exit 1, and the line twice."""
   proc = _launch(tmp_path / "run", "--config=configs/tiny.py", f"--config.idx_dir={idx_dir}",
-                 "--config.batch_size=0")
+                 override)
   assert proc.returncode == 2, proc.stderr
-  error = "fashion_jax: error: config.batch_size=0 is invalid"
   assert proc.stderr.count(error) == 1, proc.stderr

@@ -142,6 +142,10 @@ class Parallel:
     self.process_count = jax.process_count()
     self.local_devices = [d for d in self.devices if d.process_index == self.process_index]
     if mode == "none":
+      if self.process_count > 1:  # One device in all: the other processes would have none.
+        raise UserError(f"config.parallelism='none' runs on one device, but this job has "
+                        f"{self.process_count} processes; use auto, mesh or pmap, or run one "
+                        "process")
       self.devices = self.local_devices = self.devices[:1]
     # Auto axes: XLA propagates the batch sharding and inserts the collectives.
     self.mesh = _mesh(self.devices)
