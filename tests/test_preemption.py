@@ -64,6 +64,27 @@ def test_signal_before_the_train_loop_stops_at_the_first_boundary(tmp_path, idx_
   assert 0 < saved["val_accuracy"] < 1, saved
 
 
+def test_a_stop_inside_a_log_interval_resumes_to_the_same_log_lines(tmp_path, idx_dir):
+  """Stopped at step 5 of a 4-step log interval (steps 5-8), then resumed: the step-8 line sums
+  steps 5-8, as the uninterrupted run's does (it had summed only 6-8: the partial interval lived
+  in memory; the default config logs every 200 steps and checkpoints every 1,875)."""
+  args = [sys.executable, "-m", "fashion_jax.main", "--config=configs/tiny.py",
+          f"--config.idx_dir={idx_dir}", "--config.steps_per_dispatch=5",
+          "--config.num_train_steps=10", "--config.log_every_steps=4"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  runs = {}
+  for name, signal_at in (("straight", None), ("resumed", "restored"), ("resumed", None)):
+    run_env = dict(env, FASHION_JAX_SIGNAL_AT=signal_at) if signal_at else env
+    proc = subprocess.run(args + [f"--workdir={tmp_path / name}"], cwd=ROOT, env=run_env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == (stops.EXIT_PREEMPTED if signal_at else 0), proc.stderr[-3000:]
+    runs[name] = [{k: v for k, v in json.loads(line).items()
+                   if k not in ("wall_time_s", "train_images_per_sec")}
+                  for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+  assert [line["step"] for line in runs["straight"] if "train_loss" in line] == [4, 8, 10]
+  assert runs["resumed"] == runs["straight"]
+
+
 @pytest.mark.parametrize("sig, code, says", [
     (signal.SIGINT, 130, "fashion_jax: error: stopped by a second SIGINT before the stop "
                          "checkpoint was saved"),

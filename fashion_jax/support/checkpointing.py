@@ -266,8 +266,12 @@ class Checkpointer:
           f"{needed >> 20} MB needed; free some space (or use another --workdir) and re-run to "
           f"resume from the last checkpoint (step {self.latest_step()}), which is intact")
 
+  def meta(self, step: int) -> dict:
+    """The JSON saved with `step`'s state: the description, and what else the caller added."""
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
   def _check_description(self, step: int, description: dict) -> None:
-    stored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    stored = self.meta(step)
     where = storage.join(self.directory, str(step))
     if stored.get("model") != description["model"]:
       raise UserError(

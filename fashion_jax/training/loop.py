@@ -173,3 +173,24 @@ class LogIntervals:
 
   def discard(self) -> None:
     self._parts = []
+
+  def pending(self, step: int) -> dict:
+    """The unfinished interval's per-step metrics up to `step` (steps done), as JSON for the
+    checkpoint at `step`: a run resumed there finishes the interval with them, so its log line
+    is the uninterrupted run's (they were only in memory, and the line covered the steps since
+    the resume). Values as Python numbers: float32 and int32 survive JSON exactly."""
+    if not self._parts:
+      return {}
+    merged = {k: np.concatenate([p[k] for p in self._parts]) for k in self._parts[0]}
+    return {"step": step, "every": self.every,
+            "metrics": {k: {"dtype": v.dtype.name, "values": v.tolist()} for k, v in merged.items()}}
+
+  def resume(self, pending: dict | None, step: int) -> None:
+    """Takes `pending(step)` back when resuming at `step`; dropped if the log interval changed
+    (the config may change it on resume): the first line then covers the steps since `step`."""
+    self._parts = []
+    if pending and pending.get("step") == step and pending.get("every") == self.every:
+      metrics = {k: np.asarray(v["values"], dtype=v["dtype"])
+                 for k, v in pending["metrics"].items()}
+      if 0 < len(next(iter(metrics.values()))) == step % self.every:
+        self._parts = [metrics]

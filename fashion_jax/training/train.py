@@ -380,10 +380,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     log = TrainLog(run, writer, jax.jit(steps.create_schedule(config, total_steps)), checkpointer,
                    bar)
     log.restart_clock(step)
+    if step:  # The log interval the checkpoint was saved in, from its start.
+      log.intervals.resume(checkpointer.meta(step).get("log_interval"), step)
 
     def save(step: int, results: dict) -> None:  # With its validation accuracy: best is kept.
       writer.flush()  # The lines up to here, with the checkpoint (buffered for Cloud Storage).
-      checkpointer.save(step, parallel.logical_state(state), description, results.get("eval"))
+      meta = {**description, "log_interval": log.intervals.pending(step)}
+      checkpointer.save(step, parallel.logical_state(state), meta, results.get("eval"))
 
     # The periodic actions, in order, at the window boundaries where `step % every == 0` (and
     # at the last step); each gets the results of the ones before it at that step.
