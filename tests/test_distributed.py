@@ -40,8 +40,10 @@ def test_two_processes_match_one_process(tmp_path, idx_dir):
   Adam amplifies past this test's 1e-5. The formulations' equivalence is
   tested in test_ops.py; here the parallel machinery is.
   """
+  # With augmentation: each position of the global batch draws its own shift, so this also checks
+  # that a position holds the same example however many processes share the batch.
   flags = ["--config=configs/tiny.py", f"--config.idx_dir={idx_dir}", "--config.parallelism=mesh",
-           "--config.conv_impl=im2col"]
+           "--config.conv_impl=im2col", "--config.augment_translate=2"]
   single = str(tmp_path / "single")
   proc = run_module("fashion_jax.main", f"--workdir={single}", *flags,
                     env={"JAX_NUM_CPU_DEVICES": "4"})

@@ -190,19 +190,18 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def epoch_index(seed: int, epoch: int, n: int, global_batch: int,
-                process_count: int = 1) -> np.ndarray:
+def epoch_index(seed: int, epoch: int, n: int, global_batch: int) -> np.ndarray:
   """The examples of every step of one epoch: int32 [steps_per_epoch, global_batch].
 
-  Row i is step i's global batch: process p's contiguous slice of the epoch's
-  order, sorted (a cache-friendlier gather of the same set), for each p in
-  turn. The one definition of the train order, for both data placements.
+  Row i is step i's global batch: the epoch's order cut into batches, each sorted (a
+  cache-friendlier gather of the same set); process p takes the row's p-th contiguous slice.
+  The one definition of the train order, for both data placements. Sorted whole, not per
+  process's slice: an example's position in the batch picks its augmentation and dropout
+  draws, so per-slice sorting made them depend on the number of processes.
   """
-  local = global_batch // process_count
   per_epoch = n // global_batch
   order = epoch_order(seed, epoch, n)[:per_epoch * global_batch]
-  return np.sort(order.reshape(per_epoch * process_count, local), axis=1).reshape(
-      per_epoch, global_batch).astype(np.int32)
+  return np.sort(order.reshape(per_epoch, global_batch), axis=1).astype(np.int32)
 
 
 def train_batches(split: Split, global_batch: int, seed: int, start_step: int = 0,
@@ -219,7 +218,7 @@ def train_batches(split: Split, global_batch: int, seed: int, start_step: int = 
   per_epoch = len(split) // global_batch
   epoch, offset = divmod(start_step, per_epoch)
   while True:
-    rows = epoch_index(seed, epoch, len(split), global_batch, process_count)
+    rows = epoch_index(seed, epoch, len(split), global_batch)
     for i in range(offset, per_epoch):
       index = rows[i, process_index * local:(process_index + 1) * local]
       yield {"image": split.images[index], "label": split.labels[index]}

@@ -131,7 +131,7 @@ class Windows:
       for e in (epoch, epoch + 1):
         slot = (e % 2) * per_epoch
         table[slot:slot + per_epoch] = input_pipeline.epoch_index(
-            self.seed, e, self.num_examples, self.batch_size, self.parallel.process_count)
+            self.seed, e, self.num_examples, self.batch_size)
       self._table, self._table_epoch = self.parallel.put_index_table(table), epoch
     return (self._data, self._table)
 
