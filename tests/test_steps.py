@@ -88,19 +88,22 @@ def test_ema_warms_up_and_averages_batchnorm_statistics(tiny_config):
 
 
 def test_skipped_step_advances_optax_counts_with_the_step(tiny_config):
-  """A non-finite step leaves weights and moments as they were, but every optax `count` moves
-  with state.step, so the schedule's learning rate is the logged one (that of the step)."""
+  """A non-finite step leaves weights, moments and their EMA as they were, but every optax
+  `count` moves with state.step, so the schedule's learning rate is the logged one (that of the
+  step). The bad step is named as log lines count steps: the second step is step 2."""
   tiny_config.lr_schedule, tiny_config.warmup_steps = "cosine", 5
   model, tx = steps.create_model(tiny_config), steps.create_optimizer(tiny_config, 20)
-  state = steps.create_train_state(model, tx, 0)
+  state = steps.create_train_state(model, tx, 0, ema=True)
   images = np.zeros((4, 28, 28, 1), np.uint8)
   good = {"image": images, "label": np.arange(4, dtype=np.int32)}
-  step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, tx=tx))
+  step = jax.jit(lambda s, b: steps.train_step(s, b, model=model, tx=tx, ema_decay=0.99))
   state, _ = step(state, good)
   poisoned = state.replace(params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(np.nan),
                                                state.params))
   after, metrics = step(poisoned, good)
   assert int(after.step) == 2 and float(metrics["nonfinite_steps"]) == 1.0
+  assert float(metrics["first_nonfinite_step"]) == 2.0
+  jax.tree.map(np.testing.assert_array_equal, after.ema_params, poisoned.ema_params)
   counts = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(after.opt_state)[0]
             if getattr(path[-1], "name", None) == "count"]
   assert counts and all(int(c) == 2 for c in counts), counts

@@ -164,7 +164,7 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
   if axis_name is not None and batch_stats:
     batch_stats = lax.pmean(batch_stats, axis_name)
 
-  # A non-finite loss or gradient leaves the state as it was (the step still
+  # A non-finite loss or gradient leaves the state as it was, EMAs included (the step still
   # counts, so the data order is unchanged); the host decides to stop or skip.
   bad = ~(jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)))
   if axis_name is not None:
@@ -183,9 +183,11 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
     t = state.step.astype(jnp.float32)
     decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
     average = lambda e, p: decay * e + (1.0 - decay) * p
-    ema_params = jax.tree.map(average, ema_params, params)
+    ema_params = jax.tree.map(keep_old, jax.tree.map(average, ema_params, params),
+                              state.ema_params)
     if ema_batch_stats is not None:  # Averaged like the weights they belong to.
-      ema_batch_stats = jax.tree.map(average, ema_batch_stats, batch_stats)
+      ema_batch_stats = jax.tree.map(keep_old, jax.tree.map(average, ema_batch_stats,
+                                                            batch_stats), state.ema_batch_stats)
 
   n = jnp.where(bad, 0.0, float(labels.shape[0]))
   metrics = {"loss_sum": jnp.where(bad, 0.0, loss) * n,
@@ -194,7 +196,8 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
   if axis_name is not None:
     metrics = lax.psum(metrics, axis_name)
   metrics["nonfinite_steps"] = bad.astype(jnp.float32)
-  metrics["first_nonfinite_step"] = jnp.where(bad, state.step, NO_STEP).astype(jnp.float32)
+  # Counted as steps done, as log lines and checkpoints count them: this is step state.step + 1.
+  metrics["first_nonfinite_step"] = jnp.where(bad, state.step + 1, NO_STEP).astype(jnp.float32)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=batch_stats, ema_params=ema_params,
                             ema_batch_stats=ema_batch_stats)
