@@ -114,8 +114,9 @@ def test_coordinator_without_process_count_is_a_config_error(tmp_path):
   assert "needs config.num_processes >= 1" in proc.stderr
 
 
-def _launch(workdir, *flags, wait=True):
-  env = dict(os.environ, FASHION_JAX_PORT=str(_free_port()), PYTHON=sys.executable)
+def _launch(workdir, *flags, wait=True, **env_overrides):
+  env = dict(os.environ, FASHION_JAX_PORT=str(_free_port()), PYTHON=sys.executable,
+             **env_overrides)
   args = ["bash", "launch/local_multiprocess.sh", "2", "1", str(workdir), *flags]
   if not wait:
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -271,3 +272,17 @@ def test_launcher_returns_a_processes_exit_2_and_says_its_error_once(tmp_path, i
                  override)
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.count(error) == 1, proc.stderr
+
+
+def test_one_process_out_of_disk_stops_every_process_with_its_error(tmp_path, idx_dir):
+  """Process 1 finds too little free disk before the step-10 save: every process refuses the
+  save (exit 2, the line once), and the step-10 checkpoint is not started. Alone, process 1 had
+  exited and left process 0 waiting in the collective save."""
+  workdir = tmp_path / "run"
+  start = time.monotonic()
+  proc = _launch(workdir, "--config=configs/tiny.py", f"--config.idx_dir={idx_dir}",
+                 FASHION_JAX_DISK_FULL="1")
+  assert proc.returncode == 2, proc.stderr + "".join(_process_logs(workdir))[-3000:]
+  assert proc.stderr.count("fashion_jax: error: process 1: not enough free disk") == 1, proc.stderr
+  assert time.monotonic() - start < 120
+  assert not os.path.exists(workdir / "checkpoints" / "10")

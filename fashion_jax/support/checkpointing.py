@@ -248,7 +248,17 @@ class Checkpointer:
     """
     if step in self._manager.all_steps():
       return
-    self._check_free_disk(state)
+    # Agreed: a process that refused alone would leave the others waiting in the collective save.
+    try:
+      self._check_free_disk(state)
+      refusal = None
+    except UserError as e:
+      refusal = str(e)
+    refusals = multihost.gather(f"disk/{step}", refusal)
+    if refusals:
+      first = min(refusals)
+      raise UserError(refusals[first] if first == jax.process_index() else
+                      f"process {first}: {refusals[first]}")
     best = {BEST_METRIC: float(metrics[BEST_METRIC])} if metrics and BEST_METRIC in metrics else None
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(description)), metrics=best,
@@ -260,6 +270,8 @@ class Checkpointer:
       return
     needed = 2 * sum(x.nbytes for x in jax.tree.leaves(state)) + (64 << 20)
     free = shutil.disk_usage(self.directory).free
+    if faults.disk_full():  # Tests: this process's disk is full.
+      free = 0
     if free < needed:
       raise UserError(
           f"not enough free disk to save a checkpoint in {self.directory}: {free >> 20} MB free, "

@@ -5,6 +5,7 @@ is dispatched, while it runs) or "save:20" (right after the save of step 20 has
 started writing in the background). Used by tests/test_faults.py to prove that
 a run killed anywhere resumes to a bitwise-identical result. FASHION_JAX_SIGNAL_AT=POINT sends
 SIGTERM at `maybe_signal(POINT)` instead (a preemption notice at that moment).
+FASHION_JAX_DISK_FULL=I makes process I's free-disk check before a save find none.
 """
 
 import os
@@ -26,3 +27,12 @@ def maybe_signal(point: str) -> None:
   """Sends this process SIGTERM at `point` where FASHION_JAX_SIGNAL_AT names it."""
   if os.environ.get("FASHION_JAX_SIGNAL_AT", "") == point:
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def disk_full() -> bool:
+  """Whether FASHION_JAX_DISK_FULL names this process (its index) as out of disk."""
+  wanted = os.environ.get("FASHION_JAX_DISK_FULL", "")
+  if not wanted:
+    return False
+  import jax  # pylint: disable=g-import-not-at-top  (only when testing)
+  return wanted == str(jax.process_index())
