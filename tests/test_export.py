@@ -247,14 +247,31 @@ def test_output_is_never_clobbered(trained_tiny_workdir, tmp_path):
   with pytest.raises(UserError, match="--platforms=gpu is invalid"):
     export.export(classifier, str(tmp_path / "other"), platforms=["gpu"])
 
-  # A previous export is replaced with --overwrite, and only then.
+  # A previous export is replaced with --overwrite, and only then; files someone put beside
+  # it (here and in a subfolder) are never deleted with it: refused until they are moved out.
   previous = tmp_path / "previous"
   export.export(classifier, str(previous), platforms=["cpu"])
-  (previous / "stale.txt").write_text("from the old export")
+  (previous / "notes.txt").write_text("mine")
+  (previous / "variables" / "backup").write_text("mine too")
   with pytest.raises(UserError, match="not empty"):
     export.export(classifier, str(previous), platforms=["cpu"])
+  with pytest.raises(UserError, match=r"files the export did not write \(notes.txt, "
+                                      r"variables/backup\); refusing"):
+    export.export(classifier, str(previous), platforms=["cpu"], overwrite=True)
+  assert (previous / "notes.txt").read_text() == "mine"
+  # An export written before the metadata listed its files: judged by its top-level names.
+  metadata_path = previous / export.METADATA_NAME
+  metadata = json.loads(metadata_path.read_text())
+  del metadata["files"]
+  metadata_path.write_text(json.dumps(metadata))
+  with pytest.raises(UserError, match=r"did not write \(notes.txt\)"):
+    export.export(classifier, str(previous), platforms=["cpu"], overwrite=True)
+  (previous / "notes.txt").unlink()
+  (previous / "variables" / "backup").unlink()
   export.export(classifier, str(previous), platforms=["cpu"], overwrite=True)
-  assert not (previous / "stale.txt").exists()
+  assert json.loads(metadata_path.read_text())["files"] == [
+      "README.md", "assets/class_names.txt", export.METADATA_NAME, "fingerprint.pb",
+      "saved_model.pb", "variables/variables.data-00000-of-00001", "variables/variables.index"]
   assert sorted(os.listdir(tmp_path)) == ["out", "previous"]  # No staging folders left behind.
   images = _tiny_test_images(trained_tiny_workdir)[:4, :, :, 0]
   np.testing.assert_allclose(_serve(tf.saved_model.load(str(previous)), images),

@@ -110,7 +110,35 @@ def check_output(output: str, overwrite: bool) -> str:
       raise UserError(f"--output {path!r} is not empty and holds no fashion_jax export "
                       f"({METADATA_NAME} missing); refusing to replace it even with --overwrite; "
                       "pass a new or empty folder")
+    foreign = _foreign_files(path)
+    if foreign:
+      raise UserError(f"--output {path!r} holds files the export did not write "
+                      f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                      "refusing to replace it even with --overwrite; move them out, or pass a "
+                      "new folder")
   return path
+
+
+# What an export writes at its top level: exports made before the metadata listed their files.
+_EXPORT_ENTRIES = frozenset({"saved_model.pb", "fingerprint.pb", "variables", "assets",
+                             METADATA_NAME, README_NAME})
+
+
+def _relative_files(folder: str) -> list[str]:
+  prefix = folder.rstrip("/") + "/"
+  return sorted(f[len(prefix):] if f.startswith(prefix) else f
+                for f in storage.files_under(folder))
+
+
+def _foreign_files(path: str) -> list[str]:
+  """The files under an export folder that the export did not write (its metadata's `files`)."""
+  try:
+    listed = json.loads(storage.read_text(storage.join(path, METADATA_NAME))).get("files")
+  except (OSError, ValueError, AttributeError):
+    listed = None
+  if isinstance(listed, list):
+    return [f for f in _relative_files(path) if f not in set(listed)]
+  return [f for f in _relative_files(path) if f.split("/", 1)[0] not in _EXPORT_ENTRIES]
 
 
 def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
@@ -259,11 +287,13 @@ def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(export_seconds, 3),
     }
+    with open(os.path.join(staging, README_NAME), "w") as f:
+      f.write(_readme(metadata))
+    # Every file of the export, so --overwrite can tell them from anything added beside them.
+    metadata["files"] = sorted([*_relative_files(staging), METADATA_NAME])
     with open(os.path.join(staging, METADATA_NAME), "w") as f:
       json.dump(metadata, f, indent=2)
       f.write("\n")
-    with open(os.path.join(staging, README_NAME), "w") as f:
-      f.write(_readme(metadata))
     check_output(path, overwrite)  # Again: something may have appeared meanwhile.
     _move_into_place(staging, path)
   finally:
