@@ -695,3 +695,26 @@ def test_training_without_pillow_skips_the_sample_grid(tiny_config, tmp_path, mo
              for r in caplog.records)
   assert "eval/sample_predictions" not in _tensorboard_values(str(tmp_path / "run"))
   assert [l["step"] for l in _lines(str(tmp_path / "run")) if "eval_loss" in l] == [10]
+
+
+def test_a_workdir_with_files_fashion_jax_did_not_write_is_refused(tiny_config, tmp_path):
+  """A folder holding someone's config.json or metrics.jsonl is refused before anything is
+  written: training there had replaced the one and emptied the other without a word."""
+  for name, text, says in (
+      ("config.json", '{"my": "precious"}\n', "holds a config.json that fashion_jax did not"),
+      ("metrics.jsonl", '{"mine": 1}\n{"step": 3}\n', "holds a metrics.jsonl with lines")):
+    workdir = tmp_path / name
+    workdir.mkdir()
+    (workdir / name).write_text(text)
+    with pytest.raises(UserError, match=says):
+      train.train_and_evaluate(tiny_config, str(workdir))
+    assert sorted(os.listdir(workdir)) == [name] and (workdir / name).read_text() == text
+  # A run's own workdir, its last metrics line cut short by a kill, resumes.
+  workdir = str(tmp_path / "run")
+  tiny_config.num_train_steps = 10
+  train.train_and_evaluate(tiny_config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 11, "train_lo')
+  tiny_config.num_train_steps = 20
+  train.train_and_evaluate(tiny_config, workdir)
+  assert [line["step"] for line in _lines(workdir)][-1] == 20

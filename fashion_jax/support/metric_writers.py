@@ -46,6 +46,24 @@ def _read(path: str) -> str:
   return storage.read_text(path, errors="replace")  # Stray bytes: that line is skipped.
 
 
+def foreign_line(workdir: str) -> str | None:
+  """The first line of `<workdir>/metrics.jsonl` that this project did not write (None if all
+  are its records; a last line cut short by a kill is one of its own)."""
+  path = storage.join(workdir, "metrics.jsonl")
+  if not storage.exists(path):
+    return None
+  lines = _read(path).splitlines()
+  for i, line in enumerate(lines):
+    if line.strip() and _record(line) is None:
+      try:
+        json.loads(line)
+      except ValueError:
+        if i == len(lines) - 1:
+          continue
+      return line
+  return None
+
+
 def read_lines(workdir: str) -> list[dict]:
   """The records of `<workdir>/metrics.jsonl` ([] if none); lines that are not one are skipped."""
   path = storage.join(workdir, "metrics.jsonl")

@@ -150,11 +150,31 @@ class Run:
             "fashion_jax_version": fashion_jax.__version__}
 
 
+def _refuse_foreign_files(workdir: str) -> None:
+  """Refuses, before anything is written, a --workdir whose config.json or metrics.jsonl
+  fashion_jax did not write: training there replaced the one and emptied the other."""
+  path = storage.join(workdir, "config.json")
+  if storage.exists(path):
+    try:
+      ours = "_derived" in json.loads(storage.read_text(path, errors="replace"))
+    except (ValueError, TypeError):
+      ours = False
+    if not ours:
+      raise UserError(f"--workdir {workdir} holds a config.json that fashion_jax did not write "
+                      "(training would replace it); pass a new folder, or a run's workdir")
+  line = metric_writers.foreign_line(workdir)
+  if line is not None:
+    raise UserError(f"--workdir {workdir} holds a metrics.jsonl with lines fashion_jax did not "
+                    f"write (e.g. {line[:60]!r}; training would drop them); pass a new folder, "
+                    "or a run's workdir")
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str, splits=None) -> Run:
   """Validates the config, sets up the devices and loads the data (or takes `splits`)."""
   config_lib.validate(config)
   new_workdir = not storage.exists(storage.resolve(workdir, "--workdir"))
   workdir = storage.ensure_writable_dir(workdir, "--workdir")  # Early: a typo fails at once.
+  _refuse_foreign_files(workdir)
   try:
     return _prepare(config, workdir, splits)
   except UserError:
