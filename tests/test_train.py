@@ -718,3 +718,20 @@ def test_a_workdir_with_files_fashion_jax_did_not_write_is_refused(tiny_config, 
   tiny_config.num_train_steps = 20
   train.train_and_evaluate(tiny_config, workdir)
   assert [line["step"] for line in _lines(workdir)][-1] == 20
+
+
+def test_a_second_run_into_the_same_workdir_is_refused(tiny_config, tmp_path):
+  """While a run holds the workdir's lock (here this test, as another process would), a run into
+  the same folder is refused in one line, before it writes anything; once free, it trains."""
+  import fcntl
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  with open(workdir / train.LOCK_NAME, "a+") as other:
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    other.write("4242\n")
+    other.flush()
+    with pytest.raises(UserError, match=r"another run \(pid 4242\) is training into --workdir"):
+      train.train_and_evaluate(tiny_config, str(workdir))
+    assert sorted(os.listdir(workdir)) == [train.LOCK_NAME]
+  train.train_and_evaluate(tiny_config, str(workdir))
+  assert (workdir / "checkpoints" / "20").is_dir()

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import math
+import os
 import time
 
 from absl import logging
@@ -29,6 +31,7 @@ from fashion_jax.support import errors
 from fashion_jax.support.errors import UserError
 from fashion_jax.support import faults
 from fashion_jax.support import metric_writers
+from fashion_jax.support import multihost
 from fashion_jax.support import parallel as parallel_lib
 from fashion_jax.support import storage
 from fashion_jax.training import loop
@@ -167,6 +170,44 @@ def _refuse_foreign_files(workdir: str) -> None:
     raise UserError(f"--workdir {workdir} holds a metrics.jsonl with lines fashion_jax did not "
                     f"write (e.g. {line[:60]!r}; training would drop them); pass a new folder, "
                     "or a run's workdir")
+
+
+LOCK_NAME = ".fashion_jax.lock"
+
+
+@contextlib.contextmanager
+def _workdir_lock(run: Run):
+  """One training run at a time in a local --workdir: the lead process holds an flock on
+  <workdir>/.fashion_jax.lock (the OS drops it however the process ends, SIGKILL included), and a
+  second run into the folder is refused on every process alike. Two runs had both trained,
+  each writing checkpoints and metrics lines over the other's. Cloud Storage has no locks; a
+  file system without flock (some FUSE mounts) runs unlocked, as before."""
+  handle, refusal = None, None
+  if run.is_lead and not storage.is_url(run.workdir):
+    handle = open(os.path.join(run.workdir, LOCK_NAME), "a+", encoding="utf-8")
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      handle.seek(0)
+      handle.truncate()
+      handle.write(f"{os.getpid()}\n")
+      handle.flush()
+    except BlockingIOError:
+      handle.seek(0)
+      holder = handle.read().strip()
+      handle.close()
+      handle = None
+      refusal = (f"another run{f' (pid {holder})' if holder.isdigit() else ''} is training into "
+                 f"--workdir {run.workdir}; wait for it to end, or use another --workdir")
+    except OSError as e:
+      logging.info("no lock on %s (%s): not checking for another run there", run.workdir, e)
+  refusals = multihost.gather("workdir_lock", refusal)
+  try:
+    if refusals:
+      raise UserError(refusals[min(refusals)])
+    yield
+  finally:
+    if handle is not None:
+      handle.close()
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str, splits=None) -> Run:
@@ -362,6 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
   with contextlib.ExitStack() as cleanup:  # Pending saves finished, files flushed, however it ends.
     stop = cleanup.enter_context(stops.StopRequest())  # Before the data loads: see stops.py.
     run = prepare(config, workdir, splits)
+    cleanup.enter_context(_workdir_lock(run))  # Before anything in the workdir changes.
     parallel, total_steps = run.parallel, run.total_steps
     model = steps.create_model(config, axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
     tx = steps.create_optimizer(config, total_steps)
