@@ -735,3 +735,26 @@ def test_a_second_run_into_the_same_workdir_is_refused(tiny_config, tmp_path):
     assert sorted(os.listdir(workdir)) == [train.LOCK_NAME]
   train.train_and_evaluate(tiny_config, str(workdir))
   assert (workdir / "checkpoints" / "20").is_dir()
+
+
+@pytest.mark.parametrize("entry", ["checkpoints", "metrics.jsonl"])
+def test_an_earlier_runs_unwritable_files_are_refused_before_training(tiny_config, tmp_path,
+                                                                      monkeypatch, entry):
+  """A run's folder copied read-only: one line before training (the first save had failed
+  after a 5-minute wait, with tracebacks; metrics.jsonl with a traceback)."""
+  import stat
+  workdir = tmp_path / "run"
+  tiny_config.num_train_steps = 10
+  train.train_and_evaluate(tiny_config, str(workdir))
+  path = workdir / entry
+  path.chmod(0o555 if path.is_dir() else 0o444)
+  if os.geteuid() == 0:  # Root may write anything; judge by the mode bits, as for a user.
+    monkeypatch.setattr(train.os, "access",
+                        lambda p, mode: bool(os.stat(p).st_mode & stat.S_IWUSR))
+  tiny_config.num_train_steps = 20
+  try:
+    with pytest.raises(UserError, match=f"{entry} is not writable; make it writable"):
+      train.train_and_evaluate(tiny_config, str(workdir))
+  finally:
+    path.chmod(0o755 if path.is_dir() else 0o644)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["10"]

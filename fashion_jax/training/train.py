@@ -155,7 +155,9 @@ class Run:
 
 def _refuse_foreign_files(workdir: str) -> None:
   """Refuses, before anything is written, a --workdir whose config.json or metrics.jsonl
-  fashion_jax did not write: training there replaced the one and emptied the other."""
+  fashion_jax did not write (training there replaced the one and emptied the other), or whose
+  folders or metrics file of an earlier run cannot be written (the first save failed, after a
+  5-minute wait, with tracebacks)."""
   path = storage.join(workdir, "config.json")
   if storage.exists(path):
     try:
@@ -165,6 +167,13 @@ def _refuse_foreign_files(workdir: str) -> None:
     if not ours:
       raise UserError(f"--workdir {workdir} holds a config.json that fashion_jax did not write "
                       "(training would replace it); pass a new folder, or a run's workdir")
+  if not storage.is_url(workdir):  # A folder of an earlier run, e.g. copied read-only.
+    for name, kind in (("checkpoints", os.W_OK | os.X_OK), ("tensorboard", os.W_OK | os.X_OK),
+                       ("metrics.jsonl", os.W_OK)):
+      path = os.path.join(workdir, name)
+      if os.path.exists(path) and not os.access(path, kind):
+        raise UserError(f"{path} is not writable; make it writable (chmod -R u+w {path}), or "
+                        "pass another --workdir")
   line = metric_writers.foreign_line(workdir)
   if line is not None:
     raise UserError(f"--workdir {workdir} holds a metrics.jsonl with lines fashion_jax did not "
