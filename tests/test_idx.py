@@ -117,6 +117,24 @@ def test_count_mismatch(tmp_path):
     idx.load_split(folder, "train")
 
 
+def test_images_of_another_size_are_refused(tmp_path):
+  """32x32 images (another data set) had passed, and failed later in the model with a traceback."""
+  folder = write_idx_folder(str(tmp_path), n_train=20, gz=False)
+  idx.write_idx(os.path.join(folder, "train-images-idx3-ubyte"), np.zeros((20, 32, 32), np.uint8))
+  with pytest.raises(UserError, match="holds 32x32 images, not 28x28"):
+    idx.load_split(folder, "train")
+
+
+def test_a_split_without_images_is_refused(tmp_path):
+  """A valid header counting 0 images: training had failed with a traceback, evaluate reported
+  0.00 % of 0 images."""
+  folder = write_idx_folder(str(tmp_path), n_train=20, gz=False)
+  idx.write_idx(os.path.join(folder, "t10k-images-idx3-ubyte"), np.zeros((0, 28, 28), np.uint8))
+  idx.write_idx(os.path.join(folder, "t10k-labels-idx1-ubyte"), np.zeros(0, np.uint8))
+  with pytest.raises(UserError, match="holds no images"):
+    idx.load_split(folder, "test")
+
+
 def test_label_out_of_range(tmp_path):
   folder = write_idx_folder(str(tmp_path), n_train=20, gz=False)
   idx.write_idx(os.path.join(folder, "train-labels-idx1-ubyte"), np.full(20, 12, np.uint8))

@@ -14,6 +14,7 @@ import zlib
 import numpy as np
 
 from fashion_jax.support import storage
+from fashion_jax.data import datasets
 from fashion_jax.support.errors import UserError
 
 _UINT8 = 0x08
@@ -99,6 +100,13 @@ def load_split(folder: str, split: str, num_classes: int = 10) -> tuple[np.ndarr
     paths[name] = path
   images = read_idx(paths[images_name], expected_ndim=3)
   labels = read_idx(paths[labels_name], expected_ndim=1)
+  if images.shape[1:] != datasets.IMAGE_SHAPE[:2]:
+    raise UserError(f"{paths[images_name]} holds {images.shape[1]}x{images.shape[2]} images, not "
+                    f"{datasets.IMAGE_SHAPE[0]}x{datasets.IMAGE_SHAPE[1]}; the file is from another "
+                    "data set: use Fashion-MNIST's (or MNIST's) IDX files")
+  if images.shape[0] == 0:
+    raise UserError(f"{paths[images_name]} holds no images; the file is empty or cut short: "
+                    "re-download or replace it")
   if images.shape[0] != labels.shape[0]:
     raise UserError(f"{paths[images_name]} has {images.shape[0]} images but "
                     f"{paths[labels_name]} has {labels.shape[0]} labels; the files do not belong "
