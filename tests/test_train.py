@@ -17,6 +17,7 @@ from fashion_jax.model import steps
 from fashion_jax.support import parallel as parallel_lib
 from fashion_jax.support.errors import UserError
 from fashion_jax.training import train
+from fashion_jax.training import workdir as workdir_lib
 from tests.conftest import assert_one_line_error, run_module, tensorboard_events
 from tests.multidevice_check import final_state
 
@@ -726,13 +727,13 @@ def test_a_second_run_into_the_same_workdir_is_refused(tiny_config, tmp_path):
   import fcntl
   workdir = tmp_path / "run"
   workdir.mkdir()
-  with open(workdir / train.LOCK_NAME, "a+") as other:
+  with open(workdir / workdir_lib.LOCK_NAME, "a+") as other:
     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     other.write("4242\n")
     other.flush()
     with pytest.raises(UserError, match=r"another run \(pid 4242\) is training into --workdir"):
       train.train_and_evaluate(tiny_config, str(workdir))
-    assert sorted(os.listdir(workdir)) == [train.LOCK_NAME]
+    assert sorted(os.listdir(workdir)) == [workdir_lib.LOCK_NAME]
   train.train_and_evaluate(tiny_config, str(workdir))
   assert (workdir / "checkpoints" / "20").is_dir()
 
@@ -749,7 +750,7 @@ def test_an_earlier_runs_unwritable_files_are_refused_before_training(tiny_confi
   path = workdir / entry
   path.chmod(0o555 if path.is_dir() else 0o444)
   if os.geteuid() == 0:  # Root may write anything; judge by the mode bits, as for a user.
-    monkeypatch.setattr(train.os, "access",
+    monkeypatch.setattr(workdir_lib.os, "access",
                         lambda p, mode: bool(os.stat(p).st_mode & stat.S_IWUSR))
   tiny_config.num_train_steps = 20
   try:

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import json
 import math
-import os
 import time
 
 from absl import logging
@@ -31,12 +29,12 @@ from fashion_jax.support import errors
 from fashion_jax.support.errors import UserError
 from fashion_jax.support import faults
 from fashion_jax.support import metric_writers
-from fashion_jax.support import multihost
 from fashion_jax.support import parallel as parallel_lib
 from fashion_jax.support import storage
 from fashion_jax.training import loop
 from fashion_jax.training import progress
 from fashion_jax.training import stops
+from fashion_jax.training import workdir as workdir_lib
 
 
 def _write_config(workdir: str, config: ml_collections.ConfigDict, derived: dict) -> None:
@@ -153,78 +151,12 @@ class Run:
             "fashion_jax_version": fashion_jax.__version__}
 
 
-def _refuse_foreign_files(workdir: str) -> None:
-  """Refuses, before anything is written, a --workdir whose config.json or metrics.jsonl
-  fashion_jax did not write (training there replaced the one and emptied the other), or whose
-  folders or metrics file of an earlier run cannot be written (the first save failed, after a
-  5-minute wait, with tracebacks)."""
-  path = storage.join(workdir, "config.json")
-  if storage.exists(path):
-    try:
-      ours = "_derived" in json.loads(storage.read_text(path, errors="replace"))
-    except (ValueError, TypeError):
-      ours = False
-    if not ours:
-      raise UserError(f"--workdir {workdir} holds a config.json that fashion_jax did not write "
-                      "(training would replace it); pass a new folder, or a run's workdir")
-  if not storage.is_url(workdir):  # A folder of an earlier run, e.g. copied read-only.
-    for name, kind in (("checkpoints", os.W_OK | os.X_OK), ("tensorboard", os.W_OK | os.X_OK),
-                       ("metrics.jsonl", os.W_OK)):
-      path = os.path.join(workdir, name)
-      if os.path.exists(path) and not os.access(path, kind):
-        raise UserError(f"{path} is not writable; make it writable (chmod -R u+w {path}), or "
-                        "pass another --workdir")
-  line = metric_writers.foreign_line(workdir)
-  if line is not None:
-    raise UserError(f"--workdir {workdir} holds a metrics.jsonl with lines fashion_jax did not "
-                    f"write (e.g. {line[:60]!r}; training would drop them); pass a new folder, "
-                    "or a run's workdir")
-
-
-LOCK_NAME = ".fashion_jax.lock"
-
-
-@contextlib.contextmanager
-def _workdir_lock(run: Run):
-  """One training run at a time in a local --workdir: the lead process holds an flock on
-  <workdir>/.fashion_jax.lock (the OS drops it however the process ends, SIGKILL included), and a
-  second run into the folder is refused on every process alike. Two runs had both trained,
-  each writing checkpoints and metrics lines over the other's. Cloud Storage has no locks; a
-  file system without flock (some FUSE mounts) runs unlocked, as before."""
-  handle, refusal = None, None
-  if run.is_lead and not storage.is_url(run.workdir):
-    handle = open(os.path.join(run.workdir, LOCK_NAME), "a+", encoding="utf-8")
-    try:
-      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      handle.seek(0)
-      handle.truncate()
-      handle.write(f"{os.getpid()}\n")
-      handle.flush()
-    except BlockingIOError:
-      handle.seek(0)
-      holder = handle.read().strip()
-      handle.close()
-      handle = None
-      refusal = (f"another run{f' (pid {holder})' if holder.isdigit() else ''} is training into "
-                 f"--workdir {run.workdir}; wait for it to end, or use another --workdir")
-    except OSError as e:
-      logging.info("no lock on %s (%s): not checking for another run there", run.workdir, e)
-  refusals = multihost.gather("workdir_lock", refusal)
-  try:
-    if refusals:
-      raise UserError(refusals[min(refusals)])
-    yield
-  finally:
-    if handle is not None:
-      handle.close()
-
-
 def prepare(config: ml_collections.ConfigDict, workdir: str, splits=None) -> Run:
   """Validates the config, sets up the devices and loads the data (or takes `splits`)."""
   config_lib.validate(config)
   new_workdir = not storage.exists(storage.resolve(workdir, "--workdir"))
   workdir = storage.ensure_writable_dir(workdir, "--workdir")  # Early: a typo fails at once.
-  _refuse_foreign_files(workdir)
+  workdir_lib.refuse_foreign_or_unwritable(workdir)
   try:
     return _prepare(config, workdir, splits)
   except UserError:
@@ -332,17 +264,20 @@ class Evaluation:
 class TrainLog:
   """The train metrics' log lines: fetched a window at a time, written per log interval."""
 
-  def __init__(self, run: Run, writer, schedule, checkpointer, bar):
+  def __init__(self, run: Run, writer, schedule, checkpointer, bar, step: int):
+    """`step`: where the loop starts (a checkpoint's, resuming)."""
     self.run, self.writer, self.schedule, self.checkpointer, self.bar = (
         run, writer, schedule, checkpointer, bar)
     float(schedule(0))  # Its compile now, not inside the first interval's images/s.
     self.intervals = loop.LogIntervals(run.config.log_every_steps, run.total_steps,
                                        steps.combine_metrics)
+    if step:  # The log interval the checkpoint was saved in, from its start.
+      self.intervals.resume(checkpointer.meta(step).get("log_interval"), step)
     # Since when images/s counts, (time, step): the last compile, eval or checkpoint. Not the
     # previous window's fetch: on jax 0.7.2's CPU client a window's metrics arrive only once the
     # next window has run too, so the last two before an eval arrived together (2-30 million
     # img/s logged at epoch ends); the average since the last pause does not depend on that.
-    self.clock = (time.perf_counter(), 0)
+    self.clock = (time.perf_counter(), step)
 
   def restart_clock(self, step: int) -> None:
     self.clock = (time.perf_counter(), step)
@@ -412,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
   with contextlib.ExitStack() as cleanup:  # Pending saves finished, files flushed, however it ends.
     stop = cleanup.enter_context(stops.StopRequest())  # Before the data loads: see stops.py.
     run = prepare(config, workdir, splits)
-    cleanup.enter_context(_workdir_lock(run))  # Before anything in the workdir changes.
+    cleanup.enter_context(workdir_lib.lock(run.workdir, run.is_lead))  # Before any change.
     parallel, total_steps = run.parallel, run.total_steps
     model = steps.create_model(config, axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
     tx = steps.create_optimizer(config, total_steps)
@@ -432,7 +367,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     evaluate = Evaluation(run, writer, show_progress)
     if step >= total_steps:
       return _evaluate_finished(evaluate, state, step)
-
     augmentation = augment.make_augment(config.augment_translate, config.augment_flip,
                                         config.random_erasing)
     train_step = functools.partial(steps.train_step, model=model, tx=tx, augment=augmentation,
@@ -449,15 +383,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
                                       step * config.batch_size, desc="train")
     # Jitted: it only feeds log lines, and op by op its first call compiles for 0.75 s.
     log = TrainLog(run, writer, jax.jit(steps.create_schedule(config, total_steps)), checkpointer,
-                   bar)
-    log.restart_clock(step)
-    if step:  # The log interval the checkpoint was saved in, from its start.
-      log.intervals.resume(checkpointer.meta(step).get("log_interval"), step)
+                   bar, step)
 
     def save(step: int, results: dict) -> None:  # With its validation accuracy: best is kept.
       writer.flush()  # The lines up to here, with the checkpoint (buffered for Cloud Storage).
-      meta = {**description, "log_interval": log.intervals.pending(step)}
-      checkpointer.save(step, parallel.logical_state(state), meta, results.get("eval"))
+      checkpointer.save(step, parallel.logical_state(state), {
+          **description, "log_interval": log.intervals.pending(step)}, results.get("eval"))
 
     # The periodic actions, in order, at the window boundaries where `step % every == 0` (and
     # at the last step); each gets the results of the ones before it at that step.

@@ -1,0 +1,80 @@
+"""What a --workdir must be before a run trains into it: fashion_jax's own, writable, and not
+in use by another run. Checked before anything in it changes."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+
+from absl import logging
+
+from fashion_jax.support import metric_writers
+from fashion_jax.support import multihost
+from fashion_jax.support import storage
+from fashion_jax.support.errors import UserError
+
+LOCK_NAME = ".fashion_jax.lock"
+
+
+def refuse_foreign_or_unwritable(workdir: str) -> None:
+  """Refuses a --workdir whose config.json or metrics.jsonl fashion_jax did not write (training
+  there replaced the one and emptied the other), or whose folders or metrics file of an earlier
+  run cannot be written (the first save failed after a 5-minute wait, with tracebacks)."""
+  path = storage.join(workdir, "config.json")
+  if storage.exists(path):
+    try:
+      ours = "_derived" in json.loads(storage.read_text(path, errors="replace"))
+    except (ValueError, TypeError):
+      ours = False
+    if not ours:
+      raise UserError(f"--workdir {workdir} holds a config.json that fashion_jax did not write "
+                      "(training would replace it); pass a new folder, or a run's workdir")
+  if not storage.is_url(workdir):  # A folder of an earlier run, e.g. copied read-only.
+    for name, kind in (("checkpoints", os.W_OK | os.X_OK), ("tensorboard", os.W_OK | os.X_OK),
+                       ("metrics.jsonl", os.W_OK)):
+      path = os.path.join(workdir, name)
+      if os.path.exists(path) and not os.access(path, kind):
+        raise UserError(f"{path} is not writable; make it writable (chmod -R u+w {path}), or "
+                        "pass another --workdir")
+  line = metric_writers.foreign_line(workdir)
+  if line is not None:
+    raise UserError(f"--workdir {workdir} holds a metrics.jsonl with lines fashion_jax did not "
+                    f"write (e.g. {line[:60]!r}; training would drop them); pass a new folder, "
+                    "or a run's workdir")
+
+
+@contextlib.contextmanager
+def lock(workdir: str, is_lead: bool):
+  """One training run at a time in a local --workdir: the lead process holds an flock on
+  <workdir>/.fashion_jax.lock (the OS drops it however the process ends, SIGKILL included), and a
+  second run into the folder is refused on every process alike. Two runs had both trained,
+  each writing checkpoints and metrics lines over the other's. Cloud Storage has no locks; a
+  file system without flock (some FUSE mounts) runs unlocked, as before."""
+  handle, refusal = None, None
+  if is_lead and not storage.is_url(workdir):
+    handle = open(os.path.join(workdir, LOCK_NAME), "a+", encoding="utf-8")
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      handle.seek(0)
+      handle.truncate()
+      handle.write(f"{os.getpid()}\n")
+      handle.flush()
+    except BlockingIOError:
+      handle.seek(0)
+      holder = handle.read().strip()
+      handle.close()
+      handle = None
+      refusal = (f"another run{f' (pid {holder})' if holder.isdigit() else ''} is training into "
+                 f"--workdir {workdir}; wait for it to end, or use another --workdir")
+    except OSError as e:
+      logging.info("no lock on %s (%s): not checking for another run there", workdir, e)
+  refusals = multihost.gather("workdir_lock", refusal)
+  try:
+    if refusals:
+      raise UserError(refusals[min(refusals)])
+    yield
+  finally:
+    if handle is not None:
+      handle.close()
