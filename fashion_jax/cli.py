@@ -7,6 +7,7 @@ import sys
 
 from absl import app
 from absl import flags
+from ml_collections import config_dict
 from ml_collections import config_flags
 
 from fashion_jax.support import backends
@@ -35,7 +36,11 @@ def parse_flags(argv):
     fail(_config_file_error(e))
   except UserError as e:  # The config file's own get_config refused (config_lib.load_sibling).
     fail(str(e))
+  except (SyntaxError, NameError, ImportError) as e:  # The file is not a Python config module.
+    fail(_config_load_error(e))
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    if "has no attribute 'get_config'" in str(e):
+      fail(_config_load_error(e))
     text = str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
     unknown = (re.search(r"'([\w.]+)'", text)
                if isinstance(e, (AttributeError, KeyError, flags.Error)) else None)
@@ -60,12 +65,38 @@ def parse_flags(argv):
     fail(f"{message}\nRun with --helpfull for the flags of {program}.")
   if "config" in FLAGS and FLAGS["config"].value is not None:
     try:  # ml_collections defers a config file it could not read to the first attribute read.
-      getattr(FLAGS.config, "keys")
+      config = FLAGS.config
+      getattr(config, "keys")
     except OSError as e:
       fail(_config_file_error(e))
     except UserError as e:
       fail(str(e))
+    except Exception as e:  # pylint: disable=broad-except  (the file's own code failed)
+      fail(_config_load_error(e))
+    _refuse_non_config(config)
   return rest
+
+
+def _refuse_non_config(config) -> None:
+  if config is not None and not isinstance(config, config_dict.ConfigDict):
+    fail(_config_load_error(TypeError(f"get_config() returned a {type(config).__name__}, not "
+                                      "an ml_collections.ConfigDict")))
+
+
+def _config_load_error(e: BaseException) -> str:
+  """One line for a --config file that was read but is not a config: not Python (a run's
+  config.json, a typo), no get_config(), or its code failed."""
+  given = [a for a in sys.argv[1:] if a.startswith(("--config=", "-config="))]
+  path = given[-1].split("=", 1)[1] if given else "?"
+  if "has no attribute 'get_config'" in str(e):
+    why = "it defines no get_config()"
+  else:
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    why = f"{type(e).__name__}: {first}" if first else type(e).__name__
+  return (f"--config={path} is not a config file ({why}); pass a Python file whose get_config() "
+          "returns an ml_collections.ConfigDict, e.g. --config=configs/default.py"
+          + (" (a run's config.json records a config: it is not one)"
+             if path.endswith(".json") else ""))
 
 
 def _refuse_repeated_config(argv) -> None:

@@ -252,7 +252,23 @@ def test_cli_errors_are_one_line_and_nonzero(idx_dir, tmp_path):
   sibling_less = tmp_path / "alone" / "tiny.py"
   sibling_less.write_text("from fashion_jax import config_lib\n\n\ndef get_config():\n"
                           "  return config_lib.load_sibling(__file__, 'default')\n")
+  not_configs = {"config.json": '{"batch_size": 8, "nested": true}\n',  # A run's record.
+                 "syntax.py": "def get_config(:\n", "noget.py": "x = 1\n",
+                 "dict.py": "def get_config():\n  return {'batch_size': 8}\n"}
+  for name, text in not_configs.items():
+    (tmp_path / name).write_text(text)
   for args, message in [
+      # Not a config file: tracebacks (exit 1), or "unknown config key 'config_config'".
+      ([f"--config={tmp_path / 'config.json'}"], "config.json is not a config file (NameError: "
+                                                 "name 'true' is not defined); pass a Python file"),
+      ([f"--config={tmp_path / 'syntax.py'}", "--config.batch_size=8"], "syntax.py is not a "
+                                                                       "config file (SyntaxError"),
+      ([f"--config={tmp_path / 'noget.py'}"], "noget.py is not a config file (it defines no "
+                                              "get_config())"),
+      ([f"--config={tmp_path / 'noget.py'}", "--config.batch_size=8"], "(it defines no "
+                                                                      "get_config())"),
+      ([f"--config={tmp_path / 'dict.py'}"], "(TypeError: get_config() returned a dict, not an "
+                                             "ml_collections.ConfigDict)"),
       (["--config=configs/nope.py"], "--config=configs/nope.py: cannot read the config file (No "
                                      "such file or directory; a relative path is read from "),
       # An override makes ml_collections read the file while parsing (a traceback before).
