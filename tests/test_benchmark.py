@@ -201,7 +201,10 @@ def test_compare_keras_without_tensorflow_is_one_line(tmp_path, idx_dir):
     ("--batch_sizes=12x", "--batch_sizes=12x: '12x' is not a positive whole number"),
     ("--config=configs/no_such.py", "--config=configs/no_such.py: cannot read the config file "
                                     "(No such file or directory"),
-    ("--batch_sizes=²", "'²' is not a positive whole number")])
+    ("--batch_sizes=²", "'²' is not a positive whole number"),
+    # A ZeroDivisionError traceback (no step in an epoch).
+    ("--batch_sizes=32,100000", "--batch_sizes: 100000 is larger than the 60000 training "
+                                "examples")])
 def test_benchmark_bad_input_is_one_line(tmp_path, flag, message):
   output = tmp_path / "b.json"
   config = [] if flag.startswith("--config=") else ["--config=configs/tiny.py"]

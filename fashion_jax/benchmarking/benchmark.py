@@ -299,6 +299,10 @@ def run(config) -> dict:
     test_data = input_pipeline.Split(train_data.images[:10_000], train_data.labels[:10_000])
     data_note = "random"
 
+  too_big = [b for b in batch_sizes if b > len(train_data)]
+  if too_big:  # The train step cycles through the training set a batch at a time.
+    raise UserError(f"--batch_sizes: {too_big[0]} is larger than the {len(train_data)} training "
+                    "examples; pass smaller batch sizes")
   train_steps = [train_rates.TrainStep(config, parallel, train_data, b) for b in batch_sizes]
   kerases = ([benchmark_report.KerasTrain(train_data, b, FLAGS.window_seconds)
               for b in batch_sizes] if FLAGS.compare == "keras" else [])
