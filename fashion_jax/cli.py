@@ -177,6 +177,8 @@ class QuietLibraries(logging_std.Filter):
 
   def filter(self, record):
     path = record.pathname.replace(os.sep, "/")
+    if record.exc_info and "/gcsfs/" in path:  # "_request out of retries": its line, no traceback
+      record.exc_info = record.exc_text = None  # (the command's own one-line error follows).
     return record.levelno >= logging_std.WARNING or not (
         any(name in path for name in ("/orbax/", "/gcsfs/", "/fsspec/"))
         or path.endswith("/jax/_src/compilation_cache.py"))

@@ -168,3 +168,18 @@ def test_a_group_is_private_only_without_other_members(monkeypatch):
   members.clear()
   users.append(pwd.struct_passwd(("other", "x", uid + 1, gid, "", "/", "/bin/sh")))
   assert not private(gid)
+
+
+def test_an_unreachable_cloud_folder_is_one_line(monkeypatch):
+  """gcsfs's client errors (no network: aiohttp's ClientConnectorDNSError after its retries) came
+  out of the first look at a gs:// workdir as tracebacks."""
+  class Unreachable:
+    def __getattr__(self, name):
+      def fail():
+        raise ConnectionError("Cannot connect to host storage.googleapis.com:443")
+      return fail
+  monkeypatch.setattr(storage, "_epath", lambda path: Unreachable())
+  for ask in (storage.exists, storage.isdir, storage.isfile):
+    with pytest.raises(UserError, match=r"cannot reach gs://b/run \(ConnectionError: Cannot "
+                                        r"connect to host .*\); check the network"):
+      ask("gs://b/run")

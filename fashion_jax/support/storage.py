@@ -78,16 +78,30 @@ def join(path: str, *parts: str) -> str:
   return "/".join([path.rstrip("/"), *parts]) if is_url(path) else os.path.join(path, *parts)
 
 
+def _ask_cloud(path: str, question: str) -> bool:
+  """`exists`/`is_dir`/`is_file` of a gs:// path; a client error (no network, a bad bucket or
+  credentials: gcsfs's aiohttp errors, after its retries) is one line, not a traceback."""
+  try:
+    return getattr(_epath(path), question)()
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (the cloud clients' own errors)
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    raise UserError(f"cannot reach {path} ({type(e).__name__}{': ' + first if first else ''}); "
+                    "check the network, the bucket's name and your credentials (gcloud auth "
+                    "application-default login)") from e
+
+
 def exists(path: str) -> bool:
-  return _epath(path).exists() if is_url(path) else os.path.exists(path)
+  return _ask_cloud(path, "exists") if is_url(path) else os.path.exists(path)
 
 
 def isdir(path: str) -> bool:
-  return _epath(path).is_dir() if is_url(path) else os.path.isdir(path)
+  return _ask_cloud(path, "is_dir") if is_url(path) else os.path.isdir(path)
 
 
 def isfile(path: str) -> bool:
-  return _epath(path).is_file() if is_url(path) else os.path.isfile(path)
+  return _ask_cloud(path, "is_file") if is_url(path) else os.path.isfile(path)
 
 
 def read_text(path: str, errors: str = "strict") -> str:
