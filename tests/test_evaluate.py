@@ -235,6 +235,7 @@ def test_user_errors(trained_tiny_workdir, tmp_path):
   (tmp_path / "a_file").write_text("not a folder")
   with pytest.raises(UserError, match="a_file' .from --idx_dir. is a file, not a folder"):
     evaluate.evaluate(trained_tiny_workdir, str(tmp_path / "out"), idx_dir=str(tmp_path / "a_file"))
+  assert not (tmp_path / "out").exists()  # No data, no report: no empty folder left for one.
 
   # A run trained with a relative idx_dir, evaluated from elsewhere: say to pass --idx_dir.
   relative = tmp_path / "relative"

@@ -235,9 +235,15 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
   # The run's eval batch: the same compiled shape as training's evaluation, hence the same
   # logits, bit for bit, and the same accuracy.
   classifier = dataclasses.replace(classifier, batch_size=int(classifier.config.eval_batch_size))
-  output_dir = storage.ensure_writable_dir(output_dir or storage.join(workdir, "evaluation"),
-                                          "--output_dir")
-  split, source = _test_data(classifier.config, idx_dir, data_dir)
+  output_dir = output_dir or storage.join(workdir, "evaluation")
+  new_output = not storage.exists(storage.resolve(output_dir, "--output_dir"))
+  output_dir = storage.ensure_writable_dir(output_dir, "--output_dir")  # Before minutes of work.
+  try:
+    split, source = _test_data(classifier.config, idx_dir, data_dir)
+  except UserError:
+    if new_output:  # No data: no report, and no empty folder left for one.
+      storage.remove_if_empty(output_dir)
+    raise
   load_seconds = time.perf_counter() - t0
 
   t1 = time.perf_counter()
