@@ -129,6 +129,9 @@ def test_unreachable_addresses_fail_fast_with_one_line(mirror, tmp_path):
   assert time.monotonic() - start < 5
   assert "\n" not in str(e.value) and "--config.idx_dir" in str(e.value)
   assert "FASHION_JAX_IDX_DIR" in str(e.value)
+  with pytest.raises(UserError) as e:  # The variable serves Fashion-MNIST only: not named here.
+    download.fetch("mnist", str(tmp_path / "cache"), urls=(_closed_port_url(),))
+  assert "--config.idx_dir" in str(e.value) and "FASHION_JAX_IDX_DIR" not in str(e.value)
 
 
 def test_a_hanging_name_lookup_is_bounded(mirror, tmp_path, monkeypatch):

@@ -80,6 +80,12 @@ IDX_FLAG_HINT = "--config.idx_dir=FOLDER holding the four IDX files"
 OFFLINE_HINT = f"without network access pass {IDX_FLAG_HINT} (or set FASHION_JAX_IDX_DIR=FOLDER once)"
 
 
+def offline_hint(name: str) -> str:
+  """What to do offline: $FASHION_JAX_IDX_DIR serves Fashion-MNIST only (it was suggested for
+  MNIST too, where it is ignored)."""
+  return OFFLINE_HINT if name == "fashion_mnist" else f"without network access pass {IDX_FLAG_HINT}"
+
+
 def tfds_checksums(name: str) -> dict[str, tuple[int, str]] | None:
   """{file name: (size, sha256)} from the installed tfds's records, or None (tfds not installed).
 
@@ -178,7 +184,7 @@ def check_reachable(name: str) -> None:
       return
   except OSError as e:
     raise UserError(f"cannot download {name} through tensorflow-datasets: {parsed.hostname}: "
-                    f"{_reason(e)}; " + OFFLINE_HINT) from e
+                    f"{_reason(e)}; " + offline_hint(name)) from e
 
 
 def _download(name: str, filename: str, size: int, sha: str, urls, path: str) -> None:
@@ -197,7 +203,8 @@ def _download(name: str, filename: str, size: int, sha: str, urls, path: str) ->
       return
     except (OSError, urllib.error.URLError, ValueError) as e:
       failures.append(f"{url}: {_reason(e)}")
-  raise UserError(f"could not download {name} ({filename}): {'; '.join(failures)}; " + OFFLINE_HINT)
+  raise UserError(f"could not download {name} ({filename}): {'; '.join(failures)}; "
+                  + offline_hint(name))
 
 
 def _resolve(url: str, timeout: float) -> None:
