@@ -5,9 +5,11 @@ Its code and usage: fashion_jax/benchmarking/benchmark.py.
 
 from absl import flags
 
-from fashion_jax.benchmarking import benchmark
 from fashion_jax import cli
 from fashion_jax.support import runtime
+
+with cli.interrupt_is_one_line():  # Ctrl-C while JAX and the rest import: one line too.
+  from fashion_jax.benchmarking import benchmark
 
 __doc__ = benchmark.__doc__  # What --help prints.
 

@@ -1,5 +1,6 @@
 """Command-line plumbing shared by the entry points (main, benchmark, ...)."""
 
+import contextlib
 import logging as logging_std
 import os
 import re
@@ -133,6 +134,20 @@ def _config_file_error(e: OSError) -> str:
           "--config=configs/default.py")
 
 
+INTERRUPTED = ("interrupted before it finished; what it had saved stays (a training run resumes "
+               "from its latest checkpoint when re-run)")
+
+
+@contextlib.contextmanager
+def interrupt_is_one_line():
+  """Ctrl-C while an entry point imports its command (JAX: a second or more) ends it with
+  the same one line as `run`'s, not a KeyboardInterrupt traceback."""
+  try:
+    yield
+  except KeyboardInterrupt:
+    fail(INTERRUPTED, EXIT_INTERRUPTED)
+
+
 def run(main) -> None:
   """absl's app.run(main) with parse_flags; an interrupt (Ctrl-C where nothing catches it: in
   evaluate, predict, export, benchmark, or before training holds its signals) ends it with one
@@ -140,8 +155,7 @@ def run(main) -> None:
   try:
     app.run(main, flags_parser=parse_flags)
   except KeyboardInterrupt:  # (A second signal during training exits in stops.py.)
-    fail("interrupted before it finished; what it had saved stays (a training run resumes from "
-         "its latest checkpoint when re-run)", EXIT_INTERRUPTED)
+    fail(INTERRUPTED, EXIT_INTERRUPTED)
 
 
 def refuse_arguments(argv) -> None:

@@ -6,8 +6,10 @@ Its code and usage: fashion_jax/serving/evaluate.py.
 from absl import flags
 
 from fashion_jax import cli
-from fashion_jax.serving import evaluate
 from fashion_jax.support import runtime
+
+with cli.interrupt_is_one_line():  # Ctrl-C while JAX and the rest import: one line too.
+  from fashion_jax.serving import evaluate
 
 __doc__ = evaluate.__doc__  # What --help prints.
 

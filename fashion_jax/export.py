@@ -6,7 +6,9 @@ Its code and usage: fashion_jax/serving/export.py.
 from absl import flags
 
 from fashion_jax import cli
-from fashion_jax.serving import export
+
+with cli.interrupt_is_one_line():  # Ctrl-C while JAX and the rest import: one line too.
+  from fashion_jax.serving import export
 
 __doc__ = export.__doc__  # What --help prints.
 

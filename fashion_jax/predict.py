@@ -6,7 +6,9 @@ Its code and usage: fashion_jax/serving/predict.py.
 from absl import flags
 
 from fashion_jax import cli
-from fashion_jax.serving import predict
+
+with cli.interrupt_is_one_line():  # Ctrl-C while JAX and the rest import: one line too.
+  from fashion_jax.serving import predict
 
 __doc__ = predict.__doc__  # What --help prints.
 

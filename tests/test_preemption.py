@@ -130,3 +130,24 @@ def test_an_interrupt_outside_training_is_one_line():
   assert proc.stderr.splitlines() == ["fashion_jax: error: interrupted before it finished; what "
                                       "it had saved stays (a training run resumes from its "
                                       "latest checkpoint when re-run)"], proc.stderr
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "export", "benchmark"])
+def test_an_interrupt_while_a_command_imports_is_one_line(command):
+  """Ctrl-C in the second or so a command imports JAX was a KeyboardInterrupt traceback. Here
+  the interrupt comes from the import of the command's module itself (made to raise it)."""
+  module = {"benchmark": "fashion_jax.benchmarking.benchmark"}.get(
+      command, f"fashion_jax.serving.{command}")
+  code = ("import sys, runpy\n"
+          "class Interrupt:\n"
+          "  def find_spec(self, name, path=None, target=None):\n"
+          f"    if name == {module!r}:\n"
+          "      raise KeyboardInterrupt\n"
+          "sys.meta_path.insert(0, Interrupt())\n"
+          f"runpy.run_module('fashion_jax.{command}', run_name='__main__')\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 130, proc.stderr
+  assert proc.stderr.splitlines() == ["fashion_jax: error: interrupted before it finished; what "
+                                      "it had saved stays (a training run resumes from its "
+                                      "latest checkpoint when re-run)"], proc.stderr
