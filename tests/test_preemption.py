@@ -117,6 +117,13 @@ def test_a_second_signal_stops_waiting_with_one_line(tmp_path, idx_dir, sig, cod
     assert ours[0].startswith(says) and proc.returncode == code, (ours, proc.returncode)
 
 
+def _assert_interrupted_in_one_line(proc):
+  assert proc.returncode == 130, proc.stderr
+  assert proc.stderr.splitlines() == ["fashion_jax: error: interrupted before it finished; what "
+                                      "it had saved stays (a training run resumes from its "
+                                      "latest checkpoint when re-run)"], proc.stderr
+
+
 def test_an_interrupt_outside_training_is_one_line():
   """evaluate, predict, export and benchmark hold no stop handler: Ctrl-C there was a
   traceback. cli.run ends any command's interrupt with one line and 130."""
@@ -126,10 +133,7 @@ def test_an_interrupt_outside_training_is_one_line():
           "cli.run(main)\n")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                         timeout=60, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert proc.returncode == 130, proc.stderr
-  assert proc.stderr.splitlines() == ["fashion_jax: error: interrupted before it finished; what "
-                                      "it had saved stays (a training run resumes from its "
-                                      "latest checkpoint when re-run)"], proc.stderr
+  _assert_interrupted_in_one_line(proc)
 
 
 @pytest.mark.parametrize("command", ["evaluate", "predict", "export", "benchmark"])
@@ -147,7 +151,4 @@ def test_an_interrupt_while_a_command_imports_is_one_line(command):
           f"runpy.run_module('fashion_jax.{command}', run_name='__main__')\n")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                         timeout=60, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert proc.returncode == 130, proc.stderr
-  assert proc.stderr.splitlines() == ["fashion_jax: error: interrupted before it finished; what "
-                                      "it had saved stays (a training run resumes from its "
-                                      "latest checkpoint when re-run)"], proc.stderr
+  _assert_interrupted_in_one_line(proc)
