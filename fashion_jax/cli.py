@@ -87,14 +87,13 @@ def _refuse_non_config(config) -> None:
 def _config_load_error(e: BaseException) -> str:
   """One line for a --config file that was read but is not a config: not Python (a run's
   config.json, a typo), no get_config(), or its code failed."""
-  given = [a for a in sys.argv[1:] if a.startswith(("--config=", "-config="))]
-  path = given[-1].split("=", 1)[1] if given else "?"
+  path = _config_argument()
   if "has no attribute 'get_config'" in str(e):
     why = "it defines no get_config()"
   else:
     first = (str(e).strip().splitlines() or [""])[0][:200]
     why = f"{type(e).__name__}: {first}" if first else type(e).__name__
-  return (f"--config={path} is not a config file ({why}); pass a Python file whose get_config() "
+  return (f"--config={path} did not load as a config ({why}); pass a Python file whose get_config() "
           "returns an ml_collections.ConfigDict, e.g. --config=configs/default.py"
           + (" (a run's config.json records a config: it is not one)"
              if path.endswith(".json") else ""))
@@ -115,13 +114,23 @@ def _refuse_repeated_config(argv) -> None:
          "change its fields with --config.KEY=VALUE")
 
 
+def _config_argument() -> str:
+  """The --config value as given: `--config=PATH` or `--config PATH` (absl takes both)."""
+  args = sys.argv[1:]
+  for i in range(len(args) - 1, -1, -1):
+    name, eq, value = args[i].partition("=")
+    if name in ("--config", "-config"):
+      return value if eq else (args[i + 1] if i + 1 < len(args) else "?")
+  return "?"
+
+
 def _config_file_error(e: OSError) -> str:
   """One line for a --config file that could not be read: the file, or the one it reads."""
   try:
     path = config_flags.get_config_filename(FLAGS["config"])
   except Exception:  # pylint: disable=broad-except  (failed while parsing: not recorded yet)
-    given = [a for a in sys.argv[1:] if a.startswith(("--config=", "-config="))]
-    path = given[-1].split("=", 1)[1] if given else FLAGS["config"].default_as_str or "?"
+    path = _config_argument()
+    path = FLAGS["config"].default_as_str or "?" if path == "?" else path
   found = re.search(r"\[Errno \d+\] ([^:\n]+)(?:: '([^'\n]+)')?", str(e))
   reason = found.group(1) if found else str(e).strip().splitlines()[0]
   other = found.group(2) if found else None

@@ -47,6 +47,16 @@ set FASHION_JAX_LOG_DIR to a local folder for their logs"
 mkdir -p -- "$logs" 2>/dev/null && [ -w "$logs" ] ||
   usage_error "$logs_name=$logs: cannot create or write that folder; pass a writable path"
 
+# A run holding WORKDIR's lock (fashion_jax/training/workdir.py) is training there: refused now,
+# before the logs below are truncated (each process would refuse too, but only after that).
+lock="$workdir/.fashion_jax.lock"
+if [[ $workdir != *://* ]] && [ -f "$lock" ] && command -v flock >/dev/null &&
+    ! flock -n "$lock" true 2>/dev/null; then
+  echo "local_multiprocess.sh: error: another run (pid $(tr -dc 0-9 <"$lock" | head -c 12)) is" \
+    "training into $workdir; wait for it to end, or use another WORKDIR" >&2
+  exit 2
+fi
+
 pids=()
 declare -A index_of  # pid -> process index, to name the failed process's log.
 cleanup() { kill "${pids[@]}" 2>/dev/null; }

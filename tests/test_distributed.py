@@ -286,3 +286,21 @@ def test_one_process_out_of_disk_stops_every_process_with_its_error(tmp_path, id
   assert proc.stderr.count("fashion_jax: error: process 1: not enough free disk") == 1, proc.stderr
   assert time.monotonic() - start < 120
   assert not os.path.exists(workdir / "checkpoints" / "10")
+
+
+def test_launcher_refuses_a_workdir_a_run_is_training_into_before_touching_its_logs(tmp_path):
+  """The processes refuse such a workdir too, but the launcher had truncated their logs
+  (the running job's own) before they could."""
+  import fcntl
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "process_0.log").write_text("the running job's log\n")
+  with open(workdir / ".fashion_jax.lock", "a+") as running:
+    fcntl.flock(running, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    running.write("4242\n")
+    running.flush()
+    proc = _launch(workdir, "--config=configs/tiny.py")
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.startswith("local_multiprocess.sh: error: another run (pid 4242) is "
+                                f"training into {workdir}"), proc.stderr
+  assert (workdir / "process_0.log").read_text() == "the running job's log\n"

@@ -259,12 +259,15 @@ def test_cli_errors_are_one_line_and_nonzero(idx_dir, tmp_path):
     (tmp_path / name).write_text(text)
   for args, message in [
       # Not a config file: tracebacks (exit 1), or "unknown config key 'config_config'".
-      ([f"--config={tmp_path / 'config.json'}"], "config.json is not a config file (NameError: "
-                                                 "name 'true' is not defined); pass a Python file"),
-      ([f"--config={tmp_path / 'syntax.py'}", "--config.batch_size=8"], "syntax.py is not a "
-                                                                       "config file (SyntaxError"),
-      ([f"--config={tmp_path / 'noget.py'}"], "noget.py is not a config file (it defines no "
-                                              "get_config())"),
+      ([f"--config={tmp_path / 'config.json'}"],
+       "config.json did not load as a config (NameError: name 'true' is not defined); pass a "
+       "Python file"),
+      ([f"--config={tmp_path / 'syntax.py'}", "--config.batch_size=8"],
+       "syntax.py did not load as a config (SyntaxError"),
+      (["--config", str(tmp_path / "syntax.py")],  # Two words: the path named all the same.
+       f"--config={tmp_path / 'syntax.py'} did not load as a config (SyntaxError"),
+      ([f"--config={tmp_path / 'noget.py'}"],
+       "noget.py did not load as a config (it defines no get_config())"),
       ([f"--config={tmp_path / 'noget.py'}", "--config.batch_size=8"], "(it defines no "
                                                                       "get_config())"),
       ([f"--config={tmp_path / 'dict.py'}"], "(TypeError: get_config() returned a dict, not an "
@@ -752,6 +755,12 @@ def test_a_second_run_into_the_same_workdir_is_refused(tiny_config, tmp_path):
     assert sorted(os.listdir(workdir)) == [workdir_lib.LOCK_NAME]
   train.train_and_evaluate(tiny_config, str(workdir))
   assert (workdir / "checkpoints" / "20").is_dir()
+  # A lock file that cannot be opened (here a folder): the run goes on unlocked, with a warning
+  # (it was a traceback; with several processes, a hang in the agreement that follows).
+  unlockable = tmp_path / "unlockable"
+  (unlockable / workdir_lib.LOCK_NAME).mkdir(parents=True)
+  train.train_and_evaluate(tiny_config, str(unlockable))
+  assert (unlockable / "checkpoints" / "20").is_dir()
 
 
 @pytest.mark.parametrize("entry", ["checkpoints", "metrics.jsonl"])
@@ -775,3 +784,32 @@ def test_an_earlier_runs_unwritable_files_are_refused_before_training(tiny_confi
   finally:
     path.chmod(0o755 if path.is_dir() else 0o644)
   assert sorted(os.listdir(workdir / "checkpoints")) == ["10"]
+
+
+def test_an_unfinished_log_interval_survives_json_and_is_bounded():
+  """What a checkpoint keeps of its log interval: exact through JSON; dropped if the interval
+  changed on resume or the step does not match; none past MAX_CARRIED_STEPS steps."""
+  import json
+  from fashion_jax.training import loop
+  def steps_from(first, n):
+    return {"count": np.full(n, 16, np.float32), "loss_sum": np.float32(0.1) * np.arange(
+        first, first + n, dtype=np.float32), "first_nonfinite_step": np.full(n, 2**24, np.float32)}
+  straight = loop.LogIntervals(4, 100, steps.combine_metrics)
+  assert [s for s, _ in straight.add(0, steps_from(0, 6))] == [4]
+  carry = json.loads(json.dumps(straight.pending(6)))
+  for every, step, kept in ((4, 6, True), (5, 6, False), (4, 5, False)):
+    resumed = loop.LogIntervals(every, 100, steps.combine_metrics)
+    resumed.resume(carry, step)
+    assert bool(resumed.pending(step)) == kept
+  resumed = loop.LogIntervals(4, 100, steps.combine_metrics)
+  resumed.resume(carry, 6)
+  (a_step, a), = straight.add(6, steps_from(6, 2))
+  (b_step, b), = resumed.add(6, steps_from(6, 2))
+  assert a_step == b_step == 8 and a.keys() == b.keys()
+  for key in a:
+    assert a[key] == b[key] and a[key].dtype == b[key].dtype, key
+  never = loop.LogIntervals(10**9, 10**9, steps.combine_metrics)
+  assert never.add(0, steps_from(0, loop.MAX_CARRIED_STEPS)) == []
+  assert never.pending(loop.MAX_CARRIED_STEPS)
+  never.add(loop.MAX_CARRIED_STEPS, steps_from(0, 1))
+  assert never.pending(loop.MAX_CARRIED_STEPS + 1) == {}

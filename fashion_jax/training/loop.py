@@ -143,6 +143,9 @@ class Windows:
     return state, metrics, compiled
 
 
+MAX_CARRIED_STEPS = 10_000  # Of an unfinished log interval, kept in a checkpoint (~1 MB of JSON).
+
+
 class LogIntervals:
   """Sums per-step metrics over log intervals: a log line every `every` steps and at `last`.
 
@@ -179,8 +182,8 @@ class LogIntervals:
     checkpoint at `step`: a run resumed there finishes the interval with them, so its log line
     is the uninterrupted run's (they were only in memory, and the line covered the steps since
     the resume). Values as Python numbers: float32 and int32 survive JSON exactly."""
-    if not self._parts:
-      return {}
+    if not self._parts or sum(len(p["count"]) for p in self._parts) > MAX_CARRIED_STEPS:
+      return {}  # (A huge log interval, e.g. set to log never: ~100 bytes a step, so none kept.)
     merged = {k: np.concatenate([p[k] for p in self._parts]) for k in self._parts[0]}
     return {"step": step, "every": self.every,
             "metrics": {k: {"dtype": v.dtype.name, "values": v.tolist()} for k, v in merged.items()}}

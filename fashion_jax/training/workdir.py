@@ -30,7 +30,8 @@ def refuse_foreign_or_unwritable(workdir: str) -> None:
       ours = False
     if not ours:
       raise UserError(f"--workdir {workdir} holds a config.json that fashion_jax did not write "
-                      "(training would replace it); pass a new folder, or a run's workdir")
+                      "(training would replace it); pass a new folder, or a run's workdir (if it "
+                      "is this run's own, cut short by a crash, delete it)")
   if not storage.is_url(workdir):  # A folder of an earlier run, e.g. copied read-only.
     for name, kind in (("checkpoints", os.W_OK | os.X_OK), ("tensorboard", os.W_OK | os.X_OK),
                        ("metrics.jsonl", os.W_OK)):
@@ -50,12 +51,15 @@ def lock(workdir: str, is_lead: bool):
   """One training run at a time in a local --workdir: the lead process holds an flock on
   <workdir>/.fashion_jax.lock (the OS drops it however the process ends, SIGKILL included), and a
   second run into the folder is refused on every process alike. Two runs had both trained,
-  each writing checkpoints and metrics lines over the other's. Cloud Storage has no locks; a
-  file system without flock (some FUSE mounts) runs unlocked, as before."""
+  each writing checkpoints and metrics lines over the other's. Cloud Storage has no locks; where
+  the lock cannot be taken (no flock, a lock file that cannot be opened) the run goes on
+  unlocked, with a warning. A lock holds on one machine: a run on another machine sharing the
+  folder (NFS, gcsfuse) may not see it."""
   handle, refusal = None, None
   if is_lead and not storage.is_url(workdir):
-    handle = open(os.path.join(workdir, LOCK_NAME), "a+", encoding="utf-8")
+    path = os.path.join(workdir, LOCK_NAME)
     try:
+      handle = open(path, "a+", encoding="utf-8")
       fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
       handle.seek(0)
       handle.truncate()
@@ -68,8 +72,12 @@ def lock(workdir: str, is_lead: bool):
       handle = None
       refusal = (f"another run{f' (pid {holder})' if holder.isdigit() else ''} is training into "
                  f"--workdir {workdir}; wait for it to end, or use another --workdir")
-    except OSError as e:
-      logging.info("no lock on %s (%s): not checking for another run there", workdir, e)
+    except OSError as e:  # Every process still meets below; this one runs unlocked.
+      if handle is not None:
+        handle.close()
+        handle = None
+      logging.warning("cannot lock %s (%s): a second run into this folder would not be "
+                      "noticed", path, e)
   refusals = multihost.gather("workdir_lock", refusal)
   try:
     if refusals:
