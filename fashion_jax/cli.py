@@ -74,14 +74,10 @@ def parse_flags(argv):
       fail(str(e))
     except Exception as e:  # pylint: disable=broad-except  (the file's own code failed)
       fail(_config_load_error(e))
-    _refuse_non_config(config)
+    if not isinstance(config, config_dict.ConfigDict):
+      fail(_config_load_error(TypeError(f"get_config() returned a {type(config).__name__}, "
+                                        "not an ml_collections.ConfigDict")))
   return rest
-
-
-def _refuse_non_config(config) -> None:
-  if config is not None and not isinstance(config, config_dict.ConfigDict):
-    fail(_config_load_error(TypeError(f"get_config() returned a {type(config).__name__}, not "
-                                      "an ml_collections.ConfigDict")))
 
 
 def _config_load_error(e: BaseException) -> str:
@@ -99,9 +95,8 @@ def _config_load_error(e: BaseException) -> str:
              if path.endswith(".json") else ""))
 
 
-def _refuse_repeated_config(argv) -> None:
-  """Two --config files on one line: absl kept the last one silently, or (with an override)
-  failed with its own "flag 'config.X' is defined twice" message."""
+def _config_files(argv) -> list[str]:
+  """The --config values as given, `--config=PATH` or `--config PATH` (absl takes both)."""
   files, args = [], list(argv[1:])
   for i, arg in enumerate(args):
     if arg == "--":
@@ -109,19 +104,22 @@ def _refuse_repeated_config(argv) -> None:
     name, eq, value = arg.partition("=")
     if name in ("--config", "-config"):
       files.append(value if eq else (args[i + 1] if i + 1 < len(args) else ""))
+  return files
+
+
+def _refuse_repeated_config(argv) -> None:
+  """Two --config files on one line: absl kept the last one silently, or (with an override)
+  failed with its own "flag 'config.X' is defined twice" message."""
+  files = _config_files(argv)
   if len(files) > 1:
     fail(f"--config is given {len(files)} times ({', '.join(files)}); pass one config file and "
          "change its fields with --config.KEY=VALUE")
 
 
 def _config_argument() -> str:
-  """The --config value as given: `--config=PATH` or `--config PATH` (absl takes both)."""
-  args = sys.argv[1:]
-  for i in range(len(args) - 1, -1, -1):
-    name, eq, value = args[i].partition("=")
-    if name in ("--config", "-config"):
-      return value if eq else (args[i + 1] if i + 1 < len(args) else "?")
-  return "?"
+  """The --config file this command was given ("?" if none)."""
+  files = _config_files(sys.argv)
+  return files[-1] if files and files[-1] else "?"
 
 
 def _config_file_error(e: OSError) -> str:

@@ -182,12 +182,10 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
     # wash out in tens of steps, not the 1/(1-decay) steps of the full decay.
     t = state.step.astype(jnp.float32)
     decay = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
-    average = lambda e, p: decay * e + (1.0 - decay) * p
-    ema_params = jax.tree.map(keep_old, jax.tree.map(average, ema_params, params),
-                              state.ema_params)
+    average = lambda e, p: keep_old(decay * e + (1.0 - decay) * p, e)  # (Kept on a bad step.)
+    ema_params = jax.tree.map(average, ema_params, params)
     if ema_batch_stats is not None:  # Averaged like the weights they belong to.
-      ema_batch_stats = jax.tree.map(keep_old, jax.tree.map(average, ema_batch_stats,
-                                                            batch_stats), state.ema_batch_stats)
+      ema_batch_stats = jax.tree.map(average, ema_batch_stats, batch_stats)
 
   n = jnp.where(bad, 0.0, float(labels.shape[0]))
   metrics = {"loss_sum": jnp.where(bad, 0.0, loss) * n,
