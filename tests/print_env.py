@@ -5,3 +5,4 @@ import sys
 print("GLIBC_TUNABLES=" + os.environ.get("GLIBC_TUNABLES", ""))
 print(f"START={os.environ.get('FASHION_JAX_PROCESS_START')}")
 print(f"SAFE_PATH={sys.flags.safe_path} NO_USER_SITE={sys.flags.no_user_site} UTF8={sys.flags.utf8_mode}")
+print(f"UNBUFFERED={type(sys.stdout.buffer).__name__ == 'FileIO'}")

@@ -16,6 +16,7 @@ already set malloc tunables.
 
 from __future__ import annotations
 
+import io
 import os
 import platform
 import subprocess
@@ -56,4 +57,8 @@ def reexec_with_tuned_malloc(module: str) -> None:
   # and `-W` would hold only until the re-exec. The stdlib's helper is what multiprocessing's
   # spawn uses to start its children with the same options.
   options = subprocess._args_from_interpreter_flags()  # pylint: disable=protected-access
+  # `-u` is not among sys.flags, so the helper cannot pass it on; it shows as an unbuffered stdout
+  # (a raw FileIO under the text layer). Logs piped to a file or `tee` arrive line by line again.
+  if isinstance(getattr(sys.__stdout__, "buffer", None), io.FileIO) and "-u" not in options:
+    options.append("-u")
   os.execve(sys.executable, [sys.executable, *options, "-m", module, *sys.argv[1:]], env)
