@@ -126,6 +126,23 @@ def test_a_damaged_config_json_is_a_user_error(trained_tiny_workdir, tmp_path, c
   assert path in str(raised.value)  # Which file: evaluate, predict, export have no --config.
 
 
+def test_a_config_json_that_no_longer_matches_the_checkpoints(trained_tiny_workdir, tmp_path):
+  """predict/evaluate/export take no --config: the hint is the config.json, not a training flag
+  (it had said "use a new --workdir, or --config.model=cnn")."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_tiny_workdir, workdir)
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    values = json.load(f)
+  values["model"] = "linear"
+  with open(path, "w") as f:
+    json.dump(values, f)
+  with pytest.raises(UserError, match="is of model 'cnn' but the config asks for 'linear'") as raised:
+    inference.load(workdir)
+  assert "put back the config.json it was trained with" in str(raised.value)
+  assert "--config" not in str(raised.value) and "--workdir" not in str(raised.value)
+
+
 def test_metrics_lines_that_are_no_records_are_skipped(trained_tiny_workdir, tmp_path):
   """A damaged or hand-edited metrics.jsonl (stray bytes, JSON that is no record, a value that is
   no accuracy) neither stops choosing the checkpoint nor a resume, which drops those lines."""

@@ -282,13 +282,19 @@ class Checkpointer:
     """The JSON saved with `step`'s state: the description, and what else the caller added."""
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-  def _check_description(self, step: int, description: dict) -> None:
+  def _check_description(self, step: int, description: dict, serving: bool = False) -> None:
+    """Raises UserError where `step` holds another model than `description`'s. `serving`: the
+    config is the run's own config.json (predict/evaluate/export take no --config), so the hint
+    is to put back the one the run was trained with, not a training flag."""
     stored = self.meta(step)
     where = storage.join(self.directory, str(step))
+    fix = ("the run's config.json no longer matches its checkpoints: put back the config.json it "
+           "was trained with" if serving else "use a new --workdir")
     if stored.get("model") != description["model"]:
       raise UserError(
           f"checkpoint {where} is of model {stored.get('model')!r} but the config asks for "
-          f"{description['model']!r}; use a new --workdir, or --config.model={stored.get('model')}")
+          f"{description['model']!r}; " +
+          (fix if serving else f"{fix}, or --config.model={stored.get('model')}"))
     if stored.get("param_shapes") != description["param_shapes"]:
       differ = sorted(k for k in set(stored.get("param_shapes", {})) | set(description["param_shapes"])
                       if stored.get("param_shapes", {}).get(k) != description["param_shapes"].get(k))
@@ -297,8 +303,8 @@ class Checkpointer:
           f"checkpoint {where} has parameter shapes that do not match the configured "
           f"{description['model']!r} model ({len(differ)} differ, e.g. {first}: checkpoint "
           f"{stored.get('param_shapes', {}).get(first)} vs config "
-          f"{description['param_shapes'].get(first)}); use a new --workdir or the config it "
-          "was trained with")
+          f"{description['param_shapes'].get(first)}); " +
+          (fix if serving else f"{fix} or the config it was trained with"))
     _check_fingerprint(where, stored.get("fingerprint"), description.get("fingerprint"))
 
   def restore_weights(self, step: int, description: dict) -> dict:
@@ -309,7 +315,7 @@ class Checkpointer:
     the model and parameter shapes are checked as in `restore`.
     """
     with _quiet_abandoned_reads():  # The metadata's reads too: a damaged data file fails there.
-      self._check_description(step, description)
+      self._check_description(step, description, serving=True)
       metadata = self._manager.item_metadata(step)["state"]
       sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       abstract = {key: jax.tree.map(
