@@ -113,6 +113,17 @@ def test_benchmark_json(tmp_path, idx_dir):
         o["gflops"] / profile["peak_gflops"])
   assert all(o["gflops"] is None for o in ops if o["kind"] == "xla")
   assert f"profile (batch {best}, 4 steps" in proc.stdout
+  # A device with no known peak (a GPU missing from the table): no MFU, said so, and valid JSON
+  # (it had printed "MFU nan%" and written a bare NaN, which JSON readers reject).
+  from fashion_jax.benchmarking import benchmark, benchmark_report  # pylint: disable=import-outside-toplevel
+  why = "unknown device kind 'NVIDIA RTX 9090': pass --peak_gflops"
+  unknown = dict(results, mfu=None, hfu=None, peak_gflops_per_device=None, peak_source=why,
+                 per_round=benchmark.round_figures(results["sweep"], results.get("keras_sweep", []),
+                                                   2, peak_flops=None))
+  table = benchmark_report.format_table(unknown)
+  assert f"MFU unknown ({why})" in table and "nan" not in table.lower(), table
+  assert all(r["hfu"] is None for r in unknown["per_round"])
+  json.dumps(unknown, allow_nan=False)
 
 
 class _Side:

@@ -134,16 +134,47 @@ def test_executed_step_flops_per_backend(platform, mode, devices, expected):
   assert flops.executed_step_flops(_Stage(1000.0), _Stage(30.0, kernel), parallel) == expected
 
 
-class _Device:
-  platform, device_kind = "gpu", "NVIDIA H200"
+def _device(kind, platform="gpu"):
+  return type("D", (), {"platform": platform, "device_kind": kind})()
 
 
-def test_device_peaks_by_kind_and_dtype():
-  assert flops.device_peak_gflops(_Device(), "float32") == (67_000.0, "table entry 'H200', float32")
-  assert flops.device_peak_gflops(_Device(), "bfloat16")[0] == 989_000.0
-  assert flops.device_peak_gflops(_Device(), "float32", given=5.0) == (5.0, "--peak_gflops")
-  unknown = type("D", (), {"platform": "gpu", "device_kind": "Mystery 9000"})()
-  peak, why = flops.device_peak_gflops(unknown)
+@pytest.mark.parametrize("kind, platform, float32, bfloat16", [
+    # JAX's default precision runs float32 convolutions and matmuls as TF32 on Ampere and later
+    # (the CUDA-core FP32 peak, 67 on an H200, had made MFU ~7x too high).
+    ("NVIDIA H200", "gpu", 494_500, 989_000), ("NVIDIA H100 80GB HBM3", "gpu", 494_500, 989_000),
+    ("NVIDIA GH200 480GB", "gpu", 494_500, 989_000),
+    ("NVIDIA H100 PCIe", "gpu", 378_000, 756_000), ("NVIDIA H100 NVL", "gpu", 417_500, 835_000),
+    ("NVIDIA A100-SXM4-40GB", "gpu", 156_000, 312_000), ("NVIDIA A100 80GB PCIe", "gpu", 156_000, 312_000),
+    ("NVIDIA L4", "gpu", 60_000, 121_000),
+    ("NVIDIA L40", "gpu", 90_500, 181_000),  # Had matched "L4".
+    ("NVIDIA L40S", "gpu", 183_000, 362_000),
+    # No TF32, no bfloat16 tensor cores: FP32 for both (bfloat16 had read the FP16 peak).
+    ("Tesla T4", "gpu", 8_100, 8_100), ("Tesla V100-SXM2-16GB", "gpu", 15_700, 15_700),
+    # TPUs: float32 at the default precision is one bfloat16 pass.
+    ("TPU v5 lite", "tpu", 197_000, 197_000), ("TPU v5", "tpu", 459_000, 459_000),
+    ("TPU v4", "tpu", 275_000, 275_000), ("TPU v4 lite", "tpu", 138_000, 138_000),  # Had read v4.
+    ("TPU v6 lite", "tpu", 918_000, 918_000)])
+def test_device_peaks_by_kind_and_dtype(kind, platform, float32, bfloat16):
+  peak, why = flops.device_peak_gflops(_device(kind, platform), "float32")
+  assert peak == float32 and kind in why
+  assert ("TensorFloat-32)" in why) == (platform == "gpu" and kind[:5] != "Tesla"), why
+  assert flops.device_peak_gflops(_device(kind, platform), "bfloat16")[0] == bfloat16
+
+
+def test_device_peaks_follow_the_matmul_precision_and_the_users_figure():
+  h200 = _device("NVIDIA H200")
+  with jax.default_matmul_precision("highest"):  # True float32: the CUDA cores.
+    assert flops.device_peak_gflops(h200, "float32") == (
+        67_000.0, "table entry for 'NVIDIA H200', float32 at jax_default_matmul_precision='highest'")
+    peak, why = flops.device_peak_gflops(_device("TPU v5 lite", "tpu"), "float32")
+    assert peak != peak and "--peak_gflops" in why  # Several bf16 passes: not guessed.
+  with jax.default_matmul_precision("tensorfloat32"):  # What the default is on this GPU.
+    assert flops.device_peak_gflops(h200, "float32")[0] == 494_500
+  with jax.default_matmul_precision("high"):  # Three passes of something: not guessed.
+    peak, why = flops.device_peak_gflops(h200, "float32")
+    assert peak != peak and "'high'" in why and "--peak_gflops" in why
+  assert flops.device_peak_gflops(h200, "float32", given=5.0) == (5.0, "--peak_gflops")
+  peak, why = flops.device_peak_gflops(_device("Mystery 9000"))
   assert peak != peak and "--peak_gflops" in why  # NaN, and what to do.
 
 

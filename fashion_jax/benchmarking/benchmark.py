@@ -99,7 +99,7 @@ def round_figures(sweep, keras_sweep, rounds: int, peak_flops: float) -> list[di
     best = max(range(len(sweep)), key=rates.__getitem__)
     executed = sweep[best]["flops_per_image_xla"]
     entry = {"train_images_per_sec": rates[best], "best_batch_size": sweep[best]["batch_size"],
-             "hfu": rates[best] * executed / peak_flops if executed else None}
+             "hfu": rates[best] * executed / peak_flops if executed and peak_flops else None}
     if keras_sweep:
       keras_best = max(k["train_images_per_sec"]["passes"][r] for k in keras_sweep)
       entry.update(keras_train_images_per_sec=keras_best,
@@ -319,8 +319,10 @@ def run(config) -> dict:
   best_index = max(range(len(sweep)), key=lambda i: sweep[i]["train_images_per_sec"]["median"])
   peak, peak_source = flops.device_peak_gflops(parallel.devices[0], config.compute_dtype,
                                                FLAGS.peak_gflops)
+  # All the devices' peak in FLOP/s; None for a device kind with no known peak (JSON has no NaN).
+  peak_flops = peak * 1e9 * flops.peak_units(parallel) if math.isfinite(peak) else None
   profiled = (step_profile.profile(train_steps[best_index], FLAGS.profile_steps,
-                                   peak * flops.peak_units(parallel)) if FLAGS.profile else None)
+                                   (peak_flops or 0) / 1e9) if FLAGS.profile else None)
   del train_steps, kerases  # Their states and batches; the loop and eval below make their own.
   loops = []
   variants = {"classic": ("host", 1), "host": ("host", -1), "device": ("device", -1)}
@@ -344,9 +346,8 @@ def run(config) -> dict:
   flops_per_image = (flops.model_flops_per_image(config, best["batch_size"])
                      or flops.analytic_flops_per_image(config.model))
   achieved = best_rate * flops_per_image
-  mfu = achieved / (peak * 1e9 * flops.peak_units(parallel))
-  hfu = (best_rate * executed_flops / (peak * 1e9 * flops.peak_units(parallel))
-         if executed_flops else None)
+  mfu = achieved / peak_flops if peak_flops else None
+  hfu = best_rate * executed_flops / peak_flops if executed_flops and peak_flops else None
   results = {
       "config": {"model": config.model, "conv_impl": config.conv_impl,
                  "pool_impl": config.pool_impl, "batch_size": config.batch_size,
@@ -365,12 +366,11 @@ def run(config) -> dict:
       "flops_per_image_analytic": flops.analytic_flops_per_image(config.model),
       "flops_per_image_executed": executed_flops,
       "achieved_gflops": achieved / 1e9,
-      "peak_gflops_per_device": peak, "peak_source": peak_source,
+      "peak_gflops_per_device": peak if peak_flops else None, "peak_source": peak_source,
       "mfu": mfu,
       "hfu": hfu,
       "rounds": FLAGS.rounds,
-      "per_round": round_figures(sweep, keras_sweep, FLAGS.rounds,
-                                 peak * 1e9 * flops.peak_units(parallel)),
+      "per_round": round_figures(sweep, keras_sweep, FLAGS.rounds, peak_flops),
   }
   if profiled is not None:
     results["profile"] = profiled
@@ -422,6 +422,6 @@ def main(argv):
   print(benchmark_report.format_table(results))
   if "profile" in results:
     print(step_profile.format_profile(results["profile"]))
-  storage.write_text(output, json.dumps(results, indent=2) + "\n")
+  storage.write_text(output, json.dumps(results, indent=2, allow_nan=False) + "\n")
   benchmark_report.log(f"wrote {output}")
 

@@ -178,15 +178,16 @@ def format_table(results: dict) -> str:
       *rows,
       f"best: {results['train_images_per_sec']:,.0f} img/s at batch {results['best_batch_size']}; "
       f"model {results['flops_per_image'] / 1e6:.2f} MFLOP/image -> "
-      f"{results['achieved_gflops']:.1f} GFLOP/s = MFU {100 * results['mfu']:.1f}% of {results['peak_gflops_per_device']:.0f} GFLOP/s "
-      f"peak ({results['peak_source']})",
+      f"{results['achieved_gflops']:.1f} GFLOP/s = " +
+      (f"MFU {100 * results['mfu']:.1f}% of {results['peak_gflops_per_device']:.0f} GFLOP/s peak "
+       if results["mfu"] is not None else "MFU unknown ") + f"({results['peak_source']})",
       *([f"executed: {results['flops_per_image_executed'] / 1e6:.2f} MFLOP/image "
          f"(XLA cost analysis of the program that ran, plus fashion_jax's native kernels) -> "
          f"{100 * results['hfu']:.1f}% of peak (hardware FLOP utilization)"]
         if results.get("hfu") else []),
       *(["(MFU counts the model's FLOPs; above 100% means the formulation that ran needs fewer "
          "FLOPs for the same math, e.g. Winograd, and the executed line is the hardware's view)"]
-        if results["mfu"] > 1 else []),
+        if (results["mfu"] or 0) > 1 else []),
       f"eval: {results['eval_examples']:,} images in {results['eval_seconds']:.3f}s "
       f"({results['eval_images_per_sec']:,.0f} img/s)",
   ]

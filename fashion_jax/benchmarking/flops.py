@@ -12,17 +12,28 @@ import math
 import os
 import re
 
-# Dense peak TFLOP/s per device (one chip or GPU): (float32, bfloat16). TPUs run float32 matmuls
-# through their bf16 units (JAX's default precision), so both columns are the bf16 peak there;
-# GPUs: float32 = the CUDA-core FP32 peak, bfloat16 = the dense tensor-core peak.
-PEAK_TFLOPS = {
-    "TPU v2": (22.5, 22.5), "TPU v3": (61.5, 61.5), "TPU v4": (275.0, 275.0),
-    "TPU v5 lite": (197.0, 197.0), "TPU v5e": (197.0, 197.0), "TPU v5p": (459.0, 459.0),
-    "TPU v5": (459.0, 459.0), "TPU v6 lite": (918.0, 918.0), "TPU v6e": (918.0, 918.0),
-    "Tesla T4": (8.1, 65.0), "Tesla V100": (15.7, 125.0), "A100": (19.5, 312.0),
-    "L4": (30.3, 121.0), "A10G": (31.2, 125.0), "H100": (67.0, 989.0), "H200": (67.0, 989.0),
-    "L40S": (91.6, 362.0),
-}
+# Dense peak TFLOP/s of one device (one TPU core or chip as JAX counts it, one GPU), matched on its
+# device_kind, first match first (so "H100 PCIe" before "H100", and r"\bL4\b" is not "L40"):
+# (float32 at full precision, float32 at JAX's default matmul precision, bfloat16).
+# JAX's default precision computes float32 convolutions and matmuls as one bfloat16 pass on TPUs
+# and as TensorFloat-32 on NVIDIA tensor cores from Ampere (A100) on. Older GPUs have no TF32
+# (None: float32 runs at FP32) and no bfloat16 tensor cores (their FP32 peak). A TPU's
+# full-precision float32 is several bfloat16 passes: None, not guessed (pass --peak_gflops).
+DEVICE_PEAKS = (
+    (r"\bTPU v2\b", None, 22.5, 22.5), (r"\bTPU v3\b", None, 61.5, 61.5),
+    (r"\bTPU v4 lite\b", None, 138.0, 138.0), (r"\bTPU v4\b", None, 275.0, 275.0),
+    (r"\bTPU v5 lite\b|\bTPU v5e\b", None, 197.0, 197.0),
+    (r"\bTPU v5p?\b", None, 459.0, 459.0),
+    (r"\bTPU v6 lite\b|\bTPU v6e\b", None, 918.0, 918.0),
+    (r"\bTesla T4\b|\bT4\b", 8.1, None, 8.1), (r"\bV100\b", 15.7, None, 15.7),
+    (r"\bA100\b", 19.5, 156.0, 312.0), (r"\bA10G?\b", 31.2, 62.5, 125.0),
+    (r"\bH[12]00\b.*\bNVL\b", 60.0, 417.5, 835.0), (r"\bH100\b.*\bPCIe\b", 51.0, 378.0, 756.0),
+    (r"\bH100\b|\bH200\b|\bGH200\b", 67.0, 494.5, 989.0),
+    (r"\bL40S\b", 91.6, 183.0, 362.0), (r"\bL40\b", 90.5, 90.5, 181.0),
+    (r"\bL4\b", 30.3, 60.0, 121.0),
+)
+_FULL_FLOAT32 = ("highest", "float32", "F32_F32_F32")
+_DEFAULT_EQUIVALENT = (("tensorfloat32", "TF32_TF32_F32"), ("bfloat16", "BF16_BF16_F32"))  # GPU, TPU
 
 
 def _cores() -> int:
@@ -76,11 +87,33 @@ def device_peak_gflops(device, dtype: str = "float32", given: float = 0.0) -> tu
   if device.platform == "cpu":
     return cpu_peak_gflops()
   kind = device.device_kind
-  for name, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
-    if name.lower() in kind.lower():
-      column = 1 if dtype == "bfloat16" else 0
-      return tflops[column] * 1000, f"table entry {name!r}, {dtype}"
+  precision = _matmul_precision()
+  for pattern, *tflops in DEVICE_PEAKS:
+    if re.search(pattern, kind, re.IGNORECASE):
+      if dtype == "bfloat16":
+        column, what = 2, "bfloat16"
+      elif precision in _FULL_FLOAT32:
+        column, what = 0, f"float32 at jax_default_matmul_precision={precision!r}"
+      elif precision not in ("", "default", *_DEFAULT_EQUIVALENT[device.platform == "tpu"]):
+        return float("nan"), (f"{kind!r}: no peak known for float32 at jax_default_matmul_"
+                              f"precision={precision!r}: pass --peak_gflops")
+      elif device.platform == "tpu":
+        column, what = 1, "float32 at JAX's default precision (one bfloat16 pass)"
+      elif tflops[1] is None:
+        column, what = 0, "float32 (FP32: no TensorFloat-32 on this GPU)"
+      else:
+        column, what = 1, "float32 at JAX's default precision (TensorFloat-32)"
+      if tflops[column] is None:
+        return float("nan"), f"{kind!r}: no peak known for {what}: pass --peak_gflops"
+      return tflops[column] * 1000, f"table entry for {kind!r}, {what}"
   return float("nan"), f"unknown device kind {kind!r}: pass --peak_gflops"
+
+
+def _matmul_precision() -> str:
+  """jax_default_matmul_precision as set (flag, environment or config), '' when left default."""
+  import jax  # pylint: disable=g-import-not-at-top
+  value = jax.config.jax_default_matmul_precision
+  return "" if value is None else str(getattr(value, "name", value))
 
 
 def peak_units(parallel) -> int:
