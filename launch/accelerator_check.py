@@ -140,7 +140,7 @@ def train_run(config, idx_dir, work, name, timeout, *flags):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="accelerator_check", description=__doc__.splitlines()[0])
   parser.add_argument("--idx_dir", default=os.environ.get("FASHION_JAX_IDX_DIR", ""))
   parser.add_argument("--output", default="accelerator_check.json")
   parser.add_argument("--budget_s", type=float, default=540)

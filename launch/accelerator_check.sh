@@ -16,9 +16,18 @@ usage_error() {
   echo "accelerator_check: error: $1" >&2
   exit 2
 }
-[ $# -ge 1 ] || usage_error "IDX_DIR is missing; usage: launch/accelerator_check.sh IDX_DIR [OUTPUT.json] [--allow_cpu]"
-idx_dir=$(realpath -m -- "$1")
-output=$(realpath -m -- "${2:-accelerator_check.json}")
+usage="usage: launch/accelerator_check.sh IDX_DIR [OUTPUT.json] [--allow_cpu]"
+positional=() options=()  # Options may come anywhere (`IDX_DIR --allow_cpu` had written to a file of that name).
+for arg in "$@"; do
+  case $arg in
+    --*) options+=("$arg") ;;
+    *) positional+=("$arg") ;;
+  esac
+done
+[ ${#positional[@]} -ge 1 ] || usage_error "IDX_DIR is missing; $usage"
+[ ${#positional[@]} -le 2 ] || usage_error "unexpected argument '${positional[2]}'; $usage"
+idx_dir=$(realpath -m -- "${positional[0]}")
+output=$(realpath -m -- "${positional[1]:-accelerator_check.json}")
 python=${PYTHON:-python3}
 [[ $python != */* ]] || python=$(realpath -m -- "$python")
 command -v "$python" >/dev/null || usage_error "PYTHON=$python: no such command"
@@ -38,4 +47,4 @@ fi
 [ "${JAX_PLATFORMS:-}" != cpu ] || unset JAX_PLATFORMS
 cd "$(dirname "$0")/.."
 exec "$python" launch/accelerator_check.py --idx_dir="$idx_dir" --output="$output" \
-  --budget_s="${BUDGET_S:-540}" "${@:3}"
+  --budget_s="${BUDGET_S:-540}" ${options[@]+"${options[@]}"}

@@ -124,9 +124,13 @@ def test_accelerator_check_refuses_bad_input_with_exit_2(tmp_path, idx_dir):
       (["fm", "no_such_folder/out.json"], {}, "its folder"),
       (["no_such_idx"], {}, f"--idx_dir='{tmp_path}/no_such_idx' is not a folder"),
       (["fm"], {"WHEELS": "wheels"}, "is not yours alone"),
+      (["fm", "a.json", "b.json"], {}, "unexpected argument 'b.json'; usage:"),
+      # Options anywhere: `IDX_DIR --allow_cpu` had taken the option for OUTPUT.json.
+      (["fm", "--allow_cpu", "out.json", "--no_such_option"], {}, "unrecognized arguments: --no_such_option"),
       (["fm", "out.json"], {}, "JAX found no GPU or TPU (backend: cpu")]:
     proc = check(*args, **extra)
     assert proc.returncode == 2, proc.stderr
     assert "accelerator_check: error: " in proc.stderr and says in proc.stderr, proc.stderr
+  assert not (tmp_path / "--allow_cpu").exists()
   assert json.loads((tmp_path / "out.json").read_text())["stages"]["devices"]["backend"] == "cpu"
   assert not list((tmp_path / "tmp").iterdir())

@@ -89,6 +89,10 @@ def alternate(train_steps, kerases, rounds: int, windows: int, window_seconds: f
   return jax_passes, keras_passes
 
 
+# --loop's variants: (where the batches live, steps per dispatch; -1: the whole window).
+LOOP_VARIANTS = {"classic": ("host", 1), "host": ("host", -1), "device": ("device", -1)}
+
+
 def round_figures(sweep, keras_sweep, rounds: int, peak_flops: float) -> list[dict]:
   """Each round's headline figures: best jax batch (the mean of the passes before and after that
   round's Keras pass, when Keras ran), its executed FLOP share, and best against best."""
@@ -268,6 +272,11 @@ def run(config) -> dict:
   if not (math.isfinite(FLAGS.peak_gflops) and FLAGS.peak_gflops >= 0):
     raise UserError(f"--peak_gflops={FLAGS.peak_gflops} is invalid; give one device's peak in "
                     "GFLOP/s (a positive number), or 0 to look it up or measure it")
+  unknown = [v for v in FLAGS.loop_variants if v not in LOOP_VARIANTS]
+  if unknown or not FLAGS.loop_variants:  # Before minutes of measuring, not after (it was).
+    raise UserError(f"--loop_variants={','.join(FLAGS.loop_variants)} " +
+                    (f"names {unknown[0]!r}, which" if unknown else "is empty; it") +
+                    f" is not a loop to time; use some of {','.join(LOOP_VARIANTS)}")
   batch_sizes = parse_batch_sizes(FLAGS.batch_sizes, config.batch_size)
   if FLAGS.compare == "keras":
     missing = [m for m in ("tensorflow", "keras") if importlib.util.find_spec(m) is None]
@@ -282,8 +291,7 @@ def run(config) -> dict:
       f"{parallel.mode}; conv_impl={config.conv_impl} pool_impl={config.pool_impl}; "
       f"batch sizes {batch_sizes}")
   if env["backend"] == "cpu":
-    benchmark_report.log(f"CPU: {env['cpu']} ({env['cpu_count']} cores; {env['cpu_isa']}); "
-                         f"native kernels: {env['native_kernels']}")
+    benchmark_report.log(f"CPU: {benchmark_report.cpu_line(env)}")
   data_source = input_pipeline.source(config)
   try:
     if data_source.kind == "tfds" and (reason := tfds_unprepared_reason(config)):
@@ -303,6 +311,8 @@ def run(config) -> dict:
   if too_big:  # The train step cycles through the training set a batch at a time.
     raise UserError(f"--batch_sizes: {too_big[0]} is larger than the {len(train_data)} training "
                     "examples; pass smaller batch sizes")
+  if parallel.devices[0].platform == "cpu" and not FLAGS.peak_gflops:
+    flops.sample_cpu_peak()  # And again after the sweep: the peak is the best of both.
   train_steps = [train_rates.TrainStep(config, parallel, train_data, b) for b in batch_sizes]
   kerases = ([benchmark_report.KerasTrain(train_data, b, FLAGS.window_seconds)
               for b in batch_sizes] if FLAGS.compare == "keras" else [])
@@ -325,14 +335,11 @@ def run(config) -> dict:
                                    (peak_flops or 0) / 1e9) if FLAGS.profile else None)
   del train_steps, kerases  # Their states and batches; the loop and eval below make their own.
   loops = []
-  variants = {"classic": ("host", 1), "host": ("host", -1), "device": ("device", -1)}
   for r in sweep if FLAGS.loop else []:
     sized = config.copy_and_resolve_references()
     sized.batch_size = r["batch_size"]
     for variant in FLAGS.loop_variants:
-      if variant not in variants:
-        raise UserError(f"--loop_variants={variant!r} is unknown; use {', '.join(variants)}")
-      placement, per_dispatch = variants[variant]
+      placement, per_dispatch = LOOP_VARIANTS[variant]
       loops.append(train_rates.measure_loop(
           sized, parallel, train_data, placement, r["train_images_per_sec"]["median"],
           FLAGS.windows, FLAGS.window_seconds, per_dispatch))
@@ -417,8 +424,7 @@ def main(argv):
     cli.fail(str(e))
   env = results["environment"]
   if env["backend"] == "cpu":  # The table is only comparable with the CPU and kernels named.
-    print(f"{env['cpu']} ({env['cpu_count']} cores; {env['cpu_isa']}); "
-          f"native kernels: {env['native_kernels']}")
+    print(benchmark_report.cpu_line(env))
   print(benchmark_report.format_table(results))
   if "profile" in results:
     print(step_profile.format_profile(results["profile"]))

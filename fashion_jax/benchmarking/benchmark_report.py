@@ -11,6 +11,7 @@ import sys
 import time
 
 import fashion_jax
+from fashion_jax.benchmarking import flops
 from fashion_jax.support import backends
 
 
@@ -105,11 +106,20 @@ def environment(parallel) -> dict:
       "flax": flax.__version__, "optax": optax.__version__, "fashion_jax": fashion_jax.__version__,
       "backend": jax.default_backend(), "device_kind": device.device_kind,
       "num_devices": parallel.num_devices, "parallelism": parallel.mode,
-      "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "cpu_isa": cpu_isa(),
+      # The CPUs this process may run on (taskset, a container's cpuset): what the peak counts.
+      "cpu": _cpu_name(), "cpu_count": flops.usable_cpus(), "cpu_count_machine": os.cpu_count(),
+      "cpu_isa": cpu_isa(),
       "native_kernels": _native_kernels() if jax.default_backend() == "cpu" else None,
       "threads": {k: os.environ.get(k) for k in ("XLA_FLAGS", "OMP_NUM_THREADS",
                                                   "TF_NUM_INTRAOP_THREADS") if os.environ.get(k)},
   }
+
+
+def cpu_line(env: dict) -> str:
+  """"AMD EPYC (2 cores; avx2,...); native kernels: ..." -- the CPU the numbers were measured on."""
+  cores = f"{env['cpu_count']} cores" + (f" of {env['cpu_count_machine']}"
+                                         if env["cpu_count_machine"] != env["cpu_count"] else "")
+  return f"{env['cpu']} ({cores}; {env['cpu_isa']}); native kernels: {env['native_kernels']}"
 
 
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "asimd", "sve")
