@@ -234,6 +234,21 @@ def _batchnorm_and_flip_tta_export(tmp_path):
 
 
 @needs_tf
+def test_a_bfloat16_run_exports(tmp_path):
+  """configs/accelerator_best.py trains in bfloat16: its export had always failed the float32
+  self-check (probabilities 2e-4 apart here, up to 5e-3 on a trained model), with a traceback."""
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "default.py"))
+  config.compute_dtype = "bfloat16"
+  classifier = _small_random_classifier(config)
+  metadata = export.export(classifier, str(tmp_path / "bf16"), platforms=["cpu"])
+  check = metadata["self_check"]
+  assert check["atol"] == savedmodel.VERIFY_ATOL["bfloat16"] and check["max_abs_diff_vs_jax"] > 1e-5
+  images = np.random.default_rng(2).integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+  served = _serve(tf.saved_model.load(str(tmp_path / "bf16")), images)
+  np.testing.assert_allclose(served, classifier.probabilities(images), atol=check["atol"], rtol=0)
+
+
+@needs_tf
 def test_output_is_never_clobbered(trained_tiny_workdir, tmp_path):
   classifier = inference.load(trained_tiny_workdir)
   output = tmp_path / "out"

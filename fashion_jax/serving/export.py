@@ -279,7 +279,8 @@ def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS
         "attributes": {"class_names": "tf.Variable string [10]", "step": "tf.Variable int64"},
         "assets": [CLASS_NAMES_FILE],
         "platforms": list(platforms),
-        "self_check": ({"batch": 3, "max_abs_diff_vs_jax": diff, "atol": savedmodel.VERIFY_ATOL}
+        "self_check": ({"batch": 3, "max_abs_diff_vs_jax": diff,
+                        "atol": savedmodel.VERIFY_ATOL[classifier.config.compute_dtype]}
                        if diff is not None else
                        f"skipped: this machine's backend {backend!r} is not in --platforms"),
         "versions": {"fashion_jax": fashion_jax.__version__, "jax": jax.__version__,
