@@ -5,6 +5,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -141,6 +143,58 @@ def test_a_config_json_that_no_longer_matches_the_checkpoints(trained_tiny_workd
     inference.load(workdir)
   assert "put back the config.json it was trained with" in str(raised.value)
   assert "--config" not in str(raised.value) and "--workdir" not in str(raised.value)
+
+
+def test_a_checkpoint_deleted_while_it_is_read_is_chosen_again(trained_tiny_workdir, tmp_path,
+                                                               monkeypatch):
+  """predict/evaluate/export beside a run still training into the workdir: the run's keep
+  policy can delete the chosen checkpoint between the listing and the read. It had failed with
+  "is unreadable ... or re-train"; now the choice is made again among what is kept."""
+  from fashion_jax.support import checkpointing  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_tiny_workdir, workdir)
+  original, deleted = checkpointing.Checkpointer.restore_weights, []
+
+  def deleting_first(self, step, description):
+    if not deleted:  # The training run's keep policy, just before the read.
+      shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+      deleted.append(step)
+    return original(self, step, description)
+  monkeypatch.setattr(checkpointing.Checkpointer, "restore_weights", deleting_first)
+  classifier = inference.load(workdir)
+  assert deleted and classifier.step != deleted[0]
+  assert classifier.step in [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                             if d.isdigit()]
+  deleted.clear()  # With --step, nothing else may be chosen: say what happened.
+  step = classifier.step
+  with pytest.raises(UserError, match=rf"checkpoint .*/{step} was deleted while it was read \("
+                                      r"is a run still training into this workdir\?\); run the "
+                                      r"command again$"):  # None is left to name.
+    inference.load(workdir, step=step)
+
+
+def test_unreadable_run_files_are_one_line(trained_tiny_workdir, tmp_path):
+  """An unreadable checkpoints folder or metrics.jsonl: a traceback (exit 1) in predict,
+  evaluate and export. As root, run without the capabilities that ignore permissions."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_tiny_workdir, workdir)
+  prefix = []
+  if os.geteuid() == 0:
+    if shutil.which("setpriv") is None:
+      pytest.skip("running as root without setpriv: permissions cannot be made to apply")
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+  for entry in ("checkpoints", "metrics.jsonl"):
+    os.chmod(workdir / entry, 0)
+    try:
+      proc = subprocess.run(
+          [*prefix, sys.executable, "-c", "import sys; from fashion_jax.serving import inference"
+           "\ntry: inference.load(sys.argv[1])\nexcept Exception as e: print(type(e).__name__, e)",
+           str(workdir)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    finally:
+      os.chmod(workdir / entry, 0o755)
+    assert proc.stdout.startswith(f"UserError cannot read {workdir}/{entry} (Permission denied); "
+                                  "make it readable by you"), proc.stdout + proc.stderr[-2000:]
 
 
 def test_metrics_lines_that_are_no_records_are_skipped(trained_tiny_workdir, tmp_path):

@@ -156,10 +156,19 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256,
   directory = storage.join(workdir, "checkpoints")
   if not storage.isdir(directory):
     raise UserError(f"no checkpoints folder in {workdir}; train first, or pass the right --workdir")
-  checkpointer = checkpointing.Checkpointer(directory, keep=max(config.keep_checkpoints, 1),
-                                            async_save=False)
+  unreadable = lambda e: UserError(  # Permissions: one line, not a traceback.
+      f"cannot read {directory} ({e.strerror or e}); make it readable by you, or pass the "
+      "--workdir of a run you can read")
   try:
-    saved = checkpointer.all_steps()
+    checkpointer = checkpointing.Checkpointer(directory, keep=max(config.keep_checkpoints, 1),
+                                              async_save=False)
+  except OSError as e:
+    raise unreadable(e) from e
+  try:
+    try:
+      saved = checkpointer.all_steps()
+    except OSError as e:
+      raise unreadable(e) from e
     if step is None:
       step, why = choose_step(workdir, saved)
     elif step not in saved:
@@ -171,14 +180,25 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256,
     params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                             jax.ShapeDtypeStruct((1,) + steps.IMAGE_SHAPE, jnp.float32))["params"]
     description = checkpointing.describe_state(config.model, _Params(params))
-    try:
-      weights = checkpointer.restore_weights(step, description)
-    except UserError:
-      raise
-    except Exception as e:  # pylint: disable=broad-except  (tensorstore/OS/parse errors)
-      raise UserError(f"checkpoint {storage.join(directory, str(step))} is unreadable "
-                      f"({checkpointing.first_line(e)}); "
-                      "pass --step with another checkpoint, or re-train") from e
+    for attempt in range(3):
+      try:
+        weights = checkpointer.restore_weights(step, description)
+        break
+      except UserError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (tensorstore/OS/parse errors)
+        where = storage.join(directory, str(step))
+        now = checkpointer.all_steps(read=True)
+        if step in now:
+          raise UserError(f"checkpoint {where} is unreadable ({checkpointing.first_line(e)}); "
+                          "pass --step with another checkpoint, or re-train") from e
+        # Deleted while it was read: a run still training into this workdir keeps only its
+        # newest checkpoints (and its best). Choose again among those it keeps now.
+        if why == "requested with --step" or not now or attempt == 2:
+          raise UserError(f"checkpoint {where} was deleted while it was read (is a run still "
+                          "training into this workdir?); run the command again" +
+                          (f", with --step from {', '.join(map(str, now))}" if now else "")) from e
+        step, why = choose_step(workdir, now)
   finally:
     checkpointer.close()
   return Classifier(config=config, model=model,

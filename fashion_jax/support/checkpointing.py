@@ -237,8 +237,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return sorted(self._manager.all_steps())
+  def all_steps(self, read: bool = False) -> list[int]:
+    """The saved steps; `read`: listed from storage again (another process may have saved or
+    deleted some since this one opened it)."""
+    return sorted(self._manager.all_steps(read=read))
 
   def save(self, step: int, state, description: dict, metrics: dict | None = None) -> None:
     """Starts a save (asynchronous: the device arrays are copied before it returns).

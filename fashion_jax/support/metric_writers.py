@@ -7,6 +7,7 @@ import sys
 
 import fashion_jax
 from fashion_jax.support import storage
+from fashion_jax.support.errors import UserError
 
 
 def summary_writer_class():
@@ -43,7 +44,11 @@ def _record(line: str) -> dict | None:
 
 
 def _read(path: str) -> str:
-  return storage.read_text(path, errors="replace")  # Stray bytes: that line is skipped.
+  try:
+    return storage.read_text(path, errors="replace")  # Stray bytes: that line is skipped.
+  except OSError as e:  # Unreadable (permissions), a folder: one line, not a traceback.
+    raise UserError(f"cannot read {path} ({e.strerror or e}); make it readable by you, or pass "
+                    "the --workdir of a run you can read") from e
 
 
 def foreign_line(workdir: str) -> str | None:
