@@ -1,5 +1,6 @@
 """fashion_jax.export: the SavedModel computes what JAX computes, for any batch size; the errors."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -291,6 +292,70 @@ def test_output_is_never_clobbered(trained_tiny_workdir, tmp_path):
   images = _tiny_test_images(trained_tiny_workdir)[:4, :, :, 0]
   np.testing.assert_allclose(_serve(tf.saved_model.load(str(previous)), images),
                              classifier.probabilities(images), atol=ATOL, rtol=0)
+
+
+def _exported_step(folder):
+  return json.loads((folder / export.METADATA_NAME).read_text())["step"]
+
+
+@needs_tf
+@pytest.mark.parametrize("where", ["a link", "a mount point"])
+def test_output_through_a_link_or_on_a_mount_point(trained_tiny_workdir, tmp_path, monkeypatch,
+                                                   where):
+  """A link to the export folder (models/current -> v3, as model servers read): --overwrite had
+  replaced the link by a folder, left v3 as it was and a stray link beside it; an empty linked
+  folder failed after the export with a traceback. A mount point (a container's volume) cannot
+  be renamed: it failed with "Device or resource busy". Both now take the export in place."""
+  classifier = inference.load(trained_tiny_workdir)
+  target = tmp_path / "v3"
+  target.mkdir()
+  if where == "a link":
+    (tmp_path / "current").symlink_to("v3")
+    output = tmp_path / "current"
+  else:
+    output = target
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(export.os.path, "ismount",
+                        lambda p: os.path.realpath(p) == str(target) or real_ismount(p))
+    real_rename = os.rename
+    def rename(src, dst):  # What the kernel says when a mount point is renamed or replaced.
+      if str(target) in (os.path.realpath(src), os.path.realpath(dst)):
+        raise OSError(16, "Device or resource busy")
+      return real_rename(src, dst)
+    monkeypatch.setattr(export.os, "rename", rename)
+  export.export(classifier, str(output), platforms=["cpu"])  # Into the empty folder.
+  assert _exported_step(target) == classifier.step
+  again = dataclasses.replace(classifier, step=classifier.step + 1000)
+  export.export(again, str(output), platforms=["cpu"], overwrite=True)  # Replacing it.
+  assert _exported_step(target) == classifier.step + 1000
+  assert sorted(os.listdir(tmp_path)) == (["current", "v3"] if where == "a link" else ["v3"])
+  assert (tmp_path / "current").is_symlink() if where == "a link" else True
+  assert not [n for n in os.listdir(target) if n.startswith(".")]  # No staging left inside.
+  images = _tiny_test_images(trained_tiny_workdir)[:4, :, :, 0]
+  np.testing.assert_allclose(_serve(tf.saved_model.load(str(output)), images),
+                             classifier.probabilities(images), atol=ATOL, rtol=0)
+
+
+def test_a_failed_swap_inside_the_folder_puts_the_old_export_back(tmp_path, monkeypatch):
+  folder, staging = tmp_path / "out", tmp_path / "out" / ".fashion_jax-export-1"
+  staging.mkdir(parents=True)
+  for name, text in (("a", "old a"), ("b", "old b")):
+    (folder / name).write_text(text)
+  for name in ("a", "b", "c"):
+    (staging / name).write_text("new " + name)
+  real_rename, calls = os.rename, []
+  def failing_third_move_in(src, dst):
+    if os.path.dirname(src) == str(staging):
+      calls.append(src)
+      if len(calls) == 3:
+        raise OSError(28, "No space left on device")
+    return real_rename(src, dst)
+  monkeypatch.setattr(export.os, "rename", failing_third_move_in)
+  with pytest.raises(OSError):
+    export._swap_contents(str(staging), str(folder))  # pylint: disable=protected-access
+  assert {n: (folder / n).read_text() for n in ("a", "b")} == {"a": "old a", "b": "old b"}
+  assert sorted(os.listdir(folder)) == sorted(["a", "b", staging.name])
+  assert sorted(os.listdir(staging)) == ["a", "b", "c"]
 
 
 def test_cli_missing_workdir(tmp_path):

@@ -100,9 +100,13 @@ def check_output(output: str, overwrite: bool) -> str:
   if storage.is_url(path) and "/" not in path.split("://", 1)[1]:
     raise UserError(f"--output={path} is a whole bucket; pass a folder in it, e.g. "
                     f"--output={path}/fashion_jax_model")
+  if not storage.is_url(path):
+    # A link to the export folder (models/current -> v3): the export replaces v3's contents and
+    # the link stays (it had replaced the link by a folder and left v3 as it was, or failed).
+    path = os.path.realpath(path)
   if storage.exists(path) and not storage.isdir(path):
     raise UserError(f"--output {path!r} is a file; pass a folder (new or empty)")
-  if storage.isdir(path) and storage.has_content(path):
+  if storage.isdir(path) and _has_content(path):
     if not overwrite:
       raise UserError(f"--output {path!r} is not empty; pass --overwrite to replace the export "
                       "in it, or a new folder")
@@ -117,6 +121,18 @@ def check_output(output: str, overwrite: bool) -> str:
                       "refusing to replace it even with --overwrite; move them out, or pass a "
                       "new folder")
   return path
+
+
+# Where the folder's parent cannot take a sibling (a mount point, a parent you cannot write to),
+# the export is staged inside the folder itself, under these names.
+_INSIDE = (".fashion_jax-export-", ".fashion_jax-old-")
+
+
+def _has_content(path: str) -> bool:
+  """storage.has_content, less what an export staged inside `path` (local folders)."""
+  if storage.is_url(path):
+    return storage.has_content(path)
+  return any(not name.startswith(_INSIDE) for name in os.listdir(path))
 
 
 # What an export writes at its top level: exports made before the metadata listed their files.
@@ -136,9 +152,10 @@ def _foreign_files(path: str) -> list[str]:
     listed = json.loads(storage.read_text(storage.join(path, METADATA_NAME))).get("files")
   except (OSError, ValueError, AttributeError):
     listed = None
+  files = [f for f in _relative_files(path) if not f.startswith(_INSIDE)]
   if isinstance(listed, list):
-    return [f for f in _relative_files(path) if f not in set(listed)]
-  return [f for f in _relative_files(path) if f.split("/", 1)[0] not in _EXPORT_ENTRIES]
+    return [f for f in files if f not in set(listed)]
+  return [f for f in files if f.split("/", 1)[0] not in _EXPORT_ENTRIES]
 
 
 def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
@@ -165,21 +182,52 @@ def _move_into_place(staging: str, path: str) -> None:
       raise UserError(f"could not upload the export to {path} ({type(e).__name__}: {text}); it "
                       "is unchanged: check the bucket and your credentials, then re-run") from e
     return
-  old = None
-  if os.path.isdir(path):
-    if os.listdir(path):
-      old = f"{path}.old-{os.getpid()}"
-      os.rename(path, old)
-    else:
-      os.rmdir(path)
   try:
-    os.rename(staging, path)
-  except OSError:
+    if os.path.dirname(staging) == path:
+      _swap_contents(staging, path)
+      return
+    old = None
+    if os.path.isdir(path):
+      if os.listdir(path):
+        old = f"{path}.old-{os.getpid()}"
+        os.rename(path, old)
+      else:
+        os.rmdir(path)
+    try:
+      os.rename(staging, path)
+    except OSError:
+      if old:
+        os.rename(old, path)  # Put the previous export back.
+      raise
     if old:
-      os.rename(old, path)  # Put the previous export back.
+      shutil.rmtree(old, ignore_errors=True)
+  except OSError as e:
+    raise UserError(f"could not move the export into {path} ({e.strerror or e}); what was there "
+                    "is unchanged: pass an --output you can write to") from e
+
+
+def _swap_contents(staging: str, path: str) -> None:
+  """Replaces what `path` holds by what `staging` (inside it) holds: the old entries into a
+  folder beside `staging`, the new ones out of it, and back if a move fails."""
+  old = tempfile.mkdtemp(prefix=_INSIDE[1], dir=path)
+  previous = [n for n in os.listdir(path) if not n.startswith(_INSIDE)]
+  moved_out, moved_in = [], []
+  try:
+    for name in previous:
+      os.rename(os.path.join(path, name), os.path.join(old, name))
+      moved_out.append(name)
+    for name in os.listdir(staging):
+      os.rename(os.path.join(staging, name), os.path.join(path, name))
+      moved_in.append(name)
+  except OSError:
+    for name in moved_in:
+      os.rename(os.path.join(path, name), os.path.join(staging, name))
+    for name in moved_out:
+      os.rename(os.path.join(old, name), os.path.join(path, name))
+    os.rmdir(old)
     raise
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
+  shutil.rmtree(old, ignore_errors=True)
+  os.rmdir(staging)
 
 
 def _readme(metadata: dict[str, Any]) -> str:
@@ -235,16 +283,21 @@ def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS
   tf, _ = savedmodel.import_tf()
   t0 = time.perf_counter()
   parent = None if storage.is_url(path) else os.path.dirname(path)  # gs://: staged locally.
+  # Beside the folder, so that one rename swaps it in; inside it where that cannot be (a mount
+  # point cannot be renamed; a parent you cannot write to takes no sibling).
+  inside = bool(parent) and os.path.isdir(path) and (os.path.ismount(path) or
+                                                     not os.access(parent, os.W_OK))
   try:
     if parent:
       os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.export-", dir=parent)
+    staging = tempfile.mkdtemp(prefix=_INSIDE[0] if inside else
+                               f".{os.path.basename(path)}.export-", dir=path if inside else parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the export private.
   except OSError as e:
-    raise UserError(f"cannot write to {parent!r} ({e.strerror}); pass an --output you can write "
-                    "to") from e
+    raise UserError(f"cannot write to {path if inside else parent!r} ({e.strerror}); pass an "
+                    "--output you can write to") from e
   try:
     with tempfile.TemporaryDirectory() as scratch:
       names_path = os.path.join(scratch, CLASS_NAMES_FILE)
