@@ -137,6 +137,23 @@ def test_json_top_k_save_preprocessed_and_bad_files(trained_tiny_workdir, tiny_i
   assert len(names) == 6 and sorted(os.listdir(saved)) == sorted(names)
 
 
+def test_a_digit_run_prepares_images_by_mnist_recipe(trained_tiny_workdir, tmp_path):
+  """A `dataset=mnist` run: predict named digits but prepared photos by the garment recipe."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  from tests.test_preprocess import _digit_seven  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "digits"
+  shutil.copytree(trained_tiny_workdir, workdir)
+  config = json.loads((workdir / "config.json").read_text())
+  (workdir / "config.json").write_text(json.dumps(dict(config, dataset="mnist")))
+  Image.fromarray(_digit_seven()).save(tmp_path / "seven.png")
+  predictions, status = predict.predict(str(workdir), [str(tmp_path / "seven.png")],
+                                        save_dir=str(tmp_path / "seen"))
+  assert status == 0 and predictions[0].top_k[0][0] in "0123456789"
+  seen = np.asarray(Image.open(predictions[0].preprocessed))
+  rows = np.flatnonzero(seen.max(axis=1))
+  assert rows[-1] - rows[0] + 1 == 20  # MNIST's 20 px box (the garment recipe fills 28).
+
+
 def test_nonexistent_path_is_reported_and_the_rest_classified(trained_tiny_workdir, tiny_inputs,
                                                               tiny_reference, tmp_path):
   folder, _ = tiny_inputs

@@ -53,6 +53,38 @@ def test_expected_conversion_looks_like_fashion_mnist(drawing):
   assert stripe < body - 50
 
 
+def _digit_seven(height=400, width=300) -> np.ndarray:
+  """A dark "7" drawn on white: gray uint8 [height, width], off-centre, thick strokes."""
+  gray = np.full((height, width), 250, np.uint8)
+  gray[60:100, 40:260] = 20  # The bar.
+  for y in range(100, 380):  # The stem, slanting down to the left.
+    x = 260 - (y - 100) * 160 // 280
+    gray[y, max(x - 40, 0):x] = 20
+  return gray
+
+
+def test_mnist_recipe_fits_a_20px_box_centred_by_mass():
+  """MNIST's recipe, not Fashion-MNIST's, for a digit run: the 28 px long edge of the garment
+  recipe made a digit fill the frame, while MNIST's digits sit in a 20x20 box (4 px margins),
+  placed by their centre of mass."""
+  gray = _digit_seven()
+  digit = preprocess.to_mnist(Image.fromarray(gray))
+  assert digit.dtype == np.uint8 and digit.shape == (28, 28) and digit.max() == 255
+  top, bottom, left, right = bounding_box(digit)
+  assert 28 - top - bottom == 20 and 28 - left - right <= 20  # Taller than wide: 20 px tall.
+  rows, cols = np.indices(digit.shape) + 0.5
+  mass = digit.astype(np.float64).sum()
+  assert abs((rows * digit).sum() / mass - 14) <= 0.5
+  assert abs((cols * digit).sum() / mass - 14) <= 0.5
+  # Placed by its mass, not its box: the heavy bar at the top takes the box 3 px down.
+  assert (top, bottom) == (7, 1)
+  garment = preprocess.to_fashion_mnist(Image.fromarray(gray))
+  assert 28 - sum(bounding_box(garment)[:2]) == 28  # What the garment recipe does instead.
+  # An MNIST image as it is (28x28) is taken as it is, as for Fashion-MNIST.
+  np.testing.assert_array_equal(preprocess.to_mnist(Image.fromarray(digit)), digit)
+  assert not preprocess.to_mnist(Image.new("L", (50, 40), 255)).any()  # Blank: nothing.
+
+
 def _rgba_transparent(gray: np.ndarray) -> Image.Image:
   """The garment opaque, the background fully transparent with junk colours under it."""
   rgb = np.repeat(gray[..., None], 3, axis=2)

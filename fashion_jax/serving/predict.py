@@ -128,11 +128,13 @@ def preprocessed_names(files: list[str]) -> list[str]:
   return names
 
 
-def _load(path: str):
-  """The 28x28 uint8 Fashion-MNIST version of one file; raises preprocess.ImageError."""
+def _load(path: str, dataset: str):
+  """The 28x28 uint8 version of one file, made by `dataset`'s recipe (MNIST's for digits,
+  Fashion-MNIST's otherwise); raises preprocess.ImageError."""
   if not os.path.isfile(path):
     raise preprocess.ImageError("not a regular file")
-  image = preprocess.to_fashion_mnist(preprocess.load_image(path))
+  recipe = preprocess.to_mnist if dataset == "mnist" else preprocess.to_fashion_mnist
+  image = recipe(preprocess.load_image(path))
   if not image.any():
     raise preprocess.ImageError("blank: no pixel differs from the background colour by more "
                                 f"than {100 * preprocess.TRIM_FUZZ:.0f}%, nothing to classify")
@@ -182,7 +184,7 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
   images, classified = [], []
   for prediction, name in zip(todo, names, strict=True):
     try:
-      image = _load(prediction.path)
+      image = _load(prediction.path, classifier.config.dataset)
     except Exception as e:  # pylint: disable=broad-except  (one odd file must not stop a batch)
       prediction.error = (str(e) if isinstance(e, preprocess.ImageError)
                           else f"cannot convert ({type(e).__name__}: {e})")

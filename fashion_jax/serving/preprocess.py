@@ -209,6 +209,68 @@ def to_fashion_mnist(image: Image.Image) -> np.ndarray:
 
   Pure: the input is not modified. Any size and mode (see `normalize`).
   """
+  crop = _object(image)
+  if crop is None or crop.shape == (SIZE, SIZE) and crop.dtype == np.uint8:
+    return np.zeros((SIZE, SIZE), np.uint8) if crop is None else crop
+  height, width = crop.shape
+  scale = SIZE / max(height, width)
+  new_height = min(SIZE, max(1, round(height * scale)))
+  new_width = min(SIZE, max(1, round(width * scale)))
+  resized = Image.fromarray(crop).resize((new_width, new_height), Image.Resampling.LANCZOS)
+  sharpened = _sharpen(np.asarray(resized, np.float32))
+  canvas = np.zeros((SIZE, SIZE), np.float32)
+  y0 = (SIZE - new_height + 1) // 2  # An odd leftover pixel goes top/left, as in the data.
+  x0 = (SIZE - new_width + 1) // 2
+  canvas[y0:y0 + new_height, x0:x0 + new_width] = np.maximum(sharpened, 0.0)
+  return _stretched(canvas)
+
+
+# MNIST's recipe (LeCun, Cortes & Burges): the digit scaled to fit a 20x20 box, aspect ratio kept
+# (anti-aliased), then placed in the 28x28 field so that its centre of mass is at the centre.
+MNIST_BOX = 20
+
+
+def to_mnist(image: Image.Image) -> np.ndarray:
+  """The MNIST version of an image of a digit: uint8 [28, 28], the digit bright on black.
+
+  The object is found as for Fashion-MNIST (background, polarity, trim); then MNIST's recipe
+  instead of the paper's: no sharpening, a 20 px box, centred by its centre of mass.
+  """
+  crop = _object(image)
+  if crop is None or crop.shape == (SIZE, SIZE) and crop.dtype == np.uint8:
+    return np.zeros((SIZE, SIZE), np.uint8) if crop is None else crop
+  height, width = crop.shape
+  scale = MNIST_BOX / max(height, width)
+  new_height = min(MNIST_BOX, max(1, round(height * scale)))
+  new_width = min(MNIST_BOX, max(1, round(width * scale)))
+  digit = np.maximum(np.asarray(Image.fromarray(crop).resize(
+      (new_width, new_height), Image.Resampling.LANCZOS), np.float32), 0.0)
+  mass = digit.sum()
+  if mass <= 0:
+    return np.zeros((SIZE, SIZE), np.uint8)
+  # The centre of mass (pixel centres at +0.5) onto the field's centre, 14; the box stays inside.
+  com_y = float((digit.sum(1) * (np.arange(new_height) + 0.5)).sum() / mass)
+  com_x = float((digit.sum(0) * (np.arange(new_width) + 0.5)).sum() / mass)
+  y0 = min(max(round(SIZE / 2 - com_y), 0), SIZE - new_height)
+  x0 = min(max(round(SIZE / 2 - com_x), 0), SIZE - new_width)
+  canvas = np.zeros((SIZE, SIZE), np.float32)
+  canvas[y0:y0 + new_height, x0:x0 + new_width] = digit
+  return _stretched(canvas)
+
+
+def _stretched(canvas: np.ndarray) -> np.ndarray:
+  """`canvas` stretched so that its brightest pixel is 255, as uint8 (all 0 if it is blank)."""
+  peak = float(canvas.max())
+  if peak < 1e-3:
+    return np.zeros((SIZE, SIZE), np.uint8)
+  return np.rint(canvas * (255.0 / peak)).clip(0, 255).astype(np.uint8)
+
+
+def _object(image: Image.Image) -> np.ndarray | None:
+  """The object of an image, bright on black: float32 [h, w], trimmed to its bounding box and
+  the background level subtracted. None where nothing differs from the background. An image
+  already 28x28 comes back as the finished uint8 [28, 28] (only negated, if need be): it is
+  taken to be in the data set's form. Pure: the input is not modified."""
   image = normalize(image)
   if max(image.size) > WORKING_SIZE:
     image = image.reduce(math.ceil(max(image.size) / WORKING_SIZE))
@@ -216,21 +278,21 @@ def to_fashion_mnist(image: Image.Image) -> np.ndarray:
   if pixels.ndim == 2:
     pixels = pixels[..., None]
   if pixels.size == 0:
-    return np.zeros((SIZE, SIZE), np.uint8)
+    return None
 
   background = _background_colour(pixels)
   is_object = ~_close(pixels, background)
   luma = pixels[..., 0] if pixels.shape[-1] == 1 else pixels @ _LUMA
   background_luma = float(background[0] if pixels.shape[-1] == 1 else background @ _LUMA)
   if not is_object.any():
-    return np.zeros((SIZE, SIZE), np.uint8)  # A blank image: nothing to see.
+    return None  # A blank image: nothing to see.
   if background_luma >= LIGHT_BACKGROUND:
     darker = True
   elif background_luma <= DARK_BACKGROUND:
     darker = False
   else:
     darker = float(np.mean(luma[is_object])) < background_luma
-  if luma.shape == (SIZE, SIZE):  # Already Fashion-MNIST-shaped: only negated, if need be.
+  if luma.shape == (SIZE, SIZE):  # Already in the data set's form: only negated, if need be.
     return np.rint(255.0 - luma if darker else luma).clip(0, 255).astype(np.uint8)
 
   # Negated (light background) or kept (dark background); the background level becomes 0.
@@ -238,22 +300,7 @@ def to_fashion_mnist(image: Image.Image) -> np.ndarray:
   solid = _without_specks(is_object)
   top, bottom = _span(solid.any(axis=1))
   left, right = _span(solid.any(axis=0))
-  crop = value[top:bottom, left:right]
-  height, width = crop.shape
-  scale = SIZE / max(height, width)
-  new_height = min(SIZE, max(1, round(height * scale)))
-  new_width = min(SIZE, max(1, round(width * scale)))
-  resized = Image.fromarray(np.ascontiguousarray(crop, np.float32)).resize(
-      (new_width, new_height), Image.Resampling.LANCZOS)
-  sharpened = _sharpen(np.asarray(resized, np.float32))
-  canvas = np.zeros((SIZE, SIZE), np.float32)
-  y0 = (SIZE - new_height + 1) // 2  # An odd leftover pixel goes top/left, as in the data.
-  x0 = (SIZE - new_width + 1) // 2
-  canvas[y0:y0 + new_height, x0:x0 + new_width] = np.maximum(sharpened, 0.0)
-  peak = float(canvas.max())
-  if peak < 1e-3:
-    return np.zeros((SIZE, SIZE), np.uint8)
-  return np.rint(canvas * (255.0 / peak)).clip(0, 255).astype(np.uint8)
+  return np.ascontiguousarray(value[top:bottom, left:right], np.float32)
 
 
 def _close(pixels: np.ndarray, colour: np.ndarray) -> np.ndarray:
