@@ -13,7 +13,7 @@ from ml_collections import config_flags
 
 from fashion_jax.support import backends
 from fashion_jax.support import storage
-from fashion_jax.support.errors import EXIT_INTERRUPTED, UserError
+from fashion_jax.support.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, UserError
 
 FLAGS = flags.FLAGS
 
@@ -163,6 +163,10 @@ def run(main) -> None:
     app.run(main, flags_parser=parse_flags)
   except KeyboardInterrupt:  # (A second signal during training exits in stops.py.)
     fail(INTERRUPTED, EXIT_INTERRUPTED)
+  except BrokenPipeError:  # `predict --json ... | head -1`: the reader left; no traceback.
+    # Python's own recipe: stdout onto /dev/null, so that the flush at exit cannot fail again.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(EXIT_BROKEN_PIPE)
 
 
 def refuse_arguments(argv) -> None:

@@ -154,6 +154,21 @@ def test_a_digit_run_prepares_images_by_mnist_recipe(trained_tiny_workdir, tmp_p
   assert rows[-1] - rows[0] + 1 == 20  # MNIST's 20 px box (the garment recipe fills 28).
 
 
+def test_a_reader_that_leaves_is_no_traceback(trained_tiny_workdir, tiny_inputs):
+  """`predict --json DIR | head -1`: a BrokenPipeError traceback (exit 1); now exit 141, as a
+  shell reports a writer SIGPIPE ended, and nothing on stderr but the checkpoint line."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  folder, _ = tiny_inputs
+  proc = subprocess.Popen([sys.executable, "-m", "fashion_jax.predict",
+                           f"--workdir={trained_tiny_workdir}", "--json", str(folder)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc.stdout.close()  # The reader is gone before the first line.
+  stderr = proc.stderr.read()
+  assert proc.wait(timeout=120) == 141, stderr
+  assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
 def test_nonexistent_path_is_reported_and_the_rest_classified(trained_tiny_workdir, tiny_inputs,
                                                               tiny_reference, tmp_path):
   folder, _ = tiny_inputs

@@ -4,6 +4,7 @@ import importlib.util
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program Ctrl-C ended.
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of the output left (`predict ... | head`).
 
 
 class UserError(Exception):
