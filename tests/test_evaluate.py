@@ -260,11 +260,22 @@ def test_offline_data_errors_name_this_commands_flag(trained_tiny_workdir, tmp_p
   from fashion_jax.data import download, input_pipeline  # pylint: disable=import-outside-toplevel
 
   def offline(config, split, where=None):
+    os.makedirs(config.data_dir, exist_ok=True)  # As tfds and the project's lock beside it do.
+    with open(os.path.join(config.data_dir, ".fashion_jax-tfds-fashion_mnist.lock"), "w"):
+      pass
     raise UserError(f"cannot download fashion_mnist: no network; without network access pass "
                     f"{download.IDX_FLAG_HINT} (or set FASHION_JAX_IDX_DIR=FOLDER once)")
 
   monkeypatch.setattr(input_pipeline, "load", offline)
   with pytest.raises(UserError) as e:
-    evaluate.evaluate(trained_tiny_workdir, str(tmp_path / "out"), data_dir=str(tmp_path))
+    evaluate.evaluate(trained_tiny_workdir, str(tmp_path / "out"),
+                      data_dir=str(tmp_path / "new" / "tfds"))
   assert "pass --idx_dir=FOLDER holding the IDX test files" in str(e.value)
   assert "--config." not in str(e.value)
+  # $FASHION_JAX_IDX_DIR is not read when --data_dir is given: not suggested; and the folders the
+  # failed attempt made are gone again (they were left behind, holding a lock file).
+  assert "FASHION_JAX_IDX_DIR" not in str(e.value)
+  assert sorted(os.listdir(tmp_path)) == []
+  with pytest.raises(UserError) as e:  # A --data_dir that was there stays.
+    evaluate.evaluate(trained_tiny_workdir, str(tmp_path / "out"), data_dir=str(tmp_path))
+  assert os.listdir(tmp_path) == [".fashion_jax-tfds-fashion_mnist.lock"]

@@ -203,9 +203,10 @@ def test_usage_errors_exit_2_with_one_line(trained_tiny_workdir, tiny_inputs, tm
       "empty_folder": ([f"--workdir={trained_tiny_workdir}", str(tmp_path)],
                        "no image files to classify"),
   }[case]
-  proc = run_module("fashion_jax.predict", *args)
+  saved = tmp_path / "seen" / "deep"  # Made only for a run that loads (it was made first).
+  proc = run_module("fashion_jax.predict", f"--save_preprocessed={saved}", *args)
   assert proc.returncode == 2, (proc.stdout, proc.stderr)
-  assert proc.stdout == ""
+  assert proc.stdout == "" and not (tmp_path / "seen").exists()
   errors = error_lines(proc.stderr)
   assert errors and expect in errors[-1], proc.stderr
   # One line for the problem, nothing else (no traceback, no log lines); before it, a line

@@ -157,6 +157,28 @@ def top_confusions(confusion: np.ndarray, class_names, n: int = 5) -> list[dict[
 # Data and the training run's own record.
 
 
+def _first_missing(folder: str) -> str | None:
+  """The outermost folder of the local path `folder` that does not exist yet (None: it does)."""
+  if storage.is_url(folder):
+    return None
+  folder, missing = os.path.abspath(os.path.expanduser(folder)), None
+  while not os.path.exists(folder):
+    folder, missing = os.path.dirname(folder), folder
+  return missing
+
+
+def _remove_empty(root: str) -> None:
+  """Removes `root` and the folders below it that hold nothing but tfds locks of this project."""
+  for folder, _, files in os.walk(root, topdown=False):
+    try:
+      for name in files:
+        if name.startswith(".fashion_jax-tfds-") and name.endswith(".lock"):
+          os.remove(os.path.join(folder, name))
+      os.rmdir(folder)
+    except OSError:
+      pass  # Something else is there: kept.
+
+
 def _test_data(config, idx_dir: str | None, data_dir: str | None):
   """(Split, description of the source). Overrides beat the run's config.json."""
   from fashion_jax.data import download, input_pipeline  # pylint: disable=g-import-not-at-top
@@ -189,10 +211,16 @@ def _test_data(config, idx_dir: str | None, data_dir: str | None):
       origin = where.origin
     source = {"type": where.kind, "dataset": data_config.dataset, "location": where.location,
               "description": where.describe(), "from": origin}
+  created = _first_missing(data_dir) if data_dir and origin == "--data_dir" else None
   try:
     split = input_pipeline.load(data_config, "test", where)
   except UserError as e:  # The data layer's hint names training's flag; this command has its own.
-    message = str(e).replace(download.IDX_FLAG_HINT, "--idx_dir=FOLDER holding the IDX test files")
+    if created:  # What tfds and its lock made of a --data_dir that was not there: nothing kept.
+      _remove_empty(created)
+    message = str(e)
+    if origin == "--data_dir":  # $FASHION_JAX_IDX_DIR is not read when --data_dir is given.
+      message = message.replace(" (or set FASHION_JAX_IDX_DIR=FOLDER once)", "")
+    message = message.replace(download.IDX_FLAG_HINT, "--idx_dir=FOLDER holding the IDX test files")
     raise UserError(message.replace("--config.idx_dir", "--idx_dir")
                     .replace("--config.data_dir", "--data_dir")) from e
   source.update(split="test", count=len(split))

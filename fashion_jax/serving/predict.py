@@ -170,12 +170,11 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
   if not todo:
     raise UserError("no image files to classify" + (
         f"; not found: {', '.join(sorted(inputs.missing))}" if inputs.missing else ""))
-  if save_dir:  # A local folder or gs://bucket/path, created and proved writable.
-    save_dir = storage.ensure_writable_dir(save_dir, "--save_preprocessed")
-
   from fashion_jax.serving import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
   batch_size = min(MAX_BATCH, 1 << (len(todo) - 1).bit_length())  # Small inputs, small batches.
   classifier = inference.load(workdir, step=step, batch_size=batch_size)
+  if save_dir:  # A local folder or gs://bucket/path, created and proved writable: once the run
+    save_dir = storage.ensure_writable_dir(save_dir, "--save_preprocessed")  # is known good.
   print(f"fashion_jax: checkpoint {classifier.checkpoint_dir} (step {classifier.step}, "
         f"{classifier.why})", file=err)
 
