@@ -178,8 +178,12 @@ def refuse_arguments(argv) -> None:
 
 
 def fail(message: str, code: int = 2):
-  """Prints `fashion_jax: error: MESSAGE` on stderr (once: not also as a log line) and exits."""
+  """Prints `fashion_jax: error: MESSAGE` on stderr (once: not also as a log line) and exits;
+  in a job of several processes, telling the others (support.multihost.fail_fast)."""
   print(f"fashion_jax: error: {message}", file=sys.stderr)
+  if "jax" in sys.modules:  # Only a command that started JAX can be in a multi-process job.
+    from fashion_jax.support import multihost  # pylint: disable=g-import-not-at-top
+    multihost.fail_fast(message, code)
   sys.exit(code)
 
 

@@ -115,8 +115,8 @@ def test_coordinator_without_process_count_is_a_config_error(tmp_path):
 
 
 def _launch(workdir, *flags, wait=True, **env_overrides):
-  env = dict(os.environ, FASHION_JAX_PORT=str(_free_port()), PYTHON=sys.executable,
-             **env_overrides)
+  env = {**os.environ, "FASHION_JAX_PORT": str(_free_port()), "PYTHON": sys.executable,
+         **env_overrides}
   args = ["bash", "launch/local_multiprocess.sh", "2", "1", str(workdir), *flags]
   if not wait:
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -286,6 +286,30 @@ def test_one_process_out_of_disk_stops_every_process_with_its_error(tmp_path, id
   assert proc.stderr.count("fashion_jax: error: process 1: not enough free disk") == 1, proc.stderr
   assert time.monotonic() - start < 120
   assert not os.path.exists(workdir / "checkpoints" / "10")
+
+
+def test_an_error_on_one_process_alone_stops_every_process_with_it(tmp_path, idx_dir):
+  """Process 1's host lacks the data (its own --config.idx_dir): it printed its one line and then
+  waited in JAX's exit barrier while process 0 waited for it in the workdir lock's agreement;
+  both aborted after 5 minutes (exit 134, a C++ stack). Now every process stops in seconds with
+  exit 2 and that line, process 0 naming process 1."""
+  wrapper = tmp_path / "python_on_a_host_without_data"
+  wrapper.write_text(f"""#!/bin/sh
+case "$*" in *--config.process_id=1*) exec {sys.executable} "$@" --config.idx_dir=/nonexistent ;; esac
+exec {sys.executable} "$@"
+""")
+  wrapper.chmod(0o755)
+  workdir = tmp_path / "run"
+  start = time.monotonic()
+  proc = _launch(workdir, "--config=configs/tiny.py", f"--config.idx_dir={idx_dir}",
+                 PYTHON=str(wrapper))
+  logs = _process_logs(workdir)
+  assert proc.returncode == 2, proc.stderr + "".join(logs)[-3000:]
+  assert time.monotonic() - start < 60, proc.stderr
+  assert "fashion_jax: error: IDX folder '/nonexistent' does not exist" in logs[1], logs[1][-2000:]
+  assert "fashion_jax: error: process 1: IDX folder '/nonexistent' does not exist" in logs[0], \
+      logs[0][-2000:]
+  assert "Terminating process" not in "".join(logs) and "Fatal Python error" not in "".join(logs)
 
 
 def test_launcher_refuses_a_workdir_a_run_is_training_into_before_touching_its_logs(tmp_path):

@@ -9,11 +9,18 @@ an all-gather on the devices.
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+
 import jax
 import numpy as np
 
 _PREFIX = "fashion_jax"
 BARRIER_TIMEOUT_MS = 60 * 60 * 1000  # A peer that died fails the barrier much sooner.
+# Waits are cut into slices this long, and between them a process looks for a peer's failure
+# (`fail_fast`): an error on one process stops the others in seconds, not at a timeout.
+SLICE_MS = 1000
 
 
 def _client():
@@ -39,11 +46,56 @@ def gather(name: str, value: str | None) -> dict[int, str]:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     flags = np.asarray(multihost_utils.process_allgather(np.int32(value is not None)))
     return {int(i): "?" for i in np.flatnonzero(flags)}
-  if value is not None:
-    client.key_value_set(f"{_PREFIX}/{name}/{index}", value)
-  client.wait_at_barrier(f"{_PREFIX}/{name}", BARRIER_TIMEOUT_MS)
-  return {int(key.rsplit("/", 1)[-1]): found
-          for key, found in client.key_value_dir_get(f"{_PREFIX}/{name}/")}
+  # Every process sets its key ("=value", or "" for none) and waits for every other's: the
+  # barrier, in slices (a barrier cannot be waited for again once its timeout passed).
+  client.key_value_set(f"{_PREFIX}/{name}/{index}", "" if value is None else "=" + value)
+  deadline = time.monotonic() + BARRIER_TIMEOUT_MS / 1000
+  for other in range(count):
+    while True:
+      try:
+        client.blocking_key_value_get(f"{_PREFIX}/{name}/{other}", SLICE_MS)
+        break
+      except Exception as e:  # pylint: disable=broad-except  (jaxlib's runtime error)
+        if "DEADLINE_EXCEEDED" not in str(e):
+          from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
+          raise UserError(f"lost contact with the job's coordinator ({str(e).splitlines()[0]}); "
+                          "see the other processes' errors (process 0's first)") from e
+        _raise_if_a_peer_failed(client)
+        if time.monotonic() > deadline:
+          raise
+  return {int(key.rsplit("/", 1)[-1]): found[1:]
+          for key, found in client.key_value_dir_get(f"{_PREFIX}/{name}/") if found}
+
+
+def _raise_if_a_peer_failed(client) -> None:
+  try:
+    failed = client.key_value_dir_get(f"{_PREFIX}/failed/")
+  except Exception:  # pylint: disable=broad-except  (none yet, on some versions)
+    return
+  if failed:
+    from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
+    # The first process that failed on its own (not one passing another's error on).
+    _, index, message = min((text.startswith("process "), int(key.rsplit("/", 1)[-1]), text)
+                            for key, text in failed)
+    raise UserError(f"process {index}: {message}")
+
+
+def fail_fast(message: str, code: int) -> None:
+  """In a job of several processes: tells the others that this one fails with `message` (they
+  stop at their next wait with it, `gather`), then leaves at once with `code`. Returns with one
+  process. JAX's exit handler would wait for every process at its shutdown barrier, for up to 5
+  minutes, and then abort (exit 134) while the others waited too."""
+  client = _client() if "jax" in sys.modules else None
+  if client is None or jax.process_count() == 1:
+    return
+  try:
+    client.key_value_set(f"{_PREFIX}/failed/{jax.process_index()}", message)
+  except Exception:  # pylint: disable=broad-except  (already failed here, or the coordinator left)
+    pass
+  sys.stdout.flush()
+  sys.stderr.flush()
+  time.sleep(2 * SLICE_MS / 1000)  # The coordinator's process: the others read it meanwhile.
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def barrier(name: str) -> None:
