@@ -18,9 +18,11 @@ import functools
 import itertools
 
 import flax.linen as nn
+import jax
 from jax import lax
 import jax.numpy as jnp
 
+from fashion_jax.data import augment
 from fashion_jax.kernels import batchnorm
 from fashion_jax.kernels import dense
 from fashion_jax.kernels import dropout
@@ -159,19 +161,25 @@ class CNN(nn.Module):
 class Dropout(nn.Dropout):
   """flax's `nn.Dropout` (same name, so the same rng stream); with `native` (the model's
   `ops.native_chosen`) its keep mask comes from `dropout.bernoulli`, bitwise
-  `jax.random.bernoulli`'s, which XLA:CPU computes ~5x slower."""
+  `jax.random.bernoulli`'s, which XLA:CPU computes ~5x slower. With `axis_name` (training
+  under pmap) the mask is drawn for the global batch and this device takes its rows, so each
+  example is dropped as under mesh or on one device."""
   native: bool = False
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, inputs, deterministic: bool | None = None, rng=None):
     at_call = deterministic
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-    if not self.native or deterministic or self.rate in (0.0, 1.0):
+    rows = self.axis_name if 0 not in self.broadcast_dims else None
+    if (not self.native and rows is None) or deterministic or self.rate in (0.0, 1.0):
       return super().__call__(inputs, deterministic=at_call, rng=rng)
     keep_prob = 1.0 - self.rate
     rng = self.make_rng(self.rng_collection) if rng is None else rng
     shape = [1 if d in self.broadcast_dims else n for d, n in enumerate(inputs.shape)]
-    mask = jnp.broadcast_to(dropout.bernoulli(rng, keep_prob, shape), inputs.shape)
+    bernoulli = dropout.bernoulli if self.native else jax.random.bernoulli
+    mask = augment.draw_rows(lambda k, s: bernoulli(k, keep_prob, s), rng, shape, rows)
+    mask = jnp.broadcast_to(mask, inputs.shape)
     return lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
 
 
@@ -207,11 +215,13 @@ class CNNBN(nn.Module):
     for features in (self.width, 2 * self.width):
       x = norm_relu(pad=pad)(conv(features, padding="SAME")(x))
       x = norm_relu(pool=True)(conv(features, padding="VALID" if native else "SAME")(x))
-      x = Dropout(self.dropout_rate, deterministic=not train, native=native)(x)
+      x = Dropout(self.dropout_rate, deterministic=not train, native=native,
+                  axis_name=self.axis_name)(x)
     x = x.reshape((x.shape[0], -1))
     dot = dense.dot_general if native else None
     x = norm_relu()(nn.Dense(256, use_bias=False, dtype=self.dtype, dot_general=dot)(x))
-    x = Dropout(2 * self.dropout_rate, deterministic=not train, native=native)(x)
+    x = Dropout(2 * self.dropout_rate, deterministic=not train, native=native,
+                axis_name=self.axis_name)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype, dot_general=dot)(x).astype(jnp.float32)
 
 
@@ -222,6 +232,7 @@ class _PreActBlock(nn.Module):
   norm: Callable[..., nn.Module]
   dropout_rate: float
   train: bool
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -231,7 +242,7 @@ class _PreActBlock(nn.Module):
       shortcut = self.conv(self.features, kernel_size=(1, 1), strides=self.strides)(y)
     y = self.conv(self.features, kernel_size=(3, 3), strides=self.strides)(y)
     y = nn.relu(self.norm()(y))
-    y = nn.Dropout(self.dropout_rate, deterministic=not self.train)(y)
+    y = Dropout(self.dropout_rate, deterministic=not self.train, axis_name=self.axis_name)(y)
     y = self.conv(self.features, kernel_size=(3, 3))(y)
     return y + shortcut
 
@@ -264,7 +275,8 @@ class WideResNet(nn.Module):
     for stage, features in enumerate((16 * self.width, 32 * self.width, 64 * self.width)):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = _PreActBlock(features, strides, conv, norm, self.dropout_rate, train)(x)
+        x = _PreActBlock(features, strides, conv, norm, self.dropout_rate, train,
+                         self.axis_name)(x)
     x = nn.relu(norm()(x))
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)

@@ -133,12 +133,12 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx: optax.Gradient
   the metrics summed over that axis explicitly.
   """
   images, labels = _scale(batch["image"]), batch["label"]
+  # One key for the global batch in every mode: under pmap the draws are made for the global
+  # batch and each device takes its rows (data.augment.draw_rows), as mesh and one device do.
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  if axis_name is not None:  # Each device augments its own shard differently.
-    step_key = jax.random.fold_in(step_key, lax.axis_index(axis_name))
   dropout_key, augment_key = jax.random.split(step_key)
   if augment is not None:
-    images = augment(augment_key, images)
+    images = augment(augment_key, images, axis_name)
 
   def loss_fn(params):
     variables = {"params": params}
