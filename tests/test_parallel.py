@@ -54,12 +54,16 @@ def test_batch_must_divide_by_devices():
   assert par.check_batch(32, "batch_size")["per_device"] == 4
 
 
-def test_non_divisible_batch_is_a_clear_cli_error(tmp_path, idx_dir):
+@pytest.mark.parametrize("key", ["batch_size", "eval_batch_size"])
+def test_non_divisible_batch_is_a_clear_cli_error(tmp_path, idx_dir, key):
+  """Refused before anything is written: eval_batch_size had been checked after the data loaded
+  and config.json was written (a refused resume recorded a run that never happened)."""
   proc = run_module("fashion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
-                    f"--config.idx_dir={idx_dir}", "--config.batch_size=12",
+                    f"--config.idx_dir={idx_dir}", f"--config.{key}=12",
                     "--config.parallelism=mesh", env={"JAX_NUM_CPU_DEVICES": "8"}, timeout=300)
   assert proc.returncode == 2
-  assert "config.batch_size=12 does not divide by the 8 devices" in proc.stderr
+  assert f"config.{key}=12 does not divide by the 8 devices" in proc.stderr
+  assert not (tmp_path / "w").exists()
 
 
 def test_resume_under_another_mode(tmp_path, idx_dir):

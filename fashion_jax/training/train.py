@@ -168,6 +168,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, splits=None) -> Run
 def _prepare(config, workdir: str, splits) -> Run:
   parallel = parallel_lib.Parallel(config.parallelism)
   batch_split = parallel.check_batch(config.batch_size, "batch_size")
+  parallel.check_batch(config.eval_batch_size, "eval_batch_size")  # Now: before anything is written.
   logging.info("%s; batch global=%d per-host=%d per-device=%d", parallel_lib.describe(parallel),
                batch_split["global"], batch_split["per_host"], batch_split["per_device"])
   if splits is None:
