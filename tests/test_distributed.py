@@ -107,6 +107,27 @@ def test_unreachable_coordinator_fails_within_the_timeout(tmp_path, idx_dir):
   assert time.monotonic() - start < 200
 
 
+def test_process_0s_coordinator_port_is_checked_before_jax_starts_the_service():
+  """A port out of range: a C++ fatal error (exit 134); a port in use: a segmentation fault
+  (139). Both are one line now, before jax.distributed starts anything."""
+  from fashion_jax import default_config  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support import parallel  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support.errors import UserError  # pylint: disable=import-outside-toplevel
+  config = default_config.get_config()
+  config.distributed, config.num_processes, config.process_id = "on", 2, 0
+  config.coordinator_address = "localhost:99999"
+  with pytest.raises(UserError, match=r"'localhost:99999' is not host:port \(a TCP port 1-65535\)"):
+    parallel.initialize_distributed(config)
+  with socket.socket() as listener:
+    listener.bind(("", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    config.coordinator_address = f"localhost:{port}"
+    with pytest.raises(UserError, match=rf"port {port} is in use on this machine, where process 0 "
+                                        r"runs the job's coordinator .*FASHION_JAX_PORT"):
+      parallel.initialize_distributed(config)
+
+
 def test_coordinator_without_process_count_is_a_config_error(tmp_path):
   proc = run_module("fashion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
                     "--config.coordinator_address=localhost:1234", timeout=120)

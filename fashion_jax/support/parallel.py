@@ -46,14 +46,36 @@ def _cluster_detected() -> str | None:
   return None
 
 
-def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+def _host_port(address: str) -> tuple[str, int]:
+  """(host, port) of a coordinator address; UserError where it is not host:port."""
   host, _, port = address.rpartition(":")
-  if not host or not port.isdigit():
-    raise UserError(f"config.coordinator_address={address!r} is not host:port")
+  if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    raise UserError(f"config.coordinator_address={address!r} is not host:port (a TCP port "
+                    "1-65535), e.g. localhost:23456")
+  return host.strip("[]"), int(port)
+
+
+def _check_port_free(address: str) -> None:
+  """Process 0 runs the coordinator on the address's port on every interface: a port in use
+  there made JAX abort (a segmentation fault, exit 139) or a C++ fatal error (134)."""
+  _, port = _host_port(address)
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # As the server: TIME_WAIT is fine.
+    try:
+      probe.bind(("", port))
+    except OSError as e:
+      raise UserError(
+          f"config.coordinator_address={address!r}: port {port} is in use on this machine, where "
+          f"process 0 runs the job's coordinator ({e.strerror or e}); pick another port for every "
+          "process (launch/local_multiprocess.sh: FASHION_JAX_PORT=PORT)") from e
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+  host, port = _host_port(address)
   deadline = time.monotonic() + timeout_s
   while True:
     try:
-      with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+      with socket.create_connection((host, port), timeout=2):
         return
     except OSError as e:
       if time.monotonic() >= deadline:
@@ -107,6 +129,8 @@ def initialize_distributed(config) -> bool:
     # JAX's client aborts the whole process (C++ fatal error) when it cannot register;
     # check reachability first so a wrong address is a clear, bounded error.
     _wait_for_coordinator(coordinator, config.distributed_timeout_s)
+  elif config.coordinator_address:
+    _check_port_free(coordinator)
   # CPU processes exchange gradients through gloo; GPU/TPU use their own fabric.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   where = coordinator or f"the {cluster or 'auto-detected'} cluster"
