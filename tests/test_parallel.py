@@ -66,6 +66,17 @@ def test_non_divisible_batch_is_a_clear_cli_error(tmp_path, idx_dir, key):
   assert not (tmp_path / "w").exists()
 
 
+def test_native_kernels_under_a_multi_device_mesh_are_refused(tmp_path, idx_dir):
+  """They ran on the whole global batch on every device (an all-gather fed them), silently."""
+  proc = run_module("fashion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
+                    f"--config.idx_dir={idx_dir}", "--config.conv_impl=native",
+                    "--config.parallelism=mesh", env={"JAX_NUM_CPU_DEVICES": "2"}, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert ("config.conv_impl='native' under parallelism=mesh on 2 devices would run every "
+          "device's native kernels on the whole global batch") in proc.stderr
+  assert not (tmp_path / "w").exists()
+
+
 def test_resume_under_another_mode(tmp_path, idx_dir):
   """A checkpoint written under pmap on 4 devices resumes under mesh on 2 (one logical copy)."""
   common = ["--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}", f"--config.idx_dir={idx_dir}"]

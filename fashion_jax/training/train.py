@@ -168,6 +168,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, splits=None) -> Run
 def _prepare(config, workdir: str, splits) -> Run:
   parallel = parallel_lib.Parallel(config.parallelism)
   batch_split = parallel.check_batch(config.batch_size, "batch_size")
+  if config.conv_impl == "native" and parallel.mode == "mesh" and parallel.num_devices > 1:
+    raise UserError(  # The kernels have no sharding rule: XLA hands each the global batch.
+        f"config.conv_impl='native' under parallelism=mesh on {parallel.num_devices} devices "
+        "would run every device's native kernels on the whole global batch (XLA gathers it for "
+        f"them: {parallel.num_devices}x the work); use conv_impl='auto' (XLA's ops under a mesh) "
+        "or parallelism=pmap (the kernels on each device's own rows)")
   parallel.check_batch(config.eval_batch_size, "eval_batch_size")  # Now: before anything is written.
   logging.info("%s; batch global=%d per-host=%d per-device=%d", parallel_lib.describe(parallel),
                batch_split["global"], batch_split["per_host"], batch_split["per_device"])
