@@ -16,6 +16,7 @@ import pytest
 from fashion_jax.model import steps
 from fashion_jax.support import parallel as parallel_lib
 from fashion_jax.support.errors import UserError
+from fashion_jax.training import loop
 from fashion_jax.training import train
 from fashion_jax.training import workdir as workdir_lib
 from tests.conftest import assert_one_line_error, run_module, tensorboard_events
@@ -512,6 +513,38 @@ def test_one_compiled_window_length_plus_the_remainder(tiny_config, tmp_path):
   compiled = [m[:60] for m in messages if re.match(r"Compiling (jit\()?_device_window\b", m)]
   assert len(compiled) == 2, compiled
   assert [l["step"] for l in _lines(str(tmp_path / "run")) if "train_loss" in l][-1] == 45
+
+
+def test_a_prime_interval_runs_full_windows_and_a_shorter_one_to_each_boundary(tiny_config,
+                                                                               tmp_path):
+  """Checkpoints and evals every 37 steps (prime, as 937 steps an epoch at batch 64): the
+  windows had been the largest divisor of 37 up to the cap, 1 step, 15 % slower on this CPU.
+  Now 10, 10, 10, 7 up to each boundary: two compiled lengths, the boundaries kept."""
+  tiny_config.update(num_train_steps=74, checkpoint_every_steps=37, eval_every_steps=37,
+                     steps_per_dispatch=10, log_every_steps=37)
+  assert loop.window_length(tiny_config, 100, 37, 37, "cpu") == 10
+  assert loop.window_length(tiny_config, 100, 40, 20, "cpu") == 10  # Divides: as before.
+  assert loop.window_length(tiny_config, 100, 36, 36, "cpu") == 9  # Over half the cap: kept.
+  assert [loop.next_window(s, 10, 74, 37, 37) for s in (0, 30, 37, 67, 70)] == [10, 7, 10, 7, 4]
+  messages = []
+
+  class Collect(logging.Handler):
+    def emit(self, record):
+      messages.append(record.getMessage())
+
+  handler = Collect()
+  logging.getLogger("jax").addHandler(handler)
+  jax.config.update("jax_log_compiles", True)
+  try:
+    train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+  finally:
+    jax.config.update("jax_log_compiles", False)
+    logging.getLogger("jax").removeHandler(handler)
+  compiled = [m[:60] for m in messages if re.match(r"Compiling (jit\()?_device_window\b", m)]
+  assert len(compiled) == 2, compiled
+  lines = _lines(str(tmp_path / "run"))
+  assert [l["step"] for l in lines if "eval_accuracy" in l] == [37, 74]
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["37", "74"]
 
 
 def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tiny_config, tmp_path,

@@ -385,7 +385,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
       evaluate.compile_ahead(state)
     window = loop.window_length(config, run.steps_per_epoch, run.checkpoint_every,
                                 run.eval_every, jax.default_backend())
-    logging.info("train loop: data on the %s, %d steps per dispatch", placement, window)
+    logging.info("train loop: data on the %s, %d steps per dispatch%s", placement, window,
+                 "" if run.eval_every % window == 0 and run.checkpoint_every % window == 0 else
+                 " (fewer up to each checkpoint and evaluation)")
     bar = evaluate.bar = progress.Bar(show_progress, total_steps * config.batch_size,
                                       step * config.batch_size, desc="train")
     # Jitted: it only feeds log lines, and op by op its first call compiles for 0.75 s.
@@ -405,7 +407,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     with bar:
       in_flight = None  # The dispatched window whose metrics are not read yet.
       while step < total_steps:
-        n, t0 = min(window - step % window, total_steps - step), time.perf_counter()
+        n = loop.next_window(step, window, total_steps, run.eval_every, run.checkpoint_every)
+        t0 = time.perf_counter()
         state, metrics, compiled = windows(state, step, n)
         if compiled:  # This length was compiled by this call; keep it out of images/s.
           jax.block_until_ready(metrics)
