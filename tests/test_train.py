@@ -525,7 +525,12 @@ def test_a_prime_interval_runs_full_windows_and_a_shorter_one_to_each_boundary(t
   assert loop.window_length(tiny_config, 100, 37, 37, "cpu") == 10
   assert loop.window_length(tiny_config, 100, 40, 20, "cpu") == 10  # Divides: as before.
   assert loop.window_length(tiny_config, 100, 36, 36, "cpu") == 9  # Over half the cap: kept.
+  assert loop.window_length(tiny_config, 100, 7, 7, "cpu") == 7  # A short interval: itself.
+  assert loop.window_length(tiny_config, 100, 37, 20, "cpu") == 10  # No common factor (was 1).
   assert [loop.next_window(s, 10, 74, 37, 37) for s in (0, 30, 37, 67, 70)] == [10, 7, 10, 7, 4]
+  # Intervals that are not multiples of one another: the stretches between boundaries differ,
+  # so the shorter windows are powers of two (few lengths), the end exact.
+  assert [loop.next_window(s, 10, 95, 37, 20) for s in (30, 34, 36, 37, 90)] == [4, 2, 1, 2, 5]
   messages = []
 
   class Collect(logging.Handler):

@@ -7,11 +7,13 @@ for the host, and at most two windows are in flight (XLA:CPU with several
 devices in one process deadlocks its collectives when many executions queue).
 
 Windows end only where the host needs the state itself -- checkpoint and eval
-steps, and the last step -- so every window has one length: the largest
-divisor of the checkpoint and eval intervals up to a cap (`steps_per_dispatch`,
-or by default 100 on CPU and 1000 on an accelerator). That is one compiled
-window, plus at most one shorter one for the end. Log lines need only the
-metrics, which are per step, so they fall anywhere inside a window.
+steps, and the last step -- so windows have few lengths: the largest divisor of
+the checkpoint and eval intervals up to a cap (`steps_per_dispatch`, or by
+default 100 on CPU and 1000 on an accelerator), one compiled window plus at
+most one shorter one for the end; where that divisor is small (a prime
+interval), the cap, and shorter windows up to each boundary (`next_window`).
+Log lines need only the metrics, which are per step, so they fall anywhere
+inside a window.
 
 Where the batches come from (`config.data_placement`):
 - host: numpy gathers each step's batch from the in-memory split, a window's
@@ -33,6 +35,7 @@ from __future__ import annotations
 import functools
 import math
 
+from absl import logging
 from jax import lax
 import numpy as np
 
@@ -50,21 +53,41 @@ def placement(config) -> str:
 def window_length(config, steps_per_epoch: int, checkpoint_every: int, eval_every: int,
                   backend: str) -> int:
   """The steps per window, at most the cap: the largest that divides the checkpoint and eval
-  intervals (one compiled length), unless that is under half the cap -- a prime interval (937
-  steps an epoch at batch 64) had made it 1 step, 15 % slower -- then the cap, each run of
-  windows ending at the next checkpoint or eval step with a shorter one (two lengths)."""
+  intervals (one compiled length), unless that is under half of what the cap allows -- a prime
+  interval (937 steps an epoch at batch 64), or intervals with no common factor, had made it 1
+  step, 15 % slower -- then the cap, with shorter windows up to each checkpoint or eval step
+  (`next_window`)."""
   interval = math.gcd(checkpoint_every, eval_every)
   cap = (config.steps_per_dispatch if config.steps_per_dispatch > 0
          else AUTO_WINDOW_CAP.get(backend, DEFAULT_WINDOW_CAP))
-  cap = max(1, min(cap, steps_per_epoch, interval))  # Device tables hold two epochs.
-  divisor = next(d for d in range(cap, 0, -1) if interval % d == 0)
-  return divisor if 2 * divisor >= cap else cap
+  cap = max(1, min(cap, steps_per_epoch))  # Device tables hold two epochs.
+  divisor = next(d for d in range(min(cap, interval), 0, -1) if interval % d == 0)
+  return divisor if 2 * divisor >= min(cap, max(checkpoint_every, eval_every)) else cap
 
 
 def next_window(step: int, window: int, total_steps: int, *intervals: int) -> int:
   """How many steps the window from `step` runs: `window`, or fewer to stop at the next multiple
-  of an interval (checkpoint, eval) or at the end."""
-  return min(window, total_steps - step, *(every - step % every for every in intervals))
+  of an interval (checkpoint, eval) or at the end. Where the intervals are multiples of the
+  smallest, every stretch between boundaries is alike, so the shorter window is one length;
+  otherwise stretches differ, and the shorter windows are powers of two (at most log2(window)
+  more lengths to compile, not one per stretch)."""
+  room = min(total_steps - step, *(every - step % every for every in intervals))
+  if room >= window:
+    return window
+  if all(every % min(intervals) == 0 for every in intervals) or step + room == total_steps:
+    return room
+  return 1 << (room.bit_length() - 1)
+
+
+def train_window(config, placement_: str, steps_per_epoch: int, checkpoint_every: int,
+                 eval_every: int, backend: str) -> int:
+  """`window_length`, logged with the placement and whether shorter windows run up to the
+  checkpoint and eval steps."""
+  window = window_length(config, steps_per_epoch, checkpoint_every, eval_every, backend)
+  logging.info("train loop: data on the %s, %d steps per dispatch%s", placement_, window,
+               "" if checkpoint_every % window == 0 and eval_every % window == 0 else
+               " (fewer up to each checkpoint and evaluation)")
+  return window
 
 
 def _host_window(state, batches, *, step_fn, axis_name=None):

@@ -168,12 +168,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, splits=None) -> Run
 def _prepare(config, workdir: str, splits) -> Run:
   parallel = parallel_lib.Parallel(config.parallelism)
   batch_split = parallel.check_batch(config.batch_size, "batch_size")
-  if config.conv_impl == "native" and parallel.mode == "mesh" and parallel.num_devices > 1:
-    raise UserError(  # The kernels have no sharding rule: XLA hands each the global batch.
-        f"config.conv_impl='native' under parallelism=mesh on {parallel.num_devices} devices "
-        "would run every device's native kernels on the whole global batch (XLA gathers it for "
-        f"them: {parallel.num_devices}x the work); use conv_impl='auto' (XLA's ops under a mesh) "
-        "or parallelism=pmap (the kernels on each device's own rows)")
+  steps.check_native_placement(config, parallel)
   parallel.check_batch(config.eval_batch_size, "eval_batch_size")  # Now: before anything is written.
   logging.info("%s; batch global=%d per-host=%d per-device=%d", parallel_lib.describe(parallel),
                batch_split["global"], batch_split["per_host"], batch_split["per_device"])
@@ -383,11 +378,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     windows = loop.Windows(train_step, run.train, config, parallel, placement, step)
     if compile_eval_ahead and parallel.process_count == 1:  # See Evaluation.compile_ahead.
       evaluate.compile_ahead(state)
-    window = loop.window_length(config, run.steps_per_epoch, run.checkpoint_every,
-                                run.eval_every, jax.default_backend())
-    logging.info("train loop: data on the %s, %d steps per dispatch%s", placement, window,
-                 "" if run.eval_every % window == 0 and run.checkpoint_every % window == 0 else
-                 " (fewer up to each checkpoint and evaluation)")
+    window = loop.train_window(config, placement, run.steps_per_epoch, run.checkpoint_every,
+                               run.eval_every, jax.default_backend())
     bar = evaluate.bar = progress.Bar(show_progress, total_steps * config.batch_size,
                                       step * config.batch_size, desc="train")
     # Jitted: it only feeds log lines, and op by op its first call compiles for 0.75 s.
@@ -399,16 +391,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
       checkpointer.save(step, parallel.logical_state(state), {
           **description, "log_interval": log.intervals.pending(step)}, results.get("eval"))
 
-    # The periodic actions, in order, at the window boundaries where `step % every == 0` (and
-    # at the last step); each gets the results of the ones before it at that step.
+    # At window ends where `step % every == 0` (and the last step), in order; each action gets
+    # the results of those before it.
     actions = [("eval", run.eval_every, lambda step, results: evaluate(state, step)),
                ("checkpoint", run.checkpoint_every, save)]
     last_eval, compile_seconds = {}, 0.0
     with bar:
       in_flight = None  # The dispatched window whose metrics are not read yet.
       while step < total_steps:
-        n = loop.next_window(step, window, total_steps, run.eval_every, run.checkpoint_every)
-        t0 = time.perf_counter()
+        t0, n = time.perf_counter(), loop.next_window(step, window, total_steps, run.eval_every,
+                                                      run.checkpoint_every)
         state, metrics, compiled = windows(state, step, n)
         if compiled:  # This length was compiled by this call; keep it out of images/s.
           jax.block_until_ready(metrics)
