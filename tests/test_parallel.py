@@ -75,6 +75,12 @@ def test_native_kernels_under_a_multi_device_mesh_are_refused(tmp_path, idx_dir)
   assert ("config.conv_impl='native' under parallelism=mesh on 2 devices would run every "
           "device's native kernels on the whole global batch") in proc.stderr
   assert not (tmp_path / "w").exists()
+  # The benchmark too, before its sweep (it had timed N x the work, then refused in --loop).
+  proc = run_module("fashion_jax.benchmark", "--config=configs/tiny.py", "--config.conv_impl=native",
+                    "--config.parallelism=mesh", f"--output={tmp_path / 'b.json'}",
+                    env={"JAX_NUM_CPU_DEVICES": "2"}, timeout=300)
+  assert proc.returncode == 2 and "would run every device's native kernels" in proc.stderr
+  assert "jax  batch" not in proc.stderr  # Nothing measured.
 
 
 def test_resume_under_another_mode(tmp_path, idx_dir):

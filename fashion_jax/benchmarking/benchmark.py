@@ -286,6 +286,8 @@ def run(config) -> dict:
   backends.request(config.backend)
   backends.check(config.backend)
   parallel = parallel_lib.Parallel(config.parallelism)
+  from fashion_jax.model import steps  # pylint: disable=g-import-not-at-top
+  steps.check_native_placement(config, parallel)  # Before the sweep would time N x the work.
   env = benchmark_report.environment(parallel)
   benchmark_report.log(f"{env['device_kind']} x{env['num_devices']} ({env['backend']}), jax {env['jax']}, "
       f"{parallel.mode}; conv_impl={config.conv_impl} pool_impl={config.pool_impl}; "
@@ -311,8 +313,9 @@ def run(config) -> dict:
   if too_big:  # The train step cycles through the training set a batch at a time.
     raise UserError(f"--batch_sizes: {too_big[0]} is larger than the {len(train_data)} training "
                     "examples; pass smaller batch sizes")
-  if parallel.devices[0].platform == "cpu" and not FLAGS.peak_gflops:
-    flops.sample_cpu_peak()  # And again after the sweep: the peak is the best of both.
+  # The CPU's peak: sampled now and again after the sweep, the best of both.
+  early_peak = (flops.sample_cpu_peak() if parallel.devices[0].platform == "cpu"
+                and not FLAGS.peak_gflops else [])
   train_steps = [train_rates.TrainStep(config, parallel, train_data, b) for b in batch_sizes]
   kerases = ([benchmark_report.KerasTrain(train_data, b, FLAGS.window_seconds)
               for b in batch_sizes] if FLAGS.compare == "keras" else [])
@@ -328,7 +331,7 @@ def run(config) -> dict:
                  for k, passes in zip(kerases, keras_passes)]
   best_index = max(range(len(sweep)), key=lambda i: sweep[i]["train_images_per_sec"]["median"])
   peak, peak_source = flops.device_peak_gflops(parallel.devices[0], config.compute_dtype,
-                                               FLAGS.peak_gflops)
+                                               FLAGS.peak_gflops, early_peak)
   # All the devices' peak in FLOP/s; None for a device kind with no known peak (JSON has no NaN).
   peak_flops = peak * 1e9 * flops.peak_units(parallel) if math.isfinite(peak) else None
   profiled = (step_profile.profile(train_steps[best_index], FLAGS.profile_steps,

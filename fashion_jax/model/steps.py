@@ -119,6 +119,17 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed:
   return init.lower().compile(compiler_options=options)()
 
 
+def check_native_placement(config, parallel) -> None:
+  """conv_impl='native' under a multi-device mesh: UserError. The kernels have no sharding rule,
+  so XLA gathers the global batch for each device's call: N x the work, silently."""
+  if config.conv_impl == "native" and parallel.mode == "mesh" and parallel.num_devices > 1:
+    raise UserError(
+        f"config.conv_impl='native' under parallelism=mesh on {parallel.num_devices} devices "
+        "would run every device's native kernels on the whole global batch (XLA gathers it for "
+        f"them: {parallel.num_devices}x the work); use conv_impl='auto' (XLA's ops under a mesh) "
+        "or parallelism=pmap (the kernels on each device's own rows)")
+
+
 def _scale(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32) * (1.0 / 255.0)
 
