@@ -47,24 +47,27 @@ def gather(name: str, value: str | None) -> dict[int, str]:
     flags = np.asarray(multihost_utils.process_allgather(np.int32(value is not None)))
     return {int(i): "?" for i in np.flatnonzero(flags)}
   # Every process sets its key ("=value", or "" for none) and waits for every other's: the
-  # barrier, in slices (a barrier cannot be waited for again once its timeout passed).
-  client.key_value_set(f"{_PREFIX}/{name}/{index}", "" if value is None else "=" + value)
+  # barrier, in slices (a barrier cannot be waited for again once its timeout passed). The
+  # folder is read first and after each wait, so a process blocks only on a key still missing.
+  prefix = f"{_PREFIX}/{name}/"
+  client.key_value_set(f"{prefix}{index}", "" if value is None else "=" + value)
   deadline = time.monotonic() + BARRIER_TIMEOUT_MS / 1000
-  for other in range(count):
-    while True:
-      try:
-        client.blocking_key_value_get(f"{_PREFIX}/{name}/{other}", SLICE_MS)
-        break
-      except Exception as e:  # pylint: disable=broad-except  (jaxlib's runtime error)
-        if "DEADLINE_EXCEEDED" not in str(e):
-          from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
-          raise UserError(f"lost contact with the job's coordinator ({str(e).splitlines()[0]}); "
-                          "see the other processes' errors (process 0's first)") from e
-        _raise_if_a_peer_failed(client)
-        if time.monotonic() > deadline:
-          raise
-  return {int(key.rsplit("/", 1)[-1]): found[1:]
-          for key, found in client.key_value_dir_get(f"{_PREFIX}/{name}/") if found}
+  while True:
+    found = dict(client.key_value_dir_get(prefix))
+    missing = [i for i in range(count) if f"{prefix}{i}" not in found]
+    if not missing:
+      return {int(key.rsplit("/", 1)[-1]): text[1:] for key, text in found.items() if text}
+    try:
+      client.blocking_key_value_get(f"{prefix}{missing[0]}", SLICE_MS)
+    except Exception as e:  # pylint: disable=broad-except  (jaxlib's runtime error)
+      from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
+      if "DEADLINE_EXCEEDED" not in str(e):
+        raise UserError(f"lost contact with the job's coordinator ({str(e).splitlines()[0]}); "
+                        "see the other processes' errors (process 0's first)") from e
+      _raise_if_a_peer_failed(client)
+      if time.monotonic() > deadline:
+        raise UserError(f"process {missing[0]} did not reach {name!r} within "
+                        f"{BARRIER_TIMEOUT_MS // 60000} minutes; see its log") from e
 
 
 def _raise_if_a_peer_failed(client) -> None:
@@ -85,16 +88,23 @@ def fail_fast(message: str, code: int) -> None:
   stop at their next wait with it, `gather`), then leaves at once with `code`. Returns with one
   process. JAX's exit handler would wait for every process at its shutdown barrier, for up to 5
   minutes, and then abort (exit 134) while the others waited too."""
-  client = _client() if "jax" in sys.modules else None
-  if client is None or jax.process_count() == 1:
+  try:  # The job as jax.distributed joined it (jax.process_count() might start the backend).
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    state = distributed.global_state
+  except ImportError:
     return
+  client = getattr(state, "client", None)
+  if client is None or (getattr(state, "num_processes", 1) or 1) <= 1:
+    return
+  index = getattr(state, "process_id", 0) or 0
   try:
-    client.key_value_set(f"{_PREFIX}/failed/{jax.process_index()}", message)
+    client.key_value_set(f"{_PREFIX}/failed/{index}", message)
   except Exception:  # pylint: disable=broad-except  (already failed here, or the coordinator left)
     pass
   sys.stdout.flush()
   sys.stderr.flush()
-  time.sleep(2 * SLICE_MS / 1000)  # The coordinator's process: the others read it meanwhile.
+  if index == 0:  # It runs the coordinator: the others read the message before it goes.
+    time.sleep(2 * SLICE_MS / 1000)
   os._exit(code)  # pylint: disable=protected-access
 
 
