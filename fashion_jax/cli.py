@@ -4,6 +4,7 @@ import contextlib
 import logging as logging_std
 import os
 import re
+import select
 import sys
 
 from absl import app
@@ -163,10 +164,23 @@ def run(main) -> None:
     app.run(main, flags_parser=parse_flags)
   except KeyboardInterrupt:  # (A second signal during training exits in stops.py.)
     fail(INTERRUPTED, EXIT_INTERRUPTED)
-  except BrokenPipeError:  # `predict --json ... | head -1`: the reader left; no traceback.
-    # Python's own recipe: stdout onto /dev/null, so that the flush at exit cannot fail again.
+  except BrokenPipeError:
+    if not _stdout_gone():  # Another pipe (a subprocess, a socket): a crash, as it is.
+      raise
+    # `predict --json ... | head -1`: the reader left; no traceback. Python's own recipe: stdout
+    # onto /dev/null, so that the flush at exit cannot fail again.
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(EXIT_BROKEN_PIPE)
+
+
+def _stdout_gone() -> bool:
+  """Whether stdout is a pipe whose reader has left (poll says POLLERR on its write end)."""
+  try:
+    poll = select.poll()
+    poll.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
+  except (AttributeError, OSError, ValueError):  # No poll (Windows), or no stdout file.
+    return False
 
 
 def refuse_arguments(argv) -> None:

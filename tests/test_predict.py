@@ -167,6 +167,11 @@ def test_a_reader_that_leaves_is_no_traceback(trained_tiny_workdir, tiny_inputs)
   stderr = proc.stderr.read()
   assert proc.wait(timeout=120) == 141, stderr
   assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+  # A broken pipe that is not stdout (a subprocess, a socket) is a crash, shown as one.
+  code = ("from fashion_jax import cli\ndef main(argv):\n  raise BrokenPipeError(32, 'to a child')"
+          "\ncli.run(main)")
+  crash = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+  assert crash.returncode == 1 and "BrokenPipeError: [Errno 32] to a child" in crash.stderr
 
 
 def test_nonexistent_path_is_reported_and_the_rest_classified(trained_tiny_workdir, tiny_inputs,
