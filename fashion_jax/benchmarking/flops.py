@@ -64,37 +64,35 @@ def nominal_cpu_peak_gflops() -> tuple[float, str]:
   return cores * mhz / 1000 * per_cycle, f"{cores} cores x {mhz:.0f} MHz x {per_cycle} FLOP/cycle"
 
 
-_peak_runs: list[dict] = []  # Every measurement of the CPU's peak in this process.
-
-
-def sample_cpu_peak() -> None:
-  """Three runs of ~0.3 s of the native library's FjMeasurePeak, kept for `cpu_peak_gflops`
-  (nothing without the native kernels). The benchmark samples before and after its sweep, so a
-  stretch when the shared machine is busy has to cover both to lower the peak."""
+def sample_cpu_peak() -> list[dict]:
+  """Three runs of ~0.3 s of the native library's FjMeasurePeak (none without the native
+  kernels). The benchmark samples before its sweep and passes them to `cpu_peak_gflops`, which
+  samples again: a stretch when the shared machine is busy has to cover both to lower the peak."""
   from fashion_jax.kernels import native  # pylint: disable=g-import-not-at-top
-  _peak_runs.extend(r for r in (native.measure_peak(usable_cpus(), 0.3) for _ in range(3)) if r)
+  return [r for r in (native.measure_peak(usable_cpus(), 0.3) for _ in range(3)) if r]
 
 
-def cpu_peak_gflops() -> tuple[float, str]:
+def cpu_peak_gflops(earlier: list[dict] | None = None) -> tuple[float, str]:
   """The CPU's float32 peak GFLOP/s, measured: every core runs independent multiply-add chains
   at the widest vector width it has (FjMeasurePeak: every core at the fastest thread's rate),
-  the best of this call's runs and those sampled before, since a busy neighbour or a
-  descheduled virtual core only ever lowers it. The source says where a busy machine may still
-  have spoiled it. Without the native kernels, the nominal estimate, said so."""
+  the best of this call's runs and the `earlier` ones, since a busy neighbour or a descheduled
+  virtual core only ever lowers it. The source says where a busy machine may still have spoiled
+  it. Without the native kernels, the nominal estimate, said so."""
   nominal, how = nominal_cpu_peak_gflops()
-  sample_cpu_peak()
-  if not _peak_runs:
+  runs = [*(earlier or []), *sample_cpu_peak()]
+  if not runs:
     return nominal, (f"nominal: {how}; not measured, the native kernels are unavailable, "
                      "and the clock may be higher than cpuinfo says: pass --peak_gflops")
-  best = max(_peak_runs, key=lambda r: r["gflops"])
+  best = max(runs, key=lambda r: r["gflops"])
   per_cycle = best["gflops"] * 1000 / (best["threads"] * best["mhz"])
   source = (f"measured: {best['threads']} cores x {best['lanes']}-float FMA chains at "
             f"{best['mhz']:,.0f} MHz, {per_cycle:.0f} FLOP/cycle/core; nominal {nominal:,.0f} "
             f"from {how}")
   cpuinfo_mhz = _cpuinfo()[0]
-  # Whole multiply-add pipes (half, one or two vectors a cycle: 2 x lanes x that): otherwise a
-  # phase of the run (FMA chains or clock) was disturbed, as on a busy machine.
-  if not any(abs(per_cycle / (2 * best["lanes"] * pipes) - 1) < 0.15 for pipes in (0.5, 1, 2)):
+  # Whole multiply-add pipes (half a vector a cycle, or 1, 2 or 4 -- Arm's Neoverse V1/V2 and
+  # Apple's cores have four 128-bit ones: 2 x lanes x that): otherwise a phase of the run (FMA
+  # chains or clock) was disturbed, as on a busy machine.
+  if not any(abs(per_cycle / (2 * best["lanes"] * pipes) - 1) < 0.15 for pipes in (0.5, 1, 2, 4)):
     source += (f"; WARNING: {per_cycle:.0f} FLOP/cycle/core is no whole number of "
                f"{best['lanes']}-float multiply-add pipes, so the machine was busy while the peak "
                "was measured; rerun when it is quiet, or pass --peak_gflops")
@@ -105,13 +103,14 @@ def cpu_peak_gflops() -> tuple[float, str]:
   return best["gflops"], source
 
 
-def device_peak_gflops(device, dtype: str = "float32", given: float = 0.0) -> tuple[float, str]:
+def device_peak_gflops(device, dtype: str = "float32", given: float = 0.0,
+                       earlier: list[dict] | None = None) -> tuple[float, str]:
   """Peak GFLOP/s of one device for `dtype`, and where the figure comes from (`given` > 0
-  is the user's --peak_gflops)."""
+  is the user's --peak_gflops; `earlier`: CPU peak samples taken before, `sample_cpu_peak`)."""
   if given > 0:
     return given, "--peak_gflops"
   if device.platform == "cpu":
-    return cpu_peak_gflops()
+    return cpu_peak_gflops(earlier)
   kind = device.device_kind
   precision = _matmul_precision()
   for pattern, *tflops in DEVICE_PEAKS:
