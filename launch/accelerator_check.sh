@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The accelerator check: fashion_jax on one GPU or TPU chip in <= 9 minutes, one JSON file.
 #
-#   launch/accelerator_check.sh IDX_DIR [OUTPUT.json] [--allow_cpu]
+#   launch/accelerator_check.sh IDX_DIR [OUTPUT.json] [--allow_cpu] [--option=value ...]
+#
+# Options (launch/accelerator_check.py's) may come anywhere, each as one word: --batch_sizes=128,512.
 #
 # Needs a preinstalled JAX stack for the chip (jax + its CUDA plugin or libtpu, flax, optax,
 # orbax-checkpoint) and an IDX folder (pytest for its tests stage); no network. WHEELS=FOLDER installs ml-collections

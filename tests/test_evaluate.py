@@ -263,8 +263,7 @@ def test_offline_data_errors_name_this_commands_flag(trained_tiny_workdir, tmp_p
     os.makedirs(config.data_dir, exist_ok=True)  # As tfds and the project's lock beside it do.
     with open(os.path.join(config.data_dir, ".fashion_jax-tfds-fashion_mnist.lock"), "w"):
       pass
-    raise UserError(f"cannot download fashion_mnist: no network; without network access pass "
-                    f"{download.IDX_FLAG_HINT} (or set FASHION_JAX_IDX_DIR=FOLDER once)")
+    raise UserError(f"cannot download fashion_mnist: no network; {download.OFFLINE_HINT}")
 
   monkeypatch.setattr(input_pipeline, "load", offline)
   with pytest.raises(UserError) as e:

@@ -75,6 +75,31 @@ def test_augmentations():
   assert augment.make_augment() is None
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_per_device_draws_are_the_global_batchs_rows(native):
+  """What each of 4 devices draws under pmap (here vmap with the same axis name: the same
+  collectives) is exactly its rows of the one-device draw: augmentation (translate, flip,
+  erasing with its noise) and both dropout paths. Each device had drawn its own values."""
+  from fashion_jax.model import models  # pylint: disable=import-outside-toplevel
+  from fashion_jax.kernels import native as native_lib  # pylint: disable=import-outside-toplevel
+  if native and not native_lib.available():
+    pytest.skip("the native kernels (the native dropout mask) are unavailable here")
+  key = jax.random.key(3)
+  images = jax.random.uniform(jax.random.key(1), (16, 28, 28, 1))
+  shards = images.reshape(4, 4, 28, 28, 1)
+  recipe = augment.make_augment(translate=2, flip=True, erasing=0.7)
+  whole = recipe(key, images)
+  per_device = jax.vmap(lambda x: recipe(key, x, "d"), axis_name="d")(shards)
+  np.testing.assert_array_equal(per_device.reshape(whole.shape), whole)
+  drop = lambda axis: models.Dropout(0.3, deterministic=False, native=native, axis_name=axis)
+  x = jax.random.normal(jax.random.key(2), (16, 7, 7, 8))
+  rngs = {"dropout": jax.random.key(4)}
+  whole = drop(None).apply({}, x, rngs=rngs)
+  per_device = jax.vmap(lambda s: drop("d").apply({}, s, rngs=rngs), axis_name="d")(
+      x.reshape(4, 4, 7, 7, 8))
+  np.testing.assert_array_equal(per_device.reshape(whole.shape), whole)
+
+
 def test_full_recipe_runs_and_reports_validation(tiny_config, tmp_path):
   tiny_config.update({
       "optimizer": "adamw", "weight_decay": 5e-4, "lr_schedule": "cosine", "warmup_steps": 5,

@@ -77,13 +77,15 @@ TIMEOUT_S = 5.0  # One name lookup, connect or read.
 _CHUNK = 1 << 20
 # Training's flag for an IDX folder; `evaluate` names its own (--idx_dir) in these messages.
 IDX_FLAG_HINT = "--config.idx_dir=FOLDER holding the four IDX files"
-OFFLINE_HINT = f"without network access pass {IDX_FLAG_HINT} (or set FASHION_JAX_IDX_DIR=FOLDER once)"
+# Where $FASHION_JAX_IDX_DIR is not read (MNIST, a --data_dir), only the flag.
+FLAG_HINT = f"without network access pass {IDX_FLAG_HINT}"
+OFFLINE_HINT = f"{FLAG_HINT} (or set FASHION_JAX_IDX_DIR=FOLDER once)"
 
 
 def offline_hint(name: str) -> str:
   """What to do offline: $FASHION_JAX_IDX_DIR serves Fashion-MNIST only (it was suggested for
   MNIST too, where it is ignored)."""
-  return OFFLINE_HINT if name == "fashion_mnist" else f"without network access pass {IDX_FLAG_HINT}"
+  return OFFLINE_HINT if name == "fashion_mnist" else FLAG_HINT
 
 
 def tfds_checksums(name: str) -> dict[str, tuple[int, str]] | None:

@@ -169,14 +169,17 @@ def _first_missing(folder: str) -> str | None:
 
 def _remove_empty(root: str) -> None:
   """Removes `root` and the folders below it that hold nothing but tfds locks of this project."""
-  for folder, _, files in os.walk(root, topdown=False):
+  lock = lambda name: name.startswith(".fashion_jax-tfds-") and name.endswith(".lock")
+  for folder, _, _ in os.walk(root, topdown=False):
     try:
-      for name in files:
-        if name.startswith(".fashion_jax-tfds-") and name.endswith(".lock"):
-          os.remove(os.path.join(folder, name))
+      entries = os.listdir(folder)
+      if not all(lock(name) for name in entries):
+        continue  # Something else is there: kept, its locks too.
+      for name in entries:
+        os.remove(os.path.join(folder, name))
       os.rmdir(folder)
     except OSError:
-      pass  # Something else is there: kept.
+      pass
 
 
 def _test_data(config, idx_dir: str | None, data_dir: str | None):
@@ -219,7 +222,7 @@ def _test_data(config, idx_dir: str | None, data_dir: str | None):
       _remove_empty(created)
     message = str(e)
     if origin == "--data_dir":  # $FASHION_JAX_IDX_DIR is not read when --data_dir is given.
-      message = message.replace(" (or set FASHION_JAX_IDX_DIR=FOLDER once)", "")
+      message = message.replace(download.OFFLINE_HINT, download.FLAG_HINT)
     message = message.replace(download.IDX_FLAG_HINT, "--idx_dir=FOLDER holding the IDX test files")
     raise UserError(message.replace("--config.idx_dir", "--idx_dir")
                     .replace("--config.data_dir", "--data_dir")) from e

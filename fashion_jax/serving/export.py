@@ -128,11 +128,18 @@ def check_output(output: str, overwrite: bool) -> str:
 _INSIDE = (".fashion_jax-export-", ".fashion_jax-old-")
 
 
+def _kept(path: str) -> tuple[str, ...]:
+  """Entries of a local folder that an export neither counts nor moves: what it stages there,
+  and a file system's lost+found at a mount point (an ext4 volume's root)."""
+  return _INSIDE + (("lost+found",) if os.path.ismount(path) else ())
+
+
 def _has_content(path: str) -> bool:
-  """storage.has_content, less what an export staged inside `path` (local folders)."""
+  """storage.has_content, less `_kept` entries (local folders)."""
   if storage.is_url(path):
     return storage.has_content(path)
-  return any(not name.startswith(_INSIDE) for name in os.listdir(path))
+  kept = _kept(path)
+  return any(not name.startswith(kept) for name in os.listdir(path))
 
 
 # What an export writes at its top level: exports made before the metadata listed their files.
@@ -152,7 +159,8 @@ def _foreign_files(path: str) -> list[str]:
     listed = json.loads(storage.read_text(storage.join(path, METADATA_NAME))).get("files")
   except (OSError, ValueError, AttributeError):
     listed = None
-  files = [f for f in _relative_files(path) if not f.startswith(_INSIDE)]
+  kept = () if storage.is_url(path) else _kept(path)
+  files = [f for f in _relative_files(path) if not f.startswith(kept)]
   if isinstance(listed, list):
     return [f for f in files if f not in set(listed)]
   return [f for f in files if f.split("/", 1)[0] not in _EXPORT_ENTRIES]
@@ -186,18 +194,26 @@ def _move_into_place(staging: str, path: str) -> None:
     if os.path.dirname(staging) == path:
       _swap_contents(staging, path)
       return
-    old = None
+    old, emptied = None, False
     if os.path.isdir(path):
       if os.listdir(path):
         old = f"{path}.old-{os.getpid()}"
         os.rename(path, old)
       else:
         os.rmdir(path)
+        emptied = True
     try:
       os.rename(staging, path)
-    except OSError:
-      if old:
-        os.rename(old, path)  # Put the previous export back.
+    except OSError as e:
+      try:  # Put back what was there: the previous export, or the empty folder.
+        if old:
+          os.rename(old, path)
+        elif emptied:
+          os.mkdir(path)
+      except OSError as again:
+        raise UserError(f"could not move the export into {path} ({e.strerror or e}), nor put "
+                        f"back what was there ({again.strerror or again})" +
+                        (f": the previous export is in {old}" if old else "")) from e
       raise
     if old:
       shutil.rmtree(old, ignore_errors=True)
@@ -209,8 +225,9 @@ def _move_into_place(staging: str, path: str) -> None:
 def _swap_contents(staging: str, path: str) -> None:
   """Replaces what `path` holds by what `staging` (inside it) holds: the old entries into a
   folder beside `staging`, the new ones out of it, and back if a move fails."""
+  kept = _kept(path)
   old = tempfile.mkdtemp(prefix=_INSIDE[1], dir=path)
-  previous = [n for n in os.listdir(path) if not n.startswith(_INSIDE)]
+  previous = [n for n in os.listdir(path) if not n.startswith(kept)]
   moved_out, moved_in = [], []
   try:
     for name in previous:
@@ -219,12 +236,16 @@ def _swap_contents(staging: str, path: str) -> None:
     for name in os.listdir(staging):
       os.rename(os.path.join(staging, name), os.path.join(path, name))
       moved_in.append(name)
-  except OSError:
-    for name in moved_in:
-      os.rename(os.path.join(path, name), os.path.join(staging, name))
-    for name in moved_out:
-      os.rename(os.path.join(old, name), os.path.join(path, name))
-    os.rmdir(old)
+  except OSError as e:
+    try:
+      for name in moved_in:
+        os.rename(os.path.join(path, name), os.path.join(staging, name))
+      for name in moved_out:
+        os.rename(os.path.join(old, name), os.path.join(path, name))
+      os.rmdir(old)
+    except OSError as again:
+      raise UserError(f"could not move the export into {path} ({e.strerror or e}), nor put the "
+                      f"previous one back ({again.strerror or again}): it is in {old}") from e
     raise
   shutil.rmtree(old, ignore_errors=True)
   os.rmdir(staging)

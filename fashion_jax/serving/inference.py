@@ -188,7 +188,10 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256,
         raise
       except Exception as e:  # pylint: disable=broad-except  (tensorstore/OS/parse errors)
         where = storage.join(directory, str(step))
-        now = checkpointer.all_steps(read=True)
+        try:
+          now = checkpointer.all_steps(read=True)
+        except OSError as listing:
+          raise unreadable(listing) from e
         if step in now:
           raise UserError(f"checkpoint {where} is unreadable ({checkpointing.first_line(e)}); "
                           "pass --step with another checkpoint, or re-train") from e
