@@ -491,11 +491,8 @@ def test_placements_and_windows_compute_the_same(tiny_config, tmp_path, placemen
   assert strip(reference) == strip(other)
 
 
-def test_one_compiled_window_length_plus_the_remainder(tiny_config, tmp_path):
-  """45 steps in windows of 10 (checkpoints and evals every 20): four windows of 10 and one of 5,
-  two compilations in all, none per window (a table upload or a Python value in the step that
-  changed the traced signature would compile again)."""
-  tiny_config.update(num_train_steps=45, checkpoint_every_steps=20, eval_every_steps=20)
+def _compiled_windows(config, workdir) -> list[str]:
+  """Trains `config` into `workdir`; the train windows JAX compiled meanwhile (its log)."""
   messages = []
 
   class Collect(logging.Handler):
@@ -506,11 +503,19 @@ def test_one_compiled_window_length_plus_the_remainder(tiny_config, tmp_path):
   logging.getLogger("jax").addHandler(handler)
   jax.config.update("jax_log_compiles", True)
   try:
-    train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+    train.train_and_evaluate(config, workdir)
   finally:
     jax.config.update("jax_log_compiles", False)
     logging.getLogger("jax").removeHandler(handler)
-  compiled = [m[:60] for m in messages if re.match(r"Compiling (jit\()?_device_window\b", m)]
+  return [m[:60] for m in messages if re.match(r"Compiling (jit\()?_device_window\b", m)]
+
+
+def test_one_compiled_window_length_plus_the_remainder(tiny_config, tmp_path):
+  """45 steps in windows of 10 (checkpoints and evals every 20): four windows of 10 and one of 5,
+  two compilations in all, none per window (a table upload or a Python value in the step that
+  changed the traced signature would compile again)."""
+  tiny_config.update(num_train_steps=45, checkpoint_every_steps=20, eval_every_steps=20)
+  compiled = _compiled_windows(tiny_config, str(tmp_path / "run"))
   assert len(compiled) == 2, compiled
   assert [l["step"] for l in _lines(str(tmp_path / "run")) if "train_loss" in l][-1] == 45
 
@@ -531,21 +536,7 @@ def test_a_prime_interval_runs_full_windows_and_a_shorter_one_to_each_boundary(t
   # Intervals that are not multiples of one another: the stretches between boundaries differ,
   # so the shorter windows are powers of two (few lengths), the end exact.
   assert [loop.next_window(s, 10, 95, 37, 20) for s in (30, 34, 36, 37, 90)] == [4, 2, 1, 2, 5]
-  messages = []
-
-  class Collect(logging.Handler):
-    def emit(self, record):
-      messages.append(record.getMessage())
-
-  handler = Collect()
-  logging.getLogger("jax").addHandler(handler)
-  jax.config.update("jax_log_compiles", True)
-  try:
-    train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
-  finally:
-    jax.config.update("jax_log_compiles", False)
-    logging.getLogger("jax").removeHandler(handler)
-  compiled = [m[:60] for m in messages if re.match(r"Compiling (jit\()?_device_window\b", m)]
+  compiled = _compiled_windows(tiny_config, str(tmp_path / "run"))
   assert len(compiled) == 2, compiled
   lines = _lines(str(tmp_path / "run"))
   assert [l["step"] for l in lines if "eval_accuracy" in l] == [37, 74]

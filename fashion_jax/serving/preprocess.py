@@ -209,15 +209,11 @@ def to_fashion_mnist(image: Image.Image) -> np.ndarray:
 
   Pure: the input is not modified. Any size and mode (see `normalize`).
   """
-  crop = _object(image)
-  if crop is None or crop.shape == (SIZE, SIZE) and crop.dtype == np.uint8:
-    return np.zeros((SIZE, SIZE), np.uint8) if crop is None else crop
-  height, width = crop.shape
-  scale = SIZE / max(height, width)
-  new_height = min(SIZE, max(1, round(height * scale)))
-  new_width = min(SIZE, max(1, round(width * scale)))
-  resized = Image.fromarray(crop).resize((new_width, new_height), Image.Resampling.LANCZOS)
-  sharpened = _sharpen(np.asarray(resized, np.float32))
+  resized = _object_in_box(image, SIZE)
+  if resized is None or resized.dtype == np.uint8:  # Blank, or already in the data set's form.
+    return np.zeros((SIZE, SIZE), np.uint8) if resized is None else resized
+  sharpened = _sharpen(resized)
+  new_height, new_width = resized.shape
   canvas = np.zeros((SIZE, SIZE), np.float32)
   y0 = (SIZE - new_height + 1) // 2  # An odd leftover pixel goes top/left, as in the data.
   x0 = (SIZE - new_width + 1) // 2
@@ -236,15 +232,11 @@ def to_mnist(image: Image.Image) -> np.ndarray:
   The object is found as for Fashion-MNIST (background, polarity, trim); then MNIST's recipe
   instead of the paper's: no sharpening, a 20 px box, centred by its centre of mass.
   """
-  crop = _object(image)
-  if crop is None or crop.shape == (SIZE, SIZE) and crop.dtype == np.uint8:
-    return np.zeros((SIZE, SIZE), np.uint8) if crop is None else crop
-  height, width = crop.shape
-  scale = MNIST_BOX / max(height, width)
-  new_height = min(MNIST_BOX, max(1, round(height * scale)))
-  new_width = min(MNIST_BOX, max(1, round(width * scale)))
-  digit = np.maximum(np.asarray(Image.fromarray(crop).resize(
-      (new_width, new_height), Image.Resampling.LANCZOS), np.float32), 0.0)
+  digit = _object_in_box(image, MNIST_BOX)
+  if digit is None or digit.dtype == np.uint8:  # Blank, or already in the data set's form.
+    return np.zeros((SIZE, SIZE), np.uint8) if digit is None else digit
+  digit = np.maximum(digit, 0.0)
+  new_height, new_width = digit.shape
   mass = digit.sum()
   if mass <= 0:
     return np.zeros((SIZE, SIZE), np.uint8)
@@ -256,6 +248,19 @@ def to_mnist(image: Image.Image) -> np.ndarray:
   canvas = np.zeros((SIZE, SIZE), np.float32)
   canvas[y0:y0 + new_height, x0:x0 + new_width] = digit
   return _stretched(canvas)
+
+
+def _object_in_box(image: Image.Image, box: int) -> np.ndarray | None:
+  """The object (`_object`) resized to fit a `box` px square, aspect ratio kept (Lanczos):
+  float32 [h, w], max(h, w) == box. As `_object`: None where blank, the finished uint8 [28, 28]
+  where the image is already in the data set's form."""
+  crop = _object(image)
+  if crop is None or crop.dtype == np.uint8:
+    return crop
+  height, width = crop.shape
+  scale = box / max(height, width)
+  size = (min(box, max(1, round(width * scale))), min(box, max(1, round(height * scale))))
+  return np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS), np.float32)
 
 
 def _stretched(canvas: np.ndarray) -> np.ndarray:
