@@ -31,9 +31,12 @@ def final_state(config, workdir):
 def main(root, idx_dir, out_dir, *modes):
   config = config_lib.load_file(os.path.join(root, "configs", "tiny.py"))
   config.idx_dir = idx_dir
-  if modes and modes[0].startswith("model="):  # e.g. model=cnn_bn: BatchNorm across devices,
-    config.model = modes[0][len("model="):]     # with its dropout and augmentation: each image
-    config.augment_translate, config.augment_flip = 2, True  # gets one draw in every mode.
+  if modes and modes[0].startswith("model="):  # e.g. model=cnn_bn: BatchNorm across devices.
+    config.model = modes[0][len("model="):]
+    # Without dropout: its masks amplify the formulations' rounding (one device runs the native
+    # kernels, several XLA's) past these tolerances within 20 steps. That each device draws its
+    # rows of the global batch's masks and augmentation is checked exactly in test_recipes.py.
+    config.model_kwargs = {"dropout_rate": 0.0} if config.model == "cnn_bn" else {}
     modes = modes[1:]
   results = {"device_count": jax.device_count()}
   states = {}
