@@ -211,15 +211,20 @@ def _move_into_place(staging: str, path: str) -> None:
         elif emptied:
           os.mkdir(path)
       except OSError as again:
-        raise UserError(f"could not move the export into {path} ({e.strerror or e}), nor put "
-                        f"back what was there ({again.strerror or again})" +
-                        (f": the previous export is in {old}" if old else "")) from e
+        raise _not_put_back(path, e, again, old) from e
       raise
     if old:
       shutil.rmtree(old, ignore_errors=True)
   except OSError as e:
     raise UserError(f"could not move the export into {path} ({e.strerror or e}); what was there "
                     "is unchanged: pass an --output you can write to") from e
+
+
+def _not_put_back(path: str, e: OSError, again: OSError, old: str | None) -> UserError:
+  """A move into `path` failed (`e`), and so did putting back what was there (`again`)."""
+  return UserError(f"could not move the export into {path} ({e.strerror or e}), nor put back "
+                   f"what was there ({again.strerror or again})" +
+                   (f": the previous export is in {old}" if old else ""))
 
 
 def _swap_contents(staging: str, path: str) -> None:
@@ -244,8 +249,7 @@ def _swap_contents(staging: str, path: str) -> None:
         os.rename(os.path.join(old, name), os.path.join(path, name))
       os.rmdir(old)
     except OSError as again:
-      raise UserError(f"could not move the export into {path} ({e.strerror or e}), nor put the "
-                      f"previous one back ({again.strerror or again}): it is in {old}") from e
+      raise _not_put_back(path, e, again, old) from e
     raise
   shutil.rmtree(old, ignore_errors=True)
   os.rmdir(staging)

@@ -156,19 +156,16 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256,
   directory = storage.join(workdir, "checkpoints")
   if not storage.isdir(directory):
     raise UserError(f"no checkpoints folder in {workdir}; train first, or pass the right --workdir")
-  unreadable = lambda e: UserError(  # Permissions: one line, not a traceback.
-      f"cannot read {directory} ({e.strerror or e}); make it readable by you, or pass the "
-      "--workdir of a run you can read")
   try:
     checkpointer = checkpointing.Checkpointer(directory, keep=max(config.keep_checkpoints, 1),
                                               async_save=False)
   except OSError as e:
-    raise unreadable(e) from e
+    raise storage.unreadable(directory, e) from e
   try:
     try:
       saved = checkpointer.all_steps()
     except OSError as e:
-      raise unreadable(e) from e
+      raise storage.unreadable(directory, e) from e
     if step is None:
       step, why = choose_step(workdir, saved)
     elif step not in saved:
@@ -191,7 +188,7 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256,
         try:
           now = checkpointer.all_steps(read=True)
         except OSError as listing:
-          raise unreadable(listing) from e
+          raise storage.unreadable(directory, listing) from e
         if step in now:
           raise UserError(f"checkpoint {where} is unreadable ({checkpointing.first_line(e)}); "
                           "pass --step with another checkpoint, or re-train") from e

@@ -7,7 +7,6 @@ import sys
 
 import fashion_jax
 from fashion_jax.support import storage
-from fashion_jax.support.errors import UserError
 
 
 def summary_writer_class():
@@ -47,8 +46,7 @@ def _read(path: str) -> str:
   try:
     return storage.read_text(path, errors="replace")  # Stray bytes: that line is skipped.
   except OSError as e:  # Unreadable (permissions), a folder: one line, not a traceback.
-    raise UserError(f"cannot read {path} ({e.strerror or e}); make it readable by you, or pass "
-                    "the --workdir of a run you can read") from e
+    raise storage.unreadable(path, e) from e
 
 
 def foreign_line(workdir: str) -> str | None:

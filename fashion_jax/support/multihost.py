@@ -16,6 +16,8 @@ import time
 import jax
 import numpy as np
 
+from fashion_jax.support.errors import UserError
+
 _PREFIX = "fashion_jax"
 BARRIER_TIMEOUT_MS = 60 * 60 * 1000  # A peer that died fails the barrier much sooner.
 # Waits are cut into slices this long, and between them a process looks for a peer's failure
@@ -60,7 +62,6 @@ def gather(name: str, value: str | None) -> dict[int, str]:
     try:
       client.blocking_key_value_get(f"{prefix}{missing[0]}", SLICE_MS)
     except Exception as e:  # pylint: disable=broad-except  (jaxlib's runtime error)
-      from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
       if "DEADLINE_EXCEEDED" not in str(e):
         raise UserError(f"lost contact with the job's coordinator ({str(e).splitlines()[0]}); "
                         "see the other processes' errors (process 0's first)") from e
@@ -76,7 +77,6 @@ def _raise_if_a_peer_failed(client) -> None:
   except Exception:  # pylint: disable=broad-except  (none yet, on some versions)
     return
   if failed:
-    from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
     # The first process that failed on its own (not one passing another's error on).
     _, index, message = min((text.startswith("process "), int(key.rsplit("/", 1)[-1]), text)
                             for key, text in failed)

@@ -119,6 +119,12 @@ def read_bytes(path: str) -> bytes:
     raise _folder_in_the_way(path) from e
 
 
+def unreadable(path: str, e: OSError) -> UserError:
+  """The one line for a run's file or folder this user cannot read (permissions, a folder)."""
+  return UserError(f"cannot read {path} ({e.strerror or e}); make it readable by you, or pass "
+                   "the --workdir of a run you can read")
+
+
 def _folder_in_the_way(path: str) -> UserError:
   return UserError(f"{path} is a folder where fashion_jax keeps a file; move it away (or use "
                    "another --workdir)")
