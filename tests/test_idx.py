@@ -1,5 +1,6 @@
 import gzip
 import os
+import struct
 import zlib
 
 import numpy as np
@@ -149,3 +150,36 @@ def test_gzip_detected_by_content_not_name(tmp_path):
   with gzip.open(path) as f:
     assert f.read(4) == b"\x00\x00\x08\x02"
   np.testing.assert_array_equal(idx.read_idx(path), array)
+
+
+def test_a_header_whose_size_overflows_int64_is_one_line(tmp_path):
+  """(2**31, 2**31, 4) "needed" 0 bytes in int64 and passed the size check: a reshape traceback."""
+  path = str(tmp_path / "train-images-idx3-ubyte")
+  with open(path, "wb") as f:
+    f.write(b"\x00\x00\x08\x03" + struct.pack(">3I", 2**31, 2**31, 4))
+  with pytest.raises(UserError, match=rf"holds 0 bytes of data but its header .* needs {2**64}; "):
+    idx.read_idx(path, expected_ndim=3)
+
+
+def test_a_gzip_that_inflates_past_any_idx_file_is_refused(tmp_path, monkeypatch):
+  path = str(tmp_path / "t10k-images-idx3-ubyte.gz")
+  idx.write_idx(path, np.zeros((100, 28, 28), np.uint8))  # 78,416 bytes inflated, ~100 deflated.
+  monkeypatch.setattr(idx, "MAX_BYTES", 78_415)
+  with pytest.raises(UserError, match=r"inflates to more than 0 MiB"):
+    idx.read_idx(path)
+  monkeypatch.setattr(idx, "MAX_BYTES", 78_416)
+  assert idx.read_idx(path).shape == (100, 28, 28)
+
+
+def test_gzip_members_one_after_another_and_zero_padding_are_read(tmp_path):
+  """What gzip.decompress reads (`cat a.gz b.gz`, a padded tape block) still reads."""
+  array = np.random.default_rng(0).integers(0, 255, size=(30, 28, 28)).astype(np.uint8)
+  raw = struct.pack(">HBB3I", 0, 8, 3, *array.shape) + array.tobytes()
+  path = str(tmp_path / "x-idx3-ubyte.gz")
+  with open(path, "wb") as f:
+    f.write(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]) + b"\0" * 512)
+  np.testing.assert_array_equal(idx.read_idx(path), array)
+  with open(path, "ab") as f:
+    f.write(b"junk")
+  with pytest.raises(UserError, match="trailing garbage after its gzip data"):
+    idx.read_idx(path)

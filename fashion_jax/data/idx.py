@@ -8,6 +8,7 @@ values. Files may be gzip-compressed.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 
@@ -30,9 +31,7 @@ def read_idx(path: str, expected_ndim: int | None = None) -> np.ndarray:
   """Reads one IDX file (raw or gzip; local or gs://) into a uint8 array, validating the header."""
   try:
     data = storage.read_bytes(path)
-    if data[:2] == b"\x1f\x8b":
-      data = gzip.decompress(data)
-  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError.
+  except OSError as e:
     raise UserError(f"cannot read IDX file {path}: {e}; re-download or replace the file") from e
   except Exception as e:  # pylint: disable=broad-except  (a Cloud Storage client's own errors)
     if not storage.is_url(path):
@@ -40,6 +39,13 @@ def read_idx(path: str, expected_ndim: int | None = None) -> np.ndarray:
     raise UserError(f"cannot read IDX file {path}: {type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''}; check the bucket and your "
                     "credentials (gcloud auth application-default login)") from e
+  return parse_idx(data, path, expected_ndim)
+
+
+def parse_idx(data: bytes, path: str, expected_ndim: int | None = None) -> np.ndarray:
+  """Parses the bytes of one IDX file (raw or gzip); `path` names it in errors."""
+  if data[:2] == b"\x1f\x8b":
+    data = _gunzip(data, path)
   if len(data) < 4:
     raise UserError(f"IDX file {path} is truncated ({len(data)} bytes, no header); "
                     "re-download or replace the file")
@@ -54,12 +60,41 @@ def read_idx(path: str, expected_ndim: int | None = None) -> np.ndarray:
   if len(data) < header_len:
     raise UserError(f"IDX file {path} is truncated inside its header; re-download or replace it")
   shape = struct.unpack(f">{ndim}I", data[4:header_len])
-  expected = int(np.prod(shape, dtype=np.int64))
+  expected = math.prod(shape)  # Python ints: a header's product can pass 2**63.
   payload = len(data) - header_len
   if payload != expected:
     raise UserError(f"IDX file {path} holds {payload} bytes of data but its header {shape} "
                     f"needs {expected}; the file is truncated or corrupt, re-download it")
   return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(shape)
+
+
+# Decompressed, no IDX file of these data sets is larger (Fashion-MNIST's train images: 47 MB).
+# A gzip that inflates past it (a "zip bomb" would take all memory) is refused.
+MAX_BYTES = 1 << 30
+
+
+def _gunzip(data: bytes, path: str) -> bytes:
+  """gzip.decompress, one member after another, refusing more than MAX_BYTES of output."""
+  out, rest = [], data
+  try:
+    while rest[:2] == b"\x1f\x8b":
+      inflater = zlib.decompressobj(wbits=31)
+      room = MAX_BYTES - sum(map(len, out))
+      out.append(inflater.decompress(rest, room + 1))
+      if sum(map(len, out)) > MAX_BYTES:
+        raise UserError(f"cannot read IDX file {path}: it inflates to more than "
+                        f"{MAX_BYTES >> 20} MiB, more than any IDX file of these data sets "
+                        "hold; replace the file")
+      if not inflater.eof:
+        raise UserError(f"cannot read IDX file {path}: its gzip data is cut short; "
+                        "re-download or replace the file")
+      rest = inflater.unused_data
+  except zlib.error as e:
+    raise UserError(f"cannot read IDX file {path}: {e}; re-download or replace the file") from e
+  if rest.strip(b"\0"):  # gzip.decompress, too, accepts zero padding after the last member.
+    raise UserError(f"cannot read IDX file {path}: trailing garbage after its gzip data; "
+                    "re-download or replace the file")
+  return b"".join(out)
 
 
 def write_idx(path: str, array: np.ndarray, compress: bool | None = None) -> None:
@@ -100,18 +135,25 @@ def load_split(folder: str, split: str, num_classes: int = 10) -> tuple[np.ndarr
     paths[name] = path
   images = read_idx(paths[images_name], expected_ndim=3)
   labels = read_idx(paths[labels_name], expected_ndim=1)
+  return checked_split(images, labels, paths[images_name], paths[labels_name], num_classes)
+
+
+def checked_split(images: np.ndarray, labels: np.ndarray, images_path: str, labels_path: str,
+                  num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+  """(images [N, H, W, 1] uint8, labels [N] int32) from one split's parsed files, checked to
+  belong together; the paths name the files in errors."""
   if images.shape[1:] != datasets.IMAGE_SHAPE[:2]:
-    raise UserError(f"{paths[images_name]} holds {images.shape[1]}x{images.shape[2]} images, not "
+    raise UserError(f"{images_path} holds {images.shape[1]}x{images.shape[2]} images, not "
                     f"{datasets.IMAGE_SHAPE[0]}x{datasets.IMAGE_SHAPE[1]}; the file is from another "
                     "data set: use Fashion-MNIST's (or MNIST's) IDX files")
   if images.shape[0] == 0:
-    raise UserError(f"{paths[images_name]} holds no images; the file is empty or cut short: "
+    raise UserError(f"{images_path} holds no images; the file is empty or cut short: "
                     "re-download or replace it")
   if images.shape[0] != labels.shape[0]:
-    raise UserError(f"{paths[images_name]} has {images.shape[0]} images but "
-                    f"{paths[labels_name]} has {labels.shape[0]} labels; the files do not belong "
+    raise UserError(f"{images_path} has {images.shape[0]} images but "
+                    f"{labels_path} has {labels.shape[0]} labels; the files do not belong "
                     "together")
   if labels.size and labels.max() >= num_classes:
-    raise UserError(f"{paths[labels_name]} holds label {int(labels.max())}, outside 0..{num_classes - 1}; "
+    raise UserError(f"{labels_path} holds label {int(labels.max())}, outside 0..{num_classes - 1}; "
                     "the file is corrupt or from another data set")
   return images[..., None], labels.astype(np.int32)
