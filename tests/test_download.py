@@ -162,6 +162,10 @@ def test_source_order(tmp_path, monkeypatch, tiny_config):
   monkeypatch.setattr(input_pipeline, "tensorflow_available", lambda: True)
   monkeypatch.setattr(input_pipeline, "tfds_import_error", lambda: None)
   assert input_pipeline.source(config).kind == "tfds"
+  config.data_dir = "~/tfds"  # bash leaves --config.data_dir=~/tfds as it is: a folder named "~".
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert input_pipeline.source(config).location == str(tmp_path / "home" / "tfds")
+  config.data_dir = ""
   # tfds installed but broken (Colab's GPU and CPU runtimes, Aug 2026: tensorflow-metadata's
   # protobuf code newer than the runtime's protobuf): the verified download, saying why.
   monkeypatch.setattr(input_pipeline, "tfds_import_error", lambda: "VersionError: protobuf")
@@ -258,3 +262,49 @@ def test_processes_sharing_a_folder_download_once(tmp_path, monkeypatch):
   for t in threads:
     t.join()
   assert peak[0] == 1 and sorted(downloads) == sorted(payload)
+
+
+def test_only_the_verified_bytes_are_read(mirror, tmp_path):
+  """A raw (gunzipped) file beside the checked .gz -- `gunzip -k`, or someone who can write a
+  shared cache -- was read instead of it; so was a .gz swapped in after `fetch` checked it."""
+  served, url, _ = mirror
+  cache = str(tmp_path / "cache")
+  download.fetch("fashion_mnist", cache, urls=(url,))
+  want = idx.load_split(served, "test")
+  zeros = np.zeros((100, 28, 28), np.uint8)
+  idx.write_idx(os.path.join(cache, "t10k-images-idx3-ubyte"), zeros)
+  idx.write_idx(os.path.join(cache, "t10k-labels-idx1-ubyte"), np.full(100, 3, np.uint8))
+  assert idx.load_split(cache, "test")[0].max() == 0  # What the IDX reader prefers: the raw file.
+  got = download.load_split("fashion_mnist", download.fetch("fashion_mnist", cache, urls=(url,)),
+                            "test")
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  # Swapped after the check: a same-size file with other bytes is refused, not parsed.
+  labels = os.path.join(cache, "t10k-labels-idx1-ubyte.gz")
+  data = bytearray(open(labels, "rb").read())
+  data[-9] ^= 1
+  with open(labels, "wb") as f:
+    f.write(bytes(data))
+  with pytest.raises(UserError, match=r"t10k-labels-idx1-ubyte.gz changed after it was verified "
+                     r".*run again to download it"):
+    download.load_split("fashion_mnist", cache, "test")
+
+
+def test_a_file_url_mirror_is_read_without_a_name_lookup(mirror, tmp_path, monkeypatch):
+  served, _, _ = mirror
+  monkeypatch.setenv(download.URL_ENV, "file://" + served)
+  cache = str(tmp_path / "cache")
+  download.fetch("fashion_mnist", cache)  # Was: "name lookup failed (...; no network?)".
+  np.testing.assert_array_equal(download.load_split("fashion_mnist", cache, "train")[1],
+                                idx.load_split(served, "train")[1])
+
+
+def test_a_lock_file_planted_as_a_link_is_not_followed(tmp_path):
+  """A link in a shared data folder made the lock open (and create) the file it points at."""
+  from fashion_jax.support import paths  # pylint: disable=import-outside-toplevel
+  victim = tmp_path / "someone_elses" / "file"
+  victim.parent.mkdir()
+  os.symlink(victim, tmp_path / download.LOCK_FILE)
+  with paths.exclusive(tmp_path / download.LOCK_FILE):
+    pass
+  assert not victim.exists()

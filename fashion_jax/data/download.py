@@ -14,7 +14,9 @@ reader parses them, as it parses any IDX folder.
 
 Files are verified every time they are used (60 ms for Fashion-MNIST), so a
 damaged or substituted file in the cache is never read; it is downloaded
-again. A file is written under a temporary name and renamed when verified,
+again. `load_split` parses the very bytes it checked, and only the recorded
+.gz names: a raw (gunzipped) file beside them, or a file swapped in after the
+check, is never read. A file is written under a temporary name and renamed when verified,
 so processes sharing a cache never see half a file.
 
 Offline, the first file fails within seconds (a bounded name lookup and
@@ -36,7 +38,9 @@ import urllib.parse
 import urllib.request
 
 from absl import logging
+import numpy as np
 
+from fashion_jax.data import idx
 from fashion_jax.support.errors import UserError
 from fashion_jax.support import paths
 
@@ -171,6 +175,30 @@ def fetch(name: str, folder: str, urls: tuple[str, ...] | None = None) -> str:
   return folder
 
 
+def load_split(name: str, folder: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """One split of the data set `fetch` made `folder` hold, parsed from the bytes checked here.
+
+  Reads each of the split's two recorded .gz files once, checks the bytes against the size
+  and SHA-256 recorded for the file, and parses those same bytes.
+  """
+  table = recorded(name)
+  arrays = []
+  for base, ndim in zip(idx.FILES[split], (3, 1)):
+    path = os.path.join(folder, base + ".gz")
+    size, sha = table[base + ".gz"]
+    try:
+      with open(path, "rb") as f:
+        data = f.read(size + 1)
+    except OSError as e:
+      raise UserError(f"cannot read {path} ({e.strerror}); run again to download it") from e
+    if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
+      raise UserError(f"{path} changed after it was verified (another program is writing the "
+                      f"data folder {folder!r}?); run again to download it")
+    arrays.append(idx.parse_idx(data, path, ndim))
+  return idx.checked_split(*arrays, *(os.path.join(folder, base + ".gz")
+                                      for base in idx.FILES[split]))
+
+
 def check_reachable(name: str) -> None:
   """Raises the offline UserError within seconds unless tfds's download host answers.
 
@@ -212,6 +240,8 @@ def _download(name: str, filename: str, size: int, sha: str, urls, path: str) ->
 def _resolve(url: str, timeout: float) -> None:
   """The name lookup, bounded: getaddrinfo ignores socket timeouts and can hang for long."""
   host = urllib.parse.urlparse(url).hostname
+  if host is None:  # A file:// mirror ($FASHION_JAX_DATA_URL): no name to look up.
+    return
   pool = concurrent.futures.ThreadPoolExecutor(1)
   try:
     pool.submit(socket.getaddrinfo, host, None).result(timeout=timeout)

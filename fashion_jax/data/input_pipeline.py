@@ -119,7 +119,7 @@ def source(config) -> Source:
   if tensorflow_available():
     broken = tfds_import_error()
     if broken is None:
-      return Source("tfds", config.data_dir, "TensorFlow is installed")
+      return Source("tfds", os.path.expanduser(config.data_dir), "TensorFlow is installed")
     why = f"tensorflow-datasets cannot be imported here: {broken}"
   return Source("download", download.default_folder(config.dataset, config.data_dir), why)
 
@@ -139,7 +139,7 @@ def load(config, split: str, data_source: Source | None = None) -> Split:
     images, labels = _load_tfds(config.dataset, split, data_source.location or None)
   else:
     folder = download.fetch(config.dataset, data_source.location)
-    images, labels = idx.load_split(folder, split)
+    images, labels = download.load_split(config.dataset, folder, split)
   return Split(np.ascontiguousarray(images), np.ascontiguousarray(labels, dtype=np.int32))
 
 

@@ -25,11 +25,13 @@ def exclusive(lock_file: str | os.PathLike):
   the processes of this machine, and of the machines sharing a file system with locks (NFSv4).
 
   Where the lock file cannot be created (a read-only folder, which nobody can be writing
-  either) it runs unlocked.
+  either) it runs unlocked; so it does where the lock file is a symbolic link, which is
+  never followed (one planted in a shared folder could point at another user's file).
   """
   try:
     os.makedirs(os.path.dirname(os.path.abspath(lock_file)), exist_ok=True)
-    f = open(lock_file, "a")  # pylint: disable=consider-using-with
+    fd = os.open(lock_file, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    f = os.fdopen(fd, "w")  # pylint: disable=consider-using-with
   except OSError:
     yield
     return
