@@ -639,6 +639,36 @@ def test_resume_that_changes_data_order_schedule_or_model_is_refused(tiny_config
   assert json.load(open(os.path.join(workdir, "config.json")))["num_train_steps"] == 20
 
 
+def test_resume_from_another_order_of_the_same_examples_is_refused(tiny_config, tmp_path):
+  """tensorflow-datasets orders Fashion-MNIST unlike the IDX files: a run started from one and
+  resumed from the other (offline, or on Colab's TPU runtime) resumed silently, with another
+  data order and a validation set that had been trained on."""
+  from fashion_jax.data import idx  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "run")
+  tiny_config.num_train_steps, tiny_config.validation_size = 10, 16
+  train.train_and_evaluate(tiny_config, workdir)
+  folder = tiny_config.idx_dir
+  images, labels = idx.load_split(folder, "train")
+  order = np.random.default_rng(1).permutation(len(labels))  # Same examples, same counts.
+  idx.write_idx(os.path.join(folder, idx.FILES["train"][0] + ".gz"), images[order, ..., 0])
+  idx.write_idx(os.path.join(folder, idx.FILES["train"][1] + ".gz"), labels[order])
+  tiny_config.num_train_steps = 20
+  with pytest.raises(UserError, match=r"was trained with train_data=\"[0-9a-f]{16}\", but the "
+                     r"config gives train_data=\"[0-9a-f]{16}\" \(train_data: a digest of the "
+                     r"train split in its order.*use a new --workdir \(or the data and length"):
+    train.train_and_evaluate(tiny_config, workdir)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["10"]
+
+
+def test_a_checkpoint_from_before_the_data_digest_resumes():
+  from fashion_jax.support import checkpointing  # pylint: disable=import-outside-toplevel
+  old = {"seed": 0, "train_examples": 256}
+  checkpointing._check_fingerprint("10", old, {**old, "train_data": "0123456789abcdef"})
+  with pytest.raises(UserError, match="train_data"):
+    checkpointing._check_fingerprint("10", {**old, "train_data": "0" * 16},
+                                     {**old, "train_data": "0123456789abcdef"})
+
+
 def test_longer_run_with_a_cosine_schedule_is_refused(tiny_config, tmp_path):
   workdir = str(tmp_path / "run")
   tiny_config.num_train_steps, tiny_config.lr_schedule = 10, "cosine"

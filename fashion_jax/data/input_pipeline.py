@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 import dataclasses
+import hashlib
 import functools
 import importlib.util
 import logging as logging_std
@@ -167,6 +168,15 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
   if images.ndim == 3:
     images = images[..., None]
   return images, np.concatenate([p["label"] for p in parts]).astype(np.int32)
+
+
+def digest(split: Split) -> str:
+  """SHA-256 (16 hex digits) of a split's labels and images in their order: tells two sources
+  of the same examples apart when they order them differently (tensorflow-datasets shuffles
+  them when it prepares them; the IDX files do not). 30 ms for Fashion-MNIST's train split."""
+  sha = hashlib.sha256(np.ascontiguousarray(split.labels, dtype=np.int32).tobytes())
+  sha.update(np.ascontiguousarray(split.images).tobytes())
+  return sha.hexdigest()[:16]
 
 
 VALIDATION_SEED = 20_17_08_25  # Fixed: the same validation set whatever config.seed is.

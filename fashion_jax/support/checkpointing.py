@@ -135,21 +135,31 @@ def describe_state(model_name: str, state, fingerprint: dict | None = None) -> d
   return description
 
 
+# Fingerprint entries added after checkpoints had fingerprints: a checkpoint without one resumes.
+_LATER_ENTRIES = ("train_data",)
+# Entries no --config flag sets: the data and the run's length.
+_NOT_FLAGS = ("train_examples", "total_steps", "train_data")
+
+
 def _check_fingerprint(where: str, stored: dict | None, wanted: dict | None) -> None:
   """A resume that would change the run's data order, schedule or model: UserError."""
   if stored is None or wanted is None:  # Written before fingerprints existed, or serving.
     return
+  wanted = {k: v for k, v in wanted.items() if k in stored or k not in _LATER_ENTRIES}
   differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
   if not differ:
     return
   show = lambda d, k: json.dumps(d.get(k)) if k in d else "(none)"
   was = ", ".join(f"{k}={show(stored, k)}" for k in differ)
   now = ", ".join(f"{k}={show(wanted, k)}" for k in differ)
-  flags = " ".join(f"--config.{k}={show(stored, k)}" for k in differ
-                   if k not in ("train_examples", "total_steps"))
+  flags = " ".join(f"--config.{k}={show(stored, k)}" for k in differ if k not in _NOT_FLAGS)
+  data = (" (train_data: a digest of the train split in its order, which differs between "
+          "sources: tensorflow-datasets orders the examples unlike the IDX files; config.json's "
+          "_derived.data_source names the source it was trained from)"
+          if "train_data" in differ else "")
   raise UserError(
-      f"checkpoint {where} was trained with {was}, but the config gives {now}: resuming would "
-      "change the run's data order, schedule or model; use a new --workdir"
+      f"checkpoint {where} was trained with {was}, but the config gives {now}{data}: resuming "
+      "would change the run's data order, schedule or model; use a new --workdir"
       + (f", or pass {flags}" if flags else " (or the data and length it was trained with)"))
 
 

@@ -110,12 +110,17 @@ FINGERPRINT_KEYS = (
     "lr_schedule", "warmup_steps", "weight_decay", "momentum", "label_smoothing", "ema_decay")
 
 
-def fingerprint(config: ml_collections.ConfigDict, train_examples: int, total_steps: int) -> dict:
-  """The values of FINGERPRINT_KEYS, the train split's size, and the total steps where the
-  schedule depends on them (cosine/onecycle, or a warmup longer than the run)."""
+def fingerprint(config: ml_collections.ConfigDict, train_examples: int, total_steps: int,
+                train_data: str | None = None) -> dict:
+  """The values of FINGERPRINT_KEYS, the train split's size, the total steps where the
+  schedule depends on them (cosine/onecycle, or a warmup longer than the run), and the digest
+  of the train split in its order (`input_pipeline.digest`: another source's order is another
+  run's data order and validation set)."""
   values = {key: config[key].to_dict() if isinstance(config[key], ml_collections.ConfigDict)
             else config[key] for key in FINGERPRINT_KEYS}
   values["train_examples"] = train_examples
+  if train_data is not None:
+    values["train_data"] = train_data
   if config.lr_schedule != "constant" or config.warmup_steps >= total_steps:
     values["total_steps"] = total_steps
   return json.loads(json.dumps(values))  # As the checkpoint's JSON gives it back.
@@ -132,6 +137,7 @@ class Run:
   test: input_pipeline.Split
   data_description: str
   train_examples: int  # Before the validation hold-out.
+  train_data: str  # input_pipeline.digest of the train split before the hold-out.
   steps_per_epoch: int
   total_steps: int
   eval_every: int
@@ -180,11 +186,11 @@ def _prepare(config, workdir: str, splits) -> Run:
     data_description = data_source.describe()
   else:
     (train_split, test_split), data_description = splits, "given in memory"
-  train_examples = len(train_split)
+  train_examples, train_data = len(train_split), input_pipeline.digest(train_split)
   train_split, val_split = input_pipeline.hold_out(train_split, config.validation_size)
   n = len(train_split)
   run = Run(config, workdir, parallel, train_split, val_split, test_split, data_description,
-            train_examples, config_lib.steps_per_epoch(config, n), config_lib.total_steps(config, n),
+            train_examples, train_data, config_lib.steps_per_epoch(config, n), config_lib.total_steps(config, n),
             config_lib.eval_every_steps(config, n), config_lib.checkpoint_every_steps(config, n))
   logging.info("data: %d train, %d test examples; %d steps (%d per epoch)", n, len(test_split),
                run.total_steps, run.steps_per_epoch)
@@ -355,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     tx = steps.create_optimizer(config, total_steps)
     init_state = steps.create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
     description = checkpointing.describe_state(
-        config.model, init_state, fingerprint(config, run.train_examples, total_steps))
+        config.model, init_state, fingerprint(config, run.train_examples, total_steps, run.train_data))
     checkpointer = cleanup.enter_context(checkpointing.Checkpointer(
         storage.join(run.workdir, "checkpoints"), keep=config.keep_checkpoints,
         async_save=config.async_checkpointing))
