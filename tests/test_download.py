@@ -121,6 +121,45 @@ def test_the_mirror_is_tried_when_the_first_address_fails(mirror, tmp_path):
   assert len(requested) == 4
 
 
+@contextlib.contextmanager
+def _stalling_server():
+  """An address that answers, sends a little slowly, then stalls."""
+  class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+      pass
+
+    def do_GET(self):  # pylint: disable=invalid-name
+      self.send_response(200)
+      self.send_header("Content-Length", "100000")
+      self.end_headers()
+      for _ in range(6):
+        self.wfile.write(b"x" * 10)
+        self.wfile.flush()
+        time.sleep(0.3)
+      time.sleep(3)
+
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+  server.daemon_threads = True
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_address_that_answers_then_stalls_leaves_the_mirror_its_own_budget(mirror, tmp_path,
+                                                                              monkeypatch):
+  """The connect budget covered the first address's whole transfer: a slow first address left
+  the mirror 'not tried (no address answered ...)', though one had."""
+  _, url, requested = mirror
+  monkeypatch.setattr(download, "TIMEOUT_S", 0.5)
+  monkeypatch.setattr(download, "CONNECT_BUDGET_S", 1.0)
+  with _stalling_server() as slow:
+    download.fetch("fashion_mnist", str(tmp_path / "cache"), urls=(slow, url))
+  assert len(requested) == 4
+
+
 def test_unreachable_addresses_fail_fast_with_one_line(mirror, tmp_path):
   start = time.monotonic()
   with pytest.raises(UserError) as e:

@@ -231,6 +231,9 @@ def _download(name: str, filename: str, size: int, sha: str, urls, path: str) ->
       logging.info("downloading %s (%.1f MB) from %s", filename, size / 1e6, url)
       _download_one(url, size, sha, path, min(TIMEOUT_S, max(remaining, 1.0)))
       return
+    except _Answered as e:  # It answered, then failed: the next address gets a budget of its own.
+      failures.append(f"{url}: {_reason(e.__cause__ or e)}")
+      deadline = time.monotonic() + CONNECT_BUDGET_S
     except (OSError, urllib.error.URLError, ValueError) as e:
       failures.append(f"{url}: {_reason(e)}")
   raise UserError(f"could not download {name} ({filename}): {'; '.join(failures)}; "
@@ -251,27 +254,39 @@ def _resolve(url: str, timeout: float) -> None:
     pool.shutdown(wait=False)
 
 
+class _Answered(Exception):
+  """An address answered, then the transfer failed (a stall, a wrong file): its cause says how."""
+
+
 def _download_one(url: str, size: int, sha: str, path: str, timeout: float) -> None:
   request = urllib.request.Request(url, headers={"User-Agent": "fashion_jax"})
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
   try:
-    digest, received = hashlib.sha256(), 0
     with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
-      while block := response.read(_CHUNK):
-        received += len(block)
-        if received > size:
-          raise ValueError(f"more than the recorded {size} bytes")
-        digest.update(block)
-        out.write(block)
-    if received != size:
-      raise ValueError(f"{received} bytes, but tfds records {size}")
-    if digest.hexdigest() != sha:
-      raise ValueError(f"SHA-256 {digest.hexdigest()[:16]}... differs from the recorded "
-                       f"{sha[:16]}... (a damaged or altered file; not used)")
+      try:
+        _transfer(response, out, size, sha)
+      except (OSError, ValueError) as e:
+        raise _Answered() from e
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def _transfer(response, out, size: int, sha: str) -> None:
+  """Copies the response to `out`, checking its size and SHA-256 against the recorded ones."""
+  digest, received = hashlib.sha256(), 0
+  while block := response.read(_CHUNK):
+    received += len(block)
+    if received > size:
+      raise ValueError(f"more than the recorded {size} bytes")
+    digest.update(block)
+    out.write(block)
+  if received != size:
+    raise ValueError(f"{received} bytes, but tfds records {size}")
+  if digest.hexdigest() != sha:
+    raise ValueError(f"SHA-256 {digest.hexdigest()[:16]}... differs from the recorded "
+                     f"{sha[:16]}... (a damaged or altered file; not used)")
 
 
 def _reason(e: Exception) -> str:
