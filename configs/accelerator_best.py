@@ -16,7 +16,10 @@ for validation. Expected time, from XLA's FLOP count of this train step
 (21.7 GFLOP per training image, forward + backward, 36.5 M parameters; see
 BENCHMARKS.md "Recipes"): 55,000 images x 200 epochs x 21.7 GFLOP = 2.4e17
 FLOP, i.e. about 1 h on a TPU v5e-1 (197 TFLOP/s bf16) or a v2-8 (180) at an
-assumed 35% of peak, about 4 h on a Colab T4 GPU (65 TFLOP/s fp16, at 25%).
+assumed 35% of peak, about 2 h on a Colab L4 GPU (121 TFLOP/s bf16, at 25%). A T4
+has no bfloat16 tensor cores (bfloat16 runs at its 8.1 TFLOP/s float32 rate):
+about 33 h there, longer than a Colab session, so the notebook runs
+configs/cpu_best.py on a T4 or V100.
 On 2 CPU cores (~80 GFLOP/s achieved) it would take about a month; a shrunk
 version runs in the tests (tests/test_recipes.py).
 """

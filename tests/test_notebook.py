@@ -4,6 +4,8 @@ and with its runs in a Cloud Storage bucket (the emulator of tests/test_cloud.py
 import glob
 import json
 import os
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -47,7 +49,7 @@ def test_colab_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   assert "done: step 10" in default and "test accuracy" in default
   assert "done: step 10" in recipe
   (runs,) = glob.glob(str(tmp_path / "fashion_jax_notebook_*"))
-  with open(os.path.join(runs, "fj_recipe", "config.json")) as f:
+  with open(os.path.join(runs, "fj_cpu_best", "config.json")) as f:  # Each recipe its own workdir.
     assert json.load(f)["model"] == "cnn_bn"  # The CPU runtime's recipe: configs/cpu_best.py.
   assert "best:" in benchmark
   assert "event file(s)" in tensorboard and "tensorboard --logdir" in tensorboard
@@ -70,3 +72,55 @@ def test_colab_notebook_keeps_its_runs_in_a_bucket(emulator, tmp_path, monkeypat
   assert bucket.names("notebook/fj_default/checkpoints") == ["10"]
   (local,) = glob.glob(str(tmp_path / "fashion_jax_notebook_*"))
   assert not os.path.exists(os.path.join(local, "fj_default"))
+
+
+def _first_cell() -> str:
+  with open(NOTEBOOK, encoding="utf-8") as f:
+    return json.load(f)["cells"][1]["source"]
+
+
+_CHILD = """
+import signal, sys, time
+def stop(*_):
+  print('child: saving', flush=True)
+  time.sleep(1)
+  print('child: saved, exit 75', flush=True)
+  sys.exit(75)
+signal.signal(signal.SIGINT, stop)
+print('child: started', flush=True)
+while True:
+  time.sleep(0.05)
+"""
+
+
+def test_an_interrupted_cell_waits_for_the_command_to_save_and_shows_it(tmp_path):
+  """Colab's interrupt reaches the kernel and the training command alike: `sh` raised at once,
+  leaving the command saving in the background (a re-run found the run still busy) and its
+  'saved' lines unseen."""
+  driver = _first_cell() + f"""
+try:
+  sh(sys.executable, '-c', {_CHILD!r})
+except KeyboardInterrupt:
+  print('kernel: interrupted', flush=True)
+"""
+  proc = subprocess.Popen([sys.executable, "-u", "-c", driver], stdout=subprocess.PIPE, text=True,
+                          env=dict(os.environ, TMPDIR=str(tmp_path)), start_new_session=True)
+  assert proc.stdout.readline() == "child: started\n"
+  os.killpg(proc.pid, signal.SIGINT)  # The kernel's whole process group, as Colab's interrupt.
+  out, _ = proc.communicate(timeout=60)
+  assert out == "child: saving\nchild: saved, exit 75\nkernel: interrupted\n", out
+
+
+@pytest.mark.parametrize("repo, checkout", [
+    ("fashion_jax", "ROOT/fashion_jax"), ("https://github.com/me/fashion_jax", "ROOT/fashion_jax"),
+    ("git@github.com:me/fashion_jax.git", "ROOT/fashion_jax"), ("/abs/checkout", "/abs/checkout")])
+def test_the_checkout_does_not_depend_on_the_working_directory(tmp_path, repo, checkout):
+  """A relative REPO was looked up from the working directory, which the install cell changes to
+  the checkout: running that cell again installed from fashion_jax/fashion_jax."""
+  (tmp_path / "elsewhere").mkdir()
+  driver = _first_cell() + "\nprint(ROOT); print(CHECKOUT)"
+  out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, check=True,
+                       cwd=tmp_path / "elsewhere", timeout=60,
+                       env=dict(os.environ, TMPDIR=str(tmp_path), FASHION_JAX_REPO=repo)).stdout
+  root, got = out.split()
+  assert got == checkout.replace("ROOT", root)
