@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import jax
@@ -19,7 +20,7 @@ from fashion_jax.support.errors import UserError
 from fashion_jax.training import loop
 from fashion_jax.training import train
 from fashion_jax.training import workdir as workdir_lib
-from tests.conftest import assert_one_line_error, run_module, tensorboard_events
+from tests.conftest import ROOT, assert_one_line_error, run_module, tensorboard_events
 from tests.multidevice_check import final_state
 
 
@@ -379,6 +380,67 @@ def test_unreadable_latest_checkpoint_falls_back_and_is_kept(tiny_config, tmp_pa
   a, b = final_state(tiny_config, straight), final_state(tiny_config, damaged)
   jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
   assert result["eval_accuracy"] == _lines(straight)[-1]["eval_accuracy"]
+
+
+def _without_root_powers() -> list[str]:
+  """A command prefix under which file permissions apply, also to root (CI runs as root)."""
+  if os.geteuid() != 0:
+    return []
+  if shutil.which("setpriv") is None:
+    pytest.skip("running as root without setpriv: permissions cannot be made to apply")
+  return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+
+
+def _sizes(workdir) -> dict:
+  return {os.path.relpath(os.path.join(root, name), workdir): os.path.getsize(os.path.join(root, name))
+          for root, _, names in os.walk(workdir) for name in names if name != ".fashion_jax.lock"}
+
+
+@pytest.mark.parametrize("blocked", ["state", "state/d"])
+def test_a_checkpoint_it_may_not_read_is_an_error_that_moves_nothing(trained_tiny_workdir,
+                                                                     tmp_path, blocked):
+  """A `state` folder it may not read: Orbax reports it as a pytree structure error, taken for
+  damage; every checkpoint was moved aside and the run started over at step 0, exit 0."""
+  prefix = _without_root_powers()
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_tiny_workdir, workdir)
+  before = _sizes(workdir)
+  folder = workdir / "checkpoints" / "20" / blocked
+  os.chmod(folder, 0)
+  try:
+    proc = subprocess.run(
+        [*prefix, sys.executable, "-m", "fashion_jax.main", "--config=configs/tiny.py",
+         f"--workdir={workdir}", f"--config.idx_dir={os.path.dirname(trained_tiny_workdir)}/idx",
+         "--config.validation_size=32"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  finally:
+    os.chmod(folder, 0o755)
+  assert_one_line_error(proc, f"checkpoint {workdir}/checkpoints/20 could not be read on process 0 "
+                        "(", "check the storage")
+  assert "permission" in proc.stderr.lower()
+  assert _sizes(workdir) == before and not (workdir / "checkpoints_unreadable").exists()
+
+
+def test_a_damaged_checkpoint_that_cannot_be_moved_aside_is_one_line(trained_tiny_workdir,
+                                                                      tmp_path):
+  """Its folder read-only: shutil.move copied it, failed to delete it (two copies), traceback."""
+  prefix = _without_root_powers()
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_tiny_workdir, workdir)
+  (workdir / "checkpoints" / "20" / "meta" / "metadata").write_bytes(b"{")
+  os.chmod(workdir / "checkpoints" / "20", 0o555)
+  try:
+    proc = subprocess.run(
+        [*prefix, sys.executable, "-m", "fashion_jax.main", "--config=configs/tiny.py",
+         f"--workdir={workdir}", f"--config.idx_dir={os.path.dirname(trained_tiny_workdir)}/idx",
+         "--config.validation_size=32"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  finally:
+    os.chmod(workdir / "checkpoints" / "20", 0o755)
+  assert_one_line_error(proc, f"checkpoint {workdir}/checkpoints/20 is damaged, but it could not be "
+                        "moved aside", "(Permission denied); move or delete it")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20"]
+  assert not os.listdir(workdir / "checkpoints_unreadable")  # Its parent: made, left empty.
 
 
 def test_a_working_restore_keeps_what_libraries_print(monkeypatch, capsys):

@@ -163,6 +163,29 @@ def _check_fingerprint(where: str, stored: dict | None, wanted: dict | None) -> 
       + (f", or pass {flags}" if flags else " (or the data and length it was trained with)"))
 
 
+def _blocked(folder: str) -> str | None:
+  """What in a local checkpoint folder this process may not read (`PermissionError: ...`), or None.
+
+  Orbax reports an unreadable `state` folder as a pytree structure error (it swallows the
+  PermissionError and returns no metadata): damage, by its text. Moving it aside then lost the
+  run's progress over a permission, which moves nothing everywhere else.
+  """
+  if storage.is_url(folder):  # Cloud Storage says PERMISSION_DENIED: never damage.
+    return None
+  problems = []
+  for root, _, files in os.walk(folder, onerror=problems.append):
+    for name in files:
+      try:
+        with open(os.path.join(root, name), "rb"):
+          pass
+      except OSError as e:
+        problems.append(e)
+  for e in problems:
+    if isinstance(e, PermissionError):
+      return f"{type(e).__name__}: {e.strerror}: {e.filename}"
+  return None
+
+
 def _tree_paths(tree) -> set[str]:
   """Leaf paths as "a/b/0/c", the same for dataclass/NamedTuple trees and Orbax's dict metadata."""
   return {"/".join(re.findall(r"\w+", jax.tree_util.keystr(path)))
@@ -391,7 +414,8 @@ class Checkpointer:
       except UserError:
         raise
       except Exception as e:  # pylint: disable=broad-except  (classified just below)
-        outcome = (("damage: " if is_damage(e) else "error: ")
+        blocked = is_damage(e) and _blocked(storage.join(self.directory, str(step)))
+        outcome = (f"error: {blocked}" if blocked else ("damage: " if is_damage(e) else "error: ")
                    + f"{type(e).__name__}: {first_line(e)}")
       outcomes = multihost.gather(f"restore/{step}/{attempt}", outcome)
       errors = {i: o for i, o in outcomes.items() if o.startswith("error: ")}
@@ -415,7 +439,12 @@ class Checkpointer:
     source = storage.join(self.directory, str(step))
     target = storage.join(self.directory.rstrip("/") + "_unreadable", f"{step}.{int(time.time())}")
     if jax.process_index() == 0:
-      storage.move(source, target)
+      try:
+        storage.move(source, target)
+      except OSError as e:
+        raise UserError(f"checkpoint {source} is damaged, but it could not be moved aside to "
+                        f"{target} ({e.strerror or e}); move or delete it, then re-run to resume "
+                        "from the one before it") from e
     multihost.barrier(f"quarantine/{step}")  # Every process sees it gone before going on:
     storage.forget_listings(self.directory)  # not in a listing made before the move.
     self._manager.reload()

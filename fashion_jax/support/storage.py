@@ -11,6 +11,7 @@ copies then deletes.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -232,10 +233,19 @@ def remove_if_empty(path: str) -> None:
 
 
 def move(source: str, target: str) -> None:
-  """Moves the folder `source` to `target` (whose parent is created)."""
+  """Moves the folder `source` to `target` (whose parent is created).
+
+  Locally a rename: one that fails moves nothing (shutil.move's copy-then-delete fallback left
+  two copies where the folder could not be deleted); across file systems, copy then delete.
+  """
   if not is_url(source):
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.move(source, target)
+    try:
+      os.rename(source, target)
+    except OSError as e:
+      if e.errno != errno.EXDEV:
+        raise
+      shutil.move(source, target)
     return
   src = _epath(source)
   for item in files_under(source):
