@@ -884,6 +884,39 @@ def test_a_second_run_into_the_same_workdir_is_refused(tiny_config, tmp_path):
   assert (unlockable / "checkpoints" / "20").is_dir()
 
 
+def test_a_workdir_others_could_have_written_is_refused(tiny_config, tmp_path):
+  """A folder planted in /tmp (the README's /tmp/fj) with a checkpoint in it was resumed
+  silently; a FIFO for metrics.jsonl blocked the run beyond the reach of a signal; a planted
+  lock-file link made the lock truncate the file it points at."""
+  planted = tmp_path / "planted"
+  tiny_config.num_train_steps = 10
+  train.train_and_evaluate(tiny_config, str(planted))
+  if os.geteuid() == 0:  # Another user's folder: only root can make one here.
+    os.chown(planted, 65534, 65534)
+    with pytest.raises(UserError, match=rf"{planted} belongs to another user \(uid 65534\): a "
+                       r"run there would resume from checkpoints that user wrote"):
+      train.train_and_evaluate(tiny_config, str(planted))
+    os.chown(planted, 0, 0)
+  for path in (planted, planted / "checkpoints"):
+    mode = path.stat().st_mode
+    path.chmod(0o777)
+    with pytest.raises(UserError, match=rf"{path} is writable by every user: .*chmod o-w {path}"):
+      train.train_and_evaluate(tiny_config, str(planted))
+    path.chmod(mode)
+  (planted / "metrics.jsonl").unlink()
+  os.mkfifo(planted / "metrics.jsonl")
+  with pytest.raises(UserError, match=r"metrics.jsonl is not a regular file \(a folder or special"):
+    train.train_and_evaluate(tiny_config, str(planted))
+  (planted / "metrics.jsonl").unlink()
+  victim = tmp_path / "victim.txt"
+  victim.write_text("precious\n")
+  (planted / workdir_lib.LOCK_NAME).unlink()  # The last run's: lock files stay.
+  os.symlink(victim, planted / workdir_lib.LOCK_NAME)
+  tiny_config.num_train_steps = 20
+  train.train_and_evaluate(tiny_config, str(planted))  # Unlocked, with a warning.
+  assert victim.read_text() == "precious\n"
+
+
 @pytest.mark.parametrize("entry", ["checkpoints", "metrics.jsonl"])
 def test_an_earlier_runs_unwritable_files_are_refused_before_training(tiny_config, tmp_path,
                                                                       monkeypatch, entry):

@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 
 from absl import logging
 
@@ -18,10 +19,42 @@ from fashion_jax.support.errors import UserError
 LOCK_NAME = ".fashion_jax.lock"
 
 
+def refuse_others(workdir: str) -> None:
+  """Refuses a local --workdir (or its checkpoints/) that another user owns or that every user
+  may write: training resumes from the checkpoints it finds, so a folder planted in /tmp (the
+  README's /tmp/fj) was resumed silently. Refuses a config.json or metrics.jsonl that is no
+  regular file (a FIFO blocked the run, beyond the reach of a signal)."""
+  if storage.is_url(workdir):  # A bucket's access is its IAM policy.
+    return
+  for path in (workdir, os.path.join(workdir, "checkpoints")):
+    try:
+      info = os.stat(path)
+    except FileNotFoundError:
+      continue
+    if info.st_uid != os.getuid():
+      raise UserError(f"{path} belongs to another user (uid {info.st_uid}): a run there would "
+                      "resume from checkpoints that user wrote; use a --workdir of your own (or chown it)")
+    if info.st_mode & stat.S_IWOTH:
+      raise UserError(f"{path} is writable by every user: anyone could put a checkpoint there "
+                      f"that training would resume from; chmod o-w {path}, or use another "
+                      "--workdir")
+  for name in ("config.json", "metrics.jsonl"):  # (The lock file is opened without following.)
+    path = os.path.join(workdir, name)
+    try:
+      info = os.lstat(path)
+    except FileNotFoundError:
+      continue
+    if not stat.S_ISREG(info.st_mode):
+      what = "a link" if stat.S_ISLNK(info.st_mode) else "a folder or special file"
+      raise UserError(f"{path} is not a regular file ({what}); remove it, or use another "
+                      "--workdir")
+
+
 def refuse_foreign_or_unwritable(workdir: str) -> None:
   """Refuses a --workdir whose config.json or metrics.jsonl fashion_jax did not write (training
   there replaced the one and emptied the other), or whose folders or metrics file of an earlier
   run cannot be written (the first save failed after a 5-minute wait, with tracebacks)."""
+  refuse_others(workdir)
   path = storage.join(workdir, "config.json")
   if storage.exists(path):
     try:
@@ -59,7 +92,9 @@ def lock(workdir: str, is_lead: bool):
   if is_lead and not storage.is_url(workdir):
     path = os.path.join(workdir, LOCK_NAME)
     try:
-      handle = open(path, "a+", encoding="utf-8")
+      # Never through a link (refuse_others refused one; this closes the race after it).
+      handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 0o644), "r+", encoding="utf-8")
       fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
       handle.seek(0)
       handle.truncate()
