@@ -443,6 +443,31 @@ def test_a_damaged_checkpoint_that_cannot_be_moved_aside_is_one_line(trained_tin
   assert not os.listdir(workdir / "checkpoints_unreadable")  # Its parent: made, left empty.
 
 
+@pytest.mark.parametrize("damage", ["truncated", "unreadable"])
+def test_a_checkpoints_unreadable_saved_metrics_are_one_line(trained_tiny_workdir, tmp_path, damage):
+  """Orbax reads each step's metrics as it opens the folder: one damaged file was a traceback in
+  training and in predict, evaluate and export."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_tiny_workdir, workdir)
+  metrics = workdir / "checkpoints" / "20" / "metrics" / "metrics"
+  assert metrics.is_file()  # Saved: the tiny run has a validation split.
+  prefix = []
+  if damage == "truncated":
+    metrics.write_text(metrics.read_text()[:5])
+  else:
+    prefix = _without_root_powers()
+    metrics.chmod(0)
+  for command in (["fashion_jax.main", "--config=configs/tiny.py", "--config.validation_size=32",
+                   f"--config.idx_dir={os.path.dirname(trained_tiny_workdir)}/idx"],
+                  ["fashion_jax.evaluate"]):
+    proc = subprocess.run([*prefix, sys.executable, "-m", *command, f"--workdir={workdir}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert_one_line_error(proc, f"{metrics}, the saved evaluation of checkpoint 20, cannot be read "
+                          "(", "restore the file, or delete its metrics folder")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20"]
+
+
 def test_a_working_restore_keeps_what_libraries_print(monkeypatch, capsys):
   """Only a failed restore's output is dropped (its abandoned reads' tracebacks); a working one's
   (a library's warning) is written out after it."""

@@ -163,6 +163,28 @@ def _check_fingerprint(where: str, stored: dict | None, wanted: dict | None) -> 
       + (f", or pass {flags}" if flags else " (or the data and length it was trained with)"))
 
 
+def _unreadable_metrics(directory: str) -> UserError | None:
+  """Why Orbax could not open `directory`, where a step's saved metrics are unreadable: Orbax
+  reads each step's metrics/metrics as it opens the folder, and one damaged or unreadable file
+  was a traceback in training, predict, evaluate and export alike. Not moved aside: without
+  its metrics a checkpoint stops competing for "best" and goes when it is no longer among the
+  newest, so that is left for the user to decide."""
+  try:
+    files = [f for f in storage.files_under(directory) if f.endswith("/metrics/metrics")]
+  except Exception:  # pylint: disable=broad-except  (then the original error says it)
+    return None
+  for path in sorted(files):
+    try:
+      json.loads(storage.read_text(path))
+    except (OSError, ValueError) as e:
+      why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+      return UserError(f"{path}, the saved evaluation of checkpoint {path.split('/')[-3]}, cannot be "
+                       f"read ({why}); the checkpoint itself may be intact: restore the file, or "
+                       "delete its metrics folder (the checkpoint then no longer competes for "
+                       "best, and goes once it is not among the newest), and re-run")
+  return None
+
+
 def _blocked(folder: str) -> str | None:
   """What in a local checkpoint folder this process may not read (`PermissionError: ...`), or None.
 
@@ -264,8 +286,12 @@ class Checkpointer:
     for item, args in (("state", ocp.args.StandardSave), ("state", ocp.args.StandardRestore),
                        ("meta", ocp.args.JsonSave), ("meta", ocp.args.JsonRestore)):
       handlers.add(item, args)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          handler_registry=handlers)
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                            handler_registry=handlers)
+    except Exception as e:  # pylint: disable=broad-except  (explained below, else raised as is)
+      raise _unreadable_metrics(self.directory) or e
+
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
