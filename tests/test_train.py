@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -40,6 +41,27 @@ def _tensorboard_values(workdir) -> dict[str, list]:
       for value in event.summary.value:
         found.setdefault(value.tag, []).append(value.WhichOneof("value"))
   return found
+
+
+def test_tensorboard_shows_a_resumed_runs_steps_once(tiny_config, tmp_path):
+  """An attempt killed after logging past its last checkpoint: the resumed run logs those steps
+  again, and TensorBoard showed both (metrics.jsonl drops them). Read the way TensorBoard does:
+  file after file, a SessionLog START at step s dropping the earlier files' points from s on."""
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config, str(workdir))  # Checkpoints 10 and 20; points 5..20.
+  shutil.rmtree(workdir / "checkpoints" / "20")  # As if killed before saving step 20.
+  time.sleep(1.1)  # The event files' names hold the second they were made.
+  train.train_and_evaluate(tiny_config, str(workdir))  # Resumes from 10: logs 15 and 20 again.
+  folder = workdir / "tensorboard"
+  points = {}
+  for name in sorted(os.listdir(folder)):
+    for event in tensorboard_events((folder / name).read_bytes()):
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        points = {tag: [s for s in steps if s < event.step] for tag, steps in points.items()}
+      for value in event.summary.value:
+        points.setdefault(value.tag, []).append(event.step)
+  assert len(os.listdir(folder)) == 2
+  assert points["train_loss"] == [5, 10, 15, 20], points
 
 
 def test_train_writes_outputs_and_learns(tiny_config, tmp_path):

@@ -90,6 +90,7 @@ class MetricWriter:
     # (evaluation, checkpoint, the end), not at every line.
     self._pending = [] if storage.is_url(workdir) else None
     self._tb = None
+    self._purge_step = None  # Where a resumed run starts again (see truncate_after).
     # Imported now (~0.15 s: not inside the first interval's images/s); the writer, which
     # creates the event file, at the first value: a run refused before it writes anything
     # (a resume with another config) leaves no event file behind.
@@ -97,15 +98,19 @@ class MetricWriter:
 
   def _board(self):
     if self._tb is None:
-      self._tb = self._tb_class(self._tb_dir, flush_secs=30)
+      self._tb = self._tb_class(self._tb_dir, flush_secs=30, purge_step=self._purge_step)
     return self._tb
 
   def truncate_after(self, step: int) -> int:
     """Drops lines past `step` (written after the checkpoint a resumed run restarts from).
 
     The resumed run writes those steps again, so the file stays one clean
-    series. Returns the number of lines dropped.
+    series. Returns the number of lines dropped. TensorBoard drops them too: the event file
+    this run starts tells it to forget earlier files' points from step `step + 1` on (they were
+    shown twice, the interrupted attempt's and the resumed run's).
     """
+    if self.enabled and self._tb is None and storage.exists(self._tb_dir):
+      self._purge_step = step + 1
     if not self.enabled or not storage.exists(self.path):
       return 0
     lines = _read(self.path).splitlines(keepends=True)
