@@ -64,6 +64,36 @@ def test_tensorboard_shows_a_resumed_runs_steps_once(tiny_config, tmp_path):
   assert points["train_loss"] == [5, 10, 15, 20], points
 
 
+@pytest.mark.parametrize("full_for", ["x", "a"])  # config.json's write, metrics.jsonl's appends.
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tiny_config, tmp_path, monkeypatch,
+                                                               full_for):
+  """The free-space check runs before a save only: a disk that filled up between saves met the
+  metrics writer first, a traceback (exit 1) raised again on the way out."""
+  import builtins  # pylint: disable=import-outside-toplevel
+  import errno  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support import storage  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "run"
+  tiny_config.num_train_steps = 10
+  train.train_and_evaluate(tiny_config, str(workdir))
+  lines = (workdir / "metrics.jsonl").read_text()
+
+  def full(path, mode="r", *args, **kwargs):
+    if full_for in mode:
+      raise OSError(errno.ENOSPC, "No space left on device", path)
+    return builtins.open(path, mode, *args, **kwargs)
+
+  monkeypatch.setattr(storage, "open", full, raising=False)
+  tiny_config.num_train_steps = 20
+  with pytest.raises(UserError, match=rf"no space left where {workdir}/\S+ is written \(No space "
+                     r"left on device\); free some space .* resumes from the last checkpoint"):
+    train.train_and_evaluate(tiny_config, str(workdir))
+  monkeypatch.undo()
+  assert (workdir / "metrics.jsonl").read_text() == lines
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["10"]
+  train.train_and_evaluate(tiny_config, str(workdir))  # Space again: it resumes.
+  assert _lines(workdir)[-1]["step"] == 20
+
+
 def test_train_writes_outputs_and_learns(tiny_config, tmp_path):
   tiny_config.num_train_steps = 60
   tiny_config.eval_every_steps = 30

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+
+from absl import logging
 
 import fashion_jax
 from fashion_jax.support import storage
@@ -127,11 +130,22 @@ class MetricWriter:
     if self._pending is not None:
       self._pending.append(json.dumps(record) + "\n")
     else:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    for key, value in values.items():
-      if isinstance(value, (int, float)) and key not in ("epoch",):
-        self._board().add_scalar(key, value, step)
+      storage.append_text(self.path, json.dumps(record) + "\n")
+    with self._tensorboard_writes():
+      for key, value in values.items():
+        if isinstance(value, (int, float)) and key not in ("epoch",):
+          self._board().add_scalar(key, value, step)
+
+  @contextlib.contextmanager
+  def _tensorboard_writes(self):
+    """A full disk met by TensorBoard's writer: the one line, not its OSError's traceback."""
+    try:
+      yield
+    except OSError as e:
+      full = storage.out_of_space(self._tb_dir, e)
+      if full is None:
+        raise
+      raise full from e
 
   def write_image(self, step: int, tag: str, image) -> None:
     """An [H, W, 3] uint8 image (e.g. `prediction_grid`'s) as a TensorBoard image."""
@@ -143,18 +157,26 @@ class MetricWriter:
       storage.append_text(self.path, "".join(self._pending))
       self._pending.clear()
     if self._tb is not None:
-      self._tb.flush()
+      with self._tensorboard_writes():
+        self._tb.flush()
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, *_):
+    if exc_type is None:
+      self.close()
+      return
+    try:  # Already failing (e.g. the disk is full): that error is the one to report.
+      self.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("closing %s after an error failed too: %s", self.path, e)
 
   def close(self) -> None:
     self.flush()
     if self._tb is not None:
-      self._tb.close()
+      with self._tensorboard_writes():
+        self._tb.close()
 
 
 def prediction_grid(images, labels, probabilities, class_names, scale: int = 4):

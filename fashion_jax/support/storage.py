@@ -131,6 +131,18 @@ def _folder_in_the_way(path: str) -> UserError:
                    "another --workdir)")
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def out_of_space(path: str, e: OSError) -> UserError | None:
+  """The one line for a write that found the disk (or the user's quota) full, else None."""
+  if getattr(e, "errno", None) not in _FULL:
+    return None
+  return UserError(f"no space left where {path} is written ({e.strerror}); free some space (or "
+                   "use another --workdir) and re-run the same command: it resumes from the last "
+                   "checkpoint, which is intact")
+
+
 def write_text(path: str, text: str) -> None:
   write_bytes(path, text.encode())  # UTF-8.
 
@@ -147,9 +159,11 @@ def write_bytes(path: str, data: bytes) -> None:
     with open(tmp, "xb") as f:
       f.write(data)
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, OSError) and out_of_space(path, e):
+      raise out_of_space(path, e) from e
     raise
 
 
@@ -157,8 +171,14 @@ def append_text(path: str, text: str) -> None:
   if is_url(path):  # No append in Cloud Storage (gcsfs's "a" silently overwrites).
     write_text(path, (read_text(path) if exists(path) else "") + text)
     return
-  with open(path, "a") as f:
-    f.write(text)
+  try:
+    with open(path, "a") as f:
+      f.write(text)
+  except OSError as e:
+    full = out_of_space(path, e)
+    if full is None:
+      raise
+    raise full from e
 
 
 def ensure_writable_dir(path: str, flag: str) -> str:
