@@ -180,6 +180,14 @@ def validate(config: ml_collections.ConfigDict, serving: bool = False) -> None:
   choice("data_placement", loop.PLACEMENTS)
   if problems:
     raise UserError("; ".join(problems))
+  flips = [k for k in ("augment_flip", "eval_flip_tta") if config.get(k)]
+  if config.dataset == "mnist" and flips and not serving:
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.warning("config.dataset='mnist' with %s: mirrored digits are no digits any more (a 3 "
+                    "mirrors into an Ɛ); these recipes were made for garments, "
+                    "which mirror into themselves. Pass %s to turn the flips off",
+                    " and ".join(f"config.{k}=True" for k in flips),
+                    " ".join(f"--config.{k}=False" for k in flips))
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) -> int:

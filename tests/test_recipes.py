@@ -13,6 +13,7 @@ from fashion_jax.model import models, steps
 from fashion_jax.support.errors import UserError
 from fashion_jax.training import train
 from tests.multidevice_check import final_state
+from tests.conftest import ROOT
 
 
 # "wrn" is covered by test_accelerator_recipe_runs_shrunk_on_cpu, and "resnet" is the same
@@ -147,3 +148,15 @@ def test_validation_split_is_fixed_and_disjoint(tiny_config):
   assert rows(a_train) | rows(a_val) == rows(split)  # and none is lost.
   with pytest.raises(UserError, match="validation_size"):
     input_pipeline.hold_out(split, len(split))
+
+
+def test_flips_on_mnist_are_warned_about(caplog):
+  """configs/cpu_best.py with --config.dataset=mnist mirrored digits without a word."""
+  from fashion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "cpu_best.py"))
+  config_lib.validate(config)
+  assert "mirror" not in caplog.text  # Garments: no warning.
+  config.dataset = "mnist"
+  config_lib.validate(config)
+  assert ("--config.augment_flip=False --config.eval_flip_tta=False to turn the flips off"
+          in caplog.text)
