@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import json
 import logging as logging_std
 import os
 import re
@@ -27,6 +26,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from fashion_jax.support.errors import UserError
+from fashion_jax.support import checkpoint_checks
+from fashion_jax.support.checkpoint_checks import is_damage  # pylint: disable=unused-import
 from fashion_jax.support import faults
 from fashion_jax.support import multihost
 from fashion_jax.support import storage
@@ -135,79 +136,6 @@ def describe_state(model_name: str, state, fingerprint: dict | None = None) -> d
   return description
 
 
-# Fingerprint entries added after checkpoints had fingerprints: a checkpoint without one resumes.
-_LATER_ENTRIES = ("train_data",)
-# Entries no --config flag sets: the data and the run's length.
-_NOT_FLAGS = ("train_examples", "total_steps", "train_data")
-
-
-def _check_fingerprint(where: str, stored: dict | None, wanted: dict | None) -> None:
-  """A resume that would change the run's data order, schedule or model: UserError."""
-  if stored is None or wanted is None:  # Written before fingerprints existed, or serving.
-    return
-  wanted = {k: v for k, v in wanted.items() if k in stored or k not in _LATER_ENTRIES}
-  differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-  if not differ:
-    return
-  show = lambda d, k: json.dumps(d.get(k)) if k in d else "(none)"
-  was = ", ".join(f"{k}={show(stored, k)}" for k in differ)
-  now = ", ".join(f"{k}={show(wanted, k)}" for k in differ)
-  flags = " ".join(f"--config.{k}={show(stored, k)}" for k in differ if k not in _NOT_FLAGS)
-  data = (" (train_data: a digest of the train split in its order, which differs between "
-          "sources: tensorflow-datasets orders the examples unlike the IDX files; config.json's "
-          "_derived.data_source names the source it was trained from)"
-          if "train_data" in differ else "")
-  raise UserError(
-      f"checkpoint {where} was trained with {was}, but the config gives {now}{data}: resuming "
-      "would change the run's data order, schedule or model; use a new --workdir"
-      + (f", or pass {flags}" if flags else " (or the data and length it was trained with)"))
-
-
-def _unreadable_metrics(directory: str) -> UserError | None:
-  """Why Orbax could not open `directory`, where a step's saved metrics are unreadable: Orbax
-  reads each step's metrics/metrics as it opens the folder, and one damaged or unreadable file
-  was a traceback in training, predict, evaluate and export alike. Not moved aside: without
-  its metrics a checkpoint stops competing for "best" and goes when it is no longer among the
-  newest, so that is left for the user to decide."""
-  try:
-    files = [f for f in storage.files_under(directory) if f.endswith("/metrics/metrics")]
-  except Exception:  # pylint: disable=broad-except  (then the original error says it)
-    return None
-  for path in sorted(files):
-    try:
-      json.loads(storage.read_text(path))
-    except (OSError, ValueError) as e:
-      why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-      return UserError(f"{path}, the saved evaluation of checkpoint {path.split('/')[-3]}, cannot be "
-                       f"read ({why}); the checkpoint itself may be intact: restore the file, or "
-                       "delete its metrics folder (the checkpoint then no longer competes for "
-                       "best, and goes once it is not among the newest), and re-run")
-  return None
-
-
-def _blocked(folder: str) -> str | None:
-  """What in a local checkpoint folder this process may not read (`PermissionError: ...`), or None.
-
-  Orbax reports an unreadable `state` folder as a pytree structure error (it swallows the
-  PermissionError and returns no metadata): damage, by its text. Moving it aside then lost the
-  run's progress over a permission, which moves nothing everywhere else.
-  """
-  if storage.is_url(folder):  # Cloud Storage says PERMISSION_DENIED: never damage.
-    return None
-  problems = []
-  for root, _, files in os.walk(folder, onerror=problems.append):
-    for name in files:
-      try:
-        with open(os.path.join(root, name), "rb"):
-          pass
-      except OSError as e:
-        problems.append(e)
-  for e in problems:
-    if isinstance(e, PermissionError):
-      return f"{type(e).__name__}: {e.strerror}: {e.filename}"
-  return None
-
-
 def _tree_paths(tree) -> set[str]:
   """Leaf paths as "a/b/0/c", the same for dataclass/NamedTuple trees and Orbax's dict metadata."""
   return {"/".join(re.findall(r"\w+", jax.tree_util.keystr(path)))
@@ -215,40 +143,6 @@ def _tree_paths(tree) -> set[str]:
 
 
 BEST_METRIC = "val_accuracy"  # Of the held-out validation split (config.validation_size).
-
-# How tensorstore/Orbax report a checkpoint that is damaged for good (files truncated,
-# missing, or unparsable) -- and the status codes of a failure that may pass (storage
-# unavailable, quota, permissions), which never count as damage.
-_DAMAGE = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE", "INVALID_ARGUMENT", "FAILED_PRECONDITION",
-           "pytree structure", "Error reading", "Error opening", "corrupt", "truncat", "checksum")
-_TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED",
-              "ABORTED", "CANCELLED", "UNAUTHENTICATED")
-
-
-def _chain(error: BaseException) -> list[BaseException]:
-  """The error and what caused it (Orbax wraps tensorstore's errors in a plain Exception)."""
-  chain = []
-  while error is not None and error not in chain and len(chain) < 8:
-    chain.append(error)
-    error = error.__cause__ or error.__context__
-  return chain
-
-
-def is_damage(error: BaseException) -> bool:
-  """Whether a failed read means the checkpoint's files are damaged (not a passing I/O error)."""
-  damage = False
-  for link in _chain(error):
-    text = str(link)
-    if any(code in text for code in _TRANSIENT):
-      return False
-    if isinstance(link, (FileNotFoundError, json.JSONDecodeError, KeyError, EOFError)):
-      damage = True
-    elif isinstance(link, OSError):  # EIO, EACCES, ENOSPC, timeouts: the storage, not the files.
-      return False
-    elif isinstance(link, ValueError) and any(sign in text for sign in _DAMAGE):
-      damage = True
-  return damage
-
 
 class _NoMissingMetricWarning(logging_std.Filter):
   """Orbax's warning at each save without metrics once `best_fn` is set: here that is every
@@ -290,7 +184,7 @@ class Checkpointer:
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             handler_registry=handlers)
     except Exception as e:  # pylint: disable=broad-except  (explained below, else raised as is)
-      raise _unreadable_metrics(self.directory) or e
+      raise checkpoint_checks.unreadable_metrics(self.directory) or e
 
 
   def latest_step(self) -> int | None:
@@ -366,7 +260,7 @@ class Checkpointer:
           f"{stored.get('param_shapes', {}).get(first)} vs config "
           f"{description['param_shapes'].get(first)}); " +
           (fix if serving else f"{fix} or the config it was trained with"))
-    _check_fingerprint(where, stored.get("fingerprint"), description.get("fingerprint"))
+    checkpoint_checks.check_fingerprint(where, stored.get("fingerprint"), description.get("fingerprint"))
 
   def restore_weights(self, step: int, description: dict) -> dict:
     """What inference needs -- params, batch_stats and their EMAs -- onto the first local device.
@@ -440,7 +334,7 @@ class Checkpointer:
       except UserError:
         raise
       except Exception as e:  # pylint: disable=broad-except  (classified just below)
-        blocked = is_damage(e) and _blocked(storage.join(self.directory, str(step)))
+        blocked = is_damage(e) and checkpoint_checks.blocked(storage.join(self.directory, str(step)))
         outcome = (f"error: {blocked}" if blocked else ("damage: " if is_damage(e) else "error: ")
                    + f"{type(e).__name__}: {first_line(e)}")
       outcomes = multihost.gather(f"restore/{step}/{attempt}", outcome)
