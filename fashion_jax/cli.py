@@ -43,6 +43,9 @@ def parse_flags(argv):
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     if "has no attribute 'get_config'" in str(e):
       fail(_config_load_error(e))
+    if "Error whilst parsing config file" in str(e):  # ml_collections' text holds a traceback:
+      last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]  # its last line.
+      fail(_config_load_error(e, why=last[:200]))
     text = str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
     unknown = (re.search(r"'([\w.]+)'", text)
                if isinstance(e, (AttributeError, KeyError, flags.Error)) else None)
@@ -65,6 +68,8 @@ def parse_flags(argv):
       message = text.strip()
     program = os.path.basename(sys.argv[0]) if sys.argv else "fashion_jax"
     fail(f"{message}\nRun with --helpfull for the flags of {program}.")
+  except Exception as e:  # pylint: disable=broad-except  (a config file's get_config failed)
+    fail(_config_load_error(e))
   if "config" in FLAGS and FLAGS["config"].value is not None:
     try:  # ml_collections defers a config file it could not read to the first attribute read.
       config = FLAGS.config
@@ -81,11 +86,13 @@ def parse_flags(argv):
   return rest
 
 
-def _config_load_error(e: BaseException) -> str:
+def _config_load_error(e: BaseException, why: str | None = None) -> str:
   """One line for a --config file that was read but is not a config: not Python (a run's
-  config.json, a typo), no get_config(), or its code failed."""
+  config.json, a typo), no get_config(), or its code failed (`why`: how, where known)."""
   path = _config_argument()
-  if "has no attribute 'get_config'" in str(e):
+  if why:
+    pass
+  elif "has no attribute 'get_config'" in str(e):
     why = "it defines no get_config()"
   else:
     first = (str(e).strip().splitlines() or [""])[0][:200]

@@ -40,12 +40,12 @@ def main(argv):
   from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
   from fashion_jax.training import stops, train  # pylint: disable=g-import-not-at-top
 
-  if FLAGS.config.deterministic:  # Read when the backend starts, i.e. below.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_gpu_deterministic_ops=true").strip()
   with contextlib.ExitStack() as held:
     try:
       config_lib.validate(FLAGS.config)
+      if FLAGS.config.deterministic:  # Read when the backend starts, i.e. below.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_gpu_deterministic_ops=true").strip()
       backends.request(FLAGS.config.backend)
       parallel.initialize_distributed(FLAGS.config)
       # Joined: a signal from here on stops training at its first boundary (see stops.py).

@@ -160,3 +160,25 @@ def test_flips_on_mnist_are_warned_about(caplog):
   config_lib.validate(config)
   assert ("--config.augment_flip=False --config.eval_flip_tta=False to turn the flips off"
           in caplog.text)
+
+
+def test_settings_that_do_nothing_or_harm_are_warned_about(caplog):
+  from fashion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "default.py"))
+  config.eval_flip_tta = True  # Without flips in training: 89.4 -> 77.9 % measured.
+  config_lib.validate(config)
+  assert "eval_flip_tta=True without config.augment_flip" in caplog.text
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "cpu_best.py"))
+  config.warmup_steps = 15
+  config_lib.validate(config)
+  assert "config.warmup_steps=15 does nothing with lr_schedule='onecycle'" in caplog.text
+
+
+def test_warmup_steps_under_onecycle_do_not_block_a_resume():
+  """onecycle ignores warmup_steps (its warm-up is its own), yet changing it refused a resume."""
+  from fashion_jax.support import checkpoint_checks  # pylint: disable=import-outside-toplevel
+  stored = {"lr_schedule": "onecycle", "warmup_steps": 0, "seed": 0}
+  checkpoint_checks.check_fingerprint("10", stored, {**stored, "warmup_steps": 15})
+  with pytest.raises(UserError, match="warmup_steps"):  # It matters to the other schedules.
+    checkpoint_checks.check_fingerprint("10", {**stored, "lr_schedule": "cosine"},
+                                        {**stored, "lr_schedule": "cosine", "warmup_steps": 15})

@@ -308,7 +308,14 @@ def test_cli_errors_are_one_line_and_nonzero(idx_dir, tmp_path):
                           "  return config_lib.load_sibling(__file__, 'default')\n")
   not_configs = {"config.json": '{"batch_size": 8, "nested": true}\n',  # A run's record.
                  "syntax.py": "def get_config(:\n", "noget.py": "x = 1\n",
-                 "dict.py": "def get_config():\n  return {'batch_size': 8}\n"}
+                 "dict.py": "def get_config():\n  return {'batch_size': 8}\n",
+                 "raises.py": "def get_config():\n  raise RuntimeError('boom')\n",
+                 "clash.py": "from fashion_jax import default_config\n\n\ndef get_config():\n"
+                             "  c = default_config.get_config()\n  c.batch_size = 16.0\n  return c\n",
+                 "partial.py": "import ml_collections\n\n\ndef get_config():\n"
+                               "  c = ml_collections.ConfigDict()\n  c.batch_size = 8\n  return c\n",
+                 "typo.py": "from fashion_jax import default_config\n\n\ndef get_config():\n"
+                            "  c = default_config.get_config()\n  c.lerning_rate = 0.5\n  return c\n"}
   for name, text in not_configs.items():
     (tmp_path / name).write_text(text)
   for args, message in [
@@ -326,6 +333,16 @@ def test_cli_errors_are_one_line_and_nonzero(idx_dir, tmp_path):
                                                                       "get_config())"),
       ([f"--config={tmp_path / 'dict.py'}"], "(TypeError: get_config() returned a dict, not an "
                                              "ml_collections.ConfigDict)"),
+      # Its code failing: a traceback (exit 1), or one 1,000-character line holding one.
+      ([f"--config={tmp_path / 'raises.py'}"], "raises.py did not load as a config (RuntimeError: "
+                                               "boom); pass a Python file"),
+      ([f"--config={tmp_path / 'clash.py'}"], "clash.py did not load as a config (TypeError: Could "
+                                              "not override field 'batch_size'"),
+      (["--config=configs/tiny.py:foo"], "(TypeError: get_config() takes 0 positional arguments"),
+      # Keys: one lacking was an AttributeError traceback; a mistyped one trained at the default.
+      ([f"--config={tmp_path / 'partial.py'}"], "the config lacks async_checkpointing, "),
+      ([f"--config={tmp_path / 'typo.py'}"], "config.lerning_rate is no setting of fashion_jax "
+                                             "(did you mean config.learning_rate?)"),
       (["--config=configs/nope.py"], "--config=configs/nope.py: cannot read the config file (No "
                                      "such file or directory; a relative path is read from "),
       # An override makes ml_collections read the file while parsing (a traceback before).
@@ -595,6 +612,8 @@ def test_nonfinite_loss_stops_with_the_step_named(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, str(tmp_path / "stop"))
   # Before the first checkpoint (step 10) there is none to name: not "at step None".
   assert "no last good checkpoint yet" in str(e.value) and "None" not in str(e.value)
+  # A lower rate in this workdir is refused (its checkpoints are of this rate): not advised.
+  assert "lower --config.learning_rate in a new --workdir" in str(e.value)
 
 
 def test_nonfinite_steps_can_be_skipped(tiny_config, tmp_path):
@@ -603,6 +622,11 @@ def test_nonfinite_steps_can_be_skipped(tiny_config, tmp_path):
   workdir = str(tmp_path / "skip")
   train.train_and_evaluate(tiny_config, workdir)
   assert sum(l.get("train_skipped_steps", 0) for l in _lines(workdir)) > 0
+  # An interval with every step skipped trained nothing: it read loss 0.0 and accuracy 0 %.
+  whole = [l for l in _lines(workdir) if l.get("train_skipped_steps") == tiny_config.log_every_steps]
+  assert whole and all(l["train_loss"] is None and l["train_accuracy"] is None for l in whole)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:  # Strict JSON: no NaN (jq, JSON.parse).
+    assert "NaN" not in f.read()
   state = final_state(tiny_config, workdir)
   assert int(state.step) == 20  # Skipped steps still count: the data order is unchanged.
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
@@ -800,11 +824,11 @@ def test_resume_from_another_order_of_the_same_examples_is_refused(tiny_config, 
 
 
 def test_a_checkpoint_from_before_the_data_digest_resumes():
-  from fashion_jax.support import checkpointing  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support import checkpoint_checks  # pylint: disable=import-outside-toplevel
   old = {"seed": 0, "train_examples": 256}
-  checkpointing._check_fingerprint("10", old, {**old, "train_data": "0123456789abcdef"})
+  checkpoint_checks.check_fingerprint("10", old, {**old, "train_data": "0123456789abcdef"})
   with pytest.raises(UserError, match="train_data"):
-    checkpointing._check_fingerprint("10", {**old, "train_data": "0" * 16},
+    checkpoint_checks.check_fingerprint("10", {**old, "train_data": "0" * 16},
                                      {**old, "train_data": "0123456789abcdef"})
 
 

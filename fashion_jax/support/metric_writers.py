@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 
 from absl import logging
@@ -127,6 +128,8 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {"step": int(step), **values, "wall_time_s": round(fashion_jax.seconds_since_start(), 3)}
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v  # JSON has no NaN:
+              for k, v in record.items()}  # Python wrote it, JSON.parse and jq refuse it.
     if self._pending is not None:
       self._pending.append(json.dumps(record) + "\n")
     else:

@@ -45,9 +45,11 @@ def _write_config(workdir: str, config: ml_collections.ConfigDict, derived: dict
 
 
 def _summarize(sums: dict, prefix: str) -> dict:
-  count = max(float(sums["count"]), 1.0)
-  return {f"{prefix}_loss": float(sums["loss_sum"]) / count,
-          f"{prefix}_accuracy": float(sums["correct"]) / count}
+  """Mean loss and accuracy; None where no example counted (an interval whose every step was
+  skipped as non-finite: it read loss 0.0, a perfect-looking loss where nothing trained)."""
+  count = float(sums["count"])
+  return {f"{prefix}_loss": float(sums["loss_sum"]) / count if count else None,
+          f"{prefix}_accuracy": float(sums["correct"]) / count if count else None}
 
 
 class Evaluator:
@@ -99,31 +101,6 @@ class SamplePredictions:
     probabilities = np.asarray(self._apply(variables, self.images))
     return metric_writers.prediction_grid(self.images, self.labels, probabilities,
                                           self.class_names)
-
-
-# What fixes a run's data order, learning-rate schedule, update rule and model: a resume
-# that would change any of them is refused (keys that change nothing -- logging, eval and
-# checkpoint intervals, op formulations, placement, parallelism -- may change).
-FINGERPRINT_KEYS = (
-    "dataset", "seed", "batch_size", "validation_size", "augment_translate", "augment_flip",
-    "random_erasing", "model", "model_kwargs", "compute_dtype", "optimizer", "learning_rate",
-    "lr_schedule", "warmup_steps", "weight_decay", "momentum", "label_smoothing", "ema_decay")
-
-
-def fingerprint(config: ml_collections.ConfigDict, train_examples: int, total_steps: int,
-                train_data: str | None = None) -> dict:
-  """The values of FINGERPRINT_KEYS, the train split's size, the total steps where the
-  schedule depends on them (cosine/onecycle, or a warmup longer than the run), and the digest
-  of the train split in its order (`input_pipeline.digest`: another source's order is another
-  run's data order and validation set)."""
-  values = {key: config[key].to_dict() if isinstance(config[key], ml_collections.ConfigDict)
-            else config[key] for key in FINGERPRINT_KEYS}
-  values["train_examples"] = train_examples
-  if train_data is not None:
-    values["train_data"] = train_data
-  if config.lr_schedule != "constant" or config.warmup_steps >= total_steps:
-    values["total_steps"] = total_steps
-  return json.loads(json.dumps(values))  # As the checkpoint's JSON gives it back.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +285,8 @@ class TrainLog:
         raise UserError(
             f"training diverged: non-finite loss or gradients at step "
             f"{int(sums['first_nonfinite_step'])} (that update was not applied); {good}; lower "
-            "--config.learning_rate, or pass --config.on_nonfinite=skip to skip such batches")
+            "--config.learning_rate in a new --workdir (this one's checkpoints are of this "
+            "rate), or pass --config.on_nonfinite=skip to skip such batches")
       if skipped:
         with self.bar.external_write():
           logging.warning("skipped %d step(s) with non-finite loss or gradients, the first "
@@ -320,14 +298,14 @@ class TrainLog:
       if math.isfinite(rate):
         line["train_images_per_sec"] = rate
       self.writer.write(line_step, line)
-      self.bar.set_postfix(loss=f"{train['train_loss']:.4f}",
-                           acc=f"{100 * train['train_accuracy']:.2f}%")
+      loss, accuracy = ("-", "-") if train["train_loss"] is None else (
+          f"{train['train_loss']:.4f}", f"{100 * train['train_accuracy']:.2f}%")
+      self.bar.set_postfix(loss=loss, acc=accuracy)
       if not self.bar.enabled:  # The bar shows the same (and metrics.jsonl has it all).
         remaining = ((run.total_steps - line_step) * config.batch_size / rate
                      if math.isfinite(rate) else float("nan"))
-        logging.info("train step %d/%d epoch %.2f | loss %.4f accuracy %.2f%% | %s img/s | "
-                     "eta %s", line_step, run.total_steps, line_step / run.steps_per_epoch,
-                     train["train_loss"], 100 * train["train_accuracy"],
+        logging.info("train step %d/%d epoch %.2f | loss %s accuracy %s | %s img/s | eta %s",
+                     line_step, run.total_steps, line_step / run.steps_per_epoch, loss, accuracy,
                      f"{rate:,.0f}" if math.isfinite(rate) else "-", _fmt_seconds(remaining))
 
 
@@ -361,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     tx = steps.create_optimizer(config, total_steps)
     init_state = steps.create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
     description = checkpointing.describe_state(
-        config.model, init_state, fingerprint(config, run.train_examples, total_steps, run.train_data))
+        config.model, init_state, config_lib.fingerprint(config, run.train_examples, total_steps, run.train_data))
     checkpointer = cleanup.enter_context(checkpointing.Checkpointer(
         storage.join(run.workdir, "checkpoints"), keep=config.keep_checkpoints,
         async_save=config.async_checkpointing))
