@@ -14,7 +14,7 @@ from ml_collections import config_flags
 
 from fashion_jax.support import backends
 from fashion_jax.support import storage
-from fashion_jax.support.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, UserError
+from fashion_jax.support.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, INTERRUPTED, UserError
 
 FLAGS = flags.FLAGS
 
@@ -149,8 +149,6 @@ def _config_file_error(e: OSError) -> str:
           "--config=configs/default.py")
 
 
-INTERRUPTED = ("interrupted before it finished; what it had saved stays (a training run resumes "
-               "from its latest checkpoint when re-run)")
 
 
 @contextlib.contextmanager

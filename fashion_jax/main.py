@@ -11,9 +11,30 @@ workdir): the one-line message says what to fix; 75 stopped by SIGTERM/SIGINT
 agreed on: re-run the same command to resume; 1 an unexpected crash (traceback).
 """
 
-import contextlib
 import os
+import signal
 import sys
+
+from fashion_jax.support import errors
+
+
+def _end_now(signum, frame):
+  """Ctrl-C before training holds its signals (stops.StopRequest, which restores this after):
+  as a KeyboardInterrupt it met JAX's import and its gc callback, which swallowed it (the run
+  trained on to exit 0), turned it into an ImportError (exit 1) or aborted (134). Nothing is
+  saved yet, so it ends at once with the one line."""
+  del signum, frame
+  sys.stdout.flush()
+  sys.stderr.write(f"fashion_jax: error: {errors.INTERRUPTED}\n")
+  sys.stderr.flush()
+  os._exit(errors.EXIT_INTERRUPTED)  # pylint: disable=protected-access
+
+
+if __name__ == "__main__":  # First: the imports below take a second or more.
+  signal.signal(signal.SIGINT, _end_now)
+
+# pylint: disable=wrong-import-position
+import contextlib
 
 from absl import flags
 from absl import logging

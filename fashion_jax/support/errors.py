@@ -5,6 +5,8 @@ import importlib.util
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program Ctrl-C ended.
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of the output left (`predict ... | head`).
+INTERRUPTED = ("interrupted before it finished; what it had saved stays (a training run resumes "
+               "from its latest checkpoint when re-run)")
 
 
 class UserError(Exception):

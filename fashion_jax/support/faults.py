@@ -4,7 +4,8 @@ Inactive unless FASHION_JAX_KILL_AT is set, e.g. "step:15" (right after step 15
 is dispatched, while it runs) or "save:20" (right after the save of step 20 has
 started writing in the background). Used by tests/test_faults.py to prove that
 a run killed anywhere resumes to a bitwise-identical result. FASHION_JAX_SIGNAL_AT=POINT sends
-SIGTERM at `maybe_signal(POINT)` instead (a preemption notice at that moment).
+SIGTERM (or POINT:SIGINT's signal) at `maybe_signal(POINT)` instead (a preemption notice at
+that moment; "stop_save": a second signal while the stop checkpoint is being written).
 FASHION_JAX_DISK_FULL=I makes process I's free-disk check before a save find none.
 """
 
@@ -24,9 +25,11 @@ def maybe_kill(point: str, step: int, last: int | None = None) -> None:
 
 
 def maybe_signal(point: str) -> None:
-  """Sends this process SIGTERM at `point` where FASHION_JAX_SIGNAL_AT names it."""
-  if os.environ.get("FASHION_JAX_SIGNAL_AT", "") == point:
-    os.kill(os.getpid(), signal.SIGTERM)
+  """Sends this process SIGTERM at `point` where FASHION_JAX_SIGNAL_AT names it
+  ("POINT", or "POINT:SIGINT" for another signal)."""
+  name, _, signame = os.environ.get("FASHION_JAX_SIGNAL_AT", "").partition(":")
+  if name == point:
+    os.kill(os.getpid(), getattr(signal, signame or "SIGTERM"))
 
 
 def disk_full() -> bool:

@@ -411,6 +411,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
         last_eval = results.get("eval", last_eval)
         if stopping:
           save(step, results)  # With this step's evaluation, if one ran: it competes for best.
+          faults.maybe_signal("stop_save")  # Tests: a second signal while it is written.
           checkpointer.wait()  # Durable before the process exits.
           raise stops.Preempted(f"stopped by {stopping} at step {step}; checkpoint saved in "
                                 f"{checkpointer.directory}; re-run the same command to resume")
