@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,12 +40,20 @@ def _run(args, log_path, timeout, env=None):
   """Runs `python args...` from the repository root; (exit status or 'timeout', seconds)."""
   start = time.monotonic()
   with open(log_path, "w") as log:
+    # In a session of its own: a stage out of time goes with everything it started (a compiler
+    # building the native kernels outlived it, competing with the stages timed after it).
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            start_new_session=True)
     try:
-      proc = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})}, timeout=max(timeout, 1))
-      status = proc.returncode
+      status = proc.wait(timeout=max(timeout, 1))
     except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
       status = "timeout"
+    except BaseException:  # Interrupted: the stage goes too.
+      os.killpg(proc.pid, signal.SIGKILL)
+      raise
   return status, time.monotonic() - start
 
 

@@ -22,6 +22,8 @@ usage="usage: launch/accelerator_check.sh IDX_DIR [OUTPUT.json] [--allow_cpu]"
 positional=() options=()  # Options may come anywhere (`IDX_DIR --allow_cpu` had written to a file of that name).
 for arg in "$@"; do
   case $arg in
+    # Paths from where you run it, as the positional ones (the script changes folder below).
+    --output=* | --idx_dir=*) options+=("${arg%%=*}=$(realpath -m -- "${arg#*=}")") ;;
     --*) options+=("$arg") ;;
     *) positional+=("$arg") ;;
   esac
@@ -31,7 +33,9 @@ done
 idx_dir=$(realpath -m -- "${positional[0]}")
 output=$(realpath -m -- "${positional[1]:-accelerator_check.json}")
 python=${PYTHON:-python3}
-[[ $python != */* ]] || python=$(realpath -m -- "$python")
+# Absolute, links kept: a venv's bin/python is a link to the base interpreter, and following it
+# dropped the venv (its JAX, and WHEELS's install target) silently.
+[[ $python != */* ]] || python=$(realpath -ms -- "$python")
 command -v "$python" >/dev/null || usage_error "PYTHON=$python: no such command"
 if [ -n "${WHEELS:-}" ]; then
   wheels=$(realpath -m -- "$WHEELS")
@@ -39,8 +43,11 @@ if [ -n "${WHEELS:-}" ]; then
   unsafe=$(find "$wheels" -maxdepth 1 \( ! -user "$(id -u)" -o -perm /022 \) -print -quit)
   [ -z "$unsafe" ] || usage_error "WHEELS: $unsafe is not yours alone (another user owns it or \
 can write to it); copy the wheels into a folder of your own (chmod go-w)"
-  "$python" -m pip install --quiet --no-index --no-deps --find-links "$wheels" \
-    ml-collections tensorboardX
+  # Only that folder: pip merges find-links from PIP_FIND_LINKS and pip.conf files (a folder
+  # anyone can write would win with a higher version); --isolated drops the variables,
+  # PIP_CONFIG_FILE=/dev/null every configuration file.
+  PIP_CONFIG_FILE=/dev/null "$python" -m pip --isolated install --quiet --no-index --no-deps \
+    --find-links "$wheels" ml-collections tensorboardX
 fi
 "$python" -c "import jax, flax, optax, orbax.checkpoint, ml_collections, tensorboardX" || {
   echo "accelerator_check: error: a package is missing (above); install it, or pass WHEELS=FOLDER" >&2

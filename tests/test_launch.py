@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -134,3 +135,48 @@ def test_accelerator_check_refuses_bad_input_with_exit_2(tmp_path, idx_dir):
   assert not (tmp_path / "--allow_cpu").exists()
   assert json.loads((tmp_path / "out.json").read_text())["stages"]["devices"]["backend"] == "cpu"
   assert not list((tmp_path / "tmp").iterdir())
+
+
+def _wheel(folder, name: str, version: str) -> None:
+  """A minimal pure-Python wheel of `name` (its module records the version it came from)."""
+  import zipfile  # pylint: disable=import-outside-toplevel
+  module = dist = name.replace("-", "_")
+  info = f"{dist}-{version}.dist-info"
+  files = {f"{module}/__init__.py": f"VERSION = {version!r}\n",
+           f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+           f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                            "Tag: py3-none-any\n"}
+  files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in files) + f"{info}/RECORD,,\n"
+  with zipfile.ZipFile(os.path.join(folder, f"{dist}-{version}-py3-none-any.whl"), "w") as z:
+    for path, text in files.items():
+      z.writestr(path, text)
+
+
+def test_accelerator_check_keeps_a_venv_its_wheels_and_relative_options(tmp_path, idx_dir):
+  """PYTHON=venv/bin/python was followed to the base interpreter (a link), dropping the venv
+  silently; pip took find-links from PIP_FIND_LINKS / pip.conf too, so a folder anyone can write
+  won with a higher version over WHEELS; --output=rel.json was written in the repository root."""
+  subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True, timeout=240)
+  mine, evil = tmp_path / "mine", tmp_path / "evil"
+  for folder, version in ((mine, "1.0"), (evil, "99.0")):
+    folder.mkdir()
+    os.chmod(folder, 0o755 if folder == mine else 0o777)
+    for name in ("ml-collections", "tensorboardX"):
+      _wheel(folder, name, version)
+  script = os.path.join(ROOT, "launch", "accelerator_check.sh")
+  proc = subprocess.run(
+      ["bash", script, idx_dir, "--output=rel.json"], cwd=tmp_path, capture_output=True,
+      text=True, timeout=240, env=dict(os.environ, PYTHON="venv/bin/python", WHEELS=str(mine),
+                                       PIP_FIND_LINKS=str(evil), JAX_PLATFORMS="cpu"))
+  # The venv has no JAX: the check says so (it had measured the base interpreter's).
+  assert proc.returncode == 2 and "a package is missing" in proc.stderr, proc.stderr[-2000:]
+  version = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-c",
+                            "import ml_collections, tensorboardX; "
+                            "print(ml_collections.VERSION, tensorboardX.VERSION)"],
+                           capture_output=True, text=True, check=True).stdout.split()
+  assert version == ["1.0", "1.0"]
+  proc = subprocess.run(["bash", script, idx_dir, "--output=rel.json"], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=240,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2 and "JAX found no GPU or TPU" in proc.stderr, proc.stderr[-2000:]
+  assert (tmp_path / "rel.json").is_file() and not os.path.exists(os.path.join(ROOT, "rel.json"))
