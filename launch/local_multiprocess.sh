@@ -10,9 +10,12 @@
 # WORKDIR: a local folder, or a Cloud Storage one (gs://bucket/run, as on a TPU pod) with
 # FASHION_JAX_LOG_DIR set. Each process logs to WORKDIR/process_<i>.log, or where set to
 # FASHION_JAX_LOG_DIR/process_<i>.log (a local folder). If any process fails, the others are stopped
-# and the script exits with that process's status (2: fix the input its one-line error names;
-# 1: a crash); if the job was stopped by a signal (to this script or to any one process) it
-# exits 75 once every process has saved; bad arguments to this script exit 2.
+# (SIGTERM, then SIGKILL after GRACE_S seconds, default 30: a process waiting in a collective for
+# one that died would wait for JAX's heartbeat timeout) and the script exits with that process's
+# status (2: fix the input its one-line error names; 1: a crash); if the job was stopped by a
+# signal (INT, TERM or HUP to this script, or any signal to one process) it exits 75 once every
+# process has saved, or 130/143 where the signal came before training held it (nothing saved
+# yet); bad arguments to this script exit 2. Needs bash 5.1 or later (wait -p).
 # Runs $PYTHON (default: python3 from PATH), e.g. PYTHON=.venv/bin/python.
 set -uo pipefail
 set -m  # Each process in its own process group: a Ctrl-C reaches this script only, which forwards
@@ -23,9 +26,14 @@ usage_error() {
   exit 2
 }
 if [ $# -lt 3 ]; then
-  sed -n '2,16p' "$0" >&2
+  sed -n '2,19p' "$0" >&2
   exit 2
 fi
+# `wait -p` (bash 5.1): without it the loop below found no finished process, forever.
+(( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 501 )) ||
+  usage_error "needs bash 5.1 or later (this is $BASH_VERSION); run it with a newer bash"
+grace=${GRACE_S:-30}
+[[ $grace =~ ^[0-9]+$ ]] || usage_error "GRACE_S=$grace is not a whole number of seconds"
 num_processes=$1 devices=$2 workdir=$3
 shift 3
 [[ $num_processes =~ ^[1-9][0-9]{0,3}$ ]] ||
@@ -62,8 +70,9 @@ declare -A index_of  # pid -> process index, to name the failed process's log.
 cleanup() { kill "${pids[@]}" 2>/dev/null; }
 # A signal to this script goes to every process: they stop at one agreed step, save there,
 # and exit 75 ("preempted: re-run to resume"), which this script then returns too.
-trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
-trap 'kill -INT "${pids[@]}" 2>/dev/null' INT
+signalled=0
+trap 'signalled=1; kill -TERM "${pids[@]}" 2>/dev/null' TERM HUP  # HUP: the terminal closed.
+trap 'signalled=1; kill -INT "${pids[@]}" 2>/dev/null' INT
 
 for ((i = 0; i < num_processes; i++)); do
   JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES=$devices \
@@ -74,19 +83,35 @@ for ((i = 0; i < num_processes; i++)); do
   pids+=($!)
   index_of[$!]=$i
 done
+set +m  # Started in their own groups; no job-control notices ("Terminated ...") from here on.
 echo "started $num_processes processes (coordinator localhost:$port); logs in $logs/process_*.log"
 
 status=0 running=("${pids[@]}")
 while [ ${#running[@]} -gt 0 ]; do
   finished=""
-  wait -n -p finished "${running[@]}"
+  wait -n -p finished "${running[@]}" 2>/dev/null
   rc=$?
-  [ -z "${finished:-}" ] && continue  # Interrupted by a forwarded signal: keep waiting.
+  if [ -z "${finished:-}" ]; then
+    [ $rc -eq 127 ] || continue  # Interrupted by a forwarded signal: keep waiting.
+    # 127, "no such job": a process that ended while a trap ran left the job table (it looped
+    # here for ever); `wait PID` still has its status.
+    for pid in "${running[@]}"; do
+      if ! kill -0 "$pid" 2>/dev/null; then
+        finished=$pid
+        wait "$pid" 2>/dev/null
+        rc=$?
+        break
+      fi
+    done
+    [ -n "$finished" ] || continue
+  fi
   left=()
   for pid in "${running[@]}"; do [ "$pid" != "$finished" ] && left+=("$pid"); done
   running=("${left[@]}")
   if [ $rc -eq 75 ]; then
     status=75  # Preempted: the others stop at the same step; let them finish saving.
+  elif [ $signalled = 1 ] && { [ $rc -eq 130 ] || [ $rc -eq 143 ]; }; then
+    status=$rc  # The signal this script passed on came before training held it: nothing to save.
   elif [ $rc -ne 0 ]; then
     status=$rc  # The first failure's own status (2: bad input, 1: a crash); the rest are stopped.
     failed_log="$logs/process_${index_of[$finished]}.log"
@@ -95,13 +120,24 @@ while [ ${#running[@]} -gt 0 ]; do
     break
   fi
 done
-wait 2>/dev/null
+# Every process reaped before this script ends (a signal interrupts `wait`: it had returned with
+# processes still saving, orphaned); after a failure, SIGKILL for those still there after GRACE_S.
+deadline=$((SECONDS + grace))
+for pid in "${pids[@]}"; do
+  while kill -0 "$pid" 2>/dev/null; do
+    if [ $status -ne 0 ] && [ $status -ne 75 ] && [ $SECONDS -ge $deadline ]; then
+      kill -KILL "$pid" 2>/dev/null
+    fi
+    sleep 0.2
+  done
+  wait "$pid" 2>/dev/null
+done
 for ((i = 0; i < num_processes; i++)); do
   grep -h "^fashion_jax: " "$logs/process_$i.log" 2>/dev/null
 done | awk '!seen[$0]++' >&2  # The same error from every process is said once.
 if [ $status -eq 0 ] || [ $status -eq 75 ]; then
   tail -n 3 "$logs/process_0.log"
-elif [ $status -ne 2 ]; then  # A crash: the end of its traceback (2 said it in one line above).
-  tail -n 5 "$failed_log" >&2
+elif [ -n "${failed_log:-}" ] && [ $status -ne 2 ]; then  # A crash: the end of its traceback
+  tail -n 5 "$failed_log" >&2  # (2 said it in one line above).
 fi
 exit $status

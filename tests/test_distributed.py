@@ -349,3 +349,62 @@ def test_launcher_refuses_a_workdir_a_run_is_training_into_before_touching_its_l
   assert proc.stderr.startswith("local_multiprocess.sh: error: another run (pid 4242) is "
                                 f"training into {workdir}"), proc.stderr
   assert (workdir / "process_0.log").read_text() == "the running job's log\n"
+
+
+_FAKE_PROCESS = r"""#!/usr/bin/env bash
+# Stands in for `python -m fashion_jax.main ...`: FAKE_<process id> picks what it does.
+for a in "$@"; do case $a in --config.process_id=*) i=${a#*=} ;; esac; done
+mode_var="FAKE_$i"
+case ${!mode_var} in
+  fail) sleep 1; exit 1 ;;
+  slow_save) trap 'sleep 3; echo saved >"$MARK"; exit 75' TERM; while :; do sleep 0.1; done ;;
+  stubborn) trap '' TERM; echo $$ >"$MARK"; while :; do sleep 0.1; done ;;
+  plain) exec sleep 600 ;;
+esac
+"""
+
+
+def _fake_job(tmp_path, grace_s=1, **modes):
+  fake = tmp_path / "fake_python"
+  fake.write_text(_FAKE_PROCESS)
+  fake.chmod(0o755)
+  env = dict(os.environ, PYTHON=str(fake), MARK=str(tmp_path / "mark"), GRACE_S=str(grace_s),
+             **{f"FAKE_{i}": mode for i, mode in modes.items()})
+  return subprocess.Popen(["bash", os.path.join(ROOT, "launch/local_multiprocess.sh"), "2", "1",
+                           str(tmp_path / "run")], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_the_launcher_outlives_its_processes_whatever_signal_comes(tmp_path):
+  """After a failure the launcher stops the others; a signal to it meanwhile cut its last `wait`
+  short and it returned with process 0 still saving (orphaned)."""
+  launcher = _fake_job(tmp_path, grace_s=30, **{"0": "slow_save", "1": "fail"})
+  time.sleep(2)  # Process 1 has failed; process 0 is saving for 3 s.
+  launcher.send_signal(signal.SIGTERM)
+  _, stderr = launcher.communicate(timeout=60)
+  assert launcher.returncode == 1 and "process 1 failed (exit 1" in stderr, stderr
+  assert (tmp_path / "mark").read_text() == "saved\n"  # Finished before the launcher did.
+
+
+def test_a_process_that_ignores_the_stop_is_killed_after_the_grace(tmp_path):
+  """One that waits in a collective for the failed one took JAX's heartbeat timeout (~93 s) and
+  aborted with a C++ stack; the launcher now sends SIGKILL after GRACE_S."""
+  launcher = _fake_job(tmp_path, **{"0": "stubborn", "1": "fail"})
+  try:
+    _, stderr = launcher.communicate(timeout=60)
+  finally:
+    if (tmp_path / "mark").exists():
+      subprocess.run(["kill", "-KILL", (tmp_path / "mark").read_text().strip()], check=False)
+  assert launcher.returncode == 1 and "process 1 failed (exit 1" in stderr, stderr
+  stubborn = int((tmp_path / "mark").read_text())
+  with pytest.raises(ProcessLookupError):
+    os.kill(stubborn, 0)
+
+
+def test_a_signal_before_training_holds_it_is_no_failure(tmp_path):
+  """The processes' default end (143 after SIGTERM) was reported as 'process 0 failed'."""
+  launcher = _fake_job(tmp_path, **{"0": "plain", "1": "plain"})
+  time.sleep(1)
+  launcher.send_signal(signal.SIGTERM)
+  _, stderr = launcher.communicate(timeout=60)
+  assert launcher.returncode == 143 and "failed" not in stderr, stderr
