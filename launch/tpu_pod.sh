@@ -12,10 +12,12 @@
 #   CONFIG    the config file (default: configs/default.py), unless the flags give --config=
 #   PYTHON    the interpreter on the workers (default: python3)
 # Exit status: the workers' (0 done, 2 bad input, 75 stopped by a signal after saving: re-run to
-# resume, 1 a crash); 2 for bad arguments here. To stop a run at a common step with a checkpoint:
+# resume, 1 a crash, 128+N killed by signal N); 2 for bad arguments here. To stop a run at a
+# common step with a checkpoint, press Ctrl-C (or send this script INT, TERM or HUP): it runs
 #   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all \
 #       --command='pkill -TERM -u "$USER" -f fashion_jax.main'
-# The job lives as long as these ssh sessions: run this script under tmux or screen.
+# (which also works from another machine) and waits for the workers to save. The ssh sessions
+# carry no terminal, so a lost connection does not stop the workers: that command does.
 set -euo pipefail
 usage_error() {
   echo "tpu_pod.sh: error: $1" >&2
@@ -57,6 +59,22 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command
   $(q "$python") -m pip install -q -e .[gcs] -c \"\$pins\"
   rm -f \"\$pins\"
 "
-exec gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
-  cd fashion_jax && exec $(q "$python") -m fashion_jax.main $(q "${flags[@]}")
-"
+stop_workers() {
+  trap '' INT TERM HUP
+  echo "tpu_pod.sh: stopping the workers at a common step; they save a checkpoint and exit" >&2
+  gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all \
+    --command='pkill -TERM -u "$USER" -f fashion_jax.main' || true
+}
+# In the background (where SIGINT is ignored), so that Ctrl-C reaches this script alone: gcloud's
+# ssh sessions carry no terminal, and killing them left training running on every worker.
+# Not `exec` on the workers: a run killed by a signal made ssh exit 255, which gcloud takes for a
+# failed connection and retries -- the whole command, 10 times; bash reports 128+N instead.
+trap stop_workers INT TERM HUP
+gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
+  cd fashion_jax && $(q "$python") -m fashion_jax.main $(q "${flags[@]}")
+" &
+job=$!
+while kill -0 "$job" 2>/dev/null; do
+  wait "$job" || true  # Returns early when a trap runs: wait again.
+done
+wait "$job"  # Its status (set -e: the script's), kept by bash once it has ended.

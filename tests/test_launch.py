@@ -4,8 +4,10 @@ what each would execute, its argument checks, and the exit status it passes on."
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -31,8 +33,15 @@ def stubs(tmp_path):
         'cmd=${a#--command=};; esac; done\ncd "$WORKER_HOME" && exec bash -c "$cmd"\n')
   for name in ("git", "srun"):
     _stub(bin_dir, name, record + ("exit ${MAIN_RC:-0}\n" if name == "srun" else ""))
-  _stub(bin_dir, "fakepython", record + 'if [ "$1 $2" = "-m fashion_jax.main" ]; then '
-        'exit ${MAIN_RC:-0}; fi\n[ "$1" != -c ] || exit 0\n')
+  _stub(bin_dir, "fakepython", record + 'if [ "$1 $2" = "-m fashion_jax.main" ]; then\n'
+        '  [ -z "${MAIN_SELF_KILL:-}" ] || kill -KILL $$\n'
+        '  if [ -n "${MAIN_RUNS:-}" ]; then\n'  # Trains until SIGTERM, then "saves", exit 75.
+        '    trap "exit 75" TERM; echo $$ >"$WORKER_HOME/main.pid"\n'
+        '    while :; do sleep 0.1; done\n'
+        '  fi\n'
+        '  exit ${MAIN_RC:-0}\nfi\n[ "$1" != -c ] || exit 0\n')
+  # Stops the stand-in above only (a real pkill would reach this machine's other runs).
+  _stub(bin_dir, "pkill", record + 'kill -TERM "$(cat "$WORKER_HOME/main.pid")"\n')
   (tmp_path / "worker" / "fashion_jax").mkdir(parents=True)
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", WORKER_HOME=str(tmp_path / "worker"),
              TPU_NAME="pod", ZONE="us-central2-b", REPO_URL="https://example.com/fj.git",
@@ -180,3 +189,27 @@ def test_accelerator_check_keeps_a_venv_its_wheels_and_relative_options(tmp_path
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 2 and "JAX found no GPU or TPU" in proc.stderr, proc.stderr[-2000:]
   assert (tmp_path / "rel.json").is_file() and not os.path.exists(os.path.join(ROOT, "rel.json"))
+
+
+def test_tpu_pod_stops_the_workers_at_a_common_step_and_passes_on_a_signal_death(stubs, tmp_path):
+  """Ctrl-C killed the local ssh sessions only (no terminal on the workers): training went on
+  everywhere. A worker killed by a signal under `exec` made ssh exit 255, which gcloud retries
+  (the whole command, 10 times)."""
+  proc, _ = stubs("tpu_pod.sh", "/mnt/r", MAIN_SELF_KILL="1")
+  assert proc.returncode == 137, proc.stderr  # 128 + SIGKILL, from the worker's bash.
+  bin_dir = tmp_path / "bin"  # The fixture's stubs, run here in the background to be signalled.
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", WORKER_HOME=str(tmp_path / "worker"),
+             TPU_NAME="pod", ZONE="z", REPO_URL="https://example.com/fj.git", PYTHON="fakepython",
+             MAIN_RUNS="1")
+  launcher = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "/mnt/r"],
+                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  pid_file = tmp_path / "worker" / "main.pid"
+  deadline = time.monotonic() + 60
+  while not pid_file.exists() and time.monotonic() < deadline:
+    time.sleep(0.1)
+  launcher.send_signal(signal.SIGINT)
+  _, stderr = launcher.communicate(timeout=60)
+  assert launcher.returncode == 75, stderr  # The workers saved: re-run to resume.
+  assert "stopping the workers at a common step" in stderr
+  calls = [json.loads(l) for l in (tmp_path / "calls").read_text().splitlines()]
+  assert ["pkill", "-TERM", "-u", os.environ.get("USER", ""), "-f", "fashion_jax.main"] in calls
