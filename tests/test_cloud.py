@@ -22,15 +22,9 @@ import pytest
 
 from tests.conftest import ROOT, assert_one_line_error, run_module, tensorboard_events
 from tests.conftest import write_idx_folder
-from tests.test_distributed import _pid_of
+from tests.test_distributed import _free_port, _pid_of
 
 BUCKET = "fj-test"
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _anonymous_gcsfs() -> dict:

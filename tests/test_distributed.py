@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -19,9 +20,23 @@ from fashion_jax import config_lib
 
 
 def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+  """A free port below the kernel's ephemeral range: process 0 binds it seconds later, and a port
+  the kernel hands out (port 0) could meanwhile go to another test's connection or server."""
+  try:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+      low = int(f.read().split()[0])
+  except (OSError, ValueError, IndexError):
+    low = 32768
+  rng = random.Random()
+  for _ in range(100):
+    port = rng.randrange(10_000, max(low, 10_001))
+    with socket.socket() as s:
+      try:
+        s.bind(("localhost", port))
+      except OSError:
+        continue
+      return port
+  raise RuntimeError("no free port below the ephemeral range")
 
 
 def _tiny(idx_dir):
@@ -194,10 +209,10 @@ def _stop_flags(idx_dir) -> list[str]:
           "--config.checkpoint_every_steps=100000"]
 
 
-def _assert_stopped_together(launcher, workdir, signalled: float, by_process: int) -> int:
-  """Both processes stopped within 60 s at one step, with one checkpoint there; that step."""
+def _assert_stopped_together(launcher, workdir, by_process: int) -> int:
+  """Both processes stopped (within _wait_for_stop's 90 s) at one step, with one checkpoint
+  there; that step."""
   err = _wait_for_stop(launcher, workdir)
-  assert time.monotonic() - signalled < 60, "the job took over 60 s to stop"
   logs = _process_logs(workdir)
   assert launcher.returncode == 75, err + "".join(log[-2000:] for log in logs)
   pattern = rf"^fashion_jax: stopped by SIGTERM to process {by_process} at step (\d+);"
@@ -215,7 +230,6 @@ def test_signals_to_every_process_and_the_launcher_stop_at_one_step(tmp_path, id
   pids = (_pid_of(workdir, 0), _pid_of(workdir, 1))
   for pid in (*pids, launcher.pid):
     os.kill(pid, signal.SIGTERM)
-  signalled = time.monotonic()
   checkpoints = workdir / "checkpoints"  # Once the save has begun, signal each process again.
   while launcher.poll() is None and not (checkpoints.exists() and os.listdir(checkpoints)):
     time.sleep(0.005)
@@ -224,7 +238,7 @@ def test_signals_to_every_process_and_the_launcher_stop_at_one_step(tmp_path, id
       os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
       pass
-  _assert_stopped_together(launcher, workdir, signalled, by_process=0)
+  _assert_stopped_together(launcher, workdir, by_process=0)
 
 
 def test_signal_to_one_process_stops_every_process_at_one_step(tmp_path, idx_dir):
@@ -234,7 +248,7 @@ def test_signal_to_one_process_stops_every_process_at_one_step(tmp_path, idx_dir
   interrupted = tmp_path / "interrupted"
   launcher = _start_and_wait_for_steps(interrupted, flags)
   os.kill(_pid_of(interrupted, 1), signal.SIGTERM)
-  step = _assert_stopped_together(launcher, interrupted, time.monotonic(), by_process=1)
+  step = _assert_stopped_together(launcher, interrupted, by_process=1)
   assert step % 4 == 0
 
   resumed = _launch(interrupted, *flags, f"--config.num_train_steps={step + 8}")
@@ -305,7 +319,7 @@ def test_one_process_out_of_disk_stops_every_process_with_its_error(tmp_path, id
                  FASHION_JAX_DISK_FULL="1")
   assert proc.returncode == 2, proc.stderr + "".join(_process_logs(workdir))[-3000:]
   assert proc.stderr.count("fashion_jax: error: process 1: not enough free disk") == 1, proc.stderr
-  assert time.monotonic() - start < 120
+  assert time.monotonic() - start < 180  # It was a 5-minute wait, then an abort.
   assert not os.path.exists(workdir / "checkpoints" / "10")
 
 
@@ -326,7 +340,7 @@ exec {sys.executable} "$@"
                  PYTHON=str(wrapper))
   logs = _process_logs(workdir)
   assert proc.returncode == 2, proc.stderr + "".join(logs)[-3000:]
-  assert time.monotonic() - start < 60, proc.stderr
+  assert time.monotonic() - start < 180, proc.stderr  # It was a 5-minute wait, then an abort.
   assert "fashion_jax: error: IDX folder '/nonexistent' does not exist" in logs[1], logs[1][-2000:]
   assert "fashion_jax: error: process 1: IDX folder '/nonexistent' does not exist" in logs[0], \
       logs[0][-2000:]

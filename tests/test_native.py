@@ -412,7 +412,10 @@ def test_the_measured_peak_is_whole_vector_pipes_at_each_width():
       ratios.append(run["gflops"] * 1000 / run["mhz"])
     nearest = min(ratios, key=lambda q: abs(math.log2(q) - round(math.log2(q))))
     pipes = 2 ** round(math.log2(nearest))
-    assert abs(nearest / pipes - 1) < 0.15 and pipes >= 2 * lanes, (lanes, ratios)
+    # At most two multiply-add pipes a core on x86 (four on Arm cores such as Apple's): a peak
+    # counted twice over passed the lower bound alone (an MFU half what it is).
+    most = (4 if platform.machine() in ("x86_64", "AMD64") else 8) * lanes
+    assert abs(nearest / pipes - 1) < 0.15 and 2 * lanes <= pipes <= most, (lanes, ratios)
 
 
 def test_the_peak_uses_the_widest_vectors_whatever_the_build():

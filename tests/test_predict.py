@@ -148,7 +148,7 @@ def test_a_digit_run_prepares_images_by_mnist_recipe(trained_tiny_workdir, tmp_p
   Image.fromarray(_digit_seven()).save(tmp_path / "seven.png")
   predictions, status = predict.predict(str(workdir), [str(tmp_path / "seven.png")],
                                         save_dir=str(tmp_path / "seen"))
-  assert status == 0 and predictions[0].top_k[0][0] in "0123456789"
+  assert status == 0 and predictions[0].top_k[0][0] in [str(d) for d in range(10)]
   seen = np.asarray(Image.open(predictions[0].preprocessed))
   rows = np.flatnonzero(seen.max(axis=1))
   assert rows[-1] - rows[0] + 1 == 20  # MNIST's 20 px box (the garment recipe fills 28).

@@ -103,6 +103,7 @@ def test_skipped_step_advances_optax_counts_with_the_step(tiny_config):
   after, metrics = step(poisoned, good)
   assert int(after.step) == 2 and float(metrics["nonfinite_steps"]) == 1.0
   assert float(metrics["first_nonfinite_step"]) == 2.0
+  jax.tree.map(np.testing.assert_array_equal, after.params, poisoned.params)
   jax.tree.map(np.testing.assert_array_equal, after.ema_params, poisoned.ema_params)
   counts = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(after.opt_state)[0]
             if getattr(path[-1], "name", None) == "count"]

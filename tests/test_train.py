@@ -379,7 +379,8 @@ def test_logged_images_per_second_have_no_outliers(tiny_config, tmp_path):
   train.train_and_evaluate(tiny_config, str(tmp_path / "run"), compile_eval_ahead=False)
   rates = [l["train_images_per_sec"] for l in _lines(str(tmp_path / "run"))
            if "train_images_per_sec" in l]
-  assert len(rates) >= 8 and max(rates) < 8 * min(rates), rates
+  # The bug's outliers were 100-10,000x; a busy machine makes honest ones 2x apart.
+  assert len(rates) >= 8 and max(rates) < 50 * float(np.median(rates)), rates
 
 
 def test_cli_trains_and_resumes(idx_dir, tmp_path):
