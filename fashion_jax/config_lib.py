@@ -87,7 +87,7 @@ def load_sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
   return load_file(path)
 
 
-def validate(config: ml_collections.ConfigDict, serving: bool = False) -> None:
+def validate(config: ml_collections.ConfigDict, serving: bool = False, warn: bool = True) -> None:
   """Checks every value before anything is loaded or compiled.
 
   Raises UserError with one line per problem, each naming the key and the fix. `serving`: a
@@ -183,7 +183,7 @@ def validate(config: ml_collections.ConfigDict, serving: bool = False) -> None:
   choice("data_placement", loop.PLACEMENTS)
   if problems:
     raise UserError("; ".join(problems))
-  if not serving:
+  if warn and not serving:  # (`warn=False`: a first check; training's own warns.)
     _warn_about_settings_that_hurt(config)
 
 
@@ -221,7 +221,7 @@ def _warn_about_settings_that_hurt(config: ml_collections.ConfigDict) -> None:
   elif config.eval_flip_tta and not config.augment_flip:
     logging.warning("config.eval_flip_tta=True without config.augment_flip: the evaluation "
                     "averages in mirrored images the model never trained on, which lowers its "
-                    "accuracy (89.4 -> 77.9 %% on a default-config run); pass "
+                    "accuracy (89.4 -> 77.9 % on a default-config run); pass "
                     "--config.augment_flip=True, or --config.eval_flip_tta=False")
   if config.lr_schedule == "onecycle" and config.warmup_steps:
     logging.warning("config.warmup_steps=%d does nothing with lr_schedule='onecycle', whose "

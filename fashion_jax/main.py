@@ -12,26 +12,13 @@ agreed on: re-run the same command to resume; 1 an unexpected crash (traceback).
 """
 
 import os
-import signal
 import sys
 
 from fashion_jax.support import errors
-
-
-def _end_now(signum, frame):
-  """Ctrl-C before training holds its signals (stops.StopRequest, which restores this after):
-  as a KeyboardInterrupt it met JAX's import and its gc callback, which swallowed it (the run
-  trained on to exit 0), turned it into an ImportError (exit 1) or aborted (134). Nothing is
-  saved yet, so it ends at once with the one line."""
-  del signum, frame
-  sys.stdout.flush()
-  sys.stderr.write(f"fashion_jax: error: {errors.INTERRUPTED}\n")
-  sys.stderr.flush()
-  os._exit(errors.EXIT_INTERRUPTED)  # pylint: disable=protected-access
-
+from fashion_jax.support import runtime
 
 if __name__ == "__main__":  # First: the imports below take a second or more.
-  signal.signal(signal.SIGINT, _end_now)
+  runtime.end_at_once_on_interrupt(errors.INTERRUPTED, errors.EXIT_INTERRUPTED)
 
 # pylint: disable=wrong-import-position
 import contextlib
@@ -42,7 +29,6 @@ from ml_collections import config_flags
 
 import fashion_jax  # Records the process start time first.
 from fashion_jax import cli
-from fashion_jax.support import runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summaries.")
@@ -63,7 +49,7 @@ def main(argv):
 
   with contextlib.ExitStack() as held:
     try:
-      config_lib.validate(FLAGS.config)
+      config_lib.validate(FLAGS.config, warn=False)  # Training's own check warns.
       if FLAGS.config.deterministic:  # Read when the backend starts, i.e. below.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_gpu_deterministic_ops=true").strip()
@@ -89,5 +75,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_tuned_malloc("fashion_jax.main")
+  runtime.reexec_with_tuned_malloc("fashion_jax.main", hold_interrupt=True)
   cli.run(main)

@@ -15,9 +15,11 @@
 # resume, 1 a crash, 128+N killed by signal N); 2 for bad arguments here. To stop a run at a
 # common step with a checkpoint, press Ctrl-C (or send this script INT, TERM or HUP): it runs
 #   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all \
-#       --command='pkill -TERM -u "$USER" -f fashion_jax.main'
+#       --command='pkill -TERM -u "$USER" -f "^[^ ]*python[^ ]* (-[^ ]+ )*-m fashion_jax[.]main"'
 # (which also works from another machine) and waits for the workers to save. The ssh sessions
-# carry no terminal, so a lost connection does not stop the workers: that command does.
+# carry no terminal, so a lost connection does not stop the workers: that command does. (The
+# pattern matches the Python process only, not the shell that started it: a shell killed by
+# the signal would make ssh exit 255, which gcloud retries.)
 set -euo pipefail
 usage_error() {
   echo "tpu_pod.sh: error: $1" >&2
@@ -61,19 +63,25 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command
 "
 stop_workers() {
   trap '' INT TERM HUP
-  echo "tpu_pod.sh: stopping the workers at a common step; they save a checkpoint and exit" >&2
+  # (|| true: after a hang-up stderr is gone, and set -e would end the script right here.)
+  echo "tpu_pod.sh: stopping the workers at a common step; they save a checkpoint and exit" >&2 ||
+    true
   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all \
-    --command='pkill -TERM -u "$USER" -f fashion_jax.main' || true
+    --command='pkill -TERM -u "$USER" -f "^[^ ]*python[^ ]* (-[^ ]+ )*-m fashion_jax[.]main"' ||
+    true
 }
-# In the background (where SIGINT is ignored), so that Ctrl-C reaches this script alone: gcloud's
-# ssh sessions carry no terminal, and killing them left training running on every worker.
-# Not `exec` on the workers: a run killed by a signal made ssh exit 255, which gcloud takes for a
-# failed connection and retries -- the whole command, 10 times; bash reports 128+N instead.
+# In a process group of its own (set -m), so that Ctrl-C reaches this script alone: gcloud's ssh
+# sessions carry no terminal, and killing them left training running on every worker.
+# `; exit $?` keeps the workers' shell above Python (bash execs a last command in its place): a
+# run killed by a signal made ssh exit 255, which gcloud takes for a failed connection and
+# retries -- the whole command, 10 times; the shell reports 128+N instead.
 trap stop_workers INT TERM HUP
+set -m
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
-  cd fashion_jax && $(q "$python") -m fashion_jax.main $(q "${flags[@]}")
+  cd fashion_jax && $(q "$python") -m fashion_jax.main $(q "${flags[@]}"); exit \$?
 " &
 job=$!
+set +m
 while kill -0 "$job" 2>/dev/null; do
   wait "$job" || true  # Returns early when a trap runs: wait again.
 done

@@ -373,7 +373,7 @@ case ${!mode_var} in
   fail) sleep 1; exit 1 ;;
   slow_save) trap 'sleep 3; echo saved >"$MARK"; exit 75' TERM; while :; do sleep 0.1; done ;;
   stubborn) trap '' TERM; echo $$ >"$MARK"; while :; do sleep 0.1; done ;;
-  plain) exec sleep 600 ;;
+  plain) echo $$ >>"$MARK.started"; exec sleep 600 ;;
 esac
 """
 
@@ -393,10 +393,11 @@ def test_the_launcher_outlives_its_processes_whatever_signal_comes(tmp_path):
   """After a failure the launcher stops the others; a signal to it meanwhile cut its last `wait`
   short and it returned with process 0 still saving (orphaned)."""
   launcher = _fake_job(tmp_path, grace_s=30, **{"0": "slow_save", "1": "fail"})
-  time.sleep(2)  # Process 1 has failed; process 0 is saving for 3 s.
+  said = launcher.stderr.readline()  # Process 1 has failed; process 0 now saves for 3 s.
+  assert said.startswith("process 1 failed (exit 1"), said
   launcher.send_signal(signal.SIGTERM)
   _, stderr = launcher.communicate(timeout=60)
-  assert launcher.returncode == 1 and "process 1 failed (exit 1" in stderr, stderr
+  assert launcher.returncode == 1, said + stderr
   assert (tmp_path / "mark").read_text() == "saved\n"  # Finished before the launcher did.
 
 
@@ -418,7 +419,11 @@ def test_a_process_that_ignores_the_stop_is_killed_after_the_grace(tmp_path):
 def test_a_signal_before_training_holds_it_is_no_failure(tmp_path):
   """The processes' default end (143 after SIGTERM) was reported as 'process 0 failed'."""
   launcher = _fake_job(tmp_path, **{"0": "plain", "1": "plain"})
-  time.sleep(1)
+  started = tmp_path / "mark.started"
+  deadline = time.monotonic() + 60
+  while time.monotonic() < deadline and not (
+      started.exists() and len(started.read_text().split()) == 2):
+    time.sleep(0.05)
   launcher.send_signal(signal.SIGTERM)
   _, stderr = launcher.communicate(timeout=60)
   assert launcher.returncode == 143 and "failed" not in stderr, stderr

@@ -29,8 +29,11 @@ def stubs(tmp_path):
   bin_dir.mkdir()
   record = ('python3 -c \'import json, sys; print(json.dumps(sys.argv[1:]))\' "$(basename "$0")" '
             f'"$@" >>{shlex.quote(str(calls))}\n')
+  # As ssh does, a worker command killed by a signal comes back as 255 (which gcloud retries).
   _stub(bin_dir, "gcloud", record + 'for a in "$@"; do case $a in --command=*) '
-        'cmd=${a#--command=};; esac; done\ncd "$WORKER_HOME" && exec bash -c "$cmd"\n')
+        'cmd=${a#--command=};; esac; done\ncd "$WORKER_HOME" && exec python3 -c "import '
+        'subprocess, sys; r = subprocess.run([\'bash\', \'-c\', sys.argv[1]]).returncode; '
+        'sys.exit(255 if r < 0 else r)" "$cmd"\n')
   for name in ("git", "srun"):
     _stub(bin_dir, name, record + ("exit ${MAIN_RC:-0}\n" if name == "srun" else ""))
   _stub(bin_dir, "fakepython", record + 'if [ "$1 $2" = "-m fashion_jax.main" ]; then\n'
@@ -193,23 +196,31 @@ def test_accelerator_check_keeps_a_venv_its_wheels_and_relative_options(tmp_path
 
 def test_tpu_pod_stops_the_workers_at_a_common_step_and_passes_on_a_signal_death(stubs, tmp_path):
   """Ctrl-C killed the local ssh sessions only (no terminal on the workers): training went on
-  everywhere. A worker killed by a signal under `exec` made ssh exit 255, which gcloud retries
-  (the whole command, 10 times)."""
+  everywhere. A worker killed by a signal made ssh exit 255 (the workers' shell had exec'd
+  Python), which gcloud retries: the whole command, 10 times."""
   proc, _ = stubs("tpu_pod.sh", "/mnt/r", MAIN_SELF_KILL="1")
-  assert proc.returncode == 137, proc.stderr  # 128 + SIGKILL, from the worker's bash.
+  assert proc.returncode == 137, proc.stderr  # 128 + SIGKILL, from the workers' shell; not 255.
   bin_dir = tmp_path / "bin"  # The fixture's stubs, run here in the background to be signalled.
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", WORKER_HOME=str(tmp_path / "worker"),
              TPU_NAME="pod", ZONE="z", REPO_URL="https://example.com/fj.git", PYTHON="fakepython",
              MAIN_RUNS="1")
   launcher = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "/mnt/r"],
-                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              start_new_session=True)
   pid_file = tmp_path / "worker" / "main.pid"
   deadline = time.monotonic() + 60
   while not pid_file.exists() and time.monotonic() < deadline:
     time.sleep(0.1)
-  launcher.send_signal(signal.SIGINT)
+  os.killpg(launcher.pid, signal.SIGINT)  # Ctrl-C: the terminal's whole foreground group.
   _, stderr = launcher.communicate(timeout=60)
   assert launcher.returncode == 75, stderr  # The workers saved: re-run to resume.
   assert "stopping the workers at a common step" in stderr
   calls = [json.loads(l) for l in (tmp_path / "calls").read_text().splitlines()]
-  assert ["pkill", "-TERM", "-u", os.environ.get("USER", ""), "-f", "fashion_jax.main"] in calls
+  [pkill] = [c for c in calls if c[0] == "pkill"]
+  pattern = pkill[-1]
+  assert pkill[:5] == ["pkill", "-TERM", "-u", os.environ.get("USER", ""), "-f"]
+  for line, matches in (("/usr/bin/python3.11 -u -m fashion_jax.main --workdir=/r", True),
+                        ("python3 -m fashion_jax.main --workdir=/r", True),
+                        ("bash -c cd fashion_jax && python3 -m fashion_jax.main; exit $?", False)):
+    found = subprocess.run(["grep", "-Eq", pattern], input=line, text=True).returncode == 0
+    assert found == matches, (pattern, line)

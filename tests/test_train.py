@@ -986,7 +986,7 @@ def test_a_second_run_into_the_same_workdir_is_refused(tiny_config, tmp_path):
   assert (unlockable / "checkpoints" / "20").is_dir()
 
 
-def test_a_workdir_others_could_have_written_is_refused(tiny_config, tmp_path):
+def test_a_workdir_others_could_have_written_is_refused(tiny_config, tmp_path, monkeypatch):
   """A folder planted in /tmp (the README's /tmp/fj) with a checkpoint in it was resumed
   silently; a FIFO for metrics.jsonl blocked the run beyond the reach of a signal; a planted
   lock-file link made the lock truncate the file it points at."""
@@ -1005,6 +1005,11 @@ def test_a_workdir_others_could_have_written_is_refused(tiny_config, tmp_path):
     with pytest.raises(UserError, match=rf"{path} is writable by every user: .*chmod o-w {path}"):
       train.train_and_evaluate(tiny_config, str(planted))
     path.chmod(mode)
+  planted.chmod(0o777)  # A mount that shows every folder as 0777 (WSL's /mnt/c): the user's word.
+  monkeypatch.setenv(workdir_lib.TRUST_ENV, "1")
+  train.train_and_evaluate(tiny_config, str(planted))
+  monkeypatch.delenv(workdir_lib.TRUST_ENV)
+  planted.chmod(0o700)
   (planted / "metrics.jsonl").unlink()
   os.mkfifo(planted / "metrics.jsonl")
   with pytest.raises(UserError, match=r"metrics.jsonl is not a regular file \(a folder or special"):

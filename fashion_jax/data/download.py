@@ -43,6 +43,7 @@ import numpy as np
 from fashion_jax.data import idx
 from fashion_jax.support.errors import UserError
 from fashion_jax.support import paths
+from fashion_jax.support import storage
 
 # The addresses tfds downloads from (its builders' URL), then a mirror of the same files.
 URLS = {
@@ -266,6 +267,8 @@ def _download_one(url: str, size: int, sha: str, path: str, timeout: float) -> N
       try:
         _transfer(response, out, size, sha)
       except (OSError, ValueError) as e:
+        if isinstance(e, OSError) and storage.out_of_space(path, e):  # Not the address's fault:
+          raise storage.out_of_space(path, e) from e  # no other address would do better.
         raise _Answered() from e
     os.replace(tmp, path)
   finally:

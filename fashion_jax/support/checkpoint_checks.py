@@ -33,7 +33,9 @@ def check_fingerprint(where: str, stored: dict | None, wanted: dict | None) -> N
   flags = " ".join(f"--config.{k}={show(stored, k)}" for k in differ if k not in _NOT_FLAGS)
   data = (" (train_data: a digest of the train split in its order, which differs between "
           "sources: tensorflow-datasets orders the examples unlike the IDX files; config.json's "
-          "_derived.data_source names the source it was trained from)"
+          "_derived.data_source names the source it was trained from: an IDX folder or the "
+          "download's cache is --config.idx_dir=FOLDER, tensorflow-datasets needs TensorFlow "
+          "and tfds installed)"
           if "train_data" in differ else "")
   raise UserError(
       f"checkpoint {where} was trained with {was}, but the config gives {now}{data}: resuming "

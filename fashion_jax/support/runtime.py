@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import platform
+import signal
 import subprocess
 import sys
 
@@ -36,7 +37,26 @@ def malloc_tuning_wanted(environ=None) -> bool:
   return "glibc.malloc." not in environ.get("GLIBC_TUNABLES", "")
 
 
-def reexec_with_tuned_malloc(module: str) -> None:
+def end_at_once_on_interrupt(message: str, code: int) -> None:
+  """From here until a handler of its own takes over (training's stops.StopRequest), Ctrl-C
+  prints `fashion_jax: error: MESSAGE` and exits `code` at once. As a KeyboardInterrupt it met
+  JAX's import and its gc callback, which swallowed it (the run trained on to exit 0), turned
+  it into an ImportError (exit 1) or aborted (134). For a command with nothing saved yet.
+
+  Also takes the Ctrl-C held back over the malloc re-exec (see `reexec_with_tuned_malloc`).
+  """
+  def end_now(signum, frame):
+    del signum, frame
+    sys.stdout.flush()
+    sys.stderr.write(f"fashion_jax: error: {message}\n")
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+
+  signal.signal(signal.SIGINT, end_now)
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def reexec_with_tuned_malloc(module: str, hold_interrupt: bool = False) -> None:
   """Re-runs `python <same options> -m module <same args>` with the malloc tunables, if wanted.
 
   Call first thing in an entry point's `__main__`, before JAX is imported.
@@ -61,4 +81,9 @@ def reexec_with_tuned_malloc(module: str) -> None:
   # (a raw FileIO under the text layer). Logs piped to a file or `tee` arrive line by line again.
   if isinstance(getattr(sys.__stdout__, "buffer", None), io.FileIO) and "-u" not in options:
     options.append("-u")
-  os.execve(sys.executable, [sys.executable, *options, "-m", module, *sys.argv[1:]], env)
+  if hold_interrupt:  # Blocked, a Ctrl-C waits over the exec for end_at_once_on_interrupt (a
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # new Python's default: a traceback).
+  try:
+    os.execve(sys.executable, [sys.executable, *options, "-m", module, *sys.argv[1:]], env)
+  finally:  # Only where the exec failed.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

@@ -124,6 +124,11 @@ class Run:
   def is_lead(self) -> bool:
     return self.parallel.process_index == 0
 
+  def fingerprint(self) -> dict:
+    """What a resume must match (config_lib.fingerprint)."""
+    return config_lib.fingerprint(self.config, self.train_examples, self.total_steps,
+                                  self.train_data)
+
   def derived(self) -> dict:
     """What config.json records beside the config: the values derived from it here."""
     return {"steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
@@ -338,8 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     model = steps.create_model(config, axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
     tx = steps.create_optimizer(config, total_steps)
     init_state = steps.create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
-    description = checkpointing.describe_state(
-        config.model, init_state, config_lib.fingerprint(config, run.train_examples, total_steps, run.train_data))
+    description = checkpointing.describe_state(config.model, init_state, run.fingerprint())
     checkpointer = cleanup.enter_context(checkpointing.Checkpointer(
         storage.join(run.workdir, "checkpoints"), keep=config.keep_checkpoints,
         async_save=config.async_checkpointing))

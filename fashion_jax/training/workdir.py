@@ -17,6 +17,7 @@ from fashion_jax.support import storage
 from fashion_jax.support.errors import UserError
 
 LOCK_NAME = ".fashion_jax.lock"
+TRUST_ENV = "FASHION_JAX_TRUST_WORKDIR"  # =1: a workdir another user owns or all may write is used.
 
 
 def refuse_others(workdir: str) -> None:
@@ -24,8 +25,8 @@ def refuse_others(workdir: str) -> None:
   may write: training resumes from the checkpoints it finds, so a folder planted in /tmp (the
   README's /tmp/fj) was resumed silently. Refuses a config.json or metrics.jsonl that is no
   regular file (a FIFO blocked the run, beyond the reach of a signal)."""
-  if storage.is_url(workdir):  # A bucket's access is its IAM policy.
-    return
+  if storage.is_url(workdir) or os.environ.get(TRUST_ENV) == "1":  # A bucket's access is its
+    return  # IAM policy; a mount may show every folder as another user's or as mode 0777.
   for path in (workdir, os.path.join(workdir, "checkpoints")):
     try:
       info = os.stat(path)
@@ -33,11 +34,14 @@ def refuse_others(workdir: str) -> None:
       continue
     if info.st_uid != os.getuid():
       raise UserError(f"{path} belongs to another user (uid {info.st_uid}): a run there would "
-                      "resume from checkpoints that user wrote; use a --workdir of your own (or chown it)")
+                      "resume from checkpoints that user wrote; use a --workdir of your own, or "
+                      f"set {TRUST_ENV}=1 if the folder is yours (a mount that shows another "
+                      "owner: NFS root_squash, a container's bind mount)")
     if info.st_mode & stat.S_IWOTH:
       raise UserError(f"{path} is writable by every user: anyone could put a checkpoint there "
-                      f"that training would resume from; chmod o-w {path}, or use another "
-                      "--workdir")
+                      f"that training would resume from; chmod o-w {path}, use another "
+                      f"--workdir, or set {TRUST_ENV}=1 if nobody else can reach it (a mount "
+                      "that shows every folder as 0777: WSL's /mnt/c, CIFS)")
   for name in ("config.json", "metrics.jsonl"):  # (The lock file is opened without following.)
     path = os.path.join(workdir, name)
     try:
@@ -92,7 +96,7 @@ def lock(workdir: str, is_lead: bool):
   if is_lead and not storage.is_url(workdir):
     path = os.path.join(workdir, LOCK_NAME)
     try:
-      # Never through a link (refuse_others refused one; this closes the race after it).
+      # Never through a link (a planted one made the lock truncate the file it points at).
       handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                                  0o644), "r+", encoding="utf-8")
       fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
