@@ -335,6 +335,7 @@ def _rerun_comparisons(**env):
   assert "passed" in summary and "skipped" not in summary, summary
 
 
+@pytest.mark.toolchain
 @pytest.mark.parametrize("target", [t.name for t in native_build.targets()])
 def test_every_target_this_cpu_runs_matches_lax(target):
   """Each ISA level's build (AVX-512 with 16 lanes, AVX2 with 8, the architecture's portable
@@ -359,6 +360,7 @@ def test_every_vector_width_matches_lax_on_every_cpu():
                      FASHION_JAX_NATIVE_LANES="16")
 
 
+@pytest.mark.toolchain
 def test_a_clang_build_matches_lax(tmp_path):
   """The kernels built by Clang (macOS's only C++ compiler, and some Linux systems' `c++`) at
   this CPU's best level compute the lax results and gradients: the comparisons above, rerun in

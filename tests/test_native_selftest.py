@@ -37,6 +37,7 @@ def _run_arm_selftest(compiler, binary, qemu):
   assert f"lanes={arm.lanes} isa=neon" in out
 
 
+@pytest.mark.toolchain
 def test_kernels_match_plain_loops_under_sanitizers(tmp_path):
   """The best level this CPU runs, at its width; -O0, so the build stays short (the optimised
   code's numbers are tests/test_native.py's)."""
@@ -53,6 +54,7 @@ def test_kernels_match_plain_loops_under_sanitizers(tmp_path):
   assert f"lanes={target.lanes} " in out
 
 
+@pytest.mark.toolchain
 def test_arm_build_matches_plain_loops_under_qemu(tmp_path):
   """The armv8-a (NEON, 4 lanes) target, built with the cross compiler and run by qemu-user;
   .ci/run installs both (Debian's g++-aarch64-linux-gnu and qemu-user)."""
@@ -65,6 +67,7 @@ def test_arm_build_matches_plain_loops_under_qemu(tmp_path):
   _run_arm_selftest([cross], tmp_path / "selftest_arm", qemu)
 
 
+@pytest.mark.toolchain
 def test_arm_build_by_clang_matches_plain_loops_under_qemu(tmp_path):
   """The same Arm build by Clang, the compiler of Apple silicon Macs (macOS has no GCC), against
   the cross compiler's headers and libraries. .ci/run installs Debian's clang."""

@@ -466,6 +466,15 @@ def _sizes(workdir) -> dict:
           for root, _, names in os.walk(workdir) for name in names if name != ".fashion_jax.lock"}
 
 
+def _rerun_tiny(prefix, workdir, trained_tiny_workdir) -> subprocess.CompletedProcess:
+  """The command that trained `trained_tiny_workdir`, run again on the copy `workdir`."""
+  return subprocess.run(
+      [*prefix, sys.executable, "-m", "fashion_jax.main", "--config=configs/tiny.py",
+       f"--workdir={workdir}", f"--config.idx_dir={os.path.dirname(trained_tiny_workdir)}/idx",
+       "--config.validation_size=32"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
 @pytest.mark.parametrize("blocked", ["state", "state/d"])
 def test_a_checkpoint_it_may_not_read_is_an_error_that_moves_nothing(trained_tiny_workdir,
                                                                      tmp_path, blocked):
@@ -478,11 +487,7 @@ def test_a_checkpoint_it_may_not_read_is_an_error_that_moves_nothing(trained_tin
   folder = workdir / "checkpoints" / "20" / blocked
   os.chmod(folder, 0)
   try:
-    proc = subprocess.run(
-        [*prefix, sys.executable, "-m", "fashion_jax.main", "--config=configs/tiny.py",
-         f"--workdir={workdir}", f"--config.idx_dir={os.path.dirname(trained_tiny_workdir)}/idx",
-         "--config.validation_size=32"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = _rerun_tiny(prefix, workdir, trained_tiny_workdir)
   finally:
     os.chmod(folder, 0o755)
   assert_one_line_error(proc, f"checkpoint {workdir}/checkpoints/20 could not be read on process 0 "
@@ -500,11 +505,7 @@ def test_a_damaged_checkpoint_that_cannot_be_moved_aside_is_one_line(trained_tin
   (workdir / "checkpoints" / "20" / "meta" / "metadata").write_bytes(b"{")
   os.chmod(workdir / "checkpoints" / "20", 0o555)
   try:
-    proc = subprocess.run(
-        [*prefix, sys.executable, "-m", "fashion_jax.main", "--config=configs/tiny.py",
-         f"--workdir={workdir}", f"--config.idx_dir={os.path.dirname(trained_tiny_workdir)}/idx",
-         "--config.validation_size=32"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = _rerun_tiny(prefix, workdir, trained_tiny_workdir)
   finally:
     os.chmod(workdir / "checkpoints" / "20", 0o755)
   assert_one_line_error(proc, f"checkpoint {workdir}/checkpoints/20 is damaged, but it could not be "
