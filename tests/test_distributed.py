@@ -209,17 +209,19 @@ def _stop_flags(idx_dir) -> list[str]:
           "--config.checkpoint_every_steps=100000"]
 
 
-def _assert_stopped_together(launcher, workdir, by_process: int) -> int:
+def _assert_stopped_together(launcher, workdir, by_process: int | None) -> int:
   """Both processes stopped (within _wait_for_stop's 90 s) at one step, with one checkpoint
-  there; that step."""
+  there, naming the same process's signal (`by_process`, or either where both were signalled
+  at once: the first to publish its signal at a boundary is named); that step."""
   err = _wait_for_stop(launcher, workdir)
   logs = _process_logs(workdir)
   assert launcher.returncode == 75, err + "".join(log[-2000:] for log in logs)
-  pattern = rf"^fashion_jax: stopped by SIGTERM to process {by_process} at step (\d+);"
+  who = r"\d" if by_process is None else str(by_process)
+  pattern = rf"^fashion_jax: stopped by SIGTERM to process ({who}) at step (\d+);"
   stopped = [re.findall(pattern, log, re.M) for log in logs]
   assert len(stopped[0]) == len(stopped[1]) == 1 and stopped[0] == stopped[1], stopped
-  assert os.listdir(workdir / "checkpoints") == stopped[0]
-  return int(stopped[0][0])
+  assert os.listdir(workdir / "checkpoints") == [stopped[0][0][1]]
+  return int(stopped[0][0][1])
 
 
 def test_signals_to_every_process_and_the_launcher_stop_at_one_step(tmp_path, idx_dir):
@@ -238,7 +240,7 @@ def test_signals_to_every_process_and_the_launcher_stop_at_one_step(tmp_path, id
       os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
       pass
-  _assert_stopped_together(launcher, workdir, by_process=0)
+  _assert_stopped_together(launcher, workdir, by_process=None)  # Both signalled at once.
 
 
 def test_signal_to_one_process_stops_every_process_at_one_step(tmp_path, idx_dir):
