@@ -334,7 +334,8 @@ class Checkpointer:
       except UserError:
         raise
       except Exception as e:  # pylint: disable=broad-except  (classified just below)
-        blocked = is_damage(e) and checkpoint_checks.blocked(storage.join(self.directory, str(step)))
+        # A file it may not read says so (Orbax's error names another cause, or looks like damage).
+        blocked = checkpoint_checks.blocked(storage.join(self.directory, str(step)))
         outcome = (f"error: {blocked}" if blocked else ("damage: " if is_damage(e) else "error: ")
                    + f"{type(e).__name__}: {first_line(e)}")
       outcomes = multihost.gather(f"restore/{step}/{attempt}", outcome)
