@@ -267,8 +267,8 @@ def _download_one(url: str, size: int, sha: str, path: str, timeout: float) -> N
       try:
         _transfer(response, out, size, sha)
       except (OSError, ValueError) as e:
-        if isinstance(e, OSError) and storage.out_of_space(path, e):  # Not the address's fault:
-          raise storage.out_of_space(path, e) from e  # no other address would do better.
+        if isinstance(e, OSError) and (full := storage.out_of_space(path, e)):  # Not the address's
+          raise full from e  # fault: no other address would do better.
         raise _Answered() from e
     os.replace(tmp, path)
   finally:

@@ -162,8 +162,8 @@ def write_bytes(path: str, data: bytes) -> None:
   except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
-    if isinstance(e, OSError) and out_of_space(path, e):
-      raise out_of_space(path, e) from e
+    if isinstance(e, OSError) and (full := out_of_space(path, e)):
+      raise full from e
     raise
 
 
