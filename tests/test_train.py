@@ -758,6 +758,7 @@ def test_rerunning_a_finished_run_evaluates_and_writes_nothing(tiny_config, tmp_
   tiny_config.num_train_steps = 10
   first = train.train_and_evaluate(tiny_config, workdir)
   files = _files(workdir)
+  tiny_config.eval_batch_size //= 2  # Not what it trained with: config.json keeps the record.
   again = train.train_and_evaluate(tiny_config, workdir)
   assert again["eval_accuracy"] == pytest.approx(first["eval_accuracy"])
   assert again["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-5)

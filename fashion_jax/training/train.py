@@ -351,7 +351,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     state, step = restore(run, checkpointer, writer, init_state, description)
     faults.maybe_signal("restored")  # Tests: SIGTERM before the train loop starts.
     del init_state
-    if run.is_lead:  # Only now is the run known to go on (a refused resume raised above).
+    # Only now is the run known to go on (a refused resume raised above). A finished run keeps
+    # the record of what it trained with: a re-run with another eval_batch_size trains nothing.
+    if run.is_lead and (step < total_steps
+                        or not storage.exists(storage.join(run.workdir, "config.json"))):
       _write_config(run.workdir, config, run.derived())
     show_progress = progress.wanted(config.progress_bar, run.is_lead)
     evaluate = Evaluation(run, writer, show_progress)
