@@ -37,11 +37,16 @@ from fashion_jax.training import stops
 from fashion_jax.training import workdir as workdir_lib
 
 
-def _write_config(workdir: str, config: ml_collections.ConfigDict, derived: dict) -> None:
+def _write_config(run: "Run", config: ml_collections.ConfigDict, step: int) -> None:
+  """config.json, by the lead process, once a resume was accepted (a refused one raised before).
+  A finished run keeps the record of what it trained with: a re-run with another
+  eval_batch_size or log_every trains nothing."""
+  path = storage.join(run.workdir, "config.json")
+  if not run.is_lead or (step >= run.total_steps and storage.exists(path)):
+    return
   resolved = json.loads(config.to_json_best_effort())
-  resolved["_derived"] = derived
-  storage.write_text(storage.join(workdir, "config.json"),
-                     json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+  resolved["_derived"] = run.derived()
+  storage.write_text(path, json.dumps(resolved, indent=2, sort_keys=True) + "\n")
 
 
 def _summarize(sums: dict, prefix: str) -> dict:
@@ -351,11 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     state, step = restore(run, checkpointer, writer, init_state, description)
     faults.maybe_signal("restored")  # Tests: SIGTERM before the train loop starts.
     del init_state
-    # Only now is the run known to go on (a refused resume raised above). A finished run keeps
-    # the record of what it trained with: a re-run with another eval_batch_size trains nothing.
-    if run.is_lead and (step < total_steps
-                        or not storage.exists(storage.join(run.workdir, "config.json"))):
-      _write_config(run.workdir, config, run.derived())
+    _write_config(run, config, step)  # Only now is the run known to go on (see there).
     show_progress = progress.wanted(config.progress_bar, run.is_lead)
     evaluate = Evaluation(run, writer, show_progress)
     if step >= total_steps:
