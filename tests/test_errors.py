@@ -1,6 +1,8 @@
 """errors.py: the workdir checks, and the one-line errors for a missing extra."""
 
+import errno
 import os
+import stat
 import sys
 
 import pytest
@@ -77,6 +79,49 @@ def test_local_writes_are_whole_and_keep_the_umask(tmp_path):
   assert os.listdir(tmp_path) == ["config.json"]  # No temporary file left.
   storage.move(str(tmp_path), str(tmp_path.parent / "moved" / "run"))
   assert os.listdir(tmp_path.parent / "moved" / "run") == ["config.json"]
+
+
+def test_writes_go_through_links_and_into_devices_and_fifos(tmp_path):
+  """A link's target is replaced (the link kept), a FIFO or device written into: replacing them
+  with a file turned /dev/null into a regular file for every process when run as root."""
+  target = tmp_path / "real.json"
+  target.write_text("old")
+  (tmp_path / "link.json").symlink_to(target)
+  storage.write_text(str(tmp_path / "link.json"), "new")
+  assert (tmp_path / "link.json").is_symlink() and target.read_text() == "new"
+  fifo = tmp_path / "fifo"
+  os.mkfifo(fifo)
+  reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+  try:
+    storage.write_text(str(fifo), "through the pipe")
+    assert os.read(reader, 100) == b"through the pipe"
+  finally:
+    os.close(reader)
+  assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # (Not /dev/null itself: a regression would break it.)
+  assert sorted(os.listdir(tmp_path)) == ["fifo", "link.json", "real.json"]
+
+
+def test_a_long_file_name_that_fits_is_written(tmp_path):
+  """The temporary name does not grow with the file's (a 250-character name plus a suffix passed
+  the file system's 255)."""
+  path = tmp_path / ("r" * 245 + ".json")
+  storage.write_text(str(path), "{}")
+  assert path.read_text() == "{}" and os.listdir(tmp_path) == [path.name]
+
+
+def test_a_full_disk_names_the_fix_the_caller_gives(tmp_path, monkeypatch):
+  real_open = open
+
+  def full(file, mode="r", *args, **kwargs):
+    if "x" in mode:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real_open(file, mode, *args, **kwargs)
+
+  monkeypatch.setattr("builtins.open", full)
+  with pytest.raises(UserError, match=r"^no space left where .*out.json is written \(No space "
+                     r"left on device\); pass another --output$"):
+    storage.write_text(str(tmp_path / "out.json"), "{}", full_fix="pass another --output")
+  assert os.listdir(tmp_path) == []
 
 
 _COPIED_CONFIG = '''from fashion_jax import config_lib

@@ -134,27 +134,45 @@ def _folder_in_the_way(path: str) -> UserError:
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def out_of_space(path: str, e: OSError) -> UserError | None:
-  """The one line for a write that found the disk (or the user's quota) full, else None."""
+_RESUMES = ("free some space (or use another --workdir) and re-run the same command: it resumes "
+            "from the last checkpoint, which is intact")
+
+
+def out_of_space(path: str, e: OSError, fix: str = _RESUMES) -> UserError | None:
+  """The one line for a write that found the disk (or the user's quota) full, else None. `fix`:
+  what to do (by default a training run's: re-run to resume)."""
   if getattr(e, "errno", None) not in _FULL:
     return None
-  return UserError(f"no space left where {path} is written ({e.strerror}); free some space (or "
-                   "use another --workdir) and re-run the same command: it resumes from the last "
-                   "checkpoint, which is intact")
+  return UserError(f"no space left where {path} is written ({e.strerror}); {fix}")
 
 
-def write_text(path: str, text: str) -> None:
-  write_bytes(path, text.encode())  # UTF-8.
+def write_text(path: str, text: str, full_fix: str = _RESUMES) -> None:
+  write_bytes(path, text.encode(), full_fix)  # UTF-8.
 
 
-def write_bytes(path: str, data: bytes) -> None:
-  """Writes the whole file at once: readers see the old or the new content, never a part."""
+def write_bytes(path: str, data: bytes, full_fix: str = _RESUMES) -> None:
+  """Writes the whole file at once: readers see the old or the new content, never a part.
+
+  A link is written through (its target replaced, the link kept); a device or a FIFO that is
+  there (--output=/dev/null, /dev/stdout) is written into, not replaced by a file: as root a
+  replace turned /dev/null into a regular file for every process. `full_fix`: see out_of_space.
+  """
   if is_url(path):
     _epath(path).write_bytes(data)  # One object upload: atomic.
     return
+  path = os.path.realpath(path)  # Of the link's target from here on.
   if os.path.isdir(path):
     raise _folder_in_the_way(path)
-  tmp = f"{path}.{uuid.uuid4().hex}.tmp"  # open(), not mkstemp: the umask's permissions.
+  try:
+    if os.path.exists(path) and not os.path.isfile(path):
+      with open(path, "wb") as f:
+        f.write(data)
+      return
+  except OSError as e:
+    raise out_of_space(path, e, full_fix) or e
+  # A short name beside it (a long file name plus a suffix could pass the file system's limit);
+  # open(), not mkstemp: the umask's permissions.
+  tmp = os.path.join(os.path.dirname(path), f".fashion_jax-{uuid.uuid4().hex[:16]}.tmp")
   try:
     with open(tmp, "xb") as f:
       f.write(data)
@@ -162,7 +180,7 @@ def write_bytes(path: str, data: bytes) -> None:
   except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
-    if isinstance(e, OSError) and (full := out_of_space(path, e)):
+    if isinstance(e, OSError) and (full := out_of_space(path, e, full_fix)):
       raise full from e
     raise
 
