@@ -225,13 +225,43 @@ def test_compare_keras_without_tensorflow_is_one_line(tmp_path, idx_dir):
                                       "a loop to time; use some of classic,host,device"),
     # A ZeroDivisionError traceback (no step in an epoch).
     ("--batch_sizes=32,100000", "--batch_sizes: 100000 is larger than the 60000 training "
-                                "examples")])
+                                "examples"),
+    # Had timed jax's linear model against the Keras CNN: "124.47x".
+    ("--config.model=linear --compare=keras", "--compare=keras trains the classic CNN in Keras, "
+                                              "and config.model is 'linear'"),
+    # A mistyped folder had timed random images, exit 0, the table silent about it.
+    ("--config.idx_dir=/no/such/idx", "IDX folder '/no/such/idx' does not exist"),
+    # Each process of a pod had timed itself alone, and each written --output.
+    ("--config.distributed=on", "the benchmark measures one process"),
+    # Batch 8 had compiled first, then config.batch_size (not given) was blamed.
+    ("--batch_sizes=8,9 JAX_NUM_CPU_DEVICES=2", "--batch_sizes: 9 does not divide by the 2 "
+                                                "devices")])
 def test_benchmark_bad_input_is_one_line(tmp_path, flag, message):
   output = tmp_path / "b.json"
+  flags = [f for f in flag.split() if f.startswith("--")]
+  env = dict(f.split("=") for f in flag.split() if not f.startswith("--"))
   config = [] if flag.startswith("--config=") else ["--config=configs/tiny.py"]
-  proc = run_module("fashion_jax.benchmark", *config, flag, f"--output={output}")
+  proc = run_module("fashion_jax.benchmark", *config, *flags, f"--output={output}", env=env)
   assert_one_line_error(proc, message)
   assert not output.exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full (not Linux)")
+def test_a_write_that_fails_at_the_end_is_one_line_for_any_model(idx_dir, tmp_path):
+  """A link to /dev/full takes the JSON into a full disk: one line, not a traceback with
+  training's "resumes from the last checkpoint". The linear model's JSON had failed to serialize
+  (a NaN analytic FLOP count), a traceback after the whole run. (Through a link: code that
+  replaced the path would replace the link, not the device.)"""
+  (tmp_path / "b.json").symlink_to("/dev/full")
+  proc = run_module("fashion_jax.benchmark", "--config=configs/tiny.py", "--config.model=linear",
+                    f"--config.idx_dir={idx_dir}", "--batch_sizes=8,08", "--windows=1",
+                    "--window_seconds=0.05", "--compile_cache=false",
+                    f"--output={tmp_path / 'b.json'}")
+  assert_one_line_error(proc, "no space left where /dev/full is written (No space left on "
+                        "device); free some space or pass another --output (the table above has "
+                        "the results)")
+  assert [l.split()[0] for l in proc.stdout.splitlines() if l.strip()[:1].isdigit()] == ["8"]
+  assert os.path.exists("/dev/full") and not os.path.isfile("/dev/full")
 
 
 @pytest.mark.parametrize("where,message", [

@@ -19,7 +19,6 @@ JSON file.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from fashion_jax.benchmarking import benchmark_report
+from fashion_jax.benchmarking import checks
 from fashion_jax.benchmarking import flops
 from fashion_jax.benchmarking import step_profile
 from fashion_jax.benchmarking import train_rates
@@ -44,7 +44,8 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.", lock_config=True)
   flags.DEFINE_string("batch_sizes", "", "Comma-separated global batch sizes to sweep "
                       "(default: the config's batch_size).")
-  flags.DEFINE_enum("compare", "", ["", "keras"], "Also train the identical Keras model.")
+  flags.DEFINE_enum("compare", "", ["", "keras"], "Also train the identical Keras model "
+                    "(of the classic CNN, config.model=cnn).")
   flags.DEFINE_integer("windows", 5, "Timed windows per pass (per measurement).")
   flags.DEFINE_integer("rounds", 1, "Passes over the batch sizes: jax, then Keras with "
                        "--compare, this many times (then jax once more with --compare): each "
@@ -52,7 +53,8 @@ def define_flags() -> None:
                        "are reported. 3 or more on shared or virtual machines, whose speed "
                        "drifts.")
   flags.DEFINE_float("window_seconds", 2.0, "Approximate length of one timed window.")
-  flags.DEFINE_float("peak_gflops", 0.0, "Peak FLOP/s of one device in GFLOP/s for MFU "
+  flags.DEFINE_float("peak_gflops", 0.0, "Peak FLOP/s of one device (on CPU: of all the "
+                     "process's cores, however many CPU devices) in GFLOP/s for MFU "
                      "(0 = a GPU's or TPU's from a table of models; a CPU's measured with "
                      "multiply-add chains on every core, its nominal clock-based estimate "
                      "without the native kernels).")
@@ -234,21 +236,6 @@ def tfds_unprepared_reason(config) -> str | None:
     return f"tfds cannot open {config.dataset!r}: {type(e).__name__}: {e}"
 
 
-def parse_batch_sizes(text: str, default: int) -> list[int]:
-  """--batch_sizes as positive integers (`default`, config.batch_size, when empty); a UserError
-  naming the entry otherwise."""
-  from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
-  sizes = []
-  for part in (p.strip() for p in text.split(",")) if text.strip() else ():
-    if not part:
-      continue
-    if not (part.isascii() and part.isdecimal()) or int(part) == 0:
-      raise UserError(f"--batch_sizes={text}: {part!r} is not a positive whole number; pass "
-                      "comma-separated batch sizes, e.g. --batch_sizes=32,128,512")
-    sizes.append(int(part))
-  return sizes or [default]
-
-
 def run(config) -> dict:
   """Runs every measurement; returns the results dict (also written to --output)."""
   import math  # pylint: disable=g-import-not-at-top
@@ -260,29 +247,14 @@ def run(config) -> dict:
   from fashion_jax.support import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
 
   config_lib.validate(config)
-  if FLAGS.rounds < 1:
-    raise UserError(f"--rounds={FLAGS.rounds} is invalid; give 1 or more passes")
-  if FLAGS.windows < 1:
-    raise UserError(f"--windows={FLAGS.windows} is invalid; give 1 or more timed windows per pass")
-  if not (math.isfinite(FLAGS.window_seconds) and FLAGS.window_seconds > 0):
-    raise UserError(f"--window_seconds={FLAGS.window_seconds} is invalid; give a positive "
-                    "number of seconds, e.g. 2")
-  if FLAGS.profile_steps < 1:
-    raise UserError(f"--profile_steps={FLAGS.profile_steps} is invalid; give 1 or more steps")
-  if not (math.isfinite(FLAGS.peak_gflops) and FLAGS.peak_gflops >= 0):
-    raise UserError(f"--peak_gflops={FLAGS.peak_gflops} is invalid; give one device's peak in "
-                    "GFLOP/s (a positive number), or 0 to look it up or measure it")
-  unknown = [v for v in FLAGS.loop_variants if v not in LOOP_VARIANTS]
-  if unknown or not FLAGS.loop_variants:  # Before minutes of measuring, not after (it was).
-    raise UserError(f"--loop_variants={','.join(FLAGS.loop_variants)} " +
-                    (f"names {unknown[0]!r}, which" if unknown else "is empty; it") +
-                    f" is not a loop to time; use some of {','.join(LOOP_VARIANTS)}")
-  batch_sizes = parse_batch_sizes(FLAGS.batch_sizes, config.batch_size)
-  if FLAGS.compare == "keras":
-    missing = [m for m in ("tensorflow", "keras") if importlib.util.find_spec(m) is None]
-    if missing:
-      raise UserError(f"--compare=keras trains the Keras model on TensorFlow, and {' and '.join(missing)} "
-                      "is not installed here; pip install 'fashion_jax[tf]' (or leave out --compare)")
+  checks.flags(FLAGS, LOOP_VARIANTS)
+  batch_sizes = checks.parse_batch_sizes(FLAGS.batch_sizes, config.batch_size)
+  checks.compare(config, FLAGS.compare)
+  if cluster := checks.one_process(config):
+    benchmark_report.log(f"a {cluster} launch: the benchmark times this process alone")
+  if config.deterministic:  # As training runs it (main.py); read when the backend starts.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_gpu_deterministic_ops=true").strip()
   backends.request(config.backend)
   backends.check(config.backend)
   parallel = parallel_lib.Parallel(config.parallelism)
@@ -302,6 +274,8 @@ def run(config) -> dict:
     test_data = input_pipeline.load(config, "test", data_source)
     data_note = data_source.describe()
   except UserError as e:
+    if data_source.kind == "idx" or config.data_dir:  # Named by the user: not timed on noise.
+      raise
     benchmark_report.log(f"no real data ({e}); timing on random images (throughput does not depend on content)")
     rng = np.random.default_rng(0)
     train_data = input_pipeline.Split(rng.integers(0, 256, (60_000, 28, 28, 1), np.uint8),
@@ -309,10 +283,7 @@ def run(config) -> dict:
     test_data = input_pipeline.Split(train_data.images[:10_000], train_data.labels[:10_000])
     data_note = "random"
 
-  too_big = [b for b in batch_sizes if b > len(train_data)]
-  if too_big:  # The train step cycles through the training set a batch at a time.
-    raise UserError(f"--batch_sizes: {too_big[0]} is larger than the {len(train_data)} training "
-                    "examples; pass smaller batch sizes")
+  checks.batches_fit(batch_sizes, parallel, len(train_data))
   # The CPU's peak: sampled now and again after the sweep, the best of both.
   early_peak = (flops.sample_cpu_peak() if parallel.devices[0].platform == "cpu"
                 and not FLAGS.peak_gflops else [])
@@ -354,9 +325,9 @@ def run(config) -> dict:
   best_rate = best["train_images_per_sec"]["median"]
   executed_flops = best["flops_per_image_xla"]
   flops_per_image = (flops.model_flops_per_image(config, best["batch_size"])
-                     or flops.analytic_flops_per_image(config.model))
-  achieved = best_rate * flops_per_image
-  mfu = achieved / peak_flops if peak_flops else None
+                     or flops.analytic_flops_per_image(config.model))  # None: not counted.
+  achieved = best_rate * flops_per_image if flops_per_image else None
+  mfu = achieved / peak_flops if achieved and peak_flops else None
   hfu = best_rate * executed_flops / peak_flops if executed_flops and peak_flops else None
   results = {
       "config": {"model": config.model, "conv_impl": config.conv_impl,
@@ -375,7 +346,8 @@ def run(config) -> dict:
       "flops_per_image": flops_per_image,
       "flops_per_image_analytic": flops.analytic_flops_per_image(config.model),
       "flops_per_image_executed": executed_flops,
-      "achieved_gflops": achieved / 1e9,
+      "achieved_gflops": achieved / 1e9 if achieved else None,
+      "peak_gflops": peak_flops / 1e9 if peak_flops else None,  # All the devices'.
       "peak_gflops_per_device": peak if peak_flops else None, "peak_source": peak_source,
       "mfu": mfu,
       "hfu": hfu,
@@ -399,29 +371,13 @@ def run(config) -> dict:
   return results
 
 
-def check_output(output: str) -> str:
-  """--output resolved (a local file or gs://bucket/path), its folder created and proved
-  writable: before the measurements, so that minutes of them are never lost at the end."""
-  from fashion_jax.support import storage  # pylint: disable=g-import-not-at-top
-  from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
-  if not output.strip():
-    raise UserError("--output is empty; pass the JSON file to write, e.g. --output=benchmark.json")
-  path = storage.resolve(output, "--output")
-  if storage.isdir(path):
-    raise UserError(f"--output {path!r} is a folder; pass a file name, e.g. "
-                    f"--output={storage.join(path, 'benchmark.json')}")
-  folder = path.rsplit("/", 1)[0] if storage.is_url(path) else os.path.dirname(path)
-  storage.ensure_writable_dir(folder, "--output's folder")
-  return path
-
-
 def main(argv):
   cli.refuse_arguments(argv)
   cli.quiet_console()  # --loop runs the real loop.
   from fashion_jax.support import storage  # pylint: disable=g-import-not-at-top
   from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
   try:
-    output = check_output(FLAGS.output)
+    output = checks.output(FLAGS.output)
     results = run(FLAGS.config)
   except UserError as e:
     cli.fail(str(e))
@@ -431,6 +387,13 @@ def main(argv):
   print(benchmark_report.format_table(results))
   if "profile" in results:
     print(step_profile.format_profile(results["profile"]))
-  storage.write_text(output, json.dumps(results, indent=2, allow_nan=False) + "\n")
+  try:
+    storage.write_text(output, json.dumps(results, indent=2, allow_nan=False) + "\n",
+                       checks.OUTPUT_FULL_FIX)
+  except UserError as e:
+    cli.fail(str(e))
+  except OSError as e:  # Gone or made unwritable during the run, a cloud upload that failed.
+    cli.fail(f"cannot write --output {output} ({e.strerror or e}); "
+             f"{checks.OUTPUT_FIX}")
   benchmark_report.log(f"wrote {output}")
 

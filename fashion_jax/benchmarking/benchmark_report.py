@@ -147,7 +147,9 @@ def _cpu_name() -> str:
       match = re.search(r"model name\s*:\s*(.*)", f.read())
   except OSError:
     match = None
-  return match.group(1).strip() if match else platform.processor()
+  # Arm's /proc/cpuinfo has no model name (and platform.processor() is often empty there).
+  return match.group(1).strip() if match else (platform.processor() or
+                                               f"{platform.machine() or 'unknown'} CPU")
 
 
 DRIFT = 1.25  # Passes of one side at one batch size this far apart: the machine's speed moved.
@@ -169,6 +171,14 @@ def drift_warning(results: dict) -> str | None:
           f"--rounds (now {results.get('rounds', 1)})")
 
 
+def _peak(results: dict) -> str:
+  """The peak MFU is a share of: all the devices' ("8 x 989" where there are several)."""
+  total, each = results.get("peak_gflops"), results["peak_gflops_per_device"]
+  if total is None or abs(total - each) < 0.5:
+    return f"{each:,.0f}"
+  return f"{total:,.0f} ({total / each:.0f} x {each:,.0f})"
+
+
 def format_table(results: dict) -> str:
   rows = [f"{'batch':>6} {'jax img/s (median)':>19} {'min':>8} {'max':>8} {'compile s':>10}"
           + (f" {'keras img/s':>12} {'ratio':>6}" if "keras_sweep" in results else "")]
@@ -182,14 +192,16 @@ def format_table(results: dict) -> str:
       row += f" {k:>12,.0f} {t['median'] / k:>6.2f}"
     rows.append(row)
   env = results["environment"]
+  random = results["config"].get("data") == "random"
   lines = [
       f"fashion_jax benchmark — {env['device_kind']} x{env['num_devices']}, {env['cpu']}, "
-      f"jax {env['jax']}, {env['date']}",
+      f"jax {env['jax']}, {env['date']}" + (", on random images (no data found)" if random else ""),
       *rows,
-      f"best: {results['train_images_per_sec']:,.0f} img/s at batch {results['best_batch_size']}; "
-      f"model {results['flops_per_image'] / 1e6:.2f} MFLOP/image -> "
-      f"{results['achieved_gflops']:.1f} GFLOP/s = " +
-      (f"MFU {100 * results['mfu']:.1f}% of {results['peak_gflops_per_device']:.0f} GFLOP/s peak "
+      f"best: {results['train_images_per_sec']:,.0f} img/s at batch {results['best_batch_size']}; " +
+      (f"model {results['flops_per_image'] / 1e6:.2f} MFLOP/image -> "
+       f"{results['achieved_gflops']:.1f} GFLOP/s = " if results["flops_per_image"] else
+       "model FLOPs not counted (no XLA cost analysis here): ") +
+      (f"MFU {100 * results['mfu']:.1f}% of {_peak(results)} GFLOP/s peak "
        if results["mfu"] is not None else "MFU unknown ") + f"({results['peak_source']})",
       *([f"executed: {results['flops_per_image_executed'] / 1e6:.2f} MFLOP/image "
          f"(XLA cost analysis of the program that ran, plus fashion_jax's native kernels) -> "

@@ -152,15 +152,16 @@ def peak_units(parallel) -> int:
   return parallel.num_devices
 
 
-def analytic_flops_per_image(model_name: str) -> float:
-  """Training FLOPs per image of the classic CNN counted by hand (fallback for cost analysis).
+def analytic_flops_per_image(model_name: str) -> float | None:
+  """Training FLOPs per image of the classic CNN counted by hand (fallback for cost analysis);
+  None for the other models (a NaN had made the benchmark's JSON fail after the whole run).
 
   Forward: multiply-adds x 2 of each layer; backward twice that (weight and input gradients),
   less the first conv's input gradient, which nothing needs. Optimizer and elementwise work
   (~1 %) are left out.
   """
   if model_name != "cnn":
-    return float("nan")
+    return None
   first_conv = 2 * 26 * 26 * 32 * 9 * 1
   forward = first_conv + 2 * (11 * 11 * 64 * 9 * 32 + 1600 * 128 + 128 * 10)
   return 3.0 * forward - first_conv

@@ -128,8 +128,9 @@ def format_profile(p: dict) -> str:
     return f"profile: unavailable ({p.get('reason')})"
   lines = [f"profile (batch {p['batch_size']}, {p['steps']} steps under jax.profiler: "
            f"{p['step_ms']:.3f} ms a step; ops sum to {p['ops_ms_per_step']:.3f} ms, "
-           "summed over threads and devices, each the median call x calls a step; % peak of "
-           f"{p['peak_gflops']:,.0f} GFLOP/s):",
+           "summed over threads and devices, each the median call x calls a step; " +
+           (f"% peak of {p['peak_gflops']:,.0f} GFLOP/s):" if p["peak_gflops"] > 0 else
+            "no known peak):"),
            f"  {'op':<28} {'kind':<34} {'ms/step':>8} {'% step':>7} {'GFLOP/s':>8} {'% peak':>7}"]
   for o in p["ops"][:TOP_OPS]:
     gflops = f"{o['gflops']:8,.0f}" if o["gflops"] is not None else f"{'':8}"

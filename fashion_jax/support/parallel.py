@@ -35,7 +35,7 @@ from fashion_jax.support.errors import UserError
 AXIS = "data"
 
 
-def _cluster_detected() -> str | None:
+def cluster_detected() -> str | None:
   """A multi-process launcher JAX can read its topology from, if any."""
   if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
     return "SLURM"
@@ -113,7 +113,7 @@ def initialize_distributed(config) -> bool:
   """
   mode = config.distributed
   coordinator = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-  cluster = _cluster_detected()
+  cluster = cluster_detected()
   if mode == "off" or (mode == "auto" and not coordinator and not cluster):
     return False
   kwargs = {"initialization_timeout": int(config.distributed_timeout_s)}
