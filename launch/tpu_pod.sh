@@ -40,10 +40,18 @@ repo=${REPO_URL:-$(git -C "$here" config --get remote.origin.url || true)}
 repository the workers should clone"
 branch=${BRANCH:-main}
 python=${PYTHON:-python3}
-flags=(--workdir="$workdir" --config.distributed=on --config.backend=tpu "$@")
-given_config=0
-for arg in "$@"; do [[ $arg == --config || $arg == --config=* ]] && given_config=1; done
-[ $given_config = 1 ] || flags=(--config="${CONFIG:-configs/default.py}" "${flags[@]}")
+# The config file first: ml_collections refuses a --config.KEY before it (this script's own were).
+config=(--config="${CONFIG:-configs/default.py}") rest=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --config=*) config=("$1") ;;
+    --config) [ $# -ge 2 ] || usage_error "--config needs a file"; config=("$1" "$2"); shift ;;
+    *) rest+=("$1") ;;
+  esac
+  shift
+done
+flags=("${config[@]}" --workdir="$workdir" --config.distributed=on --config.backend=tpu
+       ${rest[@]+"${rest[@]}"})  # (Bash 3.2, macOS's, calls an empty array unbound under set -u.)
 q() { printf '%q ' "$@"; }  # Quoted for the workers' shell: paths, JSON and $ arrive intact.
 
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="

@@ -63,6 +63,16 @@ def _main_argv(calls):
   return next(c[3:] for c in calls if c[1:3] == ["-m", "fashion_jax.main"])
 
 
+def _parses(argv):
+  """main's flags parse as given (ml_collections' order rules, the overrides' keys)."""
+  code = ("import sys\nfrom absl import flags\nfrom ml_collections import config_flags\n"
+          "config_flags.DEFINE_config_file('config')\nflags.DEFINE_string('workdir', '', '')\n"
+          "flags.FLAGS(['main'] + sys.argv[1:])\nprint(flags.FLAGS.config.seed)\n")
+  proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_tpu_pod_passes_flags_and_paths_to_the_workers_intact(stubs):
   """Flags were pasted unquoted into the workers' shell: JSON lost its quotes and split, a path
   with a space split, and `$`/`;` ran there."""
@@ -74,10 +84,17 @@ def test_tpu_pod_passes_flags_and_paths_to_the_workers_intact(stubs):
   assert ["git", "fetch", "--quiet", "origin", "main"] in calls
   pip = next(c for c in calls if c[1:4] == ["-m", "pip", "install"] and "-e" in c)
   assert "-c" in pip  # Installed with the workers' jax, jaxlib and libtpu pinned.
-  proc, calls = stubs("tpu_pod.sh", "gs://bucket/r", "--config=configs/tiny.py", BRANCH="dev")
-  assert proc.returncode == 0 and _main_argv(calls)[0] == "--workdir=gs://bucket/r"  # Its config.
-  assert "--config=configs/tiny.py" in _main_argv(calls)
+  # A --config among the flags goes first: the script's own --config.KEY before it had been
+  # refused by ml_collections ("Found --config.distributed=on in argv before a value for --config").
+  proc, calls = stubs("tpu_pod.sh", "gs://bucket/r", "--config.seed=3", "--config=configs/tiny.py",
+                      BRANCH="dev")
+  assert proc.returncode == 0, proc.stderr
+  assert _main_argv(calls) == ["--config=configs/tiny.py", "--workdir=gs://bucket/r",
+                               "--config.distributed=on", "--config.backend=tpu", "--config.seed=3"]
+  _parses(_main_argv(calls))
   assert ["git", "checkout", "--quiet", "-B", "dev", "FETCH_HEAD"] in calls
+  proc, calls = stubs("tpu_pod.sh", "gs://bucket/r", "--config", "configs/tiny.py")
+  assert _main_argv(calls)[:2] == ["--config", "configs/tiny.py"]
 
 
 def test_slurm_script_lets_each_task_see_its_nodes_gpus(stubs):
@@ -93,6 +110,12 @@ def test_slurm_script_lets_each_task_see_its_nodes_gpus(stubs):
                     "--config=configs/default.py", "--workdir=/shared/run",
                     "--config.distributed=auto", "--config.parallelism=mesh",
                     "--config.backend=gpu", '--config.model_kwargs={"depth": 16}']]
+  proc, calls = stubs("slurm_multigpu.sbatch", "/shared/run", "--config.seed=3",
+                      "--config=configs/tiny.py")
+  assert proc.returncode == 0, proc.stderr
+  argv = calls[0][calls[0].index("fashion_jax.main") + 1:]
+  assert argv[0] == "--config=configs/tiny.py" and argv[-1] == "--config.seed=3"
+  _parses(argv)
 
 
 @pytest.mark.parametrize("script, args, says", [
