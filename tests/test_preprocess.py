@@ -170,6 +170,41 @@ def test_sixteen_bit_is_scaled_not_clipped():
   np.testing.assert_array_equal(preprocess.to_fashion_mnist(as_float), expected)
 
 
+def test_ten_and_twelve_bit_data_in_sixteen_bit_files_is_not_blank(tmp_path):
+  """Sensor data stored in 16-bit files: scaled by 255/65535, a 12-bit garment (background 4000,
+  body 1000) rounded to levels 16 and 4, within the trim distance: "blank"."""
+  gray = photos.garment()
+  expected = preprocess.to_fashion_mnist(Image.fromarray(gray))
+  for bits in (10, 12):
+    path = tmp_path / f"{bits}.png"
+    Image.fromarray((gray.astype(np.uint16) * (2 ** bits - 1) // 255).astype(np.uint16)).save(path)
+    got = convert_file(path)  # As close as a lossy format's (rounding to fewer levels).
+    assert np.abs(got.astype(int) - expected).mean() < 4, bits
+    assert bounding_box(got) == bounding_box(expected), bits
+
+
+def test_a_big_transparent_image_is_shrunk_before_its_alpha_is_flattened(tmp_path):
+  """Alpha flattening and 16-bit scaling ran in floats at full size before the shrink to
+  WORKING_SIZE: an 8000x6000 RGBA cut-out took 3.4 GB."""
+  import tracemalloc  # pylint: disable=import-outside-toplevel
+  gray = photos.garment(width=3000, height=3600)
+  rgba = np.dstack([np.repeat(gray[..., None], 3, axis=2),
+                    np.where(gray == 255, 0, 255).astype(np.uint8)])
+  for name, image in (("rgba.png", Image.fromarray(rgba)),
+                      ("p.png", Image.fromarray(rgba).convert("RGB").quantize(16)),
+                      ("i16.png", Image.fromarray(gray.astype(np.uint16) * 257))):
+    image.save(tmp_path / name)
+    tracemalloc.start()
+    try:
+      got = convert_file(tmp_path / name)
+      peak = tracemalloc.get_traced_memory()[1]
+    finally:
+      tracemalloc.stop()
+    assert peak < 120e6, (name, peak)  # Full size in float32: 3000 x 3600 x 4 x 4 = 173 MB.
+    expected = preprocess.to_fashion_mnist(Image.fromarray(gray).reduce(4))
+    assert np.abs(got.astype(int) - expected).mean() < 3, name
+
+
 def test_gif_takes_the_first_frame(tmp_path, drawing):
   gray, expected = drawing
   first = Image.fromarray(gray)
