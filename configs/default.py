@@ -12,7 +12,7 @@ Run (offline, from the repository root):
 Measured on 2 CPU cores (BENCHMARKS.md), with the second conv as Winograd
 F(5x5, 3x3) in the native two-layer op (AMD EPYC Zen 3 VM, AVX2 kernels): seeds
 0-3 91.71 / 92.15 / 90.87 / 91.47% test accuracy after its 5 epochs (9,375
-steps), mean 91.55%, 21.6-26.8 s wall from process start, ~21,800 images/s in
+steps), mean 91.55%, 21.2-26.8 s wall from process start, ~21,800 images/s in
 the loop at batch 32. Before F(5x5, 3x3), on a Zen 5 VM (AVX-512 kernels):
 seeds 0-3 91.69 / 92.05 / 90.97 / 91.55%, mean 91.57% (91.54% with the kernels
 before the two layers became one op, whose gradients summed in another order),
