@@ -166,7 +166,8 @@ def validate(config: ml_collections.ConfigDict, serving: bool = False, warn: boo
       problems.append(f"config.model_kwargs={config.model_kwargs.to_dict()} do not fit model "
                       f"{config.model!r}: {'; '.join(wrong)}")
   check(config.distributed_timeout_s > 0, "distributed_timeout_s", "a positive number of seconds")
-  check(isinstance(config.idx_dir, str), "idx_dir", "a folder path, or '' for tensorflow-datasets")
+  check(isinstance(config.idx_dir, str), "idx_dir",
+        "a folder path, or '' ($FASHION_JAX_IDX_DIR, else tfds, else the download)")
   check(config.batch_size > 0, "batch_size", "a positive global batch size")
   check(0 < config.eval_batch_size <= MAX_EVAL_BATCH, "eval_batch_size",
         f"a positive global batch size, at most {MAX_EVAL_BATCH:,} (the test set is padded to it)")

@@ -15,8 +15,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Data.
   config.dataset = "fashion_mnist"  # tensorflow-datasets name.
-  config.data_dir = ""  # tfds data_dir; "" = tfds default (~/tensorflow_datasets).
-  config.idx_dir = ""  # Folder with the four IDX files; "" = read via tfds.
+  # tfds data_dir ("" = tfds default, ~/tensorflow_datasets); without TensorFlow, the verified
+  # download goes to data_dir/<name>/idx ("" = the user's cache, fashion_jax/data/download.py).
+  config.data_dir = ""
+  # Folder with the four IDX files; "" = $FASHION_JAX_IDX_DIR (Fashion-MNIST, no data_dir), else
+  # tfds where TensorFlow is installed, else the verified download (README "Data").
+  config.idx_dir = ""
   config.shuffle_buffer = -1  # Unused by the in-memory pipeline; kept for tfds users' habits.
 
   # Model.
@@ -81,7 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   # batches sent per window. Same examples at every step either way. auto = device.
   config.data_placement = "auto"
   # Steps per compiled call (a lax.scan "window"): -1 = auto (the largest divisor of the
-  # checkpoint and eval intervals up to 100 on CPU, 1000 on GPU/TPU); N = at most N.
+  # checkpoint and eval intervals up to 100 on CPU, 1000 on GPU/TPU; where that is under half
+  # the cap, as for a prime interval, the cap, with shorter windows up to each checkpoint and
+  # eval step: fashion_jax/training/loop.py); N = at most N (1 = a step per call).
   config.steps_per_dispatch = -1
   # Multi-host (see README "Devices"): auto | on | off. "auto" joins when a coordinator is
   # given or a SLURM / Open MPI / TPU-pod launch is detected.

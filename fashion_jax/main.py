@@ -4,11 +4,12 @@ r"""Trains and evaluates a Fashion-MNIST classifier.
       [--config.idx_dir=FOLDER] [--config.KEY=VALUE ...]
 
 Re-running the same command resumes from the latest checkpoint in --workdir.
-
 Exit status: 0 trained and evaluated; 2 a problem with the input (config, data,
 workdir): the one-line message says what to fix; 75 stopped by SIGTERM/SIGINT
 (to any process of the job) after saving a checkpoint at the step every process
-agreed on: re-run the same command to resume; 1 an unexpected crash (traceback).
+agreed on: re-run the same command to resume; 130 Ctrl-C before training holds
+signals (nothing saved yet), or a second one while a single process saves its
+stop checkpoint: re-run to resume; 1 a crash (traceback).
 """
 
 import os
