@@ -247,6 +247,17 @@ def test_user_errors(trained_tiny_workdir, tmp_path):
     evaluate.evaluate(str(relative))
 
 
+def test_a_report_it_cannot_put_in_place_is_one_line(trained_tiny_workdir, tmp_path):
+  """A folder where a figure goes (or another user's file in a shared /tmp) had been a traceback
+  from the final rename."""
+  out = tmp_path / "out"
+  os.makedirs(out / evaluate.CONFUSION_NAME)
+  with pytest.raises(UserError, match=r"^cannot write the report into .*out \(Is a directory: "
+                     r".*confusion_matrix.png\); move that away or pass another --output_dir$"):
+    evaluate.evaluate(trained_tiny_workdir, str(out))
+  assert sorted(os.listdir(out)) == [evaluate.CONFUSION_NAME]  # Nothing half-written beside it.
+
+
 def test_without_matplotlib_evaluate_names_the_extra(trained_tiny_workdir, tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "matplotlib", None)  # As without the `serve` extra.
   with pytest.raises(UserError, match=r"needs matplotlib.*fashion_jax\[serve\]"):

@@ -12,6 +12,7 @@ the default recipe gets most of them right.
 
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -220,6 +221,50 @@ def test_usage_errors_exit_2_with_one_line(trained_tiny_workdir, tiny_inputs, tm
   assert len(lines) == 1 + (case in ("only_missing", "empty_folder")), proc.stderr
   if case == "empty_folder":
     assert lines[0].startswith(f"fashion_jax: warning: {tmp_path}: no image files")
+
+
+def test_a_file_name_that_is_no_utf8_is_shown_escaped(trained_tiny_workdir, tiny_inputs, tmp_path):
+  """os.walk keeps such bytes as lone surrogates: the table's print raised UnicodeEncodeError
+  under a strict UTF-8 stdout after the whole batch, and --json wrote a lone surrogate."""
+  folder, paths = tiny_inputs
+  os.makedirs(tmp_path / "odd")
+  shutil.copy(paths[0], os.path.join(os.fsencode(tmp_path / "odd"), b"bad\xffname.png"))
+  for args in ([], ["--json"]):
+    proc = run_module("fashion_jax.predict", f"--workdir={trained_tiny_workdir}", *args,
+                      str(tmp_path / "odd"), env={"PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shown = json.loads(proc.stdout)["path"] if args else proc.stdout.splitlines()[1].split()[0]
+    assert shown.endswith("odd/bad\\xffname.png"), proc.stdout
+
+
+def test_saving_preprocessed_images_among_the_inputs_is_refused(trained_tiny_workdir, tiny_inputs):
+  """The next run classified its own outputs too: img0.png.png, then img0.png.png.png."""
+  folder, _ = tiny_inputs
+  proc = run_module("fashion_jax.predict", f"--workdir={trained_tiny_workdir}",
+                    f"--save_preprocessed={folder / 'a' / 'out'}", str(folder))
+  assert proc.returncode == 2 and proc.stdout == ""
+  assert error_lines(proc.stderr) == [
+      f"fashion_jax: error: --save_preprocessed={folder / 'a' / 'out'} is among the inputs "
+      f"({folder}): the images written there would be classified with them next time; pass a "
+      "folder outside the inputs"], proc.stderr
+  assert not (folder / "a" / "out").exists()
+
+
+def test_a_run_folder_anyone_may_write_is_not_served(trained_tiny_workdir, tiny_inputs, tmp_path):
+  """A checkpoint planted in a folder all may write (the README's /tmp/fj) decided the answers."""
+  folder, paths = tiny_inputs
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_tiny_workdir, workdir)
+  os.chmod(workdir / "checkpoints", 0o777)
+  proc = run_module("fashion_jax.predict", f"--workdir={workdir}", paths[0])
+  assert proc.returncode == 2 and error_lines(proc.stderr) == [
+      f"fashion_jax: error: {workdir / 'checkpoints'} is writable by every user: anyone could "
+      f"have put the checkpoint or config.json there that this would serve; chmod o-w "
+      f"{workdir / 'checkpoints'}, or set FASHION_JAX_TRUST_WORKDIR=1 if nobody else can reach "
+      "it"], proc.stderr
+  proc = run_module("fashion_jax.predict", f"--workdir={workdir}", paths[0],
+                    env={"FASHION_JAX_TRUST_WORKDIR": "1"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_find_images_order_and_filters(tmp_path):

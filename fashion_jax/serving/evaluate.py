@@ -319,7 +319,13 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
         storage.put_file(os.path.join(drawn, name), storage.join(output_dir, name))
       else:
         os.replace(os.path.join(drawn, name), os.path.join(output_dir, name))
-    storage.write_text(storage.join(output_dir, JSON_NAME), json.dumps(result, indent=2) + "\n")
+    storage.write_text(storage.join(output_dir, JSON_NAME), json.dumps(result, indent=2) + "\n",
+                       "free some space or pass another --output_dir")
+  except OSError as e:  # A folder where a figure goes, another user's file in /tmp, a full disk.
+    where = getattr(e, "filename2", None) or getattr(e, "filename", None) or output_dir
+    raise storage.out_of_space(output_dir, e, "free some space or pass another --output_dir") or \
+        UserError(f"cannot write the report into {output_dir} ({e.strerror or e}: {where}); "
+                  "move that away or pass another --output_dir") from e
   finally:
     shutil.rmtree(drawn, ignore_errors=True)
   return result

@@ -152,8 +152,13 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256,
   is evaluation's (`steps.create_model`): the native CPU kernels where they are built, unless
   `portable` (XLA's ops only, for export)."""
   workdir = storage.resolve(workdir, "--workdir")
-  config = load_run_config(workdir)
   directory = storage.join(workdir, "checkpoints")
+  if open_to_all := storage.writable_by_all([workdir, directory]):  # (Another owner is fine:
+    raise UserError(  # a teammate's run; a folder anyone may write is anyone's model.)
+        f"{open_to_all} is writable by every user: anyone could have put the checkpoint or "
+        f"config.json there that this would serve; chmod o-w {open_to_all}, or set "
+        f"{storage.TRUST_ENV}=1 if nobody else can reach it")
+  config = load_run_config(workdir)
   if not storage.isdir(directory):
     raise UserError(f"no checkpoints folder in {workdir}; train first, or pass the right --workdir")
   try:

@@ -66,6 +66,12 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step (default: best by validation, else latest).")
 
 
+def shown(path: str) -> str:
+  """A path as text that prints and parses anywhere: a name's bytes that are no UTF-8 (os.walk
+  keeps them as lone surrogates) as \\xff escapes; they had ended the table in a traceback."""
+  return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 @dataclasses.dataclass
 class Prediction:
   """One input's outcome: `top_k` [(class name, label, probability)...] or an `error`."""
@@ -75,14 +81,14 @@ class Prediction:
   preprocessed: str | None = None
 
   def to_json(self) -> str:
-    record: dict = {"path": self.path}
+    record: dict = {"path": shown(self.path)}
     if self.error is not None:
       record["error"] = self.error
     else:
       record["top_k"] = [{"class": name, "label": label, "probability": round(prob, 6)}
                          for name, label, prob in self.top_k]
     if self.preprocessed is not None:
-      record["preprocessed"] = self.preprocessed
+      record["preprocessed"] = shown(self.preprocessed)
     return json.dumps(record)
 
 
@@ -128,6 +134,21 @@ def preprocessed_names(files: list[str]) -> list[str]:
   return names
 
 
+def _refuse_saving_among_inputs(save_dir: str, paths: list[str]) -> None:
+  """--save_preprocessed in (or under) a folder given as input: the next run classified its own
+  outputs too (a.png.png, a.png.png.png, ...), and a.png.png could overwrite an input."""
+  if storage.is_url(save_dir):
+    return
+  target = os.path.realpath(save_dir)
+  for path in paths:
+    folder = os.path.realpath(path)
+    if os.path.isdir(path) and (target == folder or
+                                target.startswith(folder.rstrip(os.sep) + os.sep)):
+      raise UserError(f"--save_preprocessed={save_dir} is among the inputs ({path}): the images "
+                      "written there would be classified with them next time; pass a folder "
+                      "outside the inputs")
+
+
 def _load(path: str, dataset: str):
   """The 28x28 uint8 version of one file, made by `dataset`'s recipe (MNIST's for digits,
   Fashion-MNIST's otherwise); raises preprocess.ImageError."""
@@ -162,7 +183,7 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
   for prediction in predictions:
     if prediction.path in inputs.missing:
       prediction.error = "no such file or directory"
-      print(f"fashion_jax: error: {prediction.path}: {prediction.error}", file=err)
+      print(f"fashion_jax: error: {shown(prediction.path)}: {prediction.error}", file=err)
   for path in inputs.empty_folders:
     print(f"fashion_jax: warning: {path}: no image files in this folder (extensions: "
           f"{' '.join(sorted(preprocess.IMAGE_EXTENSIONS))})", file=err)
@@ -174,6 +195,7 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
   batch_size = min(MAX_BATCH, 1 << (len(todo) - 1).bit_length())  # Small inputs, small batches.
   classifier = inference.load(workdir, step=step, batch_size=batch_size)
   if save_dir:  # A local folder or gs://bucket/path, created and proved writable: once the run
+    _refuse_saving_among_inputs(save_dir, paths)
     save_dir = storage.ensure_writable_dir(save_dir, "--save_preprocessed")  # is known good.
   print(f"fashion_jax: checkpoint {classifier.checkpoint_dir} (step {classifier.step}, "
         f"{classifier.why})", file=err)
@@ -187,7 +209,7 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
     except Exception as e:  # pylint: disable=broad-except  (one odd file must not stop a batch)
       prediction.error = (str(e) if isinstance(e, preprocess.ImageError)
                           else f"cannot convert ({type(e).__name__}: {e})")
-      print(f"fashion_jax: error: {prediction.path}: {prediction.error}", file=err)
+      print(f"fashion_jax: error: {shown(prediction.path)}: {prediction.error}", file=err)
       continue
     if save_dir:
       target = storage.join(save_dir, name)
@@ -216,7 +238,7 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
 
 def format_table(predictions: list[Prediction]) -> str:
   """One row per input: the path, then its top-k "class (prob%)" or the error."""
-  width = max([len("file")] + [len(p.path) for p in predictions])
+  width = max([len("file")] + [len(shown(p.path)) for p in predictions])
   k = max([len(p.top_k) for p in predictions if p.top_k] or [1])
   lines = [f"{'file':<{width}}  top-{k}"]
   for p in predictions:
@@ -224,7 +246,7 @@ def format_table(predictions: list[Prediction]) -> str:
       cells = f"error: {p.error}"
     else:
       cells = "  ".join(f"{name} ({100 * prob:.1f}%)" for name, _, prob in p.top_k)
-    lines.append(f"{p.path:<{width}}  {cells}")
+    lines.append(f"{shown(p.path):<{width}}  {cells}")
   return "\n".join(lines)
 
 

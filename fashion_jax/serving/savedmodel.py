@@ -263,9 +263,10 @@ def verify(saved_dir: str, classifier, batch: int = 3, seed: int = 0) -> float:
   clear = top2[:, 1] - top2[:, 0] > 2 * atol  # Near-ties may flip within tolerance.
   same_class = np.array_equal(exported.argmax(1)[clear], expected.argmax(1)[clear])
   if not diff <= atol or not same_class:
-    raise RuntimeError(f"the exported model disagrees with JAX (max |diff| {diff:.3g} > "
-                       f"{atol} for {classifier.config.compute_dtype}, or different argmax); "
-                       "not moving it into place")
+    raise UserError(f"the exported model disagrees with JAX (max |diff| {diff:.3g} > "
+                    f"{atol} for {classifier.config.compute_dtype}, or another argmax), so "
+                    "nothing was written to --output; try another TensorFlow version, or "
+                    "--platforms without this machine's backend to skip the check")
   return diff
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 
@@ -21,6 +22,22 @@ from fashion_jax.support.errors import UserError
 from fashion_jax.support.errors import available as _found  # Whether a module is importable.
 
 CLOUD_SCHEMES = ("gs",)
+# =1: a workdir another user owns or all may write is used (training) or served from.
+TRUST_ENV = "FASHION_JAX_TRUST_WORKDIR"
+
+
+def writable_by_all(paths) -> str | None:
+  """The first of the local `paths` (that exist) every user may write, else None; None too with
+  $FASHION_JAX_TRUST_WORKDIR=1 (a mount that shows every folder as 0777: WSL's /mnt/c, CIFS)."""
+  if os.environ.get(TRUST_ENV) == "1":
+    return None
+  for path in paths:
+    try:
+      if not is_url(path) and os.stat(path).st_mode & stat.S_IWOTH:
+        return path
+    except (FileNotFoundError, NotADirectoryError):  # What comes of it is said later.
+      continue
+  return None
 
 
 def is_url(path: str) -> bool:

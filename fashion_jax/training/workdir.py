@@ -17,7 +17,7 @@ from fashion_jax.support import storage
 from fashion_jax.support.errors import UserError
 
 LOCK_NAME = ".fashion_jax.lock"
-TRUST_ENV = "FASHION_JAX_TRUST_WORKDIR"  # =1: a workdir another user owns or all may write is used.
+TRUST_ENV = storage.TRUST_ENV  # =1: a workdir another user owns or all may write is used.
 
 
 def refuse_others(workdir: str) -> None:
