@@ -247,21 +247,38 @@ def test_benchmark_bad_input_is_one_line(tmp_path, flag, message):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full (not Linux)")
-def test_a_write_that_fails_at_the_end_is_one_line_for_any_model(idx_dir, tmp_path):
-  """A link to /dev/full takes the JSON into a full disk: one line, not a traceback with
-  training's "resumes from the last checkpoint". The linear model's JSON had failed to serialize
-  (a NaN analytic FLOP count), a traceback after the whole run. (Through a link: code that
-  replaced the path would replace the link, not the device.)"""
-  (tmp_path / "b.json").symlink_to("/dev/full")
+def test_a_write_that_fails_at_the_end_is_one_line_for_any_model(idx_dir):
+  """/dev/full takes the JSON into a full disk: one line, not a traceback with training's
+  "resumes from the last checkpoint". The linear model's JSON had failed to serialize (a NaN
+  analytic FLOP count), a traceback after the whole run."""
+  from fashion_jax.support import storage  # pylint: disable=import-outside-toplevel
+  # Asked first: code that replaced the path would make /dev/full a regular file (as root).
+  assert storage.written_in_place("/dev/full")
   proc = run_module("fashion_jax.benchmark", "--config=configs/tiny.py", "--config.model=linear",
                     f"--config.idx_dir={idx_dir}", "--batch_sizes=8,08", "--windows=1",
-                    "--window_seconds=0.05", "--compile_cache=false",
-                    f"--output={tmp_path / 'b.json'}")
+                    "--window_seconds=0.05", "--compile_cache=false", "--output=/dev/full")
   assert_one_line_error(proc, "no space left where /dev/full is written (No space left on "
                         "device); free some space or pass another --output (the table above has "
                         "the results)")
   assert [l.split()[0] for l in proc.stdout.splitlines() if l.strip()[:1].isdigit()] == ["8"]
   assert os.path.exists("/dev/full") and not os.path.isfile("/dev/full")
+
+
+def test_output_to_a_redirected_stdout_keeps_the_table(tmp_path):
+  """--output=/dev/stdout into a file: the JSON is appended after the table (a replace had left
+  the JSON alone), into a pipe it is written (the resolved /proc path had failed)."""
+  from fashion_jax.support import storage  # pylint: disable=import-outside-toplevel
+  assert storage.written_in_place("/dev/stdout")  # Else, as root, the link would be replaced.
+  out = tmp_path / "out.txt"
+  with open(out, "w") as f:
+    proc = subprocess.run([sys.executable, "-m", "fashion_jax.benchmark", "--config=configs/tiny.py",
+                           "--batch_sizes=8", "--windows=1", "--window_seconds=0.05",
+                           "--compile_cache=false", "--output=/dev/stdout"], cwd=ROOT, stdout=f,
+                          stderr=subprocess.PIPE, text=True, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  text = out.read_text()
+  assert "best:" in text and json.loads(text[text.index("\n{") + 1:])["sweep"][0]["batch_size"] == 8
 
 
 @pytest.mark.parametrize("where,message", [

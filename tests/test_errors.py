@@ -81,14 +81,17 @@ def test_local_writes_are_whole_and_keep_the_umask(tmp_path):
   assert os.listdir(tmp_path.parent / "moved" / "run") == ["config.json"]
 
 
-def test_writes_go_through_links_and_into_devices_and_fifos(tmp_path):
-  """A link's target is replaced (the link kept), a FIFO or device written into: replacing them
-  with a file turned /dev/null into a regular file for every process when run as root."""
-  target = tmp_path / "real.json"
-  target.write_text("old")
+def test_links_are_replaced_and_devices_and_fifos_appended_to(tmp_path):
+  """A link is replaced, never written through (its target could be another user's file, planted
+  in a shared folder); a FIFO or a path under /dev/ is appended to: replaced by a file, /dev/null
+  had become a regular file for every process (as root), and a redirected /dev/stdout lost what
+  was printed before."""
+  target = tmp_path / "someone_elses.rc"
+  target.write_text("theirs")
   (tmp_path / "link.json").symlink_to(target)
   storage.write_text(str(tmp_path / "link.json"), "new")
-  assert (tmp_path / "link.json").is_symlink() and target.read_text() == "new"
+  assert not (tmp_path / "link.json").is_symlink()
+  assert (tmp_path / "link.json").read_text() == "new" and target.read_text() == "theirs"
   fifo = tmp_path / "fifo"
   os.mkfifo(fifo)
   reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
@@ -98,7 +101,11 @@ def test_writes_go_through_links_and_into_devices_and_fifos(tmp_path):
   finally:
     os.close(reader)
   assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # (Not /dev/null itself: a regression would break it.)
-  assert sorted(os.listdir(tmp_path)) == ["fifo", "link.json", "real.json"]
+  assert sorted(os.listdir(tmp_path)) == ["fifo", "link.json", "someone_elses.rc"]
+  assert storage.written_in_place("/dev/null") and storage.written_in_place("/dev/stdout")
+  assert not storage.written_in_place(str(tmp_path / "link.json"))
+  (tmp_path / "fifo_link").symlink_to(fifo)
+  assert not storage.written_in_place(str(tmp_path / "fifo_link"))  # Replaced like any link.
 
 
 def test_a_long_file_name_that_fits_is_written(tmp_path):

@@ -283,7 +283,7 @@ def run(config) -> dict:
     test_data = input_pipeline.Split(train_data.images[:10_000], train_data.labels[:10_000])
     data_note = "random"
 
-  checks.batches_fit(batch_sizes, parallel, len(train_data))
+  checks.batches_fit(batch_sizes, parallel, len(train_data), bool(FLAGS.batch_sizes.strip()))
   # The CPU's peak: sampled now and again after the sweep, the best of both.
   early_peak = (flops.sample_cpu_peak() if parallel.devices[0].platform == "cpu"
                 and not FLAGS.peak_gflops else [])

@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 
 from fashion_jax.support import storage
 from fashion_jax.support.errors import UserError
@@ -66,36 +68,41 @@ def compare(config, what: str) -> None:
     raise UserError(f"--compare=keras trains the Keras model on TensorFlow, and "
                     f"{' and '.join(missing)} is not installed here; pip install "
                     "'fashion_jax[tf]' (or leave out --compare)")
-  os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # Imported in a child process: here TensorFlow would load its CUDA libraries before JAX.
+  env = {"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2", **os.environ}
   try:
-    import keras  # pylint: disable=g-import-not-at-top,unused-import
-  except Exception as e:  # pylint: disable=broad-except  (whatever a broken install raises)
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    raise UserError(f"--compare=keras: Keras cannot be imported here ({type(e).__name__}: "
-                    f"{first}); repair it (pip install 'fashion_jax[tf]') or leave out "
-                    "--compare") from e
+    proc = subprocess.run([sys.executable, "-c", "import keras"], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+  except subprocess.TimeoutExpired:
+    raise UserError("--compare=keras: importing Keras took over 5 minutes here; repair the "
+                    "install or leave out --compare") from None
+  if proc.returncode:
+    last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1][:200]
+    raise UserError(f"--compare=keras: Keras cannot be imported here ({last}); repair it "
+                    "(pip install 'fashion_jax[tf]') or leave out --compare")
 
 
-def one_process(config) -> bool:
+def one_process(config) -> str | None:
   """Refuses a multi-process request (the benchmark times one process; its peers would each write
-  --output alone); returns whether a cluster launch was detected, to be logged."""
+  --output alone); returns the cluster launch detected, if any, to be logged."""
   from fashion_jax.support import parallel  # pylint: disable=g-import-not-at-top
   if config.distributed == "on" or config.coordinator_address:
     raise UserError("the benchmark measures one process, and the config asks for a "
                     "multi-process job (config.distributed / config.coordinator_address); run it "
                     "on one host with --config.distributed=off")
-  return config.distributed == "auto" and bool(parallel.cluster_detected())
+  return parallel.cluster_detected() if config.distributed == "auto" else None
 
 
-def batches_fit(batch_sizes: list[int], parallel, train_examples: int) -> None:
-  """Every batch size splits over the devices and fits the training set."""
+def batches_fit(batch_sizes: list[int], parallel, train_examples: int, given: bool) -> None:
+  """Every batch size splits over the devices and fits the training set. `given`: by
+  --batch_sizes (else the one is config.batch_size)."""
+  name = "--batch_sizes:" if given else "config.batch_size (no --batch_sizes given):"
   for b in batch_sizes:
     if b % parallel.num_devices:
-      raise UserError(f"--batch_sizes: {b} does not divide by the {parallel.num_devices} "
+      raise UserError(f"{name} {b} does not divide by the {parallel.num_devices} "
                       f"devices ({parallel.mode}); pass multiples of {parallel.num_devices}")
     if b > train_examples:  # The train step cycles through the training set a batch at a time.
-      raise UserError(f"--batch_sizes: {b} is larger than the {train_examples} training "
+      raise UserError(f"{name} {b} is larger than the {train_examples} training "
                       "examples; pass smaller batch sizes")
 
 
@@ -105,6 +112,11 @@ def output(path: str) -> str:
   if not path.strip():
     raise UserError("--output is empty; pass the JSON file to write, e.g. --output=benchmark.json")
   path = storage.resolve(path, "--output")
+  if storage.written_in_place(path):  # /dev/null, /dev/stdout, a FIFO: appended to, no folder.
+    if not os.path.exists(path):
+      raise UserError(f"--output {path} does not exist; pass a file name, or an existing device "
+                      "such as /dev/null")
+    return path
   if storage.isdir(path):
     raise UserError(f"--output {path!r} is a folder; pass a file name, e.g. "
                     f"--output={storage.join(path, 'benchmark.json')}")

@@ -216,7 +216,8 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
       try:
         png = io.BytesIO()
         Image.fromarray(image).save(png, format="PNG")
-        storage.write_bytes(target, png.getvalue())
+        storage.write_bytes(target, png.getvalue(),
+                            "free some space or pass another --save_preprocessed")
       except OSError as e:
         raise UserError(f"cannot write {target} ({e}); pass another --save_preprocessed") from e
       prediction.preprocessed = target

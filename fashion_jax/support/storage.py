@@ -35,7 +35,7 @@ def writable_by_all(paths) -> str | None:
     try:
       if not is_url(path) and os.stat(path).st_mode & stat.S_IWOTH:
         return path
-    except (FileNotFoundError, NotADirectoryError):  # What comes of it is said later.
+    except OSError:  # Missing, or a folder on the way not searchable: said when it is read.
       continue
   return None
 
@@ -167,26 +167,41 @@ def write_text(path: str, text: str, full_fix: str = _RESUMES) -> None:
   write_bytes(path, text.encode(), full_fix)  # UTF-8.
 
 
+def written_in_place(path: str) -> bool:
+  """Whether `write_bytes` appends to `path` where it is instead of replacing it: a path under
+  /dev/ or /proc/ (/dev/null, /dev/stdout: as root a replace turned /dev/null into a regular file
+  for every process, and a redirected stdout lost what was printed before), or a FIFO or
+  character device itself (not through a link, which is replaced like any other)."""
+  if is_url(path):
+    return False
+  absolute = os.path.abspath(path)
+  if absolute.startswith(("/dev/", "/proc/")):
+    return True
+  try:
+    mode = os.lstat(path).st_mode
+  except OSError:
+    return False
+  return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
 def write_bytes(path: str, data: bytes, full_fix: str = _RESUMES) -> None:
   """Writes the whole file at once: readers see the old or the new content, never a part.
 
-  A link is written through (its target replaced, the link kept); a device or a FIFO that is
-  there (--output=/dev/null, /dev/stdout) is written into, not replaced by a file: as root a
-  replace turned /dev/null into a regular file for every process. `full_fix`: see out_of_space.
+  A link is replaced, not written through (its target could be another user's file, planted);
+  devices and FIFOs are appended to (`written_in_place`). `full_fix`: see out_of_space.
   """
   if is_url(path):
     _epath(path).write_bytes(data)  # One object upload: atomic.
     return
-  path = os.path.realpath(path)  # Of the link's target from here on.
   if os.path.isdir(path):
     raise _folder_in_the_way(path)
-  try:
-    if os.path.exists(path) and not os.path.isfile(path):
-      with open(path, "wb") as f:
+  if written_in_place(path):
+    try:
+      with open(path, "ab") as f:
         f.write(data)
       return
-  except OSError as e:
-    raise out_of_space(path, e, full_fix) or e
+    except OSError as e:
+      raise out_of_space(path, e, full_fix) or e
   # A short name beside it (a long file name plus a suffix could pass the file system's limit);
   # open(), not mkstemp: the umask's permissions.
   tmp = os.path.join(os.path.dirname(path), f".fashion_jax-{uuid.uuid4().hex[:16]}.tmp")
