@@ -203,6 +203,13 @@ def test_a_big_transparent_image_is_shrunk_before_its_alpha_is_flattened(tmp_pat
     assert peak < 120e6, (name, peak)  # Full size in float32: 3000 x 3600 x 4 x 4 = 173 MB.
     expected = preprocess.to_fashion_mnist(Image.fromarray(gray).reduce(4))
     assert np.abs(got.astype(int) - expected).mean() < 3, name
+  # One colour keyed transparent (L, "transparency" 0): averaged before the key was applied, the
+  # garment's edges mixed with it kept a dark outline.
+  keyed = Image.fromarray(np.where(gray == 255, 0, 255 - gray).astype(np.uint8))
+  keyed.save(tmp_path / "keyed.png", transparency=0)
+  full_size_first = preprocess.to_fashion_mnist(preprocess.normalize(Image.open(tmp_path / "keyed.png")))
+  got = convert_file(tmp_path / "keyed.png")
+  assert np.abs(got.astype(int) - full_size_first).max() <= 8
 
 
 def test_gif_takes_the_first_frame(tmp_path, drawing):

@@ -161,11 +161,12 @@ def _reduced(image: Image.Image) -> Image.Image:
   factor = math.ceil(max(image.size) / WORKING_SIZE)
   if factor <= 1:
     return image
+  keyed = "transparency" in image.info  # One colour transparent: averaged, edges kept it.
   if image.mode in _SIXTEEN_BIT:
     image = image.convert("I")
-  elif image.mode in ("1", "P", "PA"):
-    gray = image.mode == "1" or _gray_palette(image)
-    alpha = image.mode == "PA" or "transparency" in image.info
+  elif image.mode in ("1", "P", "PA") or (keyed and image.mode in ("L", "RGB")):
+    gray = image.mode in ("1", "L") or (image.mode in ("P", "PA") and _gray_palette(image))
+    alpha = image.mode == "PA" or keyed
     image = image.convert(("LA" if gray else "RGBA") if alpha else ("L" if gray else "RGB"))
   return image.reduce(factor)
 
