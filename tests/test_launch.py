@@ -51,8 +51,10 @@ def stubs(tmp_path):
              PYTHON="fakepython")
 
   def run(script, *args, cwd=ROOT, **extra):
+    # stdin: not the test worker's (pytest-xdist's channel to its workers is their stdin).
     proc = subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args], cwd=cwd,
-                          env={**env, **extra}, capture_output=True, text=True, timeout=60)
+                          env={**env, **extra}, capture_output=True, text=True, timeout=180,
+                          stdin=subprocess.DEVNULL)
     lines = calls.read_text().splitlines() if calls.exists() else []
     calls.unlink(missing_ok=True)
     return proc, [json.loads(l) for l in lines]
@@ -229,7 +231,7 @@ def test_tpu_pod_stops_the_workers_at_a_common_step_and_passes_on_a_signal_death
              MAIN_RUNS="1")
   launcher = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "/mnt/r"],
                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              start_new_session=True)
+                              stdin=subprocess.DEVNULL, start_new_session=True)
   pid_file = tmp_path / "worker" / "main.pid"
   deadline = time.monotonic() + 60
   while not pid_file.exists() and time.monotonic() < deadline:
