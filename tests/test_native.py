@@ -351,9 +351,11 @@ def test_every_target_this_cpu_runs_matches_lax(target):
   _rerun_comparisons(FASHION_JAX_NATIVE_ISA=target)
 
 
+@pytest.mark.toolchain
 def test_every_vector_width_matches_lax_on_every_cpu():
   """The 16-lane code also where the CPU has no AVX-512 (as two or four instructions per
-  operation), so every width is tested on every machine."""
+  operation), so every width is tested on every machine. (A second build: 92 s of a 2-core AVX2
+  machine's default suite; run with the other builds, `-m toolchain`, as .ci/run does.)"""
   if any(target.lanes == 16 for target in native_build.runnable()):
     pytest.skip("this CPU runs a 16-lane target: the tests above ran that width")
   _rerun_comparisons(FASHION_JAX_NATIVE_ISA=native_build.runnable()[0].name,
