@@ -12,7 +12,6 @@ signals (nothing saved yet), or a second one while a single process saves its
 stop checkpoint: re-run to resume; 1 a crash (traceback).
 """
 
-import os
 import sys
 
 from fashion_jax.support import errors
@@ -51,10 +50,7 @@ def main(argv):
   with contextlib.ExitStack() as held:
     try:
       config_lib.validate(FLAGS.config, warn=False)  # Training's own check warns.
-      if FLAGS.config.deterministic:  # Read when the backend starts, i.e. below.
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_gpu_deterministic_ops=true").strip()
-      backends.request(FLAGS.config.backend)
+      backends.request(FLAGS.config.backend, FLAGS.config.deterministic)
       parallel.initialize_distributed(FLAGS.config)
       # Joined: a signal from here on stops training at its first boundary (see stops.py).
       held.enter_context(stops.StopRequest())

@@ -252,10 +252,7 @@ def run(config) -> dict:
   checks.compare(config, FLAGS.compare)
   if cluster := checks.one_process(config):
     benchmark_report.log(f"a {cluster} launch: the benchmark times this process alone")
-  if config.deterministic:  # As training runs it (main.py); read when the backend starts.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_gpu_deterministic_ops=true").strip()
-  backends.request(config.backend)
+  backends.request(config.backend, config.deterministic)  # As training runs it (main.py).
   backends.check(config.backend)
   parallel = parallel_lib.Parallel(config.parallelism)
   from fashion_jax.model import steps  # pylint: disable=g-import-not-at-top

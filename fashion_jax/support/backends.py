@@ -25,8 +25,12 @@ BACKENDS = ("auto", "cpu", "gpu", "tpu")
 CUDA_PLUGINS = ("jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt")
 
 
-def request(backend: str) -> None:
-  """Before JAX starts its backends: `cpu` keeps JAX off any accelerator."""
+def request(backend: str, deterministic: bool = False) -> None:
+  """Before JAX starts its backends: `cpu` keeps JAX off any accelerator; `deterministic`
+  (config.deterministic) asks XLA for deterministic GPU ops (read when the backend starts)."""
+  if deterministic:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_gpu_deterministic_ops=true").strip()
   if backend == "cpu":
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update("jax_platforms", "cpu")
