@@ -34,6 +34,10 @@ def parse_flags(argv):
     _refuse_repeated_config(argv)
   try:
     rest = FLAGS(argv)
+  except SystemExit as e:  # absl's --help/--helpfull/--helpxml print the help and exit 1, the
+    if e.code == 1 and _asked_for_help(argv):  # status of a crash (main's docstring): asked
+      sys.exit(0)  # for, the help is a success.
+    raise
   except OSError as e:  # An unreadable config file, read while parsing a --config.X override.
     fail(_config_file_error(e))
   except UserError as e:  # The config file's own get_config refused (config_lib.load_sibling).
@@ -84,6 +88,18 @@ def parse_flags(argv):
       fail(_config_load_error(TypeError(f"get_config() returned a {type(config).__name__}, "
                                         "not an ml_collections.ConfigDict")))
   return rest
+
+
+def _asked_for_help(argv) -> bool:
+  """Whether the command line (before a `--`) holds one of absl's help flags."""
+  for arg in argv[1:]:
+    if arg == "--":
+      return False
+    name, _, value = arg.lstrip("-").partition("=")
+    if (arg.startswith("-") and name in ("help", "helpshort", "helpfull", "helpxml", "?")
+        and value.lower() not in ("false", "0")):
+      return True
+  return False
 
 
 def _config_load_error(e: BaseException, why: str | None = None) -> str:

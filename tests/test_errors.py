@@ -187,6 +187,17 @@ def test_a_stray_argument_is_one_line(module, flags):
   assert_one_line_error(proc, "unexpected arguments: num_epochs=3; every setting is a --flag")
 
 
+@pytest.mark.parametrize("module, flag", [
+    ("fashion_jax.main", "--help"), ("fashion_jax.predict", "--helpfull"),
+    ("fashion_jax.evaluate", "-?")])
+def test_help_is_a_success(module, flag):
+  """absl printed the help and exited 1, the status main's docstring gives a crash."""
+  proc = run_module(module, flag)
+  assert proc.returncode == 0, proc.stderr
+  assert "--workdir" in proc.stdout
+  assert run_module(module, "--help=false", "--no_such_flag").returncode == 2
+
+
 @pytest.mark.parametrize("module, flags", [
     ("fashion_jax.main", [f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}"]),
     ("fashion_jax.evaluate", []), ("fashion_jax.predict", ["PHOTO"])])
