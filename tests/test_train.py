@@ -408,13 +408,16 @@ def test_real_fashion_mnist_learns(trained_real_workdir):
   assert losses[-1] < losses[0] and losses[-1] < 0.5, losses  # Chance level is ln 10 = 2.3.
 
 
-@pytest.mark.parametrize("damage", ["biggest data file cut to a third", "root file cut to 10 B"])
+@pytest.mark.parametrize("damage", ["biggest data file cut to a third", "root file cut to 10 B",
+                                    "a byte of the biggest data file flipped"])
 def test_unreadable_latest_checkpoint_falls_back_and_is_kept(tiny_config, tmp_path, capfd,
                                                             monkeypatch, damage):
   """A truncated latest checkpoint: warning, resume from the previous one, nothing deleted; the
   reads Orbax abandons print nothing (they printed ~1,700 lines of tracebacks), and inference on
   it is a one-line error. With the OCDBT root file (state/d/) cut to 10 bytes the read fails
-  already in the metadata's read (~300 lines of tracebacks: that read was not kept quiet)."""
+  already in the metadata's read (~300 lines of tracebacks: that read was not kept quiet). A
+  flipped byte in the array data was restored as it was (Orbax checksums only its index): the
+  run resumed from it, and retention then deleted the good checkpoint."""
   # As in a plain process (pytest's own hook turns unraisable exceptions into warnings).
   monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
   from fashion_jax.support import checkpointing  # pylint: disable=import-outside-toplevel
@@ -425,15 +428,29 @@ def test_unreadable_latest_checkpoint_falls_back_and_is_kept(tiny_config, tmp_pa
   data_files = []
   for root, _, files in os.walk(os.path.join(damaged, "checkpoints", "20", "state")):
     data_files += [os.path.join(root, f) for f in files if "/d/" in os.path.join(root, f)]
-  if damage.startswith("biggest"):
+  if damage.startswith("a byte"):
+    target = max(data_files, key=os.path.getsize)
+    size = None
+    with open(target, "r+b") as f:
+      f.seek(os.path.getsize(target) // 2)
+      byte = f.read(1)[0]
+      f.seek(-1, os.SEEK_CUR)
+      f.write(bytes([byte ^ 0xFF]))
+  elif damage.startswith("biggest"):
     target = max(data_files, key=os.path.getsize)
     size = os.path.getsize(target) // 3
   else:
     [target] = glob.glob(os.path.join(damaged, "checkpoints", "20", "state", "d", "*"))
     size = 10
-  with open(target, "r+b") as f:
-    f.truncate(size)
+  if size is not None:
+    with open(target, "r+b") as f:
+      f.truncate(size)
   shutil.copytree(damaged, tmp_path / "copy")  # Still damaged, for inference below.
+  if size is None:  # The flipped byte may be the optimizer's (not served): a weight's digest.
+    meta = tmp_path / "copy" / "checkpoints" / "20" / "meta" / "metadata"
+    saved = json.loads(meta.read_text())
+    saved["digest"]["params/Dense_0/kernel"] = "0" * 16
+    meta.write_text(json.dumps(saved))
   capfd.readouterr()
   result = train.train_and_evaluate(tiny_config, damaged)  # Resumes from 10, retrains 10 steps.
   err = capfd.readouterr().err
@@ -512,6 +529,25 @@ def test_a_damaged_checkpoint_that_cannot_be_moved_aside_is_one_line(trained_tin
                         "moved aside", "(Permission denied); move or delete it")
   assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20"]
   assert not os.listdir(workdir / "checkpoints_unreadable")  # Its parent: made, left empty.
+
+
+def test_no_readable_checkpoint_left_is_refused_not_a_fresh_start(trained_tiny_workdir, tmp_path):
+  """Every checkpoint damaged (an Orbax that no longer reads its old files, a copy that lost a
+  file of each): all were moved aside and the run started over at step 0, emptying its
+  metrics, exit 0 -- and so again on every re-run."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_tiny_workdir, workdir)
+  for step in ("10", "20"):
+    os.remove(workdir / "checkpoints" / step / "meta" / "metadata")
+  metrics = (workdir / "metrics.jsonl").read_bytes()
+  for _ in range(2):  # The second run finds only the moved ones.
+    proc = _rerun_tiny([], workdir, trained_tiny_workdir)
+    assert_one_line_error(proc, f"no readable checkpoint in {workdir}/checkpoints; the unreadable "
+                          f"ones are in {workdir}/checkpoints_unreadable: delete that folder")
+    assert (workdir / "metrics.jsonl").read_bytes() == metrics
+  assert len(os.listdir(workdir / "checkpoints_unreadable")) == 2
+  shutil.rmtree(workdir / "checkpoints_unreadable")  # As the message says: starts over.
+  assert _rerun_tiny([], workdir, trained_tiny_workdir).returncode == 0
 
 
 @pytest.mark.parametrize("damage", ["truncated", "unreadable"])

@@ -143,6 +143,7 @@ def _tree_paths(tree) -> set[str]:
 
 
 BEST_METRIC = "val_accuracy"  # Of the held-out validation split (config.validation_size).
+DIGEST = "digest"  # The meta JSON's entry: checkpoint_checks.digest of the saved state.
 
 class _NoMissingMetricWarning(logging_std.Filter):
   """Orbax's warning at each save without metrics once `best_fn` is set: here that is every
@@ -215,6 +216,7 @@ class Checkpointer:
       raise UserError(refusals[first] if first == jax.process_index() else
                       f"process {first}: {refusals[first]}")
     best = {BEST_METRIC: float(metrics[BEST_METRIC])} if metrics and BEST_METRIC in metrics else None
+    description = {**description, DIGEST: checkpoint_checks.digest(state)}  # Checked on restore.
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(description)), metrics=best,
                        force=True)
@@ -237,10 +239,11 @@ class Checkpointer:
     """The JSON saved with `step`'s state: the description, and what else the caller added."""
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-  def _check_description(self, step: int, description: dict, serving: bool = False) -> None:
-    """Raises UserError where `step` holds another model than `description`'s. `serving`: the
-    config is the run's own config.json (predict/evaluate/export take no --config), so the hint
-    is to put back the one the run was trained with, not a training flag."""
+  def _check_description(self, step: int, description: dict, serving: bool = False) -> dict:
+    """Raises UserError where `step` holds another model than `description`'s; returns the JSON
+    saved with it. `serving`: the config is the run's own config.json (predict/evaluate/export
+    take no --config), so the hint is to put back the one the run was trained with, not a
+    training flag."""
     stored = self.meta(step)
     where = storage.join(self.directory, str(step))
     fix = ("the run's config.json no longer matches its checkpoints: put back the config.json it "
@@ -261,6 +264,7 @@ class Checkpointer:
           f"{description['param_shapes'].get(first)}); " +
           (fix if serving else f"{fix} or the config it was trained with"))
     checkpoint_checks.check_fingerprint(where, stored.get("fingerprint"), description.get("fingerprint"))
+    return stored
 
   def restore_weights(self, step: int, description: dict) -> dict:
     """What inference needs -- params, batch_stats and their EMAs -- onto the first local device.
@@ -269,16 +273,19 @@ class Checkpointer:
     optimizer state of older versions or other optimizers does not matter;
     the model and parameter shapes are checked as in `restore`.
     """
+    wanted = ("params", "batch_stats", "ema_params", "ema_batch_stats")
     with _quiet_abandoned_reads():  # The metadata's reads too: a damaged data file fails there.
-      self._check_description(step, description, serving=True)
+      stored = self._check_description(step, description, serving=True)
       metadata = self._manager.item_metadata(step)["state"]
       sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       abstract = {key: jax.tree.map(
           lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata[key])
                   for key in metadata.keys()}
       state = self._read(step, abstract)
-    return {key: state.get(key)
-            for key in ("params", "batch_stats", "ema_params", "ema_batch_stats")}
+      weights = {key: state.get(key) for key in wanted}
+      checkpoint_checks.check_digest(storage.join(self.directory, str(step)), stored.get(DIGEST),
+                                     weights, under=wanted)  # (The optimizer's are not served.)
+    return weights
 
   def restore(self, step: int, abstract_state, description: dict):
     """Restores `step` into the structure/shardings of `abstract_state`.
@@ -286,7 +293,7 @@ class Checkpointer:
     Raises UserError if the checkpoint belongs to a different model or shape.
     """
     with _quiet_abandoned_reads():  # The metadata's reads too: a damaged data file fails there.
-      self._check_description(step, description)
+      stored = self._check_description(step, description)
       where = storage.join(self.directory, str(step))
       stored_tree = self._manager.item_metadata(step)
       stored_keys = (_tree_paths(stored_tree["state"]) if stored_tree.get("state") is not None
@@ -298,7 +305,9 @@ class Checkpointer:
             f"checkpoint {where} does not fit the configured train state (missing "
             f"{missing[:2]}, unexpected {extra[:2]}); was it written with another optimizer or "
             "ema_decay? Use a new --workdir or the config it was trained with")
-      return self._read(step, abstract_state)
+      state = self._read(step, abstract_state)
+      checkpoint_checks.check_digest(where, stored.get(DIGEST), state)
+      return state
 
   def _read(self, step: int, abstract):
     """Orbax's restore of `step` into `abstract` (inside `_quiet_abandoned_reads`)."""
@@ -314,7 +323,8 @@ class Checkpointer:
     never deleted -- with a warning, and the previous one is tried; all
     processes take that decision together. Any other failure to read (a
     transient I/O error, permissions) moves nothing and is an error. A
-    checkpoint of another model, shape or run is a UserError, not a fallback.
+    checkpoint of another model, shape or run is a UserError, not a fallback;
+    so is none left readable where some were moved aside (now or before).
     """
     for step in sorted(self._manager.all_steps(), reverse=True):
       state, damage = self._restore_agreed(step, abstract_state, description)
@@ -323,6 +333,13 @@ class Checkpointer:
       moved = self._quarantine(step)
       logging.warning("checkpoint at step %d is unreadable (%s); moved it to %s and falling back "
                       "to the previous checkpoint", step, damage, moved)
+    unreadable = self.directory.rstrip("/") + "_unreadable"
+    if storage.exists(unreadable) and storage.has_content(unreadable):  # Not a fresh start: one from scratch would also have
+      # emptied the run's metrics, exit 0 (an Orbax that reads its old files no more, a copy
+      # that lost a file of every checkpoint): the user decides.
+      raise UserError(f"no readable checkpoint in {self.directory}; the unreadable ones are in "
+                      f"{unreadable}: delete that folder and re-run to start this run over (its "
+                      "metrics too), or use a new --workdir")
     return None, None
 
   def _restore_agreed(self, step: int, abstract_state, description: dict):
