@@ -124,3 +124,17 @@ def test_the_checkout_does_not_depend_on_the_working_directory(tmp_path, repo, c
                        env=dict(os.environ, TMPDIR=str(tmp_path), FASHION_JAX_REPO=repo)).stdout
   root, got = out.split()
   assert got == checkout.replace("ROOT", root)
+
+
+@pytest.mark.parametrize("runs, expected", [
+    ("", "ROOT"), ("runs", "ROOT/runs"), ("drive/MyDrive/fj/", "ROOT/drive/MyDrive/fj"),
+    ("/abs/runs/", "/abs/runs"), ("gs://bucket/fj/", "gs://bucket/fj")])
+def test_a_relative_runs_is_taken_from_the_root_not_the_checkout(tmp_path, runs, expected):
+  """The commands run in the checkout (sh's working directory): a relative RUNS put the runs inside
+  it, while the kernel's own reads (metrics.jsonl, TensorBoard) looked for them elsewhere."""
+  driver = _first_cell() + "\nprint(ROOT); print(RUNS)"
+  out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, check=True,
+                       timeout=60, env=dict(os.environ, TMPDIR=str(tmp_path),
+                                            FASHION_JAX_REPO=ROOT, FASHION_JAX_RUNS=runs)).stdout
+  root, got = out.split()
+  assert got == expected.replace("ROOT", root)
