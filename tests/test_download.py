@@ -1,6 +1,7 @@
 """fashion_jax.data.download and the data-source choice: verified files, a cache, fast offline errors."""
 
 import contextlib
+import errno
 import functools
 import gzip
 import hashlib
@@ -347,3 +348,55 @@ def test_a_lock_file_planted_as_a_link_is_not_followed(tmp_path):
   with paths.exclusive(tmp_path / download.LOCK_FILE):
     pass
   assert not victim.exists()
+
+
+@contextlib.contextmanager
+def _raw_server(reply):
+  """An address that answers each connection with `reply(connection)` (not necessarily HTTP)."""
+  listener = socket.socket()
+  listener.bind(("127.0.0.1", 0))
+  listener.listen(16)
+  listener.settimeout(0.2)
+  done = threading.Event()
+
+  def accept():
+    while not done.is_set():
+      try:
+        connection, _ = listener.accept()
+      except OSError:
+        continue
+      def answer(c=connection):
+        with c, contextlib.suppress(OSError):
+          c.recv(4096)
+          reply(c)
+      threading.Thread(target=answer, daemon=True).start()
+
+  threading.Thread(target=accept, daemon=True).start()
+  try:
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/"
+  finally:
+    done.set()
+    listener.close()
+
+
+def _not_http(c):  # Another service on the port (an ssh banner).
+  c.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+
+def _chunked_cut_off(c):
+  c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n" + b"x" * 100)
+
+
+@pytest.mark.parametrize("reply, says", [(_not_http, "not an HTTP server .it answered 'SSH-2.0"),
+                                         (_chunked_cut_off, "the transfer was cut off .IncompleteRead.")])
+def test_an_address_that_is_not_http_or_is_cut_off_is_a_failed_address(mirror, tmp_path, reply,
+                                                                         says):
+  """http.client's errors (BadStatusLine, IncompleteRead) are not OSErrors: they were a traceback,
+  and the mirror was never tried."""
+  _, url, requested = mirror
+  with _raw_server(reply) as bad:
+    download.fetch("fashion_mnist", str(tmp_path / "cache"), urls=(bad, url))
+    assert len(requested) == 4
+    with pytest.raises(UserError, match=f"ubyte.gz\\): {bad}t10k-images-idx3-ubyte.gz: {says}") as e:
+      download.fetch("fashion_mnist", str(tmp_path / "other"), urls=(bad,))
+    assert "\n" not in str(e.value) and "\r" not in str(e.value)

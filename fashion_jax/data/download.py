@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import http.client
 import importlib.util
 import os
 import socket
@@ -235,7 +236,8 @@ def _download(name: str, filename: str, size: int, sha: str, urls, path: str) ->
     except _Answered as e:  # It answered, then failed: the next address gets a budget of its own.
       failures.append(f"{url}: {_reason(e.__cause__ or e)}")
       deadline = time.monotonic() + CONNECT_BUDGET_S
-    except (OSError, urllib.error.URLError, ValueError) as e:
+    # HTTPException: not HTTP at all (BadStatusLine), a transfer cut off; not an OSError.
+    except (OSError, ValueError, http.client.HTTPException) as e:
       failures.append(f"{url}: {_reason(e)}")
   raise UserError(f"could not download {name} ({filename}): {'; '.join(failures)}; "
                   + offline_hint(name))
@@ -266,7 +268,7 @@ def _download_one(url: str, size: int, sha: str, path: str, timeout: float) -> N
     with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
       try:
         _transfer(response, out, size, sha)
-      except (OSError, ValueError) as e:
+      except (OSError, ValueError, http.client.HTTPException) as e:  # IncompleteRead: cut off.
         if isinstance(e, OSError) and (full := storage.out_of_space(path, e)):  # Not the address's
           raise full from e  # fault: no other address would do better.
         raise _Answered() from e
@@ -303,4 +305,8 @@ def _reason(e: Exception) -> str:
     return "timed out (no network?)"
   if isinstance(e, OSError) and e.strerror:
     return e.strerror
-  return str(e) or type(e).__name__
+  if isinstance(e, http.client.BadStatusLine) and not isinstance(e, OSError):
+    return f"not an HTTP server (it answered {e.line.strip()[:40]!r})"
+  if isinstance(e, http.client.IncompleteRead):
+    return "the transfer was cut off (IncompleteRead)"
+  return " ".join(str(e).split()) or type(e).__name__  # One line, whatever a server sent.
