@@ -400,3 +400,16 @@ def test_an_address_that_is_not_http_or_is_cut_off_is_a_failed_address(mirror, t
     with pytest.raises(UserError, match=f"ubyte.gz\\): {bad}t10k-images-idx3-ubyte.gz: {says}") as e:
       download.fetch("fashion_mnist", str(tmp_path / "other"), urls=(bad,))
     assert "\n" not in str(e.value) and "\r" not in str(e.value)
+
+
+def test_downloaded_files_have_the_umasks_mode(mirror, tmp_path):
+  """mkstemp's 0600 locked other users out of a shared data_dir."""
+  _, url, _ = mirror
+  cache = str(tmp_path / "cache")
+  umask = os.umask(0o022)
+  try:
+    download.fetch("fashion_mnist", cache, urls=(url,))
+  finally:
+    os.umask(umask)
+  for name in download.recorded("fashion_mnist"):
+    assert os.stat(os.path.join(cache, name)).st_mode & 0o777 == 0o644, name

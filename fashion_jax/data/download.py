@@ -31,8 +31,8 @@ import hashlib
 import http.client
 import importlib.util
 import os
+import secrets
 import socket
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -263,9 +263,11 @@ class _Answered(Exception):
 
 def _download_one(url: str, size: int, sha: str, path: str, timeout: float) -> None:
   request = urllib.request.Request(url, headers={"User-Agent": "fashion_jax"})
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
+  # open(), not mkstemp: the umask's permissions (mkstemp's 0600 locked others out of a shared
+  # data_dir).
+  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(4)}")
   try:
-    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
+    with open(tmp, "xb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
       try:
         _transfer(response, out, size, sha)
       except (OSError, ValueError, http.client.HTTPException) as e:  # IncompleteRead: cut off.
