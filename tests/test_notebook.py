@@ -17,9 +17,11 @@ from tests.test_cloud import BUCKET, _Bucket, emulator  # pylint: disable=unused
 NOTEBOOK = os.path.join(ROOT, "launch", "colab.ipynb")
 
 
-def _execute(tmp_path, monkeypatch, runs="", skip=()):
+def _execute(tmp_path, monkeypatch, runs="", skip=(), idx_dir=None, colab=None):
   """Runs the notebook's cells (but those containing a string in `skip`) in a fresh kernel; the
-  text each code cell printed, in order."""
+  text each code cell printed, in order. `idx_dir`: the data's folder (else a small one made
+  here). `colab`: a folder standing in for Colab's /content, with google.colab (_colab_stub)
+  imported in the kernel, as Colab's own kernel has."""
   nbformat = pytest.importorskip("nbformat", reason="pip install 'fashion_jax[test]'")
   nbclient = pytest.importorskip("nbclient", reason="pip install 'fashion_jax[test]'")
   monkeypatch.setenv("FASHION_JAX_REPO", ROOT)
@@ -28,17 +30,67 @@ def _execute(tmp_path, monkeypatch, runs="", skip=()):
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("TMPDIR", str(tmp_path))  # The notebook's local files go to a folder made here.
   # Offline here: a small synthetic data set stands in for the one a user would download.
-  monkeypatch.setenv("FASHION_JAX_IDX_DIR", write_idx_folder(str(tmp_path / "idx"), n_train=5600,
-                                                          n_test=200))  # cpu_best holds out 5,000.
+  monkeypatch.setenv("FASHION_JAX_IDX_DIR", idx_dir or write_idx_folder(
+      str(tmp_path / "idx"), n_train=5600, n_test=200))  # cpu_best holds out 5,000.
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   notebook.cells = [c for c in notebook.cells if not any(s in c.source for s in skip)]
+  if colab:
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        filter(None, [_colab_stub(tmp_path), os.environ.get("PYTHONPATH")])))
+    for cell in notebook.cells:
+      cell.source = cell.source.replace("'/content", f"'{colab}")
+    notebook.cells.insert(0, nbformat.v4.new_code_cell("import google.colab"))
   # One notebook at a time in this environment: each one's install cell pip-installs into it, and
   # two pips at once (the suite's -n auto workers) can break each other's install.
   with paths.exclusive(os.path.join(sys.prefix, ".fashion_jax_notebook_test.lock")):
     nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
   return ["".join(o.get("text", "") for o in c.outputs)
-          for c in notebook.cells if c.cell_type == "code"]
+          for c in notebook.cells[1 if colab else 0:] if c.cell_type == "code"]
+
+
+_STUB = {
+    "__init__.py": "",
+    "drive.py": """
+import os
+def mount(mountpoint, **kwargs):  # Colab's Drive appears under the mount point as MyDrive.
+  os.makedirs(mountpoint, exist_ok=True)
+  if not os.path.lexists(os.path.join(mountpoint, 'MyDrive')):
+    os.symlink(os.environ['STUB_MY_DRIVE'], os.path.join(mountpoint, 'MyDrive'))
+  print('Mounted at', mountpoint)
+""",
+    "auth.py": """
+def authenticate_user(**kwargs):
+  print('[stub] authenticate_user')
+""",
+    "files.py": """
+import io, os
+from PIL import Image, ImageDraw
+def upload(target_dir=''):  # As colabtools since 2024: {path saved at: contents}; a name taken
+  image = Image.new('RGB', (200, 240), 'white')  # gets ' (1)' added.
+  ImageDraw.Draw(image).rectangle([50, 30, 150, 210], fill=(30, 30, 30))
+  buffer = io.BytesIO()
+  image.save(buffer, 'JPEG')
+  os.makedirs(target_dir or '.', exist_ok=True)
+  path = base = os.path.join(target_dir, 'shirt.jpg')
+  while os.path.lexists(path):
+    path = base.replace('.jpg', f' ({1 + path.count("(")}).jpg')
+  with open(path, 'wb') as f:
+    f.write(buffer.getvalue())
+  print('Saving shirt.jpg to', path)
+  return {path: buffer.getvalue()}
+""",
+}
+
+
+def _colab_stub(tmp_path) -> str:
+  """A folder for PYTHONPATH holding a stand-in google.colab (drive, auth, files); google stays a
+  namespace package, as protobuf's."""
+  folder = tmp_path / "colab_stub"
+  (folder / "google" / "colab").mkdir(parents=True)
+  for name, text in _STUB.items():
+    (folder / "google" / "colab" / name).write_text(text)
+  return str(folder)
 
 
 def test_colab_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
@@ -72,6 +124,58 @@ def test_colab_notebook_keeps_its_runs_in_a_bucket(emulator, tmp_path, monkeypat
   assert bucket.names("notebook/fj_default/checkpoints") == ["10"]
   (local,) = glob.glob(str(tmp_path / "fashion_jax_notebook_*"))
   assert not os.path.exists(os.path.join(local, "fj_default"))
+
+
+def test_on_colab_an_idx_dir_on_drive_mounts_drive(tmp_path, monkeypatch):
+  """IDX_DIR on Drive, the checkout and the runs not: Drive is mounted (the mount had looked at
+  REPO and RUNS only, so the run found no data), the default config trains from it, and an
+  upload is classified under the name Colab saved it as. (The recipe, the benchmark and
+  TensorBoard's cell are skipped: a minute, and a TensorBoard server.)"""
+  content = tmp_path / "content"
+  (content / "uploads").mkdir(parents=True)
+  (content / "uploads" / "shirt.jpg").write_bytes(b"an earlier upload")
+  write_idx_folder(str(tmp_path / "my_drive" / "fashion_mnist"), n_train=256, n_test=100)
+  monkeypatch.setenv("STUB_MY_DRIVE", str(tmp_path / "my_drive"))
+  _, install, devices, default, predict = _execute(
+      tmp_path, monkeypatch, idx_dir=str(content / "drive" / "MyDrive" / "fashion_mnist"), colab=str(content),
+      skip=("RECIPE = ", "fashion_jax.benchmark", "load_ext"))
+  assert f"Mounted at {content}/drive" in install
+  assert "on cpu" in devices
+  assert "done: step 10" in default and "test accuracy" in default
+  assert os.path.isfile(content / "fj_default" / "config.json")  # RUNS: /content, its default.
+  assert "shirt (1).jpg" in predict and "sample_trousers" not in predict
+
+
+def test_a_data_error_names_the_notebooks_setting(tmp_path):
+  """The command's data error names --config.idx_dir and FASHION_JAX_IDX_DIR, neither of which a
+  notebook user sets: the cell says IDX_DIR."""
+  driver = _first_cell() + """
+try:
+  sh(PY, '-m', 'fashion_jax.main', '--config=configs/default.py', f'--workdir={RUNS}/fj')
+except RuntimeError as e:
+  print('raised:', e)
+"""
+  out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, check=True,
+                       timeout=120, env=dict(os.environ, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu",
+                                             FASHION_JAX_REPO=ROOT,
+                                             FASHION_JAX_IDX_DIR=str(tmp_path / "missing"))).stdout
+  *_, error, hint, raised = out.splitlines()
+  assert "FASHION_JAX_IDX_DIR" in error and "missing" in error
+  assert hint.startswith("In this notebook: set IDX_DIR in the first cell"), hint
+  assert raised.startswith("raised: exit status 2"), raised
+
+
+@pytest.mark.parametrize("idx_dir, expected", [
+    ("", None), ("data/idx", "ROOT/data/idx"), ("/abs/idx", "/abs/idx")])
+def test_idx_dir_reaches_the_commands(tmp_path, idx_dir, expected):
+  """IDX_DIR, set in the first cell, is the commands' $FASHION_JAX_IDX_DIR (a relative one from
+  ROOT: they run in the checkout)."""
+  driver = _first_cell() + "\nprint(ROOT); sh(PY, '-c', 'import os; print(os.environ.get(\"FASHION_JAX_IDX_DIR\"))')"
+  out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, check=True,
+                       timeout=60, env=dict(os.environ, TMPDIR=str(tmp_path), FASHION_JAX_REPO=ROOT,
+                                            FASHION_JAX_IDX_DIR=idx_dir)).stdout
+  root, got = out.split()
+  assert got == (expected.replace("ROOT", root) if expected else "None")
 
 
 def _first_cell() -> str:
