@@ -413,3 +413,37 @@ def test_downloaded_files_have_the_umasks_mode(mirror, tmp_path):
     os.umask(umask)
   for name in download.recorded("fashion_mnist"):
     assert os.stat(os.path.join(cache, name)).st_mode & 0o777 == 0o644, name
+
+
+def test_local_write_failures_are_the_folders_not_the_addresses(mirror, tmp_path, monkeypatch):
+  """A read-only or full cache was blamed on the address ('could not download ...: Read-only
+  file system'), the mirror tried, and a full disk advised --workdir and checkpoints."""
+  _, url, requested = mirror
+  cache = str(tmp_path / "cache")
+  with monkeypatch.context() as patch, pytest.raises(UserError) as e:
+    patch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(
+        OSError(errno.EROFS, "Read-only file system")))
+    download.fetch("fashion_mnist", cache, urls=(url, url))
+  assert str(e.value).startswith(f"cannot write the data folder {cache} (Read-only file system)")
+  assert "FASHION_JAX_CACHE_DIR" in str(e.value) and "--config.data_dir" in str(e.value)
+  assert len(requested) == 1  # No other address would do better.
+  requested.clear()
+  real_open = open
+
+  def full_on_close(path, mode="r", *args, **kwargs):
+    f = real_open(path, mode, *args, **kwargs)
+    if mode != "xb":  # Only the download's own file.
+      return f
+    close = f.close
+    def fail():
+      close()
+      raise OSError(errno.ENOSPC, "No space left on device")
+    f.close = fail
+    return f
+
+  monkeypatch.setattr(download, "open", full_on_close, raising=False)
+  with pytest.raises(UserError, match=f"no space left to download into {cache} .*free some space"
+                     ) as e:
+    download.fetch("fashion_mnist", cache, urls=(url, url))
+  assert "--workdir" not in str(e.value) and len(requested) == 1
+  assert not [n for n in os.listdir(cache) if n.startswith(".") and n != download.LOCK_FILE]

@@ -27,6 +27,8 @@ connect, one try per address, no retry loop), with one line naming
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import errno
 import hashlib
 import http.client
 import importlib.util
@@ -44,7 +46,6 @@ import numpy as np
 from fashion_jax.data import idx
 from fashion_jax.support.errors import UserError
 from fashion_jax.support import paths
-from fashion_jax.support import storage
 
 # The addresses tfds downloads from (its builders' URL), then a mirror of the same files.
 URLS = {
@@ -262,38 +263,58 @@ class _Answered(Exception):
 
 
 def _download_one(url: str, size: int, sha: str, path: str, timeout: float) -> None:
+  """Errors of the address propagate (`_Answered` once it answered); a failure to write the
+  folder is a UserError: no other address would do better."""
   request = urllib.request.Request(url, headers={"User-Agent": "fashion_jax"})
-  # open(), not mkstemp: the umask's permissions (mkstemp's 0600 locked others out of a shared
-  # data_dir).
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(4)}")
-  try:
-    with open(tmp, "xb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
-      try:
+  with urllib.request.urlopen(request, timeout=timeout) as response:
+    folder = os.path.dirname(path)
+    # The same prefix as the mkstemp names before (`_remove_stale` finds both); open(), not
+    # mkstemp: the umask's permissions (mkstemp's 0600 locked others out of a shared data_dir).
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}")
+    try:
+      with open(tmp, "xb") as out:  # Closing flushes: a full disk can show here.
         _transfer(response, out, size, sha)
-      except (OSError, ValueError, http.client.HTTPException) as e:  # IncompleteRead: cut off.
-        if isinstance(e, OSError) and (full := storage.out_of_space(path, e)):  # Not the address's
-          raise full from e  # fault: no other address would do better.
-        raise _Answered() from e
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+      os.replace(tmp, path)
+    except OSError as e:  # _transfer raises the address's failures as _Answered.
+      raise _cannot_write(folder, e) from e
+    finally:
+      with contextlib.suppress(OSError):
+        if os.path.exists(tmp):
+          os.remove(tmp)
+
+
+def _cannot_write(folder: str, e: OSError) -> UserError:
+  if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    return UserError(f"no space left to download into {folder} ({e.strerror}); free some space "
+                     f"there, or set {paths.CACHE_ENV} or --config.data_dir to a folder on "
+                     "another disk")
+  return UserError(f"cannot write the data folder {folder} ({e.strerror or e}); set "
+                   f"{paths.CACHE_ENV} or --config.data_dir to a folder you can write")
 
 
 def _transfer(response, out, size: int, sha: str) -> None:
-  """Copies the response to `out`, checking its size and SHA-256 against the recorded ones."""
+  """Copies the response to `out`, checking its size and SHA-256 against the recorded ones.
+
+  A failure of the response (or of its bytes) is raised as _Answered; one of `out` as it is.
+  """
   digest, received = hashlib.sha256(), 0
-  while block := response.read(_CHUNK):
+  while True:
+    try:
+      block = response.read(_CHUNK)
+    except (OSError, ValueError, http.client.HTTPException) as e:  # IncompleteRead: cut off.
+      raise _Answered() from e
+    if not block:
+      break
     received += len(block)
     if received > size:
-      raise ValueError(f"more than the recorded {size} bytes")
+      raise _Answered(f"more than the recorded {size} bytes")
     digest.update(block)
     out.write(block)
   if received != size:
-    raise ValueError(f"{received} bytes, but tfds records {size}")
+    raise _Answered(f"{received} bytes, but tfds records {size}")
   if digest.hexdigest() != sha:
-    raise ValueError(f"SHA-256 {digest.hexdigest()[:16]}... differs from the recorded "
-                     f"{sha[:16]}... (a damaged or altered file; not used)")
+    raise _Answered(f"SHA-256 {digest.hexdigest()[:16]}... differs from the recorded "
+                    f"{sha[:16]}... (a damaged or altered file; not used)")
 
 
 def _reason(e: Exception) -> str:
