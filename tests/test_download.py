@@ -447,3 +447,20 @@ def test_local_write_failures_are_the_folders_not_the_addresses(mirror, tmp_path
     download.fetch("fashion_mnist", cache, urls=(url, url))
   assert "--workdir" not in str(e.value) and len(requested) == 1
   assert not [n for n in os.listdir(cache) if n.startswith(".") and n != download.LOCK_FILE]
+
+
+def test_an_unreadable_cached_file_is_named(mirror, tmp_path, monkeypatch):
+  """A cached file this user cannot read (another user's, in a shared data_dir) was taken for a
+  damaged one and downloaded again, on every run."""
+  _, url, requested = mirror
+  cache = str(tmp_path / "cache")
+  download.fetch("fashion_mnist", cache, urls=(url,))
+  requested.clear()
+  real = download.sha256
+  denied = os.path.join(cache, "train-images-idx3-ubyte.gz")
+  monkeypatch.setattr(download, "sha256", lambda path: (_ for _ in ()).throw(
+      PermissionError(errno.EACCES, "Permission denied")) if path == denied else real(path))
+  with pytest.raises(UserError, match=f"cannot read the cached {denied} \\(Permission denied; "
+                     "owned by .*chmod a\\+r.*FASHION_JAX_CACHE_DIR"):
+    download.fetch("fashion_mnist", cache, urls=(url,))
+  assert requested == []

@@ -33,6 +33,7 @@ import hashlib
 import http.client
 import importlib.util
 import os
+import pwd
 import secrets
 import socket
 import time
@@ -140,8 +141,23 @@ def sha256(path: str) -> str:
 def _verified(path: str, size: int, sha: str) -> bool:
   try:
     return os.path.getsize(path) == size and sha256(path) == sha
+  except PermissionError as e:  # Not a damaged file (it was downloaded again, over and over).
+    raise UserError(f"cannot read the cached {path} ({e.strerror}; owned by {_owner(path)}); "
+                    "make it readable by you (chmod a+r), or set "
+                    f"{paths.CACHE_ENV} or --config.data_dir to a folder of your own") from e
   except OSError:
     return False
+
+
+def _owner(path: str) -> str:
+  try:
+    uid = os.stat(path).st_uid
+  except OSError:
+    return "another user"
+  try:
+    return pwd.getpwuid(uid).pw_name
+  except KeyError:
+    return f"uid {uid}"
 
 
 LOCK_FILE = ".fashion_jax-download.lock"  # Stays in the folder (removing it would race).
