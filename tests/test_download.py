@@ -181,10 +181,14 @@ def test_a_hanging_name_lookup_is_bounded(mirror, tmp_path, monkeypatch):
   real = socket.getaddrinfo
   monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: (
       time.sleep(30) if host == "hangs.invalid" else real(host, *a, **k)))
+  before = set(threading.enumerate())
   start = time.monotonic()
   with pytest.raises(UserError, match="no answer for hangs.invalid"):
     download.fetch("fashion_mnist", str(tmp_path / "cache"), urls=("http://hangs.invalid/",))
   assert time.monotonic() - start < 15  # The lookup hangs for 30 s.
+  # Nothing left that Python waits for at exit (a pool's worker kept the process alive 30 s
+  # after the error).
+  assert not [t for t in set(threading.enumerate()) - before if t.is_alive() and not t.daemon]
 
 
 def test_source_order(tmp_path, monkeypatch, tiny_config):

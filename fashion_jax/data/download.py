@@ -26,7 +26,6 @@ connect, one try per address, no retry loop), with one line naming
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import errno
 import hashlib
@@ -36,6 +35,7 @@ import os
 import pwd
 import secrets
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -265,13 +265,23 @@ def _resolve(url: str, timeout: float) -> None:
   host = urllib.parse.urlparse(url).hostname
   if host is None:  # A file:// mirror ($FASHION_JAX_DATA_URL): no name to look up.
     return
-  pool = concurrent.futures.ThreadPoolExecutor(1)
-  try:
-    pool.submit(socket.getaddrinfo, host, None).result(timeout=timeout)
-  except concurrent.futures.TimeoutError as e:
-    raise OSError(f"no answer for {host} within {timeout:.0f}s (no network?)") from e
-  finally:
-    pool.shutdown(wait=False)
+  failed = []
+
+  def lookup():
+    try:
+      socket.getaddrinfo(host, None)
+    except Exception as e:  # pylint: disable=broad-except  # Raised below, in the caller.
+      failed.append(e)
+
+  # A daemon thread: a lookup still hanging must not keep the process alive after the error
+  # (a pool's worker did: Python waited for it at exit, 35 s after the error was printed).
+  thread = threading.Thread(target=lookup, name="fashion_jax-lookup", daemon=True)
+  thread.start()
+  thread.join(timeout)
+  if thread.is_alive():
+    raise OSError(f"no answer for {host} within {timeout:.0f}s (no network?)")
+  if failed:
+    raise failed[0]
 
 
 class _Answered(Exception):
