@@ -1,5 +1,6 @@
 """End-to-end: train, checkpoint, resume, re-evaluate, and the errors users see."""
 
+import errno
 import gc
 import glob
 import json
@@ -757,6 +758,64 @@ def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tiny_config, t
   with pytest.raises(UserError, match=r"not enough free disk.*last checkpoint \(step 10\)"):
     train.train_and_evaluate(tiny_config, workdir)
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "10"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 12 MB tmpfs (as root; the test skips, saying why, where mounting is not allowed)."""
+  folder = tmp_path / "small"
+  folder.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(folder)],
+                           capture_output=True, text=True, check=False)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()[:100]}): a full disk "
+                "during an asynchronous save is tested where one can be mounted (CI runs as root)")
+  try:
+    yield folder
+  finally:
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_disk_that_fills_during_an_asynchronous_save_is_one_line(tiny_config, small_disk,
+                                                                    monkeypatch, capfd):
+  """The free-space check before a save cannot see a quota or another process filling the disk
+  meanwhile: the write failed in Orbax's thread, ~470 lines of its tracebacks and exit 1."""
+  from fashion_jax.support import checkpointing  # pylint: disable=import-outside-toplevel
+  import collections  # pylint: disable=import-outside-toplevel
+  usage = collections.namedtuple("usage", "total used free")
+  monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: usage(1 << 40, 0, 1 << 40))
+  workdir = str(small_disk / "run")
+  tiny_config.num_train_steps = 10
+  train.train_and_evaluate(tiny_config, workdir)  # One checkpoint: how much room it takes.
+  size = sum(os.path.getsize(os.path.join(root, f))
+             for root, _, files in os.walk(os.path.join(workdir, "checkpoints")) for f in files)
+  with open(small_disk / "filler", "wb") as f:  # Room for about half a checkpoint more.
+    free = os.statvfs(small_disk)  # (shutil.disk_usage is the stand-in above.)
+    f.write(b"\0" * max(0, free.f_bavail * free.f_frsize - size // 2))
+  tiny_config.num_train_steps = 30
+  capfd.readouterr()
+  with pytest.raises(UserError, match=r"no space left to save a checkpoint in .*/run/checkpoints; "
+                     r"free some space .* last complete checkpoint \(step 10\), which is intact"):
+    train.train_and_evaluate(tiny_config, workdir)
+  err = capfd.readouterr().err
+  assert "Traceback" not in err and "No space left" not in err, err[-3000:]
+  os.remove(small_disk / "filler")  # Room again: the re-run resumes and finishes.
+  train.train_and_evaluate(tiny_config, workdir)
+  assert "30" in os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_out_of_space_is_told_apart_from_other_save_errors():
+  """Cloud quotas and rate limits say RESOURCE_EXHAUSTED too: those stay what they are."""
+  from fashion_jax.support import checkpoint_checks  # pylint: disable=import-outside-toplevel
+  full = ValueError('RESOURCE_EXHAUSTED: Error writing "x": Failed to write 793667 bytes to file 8: '
+                    "No space left on device [os_error_code='28']")
+  assert checkpoint_checks.out_of_space(full)
+  assert not checkpoint_checks.out_of_space(RuntimeError("save failed"))
+  try:
+    raise RuntimeError("save failed") from OSError(errno.EDQUOT, "Disk quota exceeded")
+  except RuntimeError as e:
+    assert checkpoint_checks.out_of_space(e)
+  assert not checkpoint_checks.out_of_space(ValueError("RESOURCE_EXHAUSTED: 429 rate limit"))
 
 
 def test_a_refused_resume_leaves_the_run_intact(tiny_config, tmp_path):

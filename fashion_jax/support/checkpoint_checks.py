@@ -3,7 +3,9 @@ nothing (permissions, storage); and whether a resume would change the run (its f
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import re
 
@@ -155,7 +157,7 @@ _TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "PERMISS
               "ABORTED", "CANCELLED", "UNAUTHENTICATED")
 
 
-def _chain(error: BaseException) -> list[BaseException]:
+def chain(error: BaseException) -> list[BaseException]:
   """The error and what caused it (Orbax wraps tensorstore's errors in a plain Exception)."""
   chain = []
   while error is not None and error not in chain and len(chain) < 8:
@@ -167,7 +169,7 @@ def _chain(error: BaseException) -> list[BaseException]:
 def is_damage(error: BaseException) -> bool:
   """Whether a failed read means the checkpoint's files are damaged (not a passing I/O error)."""
   damage = False
-  for link in _chain(error):
+  for link in chain(error):
     text = str(link)
     if any(code in text for code in _TRANSIENT):
       return False
@@ -179,3 +181,28 @@ def is_damage(error: BaseException) -> bool:
     elif isinstance(link, ValueError) and any(sign in text for sign in _DAMAGE):
       damage = True
   return damage
+
+
+# How an asynchronous save that found the disk (or the user's quota) full reports it: TensorStore's
+# error text, or an OSError with ENOSPC/EDQUOT, in the chain of what Orbax raises.
+_FULL_SIGNS = ("No space left on device", "os_error_code='28'", "Disk quota exceeded",
+               "os_error_code='122'")
+
+
+def out_of_space(error: BaseException) -> bool:
+  return any(getattr(link, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+             or any(s in str(link) for s in _FULL_SIGNS)
+             for link in chain(error))
+
+
+class QuietOutOfSpace(logging.Filter):
+  """Orbax's own error lines with tracebacks (~470 lines for the tiny config) where a save found
+  the disk full: the error itself comes back out of the next save or wait, as one line."""
+
+  def filter(self, record):
+    if record.levelno < logging.ERROR or "/orbax/" not in record.pathname.replace(os.sep, "/"):
+      return True
+    text = record.getMessage()
+    return not (any(s in text for s in _FULL_SIGNS)
+                or (record.exc_info and record.exc_info[1] is not None
+                    and out_of_space(record.exc_info[1])))

@@ -175,8 +175,9 @@ class Checkpointer:
                                            preservation_policy=policy, best_fn=_best_metric,
                                            best_mode="max")
     absl_logger = logging_std.getLogger("absl")
-    if not any(isinstance(f, _NoMissingMetricWarning) for f in absl_logger.filters):
-      absl_logger.addFilter(_NoMissingMetricWarning())
+    for kind in (_NoMissingMetricWarning, checkpoint_checks.QuietOutOfSpace):
+      if not any(isinstance(f, kind) for f in absl_logger.filters):
+        absl_logger.addFilter(kind())
     handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()  # (item_handlers= is deprecated)
     for item, args in (("state", ocp.args.StandardSave), ("state", ocp.args.StandardRestore),
                        ("meta", ocp.args.JsonSave), ("meta", ocp.args.JsonRestore)):
@@ -217,9 +218,10 @@ class Checkpointer:
                       f"process {first}: {refusals[first]}")
     best = {BEST_METRIC: float(metrics[BEST_METRIC])} if metrics and BEST_METRIC in metrics else None
     description = {**description, DIGEST: checkpoint_checks.digest(state)}  # Checked on restore.
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(description)), metrics=best,
-                       force=True)
+    with self._full_disk_is_one_line():  # (The previous asynchronous save's error comes here.)
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(description)), metrics=best,
+                         force=True)
     faults.maybe_kill("save", step)  # Tests: SIGKILL while the async write is in progress.
 
   def _check_free_disk(self, state) -> None:
@@ -388,8 +390,30 @@ class Checkpointer:
     self._manager.reload()
     return target
 
+  @contextlib.contextmanager
+  def _full_disk_is_one_line(self):
+    """An asynchronous save that ran out of space (the check before it cannot see a quota, or
+    another process filling the disk meanwhile): a UserError naming the last complete step, not
+    Orbax's tracebacks."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  (re-raised unless out of space)
+      if not checkpoint_checks.out_of_space(e):
+        raise
+      try:
+        storage.forget_listings(self.directory)
+        self._manager.reload()
+        last = self._manager.latest_step()
+      except Exception:  # pylint: disable=broad-except  (the step is a courtesy)
+        last = None
+      raise UserError(f"no space left to save a checkpoint in {self.directory}; free some space "
+                      "(or use another --workdir) and re-run to resume from the last complete "
+                      f"checkpoint ({'step ' + str(last) if last is not None else 'none yet'}), "
+                      "which is intact") from None
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._full_disk_is_one_line():
+      self._manager.wait_until_finished()
 
   def __enter__(self):
     return self
@@ -398,5 +422,8 @@ class Checkpointer:
     self.close()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      with self._full_disk_is_one_line():
+        self._manager.close()
