@@ -468,3 +468,19 @@ def test_an_unreadable_cached_file_is_named(mirror, tmp_path, monkeypatch):
                      "owned by .*chmod a\\+r.*FASHION_JAX_CACHE_DIR"):
     download.fetch("fashion_mnist", cache, urls=(url,))
   assert requested == []
+
+
+def test_a_transfer_has_a_deadline(mirror, tmp_path, monkeypatch):
+  """A byte every 0.1 s (under the per-read timeout) held the download for as long as it came."""
+  monkeypatch.setattr(download, "TRANSFER_FLOOR_S", 0.5, raising=False)
+
+  def trickle(c):
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+    for _ in range(40):
+      c.sendall(b"x")
+      time.sleep(0.1)
+
+  start = time.monotonic()
+  with _raw_server(trickle) as slow, pytest.raises(UserError, match=r"too slow: \d+ of \d+ bytes"):
+    download.fetch("fashion_mnist", str(tmp_path / "cache"), urls=(slow,))
+  assert time.monotonic() - start < 3.5  # The trickle goes on for 4 s.

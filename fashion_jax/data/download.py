@@ -21,7 +21,11 @@ so processes sharing a cache never see half a file.
 
 Offline, the first file fails within seconds (a bounded name lookup and
 connect, one try per address, no retry loop), with one line naming
-`--config.idx_dir` and `FASHION_JAX_IDX_DIR`.
+`--config.idx_dir` and `FASHION_JAX_IDX_DIR`. An address that answers has a
+deadline for the whole file (a trickle would otherwise hold it forever), and
+any failure of an address (refused, not HTTP, cut off, wrong bytes) moves on to
+the next. A failure to write the cache folder is not the address's: it stops at
+once, with one line naming the folder.
 """
 
 from __future__ import annotations
@@ -82,6 +86,9 @@ RECORDED = {
 URL_ENV = "FASHION_JAX_DATA_URL"  # A mirror (base URL) to use instead of the addresses above.
 CONNECT_BUDGET_S = 10.0  # All name lookups and connects of one file together, when offline.
 TIMEOUT_S = 5.0  # One name lookup, connect or read.
+# The whole of one file from an address that answered: at least this slow a rate, and this long.
+MIN_RATE = 50e3  # Bytes per second.
+TRANSFER_FLOOR_S = 120.0
 _CHUNK = 1 << 20
 # Training's flag for an IDX folder; `evaluate` names its own (--idx_dir) in these messages.
 IDX_FLAG_HINT = "--config.idx_dir=FOLDER holding the four IDX files"
@@ -292,14 +299,16 @@ def _download_one(url: str, size: int, sha: str, path: str, timeout: float) -> N
   """Errors of the address propagate (`_Answered` once it answered); a failure to write the
   folder is a UserError: no other address would do better."""
   request = urllib.request.Request(url, headers={"User-Agent": "fashion_jax"})
+  limit = max(TRANSFER_FLOOR_S, size / MIN_RATE)
   with urllib.request.urlopen(request, timeout=timeout) as response:
+    deadline = time.monotonic() + limit
     folder = os.path.dirname(path)
     # The same prefix as the mkstemp names before (`_remove_stale` finds both); open(), not
     # mkstemp: the umask's permissions (mkstemp's 0600 locked others out of a shared data_dir).
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}")
     try:
       with open(tmp, "xb") as out:  # Closing flushes: a full disk can show here.
-        _transfer(response, out, size, sha)
+        _transfer(response, out, size, sha, deadline, limit)
       os.replace(tmp, path)
     except OSError as e:  # _transfer raises the address's failures as _Answered.
       raise _cannot_write(folder, e) from e
@@ -318,15 +327,18 @@ def _cannot_write(folder: str, e: OSError) -> UserError:
                    f"{paths.CACHE_ENV} or --config.data_dir to a folder you can write")
 
 
-def _transfer(response, out, size: int, sha: str) -> None:
+def _transfer(response, out, size: int, sha: str, deadline: float, limit: float) -> None:
   """Copies the response to `out`, checking its size and SHA-256 against the recorded ones.
 
   A failure of the response (or of its bytes) is raised as _Answered; one of `out` as it is.
   """
   digest, received = hashlib.sha256(), 0
+  # read1: what has arrived. read(n) waits for all n bytes: a byte every few seconds (under the
+  # per-read timeout) held it past any deadline.
+  read = getattr(response, "read1", response.read)
   while True:
     try:
-      block = response.read(_CHUNK)
+      block = read(_CHUNK)
     except (OSError, ValueError, http.client.HTTPException) as e:  # IncompleteRead: cut off.
       raise _Answered() from e
     if not block:
@@ -334,6 +346,9 @@ def _transfer(response, out, size: int, sha: str) -> None:
     received += len(block)
     if received > size:
       raise _Answered(f"more than the recorded {size} bytes")
+    if time.monotonic() > deadline:
+      raise _Answered(f"too slow: {received} of {size} bytes after {limit:.0f}s (under "
+                      f"{MIN_RATE / 1e3:.0f} kB/s)")
     digest.update(block)
     out.write(block)
   if received != size:
