@@ -2,11 +2,13 @@
 
 import contextlib
 import errno
+import fcntl
 import functools
 import gzip
 import hashlib
 import http.server
 import json
+import logging
 import os
 import shutil
 import socket
@@ -345,12 +347,11 @@ def test_a_file_url_mirror_is_read_without_a_name_lookup(mirror, tmp_path, monke
 
 def test_a_lock_file_planted_as_a_link_is_not_followed(tmp_path):
   """A link in a shared data folder made the lock open (and create) the file it points at."""
-  from fashion_jax.support import paths  # pylint: disable=import-outside-toplevel
   victim = tmp_path / "someone_elses" / "file"
   victim.parent.mkdir()
   os.symlink(victim, tmp_path / download.LOCK_FILE)
-  with paths.exclusive(tmp_path / download.LOCK_FILE):
-    pass
+  with download._locked(str(tmp_path)) as held:  # pylint: disable=protected-access
+    assert not held
   assert not victim.exists()
 
 
@@ -484,3 +485,38 @@ def test_a_transfer_has_a_deadline(mirror, tmp_path, monkeypatch):
   with _raw_server(trickle) as slow, pytest.raises(UserError, match=r"too slow: \d+ of \d+ bytes"):
     download.fetch("fashion_mnist", str(tmp_path / "cache"), urls=(slow,))
   assert time.monotonic() - start < 3.5  # The trickle goes on for 4 s.
+
+
+def test_a_process_waiting_for_another_says_so(mirror, tmp_path, caplog):
+  """A process waiting for another's download said nothing (for minutes, on a slow link)."""
+  _, url, _ = mirror
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  with open(cache / download.LOCK_FILE, "w") as holder:
+    fcntl.flock(holder, fcntl.LOCK_EX)  # Another process, downloading.
+    with caplog.at_level(logging.INFO, logger="absl"):
+      waiting = threading.Thread(target=download.fetch, args=("fashion_mnist", str(cache), (url,)))
+      waiting.start()
+      for _ in range(100):
+        if any("waiting for another process downloading into" in r.getMessage()
+               for r in caplog.records):
+          break
+        time.sleep(0.05)
+      fcntl.flock(holder, fcntl.LOCK_UN)
+      waiting.join()
+  assert any(r.getMessage() == f"waiting for another process downloading into {cache}"
+             for r in caplog.records)
+
+
+def test_a_file_system_without_locks_downloads_unlocked(mirror, tmp_path, monkeypatch, caplog):
+  """flock failing with ENOLCK (some NFS and FUSE mounts) was a traceback."""
+  _, url, requested = mirror
+
+  def no_locks(*args):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    download.fetch("fashion_mnist", str(tmp_path / "cache"), urls=(url,))
+  assert len(requested) == 4
+  assert any("No locks available" in r.getMessage() for r in caplog.records)

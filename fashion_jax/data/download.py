@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import http.client
 import importlib.util
@@ -189,7 +190,7 @@ def fetch(name: str, folder: str, urls: tuple[str, ...] | None = None) -> str:
                     f"{paths.CACHE_ENV} or --config.data_dir to a folder you can write") from e
   # Several processes sharing the folder (a multi-process job) download once: the others wait,
   # then find the files verified.
-  with paths.exclusive(os.path.join(folder, LOCK_FILE)):
+  with _locked(folder):
     for filename, (size, sha) in recorded(name).items():
       path = os.path.join(folder, filename)
       if os.path.exists(path):
@@ -199,6 +200,36 @@ def fetch(name: str, folder: str, urls: tuple[str, ...] | None = None) -> str:
                         path)
       _download(name, filename, size, sha, urls, path)
   return folder
+
+
+@contextlib.contextmanager
+def _locked(folder: str):
+  """Holds the folder's download lock; yields whether it is held.
+
+  Says so before waiting for another process. Unlocked where the lock file cannot be created (a
+  read-only folder, which nobody can be writing either) or is a link (never followed: one
+  planted in a shared folder could point at another user's file), and, with a warning, where
+  the file system has no locks (flock fails with ENOLCK on some NFS and FUSE mounts).
+  """
+  lock_file = os.path.join(folder, LOCK_FILE)
+  try:
+    fd = os.open(lock_file, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+  except OSError:
+    yield False
+    return
+  with os.fdopen(fd, "w") as f:  # The lock goes when the file closes.
+    try:
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        logging.info("waiting for another process downloading into %s", folder)
+        fcntl.flock(f, fcntl.LOCK_EX)
+      held = True
+    except OSError as e:
+      logging.warning("cannot lock %s (%s): downloading without it (processes sharing the "
+                      "folder may each download the files)", lock_file, e.strerror or e)
+      held = False
+    yield held
 
 
 def load_split(name: str, folder: str, split: str) -> tuple[np.ndarray, np.ndarray]:
