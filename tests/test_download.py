@@ -520,3 +520,14 @@ def test_a_file_system_without_locks_downloads_unlocked(mirror, tmp_path, monkey
     download.fetch("fashion_mnist", str(tmp_path / "cache"), urls=(url,))
   assert len(requested) == 4
   assert any("No locks available" in r.getMessage() for r in caplog.records)
+
+
+def test_temporary_files_of_a_stopped_download_are_removed(mirror, tmp_path):
+  """A download stopped by SIGTERM or kill left its temporary file (up to 26 MB) for ever."""
+  _, url, _ = mirror
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  stale = cache / ".train-images-idx3-ubyte.gz.k1ll3d00"  # mkstemp's names, and today's.
+  stale.write_bytes(b"x" * 1000)
+  download.fetch("fashion_mnist", str(cache), urls=(url,))
+  assert not stale.exists()

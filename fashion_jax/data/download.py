@@ -190,7 +190,7 @@ def fetch(name: str, folder: str, urls: tuple[str, ...] | None = None) -> str:
                     f"{paths.CACHE_ENV} or --config.data_dir to a folder you can write") from e
   # Several processes sharing the folder (a multi-process job) download once: the others wait,
   # then find the files verified.
-  with _locked(folder):
+  with _locked(folder) as held:
     for filename, (size, sha) in recorded(name).items():
       path = os.path.join(folder, filename)
       if os.path.exists(path):
@@ -198,6 +198,8 @@ def fetch(name: str, folder: str, urls: tuple[str, ...] | None = None) -> str:
           continue
         logging.warning("%s does not match its recorded size and SHA-256; downloading it again",
                         path)
+      if held:  # Nobody else is writing: a temporary file of this name is a stopped download's.
+        _remove_stale(folder, filename)
       _download(name, filename, size, sha, urls, path)
   return folder
 
@@ -230,6 +232,19 @@ def _locked(folder: str):
                       "folder may each download the files)", lock_file, e.strerror or e)
       held = False
     yield held
+
+
+def _remove_stale(folder: str, filename: str) -> None:
+  """Removes the temporary files (`.NAME.xxxx`) of downloads that were stopped (SIGTERM, kill)."""
+  prefix = f".{filename}."
+  try:
+    stale = [n for n in os.listdir(folder) if n.startswith(prefix)]
+  except OSError:
+    return
+  for n in stale:
+    with contextlib.suppress(OSError):
+      os.remove(os.path.join(folder, n))
+      logging.info("removed %s, left by a download that was stopped", os.path.join(folder, n))
 
 
 def load_split(name: str, folder: str, split: str) -> tuple[np.ndarray, np.ndarray]:
