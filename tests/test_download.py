@@ -289,7 +289,7 @@ def test_processes_sharing_a_folder_download_once(tmp_path, monkeypatch):
   monkeypatch.setattr(download, "recorded", lambda name: {
       f: (len(b), hashlib.sha256(b).hexdigest()) for f, b in payload.items()})
 
-  def slow_download(name, filename, size, sha, urls, path):
+  def slow_download(name, filename, size, sha, urls, path, via_env=False):
     with lock:
       active[0] += 1
       peak[0] = max(peak[0], active[0])
@@ -531,3 +531,15 @@ def test_temporary_files_of_a_stopped_download_are_removed(mirror, tmp_path):
   stale.write_bytes(b"x" * 1000)
   download.fetch("fashion_mnist", str(cache), urls=(url,))
   assert not stale.exists()
+
+
+def test_the_data_url_variable_is_named(monkeypatch, tmp_path):
+  """A value with no scheme said 'unknown url type', and no error named the variable."""
+  for value in ("127.0.0.1:8000", str(tmp_path)):
+    monkeypatch.setenv(download.URL_ENV, value)
+    with pytest.raises(UserError, match=f"FASHION_JAX_DATA_URL='{value}' is not an http://, "
+                       "https:// or file:// address"):
+      download.fetch("fashion_mnist", str(tmp_path / "cache"))
+  monkeypatch.setenv(download.URL_ENV, _closed_port_url())
+  with pytest.raises(UserError, match=r"refused; the address is \$FASHION_JAX_DATA_URL's: fix it"):
+    download.fetch("fashion_mnist", str(tmp_path / "cache"))

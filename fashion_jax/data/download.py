@@ -90,6 +90,7 @@ TIMEOUT_S = 5.0  # One name lookup, connect or read.
 # The whole of one file from an address that answered: at least this slow a rate, and this long.
 MIN_RATE = 50e3  # Bytes per second.
 TRANSFER_FLOOR_S = 120.0
+_SCHEMES = ("http", "https", "file")
 _CHUNK = 1 << 20
 # Training's flag for an IDX folder; `evaluate` names its own (--idx_dir) in these messages.
 IDX_FLAG_HINT = "--config.idx_dir=FOLDER holding the four IDX files"
@@ -180,8 +181,13 @@ def fetch(name: str, folder: str, urls: tuple[str, ...] | None = None) -> str:
   if name not in URLS:
     raise UserError(f"no download source for data set {name!r}; use one of {', '.join(URLS)}, "
                     "or pass --config.idx_dir=FOLDER")
+  via_env = urls is None and bool(os.environ.get(URL_ENV))
   if urls is None:
     mirror = os.environ.get(URL_ENV, "")
+    if mirror and urllib.parse.urlsplit(mirror).scheme.lower() not in _SCHEMES:
+      raise UserError(f"{URL_ENV}={mirror!r} is not an http://, https:// or file:// address; set "
+                      "it to a base URL such as http://HOST:PORT/PATH/ or file:///FOLDER/, "
+                      "or unset it")
     urls = (mirror.rstrip("/") + "/",) if mirror else URLS[name]
   try:
     os.makedirs(folder, exist_ok=True)
@@ -200,7 +206,7 @@ def fetch(name: str, folder: str, urls: tuple[str, ...] | None = None) -> str:
                         path)
       if held:  # Nobody else is writing: a temporary file of this name is a stopped download's.
         _remove_stale(folder, filename)
-      _download(name, filename, size, sha, urls, path)
+      _download(name, filename, size, sha, urls, path, via_env=via_env)
   return folder
 
 
@@ -289,7 +295,8 @@ def check_reachable(name: str) -> None:
                     f"{_reason(e)}; " + offline_hint(name)) from e
 
 
-def _download(name: str, filename: str, size: int, sha: str, urls, path: str) -> None:
+def _download(name: str, filename: str, size: int, sha: str, urls, path: str,
+              via_env: bool = False) -> None:
   failures = []
   deadline = time.monotonic() + CONNECT_BUDGET_S
   for base in urls:
@@ -309,7 +316,9 @@ def _download(name: str, filename: str, size: int, sha: str, urls, path: str) ->
     # HTTPException: not HTTP at all (BadStatusLine), a transfer cut off; not an OSError.
     except (OSError, ValueError, http.client.HTTPException) as e:
       failures.append(f"{url}: {_reason(e)}")
-  raise UserError(f"could not download {name} ({filename}): {'; '.join(failures)}; "
+  source = (f"the address is ${URL_ENV}'s: fix it, or unset it for the default addresses; "
+            if via_env else "")
+  raise UserError(f"could not download {name} ({filename}): {'; '.join(failures)}; {source}"
                   + offline_hint(name))
 
 
