@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fashion_jax.support import paths
+from fashion_jax.support import backends, paths
 from tests.conftest import ROOT, write_idx_folder
 from tests.test_cloud import BUCKET, _Bucket, emulator  # pylint: disable=unused-import
 
@@ -98,6 +98,8 @@ def test_colab_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
       tmp_path, monkeypatch)
   assert "kept: jax " in install and "numpy" in install  # And asserted unchanged, in the cell.
   assert "JAX " in devices and "on cpu" in devices
+  # This machine's own device files (JAX_PLATFORMS=cpu here): a CPU runtime, or the fallback.
+  assert ("!!! this runtime has" if backends.accelerators() else "No GPU or TPU") in devices
   assert "done: step 10" in default and "test accuracy" in default
   assert "done: step 10" in recipe
   (runs,) = glob.glob(str(tmp_path / "fashion_jax_notebook_*"))
@@ -181,6 +183,43 @@ def test_idx_dir_reaches_the_commands(tmp_path, idx_dir, expected):
 def _first_cell() -> str:
   with open(NOTEBOOK, encoding="utf-8") as f:
     return json.load(f)["cells"][1]["source"]
+
+
+def _cell(text: str) -> str:
+  """The code cell containing `text`."""
+  with open(NOTEBOOK, encoding="utf-8") as f:
+    (source,) = [c["source"] for c in json.load(f)["cells"]
+                 if c["cell_type"] == "code" and text in c["source"]]
+  return source
+
+
+_FALLBACK = """
+import atexit, os
+atexit.register(os.write, 2, b"E1207 03:29:13.115490 1 client.cc:99] a C++ log line at exit\\n")
+try:
+  from fashion_jax.support import backends
+  backends.accelerators = lambda root="/": {"tpu": "4 TPU chip(s) (/dev/accel0)"}
+except ImportError:
+  pass
+"""
+
+
+def test_the_devices_cell_says_when_jax_fell_back_to_the_cpu(tmp_path):
+  """A TPU runtime whose JAX started on the CPU (here: device files made up, JAX_PLATFORMS=cpu)
+  is named as such, with the cause, in the devices cell, not only by the training command; and a
+  line JAX's C++ logging writes to stderr at exit (read with stdout, it was taken for the JSON)
+  does not break the cell."""
+  (tmp_path / "site").mkdir()
+  (tmp_path / "site" / "sitecustomize.py").write_text(_FALLBACK)
+  driver = _first_cell() + "\n" + _cell("compute_capability")
+  out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, TMPDIR=str(tmp_path), FASHION_JAX_REPO=ROOT,
+                                JAX_PLATFORMS="cpu", PYTHONPATH=str(tmp_path / "site")))
+  assert out.returncode == 0, out.stdout + out.stderr
+  _, fallback = out.stdout.splitlines()
+  assert fallback.startswith("!!! this runtime has 4 TPU chip(s) (/dev/accel0) but JAX runs on "
+                             "the CPU: JAX_PLATFORMS=cpu is set"), fallback
+  assert "recipe cell runs configs/cpu_best.py" in fallback
 
 
 _CHILD = """
