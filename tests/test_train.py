@@ -457,7 +457,8 @@ def test_unreadable_latest_checkpoint_falls_back_and_is_kept(tiny_config, tmp_pa
   err = capfd.readouterr().err
   assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
   from fashion_jax.serving import inference  # pylint: disable=import-outside-toplevel
-  with pytest.raises(UserError, match="checkpoints/20 is unreadable .*pass --step") as e:
+  with pytest.raises(UserError, match=r"checkpoints/20 is unreadable .*pass --step with another "
+                     r"checkpoint \(10\), or re-train") as e:
     inference.load(str(tmp_path / "copy"), step=20)
   assert "bound method" not in str(e.value) and "TensorStore details" not in str(e.value)
   err = capfd.readouterr().err
@@ -530,6 +531,21 @@ def test_a_damaged_checkpoint_that_cannot_be_moved_aside_is_one_line(trained_tin
                         "moved aside", "(Permission denied); move or delete it")
   assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20"]
   assert not os.listdir(workdir / "checkpoints_unreadable")  # Its parent: made, left empty.
+
+
+def test_a_save_cut_short_leaves_no_temporary_folder_behind(trained_tiny_workdir, tmp_path):
+  """A kill mid-save leaves `<step>.orbax-checkpoint-tmp...`: a save of that step replaced it, but
+  one at another step (checkpoint_every changed, a shorter run) stayed forever. Training removes
+  it; serving, which may read while a run saves, does not."""
+  from fashion_jax.serving import inference  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_tiny_workdir, workdir)
+  cut_short = workdir / "checkpoints" / "30.orbax-checkpoint-tmp-1234"
+  shutil.copytree(workdir / "checkpoints" / "20", cut_short)
+  inference.load(str(workdir))
+  assert cut_short.exists()
+  assert _rerun_tiny([], workdir, trained_tiny_workdir).returncode == 0
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20"]
 
 
 def test_no_readable_checkpoint_left_is_refused_not_a_fresh_start(trained_tiny_workdir, tmp_path):

@@ -195,8 +195,11 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256,
         except OSError as listing:
           raise storage.unreadable(directory, listing) from e
         if step in now:
+          others = ", ".join(str(s) for s in now if s != step)
+          fix = (f"pass --step with another checkpoint ({others}), or re-train" if others else
+                 "re-train (it is the only checkpoint)")
           raise UserError(f"checkpoint {where} is unreadable ({checkpointing.first_line(e)}); "
-                          "pass --step with another checkpoint, or re-train") from e
+                          f"{fix}") from e
         # Deleted while it was read: a run still training into this workdir keeps only its
         # newest checkpoints (and its best). Choose again among those it keeps now.
         if why == "requested with --step" or not now or attempt == 2:

@@ -160,9 +160,12 @@ def _best_metric(metrics) -> float:
 class Checkpointer:
   """Periodic and final saves, keep-N, async writes, restore of the latest step."""
 
-  def __init__(self, directory: str, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, keep: int, async_save: bool = True, training: bool = False):
     """Keeps the `keep` newest checkpoints, and the one with the best validation accuracy
-    (saved with `metrics`) however old it is: what serving picks by default."""
+    (saved with `metrics`) however old it is: what serving picks by default. `training` (the
+    workdir's lock held): the temporary folders of saves a kill cut short are removed (a save of
+    the same step replaced them, but one at another step stayed; never where serving reads: a
+    run may be saving into it)."""
     self.directory = storage.resolve(directory, "checkpoints")
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
@@ -173,7 +176,7 @@ class Checkpointer:
     # save after a resume deleted the best checkpoint as one without metrics.
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save,
                                            preservation_policy=policy, best_fn=_best_metric,
-                                           best_mode="max")
+                                           best_mode="max", cleanup_tmp_directories=training)
     absl_logger = logging_std.getLogger("absl")
     for kind in (_NoMissingMetricWarning, checkpoint_checks.QuietOutOfSpace):
       if not any(isinstance(f, kind) for f in absl_logger.filters):
@@ -195,7 +198,9 @@ class Checkpointer:
   def all_steps(self, read: bool = False) -> list[int]:
     """The saved steps; `read`: listed from storage again (another process may have saved or
     deleted some since this one opened it)."""
-    return sorted(self._manager.all_steps(read=read))
+    if read:
+      self._manager.reload()  # (all_steps(read=True) is deprecated.)
+    return sorted(self._manager.all_steps())
 
   def save(self, step: int, state, description: dict, metrics: dict | None = None) -> None:
     """Starts a save (asynchronous: the device arrays are copied before it returns).

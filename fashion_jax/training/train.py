@@ -351,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     description = checkpointing.describe_state(config.model, init_state, run.fingerprint())
     checkpointer = cleanup.enter_context(checkpointing.Checkpointer(
         storage.join(run.workdir, "checkpoints"), keep=config.keep_checkpoints,
-        async_save=config.async_checkpointing))
+        async_save=config.async_checkpointing, training=True))
     writer = cleanup.enter_context(metric_writers.MetricWriter(run.workdir, enabled=run.is_lead))
     state, step = restore(run, checkpointer, writer, init_state, description)
     faults.maybe_signal("restored")  # Tests: SIGTERM before the train loop starts.
