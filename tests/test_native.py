@@ -401,7 +401,9 @@ def test_the_measured_peak_is_whole_vector_pipes_at_each_width():
   """The benchmark's peak (native.measure_peak): at each width the CPU has, FLOP per cycle per
   core comes out a power of two, at least one multiply-add vector per cycle (a miscounted
   loop, a spilled or unfused one would not). Of eight short runs, the one nearest a power of
-  two: a busy neighbour skews one phase (FMA or clock) of a run."""
+  two among those in the range a CPU can have: a busy neighbour skews one phase (FMA or clock)
+  of a run, either way (under a loaded suite runs came out at 2,609 and 64 FLOP/cycle at 4
+  lanes, and the nearest power of two, 64, was out of range); a miscount skews every run."""
   widest = _widest_lanes()
   assert native.measure_peak(1, 0.02)["lanes"] == widest  # Default: the widest, not the build's.
   for lanes in (4, 8, 16):
@@ -414,11 +416,13 @@ def test_the_measured_peak_is_whole_vector_pipes_at_each_width():
       run = native.measure_peak(1, 0.1, lanes)
       assert run["lanes"] == lanes and run["threads"] == 1
       ratios.append(run["gflops"] * 1000 / run["mhz"])
-    nearest = min(ratios, key=lambda q: abs(math.log2(q) - round(math.log2(q))))
-    pipes = 2 ** round(math.log2(nearest))
     # At most two multiply-add pipes a core on x86 (four on Arm cores such as Apple's): a peak
     # counted twice over passed the lower bound alone (an MFU half what it is).
     most = (4 if platform.machine() in ("x86_64", "AMD64") else 8) * lanes
+    possible = [q for q in ratios if 2 * lanes / 1.2 < q < most * 1.2]
+    assert possible, (lanes, ratios)
+    nearest = min(possible, key=lambda q: abs(math.log2(q) - round(math.log2(q))))
+    pipes = 2 ** round(math.log2(nearest))
     assert abs(nearest / pipes - 1) < 0.2 and 2 * lanes <= pipes <= most, (lanes, ratios)
 
 
