@@ -426,9 +426,11 @@ def test_the_measured_peak_is_whole_vector_pipes_at_each_width():
     assert abs(nearest / pipes - 1) < 0.2 and 2 * lanes <= pipes <= most, (lanes, ratios)
 
 
+@pytest.mark.toolchain
 def test_the_peak_uses_the_widest_vectors_whatever_the_build():
   """A build for a lower ISA level (forced, or the only one cached) still times the CPU's
-  widest multiply-adds (chosen at run time): the peak is the machine's, not the build's."""
+  widest multiply-adds (chosen at run time): the peak is the machine's, not the build's. (A
+  second build, the portable one: 72 s of a loaded default suite; with the other builds.)"""
   if _widest_lanes() == 4:
     pytest.skip("this CPU's widest vectors are the portable build's 4 floats: nothing to tell apart")
   portable = native_build.targets()[-1].name
