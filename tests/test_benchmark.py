@@ -362,3 +362,12 @@ def test_library_info_chatter_is_filtered_and_warnings_are_not():
   for chatter in (compilation_cache.__file__, orbax.checkpoint.__file__):
     assert not shown(chatter, logging_std.INFO) and shown(chatter, logging_std.WARNING)
   assert shown(cli.__file__, logging_std.INFO)
+
+
+def test_an_unavailable_sources_reason_is_cut_with_an_ellipsis():
+  """The summary cut the reason at 80 characters, mid-address ("http://fashion-mni)")."""
+  from fashion_jax.benchmarking import benchmark_report  # pylint: disable=import-outside-toplevel
+  reason = "could not download fashion_mnist (a.gz): http://" + "x" * 200 + "\nsecond line"
+  short = benchmark_report._short(reason)  # pylint: disable=protected-access
+  assert len(short) == 160 and short.endswith("…") and "second" not in short
+  assert benchmark_report._short("not prepared") == "not prepared"  # pylint: disable=protected-access

@@ -235,10 +235,16 @@ def format_table(results: dict) -> str:
                  f"{results['compile_cached_s']:.2f}s")
   for source, r in results["input"].items():
     lines.append(f"input {source}: " + (f"load {r['load_s']:.2f}s, {r['images_per_sec']:,.0f} img/s"
-                                        if r["available"] else f"unavailable ({r['reason'][:80]})"))
+                                        if r["available"] else f"unavailable ({_short(r['reason'])})"))
   if "speedup_vs_keras" in results:
     lines.append(f"speedup vs keras (best batch each): {results['speedup_vs_keras']:.2f}x "
                  f"({results['train_images_per_sec']:,.0f} vs "
                  f"{results['keras_train_images_per_sec']:,.0f} img/s at batch "
                  f"{results['keras_best_batch_size']})")
   return "\n".join(lines)
+
+
+def _short(reason: str, most: int = 160) -> str:
+  """A reason's first line, cut with an ellipsis where longer (the progress line has it whole)."""
+  first = (reason.splitlines() or [""])[0]
+  return first if len(first) <= most else first[:most - 1].rstrip() + "…"
