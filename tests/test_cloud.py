@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -412,3 +413,79 @@ def test_two_processes_train_stop_and_resume_in_one_cloud_storage_run(emulator, 
   assert not any("AdaptiveReadaheadCache" in log for log in logs)  # fsspec INFO: one a read.
   assert sorted(os.listdir(job.logs)) == ["process_0.log", "process_1.log"]
   assert not os.path.exists(os.path.join(ROOT, "gs:"))  # Never a local folder named "gs:".
+
+
+class _OfflineGcsfs:
+  """gcsfs without a network: `info` raises aiohttp's error (an OSError) once its retries are
+  spent; `isdir`/`isfile` answer False to it, `exists` raises it. Records every request."""
+
+  def __init__(self):
+    self.asked = []
+
+  def _fail(self, what, path):
+    self.asked.append((what, path))
+    raise ConnectionError("Cannot connect to host storage.googleapis.com:443 ssl:default "
+                          "[Name or service not known]")
+
+  def info(self, path):
+    self._fail("info", path)
+
+  def path(self, path):  # What storage._epath returns.
+    import types  # pylint: disable=import-outside-toplevel
+    def swallowed():
+      try:
+        self._fail("isdir", path)
+      except OSError:
+        return False
+    return types.SimpleNamespace(_backend=types.SimpleNamespace(fs=lambda _: self),
+                                 is_dir=swallowed, is_file=swallowed,
+                                 exists=lambda: self._fail("exists", path))
+
+
+@pytest.mark.parametrize("origin", ["config.idx_dir", "$FASHION_JAX_IDX_DIR"])
+def test_an_unreachable_cloud_idx_folder_is_said_so_after_one_request(monkeypatch, origin):
+  """$FASHION_JAX_IDX_DIR=gs://... offline said "is not a folder" (gcsfs's isdir answers False
+  to a client error); config.idx_dir said "cannot reach" after two requests, each ~34 s of
+  gcsfs's retries (isdir, then exists). Here the check that the host answers is left out (as
+  behind a proxy, where it is not made)."""
+  from fashion_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support import storage  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support.errors import UserError  # pylint: disable=import-outside-toplevel
+  fake = _OfflineGcsfs()
+  monkeypatch.setattr(storage, "_epath", fake.path)
+  monkeypatch.setattr(storage, "_cloud_backend_missing", lambda: False)  # (gcsfs is faked.)
+  monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+  source = input_pipeline.Source("idx", "gs://b/fm", origin)
+  with pytest.raises(UserError, match=r"^cannot reach gs://b/fm \(ConnectionError: Cannot "
+                                      r"connect to host storage.googleapis.com:443 .*\); check the "
+                                      "network"):
+    input_pipeline.load(None, "train", source)
+  assert fake.asked == [("info", "gs://b/fm")]
+
+
+def test_an_offline_cloud_idx_folder_fails_in_seconds_before_gcsfs_is_asked(monkeypatch):
+  """Offline, gcsfs spent 15 s looking for credentials, then ~34 s retrying each request: the
+  host's name is looked up (and connected to) first, within storage.REACH_TIMEOUT_S."""
+  from fashion_jax.data import idx  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support import storage  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support.errors import UserError  # pylint: disable=import-outside-toplevel
+  pytest.importorskip("fsspec", reason="without gcsfs (and fsspec) TensorFlow's client is used")
+  monkeypatch.setattr(storage, "_epath", lambda path: pytest.fail(f"gcsfs was asked about {path}"))
+  monkeypatch.setattr(storage, "_cloud_backend_missing", lambda: False)
+  for proxy in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+    monkeypatch.delenv(proxy, raising=False)
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://fj-no-such-host.invalid:9")
+  start = time.monotonic()
+  with pytest.raises(UserError, match=r"^cannot reach gs://b/fm: fj-no-such-host.invalid:9: .* "
+                                      r"\(no network\?\); check the network"):
+    idx.load_split("gs://b/fm", "train")
+  assert time.monotonic() - start < storage.REACH_TIMEOUT_S
+  # A name lookup that hangs (no DNS server answering) is given up on.
+  answered = threading.Event()
+  monkeypatch.setattr(storage, "REACH_TIMEOUT_S", 0.2)
+  monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: answered.wait(30) and [])
+  try:
+    with pytest.raises(UserError, match=r"fj-no-such-host.invalid:9: no answer within 0.2 s"):
+      idx.load_split("gs://b/fm", "train")
+  finally:
+    answered.set()

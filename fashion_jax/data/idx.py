@@ -107,28 +107,36 @@ def write_idx(path: str, array: np.ndarray, compress: bool | None = None) -> Non
     f.write(header + array.tobytes())
 
 
-def _find(folder: str, name: str) -> str | None:
+def _find(folder: str, name: str, found: dict[str, str | None]) -> str | None:
+  """The file `name` (raw, else .gz) in `folder`, given `found` (storage.kinds of both names)."""
   for candidate in (name, name + ".gz"):
-    path = storage.join(folder, candidate)
-    if storage.isfile(path):
-      return path
+    if found[candidate] == "file":
+      return storage.join(folder, candidate)
   return None
 
 
-def load_split(folder: str, split: str, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (images [N, H, W, 1] uint8, labels [N] int32) of one split of an IDX folder."""
+def load_split(folder: str, split: str, num_classes: int = 10,
+               named_by: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (images [N, H, W, 1] uint8, labels [N] int32) of one split of an IDX folder.
+  `named_by`: the environment variable that named the folder (errors name it, not idx_dir)."""
   if split not in FILES:
     raise UserError(f"unknown split {split!r}; IDX folders hold {sorted(FILES)}")
   if storage.is_url(folder):
-    folder = storage.resolve(folder, "the IDX folder")  # gs:// needs the gcs extra.
-  if not storage.isdir(folder):
-    what = "is a file, not a folder" if storage.exists(folder) else "does not exist"
+    folder = storage.resolve(folder, f"${named_by}" if named_by else "the IDX folder")
+  what = storage.kind(folder)  # One look (gs://: one request, and "cannot reach" said as such).
+  if what != "folder":
+    if named_by:
+      raise UserError(f"{named_by}={folder!r} is not a folder ({'a file' if what else 'nothing'} "
+                      "is there); point it at the folder holding the four Fashion-MNIST IDX "
+                      "files, or unset it")
+    what = "is a file, not a folder" if what else "does not exist"
     raise UserError(f"IDX folder {folder!r} {what}; set --config.idx_dir to the folder "
                     "holding the four Fashion-MNIST IDX files, or to '' to use tensorflow-datasets")
   images_name, labels_name = FILES[split]
+  found = storage.kinds(folder, [n + gz for n in FILES[split] for gz in ("", ".gz")])
   paths = {}
   for name in (images_name, labels_name):
-    path = _find(folder, name)
+    path = _find(folder, name, found)
     if path is None:
       raise UserError(f"{name}[.gz] is missing from IDX folder {folder!r}; the {split} split is "
                       f"{images_name} and {labels_name} (raw or .gz; training reads both splits)")

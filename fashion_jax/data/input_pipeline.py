@@ -37,7 +37,7 @@ import numpy as np
 from fashion_jax.data import download
 from fashion_jax.data import idx
 from fashion_jax.support.errors import UserError
-from fashion_jax.support import backends, paths, storage
+from fashion_jax.support import backends, paths
 
 Batch = dict[str, np.ndarray]
 
@@ -128,14 +128,9 @@ def source(config) -> Source:
 def load(config, split: str, data_source: Source | None = None) -> Split:
   """Loads a whole split from `source(config)` (or the given source)."""
   data_source = data_source or source(config)
-  if data_source.kind == "idx":
-    if data_source.origin.startswith("$"):
-      if storage.is_url(data_source.location):
-        storage.resolve(data_source.location, f"${IDX_ENV}")  # gs:// without gcsfs: one line.
-      if not storage.isdir(data_source.location):
-        raise UserError(f"{IDX_ENV}={data_source.location!r} is not a folder; point it at the "
-                        "folder holding the four Fashion-MNIST IDX files, or unset it")
-    images, labels = idx.load_split(data_source.location, split)
+  if data_source.kind == "idx":  # Errors name the variable that named the folder, if one did.
+    images, labels = idx.load_split(data_source.location, split, named_by=(
+        IDX_ENV if data_source.origin.startswith("$") else None))
   elif data_source.kind == "tfds":
     images, labels = _load_tfds(config.dataset, split, data_source.location or None)
   else:

@@ -11,11 +11,14 @@ copies then deletes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import os
 import shutil
+import socket
 import stat
 import tempfile
+import urllib.parse
 import uuid
 
 from fashion_jax.support.errors import UserError
@@ -104,10 +107,84 @@ def _ask_cloud(path: str, question: str) -> bool:
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (the cloud clients' own errors)
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    raise UserError(f"cannot reach {path} ({type(e).__name__}{': ' + first if first else ''}); "
-                    "check the network, the bucket's name and your credentials (gcloud auth "
-                    "application-default login)") from e
+    raise _unreachable(path, e) from e
+
+
+def _unreachable(path: str, e: Exception) -> UserError:
+  first = (str(e).strip().splitlines() or [""])[0][:200]
+  return UserError(f"cannot reach {path} ({type(e).__name__}{': ' + first if first else ''}); "
+                   "check the network, the bucket's name and your credentials (gcloud auth "
+                   "application-default login)")
+
+
+REACH_TIMEOUT_S = 10.0  # Cloud Storage's name lookup and connect, together.
+
+
+def _check_reachable(path: str) -> None:
+  """Fails within REACH_TIMEOUT_S where gcsfs's host (its emulator, else storage.<universe>) has
+  no address or does not answer: offline, gcsfs looked for credentials for 15 s, then retried each
+  request for 34 s. Not where a proxy or an fsspec setting may route the requests elsewhere."""
+  try:
+    from fsspec.config import conf  # pylint: disable=g-import-not-at-top  (gcsfs's dependency)
+  except ImportError:  # TensorFlow's file system.
+    return
+  if (any(os.environ.get(v) for v in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"))
+      or conf.get("gcs", {}).keys() & {"endpoint_url", "session_kwargs"}):
+    return
+  host = os.environ.get("STORAGE_EMULATOR_HOST", "default")
+  host = (urllib.parse.urlparse(host if "://" in host else f"http://{host}") if host != "default"
+          else urllib.parse.urlparse("https://storage." + os.environ.get(
+              "GOOGLE_CLOUD_UNIVERSE_DOMAIN", "googleapis.com")))
+  address = (host.hostname, host.port or (443 if host.scheme == "https" else 80))
+  pool = concurrent.futures.ThreadPoolExecutor(1)  # getaddrinfo has no timeout of its own.
+  try:
+    pool.submit(lambda: socket.create_connection(address, REACH_TIMEOUT_S).close()).result(
+        timeout=REACH_TIMEOUT_S)
+  except OSError as e:  # (A TimeoutError, too.)
+    raise UserError(f"cannot reach {path}: {address[0]}:{address[1]}: "
+                    f"{e.strerror or str(e) or f'no answer within {REACH_TIMEOUT_S:g} s'} (no "
+                    "network?); check the network, or use a local copy") from e
+  finally:
+    pool.shutdown(wait=False)
+
+
+def _fsspec(path: str):
+  """The fsspec file system (gcsfs) of the gs:// `path`, else None (TensorFlow's)."""
+  backend = getattr(_epath(path), "_backend", None)
+  return backend.fs(path) if hasattr(backend, "fs") else None
+
+
+def kind(path: str) -> str | None:
+  """"folder", "file" or None (nothing there): one look, which tells "not there" from "cannot
+  reach" (a UserError; gcsfs's isdir and isfile answer False to a client error), after checking
+  that Cloud Storage answers at all (offline: seconds, not a minute of retries)."""
+  if not is_url(path):
+    try:
+      return "folder" if stat.S_ISDIR(os.stat(path).st_mode) else "file"
+    except (FileNotFoundError, NotADirectoryError):
+      return None
+    except OSError as e:
+      raise UserError(f"cannot look at {path} ({e.strerror}); make it readable by you") from e
+  _check_reachable(path)
+  try:
+    if (fs := _fsspec(path)) is not None:
+      return "folder" if fs.info(path).get("type") == "directory" else "file"
+  except FileNotFoundError:
+    return None
+  except Exception as e:  # pylint: disable=broad-except  (the cloud clients' own errors)
+    raise _unreachable(path, e) from e
+  return ("folder" if isdir(path) else "file") if exists(path) else None
+
+
+def kinds(folder: str, names) -> dict[str, str | None]:
+  """`kind` of each of `names` in the folder `folder`; in a bucket, from one listing."""
+  if not is_url(folder) or (fs := _fsspec(folder)) is None:
+    return {name: kind(join(folder, name)) for name in names}
+  try:
+    listed = {i["name"].rstrip("/").rsplit("/", 1)[-1]: i["type"] for i in fs.ls(folder, True)}
+  except Exception as e:  # pylint: disable=broad-except  (the cloud clients' own errors)
+    raise _unreachable(folder, e) from e
+  return {n: {None: None, "directory": "folder"}.get(listed.get(n), "file") for n in names}
 
 
 def exists(path: str) -> bool:
