@@ -1,4 +1,5 @@
 import gzip
+import logging
 import os
 import struct
 import zlib
@@ -187,3 +188,15 @@ def test_gzip_members_one_after_another_and_zero_padding_are_read(tmp_path):
     f.write(b"junk")
   with pytest.raises(UserError, match="trailing garbage after its gzip data"):
     idx.read_idx(path)
+
+
+def test_which_of_a_raw_and_a_gz_file_is_read_is_logged(tmp_path, caplog):
+  """Both present and different: the raw one was read without a word (see test_download's
+  test_only_the_verified_bytes_are_read for why the raw one wins)."""
+  folder = write_idx_folder(str(tmp_path), n_test=10)
+  idx.write_idx(os.path.join(folder, "t10k-images-idx3-ubyte"), np.zeros((10, 28, 28), np.uint8))
+  caplog.set_level(logging.INFO)
+  assert idx.load_split(folder, "test")[0].max() == 0
+  said = [r.getMessage() for r in caplog.records if "both" in r.getMessage()]
+  assert said == [f"both t10k-images-idx3-ubyte and t10k-images-idx3-ubyte.gz are in {folder}: "
+                  "reading t10k-images-idx3-ubyte (the raw file is read when both are)"]

@@ -12,6 +12,7 @@ import math
 import struct
 import zlib
 
+from absl import logging
 import numpy as np
 
 from fashion_jax.support import storage
@@ -109,8 +110,12 @@ def write_idx(path: str, array: np.ndarray, compress: bool | None = None) -> Non
 
 def _find(folder: str, name: str, found: dict[str, str | None]) -> str | None:
   """The file `name` (raw, else .gz) in `folder`, given `found` (storage.kinds of both names)."""
-  for candidate in (name, name + ".gz"):
-    if found[candidate] == "file":
+  raw, packed = found[name], found[name + ".gz"]
+  if raw == "file" and packed == "file":  # (Contents not compared: that would cost a read.)
+    logging.info("both %s and %s.gz are in %s: reading %s (the raw file is read when both are)",
+                 name, name, folder, name)
+  for candidate, what in ((name, raw), (name + ".gz", packed)):
+    if what == "file":
       return storage.join(folder, candidate)
   return None
 
