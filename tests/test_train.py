@@ -206,6 +206,18 @@ def test_finished_run_only_reevaluates(tiny_config, tmp_path):
   assert lines[-1]["step"] == 20 and "eval_accuracy" in lines[-1]
 
 
+def test_a_shorter_config_than_the_run_says_so(tiny_config, tmp_path, caplog):
+  """num_train_steps lowered below the latest checkpoint (a constant schedule allows a change):
+  the re-run evaluated step 20 as "step 20/15", exit 0, without a word."""
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config, workdir)
+  tiny_config.num_train_steps = 15
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(tiny_config, workdir)
+  assert ("the latest checkpoint (step 20) is past the 15 steps this config asks for: evaluating "
+          "it as it is; to train 15 steps, use a new --workdir") in caplog.text
+
+
 def test_checkpoint_of_another_model_shape_is_refused(tiny_config, tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   tiny_config.num_train_steps = 10

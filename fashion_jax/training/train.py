@@ -319,9 +319,14 @@ class TrainLog:
                      f"{rate:,.0f}" if math.isfinite(rate) else "-", _fmt_seconds(remaining))
 
 
-def _evaluate_finished(evaluate: Evaluation, state, step: int) -> dict:
+def _evaluate_finished(evaluate: Evaluation, state, step: int, total_steps: int) -> dict:
   """A re-run of a finished run: its final evaluation, logged but not written again (the first
-  run wrote it to metrics.jsonl and TensorBoard; one series, one point a step)."""
+  run wrote it to metrics.jsonl and TensorBoard; one series, one point a step). Past the end a
+  shorter config asks for (a constant schedule allows it): said, not a silent "step 20/15"."""
+  if step > total_steps:
+    logging.warning("the latest checkpoint (step %d) is past the %d steps this config asks for: "
+                    "evaluating it as it is; to train %d steps, use a new --workdir", step,
+                    total_steps, total_steps)
   logging.info("training already finished (step %d); evaluating the final checkpoint", step)
   result = evaluate(state, step, record=False)
   logging.info("done: step %d (trained before), eval accuracy %.2f%%, wall %.1fs", step,
@@ -360,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     show_progress = progress.wanted(config.progress_bar, run.is_lead)
     evaluate = Evaluation(run, writer, show_progress)
     if step >= total_steps:
-      return _evaluate_finished(evaluate, state, step)
+      return _evaluate_finished(evaluate, state, step, total_steps)
     augmentation = augment.make_augment(config.augment_translate, config.augment_flip,
                                         config.random_erasing)
     train_step = functools.partial(steps.train_step, model=model, tx=tx, augment=augmentation,
