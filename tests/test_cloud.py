@@ -489,3 +489,22 @@ def test_an_offline_cloud_idx_folder_fails_in_seconds_before_gcsfs_is_asked(monk
       idx.load_split("gs://b/fm", "train")
   finally:
     answered.set()
+
+
+def test_a_folder_named_like_an_idx_file_in_a_bucket_is_said_to_be_one(emulator, tmp_path):
+  """Seen in one listing of the folder: a "folder" (objects under the name) where a file belongs,
+  and a raw and a .gz file side by side, the raw one read (and said so)."""
+  local = write_idx_folder(str(tmp_path / "idx"), n_train=16, n_test=8)
+  bucket = _Bucket()
+  for name in os.listdir(local):
+    if not name.startswith("train-labels"):
+      bucket.fs.pipe_file(f"{BUCKET}/data/odd/{name}", (tmp_path / "idx" / name).read_bytes())
+  packed = (tmp_path / "idx" / "train-images-idx3-ubyte.gz").read_bytes()
+  bucket.fs.pipe_file(f"{BUCKET}/data/odd/train-images-idx3-ubyte", gzip.decompress(packed))
+  bucket.fs.pipe_file(f"{BUCKET}/data/odd/train-labels-idx1-ubyte/x", b"")
+  data = f"gs://{BUCKET}/data/odd"
+  proc = run_module("fashion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}/run",
+                    f"--config.idx_dir={data}", env=emulator)
+  assert_one_line_error(proc, f"{data}/train-labels-idx1-ubyte is a folder, not an IDX file")
+  assert (f"both train-images-idx3-ubyte and train-images-idx3-ubyte.gz are in {data}: reading "
+          "train-images-idx3-ubyte") in proc.stderr, proc.stderr[-3000:]

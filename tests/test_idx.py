@@ -200,3 +200,25 @@ def test_which_of_a_raw_and_a_gz_file_is_read_is_logged(tmp_path, caplog):
   said = [r.getMessage() for r in caplog.records if "both" in r.getMessage()]
   assert said == [f"both t10k-images-idx3-ubyte and t10k-images-idx3-ubyte.gz are in {folder}: "
                   "reading t10k-images-idx3-ubyte (the raw file is read when both are)"]
+
+
+def test_a_wrong_number_of_dimensions_names_the_shape_expected(tmp_path):
+  """A 4-D images file was asked whether the images and labels files were swapped."""
+  folder = write_idx_folder(str(tmp_path), n_train=20, gz=False)
+  idx.write_idx(os.path.join(folder, "train-images-idx3-ubyte"),
+                np.zeros((20, 28, 28, 1), np.uint8))
+  with pytest.raises(UserError, match=r"has 4 dimension\(s\), expected 3 \(\[N, 28, 28\]\); the "
+                                      "file is corrupt or from another data set") as e:
+    idx.load_split(folder, "train")
+  assert "swapped" not in str(e.value)
+
+
+def test_a_folder_named_like_an_idx_file_is_said_to_be_one(tmp_path):
+  """It was reported as a missing file."""
+  folder = write_idx_folder(str(tmp_path))
+  os.remove(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"))
+  os.mkdir(os.path.join(folder, "t10k-labels-idx1-ubyte"))
+  with pytest.raises(UserError, match=r"t10k-labels-idx1-ubyte is a folder, not an IDX file; move "
+                                      "it away") as e:
+    idx.load_split(folder, "test")
+  assert "missing" not in str(e.value)

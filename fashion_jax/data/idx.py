@@ -55,8 +55,12 @@ def parse_idx(data: bytes, path: str, expected_ndim: int | None = None) -> np.nd
     raise UserError(f"{path} is not a uint8 IDX file (magic {data[:4].hex()}); "
                     "expected 00000801 (labels) or 00000803 (images)")
   if expected_ndim is not None and ndim != expected_ndim:
-    raise UserError(f"{path} has {ndim} dimension(s), expected {expected_ndim}; "
-                    "are the images and labels files swapped?")
+    shape = {3: "[N, {}, {}]".format(*datasets.IMAGE_SHAPE[:2]), 1: "[N]"}.get(expected_ndim)
+    raise UserError(f"{path} has {ndim} dimension(s), expected {expected_ndim}"
+                    + (f" ({shape})" if shape else "") + "; "
+                    + ("are the images and labels files swapped?" if {ndim, expected_ndim} == {1, 3}
+                       else "the file is corrupt or from another data set: use Fashion-MNIST's "
+                            "(or MNIST's) IDX files"))
   header_len = 4 + 4 * ndim
   if len(data) < header_len:
     raise UserError(f"IDX file {path} is truncated inside its header; re-download or replace it")
@@ -117,6 +121,10 @@ def _find(folder: str, name: str, found: dict[str, str | None]) -> str | None:
   for candidate, what in ((name, raw), (name + ".gz", packed)):
     if what == "file":
       return storage.join(folder, candidate)
+  if "folder" in (raw, packed):
+    path = storage.join(folder, name if raw == "folder" else name + ".gz")
+    raise UserError(f"{path} is a folder, not an IDX file; move it away and put the file "
+                    f"{name} (raw or .gz) in {folder} in its place")
   return None
 
 
