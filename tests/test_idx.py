@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fashion_jax.data import idx
+from fashion_jax.support import storage
 from fashion_jax.support.errors import UserError
 from tests.conftest import write_idx_folder
 
@@ -222,3 +223,60 @@ def test_a_folder_named_like_an_idx_file_is_said_to_be_one(tmp_path):
                                       "it away") as e:
     idx.load_split(folder, "test")
   assert "missing" not in str(e.value)
+
+
+def _other_users(path, monkeypatch):
+  """Makes `path` another user's: chown as root; else this user seen under another uid."""
+  if os.geteuid() == 0:
+    os.chown(path, 4321, 4321, follow_symlinks=False)
+  else:
+    uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: uid + 1)
+
+
+@pytest.mark.parametrize("folder_mode, file_mode, others, says", [
+    (0o777, 0o644, False, "the folder {folder} is writable by every user"),
+    (0o755, 0o666, False, "{file} is writable by every user"),
+    (0o1777, 0o644, True, "{file} belongs to another user .* a folder every user may write"),
+    (0o1777, 0o644, False, None),  # /tmp's case, the files one's own: nobody else can swap them.
+    (0o755, 0o644, True, None),  # A teammate's folder only they can write.
+])
+def test_an_idx_folder_anyone_may_write_is_refused(tmp_path, monkeypatch, folder_mode, file_mode,
+                                                     others, says):
+  """A folder (or files) every user may write was read silently, where a --workdir's is refused.
+  Judged by the mode bits and owners, not by access(): as root, too."""
+  monkeypatch.delenv(storage.TRUST_ENV, raising=False)
+  folder = write_idx_folder(str(tmp_path / "pub"), n_train=20, n_test=10)
+  file = os.path.join(folder, "t10k-labels-idx1-ubyte.gz")
+  os.chmod(file, file_mode)
+  if others:
+    _other_users(file, monkeypatch)
+  os.chmod(folder, folder_mode)
+  if says is None:
+    assert len(idx.load_split(folder, "test")[1]) == 10
+    return
+  with pytest.raises(UserError, match=f"IDX files in {folder} are not read: "
+                     + says.format(folder=folder, file=file) + ".*move the files to a folder only "
+                     "you can write, or set FASHION_JAX_TRUST_WORKDIR=1"):
+    idx.load_split(folder, "test")
+  monkeypatch.setenv(storage.TRUST_ENV, "1")
+  assert len(idx.load_split(folder, "test")[1]) == 10
+
+
+def test_an_idx_folder_reached_through_a_link_is_judged_where_it_is(tmp_path, monkeypatch):
+  monkeypatch.delenv(storage.TRUST_ENV, raising=False)
+  folder = write_idx_folder(str(tmp_path / "pub"), n_train=20, n_test=10)
+  os.chmod(folder, 0o777)
+  os.symlink(folder, tmp_path / "link")
+  with pytest.raises(UserError, match=f"the folder {folder} is writable by every user"):
+    idx.load_split(str(tmp_path / "link"), "test")
+  private = tmp_path / "private"  # A link to each file, from a folder of one's own.
+  private.mkdir()
+  for name in os.listdir(folder):
+    os.symlink(os.path.join(folder, name), private / name)
+  with pytest.raises(UserError, match=f"the folder {folder} is writable by every user"):
+    idx.load_split(str(private), "test")
+
+
+def test_the_real_data_set_still_loads(real_idx_dir):
+  assert len(idx.load_split(real_idx_dir, "test")[1]) == 10_000

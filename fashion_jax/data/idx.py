@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
+import stat
 import struct
 import zlib
 
@@ -128,6 +130,28 @@ def _find(folder: str, name: str, found: dict[str, str | None]) -> str | None:
   return None
 
 
+def _open_to_others(folder: str, files) -> str | None:
+  """Why another user could have written a file read from the local IDX `folder`, else None: a
+  folder (as named or as resolved) or file every user may write, or -- in such a folder with the
+  sticky bit (/tmp) -- a file (or link) neither this user's nor root's. As for a --workdir,
+  $FASHION_JAX_TRUST_WORKDIR=1 trusts it; a bucket's access is its IAM policy."""
+  if storage.is_url(folder) or os.environ.get(storage.TRUST_ENV) == "1":
+    return None
+  for path in files:
+    real = os.path.realpath(path)
+    for where, entry in ((os.path.realpath(os.path.dirname(os.path.abspath(path))),
+                          os.lstat(path)), (os.path.dirname(real), os.stat(real))):
+      mode = os.stat(where).st_mode
+      if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        return f"the folder {where} is writable by every user"
+      if mode & stat.S_IWOTH and entry.st_uid not in (os.getuid(), 0):
+        return (f"{path} belongs to another user (uid {entry.st_uid}) in {where}, a folder every "
+                "user may write")
+    if os.stat(real).st_mode & stat.S_IWOTH:
+      return f"{real} is writable by every user"
+  return None
+
+
 def load_split(folder: str, split: str, num_classes: int = 10,
                named_by: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Returns (images [N, H, W, 1] uint8, labels [N] int32) of one split of an IDX folder.
@@ -154,6 +178,15 @@ def load_split(folder: str, split: str, num_classes: int = 10,
       raise UserError(f"{name}[.gz] is missing from IDX folder {folder!r}; the {split} split is "
                       f"{images_name} and {labels_name} (raw or .gz; training reads both splits)")
     paths[name] = path
+  try:
+    unsafe = _open_to_others(folder, paths.values())
+  except OSError as e:  # Gone since it was found, or a folder on the way not searchable.
+    raise UserError(f"cannot read IDX folder {folder} ({e.strerror}); make it readable by "
+                    "you") from e
+  if unsafe:
+    raise UserError(f"IDX files in {folder} are not read: {unsafe}, so anyone could have put the "
+                    "images or labels there; move the files to a folder only you can write, or "
+                    f"set {storage.TRUST_ENV}=1 if nobody else can reach it")
   images = read_idx(paths[images_name], expected_ndim=3)
   labels = read_idx(paths[labels_name], expected_ndim=1)
   return checked_split(images, labels, paths[images_name], paths[labels_name], num_classes)
