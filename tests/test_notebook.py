@@ -4,6 +4,7 @@ and with its runs in a Cloud Storage bucket (the emulator of tests/test_cloud.py
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,6 +179,23 @@ def test_idx_dir_reaches_the_commands(tmp_path, idx_dir, expected):
                                             FASHION_JAX_IDX_DIR=idx_dir)).stdout
   root, got = out.split()
   assert got == (expected.replace("ROOT", root) if expected else "None")
+
+
+def test_an_older_runtime_is_told_in_one_line(tmp_path):
+  """A runtime pinned to an older version (orbax-checkpoint 0.12.1 below the floor 0.12.4; here
+  the pin added by PIP_CONSTRAINT): pip's ResolutionImpossible, a traceback and pip's advice to
+  loosen the versions were all the install cell said."""
+  (tmp_path / "older.txt").write_text("orbax-checkpoint==0.12.1\n")
+  driver = _first_cell() + "\n" + _cell("runtime-constraints.txt")
+  with paths.exclusive(os.path.join(sys.prefix, ".fashion_jax_notebook_test.lock")):  # A pip.
+    out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, TMPDIR=str(tmp_path), FASHION_JAX_REPO=ROOT,
+                                               PIP_CONSTRAINT=str(tmp_path / "older.txt")))
+  assert out.returncode == 1 and out.stdout == "", out.stdout + out.stderr
+  assert re.match(r"fashion_jax's requirements conflict with this runtime's packages \(fashion-jax"
+                  r"(\[serve\])? \S+ depends on orbax-checkpoint>=\S+; this runtime has "
+                  r"orbax-checkpoint==0\.12\.1", out.stderr), out.stderr
+  assert out.stderr.count("\n") == 1 and "supports Colab's current runtime" in out.stderr
 
 
 def _first_cell() -> str:
