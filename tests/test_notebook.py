@@ -146,7 +146,8 @@ def test_on_colab_an_idx_dir_on_drive_mounts_drive(tmp_path, monkeypatch):
   assert "on cpu" in devices
   assert "done: step 10" in default and "test accuracy" in default
   assert os.path.isfile(content / "fj_default" / "config.json")  # RUNS: /content, its default.
-  assert "shirt (1).jpg" in predict and "sample_trousers" not in predict
+  # The path Colab saved the upload at (a name taken: ' (1)' added), not a copy, nor the sample.
+  assert f"{content}/uploads/shirt (1).jpg " in predict and "sample_trousers" not in predict, predict
 
 
 def test_a_data_error_names_the_notebooks_setting(tmp_path):
