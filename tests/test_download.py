@@ -529,8 +529,29 @@ def test_temporary_files_of_a_stopped_download_are_removed(mirror, tmp_path):
   cache.mkdir()
   stale = cache / ".train-images-idx3-ubyte.gz.k1ll3d00"  # mkstemp's names, and today's.
   stale.write_bytes(b"x" * 1000)
+  old = time.time() - download.STALE_S - 1
+  os.utime(stale, (old, old))
+  live = cache / ".t10k-images-idx3-ubyte.gz.0ther0ne"  # Another machine's, written just now.
+  live.write_bytes(b"x" * 1000)
   download.fetch("fashion_mnist", str(cache), urls=(url,))
-  assert not stale.exists()
+  assert not stale.exists() and live.exists()
+
+
+def test_another_users_lock_file_is_taken_read_only(tmp_path, monkeypatch):
+  """A shared data folder where another user's download left its lock file (0644): this user
+  could not open it for writing, so downloaded unlocked beside that user's download."""
+  (tmp_path / download.LOCK_FILE).touch()
+  os.chmod(tmp_path / download.LOCK_FILE, 0o444)  # (Root ignores modes: as seen by a user.)
+  real_open = os.open
+
+  def as_another_user(path, flags, *args):
+    if path.endswith(download.LOCK_FILE) and flags & (os.O_WRONLY | os.O_RDWR):
+      raise PermissionError(errno.EACCES, "Permission denied", path)
+    return real_open(path, flags, *args)
+
+  monkeypatch.setattr(download.os, "open", as_another_user)
+  with download._locked(str(tmp_path)) as held:  # pylint: disable=protected-access
+    assert held
 
 
 def test_the_data_url_variable_is_named(monkeypatch, tmp_path):

@@ -220,12 +220,19 @@ def _locked(folder: str):
   the file system has no locks (flock fails with ENOLCK on some NFS and FUSE mounts).
   """
   lock_file = os.path.join(folder, LOCK_FILE)
+  flags = os.O_NOFOLLOW | os.O_CLOEXEC
   try:
-    fd = os.open(lock_file, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = os.open(lock_file, os.O_WRONLY | os.O_CREAT | flags, 0o644)
+  except PermissionError:  # Another user's lock file in a shared folder: flock needs no write
+    try:  # access (that user's download went unlocked beside this one's before).
+      fd = os.open(lock_file, os.O_RDONLY | flags)
+    except OSError:
+      yield False
+      return
   except OSError:
     yield False
     return
-  with os.fdopen(fd, "w") as f:  # The lock goes when the file closes.
+  with os.fdopen(fd, "rb") as f:  # The lock goes when the file closes.
     try:
       try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -240,17 +247,24 @@ def _locked(folder: str):
     yield held
 
 
+STALE_S = 12 * TIMEOUT_S  # A live download writes at least once a read timeout, or fails.
+
+
 def _remove_stale(folder: str, filename: str) -> None:
-  """Removes the temporary files (`.NAME.xxxx`) of downloads that were stopped (SIGTERM, kill)."""
+  """Removes the temporary files (`.NAME.xxxx`) of downloads that were stopped (SIGTERM, kill):
+  those unchanged for STALE_S, so that one another process writes unlocked (another machine on
+  an NFS mount whose locks are local) is never one of them."""
   prefix = f".{filename}."
   try:
-    stale = [n for n in os.listdir(folder) if n.startswith(prefix)]
+    names = [n for n in os.listdir(folder) if n.startswith(prefix)]
   except OSError:
     return
-  for n in stale:
+  for n in names:
+    path = os.path.join(folder, n)
     with contextlib.suppress(OSError):
-      os.remove(os.path.join(folder, n))
-      logging.info("removed %s, left by a download that was stopped", os.path.join(folder, n))
+      if time.time() - os.lstat(path).st_mtime > STALE_S:
+        os.remove(path)
+        logging.info("removed %s, left by a download that was stopped", path)
 
 
 def load_split(name: str, folder: str, split: str) -> tuple[np.ndarray, np.ndarray]:
