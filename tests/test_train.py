@@ -805,10 +805,15 @@ def small_disk(tmp_path):
 
 
 def test_a_disk_that_fills_during_an_asynchronous_save_is_one_line(tiny_config, small_disk,
-                                                                    monkeypatch, capfd):
+                                                                    monkeypatch, capfd, caplog):
   """The free-space check before a save cannot see a quota or another process filling the disk
-  meanwhile: the write failed in Orbax's thread, ~470 lines of its tracebacks and exit 1."""
+  meanwhile: the write failed in Orbax's thread, ~470 lines of its tracebacks and exit 1 (and,
+  in about half the runs, ~20 "Event loop is closed" tracebacks of the abandoned writes and
+  asyncio's "exception was never retrieved" records)."""
   from fashion_jax.support import checkpointing  # pylint: disable=import-outside-toplevel
+  # As in a plain process (pytest's own hook turns unraisable exceptions into warnings).
+  monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+  monkeypatch.setattr(checkpointing, "_stragglers_dropped", False)
   import collections  # pylint: disable=import-outside-toplevel
   usage = collections.namedtuple("usage", "total used free")
   monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: usage(1 << 40, 0, 1 << 40))
@@ -825,8 +830,11 @@ def test_a_disk_that_fills_during_an_asynchronous_save_is_one_line(tiny_config, 
   with pytest.raises(UserError, match=r"no space left to save a checkpoint in .*/run/checkpoints; "
                      r"free some space .* last complete checkpoint \(step 10\), which is intact"):
     train.train_and_evaluate(tiny_config, workdir)
+  time.sleep(1)  # Stragglers of the abandoned writes.
+  gc.collect()
   err = capfd.readouterr().err
   assert "Traceback" not in err and "No space left" not in err, err[-3000:]
+  assert "No space left" not in caplog.text and "never retrieved" not in caplog.text
   os.remove(small_disk / "filler")  # Room again: the re-run resumes and finishes.
   train.train_and_evaluate(tiny_config, workdir)
   assert "30" in os.listdir(os.path.join(workdir, "checkpoints"))

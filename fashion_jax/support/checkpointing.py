@@ -58,17 +58,20 @@ def _is_abandoned_read(exc: BaseException | None, obj=None) -> bool:
 
 
 class _DropAbandonedReads(logging_std.Filter):
-  """asyncio's "Future exception was never retrieved" for an abandoned read."""
+  """asyncio's "Future exception was never retrieved" for an abandoned read, or for a write that
+  found the disk full (that error comes back out of the next save or wait, as one line)."""
 
   def filter(self, record):
-    return not (record.exc_info and _is_abandoned_read(record.exc_info[1]))
+    return not (record.exc_info and (_is_abandoned_read(record.exc_info[1])
+                                     or checkpoint_checks.out_of_space(record.exc_info[1])))
 
 
 _stragglers_dropped = False
 
 
 def _drop_abandoned_read_stragglers() -> None:
-  """From a failed restore on, for the rest of the process, drops what an abandoned read reports
+  """From a failed restore on (or a training Checkpointer's start: a save that finds the disk full
+  abandons its other writes alike), for the rest of the process, drops what an abandoned read reports
   after the settle (a slow machine's straggler: a traceback in the middle of the training log);
   every other unraisable exception or asyncio error is reported as before."""
   global _stragglers_dropped
@@ -177,6 +180,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save,
                                            preservation_policy=policy, best_fn=_best_metric,
                                            best_mode="max", cleanup_tmp_directories=training)
+    if training:  # A save that finds the disk full abandons its other writes, each reporting
+      _drop_abandoned_read_stragglers()  # its closed event loop (~20 tracebacks mid-log).
     absl_logger = logging_std.getLogger("absl")
     for kind in (_NoMissingMetricWarning, checkpoint_checks.QuietOutOfSpace):
       if not any(isinstance(f, kind) for f in absl_logger.filters):
@@ -423,8 +428,13 @@ class Checkpointer:
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, kind, value, tb):
+    try:
+      self.close()
+    except UserError as e:  # A full disk found by the wait: where an error is already on its
+      if kind is None:  # way, that one says what happened first (it would hide it).
+        raise
+      logging.warning("%s", e)
 
   def close(self) -> None:
     try:
