@@ -508,3 +508,19 @@ def test_a_folder_named_like_an_idx_file_in_a_bucket_is_said_to_be_one(emulator,
   assert_one_line_error(proc, f"{data}/train-labels-idx1-ubyte is a folder, not an IDX file")
   assert (f"both train-images-idx3-ubyte and train-images-idx3-ubyte.gz are in {data}: reading "
           "train-images-idx3-ubyte") in proc.stderr, proc.stderr[-3000:]
+
+
+def test_an_empty_emulator_variable_means_cloud_storage_itself(monkeypatch):
+  """STORAGE_EMULATOR_HOST='' (a variable passed through unset by Docker Compose or CI) is
+  gcsfs's default host: the check had looked up 'None' and called an online machine offline;
+  only the name is looked up (a dead first address is gcsfs's to skip)."""
+  from fashion_jax.support import storage  # pylint: disable=import-outside-toplevel
+  pytest.importorskip("fsspec", reason="without gcsfs (and fsspec) TensorFlow's client is used")
+  for proxy in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+    monkeypatch.delenv(proxy, raising=False)
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", "")
+  looked_up = []
+  monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: looked_up.append(args) or [])
+  monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: pytest.fail("connected"))
+  storage._check_reachable("gs://b/fm")  # pylint: disable=protected-access
+  assert looked_up == [("storage.googleapis.com", 443)]

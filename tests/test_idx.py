@@ -1,6 +1,7 @@
 import gzip
 import logging
 import os
+import subprocess
 import struct
 import zlib
 
@@ -256,11 +257,43 @@ def test_an_idx_folder_anyone_may_write_is_refused(tmp_path, monkeypatch, folder
     assert len(idx.load_split(folder, "test")[1]) == 10
     return
   with pytest.raises(UserError, match=f"IDX files in {folder} are not read: "
-                     + says.format(folder=folder, file=file) + ".*move the files to a folder only "
-                     "you can write, or set FASHION_JAX_TRUST_WORKDIR=1"):
+                     + says.format(folder=folder, file=file) + ".*copy the files into a folder "
+                     r"only you can write \(or chmod o-w what is named\), or set "
+                     "FASHION_JAX_TRUST_WORKDIR=1"):
     idx.load_split(folder, "test")
   monkeypatch.setenv(storage.TRUST_ENV, "1")
   assert len(idx.load_split(folder, "test")[1]) == 10
+
+
+def test_a_fifo_named_like_an_idx_file_is_refused_not_read(tmp_path):
+  """A FIFO was taken for a file: the read waited for a writer for ever."""
+  folder = write_idx_folder(str(tmp_path / "idx"), n_train=20, n_test=10)
+  os.remove(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"))
+  os.mkfifo(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"))
+  with pytest.raises(UserError, match="t10k-labels-idx1-ubyte.gz is not a file or folder"):
+    idx.load_split(folder, "test")
+
+
+def test_a_read_only_mount_is_not_refused_for_its_modes(tmp_path, monkeypatch):
+  """A read-only bind mount (squashfs, an ISO) of a 0777 folder: nobody can write it, but its
+  modes had it refused as writable by every user."""
+  monkeypatch.delenv(storage.TRUST_ENV, raising=False)
+  folder = write_idx_folder(str(tmp_path / "pub"), n_train=20, n_test=10)
+  os.chmod(folder, 0o777)
+  mounted = tmp_path / "ro"
+  mounted.mkdir()
+  bind = subprocess.run(["mount", "--bind", "-o", "ro", folder, str(mounted)],
+                        capture_output=True, text=True, check=False)
+  if bind.returncode:
+    pytest.skip(f"cannot bind-mount here ({bind.stderr.strip()[:100]}; CI runs as root)")
+  try:
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(mounted)], check=True)
+    assert os.statvfs(mounted).f_flag & os.ST_RDONLY
+    assert len(idx.load_split(str(mounted), "test")[1]) == 10
+    with pytest.raises(UserError, match="is writable by every user"):
+      idx.load_split(folder, "test")  # The same folder, writable.
+  finally:
+    subprocess.run(["umount", "-l", str(mounted)], check=False)
 
 
 def test_an_idx_folder_reached_through_a_link_is_judged_where_it_is(tmp_path, monkeypatch):

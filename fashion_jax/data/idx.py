@@ -139,6 +139,8 @@ def _open_to_others(folder: str, files) -> str | None:
     return None
   for path in files:
     real = os.path.realpath(path)
+    if os.statvfs(real).f_flag & os.ST_RDONLY:  # A read-only mount (squashfs, a read-only bind
+      continue  # of a 0777 folder): nobody can write it, whatever its modes say.
     for where, entry in ((os.path.realpath(os.path.dirname(os.path.abspath(path))),
                           os.lstat(path)), (os.path.dirname(real), os.stat(real))):
       mode = os.stat(where).st_mode
@@ -185,8 +187,9 @@ def load_split(folder: str, split: str, num_classes: int = 10,
                     "you") from e
   if unsafe:
     raise UserError(f"IDX files in {folder} are not read: {unsafe}, so anyone could have put the "
-                    "images or labels there; move the files to a folder only you can write, or "
-                    f"set {storage.TRUST_ENV}=1 if nobody else can reach it")
+                    "images or labels there; copy the files into a folder only you can write "
+                    f"(or chmod o-w what is named), or set {storage.TRUST_ENV}=1 if nobody else "
+                    "can reach it (a mount that shows everything as 0777: WSL's /mnt/c, CIFS)")
   images = read_idx(paths[images_name], expected_ndim=3)
   labels = read_idx(paths[labels_name], expected_ndim=1)
   return checked_split(images, labels, paths[images_name], paths[labels_name], num_classes)

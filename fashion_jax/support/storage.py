@@ -11,13 +11,13 @@ copies then deletes.
 
 from __future__ import annotations
 
-import concurrent.futures
 import errno
 import os
 import shutil
 import socket
 import stat
 import tempfile
+import threading
 import urllib.parse
 import uuid
 
@@ -32,14 +32,12 @@ TRUST_ENV = "FASHION_JAX_TRUST_WORKDIR"
 def writable_by_all(paths) -> str | None:
   """The first of the local `paths` (that exist) every user may write, else None; None too with
   $FASHION_JAX_TRUST_WORKDIR=1 (a mount that shows every folder as 0777: WSL's /mnt/c, CIFS)."""
-  if os.environ.get(TRUST_ENV) == "1":
-    return None
-  for path in paths:
+  for path in ([] if os.environ.get(TRUST_ENV) == "1" else paths):
     try:
       if not is_url(path) and os.stat(path).st_mode & stat.S_IWOTH:
         return path
     except OSError:  # Missing, or a folder on the way not searchable: said when it is read.
-      continue
+      pass
   return None
 
 
@@ -53,15 +51,11 @@ def _epath(path: str):
 
 
 def use_gcsfs() -> None:
-  """Makes etils.epath reach Cloud Storage through gcsfs wherever gcsfs is installed.
-
-  epath would pick TensorFlow's file system wherever TensorFlow is installed (Colab's GPU and CPU
-  runtimes, which have gcsfs too): a second client, one no test can point at an emulator, whose
-  5-second status cache `forget_listings` cannot drop. EPATH_USE_TF set by the user wins. epath
-  decides once per process, at its first path of any kind: every command calls this before
-  touching one (`cli.parse_flags`); `resolve` calls it too, which helps code that calls the
-  library directly only if nothing used epath before (else set EPATH_USE_TF=false first).
-  """
+  """Makes etils.epath reach Cloud Storage through gcsfs wherever gcsfs is installed, not
+  through TensorFlow's file system (Colab's GPU/CPU runtimes have both): a second client no test
+  can point at an emulator, with a 5-second status cache `forget_listings` cannot drop. A user's
+  EPATH_USE_TF wins. epath decides at its first path of any kind: every command calls this
+  first (`cli.parse_flags`); `resolve` too (for library callers: set EPATH_USE_TF=false first)."""
   if "EPATH_USE_TF" not in os.environ and _found("gcsfs"):
     os.environ["EPATH_USE_TF"] = "false"
 
@@ -121,9 +115,10 @@ REACH_TIMEOUT_S = 10.0  # Cloud Storage's name lookup and connect, together.
 
 
 def _check_reachable(path: str) -> None:
-  """Fails within REACH_TIMEOUT_S where gcsfs's host (its emulator, else storage.<universe>) has
-  no address or does not answer: offline, gcsfs looked for credentials for 15 s, then retried each
-  request for 34 s. Not where a proxy or an fsspec setting may route the requests elsewhere."""
+  """Fails within REACH_TIMEOUT_S where the name of gcsfs's host (its emulator, else
+  storage.<universe>) has no address: offline, gcsfs looked for credentials for 15 s, then
+  retried each request for 34 s. The name only (a dead first address is gcsfs's to skip); not
+  where a proxy or an fsspec setting may route the requests elsewhere."""
   try:
     from fsspec.config import conf  # pylint: disable=g-import-not-at-top  (gcsfs's dependency)
   except ImportError:  # TensorFlow's file system.
@@ -131,21 +126,26 @@ def _check_reachable(path: str) -> None:
   if (any(os.environ.get(v) for v in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"))
       or conf.get("gcs", {}).keys() & {"endpoint_url", "session_kwargs"}):
     return
-  host = os.environ.get("STORAGE_EMULATOR_HOST", "default")
+  host = os.environ.get("STORAGE_EMULATOR_HOST") or "default"  # (Empty: gcsfs's default too.)
   host = (urllib.parse.urlparse(host if "://" in host else f"http://{host}") if host != "default"
           else urllib.parse.urlparse("https://storage." + os.environ.get(
               "GOOGLE_CLOUD_UNIVERSE_DOMAIN", "googleapis.com")))
-  address = (host.hostname, host.port or (443 if host.scheme == "https" else 80))
-  pool = concurrent.futures.ThreadPoolExecutor(1)  # getaddrinfo has no timeout of its own.
+  address, failure = (host.hostname, host.port or (443 if host.scheme == "https" else 80)), []
+  lookup = threading.Thread(target=lambda: _look_up(address, failure), daemon=True)
+  lookup.start()  # getaddrinfo has no timeout; a daemon thread (a pool's worker hung on at exit).
+  lookup.join(REACH_TIMEOUT_S)
+  if lookup.is_alive() or failure:
+    why = (failure[0].strerror or str(failure[0])) if failure else (
+        f"no answer within {REACH_TIMEOUT_S:g} s")
+    raise UserError(f"cannot reach {path}: {address[0]}:{address[1]}: {why} (no network?); "
+                    "check the network, or use a local copy")
+
+
+def _look_up(address, failure: list) -> None:
   try:
-    pool.submit(lambda: socket.create_connection(address, REACH_TIMEOUT_S).close()).result(
-        timeout=REACH_TIMEOUT_S)
-  except OSError as e:  # (A TimeoutError, too.)
-    raise UserError(f"cannot reach {path}: {address[0]}:{address[1]}: "
-                    f"{e.strerror or str(e) or f'no answer within {REACH_TIMEOUT_S:g} s'} (no "
-                    "network?); check the network, or use a local copy") from e
-  finally:
-    pool.shutdown(wait=False)
+    socket.getaddrinfo(*address, type=socket.SOCK_STREAM)
+  except OSError as e:
+    failure.append(e)
 
 
 def _fsspec(path: str):
@@ -160,7 +160,10 @@ def kind(path: str) -> str | None:
   that Cloud Storage answers at all (offline: seconds, not a minute of retries)."""
   if not is_url(path):
     try:
-      return "folder" if stat.S_ISDIR(os.stat(path).st_mode) else "file"
+      mode = os.stat(path).st_mode
+      if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):  # A FIFO's read would wait for ever.
+        raise UserError(f"{path} is not a file or folder (a FIFO, socket or device); remove it")
+      return "folder" if stat.S_ISDIR(mode) else "file"
     except (FileNotFoundError, NotADirectoryError):
       return None
     except OSError as e:
