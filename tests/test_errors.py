@@ -242,6 +242,7 @@ def test_an_unreachable_cloud_folder_is_one_line(monkeypatch):
         raise ConnectionError("Cannot connect to host storage.googleapis.com:443")
       return fail
   monkeypatch.setattr(storage, "_epath", lambda path: Unreachable())
+  monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # (No name lookup first.)
   for ask in (storage.exists, storage.isdir, storage.isfile):
     with pytest.raises(UserError, match=r"cannot reach gs://b/run \(ConnectionError: Cannot "
                                         r"connect to host .*\); check the network"):

@@ -96,6 +96,7 @@ def join(path: str, *parts: str) -> str:
 def _ask_cloud(path: str, question: str) -> bool:
   """`exists`/`is_dir`/`is_file` of a gs:// path; a client error (no network, a bad bucket or
   credentials: gcsfs's aiohttp errors, after its retries) is one line, not a traceback."""
+  _check_reachable(path)  # Offline: seconds, not a minute of gcsfs's retries (a gs:// workdir).
   try:
     return getattr(_epath(path), question)()
   except UserError:
@@ -111,41 +112,40 @@ def _unreachable(path: str, e: Exception) -> UserError:
                    "application-default login)")
 
 
-REACH_TIMEOUT_S = 10.0  # Cloud Storage's name lookup and connect, together.
+_REACHED = set()  # The hosts _check_reachable found.
+REACH_TIMEOUT_S = 10.0  # Cloud Storage's name lookup.
 
 
 def _check_reachable(path: str) -> None:
-  """Fails within REACH_TIMEOUT_S where the name of gcsfs's host (its emulator, else
-  storage.<universe>) has no address: offline, gcsfs looked for credentials for 15 s, then
-  retried each request for 34 s. The name only (a dead first address is gcsfs's to skip); not
-  where a proxy or an fsspec setting may route the requests elsewhere."""
+  """Fails within REACH_TIMEOUT_S where the name of gcsfs's host (emulator, else storage.<universe>)
+  has no address: offline, gcsfs sought credentials for 15 s, then retried each request for 34 s.
+  Only the name (a dead address is gcsfs's to skip); not behind a proxy or an fsspec endpoint."""
   try:
     from fsspec.config import conf  # pylint: disable=g-import-not-at-top  (gcsfs's dependency)
   except ImportError:  # TensorFlow's file system.
-    return
-  if (any(os.environ.get(v) for v in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"))
-      or conf.get("gcs", {}).keys() & {"endpoint_url", "session_kwargs"}):
     return
   host = os.environ.get("STORAGE_EMULATOR_HOST") or "default"  # (Empty: gcsfs's default too.)
   host = (urllib.parse.urlparse(host if "://" in host else f"http://{host}") if host != "default"
           else urllib.parse.urlparse("https://storage." + os.environ.get(
               "GOOGLE_CLOUD_UNIVERSE_DOMAIN", "googleapis.com")))
   address, failure = (host.hostname, host.port or (443 if host.scheme == "https" else 80)), []
-  lookup = threading.Thread(target=lambda: _look_up(address, failure), daemon=True)
+  if (address in _REACHED  # (Once a process.)
+      or any(os.environ.get(v) for v in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"))
+      or conf.get("gcs", {}).keys() & {"endpoint_url", "session_kwargs"}):
+    return
+  def look_up():
+    try:
+      socket.getaddrinfo(*address, type=socket.SOCK_STREAM)
+    except OSError as e:
+      failure.append(e)
+  lookup = threading.Thread(target=look_up, daemon=True)
   lookup.start()  # getaddrinfo has no timeout; a daemon thread (a pool's worker hung on at exit).
   lookup.join(REACH_TIMEOUT_S)
   if lookup.is_alive() or failure:
-    why = (failure[0].strerror or str(failure[0])) if failure else (
-        f"no answer within {REACH_TIMEOUT_S:g} s")
+    why = (failure[0].strerror or failure[0]) if failure else f"no answer in {REACH_TIMEOUT_S:g} s"
     raise UserError(f"cannot reach {path}: {address[0]}:{address[1]}: {why} (no network?); "
                     "check the network, or use a local copy")
-
-
-def _look_up(address, failure: list) -> None:
-  try:
-    socket.getaddrinfo(*address, type=socket.SOCK_STREAM)
-  except OSError as e:
-    failure.append(e)
+  _REACHED.add(address)
 
 
 def _fsspec(path: str):
