@@ -247,3 +247,33 @@ def test_an_unreachable_cloud_folder_is_one_line(monkeypatch):
     with pytest.raises(UserError, match=r"cannot reach gs://b/run \(ConnectionError: Cannot "
                                         r"connect to host .*\); check the network"):
       ask("gs://b/run")
+
+
+def test_the_shared_lock_goes_on_without_locks_and_takes_another_users_file(tmp_path,
+                                                                            monkeypatch, caplog):
+  """paths.exclusive (the native build's and the tfds input's lock): flock's ENOLCK (some NFS and
+  FUSE mounts) was a traceback; another user's lock file (0644) went unlocked without a word."""
+  import fcntl  # pylint: disable=import-outside-toplevel
+  import logging  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support import paths  # pylint: disable=import-outside-toplevel
+  lock = str(tmp_path / ".lock")
+  real_open, real_flock, locked = os.open, fcntl.flock, []
+
+  def as_another_user(path, flags, *args):
+    if path == lock and flags & (os.O_WRONLY | os.O_RDWR):
+      raise PermissionError(errno.EACCES, "Permission denied", path)
+    return real_open(path, flags, *args)
+
+  open(lock, "w").close()
+  monkeypatch.setattr(os, "open", as_another_user)
+  monkeypatch.setattr(fcntl, "flock", lambda f, op: locked.append(op) or real_flock(f, op))
+  with paths.exclusive(lock):
+    assert locked == [fcntl.LOCK_EX]
+
+  def no_locks(f, op):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  with caplog.at_level(logging.WARNING), paths.exclusive(lock):
+    pass
+  assert f"cannot lock {lock} (No locks available): going on without the lock" in caplog.text

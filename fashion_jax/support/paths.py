@@ -27,16 +27,26 @@ def exclusive(lock_file: str | os.PathLike):
   Where the lock file cannot be created (a read-only folder, which nobody can be writing
   either) it runs unlocked; so it does where the lock file is a symbolic link, which is
   never followed (one planted in a shared folder could point at another user's file).
+  Another user's lock file is locked read-only (flock needs no write access); where the file
+  system has no locks (ENOLCK: some NFS and FUSE mounts) it runs unlocked, with a warning.
   """
+  flags = os.O_NOFOLLOW | os.O_CLOEXEC
   try:
     os.makedirs(os.path.dirname(os.path.abspath(lock_file)), exist_ok=True)
-    fd = os.open(lock_file, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    f = os.fdopen(fd, "w")  # pylint: disable=consider-using-with
+    try:
+      fd = os.open(lock_file, os.O_WRONLY | os.O_CREAT | flags, 0o644)
+    except PermissionError:
+      fd = os.open(lock_file, os.O_RDONLY | flags)
+    f = os.fdopen(fd, "rb")  # pylint: disable=consider-using-with
   except OSError:
     yield
     return
   with f:
-    fcntl.flock(f, fcntl.LOCK_EX)  # Released when the file closes.
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX)  # Released when the file closes.
+    except OSError as e:
+      from absl import logging  # pylint: disable=g-import-not-at-top
+      logging.warning("cannot lock %s (%s): going on without the lock", lock_file, e.strerror or e)
     yield
 
 
