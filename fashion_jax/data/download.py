@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import http.client
 import importlib.util
@@ -210,41 +209,11 @@ def fetch(name: str, folder: str, urls: tuple[str, ...] | None = None) -> str:
   return folder
 
 
-@contextlib.contextmanager
 def _locked(folder: str):
-  """Holds the folder's download lock; yields whether it is held.
-
-  Says so before waiting for another process. Unlocked where the lock file cannot be created (a
-  read-only folder, which nobody can be writing either) or is a link (never followed: one
-  planted in a shared folder could point at another user's file), and, with a warning, where
-  the file system has no locks (flock fails with ENOLCK on some NFS and FUSE mounts).
-  """
-  lock_file = os.path.join(folder, LOCK_FILE)
-  flags = os.O_NOFOLLOW | os.O_CLOEXEC
-  try:
-    fd = os.open(lock_file, os.O_WRONLY | os.O_CREAT | flags, 0o644)
-  except PermissionError:  # Another user's lock file in a shared folder: flock needs no write
-    try:  # access (that user's download went unlocked beside this one's before).
-      fd = os.open(lock_file, os.O_RDONLY | flags)
-    except OSError:
-      yield False
-      return
-  except OSError:
-    yield False
-    return
-  with os.fdopen(fd, "rb") as f:  # The lock goes when the file closes.
-    try:
-      try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
-        logging.info("waiting for another process downloading into %s", folder)
-        fcntl.flock(f, fcntl.LOCK_EX)
-      held = True
-    except OSError as e:
-      logging.warning("cannot lock %s (%s): downloading without it (processes sharing the "
-                      "folder may each download the files)", lock_file, e.strerror or e)
-      held = False
-    yield held
+  """The folder's download lock (paths.exclusive); yields whether it is held, and says so before
+  waiting for another process."""
+  return paths.exclusive(os.path.join(folder, LOCK_FILE),
+                         waiting=f"waiting for another process downloading into {folder}")
 
 
 STALE_S = 12 * TIMEOUT_S  # A live download writes at least once a read timeout, or fails.

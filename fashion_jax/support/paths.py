@@ -20,9 +20,10 @@ def cache_root() -> Path:
 
 
 @contextlib.contextmanager
-def exclusive(lock_file: str | os.PathLike):
+def exclusive(lock_file: str | os.PathLike, waiting: str | None = None):
   """Holds an exclusive lock on `lock_file` (created if needed): one holder at a time among
   the processes of this machine, and of the machines sharing a file system with locks (NFSv4).
+  Yields whether the lock is held; `waiting`: logged before waiting for another holder.
 
   Where the lock file cannot be created (a read-only folder, which nobody can be writing
   either) it runs unlocked; so it does where the lock file is a symbolic link, which is
@@ -30,6 +31,7 @@ def exclusive(lock_file: str | os.PathLike):
   Another user's lock file is locked read-only (flock needs no write access); where the file
   system has no locks (ENOLCK: some NFS and FUSE mounts) it runs unlocked, with a warning.
   """
+  from absl import logging  # pylint: disable=g-import-not-at-top
   flags = os.O_NOFOLLOW | os.O_CLOEXEC
   try:
     os.makedirs(os.path.dirname(os.path.abspath(lock_file)), exist_ok=True)
@@ -39,15 +41,20 @@ def exclusive(lock_file: str | os.PathLike):
       fd = os.open(lock_file, os.O_RDONLY | flags)
     f = os.fdopen(fd, "rb")  # pylint: disable=consider-using-with
   except OSError:
-    yield
+    yield False
     return
-  with f:
+  with f:  # Released when the file closes.
     try:
-      fcntl.flock(f, fcntl.LOCK_EX)  # Released when the file closes.
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | (fcntl.LOCK_NB if waiting else 0))
+      except BlockingIOError:  # (Only with LOCK_NB.)
+        logging.info("%s", waiting)
+        fcntl.flock(f, fcntl.LOCK_EX)
+      held = True
     except OSError as e:
-      from absl import logging  # pylint: disable=g-import-not-at-top
       logging.warning("cannot lock %s (%s): going on without the lock", lock_file, e.strerror or e)
-    yield
+      held = False
+    yield held
 
 
 def private(path: str | os.PathLike, root: str | os.PathLike) -> bool:
