@@ -53,7 +53,7 @@ class DigestMismatch(ValueError):
   """A restored array whose bits differ from what was saved: damage (`is_damage`)."""
 
 
-def _path(key_path) -> str:
+def leaf_path(key_path) -> str:
   """A leaf's path as "a/b/0/c": the same for the saved dataclass/NamedTuple state and the dicts
   serving reads it back as."""
   return "/".join(re.findall(r"\w+", jax.tree_util.keystr(key_path)))
@@ -88,7 +88,7 @@ def digest(tree) -> dict[str, str]:
   host, in NumPy (~1 ms for the default CNN's state; a jitted version took a second to compile
   at the first save); arrays replicated over the processes, as checkpoints are, give every
   process the same."""
-  return {_path(path): _leaf_digest(leaf)
+  return {leaf_path(path): _leaf_digest(leaf)
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

@@ -13,7 +13,6 @@ import gc
 import io
 import logging as logging_std
 import os
-import re
 import shutil
 import sys
 import threading
@@ -141,7 +140,7 @@ def describe_state(model_name: str, state, fingerprint: dict | None = None) -> d
 
 def _tree_paths(tree) -> set[str]:
   """Leaf paths as "a/b/0/c", the same for dataclass/NamedTuple trees and Orbax's dict metadata."""
-  return {"/".join(re.findall(r"\w+", jax.tree_util.keystr(path)))
+  return {checkpoint_checks.leaf_path(path)
           for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
