@@ -227,12 +227,19 @@ def test_a_folder_named_like_an_idx_file_is_said_to_be_one(tmp_path):
 
 
 def _other_users(path, monkeypatch):
-  """Makes `path` another user's: chown as root; else this user seen under another uid."""
+  """Makes `path` another user's: chown as root; else its stat seen with another uid."""
   if os.geteuid() == 0:
     os.chown(path, 4321, 4321, follow_symlinks=False)
-  else:
-    uid = os.getuid()
-    monkeypatch.setattr(os, "getuid", lambda: uid + 1)
+    return
+  for name in ("stat", "lstat"):
+    real = getattr(os, name)
+
+    def seen(p, *args, _real=real, **kwargs):
+      info = _real(p, *args, **kwargs)
+      if isinstance(p, (str, os.PathLike)) and os.path.abspath(p) == os.path.abspath(path):
+        info = os.stat_result((*info[:4], 4321, *info[5:]))
+      return info
+    monkeypatch.setattr(os, name, seen)
 
 
 @pytest.mark.parametrize("folder_mode, file_mode, others, says", [
@@ -260,6 +267,24 @@ def test_an_idx_folder_anyone_may_write_is_refused(tmp_path, monkeypatch, folder
                      + says.format(folder=folder, file=file) + ".*copy the files into a folder "
                      r"only you can write \(or chmod o-w what is named\), or set "
                      "FASHION_JAX_TRUST_WORKDIR=1"):
+    idx.load_split(folder, "test")
+  monkeypatch.setenv(storage.TRUST_ENV, "1")
+  assert len(idx.load_split(folder, "test")[1]) == 10
+
+
+def test_an_idx_folder_another_user_made_in_tmp_is_refused(tmp_path, monkeypatch):
+  """A folder another user made in a folder every user may write (/tmp/fashion_mnist, made first
+  by someone else, 0755, their files) was read as the data: only the files' own folder was
+  judged."""
+  monkeypatch.delenv(storage.TRUST_ENV, raising=False)
+  shared = tmp_path / "tmp"
+  shared.mkdir()
+  folder = write_idx_folder(str(shared / "fashion_mnist"), n_train=20, n_test=10)
+  os.chmod(shared, 0o1777)
+  assert len(idx.load_split(folder, "test")[1]) == 10  # One's own: read.
+  _other_users(folder, monkeypatch)
+  with pytest.raises(UserError, match=f"IDX files in {folder} are not read: {folder} belongs to "
+                     f"another user .* in {shared}, a folder every user may write"):
     idx.load_split(folder, "test")
   monkeypatch.setenv(storage.TRUST_ENV, "1")
   assert len(idx.load_split(folder, "test")[1]) == 10

@@ -132,25 +132,37 @@ def _find(folder: str, name: str, found: dict[str, str | None]) -> str | None:
 
 def _open_to_others(folder: str, files) -> str | None:
   """Why another user could have written a file read from the local IDX `folder`, else None: a
-  folder (as named or as resolved) or file every user may write, or -- in such a folder with the
-  sticky bit (/tmp) -- a file (or link) neither this user's nor root's. As for a --workdir,
-  $FASHION_JAX_TRUST_WORKDIR=1 trusts it; a bucket's access is its IAM policy."""
+  folder on its way (as named or as resolved) or the file every user may write, or -- in such a
+  folder with the sticky bit (/tmp) -- an entry on the way (the file, a link, the IDX folder
+  itself) neither this user's nor root's: another user could have made /tmp/fashion_mnist first.
+  As for a --workdir, $FASHION_JAX_TRUST_WORKDIR=1 trusts it; a bucket's access is its IAM policy."""
   if storage.is_url(folder) or os.environ.get(storage.TRUST_ENV) == "1":
     return None
   for path in files:
     real = os.path.realpath(path)
     if os.statvfs(real).f_flag & os.ST_RDONLY:  # A read-only mount (squashfs, a read-only bind
       continue  # of a 0777 folder): nobody can write it, whatever its modes say.
-    for where, entry in ((os.path.realpath(os.path.dirname(os.path.abspath(path))),
-                          os.lstat(path)), (os.path.dirname(real), os.stat(real))):
-      mode = os.stat(where).st_mode
-      if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
-        return f"the folder {where} is writable by every user"
-      if mode & stat.S_IWOTH and entry.st_uid not in (os.getuid(), 0):
-        return (f"{path} belongs to another user (uid {entry.st_uid}) in {where}, a folder every "
-                "user may write")
+    for chain in (os.path.abspath(path), real):
+      if why := _put_by_others(chain):
+        return why
     if os.stat(real).st_mode & stat.S_IWOTH:
       return f"{real} is writable by every user"
+  return None
+
+
+def _put_by_others(path: str) -> str | None:
+  """Why another user could have put the entry `path` (absolute, maybe through links) or a folder
+  above it where it is, else None; folders are named as resolved."""
+  entry = path
+  while (parent := os.path.dirname(entry)) != entry:
+    where = os.path.realpath(parent)
+    mode = os.stat(where).st_mode
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+      return f"the folder {where} is writable by every user"
+    if mode & stat.S_IWOTH and (owner := os.lstat(entry).st_uid) not in (os.getuid(), 0):
+      return (f"{entry} belongs to another user (uid {owner}) in {where}, a folder every user "
+              "may write")
+    entry = parent
   return None
 
 
