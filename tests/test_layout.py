@@ -22,7 +22,7 @@ ALLOWED = {
     "support": {"support"},
     "kernels": {"kernels", "support.paths"},
     "data": {"data", "support.errors", "support.paths", "support.backends",  # TF beside JAX,
-             "support.storage"},  # gs:// IDX folders.
+             "support.storage", "support.network"},  # gs:// IDX folders; downloads.
     "model": {"model", "kernels", "data", "support", *CONFIG},
     "training": {"training", "model", "data", "support", *CONFIG},
     "serving": {"serving", "model", "data", "support", *CONFIG},

@@ -39,7 +39,6 @@ import os
 import pwd
 import secrets
 import socket
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -50,6 +49,7 @@ import numpy as np
 
 from fashion_jax.data import idx
 from fashion_jax.support.errors import UserError
+from fashion_jax.support import network
 from fashion_jax.support import paths
 
 # The addresses tfds downloads from (its builders' URL), then a mirror of the same files.
@@ -306,27 +306,9 @@ def _download(name: str, filename: str, size: int, sha: str, urls, path: str,
 
 
 def _resolve(url: str, timeout: float) -> None:
-  """The name lookup, bounded: getaddrinfo ignores socket timeouts and can hang for long."""
-  host = urllib.parse.urlparse(url).hostname
-  if host is None:  # A file:// mirror ($FASHION_JAX_DATA_URL): no name to look up.
-    return
-  failed = []
-
-  def lookup():
-    try:
-      socket.getaddrinfo(host, None)
-    except Exception as e:  # pylint: disable=broad-except  # Raised below, in the caller.
-      failed.append(e)
-
-  # A daemon thread: a lookup still hanging must not keep the process alive after the error
-  # (a pool's worker did: Python waited for it at exit, 35 s after the error was printed).
-  thread = threading.Thread(target=lookup, name="fashion_jax-lookup", daemon=True)
-  thread.start()
-  thread.join(timeout)
-  if thread.is_alive():
-    raise OSError(f"no answer for {host} within {timeout:.0f}s (no network?)")
-  if failed:
-    raise failed[0]
+  """The name lookup, bounded (network.look_up); a file:// mirror has no name to look up."""
+  if (host := urllib.parse.urlparse(url).hostname) is not None:
+    network.look_up(host, None, timeout)
 
 
 class _Answered(Exception):
@@ -401,6 +383,8 @@ def _reason(e: Exception) -> str:
     return f"HTTP {e.code} {e.reason}"
   if isinstance(e, urllib.error.URLError):
     e = e.reason if isinstance(e.reason, Exception) else e
+  if isinstance(e, network.NoAnswer):
+    return str(e)
   if isinstance(e, socket.gaierror):
     return f"name lookup failed ({e.strerror or e}; no network?)"
   if isinstance(e, (socket.timeout, TimeoutError)):

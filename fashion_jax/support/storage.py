@@ -14,13 +14,12 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import socket
 import stat
 import tempfile
-import threading
 import urllib.parse
 import uuid
 
+from fashion_jax.support import network
 from fashion_jax.support.errors import UserError
 from fashion_jax.support.errors import available as _found  # Whether a module is importable.
 
@@ -133,18 +132,12 @@ def _check_reachable(path: str) -> None:
       or any(os.environ.get(v) for v in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"))
       or conf.get("gcs", {}).keys() & {"endpoint_url", "session_kwargs"}):
     return
-  def look_up():
-    try:
-      socket.getaddrinfo(*address, type=socket.SOCK_STREAM)
-    except OSError as e:
-      failure.append(e)
-  lookup = threading.Thread(target=look_up, daemon=True)
-  lookup.start()  # getaddrinfo has no timeout; a daemon thread (a pool's worker hung on at exit).
-  lookup.join(REACH_TIMEOUT_S)
-  if lookup.is_alive() or failure:
-    why = (failure[0].strerror or failure[0]) if failure else f"no answer in {REACH_TIMEOUT_S:g} s"
+  try:
+    network.look_up(*address, REACH_TIMEOUT_S)
+  except (OSError, ValueError) as e:  # (ValueError: a name IDNA cannot encode.)
+    why = f"no answer in {REACH_TIMEOUT_S:g} s" if isinstance(e, TimeoutError) else e.strerror or e
     raise UserError(f"cannot reach {path}: {address[0]}:{address[1]}: {why} (no network?); "
-                    "check the network, or use a local copy")
+                    "check the network, or use a local copy") from e
   _REACHED.add(address)
 
 
