@@ -32,6 +32,7 @@ def parse_flags(argv):
   storage.use_gcsfs()  # and before any path is opened.
   if "config" in FLAGS:
     _refuse_repeated_config(argv)
+    _refuse_config_others_could_write(argv)
   try:
     rest = FLAGS(argv)
   except SystemExit as e:  # absl's --help/--helpfull/--helpxml print the help and exit 1, the
@@ -138,6 +139,25 @@ def _refuse_repeated_config(argv) -> None:
   if len(files) > 1:
     fail(f"--config is given {len(files)} times ({', '.join(files)}); pass one config file and "
          "change its fields with --config.KEY=VALUE")
+
+
+def _refuse_config_others_could_write(argv) -> None:
+  """A --config file is Python that runs: one that another user could have written (in a
+  folder every user may write, /tmp/shared/exp.py) is not run, as a config's sibling is not
+  (config_lib.load_sibling); $FASHION_JAX_TRUST_WORKDIR=1 trusts it (a mount that shows every
+  file as another user's or 0777)."""
+  if os.environ.get(storage.TRUST_ENV) == "1":
+    return
+  from fashion_jax import config_lib  # pylint: disable=g-import-not-at-top
+  for given in _config_files(argv):
+    try:  # (ml_collections reads the part before a ':' and passes the rest to get_config.)
+      unsafe = config_lib.others_could_write(given.split(":", 1)[0])
+    except OSError:  # Missing or unreadable: its read says so in one line.
+      continue
+    if unsafe:
+      fail(f"--config={given} is not run: {unsafe}, so another user could have put code in it; "
+           "keep the config in a folder only you can write, or set "
+           f"{storage.TRUST_ENV}=1 if nobody else can reach it")
 
 
 def _config_argument() -> str:

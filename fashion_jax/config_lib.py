@@ -37,16 +37,22 @@ def _private_group(gid: int) -> bool:
     return False
 
 
-def _others_could_write(path: str) -> str | None:
+def others_could_write(path: str) -> str | None:
   """Why another user could have written (or swapped in) the file `path`, or None.
 
-  The file, and the folders holding it (as named and as resolved), must belong to this user or
+  The file, and every folder above it (as named and as resolved), must belong to this user or
   root and be writable by nobody else: not by others, nor by a group that is not this user's
-  alone; a folder may be, with the sticky bit (/tmp): there nobody can replace another's file.
+  alone; a folder may be, with the sticky bit (/tmp): there nobody can replace another's entry.
+  (A folder further up that others may write lets them rename this one away and put theirs.)
   """
   real = os.path.realpath(path)
-  for item, is_folder in ((real, False), (os.path.dirname(real), True),
-                          (os.path.dirname(os.path.abspath(path)), True)):
+  items, seen = [(real, False)], set()
+  for folder in (os.path.dirname(real), os.path.dirname(os.path.abspath(path))):
+    while folder not in seen:
+      seen.add(folder)
+      items.append((folder, True))
+      folder = os.path.dirname(folder)
+  for item, is_folder in items:
     info = os.stat(item)
     if info.st_uid not in (os.getuid(), 0):
       return f"{item} belongs to another user (uid {info.st_uid})"
@@ -58,8 +64,8 @@ def _others_could_write(path: str) -> str | None:
 
 
 def load_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of the config file `path`, as `--config=path` loads it (the file the user
-  named is run as it is: it is their choice, like any script they run)."""
+  """`get_config()` of the config file `path`, as `--config=path` loads it (the command line
+  first refuses a file others could have written: cli, others_could_write)."""
   name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(f"fashion_jax_config_{name}", path)
   module = importlib.util.module_from_spec(spec)
@@ -76,7 +82,7 @@ def load_sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
   """
   path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
   try:
-    unsafe = _others_could_write(path)
+    unsafe = others_could_write(path)
   except OSError as e:
     raise UserError(f"{config_file} builds on {path}, which cannot be read ({e.strerror}); put "
                     f"{name}.py beside it, or start from fashion_jax.default_config") from e

@@ -145,7 +145,8 @@ from fashion_jax.default_config import get_config
 
 @pytest.mark.parametrize("folder_mode, file_mode, refused", [
     (0o1777, 0o666, "default.py is writable by its group or others (mode 666; chmod go-w"),
-    (0o777, 0o644, "is writable by its group or others (mode 777"),  # No sticky bit: replaceable.
+    # No sticky bit: replaceable. The --config file itself is refused first (cli).
+    (0o777, 0o644, "CONFIG is writable by its group or others (mode 777"),
     (0o1777, 0o644, None),  # A shared /tmp-like folder, the file this user's alone: loaded.
     # umask 002 (Debian, Ubuntu): group-writable, fine where the group is this user's alone.
     (0o775, 0o664, "PRIVATE_GROUP")])
@@ -157,15 +158,20 @@ def test_a_config_does_not_run_a_sibling_others_could_have_written(tmp_path, fol
   shared.mkdir()
   (shared / "myexp.py").write_text(_COPIED_CONFIG)
   (shared / "default.py").write_text(_PLANTED)
+  os.chmod(shared / "myexp.py", 0o644)
   os.chmod(shared / "default.py", file_mode)
   os.chmod(shared, folder_mode)
   if refused == "PRIVATE_GROUP":
     from fashion_jax import config_lib  # pylint: disable=import-outside-toplevel
     refused = (None if config_lib._private_group(os.getgid())  # pylint: disable=protected-access
-               else "is writable by its group or others (mode 664")
+               else "CONFIG is writable by its group or others (mode 775")
   proc = run_module("fashion_jax.main", f"--config={shared / 'myexp.py'}",
                     f"--workdir={tmp_path / 'run'}", "--config.batch_size=0")
-  if refused:
+  if refused and refused.startswith("CONFIG"):
+    assert_one_line_error(proc, f"--config={shared / 'myexp.py'} is not run: {shared} "
+                          + refused[len("CONFIG "):], "FASHION_JAX_TRUST_WORKDIR=1")
+    assert not (shared / "planted_code_ran").exists()
+  elif refused:
     assert_one_line_error(proc, f"builds on {shared / 'default.py'}, which is not run", refused,
                           "fashion_jax.default_config")
     assert not (shared / "planted_code_ran").exists()
@@ -173,6 +179,37 @@ def test_a_config_does_not_run_a_sibling_others_could_have_written(tmp_path, fol
     assert_one_line_error(proc, "config.batch_size=0 is invalid")  # Loaded, then validated.
     assert (shared / "planted_code_ran").exists()
   assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_others_could_have_written_is_not_run(tmp_path):
+  """The project never runs code from a path another user could have written, yet --config ran
+  any file: world-writable, or in a folder (or below one) where anyone could swap it in."""
+  from fashion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  shared, mine = tmp_path / "shared", tmp_path / "mine"
+  (shared / "sub").mkdir(parents=True)
+  mine.mkdir()
+  for path in (shared / "sub" / "exp.py", mine / "open.py", mine / "exp.py"):
+    path.write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n"
+                    "from fashion_jax.default_config import get_config\n")
+    path.chmod(0o666 if path.name == "open.py" else 0o644)
+  os.chmod(shared, 0o777)  # No sticky bit: anyone may rename sub/ away and put theirs.
+  os.chmod(shared / "sub", 0o755)
+  assert "open.py is writable by its group or others (mode 666" in config_lib.others_could_write(
+      str(mine / "open.py"))
+  assert f"{shared} is writable by its group or others (mode 777" in (
+      config_lib.others_could_write(str(shared / "sub" / "exp.py")))
+  assert config_lib.others_could_write(str(mine / "exp.py")) is None
+  os.symlink(shared / "sub" / "exp.py", mine / "link.py")  # Its target's folders count.
+  assert str(shared) in config_lib.others_could_write(str(mine / "link.py"))
+  proc = run_module("fashion_jax.main", f"--config={shared / 'sub' / 'exp.py'}",
+                    f"--workdir={tmp_path / 'run'}", "--config.batch_size=0")
+  assert_one_line_error(proc, f"--config={shared / 'sub' / 'exp.py'} is not run: {shared} is "
+                        "writable by its group or others", "FASHION_JAX_TRUST_WORKDIR=1")
+  assert not (tmp_path / "ran").exists() and not (tmp_path / "run").exists()
+  proc = run_module("fashion_jax.main", f"--config={mine / 'open.py'}", f"--workdir={tmp_path / 'run'}",
+                    "--config.batch_size=0", env={"FASHION_JAX_TRUST_WORKDIR": "1"})
+  assert_one_line_error(proc, "config.batch_size=0 is invalid")  # Trusted: run, then validated.
+  assert (tmp_path / "ran").exists()
 
 
 @pytest.mark.parametrize("module, flags", [
