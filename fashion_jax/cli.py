@@ -57,6 +57,8 @@ def parse_flags(argv):
     kwarg = next((a.split("=", 1)[0][len("--config.model_kwargs."):] for a in argv
                   if a.startswith("--config.model_kwargs.")), None)
     config_given = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
+    if config_given and "Flag --config must have a value other than None" in text:
+      fail(_config_load_error(e, why=_RETURNED_NONE))  # (Not "--config=None": it was given.)
     if (unknown and unknown.group(1).startswith("config.") and not config_given
         and "config" in FLAGS):
       message = (f"--config is missing (needed by --{unknown.group(1)}=...): pass a config "
@@ -75,6 +77,8 @@ def parse_flags(argv):
     fail(f"{message}\nRun with --helpfull for the flags of {program}.")
   except Exception as e:  # pylint: disable=broad-except  (a config file's get_config failed)
     fail(_config_load_error(e))
+  if "config" in FLAGS and FLAGS["config"].present and FLAGS["config"].value is None:
+    fail(_config_load_error(TypeError(), why=_RETURNED_NONE))  # (benchmark: a traceback later)
   if "config" in FLAGS and FLAGS["config"].value is not None:
     try:  # ml_collections defers a config file it could not read to the first attribute read.
       config = FLAGS.config
@@ -89,6 +93,9 @@ def parse_flags(argv):
       fail(_config_load_error(TypeError(f"get_config() returned a {type(config).__name__}, "
                                         "not an ml_collections.ConfigDict")))
   return rest
+
+
+_RETURNED_NONE = "its get_config() returned None; is its return statement missing?"
 
 
 def _asked_for_help(argv) -> bool:

@@ -314,3 +314,17 @@ def test_the_shared_lock_goes_on_without_locks_and_takes_another_users_file(tmp_
   with caplog.at_level(logging.WARNING), paths.exclusive(lock):
     pass
   assert f"cannot lock {lock} (No locks available): going on without the lock" in caplog.text
+
+
+@pytest.mark.parametrize("module", ["fashion_jax.main", "fashion_jax.benchmark"])
+def test_a_config_that_returns_nothing_is_named_so(tmp_path, module):
+  """get_config() without its return: main said "flag --config=None: Flag --config must have a
+  value other than None" (the --config it was given, called missing), benchmark a traceback."""
+  config = tmp_path / "noreturn.py"
+  config.write_text("from fashion_jax import default_config\n\n\ndef get_config():\n"
+                    "  config = default_config.get_config()\n  config.batch_size = 8\n")
+  proc = run_module(module, f"--config={config}", f"--workdir={tmp_path / 'run'}"
+                    if module == "fashion_jax.main" else f"--output={tmp_path / 'b.json'}")
+  assert_one_line_error(proc, f"--config={config} did not load as a config (its get_config() "
+                        "returned None; is its return statement missing?)")
+  assert sorted(os.listdir(tmp_path)) == ["noreturn.py"]
