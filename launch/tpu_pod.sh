@@ -28,6 +28,8 @@ usage_error() {
 }
 [ -n "${TPU_NAME:-}" ] || usage_error "TPU_NAME is not set: the name of the TPU VM pod slice"
 [ -n "${ZONE:-}" ] || usage_error "ZONE is not set: the zone of the pod slice (e.g. us-central2-b)"
+command -v gcloud >/dev/null || usage_error "gcloud is not installed (it reaches the workers): \
+install the Google Cloud CLI and sign in (gcloud auth login)"
 [ $# -ge 1 ] || usage_error "WORKDIR is missing"
 workdir=$1
 shift

@@ -48,7 +48,7 @@ def stubs(tmp_path):
   (tmp_path / "worker" / "fashion_jax").mkdir(parents=True)
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", WORKER_HOME=str(tmp_path / "worker"),
              TPU_NAME="pod", ZONE="us-central2-b", REPO_URL="https://example.com/fj.git",
-             PYTHON="fakepython")
+             PYTHON="fakepython", SLURM_JOB_ID="42")
 
   def run(script, *args, cwd=ROOT, **extra):
     # stdin: not the test worker's (pytest-xdist's channel to its workers is their stdin).
@@ -142,6 +142,25 @@ def test_launchers_name_a_missing_setting(stubs, tmp_path):
   assert proc.returncode == 2 and "TPU_NAME is not set" in proc.stderr
   proc, _ = stubs("slurm_multigpu.sbatch", "/shared/run", cwd=tmp_path)  # Not the repo root.
   assert proc.returncode == 2 and "CONFIG=configs/default.py is not a file in" in proc.stderr
+
+
+def test_cluster_launchers_say_what_is_missing_outside_their_cluster(stubs, tmp_path):
+  """Without gcloud, tpu_pod.sh failed with bash's 'gcloud: command not found' (exit 127); the
+  SLURM script run by bash (not sbatch) the same for srun, or on a login node with srun, started
+  one task there without its #SBATCH settings."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  bare = tmp_path / "bare"  # A PATH with what the scripts need but no gcloud, srun or git.
+  bare.mkdir()
+  for tool in ("bash", "dirname", "python3"):
+    os.symlink(shutil.which(tool), bare / tool)
+  proc, calls = stubs("tpu_pod.sh", "/mnt/r", PATH=str(bare), PYTHON="python3")
+  assert proc.returncode == 2 and calls == [], proc.stderr
+  assert proc.stderr.startswith("tpu_pod.sh: error: gcloud is not installed"), proc.stderr
+  for extra in ({"PATH": str(bare), "PYTHON": "python3"}, {"SLURM_JOB_ID": ""}):
+    proc, calls = stubs("slurm_multigpu.sbatch", "/shared/run", **extra)
+    assert proc.returncode == 2 and calls == [], proc.stderr
+    assert proc.stderr.startswith("slurm_multigpu.sbatch: error: not inside a SLURM job"), (
+        proc.stderr)
 
 
 def test_accelerator_check_refuses_bad_input_with_exit_2(tmp_path, idx_dir):
