@@ -54,6 +54,17 @@ logs=${FASHION_JAX_LOG_DIR:-$workdir} logs_name=WORKDIR
 set FASHION_JAX_LOG_DIR to a local folder for their logs"
 mkdir -p -- "$logs" 2>/dev/null && [ -w "$logs" ] ||
   usage_error "$logs_name=$logs: cannot create or write that folder; pass a writable path"
+# The logs are written before the processes check WORKDIR: in a folder another user owns or every
+# user may write (the processes refuse it), a link planted as process_0.log took the log over
+# whatever file it named (a run in the README's /tmp/fj_mp overwrote the file of the user's own).
+if [ "${FASHION_JAX_TRUST_WORKDIR:-}" != 1 ]; then
+  trust="or set FASHION_JAX_TRUST_WORKDIR=1 if nobody else can reach it (a mount that shows another owner or 0777)"
+  [ -O "$logs" ] || usage_error "$logs_name=$logs belongs to another user, who could put links \
+there that the logs would be written through; use a folder of your own, $trust"
+  [ -z "$(find "$logs" -maxdepth 0 -perm -0002)" ] || usage_error "$logs_name=$logs is writable by \
+every user, who could put links there that the logs would be written through; chmod o-w it, use \
+another folder, $trust"
+fi
 
 # A run holding WORKDIR's lock (fashion_jax/training/workdir.py) is training there: refused now,
 # before the logs below are truncated (each process would refuse too, but only after that).

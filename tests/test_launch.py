@@ -163,6 +163,36 @@ def test_cluster_launchers_say_what_is_missing_outside_their_cluster(stubs, tmp_
         proc.stderr)
 
 
+def test_local_launcher_writes_no_log_through_another_users_link(stubs, tmp_path):
+  """The logs were written (truncating) before the processes refused the WORKDIR: in a folder
+  every user may write, or another user's (the README's /tmp/fj_mp made first by someone else),
+  a link planted as process_0.log had the log overwrite the file it named."""
+  victim = tmp_path / "notes.txt"
+  victim.write_text("precious")
+  shared = tmp_path / "fj_mp"
+  shared.mkdir()
+  (shared / "process_0.log").symlink_to(victim)
+  os.chmod(shared, 0o777)
+  proc, calls = stubs("local_multiprocess.sh", "1", "1", str(shared), "--config=configs/tiny.py")
+  assert proc.returncode == 2 and calls == [], proc.stderr
+  assert proc.stderr.startswith(f"local_multiprocess.sh: error: WORKDIR={shared} is writable by "
+                                "every user"), proc.stderr
+  if os.getuid() == 0:  # (Only root can give a folder to another user.)
+    os.chmod(shared, 0o755)
+    os.chown(shared, 65534, 65534)
+    proc, calls = stubs("local_multiprocess.sh", "1", "1", str(shared), "--config=configs/tiny.py")
+    assert proc.returncode == 2 and calls == [], proc.stderr
+    assert f"WORKDIR={shared} belongs to another user" in proc.stderr, proc.stderr
+  assert victim.read_text() == "precious"
+  trusted = tmp_path / "mount"  # A mount that shows every folder as 0777: the user's word.
+  trusted.mkdir(mode=0o777)
+  os.chmod(trusted, 0o777)
+  proc, calls = stubs("local_multiprocess.sh", "1", "1", str(trusted), "--config=configs/tiny.py",
+                      FASHION_JAX_TRUST_WORKDIR="1")
+  assert proc.returncode == 0, proc.stderr
+  assert _main_argv(calls)[:2] == [f"--workdir={trusted}", "--config=configs/tiny.py"]
+
+
 def test_accelerator_check_refuses_bad_input_with_exit_2(tmp_path, idx_dir):
   """A relative IDX_DIR was read from the repository root, a missing output folder crashed after
   the first stage, a group-writable WHEELS folder was installed from, and a machine without a
