@@ -239,6 +239,18 @@ def refuse_arguments(argv) -> None:
          "--config.KEY=VALUE), and a value with spaces needs quotes")
 
 
+def refuse_ignored_epochs(config) -> None:
+  """--config.num_epochs=N where the config file sets num_train_steps (speedrun_cpu.py, tiny.py)
+  did nothing: the run trained the file's steps without a word (2.5 epochs when 1 was asked)."""
+  args = sys.argv[1:]
+  given = {arg.split("=", 1)[0] for arg in (args[:args.index("--")] if "--" in args else args)}
+  if ("--config.num_epochs" in given and "--config.num_train_steps" not in given
+      and config.num_train_steps > 0):
+    fail(f"--config.num_epochs={config.num_epochs} does nothing: --config={_config_argument()} "
+         f"sets num_train_steps={config.num_train_steps}, which wins; add "
+         "--config.num_train_steps=-1 to train by epochs")
+
+
 def fail(message: str, code: int = 2):
   """Prints `fashion_jax: error: MESSAGE` on stderr (once: not also as a log line) and exits;
   in a job of several processes, telling the others (support.multihost.fail_fast)."""

@@ -40,6 +40,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   cli.quiet_console()
   cli.refuse_arguments(argv)
+  cli.refuse_ignored_epochs(FLAGS.config)
   import jax  # pylint: disable=g-import-not-at-top
   from fashion_jax import config_lib
   from fashion_jax.support import backends, compile_cache  # pylint: disable=g-import-not-at-top

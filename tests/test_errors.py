@@ -328,3 +328,18 @@ def test_a_config_that_returns_nothing_is_named_so(tmp_path, module):
   assert_one_line_error(proc, f"--config={config} did not load as a config (its get_config() "
                         "returned None; is its return statement missing?)")
   assert sorted(os.listdir(tmp_path)) == ["noreturn.py"]
+
+
+def test_epochs_a_config_overrides_with_steps_are_refused(tmp_path):
+  """--config.num_epochs=1 on configs/speedrun_cpu.py (num_train_steps=1170) trained its 2.5
+  epochs without a word; with --config.num_train_steps=-1 the epochs count."""
+  workdir = f"--workdir={tmp_path / 'run'}"
+  proc = run_module("fashion_jax.main", "--config=configs/speedrun_cpu.py", workdir,
+                    "--config.num_epochs=1")
+  assert_one_line_error(proc, "--config.num_epochs=1 does nothing: --config=configs/speedrun_cpu.py "
+                        "sets num_train_steps=1170, which wins; add --config.num_train_steps=-1")
+  proc = run_module("fashion_jax.main", "--config=configs/speedrun_cpu.py", workdir,
+                    "--config.num_epochs", "1", "--config.num_train_steps=-1",
+                    "--config.batch_size=0")
+  assert_one_line_error(proc, "config.batch_size=0 is invalid")  # Past the check: validated.
+  assert not (tmp_path / "run").exists()
