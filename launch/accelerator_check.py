@@ -163,6 +163,9 @@ def main():
           "Fashion-MNIST IDX files (or set FASHION_JAX_IDX_DIR)")
   idx_dir = os.path.abspath(args.idx_dir)
   output = os.path.abspath(args.output)
+  if os.path.isdir(output):  # (The first stage's write failed with a traceback, exit 1.)
+    _fail(f"--output={args.output} is a folder; pass the JSON file's path, e.g. "
+          f"{os.path.join(args.output, 'accelerator_check.json')}")
   if not (os.path.isdir(os.path.dirname(output)) and os.access(os.path.dirname(output), os.W_OK)):
     _fail(f"--output={args.output}: its folder {os.path.dirname(output)} does not exist or is not "
           "writable; pass a path in a folder you can write")
