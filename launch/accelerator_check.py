@@ -163,6 +163,9 @@ def main():
           "Fashion-MNIST IDX files (or set FASHION_JAX_IDX_DIR)")
   idx_dir = os.path.abspath(args.idx_dir)
   output = os.path.abspath(args.output)
+  if not args.budget_s >= 25:  # A stage needs 20 s and a 5 s margin (Check.stage).
+    _fail(f"--budget_s={args.budget_s:g} (BUDGET_S) leaves no time for the first stage; give "
+          "it at least 25 seconds (default 540)")  # (It blamed the chip: 'JAX found no GPU'.)
   if os.path.isdir(output):  # (The first stage's write failed with a traceback, exit 1.)
     _fail(f"--output={args.output} is a folder; pass the JSON file's path, e.g. "
           f"{os.path.join(args.output, 'accelerator_check.json')}")

@@ -213,6 +213,7 @@ def test_accelerator_check_refuses_bad_input_with_exit_2(tmp_path, idx_dir):
       (["fm"], {"WHEELS": "wheels"}, "is not yours alone"),
       (["fm", "a.json", "b.json"], {}, "unexpected argument 'b.json'; usage:"),
       (["fm", "tmp"], {}, f"--output={tmp_path / 'tmp'} is a folder; pass the JSON file's path"),
+      (["fm", "out.json"], {"BUDGET_S": "20"}, "--budget_s=20 (BUDGET_S) leaves no time for the"),
       # Options anywhere: `IDX_DIR --allow_cpu` had taken the option for OUTPUT.json.
       (["fm", "--allow_cpu", "out.json", "--no_such_option"], {}, "unrecognized arguments: --no_such_option"),
       (["fm", "out.json"], {}, "JAX found no GPU or TPU (backend: cpu")]:
