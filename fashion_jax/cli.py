@@ -156,6 +156,10 @@ def _refuse_config_others_could_write(argv) -> None:
   if os.environ.get(storage.TRUST_ENV) == "1":
     return
   from fashion_jax import config_lib  # pylint: disable=g-import-not-at-top
+  try:  # A --config in a --flagfile (absl reads those first) was run unchecked.
+    argv = argv[:1] + FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+  except Exception:  # pylint: disable=broad-except  (an unreadable flagfile: absl says so next)
+    pass
   for given in _config_files(argv):
     try:  # (ml_collections reads the part before a ':' and passes the rest to get_config.)
       unsafe = config_lib.others_could_write(given.split(":", 1)[0])

@@ -206,6 +206,12 @@ def test_a_config_file_others_could_have_written_is_not_run(tmp_path):
   assert_one_line_error(proc, f"--config={shared / 'sub' / 'exp.py'} is not run: {shared} is "
                         "writable by its group or others", "FASHION_JAX_TRUST_WORKDIR=1")
   assert not (tmp_path / "ran").exists() and not (tmp_path / "run").exists()
+  (mine / "flags.txt").write_text(f"--config={mine / 'open.py'}\n--config.batch_size=0\n")
+  proc = run_module("fashion_jax.main", f"--flagfile={mine / 'flags.txt'}",  # (absl's)
+                    f"--workdir={tmp_path / 'run'}")
+  assert_one_line_error(proc, f"--config={mine / 'open.py'} is not run: {mine / 'open.py'} is "
+                        "writable by its group or others (mode 666")
+  assert not (tmp_path / "ran").exists() and not (tmp_path / "run").exists()
   proc = run_module("fashion_jax.main", f"--config={mine / 'open.py'}", f"--workdir={tmp_path / 'run'}",
                     "--config.batch_size=0", env={"FASHION_JAX_TRUST_WORKDIR": "1"})
   assert_one_line_error(proc, "config.batch_size=0 is invalid")  # Trusted: run, then validated.
