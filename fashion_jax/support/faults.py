@@ -7,6 +7,7 @@ a run killed anywhere resumes to a bitwise-identical result. FASHION_JAX_SIGNAL_
 SIGTERM (or POINT:SIGINT's signal) at `maybe_signal(POINT)` instead (a preemption notice at
 that moment; "stop_save": a second signal while the stop checkpoint is being written).
 FASHION_JAX_DISK_FULL=I makes process I's free-disk check before a save find none.
+FASHION_JAX_CRASH_AT=POINT:STEP raises a RuntimeError where FASHION_JAX_KILL_AT would kill (a bug).
 """
 
 import os
@@ -17,11 +18,12 @@ _TARGET = os.environ.get("FASHION_JAX_KILL_AT", "")
 
 def maybe_kill(point: str, step: int, last: int | None = None) -> None:
   """Kills at `point:step`, or at any `point:s` with step <= s <= last (a window of steps)."""
-  if not _TARGET:
-    return
-  name, _, at = _TARGET.partition(":")
-  if name == point and step <= int(at) <= (step if last is None else last):
-    os.kill(os.getpid(), signal.SIGKILL)
+  for target, crash in ((_TARGET, False), (os.environ.get("FASHION_JAX_CRASH_AT", ""), True)):
+    name, _, at = target.partition(":")
+    if target and name == point and step <= int(at) <= (step if last is None else last):
+      if crash:
+        raise RuntimeError(f"crash injected at {target} (FASHION_JAX_CRASH_AT)")
+      os.kill(os.getpid(), signal.SIGKILL)
 
 
 def maybe_signal(point: str) -> None:

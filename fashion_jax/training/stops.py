@@ -30,15 +30,17 @@ stops at once, and the previous checkpoint stays the latest.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import traceback
 
 from absl import logging
 import jax
 
 from fashion_jax.support import multihost
-from fashion_jax.support.errors import EXIT_INTERRUPTED
+from fashion_jax.support.errors import EXIT_INTERRUPTED, UserError
 
 # Exit status of a run that was stopped by a signal after saving a checkpoint at the
 # agreed step: "preempted, re-run the same command to resume" (sysexits' EX_TEMPFAIL).
@@ -63,6 +65,26 @@ def _stop_now(signum: int) -> None:
                    "command to resume\n")
   sys.stderr.flush()
   os._exit(EXIT_PREEMPTED if signum == signal.SIGTERM else EXIT_INTERRUPTED)  # pylint: disable=protected-access
+
+
+@contextlib.contextmanager
+def a_crash_ends_the_job():
+  """A crash (not a UserError, not a stop) in a job of several processes: its traceback, then
+  the others told (`multihost.fail_fast`: they end with `process N: crashed ...` at their next
+  agreement point) and this process gone at once, exit 1. Leaving normally, it waited in JAX's
+  shutdown barrier while the others waited for it in the next window's all-reduce: every
+  process aborted after 5 minutes (exit 134, a C++ stack). Entered outermost: a save already
+  under way is finished first. With one process the exception goes on as it was."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    if (isinstance(e, (UserError, Preempted)) or not jax.distributed.is_initialized()
+        or jax.process_count() == 1):
+      raise
+    traceback.print_exc()
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    multihost.fail_fast(f"crashed ({type(e).__name__}: {first}); see its log for the traceback", 1)
+    raise
 
 
 class StopRequest:

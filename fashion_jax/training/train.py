@@ -346,6 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
   windows (off for the benchmark's loop timing: it would share the cores with them).
   """
   with contextlib.ExitStack() as cleanup:  # Pending saves finished, files flushed, however it ends.
+    cleanup.enter_context(stops.a_crash_ends_the_job())  # Outermost: after those.
     stop = cleanup.enter_context(stops.StopRequest())  # Before the data loads: see stops.py.
     run = prepare(config, workdir, splits)
     cleanup.enter_context(workdir_lib.lock(run.workdir, run.is_lead))  # Before any change.
