@@ -31,6 +31,10 @@ def parse_flags(argv):
   backends.quiet_cuda_plugin_without_gpu()  # Every command parses its flags before JAX starts,
   storage.use_gcsfs()  # and before any path is opened.
   if "config" in FLAGS:
+    # ~ as --workdir=~/fj takes it (the shell expands no ~ after "--config="): it was read as a
+    # folder named "~" in the current one.
+    argv = [f"--config={os.path.expanduser(arg[9:])}" if arg.startswith("--config=~") else arg
+            for arg in argv]
     _refuse_repeated_config(argv)
     _refuse_config_others_could_write(argv)
   try:
@@ -135,7 +139,8 @@ def _config_files(argv) -> list[str]:
       break
     name, eq, value = arg.partition("=")
     if name in ("--config", "-config"):
-      files.append(value if eq else (args[i + 1] if i + 1 < len(args) else ""))
+      value = os.path.expanduser(value) if eq else (args[i + 1] if i + 1 < len(args) else "")
+      files.append(value)
   return files
 
 

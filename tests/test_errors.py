@@ -349,3 +349,17 @@ def test_epochs_a_config_overrides_with_steps_are_refused(tmp_path):
                     "--config.batch_size=0")
   assert_one_line_error(proc, "config.batch_size=0 is invalid")  # Past the check: validated.
   assert not (tmp_path / "run").exists()
+
+
+def test_a_config_under_home_is_read_as_the_workdir_is(tmp_path):
+  """--workdir=~/fj is the home's fj; --config=~/exp.py (no shell expands a ~ after '=') was
+  read as ./~/exp.py: 'No such file or directory; a relative path is read from ...'."""
+  (tmp_path / "exp.py").write_text("from fashion_jax.default_config import get_config\n")
+  home = {"HOME": str(tmp_path)}
+  proc = run_module("fashion_jax.main", "--config=~/exp.py", f"--workdir={tmp_path / 'run'}",
+                    "--config.batch_size=0", env=home)
+  assert_one_line_error(proc, "config.batch_size=0 is invalid")  # Loaded, then validated.
+  proc = run_module("fashion_jax.main", "--config=~/nope.py", f"--workdir={tmp_path / 'run'}",
+                    env=home)
+  assert_one_line_error(proc, f"--config={tmp_path / 'nope.py'}: cannot read the config file "
+                        "(No such file or directory)")
