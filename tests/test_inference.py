@@ -273,3 +273,26 @@ def test_logits_are_training_evaluations_own_in_bfloat16():
   sums = jax.jit(functools.partial(steps.eval_sums, model=model))(state, batches)
   assert int(sums["count"]) == 1000
   assert int(sums["correct"]) == 1000
+
+
+@pytest.mark.parametrize("opened", ["config.json", "a checkpoint's file", "the folder above"])
+def test_what_another_user_could_have_written_is_not_served(trained_tiny_workdir, tmp_path,
+                                                            monkeypatch, opened):
+  """Only the run's folder and checkpoints/ were judged: a config.json or a checkpoint's file
+  every user may write, or a run in a folder every user may write (no sticky bit: anyone can
+  rename the run away and put theirs there), was served. A sticky folder (/tmp) is fine."""
+  monkeypatch.delenv("FASHION_JAX_TRUST_WORKDIR", raising=False)
+  above = tmp_path / "shared"
+  workdir = above / "run"
+  shutil.copytree(trained_tiny_workdir, workdir)
+  step = inference.load(str(workdir)).step
+  path = {"config.json": workdir / "config.json",
+          "a checkpoint's file": workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA",
+          "the folder above": above}[opened]
+  os.chmod(above, 0o1777)  # Sticky, as /tmp: served.
+  assert inference.load(str(workdir)).step == step
+  os.chmod(path, 0o777 if path == above else 0o666)
+  with pytest.raises(UserError, match=f"{re.escape(str(path))} is writable by every user"):
+    inference.load(str(workdir))
+  monkeypatch.setenv("FASHION_JAX_TRUST_WORKDIR", "1")
+  assert inference.load(str(workdir)).step == step

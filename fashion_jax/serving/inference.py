@@ -18,6 +18,8 @@ import dataclasses
 import functools
 import json
 import math
+import os
+import stat
 from typing import Any
 
 from absl import logging
@@ -153,6 +155,39 @@ class Classifier:
     return np.asarray(jax.nn.softmax(self.logits(images), axis=-1))
 
 
+def _tree(folder: str) -> list[str]:
+  """A local folder and everything under it (links not followed into); [] for gs://."""
+  found = [] if storage.is_url(folder) else [folder]
+  for root, dirs, files in os.walk(found[0]) if found else ():
+    found += [os.path.join(root, name) for name in dirs + files]
+  return found
+
+
+def _refuse_open_to_others(workdir: str, paths: list[str]) -> None:
+  """A UserError where another user could have written what would be served (another owner is
+  fine: a teammate's run): one of the local `paths` every user may write (a folder, or a file in
+  it: config.json, a checkpoint's), or a folder above the workdir every user may write without
+  the sticky bit (anyone could have put another run in its place)."""
+  if storage.is_url(workdir) or os.environ.get(storage.TRUST_ENV) == "1":
+    return
+  for named in dict.fromkeys((os.path.abspath(workdir), os.path.realpath(workdir))):
+    while (parent := os.path.dirname(named)) != named:
+      try:
+        mode = os.stat(parent).st_mode
+      except OSError:  # Said when the run is read.
+        break
+      if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        raise UserError(f"the folder {parent} is writable by every user: anyone could have put "
+                        f"another run in place of {workdir} that this would serve; chmod o-w "
+                        f"{parent} (or +t), or set {storage.TRUST_ENV}=1 if nobody else can "
+                        "reach it")
+      named = parent
+  if open_to_all := storage.writable_by_all(paths):
+    raise UserError(f"{open_to_all} is writable by every user: anyone could have put the "
+                    f"checkpoint or config.json there that this would serve; chmod o-w "
+                    f"{open_to_all}, or set {storage.TRUST_ENV}=1 if nobody else can reach it")
+
+
 def load(workdir: str, step: int | None = None, batch_size: int = 256,
          portable: bool = False) -> Classifier:
   """Loads a training run's model and checkpoint (`step`, else the best/latest one). The model
@@ -160,11 +195,8 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256,
   `portable` (XLA's ops only, for export)."""
   workdir = storage.resolve(workdir, "--workdir")
   directory = storage.join(workdir, "checkpoints")
-  if open_to_all := storage.writable_by_all([workdir, directory]):  # (Another owner is fine:
-    raise UserError(  # a teammate's run; a folder anyone may write is anyone's model.)
-        f"{open_to_all} is writable by every user: anyone could have put the checkpoint or "
-        f"config.json there that this would serve; chmod o-w {open_to_all}, or set "
-        f"{storage.TRUST_ENV}=1 if nobody else can reach it")
+  _refuse_open_to_others(workdir, [workdir, storage.join(workdir, "config.json"),
+                                   storage.join(workdir, "metrics.jsonl"), directory])
   config = load_run_config(workdir)
   if not storage.isdir(directory):
     raise UserError(f"no checkpoints folder in {workdir}; train first, or pass the right --workdir")
@@ -191,6 +223,7 @@ def load(workdir: str, step: int | None = None, batch_size: int = 256,
     description = checkpointing.describe_state(config.model, _Params(params))
     for attempt in range(3):
       try:
+        _refuse_open_to_others(workdir, _tree(storage.join(directory, str(step))))
         weights = checkpointer.restore_weights(step, description)
         break
       except UserError:
