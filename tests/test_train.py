@@ -1207,3 +1207,34 @@ def test_an_unfinished_log_interval_survives_json_and_is_bounded():
   assert never.pending(loop.MAX_CARRIED_STEPS)
   never.add(loop.MAX_CARRIED_STEPS, steps_from(0, 1))
   assert never.pending(loop.MAX_CARRIED_STEPS + 1) == {}
+
+
+
+def test_a_log_line_does_not_wait_for_the_window_dispatched_after_it(tiny_config, tmp_path,
+                                                                      monkeypatch):
+  """The loop reads a window's metrics while the next one runs. Each log line's learning rate
+  was a device call queued behind that next window: the line waited for it to finish, and the
+  device then idled while the host prepared the window after it (every window with a line)."""
+  from tests.conftest import write_idx_folder  # pylint: disable=import-outside-toplevel
+  tiny_config.update(idx_dir=write_idx_folder(str(tmp_path / "idx"), n_train=1600),
+                     num_train_steps=400, steps_per_dispatch=100, eval_every_steps=400,
+                     checkpoint_every_steps=400, log_every_steps=50, lr_schedule="cosine")
+  dispatched, ready_after_a_line = [], []
+  run_window, write_lines = loop.Windows.__call__, train.TrainLog.__call__
+
+  def window(self, state, step, n):
+    state, metrics, compiled = run_window(self, state, step, n)
+    dispatched.append((step, metrics))
+    return state, metrics, compiled
+
+  def lines(self, first_step, metrics):
+    write_lines(self, first_step, metrics)
+    step, running = dispatched[-1]
+    if step > first_step:  # Read while the next window runs.
+      ready_after_a_line.append(all(x.is_ready() for x in jax.tree.leaves(running)))
+
+  monkeypatch.setattr(loop.Windows, "__call__", window)
+  monkeypatch.setattr(train.TrainLog, "__call__", lines)
+  train.train_and_evaluate(tiny_config, str(tmp_path / "w"), compile_eval_ahead=False)
+  assert len(ready_after_a_line) == 3, ready_after_a_line
+  assert not all(ready_after_a_line)  # (Each window runs ~0.3 s; a line takes milliseconds.)

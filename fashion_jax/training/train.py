@@ -261,9 +261,8 @@ class TrainLog:
 
   def __init__(self, run: Run, writer, schedule, checkpointer, bar, step: int):
     """`step`: where the loop starts (a checkpoint's, resuming)."""
-    self.run, self.writer, self.schedule, self.checkpointer, self.bar = (
-        run, writer, schedule, checkpointer, bar)
-    float(schedule(0))  # Its compile now, not inside the first interval's images/s.
+    self.run, self.writer, self.checkpointer, self.bar = run, writer, checkpointer, bar
+    self.rates = loop.LineRates(schedule, run.config.log_every_steps, run.total_steps)
     self.intervals = loop.LogIntervals(run.config.log_every_steps, run.total_steps,
                                        steps.combine_metrics)
     if step:  # The log interval the checkpoint was saved in, from its start.
@@ -302,7 +301,7 @@ class TrainLog:
           logging.warning("skipped %d step(s) with non-finite loss or gradients, the first "
                           "at step %d", skipped, int(sums["first_nonfinite_step"]))
       line = {"epoch": line_step / run.steps_per_epoch, **train,
-              "learning_rate": float(self.schedule(line_step - 1))}  # Of the interval's last step.
+              "learning_rate": self.rates(line_step)}  # Of the interval's last step.
       if skipped:
         line["train_skipped_steps"] = skipped
       if math.isfinite(rate):
@@ -380,8 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
                                run.eval_every, jax.default_backend())
     bar = evaluate.bar = progress.Bar(show_progress, total_steps * config.batch_size,
                                       step * config.batch_size, desc="train")
-    # Jitted: it only feeds log lines, and op by op its first call compiles for 0.75 s.
-    log = TrainLog(run, writer, jax.jit(steps.create_schedule(config, total_steps)), checkpointer,
+    log = TrainLog(run, writer, steps.create_schedule(config, total_steps), checkpointer,
                    bar, step)
 
     def save(step: int, results: dict) -> None:  # With its validation accuracy: best is kept.
