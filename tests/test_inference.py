@@ -266,7 +266,7 @@ def test_logits_are_training_evaluations_own_in_bfloat16():
   classifier = inference.Classifier(config=config, model=model, variables={"params": params},
                                     step=1, why="test", checkpoint_dir="", batch_size=100)
   images = rng.integers(0, 256, size=(1000, 28, 28, 1), dtype=np.uint8)
-  logits = classifier.logits(images)
+  logits = classifier.logits(images, scan=True)  # As evaluate computes them.
   split = input_pipeline.Split(images, logits.argmax(1).astype(np.int32))
   batches = input_pipeline.stack(list(input_pipeline.eval_batches(split, 100)))
   state = steps.TrainState(step=np.int32(1), params=params, opt_state=(), rng=np.zeros(2))

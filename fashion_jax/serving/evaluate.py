@@ -278,7 +278,7 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
   load_seconds = time.perf_counter() - t0
 
   t1 = time.perf_counter()
-  logits = classifier.logits(split.images)
+  logits = classifier.logits(split.images, scan=True)  # As training's evaluation runs.
   inference_seconds = time.perf_counter() - t1
 
   names = list(classifier.class_names)

@@ -128,6 +128,10 @@ class Classifier:
 
   @functools.cached_property
   def _jitted_logits(self):
+    return jax.jit(self.apply_uint8)
+
+  @functools.cached_property
+  def _scanned_logits(self):
     """Logits of stacked batches [num_batches, batch, ...] in one call, a `lax.scan` over them
     as training's evaluation runs its batches (steps.eval_sums): XLA compiles the model in a
     loop body unlike alone, and bfloat16 logits rounded otherwise (evaluate's accuracy was 2 in
@@ -137,7 +141,10 @@ class Classifier:
                           None, batches)[1]
     return jax.jit(scanned)
 
-  def logits(self, images: np.ndarray) -> np.ndarray:
+  def logits(self, images: np.ndarray, scan: bool = False) -> np.ndarray:
+    """Logits [N, classes] of uint8 images, in padded batches of `batch_size`. `scan`: all the
+    batches in one call, as training's evaluation (evaluate: its logits, bfloat16's rounding
+    included; a program per number of batches); else one program for any number of images."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.shape[1:3] != (28, 28):
       raise ValueError(f"expected uint8 images [N, 28, 28(, 1)], got {images.dtype} {images.shape}")
@@ -148,7 +155,10 @@ class Classifier:
     if padding:
       images = np.concatenate([images, np.zeros((padding,) + images.shape[1:], images.dtype)])
     batches = images.reshape((-1, self.batch_size) + images.shape[1:])
-    logits = np.asarray(self._jitted_logits(self.variables, batches))
+    if scan:
+      logits = np.asarray(self._scanned_logits(self.variables, batches))
+    else:
+      logits = np.stack([np.asarray(self._jitted_logits(self.variables, b)) for b in batches])
     return logits.reshape((-1,) + logits.shape[2:])[:n]
 
   def probabilities(self, images: np.ndarray) -> np.ndarray:
