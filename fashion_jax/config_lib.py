@@ -20,6 +20,8 @@ DISTRIBUTED = ("auto", "on", "off")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 MAX_EVAL_BATCH = 1 << 20  # 100,000 took 1.8 GB on the CPU; beyond ~2**63 NumPy cannot shape it.
+# The train state's step counter is int32; intervals past 2**63 were NumPy overflow tracebacks.
+MAX_STEPS = 2**31 - 1
 
 
 
@@ -140,9 +142,10 @@ def validate(config: ml_collections.ConfigDict, serving: bool = False, warn: boo
   choice("progress_bar", ("auto", "on", "off"))
   check(config.tensorboard_samples >= 0, "tensorboard_samples", "zero or more images")
   check(number("ema_decay") and 0 <= config.ema_decay < 1, "ema_decay", "in [0, 1) (0 = off)")
+  most = f" (at most {MAX_STEPS:,}: the step counter is int32)"
   if not serving:
-    check(whole("warmup_steps") and config.warmup_steps >= 0, "warmup_steps",
-          "zero or more steps")
+    check(whole("warmup_steps") and 0 <= config.warmup_steps <= MAX_STEPS, "warmup_steps",
+          "zero or more steps" + most)
     check(number("weight_decay") and config.weight_decay >= 0, "weight_decay",
           "a finite number, zero or more")
     check(number("momentum") and 0 <= config.momentum < 1, "momentum",
@@ -177,16 +180,18 @@ def validate(config: ml_collections.ConfigDict, serving: bool = False, warn: boo
   check(config.batch_size > 0, "batch_size", "a positive global batch size")
   check(0 < config.eval_batch_size <= MAX_EVAL_BATCH, "eval_batch_size",
         f"a positive global batch size, at most {MAX_EVAL_BATCH:,} (the test set is padded to it)")
-  check(config.num_train_steps > 0 or (config.num_train_steps == -1 and config.num_epochs > 0),
-        "num_train_steps", "a positive step count, or -1 with num_epochs > 0")
-  check(config.log_every_steps > 0, "log_every_steps", "a positive number of steps")
-  check(config.checkpoint_every_steps > 0 or config.checkpoint_every_steps == -1,
-        "checkpoint_every_steps", "a positive number of steps, or -1 for every epoch")
+  check(0 < config.num_train_steps <= MAX_STEPS
+        or (config.num_train_steps == -1 and config.num_epochs > 0),  # (Too many: total_steps.)
+        "num_train_steps", "a positive step count, or -1 with num_epochs > 0" + most)
+  check(0 < config.log_every_steps <= MAX_STEPS, "log_every_steps",
+        "a positive number of steps" + most)
+  check(0 < config.checkpoint_every_steps <= MAX_STEPS or config.checkpoint_every_steps == -1,
+        "checkpoint_every_steps", "a positive number of steps, or -1 for every epoch" + most)
   check(config.keep_checkpoints >= 1, "keep_checkpoints", "at least 1")
-  check(config.eval_every_steps > 0 or config.eval_every_steps == -1, "eval_every_steps",
-        "a positive number of steps, or -1 for every epoch")
-  check(config.steps_per_dispatch >= 1 or config.steps_per_dispatch == -1, "steps_per_dispatch",
-        "at least 1, or -1 for auto")
+  check(0 < config.eval_every_steps <= MAX_STEPS or config.eval_every_steps == -1,
+        "eval_every_steps", "a positive number of steps, or -1 for every epoch" + most)
+  check(1 <= config.steps_per_dispatch <= MAX_STEPS or config.steps_per_dispatch == -1,
+        "steps_per_dispatch", "at least 1, or -1 for auto" + most)
   choice("data_placement", loop.PLACEMENTS)
   if problems:
     raise UserError("; ".join(problems))
@@ -272,7 +277,12 @@ def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) 
 def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
   if config.num_train_steps > 0:
     return config.num_train_steps
-  return config.num_epochs * steps_per_epoch(config, num_train_examples)
+  steps = config.num_epochs * steps_per_epoch(config, num_train_examples)
+  if steps > MAX_STEPS:
+    raise UserError(f"config.num_epochs={config.num_epochs} is {steps:,} steps at batch "
+                    f"{config.batch_size}, more than the {MAX_STEPS:,} the step counter (int32) "
+                    "holds; lower it")
+  return steps
 
 
 def eval_every_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:

@@ -363,3 +363,27 @@ def test_a_config_under_home_is_read_as_the_workdir_is(tmp_path):
                     env=home)
   assert_one_line_error(proc, f"--config={tmp_path / 'nope.py'}: cannot read the config file "
                         "(No such file or directory)")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("num_train_steps", 10**20), ("log_every_steps", 10**20), ("eval_every_steps", 2**31),
+    ("checkpoint_every_steps", 10**20), ("steps_per_dispatch", 10**20), ("warmup_steps", 2**40)])
+def test_step_counts_past_the_step_counter_are_refused(tiny_config, key, value):
+  """num_train_steps or log_every_steps past 2**63 ended in NumPy's OverflowError traceback (exit
+  1) after the data loaded; past 2**31 - 1 the int32 step counter would wrap."""
+  from fashion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  tiny_config[key] = value
+  with pytest.raises(UserError, match=rf"^config\.{key}={value} is invalid: [^;]*\(at most "
+                     r"2,147,483,647: the step counter is int32\)$"):
+    config_lib.validate(tiny_config)
+
+
+def test_epochs_past_the_step_counter_are_refused(tiny_config):
+  from fashion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  tiny_config.update({"num_train_steps": -1, "num_epochs": 10**17})
+  config_lib.validate(tiny_config)  # Its steps are known once the data is: total_steps.
+  with pytest.raises(UserError, match=r"^config\.num_epochs=100000000000000000 is "
+                     r"375,000,000,000,000,000,000 steps at batch 16, more than the 2,147,483,647"):
+    config_lib.total_steps(tiny_config, 60000)
+  tiny_config.num_epochs = 5
+  assert config_lib.total_steps(tiny_config, 60000) == 5 * 3750
