@@ -174,7 +174,9 @@ def validate(config: ml_collections.ConfigDict, serving: bool = False, warn: boo
     if wrong:
       problems.append(f"config.model_kwargs={config.model_kwargs.to_dict()} do not fit model "
                       f"{config.model!r}: {'; '.join(wrong)}")
-  check(config.distributed_timeout_s > 0, "distributed_timeout_s", "a positive number of seconds")
+  # (jax.distributed takes an int32: past it "could not join ... incompatible function arguments".)
+  check(0 < config.distributed_timeout_s < 2**31, "distributed_timeout_s",
+        "a positive number of seconds, at most 2,147,483,647")
   check(isinstance(config.idx_dir, str), "idx_dir",
         "a folder path, or '' ($FASHION_JAX_IDX_DIR, else tfds, else the download)")
   check(config.batch_size > 0, "batch_size", "a positive global batch size")

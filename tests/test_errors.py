@@ -387,3 +387,15 @@ def test_epochs_past_the_step_counter_are_refused(tiny_config):
     config_lib.total_steps(tiny_config, 60000)
   tiny_config.num_epochs = 5
   assert config_lib.total_steps(tiny_config, 60000) == 5 * 3750
+
+
+def test_a_distributed_timeout_jax_cannot_take_is_refused(tiny_config):
+  """Past int32 jax.distributed refused its argument, and the run blamed the coordinator ('could
+  not join the distributed job at ...: check that every process uses the same address')."""
+  from fashion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  tiny_config.distributed_timeout_s = 2**31
+  with pytest.raises(UserError, match=r"^config\.distributed_timeout_s=2147483648 is invalid: a "
+                     r"positive number of seconds, at most 2,147,483,647$"):
+    config_lib.validate(tiny_config)
+  tiny_config.distributed_timeout_s = 2**31 - 1  # Joined a one-process job (checked by hand).
+  config_lib.validate(tiny_config)
