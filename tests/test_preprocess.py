@@ -8,6 +8,7 @@ on how the file stores it.
 
 import io
 import os
+import re
 import warnings
 
 import numpy as np
@@ -362,6 +363,25 @@ def test_load_image_errors(tmp_path):
     preprocess.load_image(str(truncated))
   with pytest.raises(preprocess.ImageError, match="cannot open"):
     preprocess.load_image(str(tmp_path / "missing.png"))
+
+
+def test_files_of_other_kinds_are_named_with_what_to_do(tmp_path):
+  """An empty file, a NumPy array and the data set's own IDX files (raw or .gz) were each 'not
+  an image file (Pillow cannot identify its format)', with nothing said of what to do."""
+  (tmp_path / "empty.png").write_bytes(b"")
+  np.save(tmp_path / "images.npy", np.zeros((2, 28, 28), np.uint8))
+  for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte.gz"):
+    idx.write_idx(str(tmp_path / name), np.zeros((2, 28, 28) if "images" in name else 2, np.uint8))
+  (tmp_path / "broken.gz").write_bytes(b"\x1f\x8b" + b"\xff" * 30)
+  for name, says in (("empty.png", "empty file (0 bytes): nothing to classify; pass an image"),
+                     ("images.npy", "a NumPy array (.npy), not an image file; save it as PNG"),
+                     ("t10k-images-idx3-ubyte", "an IDX file (the data set's own format), not "
+                      "an image file; evaluate classifies IDX test files"),
+                     ("t10k-labels-idx1-ubyte.gz", "an IDX file"),
+                     ("broken.gz", "not an image file (Pillow cannot identify its format); pass "
+                      "PNG, JPEG")):
+    with pytest.raises(preprocess.ImageError, match=re.escape(says)):
+      preprocess.load_image(str(tmp_path / name))
 
 
 def test_big_images_are_read_without_pillows_bomb_warning(tmp_path, drawing, monkeypatch):
