@@ -46,7 +46,10 @@ def others_could_write(path: str) -> str | None:
   root and be writable by nobody else: not by others, nor by a group that is not this user's
   alone; a folder may be, with the sticky bit (/tmp): there nobody can replace another's entry.
   (A folder further up that others may write lets them rename this one away and put theirs.)
+  The user who owns fashion_jax itself counts as this user: running its code trusts them already
+  (a checkout bind-mounted into a container, its files the host user's, run as root).
   """
+  owners = {os.getuid(), 0, os.stat(os.path.dirname(os.path.abspath(__file__))).st_uid}
   real = os.path.realpath(path)
   items, seen = [(real, False)], set()
   for folder in (os.path.dirname(real), os.path.dirname(os.path.abspath(path))):
@@ -56,7 +59,7 @@ def others_could_write(path: str) -> str | None:
       folder = os.path.dirname(folder)
   for item, is_folder in items:
     info = os.stat(item)
-    if info.st_uid not in (os.getuid(), 0):
+    if info.st_uid not in owners:
       return f"{item} belongs to another user (uid {info.st_uid})"
     writable = info.st_mode & (0o002 if _private_group(info.st_gid) else 0o022)
     if writable and not (is_folder and info.st_mode & 0o1000):

@@ -399,3 +399,21 @@ def test_a_distributed_timeout_jax_cannot_take_is_refused(tiny_config):
     config_lib.validate(tiny_config)
   tiny_config.distributed_timeout_s = 2**31 - 1  # Joined a one-process job (checked by hand).
   config_lib.validate(tiny_config)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only root can give files to another user")
+def test_a_config_of_the_user_who_owns_fashion_jax_is_run(tmp_path, monkeypatch):
+  """A checkout bind-mounted into a container (the host user's files, run as root): its own
+  configs/ were refused as another user's, though its fashion_jax code runs as it is."""
+  from fashion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  checkout = tmp_path / "checkout"
+  (checkout / "fashion_jax").mkdir(parents=True)
+  (checkout / "configs").mkdir()
+  (checkout / "configs" / "default.py").write_text("")
+  for path in (checkout, checkout / "fashion_jax", checkout / "configs",
+               checkout / "configs" / "default.py"):
+    os.chown(path, 65534, 65534)
+  config = str(checkout / "configs" / "default.py")
+  assert "belongs to another user (uid 65534)" in config_lib.others_could_write(config)
+  monkeypatch.setattr(config_lib, "__file__", str(checkout / "fashion_jax" / "config_lib.py"))
+  assert config_lib.others_could_write(config) is None
