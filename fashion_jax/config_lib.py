@@ -46,10 +46,13 @@ def others_could_write(path: str) -> str | None:
   root and be writable by nobody else: not by others, nor by a group that is not this user's
   alone; a folder may be, with the sticky bit (/tmp): there nobody can replace another's entry.
   (A folder further up that others may write lets them rename this one away and put theirs.)
-  The user who owns fashion_jax itself counts as this user: running its code trusts them already
-  (a checkout bind-mounted into a container, its files the host user's, run as root).
+  The user who owns fashion_jax itself counts as this user, and a group that may write its folder
+  as this user's own: running its code trusts them already (a checkout bind-mounted into a
+  container, its files the host user's, run as root; a team's group-writable checkout).
   """
-  owners = {os.getuid(), 0, os.stat(os.path.dirname(os.path.abspath(__file__))).st_uid}
+  package = os.stat(os.path.dirname(os.path.abspath(__file__)))
+  owners = {os.getuid(), 0, package.st_uid}
+  team = package.st_gid if package.st_mode & 0o020 else None
   real = os.path.realpath(path)
   items, seen = [(real, False)], set()
   for folder in (os.path.dirname(real), os.path.dirname(os.path.abspath(path))):
@@ -61,7 +64,8 @@ def others_could_write(path: str) -> str | None:
     info = os.stat(item)
     if info.st_uid not in owners:
       return f"{item} belongs to another user (uid {info.st_uid})"
-    writable = info.st_mode & (0o002 if _private_group(info.st_gid) else 0o022)
+    own_group = info.st_gid == team or _private_group(info.st_gid)
+    writable = info.st_mode & (0o002 if own_group else 0o022)
     if writable and not (is_folder and info.st_mode & 0o1000):
       return (f"{item} is writable by its group or others (mode {info.st_mode & 0o7777:o}; "
               f"chmod go-w {item} if that is not meant)")

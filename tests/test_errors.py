@@ -403,8 +403,9 @@ def test_a_distributed_timeout_jax_cannot_take_is_refused(tiny_config):
 
 @pytest.mark.skipif(os.getuid() != 0, reason="only root can give files to another user")
 def test_a_config_of_the_user_who_owns_fashion_jax_is_run(tmp_path, monkeypatch):
-  """A checkout bind-mounted into a container (the host user's files, run as root): its own
-  configs/ were refused as another user's, though its fashion_jax code runs as it is."""
+  """A checkout bind-mounted into a container (the host user's files, run as root), or a team's
+  group-writable one: its own configs/ were refused as another user's or the group's, though its
+  fashion_jax code runs as it is."""
   from fashion_jax import config_lib  # pylint: disable=import-outside-toplevel
   checkout = tmp_path / "checkout"
   (checkout / "fashion_jax").mkdir(parents=True)
@@ -416,4 +417,12 @@ def test_a_config_of_the_user_who_owns_fashion_jax_is_run(tmp_path, monkeypatch)
   config = str(checkout / "configs" / "default.py")
   assert "belongs to another user (uid 65534)" in config_lib.others_could_write(config)
   monkeypatch.setattr(config_lib, "__file__", str(checkout / "fashion_jax" / "config_lib.py"))
+  assert config_lib.others_could_write(config) is None
+  # A team's checkout (umask 002, a shared group): fashion_jax is as writable as its configs.
+  for path in (checkout / "configs", checkout / "configs" / "default.py"):
+    os.chown(path, os.getuid(), 65534)
+    path.chmod(0o775 if path.is_dir() else 0o664)
+  assert "is writable by its group or others" in config_lib.others_could_write(config)
+  os.chown(checkout / "fashion_jax", 65534, 65534)
+  (checkout / "fashion_jax").chmod(0o775)
   assert config_lib.others_could_write(config) is None
