@@ -296,3 +296,27 @@ def test_what_another_user_could_have_written_is_not_served(trained_tiny_workdir
     inference.load(str(workdir))
   monkeypatch.setenv("FASHION_JAX_TRUST_WORKDIR", "1")
   assert inference.load(str(workdir)).step == step
+
+
+def test_another_users_run_in_a_sticky_folder_is_not_served(trained_tiny_workdir, tmp_path,
+                                                            monkeypatch):
+  """A run another user made in /tmp was served (whoever made /tmp/fj first decided what it
+  answered), as the IDX folder of such a user was read; a teammate's run elsewhere still is."""
+  monkeypatch.delenv("FASHION_JAX_TRUST_WORKDIR", raising=False)
+  for folder, mode in (("sticky", 0o1777), ("team", 0o755)):
+    os.makedirs(tmp_path / folder, mode=mode)
+    os.chmod(tmp_path / folder, mode)
+    shutil.copytree(trained_tiny_workdir, tmp_path / folder / "run")
+  if os.getuid() == 0:  # Another user's: theirs as root can make it, else ours seen by another.
+    for folder in ("sticky", "team"):
+      for path in [tmp_path / folder / "run", *(tmp_path / folder / "run").rglob("*")]:
+        os.lchown(path, 65534, 65534)
+  else:
+    uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: uid + 1)
+  with pytest.raises(UserError, match=re.escape(
+      f"{tmp_path / 'sticky' / 'run'} belongs to another user (uid ")):
+    inference.load(str(tmp_path / "sticky" / "run"))
+  assert inference.load(str(tmp_path / "team" / "run")).step > 0
+  monkeypatch.setenv("FASHION_JAX_TRUST_WORKDIR", "1")
+  assert inference.load(str(tmp_path / "sticky" / "run")).step > 0

@@ -175,15 +175,16 @@ def _tree(folder: str) -> list[str]:
 
 def _refuse_open_to_others(workdir: str, paths: list[str]) -> None:
   """A UserError where another user could have written what would be served (another owner is
-  fine: a teammate's run): one of the local `paths` every user may write (a folder, or a file in
+  fine, a teammate's run, but for the last case): one of the local `paths` every user may write (a folder, or a file in
   it: config.json, a checkpoint's), or a folder above the workdir every user may write without
-  the sticky bit (anyone could have put another run in its place)."""
+  the sticky bit (anyone could have put another run in its place), or an entry on the way that
+  is neither this user's nor root's in a sticky one (/tmp: whoever made /tmp/fj first)."""
   if storage.is_url(workdir) or os.environ.get(storage.TRUST_ENV) == "1":
     return
   for named in dict.fromkeys((os.path.abspath(workdir), os.path.realpath(workdir))):
     while (parent := os.path.dirname(named)) != named:
       try:
-        mode = os.stat(parent).st_mode
+        mode, owner = os.stat(parent).st_mode, os.lstat(named).st_uid
       except OSError:  # Said when the run is read.
         break
       if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
@@ -191,6 +192,11 @@ def _refuse_open_to_others(workdir: str, paths: list[str]) -> None:
                         f"another run in place of {workdir} that this would serve; chmod o-w "
                         f"{parent} (or +t), or set {storage.TRUST_ENV}=1 if nobody else can "
                         "reach it")
+      if mode & stat.S_IWOTH and owner not in (os.getuid(), 0):
+        raise UserError(f"{named} belongs to another user (uid {owner}) in {parent}, a folder "
+                        "every user may write: anyone could have made it there before the run "
+                        f"you mean (a squatted /tmp/fj); set {storage.TRUST_ENV}=1 if it is a "
+                        "teammate's run you trust, or use a run of your own")
       named = parent
   if open_to_all := storage.writable_by_all(paths):
     raise UserError(f"{open_to_all} is writable by every user: anyone could have put the "
