@@ -15,6 +15,7 @@ from fashion_jax.support.errors import UserError
 from tests.conftest import make_images
 from tests.conftest import assert_one_line_error
 from tests.conftest import run_module
+from tests.conftest import write_idx_folder
 
 JSON_KEYS = {"model", "workdir", "checkpoint", "data", "counts", "accuracy", "loss", "class_names",
              "per_class", "macro_avg", "confusion_matrix", "confusion_matrix_axes",
@@ -180,6 +181,28 @@ def test_an_interrupted_evaluation_leaves_the_previous_report_whole(trained_tiny
   with pytest.raises(KeyboardInterrupt):
     evaluate.evaluate(trained_tiny_workdir, str(output_dir), step=10)
   assert {name: (output_dir / name).read_bytes() for name in os.listdir(output_dir)} == before
+
+
+def test_no_mistakes_drawn_is_not_no_mistakes(trained_tiny_workdir, tmp_path, monkeypatch):
+  """--num_mistakes=0: mistakes.png said 'no misclassified test images' under its title's
+  '0 of 4,913 errors'."""
+  from fashion_jax.serving import report  # pylint: disable=import-outside-toplevel
+  figures, new_figure = [], report._new_figure  # pylint: disable=protected-access
+  monkeypatch.setattr(report, "_new_figure", lambda *a: figures.append(new_figure(*a)) or
+                      figures[-1])
+  labels = np.zeros(3, np.int64)
+  report.plot_mistakes(np.zeros((0, 28, 28)), labels[:0], labels[:0], labels[:0], labels[:0],
+                       ["a"], title="t", path=str(tmp_path / "perfect.png"))
+  folder = write_idx_folder(str(tmp_path / "idx"))
+  labels_file = os.path.join(folder, idx.FILES["test"][1] + ".gz")
+  idx.write_idx(labels_file, (idx.read_idx(labels_file) + 1) % 10)  # Every image mislabelled.
+  result = evaluate.evaluate(trained_tiny_workdir, str(tmp_path / "out"), idx_dir=folder,
+                             num_mistakes=0)
+  assert result["counts"]["errors"] > 0
+  texts = [[t.get_text() for t in figure.texts] for figure in (figures[0], figures[-1])]
+  assert "no misclassified test images" in texts[0]  # A perfect model's.
+  assert "none drawn (--num_mistakes=0)" in texts[1]
+  assert "no misclassified test images" not in texts[1]
 
 
 @pytest.mark.real_data

@@ -309,7 +309,8 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
         split.images[worst], labels[worst], predictions[worst], confidence[worst], worst, names,
         path=os.path.join(drawn, MISTAKES_NAME),
         title=(f"Most confident mistakes: {len(worst)} of {len(wrong):,} errors "
-               f"({model_name}, step {classifier.step})"))
+               f"({model_name}, step {classifier.step})"),
+        empty="none drawn (--num_mistakes=0)" if len(wrong) else "no misclassified test images")
     result = _report(classifier, workdir, source, metrics, losses, names, confusion, wrong,
                      worst, labels, predictions, confidence, output_dir,
                      {"load": round(load_seconds, 3), "inference": round(inference_seconds, 3),

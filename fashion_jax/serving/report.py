@@ -60,20 +60,21 @@ def plot_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], tit
 
 def plot_mistakes(images: np.ndarray, true_labels: np.ndarray, predicted: np.ndarray,
                   confidence: np.ndarray, indices: np.ndarray, class_names: Sequence[str],
-                  title: str, path: str, columns: int = 5, dpi: int = 110) -> None:
+                  title: str, path: str, columns: int = 5, dpi: int = 110,
+                  empty: str = "no misclassified test images") -> None:
   """A grid of misclassified images, each titled with true and predicted names and confidence.
 
   `images` are uint8 [n, 28, 28(, 1)] already chosen and ordered by the
   caller (most confident first); `indices` are their positions in the test
-  set (shown as #N), so a mistake can be looked up again. With no mistakes the figure
-  says so instead of being empty, so the file always exists and is valid.
+  set (shown as #N), so a mistake can be looked up again. With none to draw the figure says
+  `empty` instead of being empty, so the file always exists and is valid.
   """
   n = len(images)
   columns = max(1, min(columns, n))
   rows = max(1, -(-n // columns))
   if n == 0:
     figure = _new_figure(7.0, 2.0)
-    figure.text(0.5, 0.45, "no misclassified test images", ha="center", va="center", fontsize=12)
+    figure.text(0.5, 0.45, empty, ha="center", va="center", fontsize=12)
   else:
     figure = _new_figure(1.9 * columns + 0.2, 2.4 * rows + 0.5)
   for i in range(n):
