@@ -19,6 +19,17 @@ from fashion_jax.support.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, INTER
 FLAGS = flags.FLAGS
 
 
+def define_config_flag(default: str | None, help_text: str) -> None:
+  """--config (ml_collections' config file flag), after checking that each --flagfile on the
+  command line can be read: defining the flag reads them, so a missing one was a traceback of
+  ml_collections' and absl's (exit 1) before any command started."""
+  try:
+    FLAGS.read_flags_from_files(sys.argv[1:], force_gnu=False)
+  except flags.CantOpenFlagFileError as e:
+    fail(f"{str(e).replace('ERROR:: ', '').strip()}; pass --flagfile a file of flags, one a line")
+  config_flags.DEFINE_config_file("config", default, help_text, lock_config=True)
+
+
 def parse_flags(argv):
   """absl flag parsing, with config mistakes reported as one line (exit 2).
 

@@ -26,14 +26,13 @@ import contextlib
 
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 import fashion_jax  # Records the process start time first.
 from fashion_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summaries.")
-config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
+cli.define_config_flag(None, "Path to a config file.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

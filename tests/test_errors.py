@@ -426,3 +426,16 @@ def test_a_config_of_the_user_who_owns_fashion_jax_is_run(tmp_path, monkeypatch)
   os.chown(checkout / "fashion_jax", 65534, 65534)
   (checkout / "fashion_jax").chmod(0o775)
   assert config_lib.others_could_write(config) is None
+
+
+@pytest.mark.parametrize("module", ["fashion_jax.main", "fashion_jax.benchmark"])
+def test_a_flagfile_that_cannot_be_read_is_one_line(tmp_path, module):
+  """Defining --config reads the --flagfile files: a missing one (or one a flagfile names) was
+  a traceback of ml_collections' and absl's, exit 1, before any command started."""
+  (tmp_path / "flags.txt").write_text(f"--flagfile={tmp_path / 'gone.txt'}\n")
+  for flagfile in (tmp_path / "missing.txt", tmp_path / "flags.txt"):
+    proc = run_module(module, f"--flagfile={flagfile}", f"--workdir={tmp_path / 'run'}")
+    missing = "gone.txt" if flagfile.name == "flags.txt" else "missing.txt"
+    assert_one_line_error(proc, "Unable to open flagfile: ", "No such file or directory: "
+                          f"'{tmp_path / missing}'; pass --flagfile a file of flags")
+    assert not (tmp_path / "run").exists()

@@ -27,7 +27,6 @@ import tempfile
 import time
 
 from absl import flags
-from ml_collections import config_flags
 
 from fashion_jax.benchmarking import benchmark_report
 from fashion_jax.benchmarking import checks
@@ -41,7 +40,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Registers the CLI flags; called by the `python -m fashion_jax.benchmark` entry point."""
-  config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.", lock_config=True)
+  cli.define_config_flag("configs/default.py", "Config file.")
   flags.DEFINE_string("batch_sizes", "", "Comma-separated global batch sizes to sweep "
                       "(default: the config's batch_size).")
   flags.DEFINE_enum("compare", "", ["", "keras"], "Also train the identical Keras model "
