@@ -439,3 +439,16 @@ def test_a_flagfile_that_cannot_be_read_is_one_line(tmp_path, module):
     assert_one_line_error(proc, "Unable to open flagfile: ", "No such file or directory: "
                           f"'{tmp_path / missing}'; pass --flagfile a file of flags")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_package_names_its_commands():
+  """`python -m fashion_jax` was Python's "cannot be directly executed" error."""
+  proc = run_module("fashion_jax")
+  assert_one_line_error(proc, "name a command, e.g. python -m fashion_jax.main")
+  commands = {line.split()[2] for line in proc.stderr.splitlines() if line.startswith("  python")}
+  assert commands == {f"fashion_jax.{c}" for c in ("main", "predict", "evaluate", "export",
+                                                   "benchmark")}
+  for command in commands:  # Each named command runs (its --help).
+    assert run_module(command, "--help").returncode == 0, command
+  proc = run_module("fashion_jax", "--help")
+  assert proc.returncode == 0 and "fashion_jax.predict --workdir=DIR PATH" in proc.stdout

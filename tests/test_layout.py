@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 PACKAGE = os.path.join(ROOT, "fashion_jax")
 MAX_LINES = 450
 # The top level holds the commands and the config (no JAX on import); everything else is in a layer.
-TOP_LEVEL = {"__init__", "main", "predict", "evaluate", "export", "benchmark",
+TOP_LEVEL = {"__init__", "__main__", "main", "predict", "evaluate", "export", "benchmark",
              "cli", "config_lib", "default_config"}
 COMMANDS = ("main", "predict", "evaluate", "export", "benchmark")
 CONFIG = {"cli", "config_lib", "default_config"}
