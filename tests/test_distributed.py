@@ -349,14 +349,17 @@ exec {sys.executable} "$@"
   assert "Terminating process" not in "".join(logs) and "Fatal Python error" not in "".join(logs)
 
 
-def test_a_crash_on_one_process_alone_stops_every_process_in_seconds(tmp_path, idx_dir):
-  """Process 1 crashes (a RuntimeError: a bug) after its step-8 checkpoint: it printed its
-  traceback and then waited in JAX's shutdown barrier while process 0 waited for it at the next
-  boundary; after 5 minutes both aborted (exit 134, C++ stacks). Now process 1 exits 1 with its
-  traceback at once, process 0 ends with one line naming it, and the checkpoint stays."""
-  wrapper = tmp_path / "python_that_crashes_on_process_1"
+@pytest.mark.parametrize("crashing", [1, 0])
+def test_a_crash_on_one_process_alone_stops_every_process_in_seconds(tmp_path, idx_dir, crashing):
+  """A process crashes (a RuntimeError: a bug) after the step-8 checkpoint. Process 1's had
+  printed its traceback and then waited in JAX's shutdown barrier while process 0 waited for it
+  at the next boundary; after 5 minutes both aborted (exit 134, C++ stacks). Now it exits 1
+  with its traceback at once, the other ends with one line naming it and exits 1 too (process
+  0's crash had the other exit 2, "fix the input", and the launcher returned that), and the
+  checkpoint stays."""
+  wrapper = tmp_path / "python_that_crashes"
   wrapper.write_text(f"""#!/bin/sh
-case "$*" in *--config.process_id=1*) export FASHION_JAX_CRASH_AT=step:10 ;; esac
+case "$*" in *--config.process_id={crashing}*) export FASHION_JAX_CRASH_AT=step:10 ;; esac
 exec {sys.executable} "$@"
 """)
   wrapper.chmod(0o755)
@@ -367,11 +370,12 @@ exec {sys.executable} "$@"
   logs = _process_logs(workdir)
   assert proc.returncode == 1, proc.stderr + "".join(log[-2000:] for log in logs)
   assert time.monotonic() - start < 120, proc.stderr  # It was a 5-minute wait, then an abort.
-  assert "RuntimeError: crash injected at step:10" in logs[1], logs[1][-2000:]
-  said = [line for line in logs[0].splitlines() if line.startswith("fashion_jax: error: ")]
-  assert said == ["fashion_jax: error: process 1: crashed (RuntimeError: crash injected at "
-                  "step:10 (FASHION_JAX_CRASH_AT)); see its log for the traceback"], logs[0][-2000:]
-  assert "Traceback" not in logs[0] and "Fatal Python error" not in "".join(logs)
+  crashed, other = logs[crashing], logs[1 - crashing]
+  assert "RuntimeError: crash injected at step:10" in crashed, crashed[-2000:]
+  said = [line for line in other.splitlines() if line.startswith("fashion_jax: error: ")]
+  assert said == [f"fashion_jax: error: process {crashing}: crashed (RuntimeError: crash injected "
+                  "at step:10 (FASHION_JAX_CRASH_AT)); see its log for the traceback"], other[-2000:]
+  assert "Traceback" not in other and "Fatal Python error" not in "".join(logs)
   assert "8" in os.listdir(workdir / "checkpoints")
 
 

@@ -78,9 +78,15 @@ def _raise_if_a_peer_failed(client) -> None:
     return
   if failed:
     # The first process that failed on its own (not one passing another's error on).
-    _, index, message = min((text.startswith("process "), int(key.rsplit("/", 1)[-1]), text)
-                            for key, text in failed)
-    raise UserError(f"process {index}: {message}")
+    _, index, code, message = min(
+        (message.startswith("process "), int(key.rsplit("/", 1)[-1]), int(code), message)
+        for key, text in failed for code, _, message in [text.partition(":")])
+    if code == 2:  # Bad input: said as this process's own UserError would be.
+      raise UserError(f"process {index}: {message}")
+    # Its crash (exit 1): this process exits 1 too, not 2 ("fix the input"); a launcher that
+    # reports the first status it sees reported 2 for process 0's crash.
+    sys.stderr.write(f"fashion_jax: error: process {index}: {message}\n")
+    fail_fast(f"process {index}: {message}", code)
 
 
 def fail_fast(message: str, code: int) -> None:
@@ -98,7 +104,7 @@ def fail_fast(message: str, code: int) -> None:
     return
   index = getattr(state, "process_id", 0) or 0
   try:
-    client.key_value_set(f"{_PREFIX}/failed/{index}", message)
+    client.key_value_set(f"{_PREFIX}/failed/{index}", f"{code}:{message}")
   except Exception:  # pylint: disable=broad-except  (already failed here, or the coordinator left)
     pass
   sys.stdout.flush()
