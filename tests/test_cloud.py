@@ -527,6 +527,21 @@ def test_an_empty_emulator_variable_means_cloud_storage_itself(monkeypatch):
   assert looked_up == [("storage.googleapis.com", 443)]
 
 
+def test_an_emulator_host_no_name_lookup_can_encode_is_one_line(monkeypatch):
+  """A host name IDNA cannot encode (a label over 63 characters) raises a UnicodeError, which the
+  check caught and then read its .strerror: an AttributeError traceback, not the one line."""
+  from fashion_jax.support import storage  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support.errors import UserError  # pylint: disable=import-outside-toplevel
+  pytest.importorskip("fsspec", reason="without gcsfs (and fsspec) TensorFlow's client is used")
+  for proxy in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+    monkeypatch.delenv(proxy, raising=False)
+  host = "a" * 70 + ".invalid"
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://{host}:9")
+  with pytest.raises(UserError, match=rf"^cannot reach gs://b/fm: {host}:9: .*label.* \(no "
+                                      r"network\?\); check the network"):
+    storage._check_reachable("gs://b/fm")  # pylint: disable=protected-access
+
+
 def test_a_cloud_workdir_offline_fails_in_seconds():
   """A gs:// --workdir with no network: gcsfs looked for credentials for 15 s, then retried the
   first look at the workdir for ~50 s before its one line (~65 s in all)."""
