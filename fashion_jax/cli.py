@@ -142,15 +142,17 @@ def _config_load_error(e: BaseException, why: str | None = None) -> str:
              if path.endswith(".json") else ""))
 
 
-def _config_files(argv) -> list[str]:
-  """The --config values as given, `--config=PATH` or `--config PATH` (absl takes both)."""
+def _config_files(argv, expand: bool = True) -> list[str]:
+  """The --config values as given, `--config=PATH` or `--config PATH` (absl takes both); a ~
+  after '=' expanded unless not `expand` (what is loaded: parse_flags expands only its argv's)."""
   files, args = [], list(argv[1:])
   for i, arg in enumerate(args):
     if arg == "--":
       break
     name, eq, value = arg.partition("=")
     if name in ("--config", "-config"):
-      value = os.path.expanduser(value) if eq else (args[i + 1] if i + 1 < len(args) else "")
+      value = ((os.path.expanduser(value) if expand else value) if eq
+               else (args[i + 1] if i + 1 < len(args) else ""))
       files.append(value)
   return files
 
@@ -176,7 +178,7 @@ def _refuse_config_others_could_write(argv) -> None:
     argv = argv[:1] + FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
   except Exception:  # pylint: disable=broad-except  (an unreadable flagfile: absl says so next)
     pass
-  for given in _config_files(argv):
+  for given in _config_files(argv, expand=False):  # A flagfile's --config=~/x is ./~/x.
     try:  # (ml_collections reads the part before a ':' and passes the rest to get_config.)
       unsafe = config_lib.others_could_write(given.split(":", 1)[0])
     except OSError:  # Missing or unreadable: its read says so in one line.

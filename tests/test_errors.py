@@ -365,6 +365,27 @@ def test_a_config_under_home_is_read_as_the_workdir_is(tmp_path):
                         "(No such file or directory)")
 
 
+def test_a_config_under_a_tilde_folder_is_checked_where_it_is_read(tmp_path):
+  """absl expands no ~ in a flagfile's --config=~/exp.py (nor in -config=~/exp.py): ml_collections
+  ran ./~/exp.py, while the check judged the home's exp.py (missing: not judged at all), so a
+  0666 file in a folder every user may write ran."""
+  cwd, home = tmp_path / "cwd", tmp_path / "home"
+  (cwd / "~").mkdir(parents=True)
+  home.mkdir()
+  planted = cwd / "~" / "exp.py"
+  planted.write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n"
+                     "from fashion_jax.default_config import get_config\n")
+  planted.chmod(0o666)
+  os.chmod(cwd, 0o777)
+  (tmp_path / "flags.txt").write_text("--config=~/exp.py\n")
+  env = {"HOME": str(home), "PYTHONPATH": ROOT}
+  for given in (f"--flagfile={tmp_path / 'flags.txt'}", "-config=~/exp.py"):
+    proc = run_module("fashion_jax.main", given, f"--workdir={tmp_path / 'run'}",
+                      "--config.batch_size=0", env=env, cwd=str(cwd))
+    assert_one_line_error(proc, "--config=~/exp.py is not run: ", "FASHION_JAX_TRUST_WORKDIR=1")
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("key, value", [
     ("num_train_steps", 10**20), ("log_every_steps", 10**20), ("eval_every_steps", 2**31),
     ("checkpoint_every_steps", 10**20), ("steps_per_dispatch", 10**20), ("warmup_steps", 2**40)])
