@@ -311,9 +311,16 @@ def test_another_users_run_in_a_sticky_folder_is_not_served(trained_tiny_workdir
     for folder in ("sticky", "team"):
       for path in [tmp_path / folder / "run", *(tmp_path / folder / "run").rglob("*")]:
         os.lchown(path, 65534, 65534)
-  else:
-    uid = os.getuid()
-    monkeypatch.setattr(os, "getuid", lambda: uid + 1)
+  else:  # (Not os.getuid faked: /tmp/pytest-of-USER, on the way to both runs, would be
+    real_lstat = os.lstat  # another user's in /tmp then, and the team's run refused too.)
+    sticky_run = str(tmp_path / "sticky" / "run")
+
+    def lstat(path, *args, **kwargs):
+      info = real_lstat(path, *args, **kwargs)
+      if isinstance(path, (str, os.PathLike)) and os.path.abspath(path) == sticky_run:
+        info = os.stat_result((*info[:4], 65534, *info[5:]))
+      return info
+    monkeypatch.setattr(os, "lstat", lstat)
   with pytest.raises(UserError, match=re.escape(
       f"{tmp_path / 'sticky' / 'run'} belongs to another user (uid ")):
     inference.load(str(tmp_path / "sticky" / "run"))
