@@ -473,3 +473,6 @@ def test_the_package_names_its_commands():
     assert run_module(command, "--help").returncode == 0, command
   proc = run_module("fashion_jax", "--help")
   assert proc.returncode == 0 and "fashion_jax.predict --workdir=DIR PATH" in proc.stdout
+  proc = run_module("fashion_jax", env={"PYTHONOPTIMIZE": "2"})  # -OO: docstrings dropped.
+  assert_one_line_error(proc, "name a command, e.g. python -m fashion_jax.main")
+  assert "fashion_jax.predict --workdir=DIR PATH" in proc.stderr, proc.stderr
