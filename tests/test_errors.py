@@ -449,6 +449,26 @@ def test_a_config_of_the_user_who_owns_fashion_jax_is_run(tmp_path, monkeypatch)
   assert config_lib.others_could_write(config) is None
 
 
+def test_the_config_check_lists_the_users_only_for_a_group_writable_entry(monkeypatch):
+  """Whether a group is a user's alone lists every user (pwd.getpwall: a directory service's
+  whole list, where it enumerates); it was asked of each folder up to / with this user's group,
+  whatever its mode, though only a group-writable entry needs the answer."""
+  import pwd  # pylint: disable=import-outside-toplevel
+  from fashion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  config, chain = os.path.join(ROOT, "configs", "tiny.py"), []
+  for path in (config, os.path.realpath(config)):
+    while path not in chain:
+      chain.append(path)
+      path = os.path.dirname(path)
+  if any(os.stat(path).st_mode & 0o020 for path in chain):
+    pytest.skip("a group-writable entry on the way to the checkout's configs/ (umask 002)")
+  listed = []
+  real = pwd.getpwall
+  monkeypatch.setattr(pwd, "getpwall", lambda: listed.append(1) or real())
+  assert config_lib.others_could_write(config) is None
+  assert not listed
+
+
 @pytest.mark.parametrize("module", ["fashion_jax.main", "fashion_jax.benchmark"])
 def test_a_flagfile_that_cannot_be_read_is_one_line(tmp_path, module):
   """Defining --config reads the --flagfile files: a missing one (or one a flagfile names) was
