@@ -264,8 +264,9 @@ def refuse_arguments(argv) -> None:
 def refuse_ignored_epochs(config) -> None:
   """--config.num_epochs=N where the config file sets num_train_steps (speedrun_cpu.py, tiny.py)
   did nothing: the run trained the file's steps without a word (2.5 epochs when 1 was asked)."""
-  args = sys.argv[1:]
-  given = {arg.split("=", 1)[0] for arg in (args[:args.index("--")] if "--" in args else args)}
+  args = FLAGS.read_flags_from_files(sys.argv[1:], force_gnu=False)  # (Read: define_config_flag.)
+  given = {"--" + arg.split("=", 1)[0].lstrip("-")  # (absl takes -flag as --flag.)
+           for arg in (args[:args.index("--")] if "--" in args else args)}
   if ("--config.num_epochs" in given and "--config.num_train_steps" not in given
       and config.num_train_steps > 0):
     fail(f"--config.num_epochs={config.num_epochs} does nothing: --config={_config_argument()} "

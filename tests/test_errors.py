@@ -348,6 +348,10 @@ def test_epochs_a_config_overrides_with_steps_are_refused(tmp_path):
                     "--config.num_epochs", "1", "--config.num_train_steps=-1",
                     "--config.batch_size=0")
   assert_one_line_error(proc, "config.batch_size=0 is invalid")  # Past the check: validated.
+  (tmp_path / "flags.txt").write_text("-config.num_epochs=1\n")  # In a flagfile, one dash.
+  proc = run_module("fashion_jax.main", "--config=configs/speedrun_cpu.py", workdir,
+                    f"--flagfile={tmp_path / 'flags.txt'}")
+  assert_one_line_error(proc, "--config.num_epochs=1 does nothing")
   assert not (tmp_path / "run").exists()
 
 
