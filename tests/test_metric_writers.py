@@ -54,3 +54,39 @@ def test_torch_already_imported_is_left_alone(tmp_path):
   in_modules, imported, events, _ = _run(tmp_path, "torch-first")
   assert imported and in_modules == ["True", "True"]
   assert any(name.startswith("events.out.tfevents") for name in events)
+
+
+_DISK_FILLS = r"""
+import errno, sys, time
+from fashion_jax.support import metric_writers
+from fashion_jax.support.errors import UserError
+writer = metric_writers.MetricWriter(sys.argv[1])
+writer.write(1, {"loss": 1.0})
+def full(*args):
+  raise OSError(errno.ENOSPC, "No space left on device")
+writer._tb.file_writer.event_writer._ev_writer.write_event = full  # The disk fills.
+try:
+  with writer:
+    for step in range(2, 200):
+      writer.write(step, {f"value_{i}": 1.0 for i in range(8)})
+      time.sleep(0.02)
+except UserError as e:
+  print(f"fashion_jax: error: {e}", file=sys.stderr)
+  sys.exit(2)
+"""
+
+
+def test_a_full_disk_met_by_tensorboards_thread_is_one_line_not_a_hang(tmp_path):
+  """tensorboardX writes in a thread: a full disk ended it, its queue of values (10) filled and
+  the next value waited for ever (process 0 of a run hung; the others in their collective)."""
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  try:
+    proc = subprocess.run([sys.executable, "-c", _DISK_FILLS, str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+  except subprocess.TimeoutExpired:
+    raise AssertionError("the run hung once TensorBoard's writer had failed") from None
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [
+      f"fashion_jax: error: no space left where {tmp_path / 'tensorboard'} is written (No space "
+      "left on device); free some space (or use another --workdir) and re-run the same command: "
+      "it resumes from the last checkpoint, which is intact"], proc.stderr[-2000:]

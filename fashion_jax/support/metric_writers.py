@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import sys
+import threading
 
 from absl import logging
 
@@ -102,8 +103,38 @@ class MetricWriter:
 
   def _board(self):
     if self._tb is None:
-      self._tb = self._tb_class(self._tb_dir, flush_secs=30, purge_step=self._purge_step)
+      # Room for many values (the default is 10): see _board_failure.
+      self._tb = self._tb_class(self._tb_dir, flush_secs=30, purge_step=self._purge_step,
+                                max_queue=1000)
+      self._watch_board()
     return self._tb
+
+  def _watch_board(self) -> None:
+    """Keeps the error that ends tensorboardX's writer thread (a full disk), for _board_failure.
+    Once it had died, the values put in its bounded queue filled it, and the next put waited for
+    ever: a run whose disk filled hung (process 0; the others in their collective), and at exit
+    too (tensorboardX's atexit close). Its traceback is not printed: the error is reported."""
+    worker = getattr(getattr(getattr(self._tb, "file_writer", None), "event_writer", None),
+                     "_worker", None)  # (tensorboardX 2.6's; another version: not watched.)
+    if not isinstance(worker, threading.Thread):
+      return
+    self._worker, self._worker_error, previous = worker, [], threading.excepthook
+
+    def keep(args):
+      if args.thread is worker:
+        self._worker_error.append(args.exc_value)
+      else:
+        previous(args)
+    threading.excepthook = keep
+
+  def _board_failure(self) -> Exception | None:
+    """Why TensorBoard's writer thread has stopped, if it has (not by close)."""
+    worker = getattr(self, "_worker", None)
+    if worker is None or worker.is_alive() or getattr(self._tb.file_writer.event_writer,
+                                                      "_closed", False):
+      return None
+    return (self._worker_error[0] if self._worker_error
+            else RuntimeError(f"TensorBoard's writer of {self._tb_dir} stopped"))
 
   def truncate_after(self, step: int) -> int:
     """Drops lines past `step` (written after the checkpoint a resumed run restarts from).
@@ -141,8 +172,11 @@ class MetricWriter:
 
   @contextlib.contextmanager
   def _tensorboard_writes(self):
-    """A full disk met by TensorBoard's writer: the one line, not its OSError's traceback."""
+    """A full disk met by TensorBoard's writer (here, or in its thread before): the one line,
+    not its OSError's traceback; another error of its thread is raised here."""
     try:
+      if (failure := self._board_failure()) is not None:
+        raise failure
       yield
     except OSError as e:
       full = storage.out_of_space(self._tb_dir, e)
@@ -166,14 +200,15 @@ class MetricWriter:
   def __enter__(self):
     return self
 
-  def __exit__(self, exc_type, *_):
+  def __exit__(self, exc_type, exc_value, _):
     if exc_type is None:
       self.close()
       return
     try:  # Already failing (e.g. the disk is full): that error is the one to report.
       self.close()
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning("closing %s after an error failed too: %s", self.path, e)
+      if str(e) != str(exc_value):  # (Not the same error again: TensorBoard's full disk.)
+        logging.warning("closing %s after an error failed too: %s", self.path, e)
 
   def close(self) -> None:
     self.flush()
