@@ -786,6 +786,9 @@ def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tiny_config, t
   with pytest.raises(UserError, match=r"not enough free disk.*last checkpoint \(step 10\)"):
     train.train_and_evaluate(tiny_config, workdir)
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "10"))
+  with pytest.raises(UserError, match=r"not enough free disk.*re-run \(no checkpoint saved "
+                     r"yet\)$"):  # Not "the last checkpoint (step None), which is intact".
+    train.train_and_evaluate(tiny_config, str(tmp_path / "new"))
 
 
 @pytest.fixture

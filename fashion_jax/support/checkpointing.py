@@ -243,8 +243,9 @@ class Checkpointer:
     if free < needed:
       raise UserError(
           f"not enough free disk to save a checkpoint in {self.directory}: {free >> 20} MB free, "
-          f"{needed >> 20} MB needed; free some space (or use another --workdir) and re-run to "
-          f"resume from the last checkpoint (step {self.latest_step()}), which is intact")
+          f"{needed >> 20} MB needed; free some space (or use another --workdir) and re-run"
+          + (f" to resume from the last checkpoint (step {last}), which is intact"
+             if (last := self.latest_step()) is not None else " (no checkpoint saved yet)"))
 
   def meta(self, step: int) -> dict:
     """The JSON saved with `step`'s state: the description, and what else the caller added."""
