@@ -317,6 +317,16 @@ def test_a_read_only_mount_is_not_refused_for_its_modes(tmp_path, monkeypatch):
     assert len(idx.load_split(str(mounted), "test")[1]) == 10
     with pytest.raises(UserError, match="is writable by every user"):
       idx.load_split(folder, "test")  # The same folder, writable.
+    shared = tmp_path / "tmp"  # Links to the read-only files, in another user's folder in a
+    planted = shared / "fashion_mnist"  # sticky one: the mount did not make them trusted.
+    planted.mkdir(parents=True)
+    for name in os.listdir(mounted):
+      os.symlink(mounted / name, planted / name)
+    os.chmod(shared, 0o1777)
+    assert len(idx.load_split(str(planted), "test")[1]) == 10  # One's own: read.
+    _other_users(str(planted), monkeypatch)
+    with pytest.raises(UserError, match=f"{planted} belongs to another user"):
+      idx.load_split(str(planted), "test")
   finally:
     subprocess.run(["umount", "-l", str(mounted)], check=False)
 

@@ -140,14 +140,18 @@ def _open_to_others(folder: str, files) -> str | None:
     return None
   for path in files:
     real = os.path.realpath(path)
-    if os.statvfs(real).f_flag & os.ST_RDONLY:  # A read-only mount (squashfs, a read-only bind
-      continue  # of a 0777 folder): nobody can write it, whatever its modes say.
     for chain in (os.path.abspath(path), real):
       if why := _put_by_others(chain):
         return why
-    if os.stat(real).st_mode & stat.S_IWOTH:
+    if os.stat(real).st_mode & stat.S_IWOTH and not _read_only(real):
       return f"{real} is writable by every user"
   return None
+
+
+def _read_only(path: str) -> bool:
+  """Whether `path` is on a read-only mount (squashfs, a read-only bind of a 0777 folder): nobody
+  can write it, whatever its modes say."""
+  return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
 def _put_by_others(path: str) -> str | None:
@@ -156,7 +160,7 @@ def _put_by_others(path: str) -> str | None:
   entry = path
   while (parent := os.path.dirname(entry)) != entry:
     where = os.path.realpath(parent)
-    mode = os.stat(where).st_mode
+    mode = os.stat(where).st_mode if not _read_only(where) else 0
     if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
       return f"the folder {where} is writable by every user"
     if mode & stat.S_IWOTH and (owner := os.lstat(entry).st_uid) not in (os.getuid(), 0):
