@@ -27,6 +27,6 @@ def look_up(host: str, port: int | None, timeout: float) -> None:
   thread.start()
   thread.join(timeout)
   if thread.is_alive():
-    raise NoAnswer(f"no answer for {host} within {timeout:g} s (no network?)")
+    raise NoAnswer(f"no answer for {host} within {round(timeout, 1):g} s (no network?)")
   if failed:
     raise failed[0]
