@@ -1,5 +1,6 @@
 """Multi-process data parallelism on localhost (CPU, gloo) through the real launch script."""
 
+import contextlib
 import json
 import os
 import random
@@ -17,6 +18,8 @@ import pytest
 from tests.conftest import ROOT, run_module
 from tests.multidevice_check import final_state
 from fashion_jax import config_lib
+from fashion_jax.support import multihost
+from fashion_jax.training import stops
 
 
 def _free_port() -> int:
@@ -377,6 +380,56 @@ exec {sys.executable} "$@"
                   "at step:10 (FASHION_JAX_CRASH_AT)); see its log for the traceback"], other[-2000:]
   assert "Traceback" not in other and "Fatal Python error" not in "".join(logs)
   assert "8" in os.listdir(workdir / "checkpoints")
+
+
+class _FailedKeys:
+  """A coordination-service client with these `fashion_jax/failed/I` values."""
+
+  def __init__(self, failed: dict):
+    self.failed = failed
+
+  def key_value_dir_get(self, prefix):
+    return [(key, text) for key, text in self.failed.items() if key.startswith(prefix)]
+
+
+@pytest.mark.parametrize("failed, said, code", [
+    ({"1": "2:not enough disk: 3 GB free"}, "process 1: not enough disk: 3 GB free", 2),
+    # An older fashion_jax's value, its message alone: int('not enough disk') had crashed.
+    ({"1": "not enough disk: 3 GB free"}, "process 1: not enough disk: 3 GB free", 2),
+    ({"1": "1:process 0: crashed (KeyError: 'a:b')", "0": "1:crashed (KeyError: 'a:b'); see"},
+     "process 0: crashed (KeyError: 'a:b'); see", 1),
+])
+def test_a_peers_failure_is_read_whatever_its_message_holds(failed, said, code):
+  client = _FailedKeys({f"fashion_jax/failed/{i}": text for i, text in failed.items()})
+  with pytest.raises(multihost.PeerFailed) as raised:
+    multihost._raise_if_a_peer_failed(client)  # pylint: disable=protected-access
+  assert (str(raised.value), raised.value.code) == (said, code)
+
+
+@pytest.mark.parametrize("code", [1, 2])
+def test_a_peers_crash_ends_this_process_with_1_after_its_saves_and_flushes(monkeypatch, capsys,
+                                                                            code):
+  """It left with os._exit from inside the stop barrier: the lead's pending save was abandoned and
+  its metrics and TensorBoard events since the last flush lost. A peer's bad input stays exit 2."""
+  cleaned, left = [], []
+
+  def fail_fast(message, status):
+    left.append((message, status, list(cleaned)))
+    raise SystemExit(status)  # (os._exit, there.)
+
+  monkeypatch.setattr(multihost, "fail_fast", fail_fast)
+  client = _FailedKeys({"fashion_jax/failed/0": f"{code}:crashed (RuntimeError: x)"})
+  with pytest.raises((SystemExit, multihost.PeerFailed)) as raised:
+    with contextlib.ExitStack() as cleanup:
+      cleanup.enter_context(stops.a_crash_ends_the_job())
+      cleanup.callback(cleaned.append, "saves finished, files flushed")
+      multihost._raise_if_a_peer_failed(client)  # pylint: disable=protected-access
+  if code == 2:  # A UserError: the command's own one line, exit 2 (cli.fail).
+    assert isinstance(raised.value, multihost.PeerFailed) and not left
+    return
+  assert raised.value.code == 1
+  assert left == [("process 0: crashed (RuntimeError: x)", 1, ["saves finished, files flushed"])]
+  assert capsys.readouterr().err == "fashion_jax: error: process 0: crashed (RuntimeError: x)\n"
 
 
 def test_launcher_refuses_a_workdir_a_run_is_training_into_before_touching_its_logs(tmp_path):

@@ -71,6 +71,23 @@ def gather(name: str, value: str | None) -> dict[int, str]:
                         f"{BARRIER_TIMEOUT_MS // 60000} minutes; see its log") from e
 
 
+class PeerFailed(UserError):
+  """Another process of the job failed first: `process N: its message`. `code`: its exit status,
+  2 for its bad input (a UserError here too) or 1 for its crash, which this process ends with too
+  (`stops.a_crash_ends_the_job`, once its own saves are finished and its files flushed)."""
+
+  def __init__(self, message: str, code: int = 2):
+    super().__init__(message)
+    self.code = code
+
+
+def _failure(text: str) -> tuple[int, str]:
+  """(exit status, message) of a `failed/` value: `fail_fast`'s "CODE:message" (the message may
+  hold ':' too), or an older fashion_jax's message alone (it failed with a UserError: 2)."""
+  code, colon, message = text.partition(":")
+  return (int(code), message) if colon and code.isdigit() else (2, text)
+
+
 def _raise_if_a_peer_failed(client) -> None:
   try:
     failed = client.key_value_dir_get(f"{_PREFIX}/failed/")
@@ -79,14 +96,12 @@ def _raise_if_a_peer_failed(client) -> None:
   if failed:
     # The first process that failed on its own (not one passing another's error on).
     _, index, code, message = min(
-        (message.startswith("process "), int(key.rsplit("/", 1)[-1]), int(code), message)
-        for key, text in failed for code, _, message in [text.partition(":")])
-    if code == 2:  # Bad input: said as this process's own UserError would be.
-      raise UserError(f"process {index}: {message}")
-    # Its crash (exit 1): this process exits 1 too, not 2 ("fix the input"); a launcher that
-    # reports the first status it sees reported 2 for process 0's crash.
-    sys.stderr.write(f"fashion_jax: error: process {index}: {message}\n")
-    fail_fast(f"process {index}: {message}", code)
+        (message.startswith("process "), int(key.rsplit("/", 1)[-1]), code, message)
+        for key, text in failed for code, message in [_failure(text)])
+    # Raised, not exited here: this process's pending saves are finished and its metrics
+    # flushed on the way out. A crash (exit 1) ends it with 1 too, not 2 ("fix the input"): a
+    # launcher that reports the first status it sees reported 2 for process 0's crash.
+    raise PeerFailed(f"process {index}: {message}", code)
 
 
 def fail_fast(message: str, code: int) -> None:

@@ -74,9 +74,16 @@ def a_crash_ends_the_job():
   agreement point) and this process gone at once, exit 1. Leaving normally, it waited in JAX's
   shutdown barrier while the others waited for it in the next window's all-reduce: every
   process aborted after 5 minutes (exit 134, a C++ stack). Entered outermost: a save already
-  under way is finished first. With one process the exception goes on as it was."""
+  under way is finished first. A peer's crash (`multihost.PeerFailed`, code 1) ends this process
+  with 1 too, its saves finished and files flushed first as well. With one process the exception
+  goes on as it was."""
   try:
     yield
+  except multihost.PeerFailed as e:  # Another process crashed first: exit 1 with it (not 2).
+    if e.code != 2:
+      sys.stderr.write(f"fashion_jax: error: {e}\n")
+      multihost.fail_fast(str(e), e.code)
+    raise
   except Exception as e:  # pylint: disable=broad-except
     if (isinstance(e, (UserError, Preempted)) or not jax.distributed.is_initialized()
         or jax.process_count() == 1):
