@@ -9,10 +9,12 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging as logging_absl
 from ml_collections import config_dict
 from ml_collections import config_flags
 
 from fashion_jax.support import backends
+from fashion_jax.support import runtime
 from fashion_jax.support import storage
 from fashion_jax.support.errors import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, INTERRUPTED, UserError
 
@@ -230,8 +232,12 @@ def run(main) -> None:
   """absl's app.run(main) with parse_flags; an interrupt (Ctrl-C where nothing catches it: in
   evaluate, predict, export, benchmark, or before training holds its signals) ends it with one
   line, not a traceback."""
+  def fitted_main(argv):
+    if fitted := runtime.fit_to_cpu_quota():  # Before JAX starts its CPU backend.
+      logging_absl.info("%s", fitted)
+    return main(argv)
   try:
-    app.run(main, flags_parser=parse_flags)
+    app.run(fitted_main, flags_parser=parse_flags)
   except KeyboardInterrupt:  # (A second signal during training exits in stops.py.)
     fail(INTERRUPTED, EXIT_INTERRUPTED)
   except BrokenPipeError:

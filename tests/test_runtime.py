@@ -41,3 +41,52 @@ def test_reexec_keeps_the_interpreters_options(tmp_path):
     assert "SAFE_PATH=True NO_USER_SITE=1 UTF8=1" in proc.stdout, proc.stdout
     # `python -u` (logs piped to a file arrive as written) too; it is not among sys.flags.
     assert f"UNBUFFERED={unbuffered}" in proc.stdout, proc.stdout
+
+
+def _cgroups(tmp_path, proc_lines, files):
+  (tmp_path / "cgroup").write_text("".join(line + "\n" for line in proc_lines))
+  for name, text in files.items():
+    (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "fs" / name).write_text(text + "\n")
+  return str(tmp_path / "cgroup"), str(tmp_path / "fs")
+
+
+@pytest.mark.parametrize("proc_lines, files, cpus", [
+    (["0::/"], {"cpu.max": "max 100000"}, None),  # v2, no limit.
+    (["0::/"], {"cpu.max": "200000 100000"}, 2.0),  # v2 in a namespace: its cgroup is the root.
+    (["0::/kubepods/pod1/c1"], {"kubepods/cpu.max": "400000 100000",  # The smallest on the way.
+                                "kubepods/pod1/cpu.max": "150000 100000",
+                                "kubepods/pod1/c1/cpu.max": "max 100000"}, 1.5),
+    (["0::/docker/abc"], {"cpu.max": "50000 100000"}, 0.5),  # Not under the mount: its root.
+    (["4:memory:/x", "3:cpu,cpuacct:/docker/abc"],  # v1.
+     {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "300000",
+      "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000",
+      "cpu,cpuacct/cpu.cfs_quota_us": "-1", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, 3.0),
+    (["1:cpu:/"], {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+    (["0::/"], {"cpu.max": "garbage"}, None),
+    (["1:name=systemd:/", "0::/"], {}, None),  # Nothing to read (this VM's case).
+])
+def test_the_cgroups_cpu_quota_is_read(tmp_path, proc_lines, files, cpus):
+  assert runtime.cpu_quota(*_cgroups(tmp_path, proc_lines, files)) == cpus
+
+
+def test_a_cpu_quota_below_the_affinity_narrows_it(monkeypatch):
+  """XLA sized its threads by the affinity, not the quota: a container limited to 2 CPUs on a
+  large host ran a thread per host CPU, throttled in turns."""
+  import os  # pylint: disable=g-import-not-at-top
+  affinity, set_to = list(range(8)), []
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(affinity))
+  monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: set_to.append(list(cpus)))
+  monkeypatch.delenv(runtime.QUOTA_ENV, raising=False)
+  for quota, expected in ((2.0, [0, 1]), (2.5, [0, 1, 2]), (0.2, [0]), (8.0, None), (None, None),
+                          (64.0, None)):
+    set_to.clear()
+    monkeypatch.setattr(runtime, "cpu_quota", lambda q=quota: q)
+    said = runtime.fit_to_cpu_quota()
+    assert set_to == ([expected] if expected else []), quota
+    assert (said is None) == (expected is None)
+    if said:
+      assert f"allows {quota:g} CPUs of the 8" in said and "FASHION_JAX_CPU_QUOTA=ignore" in said
+  monkeypatch.setenv(runtime.QUOTA_ENV, "ignore")
+  monkeypatch.setattr(runtime, "cpu_quota", lambda: 1.0)
+  assert runtime.fit_to_cpu_quota() is None and set_to == []
