@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -512,3 +513,42 @@ def test_a_signal_before_training_holds_it_is_no_failure(tmp_path):
   launcher.send_signal(signal.SIGTERM)
   _, stderr = launcher.communicate(timeout=60)
   assert launcher.returncode == 143 and "failed" not in stderr, stderr
+
+
+class _Coordinator:
+  """A coordination-service client whose other processes set their `failed/` keys at given
+  times (None: never), on a fake clock."""
+
+  def __init__(self, others_fail_at):
+    self.now, self.keys, self.others_fail_at = 0.0, {}, others_fail_at
+
+  def key_value_set(self, key, value):
+    self.keys[key] = value
+
+  def key_value_dir_get(self, prefix):
+    for i, at in enumerate(self.others_fail_at, start=1):
+      if at is not None and self.now >= at:
+        self.keys.setdefault(f"fashion_jax/failed/{i}", "2:process 0: bad input")
+    return [(k, v) for k, v in self.keys.items() if k.startswith(prefix)]
+
+
+@pytest.mark.parametrize("others_fail_at, leaves_at", [
+    ([0.5, 7.0], 7.0),  # The one busy for 7 s (a long window, an evaluation) reads it first.
+    ([0.5, None], multihost.LEAD_WAIT_S),  # One that never does: not for ever.
+])
+def test_process_0_failing_waits_for_the_others_to_read_it(monkeypatch, others_fail_at,
+                                                            leaves_at):
+  """Process 0 runs the coordinator: failing, it left after a fixed 2 s, and a process busy for
+  longer then lost contact with the job's coordinator (exit 2) or was aborted by JAX."""
+  from jax._src import distributed
+  client = _Coordinator(others_fail_at)
+  monkeypatch.setattr(distributed, "global_state", types.SimpleNamespace(
+      client=client, num_processes=3, process_id=0))
+  monkeypatch.setattr(multihost.time, "monotonic", lambda: client.now)
+  monkeypatch.setattr(multihost.time, "sleep", lambda s: setattr(client, "now", client.now + s))
+  monkeypatch.setattr(multihost.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+  with pytest.raises(SystemExit) as e:
+    multihost.fail_fast("IDX folder '/x' does not exist", 2)
+  assert e.value.code == 2
+  assert client.keys["fashion_jax/failed/0"] == "2:IDX folder '/x' does not exist"
+  assert leaves_at <= client.now < leaves_at + 0.5

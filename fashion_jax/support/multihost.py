@@ -125,8 +125,26 @@ def fail_fast(message: str, code: int) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   if index == 0:  # It runs the coordinator: the others read the message before it goes.
-    time.sleep(2 * SLICE_MS / 1000)
+    _wait_for_the_others_to_fail(client, getattr(state, "num_processes", 1) or 1)
   os._exit(code)  # pylint: disable=protected-access
+
+
+LEAD_WAIT_S = 20.0  # How long process 0 waits at most, failing, for the others to fail too.
+
+
+def _wait_for_the_others_to_fail(client, count: int) -> None:
+  """Until every process has set its `failed/` key (each does as it fails, passing the message
+  on), or LEAD_WAIT_S: process 0 runs the coordinator, and a fixed 2 s was too short for a
+  process busy elsewhere (a long window's metrics, an evaluation): once the coordinator was gone
+  it failed with "lost contact with the job's coordinator" (exit 2) or JAX aborted it."""
+  deadline = time.monotonic() + LEAD_WAIT_S
+  while time.monotonic() < deadline:
+    try:
+      if len(client.key_value_dir_get(f"{_PREFIX}/failed/")) >= count:
+        return
+    except Exception:  # pylint: disable=broad-except  (the coordinator's trouble: nothing to wait for)
+      return
+    time.sleep(0.1)
 
 
 def barrier(name: str) -> None:
