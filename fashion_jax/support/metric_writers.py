@@ -96,6 +96,7 @@ class MetricWriter:
     self._pending = [] if storage.is_url(workdir) else None
     self._tb = None
     self._purge_step = None  # Where a resumed run starts again (see truncate_after).
+    self._failed = None  # TensorBoard's writer's error, once it failed (see _abandon_board).
     # Imported now (~0.15 s: not inside the first interval's images/s); the writer, which
     # creates the event file, at the first value: a run refused before it writes anything
     # (a resume with another config) leaves no event file behind.
@@ -113,7 +114,8 @@ class MetricWriter:
     """Keeps the error that ends tensorboardX's writer thread (a full disk), for _board_failure.
     Once it had died, the values put in its bounded queue filled it, and the next put waited for
     ever: a run whose disk filled hung (process 0; the others in their collective), and at exit
-    too (tensorboardX's atexit close). Its traceback is not printed: the error is reported."""
+    too (tensorboardX's atexit close). Its traceback is not printed: the error is reported.
+    The hook is taken out again at close (see _unwatch_board)."""
     worker = getattr(getattr(getattr(self._tb, "file_writer", None), "event_writer", None),
                      "_worker", None)  # (tensorboardX 2.6's; another version: not watched.)
     if not isinstance(worker, threading.Thread):
@@ -121,20 +123,45 @@ class MetricWriter:
     self._worker, self._worker_error, previous = worker, [], threading.excepthook
 
     def keep(args):
-      if args.thread is worker:
+      if self._worker is not None and args.thread is self._worker:
         self._worker_error.append(args.exc_value)
       else:
         previous(args)
+    self._hook, self._previous_hook = keep, previous
     threading.excepthook = keep
+
+  def _unwatch_board(self) -> None:
+    """At close: the hook out of threading.excepthook (each run's writer stayed in the chain,
+    holding it, for as long as the process lived), or inert where another was set over it."""
+    if getattr(self, "_hook", None) is None:
+      return
+    if threading.excepthook is self._hook:
+      threading.excepthook = self._previous_hook
+    self._worker = self._hook = None
 
   def _board_failure(self) -> Exception | None:
     """Why TensorBoard's writer thread has stopped, if it has (not by close)."""
+    if self._failed is not None:
+      return self._failed
     worker = getattr(self, "_worker", None)
-    if worker is None or worker.is_alive() or getattr(self._tb.file_writer.event_writer,
-                                                      "_closed", False):
+    event_writer = getattr(getattr(self._tb, "file_writer", None), "event_writer", None)
+    if worker is None or worker.is_alive() or getattr(event_writer, "_closed", True):
       return None
     return (self._worker_error[0] if self._worker_error
             else RuntimeError(f"TensorBoard's writer of {self._tb_dir} stopped"))
+
+  def _abandon_board(self, error: Exception) -> None:
+    """After TensorBoard's writer failed (a full disk): `error` is raised again at each later
+    write, and tensorboardX's own close at exit is disarmed: it flushed the same unwritten bytes
+    again, a traceback after the one line, and the values queued since the thread died could
+    hold the exit in its queue's feeder thread."""
+    self._failed = error
+    event_writer = getattr(getattr(self._tb, "file_writer", None), "event_writer", None)
+    if event_writer is None or not hasattr(event_writer, "_closed"):
+      return  # (Another tensorboardX: as it was.)
+    with contextlib.suppress(Exception):
+      event_writer._event_queue.cancel_join_thread()  # pylint: disable=protected-access
+    event_writer._closed = True  # pylint: disable=protected-access
 
   def truncate_after(self, step: int) -> int:
     """Drops lines past `step` (written after the checkpoint a resumed run restarts from).
@@ -182,6 +209,8 @@ class MetricWriter:
       full = storage.out_of_space(self._tb_dir, e)
       if full is None:
         raise
+      if self._failed is None:
+        self._abandon_board(full)
       raise full from e
 
   def write_image(self, step: int, tag: str, image) -> None:
@@ -211,10 +240,13 @@ class MetricWriter:
         logging.warning("closing %s after an error failed too: %s", self.path, e)
 
   def close(self) -> None:
-    self.flush()
-    if self._tb is not None:
-      with self._tensorboard_writes():
-        self._tb.close()
+    try:
+      self.flush()
+      if self._tb is not None:
+        with self._tensorboard_writes():
+          self._tb.close()
+    finally:
+      self._unwatch_board()
 
 
 def prediction_grid(images, labels, probabilities, class_names, scale: int = 4):
