@@ -72,13 +72,16 @@ def test_the_cgroups_cpu_quota_is_read(tmp_path, proc_lines, files, cpus):
 
 def test_a_cpu_quota_below_the_affinity_narrows_it(monkeypatch):
   """XLA sized its threads by the affinity, not the quota: a container limited to 2 CPUs on a
-  large host ran a thread per host CPU, throttled in turns."""
+  large host ran a thread per host CPU, throttled in turns. The idlest CPUs are kept: the first
+  ones would pile every such process on a node onto the same cores."""
   import os  # pylint: disable=g-import-not-at-top
   affinity, set_to = list(range(8)), []
   monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(affinity))
   monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: set_to.append(list(cpus)))
   monkeypatch.delenv(runtime.QUOTA_ENV, raising=False)
-  for quota, expected in ((2.0, [0, 1]), (2.5, [0, 1, 2]), (0.2, [0]), (8.0, None), (None, None),
+  busy = iter([dict.fromkeys(affinity, 0), {0: 1, 1: 1, 2: 1, 3: 50, 4: 40, 5: 30, 6: 2, 7: 2}] * 9)
+  monkeypatch.setattr(runtime, "_idle_ticks", lambda: next(busy))  # CPUs 0-2 busy (another job's).
+  for quota, expected in ((2.0, [3, 4]), (2.5, [3, 4, 5]), (0.2, [3]), (8.0, None), (None, None),
                           (64.0, None)):
     set_to.clear()
     monkeypatch.setattr(runtime, "cpu_quota", lambda q=quota: q)
@@ -87,6 +90,15 @@ def test_a_cpu_quota_below_the_affinity_narrows_it(monkeypatch):
     assert (said is None) == (expected is None)
     if said:
       assert f"allows {quota:g} CPUs of the 8" in said and "FASHION_JAX_CPU_QUOTA=ignore" in said
+      assert f"running on CPUs {','.join(map(str, expected))}, the idlest" in said
   monkeypatch.setenv(runtime.QUOTA_ENV, "ignore")
   monkeypatch.setattr(runtime, "cpu_quota", lambda: 1.0)
   assert runtime.fit_to_cpu_quota() is None and set_to == []
+
+
+def test_cpus_are_chosen_at_random_where_none_is_busier(monkeypatch):
+  monkeypatch.setattr(runtime, "_idle_ticks", lambda: dict.fromkeys(range(64), 0))
+  chosen = {tuple(runtime._idlest(list(range(64)), 2, sample_s=0)) for _ in range(20)}
+  assert len(chosen) > 10  # Not always the first two: a node's processes would share them.
+  monkeypatch.setattr(runtime, "_idle_ticks", lambda: (_ for _ in ()).throw(OSError("no /proc")))
+  assert len(runtime._idlest(list(range(8)), 3, sample_s=0)) == 3

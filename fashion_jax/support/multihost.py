@@ -129,7 +129,7 @@ def fail_fast(message: str, code: int) -> None:
   os._exit(code)  # pylint: disable=protected-access
 
 
-LEAD_WAIT_S = 20.0  # How long process 0 waits at most, failing, for the others to fail too.
+LEAD_WAIT_S = 10.0  # How long process 0 waits at most, failing, for the others to fail too.
 
 
 def _wait_for_the_others_to_fail(client, count: int) -> None:
