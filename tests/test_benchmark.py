@@ -3,10 +3,12 @@
 import importlib.util
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -371,3 +373,33 @@ def test_an_unavailable_sources_reason_is_cut_with_an_ellipsis():
   short = benchmark_report._short(reason)  # pylint: disable=protected-access
   assert len(short) == 160 and short.endswith("…") and "second" not in short
   assert benchmark_report._short("not prepared") == "not prepared"  # pylint: disable=protected-access
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("delay", [0.0, 0.4, 1.0, 3.0])
+def test_an_interrupt_at_any_point_is_one_line_exit_130(tmp_path, delay):
+  """Ctrl-C while JAX imported (swallowed: the benchmark ran on to exit 0; or an ImportError,
+  exit 1) or while XLA compiled (a segfault at exit, -11): now one line, exit 130, and the
+  --output there before is kept whole."""
+  from tests.test_preemption import _holds_its_interrupts  # pylint: disable=import-outside-toplevel
+  output = tmp_path / "b.json"
+  output.write_text('{"kept": 1}\n')
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "fashion_jax.benchmark", "--config=configs/tiny.py",
+       "--batch_sizes=8,16,32,64", "--windows=1", "--window_seconds=0.05",
+       "--compile_cache=false", f"--output={output}"], cwd=ROOT,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+  deadline = time.monotonic() + 60
+  while not _holds_its_interrupts(proc.pid) and time.monotonic() < deadline:
+    time.sleep(0.005)
+  time.sleep(delay)  # Into its imports (absl, JAX), the backend's start, the compiles...
+  proc.send_signal(signal.SIGINT)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+  assert "Fatal Python error" not in stderr, stderr[-3000:]
+  ours = [l for l in stderr.splitlines() if l.startswith("fashion_jax: ")]
+  assert ours == ["fashion_jax: error: interrupted before it finished; what it had saved stays (a "
+                  "training run resumes from its latest checkpoint when re-run)"], stderr[-3000:]
+  assert output.read_text() == '{"kept": 1}\n'
+
