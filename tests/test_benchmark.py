@@ -403,3 +403,25 @@ def test_an_interrupt_at_any_point_is_one_line_exit_130(tmp_path, delay):
                   "training run resumes from its latest checkpoint when re-run)"], stderr[-3000:]
   assert output.read_text() == '{"kept": 1}\n'
 
+
+def test_an_interrupt_in_the_timed_loop_is_an_interrupt(tmp_path, tiny_config, monkeypatch):
+  """Training holds Ctrl-C while --loop runs it and stops with stops.Preempted: that had been a
+  traceback, exit 1, saying to resume from a checkpoint in the loop's folder, already removed."""
+  from fashion_jax.benchmarking import train_rates  # pylint: disable=import-outside-toplevel
+  from fashion_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support import parallel as parallel_lib  # pylint: disable=import-outside-toplevel
+  from fashion_jax.training import stops, train  # pylint: disable=import-outside-toplevel
+
+  def stopped(*args, **kwargs):
+    del args, kwargs
+    raise stops.Preempted("stopped by SIGINT at step 3; checkpoint saved in ...")
+
+  scratch = tmp_path / "scratch"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  monkeypatch.setattr(train, "train_and_evaluate", stopped)
+  data = input_pipeline.load(tiny_config, "train", input_pipeline.source(tiny_config))
+  with pytest.raises(KeyboardInterrupt):
+    train_rates.measure_loop(tiny_config, parallel_lib.Parallel("none"), data, "device", 1e4, 1,
+                             0.01)
+  assert not os.listdir(scratch)  # The loop's folder is removed.

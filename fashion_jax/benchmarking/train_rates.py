@@ -105,6 +105,7 @@ def measure_loop(config, parallel, data, placement: str, pure_step_rate: float, 
   from fashion_jax.model import steps  # pylint: disable=g-import-not-at-top
   from fashion_jax.support import metric_writers  # pylint: disable=g-import-not-at-top
   from fashion_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from fashion_jax.training import stops  # pylint: disable=g-import-not-at-top
   from fashion_jax.training import train  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.data_placement, config.steps_per_dispatch = placement, steps_per_dispatch
@@ -138,7 +139,10 @@ def measure_loop(config, parallel, data, placement: str, pure_step_rate: float, 
                               data.labels[:run_config.eval_batch_size])  # Eval is not timed here.
   try:
     # No background compile of the (untimed) evaluation during the timed windows.
-    train.train_and_evaluate(run_config, workdir, splits=(data, held), compile_eval_ahead=False)
+    try:
+      train.train_and_evaluate(run_config, workdir, splits=(data, held), compile_eval_ahead=False)
+    except stops.Preempted:  # Ctrl-C, which training holds while it runs: not a traceback that
+      raise KeyboardInterrupt from None  # says to resume from a checkpoint in a removed folder.
     lines = [l for l in metric_writers.read_lines(workdir) if "train_loss" in l]
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
