@@ -425,3 +425,23 @@ def test_an_interrupt_in_the_timed_loop_is_an_interrupt(tmp_path, tiny_config, m
     train_rates.measure_loop(tiny_config, parallel_lib.Parallel("none"), data, "device", 1e4, 1,
                              0.01)
   assert not os.listdir(scratch)  # The loop's folder is removed.
+
+
+def test_the_json_names_the_cpu_type_its_model_name_does_not():
+  """These VMs' cpuinfo says "AMD EPYC" for Zen 3, Zen 4 and Zen 5 alike (issue 17's table tells
+  them apart by lscpu's family and model): the JSON had only that name and the ISA flags, which
+  Zen 4 and Zen 5 share."""
+  from fashion_jax.benchmarking import benchmark_report  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support import parallel as parallel_lib  # pylint: disable=import-outside-toplevel
+  x86 = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+         "model name\t: AMD EPYC\nstepping\t: 1\n\nprocessor\t: 1\nvendor_id\t: AuthenticAMD\n")
+  assert benchmark_report.cpu_id(x86) == "AuthenticAMD family 25 model 17 stepping 1"
+  arm = ("processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
+         "CPU variant\t: 0x1\nCPU part\t: 0xd40\nCPU revision\t: 1\n")
+  assert benchmark_report.cpu_id(arm) == "implementer 0x41 part 0xd40 variant 0x1 revision 1"
+  assert benchmark_report.cpu_id("") is None
+  env = benchmark_report.environment(parallel_lib.Parallel("none"))
+  assert env["cpu_id"] == benchmark_report.cpu_id()
+  line = benchmark_report.cpu_line(dict(env, cpu="CPU", cpu_count=2, cpu_count_machine=2,
+                                        cpu_isa="avx2", cpu_id="GenuineIntel family 6 model 167"))
+  assert line.startswith("CPU (2 cores; avx2; GenuineIntel family 6 model 167); native kernels: ")

@@ -108,7 +108,7 @@ def environment(parallel) -> dict:
       "num_devices": parallel.num_devices, "parallelism": parallel.mode,
       # The CPUs this process may run on (taskset, a container's cpuset): what the peak counts.
       "cpu": _cpu_name(), "cpu_count": flops.usable_cpus(), "cpu_count_machine": os.cpu_count(),
-      "cpu_isa": cpu_isa(),
+      "cpu_isa": cpu_isa(), "cpu_id": cpu_id(),
       "native_kernels": _native_kernels() if jax.default_backend() == "cpu" else None,
       "threads": {k: os.environ.get(k) for k in ("XLA_FLAGS", "OMP_NUM_THREADS",
                                                   "TF_NUM_INTRAOP_THREADS") if os.environ.get(k)},
@@ -119,7 +119,9 @@ def cpu_line(env: dict) -> str:
   """"AMD EPYC (2 cores; avx2,...); native kernels: ..." -- the CPU the numbers were measured on."""
   cores = f"{env['cpu_count']} cores" + (f" of {env['cpu_count_machine']}"
                                          if env["cpu_count_machine"] != env["cpu_count"] else "")
-  return f"{env['cpu']} ({cores}; {env['cpu_isa']}); native kernels: {env['native_kernels']}"
+  known = f"; {env['cpu_id']}" if env.get("cpu_id") else ""
+  return (f"{env['cpu']} ({cores}; {env['cpu_isa']}{known}); native kernels: "
+          f"{env['native_kernels']}")
 
 
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "asimd", "sve")
@@ -139,6 +141,29 @@ def _native_kernels() -> str:
   built = native.info()
   return (f"target={built['target']} lanes={built['lanes']} ({32 * built['lanes']}-bit vectors) "
           f"isa={built['isa']}" if built else f"unavailable: {native._load()}")  # pylint: disable=protected-access
+
+
+# /proc/cpuinfo's fields that name the CPU type as lscpu does (x86, then Arm), and how each reads.
+_CPU_ID_FIELDS = (("vendor_id", "{}"), ("cpu family", "family {}"), ("model", "model {}"),
+                  ("stepping", "stepping {}"), ("CPU implementer", "implementer {}"),
+                  ("CPU part", "part {}"), ("CPU variant", "variant {}"),
+                  ("CPU revision", "revision {}"))
+
+
+def cpu_id(cpuinfo: str | None = None) -> str | None:
+  """The CPU type where its model name does not tell it ("AMD EPYC" on these VMs is Zen 3, 4 or
+  5): "AuthenticAMD family 25 model 17 stepping 1", Arm's "implementer 0x41 part 0xd40 ...";
+  None where /proc/cpuinfo (`cpuinfo`: its text) has none of it."""
+  if cpuinfo is None:
+    try:
+      with open("/proc/cpuinfo") as f:
+        cpuinfo = f.read()
+    except OSError:
+      return None
+  first = cpuinfo.split("\n\n", 1)[0]  # The first processor's block.
+  found = [how.format(m.group(1).strip()) for key, how in _CPU_ID_FIELDS
+           if (m := re.search(rf"^{key}\s*:\s*(\S.*)$", first, re.MULTILINE))]
+  return " ".join(found) or None
 
 
 def _cpu_name() -> str:
