@@ -445,3 +445,10 @@ def test_the_json_names_the_cpu_type_its_model_name_does_not():
   line = benchmark_report.cpu_line(dict(env, cpu="CPU", cpu_count=2, cpu_count_machine=2,
                                         cpu_isa="avx2", cpu_id="GenuineIntel family 6 model 167"))
   assert line.startswith("CPU (2 cores; avx2; GenuineIntel family 6 model 167); native kernels: ")
+
+
+def test_help_documents_the_exit_statuses():
+  proc = run_module("fashion_jax.benchmark", "--help")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "Exit status: 0 " in proc.stdout and "; 2 a problem with the input" in proc.stdout
+  assert "130 Ctrl-C" in proc.stdout and "1 a crash" in proc.stdout

@@ -14,6 +14,12 @@ so the ratio is honest on a noisy machine; `--rounds=N` repeats the alternation
 share of the step and each native kernel's GFLOP/s and share of the peak.
 Progress goes to stderr as it runs; the table to stdout; everything to the
 JSON file.
+
+Exit status: 0 measured, printed and written; 2 a problem with the input (a flag,
+the config, the data, --output; found before anything is measured, or --output
+failing at the end, after the table is printed): the one-line message says what
+to fix; 130 Ctrl-C (one line; --output is left as it was); 1 a crash (traceback).
+--help: the flags, exit 0.
 """
 
 from __future__ import annotations
