@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -102,3 +103,21 @@ def test_cpus_are_chosen_at_random_where_none_is_busier(monkeypatch):
   assert len(chosen) > 10  # Not always the first two: a node's processes would share them.
   monkeypatch.setattr(runtime, "_idle_ticks", lambda: (_ for _ in ()).throw(OSError("no /proc")))
   assert len(runtime._idlest(list(range(8)), 3, sample_s=0)) == 3
+
+
+def test_ctrl_c_that_ends_at_once_removes_the_scratch_folders(tmp_path):
+  """Ending at once on Ctrl-C skips every `finally`: the benchmark's compile cache, profile and
+  loop folders stayed behind in /tmp."""
+  code = f"""
+import os, signal, tempfile, time
+from fashion_jax.support import runtime
+runtime.end_at_once_on_interrupt("interrupted", 130)
+folder = runtime.scratch(tempfile.mkdtemp(prefix="fashion_jax_cache_", dir={str(tmp_path)!r}))
+open(os.path.join(folder, "entry"), "w").close()
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(30)
+"""
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode == 130 and proc.stderr == "fashion_jax: error: interrupted\n", proc.stderr
+  assert os.listdir(tmp_path) == []

@@ -40,6 +40,7 @@ from fashion_jax.benchmarking import flops
 from fashion_jax.benchmarking import step_profile
 from fashion_jax.benchmarking import train_rates
 from fashion_jax import cli
+from fashion_jax.support import runtime
 
 FLAGS = flags.FLAGS
 
@@ -130,7 +131,7 @@ def measure_compile_cache(config, parallel, data) -> dict:
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
   from fashion_jax.model import steps  # pylint: disable=g-import-not-at-top
 
-  cache_dir = tempfile.mkdtemp(prefix="fashion_jax_cache_")
+  cache_dir = runtime.scratch(tempfile.mkdtemp(prefix="fashion_jax_cache_"))
   previous = {name: getattr(jax.config, name) for name in (
       "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
       "jax_persistent_cache_min_entry_size_bytes")}

@@ -24,6 +24,7 @@ import time
 
 from fashion_jax.benchmarking import benchmark_report
 from fashion_jax.benchmarking import flops
+from fashion_jax.support import runtime
 
 TOP_OPS = 12  # Ops listed; the rest are summed as one line.
 
@@ -83,7 +84,7 @@ def profile(train_step, steps: int, peak_gflops: float) -> dict:
   "reason": ...} where the profiler cannot run here."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  folder = tempfile.mkdtemp(prefix="fashion_jax_profile_")
+  folder = runtime.scratch(tempfile.mkdtemp(prefix="fashion_jax_profile_"))
   try:
     batches, state = train_step.batches, train_step.state
     state, out = train_step.compiled(state, batches[0])

@@ -11,6 +11,7 @@ import time
 
 from fashion_jax.benchmarking import benchmark_report
 from fashion_jax.benchmarking import flops
+from fashion_jax.support import runtime
 
 
 def time_calls(call, state, images_per_call: int, windows: int, window_seconds: float):
@@ -134,7 +135,7 @@ def measure_loop(config, parallel, data, placement: str, pure_step_rate: float, 
   run_config = config.copy_and_resolve_references()
   run_config.update(num_train_steps=steps, checkpoint_every_steps=steps, eval_every_steps=steps,
                     steps_per_dispatch=window, tensorboard_samples=0, progress_bar="off")
-  workdir = tempfile.mkdtemp(prefix="fashion_jax_loop_")
+  workdir = runtime.scratch(tempfile.mkdtemp(prefix="fashion_jax_loop_"))
   held = input_pipeline.Split(data.images[:run_config.eval_batch_size],
                               data.labels[:run_config.eval_batch_size])  # Eval is not timed here.
   try:

@@ -20,6 +20,7 @@ import io
 import os
 import platform
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,17 @@ def malloc_tuning_wanted(environ=None) -> bool:
   return "glibc.malloc." not in environ.get("GLIBC_TUNABLES", "")
 
 
+_SCRATCH = set()  # Temporary folders end_at_once_on_interrupt's Ctrl-C removes.
+
+
+def scratch(folder: str) -> str:
+  """`folder` (a fresh temporary one, removed by its maker when done), for Ctrl-C to remove too
+  where `end_at_once_on_interrupt` ends the process at once (the benchmark's compile cache,
+  profile and loop folders stayed behind in /tmp)."""
+  _SCRATCH.add(folder)
+  return folder
+
+
 def end_at_once_on_interrupt(message: str, code: int) -> None:
   """From here until a handler of its own takes over (training's stops.StopRequest), Ctrl-C
   prints `fashion_jax: error: MESSAGE` and exits `code` at once. As a KeyboardInterrupt it met
@@ -49,6 +61,8 @@ def end_at_once_on_interrupt(message: str, code: int) -> None:
   """
   def end_now(signum, frame):
     del signum, frame
+    for folder in list(_SCRATCH):  # (Leaving at once skips every `finally` that removes them.)
+      shutil.rmtree(folder, ignore_errors=True)
     sys.stdout.flush()
     sys.stderr.write(f"fashion_jax: error: {message}\n")
     sys.stderr.flush()
