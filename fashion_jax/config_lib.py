@@ -64,10 +64,11 @@ def others_could_write(path: str) -> str | None:
     info = os.stat(item)
     if info.st_uid not in owners:
       return f"{item} belongs to another user (uid {info.st_uid})"
+    if is_folder and info.st_mode & 0o1000:  # Sticky (/tmp): writable by anyone, it is fine.
+      continue
     own_group = (not info.st_mode & 0o020  # (Asked only then: _private_group lists every
                  or info.st_gid == team or _private_group(info.st_gid))  # user.)
-    writable = info.st_mode & (0o002 if own_group else 0o022)
-    if writable and not (is_folder and info.st_mode & 0o1000):
+    if info.st_mode & (0o002 if own_group else 0o022):
       return (f"{item} is writable by its group or others (mode {info.st_mode & 0o7777:o}; "
               f"chmod go-w {item} if that is not meant)")
   return None

@@ -453,7 +453,7 @@ def test_a_config_of_the_user_who_owns_fashion_jax_is_run(tmp_path, monkeypatch)
   assert config_lib.others_could_write(config) is None
 
 
-def test_the_config_check_lists_the_users_only_for_a_group_writable_entry(monkeypatch):
+def test_the_config_check_lists_the_users_only_for_a_group_writable_entry(monkeypatch, tmp_path):
   """Whether a group is a user's alone lists every user (pwd.getpwall: a directory service's
   whole list, where it enumerates); it was asked of each folder up to / with this user's group,
   whatever its mode, though only a group-writable entry needs the answer."""
@@ -464,12 +464,16 @@ def test_the_config_check_lists_the_users_only_for_a_group_writable_entry(monkey
     while path not in chain:
       chain.append(path)
       path = os.path.dirname(path)
-  if any(os.stat(path).st_mode & 0o020 for path in chain):
+  if any(os.stat(path).st_mode & 0o1020 == 0o020 for path in chain):  # (Sticky: not asked.)
     pytest.skip("a group-writable entry on the way to the checkout's configs/ (umask 002)")
   listed = []
   real = pwd.getpwall
   monkeypatch.setattr(pwd, "getpwall", lambda: listed.append(1) or real())
   assert config_lib.others_could_write(config) is None
+  assert not listed
+  mine = tmp_path / "exp.py"  # Below /tmp (1777: group-writable, but sticky): not asked either.
+  mine.write_text("from fashion_jax.default_config import get_config\n")
+  assert config_lib.others_could_write(str(mine)) is None
   assert not listed
 
 
