@@ -20,6 +20,7 @@ import numpy as np
 from fashion_jax.support import storage
 from fashion_jax.data import datasets
 from fashion_jax.support.errors import UserError
+from fashion_jax.support.paths import put_by_others
 
 _UINT8 = 0x08
 
@@ -141,7 +142,7 @@ def _open_to_others(folder: str, files) -> str | None:
   for path in files:
     real = os.path.realpath(path)
     for chain in (os.path.abspath(path), real):
-      if why := _put_by_others(chain):
+      if why := put_by_others(chain):
         return why
     if os.stat(real).st_mode & stat.S_IWOTH and not _read_only(real):
       return f"{real} is writable by every user"
@@ -152,22 +153,6 @@ def _read_only(path: str) -> bool:
   """Whether `path` is on a read-only mount (squashfs, a read-only bind of a 0777 folder): nobody
   can write it, whatever its modes say."""
   return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-
-
-def _put_by_others(path: str) -> str | None:
-  """Why another user could have put the entry `path` (absolute, maybe through links) or a folder
-  above it where it is, else None; folders are named as resolved."""
-  entry = path
-  while (parent := os.path.dirname(entry)) != entry:
-    where = os.path.realpath(parent)
-    mode = os.stat(where).st_mode if not _read_only(where) else 0
-    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
-      return f"the folder {where} is writable by every user"
-    if mode & stat.S_IWOTH and (owner := os.lstat(entry).st_uid) not in (os.getuid(), 0):
-      return (f"{entry} belongs to another user (uid {owner}) in {where}, a folder every user "
-              "may write")
-    entry = parent
-  return None
 
 
 def load_split(folder: str, split: str, num_classes: int = 10,

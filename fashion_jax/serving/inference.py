@@ -19,7 +19,6 @@ import functools
 import json
 import math
 import os
-import stat
 from typing import Any
 
 from absl import logging
@@ -34,6 +33,7 @@ from fashion_jax import default_config
 from fashion_jax.model import steps
 from fashion_jax.support import checkpointing
 from fashion_jax.support.errors import UserError
+from fashion_jax.support.paths import put_by_others
 from fashion_jax.support import metric_writers
 from fashion_jax.support import storage
 
@@ -182,22 +182,18 @@ def _refuse_open_to_others(workdir: str, paths: list[str]) -> None:
   if storage.is_url(workdir) or os.environ.get(storage.TRUST_ENV) == "1":
     return
   for named in dict.fromkeys((os.path.abspath(workdir), os.path.realpath(workdir))):
-    while (parent := os.path.dirname(named)) != named:
-      try:
-        mode, owner = os.stat(parent).st_mode, os.lstat(named).st_uid
-      except OSError:  # Said when the run is read.
-        break
-      if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
-        raise UserError(f"the folder {parent} is writable by every user: anyone could have put "
-                        f"another run in place of {workdir} that this would serve; chmod o-w "
-                        f"{parent} (or +t), or set {storage.TRUST_ENV}=1 if nobody else can "
-                        "reach it")
-      if mode & stat.S_IWOTH and owner not in (os.getuid(), 0):
-        raise UserError(f"{named} belongs to another user (uid {owner}) in {parent}, a folder "
-                        "every user may write: anyone could have made it there before the run "
-                        f"you mean (a squatted /tmp/fj); set {storage.TRUST_ENV}=1 if it is a "
-                        "teammate's run you trust, or use a run of your own")
-      named = parent
+    try:
+      why = put_by_others(named)
+    except OSError:  # Said when the run is read.
+      why = None
+    if why and why.startswith("the folder "):
+      raise UserError(f"{why}: anyone could have put another run in place of {workdir} that "
+                      "this would serve; chmod o-w that folder (or +t), or set "
+                      f"{storage.TRUST_ENV}=1 if nobody else can reach it")
+    if why:
+      raise UserError(f"{why}: anyone could have made it there before the run you mean (a "
+                      f"squatted /tmp/fj); set {storage.TRUST_ENV}=1 if it is a teammate's run "
+                      "you trust, or use a run of your own")
   if open_to_all := storage.writable_by_all(paths):
     raise UserError(f"{open_to_all} is writable by every user: anyone could have put the "
                     f"checkpoint or config.json there that this would serve; chmod o-w "

@@ -88,3 +88,23 @@ def make_private_dir(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     return os.access(path, os.W_OK) and private(path, root)
   except OSError:
     return False
+
+
+def put_by_others(path: str) -> str | None:
+  """Why another user could have put the entry `path` (absolute, maybe through links) or a
+  folder above it where it is, else None: a folder on the way every user may write (anyone can
+  rename what is in it away and put theirs), or -- in such a folder with the sticky bit (/tmp) --
+  an entry on the way neither this user's nor root's (another user made /tmp/fashion_mnist or
+  /tmp/fj first). Folders are named as resolved; one on a read-only mount is passed (nobody can
+  write it, whatever its modes say). Raises OSError where a folder cannot be looked at."""
+  entry = path
+  while (parent := os.path.dirname(entry)) != entry:
+    where = os.path.realpath(parent)
+    mode = 0 if os.statvfs(where).f_flag & os.ST_RDONLY else os.stat(where).st_mode
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+      return f"the folder {where} is writable by every user"
+    if mode & stat.S_IWOTH and (owner := os.lstat(entry).st_uid) not in (os.getuid(), 0):
+      return (f"{entry} belongs to another user (uid {owner}) in {where}, a folder every user "
+              "may write")
+    entry = parent
+  return None
