@@ -26,10 +26,15 @@ def define_config_flag(default: str | None, help_text: str) -> None:
   command line can be read: defining the flag reads them, so a missing one was a traceback of
   ml_collections' and absl's (exit 1) before any command started."""
   try:
-    FLAGS.read_flags_from_files(sys.argv[1:], force_gnu=False)
+    _with_flagfiles(sys.argv[1:])
   except flags.CantOpenFlagFileError as e:
     fail(f"{str(e).replace('ERROR:: ', '').strip()}; pass --flagfile a file of flags, one a line")
   config_flags.DEFINE_config_file("config", default, help_text, lock_config=True)
+
+
+def _with_flagfiles(args: list[str]) -> list[str]:
+  """`args` with each --flagfile's flags in its place, as absl reads them (before the others)."""
+  return FLAGS.read_flags_from_files(args, force_gnu=False)
 
 
 def parse_flags(argv):
@@ -177,7 +182,7 @@ def _refuse_config_others_could_write(argv) -> None:
     return
   from fashion_jax import config_lib  # pylint: disable=g-import-not-at-top
   try:  # A --config in a --flagfile (absl reads those first) was run unchecked.
-    argv = argv[:1] + FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+    argv = argv[:1] + _with_flagfiles(argv[1:])
   except Exception:  # pylint: disable=broad-except  (an unreadable flagfile: absl says so next)
     pass
   for given in _config_files(argv, expand=False):  # A flagfile's --config=~/x is ./~/x.
@@ -270,7 +275,7 @@ def refuse_arguments(argv) -> None:
 def refuse_ignored_epochs(config) -> None:
   """--config.num_epochs=N where the config file sets num_train_steps (speedrun_cpu.py, tiny.py)
   did nothing: the run trained the file's steps without a word (2.5 epochs when 1 was asked)."""
-  args = FLAGS.read_flags_from_files(sys.argv[1:], force_gnu=False)  # (Read: define_config_flag.)
+  args = _with_flagfiles(sys.argv[1:])  # (Readable: define_config_flag checked.)
   given = {"--" + arg.split("=", 1)[0].lstrip("-")  # (absl takes -flag as --flag.)
            for arg in (args[:args.index("--")] if "--" in args else args)}
   if ("--config.num_epochs" in given and "--config.num_train_steps" not in given

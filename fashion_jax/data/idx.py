@@ -20,7 +20,7 @@ import numpy as np
 from fashion_jax.support import storage
 from fashion_jax.data import datasets
 from fashion_jax.support.errors import UserError
-from fashion_jax.support.paths import put_by_others
+from fashion_jax.support.paths import put_by_others, read_only
 
 _UINT8 = 0x08
 
@@ -144,15 +144,9 @@ def _open_to_others(folder: str, files) -> str | None:
     for chain in (os.path.abspath(path), real):
       if why := put_by_others(chain):
         return why
-    if os.stat(real).st_mode & stat.S_IWOTH and not _read_only(real):
+    if os.stat(real).st_mode & stat.S_IWOTH and not read_only(real):
       return f"{real} is writable by every user"
   return None
-
-
-def _read_only(path: str) -> bool:
-  """Whether `path` is on a read-only mount (squashfs, a read-only bind of a 0777 folder): nobody
-  can write it, whatever its modes say."""
-  return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
 def load_split(folder: str, split: str, num_classes: int = 10,

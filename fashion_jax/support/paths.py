@@ -90,6 +90,12 @@ def make_private_dir(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     return False
 
 
+def read_only(path: str) -> bool:
+  """Whether `path` is on a read-only mount (squashfs, a read-only bind of a 0777 folder): nobody
+  can write it, whatever its modes say."""
+  return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
 def put_by_others(path: str) -> str | None:
   """Why another user could have put the entry `path` (absolute, maybe through links) or a
   folder above it where it is, else None: a folder on the way every user may write (anyone can
@@ -100,7 +106,7 @@ def put_by_others(path: str) -> str | None:
   entry = path
   while (parent := os.path.dirname(entry)) != entry:
     where = os.path.realpath(parent)
-    mode = 0 if os.statvfs(where).f_flag & os.ST_RDONLY else os.stat(where).st_mode
+    mode = 0 if read_only(where) else os.stat(where).st_mode
     if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
       return f"the folder {where} is writable by every user"
     if mode & stat.S_IWOTH and (owner := os.lstat(entry).st_uid) not in (os.getuid(), 0):

@@ -17,6 +17,7 @@ already set malloc tunables.
 from __future__ import annotations
 
 import io
+import math
 import os
 import platform
 import random
@@ -134,7 +135,7 @@ def cpu_quota(proc_cgroup: str = "/proc/self/cgroup", root: str = CGROUP_ROOT) -
       folder = os.path.join(base, path.lstrip("/"))
       while True:
         try:
-          values = [open(os.path.join(folder, n)).read().split() for n in names]
+          values = [_read_words(os.path.join(folder, n)) for n in names]
           quota, period = values[0] if len(names) == 1 else (values[0][0], values[1][0])
           if quota not in ("max", "-1") and int(period) > 0:
             quotas.append(int(quota) / int(period))
@@ -145,6 +146,11 @@ def cpu_quota(proc_cgroup: str = "/proc/self/cgroup", root: str = CGROUP_ROOT) -
         folder = os.path.dirname(folder)
       break
   return min(quotas) if quotas else None
+
+
+def _read_words(path: str) -> list[str]:
+  with open(path) as f:
+    return f.read().split()
 
 
 def _idle_ticks() -> dict[int, int]:
@@ -182,7 +188,7 @@ def fit_to_cpu_quota() -> str | None:
   if os.environ.get(QUOTA_ENV) == "ignore" or not hasattr(os, "sched_setaffinity"):
     return None
   quota, cpus = cpu_quota(), sorted(os.sched_getaffinity(0))
-  if quota is None or (allowed := max(1, -int(-quota // 1))) >= len(cpus):
+  if quota is None or (allowed := max(1, math.ceil(quota))) >= len(cpus):
     return None
   chosen = _idlest(cpus, allowed)
   try:
