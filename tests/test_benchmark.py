@@ -283,6 +283,19 @@ def test_output_to_a_redirected_stdout_keeps_the_table(tmp_path):
   assert "best:" in text and json.loads(text[text.index("\n{") + 1:])["sweep"][0]["batch_size"] == 8
 
 
+def test_output_dash_writes_the_json_alone_to_stdout(tmp_path):
+  """--output=-: stdout is the JSON alone (`| jq`), the table on stderr (it wrote a file "-")."""
+  proc = subprocess.run([sys.executable, "-m", "fashion_jax.benchmark",
+                         f"--config={ROOT}/configs/tiny.py", "--batch_sizes=8", "--windows=1",
+                         "--window_seconds=0.05", "--compile_cache=false", "--output=-"],
+                        cwd=tmp_path, capture_output=True,
+                        text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                                     "PYTHONPATH": ROOT})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(proc.stdout)["sweep"][0]["batch_size"] == 8
+  assert "best:" in proc.stderr and not (tmp_path / "-").exists()
+
+
 @pytest.mark.parametrize("where,message", [
     ("a_file/b.json", "--output's folder"), ("", "is a folder; pass a file name"),
     ("s3://bucket/b.json", "s3:// folders are not supported")])

@@ -13,7 +13,7 @@ so the ratio is honest on a noisy machine; `--rounds=N` repeats the alternation
 `--profile` times the step op by op at the best batch size (jax.profiler): each op's
 share of the step and each native kernel's GFLOP/s and share of the peak.
 Progress goes to stderr as it runs; the table to stdout; everything to the
-JSON file.
+JSON file (`--output=-`: the JSON to stdout, the table then to stderr).
 
 Exit status: 0 measured, printed and written; 2 a problem with the input (a flag,
 the config, the data, --output; found before anything is measured, or --output
@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
@@ -65,7 +66,7 @@ def define_flags() -> None:
                      "multiply-add chains on every core, its nominal clock-based estimate "
                      "without the native kernels).")
   flags.DEFINE_string("output", "benchmark.json", "Where to write the JSON results (a file; "
-                      "gs://bucket/path too).")
+                      "gs://bucket/path too; - for stdout, the table then on stderr).")
   flags.DEFINE_bool("compile_cache", True, "Measure the second compile with the persistent cache.")
   flags.DEFINE_bool("loop", False, "Also time the real train loop end to end at each batch size, "
                     "for each of --loop_variants.")
@@ -385,14 +386,18 @@ def main(argv):
   except UserError as e:
     cli.fail(str(e))
   env = results["environment"]
+  table = sys.stderr if output == checks.STDOUT else sys.stdout  # `--output=- | jq`: JSON alone.
   if env["backend"] == "cpu":  # The table is only comparable with the CPU and kernels named.
-    print(benchmark_report.cpu_line(env))
-  print(benchmark_report.format_table(results))
+    print(benchmark_report.cpu_line(env), file=table)
+  print(benchmark_report.format_table(results), file=table)
   if "profile" in results:
-    print(step_profile.format_profile(results["profile"]))
+    print(step_profile.format_profile(results["profile"]), file=table)
+  text = json.dumps(results, indent=2, allow_nan=False) + "\n"
+  if output == checks.STDOUT:
+    sys.stdout.write(text)
+    return
   try:
-    storage.write_text(output, json.dumps(results, indent=2, allow_nan=False) + "\n",
-                       checks.OUTPUT_FULL_FIX)
+    storage.write_text(output, text, checks.OUTPUT_FULL_FIX)
   except UserError as e:
     cli.fail(str(e))
   except OSError as e:  # Gone or made unwritable during the run, a cloud upload that failed.

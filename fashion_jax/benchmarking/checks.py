@@ -106,11 +106,16 @@ def batches_fit(batch_sizes: list[int], parallel, train_examples: int, given: bo
                       "examples; pass smaller batch sizes")
 
 
+STDOUT = "-"  # --output=-: the JSON on stdout.
+
+
 def output(path: str) -> str:
   """--output resolved (a local file or gs://bucket/path), its folder created and proved
   writable: before the measurements, so that minutes of them are never lost at the end."""
   if not path.strip():
     raise UserError("--output is empty; pass the JSON file to write, e.g. --output=benchmark.json")
+  if path == STDOUT:  # (It had written a file named "-".)
+    return path
   path = storage.resolve(path, "--output")
   if storage.written_in_place(path):  # /dev/null, /dev/stdout, a FIFO: appended to, no folder.
     if not os.path.exists(path):
