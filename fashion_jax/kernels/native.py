@@ -96,6 +96,23 @@ def lanes() -> int:
     raise ValueError(str(e)) from e
 
 
+_open_fds: list = []  # Kept open: glibc knows a library by the name it was loaded by.
+
+
+def _dlopen(path):
+  """Loads `path` through the descriptor `native_build.open_library` checked (its /proc name,
+  where there is one): a folder swapped on the way after the check cannot change what runs."""
+  fd = native_build.open_library(path)
+  name = f"/proc/self/fd/{fd}"
+  try:
+    library = ctypes.CDLL(name if os.path.exists(name) else str(path))
+  except OSError as e:
+    os.close(fd)
+    raise OSError(str(e).replace(name, str(path))) from e
+  _open_fds.append(fd)
+  return library
+
+
 @functools.cache
 def _load() -> str | None:
   """Builds (or finds) and registers the kernels. Returns None, or why they are unavailable."""
@@ -110,11 +127,11 @@ def _load() -> str | None:
       target, width = native_build.choose(include)
       path = native_build.build(target, width, include)
       try:
-        library = ctypes.cdll.LoadLibrary(str(path))
+        library = _dlopen(path)
       except OSError:  # A damaged (or just pruned) cache entry: build it again, once.
         path.unlink(missing_ok=True)
         path = native_build.build(target, width, include)
-        library = ctypes.cdll.LoadLibrary(str(path))
+        library = _dlopen(path)
       native_build.mark_used(path)
       library.FjKernelInfo.restype = ctypes.c_char_p
       library.FjMeasurePeak.argtypes = (ctypes.c_int, ctypes.c_double,

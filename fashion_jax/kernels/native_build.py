@@ -26,8 +26,10 @@ The compiler is `$CXX`, else `c++`, `g++` or `clang++`: GCC and Clang (macOS's) 
 taken on the user's word, with a warning.
 
 Trust: a cached library is loaded only if it and every folder down from the cache are this
-user's own, no symlink, not group/world-writable; otherwise it is built afresh in a private
-`mkdtemp` folder. The cache key covers the source, the target's flags and width, jax, jaxlib
+user's own, no symlink, not group/world-writable, and no folder above the cache is one every
+user may write (`paths.put_by_others`); otherwise it is built afresh in a private `mkdtemp`
+folder. It is loaded through the descriptor it was checked by (`open_library`), so a folder
+swapped on the way after the check cannot change what runs. The cache key covers the source, the target's flags and width, jax, jaxlib
 and XLA's FFI headers, not the compiler: a library from any compiler of the same source, flags
 and headers does the same, and without a compiler a prebuilt one can still be found. Every load
 marks its build used; making a new build removes the user's builds unused for 30 days.
@@ -43,6 +45,7 @@ import os
 from pathlib import Path
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -173,16 +176,41 @@ def build_key(target: Target, lanes: int, include: str) -> str:
   return f"{target.name}-{lanes}-{key.hexdigest()[:16]}"
 
 
+def _swappable(folder: Path) -> str | None:
+  """Why another user could swap the cache `folder` (or a folder above it) for theirs, else None
+  (`paths.put_by_others`: a folder on the way every user may write)."""
+  try:
+    return paths.put_by_others(os.path.realpath(folder))
+  except OSError as e:
+    return f"{folder} cannot be looked at ({e.strerror or e})"
+
+
 def cached(key: str) -> Path | None:
   """The user's own cached build for `key`, if there is one to trust."""
   library = cache_dir() / key / LIBRARY
   if not library.exists():
     return None
-  if not paths.private(library, cache_dir()):
-    logging.warning("not loading %s: it or a folder above it is not yours alone (another owner, "
-                    "a symlink, or writable by others)", library)
+  why = (_swappable(cache_dir()) if paths.private(library, cache_dir()) else
+         "it or a folder above it is not yours alone (another owner, a symlink, or writable by "
+         "others)")
+  if why:
+    logging.warning("not loading %s: %s", library, why)
     return None
   return library
+
+
+def open_library(library: Path) -> int:
+  """A descriptor of `library` to load it through (`/proc/self/fd/N`): opened without following
+  a symlink and checked to be this user's own file that nobody else may write, so what is loaded
+  is what was checked, even where a folder on the way was swapped after `cached` looked (another
+  user's library would run as this one). OSError where it cannot be opened (missing, damaged)."""
+  fd = os.open(library, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+  info = os.fstat(fd)
+  if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+    os.close(fd)
+    raise NativeUnavailable(f"not loading {library}: it is not this user's own file, or others "
+                            "may write it (set FASHION_JAX_CACHE_DIR to a folder of your own)")
+  return fd
 
 
 # Builds no process has loaded for this long are removed when a new one is made (each source or
@@ -235,7 +263,7 @@ def _build_dir(key: str) -> tuple[Path, bool]:
   """(Where to build, whether it is the persistent cache): the cache if it can be made private,
   else a fresh `mkdtemp` folder (never a predictable shared path)."""
   out_dir = cache_dir() / key
-  if paths.make_private_dir(out_dir, cache_dir()):
+  if paths.make_private_dir(out_dir, cache_dir()) and not _swappable(cache_dir()):
     return out_dir, True
   out_dir = Path(tempfile.mkdtemp(prefix="fashion_jax_native_"))
   logging.warning("%s is not writable (or not yours alone); building the native kernels in %s "

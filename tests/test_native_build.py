@@ -1,0 +1,70 @@
+"""The native kernels' build and cache: what is trusted, where it is built, what is left behind."""
+
+import os
+from pathlib import Path
+import subprocess
+
+from fashion_jax.kernels import native, native_build
+from tests.test_native import _STUB_INFO, _best_key, fresh_load  # pylint: disable=unused-import
+
+NOBODY = 65534
+
+
+def _planted(tmp_path, where: Path) -> Path:
+  """Another user's library at `where` whose constructor leaves a marker if it is ever loaded."""
+  marker = tmp_path / "planted_ran"
+  source = tmp_path / "planted.cc"
+  source.write_text(f'#include <stdio.h>\n__attribute__((constructor)) static void run() {{ '
+                    f'FILE* f = fopen("{marker}", "w"); if (f) fclose(f); }}\n' + "".join(
+                        f'extern "C" void {s}() {{}}\n' for s in native._TARGETS.values())  # pylint: disable=protected-access
+                    + _STUB_INFO)
+  where.parent.mkdir(parents=True)
+  subprocess.run([native_build.compiler(), "-shared", "-fPIC", str(source), "-o", str(where)],
+                 check=True)
+  return marker
+
+
+def test_a_folder_swapped_between_the_check_and_the_load_is_not_loaded(fresh_load, monkeypatch,
+                                                                       tmp_path):
+  """The cache was checked (the user's own), then loaded by its path: a folder above it that
+  another user could re-point in between (here a link, switched right after the check) had their
+  library loaded. What is loaded is now the file that was checked."""
+  del fresh_load
+  mine, link = tmp_path / "mine", tmp_path / "link"
+  mine.mkdir(mode=0o700)
+  link.symlink_to(mine)
+  monkeypatch.setenv("FASHION_JAX_CACHE_DIR", str(link))
+  assert native.available(), native._load()  # pylint: disable=protected-access
+  theirs = tmp_path / "theirs"
+  marker = _planted(tmp_path, theirs / "native" / _best_key() / native_build.LIBRARY)
+  for folder, _, files in os.walk(theirs):
+    for name in (folder, *(os.path.join(folder, f) for f in files)):
+      os.chown(name, NOBODY, NOBODY)
+  checked = native_build.cached
+
+  def check_then_swap(key):
+    found = checked(key)
+    (tmp_path / "new_link").symlink_to(theirs)
+    os.replace(tmp_path / "new_link", link)
+    return found
+
+  monkeypatch.setattr(native_build, "cached", check_then_swap)
+  native._load.cache_clear()  # pylint: disable=protected-access
+  assert not native.available()
+  assert not marker.exists()
+  assert "not this user's own file" in native._load()  # pylint: disable=protected-access
+
+
+def test_a_cache_below_a_folder_anyone_may_write_is_not_used(fresh_load, monkeypatch, tmp_path):
+  """Anyone may rename such a folder's entries and put theirs: the cache in it is not trusted
+  (built for this process in a private temporary folder instead)."""
+  del fresh_load
+  shared = tmp_path / "shared"
+  shared.mkdir()
+  os.chmod(shared, 0o777)
+  monkeypatch.setenv("FASHION_JAX_CACHE_DIR", str(shared / "fashion_jax"))
+  (tmp_path / "tmp").mkdir()
+  monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+  assert native.available(), native._load()  # pylint: disable=protected-access
+  assert Path(native.info()["library"]).parent.name.startswith("fashion_jax_native_")
+  assert not list(shared.rglob(native_build.LIBRARY))
