@@ -146,3 +146,24 @@ def test_a_cloud_idx_folder_without_gcsfs_is_one_line(tiny_config, monkeypatch):
   with pytest.raises(UserError, match=r"\$FASHION_JAX_IDX_DIR='gs://bucket/fashion_mnist' "
                      r"needs gcsfs .*fashion_jax\[gcs\]"):
     input_pipeline.load(tiny_config, "train")
+
+
+@pytest.mark.parametrize("batch,processes,message", [
+    (0, 1, "batch_size=0 is no batch size; use a positive number"),
+    (-8, 1, "batch_size=-8 is no batch size"),
+    (101, 1, "batch_size=101 is larger than the 100 training examples; lower it"),
+    (10, 4, "batch_size=10 does not divide by the 4 processes")])
+def test_a_train_batch_size_out_of_range_is_one_line(batch, processes, message):
+  """Refused when the iterator is made: 0 or more than the split had been a ZeroDivisionError at
+  the first batch, a negative size a reshape's ValueError."""
+  from fashion_jax.support.errors import UserError  # pylint: disable=import-outside-toplevel
+  with pytest.raises(UserError, match=message):
+    input_pipeline.train_batches(_split(100), batch, seed=0, process_count=processes)
+
+
+@pytest.mark.parametrize("batch", [0, -8])
+def test_an_eval_batch_size_below_one_is_one_line(batch):
+  """0 had been range()'s ValueError, a negative size no batch at all (nothing evaluated)."""
+  from fashion_jax.support.errors import UserError  # pylint: disable=import-outside-toplevel
+  with pytest.raises(UserError, match=f"eval_batch_size={batch} is no batch size"):
+    list(input_pipeline.eval_batches(_split(100), batch))

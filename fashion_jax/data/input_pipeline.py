@@ -209,16 +209,31 @@ def epoch_index(seed: int, epoch: int, n: int, global_batch: int) -> np.ndarray:
   return np.sort(order.reshape(per_epoch, global_batch), axis=1).astype(np.int32)
 
 
+def _check_batch(global_batch: int, process_count: int, key: str) -> None:
+  """A global batch of at least one example, split evenly between the processes."""
+  if global_batch <= 0:  # (0: a ZeroDivisionError; negative: a reshape's ValueError or no batch.)
+    raise UserError(f"config.{key}={global_batch} is no batch size; use a positive number")
+  if global_batch % process_count:
+    raise UserError(f"config.{key}={global_batch} does not divide by the "
+                    f"{process_count} processes; use a multiple of {process_count}")
+
+
 def train_batches(split: Split, global_batch: int, seed: int, start_step: int = 0,
                   process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
   """Endless iterator of this process's part of each global train batch.
 
   Incomplete final batches of an epoch are dropped (the usual choice for
   training); step s always holds the same examples whatever `start_step` was.
+  A batch size out of range is refused here, not at the first batch.
   """
-  if global_batch % process_count:
-    raise UserError(f"config.batch_size={global_batch} does not divide by the "
-                    f"{process_count} processes; use a multiple of {process_count}")
+  _check_batch(global_batch, process_count, "batch_size")
+  if global_batch > len(split):  # (No step an epoch: a ZeroDivisionError.)
+    raise UserError(f"config.batch_size={global_batch} is larger than the {len(split)} "
+                    "training examples; lower it")
+  return _train_batches(split, global_batch, seed, start_step, process_index, process_count)
+
+
+def _train_batches(split, global_batch, seed, start_step, process_index, process_count):
   local = global_batch // process_count
   per_epoch = len(split) // global_batch
   epoch, offset = divmod(start_step, per_epoch)
@@ -237,9 +252,7 @@ def eval_batches(split: Split, global_batch: int, process_index: int = 0,
   Each batch carries `mask` (1 = real example, 0 = padding) so metrics count
   the real examples only.
   """
-  if global_batch % process_count:
-    raise UserError(f"config.eval_batch_size={global_batch} does not divide by the "
-                    f"{process_count} processes; use a multiple of {process_count}")
+  _check_batch(global_batch, process_count, "eval_batch_size")
   local = global_batch // process_count
   n = len(split)
   for start in range(0, n, global_batch):
