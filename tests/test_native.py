@@ -604,7 +604,7 @@ def test_disabled_by_environment(fresh_load, monkeypatch):
 
 def _no_compiler(monkeypatch):
   monkeypatch.delenv("CXX", raising=False)
-  monkeypatch.setattr(shutil, "which", lambda name: None)
+  monkeypatch.setattr(shutil, "which", lambda name, path=None: None)
 
 
 def test_without_a_compiler_or_a_prebuilt_library(fresh_load, monkeypatch):

@@ -68,3 +68,24 @@ def test_a_cache_below_a_folder_anyone_may_write_is_not_used(fresh_load, monkeyp
   assert native.available(), native._load()  # pylint: disable=protected-access
   assert Path(native.info()["library"]).parent.name.startswith("fashion_jax_native_")
   assert not list(shared.rglob(native_build.LIBRARY))
+
+
+def test_the_compiler_is_never_one_another_user_could_have_put_on_path(monkeypatch, tmp_path):
+  """An empty entry in PATH (`PATH=:/usr/bin`, or a trailing colon) found `c++` in the current
+  folder, and a folder every user may write on PATH was searched like any other: the build ran
+  whatever was planted there. Only PATH's absolute folders nobody else can write are searched."""
+  real = native_build.compiler()
+  planted = tmp_path / "shared"
+  planted.mkdir()
+  os.chmod(planted, 0o777)
+  for folder in (tmp_path, planted):
+    (folder / "c++").write_text("#!/bin/sh\nexit 1\n")
+    os.chmod(folder / "c++", 0o755)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.delenv("CXX", raising=False)
+  for path in (f":{os.environ['PATH']}", f".{os.pathsep}{os.environ['PATH']}",
+               f"{planted}{os.pathsep}{os.environ['PATH']}"):
+    monkeypatch.setenv("PATH", path)
+    assert native_build.compiler() == real, path
+  monkeypatch.setenv("CXX", str(planted / "c++"))  # The user's own choice, by its path: theirs.
+  assert native_build.compiler() == str(planted / "c++")

@@ -19,7 +19,8 @@ missing and a C++ compiler is there, else takes the best one already built.
 The source compiles as two halves at once (its FJ_PART), linked into one library: the compiler
 uses one core, and on 2 Zen 4 cores this took 14 s instead of 27.
 
-The compiler is `$CXX`, else `c++`, `g++` or `clang++`: GCC and Clang (macOS's) both build it
+The compiler is `$CXX`, else `c++`, `g++` or `clang++` (`compiler`: from PATH's absolute
+folders that no other user could have put it in): GCC and Clang (macOS's) both build it
 (tests/test_native.py, tests/test_native_selftest.py). Where /proc/cpuinfo is missing (macOS),
 `cpu_flags()` is empty and an x86-64 CPU gets the portable target unless
 `FASHION_JAX_NATIVE_ISA` names another (an Intel Mac with AVX2: `x86-64-v3`), which is then
@@ -89,9 +90,23 @@ class NativeUnavailable(RuntimeError):
 
 
 def compiler() -> str | None:
+  """The C++ compiler's absolute path: `$CXX`, else c++, g++ or clang++, found on PATH's absolute
+  folders that no other user could have put it in (`paths.put_by_others`). An empty or `.` entry
+  in PATH had run a `c++` planted in the current folder (a shared one, /tmp)."""
   for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
+    if name and os.sep in name:  # A path the user named ($CXX=/opt/gcc/bin/g++): theirs to vouch.
+      if found := shutil.which(name):
+        return os.path.abspath(found)
+    elif name:
+      for folder in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        if os.path.isabs(folder) and (found := shutil.which(name, path=folder)):
+          try:
+            why = paths.put_by_others(found)
+          except OSError as e:
+            why = e.strerror or str(e)
+          if not why:
+            return found
+          logging.warning("not running the compiler %s: %s", found, why)
   return None
 
 
