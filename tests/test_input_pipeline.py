@@ -167,3 +167,47 @@ def test_an_eval_batch_size_below_one_is_one_line(batch):
   from fashion_jax.support.errors import UserError  # pylint: disable=import-outside-toplevel
   with pytest.raises(UserError, match=f"eval_batch_size={batch} is no batch size"):
     list(input_pipeline.eval_batches(_split(100), batch))
+
+
+def test_the_digest_hashes_the_split_without_copying_it():
+  """The same 16 digits as before (checkpoints hold them), without a copy of the images: tobytes
+  had copied the whole train split (47 MB) to hash it."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import tracemalloc  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  split = Split(rng.integers(0, 256, (2000, 28, 28, 1), dtype=np.uint8),
+                rng.integers(0, 10, 2000).astype(np.int32))
+  expected = hashlib.sha256(split.labels.tobytes() + split.images.tobytes()).hexdigest()[:16]
+  tracemalloc.start()
+  try:
+    digest = input_pipeline.digest(split)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert digest == expected
+  assert peak < split.images.nbytes // 10, peak
+
+
+def test_tfds_images_are_copied_once(tmp_path, monkeypatch):
+  """Joining tfds's batches copies the images once; astype(np.uint8) had copied them again."""
+  import tracemalloc  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+  parts = [{"image": np.ones((500, 28, 28, 1), np.uint8), "label": np.zeros(500, np.int64)}
+           for _ in range(4)]
+
+  class Builder:
+    def is_prepared(self):
+      return True
+
+  fake = types.SimpleNamespace(builder=lambda name, data_dir: Builder(),
+                               load=lambda name, split, data_dir: _FakeDataset(),
+                               as_numpy=lambda dataset: parts)
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  tracemalloc.start()
+  try:
+    images, _ = input_pipeline._load_tfds("fashion_mnist", "train", str(tmp_path))
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert images.shape == (2000, 28, 28, 1) and images.dtype == np.uint8
+  assert peak < 1.5 * images.nbytes, (peak, images.nbytes)
