@@ -3,8 +3,10 @@
 import os
 from pathlib import Path
 import subprocess
+import sys
 
 from fashion_jax.kernels import native, native_build
+from tests.conftest import ROOT
 from tests.test_native import _STUB_INFO, _best_key, fresh_load  # pylint: disable=unused-import
 
 NOBODY = 65534
@@ -89,3 +91,32 @@ def test_the_compiler_is_never_one_another_user_could_have_put_on_path(monkeypat
     assert native_build.compiler() == real, path
   monkeypatch.setenv("CXX", str(planted / "c++"))  # The user's own choice, by its path: theirs.
   assert native_build.compiler() == str(planted / "c++")
+
+
+_LOAD = """
+import sys
+from pathlib import Path
+from fashion_jax.kernels import native, native_build
+native_build.SOURCE = Path(sys.argv[1])
+print(native._load())
+"""
+
+
+def test_a_build_in_a_temporary_folder_is_removed_when_the_process_ends(tmp_path):
+  """Where the cache cannot be written (a read-only or shared one), each process builds in a
+  fresh temporary folder; every run had left its folder (and library) behind in /tmp, a failed
+  build its folder too."""
+  tmp = tmp_path / "tmp"
+  tmp.mkdir()
+  (tmp_path / "file").write_text("")
+  stub, broken = tmp_path / "stub.cc", tmp_path / "broken.cc"
+  stub.write_text("".join(f'extern "C" void {symbol}() {{}}\n'
+                          for symbol in native._TARGETS.values()) + _STUB_INFO)  # pylint: disable=protected-access
+  broken.write_text("this is not C++\n")
+  env = dict(os.environ, TMPDIR=str(tmp), FASHION_JAX_CACHE_DIR=str(tmp_path / "file" / "cache"),
+             JAX_PLATFORMS="cpu")
+  for source, said in ((stub, "None"), (broken, "failed")):
+    proc = subprocess.run([sys.executable, "-c", _LOAD, str(source)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, check=True)
+    assert said in proc.stdout and "building the native kernels in" in proc.stderr, proc.stderr
+    assert not [p for p in os.listdir(tmp) if p.startswith("fashion_jax_native_")]

@@ -38,6 +38,7 @@ marks its build used; making a new build removes the user's builds unused for 30
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import hashlib
@@ -276,11 +277,13 @@ def prune(keep: str, now: float | None = None) -> list[str]:
 
 def _build_dir(key: str) -> tuple[Path, bool]:
   """(Where to build, whether it is the persistent cache): the cache if it can be made private,
-  else a fresh `mkdtemp` folder (never a predictable shared path)."""
+  else a fresh `mkdtemp` folder (never a predictable shared path), removed when the process
+  ends."""
   out_dir = cache_dir() / key
   if paths.make_private_dir(out_dir, cache_dir()) and not _swappable(cache_dir()):
     return out_dir, True
   out_dir = Path(tempfile.mkdtemp(prefix="fashion_jax_native_"))
+  atexit.register(shutil.rmtree, out_dir, True)  # Its use ends with the process (loaded or not).
   logging.warning("%s is not writable (or not yours alone); building the native kernels in %s "
                   "for this process", cache_dir(), out_dir)
   return out_dir, False
