@@ -107,6 +107,17 @@ def test_bad_magic(tmp_path):
     idx.read_idx(path)
 
 
+def test_a_saved_web_page_is_refused_with_what_to_do(tmp_path):
+  """A download that saved the server's error page: the line said only which magic numbers were
+  expected, not what to do about it."""
+  path = str(tmp_path / "train-images-idx3-ubyte.gz")
+  with open(path, "wb") as f:
+    f.write(b"<!DOCTYPE html><html><body>404 Not Found</body></html>")
+  with pytest.raises(UserError, match=r"^\S+train-images-idx3-ubyte.gz is not a uint8 IDX file "
+                     r"\(magic 3c21444f, .*\); re-download or replace the file$"):
+    idx.read_idx(path, expected_ndim=3)
+
+
 def test_swapped_files(tmp_path):
   folder = write_idx_folder(str(tmp_path), gz=False)
   a = os.path.join(folder, "train-images-idx3-ubyte")
@@ -146,7 +157,7 @@ def test_a_split_without_images_is_refused(tmp_path):
 def test_label_out_of_range(tmp_path):
   folder = write_idx_folder(str(tmp_path), n_train=20, gz=False)
   idx.write_idx(os.path.join(folder, "train-labels-idx1-ubyte"), np.full(20, 12, np.uint8))
-  with pytest.raises(UserError, match="label 12, outside 0..9"):
+  with pytest.raises(UserError, match="label 12, outside 0..9; .*: re-download or replace it$"):
     idx.load_split(folder, "train")
 
 

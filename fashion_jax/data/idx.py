@@ -55,8 +55,8 @@ def parse_idx(data: bytes, path: str, expected_ndim: int | None = None) -> np.nd
                     "re-download or replace the file")
   zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
   if zero != 0 or dtype_code != _UINT8 or ndim == 0:
-    raise UserError(f"{path} is not a uint8 IDX file (magic {data[:4].hex()}); "
-                    "expected 00000801 (labels) or 00000803 (images)")
+    raise UserError(f"{path} is not a uint8 IDX file (magic {data[:4].hex()}, expected "
+                    "00000801 for labels or 00000803 for images); re-download or replace the file")
   if expected_ndim is not None and ndim != expected_ndim:
     shape = {3: "[N, {}, {}]".format(*datasets.IMAGE_SHAPE[:2]), 1: "[N]"}.get(expected_ndim)
     raise UserError(f"{path} has {ndim} dimension(s), expected {expected_ndim}"
@@ -207,5 +207,5 @@ def checked_split(images: np.ndarray, labels: np.ndarray, images_path: str, labe
                     "together")
   if labels.size and labels.max() >= num_classes:
     raise UserError(f"{labels_path} holds label {int(labels.max())}, outside 0..{num_classes - 1}; "
-                    "the file is corrupt or from another data set")
+                    "the file is corrupt or from another data set: re-download or replace it")
   return images[..., None], labels.astype(np.int32)
