@@ -53,6 +53,18 @@ def test_missing_file(tmp_path):
   assert "train-images" not in str(e.value)
 
 
+def test_a_link_to_nothing_is_named_a_broken_link_not_missing(tmp_path):
+  """A link whose file was moved away was reported 'missing from IDX folder', though `ls` lists
+  it."""
+  folder = write_idx_folder(str(tmp_path / "idx"))
+  link = os.path.join(folder, "t10k-labels-idx1-ubyte.gz")
+  os.remove(link)
+  os.symlink(str(tmp_path / "moved" / "t10k-labels-idx1-ubyte.gz"), link)
+  with pytest.raises(UserError, match=f"^{link} is a link to '.*moved.*', which does not exist; "
+                     "point the link at the file, or put the file t10k-labels-idx1-ubyte "):
+    idx.load_split(folder, "test")
+
+
 def test_truncated_file(tmp_path):
   folder = write_idx_folder(str(tmp_path), gz=False)
   path = os.path.join(folder, "train-images-idx3-ubyte")

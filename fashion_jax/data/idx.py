@@ -131,6 +131,16 @@ def _find(folder: str, name: str, found: dict[str, str | None]) -> str | None:
   return None
 
 
+def _refuse_broken_link(folder: str, name: str) -> None:
+  """A link named `name` (or .gz) in a local `folder` whose target is gone: a UserError that says
+  so (it was "missing", which `ls` contradicts)."""
+  for candidate in ("" if storage.is_url(folder) else (name, name + ".gz")):
+    link = os.path.join(folder, candidate)
+    if os.path.islink(link):
+      raise UserError(f"{link} is a link to {os.readlink(link)!r}, which does not exist; point "
+                      f"the link at the file, or put the file {name} (raw or .gz) in its place")
+
+
 def _open_to_others(folder: str, files) -> str | None:
   """Why another user could have written a file read from the local IDX `folder`, else None: a
   folder on its way (as named or as resolved) or the file every user may write, or -- in such a
@@ -172,6 +182,7 @@ def load_split(folder: str, split: str, num_classes: int = 10,
   for name in (images_name, labels_name):
     path = _find(folder, name, found)
     if path is None:
+      _refuse_broken_link(folder, name)
       raise UserError(f"{name}[.gz] is missing from IDX folder {folder!r}; the {split} split is "
                       f"{images_name} and {labels_name} (raw or .gz; training reads both splits)")
     paths[name] = path
