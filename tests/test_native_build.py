@@ -120,3 +120,43 @@ def test_a_build_in_a_temporary_folder_is_removed_when_the_process_ends(tmp_path
                           capture_output=True, text=True, timeout=300, check=True)
     assert said in proc.stdout and "building the native kernels in" in proc.stderr, proc.stderr
     assert not [p for p in os.listdir(tmp) if p.startswith("fashion_jax_native_")]
+
+
+def _unloadable(tmp_path, library: Path) -> bytes:
+  """Makes `library` one this machine cannot load (as a build by another machine's newer compiler
+  whose libstdc++ this one lacks): it needs a library that is not here. Returns its bytes."""
+  needed = tmp_path / "libfj_elsewhere.so"
+  (tmp_path / "elsewhere.cc").write_text('extern "C" void FjElsewhere() {}\n')
+  subprocess.run([native_build.compiler(), "-shared", "-fPIC", str(tmp_path / "elsewhere.cc"),
+                  "-o", str(needed)], check=True)
+  stub = tmp_path / "needs.cc"
+  stub.write_text("".join(f'extern "C" void {s}() {{}}\n' for s in native._TARGETS.values())  # pylint: disable=protected-access
+                  + _STUB_INFO)
+  subprocess.run([native_build.compiler(), "-shared", "-fPIC", str(stub), "-o", str(library),
+                  "-Wl,--no-as-needed", f"-L{tmp_path}", "-lfj_elsewhere"], check=True)
+  needed.unlink()
+  return library.read_bytes()
+
+
+def test_a_library_that_does_not_load_here_is_kept_where_it_cannot_be_rebuilt(fresh_load,
+                                                                              monkeypatch,
+                                                                              tmp_path):
+  """A shared home's cache, built on a machine whose libstdc++ is newer: on one without a
+  compiler, the failed load deleted it (the other machines then had no build either). It is now
+  replaced only by a new build, never removed."""
+  del fresh_load
+  assert native.available(), native._load()  # pylint: disable=protected-access
+  library = native_build.cache_dir() / _best_key() / native_build.LIBRARY
+  content = _unloadable(tmp_path, library)
+  monkeypatch.delenv("CXX", raising=False)
+  monkeypatch.setattr(native_build, "compiler", lambda: None)
+  native._load.cache_clear()  # pylint: disable=protected-access
+  assert not native.available()
+  assert "libfj_elsewhere.so" in native._load() and "no C++ compiler" in native._load()  # pylint: disable=protected-access
+  assert library.read_bytes() == content
+  monkeypatch.undo()
+  monkeypatch.setattr(native_build, "SOURCE", tmp_path / "stub.cc")
+  monkeypatch.setenv("FASHION_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  native._load.cache_clear()  # pylint: disable=protected-access
+  assert native.available(), native._load()  # pylint: disable=protected-access  # Rebuilt here.
+  assert library.read_bytes() != content

@@ -128,9 +128,11 @@ def _load() -> str | None:
       path = native_build.build(target, width, include)
       try:
         library = _dlopen(path)
-      except OSError:  # A damaged (or just pruned) cache entry: build it again, once.
-        path.unlink(missing_ok=True)
-        path = native_build.build(target, width, include)
+      except OSError as e:  # A damaged or pruned entry, or another machine's: built anew, once.
+        try:
+          path = native_build.build(target, width, include, failed=path)
+        except NativeUnavailable as again:
+          raise NativeUnavailable(f"{e}; {again}") from e
         library = _dlopen(path)
       native_build.mark_used(path)
       library.FjKernelInfo.restype = ctypes.c_char_p

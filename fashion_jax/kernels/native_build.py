@@ -322,22 +322,37 @@ def _compile_and_link(cxx: str, flags: list[str], work: str, library: str) -> No
     raise NativeUnavailable(f"{cxx} failed: {errors[0][-2000:]}")
 
 
-def build(target: Target, lanes: int, include: str) -> Path:
+def _same_file(path: Path | None, identity: os.stat_result | None) -> bool:
+  try:
+    return identity is not None and os.path.samestat(os.stat(path), identity)
+  except (OSError, TypeError):
+    return False
+
+
+def build(target: Target, lanes: int, include: str, failed: Path | None = None) -> Path:
   """Compiles the kernels for `target` into the cache (unless already there); returns the path.
 
   One build at a time per cache entry (a file lock), so concurrent processes build once.
+  `failed`: the cached library that did not load here (damaged, or built by a machine with a
+  newer libstdc++), replaced by a new build unless another process did so meanwhile; never
+  removed (it may load on the machines sharing the cache), so without a compiler it stays.
   """
   key = build_key(target, lanes, include)
-  if (library := cached(key)) is not None:
+  broken = None
+  if failed is not None and failed.exists():
+    broken = os.stat(failed)
+  if (library := cached(key)) is not None and not _same_file(library, broken):
     return library
   cxx = compiler()
   if cxx is None:
     raise NativeUnavailable(f"no C++ compiler found (set CXX or install g++/clang++) and no "
-                            f"prebuilt kernels for this CPU in {cache_dir()}")
+                            f"prebuilt kernels for this CPU in {cache_dir()}" if broken is None else
+                            f"no C++ compiler found (set CXX or install g++/clang++) to rebuild "
+                            f"{failed}")
   out_dir, persistent = _build_dir(key)
   library = out_dir / LIBRARY
   with paths.exclusive(out_dir / ".lock"):
-    if persistent and (done := cached(key)) is not None:
+    if persistent and (done := cached(key)) is not None and not _same_file(done, broken):
       return done  # Another process built it while this one waited.
     logging.info("Compiling fashion_jax's native CPU kernels for %s into %s", target.name, out_dir)
     start = time.perf_counter()
