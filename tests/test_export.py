@@ -19,6 +19,7 @@ from fashion_jax import config_lib
 from fashion_jax.data import input_pipeline
 from fashion_jax.model import steps
 from fashion_jax.serving import export
+from fashion_jax.serving import export_folder
 from fashion_jax.serving import inference
 from fashion_jax.serving import savedmodel
 from fashion_jax.support.errors import UserError
@@ -354,10 +355,37 @@ def test_a_failed_swap_inside_the_folder_puts_the_old_export_back(tmp_path, monk
     return real_rename(src, dst)
   monkeypatch.setattr(export.os, "rename", failing_third_move_in)
   with pytest.raises(OSError):
-    export._swap_contents(str(staging), str(folder))  # pylint: disable=protected-access
+    export_folder._swap_contents(str(staging), str(folder))  # pylint: disable=protected-access
   assert {n: (folder / n).read_text() for n in ("a", "b")} == {"a": "old a", "b": "old b"}
   assert sorted(os.listdir(folder)) == sorted(["a", "b", staging.name])
   assert sorted(os.listdir(staging)) == ["a", "b", "c"]
+
+
+@needs_tf
+def test_sigterm_leaves_no_staging_folder_and_the_output_whole(trained_tiny_workdir, tmp_path):
+  """SIGTERM (`timeout`, a scheduler) while the export is staged: one line, exit 143, nothing
+  left (Python's default left the hidden staging folder beside --output); while it is moved in:
+  the move finishes first (stopped halfway, --output was empty). A staging folder a killed
+  export left an hour ago is removed; a recent one (an export running beside) is not."""
+  stale, recent = tmp_path / ".out.export-stale", tmp_path / ".out.export-recent"
+  for folder in (stale, recent):
+    folder.mkdir()
+    (folder / "saved_model.pb").write_bytes(b"half")
+  os.utime(stale, (0, 0))
+  args = (f"--workdir={trained_tiny_workdir}", f"--output={tmp_path / 'out'}", "--platforms=cpu")
+  proc = run_module("fashion_jax.export", *args,
+                    env={**os.environ, "FASHION_JAX_SIGNAL_AT": "export_saved"})
+  assert proc.returncode == 143, proc.stderr[-2000:]
+  assert [l for l in proc.stderr.splitlines() if l.startswith("fashion_jax: error: ")] == [
+      "fashion_jax: error: stopped by SIGTERM before the export was in place; --output is as it "
+      "was: run the export again"]
+  assert sorted(os.listdir(tmp_path)) == [recent.name]
+  proc = run_module("fashion_jax.export", *args,
+                    env={**os.environ, "FASHION_JAX_SIGNAL_AT": "export_moving"})
+  assert proc.returncode == -15, proc.stderr[-2000:]  # Ended by the signal, once the move was done.
+  assert sorted(os.listdir(tmp_path)) == [recent.name, "out"]
+  metadata = json.loads((tmp_path / "out" / export.METADATA_NAME).read_text())
+  assert export_folder.relative_files(str(tmp_path / "out")) == metadata["files"]
 
 
 def test_cli_missing_workdir(tmp_path):

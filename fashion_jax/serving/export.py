@@ -48,7 +48,6 @@ import dataclasses
 import datetime
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -58,14 +57,17 @@ from absl import flags
 
 import fashion_jax
 from fashion_jax import cli
+from fashion_jax.serving import export_folder
 from fashion_jax.serving import savedmodel
+from fashion_jax.support import faults
 from fashion_jax.support import storage
 from fashion_jax.support.errors import UserError
 
 FLAGS = flags.FLAGS
 
-METADATA_NAME = "fashion_jax_export.json"
-README_NAME = "README.md"
+METADATA_NAME = export_folder.METADATA_NAME
+README_NAME = export_folder.README_NAME
+check_output = export_folder.check_output
 CLASS_NAMES_FILE = "class_names.txt"
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -83,89 +85,6 @@ def define_flags() -> None:
   flags.DEFINE_bool("overwrite", False, "Replace a previous export in --output.")
 
 
-# ----------------------------------------------------------------------------------------------
-# The output folder.
-
-
-def check_output(output: str, overwrite: bool) -> str:
-  """The absolute --output, after refusing anything that would lose data.
-
-  A non-empty folder is refused unless --overwrite; even then only a
-  previous export (it has our metadata file) is replaced, never an arbitrary
-  folder someone pointed --output at by mistake.
-  """
-  if not output:
-    raise UserError("--output is empty; pass the folder to write the SavedModel to")
-  path = storage.resolve(output, "--output")  # gs://bucket/path too: where Vertex AI reads models.
-  if storage.is_url(path) and "/" not in path.split("://", 1)[1]:
-    raise UserError(f"--output={path} is a whole bucket; pass a folder in it, e.g. "
-                    f"--output={path}/fashion_jax_model")
-  if not storage.is_url(path):
-    # A link to the export folder (models/current -> v3): the export replaces v3's contents and
-    # the link stays (it had replaced the link by a folder and left v3 as it was, or failed).
-    path = os.path.realpath(path)
-  if storage.exists(path) and not storage.isdir(path):
-    raise UserError(f"--output {path!r} is a file; pass a folder (new or empty)")
-  if storage.isdir(path) and _has_content(path):
-    if not overwrite:
-      raise UserError(f"--output {path!r} is not empty; pass --overwrite to replace the export "
-                      "in it, or a new folder")
-    if not storage.exists(storage.join(path, METADATA_NAME)):
-      raise UserError(f"--output {path!r} is not empty and holds no fashion_jax export "
-                      f"({METADATA_NAME} missing); refusing to replace it even with --overwrite; "
-                      "pass a new or empty folder")
-    foreign = _foreign_files(path)
-    if foreign:
-      raise UserError(f"--output {path!r} holds files the export did not write "
-                      f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
-                      "refusing to replace it even with --overwrite; move them out, or pass a "
-                      "new folder")
-  return path
-
-
-# Where the folder's parent cannot take a sibling (a mount point, a parent you cannot write to),
-# the export is staged inside the folder itself, under these names.
-_INSIDE = (".fashion_jax-export-", ".fashion_jax-old-")
-
-
-def _kept(path: str) -> tuple[str, ...]:
-  """Entries of a local folder that an export neither counts nor moves: what it stages there,
-  and a file system's lost+found at a mount point (an ext4 volume's root)."""
-  return _INSIDE + (("lost+found",) if os.path.ismount(path) else ())
-
-
-def _has_content(path: str) -> bool:
-  """storage.has_content, less `_kept` entries (local folders)."""
-  if storage.is_url(path):
-    return storage.has_content(path)
-  kept = _kept(path)
-  return any(not name.startswith(kept) for name in os.listdir(path))
-
-
-# What an export writes at its top level: exports made before the metadata listed their files.
-_EXPORT_ENTRIES = frozenset({"saved_model.pb", "fingerprint.pb", "variables", "assets",
-                             METADATA_NAME, README_NAME})
-
-
-def _relative_files(folder: str) -> list[str]:
-  prefix = folder.rstrip("/") + "/"
-  return sorted(f[len(prefix):] if f.startswith(prefix) else f
-                for f in storage.files_under(folder))
-
-
-def _foreign_files(path: str) -> list[str]:
-  """The files under an export folder that the export did not write (its metadata's `files`)."""
-  try:
-    listed = json.loads(storage.read_text(storage.join(path, METADATA_NAME))).get("files")
-  except (OSError, ValueError, AttributeError):
-    listed = None
-  kept = () if storage.is_url(path) else _kept(path)
-  files = [f for f in _relative_files(path) if not f.startswith(kept)]
-  if isinstance(listed, list):
-    return [f for f in files if f not in set(listed)]
-  return [f for f in files if f.split("/", 1)[0] not in _EXPORT_ENTRIES]
-
-
 def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
   """--platforms as jax2tf wants them: known names, no duplicates, at least one."""
   platforms = tuple(dict.fromkeys(p.strip().lower() for p in platforms if p.strip()))
@@ -174,85 +93,6 @@ def check_platforms(platforms: Sequence[str]) -> tuple[str, ...]:
     raise UserError(f"--platforms={','.join(platforms)} is invalid; pass a comma-separated subset "
                     f"of {', '.join(KNOWN_PLATFORMS)} (NVIDIA GPUs are cuda)")
   return platforms
-
-
-def _move_into_place(staging: str, path: str) -> None:
-  """Replaces `path` by `staging` (same parent), keeping the old export until the new one is in.
-
-  A gs:// `path` is uploaded beside itself first, then swapped in (storage.replace_folder)."""
-  if storage.is_url(path):
-    try:
-      storage.replace_folder(staging, path)
-    except UserError:
-      raise
-    except Exception as e:  # pylint: disable=broad-except  (the upload: network, permissions)
-      text = str(e).splitlines()[0] if str(e) else ""
-      raise UserError(f"could not upload the export to {path} ({type(e).__name__}: {text}); it "
-                      "is unchanged: check the bucket and your credentials, then re-run") from e
-    return
-  try:
-    if os.path.dirname(staging) == path:
-      _swap_contents(staging, path)
-      return
-    old, emptied = None, False
-    if os.path.isdir(path):
-      if os.listdir(path):
-        old = f"{path}.old-{os.getpid()}"
-        os.rename(path, old)
-      else:
-        os.rmdir(path)
-        emptied = True
-    try:
-      os.rename(staging, path)
-    except OSError as e:
-      try:  # Put back what was there: the previous export, or the empty folder.
-        if old:
-          os.rename(old, path)
-        elif emptied:
-          os.mkdir(path)
-      except OSError as again:
-        raise _not_put_back(path, e, again, old) from e
-      raise
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
-  except OSError as e:
-    raise UserError(f"could not move the export into {path} ({e.strerror or e}); what was there "
-                    "is unchanged: pass an --output you can write to") from e
-
-
-def _not_put_back(path: str, e: OSError, again: OSError, old: str | None) -> UserError:
-  """A move into `path` failed (`e`), and so did putting back what was there (`again`)."""
-  return UserError(f"could not move the export into {path} ({e.strerror or e}), nor put back "
-                   f"what was there ({again.strerror or again})" +
-                   (f": the previous export is in {old}" if old else ""))
-
-
-def _swap_contents(staging: str, path: str) -> None:
-  """Replaces what `path` holds by what `staging` (inside it) holds: the old entries into a
-  folder beside `staging`, the new ones out of it, and back if a move fails."""
-  kept = _kept(path)
-  old = tempfile.mkdtemp(prefix=_INSIDE[1], dir=path)
-  previous = [n for n in os.listdir(path) if not n.startswith(kept)]
-  moved_out, moved_in = [], []
-  try:
-    for name in previous:
-      os.rename(os.path.join(path, name), os.path.join(old, name))
-      moved_out.append(name)
-    for name in os.listdir(staging):
-      os.rename(os.path.join(staging, name), os.path.join(path, name))
-      moved_in.append(name)
-  except OSError as e:
-    try:
-      for name in moved_in:
-        os.rename(os.path.join(path, name), os.path.join(staging, name))
-      for name in moved_out:
-        os.rename(os.path.join(old, name), os.path.join(path, name))
-      os.rmdir(old)
-    except OSError as again:
-      raise _not_put_back(path, e, again, old) from e
-    raise
-  shutil.rmtree(old, ignore_errors=True)
-  os.rmdir(staging)
 
 
 def _readme(metadata: dict[str, Any]) -> str:
@@ -307,28 +147,14 @@ def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS
       classifier.config, training=False, portable=True))
   tf, _ = savedmodel.import_tf()
   t0 = time.perf_counter()
-  parent = None if storage.is_url(path) else os.path.dirname(path)  # gs://: staged locally.
-  # Beside the folder, so that one rename swaps it in; inside it where that cannot be (a mount
-  # point cannot be renamed; a parent you cannot write to takes no sibling).
-  inside = bool(parent) and os.path.isdir(path) and (os.path.ismount(path) or
-                                                     not os.access(parent, os.W_OK))
-  try:
-    if parent:
-      os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=_INSIDE[0] if inside else
-                               f".{os.path.basename(path)}.export-", dir=path if inside else parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the export private.
-  except OSError as e:
-    raise UserError(f"cannot write to {path if inside else parent!r} ({e.strerror}); pass an "
-                    "--output you can write to") from e
-  try:
+  with export_folder.staged(path) as stage:
+    staging = stage.folder
     with tempfile.TemporaryDirectory() as scratch:
       names_path = os.path.join(scratch, CLASS_NAMES_FILE)
       with open(names_path, "w") as f:
         f.write("\n".join(classifier.class_names) + "\n")
       written = savedmodel.save(classifier, platforms, names_path, staging)
+    faults.maybe_signal("export_saved")  # Tests: SIGTERM while the export is staged.
     export_seconds = time.perf_counter() - t0
     backend = jax.default_backend()
     runnable_here = {"gpu": "cuda"}.get(backend, backend) in platforms
@@ -369,15 +195,12 @@ def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS
     with open(os.path.join(staging, README_NAME), "w") as f:
       f.write(_readme(metadata))
     # Every file of the export, so --overwrite can tell them from anything added beside them.
-    metadata["files"] = sorted([*_relative_files(staging), METADATA_NAME])
+    metadata["files"] = sorted([*export_folder.relative_files(staging), METADATA_NAME])
     with open(os.path.join(staging, METADATA_NAME), "w") as f:
       json.dump(metadata, f, indent=2)
       f.write("\n")
     check_output(path, overwrite)  # Again: something may have appeared meanwhile.
-    _move_into_place(staging, path)
-  finally:
-    if os.path.isdir(staging):
-      shutil.rmtree(staging, ignore_errors=True)
+    stage.move_in(path)
   return metadata
 
 
