@@ -134,7 +134,9 @@ def _find(folder: str, name: str, found: dict[str, str | None]) -> str | None:
 def _refuse_broken_link(folder: str, name: str) -> None:
   """A link named `name` (or .gz) in a local `folder` whose target is gone: a UserError that says
   so (it was "missing", which `ls` contradicts)."""
-  for candidate in ("" if storage.is_url(folder) else (name, name + ".gz")):
+  if storage.is_url(folder):
+    return
+  for candidate in (name, name + ".gz"):
     link = os.path.join(folder, candidate)
     if os.path.islink(link):
       raise UserError(f"{link} is a link to {os.readlink(link)!r}, which does not exist; point "
