@@ -69,3 +69,15 @@ def test_a_folder_others_can_write_is_not_used(tmp_path):
   assert got["folder"] is None and got["jax"] is None
   assert "not yours alone" in stderr
   assert os.listdir(root / "xla") == []
+
+
+def test_a_cache_below_a_folder_anyone_may_write_is_not_used(tmp_path):
+  """Its own folders were checked from the cache root down, not above it: in a folder every user
+  may write (a team's 0777 scratch), anyone could rename the root away and put theirs, with their
+  compiled programs, in its place between runs."""
+  shared = tmp_path / "shared"
+  shared.mkdir()
+  os.chmod(shared, 0o777)
+  got, stderr = _probe("gpu", shared / "cache")
+  assert got["folder"] is None and got["jax"] is None
+  assert f"the folder {shared} is writable by every user" in stderr

@@ -8,7 +8,8 @@ from disk; XLA's GPU autotuning results are kept there too, so other batch sizes
 
 Where: `$JAX_COMPILATION_CACHE_DIR` (or jax's `jax_compilation_cache_dir`) if the user set one,
 else `<cache root>/xla` (`paths.cache_root`: `~/.cache/fashion_jax`). Ours is used only if it
-and every folder down from the cache root are this user's alone: a cached executable is code.
+and every folder down from the cache root are this user's alone, and no folder above the root is
+one every user may write (`paths.put_by_others`): a cached executable is code.
 Capped at `MAX_BYTES` (least recently used entries go) where the `filelock` package that jax
 needs for that is installed. `FASHION_JAX_COMPILE_CACHE=0` turns ours off.
 
@@ -67,6 +68,14 @@ def enable(backend: str | None = None) -> str | None:
     logging.warning("no persistent compilation cache: %s is not writable or not yours alone "
                     "(another owner, a symlink, or writable by others); every run compiles afresh",
                     folder)
+    return None
+  try:  # Above the root too: anyone who may write a folder there can swap the root for theirs.
+    why = paths.put_by_others(os.path.realpath(root))
+  except OSError as e:
+    why = f"{root} cannot be looked at ({e.strerror or e})"
+  if why:
+    logging.warning("no persistent compilation cache in %s: %s; every run compiles afresh (set "
+                    "%s to a folder of your own)", folder, why, paths.CACHE_ENV)
     return None
   jax.config.update("jax_compilation_cache_dir", str(folder))
   if importlib.util.find_spec("filelock") is not None:
