@@ -5,6 +5,8 @@ from pathlib import Path
 import subprocess
 import sys
 
+import pytest
+
 from fashion_jax.kernels import native, native_build
 from tests.conftest import ROOT
 from tests.test_native import _STUB_INFO, _best_key, fresh_load  # pylint: disable=unused-import
@@ -96,6 +98,8 @@ def test_the_compiler_is_never_one_another_user_could_have_put_on_path(monkeypat
 _LOAD = """
 import sys
 from pathlib import Path
+import pytest
+
 from fashion_jax.kernels import native, native_build
 native_build.SOURCE = Path(sys.argv[1])
 print(native._load())
@@ -160,3 +164,12 @@ def test_a_library_that_does_not_load_here_is_kept_where_it_cannot_be_rebuilt(fr
   native._load.cache_clear()  # pylint: disable=protected-access
   assert native.available(), native._load()  # pylint: disable=protected-access  # Rebuilt here.
   assert library.read_bytes() != content
+
+
+@pytest.mark.parametrize("value", ["false", "OFF", "no"])
+def test_the_kernels_are_turned_off_by_any_usual_word_for_off(fresh_load, monkeypatch, value):
+  """Only FASHION_JAX_NATIVE=0 turned them off: =false or =off kept them, without a word."""
+  del fresh_load
+  monkeypatch.setenv("FASHION_JAX_NATIVE", value)
+  assert not native.available() and not native.available_without_building()
+  assert f"disabled by FASHION_JAX_NATIVE={value}" in native._load()  # pylint: disable=protected-access

@@ -36,8 +36,8 @@ The source ships with the package; the first call compiles it with the system C+
 architecture's baseline, each with its vector width; `native_build`) into a cache
 (`$FASHION_JAX_CACHE_DIR`, default `~/.cache/fashion_jax`), so later runs load it in
 milliseconds. Without a compiler a prebuilt library is used (`python -m
-fashion_jax.kernels.native --all`); without either, or with `FASHION_JAX_NATIVE=0`,
-`available()` is False and "auto" keeps the XLA formulations (`fashion_jax.kernels.ops`), which
+fashion_jax.kernels.native --all`); without either, or with `FASHION_JAX_NATIVE=0` (false, no,
+off), `available()` is False and "auto" keeps the XLA formulations (`fashion_jax.kernels.ops`), which
 compute the same math.
 """
 
@@ -96,6 +96,12 @@ def lanes() -> int:
     raise ValueError(str(e)) from e
 
 
+def disabled() -> bool:
+  """Whether `FASHION_JAX_NATIVE` turns the kernels off: 0, false, no or off, in any case (only 0
+  did: `FASHION_JAX_NATIVE=false` ran them)."""
+  return os.environ.get("FASHION_JAX_NATIVE", "").strip().lower() in ("0", "false", "no", "off")
+
+
 _open_fds: list = []  # Kept open: glibc knows a library by the name it was loaded by.
 
 
@@ -117,8 +123,8 @@ def _dlopen(path):
 def _load() -> str | None:
   """Builds (or finds) and registers the kernels. Returns None, or why they are unavailable."""
   global _registered
-  if os.environ.get("FASHION_JAX_NATIVE", "1") == "0":
-    return "disabled by FASHION_JAX_NATIVE=0"
+  if disabled():
+    return f"disabled by FASHION_JAX_NATIVE={os.environ['FASHION_JAX_NATIVE']}"
   with _lock:
     _loaded.clear()
     _library.clear()
@@ -175,7 +181,7 @@ def available_without_building() -> bool:
   """Whether the kernels are loaded, or can be without compiling them (this CPU's build is in the
   cache): `available()` then, else False. Inference takes them only so: a first build takes
   ~15 s, longer than most predictions."""
-  if os.environ.get("FASHION_JAX_NATIVE", "1") == "0":
+  if disabled():
     return False
   if not _load.cache_info().currsize:  # Not tried yet in this process.
     try:
