@@ -94,7 +94,7 @@ def parse_flags(argv):
                  + (f"; did you mean {guess.group(1)!r}?" if guess else "")
                  + "; the keys are listed in fashion_jax/default_config.py")
     else:
-      message = text.strip()
+      message = _wrong_type(text) or text.strip()
     program = os.path.basename(sys.argv[0]) if sys.argv else "fashion_jax"
     fail(f"{message}\nRun with --helpfull for the flags of {program}.")
   except Exception as e:  # pylint: disable=broad-except  (a config file's get_config failed)
@@ -115,6 +115,26 @@ def parse_flags(argv):
       fail(_config_load_error(TypeError(f"get_config() returned a {type(config).__name__}, "
                                         "not an ml_collections.ConfigDict")))
   return rest
+
+
+_KINDS = (("invalid literal for int()", "a whole number"),
+          ("could not convert string to float", "a number"),
+          ("Non-boolean argument to boolean flag", "true or false"))
+
+
+def _wrong_type(text: str) -> str | None:
+  """absl's words for `--config.KEY=VALUE` of the wrong type ("invalid literal for int() with
+  base 10: '0.5'") as what KEY takes, and, for a fraction of an epoch, how to ask for one."""
+  given = re.match(r"flag (--config\.([\w.]+))=(.*?): ", text)
+  kind = next((k for words, k in _KINDS if words in text), None)
+  if not given or not kind:
+    return None
+  flag, key, value = given.groups()
+  message = f"{flag}={value} is invalid: config.{key} takes {kind}"
+  if key == "num_epochs":
+    message += ("; for part of an epoch, set --config.num_train_steps instead (steps of "
+                "batch_size images)")
+  return message
 
 
 _RETURNED_NONE = "its get_config() returned None; is its return statement missing?"
