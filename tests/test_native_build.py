@@ -173,3 +173,18 @@ def test_the_kernels_are_turned_off_by_any_usual_word_for_off(fresh_load, monkey
   monkeypatch.setenv("FASHION_JAX_NATIVE", value)
   assert not native.available() and not native.available_without_building()
   assert f"disabled by FASHION_JAX_NATIVE={value}" in native._load()  # pylint: disable=protected-access
+
+
+def test_prebuilding_into_a_cache_that_cannot_hold_it_fails(capsys, fresh_load, monkeypatch,
+                                                            tmp_path):
+  """`--all` (a Docker image's prebuild) into an unwritable cache built each target in a temporary
+  folder, printed its path and exited 0: the image had no kernels."""
+  del fresh_load
+  (tmp_path / "file").write_text("")
+  monkeypatch.setenv("FASHION_JAX_CACHE_DIR", str(tmp_path / "file" / "cache"))
+  (tmp_path / "tmp").mkdir()
+  monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+  assert native.main(["--all"]) == 1
+  out = capsys.readouterr().out
+  for target in native_build.targets():
+    assert f"{target.name}: not built: NativeUnavailable: {native_build.cache_dir()} is not " in out

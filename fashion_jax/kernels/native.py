@@ -392,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     for target in native_build.targets():
       try:
         width = native_build.lanes_for(target)
-        print(f"{target.name} ({width} lanes): {native_build.build(target, width, include)}")
+        path = native_build.build(target, width, include)
+        if not path.is_relative_to(native_build.cache_dir()):  # A temporary folder, gone at exit.
+          raise NativeUnavailable(f"{native_build.cache_dir()} is not writable or not yours alone: "
+                                  "set FASHION_JAX_CACHE_DIR to a folder of your own")
+        print(f"{target.name} ({width} lanes): {path}")
       except (OSError, subprocess.SubprocessError, NativeUnavailable, ValueError) as e:
         print(f"{target.name}: not built: {type(e).__name__}: {e}")
         failed = True
