@@ -14,6 +14,11 @@ from tests.test_native import _STUB_INFO, _best_key, fresh_load  # pylint: disab
 NOBODY = 65534
 
 
+def _as_root():
+  if os.getuid() != 0:
+    pytest.skip("needs root: another user's files are made with chown")
+
+
 def _planted(tmp_path, where: Path) -> Path:
   """Another user's library at `where` whose constructor leaves a marker if it is ever loaded."""
   marker = tmp_path / "planted_ran"
@@ -34,6 +39,7 @@ def test_a_folder_swapped_between_the_check_and_the_load_is_not_loaded(fresh_loa
   another user could re-point in between (here a link, switched right after the check) had their
   library loaded. What is loaded is now the file that was checked."""
   del fresh_load
+  _as_root()
   mine, link = tmp_path / "mine", tmp_path / "link"
   mine.mkdir(mode=0o700)
   link.symlink_to(mine)
@@ -188,3 +194,20 @@ def test_prebuilding_into_a_cache_that_cannot_hold_it_fails(capsys, fresh_load, 
   out = capsys.readouterr().out
   for target in native_build.targets():
     assert f"{target.name}: not built: NativeUnavailable: {native_build.cache_dir()} is not " in out
+
+
+def test_a_build_in_another_users_cache_leaves_nothing_of_its_own_there(fresh_load, monkeypatch,
+                                                                         tmp_path):
+  """Root in a user's cache (sudo keeping HOME) made its own folder for the build there, which
+  that user's runs could then never build in (not theirs): each compiled afresh for good."""
+  del fresh_load
+  _as_root()
+  (tmp_path / "tmp").mkdir()
+  monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+  cache = native_build.cache_dir()
+  cache.mkdir(parents=True, mode=0o700)
+  for folder in (cache.parent, cache):
+    os.chown(folder, NOBODY, NOBODY)
+  assert native.available(), native._load()  # pylint: disable=protected-access
+  assert Path(native.info()["library"]).parent.name.startswith("fashion_jax_native_")
+  assert os.listdir(cache) == []
