@@ -162,8 +162,9 @@ def require_native():
   """Skips (with the reason) where the native kernels cannot be: disabled, or no C++ compiler.
   With a compiler they must build: that is a failure, not a skip."""
   from fashion_jax.kernels import native, native_build  # pylint: disable=import-outside-toplevel
-  if os.environ.get("FASHION_JAX_NATIVE") == "0":
-    pytest.skip("FASHION_JAX_NATIVE=0: the native kernels are disabled in this run")
+  if native.disabled():  # (=off, =false too: only =0 skipped, the others failed.)
+    pytest.skip(f"FASHION_JAX_NATIVE={os.environ['FASHION_JAX_NATIVE']}: the native kernels are "
+                "disabled in this run")
   if native_build.compiler() is None and not native.available():
     pytest.skip("no C++ compiler (c++, g++, clang++ or $CXX) on this machine: no native kernels")
   assert native.available(), native._load()  # pylint: disable=protected-access
