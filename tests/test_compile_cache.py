@@ -7,6 +7,8 @@ import stat
 import subprocess
 import sys
 
+import pytest
+
 from fashion_jax.support import compile_cache
 from tests.conftest import ROOT
 
@@ -81,3 +83,15 @@ def test_a_cache_below_a_folder_anyone_may_write_is_not_used(tmp_path):
   got, stderr = _probe("gpu", shared / "cache")
   assert got["folder"] is None and got["jax"] is None
   assert f"the folder {shared} is writable by every user" in stderr
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only root can give a folder to another user")
+def test_root_makes_no_folder_of_its_own_in_another_users_cache(tmp_path):
+  """Root with a user's HOME (sudo -E) made a root-owned xla/ in that user's cache, which the
+  user's runs could then never use (not theirs): no cache for good. Now nothing is made there."""
+  root = tmp_path / "cache"
+  root.mkdir(mode=0o700)
+  os.chown(root, 65534, 65534)
+  got, stderr = _probe("gpu", root)
+  assert got["folder"] is None and "not yours alone" in stderr
+  assert os.listdir(root) == []

@@ -275,25 +275,12 @@ def prune(keep: str, now: float | None = None) -> list[str]:
   return removed
 
 
-def _may_fill(folder: Path) -> bool:
-  """Whether to create `folder`'s missing folders: the nearest one there is is this user's, or a
-  sticky one (/tmp). Root in another user's cache (sudo keeping HOME) had made a folder of its own
-  there, which that user's runs could never build in again."""
-  existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
-  try:
-    info = os.lstat(existing)
-  except OSError:
-    return False
-  return info.st_uid == os.getuid() or bool(info.st_mode & stat.S_ISVTX)
-
-
 def _build_dir(key: str) -> tuple[Path, bool]:
   """(Where to build, whether it is the persistent cache): the cache if it can be made private,
   else a fresh `mkdtemp` folder (never a predictable shared path), removed when the process
   ends."""
   out_dir = cache_dir() / key
-  if (_may_fill(out_dir) and paths.make_private_dir(out_dir, cache_dir())
-      and not _swappable(cache_dir())):
+  if paths.make_private_dir(out_dir, cache_dir()) and not _swappable(cache_dir()):
     return out_dir, True
   out_dir = Path(tempfile.mkdtemp(prefix="fashion_jax_native_"))
   atexit.register(shutil.rmtree, out_dir, True)  # Its use ends with the process (loaded or not).
