@@ -211,3 +211,19 @@ def test_a_build_in_another_users_cache_leaves_nothing_of_its_own_there(fresh_lo
   assert native.available(), native._load()  # pylint: disable=protected-access
   assert Path(native.info()["library"]).parent.name.startswith("fashion_jax_native_")
   assert os.listdir(cache) == []
+
+
+def test_a_cache_root_built_is_loaded_by_another_user(fresh_load, monkeypatch, tmp_path):
+  """A cache built as root (`native --all` in a Docker image) and made readable, used by a
+  container's other user: it was not theirs, so each of their processes compiled afresh (or,
+  without a compiler, ran without the kernels). Root's files nobody else may write are trusted,
+  as the system's are; another user's are still not (the tests above)."""
+  del fresh_load
+  _as_root()
+  assert native.available(), native._load()  # pylint: disable=protected-access
+  built = Path(native.info()["library"])
+  assert built.parent.parent == native_build.cache_dir()  # Root's build, in the cache.
+  monkeypatch.setattr(native_build.os, "getuid", lambda: 1000)  # Now another user.
+  native._load.cache_clear()  # pylint: disable=protected-access
+  assert native.available(), native._load()  # pylint: disable=protected-access
+  assert Path(native.info()["library"]) == built

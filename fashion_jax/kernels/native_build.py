@@ -217,12 +217,12 @@ def cached(key: str) -> Path | None:
 
 def open_library(library: Path) -> int:
   """A descriptor of `library` to load it through (`/proc/self/fd/N`): opened without following
-  a symlink and checked to be this user's own file that nobody else may write, so what is loaded
-  is what was checked, even where a folder on the way was swapped after `cached` looked (another
-  user's library would run as this one). OSError where it cannot be opened (missing, damaged)."""
+  a symlink and checked to be this user's own file (or root's) that nobody else may write, so
+  what is loaded is what was checked, even where a folder on the way was swapped after `cached`
+  looked (another user's library would run as this one). OSError where it cannot be opened."""
   fd = os.open(library, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
   info = os.fstat(fd)
-  if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+  if not stat.S_ISREG(info.st_mode) or info.st_uid not in (os.getuid(), 0) or info.st_mode & 0o022:
     os.close(fd)
     raise NativeUnavailable(f"not loading {library}: it is not this user's own file, or others "
                             "may write it (set FASHION_JAX_CACHE_DIR to a folder of your own)")

@@ -58,18 +58,19 @@ def exclusive(lock_file: str | os.PathLike, waiting: str | None = None):
 
 
 def private(path: str | os.PathLike, root: str | os.PathLike) -> bool:
-  """Whether `path` and every folder from `root` down to it are this user's alone.
+  """Whether `path` and every folder from `root` down to it are this user's alone (or root's).
 
-  Owned by the user, no symlink, not writable by group or others: nobody else can have put
-  (or can swap in) code or data to load there. Anything else is not used.
+  Owned by the user (or by root, who owns the system anyway: a cache built into a Docker image
+  as root, run as another user), no symlink, not writable by group or others: nobody else can
+  have put (or can swap in) code or data to load there. Anything else is not used.
   """
-  uid, root, current = os.getuid(), Path(root), Path(path)
+  owners, root, current = (os.getuid(), 0), Path(root), Path(path)
   while True:
     try:
       info = os.lstat(current)
     except OSError:
       return False
-    if stat.S_ISLNK(info.st_mode) or info.st_uid != uid or info.st_mode & 0o022:
+    if stat.S_ISLNK(info.st_mode) or info.st_uid not in owners or info.st_mode & 0o022:
       return False
     if current == root or current.parent == current:
       return True
