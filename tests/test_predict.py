@@ -284,6 +284,22 @@ def test_find_images_order_and_filters(tmp_path):
   assert inputs.empty_folders == [f"{root}/c"]
 
 
+def test_a_quoted_pattern_is_expanded_as_the_shell_would(tmp_path):
+  """'photos/*.jpg' quoted (or from a program that passes no shell) was "no such file"."""
+  for name in ("p/b.jpg", "p/a.png", "p/notes.txt", "p/sub/c.gif", "p/.hidden.jpg", "q/x.txt"):
+    os.makedirs((tmp_path / name).parent, exist_ok=True)
+    (tmp_path / name).write_bytes(b"")
+  root = str(tmp_path)
+  inputs = predict.find_images([f"{root}/p/*", f"{root}/p/**/*.gif", f"{root}/q/*",
+                                f"{root}/none*.jpg"])
+  assert inputs.entries == [f"{root}/p/a.png", f"{root}/p/b.jpg", f"{root}/p/sub/c.gif",
+                            f"{root}/p/sub/c.gif", f"{root}/none*.jpg"]
+  assert inputs.missing == {f"{root}/none*.jpg"}
+  assert inputs.empty_folders == [f"{root}/q/*"]
+  (tmp_path / "p" / "[x].png").write_bytes(b"")  # A name that looks like a pattern: itself.
+  assert predict.find_images([f"{root}/p/[x].png"]).entries == [f"{root}/p/[x].png"]
+
+
 def test_preprocessed_names_are_unique():
   names = predict.preprocessed_names(["a/shirt.jpg", "b/shirt.jpg", "shirt.jpg.png", "c/shirt.jpg",
                                       "shirt.png"])

@@ -34,6 +34,7 @@ mistakes are reported at once.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import io
 import json
 import os
@@ -101,10 +102,22 @@ class Inputs:
 
 
 def find_images(paths: Iterable[str]) -> Inputs:
-  """Files as given; folders walked recursively (sorted, image extensions, no hidden entries)."""
+  """Files as given; folders walked recursively (sorted, image extensions, no hidden entries); a
+  pattern no file is named after (`'photos/*.jpg'`, quoted, or from a program that passes no
+  shell) as the shell would expand it, its files with an image extension (it was "no such
+  file")."""
   entries, missing, empty = [], set(), []
   for path in paths:
-    if os.path.isdir(path):
+    matches = ([] if os.path.lexists(path) or not glob.has_magic(path) else
+               sorted(glob.glob(path, recursive=True)))
+    if matches:
+      files = [m for m in matches if os.path.isfile(m) and preprocess.is_image_filename(m)]
+      folders = find_images([m for m in matches if os.path.isdir(m)])
+      entries.extend(files + folders.entries)
+      empty.extend(folders.empty_folders)
+      if not files and not folders.entries:
+        empty.append(path)
+    elif os.path.isdir(path):
       found = []
       for root, dirs, names in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -185,7 +198,7 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
       prediction.error = "no such file or directory"
       print(f"fashion_jax: error: {shown(prediction.path)}: {prediction.error}", file=err)
   for path in inputs.empty_folders:
-    print(f"fashion_jax: warning: {path}: no image files in this folder (extensions: "
+    print(f"fashion_jax: warning: {path}: no image files there (extensions: "
           f"{' '.join(sorted(preprocess.IMAGE_EXTENSIONS))})", file=err)
   todo = [p for p in predictions if p.error is None]
   if not todo:
