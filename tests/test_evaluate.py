@@ -122,6 +122,10 @@ def test_evaluate_writes_report_in_workdir(trained_tiny_workdir, tmp_path):
   text = evaluate.format_report(written)
   assert "precision" in text and "Ankle boot" in text and "macro avg" in text
   assert f"accuracy {100 * written['accuracy']:.2f}%" in text
+  assert f"test set: 100 images from IDX {written['data']['idx_dir']} (via config.json)" in text
+  from_env = {**written, "data": {"description": "IDX folder /d ($FASHION_JAX_IDX_DIR)",
+                                  "from": "$FASHION_JAX_IDX_DIR", "count": 100}}
+  assert "from IDX folder /d ($FASHION_JAX_IDX_DIR)\n" in evaluate.format_report(from_env)
 
 
 def _shuffled_label_folder(folder, n=60, seed=3):

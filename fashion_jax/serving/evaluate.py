@@ -378,8 +378,9 @@ def format_report(result: dict[str, Any]) -> str:
   width = max(len("macro avg"), *(len(c["name"]) for c in result["per_class"]))
   checkpoint, data = result["checkpoint"], result["data"]
   where = f"IDX {data['idx_dir']}" if "idx_dir" in data else data["description"]
+  via = "" if data["from"] in where else f" (via {data['from']})"  # (Named twice, it was.)
   lines = [f"{result['model']}, checkpoint step {checkpoint['step']}: {checkpoint['why']}",
-           f"test set: {data['count']:,} images from {where} (via {data['from']})", "",
+           f"test set: {data['count']:,} images from {where}{via}", "",
            f"{'class':<{width}}  precision  recall      f1  support  predicted"]
   for c in result["per_class"]:
     lines.append(f"{c['name']:<{width}}  {c['precision']:9.4f}  {c['recall']:6.4f}  "
