@@ -552,3 +552,31 @@ def test_process_0_failing_waits_for_the_others_to_read_it(monkeypatch, others_f
   assert e.value.code == 2
   assert client.keys["fashion_jax/failed/0"] == "2:IDX folder '/x' does not exist"
   assert leaves_at <= client.now < leaves_at + 0.5
+
+
+_GATHER_TWICE = """
+import sys
+import jax
+index, port = int(sys.argv[1]), sys.argv[2]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"localhost:{port}", 2, index, initialization_timeout=60)
+from fashion_jax.support import multihost
+print("first", multihost.gather("workdir_lock", None if index else "refused"))
+print("second", multihost.gather("workdir_lock", f"p{index}"))  # A second run in the same job.
+multihost.barrier("done")
+"""
+
+
+def test_a_barrier_name_used_again_in_the_job_is_a_barrier_again():
+  """A second `train_and_evaluate` in one job (two runs from a notebook on a pod, the first
+  refused): its "workdir_lock" agreement set keys the first had set, and every process crashed
+  (JaxRuntimeError ALREADY_EXISTS); a value set again could have been read stale."""
+  port = str(_free_port())
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen([sys.executable, "-c", _GATHER_TWICE, str(i), port], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  for proc, (out, err) in zip(procs, outs):
+    assert proc.returncode == 0, err[-3000:]
+    assert out.splitlines() == ["first {0: 'refused'}", "second {0: 'p0', 1: 'p1'}"], out

@@ -9,6 +9,7 @@ an all-gather on the devices.
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import time
@@ -23,6 +24,9 @@ BARRIER_TIMEOUT_MS = 60 * 60 * 1000  # A peer that died fails the barrier much s
 # Waits are cut into slices this long, and between them a process looks for a peer's failure
 # (`fail_fast`): an error on one process stops the others in seconds, not at a timeout.
 SLICE_MS = 1000
+# How often this process has gathered under each name: the keys of a name's n-th use are its own
+# (`name#n/`), so a name used again in the job (a second `train_and_evaluate`) is a new barrier.
+_USES: collections.Counter = collections.Counter()
 
 
 def _client():
@@ -37,8 +41,9 @@ def _client():
 def gather(name: str, value: str | None) -> dict[int, str]:
   """{process index: value} of every process that passed a value (not None) for `name`.
 
-  A collective: every process calls it with the same `name` (unique within the
-  job: it names a barrier), and all of them get the same answer.
+  A collective: every process calls it with the same `name` (it names a barrier), and all of
+  them get the same answer. A name may come again (every process makes the same calls in the
+  same order): each use is a barrier of its own.
   """
   index, count = jax.process_index(), jax.process_count()
   if count == 1:
@@ -51,7 +56,8 @@ def gather(name: str, value: str | None) -> dict[int, str]:
   # Every process sets its key ("=value", or "" for none) and waits for every other's: the
   # barrier, in slices (a barrier cannot be waited for again once its timeout passed). The
   # folder is read first and after each wait, so a process blocks only on a key still missing.
-  prefix = f"{_PREFIX}/{name}/"
+  _USES[name] += 1  # Its keys had been set once per job: a second use failed (ALREADY_EXISTS).
+  prefix = f"{_PREFIX}/{name}#{_USES[name]}/"
   client.key_value_set(f"{prefix}{index}", "" if value is None else "=" + value)
   deadline = time.monotonic() + BARRIER_TIMEOUT_MS / 1000
   while True:
