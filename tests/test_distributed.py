@@ -353,6 +353,26 @@ exec {sys.executable} "$@"
   assert "Terminating process" not in "".join(logs) and "Fatal Python error" not in "".join(logs)
 
 
+
+def test_a_process_given_another_config_stops_the_job_with_a_line(tmp_path, idx_dir):
+  """Process 1 alone with another learning rate (a flag left out of one host's command): it had
+  trained with its own, each host's "replicated" parameters drifting apart silently (exit 0, the
+  metrics and checkpoint process 0's alone). Now every process refuses it at once, exit 2."""
+  wrapper = tmp_path / "python_with_another_rate"
+  wrapper.write_text(f"""#!/bin/sh
+case "$*" in *--config.process_id=1*) exec {sys.executable} "$@" --config.learning_rate=0.5 ;; esac
+exec {sys.executable} "$@"
+""")
+  wrapper.chmod(0o755)
+  proc = _launch(tmp_path / "run", "--config=configs/tiny.py", f"--config.idx_dir={idx_dir}",
+                 PYTHON=str(wrapper))
+  assert proc.returncode == 2, proc.stderr + "".join(_process_logs(tmp_path / "run"))[-3000:]
+  assert proc.stderr.count("fashion_jax: error: process 1 of the job was given another config "
+                           "than process 0: learning_rate=0.5 (process 0: 0.001); give every "
+                           "process the same config and flags (only process_id, idx_dir,") == 1, \
+      proc.stderr
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
 @pytest.mark.parametrize("crashing", [1, 0])
 def test_a_crash_on_one_process_alone_stops_every_process_in_seconds(tmp_path, idx_dir, crashing):
   """A process crashes (a RuntimeError: a bug) after the step-8 checkpoint. Process 1's had

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import functools
+import json
 import os
 import signal
 import socket
@@ -30,9 +31,14 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
+from fashion_jax.support import multihost
 from fashion_jax.support.errors import UserError
 
 AXIS = "data"
+# Config keys that may differ between the processes of a job (each host's own paths and id);
+# every other key must be the same on all of them (`check_same_config`).
+PER_PROCESS_KEYS = ("process_id", "idx_dir", "data_dir", "coordinator_address", "distributed",
+                    "distributed_timeout_s", "progress_bar")
 
 
 def cluster_detected() -> str | None:
@@ -149,7 +155,28 @@ def initialize_distributed(config) -> bool:
                     "process ids, and that process 0 is running and reachable") from e
   _restore_python_sigterm()
   logging.info("joined: process %d of %d", jax.process_index(), jax.process_count())
+  check_same_config(config)
   return True
+
+
+def check_same_config(config) -> None:
+  """UserError, on every process alike, where a process of the job was given another config than
+  process 0 (but for PER_PROCESS_KEYS). Each had trained with its own: another learning rate or
+  seed left the replicated state different on each host (its metrics and checkpoint process 0's
+  alone), silently; another batch size hung in the first all-reduce."""
+  values = json.loads(config.to_json_best_effort())
+  mine = {key: value for key, value in values.items() if key not in PER_PROCESS_KEYS}
+  found = {index: json.loads(text) for index, text in
+           multihost.gather("config", json.dumps(mine, sort_keys=True)).items()}
+  lead = found.get(0, mine)
+  for index, theirs in sorted(found.items()):
+    differ = sorted(key for key in lead.keys() | theirs.keys() if lead.get(key) != theirs.get(key))
+    if differ:
+      said = ", ".join(f"{key}={theirs.get(key)!r} (process 0: {lead.get(key)!r})"
+                       for key in differ[:3]) + (f" and {len(differ) - 3} more" if differ[3:] else "")
+      raise UserError(f"process {index} of the job was given another config than process 0: "
+                      f"{said}; give every process the same config and flags (only "
+                      f"{', '.join(PER_PROCESS_KEYS)} may differ)")
 
 
 class Parallel:
