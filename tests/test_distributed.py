@@ -147,6 +147,26 @@ def test_process_0s_coordinator_port_is_checked_before_jax_starts_the_service():
       parallel.initialize_distributed(config)
 
 
+
+_BATCH_SCRIPT = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                 "SLURM_NODELIST": "node1", "SLURM_JOB_NODELIST": "node1"}
+
+
+def test_one_process_in_a_slurm_allocation_of_several_tasks_runs_alone(monkeypatch):
+  """`python -m fashion_jax.main` in an sbatch script or salloc shell of `-n 4` (no srun): its
+  one process had been taken for a job of 4 and refused ("could not join the distributed job at
+  the SLURM cluster: coordinator_address should be defined"). Inside an srun step it joins."""
+  from fashion_jax import default_config  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support import parallel  # pylint: disable=import-outside-toplevel
+  for name, value in _BATCH_SCRIPT.items():
+    monkeypatch.setenv(name, value)
+  assert parallel.cluster_detected() is None
+  assert parallel.initialize_distributed(default_config.get_config()) is False
+  monkeypatch.setenv("SLURM_STEP_NODELIST", "node1")  # srun -n 4: a step of 4 tasks.
+  assert parallel.cluster_detected() == "SLURM"
+  monkeypatch.setenv("SLURM_NTASKS", "")  # Not a number: no job of several, not a traceback.
+  assert parallel.cluster_detected() is None
+
 def test_coordinator_without_process_count_is_a_config_error(tmp_path):
   proc = run_module("fashion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
                     "--config.coordinator_address=localhost:1234", timeout=120)

@@ -42,14 +42,27 @@ PER_PROCESS_KEYS = ("process_id", "idx_dir", "data_dir", "coordinator_address", 
 
 
 def cluster_detected() -> str | None:
-  """A multi-process launcher JAX can read its topology from, if any."""
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+  """A multi-process launcher JAX can read its topology from, if any.
+
+  SLURM: a step of several tasks (srun), as JAX's own detection wants it. A batch script or a
+  salloc shell of an allocation of several tasks has SLURM_NTASKS > 1 too, but its one process
+  is no job of several: one run there had been refused ("could not join ... coordinator_address
+  should be defined").
+  """
+  if (_env_count("SLURM_NTASKS") > 1 and "SLURM_PROCID" in os.environ
+      and "SLURM_STEP_NODELIST" in os.environ and "SLURM_JOB_ID" in os.environ):
     return "SLURM"
-  if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+  if _env_count("OMPI_COMM_WORLD_SIZE") > 1:
     return "Open MPI"
   if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
     return "TPU pod"
   return None
+
+
+def _env_count(name: str) -> int:
+  """A launcher's process count from the environment; 1 where unset or not a number."""
+  value = os.environ.get(name, "").strip()
+  return int(value) if value.isdigit() else 1
 
 
 def _host_port(address: str) -> tuple[str, int]:
