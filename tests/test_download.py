@@ -1,5 +1,6 @@
 """fashion_jax.data.download and the data-source choice: verified files, a cache, fast offline errors."""
 
+import base64
 import contextlib
 import errno
 import fcntl
@@ -564,3 +565,52 @@ def test_the_data_url_variable_is_named(monkeypatch, tmp_path):
   monkeypatch.setenv(download.URL_ENV, _closed_port_url())
   with pytest.raises(UserError, match=r"refused; the address is \$FASHION_JAX_DATA_URL's: fix it"):
     download.fetch("fashion_mnist", str(tmp_path / "cache"))
+
+
+@contextlib.contextmanager
+def _serve_with(folder, check):
+  """A local HTTP server over `folder` that answers 403 where `check(handler)` is false (a mirror
+  that wants a password, a proxy); yields its base URL and the paths it was asked for."""
+  requested = []
+
+  class Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+      pass
+
+    def do_GET(self):  # pylint: disable=invalid-name
+      requested.append(self.path)
+      if not check(self):
+        self.send_error(403)
+        return
+      self.path = "/" + self.path.rsplit("/", 1)[-1].split("?")[0]  # (A proxy's full URL.)
+      super().do_GET()
+
+  server = http.server.ThreadingHTTPServer(
+      ("127.0.0.1", 0), functools.partial(Handler, directory=folder))
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    yield f"127.0.0.1:{server.server_address[1]}", requested
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_mirror_with_a_password_in_its_url_is_used_and_never_shown(mirror, tmp_path,
+                                                                      monkeypatch, caplog):
+  """FASHION_JAX_DATA_URL=https://user:password@host/path/ went to urllib whole: it took
+  'user:password@host' for the host name, said 'name lookup failed (...; no network?)', and the
+  error printed the password."""
+  served, _, _ = mirror
+  good = "Basic " + base64.b64encode(b"alice:s3 cret").decode()
+  with _serve_with(served, lambda h: h.headers.get("Authorization") == good) as (host, asked):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv(download.URL_ENV, f"http://alice:s3%20cret@{host}/data/?token=t0ken")
+    cache = str(tmp_path / "cache")
+    download.fetch("fashion_mnist", cache)
+    assert len(asked) == 4 and all(p.endswith("?token=t0ken") for p in asked), asked
+    monkeypatch.setenv(download.URL_ENV, f"http://alice:wr0ng@{host}/data/?token=t0ken")
+    with pytest.raises(UserError, match=f"http://\\*\\*\\*@{host}/data/t10k-images-idx3-ubyte.gz"
+                       r"\?\*\*\*: HTTP 403") as e:
+      download.fetch("fashion_mnist", str(tmp_path / "other"))
+  for secret in ("s3", "wr0ng", "t0ken"):
+    assert secret not in str(e.value) and secret not in caplog.text, secret

@@ -30,6 +30,7 @@ once, with one line naming the folder.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import hashlib
@@ -182,12 +183,12 @@ def fetch(name: str, folder: str, urls: tuple[str, ...] | None = None) -> str:
                     "or pass --config.idx_dir=FOLDER")
   via_env = urls is None and bool(os.environ.get(URL_ENV))
   if urls is None:
-    mirror = os.environ.get(URL_ENV, "")
+    mirror = os.environ.get(URL_ENV, "").strip()  # (A newline from $(cat file) too.)
     if mirror and urllib.parse.urlsplit(mirror).scheme.lower() not in _SCHEMES:
-      raise UserError(f"{URL_ENV}={mirror!r} is not an http://, https:// or file:// address; set "
-                      "it to a base URL such as http://HOST:PORT/PATH/ or file:///FOLDER/, "
-                      "or unset it")
-    urls = (mirror.rstrip("/") + "/",) if mirror else URLS[name]
+      raise UserError(f"{URL_ENV}={shown(mirror)!r} is not an http://, https:// or file:// "
+                      "address; set it to a base URL such as http://HOST:PORT/PATH/ or "
+                      "file:///FOLDER/, or unset it")
+    urls = (mirror,) if mirror else URLS[name]
   try:
     os.makedirs(folder, exist_ok=True)
   except OSError as e:
@@ -283,26 +284,55 @@ def _download(name: str, filename: str, size: int, sha: str, urls, path: str,
   failures = []
   deadline = time.monotonic() + CONNECT_BUDGET_S
   for base in urls:
-    url = base + filename
+    url = _file_url(base, filename)
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-      failures.append(f"{url}: not tried (no address answered within {CONNECT_BUDGET_S:g}s)")
+      failures.append(f"{shown(url)}: not tried (no address answered within "
+                      f"{CONNECT_BUDGET_S:g}s)")
       continue
     try:
       _resolve(url, min(TIMEOUT_S, remaining))
-      logging.info("downloading %s (%.1f MB) from %s", filename, size / 1e6, url)
+      logging.info("downloading %s (%.1f MB) from %s", filename, size / 1e6, shown(url))
       _download_one(url, size, sha, path, min(TIMEOUT_S, max(remaining, 1.0)))
       return
     except _Answered as e:  # It answered, then failed: the next address gets a budget of its own.
-      failures.append(f"{url}: {_reason(e.__cause__ or e)}")
+      failures.append(f"{shown(url)}: {_reason(e.__cause__ or e)}")
       deadline = time.monotonic() + CONNECT_BUDGET_S
     # HTTPException: not HTTP at all (BadStatusLine), a transfer cut off; not an OSError.
     except (OSError, ValueError, http.client.HTTPException) as e:
-      failures.append(f"{url}: {_reason(e)}")
+      failures.append(f"{shown(url)}: {_reason(e)}")
   source = (f"the address is ${URL_ENV}'s: fix it, or unset it for the default addresses; "
             if via_env else "")
   raise UserError(f"could not download {name} ({filename}): {'; '.join(failures)}; {source}"
                   + offline_hint(name))
+
+
+def _file_url(base: str, filename: str) -> str:
+  """`filename` in the folder `base` (a query, such as a token, kept after it)."""
+  parts = urllib.parse.urlsplit(base)
+  return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + filename))
+
+
+def shown(url: str) -> str:
+  """`url` as messages and logs say it: a user:password@ and a query (a token) hidden."""
+  parts = urllib.parse.urlsplit(url)
+  netloc = parts.netloc if "@" not in parts.netloc else "***@" + parts.netloc.rpartition("@")[2]
+  return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query="***" if parts.query else ""))
+
+
+def _request(url: str) -> urllib.request.Request:
+  """The GET of `url`; its user:password@ (urllib took it for part of the host name) sent as
+  Basic authorization to that host only (not after a redirect)."""
+  parts = urllib.parse.urlsplit(url)
+  host = parts.netloc.rpartition("@")[2]
+  request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)),
+                                   headers={"User-Agent": "fashion_jax"})
+  if "@" in parts.netloc:
+    user = urllib.parse.unquote(parts.username or "") + ":" + urllib.parse.unquote(
+        parts.password or "")
+    request.add_unredirected_header("Authorization",
+                                    "Basic " + base64.b64encode(user.encode()).decode())
+  return request
 
 
 def _resolve(url: str, timeout: float) -> None:
@@ -318,9 +348,8 @@ class _Answered(Exception):
 def _download_one(url: str, size: int, sha: str, path: str, timeout: float) -> None:
   """Errors of the address propagate (`_Answered` once it answered); a failure to write the
   folder is a UserError: no other address would do better."""
-  request = urllib.request.Request(url, headers={"User-Agent": "fashion_jax"})
   limit = max(TRANSFER_FLOOR_S, size / MIN_RATE)
-  with urllib.request.urlopen(request, timeout=timeout) as response:
+  with urllib.request.urlopen(_request(url), timeout=timeout) as response:
     deadline = time.monotonic() + limit
     folder = os.path.dirname(path)
     # The same prefix as the mkstemp names before (`_remove_stale` finds both); open(), not
