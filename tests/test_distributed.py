@@ -620,3 +620,29 @@ def test_a_barrier_name_used_again_in_the_job_is_a_barrier_again():
   for proc, (out, err) in zip(procs, outs):
     assert proc.returncode == 0, err[-3000:]
     assert out.splitlines() == ["first {0: 'refused'}", "second {0: 'p0', 1: 'p1'}"], out
+
+
+_JOIN_FROM_THE_VARIABLE = """
+import sys
+from fashion_jax import default_config
+from fashion_jax.support import parallel
+config = default_config.get_config()
+config.num_processes, config.process_id = 2, int(sys.argv[1])
+assert parallel.initialize_distributed(config)
+import jax
+print("joined", jax.process_index(), jax.process_count())
+"""
+
+
+def test_the_coordinator_from_the_environment_with_the_process_count_from_the_config():
+  """JAX_COORDINATOR_ADDRESS (documented beside config.coordinator_address) with
+  --config.num_processes and --config.process_id: those two were dropped, and every process
+  refused with "could not join ...: Number of processes must be defined"."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{_free_port()}"}
+  procs = [subprocess.Popen([sys.executable, "-c", _JOIN_FROM_THE_VARIABLE, str(i)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  for i, (proc, (out, err)) in enumerate(zip(procs, outs)):
+    assert proc.returncode == 0, err[-3000:]
+    assert out.strip() == f"joined {i} 2", out

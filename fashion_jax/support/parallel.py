@@ -136,19 +136,26 @@ def initialize_distributed(config) -> bool:
   if mode == "off" or (mode == "auto" and not coordinator and not cluster):
     return False
   kwargs = {"initialization_timeout": int(config.distributed_timeout_s)}
-  if config.coordinator_address:
+  # The address from the config, or from JAX_COORDINATOR_ADDRESS with the process count and id
+  # from the config (they had been dropped: "Number of processes must be defined"); from the
+  # variable alone, JAX takes them from the cluster it detects.
+  explicit = bool(config.coordinator_address) or bool(
+      coordinator and (config.num_processes != -1 or config.process_id != -1))
+  if explicit:
     if config.num_processes < 1 or not 0 <= config.process_id < config.num_processes:
+      source = ("config.coordinator_address" if config.coordinator_address
+                else "JAX_COORDINATOR_ADDRESS")
       raise UserError(
-          f"config.coordinator_address={coordinator!r} needs config.num_processes >= 1 and "
+          f"{source}={coordinator!r} needs config.num_processes >= 1 and "
           f"config.process_id in 0..num_processes-1 (got {config.num_processes} and "
           f"{config.process_id})")
     kwargs.update(coordinator_address=coordinator, num_processes=config.num_processes,
                   process_id=config.process_id)
-  if config.coordinator_address and config.process_id > 0:
+  if explicit and config.process_id > 0:
     # JAX's client aborts the whole process (C++ fatal error) when it cannot register;
     # check reachability first so a wrong address is a clear, bounded error.
     _wait_for_coordinator(coordinator, config.distributed_timeout_s)
-  elif config.coordinator_address:
+  elif explicit:
     _check_port_free(coordinator)
   # CPU processes exchange gradients through gloo; GPU/TPU use their own fabric.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
