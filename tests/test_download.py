@@ -614,3 +614,20 @@ def test_a_mirror_with_a_password_in_its_url_is_used_and_never_shown(mirror, tmp
       download.fetch("fashion_mnist", str(tmp_path / "other"))
   for secret in ("s3", "wr0ng", "t0ken"):
     assert secret not in str(e.value) and secret not in caplog.text, secret
+
+
+def test_an_address_reached_through_a_proxy_is_not_looked_up_here(mirror, tmp_path, monkeypatch):
+  """Behind an HTTP proxy (a network whose resolver knows no outside name) the download looked
+  the host up itself first: 'name lookup failed (...; no network?)', the proxy never asked; so
+  did the check before tfds's own download (a direct connection)."""
+  served, _, _ = mirror
+  for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+    monkeypatch.delenv(name, raising=False)
+  absent = "http://fashion-mirror.invalid/data/"
+  with _serve_with(served, lambda h: h.path.startswith(absent)) as (proxy, asked):
+    monkeypatch.setenv("http_proxy", f"http://{proxy}")
+    monkeypatch.setattr(download.network, "look_up", lambda *a: pytest.fail(f"looked up {a}"))
+    download.fetch("fashion_mnist", str(tmp_path / "cache"), urls=(absent,))
+    assert sorted(asked) == sorted(absent + n for n in os.listdir(served))
+    monkeypatch.setitem(download.URLS, "fashion_mnist", (absent,))
+    download.check_reachable("fashion_mnist")  # (tfds's requests go through the proxy too.)

@@ -270,6 +270,8 @@ def check_reachable(name: str) -> None:
     return  # Another tfds data set: tfds knows where it lives.
   parsed = urllib.parse.urlparse(URLS[name][0])
   port = parsed.port or (443 if parsed.scheme == "https" else 80)
+  if _proxied(URLS[name][0]):  # tfds (requests) goes through it too: no direct connection here.
+    return
   try:
     _resolve(URLS[name][0], TIMEOUT_S)
     with socket.create_connection((parsed.hostname, port), timeout=TIMEOUT_S):
@@ -335,9 +337,18 @@ def _request(url: str) -> urllib.request.Request:
   return request
 
 
+def _proxied(url: str) -> bool:
+  """Whether $http_proxy/$https_proxy (not $no_proxy) sends `url` through a proxy, which looks
+  its host up itself (a network whose own resolver knows no outside name)."""
+  parts, proxies = urllib.parse.urlsplit(url), urllib.request.getproxies_environment()
+  return (parts.scheme in proxies and parts.hostname is not None
+          and not urllib.request.proxy_bypass_environment(parts.hostname, proxies))
+
+
 def _resolve(url: str, timeout: float) -> None:
-  """The name lookup, bounded (network.look_up); a file:// mirror has no name to look up."""
-  if (host := urllib.parse.urlparse(url).hostname) is not None:
+  """The name lookup, bounded (network.look_up); a file:// mirror has no name to look up, nor
+  has an address reached through a proxy here."""
+  if (host := urllib.parse.urlparse(url).hostname) is not None and not _proxied(url):
     network.look_up(host, None, timeout)
 
 
@@ -349,7 +360,8 @@ def _download_one(url: str, size: int, sha: str, path: str, timeout: float) -> N
   """Errors of the address propagate (`_Answered` once it answered); a failure to write the
   folder is a UserError: no other address would do better."""
   limit = max(TRANSFER_FLOOR_S, size / MIN_RATE)
-  with urllib.request.urlopen(_request(url), timeout=timeout) as response:
+  # An opener of its own: urlopen's is built once, with the proxies of its first call.
+  with urllib.request.build_opener().open(_request(url), timeout=timeout) as response:
     deadline = time.monotonic() + limit
     folder = os.path.dirname(path)
     # The same prefix as the mkstemp names before (`_remove_stale` finds both); open(), not
