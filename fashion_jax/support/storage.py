@@ -282,6 +282,8 @@ def write_bytes(path: str, data: bytes, full_fix: str = _RESUMES) -> None:
   try:
     with open(tmp, "xb") as f:
       f.write(data)
+      f.flush()  # On disk before the rename: after a crash (XFS, ext4 data=writeback) the file
+      os.fsync(f.fileno())  # was empty (config.json; metrics.jsonl cut back, all lines lost).
     os.replace(tmp, path)
   except BaseException as e:
     if os.path.exists(tmp):
