@@ -646,3 +646,15 @@ def test_the_coordinator_from_the_environment_with_the_process_count_from_the_co
   for i, (proc, (out, err)) in enumerate(zip(procs, outs)):
     assert proc.returncode == 0, err[-3000:]
     assert out.strip() == f"joined {i} 2", out
+
+
+def test_a_launch_jax_cannot_read_says_to_give_the_coordinator(tmp_path):
+  """mpirun of Open MPI 5 (OMPI_COMM_WORLD_SIZE, but not the OMPI_MCA_orte_hnp_uri JAX's
+  detection reads): "could not join ...: coordinator_address should be defined.; check that every
+  process uses the same coordinator address", for a coordinator nobody had given."""
+  proc = run_module("fashion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
+                    env={"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert ("fashion_jax: error: config.distributed='auto': JAX could not read the job's processes "
+          "from this Open MPI launch (coordinator_address should be defined.); pass process 0's "
+          "--config.coordinator_address=HOST:PORT") in proc.stderr, proc.stderr[-3000:]

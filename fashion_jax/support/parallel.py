@@ -170,6 +170,14 @@ def initialize_distributed(config) -> bool:
     jax.distributed.initialize(**kwargs)
   except Exception as e:  # pylint: disable=broad-except  (XLA raises plain RuntimeErrors)
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if not explicit and ("must be defined" in first or "should be defined" in first):
+      # JAX found no topology to read: Open MPI 5 sets no OMPI_MCA_orte_hnp_uri, which JAX's
+      # Open MPI detection reads (the advice to "use the same coordinator address" fit nothing).
+      launch = f"this {cluster} launch" if cluster else "the environment (no cluster detected)"
+      raise UserError(f"config.distributed={mode!r}: JAX could not read the job's processes from "
+                      f"{launch} ({first}); pass process 0's --config.coordinator_address="
+                      "HOST:PORT, --config.num_processes and each process's "
+                      "--config.process_id") from e
     raise UserError(f"could not join the distributed job at {where}: {first[:300]}; check that "
                     "every process uses the same coordinator address and num_processes, distinct "
                     "process ids, and that process 0 is running and reachable") from e
