@@ -116,3 +116,18 @@ def test_a_closed_writer_leaves_threading_excepthook_as_it_was(tmp_path):
     assert threading.excepthook is before
     writer.close()
     writer.flush()
+
+
+def test_a_last_record_without_its_newline_is_ended_on_resume(tmp_path):
+  """A record written all but its newline (a write cut short by a full disk, an edit) was kept
+  as it was: the resumed run's first line was appended to it, and both read as one non-record
+  line, skipped (two points gone from metrics.jsonl, and from `evaluate`'s best-step choice)."""
+  from fashion_jax.support import metric_writers  # pylint: disable=g-import-not-at-top
+  (tmp_path / "metrics.jsonl").write_text('{"step": 5, "eval_accuracy": 0.5}\n'
+                                          '{"step": 10, "eval_accuracy": 0.75}')
+  writer = metric_writers.MetricWriter(str(tmp_path), enabled=True)
+  assert writer.truncate_after(10) == 0
+  writer.write(11, {"train_loss": 0.25})
+  writer.close()
+  assert [(r["step"], len(r)) for r in metric_writers.read_lines(str(tmp_path))] == [
+      (5, 2), (10, 2), (11, 3)]

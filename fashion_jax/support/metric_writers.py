@@ -178,7 +178,9 @@ class MetricWriter:
     lines = _read(self.path).splitlines(keepends=True)
     keep = [line for line in lines  # Not a record (a line cut short by a kill...): dropped too.
             if (record := _record(line)) is not None and record["step"] <= step]
-    if len(keep) != len(lines):
+    if keep and not keep[-1].endswith("\n"):  # A whole record but its newline (a full disk):
+      keep[-1] += "\n"  # the next line was appended to it, and both read as one, skipped.
+    if keep != lines:
       storage.write_text(self.path, "".join(keep))
     return len(lines) - len(keep)
 
