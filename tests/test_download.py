@@ -631,3 +631,15 @@ def test_an_address_reached_through_a_proxy_is_not_looked_up_here(mirror, tmp_pa
     assert sorted(asked) == sorted(absent + n for n in os.listdir(served))
     monkeypatch.setitem(download.URLS, "fashion_mnist", (absent,))
     download.check_reachable("fashion_mnist")  # (tfds's requests go through the proxy too.)
+
+
+def test_a_mirror_whose_path_has_spaces_or_accents_as_typed(mirror, tmp_path, monkeypatch):
+  """http.client refused such a URL: "URL can't contain control characters" (a space), "'ascii'
+  codec can't encode character" (an é); file:// URLs took them. Encoded ones still work."""
+  served, _, _ = mirror
+  shutil.copytree(served, tmp_path / "www" / "my data é")
+  with serve(str(tmp_path / "www")) as (url, requested):
+    for i, folder in enumerate(("my data é", "my%20data%20%C3%A9")):
+      monkeypatch.setenv(download.URL_ENV, f"{url}{folder}/")
+      download.fetch("fashion_mnist", str(tmp_path / f"cache{i}"))
+  assert len(requested) == 8 and requested[0].startswith("/my%20data%20%C3%A9/"), requested

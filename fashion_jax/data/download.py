@@ -323,12 +323,14 @@ def shown(url: str) -> str:
 
 
 def _request(url: str) -> urllib.request.Request:
-  """The GET of `url`; its user:password@ (urllib took it for part of the host name) sent as
-  Basic authorization to that host only (not after a redirect)."""
-  parts = urllib.parse.urlsplit(url)
-  host = parts.netloc.rpartition("@")[2]
-  request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)),
-                                   headers={"User-Agent": "fashion_jax"})
+  """The GET of `url`: its user:password@ (urllib took it for part of the host name) sent as
+  Basic authorization to that host only (not after a redirect); its path percent-encoded."""
+  parts, safe = urllib.parse.urlsplit(url), "/%:@!$&'()*+,;=~"  # (What is encoded stays so.)
+  # A space or a letter such as 'é' as typed (http.client refused: "URL can't contain control
+  # characters", "'ascii' codec can't encode"), percent-encoded as UTF-8.
+  request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(
+      netloc=parts.netloc.rpartition("@")[2], path=urllib.parse.quote(parts.path, safe),
+      query=urllib.parse.quote(parts.query, safe + "?"))), headers={"User-Agent": "fashion_jax"})
   if "@" in parts.netloc:
     user = urllib.parse.unquote(parts.username or "") + ":" + urllib.parse.unquote(
         parts.password or "")
