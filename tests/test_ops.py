@@ -71,6 +71,27 @@ def test_conv_falls_back_to_lax_for_strides(conv):
   _close(y, lax.conv_general_dilated(x, k1, (1, 1), "SAME", dimension_numbers=DN))
 
 
+@pytest.mark.parametrize("name", ["im2col", "winograd", "native", "cpu_auto"])
+def test_conv_drop_ins_crop_where_a_padding_is_negative(name):
+  """A negative padding crops the input, as lax takes it: the drop-ins' `jnp.pad` raised
+  ValueError ("index can't contain negative values"). (The reference is lax on the cropped
+  input: XLA:CPU's own convolution with a negative padding returns NaNs in some calls.)"""
+  conv = getattr(ops, f"conv_general_dilated_{name}")
+  x = _rand(jax.random.key(1), (2, 8, 9, 16))
+  k = _rand(jax.random.key(2), (3, 3, 16, 16))
+  for padding, cropped, kept in [(((-1, 1), (0, 1)), np.s_[:, 1:], ((0, 1), (0, 1))),
+                                 (((1, -1), (2, -2)), np.s_[:, :-1, :-2], ((1, 0), (2, 0)))]:
+    fast = lambda x, k, padding=padding: conv(x, k, (1, 1), padding, dimension_numbers=DN)
+    ref = lambda x, k, cropped=cropped, kept=kept: lax.conv_general_dilated(
+        x[cropped], k, (1, 1), kept, dimension_numbers=DN)
+    want = ref(x, k)
+    _close(fast(x, k), want)
+    r = _rand(jax.random.key(3), want.shape)
+    grads = [jax.jit(jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) * r), argnums=(0, 1)))(x, k)
+             for f in (fast, ref)]
+    jax.tree.map(_close, grads[0], grads[1])
+
+
 def _pool_ref(x):
   return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
 
@@ -220,3 +241,4 @@ def test_cnn_loss_and_grads_match_reference(conv_impl, pool_impl):
   _close(l, l_ref)
   jax.tree.map(lambda a, b: _close(a, b, atol=1e-5), g, g_ref)
   _close(gx, gx_ref, atol=1e-6)
+

@@ -94,6 +94,18 @@ def _simple_conv_pads(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilat
   return _normalize_padding(padding, rhs.shape[:2]) if simple else None
 
 
+def _pad_images(x: jax.Array, pads) -> jax.Array:
+  """x [N, H, W, C] with ((top, bottom), (left, right)) rows and columns of zeros added, or cut
+  where a padding is negative, as `lax.conv_general_dilated` takes them. (`jnp.pad` refuses
+  negative widths, and XLA:CPU's own convolution with a negative padding reads memory it never
+  wrote: NaNs or garbage in some calls, jax 0.10.2.)"""
+  if any(p != (0, 0) for p in pads):
+    (top, bottom), (left, right) = pads
+    x = x[:, max(-top, 0):x.shape[1] - max(-bottom, 0), max(-left, 0):x.shape[2] - max(-right, 0)]
+    x = jnp.pad(x, ((0, 0), (max(top, 0), max(bottom, 0)), (max(left, 0), max(right, 0)), (0, 0)))
+  return x
+
+
 def conv_general_dilated_im2col(lhs, rhs, window_strides, padding, lhs_dilation=None,
                                 rhs_dilation=None, dimension_numbers=None,
                                 feature_group_count=1, batch_group_count=1,
@@ -112,8 +124,7 @@ def conv_general_dilated_im2col(lhs, rhs, window_strides, padding, lhs_dilation=
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
         feature_group_count=feature_group_count, batch_group_count=batch_group_count,
         precision=precision, preferred_element_type=preferred_element_type)
-  if any(p != (0, 0) for p in pads):
-    lhs = jnp.pad(lhs, ((0, 0), pads[0], pads[1], (0, 0)))
+  lhs = _pad_images(lhs, pads)
   return conv2d_im2col(lhs, rhs, precision=precision)
 
 
@@ -130,8 +141,7 @@ def _winograd_conv(conv3x3, lhs, rhs, window_strides, padding, lhs_dilation=None
                            preferred_element_type)
   if pads is None or tuple(rhs.shape[:2]) != (3, 3):
     return conv_general_dilated_im2col(*args, **kwargs)
-  if any(p != (0, 0) for p in pads):
-    lhs = jnp.pad(lhs, ((0, 0), pads[0], pads[1], (0, 0)))
+  lhs = _pad_images(lhs, pads)
   return conv3x3(lhs, rhs)
 
 
