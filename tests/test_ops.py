@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from fashion_jax.kernels import native, ops, winograd
+from fashion_jax.kernels import dropout, native, ops, winograd
 from fashion_jax.model import models
 from tests.conftest import require_native
 
@@ -242,3 +242,17 @@ def test_cnn_loss_and_grads_match_reference(conv_impl, pool_impl):
   jax.tree.map(lambda a, b: _close(a, b, atol=1e-5), g, g_ref)
   _close(gx, gx_ref, atol=1e-6)
 
+
+def test_keep_mask_takes_any_probability_jax_random_bernoulli_takes():
+  """dropout.bernoulli is jax.random.bernoulli also where the native kernel cannot run: a traced
+  probability (its attribute must be known when tracing: TracerArrayConversionError) or one
+  per element (the kernel had failed at run time, "expected scalar but got array")."""
+  key, shape = jax.random.key(4), (4, 32)
+  traced = lambda k, p: dropout.bernoulli(k, p, shape)
+  np.testing.assert_array_equal(jax.jit(traced)(key, jnp.float32(0.7)),
+                                jax.random.bernoulli(key, jnp.float32(0.7), shape))
+  p = jnp.linspace(0.1, 0.9, 32, dtype=jnp.float32)
+  assert not dropout.supports(key, p)
+  np.testing.assert_array_equal(dropout.bernoulli(key, p, shape),
+                                jax.random.bernoulli(key, p, shape))
+  assert dropout.supports(key, 0.7) == (native.available() and native.lanes() >= 8)

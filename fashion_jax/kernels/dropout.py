@@ -28,11 +28,11 @@ def _typed(key) -> bool:
 
 def supports(key: jax.Array, p) -> bool:
   """Whether `bernoulli(key, p, shape)` runs natively: one threefry2x32 key (typed or raw
-  uint32[2]), a float32 probability (a Python float without jax_enable_x64), jax's default
-  partitionable threefry bits, and the kernels built 8 or 16 lanes wide. (Not whether the
-  caller is on CPU.)"""
-  if jnp.result_type(p) != jnp.float32 or not getattr(  # The flag goes once its default is all.
-      jax.config, "jax_threefry_partitionable", True):
+  uint32[2]), a float32 probability known when tracing, one for all draws (a Python float
+  without jax_enable_x64: the kernel takes it as an attribute), jax's default partitionable
+  threefry bits, and the kernels built 8 or 16 lanes wide. (Not whether the caller is on CPU.)"""
+  if (isinstance(p, jax.core.Tracer) or np.ndim(p) != 0 or jnp.result_type(p) != jnp.float32
+      or not getattr(jax.config, "jax_threefry_partitionable", True)):  # (Goes once default.)
     return False
   if _typed(key):
     impl_ok = key.shape == () and str(jax.random.key_impl(key)) == "threefry2x32"
