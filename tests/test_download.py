@@ -565,6 +565,12 @@ def test_the_data_url_variable_is_named(monkeypatch, tmp_path):
   monkeypatch.setenv(download.URL_ENV, _closed_port_url())
   with pytest.raises(UserError, match=r"refused; the address is \$FASHION_JAX_DATA_URL's: fix it"):
     download.fetch("fashion_mnist", str(tmp_path / "cache"))
+  # A relative folder written file://data/: 'data' was looked up as a host ('no network?').
+  monkeypatch.setenv(download.URL_ENV, "file://data/fashion/")
+  monkeypatch.setattr(download.network, "look_up", lambda *a: pytest.fail(f"looked up {a}"))
+  with pytest.raises(UserError, match="FASHION_JAX_DATA_URL='file://data/fashion/' is a file:// "
+                     "address with a host name; a local folder is file:///ABSOLUTE/PATH/"):
+    download.fetch("fashion_mnist", str(tmp_path / "cache"))
 
 
 @contextlib.contextmanager

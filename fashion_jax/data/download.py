@@ -188,6 +188,10 @@ def fetch(name: str, folder: str, urls: tuple[str, ...] | None = None) -> str:
       raise UserError(f"{URL_ENV}={shown(mirror)!r} is not an http://, https:// or file:// "
                       "address; set it to a base URL such as http://HOST:PORT/PATH/ or "
                       "file:///FOLDER/, or unset it")
+    if mirror.lower().startswith("file:") and urllib.parse.urlsplit(mirror).netloc not in (
+        "", "localhost"):  # (Its 'host' was looked up: "name lookup failed ... no network?".)
+      raise UserError(f"{URL_ENV}={shown(mirror)!r} is a file:// address with a host name; a "
+                      "local folder is file:///ABSOLUTE/PATH/ (three slashes)")
     urls = (mirror,) if mirror else URLS[name]
   try:
     os.makedirs(folder, exist_ok=True)
@@ -350,8 +354,9 @@ def _proxied(url: str) -> bool:
 def _resolve(url: str, timeout: float) -> None:
   """The name lookup, bounded (network.look_up); a file:// mirror has no name to look up, nor
   has an address reached through a proxy here."""
-  if (host := urllib.parse.urlparse(url).hostname) is not None and not _proxied(url):
-    network.look_up(host, None, timeout)
+  parts = urllib.parse.urlsplit(url)
+  if parts.hostname is not None and parts.scheme != "file" and not _proxied(url):
+    network.look_up(parts.hostname, None, timeout)
 
 
 class _Answered(Exception):
