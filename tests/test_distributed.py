@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, run_module
+from tests.conftest import ROOT, run_module, write_idx_folder
 from tests.multidevice_check import final_state
 from fashion_jax import config_lib
 from fashion_jax.support import multihost
@@ -658,3 +658,22 @@ def test_a_launch_jax_cannot_read_says_to_give_the_coordinator(tmp_path):
   assert ("fashion_jax: error: config.distributed='auto': JAX could not read the job's processes "
           "from this Open MPI launch (coordinator_address should be defined.); pass process 0's "
           "--config.coordinator_address=HOST:PORT") in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_process_that_read_other_data_stops_the_job_with_a_line(tmp_path):
+  """Process 1 reading another IDX folder (each host reads its own copy): it had trained on its
+  own files, the "replicated" data and parameters differing between the hosts, exit 0."""
+  ours = write_idx_folder(str(tmp_path / "idx"))
+  theirs = write_idx_folder(str(tmp_path / "other_idx"), seed=1)
+  wrapper = tmp_path / "python_with_other_data"
+  wrapper.write_text(f"""#!/bin/sh
+case "$*" in *--config.process_id=1*) exec {sys.executable} "$@" --config.idx_dir={theirs} ;; esac
+exec {sys.executable} "$@"
+""")
+  wrapper.chmod(0o755)
+  proc = _launch(tmp_path / "run", "--config=configs/tiny.py", f"--config.idx_dir={ours}",
+                 PYTHON=str(wrapper))
+  assert proc.returncode == 2, proc.stderr + "".join(_process_logs(tmp_path / "run"))[-3000:]
+  assert proc.stderr.count("fashion_jax: error: process 1 of the job read other data than "
+                           "process 0 (train/test digests ") == 1, proc.stderr
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -187,6 +187,18 @@ def initialize_distributed(config) -> bool:
   return True
 
 
+def check_same_data(digests: str) -> None:
+  """UserError, on every process alike, where a process of the job read other data than process 0
+  (`digests`: of its train and test splits): each host reads its own IDX folder or tfds copy, and
+  one with other files had trained on them, its "replicated" data and parameters not the others'."""
+  found = multihost.gather("data", digests)
+  odd = sorted(index for index, theirs in found.items() if theirs != found.get(0, digests))
+  if odd:
+    raise UserError(f"process {odd[0]} of the job read other data than process 0 (train/test "
+                    f"digests {found[odd[0]]}, process 0: {found.get(0)}); give every process "
+                    "the same data files (config.idx_dir or data_dir on each host)")
+
+
 def check_same_config(config) -> None:
   """UserError, on every process alike, where a process of the job was given another config than
   process 0 (but for PER_PROCESS_KEYS). Each had trained with its own: another learning rate or

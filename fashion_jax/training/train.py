@@ -174,6 +174,7 @@ def _prepare(config, workdir: str, splits) -> Run:
   else:
     (train_split, test_split), data_description = splits, "given in memory"
   train_examples, train_data = len(train_split), input_pipeline.digest(train_split)
+  parallel_lib.check_same_data(f"{train_data}/{input_pipeline.digest(test_split)}")
   train_split, val_split = input_pipeline.hold_out(train_split, config.validation_size)
   n = len(train_split)
   run = Run(config, workdir, parallel, train_split, val_split, test_split, data_description,
