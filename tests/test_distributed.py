@@ -145,6 +145,14 @@ def test_process_0s_coordinator_port_is_checked_before_jax_starts_the_service():
     with pytest.raises(UserError, match=rf"port {port} is in use on this machine, where process 0 "
                                         r"runs the job's coordinator .*FASHION_JAX_PORT"):
       parallel.initialize_distributed(config)
+  # From the environment, the messages name the variable (they named config.coordinator_address).
+  config.coordinator_address = ""
+  os.environ["JAX_COORDINATOR_ADDRESS"] = "localhost:99999"
+  try:
+    with pytest.raises(UserError, match=r"^JAX_COORDINATOR_ADDRESS='localhost:99999' is not host"):
+      parallel.initialize_distributed(config)
+  finally:
+    del os.environ["JAX_COORDINATOR_ADDRESS"]
 
 
 

@@ -65,32 +65,32 @@ def _env_count(name: str) -> int:
   return int(value) if value.isdigit() else 1
 
 
-def _host_port(address: str) -> tuple[str, int]:
-  """(host, port) of a coordinator address; UserError where it is not host:port."""
+def _host_port(address: str, source: str) -> tuple[str, int]:
+  """(host, port) of a coordinator address (given as `source`); UserError where not host:port."""
   host, _, port = address.rpartition(":")
   if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-    raise UserError(f"config.coordinator_address={address!r} is not host:port (a TCP port "
+    raise UserError(f"{source}={address!r} is not host:port (a TCP port "
                     "1-65535), e.g. localhost:23456")
   return host.strip("[]"), int(port)
 
 
-def _check_port_free(address: str) -> None:
+def _check_port_free(address: str, source: str) -> None:
   """Process 0 runs the coordinator on the address's port on every interface: a port in use
   there made JAX abort (a segmentation fault, exit 139) or a C++ fatal error (134)."""
-  _, port = _host_port(address)
+  _, port = _host_port(address, source)
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # As the server: TIME_WAIT is fine.
     try:
       probe.bind(("", port))
     except OSError as e:
       raise UserError(
-          f"config.coordinator_address={address!r}: port {port} is in use on this machine, where "
+          f"{source}={address!r}: port {port} is in use on this machine, where "
           f"process 0 runs the job's coordinator ({e.strerror or e}); pick another port for every "
           "process (launch/local_multiprocess.sh: FASHION_JAX_PORT=PORT)") from e
 
 
-def _wait_for_coordinator(address: str, timeout_s: float) -> None:
-  host, port = _host_port(address)
+def _wait_for_coordinator(address: str, timeout_s: float, source: str) -> None:
+  host, port = _host_port(address, source)
   deadline = time.monotonic() + timeout_s
   while True:
     try:
@@ -141,10 +141,10 @@ def initialize_distributed(config) -> bool:
   # variable alone, JAX takes them from the cluster it detects.
   explicit = bool(config.coordinator_address) or bool(
       coordinator and (config.num_processes != -1 or config.process_id != -1))
+  source = ("config.coordinator_address" if config.coordinator_address else
+            "JAX_COORDINATOR_ADDRESS")
   if explicit:
     if config.num_processes < 1 or not 0 <= config.process_id < config.num_processes:
-      source = ("config.coordinator_address" if config.coordinator_address
-                else "JAX_COORDINATOR_ADDRESS")
       raise UserError(
           f"{source}={coordinator!r} needs config.num_processes >= 1 and "
           f"config.process_id in 0..num_processes-1 (got {config.num_processes} and "
@@ -154,9 +154,9 @@ def initialize_distributed(config) -> bool:
   if explicit and config.process_id > 0:
     # JAX's client aborts the whole process (C++ fatal error) when it cannot register;
     # check reachability first so a wrong address is a clear, bounded error.
-    _wait_for_coordinator(coordinator, config.distributed_timeout_s)
+    _wait_for_coordinator(coordinator, config.distributed_timeout_s, source)
   elif explicit:
-    _check_port_free(coordinator)
+    _check_port_free(coordinator, source)
   # CPU processes exchange gradients through gloo; GPU/TPU use their own fabric.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   where = coordinator or f"the {cluster or 'auto-detected'} cluster"
