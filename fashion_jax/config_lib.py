@@ -246,6 +246,10 @@ def _warn_about_settings_that_hurt(config: ml_collections.ConfigDict) -> None:
                     "averages in mirrored images the model never trained on, which lowers its "
                     "accuracy (89.4 -> 77.9 % on a default-config run); pass "
                     "--config.augment_flip=True, or --config.eval_flip_tta=False")
+  if config.optimizer == "adam" and config.weight_decay:
+    logging.warning("config.weight_decay=%g does nothing with optimizer='adam'; pass "
+                    "--config.optimizer=adamw for Adam with decoupled weight decay",
+                    config.weight_decay)
   if config.lr_schedule == "onecycle" and config.warmup_steps:
     logging.warning("config.warmup_steps=%d does nothing with lr_schedule='onecycle', whose "
                     "warm-up is part of the schedule (its first 30 %% of the steps)",

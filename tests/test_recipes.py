@@ -172,6 +172,14 @@ def test_settings_that_do_nothing_or_harm_are_warned_about(caplog):
   config.warmup_steps = 15
   config_lib.validate(config)
   assert "config.warmup_steps=15 does nothing with lr_schedule='onecycle'" in caplog.text
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "default.py"))
+  config.weight_decay = 0.05  # Adam (the default) ignores it: silently, it was.
+  config_lib.validate(config)
+  assert "config.weight_decay=0.05 does nothing with optimizer='adam'; pass " in caplog.text
+  caplog.clear()
+  config.optimizer = "adamw"
+  config_lib.validate(config)
+  assert "weight_decay" not in caplog.text
 
 
 def test_warmup_steps_under_onecycle_do_not_block_a_resume():
