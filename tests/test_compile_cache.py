@@ -95,3 +95,20 @@ def test_root_makes_no_folder_of_its_own_in_another_users_cache(tmp_path):
   got, stderr = _probe("gpu", root)
   assert got["folder"] is None and "not yours alone" in stderr
   assert os.listdir(root) == []
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only root can give a folder to another user")
+def test_a_user_makes_the_cache_in_a_folder_of_another_users_that_lets_them(tmp_path, monkeypatch):
+  """Only root, which may write anywhere, is kept from making folders in another user's: a user
+  whose HOME is another's but group-writable (OpenShift's arbitrary uid in group 0, a team's
+  setgid folder) had been refused the cache its modes let it make: no compilation cache, and
+  the native kernels compiled afresh in a temporary folder on every run."""
+  from fashion_jax.support import paths  # pylint: disable=import-outside-toplevel
+  home = tmp_path / "home"
+  home.mkdir()
+  os.chown(home, 1001, 0)
+  os.chmod(home, 0o775)
+  monkeypatch.setattr(paths.os, "getuid", lambda: 1000680000)  # Not root; in the folder's group.
+  root = home / ".cache" / "fashion_jax"
+  assert paths.make_private_dir(root / "xla", root)
+  assert stat.S_IMODE(os.stat(root / "xla").st_mode) == 0o700

@@ -79,14 +79,17 @@ def private(path: str | os.PathLike, root: str | os.PathLike) -> bool:
 
 def make_private_dir(path: str | os.PathLike, root: str | os.PathLike) -> bool:
   """Creates `path` (and the folders above it) as this user's alone (mode 0700, whatever the
-  umask); whether it is now writable and `private` down from `root`. Creates nothing below a
-  folder of another user's but a sticky one (/tmp): root in a user's cache (sudo keeping HOME)
-  had made folders of its own there, which that user's runs could never use again."""
+  umask); whether it is now writable and `private` down from `root`. Root creates nothing below
+  a folder of another user's but a sticky one (/tmp): in a user's cache (sudo keeping HOME) it
+  had made folders of its own, which that user's runs could never use again. Another user
+  creates folders only where the folder's modes let them (a group's shared folder; OpenShift's
+  arbitrary uid in its group-writable home), as before."""
   path = Path(path)
   try:
     missing = [d for d in (path, *path.parents) if not d.exists()]
     existing = os.lstat(next(d for d in (path, *path.parents) if d.exists()))
-    if missing and existing.st_uid != os.getuid() and not existing.st_mode & stat.S_ISVTX:
+    if (missing and os.getuid() == 0 and existing.st_uid != 0
+        and not existing.st_mode & stat.S_ISVTX):
       return False
     for folder in reversed(missing):
       folder.mkdir(exist_ok=True)
