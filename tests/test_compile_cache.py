@@ -54,8 +54,9 @@ def test_off_on_cpu_when_opted_out_and_the_users_own_folder_kept(tmp_path):
   root = tmp_path / "cache"
   got, _ = _probe("cpu", root)
   assert got["folder"] is None and got["jax"] is None
-  got, _ = _probe("tpu", root, FASHION_JAX_COMPILE_CACHE="0")
-  assert got["folder"] is None and got["jax"] is None
+  for off in ("0", "false", "Off"):  # (=false and =off had left it on: only 0 turned it off.)
+    got, _ = _probe("tpu", root, FASHION_JAX_COMPILE_CACHE=off)
+    assert got["folder"] is None and got["jax"] is None, off
   assert not root.exists()
   own = tmp_path / "mine"
   got, _ = _probe("gpu", root, JAX_COMPILATION_CACHE_DIR=str(own))

@@ -59,6 +59,7 @@ import numpy as np
 from fashion_jax.kernels import native_build
 from fashion_jax.kernels import winograd
 from fashion_jax.kernels.native_build import NativeUnavailable
+from fashion_jax.support import paths
 
 _TARGETS = {f"fashion_jax_{name}": symbol for name, symbol in (  # XLA's name: the C symbol.
     ("conv_pool_fwd", "FjConvPoolForward"), ("conv_pool_bwd", "FjConvPoolBackward"),
@@ -99,7 +100,7 @@ def lanes() -> int:
 def disabled() -> bool:
   """Whether `FASHION_JAX_NATIVE` turns the kernels off: 0, false, no or off, in any case (only 0
   did: `FASHION_JAX_NATIVE=false` ran them)."""
-  return os.environ.get("FASHION_JAX_NATIVE", "").strip().lower() in ("0", "false", "no", "off")
+  return paths.turned_off("FASHION_JAX_NATIVE")
 
 
 _open_fds: list = []  # Kept open: glibc knows a library by the name it was loaded by.

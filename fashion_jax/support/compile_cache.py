@@ -11,7 +11,7 @@ else `<cache root>/xla` (`paths.cache_root`: `~/.cache/fashion_jax`). Ours is us
 and every folder down from the cache root are this user's alone, and no folder above the root is
 one every user may write (`paths.put_by_others`): a cached executable is code.
 Capped at `MAX_BYTES` (least recently used entries go) where the `filelock` package that jax
-needs for that is installed. `FASHION_JAX_COMPILE_CACHE=0` turns ours off.
+needs for that is installed. `FASHION_JAX_COMPILE_CACHE=0` (false, no, off) turns ours off.
 
 Not on the CPU: compiling takes about 2 s there, and XLA:CPU refuses cached executables it
 judges built for other CPU features (jax-ml/jax#38445: on some CPUs every entry, with an error
@@ -60,7 +60,7 @@ def enable(backend: str | None = None) -> str | None:
     return None
   if configured:  # The user's own choice (JAX_COMPILATION_CACHE_DIR): left as it is.
     return configured
-  if os.environ.get(ENV, "1") == "0" or backend not in ACCELERATORS:
+  if paths.turned_off(ENV) or backend not in ACCELERATORS:  # (=false, =off too: only 0 did.)
     return None
   root = paths.cache_root()
   folder = root / FOLDER

@@ -11,6 +11,12 @@ from pathlib import Path
 CACHE_ENV = "FASHION_JAX_CACHE_DIR"
 
 
+def turned_off(name: str) -> bool:
+  """Whether the environment variable `name` turns a feature off: 0, false, no or off, in any
+  case (FASHION_JAX_NATIVE, FASHION_JAX_COMPILE_CACHE: a user who wrote =false had it on)."""
+  return os.environ.get(name, "").strip().lower() in ("0", "false", "no", "off")
+
+
 def cache_root() -> Path:
   """`$FASHION_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/fashion_jax`, else `~/.cache/fashion_jax`."""
   root = os.environ.get(CACHE_ENV)
