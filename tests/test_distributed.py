@@ -166,6 +166,9 @@ def test_one_process_in_a_slurm_allocation_of_several_tasks_runs_alone(monkeypat
   the SLURM cluster: coordinator_address should be defined"). Inside an srun step it joins."""
   from fashion_jax import default_config  # pylint: disable=import-outside-toplevel
   from fashion_jax.support import parallel  # pylint: disable=import-outside-toplevel
+  for name in ("SLURM_STEP_NODELIST", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+               "JAX_COORDINATOR_ADDRESS"):  # (The suite run inside an srun step has the first.)
+    monkeypatch.delenv(name, raising=False)
   for name, value in _BATCH_SCRIPT.items():
     monkeypatch.setenv(name, value)
   assert parallel.cluster_detected() is None
