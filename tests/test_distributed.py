@@ -688,3 +688,21 @@ exec {sys.executable} "$@"
   assert proc.stderr.count("fashion_jax: error: process 1 of the job read other data than "
                            "process 0 (train/test digests ") == 1, proc.stderr
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_the_coordinator_from_the_environment_without_a_process_count_says_to_give_it():
+  """JAX_COORDINATOR_ADDRESS alone, outside any cluster JAX reads counts from: the message told
+  the user to pass the --config.coordinator_address they had given as the variable."""
+  script = ("from fashion_jax import default_config\n"
+            "from fashion_jax.support import parallel\n"
+            "parallel.initialize_distributed(default_config.get_config())\n")
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "OMPI_", "TPU_WORKER"))}
+  env.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode != 0
+  assert ("JAX could not read the job's processes from the environment (no cluster detected) "
+          "(Number of processes must be defined.); with JAX_COORDINATOR_ADDRESS pass "
+          "--config.num_processes and each process's --config.process_id") in proc.stderr, \
+      proc.stderr[-2000:]

@@ -174,10 +174,12 @@ def initialize_distributed(config) -> bool:
       # JAX found no topology to read: Open MPI 5 sets no OMPI_MCA_orte_hnp_uri, which JAX's
       # Open MPI detection reads (the advice to "use the same coordinator address" fit nothing).
       launch = f"this {cluster} launch" if cluster else "the environment (no cluster detected)"
+      # With JAX_COORDINATOR_ADDRESS the address is given: the count and ids are missing.
+      fix = (f"with {source} pass --config.num_processes and each process's --config.process_id"
+             if coordinator else "pass process 0's --config.coordinator_address=HOST:PORT, "
+             "--config.num_processes and each process's --config.process_id")
       raise UserError(f"config.distributed={mode!r}: JAX could not read the job's processes from "
-                      f"{launch} ({first}); pass process 0's --config.coordinator_address="
-                      "HOST:PORT, --config.num_processes and each process's "
-                      "--config.process_id") from e
+                      f"{launch} ({first}); {fix}") from e
     raise UserError(f"could not join the distributed job at {where}: {first[:300]}; check that "
                     "every process uses the same coordinator address and num_processes, distinct "
                     "process ids, and that process 0 is running and reachable") from e
