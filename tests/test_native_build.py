@@ -84,6 +84,7 @@ def test_the_compiler_is_never_one_another_user_could_have_put_on_path(monkeypat
   """An empty entry in PATH (`PATH=:/usr/bin`, or a trailing colon) found `c++` in the current
   folder, and a folder every user may write on PATH was searched like any other: the build ran
   whatever was planted there. Only PATH's absolute folders nobody else can write are searched."""
+  monkeypatch.delenv("CXX", raising=False)  # (CXX=g++ set: `real` was g++, not c++.)
   real = native_build.compiler()
   planted = tmp_path / "shared"
   planted.mkdir()
@@ -92,7 +93,6 @@ def test_the_compiler_is_never_one_another_user_could_have_put_on_path(monkeypat
     (folder / "c++").write_text("#!/bin/sh\nexit 1\n")
     os.chmod(folder / "c++", 0o755)
   monkeypatch.chdir(tmp_path)
-  monkeypatch.delenv("CXX", raising=False)
   for path in (f":{os.environ['PATH']}", f".{os.pathsep}{os.environ['PATH']}",
                f"{planted}{os.pathsep}{os.environ['PATH']}"):
     monkeypatch.setenv("PATH", path)
