@@ -246,8 +246,8 @@ def mark_used(library: Path) -> None:
 def prune(keep: str, now: float | None = None) -> list[str]:
   """Removes the cache's builds unused for `UNUSED_DAYS` (never `keep`); returns their names.
 
-  Only entries that are this user's alone (`paths.private`) and not symlinks are touched; anything
-  else in the folder is left for its owner. A process that still has a removed library loaded
+  Only entries that are this user's own, alone (`paths.private`) and not symlinks are touched;
+  anything else in the folder (root's prebuilt ones too) is left for its owner. A process that still has a removed library loaded
   keeps running (the mapping outlives the file).
   """
   root = cache_dir()
@@ -260,7 +260,7 @@ def prune(keep: str, now: float | None = None) -> list[str]:
   for entry in entries:
     if entry.name == keep or entry.is_symlink() or not entry.is_dir():
       continue
-    if not paths.private(entry, root):
+    if not paths.private(entry, root) or entry.lstat().st_uid != os.getuid():
       continue
     try:
       newest = max([p.lstat().st_mtime for p in entry.iterdir()] + [entry.lstat().st_mtime])
