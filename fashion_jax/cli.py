@@ -125,11 +125,13 @@ _KINDS = (("invalid literal for int()", "a whole number"),
 def _wrong_type(text: str) -> str | None:
   """absl's words for `--config.KEY=VALUE` of the wrong type ("invalid literal for int() with
   base 10: '0.5'") as what KEY takes, and, for a fraction of an epoch, how to ask for one."""
-  given = re.match(r"flag (--config\.([\w.]+))=(.*?): ", text)
-  kind = next((k for words, k in _KINDS if words in text), None)
+  given = re.match(r"flag (--config\.([\w.]+))=", text)
+  words, kind = next(((w, k) for w, k in _KINDS if w in text), (None, None))
   if not given or not kind:
     return None
-  flag, key, value = given.groups()
+  flag, key = given.groups()
+  rest = text[given.end():]
+  value = rest[:rest.rfind(": ", 0, rest.index(words))]  # (It may hold ": " itself.)
   message = f"{flag}={value} is invalid: config.{key} takes {kind}"
   if key == "num_epochs":
     message += ("; for part of an epoch, set --config.num_train_steps instead (steps of "

@@ -126,7 +126,7 @@ def test_unreachable_coordinator_fails_within_the_timeout(tmp_path, idx_dir):
   assert time.monotonic() - start < 200
 
 
-def test_process_0s_coordinator_port_is_checked_before_jax_starts_the_service():
+def test_process_0s_coordinator_port_is_checked_before_jax_starts_the_service(monkeypatch):
   """A port out of range: a C++ fatal error (exit 134); a port in use: a segmentation fault
   (139). Both are one line now, before jax.distributed starts anything."""
   from fashion_jax import default_config  # pylint: disable=import-outside-toplevel
@@ -147,12 +147,9 @@ def test_process_0s_coordinator_port_is_checked_before_jax_starts_the_service():
       parallel.initialize_distributed(config)
   # From the environment, the messages name the variable (they named config.coordinator_address).
   config.coordinator_address = ""
-  os.environ["JAX_COORDINATOR_ADDRESS"] = "localhost:99999"
-  try:
-    with pytest.raises(UserError, match=r"^JAX_COORDINATOR_ADDRESS='localhost:99999' is not host"):
-      parallel.initialize_distributed(config)
-  finally:
-    del os.environ["JAX_COORDINATOR_ADDRESS"]
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:99999")
+  with pytest.raises(UserError, match=r"^JAX_COORDINATOR_ADDRESS='localhost:99999' is not host"):
+    parallel.initialize_distributed(config)
 
 
 

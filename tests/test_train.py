@@ -298,7 +298,8 @@ def test_cli_errors_are_one_line_and_nonzero(idx_dir, tmp_path):
       "--config.batch_size=abc": "--config.batch_size=abc is invalid: config.batch_size takes a "
                                  "whole number",  # (Was absl's "invalid literal for int()".)
       "--config.num_epochs=0.5": "for part of an epoch, set --config.num_train_steps instead",
-      "--config.learning_rate=x": "config.learning_rate takes a number",
+      "--config.learning_rate=x: y": "--config.learning_rate=x: y is invalid: "
+                                     "config.learning_rate takes a number",
       "--config.eval_flip_tta=maybe": "config.eval_flip_tta takes true or false",
       "--config.idx_dir=/no/such/folder": "IDX folder '/no/such/folder' does not exist",
       # model_kwargs is set whole (a dict literal, parsed by ml_collections); the model checks
