@@ -22,6 +22,31 @@ _LATER_ENTRIES = ("train_data",)
 _NOT_FLAGS = ("train_examples", "total_steps", "train_data")
 
 
+def check_description(where: str, stored: dict, description: dict, serving: bool = False) -> None:
+  """Raises UserError where the checkpoint at `where` (`stored`: the JSON saved with it) holds
+  another model, shape or run than `description`'s. `serving`: the config is the run's own
+  config.json (predict/evaluate/export take no --config), so the hint is to put back the one the
+  run was trained with, not a training flag."""
+  fix = ("the run's config.json no longer matches its checkpoints: put back the config.json it "
+         "was trained with" if serving else "use a new --workdir")
+  if stored.get("model") != description["model"]:
+    raise UserError(
+        f"checkpoint {where} is of model {stored.get('model')!r} but the config asks for "
+        f"{description['model']!r}; " +
+        (fix if serving else f"{fix}, or --config.model={stored.get('model')}"))
+  if stored.get("param_shapes") != description["param_shapes"]:
+    differ = sorted(k for k in set(stored.get("param_shapes", {})) | set(description["param_shapes"])
+                    if stored.get("param_shapes", {}).get(k) != description["param_shapes"].get(k))
+    first = differ[0] if differ else "?"
+    raise UserError(
+        f"checkpoint {where} has parameter shapes that do not match the configured "
+        f"{description['model']!r} model ({len(differ)} differ, e.g. {first}: checkpoint "
+        f"{stored.get('param_shapes', {}).get(first)} vs config "
+        f"{description['param_shapes'].get(first)}); " +
+        (fix if serving else f"{fix} or the config it was trained with"))
+  check_fingerprint(where, stored.get("fingerprint"), description.get("fingerprint"))
+
+
 def check_fingerprint(where: str, stored: dict | None, wanted: dict | None) -> None:
   """A resume that would change the run's data order, schedule or model: UserError."""
   if stored is None or wanted is None:  # Written before fingerprints existed, or serving.

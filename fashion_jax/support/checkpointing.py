@@ -252,30 +252,11 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
   def _check_description(self, step: int, description: dict, serving: bool = False) -> dict:
-    """Raises UserError where `step` holds another model than `description`'s; returns the JSON
-    saved with it. `serving`: the config is the run's own config.json (predict/evaluate/export
-    take no --config), so the hint is to put back the one the run was trained with, not a
-    training flag."""
+    """Raises UserError where `step` holds another model or run than `description`'s
+    (checkpoint_checks.check_description); returns the JSON saved with it."""
     stored = self.meta(step)
-    where = storage.join(self.directory, str(step))
-    fix = ("the run's config.json no longer matches its checkpoints: put back the config.json it "
-           "was trained with" if serving else "use a new --workdir")
-    if stored.get("model") != description["model"]:
-      raise UserError(
-          f"checkpoint {where} is of model {stored.get('model')!r} but the config asks for "
-          f"{description['model']!r}; " +
-          (fix if serving else f"{fix}, or --config.model={stored.get('model')}"))
-    if stored.get("param_shapes") != description["param_shapes"]:
-      differ = sorted(k for k in set(stored.get("param_shapes", {})) | set(description["param_shapes"])
-                      if stored.get("param_shapes", {}).get(k) != description["param_shapes"].get(k))
-      first = differ[0] if differ else "?"
-      raise UserError(
-          f"checkpoint {where} has parameter shapes that do not match the configured "
-          f"{description['model']!r} model ({len(differ)} differ, e.g. {first}: checkpoint "
-          f"{stored.get('param_shapes', {}).get(first)} vs config "
-          f"{description['param_shapes'].get(first)}); " +
-          (fix if serving else f"{fix} or the config it was trained with"))
-    checkpoint_checks.check_fingerprint(where, stored.get("fingerprint"), description.get("fingerprint"))
+    checkpoint_checks.check_description(storage.join(self.directory, str(step)), stored,
+                                        description, serving)
     return stored
 
   def restore_weights(self, step: int, description: dict) -> dict:
