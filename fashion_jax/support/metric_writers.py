@@ -108,7 +108,31 @@ class MetricWriter:
       self._tb = self._tb_class(self._tb_dir, flush_secs=30, purge_step=self._purge_step,
                                 max_queue=1000)
       self._watch_board()
+      self._upload_only_news()
     return self._tb
+
+  def _upload_only_news(self) -> None:
+    """tensorboardX keeps a gs:// event file whole in memory and uploads all of it at each of
+    its flushes: every 30 s with nothing new, 4 times over at close, and once more when collected
+    at exit, after close (network down: 2 minutes of retries and a traceback after the run's
+    error). It now uploads only when events were added; after close (`_no_more_uploads`), never."""
+    self._gcs = getattr(getattr(getattr(getattr(getattr(self._tb, "file_writer", None),
+                                                    "event_writer", None), "_ev_writer", None),
+                                "_py_recordio_writer", None), "_writer", None)
+    if not (hasattr(self._gcs, "blob") and hasattr(self._gcs, "buffer")):
+      self._gcs = None  # A local file (or another tensorboardX).
+      return
+    upload, gcs, uploaded = self._gcs.flush, self._gcs, [0]
+
+    def flush():
+      if (size := gcs.buffer.tell()) != uploaded[0]:  # (Events are only ever appended.)
+        upload()
+        uploaded[0] = size
+    gcs.flush = flush
+
+  def _no_more_uploads(self) -> None:
+    if getattr(self, "_gcs", None) is not None:
+      self._gcs.flush = lambda: None
 
   def _watch_board(self) -> None:
     """Keeps the error that ends tensorboardX's writer thread (a full disk), for _board_failure.
@@ -156,6 +180,7 @@ class MetricWriter:
     again, a traceback after the one line, and the values queued since the thread died could
     hold the exit in its queue's feeder thread."""
     self._failed = error
+    self._no_more_uploads()
     event_writer = getattr(getattr(self._tb, "file_writer", None), "event_writer", None)
     if event_writer is None or not hasattr(event_writer, "_closed"):
       return  # (Another tensorboardX: as it was.)
@@ -248,6 +273,7 @@ class MetricWriter:
         with self._tensorboard_writes():
           self._tb.close()
     finally:
+      self._no_more_uploads()
       self._unwatch_board()
 
 
