@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -373,9 +374,14 @@ def test_sigterm_leaves_no_staging_folder_and_the_output_whole(trained_tiny_work
     (folder / "saved_model.pb").write_bytes(b"half")
   os.utime(stale, (0, 0))
   args = (f"--workdir={trained_tiny_workdir}", f"--output={tmp_path / 'out'}", "--platforms=cpu")
+  (tmp_path / "tmp").mkdir()
   proc = run_module("fashion_jax.export", *args,
-                    env={**os.environ, "FASHION_JAX_SIGNAL_AT": "export_saved"})
+                    env={**os.environ, "FASHION_JAX_SIGNAL_AT": "export_saved",
+                         "TMPDIR": str(tmp_path / "tmp")})
   assert proc.returncode == 143, proc.stderr[-2000:]
+  # Nor its other temporary folder (TensorFlow's autograph leaves files of its own there).
+  assert [n for n in os.listdir(tmp_path / "tmp") if not n.startswith("__autograph")] == []
+  shutil.rmtree(tmp_path / "tmp")
   assert [l for l in proc.stderr.splitlines() if l.startswith("fashion_jax: error: ")] == [
       "fashion_jax: error: stopped by SIGTERM before the export was in place; --output is as it "
       "was: run the export again"]

@@ -150,11 +150,12 @@ def export(classifier, output: str, platforms: Sequence[str] = DEFAULT_PLATFORMS
   with export_folder.staged(path) as stage:
     staging = stage.folder
     with tempfile.TemporaryDirectory() as scratch:
+      stage.scratch.append(scratch)
       names_path = os.path.join(scratch, CLASS_NAMES_FILE)
       with open(names_path, "w") as f:
         f.write("\n".join(classifier.class_names) + "\n")
       written = savedmodel.save(classifier, platforms, names_path, staging)
-    faults.maybe_signal("export_saved")  # Tests: SIGTERM while the export is staged.
+      faults.maybe_signal("export_saved")  # Tests: SIGTERM while the export is staged.
     export_seconds = time.perf_counter() - t0
     backend = jax.default_backend()
     runnable_here = {"gpu": "cuda"}.get(backend, backend) in platforms

@@ -111,6 +111,7 @@ class Stage:
 
   def __init__(self, folder: str):
     self.folder, self.moving, self.stopped = folder, False, False
+    self.scratch: list[str] = []  # Other temporary folders a SIGTERM removes too.
 
   def move_in(self, path: str) -> None:
     """move_into_place, a SIGTERM meanwhile held until it is done (stopped halfway, the move
@@ -149,7 +150,8 @@ def staged(path: str):
     if stage.moving:
       stage.stopped = True
       return
-    shutil.rmtree(stage.folder, ignore_errors=True)
+    for folder in (stage.folder, *stage.scratch):
+      shutil.rmtree(folder, ignore_errors=True)
     sys.stdout.flush()
     sys.stderr.write("fashion_jax: error: stopped by SIGTERM before the export was in place; "
                      "--output is as it was: run the export again\n")
