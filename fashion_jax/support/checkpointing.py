@@ -33,6 +33,7 @@ from fashion_jax.support import storage
 
 
 ABANDONED_READS_SETTLE_S = 1.0
+LISTING_ATTEMPTS = 5  # Listings of the checkpoints that found a step deleted meanwhile: made again.
 _CAPTURE_LOCK = threading.Lock()
 
 
@@ -190,10 +191,22 @@ class Checkpointer:
                        ("meta", ocp.args.JsonSave), ("meta", ocp.args.JsonRestore)):
       handlers.add(item, args)
     try:
-      self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                            handler_registry=handlers)
+      self._manager = self._listed(lambda: ocp.CheckpointManager(
+          self.directory, options=options, handler_registry=handlers))
     except Exception as e:  # pylint: disable=broad-except  (explained below, else raised as is)
       raise checkpoint_checks.unreadable_metrics(self.directory) or e
+
+  def _listed(self, list_steps):
+    """`list_steps()` (Orbax opening the folder, or listing it again), made again where a step it
+    listed was gone when it read it: a run still training deletes all but its newest (and best)
+    checkpoints, and Orbax's FileNotFoundError for that step read as a checkpoints folder that
+    serving could not read. A step that stays missing (or the folder itself) raises as before."""
+    for attempt in range(LISTING_ATTEMPTS):
+      try:
+        return list_steps()
+      except FileNotFoundError:
+        if attempt == LISTING_ATTEMPTS - 1 or not storage.exists(self.directory):
+          raise
 
 
   def latest_step(self) -> int | None:
@@ -203,7 +216,7 @@ class Checkpointer:
     """The saved steps; `read`: listed from storage again (another process may have saved or
     deleted some since this one opened it)."""
     if read:
-      self._manager.reload()  # (all_steps(read=True) is deprecated.)
+      self._listed(self._manager.reload)  # (all_steps(read=True) is deprecated.)
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state, description: dict, metrics: dict | None = None) -> None:

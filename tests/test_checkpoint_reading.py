@@ -1,0 +1,47 @@
+"""Serving opens and lists a run's checkpoints while the run may still be saving into them."""
+
+import os
+import shutil
+
+import pytest
+
+from fashion_jax.support import checkpointing
+
+
+def _deleted_when_listed(monkeypatch, folder: str) -> list[str]:
+  """Deletes `folder` (a step) right as Orbax, listing the checkpoints, reads its metadata: what a
+  run keeping only its newest checkpoints does at any moment (Orbax's finalize thread)."""
+  real_stat, deleted = os.stat, []
+
+  def stat(path, *args, **kwargs):
+    if not deleted and os.fspath(path) == os.path.join(folder, "_CHECKPOINT_METADATA"):
+      deleted.append(folder)
+      shutil.rmtree(folder)
+    return real_stat(path, *args, **kwargs)
+
+  monkeypatch.setattr(os, "stat", stat)
+  return deleted
+
+
+@pytest.mark.parametrize("when", ["opened", "listed again"])
+def test_a_checkpoint_deleted_while_listed_is_not_a_folder_it_cannot_read(trained_tiny_workdir,
+                                                                         tmp_path, monkeypatch,
+                                                                         when):
+  """Orbax stats each step it listed; one that a training run deleted meanwhile raised
+  FileNotFoundError out of opening the folder, which predict, evaluate and export reported as
+  'cannot read <workdir>/checkpoints (No such file or directory); make it readable by you'
+  (~1 load in 60 with a run checkpointing every 2 steps). The listing is made again."""
+  directory = tmp_path / "run" / "checkpoints"
+  shutil.copytree(os.path.join(trained_tiny_workdir, "checkpoints"), directory)
+  if when == "opened":
+    deleted = _deleted_when_listed(monkeypatch, str(directory / "10"))
+    checkpointer = checkpointing.Checkpointer(str(directory), keep=2, async_save=False)
+  else:
+    checkpointer = checkpointing.Checkpointer(str(directory), keep=2, async_save=False)
+    assert checkpointer.all_steps() == [10, 20]
+    deleted = _deleted_when_listed(monkeypatch, str(directory / "10"))
+  try:
+    assert checkpointer.all_steps(read=True) == [20]
+  finally:
+    checkpointer.close()
+  assert deleted  # The race was staged (Orbax read the step's metadata while listing).
