@@ -356,6 +356,22 @@ def test_a_lock_file_planted_as_a_link_is_not_followed(tmp_path):
   assert not victim.exists()
 
 
+def test_a_lock_file_planted_as_a_fifo_does_not_block(tmp_path):
+  """A FIFO in a shared data folder named as the lock: the open waited for a reader, for ever."""
+  os.mkfifo(tmp_path / download.LOCK_FILE)
+  done = []
+  thread = threading.Thread(target=lambda: done.append(_enter(download._locked(str(tmp_path)))),  # pylint: disable=protected-access
+                            daemon=True)
+  thread.start()
+  thread.join(10)
+  assert done == [False]
+
+
+def _enter(manager):
+  with manager as held:
+    return held
+
+
 @contextlib.contextmanager
 def _raw_server(reply):
   """An address that answers each connection with `reply(connection)` (not necessarily HTTP)."""

@@ -33,12 +33,13 @@ def exclusive(lock_file: str | os.PathLike, waiting: str | None = None):
 
   Where the lock file cannot be created (a read-only folder, which nobody can be writing
   either) it runs unlocked; so it does where the lock file is a symbolic link, which is
-  never followed (one planted in a shared folder could point at another user's file).
+  never followed (one planted in a shared folder could point at another user's file), or not a
+  file (a FIFO planted there had blocked the open for ever).
   Another user's lock file is locked read-only (flock needs no write access); where the file
   system has no locks (ENOLCK: some NFS and FUSE mounts) it runs unlocked, with a warning.
   """
   from absl import logging  # pylint: disable=g-import-not-at-top
-  flags = os.O_NOFOLLOW | os.O_CLOEXEC
+  flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # (A FIFO put there blocked the open.)
   try:
     os.makedirs(os.path.dirname(os.path.abspath(lock_file)), exist_ok=True)
     try:
@@ -47,6 +48,10 @@ def exclusive(lock_file: str | os.PathLike, waiting: str | None = None):
       fd = os.open(lock_file, os.O_RDONLY | flags)
     f = os.fdopen(fd, "rb")  # pylint: disable=consider-using-with
   except OSError:
+    yield False
+    return
+  if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # Not a lock file: nothing to lock.
+    f.close()
     yield False
     return
   with f:  # Released when the file closes.
