@@ -211,12 +211,18 @@ constexpr int32_t kNoTap = 4;
 
 // Pools a window's four outputs: y = max + add (then max(y, 0) with `relu`), and the argmax
 // (int8, first maximum wins ties, like reduce_window's transpose; kNoTap where the ReLU is
-// off: y <= 0 there, and its gradient, like jax.nn.relu's at 0, is zero). NaN passes through.
+// off: y <= 0 there, and its gradient, like jax.nn.relu's at 0, is zero). A NaN output makes
+// the window's y NaN wherever it is, as reduce_window's and jnp.maximum's max do, and the
+// gradient goes to it (the last NaN tap). (With `>` alone a NaN anywhere but the first tap was
+// dropped: a NaN or Inf-Inf input at an image's last row or column gave finite outputs and loss,
+// where the XLA formulations give NaN and on_nonfinite stops the step.)
 inline void PoolStore(const fv out[4], fv add, bool relu, float* y, int8_t* arg) {
   fv best = out[0];
   iv which = SplatI(0);
   for (int q = 1; q < 4; ++q) {
-    const iv better = out[q] > best;  // Strict: the first maximum wins ties.
+    // Strict: the first maximum wins ties. A NaN tap wins, and a NaN best stays (x > NaN is
+    // false).
+    const iv better = (out[q] > best) | (out[q] != out[q]);
     best = better ? out[q] : best;
     which = better ? SplatI(q) : which;
   }

@@ -1,0 +1,96 @@
+"""The native kernels at the edges of their inputs: NaN in the images (the pool must propagate it
+as XLA's max does)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+from fashion_jax.kernels import native, ops, two_layers
+from tests.conftest import require_native
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+  require_native()
+
+
+def _ref(x, k, b, relu=False):
+  y = lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=DN) + b
+  if relu:
+    y = jax.nn.relu(y)
+  return lax.reduce_window(y, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+def _xla(x, k, b, relu=False):
+  """The layer as "auto" runs it without the kernels: lax's convolution, the bias, the ReLU and
+  the pool as the max of its four taps (jnp.maximum: NaN wins, as XLA's max is specified).
+  (lax.reduce_window's max is no reference for NaN on CPU: jax 0.10.2 gives -inf, its initial
+  value, for a window of four NaN in a [2, 10, 8, 32] array, NaN for the same window alone.)"""
+  y = lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=DN) + b
+  return ops.max_pool_2x2_select(jax.nn.relu(y) if relu else y)
+
+
+def _inputs(seed, shape, cout):
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(size=shape).astype(np.float32)
+  k = (rng.standard_normal((3, 3, shape[-1], cout)) * 0.3).astype(np.float32)
+  return x, k, rng.standard_normal(cout).astype(np.float32)
+
+
+def _with_nans(x):
+  """x with NaN at pixels whose conv outputs are only a pooling window's later taps (the last
+  row and column: tap 2 or 3) and at ones a window's first tap sees too."""
+  x = x.copy()
+  n, h, w, _ = x.shape
+  x[0, h - 1, w - 1, 0] = np.nan  # Only tap 3 of the last window (h, w even).
+  x[n - 1, h - 1, 3, 0] = np.nan  # Taps 2 and 3 of the last row's windows.
+  x[n - 1, 2, w - 1, x.shape[-1] - 1] = np.nan  # Taps 1 and 3 of the last column's.
+  x[0, 2, 2, 0] = np.nan  # Every tap of some windows.
+  return x
+
+
+@pytest.mark.parametrize("cin,cout", [(1, 32), (3, 16), (16, 32)], ids=["direct", "direct3",
+                                                                        "winograd"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_a_nan_in_the_image_reaches_the_pooled_output_as_in_lax(cin, cout, relu):
+  """Where the XLA formulation's pooled output is NaN the kernels' is too, and only there (the
+  pool's max propagates NaN; it took the later taps' NaN for smaller than any number, so a NaN
+  at an image's last row or column gave finite outputs, a finite loss, and a step that
+  on_nonfinite did not stop); elsewhere the outputs are lax's."""
+  x, k, b = _inputs(0, (2, 12, 10, cin), cout)
+  if not native.supports(jnp.asarray(x), jnp.asarray(k)):
+    pytest.skip(f"{cout} channels are not a multiple of this build's width")
+  x = _with_nans(x)
+  got = np.asarray(jax.jit(functools.partial(native.conv3x3_pool2, relu=relu))(x, k, b))
+  want = np.asarray(_xla(x, k, b, relu))
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+  assert np.isnan(want[:, -1]).any() and np.isnan(want[:, :, -1]).any()
+  finite = ~np.isnan(want)
+  np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+  loss = jax.jit(lambda *a: jnp.sum(native.conv3x3_pool2(*a, relu=relu)))(x, k, b)
+  assert np.isnan(loss)
+
+
+def test_a_nan_in_the_image_reaches_the_two_layer_output():
+  """A NaN at an image's last row and column (only the last pooling window's tap 3 in the
+  first layer) makes that image's outputs NaN wherever the XLA formulation's are; the other
+  image's are lax's."""
+  x, k1, b1 = _inputs(1, (2, 18, 14, 1), 32)  # h: 8 x 6, all read by the second layer.
+  _, k2, b2 = _inputs(2, (1, 4, 4, 32), 32)
+  k2 = k2 * 0.3
+  if not two_layers.supports_two_layers(jnp.asarray(x), jnp.asarray(k1), jnp.asarray(k2)):
+    pytest.skip("32 channels are not a multiple of this build's width")
+  assert two_layers.two_layer_tile(x.shape) == 2
+  x[0, -1, -1, 0] = np.nan
+  args = (x, k1, b1, k2, b2)
+  got = np.asarray(jax.jit(functools.partial(two_layers.conv3x3_pool2_twice, relu=True))(*args))
+  want = np.asarray(_xla(_xla(x, k1, b1, True), k2, b2, True))
+  assert np.isnan(want[0]).any() and not np.isnan(want[1]).any()
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
