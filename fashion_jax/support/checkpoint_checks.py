@@ -3,6 +3,7 @@ nothing (permissions, storage); and whether a resume would change the run (its f
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -72,6 +73,35 @@ def check_fingerprint(where: str, stored: dict | None, wanted: dict | None) -> N
       f"checkpoint {where} was trained with {was}, but the config gives {now}{data}: resuming "
       "would change the run's data order, schedule or model; use a new --workdir"
       + (f", or pass {flags}" if flags else " (or the data and length it was trained with)"))
+
+
+def restore_target(where: str, stored, wanted):
+  """What to read the checkpoint at `where` into: the abstract train state `wanted`, or, where the
+  state saved there (`stored`: Orbax's metadata of it) lacks top-level entries that hold no array
+  in `wanted` (a field added since, None or {} in this run: ema_batch_stats in checkpoints from
+  before the fingerprint), a dict of the entries it has, to put back into `wanted`. A UserError
+  where the arrays differ (another optimizer, ema_decay or version)."""
+  if stored is None:  # (No metadata to compare: read as it is.)
+    return wanted
+  stored_keys, wanted_keys = _tree_paths(stored), _tree_paths(wanted)
+  names = [f.name for f in dataclasses.fields(wanted)] if dataclasses.is_dataclass(wanted) else []
+  extra_entries = set(stored.keys()) - set(names) if names else set()
+  if stored_keys != wanted_keys or extra_entries:
+    missing = sorted(wanted_keys - stored_keys)
+    extra = sorted((stored_keys - wanted_keys) or extra_entries)
+    raise UserError(
+        f"checkpoint {where} does not fit the configured train state (missing "
+        f"{missing[:2]}, unexpected {extra[:2]}); was it written with another optimizer or "
+        "ema_decay, or by another fashion_jax version? Use a new --workdir or the config it was "
+        "trained with")
+  if not names or all(name in stored.keys() for name in names):
+    return wanted
+  return {name: getattr(wanted, name) for name in names if name in stored.keys()}
+
+
+def _tree_paths(tree) -> set[str]:
+  """Leaf paths as "a/b/0/c", the same for dataclass/NamedTuple trees and Orbax's dict metadata."""
+  return {leaf_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 class DigestMismatch(ValueError):

@@ -139,12 +139,6 @@ def describe_state(model_name: str, state, fingerprint: dict | None = None) -> d
   return description
 
 
-def _tree_paths(tree) -> set[str]:
-  """Leaf paths as "a/b/0/c", the same for dataclass/NamedTuple trees and Orbax's dict metadata."""
-  return {checkpoint_checks.leaf_path(path)
-          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 BEST_METRIC = "val_accuracy"  # Of the held-out validation split (config.validation_size).
 DIGEST = "digest"  # The meta JSON's entry: checkpoint_checks.digest of the saved state.
 
@@ -301,17 +295,11 @@ class Checkpointer:
     with _quiet_abandoned_reads():  # The metadata's reads too: a damaged data file fails there.
       stored = self._check_description(step, description)
       where = storage.join(self.directory, str(step))
-      stored_tree = self._manager.item_metadata(step)
-      stored_keys = (_tree_paths(stored_tree["state"]) if stored_tree.get("state") is not None
-                     else None)
-      wanted_keys = _tree_paths(abstract_state)
-      if stored_keys is not None and stored_keys != wanted_keys:
-        missing, extra = sorted(wanted_keys - stored_keys), sorted(stored_keys - wanted_keys)
-        raise UserError(
-            f"checkpoint {where} does not fit the configured train state (missing "
-            f"{missing[:2]}, unexpected {extra[:2]}); was it written with another optimizer or "
-            "ema_decay? Use a new --workdir or the config it was trained with")
-      state = self._read(step, abstract_state)
+      target = checkpoint_checks.restore_target(
+          where, self._manager.item_metadata(step).get("state"), abstract_state)
+      state = self._read(step, target)
+      if target is not abstract_state:  # Saved without an entry that holds no array here.
+        state = abstract_state.replace(**state)
       checkpoint_checks.check_digest(where, stored.get(DIGEST), state)
       return state
 
