@@ -1,5 +1,5 @@
 """The native kernels at the edges of their inputs: NaN in the images (the pool must propagate it
-as XLA's max does)."""
+as XLA's max does) and empty batches (every gradient zeros, as lax's)."""
 
 import functools
 
@@ -9,7 +9,7 @@ from jax import lax
 import numpy as np
 import pytest
 
-from fashion_jax.kernels import native, ops, two_layers
+from fashion_jax.kernels import dense, native, ops, plain_conv, two_layers
 from tests.conftest import require_native
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -94,3 +94,54 @@ def test_a_nan_in_the_image_reaches_the_two_layer_output():
   assert np.isnan(want[0]).any() and not np.isnan(want[1]).any()
   np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
   np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
+
+
+def _zeros_like_lax(f, ref, args, argnums):
+  """The gradients of sum(f(*args)) with an empty batch: lax's (zeros), twice (a second call
+  reuses the first's freed buffers: uninitialized memory was often zeros on the first)."""
+  want = jax.grad(lambda *a: jnp.sum(ref(*a)), argnums=argnums)(*args)
+  grad = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a)), argnums=argnums))
+  for _ in range(3):
+    for got, expected in zip(grad(*args), want):
+      assert got.shape == expected.shape
+      np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("hw,cin,cout", [((10, 10), 1, 32), ((10, 10), 16, 32),
+                                         ((13, 11), 32, 16)])
+def test_an_empty_batch_has_zero_conv_pool_gradients(hw, cin, cout):
+  x, k, b = _inputs(3, (0, *hw, cin), cout)
+  if not native.supports(jnp.asarray(x), jnp.asarray(k)):
+    pytest.skip(f"{cout} channels are not a multiple of this build's width")
+  _zeros_like_lax(native.conv3x3_pool2, _ref, (x, k, b), (0, 1, 2))
+
+
+@pytest.mark.parametrize("hw,cin", [((10, 10), 16), ((14, 14), 16), ((10, 10), 2)],
+                         ids=["f2", "f4", "direct"])
+def test_an_empty_batch_has_zero_plain_conv_gradients(hw, cin):
+  x, k, _ = _inputs(4, (0, *hw, cin), 32)
+  if not plain_conv.supports(jnp.asarray(x), jnp.asarray(k)):
+    pytest.skip("32 channels are not a multiple of this build's width")
+  conv = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=DN)
+  _zeros_like_lax(plain_conv.conv3x3, conv, (x, k), (0, 1))
+
+
+@pytest.mark.parametrize("hw", [(28, 28), (10, 10)], ids=["f5", "f2"])
+def test_an_empty_batch_has_zero_two_layer_gradients(hw):
+  x, k1, b1 = _inputs(5, (0, *hw, 1), 32)
+  _, k2, b2 = _inputs(6, (1, 4, 4, 32), 32)
+  if not two_layers.supports_two_layers(jnp.asarray(x), jnp.asarray(k1), jnp.asarray(k2)):
+    pytest.skip("32 channels are not a multiple of this build's width")
+  ref = lambda x, k1, b1, k2, b2: _ref(_ref(x, k1, b1), k2, b2)
+  _zeros_like_lax(two_layers.conv3x3_pool2_twice, ref, (x, k1, b1, k2, b2), (0, 1, 2, 3, 4))
+
+
+@pytest.mark.parametrize("b,d", [(0, 64), (5, 0)], ids=["no_rows", "no_contraction"])
+def test_dense_with_an_empty_axis_is_zeros_like_lax(b, d):
+  h = 2 * native.lanes()
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((b, d)).astype(np.float32)
+  w = rng.standard_normal((d, h)).astype(np.float32)
+  for _ in range(3):
+    np.testing.assert_array_equal(jax.jit(dense.matmul)(x, w), np.zeros((b, h), np.float32))
+  _zeros_like_lax(dense.matmul, jnp.dot, (x, w), (0, 1))

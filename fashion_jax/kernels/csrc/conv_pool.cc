@@ -1281,6 +1281,12 @@ void WinogradFusedBackward(Pool& pool, const Tiles& sx, int64_t k, const float* 
                            float* db) {
   const int64_t c = sx.c, nuk = Planes(M) * c * k;
   const int64_t nu = nuk + (db != nullptr ? k : 0), image = sx.h * sx.w * c;
+  if (sx.n == 0) {  // No images: zero gradients (a chunk writes its dU at its first image; with
+                    // none, dU was whatever the buffer held: garbage, often NaN).
+    std::fill(du, du + nuk, 0.0f);
+    if (db != nullptr) std::fill(db, db + k, 0.0f);
+    return;
+  }
   const int64_t chunks = GradChunks(sx.n);
   // Per chunk: dU [P, C, K], then db [K]. The chunk's first image writes its dU and db is
   // stored at the end, so nothing is zeroed first (a pass over 2 MB at batch 32 for the CNN).
@@ -1958,6 +1964,20 @@ void TwoLayerBackwardCore(Pool& pool, const TwoLayers& t, const float* x, const 
                           const int8_t* arg1, const float* ut, const int8_t* arg2,
                           const float* dy, float* dk1, float* db1, float* du, float* db2,
                           float* dk2 = nullptr) {
+  if (t.s1.n == 0) {  // No images: zero gradients. (Each chunk writes its sums from its images;
+                      // with none, F(5x5, 3x3) had no chunk at all and every gradient, and
+                      // F(2x2, 3x3) dU, was whatever the buffers held: garbage, often NaN.)
+    const int64_t c = t.sx.c, k = t.sy.c;
+    std::fill(dk1, dk1 + 9 * t.s1.cin * c, 0.0f);
+    std::fill(db1, db1 + c, 0.0f);
+    std::fill(db2, db2 + k, 0.0f);
+    if (dk2 != nullptr) {
+      std::fill(dk2, dk2 + 9 * c * k, 0.0f);
+    } else {
+      std::fill(du, du + Planes(t.sx.m) * c * k, 0.0f);
+    }
+    return;
+  }
 #define FJ_CALL(C)                                                                    \
   if (t.sx.m == 5) {                                                                  \
     TwoLayerBackward5<C>(pool, t, x, h, arg1, ut, arg2, dy, dk1, db1, du, db2, dk2);  \
@@ -2600,6 +2620,10 @@ constexpr int64_t kDenseGradDepth = 128;           // Backward: dw's images per 
 // At least two tasks per thread, and a multiple of the thread count.
 template <typename Pool>
 void DenseForwardCore(Pool& pool, const DenseShape& s, const float* x, const float* w, float* y) {
+  if (s.d == 0) {  // An empty contraction: zeros (the parts below write y only from w's rows).
+    std::fill(y, y + s.b * s.h, 0.0f);
+    return;
+  }
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   int64_t tasks = std::max<int64_t>(2 * threads, (s.b + kDenseRows - 1) / kDenseRows);
   tasks = (tasks + threads - 1) / threads * threads;
@@ -2623,6 +2647,11 @@ void DenseForwardCore(Pool& pool, const DenseShape& s, const float* x, const flo
 template <typename Pool>
 void DenseBackwardCore(Pool& pool, const DenseShape& s, const float* x, const float* w,
                        const float* dy, float* dx, float* dw) {
+  if (s.b == 0) {  // No rows: dw = x^T dy is zeros (the parts below write dw only from rows of
+                   // x; with none it was whatever the buffer held), dx is empty.
+    std::fill(dw, dw + s.d * s.h, 0.0f);
+    return;
+  }
   const bool transposed_store = 3 * s.b < 2 * s.h || s.d % L != 0;  // Slabs: whole vectors.
   const int64_t bp = (s.b + L - 1) / L * L;
   thread_local std::vector<float> packed;  // dy^T [h, bp], read by every task of this call.
