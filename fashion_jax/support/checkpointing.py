@@ -182,6 +182,7 @@ class Checkpointer:
         absl_logger.addFilter(kind())
     handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()  # (item_handlers= is deprecated)
     for item, args in (("state", ocp.args.StandardSave), ("state", ocp.args.StandardRestore),
+                       ("state", ocp.args.PyTreeRestore),  # restore_weights: a part of it.
                        ("meta", ocp.args.JsonSave), ("meta", ocp.args.JsonRestore)):
       handlers.add(item, args)
     try:
@@ -269,19 +270,21 @@ class Checkpointer:
   def restore_weights(self, step: int, description: dict) -> dict:
     """What inference needs -- params, batch_stats and their EMAs -- onto the first local device.
 
-    Reads the checkpoint in the structure it was saved with, so the
-    optimizer state of older versions or other optimizers does not matter;
-    the model and parameter shapes are checked as in `restore`.
+    Reads only those entries (the optimizer's state, twice the parameters with Adam, is not
+    read), in the structure they were saved with, so the optimizer state of older versions or
+    other optimizers does not matter; the model and parameter shapes are checked as in `restore`.
     """
     wanted = ("params", "batch_stats", "ema_params", "ema_batch_stats")
     with _quiet_abandoned_reads():  # The metadata's reads too: a damaged data file fails there.
       stored = self._check_description(step, description, serving=True)
       metadata = self._manager.item_metadata(step)["state"]
       sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      abstract = {key: jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata[key])
-                  for key in metadata.keys()}
-      state = self._read(step, abstract)
+      abstract = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata[key])
+                  for key in wanted if key in metadata.keys()}
+      state = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          abstract, restore_args=jax.tree.map(lambda a: ocp.ArrayRestoreArgs(
+              sharding=sharding, global_shape=a.shape, dtype=a.dtype), abstract),
+          partial_restore=True))).state
       weights = {key: state.get(key) for key in wanted}
       checkpoint_checks.check_digest(storage.join(self.directory, str(step)), stored.get(DIGEST),
                                      weights, under=wanted)  # (The optimizer's are not served.)
