@@ -504,3 +504,15 @@ def test_the_package_names_its_commands():
   proc = run_module("fashion_jax", env={"PYTHONOPTIMIZE": "2"})  # -OO: docstrings dropped.
   assert_one_line_error(proc, "name a command, e.g. python -m fashion_jax.main")
   assert "fashion_jax.predict --workdir=DIR PATH" in proc.stderr, proc.stderr
+
+
+def test_an_unreadable_run_file_names_the_fix_for_its_cause():
+  """Every error reading a run's file said 'make it readable by you', a vanished file and an I/O
+  error on a network folder too."""
+  from fashion_jax.support import storage  # pylint: disable=import-outside-toplevel
+  denied = storage.unreadable("/r/checkpoints", PermissionError(13, "Permission denied"))
+  assert str(denied) == ("cannot read /r/checkpoints (Permission denied); make it readable by "
+                         "you, or pass the --workdir of a run you can read")
+  gone = storage.unreadable("/r/checkpoints", FileNotFoundError(2, "No such file or directory"))
+  assert str(gone) == ("cannot read /r/checkpoints (No such file or directory); check that it is "
+                       "there and its storage is reachable, then re-run")

@@ -212,9 +212,12 @@ def read_bytes(path: str) -> bytes:
 
 
 def unreadable(path: str, e: OSError) -> UserError:
-  """The one line for a run's file or folder this user cannot read (permissions, a folder)."""
-  return UserError(f"cannot read {path} ({e.strerror or e}); make it readable by you, or pass "
-                   "the --workdir of a run you can read")
+  """The one line for a run's file or folder this user cannot read: permissions (make it
+  readable), else what the system said (a file gone, an I/O error, a network folder away)."""
+  fix = ("make it readable by you, or pass the --workdir of a run you can read"
+         if isinstance(e, PermissionError) else
+         "check that it is there and its storage is reachable, then re-run")
+  return UserError(f"cannot read {path} ({e.strerror or e}); {fix}")
 
 
 def _folder_in_the_way(path: str) -> UserError:
