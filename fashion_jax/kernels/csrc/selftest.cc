@@ -195,7 +195,7 @@ void TestConvPool(std::mt19937& rng, const Problem& p, bool winograd, bool relu)
     const Tiles sx{p.n, p.h, p.w, p.c, p.hp(), p.wp()}, sy{p.n, p.h, p.w, p.k, p.hp(), p.wp()};
     WinogradConvPoolForwardCore(pool, sx, sy, x.data(), FilterTransform(p, kern, false).data(),
                                 bias.data(), relu, y.data(), tap.data());
-    std::vector<float> du(16 * size_t(p.c) * p.k);
+    std::vector<float> du(16 * size_t(p.c) * p.k, NAN);  // All of it written (no images: zeros).
     WinogradConvPoolBackwardCore(pool, sx, sy, x.data(), FilterTransform(p, kern, true).data(),
                                  tap.data(), dy.data(), dx.data(), du.data(), db.data());
     dk = FilterTransformGrad(p, du);
@@ -588,6 +588,31 @@ void ScalarThreefry(const uint32_t key[2], uint32_t x[2]) {
 // lane its own counter pair), then the keep mask against the reference: jax's uniform float
 // from the xor-ed words, kept where below p; n short of a vector, of kStreams vectors and of a
 // chunk, and p = 0 and 1.
+// A NaN among a window's four outputs (in lane 0, at each set of taps): the pooled value is NaN,
+// as XLA's max gives it, and the gradient goes to the last NaN tap, with and without the ReLU;
+// the other lanes pool as before (the first maximum, or the ReLU off).
+void TestPoolNaN() {
+  bool ok = true;
+  for (bool relu : {false, true}) {
+    const float add = relu ? -10.0f : 0.5f, taps[4] = {1.0f, 3.0f, 2.0f, 3.0f};
+    for (int nans = 1; nans < 16; ++nans) {
+      fv out[4];
+      for (int q = 0; q < 4; ++q) {
+        out[q] = Splat(taps[q]);
+        if (nans >> q & 1) out[q][0] = NAN;
+      }
+      float y[L];
+      int8_t arg[L];
+      PoolStore(out, Splat(add), relu, y, arg);
+      ok = ok && std::isnan(y[0]) && arg[0] == (nans >= 8 ? 3 : nans >= 4 ? 2 : nans >= 2 ? 1 : 0);
+      for (int i = 1; i < L; ++i) {
+        ok = ok && y[i] == (relu ? 0.0f : 3.5f) && arg[i] == (relu ? kNoTap : 1);
+      }
+    }
+  }
+  Check(ok, "pool: a NaN output makes the pooled value NaN and takes the gradient");
+}
+
 void TestKeepMask() {
   const uint32_t kat[3][6] = {  // key, counter, result
       {0, 0, 0, 0, 0x6b200159u, 0x99ba4efeu},
@@ -810,7 +835,11 @@ int main() {
     TestConvPool(rng, {2, 9, 11, L, 3 * L}, true, relu);
     TestConvPool(rng, {17, 6, 6, L, L}, true, relu);
     TestConvPool(rng, {1, 4, 4, 3 * L, 2 * L}, true, relu);
+    // An empty batch: zero gradients (no image writes them).
+    TestConvPool(rng, {0, 13, 13, 2 * L, L}, true, relu);
+    TestConvPool(rng, {0, 10, 10, 1, L}, false, relu);
   }
+  TestPoolNaN();
   // The fused plain convolution: several blocks of tile rows per image (30 -> 14 tiles a row,
   // 3 rows a block, the last one short), cnn_bn's 14 x 14 layers, tall and narrow, more images
   // than the gradient's chunks, the smallest input.
@@ -848,6 +877,8 @@ int main() {
     TestTwoLayers5(rng, {2, 48, 28, 1, L}, 2 * L, relu);
   }
   TestTwoLayers5(rng, {1, 68, 68, 1, L}, L, true);
+  TestTwoLayers(rng, {0, 10, 10, 2, L}, L, true);  // An empty batch: zero gradients.
+  TestTwoLayers5(rng, {0, 28, 28, 1, L}, L, true);
   // BatchNorm + ReLU: images (several chunks of rows, the last one short; odd sizes; padding 1
   // and 2) and [P, C] rows (one pixel each).
   TestBatchNormRelu(rng, 5, 28, 28, 2 * L, 1);
@@ -878,6 +909,8 @@ int main() {
   TestDense(rng, 70, 7 * L, 2 * L);
   TestDense(rng, 13, L, L);
   TestDense(rng, 30, 37, 2 * L);
+  TestDense(rng, 0, 3 * L, 2 * L);  // No rows: dw zeros. No contraction: y zeros.
+  TestDense(rng, 5, 0, 2 * L);
   // Adam: several tasks and a tail (in place), a tail alone (into other arrays), skipped steps,
   // AdamW.
   TestSqrt(rng);
