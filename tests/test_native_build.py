@@ -4,6 +4,8 @@ import os
 from pathlib import Path
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -103,6 +105,8 @@ def test_the_compiler_is_never_one_another_user_could_have_put_on_path(monkeypat
 
 _LOAD = """
 import sys
+import threading
+import time
 from pathlib import Path
 import pytest
 
@@ -246,3 +250,30 @@ def test_prune_leaves_the_builds_root_made(fresh_load, monkeypatch):
   assert native_build.prune(keep="none") == [] and old.exists()
   monkeypatch.setattr(native_build.os, "getuid", real_getuid)
   assert native_build.prune(keep="none") == [old.name]  # Root's own prune takes it.
+
+
+def test_threads_that_load_at_once_load_once(fresh_load, monkeypatch):
+  """functools.cache alone let threads calling available() first at once each load, the later
+  ones clearing what an earlier one had loaded while its caller read it: 3 loads from 4 threads,
+  and info() None after available() said True."""
+  del fresh_load
+  loads, real = [], native._dlopen  # pylint: disable=protected-access
+
+  def slow_dlopen(path):
+    loads.append(path)
+    time.sleep(0.2)
+    return real(path)
+
+  monkeypatch.setattr(native, "_dlopen", slow_dlopen)
+  start, infos = threading.Barrier(4), []
+
+  def first_use():
+    start.wait()
+    infos.append(native.available() and native.info())
+
+  threads = [threading.Thread(target=first_use) for _ in range(4)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(60)
+  assert len(loads) == 1 and len(infos) == 4 and all(infos), (loads, infos)

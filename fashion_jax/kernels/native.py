@@ -120,48 +120,59 @@ def _dlopen(path):
   return library
 
 
-@functools.cache
 def _load() -> str | None:
-  """Builds (or finds) and registers the kernels. Returns None, or why they are unavailable."""
+  """Builds (or finds) and registers the kernels, once. Returns None, or why they are unavailable.
+  Under a lock: with functools.cache alone, threads calling it first at once each loaded, the
+  later ones clearing what an earlier one had loaded while its caller read it (info() None)."""
+  with _lock:
+    return _load_once()
+
+
+@functools.cache
+def _load_once() -> str | None:
+  """`_load`'s work, under its lock."""
   global _registered
   if disabled():
     return f"disabled by FASHION_JAX_NATIVE={os.environ['FASHION_JAX_NATIVE']}"
-  with _lock:
+  _loaded.clear()
+  _library.clear()
+  try:
+    include = jax.ffi.include_dir()
+    target, width = native_build.choose(include)
+    path = native_build.build(target, width, include)
+    try:
+      library = _dlopen(path)
+    except OSError as e:  # A damaged or pruned entry, or another machine's: built anew, once.
+      try:
+        path = native_build.build(target, width, include, failed=path)
+      except NativeUnavailable as again:
+        raise NativeUnavailable(f"{e}; {again}") from e
+      library = _dlopen(path)
+    native_build.mark_used(path)
+    library.FjKernelInfo.restype = ctypes.c_char_p
+    library.FjMeasurePeak.argtypes = (ctypes.c_int, ctypes.c_double,
+                                      ctypes.POINTER(ctypes.c_double),
+                                      ctypes.POINTER(ctypes.c_double),
+                                      ctypes.POINTER(ctypes.c_int))
+    fields = dict(part.split("=", 1) for part in library.FjKernelInfo().decode().split())
+    if not _registered:
+      for name, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
+      _registered = True
+    _loaded.update(target=target.name, lanes=int(fields["lanes"]), isa=fields["isa"],
+                   library=str(path))
+    _library[:] = [library]
+  except (OSError, subprocess.SubprocessError, NativeUnavailable, AttributeError,
+          ValueError, KeyError, jax.errors.JaxRuntimeError) as e:
     _loaded.clear()
     _library.clear()
-    try:
-      include = jax.ffi.include_dir()
-      target, width = native_build.choose(include)
-      path = native_build.build(target, width, include)
-      try:
-        library = _dlopen(path)
-      except OSError as e:  # A damaged or pruned entry, or another machine's: built anew, once.
-        try:
-          path = native_build.build(target, width, include, failed=path)
-        except NativeUnavailable as again:
-          raise NativeUnavailable(f"{e}; {again}") from e
-        library = _dlopen(path)
-      native_build.mark_used(path)
-      library.FjKernelInfo.restype = ctypes.c_char_p
-      library.FjMeasurePeak.argtypes = (ctypes.c_int, ctypes.c_double,
-                                        ctypes.POINTER(ctypes.c_double),
-                                        ctypes.POINTER(ctypes.c_double),
-                                        ctypes.POINTER(ctypes.c_int))
-      fields = dict(part.split("=", 1) for part in library.FjKernelInfo().decode().split())
-      if not _registered:
-        for name, symbol in _TARGETS.items():
-          jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
-                                      platform="cpu")
-        _registered = True
-      _loaded.update(target=target.name, lanes=int(fields["lanes"]), isa=fields["isa"],
-                     library=str(path))
-      _library[:] = [library]
-    except (OSError, subprocess.SubprocessError, NativeUnavailable, AttributeError,
-            ValueError, KeyError, jax.errors.JaxRuntimeError) as e:
-      _loaded.clear()
-      _library.clear()
-      return f"{type(e).__name__}: {e}"
+    return f"{type(e).__name__}: {e}"
   return None
+
+
+_load.cache_clear = _load_once.cache_clear  # (Tests load afresh.)
+_load.cache_info = _load_once.cache_info
 
 
 @functools.cache
