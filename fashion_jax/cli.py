@@ -331,8 +331,10 @@ def quiet_console() -> None:
 
 class QuietLibraries(logging_std.Filter):
   """Keeps libraries' INFO chatter out of the console (Orbax's per save, jax's "Resetting cache
-  at ..." each time the benchmark's compile measure switches caches, fsspec's
-  "AdaptiveReadaheadCache enabled" per file read from gs:// through gcsfs); warnings still show."""
+  at ..." each time the benchmark's compile measure switches caches and "Unable to initialize
+  backend 'tpu'" at each start on a machine without one, fsspec's "AdaptiveReadaheadCache
+  enabled" per file read from gs:// through gcsfs); warnings still show. (A TPU or GPU that is
+  there but did not start is backends.py's warning, with its cause.)"""
 
   def filter(self, record):
     path = record.pathname.replace(os.sep, "/")
@@ -340,4 +342,4 @@ class QuietLibraries(logging_std.Filter):
       record.exc_info = record.exc_text = None  # (the command's own one-line error follows).
     return record.levelno >= logging_std.WARNING or not (
         any(name in path for name in ("/orbax/", "/gcsfs/", "/fsspec/"))
-        or path.endswith("/jax/_src/compilation_cache.py"))
+        or path.endswith(("/jax/_src/compilation_cache.py", "/jax/_src/xla_bridge.py")))

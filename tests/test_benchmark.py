@@ -364,9 +364,10 @@ def test_each_jax_log_line_is_printed_once():
 
 def test_library_info_chatter_is_filtered_and_warnings_are_not():
   """jax printed "Resetting cache at ..." each time the compile measure switched caches (twice a
-  benchmark), Orbax a few lines a save; their warnings, and this project's lines, still show."""
+  benchmark) and "Unable to initialize backend 'tpu'" at every start, Orbax a few lines a save; their warnings, and this project's lines, still show."""
   import logging as logging_std  # pylint: disable=import-outside-toplevel
   from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint  # pylint: disable=import-outside-toplevel
   from fashion_jax import cli  # pylint: disable=import-outside-toplevel
   quiet = cli.QuietLibraries()
@@ -374,7 +375,7 @@ def test_library_info_chatter_is_filtered_and_warnings_are_not():
   def shown(path, level):
     return quiet.filter(logging_std.LogRecord("absl", level, path, 1, "m", None, None))
 
-  for chatter in (compilation_cache.__file__, orbax.checkpoint.__file__):
+  for chatter in (compilation_cache.__file__, orbax.checkpoint.__file__, xla_bridge.__file__):
     assert not shown(chatter, logging_std.INFO) and shown(chatter, logging_std.WARNING)
   assert shown(cli.__file__, logging_std.INFO)
 
