@@ -91,7 +91,7 @@ def parse_flags(argv):
     elif unknown and isinstance(e, (AttributeError, KeyError)):
       guess = re.search(r'Did you mean "(\w+)"', text)
       message = (f"unknown config key {unknown.group(1)!r}"
-                 + (f"; did you mean {guess.group(1)!r}?" if guess else "")
+                 + (f" (did you mean {guess.group(1)!r}?)" if guess else "")
                  + "; the keys are listed in fashion_jax/default_config.py")
     else:
       message = _wrong_type(text) or text.strip()

@@ -294,7 +294,7 @@ def test_edge_hyperparameters_are_accepted(tiny_config):
 def test_cli_errors_are_one_line_and_nonzero(idx_dir, tmp_path):
   common = ["--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}"]
   cases = {
-      "--config.modle=cnn": "unknown config key 'modle'; did you mean 'model'",
+      "--config.modle=cnn": "unknown config key 'modle' (did you mean 'model'?); the keys are",
       "--config.batch_size=abc": "--config.batch_size=abc is invalid: config.batch_size takes a "
                                  "whole number",  # (Was absl's "invalid literal for int()".)
       "--config.num_epochs=0.5": "for part of an epoch, set --config.num_train_steps instead",

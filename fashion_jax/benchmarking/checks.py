@@ -66,8 +66,8 @@ def compare(config, what: str) -> None:
   missing = [m for m in ("tensorflow", "keras") if importlib.util.find_spec(m) is None]
   if missing:
     raise UserError(f"--compare=keras trains the Keras model on TensorFlow, and "
-                    f"{' and '.join(missing)} is not installed here; pip install "
-                    "'fashion_jax[tf]' (or leave out --compare)")
+                    f"{' and '.join(missing)} {'are' if missing[1:] else 'is'} not installed "
+                    "here; pip install 'fashion_jax[tf]' (or leave out --compare)")
   # Imported in a child process: here TensorFlow would load its CUDA libraries before JAX.
   env = {"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2", **os.environ}
   try:
