@@ -9,7 +9,8 @@ workdir): the one-line message says what to fix; 75 stopped by SIGTERM/SIGINT
 (to any process of the job) after saving a checkpoint at the step every process
 agreed on: re-run the same command to resume; 130 Ctrl-C before training holds
 signals (nothing saved yet), or a second one while a single process saves its
-stop checkpoint: re-run to resume; 1 a crash (traceback). --help: the flags,
+stop checkpoint: re-run to resume; 143 SIGTERM before training holds signals or
+after it has finished (nothing to save); 1 a crash (traceback). --help: the flags,
 exit 0.
 """
 
