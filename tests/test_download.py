@@ -665,3 +665,21 @@ def test_a_mirror_whose_path_has_spaces_or_accents_as_typed(mirror, tmp_path, mo
       monkeypatch.setenv(download.URL_ENV, f"{url}{folder}/")
       download.fetch("fashion_mnist", str(tmp_path / f"cache{i}"))
   assert len(requested) == 8 and requested[0].startswith("/my%20data%20%C3%A9/"), requested
+
+
+@pytest.mark.parametrize("password", ["s3cr#tt0k", "ab12/cd34", "wh4t?zq9"])
+def test_a_password_with_a_character_its_url_must_encode_is_never_shown(password, tmp_path,
+                                                                         monkeypatch):
+  """A password's '#', '/' or '?' as typed ended what urlsplit took for the host ('alice:s3cr'):
+  the error printed the whole URL, password included, after looking 'alice' up (or sending it to
+  a proxy). It is refused first, the password hidden."""
+  monkeypatch.setenv(download.URL_ENV, f"https://alice:{password}@mirror.example/fm/")
+  monkeypatch.setattr(download.network, "look_up", lambda *a: pytest.fail(f"looked up {a}"))
+  with pytest.raises(UserError, match=r"^FASHION_JAX_DATA_URL='https://\*\*\*@mirror.example/fm/' "
+                     "has no HOST.:PORT.; percent-encode") as e:
+    download.fetch("fashion_mnist", str(tmp_path / "cache"))
+  for secret in password.replace("#", " ").replace("/", " ").replace("?", " ").split():
+    assert secret not in str(e.value), (secret, str(e.value))
+  # A port-like start ('123') parses: the part after the '/' is not shown either.
+  assert download.shown("https://alice:123/abc@mirror.example/fm/x.gz") == (
+      "https://***@mirror.example/fm/x.gz")

@@ -52,6 +52,7 @@ from fashion_jax.data import idx
 from fashion_jax.support.errors import UserError
 from fashion_jax.support import network
 from fashion_jax.support import paths
+from fashion_jax.support.network import shown  # The URLs in messages and logs.
 
 # The addresses tfds downloads from (its builders' URL), then a mirror of the same files.
 URLS = {
@@ -192,6 +193,11 @@ def fetch(name: str, folder: str, urls: tuple[str, ...] | None = None) -> str:
         "", "localhost"):  # (Its 'host' was looked up: "name lookup failed ... no network?".)
       raise UserError(f"{URL_ENV}={shown(mirror)!r} is a file:// address with a host name; a "
                       "local folder is file:///ABSOLUTE/PATH/ (three slashes)")
+    try:  # urlsplit took "user:pa" for HOST:PORT, a password's '/', '?' or '#' not %-encoded.
+      urllib.parse.urlsplit(mirror).port  # pylint: disable=expression-not-assigned
+    except ValueError:  # (The rest went to the name lookup, the proxy and the messages.)
+      raise UserError(f"{URL_ENV}={shown(mirror)!r} has no HOST[:PORT]; percent-encode a '/', "
+                      "'?' or '#' in its password (%2F, %3F, %23)") from None
     urls = (mirror,) if mirror else URLS[name]
   try:
     os.makedirs(folder, exist_ok=True)
@@ -317,13 +323,6 @@ def _file_url(base: str, filename: str) -> str:
   """`filename` in the folder `base` (a query, such as a token, kept after it)."""
   parts = urllib.parse.urlsplit(base)
   return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + filename))
-
-
-def shown(url: str) -> str:
-  """`url` as messages and logs say it: a user:password@ and a query (a token) hidden."""
-  parts = urllib.parse.urlsplit(url)
-  netloc = parts.netloc if "@" not in parts.netloc else "***@" + parts.netloc.rpartition("@")[2]
-  return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query="***" if parts.query else ""))
 
 
 def _request(url: str) -> urllib.request.Request:

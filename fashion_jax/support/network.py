@@ -1,9 +1,10 @@
-"""A name lookup with a time limit (no JAX import here)."""
+"""A name lookup with a time limit, and URLs as messages show them (no JAX import here)."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import urllib.parse
 
 
 class NoAnswer(TimeoutError):
@@ -30,3 +31,14 @@ def look_up(host: str, port: int | None, timeout: float) -> None:
     raise NoAnswer(f"no answer for {host} within {round(timeout, 1):g} s (no network?)")
   if failed:
     raise failed[0]
+
+
+def shown(url: str) -> str:
+  """`url` as messages and logs say it: a user:password@ and a query (a token) hidden. An '@' past
+  the host, where a password's '/', '?' or '#' (not percent-encoded) ended what urlsplit took for
+  the host, hides everything up to it: that password had been shown whole."""
+  if "@" not in urllib.parse.urlsplit(url).netloc and "@" in url.partition("//")[2]:
+    url = url.partition("//")[0] + "//***@" + url.rpartition("@")[2]
+  parts = urllib.parse.urlsplit(url)
+  netloc = parts.netloc if "@" not in parts.netloc else "***@" + parts.netloc.rpartition("@")[2]
+  return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query="***" if parts.query else ""))
