@@ -382,18 +382,24 @@ exec {sys.executable} "$@"
 
 
 
+def _launch_with_process_1_given(tmp_path, extra: str, *flags):
+  """Two processes of configs/tiny.py with `flags`, process 1 also given `extra` (a flag left
+  out of, or added to, one host's command) through the launcher's $PYTHON."""
+  wrapper = tmp_path / "python_for_process_1"
+  wrapper.write_text(f"""#!/bin/sh
+case "$*" in *--config.process_id=1*) exec {sys.executable} "$@" {extra} ;; esac
+exec {sys.executable} "$@"
+""")
+  wrapper.chmod(0o755)
+  return _launch(tmp_path / "run", "--config=configs/tiny.py", *flags, PYTHON=str(wrapper))
+
+
 def test_a_process_given_another_config_stops_the_job_with_a_line(tmp_path, idx_dir):
   """Process 1 alone with another learning rate (a flag left out of one host's command): it had
   trained with its own, each host's "replicated" parameters drifting apart silently (exit 0, the
   metrics and checkpoint process 0's alone). Now every process refuses it at once, exit 2."""
-  wrapper = tmp_path / "python_with_another_rate"
-  wrapper.write_text(f"""#!/bin/sh
-case "$*" in *--config.process_id=1*) exec {sys.executable} "$@" --config.learning_rate=0.5 ;; esac
-exec {sys.executable} "$@"
-""")
-  wrapper.chmod(0o755)
-  proc = _launch(tmp_path / "run", "--config=configs/tiny.py", f"--config.idx_dir={idx_dir}",
-                 PYTHON=str(wrapper))
+  proc = _launch_with_process_1_given(tmp_path, "--config.learning_rate=0.5",
+                                      f"--config.idx_dir={idx_dir}")
   assert proc.returncode == 2, proc.stderr + "".join(_process_logs(tmp_path / "run"))[-3000:]
   assert proc.stderr.count("fashion_jax: error: process 1 of the job was given another config "
                            "than process 0: learning_rate=0.5 (process 0: 0.001); give every "
@@ -673,14 +679,8 @@ def test_a_process_that_read_other_data_stops_the_job_with_a_line(tmp_path):
   own files, the "replicated" data and parameters differing between the hosts, exit 0."""
   ours = write_idx_folder(str(tmp_path / "idx"))
   theirs = write_idx_folder(str(tmp_path / "other_idx"), seed=1)
-  wrapper = tmp_path / "python_with_other_data"
-  wrapper.write_text(f"""#!/bin/sh
-case "$*" in *--config.process_id=1*) exec {sys.executable} "$@" --config.idx_dir={theirs} ;; esac
-exec {sys.executable} "$@"
-""")
-  wrapper.chmod(0o755)
-  proc = _launch(tmp_path / "run", "--config=configs/tiny.py", f"--config.idx_dir={ours}",
-                 PYTHON=str(wrapper))
+  proc = _launch_with_process_1_given(tmp_path, f"--config.idx_dir={theirs}",
+                                      f"--config.idx_dir={ours}")
   assert proc.returncode == 2, proc.stderr + "".join(_process_logs(tmp_path / "run"))[-3000:]
   assert proc.stderr.count("fashion_jax: error: process 1 of the job read other data than "
                            "process 0 (train/test digests ") == 1, proc.stderr
