@@ -132,18 +132,19 @@ def staged(path: str):
   parent = None if storage.is_url(path) else os.path.dirname(path)
   inside = bool(parent) and os.path.isdir(path) and (os.path.ismount(path) or
                                                      not os.access(parent, os.W_OK))
+  prefix = _INSIDE[0] if inside else f".{os.path.basename(path)}.export-"
+  where = (path if inside else parent) or tempfile.gettempdir()  # gs://: staged locally.
   try:
     if parent:
       os.makedirs(parent, exist_ok=True)
-    prefix = _INSIDE[0] if inside else f".{os.path.basename(path)}.export-"
-    _remove_stale(path if inside else parent, prefix)
-    stage = Stage(tempfile.mkdtemp(prefix=prefix, dir=path if inside else parent))
+    _remove_stale(where, prefix)
+    stage = Stage(tempfile.mkdtemp(prefix=prefix, dir=where))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(stage.folder, 0o777 & ~umask)  # mkdtemp's 0700 would make the export private.
   except OSError as e:
-    raise UserError(f"cannot write to {path if inside else parent!r} ({e.strerror}); pass an "
-                    "--output you can write to") from e
+    raise UserError(f"cannot write to {where!r} ({e.strerror}); pass an --output you can write "
+                    "to") from e
 
   def stop(signum, frame):
     del signum, frame
