@@ -128,14 +128,18 @@ for name, (f, args) in c.items():
     out = jax.tree.map(np.asarray, mapped(*stacked))
     for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(alone), strict=True):
       for d in range(8):
-        np.testing.assert_array_equal(got[d], want, err_msg=f"{name} on device {d}")
+        if want.ndim:  # The kernels' outputs and gradients: bitwise.
+          np.testing.assert_array_equal(got[d], want, err_msg=f"{name} on device {d}")
+        else:  # The loss: XLA's own sum, which it may order otherwise under pmap (jax 0.7.2).
+          np.testing.assert_allclose(got[d], want, rtol=1e-6, err_msg=f"{name} on device {d}")
 print("ok")
 """
 
 
 def test_pmap_over_eight_cpu_devices_gives_each_device_the_results_of_one():
   """Every case under pmap on 8 CPU devices (8 concurrent calls of each handler, on XLA's
-  threads): each device's results bitwise those of the call made alone, three times."""
+  threads): each device's results bitwise those of the call made alone, three times (the loss,
+  XLA's own sum, to its rounding: jax 0.7.2 ordered it otherwise under pmap, 1 ulp)."""
   if native.lanes() > 32:
     pytest.skip("32 channels are not a multiple of this build's width")
   flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
