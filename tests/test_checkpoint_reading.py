@@ -73,3 +73,30 @@ def test_serving_reads_only_the_weights(trained_tiny_workdir, monkeypatch):
   finally:
     checkpointer.close()
   jax.tree.map(np.testing.assert_array_equal, classifier.variables["params"], saved["params"])
+
+
+def test_a_training_open_that_fails_leaves_no_orbax_thread_running(trained_tiny_workdir, tmp_path,
+                                                                  monkeypatch):
+  """Orbax removes a training run's temporary folders in a thread it starts before reading the
+  steps. Where the reading failed (a damaged metrics file: a one-line error and exit 2), that
+  thread outlived the error, met the exiting interpreter and printed a traceback under the line
+  (CI, ~1 run in 30). Slowed here so that it is still running when the open fails."""
+  import asyncio
+  import threading
+  from orbax.checkpoint import checkpoint_manager
+  directory = tmp_path / "run" / "checkpoints"
+  shutil.copytree(os.path.join(trained_tiny_workdir, "checkpoints"), directory)
+  (directory / "20" / "metrics" / "metrics").write_text("{")
+  finished = []
+
+  async def slow_cleanup(*args, **kwargs):
+    del args, kwargs
+    await asyncio.sleep(1.0)
+    finished.append(True)
+
+  monkeypatch.setattr(checkpoint_manager.temporary_paths, "cleanup_temporary_paths", slow_cleanup)
+  before = set(threading.enumerate())
+  with pytest.raises(checkpointing.UserError, match="the saved evaluation of checkpoint 20"):
+    checkpointing.Checkpointer(str(directory), keep=2, training=True)
+  assert finished == [True]
+  assert not [t for t in set(threading.enumerate()) - before if type(t).__module__.startswith("orbax.")]

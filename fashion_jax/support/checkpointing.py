@@ -185,10 +185,16 @@ class Checkpointer:
                        ("state", ocp.args.PyTreeRestore),  # restore_weights: a part of it.
                        ("meta", ocp.args.JsonSave), ("meta", ocp.args.JsonRestore)):
       handlers.add(item, args)
+    before = set(threading.enumerate())
     try:
       self._manager = self._listed(lambda: ocp.CheckpointManager(
           self.directory, options=options, handler_registry=handlers))
     except Exception as e:  # pylint: disable=broad-except  (explained below, else raised as is)
+      # Orbax starts removing temporary folders in a thread before it reads the steps: left
+      # running, it met an exiting interpreter and printed a traceback under the error line.
+      for thread in set(threading.enumerate()) - before:
+        if type(thread).__module__.startswith("orbax."):
+          thread.join(timeout=60)
       raise checkpoint_checks.unreadable_metrics(self.directory) or e
 
   def _listed(self, list_steps):
