@@ -175,17 +175,27 @@ def test_prediction_grid_shows_each_image_and_marks_mistakes_in_red():
     assert red.any() == wrong and (dark.any() or red.any())  # A caption, red where wrong.
 
 
-def test_resume_continues_exactly(tiny_config, tmp_path):
-  """Stopping after 10 steps and re-running gives the same state as one 20-step run."""
+def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
+  """Stopping after 10 steps and re-running gives the same state as one 20-step run. The resume
+  computes no initial state (it held one beside the restored state: 2x the memory at its peak)."""
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   train.train_and_evaluate(tiny_config, straight)
   first = tiny_config.copy_and_resolve_references()
   first.num_train_steps = 10
+  computed, real_create = [], steps.create_train_state
+
+  def create_train_state(*args, abstract=False, **kwargs):
+    computed.append(not abstract)
+    return real_create(*args, **kwargs, **({"abstract": True} if abstract else {}))
+
+  monkeypatch.setattr(steps, "create_train_state", create_train_state)
   train.train_and_evaluate(first, resumed)
-  assert _lines(resumed)[-1]["step"] == 10
+  assert _lines(resumed)[-1]["step"] == 10 and computed.count(True) == 1
+  computed.clear()
   train.train_and_evaluate(tiny_config, resumed)
-  steps = [l["step"] for l in _lines(resumed) if "train_loss" in l]
-  assert steps == [5, 10, 15, 20]  # Continued, not restarted.
+  assert computed == [False]
+  logged = [l["step"] for l in _lines(resumed) if "train_loss" in l]
+  assert logged == [5, 10, 15, 20]  # Continued, not restarted.
   a, b = final_state(tiny_config, straight), final_state(tiny_config, resumed)
   assert int(a.step) == int(b.step) == 20
   jax.tree.map(np.testing.assert_array_equal, a.params, b.params)

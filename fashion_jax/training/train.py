@@ -185,12 +185,13 @@ def _prepare(config, workdir: str, splits) -> Run:
   return run
 
 
-def restore(run: Run, checkpointer, writer, init_state, description):
-  """(state placed on the devices, its step): the latest readable checkpoint, else `init_state`.
+def restore(run: Run, checkpointer, writer, state_shapes, init_state, description):
+  """(state placed on the devices, its step): the latest readable checkpoint, else `init_state()`
+  (made only then: a resume held both at its peak, 2x the state's memory).
 
   Drops the metrics lines an interrupted attempt wrote after that step.
   """
-  latest, restored = checkpointer.restore_latest(run.parallel.abstract_state(init_state),
+  latest, restored = checkpointer.restore_latest(run.parallel.abstract_state(state_shapes),
                                                  description)
   dropped = writer.truncate_after(latest or 0)
   if latest is not None:
@@ -200,7 +201,7 @@ def restore(run: Run, checkpointer, writer, init_state, description):
   if dropped:  # A previous attempt died before its first checkpoint.
     logging.info("no checkpoint yet: starting from step 0 (dropped %d metrics lines of an "
                  "earlier attempt)", dropped)
-  return run.parallel.put_state(init_state), 0
+  return run.parallel.put_state(init_state()), 0
 
 
 class Evaluation:
@@ -353,15 +354,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     parallel, total_steps = run.parallel, run.total_steps
     model = steps.create_model(config, axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
     tx = steps.create_optimizer(config, total_steps)
-    init_state = steps.create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
-    description = checkpointing.describe_state(config.model, init_state, run.fingerprint())
+    init_state = functools.partial(steps.create_train_state, model, tx, config.seed,
+                                   ema=config.ema_decay > 0)
+    state_shapes = init_state(abstract=True)
+    description = checkpointing.describe_state(config.model, state_shapes, run.fingerprint())
     checkpointer = cleanup.enter_context(checkpointing.Checkpointer(
         storage.join(run.workdir, "checkpoints"), keep=config.keep_checkpoints,
         async_save=config.async_checkpointing, training=True))
     writer = cleanup.enter_context(metric_writers.MetricWriter(run.workdir, enabled=run.is_lead))
-    state, step = restore(run, checkpointer, writer, init_state, description)
+    state, step = restore(run, checkpointer, writer, state_shapes, init_state, description)
     faults.maybe_signal("restored")  # Tests: SIGTERM before the train loop starts.
-    del init_state
     _write_config(run, config, step)  # Only now is the run known to go on (see there).
     show_progress = progress.wanted(config.progress_bar, run.is_lead)
     evaluate = Evaluation(run, writer, show_progress)
