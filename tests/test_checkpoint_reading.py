@@ -81,12 +81,23 @@ def test_a_training_open_that_fails_leaves_no_orbax_thread_running(trained_tiny_
   steps. Where the reading failed (a damaged metrics file: a one-line error and exit 2), that
   thread outlived the error, met the exiting interpreter and printed a traceback under the line
   (CI, ~1 run in 30). Slowed here so that it is still running when the open fails."""
-  import asyncio
-  import threading
-  from orbax.checkpoint import checkpoint_manager
+  import threading  # pylint: disable=import-outside-toplevel
   directory = tmp_path / "run" / "checkpoints"
   shutil.copytree(os.path.join(trained_tiny_workdir, "checkpoints"), directory)
   (directory / "20" / "metrics" / "metrics").write_text("{")
+  finished = _slow_cleanup(monkeypatch)
+  before = set(threading.enumerate())
+  with pytest.raises(checkpointing.UserError, match="the saved evaluation of checkpoint 20"):
+    checkpointing.Checkpointer(str(directory), keep=2, training=True)
+  assert finished == [True]
+  assert not _orbax_threads_since(before)
+
+
+def _slow_cleanup(monkeypatch) -> list:
+  """Orbax's removal of a training run's temporary folders (in its own thread) slowed to 1 s;
+  the list returned gets True when it has finished."""
+  import asyncio  # pylint: disable=import-outside-toplevel
+  from orbax.checkpoint import checkpoint_manager  # pylint: disable=import-outside-toplevel
   finished = []
 
   async def slow_cleanup(*args, **kwargs):
@@ -95,8 +106,29 @@ def test_a_training_open_that_fails_leaves_no_orbax_thread_running(trained_tiny_
     finished.append(True)
 
   monkeypatch.setattr(checkpoint_manager.temporary_paths, "cleanup_temporary_paths", slow_cleanup)
+  return finished
+
+
+def _orbax_threads_since(before: set) -> list:
+  import threading  # pylint: disable=import-outside-toplevel
+  return [t for t in set(threading.enumerate()) - before
+          if t.is_alive() and type(t).__module__.startswith("orbax.")]
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_training_checkpointer_closed_before_any_save_leaves_no_orbax_thread_running(
+    trained_tiny_workdir, tmp_path, monkeypatch, async_save):
+  """A training run that ends before its first save closes its checkpoints with nothing saved: a
+  resume refused (another config or model: exit 2), a metrics.jsonl it cannot read, a re-run of
+  a finished run (exit 0). Orbax waits for its temporary-folder cleanup thread only in a save, not
+  in close: left running, it met the exiting interpreter ('cannot schedule new futures after
+  shutdown': a traceback under the one-line error). Slowed here so that it is still running."""
+  import threading  # pylint: disable=import-outside-toplevel
+  directory = tmp_path / "run" / "checkpoints"
+  shutil.copytree(os.path.join(trained_tiny_workdir, "checkpoints"), directory)
+  finished = _slow_cleanup(monkeypatch)
   before = set(threading.enumerate())
-  with pytest.raises(checkpointing.UserError, match="the saved evaluation of checkpoint 20"):
-    checkpointing.Checkpointer(str(directory), keep=2, training=True)
+  with checkpointing.Checkpointer(str(directory), keep=2, async_save=async_save, training=True):
+    pass
   assert finished == [True]
-  assert not [t for t in set(threading.enumerate()) - before if type(t).__module__.startswith("orbax.")]
+  assert not _orbax_threads_since(before)

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import threading
 
 import jax
 import numpy as np
@@ -261,3 +262,18 @@ class QuietOutOfSpace(logging.Filter):
     return not (any(s in text for s in _FULL_SIGNS)
                 or (record.exc_info and record.exc_info[1] is not None
                     and out_of_space(record.exc_info[1])))
+
+
+def orbax_threads_since(before: set) -> list:
+  """Orbax's threads started since `before` (what `threading.enumerate()` gave then)."""
+  return [t for t in set(threading.enumerate()) - before if type(t).__module__.startswith("orbax.")]
+
+
+def finish_threads(threads, timeout: float = 60.0) -> None:
+  """Waits for `threads` (Orbax's, started by opening a training run's checkpoints: its removal
+  of temporary folders), at most `timeout` s each. Left running, one met the exiting interpreter
+  and printed a traceback under the command's last line ('cannot schedule new futures after
+  shutdown'). Thread.join itself: Orbax's would raise the thread's error (or a TimeoutError) in
+  place of the one being reported; Orbax logs that error, and raises it out of the next save."""
+  for thread in threads:
+    threading.Thread.join(thread, timeout)

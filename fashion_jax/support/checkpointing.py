@@ -192,10 +192,11 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except  (explained below, else raised as is)
       # Orbax starts removing temporary folders in a thread before it reads the steps: left
       # running, it met an exiting interpreter and printed a traceback under the error line.
-      for thread in set(threading.enumerate()) - before:
-        if type(thread).__module__.startswith("orbax."):
-          thread.join(timeout=60)
+      checkpoint_checks.finish_threads(checkpoint_checks.orbax_threads_since(before))
       raise checkpoint_checks.unreadable_metrics(self.directory) or e
+    # Opened, only a save waits for that thread, not close: a run ending before its first save
+    # (a resume refused, a finished run evaluated again) met the same exit (see close).
+    self._opening_threads = checkpoint_checks.orbax_threads_since(before)
 
   def _listed(self, list_steps):
     """`list_steps()` (Orbax opening the folder, or listing it again), made again where a step it
@@ -431,5 +432,8 @@ class Checkpointer:
     try:
       self.wait()
     finally:
-      with self._full_disk_is_one_line():
-        self._manager.close()
+      try:
+        with self._full_disk_is_one_line():
+          self._manager.close()
+      finally:
+        checkpoint_checks.finish_threads(self._opening_threads)
