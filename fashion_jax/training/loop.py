@@ -16,8 +16,9 @@ Log lines need only the metrics, which are per step, so they fall anywhere
 inside a window.
 
 Where the batches come from (`config.data_placement`):
-- host: numpy gathers each step's batch from the in-memory split, a window's
-  batches are stacked and sent (uint8).
+- host: numpy gathers a window's batches from the in-memory split in one go, straight
+  into the stacked [steps, batch, ...] array that is sent (uint8): gathered batch by batch
+  and then stacked, the window was copied twice, 2x its size at the peak.
 - device: the train split (uint8, 47 MB) and its labels go to the device(s)
   once; each epoch's order -- exactly the host's `(seed, epoch)` permutation,
   `input_pipeline.epoch_index` -- goes up once as a table of example indices,
@@ -116,19 +117,23 @@ class Windows:
   `step_fn(state, batch, axis_name=None) -> (state, metrics)` is the pure train
   step. Calling `windows(state, step, n)` runs steps step..step+n-1 and returns
   (state, per-step metrics [n], compiled) without waiting for the device;
-  `compiled` says this length was compiled by this call.
+  `compiled` says this length was compiled by this call. Each window's batches follow from
+  its first step alone (`start_step`, where the run starts, is not needed).
   """
 
-  def __init__(self, step_fn, split, config, parallel, data_placement: str, start_step: int):
+  def __init__(self, step_fn, split, config, parallel, data_placement: str,
+               start_step: int = 0):
+    del start_step
     self.step_fn, self.parallel, self.placement = step_fn, parallel, data_placement
     self.batch_size, self.seed = config.batch_size, config.seed
     self.num_examples = len(split)
     self.steps_per_epoch = len(split) // config.batch_size
     self._fns = {}
+    self._rows = {}  # epoch -> its example indices, [steps_per_epoch, global batch].
     if data_placement == "host":
-      self._batches = input_pipeline.train_batches(
-          split, config.batch_size, config.seed, start_step, parallel.process_index,
-          parallel.process_count)
+      self._split = split
+      local = config.batch_size // parallel.process_count
+      self._columns = slice(parallel.process_index * local, (parallel.process_index + 1) * local)
     else:
       self._image_shape = split.images.shape[1:]
       self._data = parallel.put_state({"image": split.images.reshape(len(split), -1),
@@ -154,20 +159,32 @@ class Windows:
 
   def inputs(self, step: int, n: int) -> tuple:
     """What the window of steps step..step+n-1 reads besides the state."""
-    if self.placement == "host":
-      group = [next(self._batches) for _ in range(n)]
-      return (self.parallel.put_batch(input_pipeline.stack(group), stacked=True),)
-    epoch = step // self.steps_per_epoch
+    per_epoch = self.steps_per_epoch
+    epoch, offset = divmod(step, per_epoch)
+    if self.placement == "host":  # This process's columns of the window's rows, one gather.
+      rows = self.epoch_rows(epoch)[offset:offset + n]
+      if len(rows) < n:  # The window crosses into the next epoch.
+        rows = np.concatenate([rows, self.epoch_rows(epoch + 1)[:n - len(rows)]])
+      index = rows[:, self._columns]
+      return (self.parallel.put_batch({"image": self._split.images[index],
+                                       "label": self._split.labels[index]}, stacked=True),)
     if self._table_epoch != epoch:
       # Rows by step modulo two epochs: this epoch and the next, so a window may cross into it.
-      per_epoch = self.steps_per_epoch
       table = np.empty((2 * per_epoch, self.batch_size), np.int32)
       for e in (epoch, epoch + 1):
         slot = (e % 2) * per_epoch
-        table[slot:slot + per_epoch] = input_pipeline.epoch_index(
-            self.seed, e, self.num_examples, self.batch_size)
+        table[slot:slot + per_epoch] = self.epoch_rows(e)
       self._table, self._table_epoch = self.parallel.put_index_table(table), epoch
     return (self._data, self._table)
+
+  def epoch_rows(self, epoch: int) -> np.ndarray:
+    """`input_pipeline.epoch_index` of `epoch` (the one train order of both placements), kept
+    for this epoch and the next (each is computed once, not at every window or table)."""
+    if epoch not in self._rows:
+      self._rows = {e: r for e, r in self._rows.items() if e >= epoch - 1}
+      self._rows[epoch] = input_pipeline.epoch_index(self.seed, epoch, self.num_examples,
+                                                     self.batch_size)
+    return self._rows[epoch]
 
   def __call__(self, state, step: int, n: int):
     if n > self.steps_per_epoch:
