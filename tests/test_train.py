@@ -1289,3 +1289,22 @@ def test_a_host_window_is_gathered_once_in_the_order_of_the_steps(tiny_config):
     (got,) = windows.inputs(first, n)
     for key in ("image", "label"):
       np.testing.assert_array_equal(np.asarray(got[key]), np.stack([b[key] for b in expected]))
+
+
+def test_the_progress_bar_keeps_its_count_when_its_clock_restarts(monkeypatch):
+  """A resumed run's bar (160 of 320 images done) restarts its clock after each compile: it was
+  redrawn at 0 first, "0.00/320 [00:00<-00:00, -19.7Mimg/s]", going back and negative."""
+  import io  # pylint: disable=import-outside-toplevel
+  from fashion_jax.training import progress  # pylint: disable=import-outside-toplevel
+  shown = io.StringIO()
+  monkeypatch.setattr(sys, "stderr", shown)
+  with progress.Bar(True, 320, 160, desc="train") as bar:
+    bar.restart_clock()
+    bar.update(16)
+    bar.restart_clock()
+    assert bar.count == 176
+  states = [s for s in shown.getvalue().replace("\n", "\r").split("\r") if "/320" in s]
+  assert states, shown.getvalue()
+  for state in states:
+    assert float(re.search(r"([\d.]+)/320", state).group(1)) >= 160, states
+    assert not re.search(r"-\d", state), states

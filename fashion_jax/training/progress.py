@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 
 
 def wanted(setting: str, is_lead: bool = True) -> bool:
@@ -54,12 +55,14 @@ class Bar:
     return self._bar is not None
 
   def restart_clock(self) -> None:
-    """Rates and ETA from now on (e.g. after compilation, which is not throughput)."""
+    """Rates and ETA from now on (e.g. after compilation, which is not throughput). Not through
+    tqdm's reset(): it redraws the bar at 0 before the count is put back, and a resumed run's bar
+    (or any after a later window's compile) flashed "0.00/320 [00:00<-00:00, -19.7Mimg/s]"."""
     if self._bar is not None:
-      n = self._bar.n
-      self._bar.reset(total=self._bar.total)
-      self._bar.initial = self._bar.n = self._bar.last_print_n = n
-      self._bar.refresh()
+      bar = self._bar
+      bar.initial = bar.last_print_n = bar.n
+      bar.start_t = bar.last_print_t = getattr(bar, "_time", time.time)()
+      bar.refresh()
 
   def update(self, n: int) -> None:
     if self._bar is not None:
