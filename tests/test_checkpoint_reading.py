@@ -132,3 +132,40 @@ def test_a_training_checkpointer_closed_before_any_save_leaves_no_orbax_thread_r
     pass
   assert finished == [True]
   assert not _orbax_threads_since(before)
+
+
+_SLOW_CLEANUP_MAIN = r"""
+import asyncio, runpy, sys
+from orbax.checkpoint import checkpoint_manager
+real = checkpoint_manager.temporary_paths.cleanup_temporary_paths
+
+async def slow_cleanup(*args, **kwargs):  # Still running as the refusal is printed.
+  await asyncio.sleep(1.0)
+  await real(*args, **kwargs)
+
+checkpoint_manager.temporary_paths.cleanup_temporary_paths = slow_cleanup
+sys.argv[0] = "fashion_jax.main"
+runpy.run_module("fashion_jax.main", run_name="__main__")
+"""
+
+
+def test_a_refused_resume_is_one_line_with_the_cleanup_still_running(trained_tiny_workdir,
+                                                                     tmp_path):
+  """The command's side of the test above: a resume refused (another learning rate) while Orbax
+  still removed a cut-short save's folder printed that thread's traceback under the one-line
+  error ('cannot schedule new futures after shutdown'), and left the folder there."""
+  from tests.conftest import ROOT, assert_one_line_error  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_tiny_workdir, workdir)
+  cut_short = workdir / "checkpoints" / "30.orbax-checkpoint-tmp-1234"
+  shutil.copytree(workdir / "checkpoints" / "20", cut_short)
+  proc = subprocess.run(
+      [sys.executable, "-c", _SLOW_CLEANUP_MAIN, "--config=configs/tiny.py",
+       f"--workdir={workdir}", f"--config.idx_dir={os.path.dirname(trained_tiny_workdir)}/idx",
+       "--config.validation_size=32", "--config.learning_rate=0.123"], cwd=ROOT,
+      capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", FASHION_JAX_MALLOC="default"))  # (No re-exec.)
+  assert_one_line_error(proc, "learning_rate", "resuming would change the run's")
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20"]
