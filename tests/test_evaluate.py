@@ -316,3 +316,43 @@ def test_offline_data_errors_name_this_commands_flag(trained_tiny_workdir, tmp_p
   with pytest.raises(UserError) as e:  # A --data_dir that was there stays.
     evaluate.evaluate(trained_tiny_workdir, str(tmp_path / "out"), data_dir=str(tmp_path))
   assert os.listdir(tmp_path) == [".fashion_jax-tfds-fashion_mnist.lock"]
+
+
+def test_a_run_trained_from_the_variable_is_evaluated_without_it(trained_tiny_workdir, tmp_path,
+                                                                 monkeypatch, capsys):
+  """A run whose data came from $FASHION_JAX_IDX_DIR, evaluated in a shell without it: the IDX
+  folder training recorded in config.json is read (it tried tfds or the download instead, and
+  offline failed), where it is safe to read; else the error as before."""
+  from fashion_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  workdir, data = tmp_path / "run", tmp_path / "data"
+  shutil.copytree(trained_tiny_workdir, workdir)
+  shutil.copytree(os.path.join(os.path.dirname(trained_tiny_workdir), "idx"), data)
+  config = json.loads((workdir / "config.json").read_text())
+  config["idx_dir"] = ""  # As training records a run given the variable.
+  config["_derived"]["data_source"] = f"IDX folder {data} ($FASHION_JAX_IDX_DIR)"
+  (workdir / "config.json").write_text(json.dumps(config))
+  monkeypatch.delenv(input_pipeline.IDX_ENV, raising=False)
+
+  def no_other_source(config, real=input_pipeline.source):
+    if config.idx_dir:  # (How input_pipeline.load reads a given folder.)
+      return real(config)
+    raise UserError("tfds or the download: no network here")
+  monkeypatch.setattr(input_pipeline, "source", no_other_source)
+  result = evaluate.evaluate(str(workdir), str(tmp_path / "out"))
+  assert result["data"]["idx_dir"] == str(data) and result["data"]["count"] == 100
+  assert result["data"]["from"] == "config.json's _derived.data_source"
+  assert result["matches_training_eval"] is True
+  assert capsys.readouterr().err == (
+      f"fashion_jax: $FASHION_JAX_IDX_DIR is not set: reading the test set from {data}, the IDX "
+      "folder training read (config.json records it)\n")
+  assert f"from IDX {data} (via config.json's _derived.data_source)\n" in (
+      evaluate.format_report(result))
+
+  os.chmod(data, 0o777)  # Anyone could have put other files there: not read.
+  with pytest.raises(UserError, match="no network here"):
+    evaluate.evaluate(str(workdir), str(tmp_path / "out"))
+  os.chmod(data, 0o755)
+  config["_derived"]["data_source"] = "IDX folder relative/idx ($FASHION_JAX_IDX_DIR)"
+  (workdir / "config.json").write_text(json.dumps(config))
+  with pytest.raises(UserError, match="no network here"):
+    evaluate.evaluate(str(workdir), str(tmp_path / "out"))

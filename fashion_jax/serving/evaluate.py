@@ -20,7 +20,9 @@ for that step (`eval_accuracy` in metrics.jsonl); the JSON records both.
 
 The test data comes from the run's config.json unless --idx_dir (an IDX
 folder) or --data_dir (a tensorflow-datasets data dir) is given: a run
-trained with a relative `idx_dir` can then be evaluated from anywhere.
+trained with a relative `idx_dir` can then be evaluated from anywhere. A run
+trained from $FASHION_JAX_IDX_DIR, evaluated where it is not set, reads the
+folder config.json records, if no other user could have written it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
@@ -69,6 +72,7 @@ JSON_NAME = "evaluation.json"
 MAX_MISTAKES = 100  # Drawn 5 a row: 20 rows at most.
 CONFUSION_NAME = "confusion_matrix.png"
 MISTAKES_NAME = "mistakes.png"
+RECORDED_SOURCE = "config.json's _derived.data_source"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,9 +186,12 @@ def _remove_empty(root: str) -> None:
       pass
 
 
-def _test_data(config, idx_dir: str | None, data_dir: str | None):
-  """(Split, description of the source). Overrides beat the run's config.json."""
+def _test_data(config, idx_dir: str | None, data_dir: str | None, workdir: str | None = None):
+  """(Split, description of the source). Overrides beat the run's config.json; without them or
+  $FASHION_JAX_IDX_DIR, the IDX folder training recorded it read (a shell without the variable
+  had tried tfds or the download instead: offline, an error)."""
   from fashion_jax.data import download, input_pipeline  # pylint: disable=g-import-not-at-top
+  from fashion_jax.serving import inference  # pylint: disable=g-import-not-at-top
   if idx_dir and data_dir:
     raise UserError("pass --idx_dir (an IDX folder) or --data_dir (tensorflow-datasets), not both")
   data_config = copy.deepcopy(config)
@@ -194,6 +201,12 @@ def _test_data(config, idx_dir: str | None, data_dir: str | None):
     data_config.idx_dir, data_config.data_dir, origin = "", data_dir, "--data_dir"
   else:
     origin = "config.json"
+    if (workdir and not config.idx_dir and not config.data_dir
+        and not os.environ.get(input_pipeline.IDX_ENV)
+        and (recorded := inference.recorded_idx_folder(workdir))):
+      data_config.idx_dir, origin = recorded, RECORDED_SOURCE
+      print(f"fashion_jax: ${input_pipeline.IDX_ENV} is not set: reading the test set from "
+            f"{recorded}, the IDX folder training read (config.json records it)", file=sys.stderr)
   if data_config.idx_dir:
     folder = (storage.resolve(data_config.idx_dir, origin) if storage.is_url(data_config.idx_dir)
               else os.path.abspath(os.path.expanduser(data_config.idx_dir)))
@@ -270,7 +283,7 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
   new_output = not storage.exists(storage.resolve(output_dir, "--output_dir"))
   output_dir = storage.ensure_writable_dir(output_dir, "--output_dir")  # Before minutes of work.
   try:
-    split, source = _test_data(classifier.config, idx_dir, data_dir)
+    split, source = _test_data(classifier.config, idx_dir, data_dir, workdir)
   except UserError:
     if new_output:  # No data: no report, and no empty folder left for one.
       storage.remove_if_empty(output_dir)
@@ -397,7 +410,7 @@ def format_report(result: dict[str, Any]) -> str:
   else:
     if result["matches_training_eval"]:
       verdict = "same"
-    elif data["from"] != "config.json":
+    elif not data["from"].startswith("config.json"):
       verdict = f"differs: this evaluation used other test data ({data['from']})"
     else:
       verdict = "DIFFERS: the test data changed since training, or the checkpoint was replaced"

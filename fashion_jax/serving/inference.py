@@ -19,6 +19,8 @@ import functools
 import json
 import math
 import os
+import re
+import stat
 from typing import Any
 
 from absl import logging
@@ -33,7 +35,7 @@ from fashion_jax import default_config
 from fashion_jax.model import steps
 from fashion_jax.support import checkpointing
 from fashion_jax.support.errors import UserError
-from fashion_jax.support.paths import put_by_others
+from fashion_jax.support.paths import put_by_others, read_only
 from fashion_jax.support import metric_writers
 from fashion_jax.support import storage
 
@@ -79,6 +81,30 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f"{path} lacks a setting this version of fashion_jax needs ({e}); use the "
                     "fashion_jax version that trained it") from e
   return config
+
+
+def recorded_idx_folder(workdir: str) -> str | None:
+  """The local IDX folder training read its data from, as config.json records it
+  (`_derived.data_source`: "IDX folder /data/fm ($FASHION_JAX_IDX_DIR)"), where it is still a
+  folder and safe to read: this user's or root's, writable by no other user, nor put where it is
+  by one (support.paths.put_by_others). Else None (a bucket, a relative path, another user's)."""
+  try:
+    values = json.loads(storage.read_text(storage.join(workdir, "config.json")))
+    described = values["_derived"]["data_source"]
+  except (OSError, ValueError, KeyError, TypeError):  # No record: an older or edited run.
+    return None
+  found = re.fullmatch(r"IDX folder (/.+) \((\$FASHION_JAX_IDX_DIR|config\.idx_dir)\)",
+                       described) if isinstance(described, str) else None
+  if not found:
+    return None
+  folder = found.group(1)
+  try:
+    info = os.stat(folder)
+    unsafe = (not stat.S_ISDIR(info.st_mode) or info.st_uid not in (os.getuid(), 0)
+              or (info.st_mode & stat.S_IWOTH and not read_only(folder)) or put_by_others(folder))
+  except OSError:  # Gone, or a folder on the way not searchable.
+    return None
+  return None if unsafe else folder
 
 
 def _eval_accuracies(workdir: str, key: str) -> dict[int, float]:
