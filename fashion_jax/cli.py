@@ -333,13 +333,15 @@ class QuietLibraries(logging_std.Filter):
   """Keeps libraries' INFO chatter out of the console (Orbax's per save, jax's "Resetting cache
   at ..." each time the benchmark's compile measure switches caches and "Unable to initialize
   backend 'tpu'" at each start on a machine without one, fsspec's "AdaptiveReadaheadCache
-  enabled" per file read from gs:// through gcsfs); warnings still show. (A TPU or GPU that is
-  there but did not start is backends.py's warning, with its cause.)"""
+  enabled" per file read from gs:// through gcsfs, TensorFlow's eight lines an export: "input
+  name(s) ... with unsupported characters which will be renamed to unknown", "Assets written to:"
+  its staging folder); warnings still show. (A TPU or GPU that is there but did not start is
+  backends.py's warning, with its cause.)"""
 
   def filter(self, record):
     path = record.pathname.replace(os.sep, "/")
     if record.exc_info and "/gcsfs/" in path:  # "_request out of retries": its line, no traceback
       record.exc_info = record.exc_text = None  # (the command's own one-line error follows).
     return record.levelno >= logging_std.WARNING or not (
-        any(name in path for name in ("/orbax/", "/gcsfs/", "/fsspec/"))
+        any(name in path for name in ("/orbax/", "/gcsfs/", "/fsspec/", "/tensorflow/"))
         or path.endswith(("/jax/_src/compilation_cache.py", "/jax/_src/xla_bridge.py")))

@@ -52,6 +52,9 @@ def test_cli_export_matches_jax(trained_tiny_workdir, tmp_path):
   proc = run_module("fashion_jax.export", f"--workdir={trained_tiny_workdir}", f"--output={output}")
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "self-check vs JAX: max |diff|" in proc.stdout
+  # TensorFlow's INFO chatter (eight lines: inputs "renamed to unknown", its staging folder's
+  # "Assets written to") is not shown; the command's own lines are.
+  assert "renamed to unknown" not in proc.stderr and "Assets written to" not in proc.stderr
 
   classifier = inference.load(trained_tiny_workdir)
   loaded = tf.saved_model.load(str(output))
