@@ -194,3 +194,35 @@ def test_an_interrupt_while_training_starts_is_one_line(tmp_path, idx_dir, delay
   ours = [l for l in stderr.splitlines() if l.startswith("fashion_jax: ")]
   assert ours == ["fashion_jax: error: interrupted before it finished; what it had saved stays (a "
                   "training run resumes from its latest checkpoint when re-run)"], stderr[-3000:]
+
+
+@pytest.mark.parametrize("during", ["evaluation", "checkpoint"])
+def test_a_signal_during_an_evaluation_or_checkpoint_stops_at_its_step(tiny_config, tmp_path,
+                                                                      monkeypatch, during):
+  """A notice that comes while step 10 is evaluated or checkpointed stops the run at step 10 (its
+  checkpoint is there): the stop was decided before them, so the run trained another window
+  (up to 1,000 steps on an accelerator: a preemption's grace period can end first) and saved
+  there. The resumed run ends with each step's lines once."""
+  from fashion_jax.support import checkpointing  # pylint: disable=import-outside-toplevel
+  from fashion_jax.training import train  # pylint: disable=import-outside-toplevel
+  tiny_config.num_train_steps = 40
+  owner, name = ((train.Evaluation, "__call__") if during == "evaluation"
+                 else (checkpointing.Checkpointer, "save"))
+  real, sent = getattr(owner, name), []
+
+  def signalled(self, *args, **kwargs):  # (Evaluation(state, step), Checkpointer.save(step, ...))
+    result = real(self, *args, **kwargs)
+    if args[1 if during == "evaluation" else 0] == 10 and not sent:  # (A second: exit at once.)
+      sent.append(os.kill(os.getpid(), signal.SIGTERM))
+    return result
+
+  workdir = tmp_path / "run"
+  with monkeypatch.context() as patch:
+    patch.setattr(owner, name, signalled)
+    with pytest.raises(stops.Preempted, match="stopped by SIGTERM at step 10;"):
+      train.train_and_evaluate(tiny_config, str(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["10"]
+  train.train_and_evaluate(tiny_config, str(workdir))
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines if "eval_accuracy" in l] == [10, 20, 30, 40]
+  assert [l["step"] for l in lines if "train_loss" in l] == list(range(5, 41, 5))

@@ -8,6 +8,7 @@ go through `external_write()` so they do not tear the bar.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -23,6 +24,15 @@ def wanted(setting: str, is_lead: bool = True) -> bool:
     return sys.stderr.isatty()
   except (AttributeError, ValueError):  # Closed or replaced stream.
     return False
+
+
+def fmt_seconds(seconds: float) -> str:
+  """An ETA for a log line: "4m05s", "1h02m", "-" when unknown."""
+  if not math.isfinite(seconds):
+    return "-"
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else (
+      f"{seconds // 60}m{seconds % 60:02d}s")
 
 
 def _terminal_columns() -> int:

@@ -278,6 +278,17 @@ class TrainLog:
   def restart_clock(self, step: int) -> None:
     self.clock = (time.perf_counter(), step)
 
+  def compiled(self, metrics, n: int, step: int, start: float) -> float:
+    """After a window of `n` steps up to `step` compiled, dispatched at `start`: waits for it,
+    logs the time, and restarts the clocks (compiling is no throughput). The seconds it took."""
+    jax.block_until_ready(metrics)
+    seconds = time.perf_counter() - start
+    with self.bar.external_write():
+      logging.info("compiled and ran the %d-step train window in %.2fs", n, seconds)
+    self.restart_clock(step)
+    self.bar.restart_clock()
+    return seconds
+
   def __call__(self, first_step: int, metrics) -> None:
     """Fetches a window's per-step metrics (waits for it) and writes the log lines it ends."""
     run, config = self.run, self.run.config
@@ -317,7 +328,7 @@ class TrainLog:
                      if math.isfinite(rate) else float("nan"))
         logging.info("train step %d/%d epoch %.2f | loss %s accuracy %s | %s img/s | eta %s",
                      line_step, run.total_steps, line_step / run.steps_per_epoch, loss, accuracy,
-                     f"{rate:,.0f}" if math.isfinite(rate) else "-", _fmt_seconds(remaining))
+                     f"{rate:,.0f}" if math.isfinite(rate) else "-", progress.fmt_seconds(remaining))
 
 
 def _evaluate_finished(evaluate: Evaluation, state, step: int, total_steps: int) -> dict:
@@ -402,44 +413,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
                                                       run.checkpoint_every)
         state, metrics, compiled = windows(state, step, n)
         if compiled:  # This length was compiled by this call; keep it out of images/s.
-          jax.block_until_ready(metrics)
-          compile_seconds += time.perf_counter() - t0
-          with bar.external_write():
-            logging.info("compiled and ran the %d-step train window in %.2fs", n,
-                         time.perf_counter() - t0)
-          log.restart_clock(step + n)
-          bar.restart_clock()
+          compile_seconds += log.compiled(metrics, n, step + n, t0)
         faults.maybe_kill("step", step + 1, step + n)  # Tests: SIGKILL while steps run.
         if in_flight is not None:  # Read the previous window while this one runs.
           log(*in_flight)
         in_flight, step = (step, metrics), step + n
         bar.update(n * config.batch_size)
-        stopping = stop.agreed(step) if step < total_steps else None  # Same on every process.
         due = [(name, action) for name, every, action in actions
                if step % every == 0 or step == total_steps]
-        if not due and not stopping:
-          continue
-        log(*in_flight)  # The host needs the state here: drain the pipeline first.
-        in_flight, results = None, {}
-        for name, action in due:
-          results[name] = action(step, results)
-        last_eval = results.get("eval", last_eval)
-        if stopping:
+        results = {}
+        if due:
+          log(*in_flight)  # The host needs the state here: drain the pipeline first.
+          in_flight = None
+          for name, action in due:
+            results[name] = action(step, results)
+          last_eval = results.get("eval", last_eval)
+          log.restart_clock(step)
+        # Asked after this step's evaluation and checkpoint: a signal during them stops here, not
+        # a window (up to 1,000 steps) later. Same answer on every process.
+        if step < total_steps and (stopping := stop.agreed(step)):
+          if in_flight is not None:
+            log(*in_flight)
           save(step, results)  # With this step's evaluation, if one ran: it competes for best.
           faults.maybe_signal("stop_save")  # Tests: a second signal while it is written.
           checkpointer.wait()  # Durable before the process exits.
           raise stops.Preempted(f"stopped by {stopping} at step {step}; checkpoint saved in "
                                 f"{checkpointer.directory}; re-run the same command to resume")
-        log.restart_clock(step)
   logging.info("done: step %d, eval accuracy %.2f%%, compile %.1fs, wall %.1fs", step,
                100 * last_eval.get("eval_accuracy", float("nan")), compile_seconds,
                fashion_jax.seconds_since_start())
   return last_eval
-
-
-def _fmt_seconds(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "-"
-  seconds = int(seconds)
-  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else (
-      f"{seconds // 60}m{seconds % 60:02d}s")
