@@ -119,7 +119,8 @@ def parse_flags(argv):
 
 _KINDS = (("invalid literal for int()", "a whole number"),
           ("could not convert string to float", "a number"),
-          ("Non-boolean argument to boolean flag", "true or false"))
+          ("Non-boolean argument to boolean flag", "true or false"),
+          ("Failed to parse", "a dict, quoted for the shell: --config.{key}='{{\"NAME\": VALUE}}'"))
 
 
 def _wrong_type(text: str) -> str | None:
@@ -127,12 +128,12 @@ def _wrong_type(text: str) -> str | None:
   base 10: '0.5'") as what KEY takes, and, for a fraction of an epoch, how to ask for one."""
   given = re.match(r"flag (--config\.([\w.]+))=", text)
   words, kind = next(((w, k) for w, k in _KINDS if w in text), (None, None))
-  if not given or not kind:
-    return None
+  if not given or not kind or (words == "Failed to parse" and "as a ConfigDict" not in text):
+    return None  # (A dict field given no dict: ml_collections' words held a Python object's id.)
   flag, key = given.groups()
   rest = text[given.end():]
   value = rest[:rest.rfind(": ", 0, rest.index(words))]  # (It may hold ": " itself.)
-  message = f"{flag}={value} is invalid: config.{key} takes {kind}"
+  message = f"{flag}={value} is invalid: config.{key} takes {kind.format(key=key)}"
   if key == "num_epochs":
     message += ("; for part of an epoch, set --config.num_train_steps instead (steps of "
                 "batch_size images)")

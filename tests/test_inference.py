@@ -17,6 +17,8 @@ from fashion_jax.data import idx
 from fashion_jax.serving import inference
 from fashion_jax.support.errors import UserError
 from tests.conftest import ROOT
+from tests.conftest import assert_one_line_error
+from tests.conftest import run_module
 
 
 def _test_images(workdir):
@@ -85,6 +87,19 @@ def test_the_default_config_file_is_the_package_default():
   from fashion_jax import default_config
   loaded = config_lib.load_file(os.path.join(ROOT, "configs", "default.py"))
   assert loaded.to_dict() == default_config.get_config().to_dict()
+
+
+@pytest.mark.parametrize("value", ["notadict", "[1, 2]"])
+def test_a_dict_setting_given_no_dict_is_one_line_naming_the_form(tmp_path, value):
+  """--config.model_kwargs=VALUE that is no dict literal: ml_collections' words, "Failed to
+  parse 'notadict' as a ConfigDict: ValueError('malformed node or string on line 1: <ast.Name
+  object at 0x7f...>')", were the whole message."""
+  proc = run_module("fashion_jax.main", "--config=configs/tiny.py",
+                    f"--workdir={tmp_path / 'run'}", f"--config.model_kwargs={value}")
+  assert_one_line_error(proc, f"--config.model_kwargs={value} is invalid: config.model_kwargs "
+                        "takes a dict, quoted for the shell: --config.model_kwargs='{\"NAME\": "
+                        "VALUE}'")
+  assert " object at 0x" not in proc.stderr and not (tmp_path / "run").exists()
 
 
 def test_bad_workdirs_are_user_errors(tmp_path):
@@ -226,7 +241,6 @@ def test_serving_builds_nothing_native_for_a_native_trained_run(trained_tiny_wor
   """A run trained with conv_impl=native: predict, evaluate and export use XLA's ops only
   (no native build: nothing appears in the kernel cache; lowering works for any platform)."""
   from PIL import Image
-  from tests.conftest import run_module
   workdir = tmp_path / "run"
   shutil.copytree(trained_tiny_workdir, workdir)
   config = json.loads((workdir / "config.json").read_text())
