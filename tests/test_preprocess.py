@@ -405,6 +405,28 @@ def test_big_images_are_read_without_pillows_bomb_warning(tmp_path, drawing, mon
     preprocess.load_image(str(path))
 
 
+def test_a_jpeg_over_the_bomb_limit_decoded_under_it_is_read(tmp_path, drawing, monkeypatch):
+  """A JPEG is decoded at 1/2 to 1/8 scale (libjpeg's draft); the decompression-bomb limit is for
+  what is decoded. It was applied to the full size: a 200-megapixel phone photo (16320 x 12240,
+  decoded at 2040 x 1530) was "too large to decode safely". The limit is lowered here instead."""
+  _, expected = drawing
+  path = tmp_path / "big.jpg"
+  Image.fromarray(photos.garment(3600, 4320)).save(path, quality=95)
+  with Image.open(path) as image:
+    full = image.width * image.height
+    image.draft(None, (preprocess.WORKING_SIZE, preprocess.WORKING_SIZE))
+    decoded = image.width * image.height
+  assert decoded * 4 <= full
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", decoded)  # Full size over twice the limit.
+  got = preprocess.to_fashion_mnist(preprocess.load_image(str(path)))
+  assert np.abs(got.astype(int) - expected).mean() < 6 and bounding_box(got) == bounding_box(
+      expected)
+  assert Image.MAX_IMAGE_PIXELS == decoded  # Put back.
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", decoded // 3)  # Decoded over twice the limit.
+  with pytest.raises(preprocess.ImageError, match="too large to decode safely .*decompression bomb"):
+    preprocess.load_image(str(path))
+
+
 def test_is_image_filename():
   assert preprocess.is_image_filename("a/b/Photo.JPG")
   assert preprocess.is_image_filename("x.webp") and preprocess.is_image_filename("x.tiff")
