@@ -308,6 +308,25 @@ def test_preprocessed_names_are_unique():
   assert len(set(names)) == len(names)
 
 
+def test_saving_preprocessed_images_beside_the_inputs_replaces_none(trained_tiny_workdir,
+                                                                    tiny_inputs, tmp_path):
+  """--save_preprocessed into the inputs' own folder, given files (not the folder): an input
+  `shirt` (no extension) was saved as shirt.png over the input shirt.png, before it was read
+  (which then classified the 28x28 copy); its picture is numbered instead."""
+  _, paths = tiny_inputs
+  shutil.copy(paths[0], tmp_path / "shirt")
+  shutil.copy(paths[1], tmp_path / "shirt.png")
+  original = (tmp_path / "shirt.png").read_bytes()
+  predictions, status = predict.predict(trained_tiny_workdir, [str(tmp_path / "shirt"),
+                                                               str(tmp_path / "shirt.png")],
+                                        save_dir=str(tmp_path))
+  assert status == 0 and (tmp_path / "shirt.png").read_bytes() == original
+  assert [os.path.basename(p.preprocessed) for p in predictions] == ["shirt-2.png",
+                                                                     "shirt.png.png"]
+  assert predict.preprocessed_names(["d/shirt", "d/shirt.png"], {"shirt.png"}) == [
+      "shirt-2.png", "shirt.png.png"]
+
+
 def test_format_table_aligns_and_shows_errors():
   table = predict.format_table([
       predict.Prediction("x.png", top_k=[("Sneaker", 7, 0.9312), ("Sandal", 5, 0.05)]),

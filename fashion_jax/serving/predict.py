@@ -133,9 +133,11 @@ def find_images(paths: Iterable[str]) -> Inputs:
   return Inputs(entries, missing, empty)
 
 
-def preprocessed_names(files: list[str]) -> list[str]:
-  """A unique PNG file name per input: its base name + ".png", numbered on collisions."""
-  taken, names = set(), []
+def preprocessed_names(files: list[str], inputs_there: Iterable[str] = ()) -> list[str]:
+  """A unique PNG file name per input: its base name + ".png", numbered on collisions, and never
+  one of `inputs_there`: names of inputs in the --save_preprocessed folder (`shirt` and
+  `shirt.png` there: shirt's picture had replaced shirt.png before it was read)."""
+  taken, names = set(inputs_there), []
   for path in files:
     base = os.path.basename(os.path.normpath(path)) or "image"
     name, n = f"{base}.png", 1
@@ -214,7 +216,10 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
         f"{classifier.why})", file=err)
 
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  names = preprocessed_names([p.path for p in todo])
+  target = None if not save_dir or storage.is_url(save_dir) else os.path.realpath(save_dir)
+  names = preprocessed_names([p.path for p in todo], {
+      os.path.basename(p.path) for p in todo
+      if os.path.realpath(os.path.dirname(os.path.abspath(p.path))) == target})
   images, classified = [], []
   for prediction, name in zip(todo, names, strict=True):
     try:
