@@ -94,7 +94,7 @@ def parse_flags(argv):
                  + (f" (did you mean {guess.group(1)!r}?)" if guess else "")
                  + "; the keys are listed in fashion_jax/default_config.py")
     else:
-      message = _wrong_type(text) or text.strip()
+      message = _wrong_type(text) or _missing(text) or text.strip()
     program = os.path.basename(sys.argv[0]) if sys.argv else "fashion_jax"
     fail(f"{message}\nRun with --helpfull for the flags of {program}.")
   except Exception as e:  # pylint: disable=broad-except  (a config file's get_config failed)
@@ -138,6 +138,18 @@ def _wrong_type(text: str) -> str | None:
     message += ("; for part of an epoch, set --config.num_train_steps instead (steps of "
                 "batch_size images)")
   return message
+
+
+def _missing(text: str) -> str | None:
+  """absl's words for required flags not given ("flag --workdir=None: Flag --workdir must have a
+  value other than None. flag --output=None: ...") as which ones, and that they are required."""
+  names = re.findall(r"Flag (--\w+) must have a value other than None", text)
+  if not names:
+    return None
+  listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+  example = {"--config": "configs/default.py", "--workdir": "DIR", "--output": "FOLDER"}
+  return (f"{listed} {'are' if len(names) > 1 else 'is'} required: pass "
+          + " ".join(f"{name}={example.get(name, 'VALUE')}" for name in names))
 
 
 _RETURNED_NONE = "its get_config() returned None; is its return statement missing?"

@@ -404,6 +404,17 @@ def test_cli_missing_workdir(tmp_path):
   assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("given, says", [
+    ((), "--workdir and --output are required: pass --workdir=DIR --output=FOLDER"),
+    (("--output=x",), "--workdir is required: pass --workdir=DIR")])
+def test_cli_required_flags_not_given_are_named(given, says):
+  """absl's words were the line: "flag --workdir=None: Flag --workdir must have a value other
+  than None. flag --output=None: Flag --output must have a value other than None." """
+  proc = run_module("fashion_jax.export", *given)
+  assert_one_line_error(proc, says)
+  assert "None" not in proc.stderr
+
+
 def test_cli_existing_output(trained_tiny_workdir, tmp_path):
   output = tmp_path / "out"
   output.mkdir()
