@@ -384,6 +384,16 @@ def test_files_of_other_kinds_are_named_with_what_to_do(tmp_path):
       preprocess.load_image(str(tmp_path / name))
 
 
+def test_an_iphone_heic_photo_is_named_and_not_skipped(tmp_path):
+  """A HEIC photo (an iPhone camera's default) was "not an image file (Pillow cannot identify
+  its format)", and a folder walk skipped such files without a word."""
+  path = tmp_path / "IMG_0001.HEIC"
+  path.write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64)  # Its first box.
+  with pytest.raises(preprocess.ImageError, match=r"^a HEIC/HEIF photo .*convert it to JPEG"):
+    preprocess.load_image(str(path))
+  assert preprocess.is_image_filename(str(path)) and preprocess.is_image_filename("x.heif")
+
+
 def test_big_images_are_read_without_pillows_bomb_warning(tmp_path, drawing, monkeypatch):
   """Above Pillow's MAX_IMAGE_PIXELS (a 12000x12000 photo) it warned on stderr, two lines, though
   the image is only made 28x28; above twice that its DecompressionBombError is the file's error.

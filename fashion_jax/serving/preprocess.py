@@ -98,6 +98,7 @@ MIN_NEIGHBOURS = 3
 IMAGE_EXTENSIONS = frozenset({
     ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff",
     ".pbm", ".pgm", ".ppm", ".pnm", ".avif",
+    ".heic", ".heif",  # Pillow reads none: each is named, not skipped (an iPhone's photos).
 })
 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2, as Pillow's convert("L").
@@ -178,12 +179,15 @@ def _opened(path: str) -> Image.Image:
   return image
 
 
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+
+
 def _unidentified(path: str) -> str:
   """What a file Pillow cannot identify is, and what to do: an empty file, a NumPy array or an
   IDX file (the data set's own format: evaluate's) each had the same 'not an image file'."""
   try:
     with open(path, "rb") as f:
-      head = f.read(4)
+      head = f.read(12)
     if head[:2] == b"\x1f\x8b":  # gzip: an .idx-ubyte.gz?
       with gzip.open(path, "rb") as f:
         head = f.read(4)
@@ -191,7 +195,10 @@ def _unidentified(path: str) -> str:
     head = b"?"
   if not head:
     return "empty file (0 bytes): nothing to classify; pass an image file"
-  if head == b"\x93NUM":
+  if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+    return ("a HEIC/HEIF photo (an iPhone camera's format), which Pillow cannot read; convert "
+            "it to JPEG or PNG first (e.g. on a Mac: sips -s format jpeg IN.heic --out OUT.jpg)")
+  if head[:4] == b"\x93NUM":
     return ("a NumPy array (.npy), not an image file; save it as PNG first "
             "(PIL.Image.fromarray(array).save('image.png')) and pass that")
   if head[:3] == b"\0\0\x08" and 1 <= head[3] <= 4:
