@@ -124,17 +124,19 @@ _KINDS = (("invalid literal for int()", "a whole number"),
 
 
 def _wrong_type(text: str) -> str | None:
-  """absl's words for `--config.KEY=VALUE` of the wrong type ("invalid literal for int() with
-  base 10: '0.5'") as what KEY takes, and, for a fraction of an epoch, how to ask for one."""
-  given = re.match(r"flag (--config\.([\w.]+))=", text)
+  """absl's words for `--config.KEY=VALUE` (or another flag: `--step=20.0`) of the wrong type
+  ("invalid literal for int() with base 10: '0.5'") as what KEY takes, and, for a fraction of
+  an epoch, how to ask for one."""
+  given = re.match(r"flag (--(?:config\.)?([\w.]+))=", text)
   words, kind = next(((w, k) for w, k in _KINDS if w in text), (None, None))
   if not given or not kind or (words == "Failed to parse" and "as a ConfigDict" not in text):
     return None  # (A dict field given no dict: ml_collections' words held a Python object's id.)
   flag, key = given.groups()
   rest = text[given.end():]
   value = rest[:rest.rfind(": ", 0, rest.index(words))]  # (It may hold ": " itself.)
-  message = f"{flag}={value} is invalid: config.{key} takes {kind.format(key=key)}"
-  if key == "num_epochs":
+  what = f"config.{key}" if flag.startswith("--config.") else flag
+  message = f"{flag}={value} is invalid: {what} takes {kind.format(key=key)}"
+  if what == "config.num_epochs":
     message += ("; for part of an epoch, set --config.num_train_steps instead (steps of "
                 "batch_size images)")
   return message

@@ -233,6 +233,14 @@ def test_cli_missing_workdir(tmp_path):
   assert_one_line_error(proc, "does not exist", "--workdir")
 
 
+def test_cli_a_step_of_the_wrong_type_says_what_it_takes(tmp_path):
+  """absl's words were the line: "flag --step=20.0: invalid literal for int() with base 10:
+  '20.0'" (a --config.KEY's were put as what it takes, another flag's not)."""
+  proc = run_module("fashion_jax.evaluate", f"--workdir={tmp_path}", "--step=20.0")
+  assert_one_line_error(proc, "--step=20.0 is invalid: --step takes a whole number")
+  assert "literal" not in proc.stderr
+
+
 def _config_only(trained_workdir, folder):
   """A workdir holding only a run's config.json: training never got to a checkpoint."""
   folder.mkdir()
