@@ -94,7 +94,7 @@ def parse_flags(argv):
                  + (f" (did you mean {guess.group(1)!r}?)" if guess else "")
                  + "; the keys are listed in fashion_jax/default_config.py")
     else:
-      message = _wrong_type(text) or _missing(text) or text.strip()
+      message = _wrong_type(text) or _missing(text) or _checkpoint_flag(text) or text.strip()
     program = os.path.basename(sys.argv[0]) if sys.argv else "fashion_jax"
     fail(f"{message}\nRun with --helpfull for the flags of {program}.")
   except Exception as e:  # pylint: disable=broad-except  (a config file's get_config failed)
@@ -152,6 +152,17 @@ def _missing(text: str) -> str | None:
   example = {"--config": "configs/default.py", "--workdir": "DIR", "--output": "FOLDER"}
   return (f"{listed} {'are' if len(names) > 1 else 'is'} required: pass "
           + " ".join(f"{name}={example.get(name, 'VALUE')}" for name in names))
+
+
+def _checkpoint_flag(text: str) -> str | None:
+  """--checkpoint=... (or --ckpt) to predict, evaluate or export, which pick one by --step: absl
+  said "Unknown command line flag 'checkpoint'", and not what to pass instead."""
+  found = re.match(r"Unknown command line flag '((?:checkpoint|ckpt)\w*)'", text)
+  if not found or "step" not in FLAGS:
+    return None
+  return (f"unknown flag --{found.group(1)}: a checkpoint is picked by its step, --step=N (the "
+          "number of its folder in WORKDIR/checkpoints; default: the best by validation "
+          "accuracy, else the latest)")
 
 
 _RETURNED_NONE = "its get_config() returned None; is its return statement missing?"

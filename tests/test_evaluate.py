@@ -241,6 +241,15 @@ def test_cli_a_step_of_the_wrong_type_says_what_it_takes(tmp_path):
   assert "literal" not in proc.stderr
 
 
+def test_cli_a_checkpoint_flag_is_answered_with_step(tmp_path):
+  """--checkpoint=PATH (as other tools take one) was "Unknown command line flag 'checkpoint'",
+  nothing said of --step, which picks one."""
+  proc = run_module("fashion_jax.evaluate", f"--workdir={tmp_path}",
+                    f"--checkpoint={tmp_path / 'checkpoints' / '20'}")
+  assert_one_line_error(proc, "unknown flag --checkpoint: a checkpoint is picked by its step, "
+                        "--step=N (the number of its folder in WORKDIR/checkpoints")
+
+
 def _config_only(trained_workdir, folder):
   """A workdir holding only a run's config.json: training never got to a checkpoint."""
   folder.mkdir()
