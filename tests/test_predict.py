@@ -12,6 +12,7 @@ the default recipe gets most of them right.
 
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -248,6 +249,20 @@ def test_saving_preprocessed_images_among_the_inputs_is_refused(trained_tiny_wor
       f"({folder}): the images written there would be classified with them next time; pass a "
       "folder outside the inputs"], proc.stderr
   assert not (folder / "a" / "out").exists()
+
+
+def test_saving_preprocessed_images_in_a_quoted_patterns_folder_is_refused(trained_tiny_workdir,
+                                                                          tiny_inputs, tmp_path):
+  """A quoted pattern ('photos/*') whose folders hold --save_preprocessed: its second run walked
+  photos/seen too, classifying (and saving again) the first run's pictures."""
+  _, paths = tiny_inputs
+  folder = tmp_path / "photos"
+  (folder / "seen").mkdir(parents=True)
+  shutil.copy(paths[0], folder / "a.png")
+  with pytest.raises(UserError, match=re.escape(f"--save_preprocessed={folder / 'seen'} is among "
+                                                f"the inputs ({folder / '*'})")):
+    predict.predict(trained_tiny_workdir, [str(folder / "*")], save_dir=str(folder / "seen"))
+  assert os.listdir(folder / "seen") == []
 
 
 def test_a_run_folder_anyone_may_write_is_not_served(trained_tiny_workdir, tiny_inputs, tmp_path):

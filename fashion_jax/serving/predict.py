@@ -155,10 +155,11 @@ def _refuse_saving_among_inputs(save_dir: str, paths: list[str]) -> None:
   if storage.is_url(save_dir):
     return
   target = os.path.realpath(save_dir)
-  for path in paths:
-    folder = os.path.realpath(path)
-    if os.path.isdir(path) and (target == folder or
-                                target.startswith(folder.rstrip(os.sep) + os.sep)):
+  for path in paths:  # A quoted pattern ('photos/*') as find_images expands it: its folders.
+    given = ([path] if os.path.lexists(path) or not glob.has_magic(path) else
+             glob.glob(path, recursive=True))
+    if any(os.path.isdir(g) and (target == os.path.realpath(g) or target.startswith(
+        os.path.realpath(g).rstrip(os.sep) + os.sep)) for g in given):
       raise UserError(f"--save_preprocessed={save_dir} is among the inputs ({path}): the images "
                       "written there would be classified with them next time; pass a folder "
                       "outside the inputs")
