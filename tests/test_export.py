@@ -415,6 +415,17 @@ def test_cli_required_flags_not_given_are_named(given, says):
   assert "None" not in proc.stderr
 
 
+def test_an_output_below_a_file_is_refused_before_the_conversion(trained_tiny_workdir, tmp_path):
+  """--output=photo.png/model: after the model was converted, "cannot write to 'photo.png'
+  (File exists)"."""
+  (tmp_path / "photo.png").write_bytes(b"a file")
+  with pytest.raises(UserError, match=re.escape(
+      f"--output '{tmp_path / 'photo.png' / 'model'}' cannot be made: '{tmp_path / 'photo.png'}' "
+      "is a file, not a folder; pass an --output in a folder")):
+    export_folder.check_output(str(tmp_path / "photo.png" / "model"), overwrite=False)
+  assert (tmp_path / "photo.png").read_bytes() == b"a file"
+
+
 def test_cli_existing_output(trained_tiny_workdir, tmp_path):
   output = tmp_path / "out"
   output.mkdir()

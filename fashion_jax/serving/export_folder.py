@@ -43,6 +43,12 @@ def check_output(output: str, overwrite: bool) -> str:
     path = os.path.realpath(path)
   if storage.exists(path) and not storage.isdir(path):
     raise UserError(f"--output {path!r} is a file; pass a folder (new or empty)")
+  above = path
+  while not storage.is_url(path) and not os.path.lexists(above):  # Said after the conversion,
+    above = os.path.dirname(above)  # "cannot write to 'x.png' (File exists)".
+  if above != path and not os.path.isdir(above):
+    raise UserError(f"--output {path!r} cannot be made: {above!r} is a file, not a folder; "
+                    "pass an --output in a folder")
   if storage.isdir(path) and has_content(path):
     if not overwrite:
       raise UserError(f"--output {path!r} is not empty; pass --overwrite to replace the export "
