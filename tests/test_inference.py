@@ -89,6 +89,19 @@ def test_the_default_config_file_is_the_package_default():
   assert loaded.to_dict() == default_config.get_config().to_dict()
 
 
+def test_a_runs_checkpoints_folder_as_workdir_names_the_run(trained_tiny_workdir):
+  """--workdir=RUN/checkpoints/20 (a checkpoint's folder, as other tools take one) was "not a
+  fashion_jax training run", nothing said of the run it is in or of --step."""
+  checkpoints = os.path.join(trained_tiny_workdir, "checkpoints")
+  with pytest.raises(UserError, match=re.escape(
+      f"is not a fashion_jax training run; it is in the run {trained_tiny_workdir}: pass "
+      f"--workdir={trained_tiny_workdir} --step=20 (a checkpoint is picked by its step)")):
+    inference.load(os.path.join(checkpoints, "20"))
+  with pytest.raises(UserError, match=re.escape(
+      f"it is in the run {trained_tiny_workdir}: pass --workdir={trained_tiny_workdir}") + "$"):
+    inference.load(checkpoints + os.sep)
+
+
 @pytest.mark.parametrize("value", ["notadict", "[1, 2]"])
 def test_a_dict_setting_given_no_dict_is_one_line_naming_the_form(tmp_path, value):
   """--config.model_kwargs=VALUE that is no dict literal: ml_collections' words, "Failed to

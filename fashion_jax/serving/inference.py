@@ -50,8 +50,8 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f"--workdir {workdir!r} {what}; pass the --workdir of a training run "
                     "(python -m fashion_jax.main --config=... --workdir=DIR)")
   if not storage.exists(path):
-    raise UserError(f"{path} not found: {workdir!r} is not a fashion_jax training run; pass the "
-                    "--workdir that python -m fashion_jax.main wrote")
+    raise UserError(f"{path} not found: {workdir!r} is not a fashion_jax training run; "
+                    + _inside_a_run(workdir))
   damaged = f"; it should be the JSON settings object training wrote (restore {path}, or retrain)"
   try:
     values = json.loads(storage.read_text(path))
@@ -81,6 +81,20 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f"{path} lacks a setting this version of fashion_jax needs ({e}); use the "
                     "fashion_jax version that trained it") from e
   return config
+
+
+def _inside_a_run(workdir: str) -> str:
+  """What to pass where `workdir` is not a run: the run it is in, where it is one's checkpoints
+  folder or a checkpoint (--workdir=RUN/checkpoints/20: --workdir=RUN --step=20)."""
+  parts = os.path.normpath(workdir).split(os.sep)
+  for up in (1, 2):
+    run = os.sep.join(parts[:-up])
+    if not storage.is_url(workdir) and run and parts[-up] == "checkpoints" and os.path.isfile(
+        os.path.join(run, "config.json")):
+      step = (f" --step={parts[-1]} (a checkpoint is picked by its step)"
+              if up == 2 and parts[-1].isdigit() else "")
+      return f"it is in the run {run}: pass --workdir={run}{step}"
+  return "pass the --workdir that python -m fashion_jax.main wrote"
 
 
 def recorded_idx_folder(workdir: str) -> str | None:
