@@ -698,6 +698,21 @@ def test_nonfinite_loss_stops_with_the_step_named(tiny_config, tmp_path):
   assert "lower --config.learning_rate in a new --workdir" in str(e.value)
 
 
+def test_nonfinite_loss_stops_before_the_next_checkpoint_whatever_the_log_interval(tiny_config,
+                                                                                 tmp_path):
+  """on_nonfinite=stop looked at the steps only at each log line: with a long log interval
+  (here: never) the run trained on to its end, checkpointing steps 10 and 15 after the diverged
+  one and calling them good. It stops at the window that diverged, before any later checkpoint."""
+  tiny_config.update(learning_rate=1e30, log_every_steps=10**6, checkpoint_every_steps=5,
+                     eval_every_steps=5, steps_per_dispatch=5)
+  workdir = tmp_path / "stop"
+  with pytest.raises(UserError, match=r"non-finite loss or gradients at step (\d+) ") as e:
+    train.train_and_evaluate(tiny_config, str(workdir))
+  bad = int(re.search(r"at step (\d+) ", str(e.value)).group(1))
+  folder = workdir / "checkpoints"
+  saved = [int(name) for name in os.listdir(folder)] if folder.exists() else []
+  assert bad <= 5 and all(step < bad for step in saved), (bad, saved, str(e.value))
+
 def test_nonfinite_steps_can_be_skipped(tiny_config, tmp_path):
   tiny_config.learning_rate = 1e30
   tiny_config.on_nonfinite = "skip"

@@ -300,15 +300,7 @@ class TrainLog:
     for line_step, sums in self.intervals.add(first_step, fetched):
       train, skipped = _summarize(sums, "train"), int(sums["nonfinite_steps"])
       if skipped and config.on_nonfinite == "stop":
-        good = self.checkpointer.latest_step()
-        good = (f"the last good checkpoint is at step {good} in {self.checkpointer.directory}"
-                if good is not None else "there is no last good checkpoint yet in "
-                f"{self.checkpointer.directory} (re-running starts over)")
-        raise UserError(
-            f"training diverged: non-finite loss or gradients at step "
-            f"{int(sums['first_nonfinite_step'])} (that update was not applied); {good}; lower "
-            "--config.learning_rate in a new --workdir (this one's checkpoints are of this "
-            "rate), or pass --config.on_nonfinite=skip to skip such batches")
+        self._diverged(sums["first_nonfinite_step"])
       if skipped:
         with self.bar.external_write():
           logging.warning("skipped %d step(s) with non-finite loss or gradients, the first "
@@ -329,6 +321,19 @@ class TrainLog:
         logging.info("train step %d/%d epoch %.2f | loss %s accuracy %s | %s img/s | eta %s",
                      line_step, run.total_steps, line_step / run.steps_per_epoch, loss, accuracy,
                      f"{rate:,.0f}" if math.isfinite(rate) else "-", progress.fmt_seconds(remaining))
+    if config.on_nonfinite == "stop" and fetched["nonfinite_steps"].any():  # Not at its line: a
+      self._diverged(fetched["first_nonfinite_step"].min())  # later one, or none (log never).
+
+  def _diverged(self, step) -> None:
+    """on_nonfinite=stop: the error, raised before the next checkpoint (none after `step`)."""
+    good = self.checkpointer.latest_step()
+    good = (f"the last good checkpoint is at step {good} in {self.checkpointer.directory}"
+            if good is not None else "there is no last good checkpoint yet in "
+            f"{self.checkpointer.directory} (re-running starts over)")
+    raise UserError(
+        f"training diverged: non-finite loss or gradients at step {int(step)} (that update was "
+        f"not applied); {good}; lower --config.learning_rate in a new --workdir (this one's "
+        "checkpoints are of this rate), or pass --config.on_nonfinite=skip to skip such batches")
 
 
 def _evaluate_finished(evaluate: Evaluation, state, step: int, total_steps: int) -> dict:
