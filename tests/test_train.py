@@ -713,6 +713,26 @@ def test_nonfinite_loss_stops_before_the_next_checkpoint_whatever_the_log_interv
   saved = [int(name) for name in os.listdir(folder)] if folder.exists() else []
   assert bad <= 5 and all(step < bad for step in saved), (bad, saved, str(e.value))
 
+
+def test_a_run_ending_before_its_first_evaluation_leaves_no_compile_running(tiny_config, tmp_path,
+                                                                            monkeypatch):
+  """The evaluation compiles ahead in a thread; a run that raised before its first evaluation
+  (here: diverged) returned with that compile still running (in a notebook, beside the next
+  cell). Slowed so that it still runs when the run ends."""
+  import threading
+  real_compile = parallel_lib.CompiledAhead._compile
+
+  def slow_compile(self, *abstract):
+    time.sleep(1.0)
+    real_compile(self, *abstract)
+
+  monkeypatch.setattr(parallel_lib.CompiledAhead, "_compile", slow_compile)
+  tiny_config.update(learning_rate=1e30, eval_every_steps=10, steps_per_dispatch=5)
+  with pytest.raises(UserError, match="non-finite loss or gradients"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+  assert not [t for t in threading.enumerate() if t.name == "fashion_jax-compile-ahead"]
+
+
 def test_nonfinite_steps_can_be_skipped(tiny_config, tmp_path):
   tiny_config.learning_rate = 1e30
   tiny_config.on_nonfinite = "skip"

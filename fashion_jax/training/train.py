@@ -1,7 +1,5 @@
-"""The train-and-evaluate loop: data, state restore, windows of steps, checkpoints, evals, stops.
-
-The step functions it runs are in steps.py.
-"""
+"""The train-and-evaluate loop: data, state restore, windows of steps, checkpoints, evals, stops
+(the step functions it runs are in steps.py)."""
 
 from __future__ import annotations
 
@@ -75,9 +73,10 @@ class Evaluator:
         donate_state=False, stacked=True)
     self._sums = self._program
 
-  def compile_ahead(self, state) -> None:
+  def compile_ahead(self, state) -> parallel_lib.CompiledAhead:
     """Compiles the evaluation of states like `state` in a background thread."""
     self._sums = parallel_lib.CompiledAhead(self._program, state, self._batches)
+    return self._sums
 
   def __call__(self, state, show_progress: bool = False, desc: str = "eval") -> dict:
     with progress.Bar(show_progress, len(self.split), desc=desc, leave=False) as bar:
@@ -224,8 +223,10 @@ class Evaluation:
                                        datasets.class_names(config.dataset))
     self.bar = progress.Bar(False, 0)  # The train loop's bar, once it starts.
 
-  def compile_ahead(self, state) -> None:
-    """Starts compiling the evaluations while the first train windows compile and run.
+  def compile_ahead(self, state):
+    """Starts compiling the evaluations while the first train windows compile and run; returns
+    what waits for those compiles (a run that ended before its first evaluation left them
+    running after it returned: in a notebook, beside the next cell).
 
     Called before the first window donates the state's buffers, in single-process runs only:
     with several, a compile may wait for the others' (XLA's GPU autotuning shared through the
@@ -233,9 +234,8 @@ class Evaluation:
     on each other.
     """
     logging.info("compiling the evaluation in the background")
-    for evaluator in (self.test, self.val):
-      if evaluator is not None:
-        evaluator.compile_ahead(state)
+    compiles = [e.compile_ahead(state) for e in (self.test, self.val) if e is not None]
+    return lambda: [program.ready for program in compiles]
 
   def __call__(self, state, step: int, record: bool = True) -> dict:
     """The metrics at `step`; `record`: also written to metrics.jsonl and TensorBoard."""
@@ -393,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     placement = loop.placement(config)
     windows = loop.Windows(train_step, run.train, config, parallel, placement, step)
     if compile_eval_ahead and parallel.process_count == 1:  # See Evaluation.compile_ahead.
-      evaluate.compile_ahead(state)
+      cleanup.callback(evaluate.compile_ahead(state))  # Waited for however the run ends.
     window = loop.train_window(config, placement, run.steps_per_epoch, run.checkpoint_every,
                                run.eval_every, jax.default_backend())
     bar = evaluate.bar = progress.Bar(show_progress, total_steps * config.batch_size,
