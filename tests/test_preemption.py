@@ -188,7 +188,7 @@ def test_an_interrupt_while_training_starts_is_one_line(tmp_path, idx_dir, delay
   proc.send_signal(signal.SIGINT)
   _, stderr = proc.communicate(timeout=120)
   if proc.returncode == stops.EXIT_PREEMPTED:  # Training held it already: a saved stop.
-    assert delay >= 1.0 and "stopped by SIGINT at step" in stderr, stderr[-3000:]
+    assert "stopped by SIGINT at step" in stderr, stderr[-3000:]  # (Soon, on a fast machine.)
     return
   assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
   ours = [l for l in stderr.splitlines() if l.startswith("fashion_jax: ")]
