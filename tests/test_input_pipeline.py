@@ -96,6 +96,39 @@ def test_element_specs_match_between_sources(tiny_config, monkeypatch):
       k: (v.dtype, v.shape) for k, v in batch_tfds.items()}
 
 
+def test_a_relative_data_folder_is_recorded_absolute(tiny_config, tmp_path, monkeypatch):
+  """configs/tiny.py's --config.idx_dir=../shared/... : config.json recorded the relative path
+  (idx_dir and _derived.data_source), so `evaluate --workdir=RUN` run from another folder found
+  nothing there. The source, and the config training writes, name the folder absolute."""
+  import json  # pylint: disable=import-outside-toplevel
+  from fashion_jax.serving import inference  # pylint: disable=import-outside-toplevel
+  data = tiny_config.idx_dir  # <tmp_path>/idx
+  (tmp_path / "here").mkdir()
+  monkeypatch.chdir(tmp_path / "here")
+  tiny_config.idx_dir = "../idx"
+  where = input_pipeline.source(tiny_config)
+  assert (where.location, tiny_config.idx_dir) == (data, data)
+  assert where.describe() == f"IDX folder {data} (config.idx_dir)"
+  monkeypatch.chdir("/")  # Where evaluate may run: the recorded config still names the data.
+  recorded = json.loads(tiny_config.to_json_best_effort())
+  assert recorded["idx_dir"] == data and len(input_pipeline.load(tiny_config, "test", where)) == 100
+  monkeypatch.chdir(tmp_path)
+  tiny_config.idx_dir = ""
+  monkeypatch.setenv(input_pipeline.IDX_ENV, "idx")
+  where = input_pipeline.source(tiny_config)
+  assert where.location == data and tiny_config.idx_dir == ""
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text(json.dumps({"_derived": {"data_source": where.describe()}}))
+  monkeypatch.chdir("/")
+  assert inference.recorded_idx_folder(str(run)) == data
+  monkeypatch.setattr(input_pipeline, "tensorflow_available", lambda: True)
+  monkeypatch.setattr(input_pipeline, "tfds_import_error", lambda: None)
+  tiny_config.data_dir = "tfds"  # (The variable is read for no other data_dir.)
+  monkeypatch.chdir(tmp_path)
+  assert input_pipeline.source(tiny_config).location == str(tmp_path / "tfds")
+
+
 def test_tfds_preparation_is_one_process_at_a_time(tmp_path, monkeypatch):
   """Processes sharing a tfds data_dir prepare it under one lock in that folder."""
   import types

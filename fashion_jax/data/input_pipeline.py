@@ -37,7 +37,7 @@ import numpy as np
 from fashion_jax.data import download
 from fashion_jax.data import idx
 from fashion_jax.support.errors import UserError
-from fashion_jax.support import backends, paths
+from fashion_jax.support import backends, paths, storage
 
 Batch = dict[str, np.ndarray]
 
@@ -107,22 +107,34 @@ def tfds_import_error() -> str | None:
   return "its module has no `builder`"
 
 
+def _absolute(path: str) -> str:
+  """A local path made absolute ("" and gs:// URLs as given)."""
+  path = os.path.expanduser(path)
+  return path if not path or storage.is_url(path) else os.path.abspath(path)
+
+
 def source(config) -> Source:
   """Picks the data source: config.idx_dir; else $FASHION_JAX_IDX_DIR (Fashion-MNIST, and no
   config.data_dir given); else tensorflow-datasets where TensorFlow is installed (and tfds
-  imports); else the verified download."""
+  imports); else the verified download.
+
+  Local paths come back absolute, and a relative config.idx_dir is made absolute in `config`:
+  the run's config.json records them, and `evaluate --workdir=RUN` reads them from whatever
+  folder it runs in (a relative one named nothing there)."""
   if config.idx_dir:
-    return Source("idx", os.path.expanduser(config.idx_dir), "config.idx_dir")
+    config.idx_dir = _absolute(config.idx_dir)
+    return Source("idx", config.idx_dir, "config.idx_dir")
   env = os.environ.get(IDX_ENV, "")
   if env and config.dataset == "fashion_mnist" and not config.data_dir:
-    return Source("idx", os.path.expanduser(env), f"${IDX_ENV}")
+    return Source("idx", _absolute(env), f"${IDX_ENV}")
   why = "no TensorFlow here"
   if tensorflow_available():
     broken = tfds_import_error()
     if broken is None:
-      return Source("tfds", os.path.expanduser(config.data_dir), "TensorFlow is installed")
+      return Source("tfds", _absolute(config.data_dir), "TensorFlow is installed")
     why = f"tensorflow-datasets cannot be imported here: {broken}"
-  return Source("download", download.default_folder(config.dataset, config.data_dir), why)
+  return Source("download", _absolute(download.default_folder(config.dataset, config.data_dir)),
+                why)
 
 
 def load(config, split: str, data_source: Source | None = None) -> Split:
