@@ -144,11 +144,43 @@ def test_tensorflow_beside_jax_takes_gpu_memory_as_needed():
             raise RuntimeError("Physical devices cannot be modified after being initialized")
           grown.append((device, enable))
 
-  backends.tensorflow_shares_the_gpu(FakeTf)
+  backends.tensorflow_shares_the_gpu(FakeTf, jax_has_gpu=True)
   assert grown == [("GPU:0", True), ("GPU:1", True)]
   grown[:] = ["late"]
-  backends.tensorflow_shares_the_gpu(FakeTf)
+  backends.tensorflow_shares_the_gpu(FakeTf, jax_has_gpu=True)
   assert grown == ["late"]
-  if importlib.util.find_spec("tensorflow") is not None:  # The real one: no GPU here, no change.
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    backends.tensorflow_shares_the_gpu(tf)
+
+
+@pytest.mark.parametrize("device_files,jax_has_gpu,asked", [
+    ((), False, False),  # No GPU can be here: TensorFlow's look printed "failed call to cuInit".
+    ((), True, True),  # JAX runs on a GPU that no NVIDIA device file shows (ROCm, a container).
+    (("dev/nvidia0",), False, True),  # A GPU JAX does not use (JAX_PLATFORMS=cpu): TF would.
+    (("dev/nvidiactl",), False, True),
+    (("proc/driver/nvidia/gpus/0000:00:04.0",), False, True),
+    (("dev/dxg",), False, True)])  # WSL.
+def test_tensorflow_is_asked_for_gpus_only_where_one_can_be(tmp_path, device_files, jax_has_gpu,
+                                                            asked):
+  calls = []
+
+  class FakeTf:  # Records whether TensorFlow was asked for its GPUs.
+    class config:  # pylint: disable=invalid-name
+      list_physical_devices = staticmethod(lambda kind: calls.append(kind) or [])
+
+  root = _machine(tmp_path, *device_files)
+  backends.tensorflow_shares_the_gpu(FakeTf, root=str(root), jax_has_gpu=jax_has_gpu)
+  assert calls == (["GPU"] if asked else [])
+  assert backends.gpu_possible(str(root), jax_has_gpu) is asked
+
+
+def test_without_a_gpu_tensorflow_prints_no_cuinit_error():
+  """The real check, in a process whose JAX runs on the CPU, on a machine with no GPU."""
+  import jax  # pylint: disable=import-outside-toplevel
+  assert backends._jax_has_gpu() is (jax.default_backend() == "gpu")  # pylint: disable=protected-access
+  if importlib.util.find_spec("tensorflow") is None or backends.gpu_possible():
+    pytest.skip("needs TensorFlow on a machine without a GPU")
+  code = ("import jax; jax.devices(); from fashion_jax.support import backends; "
+          "backends.tensorflow_shares_the_gpu(); import tensorflow; print('ok')")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+  assert proc.stdout.split() == ["ok"], proc.stderr[-2000:]
+  assert "cuInit" not in proc.stderr

@@ -16,6 +16,7 @@ import glob
 import importlib.metadata
 import os
 import re
+import sys
 
 from absl import logging
 
@@ -64,12 +65,34 @@ def quiet_cuda_plugin_without_gpu(root: str = "/", environ=None) -> None:
     environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 
-def tensorflow_shares_the_gpu(tf=None) -> None:
+def _jax_has_gpu() -> bool:
+  """Whether JAX, where this process imported it, runs on GPUs (CUDA or ROCm)."""
+  jax = sys.modules.get("jax")
+  try:
+    return jax is not None and any(d.platform in ("gpu", "cuda", "rocm") for d in jax.devices())
+  except RuntimeError:  # A backend that cannot start: JAX has no GPU either.
+    return False
+
+
+def gpu_possible(root: str = "/", jax_has_gpu=None) -> bool:
+  """Whether TensorFlow could find a GPU: JAX runs on one, or device files show one (NVIDIA's
+  /dev/nvidia0, /dev/nvidiactl; WSL's /dev/dxg; AMD's /dev/kfd)."""
+  if "gpu" in accelerators(root) or any(os.path.exists(os.path.join(root, "dev", name))
+                                        for name in ("nvidiactl", "dxg", "kfd")):
+    return True
+  return _jax_has_gpu() if jax_has_gpu is None else jax_has_gpu
+
+
+def tensorflow_shares_the_gpu(tf=None, root: str = "/", jax_has_gpu=None) -> None:
   """Before TensorFlow first runs in a JAX process: TensorFlow takes GPU memory as it needs it,
   instead of nearly all that JAX's preallocation left (where JAX's cuDNN and cuBLAS workspaces
   come from). tfds's input pipeline, export's conversion and the Keras comparison use TensorFlow
   beside JAX. Nothing without TensorFlow or a GPU, or once TensorFlow has started its devices.
+  Where no GPU can be (`gpu_possible`), TensorFlow is not asked: its look printed "E0000 ...
+  failed call to cuInit" on every machine without one.
   `tf`: the module (imported here when not given)."""
+  if not gpu_possible(root, jax_has_gpu):
+    return
   if tf is None:
     try:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top (heavy, optional)
