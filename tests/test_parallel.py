@@ -190,3 +190,19 @@ def test_exiting_while_compiling_ahead_keeps_the_exit_status():
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 3, proc.stderr[-2000:]
   assert "terminate called" not in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["none", "mesh", "pmap"])
+def test_a_state_already_in_its_placement_is_not_copied_again(mode):
+  """A resume restores the state into its replicated placement; put_state then copied each array
+  through the host again (on a GPU: a device-host round trip, two copies of the state at the
+  peak). Arrays placed otherwise, and every array under pmap (stacked per device), are still
+  placed."""
+  par = parallel.Parallel(mode)
+  restored = par.logical_state(par.put_state({"w": np.arange(4, dtype=np.float32)}))
+  placed = par.put_state(restored)
+  np.testing.assert_array_equal(par.fetch(placed)["w"], np.arange(4))
+  assert (placed["w"] is restored["w"]) == (mode != "pmap")
+  elsewhere = jax.device_put(np.arange(4, dtype=np.float32), jax.devices()[-1])
+  moved = par.put_state({"w": elsewhere})["w"]
+  assert moved.sharding.is_equivalent_to(par.put_state(restored)["w"].sharding, moved.ndim)

@@ -269,9 +269,12 @@ class Parallel:
       sharding = NamedSharding(_mesh(self.local_devices), P(AXIS))
       return jax.tree.map(
           lambda x: jax.device_put(np.broadcast_to(_host(x), (n,) + np.shape(x)), sharding), state)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_callback(np.shape(x), self.replicated,
-                                               functools.partial(_index, _host(x))), state)
+    def place(x):
+      if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(self.replicated, x.ndim):
+        return x  # (A restored state: copied through the host, a GPU held it twice at the peak.)
+      return jax.make_array_from_callback(np.shape(x), self.replicated,
+                                          functools.partial(_index, _host(x)))
+    return jax.tree.map(place, state)
 
   def logical_state(self, state):
     """One logical copy of a placed state, as replicated global arrays (for checkpoints)."""
