@@ -134,3 +134,12 @@ def put_by_others(path: str) -> str | None:
               "may write")
     entry = parent
   return None
+
+
+def file_on_the_way(path: str) -> str | None:
+  """The file (no folder) at the local absolute `path`, or at the nearest entry above it that
+  exists, where a folder `path` cannot be made for it; else None."""
+  above = path
+  while not os.path.lexists(above) and os.path.dirname(above) != above:
+    above = os.path.dirname(above)
+  return above if os.path.exists(above) and not os.path.isdir(above) else None

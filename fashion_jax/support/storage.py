@@ -19,7 +19,7 @@ import tempfile
 import urllib.parse
 import uuid
 
-from fashion_jax.support import network
+from fashion_jax.support import network, paths
 from fashion_jax.support.errors import UserError
 from fashion_jax.support.errors import available as _found  # Whether a module is importable.
 
@@ -226,8 +226,6 @@ def _folder_in_the_way(path: str) -> UserError:
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
 _RESUMES = ("free some space (or use another --workdir) and re-run the same command: it resumes "
             "from the last checkpoint, which is intact")
 
@@ -314,8 +312,10 @@ def ensure_writable_dir(path: str, flag: str) -> str:
   """`resolve`d `path`, created if needed and proved writable (a probe file written and removed:
   on Cloud Storage that checks the bucket and the credentials); else a UserError naming `flag`."""
   path = resolve(path, flag)
-  if not is_url(path) and os.path.exists(path) and not os.path.isdir(path):
-    raise UserError(f"{flag} {path!r} is a file, not a folder; pass a folder (new or existing)")
+  if (file := None if is_url(path) else paths.file_on_the_way(path)) is not None:
+    raise UserError(f"{flag} {path!r} is a file, not a folder; pass a folder (new or existing)"
+                    if file == path else f"{file!r} is a file, not a folder: choose another "
+                    f"{flag} ({path!r} would be inside it)")
   try:
     if is_url(path):
       probe = _epath(join(path, f".write_test_{uuid.uuid4().hex}"))
