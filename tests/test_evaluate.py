@@ -187,6 +187,24 @@ def test_an_interrupted_evaluation_leaves_the_previous_report_whole(trained_tiny
   assert {name: (output_dir / name).read_bytes() for name in os.listdir(output_dir)} == before
 
 
+def test_a_killed_evaluations_hidden_folder_is_removed_once_stale(trained_tiny_workdir, tmp_path):
+  """An evaluate killed while drawing its figures (SIGKILL, a crash) left its hidden staging
+  folder in --output_dir, and nothing ever removed it. The next evaluation there removes one
+  unchanged for an hour (export's rule); a newer one may be another evaluation's, drawing now."""
+  import time  # pylint: disable=import-outside-toplevel
+  output_dir = tmp_path / "report"
+  stale, fresh = (output_dir / f"{evaluate.STAGING_PREFIX}{n}" for n in ("killed", "drawing"))
+  for folder in (stale, fresh):
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "confusion_matrix.png").write_bytes(b"half")
+  old = time.time() - 2 * 3600
+  os.utime(stale, (old, old))
+  evaluate.evaluate(trained_tiny_workdir, str(output_dir), step=20)
+  assert sorted(os.listdir(output_dir)) == sorted(
+      [fresh.name, evaluate.CONFUSION_NAME, evaluate.MISTAKES_NAME, evaluate.JSON_NAME])
+  assert (fresh / "sub" / "confusion_matrix.png").read_bytes() == b"half"
+
+
 def test_no_mistakes_drawn_is_not_no_mistakes(trained_tiny_workdir, tmp_path, monkeypatch):
   """--num_mistakes=0: mistakes.png said 'no misclassified test images' under its title's
   '0 of 4,913 errors'."""

@@ -42,6 +42,7 @@ import numpy as np
 
 import fashion_jax  # Records the process start time first.
 from fashion_jax import cli
+from fashion_jax.serving import export_folder
 from fashion_jax.support import compile_cache
 from fashion_jax.support import errors
 from fashion_jax.support.errors import UserError
@@ -73,6 +74,7 @@ MAX_MISTAKES = 100  # Drawn 5 a row: 20 rows at most.
 CONFUSION_NAME = "confusion_matrix.png"
 MISTAKES_NAME = "mistakes.png"
 RECORDED_SOURCE = "config.json's _derived.data_source"
+STAGING_PREFIX = ".fashion_jax_evaluation_"  # The figures' hidden folder in --output_dir.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +313,10 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
   # The figures are drawn aside (in a hidden folder in a local --output_dir, then renamed into
   # place) and put there just before evaluation.json, at the end: an interruption while drawing
   # (seconds, or minutes for big grids) leaves the previous report whole.
-  drawn = tempfile.mkdtemp(prefix=".fashion_jax_evaluation_",
+  # One left by an evaluation killed while drawing (SIGKILL, a crash) goes once it is stale.
+  if not storage.is_url(output_dir):
+    export_folder.remove_stale(output_dir, STAGING_PREFIX)
+  drawn = tempfile.mkdtemp(prefix=STAGING_PREFIX,
                            dir=None if storage.is_url(output_dir) else output_dir)
   try:
     report.plot_confusion_matrix(

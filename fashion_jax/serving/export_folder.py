@@ -143,7 +143,7 @@ def staged(path: str):
   try:
     if parent:
       os.makedirs(parent, exist_ok=True)
-    _remove_stale(where, prefix)
+    remove_stale(where, prefix)
     stage = Stage(tempfile.mkdtemp(prefix=prefix, dir=where))
     umask = os.umask(0)
     os.umask(umask)
@@ -180,9 +180,10 @@ def staged(path: str):
       os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _remove_stale(folder: str, prefix: str) -> None:
-  """Removes this user's staging folders (`prefix`...) in `folder` left by exports that were
-  killed (SIGKILL, a crash) and unchanged for STALE_S: they had stayed hidden beside --output."""
+def remove_stale(folder: str, prefix: str) -> None:
+  """Removes this user's staging folders (`prefix`...) in `folder` left by exports (or
+  evaluations) that were killed (SIGKILL, a crash) and unchanged for STALE_S: they had stayed
+  hidden beside --output (in --output_dir)."""
   with contextlib.suppress(OSError):
     for name in os.listdir(folder):
       entry = os.path.join(folder, name)
