@@ -127,6 +127,9 @@ def test_a_relative_data_folder_is_recorded_absolute(tiny_config, tmp_path, monk
   tiny_config.data_dir = "tfds"  # (The variable is read for no other data_dir.)
   monkeypatch.chdir(tmp_path)
   assert input_pipeline.source(tiny_config).location == str(tmp_path / "tfds")
+  tiny_config.idx_dir = data  # Already absolute: a frozen config (read-only) is not written to.
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  assert input_pipeline.source(ml_collections.FrozenConfigDict(tiny_config)).location == data
 
 
 def test_tfds_preparation_is_one_process_at_a_time(tmp_path, monkeypatch):

@@ -122,7 +122,8 @@ def source(config) -> Source:
   the run's config.json records them, and `evaluate --workdir=RUN` reads them from whatever
   folder it runs in (a relative one named nothing there)."""
   if config.idx_dir:
-    config.idx_dir = _absolute(config.idx_dir)
+    if _absolute(config.idx_dir) != config.idx_dir:  # (A frozen config given absolute paths
+      config.idx_dir = _absolute(config.idx_dir)  # is not written to.)
     return Source("idx", config.idx_dir, "config.idx_dir")
   env = os.environ.get(IDX_ENV, "")
   if env and config.dataset == "fashion_mnist" and not config.data_dir:
