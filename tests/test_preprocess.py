@@ -9,6 +9,7 @@ on how the file stores it.
 import io
 import os
 import re
+import types
 import warnings
 
 import numpy as np
@@ -435,6 +436,43 @@ def test_a_jpeg_over_the_bomb_limit_decoded_under_it_is_read(tmp_path, drawing, 
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", decoded // 3)  # Decoded over twice the limit.
   with pytest.raises(preprocess.ImageError, match="too large to decode safely .*decompression bomb"):
     preprocess.load_image(str(path))
+
+
+def test_a_big_jpeg_is_read_without_changing_pillows_limit(tmp_path, monkeypatch):
+  """Reading a JPEG over the decompression-bomb limit (decoded under it) set the global
+  Image.MAX_IMAGE_PIXELS to None around Image.open: meanwhile any other thread's Image.open went
+  unchecked, and two overlapping loads could leave it None for good. Watched here on the module
+  itself; a phone's MPO (a JPEG with a second frame) is read the same way."""
+  assigned = []
+
+  class Watched(types.ModuleType):
+    def __setattr__(self, name, value):
+      if name == "MAX_IMAGE_PIXELS":
+        assigned.append(value)
+      super().__setattr__(name, value)
+
+  gray = photos.garment(2400, 2400)
+  jpeg, mpo = tmp_path / "big.jpg", tmp_path / "big.mpo.jpg"
+  Image.fromarray(gray).save(jpeg, quality=95)
+  Image.fromarray(gray).save(mpo, format="MPO", save_all=True,
+                             append_images=[Image.fromarray(gray[::2, ::2])])
+  with Image.open(jpeg) as image:
+    image.draft(None, (preprocess.WORKING_SIZE, preprocess.WORKING_SIZE))
+    decoded = image.width * image.height
+  with Image.open(mpo) as image:
+    assert image.format == "MPO" and image.n_frames == 2
+  expected = preprocess.to_fashion_mnist(Image.fromarray(gray))
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", decoded)  # Full size over twice the limit.
+  monkeypatch.setattr(Image, "__class__", Watched)
+  for path in (jpeg, mpo):
+    with pytest.raises(Image.DecompressionBombError):
+      Image.open(path)
+    got = preprocess.to_fashion_mnist(preprocess.load_image(str(path)))
+    assert np.abs(got.astype(int) - expected).mean() < 6, path
+  assert assigned == [] and Image.MAX_IMAGE_PIXELS == decoded
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", decoded // 3)  # Decoded over twice the limit.
+  with pytest.raises(preprocess.ImageError, match="too large to decode safely"):
+    preprocess.load_image(str(mpo))
 
 
 def test_is_image_filename():

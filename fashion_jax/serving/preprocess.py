@@ -80,6 +80,8 @@ try:
 except ImportError:  # Pillow is the `serve` extra; predict says so in one line (errors.require).
   Image = ImageOps = None
 
+from fashion_jax.serving import image_files
+
 SIZE = 28
 TRIM_FUZZ = 0.05  # Fraction of the full 0..255 colour distance.
 SHARPEN_RADIUS, SHARPEN_SIGMA = 1, 1.0  # "Gaussian operator of radius and sigma 1": 3x3.
@@ -133,7 +135,7 @@ def load_image(path: str) -> Image.Image:
     ImageError: the file does not exist, is not an image Pillow can read, or is corrupt.
   """
   try:
-    with _pillow_warnings_silenced(), _opened(path) as image:
+    with _pillow_warnings_silenced(), image_files.opened(path, WORKING_SIZE) as image:
       image.load()
       try:
         image = ImageOps.exif_transpose(image)
@@ -151,32 +153,6 @@ def load_image(path: str) -> Image.Image:
   except (SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError,
           MemoryError) as e:  # What Pillow's decoders raise for damaged files.
     raise ImageError(f"corrupt image ({type(e).__name__}: {e})") from e
-
-
-def _opened(path: str) -> Image.Image:
-  """Image.open, its first frame, a JPEG set to decode at 1/2, 1/4 or 1/8 scale (libjpeg's draft)
-  where it is big; Pillow's decompression-bomb limit (2 x MAX_IMAGE_PIXELS) applies to the size
-  decoded. Image.open had applied it to the full size, and refused a 200-megapixel phone photo
-  (16320 x 12240) that is decoded at 2040 x 1530."""
-  limit = Image.MAX_IMAGE_PIXELS
-  Image.MAX_IMAGE_PIXELS = None  # Checked below, once the size to decode is known.
-  try:
-    image = Image.open(path)
-  finally:
-    Image.MAX_IMAGE_PIXELS = limit
-  try:
-    if getattr(image, "n_frames", 1) > 1:
-      image.seek(0)
-    if image.format in ("JPEG", "MPO"):  # (MPO: a phone's JPEG with a second frame.)
-      image.draft(None, (WORKING_SIZE, WORKING_SIZE))
-    if limit and image.width * image.height > 2 * limit:
-      raise Image.DecompressionBombError(
-          f"Image size ({image.width * image.height} pixels) exceeds limit of {2 * limit} "
-          "pixels, could be decompression bomb DOS attack.")
-  except BaseException:
-    image.close()
-    raise
-  return image
 
 
 _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
