@@ -383,10 +383,38 @@ def test_a_run_trained_from_the_variable_is_evaluated_without_it(trained_tiny_wo
   assert f"from IDX {data} (via config.json's _derived.data_source)\n" in (
       evaluate.format_report(result))
 
-  os.chmod(data, 0o777)  # Anyone could have put other files there: not read.
-  with pytest.raises(UserError, match="no network here"):
-    evaluate.evaluate(str(workdir), str(tmp_path / "out"))
-  os.chmod(data, 0o755)
+  capsys.readouterr()
+  # Another user could have written the data (a group's or everyone's folder, a file in it,
+  # another user's folder): not read, and the line says why.
+  a_file = sorted(data.iterdir())[0]
+  shared = "is writable by a group or every user"
+  for change, undo, why, named in [
+      (lambda: os.chmod(data, 0o777), lambda: os.chmod(data, 0o755), shared, data),
+      (lambda: os.chmod(data, 0o775), lambda: os.chmod(data, 0o755), shared, data),
+      (lambda: os.chmod(a_file, 0o666), lambda: os.chmod(a_file, 0o644),
+       "is another user's or writable by others", a_file),
+      (lambda: os.chown(data, 1234, -1), lambda: os.chown(data, os.getuid(), -1),
+       "belongs to another user (uid 1234)", data)]:
+    if why.startswith("belongs") and os.getuid() != 0:
+      continue  # (Only root can give a folder away.)
+    change()
+    with pytest.raises(UserError, match="no network here"):
+      evaluate.evaluate(str(workdir), str(tmp_path / "out"))
+    undo()
+    said = [l for l in capsys.readouterr().err.splitlines() if l.startswith("fashion_jax: ")]
+    assert said == [f"fashion_jax: not reading the IDX folder training read: {named} {why}"]
+  # Through a link in another user's folder: the folder it names is read, never the link again
+  # (its owner could point it elsewhere between the check and the read).
+  other = tmp_path / "mallory"
+  other.mkdir()
+  (other / "fm").symlink_to(data)
+  if os.getuid() == 0:
+    os.lchown(other / "fm", 1234, -1)
+    os.chown(other, 1234, -1)
+  config["_derived"]["data_source"] = f"IDX folder {other / 'fm'} ($FASHION_JAX_IDX_DIR)"
+  (workdir / "config.json").write_text(json.dumps(config))
+  from fashion_jax.serving import inference  # pylint: disable=import-outside-toplevel
+  assert inference.recorded_idx_folder(str(workdir)) == (str(data), None)
   config["_derived"]["data_source"] = "IDX folder relative/idx ($FASHION_JAX_IDX_DIR)"
   (workdir / "config.json").write_text(json.dumps(config))
   with pytest.raises(UserError, match="no network here"):

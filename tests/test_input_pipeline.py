@@ -121,7 +121,7 @@ def test_a_relative_data_folder_is_recorded_absolute(tiny_config, tmp_path, monk
   run.mkdir()
   (run / "config.json").write_text(json.dumps({"_derived": {"data_source": where.describe()}}))
   monkeypatch.chdir("/")
-  assert inference.recorded_idx_folder(str(run)) == data
+  assert inference.recorded_idx_folder(str(run)) == (data, None)
   monkeypatch.setattr(input_pipeline, "tensorflow_available", lambda: True)
   monkeypatch.setattr(input_pipeline, "tfds_import_error", lambda: None)
   tiny_config.data_dir = "tfds"  # (The variable is read for no other data_dir.)

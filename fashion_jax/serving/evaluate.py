@@ -203,12 +203,15 @@ def _test_data(config, idx_dir: str | None, data_dir: str | None, workdir: str |
     data_config.idx_dir, data_config.data_dir, origin = "", data_dir, "--data_dir"
   else:
     origin = "config.json"
-    if (workdir and not config.idx_dir and not config.data_dir
-        and not os.environ.get(input_pipeline.IDX_ENV)
-        and (recorded := inference.recorded_idx_folder(workdir))):
+    recorded, unsafe = (inference.recorded_idx_folder(workdir) if (
+        workdir and not config.idx_dir and not config.data_dir
+        and not os.environ.get(input_pipeline.IDX_ENV)) else (None, None))
+    if recorded:
       data_config.idx_dir, origin = recorded, RECORDED_SOURCE
       print(f"fashion_jax: ${input_pipeline.IDX_ENV} is not set: reading the test set from "
             f"{recorded}, the IDX folder training read (config.json records it)", file=sys.stderr)
+    elif unsafe:  # (Then the error of the source below says what to pass.)
+      print(f"fashion_jax: not reading the IDX folder training read: {unsafe}", file=sys.stderr)
   if data_config.idx_dir:
     folder = (storage.resolve(data_config.idx_dir, origin) if storage.is_url(data_config.idx_dir)
               else os.path.abspath(os.path.expanduser(data_config.idx_dir)))

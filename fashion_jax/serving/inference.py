@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import stat
 from typing import Any
 
 from absl import logging
@@ -35,7 +34,7 @@ from fashion_jax import default_config
 from fashion_jax.model import steps
 from fashion_jax.support import checkpointing
 from fashion_jax.support.errors import UserError
-from fashion_jax.support.paths import put_by_others, read_only
+from fashion_jax.support.paths import others_could_write, put_by_others
 from fashion_jax.support import metric_writers
 from fashion_jax.support import storage
 
@@ -97,28 +96,25 @@ def _inside_a_run(workdir: str) -> str:
   return "pass the --workdir that python -m fashion_jax.main wrote"
 
 
-def recorded_idx_folder(workdir: str) -> str | None:
-  """The local IDX folder training read its data from, as config.json records it
-  (`_derived.data_source`: "IDX folder /data/fm ($FASHION_JAX_IDX_DIR)"), where it is still a
-  folder and safe to read: this user's or root's, writable by no other user, nor put where it is
-  by one (support.paths.put_by_others). Else None (a bucket, a relative path, another user's)."""
+def recorded_idx_folder(workdir: str) -> tuple[str | None, str | None]:
+  """(folder, None): the local IDX folder training read its data from, as config.json records it
+  (`_derived.data_source`: "IDX folder /data/fm ($FASHION_JAX_IDX_DIR)"), resolved, where no
+  other user could have written its data (support.paths.others_could_write); else (None, why
+  not), or (None, None) where config.json records no local folder (a bucket, an older run)."""
   try:
     values = json.loads(storage.read_text(storage.join(workdir, "config.json")))
     described = values["_derived"]["data_source"]
   except (OSError, ValueError, KeyError, TypeError):  # No record: an older or edited run.
-    return None
+    return None, None
   found = re.fullmatch(r"IDX folder (/.+) \((\$FASHION_JAX_IDX_DIR|config\.idx_dir)\)",
                        described) if isinstance(described, str) else None
   if not found:
-    return None
-  folder = found.group(1)
+    return None, None
   try:
-    info = os.stat(folder)
-    unsafe = (not stat.S_ISDIR(info.st_mode) or info.st_uid not in (os.getuid(), 0)
-              or (info.st_mode & stat.S_IWOTH and not read_only(folder)) or put_by_others(folder))
-  except OSError:  # Gone, or a folder on the way not searchable.
-    return None
-  return None if unsafe else folder
+    unsafe = others_could_write(found.group(1))
+  except OSError as e:  # Gone, or a folder on the way not searchable.
+    unsafe = f"{found.group(1)}: {e.strerror or e}"
+  return (None, unsafe) if unsafe else (os.path.realpath(found.group(1)), None)
 
 
 def _eval_accuracies(workdir: str, key: str) -> dict[int, float]:

@@ -143,3 +143,29 @@ def file_on_the_way(path: str) -> str | None:
   while not os.path.lexists(above) and os.path.dirname(above) != above:
     above = os.path.dirname(above)
   return above if os.path.exists(above) and not os.path.isdir(above) else None
+
+
+def others_could_write(folder: str) -> str | None:
+  """Why another user could have written the data in the local `folder` (resolved, links and all),
+  else None: the folder, a file in it or a folder above it not this user's or root's; the folder
+  or a file in it writable by a group or every user (unless on a read-only mount); a folder above
+  it so writable without the sticky bit (they could rename what is in it and put theirs)."""
+  owners, entry = (os.getuid(), 0), os.path.realpath(folder)
+  if not os.path.isdir(entry):
+    return f"{entry} is not a folder"
+  fixed = read_only(entry)
+  for name in sorted(os.listdir(entry)):
+    info = os.stat(os.path.join(entry, name))  # (Through a link: the file that is read.)
+    if stat.S_ISREG(info.st_mode) and (info.st_uid not in owners
+                                       or (info.st_mode & 0o022 and not fixed)):
+      return f"{os.path.join(entry, name)} is another user's or writable by others"
+  while True:
+    info = os.stat(entry)
+    if info.st_uid not in owners:
+      return f"{entry} belongs to another user (uid {info.st_uid})"
+    if info.st_mode & 0o022 and not read_only(entry) and (
+        entry == os.path.realpath(folder) or not info.st_mode & stat.S_ISVTX):
+      return f"{entry} is writable by a group or every user"
+    if os.path.dirname(entry) == entry:
+      return None
+    entry = os.path.dirname(entry)
