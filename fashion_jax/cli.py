@@ -120,7 +120,8 @@ def parse_flags(argv):
 _KINDS = (("invalid literal for int()", "a whole number"),
           ("could not convert string to float", "a number"),
           ("Non-boolean argument to boolean flag", "true or false"),
-          ("Failed to parse", "a dict, quoted for the shell: --config.{key}='{{\"NAME\": VALUE}}'"))
+          ("Failed to parse", "a dict written as Python (True, False, None; names and text in "
+           "quotes), quoted for the shell: --config.{key}='{{\"NAME\": VALUE}}'"))
 
 
 def _wrong_type(text: str) -> str | None:

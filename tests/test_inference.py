@@ -102,7 +102,7 @@ def test_a_runs_checkpoints_folder_as_workdir_names_the_run(trained_tiny_workdir
     inference.load(checkpoints + os.sep)
 
 
-@pytest.mark.parametrize("value", ["notadict", "[1, 2]"])
+@pytest.mark.parametrize("value", ["notadict", "[1, 2]", "{\"dropout_rate\": true}"])
 def test_a_dict_setting_given_no_dict_is_one_line_naming_the_form(tmp_path, value):
   """--config.model_kwargs=VALUE that is no dict literal: ml_collections' words, "Failed to
   parse 'notadict' as a ConfigDict: ValueError('malformed node or string on line 1: <ast.Name
@@ -110,8 +110,8 @@ def test_a_dict_setting_given_no_dict_is_one_line_naming_the_form(tmp_path, valu
   proc = run_module("fashion_jax.main", "--config=configs/tiny.py",
                     f"--workdir={tmp_path / 'run'}", f"--config.model_kwargs={value}")
   assert_one_line_error(proc, f"--config.model_kwargs={value} is invalid: config.model_kwargs "
-                        "takes a dict, quoted for the shell: --config.model_kwargs='{\"NAME\": "
-                        "VALUE}'")
+                        "takes a dict written as Python (True, False, None; names and text in "
+                        "quotes), quoted for the shell: --config.model_kwargs='{\"NAME\": VALUE}'")
   assert " object at 0x" not in proc.stderr and not (tmp_path / "run").exists()
 
 
