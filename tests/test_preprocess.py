@@ -395,6 +395,33 @@ def test_an_iphone_heic_photo_is_named_and_not_skipped(tmp_path):
   assert preprocess.is_image_filename(str(path)) and preprocess.is_image_filename("x.heif")
 
 
+@pytest.mark.parametrize("reads_avif", [True, False])
+def test_an_avif_image_is_not_called_an_iphone_photo(tmp_path, monkeypatch, reads_avif):
+  """AVIF files use the general HEIF brands too (mif1, msf1): a damaged AVIF, or on Pillow
+  10.x-11.1 (which reads no AVIF) any mif1 one, was "a HEIC/HEIF photo (an iPhone camera's
+  format)" with a Mac `sips` hint. The compatible brands in the ftyp box tell them apart."""
+  from PIL import features
+  monkeypatch.setattr(features, "modules", {
+      **features.modules, "avif": ("PIL._avif", "libavif_version")} if reads_avif else {
+          k: v for k, v in features.modules.items() if k != "avif"})
+  monkeypatch.setattr(features, "check_module", lambda name: reads_avif)
+  says = (r"an AVIF image that Pillow cannot read \(damaged.*convert it to PNG or JPEG" if reads_avif
+          else r"an AVIF image, which this Pillow \(.*\) cannot read; Pillow 11\.2 or later reads "
+          r"AVIF .*convert it to PNG or JPEG")
+  for name, box in (("general.avif", b"\0\0\0\x20ftypmif1\0\0\0\0mif1avifmiafMA1B"),
+                    ("sequence.avif", b"\0\0\0\x1cftypmsf1\0\0\0\0msf1avismiaf"),
+                    ("plain.avif", b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf")):
+    (tmp_path / name).write_bytes(box + b"\0\0\0\x08junk" + b"\0" * 64)
+    with pytest.raises(preprocess.ImageError, match="^" + says) as caught:
+      preprocess.load_image(str(tmp_path / name))
+    assert "HEIC" not in str(caught.value) and "sips" not in str(caught.value), name
+  for name, box in (("IMG_0002.HEIC", b"\0\0\0\x1cftypmif1\0\0\0\0mif1MiHEheic"),
+                    ("burst.heics", b"\0\0\0\x18ftypmsf1\0\0\0\0msf1hevc")):
+    (tmp_path / name).write_bytes(box + b"\0" * 64)
+    with pytest.raises(preprocess.ImageError, match=r"^a HEIC/HEIF photo .*sips"):
+      preprocess.load_image(str(tmp_path / name))
+
+
 def test_big_images_are_read_without_pillows_bomb_warning(tmp_path, drawing, monkeypatch):
   """Above Pillow's MAX_IMAGE_PIXELS (a 12000x12000 photo) it warned on stderr, two lines, though
   the image is only made 28x28; above twice that its DecompressionBombError is the file's error.

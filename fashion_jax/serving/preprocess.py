@@ -67,11 +67,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
 import math
 import os
 import warnings
-import zlib
 
 import numpy as np
 try:
@@ -146,42 +144,13 @@ def load_image(path: str) -> Image.Image:
     raise ImageError(f"too large to decode safely ({e})") from e
   except OSError as e:
     if isinstance(e, Image.UnidentifiedImageError):
-      raise ImageError(_unidentified(path)) from e
+      raise ImageError(image_files.unidentified(path)) from e
     if e.errno in (errno.ENOENT, errno.EISDIR, errno.EACCES, errno.ENOTDIR):
       raise ImageError(f"cannot open ({os.strerror(e.errno)})") from e
     raise ImageError(f"corrupt or truncated image ({e})") from e
   except (SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError,
           MemoryError) as e:  # What Pillow's decoders raise for damaged files.
     raise ImageError(f"corrupt image ({type(e).__name__}: {e})") from e
-
-
-_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
-
-
-def _unidentified(path: str) -> str:
-  """What a file Pillow cannot identify is, and what to do: an empty file, a NumPy array or an
-  IDX file (the data set's own format: evaluate's) each had the same 'not an image file'."""
-  try:
-    with open(path, "rb") as f:
-      head = f.read(12)
-    if head[:2] == b"\x1f\x8b":  # gzip: an .idx-ubyte.gz?
-      with gzip.open(path, "rb") as f:
-        head = f.read(4)
-  except (OSError, EOFError, zlib.error):  # Unreadable or a damaged .gz: said generically.
-    head = b"?"
-  if not head:
-    return "empty file (0 bytes): nothing to classify; pass an image file"
-  if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
-    return ("a HEIC/HEIF photo (an iPhone camera's format), which Pillow cannot read; convert "
-            "it to JPEG or PNG first (e.g. on a Mac: sips -s format jpeg IN.heic --out OUT.jpg)")
-  if head[:4] == b"\x93NUM":
-    return ("a NumPy array (.npy), not an image file; save it as PNG first "
-            "(PIL.Image.fromarray(array).save('image.png')) and pass that")
-  if head[:3] == b"\0\0\x08" and 1 <= head[3] <= 4:
-    return ("an IDX file (the data set's own format), not an image file; evaluate classifies "
-            "IDX test files: python -m fashion_jax.evaluate --workdir=DIR --idx_dir=FOLDER")
-  return ("not an image file (Pillow cannot identify its format); pass PNG, JPEG, WebP, BMP, "
-          "GIF or TIFF images")
 
 
 def _reduced(image: Image.Image) -> Image.Image:
