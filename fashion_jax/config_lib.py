@@ -284,6 +284,12 @@ def fingerprint(config: ml_collections.ConfigDict, train_examples: int, total_st
 def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
   steps = num_train_examples // config.batch_size
   if steps == 0:
+    held = config.get("validation_size", 0)
+    if held > 0:  # The split is what validation_size leaves: either setting fixes it.
+      raise UserError(f"config.batch_size={config.batch_size} is larger than the "
+                      f"{num_train_examples} training examples left after "
+                      f"config.validation_size={held}; lower batch_size to "
+                      f"{num_train_examples} or less, or lower validation_size")
     raise UserError(f"config.batch_size={config.batch_size} is larger than the "
                     f"{num_train_examples} training examples; lower it")
   return steps

@@ -1343,3 +1343,21 @@ def test_the_progress_bar_keeps_its_count_when_its_clock_restarts(monkeypatch):
   for state in states:
     assert float(re.search(r"([\d.]+)/320", state).group(1)) >= 160, states
     assert not re.search(r"-\d", state), states
+
+
+def test_a_batch_larger_than_what_validation_size_leaves_names_both_settings(tiny_config,
+                                                                             tmp_path):
+  """256 train examples, 200 held out for validation: a batch of 64 fits the split but not the
+  56 left. The error said to lower the batch size only, though validation_size made it too big."""
+  tiny_config.batch_size, tiny_config.validation_size = 64, 200
+  with pytest.raises(UserError) as raised:
+    train.prepare(tiny_config, str(tmp_path / "run"))
+  message = str(raised.value)
+  assert "\n" not in message
+  for fragment in ("batch_size=64", "56 training examples", "validation_size=200",
+                   "lower batch_size to 56 or less, or lower validation_size"):
+    assert fragment in message, message
+  tiny_config.validation_size = 0  # Without a validation set: the batch size alone, as before.
+  tiny_config.batch_size = 512
+  with pytest.raises(UserError, match="larger than the 256 training examples; lower it$"):
+    train.prepare(tiny_config, str(tmp_path / "run"))
