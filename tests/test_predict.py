@@ -263,6 +263,19 @@ def test_saving_preprocessed_images_in_a_quoted_patterns_folder_is_refused(train
                                                 f"the inputs ({folder / '*'})")):
     predict.predict(trained_tiny_workdir, [str(folder / "*")], save_dir=str(folder / "seen"))
   assert os.listdir(folder / "seen") == []
+  # Its first run, photos/seen not there yet: accepted (only existing folders were matched).
+  fresh = tmp_path / "fresh"
+  fresh.mkdir()
+  shutil.copy(paths[0], fresh / "a.png")
+  for pattern, save_dir in (("*", "seen"), ("*", "new/seen"), ("**/*.png", "new/seen"),
+                            ("*.png", "")):  # The last two: would match the files written there.
+    with pytest.raises(UserError, match=re.escape(
+        f"--save_preprocessed={fresh / save_dir} is among the inputs ({fresh / pattern})")):
+      predict.predict(trained_tiny_workdir, [str(fresh / pattern)], save_dir=str(fresh / save_dir))
+  assert os.listdir(fresh) == ["a.png"]
+  predictions, status = predict.predict(trained_tiny_workdir, [str(fresh / "*.png")],
+                                        save_dir=str(fresh / ".seen"))  # Hidden: never matched.
+  assert status == 0 and os.listdir(fresh / ".seen") == ["a.png.png"]
 
 
 def test_a_run_folder_anyone_may_write_is_not_served(trained_tiny_workdir, tiny_inputs, tmp_path):

@@ -34,6 +34,7 @@ mistakes are reported at once.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob
 import io
 import json
@@ -149,17 +150,47 @@ def preprocessed_names(files: list[str], inputs_there: Iterable[str] = ()) -> li
   return names
 
 
-def _refuse_saving_among_inputs(save_dir: str, paths: list[str]) -> None:
-  """--save_preprocessed in (or under) a folder given as input: the next run classified its own
-  outputs too (a.png.png, a.png.png.png, ...), and a.png.png could overwrite an input."""
+def _pattern_would_match(pattern: str, target: str, names: list[str]) -> bool:
+  """Whether `pattern`, as find_images expands it (glob, `**` recursive, a name starting with "."
+  only where the pattern's part does), matches the real path `target`, a folder above it below
+  the pattern's literal root, or one of the files `names` in it, were they there: it was checked
+  against existing folders only, so photos/seen was accepted for 'photos/*' on the first run."""
+  parts = pattern.replace(os.altsep or os.sep, os.sep).split(os.sep)
+  first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+  root = (os.sep.join(parts[:first]) or os.sep) if first else os.curdir
+  relative = os.path.relpath(target, os.path.realpath(root))
+  if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+    return False
+  folders = [] if relative == os.curdir else relative.split(os.sep)
+
+  def match(rest: list[str], path: list[str]) -> bool:
+    if not rest:
+      return not path
+    if rest[0] == "**":  # Zero or more folders, no hidden ones.
+      return match(rest[1:], path) or bool(
+          path and not path[0].startswith(".") and match(rest, path[1:]))
+    return bool(path and (rest[0].startswith(".") or not path[0].startswith(".")) and
+                fnmatch.fnmatch(path[0], rest[0]) and match(rest[1:], path[1:]))
+
+  rest = [part for part in parts[first:] if part]
+  files = [] if parts[-1] == "" else names  # ('photos/*/' matches folders only.)
+  return any(match(rest, folders[:n]) for n in range(len(folders) + 1)) or any(
+      match(rest, folders + [name]) for name in files)
+
+
+def _refuse_saving_among_inputs(save_dir: str, paths: list[str], names: list[str]) -> None:
+  """--save_preprocessed in (or under) a folder given as input, or where a quoted pattern would
+  match it or its `names` (the files to write): the next run classified its own outputs too
+  (a.png.png, a.png.png.png, ...), and a.png.png could overwrite an input."""
   if storage.is_url(save_dir):
     return
   target = os.path.realpath(save_dir)
   for path in paths:  # A quoted pattern ('photos/*') as find_images expands it: its folders.
-    given = ([path] if os.path.lexists(path) or not glob.has_magic(path) else
-             glob.glob(path, recursive=True))
+    pattern = not os.path.lexists(path) and glob.has_magic(path)
+    given = glob.glob(path, recursive=True) if pattern else [path]
     if any(os.path.isdir(g) and (target == os.path.realpath(g) or target.startswith(
-        os.path.realpath(g).rstrip(os.sep) + os.sep)) for g in given):
+        os.path.realpath(g).rstrip(os.sep) + os.sep)) for g in given) or (
+            pattern and _pattern_would_match(path, target, names)):
       raise UserError(f"--save_preprocessed={save_dir} is among the inputs ({path}): the images "
                       "written there would be classified with them next time; pass a folder "
                       "outside the inputs")
@@ -210,17 +241,17 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
   from fashion_jax.serving import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
   batch_size = min(MAX_BATCH, 1 << (len(todo) - 1).bit_length())  # Small inputs, small batches.
   classifier = inference.load(workdir, step=step, batch_size=batch_size)
+  target = None if not save_dir or storage.is_url(save_dir) else os.path.realpath(save_dir)
+  names = preprocessed_names([p.path for p in todo], {
+      os.path.basename(p.path) for p in todo
+      if os.path.realpath(os.path.dirname(os.path.abspath(p.path))) == target})
   if save_dir:  # A local folder or gs://bucket/path, created and proved writable: once the run
-    _refuse_saving_among_inputs(save_dir, paths)
+    _refuse_saving_among_inputs(save_dir, paths, names)
     save_dir = storage.ensure_writable_dir(save_dir, "--save_preprocessed")  # is known good.
   print(f"fashion_jax: checkpoint {classifier.checkpoint_dir} (step {classifier.step}, "
         f"{classifier.why})", file=err)
 
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  target = None if not save_dir or storage.is_url(save_dir) else os.path.realpath(save_dir)
-  names = preprocessed_names([p.path for p in todo], {
-      os.path.basename(p.path) for p in todo
-      if os.path.realpath(os.path.dirname(os.path.abspath(p.path))) == target})
   images, classified = [], []
   for prediction, name in zip(todo, names, strict=True):
     try:
