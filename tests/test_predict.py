@@ -355,6 +355,26 @@ def test_saving_preprocessed_images_beside_the_inputs_replaces_none(trained_tiny
       "shirt-2.png", "shirt.png.png"]
 
 
+def test_saving_preprocessed_images_never_replaces_an_input_linked_there(trained_tiny_workdir,
+                                                                        tiny_inputs, tmp_path):
+  """An input given through a file symlink into the --save_preprocessed folder (a/shirt.png ->
+  out/shirt.png): only the input's folder was resolved, so b/shirt's picture was saved as
+  out/shirt.png, over the linked input, before it was read."""
+  _, paths = tiny_inputs
+  for folder in ("a", "b", "out"):
+    (tmp_path / folder).mkdir()
+  shutil.copy(paths[0], tmp_path / "b" / "shirt")
+  shutil.copy(paths[1], tmp_path / "out" / "shirt.png")
+  os.symlink(tmp_path / "out" / "shirt.png", tmp_path / "a" / "shirt.png")
+  original = (tmp_path / "out" / "shirt.png").read_bytes()
+  predictions, status = predict.predict(
+      trained_tiny_workdir, [str(tmp_path / "b" / "shirt"), str(tmp_path / "a" / "shirt.png")],
+      save_dir=str(tmp_path / "out"))
+  assert status == 0 and (tmp_path / "out" / "shirt.png").read_bytes() == original
+  assert [os.path.basename(p.preprocessed) for p in predictions] == ["shirt-2.png",
+                                                                     "shirt.png.png"]
+
+
 def test_format_table_aligns_and_shows_errors():
   table = predict.format_table([
       predict.Prediction("x.png", top_k=[("Sneaker", 7, 0.9312), ("Sandal", 5, 0.05)]),

@@ -242,9 +242,11 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
   batch_size = min(MAX_BATCH, 1 << (len(todo) - 1).bit_length())  # Small inputs, small batches.
   classifier = inference.load(workdir, step=step, batch_size=batch_size)
   target = None if not save_dir or storage.is_url(save_dir) else os.path.realpath(save_dir)
-  names = preprocessed_names([p.path for p in todo], {
-      os.path.basename(p.path) for p in todo
-      if os.path.realpath(os.path.dirname(os.path.abspath(p.path))) == target})
+  names = preprocessed_names([p.path for p in todo], {  # An input there, as named or as linked.
+      os.path.basename(found) for p in todo for found in (
+          os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(p.path))),
+                       os.path.basename(p.path)), os.path.realpath(p.path))
+      if os.path.dirname(found) == target})
   if save_dir:  # A local folder or gs://bucket/path, created and proved writable: once the run
     _refuse_saving_among_inputs(save_dir, paths, names)
     save_dir = storage.ensure_writable_dir(save_dir, "--save_preprocessed")  # is known good.
