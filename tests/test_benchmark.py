@@ -441,6 +441,32 @@ def test_an_interrupt_in_the_timed_loop_is_an_interrupt(tmp_path, tiny_config, m
   assert not os.listdir(scratch)  # The loop's folder is removed.
 
 
+def test_the_timed_step_is_the_configs_own(tiny_config, monkeypatch):
+  """The sweep (and --loop's pure window, the compile measure) had timed the bare train step:
+  configs/cpu_best.py's flips and shifts and label smoothing, accelerator_best.py's EMA left out
+  of the rates (and --loop's "host work" counting them). It is the step training runs."""
+  from fashion_jax.benchmarking import train_rates  # pylint: disable=import-outside-toplevel
+  from fashion_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  from fashion_jax.model import steps  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support import parallel as parallel_lib  # pylint: disable=import-outside-toplevel
+  traced = []
+  real_step = steps.train_step
+
+  def train_step(state, batch, **kwargs):
+    traced.append(kwargs)
+    return real_step(state, batch, **kwargs)
+
+  monkeypatch.setattr(steps, "train_step", train_step)
+  config = tiny_config.copy_and_resolve_references()
+  config.update(augment_flip=True, augment_translate=1, label_smoothing=0.1, ema_decay=0.99)
+  data = input_pipeline.load(config, "train", input_pipeline.source(config))
+  timed = train_rates.TrainStep(config, parallel_lib.Parallel("none"), data, 8)
+  assert traced and traced[-1]["augment"] is not None
+  assert (traced[-1]["label_smoothing"], traced[-1]["ema_decay"]) == (0.1, 0.99)
+  assert timed.state.ema_params is not None
+  timed.measure(1, 0.01)  # And it runs.
+
+
 def test_the_json_names_the_cpu_type_its_model_name_does_not():
   """These VMs' cpuinfo says "AMD EPYC" for Zen 3, Zen 4 and Zen 5 alike (issue 17's table tells
   them apart by lscpu's family and model): the JSON had only that name and the ISA flags, which

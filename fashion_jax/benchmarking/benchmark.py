@@ -24,7 +24,6 @@ to fix; 130 Ctrl-C (one line; --output is left as it was); 1 a crash (traceback)
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -130,7 +129,6 @@ def measure_compile_cache(config, parallel, data) -> dict:
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
-  from fashion_jax.model import steps  # pylint: disable=g-import-not-at-top
 
   cache_dir = runtime.scratch(tempfile.mkdtemp(prefix="fashion_jax_cache_"))
   previous = {name: getattr(jax.config, name) for name in (
@@ -141,14 +139,13 @@ def measure_compile_cache(config, parallel, data) -> dict:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   compilation_cache.reset_cache()
   try:
-    model, tx = steps.create_model(config), steps.create_optimizer(config)
-    state = parallel.put_state(steps.create_train_state(model, tx, config.seed))
+    step, state = train_rates.training(config, parallel)
     batch = parallel.put_batch({"image": data.images[:config.batch_size],
                                 "label": data.labels[:config.batch_size]})
     times = []
     for _ in range(2):
       jax.clear_caches()
-      fn = parallel.compile(functools.partial(steps.train_step, model=model, tx=tx))
+      fn = parallel.compile(step)
       t0 = time.perf_counter()
       fn.lower(state, batch).compile()
       times.append(time.perf_counter() - t0)
@@ -167,8 +164,7 @@ def measure_eval(config, parallel, test_split) -> dict:
   from fashion_jax.model import steps  # pylint: disable=g-import-not-at-top
   from fashion_jax.training import train
 
-  model, tx = steps.create_model(config), steps.create_optimizer(config)
-  state = parallel.put_state(steps.create_train_state(model, tx, config.seed))
+  _, state = train_rates.training(config, parallel)  # With the EMA the evaluation reads, if any.
   evaluator = train.Evaluator(test_split, config, steps.create_model(config, training=False),
                               parallel)
   jax.block_until_ready(evaluator(state))  # Compile + warm-up.

@@ -42,14 +42,24 @@ def time_calls(call, state, images_per_call: int, windows: int, window_seconds: 
   return state, rates
 
 
-def _training(config, parallel):
-  """(model, optimizer, initial state on the devices) of the config, as the train loop makes them."""
+def training(config, parallel):
+  """(train step, initial state on the devices) of the config, as the train loop makes them: the
+  step with the config's augmentation, label smoothing and EMA (train.train_and_evaluate's). The
+  bare step had been timed: configs/cpu_best.py's flips and shifts, accelerator_best.py's EMA
+  left out of the rates, and --loop's "host work" counting them."""
+  from fashion_jax.data import augment  # pylint: disable=g-import-not-at-top
   from fashion_jax.model import steps  # pylint: disable=g-import-not-at-top
   from fashion_jax.support import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
   model = steps.create_model(config,
                              axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
   tx = steps.create_optimizer(config)
-  return model, tx, parallel.put_state(steps.create_train_state(model, tx, config.seed))
+  step = functools.partial(
+      steps.train_step, model=model, tx=tx,
+      augment=augment.make_augment(config.augment_translate, config.augment_flip,
+                                   config.random_erasing),
+      label_smoothing=config.label_smoothing, ema_decay=config.ema_decay)
+  state = steps.create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
+  return step, parallel.put_state(state)
 
 
 class TrainStep:
@@ -61,14 +71,13 @@ class TrainStep:
 
   def __init__(self, config, parallel, data, batch_size: int):
     from fashion_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-    from fashion_jax.model import steps  # pylint: disable=g-import-not-at-top
 
     config = config.copy_and_resolve_references()
     config.batch_size = batch_size
     parallel.check_batch(batch_size, "batch_size")
-    model, tx, self.state = _training(config, parallel)
+    step, self.state = training(config, parallel)
     self.batch_size = batch_size
-    fn = parallel.compile(functools.partial(steps.train_step, model=model, tx=tx))
+    fn = parallel.compile(step)
     iterator = input_pipeline.train_batches(data, batch_size, config.seed, 0,
                                             parallel.process_index, parallel.process_count)
     self.batches = [parallel.put_batch(next(iterator)) for _ in range(8)]
@@ -103,7 +112,6 @@ def measure_loop(config, parallel, data, placement: str, pure_step_rate: float, 
   import jax  # pylint: disable=g-import-not-at-top
   from fashion_jax import config_lib  # pylint: disable=g-import-not-at-top
   from fashion_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  from fashion_jax.model import steps  # pylint: disable=g-import-not-at-top
   from fashion_jax.support import metric_writers  # pylint: disable=g-import-not-at-top
   from fashion_jax.training import loop  # pylint: disable=g-import-not-at-top
   from fashion_jax.training import stops  # pylint: disable=g-import-not-at-top
@@ -114,9 +122,8 @@ def measure_loop(config, parallel, data, placement: str, pure_step_rate: float, 
   window = loop.window_length(config, config_lib.steps_per_epoch(config, len(data)),
                               config_lib.checkpoint_every_steps(config, len(data)),
                               config_lib.eval_every_steps(config, len(data)), jax.default_backend())
-  model, tx, state = _training(config, parallel)
-  windowed = loop.Windows(functools.partial(steps.train_step, model=model, tx=tx), data, config,
-                          parallel, placement, 0)
+  step, state = training(config, parallel)
+  windowed = loop.Windows(step, data, config, parallel, placement, 0)
   state, _, _ = windowed(state, 0, window)  # Compile.
   inputs = windowed.inputs(0, window)
   fn = windowed.function(window)[0]
