@@ -231,6 +231,9 @@ def test_compare_keras_without_tensorflow_is_one_line(tmp_path, idx_dir):
     # Had timed jax's linear model against the Keras CNN: "124.47x".
     ("--config.model=linear --compare=keras", "--compare=keras trains the classic CNN in Keras, "
                                               "and config.model is 'linear'"),
+    # The jax step flipped and shifted its images (since it is the config's own), Keras's not.
+    ("--config.augment_flip=true --compare=keras", "--compare=keras trains the Keras twin in "
+     "float32 with Adam, no augmentation or EMA, and the config has augment_flip=True"),
     # A mistyped folder had timed random images, exit 0, the table silent about it.
     ("--config.idx_dir=/no/such/idx", "IDX folder '/no/such/idx' does not exist"),
     # Each process of a pod had timed itself alone, and each written --output.

@@ -63,6 +63,15 @@ def compare(config, what: str) -> None:
   if config.model != "cnn":
     raise UserError(f"--compare=keras trains the classic CNN in Keras, and config.model is "
                     f"{config.model!r}; leave out --compare, or benchmark --config.model=cnn")
+  # The Keras twin trains float32 with Adam on the batches as they are: a jax step that does more
+  # (augmentation, EMA) or in another dtype is not the same work, and its ratio no comparison.
+  differs = [f"{key}={config[key]}" for key, same in (
+      ("compute_dtype", "float32"), ("optimizer", "adam"), ("augment_translate", 0),
+      ("augment_flip", False), ("random_erasing", 0.0), ("ema_decay", 0.0)) if config[key] != same]
+  if differs:
+    raise UserError(f"--compare=keras trains the Keras twin in float32 with Adam, no "
+                    f"augmentation or EMA, and the config has {', '.join(differs)}; leave out "
+                    "--compare, or override those (--config.KEY=VALUE) to compare the same work")
   missing = [m for m in ("tensorflow", "keras") if importlib.util.find_spec(m) is None]
   if missing:
     raise UserError(f"--compare=keras trains the Keras model on TensorFlow, and "
