@@ -217,6 +217,8 @@ def test_compare_keras_without_tensorflow_is_one_line(tmp_path, idx_dir):
     ("--peak_gflops=-5", "--peak_gflops=-5.0 is invalid; give one device's peak in GFLOP/s"),
     ("--peak_gflops=nan", "--peak_gflops=nan is invalid"),
     ("--batch_sizes=0", "'0' is not a positive whole number"),
+    # A list of nothing ("$SIZES," with SIZES unset) had timed config.batch_size, exit 0.
+    ("--batch_sizes=,", "--batch_sizes=, names no batch size"),
     ("--batch_sizes=32,-8", "'-8' is not a positive whole number"),
     ("--batch_sizes=12x", "--batch_sizes=12x: '12x' is not a positive whole number"),
     ("--config=configs/no_such.py", "--config=configs/no_such.py: cannot read the config file "
@@ -442,6 +444,18 @@ def test_an_interrupt_in_the_timed_loop_is_an_interrupt(tmp_path, tiny_config, m
     train_rates.measure_loop(tiny_config, parallel_lib.Parallel("none"), data, "device", 1e4, 1,
                              0.01)
   assert not os.listdir(scratch)  # The loop's folder is removed.
+
+
+def test_batch_sizes_parse():
+  """Empty: the config's; each size once, in order; a list of only commas is an error (it had
+  timed config.batch_size as if --batch_sizes were not given)."""
+  from fashion_jax.benchmarking import checks  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support.errors import UserError  # pylint: disable=import-outside-toplevel
+  assert checks.parse_batch_sizes("", 32) == checks.parse_batch_sizes("  ", 32) == [32]
+  assert checks.parse_batch_sizes(" 16, 8,,016 ", 32) == [16, 8]
+  for text in (",", " , ,"):
+    with pytest.raises(UserError, match="names no batch size"):
+      checks.parse_batch_sizes(text, 32)
 
 
 def test_the_timed_step_is_the_configs_own(tiny_config, monkeypatch):

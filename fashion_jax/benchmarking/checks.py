@@ -30,6 +30,9 @@ def parse_batch_sizes(text: str, default: int) -> list[int]:
                       "comma-separated batch sizes, e.g. --batch_sizes=32,128,512")
     if int(part) not in sizes:  # "8,08" had compiled and timed batch 8 twice.
       sizes.append(int(part))
+  if text.strip() and not sizes:  # "," (a variable left empty) had timed config.batch_size.
+    raise UserError(f"--batch_sizes={text} names no batch size; pass comma-separated batch "
+                    "sizes, e.g. --batch_sizes=32,128,512, or leave it out for the config's")
   return sizes or [default]
 
 
