@@ -1361,3 +1361,42 @@ def test_a_batch_larger_than_what_validation_size_leaves_names_both_settings(tin
   tiny_config.batch_size = 512
   with pytest.raises(UserError, match="larger than the 256 training examples; lower it$"):
     train.prepare(tiny_config, str(tmp_path / "run"))
+
+
+def test_a_small_interval_with_no_common_factor_runs_each_stretch_as_one_window(tiny_config,
+                                                                                tmp_path,
+                                                                                monkeypatch):
+  """Evals every 7 steps, checkpoints every 1875 (an epoch at batch 32): no common factor, so
+  the windows were the cap (100), cut into powers of two up to each eval step: 4+2+1, three
+  dispatches and three compiled lengths where one 7-step window does. Now 7, and powers of two
+  only where a checkpoint falls inside a stretch; every boundary kept."""
+  assert loop.window_length(tiny_config, 1875, 1875, 7, "cpu") == 7
+  assert loop.window_length(tiny_config, 1875, 1875, 30, "cpu") == 30  # (Was 16+8+4+2.)
+  assert loop.window_length(tiny_config, 1875, 1875, 1875, "cpu") == 75  # Common: as before.
+  assert loop.window_length(tiny_config, 937, 937, 937, "cpu") == 100  # Prime: the cap.
+  window, total = loop.window_length(tiny_config, 1875, 1875, 7, "cpu"), 2 * 1875
+  step, runs = 0, []
+  while step < total:
+    n = loop.next_window(step, window, total, 7, 1875)
+    assert all(step // e == (step + n - 1) // e for e in (7, 1875)), (step, n)  # No crossing.
+    runs.append(n)
+    step += n
+  assert sum(runs) == total and set(runs[:-1]) <= {7, 4, 2, 1}, set(runs)  # And the end: 5.
+  assert len(runs) <= total // 7 + 6, len(runs)  # (Was 3 per stretch: 1606.)
+  tiny_config.update(num_train_steps=28, eval_every_steps=7, checkpoint_every_steps=30,
+                     log_every_steps=7)
+  made, calls = [], []
+
+  class Recorded(loop.Windows):
+    def __init__(self, *args):
+      super().__init__(*args)
+      made.append(self)
+
+    def __call__(self, state, step, n):
+      calls.append(n)
+      return super().__call__(state, step, n)
+  monkeypatch.setattr(loop, "Windows", Recorded)
+  train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
+  assert calls == [7, 7, 7, 7] and made[0].compiled_lengths == [7], calls  # (Was [4, 2, 1] x4.)
+  lines = _lines(str(tmp_path / "run"))
+  assert [l["step"] for l in lines if "eval_accuracy" in l] == [7, 14, 21, 28]

@@ -10,8 +10,9 @@ Windows end only where the host needs the state itself -- checkpoint and eval
 steps, and the last step -- so windows have few lengths: the largest divisor of
 the checkpoint and eval intervals up to a cap (`steps_per_dispatch`, or by
 default 100 on CPU and 1000 on an accelerator), one compiled window plus at
-most one shorter one for the end; where that divisor is small (a prime
-interval), the cap, and shorter windows up to each boundary (`next_window`).
+most one shorter one for the end; where that divisor is small, the largest
+divisor of the smaller interval (intervals with no common factor), else the
+cap (a prime interval), and shorter windows up to each boundary (`next_window`).
 Log lines need only the metrics, which are per step, so they fall anywhere
 inside a window.
 
@@ -57,14 +58,25 @@ def window_length(config, steps_per_epoch: int, checkpoint_every: int, eval_ever
   """The steps per window, at most the cap: the largest that divides the checkpoint and eval
   intervals (one compiled length), unless that is under half of what the cap allows -- a prime
   interval (937 steps an epoch at batch 64), or intervals with no common factor, had made it 1
-  step, 15 % slower -- then the cap, with shorter windows up to each checkpoint or eval step
-  (`next_window`)."""
-  interval = math.gcd(checkpoint_every, eval_every)
+  step, 15 % slower. Then the largest that divides the smaller interval, if at least half of
+  what a window can reach (the cap, or that interval where smaller): its stretches run as one
+  window each (or a few alike), and shorter windows only up to the other interval's boundaries
+  (`next_window`). The cap had split every stretch of a small interval into powers of two (eval
+  every 7 steps, checkpoint every 1875: 4+2+1, three dispatches where one does). Otherwise the
+  cap, with shorter windows up to each checkpoint or eval step."""
   cap = (config.steps_per_dispatch if config.steps_per_dispatch > 0
          else AUTO_WINDOW_CAP.get(backend, DEFAULT_WINDOW_CAP))
   cap = max(1, min(cap, steps_per_epoch))  # Device tables hold two epochs.
-  divisor = next(d for d in range(min(cap, interval), 0, -1) if interval % d == 0)
-  return divisor if 2 * divisor >= min(cap, max(checkpoint_every, eval_every)) else cap
+
+  def largest_divisor(n: int) -> int:  # Of n, at most the cap.
+    return next(d for d in range(min(cap, n), 0, -1) if n % d == 0)
+
+  common = largest_divisor(math.gcd(checkpoint_every, eval_every))
+  if 2 * common >= min(cap, max(checkpoint_every, eval_every)):
+    return common
+  smaller = min(checkpoint_every, eval_every)
+  own = largest_divisor(smaller)  # No window runs past the smaller interval's boundaries.
+  return own if 2 * own >= min(cap, smaller) else cap
 
 
 def next_window(step: int, window: int, total_steps: int, *intervals: int) -> int:
