@@ -203,6 +203,9 @@ def test_a_state_already_in_its_placement_is_not_copied_again(mode):
   placed = par.put_state(restored)
   np.testing.assert_array_equal(par.fetch(placed)["w"], np.arange(4))
   assert (placed["w"] is restored["w"]) == (mode != "pmap")
-  elsewhere = jax.device_put(np.arange(4, dtype=np.float32), jax.devices()[-1])
-  moved = par.put_state({"w": elsewhere})["w"]
-  assert moved.sharding.is_equivalent_to(par.put_state(restored)["w"].sharding, moved.ndim)
+  for device in (jax.devices()[0], jax.devices()[-1]):  # (A fresh state is on the first.)
+    elsewhere = jax.device_put(np.arange(4, dtype=np.float32), device)
+    moved = par.put_state({"w": elsewhere})["w"]
+    # The very sharding the train windows return: an equivalent one (one device's, where the
+    # mesh has one) missed jit's cache and compiled the second window again (~1 s on a CPU).
+    assert moved.sharding == par.put_state(restored)["w"].sharding

@@ -270,8 +270,9 @@ class Parallel:
       return jax.tree.map(
           lambda x: jax.device_put(np.broadcast_to(_host(x), (n,) + np.shape(x)), sharding), state)
     def place(x):
-      if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(self.replicated, x.ndim):
-        return x  # (A restored state: copied through the host, a GPU held it twice at the peak.)
+      if isinstance(x, jax.Array) and x.sharding == self.replicated:  # (Not merely equivalent:
+        return x  # a single device's array recompiled the second window.) A restored state was
+      # copied through the host again: a GPU held it twice at the peak.
       return jax.make_array_from_callback(np.shape(x), self.replicated,
                                           functools.partial(_index, _host(x)))
     return jax.tree.map(place, state)
