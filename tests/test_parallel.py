@@ -209,3 +209,50 @@ def test_a_state_already_in_its_placement_is_not_copied_again(mode):
     # The very sharding the train windows return: an equivalent one (one device's, where the
     # mesh has one) missed jit's cache and compiled the second window again (~1 s on a CPU).
     assert moved.sharding == par.put_state(restored)["w"].sharding
+
+
+_PMAP_HOST_WINDOW = r"""
+import json, tracemalloc
+import jax, ml_collections, numpy as np
+from fashion_jax.data import input_pipeline
+from fashion_jax.support import parallel
+from fashion_jax.training import loop
+rng = np.random.default_rng(0)
+split = input_pipeline.Split(rng.integers(0, 256, (4096, 28, 28, 1), dtype=np.uint8),
+                             rng.integers(0, 10, 4096).astype(np.int32))
+config = ml_collections.ConfigDict({"batch_size": 64, "seed": 3})
+par = parallel.Parallel("pmap")
+windows = loop.Windows(None, split, config, par, "host", 0)
+windows.inputs(0, 60)  # (The epochs' orders, computed once, are not the window's copies.)
+tracemalloc.start()
+got = windows.inputs(60, 60)
+jax.block_until_ready(got)
+peak = tracemalloc.get_traced_memory()[1]
+tracemalloc.stop()
+same = True
+for first, n in ((0, 64), (40, 60), (127, 1)):  # (40: into the second epoch.)
+  expected = input_pipeline.train_batches(split, 64, config.seed, first)
+  expected = [next(expected) for _ in range(n)]
+  (got,) = windows.inputs(first, n)
+  for key in ("image", "label"):  # [devices, steps, batch/devices, ...] -> [steps, batch, ...]
+    value = np.asarray(got[key])
+    value = np.swapaxes(value, 0, 1).reshape((n, 64) + value.shape[3:])
+    same = same and np.array_equal(value, np.stack([b[key] for b in expected]))
+    same = same and got[key].shape[0] == 4 and got[key].dtype == expected[0][key].dtype
+print("RESULT " + json.dumps({"peak": peak, "same": bool(same), "devices": jax.device_count()}))
+"""
+
+
+def test_a_pmap_host_window_is_gathered_once_into_the_device_layout():
+  """pmap, data_placement=host: the loop gathered a window as [steps, batch, ...], then put_batch
+  copied it again to lay it out per device ([devices, steps, batch/devices, ...]): two copies of
+  the window on the host at the peak. Now the gather's index is laid out per device, so the one
+  gather is the layout; the batches are bit for bit the per-step iterator's."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
+  proc = subprocess.run([sys.executable, "-c", _PMAP_HOST_WINDOW], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+  window_bytes = 60 * 64 * (28 * 28 + 4)
+  assert result["devices"] == 4 and result["same"], result
+  assert result["peak"] < 1.5 * window_bytes, (result, window_bytes)  # (Was 2.0x.)

@@ -300,11 +300,9 @@ class Parallel:
 
   # --- batches -------------------------------------------------------------
 
-  def put_batch(self, batch: dict[str, np.ndarray], stacked: bool = False):
-    """This process's part of a global batch -> device batch.
-
-    `stacked` batches carry a leading [steps] axis before the batch axis.
-    """
+  def put_batch(self, batch: dict[str, np.ndarray], stacked: bool = False, index=None):
+    """This process's part of a global batch -> device batch (`stacked`: a leading [steps] axis);
+    with `index`, the rows `index` of each array, gathered once, straight into the pmap layout."""
     if self.mode == "pmap":
       n = len(self.local_devices)
 
@@ -314,7 +312,10 @@ class Parallel:
           return np.swapaxes(x, 0, 1)
         return x.reshape((n, x.shape[0] // n) + x.shape[1:])
       sharding = NamedSharding(_mesh(self.local_devices), P(AXIS))
-      return jax.tree.map(lambda x: jax.device_put(np.ascontiguousarray(split(x)), sharding), batch)
+      place = ((lambda x: np.ascontiguousarray(split(x))) if index is None else
+               (lambda x: x[split(index)]))  # (Gathered, then split: the window copied twice.)
+      return jax.tree.map(lambda x: jax.device_put(place(x), sharding), batch)
+    batch = batch if index is None else jax.tree.map(lambda x: x[index], batch)
     spec = P(None, AXIS) if stacked else P(AXIS)
     sharding = NamedSharding(self.mesh, spec)
 

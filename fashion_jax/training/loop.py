@@ -18,8 +18,9 @@ inside a window.
 
 Where the batches come from (`config.data_placement`):
 - host: numpy gathers a window's batches from the in-memory split in one go, straight
-  into the stacked [steps, batch, ...] array that is sent (uint8): gathered batch by batch
-  and then stacked, the window was copied twice, 2x its size at the peak.
+  into the stacked [steps, batch, ...] array that is sent (uint8; under pmap, laid out per
+  device by the gather's index): gathered batch by batch and then stacked, or stacked and then
+  split per device, the window was copied twice, 2x its size at the peak.
 - device: the train split (uint8, 47 MB) and its labels go to the device(s)
   once; each epoch's order -- exactly the host's `(seed, epoch)` permutation,
   `input_pipeline.epoch_index` -- goes up once as a table of example indices,
@@ -177,9 +178,8 @@ class Windows:
       rows = self.epoch_rows(epoch)[offset:offset + n]
       if len(rows) < n:  # The window crosses into the next epoch.
         rows = np.concatenate([rows, self.epoch_rows(epoch + 1)[:n - len(rows)]])
-      index = rows[:, self._columns]
-      return (self.parallel.put_batch({"image": self._split.images[index],
-                                       "label": self._split.labels[index]}, stacked=True),)
+      return (self.parallel.put_batch({"image": self._split.images, "label": self._split.labels},
+                                      stacked=True, index=rows[:, self._columns]),)
     if self._table_epoch != epoch:
       # Rows by step modulo two epochs: this epoch and the next, so a window may cross into it.
       table = np.empty((2 * per_epoch, self.batch_size), np.int32)
