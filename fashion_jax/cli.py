@@ -362,7 +362,8 @@ class QuietLibraries(logging_std.Filter):
   backend 'tpu'" at each start on a machine without one, fsspec's "AdaptiveReadaheadCache
   enabled" per file read from gs:// through gcsfs, TensorFlow's eight lines an export: "input
   name(s) ... with unsupported characters which will be renamed to unknown", "Assets written to:"
-  its staging folder); warnings still show. (A TPU or GPU that is there but did not start is
+  its staging folder; jax's profiler two a `benchmark --profile`: "Loading trace.json.gz ...",
+  "Writing perfetto_trace ..."); warnings still show. (A TPU or GPU that is there but did not start is
   backends.py's warning, with its cause.)"""
 
   def filter(self, record):
@@ -371,4 +372,5 @@ class QuietLibraries(logging_std.Filter):
       record.exc_info = record.exc_text = None  # (the command's own one-line error follows).
     return record.levelno >= logging_std.WARNING or not (
         any(name in path for name in ("/orbax/", "/gcsfs/", "/fsspec/", "/tensorflow/"))
-        or path.endswith(("/jax/_src/compilation_cache.py", "/jax/_src/xla_bridge.py")))
+        or path.endswith(("/jax/_src/compilation_cache.py", "/jax/_src/xla_bridge.py",
+                          "/jax/_src/profiler.py")))

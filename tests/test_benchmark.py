@@ -372,6 +372,7 @@ def test_library_info_chatter_is_filtered_and_warnings_are_not():
   benchmark) and "Unable to initialize backend 'tpu'" at every start, Orbax a few lines a save; their warnings, and this project's lines, still show."""
   import logging as logging_std  # pylint: disable=import-outside-toplevel
   from jax._src import compilation_cache  # pylint: disable=import-outside-toplevel
+  from jax._src import profiler  # pylint: disable=import-outside-toplevel
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint  # pylint: disable=import-outside-toplevel
   from fashion_jax import cli  # pylint: disable=import-outside-toplevel
@@ -380,7 +381,8 @@ def test_library_info_chatter_is_filtered_and_warnings_are_not():
   def shown(path, level):
     return quiet.filter(logging_std.LogRecord("absl", level, path, 1, "m", None, None))
 
-  for chatter in (compilation_cache.__file__, orbax.checkpoint.__file__, xla_bridge.__file__):
+  for chatter in (compilation_cache.__file__, orbax.checkpoint.__file__, xla_bridge.__file__,
+                  profiler.__file__):  # (--profile: "Loading trace.json.gz ...")
     assert not shown(chatter, logging_std.INFO) and shown(chatter, logging_std.WARNING)
   assert shown(cli.__file__, logging_std.INFO)
 
