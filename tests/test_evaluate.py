@@ -11,6 +11,8 @@ from PIL import Image
 
 from fashion_jax.data import idx
 from fashion_jax.serving import evaluate
+from fashion_jax.serving import inference
+from fashion_jax.support import paths
 from fashion_jax.support.errors import UserError
 from tests.conftest import make_images
 from tests.conftest import assert_one_line_error
@@ -387,15 +389,37 @@ def test_a_run_trained_from_the_variable_is_evaluated_without_it(trained_tiny_wo
   # Another user could have written the data (a group's or everyone's folder, a file in it,
   # another user's folder): not read, and the line says why.
   a_file = sorted(data.iterdir())[0]
-  shared = "is writable by a group or every user"
-  for change, undo, why, named in [
-      (lambda: os.chmod(data, 0o777), lambda: os.chmod(data, 0o755), shared, data),
-      (lambda: os.chmod(data, 0o775), lambda: os.chmod(data, 0o755), shared, data),
-      (lambda: os.chmod(a_file, 0o666), lambda: os.chmod(a_file, 0o644),
-       "is another user's or writable by others", a_file),
-      (lambda: os.chown(data, 1234, -1), lambda: os.chown(data, os.getuid(), -1),
-       "belongs to another user (uid 1234)", data)]:
-    if why.startswith("belongs") and os.getuid() != 0:
+  import grp  # pylint: disable=import-outside-toplevel
+  a_file, root = sorted(data.iterdir())[0], os.getuid() == 0
+  planted = tmp_path / "theirs"  # A file another user can replace, linked from the data folder.
+  planted.mkdir()
+  shutil.copy(a_file, planted / a_file.name)
+  try:
+    group = grp.getgrgid(1234).gr_name
+  except KeyError:
+    group = "1234"
+
+  def link_to_theirs():
+    os.rename(a_file, str(a_file) + ".kept")
+    a_file.symlink_to(planted / a_file.name)
+    os.chown(planted, 1234, -1)
+
+  def unlink_theirs():
+    a_file.unlink()
+    os.rename(str(a_file) + ".kept", a_file)
+
+  for change, undo, named, why, needs_root in [
+      (lambda: os.chmod(data, 0o777), lambda: os.chmod(data, 0o755), data,
+       "is writable by every user", False),
+      (lambda: os.chmod(a_file, 0o666), lambda: os.chmod(a_file, 0o644), a_file,
+       "is writable by every user", False),
+      (lambda: (os.chown(data, -1, 1234), os.chmod(data, 0o775)),
+       lambda: (os.chown(data, -1, os.getgid()), os.chmod(data, 0o755)), data,
+       f"is writable by the group {group}", True),
+      (lambda: os.chown(data, 1234, -1), lambda: os.chown(data, os.getuid(), -1), data,
+       "belongs to another user (uid 1234)", True),
+      (link_to_theirs, unlink_theirs, planted, "belongs to another user (uid 1234)", True)]:
+    if needs_root and not root:
       continue  # (Only root can give a folder away.)
     change()
     with pytest.raises(UserError, match="no network here"):
@@ -403,6 +427,11 @@ def test_a_run_trained_from_the_variable_is_evaluated_without_it(trained_tiny_wo
     undo()
     said = [l for l in capsys.readouterr().err.splitlines() if l.startswith("fashion_jax: ")]
     assert said == [f"fashion_jax: not reading the IDX folder training read: {named} {why}"]
+  if paths._own_group(os.getgid()):  # pylint: disable=protected-access
+    os.chmod(data, 0o775)  # The user's own group (Debian's and Ubuntu's umask 002): read.
+    os.chmod(a_file, 0o664)
+    assert inference.recorded_idx_folder(str(workdir)) == (str(data), None)
+    os.chmod(data, 0o755)
   # Through a link in another user's folder: the folder it names is read, never the link again
   # (its owner could point it elsewhere between the check and the read).
   other = tmp_path / "mallory"
@@ -413,7 +442,6 @@ def test_a_run_trained_from_the_variable_is_evaluated_without_it(trained_tiny_wo
     os.chown(other, 1234, -1)
   config["_derived"]["data_source"] = f"IDX folder {other / 'fm'} ($FASHION_JAX_IDX_DIR)"
   (workdir / "config.json").write_text(json.dumps(config))
-  from fashion_jax.serving import inference  # pylint: disable=import-outside-toplevel
   assert inference.recorded_idx_folder(str(workdir)) == (str(data), None)
   config["_derived"]["data_source"] = "IDX folder relative/idx ($FASHION_JAX_IDX_DIR)"
   (workdir / "config.json").write_text(json.dumps(config))

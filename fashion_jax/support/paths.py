@@ -147,25 +147,58 @@ def file_on_the_way(path: str) -> str | None:
 
 def others_could_write(folder: str) -> str | None:
   """Why another user could have written the data in the local `folder` (resolved, links and all),
-  else None: the folder, a file in it or a folder above it not this user's or root's; the folder
-  or a file in it writable by a group or every user (unless on a read-only mount); a folder above
-  it so writable without the sticky bit (they could rename what is in it and put theirs)."""
-  owners, entry = (os.getuid(), 0), os.path.realpath(folder)
-  if not os.path.isdir(entry):
-    return f"{entry} is not a folder"
-  fixed = read_only(entry)
-  for name in sorted(os.listdir(entry)):
-    info = os.stat(os.path.join(entry, name))  # (Through a link: the file that is read.)
-    if stat.S_ISREG(info.st_mode) and (info.st_uid not in owners
-                                       or (info.st_mode & 0o022 and not fixed)):
-      return f"{os.path.join(entry, name)} is another user's or writable by others"
-  while True:
-    info = os.stat(entry)
-    if info.st_uid not in owners:
-      return f"{entry} belongs to another user (uid {info.st_uid})"
-    if info.st_mode & 0o022 and not read_only(entry) and (
-        entry == os.path.realpath(folder) or not info.st_mode & stat.S_ISVTX):
-      return f"{entry} is writable by a group or every user"
-    if os.path.dirname(entry) == entry:
-      return None
-    entry = os.path.dirname(entry)
+  else None: the folder, a file in it (where a link leads) or a folder above either not this
+  user's or root's, or writable by a group other than the user's own or by every user (unless
+  on a read-only mount); above the folder, such a folder with the sticky bit (/tmp) passes (nobody
+  else can rename what is this user's in it)."""
+  top = os.path.realpath(folder)
+  if not os.path.isdir(top):
+    return f"{top} is not a folder"
+  walks = {top: True}  # Folder -> whether it holds the data itself (no sticky bit excuses it).
+  for name in sorted(os.listdir(top)):
+    path = os.path.realpath(os.path.join(top, name))
+    if os.path.isfile(path):
+      walks.setdefault(os.path.dirname(path), True)
+      if why := _writable_by_others(path):
+        return why
+  for entry, holds_data in walks.items():
+    while True:
+      if why := _writable_by_others(entry, sticky_passes=not holds_data):
+        return why
+      if os.path.dirname(entry) == entry:
+        break
+      entry, holds_data = os.path.dirname(entry), False
+  return None
+
+
+def _writable_by_others(path: str, sticky_passes: bool = False) -> str | None:
+  info = os.stat(path)
+  if info.st_uid not in (os.getuid(), 0):
+    return f"{path} belongs to another user (uid {info.st_uid})"
+  if sticky_passes and info.st_mode & stat.S_ISVTX or read_only(path):
+    return None
+  if info.st_mode & stat.S_IWOTH:
+    return f"{path} is writable by every user"
+  if info.st_mode & stat.S_IWGRP and not _own_group(info.st_gid):
+    return f"{path} is writable by the group {_group_name(info.st_gid)}"
+  return None
+
+
+def _own_group(gid: int) -> bool:
+  """Whether `gid` is this user's own group (a user private group, Debian's and Ubuntu's default,
+  whose umask 002 makes folders 0775): named as the user, the user's primary, no other member."""
+  try:
+    import grp, pwd  # pylint: disable=import-outside-toplevel,multiple-imports  (POSIX only)
+    user, group = pwd.getpwuid(os.getuid()), grp.getgrgid(gid)
+  except (ImportError, KeyError):
+    return False
+  return (gid == user.pw_gid and group.gr_name == user.pw_name
+          and set(group.gr_mem) <= {user.pw_name})
+
+
+def _group_name(gid: int) -> str:
+  try:
+    import grp  # pylint: disable=import-outside-toplevel  (POSIX only)
+    return grp.getgrgid(gid).gr_name
+  except (ImportError, KeyError):
+    return str(gid)
