@@ -99,19 +99,23 @@ def test_element_specs_match_between_sources(tiny_config, monkeypatch):
 def test_a_relative_data_folder_is_recorded_absolute(tiny_config, tmp_path, monkeypatch):
   """configs/tiny.py's --config.idx_dir=../shared/... : config.json recorded the relative path
   (idx_dir and _derived.data_source), so `evaluate --workdir=RUN` run from another folder found
-  nothing there. The source, and the config training writes, name the folder absolute."""
+  nothing there. The source, and the config.json training writes, name the folder absolute; the
+  config given is not changed (a frozen one, read-only, was refused with a traceback)."""
   import json  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
   from fashion_jax.serving import inference  # pylint: disable=import-outside-toplevel
+  from fashion_jax.training import train  # pylint: disable=import-outside-toplevel
   data = tiny_config.idx_dir  # <tmp_path>/idx
   (tmp_path / "here").mkdir()
   monkeypatch.chdir(tmp_path / "here")
   tiny_config.idx_dir = "../idx"
-  where = input_pipeline.source(tiny_config)
-  assert (where.location, tiny_config.idx_dir) == (data, data)
+  where = input_pipeline.source(ml_collections.FrozenConfigDict(tiny_config))
+  assert (where.location, tiny_config.idx_dir) == (data, "../idx")
   assert where.describe() == f"IDX folder {data} (config.idx_dir)"
-  monkeypatch.chdir("/")  # Where evaluate may run: the recorded config still names the data.
-  recorded = json.loads(tiny_config.to_json_best_effort())
-  assert recorded["idx_dir"] == data and len(input_pipeline.load(tiny_config, "test", where)) == 100
+  tiny_config.num_train_steps = 2
+  train.train_and_evaluate(ml_collections.FrozenConfigDict(tiny_config), "run")
+  recorded = json.loads((tmp_path / "here" / "run" / "config.json").read_text())
+  assert (recorded["idx_dir"], recorded["_derived"]["data_source"]) == (data, where.describe())
   monkeypatch.chdir(tmp_path)
   tiny_config.idx_dir = ""
   monkeypatch.setenv(input_pipeline.IDX_ENV, "idx")
@@ -127,9 +131,6 @@ def test_a_relative_data_folder_is_recorded_absolute(tiny_config, tmp_path, monk
   tiny_config.data_dir = "tfds"  # (The variable is read for no other data_dir.)
   monkeypatch.chdir(tmp_path)
   assert input_pipeline.source(tiny_config).location == str(tmp_path / "tfds")
-  tiny_config.idx_dir = data  # Already absolute: a frozen config (read-only) is not written to.
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  assert input_pipeline.source(ml_collections.FrozenConfigDict(tiny_config)).location == data
 
 
 def test_tfds_preparation_is_one_process_at_a_time(tmp_path, monkeypatch):

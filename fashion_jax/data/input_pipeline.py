@@ -107,8 +107,9 @@ def tfds_import_error() -> str | None:
   return "its module has no `builder`"
 
 
-def _absolute(path: str) -> str:
-  """A local path made absolute ("" and gs:// URLs as given)."""
+def absolute(path: str) -> str:
+  """A local path made absolute ("" and gs:// URLs as given): config.json records it, and
+  `evaluate --workdir=RUN` reads it from whatever folder it runs in."""
   path = os.path.expanduser(path)
   return path if not path or storage.is_url(path) else os.path.abspath(path)
 
@@ -118,23 +119,20 @@ def source(config) -> Source:
   config.data_dir given); else tensorflow-datasets where TensorFlow is installed (and tfds
   imports); else the verified download.
 
-  Local paths come back absolute, and a relative config.idx_dir is made absolute in `config`:
-  the run's config.json records them, and `evaluate --workdir=RUN` reads them from whatever
-  folder it runs in (a relative one named nothing there)."""
+  Local paths come back `absolute` (the run's config.json records them: a relative one named
+  nothing where evaluate ran); `config` is not changed."""
   if config.idx_dir:
-    if _absolute(config.idx_dir) != config.idx_dir:  # (A frozen config given absolute paths
-      config.idx_dir = _absolute(config.idx_dir)  # is not written to.)
-    return Source("idx", config.idx_dir, "config.idx_dir")
+    return Source("idx", absolute(config.idx_dir), "config.idx_dir")
   env = os.environ.get(IDX_ENV, "")
   if env and config.dataset == "fashion_mnist" and not config.data_dir:
-    return Source("idx", _absolute(env), f"${IDX_ENV}")
+    return Source("idx", absolute(env), f"${IDX_ENV}")
   why = "no TensorFlow here"
   if tensorflow_available():
     broken = tfds_import_error()
     if broken is None:
-      return Source("tfds", _absolute(config.data_dir), "TensorFlow is installed")
+      return Source("tfds", absolute(config.data_dir), "TensorFlow is installed")
     why = f"tensorflow-datasets cannot be imported here: {broken}"
-  return Source("download", _absolute(download.default_folder(config.dataset, config.data_dir)),
+  return Source("download", absolute(download.default_folder(config.dataset, config.data_dir)),
                 why)
 
 
