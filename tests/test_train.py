@@ -436,7 +436,7 @@ def test_real_fashion_mnist_learns(trained_real_workdir):
   assert losses[-1] < losses[0] and losses[-1] < 0.5, losses  # Chance level is ln 10 = 2.3.
 
 
-@pytest.mark.parametrize("damage", ["biggest data file cut to a third", "root file cut to 10 B",
+@pytest.mark.parametrize("damage", ["array data files cut to a third", "root file cut to 10 B",
                                     "a byte of the biggest data file flipped"])
 def test_unreadable_latest_checkpoint_falls_back_and_is_kept(tiny_config, tmp_path, capfd,
                                                             monkeypatch, damage):
@@ -464,15 +464,16 @@ def test_unreadable_latest_checkpoint_falls_back_and_is_kept(tiny_config, tmp_pa
       byte = f.read(1)[0]
       f.seek(-1, os.SEEK_CUR)
       f.write(bytes([byte ^ 0xFF]))
-  elif damage.startswith("biggest"):
-    target = max(data_files, key=os.path.getsize)
-    size = os.path.getsize(target) // 3
+  elif damage.startswith("array"):  # Every one: which file holds the weights (served) and which
+    # the optimizer's state (not served) varies between runs; the biggest alone was at times the
+    # optimizer's, served fine, and the check of serving below failed (CI).
+    size = {f: os.path.getsize(f) // 3 for f in data_files if "/ocdbt.process_" in f}
   else:
-    [target] = glob.glob(os.path.join(damaged, "checkpoints", "20", "state", "d", "*"))
-    size = 10
-  if size is not None:
+    size = {f: 10 for f in glob.glob(os.path.join(damaged, "checkpoints", "20", "state", "d", "*"))}
+    assert len(size) == 1
+  for target, cut in (size or {}).items():
     with open(target, "r+b") as f:
-      f.truncate(size)
+      f.truncate(cut)
   shutil.copytree(damaged, tmp_path / "copy")  # Still damaged, for inference below.
   if size is None:  # The flipped byte may be the optimizer's (not served): a weight's digest.
     meta = tmp_path / "copy" / "checkpoints" / "20" / "meta" / "metadata"
