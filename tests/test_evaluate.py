@@ -432,17 +432,42 @@ def test_a_run_trained_from_the_variable_is_evaluated_without_it(trained_tiny_wo
     os.chmod(a_file, 0o664)
     assert inference.recorded_idx_folder(str(workdir)) == (str(data), None)
     os.chmod(data, 0o755)
-  # Through a link in another user's folder: the folder it names is read, never the link again
-  # (its owner could point it elsewhere between the check and the read).
+  # Links: read resolved (once: where they lead is what was checked); one another user owns, or
+  # a hop through one (they could point it elsewhere between the check and the read), refused;
+  # a link in the folder to nothing yet, refused (they could make its target).
   other = tmp_path / "mallory"
   other.mkdir()
   (other / "fm").symlink_to(data)
-  if os.getuid() == 0:
-    os.lchown(other / "fm", 1234, -1)
-    os.chown(other, 1234, -1)
+  (other / "hop").symlink_to(planted / a_file.name)
   config["_derived"]["data_source"] = f"IDX folder {other / 'fm'} ($FASHION_JAX_IDX_DIR)"
   (workdir / "config.json").write_text(json.dumps(config))
   assert inference.recorded_idx_folder(str(workdir)) == (str(data), None)
+  if root:
+    os.lchown(other / "fm", 1234, -1)
+    assert inference.recorded_idx_folder(str(workdir)) == (
+        None, f"{other / 'fm'} belongs to another user (uid 1234)")
+    os.lchown(other / "fm", 0, -1)
+    os.chown(other, 1234, -1)  # Their folder: they can replace the link itself.
+    assert inference.recorded_idx_folder(str(workdir)) == (
+        None, f"{other} belongs to another user (uid 1234)")
+    os.chown(other, 0, -1)
+    os.chown(planted, 0, -1)
+  raw = data / a_file.name[:-len(".gz")]  # (Read before the .gz where both are there.)
+  raw.symlink_to(tmp_path / "later")
+  config["_derived"]["data_source"] = f"IDX folder {data} ($FASHION_JAX_IDX_DIR)"
+  (workdir / "config.json").write_text(json.dumps(config))
+  assert inference.recorded_idx_folder(str(workdir)) == (
+      None, f"{raw} is a link to {tmp_path / 'later'}, which does not exist")
+  raw.unlink()
+  if root:  # A hop through another user's link, to a file of this user's.
+    os.rename(a_file, str(a_file) + ".kept")
+    a_file.symlink_to(other / "hop")
+    os.lchown(other / "hop", 1234, -1)
+    assert inference.recorded_idx_folder(str(workdir)) == (
+        None, f"{other / 'hop'} belongs to another user (uid 1234)")
+    a_file.unlink()
+    os.rename(str(a_file) + ".kept", a_file)
+    assert inference.recorded_idx_folder(str(workdir)) == (str(data), None)
   config["_derived"]["data_source"] = "IDX folder relative/idx ($FASHION_JAX_IDX_DIR)"
   (workdir / "config.json").write_text(json.dumps(config))
   with pytest.raises(UserError, match="no network here"):

@@ -111,10 +111,10 @@ def recorded_idx_folder(workdir: str) -> tuple[str | None, str | None]:
   if not found:
     return None, None
   try:
-    unsafe = others_could_write(found.group(1))
+    folder, unsafe = others_could_write(found.group(1))  # (Resolved once: that is read.)
   except OSError as e:  # Gone, or a folder on the way not searchable.
-    unsafe = f"{found.group(1)}: {e.strerror or e}"
-  return (None, unsafe) if unsafe else (os.path.realpath(found.group(1)), None)
+    folder, unsafe = None, f"{found.group(1)}: {e.strerror or e}"
+  return (None, unsafe) if unsafe else (folder, None)
 
 
 def _eval_accuracies(workdir: str, key: str) -> dict[int, float]:

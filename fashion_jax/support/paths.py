@@ -145,30 +145,54 @@ def file_on_the_way(path: str) -> str | None:
   return above if os.path.exists(above) and not os.path.isdir(above) else None
 
 
-def others_could_write(folder: str) -> str | None:
-  """Why another user could have written the data in the local `folder` (resolved, links and all),
-  else None: the folder, a file in it (where a link leads) or a folder above either not this
-  user's or root's, or writable by a group other than the user's own or by every user (unless
-  on a read-only mount); above the folder, such a folder with the sticky bit (/tmp) passes (nobody
-  else can rename what is this user's in it)."""
-  top = os.path.realpath(folder)
-  if not os.path.isdir(top):
-    return f"{top} is not a folder"
-  walks = {top: True}  # Folder -> whether it holds the data itself (no sticky bit excuses it).
+def others_could_write(folder: str) -> tuple[str, str | None]:
+  """(`folder` resolved, why another user could have written the data in it, else None): the
+  folder, a file in it, a link on the way to either (each hop) or a folder holding one not this
+  user's or root's, or writable by a group other than the user's own or by every user (unless on
+  a read-only mount; a folder on the way with the sticky bit, /tmp, passes: nobody else can
+  rename what is this user's in it); a link in it leading nowhere (another user could make its
+  target). Read the folder resolved: nobody else can change where it leads."""
+  top, why = _resolved(os.path.abspath(folder))
+  if why or (why := None if os.path.isdir(top) else f"{top} is not a folder"):
+    return top, why
+  if why := _writable_by_others(top):
+    return top, why
   for name in sorted(os.listdir(top)):
-    path = os.path.realpath(os.path.join(top, name))
-    if os.path.isfile(path):
-      walks.setdefault(os.path.dirname(path), True)
-      if why := _writable_by_others(path):
-        return why
-  for entry, holds_data in walks.items():
-    while True:
-      if why := _writable_by_others(entry, sticky_passes=not holds_data):
-        return why
-      if os.path.dirname(entry) == entry:
-        break
-      entry, holds_data = os.path.dirname(entry), False
-  return None
+    path, why = _resolved(os.path.join(top, name))
+    if not why and not os.path.exists(path):
+      why = f"{os.path.join(top, name)} is a link to {path}, which does not exist"
+    if why or (os.path.isfile(path) and (why := _writable_by_others(path))):
+      return top, why
+  return top, None
+
+
+def _resolved(path: str) -> tuple[str, str | None]:
+  """The absolute `path` resolved one name at a time, and why another user could change where it
+  leads (see others_could_write), else None; a missing name ends it (the caller looks)."""
+  current, parts, hops = "/", [p for p in path.split("/") if p not in ("", ".")], 0
+  while parts:
+    part = parts.pop(0)
+    if part == "..":
+      current = os.path.dirname(current)
+      continue
+    if why := _writable_by_others(current, sticky_passes=True):
+      return current, why
+    candidate = os.path.join(current, part)
+    try:
+      info = os.lstat(candidate)
+    except FileNotFoundError:
+      return os.path.join(candidate, *parts), None
+    if info.st_uid not in (os.getuid(), 0):
+      return candidate, f"{candidate} belongs to another user (uid {info.st_uid})"
+    if not stat.S_ISLNK(info.st_mode):
+      current = candidate
+      continue
+    hops, target = hops + 1, os.readlink(candidate)
+    if hops > 40:
+      return candidate, f"{candidate}: too many links"
+    parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+    current = "/" if target.startswith("/") else current
+  return current, None
 
 
 def _writable_by_others(path: str, sticky_passes: bool = False) -> str | None:
@@ -193,7 +217,8 @@ def _own_group(gid: int) -> bool:
   except (ImportError, KeyError):
     return False
   return (gid == user.pw_gid and group.gr_name == user.pw_name
-          and set(group.gr_mem) <= {user.pw_name})
+          and set(group.gr_mem) <= {user.pw_name}
+          and not any(p.pw_gid == gid and p.pw_uid != user.pw_uid for p in pwd.getpwall()))
 
 
 def _group_name(gid: int) -> str:
