@@ -110,9 +110,10 @@ def test_a_relative_data_folder_is_recorded_absolute(tiny_config, tmp_path, monk
   monkeypatch.chdir(tmp_path / "here")
   tiny_config.idx_dir = "../idx"
   where = input_pipeline.source(ml_collections.FrozenConfigDict(tiny_config))
-  assert (where.location, tiny_config.idx_dir) == (data, "../idx")
+  assert where == input_pipeline.source(tiny_config) and tiny_config.idx_dir == "../idx"
+  assert where.location == data
   assert where.describe() == f"IDX folder {data} (config.idx_dir)"
-  tiny_config.num_train_steps = 2
+  tiny_config.num_train_steps, tiny_config.data_dir = 2, None  # (None: as "", nothing recorded.)
   train.train_and_evaluate(ml_collections.FrozenConfigDict(tiny_config), "run")
   recorded = json.loads((tmp_path / "here" / "run" / "config.json").read_text())
   assert (recorded["idx_dir"], recorded["_derived"]["data_source"]) == (data, where.describe())

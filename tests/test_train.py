@@ -468,6 +468,7 @@ def test_unreadable_latest_checkpoint_falls_back_and_is_kept(tiny_config, tmp_pa
     # the optimizer's state (not served) varies between runs; the biggest alone was at times the
     # optimizer's, served fine, and the check of serving below failed (CI).
     size = {f: os.path.getsize(f) // 3 for f in data_files if "/ocdbt.process_" in f}
+    assert size, data_files
   else:
     size = {f: 10 for f in glob.glob(os.path.join(damaged, "checkpoints", "20", "state", "d", "*"))}
     assert len(size) == 1

@@ -110,8 +110,7 @@ def tfds_import_error() -> str | None:
 def absolute(path: str) -> str:
   """A local path made absolute ("" and gs:// URLs as given): config.json records it, and
   `evaluate --workdir=RUN` reads it from whatever folder it runs in."""
-  path = os.path.expanduser(path)
-  return path if not path or storage.is_url(path) else os.path.abspath(path)
+  return path if not path or storage.is_url(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def source(config) -> Source:

@@ -43,7 +43,7 @@ def _write_config(run: "Run", config: ml_collections.ConfigDict, step: int) -> N
   if not run.is_lead or (step >= run.total_steps and storage.exists(path)):
     return
   resolved = {**json.loads(config.to_json_best_effort()), "_derived": run.derived()}
-  resolved.update({k: input_pipeline.absolute(config[k]) for k in ("idx_dir", "data_dir")})
+  resolved.update({k: input_pipeline.absolute(config[k]) for k in ("idx_dir", "data_dir") if config[k]})
   storage.write_text(path, json.dumps(resolved, indent=2, sort_keys=True) + "\n")
 
 
