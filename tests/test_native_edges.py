@@ -9,7 +9,7 @@ from jax import lax
 import numpy as np
 import pytest
 
-from fashion_jax.kernels import dense, native, ops, plain_conv, two_layers
+from fashion_jax.kernels import batchnorm, dense, native, ops, plain_conv, two_layers
 from tests.conftest import require_native
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -145,3 +145,29 @@ def test_dense_with_an_empty_axis_is_zeros_like_lax(b, d):
   for _ in range(3):
     np.testing.assert_array_equal(jax.jit(dense.matmul)(x, w), np.zeros((b, h), np.float32))
   _zeros_like_lax(dense.matmul, jnp.dot, (x, w), (0, 1))
+
+
+@pytest.mark.parametrize("cin", [1, 16], ids=["direct", "winograd"])
+def test_a_bias_of_one_value_broadcasts_as_in_lax_and_a_short_one_is_refused(cin):
+  """A bias of shape () or [1] adds to every channel, as `y + bias` does (the kernels read
+  Cout floats from it: past its end, outputs garbage or NaN), its gradient lax's; one of the
+  wrong length is a ValueError, not a read past it."""
+  x, k, _ = _inputs(8, (2, 10, 10, cin), 32)
+  if not native.supports(jnp.asarray(x), jnp.asarray(k)):
+    pytest.skip("32 channels are not a multiple of this build's width")
+  for b in (np.float32(0.25), np.full((1,), 0.25, np.float32)):
+    np.testing.assert_allclose(native.conv3x3_pool2(x, k, b), _ref(x, k, b), rtol=1e-5,
+                               atol=1e-5)
+    loss = lambda f: jax.grad(lambda b: jnp.sum(f(x, k, b) ** 2))(b)
+    got, want = loss(native.conv3x3_pool2), loss(_ref)
+    assert got.shape == b.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+  with pytest.raises(ValueError, match="bias must have shape"):
+    native.conv3x3_pool2(x, k, np.zeros(16, np.float32))
+  x1, k1, b1 = _inputs(9, (2, 18, 14, 1), 32)
+  _, k2, b2 = _inputs(10, (1, 4, 4, 32), 32)
+  with pytest.raises(ValueError, match="bias must have shape"):
+    two_layers.conv3x3_pool2_twice(x1, k1, b1, k2, b2[:16])
+  y = jnp.asarray(x[..., :1].repeat(32, -1))
+  with pytest.raises(ValueError, match="scale must have shape"):
+    batchnorm.batch_norm_relu(y, np.ones(16, np.float32), b2, epsilon=1e-5)

@@ -49,7 +49,8 @@ def batch_norm_relu(y: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon:
                      f"pad={pad}; see batchnorm.supports")
   if not native.available():
     raise ValueError("the native CPU kernels are unavailable (see the warning above)")
-  scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
+  scale, bias = (native.channel_vector(a, y.shape[-1], name)
+                 for a, name in ((scale, "scale"), (bias, "bias")))
   z, mean, var = _bn_relu(y, scale, bias, float(epsilon), axis_name, int(pad))
   return z, lax.stop_gradient(mean), lax.stop_gradient(var)
 
@@ -70,7 +71,8 @@ def batch_norm_relu_pool(y: jax.Array, scale: jax.Array, bias: jax.Array, *, eps
                      "batchnorm.supports_pool")
   if not native.available():
     raise ValueError("the native CPU kernels are unavailable (see the warning above)")
-  scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
+  scale, bias = (native.channel_vector(a, y.shape[-1], name)
+                 for a, name in ((scale, "scale"), (bias, "bias")))
   z, mean, var = _bn_relu_pool(y, scale, bias, float(epsilon), axis_name)
   return z, lax.stop_gradient(mean), lax.stop_gradient(var)
 

@@ -280,10 +280,20 @@ def conv3x3_pool2(x: jax.Array, kernel: jax.Array, bias: jax.Array,
                      f"kernel {kernel.shape} {kernel.dtype}; see native.supports")
   if not available():
     raise ValueError(f"the native CPU kernels are unavailable: {_load()}")
-  bias = bias.astype(jnp.float32)
+  bias = channel_vector(bias, kernel.shape[-1])
   if x.shape[-1] < DIRECT_MAX_CHANNELS:
     return _direct(x, kernel, bias, bool(relu))
   return _winograd(x, kernel, bias, bool(relu))
+
+
+def channel_vector(a, channels: int, what: str = "bias") -> jax.Array:
+  """`a` (a bias, a scale) as float32 [channels], broadcast as `y + a` would be; ValueError where
+  it does not broadcast. (The kernels read `channels` floats: a bias of shape () or [16] for 32
+  channels had them read past its end, outputs garbage or NaN.)"""
+  a = jnp.asarray(a)
+  if a.shape not in ((), (1,), (channels,)):
+    raise ValueError(f"the {what} must have shape ({channels},) (or be one value), not {a.shape}")
+  return jnp.broadcast_to(a.astype(jnp.float32), (channels,))
 
 
 def call(target, results, *args, input_output_aliases=None, **attributes):

@@ -49,7 +49,8 @@ def conv3x3_pool2_twice(x: jax.Array, k1: jax.Array, b1: jax.Array, k2: jax.Arra
                      "two_layers.supports_two_layers")
   if not native.available():
     raise ValueError("the native CPU kernels are unavailable (see the warning above)")
-  return _two_layers(x, k1, b1.astype(jnp.float32), k2, b2.astype(jnp.float32), bool(relu))
+  return _two_layers(x, k1, native.channel_vector(b1, k1.shape[-1]), k2,
+                     native.channel_vector(b2, k2.shape[-1]), bool(relu))
 
 
 # The second layer's pooled outputs with at most this many F(5x5, 3x3) tiles an image run as
