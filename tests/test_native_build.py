@@ -277,3 +277,27 @@ def test_threads_that_load_at_once_load_once(fresh_load, monkeypatch):
   for thread in threads:
     thread.join(60)
   assert len(loads) == 1 and len(infos) == 4 and all(infos), (loads, infos)
+
+
+def test_without_a_home_folder_the_kernels_build_for_the_process_or_fall_back(fresh_load,
+                                                                              monkeypatch,
+                                                                              tmp_path):
+  """HOME unset for a uid without a passwd entry (a container's arbitrary user) and no
+  FASHION_JAX_CACHE_DIR or XDG_CACHE_HOME: Path.home() raised a RuntimeError out of
+  `native.available()`, and training stopped. Now the kernels are built in a temporary folder
+  for the process; without a compiler they are unavailable, saying why."""
+  del fresh_load
+  for name in ("HOME", "FASHION_JAX_CACHE_DIR", "XDG_CACHE_HOME"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # As for a uid not in passwd.
+  with pytest.raises(RuntimeError):
+    Path.home()
+  (tmp_path / "tmp").mkdir()
+  monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+  assert native.available(), native._load()  # pylint: disable=protected-access
+  assert Path(native.info()["library"]).parent.name.startswith("fashion_jax_native_")
+  native._load.cache_clear()  # pylint: disable=protected-access
+  monkeypatch.delenv("CXX", raising=False)
+  monkeypatch.setattr(native_build.shutil, "which", lambda name, path=None: None)
+  assert not native.available() and not native.available_without_building()
+  assert "set FASHION_JAX_CACHE_DIR" in native._load()  # pylint: disable=protected-access

@@ -112,7 +112,13 @@ def compiler() -> str | None:
 
 
 def cache_dir() -> Path:
-  return paths.cache_root() / "native"
+  """The builds' folder; NativeUnavailable where there is none to name (HOME unset and a uid
+  without a passwd entry, no FASHION_JAX_CACHE_DIR or XDG_CACHE_HOME: Path.home() raised a
+  RuntimeError out of `native.available()`, a crash where the XLA formulations could run)."""
+  try:
+    return paths.cache_root() / "native"
+  except RuntimeError as e:
+    raise NativeUnavailable(f"no cache folder ({e}; set FASHION_JAX_CACHE_DIR)") from e
 
 
 def cpu_flags() -> frozenset[str]:
@@ -203,7 +209,10 @@ def _swappable(folder: Path) -> str | None:
 
 def cached(key: str) -> Path | None:
   """The user's own cached build for `key`, if there is one to trust."""
-  library = cache_dir() / key / LIBRARY
+  try:
+    library = cache_dir() / key / LIBRARY
+  except NativeUnavailable:
+    return None
   if not library.exists():
     return None
   why = (_swappable(cache_dir()) if paths.private(library, cache_dir()) else
@@ -279,13 +288,16 @@ def _build_dir(key: str) -> tuple[Path, bool]:
   """(Where to build, whether it is the persistent cache): the cache if it can be made private,
   else a fresh `mkdtemp` folder (never a predictable shared path), removed when the process
   ends."""
-  out_dir = cache_dir() / key
-  if paths.make_private_dir(out_dir, cache_dir()) and not _swappable(cache_dir()):
-    return out_dir, True
+  try:
+    root = cache_dir()
+    why = f"{root} is not writable (or not yours alone)"
+  except NativeUnavailable as e:
+    root, why = None, str(e)
+  if root and paths.make_private_dir(root / key, root) and not _swappable(root):
+    return root / key, True
   out_dir = Path(tempfile.mkdtemp(prefix="fashion_jax_native_"))
   atexit.register(shutil.rmtree, out_dir, True)  # Its use ends with the process (loaded or not).
-  logging.warning("%s is not writable (or not yours alone); building the native kernels in %s "
-                  "for this process", cache_dir(), out_dir)
+  logging.warning("%s; building the native kernels in %s for this process", why, out_dir)
   return out_dir, False
 
 
@@ -322,6 +334,13 @@ def _compile_and_link(cxx: str, flags: list[str], work: str, library: str) -> No
     raise NativeUnavailable(f"{cxx} failed: {errors[0][-2000:]}")
 
 
+def _named_cache() -> str:
+  try:
+    return str(cache_dir())
+  except NativeUnavailable as e:
+    return f"any cache: {e}"
+
+
 def _same_file(path: Path | None, identity: os.stat_result | None) -> bool:
   try:
     return identity is not None and os.path.samestat(os.stat(path), identity)
@@ -346,7 +365,8 @@ def build(target: Target, lanes: int, include: str, failed: Path | None = None) 
   cxx = compiler()
   if cxx is None:
     raise NativeUnavailable(f"no C++ compiler found (set CXX or install g++/clang++) and no "
-                            f"prebuilt kernels for this CPU in {cache_dir()}" if broken is None else
+                            f"prebuilt kernels for this CPU in {_named_cache()}" if broken is None
+                            else
                             f"no C++ compiler found (set CXX or install g++/clang++) to rebuild "
                             f"{failed}")
   out_dir, persistent = _build_dir(key)
