@@ -3,7 +3,6 @@ and timed in as many passes as asked, and the real train loop beside its pure wi
 
 from __future__ import annotations
 
-import functools
 import shutil
 import statistics
 import tempfile
@@ -43,23 +42,11 @@ def time_calls(call, state, images_per_call: int, windows: int, window_seconds: 
 
 
 def training(config, parallel):
-  """(train step, initial state on the devices) of the config, as the train loop makes them: the
-  step with the config's augmentation, label smoothing and EMA (train.train_and_evaluate's). The
-  bare step had been timed: configs/cpu_best.py's flips and shifts, accelerator_best.py's EMA
-  left out of the rates, and --loop's "host work" counting them."""
-  from fashion_jax.data import augment  # pylint: disable=g-import-not-at-top
+  """(train step, initial state on the devices) of the config: the train loop's own
+  (steps.training), with the config's augmentation, label smoothing and EMA."""
   from fashion_jax.model import steps  # pylint: disable=g-import-not-at-top
-  from fashion_jax.support import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
-  model = steps.create_model(config,
-                             axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
-  tx = steps.create_optimizer(config)
-  step = functools.partial(
-      steps.train_step, model=model, tx=tx,
-      augment=augment.make_augment(config.augment_translate, config.augment_flip,
-                                   config.random_erasing),
-      label_smoothing=config.label_smoothing, ema_decay=config.ema_decay)
-  state = steps.create_train_state(model, tx, config.seed, ema=config.ema_decay > 0)
-  return step, parallel.put_state(state)
+  training = steps.training(config, parallel.mode == "pmap")
+  return training.train_step, parallel.put_state(training.init_state())
 
 
 class TrainStep:

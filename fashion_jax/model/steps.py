@@ -7,7 +7,8 @@ nothing of loops, files or processes: the train loop (train.py) and serving
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -18,10 +19,12 @@ import ml_collections
 import optax
 
 from fashion_jax import config_lib
+from fashion_jax.data import augment
 from fashion_jax.data import datasets
 from fashion_jax.kernels import adam
 from fashion_jax.kernels import ops
 from fashion_jax.model import models
+from fashion_jax.support import parallel as parallel_lib
 from fashion_jax.support.errors import UserError
 
 IMAGE_SHAPE = datasets.IMAGE_SHAPE
@@ -120,6 +123,31 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed:
     return jax.eval_shape(init)
   options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
   return init.lower().compile(compiler_options=options)()
+
+
+class Training(NamedTuple):
+  """What a config trains with: its model, optimizer, initial state and train step."""
+  model: nn.Module
+  tx: optax.GradientTransformation
+  init_state: Callable[..., TrainState]  # create_train_state's (abstract=...) for the config.
+  train_step: Callable  # (state, batch) -> (state, metrics), with the config's settings.
+
+
+def training(config: ml_collections.ConfigDict, pmap: bool = False,
+             total_steps: int = 1) -> Training:
+  """The config's training, one definition for the train loop and the benchmark (which had
+  its own copy of the step's settings, and had timed a bare step without the augmentation
+  or EMA of configs/cpu_best.py and accelerator_best.py). `pmap`: the model averages its
+  batch statistics over the pmap axis; `total_steps`: the schedule's length."""
+  model = create_model(config, axis_name=parallel_lib.AXIS if pmap else None)
+  tx = create_optimizer(config, total_steps)
+  step = functools.partial(
+      train_step, model=model, tx=tx,
+      augment=augment.make_augment(config.augment_translate, config.augment_flip,
+                                   config.random_erasing),
+      label_smoothing=config.label_smoothing, ema_decay=config.ema_decay)
+  return Training(model, tx, functools.partial(create_train_state, model, tx, config.seed,
+                                               ema=config.ema_decay > 0), step)
 
 
 def check_native_placement(config, parallel) -> None:

@@ -18,7 +18,6 @@ import numpy as np
 
 import fashion_jax
 from fashion_jax import config_lib
-from fashion_jax.data import augment
 from fashion_jax.data import datasets
 from fashion_jax.data import input_pipeline
 from fashion_jax.model import steps
@@ -368,30 +367,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     run = prepare(config, workdir, splits)
     cleanup.enter_context(workdir_lib.lock(run.workdir, run.is_lead))  # Before any change.
     parallel, total_steps = run.parallel, run.total_steps
-    model = steps.create_model(config, axis_name=parallel_lib.AXIS if parallel.mode == "pmap" else None)
-    tx = steps.create_optimizer(config, total_steps)
-    init_state = functools.partial(steps.create_train_state, model, tx, config.seed,
-                                   ema=config.ema_decay > 0)
-    state_shapes = init_state(abstract=True)
+    training = steps.training(config, parallel.mode == "pmap", total_steps)
+    state_shapes = training.init_state(abstract=True)
     description = checkpointing.describe_state(config.model, state_shapes, run.fingerprint())
     checkpointer = cleanup.enter_context(checkpointing.Checkpointer(
         storage.join(run.workdir, "checkpoints"), keep=config.keep_checkpoints,
         async_save=config.async_checkpointing, training=True))
     writer = cleanup.enter_context(metric_writers.MetricWriter(run.workdir, enabled=run.is_lead))
-    state, step = restore(run, checkpointer, writer, state_shapes, init_state, description)
+    state, step = restore(run, checkpointer, writer, state_shapes, training.init_state,
+                          description)
     faults.maybe_signal("restored")  # Tests: SIGTERM before the train loop starts.
     _write_config(run, config, step)  # Only now is the run known to go on (see there).
     show_progress = progress.wanted(config.progress_bar, run.is_lead)
     evaluate = Evaluation(run, writer, show_progress)
     if step >= total_steps:
       return _evaluate_finished(evaluate, state, step, total_steps)
-    augmentation = augment.make_augment(config.augment_translate, config.augment_flip,
-                                        config.random_erasing)
-    train_step = functools.partial(steps.train_step, model=model, tx=tx, augment=augmentation,
-                                   label_smoothing=config.label_smoothing,
-                                   ema_decay=config.ema_decay)
     placement = loop.placement(config)
-    windows = loop.Windows(train_step, run.train, config, parallel, placement, step)
+    windows = loop.Windows(training.train_step, run.train, config, parallel, placement, step)
     if compile_eval_ahead and parallel.process_count == 1:  # See Evaluation.compile_ahead.
       cleanup.callback(evaluate.compile_ahead(state))  # Waited for however the run ends.
     window = loop.train_window(config, placement, run.steps_per_epoch, run.checkpoint_every,
