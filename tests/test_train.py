@@ -131,7 +131,8 @@ def test_train_writes_outputs_and_learns(tiny_config, tmp_path):
 
 
 @pytest.mark.parametrize("ahead", [True, False])
-def test_evaluations_compile_ahead_unless_told_not_to(tiny_config, tmp_path, monkeypatch, ahead):
+def test_evaluations_compile_ahead_unless_told_not_to(tiny_config, tmp_path, monkeypatch, ahead,
+                                                      caplog):
   """By default each evaluation (test and validation) is compiled in the background, and its
   first call runs that program; the benchmark's loop timing turns this off."""
   made = []
@@ -147,8 +148,14 @@ def test_evaluations_compile_ahead_unless_told_not_to(tiny_config, tmp_path, mon
       return super().__call__(*args)
   monkeypatch.setattr(parallel_lib, "CompiledAhead", Recorded)
   tiny_config.num_train_steps, tiny_config.validation_size = 20, 32
-  result = train.train_and_evaluate(tiny_config, str(tmp_path / "run"), compile_eval_ahead=ahead)
+  with caplog.at_level(logging.INFO, logger="absl"):
+    result = train.train_and_evaluate(tiny_config, str(tmp_path / "run"),
+                                      compile_eval_ahead=ahead)
   assert result["eval_accuracy"] > 0 and "val_accuracy" in result
+  # The console's eval line shows the held-out split's numbers too, the ones to tune on.
+  line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval  step 20/")]
+  assert len(line) == 1 and line[0].endswith(
+      f"| val loss {result['val_loss']:.4f} accuracy {100 * result['val_accuracy']:.2f}%"), line
   if not ahead:
     assert not made
     return

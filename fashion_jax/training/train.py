@@ -249,10 +249,12 @@ class Evaluation:
       if self.samples is not None:
         self.writer.write_image(step, "eval/sample_predictions", self.samples(state))
       self.writer.flush()
+    val = (f" | val loss {result['val_loss']:.4f} accuracy {100 * result['val_accuracy']:.2f}%"
+           if self.val is not None else "")  # The split config.validation_size held out.
     with self.bar.external_write():
-      logging.info("eval  step %d/%d epoch %.2f | loss %.4f accuracy %.2f%% | %.2fs for %d images",
+      logging.info("eval  step %d/%d epoch %.2f | loss %.4f accuracy %.2f%% | %.2fs for %d images%s",
                    step, run.total_steps, step / run.steps_per_epoch, result["eval_loss"],
-                   100 * result["eval_accuracy"], seconds, len(run.test))
+                   100 * result["eval_accuracy"], seconds, len(run.test), val)
     self.bar.set_postfix(eval_acc=f"{100 * result['eval_accuracy']:.2f}%")
     return result
 
