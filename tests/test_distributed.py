@@ -510,9 +510,11 @@ _FAKE_PROCESS = r"""#!/usr/bin/env bash
 for a in "$@"; do case $a in --config.process_id=*) i=${a#*=} ;; esac; done
 mode_var="FAKE_$i"
 case ${!mode_var} in
-  fail) sleep 1; exit 1 ;;
-  slow_save) trap 'sleep 3; echo saved >"$MARK"; exit 75' TERM; while :; do sleep 0.1; done ;;
-  stubborn) trap '' TERM; echo $$ >"$MARK"; while :; do sleep 0.1; done ;;
+  # Fails once the other holds its trap (a fixed second lost that race on a loaded machine).
+  fail) for _ in $(seq 600); do [ -e "$MARK.ready" ] && break; sleep 0.05; done; exit 1 ;;
+  slow_save) trap 'sleep 3; echo saved >"$MARK"; exit 75' TERM; touch "$MARK.ready"
+    while :; do sleep 0.1; done ;;
+  stubborn) trap '' TERM; echo $$ >"$MARK"; touch "$MARK.ready"; while :; do sleep 0.1; done ;;
   plain) echo $$ >>"$MARK.started"; exec sleep 600 ;;
 esac
 """
