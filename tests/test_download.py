@@ -514,7 +514,8 @@ def test_a_process_waiting_for_another_says_so(mirror, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="absl"):
       waiting = threading.Thread(target=download.fetch, args=("fashion_mnist", str(cache), (url,)))
       waiting.start()
-      for _ in range(100):
+      deadline = time.monotonic() + 120  # (5 s was short on a loaded machine: the line came
+      while time.monotonic() < deadline:  # after the lock was freed, and the test failed.)
         if any("waiting for another process downloading into" in r.getMessage()
                for r in caplog.records):
           break
