@@ -8,6 +8,7 @@ import pytest
 from fashion_jax.data import download
 from fashion_jax.data import input_pipeline
 from fashion_jax.data.input_pipeline import Split
+from fashion_jax.support.errors import UserError
 
 
 def _split(n=100):
@@ -252,3 +253,20 @@ def test_tfds_images_are_copied_once(tmp_path, monkeypatch):
     tracemalloc.stop()
   assert images.shape == (2000, 28, 28, 1) and images.dtype == np.uint8
   assert peak < 1.5 * images.nbytes, (peak, images.nbytes)
+
+
+def test_offline_with_a_data_dir_does_not_suggest_the_variable_it_ignores(tiny_config, tmp_path,
+                                                                          monkeypatch):
+  """Offline with --config.data_dir, training said "(or set FASHION_JAX_IDX_DIR=FOLDER once)";
+  with a data_dir that variable is not read, and the same error came back after setting it."""
+  monkeypatch.setenv(download.URL_ENV, f"file://{tmp_path}/nowhere/")  # Nothing to download.
+  monkeypatch.setenv("FASHION_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  config = tiny_config.copy_and_resolve_references()
+  config.idx_dir = ""
+  for data_dir, suggested in ((str(tmp_path / "data"), False), ("", True)):
+    config.data_dir = data_dir
+    where = input_pipeline.Source("download", download.default_folder("fashion_mnist", data_dir),
+                                  "test")
+    with pytest.raises(UserError, match="could not download fashion_mnist .*--config.idx_dir=") as e:
+      input_pipeline.load(config, "test", where)
+    assert ("FASHION_JAX_IDX_DIR" in str(e.value)) == suggested

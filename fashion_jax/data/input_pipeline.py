@@ -141,11 +141,17 @@ def load(config, split: str, data_source: Source | None = None) -> Split:
   if data_source.kind == "idx":  # Errors name the variable that named the folder, if one did.
     images, labels = idx.load_split(data_source.location, split, named_by=(
         IDX_ENV if data_source.origin.startswith("$") else None))
-  elif data_source.kind == "tfds":
-    images, labels = _load_tfds(config.dataset, split, data_source.location or None)
   else:
-    folder = download.fetch(config.dataset, data_source.location)
-    images, labels = download.load_split(config.dataset, folder, split)
+    try:
+      if data_source.kind == "tfds":
+        images, labels = _load_tfds(config.dataset, split, data_source.location or None)
+      else:
+        folder = download.fetch(config.dataset, data_source.location)
+        images, labels = download.load_split(config.dataset, folder, split)
+    except UserError as e:  # $FASHION_JAX_IDX_DIR is not read with a data_dir: not suggested.
+      if not config.data_dir or download.OFFLINE_HINT not in str(e):
+        raise
+      raise UserError(str(e).replace(download.OFFLINE_HINT, download.FLAG_HINT)) from e
   return Split(np.ascontiguousarray(images), np.ascontiguousarray(labels, dtype=np.int32))
 
 
