@@ -171,3 +171,26 @@ def test_a_bias_of_one_value_broadcasts_as_in_lax_and_a_short_one_is_refused(cin
   y = jnp.asarray(x[..., :1].repeat(32, -1))
   with pytest.raises(ValueError, match="scale must have shape"):
     batchnorm.batch_norm_relu(y, np.ones(16, np.float32), b2, epsilon=1e-5)
+
+
+def test_the_kernels_refuse_a_short_bias_rather_than_read_past_it():
+  """Called directly (`native.call`, past the wrappers' checks), the pooled kernels check their
+  bias and argmax against the shapes: an INVALID_ARGUMENT error, not a read past the bias."""
+  x, k, b = _inputs(11, (2, 10, 10, 1), 32)
+  if not native.supports(jnp.asarray(x), jnp.asarray(k)):
+    pytest.skip("32 channels are not a multiple of this build's width")
+  shapes = native.pooled_shapes(x, k)
+  with pytest.raises(Exception, match="expected bias"):
+    jax.block_until_ready(native.call("fashion_jax_conv_pool_fwd", shapes, x, k, b[:1],
+                                      relu=np.int32(0)))
+  x16, k16, _ = _inputs(12, (2, 10, 10, 16), 32)
+  with pytest.raises(Exception, match="expected bias"):
+    jax.block_until_ready(native.call("fashion_jax_winograd_conv_pool_fwd",
+                                      native.pooled_shapes(x16, k16), x16,
+                                      native.filter_transform(k16, 2), b[:1], relu=np.int32(0)))
+  x1, k1, b1 = _inputs(13, (2, 18, 14, 1), 32)
+  _, k2, b2 = _inputs(14, (1, 4, 4, 32), 32)
+  with pytest.raises(Exception, match="expected b1"):
+    jax.block_until_ready(native.call(
+        "fashion_jax_two_layer_fwd", native.pooled_shapes(native.pooled(x1, 32), k2), x1, k1,
+        b1, k2, b2[:1], relu1=np.int32(0), relu2=np.int32(0), tile=np.int32(2)))

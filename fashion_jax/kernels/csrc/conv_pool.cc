@@ -433,6 +433,18 @@ ffi::Error CheckShapes(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> kd,
   return ffi::Error::Success();
 }
 
+// The pooled kernels' other operands: the bias (or its gradient) of Cout floats, y (or dy)
+// [N, hp, wp, Cout] and the argmax of as many bytes. (Unchecked, a bias shorter than Cout was
+// read past its end.)
+ffi::Error PooledCounts(const Shape& s, size_t bias, ffi::Span<const int64_t> yd, size_t arg) {
+  if (bias != static_cast<size_t>(s.cout) || yd.size() != 4 || yd[0] != s.n || yd[1] != s.hp ||
+      yd[2] != s.wp || yd[3] != s.cout || arg != static_cast<size_t>(s.n * s.hp * s.wp * s.cout)) {
+    return ffi::Error::InvalidArgument(
+        "fashion_jax conv_pool: expected bias [Cout], y and its argmax [N, (H-2)/2, (W-2)/2, Cout]");
+  }
+  return ffi::Error::Success();
+}
+
 #define FJ_DISPATCH_CIN(CIN_VALUE, CALL) \
   switch (CIN_VALUE) {                   \
     case 1: CALL(1); break;              \
@@ -484,6 +496,10 @@ ffi::Error ConvPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            int32_t relu) {
   Shape s;
   if (ffi::Error e = CheckShapes(x.dimensions(), kernel.dimensions(), &s); e.failure()) return e;
+  if (ffi::Error e = PooledCounts(s, bias.element_count(), y->dimensions(), arg->element_count());
+      e.failure()) {
+    return e;
+  }
   ConvPoolForwardCore(pool, s, x.typed_data(), kernel.typed_data(), bias.typed_data(), relu != 0,
                       y->typed_data(), arg->typed_data());
   return ffi::Error::Success();
@@ -495,6 +511,13 @@ ffi::Error ConvPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::ResultBuffer<ffi::F32> dbias) {
   Shape s;
   if (ffi::Error e = CheckShapes(x.dimensions(), kernel.dimensions(), &s); e.failure()) return e;
+  if (ffi::Error e = PooledCounts(s, dbias->element_count(), dy.dimensions(), arg.element_count());
+      e.failure()) {
+    return e;
+  }
+  if (dkernel->element_count() != kernel.element_count()) {
+    return ffi::Error::InvalidArgument("fashion_jax conv_pool gradient: dkernel's shape differs");
+  }
   ConvPoolBackwardCore(pool, s, x.typed_data(), arg.typed_data(), dy.typed_data(),
                        dkernel->typed_data(), dbias->typed_data());
   return ffi::Error::Success();
@@ -1386,6 +1409,11 @@ ffi::Error WinogradConvPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
       e.failure()) {
     return e;
   }
+  if (bias.element_count() != static_cast<size_t>(sy.c) ||
+      arg->element_count() != y->element_count()) {
+    return ffi::Error::InvalidArgument("fashion_jax winograd conv+pool: expected bias [K] and the "
+                                       "argmax y's shape");
+  }
   WinogradConvPoolForwardCore(pool, sx, sy, x.typed_data(), u.typed_data(), bias.typed_data(),
                               relu != 0, y->typed_data(), arg->typed_data());
   return ffi::Error::Success();
@@ -2034,6 +2062,12 @@ ffi::Error TwoLayerForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t nh = t.s1.n * t.s1.hp * t.s1.wp * t.s1.cout;
   if (h != nullptr && (h_count != nh || arg1_count != nh)) {
     return ffi::Error::InvalidArgument("fashion_jax two conv layers: h's shape differs");
+  }
+  if (b1.element_count() != static_cast<size_t>(t.s1.cout) ||
+      b2.element_count() != static_cast<size_t>(t.sy.c) ||
+      arg->element_count() != y->element_count()) {
+    return ffi::Error::InvalidArgument("fashion_jax two conv layers: expected b1 [C], b2 [K] and "
+                                       "the argmax y's shape");
   }
   thread_local std::vector<float> u_buffer;
   const float* u = SecondLayerU(pool, t, k2.typed_data(), false, u_buffer);
