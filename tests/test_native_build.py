@@ -301,3 +301,21 @@ def test_without_a_home_folder_the_kernels_build_for_the_process_or_fall_back(fr
   monkeypatch.setattr(native_build.shutil, "which", lambda name, path=None: None)
   assert not native.available() and not native.available_without_building()
   assert "set FASHION_JAX_CACHE_DIR" in native._load()  # pylint: disable=protected-access
+
+
+def test_a_cxx_that_is_not_used_is_named_once(monkeypatch, caplog):
+  """CXX='ccache g++' (a command with options) or a path that is not there was passed over for
+  c++ without a word: the user's compiler was silently not the one building. Now one warning
+  names it (compiler() runs several times a load)."""
+  if hasattr(native_build, "_cxx_unused"):  # (Warned once per CXX value and process.)
+    native_build._cxx_unused.cache_clear()  # pylint: disable=protected-access
+  monkeypatch.delenv("CXX", raising=False)
+  real = native_build.compiler()
+  assert "CXX" not in caplog.text
+  for cxx in ("ccache g++", "/nonexistent/bin/g++"):
+    monkeypatch.setenv("CXX", cxx)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      assert native_build.compiler() == real
+      assert native_build.compiler() == real
+    assert caplog.text.count(f"CXX={cxx!r} is not used") == 1, caplog.text

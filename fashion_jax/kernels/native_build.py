@@ -94,7 +94,10 @@ def compiler() -> str | None:
   """The C++ compiler's absolute path: `$CXX`, else c++, g++ or clang++, found on PATH's absolute
   folders that no other user could have put it in (`paths.put_by_others`). An empty or `.` entry
   in PATH had run a `c++` planted in the current folder (a shared one, /tmp)."""
-  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+  cxx = os.environ.get("CXX")
+  for name in (cxx, "c++", "g++", "clang++"):
+    if name != cxx and cxx:  # $CXX was passed over, which had been without a word.
+      _cxx_unused(cxx)
     if name and os.sep in name:  # A path the user named ($CXX=/opt/gcc/bin/g++): theirs to vouch.
       if found := shutil.which(name):
         return os.path.abspath(found)
@@ -109,6 +112,13 @@ def compiler() -> str | None:
             return found
           logging.warning("not running the compiler %s: %s", found, why)
   return None
+
+
+@functools.cache
+def _cxx_unused(cxx: str) -> None:
+  logging.warning("CXX=%r is not used: not found, or refused above (it names a compiler's path "
+                  "or a name on PATH, without options: not 'ccache g++'); trying c++, g++ and "
+                  "clang++", cxx)
 
 
 def cache_dir() -> Path:
