@@ -1,5 +1,6 @@
 import contextlib
 import itertools
+import re
 import sys
 
 import numpy as np
@@ -142,6 +143,8 @@ def test_tfds_preparation_is_one_process_at_a_time(tmp_path, monkeypatch):
   held, events = [], []
 
   class Builder:
+    data_dir = str(tmp_path / "fashion_mnist" / "3.0.1")  # Where tfds reads the prepared files.
+
     def is_prepared(self):
       events.append(("is_prepared", list(held)))
       return True
@@ -235,6 +238,8 @@ def test_tfds_images_are_copied_once(tmp_path, monkeypatch):
            for _ in range(4)]
 
   class Builder:
+    data_dir = str(tmp_path / "fashion_mnist" / "3.0.1")  # Where tfds reads the prepared files.
+
     def is_prepared(self):
       return True
 
@@ -270,3 +275,35 @@ def test_offline_with_a_data_dir_does_not_suggest_the_variable_it_ignores(tiny_c
     with pytest.raises(UserError, match="could not download fashion_mnist .*--config.idx_dir=") as e:
       input_pipeline.load(config, "test", where)
     assert ("FASHION_JAX_IDX_DIR" in str(e.value)) == suggested
+
+
+def test_a_tfds_data_dir_every_user_may_write_is_not_read(tiny_config, tmp_path, monkeypatch):
+  """tensorflow-datasets read (and prepared) its data in a --config.data_dir every user may write,
+  where anyone could have put other images or labels; an IDX folder so open was refused."""
+  pytest.importorskip("tensorflow", reason="tfds reads its data sets through TensorFlow")
+  pytest.importorskip("tensorflow_datasets")
+  if broken := input_pipeline.tfds_import_error():
+    pytest.skip(f"tensorflow-datasets cannot be imported here: {broken}")
+
+  def reached(name):
+    raise UserError("reached the download")
+
+  monkeypatch.setattr(download, "check_reachable", reached)
+  monkeypatch.delenv("FASHION_JAX_TRUST_WORKDIR", raising=False)
+  config = tiny_config.copy_and_resolve_references()
+  config.idx_dir = ""
+  shared, own = tmp_path / "shared", tmp_path / "own"
+  for folder, mode in ((shared, 0o777), (own, 0o755)):
+    folder.mkdir()
+    folder.chmod(mode)
+  for data_dir, says in ((shared, f"{shared} is writable by every user"),
+                         (shared / "a" / "b", f"{shared} is writable by every user"),
+                         (own, "reached the download"), (own / "new", "reached the download")):
+    config.data_dir = str(data_dir)
+    with pytest.raises(UserError, match="^" + re.escape(says)
+                       if says.startswith("reached") else re.escape(says)):
+      input_pipeline.load(config, "test", input_pipeline.Source("tfds", str(data_dir), "test"))
+  monkeypatch.setenv("FASHION_JAX_TRUST_WORKDIR", "1")  # A mount showing all as 0777 (WSL).
+  config.data_dir = str(shared)
+  with pytest.raises(UserError, match="^reached the download"):
+    input_pipeline.load(config, "test", input_pipeline.Source("tfds", str(shared), "test"))

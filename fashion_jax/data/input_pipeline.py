@@ -31,6 +31,7 @@ import functools
 import importlib.util
 import logging as logging_std
 import os
+import stat
 
 import numpy as np
 
@@ -163,7 +164,13 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
   lock = os.path.join(data_dir or paths.cache_root(), f".fashion_jax-tfds-{name}.lock")
   try:
     with paths.exclusive(lock):
-      if not tfds.builder(name, data_dir=data_dir).is_prepared():
+      builder = tfds.builder(name, data_dir=data_dir)
+      if why := _open_to_others(str(builder.data_dir)):
+        raise UserError(f"tensorflow-datasets' {name} in {builder.data_dir} is not read: {why}, "
+                        "so anyone could have put its images or labels there; set "
+                        "--config.data_dir to a folder only you can write (or chmod o-w what is "
+                        f"named), or set {storage.TRUST_ENV}=1 if nobody else can reach it")
+      if not builder.is_prepared():
         # tfds retries an unreachable download for minutes; fail in seconds instead.
         download.check_reachable(name)
       dataset = tfds.load(name, split=split, data_dir=data_dir)
@@ -179,6 +186,26 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
   if images.ndim == 3:
     images = images[..., None]
   return images, np.concatenate([p["label"] for p in parts]).astype(np.int32)
+
+
+def _open_to_others(folder: str) -> str | None:
+  """Why another user could have written tfds's prepared files in the local `folder` (or will
+  write them there: it need not exist yet), else None; as for an IDX folder (idx.load_split)."""
+  if storage.is_url(folder) or os.environ.get(storage.TRUST_ENV) == "1":
+    return None
+  above = folder = os.path.abspath(folder)
+  while not os.path.isdir(above) and above != "/":  # What is there (tfds makes the rest).
+    above = os.path.dirname(above)
+  files = [os.path.join(folder, n) for n in os.listdir(folder)] if above == folder else []
+  for path in files + [above]:
+    for chain in (os.path.abspath(path), os.path.realpath(path)):
+      if why := paths.put_by_others(chain):
+        return why
+    mode = os.stat(path).st_mode
+    if (mode & stat.S_IWOTH and not (path == above and mode & stat.S_ISVTX)
+        and not paths.read_only(path)):
+      return f"{os.path.realpath(path)} is writable by every user"
+  return None
 
 
 def digest(split: Split) -> str:
