@@ -6,6 +6,7 @@ import glob
 import json
 import logging
 import os
+import functools
 import re
 import shutil
 import subprocess
@@ -150,7 +151,7 @@ def test_evaluations_compile_ahead_unless_told_not_to(tiny_config, tmp_path, mon
   tiny_config.num_train_steps, tiny_config.validation_size = 20, 32
   with caplog.at_level(logging.INFO, logger="absl"):
     result = train.train_and_evaluate(tiny_config, str(tmp_path / "run"),
-                                      compile_eval_ahead=ahead)
+                                      compile_ahead=ahead)
   assert result["eval_accuracy"] > 0 and "val_accuracy" in result
   # The console's eval line shows the held-out split's numbers too, the ones to tune on.
   line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval  step 20/")]
@@ -411,7 +412,7 @@ def test_logged_images_per_second_have_no_outliers(tiny_config, tmp_path):
   tiny_config.steps_per_dispatch = 5
   tiny_config.eval_every_steps = tiny_config.checkpoint_every_steps = 30
   # Not beside the evaluation's background compile, which slows these millisecond windows.
-  train.train_and_evaluate(tiny_config, str(tmp_path / "run"), compile_eval_ahead=False)
+  train.train_and_evaluate(tiny_config, str(tmp_path / "run"), compile_ahead=False)
   rates = [l["train_images_per_sec"] for l in _lines(str(tmp_path / "run"))
            if "train_images_per_sec" in l]
   # The bug's outliers were 100-10,000x; a busy machine makes honest ones 2x apart.
@@ -807,6 +808,42 @@ def test_one_compiled_window_length_plus_the_remainder(tiny_config, tmp_path):
   compiled = _compiled_windows(tiny_config, str(tmp_path / "run"))
   assert len(compiled) == 2, compiled
   assert [l["step"] for l in _lines(str(tmp_path / "run")) if "train_loss" in l][-1] == 45
+
+
+def test_the_shorter_windows_compile_in_the_background_and_compute_the_same(tiny_config,
+                                                                           tmp_path, monkeypatch):
+  """45 steps in windows of 10: the 5-step window at the end had compiled when it came, the loop
+  stopped meanwhile. Now it compiles once, in the background from the first window's dispatch
+  on; it runs that program, and the run is bitwise the run that compiles it on use."""
+  assert loop.lengths_ahead(0, 10, 45, 20, 20) == [5] and loop.lengths_ahead(40, 10, 45, 20) == [5]
+  assert loop.lengths_ahead(0, 10, 95, 37, 20) == [4, 2, 1, 5]  # In the order first needed.
+  assert loop.lengths_ahead(0, 10, 100, 20, 20) == []  # One length: nothing more to compile.
+  assert loop.lengths_ahead(0, 1, 2**31 - 1, 7, 1875) == []  # Scans a bounded number of windows.
+  tiny_config.update(num_train_steps=45, checkpoint_every_steps=20, eval_every_steps=20)
+  events, windows_ahead = [], []
+
+  class Recorded(parallel_lib.CompiledAhead):
+    def __init__(self, fn, *args, **kwargs):
+      super().__init__(fn, *args, **kwargs)
+      if isinstance(fn.__wrapped__, functools.partial) and "length" in fn.__wrapped__.keywords:
+        windows_ahead.append(self)
+        events.append(("ahead", fn.__wrapped__.keywords["length"]))
+
+  real_call = loop.Windows.__call__
+  monkeypatch.setattr(parallel_lib, "CompiledAhead", Recorded)
+  monkeypatch.setattr(loop.Windows, "__call__",
+                      lambda self, state, step, n: events.append(("window", n)) or
+                      real_call(self, state, step, n))
+  compiled = _compiled_windows(tiny_config, str(tmp_path / "ahead"))
+  assert events == [("window", 10), ("ahead", 5), *[("window", 10)] * 3, ("window", 5)], events
+  assert len(compiled) == 2, compiled  # The 10-step window and the 5-step one, each once.
+  assert len(windows_ahead) == 1 and windows_ahead[0].ready  # Its program is the one that ran.
+  train.train_and_evaluate(tiny_config, str(tmp_path / "on_use"), compile_ahead=False)
+  a, b = (final_state(tiny_config, str(tmp_path / w)) for w in ("ahead", "on_use"))
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  strip = lambda w: [{k: v for k, v in l.items() if "time" not in k and "per_sec" not in k}
+                     for l in _lines(str(tmp_path / w))]
+  assert strip("ahead") == strip("on_use")
 
 
 def test_a_prime_interval_runs_full_windows_and_a_shorter_one_to_each_boundary(tiny_config,
@@ -1294,7 +1331,7 @@ def test_a_log_line_does_not_wait_for_the_window_dispatched_after_it(tiny_config
     self._schedule = lambda step: asked.append(("alone", step)) or schedule(step)
 
   monkeypatch.setattr(loop.LineRates, "__init__", counted)
-  train.train_and_evaluate(tiny_config, str(tmp_path / "w"), compile_eval_ahead=False)
+  train.train_and_evaluate(tiny_config, str(tmp_path / "w"), compile_ahead=False)
   assert asked == [], asked  # All in the block computed before the loop: no call at a line.
   lines = [l for l in _lines(str(tmp_path / "w")) if "learning_rate" in l]
   assert [l["step"] for l in lines] == [50, 100, 150, 200, 250, 300, 350, 400, 430]

@@ -135,7 +135,7 @@ def measure_loop(config, parallel, data, placement: str, pure_step_rate: float, 
   try:
     # No background compile of the (untimed) evaluation during the timed windows.
     try:
-      train.train_and_evaluate(run_config, workdir, splits=(data, held), compile_eval_ahead=False)
+      train.train_and_evaluate(run_config, workdir, splits=(data, held), compile_ahead=False)
     except stops.Preempted:  # Ctrl-C, which training holds while it runs: not a traceback that
       raise KeyboardInterrupt from None  # says to resume from a checkpoint in a removed folder.
     lines = [l for l in metric_writers.read_lines(workdir) if "train_loss" in l]

@@ -106,12 +106,9 @@ def _wait_for_coordinator(address: str, timeout_s: float, source: str) -> None:
 
 
 def _restore_python_sigterm() -> None:
-  """Puts Python's SIGTERM handler back where jax.distributed installed its notifier.
-
-  A jax without the jax_enable_preemption_service switch (0.7) always installs it, and a
-  SIGTERM then only records a preemption notice: the process neither stops nor runs Python's
-  handler. Setting Python's handler again (the default: end the process) undoes that.
-  """
+  """Puts Python's SIGTERM handler back where jax.distributed installed its notifier: a jax
+  without the jax_enable_preemption_service switch (0.7) always does, and a SIGTERM then only
+  recorded a preemption notice (the process neither stopped nor ran Python's handler)."""
   handler = signal.getsignal(signal.SIGTERM)
   if handler is not None:
     try:
@@ -123,12 +120,11 @@ def _restore_python_sigterm() -> None:
 def initialize_distributed(config) -> bool:
   """Joins a multi-process JAX job when the config or the environment asks for one.
 
-  config.distributed: "off" never; "on" always (explicit coordinator from the
-  config or JAX_COORDINATOR_ADDRESS, else JAX's cluster auto-detection);
-  "auto" when a coordinator is given or a SLURM / Open MPI / TPU-pod launch
-  with more than one process is detected. Must run before any JAX
-  computation. Returns whether it initialized. Failures are UserErrors, and
-  never hang longer than config.distributed_timeout_s.
+  config.distributed: "off" never; "on" always (explicit coordinator from the config or
+  JAX_COORDINATOR_ADDRESS, else JAX's cluster auto-detection); "auto" when a coordinator is
+  given or a SLURM / Open MPI / TPU-pod launch with more than one process is detected. Must run
+  before any JAX computation. Returns whether it initialized. Failures are UserErrors, and never
+  hang longer than config.distributed_timeout_s.
   """
   mode = config.distributed
   coordinator = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
@@ -354,10 +350,9 @@ class Parallel:
               resident_args: int = 0):
     """Compiles `step(state, inputs..., axis_name=None) -> (state_or_metrics, ...)`.
 
-    The same step function serves every mode; under pmap it gets the axis name
-    for its explicit collectives. Its inputs are one batch (`stacked`: with a
-    leading [steps] axis), or `resident_args` arrays placed with `put_state` /
-    `put_index_table` (data on the device).
+    The same step function serves every mode; under pmap it gets the axis name for its explicit
+    collectives. Its inputs are one batch (`stacked`: with a leading [steps] axis), or
+    `resident_args` arrays placed with `put_state` / `put_index_table` (data on the device).
     """
     donate = (0,) if donate_state else ()
     if self.mode == "pmap":
@@ -376,19 +371,20 @@ class Parallel:
 class CompiledAhead:
   """A function from `Parallel.compile`, compiled for `args`' shapes in a background thread.
 
-  For a program the loop runs later (the evaluation): its compile (6.5-8.8 s on an H200, XLA's
-  autotuning; ~0.4 s on a CPU) overlaps the first train windows' compile and run instead of
-  stalling the first eval (a cold default run on the H200: 36.6 -> 33.0 s). The thread sees
-  only shapes, dtypes and shardings, never the buffers (the train windows donate them). Called with arguments of other shapes or types, or
-  ones the compiled program refuses (jax 0.7's pmap outputs carry another sharding type; it
-  checks before it runs anything), or if compiling ahead failed, it calls the function as
-  usual (which compiles, or raises, then). The thread is no daemon: a process exiting while it
-  compiles waits for it (seconds), as a daemon thread still inside XLA at the interpreter's
-  shutdown aborts the process, whose exit status is then lost.
+  For a program the loop runs later (the evaluation, the shorter train windows): its compile
+  (6.5-8.8 s on an H200, XLA's autotuning; ~0.4-2 s on a CPU) overlaps the train windows
+  instead of stalling the loop (a cold default run on the H200: 36.6 -> 33.0 s). The thread
+  sees only shapes, dtypes and shardings, never the buffers (the train windows donate them).
+  `after`: another one whose compile this one waits for (one compile at a time). Called with
+  arguments of other shapes or types, or ones the compiled program refuses (jax 0.7's pmap
+  outputs carry another sharding type; it checks before it runs anything), or if compiling
+  ahead failed, it calls the function as usual (which compiles, or raises, then). The thread is
+  no daemon: a process exiting while it compiles waits for it (seconds), as a daemon thread
+  still inside XLA at the interpreter's shutdown aborts the process, its exit status lost.
   """
 
-  def __init__(self, fn: Callable, *args):
-    self._fn, self._compiled = fn, None
+  def __init__(self, fn: Callable, *args, after: CompiledAhead | None = None):
+    self._fn, self._compiled, self._after = fn, None, after
     self._signature = _signature(args)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding,
@@ -398,11 +394,17 @@ class CompiledAhead:
     self._thread.start()
 
   def _compile(self, *abstract) -> None:
+    if self._after is not None:
+      self._after._thread.join()  # pylint: disable=protected-access
     try:
       self._compiled = self._fn.lower(*abstract).compile()
     except Exception as e:  # pylint: disable=broad-except  (the first call compiles instead)
       logging.info("compiling ahead failed (%s: %s); the first call compiles instead",
                    type(e).__name__, e)
+
+  @property
+  def pending(self) -> bool:  # Still compiling: a call now would wait for it.
+    return self._thread.is_alive()
 
   @property
   def ready(self) -> bool:

@@ -44,6 +44,7 @@ from jax import lax
 import numpy as np
 
 from fashion_jax.data import input_pipeline
+from fashion_jax.support import parallel as parallel_lib
 
 PLACEMENTS = ("auto", "host", "device")
 AUTO_WINDOW_CAP = {"cpu": 100}  # Steps; other backends: DEFAULT_WINDOW_CAP.
@@ -94,6 +95,21 @@ def next_window(step: int, window: int, total_steps: int, *intervals: int) -> in
   return 1 << (room.bit_length() - 1)
 
 
+def lengths_ahead(step: int, window: int, total_steps: int, *intervals: int,
+                  scan: int = 10_000) -> list[int]:
+  """The window lengths besides `window` a run from `step` dispatches (`next_window`'s), in the
+  order first needed; lengths first needed past `scan` windows are left to compile on use."""
+  found = []
+  for _ in range(scan):
+    if step >= total_steps:
+      break
+    n = next_window(step, window, total_steps, *intervals)
+    if n != window and n not in found:
+      found.append(n)
+    step += n
+  return found
+
+
 def train_window(config, placement_: str, steps_per_epoch: int, checkpoint_every: int,
                  eval_every: int, backend: str) -> int:
   """`window_length`, logged with the placement and whether shorter windows run up to the
@@ -141,7 +157,7 @@ class Windows:
     self.batch_size, self.seed = config.batch_size, config.seed
     self.num_examples = len(split)
     self.steps_per_epoch = len(split) // config.batch_size
-    self._fns = {}
+    self._fns, self._used = {}, set()  # Compiled windows by length; those run (compiled ahead).
     self._rows = {}  # epoch -> its example indices, [steps_per_epoch, global batch].
     if data_placement == "host":
       self._split = split
@@ -156,6 +172,25 @@ class Windows:
   @property
   def compiled_lengths(self) -> list[int]:
     return sorted(self._fns)
+
+  def compile_ahead(self, state, step: int, lengths: list[int]):
+    """Compiles the windows of `lengths` steps in the background, one after the other, for states
+    like `state` (device placement; host windows compile on use). Returns what waits for them.
+
+    A run whose intervals leave a shorter window (the last steps, or up to each checkpoint and
+    eval) compiled it when it came, the loop stopped meanwhile: 2.2 s of a 16.7 s CPU run with
+    validation_size=5000 (1,718 steps: 17 windows of 100, one of 18); on a GPU, XLA's autotuning.
+    Called after the first window is dispatched (its compile done; its inputs placed).
+    """
+    if self.placement == "host" or not lengths:
+      return lambda: None
+    inputs, before = self.inputs(step, 1), None
+    for n in lengths:
+      if n not in self._fns:
+        self._fns[n] = before = parallel_lib.CompiledAhead(self.function(n)[0], state, *inputs,
+                                                           after=before)
+    return lambda: [fn.ready for fn in self._fns.values()
+                    if isinstance(fn, parallel_lib.CompiledAhead)]
 
   def function(self, n: int):
     """(The compiled window of n steps, whether this call compiled it): `fn(state, *inputs)`."""
@@ -202,6 +237,9 @@ class Windows:
     if n > self.steps_per_epoch:
       raise ValueError(f"a window of {n} steps is longer than an epoch ({self.steps_per_epoch})")
     fn, compiled = self.function(n)
+    if isinstance(fn, parallel_lib.CompiledAhead) and n not in self._used:
+      self._used.add(n)  # Its first call: waiting for it, or compiling (it failed), is a compile.
+      compiled = fn.pending or not fn.ready
     state, metrics = fn(state, *self.inputs(step, n))
     return state, metrics, compiled
 

@@ -353,15 +353,15 @@ def _evaluate_finished(evaluate: Evaluation, state, step: int, total_steps: int)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=None,
-                       compile_eval_ahead: bool = True) -> dict:
+                       compile_ahead: bool = True) -> dict:
   """Trains (resuming from the latest checkpoint in workdir) and evaluates.
 
   Returns the last eval metrics. Raises UserError for fixable input problems,
   stops.Preempted after a signal (with a checkpoint saved at the step all
   processes agreed on). `splits`: (train, test) already in memory (the
   benchmark's loop timing), instead of loading the configured data.
-  `compile_eval_ahead`: compile the evaluation in the background during the first
-  windows (off for the benchmark's loop timing: it would share the cores with them).
+  `compile_ahead`: compile the evaluation and the shorter train windows in the background
+  during the first windows (off for the benchmark's loop timing: it would share the cores).
   """
   with contextlib.ExitStack() as cleanup:  # Pending saves finished, files flushed, however it ends.
     cleanup.enter_context(stops.a_crash_ends_the_job())  # Outermost: after those.
@@ -386,10 +386,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
       return _evaluate_finished(evaluate, state, step, total_steps)
     placement = loop.placement(config)
     windows = loop.Windows(training.train_step, run.train, config, parallel, placement, step)
-    if compile_eval_ahead and parallel.process_count == 1:  # See Evaluation.compile_ahead.
-      cleanup.callback(evaluate.compile_ahead(state))  # Waited for however the run ends.
     window = loop.train_window(config, placement, run.steps_per_epoch, run.checkpoint_every,
                                run.eval_every, jax.default_backend())
+    ahead = None  # The other window lengths, compiled once the first window is dispatched.
+    if compile_ahead and parallel.process_count == 1:  # See Evaluation.compile_ahead.
+      cleanup.callback(evaluate.compile_ahead(state))  # Waited for however the run ends.
+      ahead = loop.lengths_ahead(step, window, total_steps, run.eval_every, run.checkpoint_every)
     bar = evaluate.bar = progress.Bar(show_progress, total_steps * config.batch_size,
                                       step * config.batch_size, desc="train")
     log = TrainLog(run, writer, steps.create_schedule(config, total_steps), checkpointer,
@@ -411,6 +413,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
         t0, n = time.perf_counter(), loop.next_window(step, window, total_steps, run.eval_every,
                                                       run.checkpoint_every)
         state, metrics, compiled = windows(state, step, n)
+        if ahead:  # Only its shapes are read: the next window donates it.
+          cleanup.callback(windows.compile_ahead(state, step, ahead))
+          ahead = None
         if compiled:  # This length was compiled by this call; keep it out of images/s.
           compile_seconds += log.compiled(metrics, n, step + n, t0)
         faults.maybe_kill("step", step + 1, step + n)  # Tests: SIGKILL while steps run.
