@@ -113,3 +113,42 @@ def test_a_user_makes_the_cache_in_a_folder_of_another_users_that_lets_them(tmp_
   root = home / ".cache" / "fashion_jax"
   assert paths.make_private_dir(root / "xla", root)
   assert stat.S_IMODE(os.stat(root / "xla").st_mode) == 0o700
+
+
+def test_without_a_home_folder_the_run_compiles_afresh_and_says_why(tmp_path):
+  """HOME unset for a uid without a passwd entry (a container's arbitrary user), no
+  FASHION_JAX_CACHE_DIR or XDG_CACHE_HOME: Path.home()'s RuntimeError came out of enable() as a
+  traceback on every GPU/TPU run. Now a warning, and no cache."""
+  environ = {k: v for k, v in os.environ.items()
+             if k not in ("JAX_COMPILATION_CACHE_DIR", "FASHION_JAX_COMPILE_CACHE", "HOME",
+                          "FASHION_JAX_CACHE_DIR", "XDG_CACHE_HOME")}
+  code = "import os.path; os.path.expanduser = lambda path: path  # No passwd entry.\n" + _PROBE
+  out = subprocess.run([sys.executable, "-c", code, "gpu"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env=dict(environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 0, out.stderr[-2000:]
+  got = json.loads(out.stdout.splitlines()[-1])
+  assert got["folder"] is None and not got["jax"], got
+  assert "no persistent compilation cache: no folder to cache in" in out.stderr, out.stderr[-2000:]
+
+
+def test_the_cache_root_ignores_a_relative_xdg_folder_and_names_a_missing_home(monkeypatch,
+                                                                               tmp_path):
+  """A relative XDG_CACHE_HOME named a folder under the current one (the XDG spec says to ignore
+  it); no home at all is one line naming FASHION_JAX_CACHE_DIR (the data download's default
+  folder had raised Path.home()'s RuntimeError, a traceback)."""
+  from fashion_jax.data import download  # pylint: disable=g-import-not-at-top
+  from fashion_jax.support import paths  # pylint: disable=g-import-not-at-top
+  from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv("FASHION_JAX_CACHE_DIR", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+  assert paths.cache_root() == tmp_path / ".cache" / "fashion_jax"
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert paths.cache_root() == tmp_path / "xdg" / "fashion_jax"
+  monkeypatch.setenv("FASHION_JAX_CACHE_DIR", str(tmp_path / "own"))
+  assert paths.cache_root() == tmp_path / "own"
+  for name in ("HOME", "XDG_CACHE_HOME", "FASHION_JAX_CACHE_DIR"):
+    monkeypatch.delenv(name)
+  monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # As for a uid not in passwd.
+  with pytest.raises(UserError, match=r"no folder to cache in: .*; set FASHION_JAX_CACHE_DIR="):
+    download.default_folder("fashion_mnist")

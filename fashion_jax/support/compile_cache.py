@@ -62,7 +62,11 @@ def enable(backend: str | None = None) -> str | None:
     return configured
   if paths.turned_off(ENV) or backend not in ACCELERATORS:  # (=false, =off too: only 0 did.)
     return None
-  root = paths.cache_root()
+  try:
+    root = paths.cache_root()
+  except paths.NoCacheFolder as e:  # The run goes on, compiling afresh.
+    logging.warning("no persistent compilation cache: %s", e)
+    return None
   folder = root / FOLDER
   if not paths.make_private_dir(folder, root):
     logging.warning("no persistent compilation cache: %s is not writable or not yours alone "

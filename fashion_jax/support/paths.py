@@ -8,6 +8,8 @@ import os
 import stat
 from pathlib import Path
 
+from fashion_jax.support.errors import UserError
+
 CACHE_ENV = "FASHION_JAX_CACHE_DIR"
 
 
@@ -17,12 +19,27 @@ def turned_off(name: str) -> bool:
   return os.environ.get(name, "").strip().lower() in ("0", "false", "no", "off")
 
 
+class NoCacheFolder(UserError, RuntimeError):
+  """No cache folder to name: no home folder (HOME unset for a uid without a passwd entry, as a
+  container's arbitrary user) and neither FASHION_JAX_CACHE_DIR nor XDG_CACHE_HOME set."""
+
+
 def cache_root() -> Path:
-  """`$FASHION_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/fashion_jax`, else `~/.cache/fashion_jax`."""
+  """`$FASHION_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/fashion_jax`, else `~/.cache/fashion_jax`.
+  A relative XDG_CACHE_HOME is ignored, as the XDG spec says (it named a folder under whatever
+  the current one was). NoCacheFolder where there is none (Path.home()'s RuntimeError had come
+  out of a download or a compile cache as a traceback)."""
   root = os.environ.get(CACHE_ENV)
-  if not root:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion_jax"
-  return Path(root)
+  if root:
+    return Path(root)
+  xdg = os.environ.get("XDG_CACHE_HOME", "")
+  if os.path.isabs(xdg):
+    return Path(xdg) / "fashion_jax"
+  try:
+    return Path.home() / ".cache" / "fashion_jax"
+  except RuntimeError as e:
+    raise NoCacheFolder(f"no folder to cache in: {e} (HOME is not set); set {CACHE_ENV}=FOLDER, "
+                        "a folder of your own") from e
 
 
 @contextlib.contextmanager
