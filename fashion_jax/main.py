@@ -55,7 +55,7 @@ def main(argv):
       backends.request(FLAGS.config.backend, FLAGS.config.deterministic)
       parallel.initialize_distributed(FLAGS.config)
       # Joined: a signal from here on stops training at its first boundary (see stops.py).
-      held.enter_context(stops.StopRequest())
+      stop = held.enter_context(stops.StopRequest())
       faults.maybe_signal("joined")  # Tests: SIGTERM right after joining.
       backends.check(FLAGS.config.backend)
       compile_cache.enable()  # Before the first compile (GPU/TPU; off for multi-process CPU).
@@ -69,6 +69,7 @@ def main(argv):
     except UserError as e:
       cli.fail(str(e))
     except stops.Preempted as e:
+      stop.saved()  # A signal from here on: still 75 (see there).
       print(f"fashion_jax: {e}", file=sys.stderr)
       sys.exit(stops.EXIT_PREEMPTED)
 

@@ -100,6 +100,7 @@ class StopRequest:
   def __init__(self):
     self.signal = None  # This process's own signal, by name.
     self._previous = {}
+    self._saved = False  # The stop checkpoint is saved (see saved()).
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -114,6 +115,8 @@ class StopRequest:
 
   def _handle(self, signum, frame):
     del frame
+    if self._saved:  # Nothing left to stop: the process is only exiting.
+      return
     if self.signal is None:
       self.signal = signal.Signals(signum).name
     elif not jax.distributed.is_initialized() or jax.process_count() == 1:
@@ -124,7 +127,15 @@ class StopRequest:
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+      signal.signal(sig, signal.SIG_IGN if self._saved else handler)
+
+  def saved(self) -> None:
+    """The stop checkpoint is saved and the process exits 75: SIGTERM/SIGINT are ignored from now
+    on, also after leaving this request, for the rest of the process. Its default came back
+    there, and a signal while the process shut down (jax.distributed's barrier waits for the
+    others: a second pkill, a signal sent to each process of a job) ended a process that had
+    saved with 143, which the launcher reported as that process failing."""
+    self._saved = True
 
   def agreed(self, step: int) -> str | None:
     """Why every process stops at `step` ("SIGTERM to process 1"), or None to go on.
