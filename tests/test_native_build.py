@@ -7,11 +7,12 @@ import sys
 import threading
 import time
 
+import jax
 import pytest
 
 from fashion_jax.kernels import native, native_build
 from tests.conftest import ROOT
-from tests.test_native import _STUB_INFO, _best_key, fresh_load  # pylint: disable=unused-import
+from tests.test_native import _STUB_INFO, _best_key, _rerun_comparisons, fresh_load  # pylint: disable=unused-import
 
 NOBODY = 65534
 
@@ -56,8 +57,9 @@ def test_a_folder_swapped_between_the_check_and_the_load_is_not_loaded(fresh_loa
 
   def check_then_swap(key):
     found = checked(key)
-    (tmp_path / "new_link").symlink_to(theirs)
-    os.replace(tmp_path / "new_link", link)
+    if sys._getframe(1).f_code.co_name == "build":  # pylint: disable=protected-access  # (Not choose's.)
+      (tmp_path / "new_link").symlink_to(theirs)
+      os.replace(tmp_path / "new_link", link)
     return found
 
   monkeypatch.setattr(native_build, "cached", check_then_swap)
@@ -307,8 +309,7 @@ def test_a_cxx_that_is_not_used_is_named_once(monkeypatch, caplog):
   """CXX='ccache g++' (a command with options) or a path that is not there was passed over for
   c++ without a word: the user's compiler was silently not the one building. Now one warning
   names it (compiler() runs several times a load)."""
-  if hasattr(native_build, "_cxx_unused"):  # (Warned once per CXX value and process.)
-    native_build._cxx_unused.cache_clear()  # pylint: disable=protected-access
+  native_build._warn_once.cache_clear()  # pylint: disable=protected-access  # (Once a process.)
   monkeypatch.delenv("CXX", raising=False)
   real = native_build.compiler()
   assert "CXX" not in caplog.text
@@ -319,3 +320,137 @@ def test_a_cxx_that_is_not_used_is_named_once(monkeypatch, caplog):
       assert native_build.compiler() == real
       assert native_build.compiler() == real
     assert caplog.text.count(f"CXX={cxx!r} is not used") == 1, caplog.text
+
+
+def _old_compiler(tmp_path, *rejected: str) -> str:
+  """A C++ compiler (a script, by its path as CXX) that rejects the `rejected` flags as GCC 10
+  does (it knows no -march=x86-64-v3/v4) or one without AVX-512 would, else runs the real one;
+  it logs each command line to calls.log."""
+  real = native_build.compiler()
+  fake = tmp_path / "g++-10"
+  fake.write_text(f"""#!/bin/sh
+echo "$*" >> {tmp_path}/calls.log
+for a in "$@"; do
+  case " {' '.join(rejected)} " in *" $a "*)
+    case "$a" in
+      -march=*) echo "cc1plus: error: bad value ('${{a#-march=}}') for '-march=' switch" >&2;;
+      *) echo "g++-10: error: unrecognized command-line option '$a'" >&2;;
+    esac
+    echo "cc1plus: note: valid arguments to '-march=' switch are: nocona core2 x86-64" >&2
+    exit 1;;
+  esac
+done
+exec {real} "$@"
+""")
+  os.chmod(fake, 0o755)
+  return str(fake)
+
+
+def _isa_stub(monkeypatch, tmp_path):
+  """The stub source (`fresh_load`'s) saying which ISA its compiler enabled, as the kernels do."""
+  stub = tmp_path / "isa_stub.cc"
+  stub.write_text("".join(f'extern "C" void {s}() {{}}\n' for s in native._TARGETS.values())  # pylint: disable=protected-access
+                  + _STUB_INFO.replace('" isa=stub"', '" isa="\n#ifdef __AVX512F__\n"avx512f,"\n'
+                                       '#endif\n#ifdef __AVX2__\n"avx2,"\n#endif\n"base"'))
+  monkeypatch.setattr(native_build, "SOURCE", stub)
+
+
+def _best_with_lower():
+  best, *lower = native_build.runnable() or [None]
+  if best is None or best == native_build.targets()[-1]:
+    pytest.skip("this CPU's best target is its architecture's baseline, which every compiler knows")
+  return best, lower
+
+
+def test_a_compiler_that_knows_no_x86_64_v3_or_v4_builds_them_from_m_flags(fresh_load,
+                                                                            monkeypatch,
+                                                                            tmp_path, caplog):
+  """GCC < 11 and Clang < 12 (Ubuntu 20.04, RHEL 8) reject -march=x86-64-v4 and -v3: the build
+  failed and nothing else was tried, so the kernels were lost. The same ISA, spelled out as -m
+  flags those compilers know, is built now: the same target, width and cache entry."""
+  del fresh_load
+  best, _ = _best_with_lower()
+  _isa_stub(monkeypatch, tmp_path)
+  monkeypatch.setenv("CXX", _old_compiler(tmp_path, "-march=x86-64-v4", "-march=x86-64-v3"))
+  with caplog.at_level("INFO"):
+    assert native.available(), native._load()  # pylint: disable=protected-access
+  built = native.info()
+  assert built["target"] == best.name and built["lanes"] == best.lanes == native.lanes()
+  assert ("avx512f" in built["isa"]) == (best.lanes == 16) and "avx2" in built["isa"], built
+  assert Path(built["library"]).parent.name == native_build.build_key(best, best.lanes,
+                                                                      jax.ffi.include_dir())
+  assert f"bad value ('{best.name}')" in caplog.text and "cannot build" not in caplog.text
+
+
+def test_a_target_the_compiler_cannot_build_falls_back_to_the_next_lower_one(fresh_load,
+                                                                           monkeypatch,
+                                                                           tmp_path, caplog):
+  """A compiler that builds no code for this CPU's best target, -march or -m flags (nor its
+  assembler): the next lower target this CPU runs is built, cached under its own name (the width
+  and ISA reported are the build's), and said once; a later load takes it from the cache.
+  Forced to the best target, the kernels are unavailable, saying why."""
+  del fresh_load
+  best, lower = _best_with_lower()
+  if not lower:
+    pytest.skip(f"this CPU runs only {best.name}: no lower target")
+  wide = "-mavx512f" if best.lanes == 16 else "-mavx2"
+  _isa_stub(monkeypatch, tmp_path)
+  monkeypatch.setenv("CXX", _old_compiler(tmp_path, best.march, wide))
+  for _ in range(2):
+    native._load.cache_clear()  # pylint: disable=protected-access
+    with caplog.at_level("WARNING"):
+      assert native.available(), native._load()  # pylint: disable=protected-access
+    built = native.info()
+    assert built["target"] == lower[0].name and built["lanes"] == lower[0].lanes == native.lanes()
+    assert wide[2:] not in built["isa"].split(","), built
+    assert Path(built["library"]).parent.name == native_build.build_key(
+        lower[0], lower[0].lanes, jax.ffi.include_dir())
+    calls = (tmp_path / "calls.log").read_text()
+  assert calls == (tmp_path / "calls.log").read_text()  # The second load compiled nothing.
+  (warning,) = [r.getMessage() for r in caplog.records if "cannot build" in r.getMessage()]
+  assert best.name in warning and f"using {lower[0].name}" in warning
+  assert f"unrecognized command-line option '{wide}'" in warning
+  monkeypatch.setenv("FASHION_JAX_NATIVE_ISA", best.name)
+  native._load.cache_clear()  # pylint: disable=protected-access
+  assert not native.available()
+  assert f"cannot build for {best.name}" in native._load() and wide in native._load()  # pylint: disable=protected-access
+
+
+def test_a_compile_error_is_its_first_line_and_no_lower_target_is_tried(fresh_load, monkeypatch,
+                                                                       tmp_path, caplog):
+  """A failed build said the log's last 2,000 characters: the first error, the one to fix, was
+  cut off behind those that follow from it. An error in the source (not a target the compiler
+  does not know) is now one line, the first error, for the target chosen: no other is tried."""
+  del fresh_load
+  broken = tmp_path / "broken.cc"
+  broken.write_text("#error the first problem\n" + "".join(
+      f"int f{i}() {{ return undefined_name_{i}; }}\n" for i in range(60)))
+  monkeypatch.setattr(native_build, "SOURCE", broken)
+  monkeypatch.setenv("CXX", _old_compiler(tmp_path, "-march=x86-64-v4", "-march=x86-64-v3"))
+  with caplog.at_level("WARNING"):
+    assert not native.available()
+  reason = native._load()  # pylint: disable=protected-access
+  assert "failed" in reason and "error: #error the first problem" in reason, reason
+  assert "\n" not in reason and "undefined_name_59" not in reason and len(reason) < 1000, reason
+  assert "bad value" not in reason and "cannot build" not in caplog.text
+  builds = [line for line in (tmp_path / "calls.log").read_text().splitlines()
+            if str(broken) in line]
+  assert len(builds) == 1, builds  # The best target's build alone.
+
+
+@pytest.mark.toolchain
+@pytest.mark.parametrize("rejected", ["march", "best"])
+def test_the_kernels_an_old_compiler_builds_match_lax(tmp_path, rejected):
+  """The kernels built by a compiler without -march=x86-64-v3/v4 (as -m flags), and by one that
+  builds nothing for this CPU's best target (the next lower one), compute the lax results and
+  gradients: test_native.py's comparisons, rerun in a fresh cache with that compiler as CXX."""
+  best, lower = _best_with_lower()
+  if rejected == "best" and not lower:
+    pytest.skip(f"this CPU runs only {best.name}: no lower target")
+  wide = "-mavx512f" if best.lanes == 16 else "-mavx2"
+  flags = ("-march=x86-64-v4", "-march=x86-64-v3") if rejected == "march" else (best.march, wide)
+  _rerun_comparisons(CXX=_old_compiler(tmp_path, *flags),
+                     FASHION_JAX_CACHE_DIR=str(tmp_path / "cache"))
+  want = best if rejected == "march" else lower[0]
+  (library,) = (tmp_path / "cache" / "native").glob(f"*/{native_build.LIBRARY}")
+  assert library.parent.name.startswith(f"{want.name}-{want.lanes}-"), library

@@ -13,27 +13,26 @@ missing and a C++ compiler is there, else takes the best one already built.
 | x86-64 | 4 floats (SSE2) | nothing: every x86-64 CPU |
 | armv8-a | 4 floats (NEON) | nothing: every 64-bit Arm CPU |
 
+A compiler that knows no x86-64-v3/v4 (GCC < 11, Clang < 12) builds them as -m flags (the same
+library), else the next lower target (`choose`, a probe, one warning); a compile error in the
+source is its first error, in one line, never a fallback.
+
 `FASHION_JAX_NATIVE_ISA=<target>` forces a target (one this CPU runs) and
 `FASHION_JAX_NATIVE_LANES=4|8|16` another width (both for tests and measurements).
 
-The source compiles as two halves at once (its FJ_PART), linked into one library: the compiler
-uses one core, and on 2 Zen 4 cores this took 14 s instead of 27.
-
-The compiler is `$CXX`, else `c++`, `g++` or `clang++` (`compiler`: from PATH's absolute
-folders that no other user could have put it in): GCC and Clang (macOS's) both build it
+The compiler is `$CXX`, else `c++`, `g++` or `clang++` (`compiler`: from PATH's absolute folders
+that no other user could have put it in): GCC and Clang (macOS's) both build it
 (tests/test_native.py, tests/test_native_selftest.py). Where /proc/cpuinfo is missing (macOS),
-`cpu_flags()` is empty and an x86-64 CPU gets the portable target unless
-`FASHION_JAX_NATIVE_ISA` names another (an Intel Mac with AVX2: `x86-64-v3`), which is then
-taken on the user's word, with a warning.
+`cpu_flags()` is empty and an x86-64 CPU gets the portable target unless `FASHION_JAX_NATIVE_ISA`
+names another (an Intel Mac with AVX2: `x86-64-v3`), taken on the user's word, with a warning.
 
-Trust: a cached library is loaded only if it and every folder down from the cache are this
-user's own, no symlink, not group/world-writable, and no folder above the cache is one every
-user may write (`paths.put_by_others`); otherwise it is built afresh in a private `mkdtemp`
-folder. It is loaded through the descriptor it was checked by (`open_library`), so a folder
-swapped on the way after the check cannot change what runs. The cache key covers the source, the target's flags and width, jax, jaxlib
-and XLA's FFI headers, not the compiler: a library from any compiler of the same source, flags
-and headers does the same, and without a compiler a prebuilt one can still be found. Every load
-marks its build used; making a new build removes the user's builds unused for 30 days.
+Trust: a cached library is loaded only if it and every folder down from the cache are this user's
+own, no symlink, not group/world-writable, and no folder above the cache is one every user may
+write (`paths.put_by_others`); otherwise it is built afresh in a private `mkdtemp` folder. It is
+loaded through the descriptor it was checked by (`open_library`), so a folder swapped on the way
+after the check cannot change what runs. The cache key covers the source, the target's -march and
+width, jax, jaxlib and XLA's FFI headers, not the compiler: a library from any compiler of the same
+source, flags and headers does the same, and without a compiler a prebuilt one can still be found.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ import importlib.metadata
 import os
 from pathlib import Path
 import platform
+import re
 import shutil
 import stat
 import subprocess
@@ -73,12 +73,16 @@ class Target:
   march: str
   lanes: int
   requires: frozenset[str] = frozenset()
+  spelled: tuple[str, ...] = ()  # `march`'s ISA as flags GCC 7+ and Clang 5+ know.
 
 
+_M2 = ("-march=x86-64", "-mcx16", "-msahf", "-mpopcnt", "-msse3", "-msse4.1", "-msse4.2", "-mssse3")
+_M3 = (*_M2, *"-mavx -mavx2 -mbmi -mbmi2 -mf16c -mfma -mlzcnt -mmovbe -mxsave".split())
+_M4 = (*_M3, *"-mavx512f -mavx512bw -mavx512cd -mavx512dq -mavx512vl".split())  # GCC's v4.
 # Per architecture (platform.machine()), best first; the last one runs on every CPU of it.
 TARGETS = {
-    "x86_64": (Target("x86-64-v4", "-march=x86-64-v4", 16, _V4),
-               Target("x86-64-v3", "-march=x86-64-v3", 8, _V3),
+    "x86_64": (Target("x86-64-v4", "-march=x86-64-v4", 16, _V4, _M4),
+               Target("x86-64-v3", "-march=x86-64-v3", 8, _V3, _M3),
                Target("x86-64", "-march=x86-64", 4)),
     "aarch64": (Target("armv8-a", "-march=armv8-a", 4),),
 }
@@ -97,7 +101,9 @@ def compiler() -> str | None:
   cxx = os.environ.get("CXX")
   for name in (cxx, "c++", "g++", "clang++"):
     if name != cxx and cxx:  # $CXX was passed over, which had been without a word.
-      _cxx_unused(cxx)
+      _warn_once("CXX=%r is not used: not found, or refused above (it names a compiler's path or a "
+                 "name on PATH, without options: not 'ccache g++'); trying c++, g++ and clang++",
+                 cxx)
     if name and os.sep in name:  # A path the user named ($CXX=/opt/gcc/bin/g++): theirs to vouch.
       if found := shutil.which(name):
         return os.path.abspath(found)
@@ -114,17 +120,12 @@ def compiler() -> str | None:
   return None
 
 
-@functools.cache
-def _cxx_unused(cxx: str) -> None:
-  logging.warning("CXX=%r is not used: not found, or refused above (it names a compiler's path "
-                  "or a name on PATH, without options: not 'ccache g++'); trying c++, g++ and "
-                  "clang++", cxx)
+_warn_once = functools.cache(logging.warning)
 
 
 def cache_dir() -> Path:
-  """The builds' folder; NativeUnavailable where there is none to name (HOME unset and a uid
-  without a passwd entry, no FASHION_JAX_CACHE_DIR or XDG_CACHE_HOME: Path.home() raised a
-  RuntimeError out of `native.available()`, a crash where the XLA formulations could run)."""
+  """The builds' folder; NativeUnavailable where there is none to name (HOME unset, a uid without
+  a passwd entry, no FASHION_JAX_CACHE_DIR or XDG_CACHE_HOME: Path.home()'s RuntimeError)."""
   try:
     return paths.cache_root() / "native"
   except RuntimeError as e:
@@ -185,8 +186,37 @@ def lanes_for(target: Target) -> int:
   return int(wanted)
 
 
-def build_flags(target: Target, lanes: int) -> tuple[str, ...]:
-  return (*FLAGS, target.march, f"-DFJ_LANES={lanes}")
+def build_flags(target: Target, lanes: int, isa: tuple[str, ...] = ()) -> tuple[str, ...]:
+  return (*FLAGS, *(isa or (target.march,)), f"-DFJ_LANES={lanes}")
+
+
+_PROBE = "typedef float v __attribute__((vector_size(%d)));\nv f(v a, v b) { return a * b + a; }\n"
+
+
+@functools.cache
+def isa_flags(cxx: str, target: Target, lanes: int) -> tuple[tuple[str, ...] | None, str]:
+  """(The flags `cxx` builds `target` by: its -march, else its ISA spelled out, else None; why not
+  the ones before: their first errors). A probe: the compiler knows them, its assembler too."""
+  errors = []
+  for isa in filter(None, ((target.march,), target.spelled)):
+    with tempfile.TemporaryDirectory() as work:
+      try:
+        proc = subprocess.run([cxx, *build_flags(target, lanes, isa), "-c", "-x", "c++", "-", "-o",
+                               f"{work}/probe.o"], input=_PROBE % (4 * lanes), capture_output=True,
+                              text=True, timeout=120)
+      except (OSError, subprocess.SubprocessError) as e:
+        proc = subprocess.CompletedProcess((), 1, "", str(e))
+    if not proc.returncode:
+      return isa, "; ".join(errors)
+    errors.append(first_error(proc.stderr))
+  return None, "; ".join(errors)
+
+
+def first_error(log: str) -> str:
+  """The compiler's first error line (its file and line), else its first line: the log's last
+  2,000 characters, which a failed build said, hid it behind the errors that follow from it."""
+  lines = [line.strip() for line in log.splitlines() if line.strip()] or ["(no output)"]
+  return next((line for line in lines if re.search(r"\berror\b", line, re.I)), lines[0])[:500]
 
 
 @functools.cache
@@ -235,10 +265,9 @@ def cached(key: str) -> Path | None:
 
 
 def open_library(library: Path) -> int:
-  """A descriptor of `library` to load it through (`/proc/self/fd/N`): opened without following
-  a symlink and checked to be this user's own file (or root's) that nobody else may write, so
-  what is loaded is what was checked, even where a folder on the way was swapped after `cached`
-  looked (another user's library would run as this one). OSError where it cannot be opened."""
+  """A descriptor of `library` to load it through (`/proc/self/fd/N`), opened without following a
+  symlink and checked to be this user's (or root's) file nobody else may write: what is loaded is
+  what was checked, whatever was swapped after `cached` looked. OSError: it cannot be opened."""
   fd = os.open(library, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
   info = os.fstat(fd)
   if not stat.S_ISREG(info.st_mode) or info.st_uid not in (os.getuid(), 0) or info.st_mode & 0o022:
@@ -248,14 +277,11 @@ def open_library(library: Path) -> int:
   return fd
 
 
-# Builds no process has loaded for this long are removed when a new one is made (each source or
-# jax version makes new ones; ~250 KB each). A load marks its build used (its mtime).
-UNUSED_DAYS = 30
+UNUSED_DAYS = 30  # A new build removes those unloaded this long (~250 KB each; see `mark_used`).
 
 
 def mark_used(library: Path) -> None:
-  """Records that `library` was loaded now (its mtime), so `prune` keeps it. A read-only cache
-  (a prebuilt one in an image) is left as it is."""
+  """Records that `library` was loaded now (its mtime), for `prune` (a read-only cache: not)."""
   try:
     os.utime(library)
   except OSError:
@@ -265,9 +291,8 @@ def mark_used(library: Path) -> None:
 def prune(keep: str, now: float | None = None) -> list[str]:
   """Removes the cache's builds unused for `UNUSED_DAYS` (never `keep`); returns their names.
 
-  Only entries that are this user's own, alone (`paths.private`) and not symlinks are touched;
-  anything else in the folder (root's prebuilt ones too) is left for its owner. A process that still has a removed library loaded
-  keeps running (the mapping outlives the file).
+  Only this user's own entries, alone (`paths.private`), no symlinks: anything else (root's
+  prebuilt ones too) is its owner's. A process with a removed library loaded keeps running.
   """
   root = cache_dir()
   cutoff = (time.time() if now is None else now) - UNUSED_DAYS * 86400
@@ -296,8 +321,7 @@ def prune(keep: str, now: float | None = None) -> list[str]:
 
 def _build_dir(key: str) -> tuple[Path, bool]:
   """(Where to build, whether it is the persistent cache): the cache if it can be made private,
-  else a fresh `mkdtemp` folder (never a predictable shared path), removed when the process
-  ends."""
+  else a fresh `mkdtemp` folder (never a predictable shared path), removed at the process's end."""
   try:
     root = cache_dir()
     why = f"{root} is not writable (or not yours alone)"
@@ -311,9 +335,7 @@ def _build_dir(key: str) -> tuple[Path, bool]:
   return out_dir, False
 
 
-# The source's halves (its FJ_PART), compiled at once: the compiler uses one core, and one compile
-# of everything took 27.5 s on 2 Zen 4 cores, the halves 12.5 and 12 s at once (12.7 s in all).
-PARTS = (1, 2)
+PARTS = (1, 2)  # The source's halves (its FJ_PART), compiled at once: 12.7 s, not 27.5 (2 cores).
 
 
 def _compile_and_link(cxx: str, flags: list[str], work: str, library: str) -> None:
@@ -341,7 +363,8 @@ def _compile_and_link(cxx: str, flags: list[str], work: str, library: str) -> No
     if result.returncode != 0:
       errors.append(result.stderr.strip())
   if errors:
-    raise NativeUnavailable(f"{cxx} failed: {errors[0][-2000:]}")
+    logging.info("%s's output:\n%s", cxx, errors[0])  # (`python -m fashion_jax.kernels.native`)
+    raise NativeUnavailable(f"{cxx} failed: {first_error(errors[0])}")
 
 
 def _named_cache() -> str:
@@ -367,30 +390,30 @@ def build(target: Target, lanes: int, include: str, failed: Path | None = None) 
   removed (it may load on the machines sharing the cache), so without a compiler it stays.
   """
   key = build_key(target, lanes, include)
-  broken = None
-  if failed is not None and failed.exists():
-    broken = os.stat(failed)
+  broken = os.stat(failed) if failed is not None and failed.exists() else None
   if (library := cached(key)) is not None and not _same_file(library, broken):
     return library
   cxx = compiler()
   if cxx is None:
-    raise NativeUnavailable(f"no C++ compiler found (set CXX or install g++/clang++) and no "
-                            f"prebuilt kernels for this CPU in {_named_cache()}" if broken is None
-                            else
-                            f"no C++ compiler found (set CXX or install g++/clang++) to rebuild "
-                            f"{failed}")
+    raise NativeUnavailable("no C++ compiler found (set CXX or install g++/clang++) " + (
+        f"and no prebuilt kernels for this CPU in {_named_cache()}" if broken is None else
+        f"to rebuild {failed}"))
+  isa, why = isa_flags(cxx, target, lanes)
+  if isa is None:
+    raise NativeUnavailable(f"{cxx} cannot build for {target.name}: {why}")
   out_dir, persistent = _build_dir(key)
   library = out_dir / LIBRARY
   with paths.exclusive(out_dir / ".lock"):
     if persistent and (done := cached(key)) is not None and not _same_file(done, broken):
       return done  # Another process built it while this one waited.
-    logging.info("Compiling fashion_jax's native CPU kernels for %s into %s", target.name, out_dir)
+    logging.info("Compiling fashion_jax's native CPU kernels for %s%s into %s", target.name,
+                 f" as {' '.join(isa)} ({why})" if why else "", out_dir)
     start = time.perf_counter()
     # Build beside the target and rename: concurrent processes never load half a file.
     work = tempfile.mkdtemp(dir=out_dir)
     tmp = os.path.join(work, LIBRARY)
     try:
-      _compile_and_link(cxx, [*build_flags(target, lanes), "-isystem", include], work, tmp)
+      _compile_and_link(cxx, [*build_flags(target, lanes, isa), "-isystem", include], work, tmp)
       os.chmod(tmp, 0o700)
       os.replace(tmp, library)
     finally:
@@ -402,15 +425,25 @@ def build(target: Target, lanes: int, include: str, failed: Path | None = None) 
 
 
 def choose(include: str) -> tuple[Target, int]:
-  """(Target, width) this process loads: the forced one, else the best this CPU runs; without
-  a compiler, the best this CPU runs that is already built. Builds nothing."""
+  """(Target, width) this process loads: the forced one, else the best this CPU runs that is built
+  or that the compiler builds (`isa_flags`; a lower one with a warning). Builds nothing."""
   if (target := forced()) is not None:
     return target, lanes_for(target)
   options = runnable()
   if not options:
     raise NativeUnavailable(f"no native kernels for {platform.machine()} CPUs")
-  if compiler() is None:
-    for target in options:
-      if cached(build_key(target, lanes_for(target), include)) is not None:
-        return target, lanes_for(target)
-  return options[0], lanes_for(options[0])
+  cxx, skipped = compiler(), []
+  for target in options:
+    if cached(build_key(target, lanes_for(target), include)) is not None:
+      break
+    if cxx is not None:
+      isa, why = isa_flags(cxx, target, lanes_for(target))
+      if isa is not None:
+        break
+      skipped.append(f"{target.name} ({why})")
+  else:
+    return options[0], lanes_for(options[0])  # `build` says why not.
+  if skipped:
+    _warn_once("%s cannot build the native kernels for %s: using %s, this CPU's next best (a newer "
+               "GCC or Clang builds the best)", cxx, "; ".join(skipped), target.name)
+  return target, lanes_for(target)
