@@ -216,7 +216,7 @@ def first_error(log: str) -> str:
   """The compiler's first error line (its file and line), else its first line: the log's last
   2,000 characters, which a failed build said, hid it behind the errors that follow from it."""
   lines = [line.strip() for line in log.splitlines() if line.strip()] or ["(no output)"]
-  return next((line for line in lines if re.search(r"\berror\b", line, re.I)), lines[0])[:500]
+  return next((line for line in lines if re.search(r"\berror\b|undefined ref", line, re.I)), lines[0])[:500]
 
 
 @functools.cache
