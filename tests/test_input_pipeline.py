@@ -1,5 +1,6 @@
 import contextlib
 import itertools
+import os
 import re
 import sys
 
@@ -169,6 +170,54 @@ def test_tfds_preparation_is_one_process_at_a_time(tmp_path, monkeypatch):
   lock = str(tmp_path / ".fashion_jax-tfds-fashion_mnist.lock")
   assert events == [("is_prepared", [lock]), ("load", [lock])]
   assert images.shape == (2, 28, 28, 1) and labels.tolist() == [3, 4]
+
+
+def _fake_tfds(monkeypatch, prepared_dir: str, on_load=lambda: None):
+  import types
+  class Builder:
+    data_dir = prepared_dir
+
+    def is_prepared(self):
+      return True
+
+  fake = types.SimpleNamespace(
+      builder=lambda name, data_dir: Builder(),
+      load=lambda name, split, data_dir: on_load() or _FakeDataset(),
+      as_numpy=lambda dataset: [{"image": np.zeros((2, 28, 28, 1), np.uint8),
+                                 "label": np.array([3, 4])}])
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+
+
+def test_a_cloud_tfds_data_dir_is_locked_in_the_local_cache(tmp_path, monkeypatch):
+  """data_dir=gs://bucket/tfds: the preparation lock was made through os.path.abspath, a local
+  folder ./gs:/bucket/tfds in the current folder; it is in the user's cache instead."""
+  from fashion_jax.support import paths
+  locks = []
+  real = paths.exclusive
+  monkeypatch.setattr(paths, "exclusive", lambda lock_file: locks.append(lock_file) or
+                      real(lock_file))
+  monkeypatch.setenv("FASHION_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.chdir(tmp_path)
+  _fake_tfds(monkeypatch, "gs://bucket/tfds/fashion_mnist/3.0.1")
+  input_pipeline._load_tfds("fashion_mnist", "train", "gs://bucket/tfds")
+  assert locks == [str(tmp_path / "cache" / ".fashion_jax-tfds-fashion_mnist.lock")], locks
+  assert not (tmp_path / "gs:").exists()
+
+
+def test_what_tfds_prepared_is_checked_again_before_it_is_read(tmp_path, monkeypatch):
+  """The data_dir was checked before tfds prepared it only: a folder another user made there
+  in between (under a sticky /tmp, say), with files anyone may write, was read."""
+  monkeypatch.delenv("FASHION_JAX_TRUST_WORKDIR", raising=False)
+  prepared = tmp_path / "tfds" / "fashion_mnist" / "3.0.1"
+
+  def prepare():  # What another user's folder looks like by the time tfds is done.
+    prepared.mkdir(parents=True)
+    (prepared / "fashion_mnist-train.tfrecord").write_bytes(b"")
+    os.chmod(prepared / "fashion_mnist-train.tfrecord", 0o666)
+
+  _fake_tfds(monkeypatch, str(prepared), prepare)
+  with pytest.raises(UserError, match="fashion_mnist-train.tfrecord is writable by every user"):
+    input_pipeline._load_tfds("fashion_mnist", "train", str(tmp_path / "tfds"))
 
 
 class _FakeDataset:

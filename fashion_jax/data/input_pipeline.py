@@ -161,19 +161,26 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
   backends.tensorflow_shares_the_gpu()  # tfds reads through TensorFlow.
   # One preparation at a time: processes sharing a data_dir (a multi-process job) would
   # otherwise download and write the same files at once.
-  lock = os.path.join(data_dir or paths.cache_root(), f".fashion_jax-tfds-{name}.lock")
+  # (A gs:// data_dir: locked in the local cache; `exclusive` made a folder named ./gs:/bucket.)
+  local = data_dir if data_dir and not storage.is_url(data_dir) else paths.cache_root()
+  lock = os.path.join(local, f".fashion_jax-tfds-{name}.lock")
+
+  def check(builder) -> None:
+    if why := _open_to_others(str(builder.data_dir)):
+      raise UserError(f"tensorflow-datasets' {name} in {builder.data_dir} is not read: {why}, "
+                      "so anyone could have put its images or labels there; set "
+                      "--config.data_dir to a folder only you can write (or chmod o-w what is "
+                      f"named), or set {storage.TRUST_ENV}=1 if nobody else can reach it")
   try:
     with paths.exclusive(lock):
       builder = tfds.builder(name, data_dir=data_dir)
-      if why := _open_to_others(str(builder.data_dir)):
-        raise UserError(f"tensorflow-datasets' {name} in {builder.data_dir} is not read: {why}, "
-                        "so anyone could have put its images or labels there; set "
-                        "--config.data_dir to a folder only you can write (or chmod o-w what is "
-                        f"named), or set {storage.TRUST_ENV}=1 if nobody else can reach it")
+      check(builder)
       if not builder.is_prepared():
         # tfds retries an unreachable download for minutes; fail in seconds instead.
         download.check_reachable(name)
       dataset = tfds.load(name, split=split, data_dir=data_dir)
+      check(builder)  # Again, before a record is read: what tfds made where another user could
+      # have put folders first (under a sticky /tmp) between the first check and its writes.
     parts = list(tfds.as_numpy(dataset.batch(10_000)))
   except UserError:
     raise
