@@ -2,6 +2,9 @@
 as XLA's max does) and empty batches (every gradient zeros, as lax's)."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +13,7 @@ import numpy as np
 import pytest
 
 from fashion_jax.kernels import batchnorm, dense, native, ops, plain_conv, two_layers
-from tests.conftest import require_native
+from tests.conftest import ROOT, require_native
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -173,9 +176,65 @@ def test_a_bias_of_one_value_broadcasts_as_in_lax_and_a_short_one_is_refused(cin
     batchnorm.batch_norm_relu(y, np.ones(16, np.float32), b2, epsilon=1e-5)
 
 
+# Each backward handler called with one output (or input) shorter than the shapes say, in a
+# subprocess: a kernel that wrote past it corrupted the heap ("double free or corruption").
+_SHORT_BUFFERS = r"""
+import jax, jax.numpy as jnp, numpy as np
+from fashion_jax.kernels import native, two_layers
+assert native.available(), native._load()
+f32, rng = jnp.float32, np.random.default_rng(0)
+S = lambda *shape: jax.ShapeDtypeStruct(shape, f32)
+r = lambda *shape: jnp.asarray(rng.standard_normal(shape), f32)
+i8 = lambda *shape: jnp.zeros(shape, jnp.int8)
+C = 32
+cases = {
+    "conv_pool_bwd dbias": ("fashion_jax_conv_pool_bwd", (S(3, 3, 1, C), S(1)),
+                            (r(2, 10, 10, 1), r(3, 3, 1, C), i8(2, 4, 4, C), r(2, 4, 4, C)), {}),
+    "winograd_conv_pool_bwd db": (
+        "fashion_jax_winograd_conv_pool_bwd", (S(2, 10, 10, C), S(16, C, C), S(1)),
+        (r(2, 10, 10, C), r(16, C, C), i8(2, 4, 4, C), r(2, 4, 4, C)), {}),
+    "winograd_conv_bwd dx": ("fashion_jax_winograd_conv_bwd", (S(1), S(16, C, C)),
+                             (r(2, 10, 10, C), r(16, C, C), r(2, 8, 8, C)), {}),
+    "bn_relu_grad_sums sums": ("fashion_jax_bn_relu_grad_sums", S(1),
+                               (r(2, 4, 4, C), r(2, 4, 4, C), r(3, C)), {"pad": np.int32(0)}),
+    "bn_relu_grad dy": ("fashion_jax_bn_relu_grad", S(1),
+                        (r(2, 4, 4, C), r(2, 4, 4, C), r(6, C)), {"pad": np.int32(0)}),
+    "bn_relu_pool_grad_sums sums": ("fashion_jax_bn_relu_pool_grad_sums", S(1),
+                                    (r(2, 4, 4, C), r(2, 2, 2, C), i8(2, 2, 2, C), r(3, C)), {}),
+    "bn_relu_pool_grad dy": ("fashion_jax_bn_relu_pool_grad", S(1),
+                             (r(2, 4, 4, C), r(2, 2, 2, C), i8(2, 2, 2, C), r(6, C)), {}),
+    "dense_bwd dw": ("fashion_jax_dense_bwd", (S(4, 8), S(1)), (r(4, 8), r(8, C), r(4, C)), {}),
+    "adam m": ("fashion_jax_adam", (S(64), S(1), S(64)),
+               (r(64), r(64), r(64), jnp.ones(64, f32), jnp.asarray([-1e-3, 0.1, 0.01, 0], f32)),
+               {k: np.float32(v) for k, v in dict(b1=0.9, b2=0.999, one_minus_b1=0.1,
+                one_minus_b2=0.001, eps=1e-8, eps_root=0, weight_decay=0).items()}),
+}
+for hw in ((18, 14), (28, 28)):  # F(2x2, 3x3) and F(5x5, 3x3).
+  x, k1, b1, k2, b2 = r(2, *hw, 1), r(3, 3, 1, C), r(C), r(3, 3, C, C) * 0.1, r(C)
+  y, (_, _, _, _, _, h, w1, w2) = two_layers._two_layers_forward(x, k1, b1, k2, b2, True)
+  tile = np.int32(two_layers.two_layer_tile(x.shape))
+  for short in (1, 3):  # db1, db2
+    shapes = [S(*k1.shape), S(C), S(*k2.shape), S(C)]
+    shapes[short] = S(1)
+    cases[f"two_layer_bwd tile {tile} {('db1', 'db2')[short // 2]}"] = (
+        "fashion_jax_two_layer_bwd", tuple(shapes), (x, h, w1, k2, w2, jnp.ones_like(y)),
+        {"tile": tile})
+for name, (target, shapes, args, attributes) in cases.items():
+  try:
+    jax.block_until_ready(native.call(target, shapes, *args, **attributes))
+    print(name, "accepted", flush=True)
+  except Exception as e:  # pylint: disable=broad-except
+    print(name, "refused" if "INVALID_ARGUMENT" in str(e) else f"failed: {e}", flush=True)
+print("done")
+"""
+
+
 def test_the_kernels_refuse_a_short_bias_rather_than_read_past_it():
   """Called directly (`native.call`, past the wrappers' checks), the pooled kernels check their
-  bias and argmax against the shapes: an INVALID_ARGUMENT error, not a read past the bias."""
+  bias and argmax against the shapes: an INVALID_ARGUMENT error, not a read past the bias. So
+  does every backward handler with each output (or input) whose size it would otherwise assume
+  (two_layer_bwd wrote K floats into a db2 of shape (1,): "double free or corruption"), in a
+  subprocess, so a write past a buffer fails this test rather than ending pytest."""
   x, k, b = _inputs(11, (2, 10, 10, 1), 32)
   if not native.supports(jnp.asarray(x), jnp.asarray(k)):
     pytest.skip("32 channels are not a multiple of this build's width")
@@ -194,3 +253,8 @@ def test_the_kernels_refuse_a_short_bias_rather_than_read_past_it():
     jax.block_until_ready(native.call(
         "fashion_jax_two_layer_fwd", native.pooled_shapes(native.pooled(x1, 32), k2), x1, k1,
         b1, k2, b2[:1], relu1=np.int32(0), relu2=np.int32(0), tile=np.int32(2)))
+  proc = subprocess.run([sys.executable, "-c", _SHORT_BUFFERS], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  lines = proc.stdout.splitlines()
+  assert proc.returncode == 0 and lines[-1:] == ["done"], (proc.stdout, proc.stderr[-3000:])
+  assert len(lines) == 14 and all(line.endswith(" refused") for line in lines[:-1]), lines

@@ -2116,7 +2116,7 @@ ffi::Error TwoLayerBackwardHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
   const size_t nh = t.s1.n * t.s1.hp * t.s1.wp * t.s1.cout;
   if (h.element_count() != nh || arg1.element_count() != nh ||
       arg2.element_count() != dy.element_count() || db1->element_count() != size_t(t.s1.cout) ||
-      dk2->element_count() != k2.element_count()) {
+      dk2->element_count() != k2.element_count() || db2->element_count() != size_t(t.sy.c)) {
     return ffi::Error::InvalidArgument("fashion_jax two conv layers gradient: shapes differ");
   }
   thread_local std::vector<float> ut_buffer;
