@@ -458,7 +458,8 @@ def test_the_kernels_an_old_compiler_builds_match_lax(tmp_path, rejected):
 
 def test_the_first_error_is_the_line_that_says_what_to_fix():
   """A failed build's reason is one line: the first error (a linker's missing symbol, not its
-  `collect2` summary; an assembler's `Error:`), else the first line of the output."""
+  `collect2` summary; an assembler's `Error:`; not the context line naming a function returning
+  `ffi::Error`, as most handlers do, before it), else the first line of the output."""
   first = native_build.first_error
   assert first("In file included from a.h:1,\nx.cc:2:3: error: 'y' was not declared\n"
                "x.cc:9:1: error: expected ';'\n") == "x.cc:2:3: error: 'y' was not declared"
@@ -466,4 +467,11 @@ def test_the_first_error_is_the_line_that_says_what_to_fix():
                "`g'\ncollect2: error: ld returned 1 exit status").endswith("undefined reference to `g'")
   assert first("/tmp/cc.s: Assembler messages:\n/tmp/cc.s:9: Error: no such instruction: `vpxord'"
                ).startswith("/tmp/cc.s:9: Error:")
+  assert first("x.cc: In function 'ffi::Error Impl(int)':\nx.cc:7:3: error: 'q' was not "
+               "declared\n") == "x.cc:7:3: error: 'q' was not declared"
+  assert first("/usr/bin/ld: p.o: in function `ffi::Error Impl(int)':\np.cc:(.text+0x5): "
+               "undefined reference to `g'").endswith("undefined reference to `g'")
+  assert first("x.cc: In member function 'ffi::Error::Error()':\nc++: fatal error: killed\n"
+               ) == "c++: fatal error: killed"
+  assert first("ld: error:\n") == "ld: error:"
   assert first("timed out after 600 s\n") == "timed out after 600 s" and first("") == "(no output)"

@@ -213,10 +213,11 @@ def isa_flags(cxx: str, target: Target, lanes: int) -> tuple[tuple[str, ...] | N
 
 
 def first_error(log: str) -> str:
-  """The compiler's first error line (its file and line), else its first line: the log's last
-  2,000 characters, which a failed build said, hid it behind the errors that follow from it."""
+  """The first `error:` line (not GCC's context naming an `ffi::Error` function), else the first
+  line: a failed build said the log's end, where the errors that follow from it hid it."""
   lines = [line.strip() for line in log.splitlines() if line.strip()] or ["(no output)"]
-  return next((line for line in lines if re.search(r"\berror\b|undefined ref", line, re.I)), lines[0])[:500]
+  found = (line for line in lines if re.search(r"\berror:(\s|$)|undefined reference", line, re.I))
+  return next(found, lines[0])[:500]
 
 
 @functools.cache
