@@ -396,6 +396,7 @@ def test_a_target_the_compiler_cannot_build_falls_back_to_the_next_lower_one(fre
   wide = "-mavx512f" if best.lanes == 16 else "-mavx2"
   _isa_stub(monkeypatch, tmp_path)
   monkeypatch.setenv("CXX", _old_compiler(tmp_path, best.march, wide))
+  logs = []
   for _ in range(2):
     native._load.cache_clear()  # pylint: disable=protected-access
     with caplog.at_level("WARNING"):
@@ -405,8 +406,8 @@ def test_a_target_the_compiler_cannot_build_falls_back_to_the_next_lower_one(fre
     assert wide[2:] not in built["isa"].split(","), built
     assert Path(built["library"]).parent.name == native_build.build_key(
         lower[0], lower[0].lanes, jax.ffi.include_dir())
-    calls = (tmp_path / "calls.log").read_text()
-  assert calls == (tmp_path / "calls.log").read_text()  # The second load compiled nothing.
+    logs.append((tmp_path / "calls.log").read_text())
+  assert logs[0] == logs[1]  # The second load compiled nothing.
   (warning,) = [r.getMessage() for r in caplog.records if "cannot build" in r.getMessage()]
   assert best.name in warning and f"using {lower[0].name}" in warning
   assert f"unrecognized command-line option '{wide}'" in warning
@@ -430,7 +431,7 @@ def test_a_compile_error_is_its_first_line_and_no_lower_target_is_tried(fresh_lo
   with caplog.at_level("WARNING"):
     assert not native.available()
   reason = native._load()  # pylint: disable=protected-access
-  assert "failed" in reason and "error: #error the first problem" in reason, reason
+  assert "failed" in reason and "the first problem" in reason, reason  # (Clang: no "#error".)
   assert "\n" not in reason and "undefined_name_59" not in reason and len(reason) < 1000, reason
   assert "bad value" not in reason and "cannot build" not in caplog.text
   builds = [line for line in (tmp_path / "calls.log").read_text().splitlines()
