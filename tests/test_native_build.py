@@ -8,6 +8,7 @@ import threading
 import time
 
 import jax
+import numpy as np
 import pytest
 
 from fashion_jax.kernels import native, native_build
@@ -415,6 +416,53 @@ def test_a_target_the_compiler_cannot_build_falls_back_to_the_next_lower_one(fre
   native._load.cache_clear()  # pylint: disable=protected-access
   assert not native.available()
   assert f"cannot build for {best.name}" in native._load() and wide in native._load()  # pylint: disable=protected-access
+
+
+def test_the_compiler_runs_only_where_its_answer_is_needed(fresh_load, monkeypatch, tmp_path,
+                                                           caplog):
+  """With FASHION_JAX_NATIVE=0 `supports` started the compiler (lanes -> choose -> a probe);
+  with a compiler that builds nothing for the best target each process probed it again (two
+  compiler runs) and warned again though the lower build was cached; a pure cache hit warned of
+  an unused $CXX. Now: no compiler run while disabled, a failed probe remembered in the cache for
+  that compiler file (said once), and $CXX looked for only where there is something to build."""
+  del fresh_load
+  best, lower = _best_with_lower()
+  if not lower:
+    pytest.skip(f"this CPU runs only {best.name}: no lower target")
+  _isa_stub(monkeypatch, tmp_path)
+  log = tmp_path / "calls.log"
+  wide = "-mavx512f" if best.lanes == 16 else "-mavx2"
+  monkeypatch.setenv("CXX", _old_compiler(tmp_path, best.march, wide))
+  monkeypatch.setenv("FASHION_JAX_NATIVE", "0")
+  native._loaded.clear()  # pylint: disable=protected-access  # (A fresh process's.)
+  x, k = np.zeros((2, 10, 10, 1), np.float32), np.zeros((3, 3, 1, 2 * best.lanes), np.float32)
+  assert native.supports(x, k) and native.lanes() == best.lanes and not native.available()
+  assert native.supports(x, k) and not log.exists()
+  monkeypatch.delenv("FASHION_JAX_NATIVE")
+  for start in range(2):  # Two processes' starts.
+    native._load.cache_clear()  # pylint: disable=protected-access
+    native_build.isa_flags.cache_clear()
+    native_build._warn_once.cache_clear()  # pylint: disable=protected-access
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+      assert native.available(), native._load()  # pylint: disable=protected-access
+    assert native.info()["target"] == lower[0].name
+    runs = log.read_text().splitlines()
+    assert [r for r in caplog.records if "cannot build" in r.getMessage()] or start, caplog.text
+    assert start == 0 or (runs == first and not caplog.records), (caplog.text, runs[len(first):])
+    first = runs
+  monkeypatch.setenv("FASHION_JAX_NATIVE_ISA", best.name)  # The best built by a real compiler,
+  monkeypatch.delenv("CXX")
+  native._load.cache_clear()  # pylint: disable=protected-access
+  assert native.available(), native._load()  # pylint: disable=protected-access
+  monkeypatch.delenv("FASHION_JAX_NATIVE_ISA")  # then a pure cache hit: no compiler wanted.
+  monkeypatch.setenv("CXX", "/nonexistent/g++")
+  native._load.cache_clear()  # pylint: disable=protected-access
+  native_build._warn_once.cache_clear()  # pylint: disable=protected-access
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    assert native.available(), native._load()  # pylint: disable=protected-access
+  assert native.info()["target"] == best.name and not caplog.records, caplog.text
 
 
 def test_a_compile_error_is_its_first_line_and_no_lower_target_is_tried(fresh_load, monkeypatch,

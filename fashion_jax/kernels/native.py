@@ -88,11 +88,14 @@ _lock = threading.Lock()
 def lanes() -> int:
   """The kernels' vector width in floats: the loaded build's, else the one `native_build.choose`
   picks for this CPU (16 with AVX-512, 8 with AVX2, 4 otherwise). Channel counts must be
-  multiples of it for the kernels to apply (`supports`). ValueError: a bad override."""
+  multiples of it for the kernels to apply (`supports`). ValueError: a bad override.
+  Disabled, or tried and not loaded: the best target's nominally, without a compiler probe
+  (`FASHION_JAX_NATIVE=0` had started the compiler on every `supports`)."""
   if _loaded:
     return _loaded["lanes"]
+  probe = not disabled() and not _load.cache_info().currsize
   try:
-    return native_build.choose(jax.ffi.include_dir())[1]
+    return native_build.choose(jax.ffi.include_dir(), probe=probe)[1]
   except NativeUnavailable as e:
     raise ValueError(str(e)) from e
 

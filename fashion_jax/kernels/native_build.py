@@ -1,29 +1,20 @@
 """Building, caching and choosing the native kernels' shared library: one build per CPU target.
 
-A build is for an ISA level, not for one CPU (`-march=x86-64-v4`, not `-march=native`; on the
-Zen 5 VM the two ran within noise, BENCHMARKS.md), so a cache filled ahead of time
-(`python -m fashion_jax.kernels.native --all`, e.g. in a Docker image) serves every CPU of the
-architecture. Each process loads the best target its CPU runs: it builds that one if it is
-missing and a C++ compiler is there, else takes the best one already built.
-
-| target | vector width | a CPU needs (its /proc/cpuinfo flags) |
-|---|---|---|
-| x86-64-v4 | 16 floats (AVX-512) | avx512f, avx512bw, avx512cd, avx512dq, avx512vl + v3's |
-| x86-64-v3 | 8 floats (AVX2) | avx, avx2, fma, bmi1, bmi2, f16c, movbe, abm (lzcnt) + v2's |
-| x86-64 | 4 floats (SSE2) | nothing: every x86-64 CPU |
-| armv8-a | 4 floats (NEON) | nothing: every 64-bit Arm CPU |
-
-A compiler that knows no x86-64-v3/v4 (GCC < 11, Clang < 12) builds them as -m flags (the same
-library), else the next lower target (`choose`, a probe, one warning); a compile error in the
-source is its first error, in one line, never a fallback.
-
-`FASHION_JAX_NATIVE_ISA=<target>` forces a target (one this CPU runs) and
-`FASHION_JAX_NATIVE_LANES=4|8|16` another width (both for tests and measurements).
+A build is for an ISA level, not one CPU (`-march=x86-64-v4`, not `-march=native`: within noise
+on the Zen 5 VM, BENCHMARKS.md), so a cache filled ahead of time (`python -m
+fashion_jax.kernels.native --all`, e.g. in a Docker image) serves every CPU of the architecture.
+A process loads the best target its CPU runs: built if missing and a compiler is there, else the
+best one built. x86-64-v4: 16 floats (AVX-512: avx512f, bw, cd, dq, vl + v3's /proc/cpuinfo
+flags); x86-64-v3: 8 (AVX2: avx, avx2, fma, bmi1, bmi2, f16c, movbe, abm + v2's); x86-64 and
+armv8-a: 4 (SSE2, NEON: every CPU of the architecture). A compiler that knows no x86-64-v3/v4
+(GCC < 11, Clang < 12) builds them as -m flags (the same library), else the next lower target
+(`choose`: a probe, one warning, remembered in the cache); a compile error in the source is its
+first error, in one line, never a fallback. `FASHION_JAX_NATIVE_ISA=<target>` forces a target
+(one this CPU runs), `FASHION_JAX_NATIVE_LANES=4|8|16` another width (tests, measurements).
 
 The compiler is `$CXX`, else `c++`, `g++` or `clang++` (`compiler`: from PATH's absolute folders
-that no other user could have put it in): GCC and Clang (macOS's) both build it
-(tests/test_native.py, tests/test_native_selftest.py). Where /proc/cpuinfo is missing (macOS),
-`cpu_flags()` is empty and an x86-64 CPU gets the portable target unless `FASHION_JAX_NATIVE_ISA`
+that no other user could have put it in): GCC and Clang (macOS's) both build it. Without
+/proc/cpuinfo (macOS) an x86-64 CPU gets the portable target unless `FASHION_JAX_NATIVE_ISA`
 names another (an Intel Mac with AVX2: `x86-64-v3`), taken on the user's word, with a warning.
 
 Trust: a cached library is loaded only if it and every folder down from the cache are this user's
@@ -38,6 +29,7 @@ source, flags and headers does the same, and without a compiler a prebuilt one c
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -86,8 +78,7 @@ TARGETS = {
                Target("x86-64", "-march=x86-64", 4)),
     "aarch64": (Target("armv8-a", "-march=armv8-a", 4),),
 }
-TARGETS["AMD64"] = TARGETS["x86_64"]
-TARGETS["arm64"] = TARGETS["aarch64"]
+TARGETS.update(AMD64=TARGETS["x86_64"], arm64=TARGETS["aarch64"])
 
 
 class NativeUnavailable(RuntimeError):
@@ -157,8 +148,7 @@ def runnable() -> list[Target]:
 
 def forced() -> Target | None:
   """The target `FASHION_JAX_NATIVE_ISA` names, or None; ValueError if this CPU cannot run it."""
-  name = os.environ.get("FASHION_JAX_NATIVE_ISA", "")
-  if not name:
+  if not (name := os.environ.get("FASHION_JAX_NATIVE_ISA", "")):
     return None
   known = {t.name: t for t in targets()}
   if name not in known:
@@ -170,8 +160,7 @@ def forced() -> Target | None:
                     "the target is not checked (a CPU without them stops on an illegal "
                     "instruction)", name)
     return known[name]
-  missing = known[name].requires - flags
-  if missing:
+  if missing := known[name].requires - flags:
     raise ValueError(f"FASHION_JAX_NATIVE_ISA={name}: this CPU lacks {', '.join(sorted(missing))}")
   return known[name]
 
@@ -179,11 +168,9 @@ def forced() -> Target | None:
 def lanes_for(target: Target) -> int:
   """The target's vector width, or `FASHION_JAX_NATIVE_LANES`."""
   wanted = os.environ.get("FASHION_JAX_NATIVE_LANES", "")
-  if not wanted:
-    return target.lanes
-  if not wanted.isdigit() or int(wanted) not in LANES:
+  if wanted and (not wanted.isdigit() or int(wanted) not in LANES):
     raise ValueError(f"FASHION_JAX_NATIVE_LANES={wanted!r}: use one of {LANES}")
-  return int(wanted)
+  return int(wanted) if wanted else target.lanes
 
 
 def build_flags(target: Target, lanes: int, isa: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -196,8 +183,18 @@ _PROBE = "typedef float v __attribute__((vector_size(%d)));\nv f(v a, v b) { ret
 @functools.cache
 def isa_flags(cxx: str, target: Target, lanes: int) -> tuple[tuple[str, ...] | None, str]:
   """(The flags `cxx` builds `target` by: its -march, else its ISA spelled out, else None; why not
-  the ones before: their first errors). A probe: the compiler knows them, its assembler too."""
-  errors = []
+  the ones before: their first errors). A probe: the compiler knows them, its assembler too. That
+  this compiler file (path, size, mtime) rejects both (exit status 1) is kept in the cache."""
+  try:
+    info = os.stat(cxx)  # (Not its atime, which each run changes.)
+    tag = repr((os.path.realpath(cxx), info.st_size, info.st_mtime_ns, build_flags(target, lanes)))
+    record = cache_dir() / f"no-{target.name}-{lanes}-{hashlib.sha256(tag.encode()).hexdigest()}"
+  except (OSError, NativeUnavailable):
+    record = None
+  if record and paths.private(record / "why", cache_dir()) and not _swappable(cache_dir()):
+    mark_used(record)  # (Kept from `prune` while used.)
+    return None, f"{(record / 'why').read_text()} (remembered in {record})"
+  errors, codes = [], set()
   for isa in filter(None, ((target.march,), target.spelled)):
     with tempfile.TemporaryDirectory() as work:
       try:
@@ -205,10 +202,15 @@ def isa_flags(cxx: str, target: Target, lanes: int) -> tuple[tuple[str, ...] | N
                                f"{work}/probe.o"], input=_PROBE % (4 * lanes), capture_output=True,
                               text=True, timeout=120)
       except (OSError, subprocess.SubprocessError) as e:
-        proc = subprocess.CompletedProcess((), 1, "", str(e))
+        proc = subprocess.CompletedProcess((), -1, "", str(e))
     if not proc.returncode:
       return isa, "; ".join(errors)
     errors.append(first_error(proc.stderr))
+    codes.add(proc.returncode)
+  if record and codes == {1} and paths.make_private_dir(record, cache_dir()):  # No crash/timeout.
+    with contextlib.suppress(OSError):
+      (record / f".why{os.getpid()}").write_text("; ".join(errors))
+      os.replace(record / f".why{os.getpid()}", record / "why")
   return None, "; ".join(errors)
 
 
@@ -283,18 +285,14 @@ UNUSED_DAYS = 30  # A new build removes those unloaded this long (~250 KB each; 
 
 def mark_used(library: Path) -> None:
   """Records that `library` was loaded now (its mtime), for `prune` (a read-only cache: not)."""
-  try:
+  with contextlib.suppress(OSError):
     os.utime(library)
-  except OSError:
-    pass
 
 
 def prune(keep: str, now: float | None = None) -> list[str]:
   """Removes the cache's builds unused for `UNUSED_DAYS` (never `keep`); returns their names.
-
   Only this user's own entries, alone (`paths.private`), no symlinks: anything else (root's
-  prebuilt ones too) is its owner's. A process with a removed library loaded keeps running.
-  """
+  prebuilt ones too) is its owner's. A process with a removed library loaded keeps running."""
   root = cache_dir()
   cutoff = (time.time() if now is None else now) - UNUSED_DAYS * 86400
   removed = []
@@ -384,12 +382,10 @@ def _same_file(path: Path | None, identity: os.stat_result | None) -> bool:
 
 def build(target: Target, lanes: int, include: str, failed: Path | None = None) -> Path:
   """Compiles the kernels for `target` into the cache (unless already there); returns the path.
-
   One build at a time per cache entry (a file lock), so concurrent processes build once.
   `failed`: the cached library that did not load here (damaged, or built by a machine with a
   newer libstdc++), replaced by a new build unless another process did so meanwhile; never
-  removed (it may load on the machines sharing the cache), so without a compiler it stays.
-  """
+  removed (it may load on the machines sharing the cache), so without a compiler it stays."""
   key = build_key(target, lanes, include)
   broken = os.stat(failed) if failed is not None and failed.exists() else None
   if (library := cached(key)) is not None and not _same_file(library, broken):
@@ -425,7 +421,7 @@ def build(target: Target, lanes: int, include: str, failed: Path | None = None) 
   return library
 
 
-def choose(include: str) -> tuple[Target, int]:
+def choose(include: str, probe: bool = True) -> tuple[Target, int]:
   """(Target, width) this process loads: the forced one, else the best this CPU runs that is built
   or that the compiler builds (`isa_flags`; a lower one with a warning). Builds nothing."""
   if (target := forced()) is not None:
@@ -433,10 +429,11 @@ def choose(include: str) -> tuple[Target, int]:
   options = runnable()
   if not options:
     raise NativeUnavailable(f"no native kernels for {platform.machine()} CPUs")
-  cxx, skipped = compiler(), []
-  for target in options:
+  cxx, skipped = "", []
+  for target in options if probe else ():  # (No probe: the best, nominally.)
     if cached(build_key(target, lanes_for(target), include)) is not None:
       break
+    cxx = compiler() if cxx == "" else cxx  # (Not on a cache hit: no word on an unused $CXX.)
     if cxx is not None:
       isa, why = isa_flags(cxx, target, lanes_for(target))
       if isa is not None:
@@ -444,7 +441,8 @@ def choose(include: str) -> tuple[Target, int]:
       skipped.append(f"{target.name} ({why})")
   else:
     return options[0], lanes_for(options[0])  # `build` says why not.
-  if skipped:
-    _warn_once("%s cannot build the native kernels for %s: using %s, this CPU's next best (a newer "
-               "GCC or Clang builds the best)", cxx, "; ".join(skipped), target.name)
+  if skipped:  # Once, the first time: a remembered probe is said at INFO.
+    (logging.info if all("remembered in" in why for why in skipped) else _warn_once)(
+        "%s cannot build the native kernels for %s: using %s, this CPU's next best (a newer "
+        "GCC or Clang builds the best)", cxx, "; ".join(skipped), target.name)
   return target, lanes_for(target)
