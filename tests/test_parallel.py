@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 
 from tests.conftest import ROOT, run_module
 from fashion_jax.support.errors import UserError
+from fashion_jax.support import compile_ahead
 from fashion_jax.support import parallel
 
 
@@ -127,14 +129,15 @@ def test_compiled_ahead_runs_its_own_program_after_the_state_was_donated(mode):
   state = par.put_state({"w": np.ones(4, np.float32)})
   batch = par.put_batch({"x": np.arange(32, dtype=np.float32).reshape(8, 4)})
   counted = _Counted(total)
-  ahead = parallel.CompiledAhead(counted, state, batch)
+  ahead = compile_ahead.CompiledAhead(counted, state, batch)
   state, _ = train(state, batch)  # The buffers the thread was given the shapes of are gone.
   assert float(par.fetch(ahead(state, batch))) == 2 * np.arange(32).sum()
-  assert ahead.ready and counted.calls == 0  # The program compiled in the background ran.
-  # Other shapes: the function itself (compiled for them then).
+  assert ahead.ready and ahead.ran_ahead and counted.calls == 0  # The background's program ran.
+  # Other shapes: the function itself (compiled for them then), and said (the train loop times
+  # that call as a compile).
   other = par.put_batch({"x": np.ones((16, 4), np.float32)})
   assert float(par.fetch(ahead(state, other))) == 2 * 64
-  assert counted.calls == 1
+  assert counted.calls == 1 and not ahead.ran_ahead
 
 
 def test_compiled_ahead_that_failed_compiles_at_the_first_call():
@@ -143,16 +146,43 @@ def test_compiled_ahead_that_failed_compiles_at_the_first_call():
   state = par.put_state({"w": np.ones(4, np.float32)})
   batch = par.put_batch({"x": np.ones((8, 4), np.float32)})
   counted = _Counted(total, lower_error=RuntimeError("out of memory"))
-  ahead = parallel.CompiledAhead(counted, state, batch)
+  ahead = compile_ahead.CompiledAhead(counted, state, batch)
   assert not ahead.ready
   assert float(par.fetch(ahead(state, batch))) == 32
-  assert counted.calls == 1
+  assert counted.calls == 1 and not ahead.ran_ahead
+
+
+def test_compiles_queued_ahead_and_cancelled_are_skipped_and_the_running_one_finishes():
+  """A run that ends early (a stop, an error) waits for the compile running, not for every
+  window length queued after it (seven had held a stop for 10 s on a CPU)."""
+  par = parallel.Parallel("none")
+  total, _ = _sum_program(par)
+  state = par.put_state({"w": np.ones(4, np.float32)})
+  batch = par.put_batch({"x": np.ones((8, 4), np.float32)})
+  started, release = threading.Event(), threading.Event()
+
+  class Slow(_Counted):
+    def lower(self, *args):
+      started.set()
+      release.wait(60)
+      return super().lower(*args)
+
+  first, second = Slow(total), _Counted(total, lower_error=AssertionError("compiled anyway"))
+  running = compile_ahead.CompiledAhead(first, state, batch)
+  queued = compile_ahead.CompiledAhead(second, state, batch, after=running)
+  assert started.wait(60) and running.pending and queued.pending  # Queued: waits for the first.
+  for program in (running, queued):
+    program.cancel()
+  release.set()
+  assert running.ready and not queued.ready  # The running one finished; the other never began.
+  assert float(par.fetch(queued(state, batch))) == 32 and second.calls == 1  # Compiles on use.
 
 
 _EXIT_WHILE_COMPILING = """
 import sys
 import threading
 import jax, jax.numpy as jnp, numpy as np
+from fashion_jax.support import compile_ahead
 from fashion_jax.support import parallel
 
 def long_to_compile(state, batch, axis_name=None):
@@ -175,8 +205,8 @@ class Signalling:  # Says when XLA's compile (~1 s) begins.
 
 par = parallel.Parallel("none")
 program = Signalling(par.compile(long_to_compile, donate_state=False))
-ahead = parallel.CompiledAhead(program, par.put_state({"w": np.ones((64, 64), np.float32)}),
-                               par.put_batch({"x": np.ones((8, 64), np.float32)}))
+ahead = compile_ahead.CompiledAhead(program, par.put_state({"w": np.ones((64, 64), np.float32)}),
+                                    par.put_batch({"x": np.ones((8, 64), np.float32)}))
 program.compiling.wait()
 sys.exit(3)  # An error exit (a refused config, a stop) while the thread compiles.
 """
@@ -215,6 +245,7 @@ _PMAP_HOST_WINDOW = r"""
 import json, tracemalloc
 import jax, ml_collections, numpy as np
 from fashion_jax.data import input_pipeline
+from fashion_jax.support import compile_ahead
 from fashion_jax.support import parallel
 from fashion_jax.training import loop
 rng = np.random.default_rng(0)

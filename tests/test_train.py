@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from fashion_jax.model import steps
+from fashion_jax.support import compile_ahead
 from fashion_jax.support import parallel as parallel_lib
 from fashion_jax.support.errors import UserError
 from fashion_jax.training import loop
@@ -138,7 +139,7 @@ def test_evaluations_compile_ahead_unless_told_not_to(tiny_config, tmp_path, mon
   first call runs that program; the benchmark's loop timing turns this off."""
   made = []
 
-  class Recorded(parallel_lib.CompiledAhead):
+  class Recorded(compile_ahead.CompiledAhead):
     def __init__(self, *args):
       super().__init__(*args)
       made.append(self)
@@ -147,7 +148,7 @@ def test_evaluations_compile_ahead_unless_told_not_to(tiny_config, tmp_path, mon
     def __call__(self, *args):
       self.calls += 1
       return super().__call__(*args)
-  monkeypatch.setattr(parallel_lib, "CompiledAhead", Recorded)
+  monkeypatch.setattr(compile_ahead, "CompiledAhead", Recorded)
   tiny_config.num_train_steps, tiny_config.validation_size = 20, 32
   with caplog.at_level(logging.INFO, logger="absl"):
     result = train.train_and_evaluate(tiny_config, str(tmp_path / "run"),
@@ -730,13 +731,13 @@ def test_a_run_ending_before_its_first_evaluation_leaves_no_compile_running(tiny
   (here: diverged) returned with that compile still running (in a notebook, beside the next
   cell). Slowed so that it still runs when the run ends."""
   import threading
-  real_compile = parallel_lib.CompiledAhead._compile
+  real_compile = compile_ahead.CompiledAhead._compile
 
   def slow_compile(self, *abstract):
     time.sleep(1.0)
     real_compile(self, *abstract)
 
-  monkeypatch.setattr(parallel_lib.CompiledAhead, "_compile", slow_compile)
+  monkeypatch.setattr(compile_ahead.CompiledAhead, "_compile", slow_compile)
   tiny_config.update(learning_rate=1e30, eval_every_steps=10, steps_per_dispatch=5)
   with pytest.raises(UserError, match="non-finite loss or gradients"):
     train.train_and_evaluate(tiny_config, str(tmp_path / "run"))
@@ -815,14 +816,15 @@ def test_the_shorter_windows_compile_in_the_background_and_compute_the_same(tiny
   """45 steps in windows of 10: the 5-step window at the end had compiled when it came, the loop
   stopped meanwhile. Now it compiles once, in the background from the first window's dispatch
   on; it runs that program, and the run is bitwise the run that compiles it on use."""
-  assert loop.lengths_ahead(0, 10, 45, 20, 20) == [5] and loop.lengths_ahead(40, 10, 45, 20) == [5]
+  assert loop.lengths_ahead(0, 10, 45, 20, 20) == [5] and loop.lengths_ahead(40, 10, 45, 20) == []
+  assert loop.lengths_ahead(30, 10, 74, 37, 30) == [2, 1, 10]  # Resumed: first a short one (4).
   assert loop.lengths_ahead(0, 10, 95, 37, 20) == [4, 2, 1, 5]  # In the order first needed.
   assert loop.lengths_ahead(0, 10, 100, 20, 20) == []  # One length: nothing more to compile.
   assert loop.lengths_ahead(0, 1, 2**31 - 1, 7, 1875) == []  # Scans a bounded number of windows.
   tiny_config.update(num_train_steps=45, checkpoint_every_steps=20, eval_every_steps=20)
   events, windows_ahead = [], []
 
-  class Recorded(parallel_lib.CompiledAhead):
+  class Recorded(compile_ahead.CompiledAhead):
     def __init__(self, fn, *args, **kwargs):
       super().__init__(fn, *args, **kwargs)
       if isinstance(fn.__wrapped__, functools.partial) and "length" in fn.__wrapped__.keywords:
@@ -830,7 +832,7 @@ def test_the_shorter_windows_compile_in_the_background_and_compute_the_same(tiny
         events.append(("ahead", fn.__wrapped__.keywords["length"]))
 
   real_call = loop.Windows.__call__
-  monkeypatch.setattr(parallel_lib, "CompiledAhead", Recorded)
+  monkeypatch.setattr(compile_ahead, "CompiledAhead", Recorded)
   monkeypatch.setattr(loop.Windows, "__call__",
                       lambda self, state, step, n: events.append(("window", n)) or
                       real_call(self, state, step, n))

@@ -44,7 +44,7 @@ from jax import lax
 import numpy as np
 
 from fashion_jax.data import input_pipeline
-from fashion_jax.support import parallel as parallel_lib
+from fashion_jax.support import compile_ahead
 
 PLACEMENTS = ("auto", "host", "device")
 AUTO_WINDOW_CAP = {"cpu": 100}  # Steps; other backends: DEFAULT_WINDOW_CAP.
@@ -97,14 +97,15 @@ def next_window(step: int, window: int, total_steps: int, *intervals: int) -> in
 
 def lengths_ahead(step: int, window: int, total_steps: int, *intervals: int,
                   scan: int = 10_000) -> list[int]:
-  """The window lengths besides `window` a run from `step` dispatches (`next_window`'s), in the
-  order first needed; lengths first needed past `scan` windows are left to compile on use."""
-  found = []
+  """The window lengths a run from `step` dispatches (`next_window`'s) besides its first window's
+  (compiled as it runs), in the order first needed; lengths first needed past `scan` windows are
+  left to compile on use. (A resumed run's first window may be the short one.)"""
+  found, first = [], next_window(step, window, total_steps, *intervals)
   for _ in range(scan):
     if step >= total_steps:
       break
     n = next_window(step, window, total_steps, *intervals)
-    if n != window and n not in found:
+    if n != first and n not in found:
       found.append(n)
     step += n
   return found
@@ -158,6 +159,7 @@ class Windows:
     self.num_examples = len(split)
     self.steps_per_epoch = len(split) // config.batch_size
     self._fns, self._used = {}, set()  # Compiled windows by length; those run (compiled ahead).
+    self._ahead, self._queued = [], []  # Lengths to compile ahead; their CompiledAheads.
     self._rows = {}  # epoch -> its example indices, [steps_per_epoch, global batch].
     if data_placement == "host":
       self._split = split
@@ -173,24 +175,32 @@ class Windows:
   def compiled_lengths(self) -> list[int]:
     return sorted(self._fns)
 
-  def compile_ahead(self, state, step: int, lengths: list[int]):
-    """Compiles the windows of `lengths` steps in the background, one after the other, for states
-    like `state` (device placement; host windows compile on use). Returns what waits for them.
+  def compile_ahead(self, lengths: list[int]):
+    """Compiles the windows of `lengths` steps in the background, one after the other, from the
+    first window's dispatch on (its compile done, its inputs placed, its output state's shapes
+    known), device placement only (host windows compile on use). Returns what the run calls
+    however it ends: compiles not started are dropped, the one running is waited for.
 
     A run whose intervals leave a shorter window (the last steps, or up to each checkpoint and
     eval) compiled it when it came, the loop stopped meanwhile: 2.2 s of a 16.7 s CPU run with
     validation_size=5000 (1,718 steps: 17 windows of 100, one of 18); on a GPU, XLA's autotuning.
-    Called after the first window is dispatched (its compile done; its inputs placed).
     """
-    if self.placement == "host" or not lengths:
-      return lambda: None
-    inputs, before = self.inputs(step, 1), None
-    for n in lengths:
+    self._ahead = list(lengths) if self.placement == "device" else []
+
+    def finish():
+      for program in self._queued:
+        program.cancel()
+      return [program.ready for program in self._queued]
+    return finish
+
+  def _start_ahead(self, state, step: int) -> None:
+    before = None
+    for n in self._ahead:
       if n not in self._fns:
-        self._fns[n] = before = parallel_lib.CompiledAhead(self.function(n)[0], state, *inputs,
-                                                           after=before)
-    return lambda: [fn.ready for fn in self._fns.values()
-                    if isinstance(fn, parallel_lib.CompiledAhead)]
+        self._fns[n] = before = compile_ahead.CompiledAhead(
+            self.function(n)[0], state, *self.inputs(step, 1), after=before)
+        self._queued.append(before)
+    self._ahead = []
 
   def function(self, n: int):
     """(The compiled window of n steps, whether this call compiled it): `fn(state, *inputs)`."""
@@ -237,10 +247,14 @@ class Windows:
     if n > self.steps_per_epoch:
       raise ValueError(f"a window of {n} steps is longer than an epoch ({self.steps_per_epoch})")
     fn, compiled = self.function(n)
-    if isinstance(fn, parallel_lib.CompiledAhead) and n not in self._used:
-      self._used.add(n)  # Its first call: waiting for it, or compiling (it failed), is a compile.
-      compiled = fn.pending or not fn.ready
+    ahead = isinstance(fn, compile_ahead.CompiledAhead) and n not in self._used
+    waited = ahead and fn.pending
     state, metrics = fn(state, *self.inputs(step, n))
+    if self._ahead:  # Only the state's shapes are read: the next window donates it.
+      self._start_ahead(state, step)
+    if ahead:  # Its first call: waiting for it, or compiling (it failed, or refused), is a compile.
+      self._used.add(n)
+      compiled = waited or not fn.ran_ahead
     return state, metrics, compiled
 
 

@@ -26,6 +26,7 @@ from fashion_jax.support import errors
 from fashion_jax.support.errors import UserError
 from fashion_jax.support import faults
 from fashion_jax.support import metric_writers
+from fashion_jax.support import compile_ahead
 from fashion_jax.support import parallel as parallel_lib
 from fashion_jax.support import storage
 from fashion_jax.training import loop
@@ -72,9 +73,9 @@ class Evaluator:
         donate_state=False, stacked=True)
     self._sums = self._program
 
-  def compile_ahead(self, state) -> parallel_lib.CompiledAhead:
+  def compile_ahead(self, state) -> compile_ahead.CompiledAhead:
     """Compiles the evaluation of states like `state` in a background thread."""
-    self._sums = parallel_lib.CompiledAhead(self._program, state, self._batches)
+    self._sums = compile_ahead.CompiledAhead(self._program, state, self._batches)
     return self._sums
 
   def __call__(self, state, show_progress: bool = False, desc: str = "eval") -> dict:
@@ -388,10 +389,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
     windows = loop.Windows(training.train_step, run.train, config, parallel, placement, step)
     window = loop.train_window(config, placement, run.steps_per_epoch, run.checkpoint_every,
                                run.eval_every, jax.default_backend())
-    ahead = None  # The other window lengths, compiled once the first window is dispatched.
     if compile_ahead and parallel.process_count == 1:  # See Evaluation.compile_ahead.
       cleanup.callback(evaluate.compile_ahead(state))  # Waited for however the run ends.
-      ahead = loop.lengths_ahead(step, window, total_steps, run.eval_every, run.checkpoint_every)
+      cleanup.callback(windows.compile_ahead(loop.lengths_ahead(
+          step, window, total_steps, run.eval_every, run.checkpoint_every)))
     bar = evaluate.bar = progress.Bar(show_progress, total_steps * config.batch_size,
                                       step * config.batch_size, desc="train")
     log = TrainLog(run, writer, steps.create_schedule(config, total_steps), checkpointer,
@@ -413,9 +414,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
         t0, n = time.perf_counter(), loop.next_window(step, window, total_steps, run.eval_every,
                                                       run.checkpoint_every)
         state, metrics, compiled = windows(state, step, n)
-        if ahead:  # Only its shapes are read: the next window donates it.
-          cleanup.callback(windows.compile_ahead(state, step, ahead))
-          ahead = None
         if compiled:  # This length was compiled by this call; keep it out of images/s.
           compile_seconds += log.compiled(metrics, n, step + n, t0)
         faults.maybe_kill("step", step + 1, step + n)  # Tests: SIGKILL while steps run.
