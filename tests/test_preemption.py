@@ -116,6 +116,31 @@ def test_a_second_signal_stops_waiting_with_one_line(tmp_path, idx_dir, sig, cod
   assert proc.returncode == code, stderr[-3000:]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_once_the_stop_checkpoint_is_saved_changes_nothing(tmp_path, idx_dir, sig):
+  """A second signal after the stop checkpoint was durable but before train_and_evaluate had
+  returned (it waits for its background compiles): exit 130 after Ctrl-C, and a line saying the
+  stop checkpoint was not saved, which it was. Now exit 75 and the stop's own line."""
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "fashion_jax.main", "--config=configs/tiny.py",
+       f"--workdir={workdir}", f"--config.idx_dir={idx_dir}", "--config.log_every_steps=1",
+       "--config.num_train_steps=100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", FASHION_JAX_SIGNAL_AT=f"stop_saved:{sig.name}"),
+      text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and not (
+      metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    time.sleep(0.2)
+  proc.send_signal(sig)
+  _, stderr = proc.communicate(timeout=120)
+  ours = [l for l in stderr.splitlines() if l.startswith("fashion_jax: ")]
+  assert len(ours) == 1 and ours[0].startswith(f"fashion_jax: stopped by {sig.name} at step "), (
+      stderr[-3000:])
+  assert proc.returncode == 75 and "Traceback" not in stderr, stderr[-3000:]
+
+
 def _assert_interrupted_in_one_line(proc):
   assert proc.returncode == 130, proc.stderr
   assert proc.stderr.splitlines() == ["fashion_jax: error: interrupted before it finished; what "
