@@ -511,3 +511,18 @@ def test_help_documents_the_exit_statuses():
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "Exit status: 0 " in proc.stdout and "; 2 a problem with the input" in proc.stdout
   assert "130 Ctrl-C" in proc.stdout and "1 a crash" in proc.stdout
+
+
+def test_the_download_source_without_a_home_folder_is_reported_unavailable(tiny_config,
+                                                                          monkeypatch):
+  """No home folder (HOME unset for a uid without a passwd entry) and no FASHION_JAX_CACHE_DIR:
+  the download source's default folder raised out of measure_input, after every other
+  measurement had run, and the report was lost. Now that source is unavailable, saying why."""
+  from fashion_jax.benchmarking import benchmark  # pylint: disable=g-import-not-at-top
+  for name in ("HOME", "XDG_CACHE_HOME", "FASHION_JAX_CACHE_DIR"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # As for a uid not in passwd.
+  config = tiny_config.copy_and_resolve_references()
+  config.data_dir = ""
+  result = benchmark.measure_input(config, None, "download")
+  assert result["available"] is False and "set FASHION_JAX_CACHE_DIR" in result["reason"], result

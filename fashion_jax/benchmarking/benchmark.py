@@ -198,11 +198,11 @@ def measure_input(config, parallel, source: str) -> dict:
       benchmark_report.log(f"input (tfds): unavailable: {reason}")
       return {"available": False, "reason": reason}
     where = input_pipeline.Source("tfds", config.data_dir, "benchmark")
-  else:  # The verified download (fetched if missing: offline this fails within seconds).
-    where = input_pipeline.Source(
-        "download", download.default_folder(config.dataset, config.data_dir), "benchmark")
   t0 = time.perf_counter()
   try:
+    if source not in ("idx", "tfds"):  # The verified download, fetched if missing (offline:
+      where = input_pipeline.Source(  # fails in seconds; no home folder: a UserError).
+          "download", download.default_folder(config.dataset, config.data_dir), "benchmark")
     split = input_pipeline.load(config, "train", where)
   except UserError as e:
     benchmark_report.log(f"input ({source}): unavailable: {e}")
