@@ -524,3 +524,28 @@ def test_the_first_error_is_the_line_that_says_what_to_fix():
                ) == "c++: fatal error: killed"
   assert first("ld: error:\n") == "ld: error:"
   assert first("timed out after 600 s\n") == "timed out after 600 s" and first("") == "(no output)"
+
+
+def test_an_interrupted_build_leaves_no_compiler_running(tmp_path, monkeypatch):
+  """Ctrl-C (or an error) while the build waited for its first compiler left the other parts'
+  compilers running, never waited for (and their partial objects written after the build had
+  given up). Now every one is stopped and reaped."""
+  fake = tmp_path / "slow-c++"
+  fake.write_text("#!/bin/sh\nsleep 60\n")
+  fake.chmod(0o755)
+  made = []
+  real_popen = subprocess.Popen
+
+  class Recorded(real_popen):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      made.append(self)
+      if len(made) == 1:
+        self.communicate = lambda timeout=None: (_ for _ in ()).throw(KeyboardInterrupt())
+
+  monkeypatch.setattr(native_build.subprocess, "Popen", Recorded)
+  with pytest.raises(KeyboardInterrupt):
+    native_build._compile_and_link(str(fake), [], str(tmp_path),  # pylint: disable=protected-access
+                                   str(tmp_path / "lib.so"))
+  assert len(made) == len(native_build.PARTS) > 1
+  assert all(proc.returncode is not None for proc in made), [p.returncode for p in made]

@@ -338,24 +338,27 @@ PARTS = (1, 2)  # The source's halves (its FJ_PART), compiled at once: 12.7 s, n
 
 
 def _compile_and_link(cxx: str, flags: list[str], work: str, library: str) -> None:
-  """Compiles SOURCE's parts into `work` in parallel and links them into `library` (a source
-  without parts, as some tests plant, in one piece)."""
-  parts = PARTS if b"FJ_PART" in SOURCE.read_bytes() else (0,)
+  """Compiles SOURCE's parts into `work` in parallel, links them into `library`."""
+  parts = PARTS if b"FJ_PART" in SOURCE.read_bytes() else (0,)  # (Tests plant one-part ones.)
   objects = [os.path.join(work, f"part{part}.o") for part in parts]
   procs = [subprocess.Popen([cxx, *flags, *([f"-DFJ_PART={part}"] if part else []), "-c",
                              str(SOURCE), "-o", obj],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
            for part, obj in zip(parts, objects)]
   errors = []
-  for proc in procs:
-    try:
-      _, stderr = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      _, stderr = proc.communicate()
-      stderr = f"timed out after 600 s\n{stderr}"
-    if proc.returncode != 0:
-      errors.append(stderr.strip())
+  try:
+    for proc in procs:
+      try:
+        _, stderr = proc.communicate(timeout=600)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        stderr = f"timed out after 600 s\n{proc.communicate()[1]}"
+      if proc.returncode != 0:
+        errors.append(stderr.strip())
+  finally:  # An error or Ctrl-C while waiting for one had left the others running, unwaited.
+    for proc in procs:
+      proc.kill()  # (Nothing where it has finished.)
+      proc.wait()
   if not errors:
     result = subprocess.run([cxx, *flags, *objects, "-o", library], capture_output=True,
                             text=True, timeout=600)
@@ -381,11 +384,10 @@ def _same_file(path: Path | None, identity: os.stat_result | None) -> bool:
 
 
 def build(target: Target, lanes: int, include: str, failed: Path | None = None) -> Path:
-  """Compiles the kernels for `target` into the cache (unless already there); returns the path.
-  One build at a time per cache entry (a file lock), so concurrent processes build once.
-  `failed`: the cached library that did not load here (damaged, or built by a machine with a
-  newer libstdc++), replaced by a new build unless another process did so meanwhile; never
-  removed (it may load on the machines sharing the cache), so without a compiler it stays."""
+  """Builds `target`'s kernels into the cache (unless there); returns the path. One build at a
+  time per entry (a file lock): concurrent processes build once. `failed`: the cached library
+  that did not load here (damaged; a newer libstdc++'s), rebuilt unless another process did so;
+  never removed (it may load on machines sharing the cache): without a compiler it stays."""
   key = build_key(target, lanes, include)
   broken = os.stat(failed) if failed is not None and failed.exists() else None
   if (library := cached(key)) is not None and not _same_file(library, broken):
