@@ -251,3 +251,22 @@ def test_a_signal_during_an_evaluation_or_checkpoint_stops_at_its_step(tiny_conf
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [l["step"] for l in lines if "eval_accuracy" in l] == [10, 20, 30, 40]
   assert [l["step"] for l in lines if "train_loss" in l] == list(range(5, 41, 5))
+
+
+def test_a_stop_in_process_gives_the_signals_back(tiny_config, tmp_path, monkeypatch):
+  """train_and_evaluate called in a notebook's own process, stopped by a signal: once its stop
+  checkpoint was saved, SIGINT/SIGTERM must come back as they were (ignored for good, the next
+  cell could not be interrupted); under main's own StopRequest, that one takes over saved (a
+  signal while the call returned had read as a second one: 'not saved', exit 130)."""
+  from fashion_jax.training import train  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("FASHION_JAX_SIGNAL_AT", "restored")  # SIGTERM before the first window.
+  before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+  with pytest.raises(stops.Preempted, match="stopped by SIGTERM"):
+    train.train_and_evaluate(tiny_config, str(tmp_path / "alone"))
+  assert {sig: signal.getsignal(sig) for sig in before} == before
+  with stops.StopRequest() as outer:
+    with pytest.raises(stops.Preempted):
+      train.train_and_evaluate(tiny_config, str(tmp_path / "under_main"))
+    assert signal.getsignal(signal.SIGINT) == outer._handle  # pylint: disable=protected-access
+    assert outer._saved == "saved" and outer.signal is None  # pylint: disable=protected-access
+  assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -100,7 +100,7 @@ class StopRequest:
   def __init__(self):
     self.signal = None  # This process's own signal, by name.
     self._previous = {}
-    self._saved = False  # The stop checkpoint is saved (see saved()).
+    self._saved = None  # The stop checkpoint is saved (see saved()): "saved" or "exiting".
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -127,15 +127,20 @@ class StopRequest:
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
-      signal.signal(sig, signal.SIG_IGN if self._saved else handler)
+      outer = getattr(handler, "__self__", None)  # main's, taking over again: saved there too.
+      if self._saved and isinstance(outer, StopRequest) and not outer._saved:  # pylint: disable=protected-access
+        outer._saved = "saved"  # pylint: disable=protected-access
+      signal.signal(sig, signal.SIG_IGN if self._saved == "exiting" else handler)
 
-  def saved(self) -> None:
-    """The stop checkpoint is saved and the process exits 75: SIGTERM/SIGINT are ignored from now
-    on, also after leaving this request, for the rest of the process. Its default came back
-    there, and a signal while the process shut down (jax.distributed's barrier waits for the
-    others: a second pkill, a signal sent to each process of a job) ended a process that had
-    saved with 143, which the launcher reported as that process failing."""
-    self._saved = True
+  def saved(self, exiting: bool = True) -> None:
+    """The stop checkpoint is saved: SIGTERM/SIGINT change nothing from now on. `exiting`: the
+    process exits 75 next (main), and they stay ignored after leaving this request too, for the
+    rest of the process: its default came back there, and a signal while the process shut down
+    (jax.distributed's barrier waits for the others: a second pkill, a signal sent to each
+    process of a job) ended a process that had saved with 143, which the launcher reported as
+    that process failing. Else (train_and_evaluate's, maybe in a notebook's own process, whose
+    next cell must still take a Ctrl-C) the handlers before it come back on leaving."""
+    self._saved = "exiting" if exiting else "saved"
 
   def agreed(self, step: int) -> str | None:
     """Why every process stops at `step` ("SIGTERM to process 1"), or None to go on.

@@ -439,7 +439,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, splits=N
           save(step, results)  # With this step's evaluation, if one ran: it competes for best.
           faults.maybe_signal("stop_save")  # Tests: a second signal while it is written.
           checkpointer.wait()  # Durable before the process exits.
-          stop.saved()  # A signal from here on changes nothing: still 75 (StopRequest.saved).
+          stop.saved(exiting=False)  # A signal from here on changes nothing (StopRequest.saved).
           faults.maybe_signal("stop_saved")  # Tests: a signal once it is saved.
           raise stops.Preempted(f"stopped by {stopping} at step {step}; checkpoint saved in "
                                 f"{checkpointer.directory}; re-run the same command to resume")
