@@ -18,7 +18,8 @@ class CompiledAhead:
   sees only shapes, dtypes and shardings, never the buffers (the train windows donate them).
   `after`: another one whose compile this one waits for (one compile at a time); `cancel()`
   skips a compile not yet started (a run that ends early waits only for the one running: seven
-  queued window lengths had held a stop for 10 s on a CPU, a minute's autotuning on a GPU).
+  queued window lengths had held a stop for 10 s on a CPU, a minute's autotuning on a GPU; one
+  that began in the instant before is waited for too).
   Called with arguments of other shapes or types, or ones the compiled program refuses (jax
   0.7's pmap outputs carry another sharding type; it checks before it runs anything), or if
   compiling ahead failed, it calls the function as usual (which compiles, or raises, then;

@@ -115,7 +115,10 @@ class StopRequest:
 
   def _handle(self, signum, frame):
     del frame
-    if self._saved:  # Nothing left to stop: the process is only exiting.
+    if self._saved:  # Nothing left to stop: the run is only ending (said, not silent).
+      logging.warning("%s ignored: the stop checkpoint is saved, and the run ends once the work "
+                      "under way does (a background compile); SIGKILL ends it now",
+                      signal.Signals(signum).name)
       return
     if self.signal is None:
       self.signal = signal.Signals(signum).name
