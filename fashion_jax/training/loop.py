@@ -14,7 +14,8 @@ most one shorter one for the end; where that divisor is small, the largest
 divisor of the smaller interval (intervals with no common factor), else the
 cap (a prime interval), and shorter windows up to each boundary (`next_window`).
 Log lines need only the metrics, which are per step, so they fall anywhere
-inside a window.
+inside a window. A single-process run compiles the other lengths in the background from its
+first window on (`Windows.compile_ahead`), not when each first comes.
 
 Where the batches come from (`config.data_placement`):
 - host: numpy gathers a window's batches from the in-memory split in one go, straight
