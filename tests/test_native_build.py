@@ -549,3 +549,98 @@ def test_an_interrupted_build_leaves_no_compiler_running(tmp_path, monkeypatch):
                                    str(tmp_path / "lib.so"))
   assert len(made) == len(native_build.PARTS) > 1
   assert all(proc.returncode is not None for proc in made), [p.returncode for p in made]
+
+
+def _failing(tmp_path, says: str) -> str:
+  """A compiler (a script) that exits 1 saying `says`, as a failed probe does; logs each run."""
+  (tmp_path / "says").write_text(says + "\n")
+  fake = tmp_path / "c++"
+  fake.write_text(f"#!/bin/sh\necho \"$*\" >> {tmp_path}/calls.log\ncat {tmp_path}/says >&2\n"
+                  "exit 1\n")
+  fake.chmod(0o755)
+  return str(fake)
+
+
+def _probes(tmp_path) -> int:
+  log = tmp_path / "calls.log"
+  return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+@pytest.fixture
+def probe_target(monkeypatch, tmp_path):
+  """The architecture's best target, probed in an empty cache; isa_flags' memo cleared."""
+  if not native_build.targets():
+    pytest.skip("no native kernels for this architecture")
+  monkeypatch.setenv("FASHION_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  native_build.isa_flags.cache_clear()
+  yield native_build.targets()[0]
+  native_build.isa_flags.cache_clear()
+
+
+@pytest.mark.parametrize("says, kept", [
+    ("cc1plus: error: bad value ('x86-64-v4') for '-march=' switch", True),
+    ("clang: error: unknown target CPU 'x86-64-v4'", True),
+    ("probe.s: Fatal error: can't write 40 bytes to section .text of probe.o: 'No space left on "
+     "device'", False),
+    ("g++: fatal error: Killed signal terminated program as", False),
+    ("cc1plus: error: unrecognized command-line option '-mavx2'\ng++: fatal error: Killed signal "
+     "terminated program cc1plus", False),
+    ("cc1plus: internal compiler error: Segmentation fault", False)])
+def test_only_a_flag_the_compiler_does_not_know_is_remembered(probe_target, tmp_path, says, kept):
+  """A failed probe (exit status 1) was remembered whatever failed: a full disk (ENOSPC writing
+  the object) or an assembler the OOM killer ended disabled the target for every later process.
+  Only the compiler's or assembler's word that it does not know the flag or target is kept."""
+  target, cxx = probe_target, _failing(tmp_path, says)
+  for _ in range(2):  # Two processes' probes.
+    native_build.isa_flags.cache_clear()
+    isa, why = native_build.isa_flags(cxx, target, target.lanes)
+    assert isa is None and says.splitlines()[0].split(": ")[-1] in why, why
+  probes = 1 + bool(target.spelled)
+  assert _probes(tmp_path) == probes * (1 if kept else 2)
+  assert len(list((tmp_path / "cache" / "native").glob("no-*"))) == kept
+
+
+def test_a_remembered_probe_counts_a_week_from_the_probe(probe_target, tmp_path):
+  """Each read refreshed the record's time (`mark_used`), so `prune` never removed it and a
+  compiler upgrade that the key misses (its cc1plus, its as) never got probed again. A record
+  now counts `RECORD_DAYS` from its probe: older, it is probed afresh and pruned."""
+  target = probe_target
+  cxx = _failing(tmp_path, "cc1plus: error: bad value ('x86-64-v4') for '-march=' switch")
+  native_build.isa_flags(cxx, target, target.lanes)
+  probes = _probes(tmp_path)
+  (record,) = (tmp_path / "cache" / "native").glob("no-*")
+  six_days = time.time() - 6 * 86400
+  for path in (record / "why", record):
+    os.utime(path, (six_days, six_days))
+  native_build.isa_flags.cache_clear()
+  assert "remembered in" in native_build.isa_flags(cxx, target, target.lanes)[1]
+  assert _probes(tmp_path) == probes
+  assert max(os.path.getmtime(p) for p in (record, record / "why")) == six_days  # Not refreshed.
+  assert native_build.prune(keep="none") == []
+  eight_days = six_days - 2 * 86400
+  for path in (record / "why", record):
+    os.utime(path, (eight_days, eight_days))
+  native_build.isa_flags.cache_clear()
+  assert "remembered in" not in native_build.isa_flags(cxx, target, target.lanes)[1]
+  assert _probes(tmp_path) == 2 * probes  # Probed again, and remembered from now.
+  assert time.time() - os.path.getmtime(record / "why") < 60
+  assert native_build.prune(keep="none") == []
+  assert native_build.prune(keep="none", now=time.time() + 8 * 86400) == [record.name]
+
+
+def test_a_compiler_replaced_in_place_is_probed_again(probe_target, tmp_path):
+  """The record's key was the compiler's path, size and mtime: an upgrade in place keeping the
+  size and mtime (a package manager restoring the mtime) kept the old compiler's verdict. The
+  key has its inode and ctime too."""
+  target = probe_target
+  cxx = _failing(tmp_path, "cc1plus: error: bad value ('x86-64-v4') for '-march=' switch")
+  assert native_build.isa_flags(cxx, target, target.lanes)[0] is None
+  before = os.stat(cxx)
+  good = "#!/bin/sh\nexit 0\n"
+  time.sleep(0.05)
+  with open(cxx, "r+") as f:  # The same file, size and mtime, another compiler.
+    f.write(good + "#" * (before.st_size - len(good) - 1) + "\n")
+  os.utime(cxx, ns=(before.st_atime_ns, before.st_mtime_ns))
+  assert os.stat(cxx).st_size == before.st_size and os.stat(cxx).st_ino == before.st_ino
+  native_build.isa_flags.cache_clear()
+  assert native_build.isa_flags(cxx, target, target.lanes)[0] == (target.march,)

@@ -1,14 +1,13 @@
 """Building, caching and choosing the native kernels' shared library: one build per CPU target.
 
-A build is for an ISA level, not one CPU (`-march=x86-64-v4`, not `-march=native`: within noise
-on the Zen 5 VM, BENCHMARKS.md), so a cache filled ahead of time (`python -m
-fashion_jax.kernels.native --all`, e.g. in a Docker image) serves every CPU of the architecture.
-A process loads the best target its CPU runs: built if missing and a compiler is there, else the
-best one built. x86-64-v4: 16 floats (AVX-512: avx512f, bw, cd, dq, vl + v3's /proc/cpuinfo
-flags); x86-64-v3: 8 (AVX2: avx, avx2, fma, bmi1, bmi2, f16c, movbe, abm + v2's); x86-64 and
+A build is for an ISA level, not one CPU (`-march=x86-64-v4`, not `-march=native`: within noise on
+the Zen 5 VM, BENCHMARKS.md), so a cache filled ahead of time (`python -m fashion_jax.kernels.native
+--all`, e.g. in a Docker image) serves every CPU of the architecture. A process loads the best
+target its CPU runs: built if missing and a compiler is there, else the best one built. x86-64-v4:
+16 floats (AVX-512), x86-64-v3: 8 (AVX2; `_V3`, `_V4`: their /proc/cpuinfo flags), x86-64 and
 armv8-a: 4 (SSE2, NEON: every CPU of the architecture). A compiler that knows no x86-64-v3/v4
 (GCC < 11, Clang < 12) builds them as -m flags (the same library), else the next lower target
-(`choose`: a probe, one warning, remembered in the cache); a compile error in the source is its
+(`choose`: a probe, one warning, remembered for a week); a compile error in the source is its
 first error, in one line, never a fallback. `FASHION_JAX_NATIVE_ISA=<target>` forces a target
 (one this CPU runs), `FASHION_JAX_NATIVE_LANES=4|8|16` another width (tests, measurements).
 
@@ -20,10 +19,9 @@ names another (an Intel Mac with AVX2: `x86-64-v3`), taken on the user's word, w
 Trust: a cached library is loaded only if it and every folder down from the cache are this user's
 own, no symlink, not group/world-writable, and no folder above the cache is one every user may
 write (`paths.put_by_others`); otherwise it is built afresh in a private `mkdtemp` folder. It is
-loaded through the descriptor it was checked by (`open_library`), so a folder swapped on the way
-after the check cannot change what runs. The cache key covers the source, the target's -march and
-width, jax, jaxlib and XLA's FFI headers, not the compiler: a library from any compiler of the same
-source, flags and headers does the same, and without a compiler a prebuilt one can still be found.
+loaded through the descriptor it was checked by (`open_library`): a folder swapped after the check
+cannot change what runs. The cache key covers the source, the target's -march and width, jax,
+jaxlib and XLA's FFI headers, not the compiler (any one's build does the same; none: prebuilt).
 """
 
 from __future__ import annotations
@@ -86,9 +84,8 @@ class NativeUnavailable(RuntimeError):
 
 
 def compiler() -> str | None:
-  """The C++ compiler's absolute path: `$CXX`, else c++, g++ or clang++, found on PATH's absolute
-  folders that no other user could have put it in (`paths.put_by_others`). An empty or `.` entry
-  in PATH had run a `c++` planted in the current folder (a shared one, /tmp)."""
+  """The C++ compiler's absolute path: `$CXX`, else c++, g++ or clang++ from PATH's absolute
+  folders no other user could have put it in (`paths.put_by_others`; not `.`, a shared /tmp)."""
   cxx = os.environ.get("CXX")
   for name in (cxx, "c++", "g++", "clang++"):
     if name != cxx and cxx:  # $CXX was passed over, which had been without a word.
@@ -125,13 +122,10 @@ def cache_dir() -> Path:
 
 def cpu_flags() -> frozenset[str]:
   """The running CPU's feature flags (/proc/cpuinfo's `flags` or `Features`; empty elsewhere)."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith(("flags", "Features")):
-          return frozenset(line.partition(":")[2].split())
-  except OSError:
-    pass
+  with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+    for line in f:
+      if line.startswith(("flags", "Features")):
+        return frozenset(line.partition(":")[2].split())
   return frozenset()
 
 
@@ -156,9 +150,8 @@ def forced() -> Target | None:
                      f"{platform.machine()}")
   flags = cpu_flags()
   if not flags and known[name].requires:  # No /proc/cpuinfo (macOS): the user's word is all.
-    logging.warning("FASHION_JAX_NATIVE_ISA=%s: this system does not list its CPU's features, so "
-                    "the target is not checked (a CPU without them stops on an illegal "
-                    "instruction)", name)
+    logging.warning("FASHION_JAX_NATIVE_ISA=%s: this system does not list its CPU's features: "
+                    "not checked (a CPU without them stops on an illegal instruction)", name)
     return known[name]
   if missing := known[name].requires - flags:
     raise ValueError(f"FASHION_JAX_NATIVE_ISA={name}: this CPU lacks {', '.join(sorted(missing))}")
@@ -180,21 +173,31 @@ def build_flags(target: Target, lanes: int, isa: tuple[str, ...] = ()) -> tuple[
 _PROBE = "typedef float v __attribute__((vector_size(%d)));\nv f(v a, v b) { return a * b + a; }\n"
 
 
+RECORD_DAYS = 7  # A failed probe's record counts this long from the probe (not from its reads).
+# GCC's, Clang's and GNU as' words for a flag, target or instruction they do not know: a full
+# disk or a killed cc1plus or as (exit status 1 too) had disabled a target for good.
+_UNKNOWN = re.compile(r"unrecogni[sz]ed|bad (value|register)|unknown (target|argument)|invalid "
+                      r"(feature|instruction)|no such instruction|not supported|unsupported", re.I)
+_TRANSIENT = re.compile(r"space|killed|signal|terminated|memory", re.I)
+
+
 @functools.cache
 def isa_flags(cxx: str, target: Target, lanes: int) -> tuple[tuple[str, ...] | None, str]:
   """(The flags `cxx` builds `target` by: its -march, else its ISA spelled out, else None; why not
   the ones before: their first errors). A probe: the compiler knows them, its assembler too. That
-  this compiler file (path, size, mtime) rejects both (exit status 1) is kept in the cache."""
+  this compiler file (path, inode, size, mtime, ctime) knows neither is kept in the cache."""
   try:
     info = os.stat(cxx)  # (Not its atime, which each run changes.)
-    tag = repr((os.path.realpath(cxx), info.st_size, info.st_mtime_ns, build_flags(target, lanes)))
+    tag = repr((os.path.realpath(cxx), info.st_ino, info.st_size, info.st_mtime_ns,
+                info.st_ctime_ns, build_flags(target, lanes)))
     record = cache_dir() / f"no-{target.name}-{lanes}-{hashlib.sha256(tag.encode()).hexdigest()}"
   except (OSError, NativeUnavailable):
     record = None
   if record and paths.private(record / "why", cache_dir()) and not _swappable(cache_dir()):
-    mark_used(record)  # (Kept from `prune` while used.)
-    return None, f"{(record / 'why').read_text()} (remembered in {record})"
-  errors, codes = [], set()
+    with contextlib.suppress(OSError):  # (Older: as absent, and `prune` removes it.)
+      if time.time() - (record / "why").lstat().st_mtime < RECORD_DAYS * 86400:
+        return None, f"{(record / 'why').read_text()} (remembered in {record})"
+  errors, logs = [], []
   for isa in filter(None, ((target.march,), target.spelled)):
     with tempfile.TemporaryDirectory() as work:
       try:
@@ -206,8 +209,9 @@ def isa_flags(cxx: str, target: Target, lanes: int) -> tuple[tuple[str, ...] | N
     if not proc.returncode:
       return isa, "; ".join(errors)
     errors.append(first_error(proc.stderr))
-    codes.add(proc.returncode)
-  if record and codes == {1} and paths.make_private_dir(record, cache_dir()):  # No crash/timeout.
+    logs.append((proc.returncode, proc.stderr))
+  if (record and all(code == 1 and _UNKNOWN.search(log) and not _TRANSIENT.search(log)
+                     for code, log in logs) and paths.make_private_dir(record, cache_dir())):
     with contextlib.suppress(OSError):
       (record / f".why{os.getpid()}").write_text("; ".join(errors))
       os.replace(record / f".why{os.getpid()}", record / "why")
@@ -236,14 +240,12 @@ def build_key(target: Target, lanes: int, include: str) -> str:
   key = hashlib.sha256()
   for part in (SOURCE.read_bytes(), " ".join(build_flags(target, lanes)).encode(),
                jax.__version__.encode(), jaxlib_version.encode(), _headers(include)):
-    key.update(part)
-    key.update(b"\0")
+    key.update(part + b"\0")
   return f"{target.name}-{lanes}-{key.hexdigest()[:16]}"
 
 
 def _swappable(folder: Path) -> str | None:
-  """Why another user could swap the cache `folder` (or a folder above it) for theirs, else None
-  (`paths.put_by_others`: a folder on the way every user may write)."""
+  """Why another user could swap the cache `folder` for theirs (`paths.put_by_others`), or None."""
   try:
     return paths.put_by_others(os.path.realpath(folder))
   except OSError as e:
@@ -290,11 +292,10 @@ def mark_used(library: Path) -> None:
 
 
 def prune(keep: str, now: float | None = None) -> list[str]:
-  """Removes the cache's builds unused for `UNUSED_DAYS` (never `keep`); returns their names.
-  Only this user's own entries, alone (`paths.private`), no symlinks: anything else (root's
-  prebuilt ones too) is its owner's. A process with a removed library loaded keeps running."""
-  root = cache_dir()
-  cutoff = (time.time() if now is None else now) - UNUSED_DAYS * 86400
+  """Removes builds unused for `UNUSED_DAYS` (never `keep`) and probe records older than
+  `RECORD_DAYS`; returns their names. Only this user's own entries, alone (`paths.private`), no
+  symlinks: others' (root's prebuilt ones too) are theirs. A loaded removed library still runs."""
+  root, now = cache_dir(), time.time() if now is None else now
   removed = []
   try:
     entries = sorted(root.iterdir())
@@ -307,7 +308,7 @@ def prune(keep: str, now: float | None = None) -> list[str]:
       continue
     try:
       newest = max([p.lstat().st_mtime for p in entry.iterdir()] + [entry.lstat().st_mtime])
-      if newest < cutoff:
+      if newest < now - (RECORD_DAYS if entry.name.startswith("no-") else UNUSED_DAYS) * 86400:
         shutil.rmtree(entry)
         removed.append(entry.name)
     except OSError:
@@ -319,8 +320,8 @@ def prune(keep: str, now: float | None = None) -> list[str]:
 
 
 def _build_dir(key: str) -> tuple[Path, bool]:
-  """(Where to build, whether it is the persistent cache): the cache if it can be made private,
-  else a fresh `mkdtemp` folder (never a predictable shared path), removed at the process's end."""
+  """(Where to build, whether it is the cache): the cache if it can be made private, else a fresh
+  `mkdtemp` folder (never a predictable shared path), removed at the process's end."""
   try:
     root = cache_dir()
     why = f"{root} is not writable (or not yours alone)"
@@ -408,8 +409,7 @@ def build(target: Target, lanes: int, include: str, failed: Path | None = None) 
     logging.info("Compiling fashion_jax's native CPU kernels for %s%s into %s", target.name,
                  f" as {' '.join(isa)} ({why})" if why else "", out_dir)
     start = time.perf_counter()
-    # Build beside the target and rename: concurrent processes never load half a file.
-    work = tempfile.mkdtemp(dir=out_dir)
+    work = tempfile.mkdtemp(dir=out_dir)  # Beside it, then renamed: nobody loads half a file.
     tmp = os.path.join(work, LIBRARY)
     try:
       _compile_and_link(cxx, [*build_flags(target, lanes, isa), "-isystem", include], work, tmp)
