@@ -526,13 +526,59 @@ def test_the_first_error_is_the_line_that_says_what_to_fix():
   assert first("timed out after 600 s\n") == "timed out after 600 s" and first("") == "(no output)"
 
 
-def test_an_interrupted_build_leaves_no_compiler_running(tmp_path, monkeypatch):
+def _forking_compiler(tmp_path) -> str:
+  """A compiler driver (a script) that makes a temporary file (in $TMPDIR, as g++ does) and waits
+  for a child of its own, as g++ for cc1plus and as: the child's pid is in tmp_path/child.<its
+  driver's pid>, the file's path in tmp_path/temps."""
+  fake = tmp_path / "forking-c++"
+  fake.write_text(f"#!/bin/sh\nmktemp >> {tmp_path}/temps\nsleep 60 &\n"
+                  f"echo $! > {tmp_path}/child.$$\nwait\n")
+  fake.chmod(0o755)
+  return str(fake)
+
+
+def _children(tmp_path, count: int) -> list[int]:
+  deadline = time.monotonic() + 10
+  while len(found := list(tmp_path.glob("child.*"))) < count and time.monotonic() < deadline:
+    time.sleep(0.01)
+  return [int(p.read_text()) for p in found if p.read_text().strip()]
+
+
+def _running(pid: int) -> bool:
+  """Whether `pid` is still a live `sleep` (not a zombie, not another process since)."""
+  try:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep") and (
+        stat.rpartition(")")[2].split()[0] != "Z")
+  except OSError:
+    return False
+
+
+@pytest.fixture
+def leftovers(tmp_path):
+  """The fake compilers' children: polled until gone (a deadline), then killed whatever the
+  outcome, so that none outlives the test."""
+  pids = []
+
+  def still_running() -> list[int]:
+    deadline = time.monotonic() + 5
+    while (left := [pid for pid in pids if _running(pid)]) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    return left
+
+  yield pids, still_running
+  for pid in pids + _children(tmp_path, 0):
+    if _running(pid):
+      os.kill(pid, 9)
+
+
+def test_an_interrupted_build_leaves_no_compiler_running(tmp_path, monkeypatch, leftovers):
   """Ctrl-C (or an error) while the build waited for its first compiler left the other parts'
   compilers running, never waited for (and their partial objects written after the build had
-  given up). Now every one is stopped and reaped."""
-  fake = tmp_path / "slow-c++"
-  fake.write_text("#!/bin/sh\nsleep 60\n")
-  fake.chmod(0o755)
+  given up); then only the drivers were killed: their cc1plus and as ran on, orphaned. Now each
+  driver's whole process group is stopped, and every driver reaped; their temporary files
+  (which a killed driver leaves) are in the build's folder, which the build removes."""
+  pids, still_running = leftovers
   made = []
   real_popen = subprocess.Popen
 
@@ -541,14 +587,37 @@ def test_an_interrupted_build_leaves_no_compiler_running(tmp_path, monkeypatch):
       super().__init__(*args, **kwargs)
       made.append(self)
       if len(made) == 1:
-        self.communicate = lambda timeout=None: (_ for _ in ()).throw(KeyboardInterrupt())
+        self.communicate = self.interrupted
+
+    def interrupted(self, timeout=None):
+      del timeout
+      pids.extend(_children(tmp_path, len(native_build.PARTS)))  # Every part's under way.
+      raise KeyboardInterrupt()
 
   monkeypatch.setattr(native_build.subprocess, "Popen", Recorded)
   with pytest.raises(KeyboardInterrupt):
-    native_build._compile_and_link(str(fake), [], str(tmp_path),  # pylint: disable=protected-access
+    native_build._compile_and_link(_forking_compiler(tmp_path), [], str(tmp_path),  # pylint: disable=protected-access
                                    str(tmp_path / "lib.so"))
   assert len(made) == len(native_build.PARTS) > 1
   assert all(proc.returncode is not None for proc in made), [p.returncode for p in made]
+  assert len(pids) == len(made) and not still_running(), pids
+  temps = (tmp_path / "temps").read_text().split()
+  assert len(temps) == len(made) and all(Path(t).parent == tmp_path for t in temps), temps
+
+
+def test_a_compiler_past_the_limit_is_stopped_with_its_children(tmp_path, monkeypatch, leftovers):
+  """At the time limit only the driver was killed, and reading its output then waited for its
+  cc1plus (which held the pipe): a hung cc1plus outlasted the limit, and ran on. Now the build
+  fails at the limit, its compilers' process groups killed."""
+  pids, still_running = leftovers
+  monkeypatch.setattr(native_build, "TIMEOUT_S", 1)
+  start = time.monotonic()
+  with pytest.raises(native_build.NativeUnavailable, match="timed out after 1 s"):
+    native_build._compile_and_link(_forking_compiler(tmp_path), [], str(tmp_path),  # pylint: disable=protected-access
+                                   str(tmp_path / "lib.so"))
+  assert time.monotonic() - start < 20
+  pids.extend(_children(tmp_path, len(native_build.PARTS)))
+  assert len(pids) == len(native_build.PARTS) and not still_running(), pids
 
 
 def _failing(tmp_path, says: str) -> str:

@@ -37,6 +37,7 @@ from pathlib import Path
 import platform
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -51,6 +52,7 @@ SOURCE = Path(__file__).parent / "csrc" / "conv_pool.cc"
 FLAGS = ("-O3", "-std=gnu++17", "-shared", "-fPIC", "-Wno-psabi")
 LANES = (4, 8, 16)  # Vector widths (floats) the source builds with.
 LIBRARY = "conv_pool.so"
+_warn_once = functools.cache(logging.warning)  # (Each message once a process.)
 
 _V2 = frozenset({"cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3"})
 _V3 = _V2 | {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
@@ -106,9 +108,6 @@ def compiler() -> str | None:
             return found
           logging.warning("not running the compiler %s: %s", found, why)
   return None
-
-
-_warn_once = functools.cache(logging.warning)
 
 
 def cache_dir() -> Path:
@@ -174,8 +173,7 @@ _PROBE = "typedef float v __attribute__((vector_size(%d)));\nv f(v a, v b) { ret
 
 
 RECORD_DAYS = 7  # A failed probe's record counts this long from the probe (not from its reads).
-# GCC's, Clang's and GNU as' words for a flag, target or instruction they do not know: a full
-# disk or a killed cc1plus or as (exit status 1 too) had disabled a target for good.
+# GCC's, Clang's, GNU as' words for a flag, target or instruction they do not know (not ENOSPC's).
 _UNKNOWN = re.compile(r"unrecogni[sz]ed|bad (value|register)|unknown (target|argument)|invalid "
                       r"(feature|instruction)|no such instruction|not supported|unsupported", re.I)
 _TRANSIENT = re.compile(r"space|killed|signal|terminated|memory", re.I)
@@ -261,8 +259,7 @@ def cached(key: str) -> Path | None:
   if not library.exists():
     return None
   why = (_swappable(cache_dir()) if paths.private(library, cache_dir()) else
-         "it or a folder above it is not yours alone (another owner, a symlink, or writable by "
-         "others)")
+         "it or a folder above it is not yours alone (another's, a symlink, or writable by others)")
   if why:
     logging.warning("not loading %s: %s", library, why)
     return None
@@ -302,9 +299,8 @@ def prune(keep: str, now: float | None = None) -> list[str]:
   except OSError:
     return removed
   for entry in entries:
-    if entry.name == keep or entry.is_symlink() or not entry.is_dir():
-      continue
-    if not paths.private(entry, root) or entry.lstat().st_uid != os.getuid():
+    if (entry.name == keep or entry.is_symlink() or not entry.is_dir()
+        or not paths.private(entry, root) or entry.lstat().st_uid != os.getuid()):
       continue
     try:
       newest = max([p.lstat().st_mtime for p in entry.iterdir()] + [entry.lstat().st_mtime])
@@ -338,33 +334,39 @@ def _build_dir(key: str) -> tuple[Path, bool]:
 PARTS = (1, 2)  # The source's halves (its FJ_PART), compiled at once: 12.7 s, not 27.5 (2 cores).
 
 
+TIMEOUT_S = 600  # The compiles' limit, then the link's.
+
+
+def _run(commands: list[list[str]], tmp: str) -> list[str]:
+  """Runs `commands` at once, each in a process group of its own; the failed ones' output. On a
+  timeout, an error or Ctrl-C every group is killed and reaped: killing the driver alone left its
+  cc1plus, as or ld running, orphaned, and reading its stderr waited for them past the limit.
+  Their temporary files go to `tmp` (not /tmp: a killed driver removes none), removed by `build`."""
+  procs, deadline = [], time.monotonic() + TIMEOUT_S
+  try:
+    for command in commands:
+      procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=True,
+                                    env=dict(os.environ, TMPDIR=tmp)))
+    logs = [proc.communicate(timeout=max(0, deadline - time.monotonic()))[1] for proc in procs]
+    return [log.strip() for proc, log in zip(procs, logs) if proc.returncode]
+  except subprocess.TimeoutExpired:
+    return [f"timed out after {TIMEOUT_S} s"]
+  finally:
+    for proc in procs:
+      if proc.returncode is None:  # (Not reaped yet: its id is still its group's, no other's.)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+          os.killpg(proc.pid, signal.SIGKILL)
+      proc.wait()
+
+
 def _compile_and_link(cxx: str, flags: list[str], work: str, library: str) -> None:
   """Compiles SOURCE's parts into `work` in parallel, links them into `library`."""
   parts = PARTS if b"FJ_PART" in SOURCE.read_bytes() else (0,)  # (Tests plant one-part ones.)
   objects = [os.path.join(work, f"part{part}.o") for part in parts]
-  procs = [subprocess.Popen([cxx, *flags, *([f"-DFJ_PART={part}"] if part else []), "-c",
-                             str(SOURCE), "-o", obj],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-           for part, obj in zip(parts, objects)]
-  errors = []
-  try:
-    for proc in procs:
-      try:
-        _, stderr = proc.communicate(timeout=600)
-      except subprocess.TimeoutExpired:
-        proc.kill()
-        stderr = f"timed out after 600 s\n{proc.communicate()[1]}"
-      if proc.returncode != 0:
-        errors.append(stderr.strip())
-  finally:  # An error or Ctrl-C while waiting for one had left the others running, unwaited.
-    for proc in procs:
-      proc.kill()  # (Nothing where it has finished.)
-      proc.wait()
-  if not errors:
-    result = subprocess.run([cxx, *flags, *objects, "-o", library], capture_output=True,
-                            text=True, timeout=600)
-    if result.returncode != 0:
-      errors.append(result.stderr.strip())
+  errors = (_run([[cxx, *flags, *([f"-DFJ_PART={part}"] if part else []), "-c", str(SOURCE), "-o",
+                   obj] for part, obj in zip(parts, objects)], work)
+            or _run([[cxx, *flags, *objects, "-o", library]], work))
   if errors:
     logging.info("%s's output:\n%s", cxx, errors[0])  # (`python -m fashion_jax.kernels.native`)
     raise NativeUnavailable(f"{cxx} failed: {first_error(errors[0])}")
@@ -386,9 +388,8 @@ def _same_file(path: Path | None, identity: os.stat_result | None) -> bool:
 
 def build(target: Target, lanes: int, include: str, failed: Path | None = None) -> Path:
   """Builds `target`'s kernels into the cache (unless there); returns the path. One build at a
-  time per entry (a file lock): concurrent processes build once. `failed`: the cached library
-  that did not load here (damaged; a newer libstdc++'s), rebuilt unless another process did so;
-  never removed (it may load on machines sharing the cache): without a compiler it stays."""
+  time per entry (a file lock). `failed`: the cached library that did not load here (damaged; a
+  newer libstdc++'s), rebuilt unless another process did; never removed (others may load it)."""
   key = build_key(target, lanes, include)
   broken = os.stat(failed) if failed is not None and failed.exists() else None
   if (library := cached(key)) is not None and not _same_file(library, broken):
@@ -428,8 +429,7 @@ def choose(include: str, probe: bool = True) -> tuple[Target, int]:
   or that the compiler builds (`isa_flags`; a lower one with a warning). Builds nothing."""
   if (target := forced()) is not None:
     return target, lanes_for(target)
-  options = runnable()
-  if not options:
+  if not (options := runnable()):
     raise NativeUnavailable(f"no native kernels for {platform.machine()} CPUs")
   cxx, skipped = "", []
   for target in options if probe else ():  # (No probe: the best, nominally.)
