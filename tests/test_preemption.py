@@ -86,6 +86,26 @@ def test_a_stop_inside_a_log_interval_resumes_to_the_same_log_lines(tmp_path, id
   assert runs["resumed"] == runs["straight"]
 
 
+def _signalled_twice(tmp_path, idx_dir, sig, point: str) -> tuple[int, str, list[str]]:
+  """A run signalled with `sig` once it logs, and again from inside it at `point`
+  (faults.maybe_signal): (exit status, stderr, its `fashion_jax: ` lines)."""
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "fashion_jax.main", "--config=configs/tiny.py",
+       f"--workdir={workdir}", f"--config.idx_dir={idx_dir}", "--config.log_every_steps=1",
+       "--config.num_train_steps=100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", FASHION_JAX_SIGNAL_AT=f"{point}:{sig.name}"),
+      text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and not (
+      metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    time.sleep(0.2)
+  proc.send_signal(sig)
+  _, stderr = proc.communicate(timeout=120)
+  return proc.returncode, stderr, [l for l in stderr.splitlines() if l.startswith("fashion_jax: ")]
+
+
 @pytest.mark.parametrize("sig, code, says", [
     (signal.SIGINT, 130, "fashion_jax: error: stopped by a second SIGINT before the stop "
                          "checkpoint was saved"),
@@ -96,24 +116,10 @@ def test_a_second_signal_stops_waiting_with_one_line(tmp_path, idx_dir, sig, cod
   lines, exit 130 even after SIGTERM. Now one line; 130 after Ctrl-C, 75 (re-run to resume)
   after SIGTERM. The second signal comes from inside the stop save (faults.maybe_signal), so it
   always lands while the checkpoint is written: the one that raced the save could miss it."""
-  workdir = tmp_path / "run"
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "fashion_jax.main", "--config=configs/tiny.py",
-       f"--workdir={workdir}", f"--config.idx_dir={idx_dir}", "--config.log_every_steps=1",
-       "--config.num_train_steps=100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      env=dict(os.environ, JAX_PLATFORMS="cpu", FASHION_JAX_SIGNAL_AT=f"stop_save:{sig.name}"),
-      text=True)
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.monotonic() + 240
-  while time.monotonic() < deadline and not (
-      metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-    time.sleep(0.2)
-  proc.send_signal(sig)
-  _, stderr = proc.communicate(timeout=120)
+  returncode, stderr, ours = _signalled_twice(tmp_path, idx_dir, sig, "stop_save")
   assert "Traceback" not in stderr, stderr[-3000:]  # Orbax's, when this raised inside its wait.
-  ours = [l for l in stderr.splitlines() if l.startswith("fashion_jax: ")]
   assert len(ours) == 1 and ours[0].startswith(says), stderr[-3000:]
-  assert proc.returncode == code, stderr[-3000:]
+  assert returncode == code, stderr[-3000:]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -121,24 +127,10 @@ def test_a_signal_once_the_stop_checkpoint_is_saved_changes_nothing(tmp_path, id
   """A second signal after the stop checkpoint was durable but before train_and_evaluate had
   returned (it waits for its background compiles): exit 130 after Ctrl-C, and a line saying the
   stop checkpoint was not saved, which it was. Now exit 75 and the stop's own line."""
-  workdir = tmp_path / "run"
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "fashion_jax.main", "--config=configs/tiny.py",
-       f"--workdir={workdir}", f"--config.idx_dir={idx_dir}", "--config.log_every_steps=1",
-       "--config.num_train_steps=100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      env=dict(os.environ, JAX_PLATFORMS="cpu", FASHION_JAX_SIGNAL_AT=f"stop_saved:{sig.name}"),
-      text=True)
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.monotonic() + 240
-  while time.monotonic() < deadline and not (
-      metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-    time.sleep(0.2)
-  proc.send_signal(sig)
-  _, stderr = proc.communicate(timeout=120)
-  ours = [l for l in stderr.splitlines() if l.startswith("fashion_jax: ")]
+  returncode, stderr, ours = _signalled_twice(tmp_path, idx_dir, sig, "stop_saved")
   assert len(ours) == 1 and ours[0].startswith(f"fashion_jax: stopped by {sig.name} at step "), (
       stderr[-3000:])
-  assert proc.returncode == 75 and "Traceback" not in stderr, stderr[-3000:]
+  assert returncode == 75 and "Traceback" not in stderr, stderr[-3000:]
 
 
 def _assert_interrupted_in_one_line(proc):
