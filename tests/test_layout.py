@@ -20,7 +20,7 @@ CONFIG = {"cli", "config_lib", "default_config"}
 # inside a layer are free but must not form a cycle (checked for all modules below).
 ALLOWED = {
     "support": {"support"},
-    "kernels": {"kernels", "support.paths"},
+    "kernels": {"kernels", "support.paths", "support.runtime"},  # (Its child groups.)
     "data": {"data", "support.errors", "support.paths", "support.backends",  # TF beside JAX,
              "support.storage", "support.network"},  # gs:// IDX folders; downloads.
     "model": {"model", "kernels", "data", "support", *CONFIG},

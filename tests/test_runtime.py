@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -121,3 +122,59 @@ time.sleep(30)
                         timeout=60)
   assert proc.returncode == 130 and proc.stderr == "fashion_jax: error: interrupted\n", proc.stderr
   assert os.listdir(tmp_path) == []
+
+
+_ABANDONED = """
+import os, signal, subprocess, sys, tempfile, time
+from fashion_jax.support import runtime
+folder = runtime.scratch(tempfile.mkdtemp(prefix="fashion_jax_work_", dir=sys.argv[2]))
+child = subprocess.Popen(["sleep", "60"], start_new_session=True, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+with open(os.path.join(sys.argv[2], ".pid"), "w") as f:
+  f.write(str(child.pid))
+os.rename(os.path.join(sys.argv[2], ".pid"), os.path.join(sys.argv[2], "pid"))
+runtime.child_group(child.pid)
+if sys.argv[1] == "end_at_once":
+  runtime.end_at_once_on_interrupt("interrupted", 130)
+  os.kill(os.getpid(), signal.SIGINT)
+  time.sleep(30)
+else:  # A second Ctrl-C in a single-process training run.
+  from fashion_jax.training import stops
+  stops._stop_now(signal.SIGINT)
+"""
+
+
+def _sleeping(pid: int) -> bool:
+  """Whether `pid` is a live `sleep` (not a zombie, not another process since): /proc's word."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      state = f.read().rpartition(")")[2].split()[0]
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+      return f.read().startswith(b"sleep") and state != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.parametrize("how", ["end_at_once", "stop_now"])
+def test_ending_at_once_kills_the_child_groups_and_removes_the_scratch(tmp_path, how):
+  """A child started in a session of its own (a native build's compiler), which the terminal's
+  Ctrl-C does not reach, ran on after `os._exit` (end_at_once_on_interrupt's Ctrl-C, a second
+  Ctrl-C in training: `stops._stop_now`), which skips the `finally` that kills it: a hung
+  cc1plus ran for ever. Both paths kill the recorded groups and remove the scratch folders."""
+  if not os.path.isdir("/proc/self"):
+    pytest.skip("no /proc here: whether the child still runs cannot be told")
+  pid = None
+  try:
+    proc = subprocess.run([sys.executable, "-c", _ABANDONED, how, str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    pid = int((tmp_path / "pid").read_text())
+    assert proc.returncode == 130 and "fashion_jax: error:" in proc.stderr, proc.stderr
+    deadline = time.monotonic() + 10
+    while _sleeping(pid) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert not _sleeping(pid)
+    assert os.listdir(tmp_path) == ["pid"]
+  finally:
+    if pid is not None and _sleeping(pid):
+      os.killpg(pid, 9)

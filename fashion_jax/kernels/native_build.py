@@ -46,7 +46,7 @@ import time
 from absl import logging
 import jax
 
-from fashion_jax.support import paths
+from fashion_jax.support import paths, runtime
 
 SOURCE = Path(__file__).parent / "csrc" / "conv_pool.cc"
 FLAGS = ("-O3", "-std=gnu++17", "-shared", "-fPIC", "-Wno-psabi")
@@ -170,13 +170,12 @@ def build_flags(target: Target, lanes: int, isa: tuple[str, ...] = ()) -> tuple[
 
 
 _PROBE = "typedef float v __attribute__((vector_size(%d)));\nv f(v a, v b) { return a * b + a; }\n"
-
-
 RECORD_DAYS = 7  # A failed probe's record counts this long from the probe (not from its reads).
 # GCC's, Clang's, GNU as' words for a flag, target or instruction they do not know (not ENOSPC's).
 _UNKNOWN = re.compile(r"unrecogni[sz]ed|bad (value|register)|unknown (target|argument)|invalid "
                       r"(feature|instruction)|no such instruction|not supported|unsupported", re.I)
-_TRANSIENT = re.compile(r"space|killed|signal|terminated|memory", re.I)
+_TRANSIENT = re.compile(r"No space left|Killed signal|terminated program|out of memory|Cannot "
+                        r"allocate", re.I)
 
 
 @functools.cache
@@ -193,23 +192,24 @@ def isa_flags(cxx: str, target: Target, lanes: int) -> tuple[tuple[str, ...] | N
     record = None
   if record and paths.private(record / "why", cache_dir()) and not _swappable(cache_dir()):
     with contextlib.suppress(OSError):  # (Older: as absent, and `prune` removes it.)
-      if time.time() - (record / "why").lstat().st_mtime < RECORD_DAYS * 86400:
+      if 0 <= time.time() - (record / "why").lstat().st_mtime < RECORD_DAYS * 86400:
         return None, f"{(record / 'why').read_text()} (remembered in {record})"
   errors, logs = [], []
   for isa in filter(None, ((target.march,), target.spelled)):
     with tempfile.TemporaryDirectory() as work:
       try:
-        proc = subprocess.run([cxx, *build_flags(target, lanes, isa), "-c", "-x", "c++", "-", "-o",
-                               f"{work}/probe.o"], input=_PROBE % (4 * lanes), capture_output=True,
-                              text=True, timeout=120)
+        Path(work, "probe.cc").write_text(_PROBE % (4 * lanes))
+        failed = _run([[cxx, *build_flags(target, lanes, isa), "-c", f"{work}/probe.cc", "-o",
+                        f"{work}/probe.o"]], work, 120)
       except (OSError, subprocess.SubprocessError) as e:
-        proc = subprocess.CompletedProcess((), -1, "", str(e))
-    if not proc.returncode:
+        failed = [(-1, str(e))]
+    if not failed:
       return isa, "; ".join(errors)
-    errors.append(first_error(proc.stderr))
-    logs.append((proc.returncode, proc.stderr))
+    errors.append(first_error(failed[0][1]))
+    logs.extend(failed)
   if (record and all(code == 1 and _UNKNOWN.search(log) and not _TRANSIENT.search(log)
-                     for code, log in logs) and paths.make_private_dir(record, cache_dir())):
+                     for code, log in logs) and paths.make_private_dir(record, cache_dir())
+      and not _swappable(cache_dir())):  # (As `_build_dir`: made first, then looked at.)
     with contextlib.suppress(OSError):
       (record / f".why{os.getpid()}").write_text("; ".join(errors))
       os.replace(record / f".why{os.getpid()}", record / "why")
@@ -253,10 +253,9 @@ def _swappable(folder: Path) -> str | None:
 def cached(key: str) -> Path | None:
   """The user's own cached build for `key`, if there is one to trust."""
   try:
-    library = cache_dir() / key / LIBRARY
+    if not (library := cache_dir() / key / LIBRARY).exists():
+      return None
   except NativeUnavailable:
-    return None
-  if not library.exists():
     return None
   why = (_swappable(cache_dir()) if paths.private(library, cache_dir()) else
          "it or a folder above it is not yours alone (another's, a symlink, or writable by others)")
@@ -332,31 +331,32 @@ def _build_dir(key: str) -> tuple[Path, bool]:
 
 
 PARTS = (1, 2)  # The source's halves (its FJ_PART), compiled at once: 12.7 s, not 27.5 (2 cores).
-
-
 TIMEOUT_S = 600  # The compiles' limit, then the link's.
 
 
-def _run(commands: list[list[str]], tmp: str) -> list[str]:
-  """Runs `commands` at once, each in a process group of its own; the failed ones' output. On a
-  timeout, an error or Ctrl-C every group is killed and reaped: killing the driver alone left its
-  cc1plus, as or ld running, orphaned, and reading its stderr waited for them past the limit.
-  Their temporary files go to `tmp` (not /tmp: a killed driver removes none), removed by `build`."""
-  procs, deadline = [], time.monotonic() + TIMEOUT_S
+def _run(commands: list[list[str]], tmp: str, limit: float = 0) -> list[tuple[int, str]]:
+  """Runs `commands` at once, each in a session of its own, killed at a timeout (`limit`, else
+  TIMEOUT_S), an error, Ctrl-C or `runtime.abandon`; the failed ones' (status, output). Their
+  temporary files go to `tmp`, not /tmp (a killed driver removes none), which the caller removes."""
+  procs, deadline = [], time.monotonic() + (limit := limit or TIMEOUT_S)
   try:
     for command in commands:
       procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                     text=True, start_new_session=True,
                                     env=dict(os.environ, TMPDIR=tmp)))
+      runtime.child_group(procs[-1].pid)
     logs = [proc.communicate(timeout=max(0, deadline - time.monotonic()))[1] for proc in procs]
-    return [log.strip() for proc, log in zip(procs, logs) if proc.returncode]
+    return [(proc.returncode, log.strip()) for proc, log in zip(procs, logs) if proc.returncode]
   except subprocess.TimeoutExpired:
-    return [f"timed out after {TIMEOUT_S} s"]
+    return [(-1, f"timed out after {limit:g} s")]
   finally:
-    for proc in procs:
+    for proc in procs:  # Each whole group (not its driver alone), all before any wait (Ctrl-C).
       if proc.returncode is None:  # (Not reaped yet: its id is still its group's, no other's.)
         with contextlib.suppress(ProcessLookupError, PermissionError):
           os.killpg(proc.pid, signal.SIGKILL)
+      runtime.child_group(proc.pid, running=False)
+    for proc in procs:
+      proc.stderr.close()
       proc.wait()
 
 
@@ -368,8 +368,8 @@ def _compile_and_link(cxx: str, flags: list[str], work: str, library: str) -> No
                    obj] for part, obj in zip(parts, objects)], work)
             or _run([[cxx, *flags, *objects, "-o", library]], work))
   if errors:
-    logging.info("%s's output:\n%s", cxx, errors[0])  # (`python -m fashion_jax.kernels.native`)
-    raise NativeUnavailable(f"{cxx} failed: {first_error(errors[0])}")
+    logging.info("%s's output:\n%s", cxx, errors[0][1])  # (`python -m fashion_jax.kernels.native`)
+    raise NativeUnavailable(f"{cxx} failed: {first_error(errors[0][1])}")
 
 
 def _named_cache() -> str:
@@ -394,8 +394,7 @@ def build(target: Target, lanes: int, include: str, failed: Path | None = None) 
   broken = os.stat(failed) if failed is not None and failed.exists() else None
   if (library := cached(key)) is not None and not _same_file(library, broken):
     return library
-  cxx = compiler()
-  if cxx is None:
+  if (cxx := compiler()) is None:
     raise NativeUnavailable("no C++ compiler found (set CXX or install g++/clang++) " + (
         f"and no prebuilt kernels for this CPU in {_named_cache()}" if broken is None else
         f"to rebuild {failed}"))
@@ -409,15 +408,16 @@ def build(target: Target, lanes: int, include: str, failed: Path | None = None) 
       return done  # Another process built it while this one waited.
     logging.info("Compiling fashion_jax's native CPU kernels for %s%s into %s", target.name,
                  f" as {' '.join(isa)} ({why})" if why else "", out_dir)
-    start = time.perf_counter()
-    work = tempfile.mkdtemp(dir=out_dir)  # Beside it, then renamed: nobody loads half a file.
-    tmp = os.path.join(work, LIBRARY)
+    for stale in out_dir.glob("tmp*"):  # A build killed at once (SIGKILL) left its work folder.
+      shutil.rmtree(stale, ignore_errors=True)
+    start, work = time.perf_counter(), runtime.scratch(tempfile.mkdtemp(dir=out_dir))
+    tmp = os.path.join(work, LIBRARY)  # Renamed from there: nobody loads half a file.
     try:
       _compile_and_link(cxx, [*build_flags(target, lanes, isa), "-isystem", include], work, tmp)
       os.chmod(tmp, 0o700)
       os.replace(tmp, library)
     finally:
-      shutil.rmtree(work, ignore_errors=True)
+      runtime.scratch(work, remove=True)
     logging.info("Compiled the native kernels in %.1fs", time.perf_counter() - start)
   if persistent:
     prune(keep=key)

@@ -16,6 +16,7 @@ already set malloc tunables.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -41,15 +42,37 @@ def malloc_tuning_wanted(environ=None) -> bool:
   return "glibc.malloc." not in environ.get("GLIBC_TUNABLES", "")
 
 
-_SCRATCH = set()  # Temporary folders end_at_once_on_interrupt's Ctrl-C removes.
+_SCRATCH = set()  # Temporary folders `abandon` removes.
+_GROUPS = set()  # Process groups (their leaders' pids) of children still running, `abandon` kills.
 
 
-def scratch(folder: str) -> str:
-  """`folder` (a fresh temporary one, removed by its maker when done), for Ctrl-C to remove too
-  where `end_at_once_on_interrupt` ends the process at once (the benchmark's compile cache,
-  profile and loop folders stayed behind in /tmp)."""
-  _SCRATCH.add(folder)
+def scratch(folder: str, remove: bool = False) -> str:
+  """`folder` (a fresh temporary one, removed by its maker when done), for `abandon` to remove
+  too where the process ends at once (the benchmark's compile cache, profile and loop folders
+  stayed behind in /tmp). `remove`: its maker is done with it: removed now, and forgotten."""
+  if remove:
+    shutil.rmtree(folder, ignore_errors=True)
+    _SCRATCH.discard(folder)
+  else:
+    _SCRATCH.add(folder)
   return folder
+
+
+def child_group(pgid: int, running: bool = True) -> None:
+  """Records the process group `pgid` (a child started in a session of its own, which the
+  terminal's Ctrl-C does not reach) for `abandon` to kill; `running=False` once it is reaped."""
+  (_GROUPS.add if running else _GROUPS.discard)(pgid)
+
+
+def abandon() -> None:
+  """Kills the recorded child groups and removes the scratch folders, for a process about to end
+  at once (`os._exit`, which skips every `finally` that does so): a native build's compilers ran
+  on without a terminal (a hung cc1plus for ever), their work folder left in the cache."""
+  for pgid in list(_GROUPS):
+    with contextlib.suppress(OSError):
+      os.killpg(pgid, signal.SIGKILL)
+  for folder in list(_SCRATCH):
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def end_at_once_on_interrupt(message: str, code: int) -> None:
@@ -62,8 +85,7 @@ def end_at_once_on_interrupt(message: str, code: int) -> None:
   """
   def end_now(signum, frame):
     del signum, frame
-    for folder in list(_SCRATCH):  # (Leaving at once skips every `finally` that removes them.)
-      shutil.rmtree(folder, ignore_errors=True)
+    abandon()
     sys.stdout.flush()
     sys.stderr.write(f"fashion_jax: error: {message}\n")
     sys.stderr.flush()

@@ -58,7 +58,9 @@ def _stop_now(signum: int) -> None:
   line cut short is dropped at the resume. (Raising KeyboardInterrupt here instead surfaced
   inside Orbax's wait for the save, as its logged tracebacks and its threads' noise at exit.)
   Exit 75 after SIGTERM (a scheduler's: requeue), 130 after SIGINT (Ctrl-C)."""
+  from fashion_jax.support import runtime  # pylint: disable=g-import-not-at-top
   name = signal.Signals(signum).name
+  runtime.abandon()  # (A native build's compilers and work folder: `os._exit` skips its finally.)
   sys.stdout.flush()
   sys.stderr.write(f"fashion_jax: error: stopped by a second {name} before the stop checkpoint "
                    "was saved; the previous checkpoint stays the latest: re-run the same "
