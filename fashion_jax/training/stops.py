@@ -40,6 +40,7 @@ from absl import logging
 import jax
 
 from fashion_jax.support import multihost
+from fashion_jax.support import runtime
 from fashion_jax.support.errors import EXIT_INTERRUPTED, UserError
 
 # Exit status of a run that was stopped by a signal after saving a checkpoint at the
@@ -58,7 +59,6 @@ def _stop_now(signum: int) -> None:
   line cut short is dropped at the resume. (Raising KeyboardInterrupt here instead surfaced
   inside Orbax's wait for the save, as its logged tracebacks and its threads' noise at exit.)
   Exit 75 after SIGTERM (a scheduler's: requeue), 130 after SIGINT (Ctrl-C)."""
-  from fashion_jax.support import runtime  # pylint: disable=g-import-not-at-top
   name = signal.Signals(signum).name
   runtime.abandon()  # (A native build's compilers and work folder: `os._exit` skips its finally.)
   sys.stdout.flush()
