@@ -183,8 +183,10 @@ class Windows:
     however it ends: compiles not started are dropped, the one running is waited for.
 
     A run whose intervals leave a shorter window (the last steps, or up to each checkpoint and
-    eval) compiled it when it came, the loop stopped meanwhile: 2.2 s of a 16.7 s CPU run with
-    validation_size=5000 (1,718 steps: 17 windows of 100, one of 18); on a GPU, XLA's autotuning.
+    eval) compiled it when it came, the loop stopped meanwhile: on a GPU, XLA's autotuning of it,
+    while the host's cores idled. On 2 CPU cores, which the windows keep busy, it is a wash
+    (validation_size=5000, 17 windows of 100 steps and one of 18: 0.6-0.8 s of compile off the
+    loop, wall 7.4 s before and 7.6 after, within noise; BENCHMARKS.md, session 46).
     """
     self._ahead = list(lengths) if self.placement == "device" else []
 
