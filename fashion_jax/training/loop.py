@@ -45,7 +45,7 @@ from jax import lax
 import numpy as np
 
 from fashion_jax.data import input_pipeline
-from fashion_jax.support import compile_ahead
+from fashion_jax.support import compile_ahead as compile_ahead_lib
 
 PLACEMENTS = ("auto", "host", "device")
 AUTO_WINDOW_CAP = {"cpu": 100}  # Steps; other backends: DEFAULT_WINDOW_CAP.
@@ -200,7 +200,7 @@ class Windows:
     before = None
     for n in self._ahead:
       if n not in self._fns:
-        self._fns[n] = before = compile_ahead.CompiledAhead(
+        self._fns[n] = before = compile_ahead_lib.CompiledAhead(
             self.function(n)[0], state, *self.inputs(step, 1), after=before)
         self._queued.append(before)
     self._ahead = []
@@ -250,7 +250,7 @@ class Windows:
     if n > self.steps_per_epoch:
       raise ValueError(f"a window of {n} steps is longer than an epoch ({self.steps_per_epoch})")
     fn, compiled = self.function(n)
-    ahead = isinstance(fn, compile_ahead.CompiledAhead) and n not in self._used
+    ahead = isinstance(fn, compile_ahead_lib.CompiledAhead) and n not in self._used
     waited = ahead and fn.pending
     state, metrics = fn(state, *self.inputs(step, n))
     if self._ahead:  # Only the state's shapes are read: the next window donates it.

@@ -26,7 +26,7 @@ from fashion_jax.support import errors
 from fashion_jax.support.errors import UserError
 from fashion_jax.support import faults
 from fashion_jax.support import metric_writers
-from fashion_jax.support import compile_ahead
+from fashion_jax.support import compile_ahead as compile_ahead_lib
 from fashion_jax.support import parallel as parallel_lib
 from fashion_jax.support import storage
 from fashion_jax.training import loop
@@ -73,9 +73,9 @@ class Evaluator:
         donate_state=False, stacked=True)
     self._sums = self._program
 
-  def compile_ahead(self, state) -> compile_ahead.CompiledAhead:
+  def compile_ahead(self, state) -> compile_ahead_lib.CompiledAhead:
     """Compiles the evaluation of states like `state` in a background thread."""
-    self._sums = compile_ahead.CompiledAhead(self._program, state, self._batches)
+    self._sums = compile_ahead_lib.CompiledAhead(self._program, state, self._batches)
     return self._sums
 
   def __call__(self, state, show_progress: bool = False, desc: str = "eval") -> dict:
