@@ -133,7 +133,7 @@ child = subprocess.Popen(["sleep", "60"], start_new_session=True, stdin=subproce
 with open(os.path.join(sys.argv[2], ".pid"), "w") as f:
   f.write(str(child.pid))
 os.rename(os.path.join(sys.argv[2], ".pid"), os.path.join(sys.argv[2], "pid"))
-runtime.child_group(child.pid)
+runtime.child_group(child)
 if sys.argv[1] == "end_at_once":
   runtime.end_at_once_on_interrupt("interrupted", 130)
   os.kill(os.getpid(), signal.SIGINT)
@@ -178,3 +178,18 @@ def test_ending_at_once_kills_the_child_groups_and_removes_the_scratch(tmp_path,
   finally:
     if pid is not None and _sleeping(pid):
       os.killpg(pid, 9)
+
+
+def test_ending_at_once_leaves_a_reaped_childs_group_alone(monkeypatch):
+  """A child reaped but still recorded (its build waiting for the other part): its id may be
+  another process's group by then, which `abandon` had killed with SIGKILL."""
+  child = subprocess.Popen(["true"])
+  child.wait()
+  killed = []
+  monkeypatch.setattr(runtime.os, "killpg", lambda pgid, sig: killed.append(pgid))
+  runtime.child_group(child)
+  try:
+    runtime.abandon()
+  finally:
+    runtime.child_group(child, running=False)
+  assert not killed

@@ -344,7 +344,7 @@ def _run(commands: list[list[str]], tmp: str, limit: float = 0) -> list[tuple[in
       procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                     text=True, start_new_session=True,
                                     env=dict(os.environ, TMPDIR=tmp)))
-      runtime.child_group(procs[-1].pid)
+      runtime.child_group(procs[-1])
     logs = [proc.communicate(timeout=max(0, deadline - time.monotonic()))[1] for proc in procs]
     return [(proc.returncode, log.strip()) for proc, log in zip(procs, logs) if proc.returncode]
   except subprocess.TimeoutExpired:
@@ -354,7 +354,7 @@ def _run(commands: list[list[str]], tmp: str, limit: float = 0) -> list[tuple[in
       if proc.returncode is None:  # (Not reaped yet: its id is still its group's, no other's.)
         with contextlib.suppress(ProcessLookupError, PermissionError):
           os.killpg(proc.pid, signal.SIGKILL)
-      runtime.child_group(proc.pid, running=False)
+      runtime.child_group(proc, running=False)
     for proc in procs:
       proc.stderr.close()
       proc.wait()
@@ -403,13 +403,13 @@ def build(target: Target, lanes: int, include: str, failed: Path | None = None) 
     raise NativeUnavailable(f"{cxx} cannot build for {target.name}: {why}")
   out_dir, persistent = _build_dir(key)
   library = out_dir / LIBRARY
-  with paths.exclusive(out_dir / ".lock"):
+  with paths.exclusive(out_dir / ".lock") as held:
     if persistent and (done := cached(key)) is not None and not _same_file(done, broken):
       return done  # Another process built it while this one waited.
     logging.info("Compiling fashion_jax's native CPU kernels for %s%s into %s", target.name,
                  f" as {' '.join(isa)} ({why})" if why else "", out_dir)
-    for stale in out_dir.glob("tmp*"):  # A build killed at once (SIGKILL) left its work folder.
-      shutil.rmtree(stale, ignore_errors=True)
+    for stale in out_dir.glob("tmp*") if held else ():  # A killed build's work folder (unlocked,
+      shutil.rmtree(stale, ignore_errors=True)  # ENOLCK on NFS: maybe a live build's: kept).
     start, work = time.perf_counter(), runtime.scratch(tempfile.mkdtemp(dir=out_dir))
     tmp = os.path.join(work, LIBRARY)  # Renamed from there: nobody loads half a file.
     try:

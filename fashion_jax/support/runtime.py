@@ -43,7 +43,7 @@ def malloc_tuning_wanted(environ=None) -> bool:
 
 
 _SCRATCH = set()  # Temporary folders `abandon` removes.
-_GROUPS = set()  # Process groups (their leaders' pids) of children still running, `abandon` kills.
+_GROUPS = set()  # Children (Popen) in sessions of their own, whose groups `abandon` kills.
 
 
 def scratch(folder: str, remove: bool = False) -> str:
@@ -58,19 +58,20 @@ def scratch(folder: str, remove: bool = False) -> str:
   return folder
 
 
-def child_group(pgid: int, running: bool = True) -> None:
-  """Records the process group `pgid` (a child started in a session of its own, which the
-  terminal's Ctrl-C does not reach) for `abandon` to kill; `running=False` once it is reaped."""
-  (_GROUPS.add if running else _GROUPS.discard)(pgid)
+def child_group(proc: subprocess.Popen, running: bool = True) -> None:
+  """Records `proc` (a child started in a session of its own, which the terminal's Ctrl-C does not
+  reach) for `abandon` to kill its group while it is not reaped; `running=False`: forgotten."""
+  (_GROUPS.add if running else _GROUPS.discard)(proc)
 
 
 def abandon() -> None:
   """Kills the recorded child groups and removes the scratch folders, for a process about to end
   at once (`os._exit`, which skips every `finally` that does so): a native build's compilers ran
   on without a terminal (a hung cc1plus for ever), their work folder left in the cache."""
-  for pgid in list(_GROUPS):
-    with contextlib.suppress(OSError):
-      os.killpg(pgid, signal.SIGKILL)
+  for proc in list(_GROUPS):
+    if proc.returncode is None:  # Reaped, its id may be another group's by now: left alone.
+      with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
   for folder in list(_SCRATCH):
     shutil.rmtree(folder, ignore_errors=True)
 
