@@ -3,6 +3,7 @@ import logging
 import os
 import subprocess
 import struct
+import threading
 import time
 import zlib
 
@@ -200,6 +201,40 @@ def test_a_gzip_that_inflates_past_any_idx_file_is_refused(tmp_path, monkeypatch
     idx.read_idx(path)
   monkeypatch.setattr(idx, "MAX_BYTES", 78_416)
   assert idx.read_idx(path).shape == (100, 28, 28)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_file_larger_than_any_idx_file_is_refused_before_it_is_read(tmp_path, monkeypatch, gz):
+  """A raw file had no cap: read whole into memory (a 50 GB file pointed at by mistake), then
+  compared with its header; the .gz's cap was on its inflated size only. Its size is looked at
+  before anything is read (the message gives it exactly)."""
+  path = str(tmp_path / ("t10k-images-idx3-ubyte" + (".gz" if gz else "")))
+  idx.write_idx(path, np.random.default_rng(0).integers(0, 256, (100, 28, 28), np.uint8))
+  size = os.path.getsize(path)
+  monkeypatch.setattr(idx, "MAX_BYTES", size - 1)
+  with pytest.raises(UserError) as e:
+    idx.read_idx(path, expected_ndim=3)
+  assert str(e.value) == (f"cannot read IDX file {path}: it is {size:,} bytes, more than any IDX "
+                          f"file of these data sets ({size - 1:,} bytes at most); replace the file")
+  monkeypatch.setattr(idx, "MAX_BYTES", size + 100_000)
+  assert idx.read_idx(path, expected_ndim=3).shape == (100, 28, 28)
+
+
+def test_a_stream_without_a_size_is_read_up_to_the_cap_only(tmp_path, monkeypatch):
+  """What fstat cannot size (a pipe, /dev/zero, a file still growing) is read no further than the
+  cap: /dev/zero had been read until memory ran out."""
+  path = str(tmp_path / "t10k-labels-idx1-ubyte")
+  os.mkfifo(path)
+  data = struct.pack(">HBBI", 0, 8, 1, 1000) + bytes(1000)
+  writer = threading.Thread(target=lambda: open(path, "wb").write(data))  # pylint: disable=consider-using-with
+  writer.start()
+  monkeypatch.setattr(idx, "MAX_BYTES", 500)
+  try:
+    with pytest.raises(UserError, match=rf"^cannot read IDX file {path}: it is more than 500 bytes, "
+                                        r"more than any IDX file of these data sets"):
+      idx.read_idx(path)
+  finally:
+    writer.join(timeout=10)
 
 
 def test_gzip_members_one_after_another_and_zero_padding_are_read(tmp_path):

@@ -25,6 +25,12 @@ from fashion_jax.support.paths import put_by_others, read_only
 
 _UINT8 = 0x08
 
+# Raw or decompressed, no IDX file of these data sets is larger (Fashion-MNIST's train images:
+# 47 MB). A file past it (pointed at by mistake), or a gzip that inflates past it (a "zip bomb"),
+# would take all memory: refused.
+MAX_BYTES = 1 << 30
+_BLOCK = 1 << 22  # Inflated a piece at a time.
+
 # split -> (images file, labels file), without the optional ".gz".
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -35,7 +41,7 @@ FILES = {
 def read_idx(path: str, expected_ndim: int | None = None) -> np.ndarray:
   """Reads one IDX file (raw or gzip; local or gs://) into a uint8 array, validating the header."""
   try:
-    data = storage.read_bytes(path)
+    data = _read_capped(path)
   except OSError as e:
     raise UserError(f"cannot read IDX file {path}: {e}; re-download or replace the file") from e
   except Exception as e:  # pylint: disable=broad-except  (a Cloud Storage client's own errors)
@@ -45,6 +51,33 @@ def read_idx(path: str, expected_ndim: int | None = None) -> np.ndarray:
                     f"{str(e).splitlines()[0] if str(e) else ''}; check the bucket and your "
                     "credentials (gcloud auth application-default login)") from e
   return parse_idx(data, path, expected_ndim)
+
+
+def _too_large(path: str, size: str) -> UserError:
+  return UserError(f"cannot read IDX file {path}: it is {size}, more than any IDX file of these "
+                   f"data sets ({MAX_BYTES:,} bytes at most); replace the file")
+
+
+def _size_of(f) -> int:
+  return os.fstat(f.fileno()).st_size
+
+
+def _read_capped(path: str) -> bytes:
+  """The file's bytes, refusing one of more than MAX_BYTES: a local file by its size, before it
+  is read (a huge file pointed at by mistake took all memory first); whatever has no size (a
+  pipe, a device, an object in a bucket) read no further than the cap."""
+  if storage.is_url(path):
+    from etils import epath  # pylint: disable=g-import-not-at-top  (as storage reads a bucket)
+    opened = epath.Path(path).open("rb")
+  else:
+    opened = open(path, "rb")  # pylint: disable=consider-using-with
+  with opened as f:
+    if not storage.is_url(path) and (size := _size_of(f)) > MAX_BYTES:
+      raise _too_large(path, f"{size:,} bytes")
+    data = f.read(MAX_BYTES + 1)
+  if len(data) > MAX_BYTES:
+    raise _too_large(path, f"more than {MAX_BYTES:,} bytes")
+  return data
 
 
 def parse_idx(data: bytes, path: str, expected_ndim: int | None = None) -> np.ndarray:
@@ -77,10 +110,6 @@ def parse_idx(data: bytes, path: str, expected_ndim: int | None = None) -> np.nd
   return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(shape)
 
 
-# Decompressed, no IDX file of these data sets is larger (Fashion-MNIST's train images: 47 MB).
-# A gzip that inflates past it (a "zip bomb" would take all memory) is refused.
-MAX_BYTES = 1 << 30
-_BLOCK = 1 << 22  # Inflated a piece at a time.
 
 
 def _gunzip(data: bytes, path: str) -> bytes:
