@@ -128,8 +128,9 @@ def test_a_signal_once_the_stop_checkpoint_is_saved_changes_nothing(tmp_path, id
   returned (it waits for its background compiles): exit 130 after Ctrl-C, and a line saying the
   stop checkpoint was not saved, which it was. Now exit 75 and the stop's own line."""
   returncode, stderr, ours = _signalled_twice(tmp_path, idx_dir, sig, "stop_saved")
-  assert len(ours) == 1 and ours[0].startswith(f"fashion_jax: stopped by {sig.name} at step "), (
-      stderr[-3000:])
+  assert len(ours) == 2 and ours[0].startswith(f"fashion_jax: warning: {sig.name} ignored: the "
+                                               "stop checkpoint is saved"), stderr[-3000:]
+  assert ours[1].startswith(f"fashion_jax: stopped by {sig.name} at step "), stderr[-3000:]
   assert returncode == 75 and "Traceback" not in stderr, stderr[-3000:]
 
 
@@ -262,3 +263,41 @@ def test_a_stop_in_process_gives_the_signals_back(tiny_config, tmp_path, monkeyp
     assert signal.getsignal(signal.SIGINT) == outer._handle  # pylint: disable=protected-access
     assert outer._saved == "saved" and outer.signal is None  # pylint: disable=protected-access
   assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+class _BusyStream:
+  """A text stream in the middle of its own write, as the one a signal interrupted is."""
+
+  def write(self, text=""):
+    del text
+    raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+
+  flush = write
+
+
+class _Exited(Exception):
+  pass
+
+
+def test_a_signal_during_a_write_to_stderr_is_said_and_still_ends_the_run(capfd, monkeypatch):
+  """Python runs a handler between two bytecodes of the code it interrupted, which may be in
+  sys.stderr's own write (a progress line, a log line). The second signal's exit wrote its
+  line there too: `RuntimeError: reentrant call` went up into that code instead of the exit
+  (the run went on, or crashed with a traceback); the handlers' warnings, through logging, were
+  lost. The handlers write to the file descriptor instead."""
+  def exit_now(code):
+    raise _Exited(code)
+  monkeypatch.setattr(stops.os, "_exit", exit_now)
+  monkeypatch.setattr(stops.runtime, "abandon", lambda: None)
+  with stops.StopRequest() as request:
+    monkeypatch.setattr(sys, "stderr", _BusyStream())
+    monkeypatch.setattr(sys, "stdout", _BusyStream())
+    with pytest.raises(_Exited, match="130"):
+      stops._stop_now(signal.SIGINT)  # pylint: disable=protected-access
+    request.saved(exiting=False)
+    request._handle(signal.SIGINT, None)  # pylint: disable=protected-access
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+    monkeypatch.setattr(sys, "stdout", sys.__stdout__)
+  err = capfd.readouterr().err
+  assert "fashion_jax: error: stopped by a second SIGINT before the stop checkpoint" in err
+  assert "fashion_jax: warning: SIGINT ignored: the stop checkpoint is saved" in err

@@ -76,6 +76,20 @@ def abandon() -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def say_at_once(line: str) -> None:
+  """`line` to stderr from a signal handler, by `os.write`: a handler runs between two bytecodes
+  of the code it interrupted, which may be in sys.stderr's (or stdout's) own write; writing
+  there again raised `RuntimeError: reentrant call` from the handler into that code (a crash
+  where a stop or a warning was meant). Stdout's pending lines go first where they can."""
+  for stream in (sys.stdout, sys.stderr):
+    with contextlib.suppress(Exception):  # (The reentrant call, or a closed stream.)
+      stream.flush()
+  data = (line + "\n").encode(errors="replace")
+  with contextlib.suppress(OSError):
+    while data:
+      data = data[os.write(2, data):]
+
+
 def end_at_once_on_interrupt(message: str, code: int) -> None:
   """From here until a handler of its own takes over (training's stops.StopRequest), Ctrl-C
   prints `fashion_jax: error: MESSAGE` and exits `code` at once. As a KeyboardInterrupt it met
@@ -87,9 +101,7 @@ def end_at_once_on_interrupt(message: str, code: int) -> None:
   def end_now(signum, frame):
     del signum, frame
     abandon()
-    sys.stdout.flush()
-    sys.stderr.write(f"fashion_jax: error: {message}\n")
-    sys.stderr.flush()
+    say_at_once(f"fashion_jax: error: {message}")
     os._exit(code)  # pylint: disable=protected-access
 
   signal.signal(signal.SIGINT, end_now)

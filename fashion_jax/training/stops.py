@@ -36,7 +36,6 @@ import signal
 import sys
 import traceback
 
-from absl import logging
 import jax
 
 from fashion_jax.support import multihost
@@ -61,11 +60,9 @@ def _stop_now(signum: int) -> None:
   Exit 75 after SIGTERM (a scheduler's: requeue), 130 after SIGINT (Ctrl-C)."""
   name = signal.Signals(signum).name
   runtime.abandon()  # (A native build's compilers and work folder: `os._exit` skips its finally.)
-  sys.stdout.flush()
-  sys.stderr.write(f"fashion_jax: error: stopped by a second {name} before the stop checkpoint "
-                   "was saved; the previous checkpoint stays the latest: re-run the same "
-                   "command to resume\n")
-  sys.stderr.flush()
+  runtime.say_at_once(f"fashion_jax: error: stopped by a second {name} before the stop checkpoint"
+                      " was saved; the previous checkpoint stays the latest: re-run the same "
+                      "command to resume")
   os._exit(EXIT_PREEMPTED if signum == signal.SIGTERM else EXIT_INTERRUPTED)  # pylint: disable=protected-access
 
 
@@ -117,18 +114,19 @@ class StopRequest:
 
   def _handle(self, signum, frame):
     del frame
+    name = signal.Signals(signum).name  # (Said by `say_at_once`: not logging's stderr writes.)
     if self._saved:  # Nothing left to stop: the run is only ending (said, not silent).
-      logging.warning("%s ignored: the stop checkpoint is saved, and the run ends once the work "
-                      "under way does (a background compile); SIGKILL ends it now",
-                      signal.Signals(signum).name)
+      runtime.say_at_once(f"fashion_jax: warning: {name} ignored: the stop checkpoint is saved, "
+                          "and the run ends once the work under way does (a background compile);"
+                          " SIGKILL ends it now")
       return
     if self.signal is None:
-      self.signal = signal.Signals(signum).name
+      self.signal = name
     elif not jax.distributed.is_initialized() or jax.process_count() == 1:
       _stop_now(signum)  # Nothing collective to break.
     else:  # Several processes: leaving a collective save half-way would hang the others.
-      logging.warning("already stopping at the next agreed step (%s ignored); SIGKILL stops now",
-                      signal.Signals(signum).name)
+      runtime.say_at_once(f"fashion_jax: warning: already stopping at the next agreed step ({name}"
+                          " ignored); SIGKILL stops now")
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
