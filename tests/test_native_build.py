@@ -830,3 +830,26 @@ def test_a_probe_is_not_remembered_in_a_cache_others_could_swap(probe_target, mo
   cxx = _failing(tmp_path, "cc1plus: error: bad value ('x86-64-v4') for '-march=' switch")
   assert native_build.isa_flags(cxx, target, target.lanes)[0] is None
   assert not list(shared.rglob("why")) and not list(shared.rglob(".why*"))
+
+
+def test_a_probe_and_a_temporary_build_folder_go_with_a_process_ended_at_once(probe_target,
+                                                                               monkeypatch):
+  """The probe's folder and a build's temporary one (no cache to build in) were made by
+  `tempfile`'s own removers (a `with`, `atexit`), which `os._exit` skips: a Ctrl-C during a
+  probe (main's, the benchmark's: they end at once) left them in /tmp. Now `runtime.abandon`
+  removes them too, and a finished probe leaves no folder behind."""
+  seen = []
+
+  def run(commands, work, timeout):
+    del commands, timeout
+    seen.append((work, work in runtime._SCRATCH))  # pylint: disable=protected-access
+    return [(1, "cc1plus: error: bad value ('x86-64-v4') for '-march=' switch")]
+  monkeypatch.setattr(native_build, "_run", run)
+  native_build.isa_flags("/usr/bin/c++", probe_target, probe_target.lanes)
+  assert seen and all(registered and not os.path.exists(work) for work, registered in seen)
+  assert not {work for work, _ in seen} & runtime._SCRATCH  # pylint: disable=protected-access
+  monkeypatch.setenv("FASHION_JAX_CACHE_DIR", "/proc/no-cache-here")
+  out_dir, persistent = native_build._build_dir("key")  # pylint: disable=protected-access
+  assert not persistent and str(out_dir) in runtime._SCRATCH  # pylint: disable=protected-access
+  runtime.abandon()
+  assert not out_dir.exists()

@@ -5,16 +5,14 @@ the Zen 5 VM, BENCHMARKS.md), so a cache filled ahead of time (`python -m fashio
 --all`, e.g. in a Docker image) serves every CPU of the architecture. A process loads the best
 target its CPU runs: built if missing and a compiler is there, else the best one built. x86-64-v4:
 16 floats (AVX-512), x86-64-v3: 8 (AVX2; `_V3`, `_V4`: their /proc/cpuinfo flags), x86-64 and
-armv8-a: 4 (SSE2, NEON: every CPU of the architecture). A compiler that knows no x86-64-v3/v4
-(GCC < 11, Clang < 12) builds them as -m flags (the same library), else the next lower target
-(`choose`: a probe, one warning, remembered for a week); a compile error in the source is its
-first error, in one line, never a fallback. `FASHION_JAX_NATIVE_ISA=<target>` forces a target
-(one this CPU runs), `FASHION_JAX_NATIVE_LANES=4|8|16` another width (tests, measurements).
+armv8-a: 4 (SSE2, NEON: every CPU of the architecture). GCC < 11, Clang < 12 (no x86-64-v3/v4)
+build them as -m flags, else the next lower target (`choose`: a probe, a warning, remembered a
+week). `FASHION_JAX_NATIVE_ISA=<target>` forces a target (one this CPU runs),
+`FASHION_JAX_NATIVE_LANES=4|8|16` another width (tests, measurements).
 
-The compiler is `$CXX`, else `c++`, `g++` or `clang++` (`compiler`: from PATH's absolute folders
-that no other user could have put it in): GCC and Clang (macOS's) both build it. Without
-/proc/cpuinfo (macOS) an x86-64 CPU gets the portable target unless `FASHION_JAX_NATIVE_ISA`
-names another (an Intel Mac with AVX2: `x86-64-v3`), taken on the user's word, with a warning.
+The compiler is `$CXX`, else c++, g++ or clang++ (`compiler`): GCC or Clang (macOS's). Without
+/proc/cpuinfo (macOS) an x86-64 CPU gets the portable target unless `FASHION_JAX_NATIVE_ISA` names
+another (an Intel Mac with AVX2: `x86-64-v3`), taken on the user's word, with a warning.
 
 Trust: a cached library is loaded only if it and every folder down from the cache are this user's
 own, no symlink, not group/world-writable, and no folder above the cache is one every user may
@@ -196,13 +194,15 @@ def isa_flags(cxx: str, target: Target, lanes: int) -> tuple[tuple[str, ...] | N
         return None, f"{(record / 'why').read_text()} (remembered in {record})"
   errors, logs = [], []
   for isa in filter(None, ((target.march,), target.spelled)):
-    with tempfile.TemporaryDirectory() as work:
-      try:
-        Path(work, "probe.cc").write_text(_PROBE % (4 * lanes))
-        failed = _run([[cxx, *build_flags(target, lanes, isa), "-c", f"{work}/probe.cc", "-o",
-                        f"{work}/probe.o"]], work, 120)
-      except (OSError, subprocess.SubprocessError) as e:
-        failed = [(-1, str(e))]
+    work = runtime.scratch(tempfile.mkdtemp(prefix="fashion_jax_probe_"))  # (`abandon`: too.)
+    try:
+      Path(work, "probe.cc").write_text(_PROBE % (4 * lanes))
+      failed = _run([[cxx, *build_flags(target, lanes, isa), "-c", f"{work}/probe.cc", "-o",
+                      f"{work}/probe.o"]], work, 120)
+    except (OSError, subprocess.SubprocessError) as e:
+      failed = [(-1, str(e))]
+    finally:
+      runtime.scratch(work, remove=True)
     if not failed:
       return isa, "; ".join(errors)
     errors.append(first_error(failed[0][1]))
@@ -324,7 +324,7 @@ def _build_dir(key: str) -> tuple[Path, bool]:
     root, why = None, str(e)
   if root and paths.make_private_dir(root / key, root) and not _swappable(root):
     return root / key, True
-  out_dir = Path(tempfile.mkdtemp(prefix="fashion_jax_native_"))
+  out_dir = Path(runtime.scratch(tempfile.mkdtemp(prefix="fashion_jax_native_")))  # (`os._exit`.)
   atexit.register(shutil.rmtree, out_dir, True)  # Its use ends with the process (loaded or not).
   logging.warning("%s; building the native kernels in %s for this process", why, out_dir)
   return out_dir, False
