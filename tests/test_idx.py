@@ -264,15 +264,56 @@ def test_a_gzip_of_many_empty_members_is_read_in_time_linear_in_its_size(tmp_pat
 
 
 def test_which_of_a_raw_and_a_gz_file_is_read_is_logged(tmp_path, caplog):
-  """Both present and different: the raw one was read without a word (see test_download's
-  test_only_the_verified_bytes_are_read for why the raw one wins)."""
+  """Both present: the raw one is read (README; see test_download's
+  test_only_the_verified_bytes_are_read for why the raw one wins), and where the two do not hold
+  the same data (not a `gunzip -k`) a warning says so."""
   folder = write_idx_folder(str(tmp_path), n_test=10)
-  idx.write_idx(os.path.join(folder, "t10k-images-idx3-ubyte"), np.zeros((10, 28, 28), np.uint8))
+  for name in idx.FILES["test"]:
+    with gzip.open(os.path.join(folder, name + ".gz")) as f, open(os.path.join(folder, name),
+                                                                  "wb") as out:
+      out.write(f.read())
   caplog.set_level(logging.INFO)
-  assert idx.load_split(folder, "test")[0].max() == 0
-  said = [r.getMessage() for r in caplog.records if "both" in r.getMessage()]
-  assert said == [f"both t10k-images-idx3-ubyte and t10k-images-idx3-ubyte.gz are in {folder}: "
-                  "reading t10k-images-idx3-ubyte (the raw file is read when both are)"]
+  want = idx.load_split(folder, "test")
+  said = lambda: [(r.levelname, r.getMessage()) for r in caplog.records if ".gz" in r.getMessage()]
+  assert said() == [("INFO", f"both {name} and {name}.gz are in {folder}: reading {name} "
+                             "(the raw file is read when both are)") for name in idx.FILES["test"]]
+  caplog.clear()
+  images = os.path.join(folder, "t10k-images-idx3-ubyte")
+  idx.write_idx(images, np.zeros((10, 28, 28), np.uint8))
+  got = idx.load_split(folder, "test")
+  assert got[0].max() == 0
+  np.testing.assert_array_equal(got[1], want[1])
+  assert said()[-1] == ("WARNING", f"t10k-images-idx3-ubyte and t10k-images-idx3-ubyte.gz in "
+                                   f"{folder} differ: t10k-images-idx3-ubyte is read (the raw file "
+                                   "is read when both are); remove the one that is not the "
+                                   "version you want")
+  assert [level for level, _ in said()] == ["INFO", "INFO", "WARNING"]
+
+
+@pytest.mark.parametrize("raw", ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
+def test_a_raw_file_is_not_read_with_the_other_version_of_its_pair(tmp_path, raw):
+  """A raw file beside a different .gz of the same name, its pair's other file only .gz: the raw
+  one was read with the other .gz file, perhaps another version's (the same count: images and
+  labels silently shuffled). A `gunzip -k` of one file (the same data) still reads."""
+  folder = write_idx_folder(str(tmp_path), n_test=10)
+  with gzip.open(os.path.join(folder, raw + ".gz")) as f:
+    unpacked = f.read()
+  with open(os.path.join(folder, raw), "wb") as out:
+    out.write(unpacked)
+  want = idx.load_split(folder, "test")
+  other = [n for n in idx.FILES["test"] if n != raw][0]
+  if "images" in raw:
+    idx.write_idx(os.path.join(folder, raw), np.zeros((10, 28, 28), np.uint8))
+  else:
+    idx.write_idx(os.path.join(folder, raw), (want[1] + 1) % 10)
+  with pytest.raises(UserError) as e:
+    idx.load_split(folder, "test")
+  assert str(e.value) == (
+      f"{raw} and {raw}.gz in IDX folder {folder!r} differ, and {other} is there only as "
+      f"{other}.gz: which {raw} belongs with it is not known; remove the one of {raw} and "
+      f"{raw}.gz that is not the version you want")
+  os.rename(os.path.join(folder, raw + ".gz"), os.path.join(folder, raw + ".old.gz"))
+  assert idx.load_split(folder, "test")[0].shape == (10, 28, 28, 1)  # One version: read.
 
 
 def test_a_wrong_number_of_dimensions_names_the_shape_expected(tmp_path):

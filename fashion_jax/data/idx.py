@@ -163,6 +163,30 @@ def _find(folder: str, name: str, found: dict[str, str | None]) -> str | None:
   return None
 
 
+def _check_one_version(folder: str, found: dict[str, str | None], read: dict) -> None:
+  """Where a raw file was read beside a .gz of the same name, whether the two hold the same data
+  (`gunzip -k`): if not, a warning, and a UserError where the pair's other file is there only as
+  .gz (is the raw file the version that belongs with it? Both could hold 10,000 examples). `read`:
+  name -> the array read for it."""
+  for name, array in read.items():
+    if not found[name] == found[name + ".gz"] == "file":
+      continue
+    packed = storage.join(folder, name + ".gz")
+    try:
+      same = np.array_equal(read_idx(packed), array)
+    except UserError:  # Unreadable: not the same data.
+      same = False
+    if same:
+      continue
+    other = next(n for n in read if n != name)
+    if found[other] != "file":
+      raise UserError(f"{name} and {name}.gz in IDX folder {folder!r} differ, and {other} is "
+                      f"there only as {other}.gz: which {name} belongs with it is not known; "
+                      f"remove the one of {name} and {name}.gz that is not the version you want")
+    logging.warning("%s and %s.gz in %s differ: %s is read (the raw file is read when both are); "
+                    "remove the one that is not the version you want", name, name, folder, name)
+
+
 def _refuse_broken_link(folder: str, name: str) -> None:
   """A link named `name` (or .gz) in a local `folder` whose target is gone: a UserError that says
   so (it was "missing", which `ls` contradicts)."""
@@ -232,6 +256,7 @@ def load_split(folder: str, split: str, num_classes: int = 10,
                     "can reach it (a mount that shows everything as 0777: WSL's /mnt/c, CIFS)")
   images = read_idx(paths[images_name], expected_ndim=3)
   labels = read_idx(paths[labels_name], expected_ndim=1)
+  _check_one_version(folder, found, {images_name: images, labels_name: labels})
   return checked_split(images, labels, paths[images_name], paths[labels_name], num_classes)
 
 
