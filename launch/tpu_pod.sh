@@ -85,11 +85,13 @@ stop_workers() {
 # `; exit $?` keeps the workers' shell above Python (bash execs a last command in its place): a
 # run killed by a signal made ssh exit 255, which gcloud takes for a failed connection and
 # retries -- the whole command, 10 times; the shell reports 128+N instead.
+# </dev/null: ssh reads its stdin, and a terminal read from a background group stopped gcloud
+# (SIGTTIN; job control leaves a background job the terminal): the workers never started.
 trap stop_workers INT TERM HUP
 set -m
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
   cd fashion_jax && $(q "$python") -m fashion_jax.main $(q "${flags[@]}"); exit \$?
-" &
+" </dev/null &
 job=$!
 set +m
 while kill -0 "$job" 2>/dev/null; do

@@ -30,7 +30,11 @@ def stubs(tmp_path):
   record = ('python3 -c \'import json, sys; print(json.dumps(sys.argv[1:]))\' "$(basename "$0")" '
             f'"$@" >>{shlex.quote(str(calls))}\n')
   # As ssh does, a worker command killed by a signal comes back as 255 (which gcloud retries).
-  _stub(bin_dir, "gcloud", record + 'for a in "$@"; do case $a in --command=*) '
+  # GCLOUD_READS_STDIN: as ssh, it reads its stdin (a terminal: in a background process group,
+  # the kernel stops the reader with SIGTTIN).
+  _stub(bin_dir, "gcloud", record + '[ -z "${GCLOUD_READS_STDIN:-}" ] || python3 -c "import os\n'
+        'os.set_blocking(0, False)\ntry: os.read(0, 1)\nexcept OSError: pass"\n'
+        'for a in "$@"; do case $a in --command=*) '
         'cmd=${a#--command=};; esac; done\ncd "$WORKER_HOME" && exec python3 -c "import '
         'subprocess, sys; r = subprocess.run([\'bash\', \'-c\', sys.argv[1]]).returncode; '
         'sys.exit(255 if r < 0 else r)" "$cmd"\n')
@@ -300,3 +304,45 @@ def test_tpu_pod_stops_the_workers_at_a_common_step_and_passes_on_a_signal_death
                         ("bash -c cd fashion_jax && python3 -m fashion_jax.main; exit $?", False)):
     found = subprocess.run(["grep", "-Eq", pattern], input=line, text=True).returncode == 0
     assert found == matches, (pattern, line)
+
+
+_ON_A_TERMINAL = """import os, pty, signal, sys, time
+pid, fd = pty.fork()  # A session of its own whose controlling terminal is the pty: a user's shell.
+if pid == 0:
+  os.execvp(sys.argv[1], sys.argv[1:])
+os.set_blocking(fd, False)
+deadline, output = time.monotonic() + 60, b""
+while True:
+  try:
+    output += os.read(fd, 4096)
+  except BlockingIOError:
+    time.sleep(0.05)
+  except OSError:  # (EIO: the session's last process closed the terminal.)
+    pass
+  done, status = os.waitpid(pid, os.WNOHANG)
+  if done:
+    break
+  if time.monotonic() > deadline:  # Hung: its stopped jobs go with the session (SIGHUP).
+    os.killpg(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    sys.stdout.write(output.decode(errors="replace"))
+    sys.exit(124)
+sys.stdout.write(output.decode(errors="replace"))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_tpu_pod_runs_from_a_terminal(stubs, tmp_path):
+  """Run from a user's terminal, the training session (a process group of its own, so that Ctrl-C
+  reaches the script alone) kept the terminal as its stdin: ssh reads it, and the kernel stopped
+  gcloud there (SIGTTIN), so the workers never started and the script waited for ever."""
+  bin_dir = tmp_path / "bin"
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", WORKER_HOME=str(tmp_path / "worker"),
+             TPU_NAME="pod", ZONE="z", REPO_URL="https://example.com/fj.git", PYTHON="fakepython",
+             MAIN_RC="75", GCLOUD_READS_STDIN="1")
+  proc = subprocess.run([sys.executable, "-c", _ON_A_TERMINAL, "bash",
+                         os.path.join(ROOT, "launch", "tpu_pod.sh"), "/mnt/r"], env=env,
+                        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+  assert proc.returncode == 75, proc.stdout[-2000:]  # The workers' status, not 124 (hung).
+  calls = [json.loads(l) for l in (tmp_path / "calls").read_text().splitlines()]
+  assert any(c[1:3] == ["-m", "fashion_jax.main"] for c in calls)
