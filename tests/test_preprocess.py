@@ -379,10 +379,48 @@ def test_files_of_other_kinds_are_named_with_what_to_do(tmp_path):
                      ("t10k-images-idx3-ubyte", "an IDX file (the data set's own format), not "
                       "an image file; evaluate classifies IDX test files"),
                      ("t10k-labels-idx1-ubyte.gz", "an IDX file"),
-                     ("broken.gz", "not an image file (Pillow cannot identify its format); pass "
-                      "PNG, JPEG")):
+                     ("broken.gz", "not an image file of a format read here; pass PNG, JPEG")):
     with pytest.raises(preprocess.ImageError, match=re.escape(says)):
       preprocess.load_image(str(tmp_path / name))
+
+
+def test_only_the_formats_named_are_opened_and_ghostscript_never_runs(tmp_path, monkeypatch):
+  """Image.open tried every Pillow plugin: an EPS file named like a photo was opened as EPS and
+  loaded by running Ghostscript on it (a PostScript interpreter: crafted files have run code),
+  and rarer formats (TGA here) went through their own decoders. Only the formats predict names
+  (and PNM) are opened now; an EPS is named, with what to do."""
+  from PIL import EpsImagePlugin
+  ran = []
+
+  def ghostscript(*args, **kwargs):
+    ran.append(args)
+    raise OSError("Ghostscript ran")
+  monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+  (tmp_path / "photo.jpg").write_bytes(
+      b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 40 60\n"
+      b"newpath 10 10 moveto 30 10 lineto 30 50 lineto closepath fill\nshowpage\n%%EOF\n")
+  with pytest.raises(preprocess.ImageError, match=r"^a PostScript/EPS file, which is not read "
+                     r"\(rendering it would run Ghostscript\); export it as PNG or JPEG"):
+    preprocess.load_image(str(tmp_path / "photo.jpg"))
+  assert not ran
+  garment = np.full((60, 40), 240, np.uint8)
+  garment[10:50, 10:30] = 30
+  Image.fromarray(garment).save(tmp_path / "garment.tga", format="TGA")
+  with pytest.raises(preprocess.ImageError, match=r"^not an image file of a format read here; "
+                     r"pass PNG, JPEG, WebP, BMP, GIF, TIFF or PNM"):
+    preprocess.load_image(str(tmp_path / "garment.tga"))
+  expected = convert_file(_saved(tmp_path, garment, "PNG"))
+  for kind in ("BMP", "GIF", "TIFF", "PPM", "WEBP", "JPEG"):  # Each named format still read.
+    got = convert_file(_saved(tmp_path, garment, kind))
+    assert (got == expected).all() if kind != "JPEG" else np.abs(
+        got.astype(int) - expected).mean() < 8, kind  # (JPEG: its artefacts.)
+
+
+def _saved(folder, image: np.ndarray, kind: str):
+  path = folder / f"garment.{kind.lower()}"
+  Image.fromarray(image).save(path, format=kind, **{"WEBP": {"lossless": True},
+                                                    "JPEG": {"quality": 95}}.get(kind, {}))
+  return path
 
 
 def test_an_iphone_heic_photo_is_named_and_not_skipped(tmp_path):

@@ -1,5 +1,5 @@
-"""Opening an image file for `preprocess.load_image`: Pillow's Image.open, with its
-decompression-bomb limit applied to the size a JPEG is decoded at; and, for a file Pillow cannot
+"""Opening an image file for `preprocess.load_image`: Pillow's Image.open of FORMATS only, with
+its decompression-bomb limit applied to the size a JPEG is decoded at; and, for a file it cannot
 identify, what it is instead."""
 
 from __future__ import annotations
@@ -13,6 +13,19 @@ except ImportError:  # Pillow is the `serve` extra; predict says so in one line 
   Image = None
 
 _JPEG_START = b"\xff\xd8\xff"
+# The formats read (those predict names, and PNM), where Pillow's Image.open tries every plugin
+# it has: an EPS file (whatever its name: photo.jpg) was rendered by running Ghostscript, a
+# PostScript interpreter with a record of code execution from crafted files, and rare formats'
+# decoders (FLI, PCX, SGI, TGA...) have had memory errors of their own. (MPO: the JPEG opener's.)
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "DIB", "GIF", "TIFF", "PPM", "AVIF")
+_POSTSCRIPT_STARTS = (b"%!PS", b"\xc5\xd0\xd3\xc6")  # PostScript/EPS text, DOS EPS binary.
+
+
+def formats() -> list[str]:
+  """FORMATS that this Pillow has (AVIF: Pillow 11.2 or later); Image.open fails on a name it
+  has no opener for."""
+  Image.init()
+  return [name for name in FORMATS if name in Image.OPEN]
 
 
 def opened(path: str, draft_size: int) -> Image.Image:
@@ -24,7 +37,7 @@ def opened(path: str, draft_size: int) -> Image.Image:
   thread-safe), and checked here once drafted."""
   limit = Image.MAX_IMAGE_PIXELS
   try:
-    image = Image.open(path)
+    image = Image.open(path, formats=formats())
   except Image.DecompressionBombError:
     with open(path, "rb") as f:
       if f.read(len(_JPEG_START)) != _JPEG_START:
@@ -96,8 +109,11 @@ def unidentified(path: str) -> str:
   if head[:4] == b"\x93NUM":
     return ("a NumPy array (.npy), not an image file; save it as PNG first "
             "(PIL.Image.fromarray(array).save('image.png')) and pass that")
+  if head.startswith(_POSTSCRIPT_STARTS):
+    return ("a PostScript/EPS file, which is not read (rendering it would run Ghostscript); "
+            "export it as PNG or JPEG first and pass that")
   if head[:3] == b"\0\0\x08" and 1 <= head[3] <= 4:
     return ("an IDX file (the data set's own format), not an image file; evaluate classifies "
             "IDX test files: python -m fashion_jax.evaluate --workdir=DIR --idx_dir=FOLDER")
-  return ("not an image file (Pillow cannot identify its format); pass PNG, JPEG, WebP, BMP, "
-          "GIF or TIFF images")
+  return ("not an image file of a format read here; pass PNG, JPEG, WebP, BMP, GIF, TIFF or "
+          "PNM images (convert others to PNG first)")

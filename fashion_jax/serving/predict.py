@@ -6,8 +6,9 @@ r"""Classifies image files with a trained run: the top-k classes of each image.
 PATHs are image files or folders (searched recursively for image extensions --
 see `preprocess.IMAGE_EXTENSIONS` -- in sorted order, hidden files skipped).
 Files named explicitly are tried whatever their extension. Any size and most
-modes: PNG, JPEG, WebP, BMP, GIF (first frame), TIFF...; each is converted the
-way Fashion-MNIST was made (`fashion_jax/serving/preprocess.py`): a garment photo on a
+modes of PNG, JPEG, WebP, BMP, GIF (first frame), TIFF, PNM, AVIF (Pillow >= 11.2);
+no other format is opened (an EPS would run Ghostscript: `image_files.FORMATS`).
+Each is converted the way Fashion-MNIST was made (`fashion_jax/serving/preprocess.py`): a garment photo on a
 light background, or a bright garment on black like the data set itself.
 
 Output (stdout): a table, one row per file with its top-k "class (prob%)", or
