@@ -182,6 +182,22 @@ def test_settings_that_do_nothing_or_harm_are_warned_about(caplog):
   assert "weight_decay" not in caplog.text
 
 
+@pytest.mark.parametrize("schedule, steps, epochs, warned", [
+    ("cosine", -1, 2, True), ("cosine", 500, 5, True), ("constant", 300, 5, True),
+    ("cosine", 501, 5, False), ("onecycle", 100, 5, False)])
+def test_a_warmup_as_long_as_the_run_is_warned_about(caplog, schedule, steps, epochs, warned):
+  """configs/accelerator_best.py shortened to 2 epochs (214 steps, warmup 500) trained silently
+  at a learning rate that peaked only at its last step, with no cosine decay."""
+  from fashion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_file(os.path.join(ROOT, "configs", "accelerator_best.py"))
+  config.lr_schedule, config.num_train_steps, config.num_epochs = schedule, steps, epochs
+  total = config_lib.total_steps(config, 55000)
+  assert total == (steps if steps > 0 else 214)
+  assert ("config.warmup_steps=500 is not shorter than the run" in caplog.text) == warned
+  if warned:
+    assert f"({total} steps)" in caplog.text
+
+
 def test_warmup_steps_under_onecycle_do_not_block_a_resume():
   """onecycle ignores warmup_steps (its warm-up is its own), yet changing it refused a resume."""
   from fashion_jax.support import checkpoint_checks  # pylint: disable=import-outside-toplevel
