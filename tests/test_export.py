@@ -343,6 +343,50 @@ def test_output_through_a_link_or_on_a_mount_point(trained_tiny_workdir, tmp_pat
                              classifier.probabilities(images), atol=ATOL, rtol=0)
 
 
+def test_an_output_another_user_could_write_is_refused(tmp_path, monkeypatch):
+  """--output=/tmp/fj_savedmodel, where another user had made a link of that name to a folder of
+  theirs, or an --output in a folder every user may write: the export was staged there and
+  loaded back from there to be checked (a SavedModel's graph runs with the exporter's rights),
+  then left where the other user could change it before it was served. /tmp itself (sticky) and
+  a teammate's folder stay fine; FASHION_JAX_TRUST_WORKDIR=1 takes the user's word."""
+  monkeypatch.delenv("FASHION_JAX_TRUST_WORKDIR", raising=False)
+  for folder, mode in (("sticky", 0o1777), ("open", 0o777), ("team", 0o755)):
+    (tmp_path / folder).mkdir()
+    os.chmod(tmp_path / folder, mode)
+  theirs = tmp_path / "sticky" / "theirs"
+  (theirs / "out").mkdir(parents=True)
+  (tmp_path / "sticky" / "fj_savedmodel").symlink_to(theirs / "out")
+  (tmp_path / "sticky" / "theirs_new").symlink_to(theirs / "new")  # A link to nothing yet.
+  others = [theirs, theirs / "out", tmp_path / "sticky" / "fj_savedmodel",
+            tmp_path / "sticky" / "theirs_new"]
+  if os.getuid() == 0:  # Another user's: as root the test can make them so.
+    for path in others:
+      os.lchown(path, 65534, 65534)
+  else:  # Else seen as another user's.
+    real_lstat = os.lstat
+
+    def lstat(path, *args, **kwargs):
+      info = real_lstat(path, *args, **kwargs)
+      if isinstance(path, (str, os.PathLike)) and os.path.abspath(path) in map(str, others):
+        info = os.stat_result((*info[:4], 65534, *info[5:]))
+      return info
+    monkeypatch.setattr(os, "lstat", lstat)
+  for output, says in ((tmp_path / "sticky" / "fj_savedmodel", "belongs to another user"),
+                       (tmp_path / "sticky" / "theirs_new", "belongs to another user"),
+                       (theirs / "out" / "model", "belongs to another user"),
+                       (tmp_path / "open" / "model", f"the folder {tmp_path / 'open'} is "
+                        "writable by every user"),
+                       (tmp_path / "open", f"the folder {tmp_path / 'open'} is writable")):
+    with pytest.raises(UserError, match=f"^--output '{re.escape(str(output))}' is not written: "
+                       f".*{re.escape(says)}.*FASHION_JAX_TRUST_WORKDIR=1") as caught:
+      export_folder.check_output(str(output), overwrite=False)
+    assert "\n" not in str(caught.value)
+  for output in (tmp_path / "sticky" / "mine", tmp_path / "team" / "model"):
+    assert export_folder.check_output(str(output), overwrite=False) == str(output)
+  monkeypatch.setenv("FASHION_JAX_TRUST_WORKDIR", "1")
+  assert export_folder.check_output(str(tmp_path / "open" / "model"), overwrite=False)
+
+
 def test_a_failed_swap_inside_the_folder_puts_the_old_export_back(tmp_path, monkeypatch):
   folder, staging = tmp_path / "out", tmp_path / "out" / ".fashion_jax-export-1"
   staging.mkdir(parents=True)

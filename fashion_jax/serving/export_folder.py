@@ -12,11 +12,13 @@ import json
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
 
 from fashion_jax.support import faults
+from fashion_jax.support import paths
 from fashion_jax.support import storage
 from fashion_jax.support.errors import UserError
 
@@ -40,7 +42,12 @@ def check_output(output: str, overwrite: bool) -> str:
   if not storage.is_url(path):
     # A link to the export folder (models/current -> v3): the export replaces v3's contents and
     # the link stays (it had replaced the link by a folder and left v3 as it was, or failed).
-    path = os.path.realpath(path)
+    given, path = path, os.path.realpath(path)
+    if why := _open_to_others(given, path):
+      raise UserError(f"--output {given!r} is not written: {why}, so another user could change "
+                      "the export there before it is loaded back to be checked (a SavedModel's "
+                      "graph runs with your rights) or served; pass an --output in a folder only "
+                      f"you can write, or set {storage.TRUST_ENV}=1 if nobody else can reach it")
   if storage.exists(path) and not storage.isdir(path):
     raise UserError(f"--output {path!r} is a file; pass a folder (new or empty)")
   above = path
@@ -64,6 +71,29 @@ def check_output(output: str, overwrite: bool) -> str:
                       "refusing to replace it even with --overwrite; move them out, or pass a "
                       "new folder")
   return path
+
+
+def _open_to_others(given: str, path: str) -> str | None:
+  """Why another user could write where the local --output `given` (resolved: `path`) puts the
+  export (its stage beside it or in it, which is loaded back to be checked), else None: the
+  nearest entry of each that exists put there by another user or in a folder every user may
+  write without the sticky bit (paths.put_by_others: a link another user made in /tmp, or a
+  folder of theirs), or that folder, where the export is staged, being such a folder itself."""
+  if os.environ.get(storage.TRUST_ENV) == "1":
+    return None
+  for entry in dict.fromkeys((os.path.abspath(given), path)):
+    while not os.path.lexists(entry):
+      entry = os.path.dirname(entry)
+    try:
+      if why := paths.put_by_others(entry):
+        return why
+      mode = os.stat(entry).st_mode
+    except OSError:  # A folder on the way not searchable: said when the export is staged.
+      continue
+    if (stat.S_ISDIR(mode) and mode & stat.S_IWOTH and not mode & stat.S_ISVTX
+        and not paths.read_only(entry)):
+      return f"the folder {os.path.realpath(entry)} is writable by every user"
+  return None
 
 
 # Where the folder's parent cannot take a sibling (a mount point, a parent you cannot write to),
