@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -26,6 +27,7 @@ from fashion_jax.serving import predict
 from fashion_jax.support.errors import UserError
 from tests import photos
 from tests.conftest import REAL_DATA_ENV
+from tests.conftest import ROOT
 from tests.conftest import run_module
 
 
@@ -222,6 +224,25 @@ def test_usage_errors_exit_2_with_one_line(trained_tiny_workdir, tiny_inputs, tm
   assert len(lines) == 1 + (case in ("only_missing", "empty_folder")), proc.stderr
   if case == "empty_folder":
     assert lines[0].startswith(f"fashion_jax: warning: {tmp_path}: no image files")
+
+
+def test_usage_mistakes_are_said_before_jax_starts(trained_tiny_workdir, tiny_inputs, tmp_path):
+  """--help (the module docstring) says JAX is imported only once the inputs are known to exist:
+  main quieted JAX's console and turned its compilation cache on first, both importing JAX, so
+  a mistyped path was named only 2-3 s later. A run that classifies starts it, as before."""
+  probe = ("import atexit, runpy, sys; atexit.register(lambda: print('jax imported:', 'jax' in "
+           "sys.modules)); sys.argv = sys.argv[1:]; "
+           "runpy.run_module('fashion_jax.predict', run_name='__main__', alter_sys=True)")
+  good = str(tiny_inputs[0] / "a" / "img0.png")
+  for args, status, imported in (([str(tmp_path / "typo.png")], 2, False), ([], 2, False),
+                                 (["--top_k=11", good], 2, False), ([good], 0, True)):
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, "fashion_jax.predict", f"--workdir={trained_tiny_workdir}",
+         *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == status, (args, proc.stderr[-2000:])
+    assert proc.stdout.splitlines()[-1] == f"jax imported: {imported}", (args, proc.stdout)
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_file_name_that_is_no_utf8_is_shown_escaped(trained_tiny_workdir, tiny_inputs, tmp_path):

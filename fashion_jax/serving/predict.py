@@ -41,13 +41,12 @@ import io
 import json
 import os
 import sys
-from typing import Iterable, TextIO
+from typing import Callable, Iterable, TextIO
 
 from absl import flags
 
 from fashion_jax import cli
 from fashion_jax.serving import preprocess
-from fashion_jax.support import compile_cache
 from fashion_jax.support import errors
 from fashion_jax.support import storage
 from fashion_jax.support.errors import UserError
@@ -211,12 +210,14 @@ def _load(path: str, dataset: str):
 
 
 def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = None,
-            save_dir: str | None = None, err: TextIO | None = None) -> tuple[list[Prediction], int]:
+            save_dir: str | None = None, err: TextIO | None = None,
+            before_jax: Callable[[], None] | None = None) -> tuple[list[Prediction], int]:
   """Classifies the images in `paths`; returns (one Prediction per input, exit status).
 
   Per-file problems are reported on `err` (default stderr) as they occur and
   recorded in that input's Prediction; problems with the run or the
-  arguments raise UserError.
+  arguments raise UserError. `before_jax`: called once the inputs are known, before JAX is
+  imported (the command's console and compilation cache).
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   err = sys.stderr if err is None else err
@@ -239,6 +240,8 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
   if not todo:
     raise UserError("no image files to classify" + (
         f"; not found: {', '.join(sorted(inputs.missing))}" if inputs.missing else ""))
+  if before_jax:
+    before_jax()
   from fashion_jax.serving import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
   batch_size = min(MAX_BATCH, 1 << (len(todo) - 1).bit_length())  # Small inputs, small batches.
   classifier = inference.load(workdir, step=step, batch_size=batch_size)
@@ -304,12 +307,19 @@ def format_table(predictions: list[Prediction]) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
+def _start_jax() -> None:
+  """The console quieted and the compilation cache on (GPU/TPU only: the model's compile, once);
+  both import JAX, 2-3 s: after the inputs are checked, as the module docstring says (they came
+  first, and a mistyped path waited for JAX)."""
+  from fashion_jax.support import compile_cache  # pylint: disable=g-import-not-at-top
   cli.quiet_console()
-  compile_cache.enable()  # GPU/TPU only: the evaluation's compile, once.
+  compile_cache.enable()
+
+
+def main(argv):
   try:
     predictions, status = predict(FLAGS.workdir, argv[1:], top_k=FLAGS.top_k, step=FLAGS.step,
-                                  save_dir=FLAGS.save_preprocessed)
+                                  save_dir=FLAGS.save_preprocessed, before_jax=_start_jax)
   except UserError as e:
     cli.fail(str(e), EXIT_USAGE)
   if FLAGS.json:
