@@ -433,8 +433,11 @@ def test_an_interrupt_in_the_timed_loop_is_an_interrupt(tmp_path, tiny_config, m
   from fashion_jax.support import parallel as parallel_lib  # pylint: disable=import-outside-toplevel
   from fashion_jax.training import stops, train  # pylint: disable=import-outside-toplevel
 
-  def stopped(*args, **kwargs):
+  runs = []
+
+  def stopped(config, *args, **kwargs):
     del args, kwargs
+    runs.append(config)
     raise stops.Preempted("stopped by SIGINT at step 3; checkpoint saved in ...")
 
   scratch = tmp_path / "scratch"
@@ -446,6 +449,13 @@ def test_an_interrupt_in_the_timed_loop_is_an_interrupt(tmp_path, tiny_config, m
     train_rates.measure_loop(tiny_config, parallel_lib.Parallel("none"), data, "device", 1e4, 1,
                              0.01)
   assert not os.listdir(scratch)  # The loop's folder is removed.
+  # A recipe's warm-up (configs/accelerator_best.py: 500 steps) is longer than the timed run,
+  # which config_lib warns about: the loop times the run without one (the same work a step).
+  tiny_config.warmup_steps, tiny_config.lr_schedule = 500, "cosine"
+  with pytest.raises(KeyboardInterrupt):
+    train_rates.measure_loop(tiny_config, parallel_lib.Parallel("none"), data, "device", 1e4, 1,
+                             0.01)
+  assert [run.warmup_steps for run in runs] == [0, 0] and runs[1].lr_schedule == "cosine"
 
 
 def test_batch_sizes_parse():
