@@ -10,6 +10,7 @@ CLI once over them and check the issue's "done when": a model trained with
 the default recipe gets most of them right.
 """
 
+import io
 import json
 import os
 import re
@@ -331,6 +332,38 @@ def test_find_images_order_and_filters(tmp_path):
       f"{root}/gone.png"]
   assert inputs.missing == {f"{root}/gone.png"}
   assert inputs.empty_folders == [f"{root}/c"]
+
+
+def test_a_folder_that_cannot_be_read_is_an_error_not_skipped(trained_tiny_workdir, tiny_inputs,
+                                                             tmp_path, monkeypatch):
+  """os.walk passes over a folder it cannot list (no read permission, gone meanwhile) without a
+  word: `predict photos/` classified the rest, left photos/summer's images out and exited 0;
+  alone, such a folder was "no image files there". Each is now an error line, exit status 1."""
+  images = tmp_path / "photos"
+  for name in ("a.png", "summer/b.png", "winter/c.png"):
+    os.makedirs((images / name).parent, exist_ok=True)
+    shutil.copy(tiny_inputs[1][0], images / name)
+  locked = {str(images / "summer"), str(tmp_path / "locked")}
+  os.makedirs(tmp_path / "locked")
+  real_scandir = os.scandir
+
+  def scandir(path="."):  # What listing a folder without read permission raises (root may).
+    if os.fspath(path) in locked:
+      raise PermissionError(13, "Permission denied", os.fspath(path))
+    return real_scandir(path)
+  monkeypatch.setattr(os, "scandir", scandir)
+  err = io.StringIO()
+  predictions, status = predict.predict(
+      trained_tiny_workdir, [str(images), str(tmp_path / "locked")], err=err)
+  assert [p.path for p in predictions] == [
+      str(images / "a.png"), str(images / "summer"), str(images / "winter" / "c.png"),
+      str(tmp_path / "locked")]
+  assert [p.top_k is not None for p in predictions] == [True, False, True, False]
+  assert status == predict.EXIT_FILE_FAILED
+  for folder in (images / "summer", tmp_path / "locked"):
+    assert (f"fashion_jax: error: {folder}: cannot read this folder (Permission denied); its "
+            "images are not classified\n") in err.getvalue()
+  assert "no image files there" not in err.getvalue()
 
 
 def test_a_quoted_pattern_is_expanded_as_the_shell_would(tmp_path):

@@ -8,8 +8,8 @@ see `preprocess.IMAGE_EXTENSIONS` -- in sorted order, hidden files skipped).
 Files named explicitly are tried whatever their extension. Any size and most
 modes of PNG, JPEG, WebP, BMP, GIF (first frame), TIFF, PNM, AVIF (Pillow >= 11.2);
 no other format is opened (an EPS would run Ghostscript: `image_files.FORMATS`).
-Each is converted the way Fashion-MNIST was made (`fashion_jax/serving/preprocess.py`): a garment photo on a
-light background, or a bright garment on black like the data set itself.
+Each is converted the way Fashion-MNIST was made (`fashion_jax/serving/preprocess.py`):
+a garment photo on a light background, or a bright garment on black like the data set itself.
 
 Output (stdout): a table, one row per file with its top-k "class (prob%)", or
 with --json one JSON object per line:
@@ -22,8 +22,9 @@ The model is the run's best checkpoint by validation accuracy, else its latest
 (`fashion_jax.serving.inference`); --step picks another. --save_preprocessed=DIR
 writes the 28x28 image the model saw for each input, as DIR/<file name>.png.
 
-Errors: a file that cannot be read or holds no image gets one stderr line
-`fashion_jax: error: PATH: reason` and the others are still classified.
+Errors: a file that cannot be read or holds no image, or a folder that cannot be
+listed, gets one stderr line `fashion_jax: error: PATH: reason` and the others are
+still classified.
 Exit status: 0 all classified; 1 some file failed; 2 usage errors -- a bad
 --workdir or --step, no inputs, a PATH that does not exist (reported per path
 like the unreadable ones, the rest still classified, as `ls` does).
@@ -100,6 +101,7 @@ class Inputs:
   entries: list[str]  # Files to classify and PATHs that do not exist, in command-line order.
   missing: set[str]  # PATHs that do not exist: a usage error, but the rest still run.
   empty_folders: list[str]
+  unreadable: dict[str, str] = dataclasses.field(default_factory=dict)  # Folder -> why, in entries.
 
 
 def find_images(paths: Iterable[str]) -> Inputs:
@@ -107,7 +109,7 @@ def find_images(paths: Iterable[str]) -> Inputs:
   pattern no file is named after (`'photos/*.jpg'`, quoted, or from a program that passes no
   shell) as the shell would expand it, its files with an image extension (it was "no such
   file")."""
-  entries, missing, empty = [], set(), []
+  entries, missing, empty, unreadable = [], set(), [], {}
   for path in paths:
     matches = ([] if os.path.lexists(path) or not glob.has_magic(path) else
                sorted(glob.glob(path, recursive=True)))
@@ -116,22 +118,29 @@ def find_images(paths: Iterable[str]) -> Inputs:
       folders = find_images([m for m in matches if os.path.isdir(m)])
       entries.extend(files + folders.entries)
       empty.extend(folders.empty_folders)
+      unreadable.update(folders.unreadable)
       if not files and not folders.entries:
         empty.append(path)
     elif os.path.isdir(path):
-      found = []
-      for root, dirs, names in os.walk(path):
+      found, failed = [], {}
+
+      def cannot_list(e: OSError) -> None:  # (os.walk skipped such a folder without a word.)
+        failed[e.filename] = (f"cannot read this folder ({e.strerror or e}); its images are not "
+                              "classified")
+        found.append(e.filename)
+      for root, dirs, names in os.walk(path, onerror=cannot_list):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found.extend(os.path.join(root, name) for name in sorted(names)
                      if not name.startswith(".") and preprocess.is_image_filename(name))
       entries.extend(found)
+      unreadable.update(failed)
       if not found:
         empty.append(path)
     else:
       entries.append(path)
       if not os.path.exists(path):
         missing.add(path)
-  return Inputs(entries, missing, empty)
+  return Inputs(entries, missing, empty, unreadable)
 
 
 def preprocessed_names(files: list[str], inputs_there: Iterable[str] = ()) -> list[str]:
@@ -230,8 +239,8 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
   inputs = find_images(paths)
   predictions = [Prediction(path) for path in inputs.entries]
   for prediction in predictions:
-    if prediction.path in inputs.missing:
-      prediction.error = "no such file or directory"
+    if prediction.path in inputs.missing or prediction.path in inputs.unreadable:
+      prediction.error = inputs.unreadable.get(prediction.path, "no such file or directory")
       print(f"fashion_jax: error: {shown(prediction.path)}: {prediction.error}", file=err)
   for path in inputs.empty_folders:
     print(f"fashion_jax: warning: {path}: no image files there (extensions: "
