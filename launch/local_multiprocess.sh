@@ -16,7 +16,7 @@
 # (INT, TERM or HUP to this script, or any signal to one process) it exits 75 once every process has
 # saved, or 130/143 where the signal came before training held it (nothing saved yet); bad arguments
 # to this script exit 2. Needs bash 5.1 or later (wait -p). Runs $PYTHON (default: python3 from
-# PATH), e.g. PYTHON=.venv/bin/python. FASHION_JAX_PORT: the coordinator's port (default: random).
+# PATH), e.g. PYTHON=.venv/bin/python. FASHION_JAX_PORT: the coordinator's port (default: a free one).
 set -uo pipefail
 set -m  # Each process in its own process group: a Ctrl-C reaches this script only, which forwards
         # it once (a process signalled twice mid-save would leave the others waiting in it).
@@ -45,7 +45,14 @@ shift 3
 python=${PYTHON:-python3}
 command -v "$python" >/dev/null ||
   usage_error "PYTHON=$python: no such command; set PYTHON to the interpreter fashion_jax is installed in"
-port=${FASHION_JAX_PORT:-$((20000 + RANDOM % 20000))}
+# A free port the kernel picks (a random one could be in use: another job's coordinator, which
+# processes 1 and up joined before process 0 found the port taken).
+port=${FASHION_JAX_PORT:-}
+[ -n "$port" ] || port=$("$python" -c 'import socket
+with socket.socket() as s:
+  s.bind(("127.0.0.1", 0))
+  print(s.getsockname()[1])') && [ -n "$port" ] ||
+  usage_error "$python could not find a free port on 127.0.0.1; set FASHION_JAX_PORT to one"
 [[ $port =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] ||
   usage_error "FASHION_JAX_PORT=$port is not a TCP port (1-65535)"
 logs=${FASHION_JAX_LOG_DIR:-$workdir} logs_name=WORKDIR

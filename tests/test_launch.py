@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,7 +41,9 @@ def stubs(tmp_path):
         'sys.exit(255 if r < 0 else r)" "$cmd"\n')
   for name in ("git", "srun"):
     _stub(bin_dir, name, record + ("exit ${MAIN_RC:-0}\n" if name == "srun" else ""))
-  _stub(bin_dir, "fakepython", record + 'if [ "$1 $2" = "-m fashion_jax.main" ]; then\n'
+  # (local_multiprocess.sh picks a free port with a `-c`: run, not recorded.)
+  _stub(bin_dir, "fakepython", 'case "$1 $2" in "-c import socket"*) exec python3 "$@";; esac\n'
+        + record + 'if [ "$1 $2" = "-m fashion_jax.main" ]; then\n'
         '  [ -z "${MAIN_SELF_KILL:-}" ] || kill -KILL $$\n'
         '  if [ -n "${MAIN_RUNS:-}" ]; then\n'  # Trains until SIGTERM, then "saves", exit 75.
         '    trap "exit 75" TERM; echo $$ >"$WORKER_HOME/main.pid"\n'
@@ -195,6 +198,10 @@ def test_local_launcher_writes_no_log_through_another_users_link(stubs, tmp_path
                       FASHION_JAX_TRUST_WORKDIR="1")
   assert proc.returncode == 0, proc.stderr
   assert _main_argv(calls)[:2] == [f"--workdir={trusted}", "--config=configs/tiny.py"]
+  # The coordinator's port: one the system gave as free (a random one could be in use).
+  address = next(a for a in _main_argv(calls) if a.startswith("--config.coordinator_address="))
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", int(address.rpartition(":")[2])))
 
 
 def test_accelerator_check_refuses_bad_input_with_exit_2(tmp_path, idx_dir):
