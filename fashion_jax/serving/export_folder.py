@@ -13,12 +13,12 @@ import os
 import shutil
 import signal
 import stat
-import sys
 import tempfile
 import time
 
 from fashion_jax.support import faults
 from fashion_jax.support import paths
+from fashion_jax.support import runtime
 from fashion_jax.support import storage
 from fashion_jax.support.errors import UserError
 
@@ -189,10 +189,9 @@ def staged(path: str):
       return
     for folder in (stage.folder, *stage.scratch):
       shutil.rmtree(folder, ignore_errors=True)
-    sys.stdout.flush()
-    sys.stderr.write("fashion_jax: error: stopped by SIGTERM before the export was in place; "
-                     "--output is as it was: run the export again\n")
-    sys.stderr.flush()
+    runtime.say_at_once("fashion_jax: error: stopped by SIGTERM before the export was in place; "
+                        "--output is as it was: run the export again")  # (Never sys.stderr's
+    # own write, which the handler may have interrupted: a RuntimeError, no exit.)
     os._exit(128 + signal.SIGTERM)  # pylint: disable=protected-access
 
   try:
