@@ -1,5 +1,6 @@
 """SIGTERM/SIGINT during training: save at the current step, exit 75 ("preempted"), resume there."""
 
+import io
 import json
 import os
 import re
@@ -301,3 +302,11 @@ def test_a_signal_during_a_write_to_stderr_is_said_and_still_ends_the_run(capfd,
   err = capfd.readouterr().err
   assert "fashion_jax: error: stopped by a second SIGINT before the stop checkpoint" in err
   assert "fashion_jax: warning: SIGINT ignored: the stop checkpoint is saved" in err
+  # A notebook's sys.stderr (its cell's output) is used where it takes the line: fd 2 is the
+  # kernel's own, which no one sees.
+  cell = io.StringIO()
+  monkeypatch.setattr(sys, "stderr", cell)
+  request._handle(signal.SIGTERM, None)  # pylint: disable=protected-access
+  monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+  assert cell.getvalue().startswith("fashion_jax: warning: SIGTERM ignored: the stop checkpoint")
+  assert "SIGTERM" not in capfd.readouterr().err

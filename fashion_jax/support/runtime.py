@@ -77,13 +77,19 @@ def abandon() -> None:
 
 
 def say_at_once(line: str) -> None:
-  """`line` to stderr from a signal handler, by `os.write`: a handler runs between two bytecodes
-  of the code it interrupted, which may be in sys.stderr's (or stdout's) own write; writing
-  there again raised `RuntimeError: reentrant call` from the handler into that code (a crash
-  where a stop or a warning was meant). Stdout's pending lines go first where they can."""
-  for stream in (sys.stdout, sys.stderr):
-    with contextlib.suppress(Exception):  # (The reentrant call, or a closed stream.)
-      stream.flush()
+  """`line` to stderr from a signal handler. A handler runs between two bytecodes of the code it
+  interrupted, which may be in sys.stderr's (or stdout's) own write: writing there again raises
+  `RuntimeError: reentrant call` from the handler into that code (a crash where a stop or a
+  warning was meant). So sys.stderr first (a notebook's cell output, a redirection), and where
+  it fails, the file descriptor itself (`os.write`). Stdout's pending lines go first."""
+  with contextlib.suppress(Exception):  # (The reentrant call, or a closed stream.)
+    sys.stdout.flush()
+  try:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    return
+  except Exception:  # pylint: disable=broad-except
+    pass
   data = (line + "\n").encode(errors="replace")
   with contextlib.suppress(OSError):
     while data:
