@@ -5,7 +5,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -41,9 +40,10 @@ def stubs(tmp_path):
         'sys.exit(255 if r < 0 else r)" "$cmd"\n')
   for name in ("git", "srun"):
     _stub(bin_dir, name, record + ("exit ${MAIN_RC:-0}\n" if name == "srun" else ""))
-  # (local_multiprocess.sh picks a free port with a `-c`: run, not recorded.)
-  _stub(bin_dir, "fakepython", 'case "$1 $2" in "-c import socket"*) exec python3 "$@";; esac\n'
-        + record + 'if [ "$1 $2" = "-m fashion_jax.main" ]; then\n'
+  # (local_multiprocess.sh picks a free port with a `-c`: run, not recorded, its answer kept in
+  # $WORKER_HOME/port; a line before it, as a $PYTHON that is a wrapper may print.)
+  _stub(bin_dir, "fakepython", 'case "$1 $2" in "-c import socket"*) echo "Loading env"\n'
+        '  python3 "$@" | tee "$WORKER_HOME/port"; exit;; esac\n' + record + 'if [ "$1 $2" = "-m fashion_jax.main" ]; then\n'
         '  [ -z "${MAIN_SELF_KILL:-}" ] || kill -KILL $$\n'
         '  if [ -n "${MAIN_RUNS:-}" ]; then\n'  # Trains until SIGTERM, then "saves", exit 75.
         '    trap "exit 75" TERM; echo $$ >"$WORKER_HOME/main.pid"\n'
@@ -198,10 +198,9 @@ def test_local_launcher_writes_no_log_through_another_users_link(stubs, tmp_path
                       FASHION_JAX_TRUST_WORKDIR="1")
   assert proc.returncode == 0, proc.stderr
   assert _main_argv(calls)[:2] == [f"--workdir={trusted}", "--config=configs/tiny.py"]
-  # The coordinator's port: one the system gave as free (a random one could be in use).
+  # The coordinator's port: the one the system gave as free (a random one could be in use).
   address = next(a for a in _main_argv(calls) if a.startswith("--config.coordinator_address="))
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", int(address.rpartition(":")[2])))
+  assert address.rpartition(":")[2] == (tmp_path / "worker" / "port").read_text().strip()
 
 
 def test_accelerator_check_refuses_bad_input_with_exit_2(tmp_path, idx_dir):
