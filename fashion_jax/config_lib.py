@@ -304,13 +304,13 @@ def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> i
       raise UserError(f"config.num_epochs={config.num_epochs} is {steps:,} steps at batch "
                       f"{config.batch_size}, more than the {MAX_STEPS:,} the step counter (int32) "
                       "holds; lower it")
-  if config.lr_schedule != "onecycle" and 0 < steps <= config.warmup_steps:
-    # (Warned, not refused: the benchmark's timed loop runs a recipe's config for a few steps.)
+  if config.lr_schedule != "onecycle" and 0 < steps <= config.warmup_steps + 1:  # (Steps 0..N-1.)
+    # (Warned, not refused: a recipe tried for a few steps is a fair use.)
     # The schedule squeezes the warm-up into the run: configs/accelerator_best.py shortened to
     # --config.num_epochs=2 (214 steps, warmup 500) trained without a word at a learning rate
     # that reached its peak only at the last step, and never decayed.
     from absl import logging  # pylint: disable=g-import-not-at-top
-    logging.warning("config.warmup_steps=%d is not shorter than the run (%d steps): the learning "
+    logging.warning("config.warmup_steps=%d takes the whole run (%d steps): the learning "
                     "rate ramps up over the whole run and reaches config.learning_rate=%g only at "
                     "its last step%s; pass --config.warmup_steps=N with N well under %d, or train "
                     "longer", config.warmup_steps, steps, config.learning_rate,

@@ -184,7 +184,7 @@ def test_settings_that_do_nothing_or_harm_are_warned_about(caplog):
 
 @pytest.mark.parametrize("schedule, steps, epochs, warned", [
     ("cosine", -1, 2, True), ("cosine", 500, 5, True), ("constant", 300, 5, True),
-    ("cosine", 501, 5, False), ("onecycle", 100, 5, False)])
+    ("cosine", 501, 5, True), ("cosine", 502, 5, False), ("onecycle", 100, 5, False)])
 def test_a_warmup_as_long_as_the_run_is_warned_about(caplog, schedule, steps, epochs, warned):
   """configs/accelerator_best.py shortened to 2 epochs (214 steps, warmup 500) trained silently
   at a learning rate that peaked only at its last step, with no cosine decay."""
@@ -193,9 +193,13 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(caplog, schedule, steps, ep
   config.lr_schedule, config.num_train_steps, config.num_epochs = schedule, steps, epochs
   total = config_lib.total_steps(config, 55000)
   assert total == (steps if steps > 0 else 214)
-  assert ("config.warmup_steps=500 is not shorter than the run" in caplog.text) == warned
+  assert ("config.warmup_steps=500 takes the whole run" in caplog.text) == warned
   if warned:
     assert f"({total} steps)" in caplog.text
+  # (Where it warns, the schedule reaches the peak no sooner than the last step, 0-based.)
+  from fashion_jax.model import steps as steps_lib  # pylint: disable=import-outside-toplevel
+  lr = steps_lib.create_schedule(config, total)
+  assert (lr(total - 2) < config.learning_rate) == warned or schedule == "onecycle"
 
 
 def test_warmup_steps_under_onecycle_do_not_block_a_resume():
