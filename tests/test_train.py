@@ -291,6 +291,7 @@ def test_invalid_config_values(tiny_config, tmp_path):
     ("random_erasing", float("nan"), "a probability in [0, 1]"),
     ("augment_translate", 10**11, "0 to 28 pixels"),  # An OverflowError in jax.random.randint.
     ("warmup_steps", -1, "zero or more steps"),
+    ("tensorboard_samples", 4000, "0 (off) to 256 images"),  # A 263 MB grid at every eval.
 ])
 def test_out_of_range_hyperparameters_are_refused(tiny_config, key, value, want):
   from fashion_jax import config_lib
