@@ -3,6 +3,8 @@ import logging
 import os
 import subprocess
 import struct
+import sys
+import textwrap
 import threading
 import time
 import zlib
@@ -226,7 +228,9 @@ def test_a_stream_without_a_size_is_read_up_to_the_cap_only(tmp_path, monkeypatc
   path = str(tmp_path / "t10k-labels-idx1-ubyte")
   os.mkfifo(path)
   data = struct.pack(">HBBI", 0, 8, 1, 1000) + bytes(1000)
-  writer = threading.Thread(target=lambda: open(path, "wb").write(data))  # pylint: disable=consider-using-with
+  # A daemon: where read_idx never opens the FIFO, the writer stays blocked in open() and the
+  # test fails (the join's timeout) instead of the interpreter hanging at exit.
+  writer = threading.Thread(target=lambda: open(path, "wb").write(data), daemon=True)  # pylint: disable=consider-using-with
   writer.start()
   monkeypatch.setattr(idx, "MAX_BYTES", 500)
   try:
@@ -235,6 +239,32 @@ def test_a_stream_without_a_size_is_read_up_to_the_cap_only(tmp_path, monkeypatc
       idx.read_idx(path)
   finally:
     writer.join(timeout=10)
+  assert not writer.is_alive()
+
+
+def test_reading_a_small_file_does_not_reserve_the_cap(tmp_path):
+  """Each read asked for MAX_BYTES + 1 (1 GiB) at once, which a buffered file allocates before
+  reading: a 5 KB labels file was a MemoryError under a 1.1 GB address-space limit (`ulimit -v`),
+  and the raw-vs-.gz comparison did it again. Here with both forms of each file (`gunzip -k`),
+  under a limit of what the process already maps plus 512 MiB."""
+  folder = write_idx_folder(str(tmp_path / "idx"), n_train=20, n_test=10)
+  for name in idx.FILES["test"]:
+    with gzip.open(os.path.join(folder, name + ".gz")) as f:
+      unpacked = f.read()
+    with open(os.path.join(folder, name), "wb") as out:
+      out.write(unpacked)
+  script = textwrap.dedent(f"""
+      import resource
+      from fashion_jax.data import idx
+      with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * resource.getpagesize()
+      resource.setrlimit(resource.RLIMIT_AS, (mapped + (512 << 20), resource.RLIM_INFINITY))
+      assert len(idx.read_idx({folder!r} + "/t10k-labels-idx1-ubyte.gz")) == 10
+      assert len(idx.load_split({folder!r}, "test")[1]) == 10
+      print("read")""")
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        check=False, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.stdout.strip() == "read", proc.stderr[-2000:]
 
 
 def test_gzip_members_one_after_another_and_zero_padding_are_read(tmp_path):

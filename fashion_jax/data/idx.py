@@ -30,6 +30,7 @@ _UINT8 = 0x08
 # would take all memory: refused.
 MAX_BYTES = 1 << 30
 _BLOCK = 1 << 22  # Inflated a piece at a time.
+_CHUNK = 1 << 20  # What a file of no known size (a pipe, a bucket's object) is read by.
 
 # split -> (images file, labels file), without the optional ".gz".
 FILES = {
@@ -40,8 +41,13 @@ FILES = {
 
 def read_idx(path: str, expected_ndim: int | None = None) -> np.ndarray:
   """Reads one IDX file (raw or gzip; local or gs://) into a uint8 array, validating the header."""
+  return parse_idx(_reading(path, _read_capped), path, expected_ndim)
+
+
+def _reading(path: str, how):
+  """how(path), a failure to read the file `path` a UserError naming it."""
   try:
-    data = _read_capped(path)
+    return how(path)
   except OSError as e:
     raise UserError(f"cannot read IDX file {path}: {e}; re-download or replace the file") from e
   except Exception as e:  # pylint: disable=broad-except  (a Cloud Storage client's own errors)
@@ -50,7 +56,6 @@ def read_idx(path: str, expected_ndim: int | None = None) -> np.ndarray:
     raise UserError(f"cannot read IDX file {path}: {type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''}; check the bucket and your "
                     "credentials (gcloud auth application-default login)") from e
-  return parse_idx(data, path, expected_ndim)
 
 
 def _too_large(path: str, size: str) -> UserError:
@@ -58,26 +63,37 @@ def _too_large(path: str, size: str) -> UserError:
                    f"data sets ({MAX_BYTES:,} bytes at most); replace the file")
 
 
-def _size_of(f) -> int:
-  return os.fstat(f.fileno()).st_size
+def _open(path: str):
+  if storage.is_url(path):
+    from etils import epath  # pylint: disable=g-import-not-at-top  (as storage reads a bucket)
+    return epath.Path(path).open("rb")
+  return open(path, "rb")  # pylint: disable=consider-using-with
+
+
+def _size_of(f) -> int | None:
+  """The size of the local file open as `f` where it has one (a regular file), else None."""
+  info = os.fstat(f.fileno())
+  return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
 def _read_capped(path: str) -> bytes:
   """The file's bytes, refusing one of more than MAX_BYTES: a local file by its size, before it
-  is read (a huge file pointed at by mistake took all memory first); whatever has no size (a
-  pipe, a device, an object in a bucket) read no further than the cap."""
-  if storage.is_url(path):
-    from etils import epath  # pylint: disable=g-import-not-at-top  (as storage reads a bucket)
-    opened = epath.Path(path).open("rb")
-  else:
-    opened = open(path, "rb")  # pylint: disable=consider-using-with
-  with opened as f:
-    if not storage.is_url(path) and (size := _size_of(f)) > MAX_BYTES:
+  is read (a huge file pointed at by mistake took all memory first), then read as one block of
+  that size (and one byte more: a file still growing goes on in blocks); whatever has no size (a
+  pipe, a device, an object in a bucket) read a block at a time, no further than the cap. (One
+  read of MAX_BYTES + 1 reserved 1 GiB for a 5 KB file: a buffered read allocates what is asked.)"""
+  with _open(path) as f:
+    size = None if storage.is_url(path) else _size_of(f)
+    if size is not None and size > MAX_BYTES:
       raise _too_large(path, f"{size:,} bytes")
-    data = f.read(MAX_BYTES + 1)
-  if len(data) > MAX_BYTES:
+    blocks, total, want = [], 0, _CHUNK if size is None else size + 1
+    while total <= MAX_BYTES and (block := f.read(min(want, MAX_BYTES + 1 - total))):
+      blocks.append(block)
+      total += len(block)
+      want = _CHUNK
+  if total > MAX_BYTES:
     raise _too_large(path, f"more than {MAX_BYTES:,} bytes")
-  return data
+  return b"".join(blocks)  # (One block, a regular file's: itself, not a copy.)
 
 
 def parse_idx(data: bytes, path: str, expected_ndim: int | None = None) -> np.ndarray:
