@@ -293,45 +293,77 @@ def test_a_gzip_of_many_empty_members_is_read_in_time_linear_in_its_size(tmp_pat
   assert time.monotonic() - start < 15
 
 
-def test_which_of_a_raw_and_a_gz_file_is_read_is_logged(tmp_path, caplog):
-  """Both present: the raw one is read (README; see test_download's
-  test_only_the_verified_bytes_are_read for why the raw one wins), and where the two do not hold
-  the same data (not a `gunzip -k`) a warning says so."""
-  folder = write_idx_folder(str(tmp_path), n_test=10)
-  for name in idx.FILES["test"]:
+def _unpack(folder, *names):
+  """`gunzip -k` of `names` in `folder`."""
+  for name in names:
     with gzip.open(os.path.join(folder, name + ".gz")) as f, open(os.path.join(folder, name),
                                                                   "wb") as out:
       out.write(f.read())
+
+
+def test_which_of_a_raw_and_a_gz_file_is_read_is_logged(tmp_path, caplog):
+  """Both present: the raw one is read (README; see test_download's
+  test_only_the_verified_bytes_are_read for why the raw one wins), and where the two do not hold
+  the same data (not a `gunzip -k`) of both files of the pair (a new version of each), a warning
+  says so for each."""
+  folder = write_idx_folder(str(tmp_path), n_test=10)
+  _unpack(folder, *idx.FILES["test"])
   caplog.set_level(logging.INFO)
   want = idx.load_split(folder, "test")
   said = lambda: [(r.levelname, r.getMessage()) for r in caplog.records if ".gz" in r.getMessage()]
   assert said() == [("INFO", f"both {name} and {name}.gz are in {folder}: reading {name} "
                              "(the raw file is read when both are)") for name in idx.FILES["test"]]
   caplog.clear()
-  images = os.path.join(folder, "t10k-images-idx3-ubyte")
+  images, labels = (os.path.join(folder, name) for name in idx.FILES["test"])
   idx.write_idx(images, np.zeros((10, 28, 28), np.uint8))
+  idx.write_idx(labels, (want[1] + 1) % 10)
   got = idx.load_split(folder, "test")
   assert got[0].max() == 0
-  np.testing.assert_array_equal(got[1], want[1])
-  assert said()[-1] == ("WARNING", f"t10k-images-idx3-ubyte and t10k-images-idx3-ubyte.gz in "
-                                   f"{folder} differ: t10k-images-idx3-ubyte is read (the raw file "
-                                   "is read when both are); remove the one that is not the "
-                                   "version you want")
-  assert [level for level, _ in said()] == ["INFO", "INFO", "WARNING"]
+  np.testing.assert_array_equal(got[1], (want[1] + 1) % 10)
+  assert said()[2:] == [("WARNING", f"{name} and {name}.gz in {folder} differ: {name} is read (the "
+                                    "raw file is read when both are); remove the one that is not "
+                                    "the version you want") for name in idx.FILES["test"]]
+  assert [level for level, _ in said()] == ["INFO", "INFO", "WARNING", "WARNING"]
 
 
+def test_a_gunzip_k_copy_is_told_by_the_gzip_trailer_not_by_inflating_the_gz(tmp_path,
+                                                                            monkeypatch):
+  """Both forms of each file (`gunzip -k`): every load inflated the .gz files too, to compare
+  them (10x the time of reading the raw files; a bucket's .gz downloaded in every process). The
+  gzip trailer's CRC-32 and size say it; only a .gz whose trailer does not match (several members,
+  padding, other data) is inflated, and one of several members with the same data is the same."""
+  folder = write_idx_folder(str(tmp_path), n_test=10)
+  _unpack(folder, *idx.FILES["test"])
+  inflated = []
+  real = idx._gunzip  # pylint: disable=protected-access
+  monkeypatch.setattr(idx, "_gunzip", lambda data, path: inflated.append(path) or real(data, path))
+  assert len(idx.load_split(folder, "test")[1]) == 10
+  assert inflated == []
+  labels = os.path.join(folder, idx.FILES["test"][1])
+  with open(labels, "rb") as f:
+    data = f.read()
+  with open(labels + ".gz", "wb") as f:  # Two members, then padding: the trailer is zeros.
+    f.write(gzip.compress(data[:5]) + gzip.compress(data[5:]) + bytes(100))
+  assert len(idx.load_split(folder, "test")[1]) == 10  # The same data: read (no error, below).
+  assert inflated == [labels + ".gz"]
+  idx.write_idx(os.path.join(folder, idx.FILES["test"][0]), np.zeros((10, 28, 28), np.uint8))
+  with pytest.raises(UserError, match="t10k-labels-idx1-ubyte and t10k-labels-idx1-ubyte.gz hold "
+                                      "the same data"):
+    idx.load_split(folder, "test")
+
+
+@pytest.mark.parametrize("partner", ["gz", "both"])
 @pytest.mark.parametrize("raw", ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
-def test_a_raw_file_is_not_read_with_the_other_version_of_its_pair(tmp_path, raw):
+def test_a_raw_file_is_not_read_with_the_other_version_of_its_pair(tmp_path, raw, partner):
   """A raw file beside a different .gz of the same name, its pair's other file only .gz: the raw
   one was read with the other .gz file, perhaps another version's (the same count: images and
-  labels silently shuffled). A `gunzip -k` of one file (the same data) still reads."""
+  labels silently shuffled). Its partner raw too but the same data as its .gz (`gunzip -k`) had
+  been only a warning, though the same data was read: refused alike. A `gunzip -k` of one file
+  (the same data) still reads."""
   folder = write_idx_folder(str(tmp_path), n_test=10)
-  with gzip.open(os.path.join(folder, raw + ".gz")) as f:
-    unpacked = f.read()
-  with open(os.path.join(folder, raw), "wb") as out:
-    out.write(unpacked)
-  want = idx.load_split(folder, "test")
   other = [n for n in idx.FILES["test"] if n != raw][0]
+  _unpack(folder, raw, *([other] if partner == "both" else []))
+  want = idx.load_split(folder, "test")
   if "images" in raw:
     idx.write_idx(os.path.join(folder, raw), np.zeros((10, 28, 28), np.uint8))
   else:
@@ -339,11 +371,39 @@ def test_a_raw_file_is_not_read_with_the_other_version_of_its_pair(tmp_path, raw
   with pytest.raises(UserError) as e:
     idx.load_split(folder, "test")
   assert str(e.value) == (
-      f"{raw} and {raw}.gz in IDX folder {folder!r} differ, and {other} is there only as "
-      f"{other}.gz: which {raw} belongs with it is not known; remove the one of {raw} and "
+      f"{raw} and {raw}.gz in IDX folder {folder!r} differ, and "
+      + (f"{other} is there only as {other}.gz" if partner == "gz" else
+         f"{other} and {other}.gz hold the same data")
+      + f": which {raw} belongs with it is not known; remove the one of {raw} and "
       f"{raw}.gz that is not the version you want")
   os.rename(os.path.join(folder, raw + ".gz"), os.path.join(folder, raw + ".old.gz"))
   assert idx.load_split(folder, "test")[0].shape == (10, 28, 28, 1)  # One version: read.
+
+
+@pytest.mark.parametrize("damage", ["truncated", "a web page"])
+def test_a_gz_that_cannot_be_read_beside_its_raw_file_is_ignored_with_a_warning(tmp_path, caplog,
+                                                                                damage):
+  """A truncated (or not IDX) .gz beside the raw file that is read was called "different",
+  and, its partner only .gz, a UserError stopped a run whose files were fine."""
+  folder = write_idx_folder(str(tmp_path), n_test=10)
+  name = "t10k-images-idx3-ubyte"
+  _unpack(folder, name)
+  packed = os.path.join(folder, name + ".gz")
+  if damage == "truncated":
+    with open(packed, "rb") as f:
+      data = f.read()
+    with open(packed, "wb") as f:
+      f.write(data[:len(data) // 2])
+  else:
+    with open(packed, "wb") as f:
+      f.write(b"<!DOCTYPE html><html><body>404 Not Found</body></html>")
+  caplog.set_level(logging.INFO)
+  assert len(idx.load_split(folder, "test")[1]) == 10
+  warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warned) == 1 and warned[0].startswith(
+      f"{name}.gz in {folder} is ignored ({name}, the raw file beside it, is read): "), warned
+  assert (f"cannot read IDX file {packed}: its gzip data is cut short" if damage == "truncated"
+          else f"{packed} is not a uint8 IDX file") in warned[0]
 
 
 def test_a_wrong_number_of_dimensions_names_the_shape_expected(tmp_path):

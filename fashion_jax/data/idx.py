@@ -3,6 +3,14 @@
 Format: a big-endian header -- two zero bytes, a type code (0x08 = uint8), the
 number of dimensions, then one uint32 per dimension -- followed by the raw
 values. Files may be gzip-compressed.
+
+A folder may hold each file raw, as .gz, or both; where both, the raw one is read, and the .gz is
+compared with it (by its gzip trailer; inflated only where that does not match), one that cannot
+be read ignored with a warning. Where a raw file and its .gz differ, the folder holds two versions
+of it, and the pair read (images, labels) could mix them: refused where the partner's data is also
+in the .gz form (the partner only .gz, or its raw and .gz the same data), as nothing says which
+version it belongs with; a warning where the partner read is a raw file no .gz matches (only raw,
+or differing from its .gz too: both files replaced by a new version), the raw files being a pair.
 """
 
 from __future__ import annotations
@@ -166,7 +174,7 @@ def write_idx(path: str, array: np.ndarray, compress: bool | None = None) -> Non
 def _find(folder: str, name: str, found: dict[str, str | None]) -> str | None:
   """The file `name` (raw, else .gz) in `folder`, given `found` (storage.kinds of both names)."""
   raw, packed = found[name], found[name + ".gz"]
-  if raw == "file" and packed == "file":  # (Contents not compared: that would cost a read.)
+  if raw == "file" and packed == "file":  # (Contents compared once both are read: _check_one_version.)
     logging.info("both %s and %s.gz are in %s: reading %s (the raw file is read when both are)",
                  name, name, folder, name)
   for candidate, what in ((name, raw), (name + ".gz", packed)):
@@ -179,26 +187,56 @@ def _find(folder: str, name: str, found: dict[str, str | None]) -> str | None:
   return None
 
 
+def _gz_holds(packed: str, array: np.ndarray) -> bool:
+  """Whether the .gz `packed` holds `array` (an IDX file's, header and all): by its gzip trailer,
+  the CRC-32 and size (mod 2**32) of what its last member inflates to -- equal, it is that data
+  (a `gunzip -k` copy; a .gz of several members whose last alone is the data reads as not IDX
+  and so is no other version); else, as a .gz of several members, zero padding or not gzip at all
+  has another trailer, by inflating it whole. A UserError where it cannot be read."""
+  header = struct.pack(">HBB", 0, _UINT8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+  data = np.ascontiguousarray(array)
+  size = (len(header) + data.nbytes) % 2**32
+  tail = _reading(packed, _trailer)
+  if tail[4:] == struct.pack("<I", size) and tail[:4] == struct.pack(
+      "<I", zlib.crc32(data, zlib.crc32(header))):
+    return True
+  return np.array_equal(read_idx(packed), array)
+
+
+def _trailer(path: str) -> bytes:
+  """The last 8 bytes of the file (all of it where shorter): one ranged read in a bucket."""
+  with _open(path) as f:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(size - 8, 0))
+    return f.read(8)
+
+
 def _check_one_version(folder: str, found: dict[str, str | None], read: dict) -> None:
   """Where a raw file was read beside a .gz of the same name, whether the two hold the same data
-  (`gunzip -k`): if not, a warning, and a UserError where the pair's other file is there only as
-  .gz (is the raw file the version that belongs with it? Both could hold 10,000 examples). `read`:
-  name -> the array read for it."""
+  (`gunzip -k`; a .gz that cannot be read is ignored, a warning): if not, an error where its
+  partner's data is in the .gz form too (only .gz, or raw and .gz the same: the partner may be the
+  .gz's version), else a warning (the partner read is a raw file no .gz matches: the pair is the
+  raw files, as where both were replaced). `read`: name -> the array read for it."""
+  form = {}  # name -> "raw", "gz" (the one form read), "same" or "differ".
   for name, array in read.items():
+    form[name] = "raw" if found[name] == "file" else "gz"
     if not found[name] == found[name + ".gz"] == "file":
       continue
     packed = storage.join(folder, name + ".gz")
     try:
-      same = np.array_equal(read_idx(packed), array)
-    except UserError:  # Unreadable: not the same data.
-      same = False
-    if same:
+      form[name] = "same" if _gz_holds(packed, array) else "differ"
+    except UserError as e:
+      logging.warning("%s.gz in %s is ignored (%s, the raw file beside it, is read): %s", name,
+                      folder, name, e)
+  for name, other in (tuple(read), tuple(read)[::-1]):
+    if form[name] != "differ":
       continue
-    other = next(n for n in read if n != name)
-    if found[other] != "file":
-      raise UserError(f"{name} and {name}.gz in IDX folder {folder!r} differ, and {other} is "
-                      f"there only as {other}.gz: which {name} belongs with it is not known; "
-                      f"remove the one of {name} and {name}.gz that is not the version you want")
+    if form[other] in ("gz", "same"):
+      partner = (f"{other} is there only as {other}.gz" if form[other] == "gz"
+                 else f"{other} and {other}.gz hold the same data")
+      raise UserError(f"{name} and {name}.gz in IDX folder {folder!r} differ, and {partner}: "
+                      f"which {name} belongs with it is not known; remove the one of {name} and "
+                      f"{name}.gz that is not the version you want")
     logging.warning("%s and %s.gz in %s differ: %s is read (the raw file is read when both are); "
                     "remove the one that is not the version you want", name, name, folder, name)
 
