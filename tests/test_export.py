@@ -6,6 +6,9 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -345,20 +348,28 @@ def test_output_through_a_link_or_on_a_mount_point(trained_tiny_workdir, tmp_pat
 
 def test_an_output_another_user_could_write_is_refused(tmp_path, monkeypatch):
   """--output=/tmp/fj_savedmodel, where another user had made a link of that name to a folder of
-  theirs, or an --output in a folder every user may write: the export was staged there and
-  loaded back from there to be checked (a SavedModel's graph runs with the exporter's rights),
-  then left where the other user could change it before it was served. /tmp itself (sticky) and
-  a teammate's folder stay fine; FASHION_JAX_TRUST_WORKDIR=1 takes the user's word."""
+  theirs (or that folder itself), or an --output in a folder every user may write: the export
+  was staged there and loaded back from there to be checked (a SavedModel's graph runs with the
+  exporter's rights), then left where the other user could change it before it was served.
+  /tmp itself (sticky) and a teammate's folder stay fine, in /tmp too: /scratch/projX, another
+  user's group folder on a sticky /scratch, and a container's bind mount in /tmp had been refused
+  as "belongs to another user", though in a sticky folder nobody but its owner can replace it.
+  FASHION_JAX_TRUST_WORKDIR=1 takes the user's word."""
   monkeypatch.delenv("FASHION_JAX_TRUST_WORKDIR", raising=False)
   for folder, mode in (("sticky", 0o1777), ("open", 0o777), ("team", 0o755)):
     (tmp_path / folder).mkdir()
     os.chmod(tmp_path / folder, mode)
-  theirs = tmp_path / "sticky" / "theirs"
-  (theirs / "out").mkdir(parents=True)
-  (tmp_path / "sticky" / "fj_savedmodel").symlink_to(theirs / "out")
-  (tmp_path / "sticky" / "theirs_new").symlink_to(theirs / "new")  # A link to nothing yet.
-  others = [theirs, theirs / "out", tmp_path / "sticky" / "fj_savedmodel",
-            tmp_path / "sticky" / "theirs_new"]
+  sticky = tmp_path / "sticky"
+  theirs, open_theirs, project = sticky / "theirs", sticky / "open_theirs", sticky / "projX"
+  for folder in (theirs / "out", open_theirs, project / "models"):
+    folder.mkdir(parents=True)
+  os.chmod(open_theirs, 0o1777)  # Another user's, where everyone may put a folder.
+  for folder in (project, project / "models"):  # A teammate's group folder (setgid, umask 002).
+    os.chmod(folder, 0o2775)
+  (sticky / "fj_savedmodel").symlink_to(theirs / "out")
+  (sticky / "theirs_new").symlink_to(theirs / "new")  # A link to nothing yet.
+  others = [theirs, theirs / "out", sticky / "fj_savedmodel", sticky / "theirs_new",
+            open_theirs, project, project / "models"]
   if os.getuid() == 0:  # Another user's: as root the test can make them so.
     for path in others:
       os.lchown(path, 65534, 65534)
@@ -371,20 +382,53 @@ def test_an_output_another_user_could_write_is_refused(tmp_path, monkeypatch):
         info = os.stat_result((*info[:4], 65534, *info[5:]))
       return info
     monkeypatch.setattr(os, "lstat", lstat)
-  for output, says in ((tmp_path / "sticky" / "fj_savedmodel", "belongs to another user"),
-                       (tmp_path / "sticky" / "theirs_new", "belongs to another user"),
-                       (theirs / "out" / "model", "belongs to another user"),
+  for output, says in ((sticky / "fj_savedmodel", f"{sticky / 'fj_savedmodel'} is a link "
+                        f"another user (uid 65534) made in {sticky}"),
+                       (sticky / "fj_savedmodel" / "model", "is a link another user"),
+                       (sticky / "theirs_new", "is a link another user"),
+                       (theirs, f"{theirs} belongs to another user (uid 65534) in {sticky}"),
+                       (open_theirs / "model", f"{open_theirs} is a folder of another user "
+                        "(uid 65534) that every user may write"),
                        (tmp_path / "open" / "model", f"the folder {tmp_path / 'open'} is "
                         "writable by every user"),
                        (tmp_path / "open", f"the folder {tmp_path / 'open'} is writable")):
     with pytest.raises(UserError, match=f"^--output '{re.escape(str(output))}' is not written: "
-                       f".*{re.escape(says)}.*FASHION_JAX_TRUST_WORKDIR=1") as caught:
+                       f".*{re.escape(says)}.*FASHION_JAX_TRUST_WORKDIR=1.*emptyDir") as caught:
       export_folder.check_output(str(output), overwrite=False)
     assert "\n" not in str(caught.value)
-  for output in (tmp_path / "sticky" / "mine", tmp_path / "team" / "model"):
+  for output in (sticky / "mine", tmp_path / "team" / "model", project / "models" / "v3",
+                 project / "models", theirs / "out" / "model", theirs / "new"):
     assert export_folder.check_output(str(output), overwrite=False) == str(output)
   monkeypatch.setenv("FASHION_JAX_TRUST_WORKDIR", "1")
   assert export_folder.check_output(str(tmp_path / "open" / "model"), overwrite=False)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="makes folders of other users and becomes one")
+def test_a_teammates_group_folder_on_a_sticky_scratch_is_an_output(monkeypatch):
+  """The common HPC layout: /scratch (1777) holding projX, a teammate's folder (uid 1001) their
+  group may write (2775). A member of the group (uid 1002) exporting to projX/models/v3 was
+  refused ("projX belongs to another user in /scratch, a folder every user may write"): nobody
+  but the teammate and the group can replace what is in projX. Run as that user, for real."""
+  monkeypatch.delenv("FASHION_JAX_TRUST_WORKDIR", raising=False)
+  top = tempfile.mkdtemp(dir="/tmp")  # (Not pytest's tmp_path: only root may enter it.)
+  try:
+    os.chmod(top, 0o755)
+    scratch, project = os.path.join(top, "scratch"), os.path.join(top, "scratch", "projX")
+    os.makedirs(os.path.join(project, "models"))
+    os.chmod(scratch, 0o1777)
+    for folder in (project, os.path.join(project, "models")):
+      os.chown(folder, 1001, 1500)
+      os.chmod(folder, 0o2775)
+    output = os.path.join(project, "models", "v3")
+    said = subprocess.run(  # Imported as root (its Python is in /root), then that user.
+        [sys.executable, "-c", "import os, sys\n"
+         "from fashion_jax.serving import export_folder\n"
+         "os.setgroups([1500]); os.setgid(1500); os.setuid(1002)\n"
+         "print(export_folder.check_output(sys.argv[1], False))", output],
+        cwd=ROOT, capture_output=True, text=True, check=False)
+    assert (said.returncode, said.stdout) == (0, output + "\n"), said.stderr[-2000:]
+  finally:
+    shutil.rmtree(top)
 
 
 def test_a_failed_swap_inside_the_folder_puts_the_old_export_back(tmp_path, monkeypatch):

@@ -46,8 +46,10 @@ def check_output(output: str, overwrite: bool) -> str:
     if why := _open_to_others(given, path):
       raise UserError(f"--output {given!r} is not written: {why}, so another user could change "
                       "the export there before it is loaded back to be checked (a SavedModel's "
-                      "graph runs with your rights) or served; pass an --output in a folder only "
-                      f"you can write, or set {storage.TRUST_ENV}=1 if nobody else can reach it")
+                      "graph runs with your rights) or served; pass an --output in a folder of "
+                      f"yours or your group's, or set {storage.TRUST_ENV}=1 if the folder is "
+                      "yours and nobody else can reach it (a mount that shows every folder as "
+                      "0777 or as another user's: WSL's /mnt/c, CIFS, a Kubernetes emptyDir)")
   if storage.exists(path) and not storage.isdir(path):
     raise UserError(f"--output {path!r} is a file; pass a folder (new or empty)")
   above = path
@@ -75,17 +77,17 @@ def check_output(output: str, overwrite: bool) -> str:
 
 def _open_to_others(given: str, path: str) -> str | None:
   """Why another user could write where the local --output `given` (resolved: `path`) puts the
-  export (its stage beside it or in it, which is loaded back to be checked), else None: the
-  nearest entry of each that exists put there by another user or in a folder every user may
-  write without the sticky bit (paths.put_by_others: a link another user made in /tmp, or a
-  folder of theirs), or that folder, where the export is staged, being such a folder itself."""
+  export (its stage beside it or in it, which is loaded back to be checked), else None: for the
+  nearest entry of each that exists, `_put_by_others`, or that folder, where the export is
+  staged, being one every user may write without the sticky bit."""
   if os.environ.get(storage.TRUST_ENV) == "1":
     return None
-  for entry in dict.fromkeys((os.path.abspath(given), path)):
+  for output in dict.fromkeys((os.path.abspath(given), path)):
+    entry = output
     while not os.path.lexists(entry):
       entry = os.path.dirname(entry)
     try:
-      if why := paths.put_by_others(entry):
+      if why := _put_by_others(entry, output):
         return why
       mode = os.stat(entry).st_mode
     except OSError:  # A folder on the way not searchable: said when the export is staged.
@@ -93,6 +95,34 @@ def _open_to_others(given: str, path: str) -> str | None:
     if (stat.S_ISDIR(mode) and mode & stat.S_IWOTH and not mode & stat.S_ISVTX
         and not paths.read_only(entry)):
       return f"the folder {os.path.realpath(entry)} is writable by every user"
+  return None
+
+
+def _put_by_others(entry: str, output: str) -> str | None:
+  """Why another user could change what is at the existing `entry` on the way to `output` (both
+  absolute), else None. A folder on the way every user may write without the sticky bit: anyone
+  can rename what is in it away and put theirs. In one with the sticky bit (/tmp, /scratch) others
+  can replace only their own entries, so one of another user's (not root's) there is refused
+  where it is `output` itself or a link (their /tmp/fj_savedmodel, made before the export, or a
+  link to their folder), or a folder every user may write; a folder of theirs above `output`
+  (a teammate's group folder, /scratch/projX; a container's bind mount) passes: they, or a group
+  they let write it, could change the export, as anywhere in a folder of theirs the user names.
+  A folder on a read-only mount is passed. Raises OSError where a folder cannot be looked at."""
+  while (parent := os.path.dirname(entry)) != entry:
+    where = os.path.realpath(parent)
+    mode = 0 if paths.read_only(where) else os.stat(where).st_mode
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+      return f"the folder {where} is writable by every user"
+    info = os.lstat(entry) if mode & stat.S_IWOTH else None
+    if info and info.st_uid not in (os.getuid(), 0):
+      theirs = f"another user (uid {info.st_uid})"
+      if stat.S_ISLNK(info.st_mode):
+        return f"{entry} is a link {theirs} made in {where}, a folder every user may write"
+      if entry == output:
+        return f"{entry} belongs to {theirs} in {where}, a folder every user may write"
+      if os.stat(entry).st_mode & stat.S_IWOTH and not paths.read_only(entry):
+        return f"{entry} is a folder of {theirs} that every user may write, in {where}"
+    entry = parent
   return None
 
 
