@@ -406,6 +406,21 @@ def test_a_gz_that_cannot_be_read_beside_its_raw_file_is_ignored_with_a_warning(
           else f"{packed} is not a uint8 IDX file") in warned[0]
 
 
+def test_a_gz_compared_with_its_raw_file_is_judged_like_the_files_read(tmp_path, monkeypatch):
+  """The .gz beside a raw file is read to compare them; one every user may write had been read
+  (its data deciding between a warning and an error) without the check the files read pass."""
+  monkeypatch.delenv(storage.TRUST_ENV, raising=False)
+  folder = write_idx_folder(str(tmp_path / "idx"), n_train=20, n_test=10)
+  _unpack(folder, *idx.FILES["test"])
+  packed = os.path.join(folder, "t10k-labels-idx1-ubyte.gz")
+  os.chmod(packed, 0o666)
+  with pytest.raises(UserError, match=f"IDX files in {folder} are not read: {packed} is writable "
+                                      "by every user"):
+    idx.load_split(folder, "test")
+  monkeypatch.setenv(storage.TRUST_ENV, "1")
+  assert len(idx.load_split(folder, "test")[1]) == 10
+
+
 def test_a_wrong_number_of_dimensions_names_the_shape_expected(tmp_path):
   """A 4-D images file was asked whether the images and labels files were swapped."""
   folder = write_idx_folder(str(tmp_path), n_train=20, gz=False)

@@ -174,7 +174,7 @@ def write_idx(path: str, array: np.ndarray, compress: bool | None = None) -> Non
 def _find(folder: str, name: str, found: dict[str, str | None]) -> str | None:
   """The file `name` (raw, else .gz) in `folder`, given `found` (storage.kinds of both names)."""
   raw, packed = found[name], found[name + ".gz"]
-  if raw == "file" and packed == "file":  # (Contents compared once both are read: _check_one_version.)
+  if raw == "file" and packed == "file":  # (Their contents compared: _check_one_version.)
     logging.info("both %s and %s.gz are in %s: reading %s (the raw file is read when both are)",
                  name, name, folder, name)
   for candidate, what in ((name, raw), (name + ".gz", packed)):
@@ -298,8 +298,10 @@ def load_split(folder: str, split: str, num_classes: int = 10,
       raise UserError(f"{name}[.gz] is missing from IDX folder {folder!r}; the {split} split is "
                       f"{images_name} and {labels_name} (raw or .gz; training reads both splits)")
     paths[name] = path
-  try:
-    unsafe = _open_to_others(folder, paths.values())
+  compared = [storage.join(folder, n + ".gz") for n in paths
+              if found[n] == found[n + ".gz"] == "file"]
+  try:  # (The .gz compared with a raw file is read too: _check_one_version.)
+    unsafe = _open_to_others(folder, [*paths.values(), *compared])
   except OSError as e:  # Gone since it was found, or a folder on the way not searchable.
     raise UserError(f"cannot read IDX folder {folder} ({e.strerror}); make it readable by "
                     "you") from e
