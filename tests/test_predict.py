@@ -366,6 +366,37 @@ def test_a_folder_that_cannot_be_read_is_an_error_not_skipped(trained_tiny_workd
   assert "no image files there" not in err.getvalue()
 
 
+def test_a_folder_that_cannot_be_read_alone_is_exit_1_not_no_images(tmp_path, monkeypatch):
+  """Such a folder alone printed its error line, then 'no image files to classify' (exit 2, a
+  usage error) about a folder that may be full of images; as an unreadable file alone, it is
+  now its error line and exit status 1 (2 with a PATH that does not exist too, as ever), and
+  the model is not loaded for nothing to classify."""
+  locked = tmp_path / "locked"
+  (locked / "summer").mkdir(parents=True)
+  real_scandir = os.scandir
+
+  def scandir(path="."):  # What listing a folder without read permission raises (root may).
+    if os.fspath(path) == str(locked):
+      raise PermissionError(13, "Permission denied", os.fspath(path))
+    return real_scandir(path)
+  monkeypatch.setattr(os, "scandir", scandir)
+  monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("loaded a model for none"))
+  missing = str(tmp_path / "typo.png")
+  for paths, status in (([str(locked)], predict.EXIT_FILE_FAILED),
+                        ([str(locked), missing], predict.EXIT_USAGE)):
+    err = io.StringIO()
+    predictions, got = predict.predict(str(tmp_path / "run"), paths, err=err)
+    assert got == status
+    assert [(p.path, p.top_k) for p in predictions] == [(path, None) for path in paths]
+    assert err.getvalue().splitlines()[0] == (
+        f"fashion_jax: error: {locked}: cannot read this folder (Permission denied); its images "
+        "are not classified")
+    assert err.getvalue().splitlines()[-1] == (
+        f"fashion_jax: {len(paths)} of {len(paths)} inputs could not be classified")
+    assert "no image files" not in err.getvalue()
+  assert '"error": "cannot read this folder' in predictions[0].to_json()
+
+
 def test_a_quoted_pattern_is_expanded_as_the_shell_would(tmp_path):
   """'photos/*.jpg' quoted (or from a program that passes no shell) was "no such file"."""
   for name in ("p/b.jpg", "p/a.png", "p/notes.txt", "p/sub/c.gif", "p/.hidden.jpg", "q/x.txt"):

@@ -246,9 +246,11 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
     print(f"fashion_jax: warning: {path}: no image files there (extensions: "
           f"{' '.join(sorted(preprocess.IMAGE_EXTENSIONS))})", file=err)
   todo = [p for p in predictions if p.error is None]
-  if not todo:
+  if not todo and not inputs.unreadable:
     raise UserError("no image files to classify" + (
         f"; not found: {', '.join(sorted(inputs.missing))}" if inputs.missing else ""))
+  if not todo:  # Only folders it cannot list (and missing PATHs): each said, exit 1 (or 2), as a
+    return predictions, _status(predictions, inputs, err)  # file it cannot read; not "no image".
   if before_jax:
     before_jax()
   from fashion_jax.serving import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
@@ -295,11 +297,15 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
       order = np.argsort(-probs, kind="stable")[:top_k]
       prediction.top_k = [(classifier.class_names[j], int(j), float(probs[j])) for j in order]
 
+  return predictions, _status(predictions, inputs, err)
+
+
+def _status(predictions: list[Prediction], inputs: Inputs, err: TextIO) -> int:
+  """The exit status, after a line counting the inputs that could not be classified."""
   failed = sum(p.error is not None for p in predictions)
   if failed:
     print(f"fashion_jax: {failed} of {len(predictions)} inputs could not be classified", file=err)
-  status = EXIT_USAGE if inputs.missing else EXIT_FILE_FAILED if failed else EXIT_OK
-  return predictions, status
+  return EXIT_USAGE if inputs.missing else EXIT_FILE_FAILED if failed else EXIT_OK
 
 
 def format_table(predictions: list[Prediction]) -> str:
