@@ -18,6 +18,7 @@ from PIL import Image
 from PIL import ImageOps
 
 from fashion_jax.data import idx
+from fashion_jax.serving import image_files
 from fashion_jax.serving import preprocess
 from tests import photos
 from tests.conftest import REAL_DATA_ENV
@@ -406,14 +407,74 @@ def test_only_the_formats_named_are_opened_and_ghostscript_never_runs(tmp_path, 
   garment = np.full((60, 40), 240, np.uint8)
   garment[10:50, 10:30] = 30
   Image.fromarray(garment).save(tmp_path / "garment.tga", format="TGA")
-  with pytest.raises(preprocess.ImageError, match=r"^not an image file of a format read here; "
-                     r"pass PNG, JPEG, WebP, BMP, GIF, TIFF or PNM"):
+  with pytest.raises(preprocess.ImageError, match=r"^a Targa \(TGA\) image, a format not read "
+                     r"here; convert it to PNG or JPEG first \(read here: PNG, JPEG, WebP, BMP, "
+                     r"GIF, TIFF, PNM"):
     preprocess.load_image(str(tmp_path / "garment.tga"))
   expected = convert_file(_saved(tmp_path, garment, "PNG"))
   for kind in ("BMP", "GIF", "TIFF", "PPM", "WEBP", "JPEG"):  # Each named format still read.
     got = convert_file(_saved(tmp_path, garment, kind))
     assert (got == expected).all() if kind != "JPEG" else np.abs(
         got.astype(int) - expected).mean() < 8, kind  # (JPEG: its artefacts.)
+
+
+@pytest.mark.parametrize("reads_avif", [True, False])
+def test_an_image_of_a_format_not_read_is_named_not_called_no_image(tmp_path, monkeypatch,
+                                                                    reads_avif):
+  """A JPEG 2000, Photoshop, icon, Targa or IM image was "not an image file of a format read
+  here". Its format is named by the magic bytes Pillow's plugins check (their accept functions,
+  on the first 16 bytes), no plugin opening it; a file of a format read but damaged is said to
+  be so. What no format claims is still "not an image file", and the formats read that it lists
+  take in AVIF where this Pillow reads it (predict's docstring and the README name it)."""
+  from PIL import features
+  garment = np.full((32, 32), 240, np.uint8)
+  Image.fromarray(garment).save(tmp_path / "icon.ico")
+  Image.fromarray(garment).save(tmp_path / "garment.tga")
+  png = io.BytesIO()
+  Image.fromarray(garment).save(png, "PNG")
+  for name, data in (("photo.jp2", b"\0\0\0\x0cjP  \r\n\x87\n\0\0\0\x14ftypjp2 " + b"\0" * 64),
+                     ("codestream.j2k", b"\xff\x4f\xff\x51" + b"\0" * 64),
+                     ("layers.psd", b"8BPS\0\1" + b"\0" * 64),
+                     ("frame.im", b"Image type: L image\r\nImage size (x*y): 4*4\r\n" + b"\0" * 512),
+                     ("damaged.png", png.getvalue()[:16] + b"\xff" * 64),
+                     ("notes.txt", b"not an image\n")):
+    (tmp_path / name).write_bytes(data)
+  Image.init()
+  opened = []
+
+  class Opener:  # Stands in for a plugin's opener: says it ran.
+    def __init__(self, fmt, factory):
+      self.fmt, self.format_description = fmt, getattr(factory, "format_description", None)
+
+    def __call__(self, *args, **kwargs):
+      opened.append(self.fmt)
+      raise SyntaxError(f"not {self.fmt}")
+  for fmt, (factory, accept) in list(Image.OPEN.items()):  # No opener of a format not read runs.
+    if fmt not in image_files.FORMATS:
+      monkeypatch.setitem(Image.OPEN, fmt, (Opener(fmt, factory), accept))
+  monkeypatch.setattr(features, "modules", {**features.modules, "avif": ("PIL._avif", None)})
+  monkeypatch.setattr(features, "check_module",
+                      lambda name, real=features.check_module: reads_avif if name == "avif"
+                      else real(name))
+  if reads_avif and "AVIF" not in image_files.formats():  # Pillow < 11.2 has no AVIF opener.
+    pytest.skip("this Pillow has no AVIF opener")
+  formats = ("PNG, JPEG, WebP, BMP, GIF, TIFF, PNM or AVIF" if reads_avif
+             else "PNG, JPEG, WebP, BMP, GIF, TIFF or PNM")
+  not_read = f", a format not read here; convert it to PNG or JPEG first (read here: {formats})"
+  for name, says in (("photo.jp2", "a JPEG 2000 (ISO 15444) image" + not_read),
+                     ("codestream.j2k", "a JPEG 2000 (ISO 15444) image" + not_read),
+                     ("layers.psd", "an Adobe Photoshop image" + not_read),
+                     ("icon.ico", "a Windows Icon image" + not_read),
+                     ("garment.tga", "a Targa (TGA) image" + not_read),
+                     ("frame.im", "an IFUNC Image Memory (IM) image" + not_read),
+                     ("damaged.png", "a PNG image by its first bytes, which Pillow cannot read "
+                      "(damaged or cut short?); pass an intact copy"),
+                     ("notes.txt", f"not an image file of a format read here; pass {formats} "
+                      "images (convert others to PNG first)")):
+    with pytest.raises(preprocess.ImageError) as caught:
+      preprocess.load_image(str(tmp_path / name))
+    assert str(caught.value) == says, name
+  assert not opened
 
 
 def _saved(folder, image: np.ndarray, kind: str):

@@ -5,6 +5,7 @@ identify, what it is instead."""
 from __future__ import annotations
 
 import gzip
+import os
 import zlib
 
 try:
@@ -75,14 +76,71 @@ def _ftyp_brands(head: bytes) -> list[bytes]:
   return [box[8:12]] + [box[i:i + 4] for i in range(16, len(box) - 3, 4)]
 
 
+def _reads_avif() -> bool:
+  from PIL import features  # pylint: disable=g-import-not-at-top
+  return "avif" in features.modules and bool(features.check_module("avif"))  # Pillow >= 11.2.
+
+
 def _avif_unread() -> str:
   import PIL  # pylint: disable=g-import-not-at-top
-  from PIL import features  # pylint: disable=g-import-not-at-top
-  if "avif" in features.modules and features.check_module("avif"):  # Pillow >= 11.2 reads AVIF.
+  if _reads_avif():
     return ("an AVIF image that Pillow cannot read (damaged, or a kind its libavif cannot "
             "decode); convert it to PNG or JPEG first")
   return (f"an AVIF image, which this Pillow ({PIL.__version__}) cannot read; Pillow 11.2 or "
           "later reads AVIF (pip install -U pillow), or convert it to PNG or JPEG first")
+
+
+_SHOWN = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP", "BMP": "BMP", "GIF": "GIF",
+          "TIFF": "TIFF", "PPM": "PNM", "AVIF": "AVIF"}
+
+
+def _read_here() -> str:
+  """The formats read, as predict names them: "PNG, JPEG, ... or PNM" (and AVIF where read)."""
+  names = [_SHOWN[f] for f in formats() if f in _SHOWN and (f != "AVIF" or _reads_avif())]
+  return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+# Formats Image.open has no magic bytes for (no accept function): a TGA 2.0 file ends in this
+# footer (Pillow writes it), an IM file starts with this line.
+_TGA_FOOTER = b"TRUEVISION-XFILE.\0"
+_IM_START = b"Image type: "
+
+
+def _claimed(head: bytes, tail: bytes) -> tuple[str, str, str | bool] | None:
+  """(The Pillow format a file with these first and last bytes is, its description, what its
+  accept function said), else None. Only the accept functions of Pillow's own plugins run, on
+  the 16 bytes Image.open gives them: each compares magic bytes (a str: the format's, but its
+  library missing), and opens, parses or runs nothing; no plugin's opener runs."""
+  Image.init()
+  for name, (factory, accept) in Image.OPEN.items():
+    if accept is None or not getattr(accept, "__module__", "").startswith("PIL."):
+      continue
+    try:
+      said = accept(head[:16])
+    except Exception:  # pylint: disable=broad-except  (struct.error: fewer bytes than it reads)
+      continue
+    if said:
+      return name, getattr(factory, "format_description", None) or name, said
+  if tail == _TGA_FOOTER:
+    return "TGA", "Targa (TGA)", True
+  if head.startswith(_IM_START):
+    return "IM", "IFUNC Image Memory (IM)", True
+  return None
+
+
+def _named(head: bytes, tail: bytes) -> str | None:
+  """What to say of a file Pillow cannot identify whose bytes name a format, else None."""
+  if not (claimed := _claimed(head, tail)):
+    return None
+  name, description, said = claimed
+  if isinstance(said, str):  # WebP (AVIF) with this Pillow built without its library.
+    return (f"a {_SHOWN.get(name, name)} image, which this Pillow cannot read ({said}); convert "
+            "it to PNG first")
+  if name in FORMATS:  # One of those read, which Image.open refused.
+    return (f"a {_SHOWN.get(name, name)} image by its first bytes, which Pillow cannot read "
+            "(damaged or cut short?); pass an intact copy")
+  return (f"{'an' if description[0] in 'AEIOU' else 'a'} {description} image, a format not read "
+          f"here; convert it to PNG or JPEG first (read here: {_read_here()})")
 
 
 def unidentified(path: str) -> str:
@@ -90,12 +148,17 @@ def unidentified(path: str) -> str:
   IDX file (the data set's own format: evaluate's) each had the same 'not an image file'."""
   try:
     with open(path, "rb") as f:
-      head = f.read(128)
+      head = raw = f.read(128)
+      try:
+        f.seek(-len(_TGA_FOOTER), os.SEEK_END)
+        tail = f.read()
+      except OSError:  # Shorter than that.
+        tail = b""
     if head[:2] == b"\x1f\x8b":  # gzip: an .idx-ubyte.gz?
       with gzip.open(path, "rb") as f:
         head = f.read(4)
   except (OSError, EOFError, zlib.error):  # Unreadable or a damaged .gz: said generically.
-    head = b"?"
+    head = raw = tail = b"?"
   if not head:
     return "empty file (0 bytes): nothing to classify; pass an image file"
   brands = _ftyp_brands(head)  # The first AVIF or HEVC brand decides, else a general HEIF one.
@@ -115,5 +178,7 @@ def unidentified(path: str) -> str:
   if head[:3] == b"\0\0\x08" and 1 <= head[3] <= 4:
     return ("an IDX file (the data set's own format), not an image file; evaluate classifies "
             "IDX test files: python -m fashion_jax.evaluate --workdir=DIR --idx_dir=FOLDER")
-  return ("not an image file of a format read here; pass PNG, JPEG, WebP, BMP, GIF, TIFF or "
-          "PNM images (convert others to PNG first)")
+  if why := _named(raw, tail):
+    return why
+  return (f"not an image file of a format read here; pass {_read_here()} images (convert others "
+          "to PNG first)")
