@@ -307,7 +307,8 @@ def total_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> i
       raise UserError(f"config.num_epochs={config.num_epochs} is {steps:,} steps at batch "
                       f"{config.batch_size}, more than the {MAX_STEPS:,} the step counter (int32) "
                       "holds; lower it")
-  if config.lr_schedule != "onecycle" and 0 < steps <= config.warmup_steps + 1:  # (Steps 0..N-1.)
+  if (config.lr_schedule != "onecycle" and config.warmup_steps > 0
+      and 0 < steps <= config.warmup_steps + 1):  # (Steps count from 0.)
     # (Warned, not refused: a recipe tried for a few steps is a fair use.)
     # The schedule squeezes the warm-up into the run: configs/accelerator_best.py shortened to
     # --config.num_epochs=2 (214 steps, warmup 500) trained without a word at a learning rate

@@ -200,6 +200,10 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(caplog, schedule, steps, ep
   from fashion_jax.model import steps as steps_lib  # pylint: disable=import-outside-toplevel
   lr = steps_lib.create_schedule(config, total)
   assert (lr(total - 2) < config.learning_rate) == warned or schedule == "onecycle"
+  caplog.clear()  # No warm-up: nothing to warn about, however short the run (one step).
+  config.warmup_steps, config.num_train_steps = 0, 1
+  config_lib.total_steps(config, 55000)
+  assert "warmup_steps" not in caplog.text
 
 
 def test_warmup_steps_under_onecycle_do_not_block_a_resume():
