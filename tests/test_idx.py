@@ -352,6 +352,46 @@ def test_a_gunzip_k_copy_is_told_by_the_gzip_trailer_not_by_inflating_the_gz(tmp
     idx.load_split(folder, "test")
 
 
+class _GFileLike:
+  """A file as tf.io.gfile.GFile (epath's where gcsfs is absent, or EPATH_USE_TF) has it: its
+  seek returns None, not the new position."""
+
+  def __init__(self, f):
+    self._f = f
+
+  def seek(self, *args):
+    self._f.seek(*args)
+
+  def __getattr__(self, name):
+    return getattr(self._f, name)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self._f.close()
+
+
+def test_a_gz_read_through_tensorflow_is_compared_by_its_trailer(tmp_path, monkeypatch, caplog):
+  """Its seek returning None, the trailer's read raised TypeError (in a bucket: "cannot read IDX
+  file ...: check the bucket and your credentials"): every .gz beside its raw file was ignored
+  with a warning, and raw files of two versions were read without the error."""
+  folder = write_idx_folder(str(tmp_path), n_test=10)
+  _unpack(folder, *idx.FILES["test"])
+  real = idx._open  # pylint: disable=protected-access
+  monkeypatch.setattr(idx, "_open", lambda path: _GFileLike(real(path)))
+  inflated = []
+  real_gunzip = idx._gunzip  # pylint: disable=protected-access
+  monkeypatch.setattr(idx, "_gunzip", lambda data, p: inflated.append(p) or real_gunzip(data, p))
+  caplog.set_level(logging.WARNING)
+  assert len(idx.load_split(folder, "test")[1]) == 10
+  assert caplog.records == [] and inflated == []
+  idx.write_idx(os.path.join(folder, idx.FILES["test"][0]), np.zeros((10, 28, 28), np.uint8))
+  with pytest.raises(UserError, match="t10k-labels-idx1-ubyte and t10k-labels-idx1-ubyte.gz hold "
+                                      "the same data"):
+    idx.load_split(folder, "test")
+
+
 @pytest.mark.parametrize("partner", ["gz", "both"])
 @pytest.mark.parametrize("raw", ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
 def test_a_raw_file_is_not_read_with_the_other_version_of_its_pair(tmp_path, raw, partner):

@@ -204,10 +204,11 @@ def _gz_holds(packed: str, array: np.ndarray) -> bool:
 
 
 def _trailer(path: str) -> bytes:
-  """The last 8 bytes of the file (all of it where shorter): one ranged read in a bucket."""
+  """The last 8 bytes of the file (all of it where shorter): one ranged read in a bucket.
+  (tf.io.gfile's seek returns None, not the position: told by tell().)"""
   with _open(path) as f:
-    size = f.seek(0, os.SEEK_END)
-    f.seek(max(size - 8, 0))
+    f.seek(0, os.SEEK_END)
+    f.seek(max(f.tell() - 8, 0))
     return f.read(8)
 
 
