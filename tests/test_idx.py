@@ -392,6 +392,24 @@ def test_a_gz_read_through_tensorflow_is_compared_by_its_trailer(tmp_path, monke
     idx.load_split(folder, "test")
 
 
+def test_a_gz_whose_last_member_alone_is_the_raw_file_is_not_the_same_data(tmp_path):
+  """Its trailer (the last member's CRC-32 and size) alone had it "the same data": a member first
+  (here a labels header counting the bytes of the raw file after it) reads as another IDX file,
+  its partner's only as .gz, and the raw labels were read with a .gz pair's images silently."""
+  folder = write_idx_folder(str(tmp_path), n_test=10)
+  name = idx.FILES["test"][1]
+  _unpack(folder, name)
+  with open(os.path.join(folder, name), "rb") as f:
+    data = f.read()
+  prefix = struct.pack(">HBBI", 0, 8, 1, len(data))
+  with open(os.path.join(folder, name + ".gz"), "wb") as f:
+    f.write(gzip.compress(prefix) + gzip.compress(data))
+  assert idx.read_idx(os.path.join(folder, name + ".gz")).shape == (len(data),)  # Another IDX.
+  with pytest.raises(UserError, match=f"{name} and {name}.gz in IDX folder .* differ, and "
+                                      "t10k-images-idx3-ubyte is there only as "):
+    idx.load_split(folder, "test")
+
+
 @pytest.mark.parametrize("partner", ["gz", "both"])
 @pytest.mark.parametrize("raw", ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
 def test_a_raw_file_is_not_read_with_the_other_version_of_its_pair(tmp_path, raw, partner):

@@ -5,12 +5,13 @@ number of dimensions, then one uint32 per dimension -- followed by the raw
 values. Files may be gzip-compressed.
 
 A folder may hold each file raw, as .gz, or both; where both, the raw one is read, and the .gz is
-compared with it (by its gzip trailer; inflated only where that does not match), one that cannot
-be read ignored with a warning. Where a raw file and its .gz differ, the folder holds two versions
-of it, and the pair read (images, labels) could mix them: refused where the partner's data is also
-in the .gz form (the partner only .gz, or its raw and .gz the same data), as nothing says which
-version it belongs with; a warning where the partner read is a raw file no .gz matches (only raw,
-or differing from its .gz too: both files replaced by a new version), the raw files being a pair.
+compared with it (by its gzip trailer and header; inflated whole where they do not match), one that
+cannot be read ignored with a warning. Where a raw file and its .gz differ, the folder holds two
+versions of it, and the pair read (images, labels) could mix them: refused where the partner's data
+is also in the .gz form (the partner only .gz, or its raw and .gz the same data), as nothing says
+which version it belongs with; a warning where the partner read is a raw file no .gz matches (only
+raw, or differing from its .gz too: both files replaced by a new version), the raw files being a
+pair.
 """
 
 from __future__ import annotations
@@ -188,28 +189,42 @@ def _find(folder: str, name: str, found: dict[str, str | None]) -> str | None:
 
 
 def _gz_holds(packed: str, array: np.ndarray) -> bool:
-  """Whether the .gz `packed` holds `array` (an IDX file's, header and all): by its gzip trailer,
-  the CRC-32 and size (mod 2**32) of what its last member inflates to -- equal, it is that data
-  (a `gunzip -k` copy; a .gz of several members whose last alone is the data reads as not IDX
-  and so is no other version); else, as a .gz of several members, zero padding or not gzip at all
-  has another trailer, by inflating it whole. A UserError where it cannot be read."""
+  """Whether the .gz `packed` holds `array` (an IDX file's, header and all). Without inflating it
+  where its gzip trailer (the CRC-32 and size mod 2**32 of what its last member inflates to) and
+  the first bytes it inflates to are the array's and its header: the trailer alone proves only
+  that the last member inflates to the data, not that nothing comes before it (a member P first:
+  P's bytes + the data), nor that the whole inflates. The header settles the first for any .gz
+  that reads as an IDX file: one more member's bytes first and the same header, it would hold more
+  than its header says. Not the second: a .gz that cannot be read (damaged in the middle; the data
+  twice over, `gzip -c >>`) whose start and trailer are the data's is "the same", not ignored --
+  no other version either way, and it can only make its partner's difference an error rather than
+  a warning. Any other .gz (several members, padding, other data) is inflated whole and compared.
+  A UserError where it cannot be read."""
   header = struct.pack(">HBB", 0, _UINT8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
   data = np.ascontiguousarray(array)
   size = (len(header) + data.nbytes) % 2**32
-  tail = _reading(packed, _trailer)
-  if tail[4:] == struct.pack("<I", size) and tail[:4] == struct.pack(
-      "<I", zlib.crc32(data, zlib.crc32(header))):
+  start, tail = _reading(packed, lambda path: _start_and_trailer(path, len(header)))
+  if start == header and tail == struct.pack(
+      "<II", zlib.crc32(data, zlib.crc32(header)), size):
     return True
   return np.array_equal(read_idx(packed), array)
 
 
-def _trailer(path: str) -> bytes:
-  """The last 8 bytes of the file (all of it where shorter): one ranged read in a bucket.
-  (tf.io.gfile's seek returns None, not the position: told by tell().)"""
+def _start_and_trailer(path: str, n: int) -> tuple[bytes | None, bytes]:
+  """The first `n` bytes the gzip file inflates to (None where they cannot be inflated) and its
+  last 8 bytes (all of it where shorter): ranged reads in a bucket. (tf.io.gfile's seek returns
+  None, not the position: told by tell().)"""
   with _open(path) as f:
     f.seek(0, os.SEEK_END)
     f.seek(max(f.tell() - 8, 0))
-    return f.read(8)
+    tail = f.read(8)
+    f.seek(0)
+    try:
+      with gzip.GzipFile(fileobj=f, mode="rb") as z:
+        start = z.read(n)
+    except (OSError, EOFError, zlib.error):  # (Told by inflating it whole: read_idx's error.)
+      start = None
+  return start, tail
 
 
 def _check_one_version(folder: str, found: dict[str, str | None], read: dict) -> None:
