@@ -464,19 +464,33 @@ def test_a_gz_that_cannot_be_read_beside_its_raw_file_is_ignored_with_a_warning(
           else f"{packed} is not a uint8 IDX file") in warned[0]
 
 
-def test_a_gz_compared_with_its_raw_file_is_judged_like_the_files_read(tmp_path, monkeypatch):
-  """The .gz beside a raw file is read to compare them; one every user may write had been read
-  (its data deciding between a warning and an error) without the check the files read pass."""
+def test_a_gz_another_user_could_have_written_is_ignored_not_compared(tmp_path, monkeypatch,
+                                                                     caplog):
+  """The .gz beside a raw file is read to compare them; one every user may write had refused the
+  whole load (36d10ee), though only the raw file is read and an unreadable .gz is ignored: ignored
+  alike, with a warning naming it and why, its data then deciding nothing (a different one is no
+  error here); the files read are still refused."""
   monkeypatch.delenv(storage.TRUST_ENV, raising=False)
   folder = write_idx_folder(str(tmp_path / "idx"), n_train=20, n_test=10)
   _unpack(folder, *idx.FILES["test"])
-  packed = os.path.join(folder, "t10k-labels-idx1-ubyte.gz")
+  name = "t10k-labels-idx1-ubyte"
+  packed = os.path.join(folder, name + ".gz")
+  idx.write_idx(packed, np.zeros(10, np.uint8))  # Another version, its partner the same data.
   os.chmod(packed, 0o666)
-  with pytest.raises(UserError, match=f"IDX files in {folder} are not read: {packed} is writable "
-                                      "by every user"):
-    idx.load_split(folder, "test")
-  monkeypatch.setenv(storage.TRUST_ENV, "1")
+  caplog.set_level(logging.WARNING)
   assert len(idx.load_split(folder, "test")[1]) == 10
+  assert [r.getMessage() for r in caplog.records] == [
+      f"{name}.gz in {folder} is ignored ({name}, the raw file beside it, is read): {packed} is "
+      f"writable by every user, so anyone could have put it there ({storage.TRUST_ENV}=1 trusts "
+      "it)"]
+  monkeypatch.setenv(storage.TRUST_ENV, "1")  # Trusted: compared, and the other version refused.
+  with pytest.raises(UserError, match=f"{name} and {name}.gz in IDX folder .* differ"):
+    idx.load_split(folder, "test")
+  monkeypatch.delenv(storage.TRUST_ENV)
+  os.chmod(os.path.join(folder, name), 0o666)  # The file read: refused.
+  with pytest.raises(UserError, match=f"IDX files in {folder} are not read: "
+                                      f"{os.path.join(folder, name)} is writable by every user"):
+    idx.load_split(folder, "test")
 
 
 def test_a_wrong_number_of_dimensions_names_the_shape_expected(tmp_path):

@@ -6,12 +6,12 @@ values. Files may be gzip-compressed.
 
 A folder may hold each file raw, as .gz, or both; where both, the raw one is read, and the .gz is
 compared with it (by its gzip trailer and header; inflated whole where they do not match), one that
-cannot be read ignored with a warning. Where a raw file and its .gz differ, the folder holds two
-versions of it, and the pair read (images, labels) could mix them: refused where the partner's data
-is also in the .gz form (the partner only .gz, or its raw and .gz the same data), as nothing says
-which version it belongs with; a warning where the partner read is a raw file no .gz matches (only
-raw, or differing from its .gz too: both files replaced by a new version), the raw files being a
-pair.
+cannot be read, or that another user could have written, ignored with a warning. Where a raw file
+and its .gz differ, the folder holds two versions of it, and the pair read (images, labels) could
+mix them: refused where the partner's data is also in the .gz form (the partner only .gz, or its
+raw and .gz the same data), as nothing says which version it belongs with; a warning where the
+partner read is a raw file no .gz matches (only raw, or differing from its .gz too: both files
+replaced by a new version), the raw files being a pair.
 """
 
 from __future__ import annotations
@@ -227,23 +227,27 @@ def _start_and_trailer(path: str, n: int) -> tuple[bytes | None, bytes]:
   return start, tail
 
 
-def _check_one_version(folder: str, found: dict[str, str | None], read: dict) -> None:
-  """Where a raw file was read beside a .gz of the same name, whether the two hold the same data
-  (`gunzip -k`; a .gz that cannot be read is ignored, a warning): if not, an error where its
+_IGNORED = "%s.gz in %s is ignored (%s, the raw file beside it, is read): "
+
+
+def _check_one_version(folder: str, found: dict[str, str | None], read: dict,
+                       compared: set) -> None:
+  """Where a raw file was read beside a .gz of the same name (its name in `compared`: not one
+  ignored as another user's), whether the two hold the same data (`gunzip -k`; a .gz that cannot
+  be read is ignored, a warning): if not, an error where its
   partner's data is in the .gz form too (only .gz, or raw and .gz the same: the partner may be the
   .gz's version), else a warning (the partner read is a raw file no .gz matches: the pair is the
   raw files, as where both were replaced). `read`: name -> the array read for it."""
   form = {}  # name -> "raw", "gz" (the one form read), "same" or "differ".
   for name, array in read.items():
     form[name] = "raw" if found[name] == "file" else "gz"
-    if not found[name] == found[name + ".gz"] == "file":
+    if name not in compared:
       continue
     packed = storage.join(folder, name + ".gz")
     try:
       form[name] = "same" if _gz_holds(packed, array) else "differ"
     except UserError as e:
-      logging.warning("%s.gz in %s is ignored (%s, the raw file beside it, is read): %s", name,
-                      folder, name, e)
+      logging.warning(_IGNORED + "%s", name, folder, name, e)
   for name, other in (tuple(read), tuple(read)[::-1]):
     if form[name] != "differ":
       continue
@@ -287,6 +291,22 @@ def _open_to_others(folder: str, files) -> str | None:
   return None
 
 
+def _trusted_gz(folder: str, name: str) -> bool:
+  """Whether the .gz beside the raw file `name` read may be compared with it (its data deciding
+  between a warning and an error): not where another user could have written it, nor where it
+  cannot be looked at -- then ignored with a warning, the raw file read alone, as one that cannot
+  be read (only the files read are refused)."""
+  packed = storage.join(folder, name + ".gz")
+  try:
+    why = _open_to_others(folder, [packed])
+    why = why and f"{why}, so anyone could have put it there ({storage.TRUST_ENV}=1 trusts it)"
+  except OSError as e:  # Gone since it was found, say.
+    why = f"cannot look at it ({e.strerror})"
+  if why:
+    logging.warning(_IGNORED + "%s", name, folder, name, why)
+  return not why
+
+
 def load_split(folder: str, split: str, num_classes: int = 10,
                named_by: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Returns (images [N, H, W, 1] uint8, labels [N] int32) of one split of an IDX folder.
@@ -314,10 +334,8 @@ def load_split(folder: str, split: str, num_classes: int = 10,
       raise UserError(f"{name}[.gz] is missing from IDX folder {folder!r}; the {split} split is "
                       f"{images_name} and {labels_name} (raw or .gz; training reads both splits)")
     paths[name] = path
-  compared = [storage.join(folder, n + ".gz") for n in paths
-              if found[n] == found[n + ".gz"] == "file"]
-  try:  # (The .gz compared with a raw file is read too: _check_one_version.)
-    unsafe = _open_to_others(folder, [*paths.values(), *compared])
+  try:
+    unsafe = _open_to_others(folder, paths.values())
   except OSError as e:  # Gone since it was found, or a folder on the way not searchable.
     raise UserError(f"cannot read IDX folder {folder} ({e.strerror}); make it readable by "
                     "you") from e
@@ -326,9 +344,11 @@ def load_split(folder: str, split: str, num_classes: int = 10,
                     "images or labels there; copy the files into a folder only you can write "
                     f"(or chmod o-w what is named), or set {storage.TRUST_ENV}=1 if nobody else "
                     "can reach it (a mount that shows everything as 0777: WSL's /mnt/c, CIFS)")
+  compared = {n for n in paths
+              if found[n] == found[n + ".gz"] == "file" and _trusted_gz(folder, n)}
   images = read_idx(paths[images_name], expected_ndim=3)
   labels = read_idx(paths[labels_name], expected_ndim=1)
-  _check_one_version(folder, found, {images_name: images, labels_name: labels})
+  _check_one_version(folder, found, {images_name: images, labels_name: labels}, compared)
   return checked_split(images, labels, paths[images_name], paths[labels_name], num_classes)
 
 
