@@ -351,25 +351,27 @@ def test_an_output_another_user_could_write_is_refused(tmp_path, monkeypatch):
   theirs (or that folder itself), or an --output in a folder every user may write: the export
   was staged there and loaded back from there to be checked (a SavedModel's graph runs with the
   exporter's rights), then left where the other user could change it before it was served.
-  /tmp itself (sticky) and a teammate's folder stay fine, in /tmp too: /scratch/projX, another
-  user's group folder on a sticky /scratch, and a container's bind mount in /tmp had been refused
-  as "belongs to another user", though in a sticky folder nobody but its owner can replace it.
-  FASHION_JAX_TRUST_WORKDIR=1 takes the user's word."""
+  A folder of theirs above the --output in a sticky one is refused too (b1b22ad had passed it:
+  whoever made /tmp/models first can rename /tmp/models/v1 away and put theirs), as is a `..`
+  after their link (abspath dropped it textually, and the link was never looked at, where the
+  kernel goes to the link's target's parent). /tmp itself (sticky) stays fine, relative paths
+  too; FASHION_JAX_TRUST_WORKDIR=1 takes the user's word (a teammate's folder)."""
   monkeypatch.delenv("FASHION_JAX_TRUST_WORKDIR", raising=False)
   for folder, mode in (("sticky", 0o1777), ("open", 0o777), ("team", 0o755)):
     (tmp_path / folder).mkdir()
     os.chmod(tmp_path / folder, mode)
   sticky = tmp_path / "sticky"
   theirs, open_theirs, project = sticky / "theirs", sticky / "open_theirs", sticky / "projX"
-  for folder in (theirs / "out", open_theirs, project / "models"):
+  for folder in (theirs / "out", open_theirs, project / "models", tmp_path / "team" / "v1"):
     folder.mkdir(parents=True)
   os.chmod(open_theirs, 0o1777)  # Another user's, where everyone may put a folder.
   for folder in (project, project / "models"):  # A teammate's group folder (setgid, umask 002).
     os.chmod(folder, 0o2775)
   (sticky / "fj_savedmodel").symlink_to(theirs / "out")
   (sticky / "theirs_new").symlink_to(theirs / "new")  # A link to nothing yet.
+  (sticky / "evil").symlink_to(tmp_path / "team" / "v1")  # evil/../out: team/out, not sticky/out.
   others = [theirs, theirs / "out", sticky / "fj_savedmodel", sticky / "theirs_new",
-            open_theirs, project, project / "models"]
+            sticky / "evil", open_theirs, project, project / "models"]
   if os.getuid() == 0:  # Another user's: as root the test can make them so.
     for path in others:
       os.lchown(path, 65534, 65534)
@@ -382,33 +384,56 @@ def test_an_output_another_user_could_write_is_refused(tmp_path, monkeypatch):
         info = os.stat_result((*info[:4], 65534, *info[5:]))
       return info
     monkeypatch.setattr(os, "lstat", lstat)
-  for output, says in ((sticky / "fj_savedmodel", f"{sticky / 'fj_savedmodel'} is a link "
-                        f"another user (uid 65534) made in {sticky}"),
-                       (sticky / "fj_savedmodel" / "model", "is a link another user"),
-                       (sticky / "theirs_new", "is a link another user"),
-                       (theirs, f"{theirs} belongs to another user (uid 65534) in {sticky}"),
-                       (open_theirs / "model", f"{open_theirs} is a folder of another user "
-                        "(uid 65534) that every user may write"),
-                       (tmp_path / "open" / "model", f"the folder {tmp_path / 'open'} is "
-                        "writable by every user"),
-                       (tmp_path / "open", f"the folder {tmp_path / 'open'} is writable")):
+  refused = [(sticky / "fj_savedmodel", f"{sticky / 'fj_savedmodel'} is a link another user "
+              f"(uid 65534) made in {sticky}"),
+             (sticky / "fj_savedmodel" / "model", "is a link another user"),
+             (sticky / "theirs_new", "is a link another user"),
+             (f"{sticky}/evil/../out", f"{sticky / 'evil'} is a link another user (uid 65534)"),
+             (f"{sticky}/evil/../../sticky/mine", f"{sticky / 'evil'} is a link another user"),
+             (theirs, f"{theirs} belongs to another user (uid 65534) in {sticky}"),
+             (theirs / "out" / "model", f"{theirs} belongs to another user (uid 65534)"),
+             (theirs / "new", f"{theirs} belongs to another user (uid 65534)"),
+             (open_theirs / "model", f"{open_theirs} belongs to another user (uid 65534) in "
+              f"{sticky}, a folder every user may write"),
+             (project / "models" / "v3", f"{project} belongs to another user (uid 65534) in "
+              f"{sticky}, a folder every user may write"),
+             (project / "models", f"{project} belongs to another user"),
+             (tmp_path / "open" / "model", f"the folder {tmp_path / 'open'} is writable by "
+              "every user"),
+             (tmp_path / "open", f"the folder {tmp_path / 'open'} is writable")]
+  for output, says in refused:
     with pytest.raises(UserError, match=f"^--output '{re.escape(str(output))}' is not written: "
-                       f".*{re.escape(says)}.*FASHION_JAX_TRUST_WORKDIR=1.*emptyDir") as caught:
+                       f".*{re.escape(says)}.*pass an --output in a folder of your own, or set "
+                       "FASHION_JAX_TRUST_WORKDIR=1 if you trust the folder's owner .*emptyDir") \
+        as caught:
       export_folder.check_output(str(output), overwrite=False)
     assert "\n" not in str(caught.value)
-  for output in (sticky / "mine", tmp_path / "team" / "model", project / "models" / "v3",
-                 project / "models", theirs / "out" / "model", theirs / "new"):
-    assert export_folder.check_output(str(output), overwrite=False) == str(output)
-  monkeypatch.setenv("FASHION_JAX_TRUST_WORKDIR", "1")
-  assert export_folder.check_output(str(tmp_path / "open" / "model"), overwrite=False)
+  monkeypatch.chdir(sticky)  # Relative: as the kernel finds them from the current folder.
+  for output, says in (("evil/../out", f"{sticky / 'evil'} is a link another user"),
+                       ("./fj_savedmodel", "is a link another user"),
+                       ("projX/models/v3", f"{project} belongs to another user")):
+    with pytest.raises(UserError, match=f"^--output '{re.escape(output)}' is not written: "
+                       f".*{re.escape(says)}"):
+      export_folder.check_output(output, overwrite=False)
+  for output, resolved in (("mine", sticky / "mine"), ("../team/model", tmp_path / "team" /
+                                                        "model"), ("./new/../mine", sticky / "mine")):
+    assert export_folder.check_output(output, overwrite=False) == str(resolved)
+  for output in (sticky / "mine", tmp_path / "team" / "model", f"{tmp_path}/team/v1/../out"):
+    assert export_folder.check_output(str(output), overwrite=False) == os.path.abspath(output)
+  monkeypatch.setenv("FASHION_JAX_TRUST_WORKDIR", "1")  # A teammate's folder the user trusts.
+  for output, _ in refused[:5] + refused[6:]:  # (Not theirs: a folder not empty.)
+    assert export_folder.check_output(str(output), overwrite=False) == os.path.realpath(
+        os.path.abspath(output))
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="makes folders of other users and becomes one")
-def test_a_teammates_group_folder_on_a_sticky_scratch_is_an_output(monkeypatch):
+def test_a_teammates_group_folder_on_a_sticky_scratch_is_refused_unless_trusted(monkeypatch):
   """The common HPC layout: /scratch (1777) holding projX, a teammate's folder (uid 1001) their
-  group may write (2775). A member of the group (uid 1002) exporting to projX/models/v3 was
-  refused ("projX belongs to another user in /scratch, a folder every user may write"): nobody
-  but the teammate and the group can replace what is in projX. Run as that user, for real."""
+  group may write (2775). b1b22ad let a member of the group (uid 1002) export to
+  projX/models/v3; but whoever made projX first (not necessarily a teammate: /tmp/models made by
+  anyone, shared with a group or an ACL) can rename v3 away and put their own SavedModel there
+  before it is loaded back or served. Refused, as the workdir checks refuse it, naming
+  FASHION_JAX_TRUST_WORKDIR=1, which takes it. Run as that user, for real."""
   monkeypatch.delenv("FASHION_JAX_TRUST_WORKDIR", raising=False)
   top = tempfile.mkdtemp(dir="/tmp")  # (Not pytest's tmp_path: only root may enter it.)
   try:
@@ -420,13 +445,28 @@ def test_a_teammates_group_folder_on_a_sticky_scratch_is_an_output(monkeypatch):
       os.chown(folder, 1001, 1500)
       os.chmod(folder, 0o2775)
     output = os.path.join(project, "models", "v3")
-    said = subprocess.run(  # Imported as root (its Python is in /root), then that user.
-        [sys.executable, "-c", "import os, sys\n"
-         "from fashion_jax.serving import export_folder\n"
-         "os.setgroups([1500]); os.setgid(1500); os.setuid(1002)\n"
-         "print(export_folder.check_output(sys.argv[1], False))", output],
-        cwd=ROOT, capture_output=True, text=True, check=False)
-    assert (said.returncode, said.stdout) == (0, output + "\n"), said.stderr[-2000:]
+    for trust in ("0", "1"):
+      said = subprocess.run(  # Imported as root (its Python is in /root), then that user.
+          [sys.executable, "-c", "import os, sys\n"
+           "from fashion_jax.serving import export_folder\n"
+           "from fashion_jax.support.errors import UserError\n"
+           "os.setgroups([1500]); os.setgid(1500); os.setuid(1002)\n"
+           "try:\n  print(export_folder.check_output(sys.argv[1], False))\n"
+           "except UserError as e:\n  sys.exit(str(e))", output],
+          cwd=ROOT, capture_output=True, text=True, check=False,
+          env={**os.environ, "FASHION_JAX_TRUST_WORKDIR": trust})
+      if trust == "1":
+        assert (said.returncode, said.stdout) == (0, output + "\n"), said.stderr[-2000:]
+      else:
+        assert said.returncode == 1 and said.stderr == (
+            f"--output {output!r} is not written: {project} belongs to another user (uid 1001) "
+            f"in {scratch}, a folder every user may write, so another user could change the "
+            "export there before it is loaded back to be checked (a SavedModel's graph runs "
+            "with your rights) or served; pass an --output in a folder of your own, or set "
+            "FASHION_JAX_TRUST_WORKDIR=1 if you trust the folder's owner (a teammate's group "
+            "folder on a shared /scratch, a container's bind mount) or it is a mount that shows "
+            "every folder as 0777 or as another user's (WSL's /mnt/c, CIFS, a Kubernetes "
+            "emptyDir)\n"), said.stderr[-2000:]
   finally:
     shutil.rmtree(top)
 

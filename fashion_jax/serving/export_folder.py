@@ -42,14 +42,15 @@ def check_output(output: str, overwrite: bool) -> str:
   if not storage.is_url(path):
     # A link to the export folder (models/current -> v3): the export replaces v3's contents and
     # the link stays (it had replaced the link by a folder and left v3 as it was, or failed).
-    given, path = path, os.path.realpath(path)
-    if why := _open_to_others(given, path):
-      raise UserError(f"--output {given!r} is not written: {why}, so another user could change "
+    path = os.path.realpath(path)
+    if why := _open_to_others(os.path.join(os.getcwd(), os.path.expanduser(output)), path):
+      raise UserError(f"--output {output!r} is not written: {why}, so another user could change "
                       "the export there before it is loaded back to be checked (a SavedModel's "
                       "graph runs with your rights) or served; pass an --output in a folder of "
-                      f"yours or your group's, or set {storage.TRUST_ENV}=1 if the folder is "
-                      "yours and nobody else can reach it (a mount that shows every folder as "
-                      "0777 or as another user's: WSL's /mnt/c, CIFS, a Kubernetes emptyDir)")
+                      f"your own, or set {storage.TRUST_ENV}=1 if you trust the folder's owner (a "
+                      "teammate's group folder on a shared /scratch, a container's bind mount) or "
+                      "it is a mount that shows every folder as 0777 or as another user's (WSL's "
+                      "/mnt/c, CIFS, a Kubernetes emptyDir)")
   if storage.exists(path) and not storage.isdir(path):
     raise UserError(f"--output {path!r} is a file; pass a folder (new or empty)")
   above = path
@@ -75,54 +76,59 @@ def check_output(output: str, overwrite: bool) -> str:
   return path
 
 
-def _open_to_others(given: str, path: str) -> str | None:
-  """Why another user could write where the local --output `given` (resolved: `path`) puts the
-  export (its stage beside it or in it, which is loaded back to be checked), else None: for the
-  nearest entry of each that exists, `_put_by_others`, or that folder, where the export is
-  staged, being one every user may write without the sticky bit."""
+def _open_to_others(typed: str, path: str) -> str | None:
+  """Why another user could write where the local --output `typed` (absolute, as typed: not
+  normalised; resolved: `path`) puts the export (its stage beside it or in it, which is loaded
+  back to be checked), else None: `_put_by_others` on the way `typed` names and on `path`, or the
+  nearest folder of `path` that exists, where the export is staged, being one every user may
+  write without the sticky bit."""
   if os.environ.get(storage.TRUST_ENV) == "1":
     return None
-  for output in dict.fromkeys((os.path.abspath(given), path)):
-    entry = output
-    while not os.path.lexists(entry):
-      entry = os.path.dirname(entry)
-    try:
-      if why := _put_by_others(entry, output):
-        return why
-      mode = os.stat(entry).st_mode
-    except OSError:  # A folder on the way not searchable: said when the export is staged.
-      continue
-    if (stat.S_ISDIR(mode) and mode & stat.S_IWOTH and not mode & stat.S_ISVTX
-        and not paths.read_only(entry)):
-      return f"the folder {os.path.realpath(entry)} is writable by every user"
+  for way in (typed, path):
+    if why := _put_by_others(way):
+      return why
+  entry = path
+  while not os.path.lexists(entry):
+    entry = os.path.dirname(entry)
+  try:
+    mode = os.stat(entry).st_mode
+  except OSError:  # A folder on the way not searchable: said when the export is staged.
+    return None
+  if (stat.S_ISDIR(mode) and mode & stat.S_IWOTH and not mode & stat.S_ISVTX
+      and not paths.read_only(entry)):
+    return f"the folder {os.path.realpath(entry)} is writable by every user"
   return None
 
 
-def _put_by_others(entry: str, output: str) -> str | None:
-  """Why another user could change what is at the existing `entry` on the way to `output` (both
-  absolute), else None. A folder on the way every user may write without the sticky bit: anyone
-  can rename what is in it away and put theirs. In one with the sticky bit (/tmp, /scratch) others
-  can replace only their own entries, so one of another user's (not root's) there is refused
-  where it is `output` itself or a link (their /tmp/fj_savedmodel, made before the export, or a
-  link to their folder), or a folder every user may write; a folder of theirs above `output`
-  (a teammate's group folder, /scratch/projX; a container's bind mount) passes: they, or a group
-  they let write it, could change the export, as anywhere in a folder of theirs the user names.
-  A folder on a read-only mount is passed. Raises OSError where a folder cannot be looked at."""
-  while (parent := os.path.dirname(entry)) != entry:
-    where = os.path.realpath(parent)
-    mode = 0 if paths.read_only(where) else os.stat(where).st_mode
+def _put_by_others(way: str) -> str | None:
+  """Why another user could change an existing entry on the absolute `way`, else None: each
+  name in turn, up to the first missing one, in the folder the kernel finds it in (a `..` after a
+  link is its target's parent: abspath's `a/link/../b` is `a/b`, and the link was never looked
+  at). A folder on the way every user may write without the sticky bit (anyone can rename what
+  is in it away and put theirs), or in one with the sticky bit (/tmp, /scratch) an entry that is
+  neither this user's nor root's, wherever it is on the way: the --output itself, a link (their
+  /tmp/fj_savedmodel, or a link to their folder) or a folder above it (their /tmp/models, in
+  which they can rename the export away and put theirs), as the workdir checks refuse
+  (paths.put_by_others); FASHION_JAX_TRUST_WORKDIR=1 for a teammate's. A folder on a read-only
+  mount is passed. A folder that cannot be looked at ends it (said when the export is staged)."""
+  typed = "/"
+  for name in way.split("/"):
+    if name in ("", ".", ".."):
+      typed = os.path.join(typed, name) if name == ".." else typed  # Where realpath finds it.
+      continue
+    where, typed = os.path.realpath(typed), os.path.join(typed, name)
+    try:
+      info = os.lstat(os.path.join(where, name))
+      mode = 0 if paths.read_only(where) else os.stat(where).st_mode
+    except OSError:  # Missing: nothing further on the way exists.
+      return None
     if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
       return f"the folder {where} is writable by every user"
-    info = os.lstat(entry) if mode & stat.S_IWOTH else None
-    if info and info.st_uid not in (os.getuid(), 0):
+    if mode & stat.S_IWOTH and info.st_uid not in (os.getuid(), 0):
       theirs = f"another user (uid {info.st_uid})"
       if stat.S_ISLNK(info.st_mode):
-        return f"{entry} is a link {theirs} made in {where}, a folder every user may write"
-      if entry == output:
-        return f"{entry} belongs to {theirs} in {where}, a folder every user may write"
-      if os.stat(entry).st_mode & stat.S_IWOTH and not paths.read_only(entry):
-        return f"{entry} is a folder of {theirs} that every user may write, in {where}"
-    entry = parent
+        return f"{typed} is a link {theirs} made in {where}, a folder every user may write"
+      return f"{typed} belongs to {theirs} in {where}, a folder every user may write"
   return None
 
 
