@@ -407,9 +407,9 @@ def test_only_the_formats_named_are_opened_and_ghostscript_never_runs(tmp_path, 
   garment = np.full((60, 40), 240, np.uint8)
   garment[10:50, 10:30] = 30
   Image.fromarray(garment).save(tmp_path / "garment.tga", format="TGA")
-  with pytest.raises(preprocess.ImageError, match=r"^a Targa \(TGA\) image, a format not read "
-                     r"here; convert it to PNG or JPEG first \(read here: PNG, JPEG, WebP, BMP, "
-                     r"GIF, TIFF, PNM"):
+  with pytest.raises(preprocess.ImageError, match=r"^a file in the Targa \(TGA\) format, which is "
+                     r"not read here; convert it to PNG or JPEG first \(read here: PNG, JPEG, "
+                     r"WebP, BMP, GIF, TIFF, PNM"):
     preprocess.load_image(str(tmp_path / "garment.tga"))
   expected = convert_file(_saved(tmp_path, garment, "PNG"))
   for kind in ("BMP", "GIF", "TIFF", "PPM", "WEBP", "JPEG"):  # Each named format still read.
@@ -422,21 +422,33 @@ def test_only_the_formats_named_are_opened_and_ghostscript_never_runs(tmp_path, 
 def test_an_image_of_a_format_not_read_is_named_not_called_no_image(tmp_path, monkeypatch,
                                                                     reads_avif):
   """A JPEG 2000, Photoshop, icon, Targa or IM image was "not an image file of a format read
-  here". Its format is named by the magic bytes Pillow's plugins check (their accept functions,
-  on the first 16 bytes), no plugin opening it; a file of a format read but damaged is said to
-  be so. What no format claims is still "not an image file", and the formats read that it lists
-  take in AVIF where this Pillow reads it (predict's docstring and the README name it)."""
+  here". Its format is named by magic bytes specific enough to say what it is, no plugin opening
+  it; a file of a format read but damaged is said to be so where its magic is as specific (PNG,
+  JPEG, GIF, TIFF, WebP). Pillow's own accept functions are not (bc8f98d used them): a C or CSS
+  file starting with "/*" was "a X11 Bitmap image" (so was an XPM: XBM is asked first), text
+  starting "Py" or "P1" "a PNM image ... damaged or cut short?", a file starting with the
+  little-endian 40 "a DIB image ... damaged"; each is "not an image file" again. The formats read
+  that it lists take in AVIF where this Pillow reads it (predict's docstring and the README)."""
   from PIL import features
   garment = np.full((32, 32), 240, np.uint8)
   Image.fromarray(garment).save(tmp_path / "icon.ico")
   Image.fromarray(garment).save(tmp_path / "garment.tga")
+  Image.fromarray(garment).save(tmp_path / "garment.sgi", format="SGI")
   png = io.BytesIO()
   Image.fromarray(garment).save(png, "PNG")
   for name, data in (("photo.jp2", b"\0\0\0\x0cjP  \r\n\x87\n\0\0\0\x14ftypjp2 " + b"\0" * 64),
                      ("codestream.j2k", b"\xff\x4f\xff\x51" + b"\0" * 64),
                      ("layers.psd", b"8BPS\0\1" + b"\0" * 64),
                      ("frame.im", b"Image type: L image\r\nImage size (x*y): 4*4\r\n" + b"\0" * 512),
+                     ("pixmap.xpm", b'/* XPM */\nstatic char *x[] = {\n"1 1 1 1",\n". c #000000",'
+                      b'\n"."};\n'),
                      ("damaged.png", png.getvalue()[:16] + b"\xff" * 64),
+                     ("cut.gif", b"GIF89a\x20\0"),
+                     ("style.png", b"/* Site styles */\nbody { color: #333; }\n"),
+                     ("main.jpg", b"/*\n * main.c\n */\n#include <stdio.h>\n"),
+                     ("notes.png", b"Python notes: install Pillow first\n"),
+                     ("minutes.png", b"P3: the plan for the week\n"),
+                     ("record.png", (40).to_bytes(4, "little") + bytes(range(1, 60))),
                      ("notes.txt", b"not an image\n")):
     (tmp_path / name).write_bytes(data)
   Image.init()
@@ -460,21 +472,31 @@ def test_an_image_of_a_format_not_read_is_named_not_called_no_image(tmp_path, mo
     pytest.skip("this Pillow has no AVIF opener")
   formats = ("PNG, JPEG, WebP, BMP, GIF, TIFF, PNM or AVIF" if reads_avif
              else "PNG, JPEG, WebP, BMP, GIF, TIFF or PNM")
-  not_read = f", a format not read here; convert it to PNG or JPEG first (read here: {formats})"
-  for name, says in (("photo.jp2", "a JPEG 2000 (ISO 15444) image" + not_read),
-                     ("codestream.j2k", "a JPEG 2000 (ISO 15444) image" + not_read),
-                     ("layers.psd", "an Adobe Photoshop image" + not_read),
-                     ("icon.ico", "a Windows Icon image" + not_read),
-                     ("garment.tga", "a Targa (TGA) image" + not_read),
-                     ("frame.im", "an IFUNC Image Memory (IM) image" + not_read),
+  not_read = (" format, which is not read here; convert it to PNG or JPEG first (read here: "
+              f"{formats})")
+  no_image = f"not an image file of a format read here; pass {formats} images (convert others " \
+             "to PNG first)"
+  for name, says in (("photo.jp2", "a file in the JPEG 2000" + not_read),
+                     ("codestream.j2k", "a file in the JPEG 2000" + not_read),
+                     ("layers.psd", "a file in the Photoshop (PSD)" + not_read),
+                     ("icon.ico", "a file in the Windows icon (ICO)" + not_read),
+                     ("garment.tga", "a file in the Targa (TGA)" + not_read),
+                     ("garment.sgi", "a file in the SGI" + not_read),
+                     ("frame.im", "a file in the IFUNC Image Memory (IM)" + not_read),
+                     ("pixmap.xpm", "a file in the X11 pixmap (XPM)" + not_read),
                      ("damaged.png", "a PNG image by its first bytes, which Pillow cannot read "
                       "(damaged or cut short?); pass an intact copy"),
-                     ("notes.txt", f"not an image file of a format read here; pass {formats} "
-                      "images (convert others to PNG first)")):
+                     ("cut.gif", "a GIF image by its first bytes, which Pillow cannot read "
+                      "(damaged or cut short?); pass an intact copy"),
+                     ("style.png", no_image), ("main.jpg", no_image), ("notes.png", no_image),
+                     ("minutes.png", no_image), ("notes.txt", no_image)):
     with pytest.raises(preprocess.ImageError) as caught:
       preprocess.load_image(str(tmp_path / name))
     assert str(caught.value) == says, name
   assert not opened
+  # What is said of a file starting with the little-endian 40 that DIB's opener refuses as not
+  # its own (for most such files it raises its own OSError first: "corrupt or truncated").
+  assert image_files.unidentified(str(tmp_path / "record.png")) == no_image
 
 
 def _saved(folder, image: np.ndarray, kind: str):

@@ -76,14 +76,15 @@ def _ftyp_brands(head: bytes) -> list[bytes]:
   return [box[8:12]] + [box[i:i + 4] for i in range(16, len(box) - 3, 4)]
 
 
-def _reads_avif() -> bool:
+def _reads(module: str) -> bool:
+  """Whether this Pillow has its `module` ("avif": Pillow 11.2 or later; "webp") built in."""
   from PIL import features  # pylint: disable=g-import-not-at-top
-  return "avif" in features.modules and bool(features.check_module("avif"))  # Pillow >= 11.2.
+  return module in features.modules and bool(features.check_module(module))
 
 
 def _avif_unread() -> str:
   import PIL  # pylint: disable=g-import-not-at-top
-  if _reads_avif():
+  if _reads("avif"):
     return ("an AVIF image that Pillow cannot read (damaged, or a kind its libavif cannot "
             "decode); convert it to PNG or JPEG first")
   return (f"an AVIF image, which this Pillow ({PIL.__version__}) cannot read; Pillow 11.2 or "
@@ -96,51 +97,55 @@ _SHOWN = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP", "BMP": "BMP", "GIF": "GI
 
 def _read_here() -> str:
   """The formats read, as predict names them: "PNG, JPEG, ... or PNM" (and AVIF where read)."""
-  names = [_SHOWN[f] for f in formats() if f in _SHOWN and (f != "AVIF" or _reads_avif())]
+  names = [_SHOWN[f] for f in formats() if f in _SHOWN and (f != "AVIF" or _reads("avif"))]
   return ", ".join(names[:-1]) + " or " + names[-1]
 
 
-# Formats Image.open has no magic bytes for (no accept function): a TGA 2.0 file ends in this
-# footer (Pillow writes it), an IM file starts with this line.
+# A file Pillow cannot identify is named only by magic bytes specific enough to say what it is:
+# Pillow's accept functions are not (XBM takes any file starting "/*", a C or CSS file; PNM any
+# text starting "P1".."P6" or "Py"; DIB any file starting with the little-endian 40; BMP "BM").
+# Formats read: a file with their magic is called damaged (PNG, JPEG, GIF, TIFF, WebP; AVIF and
+# HEIF by their ftyp brands, above). Others: named as a format not read, by these tests (on the
+# first 128 bytes, and the last 18: a TGA 2.0 file ends in its footer), never by a plugin.
+_DAMAGED = (("PNG", lambda h: h.startswith(b"\x89PNG\r\n\x1a\n")),
+            ("JPEG", lambda h: h.startswith(b"\xff\xd8\xff")),
+            ("GIF", lambda h: h.startswith((b"GIF87a", b"GIF89a"))),
+            ("TIFF", lambda h: h.startswith((b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"))),
+            ("WebP", lambda h: h[:4] == b"RIFF" and h[8:12] == b"WEBP"))
 _TGA_FOOTER = b"TRUEVISION-XFILE.\0"
-_IM_START = b"Image type: "
-
-
-def _claimed(head: bytes, tail: bytes) -> tuple[str, str, str | bool] | None:
-  """(The Pillow format a file with these first and last bytes is, its description, what its
-  accept function said), else None. Only the accept functions of Pillow's own plugins run, on
-  the 16 bytes Image.open gives them: each compares magic bytes (a str: the format's, but its
-  library missing), and opens, parses or runs nothing; no plugin's opener runs."""
-  Image.init()
-  for name, (factory, accept) in Image.OPEN.items():
-    if accept is None or not getattr(accept, "__module__", "").startswith("PIL."):
-      continue
-    try:
-      said = accept(head[:16])
-    except Exception:  # pylint: disable=broad-except  (struct.error: fewer bytes than it reads)
-      continue
-    if said:
-      return name, getattr(factory, "format_description", None) or name, said
-  if tail == _TGA_FOOTER:
-    return "TGA", "Targa (TGA)", True
-  if head.startswith(_IM_START):
-    return "IM", "IFUNC Image Memory (IM)", True
-  return None
+_NOT_READ = (
+    ("JPEG 2000", lambda h: h.startswith((b"\xff\x4f\xff\x51", b"\0\0\0\x0cjP  \r\n\x87\n"))),
+    ("Photoshop (PSD)", lambda h: h.startswith((b"8BPS\0\1", b"8BPS\0\2"))),
+    ("Windows icon (ICO)", lambda h: h[:4] == b"\0\0\1\0" and h[4:6] != b"\0\0"
+     and h[9] == 0 and h[10:12] in (b"\0\0", b"\1\0")),  # Images, then 1st: reserved, planes.
+    ("Mac OS icon (ICNS)", lambda h: h.startswith(b"icns")),
+    ("PDF", lambda h: h.startswith(b"%PDF-")),
+    ("SGI", lambda h: h[:2] == b"\1\xda" and h[2] in (0, 1) and h[3] in (1, 2)
+     and h[4:6] in (b"\0\1", b"\0\2", b"\0\3")),  # Magic, RLE, bytes a value, dimensions.
+    ("FITS", lambda h: h.startswith(b"SIMPLE  =")),
+    ("HDF5", lambda h: h.startswith(b"\x89HDF\r\n\x1a\n")),
+    ("X11 pixmap (XPM)", lambda h: h.startswith(b"/* XPM */")),
+    ("QOI", lambda h: h.startswith(b"qoif")),
+    ("DirectDraw Surface (DDS)", lambda h: h[:8] == b"DDS |\0\0\0"),
+    ("IFUNC Image Memory (IM)", lambda h: h.startswith(b"Image type: ")))
 
 
 def _named(head: bytes, tail: bytes) -> str | None:
   """What to say of a file Pillow cannot identify whose bytes name a format, else None."""
-  if not (claimed := _claimed(head, tail)):
-    return None
-  name, description, said = claimed
-  if isinstance(said, str):  # WebP (AVIF) with this Pillow built without its library.
-    return (f"a {_SHOWN.get(name, name)} image, which this Pillow cannot read ({said}); convert "
-            "it to PNG first")
-  if name in FORMATS:  # One of those read, which Image.open refused.
-    return (f"a {_SHOWN.get(name, name)} image by its first bytes, which Pillow cannot read "
-            "(damaged or cut short?); pass an intact copy")
-  return (f"{'an' if description[0] in 'AEIOU' else 'a'} {description} image, a format not read "
-          f"here; convert it to PNG or JPEG first (read here: {_read_here()})")
+  head = head.ljust(16, b"\0")  # (The tests index up to 12.)
+  for name, test in _DAMAGED:
+    if test(head):
+      if name == "WebP" and not _reads("webp"):
+        return ("a WebP image, which this Pillow cannot read (built without WebP support); "
+                "convert it to PNG first")
+      return (f"a {name} image by its first bytes, which Pillow cannot read (damaged or cut "
+              "short?); pass an intact copy")
+  name = next((name for name, test in _NOT_READ if test(head)),
+              "Targa (TGA)" if tail == _TGA_FOOTER else None)
+  if name:
+    return (f"a file in the {name} format, which is not read here; convert it to PNG or JPEG "
+            f"first (read here: {_read_here()})")
+  return None
 
 
 def unidentified(path: str) -> str:
