@@ -382,6 +382,8 @@ def test_a_folder_that_cannot_be_read_alone_is_exit_1_not_no_images(tmp_path, mo
   monkeypatch.setattr(os, "scandir", scandir)
   monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("loaded a model for none"))
   missing = str(tmp_path / "typo.png")
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "config.json").write_text("{}")
   for paths, status in (([str(locked)], predict.EXIT_FILE_FAILED),
                         ([str(locked), missing], predict.EXIT_USAGE)):
     err = io.StringIO()
@@ -395,6 +397,38 @@ def test_a_folder_that_cannot_be_read_alone_is_exit_1_not_no_images(tmp_path, mo
         f"fashion_jax: {len(paths)} of {len(paths)} inputs could not be classified")
     assert "no image files" not in err.getvalue()
   assert '"error": "cannot read this folder' in predictions[0].to_json()
+
+
+def test_a_bad_workdir_with_only_folders_that_cannot_be_read_is_a_usage_error(tmp_path,
+                                                                             monkeypatch):
+  """Given only folders it cannot list, predict returned before the --workdir was looked at: a
+  missing or wrong --workdir was exit 1 and never named, though a bad --workdir is exit 2 (the
+  README), as it is beside a file it cannot read (the model is loaded for that). Its first check
+  (a folder with a config.json) is made, and said as a run that loads says it; a good one still
+  loads no model for nothing to classify (above)."""
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  real_scandir = os.scandir
+
+  def scandir(path="."):  # What listing a folder without read permission raises (root may).
+    if os.fspath(path) == str(locked):
+      raise PermissionError(13, "Permission denied", os.fspath(path))
+    return real_scandir(path)
+  monkeypatch.setattr(os, "scandir", scandir)
+  monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("loaded a model for none"))
+  (tmp_path / "notes.txt").write_text("not a run")
+  for workdir, says in ((tmp_path / "nope", f"--workdir '{tmp_path / 'nope'}' does not exist; "
+                         "pass the --workdir of a training run"),
+                        (tmp_path / "notes.txt", f"--workdir '{tmp_path / 'notes.txt'}' is a file, "
+                         "not a folder"),
+                        (tmp_path, f"{tmp_path / 'config.json'} not found: '{tmp_path}' is not a "
+                         "fashion_jax training run"),
+                        ("", "--workdir is empty")):
+    started = []
+    with pytest.raises(UserError, match=f"^{re.escape(says)}"):
+      predict.predict(str(workdir), [str(locked)], err=io.StringIO(),
+                      before_jax=lambda: started.append(True))
+    assert started == ([] if workdir == "" else [True])  # (JAX only to say what is wrong.)
 
 
 def test_a_quoted_pattern_is_expanded_as_the_shell_would(tmp_path):

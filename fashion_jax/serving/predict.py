@@ -218,6 +218,19 @@ def _load(path: str, dataset: str):
   return image
 
 
+def _check_workdir(workdir: str, before_jax: Callable[[], None] | None) -> None:
+  """The --workdir's first check where no model is loaded: a folder holding a config.json, asked
+  without JAX; where it is not, inference.load_run_config says why (a UserError, exit 2), as a
+  run that loads the model says it first."""
+  resolved = storage.resolve(workdir, "--workdir")
+  if storage.isdir(resolved) and storage.exists(storage.join(resolved, "config.json")):
+    return
+  if before_jax:
+    before_jax()
+  from fashion_jax.serving import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
+  inference.load_run_config(resolved)
+
+
 def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = None,
             save_dir: str | None = None, err: TextIO | None = None,
             before_jax: Callable[[], None] | None = None) -> tuple[list[Prediction], int]:
@@ -250,7 +263,8 @@ def predict(workdir: str, paths: list[str], top_k: int = 3, step: int | None = N
     raise UserError("no image files to classify" + (
         f"; not found: {', '.join(sorted(inputs.missing))}" if inputs.missing else ""))
   if not todo:  # Only folders it cannot list (and missing PATHs): each said, exit 1 (or 2), as a
-    return predictions, _status(predictions, inputs, err)  # file it cannot read; not "no image".
+    _check_workdir(workdir, before_jax)  # file it cannot read; not "no image". A bad --workdir
+    return predictions, _status(predictions, inputs, err)  # is still exit 2, said.
   if before_jax:
     before_jax()
   from fashion_jax.serving import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
