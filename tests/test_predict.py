@@ -366,6 +366,19 @@ def test_a_folder_that_cannot_be_read_is_an_error_not_skipped(trained_tiny_workd
   assert "no image files there" not in err.getvalue()
 
 
+def _unlistable(monkeypatch, locked):
+  """`locked` cannot be listed (as a folder without read permission; tests run as root, which
+  may), and no model is to be loaded."""
+  real_scandir = os.scandir
+
+  def scandir(path="."):
+    if os.fspath(path) == str(locked):
+      raise PermissionError(13, "Permission denied", os.fspath(path))
+    return real_scandir(path)
+  monkeypatch.setattr(os, "scandir", scandir)
+  monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("loaded a model for none"))
+
+
 def test_a_folder_that_cannot_be_read_alone_is_exit_1_not_no_images(tmp_path, monkeypatch):
   """Such a folder alone printed its error line, then 'no image files to classify' (exit 2, a
   usage error) about a folder that may be full of images; as an unreadable file alone, it is
@@ -373,14 +386,7 @@ def test_a_folder_that_cannot_be_read_alone_is_exit_1_not_no_images(tmp_path, mo
   the model is not loaded for nothing to classify."""
   locked = tmp_path / "locked"
   (locked / "summer").mkdir(parents=True)
-  real_scandir = os.scandir
-
-  def scandir(path="."):  # What listing a folder without read permission raises (root may).
-    if os.fspath(path) == str(locked):
-      raise PermissionError(13, "Permission denied", os.fspath(path))
-    return real_scandir(path)
-  monkeypatch.setattr(os, "scandir", scandir)
-  monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("loaded a model for none"))
+  _unlistable(monkeypatch, locked)
   missing = str(tmp_path / "typo.png")
   (tmp_path / "run").mkdir()
   (tmp_path / "run" / "config.json").write_text("{}")
@@ -408,14 +414,7 @@ def test_a_bad_workdir_with_only_folders_that_cannot_be_read_is_a_usage_error(tm
   loads no model for nothing to classify (above)."""
   locked = tmp_path / "locked"
   locked.mkdir()
-  real_scandir = os.scandir
-
-  def scandir(path="."):  # What listing a folder without read permission raises (root may).
-    if os.fspath(path) == str(locked):
-      raise PermissionError(13, "Permission denied", os.fspath(path))
-    return real_scandir(path)
-  monkeypatch.setattr(os, "scandir", scandir)
-  monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("loaded a model for none"))
+  _unlistable(monkeypatch, locked)
   (tmp_path / "notes.txt").write_text("not a run")
   for workdir, says in ((tmp_path / "nope", f"--workdir '{tmp_path / 'nope'}' does not exist; "
                          "pass the --workdir of a training run"),
