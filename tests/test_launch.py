@@ -290,9 +290,12 @@ def test_tpu_pod_stops_the_workers_at_a_common_step_and_passes_on_a_signal_death
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", WORKER_HOME=str(tmp_path / "worker"),
              TPU_NAME="pod", ZONE="z", REPO_URL="https://example.com/fj.git", PYTHON="fakepython",
              MAIN_RUNS="1")
+  # SIGINT as a terminal's shell gives it: a test run started in the background (`pytest &` in a
+  # script, no job control) passes it on ignored, and bash cannot trap a signal ignored on entry.
   launcher = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "/mnt/r"],
                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL, start_new_session=True)
+                              stdin=subprocess.DEVNULL, start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   pid_file = tmp_path / "worker" / "main.pid"
   deadline = time.monotonic() + 60
   while not pid_file.exists() and time.monotonic() < deadline:
