@@ -135,8 +135,6 @@ def parse_idx(data: bytes, path: str, expected_ndim: int | None = None) -> np.nd
   return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(shape)
 
 
-
-
 def _gunzip(data: bytes, path: str) -> bytes:
   """gzip.decompress (members one after another, zero padding), refusing more than MAX_BYTES of
   output; through GzipFile, whose time grows with the file (a loop of decompressobj copied the
