@@ -280,6 +280,10 @@ def test_accelerator_check_keeps_a_venv_its_wheels_and_relative_options(tmp_path
   assert (tmp_path / "rel.json").is_file() and not os.path.exists(os.path.join(ROOT, "rel.json"))
 
 
+_SIGINT_DEFAULT = ("import os, signal, sys\nsignal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+                   "os.execvp(sys.argv[1], sys.argv[1:])")
+
+
 def test_tpu_pod_stops_the_workers_at_a_common_step_and_passes_on_a_signal_death(stubs, tmp_path):
   """Ctrl-C killed the local ssh sessions only (no terminal on the workers): training went on
   everywhere. A worker killed by a signal made ssh exit 255 (the workers' shell had exec'd
@@ -292,10 +296,11 @@ def test_tpu_pod_stops_the_workers_at_a_common_step_and_passes_on_a_signal_death
              MAIN_RUNS="1")
   # SIGINT as a terminal's shell gives it: a test run started in the background (`pytest &` in a
   # script, no job control) passes it on ignored, and bash cannot trap a signal ignored on entry.
-  launcher = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "/mnt/r"],
+  # (Reset by a Python that execs bash, not by a preexec_fn: that forks a threaded process.)
+  launcher = subprocess.Popen([sys.executable, "-c", _SIGINT_DEFAULT, "bash",
+                               os.path.join(ROOT, "launch", "tpu_pod.sh"), "/mnt/r"],
                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL, start_new_session=True,
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                              stdin=subprocess.DEVNULL, start_new_session=True)
   pid_file = tmp_path / "worker" / "main.pid"
   deadline = time.monotonic() + 60
   while not pid_file.exists() and time.monotonic() < deadline:
