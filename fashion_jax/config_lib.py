@@ -22,8 +22,12 @@ SCHEDULES = ("constant", "cosine", "onecycle")
 MAX_EVAL_BATCH = 1 << 20  # 100,000 took 1.8 GB on the CPU; beyond ~2**63 NumPy cannot shape it.
 # The train state's step counter is int32; intervals past 2**63 were NumPy overflow tracebacks.
 MAX_STEPS = 2**31 - 1
-
-
+# The choices of settings whose code imports JAX, here so that a config is checked before JAX
+# loads (`validate(..., model=False)`); tests/test_config.py checks they match kernels/ops.py's
+# and training/loop.py's.
+CONV_IMPLS = ("auto", "xla", "im2col", "winograd", "native")
+POOL_IMPLS = ("auto", "xla", "reshape", "select")
+DATA_PLACEMENTS = ("auto", "host", "device")
 
 
 def _private_group(gid: int) -> bool:
@@ -104,20 +108,20 @@ def load_sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
   return load_file(path)
 
 
-def validate(config: ml_collections.ConfigDict, serving: bool = False, warn: bool = True) -> None:
+def validate(config: ml_collections.ConfigDict, serving: bool = False, warn: bool = True,
+             model: bool = True) -> None:
   """Checks every value before anything is loaded or compiled.
 
   Raises UserError with one line per problem, each naming the key and the fix. `serving`: a
   trained run's saved config, for inference -- the optimizer's and the data order's settings
   are not checked (they no longer matter, and an older version may have allowed more).
+  `model=False`: all but `model` and `model_kwargs`, whose check builds the model (flax, so
+  JAX): a command's first check, a mistake said in a fraction of a second, not after JAX's
+  import (seconds).
   """
   import math  # pylint: disable=g-import-not-at-top
   import numbers  # pylint: disable=g-import-not-at-top
-  # Here, not at the top: loading a config file (which imports this module) needs no JAX.
-  from fashion_jax.kernels import ops
-  from fashion_jax.model import models
   from fashion_jax.support import backends  # pylint: disable=g-import-not-at-top
-  from fashion_jax.training import loop
   if not serving:
     _check_keys(config)
   problems = []
@@ -138,9 +142,12 @@ def validate(config: ml_collections.ConfigDict, serving: bool = False, warn: boo
     check(config.get(key) in choices, key, f"use one of {', '.join(map(str, choices))}")
 
   choice("dataset", DATASETS)
-  choice("model", models.model_names())
-  choice("conv_impl", ops.CONV_IMPLS)
-  choice("pool_impl", ops.POOL_IMPLS)
+  if model:
+    # Here, not at the top: loading a config file (which imports this module) needs no JAX.
+    from fashion_jax.model import models  # pylint: disable=g-import-not-at-top
+    choice("model", models.model_names())
+  choice("conv_impl", CONV_IMPLS)
+  choice("pool_impl", POOL_IMPLS)
   choice("optimizer", OPTIMIZERS)
   choice("parallelism", PARALLELISM)
   choice("backend", backends.BACKENDS)
@@ -177,7 +184,7 @@ def validate(config: ml_collections.ConfigDict, serving: bool = False, warn: boo
     check(number("learning_rate") and config.learning_rate > 0, "learning_rate",
           "a positive finite number")
   check(config.validation_size >= 0, "validation_size", "zero or more examples")
-  if config.model in models.model_names():
+  if model and config.model in models.model_names():
     try:
       wrong = models.setting_problems(
           models.create_model(config.model, **config.model_kwargs.to_dict()))
@@ -206,7 +213,7 @@ def validate(config: ml_collections.ConfigDict, serving: bool = False, warn: boo
         "eval_every_steps", "a positive number of steps, or -1 for every epoch" + most)
   check(1 <= config.steps_per_dispatch <= MAX_STEPS or config.steps_per_dispatch == -1,
         "steps_per_dispatch", "at least 1, or -1 for auto" + most)
-  choice("data_placement", loop.PLACEMENTS)
+  choice("data_placement", DATA_PLACEMENTS)
   if problems:
     raise UserError("; ".join(problems))
   if warn and not serving:  # (`warn=False`: a first check; training's own warns.)

@@ -96,6 +96,20 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: float 
                         capture_output=True, text=True, timeout=timeout)
 
 
+def run_module_noting_jax(module: str, *args: str, env: dict | None = None):
+  """`run_module` for a command's first checks: returns (CompletedProcess, whether JAX had been
+  imported when it ended). The malloc re-exec is off (it would start a Python without the probe)."""
+  probe = ("import atexit, runpy, sys; atexit.register(lambda: print('jax imported:', 'jax' in "
+           "sys.modules)); sys.argv = sys.argv[1:]; "
+           "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
+  full_env = {**os.environ, "JAX_PLATFORMS": "cpu", "FASHION_JAX_MALLOC": "default", **(env or {})}
+  proc = subprocess.run([sys.executable, "-c", probe, module, *args], cwd=ROOT, env=full_env,
+                        capture_output=True, text=True, timeout=600)
+  last = (proc.stdout.splitlines() or [""])[-1]
+  assert last in ("jax imported: True", "jax imported: False"), proc.stdout[-2000:]
+  return proc, last.endswith("True")
+
+
 def _train_in_process(config, workdir: str) -> str:
   from fashion_jax.training import train
   train.train_and_evaluate(config, workdir)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, assert_one_line_error, run_module
+from tests.conftest import ROOT, assert_one_line_error, run_module, run_module_noting_jax
 
 
 def _keras_present() -> bool:
@@ -250,6 +250,21 @@ def test_benchmark_bad_input_is_one_line(tmp_path, flag, message):
   config = [] if flag.startswith("--config=") else ["--config=configs/tiny.py"]
   proc = run_module("fashion_jax.benchmark", *config, *flags, f"--output={output}", env=env)
   assert_one_line_error(proc, message)
+  assert not output.exists()
+
+
+def test_flag_and_config_mistakes_are_said_before_jax_starts(tmp_path):
+  """They had been found after JAX's import (seconds); the data folder's is found later, as the
+  data loads (the probe sees JAX there)."""
+  output = tmp_path / "b.json"
+  for flag, imported, says in [("--rounds=0", False, "--rounds=0 is invalid"),
+                               ("--batch_sizes=8,x", False, "'x' is not a positive whole number"),
+                               ("--config.batch_size=-4", False, "config.batch_size=-4 is invalid"),
+                               ("--config.idx_dir=/no/such/idx", True, "IDX folder '/no/such/idx'")]:
+    proc, jax_imported = run_module_noting_jax("fashion_jax.benchmark", "--config=configs/tiny.py",
+                                               flag, f"--output={output}")
+    assert proc.returncode == 2 and jax_imported == imported, (flag, proc.stderr[-2000:])
+    assert says in proc.stderr and "Traceback" not in proc.stderr, (flag, proc.stderr[-2000:])
   assert not output.exists()
 
 

@@ -28,8 +28,8 @@ from fashion_jax.serving import predict
 from fashion_jax.support.errors import UserError
 from tests import photos
 from tests.conftest import REAL_DATA_ENV
-from tests.conftest import ROOT
 from tests.conftest import run_module
+from tests.conftest import run_module_noting_jax
 
 
 def json_lines(stdout: str) -> list[dict]:
@@ -162,7 +162,6 @@ def test_a_digit_run_prepares_images_by_mnist_recipe(trained_tiny_workdir, tmp_p
 def test_a_reader_that_leaves_is_no_traceback(trained_tiny_workdir, tiny_inputs):
   """`predict --json DIR | head -1`: a BrokenPipeError traceback (exit 1); now exit 141, as a
   shell reports a writer SIGPIPE ended, and nothing on stderr but the checkpoint line."""
-  import subprocess  # pylint: disable=import-outside-toplevel
   folder, _ = tiny_inputs
   proc = subprocess.Popen([sys.executable, "-m", "fashion_jax.predict",
                            f"--workdir={trained_tiny_workdir}", "--json", str(folder)],
@@ -231,18 +230,12 @@ def test_usage_mistakes_are_said_before_jax_starts(trained_tiny_workdir, tiny_in
   """--help (the module docstring) says JAX is imported only once the inputs are known to exist:
   main quieted JAX's console and turned its compilation cache on first, both importing JAX, so
   a mistyped path was named only 2-3 s later. A run that classifies starts it, as before."""
-  probe = ("import atexit, runpy, sys; atexit.register(lambda: print('jax imported:', 'jax' in "
-           "sys.modules)); sys.argv = sys.argv[1:]; "
-           "runpy.run_module('fashion_jax.predict', run_name='__main__', alter_sys=True)")
   good = str(tiny_inputs[0] / "a" / "img0.png")
   for args, status, imported in (([str(tmp_path / "typo.png")], 2, False), ([], 2, False),
                                  (["--top_k=11", good], 2, False), ([good], 0, True)):
-    proc = subprocess.run(
-        [sys.executable, "-c", probe, "fashion_jax.predict", f"--workdir={trained_tiny_workdir}",
-         *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == status, (args, proc.stderr[-2000:])
-    assert proc.stdout.splitlines()[-1] == f"jax imported: {imported}", (args, proc.stdout)
+    proc, jax_imported = run_module_noting_jax("fashion_jax.predict",
+                                               f"--workdir={trained_tiny_workdir}", *args)
+    assert proc.returncode == status and jax_imported == imported, (args, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr
 
 

@@ -24,7 +24,8 @@ from fashion_jax.support.errors import UserError
 from fashion_jax.training import loop
 from fashion_jax.training import train
 from fashion_jax.training import workdir as workdir_lib
-from tests.conftest import ROOT, assert_one_line_error, run_module, tensorboard_events
+from tests.conftest import ROOT, assert_one_line_error, run_module, run_module_noting_jax
+from tests.conftest import tensorboard_events
 from tests.multidevice_check import final_state
 
 
@@ -309,6 +310,35 @@ def test_edge_hyperparameters_are_accepted(tiny_config):
                      ("random_erasing", 1.0)]:
     tiny_config[key] = value
   config_lib.validate(tiny_config)
+
+
+def test_config_mistakes_are_said_before_jax_starts(idx_dir, tmp_path):
+  """A value out of range was refused only after JAX's import (2-3 s); now before it, nothing
+  created. The model's own settings (`model`, `model_kwargs`) build the model: checked once JAX
+  is there, as before."""
+  for flag, imported, says in [
+      ("--config.seed=-1", False, "config.seed=-1 is invalid"),
+      ("--config.conv_impl=fast", False, "config.conv_impl='fast' is invalid: use one of auto"),
+      ("--config.pool_impl=max", False, "config.pool_impl='max' is invalid: use one of auto"),
+      ("--config.data_placement=gpu", False, "config.data_placement='gpu' is invalid"),
+      ("--config.model=cnnn", True, "config.model='cnnn' is invalid: use one of "),
+      ('--config.model_kwargs={"depht": 3}', True, "do not fit model 'cnn'")]:
+    proc, jax_imported = run_module_noting_jax(
+        "fashion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
+        f"--config.idx_dir={idx_dir}", flag)
+    assert proc.returncode == 2 and jax_imported == imported, (flag, proc.stderr[-2000:])
+    assert says in proc.stderr and "Traceback" not in proc.stderr, (flag, proc.stderr[-2000:])
+    assert not os.path.exists(tmp_path / "w"), flag
+
+
+def test_the_configs_copies_of_the_codes_choices_match():
+  """config_lib lists the choices of kernels/ops.py and training/loop.py (which import JAX) to
+  check a config before JAX loads: a choice added there and not here would be refused."""
+  from fashion_jax import config_lib
+  from fashion_jax.kernels import ops
+  from fashion_jax.training import loop
+  assert config_lib.CONV_IMPLS == ops.CONV_IMPLS and config_lib.POOL_IMPLS == ops.POOL_IMPLS
+  assert config_lib.DATA_PLACEMENTS == loop.PLACEMENTS
 
 
 def test_cli_errors_are_one_line_and_nonzero(idx_dir, tmp_path):

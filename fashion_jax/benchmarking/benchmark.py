@@ -373,11 +373,16 @@ def run(config) -> dict:
 
 def main(argv):
   cli.refuse_arguments(argv)
-  cli.quiet_console()  # --loop runs the real loop.
+  from fashion_jax import config_lib  # pylint: disable=g-import-not-at-top
   from fashion_jax.support import storage  # pylint: disable=g-import-not-at-top
   from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
   try:
+    # Before JAX's import (quiet_console's): a mistyped flag or value said at once, not seconds on.
+    config_lib.validate(FLAGS.config, warn=False, model=False)
+    checks.flags(FLAGS, LOOP_VARIANTS)
+    checks.parse_batch_sizes(FLAGS.batch_sizes, FLAGS.config.batch_size)
     output = checks.output(FLAGS.output)
+    cli.quiet_console()  # --loop runs the real loop.
     results = run(FLAGS.config)
   except UserError as e:
     cli.fail(str(e))
