@@ -334,6 +334,17 @@ def refuse_ignored_epochs(config) -> None:
          "--config.num_train_steps=-1 to train by epochs")
 
 
+def refuse_config_mistakes(config) -> None:
+  """A config's values checked before JAX's import (config_lib.validate with model=False): a
+  mistake is one line at once, not 2-3 s on. The model's settings are checked once JAX is in."""
+  from fashion_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
+  try:
+    config_lib.validate(config, warn=False, model=False)
+  except UserError as e:
+    fail(str(e))
+
+
 def fail(message: str, code: int = 2):
   """Prints `fashion_jax: error: MESSAGE` on stderr (once: not also as a log line) and exits;
   in a job of several processes, telling the others (support.multihost.fail_fast)."""

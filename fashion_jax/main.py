@@ -40,17 +40,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   cli.refuse_arguments(argv)
   cli.refuse_ignored_epochs(FLAGS.config)
-  from fashion_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
-  try:  # Before JAX's import: a mistyped value is said at once (the model's settings after).
-    config_lib.validate(FLAGS.config, warn=False, model=False)
-  except UserError as e:
-    cli.fail(str(e))
-  cli.quiet_console()  # (Imports JAX.)
+  cli.refuse_config_mistakes(FLAGS.config)  # Before JAX's import (quiet_console's).
+  cli.quiet_console()
   import jax  # pylint: disable=g-import-not-at-top
+  from fashion_jax import config_lib  # pylint: disable=g-import-not-at-top
   from fashion_jax.support import backends, compile_cache  # pylint: disable=g-import-not-at-top
   from fashion_jax.support import parallel  # pylint: disable=g-import-not-at-top
   from fashion_jax.support import faults  # pylint: disable=g-import-not-at-top
+  from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
   from fashion_jax.training import stops, train  # pylint: disable=g-import-not-at-top
 
   with contextlib.ExitStack() as held:

@@ -17,6 +17,7 @@ from fashion_jax.support.errors import UserError
 from tests.conftest import make_images
 from tests.conftest import assert_one_line_error
 from tests.conftest import run_module
+from tests.conftest import run_module_noting_jax
 from tests.conftest import write_idx_folder
 
 JSON_KEYS = {"model", "workdir", "checkpoint", "data", "counts", "accuracy", "loss", "class_names",
@@ -251,6 +252,20 @@ def test_cli_on_real_run_matches_training_eval(trained_real_workdir, tmp_path):
 def test_cli_missing_workdir(tmp_path):
   proc = run_module("fashion_jax.evaluate", f"--workdir={tmp_path / 'nope'}")
   assert_one_line_error(proc, "does not exist", "--workdir")
+
+
+def test_flag_mistakes_are_said_before_jax_starts(tmp_path):
+  """The command imported JAX first (its --help took 2.6 s); its flags are checked before, a
+  missing run after (the probe sees JAX there)."""
+  for flag, imported, says in [("--step=x", False, "--step=x is invalid"),
+                               ("--num_mistakes=101", False, "--num_mistakes=101 is invalid"),
+                               ("--num_mistakes=3", True, "does not exist")]:
+    proc, jax_imported = run_module_noting_jax("fashion_jax.evaluate",
+                                               f"--workdir={tmp_path / 'nope'}", flag)
+    assert proc.returncode == 2 and jax_imported == imported, (flag, proc.stderr[-2000:])
+    assert says in proc.stderr and "Traceback" not in proc.stderr, (flag, proc.stderr[-2000:])
+  proc, jax_imported = run_module_noting_jax("fashion_jax.evaluate", "--help")
+  assert proc.returncode == 0 and not jax_imported and "--num_mistakes" in proc.stdout
 
 
 def test_cli_a_step_of_the_wrong_type_says_what_it_takes(tmp_path):

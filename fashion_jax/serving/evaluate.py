@@ -12,17 +12,15 @@ Writes to --output_dir (default WORKDIR/evaluation):
   mistakes.png          the most confident misclassifications
 and prints a per-class table.
 
-The checkpoint is chosen, restored and applied exactly as in
-`fashion_jax.serving.inference` (EMA parameters, BatchNorm statistics, flip TTA as
-the run evaluated), and the test set is batched at the run's
-`eval_batch_size`, so the accuracy is the one training's evaluation logged
+The checkpoint is chosen, restored and applied exactly as in `fashion_jax.serving.inference`
+(EMA parameters, BatchNorm statistics, flip TTA as the run evaluated), and the test set is
+batched at the run's `eval_batch_size`, so the accuracy is the one training's evaluation logged
 for that step (`eval_accuracy` in metrics.jsonl); the JSON records both.
 
-The test data comes from the run's config.json unless --idx_dir (an IDX
-folder) or --data_dir (a tensorflow-datasets data dir) is given: a run
-trained with a relative `idx_dir` can then be evaluated from anywhere. A run
-trained from $FASHION_JAX_IDX_DIR, evaluated where it is not set, reads the
-folder config.json records, if no other user could have written it.
+The test data comes from the run's config.json unless --idx_dir (an IDX folder) or --data_dir
+(a tensorflow-datasets data dir) is given: a run trained with a relative `idx_dir` can then be
+evaluated from anywhere. A run trained from $FASHION_JAX_IDX_DIR, evaluated where it is not
+set, reads the folder config.json records, if no other user could have written it.
 """
 
 from __future__ import annotations
@@ -43,7 +41,6 @@ import numpy as np
 import fashion_jax  # Records the process start time first.
 from fashion_jax import cli
 from fashion_jax.serving import export_folder
-from fashion_jax.support import compile_cache
 from fashion_jax.support import errors
 from fashion_jax.support.errors import UserError
 from fashion_jax.support import metric_writers
@@ -53,11 +50,8 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-  """Registers the CLI flags; called only when run as a program.
-
-  Not at import: the functions here are used as a library (and by tests)
-  next to other entry points that define flags of the same names.
-  """
+  """Registers the CLI flags; called only when run as a program (not at import: the functions
+  here are a library too, beside other entry points defining flags of the same names)."""
   flags.DEFINE_string("workdir", None, "The training run's --workdir.", required=True)
   flags.DEFINE_string("output_dir", None, "Where to write the report (default WORKDIR/evaluation).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: best by validation, else latest).")
@@ -264,6 +258,12 @@ def _training_eval(workdir: str, step: int) -> dict[str, Any] | None:
 # The evaluation.
 
 
+def _check_num_mistakes(num_mistakes: int) -> None:
+  if not 0 <= num_mistakes <= MAX_MISTAKES:  # 100,000 took minutes and gigabytes, unfinished.
+    raise UserError(f"--num_mistakes={num_mistakes} is invalid; pass 0 to {MAX_MISTAKES} (the "
+                    "figure draws 5 a row; evaluation.json lists the same ones)")
+
+
 def evaluate(workdir: str, output_dir: str | None = None, step: int | None = None,
              idx_dir: str | None = None, data_dir: str | None = None,
              num_mistakes: int = 25) -> dict[str, Any]:
@@ -273,11 +273,9 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
   missing data, unwritable output).
   """
   errors.require("matplotlib", "matplotlib", "serve", "python -m fashion_jax.evaluate (its figures)")
+  _check_num_mistakes(num_mistakes)
   from fashion_jax.serving import inference  # pylint: disable=g-import-not-at-top  (imports JAX)
   from fashion_jax.serving import report  # pylint: disable=g-import-not-at-top  (imports matplotlib)
-  if not 0 <= num_mistakes <= MAX_MISTAKES:  # 100,000 took minutes and gigabytes, unfinished.
-    raise UserError(f"--num_mistakes={num_mistakes} is invalid; pass 0 to {MAX_MISTAKES} (the "
-                    "figure draws 5 a row; evaluation.json lists the same ones)")
   t0 = time.perf_counter()
   workdir = storage.resolve(workdir, "--workdir")
   classifier = inference.load(workdir, step)
@@ -433,9 +431,14 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def main(argv):
+  cli.refuse_arguments(argv)  # Its flags' mistakes (--help too) are said before JAX's import.
+  try:
+    _check_num_mistakes(FLAGS.num_mistakes)
+  except UserError as e:
+    cli.fail(str(e))
+  from fashion_jax.support import compile_cache  # pylint: disable=g-import-not-at-top  (JAX)
   cli.quiet_console()
   compile_cache.enable()  # GPU/TPU only: the evaluation's compile, once.
-  cli.refuse_arguments(argv)
   try:
     result = evaluate(FLAGS.workdir, FLAGS.output_dir, FLAGS.step, FLAGS.idx_dir, FLAGS.data_dir,
                       FLAGS.num_mistakes)
