@@ -49,10 +49,17 @@ can write to it); copy the wheels into a folder of your own (chmod go-w)"
   PIP_CONFIG_FILE=/dev/null "$python" -m pip --isolated install --quiet --no-index --no-deps \
     --find-links "$wheels" ml-collections tensorboardX
 fi
-"$python" -c "import jax, flax, optax, orbax.checkpoint, ml_collections, tensorboardX" || {
-  echo "accelerator_check: error: a package is missing (above); install it, or pass WHEELS=FOLDER" >&2
-  exit 2
-}
+# Found, not imported (JAX, flax and Orbax take ~2.5 s to import; an install that is there but
+# broken fails the devices stage, which records its error).
+missing=$("$python" -c "import importlib.util as u
+def absent(name):
+  try:
+    return u.find_spec(name) is None
+  except ImportError:  # (orbax.checkpoint without orbax.)
+    return True
+print(*[n for n in ('jax', 'flax', 'optax', 'orbax.checkpoint', 'ml_collections',
+                    'tensorboardX') if absent(n)])") || missing="(it could not say: see above)"
+[ -z "$missing" ] || usage_error "a package is missing: $missing; install it, or pass WHEELS=FOLDER"
 [ "${JAX_PLATFORMS:-}" != cpu ] || unset JAX_PLATFORMS
 cd "$(dirname "$0")/.."
 exec "$python" launch/accelerator_check.py --idx_dir="$idx_dir" --output="$output" \

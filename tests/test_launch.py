@@ -266,8 +266,11 @@ def test_accelerator_check_keeps_a_venv_its_wheels_and_relative_options(tmp_path
       ["bash", script, idx_dir, "--output=rel.json"], cwd=tmp_path, capture_output=True,
       text=True, timeout=240, env=dict(os.environ, PYTHON="venv/bin/python", WHEELS=str(mine),
                                        PIP_FIND_LINKS=str(evil), JAX_PLATFORMS="cpu"))
-  # The venv has no JAX: the check says so (it had measured the base interpreter's).
-  assert proc.returncode == 2 and "a package is missing" in proc.stderr, proc.stderr[-2000:]
+  # The venv has no JAX: the check says so (it had measured the base interpreter's), naming what
+  # it lacks (the two from WHEELS are there).
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert ("a package is missing: jax flax optax orbax.checkpoint; install it, or pass "
+          "WHEELS=FOLDER") in proc.stderr, proc.stderr[-2000:]
   version = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-c",
                             "import ml_collections, tensorboardX; "
                             "print(ml_collections.VERSION, tensorboardX.VERSION)"],
