@@ -111,3 +111,29 @@ def test_skipped_step_advances_optax_counts_with_the_step(tiny_config):
   others = lambda s: [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(s.opt_state)[0]
                       if getattr(path[-1], "name", None) != "count"]
   jax.tree.map(np.testing.assert_array_equal, others(after), others(poisoned))
+
+
+def test_a_padded_rows_non_finite_loss_stays_out_of_the_eval_sums(tiny_config):
+  """The test set is padded to whole batches with blank images (mask 0): their losses were
+  multiplied by the mask, and inf x 0 is NaN, so one blank row whose logits were not finite made
+  the whole evaluation's loss NaN. Here a model whose logits are infinite on a blank image."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  class InfiniteOnBlank(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      del train
+      scale = self.param("scale", nn.initializers.ones, ())
+      total = scale * jnp.sum(x, axis=(1, 2, 3))
+      return jnp.stack([1.0 / total] + [jnp.zeros_like(total)] * 9, axis=-1)
+
+  model = InfiniteOnBlank()
+  state = steps.create_train_state(model, steps.create_optimizer(tiny_config), 0)
+  images = np.zeros((4, 28, 28, 1), np.uint8)
+  images[:3] = 200  # Three real images; the fourth is padding.
+  batch = {"image": images, "label": np.zeros(4, np.int32),
+           "mask": np.array([1, 1, 1, 0], np.float32)}
+  sums = jax.jit(lambda s, b: steps.eval_step(s, b, model=model))(state, batch)
+  assert float(sums["count"]) == 3 and float(sums["correct"]) == 3
+  assert np.isfinite(float(sums["loss_sum"])), sums

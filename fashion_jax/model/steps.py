@@ -304,8 +304,9 @@ def eval_step(state: TrainState, batch, *, model: nn.Module, flip_tta: bool = Fa
   mask = batch["mask"]
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-  metrics = {"loss_sum": jnp.sum(losses * mask), "correct": jnp.sum(correct * mask),
-             "count": jnp.sum(mask)}
+  # Selected, not multiplied: a padded row's non-finite loss times 0 would be NaN in the sum.
+  metrics = {"loss_sum": jnp.sum(jnp.where(mask > 0, losses, 0.0)),
+             "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
   if axis_name is not None:
     metrics = lax.psum(metrics, axis_name)
   return metrics
