@@ -205,6 +205,35 @@ def test_a_module_tensorflow_cannot_read_is_named_in_one_line(monkeypatch):
 
 
 @needs_tf
+def test_a_killed_exports_old_folder_is_swept_once_the_next_export_is_in(tmp_path, monkeypatch):
+  """Killed between its two renames (or while removing the previous export), an export left
+  `OUTPUT.old-PID` beside --output for good. The next export to it removes them once it is in
+  place: this user's, their process gone, set aside over a minute ago; not a live process's,
+  one just set aside (another export's, for microseconds), nor other names."""
+  out = tmp_path / "model"
+  names = {"dead": "model.old-999999999", "live": f"model.old-{os.getppid()}",
+           "other": "model.old-x", "file": "model.old-999999998", "near": "modelx.old-999999997"}
+  for key, name in names.items():
+    if key == "file":
+      (tmp_path / name).write_text("not a folder")
+    else:
+      (tmp_path / name).mkdir()
+      (tmp_path / name / "saved_model.pb").write_text("old")
+  staging = tmp_path / ".model.export-1"
+  staging.mkdir()
+  (staging / "saved_model.pb").write_text("new")
+  export_folder.move_into_place(str(staging), str(out))  # Just set aside: all kept.
+  assert sorted(os.listdir(tmp_path)) == sorted(["model", *names.values()])
+  real = export_folder.time.time
+  monkeypatch.setattr(export_folder.time, "time", lambda: real() + 120)
+  staging.mkdir()
+  (staging / "saved_model.pb").write_text("newer")
+  export_folder.move_into_place(str(staging), str(out))
+  assert (out / "saved_model.pb").read_text() == "newer"
+  assert sorted(os.listdir(tmp_path)) == sorted(["model", *(n for k, n in names.items()
+                                                           if k != "dead")])
+
+
 def test_batchnorm_and_flip_tta_export(tmp_path):
   """BatchNorm statistics and flip test-time augmentation survive the export (no training); and
   exporting in-process leaves absl's logging as it found it (TensorFlow's SavedModel writer left

@@ -300,6 +300,31 @@ def move_into_place(staging: str, path: str) -> None:
   except OSError as e:
     raise UserError(f"could not move the export into {path} ({e.strerror or e}); what was there "
                     "is unchanged: pass an --output you can write to") from e
+  _sweep_old(path)
+
+
+def _sweep_old(path: str) -> None:
+  """Removes the `path.old-PID` folders an earlier export left (killed between its two renames,
+  or while removing the previous export): this user's, their process gone, set aside over a
+  minute ago (another export's is there for microseconds). Once the new export is in place."""
+  parent, prefix = os.path.dirname(path) or ".", os.path.basename(path) + ".old-"
+  with contextlib.suppress(OSError):
+    for name in os.listdir(parent):
+      pid = name[len(prefix):]
+      if not (name.startswith(prefix) and pid.isdigit()):
+        continue
+      try:
+        os.kill(int(pid), 0)
+        continue  # Its process is still there (or another with its number): left alone.
+      except ProcessLookupError:
+        pass
+      except (PermissionError, OverflowError):
+        continue
+      leftover = os.path.join(parent, name)
+      info = os.lstat(leftover)  # (Renamed aside: its ctime is when.)
+      if (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+          and time.time() - info.st_ctime > 60):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _not_put_back(path: str, e: OSError, again: OSError, old: str | None) -> UserError:
