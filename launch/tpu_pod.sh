@@ -15,7 +15,7 @@
 # resume, 1 a crash, 128+N killed by signal N); 2 for bad arguments here. To stop a run at a
 # common step with a checkpoint, press Ctrl-C (or send this script INT, TERM or HUP): it runs
 #   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all \
-#       --command='pkill -TERM -u "$USER" -f "^[^ ]*python[^ ]* (-[^ ]+ )*-m fashion_jax[.]main"'
+#       --command='pkill -TERM -u "$USER" -f "^[^ ]*python[^ ]* (-[XW] [^ ]+ |-[^ ]+ )*-m fashion_jax[.]main"'
 # (which also works from another machine) and waits for the workers to save. The ssh sessions
 # carry no terminal, so a lost connection does not stop the workers: that command does. (The
 # pattern matches the Python process only, not the shell that started it: a shell killed by
@@ -77,7 +77,7 @@ stop_workers() {
   echo "tpu_pod.sh: stopping the workers at a common step; they save a checkpoint and exit" >&2 ||
     true
   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all \
-    --command='pkill -TERM -u "$USER" -f "^[^ ]*python[^ ]* (-[^ ]+ )*-m fashion_jax[.]main"' ||
+    --command='pkill -TERM -u "$USER" -f "^[^ ]*python[^ ]* (-[XW] [^ ]+ |-[^ ]+ )*-m fashion_jax[.]main"' ||
     true
 }
 # In a process group of its own (set -m), so that Ctrl-C reaches this script alone: gcloud's ssh

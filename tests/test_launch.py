@@ -322,6 +322,9 @@ def test_tpu_pod_stops_the_workers_at_a_common_step_and_passes_on_a_signal_death
   pattern = pkill[-1]
   assert pkill[:5] == ["pkill", "-TERM", "-u", os.environ.get("USER", ""), "-f"]
   for line, matches in (("/usr/bin/python3.11 -u -m fashion_jax.main --workdir=/r", True),
+                        # The malloc re-exec under PYTHONDEVMODE=1 / -W: options with a value.
+                        ("/usr/bin/python3 -B -Werror -X dev -m fashion_jax.main", True),
+                        ("python3 -W error -X importtime -u -m fashion_jax.main", True),
                         ("python3 -m fashion_jax.main --workdir=/r", True),
                         ("bash -c cd fashion_jax && python3 -m fashion_jax.main; exit $?", False)):
     found = subprocess.run(["grep", "-Eq", pattern], input=line, text=True).returncode == 0
