@@ -204,21 +204,27 @@ def test_a_module_tensorflow_cannot_read_is_named_in_one_line(monkeypatch):
     savedmodel.verify("unused", classifier=None)  # Not every refusal is a version mismatch.
 
 
-@needs_tf
+@pytest.mark.skipif(not os.path.exists("/proc/sys/kernel/pid_max"), reason="no /proc (not Linux)")
 def test_a_killed_exports_old_folder_is_swept_once_the_next_export_is_in(tmp_path, monkeypatch):
   """Killed between its two renames (or while removing the previous export), an export left
   `OUTPUT.old-PID` beside --output for good. The next export to it removes them once it is in
   place: this user's, their process gone, set aside over a minute ago; not a live process's,
   one just set aside (another export's, for microseconds), nor other names."""
   out = tmp_path / "model"
-  names = {"dead": "model.old-999999999", "live": f"model.old-{os.getppid()}",
-           "other": "model.old-x", "file": "model.old-999999998", "near": "modelx.old-999999997"}
+  with open("/proc/sys/kernel/pid_max", encoding="ascii") as f:  # Process numbers free here.
+    dead = [p for p in range(int(f.read()), 300, -1) if not os.path.exists(f"/proc/{p}")][:4]
+  names = {"dead": f"model.old-{dead[0]}", "live": f"model.old-{os.getppid()}",
+           "other": "model.old-x", "digit": "model.old-\u00b2", "file": f"model.old-{dead[1]}",
+           "near": f"modelx.old-{dead[2]}", "no export": f"model.old-{dead[3]}",
+           "a dated backup": "model.old-2024010100"}  # Past pid_max: no process's number.
   for key, name in names.items():
     if key == "file":
       (tmp_path / name).write_text("not a folder")
     else:
       (tmp_path / name).mkdir()
       (tmp_path / name / "saved_model.pb").write_text("old")
+      if key != "no export":
+        (tmp_path / name / export_folder.METADATA_NAME).write_text("{}")
   staging = tmp_path / ".model.export-1"
   staging.mkdir()
   (staging / "saved_model.pb").write_text("new")
@@ -234,6 +240,7 @@ def test_a_killed_exports_old_folder_is_swept_once_the_next_export_is_in(tmp_pat
                                                            if k != "dead")])
 
 
+@needs_tf
 def test_batchnorm_and_flip_tta_export(tmp_path):
   """BatchNorm statistics and flip test-time augmentation survive the export (no training); and
   exporting in-process leaves absl's logging as it found it (TensorFlow's SavedModel writer left

@@ -305,13 +305,20 @@ def move_into_place(staging: str, path: str) -> None:
 
 def _sweep_old(path: str) -> None:
   """Removes the `path.old-PID` folders an earlier export left (killed between its two renames,
-  or while removing the previous export): this user's, their process gone, set aside over a
-  minute ago (another export's is there for microseconds). Once the new export is in place."""
+  or while removing the previous export): exports (the metadata file), this user's, PID a process
+  number (not past pid_max: a dated backup) of none running, set aside over a minute ago
+  (another export's is there for microseconds). Once the new export is in place."""
   parent, prefix = os.path.dirname(path) or ".", os.path.basename(path) + ".old-"
+  try:
+    with open("/proc/sys/kernel/pid_max", encoding="ascii") as f:
+      pid_max = int(f.read())
+  except (OSError, ValueError):
+    pid_max = 4_194_304  # Linux's largest.
   with contextlib.suppress(OSError):
     for name in os.listdir(parent):
       pid = name[len(prefix):]
-      if not (name.startswith(prefix) and pid.isdigit()):
+      if not (name.startswith(prefix) and pid.isascii() and pid.isdigit()
+              and 0 < int(pid) <= pid_max):
         continue
       try:
         os.kill(int(pid), 0)
@@ -323,7 +330,8 @@ def _sweep_old(path: str) -> None:
       leftover = os.path.join(parent, name)
       info = os.lstat(leftover)  # (Renamed aside: its ctime is when.)
       if (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
-          and time.time() - info.st_ctime > 60):
+          and time.time() - info.st_ctime > 60
+          and os.path.isfile(os.path.join(leftover, METADATA_NAME))):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
