@@ -336,7 +336,7 @@ def refuse_ignored_epochs(config) -> None:
 
 def refuse_config_mistakes(config) -> None:
   """A config's values checked before JAX's import (config_lib.validate with model=False): a
-  mistake is one line at once, not 2-3 s on. The model's settings are checked once JAX is in."""
+  mistake is one line at once, not 2-3 s on. config.model_kwargs is checked once JAX is in."""
   from fashion_jax import config_lib  # pylint: disable=g-import-not-at-top
   from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
   try:

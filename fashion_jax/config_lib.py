@@ -23,8 +23,9 @@ MAX_EVAL_BATCH = 1 << 20  # 100,000 took 1.8 GB on the CPU; beyond ~2**63 NumPy 
 # The train state's step counter is int32; intervals past 2**63 were NumPy overflow tracebacks.
 MAX_STEPS = 2**31 - 1
 # The choices of settings whose code imports JAX, here so that a config is checked before JAX
-# loads (`validate(..., model=False)`); tests/test_config.py checks they match kernels/ops.py's
-# and training/loop.py's.
+# loads (`validate(..., model=False)`); tests/test_train.py checks they match model/models.py's,
+# kernels/ops.py's and training/loop.py's.
+MODELS = ("cnn", "cnn_bn", "linear", "resnet", "wrn")
 CONV_IMPLS = ("auto", "xla", "im2col", "winograd", "native")
 POOL_IMPLS = ("auto", "xla", "reshape", "select")
 DATA_PLACEMENTS = ("auto", "host", "device")
@@ -115,9 +116,8 @@ def validate(config: ml_collections.ConfigDict, serving: bool = False, warn: boo
   Raises UserError with one line per problem, each naming the key and the fix. `serving`: a
   trained run's saved config, for inference -- the optimizer's and the data order's settings
   are not checked (they no longer matter, and an older version may have allowed more).
-  `model=False`: all but `model` and `model_kwargs`, whose check builds the model (flax, so
-  JAX): a command's first check, a mistake said in a fraction of a second, not after JAX's
-  import (seconds).
+  `model=False`: all but `model_kwargs`, whose check builds the model (flax, so JAX): a
+  command's first check, a mistake said in a fraction of a second, not after JAX's import.
   """
   import math  # pylint: disable=g-import-not-at-top
   import numbers  # pylint: disable=g-import-not-at-top
@@ -142,10 +142,7 @@ def validate(config: ml_collections.ConfigDict, serving: bool = False, warn: boo
     check(config.get(key) in choices, key, f"use one of {', '.join(map(str, choices))}")
 
   choice("dataset", DATASETS)
-  if model:
-    # Here, not at the top: loading a config file (which imports this module) needs no JAX.
-    from fashion_jax.model import models  # pylint: disable=g-import-not-at-top
-    choice("model", models.model_names())
+  choice("model", MODELS)
   choice("conv_impl", CONV_IMPLS)
   choice("pool_impl", POOL_IMPLS)
   choice("optimizer", OPTIMIZERS)
@@ -184,7 +181,9 @@ def validate(config: ml_collections.ConfigDict, serving: bool = False, warn: boo
     check(number("learning_rate") and config.learning_rate > 0, "learning_rate",
           "a positive finite number")
   check(config.validation_size >= 0, "validation_size", "zero or more examples")
-  if model and config.model in models.model_names():
+  if model and config.model in MODELS:
+    # Here, not at the top: loading a config file (which imports this module) needs no JAX.
+    from fashion_jax.model import models  # pylint: disable=g-import-not-at-top
     try:
       wrong = models.setting_problems(
           models.create_model(config.model, **config.model_kwargs.to_dict()))

@@ -314,29 +314,34 @@ def test_edge_hyperparameters_are_accepted(tiny_config):
 
 def test_config_mistakes_are_said_before_jax_starts(idx_dir, tmp_path):
   """A value out of range was refused only after JAX's import (2-3 s); now before it, nothing
-  created. The model's own settings (`model`, `model_kwargs`) build the model: checked once JAX
-  is there, as before."""
+  created, each mistake named (a model's name too). `model_kwargs` builds the model: checked once
+  JAX is there, as before."""
   for flag, imported, says in [
       ("--config.seed=-1", False, "config.seed=-1 is invalid"),
       ("--config.conv_impl=fast", False, "config.conv_impl='fast' is invalid: use one of auto"),
       ("--config.pool_impl=max", False, "config.pool_impl='max' is invalid: use one of auto"),
       ("--config.data_placement=gpu", False, "config.data_placement='gpu' is invalid"),
-      ("--config.model=cnnn", True, "config.model='cnnn' is invalid: use one of "),
+      ("--config.model=cnnn", False, "config.model='cnnn' is invalid: use one of cnn, cnn_bn"),
+      # Both named in one line, as before (the model's name was checked after JAX).
+      (("--config.seed=-1", "--config.model=cnnn"), False, "config.model='cnnn' is invalid: use "
+       "one of cnn, cnn_bn, linear, resnet, wrn; config.seed=-1 is invalid"),
       ('--config.model_kwargs={"depht": 3}', True, "do not fit model 'cnn'")]:
     proc, jax_imported = run_module_noting_jax(
         "fashion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
-        f"--config.idx_dir={idx_dir}", flag)
+        f"--config.idx_dir={idx_dir}", *((flag,) if isinstance(flag, str) else flag))
     assert proc.returncode == 2 and jax_imported == imported, (flag, proc.stderr[-2000:])
     assert says in proc.stderr and "Traceback" not in proc.stderr, (flag, proc.stderr[-2000:])
     assert not os.path.exists(tmp_path / "w"), flag
 
 
 def test_the_configs_copies_of_the_codes_choices_match():
-  """config_lib lists the choices of kernels/ops.py and training/loop.py (which import JAX) to
-  check a config before JAX loads: a choice added there and not here would be refused."""
+  """config_lib lists the choices of models.py, ops.py and loop.py (which import JAX) to check a
+  config before JAX loads: a choice added there and not here would be refused."""
   from fashion_jax import config_lib
   from fashion_jax.kernels import ops
+  from fashion_jax.model import models
   from fashion_jax.training import loop
+  assert config_lib.MODELS == models.model_names()
   assert config_lib.CONV_IMPLS == ops.CONV_IMPLS and config_lib.POOL_IMPLS == ops.POOL_IMPLS
   assert config_lib.DATA_PLACEMENTS == loop.PLACEMENTS
 
