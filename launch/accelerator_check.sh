@@ -58,7 +58,7 @@ def absent(name):
   except ImportError:  # (orbax.checkpoint without orbax.)
     return True
 print(*[n for n in ('jax', 'flax', 'optax', 'orbax.checkpoint', 'ml_collections',
-                    'tensorboardX') if absent(n)])") || missing="(it could not say: see above)"
+                    'tensorboardX') if absent(n)])") || missing="(unknown: the check itself failed, above)"
 [ -z "$missing" ] || usage_error "a package is missing: $missing; install it, or pass WHEELS=FOLDER"
 [ "${JAX_PLATFORMS:-}" != cpu ] || unset JAX_PLATFORMS
 cd "$(dirname "$0")/.."
