@@ -278,7 +278,8 @@ def test_a_write_that_fails_at_the_end_is_one_line_for_any_model(idx_dir):
   assert storage.written_in_place("/dev/full")
   proc = run_module("fashion_jax.benchmark", "--config=configs/tiny.py", "--config.model=linear",
                     f"--config.idx_dir={idx_dir}", "--batch_sizes=8,08", "--windows=1",
-                    "--window_seconds=0.05", "--compile_cache=false", "--output=/dev/full")
+                    "--window_seconds=0.05", "--compile_cache=false", "--output=/dev/full",
+                    "--peak_gflops=100")  # Given: the peak's measurement is ~2 s, not tested here.
   assert_one_line_error(proc, "no space left where /dev/full is written (No space left on "
                         "device); free some space or pass another --output (the table above has "
                         "the results)")
@@ -295,7 +296,8 @@ def test_output_to_a_redirected_stdout_keeps_the_table(tmp_path):
   with open(out, "w") as f:
     proc = subprocess.run([sys.executable, "-m", "fashion_jax.benchmark", "--config=configs/tiny.py",
                            "--batch_sizes=8", "--windows=1", "--window_seconds=0.05",
-                           "--compile_cache=false", "--output=/dev/stdout"], cwd=ROOT, stdout=f,
+                           "--compile_cache=false", "--peak_gflops=100", "--output=/dev/stdout"],
+                          cwd=ROOT, stdout=f,
                           stderr=subprocess.PIPE, text=True, timeout=600,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -307,7 +309,8 @@ def test_output_dash_writes_the_json_alone_to_stdout(tmp_path):
   """--output=-: stdout is the JSON alone (`| jq`), the table on stderr (it wrote a file "-")."""
   proc = subprocess.run([sys.executable, "-m", "fashion_jax.benchmark",
                          f"--config={ROOT}/configs/tiny.py", "--batch_sizes=8", "--windows=1",
-                         "--window_seconds=0.05", "--compile_cache=false", "--output=-"],
+                         "--window_seconds=0.05", "--compile_cache=false", "--peak_gflops=100",
+                         "--output=-"],
                         cwd=tmp_path, capture_output=True,
                         text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu",
                                                      "PYTHONPATH": ROOT})

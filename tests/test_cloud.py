@@ -215,7 +215,7 @@ def test_training_and_evaluation_read_idx_files_from_a_bucket(emulator, tmp_path
 def test_benchmark_results_go_to_a_bucket(emulator, idx_dir):
   proc = run_module("fashion_jax.benchmark", "--config=configs/tiny.py",
                     f"--config.idx_dir={idx_dir}", "--batch_sizes=8", "--windows=1",
-                    "--window_seconds=0.05", "--compile_cache=false",
+                    "--window_seconds=0.05", "--compile_cache=false", "--peak_gflops=100",
                     f"--output=gs://{BUCKET}/bench/tiny.json", env=emulator)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(_Bucket().text("bench/tiny.json"))
