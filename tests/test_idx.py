@@ -635,5 +635,25 @@ def test_an_idx_folder_reached_through_a_link_is_judged_where_it_is(tmp_path, mo
     idx.load_split(str(private), "test")
 
 
+def test_a_link_on_the_way_that_another_user_may_repoint_is_refused(tmp_path, monkeypatch):
+  """mine -> /tmp/hop (another user's, in a sticky folder every user may write) -> my data: the
+  path as named and as resolved were judged, not the hop between, which its owner may point at
+  their own files at any time."""
+  monkeypatch.delenv(storage.TRUST_ENV, raising=False)
+  folder = write_idx_folder(str(tmp_path / "mine" / "idx"), n_train=20, n_test=10)
+  shared = tmp_path / "tmp"
+  shared.mkdir()
+  os.chmod(shared, 0o1777)
+  os.symlink(folder, shared / "hop")
+  os.symlink(shared / "hop", tmp_path / "mine" / "data")
+  named = str(tmp_path / "mine" / "data")
+  assert len(idx.load_split(named, "test")[1]) == 10  # The hop one's own: read.
+  _other_users(str(shared / "hop"), monkeypatch)
+  with pytest.raises(UserError, match=f"{shared / 'hop'} belongs to another user .* in {shared}"):
+    idx.load_split(named, "test")
+  monkeypatch.setenv(storage.TRUST_ENV, "1")
+  assert len(idx.load_split(named, "test")[1]) == 10
+
+
 def test_the_real_data_set_still_loads(real_idx_dir):
   assert len(idx.load_split(real_idx_dir, "test")[1]) == 10_000

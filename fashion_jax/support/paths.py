@@ -139,18 +139,44 @@ def put_by_others(path: str) -> str | None:
   rename what is in it away and put theirs), or -- in such a folder with the sticky bit (/tmp) --
   an entry on the way neither this user's nor root's (another user made /tmp/fashion_mnist or
   /tmp/fj first). Folders are named as resolved; one on a read-only mount is passed (nobody can
-  write it, whatever its modes say). Raises OSError where a folder cannot be looked at."""
-  entry = path
-  while (parent := os.path.dirname(entry)) != entry:
-    where = os.path.realpath(parent)
-    mode = 0 if read_only(where) else os.stat(where).st_mode
-    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
-      return f"the folder {where} is writable by every user"
-    if mode & stat.S_IWOTH and (owner := os.lstat(entry).st_uid) not in (os.getuid(), 0):
-      return (f"{entry} belongs to another user (uid {owner}) in {where}, a folder every user "
-              "may write")
-    entry = parent
+  write it, whatever its modes say). Each link met on the way to `path` is such an entry too
+  (another user's /tmp/hop in mine -> /tmp/hop -> data: they can point it elsewhere). Raises
+  OSError where a folder cannot be looked at."""
+  for start in (*_links_on_the_way(path), path):
+    entry = start
+    while (parent := os.path.dirname(entry)) != entry:
+      where = os.path.realpath(parent)
+      mode = 0 if read_only(where) else os.stat(where).st_mode
+      if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        return f"the folder {where} is writable by every user"
+      if mode & stat.S_IWOTH and (owner := os.lstat(entry).st_uid) not in (os.getuid(), 0):
+        return (f"{entry} belongs to another user (uid {owner}) in {where}, a folder every user "
+                "may write")
+      entry = parent
   return None
+
+
+def _links_on_the_way(path: str) -> list[str]:
+  """The links met resolving the absolute `path` one name at a time, each named where it is (its
+  folder resolved), up to a missing name."""
+  current, parts, links = "/", [p for p in path.split("/") if p not in ("", ".")], []
+  while parts and len(links) <= 40:
+    part = parts.pop(0)
+    if part == "..":
+      current = os.path.dirname(current)
+      continue
+    candidate = os.path.join(current, part)
+    try:
+      if not os.path.islink(candidate):
+        current = candidate
+        continue
+      target = os.readlink(candidate)
+    except OSError:
+      break
+    links.append(candidate)
+    parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+    current = "/" if target.startswith("/") else current
+  return links
 
 
 def file_on_the_way(path: str) -> str | None:
