@@ -326,6 +326,24 @@ def test_offline_with_a_data_dir_does_not_suggest_the_variable_it_ignores(tiny_c
     assert ("FASHION_JAX_IDX_DIR" in str(e.value)) == suggested
 
 
+def test_a_bucket_data_dir_without_tensorflow_is_one_line_and_makes_no_local_folder(
+    tiny_config, tmp_path, monkeypatch):
+  """--config.data_dir=gs://... where tfds cannot run (Colab's TPU runtime): the download's
+  os.path joins made ./gs:/bucket/data/fashion_mnist/idx and would have cached the files there."""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(input_pipeline, "tensorflow_available", lambda: False)
+  config = tiny_config.copy_and_resolve_references()
+  config.idx_dir, config.data_dir = "", "gs://bucket/data"
+  where = input_pipeline.source(config)
+  assert (where.kind, where.location) == ("download", "gs://bucket/data/fashion_mnist/idx")
+  with pytest.raises(UserError, match=r"^data_dir gs://bucket/data is in a bucket, which "
+                     r"tensorflow-datasets reads but the download does not \(no TensorFlow "
+                     r"here\); put the four IDX files in the bucket and pass "
+                     r"--config.idx_dir=gs://BUCKET/FOLDER, or give a local data_dir$"):
+    input_pipeline.load(config, "train")
+  assert not os.path.lexists(tmp_path / "gs:")
+
+
 def test_a_tfds_data_dir_every_user_may_write_is_not_read(tiny_config, tmp_path, monkeypatch):
   """tensorflow-datasets read (and prepared) its data in a --config.data_dir every user may write,
   where anyone could have put other images or labels; an IDX folder so open was refused."""

@@ -147,6 +147,11 @@ def load(config, split: str, data_source: Source | None = None) -> Split:
       if data_source.kind == "tfds":
         images, labels = _load_tfds(config.dataset, split, data_source.location or None)
       else:
+        if storage.is_url(data_source.location):  # (os.path's joins had made a folder "gs:".)
+          raise UserError(
+              f"data_dir {config.data_dir} is in a bucket, which tensorflow-datasets reads but "
+              f"the download does not ({data_source.origin}); put the four IDX files in the "
+              "bucket and pass --config.idx_dir=gs://BUCKET/FOLDER, or give a local data_dir")
         folder = download.fetch(config.dataset, data_source.location)
         images, labels = download.load_split(config.dataset, folder, split)
     except UserError as e:  # $FASHION_JAX_IDX_DIR is not read with a data_dir: not suggested.
