@@ -553,6 +553,12 @@ def test_temporary_files_of_a_stopped_download_are_removed(mirror, tmp_path):
   live.write_bytes(b"x" * 1000)
   download.fetch("fashion_mnist", str(cache), urls=(url,))
   assert not stale.exists() and live.exists()
+  # One a run stopped, where a later run (within STALE_S) got the file: it had stayed for good,
+  # as only a missing file's name was swept.
+  stale.write_bytes(b"x" * 1000)
+  os.utime(stale, (old, old))
+  download.fetch("fashion_mnist", str(cache), urls=(url,))
+  assert not stale.exists() and (cache / "train-images-idx3-ubyte.gz").exists()
 
 
 def test_another_users_lock_file_is_taken_read_only(tmp_path, monkeypatch):

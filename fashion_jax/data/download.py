@@ -209,13 +209,13 @@ def fetch(name: str, folder: str, urls: tuple[str, ...] | None = None) -> str:
   with _locked(folder) as held:
     for filename, (size, sha) in recorded(name).items():
       path = os.path.join(folder, filename)
+      if held:  # Nobody else is writing: a temporary file of this name is a stopped download's
+        _remove_stale(folder, filename)  # (also once the file is there: a later run's got it).
       if os.path.exists(path):
         if _verified(path, size, sha):
           continue
         logging.warning("%s does not match its recorded size and SHA-256; downloading it again",
                         path)
-      if held:  # Nobody else is writing: a temporary file of this name is a stopped download's.
-        _remove_stale(folder, filename)
       _download(name, filename, size, sha, urls, path, via_env=via_env)
   return folder
 
