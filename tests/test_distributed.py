@@ -289,6 +289,10 @@ def test_signal_to_one_process_stops_every_process_at_one_step(tmp_path, idx_dir
   os.kill(_pid_of(interrupted, 1), signal.SIGTERM)
   step = _assert_stopped_together(launcher, interrupted, by_process=1)
   assert step % 4 == 0
+  said = ("fashion_jax: SIGTERM: stopping at the next window boundary, with a checkpoint there "
+          "that every process agrees on")  # By the process signalled, at once.
+  logs = _process_logs(interrupted)
+  assert said not in logs[0] and logs[1].count(said) == 1, logs[1][-3000:]
 
   resumed = _launch(interrupted, *flags, f"--config.num_train_steps={step + 8}")
   assert resumed.returncode == 0, resumed.stderr + "".join(_process_logs(interrupted))

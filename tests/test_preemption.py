@@ -62,6 +62,9 @@ def test_signal_before_the_train_loop_stops_at_the_first_boundary(tmp_path, idx_
   proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == stops.EXIT_PREEMPTED, proc.stderr[-3000:]
   assert "fashion_jax: stopped by SIGTERM at step 5;" in proc.stderr, proc.stderr[-3000:]
+  said = _said_at_the_first(signal.SIGTERM)  # At once, before the compile (it was silent).
+  assert proc.stderr.count(said) == 1, proc.stderr[-3000:]
+  assert proc.stderr.index(said) < proc.stderr.index("compiled and ran the"), proc.stderr[-3000:]
   saved = json.loads((workdir / "checkpoints" / "5" / "metrics" / "metrics").read_text())
   assert 0 < saved["val_accuracy"] < 1, saved
 
@@ -107,6 +110,13 @@ def _signalled_twice(tmp_path, idx_dir, sig, point: str) -> tuple[int, str, list
   return proc.returncode, stderr, [l for l in stderr.splitlines() if l.startswith("fashion_jax: ")]
 
 
+def _said_at_the_first(sig) -> str:
+  """The line a run's first signal gets at once (it was silent: the stop may be minutes away,
+  behind a download or a compile, and a Ctrl-C looked ignored)."""
+  return (f"fashion_jax: {sig.name}: stopping at the next window boundary, with a checkpoint "
+          f"there (a second {sig.name} stops at once)")
+
+
 @pytest.mark.parametrize("sig, code, says", [
     (signal.SIGINT, 130, "fashion_jax: error: stopped by a second SIGINT before the stop "
                          "checkpoint was saved"),
@@ -119,7 +129,8 @@ def test_a_second_signal_stops_waiting_with_one_line(tmp_path, idx_dir, sig, cod
   always lands while the checkpoint is written: the one that raced the save could miss it."""
   returncode, stderr, ours = _signalled_twice(tmp_path, idx_dir, sig, "stop_save")
   assert "Traceback" not in stderr, stderr[-3000:]  # Orbax's, when this raised inside its wait.
-  assert len(ours) == 1 and ours[0].startswith(says), stderr[-3000:]
+  assert len(ours) == 2 and ours[0] == _said_at_the_first(sig), stderr[-3000:]
+  assert ours[1].startswith(says), stderr[-3000:]
   assert returncode == code, stderr[-3000:]
 
 
@@ -129,9 +140,10 @@ def test_a_signal_once_the_stop_checkpoint_is_saved_changes_nothing(tmp_path, id
   returned (it waits for its background compiles): exit 130 after Ctrl-C, and a line saying the
   stop checkpoint was not saved, which it was. Now exit 75 and the stop's own line."""
   returncode, stderr, ours = _signalled_twice(tmp_path, idx_dir, sig, "stop_saved")
-  assert len(ours) == 2 and ours[0].startswith(f"fashion_jax: warning: {sig.name} ignored: the "
-                                               "stop checkpoint is saved"), stderr[-3000:]
-  assert ours[1].startswith(f"fashion_jax: stopped by {sig.name} at step "), stderr[-3000:]
+  assert len(ours) == 3 and ours[0] == _said_at_the_first(sig), stderr[-3000:]
+  assert ours[1].startswith(f"fashion_jax: warning: {sig.name} ignored: the stop checkpoint is "
+                            "saved"), stderr[-3000:]
+  assert ours[2].startswith(f"fashion_jax: stopped by {sig.name} at step "), stderr[-3000:]
   assert returncode == 75 and "Traceback" not in stderr, stderr[-3000:]
 
 

@@ -120,8 +120,12 @@ class StopRequest:
                           "and the run ends once the work under way does (a background compile);"
                           " SIGKILL ends it now")
       return
-    if self.signal is None:
-      self.signal = name
+    if self.signal is None:  # Said: before the first boundary (a download, a compile) it may
+      self.signal = name  # be minutes, and a silent Ctrl-C looks ignored.
+      alone = not jax.distributed.is_initialized() or jax.process_count() == 1
+      runtime.say_at_once(f"fashion_jax: {name}: stopping at the next window boundary, with a "
+                          "checkpoint there" + (f" (a second {name} stops at once)" if alone else
+                                                " that every process agrees on"))
     elif not jax.distributed.is_initialized() or jax.process_count() == 1:
       _stop_now(signum)  # Nothing collective to break.
     else:  # Several processes: leaving a collective save half-way would hang the others.
