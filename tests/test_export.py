@@ -207,16 +207,19 @@ def test_a_module_tensorflow_cannot_read_is_named_in_one_line(monkeypatch):
 @pytest.mark.skipif(not os.path.exists("/proc/sys/kernel/pid_max"), reason="no /proc (not Linux)")
 def test_a_killed_exports_old_folder_is_swept_once_the_next_export_is_in(tmp_path, monkeypatch):
   """Killed between its two renames (or while removing the previous export), an export left
-  `OUTPUT.old-PID` beside --output for good. The next export to it removes them once it is in
-  place: this user's, their process gone, set aside over a minute ago; not a live process's,
-  one just set aside (another export's, for microseconds), nor other names."""
+  the previous one set aside beside --output for good. The next export to it removes them once
+  it is in place: this user's, their process gone, set aside over a minute ago; not a live
+  process's, one just set aside (another export's, for microseconds), nor other names: a
+  user's own `model.old-2025` backup of an export was removed (the set-aside name had been
+  `OUTPUT.old-PID`)."""
   out = tmp_path / "model"
   with open("/proc/sys/kernel/pid_max", encoding="ascii") as f:  # Process numbers free here.
-    dead = [p for p in range(int(f.read()), 300, -1) if not os.path.exists(f"/proc/{p}")][:4]
-  names = {"dead": f"model.old-{dead[0]}", "live": f"model.old-{os.getppid()}",
-           "other": "model.old-x", "digit": "model.old-\u00b2", "file": f"model.old-{dead[1]}",
-           "near": f"modelx.old-{dead[2]}", "no export": f"model.old-{dead[3]}",
-           "a dated backup": "model.old-2024010100"}  # Past pid_max: no process's number.
+    dead = [p for p in range(int(f.read()), 300, -1) if not os.path.exists(f"/proc/{p}")][:5]
+  aside = ".model.fashion_jax-old-"
+  names = {"dead": f"{aside}{dead[0]}", "live": f"{aside}{os.getppid()}",
+           "other": f"{aside}x", "digit": f"{aside}\u00b2", "file": f"{aside}{dead[1]}",
+           "near": f".modelx.fashion_jax-old-{dead[2]}", "no export": f"{aside}{dead[3]}",
+           "past pid_max": f"{aside}2024010100", "a user's backup": f"model.old-{dead[4]}"}
   for key, name in names.items():
     if key == "file":
       (tmp_path / name).write_text("not a folder")

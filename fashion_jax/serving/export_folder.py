@@ -279,7 +279,7 @@ def move_into_place(staging: str, path: str) -> None:
     old, emptied = None, False
     if os.path.isdir(path):
       if os.listdir(path):
-        old = f"{path}.old-{os.getpid()}"
+        old = _aside(path, os.getpid())
         os.rename(path, old)
       else:
         os.rmdir(path)
@@ -303,12 +303,19 @@ def move_into_place(staging: str, path: str) -> None:
   _sweep_old(path)
 
 
+def _aside(path: str, pid: int | str) -> str:
+  """Where an export sets the previous one at `path` aside: a hidden name of fashion_jax's own
+  beside it (`path.old-PID` was one a user's own backup could have: the sweep removed it)."""
+  return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.fashion_jax-old-{pid}")
+
+
 def _sweep_old(path: str) -> None:
-  """Removes the `path.old-PID` folders an earlier export left (killed between its two renames,
-  or while removing the previous export): exports (the metadata file), this user's, PID a process
-  number (not past pid_max: a dated backup) of none running, set aside over a minute ago
-  (another export's is there for microseconds). Once the new export is in place."""
-  parent, prefix = os.path.dirname(path) or ".", os.path.basename(path) + ".old-"
+  """Removes the folders an earlier export set aside (`_aside`) and left (killed between its two
+  renames, or while removing the previous export): exports (the metadata file), this user's, PID
+  a process number (not past pid_max) of none running, set aside over a minute ago (another
+  export's is there for microseconds). Once the new export is in place."""
+  parent = os.path.dirname(path) or "."
+  prefix = os.path.basename(_aside(path, ""))
   try:
     with open("/proc/sys/kernel/pid_max", encoding="ascii") as f:
       pid_max = int(f.read())
