@@ -173,18 +173,26 @@ def test_cli_with_overrides_draws_mistakes(trained_tiny_workdir, tmp_path):
                                             "mistakes.png"]  # Nothing left of the drawing.
 
 
+@pytest.mark.parametrize("where", ["drawing", "writing evaluation.json"])
 def test_an_interrupted_evaluation_leaves_the_previous_report_whole(trained_tiny_workdir,
-                                                                     tmp_path, monkeypatch):
+                                                                     tmp_path, monkeypatch, where):
   """The figures were written one by one into --output_dir: Ctrl-C while drawing the second
-  left a new confusion matrix beside the previous evaluation.json and mistakes.png."""
+  left a new confusion matrix beside the previous evaluation.json and mistakes.png; and then,
+  the new figures moved in, the JSON written last: Ctrl-C (or a full disk) there left them
+  beside the previous run's evaluation.json (found by a review)."""
   from fashion_jax.serving import report  # pylint: disable=import-outside-toplevel
   output_dir = tmp_path / "report"
   evaluate.evaluate(trained_tiny_workdir, str(output_dir), step=20)
   before = {name: (output_dir / name).read_bytes() for name in os.listdir(output_dir)}
+  assert sorted(before) == sorted([evaluate.CONFUSION_NAME, evaluate.MISTAKES_NAME,
+                                   evaluate.JSON_NAME])
 
   def interrupted(*args, **kwargs):
     raise KeyboardInterrupt
-  monkeypatch.setattr(report, "plot_mistakes", interrupted)
+  if where == "drawing":
+    monkeypatch.setattr(report, "plot_mistakes", interrupted)
+  else:
+    monkeypatch.setattr(evaluate.storage, "write_text", interrupted)
   with pytest.raises(KeyboardInterrupt):
     evaluate.evaluate(trained_tiny_workdir, str(output_dir), step=10)
   assert {name: (output_dir / name).read_bytes() for name in os.listdir(output_dir)} == before

@@ -311,10 +311,10 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
   worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:num_mistakes]
 
   model_name, accuracy = classifier.config.model, metrics["accuracy"]
-  # The figures are drawn aside (in a hidden folder in a local --output_dir, then renamed into
-  # place) and put there just before evaluation.json, at the end: an interruption while drawing
-  # (seconds, or minutes for big grids) leaves the previous report whole.
-  # One left by an evaluation killed while drawing (SIGKILL, a crash) goes once it is stale.
+  # The report is made aside (a hidden folder in a local --output_dir), then moved into place,
+  # evaluation.json last, the previous one removed first: an interruption while drawing (seconds,
+  # or minutes for big grids) or a full disk leaves the previous report whole, and no JSON stands
+  # beside figures it does not describe. A killed evaluation's folder goes once it is stale.
   if not storage.is_url(output_dir):
     export_folder.remove_stale(output_dir, STAGING_PREFIX)
   drawn = tempfile.mkdtemp(prefix=STAGING_PREFIX,
@@ -334,13 +334,15 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
                      worst, labels, predictions, confidence, output_dir,
                      {"load": round(load_seconds, 3), "inference": round(inference_seconds, 3),
                       "total": round(time.perf_counter() - t0, 3)})
-    for name in (CONFUSION_NAME, MISTAKES_NAME):
+    storage.write_text(os.path.join(drawn, JSON_NAME), json.dumps(result, indent=2) + "\n",
+                       "free some space or pass another --output_dir")
+    if not storage.is_url(output_dir) and os.path.lexists(os.path.join(output_dir, JSON_NAME)):
+      os.remove(os.path.join(output_dir, JSON_NAME))
+    for name in (CONFUSION_NAME, MISTAKES_NAME, JSON_NAME):
       if storage.is_url(output_dir):
         storage.put_file(os.path.join(drawn, name), storage.join(output_dir, name))
       else:
         os.replace(os.path.join(drawn, name), os.path.join(output_dir, name))
-    storage.write_text(storage.join(output_dir, JSON_NAME), json.dumps(result, indent=2) + "\n",
-                       "free some space or pass another --output_dir")
   except OSError as e:  # A folder where a figure goes, another user's file in /tmp, a full disk.
     where = getattr(e, "filename2", None) or getattr(e, "filename", None) or output_dir
     raise storage.out_of_space(output_dir, e, "free some space or pass another --output_dir") or \
