@@ -146,17 +146,25 @@ def find_images(paths: Iterable[str]) -> Inputs:
 def preprocessed_names(files: list[str], inputs_there: Iterable[str] = ()) -> list[str]:
   """A unique PNG file name per input: its base name + ".png", numbered on collisions, and never
   one of `inputs_there`: names of inputs in the --save_preprocessed folder (`shirt` and
-  `shirt.png` there: shirt's picture had replaced shirt.png before it was read)."""
+  `shirt.png` there: shirt's picture had replaced shirt.png before it was read). The base name is
+  cut where the name would pass a file system's 255 bytes (an input's own 254-byte name had
+  ended the whole run at its picture: "File name too long")."""
   taken, names = set(inputs_there), []
   for path in files:
     base = os.path.basename(os.path.normpath(path)) or "image"
-    name, n = f"{base}.png", 1
+    name, n = _fitted(base, ".png"), 1
     while name in taken:
       n += 1
-      name = f"{base}-{n}.png"
+      name = _fitted(base, f"-{n}.png")
     taken.add(name)
     names.append(name)
   return names
+
+
+def _fitted(base: str, suffix: str) -> str:
+  while len(os.fsencode(base + suffix)) > 255:  # NAME_MAX on ext4, XFS, Btrfs, APFS.
+    base = base[:-1]
+  return base + suffix
 
 
 def _pattern_would_match(pattern: str, target: str, names: list[str]) -> bool:
