@@ -42,13 +42,16 @@ kernel (3x3), applied before the short edge is extended, as in the paper.
 Big photos are first reduced (box filter) to at most WORKING_SIZE px.
 
 Which way round. The background colour is the colour most of the border is
-close to (robust to an object touching the border or a corner). A light
-background (luminance >= 60% of white) is negated -- the usual product photo
--- and a dark one (<= 40%) is kept -- a bright garment on black, like
-Fashion-MNIST itself. In between, the object decides: the pixels differing from
-the background by more than the 5% trim distance are negated if they are on
-average darker than it. (The object's mean alone is not enough: on a noisy
-dark background, noise darker than the median counts as "object" too.)
+close to (robust to an object touching the border or a corner). Where the
+object (the pixels differing from it by more than the 5% trim distance, specks
+left out) is on average clearly lighter or darker than the background (by over
+twice that distance), it decides: a white sneaker on a light-grey backdrop is
+kept, a black coat on dark grey negated. Otherwise a light background
+(luminance >= 60% of white) is negated -- the usual product photo -- and a dark
+one (<= 40%) is kept -- a bright garment on black, like Fashion-MNIST itself;
+in between, the object's mean decides. (The object's mean alone is not enough:
+on a noisy dark background, noise darker than the median counts as "object"
+too.)
 
 28x28 inputs are taken to be in Fashion-MNIST form already (e.g. an image saved
 from the data set): they are only made grayscale and, on a light background,
@@ -306,7 +309,11 @@ def _object(image: Image.Image) -> np.ndarray | None:
   background_luma = float(background[0] if pixels.shape[-1] == 1 else background @ _LUMA)
   if not is_object.any():
     return None  # A blank image: nothing to see.
-  if background_luma >= LIGHT_BACKGROUND:
+  solid = _without_specks(is_object)
+  lighter_by = float(np.mean(luma[solid])) - background_luma
+  if abs(lighter_by) > 2 * TRIM_FUZZ * 255:  # The object itself, specks left out, says which.
+    darker = lighter_by < 0
+  elif background_luma >= LIGHT_BACKGROUND:
     darker = True
   elif background_luma <= DARK_BACKGROUND:
     darker = False
@@ -317,7 +324,6 @@ def _object(image: Image.Image) -> np.ndarray | None:
 
   # Negated (light background) or kept (dark background); the background level becomes 0.
   value = np.maximum((background_luma - luma) if darker else (luma - background_luma), 0.0)
-  solid = _without_specks(is_object)
   top, bottom = _span(solid.any(axis=1))
   left, right = _span(solid.any(axis=0))
   return np.ascontiguousarray(value[top:bottom, left:right], np.float32)
