@@ -208,11 +208,23 @@ def test_a_big_transparent_image_is_shrunk_before_its_alpha_is_flattened(tmp_pat
     assert np.abs(got.astype(int) - expected).mean() < 3, name
   # One colour keyed transparent (L, "transparency" 0): averaged before the key was applied, the
   # garment's edges mixed with it kept a dark outline.
-  keyed = Image.fromarray(np.where(gray == 255, 0, 255 - gray).astype(np.uint8))
-  keyed.save(tmp_path / "keyed.png", transparency=0)
+  keyed = np.where(gray == 255, 0, 255 - gray)
+  Image.fromarray(keyed.astype(np.uint8)).save(tmp_path / "keyed.png", transparency=0)
   full_size_first = preprocess.to_fashion_mnist(preprocess.normalize(Image.open(tmp_path / "keyed.png")))
   got = convert_file(tmp_path / "keyed.png")
   assert np.abs(got.astype(int) - full_size_first).max() <= 8
+  # And 16-bit (I;16 with tRNS), at full size and reduced: the key was ignored, its black taken
+  # for the background (found by a review).
+  small = Image.fromarray(keyed.astype(np.uint8)).reduce(8)
+  small.save(tmp_path / "keyed_small.png", transparency=0)
+  for name, image in (("keyed16.png", keyed), ("keyed16_small.png", np.asarray(small))):
+    Image.fromarray(image.astype(np.uint16) * 257).save(tmp_path / name, transparency=0)
+    with Image.open(tmp_path / name) as stored:
+      assert stored.mode in ("I;16", "I") and stored.info["transparency"] == 0
+  got = convert_file(tmp_path / "keyed16.png")
+  assert np.abs(got.astype(int) - full_size_first).max() <= 8
+  np.testing.assert_array_equal(convert_file(tmp_path / "keyed16_small.png"),
+                                convert_file(tmp_path / "keyed_small.png"))
 
 
 def test_gif_takes_the_first_frame(tmp_path, drawing):

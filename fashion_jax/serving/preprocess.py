@@ -165,7 +165,7 @@ def _reduced(image: Image.Image) -> Image.Image:
     return image
   keyed = "transparency" in image.info  # One colour transparent: averaged, edges kept it.
   if image.mode in _SIXTEEN_BIT:
-    image = image.convert("I")
+    image = _high_depth(image) if keyed else image.convert("I")
   elif image.mode in ("1", "P", "PA") or (keyed and image.mode in ("L", "RGB")):
     gray = image.mode in ("1", "L") or (image.mode in ("P", "PA") and _gray_palette(image))
     alpha = image.mode == "PA" or keyed
@@ -186,7 +186,10 @@ def _normalize(image: Image.Image) -> Image.Image:
   if mode in ("L", "RGB") and "transparency" not in image.info:
     return image
   if mode in _SIXTEEN_BIT or mode in ("I", "F"):
-    return Image.fromarray(_high_depth_to_uint8(np.asarray(image), mode))
+    image = _high_depth(image)
+    if image.mode == "L":
+      return image
+    mode = image.mode  # "LA": flattened below.
   gray = mode in ("1", "L", "LA", "La") or (mode == "P" and _gray_palette(image))
   has_alpha = mode in _ALPHA_MODES or "transparency" in image.info
   if not has_alpha:
@@ -200,6 +203,17 @@ def _normalize(image: Image.Image) -> Image.Image:
     flat = rgba[..., :3] * alpha  # Mostly white content: it would vanish on white.
   out = Image.fromarray(np.rint(flat).clip(0, 255).astype(np.uint8))
   return out.convert("L") if gray else out
+
+
+def _high_depth(image: Image.Image) -> Image.Image:
+  """A 16-bit (or 32-bit int / float) grayscale image as 8-bit "L", or "LA" where a PNG's tRNS
+  keys one value transparent (it was ignored: a cut-out's transparent black read as black)."""
+  array = np.asarray(image)
+  gray = Image.fromarray(_high_depth_to_uint8(array, image.mode))
+  key = image.info.get("transparency")
+  if isinstance(key, int) and not isinstance(key, bool):
+    gray.putalpha(Image.fromarray(np.where(array == key, 0, 255).astype(np.uint8)))
+  return gray
 
 
 def _gray_palette(image: Image.Image) -> bool:
