@@ -588,6 +588,23 @@ def test_a_fifo_named_like_an_idx_file_is_refused_not_read(tmp_path):
     idx.load_split(folder, "test")
 
 
+def test_a_fifo_named_like_a_gz_beside_its_raw_file_is_ignored_with_a_warning(tmp_path, caplog):
+  """As a .gz beside its raw file that cannot be read: the raw file is read (it ended the run,
+  found by a review)."""
+  folder = write_idx_folder(str(tmp_path / "idx"), n_train=20, n_test=10)
+  packed = os.path.join(folder, "t10k-labels-idx1-ubyte.gz")
+  with gzip.open(packed) as f, open(packed[:-len(".gz")], "wb") as raw:
+    raw.write(f.read())
+  os.remove(packed)
+  os.mkfifo(packed)
+  with caplog.at_level(logging.WARNING):
+    labels = idx.load_split(folder, "test")[1]
+  assert len(labels) == 10
+  assert any(f"t10k-labels-idx1-ubyte.gz in {folder} is ignored (t10k-labels-idx1-ubyte, the raw "
+             f"file beside it, is read): {packed} is not a file or folder" in r.getMessage()
+             for r in caplog.records), caplog.text
+
+
 def test_a_read_only_mount_is_not_refused_for_its_modes(tmp_path, monkeypatch):
   """A read-only bind mount (squashfs, an ISO) of a 0777 folder: nobody can write it, but its
   modes had it refused as writable by every user."""

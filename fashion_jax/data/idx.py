@@ -323,7 +323,7 @@ def load_split(folder: str, split: str, num_classes: int = 10,
     raise UserError(f"IDX folder {folder!r} {what}; set --config.idx_dir to the folder "
                     "holding the four Fashion-MNIST IDX files, or to '' to use tensorflow-datasets")
   images_name, labels_name = FILES[split]
-  found = storage.kinds(folder, [n + gz for n in FILES[split] for gz in ("", ".gz")])
+  found = _kinds(folder, [n + gz for n in FILES[split] for gz in ("", ".gz")])
   paths = {}
   for name in (images_name, labels_name):
     path = _find(folder, name, found)
@@ -348,6 +348,24 @@ def load_split(folder: str, split: str, num_classes: int = 10,
   labels = read_idx(paths[labels_name], expected_ndim=1)
   _check_one_version(folder, found, {images_name: images, labels_name: labels}, compared)
   return checked_split(images, labels, paths[images_name], paths[labels_name], num_classes)
+
+
+def _kinds(folder: str, names: list[str]) -> dict[str, str | None]:
+  """storage.kinds of `names` (each raw name before its .gz), but a .gz beside its raw file that
+  is no file or folder (a FIFO, a socket) is ignored with a warning, as one that cannot be read:
+  it ended the run, though the raw file is what is read."""
+  if storage.is_url(folder):
+    return storage.kinds(folder, names)
+  found = {}
+  for name in names:
+    try:
+      found[name] = storage.kind(storage.join(folder, name))
+    except UserError as e:
+      if not (name.endswith(".gz") and found.get(name[:-len(".gz")]) == "file"):
+        raise
+      logging.warning(_IGNORED + "%s", name[:-len(".gz")], folder, name[:-len(".gz")], e)
+      found[name] = None
+  return found
 
 
 def checked_split(images: np.ndarray, labels: np.ndarray, images_path: str, labels_path: str,
