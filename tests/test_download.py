@@ -540,6 +540,17 @@ def test_a_file_system_without_locks_downloads_unlocked(mirror, tmp_path, monkey
   assert any("No locks available" in r.getMessage() for r in caplog.records)
 
 
+def test_a_folder_where_a_download_goes_is_named(mirror, tmp_path):
+  """It was "does not match its recorded size; downloading it again", then "cannot write the
+  data folder (Is a directory)", advising another folder for one that is writable."""
+  _, url, requested = mirror
+  cache = tmp_path / "cache"
+  (cache / "train-labels-idx1-ubyte.gz").mkdir(parents=True)
+  with pytest.raises(UserError, match=f"^{cache}/train-labels-idx1-ubyte.gz is a folder, where "
+                     "the download keeps train-labels-idx1-ubyte.gz; move it away$"):
+    download.fetch("fashion_mnist", str(cache), urls=(url,))
+
+
 def test_temporary_files_of_a_stopped_download_are_removed(mirror, tmp_path):
   """A download stopped by SIGTERM or kill left its temporary file (up to 26 MB) for ever."""
   _, url, _ = mirror

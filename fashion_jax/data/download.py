@@ -211,6 +211,8 @@ def fetch(name: str, folder: str, urls: tuple[str, ...] | None = None) -> str:
       path = os.path.join(folder, filename)
       if held:  # Nobody else is writing: a temporary file of this name is a stopped download's
         _remove_stale(folder, filename)  # (also once the file is there: a later run's got it).
+      if os.path.isdir(path):  # (It was "downloading it again", then "cannot write the folder".)
+        raise UserError(f"{path} is a folder, where the download keeps {filename}; move it away")
       if os.path.exists(path):
         if _verified(path, size, sha):
           continue
