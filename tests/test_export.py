@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -530,6 +531,24 @@ def test_a_failed_swap_inside_the_folder_puts_the_old_export_back(tmp_path, monk
   assert {n: (folder / n).read_text() for n in ("a", "b")} == {"a": "old a", "b": "old b"}
   assert sorted(os.listdir(folder)) == sorted(["a", "b", staging.name])
   assert sorted(os.listdir(staging)) == ["a", "b", "c"]
+
+
+def test_a_swap_inside_the_folder_sweeps_what_a_killed_one_set_aside(tmp_path):
+  """On a mount point the old export is set aside inside --output: a swap killed half-way left
+  `.fashion_jax-old-*` there for good (only the staging prefix was swept). Swept once the next
+  export is in, when over STALE_S old; a recent one (an export running beside) is kept."""
+  folder, staging = tmp_path / "out", tmp_path / "out" / ".fashion_jax-export-1"
+  staging.mkdir(parents=True)
+  (folder / "a").write_text("old a")
+  (staging / "a").write_text("new a")
+  stale, recent = folder / ".fashion_jax-old-killed", folder / ".fashion_jax-old-running"
+  for leftover in (stale, recent):
+    leftover.mkdir()
+    (leftover / "b").write_text("old b")
+  old = time.time() - export_folder.STALE_S - 1
+  os.utime(stale, (old, old))
+  export_folder._swap_contents(str(staging), str(folder))  # pylint: disable=protected-access
+  assert sorted(os.listdir(folder)) == sorted(["a", recent.name]) and (folder / "a").read_text() == "new a"
 
 
 @needs_tf

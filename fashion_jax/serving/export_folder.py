@@ -375,3 +375,4 @@ def _swap_contents(staging: str, path: str) -> None:
     raise
   shutil.rmtree(old, ignore_errors=True)
   os.rmdir(staging)
+  remove_stale(path, _INSIDE[1])  # What an export killed while swapping left, once this is in.
