@@ -114,7 +114,7 @@ def _said_at_the_first(sig) -> str:
   """The line a run's first signal gets at once (it was silent: the stop may be minutes away,
   behind a download or a compile, and a Ctrl-C looked ignored)."""
   return (f"fashion_jax: {sig.name}: stopping at the next window boundary, with a checkpoint "
-          f"there (a second {sig.name} stops at once)")
+          f"there (a second {sig.name} stops at once), or at the end if that comes first")
 
 
 @pytest.mark.parametrize("sig, code, says", [
@@ -164,6 +164,32 @@ def test_an_interrupt_outside_training_is_one_line():
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                         timeout=60, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   _assert_interrupted_in_one_line(proc)
+
+
+def test_a_signal_while_the_backend_starts_is_taken_not_waited_on():
+  """main holds its StopRequest from joining the job, before JAX's backend starts. The first
+  signal's handler asked jax.process_count(), which waits for the backend's lock, held by the
+  very thread the handler interrupted: a scheduler's SIGTERM while the backend started hung the
+  process for good (found by a review). The signal comes from inside the backend's start here."""
+  code = ("import os, signal, socket, faulthandler, jax\n"
+          "faulthandler.dump_traceback_later(60, exit=True)\n"
+          "from jax._src import xla_bridge\n"
+          "from fashion_jax.training import stops\n"
+          "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
+          "jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=1, process_id=0)\n"
+          "start = xla_bridge._init_backend\n"
+          "def signalled(platform):\n"
+          "  os.kill(os.getpid(), signal.SIGTERM)\n"
+          "  return start(platform)\n"
+          "xla_bridge._init_backend = signalled\n"
+          "with stops.StopRequest() as stop:\n"
+          "  jax.devices()\n"
+          "  print('taken:', stop.signal, stop.agreed(0))\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0 and proc.stdout == "taken: SIGTERM SIGTERM\n", proc.stderr[-3000:]
+  assert ("fashion_jax: SIGTERM: stopping at the next window boundary, with a checkpoint there "
+          "that every process agrees on, or at the end") in proc.stderr
 
 
 @pytest.mark.parametrize("command", ["evaluate", "predict", "export", "benchmark"])

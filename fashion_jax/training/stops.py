@@ -1,6 +1,6 @@
 """Stopping on SIGTERM/SIGINT at one step that every process agrees on.
 
-A signal only sets a flag; the loop asks `StopRequest.agreed(step)` at each
+A signal only sets a flag (and says so at once); the loop asks `StopRequest.agreed(step)` at each
 window boundary. With one process that is the flag itself. With several, a
 preemption notice reaches hosts at different moments (TPU pods, SLURM), and a
 host that stops alone leaves the others waiting in the next all-reduce while
@@ -100,6 +100,7 @@ class StopRequest:
     self.signal = None  # This process's own signal, by name.
     self._previous = {}
     self._saved = None  # The stop checkpoint is saved (see saved()): "saved" or "exiting".
+    self._processes = None  # jax.process_count(), once asked outside a handler (`agreed`).
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -110,6 +111,8 @@ class StopRequest:
       outer = getattr(self._previous[sig], "__self__", None)
       if isinstance(outer, StopRequest) and self.signal is None:
         self.signal = outer.signal  # Received before this one took over: still a stop.
+      if isinstance(outer, StopRequest) and self._processes is None:
+        self._processes = outer._processes  # pylint: disable=protected-access
     return self
 
   def _handle(self, signum, frame):
@@ -122,15 +125,22 @@ class StopRequest:
       return
     if self.signal is None:  # Said: before the first boundary (a download, a compile) it may
       self.signal = name  # be minutes, and a silent Ctrl-C looks ignored.
-      alone = not jax.distributed.is_initialized() or jax.process_count() == 1
       runtime.say_at_once(f"fashion_jax: {name}: stopping at the next window boundary, with a "
-                          "checkpoint there" + (f" (a second {name} stops at once)" if alone else
-                                                " that every process agrees on"))
-    elif not jax.distributed.is_initialized() or jax.process_count() == 1:
+                          "checkpoint there" + (f" (a second {name} stops at once)" if self._alone()
+                                                else " that every process agrees on")
+                          + ", or at the end if that comes first")
+    elif self._alone():
       _stop_now(signum)  # Nothing collective to break.
     else:  # Several processes: leaving a collective save half-way would hang the others.
       runtime.say_at_once(f"fashion_jax: warning: already stopping at the next agreed step ({name}"
                           " ignored); SIGKILL stops now")
+
+  def _alone(self) -> bool:
+    """Whether the run has one process, asked without JAX's backend: a handler runs between two
+    bytecodes of the main thread, which may be starting the backend under its lock (a signal
+    then, process_count() in the handler waited for that lock for good). Before the first
+    boundary of a distributed job, taken as several (a second signal is then ignored)."""
+    return not jax.distributed.is_initialized() or self._processes == 1
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -155,7 +165,8 @@ class StopRequest:
     Every process must call this at the same steps (the window boundaries,
     which depend only on the config).
     """
-    if jax.process_count() == 1:
+    self._processes = jax.process_count()
+    if self._processes == 1:
       return self.signal
     signals = multihost.gather(f"stop/{step}", self.signal)
     if not signals:
