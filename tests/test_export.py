@@ -216,10 +216,13 @@ def test_a_killed_exports_old_folder_is_swept_once_the_next_export_is_in(tmp_pat
   out = tmp_path / "model"
   with open("/proc/sys/kernel/pid_max", encoding="ascii") as f:  # Process numbers free here.
     dead = [p for p in range(int(f.read()), 300, -1) if not os.path.exists(f"/proc/{p}")][:5]
-  aside = ".model.fashion_jax-old-"
+  aside = ".model.fj-old-"
+  # No longer than the staging folder's name, `.NAME.export-` + 8 (a longer one failed a 236-byte
+  # --output's rename after the whole export was built; Linux's largest PID here).
+  assert len(os.path.basename(export_folder._aside("m" * 238, 4_194_304))) <= 255  # pylint: disable=protected-access
   names = {"dead": f"{aside}{dead[0]}", "live": f"{aside}{os.getppid()}",
            "other": f"{aside}x", "digit": f"{aside}\u00b2", "file": f"{aside}{dead[1]}",
-           "near": f".modelx.fashion_jax-old-{dead[2]}", "no export": f"{aside}{dead[3]}",
+           "near": f".modelx.fj-old-{dead[2]}", "no export": f"{aside}{dead[3]}",
            "past pid_max": f"{aside}2024010100", "a user's backup": f"model.old-{dead[4]}"}
   for key, name in names.items():
     if key == "file":

@@ -445,9 +445,9 @@ def test_preprocessed_names_are_unique():
   assert names == ["shirt.jpg.png", "shirt.jpg-2.png", "shirt.jpg.png.png", "shirt.jpg-3.png",
                    "shirt.png.png"]
   assert len(set(names)) == len(names)
-  long = "a" * 250 + "é"  # 252 bytes: a legal input name, but not with ".png" after it.
-  names = predict.preprocessed_names([f"x/{long}.jpg", f"y/{long}.jpg", "z/\udcff"])  # (A byte no UTF-8.)
-  assert names == ["a" * 250 + ".png", "a" * 249 + "-2.png", "\udcff.png"]
+  long = "a" * 248 + "é.jpg"  # 254 bytes: a legal input name, but not with ".png" after it.
+  names = predict.preprocessed_names([f"x/{long}", f"y/{long}", "z/\udcff"])  # (A byte no UTF-8.)
+  assert names == ["a" * 248 + "é..png", "a" * 248 + "-2.png", "\udcff.png"]
   assert all(len(os.fsencode(name)) <= 255 for name in names)
 
 

@@ -305,8 +305,9 @@ def move_into_place(staging: str, path: str) -> None:
 
 def _aside(path: str, pid: int | str) -> str:
   """Where an export sets the previous one at `path` aside: a hidden name of fashion_jax's own
-  beside it (`path.old-PID` was one a user's own backup could have: the sweep removed it)."""
-  return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.fashion_jax-old-{pid}")
+  beside it (`path.old-PID` was one a user's own backup could have: the sweep removed it), no
+  longer than its staging folder's (a name that fits that must fit this)."""
+  return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.fj-old-{pid}")
 
 
 def _sweep_old(path: str) -> None:

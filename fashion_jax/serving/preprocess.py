@@ -54,8 +54,8 @@ on a noisy dark background, noise darker than the median counts as "object"
 too.)
 
 28x28 inputs are taken to be in Fashion-MNIST form already (e.g. an image saved
-from the data set): they are only made grayscale and, on a light background,
-negated. Trimming, resampling and sharpening them again would blur and
+from the data set): they are only made grayscale and, where the rule above says
+so, negated. Trimming, resampling and sharpening them again would blur and
 re-sharpen an image that was made by this recipe once; with this rule an image
 from the data set round-trips exactly.
 
@@ -164,7 +164,7 @@ def _reduced(image: Image.Image) -> Image.Image:
   if factor <= 1:
     return image
   keyed = "transparency" in image.info  # One colour transparent: averaged, edges kept it.
-  if image.mode in _SIXTEEN_BIT:
+  if image.mode in _SIXTEEN_BIT or (keyed and image.mode == "I"):  # (Pillow 10: 16-bit PNGs "I".)
     image = _high_depth(image) if keyed else image.convert("I")
   elif image.mode in ("1", "P", "PA") or (keyed and image.mode in ("L", "RGB")):
     gray = image.mode in ("1", "L") or (image.mode in ("P", "PA") and _gray_palette(image))
