@@ -312,9 +312,9 @@ def evaluate(workdir: str, output_dir: str | None = None, step: int | None = Non
 
   model_name, accuracy = classifier.config.model, metrics["accuracy"]
   # The report is made aside (a hidden folder in a local --output_dir), then moved into place,
-  # evaluation.json last, the previous one removed first: an interruption while drawing (seconds,
-  # or minutes for big grids) or a full disk leaves the previous report whole, and no JSON stands
-  # beside figures it does not describe. A killed evaluation's folder goes once it is stale.
+  # evaluation.json last: an interruption while drawing (seconds, or minutes for big grids) or a
+  # full disk leaves the previous report whole; locally the previous JSON goes first (a bucket's
+  # stays during the uploads). A killed evaluation's folder goes once it is stale.
   if not storage.is_url(output_dir):
     export_folder.remove_stale(output_dir, STAGING_PREFIX)
   drawn = tempfile.mkdtemp(prefix=STAGING_PREFIX,
