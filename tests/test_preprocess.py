@@ -225,6 +225,11 @@ def test_a_big_transparent_image_is_shrunk_before_its_alpha_is_flattened(tmp_pat
   assert np.abs(got.astype(int) - full_size_first).max() <= 8
   np.testing.assert_array_equal(convert_file(tmp_path / "keyed16_small.png"),
                                 convert_file(tmp_path / "keyed_small.png"))
+  # 12-bit samples keyed at 65535: the key is no sample, so the data's 12 bits set the scale.
+  twelve = np.where(np.asarray(small) == 0, 65535, np.asarray(small).astype(np.uint16) * 16)
+  Image.fromarray(twelve.astype(np.uint16)).save(tmp_path / "keyed12.png", transparency=65535)
+  assert np.abs(convert_file(tmp_path / "keyed12.png").astype(int)
+                - convert_file(tmp_path / "keyed_small.png")).max() <= 8
 
 
 def test_gif_takes_the_first_frame(tmp_path, drawing):

@@ -209,10 +209,12 @@ def _high_depth(image: Image.Image) -> Image.Image:
   """A 16-bit (or 32-bit int / float) grayscale image as 8-bit "L", or "LA" where a PNG's tRNS
   keys one value transparent (it was ignored: a cut-out's transparent black read as black)."""
   array = np.asarray(image)
-  gray = Image.fromarray(_high_depth_to_uint8(array, image.mode))
   key = image.info.get("transparency")
-  if isinstance(key, int) and not isinstance(key, bool):
-    gray.putalpha(Image.fromarray(np.where(array == key, 0, 255).astype(np.uint8)))
+  if not isinstance(key, int) or isinstance(key, bool):
+    return Image.fromarray(_high_depth_to_uint8(array, image.mode))
+  keyed = array == key  # Not counted in the bit depth (a 12-bit cut-out keyed at 65535).
+  gray = Image.fromarray(_high_depth_to_uint8(np.where(keyed, 0, array), image.mode))
+  gray.putalpha(Image.fromarray(np.where(keyed, 0, 255).astype(np.uint8)))
   return gray
 
 
