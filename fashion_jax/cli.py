@@ -334,13 +334,16 @@ def refuse_ignored_epochs(config) -> None:
          "--config.num_train_steps=-1 to train by epochs")
 
 
-def refuse_config_mistakes(config) -> None:
-  """A config's values checked before JAX's import (config_lib.validate with model=False): a
-  mistake is one line at once, not 2-3 s on. config.model_kwargs is checked once JAX is in."""
+def refuse_config_mistakes(config, workdir: str | None = None) -> None:
+  """A config's values (config_lib.validate with model=False) and a --workdir's form (an s3://
+  scheme, gs:// without gcsfs) checked before JAX's import: a mistake is one line at once, not
+  2-3 s on. config.model_kwargs, and whether the workdir can be written, once JAX is in."""
   from fashion_jax import config_lib  # pylint: disable=g-import-not-at-top
   from fashion_jax.support.errors import UserError  # pylint: disable=g-import-not-at-top
   try:
     config_lib.validate(config, warn=False, model=False)
+    if workdir is not None:
+      storage.resolve(workdir, "--workdir")
   except UserError as e:
     fail(str(e))
 

@@ -40,7 +40,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   cli.refuse_arguments(argv)
   cli.refuse_ignored_epochs(FLAGS.config)
-  cli.refuse_config_mistakes(FLAGS.config)  # Before JAX's import (quiet_console's).
+  cli.refuse_config_mistakes(FLAGS.config, FLAGS.workdir)  # Before JAX's import.
   cli.quiet_console()
   import jax  # pylint: disable=g-import-not-at-top
   from fashion_jax import config_lib  # pylint: disable=g-import-not-at-top

@@ -313,8 +313,8 @@ def test_edge_hyperparameters_are_accepted(tiny_config):
 
 
 def test_config_mistakes_are_said_before_jax_starts(idx_dir, tmp_path):
-  """A value out of range was refused only after JAX's import (2-3 s); now before it, nothing
-  created, each mistake named (a model's name too). `model_kwargs` builds the model: checked once
+  """A value out of range (or a workdir's scheme) was refused only after JAX's import (2-3 s);
+  now before it, nothing created, each mistake named (a model's name too). `model_kwargs` builds the model: checked once
   JAX is there, as before."""
   for flag, imported, says in [
       ("--config.seed=-1", False, "config.seed=-1 is invalid"),
@@ -325,7 +325,10 @@ def test_config_mistakes_are_said_before_jax_starts(idx_dir, tmp_path):
       # Both named in one line, as before (the model's name was checked after JAX).
       (("--config.seed=-1", "--config.model=cnnn"), False, "config.model='cnnn' is invalid: use "
        "one of cnn, cnn_bn, linear, resnet, wrn; config.seed=-1 is invalid"),
-      ('--config.model_kwargs={"depht": 3}', True, "do not fit model 'cnn'")]:
+      ('--config.model_kwargs={"depht": 3}', True, "do not fit model 'cnn'"),
+      # A workdir's form too (it was said after JAX's import); the last --workdir wins.
+      ("--workdir=s3://bucket/run", False, "--workdir='s3://bucket/run': s3:// folders are not"),
+      ("--workdir=", False, "--workdir is empty")]:
     proc, jax_imported = run_module_noting_jax(
         "fashion_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}",
         f"--config.idx_dir={idx_dir}", *((flag,) if isinstance(flag, str) else flag))
