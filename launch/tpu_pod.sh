@@ -16,7 +16,9 @@
 # common step with a checkpoint, press Ctrl-C (or send this script INT, TERM or HUP): it runs
 #   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all \
 #       --command='pkill -TERM -u "$USER" -f "^[^ ]*python[^ ]* (-[XW] [^ ]+ |-[^ ]+ )*-m fashion_jax[.]main"'
-# (which also works from another machine) and waits for the workers to save. The ssh sessions
+# (which also works from another machine) and waits for the workers to save; a second signal
+# sends them SIGKILL, ends the ssh sessions and exits 137 (a worker that hung in the stop, or a
+# stop that could not reach them: the last checkpoint is kept). The ssh sessions
 # carry no terminal, so a lost connection does not stop the workers: that command does. (The
 # pattern matches the Python process only, not the shell that started it: a shell killed by
 # the signal would make ssh exit 255, which gcloud retries.)
@@ -61,7 +63,9 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command
   if [ ! -d fashion_jax ]; then git clone --quiet $(q "$repo") fashion_jax; fi
   cd fashion_jax
   git remote set-url origin $(q "$repo")
-  git fetch --quiet origin $(q "$branch") && git checkout --quiet -B $(q "$branch") FETCH_HEAD
+  # (Two lines: set -e does not stop at a failure left of &&, and a fetch that failed ran the old code.)
+  git fetch --quiet origin $(q "$branch")
+  git checkout --quiet -B $(q "$branch") FETCH_HEAD
   # TPU VM images come with a working jax[tpu]: install it only where none is, never change it
   # (the installed jax, jaxlib and libtpu are pinned: an older jax fails here, not at run time).
   $(q "$python") -c 'import jax' 2>/dev/null || $(q "$python") -m pip install -q 'jax[tpu]'
@@ -71,14 +75,24 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command
   $(q "$python") -m pip install -q -e .[gcs] -c \"\$pins\"
   rm -f \"\$pins\"
 "
-stop_workers() {
-  trap '' INT TERM HUP
-  # (|| true: after a hang-up stderr is gone, and set -e would end the script right here.)
-  echo "tpu_pod.sh: stopping the workers at a common step; they save a checkpoint and exit" >&2 ||
-    true
+signal_workers() {  # $1: TERM or KILL, to each worker's training process (not its shell).
   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all \
-    --command='pkill -TERM -u "$USER" -f "^[^ ]*python[^ ]* (-[XW] [^ ]+ |-[^ ]+ )*-m fashion_jax[.]main"' ||
+    --command="pkill -$1 -u \"\$USER\" -f '^[^ ]*python[^ ]* (-[XW] [^ ]+ |-[^ ]+ )*-m fashion_jax[.]main'" ||
     true
+}
+# (|| true on the lines: after a hang-up stderr is gone, and set -e would end the script there.)
+stop_workers() {
+  trap stop_at_once INT TERM HUP  # A second signal: where the first could not stop them.
+  echo "tpu_pod.sh: stopping the workers at a common step; they save a checkpoint and exit (a" \
+    "second signal stops them at once)" >&2 || true
+  signal_workers TERM
+}
+stop_at_once() {
+  trap '' INT TERM HUP
+  echo "tpu_pod.sh: stopping the workers at once (SIGKILL, no checkpoint): re-run to resume" \
+    "from the last one" >&2 || true
+  signal_workers KILL
+  kill -KILL -- -"$job" 2>/dev/null || true  # The ssh sessions too, where a worker hangs.
 }
 # In a process group of its own (set -m), so that Ctrl-C reaches this script alone: gcloud's ssh
 # sessions carry no terminal, and killing them left training running on every worker.

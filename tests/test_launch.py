@@ -3,6 +3,7 @@ what each would execute, its argument checks, and the exit status it passes on."
 
 import json
 import os
+import pathlib
 import shlex
 import shutil
 import signal
@@ -39,20 +40,20 @@ def stubs(tmp_path):
         'cmd=${a#--command=};; esac; done\ncd "$WORKER_HOME" && exec python3 -c "import '
         'subprocess, sys; r = subprocess.run([\'bash\', \'-c\', sys.argv[1]]).returncode; '
         'sys.exit(255 if r < 0 else r)" "$cmd"\n')
-  for name in ("git", "srun"):
-    _stub(bin_dir, name, record + ("exit ${MAIN_RC:-0}\n" if name == "srun" else ""))
+  _stub(bin_dir, "srun", record + "exit ${MAIN_RC:-0}\n")
+  _stub(bin_dir, "git", record + '[ "$1" != fetch ] || exit ${GIT_FETCH_RC:-0}\n')
   # (local_multiprocess.sh picks a free port with a `-c`: run, not recorded, its answer kept in
   # $WORKER_HOME/port; a line before it, as a $PYTHON that is a wrapper may print.)
   _stub(bin_dir, "fakepython", 'case "$1 $2" in "-c import socket"*) echo "Loading env"\n'
         '  python3 "$@" | tee "$WORKER_HOME/port"; exit;; esac\n' + record + 'if [ "$1 $2" = "-m fashion_jax.main" ]; then\n'
         '  [ -z "${MAIN_SELF_KILL:-}" ] || kill -KILL $$\n'
         '  if [ -n "${MAIN_RUNS:-}" ]; then\n'  # Trains until SIGTERM, then "saves", exit 75.
-        '    trap "exit 75" TERM; echo $$ >"$WORKER_HOME/main.pid"\n'
+        '    trap "${MAIN_ON_TERM:-exit 75}" TERM; echo $$ >"$WORKER_HOME/main.pid"\n'
         '    while :; do sleep 0.1; done\n'
         '  fi\n'
         '  exit ${MAIN_RC:-0}\nfi\n[ "$1" != -c ] || exit 0\n')
   # Stops the stand-in above only (a real pkill would reach this machine's other runs).
-  _stub(bin_dir, "pkill", record + 'kill -TERM "$(cat "$WORKER_HOME/main.pid")"\n')
+  _stub(bin_dir, "pkill", record + 'kill "$1" "$(cat "$WORKER_HOME/main.pid")"\n')
   (tmp_path / "worker" / "fashion_jax").mkdir(parents=True)
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", WORKER_HOME=str(tmp_path / "worker"),
              TPU_NAME="pod", ZONE="us-central2-b", REPO_URL="https://example.com/fj.git",
@@ -331,6 +332,51 @@ def test_tpu_pod_stops_the_workers_at_a_common_step_and_passes_on_a_signal_death
                         ("bash -c cd fashion_jax && python3 -m fashion_jax.main; exit $?", False)):
     found = subprocess.run(["grep", "-Eq", pattern], input=line, text=True).returncode == 0
     assert found == matches, (pattern, line)
+
+
+def test_tpu_pod_a_fetch_that_fails_stops_before_training(stubs):
+  """`git fetch ... && git checkout ...` under set -e: a failed fetch (a mistyped BRANCH, a
+  network blip on one worker) skipped the checkout, and the workers trained the old code."""
+  proc, calls = stubs("tpu_pod.sh", "/mnt/r", BRANCH="no-such-branch", GIT_FETCH_RC="128")
+  assert proc.returncode == 128, proc.stderr
+  assert ["git", "fetch", "--quiet", "origin", "no-such-branch"] in calls
+  assert not [c for c in calls if c[:2] == ["git", "checkout"] or "fashion_jax.main" in c]
+
+
+def test_tpu_pod_a_second_signal_stops_hung_workers_at_once(stubs, tmp_path):
+  """After the first Ctrl-C the script ignored INT, TERM and HUP for good: a worker that did not
+  stop (hung, or the stop's ssh failed) left only kill -9 from another terminal."""
+  stubs("tpu_pod.sh", "/mnt/r")  # (Makes the stubs.)
+  env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", TPU_NAME="pod", ZONE="z",
+             WORKER_HOME=str(tmp_path / "worker"), REPO_URL="https://example.com/fj.git",
+             PYTHON="fakepython", MAIN_RUNS="1", MAIN_ON_TERM=":")  # Ignores the stop's TERM.
+  launcher = subprocess.Popen([sys.executable, "-c", _SIGINT_DEFAULT, "bash",
+                               os.path.join(ROOT, "launch", "tpu_pod.sh"), "/mnt/r"],
+                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, start_new_session=True)
+  pid_file, calls = tmp_path / "worker" / "main.pid", tmp_path / "calls"
+  deadline = time.monotonic() + 60
+  try:
+    while not pid_file.exists() and time.monotonic() < deadline:
+      time.sleep(0.1)
+    os.killpg(launcher.pid, signal.SIGINT)
+    while "pkill" not in calls.read_text() and time.monotonic() < deadline:
+      time.sleep(0.1)
+    time.sleep(0.5)  # The worker ignores it: still training.
+    assert launcher.poll() is None
+    os.killpg(launcher.pid, signal.SIGINT)
+    _, stderr = launcher.communicate(timeout=60)
+  finally:
+    if launcher.poll() is None:
+      subprocess.run([shutil.which("pkill") or "pkill", "-KILL", "-s", str(launcher.pid)],
+                     check=False)
+      launcher.communicate(timeout=30)
+  assert launcher.returncode == 137, stderr
+  assert "stopping the workers at once (SIGKILL, no checkpoint)" in stderr
+  pkills = [c[1] for c in map(json.loads, calls.read_text().splitlines()) if c[0] == "pkill"]
+  assert pkills == ["-TERM", "-KILL"]
+  state = pathlib.Path(f"/proc/{pid_file.read_text().strip()}/stat")
+  assert not state.exists() or state.read_text().split(") ")[1][0] == "Z"  # Gone.
 
 
 _ON_A_TERMINAL = """import os, pty, signal, sys, time
