@@ -18,6 +18,9 @@ a run cut short by its time budget (--budget_s, default 540) still reports what 
   benchmark   pure-step and real-loop images/s, MFU against the chip's peak, compile times
               (python -m fashion_jax.benchmark --loop): float32 at batch 128..8192 with the data on
               the host and on the device, bfloat16 at 512..8192 on the device
+
+Exit status: 0 done (a stage's own failure is in the JSON); 2 bad input, or no accelerator;
+128+N stopped by signal N (INT, TERM, HUP), the running stage's processes with it.
 """
 
 from __future__ import annotations
@@ -240,5 +243,30 @@ def main():
   print(f"wrote {output}")
 
 
+class _Stop(BaseException):
+  """SIGTERM or SIGHUP (timeout, kill, a closed ssh session, a job manager), raised where the
+  check waits: the running stage's process group goes too (_run). Python's default for them
+  ended the check alone, and the stage, in a session of its own, held the chip on."""
+
+  def __init__(self, signum):
+    super().__init__(signum)
+    self.signum = signum
+
+
+def _stop(signum, _frame):
+  raise _Stop(signum)
+
+
 if __name__ == "__main__":
-  main()
+  for signum in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(signum, _stop)
+  try:
+    main()
+  except (KeyboardInterrupt, _Stop) as e:  # (Ctrl-C printed a traceback.)
+    signum = e.signum if isinstance(e, _Stop) else signal.SIGINT
+    try:
+      print(f"accelerator_check: stopped by {signal.Signals(signum).name}; the stages it "
+            "finished are in its --output JSON", file=sys.stderr)
+    except OSError:  # (After a hang-up: no terminal left.)
+      pass
+    sys.exit(128 + signum)

@@ -252,6 +252,35 @@ def _wheel(folder, name: str, version: str) -> None:
       z.writestr(path, text)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_accelerator_check_stopped_by_a_signal_stops_its_stage(tmp_path, idx_dir, signum):
+  """Each stage runs in a session of its own; SIGTERM/SIGHUP (timeout, a closed ssh session)
+  ended the check alone, and the stage went on holding the chip."""
+  env = dict(os.environ, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu")
+  check = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "accelerator_check.py"),
+                            f"--idx_dir={idx_dir}", f"--output={tmp_path / 'check.json'}",
+                            "--allow_cpu"], env=env, text=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+  stage = f"fashion_jax[.]main .*--workdir={tmp_path}/fashion_jax_accelerator_check_"
+  try:
+    deadline = time.monotonic() + 120
+    while (subprocess.run(["pgrep", "-f", stage], capture_output=True).returncode != 0
+           and check.poll() is None and time.monotonic() < deadline):
+      time.sleep(0.1)
+    check.send_signal(signum)
+    _, stderr = check.communicate(timeout=60)
+    assert check.returncode == 128 + signum, stderr[-2000:]
+    assert f"stopped by {signal.Signals(signum).name}; the stages it finished" in stderr
+    assert "devices" in json.loads((tmp_path / "check.json").read_text())["stages"]
+    time.sleep(0.5)
+    assert subprocess.run(["pgrep", "-f", stage], capture_output=True).returncode == 1
+  finally:
+    subprocess.run(["pkill", "-KILL", "-f", stage], check=False)
+    if check.poll() is None:
+      check.kill()
+      check.communicate()
+
+
 def test_accelerator_check_keeps_a_venv_its_wheels_and_relative_options(tmp_path, idx_dir):
   """PYTHON=venv/bin/python was followed to the base interpreter (a link), dropping the venv
   silently; pip took find-links from PIP_FIND_LINKS / pip.conf too, so a folder anyone can write
