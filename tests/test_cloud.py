@@ -542,6 +542,17 @@ def test_an_emulator_host_no_name_lookup_can_encode_is_one_line(monkeypatch):
     storage._check_reachable("gs://b/fm")  # pylint: disable=protected-access
 
 
+@pytest.mark.parametrize("port", ["99999", "x"])
+def test_an_emulator_host_with_a_bad_port_is_one_line(monkeypatch, port):
+  """host.port raised ValueError outside the check's try: a traceback, exit 1."""
+  from fashion_jax.support import storage  # pylint: disable=import-outside-toplevel
+  from fashion_jax.support.errors import UserError  # pylint: disable=import-outside-toplevel
+  pytest.importorskip("fsspec", reason="without gcsfs (and fsspec) TensorFlow's client is used")
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"localhost:{port}")
+  with pytest.raises(UserError, match=rf"^cannot reach gs://b/fm: localhost:{port}: Port .*; "):
+    storage._check_reachable("gs://b/fm")  # pylint: disable=protected-access
+
+
 def test_a_cloud_workdir_offline_fails_in_seconds():
   """A gs:// --workdir with no network: gcsfs looked for credentials for 15 s, then retried the
   first look at the workdir for ~50 s before its one line (~65 s in all)."""

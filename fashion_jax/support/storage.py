@@ -127,17 +127,17 @@ def _check_reachable(path: str) -> None:
   host = (urllib.parse.urlparse(host if "://" in host else f"http://{host}") if host != "default"
           else urllib.parse.urlparse("https://storage." + os.environ.get(
               "GOOGLE_CLOUD_UNIVERSE_DOMAIN", "googleapis.com")))
-  address = (host.hostname, host.port or (443 if host.scheme == "https" else 80))
-  if (address in _REACHED  # (Once a process.)
-      or any(os.environ.get(v) for v in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"))
-      or conf.get("gcs", {}).keys() & {"endpoint_url", "session_kwargs"}):
-    return
-  try:
+  try:  # (ValueError: a port that is no number or out of range, a name IDNA cannot encode.)
+    address = (host.hostname, host.port or (443 if host.scheme == "https" else 80))
+    if (address in _REACHED  # (Once a process.)
+        or any(os.environ.get(v) for v in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"))
+        or conf.get("gcs", {}).keys() & {"endpoint_url", "session_kwargs"}):
+      return
     network.look_up(*address, REACH_TIMEOUT_S)
-  except (OSError, ValueError) as e:  # (ValueError: a name IDNA cannot encode.)
+  except (OSError, ValueError) as e:
     why = (f"no answer in {REACH_TIMEOUT_S:g} s" if isinstance(e, TimeoutError)
            else getattr(e, "strerror", None) or e)  # (A ValueError has no strerror.)
-    raise UserError(f"cannot reach {path}: {address[0]}:{address[1]}: {why} (no network?); "
+    raise UserError(f"cannot reach {path}: {host.netloc}: {why} (no network?); "
                     "check the network, or use a local copy") from e
   _REACHED.add(address)
 
