@@ -692,6 +692,18 @@ def test_a_working_restore_keeps_what_libraries_print(monkeypatch, capsys):
   assert "said before refusing" in capsys.readouterr().err
 
 
+def test_a_stop_said_during_a_restore_is_seen_at_once(monkeypatch, capsys):
+  """The signal handler's line went into the restore's capture of stderr: seen only after the
+  restore (minutes from a bucket), or never where it failed (and a second signal's exit line)."""
+  from fashion_jax.support import checkpointing, runtime  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(checkpointing, "ABANDONED_READS_SETTLE_S", 0.0)
+  with pytest.raises(ValueError, match="unreadable"):
+    with checkpointing._quiet_abandoned_reads():  # pylint: disable=protected-access
+      runtime.say_at_once("fashion_jax: SIGTERM: stopping at the next window boundary")
+      assert "SIGTERM: stopping" in capsys.readouterr().err  # Now, not after the restore.
+      raise ValueError("unreadable")
+
+
 def test_abandoned_reads_reporting_after_the_settle_are_dropped(monkeypatch, capsys):
   """An abandoned read that reports after the settle (seen on a slow machine: a traceback in the
   middle of the training log) is dropped; every other unraisable exception still shows."""

@@ -101,6 +101,7 @@ def _quiet_abandoned_reads():
     asyncio_logger = logging_std.getLogger("asyncio")
     level = asyncio_logger.level
     captured = io.StringIO()
+    captured.real_stream = real_stderr  # Where a signal's line goes meanwhile (say_at_once).
     sys.stderr, sys.excepthook = captured, lambda *exc_info: None
     asyncio_logger.setLevel(logging_std.CRITICAL)
     failed = True

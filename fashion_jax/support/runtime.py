@@ -81,12 +81,15 @@ def say_at_once(line: str) -> None:
   interrupted, which may be in sys.stderr's (or stdout's) own write: writing there again raises
   `RuntimeError: reentrant call` from the handler into that code (a crash where a stop or a
   warning was meant). So sys.stderr first (a notebook's cell output, a redirection), and where
-  it fails, the file descriptor itself (`os.write`). Stdout's pending lines go first."""
+  it fails, the file descriptor itself (`os.write`). Stdout's pending lines go first. Not into
+  a checkpoint restore's capture of stderr (its `real_stream`): a stop said there came only
+  after the restore (minutes from a bucket), or never (a restore that failed)."""
   with contextlib.suppress(Exception):  # (The reentrant call, or a closed stream.)
     sys.stdout.flush()
   try:
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+    stream = getattr(sys.stderr, "real_stream", sys.stderr)
+    stream.write(line + "\n")
+    stream.flush()
     return
   except Exception:  # pylint: disable=broad-except
     pass
