@@ -1271,6 +1271,32 @@ def test_a_second_run_into_the_same_workdir_is_refused(tiny_config, tmp_path):
   assert (unlockable / "checkpoints" / "20").is_dir()
 
 
+def test_a_full_disk_when_the_lock_is_written_is_one_line(tmp_path, monkeypatch):
+  """The lock's pid write met a full disk, and closing the file wrote it again inside the
+  handler: a chained traceback, exit 1 (every process of a job counted it a crash)."""
+  real_fdopen = os.fdopen
+
+  class Full:  # The lock file on a full disk: each flush (close's too) fails.
+    def __init__(self, *args, **kwargs):
+      self.file = real_fdopen(*args, **kwargs)
+
+    def __getattr__(self, name):
+      return getattr(self.file, name)
+
+    def flush(self):
+      raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self):
+      self.file.close()
+      self.flush()
+
+  monkeypatch.setattr(os, "fdopen", Full)
+  with pytest.raises(UserError, match=r"^no space left where .*\.fashion_jax\.lock is written "
+                                      r"\(No space left on device\); free some space"):
+    with workdir_lib.lock(str(tmp_path), is_lead=True):
+      pass
+
+
 def test_a_workdir_others_could_have_written_is_refused(tiny_config, tmp_path, monkeypatch):
   """A folder planted in /tmp (the README's /tmp/fj) with a checkpoint in it was resumed
   silently; a FIFO for metrics.jsonl blocked the run beyond the reach of a signal; a planted

@@ -111,12 +111,17 @@ def lock(workdir: str, is_lead: bool):
       handle = None
       refusal = (f"another run{f' (pid {holder})' if holder.isdigit() else ''} is training into "
                  f"--workdir {workdir}; wait for it to end, or use another --workdir")
-    except OSError as e:  # Every process still meets below; this one runs unlocked.
-      if handle is not None:
-        handle.close()
+    except OSError as e:  # Every process still meets below; this one runs unlocked, unless
+      if handle is not None:  # the disk (or quota) is full: then every process stops with it.
+        with contextlib.suppress(OSError):  # (Its close writes the pid again: full again.)
+          handle.close()
         handle = None
-      logging.warning("cannot lock %s (%s): a second run into this folder would not be "
-                      "noticed", path, e)
+      if full := storage.out_of_space(path, e, "free some space (or use another --workdir) "
+                                      "and re-run the same command"):
+        refusal = str(full)
+      else:
+        logging.warning("cannot lock %s (%s): a second run into this folder would not be "
+                        "noticed", path, e)
   refusals = multihost.gather("workdir_lock", refusal)
   try:
     if refusals:
