@@ -25,9 +25,12 @@ def test_benchmark_json(tmp_path, idx_dir):
   args = ["--config=configs/tiny.py", f"--config.idx_dir={idx_dir}", "--batch_sizes=8,16",
           "--windows=2", "--window_seconds=0.05", f"--output={output}", "--loop",
           "--loop_variants=device", "--rounds=2", "--profile", "--profile_steps=4"]
-  proc = run_module("fashion_jax.benchmark", *args, *(["--compare=keras"] if compare else []))
+  # KERAS_BACKEND=jax: Keras trained on JAX where the user's environment said so (unsaid).
+  proc = run_module("fashion_jax.benchmark", *args, *(["--compare=keras"] if compare else []),
+                    env={"KERAS_BACKEND": "jax"})
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = json.loads(output.read_text())
+  assert {k["backend"] for k in results.get("keras_sweep", [])} <= {"tensorflow"}
   for key in ("train_images_per_sec", "compile_s", "eval_images_per_sec", "input_images_per_sec",
               "flops_per_image", "mfu"):
     assert isinstance(results[key], float) and results[key] > 0, key

@@ -13,6 +13,7 @@ import time
 import fashion_jax
 from fashion_jax.benchmarking import flops
 from fashion_jax.support import backends
+from fashion_jax.support.errors import UserError
 
 
 def log(message: str) -> None:
@@ -53,9 +54,13 @@ class KerasTrain:
   the same images; compiled once, and `measure` times a pass of windows, as often as asked."""
 
   def __init__(self, data, batch_size: int, window_seconds: float):
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    # Set, not defaulted: a user's KERAS_BACKEND=jax (or torch) made it another comparison, unsaid.
+    os.environ["KERAS_BACKEND"] = "tensorflow"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras  # pylint: disable=g-import-not-at-top
+    if keras.backend.backend() != "tensorflow":  # Imported before on another (a notebook's).
+      raise UserError(f"--compare=keras compares with Keras on TensorFlow, and Keras is loaded "
+                      f"here on {keras.backend.backend()}; run the benchmark in a new process")
     backends.tensorflow_shares_the_gpu()
 
     keras.utils.set_random_seed(0)

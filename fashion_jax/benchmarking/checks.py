@@ -81,7 +81,7 @@ def compare(config, what: str) -> None:
                     f"{' and '.join(missing)} {'are' if missing[1:] else 'is'} not installed "
                     "here; pip install 'fashion_jax[tf]' (or leave out --compare)")
   # Imported in a child process: here TensorFlow would load its CUDA libraries before JAX.
-  env = {"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2", **os.environ}
+  env = {"TF_CPP_MIN_LOG_LEVEL": "2", **os.environ, "KERAS_BACKEND": "tensorflow"}
   try:
     proc = subprocess.run([sys.executable, "-c", "import keras"], env=env, capture_output=True,
                           text=True, timeout=300, check=False)
