@@ -245,7 +245,14 @@ def test_compare_keras_without_tensorflow_is_one_line(tmp_path, idx_dir):
     ("--config.distributed=on", "the benchmark measures one process"),
     # Batch 8 had compiled first, then config.batch_size (not given) was blamed.
     ("--batch_sizes=8,9 JAX_NUM_CPU_DEVICES=2", "--batch_sizes: 9 does not divide by the 2 "
-                                                "devices")])
+                                                "devices"),
+    # The config's own sizes (the compile-cache, input and eval measures') were found after the
+    # sweep: an error or a traceback, no JSON.
+    ("--batch_sizes=6 JAX_NUM_CPU_DEVICES=3", "config.batch_size=16 does not divide by the 3"),
+    ("--batch_sizes=6 --config.batch_size=6 JAX_NUM_CPU_DEVICES=3",
+     "config.eval_batch_size=64 does not divide by the 3 devices"),
+    ("--batch_sizes=16 --config.batch_size=70000", "config.batch_size=70000 is larger than the "
+                                                   "60000 training examples")])
 def test_benchmark_bad_input_is_one_line(tmp_path, flag, message):
   output = tmp_path / "b.json"
   flags = [f for f in flag.split() if f.startswith("--")]
@@ -254,6 +261,7 @@ def test_benchmark_bad_input_is_one_line(tmp_path, flag, message):
   proc = run_module("fashion_jax.benchmark", *config, *flags, f"--output={output}", env=env)
   assert_one_line_error(proc, message)
   assert not output.exists()
+  assert "jax  batch" not in proc.stderr  # Found before anything was timed.
 
 
 def test_flag_and_config_mistakes_are_said_before_jax_starts(tmp_path):

@@ -284,6 +284,11 @@ def run(config) -> dict:
     data_note = "random"
 
   checks.batches_fit(batch_sizes, parallel, len(train_data), bool(FLAGS.batch_sizes.strip()))
+  # The config's own sizes (compile-cache, input and eval measures; --batch_sizes sets the sweep's
+  # alone): checked now, not after minutes of sweep (an error then, or a traceback, no JSON).
+  parallel.check_batch(config.batch_size, "batch_size")
+  parallel.check_batch(config.eval_batch_size, "eval_batch_size")
+  config_lib.steps_per_epoch(config, len(train_data))
   # The CPU's peak: sampled now and again after the sweep, the best of both.
   early_peak = (flops.sample_cpu_peak() if parallel.devices[0].platform == "cpu"
                 and not FLAGS.peak_gflops else [])
