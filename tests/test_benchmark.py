@@ -228,8 +228,12 @@ def test_compare_keras_without_tensorflow_is_one_line(tmp_path, idx_dir):
                                     "(No such file or directory"),
     ("--batch_sizes=²", "'²' is not a positive whole number"),
     # Had been found after the sweep and the other loops had run (minutes, no JSON written).
-    ("--loop_variants=classic,bogus", "--loop_variants=classic,bogus names 'bogus', which is not "
-                                      "a loop to time; use some of classic,host,device"),
+    ("--loop --loop_variants=classic,bogus", "--loop_variants=classic,bogus names 'bogus', "
+                                             "which is not a loop to time; use some of "
+                                             "classic,host,device"),
+    # Accepted and ignored (exit 0, neither in the JSON).
+    ("--loop_variants=host", "--loop_variants sets what --loop does, and --loop is off; add"),
+    ("--profile_steps=7", "--profile_steps sets what --profile does, and --profile is off"),
     # A ZeroDivisionError traceback (no step in an epoch).
     ("--batch_sizes=32,100000", "--batch_sizes: 100000 is larger than the 60000 training "
                                 "examples"),

@@ -51,6 +51,10 @@ def flags(flag_values, loop_variants) -> None:
   if not (math.isfinite(f.peak_gflops) and f.peak_gflops >= 0):
     raise UserError(f"--peak_gflops={f.peak_gflops} is invalid; give one device's peak in "
                     "GFLOP/s (a positive number), or 0 to look it up or measure it")
+  for given, needs in (("loop_variants", "loop"), ("profile_steps", "profile")):
+    if f[given].present and not f[needs].value:  # (It was accepted and did nothing.)
+      raise UserError(f"--{given} sets what --{needs} does, and --{needs} is off; add --{needs} "
+                      f"(or leave out --{given})")
   unknown = [v for v in f.loop_variants if v not in loop_variants]
   if unknown or not f.loop_variants:
     raise UserError(f"--loop_variants={','.join(f.loop_variants)} " +
