@@ -87,6 +87,15 @@ if [[ $workdir != *://* ]] && [ -f "$lock" ] && command -v flock >/dev/null &&
   exit 2
 fi
 
+# One launcher at a time writes process_<i>.log into a log folder: a second (another WORKDIR, e.g.
+# two gs:// runs sharing FASHION_JAX_LOG_DIR) truncated the first's logs, and the first's summary
+# then printed the other run's lines. The lock is held by this script and its processes.
+if command -v flock >/dev/null; then
+  exec {logs_lock}>>"$logs/.fashion_jax_logs.lock"
+  flock -n "$logs_lock" || usage_error "another launcher is writing its processes' logs into \
+$logs; wait for it to end, or set FASHION_JAX_LOG_DIR to another folder"
+fi
+
 pids=()
 declare -A index_of  # pid -> process index, to name the failed process's log.
 cleanup() { kill "${pids[@]}" 2>/dev/null; }

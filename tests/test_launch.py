@@ -314,6 +314,26 @@ def test_accelerator_check_keeps_a_venv_its_wheels_and_relative_options(tmp_path
   assert (tmp_path / "rel.json").is_file() and not os.path.exists(os.path.join(ROOT, "rel.json"))
 
 
+def test_local_multiprocess_refuses_a_log_folder_another_launcher_writes(stubs, tmp_path):
+  """Two launchers sharing FASHION_JAX_LOG_DIR (two gs:// runs: no workdir lock between them):
+  the second truncated the first's process_<i>.log, and the first's summary printed its lines."""
+  import fcntl  # pylint: disable=import-outside-toplevel
+  logs = tmp_path / "logs"
+  logs.mkdir()
+  with open(logs / ".fashion_jax_logs.lock", "a") as held:  # The first launcher, still running.
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    proc, calls = stubs("local_multiprocess.sh", "2", "1", "gs://bucket/run_b",
+                        "--config=configs/tiny.py", FASHION_JAX_LOG_DIR=str(logs))
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.startswith("local_multiprocess.sh: error: another launcher is writing its "
+                                f"processes' logs into {logs}; wait"), proc.stderr
+  assert not [c for c in calls if "fashion_jax.main" in c] and not list(logs.glob("process_*"))
+  proc, calls = stubs("local_multiprocess.sh", "2", "1", "gs://bucket/run_b",
+                      "--config=configs/tiny.py", FASHION_JAX_LOG_DIR=str(logs))
+  assert proc.returncode == 0, proc.stderr  # Once it has ended.
+  assert len([c for c in calls if "fashion_jax.main" in c]) == 2
+
+
 _SIGINT_DEFAULT = ("import os, signal, sys\nsignal.signal(signal.SIGINT, signal.SIG_DFL)\n"
                    "os.execvp(sys.argv[1], sys.argv[1:])")
 
