@@ -9,7 +9,7 @@
 # Usage: launch/local_multiprocess.sh NUM_PROCESSES DEVICES_PER_PROCESS WORKDIR [main flags...]
 # WORKDIR: a local folder, or a Cloud Storage one (gs://bucket/run, as on a TPU pod) with
 # FASHION_JAX_LOG_DIR set. Each process logs to WORKDIR/process_<i>.log, or where set to
-# FASHION_JAX_LOG_DIR/process_<i>.log (a local folder). If any process fails, the others are stopped
+# FASHION_JAX_LOG_DIR/process_<i>.log (a local folder; one launcher at a time). If any process fails, the others are stopped
 # (SIGTERM, then SIGKILL after GRACE_S seconds, default 30: a process waiting in a collective for
 # one that died would wait for JAX's heartbeat timeout) and the script exits with that process's
 # status (2: fix the input its one-line error names; 1: a crash); if the job was stopped by a signal
