@@ -392,6 +392,39 @@ exec {sys.executable} "$@"
 
 
 
+def test_the_leads_config_json_failing_stops_every_process_with_its_error(tmp_path, idx_dir):
+  """Only process 0 writes config.json: a full disk there was its one line, while process 1 had
+  gone on into the first window's all-reduce and crashed in it ("Gloo all-reduce failed",
+  "Fatal Python error: Aborted", exit 134); on a GPU or TPU it waited for the heartbeat timeout."""
+  site = tmp_path / "site"  # Process 0's disk fills as config.json is written.
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(
+      "from fashion_jax.support import storage\nfrom fashion_jax.support.errors import UserError\n"
+      "write = storage.write_text\n"
+      "def full(path, *args):\n"
+      "  if path.endswith('config.json'):\n"
+      "    raise UserError(f'no space left where {path} is written (No space left on device); "
+      "free some space')\n"
+      "  return write(path, *args)\n"
+      "storage.write_text = full\n")
+  wrapper = tmp_path / "python_with_a_full_disk_on_process_0"
+  wrapper.write_text(f"""#!/bin/sh
+case "$*" in *--config.process_id=0*) PYTHONPATH={site}:{ROOT} exec {sys.executable} "$@" ;; esac
+exec {sys.executable} "$@"
+""")
+  wrapper.chmod(0o755)
+  workdir = tmp_path / "run"
+  proc = _launch(workdir, "--config=configs/tiny.py", f"--config.idx_dir={idx_dir}",
+                 PYTHON=str(wrapper))
+  logs = _process_logs(workdir)
+  assert proc.returncode == 2, proc.stderr + "".join(logs)[-3000:]
+  assert "fashion_jax: error: no space left where" in logs[0], logs[0][-2000:]
+  assert "fashion_jax: error: no space left where" in logs[1], logs[1][-2000:]  # Its refusal too.
+  assert proc.stderr.count("fashion_jax: error: no space left where") == 1, proc.stderr
+  assert "Fatal Python error" not in "".join(logs) and "Traceback" not in "".join(logs)
+  assert not os.path.exists(workdir / "checkpoints" / "10")
+
+
 def _launch_with_process_1_given(tmp_path, extra: str, *flags):
   """Two processes of configs/tiny.py with `flags`, process 1 also given `extra` (a flag left
   out of, or added to, one host's command) through the launcher's $PYTHON."""

@@ -21,30 +21,30 @@ from fashion_jax import config_lib
 from fashion_jax.data import datasets
 from fashion_jax.data import input_pipeline
 from fashion_jax.model import steps
-from fashion_jax.support import checkpointing
-from fashion_jax.support import errors
+from fashion_jax.support import checkpointing, errors, faults, metric_writers, multihost, storage
 from fashion_jax.support.errors import UserError
-from fashion_jax.support import faults
-from fashion_jax.support import metric_writers
 from fashion_jax.support import compile_ahead as compile_ahead_lib
 from fashion_jax.support import parallel as parallel_lib
-from fashion_jax.support import storage
-from fashion_jax.training import loop
-from fashion_jax.training import progress
-from fashion_jax.training import stops
+from fashion_jax.training import loop, progress, stops
 from fashion_jax.training import workdir as workdir_lib
 
 
 def _write_config(run: "Run", config: ml_collections.ConfigDict, step: int) -> None:
   """config.json, by the lead process, once a resume was accepted (a refused one raised before).
   A finished run keeps the record of what it trained with: a re-run with another
-  eval_batch_size or log_every trains nothing."""
-  path = storage.join(run.workdir, "config.json")
-  if not run.is_lead or (step >= run.total_steps and storage.exists(path)):
-    return
-  resolved = {**json.loads(config.to_json_best_effort()), "_derived": run.derived()}
-  resolved.update({k: input_pipeline.absolute(config[k]) for k in ("idx_dir", "data_dir") if config[k]})
-  storage.write_text(path, json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+  eval_batch_size or log_every trains nothing. Its failure (a full disk), or the lead's in
+  dropping metrics lines (`restore`), stops every process: the others had gone on into the
+  first window's collective, and crashed there (gloo) or waited for JAX's heartbeat timeout."""
+  path, refusal = storage.join(run.workdir, "config.json"), None
+  if run.is_lead and not (step >= run.total_steps and storage.exists(path)):
+    resolved = {**json.loads(config.to_json_best_effort()), "_derived": run.derived()}
+    resolved.update({k: input_pipeline.absolute(config[k]) for k in ("idx_dir", "data_dir") if config[k]})
+    try:
+      storage.write_text(path, json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+    except UserError as e:
+      refusal = str(e)
+  if refusals := multihost.gather("config_json", refusal):  # (The lead's failure before: seen.)
+    raise UserError(refusals[min(refusals)])
 
 
 def _summarize(sums: dict, prefix: str) -> dict:
