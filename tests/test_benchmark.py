@@ -35,6 +35,9 @@ def test_benchmark_json(tmp_path, idx_dir):
               "flops_per_image", "mfu"):
     assert isinstance(results[key], float) and results[key] > 0, key
   assert [r["batch_size"] for r in results["sweep"]] == [8, 16]
+  # What ran, whole: the config (a bfloat16 run had read as a float32 one) and the flags.
+  assert results["config"]["compute_dtype"] == "float32" and results["config"]["batch_size"] == 16
+  assert results["flags"]["windows"] == 2 and results["flags"]["loop_variants"] == ["device"]
   # XLA's count and the hand count agree (the step is ~3x the forward pass, less the first
   # conv's input gradient).
   assert results["flops_per_image"] == pytest.approx(results["flops_per_image_analytic"], rel=0.05)

@@ -335,9 +335,12 @@ def run(config) -> dict:
   mfu = achieved / peak_flops if achieved and peak_flops else None
   hfu = best_rate * executed_flops / peak_flops if executed_flops and peak_flops else None
   results = {
-      "config": {"model": config.model, "conv_impl": config.conv_impl,
-                 "pool_impl": config.pool_impl, "batch_size": config.batch_size,
-                 "data": data_note},
+      # The whole config and the flags: a bfloat16 run's JSON had read as a float32 one's (only
+      # the model, its impls and batch size were kept), and the windows timed were not said.
+      "config": {**json.loads(config.to_json_best_effort()), "data": data_note},
+      "flags": {name: FLAGS[name].value for name in (
+          "batch_sizes", "windows", "window_seconds", "rounds", "compare", "loop", "loop_variants",
+          "profile", "profile_steps", "compile_cache", "peak_gflops")},
       "environment": env,
       "sweep": sweep,
       "best_batch_size": best["batch_size"],
