@@ -253,16 +253,24 @@ class _Stop(BaseException):
     self.signum = signum
 
 
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _stop(signum, _frame):
+  for each in _STOPS:  # Once: a second signal inside _run's cleanup would skip its killpg.
+    signal.signal(each, signal.SIG_IGN)
   raise _Stop(signum)
 
 
 if __name__ == "__main__":
-  for signum in (signal.SIGTERM, signal.SIGHUP):
-    signal.signal(signum, _stop)
+  for signum in _STOPS:
+    if signal.getsignal(signum) is not signal.SIG_IGN:  # (nohup's ignored hang-up stays so.)
+      signal.signal(signum, _stop)
   try:
     main()
   except (KeyboardInterrupt, _Stop) as e:  # (Ctrl-C printed a traceback.)
+    for each in _STOPS:
+      signal.signal(each, signal.SIG_IGN)
     signum = e.signum if isinstance(e, _Stop) else signal.SIGINT
     try:
       print(f"accelerator_check: stopped by {signal.Signals(signum).name}; the stages it "

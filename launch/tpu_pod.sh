@@ -16,9 +16,9 @@
 # common step with a checkpoint, press Ctrl-C (or send this script INT, TERM or HUP): it runs
 #   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all \
 #       --command='pkill -TERM -u "$USER" -f "^[^ ]*python[^ ]* (-[XW] [^ ]+ |-[^ ]+ )*-m fashion_jax[.]main"'
-# (which also works from another machine) and waits for the workers to save; a second signal
-# sends them SIGKILL, ends the ssh sessions and exits 137 (a worker that hung in the stop, or a
-# stop that could not reach them: the last checkpoint is kept). The ssh sessions
+# (which also works from another machine) and waits for the workers to save; a second INT or
+# TERM (not a hang-up) ends the ssh sessions, sends the workers SIGKILL and exits 137 (a worker
+# that hung in the stop, or a stop that could not reach them: the last checkpoint is kept). The ssh sessions
 # carry no terminal, so a lost connection does not stop the workers: that command does. (The
 # pattern matches the Python process only, not the shell that started it: a shell killed by
 # the signal would make ssh exit 255, which gcloud retries.)
@@ -82,18 +82,21 @@ signal_workers() {  # $1: TERM or KILL, to each worker's training process (not i
 }
 # (|| true on the lines: after a hang-up stderr is gone, and set -e would end the script there.)
 stop_workers() {
-  trap stop_at_once INT TERM HUP  # A second signal: where the first could not stop them.
+  # A second INT or TERM: where the first could not stop them. A hang-up now (the terminal closed
+  # while they save) changes nothing: the stop under way goes on.
+  trap stop_at_once INT TERM
+  trap : HUP
   echo "tpu_pod.sh: stopping the workers at a common step; they save a checkpoint and exit (a" \
     "second signal stops them at once)" >&2 || true
   signal_workers TERM
 }
 stop_at_once() {
-  trap '' INT TERM HUP
-  echo "tpu_pod.sh: stopping the workers at once (SIGKILL, no checkpoint): re-run to resume" \
-    "from the last one" >&2 || true
-  signal_workers KILL
-  kill -KILL -- -"$job" 2>/dev/null || true  # The ssh sessions too, where a worker hangs.
-}
+  trap : INT TERM HUP
+  echo "tpu_pod.sh: stopping the workers at once (SIGKILL, no checkpoint; sent in the" \
+    "background): re-run to resume from the last checkpoint" >&2 || true
+  kill -KILL -- -"$job" 2>/dev/null || true  # The ssh sessions first, where a worker hangs,
+  signal_workers KILL &  # then the workers, unwaited: where they cannot be reached, gcloud
+}                        # retries for minutes.
 # In a process group of its own (set -m), so that Ctrl-C reaches this script alone: gcloud's ssh
 # sessions carry no terminal, and killing them left training running on every worker.
 # `; exit $?` keeps the workers' shell above Python (bash execs a last command in its place): a

@@ -274,6 +274,19 @@ def test_accelerator_check_stopped_by_a_signal_stops_its_stage(tmp_path, idx_dir
     assert "devices" in json.loads((tmp_path / "check.json").read_text())["stages"]
     time.sleep(0.5)
     assert subprocess.run(["pgrep", "-f", stage], capture_output=True).returncode == 1
+    if signum == signal.SIGHUP:  # Under nohup a hang-up is still ignored (it ended the check).
+      (tmp_path / "check.json").unlink(missing_ok=True)
+      check = subprocess.Popen(["nohup", sys.executable, os.path.join(ROOT, "launch",
+                                "accelerator_check.py"), f"--idx_dir={idx_dir}",
+                                f"--output={tmp_path / 'check.json'}", "--allow_cpu"],
+                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL)
+      while (not (tmp_path / "check.json").exists() and check.poll() is None
+             and time.monotonic() < deadline + 60):
+        time.sleep(0.1)
+      check.send_signal(signal.SIGHUP)
+      time.sleep(1)
+      assert check.poll() is None, check.communicate()[1][-2000:]
   finally:
     subprocess.run(["pkill", "-KILL", "-f", stage], check=False)
     if check.poll() is None:
@@ -405,25 +418,31 @@ def test_tpu_pod_a_second_signal_stops_hung_workers_at_once(stubs, tmp_path):
                               stdin=subprocess.DEVNULL, start_new_session=True)
   pid_file, calls = tmp_path / "worker" / "main.pid", tmp_path / "calls"
   deadline = time.monotonic() + 60
+
+  def pkills():  # The signals the workers' pkill sent (not gcloud's line naming it).
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    return [c[1] for c in map(json.loads, lines) if c[0] == "pkill"]
   try:
     while not pid_file.exists() and time.monotonic() < deadline:
       time.sleep(0.1)
     os.killpg(launcher.pid, signal.SIGINT)
-    while "pkill" not in calls.read_text() and time.monotonic() < deadline:
+    while pkills() != ["-TERM"] and time.monotonic() < deadline:  # Delivered (and ignored).
       time.sleep(0.1)
-    time.sleep(0.5)  # The worker ignores it: still training.
-    assert launcher.poll() is None
+    os.killpg(launcher.pid, signal.SIGHUP)  # A hang-up meanwhile: the stop under way goes on.
+    time.sleep(0.5)
+    assert launcher.poll() is None and pkills() == ["-TERM"]
     os.killpg(launcher.pid, signal.SIGINT)
     _, stderr = launcher.communicate(timeout=60)
+    while pkills() != ["-TERM", "-KILL"] and time.monotonic() < deadline:  # (In the background.)
+      time.sleep(0.1)
   finally:
     if launcher.poll() is None:
       subprocess.run([shutil.which("pkill") or "pkill", "-KILL", "-s", str(launcher.pid)],
                      check=False)
       launcher.communicate(timeout=30)
   assert launcher.returncode == 137, stderr
-  assert "stopping the workers at once (SIGKILL, no checkpoint)" in stderr
-  pkills = [c[1] for c in map(json.loads, calls.read_text().splitlines()) if c[0] == "pkill"]
-  assert pkills == ["-TERM", "-KILL"]
+  assert "stopping the workers at once (SIGKILL, no checkpoint" in stderr
+  assert pkills() == ["-TERM", "-KILL"]
   state = pathlib.Path(f"/proc/{pid_file.read_text().strip()}/stat")
   assert not state.exists() or state.read_text().split(") ")[1][0] == "Z"  # Gone.
 
