@@ -259,7 +259,10 @@ def test_compare_keras_without_tensorflow_is_one_line(tmp_path, idx_dir):
     ("--batch_sizes=6 --config.batch_size=6 JAX_NUM_CPU_DEVICES=3",
      "config.eval_batch_size=64 does not divide by the 3 devices"),
     ("--batch_sizes=16 --config.batch_size=70000", "config.batch_size=70000 is larger than the "
-                                                   "60000 training examples")])
+                                                   "60000 training examples; lower it"),
+    # (Not "left after config.validation_size": the benchmark holds none out.)
+    ("--batch_sizes=16 --config.batch_size=70000 --config.validation_size=5000",
+     "config.batch_size=70000 is larger than the 60000 training examples; lower it")])
 def test_benchmark_bad_input_is_one_line(tmp_path, flag, message):
   output = tmp_path / "b.json"
   flags = [f for f in flag.split() if f.startswith("--")]

@@ -288,7 +288,9 @@ def run(config) -> dict:
   # alone): checked now, not after minutes of sweep (an error then, or a traceback, no JSON).
   parallel.check_batch(config.batch_size, "batch_size")
   parallel.check_batch(config.eval_batch_size, "eval_batch_size")
-  config_lib.steps_per_epoch(config, len(train_data))
+  if config.batch_size > len(train_data):  # (The benchmark holds out no validation split.)
+    raise UserError(f"config.batch_size={config.batch_size} is larger than the "
+                    f"{len(train_data)} training examples; lower it")
   # The CPU's peak: sampled now and again after the sweep, the best of both.
   early_peak = (flops.sample_cpu_peak() if parallel.devices[0].platform == "cpu"
                 and not FLAGS.peak_gflops else [])
