@@ -244,9 +244,10 @@ def main():
 
 
 class _Stop(BaseException):
-  """SIGTERM or SIGHUP (timeout, kill, a closed ssh session, a job manager), raised where the
-  check waits: the running stage's process group goes too (_run). Python's default for them
-  ended the check alone, and the stage, in a session of its own, held the chip on."""
+  """SIGINT, SIGTERM or SIGHUP (Ctrl-C, timeout, kill, a closed ssh session, a job manager),
+  raised where the check waits: the running stage's process group goes too (_run). Python's
+  default for the last two ended the check alone, and the stage, in a session of its own, held
+  the chip on."""
 
   def __init__(self, signum):
     super().__init__(signum)

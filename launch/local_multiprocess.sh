@@ -9,14 +9,15 @@
 # Usage: launch/local_multiprocess.sh NUM_PROCESSES DEVICES_PER_PROCESS WORKDIR [main flags...]
 # WORKDIR: a local folder, or a Cloud Storage one (gs://bucket/run, as on a TPU pod) with
 # FASHION_JAX_LOG_DIR set. Each process logs to WORKDIR/process_<i>.log, or where set to
-# FASHION_JAX_LOG_DIR/process_<i>.log (a local folder; one launcher at a time). If any process fails, the others are stopped
-# (SIGTERM, then SIGKILL after GRACE_S seconds, default 30: a process waiting in a collective for
-# one that died would wait for JAX's heartbeat timeout) and the script exits with that process's
-# status (2: fix the input its one-line error names; 1: a crash); if the job was stopped by a signal
-# (INT, TERM or HUP to this script, or any signal to one process) it exits 75 once every process has
-# saved, or 130/143 where the signal came before training held it (nothing saved yet); bad arguments
-# to this script exit 2. Needs bash 5.1 or later (wait -p). Runs $PYTHON (default: python3 from
-# PATH), e.g. PYTHON=.venv/bin/python. FASHION_JAX_PORT: the coordinator's port (default: a free one).
+# FASHION_JAX_LOG_DIR/process_<i>.log (a local folder; one launcher at a time). If any process
+# fails, the others are stopped (SIGTERM, then SIGKILL after GRACE_S seconds, default 30: a process
+# waiting in a collective for one that died would wait for JAX's heartbeat timeout) and the script
+# exits with that process's status (2: fix the input its one-line error names; 1: a crash); if the
+# job was stopped by a signal (INT, TERM or HUP to this script, or any signal to one process) it
+# exits 75 once every process has saved, or 130/143 where the signal came before training held it
+# (nothing saved yet); bad arguments to this script exit 2. Needs bash 5.1 or later (wait -p). Runs
+# $PYTHON (default: python3 from PATH), e.g. PYTHON=.venv/bin/python. FASHION_JAX_PORT: the
+# coordinator's port (default: a free one).
 set -uo pipefail
 set -m  # Each process in its own process group: a Ctrl-C reaches this script only, which forwards
         # it once (a process signalled twice mid-save would leave the others waiting in it).
@@ -26,7 +27,7 @@ usage_error() {
   exit 2
 }
 if [ $# -lt 3 ]; then
-  sed -n '2,19p' "$0" >&2
+  sed -n '2,20p' "$0" >&2
   exit 2
 fi
 # `wait -p` (bash 5.1): without it the loop below found no finished process, forever.
