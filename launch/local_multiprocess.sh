@@ -90,9 +90,10 @@ fi
 
 # One launcher at a time writes process_<i>.log into a log folder: a second (another WORKDIR, e.g.
 # two gs:// runs sharing FASHION_JAX_LOG_DIR) truncated the first's logs, and the first's summary
-# then printed the other run's lines. The lock is held by this script and its processes.
+# then printed the other run's lines. The lock (on the folder itself: no file left there) is held
+# by this script and its processes.
 if command -v flock >/dev/null; then
-  exec {logs_lock}>>"$logs/.fashion_jax_logs.lock"
+  exec {logs_lock}<"$logs"
   flock -n "$logs_lock" || usage_error "another launcher is writing its processes' logs into \
 $logs; wait for it to end, or set FASHION_JAX_LOG_DIR to another folder"
 fi

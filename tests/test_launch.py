@@ -333,10 +333,13 @@ def test_local_multiprocess_refuses_a_log_folder_another_launcher_writes(stubs, 
   import fcntl  # pylint: disable=import-outside-toplevel
   logs = tmp_path / "logs"
   logs.mkdir()
-  with open(logs / ".fashion_jax_logs.lock", "a") as held:  # The first launcher, still running.
+  held = os.open(logs, os.O_RDONLY)  # The first launcher, still running, holds the folder.
+  try:
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     proc, calls = stubs("local_multiprocess.sh", "2", "1", "gs://bucket/run_b",
                         "--config=configs/tiny.py", FASHION_JAX_LOG_DIR=str(logs))
+  finally:
+    os.close(held)
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.startswith("local_multiprocess.sh: error: another launcher is writing its "
                                 f"processes' logs into {logs}; wait"), proc.stderr
@@ -345,6 +348,7 @@ def test_local_multiprocess_refuses_a_log_folder_another_launcher_writes(stubs, 
                       "--config=configs/tiny.py", FASHION_JAX_LOG_DIR=str(logs))
   assert proc.returncode == 0, proc.stderr  # Once it has ended.
   assert len([c for c in calls if "fashion_jax.main" in c]) == 2
+  assert sorted(os.listdir(logs)) == ["process_0.log", "process_1.log"]  # No lock file left.
 
 
 _SIGINT_DEFAULT = ("import os, signal, sys\nsignal.signal(signal.SIGINT, signal.SIG_DFL)\n"
